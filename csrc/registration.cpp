@@ -1,0 +1,40 @@
+// The one schema block of the extension. Every op of the C++ family is declared here; the
+// CPU kernels register under these names in csrc/cpu/<op>.cpp and the CUDA kernels in
+// csrc/cuda/<op>.cu. Fake (meta) kernels and autograd are registered in Python beside each
+// op (python/seqkernels/ops/), so torch.compile and opcheck see every op.
+//
+// Arguments arrive normalized by the public layer (docs/INTERNALS.md): scale resolved,
+// causal folded into the window, masks expanded to (B, Hq, Lq, Lk) with stride 0 on
+// broadcast dims, lengths as int32.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(seqkernels, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? kv_lengths, "
+      "float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
+      "int seed, int offset) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? attn_mask, Tensor? kv_lengths, float scale, int window_left, int window_right, "
+      "bool bottom_right, float dropout_p, int seed, int offset, bool deterministic) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def(
+      "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
+      "Tensor cache_seqlens, Tensor? block_table) -> ()");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
+      "Tensor? block_table, float scale, int window_left, int window_right, int num_splits) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "lstm_cell_fwd(Tensor input_gates, Tensor hidden_gates, Tensor cx, Tensor? bias_ih, "
+      "Tensor? bias_hh) -> (Tensor hy, Tensor cy, Tensor workspace)");
+  m.def(
+      "lstm_cell_bwd(Tensor? grad_hy, Tensor? grad_cy, Tensor cx, Tensor cy, Tensor workspace) "
+      "-> (Tensor grad_gates, Tensor grad_cx)");
+}
+
+// Lets `import seqkernels._C` succeed; the ops themselves live in torch.ops.seqkernels.
+static PyModuleDef seqkernels_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&seqkernels_module); }
