@@ -36,5 +36,16 @@ TORCH_LIBRARY(seqkernels, m) {
 }
 
 // Lets `import seqkernels._C` succeed; the ops themselves live in torch.ops.seqkernels.
+// `cuda_archs` tells `seqkernels info` which archs the CUDA kernels were compiled for ("" when
+// the CUDA part was not built).
 static PyModuleDef seqkernels_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&seqkernels_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&seqkernels_module);
+  if (mod == nullptr) return nullptr;
+#ifdef SEQKERNELS_WITH_CUDA
+  PyModule_AddStringConstant(mod, "cuda_archs", SEQKERNELS_CUDA_ARCHS);
+#else
+  PyModule_AddStringConstant(mod, "cuda_archs", "");
+#endif
+  return mod;
+}

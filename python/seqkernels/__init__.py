@@ -1,0 +1,1 @@
+"""seqkernels: fused attention, KV cache and LSTM kernels for sequence models."""

@@ -1,0 +1,97 @@
+"""Builds seqkernels._C: the C++ CPU kernels always, the CUDA kernels when torch has CUDA and
+nvcc is found. A GPU is not needed to build the CUDA part (CI compiles it on CPU machines).
+
+Environment:
+  SEQKERNELS_CUDA=auto|0|1     build the CUDA sources (auto: when torch has CUDA and nvcc exists)
+  SEQKERNELS_CUDA_ARCHS        "8.0;9.0" by default; -gencode per arch plus PTX for the newest
+  MAX_JOBS                     parallel compile jobs for ninja
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_home():
+    # torch guesses the toolkit root from nvcc's location, which is wrong when nvcc on PATH is a
+    # wrapper script (the link then fails with "cannot find -lcudart"); prefer the explicit
+    # variable, then the standard install root, and only then torch's guess.
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        home = "/usr/local/cuda"
+    if home:
+        os.environ["CUDA_HOME"] = home
+    return home
+
+
+def _want_cuda(torch):
+    mode = os.environ.get("SEQKERNELS_CUDA", "auto").strip().lower()
+    if mode in ("0", "false", "off", "no"):
+        return False
+    home = _cuda_home()
+    nvcc = (home and os.path.exists(os.path.join(home, "bin", "nvcc"))) or shutil.which("nvcc")
+    has = torch.version.cuda is not None and bool(nvcc)
+    if mode in ("1", "true", "on", "yes") and not has:
+        raise RuntimeError(
+            "SEQKERNELS_CUDA=1 but the CUDA part cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, nvcc found={bool(nvcc)}. "
+            "Install a CUDA build of torch and the CUDA toolkit, or set SEQKERNELS_CUDA=0."
+        )
+    return has
+
+
+def cuda_archs():
+    return [a.strip() for a in os.environ.get("SEQKERNELS_CUDA_ARCHS", "8.0;9.0").replace(",", ";").split(";") if a.strip()]
+
+
+def gencode_flags(archs):
+    flags = []
+    for a in archs:
+        num = a.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    newest = max(archs, key=lambda a: float(a)).replace(".", "")
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return flags
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    with_cuda = _want_cuda(torch)
+    sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fopenmp" if os.name != "nt" else "/openmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    archs = cuda_archs() if with_cuda else []
+    define = [("SEQKERNELS_CUDA_ARCHS", '"' + ";".join(archs) + '"')]
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                "-Xptxas=-warn-spills"] + gencode_flags(archs)
+        ext = CUDAExtension("seqkernels._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx + ["-DSEQKERNELS_WITH_CUDA"],
+                                                "nvcc": nvcc + ["-DSEQKERNELS_WITH_CUDA"]},
+                            extra_link_args=["-fopenmp"], define_macros=define)
+    else:
+        ext = CppExtension("seqkernels._C", sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+                           define_macros=define)
+    return [ext]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    packages=find_packages("python"),
+    package_dir={"": "python"},
+    ext_modules=_extensions(),
+    cmdclass=_cmdclass(),
+)
