@@ -1,0 +1,121 @@
+// Warp-level tensor-core primitives used by the attention kernels (torch-free).
+//
+// Under nvcc these are single PTX instructions (mma.sync m16n8k16 with f32 accumulators,
+// ldmatrix, cp.async). Under the CUDA-on-CPU harness (SEQKERNELS_CUDA_EMULATION) they call the
+// shim's warp-collective emulation (tests/emulation/cuda_shim.h), which follows the fragment
+// layouts documented in the PTX ISA, so a kernel's fragment indexing is executed for real.
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16", lane = threadIdx.x % 32,
+// group = lane / 4, tig = lane % 4):
+//   A (16x16, row-major), 4 x b32 = 8 halves:  a[0]: (group,      2*tig + {0,1})
+//                                               a[1]: (group + 8,  2*tig + {0,1})
+//                                               a[2]: (group,      2*tig + 8 + {0,1})
+//                                               a[3]: (group + 8,  2*tig + 8 + {0,1})
+//   B (16x8, "col": element (k, n)), 2 x b32:   b[0]: (k = 2*tig + {0,1},     n = group)
+//                                               b[1]: (k = 2*tig + 8 + {0,1}, n = group)
+//   C/D (16x8, f32), 4 floats:                  c[0..1]: (group,     2*tig + {0,1})
+//                                               c[2..3]: (group + 8, 2*tig + {0,1})
+// ldmatrix .x1/.x2/.x4 loads 1/2/4 8x8 b16 matrices; lanes 8*m .. 8*m+7 give the row
+// addresses of matrix m; lane l receives in r[m] the pair (row l/4, cols 2*(l%4) + {0,1}) of
+// matrix m (with .trans: of its transpose).
+#pragma once
+
+#include <stdint.h>
+
+#include "../common/macros.h"
+
+#if !defined(SEQKERNELS_CUDA_EMULATION)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace seqkernels {
+namespace mma {
+
+struct f16 {};
+struct bf16 {};
+
+#if defined(SEQKERNELS_CUDA_EMULATION)
+
+template <typename T>
+SK_DEVICE SK_INLINE void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                      const float c[4]) {
+  ::sk_emu::mma_m16n8k16(::sk_emu::is_bf16<T>::value, d, a, b, c);
+}
+template <int N, bool Trans = false>
+SK_DEVICE SK_INLINE void ldmatrix(uint32_t r[N], const void* smem_row) {
+  ::sk_emu::ldmatrix(N, Trans, r, smem_row);
+}
+SK_DEVICE SK_INLINE void cp_async_16(void* smem, const void* gmem, bool pred) {
+  ::sk_emu::cp_async_16(smem, gmem, pred);
+}
+SK_DEVICE SK_INLINE void cp_async_commit() {}
+template <int N>
+SK_DEVICE SK_INLINE void cp_async_wait() {}
+
+#else
+
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                             const float c[4]);
+
+template <>
+__device__ __forceinline__ void mma_m16n8k16<f16>(float d[4], const uint32_t a[4],
+                                                  const uint32_t b[2], const float c[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+}
+
+template <>
+__device__ __forceinline__ void mma_m16n8k16<bf16>(float d[4], const uint32_t a[4],
+                                                   const uint32_t b[2], const float c[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+}
+
+template <int N, bool Trans = false>
+__device__ __forceinline__ void ldmatrix(uint32_t r[N], const void* smem_row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  if constexpr (N == 1 && !Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(addr));
+  } else if constexpr (N == 1 && Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(addr));
+  } else if constexpr (N == 2 && !Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+  } else if constexpr (N == 2 && Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+  } else if constexpr (N == 4 && !Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    static_assert(N == 4 && Trans, "ldmatrix loads 1, 2 or 4 matrices");
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  }
+}
+
+// 16-byte global->shared copy; when pred is false the destination is zero-filled (src-size 0),
+// which is how out-of-range rows of a tile become zeros without a branch.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int src_size = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+#endif
+
+}  // namespace mma
+}  // namespace seqkernels
