@@ -108,6 +108,19 @@ def test_compare_structures_and_none():
     assert not compare(None, None, None).passed                    # nothing compared
 
 
+def test_compare_judges_a_wide_output_by_the_narrowest_one():
+    # (out, lse) of a bfloat16 attention: the float32 lse carries bfloat16 input rounding.
+    ref_out, ref_lse = rand(2, 3, 5, 8, seed=8), rand(2, 3, 5, seed=9) + 3
+    lse = (ref_lse + 2e-3).float()  # far from float32 precision, fine for bfloat16 inputs
+    base = (ref_out.bfloat16(), (ref_lse + 3e-3).float())
+    report = compare((ref_out.bfloat16(), lse), (ref_out, ref_lse), base)
+    assert report.passed, str(report)
+    assert report.rows[1].close is None and report.rows[1].bound > parity_floor(torch.bfloat16)
+    alone = compare(lse, ref_lse, base[1])  # on its own it is a float32 result: assert_close fails
+    assert not alone.passed and alone.rows[0].close is False
+    assert compare(lse, ref_lse, base[1], dtype=torch.bfloat16).passed
+
+
 def test_compare_integer_outputs_are_exact():
     a = torch.arange(10)
     assert compare(a, a.clone(), a).passed

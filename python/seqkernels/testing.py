@@ -225,6 +225,11 @@ def _compare_tensor(out: Tensor, ref: Tensor, baseline: Tensor | None, grad: boo
                      inf_agree, close, passed, note)
 
 
+def _narrowest_dtype(obj) -> torch.dtype | None:
+    dtypes = [t.dtype for t in _flatten(obj) if isinstance(t, Tensor) and t.is_floating_point()]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else None
+
+
 def compare(out: Any, ref: Any, baseline: Any, *, grad: bool = False, name: str = "out",
             dtype: torch.dtype | None = None) -> ParityReport:
     """Apply the parity rule to ``out`` (code under test), ``ref`` (float64 reference) and
@@ -237,11 +242,14 @@ def compare(out: Any, ref: Any, baseline: Any, *, grad: bool = False, name: str 
     NaN positions must agree; errors are measured over the positions finite in both.
     ``grad=True`` uses the gradient multiplier 3 instead of 2.
 
-    ``dtype`` is the precision the computation ran in (default: each output's own dtype); it
-    picks the rounding floor and whether the float32/float64 ``assert_close`` check applies. It
-    matters for outputs kept wider than the computation, e.g. the float32 lse of a bfloat16
-    attention, which is only as accurate as its bfloat16 inputs.
+    ``dtype`` is the precision the computation ran in; it picks the rounding floor and whether
+    the float32/float64 ``assert_close`` check applies. Default: the narrowest floating dtype
+    among the tensors of ``out``, so in ``compare((out_bf16, lse_f32), ...)`` the float32 lse,
+    which is only as accurate as its bfloat16 inputs, is judged as a bfloat16 result. Pass it
+    when comparing such a wide output on its own.
     """
+    if dtype is None:
+        dtype = _narrowest_dtype(out)
     report = ParityReport()
     if isinstance(out, (tuple, list)) or isinstance(ref, (tuple, list)):
         if not isinstance(out, (tuple, list)) or not isinstance(ref, (tuple, list)) or len(out) != len(ref):
