@@ -254,6 +254,22 @@ def test_modules_are_cast_and_their_parameter_grads_compared():
     assert "out" in failed and "grad[param:2.bias]" not in failed
 
 
+def test_in_place_functions_get_their_own_copies():
+    from seqkernels.reference import kv_cache_append_ref
+
+    def append(k_cache, v_cache, k_new, v_new, lens):
+        kv_cache_append_ref(k_cache, v_cache, k_new, v_new, lens)
+        return k_cache, v_cache
+
+    k_cache, v_cache = rand(2, 2, 9, 8, seed=90), rand(2, 2, 9, 8, seed=91)
+    k_new, v_new = rand(2, 2, 3, 8, seed=92), rand(2, 2, 3, 8, seed=93)
+    before = k_cache.clone()
+    lens = torch.tensor([1, 7], dtype=torch.int32)
+    report = check_parity(append, append, k_cache, v_cache, k_new, v_new, lens)
+    assert report.passed and [r.name for r in report.rows] == ["out[0]", "out[1]"]
+    assert torch.equal(k_cache, before)
+
+
 def test_seeded_generator_is_shared_and_restored():
     def draws(x):  # stands for code that takes a dropout seed from the CPU generator
         seed = int(torch.randint(0, 2**31, ()))

@@ -400,8 +400,12 @@ def check_parity(
     def wants_grad(t: Tensor) -> bool:
         return grads and (t.requires_grad or not any_marked)
 
-    ref_copies = _Copies(args, kwargs, lambda t: t.detach().to("cpu", torch.float64) if t.is_floating_point()
-                         else t.detach().cpu().clone(), wants_grad)
+    def wide(t: Tensor) -> Tensor:
+        # Always a fresh copy: code that writes into its arguments must not touch the caller's.
+        t = t.detach()
+        return (t.to("cpu", torch.float64) if t.is_floating_point() else t.cpu()).clone()
+
+    ref_copies = _Copies(args, kwargs, wide, wants_grad)
 
     def low(t: Tensor) -> Tensor:
         t = t.detach()
