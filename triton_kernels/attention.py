@@ -62,6 +62,10 @@ MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# Every output buffer comes from here; the tests swap in a NaN-filled allocator to prove that the
+# kernels write every element.
+_alloc = torch.empty
+
 
 # --------------------------------------------------------------------------------------------
 # Tile ranges
@@ -697,10 +701,12 @@ _TABLES: dict[str, dict[tuple[int, int, int], list[tuple[int, int, int, int]]]] 
     },
 }
 
-# One small config under the interpreter (multi-config autotuning needs a GPU). Query and key tiles
-# differ so that a swapped block size would show in the tests, and are small enough that the
-# tests' short sequences still cover several tiles (full and boundary ones).
-_INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
+# One config under the interpreter (multi-config autotuning needs a GPU): tiles large enough to
+# keep the interpreter's per-operation cost down, with query and key tiles of different sizes so a
+# swapped block size shows. The tests switch to the small set to walk many full and boundary tiles
+# on short sequences.
+_INTERPRET_CONFIGS = {"fwd": (64, 32, 4, 1), "dq": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1)}
+_INTERPRET_SMALL_CONFIGS = {"fwd": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 16, 4, 1)}
 
 
 def _arch_class(arch: int) -> int:
@@ -720,7 +726,7 @@ def _candidates(kernel: str, arch: int, elt_size: int, block_d: int) -> list[tup
 
 
 def _all_configs(kernel: str) -> list[triton.Config]:
-    seen: list[tuple[int, int, int, int]] = [_INTERPRET_CONFIGS[kernel]]
+    seen: list[tuple[int, int, int, int]] = [_INTERPRET_CONFIGS[kernel], _INTERPRET_SMALL_CONFIGS[kernel]]
     for cell in _TABLES[kernel].values():
         for t in cell:
             if t not in seen:
@@ -757,7 +763,7 @@ _attention_bwd_dkdv_tuned = _autotuned(_attention_bwd_dkdv_kernel, "dkdv")
 
 
 def _preprocess_block_m(block_dv: int) -> int:
-    return 16 if INTERPRET else max(16, min(128, 8192 // block_dv))
+    return 64 if INTERPRET else max(16, min(128, 8192 // block_dv))
 
 
 # --------------------------------------------------------------------------------------------
@@ -861,8 +867,8 @@ def attention_fwd(q, k, v, attn_mask, kv_lengths, scale: float, window_left: int
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
-    out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    out = _alloc((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+    lse = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if B == 0 or Hq == 0 or Lq == 0:
         return out, lse
     a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right,
@@ -899,9 +905,9 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
                          f"{tuple(out.shape)} must be (B, Hq, Lq, Dv) = {(B, Hq, Lq, Dv)}")
     if tuple(lse.shape) != (B, Hq, Lq):
         raise ValueError(f"seqkernels Triton attention: lse {tuple(lse.shape)} must be (B, Hq, Lq)")
-    dq = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, Hkv, Lk, Dv), dtype=v.dtype, device=q.device)
+    dq = _alloc((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    dk = _alloc((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
+    dv = _alloc((B, Hkv, Lk, Dv), dtype=v.dtype, device=q.device)
     if B == 0 or Hq == 0:
         return dq, dk, dv
     if Lq == 0:
@@ -912,7 +918,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
                      dropout_p, seed, offset)
     c = a["constexprs"]
 
-    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    delta = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
     pre_bm = _preprocess_block_m(c["BLOCK_DV"])
     _attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_bm), Hq, B)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq, Dv,
@@ -948,3 +954,108 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
         **c,
     )
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile list
+# --------------------------------------------------------------------------------------------
+
+
+class StaticConfig(tuple):
+    """One compiled variant for the static (no-GPU) report: behaves as the tuple
+    ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
+    ``arch`` (the compute capability its tuning table is for), ``attrs`` (divisibility hints as
+    ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
+
+    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
+        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
+        self.arch = arch
+        self.attrs = attrs
+        self.name = name
+        return self
+
+    kernel_fn = property(lambda self: self[0])
+    signature = property(lambda self: self[1])
+    constexprs = property(lambda self: self[2])
+    num_warps = property(lambda self: self[3])
+    num_stages = property(lambda self: self[4])
+    expects_mma = property(lambda self: self[5])
+
+    def __repr__(self) -> str:
+        return f"StaticConfig({self.name})"
+
+
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Arguments that are 1 for tensors with a contiguous last dimension: Triton specializes an
+# integer argument equal to 1 into a constant, so the representative compile does the same.
+_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_mn"}
+_FLOAT_ARGS = {"qk_scale", "scale", "drop_scale"}
+_FP32_POINTERS = {"LSE", "Delta"}
+_UNALIGNED_INTS = {"Lq", "Lk", "window_left", "window_right", "seed_lo", "seed_hi", "offset_lo", "offset_hi",
+                   "drop_threshold", "tune_lq", "tune_lk", "GROUP", "Hq"}
+
+
+def _static_signature(kernel_fn, dtype: torch.dtype, constexprs: dict, mask_bool: bool):
+    elt = _TORCH_TO_TRITON[dtype]
+    signature, consts, attrs = {}, {}, {}
+    for idx, name in enumerate(kernel_fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            consts[name] = constexprs[name]
+        elif name in _UNIT_STRIDES:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif name[0].isupper() and name not in ("Hq", "Lq", "Lk", "D", "Dv", "GROUP"):
+            if name == "Mask":
+                signature[name] = "*u8" if mask_bool else "*fp32"
+            elif name == "KVLens":
+                signature[name] = "*i32"
+            else:
+                signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{elt}"
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name not in _UNALIGNED_INTS:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+def _static_configs() -> list[StaticConfig]:
+    """Every autotune config of every kernel, for the architecture whose table lists it, in two
+    feature variants: plain causal (the fast path: no mask, no dropout) and everything on (float
+    mask, kv_lengths, two-sided window, dropout, head dims not a power of two: the most registers).
+    """
+    kernels = {"fwd": _attention_fwd_kernel, "dq": _attention_bwd_dq_kernel, "dkdv": _attention_bwd_dkdv_kernel}
+    variants = {
+        "causal": dict(HAS_MASK=False, MASK_BOOL=False, HAS_KVLENS=False, WINDOW_LEFT=False, WINDOW_RIGHT=True,
+                       BOTTOM_RIGHT=True, DROPOUT=False, even=True),
+        "full": dict(HAS_MASK=True, MASK_BOOL=False, HAS_KVLENS=True, WINDOW_LEFT=True, WINDOW_RIGHT=True,
+                     BOTTOM_RIGHT=True, DROPOUT=True, even=False),
+    }
+    out = []
+    for kname, fn in kernels.items():
+        for (arch, elt, bucket), cell in _TABLES[kname].items():
+            dtype = torch.bfloat16 if elt == 2 else torch.float32
+            for vname, v in variants.items():
+                v = dict(v)
+                even = v.pop("even")
+                for bm, bn, w, s in cell:
+                    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, BLOCK_DV=bucket, EVEN_D=even,
+                                      EVEN_DV=even, UPCAST=False, DOT_PRECISION=dot_precision(dtype), **v)
+                    sig, consts, attrs = _static_signature(fn, dtype, constexprs, v["MASK_BOOL"])
+                    name = (f"{fn.__name__} sm_{arch} {_TORCH_TO_TRITON[dtype]} D{bucket} {vname} "
+                            f"BLOCK_M={bm} BLOCK_N={bn} warps={w} stages={s}")
+                    out.append(StaticConfig(fn, sig, consts, w, s, True, arch=arch, attrs=attrs, name=name))
+    for arch in _ARCH_CLASSES:
+        for bucket in _DIM_BUCKETS:
+            constexprs = dict(BLOCK_M=_preprocess_block_m(bucket), BLOCK_DV=bucket, EVEN_DV=True)
+            fn = _attention_bwd_preprocess_kernel
+            sig, consts, attrs = _static_signature(fn, torch.bfloat16, constexprs, False)
+            out.append(StaticConfig(fn, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
+                                    name=f"{fn.__name__} sm_{arch} bf16 D{bucket} BLOCK_M={constexprs['BLOCK_M']}"))
+    return out
+
+
+STATIC_CONFIGS: list[StaticConfig] = _static_configs()

@@ -18,10 +18,11 @@ import triton.language as tl
 
 __all__ = ["philox_keep_word", "dropout_keep", "split_u64", "dropout_threshold", "philox_keep_word_host"]
 
-_M0 = 0xD2511F53
-_M1 = 0xCD9E8D57
-_W0 = 0x9E3779B9
-_W1 = 0xBB67AE85
+# tl.constexpr so the jitted code may read them as globals; int() gives the plain value on the host.
+_M0 = tl.constexpr(0xD2511F53)
+_M1 = tl.constexpr(0xCD9E8D57)
+_W0 = tl.constexpr(0x9E3779B9)
+_W1 = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
@@ -32,15 +33,24 @@ def philox_keep_word(n, k0, k1, c2, c3):
     """
     c0 = n.to(tl.uint32)  # truncation keeps the low word
     c1 = (n >> 32).to(tl.uint32)
-    # Broadcast the scalar words to the tile so every round works on same-shaped uint32 tensors.
-    zero = c0 * 0
-    c2 = zero + c2
-    c3 = zero + c3
-    for _ in tl.static_range(10):
-        hi0 = tl.umulhi(c0, tl.full(c0.shape, _M0, tl.uint32))
-        lo0 = c0 * tl.full(c0.shape, _M0, tl.uint32)
-        hi1 = tl.umulhi(c2, tl.full(c2.shape, _M1, tl.uint32))
-        lo1 = c2 * tl.full(c2.shape, _M1, tl.uint32)
+    m0 = tl.full(c0.shape, _M0, tl.uint32)
+    # Round 1: c2 and c3 are the same for every element (the offset), so their product stays a
+    # scalar; from round 2 on every word is per element.
+    hi0 = tl.umulhi(c0, m0)
+    lo0 = c0 * m0
+    c0 = c1 ^ (tl.umulhi(c2, _M1) ^ k0)
+    c1 = c2 * _M1
+    c2 = hi0 ^ (c3 ^ k1)
+    c3 = lo0
+    k0 = k0 + _W0
+    k1 = k1 + _W1
+    m1 = tl.full(c0.shape, _M1, tl.uint32)
+    c1 = tl.full(c0.shape, 0, tl.uint32) + c1
+    for _ in tl.static_range(9):
+        hi0 = tl.umulhi(c0, m0)
+        lo0 = c0 * m0
+        hi1 = tl.umulhi(c2, m1)
+        lo1 = c2 * m1
         c0 = hi1 ^ c1 ^ k0
         c1 = lo1
         c2 = hi0 ^ c3 ^ k1
@@ -89,14 +99,15 @@ def dropout_threshold(p: float) -> tuple[int, float]:
 def philox_keep_word_host(seed: int, offset: int, n: int) -> int:
     """Plain-Python Philox4x32-10 word, for tests of the Triton version."""
     mask = 0xFFFFFFFF
+    m0, m1, w0, w1 = int(_M0), int(_M1), int(_W0), int(_W1)
     seed &= (1 << 64) - 1
     offset &= (1 << 64) - 1
     k0, k1 = seed & mask, seed >> 32
     c0, c1, c2, c3 = n & mask, (n >> 32) & mask, offset & mask, offset >> 32
     for _ in range(10):
-        p0 = _M0 * c0
-        p1 = _M1 * c2
+        p0 = m0 * c0
+        p1 = m1 * c2
         c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & mask, (p0 >> 32) ^ c3 ^ k1, p0 & mask
-        k0 = (k0 + _W0) & mask
-        k1 = (k1 + _W1) & mask
+        k0 = (k0 + w0) & mask
+        k1 = (k1 + w1) & mask
     return c0
