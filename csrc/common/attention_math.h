@@ -10,8 +10,8 @@
 
 namespace seqkernels {
 
-// log2(e) and ln(2): kernels fold log2(e) into the score scale so the softmax runs on exp2,
-// and turn the log2-domain row statistics back into a natural-log lse with ln(2).
+// log2(e) and ln(2): kernels evaluate the softmax with exp2 (cheaper than exp) on scores times
+// log2(e), and turn the log2-domain row statistics back into a natural-log lse with ln(2).
 constexpr double kLog2e = 1.4426950408889634074;
 constexpr double kLn2 = 0.69314718055994530942;
 
@@ -50,8 +50,8 @@ SK_HOST_DEVICE SK_INLINE int64_t batch_key_length(const int32_t* kv_lengths, int
   return n < 0 ? 0 : (n > Lk ? Lk : n);
 }
 
-// Online softmax in the log2 domain. A row keeps its running max `m` (of scores already
-// multiplied by log2(e)) and sum `l` of exp2(s - m). When a block raises the max to m_new, the
+// Online softmax in the log2 domain. A row keeps its running max `m` (of scores times log2(e))
+// and sum `l` of exp2(s * log2(e) - m). When a block raises the max to m_new, the
 // old sum and output are rescaled by exp2(m - m_new). A row that has seen only -inf keeps
 // m = -inf; it must neither rescale (inf - inf is NaN) nor subtract -inf from its scores.
 template <typename T>

@@ -10,8 +10,8 @@
 //             O += P V). Keys at or past kv_lengths[b] are packed as zeros, so padding that
 //             holds NaN cannot leak through 0 * NaN.
 //   forward   one task per (batch, query head, block of query rows): online softmax over key
-//             blocks in the log2 domain (log2(e) folded into the query scale, exp2 evaluated
-//             in registers), with S and P V computed by 6 x 2-vector register tiles. Keys that
+//             blocks (exp2 evaluated in registers, log2(e) applied by the FMA that subtracts
+//             the row max), with S and P V computed by 6 x 2-vector register tiles. Keys that
 //             the window / causal / length rule hides are skipped at the granularity of 6 rows
 //             x NR keys, so a causal forward does half the work; the mask is applied only on
 //             the boundary of that region (and everywhere when attn_mask is given).
@@ -291,9 +291,9 @@ struct MaskDesc {
   int64_t sb = 0, sh = 0, si = 0, sj = 0;  // element strides of the expanded (B, Hq, Lq, Lk) view
 };
 
-// Applies attn_mask(b, h, i, j0 + t) to the log2-domain scores s[t], t < n: bool False -> -inf,
-// float -> + value * log2(e) (the mask is added to the scaled scores). When `dp` is given (the
-// backward), masked-out entries of dP are cleared too so that 0 * inf cannot appear in dS.
+// Applies attn_mask(b, h, i, j0 + t) to the scaled scores s[t], t < n: bool False -> -inf,
+// float -> + value. When `dp` is given (the backward), masked-out entries of dP are cleared too
+// so that 0 * inf cannot appear in dS.
 template <typename T, typename M>
 inline void mask_row_typed(const M* m, int64_t sj, T* s, T* dp, int64_t n) {
   for (int64_t t = 0; t < n; ++t) {
@@ -304,7 +304,7 @@ inline void mask_row_typed(const M* m, int64_t sj, T* s, T* dp, int64_t n) {
         if (dp) dp[t] = T(0);
       }
     } else {
-      s[t] += static_cast<T>(x) * T(kLog2e);
+      s[t] += static_cast<T>(x);
     }
   }
 }
@@ -347,7 +347,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 template <typename T>
 struct FwdRows {
   int64_t D, Dvp, BN;          // head dims (Dvp: Dv padded to W), key block
-  const T* Qs;                 // nrows x D, pre-multiplied by scale * log2(e)
+  const T* Qs;                 // nrows x D, pre-multiplied by scale
   const T* Kp;                 // K^T panels of the kv head: panel p at Kp + p * D * NR
   const T* Vp;                 // V rows of the kv head, Lk_pad x Dvp
   int64_t nrows;
@@ -359,7 +359,7 @@ struct FwdRows {
   uint64_t n_row0;             // dropout index of (row 0, key 0); rows are Lk apart
   int64_t Lk;
   T* O;                        // nrows x Dvp accumulators (unnormalized)
-  T* m;                        // running max (log2 domain), -inf initially
+  T* m;                        // running max times log2(e) (the exp2 shift), -inf initially
   T* l;                        // running sum, 0 initially
   T* P;                        // kMR x BN scratch
   T* alpha;                    // kMR scratch
@@ -367,6 +367,11 @@ struct FwdRows {
 
 // One row of one key block: mask, running max, exp2, running sum; leaves P (dropped entries
 // zeroed) in s and the factor that rescales the row's accumulators in alpha.
+//
+// Scores stay in the natural-log domain (the mask adds to them as is); P = exp2(s * log2(e) - m)
+// with one FMA, where m is the rounded log2-domain max actually used as the shift. Every P of the
+// row shares that m, so its rounding cancels in the normalization, and lse = m ln 2 + ln l holds
+// exactly for it; pre-multiplying q by log2(e) instead would add a rounding to every score.
 template <class P>
 inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo, int64_t hi,
                             typename P::T& m, typename P::T& l, typename P::T& alpha,
@@ -388,7 +393,7 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
   }
   V mv = P::set1(-kInf);
   for (int64_t j = 0; j < w; j += W) mv = P::max(P::load(s + j), mv);
-  const T mx = P::hmax(mv);
+  const T mx = P::hmax(mv) * T(kLog2e);
   const T m_new = mx > m ? mx : m;
   if (m_new == -kInf) {
     // Nothing finite so far. All-NaN scores (a NaN query row) must still give NaN, as plain
@@ -406,10 +411,10 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
     P::store(buf, P::exp2(P::set1(m - m_new)));
     alpha = buf[0];
   }
-  const V mn = P::set1(m_new);
+  const V mn = P::set1(-m_new), l2e = P::set1(T(kLog2e));
   V sum = P::zero();
   for (int64_t j = 0; j < w; j += W) {
-    const V p = P::exp2(P::sub(P::load(s + j), mn));
+    const V p = P::exp2(P::fmadd(P::load(s + j), l2e, mn));
     P::store(s + j, p);
     sum = P::add(sum, p);
   }
@@ -478,10 +483,10 @@ struct BwdBlock {
   const T* Kr;                 // K rows, Lk_pad x Dp
   const T* Vt;                 // V^T panels ([panel][Dv][NR])
   int64_t Hg, Lq;              // query heads in the group, query length
-  const T* Qp;                 // per head Lq x Dp, pre-multiplied by scale * log2(e)
+  const T* Qp;                 // per head Lq x Dp, pre-multiplied by scale
   const T* dOp;                // per head Lq x Dvp
   const T* Delta;              // per head Lq: rowsum(dO * O)
-  const T* lse2;               // per head Lq: lse * log2(e)
+  const T* lse;                // per head Lq
   T* dQ;                       // per head Lq x Dp partial sums of dS K (this task's own)
   const int64_t* lo;           // per query row of the batch: visible keys [lo, hi)
   const int64_t* hi;
@@ -495,18 +500,21 @@ struct BwdBlock {
   T* dV;                       // (j1 - j0) x Dvp accumulators
 };
 
-// One query row against the key columns [pl, pl + w): P from lse, dS = P * (dP - Delta),
-// both with dropout applied; s <- dropped P (for dV), dp <- dS (for dK and dQ).
+// One query row against the key columns [pl, pl + w): P = exp(s - lse), dS = P * (dP - Delta),
+// both with dropout applied; s <- dropped P (for dV), dp <- dS (for dK and dQ). The scores stay
+// in the natural-log domain here: s - lse cancels almost exactly near the row max, and scaling
+// only that small difference by log2(e) keeps P as accurate as plain softmax, which a log2-domain
+// lse (one more rounding at |lse| ~ 10) would not.
 template <class P>
 inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, int64_t lo,
-                    int64_t hi, typename P::T lse2, typename P::T delta,
+                    int64_t hi, typename P::T lse, typename P::T delta,
                     const BwdBlock<typename P::T>& a, int64_t h, int64_t i) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
   constexpr T kInf = std::numeric_limits<T>::infinity();
   const int64_t c0 = std::max(lo, pl) - pl, c1 = std::min(hi, pl + w) - pl;
-  if (c0 >= c1 || lse2 == -kInf) {
+  if (c0 >= c1 || lse == -kInf) {
     fill(s, w, T(0));
     fill(dp, w, T(0));
     return;
@@ -518,16 +526,29 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
   if (a.mask.kind != MaskKind::None) {
     apply_mask_row<T>(a.mask, a.b, h, i, pl + c0, s + c0, dp + c0, c1 - c0);
   }
-  const V l2 = P::set1(lse2), dl = P::set1(delta);
+  if (std::isnan(lse)) {
+    // A NaN row (NaN in its query or in a key it sees): NaN wherever it sees a key, exactly 0
+    // for keys it does not see, as the reference's selection gives; exp2(-inf - NaN) would
+    // otherwise spread NaN into dK/dV of hidden and padded keys.
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.Lq + i) * a.Lk + pl;
+    for (int64_t j = 0; j < w; ++j) {
+      const bool seen = s[j] != -kInf;
+      dp[j] = seen ? nan : T(0);
+      s[j] = seen && (!a.drop.on || keep_element(a.drop, n0 + j)) ? nan : T(0);
+    }
+    return;
+  }
+  const V lv = P::set1(lse), dl = P::set1(delta), l2e = P::set1(T(kLog2e));
   if (!a.drop.on) {
     for (int64_t j = 0; j < w; j += W) {
-      const V p = P::exp2(P::sub(P::load(s + j), l2));
+      const V p = P::exp2(P::mul(P::sub(P::load(s + j), lv), l2e));
       P::store(dp + j, P::mul(p, P::sub(P::load(dp + j), dl)));
       P::store(s + j, p);
     }
     return;
   }
-  for (int64_t j = 0; j < w; j += W) P::store(s + j, P::exp2(P::sub(P::load(s + j), l2)));
+  for (int64_t j = 0; j < w; j += W) P::store(s + j, P::exp2(P::mul(P::sub(P::load(s + j), lv), l2e)));
   const T ks = static_cast<T>(a.drop.keep_scale);
   const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.Lq + i) * a.Lk + pl;
   for (int64_t j = 0; j < w; ++j) {
@@ -548,7 +569,7 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
     const T* Qp = a.Qp + hh * Lq * Dp;
     const T* dOp = a.dOp + hh * Lq * Dvp;
     const T* Delta = a.Delta + hh * Lq;
-    const T* lse2 = a.lse2 + hh * Lq;
+    const T* lse = a.lse + hh * Lq;
     T* dQ = a.dQ + hh * Lq * Dp;
     const int64_t h = a.h0 + hh;
     for (int64_t i0 = a.ilo; i0 < a.ihi; i0 += a.BM) {
@@ -571,7 +592,7 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
       }
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
-        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse2[i], Delta[i], a, h, i);
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], Delta[i], a, h, i);
       }
       // dV[j] += sum_i P[i][j] dO[i];  dK[j] += sum_i dS[i][j] Q[i];  dQ[i] += sum_j dS[i][j] K[j]
       gemm<P, Mode::Add>(w, a.S, 1, BN, dOp + i0 * Dvp, Dvp, nr, a.dV + (pl - a.j0) * Dvp, Dvp, Dvp);
@@ -828,7 +849,7 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
   const int64_t npanel = Lk_pad / NR;
   const Tiles tl = tiles();
   const int64_t BM = tl.fwd_bm, BN = round_up(tl.fwd_bn, NR);
-  const T qmul = static_cast<T>(scale * kLog2e);
+  const T qmul = static_cast<T>(scale);
 
   const scalar_t* qd = q.const_data_ptr<scalar_t>();
   const scalar_t* kd = k.const_data_ptr<scalar_t>();
@@ -928,7 +949,8 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
           const bool dead = m[r] == -std::numeric_limits<T>::infinity();
           const T inv = dead ? T(0) : (drop.on ? ks : T(1)) / l[r];
           for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(dead ? T(0) : acc[d] * inv);
-          lsed[(b * Hq + h) * Lq + i0 + r] = softmax_lse<T>(m[r], std::log2(l[r]));
+          lsed[(b * Hq + h) * Lq + i0 + r] =
+              static_cast<T>(softmax_lse<double>(m[r], std::log2(static_cast<double>(l[r]))));
         }
       };
     });
@@ -979,7 +1001,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   const Tiles tl = tiles();
   const int64_t BM = tl.bwd_bm, BN = round_up(tl.bwd_bn, NR);
   const int64_t nkb = (Lk_pad + BN - 1) / BN;
-  const T qmul = static_cast<T>(scale * kLog2e);
+  const T qmul = static_cast<T>(scale);
 
   const scalar_t* qd = q.const_data_ptr<scalar_t>();
   const scalar_t* kd = k.const_data_ptr<scalar_t>();
@@ -1023,7 +1045,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   const int64_t chunk = std::clamp<int64_t>(kPackBudgetBytes / (group_elems * int64_t(sizeof(T))), 1, ngroups);
   Tensor packed = at::empty({chunk * group_elems}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
   T* pk = packed.data_ptr<T>();
-  const T ln2 = static_cast<T>(kLn2), tscale = static_cast<T>(scale), log2e = static_cast<T>(kLog2e);
+  const T tscale = static_cast<T>(scale);
 
   for (int64_t g0 = 0; g0 < ngroups; g0 += chunk) {
     const int64_t g1 = std::min(g0 + chunk, ngroups);
@@ -1033,8 +1055,8 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
     auto Qp_of = [&](int64_t gi) { return Vt_of(gi) + Lk_pad * Dv; };
     auto dOp_of = [&](int64_t gi) { return Qp_of(gi) + Hg * Lq * Dp; };
     auto Delta_of = [&](int64_t gi) { return dOp_of(gi) + Hg * Lq * Dvp; };
-    auto lse2_of = [&](int64_t gi) { return Delta_of(gi) + Hg * Lq; };
-    auto dQ_of = [&](int64_t gi, int64_t s) { return lse2_of(gi) + Hg * Lq + s * Hg * Lq * Dp; };
+    auto lse_of = [&](int64_t gi) { return Delta_of(gi) + Hg * Lq; };
+    auto dQ_of = [&](int64_t gi, int64_t s) { return lse_of(gi) + Hg * Lq + s * Hg * Lq * Dp; };
 
     // Pack K/V (three layouts) per slice of panels, and Q, dO, Delta, lse per slice of rows.
     constexpr int64_t kSlice = 8, kRowSlice = 64;
@@ -1065,13 +1087,16 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
           T* dO = dOp_of(gi) + hh * Lq * Dvp;
           pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
           T* delta = Delta_of(gi) + hh * Lq;
-          T* l2 = lse2_of(gi) + hh * Lq;
+          T* lr = lse_of(gi) + hh * Lq;
           for (int64_t i = r0; i < r1; ++i) {
-            T acc = 0;
+            // In double: Delta is a long dot product whose error would go straight into dS.
+            double acc = 0;
             const scalar_t* orow = oh + i * out.stride(2);
-            for (int64_t d = 0; d < Dv; ++d) acc += dO[i * Dvp + d] * static_cast<T>(orow[d * out.stride(3)]);
-            delta[i] = acc;
-            l2[i] = lsed[((b * Hq + h) * Lq) + i] * log2e;
+            for (int64_t d = 0; d < Dv; ++d) {
+              acc += static_cast<double>(dO[i * Dvp + d]) * static_cast<double>(orow[d * out.stride(3)]);
+            }
+            delta[i] = static_cast<T>(acc);
+            lr[i] = lsed[((b * Hq + h) * Lq) + i];
           }
           for (int64_t s = 0; s < splits; ++s) fill(dQ_of(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
         }
@@ -1130,7 +1155,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
         a.Qp = Qp_of(gi);
         a.dOp = dOp_of(gi);
         a.Delta = Delta_of(gi);
-        a.lse2 = lse2_of(gi);
+        a.lse = lse_of(gi);
         a.dQ = dQ_of(gi, s);
         a.lo = lo;
         a.hi = hi;
@@ -1162,15 +1187,18 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
             a.ihi = ihi;
             kern.bwd(a);
           }
-          // dK = scale * sum dS Q = ln 2 * sum dS Qp (Qp carries scale * log2(e)).
-          const int64_t jend = std::min(j1, Lk);
+          // dK = scale * sum dS Q = sum dS Qp (Qp carries the scale).
+          // Keys past kv_lengths[b] take no part: exactly 0, even where 0 * NaN (a NaN query
+          // row times a hidden key's zero dS) reached their accumulators.
+          const int64_t jend = std::min(j1, Lk), jvalid = batch_key_length(kv_len, b, Lk);
           for (int64_t j = j0; j < jend; ++j) {
-            scalar_t* dkrow = dkd + ((b * Hkv + hk) * Lk + j) * D;
-            scalar_t* dvrow = dvd + ((b * Hkv + hk) * Lk + j) * Dv;
+            scalar_t* dkrow = dkd + b * dk.stride(0) + hk * dk.stride(1) + j * dk.stride(2);
+            scalar_t* dvrow = dvd + b * dv.stride(0) + hk * dv.stride(1) + j * dv.stride(2);
             const T* ak = dK + (j - j0) * Dp;
             const T* av = dV + (j - j0) * Dvp;
-            for (int64_t d = 0; d < D; ++d) dkrow[d] = static_cast<scalar_t>(ak[d] * ln2);
-            for (int64_t d = 0; d < Dv; ++d) dvrow[d] = static_cast<scalar_t>(av[d]);
+            const bool pad = j >= jvalid;
+            for (int64_t d = 0; d < D; ++d) dkrow[d * dk.stride(3)] = static_cast<scalar_t>(pad ? T(0) : ak[d]);
+            for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv.stride(3)] = static_cast<scalar_t>(pad ? T(0) : av[d]);
           }
         }
       };
@@ -1183,11 +1211,11 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
         const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
         const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
         for (int64_t i = r0; i < r1; ++i) {
-          scalar_t* dqrow = dqd + ((b * Hq + h) * Lq + i) * D;
+          scalar_t* dqrow = dqd + b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2);
           for (int64_t d = 0; d < D; ++d) {
             T acc = dQ_of(gi, 0)[hh * Lq * Dp + i * Dp + d];
             for (int64_t s = 1; s < splits; ++s) acc += dQ_of(gi, s)[hh * Lq * Dp + i * Dp + d];
-            dqrow[d] = static_cast<scalar_t>(acc * tscale);
+            dqrow[d * dq.stride(3)] = static_cast<scalar_t>(acc * tscale);
           }
         }
       }
@@ -1222,9 +1250,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   const int32_t* kv_len = check_lengths(kv_lengths, g, op);
   const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
   check_window(window_left, window_right, op);
-  Tensor dq = at::empty({g.B, g.Hq, g.Lq, g.D}, q.options());
-  Tensor dk = at::empty({g.B, g.Hkv, g.Lk, g.D}, k.options());
-  Tensor dv = at::empty({g.B, g.Hkv, g.Lk, g.Dv}, v.options());
+  // Laid out like q, k, v (as the registered fake kernel promises); written through strides.
+  Tensor dq = at::empty_like(q);
+  Tensor dk = at::empty_like(k);
+  Tensor dv = at::empty_like(v);
   if (g.B == 0 || g.Hq == 0) return {dq, dk, dv};
   if (g.Lq == 0 || g.Lk == 0) {
     dq.zero_();
