@@ -694,34 +694,57 @@ void pack_rows(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_
   }
 }
 
-// Runs tasks [0, n) on all threads, largest cost first, each thread taking the next task from
-// a shared counter. `make_worker()` builds per-thread state (scratch) and returns a callable
-// `void(int64_t task)`. Which thread runs which task varies; the results must not depend on it.
+// Runs tasks [0, n) (given in an order where neighbours share data, e.g. the query blocks of one
+// head) on all threads. Each thread owns a contiguous range of about equal total cost, so it
+// keeps its heads' K/V in its own caches as a static split would, and works through it largest
+// task first; a thread that runs out takes the remaining tasks of the others from their small
+// end. A descheduled or slower thread therefore delays the call by at most one small task.
+// `make_worker()` builds per-thread state (scratch) and returns a callable `void(int64_t task)`.
+// Which thread runs which task varies; the results must not depend on it.
 template <typename MakeWorker>
-void run_tasks_lpt(const std::vector<int64_t>& cost, MakeWorker&& make_worker) {
+void run_tasks(const std::vector<int64_t>& cost, MakeWorker&& make_worker) {
   const int64_t n = static_cast<int64_t>(cost.size());
   if (n == 0) return;
+  const int64_t nw = std::min<int64_t>(at::get_num_threads(), n);
+  int64_t total = 0;
+  for (int64_t c : cost) total += c;
+  std::vector<int64_t> bnd(nw + 1, n);
+  bnd[0] = 0;
+  for (int64_t t = 0, acc = 0, w = 1; t < n && w < nw; ++t) {
+    acc += cost[t];
+    while (w < nw && acc * nw >= total * w) bnd[w++] = t + 1;
+  }
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), int64_t(0));
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
-  std::atomic<int64_t> next{0};
-  const int64_t nw = std::min<int64_t>(at::get_num_threads(), n);
+  for (int64_t w = 0; w < nw; ++w) {
+    std::stable_sort(order.begin() + bnd[w], order.begin() + bnd[w + 1],
+                     [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+  }
+  std::vector<std::atomic<bool>> claimed(n);
   at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t wk = w0; wk < w1; ++wk) {
+    for (int64_t w = w0; w < w1; ++w) {
       auto work = make_worker();
-      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) work(order[t]);
+      for (int64_t t = bnd[w]; t < bnd[w + 1]; ++t) {
+        if (!claimed[t].exchange(true, std::memory_order_acq_rel)) work(order[t]);
+      }
+      for (int64_t o = 1; o < nw; ++o) {
+        const int64_t v = (w + o) % nw;
+        for (int64_t t = bnd[v + 1] - 1; t >= bnd[v]; --t) {
+          if (!claimed[t].exchange(true, std::memory_order_acq_rel)) work(order[t]);
+        }
+      }
     }
   });
 }
 
 // Bytes of packed data per chunk of (b, kv head) groups: bounds the extra memory on long
-// sequences while keeping enough groups in flight for all threads.
-constexpr int64_t kPackBudgetBytes = int64_t(256) << 20;
+// sequences. Below glibc's largest mmap threshold (32 MiB) the buffer comes from the heap and is
+// reused call after call, instead of fresh pages that fault and get zeroed on every call.
+constexpr int64_t kPackBudgetBytes = int64_t(24) << 20;
 
 // Tile sizes (rows of queries per task / step, keys per block).
 struct Tiles {
-  int64_t fwd_bm = 96, fwd_bn = 128, bwd_bm = 64, bwd_bn = 64;
+  int64_t fwd_bm = 96, fwd_bn = 256, bwd_bm = 64, bwd_bn = 64;
 };
 inline Tiles tiles() {
   Tiles t;
@@ -899,7 +922,7 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
       for (int64_t i = i0; i < i1; ++i) c += hi_all[b * Lq + i] - lo_all[b * Lq + i];
       cost[t] = c;
     }
-    run_tasks_lpt(cost, [&]() {
+    run_tasks(cost, [&]() {
       // Per-thread scratch, allocated once per call.
       auto scratch = std::make_shared<std::vector<T>>(BM * D + BM * Dvp + 2 * BM + kMR * BN + kMR);
       return [&, scratch](int64_t t) {
@@ -1012,6 +1035,9 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   scalar_t* dqd = dq.data_ptr<scalar_t>();
   scalar_t* dkd = dk.data_ptr<scalar_t>();
   scalar_t* dvd = dv.data_ptr<scalar_t>();
+  const int64_t dq_s0 = dq.stride(0), dq_s1 = dq.stride(1), dq_s2 = dq.stride(2), dq_s3 = dq.stride(3);
+  const int64_t dk_s0 = dk.stride(0), dk_s1 = dk.stride(1), dk_s2 = dk.stride(2), dk_s3 = dk.stride(3);
+  const int64_t dv_s0 = dv.stride(0), dv_s1 = dv.stride(1), dv_s2 = dv.stride(2), dv_s3 = dv.stride(3);
 
   std::vector<int64_t> lo_all(B * Lq), hi_all(B * Lq);
   for (int64_t b = 0; b < B; ++b) {
@@ -1083,6 +1109,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
           const scalar_t* qh = qd + b * q.stride(0) + h * q.stride(1);
           const scalar_t* doh = dod + b * dout.stride(0) + h * dout.stride(1);
           const scalar_t* oh = od + b * out.stride(0) + h * out.stride(1);
+          const int64_t o_s2 = out.stride(2), o_s3 = out.stride(3);
           pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, qmul, Qp_of(gi) + hh * Lq * Dp);
           T* dO = dOp_of(gi) + hh * Lq * Dvp;
           pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
@@ -1091,9 +1118,9 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
           for (int64_t i = r0; i < r1; ++i) {
             // In double: Delta is a long dot product whose error would go straight into dS.
             double acc = 0;
-            const scalar_t* orow = oh + i * out.stride(2);
+            const scalar_t* orow = oh + i * o_s2;
             for (int64_t d = 0; d < Dv; ++d) {
-              acc += static_cast<double>(dO[i * Dvp + d]) * static_cast<double>(orow[d * out.stride(3)]);
+              acc += static_cast<double>(dO[i * Dvp + d]) * static_cast<double>(orow[d * o_s3]);
             }
             delta[i] = static_cast<T>(acc);
             lr[i] = lsed[((b * Hq + h) * Lq) + i];
@@ -1128,7 +1155,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
       for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) c += kb_cost[b * nkb + kb];
       cost[t] = c;
     }
-    run_tasks_lpt(cost, [&]() {
+    run_tasks(cost, [&]() {
       auto scratch = std::make_shared<std::vector<T>>(2 * BM * BN + BN * (Dp + Dvp));
       return [&, scratch](int64_t t) {
         T* S = scratch->data();
@@ -1192,13 +1219,13 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
           // row times a hidden key's zero dS) reached their accumulators.
           const int64_t jend = std::min(j1, Lk), jvalid = batch_key_length(kv_len, b, Lk);
           for (int64_t j = j0; j < jend; ++j) {
-            scalar_t* dkrow = dkd + b * dk.stride(0) + hk * dk.stride(1) + j * dk.stride(2);
-            scalar_t* dvrow = dvd + b * dv.stride(0) + hk * dv.stride(1) + j * dv.stride(2);
+            scalar_t* dkrow = dkd + b * dk_s0 + hk * dk_s1 + j * dk_s2;
+            scalar_t* dvrow = dvd + b * dv_s0 + hk * dv_s1 + j * dv_s2;
             const T* ak = dK + (j - j0) * Dp;
             const T* av = dV + (j - j0) * Dvp;
             const bool pad = j >= jvalid;
-            for (int64_t d = 0; d < D; ++d) dkrow[d * dk.stride(3)] = static_cast<scalar_t>(pad ? T(0) : ak[d]);
-            for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv.stride(3)] = static_cast<scalar_t>(pad ? T(0) : av[d]);
+            for (int64_t d = 0; d < D; ++d) dkrow[d * dk_s3] = static_cast<scalar_t>(pad ? T(0) : ak[d]);
+            for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv_s3] = static_cast<scalar_t>(pad ? T(0) : av[d]);
           }
         }
       };
@@ -1210,12 +1237,15 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
         const int64_t gi = g0 + t / (Hg * nrslice), hh = (t / nrslice) % Hg, rs = t % nrslice;
         const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
         const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
+        const T* part0 = dQ_of(gi, 0) + hh * Lq * Dp;
+        const int64_t part_stride = Hg * Lq * Dp;
         for (int64_t i = r0; i < r1; ++i) {
-          scalar_t* dqrow = dqd + b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2);
+          scalar_t* dqrow = dqd + b * dq_s0 + h * dq_s1 + i * dq_s2;
+          const T* src = part0 + i * Dp;
           for (int64_t d = 0; d < D; ++d) {
-            T acc = dQ_of(gi, 0)[hh * Lq * Dp + i * Dp + d];
-            for (int64_t s = 1; s < splits; ++s) acc += dQ_of(gi, s)[hh * Lq * Dp + i * Dp + d];
-            dqrow[d * dq.stride(3)] = static_cast<scalar_t>(acc * tscale);
+            T acc = src[d];
+            for (int64_t s = 1; s < splits; ++s) acc += src[s * part_stride + d];
+            dqrow[d * dq_s3] = static_cast<scalar_t>(acc * tscale);
           }
         }
       }
