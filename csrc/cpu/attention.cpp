@@ -742,6 +742,13 @@ void run_tasks(const std::vector<int64_t>& cost, MakeWorker&& make_worker) {
 // reused call after call, instead of fresh pages that fault and get zeroed on every call.
 constexpr int64_t kPackBudgetBytes = int64_t(24) << 20;
 
+// Groups of (b, kv head) packed and processed together: as many as the budget allows, but at
+// least one per thread so that every thread has work even when a group is large.
+inline int64_t chunk_groups(int64_t bytes_per_group, int64_t ngroups) {
+  const int64_t fit = kPackBudgetBytes / std::max<int64_t>(bytes_per_group, 1);
+  return std::clamp<int64_t>(std::max<int64_t>(fit, at::get_num_threads()), 1, std::max<int64_t>(ngroups, 1));
+}
+
 // Tile sizes (rows of queries per task / step, keys per block).
 struct Tiles {
   int64_t fwd_bm = 96, fwd_bn = 256, bwd_bm = 64, bwd_bn = 64;
@@ -887,7 +894,7 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
   const int64_t group_elems = Lk_pad * (D + Dvp);
   const int64_t ngroups = B * Hkv;
-  const int64_t chunk = std::clamp<int64_t>(kPackBudgetBytes / (group_elems * int64_t(sizeof(T))), 1, ngroups);
+  const int64_t chunk = chunk_groups(group_elems * int64_t(sizeof(T)), ngroups);
   const int64_t nqb = (Lq + BM - 1) / BM;
   Tensor packed = at::empty({chunk * group_elems}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
   T* pk = packed.data_ptr<T>();
@@ -1058,17 +1065,18 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
 
   const int64_t ngroups = B * Hkv;
   const int64_t nthreads = at::get_num_threads();
-  // Key-block splits per group: enough tasks to keep every thread busy when there are few
-  // groups. Each split owns a dQ partial, summed in split order afterwards.
-  int64_t splits = 1;
-  const bool even = ngroups % nthreads == 0 && kv_len == nullptr;
-  if (ngroups < 4 * nthreads && !even) splits = std::min<int64_t>(nkb, (4 * nthreads + ngroups - 1) / ngroups);
-
   const int64_t kv_elems = Lk_pad * (D + Dp + Dv);
   const int64_t q_elems = Hg * Lq * (Dp + Dvp + 2);
-  const int64_t dq_elems = splits * Hg * Lq * Dp;
-  const int64_t group_elems = kv_elems + q_elems + dq_elems;
-  const int64_t chunk = std::clamp<int64_t>(kPackBudgetBytes / (group_elems * int64_t(sizeof(T))), 1, ngroups);
+  const int64_t dq_part = Hg * Lq * Dp;
+  // Key-block splits per group: enough tasks per chunk to keep every thread busy when there
+  // are few groups. Each split owns a dQ partial, summed in split order afterwards. Groups of
+  // a chunk cost the same unless kv_lengths differ, so a multiple of the thread count needs none.
+  const int64_t chunk0 = chunk_groups((kv_elems + q_elems + dq_part) * int64_t(sizeof(T)), ngroups);
+  int64_t splits = 1;
+  const bool even = chunk0 % nthreads == 0 && kv_len == nullptr;
+  if (chunk0 < 4 * nthreads && !even) splits = std::min<int64_t>(nkb, (4 * nthreads + chunk0 - 1) / chunk0);
+  const int64_t group_elems = kv_elems + q_elems + splits * dq_part;
+  const int64_t chunk = chunk_groups(group_elems * int64_t(sizeof(T)), ngroups);
   Tensor packed = at::empty({chunk * group_elems}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
   T* pk = packed.data_ptr<T>();
   const T tscale = static_cast<T>(scale);
