@@ -99,6 +99,7 @@ struct VecPortable {
   static V sub(const V& a, const V& b) { return a - b; }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V exp2(const V& x) { return x.exp2(); }
+  static V exp2_nonpos(const V& x) { return x.exp2(); }
   static T hmax(const V& x) {
     T buf[W];
     x.store(buf);
@@ -136,9 +137,10 @@ struct Avx2Float {
   // (relative error 1e-7, fitted for this range), 2^n built in the exponent field. Inputs below
   // -127 give exactly 0 (the exponent field becomes 0), so -inf scores vanish without a
   // select; NaN stays NaN because the clamps keep their second operand on NaN.
-  SK_AVX2_FN static V exp2(V x) {
-    V xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
-    xc = _mm256_min_ps(_mm256_set1_ps(127.0f), xc);
+  SK_AVX2_FN static V exp2(V x) { return exp2_nonpos(_mm256_min_ps(_mm256_set1_ps(127.0f), x)); }
+  // The same for x <= 127 (or NaN): the forward's arguments, s * log2(e) - rowmax, never exceed 0.
+  SK_AVX2_FN static V exp2_nonpos(V x) {
+    const V xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
     const V n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = _mm256_sub_ps(xc, n);
     V p = _mm256_set1_ps(1.533758041e-04f);
@@ -188,6 +190,7 @@ struct Avx2Double {
     for (int i = 0; i < 4; ++i) buf[i] = std::exp2(buf[i]);
     return _mm256_load_pd(buf);
   }
+  SK_AVX2_FN static V exp2_nonpos(V x) { return exp2(x); }
   SK_AVX2_FN static double hmax(V x) {
     __m128d m = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
     m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
@@ -406,15 +409,12 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
     fill(s, w, T(0));
     return;
   }
-  {
-    T buf[W];
-    P::store(buf, P::exp2(P::set1(m - m_new)));
-    alpha = buf[0];
-  }
+  // The running max rarely moves after the first blocks; rescaling is skipped then.
+  alpha = m_new == m ? T(1) : std::exp2(m - m_new);
   const V mn = P::set1(-m_new), l2e = P::set1(T(kLog2e));
   V sum = P::zero();
   for (int64_t j = 0; j < w; j += W) {
-    const V p = P::exp2(P::fmadd(P::load(s + j), l2e, mn));
+    const V p = P::exp2_nonpos(P::fmadd(P::load(s + j), l2e, mn));
     P::store(s + j, p);
     sum = P::add(sum, p);
   }
