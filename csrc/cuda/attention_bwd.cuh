@@ -101,12 +101,13 @@ struct BwdTraits {
   static constexpr int kBMTiles = kAMTiles;
   static constexpr int kBDims = kHeadDim / kBWarpsD;
   static constexpr int kBDTiles = kBDims / 8;
-  // Phase C (dQ: queries x dims): warps kCWarpsM x kCWarpsD, kCChunk dims at a time.
+  // Phase C (dQ: queries x dims): warps kCWarpsM x kCWarpsD, kCChunk dims at a time (its
+  // accumulators are live beside dK / dV, hence the smaller chunk for the widest tile).
   static constexpr int kCWarpsM = kBlockM / 16 < kNWarps ? kBlockM / 16 : kNWarps;
   static constexpr int kCWarpsD = kNWarps / kCWarpsM;
   static constexpr int kCMTiles = kBlockM / (16 * kCWarpsM);
   static constexpr int kCDims = kHeadDim / kCWarpsD;
-  static constexpr int kCChunk = kCDims < 64 ? kCDims : 64;
+  static constexpr int kCChunk = kCDims < 64 ? kCDims : (kHeadDim >= 256 ? 32 : 64);
   // Shared memory (16-bit elements, then floats).
   static constexpr int kSmemKV = kBlockN * kHeadDim;
   static constexpr int kSmemQ = kBlockM * kHeadDim;
