@@ -25,7 +25,7 @@ _LAZY = {
     "restore_attention": ("seqkernels.nn.swap", "restore_attention"),
     "swap_lstm": ("seqkernels.nn.lstm", "swap_lstm"),
     "restore_lstm": ("seqkernels.nn.lstm", "restore_lstm"),
-    "explain": ("seqkernels.explain", "explain"),
+    "explain": ("seqkernels._explain", "explain"),
 }
 
 

@@ -133,7 +133,7 @@ _OP_MODULES = {"attention": "seqkernels.ops.attention", "kv_cache_append": "seqk
 
 
 def _spec(op):
-    from .explain import _OPS
+    from ._explain import _OPS
 
     mod_name, spec_name, _ = _OPS[op]
     return getattr(importlib.import_module(mod_name), spec_name)

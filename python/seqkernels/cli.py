@@ -46,7 +46,7 @@ def cmd_info(args) -> int:
         lines.append("extension  seqkernels._C NOT built (only the triton and reference backends)")
     lines.append("")
     lines.append("backends per op (kernel registered / module present):")
-    from .explain import _OPS
+    from ._explain import _OPS
     import importlib
 
     for name, (mod_name, spec_name, _) in _OPS.items():

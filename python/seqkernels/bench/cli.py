@@ -81,7 +81,7 @@ def format_table(rec: Recorder) -> str:
                 lines.append(f"    {r.provider:28s} {r.note}")
             elif r.metric == "time":
                 extra = [x for x in rows if x.provider == r.provider and x.metric == head[suite] and head[suite] != "time"]
-                thr = f"{extra[0].p50:9.2f} {extra[0].unit:9s}" if extra else " " * 19
+                thr = f"{extra[0].p50:9.4g} {extra[0].unit:9s}" if extra else " " * 19
                 ratio = ""
                 if best_peer and r.provider.startswith("seqkernels"):
                     ratio = f"{best_peer[1] / r.p50:5.2f}x vs {best_peer[0]}"

@@ -80,11 +80,12 @@ def measure(fns: Sequence[Callable[[], object]], s: Settings, *, min_time: float
             pass
     min_time = min_time if min_time is not None else (0.25 if s.quick else 1.0)
     max_reps = max_reps if max_reps is not None else (15 if s.quick else 50)
-    for i in range(max(2, n)):  # warm-up: first-call allocation, thread pools, lazy init
+    for i in range(max(1 if s.quick else 2, n)):  # warm-up: first-call allocation, thread pools, lazy init
         fns[i % n]()
     _sync(s.device)
     times, start, i = [], time.perf_counter(), 0
-    while (len(times) < 5 or time.perf_counter() - start < min_time) and len(times) < max_reps:
+    min_reps = 3 if s.quick else 5
+    while (len(times) < min_reps or time.perf_counter() - start < min_time) and len(times) < max_reps:
         if s.is_cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
