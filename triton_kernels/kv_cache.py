@@ -296,6 +296,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, win
     else:
         block_size, capacity, bt, bt_stride = 1, k_cache.shape[2], cache_seqlens, 0
     block_m, block_n, warps, stages = _decode_config(n_rows, D, Dv, q.dtype)
+    # Decode attention is causal: the right side of the window is clamped to 0 (-1 included), as in
+    # decode_attention_ref; a query never sees the later queries of its own chunk.
+    window_right = 0
     split = num_splits > 1
     if split:
         o_dst = torch.empty((num_splits, B, Hq, Tq, Dv), device=q.device, dtype=torch.float32)

@@ -515,7 +515,14 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
                   const int64_t* os, acc_t* lse, acc_t* opart, acc_t* lpart) {
   const int64_t units = s.B * s.Hkv * s.row_tiles * s.splits;
   const int64_t maxd = std::max(s.D, s.Dv);
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+  // Waking the thread pool costs tens to hundreds of microseconds, more than a small decode step
+  // takes on one core: units are grouped so that each task holds at least ~1M multiply-adds.
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < s.B; ++b) max_len = std::max<int64_t>(max_len, std::clamp<int64_t>(lens[b], 0, s.L.capacity));
+  const int64_t keys_per_unit = (max_len + s.splits - 1) / s.splits;
+  const int64_t work_per_unit = std::max<int64_t>(1, std::min<int64_t>(kRowTile, s.rows) * keys_per_unit * (s.D + s.Dv));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / work_per_unit);
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(kRowTile * s.D), S(kRowTile * kKeyTile), acc(kRowTile * s.Dv), mrow(kRowTile),
         lrow(kRowTile), rowbuf(kKeyTile * maxd);
     std::vector<const T*> krows(kKeyTile), vrows(kKeyTile);
@@ -599,7 +606,8 @@ template <typename T, typename acc_t>
 void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* lpart, T* out, const int64_t* os,
                   acc_t* lse) {
   const int64_t rows = s.B * s.Hq * s.Tq, stride = rows;
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, s.splits * s.Dv));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> o(s.Dv), w(s.splits);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r % s.Tq, hq = (r / s.Tq) % s.Hq, b = r / (s.Tq * s.Hq);
@@ -690,7 +698,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   s.row_tiles = (s.rows + kRowTile - 1) / kRowTile;
   s.splits = num_splits;
   s.window_left = window_left;
-  s.window_right = window_right;
+  // Decode attention is causal: a query never sees the later queries of its own chunk, so the
+  // right side of the window is clamped to 0 (-1 included), as in decode_attention_ref.
+  s.window_right = 0;
 
   const bool is_double = q.scalar_type() == at::kDouble;
   const auto acc_type = is_double ? at::kDouble : at::kFloat;

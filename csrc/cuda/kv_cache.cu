@@ -254,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
   }
   p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
   p.window_left = window_left;
-  p.window_right = window_right;
+  p.window_right = 0;  // causal: the right side is clamped to 0 (-1 included), as in decode_attention_ref
   p.num_splits = num_splits;
   p.vec_ok = vec_ok;
 

@@ -349,7 +349,8 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
         for (int u = 0; u < U; ++u) a = fmaf(pr[u], to_float<T>(vr[u][e]), a);
         acc[i][e] = a;
       }
-      m[i] = m_new;
+      // A NaN row keeps a NaN max so that the merge below does not mistake it for an empty one.
+      m[i] = nan ? __int_as_float(0x7fc00000) : m_new;
     }
   }
 
@@ -373,10 +374,16 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
     const int64_t r = r0 + i;
     if (r >= p.n_rows) continue;
     float mx = kNegInf;
+    bool nan = false;
 #pragma unroll
-    for (int g = 0; g < NG; ++g) mx = fmaxf(mx, s_m[g][i]);
+    for (int g = 0; g < NG; ++g) {
+      mx = fmaxf(mx, s_m[g][i]);
+      nan |= s_m[g][i] != s_m[g][i];
+    }
     float total = 0.0f, o = 0.0f;
-    if (mx != kNegInf) {
+    if (nan) {
+      total = o = __int_as_float(0x7fc00000);
+    } else if (mx != kNegInf) {
 #pragma unroll
       for (int g = 0; g < NG; ++g) {
         if (s_m[g][i] == kNegInf) continue;
