@@ -99,12 +99,12 @@ def _kv_cache_append_kernel(
              mask=dvm)
 
 
-def _append_block_t(T: int, D: int, Dv: int) -> int:
-    if INTERPRET:
+def _append_block_t(T: int, D: int, Dv: int, interpret: bool = INTERPRET) -> int:
+    if interpret:
         return min(16, triton.next_power_of_2(max(T, 1)))
-    # About 8K elements per program: enough bytes in flight per SM without spilling registers.
-    per_row = _block(D) + _block(Dv)
-    return max(1, min(triton.next_power_of_2(max(T, 1)), 16384 // per_row))
+    # About 4K elements (K and V) per program: 16-byte accesses with few registers of addresses each.
+    per_row = triton.next_power_of_2(D) + triton.next_power_of_2(Dv)
+    return max(1, min(triton.next_power_of_2(max(T, 1)), 4096 // per_row))
 
 
 def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) -> None:
@@ -263,16 +263,22 @@ def _decode_merge_kernel(
     tl.store(Lse + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse)
 
 
-def _decode_config(n_rows: int, D: int, Dv: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def _decode_config(n_rows: int, D: int, Dv: int, dtype: torch.dtype, interpret: bool = INTERPRET):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen so that no variant spills (checked by the static
+    report for sm_80 and sm_90): float32 tiles with exact (IEEE) products live in registers, so they stay
+    16 x 16; 16-bit tiles grow to 64 query rows (a GQA group or a prefill chunk) with 8 warps at wide
+    heads."""
     block_m = max(16, min(64, triton.next_power_of_2(n_rows)))
-    if INTERPRET:
+    if interpret:
         return block_m, 16, 4, 1
     widest = max(_block(D), _block(Dv))
-    block_n = 64 if widest <= 128 else 32
     if dtype == torch.float32:
-        block_n = max(16, block_n // 2)
-    return block_m, block_n, 4, 2
+        return 16, 16, (8 if widest > 128 else 4), 2
+    if widest <= 64:
+        return block_m, 64, 4, 2
+    if widest <= 128:
+        return block_m, 64, (8 if block_m == 64 else 4), 2
+    return block_m, 32, (8 if block_m >= 32 else 4), 2
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -361,3 +367,117 @@ def decode_unsupported_reason(q, k_cache, v_cache) -> str | None:
     if max(q.shape[-1], v_cache.shape[-1]) > MAX_HEAD_DIM:
         return f"head dims above {MAX_HEAD_DIM} are not supported"
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile list
+# --------------------------------------------------------------------------------------------
+
+
+class StaticConfig(tuple):
+    """One compiled variant for the static (no-GPU) report: behaves as the tuple
+    ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
+    ``arch`` (the compute capability it is compiled for), ``attrs`` (divisibility hints as
+    ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
+
+    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
+        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
+        self.arch = arch
+        self.attrs = attrs
+        self.name = name
+        return self
+
+    kernel_fn = property(lambda self: self[0])
+    signature = property(lambda self: self[1])
+    constexprs = property(lambda self: self[2])
+    num_warps = property(lambda self: self[3])
+    num_stages = property(lambda self: self[4])
+    expects_mma = property(lambda self: self[5])
+
+    def __repr__(self) -> str:
+        return f"StaticConfig({self.name})"
+
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Strides of a contiguous last dimension are 1, which Triton specializes into a constant at run time.
+_UNIT_STRIDES = {"stride_q3", "stride_kn3", "stride_vn3", "stride_o3", "stride_p3"}
+_POINTERS = {"Q", "KCache", "VCache", "KNew", "VNew", "Seqlens", "BlockTable", "Out", "Lse", "OPart", "LPart"}
+_INDEX_POINTERS = {"Seqlens", "BlockTable"}
+_FP32_POINTERS = {"Lse", "OPart", "LPart"}
+_FLOAT_ARGS = {"qk_scale"}
+# Integer arguments that are multiples of 16 for the usual head dims (row strides); lengths, counts
+# and windows are not.
+_ALIGNED_INTS = {"stride_q0", "stride_q1", "stride_q2", "stride_k0", "stride_k1", "stride_k2", "stride_v0",
+                 "stride_v1", "stride_v2", "stride_kc0", "stride_kc1", "stride_kc2", "stride_vc0", "stride_vc1",
+                 "stride_vc2"}
+
+
+def _static_signature(fn, dtype: torch.dtype, constexprs: dict, out_fp32: bool = False):
+    signature, consts, attrs = {}, {}, {}
+    for idx, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            consts[name] = constexprs[name]
+        elif name in _UNIT_STRIDES:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif name in _POINTERS:
+            if name in _INDEX_POINTERS:
+                signature[name] = "*i32"
+            elif name in _FP32_POINTERS or (out_fp32 and name == "Out"):
+                signature[name] = "*fp32"
+            else:
+                signature[name] = f"*{_TRITON_DTYPE[dtype]}"
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name in _ALIGNED_INTS:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+def _static_configs() -> list:
+    """The variants the launchers pick on a GPU: decode for head-dim buckets 64/128/256, one decode row
+    (BLOCK_M 16) and, for 16-bit inputs, a full GQA/prefill tile (BLOCK_M 64), paged (the gathers make it the heavier one)
+    for every combination plus the contiguous layout at D=128; the split writer (float32 partials);
+    the merge pass; the append copy."""
+    out = []
+    for arch in (80, 90):
+        for dtype in (torch.bfloat16, torch.float32):
+            elt = _TRITON_DTYPE[dtype]
+            for bucket in (64, 128, 256):
+                for rows in ((1,) if dtype == torch.float32 else (1, 64)):
+                    bm, bn, warps, stages = _decode_config(rows, bucket, bucket, dtype, interpret=False)
+                    layouts = (True, False) if (bucket == 128 and rows == 1) else (True,)
+                    for paged in layouts:
+                        for split in ((False, True) if (bucket == 128 and rows == 1 and paged) else (False,)):
+                            constexprs = dict(D=bucket, DV=bucket, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket,
+                                              BLOCK_DV=bucket, PAGED=paged, UPCAST=False,
+                                              DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                            sig, consts, attrs = _static_signature(_decode_attention_kernel, dtype, constexprs,
+                                                                   out_fp32=split)
+                            name = (f"_decode_attention_kernel sm_{arch} {elt} D{bucket} BLOCK_M={bm} BLOCK_N={bn} "
+                                    f"{'paged' if paged else 'contiguous'}{' split' if split else ''} "
+                                    f"warps={warps} stages={stages}")
+                            mma = dtype != torch.float32  # float32 runs exact FMA products, not TF32 MMA
+                            out.append(StaticConfig(_decode_attention_kernel, sig, consts, warps, stages, mma,
+                                                    arch=arch, attrs=attrs, name=name))
+        for bucket in (64, 128, 256):
+            constexprs = dict(DV=bucket, BLOCK_S=16, BLOCK_DV=bucket)
+            sig, consts, attrs = _static_signature(_decode_merge_kernel, torch.bfloat16, constexprs)
+            warps = 4 if bucket >= 128 else 2
+            out.append(StaticConfig(_decode_merge_kernel, sig, consts, warps, 1, False, arch=arch, attrs=attrs,
+                                    name=f"_decode_merge_kernel sm_{arch} bf16 D{bucket} BLOCK_S=16 warps={warps}"))
+            for paged in (False, True):
+                bt = _append_block_t(512, bucket, bucket, interpret=False)
+                constexprs = dict(D=bucket, DV=bucket, BLOCK_T=bt, BLOCK_D=bucket, BLOCK_DV=bucket, PAGED=paged)
+                sig, consts, attrs = _static_signature(_kv_cache_append_kernel, torch.bfloat16, constexprs)
+                out.append(StaticConfig(_kv_cache_append_kernel, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
+                                        name=f"_kv_cache_append_kernel sm_{arch} bf16 D{bucket} BLOCK_T={bt} "
+                                             f"{'paged' if paged else 'contiguous'} warps=4"))
+    return out
+
+
+STATIC_CONFIGS: list = _static_configs()
