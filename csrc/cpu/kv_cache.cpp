@@ -300,6 +300,19 @@ SK_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The 4 (8) horizontal sums of 4 (8) vectors at once: a transposing add tree costs about as much as
+// one lone horizontal sum, which matters when a query row meets each key once (decode, MHA).
+SK_AVX2 inline __m128 hsum4(const __m256* a) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+SK_AVX2 inline __m256 hsum8(const __m256* a) {
+  const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
 SK_AVX2 inline float hmax(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -339,11 +352,11 @@ struct Avx2Ops {
       for (int c = 0; c < NB; ++c) acc[a][c] = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
-      __m256 kv[NB];
-      for (int c = 0; c < NB; ++c) kv[c] = load8<T>(k[c] + d);
-      for (int a = 0; a < MB; ++a) {
-        const __m256 qv = _mm256_loadu_ps(q + a * ldq + d);
-        for (int c = 0; c < NB; ++c) acc[a][c] = _mm256_fmadd_ps(qv, kv[c], acc[a][c]);
+      __m256 qv[MB];
+      for (int a = 0; a < MB; ++a) qv[a] = _mm256_loadu_ps(q + a * ldq + d);
+      for (int c = 0; c < NB; ++c) {
+        const __m256 kv = load8<T>(k[c] + d);
+        for (int a = 0; a < MB; ++a) acc[a][c] = _mm256_fmadd_ps(qv[a], kv, acc[a][c]);
       }
     }
     if (d < D) {
@@ -355,14 +368,24 @@ struct Avx2Ops {
         for (int c = 0; c < NB; ++c) acc[a][c] = _mm256_fmadd_ps(qv, kv[c], acc[a][c]);
       }
     }
-    for (int a = 0; a < MB; ++a)
-      for (int c = 0; c < NB; ++c) S[a * lds + c] = hsum(acc[a][c]);
+    for (int a = 0; a < MB; ++a) {
+      if constexpr (NB == 8) {
+        _mm256_storeu_ps(S + a * lds, hsum8(acc[a]));
+      } else if constexpr (NB == 4) {
+        _mm_storeu_ps(S + a * lds, hsum4(acc[a]));
+      } else {
+        for (int c = 0; c < NB; ++c) S[a * lds + c] = hsum(acc[a][c]);
+      }
+    }
   }
 
   template <int MB>
   SK_AVX2 static void dot_rows(const float* q, int64_t ldq, int64_t D, const T* const* krows, int n, float* S,
                                int64_t lds) {
     int i = 0;
+    if constexpr (MB == 1) {
+      for (; i + 8 <= n; i += 8) dot_block<1, 8>(q, ldq, D, krows + i, S + i, lds);
+    }
     for (; i + 4 <= n; i += 4) dot_block<MB, 4>(q, ldq, D, krows + i, S + i, lds);
     for (; i < n; ++i) dot_block<MB, 1>(q, ldq, D, krows + i, S + i, lds);
   }
@@ -382,11 +405,11 @@ struct Avx2Ops {
     for (int r = 0; r < MB; ++r)
       for (int c = 0; c < CB; ++c) a[r][c] = _mm256_loadu_ps(acc + r * ldacc + c0 + 8 * c);
     for (int i = 0; i < n; ++i) {
-      __m256 v[CB];
-      for (int c = 0; c < CB; ++c) v[c] = load8<T>(vrows[i] + c0 + 8 * c);
-      for (int r = 0; r < MB; ++r) {
-        const __m256 p = _mm256_broadcast_ss(P + r * ldp + i);
-        for (int c = 0; c < CB; ++c) a[r][c] = _mm256_fmadd_ps(p, v[c], a[r][c]);
+      __m256 p[MB];
+      for (int r = 0; r < MB; ++r) p[r] = _mm256_broadcast_ss(P + r * ldp + i);
+      for (int c = 0; c < CB; ++c) {
+        const __m256 v = load8<T>(vrows[i] + c0 + 8 * c);
+        for (int r = 0; r < MB; ++r) a[r][c] = _mm256_fmadd_ps(p[r], v, a[r][c]);
       }
     }
     for (int r = 0; r < MB; ++r)
@@ -396,8 +419,10 @@ struct Avx2Ops {
   template <int MB>
   SK_AVX2 static void pv_rows(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t Dv, float* acc,
                               int64_t ldacc) {
+    // MB x CB accumulators plus the V vectors and a broadcast must fit the 16 ymm registers.
+    constexpr int CB = MB == 1 ? 8 : (MB == 2 ? 4 : 2);
     int64_t c0 = 0;
-    for (; c0 + 32 <= Dv; c0 += 32) pv_block<MB, 4>(P, ldp, n, vrows, c0, acc, ldacc);
+    for (; c0 + 8 * CB <= Dv; c0 += 8 * CB) pv_block<MB, CB>(P, ldp, n, vrows, c0, acc, ldacc);
     for (; c0 + 8 <= Dv; c0 += 8) pv_block<MB, 1>(P, ldp, n, vrows, c0, acc, ldacc);
     for (; c0 < Dv; ++c0)
       for (int r = 0; r < MB; ++r) {
@@ -495,7 +520,12 @@ struct DecodeShape {
   int64_t B, Hq, Hkv, G, Tq, D, Dv, rows, row_tiles, splits;
   int64_t window_left, window_right;
   Layout L;
+  bool prefetch;
 };
+
+// Bytes of K/V the call reads above which software prefetching pays off (larger than the L3 share
+// of a core on common server parts).
+constexpr int64_t kPrefetchBytes = int64_t{16} << 20;
 
 // Range of key positions [lo, hi) visible to any row of rows [r0, r1) of sequence length len.
 inline void tile_key_range(const DecodeShape& s, int64_t len, int64_t r0, int64_t r1, int64_t* lo, int64_t* hi) {
@@ -561,6 +591,18 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
           all_ok &= ok;
           krows[i] = ok ? kc + sl.outer * ks[0] + h * ks[1] + sl.slot * ks[2] : zero_row.data();
           vrows[i] = ok ? vc + sl.outer * vs[0] + h * vs[1] + sl.slot * vs[2] : zero_row.data();
+        }
+        // Prefetch the next tile's rows into L2 while this one computes, when the cache is read from
+        // DRAM (measured: +20% at 64 MB single-threaded). From L3 the extra instructions cost more
+        // than they hide, so small working sets skip it.
+        const int64_t next_end = s.prefetch ? std::min<int64_t>(k_hi, j0 + n + kKeyTile) : j0 + n;
+        for (int64_t j = j0 + n; j < next_end; ++j) {
+          Slot sl;
+          if (!locate(s.L, table, b, j, &sl)) continue;
+          const char* kp = reinterpret_cast<const char*>(kc + sl.outer * ks[0] + h * ks[1] + sl.slot * ks[2]);
+          const char* vp = reinterpret_cast<const char*>(vc + sl.outer * vs[0] + h * vs[1] + sl.slot * vs[2]);
+          for (int64_t off = 0; off < s.D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(kp + off, 0, 2);
+          for (int64_t off = 0; off < s.Dv * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(vp + off, 0, 2);
         }
         Ops::scores(qf.data(), s.D, M, s.D, krows.data(), n, S.data(), kKeyTile, rowbuf.data());
         // Masking by selection (never by multiplying), so a non-finite score cannot leak.
@@ -715,6 +757,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
   const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;
   const bool avx2 = use_avx2_path();
+  {
+    const int32_t* lp = cache_seqlens.data_ptr<int32_t>();
+    int64_t keys = 0;
+    for (int64_t b = 0; b < s.B; ++b) keys += std::clamp<int64_t>(lp[b], 0, s.L.capacity);
+    s.prefetch = keys * s.Hkv * (s.D + s.Dv) * q.element_size() > kPrefetchBytes;
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention_cpu", [&] {
     run_decode<scalar_t>(s, q, k_cache, v_cache, lens, table, scale, out, lse, opart, lpart, avx2);
