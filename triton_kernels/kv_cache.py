@@ -225,7 +225,8 @@ def _decode_attention_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptr = Out + split * stride_os + b * stride_o0 + hq[:, None] * stride_o1 + t[:, None] * stride_o2 + dv[None, :] * stride_o3
+    o_ptr = (Out + split * stride_os + b * stride_o0 + hq[:, None] * stride_o1 + t[:, None] * stride_o2
+             + dv[None, :] * stride_o3)
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(Lse + split * stride_ls + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse, mask=row_ok)
 
@@ -440,9 +441,9 @@ def _static_signature(fn, dtype: torch.dtype, constexprs: dict, out_fp32: bool =
 
 def _static_configs() -> list:
     """The variants the launchers pick on a GPU: decode for head-dim buckets 64/128/256, one decode row
-    (BLOCK_M 16) and, for 16-bit inputs, a full GQA/prefill tile (BLOCK_M 64), paged (the gathers make it the heavier one)
-    for every combination plus the contiguous layout at D=128; the split writer (float32 partials);
-    the merge pass; the append copy."""
+    (BLOCK_M 16) and, for 16-bit inputs, a full GQA/prefill tile (BLOCK_M 64), paged (the gathers make
+    it the heavier one) for every combination plus the contiguous layout at D=128; the split writer
+    (float32 partials); the merge pass; the append copy."""
     out = []
     for arch in (80, 90):
         for dtype in (torch.bfloat16, torch.float32):

@@ -16,7 +16,6 @@ import time
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import seqkernels

@@ -148,8 +148,8 @@ class KVCache:
                 b = next(i for i, x in enumerate(need) if x > 0)
                 raise RuntimeError(f"KVCache.append: out of blocks: this step needs {total} more blocks of "
                                    f"{self.block_size} positions (sequence {b} needs {need[b]}) but only "
-                                   f"{len(self._free)} of {self.num_blocks} are free; free some with reset(batch_index) "
-                                   "or build the cache with a larger num_blocks")
+                                   f"{len(self._free)} of {self.num_blocks} are free; free some with "
+                                   "reset(batch_index) or build the cache with a larger num_blocks")
             if total:
                 for b, x in enumerate(need):
                     for _ in range(max(0, x)):

@@ -123,9 +123,9 @@ def _validate_positions(cache_seqlens: Tensor, T: int, capacity: int, block_size
     over = (last // block_size >= max_blocks).nonzero()
     if over.numel():
         b = int(over[0, 0])
-        raise ValueError(f"kv_cache_append: sequence {b} would write positions {int(lens[b])}..{int(last[b])}, i.e. "
-                         f"block-table column {int(last[b]) // block_size}, but block_table has max_blocks={max_blocks} "
-                         f"columns of block_size={block_size}; nothing was written")
+        raise ValueError(f"kv_cache_append: sequence {b} would write positions {int(lens[b])}..{int(last[b])}, "
+                         f"i.e. block-table column {int(last[b]) // block_size}, but block_table has "
+                         f"max_blocks={max_blocks} columns of block_size={block_size}; nothing was written")
     table = block_table.cpu().to(torch.int64)
     first_col, last_col = lens // block_size, last // block_size
     cols = torch.arange(max_blocks).unsqueeze(0)
@@ -343,7 +343,8 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
                              "appended with kv_cache_append, and the cache holds "
                              f"{capacity} positions)")
         if table is not None:
-            used = torch.arange(table.shape[1]).unsqueeze(0) < ((lens.to(torch.int64) + block_size - 1) // block_size).unsqueeze(1)
+            cols = (lens.to(torch.int64) + block_size - 1) // block_size
+            used = torch.arange(table.shape[1]).unsqueeze(0) < cols.unsqueeze(1)
             invalid = used & ((table < 0) | (table >= k_cache.shape[0]))
             hit = invalid.nonzero()
             if hit.numel():
