@@ -12,12 +12,13 @@
 //
 // `M` is a math policy giving `M::sigmoid(V)` and `M::tanh(V)` for the value type `V` (float,
 // double, or a SIMD vector); `V(1)` must broadcast the constant.
-#pragma once
+//
+// No include guard and no namespace on purpose: include it inside your own namespace. The CPU
+// file compiles these templates once per instruction set (baseline and AVX2), and a function's
+// target ISA is fixed where it is defined, so each ISA needs its own definition to inline the
+// SIMD operators into.
 
 #include "macros.h"
-
-namespace seqkernels {
-namespace lstm {
 
 template <class M, class V>
 SK_HOST_DEVICE SK_INLINE void cell_forward(V gi, V gf, V gg, V go, V cx, V& i, V& f, V& g, V& o, V& cy, V& hy) {
@@ -41,6 +42,3 @@ SK_HOST_DEVICE SK_INLINE void cell_backward(V grad_hy, V grad_cy, V cx, V cy, V 
   dg = dc * i * (one - g * g);
   grad_cx = dc * f;
 }
-
-}  // namespace lstm
-}  // namespace seqkernels

@@ -5,7 +5,10 @@
 //
 // No include guard on purpose: lstm_cell.cpp includes this file twice, once for the baseline
 // ISA and once inside a region compiled for AVX2+FMA, into two different namespaces. A
-// function's target ISA is fixed where it is defined, so each ISA needs its own definition.
+// function's target ISA is fixed where it is defined, so each ISA needs its own definition
+// (of the gate math too, or the SIMD operators could not be inlined into it).
+
+#include "../common/lstm_gates.h"
 
 // Columns [j0, j1) of row b: gates = input_gates + hidden_gates (+ biases), then the cell.
 template <class L>
@@ -33,7 +36,7 @@ void fwd_range(const FwdArgs& a, int64_t b, int64_t j0, int64_t j1) {
       pre[k] = x;
     }
     V gi, gf, gg, go, c, h;
-    seqkernels::lstm::cell_forward<L>(pre[0], pre[1], pre[2], pre[3], L::load_n(cx + j, n), gi, gf, gg, go, c, h);
+    cell_forward<L>(pre[0], pre[1], pre[2], pre[3], L::load_n(cx + j, n), gi, gf, gg, go, c, h);
     L::store_n(ws + j, gi, n);
     L::store_n(ws + H + j, gf, n);
     L::store_n(ws + 2 * H + j, gg, n);
@@ -63,9 +66,9 @@ void bwd_range(const BwdArgs& a, int64_t b, int64_t j0, int64_t j1) {
     const V dh = gh ? L::load_n(gh + j, n) : zero;
     const V dcy = gc ? L::load_n(gc + j, n) : zero;
     V di, df, dg, d_o, dcx;
-    seqkernels::lstm::cell_backward<L>(dh, dcy, L::load_n(cx + j, n), L::load_n(cy + j, n), L::load_n(ws + j, n),
-                                       L::load_n(ws + H + j, n), L::load_n(ws + 2 * H + j, n),
-                                       L::load_n(ws + 3 * H + j, n), di, df, dg, d_o, dcx);
+    cell_backward<L>(dh, dcy, L::load_n(cx + j, n), L::load_n(cy + j, n), L::load_n(ws + j, n),
+                     L::load_n(ws + H + j, n), L::load_n(ws + 2 * H + j, n), L::load_n(ws + 3 * H + j, n), di, df,
+                     dg, d_o, dcx);
     L::store_n(gg + j, di, n);
     L::store_n(gg + H + j, df, n);
     L::store_n(gg + 2 * H + j, dg, n);

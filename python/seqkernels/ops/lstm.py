@@ -219,13 +219,17 @@ def _offsets(batch_sizes: Sequence[int]):
 def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd, saved: Optional[dict]):
     T = len(batch_sizes)
     offs = _offsets(batch_sizes)
+    # Both biases fold into the projection GEMM, so the per-step kernel adds none. The transposed
+    # weights are made contiguous once per call: the BLAS then reads rows, which is measurably
+    # faster for the many small recurrent GEMMs.
+    w_ih_t = w_ih.t().contiguous()
     if b_ih is not None and b_hh is not None:
-        proj = torch.addmm(b_ih + b_hh, x, w_ih.t())
+        proj = torch.addmm(b_ih + b_hh, x, w_ih_t)
     elif b_ih is not None or b_hh is not None:
-        proj = torch.addmm(b_ih if b_ih is not None else b_hh, x, w_ih.t())
+        proj = torch.addmm(b_ih if b_ih is not None else b_hh, x, w_ih_t)
     else:
-        proj = torch.mm(x, w_ih.t())
-    w_hh_t = w_hh.t()
+        proj = torch.mm(x, w_ih_t)
+    w_hh_t = w_hh.t().contiguous()
     outs = [None] * T
     h_fin, c_fin = [], []  # final states of rows dropped by a shrinking batch, highest rows first
     steps = range(T - 1, -1, -1) if reverse else range(T)
