@@ -9,7 +9,8 @@ Gate order i, f, g, o as in torch; docs/INTERNALS.md has the contract:
 
 workspace (B, 4H) holds the activated gates (sigmoid i, sigmoid f, tanh g, sigmoid o) in the input
 dtype. Math runs in float32 (float64 for float64 inputs); loads are cast up front, which also keeps
-bf16 arithmetic out of the interpreter, where it is wrong.
+bf16 arithmetic out of the interpreter, where it is wrong (as is its float32 -> bfloat16 cast, which
+truncates: `_to_out` rounds to nearest even by hand there, as the GPU does).
 
 Each program owns a BLOCK_B x BLOCK_H tile of (row, hidden unit) pairs and touches the four gate
 columns j, H + j, 2H + j, 3H + j of its rows: memory-bound, one read of every input and one write of
@@ -48,10 +49,23 @@ def _tanh(x):
 
 
 @triton.jit
+def _to_out(x, DT: tl.constexpr, BF16_RNE: tl.constexpr):
+    if BF16_RNE:
+        # The interpreter casts float32 -> bfloat16 by truncation (biased, twice the error of the
+        # GPU's round-to-nearest-even, and it compounds over a recurrence); round by hand there.
+        b = x.to(tl.uint32, bitcast=True)
+        b = b + (((b >> 16) & 1) + 0x7FFF)
+        r = ((b >> 16) << 16).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, r).to(DT)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
 def _lstm_cell_fwd_kernel(
     IG, HG, CX, BIH, BHH, HY, CY, WS,
     B, H, stride_ig, stride_hg, stride_cx,
-    HAS_BIAS_IH: tl.constexpr, HAS_BIAS_HH: tl.constexpr, F64: tl.constexpr,
+    HAS_BIAS_IH: tl.constexpr, HAS_BIAS_HH: tl.constexpr, F64: tl.constexpr, BF16_RNE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
@@ -88,20 +102,20 @@ def _lstm_cell_fwd_kernel(
 
     out = r64 * H + cols[None, :]
     ws = WS + r64 * (4 * H) + cols[None, :]
-    dt = HY.dtype.element_ty
-    tl.store(HY + out, hy.to(dt), mask=mask)
-    tl.store(CY + out, cy.to(dt), mask=mask)
-    tl.store(ws, i.to(dt), mask=mask)
-    tl.store(ws + H, f.to(dt), mask=mask)
-    tl.store(ws + 2 * H, g.to(dt), mask=mask)
-    tl.store(ws + 3 * H, o.to(dt), mask=mask)
+    dt: tl.constexpr = HY.dtype.element_ty
+    tl.store(HY + out, _to_out(hy, dt, BF16_RNE), mask=mask)
+    tl.store(CY + out, _to_out(cy, dt, BF16_RNE), mask=mask)
+    tl.store(ws, _to_out(i, dt, BF16_RNE), mask=mask)
+    tl.store(ws + H, _to_out(f, dt, BF16_RNE), mask=mask)
+    tl.store(ws + 2 * H, _to_out(g, dt, BF16_RNE), mask=mask)
+    tl.store(ws + 3 * H, _to_out(o, dt, BF16_RNE), mask=mask)
 
 
 @triton.jit
 def _lstm_cell_bwd_kernel(
     GH, GC, CX, CY, WS, GG, GCX,
     B, H, stride_gh, stride_gc, stride_cx, stride_cy, stride_ws,
-    HAS_GRAD_HY: tl.constexpr, HAS_GRAD_CY: tl.constexpr, F64: tl.constexpr,
+    HAS_GRAD_HY: tl.constexpr, HAS_GRAD_CY: tl.constexpr, F64: tl.constexpr, BF16_RNE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
@@ -129,12 +143,12 @@ def _lstm_cell_bwd_kernel(
         dc += tl.load(GC + r64 * stride_gc + c, mask=mask, other=0.0).to(ACC)
 
     gg = GG + r64 * (4 * H) + c
-    dt = GG.dtype.element_ty
-    tl.store(gg, (dc * g * i * (1.0 - i)).to(dt), mask=mask)
-    tl.store(gg + H, (dc * cx * f * (1.0 - f)).to(dt), mask=mask)
-    tl.store(gg + 2 * H, (dc * i * (1.0 - g * g)).to(dt), mask=mask)
-    tl.store(gg + 3 * H, (d_o * o * (1.0 - o)).to(dt), mask=mask)
-    tl.store(GCX + r64 * H + c, (dc * f).to(dt), mask=mask)
+    dt: tl.constexpr = GG.dtype.element_ty
+    tl.store(gg, _to_out(dc * g * i * (1.0 - i), dt, BF16_RNE), mask=mask)
+    tl.store(gg + H, _to_out(dc * cx * f * (1.0 - f), dt, BF16_RNE), mask=mask)
+    tl.store(gg + 2 * H, _to_out(dc * i * (1.0 - g * g), dt, BF16_RNE), mask=mask)
+    tl.store(gg + 3 * H, _to_out(d_o * o * (1.0 - o), dt, BF16_RNE), mask=mask)
+    tl.store(GCX + r64 * H + c, _to_out(dc * f, dt, BF16_RNE), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +206,7 @@ def lstm_cell_fwd(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: tor
         ig, hg, c, bih if bih is not None else ig, bhh if bhh is not None else ig, hy, cy, ws,
         B, H, ig.stride(0), hg.stride(0), c.stride(0),
         HAS_BIAS_IH=bih is not None, HAS_BIAS_HH=bhh is not None, F64=ig.dtype == torch.float64,
+        BF16_RNE=_interpreting() and ig.dtype == torch.bfloat16,
         BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h),
     )
     return hy, cy, ws
@@ -222,6 +237,7 @@ def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tenso
         B, H, gh.stride(0) if gh is not None else 0, gc.stride(0) if gc is not None else 0,
         c.stride(0), cyr.stride(0), ws.stride(0),
         HAS_GRAD_HY=gh is not None, HAS_GRAD_CY=gc is not None, F64=ws.dtype == torch.float64,
+        BF16_RNE=_interpreting() and ws.dtype == torch.bfloat16,
         BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h),
     )
     return grad_gates, grad_cx
