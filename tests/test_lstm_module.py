@@ -59,8 +59,13 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "L{}-bi{}-bf{}-bias{}-h0{}-T{}B{}".format(*c))
+# The interpreter runs Triton slowly: it gets the configs that cover bidirectional, batch_first,
+# no bias, given state and three layers between them.
+CASES64 = [(b, c) for b in BACKENDS for c in CONFIGS if b != "triton" or c in (CONFIGS[1], CONFIGS[2], CONFIGS[4])]
+
+
+@pytest.mark.parametrize("backend,cfg", CASES64,
+                         ids=lambda c: c if isinstance(c, str) else "L{}-bi{}-bf{}-bias{}-h0{}-T{}B{}".format(*c))
 def test_lstm_matches_torch_float64(backend, cfg):
     layers, bidir, batch_first, bias, with_h0, T, B = cfg
     device = _device_for(backend)
@@ -89,7 +94,7 @@ def test_lstm_matches_torch_float64(backend, cfg):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_lstm_parity_rule_low_precision(backend, dtype):
     device = _device_for(backend)
@@ -99,8 +104,8 @@ def test_lstm_parity_rule_low_precision(backend, dtype):
     ref_t = copy.deepcopy(ref64).to(dtype)
     ours = LSTM(**kw, dtype=dtype, device=device, backend=backend)
     ours.load_state_dict(ref_t.state_dict())
-    x = torch.randn(13, 3, 16, device=device)
-    cot = (torch.randn(13, 3, 48, device=device), torch.randn(4, 3, 24, device=device),
+    x = torch.randn(9, 3, 16, device=device)
+    cot = (torch.randn(9, 3, 48, device=device), torch.randn(4, 3, 24, device=device),
            torch.randn(4, 3, 24, device=device))
 
     def run(m, dt):
@@ -116,8 +121,7 @@ def test_lstm_parity_rule_low_precision(backend, dtype):
     assert report.passed, str(report)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-@pytest.mark.parametrize("bidir", [False, True])
+@pytest.mark.parametrize("backend,bidir", [("cpu", False), ("cpu", True), ("triton", True), ("reference", True)])
 def test_packed_sequence_matches_torch(backend, bidir):
     _skip_unless_runs(backend, "cpu", torch.float64)
     ref, ours = _pair(backend, input_size=4, hidden_size=6, num_layers=2, bidirectional=bidir, batch_first=True)
