@@ -27,8 +27,11 @@ import triton
 import triton.language as tl
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Largest tile, in elements of (row, hidden unit): 4 gates x 2 operands in flight per element.
-_TILE = 2048
+# Largest tile, in (row, hidden unit) elements: each element keeps about a dozen values live
+# (4 gates, their activations, c), so float64 gets a quarter of the tile to stay within registers.
+# The interpreter runs a program as one numpy step: bigger tiles are simply faster there.
+_TILE = {2: 2048, 4: 2048, 8: 512}
+_INTERPRET_TILE = 8192
 
 
 def _interpreting() -> bool:
@@ -81,16 +84,19 @@ def _lstm_cell_fwd_kernel(
     pre_f = tl.load(ig + H, mask=mask, other=0.0).to(ACC) + tl.load(hg + H, mask=mask, other=0.0).to(ACC)
     pre_g = tl.load(ig + 2 * H, mask=mask, other=0.0).to(ACC) + tl.load(hg + 2 * H, mask=mask, other=0.0).to(ACC)
     pre_o = tl.load(ig + 3 * H, mask=mask, other=0.0).to(ACC) + tl.load(hg + 3 * H, mask=mask, other=0.0).to(ACC)
+    # Biases are read as full tiles (every row the same address, served by L1): a 1-D load
+    # broadcast over rows would need a layout conversion through shared memory.
+    bcol = (rows * 0)[:, None] + cols[None, :]
     if HAS_BIAS_IH:
-        pre_i += tl.load(BIH + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        pre_f += tl.load(BIH + H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        pre_g += tl.load(BIH + 2 * H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        pre_o += tl.load(BIH + 3 * H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        pre_i += tl.load(BIH + bcol, mask=mask, other=0.0).to(ACC)
+        pre_f += tl.load(BIH + H + bcol, mask=mask, other=0.0).to(ACC)
+        pre_g += tl.load(BIH + 2 * H + bcol, mask=mask, other=0.0).to(ACC)
+        pre_o += tl.load(BIH + 3 * H + bcol, mask=mask, other=0.0).to(ACC)
     if HAS_BIAS_HH:
-        pre_i += tl.load(BHH + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        pre_f += tl.load(BHH + H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        pre_g += tl.load(BHH + 2 * H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        pre_o += tl.load(BHH + 3 * H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        pre_i += tl.load(BHH + bcol, mask=mask, other=0.0).to(ACC)
+        pre_f += tl.load(BHH + H + bcol, mask=mask, other=0.0).to(ACC)
+        pre_g += tl.load(BHH + 2 * H + bcol, mask=mask, other=0.0).to(ACC)
+        pre_o += tl.load(BHH + 3 * H + bcol, mask=mask, other=0.0).to(ACC)
     cx = tl.load(CX + r64 * stride_cx + cols[None, :], mask=mask, other=0.0).to(ACC)
 
     i = _sigmoid(pre_i)
@@ -154,14 +160,17 @@ def _lstm_cell_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers (signatures of the seqkernels::lstm_cell_fwd / lstm_cell_bwd schemas).
 
-def _blocks(B: int, H: int) -> tuple[int, int]:
-    block_h = min(triton.next_power_of_2(max(H, 1)), 256 if not _interpreting() else _TILE)
-    block_b = max(1, min(triton.next_power_of_2(max(B, 1)), _TILE // block_h))
+def _blocks(B: int, H: int, elem_size: int) -> tuple[int, int]:
+    tile = _INTERPRET_TILE if _interpreting() else _TILE[elem_size]
+    block_h = min(triton.next_power_of_2(max(H, 1)), tile if _interpreting() else 256)
+    block_b = max(1, min(triton.next_power_of_2(max(B, 1)), tile // block_h))
     return block_b, block_h
 
 
-def _num_warps(block_b: int, block_h: int) -> int:
-    return 4 if block_b * block_h >= 1024 else (2 if block_b * block_h >= 256 else 1)
+def _num_warps(block_b: int, block_h: int, elem_size: int) -> int:
+    """Enough warps that each thread moves 16 bytes per access (one vector), at most 4."""
+    vec = 16 // elem_size
+    return max(1, min(4, block_b * block_h // (32 * vec)))
 
 
 def _rows(name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -200,14 +209,14 @@ def lstm_cell_fwd(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: tor
     ws = torch.empty((B, G), dtype=ig.dtype, device=ig.device)
     if B == 0 or H == 0:
         return hy, cy, ws
-    block_b, block_h = _blocks(B, H)
+    block_b, block_h = _blocks(B, H, ig.element_size())
     grid = (triton.cdiv(H, block_h), triton.cdiv(B, block_b))
     _lstm_cell_fwd_kernel[grid](
         ig, hg, c, bih if bih is not None else ig, bhh if bhh is not None else ig, hy, cy, ws,
         B, H, ig.stride(0), hg.stride(0), c.stride(0),
         HAS_BIAS_IH=bih is not None, HAS_BIAS_HH=bhh is not None, F64=ig.dtype == torch.float64,
         BF16_RNE=_interpreting() and ig.dtype == torch.bfloat16,
-        BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h),
+        BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h, ig.element_size()),
     )
     return hy, cy, ws
 
@@ -230,7 +239,7 @@ def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tenso
     grad_cx = torch.empty((B, H), dtype=ws.dtype, device=ws.device)
     if B == 0 or H == 0:
         return grad_gates, grad_cx
-    block_b, block_h = _blocks(B, H)
+    block_b, block_h = _blocks(B, H, ws.element_size())
     grid = (triton.cdiv(H, block_h), triton.cdiv(B, block_b))
     _lstm_cell_bwd_kernel[grid](
         gh if gh is not None else c, gc if gc is not None else c, c, cyr, ws, grad_gates, grad_cx,
@@ -238,6 +247,89 @@ def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tenso
         c.stride(0), cyr.stride(0), ws.stride(0),
         HAS_GRAD_HY=gh is not None, HAS_GRAD_CY=gc is not None, F64=ws.dtype == torch.float64,
         BF16_RNE=_interpreting() and ws.dtype == torch.bfloat16,
-        BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h),
+        BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h, ws.element_size()),
     )
     return grad_gates, grad_cx
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile list (the static no-GPU report compiles each for its arch: no spills, no
+# local memory). Same protocol as the other kernel files.
+
+class StaticConfig(tuple):
+    """One compiled variant for the static (no-GPU) report: behaves as the tuple
+    ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
+    ``arch`` (the compute capability it is compiled for), ``attrs`` (divisibility hints as
+    ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
+
+    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
+        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
+        self.arch = arch
+        self.attrs = attrs
+        self.name = name
+        return self
+
+    kernel_fn = property(lambda self: self[0])
+    signature = property(lambda self: self[1])
+    constexprs = property(lambda self: self[2])
+    num_warps = property(lambda self: self[3])
+    num_stages = property(lambda self: self[4])
+    expects_mma = property(lambda self: self[5])
+
+    def __repr__(self) -> str:
+        return f"StaticConfig({self.name})"
+
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _static_signature(fn, dtype: torch.dtype, constexprs: dict):
+    """Pointers of `dtype` (16-byte aligned, as torch allocates), int32 sizes. H and the row strides
+    are taken as multiples of 16, as Triton specializes them at run time for the usual widths
+    (H = 256, 512, ...): that is what lets every gate block load with 16-byte vectors. B is not."""
+    signature, consts, attrs = {}, {}, {}
+    for idx, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            consts[name] = constexprs[name]
+        elif name[0].isupper() and name not in ("B", "H"):
+            signature[name] = f"*{_TRITON_DTYPE[dtype]}"
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") or name == "H":
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+def _static_configs() -> list:
+    """What the launchers pick on a GPU: the large tile (B >= 8, H >= 256) for every dtype with and
+    without biases (seqkernels.nn.LSTM folds them into its input GEMM) / both gradients; for bf16
+    also the one-row tile (batch 1 decoding) and the backward with grad_cy only."""
+    out = []
+    for arch in (80, 90):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            size = torch.empty((), dtype=dtype).element_size()
+            tiles = [(_TILE[size] // 256, 256)]
+            if dtype == torch.bfloat16:
+                tiles.append((1, 256))
+            for block_b, block_h in tiles:
+                warps = _num_warps(block_b, block_h, size)
+                common = dict(F64=dtype == torch.float64, BF16_RNE=False, BLOCK_B=block_b, BLOCK_H=block_h)
+                elt = _TRITON_DTYPE[dtype]
+                for bias in (True, False):
+                    c = dict(common, HAS_BIAS_IH=bias, HAS_BIAS_HH=bias)
+                    sig, consts, attrs = _static_signature(_lstm_cell_fwd_kernel, dtype, c)
+                    out.append(StaticConfig(_lstm_cell_fwd_kernel, sig, consts, warps, 1, False, arch=arch,
+                                            attrs=attrs, name=f"_lstm_cell_fwd_kernel sm_{arch} {elt} BLOCK_B={block_b} "
+                                                              f"BLOCK_H={block_h} bias={bias} warps={warps}"))
+                for has_hy in ((True, False) if dtype == torch.bfloat16 else (True,)):
+                    c = dict(common, HAS_GRAD_HY=has_hy, HAS_GRAD_CY=True)
+                    sig, consts, attrs = _static_signature(_lstm_cell_bwd_kernel, dtype, c)
+                    out.append(StaticConfig(_lstm_cell_bwd_kernel, sig, consts, warps, 1, False, arch=arch,
+                                            attrs=attrs, name=f"_lstm_cell_bwd_kernel sm_{arch} {elt} BLOCK_B={block_b} "
+                                                              f"BLOCK_H={block_h} grad_hy={has_hy} warps={warps}"))
+    return out
+
+
+STATIC_CONFIGS: list = _static_configs()
