@@ -122,6 +122,10 @@ struct Lanes {
 #endif
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
+// The vec headers' lambdas get static invokers without the target attribute, which g++ flags as
+// an ABI change; nothing here converts those lambdas to function pointers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #include <ATen/cpu/vec/functional.h>
@@ -246,6 +250,7 @@ struct Lanes {
 }  // namespace seqkernels
 
 #if SK_LSTM_X86_DISPATCH
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #undef CPU_CAPABILITY
 #undef CPU_CAPABILITY_AVX2
