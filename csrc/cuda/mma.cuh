@@ -35,6 +35,20 @@ namespace mma {
 struct f16 {};
 struct bf16 {};
 
+// The mma tag of an element type: mma_tag_t<__half> is f16, mma_tag_t<__nv_bfloat16> is bf16.
+template <typename T>
+struct mma_tag;
+template <>
+struct mma_tag<__half> {
+  using type = f16;
+};
+template <>
+struct mma_tag<__nv_bfloat16> {
+  using type = bf16;
+};
+template <typename T>
+using mma_tag_t = typename mma_tag<T>::type;
+
 #if defined(SEQKERNELS_CUDA_EMULATION)
 
 template <typename T>
