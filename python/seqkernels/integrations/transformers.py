@@ -33,15 +33,15 @@ expect, so the cache works only with `attn_implementation="seqkernels"` (it chec
 prove to be causal + left padding (+ window) at prefill switch that layer to the padded layout, where
 decode steps run `seqkernels.attention` with transformers' mask over the stored prefix instead.
 
-Needs transformers with `AttentionMaskInterface` and the layered `Cache` API (`CacheLayerMixin`),
-i.e. transformers >= 4.56.
+The attention backend needs transformers >= 4.56 (`AttentionMaskInterface`, `CacheLayerMixin`);
+`SeqkernelsCache` needs the cache-layer API of transformers >= 5 (it says so when created on an older one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import inspect
 import warnings
 from typing import Optional
 
@@ -52,6 +52,7 @@ from .. import backends
 
 try:
     from transformers import AttentionInterface
+    from transformers import __version__ as transformers_version
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 except ImportError as e:  # pragma: no cover - depends on the installed transformers
@@ -122,18 +123,16 @@ def _mask_spec(mask):
     return getattr(mask, _SPEC_ATTR, None) if isinstance(mask, Tensor) else None
 
 
-def seqkernels_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                    local_size: Optional[int] = None, **kwargs):
+def seqkernels_mask(*args, **kwargs):
     """The "seqkernels" entry of AttentionMaskInterface: transformers' SDPA boolean mask (True takes part,
     the polarity of seqkernels.attention), None where SDPA would rely on `is_causal`, and, when provably
-    equal, a compact form of it recorded on the mask for the attention function."""
-    mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, local_size=local_size, **kwargs)
+    equal, a compact form of it recorded on the mask for the attention function. Arguments are
+    transformers' mask-interface arguments, passed through (they differ between versions)."""
+    mask = sdpa_mask(*args, **kwargs)
     if (mask is None or not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4
-            or mask.shape[1] != 1 or mask.device.type == "meta" or torch.compiler.is_compiling()
-            or (kwargs.get("use_vmap") and mask.numel() > 1 << 24)):
+            or mask.shape[1] != 1 or mask.device.type == "meta" or torch.compiler.is_compiling()):
         return mask
-    spec = _describe(mask, local_size)
+    spec = _describe(mask, kwargs.get("local_size"))
     if spec is not None:
         setattr(mask, _SPEC_ATTR, spec)
     return mask
@@ -442,6 +441,13 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
             self.cache_seqlens = self.cache_seqlens.to(self.device, non_blocking=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _query_length_cache_api() -> bool:
+    """Cache layers are sized by query length (transformers 5) rather than by cache_position (4.x)."""
+    params = list(inspect.signature(CacheLayerMixin.get_mask_sizes).parameters)
+    return len(params) > 1 and params[1] == "query_length"
+
+
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -453,6 +459,10 @@ class SeqkernelsCache(Cache):
     append and decode kernels (None: automatic)."""
 
     def __init__(self, config=None, *, max_cache_len: Optional[int] = None, backend: Optional[str] = None):
+        if not _query_length_cache_api():
+            raise RuntimeError(f"SeqkernelsCache needs the cache-layer API of transformers >= 5 (get_mask_sizes(query_length)); "
+                               f"transformers {transformers_version} is installed. The 'seqkernels' attention backend "
+                               "itself works with it; only this cache does not")
         if backend is not None and backend not in backends.BACKENDS:
             raise ValueError(f"backend: unknown backend {backend!r}; expected None or one of {', '.join(backends.BACKENDS)}")
         if max_cache_len is not None and max_cache_len < 1:
