@@ -5,11 +5,10 @@ import copy
 import itertools
 
 import pytest
-import torch
-import torch.nn as nn
-
 import seqkernels
 import seqkernels.ops.attention as attention_ops
+import torch
+import torch.nn as nn
 from seqkernels.nn.multihead_attention import MultiheadAttention
 
 E, H = 24, 3  # head_dim 8
@@ -204,7 +203,7 @@ def test_gradcheck_float64():
     kpm = torch.tensor([[False, False, True, False], [False, True, False, False]])
     for need_weights in (True, False):
         assert torch.autograd.gradcheck(
-            lambda a, b, c: ours(a, b, c, key_padding_mask=kpm, need_weights=need_weights)[0], (q, k, v))
+            lambda a, b, c, nw=need_weights: ours(a, b, c, key_padding_mask=kpm, need_weights=nw)[0], (q, k, v))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +252,7 @@ def test_is_causal_uses_causal_kernel_without_reading_mask(monkeypatch):
 def test_fully_masked_rows():
     """Fused path: a row that sees no key gives 0, as torch's SDPA path; need_weights path: NaN, as
     torch's softmax."""
-    t, ours, ref = make_pair(torch.float64, batch_first=True)
+    t, ours, _ = make_pair(torch.float64, batch_first=True)
     t.train(), ours.train()
     x = torch.randn(2, 4, E, dtype=torch.float64)
     am = torch.zeros(4, 4, dtype=torch.bool)

@@ -10,9 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import seqkernels.ops.attention as attention_ops  # noqa: E402
-import seqkernels.ops.kv_cache as kv_ops  # noqa: E402
-from seqkernels.integrations import transformers as skt  # noqa: E402
+import seqkernels.ops.attention as attention_ops
+import seqkernels.ops.kv_cache as kv_ops
+from seqkernels.integrations import transformers as skt
 
 # transformers 4.56-4.x: the attention backend works (Llama, Mistral); SeqkernelsCache, BERT's use of
 # AttentionInterface and the position_bias / mask-builder APIs tested here are those of transformers 5.
@@ -167,7 +167,7 @@ def test_cache_padded_layout_and_growth():
     padded layout; decoding then attends with transformers' mask. A small growth granule forces
     reallocations."""
     model = llama()
-    ids, mask2d = batch(padding="none", L=7)
+    ids, _ = batch(padding="none", L=7)
     model.set_attn_implementation("seqkernels")
     with torch.no_grad():
         cache = skt.SeqkernelsCache(model.config)
@@ -302,7 +302,11 @@ def test_training_gradients_and_dropout(family):
 
 @needs_v5
 def test_mask_descriptions_are_exact():
-    from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+    from transformers.masking_utils import (
+        causal_mask_function,
+        sdpa_mask,
+        sliding_window_causal_mask_function,
+    )
 
     B, L = 3, 10
     pad = torch.ones(B, L, dtype=torch.bool)

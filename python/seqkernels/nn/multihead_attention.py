@@ -38,7 +38,6 @@ def _keep_seqkernels_path(module, args):
     (torch._transformer_encoder_layer_fwd) with `self_attn`'s weights and never calls `self_attn`. It
     declines that path when any of its submodules has a forward hook, so carrying this hook keeps the
     attention of such layers on seqkernels (outputs are the same either way)."""
-    return None
 
 
 def _check_backend(backend):
