@@ -223,7 +223,7 @@ def seqkernels_attention_forward(module: torch.nn.Module, query: Tensor, key: Te
     _reject_unsupported(kwargs, softcap)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     left = sliding_window - 1 if sliding_window else -1
-    backend = _BACKEND.get(id(module), _DEFAULT_BACKEND[0])
+    backend = _DEFAULT_BACKEND[0]
     layer = getattr(key, _CACHE_ATTR, None)
     if isinstance(layer, SeqkernelsCacheLayer) and layer.pending_key is key:
         out = layer.attend(query, value, attention_mask, causal=causal, left=left, scale=scaling,
@@ -234,10 +234,9 @@ def seqkernels_attention_forward(module: torch.nn.Module, query: Tensor, key: Te
     return out.transpose(1, 2).contiguous(), None
 
 
-# Per-module backend overrides are not exposed by transformers' call signature; one process-wide
-# choice (register(backend=...)) covers the use case without touching the model.
+# transformers' call passes no per-model options to the attention function, so the backend is one
+# process-wide choice made by register(backend=...) (seqkernels.use_backend still applies per call).
 _DEFAULT_BACKEND: list = [None]
-_BACKEND: dict = {}
 
 
 def register(name: str = NAME, *, backend: Optional[str] = None) -> None:
