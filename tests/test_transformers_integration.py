@@ -355,3 +355,22 @@ def test_position_bias_matches_sdpa():
         ours, _ = skt.seqkernels_attention_forward(module, q, k, v, m, position_bias=bias)
         ref, _ = sdpa_attention_forward(module, q, k, v, m, position_bias=bias)
         torch.testing.assert_close(ours, ref)
+
+
+def test_register_backend_and_unregister(monkeypatch):
+    seen = []
+    real = attention_ops.attention
+    monkeypatch.setattr(attention_ops, "attention", lambda *a, **k: seen.append(k["backend"]) or real(*a, **k))
+    model = llama()
+    ids, mask = batch(padding="left", L=5)
+    try:
+        skt.register(backend="reference")
+        with torch.no_grad():
+            output(model, ids, mask, "seqkernels")
+        assert seen == ["reference"] * 2
+        skt.unregister()
+        with pytest.raises((KeyError, ValueError)):
+            model.set_attn_implementation("seqkernels")
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        skt.register()
