@@ -111,6 +111,8 @@ def prepare_attention(q, k, v, *, causal=False, window=None, attn_mask=None, kv_
 # Backend limits beyond "is it built" (see backends.why_not).
 
 _MASK_GRAD = "gradients with respect to a float attn_mask are only computed by the reference backend"
+
+
 def _cpu_why_not(c: AttentionCall):
     if c.attn_mask is not None and c.attn_mask.requires_grad:
         return _MASK_GRAD
