@@ -59,6 +59,8 @@ def gencode_flags(archs):
 
 
 def _extensions():
+    # torch.utils.cpp_extension fixes CUDA_HOME when it is imported, so resolve it before that import.
+    _cuda_home()
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -82,7 +84,9 @@ def _extensions():
                                    if os.path.exists(os.path.join(d, "cusparse.h")))
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                 "-Xptxas=-warn-spills"] + gencode_flags(archs)
-        ext = CUDAExtension("seqkernels._C", sources, include_dirs=include_dirs,
+        home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+        lib_dirs = [d for d in (os.path.join(home, "lib64"), os.path.join(home, "lib")) if os.path.isdir(d)]
+        ext = CUDAExtension("seqkernels._C", sources, include_dirs=include_dirs, library_dirs=lib_dirs,
                             extra_compile_args={"cxx": cxx + ["-DSEQKERNELS_WITH_CUDA"],
                                                 "nvcc": nvcc + ["-DSEQKERNELS_WITH_CUDA"]},
                             extra_link_args=["-fopenmp"], define_macros=define)
