@@ -19,15 +19,19 @@ def test_report_on_triton_kernels_with_known_answers(monkeypatch):
     # The interpreter flag (set by the test suite) must not stop ahead-of-time compilation.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     rows = kr.collect_triton(modules=["emulation.static_selftest_triton"], archs=["8.0", "9.0"])
-    assert len(rows) == 6
-    good_mm, scale, huge = rows[0:2], rows[2:4], rows[4:6]
+    assert len(rows) == 8
+    good_mm, scale, small_mm, huge = rows[0:2], rows[2:4], rows[4:6], rows[6:8]
     for r in good_mm:
         assert r["tensor_cores"] and r["problems"] == [] and r["shared_bytes"] > 0, r
     assert [r["arch"] for r in good_mm] == ["sm_80", "sm_90"]
+    assert [r["tensor_core_kind"] for r in good_mm] == ["mma", "wgmma"]
+    assert [r["tensor_core_kind"] for r in small_mm] == ["mma", "mma"] and all(not r["problems"] for r in small_mm)
+    # The same instruction choice is a finding when the configuration promises wgmma.
+    assert any("no wgmma" in p for p in kr._problems(dict(small_mm[1], expects_tensor_cores=True)))
     for r in scale:
         assert not r["tensor_cores"] and r["problems"] == [], r
     assert all(r["problems"] for r in huge)
-    assert any("shared memory" in p for p in huge[1]["problems"])
+    assert all(any("shared memory" in p for p in r["problems"]) for r in huge)
     assert "_selftest_matmul_kernel" in kr.format_table(rows)
 
 

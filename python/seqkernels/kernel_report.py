@@ -33,9 +33,13 @@ A module ``triton_kernels/<op>.py`` makes its kernels visible here by defining
 
 one entry per configuration the launcher can pick on a GPU: ``kernel`` the ``@triton.jit``
 function, ``signature`` every parameter's Triton type (``"*fp16"``, ``"*bf16"``, ``"*fp32"``,
-``"i32"``, ``"i64"``, ``"fp32"``, or ``"constexpr"``), ``constexprs`` the values of the
+``"i32"``, ``"i64"``, ``"fp32"``, or ``"constexpr"``; pointers are compiled as 16-byte aligned
+like the JIT does for torch tensors, ``"*fp16:1"`` says not aligned, ``"i32:16"`` says
+divisible by 16 as for strides the JIT sees divisible), ``constexprs`` the values of the
 constexpr parameters, and ``expects_mma`` True for kernels doing matrix products, which must
-then use wgmma on sm_90 and mma (HMMA) on sm_80. Every configuration must compile, use no
+then use wgmma on sm_90 and mma (HMMA) on sm_80, ``"mma"`` when tensor cores are required but
+mma.sync is the right instruction on sm_90 too (tiles below wgmma's 64 rows, e.g. decode), or
+False. Every configuration must compile, use no
 stack or local memory, and fit the arch's shared memory.
 
 Rows are dicts with keys: ``kind`` ("cuda"/"triton"), ``source``, ``kernel``, ``config``,
@@ -137,6 +141,15 @@ def _short_name(demangled: str) -> str:
     return name.split("::")[-1].split()[-1]
 
 
+def _display_name(demangled: str) -> str:
+    """`void seqkernels::kv::_k<float, 64>(seqkernels::P)` -> `_k<float, 64>`."""
+    name = demangled.split("(")[0]
+    if name.startswith("void "):
+        name = name[5:]
+    head, lt, tail = name.partition("<")
+    return head.split("::")[-1] + lt + tail
+
+
 def _expects(short: str):
     for pat, want in EXPECTS_TENSOR_CORES:
         if pat.search(short):
@@ -155,8 +168,12 @@ def _problems(row: dict) -> list[str]:
     limit = STATIC_SMEM_LIMIT if row["kind"] == "cuda" else SMEM_LIMIT.get(_arch_num(row["arch"]), 48 * 1024)
     if row.get("shared_bytes") and row["shared_bytes"] > limit:
         p.append(f"shared memory {row['shared_bytes']} B > {limit} B")
-    if row.get("expects_tensor_cores") and not row.get("tensor_cores"):
-        p.append("no tensor-core instructions" + (" (wgmma)" if row["kind"] == "triton" and row["arch"] == "sm_90" else ""))
+    exp = row.get("expects_tensor_cores")
+    if exp and not row.get("tensor_cores"):
+        p.append("no tensor-core instructions")
+    elif exp is True and row["kind"] == "triton" and _arch_num(row["arch"]) >= 90 \
+            and row.get("tensor_core_kind") != "wgmma":
+        p.append("no wgmma on sm_90 (mma.sync only; declare expects_mma='mma' for tiles below 64 rows)")
     return p
 
 
@@ -294,7 +311,7 @@ def compile_cuda_file(src, archs=None, *, build_dir: Path | None = None) -> list
     for (arch, func), r in sorted(ptxas.items(), key=lambda kv: (names[kv[0][1]], kv[0][0])):
         s = sass.get((arch, func), {})
         short = _short_name(names[func])
-        row = {"kind": "cuda", "source": _rel(src), "kernel": names[func], "short_name": short, "config": "",
+        row = {"kind": "cuda", "source": _rel(src), "kernel": _display_name(names[func]), "short_name": short, "config": "",
                "arch": arch, "registers": r["registers"], "shared_bytes": r["shared"],
                "spill_stores": r["spill_stores"], "spill_loads": r["spill_loads"], "stack_bytes": r["stack"],
                "local_bytes": 0, "tensor_cores": s.get("tensor_cores", False) if s else None,
@@ -332,7 +349,8 @@ def collect_built_cuda(archs=None) -> list[dict]:
             continue
         s = sass.get((arch, func), {})
         short = _short_name(names[func])
-        row = {"kind": "cuda", "source": "seqkernels._C", "kernel": names[func], "short_name": short, "config": "",
+        row = {"kind": "cuda", "source": "seqkernels._C", "kernel": _display_name(names[func]), "short_name": short,
+               "config": "",
                "arch": arch, "registers": r["registers"], "shared_bytes": r["shared"], "spill_stores": None,
                "spill_loads": None, "stack_bytes": r["stack"], "local_bytes": r["local"],
                "tensor_cores": s.get("tensor_cores", False), "expects_tensor_cores": _expects(short)}
@@ -363,6 +381,21 @@ def triton_modules() -> list[str]:
     return sorted(f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
+def _signature_and_attrs(kernel, signature: dict) -> tuple[dict, dict]:
+    """Split `"type:16"` hints off the signature into tt.divisibility attributes, the way the
+    JIT specializes: pointers are taken 16-byte aligned (torch allocations are) unless written
+    `"*fp16:1"`; integers only when written `"i32:16"`."""
+    sig, attrs = {}, {}
+    names = list(kernel.arg_names)
+    for name, typ in signature.items():
+        base, _, hint = str(typ).partition(":")
+        sig[name] = base
+        divisible = hint == "16" or (not hint and base.startswith("*"))
+        if divisible:
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
 def compile_triton_config(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
                           arch: int) -> dict:
     """Compile one configuration for one arch; resource usage from the cubin."""
@@ -370,7 +403,8 @@ def compile_triton_config(kernel, signature: dict, constexprs: dict, num_warps: 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs))
+    sig, attrs = _signature_and_attrs(kernel, signature)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     cuobjdump = _tool("cuobjdump")
@@ -386,35 +420,50 @@ def compile_triton_config(kernel, signature: dict, constexprs: dict, num_warps: 
     r = next(iter(res.values()), {"registers": None, "stack": 0, "local": 0})
     s = next(iter(sass.values()), {"tensor_cores": False, "local_instructions": 0})
     ptx = compiled.asm.get("ptx", "")
-    tensor = ("wgmma." in ptx) if arch >= 90 else ("mma.sync" in ptx or s["tensor_cores"])
+    kind = "wgmma" if "wgmma." in ptx else ("mma" if "mma.sync" in ptx or s["tensor_cores"] else None)
     return {"registers": r["registers"], "shared_bytes": int(compiled.metadata.shared), "stack_bytes": r["stack"],
-            "local_bytes": r["local"], "local_instructions": s["local_instructions"], "tensor_cores": tensor}
+            "local_bytes": r["local"], "local_instructions": s["local_instructions"], "tensor_cores": kind is not None,
+            "tensor_core_kind": kind}
 
 
 def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
     return ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",warps={num_warps},stages={num_stages}"
 
 
+def _triton_job(modname: str, index: int, arch: int) -> dict:
+    kernel, signature, constexprs, num_warps, num_stages, expects = \
+        importlib.import_module(modname).STATIC_CONFIGS[index]
+    name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel))
+    row = {"kind": "triton", "source": modname, "kernel": name, "short_name": name,
+           "config": _config_label(constexprs, num_warps, num_stages), "arch": f"sm_{arch}",
+           "spill_stores": None, "spill_loads": None,
+           "expects_tensor_cores": expects if expects == "mma" else bool(expects)}
+    try:
+        row.update(compile_triton_config(kernel, signature, constexprs, num_warps, num_stages, arch))
+        row["problems"] = _problems(row)
+    except Exception as e:  # a config that does not compile is a finding, not a crash
+        row.update({"registers": None, "shared_bytes": None, "stack_bytes": None, "local_bytes": None,
+                    "tensor_cores": None})
+        row["problems"] = [f"does not compile: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"]
+    return row
+
+
 def _collect_triton_here(modules, archs) -> list[dict]:
-    rows = []
+    jobs = []
     for modname in modules:
-        mod = importlib.import_module(modname)
-        for entry in getattr(mod, "STATIC_CONFIGS", []):
-            kernel, signature, constexprs, num_warps, num_stages, expects = entry
-            name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel))
-            for arch in archs:
-                row = {"kind": "triton", "source": modname, "kernel": name, "short_name": name,
-                       "config": _config_label(constexprs, num_warps, num_stages), "arch": f"sm_{arch}",
-                       "spill_stores": None, "spill_loads": None, "expects_tensor_cores": bool(expects)}
-                try:
-                    row.update(compile_triton_config(kernel, signature, constexprs, num_warps, num_stages, arch))
-                    row["problems"] = _problems(row)
-                except Exception as e:  # a config that does not compile is a finding, not a crash
-                    row.update({"registers": None, "shared_bytes": None, "stack_bytes": None, "local_bytes": None,
-                                "tensor_cores": None})
-                    row["problems"] = [f"does not compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}"]
-                rows.append(row)
-    return rows
+        configs = getattr(importlib.import_module(modname), "STATIC_CONFIGS", [])
+        jobs += [(modname, i, arch) for i in range(len(configs)) for arch in archs]
+    workers = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
+    if workers == 1 or len(jobs) < 2:
+        return [_triton_job(*j) for j in jobs]
+    # Compilation is CPU-bound Python + LLVM + ptxas: one process per core (fork keeps the
+    # imported modules; nothing here touches a GPU driver).
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)),
+                                                mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_triton_job, *zip(*jobs)))
 
 
 def collect_triton(modules=None, archs=None) -> list[dict]:
@@ -471,13 +520,15 @@ def format_table(rows: list[dict]) -> str:
         return "?" if v is None else str(v)
 
     def tc(r):
-        have = "?" if r.get("tensor_cores") is None else ("yes" if r["tensor_cores"] else "no")
+        have = "?" if r.get("tensor_cores") is None else (r.get("tensor_core_kind") or "yes") if r["tensor_cores"] \
+            else "no"
         exp = r.get("expects_tensor_cores")
-        return have + ("" if exp is None else f" (expected {'yes' if exp else 'no'})")
+        want = {True: "yes", False: "no", "mma": "mma"}.get(exp)
+        return have + ("" if want is None else f" (expected {want})")
 
     lines = []
     for r in rows:
-        name = r.get("short_name") or r["kernel"]
+        name = r["kernel"]
         if r.get("config"):
             name += f" [{r['config']}]"
         spills = "?" if r.get("spill_stores") is None else f"{r['spill_stores']}/{r['spill_loads']}"
