@@ -413,7 +413,7 @@ def test_interpreter_runs_exactly_one_config():
     if not INTERPRET:
         pytest.skip("interpreter only")
     for kernel, cfg in tk._INTERPRET_CONFIGS.items():
-        assert tk._candidates(kernel, 0, 2, 128) == [cfg]
+        assert tk._candidates(kernel, 0, 2, 128, False) == [cfg]
 
 
 # ------------------------------------------------------------------------------------------------
