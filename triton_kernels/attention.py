@@ -687,7 +687,7 @@ _TABLES: dict[str, dict[tuple[int, int, int], _Cell]] = {
         (90, 2, 64): ([(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3)], [(128, 64, 8, 4), (64, 64, 4, 4)]),
         (90, 2, 128): ([(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
         (90, 2, 256): ([(128, 32, 8, 2), (64, 64, 8, 2)], [(128, 16, 8, 2)]),
-        (80, 2, 64): ([(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)], [(128, 64, 8, 3)]),
+        (80, 2, 64): ([(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)], [(128, 64, 8, 3), (64, 64, 8, 3)]),
         (80, 2, 128): ([(128, 64, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
         (80, 2, 256): ([(64, 64, 8, 2), (64, 32, 8, 2)], [(64, 32, 8, 2)]),
     },
@@ -695,24 +695,25 @@ _TABLES: dict[str, dict[tuple[int, int, int], _Cell]] = {
         (90, 2, 64): ([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], [(128, 64, 8, 3)]),
         (90, 2, 128): ([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
         (90, 2, 256): ([(128, 32, 8, 2)], [(128, 16, 8, 2)]),
-        (80, 2, 64): ([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
+        (80, 2, 64): ([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], [(64, 32, 4, 3)]),
         (80, 2, 128): ([(128, 32, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
-        (80, 2, 256): ([(64, 64, 8, 2)], [(64, 32, 8, 2)]),
+        (80, 2, 256): ([(64, 64, 8, 2)], [(64, 16, 8, 2), (32, 32, 4, 2)]),
     },
     # Head dims of 256 run dK and dV as two launches (KV_PART), each with these configs.
     "dkdv": {
-        (90, 2, 64): ([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)], [(32, 128, 8, 2), (32, 64, 4, 2)]),
-        (90, 2, 128): ([(32, 128, 8, 3), (16, 64, 4, 3)], [(16, 64, 8, 2)]),
-        (90, 2, 256): ([(32, 64, 8, 2)], [(16, 64, 8, 2)]),
-        (80, 2, 64): ([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)], [(32, 128, 8, 2)]),
-        (80, 2, 128): ([(16, 64, 4, 3), (16, 64, 8, 2)], [(16, 64, 8, 2)]),
-        (80, 2, 256): ([(32, 64, 8, 2), (16, 64, 8, 2)], [(16, 64, 8, 2)]),
+        (90, 2, 64): ([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)], [(32, 128, 8, 3), (32, 64, 4, 2)]),
+        (90, 2, 128): ([(32, 128, 8, 3), (32, 128, 8, 2), (16, 64, 4, 3)], [(16, 128, 8, 2)]),
+        # 64 keys per block with masks or dropout spill at this width; 32 keys fall back to mma.sync.
+        (90, 2, 256): ([(32, 64, 8, 2)], [(16, 32, 8, 2)]),
+        (80, 2, 64): ([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)], [(16, 128, 8, 2), (16, 64, 4, 2)]),
+        (80, 2, 128): ([(16, 64, 4, 3), (16, 64, 8, 2)], [(32, 64, 8, 2), (16, 128, 8, 2)]),
+        (80, 2, 256): ([(32, 64, 8, 2), (16, 64, 8, 2)], [(32, 64, 8, 2), (16, 64, 8, 2)]),
     },
 }
 for _kernel, _fp32 in {
-    "fwd": {64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)], 256: [(16, 32, 4, 2)]},
-    "dq": {64: [(32, 32, 4, 2)], 128: [(16, 32, 4, 2)], 256: [(16, 32, 4, 2)]},
-    "dkdv": {64: [(16, 32, 4, 2)], 128: [(16, 32, 4, 2)], 256: [(16, 32, 4, 2)]},
+    "fwd": {64: [(32, 32, 4, 2)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "dq": {64: [(32, 32, 4, 2)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "dkdv": {64: [(16, 32, 4, 2)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
 }.items():
     for _arch in _ARCH_CLASSES:
         for _bucket, _cfgs in _fp32.items():
@@ -987,11 +988,14 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
 class StaticConfig(tuple):
     """One compiled variant for the static (no-GPU) report: behaves as the tuple
     ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
-    ``arch`` (the compute capability its tuning table is for), ``attrs`` (divisibility hints as
+    ``mma`` (the tensor-core instruction its PTX must contain: "wgmma", "mma.sync", or None for
+    kernels without matrix products on tensor cores), ``arch`` (the compute capability its tuning
+    table is for), ``attrs`` (divisibility hints as
     ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
 
-    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
-        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
+    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, *, mma, arch, attrs, name):
+        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, mma is not None))
+        self.mma = mma
         self.arch = arch
         self.attrs = attrs
         self.name = name
@@ -1074,14 +1078,16 @@ def _static_configs() -> list[StaticConfig]:
                         name = (f"{fn.__name__}{label} sm_{arch} {_TORCH_TO_TRITON[dtype]} D{bucket} {vname} "
                                 f"BLOCK_M={bm} BLOCK_N={bn} warps={w} stages={s}")
                         # float32 uses IEEE products on the FMA units: no tensor-core MMA to expect.
-                        out.append(StaticConfig(fn, sig, consts, w, s, elt == 2, arch=arch, attrs=attrs,
-                                                name=name))
+                        # wgmma needs 64 rows (queries, or keys in the dK/dV kernel) per warpgroup.
+                        rows = bn if kname == "dkdv" else bm
+                        mma = None if elt == 4 else ("wgmma" if arch >= 90 and rows >= 64 else "mma.sync")
+                        out.append(StaticConfig(fn, sig, consts, w, s, mma=mma, arch=arch, attrs=attrs, name=name))
     for arch in _ARCH_CLASSES:
         for bucket in _DIM_BUCKETS:
             constexprs = dict(BLOCK_M=max(16, min(128, 8192 // bucket)), BLOCK_DV=bucket, EVEN_DV=True)
             fn = _attention_bwd_preprocess_kernel
             sig, consts, attrs = _static_signature(fn, torch.bfloat16, constexprs, False)
-            out.append(StaticConfig(fn, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
+            out.append(StaticConfig(fn, sig, consts, 4, 1, mma=None, arch=arch, attrs=attrs,
                                     name=f"{fn.__name__} sm_{arch} bf16 D{bucket} BLOCK_M={constexprs['BLOCK_M']}"))
     return out
 
