@@ -29,10 +29,20 @@ torch does); kept ones are scaled by ``1 / (1 - p)``; the keep mask is regenerat
 backward from ``(seed, offset, b, h, i, j)``.
 
 Backward: ``delta = rowsum(dO * O)`` (one small kernel), then a dK/dV kernel (one program per
-key block and kv head, looping over the query heads of its GQA group and over query tiles, so
-the group sum needs no atomics and is deterministic) and a dQ kernel (one program per query
-block and query head, looping over key tiles). Every kernel is deterministic, so the
-``deterministic`` flag of the op is always honoured.
+key block and kv head, walking the query tiles of every query head of its GQA group in one flat
+loop, so the group sum needs no atomics and is deterministic) and a dQ kernel (one program per
+query block and query head, walking key tiles). 256-wide heads run dK and dV as two launches of
+the dK/dV kernel, since both float32 accumulators do not fit in registers beside the tile math.
+Every kernel is deterministic, so the ``deterministic`` flag of the op is always honoured.
+
+Precision: float16/bfloat16 products on tensor cores (wgmma on sm_90, mma.sync on sm_80) with
+float32 accumulation; float32 inputs use exact IEEE products (FMA units) unless
+SEQKERNELS_TRITON_TF32=1 asks for TF32 tensor cores (faster, 10-bit mantissa products).
+
+Tuning: per architecture class (sm_80, sm_90), element size and head-dim bucket, the tables
+below list the autotune candidates, separately for calls with an attn_mask or dropout (the mask
+tile and the Philox state need registers that the largest tiles do not have). The autotune key
+is the head dims, the feature flags and the power-of-two buckets of Lq and Lk.
 
 Interpreter (TRITON_INTERPRET=1, CPU tensors): tiles are cast to float32 right after loading
 (``UPCAST``), since the interpreter's bfloat16 arithmetic is wrong and float16 matmuls in numpy
@@ -40,8 +50,6 @@ are slow, and autotuning is pruned to one small config.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -56,7 +64,7 @@ from ._common import (
 )
 from .philox import dropout_keep, dropout_threshold, split_u64
 
-__all__ = ["attention_fwd", "attention_bwd", "unsupported_reason", "STATIC_CONFIGS", "MAX_HEAD_DIM"]
+__all__ = ["MAX_HEAD_DIM", "STATIC_CONFIGS", "attention_bwd", "attention_fwd", "unsupported_reason"]
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -363,7 +371,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64
     the compiler hoists the tile loop's invariants out of the head loop and keeps them live in
     registers for the whole kernel, which made every variant with masks or dropout spill."""
     n_tiles = tl.cdiv(end - start, BLOCK_M)
-    for it in range(0, n_tiles * GROUP):
+    for it in range(n_tiles * GROUP):
         g = it // n_tiles
         start_m = start + (it - g * n_tiles) * BLOCK_M
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -734,7 +742,7 @@ def _arch_class(arch: int) -> int:
 
 
 def _dim_bucket(block_d: int) -> int:
-    return 64 if block_d <= 64 else block_d
+    return max(64, block_d)
 
 
 def _candidates(kernel: str, arch: int, elt_size: int, block_d: int, heavy: bool) -> list[tuple[int, int, int, int]]:
