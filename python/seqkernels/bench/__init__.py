@@ -1,0 +1,1 @@
+"""Benchmark harness and suites behind `seqkernels bench` (DESIGN §7)."""

@@ -1,0 +1,112 @@
+"""The `seqkernels` command: `info`, `check`, `bench` (DESIGN §2, §7)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+
+def _prepare_triton_env():
+    # Triton reads TRITON_INTERPRET when it is imported: without a GPU, the CLI checks the Triton
+    # kernels under the interpreter, as the tests do.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from . import _ext, backends
+
+    lines = [f"seqkernels {__import__('seqkernels').__version__}",
+             f"python     {platform.python_version()} ({platform.machine()})",
+             f"torch      {torch.__version__} (CUDA build {torch.version.cuda or 'none'})"]
+    try:
+        import triton
+
+        lines.append(f"triton     {triton.__version__}")
+    except ImportError:
+        lines.append("triton     not installed")
+    lines.append(f"cpu        {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"gpu {i}      {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+                         f"{p.multi_processor_count} SMs")
+    else:
+        lines.append("gpu        none visible to torch")
+    if _ext.extension_available():
+        archs = _ext.compiled_cuda_archs()
+        lines.append("extension  seqkernels._C built; CUDA part: " + (f"archs {';'.join(archs)}" if archs else "not built"))
+    else:
+        lines.append("extension  seqkernels._C NOT built (only the triton and reference backends)")
+    lines.append("")
+    lines.append("backends per op (kernel registered / module present):")
+    from ._explain import _OPS
+    import importlib
+
+    for name, (mod_name, spec_name, _) in _OPS.items():
+        try:
+            spec = getattr(importlib.import_module(mod_name), spec_name)
+        except ModuleNotFoundError:
+            lines.append(f"  {name:30s} python layer not built yet")
+            continue
+        cells = []
+        for b in ("cuda", "cpu", "triton"):
+            gpu = b == "cuda" or (b == "triton" and torch.cuda.is_available())
+            reason = backends._generic_why_not(spec, b, torch.device("cuda" if gpu else "cpu"))
+            if reason is None:
+                cells.append(f"{b}: yes")
+            elif reason.startswith(backends.NOT_IMPLEMENTED):
+                cells.append(f"{b}: not implemented")
+            else:
+                cells.append(f"{b}: no ({reason})")
+        lines.append(f"  {name:30s} " + ", ".join(cells) + ", reference: yes")
+    print("\n".join(lines))
+    if args.kernels:
+        from . import kernel_report
+
+        print()
+        print(kernel_report.format_table(kernel_report.collect()))
+    return 0
+
+
+def cmd_check(args) -> int:
+    _prepare_triton_env()
+    from . import check
+
+    return check.main(ops=args.op, backends_=args.backend, dtypes=args.dtype)
+
+
+def cmd_bench(argv) -> int:
+    from .bench import cli as bench_cli
+
+    return bench_cli.main(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    parser = argparse.ArgumentParser(prog="seqkernels", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="versions, devices, backends built, CUDA archs compiled in")
+    p.add_argument("--kernels", action="store_true", help="also compile every kernel and print registers, "
+                   "shared memory, spills and tensor-core use per arch (slow)")
+    p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("check", help="parity of every op on every backend available here (DESIGN §5)")
+    p.add_argument("--op", action="append", help="only this op (repeatable)")
+    p.add_argument("--backend", action="append", help="only this backend (repeatable)")
+    p.add_argument("--dtype", action="append", help="only this dtype, e.g. bfloat16 (repeatable)")
+    p.set_defaults(fn=cmd_check)
+    sub.add_parser("bench", help="microbenchmarks, tables, CSV and plots (seqkernels bench --help)")
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

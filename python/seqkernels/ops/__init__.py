@@ -1,0 +1,1 @@
+"""Public ops: validation, backend dispatch and op registration, one module per op."""

@@ -1,0 +1,67 @@
+"""Validation helpers shared by the public ops: every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same(names: Iterable[str], tensors: Iterable[torch.Tensor], *, dtype=True, device=True):
+    names, tensors = list(names), list(tensors)
+    first_n, first = names[0], tensors[0]
+    for n, t in zip(names[1:], tensors[1:]):
+        if dtype and t.dtype != first.dtype:
+            raise TypeError(f"{n}: dtype {str(t.dtype).replace('torch.', '')} does not match "
+                            f"{first_n}'s {str(first.dtype).replace('torch.', '')}; all must share one dtype")
+        if device and t.device != first.device:
+            raise ValueError(f"{n}: on device {t.device}, but {first_n} is on {first.device}; "
+                             "all tensors must be on one device")
+
+
+def check_lengths(name: str, t, batch: int, device: torch.device, upper: Optional[int] = None,
+                  upper_name: str = "") -> torch.Tensor:
+    """An int tensor (B,) on `device`, returned as contiguous int32. Values are range-checked only
+    for CPU tensors: on a GPU that would cost a host sync per call (kernels clamp instead)."""
+    check_tensor(name, t, ndim=1, dtypes=(torch.int32, torch.int64))
+    if t.shape[0] != batch:
+        raise ValueError(f"{name}: expected shape ({batch},) (one entry per batch element), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: on device {t.device}, expected {device} (the device of the other inputs)")
+    if t.device.type == "cpu" and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or (upper is not None and hi > upper):
+            raise ValueError(f"{name}: values must lie in [0, {upper_name or upper}], got min {lo}, max {hi}")
+    return t.to(torch.int32).contiguous()
+
+
+def draw_seed() -> int:
+    """A dropout seed from torch's default CPU generator: repeatable under torch.manual_seed and no
+    GPU sync (the keep mask itself is computed on the device from (seed, offset, b, h, i, j))."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+def expand_mask(mask: torch.Tensor, shape: tuple, name: str = "attn_mask") -> torch.Tensor:
+    """`mask` broadcast to the 4-D `shape` as a view (stride 0 on broadcast dims, never copied)."""
+    if mask.dim() > 4:
+        raise ValueError(f"{name}: expected at most 4 dims broadcastable to {tuple(shape)}, got shape {tuple(mask.shape)}")
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    for got, want in zip(m.shape, shape):
+        if got not in (1, want):
+            raise ValueError(f"{name}: shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {tuple(shape)}")
+    return m.expand(shape)

@@ -1,0 +1,329 @@
+"""Fused attention: the public functions, validation, backend dispatch, and the op registrations
+(Triton family, fake kernels, autograd) of DESIGN §2-§3.
+
+Visibility of key j from query i of batch b (docs/INTERNALS.md), with Lk_b = kv_lengths[b] and
+off_b = Lk_b - Lq (bottom-right, `attention`) or 0 (top-left, torch SDPA's `is_causal`):
+
+    causal, Lq=3, Lk=5 (bottom-right)        causal, Lq=3, Lk=5 (top-left, SDPA)
+        j: 0 1 2 3 4                             j: 0 1 2 3 4
+    i=0    x x x . .                         i=0    x . . . .
+    i=1    x x x x .                         i=1    x x . . .
+    i=2    x x x x x                         i=2    x x x . .
+
+    window=(1, 0), bottom-right: i=0 sees j in {1, 2}, i=1 sees {2, 3}, i=2 sees {3, 4}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext, backends
+from .. import reference as ref
+from ._common import FLOAT_DTYPES, MAX_HEAD_DIM, check_lengths, check_same, check_tensor, draw_seed, expand_mask
+
+
+@dataclasses.dataclass
+class AttentionCall:
+    """Normalized arguments, the form every backend receives (docs/INTERNALS.md)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    attn_mask: Optional[Tensor]  # expanded to (B, Hq, Lq, Lk)
+    kv_lengths: Optional[Tensor]  # int32 (B,)
+    scale: float
+    window_left: int
+    window_right: int
+    bottom_right: bool
+    dropout_p: float
+    seed: int
+    offset: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def args(self):
+        return (self.q, self.k, self.v, self.attn_mask, self.kv_lengths, self.scale, self.window_left,
+                self.window_right, self.bottom_right, self.dropout_p, self.seed, self.offset)
+
+
+def _combine_window(causal: bool, window) -> tuple[int, int]:
+    left, right = -1, -1
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+            raise ValueError(f"window: expected a pair of ints (left, right) with -1 for unbounded, got {window!r}")
+        left, right = int(window[0]), int(window[1])
+        if left < -1 or right < -1:
+            raise ValueError(f"window: sides must be >= 0 or -1 (unbounded), got {window!r}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def prepare_attention(q, k, v, *, causal=False, window=None, attn_mask=None, kv_lengths=None, scale=None,
+                      dropout_p=0.0, bottom_right=True, seed=None, offset=0) -> AttentionCall:
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    check_same(("q", "k", "v"), (q, k, v))
+    B, Hq, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"k, v: batch size must match q's {B}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if k.shape[3] != D:
+        raise ValueError(f"k: head dim {k.shape[3]} must equal q's head dim {D}")
+    if v.shape[1] != Hkv or v.shape[2] != Lk:
+        raise ValueError(f"v: expected shape ({B}, {Hkv}, {Lk}, Dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}")
+    Dv = v.shape[3]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q, k: the number of query heads ({Hq}) must be a multiple of the number of key/value heads ({Hkv})")
+    if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
+        raise ValueError(f"q, v: head dims must be in [1, {MAX_HEAD_DIM}], got D={D}, Dv={Dv}")
+    left, right = _combine_window(causal, window)
+    mask = None
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask, dtypes=(torch.bool,) + FLOAT_DTYPES)
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask: on device {attn_mask.device}, expected {q.device}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (q.dtype, torch.float32):
+            attn_mask = attn_mask.to(q.dtype)
+        mask = expand_mask(attn_mask, (B, Hq, Lq, Lk))
+    lengths = None
+    if kv_lengths is not None:
+        lengths = check_lengths("kv_lengths", kv_lengths, B, q.device, upper=Lk, upper_name=f"Lk={Lk}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
+    if dropout_p > 0 and seed is None:
+        seed = draw_seed()
+    return AttentionCall(q, k, v, mask, lengths, float(scale), left, right, bool(bottom_right),
+                         float(dropout_p), int(seed or 0), int(offset))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend limits beyond "is it built" (see backends.why_not).
+
+_MASK_GRAD = "gradients with respect to a float attn_mask are only computed by the reference backend"
+
+
+def _cpu_why_not(c: AttentionCall):
+    if c.attn_mask is not None and c.attn_mask.requires_grad:
+        return _MASK_GRAD
+    return None
+
+
+def _cuda_why_not(c: AttentionCall):
+    if c.attn_mask is not None and c.attn_mask.requires_grad:
+        return _MASK_GRAD
+    if c.q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernels take float16/bfloat16, not {str(c.q.dtype).replace('torch.', '')}"
+    # Head dims up to 256 run on the 64/128/256-wide tile instantiations (the tail masked), Dv may differ.
+    major, _ = torch.cuda.get_device_capability(c.q.device)
+    if major < 8:
+        return f"the CUDA kernels need sm_80 or newer (mma.sync bf16), this GPU is sm_{major}x"
+    return None
+
+
+def _triton_why_not(c: AttentionCall):
+    if c.attn_mask is not None and c.attn_mask.requires_grad:
+        return _MASK_GRAD
+    from ..triton_kernels import attention as tk
+
+    return tk.unsupported_reason(c.q, c.k, c.v, c.attn_mask, c.kv_lengths, c.dropout_p)
+
+
+OP = backends.OpBackends(
+    name="attention", cpp_ops=("attention_fwd", "attention_bwd"), triton_module="attention",
+    why_not={"cpu": _cpu_why_not, "cuda": _cuda_why_not, "triton": _triton_why_not},
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton family: opaque custom ops (torch.compile treats them as one node, also under the interpreter).
+
+@torch.library.custom_op("seqkernels::triton_attention_fwd", mutates_args=())
+def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_lengths: Optional[Tensor],
+                         scale: float, window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
+                         seed: int, offset: int) -> tuple[Tensor, Tensor]:
+    from ..triton_kernels import attention as tk
+
+    return tk.attention_fwd(q, k, v, attn_mask, kv_lengths, scale, window_left, window_right, bottom_right,
+                            dropout_p, seed, offset)
+
+
+@torch.library.custom_op("seqkernels::triton_attention_bwd", mutates_args=())
+def triton_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         attn_mask: Optional[Tensor], kv_lengths: Optional[Tensor], scale: float, window_left: int,
+                         window_right: int, bottom_right: bool, dropout_p: float, seed: int, offset: int,
+                         deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from ..triton_kernels import attention as tk
+
+    return tk.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale, window_left, window_right,
+                            bottom_right, dropout_p, seed, offset, deterministic)
+
+
+def _fwd_fake(q, k, v, attn_mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset):
+    B, Hq, Lq, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=lse_dtype)
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, kv_lengths = inputs[:5]
+    ctx.params = inputs[5:]
+    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, kv_lengths)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        # The lse output is differentiated by _LseGrad in the public layer, so grad_lse is ignored here.
+        q, k, v, out, lse, attn_mask, kv_lengths = ctx.saved_tensors
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params, deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+    return backward
+
+
+FAMILIES = {"triton": (torch.ops.seqkernels.triton_attention_fwd, torch.ops.seqkernels.triton_attention_bwd)}
+
+torch.library.register_fake("seqkernels::triton_attention_fwd")(_fwd_fake)
+torch.library.register_fake("seqkernels::triton_attention_bwd")(_bwd_fake)
+torch.library.register_autograd("seqkernels::triton_attention_fwd", _make_backward(torch.ops.seqkernels.triton_attention_bwd),
+                                setup_context=_setup_context)
+
+if _ext.extension_available():
+    torch.library.register_fake("seqkernels::attention_fwd")(_fwd_fake)
+    torch.library.register_fake("seqkernels::attention_bwd")(_bwd_fake)
+    torch.library.register_autograd("seqkernels::attention_fwd", _make_backward(torch.ops.seqkernels.attention_bwd),
+                                    setup_context=_setup_context)
+    FAMILIES["cpu"] = FAMILIES["cuda"] = (torch.ops.seqkernels.attention_fwd, torch.ops.seqkernels.attention_bwd)
+
+
+class _LseGrad(torch.autograd.Function):
+    """Gradient of the returned lse for the kernel backends.
+
+    d lse_i / d s_ij = p_ij (undropped), so dq_i += scale * g_i * (P K)_i, which is attention with
+    V := K, and dk_j += scale * (P^T (g * q))_j, which is the dV of a backward pass run with
+    grad_out := g * q and V := K. Both reuse the backend's own kernels (dropout off: lse is defined on
+    the undropped scores)."""
+
+    @staticmethod
+    def forward(ctx, lse, q, k, call, family):
+        ctx.call, ctx.family = call, family
+        ctx.save_for_backward(q, k)
+        return lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        c, (fwd, bwd) = ctx.call, ctx.family
+        params = (c.attn_mask, c.kv_lengths, c.scale, c.window_left, c.window_right, c.bottom_right, 0.0, 0, 0)
+        g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+        with torch.no_grad():
+            pk, lse_k = fwd(q, k, k, *params)
+            dq = (c.scale * g.unsqueeze(-1) * pk.to(g.dtype)).to(q.dtype)
+            gq = (g.unsqueeze(-1) * q.to(g.dtype)).to(q.dtype).contiguous()
+            _, _, pt = bwd(gq, q, k, k, pk, lse_k, *params, torch.are_deterministic_algorithms_enabled())
+            dk = (c.scale * pt.to(torch.float32 if q.dtype != torch.float64 else q.dtype)).to(k.dtype)
+        return None, dq, dk, None, None
+
+
+def run(call: AttentionCall, backend: str, return_lse: bool):
+    if backend == "reference":
+        return ref.attention_ref(call.q, call.k, call.v, attn_mask=call.attn_mask, kv_lengths=call.kv_lengths,
+                                 scale=call.scale, window_left=call.window_left, window_right=call.window_right,
+                                 bottom_right=call.bottom_right, dropout_p=call.dropout_p, seed=call.seed,
+                                 offset=call.offset)
+    family = FAMILIES[backend]
+    out, lse = family[0](*call.args())
+    if return_lse and torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad):
+        if call.dropout_p > 0:
+            lse = lse.detach()  # documented: with dropout only `out` is differentiable on kernel backends
+        else:
+            lse = _LseGrad.apply(lse.detach(), call.q, call.k, call, family)
+    return out, lse
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, window=None, attn_mask: Optional[Tensor] = None,
+              kv_lengths: Optional[Tensor] = None, scale: Optional[float] = None, dropout_p: float = 0.0,
+              return_lse: bool = False, backend: Optional[str] = None):
+    """Fused scaled-dot-product attention.
+
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) with Hq % Hkv == 0 (GQA/MQA).
+    `causal` aligns bottom-right (query i sees key j iff j <= i + Lk_b - Lq), `window=(left, right)`
+    bounds the visible keys around that diagonal (-1 = unbounded), `attn_mask` (bool: True takes part;
+    float: added to the scaled scores) broadcasts to (B, Hq, Lq, Lk), `kv_lengths` (B,) drops keys
+    j >= kv_lengths[b]. A query row that sees no key returns 0 (lse -inf, zero gradients).
+    With `return_lse` also returns the float32 (B, Hq, Lq) log-sum-exp of the scaled scores.
+    `backend`: "cuda", "cpu", "triton", "reference" or None (automatic; see seqkernels.explain).
+    """
+    call = prepare_attention(q, k, v, causal=causal, window=window, attn_mask=attn_mask, kv_lengths=kv_lengths,
+                             scale=scale, dropout_p=dropout_p)
+    b = backends.resolve(OP, q.device, call, backend)
+    out, lse = run(call, b, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _sdpa_to_4d(query, key, value, attn_mask):
+    """torch's SDPA takes (..., H, L, E); the kernels take (B, H, L, E). Fewer dims get leading 1s (the
+    mask broadcasts right-aligned either way); more fold into B (copying only a mask of such inputs)."""
+    check_tensor("query", query, dtypes=FLOAT_DTYPES)
+    check_tensor("key", key)
+    check_tensor("value", value)
+    r = query.dim()
+    if r < 2 or key.dim() != r or value.dim() != r:
+        raise ValueError(f"query, key, value: expected tensors of equal rank >= 2 (..., L, E), got shapes "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if r <= 4:
+        def lift(t):
+            return t.reshape((1,) * (4 - r) + tuple(t.shape))
+        return lift(query), lift(key), lift(value), attn_mask
+    lead = query.shape[:-3]
+    if key.shape[:-3] != lead or value.shape[:-3] != lead:
+        raise ValueError(f"key, value: leading dims {tuple(key.shape[:-3])}, {tuple(value.shape[:-3])} must equal "
+                         f"query's {tuple(lead)}")
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2]).reshape(-1, *query.shape[-3:-1], key.shape[-2])
+
+    def fold(t):
+        return t.reshape(-1, *t.shape[-3:])
+    return fold(query), fold(key), fold(value), attn_mask
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention: same arguments, broadcasting and
+    mask polarity (bool True takes part; float is added), `is_causal` aligned top-left as torch does,
+    GQA through `enable_gqa`. Dropout draws its keep mask from seqkernels' own Philox stream, so it
+    matches torch's in distribution, not bit for bit."""
+    call = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    b = backends.resolve(SDPA_OP, call.device, call, backend)
+    out, _ = run(call, b, False)
+    return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False) -> AttentionCall:
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask: must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
+    q, k, v, mask = _sdpa_to_4d(query, key, value, attn_mask)
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError(f"key: {k.shape[1]} heads differ from query's {q.shape[1]}; pass enable_gqa=True for GQA/MQA")
+    return prepare_attention(q, k, v, causal=is_causal, attn_mask=mask, scale=scale, dropout_p=dropout_p,
+                             bottom_right=False)
+
+
+SDPA_OP = dataclasses.replace(OP, name="scaled_dot_product_attention")
