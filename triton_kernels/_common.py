@@ -13,12 +13,12 @@ import triton
 
 __all__ = [
     "INTERPRET",
-    "interpreting",
     "block_dim",
-    "length_bucket",
     "device_arch",
-    "tf32_requested",
     "dot_precision",
+    "interpreting",
+    "length_bucket",
+    "tf32_requested",
 ]
 
 # The interpreter is chosen when triton.jit decorates a function (at import of the kernel module),

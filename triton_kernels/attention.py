@@ -29,10 +29,20 @@ torch does); kept ones are scaled by ``1 / (1 - p)``; the keep mask is regenerat
 backward from ``(seed, offset, b, h, i, j)``.
 
 Backward: ``delta = rowsum(dO * O)`` (one small kernel), then a dK/dV kernel (one program per
-key block and kv head, looping over the query heads of its GQA group and over query tiles, so
-the group sum needs no atomics and is deterministic) and a dQ kernel (one program per query
-block and query head, looping over key tiles). Every kernel is deterministic, so the
-``deterministic`` flag of the op is always honoured.
+key block and kv head, walking the query tiles of every query head of its GQA group in one flat
+loop, so the group sum needs no atomics and is deterministic) and a dQ kernel (one program per
+query block and query head, walking key tiles). 256-wide heads run dK and dV as two launches of
+the dK/dV kernel, since both float32 accumulators do not fit in registers beside the tile math.
+Every kernel is deterministic, so the ``deterministic`` flag of the op is always honoured.
+
+Precision: float16/bfloat16 products on tensor cores (wgmma on sm_90, mma.sync on sm_80) with
+float32 accumulation; float32 inputs use exact IEEE products (FMA units) unless
+SEQKERNELS_TRITON_TF32=1 asks for TF32 tensor cores (faster, 10-bit mantissa products).
+
+Tuning: per architecture class (sm_80, sm_90), element size and head-dim bucket, the tables
+below list the autotune candidates, separately for calls with an attn_mask or dropout (the mask
+tile and the Philox state need registers that the largest tiles do not have). The autotune key
+is the head dims, the feature flags and the power-of-two buckets of Lq and Lk.
 
 Interpreter (TRITON_INTERPRET=1, CPU tensors): tiles are cast to float32 right after loading
 (``UPCAST``), since the interpreter's bfloat16 arithmetic is wrong and float16 matmuls in numpy
@@ -40,8 +50,6 @@ are slow, and autotuning is pruned to one small config.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -56,7 +64,7 @@ from ._common import (
 )
 from .philox import dropout_keep, dropout_threshold, split_u64
 
-__all__ = ["attention_fwd", "attention_bwd", "unsupported_reason", "STATIC_CONFIGS", "MAX_HEAD_DIM"]
+__all__ = ["MAX_HEAD_DIM", "STATIC_CONFIGS", "attention_bwd", "attention_fwd", "unsupported_reason"]
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -345,20 +353,36 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, start, end,
+def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64, GROUP, Hq,
                     offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
-                    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                    Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right, drop_h_base,
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
+                    stride_mb, stride_mh, stride_mm, stride_mn, n64,
+                    Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
                     seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
                     BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                     MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Transposed tiles (keys along dim 0, queries along dim 1): dV += P^T dO, dK += dS^T Q."""
-    for start_m in range(start, end, BLOCK_M):
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr):
+    """Transposed tiles (keys along dim 0, queries along dim 1): dV += P^T dO, dK += dS^T Q, over
+    the query tiles [start, end) of every query head of the kv head's group.
+
+    One flat loop over (head, tile) pairs rather than a head loop around a tile loop: nested,
+    the compiler hoists the tile loop's invariants out of the head loop and keeps them live in
+    registers for the whole kernel, which made every variant with masks or dropout spill."""
+    n_tiles = tl.cdiv(end - start, BLOCK_M)
+    for it in range(n_tiles * GROUP):
+        g = it // n_tiles
+        start_m = start + (it - g * n_tiles) * BLOCK_M
         start_m = tl.multiple_of(start_m, BLOCK_M)
+        h64 = hk64 * GROUP + g
+        bh = b64 * Hq + h64
         m64 = start_m.to(tl.int64)
         m_rows = Lq - start_m
+        Q_bh = Q + b64 * stride_qb + h64 * stride_qh
+        DO_bh = DO + b64 * stride_dob + h64 * stride_doh
+        LSE_bh = LSE + bh * Lq
+        Delta_bh = Delta + bh * Lq
         q = _load_2d(Q_bh + m64 * stride_qm, offs_m, offs_d, stride_qm, stride_qd, m_rows, D,
                      MASKED, not EVEN_D, UPCAST)
         do = _load_2d(DO_bh + m64 * stride_dom, offs_m, offs_dv, stride_dom, stride_dod, m_rows, Dv,
@@ -375,7 +399,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, start,
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         if HAS_MASK:
             # Transposed mask tile: keys are dim 0, query rows dim 1.
-            ptrs = Mask_bh + m64 * stride_mm + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
+            ptrs = (Mask + b64 * stride_mb + h64 * stride_mh + n64 * stride_mn + m64 * stride_mm
+                    + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn)
             inb = (offs_m < m_rows)[None, :] & (cols < Lk)[:, None]
             if MASK_BOOL:
                 mv = tl.load(ptrs, mask=inb, other=0)
@@ -391,17 +416,21 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, start,
                 visible = visible & (cols[:, None] <= (rows + off_b + window_right)[None, :])
             sT = tl.where(visible, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(((drop_h_base + rows.to(tl.int64)) * Lk)[None, :] + drop_col[:, None],
+            keep = dropout_keep(((bh * Lq + rows) * Lk)[None, :] + drop_col[:, None],
                                 seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
-            pdT = tl.where(keep, pT * drop_scale, 0.0)
-            dpT = tl.where(keep, dpT * drop_scale, 0.0)
-        else:
-            pdT = pT
-        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if COMPUTE_DV:
+            if DROPOUT:
+                pdT = tl.where(keep, pT * drop_scale, 0.0)
+            else:
+                pdT = pT
+            dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if COMPUTE_DK:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if DROPOUT:
+                dpT = tl.where(keep, dpT * drop_scale, 0.0)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -424,8 +453,10 @@ def _attention_bwd_dkdv_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_PART: tl.constexpr,
 ):
+    """dK and dV of one key block (KV_PART 0), or only dK (1) / only dV (2): head dims of 256 run
+    the two as separate launches, since both float32 accumulators do not fit in registers."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -458,52 +489,50 @@ def _attention_bwd_dkdv_kernel(
     lo, full_lo, full_hi, hi = _query_range(n0, Lq, lk_b, off_b, window_left, window_right,
                                             BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
     drop_col = cols.to(tl.int64)
-    for g in range(0, GROUP):
-        h64 = hk64 * GROUP + g
-        Q_bh = Q + b64 * stride_qb + h64 * stride_qh
-        DO_bh = DO + b64 * stride_dob + h64 * stride_doh
-        LSE_bh = LSE + (b64 * Hq + h64) * Lq
-        Delta_bh = Delta + (b64 * Hq + h64) * Lq
-        Mask_bh = Mask
-        if HAS_MASK:
-            Mask_bh = Mask + b64 * stride_mb + h64 * stride_mh + n64 * stride_mn
-        drop_h_base = (b64 * Hq + h64) * Lq
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, lo, full_lo,
-                                 offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
-                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                                 Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
-                                 drop_h_base, seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
-                                 drop_scale, BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
-                                 WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, full_lo, full_hi,
-                                 offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
-                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                                 Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
-                                 drop_h_base, seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
-                                 drop_scale, BLOCK_M, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
-                                 WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, full_hi, hi,
-                                 offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
-                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
-                                 Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
-                                 drop_h_base, seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
-                                 drop_scale, BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
-                                 WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, lo, full_lo, b64, hk64, GROUP, Hq,
+                             offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
+                             stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
+                             stride_dod, stride_mb, stride_mh, stride_mm, stride_mn, n64,
+                             Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                             seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+                             BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
+                             WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION,
+                             KV_PART != 2, KV_PART != 1)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, full_lo, full_hi, b64, hk64, GROUP, Hq,
+                             offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
+                             stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
+                             stride_dod, stride_mb, stride_mh, stride_mm, stride_mn, n64,
+                             Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                             seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+                             BLOCK_M, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
+                             WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION,
+                             KV_PART != 2, KV_PART != 1)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, full_hi, hi, b64, hk64, GROUP, Hq,
+                             offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
+                             stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
+                             stride_dod, stride_mb, stride_mh, stride_mm, stride_mn, n64,
+                             Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                             seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+                             BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
+                             WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION,
+                             KV_PART != 2, KV_PART != 1)
 
-    dk = dk * scale
     col_ok = (offs_n < Lk - n0)[:, None]
-    dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + n64 * stride_dkn + offs_n[:, None] * stride_dkn \
-        + offs_d[None, :]
-    dv_ptrs = DV + b64 * stride_dvb + hk64 * stride_dvh + n64 * stride_dvn + offs_n[:, None] * stride_dvn \
-        + offs_dv[None, :]
-    if EVEN_D:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok)
-    else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok & (offs_d[None, :] < D))
-    if EVEN_DV:
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
-    else:
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok & (offs_dv[None, :] < Dv))
+    if KV_PART != 2:
+        dk = dk * scale
+        dk_ptrs = (DK + b64 * stride_dkb + hk64 * stride_dkh + n64 * stride_dkn + offs_n[:, None] * stride_dkn
+                   + offs_d[None, :])
+        if EVEN_D:
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok)
+        else:
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok & (offs_d[None, :] < D))
+    if KV_PART != 1:
+        dv_ptrs = (DV + b64 * stride_dvb + hk64 * stride_dvh + n64 * stride_dvn + offs_n[:, None] * stride_dvn
+                   + offs_dv[None, :])
+        if EVEN_DV:
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
+        else:
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok & (offs_dv[None, :] < Dv))
 
 
 @triton.jit
@@ -648,58 +677,55 @@ def _attention_bwd_dq_kernel(
 #
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, architecture class, element
 # size (2: float16/bfloat16, 4: float32) and head-dim bucket (max of the padded D and Dv: 64 for
-# anything up to 64, 128, 256). BLOCK_M is the query tile, BLOCK_N the key tile in every kernel.
-# Every entry is compiled ahead of time for its architecture by tests/test_attention_triton.py
-# (no spills, fits shared memory, wgmma on sm_90); the autotuner picks among the entries of one
-# cell per (head dims, features, length bucket, dtype).
+# anything up to 64, 128, 256), in two lists: "light" for calls without attn_mask and dropout, and
+# "heavy" for calls with either (the mask tile and the Philox state need registers that the
+# largest tiles do not have). BLOCK_M is the query tile and BLOCK_N the key tile in every kernel.
+# Every entry compiles for its architecture without spilling, fits shared memory and (sm_90) uses
+# wgmma, in the feature variant of its list: see STATIC_CONFIGS and tests/test_attention_triton.py.
+# float32 runs exact IEEE products on the FMA units (tl.dot input_precision="ieee"), whose operand
+# fragments grow with the head dimension, hence its small tiles.
 
 _ARCH_CLASSES = (80, 90)
 _DIM_BUCKETS = (64, 128, 256)
 
-_TABLES: dict[str, dict[tuple[int, int, int], list[tuple[int, int, int, int]]]] = {
+_Cell = tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]
+
+_TABLES: dict[str, dict[tuple[int, int, int], _Cell]] = {
     "fwd": {
-        (90, 2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)],
-        (90, 2, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
-        (90, 2, 256): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-        (80, 2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        (80, 2, 128): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-        (80, 2, 256): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
-        (90, 4, 64): [(64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
-        (90, 4, 128): [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
-        (90, 4, 256): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
-        (80, 4, 64): [(64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
-        (80, 4, 128): [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
-        (80, 4, 256): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+        (90, 2, 64): ([(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3)], [(128, 64, 8, 4), (64, 64, 4, 4)]),
+        (90, 2, 128): ([(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
+        (90, 2, 256): ([(128, 32, 8, 2), (64, 64, 8, 2)], [(128, 16, 8, 2)]),
+        (80, 2, 64): ([(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)], [(128, 64, 8, 3), (64, 64, 8, 3)]),
+        (80, 2, 128): ([(128, 64, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
+        (80, 2, 256): ([(64, 64, 8, 2), (64, 32, 8, 2)], [(64, 32, 8, 2)]),
     },
     "dq": {
-        (90, 2, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-        (90, 2, 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-        (90, 2, 256): [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
-        (80, 2, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-        (80, 2, 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
-        (80, 2, 256): [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
-        (90, 4, 64): [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
-        (90, 4, 128): [(64, 32, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
-        (90, 4, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
-        (80, 4, 64): [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
-        (80, 4, 128): [(64, 32, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
-        (80, 4, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
+        (90, 2, 64): ([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], [(128, 64, 8, 3)]),
+        (90, 2, 128): ([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
+        (90, 2, 256): ([(128, 32, 8, 2)], [(128, 16, 8, 2)]),
+        (80, 2, 64): ([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], [(64, 32, 4, 3)]),
+        (80, 2, 128): ([(128, 32, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
+        (80, 2, 256): ([(64, 64, 8, 2)], [(64, 16, 8, 2), (32, 32, 4, 2)]),
     },
+    # Head dims of 256 run dK and dV as two launches (KV_PART), each with these configs.
     "dkdv": {
-        (90, 2, 64): [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-        (90, 2, 128): [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
-        (90, 2, 256): [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
-        (80, 2, 64): [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-        (80, 2, 128): [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
-        (80, 2, 256): [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
-        (90, 4, 64): [(32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
-        (90, 4, 128): [(32, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
-        (90, 4, 256): [(32, 32, 4, 2), (32, 64, 8, 1)],
-        (80, 4, 64): [(32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
-        (80, 4, 128): [(32, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
-        (80, 4, 256): [(32, 32, 4, 2), (32, 64, 8, 1)],
+        (90, 2, 64): ([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)], [(32, 128, 8, 3), (32, 64, 4, 2)]),
+        (90, 2, 128): ([(32, 128, 8, 3), (32, 128, 8, 2), (16, 64, 4, 3)], [(16, 128, 8, 2)]),
+        # 64 keys per block with masks or dropout spill at this width; 32 keys fall back to mma.sync.
+        (90, 2, 256): ([(32, 64, 8, 2)], [(16, 32, 8, 2)]),
+        (80, 2, 64): ([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)], [(16, 128, 8, 2), (16, 64, 4, 2)]),
+        (80, 2, 128): ([(16, 64, 4, 3), (16, 64, 8, 2)], [(32, 64, 8, 2), (16, 128, 8, 2)]),
+        (80, 2, 256): ([(32, 64, 8, 2), (16, 64, 8, 2)], [(32, 64, 8, 2), (16, 64, 8, 2)]),
     },
 }
+for _kernel, _fp32 in {
+    "fwd": {64: [(32, 32, 4, 2)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "dq": {64: [(32, 32, 4, 2)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "dkdv": {64: [(16, 32, 4, 2)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+}.items():
+    for _arch in _ARCH_CLASSES:
+        for _bucket, _cfgs in _fp32.items():
+            _TABLES[_kernel][(_arch, 4, _bucket)] = (_cfgs, _cfgs)
 
 # One config under the interpreter (multi-config autotuning needs a GPU): tiles large enough to
 # keep the interpreter's per-operation cost down, with query and key tiles of different sizes so a
@@ -716,19 +742,20 @@ def _arch_class(arch: int) -> int:
 
 
 def _dim_bucket(block_d: int) -> int:
-    return 64 if block_d <= 64 else block_d
+    return max(64, block_d)
 
 
-def _candidates(kernel: str, arch: int, elt_size: int, block_d: int) -> list[tuple[int, int, int, int]]:
+def _candidates(kernel: str, arch: int, elt_size: int, block_d: int, heavy: bool) -> list[tuple[int, int, int, int]]:
     if INTERPRET:
         return [_INTERPRET_CONFIGS[kernel]]
-    return _TABLES[kernel][(_arch_class(arch), 4 if elt_size >= 4 else 2, _dim_bucket(block_d))]
+    light, heavy_list = _TABLES[kernel][(_arch_class(arch), 4 if elt_size >= 4 else 2, _dim_bucket(block_d))]
+    return heavy_list if heavy else light
 
 
 def _all_configs(kernel: str) -> list[triton.Config]:
     seen: list[tuple[int, int, int, int]] = [_INTERPRET_CONFIGS[kernel], _INTERPRET_SMALL_CONFIGS[kernel]]
-    for cell in _TABLES[kernel].values():
-        for t in cell:
+    for light, heavy in _TABLES[kernel].values():
+        for t in light + heavy:
             if t not in seen:
                 seen.append(t)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
@@ -742,14 +769,14 @@ def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
         wanted = _candidates(kernel, device_arch(q.device), q.element_size(),
-                             max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"]))
+                             max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"]), kwargs["HAS_MASK"] or kwargs["DROPOUT"])
         return [c for c in configs if _config_tuple(c) in wanted]
 
     return prune
 
 
 _TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_MASK", "HAS_KVLENS", "WINDOW_LEFT", "WINDOW_RIGHT", "DROPOUT",
-             "tune_lq", "tune_lk"]
+             "KV_PART", "tune_lq", "tune_lk"]
 
 
 def _autotuned(kernel_fn, kernel: str):
@@ -929,16 +956,21 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
         def grid_kv(meta):
             return (triton.cdiv(Lk, meta["BLOCK_N"]), Hkv, B)
 
-        _attention_bwd_dkdv_tuned[grid_kv](
-            q, k, v, grad_out, lse, delta, a["mask"], a["kvlens"], dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a["mask_strides"],
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            Hq, Lq, Lk, D, Dv, Hq // Hkv,
-            float(scale) * _LOG2E, float(scale), *a["window"],
-            *a["drop"],
-            *a["tune"],
-            **c,
-        )
+        # Both float32 accumulators of a 256-wide head do not fit in registers next to the tile
+        # math: dK and dV then run as two launches (the dV one skips dP and dS).
+        parts = (1, 2) if _dim_bucket(max(c["BLOCK_D"], c["BLOCK_DV"])) >= 256 else (0,)
+        for part in parts:
+            _attention_bwd_dkdv_tuned[grid_kv](
+                q, k, v, grad_out, lse, delta, a["mask"], a["kvlens"], dk, dv,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a["mask_strides"],
+                dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+                Hq, Lq, Lk, D, Dv, Hq // Hkv,
+                float(scale) * _LOG2E, float(scale), *a["window"],
+                *a["drop"],
+                *a["tune"],
+                KV_PART=part,
+                **c,
+            )
 
     def grid_q(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), Hq, B)
@@ -964,11 +996,14 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
 class StaticConfig(tuple):
     """One compiled variant for the static (no-GPU) report: behaves as the tuple
     ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
-    ``arch`` (the compute capability its tuning table is for), ``attrs`` (divisibility hints as
+    ``mma`` (the tensor-core instruction its PTX must contain: "wgmma", "mma.sync", or None for
+    kernels without matrix products on tensor cores), ``arch`` (the compute capability its tuning
+    table is for), ``attrs`` (divisibility hints as
     ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
 
-    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
-        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
+    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, *, mma, arch, attrs, name):
+        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, mma is not None))
+        self.mma = mma
         self.arch = arch
         self.attrs = attrs
         self.name = name
@@ -1023,37 +1058,44 @@ def _static_signature(kernel_fn, dtype: torch.dtype, constexprs: dict, mask_bool
 
 
 def _static_configs() -> list[StaticConfig]:
-    """Every autotune config of every kernel, for the architecture whose table lists it, in two
-    feature variants: plain causal (the fast path: no mask, no dropout) and everything on (float
-    mask, kv_lengths, two-sided window, dropout, head dims not a power of two: the most registers).
-    """
+    """Every autotune config of every kernel, for the architecture whose table lists it: the light
+    entries in the plain causal variant (the fast path), the heavy entries with every feature on
+    (float mask, kv_lengths, two-sided window, dropout, head dims not a power of two)."""
     kernels = {"fwd": _attention_fwd_kernel, "dq": _attention_bwd_dq_kernel, "dkdv": _attention_bwd_dkdv_kernel}
     variants = {
         "causal": dict(HAS_MASK=False, MASK_BOOL=False, HAS_KVLENS=False, WINDOW_LEFT=False, WINDOW_RIGHT=True,
-                       BOTTOM_RIGHT=True, DROPOUT=False, even=True),
+                       BOTTOM_RIGHT=True, DROPOUT=False, EVEN_D=True, EVEN_DV=True),
         "full": dict(HAS_MASK=True, MASK_BOOL=False, HAS_KVLENS=True, WINDOW_LEFT=True, WINDOW_RIGHT=True,
-                     BOTTOM_RIGHT=True, DROPOUT=True, even=False),
+                     BOTTOM_RIGHT=True, DROPOUT=True, EVEN_D=False, EVEN_DV=False),
     }
     out = []
     for kname, fn in kernels.items():
-        for (arch, elt, bucket), cell in _TABLES[kname].items():
+        for (arch, elt, bucket), (light, heavy) in _TABLES[kname].items():
             dtype = torch.bfloat16 if elt == 2 else torch.float32
-            for vname, v in variants.items():
-                v = dict(v)
-                even = v.pop("even")
-                for bm, bn, w, s in cell:
-                    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, BLOCK_DV=bucket, EVEN_D=even,
-                                      EVEN_DV=even, UPCAST=False, DOT_PRECISION=dot_precision(dtype), **v)
-                    sig, consts, attrs = _static_signature(fn, dtype, constexprs, v["MASK_BOOL"])
-                    name = (f"{fn.__name__} sm_{arch} {_TORCH_TO_TRITON[dtype]} D{bucket} {vname} "
-                            f"BLOCK_M={bm} BLOCK_N={bn} warps={w} stages={s}")
-                    out.append(StaticConfig(fn, sig, consts, w, s, True, arch=arch, attrs=attrs, name=name))
+            parts = ((1, 2) if bucket >= 256 else (0,)) if kname == "dkdv" else (None,)
+            for vname, cfgs in (("causal", light), ("full", heavy)):
+                for bm, bn, w, s in cfgs:
+                    for part in parts:
+                        constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, BLOCK_DV=bucket, UPCAST=False,
+                                          DOT_PRECISION=dot_precision(dtype), **variants[vname])
+                        label = ""
+                        if part is not None:
+                            constexprs["KV_PART"] = part
+                            label = {0: "", 1: " dk", 2: " dv"}[part]
+                        sig, consts, attrs = _static_signature(fn, dtype, constexprs, False)
+                        name = (f"{fn.__name__}{label} sm_{arch} {_TORCH_TO_TRITON[dtype]} D{bucket} {vname} "
+                                f"BLOCK_M={bm} BLOCK_N={bn} warps={w} stages={s}")
+                        # float32 uses IEEE products on the FMA units: no tensor-core MMA to expect.
+                        # wgmma needs 64 rows (queries, or keys in the dK/dV kernel) per warpgroup.
+                        rows = bn if kname == "dkdv" else bm
+                        mma = None if elt == 4 else ("wgmma" if arch >= 90 and rows >= 64 else "mma.sync")
+                        out.append(StaticConfig(fn, sig, consts, w, s, mma=mma, arch=arch, attrs=attrs, name=name))
     for arch in _ARCH_CLASSES:
         for bucket in _DIM_BUCKETS:
-            constexprs = dict(BLOCK_M=_preprocess_block_m(bucket), BLOCK_DV=bucket, EVEN_DV=True)
+            constexprs = dict(BLOCK_M=max(16, min(128, 8192 // bucket)), BLOCK_DV=bucket, EVEN_DV=True)
             fn = _attention_bwd_preprocess_kernel
             sig, consts, attrs = _static_signature(fn, torch.bfloat16, constexprs, False)
-            out.append(StaticConfig(fn, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
+            out.append(StaticConfig(fn, sig, consts, 4, 1, mma=None, arch=arch, attrs=attrs,
                                     name=f"{fn.__name__} sm_{arch} bf16 D{bucket} BLOCK_M={constexprs['BLOCK_M']}"))
     return out
 

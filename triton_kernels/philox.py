@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["philox_keep_word", "dropout_keep", "split_u64", "dropout_threshold", "philox_keep_word_host"]
+__all__ = ["dropout_keep", "dropout_threshold", "philox_keep_word", "philox_keep_word_host", "split_u64"]
 
 # tl.constexpr so the jitted code may read them as globals; int() gives the plain value on the host.
 _M0 = tl.constexpr(0xD2511F53)
