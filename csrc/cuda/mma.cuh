@@ -35,19 +35,38 @@ namespace mma {
 struct f16 {};
 struct bf16 {};
 
+// The mma tag of an element type: mma_tag_t<__half> is f16, mma_tag_t<__nv_bfloat16> is bf16.
+template <typename T>
+struct mma_tag;
+template <>
+struct mma_tag<__half> {
+  using type = f16;
+};
+template <>
+struct mma_tag<__nv_bfloat16> {
+  using type = bf16;
+};
+template <typename T>
+using mma_tag_t = typename mma_tag<T>::type;
+
 #if defined(SEQKERNELS_CUDA_EMULATION)
 
+// The trailing source-location argument (defaulted, emulation only) makes the emulator's
+// messages name the kernel line that called the primitive.
 template <typename T>
-SK_DEVICE SK_INLINE void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2],
-                                      const float c[4]) {
-  ::sk_emu::mma_m16n8k16(::sk_emu::is_bf16<T>::value, d, a, b, c);
+SK_DEVICE SK_INLINE void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                                      const ::sk_emu::Loc& loc = ::sk_emu::Loc::current()) {
+  ::sk_emu::mma_m16n8k16(::sk_emu::is_bf16<T>::value, d, a, b, c, loc);
 }
 template <int N, bool Trans = false>
-SK_DEVICE SK_INLINE void ldmatrix(uint32_t r[N], const void* smem_row) {
-  ::sk_emu::ldmatrix(N, Trans, r, smem_row);
+SK_DEVICE SK_INLINE void ldmatrix(uint32_t r[N], const void* smem_row,
+                                  const ::sk_emu::Loc& loc = ::sk_emu::Loc::current()) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  ::sk_emu::ldmatrix(N, Trans, r, smem_row, loc);
 }
-SK_DEVICE SK_INLINE void cp_async_16(void* smem, const void* gmem, bool pred) {
-  ::sk_emu::cp_async_16(smem, gmem, pred);
+SK_DEVICE SK_INLINE void cp_async_16(void* smem, const void* gmem, bool pred,
+                                     const ::sk_emu::Loc& loc = ::sk_emu::Loc::current()) {
+  ::sk_emu::cp_async_16(smem, gmem, pred, loc);
 }
 SK_DEVICE SK_INLINE void cp_async_commit() {}
 template <int N>
