@@ -206,6 +206,18 @@ def test_fully_masked_rows_zero_grads():
     assert all(torch.all(t == 0) for t in grads0)
 
 
+@pytest.mark.parametrize("Lq,Lk", [(0, 5), (4, 0)])
+def test_empty_lengths(Lq, Lk):
+    q, k, v = torch.randn(2, 2, Lq, 8), torch.randn(2, 1, Lk, 8), torch.randn(2, 1, Lk, 4)
+    kw = _kw(0.3)
+    out, lse = sk_forward(q, k, v, kw)
+    assert out.shape == (2, 2, Lq, 4) and lse.shape == (2, 2, Lq)
+    assert torch.all(out == 0) and torch.all(lse == -math.inf)
+    dq, dk, dv = sk_backward(torch.randn_like(out), q, k, v, out, lse, kw)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert all(torch.all(t == 0) for t in (dq, dk, dv))
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kw):

@@ -50,17 +50,11 @@ SK_HOST_DEVICE SK_INLINE int64_t batch_key_length(const int32_t* kv_lengths, int
   return n < 0 ? 0 : (n > Lk ? Lk : n);
 }
 
-// Online softmax in the log2 domain. A row keeps its running max `m` (of scores times log2(e))
-// and sum `l` of exp2(s * log2(e) - m). When a block raises the max to m_new, the
-// old sum and output are rescaled by exp2(m - m_new). A row that has seen only -inf keeps
-// m = -inf; it must neither rescale (inf - inf is NaN) nor subtract -inf from its scores.
-template <typename T>
-SK_HOST_DEVICE SK_INLINE T softmax_shift(T m_new) {
-  return m_new == -T(INFINITY) ? T(0) : m_new;
-}
-
-// lse (natural log) of a finished row from its log2-domain max and log2 of its sum; -inf for
-// a row that saw no key.
+// Online softmax in the log2 domain: a row keeps its running max `m` (of scores times log2(e))
+// and sum `l` of exp2(s * log2(e) - m); a block that raises the max to m_new rescales the old sum
+// and output by exp2(m - m_new). A row that has seen only -inf keeps m = -inf and must neither
+// rescale (inf - inf is NaN) nor shift its scores by -inf. When it is done, its lse (natural
+// log) follows from m and log2(l); a row that saw no key has lse -inf.
 template <typename T>
 SK_HOST_DEVICE SK_INLINE T softmax_lse(T m, T log2_l) {
   return m == -T(INFINITY) ? -T(INFINITY) : (m + log2_l) * T(kLn2);

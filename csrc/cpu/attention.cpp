@@ -41,6 +41,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -717,18 +718,22 @@ void pack_rows(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_
   }
 }
 
-// Runs tasks [0, n) (given in an order where neighbours share data, e.g. the query blocks of one
-// head) on all threads. Each thread owns a contiguous range of about equal total cost, so it
-// keeps its heads' K/V in its own caches as a static split would, and works through it largest
-// task first; a thread that runs out takes the remaining tasks of the others from their small
-// end. A descheduled or slower thread therefore delays the call by at most one small task.
+// Runs `npre` preparation jobs and then tasks [0, n) on all threads, in one parallel region so
+// that a thread that is descheduled (a loaded machine) holds the others up at one join only.
+// Preparation jobs (packing) are taken from a shared counter by every thread before it starts on
+// tasks; a task whose inputs another thread is still preparing waits for them (the caller's
+// task does that with its own ready counters). Tasks are given in an order where neighbours
+// share data (e.g. the query blocks of one head). Each thread owns a contiguous range of about
+// equal total cost, so it keeps its heads' K/V in its own caches as a static split would, and
+// works through it largest task first; a thread that runs out takes the remaining tasks of the
+// others from their small end, so a slow thread delays the call by at most one small task.
 // `make_worker()` builds per-thread state (scratch) and returns a callable `void(int64_t task)`.
 // Which thread runs which task varies; the results must not depend on it.
-template <typename MakeWorker>
-void run_tasks(const std::vector<int64_t>& cost, MakeWorker&& make_worker) {
+template <typename Pre, typename MakeWorker>
+void run_tasks(int64_t npre, Pre&& pre, const std::vector<int64_t>& cost, MakeWorker&& make_worker) {
   const int64_t n = static_cast<int64_t>(cost.size());
-  if (n == 0) return;
-  const int64_t nw = std::min<int64_t>(at::get_num_threads(), n);
+  if (n == 0 && npre == 0) return;
+  const int64_t nw = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::max(n, npre)));
   int64_t total = 0;
   for (int64_t c : cost) total += c;
   std::vector<int64_t> bnd(nw + 1, n);
@@ -744,8 +749,10 @@ void run_tasks(const std::vector<int64_t>& cost, MakeWorker&& make_worker) {
                      [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
   }
   std::vector<std::atomic<bool>> claimed(n);
+  std::atomic<int64_t> next_pre{0};
   at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t t = next_pre.fetch_add(1); t < npre; t = next_pre.fetch_add(1)) pre(t);
       auto work = make_worker();
       for (int64_t t = bnd[w]; t < bnd[w + 1]; ++t) {
         if (!claimed[t].exchange(true, std::memory_order_acq_rel)) work(order[t]);
@@ -758,6 +765,11 @@ void run_tasks(const std::vector<int64_t>& cost, MakeWorker&& make_worker) {
       }
     }
   });
+}
+
+// Waits until `count` reaches `target` (another thread finishing the preparation of a group).
+inline void wait_ready(const std::atomic<int64_t>& count, int64_t target) {
+  while (count.load(std::memory_order_acquire) < target) std::this_thread::yield();
 }
 
 // Bytes of packed data per chunk of (b, kv head) groups: bounds the extra memory on long
@@ -912,22 +924,22 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
   for (int64_t g0 = 0; g0 < ngroups; g0 += chunk) {
     const int64_t g1 = std::min(g0 + chunk, ngroups);
-    // Pack K^T panels and V rows of the chunk's groups, in slices of panels.
+    // Preparation: K^T panels and V rows of the chunk's groups, in slices of panels.
     constexpr int64_t kSlice = 8;
     const int64_t nslice = (npanel + kSlice - 1) / kSlice;
-    at::parallel_for(0, (g1 - g0) * nslice, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t gi = g0 + t / nslice, sl = t % nslice;
-        const int64_t b = gi / Hkv, hk = gi % Hkv;
-        const int64_t Lk_b = batch_key_length(kv_len, b, Lk);
-        const int64_t p0 = sl * kSlice, p1 = std::min(npanel, p0 + kSlice);
-        T* base = pk + (gi - g0) * group_elems;
-        pack_panels<scalar_t, T>(kd + b * k.stride(0) + hk * k.stride(1), k.stride(2), k.stride(3),
-                                 Lk_b, D, NR, p0, p1, base);
-        pack_rows<scalar_t, T>(vd + b * v.stride(0) + hk * v.stride(1), v.stride(2), v.stride(3), Lk_b,
-                               Dv, Dvp, p0 * NR, p1 * NR, T(1), base + Lk_pad * D);
-      }
-    });
+    std::vector<std::atomic<int64_t>> ready(g1 - g0);
+    auto pack = [&](int64_t t) {
+      const int64_t gi = g0 + t / nslice, sl = t % nslice;
+      const int64_t b = gi / Hkv, hk = gi % Hkv;
+      const int64_t Lk_b = batch_key_length(kv_len, b, Lk);
+      const int64_t p0 = sl * kSlice, p1 = std::min(npanel, p0 + kSlice);
+      T* base = pk + (gi - g0) * group_elems;
+      pack_panels<scalar_t, T>(kd + b * k.stride(0) + hk * k.stride(1), k.stride(2), k.stride(3),
+                               Lk_b, D, NR, p0, p1, base);
+      pack_rows<scalar_t, T>(vd + b * v.stride(0) + hk * v.stride(1), v.stride(2), v.stride(3), Lk_b,
+                             Dv, Dvp, p0 * NR, p1 * NR, T(1), base + Lk_pad * D);
+      ready[gi - g0].fetch_add(1, std::memory_order_release);
+    };
 
     // Tasks: (group, query head in group, block of query rows), cost = visible (row, key) pairs.
     const int64_t ntask = (g1 - g0) * Hg * nqb;
@@ -940,7 +952,7 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
       for (int64_t i = i0; i < i1; ++i) c += hi_all[b * Lq + i] - lo_all[b * Lq + i];
       cost[t] = c;
     }
-    run_tasks(cost, [&]() {
+    run_tasks((g1 - g0) * nslice, pack, cost, [&]() {
       // Per-thread scratch, allocated once per call.
       auto scratch = std::make_shared<std::vector<T>>(BM * D + BM * Dvp + 2 * BM + kMR * BN + kMR);
       return [&, scratch](int64_t t) {
@@ -958,6 +970,7 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
         fill(O, nrows * Dvp, T(0));
         fill(m, nrows, -std::numeric_limits<T>::infinity());
         fill(l, nrows, T(0));
+        wait_ready(ready[gi - g0], nslice);
         const T* base = pk + (gi - g0) * group_elems;
         FwdRows<T> a;
         a.D = D;
@@ -1107,46 +1120,71 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
     const int64_t nslice = (npanel + kSlice - 1) / kSlice;
     const int64_t nrslice = (Lq + kRowSlice - 1) / kRowSlice;
     const int64_t nkv_tasks = (g1 - g0) * nslice, nq_tasks = (g1 - g0) * Hg * nrslice;
-    at::parallel_for(0, nkv_tasks + nq_tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        if (t < nkv_tasks) {
-          const int64_t gi = g0 + t / nslice, sl = t % nslice;
-          const int64_t b = gi / Hkv, hk = gi % Hkv;
-          const int64_t Lk_b = batch_key_length(kv_len, b, Lk);
-          const int64_t p0 = sl * kSlice, p1 = std::min(npanel, p0 + kSlice);
-          const scalar_t* kh = kd + b * k.stride(0) + hk * k.stride(1);
-          const scalar_t* vh = vd + b * v.stride(0) + hk * v.stride(1);
-          pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, Kt_of(gi));
-          pack_rows<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, Dp, p0 * NR, p1 * NR, T(1), Kr_of(gi));
-          pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, Vt_of(gi));
-        } else {
-          const int64_t u = t - nkv_tasks;
-          const int64_t gi = g0 + u / (Hg * nrslice), hh = (u / nrslice) % Hg, rs = u % nrslice;
-          const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
-          const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
-          const scalar_t* qh = qd + b * q.stride(0) + h * q.stride(1);
-          const scalar_t* doh = dod + b * dout.stride(0) + h * dout.stride(1);
-          const scalar_t* oh = od + b * out.stride(0) + h * out.stride(1);
-          const int64_t o_s2 = out.stride(2), o_s3 = out.stride(3);
-          pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, qmul, Qp_of(gi) + hh * Lq * Dp);
-          T* dO = dOp_of(gi) + hh * Lq * Dvp;
-          pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
-          T* delta = Delta_of(gi) + hh * Lq;
-          T* lr = lse_of(gi) + hh * Lq;
-          for (int64_t i = r0; i < r1; ++i) {
-            // In double: Delta is a long dot product whose error would go straight into dS.
-            double acc = 0;
-            const scalar_t* orow = oh + i * o_s2;
-            for (int64_t d = 0; d < Dv; ++d) {
-              acc += static_cast<double>(dO[i * Dvp + d]) * static_cast<double>(orow[d * o_s3]);
-            }
-            delta[i] = static_cast<T>(acc);
-            lr[i] = lsed[((b * Hq + h) * Lq) + i];
+    // Preparation jobs; a group's tasks start when all of its jobs are done.
+    const int64_t per_group = nslice + Hg * nrslice;
+    std::vector<std::atomic<int64_t>> ready(g1 - g0), done(g1 - g0);
+    auto pack = [&](int64_t t) {
+      int64_t gi;
+      if (t < nkv_tasks) {
+        gi = g0 + t / nslice;
+        const int64_t sl = t % nslice;
+        const int64_t b = gi / Hkv, hk = gi % Hkv;
+        const int64_t Lk_b = batch_key_length(kv_len, b, Lk);
+        const int64_t p0 = sl * kSlice, p1 = std::min(npanel, p0 + kSlice);
+        const scalar_t* kh = kd + b * k.stride(0) + hk * k.stride(1);
+        const scalar_t* vh = vd + b * v.stride(0) + hk * v.stride(1);
+        pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, Kt_of(gi));
+        pack_rows<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, Dp, p0 * NR, p1 * NR, T(1), Kr_of(gi));
+        pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, Vt_of(gi));
+      } else {
+        const int64_t u = t - nkv_tasks;
+        gi = g0 + u / (Hg * nrslice);
+        const int64_t hh = (u / nrslice) % Hg, rs = u % nrslice;
+        const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
+        const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
+        const scalar_t* qh = qd + b * q.stride(0) + h * q.stride(1);
+        const scalar_t* doh = dod + b * dout.stride(0) + h * dout.stride(1);
+        const scalar_t* oh = od + b * out.stride(0) + h * out.stride(1);
+        const int64_t o_s2 = out.stride(2), o_s3 = out.stride(3);
+        pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, qmul, Qp_of(gi) + hh * Lq * Dp);
+        T* dO = dOp_of(gi) + hh * Lq * Dvp;
+        pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
+        T* delta = Delta_of(gi) + hh * Lq;
+        T* lr = lse_of(gi) + hh * Lq;
+        for (int64_t i = r0; i < r1; ++i) {
+          // In double: Delta is a long dot product whose error would go straight into dS.
+          double acc = 0;
+          const scalar_t* orow = oh + i * o_s2;
+          for (int64_t d = 0; d < Dv; ++d) {
+            acc += static_cast<double>(dO[i * Dvp + d]) * static_cast<double>(orow[d * o_s3]);
           }
-          for (int64_t s = 0; s < splits; ++s) fill(dQ_of(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
+          delta[i] = static_cast<T>(acc);
+          lr[i] = lsed[((b * Hq + h) * Lq) + i];
+        }
+        for (int64_t s = 0; s < splits; ++s) fill(dQ_of(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
+      }
+      ready[gi - g0].fetch_add(1, std::memory_order_release);
+    };
+
+    // dQ = scale * sum over splits (in split order) of the partials; run by whichever thread
+    // finishes a group's last split.
+    auto reduce_dq = [&](int64_t gi) {
+      const int64_t b = gi / Hkv;
+      const int64_t part_stride = Hg * Lq * Dp;
+      for (int64_t hh = 0; hh < Hg; ++hh) {
+        const int64_t h = (gi % Hkv) * Hg + hh;
+        const T* part0 = dQ_of(gi, 0) + hh * Lq * Dp;
+        for (int64_t i = 0; i < Lq; ++i) {
+          scalar_t* dqrow = dqd + b * dq_s0 + h * dq_s1 + i * dq_s2;
+          const T* src = part0 + i * Dp;
+          for (int64_t d = 0; d < D; ++d) {
+            T acc = src[d];
+            for (int64_t s = 1; s < splits; ++s) acc += src[s * part_stride + d];
+            dqrow[d * dq_s3] = static_cast<scalar_t>(acc * tscale);
+          }
         }
       }
-    });
+    };
 
     // Split boundaries: contiguous key-block ranges of about equal work (same for every group
     // of a batch).
@@ -1173,7 +1211,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
       for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) c += kb_cost[b * nkb + kb];
       cost[t] = c;
     }
-    run_tasks(cost, [&]() {
+    run_tasks(nkv_tasks + nq_tasks, pack, cost, [&]() {
       auto scratch = std::make_shared<std::vector<T>>(2 * BM * BN + BN * (Dp + Dvp));
       return [&, scratch](int64_t t) {
         T* S = scratch->data();
@@ -1185,6 +1223,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
         const int64_t* sb = split_begin.data() + b * (splits + 1);
         const int64_t* lo = lo_all.data() + b * Lq;
         const int64_t* hi = hi_all.data() + b * Lq;
+        wait_ready(ready[gi - g0], per_group);
         BwdBlock<T> a;
         a.D = D;
         a.Dp = Dp;
@@ -1246,28 +1285,10 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
             for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv_s3] = static_cast<scalar_t>(pad ? T(0) : av[d]);
           }
         }
+        if (done[gi - g0].fetch_add(1, std::memory_order_acq_rel) + 1 == splits) reduce_dq(gi);
       };
     });
 
-    // dQ = scale * sum over splits (in split order) of the partials.
-    at::parallel_for(0, (g1 - g0) * Hg * nrslice, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t gi = g0 + t / (Hg * nrslice), hh = (t / nrslice) % Hg, rs = t % nrslice;
-        const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
-        const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
-        const T* part0 = dQ_of(gi, 0) + hh * Lq * Dp;
-        const int64_t part_stride = Hg * Lq * Dp;
-        for (int64_t i = r0; i < r1; ++i) {
-          scalar_t* dqrow = dqd + b * dq_s0 + h * dq_s1 + i * dq_s2;
-          const T* src = part0 + i * Dp;
-          for (int64_t d = 0; d < D; ++d) {
-            T acc = src[d];
-            for (int64_t s = 1; s < splits; ++s) acc += src[s * part_stride + d];
-            dqrow[d * dq_s3] = static_cast<scalar_t>(acc * tscale);
-          }
-        }
-      }
-    });
   }
 }
 
