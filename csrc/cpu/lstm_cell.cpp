@@ -1,0 +1,407 @@
+// Fused LSTM cell on CPU tensors: seqkernels::lstm_cell_fwd / lstm_cell_bwd (schemas in
+// csrc/registration.cpp, contract in docs/INTERNALS.md). The two GEMMs stay in the vendor BLAS
+// (the Python layer calls torch.mm); this file is the pointwise rest, one pass over memory:
+// bias add, the four gate nonlinearities, the cell update and the output, saving the activated
+// gates as the backward's workspace; and the backward pointwise in one pass too.
+//
+// float16 / bfloat16 are loaded to float32, computed in float32 and rounded once on store;
+// float64 is computed in float64.
+//
+// SIMD: on x86 with GCC the kernels are also compiled for AVX2+FMA with at::vec (Sleef exp/tanh
+// from libtorch) inside a `#pragma GCC target` region and chosen at run time when the CPU has
+// AVX2 (ATEN_CPU_CAPABILITY=default forces the baseline path, as it does for torch). Elsewhere
+// at::vec is used at the build's baseline ISA (NEON on aarch64).
+
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+// Headers that ATen/cpu/vec/vec.h pulls in besides its own: included here, before any target
+// pragma, so their inline functions are compiled for the baseline ISA only. (The vec headers
+// proper live in the inline namespace at::vec::CPU_CAPABILITY, so their AVX2 copies below do
+// not collide with baseline copies in other translation units.)
+#include <ATen/AccumulateType.h>
+#include <ATen/NumericUtils.h>
+#include <ATen/jiterator_macros.h>
+#include <ATen/native/Math.h>
+#include <ATen/native/quantized/AffineQuantizerBase.h>
+#include <c10/util/BFloat16-math.h>
+#include <c10/util/MathConstants.h>
+#include <c10/util/copysign.h>
+#include <cfloat>
+
+#include "../common/macros.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SK_LSTM_X86_DISPATCH 1
+#else
+#define SK_LSTM_X86_DISPATCH 0
+#endif
+
+namespace seqkernels {
+namespace {
+
+// Row strides in elements; the last dim of every tensor is contiguous (checked by the caller).
+struct FwdArgs {
+  const void* input_gates;
+  int64_t input_gates_rs;
+  const void* hidden_gates;
+  int64_t hidden_gates_rs;
+  const void* cx;
+  int64_t cx_rs;
+  const void* bias_ih;  // nullptr when absent
+  const void* bias_hh;
+  void* hy;  // (B, H) contiguous
+  void* cy;
+  void* workspace;  // (B, 4H) contiguous
+  int64_t H;
+};
+
+struct BwdArgs {
+  const void* grad_hy;  // nullptr when absent
+  int64_t grad_hy_rs;
+  const void* grad_cy;
+  int64_t grad_cy_rs;
+  const void* cx;
+  int64_t cx_rs;
+  const void* cy;
+  int64_t cy_rs;
+  const void* workspace;
+  int64_t workspace_rs;
+  void* grad_gates;  // (B, 4H) contiguous
+  void* grad_cx;     // (B, H) contiguous
+  int64_t H;
+};
+
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+using FwdRangeFn = void (*)(const FwdArgs&, int64_t, int64_t, int64_t);
+using BwdRangeFn = void (*)(const BwdArgs&, int64_t, int64_t, int64_t);
+
+// ---------------------------------------------------------------------------------------------
+// Baseline ISA: one element at a time (the x86 fallback for CPUs without AVX2).
+namespace scalar_isa {
+
+template <typename Storage>
+struct Lanes {
+  using S = Storage;
+  using V = compute_t<S>;
+  static constexpr int64_t W = 1;
+  static V load_n(const S* p, int64_t) { return static_cast<V>(*p); }
+  static void store_n(S* p, V v, int64_t) { *p = static_cast<S>(v); }
+  static V sigmoid(V x) { return V(1) / (V(1) + std::exp(-x)); }
+  static V tanh(V x) { return std::tanh(x); }
+};
+
+#include "lstm_cell_rows.h"
+
+}  // namespace scalar_isa
+}  // namespace
+}  // namespace seqkernels
+
+// ---------------------------------------------------------------------------------------------
+// at::vec lanes: AVX2+FMA on x86/GCC (runtime-selected), the baseline ISA elsewhere.
+#if SK_LSTM_X86_DISPATCH
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+// g++ does not update the ISA macros for a target pragma (C++ is tokenized up front); the vec
+// and Sleef headers test them, so they are set by hand for this region only.
+#if !defined(__AVX2__)
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#define SK_LSTM_UNDEF_AVX_MACROS 1
+#endif
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+// The vec headers' lambdas get static invokers without the target attribute, which g++ flags as
+// an ABI change; nothing here converts those lambdas to function pointers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace seqkernels {
+namespace {
+namespace vec_isa {
+
+template <typename Storage>
+struct Lanes {
+  using S = Storage;
+  using A = compute_t<S>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr int64_t W = V::size();
+
+  static V load_n(const S* p, int64_t n) {
+    if (n == W) {
+      if constexpr (std::is_same_v<S, A>) {
+        return V::loadu(p);
+      } else {
+        V out;
+        at::vec::load_to_float<S>(p, out);
+        return out;
+      }
+    }
+    // Tail of a row: never read past the row's end.
+    alignas(64) A tmp[W] = {};
+    for (int64_t k = 0; k < n; ++k) tmp[k] = static_cast<A>(p[k]);
+    return V::loadu(tmp);
+  }
+
+  static void store_n(S* p, V v, int64_t n) {
+    if constexpr (std::is_same_v<S, A>) {
+      v.store(p, static_cast<int>(n));
+    } else {
+#if SK_LSTM_X86_DISPATCH
+      // The raw converters rather than convert_from_float: Vectorized<Half/BFloat16>'s inherited
+      // constructor is generated outside this target region and could not be inlined here.
+      const __m128i r = std::is_same_v<S, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
+                                                          : at::vec::cvtfp32_fp16(__m256(v));
+      if (n == W) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), r);
+      } else {
+        alignas(16) S tmp[W];
+        _mm_store_si128(reinterpret_cast<__m128i*>(tmp), r);
+        std::memcpy(p, tmp, n * sizeof(S));
+      }
+#else
+      at::vec::convert_from_float<S>(v, v).store(p, static_cast<int>(n));
+#endif
+    }
+  }
+
+#if SK_LSTM_X86_DISPATCH
+  // float32 lanes use the inlined exp/tanh below (about twice Sleef's throughput, same few-ulp
+  // accuracy); float64 keeps Sleef.
+  static V sigmoid(V x) {
+    if constexpr (std::is_same_v<A, float>) {
+      const __m256 one = _mm256_set1_ps(1.f);
+      return V(_mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_xor_ps(__m256(x), _mm256_set1_ps(-0.f))))));
+    } else {
+      return V(1) / (V(1) + x.neg().exp());
+    }
+  }
+  static V tanh(V x) {
+    if constexpr (std::is_same_v<A, float>) {
+      return V(tanh_ps(__m256(x)));
+    } else {
+      return x.tanh();
+    }
+  }
+
+  // exp(x): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7 polynomial for e^r
+  // (Cephes expf coefficients), scaled by 2^n through the exponent bits. x is clamped to the
+  // finite range first (max/min with the constant as first operand keep a NaN x as NaN).
+  static __m256 exp_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), _mm256_max_ps(_mm256_set1_ps(-87.3365447505531f), x));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+
+  // tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|), which cannot overflow; below
+  // |x| = 0.625, where 1 - e would lose relative accuracy, an odd polynomial (Cephes tanhf).
+  static __m256 tanh_ps(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    const __m256 ax = _mm256_andnot_ps(sign, x);
+    const __m256 e = exp_ps(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f)));
+    const __m256 one = _mm256_set1_ps(1.f);
+    const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    const __m256 z = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+    const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+    const __m256 large = _mm256_or_ps(big, _mm256_and_ps(sign, x));
+    return _mm256_blendv_ps(large, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+  }
+#else
+  static V sigmoid(V x) { return V(1) / (V(1) + x.neg().exp()); }
+  static V tanh(V x) { return x.tanh(); }
+#endif
+};
+
+#include "lstm_cell_rows.h"
+
+}  // namespace vec_isa
+}  // namespace
+}  // namespace seqkernels
+
+#if SK_LSTM_X86_DISPATCH
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#undef CPU_CAPABILITY
+#undef CPU_CAPABILITY_AVX2
+#if defined(SK_LSTM_UNDEF_AVX_MACROS)
+#undef __AVX__
+#undef __AVX2__
+#undef __FMA__
+#undef __F16C__
+#endif
+#endif
+
+namespace seqkernels {
+namespace {
+
+bool use_vec_isa() {
+#if SK_LSTM_X86_DISPATCH
+  static const bool ok = [] {
+    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
+    if (forced != nullptr && std::strcmp(forced, "default") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return true;
+#endif
+}
+
+template <typename S>
+FwdRangeFn fwd_kernel() {
+  return use_vec_isa() ? &vec_isa::fwd_range<vec_isa::Lanes<S>> : &scalar_isa::fwd_range<scalar_isa::Lanes<S>>;
+}
+
+template <typename S>
+BwdRangeFn bwd_kernel() {
+  return use_vec_isa() ? &vec_isa::bwd_range<vec_isa::Lanes<S>> : &scalar_isa::bwd_range<scalar_isa::Lanes<S>>;
+}
+
+// Work is split into (row, column block) units; a block is a multiple of every SIMD width, and a
+// task gets enough units that a thread's start-up cost stays small next to its work.
+constexpr int64_t kColBlock = 512;
+constexpr int64_t kMinElemsPerTask = 16384;
+
+template <typename Args, typename Fn>
+void run_rows(const Args& args, int64_t B, int64_t H, Fn fn) {
+  const int64_t nblk = (H + kColBlock - 1) / kColBlock;
+  const int64_t grain = std::max<int64_t>(1, kMinElemsPerTask / std::min(H, kColBlock));
+  at::parallel_for(0, B * nblk, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / nblk;
+      const int64_t j0 = (u % nblk) * kColBlock;
+      fn(args, b, j0, std::min(H, j0 + kColBlock));
+    }
+  });
+}
+
+// A 2-D tensor whose last dim is contiguous (a row stride of anything is fine): the GEMM outputs
+// and the time-step slices of a projected sequence already are, so nothing is copied for them.
+at::Tensor rows_of(const at::Tensor& t) { return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous(); }
+
+int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? 0 : t.stride(0); }
+
+void check_2d(const char* name, const at::Tensor& t, int64_t rows, int64_t cols, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqkernels::lstm_cell: ", name,
+              " must have shape (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqkernels::lstm_cell: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", like.scalar_type(), " (one dtype for all inputs)");
+  TORCH_CHECK(t.device() == like.device(), "seqkernels::lstm_cell: ", name, " is on ", t.device(),
+              ", expected ", like.device());
+}
+
+void check_bias(const char* name, const c10::optional<at::Tensor>& b, int64_t gates, const at::Tensor& like) {
+  if (!b.has_value()) return;
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == gates, "seqkernels::lstm_cell_fwd: ", name,
+              " must have shape (", gates, ",), got ", b->sizes());
+  TORCH_CHECK(b->scalar_type() == like.scalar_type() && b->device() == like.device(), "seqkernels::lstm_cell_fwd: ",
+              name, " must have input_gates' dtype and device (", like.scalar_type(), ", ", like.device(), "), got ",
+              b->scalar_type(), ", ", b->device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tensor& input_gates,
+                                                                  const at::Tensor& hidden_gates,
+                                                                  const at::Tensor& cx,
+                                                                  const c10::optional<at::Tensor>& bias_ih,
+                                                                  const c10::optional<at::Tensor>& bias_hh) {
+  TORCH_CHECK(input_gates.dim() == 2 && input_gates.size(1) % 4 == 0,
+              "seqkernels::lstm_cell_fwd: input_gates must have shape (B, 4*H), got ", input_gates.sizes());
+  TORCH_CHECK(input_gates.scalar_type() == at::kFloat || input_gates.scalar_type() == at::kDouble ||
+                  input_gates.scalar_type() == at::kHalf || input_gates.scalar_type() == at::kBFloat16,
+              "seqkernels::lstm_cell_fwd: input_gates must be float16, bfloat16, float32 or float64, got ",
+              input_gates.scalar_type());
+  TORCH_CHECK(input_gates.device().is_cpu(), "seqkernels::lstm_cell_fwd (CPU kernel): input_gates is on ",
+              input_gates.device());
+  const int64_t B = input_gates.size(0), G = input_gates.size(1), H = G / 4;
+  check_2d("hidden_gates", hidden_gates, B, G, input_gates);
+  check_2d("cx", cx, B, H, input_gates);
+  check_bias("bias_ih", bias_ih, G, input_gates);
+  check_bias("bias_hh", bias_hh, G, input_gates);
+
+  auto opts = input_gates.options();
+  at::Tensor hy = at::empty({B, H}, opts), cy = at::empty({B, H}, opts), ws = at::empty({B, G}, opts);
+  if (B == 0 || H == 0) return {hy, cy, ws};
+  const at::Tensor ig = rows_of(input_gates), hg = rows_of(hidden_gates), c = rows_of(cx);
+  const at::Tensor bi = bias_ih.has_value() ? bias_ih->contiguous() : at::Tensor();
+  const at::Tensor bh = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
+  FwdArgs a{ig.data_ptr(), row_stride(ig), hg.data_ptr(), row_stride(hg), c.data_ptr(), row_stride(c),
+            bi.defined() ? bi.data_ptr() : nullptr, bh.defined() ? bh.data_ptr() : nullptr,
+            hy.data_ptr(), cy.data_ptr(), ws.data_ptr(), H};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_gates.scalar_type(), "lstm_cell_fwd_cpu", [&] {
+    run_rows(a, B, H, fwd_kernel<scalar_t>());
+  });
+  return {hy, cy, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const c10::optional<at::Tensor>& grad_hy,
+                                                     const c10::optional<at::Tensor>& grad_cy, const at::Tensor& cx,
+                                                     const at::Tensor& cy, const at::Tensor& workspace) {
+  TORCH_CHECK(workspace.dim() == 2 && workspace.size(1) % 4 == 0,
+              "seqkernels::lstm_cell_bwd: workspace must have shape (B, 4*H), got ", workspace.sizes());
+  TORCH_CHECK(workspace.scalar_type() == at::kFloat || workspace.scalar_type() == at::kDouble ||
+                  workspace.scalar_type() == at::kHalf || workspace.scalar_type() == at::kBFloat16,
+              "seqkernels::lstm_cell_bwd: workspace must be float16, bfloat16, float32 or float64, got ",
+              workspace.scalar_type());
+  TORCH_CHECK(workspace.device().is_cpu(), "seqkernels::lstm_cell_bwd (CPU kernel): workspace is on ",
+              workspace.device());
+  const int64_t B = workspace.size(0), G = workspace.size(1), H = G / 4;
+  check_2d("cx", cx, B, H, workspace);
+  check_2d("cy", cy, B, H, workspace);
+  if (grad_hy.has_value()) check_2d("grad_hy", *grad_hy, B, H, workspace);
+  if (grad_cy.has_value()) check_2d("grad_cy", *grad_cy, B, H, workspace);
+
+  auto opts = workspace.options();
+  at::Tensor grad_gates = at::empty({B, G}, opts), grad_cx = at::empty({B, H}, opts);
+  if (B == 0 || H == 0) return {grad_gates, grad_cx};
+  const at::Tensor gh = grad_hy.has_value() ? rows_of(*grad_hy) : at::Tensor();
+  const at::Tensor gc = grad_cy.has_value() ? rows_of(*grad_cy) : at::Tensor();
+  const at::Tensor c = rows_of(cx), cyr = rows_of(cy), ws = rows_of(workspace);
+  BwdArgs a{gh.defined() ? gh.data_ptr() : nullptr, gh.defined() ? row_stride(gh) : 0,
+            gc.defined() ? gc.data_ptr() : nullptr, gc.defined() ? row_stride(gc) : 0,
+            c.data_ptr(), row_stride(c), cyr.data_ptr(), row_stride(cyr), ws.data_ptr(), row_stride(ws),
+            grad_gates.data_ptr(), grad_cx.data_ptr(), H};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, workspace.scalar_type(), "lstm_cell_bwd_cpu", [&] {
+    run_rows(a, B, H, bwd_kernel<scalar_t>());
+  });
+  return {grad_gates, grad_cx};
+}
+
+}  // namespace
+}  // namespace seqkernels
+
+TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
+  m.impl("lstm_cell_fwd", &seqkernels::lstm_cell_fwd_cpu);
+  m.impl("lstm_cell_bwd", &seqkernels::lstm_cell_bwd_cpu);
+}

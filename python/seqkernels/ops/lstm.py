@@ -1,0 +1,344 @@
+"""Fused LSTM cell: the public `lstm_cell`, validation, backend dispatch, the op registrations
+(Triton family, fake kernels, autograd) and the sequence driver used by `seqkernels.nn.LSTM`.
+
+The math is torch.nn.LSTMCell's, gates in torch's order (i, f, g, o):
+
+    gates = input @ W_ih^T + b_ih + hx @ W_hh^T + b_hh          (B, 4H)   two GEMMs (cuBLAS / MKL)
+    i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of the 4 chunks           \\
+    cy = f * cx + i * g                                                     } one fused kernel
+    hy = o * tanh(cy)                                                      /
+
+The fused kernel (`lstm_cell_fwd`) also saves the activated gates as a workspace; its backward
+(`lstm_cell_bwd`) is one pointwise pass giving the gate gradients, which the GEMMs' own backward turns
+into the input, hidden and weight gradients (bias gradients are column sums).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _ext, backends
+from .. import reference as ref
+from ._common import FLOAT_DTYPES, check_same, check_tensor
+
+
+@dataclasses.dataclass
+class LSTMCellCall:
+    """Normalized arguments: batched 2-D `input (B, I)`, `hx, cx (B, H)`, `weight_ih (4H, I)`,
+    `weight_hh (4H, H)`, optional biases `(4H,)`; `batched` is False when the caller passed 1-D
+    (unbatched) input, whose outputs are squeezed back."""
+
+    input: Tensor
+    hx: Tensor
+    cx: Tensor
+    weight_ih: Tensor
+    weight_hh: Tensor
+    bias_ih: Optional[Tensor]
+    bias_hh: Optional[Tensor]
+    batched: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.input.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input.dtype
+
+
+def prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> LSTMCellCall:
+    check_tensor("weight_ih", weight_ih, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight_hh", weight_hh, ndim=2)
+    G, I = weight_ih.shape
+    if G % 4 != 0 or G == 0:
+        raise ValueError(f"weight_ih: expected shape (4*hidden_size, input_size), got {tuple(weight_ih.shape)}")
+    H = G // 4
+    if tuple(weight_hh.shape) != (G, H):
+        raise ValueError(f"weight_hh: expected shape (4*hidden_size, hidden_size) = ({G}, {H}) to match weight_ih "
+                         f"{tuple(weight_ih.shape)}, got {tuple(weight_hh.shape)}")
+    check_tensor("input", input)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"input: expected a 2-D (batch, input_size) or 1-D (input_size,) tensor, got shape "
+                         f"{tuple(input.shape)}")
+    if input.shape[-1] != I:
+        raise ValueError(f"input: has {input.shape[-1]} features but weight_ih expects input_size={I}")
+    batched = input.dim() == 2
+    B = input.shape[0] if batched else 1
+    want = (B, H) if batched else (H,)
+    for name, t in (("hx", hx), ("cx", cx)):
+        check_tensor(name, t)
+        if tuple(t.shape) != want:
+            kind = f"(batch, hidden_size) = {want}" if batched else f"(hidden_size,) = {want} for unbatched 1-D input"
+            raise ValueError(f"{name}: expected shape {kind}, got {tuple(t.shape)}")
+    names, tensors = ["input", "hx", "cx", "weight_ih", "weight_hh"], [input, hx, cx, weight_ih, weight_hh]
+    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        if b is not None:
+            check_tensor(name, b)
+            if tuple(b.shape) != (G,):
+                raise ValueError(f"{name}: expected shape (4*hidden_size,) = ({G},), got {tuple(b.shape)}")
+            names.append(name)
+            tensors.append(b)
+    check_same(names, tensors)
+    if not batched:
+        input, hx, cx = input.unsqueeze(0), hx.unsqueeze(0), cx.unsqueeze(0)
+    return LSTMCellCall(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, batched)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend limits beyond "is it built" (see backends.why_not). The C++ kernels take every float dtype.
+
+def _triton_why_not(c: LSTMCellCall):
+    from ..triton_kernels import lstm_cell as tk
+
+    return tk.unsupported_reason(c.dtype)
+
+
+OP = backends.OpBackends(name="lstm_cell", cpp_ops=("lstm_cell_fwd", "lstm_cell_bwd"), triton_module="lstm_cell",
+                         why_not={"triton": _triton_why_not})
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton family: opaque custom ops (torch.compile treats each as one node, also under the interpreter).
+
+@torch.library.custom_op("seqkernels::triton_lstm_cell_fwd", mutates_args=())
+def triton_lstm_cell_fwd(input_gates: Tensor, hidden_gates: Tensor, cx: Tensor, bias_ih: Optional[Tensor],
+                         bias_hh: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    from ..triton_kernels import lstm_cell as tk
+
+    return tk.lstm_cell_fwd(input_gates, hidden_gates, cx, bias_ih, bias_hh)
+
+
+@torch.library.custom_op("seqkernels::triton_lstm_cell_bwd", mutates_args=())
+def triton_lstm_cell_bwd(grad_hy: Optional[Tensor], grad_cy: Optional[Tensor], cx: Tensor, cy: Tensor,
+                         workspace: Tensor) -> tuple[Tensor, Tensor]:
+    from ..triton_kernels import lstm_cell as tk
+
+    return tk.lstm_cell_bwd(grad_hy, grad_cy, cx, cy, workspace)
+
+
+def _fwd_fake(input_gates, hidden_gates, cx, bias_ih, bias_hh):
+    B, G = input_gates.shape
+    return (input_gates.new_empty((B, G // 4)), input_gates.new_empty((B, G // 4)), input_gates.new_empty((B, G)))
+
+
+def _bwd_fake(grad_hy, grad_cy, cx, cy, workspace):
+    return torch.empty_like(workspace, memory_format=torch.contiguous_format), torch.empty_like(
+        cx, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, cx, bias_ih, bias_hh = inputs
+    _, cy, workspace = output
+    ctx.has_bias = (bias_ih is not None, bias_hh is not None)
+    ctx.save_for_backward(cx, cy, workspace)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_hy, grad_cy, grad_workspace):
+        # The workspace is an implementation detail of the backward, not a differentiable output.
+        cx, cy, workspace = ctx.saved_tensors
+        grad_gates, grad_cx = bwd_op(grad_hy, grad_cy, cx, cy, workspace)
+        need = ctx.needs_input_grad
+        grad_bias = grad_gates.sum(0) if (need[3] or need[4]) else None
+        return (grad_gates if need[0] else None, grad_gates if need[1] else None, grad_cx if need[2] else None,
+                grad_bias if ctx.has_bias[0] and need[3] else None, grad_bias if ctx.has_bias[1] and need[4] else None)
+
+    return backward
+
+
+FAMILIES = {"triton": (torch.ops.seqkernels.triton_lstm_cell_fwd, torch.ops.seqkernels.triton_lstm_cell_bwd)}
+
+torch.library.register_fake("seqkernels::triton_lstm_cell_fwd")(_fwd_fake)
+torch.library.register_fake("seqkernels::triton_lstm_cell_bwd")(_bwd_fake)
+torch.library.register_autograd("seqkernels::triton_lstm_cell_fwd",
+                                _make_backward(torch.ops.seqkernels.triton_lstm_cell_bwd), setup_context=_setup_context)
+
+if _ext.extension_available():
+    torch.library.register_fake("seqkernels::lstm_cell_fwd")(_fwd_fake)
+    torch.library.register_fake("seqkernels::lstm_cell_bwd")(_bwd_fake)
+    torch.library.register_autograd("seqkernels::lstm_cell_fwd", _make_backward(torch.ops.seqkernels.lstm_cell_bwd),
+                                    setup_context=_setup_context)
+    FAMILIES["cpu"] = FAMILIES["cuda"] = (torch.ops.seqkernels.lstm_cell_fwd, torch.ops.seqkernels.lstm_cell_bwd)
+
+# The reference backend's pair, for the sequence driver below (plain torch, differentiable).
+FAMILIES["reference"] = (ref.lstm_cell_fwd_ref, ref.lstm_cell_bwd_ref)
+
+
+def run(call: LSTMCellCall, backend: str) -> Tuple[Tensor, Tensor]:
+    c = call
+    if backend == "reference":
+        return ref.lstm_cell_ref(c.input, c.hx, c.cx, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)
+    fwd = FAMILIES[backend][0]
+    hy, cy, _ = fwd(torch.mm(c.input, c.weight_ih.t()), torch.mm(c.hx, c.weight_hh.t()), c.cx, c.bias_ih, c.bias_hh)
+    return hy, cy
+
+
+def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+              bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
+              backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """One step of torch.nn.LSTMCell: returns `(hy, cy)`.
+
+    input `(B, input_size)`, hx and cx `(B, hidden_size)` (or all 1-D for one unbatched sample),
+    weight_ih `(4*hidden_size, input_size)`, weight_hh `(4*hidden_size, hidden_size)`, optional biases
+    `(4*hidden_size,)`; gate order i, f, g, o as in torch. The GEMMs run in torch (cuBLAS / MKL), the
+    rest in one fused kernel, forward and backward. `backend`: "cuda", "cpu", "triton", "reference"
+    or None (automatic; see seqkernels.explain("lstm_cell", ...)).
+    """
+    call = prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
+    b = backends.resolve(OP, call.device, call, backend)
+    hy, cy = run(call, b)
+    if not call.batched:
+        hy, cy = hy.squeeze(0), cy.squeeze(0)
+    return hy, cy
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence driver for seqkernels.nn.LSTM: one layer, one direction.
+#
+# Rows are time-major and packed like a PackedSequence: step t owns rows [off_t, off_t + bs_t) of
+# `x (N, I)`, with non-increasing batch sizes bs_t (a padded batch is the special case bs_t = B). The
+# input projection of all steps is one GEMM; each step then runs one recurrent GEMM and one fused cell.
+# A forward pass over shrinking batches leaves a sequence's final state in the rows it drops; the
+# reverse direction starts late sequences from their initial state as the batch grows.
+
+Family = Tuple[Callable, Callable]
+
+
+def _offsets(batch_sizes: Sequence[int]):
+    offs, o = [], 0
+    for bs in batch_sizes:
+        offs.append(o)
+        o += bs
+    return offs
+
+
+def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd, saved: Optional[dict]):
+    T = len(batch_sizes)
+    offs = _offsets(batch_sizes)
+    # Both biases fold into the projection GEMM, so the per-step kernel adds none. The transposed
+    # weights are made contiguous once per call: the BLAS then reads rows, which is measurably
+    # faster for the many small recurrent GEMMs.
+    w_ih_t = w_ih.t().contiguous()
+    if b_ih is not None and b_hh is not None:
+        proj = torch.addmm(b_ih + b_hh, x, w_ih_t)
+    elif b_ih is not None or b_hh is not None:
+        proj = torch.addmm(b_ih if b_ih is not None else b_hh, x, w_ih_t)
+    else:
+        proj = torch.mm(x, w_ih_t)
+    w_hh_t = w_hh.t().contiguous()
+    outs = [None] * T
+    h_fin, c_fin = [], []  # final states of rows dropped by a shrinking batch, highest rows first
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    if reverse:
+        h, c = h0[: batch_sizes[-1]], c0[: batch_sizes[-1]]
+    else:
+        h, c = h0, c0
+    for t in steps:
+        bs = batch_sizes[t]
+        rows = h.shape[0]
+        if bs < rows:
+            h_fin.append(h[bs:])
+            c_fin.append(c[bs:])
+            h, c = h[:bs], c[:bs]
+        elif bs > rows:
+            h, c = torch.cat([h, h0[rows:bs]]), torch.cat([c, c0[rows:bs]])
+        gates_x = proj[offs[t]: offs[t] + bs]
+        hy, cy, ws = fwd(gates_x, torch.mm(h, w_hh_t), c, None, None)
+        if saved is not None:
+            saved["h_prev"][t], saved["c_prev"][t], saved["cy"][t], saved["ws"][t] = h, c, cy, ws
+        outs[t] = hy
+        h, c = hy, cy
+    out = torch.cat(outs) if T > 1 else outs[0]
+    if h_fin:
+        h = torch.cat([h] + h_fin[::-1])
+        c = torch.cat([c] + c_fin[::-1])
+    return out, h, c
+
+
+class _LSTMLayer(torch.autograd.Function):
+    """One layer-direction over a packed sequence on a kernel backend. The backward runs the fused
+    backward per step plus one recurrent GEMM per step; the weight, input and bias gradients of all
+    steps are each one GEMM (or sum) at the end, as cuDNN does, instead of one per step."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family):
+        T = len(batch_sizes)
+        saved = {k: [None] * T for k in ("h_prev", "c_prev", "cy", "ws")}
+        out, h_n, c_n = _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], saved)
+        ctx.batch_sizes, ctx.reverse, ctx.bwd = batch_sizes, reverse, family[1]
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.saved = saved
+        ctx.save_for_backward(x, w_ih, w_hh)
+        ctx.set_materialize_grads(False)
+        return out, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_hn, grad_cn):
+        x, w_ih, w_hh = ctx.saved_tensors
+        saved, batch_sizes, reverse, bwd = ctx.saved, ctx.batch_sizes, ctx.reverse, ctx.bwd
+        T = len(batch_sizes)
+        offs = _offsets(batch_sizes)
+        B0 = batch_sizes[0]
+        H = w_hh.shape[1]
+        zeros = x.new_zeros((B0, H))
+        gh_init = grad_hn if grad_hn is not None else zeros
+        gc_init = grad_cn if grad_cn is not None else zeros
+        grads = [None] * T
+        # Walk the steps in the opposite order of the forward: rows dropped by the forward's
+        # shrinking batch (or added by the reverse direction's growing one) enter or leave here.
+        steps = range(T) if reverse else range(T - 1, -1, -1)
+        h0_parts_h, h0_parts_c = [], []
+        if reverse:
+            gh, gc = gh_init, gc_init
+        else:
+            gh, gc = gh_init[: batch_sizes[-1]], gc_init[: batch_sizes[-1]]
+        for t in steps:
+            bs = batch_sizes[t]
+            rows = gh.shape[0]
+            if bs < rows:  # reverse direction: rows [bs, rows) began here from h0 / c0
+                h0_parts_h.append(gh[bs:])
+                h0_parts_c.append(gc[bs:])
+                gh, gc = gh[:bs], gc[:bs]
+            elif bs > rows:  # forward direction: rows [rows, bs) ended here
+                gh = torch.cat([gh, gh_init[rows:bs]])
+                gc = torch.cat([gc, gc_init[rows:bs]])
+            if grad_out is not None:
+                gh = gh + grad_out[offs[t]: offs[t] + bs]
+            gg, gc = bwd(gh, gc, saved["c_prev"][t], saved["cy"][t], saved["ws"][t])
+            grads[t] = gg
+            gh = torch.mm(gg, w_hh)
+        grad_h0 = torch.cat([gh] + h0_parts_h[::-1]) if h0_parts_h else gh
+        grad_c0 = torch.cat([gc] + h0_parts_c[::-1]) if h0_parts_c else gc
+        G = torch.cat(grads) if T > 1 else grads[0]
+        need = ctx.needs_input_grad
+        grad_x = torch.mm(G, w_ih) if need[0] else None
+        grad_w_ih = torch.mm(G.t(), x) if need[3] else None
+        grad_w_hh = None
+        if need[4]:
+            h_prev = torch.cat(saved["h_prev"]) if T > 1 else saved["h_prev"][0]
+            grad_w_hh = torch.mm(G.t(), h_prev)
+        grad_b = G.sum(0) if (need[5] or need[6]) else None
+        ctx.saved = None
+        return (grad_x, grad_h0 if need[1] else None, grad_c0 if need[2] else None, grad_w_ih, grad_w_hh,
+                grad_b if ctx.has_bias[0] and need[5] else None, grad_b if ctx.has_bias[1] and need[6] else None,
+                None, None, None)
+
+
+def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+               b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, backend: str):
+    """Runs one LSTM layer in one direction over packed rows `x (N, I)` (see above); returns
+    `(out (N, H), h_n (B, H), c_n (B, H))` with B = batch_sizes[0]. `backend` is already resolved."""
+    batch_sizes = tuple(int(b) for b in batch_sizes)
+    family = FAMILIES[backend]
+    if backend == "reference":
+        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None)
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _LSTMLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family)
+    with torch.no_grad():
+        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None)

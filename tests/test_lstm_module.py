@@ -1,0 +1,322 @@
+"""seqkernels.nn.LSTMCell / LSTM against torch.nn.LSTMCell / LSTM (same weights), swap_lstm and
+restore_lstm, and the modules' errors."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import seqkernels
+from seqkernels import backends, testing
+from seqkernels.nn.lstm import LSTM, LSTMCell, restore_lstm, swap_lstm
+from seqkernels.ops import lstm as lstm_ops
+
+from conftest import HAS_CUDA
+
+BACKENDS = ["reference", "cpu", "triton"] + (["cuda"] if HAS_CUDA else [])
+
+
+def _device_for(backend):
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
+
+
+def _skip_unless_runs(backend, device, dtype):
+    x = torch.zeros(1, 1, device=device, dtype=dtype)
+    call = lstm_ops.prepare_lstm_cell(x, x, x, torch.zeros(4, 1, device=device, dtype=dtype),
+                                      torch.zeros(4, 1, device=device, dtype=dtype))
+    reason = backends.why_not(lstm_ops.OP, backend, call.device, call)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+
+
+def _pair(backend, dtype=torch.float64, **kw):
+    """A torch LSTM and a seqkernels one with the same weights, on the backend's device."""
+    device = _device_for(backend)
+    ref = torch.nn.LSTM(**kw, dtype=dtype, device=device)
+    for p in ref.parameters():  # torch's init is tiny; larger weights exercise the nonlinearities
+        torch.nn.init.uniform_(p, -0.6, 0.6)
+    ours = LSTM(**kw, dtype=dtype, device=device, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _run(m, x, hx, grads_wrt, cot):
+    out, (h, c) = m(x, hx)
+    data = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+    grads = torch.autograd.grad([data, h, c], grads_wrt, [cot[0], cot[1], cot[2]], allow_unused=True)
+    return (data, h, c), grads
+
+
+# (num_layers, bidirectional, batch_first, bias, with initial state, T, B)
+CONFIGS = [
+    (1, False, False, True, False, 1, 3),
+    (1, True, True, True, True, 17, 2),
+    (2, False, True, False, True, 9, 4),
+    (2, True, False, True, False, 6, 1),
+    (3, False, False, True, True, 5, 3),
+]
+
+
+# The interpreter runs Triton slowly: it gets the configs that cover bidirectional, batch_first,
+# no bias, given state and three layers between them.
+CASES64 = [(b, c) for b in BACKENDS for c in CONFIGS if b != "triton" or c in (CONFIGS[1], CONFIGS[2], CONFIGS[4])]
+
+
+@pytest.mark.parametrize("backend,cfg", CASES64,
+                         ids=lambda c: c if isinstance(c, str) else "L{}-bi{}-bf{}-bias{}-h0{}-T{}B{}".format(*c))
+def test_lstm_matches_torch_float64(backend, cfg):
+    layers, bidir, batch_first, bias, with_h0, T, B = cfg
+    device = _device_for(backend)
+    _skip_unless_runs(backend, device, torch.float64)
+    I, H = 7, 5
+    ref, ours = _pair(backend, input_size=I, hidden_size=H, num_layers=layers, bidirectional=bidir,
+                      batch_first=batch_first, bias=bias, dropout=0.4 if layers > 1 else 0.0)
+    ref.eval()
+    ours.eval()  # dropout between layers is off in eval mode, as in torch
+    D = 2 if bidir else 1
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64, device=device, requires_grad=True)
+    hx = None
+    leaves = [x]
+    if with_h0:
+        hx = tuple(torch.randn(layers * D, B, H, dtype=torch.float64, device=device, requires_grad=True)
+                   for _ in range(2))
+        leaves += list(hx)
+    out_shape = (B, T, D * H) if batch_first else (T, B, D * H)
+    cot = (torch.randn(out_shape, dtype=torch.float64, device=device),
+           torch.randn(layers * D, B, H, dtype=torch.float64, device=device),
+           torch.randn(layers * D, B, H, dtype=torch.float64, device=device))
+    exp, exp_g = _run(ref, x, hx, leaves + list(ref.parameters()), cot)
+    got, got_g = _run(ours, x, hx, leaves + list(ours.parameters()), cot)
+    assert got[0].shape == out_shape
+    for a, b in zip(got + got_g, exp + exp_g):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_lstm_parity_rule_low_precision(backend, dtype):
+    device = _device_for(backend)
+    _skip_unless_runs(backend, device, dtype)
+    kw = dict(input_size=16, hidden_size=24, num_layers=2, bidirectional=True)
+    ref64, _ = _pair(backend, **kw)
+    ref_t = copy.deepcopy(ref64).to(dtype)
+    ours = LSTM(**kw, dtype=dtype, device=device, backend=backend)
+    ours.load_state_dict(ref_t.state_dict())
+    x = torch.randn(9, 3, 16, device=device)
+    cot = (torch.randn(9, 3, 48, device=device), torch.randn(4, 3, 24, device=device),
+           torch.randn(4, 3, 24, device=device))
+
+    def run(m, dt):
+        xx = x.to(dt).requires_grad_()
+        outs, grads = _run(m, xx, None, [xx] + list(m.parameters()), [c.to(dt) for c in cot])
+        return [t.cpu() for t in outs], [t.cpu() for t in grads]
+
+    got, got_g = run(ours, dtype)
+    exp, exp_g = run(ref64, torch.float64)
+    base, base_g = run(ref_t, dtype)
+    report = testing.compare(got, exp, base)
+    report.extend(testing.compare(got_g, exp_g, base_g, grad=True, name="grad"))
+    assert report.passed, str(report)
+
+
+@pytest.mark.parametrize("backend,bidir", [("cpu", False), ("cpu", True), ("triton", True), ("reference", True)])
+def test_packed_sequence_matches_torch(backend, bidir):
+    _skip_unless_runs(backend, "cpu", torch.float64)
+    ref, ours = _pair(backend, input_size=4, hidden_size=6, num_layers=2, bidirectional=bidir, batch_first=True)
+    D = 2 if bidir else 1
+    lengths = torch.tensor([3, 7, 1, 5])  # unsorted: exercises sorted_indices / unsorted_indices
+    x = torch.randn(4, 7, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2 * D, 4, 6, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2 * D, 4, 6, dtype=torch.float64, requires_grad=True)
+    cot_h = torch.randn(2 * D, 4, 6, dtype=torch.float64)
+    results = []
+    for m in (ref, ours):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, (h, c) = m(packed, (h0, c0))
+        padded, out_len = pad_packed_sequence(out, batch_first=True)
+        loss = (padded * torch.linspace(-1, 1, padded.numel(), dtype=torch.float64).view_as(padded)).sum()
+        loss = loss + (h * cot_h).sum() + (c * cot_h.flip(0)).sum()
+        grads = torch.autograd.grad(loss, [x, h0, c0] + list(m.parameters()))
+        results.append((padded, out_len, h, c) + grads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input(backend, batch_first):
+    _skip_unless_runs(backend, "cpu", torch.float64)
+    ref, ours = _pair(backend, input_size=3, hidden_size=4, num_layers=2, bidirectional=True,
+                      batch_first=batch_first)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    hx = (torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64))
+    for args in ((x,), (x, hx)):
+        exp_out, (exp_h, exp_c) = ref(*args)
+        out, (h, c) = ours(*args)
+        assert out.shape == (6, 8) and h.shape == (4, 4)
+        torch.testing.assert_close(out, exp_out)
+        torch.testing.assert_close(h, exp_h)
+        torch.testing.assert_close(c, exp_c)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_training_dropout_one_drops_everything_between_layers(backend):
+    # dropout=1 zeroes the input of layer 2 in training: deterministic, so it can be compared.
+    _skip_unless_runs(backend, "cpu", torch.float64)
+    ref, ours = _pair(backend, input_size=3, hidden_size=4, num_layers=2, dropout=1.0)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    ref.train()
+    ours.train()
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])
+    ours_eval = ours.eval()(x)[0]
+    assert not torch.allclose(ours_eval, ref.train()(x)[0])
+
+
+def test_training_dropout_is_applied_between_layers_only():
+    m = LSTM(3, 4, num_layers=2, dropout=0.5, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    m.train()
+    a, b = m(x)[0], m(x)[0]
+    assert not torch.equal(a, b)  # fresh dropout masks per call
+    m.eval()
+    torch.testing.assert_close(m(x)[0], m(x)[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_lstmcell_matches_torch(backend):
+    _skip_unless_runs(backend, "cpu", torch.float64)
+    ref = torch.nn.LSTMCell(6, 5, dtype=torch.float64)
+    ours = LSTMCell(6, 5, dtype=torch.float64, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    x, h, c = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64), torch.randn(
+        3, 5, dtype=torch.float64)
+    for args in ((x,), (x, (h, c)), (x[0],), (x[0], (h[0], c[0]))):
+        for a, b in zip(ours(*args), ref(*args)):
+            torch.testing.assert_close(a, b)
+
+
+def test_state_dict_round_trip_and_names():
+    ref = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True)
+    ours = LSTM(5, 7, num_layers=2, bidirectional=True)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    back = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True)
+    back.load_state_dict(ours.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    cell_ref, cell = torch.nn.LSTMCell(3, 4, bias=False), LSTMCell(3, 4, bias=False)
+    assert list(cell.state_dict()) == list(cell_ref.state_dict())
+    cell.load_state_dict(cell_ref.state_dict())
+    assert isinstance(ours, torch.nn.LSTM) and "backend" not in repr(ours)
+    assert "backend='reference'" in repr(LSTM(2, 3, backend="reference"))
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.LSTM(4, 6, num_layers=2, batch_first=True, dtype=torch.float64)
+        self.blocks = torch.nn.ModuleList([torch.nn.LSTMCell(6, 6, dtype=torch.float64),
+                                           torch.nn.Linear(6, 2, dtype=torch.float64)])
+        self.proj = torch.nn.LSTM(4, 6, proj_size=3, dtype=torch.float64)
+
+    def forward(self, x):
+        y, _ = self.enc(x)
+        h, _ = self.blocks[0](y[:, -1])
+        return self.blocks[1](h), self.proj(x.transpose(0, 1))[0]
+
+
+def test_swap_and_restore_lstm():
+    model = _Model().eval()
+    model.enc.train()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    before = model(x)
+    params = {n: p for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match="proj_size"):
+        n = swap_lstm(model, backend="cpu" if lstm_ops._ext.extension_available() else "reference")
+    assert n == 2
+    assert type(model.enc) is LSTM and type(model.blocks[0]) is LSTMCell and type(model.proj) is torch.nn.LSTM
+    assert model.enc.training and not model.blocks[0].training
+    assert all(p is params[name] for name, p in model.named_parameters())  # the same Parameter objects
+    after = model(x)
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert swap_lstm(model) == 0  # already swapped
+    assert restore_lstm(model) == 2
+    assert type(model.enc) is torch.nn.LSTM and type(model.blocks[0]) is torch.nn.LSTMCell
+    assert not hasattr(model.enc, "backend")
+    for a, b in zip(model(x), before):
+        torch.testing.assert_close(a, b)
+
+
+def test_swap_the_model_itself_and_lazy_exports():
+    m = torch.nn.LSTM(3, 4)
+    assert seqkernels.swap_lstm(m) == 1 and type(m) is LSTM and m.backend is None
+    assert seqkernels.restore_lstm(m) == 1 and type(m) is torch.nn.LSTM
+    with pytest.raises(ValueError, match="unknown backend"):
+        swap_lstm(m, backend="gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+def test_proj_size_is_rejected():
+    with pytest.raises(ValueError, match="proj_size"):
+        LSTM(4, 6, proj_size=3)
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="unknown backend"):
+        LSTM(3, 4, backend="tpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        LSTMCell(3, 4, backend="tpu")
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    m = LSTM(3, 4, backend="cuda")
+    with pytest.raises(backends.BackendError, match="cuda"):
+        m(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize(
+    "x,hx,exc,match",
+    [
+        (torch.randn(5, 2, 7), None, ValueError, "input: has 7 features but this LSTM has input_size=3"),
+        (torch.randn(5), None, ValueError, "expected input to be 2-D"),
+        (torch.randn(5, 2, 3), (torch.randn(2, 2, 4), torch.randn(2, 2, 4)), ValueError, r"h_0 of shape \(1, 2, 4\)"),
+        (torch.randn(5, 2, 3), (torch.randn(1, 4), torch.randn(1, 4)), ValueError, "must be 3-D"),
+        (torch.randn(5, 3), (torch.randn(1, 2, 4), torch.randn(1, 2, 4)), ValueError, "must be 2-D"),
+        (torch.randn(5, 2, 3), (torch.randn(1, 2, 4).double(), torch.randn(1, 2, 4)), ValueError, "h_0 has dtype"),
+        (torch.randn(5, 2, 3).double(), None, TypeError, "dtype float32 does not match"),
+        (torch.randn(5, 2, 3), torch.randn(1, 2, 4), ValueError, "pair"),
+    ],
+)
+def test_bad_module_inputs_are_named(x, hx, exc, match):
+    m = LSTM(3, 4)
+    with pytest.raises(exc, match=match):
+        m(x, hx)
+
+
+def test_bad_cell_inputs_are_named():
+    cell = LSTMCell(3, 4)
+    with pytest.raises(ValueError, match="input: has 5 features"):
+        cell(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="1-D or 2-D"):
+        cell(torch.randn(2, 2, 3))
+    with pytest.raises(ValueError, match="hx: expected shape"):
+        cell(torch.randn(2, 3), (torch.randn(3, 4), torch.randn(3, 4)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_lstm_matches_torch(backend):
+    _skip_unless_runs(backend, "cuda", torch.float32)
+    ref, ours = _pair(backend, dtype=torch.float32, input_size=64, hidden_size=128, num_layers=2,
+                      bidirectional=True)
+    x = torch.randn(33, 8, 64, device="cuda")
+    exp = ref(x)[0]
+    got = ours(x)[0]
+    torch.testing.assert_close(got, exp, atol=2e-5, rtol=1e-4)
