@@ -11,8 +11,12 @@
 #if defined(SEQKERNELS_CUDA_EMULATION)
 #include <stdint.h>
 #else
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which a bare CUDA
+// toolkit (as in CI) does not ship.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -58,7 +62,7 @@ inline size_t max_dynamic_smem() { return ::sk_emu::max_dynamic_smem_optin(); }
 
 #else
 
-inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 class DeviceGuard {
  public:
@@ -70,12 +74,18 @@ class DeviceGuard {
 
 inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 inline const char* kernel_device_name() { return "CUDA"; }
-inline int compute_capability() {
-  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
-  return p->major * 10 + p->minor;
+inline int device_attribute(cudaDeviceAttr attr) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
+  return value;
 }
-inline int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-inline size_t max_dynamic_smem() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
+inline int compute_capability() {
+  return device_attribute(cudaDevAttrComputeCapabilityMajor) * 10 + device_attribute(cudaDevAttrComputeCapabilityMinor);
+}
+inline int multiprocessor_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+inline size_t max_dynamic_smem() {
+  return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
 
 #endif
 

@@ -317,14 +317,14 @@ inline unsigned __reduce_xor_sync(unsigned mask, unsigned v, const sk_emu::Loc& 
 // ----------------------------------------------------------------------------------------------
 namespace sk_emu {
 template <typename T>
-inline T atomic_cas_loop_float(T* addr, T val, int op) {
+inline T atomic_add_float(T* addr, T val) {
   using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   U* p = reinterpret_cast<U*>(addr);
   U old_bits = __atomic_load_n(p, __ATOMIC_RELAXED);
   for (;;) {
     T old_v;
     memcpy(&old_v, &old_bits, sizeof(T));
-    T new_v = op == 0 ? old_v + val : op == 1 ? (old_v > val ? old_v : val) : (old_v < val ? old_v : val);
+    T new_v = old_v + val;
     U new_bits;
     memcpy(&new_bits, &new_v, sizeof(T));
     if (__atomic_compare_exchange_n(p, &old_bits, new_bits, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) return old_v;
@@ -370,10 +370,8 @@ inline unsigned short atomicCAS(unsigned short* a, unsigned short cmp, unsigned 
   __atomic_compare_exchange_n(a, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
   return cmp;
 }
-inline float atomicAdd(float* a, float v) { return sk_emu::atomic_cas_loop_float(a, v, 0); }
-inline double atomicAdd(double* a, double v) { return sk_emu::atomic_cas_loop_float(a, v, 0); }
-inline float atomicMax(float* a, float v) { return sk_emu::atomic_cas_loop_float(a, v, 1); }
-inline float atomicMin(float* a, float v) { return sk_emu::atomic_cas_loop_float(a, v, 2); }
+inline float atomicAdd(float* a, float v) { return sk_emu::atomic_add_float(a, v); }
+inline double atomicAdd(double* a, double v) { return sk_emu::atomic_add_float(a, v); }
 inline float atomicExch(float* a, float v) {
   uint32_t b;
   memcpy(&b, &v, 4);

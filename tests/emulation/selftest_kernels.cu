@@ -110,7 +110,7 @@ __global__ void _atomics_kernel(const int* ivals, const float* fvals, int* iout,
   } while (old != assumed);
   atomicInc(reinterpret_cast<unsigned*>(&iout[4]), 99u);
   atomicAdd(&fout[0], fvals[i]);
-  atomicMax(&fout[1], fvals[i]);
+  atomicExch(&fout[1], 1.5f);
   atomicAdd(&dout[0], static_cast<double>(fvals[i]));
 }
 

@@ -1,0 +1,494 @@
+"""Static report of the GPU code: registers, shared memory, spills, stack and tensor-core use of
+every CUDA kernel and every Triton kernel configuration, per target arch, without a GPU.
+
+    rows = collect(archs=["8.0", "9.0"])
+    print(format_table(rows))           # `seqkernels info --kernels`
+
+CUDA kernels (`csrc/cuda/*.cu`, source checkout) are compiled by nvcc for each arch with
+``-Xptxas -v,-warn-spills``, the same flags as setup.py; ptxas's report gives registers,
+static shared memory, spill stores/loads and the stack frame, and the SASS (``cuobjdump
+-sass``) tells whether tensor-core instructions (HMMA/HGMMA) are present. Results are cached
+under ``build/kernel_report`` per file, flags and header contents. Without the sources (an
+installed wheel) ``collect`` reads the kernels compiled into ``seqkernels._C`` instead
+(``cuobjdump -res-usage``: registers, shared, stack, local memory).
+
+Triton kernels are compiled ahead of time with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", 80 | 90, 32))``; the cubin's resource usage and SASS give the same
+columns (Triton does not report spills without a driver; a non-zero stack or local memory is
+what spills turn into).
+
+Triton registry protocol
+------------------------
+A module ``triton_kernels/<op>.py`` makes its kernels visible here by defining
+
+    STATIC_CONFIGS = [
+        # (kernel, signature, constexprs, num_warps, num_stages, expects_mma)
+        (_attention_fwd_kernel,
+         {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Out": "*fp16", "stride_qb": "i64", ...,
+          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HEAD_DIM": "constexpr"},
+         {"BLOCK_M": 128, "BLOCK_N": 64, "HEAD_DIM": 128},
+         8, 3, True),
+        ...
+    ]
+
+one entry per configuration the launcher can pick on a GPU: ``kernel`` the ``@triton.jit``
+function, ``signature`` every parameter's Triton type (``"*fp16"``, ``"*bf16"``, ``"*fp32"``,
+``"i32"``, ``"i64"``, ``"fp32"``, or ``"constexpr"``), ``constexprs`` the values of the
+constexpr parameters, and ``expects_mma`` True for kernels doing matrix products, which must
+then use wgmma on sm_90 and mma (HMMA) on sm_80. Every configuration must compile, use no
+stack or local memory, and fit the arch's shared memory.
+
+Rows are dicts with keys: ``kind`` ("cuda"/"triton"), ``source``, ``kernel``, ``config``,
+``arch`` ("sm_80"), ``registers``, ``shared_bytes``, ``spill_stores``, ``spill_loads`` (None
+when unknown), ``stack_bytes``, ``local_bytes``, ``tensor_cores`` (bool), ``expects_tensor_cores``
+(bool or None) and ``problems`` (list of strings, empty when the kernel meets the bars).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import pkgutil
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+DEFAULT_ARCHS = ("8.0", "9.0")
+# Opt-in maximum of shared memory per block, bytes.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+STATIC_SMEM_LIMIT = 48 * 1024
+
+# Which CUDA kernels must use tensor cores: (pattern on the kernel's function name, expected).
+# Kernels matching no pattern are reported without an expectation.
+EXPECTS_TENSOR_CORES = [
+    (re.compile(r"^_attention_(fwd|bwd)_kernel$"), True),
+    (re.compile(r"^_selftest_mma_kernel$"), True),
+    (re.compile(r"^_selftest_(plain|local_memory|spill)_kernel$"), False),
+]
+
+_TC_SASS = re.compile(r"\b(HMMA|HGMMA|IMMA|WGMMA)\b")
+_LOCAL_SASS = re.compile(r"\b(STL|LDL)\b")
+
+
+def source_root() -> Path | None:
+    """The source checkout this module belongs to (the folder holding csrc/), if any."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "csrc" / "cuda").is_dir() else None
+
+
+def _arch_num(arch) -> int:
+    return int(str(arch).replace("sm_", "").replace(".", ""))
+
+
+def _archs(archs) -> list[int]:
+    if archs is None:
+        env = os.environ.get("SEQKERNELS_CUDA_ARCHS")
+        archs = [a for a in env.replace(",", ";").split(";") if a.strip()] if env else DEFAULT_ARCHS
+    return sorted({_arch_num(a) for a in archs})
+
+
+def _tool(name: str) -> str | None:
+    """A CUDA binary tool: CUDA_HOME, /usr/local/cuda, PATH, then Triton's bundled copy."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    cands = [Path(home) / "bin" / name]
+    found = shutil.which(name)
+    if found:
+        cands.append(Path(found))
+    try:
+        import triton
+
+        cands.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+    except ImportError:
+        pass
+    for c in cands:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    return None
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    filt = shutil.which("c++filt")
+    if not filt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def _short_name(demangled: str) -> str:
+    """`void seqkernels::_k<float, 64>(...)` -> `_k`."""
+    name = demangled.split("(")[0]
+    depth, cut = 0, len(name)
+    for i in range(len(name) - 1, -1, -1):  # drop a trailing template argument list
+        if name[i] == ">":
+            depth += 1
+        elif name[i] == "<":
+            depth -= 1
+            if depth == 0:
+                cut = i
+                break
+    if depth == 0 and cut < len(name) and name.endswith(">"):
+        name = name[:cut]
+    return name.split("::")[-1].split()[-1]
+
+
+def _expects(short: str):
+    for pat, want in EXPECTS_TENSOR_CORES:
+        if pat.search(short):
+            return want
+    return None
+
+
+def _problems(row: dict) -> list[str]:
+    p = []
+    if row.get("spill_stores") or row.get("spill_loads"):
+        p.append(f"spills ({row.get('spill_stores')} B stores, {row.get('spill_loads')} B loads)")
+    if row.get("stack_bytes"):
+        p.append(f"stack frame {row['stack_bytes']} B")
+    if row.get("local_bytes"):
+        p.append(f"local memory {row['local_bytes']} B")
+    limit = STATIC_SMEM_LIMIT if row["kind"] == "cuda" else SMEM_LIMIT.get(_arch_num(row["arch"]), 48 * 1024)
+    if row.get("shared_bytes") and row["shared_bytes"] > limit:
+        p.append(f"shared memory {row['shared_bytes']} B > {limit} B")
+    if row.get("expects_tensor_cores") and not row.get("tensor_cores"):
+        p.append("no tensor-core instructions" + (" (wgmma)" if row["kind"] == "triton" and row["arch"] == "sm_90" else ""))
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# SASS / resource-usage parsing (cuobjdump output of a cubin, fatbin or shared library)
+# ------------------------------------------------------------------------------------------------
+def parse_sass(text: str) -> dict[tuple[str, str], dict]:
+    """{(arch, mangled function): {"tensor_cores": bool, "local_instructions": int}}."""
+    out: dict[tuple[str, str], dict] = {}
+    arch, func = "", None
+    for line in text.splitlines():
+        m = re.match(r"\s*code for (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            func = out.setdefault((arch, m.group(1)), {"tensor_cores": False, "local_instructions": 0})
+            continue
+        if func is not None and "/*" in line:
+            if _TC_SASS.search(line):
+                func["tensor_cores"] = True
+            if _LOCAL_SASS.search(line):
+                func["local_instructions"] += 1
+    return out
+
+
+def parse_res_usage(text: str) -> dict[tuple[str, str], dict]:
+    """`cuobjdump -res-usage`: {(arch, mangled function): {registers, shared, stack, local}}."""
+    out: dict[tuple[str, str], dict] = {}
+    arch, func = "", None
+    for line in text.splitlines():
+        m = re.match(r"\s*arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function (\S+):\s*$", line)
+        if m:
+            func = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and func:
+            out[(arch, func)] = {"registers": int(m.group(1)), "stack": int(m.group(2)),
+                                 "shared": int(m.group(3)), "local": int(m.group(4))}
+            func = None
+    return out
+
+
+def parse_ptxas(text: str) -> dict[tuple[str, str], dict]:
+    """`ptxas -v` output: {(arch, mangled function): {registers, shared, spill_stores, spill_loads, stack}}."""
+    out: dict[tuple[str, str], dict] = {}
+    cur = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
+        if m:
+            cur = out.setdefault((m.group(2), m.group(1)), {"registers": 0, "shared": 0, "spill_stores": 0,
+                                                           "spill_loads": 0, "stack": 0})
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur["stack"], cur["spill_stores"], cur["spill_loads"] = map(int, m.groups())
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+            sm = re.search(r"(\d+) bytes smem", line)
+            cur["shared"] = int(sm.group(1)) if sm else 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: nvcc per .cu file
+# ------------------------------------------------------------------------------------------------
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+
+def cuda_sources(root: Path | None = None) -> list[Path]:
+    root = root or source_root()
+    return sorted((root / "csrc" / "cuda").glob("*.cu")) if root else []
+
+
+def _nvcc_command(src: Path, archs: list[int], out: Path, root: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    nvcc = _tool("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME): the CUDA kernels cannot be compiled for the report")
+    cmd = [nvcc, "-fatbin", "-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
+           "-Xptxas=-v,-warn-spills", "-DSEQKERNELS_WITH_CUDA", *TORCH_NVCC_DEFINES,
+           f"-I{root / 'csrc'}", f"-I{sysconfig.get_paths()['include']}"]
+    cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
+    cmd += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    cmd += ["-MD", "-MF", str(out) + ".d", str(src), "-o", str(out)]
+    return cmd
+
+
+def _deps_fresh(out: Path, cmd: list[str]) -> bool:
+    stamp, dep = Path(str(out) + ".cmd"), Path(str(out) + ".d")
+    if not (out.exists() and stamp.exists() and dep.exists()) or stamp.read_text() != shlex.join(cmd):
+        return False
+    deps = dep.read_text().replace("\\\n", " ").partition(":")[2].split()
+    t = out.stat().st_mtime
+    try:
+        return all(os.stat(d).st_mtime <= t for d in deps)
+    except FileNotFoundError:
+        return False
+
+
+def compile_cuda_file(src, archs=None, *, build_dir: Path | None = None) -> list[dict]:
+    """Compile one .cu file for every arch with nvcc and report each kernel (cached)."""
+    src = Path(src).resolve()
+    root = source_root() or src.parents[2]
+    arch_list = _archs(archs)
+    build_dir = Path(build_dir or os.environ.get("SEQKERNELS_REPORT_BUILD_DIR") or root / "build" / "kernel_report")
+    key = hashlib.sha256(f"{src}\0{arch_list}".encode()).hexdigest()[:12]
+    out = build_dir / f"{src.stem}-{key}.fatbin"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = _nvcc_command(src, arch_list, out, root)
+    log = Path(str(out) + ".ptxas")
+    if not _deps_fresh(out, cmd) or not log.exists():
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {src}:\n$ {shlex.join(cmd)}\n{proc.stdout}{proc.stderr}")
+        log.write_text(proc.stdout + proc.stderr)
+        Path(str(out) + ".cmd").write_text(shlex.join(cmd))
+    ptxas = parse_ptxas(log.read_text())
+    cuobjdump = _tool("cuobjdump")
+    sass = parse_sass(subprocess.run([cuobjdump, "-sass", str(out)], capture_output=True, text=True).stdout) \
+        if cuobjdump else {}
+    names = _demangle(sorted({f for _, f in ptxas}))
+    rows = []
+    for (arch, func), r in sorted(ptxas.items(), key=lambda kv: (names[kv[0][1]], kv[0][0])):
+        s = sass.get((arch, func), {})
+        short = _short_name(names[func])
+        row = {"kind": "cuda", "source": _rel(src), "kernel": names[func], "short_name": short, "config": "",
+               "arch": arch, "registers": r["registers"], "shared_bytes": r["shared"],
+               "spill_stores": r["spill_stores"], "spill_loads": r["spill_loads"], "stack_bytes": r["stack"],
+               "local_bytes": 0, "tensor_cores": s.get("tensor_cores", False) if s else None,
+               "expects_tensor_cores": _expects(short)}
+        row["problems"] = _problems(row)
+        rows.append(row)
+    return rows
+
+
+def _rel(p: Path) -> str:
+    root = source_root()
+    try:
+        return str(p.relative_to(root)) if root else str(p)
+    except ValueError:
+        return str(p)
+
+
+def collect_built_cuda(archs=None) -> list[dict]:
+    """Kernels compiled into seqkernels._C (no sources needed): cuobjdump of the library."""
+    try:
+        from seqkernels import _C
+    except ImportError:
+        return []
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None or not getattr(_C, "cuda_archs", ""):
+        return []
+    want = {f"sm_{a}" for a in _archs(archs)}
+    lib = _C.__file__
+    res = parse_res_usage(subprocess.run([cuobjdump, "-res-usage", lib], capture_output=True, text=True).stdout)
+    sass = parse_sass(subprocess.run([cuobjdump, "-sass", lib], capture_output=True, text=True).stdout)
+    names = _demangle(sorted({f for _, f in res}))
+    rows = []
+    for (arch, func), r in sorted(res.items()):
+        if arch not in want:
+            continue
+        s = sass.get((arch, func), {})
+        short = _short_name(names[func])
+        row = {"kind": "cuda", "source": "seqkernels._C", "kernel": names[func], "short_name": short, "config": "",
+               "arch": arch, "registers": r["registers"], "shared_bytes": r["shared"], "spill_stores": None,
+               "spill_loads": None, "stack_bytes": r["stack"], "local_bytes": r["local"],
+               "tensor_cores": s.get("tensor_cores", False), "expects_tensor_cores": _expects(short)}
+        row["problems"] = _problems(row)
+        rows.append(row)
+    return rows
+
+
+def collect_cuda(sources=None, archs=None) -> list[dict]:
+    srcs = [Path(s) for s in sources] if sources is not None else cuda_sources()
+    if not srcs:
+        return collect_built_cuda(archs)
+    rows = []
+    for s in srcs:
+        rows += compile_cuda_file(s, archs)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: ahead-of-time compilation of STATIC_CONFIGS
+# ------------------------------------------------------------------------------------------------
+def triton_modules() -> list[str]:
+    """Modules of seqkernels.triton_kernels (the top-level triton_kernels/ folder)."""
+    try:
+        pkg = importlib.import_module("seqkernels.triton_kernels")
+    except ImportError:
+        return []
+    return sorted(f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def compile_triton_config(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
+                          arch: int) -> dict:
+    """Compile one configuration for one arch; resource usage from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=kernel, signature=dict(signature), constexprs=dict(constexprs))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump is None:
+        raise RuntimeError("cuobjdump not found (CUDA toolkit or Triton's bundled tools)")
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        res = parse_res_usage(subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout)
+        sass = parse_sass(subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout)
+    r = next(iter(res.values()), {"registers": None, "stack": 0, "local": 0})
+    s = next(iter(sass.values()), {"tensor_cores": False, "local_instructions": 0})
+    ptx = compiled.asm.get("ptx", "")
+    tensor = ("wgmma." in ptx) if arch >= 90 else ("mma.sync" in ptx or s["tensor_cores"])
+    return {"registers": r["registers"], "shared_bytes": int(compiled.metadata.shared), "stack_bytes": r["stack"],
+            "local_bytes": r["local"], "local_instructions": s["local_instructions"], "tensor_cores": tensor}
+
+
+def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
+    return ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",warps={num_warps},stages={num_stages}"
+
+
+def _collect_triton_here(modules, archs) -> list[dict]:
+    rows = []
+    for modname in modules:
+        mod = importlib.import_module(modname)
+        for entry in getattr(mod, "STATIC_CONFIGS", []):
+            kernel, signature, constexprs, num_warps, num_stages, expects = entry
+            name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel))
+            for arch in archs:
+                row = {"kind": "triton", "source": modname, "kernel": name, "short_name": name,
+                       "config": _config_label(constexprs, num_warps, num_stages), "arch": f"sm_{arch}",
+                       "spill_stores": None, "spill_loads": None, "expects_tensor_cores": bool(expects)}
+                try:
+                    row.update(compile_triton_config(kernel, signature, constexprs, num_warps, num_stages, arch))
+                    row["problems"] = _problems(row)
+                except Exception as e:  # a config that does not compile is a finding, not a crash
+                    row.update({"registers": None, "shared_bytes": None, "stack_bytes": None, "local_bytes": None,
+                                "tensor_cores": None})
+                    row["problems"] = [f"does not compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}"]
+                rows.append(row)
+    return rows
+
+
+def collect_triton(modules=None, archs=None) -> list[dict]:
+    """Compile every STATIC_CONFIGS entry of the Triton kernel modules for every arch.
+
+    The Triton interpreter (TRITON_INTERPRET=1, as in the tests) replaces @triton.jit functions
+    with interpreted ones that cannot be compiled, so the work then runs in a child process."""
+    mods = list(modules) if modules is not None else triton_modules()
+    arch_list = _archs(archs)
+    if not mods:
+        return []
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        code = ("import json,sys; from seqkernels.kernel_report import _collect_triton_here as c; "
+                "print('@@ROWS@@' + json.dumps(c(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))")
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(mods), json.dumps(arch_list)], env=env,
+                              capture_output=True, text=True)
+        marker = proc.stdout.rfind("@@ROWS@@")
+        if proc.returncode != 0 or marker < 0:
+            raise RuntimeError(f"Triton ahead-of-time compilation failed:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout[marker + len("@@ROWS@@"):])
+    return _collect_triton_here(mods, arch_list)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------
+def collect(archs=None) -> list[dict]:
+    """Every CUDA kernel and Triton kernel configuration, per arch (default SEQKERNELS_CUDA_ARCHS
+    or 8.0;9.0). Parts whose tools are missing (no nvcc, no triton) are skipped."""
+    rows = []
+    try:
+        rows += collect_cuda(archs=archs)
+    except RuntimeError as e:
+        if "nvcc not found" not in str(e):
+            raise
+        rows += collect_built_cuda(archs)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return rows
+    return rows + collect_triton(archs=archs)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Human-readable table: one line per kernel (and Triton config) and arch."""
+    if not rows:
+        return "no GPU kernels found"
+    headers = ["kind", "kernel", "arch", "regs", "smem B", "spill st/ld B", "stack B", "local B", "tensor cores",
+               "status"]
+
+    def fmt(v):
+        return "?" if v is None else str(v)
+
+    def tc(r):
+        have = "?" if r.get("tensor_cores") is None else ("yes" if r["tensor_cores"] else "no")
+        exp = r.get("expects_tensor_cores")
+        return have + ("" if exp is None else f" (expected {'yes' if exp else 'no'})")
+
+    lines = []
+    for r in rows:
+        name = r.get("short_name") or r["kernel"]
+        if r.get("config"):
+            name += f" [{r['config']}]"
+        spills = "?" if r.get("spill_stores") is None else f"{r['spill_stores']}/{r['spill_loads']}"
+        status = "ok" if not r["problems"] else "; ".join(r["problems"])
+        lines.append([r["kind"], name, r["arch"], fmt(r.get("registers")), fmt(r.get("shared_bytes")), spills,
+                      fmt(r.get("stack_bytes")), fmt(r.get("local_bytes")), tc(r), status])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(format_table(collect()))

@@ -1,0 +1,39 @@
+"""Triton kernels with known answers for testing the static report (kernel_report.py): a matrix
+product that must use tensor cores, an elementwise kernel, and a configuration whose shared
+memory cannot fit. Follows the STATIC_CONFIGS protocol the kernel modules use."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _selftest_matmul_kernel(A, B, C, stride_am, stride_bk, stride_cm, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(A + rm[:, None] * stride_am + (k + rk)[None, :])
+        b = tl.load(B + (k + rk)[:, None] * stride_bk + rn[None, :])
+        acc = tl.dot(a, b, acc)
+    tl.store(C + rm[:, None] * stride_cm + rn[None, :], acc)
+
+
+@triton.jit
+def _selftest_scale_kernel(X, Y, n, alpha, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n)
+    tl.store(Y + offs, x * alpha, mask=offs < n)
+
+
+_MM_SIG = {"A": "*fp16", "B": "*fp16", "C": "*fp32", "stride_am": "i32", "stride_bk": "i32", "stride_cm": "i32",
+           "K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+
+STATIC_CONFIGS = [
+    (_selftest_matmul_kernel, _MM_SIG, {"K": 256, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 4, 2, True),
+    (_selftest_scale_kernel, {"X": "*fp32", "Y": "*fp32", "n": "i32", "alpha": "fp32", "BLOCK": "constexpr"},
+     {"BLOCK": 1024}, 4, 1, False),
+    # 8 stages of 256x128 + 128x256 fp16 tiles: far beyond any arch's shared memory.
+    (_selftest_matmul_kernel, _MM_SIG, {"K": 1024, "BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128}, 8, 8, True),
+]
