@@ -120,9 +120,20 @@ def _case_id(c):
     return f"B{B}H{Hq}-{Hkv}T{Tq}D{D}-{Dv}S{S}{'-paged' if paged else ''}-w{window}-s{splits}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def _parity_params():
+    """Every case and dtype on the cheap backends; the interpreted/emulated ones (seconds per call) run
+    float16 on the first two cases only, since it shares every code path with bfloat16 but the loads."""
+    out = []
+    for backend in BACKENDS:
+        for dtype in DTYPES:
+            for i, case in enumerate(CASES):
+                if backend in ("triton", "cuda_emu") and dtype == torch.float16 and i >= 2:
+                    continue
+                out.append(pytest.param(backend, dtype, case, id=f"{backend}-{str(dtype)[6:]}-{_case_id(case)}"))
+    return out
+
+
+@pytest.mark.parametrize("backend, dtype, case", _parity_params())
 def test_decode_parity(backend, dtype, case, request):
     B, Hq, Hkv, Tq, D, Dv, S, paged, window, splits = case
     emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
@@ -136,7 +147,7 @@ def test_decode_parity(backend, dtype, case, request):
 def test_prefill_chunk(backend, paged, request):
     """A chunk of many queries (a prefill continued against an existing cache), causal within it."""
     emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
-    Tq, S = (97, 257) if backend == "cpu" else (20, 45)
+    Tq, S = (97, 257) if backend == "cpu" else (12, 30)
     q, kc, vc, lens, bt = make_cache(1, 4, 2, Tq, 32, 32, S, torch.float32, _device_for(backend), paged=paged,
                                      lens=[S - 3])
     res = run_decode(backend, q, kc, vc, lens, bt, num_splits=2, emu=emu)
@@ -144,16 +155,17 @@ def test_prefill_chunk(backend, paged, request):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda_emu"])
-@pytest.mark.parametrize("splits", [1, 2, 5, 64])
-def test_split_counts_agree(backend, splits, request):
-    """Every split count gives the same result (64 splits leave most of them empty)."""
+def test_split_counts_agree(backend, request):
+    """Every split count gives the same result; with 17 splits the second sequence (2 keys) leaves most
+    of its splits empty."""
     emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
     q, kc, vc, lens, bt = make_cache(2, 4, 2, 2, 32, 32, 50, torch.float32, paged=True)
-    res = run_decode(backend, q, kc, vc, lens, bt, num_splits=splits, emu=emu)
-    check(res, q, kc, vc, lens, bt)
     one = run_decode(backend, q, kc, vc, lens, bt, num_splits=1, emu=emu)
-    torch.testing.assert_close(res[0], one[0], atol=2e-6, rtol=2e-6)
-    torch.testing.assert_close(res[1], one[1], atol=2e-6, rtol=2e-6)
+    for splits in (2, 17):
+        res = run_decode(backend, q, kc, vc, lens, bt, num_splits=splits, emu=emu)
+        check(res, q, kc, vc, lens, bt)
+        torch.testing.assert_close(res[0], one[0], atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(res[1], one[1], atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda_emu"])
@@ -162,9 +174,9 @@ def test_unused_slots_never_leak(backend, request):
     emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
     for paged in (False, True):
         torch.manual_seed(3)
-        a = make_cache(3, 4, 2, 2, 24, 24, 30, torch.float32, paged=paged, garbage=float("nan"))
+        a = make_cache(3, 4, 2, 2, 24, 24, 21, torch.float32, paged=paged, garbage=float("nan"))
         torch.manual_seed(3)
-        b = make_cache(3, 4, 2, 2, 24, 24, 30, torch.float32, paged=paged, garbage=float("inf"))
+        b = make_cache(3, 4, 2, 2, 24, 24, 21, torch.float32, paged=paged, garbage=float("inf"))
         ra = run_decode(backend, *a, num_splits=3, emu=emu)
         rb = run_decode(backend, *b, num_splits=3, emu=emu)
         assert torch.isfinite(ra[0]).all() and torch.isfinite(ra[1]).all()

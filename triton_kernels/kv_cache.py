@@ -378,7 +378,7 @@ def decode_unsupported_reason(q, k_cache, v_cache) -> str | None:
 class StaticConfig(tuple):
     """One compiled variant for the static (no-GPU) report: behaves as the tuple
     ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
-    ``arch`` (the compute capability it is compiled for), ``attrs`` (divisibility hints as
+    ``arch`` (None: every arch the report compiles for), ``attrs`` (divisibility hints as
     ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
 
     def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
@@ -440,44 +440,49 @@ def _static_signature(fn, dtype: torch.dtype, constexprs: dict, out_fp32: bool =
 
 
 def _static_configs() -> list:
-    """The variants the launchers pick on a GPU: decode for head-dim buckets 64/128/256, one decode row
-    (BLOCK_M 16) and, for 16-bit inputs, a full GQA/prefill tile (BLOCK_M 64), paged (the gathers make
-    it the heavier one) for every combination plus the contiguous layout at D=128; the split writer
-    (float32 partials); the merge pass; the append copy."""
+    """The variants the launchers pick on a GPU, each listed once (the report compiles every entry for
+    every arch): decode for head-dim buckets 64/128/256, one decode row (BLOCK_M 16) and, for 16-bit
+    inputs, a full GQA/prefill tile (BLOCK_M 64), paged (the gathers make it the heavier one) for every
+    combination plus the contiguous layout at D=128; the split writer (float32 partials); the merge
+    pass; the append copy.
+
+    Tensor cores are expected of the 16-bit 64-row tiles (mma.sync on sm_80, wgmma on sm_90). The
+    16-row tiles of single-token decode use mma.sync on both archs, since wgmma needs 64 rows per warp
+    group; that kernel is bound by reading the cache, so they are not held to it. float32 runs exact
+    (IEEE) FMA products, not TF32 tensor cores."""
     out = []
-    for arch in (80, 90):
-        for dtype in (torch.bfloat16, torch.float32):
-            elt = _TRITON_DTYPE[dtype]
-            for bucket in (64, 128, 256):
-                for rows in ((1,) if dtype == torch.float32 else (1, 64)):
-                    bm, bn, warps, stages = _decode_config(rows, bucket, bucket, dtype, interpret=False)
-                    layouts = (True, False) if (bucket == 128 and rows == 1) else (True,)
-                    for paged in layouts:
-                        for split in ((False, True) if (bucket == 128 and rows == 1 and paged) else (False,)):
-                            constexprs = dict(D=bucket, DV=bucket, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket,
-                                              BLOCK_DV=bucket, PAGED=paged, UPCAST=False,
-                                              DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
-                            sig, consts, attrs = _static_signature(_decode_attention_kernel, dtype, constexprs,
-                                                                   out_fp32=split)
-                            name = (f"_decode_attention_kernel sm_{arch} {elt} D{bucket} BLOCK_M={bm} BLOCK_N={bn} "
-                                    f"{'paged' if paged else 'contiguous'}{' split' if split else ''} "
-                                    f"warps={warps} stages={stages}")
-                            mma = dtype != torch.float32  # float32 runs exact FMA products, not TF32 MMA
-                            out.append(StaticConfig(_decode_attention_kernel, sig, consts, warps, stages, mma,
-                                                    arch=arch, attrs=attrs, name=name))
+    for dtype in (torch.bfloat16, torch.float32):
+        elt = _TRITON_DTYPE[dtype]
         for bucket in (64, 128, 256):
-            constexprs = dict(DV=bucket, BLOCK_S=16, BLOCK_DV=bucket)
-            sig, consts, attrs = _static_signature(_decode_merge_kernel, torch.bfloat16, constexprs)
-            warps = 4 if bucket >= 128 else 2
-            out.append(StaticConfig(_decode_merge_kernel, sig, consts, warps, 1, False, arch=arch, attrs=attrs,
-                                    name=f"_decode_merge_kernel sm_{arch} bf16 D{bucket} BLOCK_S=16 warps={warps}"))
-            for paged in (False, True):
-                bt = _append_block_t(512, bucket, bucket, interpret=False)
-                constexprs = dict(D=bucket, DV=bucket, BLOCK_T=bt, BLOCK_D=bucket, BLOCK_DV=bucket, PAGED=paged)
-                sig, consts, attrs = _static_signature(_kv_cache_append_kernel, torch.bfloat16, constexprs)
-                out.append(StaticConfig(_kv_cache_append_kernel, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
-                                        name=f"_kv_cache_append_kernel sm_{arch} bf16 D{bucket} BLOCK_T={bt} "
-                                             f"{'paged' if paged else 'contiguous'} warps=4"))
+            for rows in ((1,) if dtype == torch.float32 else (1, 64)):
+                bm, bn, warps, stages = _decode_config(rows, bucket, bucket, dtype, interpret=False)
+                layouts = (True, False) if (bucket == 128 and rows == 1) else (True,)
+                for paged in layouts:
+                    for split in ((False, True) if (bucket == 128 and rows == 1 and paged) else (False,)):
+                        constexprs = dict(D=bucket, DV=bucket, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket,
+                                          BLOCK_DV=bucket, PAGED=paged, UPCAST=False,
+                                          DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                        sig, consts, attrs = _static_signature(_decode_attention_kernel, dtype, constexprs,
+                                                               out_fp32=split)
+                        name = (f"_decode_attention_kernel {elt} D{bucket} BLOCK_M={bm} BLOCK_N={bn} "
+                                f"{'paged' if paged else 'contiguous'}{' split' if split else ''} "
+                                f"warps={warps} stages={stages}")
+                        mma = dtype != torch.float32 and bm >= 64
+                        out.append(StaticConfig(_decode_attention_kernel, sig, consts, warps, stages, mma,
+                                                arch=None, attrs=attrs, name=name))
+    for bucket in (64, 128, 256):
+        constexprs = dict(DV=bucket, BLOCK_S=16, BLOCK_DV=bucket)
+        sig, consts, attrs = _static_signature(_decode_merge_kernel, torch.bfloat16, constexprs)
+        warps = 4 if bucket >= 128 else 2
+        out.append(StaticConfig(_decode_merge_kernel, sig, consts, warps, 1, False, arch=None, attrs=attrs,
+                                name=f"_decode_merge_kernel bf16 D{bucket} BLOCK_S=16 warps={warps}"))
+        for paged in (False, True):
+            bt = _append_block_t(512, bucket, bucket, interpret=False)
+            constexprs = dict(D=bucket, DV=bucket, BLOCK_T=bt, BLOCK_D=bucket, BLOCK_DV=bucket, PAGED=paged)
+            sig, consts, attrs = _static_signature(_kv_cache_append_kernel, torch.bfloat16, constexprs)
+            out.append(StaticConfig(_kv_cache_append_kernel, sig, consts, 4, 1, False, arch=None, attrs=attrs,
+                                    name=f"_kv_cache_append_kernel bf16 D{bucket} BLOCK_T={bt} "
+                                         f"{'paged' if paged else 'contiguous'} warps=4"))
     return out
 
 

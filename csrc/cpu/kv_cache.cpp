@@ -348,32 +348,42 @@ struct Avx2Ops {
   template <int MB, int NB>
   SK_AVX2 static void dot_block(const float* q, int64_t ldq, int64_t D, const T* const* k, float* S, int64_t lds) {
     __m256 acc[MB][NB];
+    #pragma GCC unroll 16
     for (int a = 0; a < MB; ++a)
+      #pragma GCC unroll 16
       for (int c = 0; c < NB; ++c) acc[a][c] = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
       __m256 qv[MB];
+      #pragma GCC unroll 16
       for (int a = 0; a < MB; ++a) qv[a] = _mm256_loadu_ps(q + a * ldq + d);
+      #pragma GCC unroll 16
       for (int c = 0; c < NB; ++c) {
         const __m256 kv = load8<T>(k[c] + d);
+        #pragma GCC unroll 16
         for (int a = 0; a < MB; ++a) acc[a][c] = _mm256_fmadd_ps(qv[a], kv, acc[a][c]);
       }
     }
     if (d < D) {
       const int rem = static_cast<int>(D - d);
       __m256 kv[NB];
+      #pragma GCC unroll 16
       for (int c = 0; c < NB; ++c) kv[c] = load8_partial<T>(k[c] + d, rem);
+      #pragma GCC unroll 16
       for (int a = 0; a < MB; ++a) {
         const __m256 qv = load8_partial<float>(q + a * ldq + d, rem);
+        #pragma GCC unroll 16
         for (int c = 0; c < NB; ++c) acc[a][c] = _mm256_fmadd_ps(qv, kv[c], acc[a][c]);
       }
     }
+    #pragma GCC unroll 16
     for (int a = 0; a < MB; ++a) {
       if constexpr (NB == 8) {
         _mm256_storeu_ps(S + a * lds, hsum8(acc[a]));
       } else if constexpr (NB == 4) {
         _mm_storeu_ps(S + a * lds, hsum4(acc[a]));
       } else {
+        #pragma GCC unroll 16
         for (int c = 0; c < NB; ++c) S[a * lds + c] = hsum(acc[a][c]);
       }
     }
@@ -402,17 +412,32 @@ struct Avx2Ops {
   SK_AVX2 static void pv_block(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t c0, float* acc,
                                int64_t ldacc) {
     __m256 a[MB][CB];
+    #pragma GCC unroll 16
     for (int r = 0; r < MB; ++r)
+      #pragma GCC unroll 16
       for (int c = 0; c < CB; ++c) a[r][c] = _mm256_loadu_ps(acc + r * ldacc + c0 + 8 * c);
     for (int i = 0; i < n; ++i) {
-      __m256 p[MB];
-      for (int r = 0; r < MB; ++r) p[r] = _mm256_broadcast_ss(P + r * ldp + i);
-      for (int c = 0; c < CB; ++c) {
-        const __m256 v = load8<T>(vrows[i] + c0 + 8 * c);
-        for (int r = 0; r < MB; ++r) a[r][c] = _mm256_fmadd_ps(p[r], v, a[r][c]);
+      if constexpr (MB == 1) {
+        // One row: the broadcast, then each V vector consumed as loaded (CB + 2 registers).
+        const __m256 p = _mm256_broadcast_ss(P + i);
+        #pragma GCC unroll 16
+        for (int c = 0; c < CB; ++c) a[0][c] = _mm256_fmadd_ps(p, load8<T>(vrows[i] + c0 + 8 * c), a[0][c]);
+        continue;
+      }
+      // V first, then one broadcast at a time: MB * CB accumulators + CB + 1 registers.
+      __m256 v[CB];
+      #pragma GCC unroll 16
+      for (int c = 0; c < CB; ++c) v[c] = load8<T>(vrows[i] + c0 + 8 * c);
+      #pragma GCC unroll 16
+      for (int r = 0; r < MB; ++r) {
+        const __m256 p = _mm256_broadcast_ss(P + r * ldp + i);
+        #pragma GCC unroll 16
+        for (int c = 0; c < CB; ++c) a[r][c] = _mm256_fmadd_ps(p, v[c], a[r][c]);
       }
     }
+    #pragma GCC unroll 16
     for (int r = 0; r < MB; ++r)
+      #pragma GCC unroll 16
       for (int c = 0; c < CB; ++c) _mm256_storeu_ps(acc + r * ldacc + c0 + 8 * c, a[r][c]);
   }
 
@@ -421,10 +446,12 @@ struct Avx2Ops {
                               int64_t ldacc) {
     // MB x CB accumulators plus the V vectors and a broadcast must fit the 16 ymm registers.
     constexpr int CB = MB == 1 ? 8 : (MB == 2 ? 4 : 2);
+    static_assert(MB == 1 || MB * CB + CB + 1 <= 16, "pv_block would spill");
     int64_t c0 = 0;
     for (; c0 + 8 * CB <= Dv; c0 += 8 * CB) pv_block<MB, CB>(P, ldp, n, vrows, c0, acc, ldacc);
     for (; c0 + 8 <= Dv; c0 += 8) pv_block<MB, 1>(P, ldp, n, vrows, c0, acc, ldacc);
     for (; c0 < Dv; ++c0)
+      #pragma GCC unroll 16
       for (int r = 0; r < MB; ++r) {
         float s = acc[r * ldacc + c0];
         for (int i = 0; i < n; ++i) s += P[r * ldp + i] * static_cast<float>(vrows[i][c0]);
@@ -490,6 +517,7 @@ struct Avx2Ops {
       }
     }
     int m = 0;
+    for (; m + 6 <= M; m += 6) pv_rows<6>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
     for (; m + 4 <= M; m += 4) pv_rows<4>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
     for (; m + 2 <= M; m += 2) pv_rows<2>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
     if (m < M) pv_rows<1>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);

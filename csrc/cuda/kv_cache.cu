@@ -39,14 +39,18 @@ kv::CacheLayout check_layout(const at::Tensor& k_cache, const std::optional<at::
   if (!block_table.has_value()) {
     TORCH_CHECK(k_cache.size(0) == B, "k_cache: a contiguous cache is (B, Hkv, S_max, D) with B=", B, ", got ",
                 k_cache.sizes());
-    return {nullptr, k_cache.size(2), 1, 0, 0};
+    TORCH_CHECK(k_cache.size(2) < (int64_t{1} << 31), "k_cache: at most 2^31 - 1 positions per sequence");
+    return {nullptr, k_cache.size(2), kv::FastDiv::make(1), 0, 0};
   }
   const at::Tensor& t = *block_table;
   SK_CHECK_DEVICE(t);
   TORCH_CHECK(t.dim() == 2 && t.size(0) == B, "block_table: expected shape (", B, ", max_blocks), got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "block_table: expected a contiguous int32 tensor");
   TORCH_CHECK(k_cache.size(2) >= 1, "k_cache: block_size (dim 2 of a paged cache) must be >= 1");
-  return {t.data_ptr<int32_t>(), t.size(1) * k_cache.size(2), k_cache.size(2), t.size(1), k_cache.size(0)};
+  TORCH_CHECK(t.size(1) * k_cache.size(2) < (int64_t{1} << 31),
+              "block_table: max_blocks * block_size must stay below 2^31 positions");
+  return {t.data_ptr<int32_t>(), t.size(1) * k_cache.size(2), kv::FastDiv::make(static_cast<uint32_t>(k_cache.size(2))),
+          t.size(1), k_cache.size(0)};
 }
 
 void check_seqlens(const at::Tensor& s, int64_t B) {
@@ -101,8 +105,11 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
   p.v_cache = static_cast<char*>(v_cache.data_ptr());
   p.seqlens = cache_seqlens.data_ptr<int32_t>();
   p.layout = layout;
-  p.H = H;
-  p.T = T;
+  TORCH_CHECK(B * H * T < (int64_t{1} << 32) && T < (int64_t{1} << 31) && H < (int64_t{1} << 31),
+              "k_new: B * Hkv * T must be below 2^32 rows per launch");
+  p.H = kv::FastDiv::make(static_cast<uint32_t>(H));
+  p.T = kv::FastDiv::make(static_cast<uint32_t>(T));
+  p.rows = static_cast<uint32_t>(B * H * T);
   for (int i = 0; i < 3; ++i) {
     p.kn[i] = k_new.stride(i) * elt;
     p.vn[i] = v_new.stride(i) * elt;
@@ -112,32 +119,32 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
   const int vec = vector_bytes(elt, {D * elt, Dv * elt, p.kn[0], p.kn[1], p.kn[2], p.vn[0], p.vn[1], p.vn[2], p.kc[0],
                                      p.kc[1], p.kc[2], p.vc[0], p.vc[1], p.vc[2], address(k_new), address(v_new),
                                      address(k_cache), address(v_cache)});
-  p.k_chunks = D * elt / vec;
-  p.v_chunks = Dv * elt / vec;
-  p.total = B * H * T * (p.k_chunks + p.v_chunks);
-  constexpr int kThreads = 256;
-  const int64_t max_blocks = static_cast<int64_t>(cudart::multiprocessor_count()) * 16;
-  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min((p.total + kThreads - 1) / kThreads, max_blocks))));
+  p.k_chunks = static_cast<uint32_t>(D * elt / vec);
+  p.chunks = static_cast<uint32_t>((D + Dv) * elt / vec);
+  constexpr int kRows = kv::kAppendRowsPerBlock;
+  const int64_t max_blocks = static_cast<int64_t>(cudart::multiprocessor_count()) * 32;
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min((B * H * T + kRows - 1) / kRows, max_blocks))));
+  const dim3 block(32, kRows);
   const cudaStream_t stream = cudart::current_stream();
   switch (vec) {
     case 16: {
       auto kernel = &kv::_kv_cache_append_kernel<16>;
-      SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+      SK_LAUNCH(kernel, grid, block, 0, stream, p);
       break;
     }
     case 8: {
       auto kernel = &kv::_kv_cache_append_kernel<8>;
-      SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+      SK_LAUNCH(kernel, grid, block, 0, stream, p);
       break;
     }
     case 4: {
       auto kernel = &kv::_kv_cache_append_kernel<4>;
-      SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+      SK_LAUNCH(kernel, grid, block, 0, stream, p);
       break;
     }
     default: {
       auto kernel = &kv::_kv_cache_append_kernel<2>;
-      SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+      SK_LAUNCH(kernel, grid, block, 0, stream, p);
       break;
     }
   }
@@ -218,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
   const int64_t G = Hq / Hkv, n_rows = G * Tq;
   const int rows = n_rows >= 5 ? 8 : (n_rows >= 2 ? 4 : 1);
   const int64_t row_tiles = (n_rows + rows - 1) / rows;
+  TORCH_CHECK(n_rows < (int64_t{1} << 31), "q: Hq / Hkv * Tq must be below 2^31");
   TORCH_CHECK(row_tiles <= 65535, "q: too many query rows per kv head (", n_rows, "); at most ", 65535 * rows);
   TORCH_CHECK(B * Hkv <= 0x7fffffff, "q: B * Hkv is too large for one launch");
 

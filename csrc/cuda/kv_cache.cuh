@@ -3,9 +3,10 @@
 //
 // Append. The copy is dtype-agnostic: each thread moves VEC_BYTES (16 when the head dims,
 // strides and base pointers allow, else 8/4/2) of one K or V row to the slot its position maps
-// to. Work items are (row, chunk) pairs with the chunk index fastest, so a warp writes
-// consecutive bytes of a row; one launch covers the whole batch and both caches. A token whose
-// position or block id is out of range is skipped.
+// to. A warp owns a row (its lanes walk the row's chunks, so it writes consecutive bytes) and a
+// block eight rows; one launch covers the whole batch and both caches. A token whose position or
+// block id is out of range is skipped. Index arithmetic is 32-bit with precomputed divisors: a
+// 64-bit division per chunk would cost more than the copy.
 //
 // Decode attention. A CTA owns (sequence b, kv head, ROWS query rows, split). Rows are
 // r = t * G + g (query token t, query head g of the group), so the K/V of the kv head are read
@@ -42,12 +43,35 @@ namespace kv {
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
 
+// n / d and n % d for a divisor fixed at launch, without the ~40-instruction division routine
+// (64-bit division is a longer subroutine still): q = (mulhi(n, m) + n) >> s with
+// s = ceil(log2 d), m = floor(2^32 (2^s - d) / d) + 1 (Granlund and Montgomery), exact for all
+// n < 2^32 and 1 <= d < 2^31.
+struct FastDiv {
+  uint32_t d, m, s;
+
+  static FastDiv make(uint32_t divisor) {
+    uint32_t sh = 0;
+    while ((uint64_t{1} << sh) < divisor) ++sh;
+    const uint64_t mul = ((uint64_t{1} << 32) * ((uint64_t{1} << sh) - divisor)) / divisor + 1;
+    return {divisor, static_cast<uint32_t>(mul), sh};
+  }
+  SK_HOST_DEVICE SK_INLINE uint32_t div(uint32_t n) const {
+    const uint64_t hi = (static_cast<uint64_t>(n) * m) >> 32;
+    return static_cast<uint32_t>((hi + n) >> s);
+  }
+  SK_HOST_DEVICE SK_INLINE void divmod(uint32_t n, uint32_t* q, uint32_t* r) const {
+    *q = div(n);
+    *r = n - *q * d;
+  }
+};
+
 // Where position p of sequence b lives: (index into dim 0, slot in dim 2); false when the
-// position or its block id is out of range.
+// position or its block id is out of range. The launcher guarantees capacity < 2^31.
 struct CacheLayout {
   const int32_t* block_table;  // nullptr: contiguous cache
   int64_t capacity;            // S_max, or max_blocks * block_size
-  int64_t block_size;
+  FastDiv block_size;
   int64_t max_blocks;
   int64_t num_blocks;
 };
@@ -59,10 +83,12 @@ SK_DEVICE SK_INLINE bool locate(const CacheLayout& L, int64_t b, int64_t p, int6
     *slot = p;
     return true;
   }
-  const int64_t blk = L.block_table[b * L.max_blocks + p / L.block_size];
+  uint32_t col, within;
+  L.block_size.divmod(static_cast<uint32_t>(p), &col, &within);
+  const int64_t blk = L.block_table[b * L.max_blocks + col];
   if (blk < 0 || blk >= L.num_blocks) return false;
   *outer = blk;
-  *slot = p % L.block_size;
+  *slot = within;
   return true;
 }
 
@@ -95,38 +121,39 @@ struct AppendParams {
   char* v_cache;
   const int32_t* seqlens;
   CacheLayout layout;
-  int64_t H, T;
-  int64_t k_chunks, v_chunks;  // row bytes / VEC_BYTES
+  FastDiv T, H;         // to split a row index into (b, h, t)
+  uint32_t rows;        // B * H * T (< 2^32, checked by the launcher)
+  uint32_t k_chunks;    // K row bytes / VEC_BYTES
+  uint32_t chunks;      // (K + V row bytes) / VEC_BYTES
   // Strides in bytes over (b, h, t) for the new rows and (outer, h, slot) for the caches; the
   // last dim is contiguous.
   int64_t kn[3], vn[3], kc[3], vc[3];
-  int64_t total;  // B * H * T * (k_chunks + v_chunks)
 };
+
+// Block (32, kAppendRowsPerBlock): threadIdx.y picks the row, the x lanes walk its chunks, K first.
+constexpr int kAppendRowsPerBlock = 8;
 
 template <int VEC_BYTES>
 __global__ void __launch_bounds__(256) _kv_cache_append_kernel(AppendParams p) {
   using V = typename Bytes<VEC_BYTES>::type;
-  const int64_t per_row = p.k_chunks + p.v_chunks;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.total; i += step) {
-    const int64_t row = i / per_row;
-    int64_t c = i - row * per_row;
-    const int64_t t = row % p.T;
-    const int64_t h = (row / p.T) % p.H;
-    const int64_t b = row / (p.T * p.H);
+  const uint32_t step = gridDim.x * kAppendRowsPerBlock;
+  for (uint32_t row = blockIdx.x * kAppendRowsPerBlock + threadIdx.y; row < p.rows; row += step) {
+    uint32_t bh, t, b, h;
+    p.T.divmod(row, &bh, &t);
+    p.H.divmod(bh, &b, &h);
     int64_t outer, slot;
     if (!locate(p.layout, b, static_cast<int64_t>(p.seqlens[b]) + t, &outer, &slot)) continue;
-    const char* src;
-    char* dst;
-    if (c < p.k_chunks) {
-      src = p.k_new + b * p.kn[0] + h * p.kn[1] + t * p.kn[2];
-      dst = p.k_cache + outer * p.kc[0] + h * p.kc[1] + slot * p.kc[2];
-    } else {
-      c -= p.k_chunks;
-      src = p.v_new + b * p.vn[0] + h * p.vn[1] + t * p.vn[2];
-      dst = p.v_cache + outer * p.vc[0] + h * p.vc[1] + slot * p.vc[2];
+    const V* ksrc = reinterpret_cast<const V*>(p.k_new + b * p.kn[0] + h * p.kn[1] + t * p.kn[2]);
+    const V* vsrc = reinterpret_cast<const V*>(p.v_new + b * p.vn[0] + h * p.vn[1] + t * p.vn[2]);
+    V* kdst = reinterpret_cast<V*>(p.k_cache + outer * p.kc[0] + h * p.kc[1] + slot * p.kc[2]);
+    V* vdst = reinterpret_cast<V*>(p.v_cache + outer * p.vc[0] + h * p.vc[1] + slot * p.vc[2]);
+    for (uint32_t c = threadIdx.x; c < p.chunks; c += blockDim.x) {
+      if (c < p.k_chunks) {
+        kdst[c] = ksrc[c];
+      } else {
+        vdst[c - p.k_chunks] = vsrc[c - p.k_chunks];
+      }
     }
-    reinterpret_cast<V*>(dst)[c] = reinterpret_cast<const V*>(src)[c];
   }
 }
 
@@ -368,9 +395,11 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
   }
   __syncthreads();
 
-  for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(ROWS) * p.Dv; idx += blockDim.x) {
-    const int i = static_cast<int>(idx / p.Dv);
-    const int64_t d = idx % p.Dv;
+  // 32-bit index arithmetic: Dv <= 256, G and n_rows < 2^31 (launcher checks).
+  const int dv = static_cast<int>(p.Dv), G = static_cast<int>(p.G);
+  for (int idx = threadIdx.x; idx < ROWS * dv; idx += blockDim.x) {
+    const int i = idx / dv;
+    const int d = idx - i * dv;
     const int64_t r = r0 + i;
     if (r >= p.n_rows) continue;
     float mx = kNegInf;
@@ -395,8 +424,8 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
     const bool empty = !(total > 0.0f) && !(total != total);  // a NaN total stays NaN
     const float out = empty ? 0.0f : o / total;
     const float lse = empty ? kNegInf : (mx + log2f(total)) * 0.6931471805599453f;
-    const int64_t t = r / p.G;
-    const int64_t hq = hkv * p.G + r % p.G;
+    const int r32 = static_cast<int>(r), t = r32 / G;
+    const int64_t hq = hkv * p.G + (r32 - t * G);
     const int64_t row_index = (b * p.Hq + hq) * p.Tq + t;
     if (p.num_splits == 1) {
       static_cast<T*>(p.out)[row_index * p.Dv + d] = from_float<T>(out);
