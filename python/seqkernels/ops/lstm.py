@@ -272,14 +272,17 @@ class _LSTMLayer(torch.autograd.Function):
         ctx.batch_sizes, ctx.reverse, ctx.bwd = batch_sizes, reverse, family[1]
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.saved = saved
-        ctx.save_for_backward(x, w_ih, w_hh)
+        # h0 / c0 go through save_for_backward too: the per-step lists hold views of them, and this
+        # way an in-place change before backward raises as it does for torch's own ops. c_n is the
+        # last step's saved cy: the caller gets a copy for the same reason.
+        ctx.save_for_backward(x, w_ih, w_hh, h0, c0)
         ctx.set_materialize_grads(False)
-        return out, h_n, c_n
+        return out, h_n, c_n.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_hn, grad_cn):
-        x, w_ih, w_hh = ctx.saved_tensors
+        x, w_ih, w_hh, _, _ = ctx.saved_tensors
         saved, batch_sizes, reverse, bwd = ctx.saved, ctx.batch_sizes, ctx.reverse, ctx.bwd
         T = len(batch_sizes)
         offs = _offsets(batch_sizes)
