@@ -216,42 +216,72 @@ def _offsets(batch_sizes: Sequence[int]):
     return offs
 
 
-def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd, saved: Optional[dict]):
+# Input projections are computed a chunk of whole time steps at a time into one reused buffer of
+# about this size: it stays in cache for the per-step kernels that read it, and a fresh multi-MB
+# result per layer (page faults on every call) is avoided. Kernel backends only; the reference
+# backend keeps one differentiable GEMM.
+_PROJ_CHUNK_BYTES = 4 << 20
+
+
+def _chunks(batch_sizes: Sequence[int], max_rows: int):
+    """Consecutive step ranges [t0, t1) holding at most `max_rows` rows (at least one step)."""
+    out, t0, rows = [], 0, 0
+    for t, bs in enumerate(batch_sizes):
+        if rows and rows + bs > max_rows:
+            out.append((t0, t))
+            t0, rows = t, 0
+        rows += bs
+    out.append((t0, len(batch_sizes)))
+    return out
+
+
+def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd, saved: Optional[dict],
+                   reuse_buffers: bool):
     T = len(batch_sizes)
     offs = _offsets(batch_sizes)
+    G = w_ih.shape[0]
     # Both biases fold into the projection GEMM, so the per-step kernel adds none. The transposed
     # weights are made contiguous once per call: the BLAS then reads rows, which is measurably
     # faster for the many small recurrent GEMMs.
     w_ih_t = w_ih.t().contiguous()
-    if b_ih is not None and b_hh is not None:
-        proj = torch.addmm(b_ih + b_hh, x, w_ih_t)
-    elif b_ih is not None or b_hh is not None:
-        proj = torch.addmm(b_ih if b_ih is not None else b_hh, x, w_ih_t)
-    else:
-        proj = torch.mm(x, w_ih_t)
     w_hh_t = w_hh.t().contiguous()
+    bias = b_ih + b_hh if (b_ih is not None and b_hh is not None) else (b_ih if b_ih is not None else b_hh)
+
+    def project(rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        kw = {} if out is None else {"out": out}
+        return torch.addmm(bias, rows, w_ih_t, **kw) if bias is not None else torch.mm(rows, w_ih_t, **kw)
+
+    if reuse_buffers:
+        chunks = _chunks(batch_sizes, max(batch_sizes[0], _PROJ_CHUNK_BYTES // (G * x.element_size())))
+        proj_buf = x.new_empty((max(sum(batch_sizes[t0:t1]) for t0, t1 in chunks), G))
+        hg_buf = x.new_empty((batch_sizes[0], G))
+    else:
+        chunks = [(0, T)]
     outs = [None] * T
     h_fin, c_fin = [], []  # final states of rows dropped by a shrinking batch, highest rows first
-    steps = range(T - 1, -1, -1) if reverse else range(T)
     if reverse:
         h, c = h0[: batch_sizes[-1]], c0[: batch_sizes[-1]]
     else:
         h, c = h0, c0
-    for t in steps:
-        bs = batch_sizes[t]
-        rows = h.shape[0]
-        if bs < rows:
-            h_fin.append(h[bs:])
-            c_fin.append(c[bs:])
-            h, c = h[:bs], c[:bs]
-        elif bs > rows:
-            h, c = torch.cat([h, h0[rows:bs]]), torch.cat([c, c0[rows:bs]])
-        gates_x = proj[offs[t]: offs[t] + bs]
-        hy, cy, ws = fwd(gates_x, torch.mm(h, w_hh_t), c, None, None)
-        if saved is not None:
-            saved["h_prev"][t], saved["c_prev"][t], saved["cy"][t], saved["ws"][t] = h, c, cy, ws
-        outs[t] = hy
-        h, c = hy, cy
+    for t0, t1 in (chunks[::-1] if reverse else chunks):
+        r0, r1 = offs[t0], offs[t1 - 1] + batch_sizes[t1 - 1]
+        proj = project(x[r0:r1], proj_buf[: r1 - r0] if reuse_buffers else None)
+        for t in (range(t1 - 1, t0 - 1, -1) if reverse else range(t0, t1)):
+            bs = batch_sizes[t]
+            rows = h.shape[0]
+            if bs < rows:
+                h_fin.append(h[bs:])
+                c_fin.append(c[bs:])
+                h, c = h[:bs], c[:bs]
+            elif bs > rows:
+                h, c = torch.cat([h, h0[rows:bs]]), torch.cat([c, c0[rows:bs]])
+            gates_x = proj[offs[t] - r0: offs[t] - r0 + bs]
+            gates_h = torch.mm(h, w_hh_t, out=hg_buf[:bs]) if reuse_buffers else torch.mm(h, w_hh_t)
+            hy, cy, ws = fwd(gates_x, gates_h, c, None, None)
+            if saved is not None:
+                saved["h_prev"][t], saved["c_prev"][t], saved["cy"][t], saved["ws"][t] = h, c, cy, ws
+            outs[t] = hy
+            h, c = hy, cy
     out = torch.cat(outs) if T > 1 else outs[0]
     if h_fin:
         h = torch.cat([h] + h_fin[::-1])
@@ -268,7 +298,8 @@ class _LSTMLayer(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family):
         T = len(batch_sizes)
         saved = {k: [None] * T for k in ("h_prev", "c_prev", "cy", "ws")}
-        out, h_n, c_n = _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], saved)
+        out, h_n, c_n = _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], saved,
+                                       reuse_buffers=True)
         ctx.batch_sizes, ctx.reverse, ctx.bwd = batch_sizes, reverse, family[1]
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.saved = saved
@@ -339,9 +370,11 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_
     batch_sizes = tuple(int(b) for b in batch_sizes)
     family = FAMILIES[backend]
     if backend == "reference":
-        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None)
+        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None,
+                              reuse_buffers=False)
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _LSTMLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family)
     with torch.no_grad():
-        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None)
+        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None,
+                              reuse_buffers=True)
