@@ -28,10 +28,10 @@ def _skip_unless_runs(backend, call):
         pytest.skip(f"{backend}: {reason}")
 
 
-def _inputs(B, I, H, dtype, device="cpu", bias=True, unbatched=False):
+def _inputs(B, n_in, H, dtype, device="cpu", bias=True, unbatched=False):
     lead = () if unbatched else (B,)
-    t = [torch.randn(*lead, I), torch.randn(*lead, H), torch.randn(*lead, H),
-         torch.randn(4 * H, I) / I**0.5, torch.randn(4 * H, H) / H**0.5]
+    t = [torch.randn(*lead, n_in), torch.randn(*lead, H), torch.randn(*lead, H),
+         torch.randn(4 * H, n_in) / n_in**0.5, torch.randn(4 * H, H) / H**0.5]
     if bias:
         t += [torch.randn(4 * H) * 0.5, torch.randn(4 * H) * 0.5]
     return [x.to(device=device, dtype=dtype) for x in t]
@@ -119,6 +119,16 @@ def test_unbatched_and_single_bias(backend):
         exp_h, exp_c = cell(args[0], (args[1], args[2]))
     torch.testing.assert_close(hy, exp_h)
     torch.testing.assert_close(cy, exp_c)
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_missing_state_means_zeros(unbatched):
+    args = _inputs(3, 4, 5, torch.float64, unbatched=unbatched)
+    zeros = torch.zeros_like(args[1])
+    expected = seqkernels.lstm_cell(args[0], zeros, zeros, *args[3:])
+    for hx, cx in ((None, zeros), (zeros, None), (None, None)):
+        for a, b in zip(seqkernels.lstm_cell(args[0], hx, cx, *args[3:]), expected):
+            torch.testing.assert_close(a, b)
 
 
 def test_matches_torch_lstmcell_float32():

@@ -70,13 +70,13 @@ def test_lstm_matches_torch_float64(backend, cfg):
     layers, bidir, batch_first, bias, with_h0, T, B = cfg
     device = _device_for(backend)
     _skip_unless_runs(backend, device, torch.float64)
-    I, H = 7, 5
-    ref, ours = _pair(backend, input_size=I, hidden_size=H, num_layers=layers, bidirectional=bidir,
+    n_in, H = 7, 5
+    ref, ours = _pair(backend, input_size=n_in, hidden_size=H, num_layers=layers, bidirectional=bidir,
                       batch_first=batch_first, bias=bias, dropout=0.4 if layers > 1 else 0.0)
     ref.eval()
     ours.eval()  # dropout between layers is off in eval mode, as in torch
     D = 2 if bidir else 1
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn((B, T, n_in) if batch_first else (T, B, n_in), dtype=torch.float64, device=device, requires_grad=True)
     hx = None
     leaves = [x]
     if with_h0:

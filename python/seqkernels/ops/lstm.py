@@ -16,7 +16,7 @@ into the input, hidden and weight gradients (bias gradients are column sums).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ class LSTMCellCall:
 def prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> LSTMCellCall:
     check_tensor("weight_ih", weight_ih, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight_hh", weight_hh, ndim=2)
-    G, I = weight_ih.shape
+    G, n_in = weight_ih.shape
     if G % 4 != 0 or G == 0:
         raise ValueError(f"weight_ih: expected shape (4*hidden_size, input_size), got {tuple(weight_ih.shape)}")
     H = G // 4
@@ -64,11 +64,15 @@ def prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh
     if input.dim() not in (1, 2):
         raise ValueError(f"input: expected a 2-D (batch, input_size) or 1-D (input_size,) tensor, got shape "
                          f"{tuple(input.shape)}")
-    if input.shape[-1] != I:
-        raise ValueError(f"input: has {input.shape[-1]} features but weight_ih expects input_size={I}")
+    if input.shape[-1] != n_in:
+        raise ValueError(f"input: has {input.shape[-1]} features but weight_ih expects input_size={n_in}")
     batched = input.dim() == 2
     B = input.shape[0] if batched else 1
     want = (B, H) if batched else (H,)
+    if hx is None:
+        hx = torch.zeros(want, dtype=input.dtype, device=input.device)
+    if cx is None:
+        cx = torch.zeros(want, dtype=input.dtype, device=input.device)
     for name, t in (("hx", hx), ("cx", cx)):
         check_tensor(name, t)
         if tuple(t.shape) != want:
@@ -177,16 +181,16 @@ def run(call: LSTMCellCall, backend: str) -> Tuple[Tensor, Tensor]:
     return hy, cy
 
 
-def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+def lstm_cell(input: Tensor, hx: Optional[Tensor], cx: Optional[Tensor], weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
               backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One step of torch.nn.LSTMCell: returns `(hy, cy)`.
 
     input `(B, input_size)`, hx and cx `(B, hidden_size)` (or all 1-D for one unbatched sample),
     weight_ih `(4*hidden_size, input_size)`, weight_hh `(4*hidden_size, hidden_size)`, optional biases
-    `(4*hidden_size,)`; gate order i, f, g, o as in torch. The GEMMs run in torch (cuBLAS / MKL), the
-    rest in one fused kernel, forward and backward. `backend`: "cuda", "cpu", "triton", "reference"
-    or None (automatic; see seqkernels.explain("lstm_cell", ...)).
+    `(4*hidden_size,)`; gate order i, f, g, o as in torch; `hx` / `cx` None mean zeros. The GEMMs run
+    in torch (cuBLAS / MKL), the rest in one fused kernel, forward and backward. `backend`: "cuda",
+    "cpu", "triton", "reference" or None (automatic; see seqkernels.explain("lstm_cell", ...)).
     """
     call = prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
     b = backends.resolve(OP, call.device, call, backend)
@@ -201,11 +205,9 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
 #
 # Rows are time-major and packed like a PackedSequence: step t owns rows [off_t, off_t + bs_t) of
 # `x (N, I)`, with non-increasing batch sizes bs_t (a padded batch is the special case bs_t = B). The
-# input projection of all steps is one GEMM; each step then runs one recurrent GEMM and one fused cell.
-# A forward pass over shrinking batches leaves a sequence's final state in the rows it drops; the
-# reverse direction starts late sequences from their initial state as the batch grows.
-
-Family = Tuple[Callable, Callable]
+# input projection of many steps is one GEMM; each step then runs one recurrent GEMM and one fused
+# cell. A forward pass over shrinking batches leaves a sequence's final state in the rows it drops;
+# the reverse direction starts late sequences from their initial state as the batch grows.
 
 
 def _offsets(batch_sizes: Sequence[int]):
