@@ -57,7 +57,8 @@ def cmd_info(args) -> int:
             continue
         cells = []
         for b in ("cuda", "cpu", "triton"):
-            reason = backends._generic_why_not(spec, b, torch.device("cuda" if b == "cuda" else "cpu"))
+            gpu = b == "cuda" or (b == "triton" and torch.cuda.is_available())
+            reason = backends._generic_why_not(spec, b, torch.device("cuda" if gpu else "cpu"))
             if reason is None:
                 cells.append(f"{b}: yes")
             elif reason.startswith(backends.NOT_IMPLEMENTED):

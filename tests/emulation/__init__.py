@@ -8,6 +8,7 @@ from .build import (
     load_emulated,
     registered_schemas,
     rewrite_shared,
+    run_in_subprocess,
     run_sanitized,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "load_emulated",
     "registered_schemas",
     "rewrite_shared",
+    "run_in_subprocess",
     "run_sanitized",
 ]

@@ -455,6 +455,7 @@ def _sanitizer_preloaded(sanitizer: str) -> bool:
 # Sanitized runs in a child process
 # ------------------------------------------------------------------------------------------------
 _REPORT_RE = {
+    "plain": re.compile(r"(?!x)x"),
     "thread": re.compile(r"WARNING: ThreadSanitizer:.*?(?:\n={10,}|\Z)", re.S),
     "address": re.compile(r"(?:ERROR|WARNING): AddressSanitizer:.*?(?:\n==\d+==ABORTING|\Z)", re.S),
 }
@@ -462,7 +463,7 @@ _REPORT_RE = {
 
 @dataclasses.dataclass
 class SanitizerResult:
-    sanitizer: str
+    sanitizer: str  # "thread", "address" or "plain"
     target: str
     returncode: int
     output: str
@@ -494,11 +495,20 @@ def sanitizer_runtime(sanitizer: str) -> str:
 
 def run_sanitized(sanitizer: str, name: str, sources, func, *args, extra_cflags=(), schemas=(), timeout: float = 600,
                   env: dict | None = None) -> SanitizerResult:
-    """Run `func(emu, *args)` against the `sanitizer` build of the emulated extension in a
-    child process. `func` must be a module-level function (it is imported from its file in the
-    child) and `args` picklable. Returns the result; call `.assert_clean()` on it in a test."""
+    """Run `func(emu, *args)` against the `sanitizer` ("thread" or "address") build of the
+    emulated extension in a child process with the sanitizer runtime preloaded. `func` must be a
+    module-level function (it is imported from its file in the child) and `args` picklable.
+    Returns the result; call `.assert_clean()` on it in a test."""
     if sanitizer not in SANITIZERS:
         raise ValueError(f"sanitizer must be 'thread' or 'address', got {sanitizer!r}")
+    return run_in_subprocess(name, sources, func, *args, sanitizer=sanitizer, extra_cflags=extra_cflags,
+                             schemas=schemas, timeout=timeout, env=env)
+
+
+def run_in_subprocess(name: str, sources, func, *args, sanitizer: str | None = None, extra_cflags=(), schemas=(),
+                      timeout: float = 600, env: dict | None = None) -> SanitizerResult:
+    """Like `run_sanitized`, also without a sanitizer: for runs that may end the process (a
+    kernel that never returns makes the emulator abort it after SEQKERNELS_EMU_TIMEOUT)."""
     so, namespace = build_emulated(name, sources, extra_cflags=extra_cflags, schemas=schemas, sanitizer=sanitizer)
     module_file = inspect.getfile(func)
     spec = {
@@ -508,23 +518,25 @@ def run_sanitized(sanitizer: str, name: str, sources, func, *args, extra_cflags=
     }
     child_env = dict(os.environ)
     child_env.update(env or {})
-    child_env["LD_PRELOAD"] = sanitizer_runtime(sanitizer)
     child_env.setdefault("OMP_NUM_THREADS", "1")
-    child_env["TSAN_OPTIONS"] = "halt_on_error=1 exitcode=66 report_signal_unsafe=0 " + child_env.get(
-        "TSAN_OPTIONS", "")
-    child_env["ASAN_OPTIONS"] = "detect_leaks=0 halt_on_error=1 exitcode=67 detect_odr_violation=0 " + child_env.get(
-        "ASAN_OPTIONS", "")
+    if sanitizer is not None:
+        child_env["LD_PRELOAD"] = sanitizer_runtime(sanitizer)
+        child_env["TSAN_OPTIONS"] = "halt_on_error=1 exitcode=66 report_signal_unsafe=0 " + child_env.get(
+            "TSAN_OPTIONS", "")
+        child_env["ASAN_OPTIONS"] = "detect_leaks=0 halt_on_error=1 exitcode=67 detect_odr_violation=0 " + \
+            child_env.get("ASAN_OPTIONS", "")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
         spec_path = f.name
     target = f"{func.__module__}.{func.__qualname__}"
+    kind = sanitizer or "plain"
     try:
         proc = subprocess.run([sys.executable, str(HERE / "_sanitized_child.py"), spec_path], env=child_env,
                               capture_output=True, text=True, timeout=timeout)
-        return SanitizerResult(sanitizer, target, proc.returncode, proc.stdout + proc.stderr)
+        return SanitizerResult(kind, target, proc.returncode, proc.stdout + proc.stderr)
     except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        return SanitizerResult(sanitizer, target, -9, out + err + f"\n[timed out after {timeout} s]")
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        return SanitizerResult(kind, target, -9, text(e.stdout) + text(e.stderr) + f"\n[timed out after {timeout} s]")
     finally:
         os.unlink(spec_path)

@@ -610,6 +610,15 @@ inline uint16_t f32_to_bf16_rz(float f) {
   return static_cast<uint16_t>(x >> 16);
 }
 inline float bf16_to_f32(uint16_t b) { return bits_f32(static_cast<uint32_t>(b) << 16); }
+// double -> float rounding to odd: a following round-to-nearest-even to half or bfloat16 then
+// equals the direct rounding of the double (no double-rounding error), since float keeps more
+// than two extra bits.
+inline float f64_to_f32_odd(double d) {
+  float f = static_cast<float>(d);
+  if (static_cast<double>(f) == d || std::isnan(d)) return f;
+  if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
+  return bits_f32(f32_bits(f) | 1u);
+}
 }  // namespace sk_emu
 
 struct __half_raw {
@@ -731,14 +740,15 @@ inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 h) { return h.y; }
 inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) { return __nv_bfloat162{a, b}; }
 inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 a) { return __nv_bfloat162{a, a}; }
 
-// Arithmetic: exact in double for these narrow types, then one rounding, as the hardware does.
+// Arithmetic: exact in double for these narrow types (division: correctly rounded in double),
+// then one rounding to the narrow type, as the hardware does.
 #define SK_EMU_NARROW_ARITH(T, TO_F, FROM_F, T2)                                                          \
-  inline T __hadd(T a, T b) { return FROM_F(static_cast<float>(static_cast<double>(TO_F(a)) + TO_F(b))); } \
-  inline T __hsub(T a, T b) { return FROM_F(static_cast<float>(static_cast<double>(TO_F(a)) - TO_F(b))); } \
-  inline T __hmul(T a, T b) { return FROM_F(static_cast<float>(static_cast<double>(TO_F(a)) * TO_F(b))); } \
-  inline T __hdiv(T a, T b) { return FROM_F(TO_F(a) / TO_F(b)); }                                        \
+  inline T __hadd(T a, T b) { return FROM_F(sk_emu::f64_to_f32_odd(static_cast<double>(TO_F(a)) + TO_F(b))); } \
+  inline T __hsub(T a, T b) { return FROM_F(sk_emu::f64_to_f32_odd(static_cast<double>(TO_F(a)) - TO_F(b))); } \
+  inline T __hmul(T a, T b) { return FROM_F(sk_emu::f64_to_f32_odd(static_cast<double>(TO_F(a)) * TO_F(b))); } \
+  inline T __hdiv(T a, T b) { return FROM_F(sk_emu::f64_to_f32_odd(static_cast<double>(TO_F(a)) / TO_F(b))); } \
   inline T __hfma(T a, T b, T c) {                                                                        \
-    return FROM_F(static_cast<float>(fma(static_cast<double>(TO_F(a)), TO_F(b), TO_F(c))));               \
+    return FROM_F(sk_emu::f64_to_f32_odd(fma(static_cast<double>(TO_F(a)), TO_F(b), TO_F(c))));           \
   }                                                                                                       \
   inline T __hneg(T a) {                                                                                  \
     T r = a;                                                                                              \

@@ -1,6 +1,6 @@
 """The harness's own test kernels (selftest_kernels.cu) and their op schemas."""
 
-from .build import load_emulated, run_sanitized
+from .build import load_emulated, run_in_subprocess, run_sanitized
 
 SOURCES = ["tests/emulation/selftest_kernels.cu"]
 NAME = "selftest"
@@ -27,3 +27,7 @@ def load_selftest():
 
 def run_selftest_sanitized(sanitizer, func, *args, **kwargs):
     return run_sanitized(sanitizer, NAME, SOURCES, func, *args, schemas=SCHEMAS, **kwargs)
+
+
+def run_selftest_subprocess(func, *args, **kwargs):
+    return run_in_subprocess(NAME, SOURCES, func, *args, schemas=SCHEMAS, **kwargs)

@@ -102,7 +102,8 @@ __global__ void _atomics_kernel(const int* ivals, const float* fvals, int* iout,
   atomicAdd(&iout[0], v);
   atomicMax(&iout[1], v);
   atomicMin(&iout[2], v);
-  int old = iout[3], assumed;
+  // The first read is atomic too: a plain load racing with other threads' atomics is a data race.
+  int old = atomicAdd(&iout[3], 0), assumed;
   do {
     assumed = old;
     old = atomicCAS(&iout[3], assumed, assumed + 1);

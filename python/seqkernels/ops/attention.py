@@ -111,8 +111,6 @@ def prepare_attention(q, k, v, *, causal=False, window=None, attn_mask=None, kv_
 # Backend limits beyond "is it built" (see backends.why_not).
 
 _MASK_GRAD = "gradients with respect to a float attn_mask are only computed by the reference backend"
-# Head dims with a compiled CUDA instantiation; other head dims run on triton/reference.
-CUDA_HEAD_DIMS = (64, 128)
 
 
 def _cpu_why_not(c: AttentionCall):
@@ -126,16 +124,10 @@ def _cuda_why_not(c: AttentionCall):
         return _MASK_GRAD
     if c.q.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernels take float16/bfloat16, not {str(c.q.dtype).replace('torch.', '')}"
-    D, Dv = c.q.shape[-1], c.v.shape[-1]
-    if D != Dv or D not in CUDA_HEAD_DIMS:
-        return f"the CUDA kernels are instantiated for head dims {CUDA_HEAD_DIMS} with Dv == D, got D={D}, Dv={Dv}"
+    # Head dims up to 256 run on the 64/128/256-wide tile instantiations (the tail masked), Dv may differ.
     major, _ = torch.cuda.get_device_capability(c.q.device)
     if major < 8:
         return f"the CUDA kernels need sm_80 or newer (mma.sync bf16), this GPU is sm_{major}x"
-    if c.attn_mask is not None:
-        return "the CUDA kernels do not take attn_mask"
-    if c.dropout_p > 0:
-        return "the CUDA kernels do not implement dropout"
     return None
 
 

@@ -1,0 +1,69 @@
+// Visibility rule and online-softmax bookkeeping shared by the CPU and CUDA attention kernels
+// (torch-free). docs/INTERNALS.md defines the rule; keeping one implementation means the
+// backends cannot drift apart on the off-by-one details of windows and bottom-right alignment.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "macros.h"
+
+namespace seqkernels {
+
+// log2(e) and ln(2): kernels evaluate the softmax with exp2 (cheaper than exp) on scores times
+// log2(e), and turn the log2-domain row statistics back into a natural-log lse with ln(2).
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+
+// The keys that the window / causal / length rule lets query row `i` see, as the half-open
+// interval [lo, hi) (empty when lo >= hi); attn_mask then filters inside it. Lk_b is the
+// batch's key length (kv_lengths[b] or Lk).
+//
+//   window_left = 2, window_right = 0 (causal with a 3-key window), bottom_right, Lq = Lk_b = 5:
+//        j: 0 1 2 3 4
+//     i=0   x . . . .      lo = max(0, i + off - 2), hi = min(Lk_b, i + off + 0 + 1),
+//     i=1   x x . . .      off = Lk_b - Lq (bottom_right) or 0
+//     i=2   x x x . .
+//     i=3   . x x x .
+//     i=4   . . x x x
+struct KeyRange {
+  int64_t lo, hi;
+};
+
+SK_HOST_DEVICE SK_INLINE KeyRange visible_keys(int64_t i, int64_t Lq, int64_t Lk_b,
+                                               int64_t window_left, int64_t window_right,
+                                               bool bottom_right) {
+  const int64_t diag = i + (bottom_right ? Lk_b - Lq : 0);
+  int64_t lo = window_left >= 0 ? diag - window_left : 0;
+  int64_t hi = window_right >= 0 ? diag + window_right + 1 : Lk_b;
+  if (lo < 0) lo = 0;
+  if (hi > Lk_b) hi = Lk_b;
+  if (hi < lo) hi = lo;
+  return {lo, hi};
+}
+
+// Clamp of kv_lengths[b] into [0, Lk]; the public layer validates, kernels still never read
+// outside the tensor.
+SK_HOST_DEVICE SK_INLINE int64_t batch_key_length(const int32_t* kv_lengths, int64_t b, int64_t Lk) {
+  if (kv_lengths == nullptr) return Lk;
+  const int64_t n = kv_lengths[b];
+  return n < 0 ? 0 : (n > Lk ? Lk : n);
+}
+
+// Online softmax in the log2 domain. A row keeps its running max `m` (of scores times log2(e))
+// and sum `l` of exp2(s * log2(e) - m). When a block raises the max to m_new, the
+// old sum and output are rescaled by exp2(m - m_new). A row that has seen only -inf keeps
+// m = -inf; it must neither rescale (inf - inf is NaN) nor subtract -inf from its scores.
+template <typename T>
+SK_HOST_DEVICE SK_INLINE T softmax_shift(T m_new) {
+  return m_new == -T(INFINITY) ? T(0) : m_new;
+}
+
+// lse (natural log) of a finished row from its log2-domain max and log2 of its sum; -inf for
+// a row that saw no key.
+template <typename T>
+SK_HOST_DEVICE SK_INLINE T softmax_lse(T m, T log2_l) {
+  return m == -T(INFINITY) ? -T(INFINITY) : (m + log2_l) * T(kLn2);
+}
+
+}  // namespace seqkernels

@@ -1,0 +1,1327 @@
+// CPU fused attention: seqkernels::attention_fwd and seqkernels::attention_bwd.
+//
+// Arguments arrive normalized (docs/INTERNALS.md): scale resolved, causal folded into the
+// window, the mask an expanded (B, Hq, Lq, Lk) view. The work is split so that it stays fast
+// on a few cores and never copies K/V per query head:
+//
+//   pack      K and V of each (batch, kv head) are converted to the accumulation type once and
+//             laid out for the register tiles: K^T in panels of NR keys ([panel][d][NR], the
+//             B operand of S = Q K^T), V as rows padded to the vector width (the B operand of
+//             O += P V). Keys at or past kv_lengths[b] are packed as zeros, so padding that
+//             holds NaN cannot leak through 0 * NaN.
+//   forward   one task per (batch, query head, block of query rows): online softmax over key
+//             blocks (exp2 evaluated in registers, log2(e) applied by the FMA that subtracts
+//             the row max), with S and P V computed by 6 x 2-vector register tiles. Keys that
+//             the window / causal / length rule hides are skipped at the granularity of 6 rows
+//             x NR keys, so a causal forward does half the work; the mask is applied only on
+//             the boundary of that region (and everywhere when attn_mask is given).
+//   backward  FlashAttention-2 recomputation from lse. One task per (batch, kv head, range of
+//             key blocks): for each key block it loops over the query heads of the group and
+//             the query blocks that see it, so dK and dV are summed over the group in
+//             registers and written once; dQ goes to a partial buffer owned by the task and
+//             the partials are summed in a fixed order at the end. Nothing is atomic, so the
+//             result does not depend on thread timing (`deterministic` needs no special path).
+//
+// Tasks are taken largest first from a shared counter, so both cores stay busy when B * H is
+// small or the causal work per block is uneven; outputs do not depend on which thread ran a
+// task. The inner loops exist twice: AVX2+FMA intrinsics, selected at run time on x86-64, and
+// at::vec::Vectorized (NEON on ARM, plain C++ elsewhere) as the portable fallback.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "common/attention_math.h"
+#include "common/philox.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define SK_ATTN_HAVE_AVX2 1
+#include <immintrin.h>
+// Intrinsic wrappers are compiled for AVX2 + FMA; the per-block entry points below inline
+// everything they call (flatten), so the whole hot path is AVX2 code while the rest of the
+// extension keeps the baseline ISA and the choice is made per call from cpuid.
+#define SK_AVX2_FN __attribute__((target("avx2,fma"))) inline
+#define SK_AVX2_ENTRY __attribute__((target("avx2,fma"), flatten, noinline))
+// __m256 values only cross function boundaries inside the flattened AVX2 entry points.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#else
+#define SK_ATTN_HAVE_AVX2 0
+#endif
+
+#if defined(__GNUC__)
+#define SK_FLATTEN __attribute__((flatten, noinline))
+#define SK_UNROLL _Pragma("GCC unroll 8")
+#else
+#define SK_FLATTEN
+#define SK_UNROLL
+#endif
+
+namespace seqkernels {
+namespace {
+
+using at::Tensor;
+
+// Register tile: MR rows x 2 vectors. With AVX2 that is 12 accumulators + 2 B vectors + 1
+// broadcast of the 16 ymm registers.
+constexpr int kMR = 6;
+
+// ---------------------------------------------------------------------------------------------
+// SIMD policies: the vector type and the few operations the kernels use.
+// ---------------------------------------------------------------------------------------------
+
+template <typename Scalar>
+struct VecPortable {
+  using T = Scalar;
+  using V = at::vec::Vectorized<T>;
+  static constexpr int W = V::size();
+  static V zero() { return V(T(0)); }
+  static V set1(T x) { return V(x); }
+  static V load(const T* p) { return V::loadu(p); }
+  static void store(T* p, const V& x) { x.store(p); }
+  static V bcast(const T* p) { return V(*p); }
+  static V fmadd(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  static V mul(const V& a, const V& b) { return a * b; }
+  static V add(const V& a, const V& b) { return a + b; }
+  static V sub(const V& a, const V& b) { return a - b; }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V exp2(const V& x) { return x.exp2(); }
+  static V exp2_nonpos(const V& x) { return x.exp2(); }
+  static T hmax(const V& x) {
+    T buf[W];
+    x.store(buf);
+    T r = buf[0];
+    for (int i = 1; i < W; ++i) r = buf[i] > r ? buf[i] : r;
+    return r;
+  }
+  static T hsum(const V& x) {
+    T buf[W];
+    x.store(buf);
+    T r = buf[0];
+    for (int i = 1; i < W; ++i) r += buf[i];
+    return r;
+  }
+};
+
+#if SK_ATTN_HAVE_AVX2
+struct Avx2Float {
+  using T = float;
+  using V = __m256;
+  static constexpr int W = 8;
+  SK_AVX2_FN static V zero() { return _mm256_setzero_ps(); }
+  SK_AVX2_FN static V set1(float x) { return _mm256_set1_ps(x); }
+  SK_AVX2_FN static V load(const float* p) { return _mm256_loadu_ps(p); }
+  SK_AVX2_FN static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  SK_AVX2_FN static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  // NaN in `a` is dropped (maxps returns its second operand then); callers only use the max
+  // as a shift and let NaN reach the sum through exp2.
+  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  // 2^x: x = n + f with n = round(x), f in [-1/2, 1/2]; 2^f by a degree-6 polynomial
+  // (relative error 1e-7, fitted for this range), 2^n built in the exponent field. Inputs below
+  // -127 give exactly 0 (the exponent field becomes 0), so -inf scores vanish without a
+  // select; NaN stays NaN because the clamps keep their second operand on NaN.
+  SK_AVX2_FN static V exp2(V x) { return exp2_nonpos(_mm256_min_ps(_mm256_set1_ps(127.0f), x)); }
+  // The same for x <= 127 (or NaN): the forward's arguments, s * log2(e) - rowmax, never exceed 0.
+  SK_AVX2_FN static V exp2_nonpos(V x) {
+    const V xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
+    const V n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm256_sub_ps(xc, n);
+    V p = _mm256_set1_ps(1.533758041e-04f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339986571e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618519805e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550329015e-02f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264625e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471825e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  SK_AVX2_FN static float hmax(V x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  SK_AVX2_FN static float hsum(V x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+struct Avx2Double {
+  using T = double;
+  using V = __m256d;
+  static constexpr int W = 4;
+  SK_AVX2_FN static V zero() { return _mm256_setzero_pd(); }
+  SK_AVX2_FN static V set1(double x) { return _mm256_set1_pd(x); }
+  SK_AVX2_FN static V load(const double* p) { return _mm256_loadu_pd(p); }
+  SK_AVX2_FN static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
+  SK_AVX2_FN static V bcast(const double* p) { return _mm256_broadcast_sd(p); }
+  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_pd(a, b); }
+  // float64 is the precision path (parity with the float64 reference to ~1e-11), so it uses
+  // the correctly rounded libm exp2 rather than a polynomial.
+  SK_AVX2_FN static V exp2(V x) {
+    alignas(32) double buf[4];
+    _mm256_store_pd(buf, x);
+    for (int i = 0; i < 4; ++i) buf[i] = std::exp2(buf[i]);
+    return _mm256_load_pd(buf);
+  }
+  SK_AVX2_FN static V exp2_nonpos(V x) { return exp2(x); }
+  SK_AVX2_FN static double hmax(V x) {
+    __m128d m = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
+    return _mm_cvtsd_f64(m);
+  }
+  SK_AVX2_FN static double hsum(V x) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+  }
+};
+#endif  // SK_ATTN_HAVE_AVX2
+
+// ---------------------------------------------------------------------------------------------
+// Register-tiled products.
+//
+// C[r][0:NV*W] (op)= sum_k A[r*a_rs + k*a_ks] * B[k*ldb + 0:NV*W] for r < MR. A element
+// strides are free, so one kernel serves S = Q K^T (A = Q rows), O += P V (A = P rows) and the
+// transposed products of the backward (A = P^T read column-wise).
+// ---------------------------------------------------------------------------------------------
+
+enum class Mode { Store, Add, ScaleAdd };  // C = AB, C += AB, C = C * alpha[r] + AB
+
+template <class P, int MR, int NV, Mode M>
+inline void micro_tile(const typename P::T* A, int64_t a_rs, int64_t a_ks,
+                       const typename P::T* B, int64_t ldb, int64_t K, typename P::T* C,
+                       int64_t ldc, const typename P::T* alpha) {
+  using V = typename P::V;
+  constexpr int W = P::W;
+  V acc[MR][NV];
+  SK_UNROLL for (int r = 0; r < MR; ++r) {
+    SK_UNROLL for (int c = 0; c < NV; ++c) {
+      if constexpr (M == Mode::Store) {
+        acc[r][c] = P::zero();
+      } else if constexpr (M == Mode::Add) {
+        acc[r][c] = P::load(C + r * ldc + c * W);
+      } else {
+        acc[r][c] = P::mul(P::load(C + r * ldc + c * W), P::set1(alpha[r]));
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    SK_UNROLL for (int c = 0; c < NV; ++c) b[c] = P::load(B + c * W);
+    B += ldb;
+    SK_UNROLL for (int r = 0; r < MR; ++r) {
+      const V a = P::bcast(A + r * a_rs);
+      SK_UNROLL for (int c = 0; c < NV; ++c) acc[r][c] = P::fmadd(a, b[c], acc[r][c]);
+    }
+    A += a_ks;
+  }
+  SK_UNROLL for (int r = 0; r < MR; ++r) {
+    SK_UNROLL for (int c = 0; c < NV; ++c) P::store(C + r * ldc + c * W, acc[r][c]);
+  }
+}
+
+// MR rows, ncols (a multiple of W) columns.
+template <class P, int MR, Mode M>
+inline void gemm_rows_fixed(const typename P::T* A, int64_t a_rs, int64_t a_ks,
+                            const typename P::T* B, int64_t ldb, int64_t K, typename P::T* C,
+                            int64_t ldc, int64_t ncols, const typename P::T* alpha) {
+  constexpr int W = P::W;
+  int64_t c = 0;
+  for (; c + 2 * W <= ncols; c += 2 * W) {
+    micro_tile<P, MR, 2, M>(A, a_rs, a_ks, B + c, ldb, K, C + c, ldc, alpha);
+  }
+  if (c < ncols) micro_tile<P, MR, 1, M>(A, a_rs, a_ks, B + c, ldb, K, C + c, ldc, alpha);
+}
+
+// Any number of rows: groups of kMR, then one narrower group.
+template <class P, Mode M>
+inline void gemm(int64_t rows, const typename P::T* A, int64_t a_rs, int64_t a_ks,
+                 const typename P::T* B, int64_t ldb, int64_t K, typename P::T* C, int64_t ldc,
+                 int64_t ncols, const typename P::T* alpha = nullptr) {
+  int64_t r = 0;
+  auto al = [&](int64_t r0) { return M == Mode::ScaleAdd ? alpha + r0 : nullptr; };
+  for (; r + kMR <= rows; r += kMR) {
+    gemm_rows_fixed<P, kMR, M>(A + r * a_rs, a_rs, a_ks, B, ldb, K, C + r * ldc, ldc, ncols, al(r));
+  }
+  const auto* Ar = A + r * a_rs;
+  auto* Cr = C + r * ldc;
+  switch (rows - r) {
+    case 5: gemm_rows_fixed<P, 5, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
+    case 4: gemm_rows_fixed<P, 4, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
+    case 3: gemm_rows_fixed<P, 3, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
+    case 2: gemm_rows_fixed<P, 2, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
+    case 1: gemm_rows_fixed<P, 1, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
+    default: break;
+  }
+}
+
+// C[r][p * NR + c] = sum_k A[r * a_rs + k] * B[p * K * NR + k * NR + c] for np consecutive
+// panels of NR = 2W columns (S = Q K^T of one row group against packed K^T panels), with the
+// row addressing set up once for all panels.
+template <class P, int MR>
+inline void panels_fixed(const typename P::T* A, int64_t a_rs, const typename P::T* B, int64_t K,
+                         int64_t np, typename P::T* C, int64_t ldc) {
+  constexpr int NR = 2 * P::W;
+  for (int64_t p = 0; p < np; ++p) {
+    micro_tile<P, MR, 2, Mode::Store>(A, a_rs, 1, B + p * K * NR, NR, K, C + p * NR, ldc, nullptr);
+  }
+}
+
+template <class P>
+inline void gemm_panels(int64_t rows, const typename P::T* A, int64_t a_rs, const typename P::T* B,
+                        int64_t K, int64_t np, typename P::T* C, int64_t ldc) {
+  switch (rows) {
+    case 6: panels_fixed<P, 6>(A, a_rs, B, K, np, C, ldc); break;
+    case 5: panels_fixed<P, 5>(A, a_rs, B, K, np, C, ldc); break;
+    case 4: panels_fixed<P, 4>(A, a_rs, B, K, np, C, ldc); break;
+    case 3: panels_fixed<P, 3>(A, a_rs, B, K, np, C, ldc); break;
+    case 2: panels_fixed<P, 2>(A, a_rs, B, K, np, C, ldc); break;
+    case 1: panels_fixed<P, 1>(A, a_rs, B, K, np, C, ldc); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mask and dropout, as seen by one row.
+// ---------------------------------------------------------------------------------------------
+
+enum class MaskKind : int { None, Bool, Half, BFloat16, Float, Double };
+
+struct MaskDesc {
+  MaskKind kind = MaskKind::None;
+  const void* ptr = nullptr;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;  // element strides of the expanded (B, Hq, Lq, Lk) view
+};
+
+// Applies attn_mask(b, h, i, j0 + t) to the scaled scores s[t], t < n: bool False -> -inf,
+// float -> + value. When `dp` is given (the backward), masked-out entries of dP are cleared too
+// so that 0 * inf cannot appear in dS.
+template <typename T, typename M>
+inline void mask_row_typed(const M* m, int64_t sj, T* s, T* dp, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    const M x = m[t * sj];
+    if constexpr (std::is_same_v<M, bool>) {
+      if (!x) {
+        s[t] = -std::numeric_limits<T>::infinity();
+        if (dp) dp[t] = T(0);
+      }
+    } else {
+      s[t] += static_cast<T>(x);
+    }
+  }
+}
+
+template <typename T>
+inline void apply_mask_row(const MaskDesc& mk, int64_t b, int64_t h, int64_t i, int64_t j0, T* s,
+                           T* dp, int64_t n) {
+  const int64_t off = b * mk.sb + h * mk.sh + i * mk.si + j0 * mk.sj;
+  switch (mk.kind) {
+    case MaskKind::Bool: mask_row_typed(static_cast<const bool*>(mk.ptr) + off, mk.sj, s, dp, n); break;
+    case MaskKind::Half: mask_row_typed(static_cast<const c10::Half*>(mk.ptr) + off, mk.sj, s, dp, n); break;
+    case MaskKind::BFloat16: mask_row_typed(static_cast<const c10::BFloat16*>(mk.ptr) + off, mk.sj, s, dp, n); break;
+    case MaskKind::Float: mask_row_typed(static_cast<const float*>(mk.ptr) + off, mk.sj, s, dp, n); break;
+    case MaskKind::Double: mask_row_typed(static_cast<const double*>(mk.ptr) + off, mk.sj, s, dp, n); break;
+    case MaskKind::None: break;
+  }
+}
+
+struct DropoutDesc {
+  bool on = false;
+  uint64_t seed = 0, offset = 0, threshold = 0;
+  double keep_scale = 1.0;  // 1 / (1 - p), 0 when p >= 1
+};
+
+inline bool keep_element(const DropoutDesc& d, uint64_t n) {
+  return static_cast<uint64_t>(philox_keep_word(d.seed, d.offset, n)) >= d.threshold;
+}
+
+template <typename T>
+inline void fill(T* p, int64_t n, T v) {
+  for (int64_t t = 0; t < n; ++t) p[t] = v;
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// Forward: a block of query rows of one (b, h) against the packed K/V of its kv head.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct FwdRows {
+  int64_t D, Dvp, BN;          // head dims (Dvp: Dv padded to W), key block
+  const T* Qs;                 // nrows x D, pre-multiplied by scale
+  const T* Kp;                 // K^T panels of the kv head: panel p at Kp + p * D * NR
+  const T* Vp;                 // V rows of the kv head, Lk_pad x Dvp
+  int64_t nrows;
+  const int64_t* lo;           // per row: visible keys [lo, hi) (window / causal / length)
+  const int64_t* hi;
+  MaskDesc mask;
+  int64_t b, h, i0;            // for the mask and the dropout index
+  DropoutDesc drop;
+  uint64_t n_row0;             // dropout index of (row 0, key 0); rows are Lk apart
+  int64_t Lk;
+  T* O;                        // nrows x Dvp accumulators (unnormalized)
+  T* m;                        // running max times log2(e) (the exp2 shift), -inf initially
+  T* l;                        // running sum, 0 initially
+  T* P;                        // kMR x BN scratch
+  T* alpha;                    // kMR scratch
+};
+
+// One row of one key block: mask, running max, exp2, running sum; leaves P (dropped entries
+// zeroed) in s and the factor that rescales the row's accumulators in alpha.
+//
+// Scores stay in the natural-log domain (the mask adds to them as is); P = exp2(s * log2(e) - m)
+// with one FMA, where m is the rounded log2-domain max actually used as the shift. Every P of the
+// row shares that m, so its rounding cancels in the normalization, and lse = m ln 2 + ln l holds
+// exactly for it; pre-multiplying q by log2(e) instead would add a rounding to every score.
+template <class P>
+inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo, int64_t hi,
+                            typename P::T& m, typename P::T& l, typename P::T& alpha,
+                            const FwdRows<typename P::T>& a, int64_t r) {
+  using T = typename P::T;
+  using V = typename P::V;
+  constexpr int W = P::W;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const int64_t c0 = std::max(lo, pl) - pl, c1 = std::min(hi, pl + w) - pl;
+  alpha = T(1);
+  if (c0 >= c1) {
+    fill(s, w, T(0));
+    return;
+  }
+  fill(s, c0, -kInf);
+  fill(s + c1, w - c1, -kInf);
+  if (a.mask.kind != MaskKind::None) {
+    apply_mask_row<T>(a.mask, a.b, a.h, a.i0 + r, pl + c0, s + c0, nullptr, c1 - c0);
+  }
+  V mv = P::set1(-kInf);
+  for (int64_t j = 0; j < w; j += W) mv = P::max(P::load(s + j), mv);
+  const T mx = P::hmax(mv) * T(kLog2e);
+  const T m_new = mx > m ? mx : m;
+  if (m_new == -kInf) {
+    // Nothing finite so far. All-NaN scores (a NaN query row) must still give NaN, as plain
+    // softmax does; everything else here is masked and contributes nothing.
+    bool nan = false;
+    for (int64_t j = c0; j < c1; ++j) nan |= std::isnan(s[j]);
+    if (nan) {
+      m = l = alpha = std::numeric_limits<T>::quiet_NaN();
+    }
+    fill(s, w, T(0));
+    return;
+  }
+  // The running max rarely moves after the first blocks; rescaling is skipped then.
+  alpha = m_new == m ? T(1) : std::exp2(m - m_new);
+  const V mn = P::set1(-m_new), l2e = P::set1(T(kLog2e));
+  V sum = P::zero();
+  for (int64_t j = 0; j < w; j += W) {
+    const V p = P::exp2_nonpos(P::fmadd(P::load(s + j), l2e, mn));
+    P::store(s + j, p);
+    sum = P::add(sum, p);
+  }
+  l = l * alpha + P::hsum(sum);
+  m = m_new;
+  if (a.drop.on) {
+    const uint64_t n0 = a.n_row0 + static_cast<uint64_t>(r) * a.Lk + pl;
+    for (int64_t j = c0; j < c1; ++j) {
+      if (!keep_element(a.drop, n0 + j)) s[j] = T(0);
+    }
+  }
+}
+
+template <class P>
+inline void fwd_rows(const FwdRows<typename P::T>& a) {
+  using T = typename P::T;
+  constexpr int NR = 2 * P::W;
+  int64_t klo = std::numeric_limits<int64_t>::max(), khi = std::numeric_limits<int64_t>::min();
+  for (int64_t r = 0; r < a.nrows; ++r) {
+    if (a.lo[r] < a.hi[r]) {
+      klo = std::min(klo, a.lo[r]);
+      khi = std::max(khi, a.hi[r]);
+    }
+  }
+  if (klo >= khi) return;
+  const int64_t kend = round_up(khi, NR), D = a.D, Dvp = a.Dvp, BN = a.BN;
+  for (int64_t j0 = klo / NR * NR; j0 < khi; j0 += BN) {
+    const int64_t j1 = std::min(j0 + BN, kend);
+    for (int64_t r0 = 0; r0 < a.nrows; r0 += kMR) {
+      const int64_t mr = std::min<int64_t>(kMR, a.nrows - r0);
+      int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
+      for (int64_t r = r0; r < r0 + mr; ++r) {
+        if (a.lo[r] < a.hi[r]) {
+          glo = std::min(glo, a.lo[r]);
+          ghi = std::max(ghi, a.hi[r]);
+        }
+      }
+      const int64_t cl = std::max(glo, j0), ch = std::min(ghi, j1);
+      if (cl >= ch) continue;  // these rows see nothing here: their state is unchanged
+      const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
+      T* S = a.P;
+      const T* Q = a.Qs + r0 * D;
+      gemm_panels<P>(mr, Q, D, a.Kp + (pl / NR) * D * NR, D, w / NR, S, BN);
+      for (int64_t r = 0; r < mr; ++r) {
+        fwd_softmax_row<P>(S + r * BN, w, pl, a.lo[r0 + r], a.hi[r0 + r], a.m[r0 + r],
+                           a.l[r0 + r], a.alpha[r], a, r0 + r);
+      }
+      gemm<P, Mode::ScaleAdd>(mr, S, BN, 1, a.Vp + pl * Dvp, Dvp, w, a.O + r0 * Dvp, Dvp, Dvp,
+                              a.alpha);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: one key block of one (b, kv head) against every query head of its group.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct BwdBlock {
+  int64_t D, Dp, Dv, Dvp;      // head dims and their W-padded row lengths
+  int64_t BM, BN;              // query rows per step; ld of the S / dP scratch
+  int64_t j0, j1;              // the key block [j0, j1), NR-aligned
+  const T* Kt;                 // K^T panels of the kv head ([panel][D][NR])
+  const T* Kr;                 // K rows, Lk_pad x Dp
+  const T* Vt;                 // V^T panels ([panel][Dv][NR])
+  int64_t Hg, Lq;              // query heads in the group, query length
+  const T* Qp;                 // per head Lq x Dp, pre-multiplied by scale
+  const T* dOp;                // per head Lq x Dvp
+  const T* Delta;              // per head Lq: rowsum(dO * O)
+  const T* lse;                // per head Lq
+  T* dQ;                       // per head Lq x Dp partial sums of dS K (this task's own)
+  const int64_t* lo;           // per query row of the batch: visible keys [lo, hi)
+  const int64_t* hi;
+  int64_t ilo, ihi;            // query rows that may see this block
+  MaskDesc mask;
+  int64_t b, h0, Hq, Lk;       // h0: first query head of the group
+  DropoutDesc drop;
+  T* S;                        // BM x BN scratch: scores, then dropped P
+  T* dP;                       // BM x BN scratch: dP, then dS
+  T* dK;                       // (j1 - j0) x Dp accumulators
+  T* dV;                       // (j1 - j0) x Dvp accumulators
+};
+
+// One query row against the key columns [pl, pl + w): P = exp(s - lse), dS = P * (dP - Delta),
+// both with dropout applied; s <- dropped P (for dV), dp <- dS (for dK and dQ). The scores stay
+// in the natural-log domain here: s - lse cancels almost exactly near the row max, and scaling
+// only that small difference by log2(e) keeps P as accurate as plain softmax, which a log2-domain
+// lse (one more rounding at |lse| ~ 10) would not.
+template <class P>
+inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, int64_t lo,
+                    int64_t hi, typename P::T lse, typename P::T delta,
+                    const BwdBlock<typename P::T>& a, int64_t h, int64_t i) {
+  using T = typename P::T;
+  using V = typename P::V;
+  constexpr int W = P::W;
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const int64_t c0 = std::max(lo, pl) - pl, c1 = std::min(hi, pl + w) - pl;
+  if (c0 >= c1 || lse == -kInf) {
+    fill(s, w, T(0));
+    fill(dp, w, T(0));
+    return;
+  }
+  fill(s, c0, -kInf);
+  fill(s + c1, w - c1, -kInf);
+  fill(dp, c0, T(0));
+  fill(dp + c1, w - c1, T(0));
+  if (a.mask.kind != MaskKind::None) {
+    apply_mask_row<T>(a.mask, a.b, h, i, pl + c0, s + c0, dp + c0, c1 - c0);
+  }
+  if (std::isnan(lse)) {
+    // A NaN row (NaN in its query or in a key it sees): NaN wherever it sees a key, exactly 0
+    // for keys it does not see, as the reference's selection gives; exp2(-inf - NaN) would
+    // otherwise spread NaN into dK/dV of hidden and padded keys.
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.Lq + i) * a.Lk + pl;
+    for (int64_t j = 0; j < w; ++j) {
+      const bool seen = s[j] != -kInf;
+      dp[j] = seen ? nan : T(0);
+      s[j] = seen && (!a.drop.on || keep_element(a.drop, n0 + j)) ? nan : T(0);
+    }
+    return;
+  }
+  const V lv = P::set1(lse), dl = P::set1(delta), l2e = P::set1(T(kLog2e));
+  if (!a.drop.on) {
+    for (int64_t j = 0; j < w; j += W) {
+      const V p = P::exp2(P::mul(P::sub(P::load(s + j), lv), l2e));
+      P::store(dp + j, P::mul(p, P::sub(P::load(dp + j), dl)));
+      P::store(s + j, p);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < w; j += W) P::store(s + j, P::exp2(P::mul(P::sub(P::load(s + j), lv), l2e)));
+  const T ks = static_cast<T>(a.drop.keep_scale);
+  const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.Lq + i) * a.Lk + pl;
+  for (int64_t j = 0; j < w; ++j) {
+    const T p = s[j];
+    const bool keep = j >= c0 && j < c1 && keep_element(a.drop, n0 + j);
+    const T dpk = keep ? dp[j] * ks : T(0);
+    dp[j] = p * (dpk - delta);
+    s[j] = keep ? p * ks : T(0);
+  }
+}
+
+template <class P>
+inline void bwd_block(const BwdBlock<typename P::T>& a) {
+  using T = typename P::T;
+  constexpr int NR = 2 * P::W;
+  const int64_t D = a.D, Dp = a.Dp, Dv = a.Dv, Dvp = a.Dvp, BN = a.BN, Lq = a.Lq;
+  for (int64_t hh = 0; hh < a.Hg; ++hh) {
+    const T* Qp = a.Qp + hh * Lq * Dp;
+    const T* dOp = a.dOp + hh * Lq * Dvp;
+    const T* Delta = a.Delta + hh * Lq;
+    const T* lse = a.lse + hh * Lq;
+    T* dQ = a.dQ + hh * Lq * Dp;
+    const int64_t h = a.h0 + hh;
+    for (int64_t i0 = a.ilo; i0 < a.ihi; i0 += a.BM) {
+      const int64_t nr = std::min(a.BM, a.ihi - i0);
+      int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
+      for (int64_t i = i0; i < i0 + nr; ++i) {
+        if (a.lo[i] < a.hi[i]) {
+          glo = std::min(glo, a.lo[i]);
+          ghi = std::max(ghi, a.hi[i]);
+        }
+      }
+      const int64_t cl = std::max(glo, a.j0), ch = std::min(ghi, a.j1);
+      if (cl >= ch) continue;
+      const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
+      for (int64_t p = pl; p < ph; p += NR) {
+        gemm<P, Mode::Store>(nr, Qp + i0 * Dp, Dp, 1, a.Kt + (p / NR) * D * NR, NR, D,
+                             a.S + (p - pl), BN, NR);
+        gemm<P, Mode::Store>(nr, dOp + i0 * Dvp, Dvp, 1, a.Vt + (p / NR) * Dv * NR, NR, Dv,
+                             a.dP + (p - pl), BN, NR);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = i0 + r;
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], Delta[i], a, h, i);
+      }
+      // dV[j] += sum_i P[i][j] dO[i];  dK[j] += sum_i dS[i][j] Q[i];  dQ[i] += sum_j dS[i][j] K[j]
+      gemm<P, Mode::Add>(w, a.S, 1, BN, dOp + i0 * Dvp, Dvp, nr, a.dV + (pl - a.j0) * Dvp, Dvp, Dvp);
+      gemm<P, Mode::Add>(w, a.dP, 1, BN, Qp + i0 * Dp, Dp, nr, a.dK + (pl - a.j0) * Dp, Dp, Dp);
+      gemm<P, Mode::Add>(nr, a.dP, BN, 1, a.Kr + pl * Dp, Dp, w, dQ + i0 * Dp, Dp, Dp);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points per instruction set. The policy fixes the vector width W, and with it the panel
+// width NR = 2W of the packed K/V, so the drivers pack for the kernels they picked.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Kernels {
+  int64_t W;
+  void (*fwd)(const FwdRows<T>&);
+  void (*bwd)(const BwdBlock<T>&);
+};
+
+template <typename T>
+SK_FLATTEN void fwd_rows_portable(const FwdRows<T>& a) { fwd_rows<VecPortable<T>>(a); }
+template <typename T>
+SK_FLATTEN void bwd_block_portable(const BwdBlock<T>& a) { bwd_block<VecPortable<T>>(a); }
+
+#if SK_ATTN_HAVE_AVX2
+SK_AVX2_ENTRY void fwd_rows_avx2_f32(const FwdRows<float>& a) { fwd_rows<Avx2Float>(a); }
+SK_AVX2_ENTRY void bwd_block_avx2_f32(const BwdBlock<float>& a) { bwd_block<Avx2Float>(a); }
+SK_AVX2_ENTRY void fwd_rows_avx2_f64(const FwdRows<double>& a) { fwd_rows<Avx2Double>(a); }
+SK_AVX2_ENTRY void bwd_block_avx2_f64(const BwdBlock<double>& a) { bwd_block<Avx2Double>(a); }
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+// SEQKERNELS_CPU_ISA=portable forces the portable kernels (the path non-x86 machines take), so
+// the tests can cover it on an AVX2 machine.
+inline bool portable_forced() {
+  const char* e = std::getenv("SEQKERNELS_CPU_ISA");
+  return e != nullptr && std::strcmp(e, "portable") == 0;
+}
+
+template <typename T>
+Kernels<T> select_kernels() {
+#if SK_ATTN_HAVE_AVX2
+  if (cpu_has_avx2_fma() && !portable_forced()) {
+    if constexpr (std::is_same_v<T, float>) {
+      return {Avx2Float::W, &fwd_rows_avx2_f32, &bwd_block_avx2_f32};
+    } else {
+      return {Avx2Double::W, &fwd_rows_avx2_f64, &bwd_block_avx2_f64};
+    }
+  }
+#endif
+  return {VecPortable<T>::W, &fwd_rows_portable<T>, &bwd_block_portable<T>};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing (dtype conversion + layout), memory-bound and done once per (b, head).
+// ---------------------------------------------------------------------------------------------
+
+// K^T panels [p][d][NR] for panels [p0, p1) of one head; keys >= nvalid are zeros.
+template <typename scalar_t, typename T>
+void pack_panels(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t NR,
+                 int64_t p0, int64_t p1, T* out) {
+  for (int64_t p = p0; p < p1; ++p) {
+    T* dst = out + p * D * NR;
+    for (int64_t t = 0; t < NR; ++t) {
+      const int64_t j = p * NR + t;
+      if (j < nvalid) {
+        const scalar_t* src = x + j * sL;
+        for (int64_t d = 0; d < D; ++d) dst[d * NR + t] = static_cast<T>(src[d * sD]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d * NR + t] = T(0);
+      }
+    }
+  }
+}
+
+// Rows [r0, r1) of one head as rows of Dp values (multiplied by mul, zero padded); rows >=
+// nvalid are zeros.
+template <typename scalar_t, typename T>
+void pack_rows(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t Dp,
+               int64_t r0, int64_t r1, T mul, T* out) {
+  for (int64_t j = r0; j < r1; ++j) {
+    T* dst = out + j * Dp;
+    int64_t d = 0;
+    if (j < nvalid) {
+      const scalar_t* src = x + j * sL;
+      if (sD == 1) {
+        for (; d < D; ++d) dst[d] = static_cast<T>(src[d]) * mul;
+      } else {
+        for (; d < D; ++d) dst[d] = static_cast<T>(src[d * sD]) * mul;
+      }
+    }
+    for (; d < Dp; ++d) dst[d] = T(0);
+  }
+}
+
+// Runs tasks [0, n) (given in an order where neighbours share data, e.g. the query blocks of one
+// head) on all threads. Each thread owns a contiguous range of about equal total cost, so it
+// keeps its heads' K/V in its own caches as a static split would, and works through it largest
+// task first; a thread that runs out takes the remaining tasks of the others from their small
+// end. A descheduled or slower thread therefore delays the call by at most one small task.
+// `make_worker()` builds per-thread state (scratch) and returns a callable `void(int64_t task)`.
+// Which thread runs which task varies; the results must not depend on it.
+template <typename MakeWorker>
+void run_tasks(const std::vector<int64_t>& cost, MakeWorker&& make_worker) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  if (n == 0) return;
+  const int64_t nw = std::min<int64_t>(at::get_num_threads(), n);
+  int64_t total = 0;
+  for (int64_t c : cost) total += c;
+  std::vector<int64_t> bnd(nw + 1, n);
+  bnd[0] = 0;
+  for (int64_t t = 0, acc = 0, w = 1; t < n && w < nw; ++t) {
+    acc += cost[t];
+    while (w < nw && acc * nw >= total * w) bnd[w++] = t + 1;
+  }
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  for (int64_t w = 0; w < nw; ++w) {
+    std::stable_sort(order.begin() + bnd[w], order.begin() + bnd[w + 1],
+                     [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+  }
+  std::vector<std::atomic<bool>> claimed(n);
+  at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      auto work = make_worker();
+      for (int64_t t = bnd[w]; t < bnd[w + 1]; ++t) {
+        if (!claimed[t].exchange(true, std::memory_order_acq_rel)) work(order[t]);
+      }
+      for (int64_t o = 1; o < nw; ++o) {
+        const int64_t v = (w + o) % nw;
+        for (int64_t t = bnd[v + 1] - 1; t >= bnd[v]; --t) {
+          if (!claimed[t].exchange(true, std::memory_order_acq_rel)) work(order[t]);
+        }
+      }
+    }
+  });
+}
+
+// Bytes of packed data per chunk of (b, kv head) groups: bounds the extra memory on long
+// sequences. Below glibc's largest mmap threshold (32 MiB) the buffer comes from the heap and is
+// reused call after call, instead of fresh pages that fault and get zeroed on every call.
+constexpr int64_t kPackBudgetBytes = int64_t(24) << 20;
+
+// Groups of (b, kv head) packed and processed together: as many as the budget allows, but at
+// least one per thread so that every thread has work even when a group is large.
+inline int64_t chunk_groups(int64_t bytes_per_group, int64_t ngroups) {
+  const int64_t fit = kPackBudgetBytes / std::max<int64_t>(bytes_per_group, 1);
+  return std::clamp<int64_t>(std::max<int64_t>(fit, at::get_num_threads()), 1, std::max<int64_t>(ngroups, 1));
+}
+
+// Tile sizes: query rows per forward task (a multiple of the 6-row register tile) and keys per
+// forward block; query rows and keys per backward step. The forward block is large because its
+// per-row cost (max, rescale) is paid once per block; the backward's S and dP tiles (rows x
+// keys) stay in L2 next to the dK/dV accumulators. Measured on Zen 3 (AVX2): the rate is flat
+// within a few percent around these values.
+constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Validation shared by forward and backward.
+// ---------------------------------------------------------------------------------------------
+
+struct Geometry {
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
+};
+
+Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const char* op) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, Hq, Lq, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, Hkv, Lk, D), got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, op, ": v must be 4-D (B, Hkv, Lk, Dv), got ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op,
+              ": q, k and v must be CPU tensors");
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
+              ": q must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op,
+              ": k and v must have q's dtype ", st, ", got ", k.scalar_type(), " and ", v.scalar_type());
+  Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK(k.size(0) == g.B && v.size(0) == g.B, op, ": q, k, v batch sizes differ: ", g.B, ", ",
+              k.size(0), ", ", v.size(0));
+  TORCH_CHECK(k.size(3) == g.D, op, ": k's head dim ", k.size(3), " must equal q's ", g.D);
+  TORCH_CHECK(v.size(1) == g.Hkv && v.size(2) == g.Lk, op, ": v ", v.sizes(),
+              " must be (B, Hkv, Lk, Dv) with k's Hkv = ", g.Hkv, " and Lk = ", g.Lk);
+  TORCH_CHECK(g.Hkv > 0 && g.Hq % g.Hkv == 0, op, ": the number of query heads (", g.Hq,
+              ") must be a multiple of the number of kv heads (", g.Hkv, ")");
+  return g;
+}
+
+MaskDesc check_mask(const std::optional<Tensor>& attn_mask, const Geometry& g, at::ScalarType qt,
+                    const char* op) {
+  MaskDesc m;
+  if (!attn_mask.has_value() || !attn_mask->defined()) return m;
+  const Tensor& t = *attn_mask;
+  TORCH_CHECK(t.device().is_cpu(), op, ": attn_mask must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.B && t.size(1) == g.Hq && t.size(2) == g.Lq &&
+                  t.size(3) == g.Lk,
+              op, ": attn_mask must be expanded to (B, Hq, Lq, Lk) = (", g.B, ", ", g.Hq, ", ", g.Lq,
+              ", ", g.Lk, "), got ", t.sizes());
+  switch (t.scalar_type()) {
+    case at::kBool: m.kind = MaskKind::Bool; break;
+    case at::kHalf: m.kind = MaskKind::Half; break;
+    case at::kBFloat16: m.kind = MaskKind::BFloat16; break;
+    case at::kFloat: m.kind = MaskKind::Float; break;
+    case at::kDouble: m.kind = MaskKind::Double; break;
+    default: TORCH_CHECK(false, op, ": attn_mask must be bool or floating point, got ", t.scalar_type());
+  }
+  TORCH_CHECK(t.scalar_type() == at::kBool || t.scalar_type() == qt || t.scalar_type() == at::kFloat,
+              op, ": a float attn_mask must have q's dtype (", qt, ") or float32, got ", t.scalar_type());
+  m.ptr = t.data_ptr();
+  m.sb = t.stride(0);
+  m.sh = t.stride(1);
+  m.si = t.stride(2);
+  m.sj = t.stride(3);
+  return m;
+}
+
+const int32_t* check_lengths(const std::optional<Tensor>& kv_lengths, const Geometry& g, const char* op) {
+  if (!kv_lengths.has_value() || !kv_lengths->defined()) return nullptr;
+  const Tensor& t = *kv_lengths;
+  TORCH_CHECK(t.device().is_cpu(), op, ": kv_lengths must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": kv_lengths must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == g.B && t.is_contiguous(), op,
+              ": kv_lengths must be a contiguous (B,) = (", g.B, ",) tensor, got ", t.sizes());
+  return t.data_ptr<int32_t>();
+}
+
+DropoutDesc check_dropout(double p, int64_t seed, int64_t offset, const char* op) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": dropout_p must be in [0, 1], got ", p);
+  DropoutDesc d;
+  d.on = p > 0.0;
+  d.seed = static_cast<uint64_t>(seed);
+  d.offset = static_cast<uint64_t>(offset);
+  d.threshold = dropout_threshold(p);
+  d.keep_scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
+  return d;
+}
+
+void check_window(int64_t wl, int64_t wr, const char* op) {
+  TORCH_CHECK(wl >= -1, op, ": window_left must be >= 0, or -1 for unbounded, got ", wl);
+  TORCH_CHECK(wr >= -1, op, ": window_right must be >= 0, or -1 for unbounded, got ", wr);
+}
+
+// Visible key range of every query row of batch b.
+void row_ranges(const Geometry& g, const int32_t* kv_len, int64_t b, int64_t wl, int64_t wr,
+                bool bottom_right, int64_t* lo, int64_t* hi) {
+  const int64_t Lk_b = batch_key_length(kv_len, b, g.Lk);
+  for (int64_t i = 0; i < g.Lq; ++i) {
+    const KeyRange kr = visible_keys(i, g.Lq, Lk_b, wl, wr, bottom_right);
+    lo[i] = kr.lo;
+    hi[i] = kr.hi;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward driver.
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g,
+                       const MaskDesc& mask, const int32_t* kv_len, double scale, int64_t wl,
+                       int64_t wr, bool bottom_right, const DropoutDesc& drop, Tensor& out,
+                       Tensor& lse) {
+  const Kernels<T> kern = select_kernels<T>();
+  const int64_t W = kern.W, NR = 2 * W;
+  const int64_t B = g.B, Hq = g.Hq, Hkv = g.Hkv, Lq = g.Lq, Lk = g.Lk, D = g.D, Dv = g.Dv;
+  const int64_t Hg = Hq / Hkv;
+  const int64_t Lk_pad = round_up(std::max<int64_t>(Lk, 1), NR), Dvp = round_up(std::max<int64_t>(Dv, 1), W);
+  const int64_t npanel = Lk_pad / NR;
+  const int64_t BM = kFwdBM, BN = round_up(kFwdBN, NR);
+  const T qmul = static_cast<T>(scale);
+
+  const scalar_t* qd = q.const_data_ptr<scalar_t>();
+  const scalar_t* kd = k.const_data_ptr<scalar_t>();
+  const scalar_t* vd = v.const_data_ptr<scalar_t>();
+  scalar_t* od = out.data_ptr<scalar_t>();
+  T* lsed = lse.data_ptr<T>();
+
+  std::vector<int64_t> lo_all(B * Lq), hi_all(B * Lq);
+  for (int64_t b = 0; b < B; ++b) {
+    row_ranges(g, kv_len, b, wl, wr, bottom_right, lo_all.data() + b * Lq, hi_all.data() + b * Lq);
+  }
+
+  const int64_t group_elems = Lk_pad * (D + Dvp);
+  const int64_t ngroups = B * Hkv;
+  const int64_t chunk = chunk_groups(group_elems * int64_t(sizeof(T)), ngroups);
+  const int64_t nqb = (Lq + BM - 1) / BM;
+  Tensor packed = at::empty({chunk * group_elems}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
+  T* pk = packed.data_ptr<T>();
+
+  for (int64_t g0 = 0; g0 < ngroups; g0 += chunk) {
+    const int64_t g1 = std::min(g0 + chunk, ngroups);
+    // Pack K^T panels and V rows of the chunk's groups, in slices of panels.
+    constexpr int64_t kSlice = 8;
+    const int64_t nslice = (npanel + kSlice - 1) / kSlice;
+    at::parallel_for(0, (g1 - g0) * nslice, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t gi = g0 + t / nslice, sl = t % nslice;
+        const int64_t b = gi / Hkv, hk = gi % Hkv;
+        const int64_t Lk_b = batch_key_length(kv_len, b, Lk);
+        const int64_t p0 = sl * kSlice, p1 = std::min(npanel, p0 + kSlice);
+        T* base = pk + (gi - g0) * group_elems;
+        pack_panels<scalar_t, T>(kd + b * k.stride(0) + hk * k.stride(1), k.stride(2), k.stride(3),
+                                 Lk_b, D, NR, p0, p1, base);
+        pack_rows<scalar_t, T>(vd + b * v.stride(0) + hk * v.stride(1), v.stride(2), v.stride(3), Lk_b,
+                               Dv, Dvp, p0 * NR, p1 * NR, T(1), base + Lk_pad * D);
+      }
+    });
+
+    // Tasks: (group, query head in group, block of query rows), cost = visible (row, key) pairs.
+    const int64_t ntask = (g1 - g0) * Hg * nqb;
+    std::vector<int64_t> cost(ntask);
+    for (int64_t t = 0; t < ntask; ++t) {
+      const int64_t gi = g0 + t / (Hg * nqb), qb = t % nqb;
+      const int64_t b = gi / Hkv;
+      const int64_t i0 = qb * BM, i1 = std::min(Lq, i0 + BM);
+      int64_t c = i1 - i0;
+      for (int64_t i = i0; i < i1; ++i) c += hi_all[b * Lq + i] - lo_all[b * Lq + i];
+      cost[t] = c;
+    }
+    run_tasks(cost, [&]() {
+      // Per-thread scratch, allocated once per call.
+      auto scratch = std::make_shared<std::vector<T>>(BM * D + BM * Dvp + 2 * BM + kMR * BN + kMR);
+      return [&, scratch](int64_t t) {
+        T* Qs = scratch->data();
+        T* O = Qs + BM * D;
+        T* m = O + BM * Dvp;
+        T* l = m + BM;
+        T* Pb = l + BM;
+        T* alpha = Pb + kMR * BN;
+        const int64_t gi = g0 + t / (Hg * nqb), hh = (t / nqb) % Hg, qb = t % nqb;
+        const int64_t b = gi / Hkv, hk = gi % Hkv, h = hk * Hg + hh;
+        const int64_t i0 = qb * BM, nrows = std::min(BM, Lq - i0);
+        pack_rows<scalar_t, T>(qd + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2),
+                               q.stride(3), nrows, D, D, 0, nrows, qmul, Qs);
+        fill(O, nrows * Dvp, T(0));
+        fill(m, nrows, -std::numeric_limits<T>::infinity());
+        fill(l, nrows, T(0));
+        const T* base = pk + (gi - g0) * group_elems;
+        FwdRows<T> a;
+        a.D = D;
+        a.Dvp = Dvp;
+        a.BN = BN;
+        a.Qs = Qs;
+        a.Kp = base;
+        a.Vp = base + Lk_pad * D;
+        a.nrows = nrows;
+        a.lo = lo_all.data() + b * Lq + i0;
+        a.hi = hi_all.data() + b * Lq + i0;
+        a.mask = mask;
+        a.b = b;
+        a.h = h;
+        a.i0 = i0;
+        a.drop = drop;
+        a.n_row0 = ((static_cast<uint64_t>(b) * Hq + h) * Lq + i0) * Lk;
+        a.Lk = Lk;
+        a.O = O;
+        a.m = m;
+        a.l = l;
+        a.P = Pb;
+        a.alpha = alpha;
+        kern.fwd(a);
+        // Normalize; a row that saw no key is 0 with lse -inf.
+        const T ks = static_cast<T>(drop.keep_scale);
+        for (int64_t r = 0; r < nrows; ++r) {
+          scalar_t* orow = od + ((b * Hq + h) * Lq + i0 + r) * Dv;
+          const T* acc = O + r * Dvp;
+          const bool dead = m[r] == -std::numeric_limits<T>::infinity();
+          const T inv = dead ? T(0) : (drop.on ? ks : T(1)) / l[r];
+          for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(dead ? T(0) : acc[d] * inv);
+          lsed[(b * Hq + h) * Lq + i0 + r] =
+              static_cast<T>(softmax_lse<double>(m[r], std::log2(static_cast<double>(l[r]))));
+        }
+      };
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const std::optional<Tensor>& attn_mask,
+                                             const std::optional<Tensor>& kv_lengths, double scale,
+                                             int64_t window_left, int64_t window_right,
+                                             bool bottom_right, double dropout_p, int64_t seed,
+                                             int64_t offset) {
+  constexpr const char* op = "seqkernels::attention_fwd (cpu)";
+  const Geometry g = check_qkv(q, k, v, op);
+  const MaskDesc mask = check_mask(attn_mask, g, q.scalar_type(), op);
+  const int32_t* kv_len = check_lengths(kv_lengths, g, op);
+  const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
+  check_window(window_left, window_right, op);
+  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = at::empty({g.B, g.Hq, g.Lq, g.Dv}, q.options());
+  Tensor lse = at::empty({g.B, g.Hq, g.Lq}, q.options().dtype(lse_type));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    attention_fwd_run<scalar_t, T>(q, k, v, g, mask, kv_len, scale, window_left, window_right,
+                                   bottom_right, drop, out, lse);
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward driver.
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Tensor& out, const Tensor& lse, const Geometry& g, const MaskDesc& mask,
+                       const int32_t* kv_len, double scale, int64_t wl, int64_t wr,
+                       bool bottom_right, const DropoutDesc& drop, Tensor& dq, Tensor& dk,
+                       Tensor& dv) {
+  const Kernels<T> kern = select_kernels<T>();
+  const int64_t W = kern.W, NR = 2 * W;
+  const int64_t B = g.B, Hq = g.Hq, Hkv = g.Hkv, Lq = g.Lq, Lk = g.Lk, D = g.D, Dv = g.Dv;
+  const int64_t Hg = Hq / Hkv;
+  const int64_t Lk_pad = round_up(std::max<int64_t>(Lk, 1), NR);
+  const int64_t Dp = round_up(std::max<int64_t>(D, 1), W), Dvp = round_up(std::max<int64_t>(Dv, 1), W);
+  const int64_t npanel = Lk_pad / NR;
+  const int64_t BM = kBwdBM, BN = round_up(kBwdBN, NR);
+  const int64_t nkb = (Lk_pad + BN - 1) / BN;
+  const T qmul = static_cast<T>(scale);
+
+  const scalar_t* qd = q.const_data_ptr<scalar_t>();
+  const scalar_t* kd = k.const_data_ptr<scalar_t>();
+  const scalar_t* vd = v.const_data_ptr<scalar_t>();
+  const scalar_t* od = out.const_data_ptr<scalar_t>();
+  const scalar_t* dod = dout.const_data_ptr<scalar_t>();
+  const T* lsed = lse.const_data_ptr<T>();
+  scalar_t* dqd = dq.data_ptr<scalar_t>();
+  scalar_t* dkd = dk.data_ptr<scalar_t>();
+  scalar_t* dvd = dv.data_ptr<scalar_t>();
+  const int64_t dq_s0 = dq.stride(0), dq_s1 = dq.stride(1), dq_s2 = dq.stride(2), dq_s3 = dq.stride(3);
+  const int64_t dk_s0 = dk.stride(0), dk_s1 = dk.stride(1), dk_s2 = dk.stride(2), dk_s3 = dk.stride(3);
+  const int64_t dv_s0 = dv.stride(0), dv_s1 = dv.stride(1), dv_s2 = dv.stride(2), dv_s3 = dv.stride(3);
+
+  std::vector<int64_t> lo_all(B * Lq), hi_all(B * Lq);
+  for (int64_t b = 0; b < B; ++b) {
+    row_ranges(g, kv_len, b, wl, wr, bottom_right, lo_all.data() + b * Lq, hi_all.data() + b * Lq);
+  }
+  // Work per key block of each batch: visible (row, key) pairs, to balance the splits.
+  std::vector<int64_t> kb_cost(B * nkb, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t j0 = kb * BN, j1 = std::min(Lk_pad, j0 + BN);
+      int64_t c = 1;
+      for (int64_t i = 0; i < Lq; ++i) {
+        c += std::max<int64_t>(0, std::min(hi_all[b * Lq + i], j1) - std::max(lo_all[b * Lq + i], j0));
+      }
+      kb_cost[b * nkb + kb] = c;
+    }
+  }
+
+  const int64_t ngroups = B * Hkv;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t kv_elems = Lk_pad * (D + Dp + Dv);
+  const int64_t q_elems = Hg * Lq * (Dp + Dvp + 2);
+  const int64_t dq_part = Hg * Lq * Dp;
+  // Key-block splits per group: enough tasks per chunk to keep every thread busy when there
+  // are few groups. Each split owns a dQ partial, summed in split order afterwards. Groups of
+  // a chunk cost the same unless kv_lengths differ, so a multiple of the thread count needs none.
+  const int64_t chunk0 = chunk_groups((kv_elems + q_elems + dq_part) * int64_t(sizeof(T)), ngroups);
+  int64_t splits = 1;
+  const bool even = chunk0 % nthreads == 0 && kv_len == nullptr;
+  if (chunk0 < 4 * nthreads && !even) splits = std::min<int64_t>(nkb, (4 * nthreads + chunk0 - 1) / chunk0);
+  const int64_t group_elems = kv_elems + q_elems + splits * dq_part;
+  const int64_t chunk = chunk_groups(group_elems * int64_t(sizeof(T)), ngroups);
+  Tensor packed = at::empty({chunk * group_elems}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
+  T* pk = packed.data_ptr<T>();
+  const T tscale = static_cast<T>(scale);
+
+  for (int64_t g0 = 0; g0 < ngroups; g0 += chunk) {
+    const int64_t g1 = std::min(g0 + chunk, ngroups);
+    auto Kt_of = [&](int64_t gi) { return pk + (gi - g0) * group_elems; };
+    auto Kr_of = [&](int64_t gi) { return Kt_of(gi) + Lk_pad * D; };
+    auto Vt_of = [&](int64_t gi) { return Kr_of(gi) + Lk_pad * Dp; };
+    auto Qp_of = [&](int64_t gi) { return Vt_of(gi) + Lk_pad * Dv; };
+    auto dOp_of = [&](int64_t gi) { return Qp_of(gi) + Hg * Lq * Dp; };
+    auto Delta_of = [&](int64_t gi) { return dOp_of(gi) + Hg * Lq * Dvp; };
+    auto lse_of = [&](int64_t gi) { return Delta_of(gi) + Hg * Lq; };
+    auto dQ_of = [&](int64_t gi, int64_t s) { return lse_of(gi) + Hg * Lq + s * Hg * Lq * Dp; };
+
+    // Pack K/V (three layouts) per slice of panels, and Q, dO, Delta, lse per slice of rows.
+    constexpr int64_t kSlice = 8, kRowSlice = 64;
+    const int64_t nslice = (npanel + kSlice - 1) / kSlice;
+    const int64_t nrslice = (Lq + kRowSlice - 1) / kRowSlice;
+    const int64_t nkv_tasks = (g1 - g0) * nslice, nq_tasks = (g1 - g0) * Hg * nrslice;
+    at::parallel_for(0, nkv_tasks + nq_tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        if (t < nkv_tasks) {
+          const int64_t gi = g0 + t / nslice, sl = t % nslice;
+          const int64_t b = gi / Hkv, hk = gi % Hkv;
+          const int64_t Lk_b = batch_key_length(kv_len, b, Lk);
+          const int64_t p0 = sl * kSlice, p1 = std::min(npanel, p0 + kSlice);
+          const scalar_t* kh = kd + b * k.stride(0) + hk * k.stride(1);
+          const scalar_t* vh = vd + b * v.stride(0) + hk * v.stride(1);
+          pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, Kt_of(gi));
+          pack_rows<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, Dp, p0 * NR, p1 * NR, T(1), Kr_of(gi));
+          pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, Vt_of(gi));
+        } else {
+          const int64_t u = t - nkv_tasks;
+          const int64_t gi = g0 + u / (Hg * nrslice), hh = (u / nrslice) % Hg, rs = u % nrslice;
+          const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
+          const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
+          const scalar_t* qh = qd + b * q.stride(0) + h * q.stride(1);
+          const scalar_t* doh = dod + b * dout.stride(0) + h * dout.stride(1);
+          const scalar_t* oh = od + b * out.stride(0) + h * out.stride(1);
+          const int64_t o_s2 = out.stride(2), o_s3 = out.stride(3);
+          pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, qmul, Qp_of(gi) + hh * Lq * Dp);
+          T* dO = dOp_of(gi) + hh * Lq * Dvp;
+          pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
+          T* delta = Delta_of(gi) + hh * Lq;
+          T* lr = lse_of(gi) + hh * Lq;
+          for (int64_t i = r0; i < r1; ++i) {
+            // In double: Delta is a long dot product whose error would go straight into dS.
+            double acc = 0;
+            const scalar_t* orow = oh + i * o_s2;
+            for (int64_t d = 0; d < Dv; ++d) {
+              acc += static_cast<double>(dO[i * Dvp + d]) * static_cast<double>(orow[d * o_s3]);
+            }
+            delta[i] = static_cast<T>(acc);
+            lr[i] = lsed[((b * Hq + h) * Lq) + i];
+          }
+          for (int64_t s = 0; s < splits; ++s) fill(dQ_of(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
+        }
+      }
+    });
+
+    // Split boundaries: contiguous key-block ranges of about equal work (same for every group
+    // of a batch).
+    std::vector<int64_t> split_begin(B * (splits + 1));
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t total = 0;
+      for (int64_t kb = 0; kb < nkb; ++kb) total += kb_cost[b * nkb + kb];
+      int64_t* sb = split_begin.data() + b * (splits + 1);
+      sb[0] = 0;
+      int64_t acc = 0, s = 1;
+      for (int64_t kb = 0; kb < nkb && s < splits; ++kb) {
+        acc += kb_cost[b * nkb + kb];
+        while (s < splits && acc * splits >= total * s) sb[s++] = kb + 1;
+      }
+      while (s <= splits) sb[s++] = nkb;
+    }
+
+    const int64_t ntask = (g1 - g0) * splits;
+    std::vector<int64_t> cost(ntask);
+    for (int64_t t = 0; t < ntask; ++t) {
+      const int64_t gi = g0 + t / splits, s = t % splits, b = gi / Hkv;
+      const int64_t* sb = split_begin.data() + b * (splits + 1);
+      int64_t c = 0;
+      for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) c += kb_cost[b * nkb + kb];
+      cost[t] = c;
+    }
+    run_tasks(cost, [&]() {
+      auto scratch = std::make_shared<std::vector<T>>(2 * BM * BN + BN * (Dp + Dvp));
+      return [&, scratch](int64_t t) {
+        T* S = scratch->data();
+        T* dPb = S + BM * BN;
+        T* dK = dPb + BM * BN;
+        T* dV = dK + BN * Dp;
+        const int64_t gi = g0 + t / splits, s = t % splits;
+        const int64_t b = gi / Hkv, hk = gi % Hkv;
+        const int64_t* sb = split_begin.data() + b * (splits + 1);
+        const int64_t* lo = lo_all.data() + b * Lq;
+        const int64_t* hi = hi_all.data() + b * Lq;
+        BwdBlock<T> a;
+        a.D = D;
+        a.Dp = Dp;
+        a.Dv = Dv;
+        a.Dvp = Dvp;
+        a.BM = BM;
+        a.BN = BN;
+        a.Kt = Kt_of(gi);
+        a.Kr = Kr_of(gi);
+        a.Vt = Vt_of(gi);
+        a.Hg = Hg;
+        a.Lq = Lq;
+        a.Qp = Qp_of(gi);
+        a.dOp = dOp_of(gi);
+        a.Delta = Delta_of(gi);
+        a.lse = lse_of(gi);
+        a.dQ = dQ_of(gi, s);
+        a.lo = lo;
+        a.hi = hi;
+        a.mask = mask;
+        a.b = b;
+        a.h0 = hk * Hg;
+        a.Hq = Hq;
+        a.Lk = Lk;
+        a.drop = drop;
+        a.S = S;
+        a.dP = dPb;
+        a.dK = dK;
+        a.dV = dV;
+        for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) {
+          const int64_t j0 = kb * BN, j1 = std::min(Lk_pad, j0 + BN);
+          int64_t ilo = Lq, ihi = 0;
+          for (int64_t i = 0; i < Lq; ++i) {
+            if (lo[i] < hi[i] && lo[i] < j1 && hi[i] > j0) {
+              ilo = std::min(ilo, i);
+              ihi = i + 1;
+            }
+          }
+          fill(dK, (j1 - j0) * Dp, T(0));
+          fill(dV, (j1 - j0) * Dvp, T(0));
+          if (ilo < ihi) {
+            a.j0 = j0;
+            a.j1 = j1;
+            a.ilo = ilo;
+            a.ihi = ihi;
+            kern.bwd(a);
+          }
+          // dK = scale * sum dS Q = sum dS Qp (Qp carries the scale).
+          // Keys past kv_lengths[b] take no part: exactly 0, even where 0 * NaN (a NaN query
+          // row times a hidden key's zero dS) reached their accumulators.
+          const int64_t jend = std::min(j1, Lk), jvalid = batch_key_length(kv_len, b, Lk);
+          for (int64_t j = j0; j < jend; ++j) {
+            scalar_t* dkrow = dkd + b * dk_s0 + hk * dk_s1 + j * dk_s2;
+            scalar_t* dvrow = dvd + b * dv_s0 + hk * dv_s1 + j * dv_s2;
+            const T* ak = dK + (j - j0) * Dp;
+            const T* av = dV + (j - j0) * Dvp;
+            const bool pad = j >= jvalid;
+            for (int64_t d = 0; d < D; ++d) dkrow[d * dk_s3] = static_cast<scalar_t>(pad ? T(0) : ak[d]);
+            for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv_s3] = static_cast<scalar_t>(pad ? T(0) : av[d]);
+          }
+        }
+      };
+    });
+
+    // dQ = scale * sum over splits (in split order) of the partials.
+    at::parallel_for(0, (g1 - g0) * Hg * nrslice, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t gi = g0 + t / (Hg * nrslice), hh = (t / nrslice) % Hg, rs = t % nrslice;
+        const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
+        const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
+        const T* part0 = dQ_of(gi, 0) + hh * Lq * Dp;
+        const int64_t part_stride = Hg * Lq * Dp;
+        for (int64_t i = r0; i < r1; ++i) {
+          scalar_t* dqrow = dqd + b * dq_s0 + h * dq_s1 + i * dq_s2;
+          const T* src = part0 + i * Dp;
+          for (int64_t d = 0; d < D; ++d) {
+            T acc = src[d];
+            for (int64_t s = 1; s < splits; ++s) acc += src[s * part_stride + d];
+            dqrow[d * dq_s3] = static_cast<scalar_t>(acc * tscale);
+          }
+        }
+      }
+    });
+  }
+}
+
+// `deterministic` is accepted for the schema and ignored: this backward has no atomics and
+// sums every gradient in a fixed order (dQ partials per key-block split, reduced in split
+// order), so its result never depends on thread timing.
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& lse, const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& kv_lengths,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    int64_t seed, int64_t offset, bool deterministic) {
+  (void)deterministic;
+  constexpr const char* op = "seqkernels::attention_bwd (cpu)";
+  const Geometry g = check_qkv(q, k, v, op);
+  TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(), op,
+              ": grad_out, out and lse must be CPU tensors");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.B, g.Hq, g.Lq, g.Dv}), op,
+              ": grad_out must be (B, Hq, Lq, Dv) = (", g.B, ", ", g.Hq, ", ", g.Lq, ", ", g.Dv, "), got ",
+              grad_out.sizes());
+  TORCH_CHECK(out.sizes() == grad_out.sizes(), op, ": out must be (B, Hq, Lq, Dv), got ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": grad_out and out must have q's dtype ", q.scalar_type());
+  const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({g.B, g.Hq, g.Lq}) && lse.scalar_type() == lse_type, op,
+              ": lse must be a ", lse_type, " tensor of shape (B, Hq, Lq), got ", lse.scalar_type(), " ",
+              lse.sizes());
+  const MaskDesc mask = check_mask(attn_mask, g, q.scalar_type(), op);
+  const int32_t* kv_len = check_lengths(kv_lengths, g, op);
+  const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
+  check_window(window_left, window_right, op);
+  // Laid out like q, k, v (as the registered fake kernel promises); written through strides.
+  Tensor dq = at::empty_like(q);
+  Tensor dk = at::empty_like(k);
+  Tensor dv = at::empty_like(v);
+  if (g.B == 0 || g.Hq == 0) return {dq, dk, dv};
+  if (g.Lq == 0 || g.Lk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const Tensor lse_c = lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    attention_bwd_run<scalar_t, T>(grad_out, q, k, v, out, lse_c, g, mask, kv_len, scale, window_left,
+                                   window_right, bottom_right, drop, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace seqkernels
+
+TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
+  m.impl("attention_fwd", &seqkernels::attention_fwd_cpu);
+  m.impl("attention_bwd", &seqkernels::attention_bwd_cpu);
+}

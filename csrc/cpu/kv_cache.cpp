@@ -1,0 +1,780 @@
+// KV cache on the CPU: seqkernels::kv_cache_append and seqkernels::decode_attention
+// (semantics in docs/INTERNALS.md, DESIGN §2).
+//
+// Append: one task per (b, h, t) row, a memcpy of the K row and of the V row to the slot the
+// position maps to (contiguous or through the block table), offsets in int64. A token whose
+// position or block id is out of range is skipped: host validation is the public layer's job.
+//
+// Decode attention: one work unit per (b, kv head, row tile, split). The rows of a unit are the
+// (query token t, query head g) pairs of one KV head's group, r = t * G + g, so every K/V tile is
+// read once for all query heads that share it, and a tile of consecutive rows covers a
+// contiguous range of query positions (a prefill chunk skips the keys past its last row). Each
+// unit walks its share of the visible keys in tiles of kKeyTile: scores, mask, online softmax in
+// base 2 (q is pre-scaled by scale * log2(e)), P @ V. With several splits the units write a
+// float partial output and lse, merged exactly by a second pass.
+//
+// The tile primitives have two implementations: AVX2+FMA+F16C intrinsics in functions with a
+// target attribute, chosen at run time when the CPU has them (the extension is compiled for the
+// baseline ISA, where at::vec is plain scalar code), and a portable one on at::vec that also
+// serves float64. SEQKERNELS_CPU_ISA=default forces the portable one (tests cover both).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SK_KV_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#else
+#define SK_KV_HAVE_AVX2_PATH 0
+#endif
+
+namespace seqkernels {
+namespace cpu {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+constexpr int kKeyTile = 64;
+constexpr int kRowTile = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks shared by both ops (the public layer has already normalized; these guard
+// direct calls of torch.ops.seqkernels.*).
+
+void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK(k_cache.dim() == 4, "k_cache: expected a 4-D tensor, got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.dim() == 4, "v_cache: expected a 4-D tensor, got ", v_cache.sizes());
+  TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu(), "k_cache, v_cache: expected CPU tensors");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache: dtype ", v_cache.scalar_type(),
+              " does not match k_cache's ", k_cache.scalar_type());
+  TORCH_CHECK(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) &&
+                  k_cache.size(2) == v_cache.size(2),
+              "v_cache: shape ", v_cache.sizes(), " must match k_cache ", k_cache.sizes(), " except the head dim");
+  TORCH_CHECK(k_cache.size(3) <= 1 || k_cache.stride(3) == 1, "k_cache: the head dim must have stride 1");
+  TORCH_CHECK(v_cache.size(3) <= 1 || v_cache.stride(3) == 1, "v_cache: the head dim must have stride 1");
+}
+
+// Returns (capacity per sequence, block size or 0 for a contiguous cache, max_blocks).
+struct Layout {
+  int64_t capacity;
+  int64_t block_size;
+  int64_t max_blocks;
+  int64_t num_blocks;
+};
+
+Layout check_layout(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table, int64_t B) {
+  if (!block_table.has_value()) {
+    TORCH_CHECK(k_cache.size(0) == B, "k_cache: a contiguous cache is (B, Hkv, S_max, D) with B=", B, ", got ",
+                k_cache.sizes());
+    return {k_cache.size(2), 0, 0, 0};
+  }
+  const at::Tensor& t = *block_table;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B, "block_table: expected shape (", B, ", max_blocks), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.device().is_cpu(),
+              "block_table: expected a contiguous int32 CPU tensor");
+  TORCH_CHECK(k_cache.size(2) >= 1, "k_cache: block_size (dim 2 of a paged cache) must be >= 1");
+  return {t.size(1) * k_cache.size(2), k_cache.size(2), t.size(1), k_cache.size(0)};
+}
+
+void check_seqlens(const at::Tensor& s, int64_t B) {
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == B, "cache_seqlens: expected shape (", B, ",), got ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kInt && s.is_contiguous() && s.device().is_cpu(),
+              "cache_seqlens: expected a contiguous int32 CPU tensor");
+}
+
+// Where position p of sequence b lives, as (index into dim 0, slot in dim 2); false when the
+// position or its block id is out of range (the token is skipped / the key is masked).
+struct Slot {
+  int64_t outer;
+  int64_t slot;
+};
+
+inline bool locate(const Layout& L, const int32_t* table, int64_t b, int64_t p, Slot* out) {
+  if (p < 0 || p >= L.capacity) return false;
+  if (L.block_size == 0) {
+    *out = {b, p};
+    return true;
+  }
+  const int64_t col = p / L.block_size;
+  const int64_t blk = table[b * L.max_blocks + col];
+  if (blk < 0 || blk >= L.num_blocks) return false;
+  *out = {blk, p % L.block_size};
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Append
+
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t n, int64_t src_stride) {
+  if (src_stride == 1 || n == 1) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * src_stride];
+  }
+}
+
+void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                         const at::Tensor& v_new, const at::Tensor& cache_seqlens,
+                         const std::optional<at::Tensor>& block_table) {
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(k_new.dim() == 4 && v_new.dim() == 4, "k_new, v_new: expected 4-D tensors (B, Hkv, T, D)");
+  TORCH_CHECK(k_new.device().is_cpu() && v_new.device().is_cpu(), "k_new, v_new: expected CPU tensors");
+  TORCH_CHECK(k_new.scalar_type() == k_cache.scalar_type() && v_new.scalar_type() == k_cache.scalar_type(),
+              "k_new, v_new: dtype must match the cache's ", k_cache.scalar_type());
+  const int64_t B = k_new.size(0), H = k_new.size(1), T = k_new.size(2), D = k_new.size(3);
+  const int64_t Dv = v_cache.size(3);
+  TORCH_CHECK(v_new.size(0) == B && v_new.size(1) == H && v_new.size(2) == T && v_new.size(3) == Dv,
+              "v_new: expected shape (", B, ", ", H, ", ", T, ", ", Dv, "), got ", v_new.sizes());
+  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D, "k_new: shape ", k_new.sizes(),
+              " does not fit k_cache ", k_cache.sizes());
+  const Layout L = check_layout(k_cache, block_table, B);
+  check_seqlens(cache_seqlens, B);
+  if (B == 0 || H == 0 || T == 0) return;
+
+  const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
+  const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;
+  const int64_t rows = B * H * T;
+  const int64_t row_bytes = (D + Dv) * k_cache.element_size();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "kv_cache_append_cpu", [&] {
+    scalar_t* kc = k_cache.data_ptr<scalar_t>();
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    const scalar_t* kn = k_new.const_data_ptr<scalar_t>();
+    const scalar_t* vn = v_new.const_data_ptr<scalar_t>();
+    const int64_t kc0 = k_cache.stride(0), kc1 = k_cache.stride(1), kc2 = k_cache.stride(2);
+    const int64_t vc0 = v_cache.stride(0), vc1 = v_cache.stride(1), vc2 = v_cache.stride(2);
+    const int64_t kn0 = k_new.stride(0), kn1 = k_new.stride(1), kn2 = k_new.stride(2), kn3 = k_new.stride(3);
+    const int64_t vn0 = v_new.stride(0), vn1 = v_new.stride(1), vn2 = v_new.stride(2), vn3 = v_new.stride(3);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t t = r % T, h = (r / T) % H, b = r / (T * H);
+        Slot s;
+        if (!locate(L, table, b, static_cast<int64_t>(lens[b]) + t, &s)) continue;
+        copy_row(kc + s.outer * kc0 + h * kc1 + s.slot * kc2, kn + b * kn0 + h * kn1 + t * kn2, D, kn3);
+        copy_row(vc + s.outer * vc0 + h * vc1 + s.slot * vc2, vn + b * vn0 + h * vn1 + t * vn2, Dv, vn3);
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: tile primitives.
+//
+// scores(q, M, D, krows, n, S):    S[m][i] = dot(q[m], krows[i]) for m < M, i < n
+// softmax_pv(S, M, n, vrows, ...): online softmax update of (mrow, lrow, acc) with the masked
+//                                  base-2 scores S (-inf = not visible), then acc += P @ V.
+
+template <typename acc_t>
+inline acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// A NaN score makes the row NaN (out and lse), as the reference's softmax does; the row is then
+// skipped by later tiles.
+template <typename acc_t>
+inline void poison_row(acc_t* mrow, acc_t* lrow, acc_t* acc, int64_t Dv) {
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  *mrow = nan;
+  *lrow = nan;
+  std::fill(acc, acc + Dv, nan);
+}
+
+// Portable path on at::vec (float accumulators for 16/32-bit inputs, double for float64).
+template <typename T, typename acc_t>
+struct GenericOps {
+  using Vec = at::vec::Vectorized<acc_t>;
+
+  static void load_row(const T* src, acc_t* dst, int64_t n) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      std::memcpy(dst, src, sizeof(acc_t) * n);
+    } else {
+      at::vec::convert(src, dst, n);
+    }
+  }
+
+  static acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+    Vec s(acc_t(0));
+    int64_t d = 0;
+    for (; d + Vec::size() <= n; d += Vec::size()) s = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), s);
+    acc_t r = at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return x + y; }, s);
+    for (; d < n; ++d) r += a[d] * b[d];
+    return r;
+  }
+
+  static void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
+    const Vec va(alpha);
+    int64_t d = 0;
+    for (; d + Vec::size() <= n; d += Vec::size()) at::vec::fmadd(va, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
+    for (; d < n; ++d) y[d] += alpha * x[d];
+  }
+
+  static void scale(acc_t alpha, acc_t* y, int64_t n) {
+    const Vec va(alpha);
+    int64_t d = 0;
+    for (; d + Vec::size() <= n; d += Vec::size()) (va * Vec::loadu(y + d)).store(y + d);
+    for (; d < n; ++d) y[d] *= alpha;
+  }
+
+  // rowbuf: scratch of n * max(D, Dv) acc_t
+  static void scores(const acc_t* q, int64_t ldq, int M, int64_t D, const T* const* krows, int n, acc_t* S,
+                     int64_t lds, acc_t* rowbuf) {
+    for (int i = 0; i < n; ++i) load_row(krows[i], rowbuf + i * D, D);
+    for (int m = 0; m < M; ++m)
+      for (int i = 0; i < n; ++i) S[m * lds + i] = dot(q + m * ldq, rowbuf + i * D, D);
+  }
+
+  static void softmax_pv(acc_t* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv, acc_t* mrow,
+                         acc_t* lrow, acc_t* acc, int64_t ldacc, acc_t* rowbuf) {
+    for (int i = 0; i < n; ++i) load_row(vrows[i], rowbuf + i * Dv, Dv);
+    for (int m = 0; m < M; ++m) {
+      acc_t* s = S + m * lds;
+      if (std::isnan(mrow[m])) continue;
+      acc_t mx = neg_inf<acc_t>();
+      bool nan = false;
+      for (int i = 0; i < n; ++i) {
+        mx = std::max(mx, s[i]);
+        nan |= std::isnan(s[i]);
+      }
+      if (nan) {
+        poison_row(mrow + m, lrow + m, acc + m * ldacc, Dv);
+        continue;
+      }
+      const acc_t m_new = std::max(mrow[m], mx);
+      if (m_new == neg_inf<acc_t>()) continue;  // nothing visible to this row yet
+      const acc_t alpha = std::exp2(mrow[m] - m_new);
+      acc_t sum = 0;
+      for (int i = 0; i < n; ++i) {
+        s[i] = std::exp2(s[i] - m_new);
+        sum += s[i];
+      }
+      lrow[m] = lrow[m] * alpha + sum;
+      mrow[m] = m_new;
+      if (alpha != acc_t(1)) scale(alpha, acc + m * ldacc, Dv);
+      for (int i = 0; i < n; ++i) axpy(s[i], rowbuf + i * Dv, acc + m * ldacc, Dv);
+    }
+  }
+};
+
+#if SK_KV_HAVE_AVX2_PATH
+#define SK_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// 8 consecutive elements as floats; `n < 8` loads only n (the rest 0).
+template <typename T>
+SK_AVX2 inline __m256 load8(const T* p);
+template <>
+SK_AVX2 inline __m256 load8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+template <>
+SK_AVX2 inline __m256 load8<at::Half>(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+SK_AVX2 inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+template <typename T>
+SK_AVX2 inline __m256 load8_partial(const T* p, int n) {
+  alignas(32) T tmp[8] = {};
+  std::memcpy(tmp, p, sizeof(T) * n);
+  return load8<T>(tmp);
+}
+
+SK_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 4 (8) horizontal sums of 4 (8) vectors at once: a transposing add tree costs about as much as
+// one lone horizontal sum, which matters when a query row meets each key once (decode, MHA).
+SK_AVX2 inline __m128 hsum4(const __m256* a) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+SK_AVX2 inline __m256 hsum8(const __m256* a) {
+  const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+SK_AVX2 inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 2^x for x <= 0 (scores minus their running max), relative error ~1e-7: 2^x = 2^n * 2^f with
+// n = round(x), |f| <= 1/2, 2^f by its degree-7 Taylor series in f*ln2 (truncation < 6e-9).
+// x < -126 (including -inf, a masked score) gives exactly 0.
+SK_AVX2 inline __m256 exp2_neg(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-126.0f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.6931471805599453f));
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(underflow, r);
+}
+
+template <typename T>
+struct Avx2Ops {
+  // MB query rows x NB keys of dot products, accumulators in registers; q is float, rows of K in T.
+  template <int MB, int NB>
+  SK_AVX2 static void dot_block(const float* q, int64_t ldq, int64_t D, const T* const* k, float* S, int64_t lds) {
+    __m256 acc[MB][NB];
+    for (int a = 0; a < MB; ++a)
+      for (int c = 0; c < NB; ++c) acc[a][c] = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      __m256 qv[MB];
+      for (int a = 0; a < MB; ++a) qv[a] = _mm256_loadu_ps(q + a * ldq + d);
+      for (int c = 0; c < NB; ++c) {
+        const __m256 kv = load8<T>(k[c] + d);
+        for (int a = 0; a < MB; ++a) acc[a][c] = _mm256_fmadd_ps(qv[a], kv, acc[a][c]);
+      }
+    }
+    if (d < D) {
+      const int rem = static_cast<int>(D - d);
+      __m256 kv[NB];
+      for (int c = 0; c < NB; ++c) kv[c] = load8_partial<T>(k[c] + d, rem);
+      for (int a = 0; a < MB; ++a) {
+        const __m256 qv = load8_partial<float>(q + a * ldq + d, rem);
+        for (int c = 0; c < NB; ++c) acc[a][c] = _mm256_fmadd_ps(qv, kv[c], acc[a][c]);
+      }
+    }
+    for (int a = 0; a < MB; ++a) {
+      if constexpr (NB == 8) {
+        _mm256_storeu_ps(S + a * lds, hsum8(acc[a]));
+      } else if constexpr (NB == 4) {
+        _mm_storeu_ps(S + a * lds, hsum4(acc[a]));
+      } else {
+        for (int c = 0; c < NB; ++c) S[a * lds + c] = hsum(acc[a][c]);
+      }
+    }
+  }
+
+  template <int MB>
+  SK_AVX2 static void dot_rows(const float* q, int64_t ldq, int64_t D, const T* const* krows, int n, float* S,
+                               int64_t lds) {
+    int i = 0;
+    if constexpr (MB == 1) {
+      for (; i + 8 <= n; i += 8) dot_block<1, 8>(q, ldq, D, krows + i, S + i, lds);
+    }
+    for (; i + 4 <= n; i += 4) dot_block<MB, 4>(q, ldq, D, krows + i, S + i, lds);
+    for (; i < n; ++i) dot_block<MB, 1>(q, ldq, D, krows + i, S + i, lds);
+  }
+
+  SK_AVX2 static void scores(const float* q, int64_t ldq, int M, int64_t D, const T* const* krows, int n, float* S,
+                             int64_t lds, float*) {
+    int m = 0;
+    for (; m + 2 <= M; m += 2) dot_rows<2>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
+    if (m < M) dot_rows<1>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
+  }
+
+  // acc[m][c0 .. c0 + 8*CB) += sum_i P[m][i] * V[i][c0 ..] for MB rows, accumulators in registers.
+  template <int MB, int CB>
+  SK_AVX2 static void pv_block(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t c0, float* acc,
+                               int64_t ldacc) {
+    __m256 a[MB][CB];
+    for (int r = 0; r < MB; ++r)
+      for (int c = 0; c < CB; ++c) a[r][c] = _mm256_loadu_ps(acc + r * ldacc + c0 + 8 * c);
+    for (int i = 0; i < n; ++i) {
+      __m256 p[MB];
+      for (int r = 0; r < MB; ++r) p[r] = _mm256_broadcast_ss(P + r * ldp + i);
+      for (int c = 0; c < CB; ++c) {
+        const __m256 v = load8<T>(vrows[i] + c0 + 8 * c);
+        for (int r = 0; r < MB; ++r) a[r][c] = _mm256_fmadd_ps(p[r], v, a[r][c]);
+      }
+    }
+    for (int r = 0; r < MB; ++r)
+      for (int c = 0; c < CB; ++c) _mm256_storeu_ps(acc + r * ldacc + c0 + 8 * c, a[r][c]);
+  }
+
+  template <int MB>
+  SK_AVX2 static void pv_rows(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t Dv, float* acc,
+                              int64_t ldacc) {
+    // MB x CB accumulators plus the V vectors and a broadcast must fit the 16 ymm registers.
+    constexpr int CB = MB == 1 ? 8 : (MB == 2 ? 4 : 2);
+    int64_t c0 = 0;
+    for (; c0 + 8 * CB <= Dv; c0 += 8 * CB) pv_block<MB, CB>(P, ldp, n, vrows, c0, acc, ldacc);
+    for (; c0 + 8 <= Dv; c0 += 8) pv_block<MB, 1>(P, ldp, n, vrows, c0, acc, ldacc);
+    for (; c0 < Dv; ++c0)
+      for (int r = 0; r < MB; ++r) {
+        float s = acc[r * ldacc + c0];
+        for (int i = 0; i < n; ++i) s += P[r * ldp + i] * static_cast<float>(vrows[i][c0]);
+        acc[r * ldacc + c0] = s;
+      }
+  }
+
+  SK_AVX2 static void softmax_pv(float* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv,
+                                 float* mrow, float* lrow, float* acc, int64_t ldacc, float*) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int m = 0; m < M; ++m) {
+      float* s = S + m * lds;
+      if (std::isnan(mrow[m])) {
+        std::fill(s, s + n, 0.0f);
+        continue;
+      }
+      __m256 mx8 = _mm256_set1_ps(ninf), nan8 = _mm256_setzero_ps();
+      int i = 0;
+      for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(s + i);
+        mx8 = _mm256_max_ps(mx8, x);
+        nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+      }
+      float mx = hmax(mx8);
+      bool nan = _mm256_movemask_ps(nan8) != 0;
+      for (; i < n; ++i) {
+        mx = std::max(mx, s[i]);
+        nan |= std::isnan(s[i]);
+      }
+      if (nan) {
+        poison_row(mrow + m, lrow + m, acc + m * ldacc, Dv);
+        std::fill(s, s + n, 0.0f);
+        continue;
+      }
+      const float m_new = std::max(mrow[m], mx);
+      if (m_new == ninf) {
+        // Nothing visible to this row yet: its probabilities are all 0.
+        std::fill(s, s + n, 0.0f);
+        continue;
+      }
+      const float alpha = std::exp2(mrow[m] - m_new);
+      const __m256 mn = _mm256_set1_ps(m_new);
+      __m256 sum8 = _mm256_setzero_ps();
+      i = 0;
+      for (; i + 8 <= n; i += 8) {
+        const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + i), mn));
+        _mm256_storeu_ps(s + i, p);
+        sum8 = _mm256_add_ps(sum8, p);
+      }
+      float sum = hsum(sum8);
+      for (; i < n; ++i) {
+        s[i] = std::exp2(s[i] - m_new);
+        sum += s[i];
+      }
+      lrow[m] = lrow[m] * alpha + sum;
+      mrow[m] = m_new;
+      if (alpha != 1.0f) {
+        float* a = acc + m * ldacc;
+        const __m256 va = _mm256_set1_ps(alpha);
+        int64_t d = 0;
+        for (; d + 8 <= Dv; d += 8) _mm256_storeu_ps(a + d, _mm256_mul_ps(va, _mm256_loadu_ps(a + d)));
+        for (; d < Dv; ++d) a[d] *= alpha;
+      }
+    }
+    int m = 0;
+    for (; m + 4 <= M; m += 4) pv_rows<4>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
+    for (; m + 2 <= M; m += 2) pv_rows<2>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
+    if (m < M) pv_rows<1>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
+  }
+};
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+bool use_avx2_path() {
+#if SK_KV_HAVE_AVX2_PATH
+  const char* isa = std::getenv("SEQKERNELS_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "default") == 0) return false;
+  return cpu_has_avx2();
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: the work units and the merge.
+
+struct DecodeShape {
+  int64_t B, Hq, Hkv, G, Tq, D, Dv, rows, row_tiles, splits;
+  int64_t window_left, window_right;
+  Layout L;
+  bool prefetch;
+};
+
+// Bytes of K/V the call reads above which software prefetching pays off (larger than the L3 share
+// of a core on common server parts).
+constexpr int64_t kPrefetchBytes = int64_t{16} << 20;
+
+// Range of key positions [lo, hi) visible to any row of rows [r0, r1) of sequence length len.
+inline void tile_key_range(const DecodeShape& s, int64_t len, int64_t r0, int64_t r1, int64_t* lo, int64_t* hi) {
+  const int64_t pos_first = len - s.Tq + r0 / s.G;
+  const int64_t pos_last = len - s.Tq + (r1 - 1) / s.G;
+  int64_t h = len;
+  if (s.window_right >= 0) h = std::min(h, pos_last + s.window_right + 1);
+  int64_t l = 0;
+  if (s.window_left >= 0) l = std::max<int64_t>(0, pos_first - s.window_left);
+  *lo = l;
+  *hi = std::max(l, h);
+}
+
+template <typename T, typename acc_t, class Ops>
+void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* kc, const int64_t* ks, const T* vc,
+                  const int64_t* vs, const int32_t* lens, const int32_t* table, acc_t scale2, T* out,
+                  const int64_t* os, acc_t* lse, acc_t* opart, acc_t* lpart) {
+  const int64_t units = s.B * s.Hkv * s.row_tiles * s.splits;
+  const int64_t maxd = std::max(s.D, s.Dv);
+  // Waking the thread pool costs tens to hundreds of microseconds, more than a small decode step
+  // takes on one core: units are grouped so that each task holds at least ~1M multiply-adds.
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < s.B; ++b) max_len = std::max<int64_t>(max_len, std::clamp<int64_t>(lens[b], 0, s.L.capacity));
+  const int64_t keys_per_unit = (max_len + s.splits - 1) / s.splits;
+  const int64_t work_per_unit = std::max<int64_t>(1, std::min<int64_t>(kRowTile, s.rows) * keys_per_unit * (s.D + s.Dv));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / work_per_unit);
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qf(kRowTile * s.D), S(kRowTile * kKeyTile), acc(kRowTile * s.Dv), mrow(kRowTile),
+        lrow(kRowTile), rowbuf(kKeyTile * maxd);
+    std::vector<const T*> krows(kKeyTile), vrows(kKeyTile);
+    std::vector<T> zero_row(maxd, T(0));
+    std::vector<char> key_ok(kKeyTile);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t split = u % s.splits;
+      const int64_t tile = (u / s.splits) % s.row_tiles;
+      const int64_t h = (u / (s.splits * s.row_tiles)) % s.Hkv;
+      const int64_t b = u / (s.splits * s.row_tiles * s.Hkv);
+      const int64_t r0 = tile * kRowTile, r1 = std::min(s.rows, r0 + kRowTile);
+      const int M = static_cast<int>(r1 - r0);
+      const int64_t len = std::clamp<int64_t>(lens[b], 0, s.L.capacity);
+
+      for (int m = 0; m < M; ++m) {
+        const int64_t r = r0 + m, t = r / s.G, hq = h * s.G + r % s.G;
+        const T* src = q + b * qs[0] + hq * qs[1] + t * qs[2];
+        for (int64_t d = 0; d < s.D; ++d) qf[m * s.D + d] = static_cast<acc_t>(src[d * qs[3]]) * scale2;
+      }
+      std::fill(acc.begin(), acc.begin() + M * s.Dv, acc_t(0));
+      std::fill(mrow.begin(), mrow.begin() + M, neg_inf<acc_t>());
+      std::fill(lrow.begin(), lrow.begin() + M, acc_t(0));
+
+      int64_t lo, hi;
+      tile_key_range(s, len, r0, r1, &lo, &hi);
+      const int64_t chunk = (hi - lo + s.splits - 1) / s.splits;
+      const int64_t k_lo = std::min(hi, lo + split * chunk), k_hi = std::min(hi, k_lo + chunk);
+
+      for (int64_t j0 = k_lo; j0 < k_hi; j0 += kKeyTile) {
+        const int n = static_cast<int>(std::min<int64_t>(kKeyTile, k_hi - j0));
+        bool all_ok = true;
+        for (int i = 0; i < n; ++i) {
+          Slot sl;
+          const bool ok = locate(s.L, table, b, j0 + i, &sl);
+          key_ok[i] = ok;
+          all_ok &= ok;
+          krows[i] = ok ? kc + sl.outer * ks[0] + h * ks[1] + sl.slot * ks[2] : zero_row.data();
+          vrows[i] = ok ? vc + sl.outer * vs[0] + h * vs[1] + sl.slot * vs[2] : zero_row.data();
+        }
+        // Prefetch the next tile's rows into L2 while this one computes, when the cache is read from
+        // DRAM (measured: +20% at 64 MB single-threaded). From L3 the extra instructions cost more
+        // than they hide, so small working sets skip it.
+        const int64_t next_end = s.prefetch ? std::min<int64_t>(k_hi, j0 + n + kKeyTile) : j0 + n;
+        for (int64_t j = j0 + n; j < next_end; ++j) {
+          Slot sl;
+          if (!locate(s.L, table, b, j, &sl)) continue;
+          const char* kp = reinterpret_cast<const char*>(kc + sl.outer * ks[0] + h * ks[1] + sl.slot * ks[2]);
+          const char* vp = reinterpret_cast<const char*>(vc + sl.outer * vs[0] + h * vs[1] + sl.slot * vs[2]);
+          for (int64_t off = 0; off < s.D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(kp + off, 0, 2);
+          for (int64_t off = 0; off < s.Dv * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(vp + off, 0, 2);
+        }
+        Ops::scores(qf.data(), s.D, M, s.D, krows.data(), n, S.data(), kKeyTile, rowbuf.data());
+        // Masking by selection (never by multiplying), so a non-finite score cannot leak.
+        const int64_t j_last = j0 + n - 1;
+        for (int m = 0; m < M; ++m) {
+          const int64_t pos = len - s.Tq + (r0 + m) / s.G;
+          const int64_t vis_lo = s.window_left >= 0 ? pos - s.window_left : std::numeric_limits<int64_t>::min();
+          const int64_t vis_hi = s.window_right >= 0 ? pos + s.window_right : std::numeric_limits<int64_t>::max();
+          if (all_ok && vis_lo <= j0 && j_last <= vis_hi) continue;
+          acc_t* row = S.data() + m * kKeyTile;
+          for (int i = 0; i < n; ++i) {
+            const int64_t j = j0 + i;
+            if (!key_ok[i] || j < vis_lo || j > vis_hi) row[i] = neg_inf<acc_t>();
+          }
+        }
+        Ops::softmax_pv(S.data(), kKeyTile, M, n, vrows.data(), s.Dv, mrow.data(), lrow.data(), acc.data(), s.Dv,
+                        rowbuf.data());
+      }
+
+      for (int m = 0; m < M; ++m) {
+        const int64_t r = r0 + m, t = r / s.G, hq = h * s.G + r % s.G;
+        const bool empty = lrow[m] == acc_t(0);
+        const acc_t inv = empty ? acc_t(0) : acc_t(1) / lrow[m];
+        const acc_t row_lse = empty ? neg_inf<acc_t>() : (mrow[m] + std::log2(lrow[m])) * acc_t(kLn2);
+        const int64_t row_index = (b * s.Hq + hq) * s.Tq + t;
+        const acc_t* a = acc.data() + m * s.Dv;
+        if (s.splits == 1) {
+          T* dst = out + b * os[0] + hq * os[1] + t * os[2];
+          for (int64_t d = 0; d < s.Dv; ++d) dst[d] = static_cast<T>(a[d] * inv);
+          lse[row_index] = row_lse;
+        } else {
+          const int64_t prow = split * s.B * s.Hq * s.Tq + row_index;
+          acc_t* dst = opart + prow * s.Dv;
+          for (int64_t d = 0; d < s.Dv; ++d) dst[d] = a[d] * inv;
+          lpart[prow] = row_lse;
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename acc_t>
+void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* lpart, T* out, const int64_t* os,
+                  acc_t* lse) {
+  const int64_t rows = s.B * s.Hq * s.Tq, stride = rows;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, s.splits * s.Dv));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> o(s.Dv), w(s.splits);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r % s.Tq, hq = (r / s.Tq) % s.Hq, b = r / (s.Tq * s.Hq);
+      acc_t mx = neg_inf<acc_t>();
+      for (int64_t k = 0; k < s.splits; ++k) mx = std::max(mx, lpart[k * stride + r]);
+      T* dst = out + b * os[0] + hq * os[1] + t * os[2];
+      if (mx == neg_inf<acc_t>()) {
+        for (int64_t d = 0; d < s.Dv; ++d) dst[d] = T(0);
+        lse[r] = neg_inf<acc_t>();
+        continue;
+      }
+      acc_t total = 0;
+      for (int64_t k = 0; k < s.splits; ++k) {
+        w[k] = std::exp(lpart[k * stride + r] - mx);
+        total += w[k];
+      }
+      std::fill(o.begin(), o.end(), acc_t(0));
+      for (int64_t k = 0; k < s.splits; ++k) {
+        if (w[k] == acc_t(0)) continue;
+        const acc_t* src = opart + (k * stride + r) * s.Dv;
+        const acc_t wk = w[k] / total;
+        for (int64_t d = 0; d < s.Dv; ++d) o[d] += wk * src[d];
+      }
+      for (int64_t d = 0; d < s.Dv; ++d) dst[d] = static_cast<T>(o[d]);
+      lse[r] = mx + std::log(total);
+    }
+  });
+}
+
+template <typename scalar_t>
+void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const int32_t* lens, const int32_t* table, double scale, at::Tensor& out, at::Tensor& lse,
+                at::Tensor& opart, at::Tensor& lpart, bool avx2) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t qs[4] = {q.stride(0), q.stride(1), q.stride(2), q.stride(3)};
+  const int64_t ks[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  const int64_t vs[3] = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  const acc_t scale2 = static_cast<acc_t>(scale * kLog2e);
+  acc_t* op = s.splits > 1 ? opart.data_ptr<acc_t>() : nullptr;
+  acc_t* lp = s.splits > 1 ? lpart.data_ptr<acc_t>() : nullptr;
+  auto run = [&](auto ops_tag) {
+    using Ops = decltype(ops_tag);
+    decode_units<scalar_t, acc_t, Ops>(s, q.const_data_ptr<scalar_t>(), qs, k_cache.const_data_ptr<scalar_t>(), ks,
+                                       v_cache.const_data_ptr<scalar_t>(), vs, lens, table, scale2,
+                                       out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>(), op, lp);
+  };
+  bool done = false;
+#if SK_KV_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2) {
+      run(Avx2Ops<scalar_t>{});
+      done = true;
+    }
+  }
+#endif
+  (void)avx2;
+  if (!done) run(GenericOps<scalar_t, acc_t>{});
+  if (s.splits > 1) merge_splits<scalar_t, acc_t>(s, op, lp, out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>());
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                        const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                        const std::optional<at::Tensor>& block_table, double scale,
+                                                        int64_t window_left, int64_t window_right,
+                                                        int64_t num_splits) {
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (B, Hq, Tq, D), got ", q.sizes());
+  TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q: dtype ", q.scalar_type(), " does not match the cache's ",
+              k_cache.scalar_type());
+  DecodeShape s{};
+  s.B = q.size(0);
+  s.Hq = q.size(1);
+  s.Tq = q.size(2);
+  s.D = q.size(3);
+  s.Hkv = k_cache.size(1);
+  s.Dv = v_cache.size(3);
+  TORCH_CHECK(k_cache.size(3) == s.D, "k_cache: head dim ", k_cache.size(3), " must equal q's ", s.D);
+  TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, "q: the number of query heads (", s.Hq,
+              ") must be a multiple of the number of key/value heads (", s.Hkv, ")");
+  TORCH_CHECK(num_splits >= 1, "num_splits: expected >= 1, got ", num_splits);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window_left, window_right: expected >= -1");
+  s.L = check_layout(k_cache, block_table, s.B);
+  check_seqlens(cache_seqlens, s.B);
+  s.G = s.Hq / s.Hkv;
+  s.rows = s.G * s.Tq;
+  s.row_tiles = (s.rows + kRowTile - 1) / kRowTile;
+  s.splits = num_splits;
+  s.window_left = window_left;
+  // Decode attention is causal: a query never sees the later queries of its own chunk, so the
+  // right side of the window is clamped to 0 (-1 included), as in decode_attention_ref.
+  s.window_right = 0;
+
+  const bool is_double = q.scalar_type() == at::kDouble;
+  const auto acc_type = is_double ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({s.B, s.Hq, s.Tq, s.Dv}, q.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.Tq}, q.options().dtype(acc_type));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  at::Tensor opart, lpart;
+  if (s.splits > 1) {
+    opart = at::empty({s.splits, s.B, s.Hq, s.Tq, s.Dv}, q.options().dtype(acc_type));
+    lpart = at::empty({s.splits, s.B, s.Hq, s.Tq}, q.options().dtype(acc_type));
+  }
+  const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
+  const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;
+  const bool avx2 = use_avx2_path();
+  {
+    const int32_t* lp = cache_seqlens.data_ptr<int32_t>();
+    int64_t keys = 0;
+    for (int64_t b = 0; b < s.B; ++b) keys += std::clamp<int64_t>(lp[b], 0, s.L.capacity);
+    s.prefetch = keys * s.Hkv * (s.D + s.Dv) * q.element_size() > kPrefetchBytes;
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention_cpu", [&] {
+    run_decode<scalar_t>(s, q, k_cache, v_cache, lens, table, scale, out, lse, opart, lpart, avx2);
+  });
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace seqkernels
+
+TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
+  m.impl("kv_cache_append", TORCH_FN(seqkernels::cpu::kv_cache_append_cpu));
+  m.impl("decode_attention", TORCH_FN(seqkernels::cpu::decode_attention_cpu));
+}

@@ -1,0 +1,425 @@
+// CUDA kernels of seqkernels::attention_fwd / attention_bwd: the thin torch-facing launcher.
+// It validates the normalized arguments (docs/INTERNALS.md), fills the torch-free
+// AttentionParams, and picks a kernel with compile-time switches over dtype (float16,
+// bfloat16), head-dim tile (64, 128, 256: a head dim runs in the smallest tile that holds it,
+// zero padded) and the general variant (attn_mask or dropout present).
+//
+// Supported: float16 / bfloat16 q, k, v on sm_80+; head dims D, Dv <= 256 (a head dim that is
+// not a multiple of 8 is zero padded to one through a copy); any window / bottom_right;
+// kv_lengths; GQA/MQA without copies of k and v; attn_mask bool, q's dtype or float32 in any
+// expanded layout; dropout with the Philox keep rule. float32 inputs are rejected (the tensor
+// core path is 16-bit only): the Python layer runs them on the triton or reference backend.
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "common/philox.h"
+#include "cuda/attention_bwd.cuh"
+#include "cuda/attention_fwd.cuh"
+#include "cuda/attention_params.h"
+#include "cuda/launch.cuh"
+#include "cuda/register.cuh"
+#include "cuda/stream.cuh"
+
+namespace seqkernels {
+namespace {
+
+using attn::AttentionBwdParams;
+using attn::AttentionParams;
+
+// Head-dim tiles with kernels; max(D, Dv) rounded up to a multiple of 8 runs in the first
+// that holds it.
+constexpr int kHeadDimTiles[] = {64, 128, 256};
+constexpr int kMaxHeadDim = 256;
+
+int head_dim_tile(int64_t d) {
+  for (int t : kHeadDimTiles) {
+    if (d <= t) return t;
+  }
+  return -1;
+}
+
+int64_t round_up8(int64_t x) { return (x + 7) / 8 * 8; }
+
+// The element type's mma tag, or a clear error for dtypes without a tensor-core kernel.
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kHalf) {
+    f(mma::f16{});
+  } else if (dtype == at::kBFloat16) {
+    f(mma::bf16{});
+  } else {
+    TORCH_CHECK(false, "seqkernels attention (CUDA backend): q, k and v must be float16 or bfloat16, got ",
+                dtype, "; float32 and float64 run on the triton, cpu or reference backends");
+  }
+}
+
+template <typename F>
+void dispatch_head_dim(int tile, F&& f) {
+  switch (tile) {
+    case 64:
+      f(std::integral_constant<int, 64>{});
+      break;
+    case 128:
+      f(std::integral_constant<int, 128>{});
+      break;
+    case 256:
+      f(std::integral_constant<int, 256>{});
+      break;
+    default:
+      TORCH_CHECK(false, "seqkernels attention (CUDA backend): no kernel for head-dim tile ", tile);
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool v, F&& f) {
+  if (v) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// The kernels move rows in 16-byte chunks: the last dim must be contiguous, every row start
+// 16-byte aligned, and the head dim a multiple of 8. Returns t itself when it already is so,
+// else a copy (zero padded along the last dim to `dim`).
+at::Tensor kernel_layout(const at::Tensor& t, int64_t dim) {
+  at::Tensor r = t;
+  if (r.size(3) != dim) r = at::constant_pad_nd(r, {0, dim - r.size(3)}, 0);
+  bool ok = r.stride(3) == 1 || r.size(3) <= 1;
+  for (int d = 0; d < 3 && ok; ++d) ok = r.size(d) <= 1 || r.stride(d) % 8 == 0;
+  ok = ok && reinterpret_cast<uintptr_t>(r.data_ptr()) % 16 == 0;
+  return ok ? r : r.contiguous();
+}
+
+// Strides of dims of size 1 are never multiplied by a nonzero index; report them as 0 so the
+// checks above and the kernels agree.
+int64_t stride_of(const at::Tensor& t, int d) { return t.size(d) <= 1 ? 0 : t.stride(d); }
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  SK_CHECK_DEVICE(q);
+  SK_CHECK_DEVICE(k);
+  SK_CHECK_DEVICE(v);
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "attention: q, k and v must be on one device, got ", q.device(), ", ", k.device(),
+              ", ", v.device());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "attention: q, k, v must be 4-D (B, H, L, D), got q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "attention: q, k and v must share a dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "seqkernels attention (CUDA backend): q, k and v must be float16 or bfloat16, got ",
+              q.scalar_type(), "; float32 and float64 run on the triton, cpu or reference backends");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+              "attention: q, k, v batch sizes differ: ", q.size(0), ", ", k.size(0), ", ", v.size(0));
+  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2),
+              "attention: k ", k.sizes(), " and v ", v.sizes(), " must agree on (heads, length)");
+  TORCH_CHECK(k.size(3) == q.size(3), "attention: q head dim ", q.size(3), " != k head dim ",
+              k.size(3));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention: query heads (", q.size(1),
+              ") must be a multiple of kv heads (", k.size(1), ")");
+  TORCH_CHECK(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim,
+              "seqkernels attention (CUDA backend): head dims up to ", kMaxHeadDim,
+              " are supported (tiles 64, 128, 256; smaller dims are zero padded to the next "
+              "tile), got D=", q.size(3), ", Dv=", v.size(3));
+  TORCH_CHECK(q.size(2) < (int64_t(1) << 30) && k.size(2) < (int64_t(1) << 30),
+              "attention: sequence lengths must be below 2^30, got Lq=", q.size(2), ", Lk=",
+              k.size(2));
+}
+
+// The kernels' grids are 1-D: blocks * batch * heads must fit gridDim.x.
+unsigned grid_size(int64_t blocks, int64_t batch_heads) {
+  const int64_t g = blocks * batch_heads;
+  TORCH_CHECK(g < (int64_t(1) << 31), "attention: ", blocks, " blocks x ", batch_heads,
+              " (batch x heads) exceeds the CUDA grid limit");
+  return static_cast<unsigned>(g);
+}
+
+// The kernels read one mask format: an additive float32 mask. A bool mask becomes 0 / -inf and
+// a 16-bit one float32; only the stored values are converted (broadcast dims are collapsed
+// first and expanded again), so an expanded mask is never materialized.
+at::Tensor mask_for_kernel(const std::optional<at::Tensor>& attn_mask, const at::Tensor& q,
+                           const at::Tensor& k) {
+  if (!attn_mask.has_value()) return at::Tensor();
+  const at::Tensor& m = *attn_mask;
+  SK_CHECK_DEVICE(m);
+  TORCH_CHECK(m.device() == q.device(), "attention: attn_mask must be on q's device ", q.device(),
+              ", got ", m.device());
+  TORCH_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(1) &&
+                  m.size(2) == q.size(2) && m.size(3) == k.size(2),
+              "attention: attn_mask must be expanded to (B, Hq, Lq, Lk) = (", q.size(0), ", ",
+              q.size(1), ", ", q.size(2), ", ", k.size(2), "), got ", m.sizes());
+  const at::ScalarType dt = m.scalar_type();
+  TORCH_CHECK(dt == at::kBool || dt == at::kFloat || dt == q.scalar_type(),
+              "attention: attn_mask must be bool, ", q.scalar_type(), " or float32, got ", dt);
+  if (dt == at::kFloat) return m;
+  at::Tensor base = m;
+  for (int d = 0; d < 4; ++d) {
+    if (m.stride(d) == 0 && m.size(d) > 1) base = base.narrow(d, 0, 1);
+  }
+  at::Tensor conv;
+  if (dt == at::kBool) {
+    conv = at::full(base.sizes(), -std::numeric_limits<float>::infinity(),
+                    base.options().dtype(at::kFloat));
+    conv.masked_fill_(base, 0.0);
+  } else {
+    conv = base.to(at::kFloat);
+  }
+  return conv.expand(m.sizes());
+}
+
+// Fills everything but the output pointers. q/k/v are already in kernel layout, attn_mask in
+// mask_for_kernel's.
+void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& attn_mask,
+                 const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left,
+                 int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
+                 int64_t offset, int64_t d, int64_t dv) {
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_batch_stride = stride_of(q, 0);
+  p.q_head_stride = stride_of(q, 1);
+  p.q_row_stride = stride_of(q, 2);
+  p.k_batch_stride = stride_of(k, 0);
+  p.k_head_stride = stride_of(k, 1);
+  p.k_row_stride = stride_of(k, 2);
+  p.v_batch_stride = stride_of(v, 0);
+  p.v_head_stride = stride_of(v, 1);
+  p.v_row_stride = stride_of(v, 2);
+  p.batch = static_cast<int>(q.size(0));
+  p.heads_q = static_cast<int>(q.size(1));
+  p.heads_kv = static_cast<int>(k.size(1));
+  p.len_q = static_cast<int>(q.size(2));
+  p.len_k = static_cast<int>(k.size(2));
+  p.head_dim = static_cast<int>(d);
+  p.head_dim_v = static_cast<int>(dv);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "attention: window_left / window_right must be >= -1 (-1 = unbounded), got ",
+              window_left, ", ", window_right);
+  // A window wider than both lengths bounds nothing; folding it to -1 keeps the kernels'
+  // int arithmetic far from overflow.
+  const int64_t span = q.size(2) + k.size(2);
+  p.window_left = window_left > span ? -1 : static_cast<int>(window_left);
+  p.window_right = window_right > span ? -1 : static_cast<int>(window_right);
+  p.bottom_right = bottom_right;
+
+  p.mask = nullptr;
+  p.mask_batch_stride = p.mask_head_stride = p.mask_row_stride = p.mask_col_stride = 0;
+  if (attn_mask.defined()) {
+    const at::Tensor& m = attn_mask;
+    p.mask = m.data_ptr<float>();
+    p.mask_batch_stride = stride_of(m, 0);
+    p.mask_head_stride = stride_of(m, 1);
+    p.mask_row_stride = stride_of(m, 2);
+    p.mask_col_stride = stride_of(m, 3);
+  }
+
+  p.kv_lengths = nullptr;
+  if (kv_lengths.has_value()) {
+    const at::Tensor& kl = *kv_lengths;
+    SK_CHECK_DEVICE(kl);
+    TORCH_CHECK(kl.device() == q.device(), "attention: kv_lengths must be on q's device ",
+                q.device(), ", got ", kl.device());
+    TORCH_CHECK(kl.scalar_type() == at::kInt && kl.dim() == 1 && kl.size(0) == q.size(0) &&
+                    kl.is_contiguous(),
+                "attention: kv_lengths must be a contiguous int32 tensor of shape (B,) = (",
+                q.size(0), "), got ", kl.scalar_type(), " ", kl.sizes());
+    p.kv_lengths = kl.data_ptr<int32_t>();
+  }
+
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention: dropout_p must be in [0, 1], got ",
+              dropout_p);
+  p.dropout = dropout_p > 0.0;
+  p.dropout_threshold = dropout_threshold(dropout_p);
+  p.dropout_rescale = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+}
+
+template <typename Tag, int kTile, bool kGeneral>
+void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
+  using Kt = typename attn::FwdConfig<kTile, kGeneral>::type;
+  auto kernel = &attn::_attention_fwd_kernel<Tag, Kt, kGeneral>;
+  constexpr int smem = Kt::kSmemBytes;
+  if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
+  const int64_t m_blocks = (p.len_q + Kt::kBlockM - 1) / Kt::kBlockM;
+  const unsigned grid = grid_size(m_blocks, int64_t(p.batch) * p.heads_q);
+  SK_LAUNCH(kernel, dim3(grid), dim3(Kt::kThreads), smem, stream, p);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& kv_lengths,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    int64_t seed, int64_t offset) {
+  check_qkv(q_in, k_in, v_in);
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
+  const int64_t D = q_in.size(3), Dv = v_in.size(3);
+  const int64_t D8 = round_up8(D), Dv8 = round_up8(Dv);
+  const int tile = head_dim_tile(std::max(D8, Dv8));
+
+  at::Tensor out = at::empty({B, Hq, Lq, Dv8}, q_in.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
+  if (lse.numel() == 0) {
+    return {Dv8 == Dv ? out : out.narrow(3, 0, Dv), lse};
+  }
+  const cudart::DeviceGuard guard(q_in);
+  const at::Tensor q = kernel_layout(q_in, D8), k = kernel_layout(k_in, D8),
+                   v = kernel_layout(v_in, Dv8);
+
+  const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in);
+  AttentionParams p;
+  fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right,
+              dropout_p, seed, offset, D8, Dv8);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.o_batch_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.o_row_stride = out.stride(2);
+
+  const bool general = p.mask != nullptr || p.dropout;
+  const cudaStream_t stream = cudart::current_stream();
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    dispatch_head_dim(tile, [&](auto tile_c) {
+      dispatch_bool(general, [&](auto general_c) {
+        launch_fwd<decltype(tag), decltype(tile_c)::value, decltype(general_c)::value>(p, stream);
+      });
+    });
+  });
+  return {Dv8 == Dv ? out : out.narrow(3, 0, Dv).contiguous(), lse};
+}
+
+template <typename Tag, int kTile>
+void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.len_q;
+  if (rows > 0) {
+    auto kernel = &attn::_attention_bwd_preprocess_kernel<Tag>;
+    const unsigned grid = grid_size((rows + 3) / 4, 1);
+    SK_LAUNCH(kernel, dim3(grid), dim3(128), 0, stream, p);
+  }
+  if (p.len_k > 0) {
+    using Bt = typename attn::BwdConfig<kTile>::type;
+    auto kernel = &attn::_attention_bwd_dkdv_kernel<Tag, Bt>;
+    constexpr int smem = Bt::kSmemBytes;
+    if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
+    const unsigned grid =
+        grid_size((p.len_k + Bt::kBlockN - 1) / Bt::kBlockN, int64_t(p.batch) * p.heads_kv);
+    SK_LAUNCH(kernel, dim3(grid), dim3(Bt::kThreads), smem, stream, p);
+  }
+  if (rows == 0) return;
+  if (deterministic) {
+    using Dt = typename attn::DqConfig<kTile>::type;
+    auto kernel = &attn::_attention_bwd_dq_kernel<Tag, Dt>;
+    constexpr int smem = Dt::kSmemBytes;
+    if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
+    const unsigned grid =
+        grid_size((p.len_q + Dt::kBlockM - 1) / Dt::kBlockM, int64_t(p.batch) * p.heads_q);
+    SK_LAUNCH(kernel, dim3(grid), dim3(Dt::kThreads), smem, stream, p);
+  } else {
+    auto kernel = &attn::_attention_bwd_dq_convert_kernel<Tag>;
+    const int64_t chunks = rows * (p.head_dim / 8);
+    if (chunks > 0) {
+      const unsigned grid = grid_size((chunks + 255) / 256, 1);
+      SK_LAUNCH(kernel, dim3(grid), dim3(256), 0, stream, p);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& kv_lengths,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    int64_t seed, int64_t offset, bool deterministic) {
+  check_qkv(q_in, k_in, v_in);
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
+  const int64_t Hkv = k_in.size(1), Lk = k_in.size(2);
+  const int64_t D = q_in.size(3), Dv = v_in.size(3);
+  for (const at::Tensor* t : {&grad_out_in, &out_in}) {
+    SK_CHECK_DEVICE(*t);
+    TORCH_CHECK(t->device() == q_in.device() && t->scalar_type() == q_in.scalar_type() &&
+                    t->dim() == 4 && t->size(0) == B && t->size(1) == Hq && t->size(2) == Lq &&
+                    t->size(3) == Dv,
+                "attention_bwd: grad_out and out must be ", q_in.scalar_type(), " (B, Hq, Lq, Dv) = (",
+                B, ", ", Hq, ", ", Lq, ", ", Dv, ") on ", q_in.device(), ", got ", t->scalar_type(),
+                " ", t->sizes(), " on ", t->device());
+  }
+  SK_CHECK_DEVICE(lse_in);
+  TORCH_CHECK(lse_in.device() == q_in.device() && lse_in.scalar_type() == at::kFloat &&
+                  lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == Hq &&
+                  lse_in.size(2) == Lq,
+              "attention_bwd: lse must be float32 (B, Hq, Lq) = (", B, ", ", Hq, ", ", Lq,
+              ") on ", q_in.device(), ", got ", lse_in.scalar_type(), " ", lse_in.sizes());
+
+  const int64_t D8 = round_up8(D), Dv8 = round_up8(Dv);
+  const int tile = head_dim_tile(std::max(D8, Dv8));
+  at::Tensor dq = at::empty({B, Hq, Lq, D8}, q_in.options());
+  at::Tensor dk = at::empty({B, Hkv, Lk, D8}, q_in.options());
+  at::Tensor dv = at::empty({B, Hkv, Lk, Dv8}, q_in.options());
+  auto unpad = [](const at::Tensor& t, int64_t d) {
+    return t.size(3) == d ? t : t.narrow(3, 0, d).contiguous();
+  };
+  if (B * Hq == 0 || (Lq == 0 && Lk == 0)) return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv)};
+
+  const cudart::DeviceGuard guard(q_in);
+  const at::Tensor q = kernel_layout(q_in, D8), k = kernel_layout(k_in, D8),
+                   v = kernel_layout(v_in, Dv8), out = kernel_layout(out_in, Dv8),
+                   dout = kernel_layout(grad_out_in, Dv8), lse = lse_in.contiguous();
+  at::Tensor delta = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
+  at::Tensor dq_accum;
+  if (!deterministic) dq_accum = at::zeros({B, Hq, Lq, D8}, q_in.options().dtype(at::kFloat));
+
+  const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in);
+  AttentionBwdParams p;
+  fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right,
+              dropout_p, seed, offset, D8, Dv8);
+  p.out = const_cast<void*>(out.data_ptr());
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.o_batch_stride = stride_of(out, 0);
+  p.o_head_stride = stride_of(out, 1);
+  p.o_row_stride = stride_of(out, 2);
+  p.dout = dout.data_ptr();
+  p.do_batch_stride = stride_of(dout, 0);
+  p.do_head_stride = stride_of(dout, 1);
+  p.do_row_stride = stride_of(dout, 2);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_batch_stride = dq.stride(0);
+  p.dq_head_stride = dq.stride(1);
+  p.dq_row_stride = dq.stride(2);
+  p.dk_batch_stride = dk.stride(0);
+  p.dk_head_stride = dk.stride(1);
+  p.dk_row_stride = dk.stride(2);
+  p.dv_batch_stride = dv.stride(0);
+  p.dv_head_stride = dv.stride(1);
+  p.dv_row_stride = dv.stride(2);
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  p.dq_accum_row_stride = static_cast<int>(D8);
+
+  const cudaStream_t stream = cudart::current_stream();
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    dispatch_head_dim(tile, [&](auto tile_c) {
+      launch_bwd<decltype(tag), decltype(tile_c)::value>(p, deterministic, stream);
+    });
+  });
+  return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv)};
+}
+
+}  // namespace
+}  // namespace seqkernels
+
+SK_REGISTER_CUDA(attention_fwd, seqkernels::attention_fwd_cuda);
+SK_REGISTER_CUDA(attention_bwd, seqkernels::attention_bwd_cuda);

@@ -1,0 +1,787 @@
+// FlashAttention-2-style backward kernels for float16 / bfloat16 on sm_80+ (torch-free).
+//
+// Recomputing backward: P is rebuilt from q, k and the forward's lse instead of being stored.
+//   1. _attention_bwd_preprocess_kernel: delta_i = sum_d dO_id * O_id (= sum_j P_ij dP_ij).
+//   2. _attention_bwd_dkdv_kernel: one CTA per (key block, kv head, batch); it keeps K, V of
+//      its kBlockN keys in shared memory and dK, dV in registers while it walks the query
+//      blocks of every query head of its GQA group (so dK / dV are summed over the group
+//      without copies or atomics, and written once):
+//        S^T = K Q^T, P^T = exp2(S^T * scale log2 e - lse log2 e)       (phase A, keys x queries)
+//        dP^T = V dO^T, dS^T = P^T o (dP^T - delta)
+//        dV += P^T dO, dK += dS^T Q                                     (phase B, keys x dims)
+//        dQ += dS K  with float32 atomics into dq_accum                 (phase C, queries x dims,
+//                                                                        only when not deterministic)
+//      P^T and dS^T pass through shared memory between the phases, whose warp layouts differ.
+//   3. _attention_bwd_dq_kernel (deterministic): one CTA per query block, the forward's loop
+//      structure, dQ = sum over key blocks of dS K in registers; no atomics.
+//   4. _attention_bwd_dq_convert_kernel: dq_accum (float32) -> dq in the input dtype.
+// With dropout, dV uses the dropped, rescaled P and dP is masked and rescaled the same way;
+// delta = rowsum(dO o O) already is the dropped product. Rows that see no key have lse = -inf;
+// they are given +inf here so that every P of theirs is exp2(-inf) = 0 and all gradients 0.
+#pragma once
+
+#include "attention_fwd.cuh"
+
+namespace seqkernels {
+namespace attn {
+
+SK_DEVICE SK_INLINE float lse_to_log2(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
+// Whether key j is visible from query i by band and length (attn_mask aside).
+SK_DEVICE SK_INLINE bool band_visible(const AttentionParams& p, int i, int j, int off, int len_k) {
+  return j < len_k && (p.window_left < 0 || j >= i + off - p.window_left) &&
+         (p.window_right < 0 || j <= i + off + p.window_right);
+}
+
+// Whether a kBlockM x kBlockN tile (queries from m0, keys from n0) needs element-wise masking.
+SK_DEVICE SK_INLINE bool tile_needs_mask(const AttentionParams& p, bool has_mask, int m0,
+                                         int m_rows, int n0, int n_cols, int off, int len_k) {
+  return has_mask || n0 + n_cols > len_k ||
+         (p.window_left >= 0 && n0 - (m0 + m_rows - 1) < off - p.window_left) ||
+         (p.window_right >= 0 && n0 + n_cols - 1 - m0 > off + p.window_right);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. delta = rowsum(dO * O), float32 (B, Hq, Lq). One warp per row, 8 elements per lane.
+
+template <typename Tag>
+__global__ void __launch_bounds__(128) _attention_bwd_preprocess_kernel(const AttentionBwdParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads_q * p.len_q;
+  if (row >= rows) return;  // whole warps: no barrier follows
+  const int i = static_cast<int>(row % p.len_q);
+  const int64_t bh = row / p.len_q;
+  const int h = static_cast<int>(bh % p.heads_q), b = static_cast<int>(bh / p.heads_q);
+  const uint16_t* o = static_cast<const uint16_t*>(p.out) + b * p.o_batch_stride +
+                      h * p.o_head_stride + i * p.o_row_stride;
+  const uint16_t* d = static_cast<const uint16_t*>(p.dout) + b * p.do_batch_stride +
+                      h * p.do_head_stride + i * p.do_row_stride;
+  float acc = 0.f;
+  for (int c = lane; c * 8 < p.head_dim_v; c += 32) {
+    const uint4 ov = *reinterpret_cast<const uint4*>(o + c * 8);
+    const uint4 dv = *reinterpret_cast<const uint4*>(d + c * 8);
+    const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w};
+    const uint32_t dw[4] = {dv.x, dv.y, dv.z, dv.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      acc += Elem<Tag>::to_float(static_cast<uint16_t>(ow[w])) *
+             Elem<Tag>::to_float(static_cast<uint16_t>(dw[w]));
+      acc += Elem<Tag>::to_float(static_cast<uint16_t>(ow[w] >> 16)) *
+             Elem<Tag>::to_float(static_cast<uint16_t>(dw[w] >> 16));
+    }
+  }
+#pragma unroll
+  for (int s = 16; s >= 1; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (lane == 0) p.delta[row] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. dK, dV (and atomic dQ).
+
+template <int kHeadDim_, int kBlockN_, int kBlockM_, int kNWarps_, int kStages_>
+struct BwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = kBlockN_;  // keys per CTA
+  static constexpr int kBlockM = kBlockM_;  // queries per step
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kStages = kStages_;  // Q / dO buffers (2: prefetch the next step)
+  static constexpr int kThreads = 32 * kNWarps;
+  // Phase A (S^T, dP^T: keys x queries): warps kAWarpsN x kAWarpsM.
+  static constexpr int kAWarpsN = kBlockN / 16 < kNWarps ? kBlockN / 16 : kNWarps;
+  static constexpr int kAWarpsM = kNWarps / kAWarpsN;
+  static constexpr int kAMTiles = kBlockN / (16 * kAWarpsN);
+  static constexpr int kAQueries = kBlockM / kAWarpsM;
+  static constexpr int kANTiles = kAQueries / 8;
+  // Phase B (dK, dV: keys x dims): warps kBWarpsN x kBWarpsD.
+  static constexpr int kBWarpsN = kAWarpsN;
+  static constexpr int kBWarpsD = kNWarps / kBWarpsN;
+  static constexpr int kBMTiles = kAMTiles;
+  static constexpr int kBDims = kHeadDim / kBWarpsD;
+  static constexpr int kBDTiles = kBDims / 8;
+  // Phase C (dQ: queries x dims): warps kCWarpsM x kCWarpsD, kCChunk dims at a time (its
+  // accumulators are live beside dK / dV, hence the smaller chunk for the widest tile).
+  static constexpr int kCWarpsM = kBlockM / 16 < kNWarps ? kBlockM / 16 : kNWarps;
+  static constexpr int kCWarpsD = kNWarps / kCWarpsM;
+  static constexpr int kCMTiles = kBlockM / (16 * kCWarpsM);
+  static constexpr int kCDims = kHeadDim / kCWarpsD;
+  static constexpr int kCChunk = kCDims < 64 ? kCDims : (kHeadDim >= 256 ? 32 : 64);
+  // Shared memory (16-bit elements, then floats).
+  static constexpr int kSmemKV = kBlockN * kHeadDim;
+  static constexpr int kSmemQ = kBlockM * kHeadDim;
+  static constexpr int kSmemP = kBlockN * kBlockM;
+  static constexpr int kSmemElems = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemP;
+  static constexpr int kSmemBytes = 2 * kSmemElems + 4 * 2 * kStages * kBlockM;
+
+  static_assert(kAWarpsN * kAWarpsM == kNWarps && kANTiles % 2 == 0, "phase A layout");
+  static_assert(kBDims % 16 == 0 && kCDims % kCChunk == 0 && kCChunk % 16 == 0, "phase B/C layout");
+  static_assert(kCWarpsM * kCWarpsD == kNWarps && kCMTiles >= 1, "phase C layout");
+  static_assert(kBlockM % 64 == 0, "P^T / dS^T tiles are at least 64 queries wide");
+};
+
+template <int kHeadDim>
+struct BwdConfig;
+template <>
+struct BwdConfig<64> {
+  using type = BwdTraits<64, 128, 64, 8, 2>;
+};
+template <>
+struct BwdConfig<128> {
+  using type = BwdTraits<128, 64, 64, 8, 2>;
+};
+template <>
+struct BwdConfig<256> {
+  using type = BwdTraits<256, 64, 64, 8, 1>;
+};
+
+// attn_mask and dropout are runtime switches here (one variant per dtype and tile).
+template <typename Tag, typename Bt>
+__global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
+  constexpr int kHeadDim = Bt::kHeadDim, kBlockN = Bt::kBlockN, kBlockM = Bt::kBlockM;
+  constexpr int kThreads = Bt::kThreads, kStages = Bt::kStages;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sV = sK + Bt::kSmemKV;
+  uint16_t* sQ = sV + Bt::kSmemKV;             // [kStages][kBlockM][kHeadDim]
+  uint16_t* sdO = sQ + kStages * Bt::kSmemQ;   // [kStages][kBlockM][kHeadDim]
+  uint16_t* sP = sdO + kStages * Bt::kSmemQ;   // P^T (dropped), [kBlockN][kBlockM]
+  uint16_t* sdS = sP + Bt::kSmemP;             // dS^T, [kBlockN][kBlockM]
+  float* sLse = reinterpret_cast<float*>(sdS + Bt::kSmemP);  // [kStages][kBlockM], log2 units
+  float* sDelta = sLse + kStages * kBlockM;                   // [kStages][kBlockM]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int quad_row = lane >> 2, quad_col = 2 * (lane & 3);
+  const int lb_rc_d = Swz<kHeadDim>::lane_base_rc(lane), lb_cr_d = Swz<kHeadDim>::lane_base_cr(lane);
+  const int lb_rc_m = Swz<kBlockM>::lane_base_rc(lane), lb_cr_m = Swz<kBlockM>::lane_base_cr(lane);
+
+  const int num_n_blocks = (p.len_k + kBlockN - 1) / kBlockN;
+  const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
+  const int bh = static_cast<int>(blockIdx.x / num_n_blocks);
+  const int b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const int group = p.heads_q / p.heads_kv;
+
+  const int len_k = p.kv_lengths ? min(max(p.kv_lengths[b], 0), p.len_k) : p.len_k;
+  const int off = p.bottom_right ? len_k - p.len_q : 0;
+  const int n0 = n_block * kBlockN;
+  const int keys_valid = min(kBlockN, len_k - n0);  // may be <= 0: all keys padding
+
+  // Queries that see at least one key of this block.
+  int i_begin = 0, i_end = p.len_q;
+  if (keys_valid <= 0) {
+    i_end = 0;
+  } else {
+    const int n_last = n0 + keys_valid - 1;
+    if (p.window_right >= 0) i_begin = max(0, n0 - off - p.window_right);
+    if (p.window_left >= 0) i_end = min(i_end, n_last - off + p.window_left + 1);
+  }
+  const int mb_begin = i_begin / kBlockM;
+  const int num_mb = i_end > i_begin ? (i_end + kBlockM - 1) / kBlockM - mb_begin : 0;
+  const int total = num_mb * group;
+
+  const uint16_t* k_ptr = static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride +
+                          hk * p.k_head_stride + static_cast<int64_t>(n0) * p.k_row_stride;
+  const uint16_t* v_ptr = static_cast<const uint16_t*>(p.v) + b * p.v_batch_stride +
+                          hk * p.v_head_stride + static_cast<int64_t>(n0) * p.v_row_stride;
+
+  // Phase layouts.
+  const int a_key0 = (warp % Bt::kAWarpsN) * 16 * Bt::kAMTiles;
+  const int a_q0 = (warp / Bt::kAWarpsN) * Bt::kAQueries;
+  const int b_key0 = (warp % Bt::kBWarpsN) * 16 * Bt::kBMTiles;
+  const int b_d0 = (warp / Bt::kBWarpsN) * Bt::kBDims;
+  const int c_q0 = (warp % Bt::kCWarpsM) * 16 * Bt::kCMTiles;
+  const int c_d0 = (warp / Bt::kCWarpsM) * Bt::kCDims;
+
+  float acc_dk[Bt::kBMTiles][Bt::kBDTiles][4], acc_dv[Bt::kBMTiles][Bt::kBDTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < Bt::kBMTiles; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < Bt::kBDTiles; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[mt][dt][e] = acc_dv[mt][dt][e] = 0.f;
+    }
+  }
+
+  // Issues the loads of step t (query head h = hk * group + t / num_mb, block mb) into `stage`.
+  auto issue_step = [&](int t, int stage) {
+    const int h = hk * group + t / num_mb;
+    const int m0 = (mb_begin + t % num_mb) * kBlockM;
+    const int rows = min(kBlockM, p.len_q - m0);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(
+        sQ + stage * Bt::kSmemQ,
+        static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+            static_cast<int64_t>(m0) * p.q_row_stride,
+        p.q_row_stride, rows, p.head_dim, tid);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(
+        sdO + stage * Bt::kSmemQ,
+        static_cast<const uint16_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+            static_cast<int64_t>(m0) * p.do_row_stride,
+        p.do_row_stride, rows, p.head_dim_v, tid);
+    for (int r = tid; r < kBlockM; r += kThreads) {
+      const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0 + r;
+      // Rows past Lq get lse +inf (P = 0), like rows that see nothing.
+      sLse[stage * kBlockM + r] = r < rows ? lse_to_log2(p.lse[row]) : INFINITY;
+      sDelta[stage * kBlockM + r] = r < rows ? p.delta[row] : 0.f;
+    }
+  };
+
+  if (total > 0) {
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k_ptr, p.k_row_stride, keys_valid, p.head_dim, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v_ptr, p.v_row_stride, keys_valid, p.head_dim_v, tid);
+    if (kStages == 2) {
+      issue_step(0, 0);
+    }
+    mma::cp_async_commit();
+
+    const bool has_mask = p.mask != nullptr;
+    for (int t = 0; t < total; ++t) {
+      const int stage = kStages == 2 ? (t & 1) : 0;
+      if (kStages == 2) {
+        // The other stage was last read in step t-1, which ended with a barrier.
+        if (t + 1 < total) {
+          issue_step(t + 1, stage ^ 1);
+          mma::cp_async_commit();
+          mma::cp_async_wait<1>();
+        } else {
+          mma::cp_async_wait<0>();
+        }
+      } else {
+        issue_step(t, 0);
+        mma::cp_async_commit();
+        mma::cp_async_wait<0>();
+      }
+      __syncthreads();
+
+      const int h = hk * group + t / num_mb;
+      const int m0 = (mb_begin + t % num_mb) * kBlockM;
+      const uint16_t* sQs = sQ + stage * Bt::kSmemQ;
+      const uint16_t* sdOs = sdO + stage * Bt::kSmemQ;
+      const float* sLs = sLse + stage * kBlockM;
+      const float* sDs = sDelta + stage * kBlockM;
+
+      // ---- Phase A: S^T = K Q^T and dP^T = V dO^T for this warp's keys x queries.
+      {
+        float s[Bt::kAMTiles][Bt::kANTiles][4], dp[Bt::kAMTiles][Bt::kANTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < Bt::kANTiles; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+          if (ks * 16 < p.head_dim) {
+            uint32_t ka[Bt::kAMTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
+              mma::ldmatrix<4>(ka[mt], smem_at<kHeadDim>(sK, a_key0 + mt * 16, lb_rc_d, ks));
+            }
+#pragma unroll
+            for (int np = 0; np < Bt::kANTiles / 2; ++np) {
+              uint32_t qb[4];
+              mma::ldmatrix<4>(qb, smem_at<kHeadDim>(sQs, a_q0 + np * 16, lb_cr_d, ks));
+#pragma unroll
+              for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
+                mma::mma_m16n8k16<Tag>(s[mt][2 * np], ka[mt], qb, s[mt][2 * np]);
+                mma::mma_m16n8k16<Tag>(s[mt][2 * np + 1], ka[mt], qb + 2, s[mt][2 * np + 1]);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+          if (ks * 16 < p.head_dim_v) {
+            uint32_t va[Bt::kAMTiles][4];
+#pragma unroll
+            for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
+              mma::ldmatrix<4>(va[mt], smem_at<kHeadDim>(sV, a_key0 + mt * 16, lb_rc_d, ks));
+            }
+#pragma unroll
+            for (int np = 0; np < Bt::kANTiles / 2; ++np) {
+              uint32_t ob[4];
+              mma::ldmatrix<4>(ob, smem_at<kHeadDim>(sdOs, a_q0 + np * 16, lb_cr_d, ks));
+#pragma unroll
+              for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
+                mma::mma_m16n8k16<Tag>(dp[mt][2 * np], va[mt], ob, dp[mt][2 * np]);
+                mma::mma_m16n8k16<Tag>(dp[mt][2 * np + 1], va[mt], ob + 2, dp[mt][2 * np + 1]);
+              }
+            }
+          }
+        }
+
+        // P^T, dS^T element-wise; both go to shared memory for phases B and C. The fragment
+        // rows are keys and the columns queries, so the keep bits are generated transposed.
+        const bool need_mask = tile_needs_mask(p, has_mask, m0, kBlockM, n0, kBlockN, off, len_k);
+        uint64_t keep = ~uint64_t(0);
+        if (p.dropout) {
+          keep = 0;
+#pragma unroll 1
+          for (int x = 0; x < Bt::kAMTiles * Bt::kANTiles * 4; ++x) {
+            const int e = x & 1, nt = (x >> 1) % Bt::kANTiles, r = (x >> 1) / Bt::kANTiles;
+            const int j = n0 + a_key0 + (r >> 1) * 16 + (r & 1) * 8 + quad_row;
+            const int i = m0 + a_q0 + nt * 8 + quad_col + e;
+            keep |= static_cast<uint64_t>(dropout_keep_elem(p, b, h, i, j)) << x;
+          }
+        }
+#pragma unroll
+        for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int r = a_key0 + mt * 16 + quad_row + 8 * hf;  // key within the block
+            const int j = n0 + r;
+#pragma unroll
+            for (int nt = 0; nt < Bt::kANTiles; ++nt) {
+              float pv[2], dsv[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int c = a_q0 + nt * 8 + quad_col + e;  // query within the block
+                const int i = m0 + c;
+                float sv = s[mt][nt][2 * hf + e] * p.scale_log2;
+                if (need_mask) {
+                  if (!band_visible(p, i, j, off, len_k)) {
+                    sv = -INFINITY;
+                  } else if (has_mask && i < p.len_q) {
+                    sv += mask_value_log2(p,
+                                          static_cast<int64_t>(b) * p.mask_batch_stride +
+                                              static_cast<int64_t>(h) * p.mask_head_stride +
+                                              static_cast<int64_t>(i) * p.mask_row_stride,
+                                          j);
+                  }
+                }
+                const float prob = exp2f(sv - sLs[c]);
+                const bool kept = (keep >> ((((mt * 2 + hf) * Bt::kANTiles + nt) * 2) + e)) & 1;
+                const float rescale = p.dropout ? p.dropout_rescale : 1.f;
+                pv[e] = kept ? prob * rescale : 0.f;
+                dsv[e] = prob * ((kept ? dp[mt][nt][2 * hf + e] * rescale : 0.f) - sDs[c]);
+              }
+              const int off_b = Swz<kBlockM>::offset(r, (a_q0 + nt * 8) >> 3) + quad_col * 2;
+              *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sP) + off_b) =
+                  Elem<Tag>::pack(pv[0], pv[1]);
+              *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sdS) + off_b) =
+                  Elem<Tag>::pack(dsv[0], dsv[1]);
+            }
+          }
+        }
+      }
+      __syncthreads();
+
+      // ---- Phase B: dV += P^T dO, dK += dS^T Q for this warp's keys x dims.
+#pragma unroll
+      for (int ks = 0; ks < kBlockM / 16; ++ks) {
+        uint32_t pa[Bt::kBMTiles][4], dsa[Bt::kBMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < Bt::kBMTiles; ++mt) {
+          mma::ldmatrix<4>(pa[mt], smem_at<kBlockM>(sP, b_key0 + mt * 16, lb_rc_m, ks));
+          mma::ldmatrix<4>(dsa[mt], smem_at<kBlockM>(sdS, b_key0 + mt * 16, lb_rc_m, ks));
+        }
+#pragma unroll
+        for (int dp = 0; dp < Bt::kBDims / 16; ++dp) {
+          const int d = b_d0 + dp * 16;
+          if (d < p.head_dim_v) {
+            uint32_t ob[4];
+            mma::ldmatrix<4, true>(ob, smem_at<kHeadDim>(sdOs, ks * 16, lb_rc_d, d / 16));
+#pragma unroll
+            for (int mt = 0; mt < Bt::kBMTiles; ++mt) {
+              mma::mma_m16n8k16<Tag>(acc_dv[mt][2 * dp], pa[mt], ob, acc_dv[mt][2 * dp]);
+              mma::mma_m16n8k16<Tag>(acc_dv[mt][2 * dp + 1], pa[mt], ob + 2, acc_dv[mt][2 * dp + 1]);
+            }
+          }
+          if (d < p.head_dim) {
+            uint32_t qb[4];
+            mma::ldmatrix<4, true>(qb, smem_at<kHeadDim>(sQs, ks * 16, lb_rc_d, d / 16));
+#pragma unroll
+            for (int mt = 0; mt < Bt::kBMTiles; ++mt) {
+              mma::mma_m16n8k16<Tag>(acc_dk[mt][2 * dp], dsa[mt], qb, acc_dk[mt][2 * dp]);
+              mma::mma_m16n8k16<Tag>(acc_dk[mt][2 * dp + 1], dsa[mt], qb + 2, acc_dk[mt][2 * dp + 1]);
+            }
+          }
+        }
+      }
+
+      // ---- Phase C: dQ += scale * dS K, accumulated across key blocks with float atomics.
+      if (p.dq_accum != nullptr) {
+        float* dq_rows = p.dq_accum + ((static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0) *
+                                          p.dq_accum_row_stride;
+#pragma unroll
+        for (int chunk = 0; chunk < Bt::kCDims / Bt::kCChunk; ++chunk) {
+          const int d_base = c_d0 + chunk * Bt::kCChunk;
+          if (d_base < p.head_dim) {
+            float acc[Bt::kCMTiles][Bt::kCChunk / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < Bt::kCMTiles; ++mt) {
+#pragma unroll
+              for (int nt = 0; nt < Bt::kCChunk / 8; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+              }
+            }
+#pragma unroll
+            for (int ks = 0; ks < kBlockN / 16; ++ks) {
+              uint32_t dsa[Bt::kCMTiles][4];
+#pragma unroll
+              for (int mt = 0; mt < Bt::kCMTiles; ++mt) {
+                mma::ldmatrix<4, true>(dsa[mt],
+                                       smem_at<kBlockM>(sdS, ks * 16, lb_cr_m, (c_q0 + mt * 16) / 16));
+              }
+#pragma unroll
+              for (int dp = 0; dp < Bt::kCChunk / 16; ++dp) {
+                uint32_t kb[4];
+                mma::ldmatrix<4, true>(kb, smem_at<kHeadDim>(sK, ks * 16, lb_rc_d, d_base / 16 + dp));
+#pragma unroll
+                for (int mt = 0; mt < Bt::kCMTiles; ++mt) {
+                  mma::mma_m16n8k16<Tag>(acc[mt][2 * dp], dsa[mt], kb, acc[mt][2 * dp]);
+                  mma::mma_m16n8k16<Tag>(acc[mt][2 * dp + 1], dsa[mt], kb + 2, acc[mt][2 * dp + 1]);
+                }
+              }
+            }
+#pragma unroll
+            for (int mt = 0; mt < Bt::kCMTiles; ++mt) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int r = c_q0 + mt * 16 + quad_row + 8 * (e >> 1);
+                if (m0 + r < p.len_q) {
+#pragma unroll
+                  for (int nt = 0; nt < Bt::kCChunk / 8; ++nt) {
+                    const int d = d_base + nt * 8 + quad_col + (e & 1);
+                    if (d < p.head_dim) {
+                      atomicAdd(dq_rows + static_cast<int64_t>(r) * p.dq_accum_row_stride + d,
+                                acc[mt][nt][e] * p.scale);
+                    }
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  // Epilogue: dK (times scale) and dV staged in the K / V tiles, then stored.
+#pragma unroll
+  for (int mt = 0; mt < Bt::kBMTiles; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = b_key0 + mt * 16 + quad_row + 8 * hf;
+#pragma unroll
+      for (int dt = 0; dt < Bt::kBDTiles; ++dt) {
+        const int so = Swz<kHeadDim>::offset(r, (b_d0 >> 3) + dt) + quad_col * 2;
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sK) + so) = Elem<Tag>::pack(
+            acc_dk[mt][dt][2 * hf] * p.scale, acc_dk[mt][dt][2 * hf + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sV) + so) =
+            Elem<Tag>::pack(acc_dv[mt][dt][2 * hf], acc_dv[mt][dt][2 * hf + 1]);
+      }
+    }
+  }
+  __syncthreads();
+  const int rows_out = min(kBlockN, p.len_k - n0);
+  store_tile<kBlockN, kHeadDim, kThreads>(
+      static_cast<uint16_t*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
+          static_cast<int64_t>(n0) * p.dk_row_stride,
+      p.dk_row_stride, sK, rows_out, p.head_dim, tid);
+  store_tile<kBlockN, kHeadDim, kThreads>(
+      static_cast<uint16_t*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
+          static_cast<int64_t>(n0) * p.dv_row_stride,
+      p.dv_row_stride, sV, rows_out, p.head_dim_v, tid);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Deterministic dQ: the forward's structure (each warp owns 16 * kMTiles query rows, K and V
+// blocks double buffered), dQ accumulated in registers.
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+struct DqTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = 32 * kNWarps;
+  static constexpr int kMTiles = kBlockM / (16 * kNWarps);
+  static constexpr int kNTiles = kBlockN / 8;
+  static constexpr int kDTiles = kHeadDim / 8;
+  static constexpr int kSmemQ = kBlockM * kHeadDim;   // Q, then dO; Q is reused to stage dQ
+  static constexpr int kSmemKV = kBlockN * kHeadDim;  // one stage of K or V
+  static constexpr int kSmemBytes = 2 * (2 * kSmemQ + 4 * kSmemKV);
+  static_assert(kMTiles >= 1 && kBlockM == 16 * kMTiles * kNWarps, "rows per warp");
+};
+
+template <int kHeadDim>
+struct DqConfig;
+template <>
+struct DqConfig<64> {
+  using type = DqTraits<64, 64, 64, 4>;
+};
+template <>
+struct DqConfig<128> {
+  using type = DqTraits<128, 64, 64, 4>;
+};
+template <>
+struct DqConfig<256> {
+  using type = DqTraits<256, 64, 32, 4>;
+};
+
+template <typename Tag, typename Kt>
+__global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(const AttentionBwdParams p) {
+  constexpr int kHeadDim = Kt::kHeadDim, kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN;
+  constexpr int kMTiles = Kt::kMTiles, kNTiles = Kt::kNTiles, kDTiles = Kt::kDTiles;
+  constexpr int kThreads = Kt::kThreads;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
+  uint16_t* sdO = sQ + Kt::kSmemQ;
+  uint16_t* sK = sdO + Kt::kSmemQ;      // [2][kBlockN][kHeadDim]
+  uint16_t* sV = sK + 2 * Kt::kSmemKV;  // [2][kBlockN][kHeadDim]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int quad_row = lane >> 2, quad_col = 2 * (lane & 3);
+  const int lb_rc = Swz<kHeadDim>::lane_base_rc(lane), lb_cr = Swz<kHeadDim>::lane_base_cr(lane);
+
+  const int num_m_blocks = (p.len_q + kBlockM - 1) / kBlockM;
+  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
+  const int bh = static_cast<int>(blockIdx.x / num_m_blocks);
+  const int b = bh / p.heads_q, h = bh % p.heads_q;
+  const int hk = h / (p.heads_q / p.heads_kv);
+
+  const int len_k = p.kv_lengths ? min(max(p.kv_lengths[b], 0), p.len_k) : p.len_k;
+  const int off = p.bottom_right ? len_k - p.len_q : 0;
+  const int m0 = m_block * kBlockM;
+  const int rows_valid = min(kBlockM, p.len_q - m0);
+  const int m_last = m0 + rows_valid - 1;
+
+  int n_begin = 0, n_end = len_k;
+  if (p.window_left >= 0) n_begin = max(0, m0 + off - p.window_left);
+  if (p.window_right >= 0) n_end = min(n_end, m_last + off + p.window_right + 1);
+  const int nb_begin = n_begin / kBlockN;
+  const int nb_end = n_end > n_begin ? (n_end + kBlockN - 1) / kBlockN : nb_begin;
+
+  const uint16_t* k_ptr =
+      static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const uint16_t* v_ptr =
+      static_cast<const uint16_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const int warp_row0 = warp * 16 * kMTiles;
+
+  // Per-row lse (log2 units, +inf for rows that see nothing or do not exist) and delta.
+  float row_lse[kMTiles][2], row_delta[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = m0 + warp_row0 + mt * 16 + quad_row + 8 * hf;
+      const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + i;
+      row_lse[mt][hf] = i < p.len_q ? lse_to_log2(p.lse[row]) : INFINITY;
+      row_delta[mt][hf] = i < p.len_q ? p.delta[row] : 0.f;
+    }
+  }
+
+  float acc_dq[kMTiles][kDTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dq[mt][dt][e] = 0.f;
+    }
+  }
+
+  if (nb_begin < nb_end) {
+    load_tile_async<kBlockM, kHeadDim, kThreads>(
+        sQ,
+        static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+            static_cast<int64_t>(m0) * p.q_row_stride,
+        p.q_row_stride, rows_valid, p.head_dim, tid);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(
+        sdO,
+        static_cast<const uint16_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+            static_cast<int64_t>(m0) * p.do_row_stride,
+        p.do_row_stride, rows_valid, p.head_dim_v, tid);
+    {
+      const int n0 = nb_begin * kBlockN;
+      load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k_ptr + n0 * p.k_row_stride, p.k_row_stride,
+                                                   len_k - n0, p.head_dim, tid);
+      load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v_ptr + n0 * p.v_row_stride, p.v_row_stride,
+                                                   len_k - n0, p.head_dim_v, tid);
+      mma::cp_async_commit();
+    }
+
+    const bool has_mask = p.mask != nullptr;
+    for (int nb = nb_begin; nb < nb_end; ++nb) {
+      const int stage = (nb - nb_begin) & 1;
+      const uint16_t* sKs = sK + stage * Kt::kSmemKV;
+      const uint16_t* sVs = sV + stage * Kt::kSmemKV;
+      const int n0 = nb * kBlockN;
+      if (nb + 1 < nb_end) {
+        const int n1 = n0 + kBlockN;
+        load_tile_async<kBlockN, kHeadDim, kThreads>(sK + (stage ^ 1) * Kt::kSmemKV,
+                                                     k_ptr + n1 * p.k_row_stride, p.k_row_stride,
+                                                     len_k - n1, p.head_dim, tid);
+        load_tile_async<kBlockN, kHeadDim, kThreads>(sV + (stage ^ 1) * Kt::kSmemKV,
+                                                     v_ptr + n1 * p.v_row_stride, p.v_row_stride,
+                                                     len_k - n1, p.head_dim_v, tid);
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
+      } else {
+        mma::cp_async_wait<0>();
+      }
+      __syncthreads();
+
+      float s[kMTiles][kNTiles][4], dp[kMTiles][kNTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
+        }
+      }
+      // S = Q K^T, dP = dO V^T.
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+        if (ks * 16 < p.head_dim) {
+          uint32_t qa[kMTiles][4];
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma::ldmatrix<4>(qa[mt], smem_at<kHeadDim>(sQ, warp_row0 + mt * 16, lb_rc, ks));
+          }
+#pragma unroll
+          for (int np = 0; np < kNTiles / 2; ++np) {
+            uint32_t kb[4];
+            mma::ldmatrix<4>(kb, smem_at<kHeadDim>(sKs, np * 16, lb_cr, ks));
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              mma::mma_m16n8k16<Tag>(s[mt][2 * np], qa[mt], kb, s[mt][2 * np]);
+              mma::mma_m16n8k16<Tag>(s[mt][2 * np + 1], qa[mt], kb + 2, s[mt][2 * np + 1]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+        if (ks * 16 < p.head_dim_v) {
+          uint32_t oa[kMTiles][4];
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma::ldmatrix<4>(oa[mt], smem_at<kHeadDim>(sdO, warp_row0 + mt * 16, lb_rc, ks));
+          }
+#pragma unroll
+          for (int np = 0; np < kNTiles / 2; ++np) {
+            uint32_t vb[4];
+            mma::ldmatrix<4>(vb, smem_at<kHeadDim>(sVs, np * 16, lb_cr, ks));
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              mma::mma_m16n8k16<Tag>(dp[mt][2 * np], oa[mt], vb, dp[mt][2 * np]);
+              mma::mma_m16n8k16<Tag>(dp[mt][2 * np + 1], oa[mt], vb + 2, dp[mt][2 * np + 1]);
+            }
+          }
+        }
+      }
+
+      // dS = P o (dP - delta), in place of s.
+      const bool need_mask = tile_needs_mask(p, has_mask, m0, rows_valid, n0, kBlockN, off, len_k);
+      const uint64_t keep = p.dropout ? dropout_keep_bits<kMTiles, kNTiles>(
+                                            p, b, h, m0 + warp_row0 + quad_row, n0 + quad_col)
+                                      : ~uint64_t(0);
+      const float rescale = p.dropout ? p.dropout_rescale : 1.f;
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int i = m0 + warp_row0 + mt * 16 + quad_row + 8 * hf;
+          const int64_t mask_row = static_cast<int64_t>(b) * p.mask_batch_stride +
+                                   static_cast<int64_t>(h) * p.mask_head_stride +
+                                   static_cast<int64_t>(i) * p.mask_row_stride;
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = n0 + nt * 8 + quad_col + e;
+              float sv = s[mt][nt][2 * hf + e] * p.scale_log2;
+              if (need_mask) {
+                if (!band_visible(p, i, j, off, len_k)) {
+                  sv = -INFINITY;
+                } else if (has_mask && i < p.len_q) {
+                  sv += mask_value_log2(p, mask_row, j);
+                }
+              }
+              const float prob = exp2f(sv - row_lse[mt][hf]);
+              const bool kept = (keep >> (((mt * 2 + hf) * kNTiles + nt) * 2 + e)) & 1;
+              const float dpv = kept ? dp[mt][nt][2 * hf + e] * rescale : 0.f;
+              s[mt][nt][2 * hf + e] = prob * (dpv - row_delta[mt][hf]);
+            }
+          }
+        }
+      }
+
+      // dQ += dS K.
+#pragma unroll
+      for (int ks = 0; ks < kBlockN / 16; ++ks) {
+        uint32_t dsa[kMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) acc_to_a<Tag>(dsa[mt], s[mt][2 * ks], s[mt][2 * ks + 1]);
+#pragma unroll
+        for (int dp2 = 0; dp2 < kHeadDim / 16; ++dp2) {
+          if (dp2 * 16 < p.head_dim) {
+            uint32_t kb[4];
+            mma::ldmatrix<4, true>(kb, smem_at<kHeadDim>(sKs, ks * 16, lb_rc, dp2));
+#pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              mma::mma_m16n8k16<Tag>(acc_dq[mt][2 * dp2], dsa[mt], kb, acc_dq[mt][2 * dp2]);
+              mma::mma_m16n8k16<Tag>(acc_dq[mt][2 * dp2 + 1], dsa[mt], kb + 2, acc_dq[mt][2 * dp2 + 1]);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  // Epilogue: dQ * scale staged in the Q tile, then stored.
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = warp_row0 + mt * 16 + quad_row + 8 * hf;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sQ) + Swz<kHeadDim>::offset(r, dt) +
+                                     quad_col * 2) =
+            Elem<Tag>::pack(acc_dq[mt][dt][2 * hf] * p.scale, acc_dq[mt][dt][2 * hf + 1] * p.scale);
+      }
+    }
+  }
+  __syncthreads();
+  store_tile<kBlockM, kHeadDim, kThreads>(
+      static_cast<uint16_t*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
+          static_cast<int64_t>(m0) * p.dq_row_stride,
+      p.dq_row_stride, sQ, rows_valid, p.head_dim, tid);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. dq_accum (float32, already scaled) -> dq. 8 elements per thread.
+
+template <typename Tag>
+__global__ void __launch_bounds__(256) _attention_bwd_dq_convert_kernel(const AttentionBwdParams p) {
+  const int chunks = p.head_dim / 8;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  const int64_t total = static_cast<int64_t>(p.batch) * p.heads_q * p.len_q * chunks;
+  if (idx >= total) return;
+  const int c = static_cast<int>(idx % chunks);
+  const int64_t row = idx / chunks;
+  const int i = static_cast<int>(row % p.len_q);
+  const int64_t bh = row / p.len_q;
+  const int h = static_cast<int>(bh % p.heads_q), b = static_cast<int>(bh / p.heads_q);
+  const float* src = p.dq_accum + row * p.dq_accum_row_stride + c * 8;
+  uint32_t w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) w[k] = Elem<Tag>::pack(src[2 * k], src[2 * k + 1]);
+  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.dq) + b * p.dq_batch_stride +
+                            h * p.dq_head_stride + i * p.dq_row_stride + c * 8) =
+      make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+}  // namespace attn
+}  // namespace seqkernels

@@ -1,0 +1,274 @@
+// CUDA launchers of seqkernels::kv_cache_append and seqkernels::decode_attention: validate the
+// (already normalized) arguments, pick the compile-time variant, launch the kernels of
+// kv_cache.cuh. Runs unchanged under the CUDA-on-CPU harness (docs/EMULATION.md).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <tuple>
+
+#include "cuda/kv_cache.cuh"
+#include "cuda/launch.cuh"
+#include "cuda/register.cuh"
+#include "cuda/stream.cuh"
+
+namespace seqkernels {
+namespace {
+
+void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  SK_CHECK_DEVICE(k_cache);
+  SK_CHECK_DEVICE(v_cache);
+  TORCH_CHECK(k_cache.dim() == 4, "k_cache: expected a 4-D tensor, got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.dim() == 4, "v_cache: expected a 4-D tensor, got ", v_cache.sizes());
+  const auto dt = k_cache.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat,
+              "k_cache: the CUDA kernels take float16, bfloat16 or float32, got ", dt);
+  TORCH_CHECK(v_cache.scalar_type() == dt, "v_cache: dtype ", v_cache.scalar_type(), " does not match k_cache's ", dt);
+  TORCH_CHECK(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) &&
+                  k_cache.size(2) == v_cache.size(2),
+              "v_cache: shape ", v_cache.sizes(), " must match k_cache ", k_cache.sizes(), " except the head dim");
+  TORCH_CHECK(k_cache.size(3) <= 1 || k_cache.stride(3) == 1, "k_cache: the head dim must have stride 1");
+  TORCH_CHECK(v_cache.size(3) <= 1 || v_cache.stride(3) == 1, "v_cache: the head dim must have stride 1");
+}
+
+kv::CacheLayout check_layout(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table, int64_t B) {
+  if (!block_table.has_value()) {
+    TORCH_CHECK(k_cache.size(0) == B, "k_cache: a contiguous cache is (B, Hkv, S_max, D) with B=", B, ", got ",
+                k_cache.sizes());
+    return {nullptr, k_cache.size(2), 1, 0, 0};
+  }
+  const at::Tensor& t = *block_table;
+  SK_CHECK_DEVICE(t);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B, "block_table: expected shape (", B, ", max_blocks), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "block_table: expected a contiguous int32 tensor");
+  TORCH_CHECK(k_cache.size(2) >= 1, "k_cache: block_size (dim 2 of a paged cache) must be >= 1");
+  return {t.data_ptr<int32_t>(), t.size(1) * k_cache.size(2), k_cache.size(2), t.size(1), k_cache.size(0)};
+}
+
+void check_seqlens(const at::Tensor& s, int64_t B) {
+  SK_CHECK_DEVICE(s);
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == B, "cache_seqlens: expected shape (", B, ",), got ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kInt && s.is_contiguous(), "cache_seqlens: expected a contiguous int32 tensor");
+}
+
+// Widest copy (16, 8, 4 or 2 bytes, at least one element) that divides every byte count,
+// stride and address in `values`.
+int vector_bytes(int64_t elt, std::initializer_list<int64_t> values) {
+  for (int v = 16; v > elt; v /= 2) {
+    bool ok = true;
+    for (int64_t x : values) ok &= (x % v) == 0;
+    if (ok) return v;
+  }
+  return static_cast<int>(elt);
+}
+
+int64_t address(const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); }
+
+}  // namespace
+
+void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new_in,
+                          const at::Tensor& v_new_in, const at::Tensor& cache_seqlens,
+                          const std::optional<at::Tensor>& block_table) {
+  check_cache(k_cache, v_cache);
+  SK_CHECK_DEVICE(k_new_in);
+  SK_CHECK_DEVICE(v_new_in);
+  TORCH_CHECK(k_new_in.dim() == 4 && v_new_in.dim() == 4, "k_new, v_new: expected 4-D tensors (B, Hkv, T, D)");
+  TORCH_CHECK(k_new_in.scalar_type() == k_cache.scalar_type() && v_new_in.scalar_type() == k_cache.scalar_type(),
+              "k_new, v_new: dtype must match the cache's ", k_cache.scalar_type());
+  const int64_t B = k_new_in.size(0), H = k_new_in.size(1), T = k_new_in.size(2), D = k_new_in.size(3);
+  const int64_t Dv = v_cache.size(3);
+  TORCH_CHECK(v_new_in.size(0) == B && v_new_in.size(1) == H && v_new_in.size(2) == T && v_new_in.size(3) == Dv,
+              "v_new: expected shape (", B, ", ", H, ", ", T, ", ", Dv, "), got ", v_new_in.sizes());
+  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D, "k_new: shape ", k_new_in.sizes(),
+              " does not fit k_cache ", k_cache.sizes());
+  const kv::CacheLayout layout = check_layout(k_cache, block_table, B);
+  check_seqlens(cache_seqlens, B);
+  if (B == 0 || H == 0 || T == 0) return;
+  const cudart::DeviceGuard guard(k_cache);
+  // The kernel copies whole rows as bytes, so the new rows' head dim must be contiguous.
+  const at::Tensor k_new = k_new_in.stride(3) == 1 ? k_new_in : k_new_in.contiguous();
+  const at::Tensor v_new = v_new_in.stride(3) == 1 ? v_new_in : v_new_in.contiguous();
+
+  const int64_t elt = k_cache.element_size();
+  kv::AppendParams p{};
+  p.k_new = static_cast<const char*>(k_new.data_ptr());
+  p.v_new = static_cast<const char*>(v_new.data_ptr());
+  p.k_cache = static_cast<char*>(k_cache.data_ptr());
+  p.v_cache = static_cast<char*>(v_cache.data_ptr());
+  p.seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.layout = layout;
+  p.H = H;
+  p.T = T;
+  for (int i = 0; i < 3; ++i) {
+    p.kn[i] = k_new.stride(i) * elt;
+    p.vn[i] = v_new.stride(i) * elt;
+    p.kc[i] = k_cache.stride(i) * elt;
+    p.vc[i] = v_cache.stride(i) * elt;
+  }
+  const int vec = vector_bytes(elt, {D * elt, Dv * elt, p.kn[0], p.kn[1], p.kn[2], p.vn[0], p.vn[1], p.vn[2], p.kc[0],
+                                     p.kc[1], p.kc[2], p.vc[0], p.vc[1], p.vc[2], address(k_new), address(v_new),
+                                     address(k_cache), address(v_cache)});
+  p.k_chunks = D * elt / vec;
+  p.v_chunks = Dv * elt / vec;
+  p.total = B * H * T * (p.k_chunks + p.v_chunks);
+  constexpr int kThreads = 256;
+  const int64_t max_blocks = static_cast<int64_t>(cudart::multiprocessor_count()) * 16;
+  const dim3 grid(static_cast<unsigned>(std::max<int64_t>(1, std::min((p.total + kThreads - 1) / kThreads, max_blocks))));
+  const cudaStream_t stream = cudart::current_stream();
+  switch (vec) {
+    case 16: {
+      auto kernel = &kv::_kv_cache_append_kernel<16>;
+      SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+      break;
+    }
+    case 8: {
+      auto kernel = &kv::_kv_cache_append_kernel<8>;
+      SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+      break;
+    }
+    case 4: {
+      auto kernel = &kv::_kv_cache_append_kernel<4>;
+      SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+      break;
+    }
+    default: {
+      auto kernel = &kv::_kv_cache_append_kernel<2>;
+      SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+      break;
+    }
+  }
+}
+
+namespace {
+
+template <typename T, int HEAD, int ROWS>
+void launch_decode(const kv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
+  auto kernel = &kv::_decode_attention_kernel<T, HEAD, ROWS>;
+  SK_LAUNCH(kernel, grid, dim3(kv::DecodeGeometry<T, HEAD>::kThreads), 0, stream, p);
+}
+
+template <typename T, int HEAD>
+void launch_decode_rows(int rows, const kv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
+  switch (rows) {
+    case 1:
+      launch_decode<T, HEAD, 1>(p, grid, stream);
+      break;
+    case 4:
+      launch_decode<T, HEAD, 4>(p, grid, stream);
+      break;
+    default:
+      launch_decode<T, HEAD, 8>(p, grid, stream);
+      break;
+  }
+}
+
+template <typename scalar_t>
+void run_decode(const kv::DecodeParams& p, dim3 grid, int rows, int64_t widest, cudaStream_t stream) {
+  using T = cudart::device_type_t<scalar_t>;
+  if (widest <= 64) {
+    launch_decode_rows<T, 64>(rows, p, grid, stream);
+  } else if (widest <= 128) {
+    launch_decode_rows<T, 128>(rows, p, grid, stream);
+  } else {
+    launch_decode_rows<T, 256>(rows, p, grid, stream);
+  }
+  if (p.num_splits > 1) {
+    const kv::MergeParams mp{p.out_partial, p.lse_partial, p.out, p.lse, p.B * p.Hq * p.Tq, p.Dv, p.num_splits};
+    constexpr int kWarps = 4;
+    const dim3 mgrid(static_cast<unsigned>((mp.rows + kWarps - 1) / kWarps));
+    auto kernel = &kv::_decode_merge_kernel<T>;
+    SK_LAUNCH(kernel, mgrid, dim3(32 * kWarps), 0, stream, mp);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
+                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                         const std::optional<at::Tensor>& block_table, double scale,
+                                                         int64_t window_left, int64_t window_right,
+                                                         int64_t num_splits) {
+  check_cache(k_cache, v_cache);
+  SK_CHECK_DEVICE(q_in);
+  TORCH_CHECK(q_in.dim() == 4, "q: expected a 4-D tensor (B, Hq, Tq, D), got ", q_in.sizes());
+  TORCH_CHECK(q_in.scalar_type() == k_cache.scalar_type(), "q: dtype ", q_in.scalar_type(),
+              " does not match the cache's ", k_cache.scalar_type());
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = k_cache.size(1), Dv = v_cache.size(3);
+  TORCH_CHECK(k_cache.size(3) == D, "k_cache: head dim ", k_cache.size(3), " must equal q's ", D);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "q: the number of query heads (", Hq,
+              ") must be a multiple of the number of key/value heads (", Hkv, ")");
+  TORCH_CHECK(D >= 1 && Dv >= 1 && D <= 256 && Dv <= 256, "q, v_cache: head dims must be in [1, 256], got D=", D,
+              ", Dv=", Dv);
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 65535, "num_splits: expected a value in [1, 65535], got ", num_splits);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window_left, window_right: expected >= -1");
+  const kv::CacheLayout layout = check_layout(k_cache, block_table, B);
+  check_seqlens(cache_seqlens, B);
+  const cudart::DeviceGuard guard(q_in);
+
+  at::Tensor out = at::empty({B, Hq, Tq, Dv}, q_in.options());
+  at::Tensor lse = at::empty({B, Hq, Tq}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const at::Tensor q = q_in.contiguous();
+
+  const int64_t G = Hq / Hkv, n_rows = G * Tq;
+  const int rows = n_rows >= 5 ? 8 : (n_rows >= 2 ? 4 : 1);
+  const int64_t row_tiles = (n_rows + rows - 1) / rows;
+  TORCH_CHECK(row_tiles <= 65535, "q: too many query rows per kv head (", n_rows, "); at most ", 65535 * rows);
+  TORCH_CHECK(B * Hkv <= 0x7fffffff, "q: B * Hkv is too large for one launch");
+
+  at::Tensor out_partial, lse_partial;
+  if (num_splits > 1) {
+    out_partial = at::empty({num_splits, B, Hq, Tq, Dv}, q_in.options().dtype(at::kFloat));
+    lse_partial = at::empty({num_splits, B, Hq, Tq}, q_in.options().dtype(at::kFloat));
+  }
+  const int64_t vec_elems = 16 / k_cache.element_size();
+  bool vec_ok = D % vec_elems == 0 && Dv % vec_elems == 0 && address(k_cache) % 16 == 0 && address(v_cache) % 16 == 0;
+  for (int i = 0; i < 3; ++i) vec_ok &= k_cache.stride(i) % vec_elems == 0 && v_cache.stride(i) % vec_elems == 0;
+
+  kv::DecodeParams p{};
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.layout = layout;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_partial = num_splits > 1 ? out_partial.data_ptr<float>() : nullptr;
+  p.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
+  p.B = B;
+  p.Hq = Hq;
+  p.Hkv = Hkv;
+  p.G = G;
+  p.Tq = Tq;
+  p.D = D;
+  p.Dv = Dv;
+  p.n_rows = n_rows;
+  for (int i = 0; i < 3; ++i) {
+    p.k_stride[i] = k_cache.stride(i);
+    p.v_stride[i] = v_cache.stride(i);
+  }
+  p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
+  p.window_left = window_left;
+  p.window_right = 0;  // causal: the right side is clamped to 0 (-1 included), as in decode_attention_ref
+  p.num_splits = num_splits;
+  p.vec_ok = vec_ok;
+
+  const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_tiles), static_cast<unsigned>(num_splits));
+  const cudaStream_t stream = cudart::current_stream();
+  const int64_t widest = std::max(D, Dv);
+  AT_DISPATCH_SWITCH(q.scalar_type(), "decode_attention_cuda",
+                     AT_DISPATCH_CASE(at::kHalf, [&] { run_decode<scalar_t>(p, grid, rows, widest, stream); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { run_decode<scalar_t>(p, grid, rows, widest, stream); })
+                     AT_DISPATCH_CASE(at::kFloat, [&] { run_decode<scalar_t>(p, grid, rows, widest, stream); }));
+  return {out, lse};
+}
+
+}  // namespace seqkernels
+
+SK_REGISTER_CUDA(kv_cache_append, seqkernels::kv_cache_append_cuda);
+SK_REGISTER_CUDA(decode_attention, seqkernels::decode_attention_cuda);

@@ -1,0 +1,455 @@
+// KV cache kernels (torch-free): the append copy and split-K decode attention.
+// Semantics: docs/INTERNALS.md ("KV cache"); launchers and validation: kv_cache.cu.
+//
+// Append. The copy is dtype-agnostic: each thread moves VEC_BYTES (16 when the head dims,
+// strides and base pointers allow, else 8/4/2) of one K or V row to the slot its position maps
+// to. Work items are (row, chunk) pairs with the chunk index fastest, so a warp writes
+// consecutive bytes of a row; one launch covers the whole batch and both caches. A token whose
+// position or block id is out of range is skipped.
+//
+// Decode attention. A CTA owns (sequence b, kv head, ROWS query rows, split). Rows are
+// r = t * G + g (query token t, query head g of the group), so the K/V of the kv head are read
+// once for all the query heads that share them. The CTA's 128 threads form groups of GS lanes;
+// a group holds one key at a time, each lane a slice of EPT = HEAD / GS elements of the head
+// dim (16-byte loads), so a dot product is EPT FMAs per lane plus a butterfly over the group.
+// Each group keeps its own online softmax (base 2: q is pre-scaled by scale * log2 e) over the
+// keys grp, grp + NG, grp + 2 NG, ... of the CTA's range; at the end the NG group states are
+// merged through shared memory. One split: the CTA writes out and lse; several: a float32
+// partial output and lse per split, merged by _decode_merge_kernel.
+//
+//   key range of a CTA: rows' positions pos = len - Tq + t, visible keys
+//   [max(0, pos_first - wl), min(len, pos_last + wr + 1)), cut into num_splits chunks.
+//
+// Shuffles are executed by every lane of every group on every iteration (a key that is out of
+// range or has a bad block id loads nothing and is masked with -inf afterwards), so warp
+// collectives never diverge. Masked values are selected away, never multiplied by 0.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include "../common/macros.h"
+
+#if !defined(SEQKERNELS_CUDA_EMULATION)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math_constants.h>
+#endif
+
+namespace seqkernels {
+namespace kv {
+
+// ---------------------------------------------------------------------------------------------
+// Shared helpers
+
+// Where position p of sequence b lives: (index into dim 0, slot in dim 2); false when the
+// position or its block id is out of range.
+struct CacheLayout {
+  const int32_t* block_table;  // nullptr: contiguous cache
+  int64_t capacity;            // S_max, or max_blocks * block_size
+  int64_t block_size;
+  int64_t max_blocks;
+  int64_t num_blocks;
+};
+
+SK_DEVICE SK_INLINE bool locate(const CacheLayout& L, int64_t b, int64_t p, int64_t* outer, int64_t* slot) {
+  if (p < 0 || p >= L.capacity) return false;
+  if (L.block_table == nullptr) {
+    *outer = b;
+    *slot = p;
+    return true;
+  }
+  const int64_t blk = L.block_table[b * L.max_blocks + p / L.block_size];
+  if (blk < 0 || blk >= L.num_blocks) return false;
+  *outer = blk;
+  *slot = p % L.block_size;
+  return true;
+}
+
+template <int BYTES>
+struct Bytes;
+template <>
+struct Bytes<16> {
+  using type = uint4;
+};
+template <>
+struct Bytes<8> {
+  using type = uint2;
+};
+template <>
+struct Bytes<4> {
+  using type = uint32_t;
+};
+template <>
+struct Bytes<2> {
+  using type = uint16_t;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Append
+
+struct AppendParams {
+  const char* k_new;
+  const char* v_new;
+  char* k_cache;
+  char* v_cache;
+  const int32_t* seqlens;
+  CacheLayout layout;
+  int64_t H, T;
+  int64_t k_chunks, v_chunks;  // row bytes / VEC_BYTES
+  // Strides in bytes over (b, h, t) for the new rows and (outer, h, slot) for the caches; the
+  // last dim is contiguous.
+  int64_t kn[3], vn[3], kc[3], vc[3];
+  int64_t total;  // B * H * T * (k_chunks + v_chunks)
+};
+
+template <int VEC_BYTES>
+__global__ void __launch_bounds__(256) _kv_cache_append_kernel(AppendParams p) {
+  using V = typename Bytes<VEC_BYTES>::type;
+  const int64_t per_row = p.k_chunks + p.v_chunks;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.total; i += step) {
+    const int64_t row = i / per_row;
+    int64_t c = i - row * per_row;
+    const int64_t t = row % p.T;
+    const int64_t h = (row / p.T) % p.H;
+    const int64_t b = row / (p.T * p.H);
+    int64_t outer, slot;
+    if (!locate(p.layout, b, static_cast<int64_t>(p.seqlens[b]) + t, &outer, &slot)) continue;
+    const char* src;
+    char* dst;
+    if (c < p.k_chunks) {
+      src = p.k_new + b * p.kn[0] + h * p.kn[1] + t * p.kn[2];
+      dst = p.k_cache + outer * p.kc[0] + h * p.kc[1] + slot * p.kc[2];
+    } else {
+      c -= p.k_chunks;
+      src = p.v_new + b * p.vn[0] + h * p.vn[1] + t * p.vn[2];
+      dst = p.v_cache + outer * p.vc[0] + h * p.vc[1] + slot * p.vc[2];
+    }
+    reinterpret_cast<V*>(dst)[c] = reinterpret_cast<const V*>(src)[c];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention
+
+template <typename T>
+SK_DEVICE SK_INLINE float to_float(T x);
+template <>
+SK_DEVICE SK_INLINE float to_float<float>(float x) {
+  return x;
+}
+template <>
+SK_DEVICE SK_INLINE float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+SK_DEVICE SK_INLINE float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+SK_DEVICE SK_INLINE T from_float(float x);
+template <>
+SK_DEVICE SK_INLINE float from_float<float>(float x) {
+  return x;
+}
+template <>
+SK_DEVICE SK_INLINE __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+SK_DEVICE SK_INLINE __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Compile-time geometry of the decode kernel for element type T and head-dim bucket HEAD.
+template <typename T, int HEAD>
+struct DecodeGeometry {
+  static constexpr int kThreads = 128;
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+  static constexpr int kGroup = (HEAD / kVec) < 32 ? (HEAD / kVec) : 32;  // lanes per key
+  static constexpr int kChunks = HEAD / (kGroup * kVec);                 // 16-byte loads per lane
+  static constexpr int kEpt = kChunks * kVec;                            // elements per lane
+  static constexpr int kGroups = kThreads / kGroup;                      // keys in flight per CTA
+  static_assert(kGroup >= 1 && (kGroup & (kGroup - 1)) == 0, "group size must be a power of two");
+  static_assert(kChunks * kGroup * kVec == HEAD, "HEAD must be a multiple of the group's span");
+};
+
+struct DecodeParams {
+  const void* q;  // contiguous (B, Hq, Tq, D)
+  const void* k_cache;
+  const void* v_cache;
+  const int32_t* seqlens;
+  CacheLayout layout;
+  void* out;            // (B, Hq, Tq, Dv) contiguous, T            (num_splits == 1)
+  float* lse;           // (B, Hq, Tq) float32                     (num_splits == 1)
+  float* out_partial;   // (num_splits, B, Hq, Tq, Dv) float32     (num_splits > 1)
+  float* lse_partial;   // (num_splits, B, Hq, Tq) float32         (num_splits > 1)
+  int64_t B, Hq, Hkv, G, Tq, D, Dv, n_rows;
+  int64_t k_stride[3], v_stride[3];  // elements over (outer, kv head, slot)
+  float qk_scale;                    // scale * log2(e)
+  int64_t window_left, window_right;
+  int64_t num_splits;
+  bool vec_ok;  // 16-byte loads of K/V rows are aligned (D, Dv, strides, base pointers)
+};
+
+// Elements [d0, d0 + VEC) of a row (0 past n): one 16-byte load when aligned and in range.
+template <typename T, int VEC>
+SK_DEVICE SK_INLINE void load_chunk(const T* row, int64_t d0, int64_t n, bool vec_ok, T out[VEC]) {
+  if (vec_ok && d0 + VEC <= n) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(row + d0);
+    memcpy(out, &raw, sizeof(raw));
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = (d0 + e < n) ? row[d0 + e] : from_float<T>(0.0f);
+  }
+}
+
+// Keys each group holds per iteration: their K and V loads are all issued before the first use.
+constexpr int kKeysPerGroup = 2;
+
+template <typename T, int HEAD, int ROWS>
+__global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) {
+  using Geo = DecodeGeometry<T, HEAD>;
+  constexpr int VEC = Geo::kVec, GS = Geo::kGroup, NCH = Geo::kChunks, EPT = Geo::kEpt, NG = Geo::kGroups;
+  const float kNegInf = -INFINITY;
+
+  __shared__ float s_m[NG][ROWS];
+  __shared__ float s_l[NG][ROWS];
+  __shared__ float s_acc[NG][ROWS][HEAD];
+
+  const int lane = threadIdx.x % GS;
+  const int grp = threadIdx.x / GS;
+  const int64_t b = blockIdx.x / p.Hkv;
+  const int64_t hkv = blockIdx.x % p.Hkv;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * ROWS;
+  const int64_t r_last = (r0 + ROWS < p.n_rows ? r0 + ROWS : p.n_rows) - 1;
+  const int64_t split = blockIdx.z;
+
+  int64_t len = p.seqlens[b];
+  len = len < 0 ? 0 : (len > p.layout.capacity ? p.layout.capacity : len);
+
+  // Keys visible to any row of the tile, then this split's chunk of them.
+  int64_t hi = len;
+  if (p.window_right >= 0) {
+    const int64_t h2 = len - p.Tq + r_last / p.G + p.window_right + 1;
+    hi = h2 < hi ? h2 : hi;
+  }
+  int64_t lo = 0;
+  if (p.window_left >= 0) {
+    const int64_t l2 = len - p.Tq + r0 / p.G - p.window_left;
+    lo = l2 > 0 ? l2 : 0;
+  }
+  if (hi < lo) hi = lo;
+  const int64_t chunk = (hi - lo + p.num_splits - 1) / p.num_splits;
+  const int64_t k_lo = lo + split * chunk < hi ? lo + split * chunk : hi;
+  const int64_t k_hi = k_lo + chunk < hi ? k_lo + chunk : hi;
+
+  // This lane's slice of the query rows, pre-scaled; rows past n_rows are 0 and never stored.
+  float q[ROWS][EPT];
+  int64_t pos[ROWS];
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    const int64_t r = r0 + i;
+    const bool ok = r < p.n_rows;
+    const int64_t t = ok ? r / p.G : 0;
+    const int64_t hq = hkv * p.G + (ok ? r % p.G : 0);
+    pos[i] = len - p.Tq + t;
+    const T* qrow = static_cast<const T*>(p.q) + ((b * p.Hq + hq) * p.Tq + t) * p.D;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int64_t d0 = static_cast<int64_t>(c) * GS * VEC + lane * VEC;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        q[i][c * VEC + e] = (ok && d0 + e < p.D) ? to_float<T>(qrow[d0 + e]) * p.qk_scale : 0.0f;
+    }
+  }
+
+  float m[ROWS], l[ROWS], acc[ROWS][EPT];
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    m[i] = kNegInf;
+    l[i] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < EPT; ++e) acc[i][e] = 0.0f;
+  }
+
+  const T* kbase = static_cast<const T*>(p.k_cache) + hkv * p.k_stride[1];
+  const T* vbase = static_cast<const T*>(p.v_cache) + hkv * p.v_stride[1];
+  constexpr int U = kKeysPerGroup;
+  for (int64_t base = k_lo; base < k_hi; base += NG * U) {
+    int64_t j[U];
+    bool key_ok[U];
+    T kr[U][EPT], vr[U][EPT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      j[u] = base + u * NG + grp;
+      int64_t outer = 0, slot = 0;
+      key_ok[u] = j[u] < k_hi && locate(p.layout, b, j[u], &outer, &slot);
+      if (key_ok[u]) {
+        const T* krow = kbase + outer * p.k_stride[0] + slot * p.k_stride[2];
+        const T* vrow = vbase + outer * p.v_stride[0] + slot * p.v_stride[2];
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) {
+          const int64_t d0 = static_cast<int64_t>(c) * GS * VEC + lane * VEC;
+          load_chunk<T, VEC>(krow, d0, p.D, p.vec_ok, kr[u] + c * VEC);
+          load_chunk<T, VEC>(vrow, d0, p.Dv, p.vec_ok, vr[u] + c * VEC);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < EPT; ++e) {
+          kr[u][e] = from_float<T>(0.0f);
+          vr[u][e] = from_float<T>(0.0f);
+        }
+      }
+    }
+    float s[U][ROWS];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[EPT];
+#pragma unroll
+      for (int e = 0; e < EPT; ++e) kf[e] = to_float<T>(kr[u][e]);
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) {
+        float d = 0.0f;
+#pragma unroll
+        for (int e = 0; e < EPT; ++e) d = fmaf(q[i][e], kf[e], d);
+#pragma unroll
+        for (int off = GS / 2; off > 0; off /= 2) d += __shfl_xor_sync(0xffffffffu, d, off);
+        const bool visible = key_ok[u] && (p.window_left < 0 || j[u] >= pos[i] - p.window_left) &&
+                             (p.window_right < 0 || j[u] <= pos[i] + p.window_right);
+        s[u][i] = visible ? d : kNegInf;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      float m_new = m[i];
+      bool nan = false;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        m_new = fmaxf(m_new, s[u][i]);
+        nan |= s[u][i] != s[u][i];
+      }
+      // Nothing visible to row i yet (uniform within the group). A NaN score goes on to make the
+      // row NaN, as in the reference (fmaxf alone would drop it).
+      if (m_new == kNegInf && !nan) continue;
+      const float alpha = exp2f(m[i] - m_new);
+      float pr[U];
+      l[i] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        pr[u] = exp2f(s[u][i] - m_new);
+        l[i] += pr[u];
+      }
+#pragma unroll
+      for (int e = 0; e < EPT; ++e) {
+        float a = acc[i][e] * alpha;
+#pragma unroll
+        for (int u = 0; u < U; ++u) a = fmaf(pr[u], to_float<T>(vr[u][e]), a);
+        acc[i][e] = a;
+      }
+      // A NaN row keeps a NaN max so that the merge below does not mistake it for an empty one.
+      m[i] = nan ? __int_as_float(0x7fc00000) : m_new;
+    }
+  }
+
+  // Merge the NG group states of the CTA.
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    if (lane == 0) {
+      s_m[grp][i] = m[i];
+      s_l[grp][i] = l[i];
+    }
+#pragma unroll
+    for (int c = 0; c < NCH; ++c)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s_acc[grp][i][c * GS * VEC + lane * VEC + e] = acc[i][c * VEC + e];
+  }
+  __syncthreads();
+
+  for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(ROWS) * p.Dv; idx += blockDim.x) {
+    const int i = static_cast<int>(idx / p.Dv);
+    const int64_t d = idx % p.Dv;
+    const int64_t r = r0 + i;
+    if (r >= p.n_rows) continue;
+    float mx = kNegInf;
+    bool nan = false;
+#pragma unroll
+    for (int g = 0; g < NG; ++g) {
+      mx = fmaxf(mx, s_m[g][i]);
+      nan |= s_m[g][i] != s_m[g][i];
+    }
+    float total = 0.0f, o = 0.0f;
+    if (nan) {
+      total = o = __int_as_float(0x7fc00000);
+    } else if (mx != kNegInf) {
+#pragma unroll
+      for (int g = 0; g < NG; ++g) {
+        if (s_m[g][i] == kNegInf) continue;
+        const float w = exp2f(s_m[g][i] - mx);
+        total = fmaf(s_l[g][i], w, total);
+        o = fmaf(s_acc[g][i][d], w, o);
+      }
+    }
+    const bool empty = !(total > 0.0f) && !(total != total);  // a NaN total stays NaN
+    const float out = empty ? 0.0f : o / total;
+    const float lse = empty ? kNegInf : (mx + log2f(total)) * 0.6931471805599453f;
+    const int64_t t = r / p.G;
+    const int64_t hq = hkv * p.G + r % p.G;
+    const int64_t row_index = (b * p.Hq + hq) * p.Tq + t;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[row_index * p.Dv + d] = from_float<T>(out);
+      if (d == 0) p.lse[row_index] = lse;
+    } else {
+      const int64_t prow = split * p.B * p.Hq * p.Tq + row_index;
+      p.out_partial[prow * p.Dv + d] = out;
+      if (d == 0) p.lse_partial[prow] = lse;
+    }
+  }
+}
+
+struct MergeParams {
+  const float* out_partial;  // (num_splits, rows, Dv)
+  const float* lse_partial;  // (num_splits, rows)
+  void* out;                 // (rows, Dv) T
+  float* lse;                // (rows,)
+  int64_t rows, Dv, num_splits;
+};
+
+// One warp per output row: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
+template <typename T>
+__global__ void __launch_bounds__(128) _decode_merge_kernel(MergeParams p) {
+  const float kNegInf = -INFINITY;
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const bool active = row < p.rows;  // no early return: every lane takes part in the shuffles
+  float mx = kNegInf;
+  for (int64_t s = lane; active && s < p.num_splits; s += 32) mx = fmaxf(mx, p.lse_partial[s * p.rows + row]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  float total = 0.0f;
+  for (int64_t s = lane; active && s < p.num_splits; s += 32) {
+    const float ls = p.lse_partial[s * p.rows + row];
+    if (ls != kNegInf) total += expf(ls - mx);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
+  if (!active) return;
+  const bool empty = mx == kNegInf && !(total != total);
+  for (int64_t d = lane; d < p.Dv; d += 32) {
+    float o = 0.0f;
+    if (!empty) {
+      for (int64_t s = 0; s < p.num_splits; ++s) {
+        const float ls = p.lse_partial[s * p.rows + row];
+        if (ls == kNegInf) continue;
+        o = fmaf(expf(ls - mx) / total, p.out_partial[(s * p.rows + row) * p.Dv + d], o);
+      }
+    }
+    static_cast<T*>(p.out)[row * p.Dv + d] = from_float<T>(o);
+  }
+  if (lane == 0) p.lse[row] = empty ? kNegInf : mx + logf(total);
+}
+
+}  // namespace kv
+}  // namespace seqkernels

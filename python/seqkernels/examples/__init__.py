@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m seqkernels.examples.generate` (incremental decoding with KVCache)."""

@@ -1,0 +1,483 @@
+"""Hugging Face transformers backend: `attn_implementation="seqkernels"` and a KV cache for `generate`.
+
+    import seqkernels.integrations.transformers as skt
+    skt.register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="seqkernels")
+    # or, on a loaded model: model.set_attn_implementation("seqkernels")
+    out = model.generate(ids, attention_mask=mask, past_key_values=skt.SeqkernelsCache(model.config))
+
+`register()` adds "seqkernels" to `AttentionInterface` (the attention function) and to
+`AttentionMaskInterface` (the mask builder: without an entry there transformers builds no mask at all
+for a custom backend, so padding would be ignored). Every model whose attention goes through
+`AttentionInterface` can then use it:
+
+- grouped-query / multi-query attention without `repeat_kv` (the kernels read kv head h // group);
+- causal and bidirectional models (`module.is_causal`, or the `is_causal` argument), padding masks,
+  the `sliding_window` a layer asks for, `scaling`, `dropout` (training), T5-style `position_bias`;
+- the mask: transformers' boolean (B, 1, Lq, Lk) mask is passed to the kernel as is (SDPA polarity,
+  True takes part), so any pattern a model builds (sliding, chunked, packed sequences, image blocks)
+  is honoured. When the mask builder can prove the mask is exactly "causal (+ sliding window)" or
+  "right padding" it also records that compact form on the mask, and the attention runs the kernel's
+  causal/window or `kv_lengths` path instead of reading a mask. The proof costs one small reduction
+  and one device-to-host sync per mask built (once per forward, not per layer), the same order as
+  transformers' own SDPA mask skipping; it is skipped while compiling.
+- Not supported (a clear error): `softcap` (Gemma 2 logit soft-capping), attention sinks (`s_aux`,
+  `sinks`), paged continuous-batching caches. `output_attentions` returns no weights, as with "sdpa".
+
+`SeqkernelsCache` stores keys and values in preallocated per-layer buffers with
+`seqkernels.kv_cache_append` and, while decoding, attends with `seqkernels.decode_attention` directly
+on the buffers (split-K over the cache, GQA, sliding window). Left padding of a batch is dropped from
+the cache: each sequence stores only its real tokens (per-sequence `cache_seqlens`), which is what
+lets padded batches decode with the cache kernel. That layout is not the one other attention backends
+expect, so the cache works only with `attn_implementation="seqkernels"` (it checks). Masks it cannot
+prove to be causal + left padding (+ window) at prefill switch that layer to the padded layout, where
+decode steps run `seqkernels.attention` with transformers' mask over the stored prefix instead.
+
+The attention backend needs transformers >= 4.56 (`AttentionMaskInterface`, `CacheLayerMixin`);
+`SeqkernelsCache` needs the cache-layer API of transformers >= 5 (it says so when created on an older one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+
+try:
+    from transformers import AttentionInterface
+    from transformers import __version__ as transformers_version
+    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as e:  # pragma: no cover - depends on the installed transformers
+    raise ImportError(
+        "seqkernels.integrations.transformers needs Hugging Face transformers >= 4.56 (AttentionInterface, "
+        "AttentionMaskInterface and the layered Cache API): pip install 'seqkernels[transformers]' or "
+        f"pip install -U transformers ({e})"
+    ) from e
+
+__all__ = ["register", "unregister", "NAME", "seqkernels_attention_forward", "seqkernels_mask", "SeqkernelsCache",
+           "SeqkernelsCacheLayer"]
+
+NAME = "seqkernels"
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask builder: transformers' SDPA mask, plus a verified compact description of it.
+
+@dataclasses.dataclass(frozen=True)
+class _CausalSpec:
+    """The mask is exactly: key j visible from query i iff first[b] <= j <= i + Lk - Lq and, when
+    left >= 0, j >= i + Lk - Lq - left (bottom-right causal, sliding window, left padding)."""
+
+    left: int
+    first: Tensor  # (B,) int64: keys before it are hidden from every query (left padding), 0 if none
+    max_first: int  # host copy of first.max(): 0 means no padding
+
+
+@dataclasses.dataclass(frozen=True)
+class _LengthsSpec:
+    """The mask is exactly: key j visible iff j < lengths[b] (bidirectional, right padding)."""
+
+    lengths: Tensor  # (B,) int32
+
+
+_SPEC_ATTR = "_seqkernels_mask_spec"
+
+
+def _describe(mask: Tensor, local_size: Optional[int]):
+    """A _CausalSpec or _LengthsSpec equal to `mask` (B, 1, Lq, Lk) bool, or None."""
+    B, _, Lq, Lk = mask.shape
+    dev = mask.device
+    i = torch.arange(Lq, device=dev).view(1, 1, Lq, 1)
+    j = torch.arange(Lk, device=dev).view(1, 1, 1, Lk)
+    seen = mask.any(dim=2).view(B, Lk)  # key columns some query sees
+    any_seen = seen.any(dim=-1)
+    first = torch.where(any_seen, seen.to(torch.int8).argmax(dim=-1), torch.full_like(any_seen, Lk, dtype=torch.long))
+    diag = i + (Lk - Lq)
+    left = local_size - 1 if local_size else -1
+    if left >= 0:
+        # Keys before the first row's window are hidden by the window alone; padding there changes nothing.
+        first = torch.where(first > max(Lk - Lq - left, 0), first, torch.zeros_like(first))
+    causal = (j <= diag) & (j >= first.view(B, 1, 1, 1))
+    if left >= 0:
+        causal = causal & (j >= diag - left)
+    lengths = seen.sum(dim=-1)
+    right_padded = j < lengths.view(B, 1, 1, 1)
+    flags = torch.stack([(causal == mask).all(), (right_padded == mask).all(),
+                         first.max() if B else torch.zeros((), dtype=torch.long, device=dev)]).tolist()
+    if flags[0]:
+        return _CausalSpec(left, first, int(flags[2]))
+    if flags[1]:
+        return _LengthsSpec(lengths.to(torch.int32))
+    return None
+
+
+def _mask_spec(mask):
+    return getattr(mask, _SPEC_ATTR, None) if isinstance(mask, Tensor) else None
+
+
+def seqkernels_mask(*args, **kwargs):
+    """The "seqkernels" entry of AttentionMaskInterface: transformers' SDPA boolean mask (True takes part,
+    the polarity of seqkernels.attention), None where SDPA would rely on `is_causal`, and, when provably
+    equal, a compact form of it recorded on the mask for the attention function. Arguments are
+    transformers' mask-interface arguments, passed through (they differ between versions)."""
+    mask = sdpa_mask(*args, **kwargs)
+    if (mask is None or not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4
+            or mask.shape[1] != 1 or mask.device.type == "meta" or torch.compiler.is_compiling()):
+        return mask
+    spec = _describe(mask, kwargs.get("local_size"))
+    if spec is not None:
+        setattr(mask, _SPEC_ATTR, spec)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention function.
+
+def _reject_unsupported(kwargs, softcap):
+    if softcap is not None:
+        raise ValueError("softcap: seqkernels attention has no logit soft-capping (Gemma 2); use "
+                         "attn_implementation='eager' for this model")
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name}: seqkernels attention does not implement attention sinks; use "
+                             "attn_implementation='eager' for this model")
+    if kwargs.get("cache") is not None:
+        raise ValueError("cache: paged continuous-batching caches are not supported by the seqkernels backend; use "
+                         "generate() with SeqkernelsCache instead")
+    if kwargs.get("output_attentions"):
+        _warn_once("output_attentions: the seqkernels attention backend does not return attention weights (None is "
+                   "returned, as with 'sdpa'); use attn_implementation='eager' to get them")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg: str):
+    warnings.warn(msg, stacklevel=3)
+
+
+def _position_bias_mask(position_bias: Tensor, mask: Optional[Tensor], dtype) -> Tensor:
+    """An additive float mask carrying `position_bias`, blocked positions at the dtype's minimum (as
+    transformers' SDPA integration builds it)."""
+    bias = position_bias.to(dtype)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, torch.finfo(dtype).min)
+    return bias + mask.to(dtype)
+
+
+def _window(left: int):
+    return (left, 0) if left >= 0 else None
+
+
+def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], *, causal: bool, left: int,
+            scale: Optional[float], dropout: float, position_bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    """transformers' SDPA semantics on seqkernels.attention; q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D)."""
+    from ..ops.attention import attention
+
+    Lq, Lk = query.shape[2], key.shape[2]
+    spec = _mask_spec(mask)
+    if mask is not None and mask.shape[-1] != Lk:
+        if mask.shape[-1] < Lk:
+            raise ValueError(f"attention_mask: covers {mask.shape[-1]} keys but there are {Lk}")
+        mask, spec = mask[..., :Lk], None
+    if position_bias is not None and position_bias.shape[-1] > Lk:
+        position_bias = position_bias[..., :Lk]
+    kw = dict(scale=scale, dropout_p=dropout, backend=backend)
+    if mask is None:
+        # transformers dropped the mask because SDPA's is_causal (top-left) covers it: single-token decode
+        # sees every key; a longer query with more keys than queries only happens for the prefill of an
+        # empty static cache, whose trailing slots are empty (SDPA crops them too).
+        causal = causal and Lq > 1
+        if causal and Lk > Lq:
+            key, value = key[:, :, :Lq], value[:, :, :Lq]
+            if position_bias is not None:
+                position_bias = position_bias[..., :Lq]
+        if position_bias is not None:
+            return attention(query, key, value, causal=causal, attn_mask=position_bias.to(query.dtype), **kw)
+        return attention(query, key, value, causal=causal, window=_window(left) if causal else None, **kw)
+    if position_bias is not None:
+        return attention(query, key, value, attn_mask=_position_bias_mask(position_bias, mask, query.dtype), **kw)
+    if isinstance(spec, _CausalSpec) and spec.max_first == 0:
+        return attention(query, key, value, causal=True, window=_window(spec.left), **kw)
+    if isinstance(spec, _LengthsSpec):
+        return attention(query, key, value, kv_lengths=spec.lengths, **kw)
+    return attention(query, key, value, attn_mask=mask, **kw)
+
+
+def seqkernels_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                                 attention_mask: Optional[Tensor], dropout: float = 0.0,
+                                 scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                                 sliding_window: Optional[int] = None, softcap: Optional[float] = None,
+                                 position_bias: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, None]:
+    """The "seqkernels" entry of AttentionInterface. query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
+    (Hkv may divide Hq), attention_mask from `seqkernels_mask` (or a user's 4-D bool/float mask).
+    Returns (B, Lq, Hq, Dv) and None (no weights)."""
+    _reject_unsupported(kwargs, softcap)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    left = sliding_window - 1 if sliding_window else -1
+    backend = _DEFAULT_BACKEND[0]
+    layer = getattr(key, _CACHE_ATTR, None)
+    if isinstance(layer, SeqkernelsCacheLayer) and layer.pending_key is key:
+        out = layer.attend(query, value, attention_mask, causal=causal, left=left, scale=scaling,
+                           dropout=dropout, position_bias=position_bias, backend=backend)
+    else:
+        out = _attend(query, key, value, attention_mask, causal=causal, left=left, scale=scaling, dropout=dropout,
+                      position_bias=position_bias, backend=backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# transformers' call passes no per-model options to the attention function, so the backend is one
+# process-wide choice made by register(backend=...) (seqkernels.use_backend still applies per call).
+_DEFAULT_BACKEND: list = [None]
+
+
+def register(name: str = NAME, *, backend: Optional[str] = None) -> None:
+    """Register the seqkernels attention (and its mask builder) with transformers under `name`, so
+    `attn_implementation=name` / `model.set_attn_implementation(name)` use it. `backend` fixes the
+    seqkernels backend for these calls (None: automatic per call, see seqkernels.explain)."""
+    if backend is not None and backend not in backends.BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; expected None or one of {', '.join(backends.BACKENDS)}")
+    _DEFAULT_BACKEND[0] = backend
+    AttentionInterface.register(name, seqkernels_attention_forward)
+    AttentionMaskInterface.register(name, seqkernels_mask)
+
+
+def unregister(name: str = NAME) -> None:
+    """Remove `name` from transformers' attention and mask registries (models set to it stop working)."""
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache.
+
+_CACHE_ATTR = "_seqkernels_cache_layer"
+_NOT_CONSUMED = ("SeqkernelsCache: the keys stored by the previous update() never reached the seqkernels attention "
+                 "function. SeqkernelsCache only works with attn_implementation='seqkernels' (call "
+                 "seqkernels.integrations.transformers.register() first) and with models that pass the cache's "
+                 "keys to the attention function unchanged")
+_GRANULE = 256  # buffer capacity grows in multiples of this many positions (amortized reallocations)
+
+
+class SeqkernelsCacheLayer(CacheLayerMixin):
+    """One layer of SeqkernelsCache: keys/values (B, Hkv, capacity, D) written by kv_cache_append,
+    `cache_seqlens` (B,) int32 the number of tokens stored per sequence, `length` the number of
+    positions transformers has seen (padding included)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, max_cache_len: Optional[int] = None, backend: Optional[str] = None, **kwargs):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.backend = backend
+        self.length = 0
+        self.cache_seqlens: Optional[Tensor] = None
+        self.pending_key: Optional[Tensor] = None
+        self.pending_value: Optional[Tensor] = None
+        # None until the first attention call; then True (real tokens only, per-sequence lengths) or
+        # False (padded layout, HF positions, used when the prefill mask has an unrecognized pattern).
+        self.compact: Optional[bool] = None
+        self._max_first = 0
+
+    # -- storage --------------------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, T, D = key_states.shape
+        cap = self.max_cache_len or _round_up(max(T, 1), _GRANULE)
+        self.keys = key_states.new_empty((B, H, cap, D))
+        self.values = value_states.new_empty((B, H, cap, value_states.shape[-1]))
+        self.cache_seqlens = torch.zeros(B, dtype=torch.int32, device=self.device)
+        self.batch_size = B
+        self.is_initialized = True
+
+    def _reserve(self, needed: int):
+        cap = self.keys.shape[2]
+        if needed <= cap:
+            return
+        if self.max_cache_len is not None:
+            raise ValueError(f"SeqkernelsCache: {needed} positions do not fit max_cache_len={self.max_cache_len}; "
+                             "create the cache with a larger max_cache_len (or None to grow as needed)")
+        new_cap = _round_up(max(needed, 2 * cap), _GRANULE)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:2], new_cap, old.shape[3]))
+            new[:, :, :cap].copy_(old)
+            setattr(self, name, new)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Records the new keys and values; the seqkernels attention function, called next with these
+        same tensors, appends them (it knows the padding from the mask) and attends."""
+        if self.pending_key is not None:
+            raise RuntimeError(_NOT_CONSUMED)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        T = key_states.shape[-2]
+        self._reserve(self.length + T)
+        self.length += T
+        self.pending_key, self.pending_value = key_states, value_states
+        setattr(key_states, _CACHE_ATTR, self)
+        return key_states, value_states
+
+    def attend(self, query: Tensor, value: Tensor, mask: Optional[Tensor], *, causal: bool, left: int,
+               scale: Optional[float], dropout: float, position_bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
+        from ..ops.attention import attention  # noqa: F401  (imported for its op registrations)
+        from ..ops.kv_cache import decode_attention, kv_cache_append
+
+        k_new, v_new = self.pending_key, self.pending_value
+        self.pending_key = self.pending_value = None
+        if value is not v_new:
+            raise RuntimeError(_NOT_CONSUMED)
+        B, H, T, D = k_new.shape
+        past = self.length - T
+        backend = self.backend if self.backend is not None else backend
+        spec = _mask_spec(mask) if mask is None or mask.shape[-1] == self.length else None
+        if self.compact is None:
+            self.compact = (causal and position_bias is None
+                            and (mask is None or isinstance(spec, _CausalSpec)))
+        common = dict(causal=causal, left=left, scale=scale, dropout=dropout, position_bias=position_bias,
+                      backend=backend)
+        if not self.compact:
+            kv_cache_append(self.keys, self.values, k_new, v_new, self.cache_seqlens, check=False, backend=backend)
+            self.cache_seqlens += T
+            return _attend(query, self.keys[:, :, :self.length], self.values[:, :, :self.length], mask, **common)
+
+        if mask is not None and not isinstance(spec, _CausalSpec):
+            raise RuntimeError("SeqkernelsCache: this step's attention mask is not causal + left padding (+ sliding window), "
+                               "which the compact cache layout chosen at prefill cannot represent")
+        if spec is not None and past == 0:
+            self._max_first = spec.max_first
+        pads_in_chunk = spec is not None and spec.max_first > past
+        if pads_in_chunk and past > 0:
+            raise RuntimeError("SeqkernelsCache: padding tokens after the first forward (padding inside a continuation "
+                               "chunk) are not supported; pad prompts on the left")
+        if pads_in_chunk:
+            # Left padding of the prompt: shift each sequence's real tokens to the front, store only those.
+            shift = (spec.first - past).clamp(0, T)
+            idx = (torch.arange(T, device=k_new.device)[None, :] + shift[:, None]).clamp(max=T - 1)
+            k_app = k_new.gather(2, idx.view(B, 1, T, 1).expand(B, H, T, D))
+            v_app = v_new.gather(2, idx.view(B, 1, T, 1).expand(B, H, T, v_new.shape[-1]))
+            added = (T - shift).to(torch.int32)
+        else:
+            k_app, v_app, added = k_new, v_new, T
+        kv_cache_append(self.keys, self.values, k_app.contiguous(), v_app.contiguous(), self.cache_seqlens,
+                        check=False, backend=backend)
+        self.cache_seqlens += added
+        if past == 0:
+            # Prefill: the new tokens are the whole sequence, attend in their own (padded) layout.
+            return _attend(query, k_new, v_new, mask, **common)
+        if dropout > 0:
+            raise ValueError("dropout: decoding from SeqkernelsCache has no attention dropout; put the model in eval mode")
+        if spec is not None:
+            left = spec.left
+        return decode_attention(query, self.keys, self.values, self.cache_seqlens, scale=scale, window=_window(left),
+                                backend=backend)
+
+    # -- transformers' cache protocol ------------------------------------------------------------
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len if self.max_cache_len is not None else -1
+
+    def reset(self) -> None:
+        self.length = 0
+        self.compact = None
+        self._max_first = 0
+        self.pending_key = self.pending_value = None
+        if self.is_initialized:
+            self.cache_seqlens.zero_()
+
+    def _select(self, f):
+        if self.is_initialized:
+            self.keys, self.values, self.cache_seqlens = f(self.keys), f(self.values), f(self.cache_seqlens)
+            self.batch_size = self.cache_seqlens.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._select(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` positions (a negative int, transformers' convention)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"tokens_to_remove: expected a negative number of positions to drop, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if n > self.length - self._max_first:
+            raise ValueError(f"tokens_to_remove: cannot drop {n} positions, only {self.length} are cached")
+        self.length -= n
+        # Positions after the prompt's padding are real in every sequence, so each loses n tokens.
+        self.cache_seqlens -= n
+
+    def offload(self):
+        super().offload()
+        if self.is_initialized:
+            self.cache_seqlens = self.cache_seqlens.to("cpu", non_blocking=True)
+
+    def prefetch(self):
+        super().prefetch()
+        if self.is_initialized and self.cache_seqlens.device != self.device:
+            self.cache_seqlens = self.cache_seqlens.to(self.device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _query_length_cache_api() -> bool:
+    """Cache layers are sized by query length (transformers 5) rather than by cache_position (4.x)."""
+    params = list(inspect.signature(CacheLayerMixin.get_mask_sizes).parameters)
+    return len(params) > 1 and params[1] == "query_length"
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+class SeqkernelsCache(Cache):
+    """KV cache for `model.generate(..., past_key_values=SeqkernelsCache(model.config))` with
+    attn_implementation="seqkernels". `max_cache_len` preallocates that many positions per layer and
+    never grows (None: start small, grow geometrically). `backend` fixes the seqkernels backend of the
+    append and decode kernels (None: automatic)."""
+
+    def __init__(self, config=None, *, max_cache_len: Optional[int] = None, backend: Optional[str] = None):
+        if not _query_length_cache_api():
+            raise RuntimeError(f"SeqkernelsCache needs the cache-layer API of transformers >= 5 (get_mask_sizes(query_length)); "
+                               f"transformers {transformers_version} is installed. The 'seqkernels' attention backend "
+                               "itself works with it; only this cache does not")
+        if backend is not None and backend not in backends.BACKENDS:
+            raise ValueError(f"backend: unknown backend {backend!r}; expected None or one of {', '.join(backends.BACKENDS)}")
+        if max_cache_len is not None and max_cache_len < 1:
+            raise ValueError(f"max_cache_len: expected a positive int or None, got {max_cache_len!r}")
+        make = functools.partial(SeqkernelsCacheLayer, max_cache_len=max_cache_len, backend=backend)
+        self.config = config
+        if config is not None:
+            n = config.get_text_config(decoder=True).num_hidden_layers
+            super().__init__(layers=[make() for _ in range(n)])
+        else:
+            super().__init__(layer_class_to_replicate=make)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        impl = getattr(self.config, "_attn_implementation", NAME) if self.config is not None else NAME
+        if impl is not None and AttentionInterface._global_mapping.get(impl) is not seqkernels_attention_forward:
+            raise RuntimeError(f"SeqkernelsCache: the model's attn_implementation is {impl!r}; this cache needs the "
+                               "seqkernels attention (seqkernels.integrations.transformers.register(), then "
+                               "model.set_attn_implementation('seqkernels'))")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)

@@ -1,0 +1,461 @@
+"""KV cache: the append kernel (contiguous and paged caches) and decode attention against the cache
+(DESIGN §2): public functions, validation, backend dispatch and the op registrations (Triton family,
+fake kernels) of DESIGN §3.
+
+Where token t of sequence b goes (`p = cache_seqlens[b] + t`):
+
+    contiguous  k_cache (B, Hkv, S_max, D):               k_cache[b, :, p]
+    paged       k_cache (num_blocks, Hkv, block_size, D): k_cache[block_table[b, p // block_size], :, p % block_size]
+
+Decode attention, query t of Tq at position `pos = cache_seqlens[b] - Tq + t` (bottom-right causal),
+cache_seqlens[b] = 6, Tq = 2, window=None and window=(2, 0):
+
+        key j: 0 1 2 3 4 5 | 6 7 (unused slots: never read)       0 1 2 3 4 5
+    t=0 (pos 4)  x x x x x . | . .                                 . . x x x .
+    t=1 (pos 5)  x x x x x x | . .                                 . . . x x x
+
+Split-K: the visible keys of a row tile are cut into `num_splits` chunks; each chunk gives a partial
+output and its log-sum-exp, merged exactly by `out = sum_s exp(lse_s - lse) out_s` with
+`lse = log sum_s exp(lse_s)`. Decode attention is forward-only on the kernel backends (inference); with
+inputs that require grad the automatic choice falls back to the differentiable reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext, backends
+from ._common import FLOAT_DTYPES, MAX_HEAD_DIM, check_same, check_tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _check_index_tensor(name: str, t, ndim: int, device: torch.device) -> Tensor:
+    check_tensor(name, t, ndim=ndim, dtypes=(torch.int32, torch.int64))
+    if t.device != device:
+        raise ValueError(f"{name}: on device {t.device}, expected {device} (the device of the caches)")
+    return t.to(torch.int32).contiguous()
+
+
+def _check_cache_pair(k_cache, v_cache, *, dtypes=FLOAT_DTYPES):
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=dtypes)
+    check_tensor("v_cache", v_cache, ndim=4)
+    check_same(("k_cache", "v_cache"), (k_cache, v_cache))
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)} in all but "
+                         "the last (head) dim")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.shape[-1] > 1 and c.stride(-1) != 1:
+            raise ValueError(f"{name}: the head dim must be contiguous (stride 1), got strides {tuple(c.stride())}; "
+                             "the cache is written in place, so it cannot be copied to fix this")
+    if not (1 <= k_cache.shape[-1] <= MAX_HEAD_DIM and 1 <= v_cache.shape[-1] <= MAX_HEAD_DIM):
+        raise ValueError(f"k_cache, v_cache: head dims must be in [1, {MAX_HEAD_DIM}], got D={k_cache.shape[-1]}, "
+                         f"Dv={v_cache.shape[-1]}")
+
+
+def _layout(k_cache: Tensor, block_table: Optional[Tensor], batch: int):
+    """(capacity per sequence, block_size or 0) of a contiguous or paged cache; checks the batch dims."""
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache: a contiguous cache is (B, Hkv, S_max, D) with B={batch}, got "
+                             f"{tuple(k_cache.shape)} (pass block_table for a paged cache)")
+        return k_cache.shape[2], 0
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table: expected shape ({batch}, max_blocks), got {tuple(block_table.shape)}")
+    block_size = k_cache.shape[2]
+    if block_size < 1:
+        raise ValueError(f"k_cache: a paged cache is (num_blocks, Hkv, block_size, D) with block_size >= 1, got "
+                         f"{tuple(k_cache.shape)}")
+    return block_table.shape[1] * block_size, block_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Append
+
+
+@dataclasses.dataclass
+class AppendCall:
+    """Normalized arguments of kv_cache_append (docs/INTERNALS.md)."""
+
+    k_cache: Tensor
+    v_cache: Tensor
+    k_new: Tensor
+    v_new: Tensor
+    cache_seqlens: Tensor  # int32 (B,)
+    block_table: Optional[Tensor]  # int32 (B, max_blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_cache.device
+
+    def args(self):
+        return (self.k_cache, self.v_cache, self.k_new, self.v_new, self.cache_seqlens, self.block_table)
+
+
+def _validate_positions(cache_seqlens: Tensor, T: int, capacity: int, block_size: int,
+                        block_table: Optional[Tensor], num_blocks: int):
+    """Host check of every position the append will write (one device->host copy of the small index tensors)."""
+    lens = cache_seqlens.cpu().to(torch.int64)
+    bad = (lens < 0).nonzero()
+    if bad.numel():
+        b = int(bad[0, 0])
+        raise ValueError(f"cache_seqlens: sequence {b} has a negative length {int(lens[b])}")
+    last = lens + (T - 1)
+    if block_table is None:
+        over = (last >= capacity).nonzero()
+        if over.numel():
+            b = int(over[0, 0])
+            raise ValueError(f"kv_cache_append: sequence {b} would write positions {int(lens[b])}..{int(last[b])} but "
+                             f"the cache holds S_max={capacity} positions (cache_seqlens[{b}]={int(lens[b])}, T={T}); "
+                             "nothing was written")
+        return
+    max_blocks = block_table.shape[1]
+    over = (last // block_size >= max_blocks).nonzero()
+    if over.numel():
+        b = int(over[0, 0])
+        raise ValueError(f"kv_cache_append: sequence {b} would write positions {int(lens[b])}..{int(last[b])}, "
+                         f"i.e. block-table column {int(last[b]) // block_size}, but block_table has "
+                         f"max_blocks={max_blocks} columns of block_size={block_size}; nothing was written")
+    table = block_table.cpu().to(torch.int64)
+    first_col, last_col = lens // block_size, last // block_size
+    cols = torch.arange(max_blocks).unsqueeze(0)
+    used = (cols >= first_col.unsqueeze(1)) & (cols <= last_col.unsqueeze(1))
+    invalid = used & ((table < 0) | (table >= num_blocks))
+    hit = invalid.nonzero()
+    if hit.numel():
+        b, c = int(hit[0, 0]), int(hit[0, 1])
+        raise ValueError(f"block_table: sequence {b} writes into block-table column {c}, whose block id "
+                         f"{int(table[b, c])} is outside [0, num_blocks={num_blocks}); nothing was written")
+
+
+def prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table=None, check=True) -> AppendCall:
+    _check_cache_pair(k_cache, v_cache)
+    check_tensor("k_new", k_new, ndim=4)
+    check_tensor("v_new", v_new, ndim=4)
+    check_same(("k_cache", "k_new", "v_new"), (k_cache, k_new, v_new))
+    B, Hkv, T, D = k_new.shape
+    Dv = v_cache.shape[-1]
+    if tuple(v_new.shape) != (B, Hkv, T, Dv):
+        raise ValueError(f"v_new: expected shape ({B}, {Hkv}, {T}, {Dv}) (k_new's B, Hkv, T and v_cache's head dim), "
+                         f"got {tuple(v_new.shape)}")
+    if k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
+        raise ValueError(f"k_new: shape {tuple(k_new.shape)} does not fit k_cache {tuple(k_cache.shape)} "
+                         "(the number of heads and the head dim must match)")
+    table = None
+    if block_table is not None:
+        table = _check_index_tensor("block_table", block_table, 2, k_cache.device)
+    capacity, block_size = _layout(k_cache, table, B)
+    lens = _check_index_tensor("cache_seqlens", cache_seqlens, 1, k_cache.device)
+    if lens.shape[0] != B:
+        raise ValueError(f"cache_seqlens: expected shape ({B},) (one entry per sequence), got {tuple(lens.shape)}")
+    if check and T > 0 and B > 0:
+        _validate_positions(lens, T, capacity, block_size, table, k_cache.shape[0])
+    return AppendCall(k_cache, v_cache, k_new, v_new, lens, table)
+
+
+def _append_cpu_why_not(c: AppendCall):
+    return None
+
+
+def _append_cuda_why_not(c: AppendCall):
+    if c.k_cache.dtype not in KERNEL_DTYPES:
+        return f"the CUDA kernels take float16/bfloat16/float32, not {_dtype_name(c.k_cache.dtype)}"
+    return None
+
+
+def _append_triton_why_not(c: AppendCall):
+    from ..triton_kernels import kv_cache as tk
+
+    return tk.append_unsupported_reason(c.k_cache, c.k_new)
+
+
+APPEND_OP = backends.OpBackends(
+    name="kv_cache_append", cpp_ops=("kv_cache_append",), triton_module="kv_cache",
+    why_not={"cpu": _append_cpu_why_not, "cuda": _append_cuda_why_not, "triton": _append_triton_why_not},
+)
+
+
+@torch.library.custom_op("seqkernels::triton_kv_cache_append", mutates_args=("k_cache", "v_cache"))
+def triton_kv_cache_append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor,
+                           block_table: Optional[Tensor]) -> None:
+    from ..triton_kernels import kv_cache as tk
+
+    tk.kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+
+
+def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
+    return None
+
+
+torch.library.register_fake("seqkernels::triton_kv_cache_append")(_append_fake)
+
+
+def _run_append(call: AppendCall, backend: str):
+    if backend == "reference":
+        from .. import reference as ref
+
+        ref.kv_cache_append_ref(*call.args())
+    elif backend == "triton":
+        torch.ops.seqkernels.triton_kv_cache_append(*call.args())
+    else:
+        torch.ops.seqkernels.kv_cache_append(*call.args())
+
+
+def kv_cache_append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor, *,
+                    block_table: Optional[Tensor] = None, check: bool = True, backend: Optional[str] = None) -> None:
+    """Write `k_new`, `v_new` (B, Hkv, T, D) into the caches in place: token t of sequence b goes to
+    position `cache_seqlens[b] + t` (see the module docstring for the contiguous and paged layouts).
+    `cache_seqlens` is not modified (the caller advances it, e.g. `seqkernels.nn.KVCache`).
+
+    `check=True` validates every written position on the host and raises, naming the sequence, before
+    anything is written. `check=False` skips that (no host sync: CUDA graphs); the kernels then skip,
+    never write, a token whose position or block id is out of range. Offsets are int64.
+    """
+    call = prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=block_table, check=check)
+    b = backends.resolve(APPEND_OP, call.device, call, backend)
+    if call.k_new.shape[2] == 0 or call.k_new.shape[0] == 0:
+        return None
+    _run_append(call, b)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode attention
+
+
+@dataclasses.dataclass
+class DecodeCall:
+    """Normalized arguments of decode_attention (docs/INTERNALS.md)."""
+
+    q: Tensor
+    k_cache: Tensor
+    v_cache: Tensor
+    cache_seqlens: Tensor  # int32 (B,)
+    block_table: Optional[Tensor]  # int32 (B, max_blocks)
+    scale: float
+    window_left: int
+    window_right: int
+    num_splits: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def args(self):
+        return (self.q, self.k_cache, self.v_cache, self.cache_seqlens, self.block_table, self.scale,
+                self.window_left, self.window_right, self.num_splits)
+
+
+def _decode_window(window) -> tuple[int, int]:
+    """`window` is the left extent (int) or a pair (left, right) as in `attention`; decode is causal,
+    so the right side is always folded to 0 (a query never sees positions after its own)."""
+    if window is None:
+        return -1, 0
+    if isinstance(window, int) and not isinstance(window, bool):
+        left = window
+    elif (isinstance(window, (tuple, list)) and len(window) == 2
+          and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        left, right = window
+        if right < -1:
+            raise ValueError(f"window: sides must be >= 0 or -1 (unbounded), got {window!r}")
+    else:
+        raise ValueError(f"window: expected an int (left extent) or a pair (left, right) of ints, -1 for unbounded, "
+                         f"got {window!r}")
+    if left < -1:
+        raise ValueError(f"window: sides must be >= 0 or -1 (unbounded), got {window!r}")
+    return int(left), 0
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _parallelism(device: torch.device) -> int:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # Several resident CTAs per SM hide the latency of the K/V loads.
+        return 2 * _cuda_sm_count(index)
+    return max(1, torch.get_num_threads())
+
+
+# Fewer keys per split than this and the merge costs more than the parallelism gains.
+_MIN_KEYS_PER_SPLIT = {"cuda": 256, "cpu": 512}
+_MAX_SPLITS = 64
+
+
+def choose_num_splits(units: int, length: int, parallelism: int, min_keys: int) -> int:
+    """Splits of the key range per (batch, kv head, row tile) unit so that `units * splits` work items fill
+    `parallelism` workers, each split keeping at least `min_keys` keys; among the candidates, the fewest
+    splits within 5% of the best wave efficiency (the merge pass grows with the split count)."""
+    if units <= 0 or length <= min_keys or units >= parallelism:
+        return 1
+    max_splits = max(1, min(_MAX_SPLITS, length // min_keys))
+    best_eff, effs = 0.0, []
+    for s in range(1, max_splits + 1):
+        items = units * s
+        eff = items / (math.ceil(items / parallelism) * parallelism)
+        effs.append(eff)
+        best_eff = max(best_eff, eff)
+    for s, eff in enumerate(effs, start=1):
+        if eff >= 0.95 * best_eff:
+            return s
+    return 1
+
+
+def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, window=None,
+                   num_splits=None) -> DecodeCall:
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    _check_cache_pair(k_cache, v_cache)
+    check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    B, Hq, Tq, D = q.shape
+    Hkv = k_cache.shape[1]
+    if Tq < 1:
+        raise ValueError(f"q: expected at least one query token (Tq >= 1), got shape {tuple(q.shape)}")
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache: head dim {k_cache.shape[3]} must equal q's head dim {D}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q, k_cache: the number of query heads ({Hq}) must be a multiple of the number of "
+                         f"key/value heads ({Hkv})")
+    table = None
+    if block_table is not None:
+        table = _check_index_tensor("block_table", block_table, 2, q.device)
+    capacity, block_size = _layout(k_cache, table, B)
+    lens = _check_index_tensor("cache_seqlens", cache_seqlens, 1, q.device)
+    if lens.shape[0] != B:
+        raise ValueError(f"cache_seqlens: expected shape ({B},) (one entry per sequence), got {tuple(lens.shape)}")
+    if lens.device.type == "cpu" and B > 0:
+        lo, hi = int(lens.min()), int(lens.max())
+        if lo < Tq or hi > capacity:
+            b = int(((lens < Tq) | (lens > capacity)).nonzero()[0, 0])
+            raise ValueError(f"cache_seqlens: sequence {b} has length {int(lens[b])}, expected a value in "
+                             f"[Tq={Tq}, {capacity}] (the {Tq} queries' keys and values must already be in the cache, "
+                             "appended with kv_cache_append, and the cache holds "
+                             f"{capacity} positions)")
+        if table is not None:
+            cols = (lens.to(torch.int64) + block_size - 1) // block_size
+            used = torch.arange(table.shape[1]).unsqueeze(0) < cols.unsqueeze(1)
+            invalid = used & ((table < 0) | (table >= k_cache.shape[0]))
+            hit = invalid.nonzero()
+            if hit.numel():
+                b, c = int(hit[0, 0]), int(hit[0, 1])
+                raise ValueError(f"block_table: sequence {b} reads block-table column {c}, whose block id "
+                                 f"{int(table[b, c])} is outside [0, num_blocks={k_cache.shape[0]})")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    left, right = _decode_window(window)
+    if num_splits is None:
+        if q.device.type == "cpu" and B > 0:
+            length = int(lens.max())
+        else:
+            length = capacity  # the true lengths would cost a host sync
+        if left >= 0:
+            length = min(length, left + Tq)
+        units = B * Hkv * max(1, math.ceil(Tq * (Hq // Hkv) / 64))
+        kind = "cuda" if q.device.type == "cuda" else "cpu"
+        num_splits = choose_num_splits(units, length, _parallelism(q.device), _MIN_KEYS_PER_SPLIT[kind])
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= 1024:
+        raise ValueError(f"num_splits: expected None (heuristic) or an int in [1, 1024], got {num_splits!r}")
+    return DecodeCall(q, k_cache, v_cache, lens, table, float(scale), left, right, int(num_splits))
+
+
+_GRAD = ("gradients are not implemented for decode attention on the kernel backends (it is an inference op); "
+         "use backend='reference' or torch.no_grad()")
+
+
+def _needs_grad(c: DecodeCall) -> bool:
+    return torch.is_grad_enabled() and (c.q.requires_grad or c.k_cache.requires_grad or c.v_cache.requires_grad)
+
+
+def _decode_cpu_why_not(c: DecodeCall):
+    return _GRAD if _needs_grad(c) else None
+
+
+def _decode_cuda_why_not(c: DecodeCall):
+    if _needs_grad(c):
+        return _GRAD
+    if c.q.dtype not in KERNEL_DTYPES:
+        return f"the CUDA kernels take float16/bfloat16/float32, not {_dtype_name(c.q.dtype)}"
+    return None
+
+
+def _decode_triton_why_not(c: DecodeCall):
+    if _needs_grad(c):
+        return _GRAD
+    from ..triton_kernels import kv_cache as tk
+
+    return tk.decode_unsupported_reason(c.q, c.k_cache, c.v_cache)
+
+
+DECODE_OP = backends.OpBackends(
+    name="decode_attention", cpp_ops=("decode_attention",), triton_module="kv_cache",
+    why_not={"cpu": _decode_cpu_why_not, "cuda": _decode_cuda_why_not, "triton": _decode_triton_why_not},
+)
+
+
+@torch.library.custom_op("seqkernels::triton_decode_attention", mutates_args=())
+def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                            block_table: Optional[Tensor], scale: float, window_left: int, window_right: int,
+                            num_splits: int) -> tuple[Tensor, Tensor]:
+    from ..triton_kernels import kv_cache as tk
+
+    return tk.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right,
+                               num_splits)
+
+
+def _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right, num_splits):
+    B, Hq, Tq, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((B, Hq, Tq, v_cache.shape[-1])), q.new_empty((B, Hq, Tq), dtype=lse_dtype)
+
+
+torch.library.register_fake("seqkernels::triton_decode_attention")(_decode_fake)
+
+if _ext.extension_available():
+    torch.library.register_fake("seqkernels::kv_cache_append")(_append_fake)
+    torch.library.register_fake("seqkernels::decode_attention")(_decode_fake)
+
+
+def _run_decode(call: DecodeCall, backend: str):
+    if backend == "reference":
+        from .. import reference as ref
+
+        return ref.decode_attention_ref(call.q, call.k_cache, call.v_cache, call.cache_seqlens,
+                                        block_table=call.block_table, scale=call.scale,
+                                        window_left=call.window_left, window_right=call.window_right)
+    if backend == "triton":
+        return torch.ops.seqkernels.triton_decode_attention(*call.args())
+    return torch.ops.seqkernels.decode_attention(*call.args())
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
+                     block_table: Optional[Tensor] = None, scale: Optional[float] = None, window=None,
+                     num_splits: Optional[int] = None, return_lse: bool = False, backend: Optional[str] = None):
+    """Attention of the `Tq` newest tokens against the cache.
+
+    q (B, Hq, Tq, D); k_cache/v_cache contiguous (B, Hkv, S_max, D|Dv) or paged
+    (num_blocks, Hkv, block_size, D|Dv) with `block_table` (B, max_blocks); Hq % Hkv == 0 (GQA/MQA).
+    The queries' own keys and values must already be in the cache (`kv_cache_append` first): query t sits
+    at position `cache_seqlens[b] - Tq + t` and sees cache positions up to its own (causal, bottom-right);
+    `window` (an int `left`, or `(left, right)` as in `attention`, the right side folded to 0) keeps
+    positions `>= pos - left`. Slots at or past `cache_seqlens[b]` are never read into the result.
+    `num_splits` (split-K over the cache length) defaults to a heuristic on batch x heads x length vs the
+    machine's parallelism. Returns `out` (B, Hq, Tq, Dv) in q's dtype, and with `return_lse` also the
+    float32 (float64 for float64 inputs) log-sum-exp (B, Hq, Tq) of the scaled scores (-inf, with a
+    zero output row, for a query that sees no key).
+    """
+    call = prepare_decode(q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, window=window,
+                          num_splits=num_splits)
+    b = backends.resolve(DECODE_OP, call.device, call, backend)
+    out, lse = _run_decode(call, b)
+    return (out, lse) if return_lse else out

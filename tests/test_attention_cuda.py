@@ -1,0 +1,293 @@
+"""The CUDA attention kernels (csrc/cuda/attention.cu) against the float64 reference (DESIGN §5).
+
+The same cases run twice: through the CUDA-on-CPU harness (`emulation` marker: the .cu launcher
+and kernels compiled as C++ and run on CPU tensors, so CI executes the real fragment indexing,
+masking and pipelining code), and on a GPU through torch.ops.seqkernels (`cuda` marker, skipped
+without one). Emulated shapes are small; every head-dim tile (64, 128, 256), both dtypes, both
+forward variants (plain, and attn_mask / dropout) and both dQ paths are covered.
+"""
+
+import math
+
+import pytest
+import torch
+
+from seqkernels.reference import attention_bwd_ref, attention_ref
+from seqkernels.testing import compare
+
+SOURCES = ["csrc/cuda/attention.cu"]
+ARG_NAMES = ("attn_mask", "kv_lengths", "scale", "window_left", "window_right", "bottom_right",
+             "dropout_p", "seed", "offset")
+
+
+def _normalized(q, k, **kw):
+    """The op's positional arguments (docs/INTERNALS.md) with defaults filled in."""
+    args = dict(attn_mask=None, kv_lengths=None, scale=q.shape[-1] ** -0.5, window_left=-1,
+                window_right=-1, bottom_right=True, dropout_p=0.0, seed=0, offset=0)
+    args.update(kw)
+    m = args["attn_mask"]
+    if m is not None:
+        args["attn_mask"] = m.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return args
+
+
+def _ref_kwargs(args):
+    """The same arguments for the reference, on the CPU."""
+    r = dict(args)
+    for name in ("attn_mask", "kv_lengths"):
+        if r[name] is not None:
+            r[name] = r[name].cpu()
+    return r
+
+
+def _inputs(shape, dtype, device, *, q_layout="bhld"):
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    if q_layout == "blhd":  # q as a (B, L, H, D) buffer viewed as (B, H, L, D): strided rows
+        q = torch.randn(B, Lq, Hq, D, dtype=dtype, device=device).transpose(1, 2)
+    else:
+        q = torch.randn(B, Hq, Lq, D, dtype=dtype, device=device)
+    k = torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device)
+    v = torch.randn(B, Hkv, Lk, Dv, dtype=dtype, device=device)
+    return q, k, v
+
+
+def _call_args(args):
+    return [args[n] for n in ARG_NAMES]
+
+
+def _float_mask(Lq, Lk, dtype, device):
+    m = torch.randn(1, 1, Lq, Lk, device=device) * 2
+    m[..., ::3] = -math.inf  # some -inf entries; every row keeps others
+    return m.to(dtype)
+
+
+def _bool_mask(Lq, Lk, device, *, dead_rows=(1,)):
+    m = torch.rand(1, 1, Lq, Lk, device=device) > 0.4
+    for r in dead_rows:
+        if r < Lq:
+            m[..., r, :] = False  # a row that sees nothing: out 0, lse -inf, grads 0
+    return m
+
+
+# (id, shape (B, Hq, Hkv, Lq, Lk, D, Dv), dtype, extra arguments (callable of device or dict))
+FWD_CASES = [
+    ("d64_gqa", (1, 2, 1, 17, 33, 64, 64), torch.float16, {}),
+    ("d128_lq1_causal", (1, 1, 1, 1, 97, 128, 128), torch.bfloat16, {"window_right": 0}),
+    ("d40_dv80_causal_topleft", (2, 2, 2, 97, 17, 40, 80), torch.float16,
+     {"window_right": 0, "bottom_right": False}),
+    ("d256_window", (1, 2, 1, 33, 97, 256, 256), torch.bfloat16, {"window_left": 8, "window_right": 4}),
+    ("d64_kv_lengths", (2, 1, 1, 17, 40, 64, 64), torch.float16,
+     lambda dev: {"kv_lengths": torch.tensor([0, 23], dtype=torch.int32, device=dev)}),
+    ("d64_bool_mask", (1, 2, 2, 33, 33, 64, 64), torch.float16,
+     lambda dev: {"attn_mask": _bool_mask(33, 33, dev)}),
+    ("d128_bf16_mask_causal", (1, 2, 1, 17, 29, 128, 128), torch.bfloat16,
+     lambda dev: {"attn_mask": _float_mask(17, 29, torch.bfloat16, dev), "window_right": 0}),
+    ("d20_dv12_f32_mask", (1, 1, 1, 17, 29, 20, 12), torch.float16,
+     lambda dev: {"attn_mask": _float_mask(17, 29, torch.float32, dev)}),
+    ("d64_dropout", (1, 2, 1, 33, 47, 64, 64), torch.float16,
+     {"dropout_p": 0.3, "seed": 1234, "offset": 7}),
+    ("d256_dropout_mask", (1, 1, 1, 17, 17, 256, 256), torch.float16,
+     lambda dev: {"dropout_p": 0.5, "seed": 99, "attn_mask": _bool_mask(17, 17, dev)}),
+    ("d64_causal_lq_gt_lk", (1, 2, 2, 40, 17, 64, 64), torch.bfloat16, {"window_right": 0}),
+    ("d64_strided_q", (1, 3, 3, 33, 33, 64, 64), torch.float16, {"q_layout": "blhd"}),
+    ("d64_l257_causal", (1, 1, 1, 257, 257, 64, 64), torch.float16, {"window_right": 0}),
+    ("d128_l257_window", (1, 1, 1, 257, 130, 128, 128), torch.bfloat16,
+     {"window_left": 40, "window_right": 3}),
+]
+
+BWD_CASES = [
+    ("d64_gqa", (1, 4, 2, 17, 33, 64, 64), torch.float16, {}),
+    ("d128_causal", (1, 1, 1, 97, 97, 128, 128), torch.bfloat16, {"window_right": 0}),
+    ("d40_dv80_kv_lengths", (2, 2, 1, 17, 40, 40, 80), torch.float16,
+     lambda dev: {"kv_lengths": torch.tensor([0, 23], dtype=torch.int32, device=dev)}),
+    ("d64_mask_dropout", (1, 2, 2, 33, 33, 64, 64), torch.float16,
+     lambda dev: {"attn_mask": _bool_mask(33, 33, dev), "dropout_p": 0.25, "seed": 5, "offset": 3}),
+    ("d256_window", (1, 1, 1, 17, 29, 256, 256), torch.bfloat16, {"window_left": 5, "window_right": 3}),
+    ("d64_causal_lq_gt_lk", (1, 2, 1, 40, 17, 64, 64), torch.float16, {"window_right": 0}),
+    ("d20_dv12_float_mask", (1, 1, 1, 17, 29, 20, 12), torch.float16,
+     lambda dev: {"attn_mask": _float_mask(17, 29, torch.float16, dev)}),
+]
+
+
+def _case(extra, device):
+    kw = extra(device) if callable(extra) else dict(extra)
+    layout = kw.pop("q_layout", "bhld")
+    return kw, layout
+
+
+def check_forward(fwd, case, device):
+    _, shape, dtype, extra = case
+    kw, layout = _case(extra, device)
+    q, k, v = _inputs(shape, dtype, device, q_layout=layout)
+    args = _normalized(q, k, **kw)
+    out, lse = fwd(q, k, v, *_call_args(args))
+    assert out.dtype == dtype and out.shape == (*q.shape[:3], v.shape[-1])
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    ref = attention_ref(q.cpu().double(), k.cpu().double(), v.cpu().double(), **_ref_kwargs(args))
+    base = attention_ref(q.cpu(), k.cpu(), v.cpu(), **_ref_kwargs(args))
+    report = compare((out.cpu(), lse.cpu()), ref, base)
+    assert report.passed, str(report)
+    # Rows that see no key: exactly 0 and -inf (never NaN).
+    dead = ref[1] == -math.inf
+    if dead.any():
+        assert torch.all(out.cpu()[dead] == 0) and torch.all(lse.cpu()[dead] == -math.inf)
+
+
+def check_backward(fwd, bwd, case, device, deterministic):
+    _, shape, dtype, extra = case
+    kw, layout = _case(extra, device)
+    q, k, v = _inputs(shape, dtype, device, q_layout=layout)
+    dout = torch.randn(*q.shape[:3], v.shape[-1], dtype=dtype, device=device)
+    args = _normalized(q, k, **kw)
+    out, lse = fwd(q, k, v, *_call_args(args))
+    grads = bwd(dout, q, k, v, out, lse, *_call_args(args), deterministic)
+    for g, x in zip(grads, (q, k, v)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+    cpu = [t.cpu() for t in (dout, q, k, v)]
+    ref = attention_bwd_ref(*[t.double() for t in cpu], **_ref_kwargs(args))
+    base = attention_bwd_ref(*cpu, **_ref_kwargs(args))
+    report = compare(tuple(g.cpu() for g in grads), tuple(ref), tuple(base), grad=True)
+    assert report.passed, str(report)
+    for g in grads:
+        assert torch.isfinite(g.cpu()).all()
+    dead = lse.cpu() == -math.inf
+    if dead.any():
+        assert torch.all(grads[0].cpu()[dead] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Emulated (CPU tensors through the CUDA-on-CPU harness)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from emulation import load_emulated
+
+    return load_emulated("attention", SOURCES)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
+def test_forward_emulated(emu, case):
+    check_forward(emu.attention_fwd, case, "cpu")
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("case,deterministic",
+                         [(c, i % 2 == 0) for i, c in enumerate(BWD_CASES)] + [(BWD_CASES[0], False)],
+                         ids=[f"{c[0]}-{'det' if i % 2 == 0 else 'atomic'}" for i, c in enumerate(BWD_CASES)]
+                         + [f"{BWD_CASES[0][0]}-atomic"])
+def test_backward_emulated(emu, case, deterministic):
+    check_backward(emu.attention_fwd, emu.attention_bwd, case, "cpu", deterministic)
+
+
+@pytest.mark.emulation
+def test_empty_and_keyless_emulated(emu):
+    q, k, v = _inputs((1, 2, 2, 5, 0, 64, 64), torch.float16, "cpu")
+    args = _normalized(q, k)
+    out, lse = emu.attention_fwd(q, k, v, *_call_args(args))
+    assert torch.all(out == 0) and torch.all(lse == -math.inf)
+    dq, dk, dv = emu.attention_bwd(torch.randn_like(out), q, k, v, out, lse, *_call_args(args), True)
+    assert torch.all(dq == 0) and dk.shape == k.shape and dv.shape == v.shape
+    q, k, v = _inputs((1, 2, 2, 0, 7, 64, 64), torch.float16, "cpu")
+    out, lse = emu.attention_fwd(q, k, v, *_call_args(_normalized(q, k)))
+    assert out.shape == (1, 2, 0, 64) and lse.shape == (1, 2, 0)
+    dq, dk, dv = emu.attention_bwd(out, q, k, v, out, lse, *_call_args(_normalized(q, k)), False)
+    assert torch.all(dk == 0) and torch.all(dv == 0)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: _inputs((1, 1, 1, 4, 4, 64, 64), torch.float32, "cpu"), "float16 or bfloat16"),
+        (lambda: _inputs((1, 1, 1, 4, 4, 264, 64), torch.float16, "cpu"), r"head dims up to 256"),
+        (lambda: _inputs((1, 3, 2, 4, 4, 64, 64), torch.float16, "cpu"), "multiple of kv heads"),
+    ],
+    ids=["float32", "head_dim_264", "gqa_ratio"],
+)
+def test_rejects_emulated(emu, make, match):
+    q, k, v = make()
+    with pytest.raises(RuntimeError, match=match):
+        emu.attention_fwd(q, k, v, *_call_args(_normalized(q, k)))
+
+
+@pytest.mark.emulation
+def test_rejects_bad_mask_and_lengths_emulated(emu):
+    q, k, v = _inputs((2, 1, 1, 4, 6, 64, 64), torch.float16, "cpu")
+    mask = torch.zeros(2, 1, 4, 6, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="attn_mask must be bool"):
+        emu.attention_fwd(q, k, v, *_call_args(_normalized(q, k, attn_mask=mask)))
+    with pytest.raises(RuntimeError, match="kv_lengths must be a contiguous int32"):
+        emu.attention_fwd(q, k, v, *_call_args(_normalized(q, k, kv_lengths=torch.tensor([3, 4]))))
+
+
+def _sanitizer_case(emu):
+    """Small forward + both backward paths with every feature switch (runs in a child process)."""
+    torch.manual_seed(0)
+    q, k, v = _inputs((1, 2, 1, 19, 21, 64, 64), torch.float16, "cpu")
+    mask = _bool_mask(19, 21, "cpu").expand(1, 2, 19, 21)
+    for extra in ({"window_right": 0}, {"attn_mask": mask, "dropout_p": 0.2, "seed": 3}):
+        args = _normalized(q, k, **extra)
+        out, lse = emu.attention_fwd(q, k, v, *_call_args(args))
+        for det in (True, False):
+            emu.attention_bwd(torch.randn_like(out), q, k, v, out, lse, *_call_args(args), det)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_sanitized_emulated(sanitizer):
+    from emulation import run_sanitized
+
+    run_sanitized(sanitizer, "attention", SOURCES, _sanitizer_case).assert_clean()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (torch.ops.seqkernels on CUDA tensors)
+# ------------------------------------------------------------------------------------------------
+
+GPU_EXTRA_FWD = [
+    ("d128_big_causal", (2, 4, 2, 513, 1031, 128, 128), torch.bfloat16, {"window_right": 0}),
+    ("d64_big", (2, 8, 8, 1024, 1024, 64, 64), torch.float16, {}),
+    ("d256_big_mask", (1, 2, 1, 300, 257, 256, 256), torch.float16,
+     lambda dev: {"attn_mask": _float_mask(300, 257, torch.float16, dev)}),
+]
+
+
+def _cuda_ops():
+    from seqkernels._ext import has_kernel, load_extension
+
+    load_extension()
+    if not has_kernel("attention_fwd", "CUDA"):
+        pytest.skip("seqkernels was built without the CUDA kernels")
+    return torch.ops.seqkernels.attention_fwd, torch.ops.seqkernels.attention_bwd
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", FWD_CASES + GPU_EXTRA_FWD, ids=[c[0] for c in FWD_CASES + GPU_EXTRA_FWD])
+def test_forward_cuda(case):
+    fwd, _ = _cuda_ops()
+    check_forward(fwd, case, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("case", BWD_CASES + GPU_EXTRA_FWD[:1], ids=[c[0] for c in BWD_CASES + GPU_EXTRA_FWD[:1]])
+def test_backward_cuda(case, deterministic):
+    fwd, bwd = _cuda_ops()
+    check_backward(fwd, bwd, case, "cuda", deterministic)
+
+
+@pytest.mark.cuda
+def test_deterministic_backward_is_bitwise_repeatable_cuda():
+    fwd, bwd = _cuda_ops()
+    q, k, v = _inputs((2, 4, 2, 300, 300, 128, 128), torch.bfloat16, "cuda")
+    args = _normalized(q, k, window_right=0)
+    out, lse = fwd(q, k, v, *_call_args(args))
+    dout = torch.randn_like(out)
+    first = bwd(dout, q, k, v, out, lse, *_call_args(args), True)
+    for _ in range(3):
+        again = bwd(dout, q, k, v, out, lse, *_call_args(args), True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)

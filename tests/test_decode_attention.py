@@ -1,0 +1,333 @@
+"""decode_attention on every backend (reference, cpu, triton under the interpreter, cuda through the
+CUDA-on-CPU harness, cuda on a GPU) against the float64 reference with the DESIGN §5 rule: contiguous
+and paged caches (permuted block tables), GQA/MQA, Tq > 1 and prefill chunks, windows, split counts,
+garbage/NaN in unused slots, NaN propagation, validation, opcheck and the split heuristic."""
+
+import math
+
+import pytest
+import torch
+
+import seqkernels
+from seqkernels import backends, reference, testing
+from seqkernels.ops import kv_cache as kv_ops
+
+from conftest import HAS_CUDA
+
+BACKENDS = ["reference", "cpu", "triton", "cuda_emu"] + (["cuda"] if HAS_CUDA else [])
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SOURCES = ["csrc/cuda/kv_cache.cu"]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from emulation import load_emulated
+
+    return load_emulated("kv_cache", SOURCES)
+
+
+def make_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, device="cpu", *, paged=False, block_size=8, lens=None,
+               garbage=float("nan")):
+    """q, k_cache, v_cache, cache_seqlens, block_table. Lengths are random in [Tq, S] (always including
+    Tq and S when B > 1); a paged cache gets a random permutation of blocks and -1 in table entries past
+    a sequence's length; every slot at or past a sequence's length holds `garbage`."""
+    q = torch.randn(B, Hq, Tq, D, dtype=dtype, device=device)
+    if lens is None:
+        lens = torch.randint(Tq, S + 1, (B,))
+        lens[0] = S
+        if B > 1:
+            lens[1] = Tq
+    lens = torch.as_tensor(lens, dtype=torch.int32)
+    if paged:
+        max_blocks = -(-S // block_size)
+        num_blocks = B * max_blocks + 3
+        kc = torch.randn(num_blocks, Hkv, block_size, D, dtype=dtype)
+        vc = torch.randn(num_blocks, Hkv, block_size, Dv, dtype=dtype)
+        perm = torch.randperm(num_blocks)
+        table = perm[:B * max_blocks].view(B, max_blocks).to(torch.int32)
+        used = torch.zeros(num_blocks, dtype=torch.bool)
+        for b in range(B):
+            n = int(lens[b])
+            cols = -(-n // block_size)
+            table[b, cols:] = -1
+            used[table[b, :cols].long()] = True
+            if cols and n % block_size:
+                blk = int(table[b, cols - 1])
+                kc[blk, :, n % block_size:] = garbage
+                vc[blk, :, n % block_size:] = garbage
+        kc[~used] = garbage
+        vc[~used] = garbage
+        table = table.to(device)
+    else:
+        kc = torch.randn(B, Hkv, S, D, dtype=dtype)
+        vc = torch.randn(B, Hkv, S, Dv, dtype=dtype)
+        for b in range(B):
+            kc[b, :, int(lens[b]):] = garbage
+            vc[b, :, int(lens[b]):] = garbage
+        table = None
+    return q, kc.to(device), vc.to(device), lens.to(device), table
+
+
+def _device_for(backend):
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
+
+
+def run_decode(backend, q, kc, vc, lens, bt, *, window=None, num_splits=None, emu=None):
+    if backend == "cuda_emu":
+        c = kv_ops.prepare_decode(q, kc, vc, lens, block_table=bt, window=window, num_splits=num_splits)
+        return emu.decode_attention(*c.args())
+    c = kv_ops.prepare_decode(q, kc, vc, lens, block_table=bt, window=window, num_splits=num_splits)
+    reason = backends.why_not(kv_ops.DECODE_OP, backend, c.device, c)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
+    return seqkernels.decode_attention(q, kc, vc, lens, block_table=bt, window=window, num_splits=num_splits,
+                                       return_lse=True, backend=backend)
+
+
+def ref_decode(q, kc, vc, lens, bt, window, dtype=torch.float64):
+    left = -1 if window is None else (window if isinstance(window, int) else window[0])
+
+    def cast(t):
+        return t.cpu().to(dtype)
+    return reference.decode_attention_ref(cast(q), cast(kc), cast(vc), lens.cpu(),
+                                          block_table=None if bt is None else bt.cpu(), window_left=left,
+                                          window_right=0)
+
+
+def check(out_lse, q, kc, vc, lens, bt, window=None):
+    out, lse = out_lse
+    assert out.dtype == q.dtype and out.shape == (*q.shape[:3], vc.shape[-1])
+    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32) and lse.shape == q.shape[:3]
+    ref = ref_decode(q, kc, vc, lens, bt, window)
+    base = ref_decode(q, kc, vc, lens, bt, window, dtype=q.dtype)
+    report = testing.compare((out.cpu(), lse.cpu()), ref, base)
+    assert report.passed, str(report)
+
+
+# (B, Hq, Hkv, Tq, D, Dv, S, paged, window, num_splits)
+CASES = [
+    (2, 2, 2, 1, 64, 64, 97, False, None, 1),
+    (3, 8, 2, 1, 128, 128, 57, True, None, 3),
+    (2, 4, 1, 3, 40, 24, 60, False, 5, 2),
+    (1, 2, 1, 17, 80, 80, 40, True, None, None),
+    (2, 3, 3, 1, 17, 33, 23, True, None, 7),
+    (2, 2, 2, 2, 256, 256, 19, False, (0, 0), 1),
+]
+
+
+def _case_id(c):
+    B, Hq, Hkv, Tq, D, Dv, S, paged, window, splits = c
+    return f"B{B}H{Hq}-{Hkv}T{Tq}D{D}-{Dv}S{S}{'-paged' if paged else ''}-w{window}-s{splits}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_decode_parity(backend, dtype, case, request):
+    B, Hq, Hkv, Tq, D, Dv, S, paged, window, splits = case
+    emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
+    q, kc, vc, lens, bt = make_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, _device_for(backend), paged=paged)
+    res = run_decode(backend, q, kc, vc, lens, bt, window=window, num_splits=splits, emu=emu)
+    check(res, q, kc, vc, lens, bt, window)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda_emu"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_prefill_chunk(backend, paged, request):
+    """A chunk of many queries (a prefill continued against an existing cache), causal within it."""
+    emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
+    Tq, S = (97, 257) if backend == "cpu" else (20, 45)
+    q, kc, vc, lens, bt = make_cache(1, 4, 2, Tq, 32, 32, S, torch.float32, _device_for(backend), paged=paged,
+                                     lens=[S - 3])
+    res = run_decode(backend, q, kc, vc, lens, bt, num_splits=2, emu=emu)
+    check(res, q, kc, vc, lens, bt)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda_emu"])
+@pytest.mark.parametrize("splits", [1, 2, 5, 64])
+def test_split_counts_agree(backend, splits, request):
+    """Every split count gives the same result (64 splits leave most of them empty)."""
+    emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
+    q, kc, vc, lens, bt = make_cache(2, 4, 2, 2, 32, 32, 50, torch.float32, paged=True)
+    res = run_decode(backend, q, kc, vc, lens, bt, num_splits=splits, emu=emu)
+    check(res, q, kc, vc, lens, bt)
+    one = run_decode(backend, q, kc, vc, lens, bt, num_splits=1, emu=emu)
+    torch.testing.assert_close(res[0], one[0], atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(res[1], one[1], atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda_emu"])
+def test_unused_slots_never_leak(backend, request):
+    """Replacing whatever lies at or past each length (and in unallocated blocks) changes nothing."""
+    emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
+    for paged in (False, True):
+        torch.manual_seed(3)
+        a = make_cache(3, 4, 2, 2, 24, 24, 30, torch.float32, paged=paged, garbage=float("nan"))
+        torch.manual_seed(3)
+        b = make_cache(3, 4, 2, 2, 24, 24, 30, torch.float32, paged=paged, garbage=float("inf"))
+        ra = run_decode(backend, *a, num_splits=3, emu=emu)
+        rb = run_decode(backend, *b, num_splits=3, emu=emu)
+        assert torch.isfinite(ra[0]).all() and torch.isfinite(ra[1]).all()
+        assert torch.equal(ra[0], rb[0]) and torch.equal(ra[1], rb[1])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda_emu"])
+def test_nan_in_visible_key_propagates(backend, request):
+    emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
+    q, kc, vc, lens, bt = make_cache(2, 2, 1, 1, 16, 16, 20, torch.float32, lens=[20, 11])
+    kc[1, 0, 4, 3] = float("nan")
+    res = run_decode(backend, q, kc, vc, lens, bt, num_splits=2, emu=emu)
+    assert torch.isnan(res[0][1]).all() and torch.isnan(res[1][1]).all()
+    assert torch.isfinite(res[0][0]).all()
+    check(res, q, kc, vc, lens, bt)
+
+
+def test_float64_cpu_and_portable_path(monkeypatch):
+    q, kc, vc, lens, bt = make_cache(2, 4, 2, 3, 40, 40, 70, torch.float64, paged=True)
+    out, lse = seqkernels.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=2, return_lse=True,
+                                           backend="cpu")
+    ref_out, ref_lse = ref_decode(q, kc, vc, lens, bt, None)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    # The at::vec path (CPUs without AVX2) gives the same float32/bfloat16 results within the rule.
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", "default")
+    for dtype in (torch.float32, torch.bfloat16):
+        q, kc, vc, lens, bt = make_cache(2, 4, 2, 3, 40, 24, 70, dtype, paged=False)
+        check(run_decode("cpu", q, kc, vc, lens, bt, window=9, num_splits=2), q, kc, vc, lens, bt, window=9)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda_emu"])
+def test_op_rows_that_see_nothing(backend, request):
+    """Called directly, the op accepts lengths below Tq: queries at negative positions see no key, so
+    their output is 0 and their lse -inf (never NaN)."""
+    q, kc, vc, _, _ = make_cache(2, 2, 2, 4, 16, 16, 12, torch.float32)
+    lens = torch.tensor([2, 0], dtype=torch.int32)
+    args = (q, kc, vc, lens, None, 0.25, -1, 0, 2)
+    if backend == "cuda_emu":
+        out, lse = request.getfixturevalue("emu").decode_attention(*args)
+    elif backend == "cpu":
+        out, lse = torch.ops.seqkernels.decode_attention(*args)
+    else:
+        out, lse = torch.ops.seqkernels.triton_decode_attention(*args)
+    ref_out, ref_lse = reference.decode_attention_ref(q.double(), kc.double(), vc.double(), lens, scale=0.25)
+    assert not out.isnan().any()
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all() and (lse[0, :, :2] == float("-inf")).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["cpp", "triton"])
+def test_opcheck(op):
+    q, kc, vc, lens, bt = make_cache(2, 4, 2, 2, 16, 16, 20, torch.float32, paged=True)
+    c = kv_ops.prepare_decode(q, kc, vc, lens, block_table=bt, num_splits=2)
+    fn = torch.ops.seqkernels.decode_attention if op == "cpp" else torch.ops.seqkernels.triton_decode_attention
+    torch.library.opcheck(fn.default, c.args())
+
+
+def test_return_lse_and_explain():
+    q, kc, vc, lens, bt = make_cache(1, 2, 2, 1, 16, 16, 9, torch.float32)
+    out = seqkernels.decode_attention(q, kc, vc, lens)
+    out2, lse = seqkernels.decode_attention(q, kc, vc, lens, return_lse=True)
+    assert torch.equal(out, out2) and lse.shape == (1, 2, 1)
+    ex = seqkernels.explain("decode_attention", q, kc, vc, lens)
+    assert ex.chosen == "cpu", str(ex)
+    q.requires_grad_(True)
+    ex = seqkernels.explain("decode_attention", q, kc, vc, lens)
+    assert ex.chosen == "reference" and "gradients" in ex.reasons["cpu"]
+    with pytest.raises(seqkernels.BackendError, match="gradients"):
+        seqkernels.decode_attention(q, kc, vc, lens, backend="cpu")
+    out = seqkernels.decode_attention(q, kc, vc, lens)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def _bad(mutate):
+    q, kc, vc, lens, bt = make_cache(2, 4, 2, 2, 16, 16, 24, torch.float32, paged=True, block_size=8, garbage=0.5)
+    kw = dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=lens, block_table=bt)
+    mutate(kw)
+    return kw
+
+
+@pytest.mark.parametrize("mutate, exc, match", [
+    (lambda kw: kw.update(q=kw["q"].half()), TypeError, "k_cache.*dtype"),
+    (lambda kw: kw.update(q=kw["q"][:, :3]), ValueError, "multiple of the number of key/value heads"),
+    (lambda kw: kw.update(q=kw["q"][..., :8]), ValueError, "head dim"),
+    (lambda kw: kw.update(q=kw["q"][:, :, :0]), ValueError, "Tq >= 1"),
+    (lambda kw: kw.update(cache_seqlens=torch.tensor([24, 1], dtype=torch.int32)), ValueError, "sequence 1.*Tq=2"),
+    (lambda kw: kw.update(cache_seqlens=torch.tensor([25, 3], dtype=torch.int32)), ValueError, "sequence 0"),
+    (lambda kw: kw["block_table"].__setitem__((1, 0), 1000), ValueError, "sequence 1.*block id 1000"),
+    (lambda kw: kw.update(block_table=kw["block_table"].float()), TypeError, "block_table"),
+    (lambda kw: kw.update(cache_seqlens=kw["cache_seqlens"][:1]), ValueError, "cache_seqlens"),
+    (lambda kw: kw.update(num_splits=0), ValueError, "num_splits"),
+    (lambda kw: kw.update(window=(1, 2, 3)), ValueError, "window"),
+    (lambda kw: kw.update(window=-2), ValueError, "window"),
+])
+def test_bad_inputs_are_named(mutate, exc, match):
+    kw = _bad(mutate)
+    with pytest.raises(exc, match=match):
+        seqkernels.decode_attention(kw.pop("q"), kw.pop("k_cache"), kw.pop("v_cache"), kw.pop("cache_seqlens"), **kw)
+
+
+def test_int64_indices_are_accepted():
+    q, kc, vc, lens, bt = make_cache(2, 2, 2, 1, 16, 16, 24, torch.float32, paged=True)
+    a = seqkernels.decode_attention(q, kc, vc, lens, block_table=bt, backend="cpu")
+    b = seqkernels.decode_attention(q, kc, vc, lens.long(), block_table=bt.long(), backend="cpu")
+    assert torch.equal(a, b)
+
+
+def test_split_heuristic():
+    choose = kv_ops.choose_num_splits
+    assert choose(units=64, length=100000, parallelism=32, min_keys=256) == 1  # the machine is full already
+    assert choose(units=4, length=200, parallelism=32, min_keys=256) == 1  # too short to split
+    s = choose(units=4, length=100000, parallelism=32, min_keys=256)
+    assert s == 8  # 4 units x 8 splits fill 32 workers exactly
+    assert choose(units=3, length=1024, parallelism=132, min_keys=256) <= 1024 // 256
+    # The public layer resolves it from the inputs: many CPU threads and one long sequence split.
+    q, kc, vc, lens, _ = make_cache(1, 1, 1, 1, 16, 16, 4096, torch.float32, lens=[4096])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert kv_ops.prepare_decode(q, kc, vc, lens).num_splits == 4
+        assert kv_ops.prepare_decode(q, kc, vc, lens, num_splits=3).num_splits == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sanitized_case(emu):
+    torch.manual_seed(0)
+    for paged, splits in ((False, 1), (True, 3)):
+        q, kc, vc, lens, bt = make_cache(2, 4, 2, 2, 40, 24, 19, torch.bfloat16, paged=paged, block_size=4)
+        c = kv_ops.prepare_decode(q, kc, vc, lens, block_table=bt, num_splits=splits)
+        out, lse = emu.decode_attention(*c.args())
+        ref_out, _ = ref_decode(q, kc, vc, lens, bt, None)
+        assert (out.double() - ref_out).abs().max() < 3e-2
+        kn, vn = torch.randn(2, 2, 3, 40, dtype=torch.bfloat16), torch.randn(2, 2, 3, 24, dtype=torch.bfloat16)
+        start = (lens - 3).clamp(min=0)
+        emu.kv_cache_append(kc, vc, kn, vn, start, bt)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_cuda_kernels_sanitized(sanitizer):
+    from emulation import run_sanitized
+
+    run_sanitized(sanitizer, "kv_cache", SOURCES, _sanitized_case).assert_clean()
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_on_gpu():
+    q, kc, vc, lens, bt = make_cache(4, 16, 4, 1, 128, 128, 1000, torch.bfloat16, paged=True, block_size=16)
+    dev = [t.cuda() if t is not None else None for t in (q, kc, vc, lens, bt)]
+    for splits in (None, 1, 8):
+        res = seqkernels.decode_attention(*dev[:4], block_table=dev[4], num_splits=splits, return_lse=True,
+                                          backend="cuda")
+        check(tuple(t.cpu() for t in res), q, kc, vc, lens, bt)
+
+
+def test_scale_is_applied():
+    q, kc, vc, lens, bt = make_cache(1, 2, 2, 1, 16, 16, 10, torch.float32)
+    out, lse = seqkernels.decode_attention(q, kc, vc, lens, scale=0.1, return_lse=True, backend="cpu")
+    ref_out, ref_lse = reference.decode_attention_ref(q.double(), kc.double(), vc.double(), lens, scale=0.1)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, seqkernels.decode_attention(q, kc, vc, lens, backend="cpu"))
+    assert math.isfinite(float(lse.max()))

@@ -1,0 +1,1061 @@
+"""Fused attention in Triton: FlashAttention-2 style forward and recomputing backward.
+
+Contract: docs/INTERNALS.md (normalized arguments, visibility rule, dropout Philox rule).
+Launchers: ``attention_fwd``, ``attention_bwd``; ``unsupported_reason`` says when an input cannot
+run here; ``STATIC_CONFIGS`` lists every compiled variant for the ahead-of-time report.
+
+Visibility of key ``j`` from query row ``i`` of batch ``b`` (``off_b = Lk_b - Lq`` bottom-right,
+``0`` top-left; ``wl``/``wr`` the window, ``-1`` unbounded)::
+
+          keys j ->            visible iff  i + off_b - wl <= j <= i + off_b + wr
+    rows  . . x x x . . .                   and j < Lk_b and mask[b, h, i, j]
+     i    . . . x x x . .
+     |    . . . . x x x .      x: visible (wl = 2, wr = 0, off_b = 2)
+     v    . . . . . x x x
+
+Tiling. Each query block of BLOCK_M rows walks only the key tiles that can hold a visible key
+(``_key_range``): tiles wholly inside the band and below ``Lk_b`` run without any visibility
+test or bounds check ("full" tiles); the tiles that straddle an edge of the band or the end of
+the keys run the masked variant. The dK/dV kernel does the same per key block over query tiles
+(``_query_range``). A float or bool ``attn_mask`` is read blockwise through its strides (stride 0
+on broadcast dimensions, never materialized) on every visited tile.
+
+Numerics. Scores are kept in the log2 domain: ``log2(e)`` is folded into the scale once so the
+softmax uses ``exp2``; ``lse`` is converted back to the natural log when stored. Accumulation is
+float32. A row that sees no key has ``l == 0``: its output is written as 0 and its lse as -inf,
+and the backward treats such a row's lse as +inf so its probabilities, hence its gradients, are 0.
+Dropout zeroes probabilities after normalization (the denominator uses the undropped ones, as
+torch does); kept ones are scaled by ``1 / (1 - p)``; the keep mask is regenerated in the
+backward from ``(seed, offset, b, h, i, j)``.
+
+Backward: ``delta = rowsum(dO * O)`` (one small kernel), then a dK/dV kernel (one program per
+key block and kv head, looping over the query heads of its GQA group and over query tiles, so
+the group sum needs no atomics and is deterministic) and a dQ kernel (one program per query
+block and query head, looping over key tiles). Every kernel is deterministic, so the
+``deterministic`` flag of the op is always honoured.
+
+Interpreter (TRITON_INTERPRET=1, CPU tensors): tiles are cast to float32 right after loading
+(``UPCAST``), since the interpreter's bfloat16 arithmetic is wrong and float16 matmuls in numpy
+are slow, and autotuning is pruned to one small config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRET,
+    block_dim,
+    device_arch,
+    dot_precision,
+    length_bucket,
+)
+from .philox import dropout_keep, dropout_threshold, split_u64
+
+__all__ = ["attention_fwd", "attention_bwd", "unsupported_reason", "STATIC_CONFIGS", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Every output buffer comes from here; the tests swap in a NaN-filled allocator to prove that the
+# kernels write every element.
+_alloc = torch.empty
+
+
+# --------------------------------------------------------------------------------------------
+# Tile ranges
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Key tiles for query rows [m0, m0 + BLOCK_M): returns (lo, full_lo, full_hi, hi).
+
+    [lo, full_lo) and [full_hi, hi) are walked with visibility masks, [full_lo, full_hi) without;
+    lo, full_lo, full_hi are multiples of BLOCK_N, hi is the exclusive end of the visible keys.
+    """
+    m_end = tl.minimum(m0 + BLOCK_M, Lq)  # rows past Lq are never stored, so they do not widen the band
+    lo = m0 * 0
+    hi = lk_b
+    full_lo = m0 * 0
+    full_hi = lk_b
+    if WINDOW_LEFT:
+        lo = tl.maximum(m0 + off_b - window_left, 0)
+        full_lo = tl.maximum(m_end - 1 + off_b - window_left, 0)
+    if WINDOW_RIGHT:
+        hi = tl.maximum(tl.minimum(hi, m_end + off_b + window_right), 0)
+        full_hi = tl.maximum(tl.minimum(full_hi, m0 + off_b + window_right + 1), 0)
+    lo = tl.minimum(lo, hi)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    no_full = full_hi <= full_lo
+    full_lo = tl.where(no_full, lo, full_lo)
+    full_hi = tl.where(no_full, lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_range(n0, Lq, lk_b, off_b, window_left, window_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Query tiles that see some key of [n0, n0 + BLOCK_N): returns (lo, full_lo, full_hi, hi),
+    with the same meaning as ``_key_range`` (full tiles: every row sees every key of the block,
+    and every row is < Lq)."""
+    n_end = tl.minimum(n0 + BLOCK_N, lk_b)
+    lo = n0 * 0
+    hi = tl.where(n0 < lk_b, Lq, 0)
+    full_lo = n0 * 0
+    full_hi = tl.where(n0 + BLOCK_N <= lk_b, (Lq // BLOCK_M) * BLOCK_M, 0)
+    if WINDOW_RIGHT:
+        lo = tl.maximum(n0 - off_b - window_right, 0)
+        full_lo = tl.maximum(n0 + BLOCK_N - 1 - off_b - window_right, 0)
+    if WINDOW_LEFT:
+        hi = tl.maximum(tl.minimum(hi, n_end + window_left - off_b), 0)
+        full_hi = tl.maximum(tl.minimum(full_hi, n0 + window_left - off_b + 1), 0)
+    lo = tl.minimum(lo, hi)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
+    full_hi = (full_hi // BLOCK_M) * BLOCK_M
+    no_full = full_hi <= full_lo
+    full_lo = tl.where(no_full, lo, full_lo)
+    full_hi = tl.where(no_full, lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _load_2d(base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
+             CHECK_R: tl.constexpr, CHECK_C: tl.constexpr, UPCAST: tl.constexpr):
+    """Tile load; rows/columns past n_r/n_c read as 0. Offsets are relative to ``base`` (which
+    carries the int64 part), so they stay small."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    if CHECK_R and CHECK_C:
+        x = tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+    elif CHECK_R:
+        x = tl.load(ptrs, mask=offs_r[:, None] < n_r, other=0.0)
+    elif CHECK_C:
+        x = tl.load(ptrs, mask=offs_c[None, :] < n_c, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _apply_attn_mask(s, mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
+                     CHECK_C: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """Add (float) or apply (bool) the attn_mask tile to log2-domain scores ``s``. Rows are always
+    bounds-checked (the last query tile runs past Lq); columns only on boundary tiles."""
+    ptrs = mask_base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    inb = offs_r[:, None] < n_r
+    if CHECK_C:
+        inb = inb & (offs_c[None, :] < n_c)
+    if MASK_BOOL:
+        m = tl.load(ptrs, mask=inb, other=0)
+        s = tl.where(m != 0, s, float("-inf"))
+    else:
+        m = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
+        s = s + m * 1.4426950408889634
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, start, end,
+               offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+               m_rows, Lk, lk_b, D, Dv, qk_scale,
+               seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
+               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+               MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        n64 = start_n.to(tl.int64)
+        k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
+                     MASKED, not EVEN_D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_MASK:
+            s = _apply_attn_mask(s, Mask_bm + n64 * stride_mn, offs_m, offs_n, stride_mm, stride_mn,
+                                 m_rows, Lk - start_n, MASKED, MASK_BOOL)
+        if MASKED:
+            cols = start_n + offs_n
+            visible = (cols < lk_b)[None, :]
+            if WINDOW_LEFT:
+                visible = visible & (cols[None, :] >= win_lo[:, None])
+            if WINDOW_RIGHT:
+                visible = visible & (cols[None, :] <= win_hi[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0
+        # rather than exp2(-inf - -inf) = NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = dropout_keep(drop_row[:, None] + (start_n + offs_n)[None, :],
+                                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
+            p = tl.where(keep, p, 0.0)
+        v = _load_2d(V_bh + n64 * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, lk_b - start_n, Dv,
+                     MASKED, not EVEN_DV, UPCAST)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold",
+                               "window_left", "window_right", "tune_lq", "tune_lk"])
+def _attention_fwd_kernel(
+    Q, K, V, Mask, KVLens, Out, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    Hq, Lq, Lk, D, Dv, GROUP,
+    qk_scale, window_left, window_right,
+    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+    tune_lq, tune_lk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+
+    lk_b = Lk
+    if HAS_KVLENS:
+        lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
+    off_b = 0
+    if BOTTOM_RIGHT:
+        off_b = lk_b - Lq
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = m0 + offs_m
+    m_rows = Lq - m0
+
+    q = _load_2d(Q + b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm,
+                 offs_m, offs_d, stride_qm, stride_qd, m_rows, D, True, not EVEN_D, UPCAST)
+    K_bh = K + b64 * stride_kb + hk64 * stride_kh
+    V_bh = V + b64 * stride_vb + hk64 * stride_vh
+    Mask_bm = Mask
+    if HAS_MASK:
+        Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm
+    win_lo = rows + off_b - window_left
+    win_hi = rows + off_b + window_right
+    drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    lo, full_lo, full_hi, hi = _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
+                                          BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, lo, full_lo,
+                               offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               m_rows, Lk, lk_b, D, Dv, qk_scale,
+                               seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
+                               BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
+                               WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, full_lo, full_hi,
+                               offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               m_rows, Lk, lk_b, D, Dv, qk_scale,
+                               seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
+                               BLOCK_N, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
+                               WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, full_hi, hi,
+                               offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               m_rows, Lk, lk_b, D, Dv, qk_scale,
+                               seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
+                               BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
+                               WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc * (drop_scale / l_safe)[:, None])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+
+    row_ok = offs_m < m_rows
+    o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + m0.to(tl.int64) * stride_om
+              + offs_m[:, None] * stride_om + offs_dv[None, :])
+    if EVEN_DV:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
+    tl.store(LSE + (b64 * Hq + h64) * Lq + rows, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    Out, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    Hq, Lq, Dv,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO[i, d] * O[i, d]: the softmax-backward row term. With dropout O is
+    the dropped output, which makes delta = sum_j P_ij * dP_ij with the dropped dP, as needed."""
+    pid_m = tl.program_id(0)
+    h64 = tl.program_id(1).to(tl.int64)
+    b64 = tl.program_id(2).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_rows = Lq - m0
+    o = _load_2d(Out + b64 * stride_ob + h64 * stride_oh + m0.to(tl.int64) * stride_om,
+                 offs_m, offs_dv, stride_om, stride_od, m_rows, Dv, True, not EVEN_DV, True)
+    do = _load_2d(DO + b64 * stride_dob + h64 * stride_doh + m0.to(tl.int64) * stride_dom,
+                  offs_m, offs_dv, stride_dom, stride_dod, m_rows, Dv, True, not EVEN_DV, True)
+    delta = tl.sum(o * do, 1)
+    tl.store(Delta + (b64 * Hq + h64) * Lq + m0 + offs_m, delta, mask=offs_m < m_rows)
+
+
+@triton.jit
+def _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, start, end,
+                    offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
+                    stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                    Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right, drop_h_base,
+                    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+                    BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Transposed tiles (keys along dim 0, queries along dim 1): dV += P^T dO, dK += dS^T Q."""
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        m64 = start_m.to(tl.int64)
+        m_rows = Lq - start_m
+        q = _load_2d(Q_bh + m64 * stride_qm, offs_m, offs_d, stride_qm, stride_qd, m_rows, D,
+                     MASKED, not EVEN_D, UPCAST)
+        do = _load_2d(DO_bh + m64 * stride_dom, offs_m, offs_dv, stride_dom, stride_dod, m_rows, Dv,
+                      MASKED, not EVEN_DV, UPCAST)
+        rows = start_m + offs_m
+        if MASKED:
+            lse = tl.load(LSE_bh + rows, mask=offs_m < m_rows, other=float("inf"))
+            delta = tl.load(Delta_bh + rows, mask=offs_m < m_rows, other=0.0)
+        else:
+            lse = tl.load(LSE_bh + rows)
+            delta = tl.load(Delta_bh + rows)
+        # Rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_MASK:
+            # Transposed mask tile: keys are dim 0, query rows dim 1.
+            ptrs = Mask_bh + m64 * stride_mm + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
+            inb = (offs_m < m_rows)[None, :] & (cols < Lk)[:, None]
+            if MASK_BOOL:
+                mv = tl.load(ptrs, mask=inb, other=0)
+                sT = tl.where(mv != 0, sT, float("-inf"))
+            else:
+                mv = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
+                sT = sT + mv * 1.4426950408889634
+        if MASKED:
+            visible = (cols < lk_b)[:, None] & (offs_m < m_rows)[None, :]
+            if WINDOW_LEFT:
+                visible = visible & (cols[:, None] >= (rows + off_b - window_left)[None, :])
+            if WINDOW_RIGHT:
+                visible = visible & (cols[:, None] <= (rows + off_b + window_right)[None, :])
+            sT = tl.where(visible, sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse2[None, :])
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(((drop_h_base + rows.to(tl.int64)) * Lk)[None, :] + drop_col[:, None],
+                                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
+            pdT = tl.where(keep, pT * drop_scale, 0.0)
+            dpT = tl.where(keep, dpT * drop_scale, 0.0)
+        else:
+            pdT = pT
+        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold",
+                               "window_left", "window_right", "tune_lq", "tune_lk"])
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, Mask, KVLens, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    Hq, Lq, Lk, D, Dv, GROUP,
+    qk_scale, scale, window_left, window_right,
+    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+    tune_lq, tune_lk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    n0 = pid_n * BLOCK_N
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+
+    lk_b = Lk
+    if HAS_KVLENS:
+        lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
+    off_b = 0
+    if BOTTOM_RIGHT:
+        off_b = lk_b - Lq
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = n0 + offs_n
+    n64 = n0.to(tl.int64)
+
+    # Keys past Lk_b are never visible: not reading them keeps padding garbage out of dK/dV.
+    k = _load_2d(K + b64 * stride_kb + hk64 * stride_kh + n64 * stride_kn, offs_n, offs_d,
+                 stride_kn, stride_kd, lk_b - n0, D, True, not EVEN_D, UPCAST)
+    v = _load_2d(V + b64 * stride_vb + hk64 * stride_vh + n64 * stride_vn, offs_n, offs_dv,
+                 stride_vn, stride_vd, lk_b - n0, Dv, True, not EVEN_DV, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    lo, full_lo, full_hi, hi = _query_range(n0, Lq, lk_b, off_b, window_left, window_right,
+                                            BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    drop_col = cols.to(tl.int64)
+    for g in range(0, GROUP):
+        h64 = hk64 * GROUP + g
+        Q_bh = Q + b64 * stride_qb + h64 * stride_qh
+        DO_bh = DO + b64 * stride_dob + h64 * stride_doh
+        LSE_bh = LSE + (b64 * Hq + h64) * Lq
+        Delta_bh = Delta + (b64 * Hq + h64) * Lq
+        Mask_bh = Mask
+        if HAS_MASK:
+            Mask_bh = Mask + b64 * stride_mb + h64 * stride_mh + n64 * stride_mn
+        drop_h_base = (b64 * Hq + h64) * Lq
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, lo, full_lo,
+                                 offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                                 Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                                 drop_h_base, seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
+                                 drop_scale, BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
+                                 WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, full_lo, full_hi,
+                                 offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                                 Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                                 drop_h_base, seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
+                                 drop_scale, BLOCK_M, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
+                                 WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE_bh, Delta_bh, Mask_bh, full_hi, hi,
+                                 offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
+                                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                                 Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                                 drop_h_base, seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
+                                 drop_scale, BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
+                                 WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+
+    dk = dk * scale
+    col_ok = (offs_n < Lk - n0)[:, None]
+    dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + n64 * stride_dkn + offs_n[:, None] * stride_dkn \
+        + offs_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + hk64 * stride_dvh + n64 * stride_dvn + offs_n[:, None] * stride_dvn \
+        + offs_dv[None, :]
+    if EVEN_D:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok & (offs_d[None, :] < D))
+    if EVEN_DV:
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok & (offs_dv[None, :] < Dv))
+
+
+@triton.jit
+def _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, start, end,
+                  offs_m, offs_n, offs_d, offs_dv, win_lo, win_hi, drop_row,
+                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                  m_rows, Lk, lk_b, D, Dv, qk_scale,
+                  seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+                  BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+                  MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ += dS K with dS = P * (dP - delta), dP = dO V^T (dropped)."""
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        n64 = start_n.to(tl.int64)
+        k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
+                     MASKED, not EVEN_D, UPCAST)
+        v = _load_2d(V_bh + n64 * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, lk_b - start_n, Dv,
+                     MASKED, not EVEN_DV, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_MASK:
+            s = _apply_attn_mask(s, Mask_bm + n64 * stride_mn, offs_m, offs_n, stride_mm, stride_mn,
+                                 m_rows, Lk - start_n, MASKED, MASK_BOOL)
+        if MASKED:
+            cols = start_n + offs_n
+            visible = (cols < lk_b)[None, :]
+            if WINDOW_LEFT:
+                visible = visible & (cols[None, :] >= win_lo[:, None])
+            if WINDOW_RIGHT:
+                visible = visible & (cols[None, :] <= win_hi[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(drop_row[:, None] + (start_n + offs_n)[None, :],
+                                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold",
+                               "window_left", "window_right", "tune_lq", "tune_lk"])
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, Mask, KVLens, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dqb, stride_dqh, stride_dqm,
+    Hq, Lq, Lk, D, Dv, GROUP,
+    qk_scale, scale, window_left, window_right,
+    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+    tune_lq, tune_lk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    m64 = m0.to(tl.int64)
+
+    lk_b = Lk
+    if HAS_KVLENS:
+        lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
+    off_b = 0
+    if BOTTOM_RIGHT:
+        off_b = lk_b - Lq
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = m0 + offs_m
+    m_rows = Lq - m0
+    row_ok = offs_m < m_rows
+
+    q = _load_2d(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm, offs_m, offs_d,
+                 stride_qm, stride_qd, m_rows, D, True, not EVEN_D, UPCAST)
+    do = _load_2d(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom, offs_m, offs_dv,
+                  stride_dom, stride_dod, m_rows, Dv, True, not EVEN_DV, UPCAST)
+    lse = tl.load(LSE + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
+    K_bh = K + b64 * stride_kb + hk64 * stride_kh
+    V_bh = V + b64 * stride_vb + hk64 * stride_vh
+    Mask_bm = Mask
+    if HAS_MASK:
+        Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m64 * stride_mm
+    win_lo = rows + off_b - window_left
+    win_hi = rows + off_b + window_right
+    drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
+                                          BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, lo, full_lo,
+                       offs_m, offs_n, offs_d, offs_dv, win_lo, win_hi, drop_row,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                       m_rows, Lk, lk_b, D, Dv, qk_scale,
+                       seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+                       BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
+                       WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, full_lo, full_hi,
+                       offs_m, offs_n, offs_d, offs_dv, win_lo, win_hi, drop_row,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                       m_rows, Lk, lk_b, D, Dv, qk_scale,
+                       seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+                       BLOCK_N, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
+                       WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, full_hi, hi,
+                       offs_m, offs_n, offs_d, offs_dv, win_lo, win_hi, drop_row,
+                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                       m_rows, Lk, lk_b, D, Dv, qk_scale,
+                       seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+                       BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
+                       WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+
+    dq = dq * scale
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm + offs_m[:, None] * stride_dqm \
+        + offs_d[None, :]
+    if EVEN_D:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning tables
+# --------------------------------------------------------------------------------------------
+#
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, architecture class, element
+# size (2: float16/bfloat16, 4: float32) and head-dim bucket (max of the padded D and Dv: 64 for
+# anything up to 64, 128, 256). BLOCK_M is the query tile, BLOCK_N the key tile in every kernel.
+# Every entry is compiled ahead of time for its architecture by tests/test_attention_triton.py
+# (no spills, fits shared memory, wgmma on sm_90); the autotuner picks among the entries of one
+# cell per (head dims, features, length bucket, dtype).
+
+_ARCH_CLASSES = (80, 90)
+_DIM_BUCKETS = (64, 128, 256)
+
+_TABLES: dict[str, dict[tuple[int, int, int], list[tuple[int, int, int, int]]]] = {
+    "fwd": {
+        (90, 2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4)],
+        (90, 2, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+        (90, 2, 256): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        (80, 2, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        (80, 2, 128): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+        (80, 2, 256): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+        (90, 4, 64): [(64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+        (90, 4, 128): [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+        (90, 4, 256): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+        (80, 4, 64): [(64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+        (80, 4, 128): [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+        (80, 4, 256): [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+    },
+    "dq": {
+        (90, 2, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+        (90, 2, 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+        (90, 2, 256): [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+        (80, 2, 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+        (80, 2, 128): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+        (80, 2, 256): [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+        (90, 4, 64): [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+        (90, 4, 128): [(64, 32, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
+        (90, 4, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
+        (80, 4, 64): [(64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+        (80, 4, 128): [(64, 32, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
+        (80, 4, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
+    },
+    "dkdv": {
+        (90, 2, 64): [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        (90, 2, 128): [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
+        (90, 2, 256): [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+        (80, 2, 64): [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+        (80, 2, 128): [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+        (80, 2, 256): [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+        (90, 4, 64): [(32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
+        (90, 4, 128): [(32, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+        (90, 4, 256): [(32, 32, 4, 2), (32, 64, 8, 1)],
+        (80, 4, 64): [(32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2)],
+        (80, 4, 128): [(32, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+        (80, 4, 256): [(32, 32, 4, 2), (32, 64, 8, 1)],
+    },
+}
+
+# One config under the interpreter (multi-config autotuning needs a GPU): tiles large enough to
+# keep the interpreter's per-operation cost down, with query and key tiles of different sizes so a
+# swapped block size shows. The tests switch to the small set to walk many full and boundary tiles
+# on short sequences.
+_INTERPRET_CONFIGS = {"fwd": (64, 32, 4, 1), "dq": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1)}
+_INTERPRET_SMALL_CONFIGS = {"fwd": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 16, 4, 1)}
+
+
+def _arch_class(arch: int) -> int:
+    # sm_90 and sm_100 have 227 KiB of shared memory per block and wgmma/tcgen05; sm_8x and the
+    # consumer sm_120 parts get the Ampere tables (the autotuner skips configs that do not fit).
+    return 90 if 90 <= arch < 120 else 80
+
+
+def _dim_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
+
+
+def _candidates(kernel: str, arch: int, elt_size: int, block_d: int) -> list[tuple[int, int, int, int]]:
+    if INTERPRET:
+        return [_INTERPRET_CONFIGS[kernel]]
+    return _TABLES[kernel][(_arch_class(arch), 4 if elt_size >= 4 else 2, _dim_bucket(block_d))]
+
+
+def _all_configs(kernel: str) -> list[triton.Config]:
+    seen: list[tuple[int, int, int, int]] = [_INTERPRET_CONFIGS[kernel], _INTERPRET_SMALL_CONFIGS[kernel]]
+    for cell in _TABLES[kernel].values():
+        for t in cell:
+            if t not in seen:
+                seen.append(t)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
+
+
+def _config_tuple(c: triton.Config) -> tuple[int, int, int, int]:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        wanted = _candidates(kernel, device_arch(q.device), q.element_size(),
+                             max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"]))
+        return [c for c in configs if _config_tuple(c) in wanted]
+
+    return prune
+
+
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_MASK", "HAS_KVLENS", "WINDOW_LEFT", "WINDOW_RIGHT", "DROPOUT",
+             "tune_lq", "tune_lk"]
+
+
+def _autotuned(kernel_fn, kernel: str):
+    return triton.autotune(configs=_all_configs(kernel), key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(kernel)})(kernel_fn)
+
+
+_attention_fwd_tuned = _autotuned(_attention_fwd_kernel, "fwd")
+_attention_bwd_dq_tuned = _autotuned(_attention_bwd_dq_kernel, "dq")
+_attention_bwd_dkdv_tuned = _autotuned(_attention_bwd_dkdv_kernel, "dkdv")
+
+
+def _preprocess_block_m(block_dv: int) -> int:
+    return 64 if INTERPRET else max(16, min(128, 8192 // block_dv))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def unsupported_reason(q, k, v, attn_mask, kv_lengths, dropout_p) -> str | None:
+    """None when these (normalized) inputs run on the Triton kernels, else a short reason."""
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v must share one dtype (got {q.dtype}, {k.dtype}, {v.dtype})"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be 4-D (B, H, L, D)"
+    dev = q.device
+    if k.device != dev or v.device != dev:
+        return "q, k, v must be on one device"
+    if dev.type == "cuda":
+        if not INTERPRET:
+            major, minor = torch.cuda.get_device_capability(dev)
+            if major < 8:
+                return f"the Triton kernels need compute capability >= 8.0 (this GPU is sm_{major}{minor})"
+    elif dev.type == "cpu":
+        if not INTERPRET:
+            return ("CPU tensors run on the Triton kernels only under the Triton interpreter "
+                    "(set TRITON_INTERPRET=1 before triton is imported)")
+    else:
+        return f"device type {dev.type!r} is not supported by the Triton kernels (cuda; cpu when interpreting)"
+    D, Dv = q.shape[-1], v.shape[-1]
+    if k.shape[-1] != D:
+        return f"k's head dim {k.shape[-1]} differs from q's {D}"
+    if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
+        return f"head dims D={D}, Dv={Dv}: the Triton kernels support 1..{MAX_HEAD_DIM}"
+    B, Hq, Lq = q.shape[:3]
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0 or v.shape[:3] != k.shape[:3] or k.shape[0] != B:
+        return f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if max(B, Hq) > 65535:
+        return f"batch {B} or heads {Hq} exceed the grid limit of 65535"
+    if attn_mask is not None:
+        if attn_mask.device != dev:
+            return "attn_mask must be on q's device"
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (q.dtype, torch.float32):
+            return f"attn_mask dtype {attn_mask.dtype}: bool, {q.dtype} or float32 are supported"
+        if tuple(attn_mask.shape) != (B, Hq, Lq, Lk):
+            return f"attn_mask must be expanded to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}, got {tuple(attn_mask.shape)}"
+    if kv_lengths is not None:
+        if kv_lengths.device != dev or kv_lengths.dtype != torch.int32 or tuple(kv_lengths.shape) != (B,):
+            return "kv_lengths must be an int32 (B,) tensor on q's device"
+    if not (0.0 <= dropout_p <= 1.0):
+        return f"dropout_p={dropout_p} outside [0, 1]"
+    return None
+
+
+def _check(q, k, v, attn_mask, kv_lengths, dropout_p):
+    reason = unsupported_reason(q, k, v, attn_mask, kv_lengths, dropout_p)
+    if reason is not None:
+        raise ValueError(f"seqkernels Triton attention: {reason}")
+
+
+def _mask_args(attn_mask, q):
+    """(tensor, 4 strides, HAS_MASK, MASK_BOOL); a bool mask is read as bytes (same strides)."""
+    if attn_mask is None:
+        return q, (0, 0, 0, 0), False, False
+    if attn_mask.dtype == torch.bool:
+        return attn_mask.view(torch.uint8), tuple(attn_mask.stride()), True, True
+    return attn_mask, tuple(attn_mask.stride()), True, False
+
+
+def _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right,
+                 dropout_p, seed, offset):
+    D, Dv = q.shape[-1], v.shape[-1]
+    block_d, block_dv = block_dim(D), block_dim(Dv)
+    mask_t, mask_strides, has_mask, mask_bool = _mask_args(attn_mask, q)
+    dropout = dropout_p > 0.0
+    seed_lo, seed_hi = split_u64(int(seed))
+    offset_lo, offset_hi = split_u64(int(offset))
+    threshold, drop_scale = dropout_threshold(float(dropout_p)) if dropout else (0, 1.0)
+    constexprs = dict(
+        BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=D == block_d, EVEN_DV=Dv == block_dv,
+        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_KVLENS=kv_lengths is not None,
+        WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=window_right >= 0, BOTTOM_RIGHT=bool(bottom_right),
+        DROPOUT=dropout, UPCAST=INTERPRET, DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return dict(
+        mask=mask_t, mask_strides=mask_strides, kvlens=kv_lengths if kv_lengths is not None else q,
+        window=(max(window_left, 0), max(window_right, 0)),
+        drop=(seed_lo, seed_hi, offset_lo, offset_hi, threshold, drop_scale),
+        tune=(length_bucket(q.shape[2]), length_bucket(k.shape[2])),
+        constexprs=constexprs,
+    )
+
+
+def attention_fwd(q, k, v, attn_mask, kv_lengths, scale: float, window_left: int, window_right: int,
+                  bottom_right: bool, dropout_p: float, seed: int, offset: int):
+    """Fused attention forward on normalized arguments (docs/INTERNALS.md) -> (out, lse).
+
+    out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse (B, Hq, Lq) float32, natural log."""
+    _check(q, k, v, attn_mask, kv_lengths, dropout_p)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    Dv = v.shape[-1]
+    out = _alloc((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+    lse = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if B == 0 or Hq == 0 or Lq == 0:
+        return out, lse
+    a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right,
+                     dropout_p, seed, offset)
+
+    def grid(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), Hq, B)
+
+    _attention_fwd_tuned[grid](
+        q, k, v, a["mask"], a["kvlens"], out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *a["mask_strides"],
+        out.stride(0), out.stride(1), out.stride(2),
+        Hq, Lq, Lk, D, Dv, Hq // Hkv,
+        float(scale) * _LOG2E, *a["window"],
+        *a["drop"],
+        *a["tune"],
+        **a["constexprs"],
+    )
+    return out, lse
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: float, window_left: int,
+                  window_right: int, bottom_right: bool, dropout_p: float, seed: int, offset: int,
+                  deterministic: bool):
+    """Fused attention backward -> (dq, dk, dv), shaped like q, k, v (dk, dv summed over the query
+    heads of each kv head). Every kernel is deterministic, so ``deterministic`` needs no special path."""
+    del deterministic
+    _check(q, k, v, attn_mask, kv_lengths, dropout_p)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    Dv = v.shape[-1]
+    if tuple(grad_out.shape) != (B, Hq, Lq, Dv) or tuple(out.shape) != (B, Hq, Lq, Dv):
+        raise ValueError(f"seqkernels Triton attention: grad_out {tuple(grad_out.shape)} and out "
+                         f"{tuple(out.shape)} must be (B, Hq, Lq, Dv) = {(B, Hq, Lq, Dv)}")
+    if tuple(lse.shape) != (B, Hq, Lq):
+        raise ValueError(f"seqkernels Triton attention: lse {tuple(lse.shape)} must be (B, Hq, Lq)")
+    dq = _alloc((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    dk = _alloc((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
+    dv = _alloc((B, Hkv, Lk, Dv), dtype=v.dtype, device=q.device)
+    if B == 0 or Hq == 0:
+        return dq, dk, dv
+    if Lq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    grad_out = grad_out.to(q.dtype)
+    lse = lse.to(torch.float32).contiguous()
+    a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right,
+                     dropout_p, seed, offset)
+    c = a["constexprs"]
+
+    delta = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    pre_bm = _preprocess_block_m(c["BLOCK_DV"])
+    _attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_bm), Hq, B)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq, Dv,
+        BLOCK_M=pre_bm, BLOCK_DV=c["BLOCK_DV"], EVEN_DV=c["EVEN_DV"],
+    )
+
+    if Lk > 0:
+        def grid_kv(meta):
+            return (triton.cdiv(Lk, meta["BLOCK_N"]), Hkv, B)
+
+        _attention_bwd_dkdv_tuned[grid_kv](
+            q, k, v, grad_out, lse, delta, a["mask"], a["kvlens"], dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a["mask_strides"],
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            Hq, Lq, Lk, D, Dv, Hq // Hkv,
+            float(scale) * _LOG2E, float(scale), *a["window"],
+            *a["drop"],
+            *a["tune"],
+            **c,
+        )
+
+    def grid_q(meta):
+        return (triton.cdiv(Lq, meta["BLOCK_M"]), Hq, B)
+
+    _attention_bwd_dq_tuned[grid_q](
+        q, k, v, grad_out, lse, delta, a["mask"], a["kvlens"], dq,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a["mask_strides"],
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Hq, Lq, Lk, D, Dv, Hq // Hkv,
+        float(scale) * _LOG2E, float(scale), *a["window"],
+        *a["drop"],
+        *a["tune"],
+        **c,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile list
+# --------------------------------------------------------------------------------------------
+
+
+class StaticConfig(tuple):
+    """One compiled variant for the static (no-GPU) report: behaves as the tuple
+    ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
+    ``arch`` (the compute capability its tuning table is for), ``attrs`` (divisibility hints as
+    ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
+
+    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
+        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
+        self.arch = arch
+        self.attrs = attrs
+        self.name = name
+        return self
+
+    kernel_fn = property(lambda self: self[0])
+    signature = property(lambda self: self[1])
+    constexprs = property(lambda self: self[2])
+    num_warps = property(lambda self: self[3])
+    num_stages = property(lambda self: self[4])
+    expects_mma = property(lambda self: self[5])
+
+    def __repr__(self) -> str:
+        return f"StaticConfig({self.name})"
+
+
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Arguments that are 1 for tensors with a contiguous last dimension: Triton specializes an
+# integer argument equal to 1 into a constant, so the representative compile does the same.
+_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_mn"}
+_FLOAT_ARGS = {"qk_scale", "scale", "drop_scale"}
+_FP32_POINTERS = {"LSE", "Delta"}
+_UNALIGNED_INTS = {"Lq", "Lk", "window_left", "window_right", "seed_lo", "seed_hi", "offset_lo", "offset_hi",
+                   "drop_threshold", "tune_lq", "tune_lk", "GROUP", "Hq"}
+
+
+def _static_signature(kernel_fn, dtype: torch.dtype, constexprs: dict, mask_bool: bool):
+    elt = _TORCH_TO_TRITON[dtype]
+    signature, consts, attrs = {}, {}, {}
+    for idx, name in enumerate(kernel_fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            consts[name] = constexprs[name]
+        elif name in _UNIT_STRIDES:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif name[0].isupper() and name not in ("Hq", "Lq", "Lk", "D", "Dv", "GROUP"):
+            if name == "Mask":
+                signature[name] = "*u8" if mask_bool else "*fp32"
+            elif name == "KVLens":
+                signature[name] = "*i32"
+            else:
+                signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{elt}"
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name not in _UNALIGNED_INTS:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+def _static_configs() -> list[StaticConfig]:
+    """Every autotune config of every kernel, for the architecture whose table lists it, in two
+    feature variants: plain causal (the fast path: no mask, no dropout) and everything on (float
+    mask, kv_lengths, two-sided window, dropout, head dims not a power of two: the most registers).
+    """
+    kernels = {"fwd": _attention_fwd_kernel, "dq": _attention_bwd_dq_kernel, "dkdv": _attention_bwd_dkdv_kernel}
+    variants = {
+        "causal": dict(HAS_MASK=False, MASK_BOOL=False, HAS_KVLENS=False, WINDOW_LEFT=False, WINDOW_RIGHT=True,
+                       BOTTOM_RIGHT=True, DROPOUT=False, even=True),
+        "full": dict(HAS_MASK=True, MASK_BOOL=False, HAS_KVLENS=True, WINDOW_LEFT=True, WINDOW_RIGHT=True,
+                     BOTTOM_RIGHT=True, DROPOUT=True, even=False),
+    }
+    out = []
+    for kname, fn in kernels.items():
+        for (arch, elt, bucket), cell in _TABLES[kname].items():
+            dtype = torch.bfloat16 if elt == 2 else torch.float32
+            for vname, v in variants.items():
+                v = dict(v)
+                even = v.pop("even")
+                for bm, bn, w, s in cell:
+                    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, BLOCK_DV=bucket, EVEN_D=even,
+                                      EVEN_DV=even, UPCAST=False, DOT_PRECISION=dot_precision(dtype), **v)
+                    sig, consts, attrs = _static_signature(fn, dtype, constexprs, v["MASK_BOOL"])
+                    name = (f"{fn.__name__} sm_{arch} {_TORCH_TO_TRITON[dtype]} D{bucket} {vname} "
+                            f"BLOCK_M={bm} BLOCK_N={bn} warps={w} stages={s}")
+                    out.append(StaticConfig(fn, sig, consts, w, s, True, arch=arch, attrs=attrs, name=name))
+    for arch in _ARCH_CLASSES:
+        for bucket in _DIM_BUCKETS:
+            constexprs = dict(BLOCK_M=_preprocess_block_m(bucket), BLOCK_DV=bucket, EVEN_DV=True)
+            fn = _attention_bwd_preprocess_kernel
+            sig, consts, attrs = _static_signature(fn, torch.bfloat16, constexprs, False)
+            out.append(StaticConfig(fn, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
+                                    name=f"{fn.__name__} sm_{arch} bf16 D{bucket} BLOCK_M={constexprs['BLOCK_M']}"))
+    return out
+
+
+STATIC_CONFIGS: list[StaticConfig] = _static_configs()

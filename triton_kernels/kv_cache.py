@@ -1,0 +1,484 @@
+"""KV cache in Triton: the append kernel (contiguous and paged caches) and split-K decode attention.
+
+Contract: docs/INTERNALS.md ("KV cache"). Launchers: ``kv_cache_append``, ``decode_attention``;
+``append_unsupported_reason`` / ``decode_unsupported_reason`` say when inputs cannot run here;
+``STATIC_CONFIGS`` lists every compiled variant for the ahead-of-time report.
+
+Append: one program per (sequence, kv head, BLOCK_T tokens) copies the K and V rows to the slots
+their positions map to; a token whose position or block id is out of range is skipped (masked
+store), so nothing is ever written out of bounds even without the host check.
+
+Decode: the rows of one program are (query token t, query head g) pairs of one KV head's group,
+``r = t * G + g``, so each K/V tile is loaded once for every query head that reads it, and a row
+tile spans a contiguous range of query positions (a prefill chunk stops at its last row's key).
+Query t sits at ``pos = len - Tq + t`` and sees key j iff ``pos - wl <= j <= pos + wr`` and
+``j < len`` (``wr = 0``: causal)::
+
+    len = 6, Tq = 2, G = 2, wl = -1, wr = 0      key j: 0 1 2 3 4 5
+    r=0 (t=0, g=0, pos 4)                               x x x x x .
+    r=1 (t=0, g=1, pos 4)                               x x x x x .
+    r=2 (t=1, g=0, pos 5)                               x x x x x x
+    r=3 (t=1, g=1, pos 5)                               x x x x x x
+
+The visible key range of the tile is cut into ``num_splits`` chunks (a multiple of BLOCK_N each),
+one program per chunk (grid axis 2). With one split the program writes the output and lse
+directly; otherwise it writes a float32 partial output and its lse, and ``_decode_merge_kernel``
+combines them: ``lse = log sum_s exp(lse_s)``, ``out = sum_s exp(lse_s - lse) out_s``. Scores are
+in the log2 domain (``log2(e)`` folded into the scale, ``exp2``). Slots at or past ``len`` are
+never loaded (masked loads with ``other=0``), and masked scores are selected to ``-inf``, so
+garbage there cannot leak into the result.
+
+Interpreter (TRITON_INTERPRET=1, CPU tensors): tiles are cast to float32 right after loading
+(``UPCAST``: the interpreter's bfloat16 arithmetic is wrong) and one small config runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["kv_cache_append", "decode_attention", "append_unsupported_reason", "decode_unsupported_reason",
+           "STATIC_CONFIGS", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The interpreter is fixed when triton.jit decorates the kernels, i.e. at import of this module.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+# --------------------------------------------------------------------------------------------
+# Append
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kv_cache_append_kernel(
+    KCache, VCache, KNew, VNew, Seqlens, BlockTable,
+    H, T, capacity, block_size, max_blocks, num_blocks,
+    stride_kc0, stride_kc1, stride_kc2,
+    stride_vc0, stride_vc1, stride_vc2,
+    stride_kn0, stride_kn1, stride_kn2, stride_kn3,
+    stride_vn0, stride_vn1, stride_vn2, stride_vn3,
+    stride_bt0,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGED: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    p = tl.load(Seqlens + b).to(tl.int64) + t
+    ok = (t < T) & (p >= 0) & (p < capacity)
+    if PAGED:
+        col = tl.where(ok, p // block_size, 0)
+        blk = tl.load(BlockTable + b * stride_bt0 + col, mask=ok, other=-1).to(tl.int64)
+        ok = ok & (blk >= 0) & (blk < num_blocks)
+        outer = tl.where(ok, blk, 0)
+        slot = p % block_size
+    else:
+        outer = tl.zeros([BLOCK_T], dtype=tl.int64) + b
+        slot = p
+    d = tl.arange(0, BLOCK_D)
+    dm = ok[:, None] & (d[None, :] < D)
+    x = tl.load(KNew + b * stride_kn0 + h * stride_kn1 + t[:, None] * stride_kn2 + d[None, :] * stride_kn3, mask=dm)
+    tl.store(KCache + outer[:, None] * stride_kc0 + h * stride_kc1 + slot[:, None] * stride_kc2 + d[None, :], x,
+             mask=dm)
+    dv = tl.arange(0, BLOCK_DV)
+    dvm = ok[:, None] & (dv[None, :] < DV)
+    y = tl.load(VNew + b * stride_vn0 + h * stride_vn1 + t[:, None] * stride_vn2 + dv[None, :] * stride_vn3, mask=dvm)
+    tl.store(VCache + outer[:, None] * stride_vc0 + h * stride_vc1 + slot[:, None] * stride_vc2 + dv[None, :], y,
+             mask=dvm)
+
+
+def _append_block_t(T: int, D: int, Dv: int, interpret: bool = INTERPRET) -> int:
+    if interpret:
+        return min(16, triton.next_power_of_2(max(T, 1)))
+    # About 4K elements (K and V) per program: 16-byte accesses with few registers of addresses each.
+    per_row = triton.next_power_of_2(D) + triton.next_power_of_2(Dv)
+    return max(1, min(triton.next_power_of_2(max(T, 1)), 4096 // per_row))
+
+
+def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) -> None:
+    """Arguments as normalized by seqkernels.ops.kv_cache.prepare_append (docs/INTERNALS.md)."""
+    B, H, T, D = k_new.shape
+    Dv = v_new.shape[-1]
+    if B == 0 or H == 0 or T == 0:
+        return
+    paged = block_table is not None
+    if paged:
+        block_size, max_blocks = k_cache.shape[2], block_table.shape[1]
+        capacity, bt, bt_stride = max_blocks * block_size, block_table, block_table.stride(0)
+    else:
+        block_size, max_blocks, capacity = 1, 1, k_cache.shape[2]
+        bt, bt_stride = cache_seqlens, 0  # never read
+    block_t = _append_block_t(T, D, Dv)
+    grid = (B * H, triton.cdiv(T, block_t))
+    _kv_cache_append_kernel[grid](
+        k_cache, v_cache, k_new, v_new, cache_seqlens, bt,
+        H, T, capacity, block_size, max_blocks, k_cache.shape[0],
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *k_new.stride(), *v_new.stride(), bt_stride,
+        D=D, DV=Dv, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
+        PAGED=paged, num_warps=4,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Decode attention
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_attention_kernel(
+    Q, KCache, VCache, Seqlens, BlockTable, Out, Lse,
+    qk_scale, Tq, G, n_rows, Hkv, capacity, block_size, num_blocks, window_left, window_right, num_splits,
+    stride_q0, stride_q1, stride_q2, stride_q3,
+    stride_k0, stride_k1, stride_k2,
+    stride_v0, stride_v1, stride_v2,
+    stride_o0, stride_o1, stride_o2, stride_o3, stride_os,
+    stride_l0, stride_l1, stride_l2, stride_ls,
+    stride_bt0,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hkv = (pid_bh % Hkv).to(tl.int64)
+
+    r0 = pid_m * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    t = (rows // G).to(tl.int64)
+    hq = hkv * G + (rows % G)
+    length = tl.minimum(tl.maximum(tl.load(Seqlens + b).to(tl.int64), 0), capacity)
+    pos = length - Tq + t
+
+    # Keys any row of this tile can see, then this program's share of them.
+    r_last = tl.minimum(r0 + BLOCK_M, n_rows) - 1
+    hi = length
+    if window_right >= 0:
+        hi = tl.minimum(hi, length - Tq + r_last // G + window_right + 1)
+    lo = length * 0
+    if window_left >= 0:
+        lo = tl.maximum(lo, length - Tq + r0 // G - window_left)
+    hi = tl.maximum(hi, lo)
+    chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    k_lo = tl.minimum(hi, lo + split * chunk)
+    k_hi = tl.minimum(hi, k_lo + chunk)
+
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * stride_q0 + hq[:, None] * stride_q1 + t[:, None] * stride_q2 + d[None, :] * stride_q3,
+                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    vis_lo = tl.where(window_left >= 0, pos - window_left, -1)
+    vis_hi = tl.where(window_right >= 0, pos + window_right, capacity)
+
+    for start in range(k_lo, k_hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        j_ok = j < k_hi
+        if PAGED:
+            blk = tl.load(BlockTable + b * stride_bt0 + j // block_size, mask=j_ok, other=-1).to(tl.int64)
+            j_ok = j_ok & (blk >= 0) & (blk < num_blocks)
+            outer = tl.where(j_ok, blk, 0)
+            slot = j % block_size
+        else:
+            outer = tl.zeros([BLOCK_N], dtype=tl.int64) + b
+            slot = j
+        k = tl.load(KCache + outer[:, None] * stride_k0 + hkv * stride_k1 + slot[:, None] * stride_k2 + d[None, :],
+                    mask=j_ok[:, None] & (d[None, :] < D), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = j_ok[None, :] & (j[None, :] >= vis_lo[:, None]) & (j[None, :] <= vis_hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VCache + outer[:, None] * stride_v0 + hkv * stride_v1 + slot[:, None] * stride_v2 + dv[None, :],
+                    mask=j_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptr = (Out + split * stride_os + b * stride_o0 + hq[:, None] * stride_o1 + t[:, None] * stride_o2
+             + dv[None, :] * stride_o3)
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(Lse + split * stride_ls + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    OPart, LPart, Out, Lse,
+    Hq, Tq, num_splits,
+    stride_p0, stride_p1, stride_p2, stride_p3, stride_ps,
+    stride_lp0, stride_lp1, stride_lp2, stride_lps,
+    stride_o0, stride_o1, stride_o2,
+    stride_l0, stride_l1, stride_l2,
+    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    row = tl.program_id(0)
+    t = (row % Tq).to(tl.int64)
+    hq = ((row // Tq) % Hq).to(tl.int64)
+    b = (row // (Tq * Hq)).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < num_splits
+    dv = tl.arange(0, BLOCK_DV)
+    lse_s = tl.load(LPart + s * stride_lps + b * stride_lp0 + hq * stride_lp1 + t * stride_lp2, mask=s_ok,
+                    other=float("-inf"))
+    mx = tl.max(lse_s, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(lse_s - mx_safe)
+    total = tl.sum(w, 0)
+    o = tl.load(OPart + s[:, None] * stride_ps + b * stride_p0 + hq * stride_p1 + t * stride_p2
+                + dv[None, :] * stride_p3, mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    # Weights are selected (not multiplied) away for empty splits, whose partial output is 0 anyway.
+    merged = tl.sum(tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0), 0) / tl.where(total == 0.0, 1.0, total)
+    lse = tl.where(total == 0.0, float("-inf"), mx_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
+    tl.store(Out + b * stride_o0 + hq * stride_o1 + t * stride_o2 + dv, merged.to(Out.dtype.element_ty),
+             mask=dv < DV)
+    tl.store(Lse + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse)
+
+
+def _decode_config(n_rows: int, D: int, Dv: int, dtype: torch.dtype, interpret: bool = INTERPRET):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen so that no variant spills (checked by the static
+    report for sm_80 and sm_90): float32 tiles with exact (IEEE) products live in registers, so they stay
+    16 x 16; 16-bit tiles grow to 64 query rows (a GQA group or a prefill chunk) with 8 warps at wide
+    heads."""
+    block_m = max(16, min(64, triton.next_power_of_2(n_rows)))
+    if interpret:
+        return block_m, 16, 4, 1
+    widest = max(_block(D), _block(Dv))
+    if dtype == torch.float32:
+        return 16, 16, (8 if widest > 128 else 4), 2
+    if widest <= 64:
+        return block_m, 64, 4, 2
+    if widest <= 128:
+        return block_m, 64, (8 if block_m == 64 else 4), 2
+    return block_m, 32, (8 if block_m >= 32 else 4), 2
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right, num_splits):
+    """Arguments as normalized by seqkernels.ops.kv_cache.prepare_decode; returns (out, lse)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
+    G = Hq // Hkv
+    n_rows = G * Tq
+    out = torch.empty((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    paged = block_table is not None
+    if paged:
+        block_size, capacity = k_cache.shape[2], block_table.shape[1] * k_cache.shape[2]
+        bt, bt_stride = block_table, block_table.stride(0)
+    else:
+        block_size, capacity, bt, bt_stride = 1, k_cache.shape[2], cache_seqlens, 0
+    block_m, block_n, warps, stages = _decode_config(n_rows, D, Dv, q.dtype)
+    # Decode attention is causal: the right side of the window is clamped to 0 (-1 included), as in
+    # decode_attention_ref; a query never sees the later queries of its own chunk.
+    window_right = 0
+    split = num_splits > 1
+    if split:
+        o_dst = torch.empty((num_splits, B, Hq, Tq, Dv), device=q.device, dtype=torch.float32)
+        l_dst = torch.empty((num_splits, B, Hq, Tq), device=q.device, dtype=torch.float32)
+        o_strides = (*o_dst.stride()[1:], o_dst.stride(0))
+        l_strides = (*l_dst.stride()[1:], l_dst.stride(0))
+    else:
+        o_dst, l_dst = out, lse
+        o_strides = (*out.stride(), 0)
+        l_strides = (*lse.stride(), 0)
+    grid = (B * Hkv, triton.cdiv(n_rows, block_m), num_splits)
+    _decode_attention_kernel[grid](
+        q, k_cache, v_cache, cache_seqlens, bt, o_dst, l_dst,
+        scale * _LOG2E, Tq, G, n_rows, Hkv, capacity, block_size, k_cache.shape[0], window_left, window_right,
+        num_splits,
+        *q.stride(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        *o_strides, *l_strides, bt_stride,
+        D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv), PAGED=paged,
+        UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    if split:
+        _decode_merge_kernel[(B * Hq * Tq,)](
+            o_dst, l_dst, out, lse, Hq, Tq, num_splits,
+            *o_strides, *l_strides, *out.stride()[:3], *lse.stride(),
+            DV=Dv, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_DV=triton.next_power_of_2(Dv),
+            num_warps=4 if Dv >= 128 else 2,
+        )
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Backend limits
+# --------------------------------------------------------------------------------------------
+
+
+def _device_reason(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return None
+    if t.device.type == "cpu":
+        if INTERPRET:
+            return None
+        return ("CPU tensors run on the Triton kernels only under the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before triton is imported)")
+    return f"device type {t.device.type!r} is not supported by the Triton kernels (cuda; cpu when interpreting)"
+
+
+def append_unsupported_reason(k_cache, k_new) -> str | None:
+    if k_cache.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {k_cache.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
+    return _device_reason(k_cache)
+
+
+def decode_unsupported_reason(q, k_cache, v_cache) -> str | None:
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
+    reason = _device_reason(q)
+    if reason is not None:
+        return reason
+    if max(q.shape[-1], v_cache.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims above {MAX_HEAD_DIM} are not supported"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile list
+# --------------------------------------------------------------------------------------------
+
+
+class StaticConfig(tuple):
+    """One compiled variant for the static (no-GPU) report: behaves as the tuple
+    ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
+    ``arch`` (the compute capability it is compiled for), ``attrs`` (divisibility hints as
+    ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
+
+    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
+        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
+        self.arch = arch
+        self.attrs = attrs
+        self.name = name
+        return self
+
+    kernel_fn = property(lambda self: self[0])
+    signature = property(lambda self: self[1])
+    constexprs = property(lambda self: self[2])
+    num_warps = property(lambda self: self[3])
+    num_stages = property(lambda self: self[4])
+    expects_mma = property(lambda self: self[5])
+
+    def __repr__(self) -> str:
+        return f"StaticConfig({self.name})"
+
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Strides of a contiguous last dimension are 1, which Triton specializes into a constant at run time.
+_UNIT_STRIDES = {"stride_q3", "stride_kn3", "stride_vn3", "stride_o3", "stride_p3"}
+_POINTERS = {"Q", "KCache", "VCache", "KNew", "VNew", "Seqlens", "BlockTable", "Out", "Lse", "OPart", "LPart"}
+_INDEX_POINTERS = {"Seqlens", "BlockTable"}
+_FP32_POINTERS = {"Lse", "OPart", "LPart"}
+_FLOAT_ARGS = {"qk_scale"}
+# Integer arguments that are multiples of 16 for the usual head dims (row strides); lengths, counts
+# and windows are not.
+_ALIGNED_INTS = {"stride_q0", "stride_q1", "stride_q2", "stride_k0", "stride_k1", "stride_k2", "stride_v0",
+                 "stride_v1", "stride_v2", "stride_kc0", "stride_kc1", "stride_kc2", "stride_vc0", "stride_vc1",
+                 "stride_vc2"}
+
+
+def _static_signature(fn, dtype: torch.dtype, constexprs: dict, out_fp32: bool = False):
+    signature, consts, attrs = {}, {}, {}
+    for idx, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            consts[name] = constexprs[name]
+        elif name in _UNIT_STRIDES:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif name in _POINTERS:
+            if name in _INDEX_POINTERS:
+                signature[name] = "*i32"
+            elif name in _FP32_POINTERS or (out_fp32 and name == "Out"):
+                signature[name] = "*fp32"
+            else:
+                signature[name] = f"*{_TRITON_DTYPE[dtype]}"
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name in _ALIGNED_INTS:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+def _static_configs() -> list:
+    """The variants the launchers pick on a GPU: decode for head-dim buckets 64/128/256, one decode row
+    (BLOCK_M 16) and, for 16-bit inputs, a full GQA/prefill tile (BLOCK_M 64), paged (the gathers make
+    it the heavier one) for every combination plus the contiguous layout at D=128; the split writer
+    (float32 partials); the merge pass; the append copy."""
+    out = []
+    for arch in (80, 90):
+        for dtype in (torch.bfloat16, torch.float32):
+            elt = _TRITON_DTYPE[dtype]
+            for bucket in (64, 128, 256):
+                for rows in ((1,) if dtype == torch.float32 else (1, 64)):
+                    bm, bn, warps, stages = _decode_config(rows, bucket, bucket, dtype, interpret=False)
+                    layouts = (True, False) if (bucket == 128 and rows == 1) else (True,)
+                    for paged in layouts:
+                        for split in ((False, True) if (bucket == 128 and rows == 1 and paged) else (False,)):
+                            constexprs = dict(D=bucket, DV=bucket, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket,
+                                              BLOCK_DV=bucket, PAGED=paged, UPCAST=False,
+                                              DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                            sig, consts, attrs = _static_signature(_decode_attention_kernel, dtype, constexprs,
+                                                                   out_fp32=split)
+                            name = (f"_decode_attention_kernel sm_{arch} {elt} D{bucket} BLOCK_M={bm} BLOCK_N={bn} "
+                                    f"{'paged' if paged else 'contiguous'}{' split' if split else ''} "
+                                    f"warps={warps} stages={stages}")
+                            mma = dtype != torch.float32  # float32 runs exact FMA products, not TF32 MMA
+                            out.append(StaticConfig(_decode_attention_kernel, sig, consts, warps, stages, mma,
+                                                    arch=arch, attrs=attrs, name=name))
+        for bucket in (64, 128, 256):
+            constexprs = dict(DV=bucket, BLOCK_S=16, BLOCK_DV=bucket)
+            sig, consts, attrs = _static_signature(_decode_merge_kernel, torch.bfloat16, constexprs)
+            warps = 4 if bucket >= 128 else 2
+            out.append(StaticConfig(_decode_merge_kernel, sig, consts, warps, 1, False, arch=arch, attrs=attrs,
+                                    name=f"_decode_merge_kernel sm_{arch} bf16 D{bucket} BLOCK_S=16 warps={warps}"))
+            for paged in (False, True):
+                bt = _append_block_t(512, bucket, bucket, interpret=False)
+                constexprs = dict(D=bucket, DV=bucket, BLOCK_T=bt, BLOCK_D=bucket, BLOCK_DV=bucket, PAGED=paged)
+                sig, consts, attrs = _static_signature(_kv_cache_append_kernel, torch.bfloat16, constexprs)
+                out.append(StaticConfig(_kv_cache_append_kernel, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
+                                        name=f"_kv_cache_append_kernel sm_{arch} bf16 D{bucket} BLOCK_T={bt} "
+                                             f"{'paged' if paged else 'contiguous'} warps=4"))
+    return out
+
+
+STATIC_CONFIGS: list = _static_configs()
