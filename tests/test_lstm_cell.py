@@ -400,12 +400,10 @@ def _check_static(pattern):
     assert not bad, "\n".join(bad)
 
 
+# A sample (the whole list is compiled by the kernel report): the module's bias-free bf16 forward,
+# a float32 backward, and the float64 forward, the one closest to the register limit.
 @pytest.mark.parametrize("pattern", [r"fwd_kernel sm_90 bf16 BLOCK_B=8 BLOCK_H=256 bias=False",
-                                     r"bwd_kernel sm_80 fp32 BLOCK_B=8"])
+                                     r"bwd_kernel sm_80 fp32 BLOCK_B=8",
+                                     r"fwd_kernel sm_90 fp64 BLOCK_B=2 BLOCK_H=256 bias=True"])
 def test_triton_static_compile_sample(pattern):
     _check_static(pattern)
-
-
-@pytest.mark.slow
-def test_triton_static_compile_all():
-    _check_static(".")
