@@ -394,7 +394,7 @@ def _check_static(pattern):
     proc = subprocess.run([sys.executable, "-c", _STATIC_SCRIPT, pattern], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert results, f"no static config matches {pattern!r}"
+    assert len(results) >= pattern.count("|") + 1, f"a pattern of {pattern!r} matches no static config"
     bad = [f"{r['name']}: {r}" for r in results
            if r["stack"] or r["local"] or r["smem"] or not (r["v4_loads"] and r["v4_stores"])]
     assert not bad, "\n".join(bad)
@@ -402,8 +402,8 @@ def _check_static(pattern):
 
 # A sample (the whole list is compiled by the kernel report): the module's bias-free bf16 forward,
 # a float32 backward, and the float64 forward, the one closest to the register limit.
-@pytest.mark.parametrize("pattern", [r"fwd_kernel sm_90 bf16 BLOCK_B=8 BLOCK_H=256 bias=False",
-                                     r"bwd_kernel sm_80 fp32 BLOCK_B=8",
-                                     r"fwd_kernel sm_90 fp64 BLOCK_B=2 BLOCK_H=256 bias=True"])
-def test_triton_static_compile_sample(pattern):
-    _check_static(pattern)
+def test_triton_static_compile_sample():
+    # One subprocess for the three (each start imports torch and triton).
+    _check_static("|".join([r"fwd_kernel sm_90 bf16 BLOCK_B=8 BLOCK_H=256 bias=False",
+                            r"bwd_kernel sm_80 fp32 BLOCK_B=8",
+                            r"fwd_kernel sm_90 fp64 BLOCK_B=2 BLOCK_H=256 bias=True"]))
