@@ -407,3 +407,40 @@ def test_triton_static_compile_sample():
     _check_static("|".join([r"fwd_kernel sm_90 bf16 BLOCK_B=8 BLOCK_H=256 bias=False",
                             r"bwd_kernel sm_80 fp32 BLOCK_B=8",
                             r"fwd_kernel sm_90 fp64 BLOCK_B=2 BLOCK_H=256 bias=True"]))
+
+
+_SCALAR_PATH_SCRIPT = r"""
+import torch
+from seqkernels import reference, testing
+op_f, op_b = torch.ops.seqkernels.lstm_cell_fwd, torch.ops.seqkernels.lstm_cell_bwd
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    B, H = 3, 13
+    ig, hg, cx = torch.randn(B, 4 * H).to(dtype), torch.randn(B, 4 * H).to(dtype), torch.randn(B, H).to(dtype)
+    bih = torch.randn(4 * H).to(dtype)
+    out = op_f(ig, hg, cx, bih, None)
+    r = testing.compare(out, reference.lstm_cell_fwd_ref(ig.double(), hg.double(), cx.double(), bih.double()),
+                        reference.lstm_cell_fwd_ref(ig, hg, cx, bih))
+    gh = torch.randn(B, H).to(dtype)
+    g = op_b(gh, None, cx, out[1], out[2])
+    r.extend(testing.compare(g, reference.lstm_cell_bwd_ref(gh.double(), None, cx.double(), out[1].double(),
+                                                           out[2].double()),
+                             reference.lstm_cell_bwd_ref(gh, None, cx, out[1], out[2]), grad=True))
+    assert r.passed, str(r)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not lstm_ops._ext.has_kernel("lstm_cell_fwd", "CPU"), reason="extension not built")
+def test_cpu_baseline_isa_path():
+    # ATEN_CPU_CAPABILITY=default makes the CPU kernels take their one-element (non-AVX2) path,
+    # as on CPUs without AVX2; the choice is made once per process, hence the subprocess.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    pkg = os.path.dirname(os.path.dirname(seqkernels.__file__))
+    env["PYTHONPATH"] = os.pathsep.join([pkg] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, "-c", _SCALAR_PATH_SCRIPT], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
