@@ -301,7 +301,10 @@ def _emu_case(emu, dtype, B, H, pad, seed=0):
     one_sided = testing.compare(emu.lstm_cell_bwd(None, gc, cx, cy, ws),
                                 reference.lstm_cell_bwd_ref(None, *_cpu64([gc, cx, cy, ws])),
                                 reference.lstm_cell_bwd_ref(None, gc, cx, cy, ws), grad=True)
-    return fwd, bwd, one_sided
+    no_bias = testing.compare(emu.lstm_cell_fwd(ig, hg, cx, None, bhh),
+                              reference.lstm_cell_fwd_ref(*_cpu64([ig, hg, cx]), None, bhh.double()),
+                              reference.lstm_cell_fwd_ref(ig, hg, cx, None, bhh))
+    return fwd, bwd, one_sided, no_bias
 
 
 @pytest.mark.emulation
