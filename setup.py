@@ -70,6 +70,16 @@ def _extensions():
     define = [("SEQKERNELS_CUDA_ARCHS", '"' + ";".join(archs) + '"')]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # torch's CUDA headers include cusparse.h, which a minimal toolkit install may lack;
+        # the CUDA build of torch ships them in its nvidia-* wheels, which match torch's CUDA version.
+        import importlib.util
+
+        spec = importlib.util.find_spec("nvidia")
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            if os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cusparse.h")):
+                break
+            include_dirs += sorted(d for d in glob.glob(os.path.join(root, "*", "include"))
+                                   if os.path.exists(os.path.join(d, "cusparse.h")))
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                 "-Xptxas=-warn-spills"] + gencode_flags(archs)
         ext = CUDAExtension("seqkernels._C", sources, include_dirs=include_dirs,

@@ -114,11 +114,12 @@ def main(argv=None) -> int:
     rec.meta["copy_gbps"] = copy_bandwidth(s)
     rec.add("ceiling", "gemm", "torch.matmul", "-", "tflops", "TFLOP/s", *[rec.meta["gemm_tflops"]] * 3)
     rec.add("ceiling", "copy", "torch.copy_", "-", "gbps", "GB/s", *[rec.meta["copy_gbps"]] * 3)
+    stem = f"{'gpu' if s.is_cuda else 'cpu'}_{dtype_name}{'_quick' if s.quick else ''}"
     for name in suites:
         SUITES[name](rec, s, progress)
         progress.suite_done()
-    stem = f"{'gpu' if s.is_cuda else 'cpu'}_{dtype_name}{'_quick' if s.quick else ''}"
-    csv_path, pngs = write_outputs(rec, args.out, stem)
+        # Written after every suite, so an interrupted run still leaves what it measured.
+        csv_path, pngs = write_outputs(rec, args.out, stem)
     print(f"\nseqkernels bench on {rec.meta['device']} ({dtype_name}), torch {rec.meta['torch']}, git {rec.meta['git']}")
     print(f"ceilings: GEMM {rec.meta['gemm_tflops']:.2f} TFLOP/s, copy {rec.meta['copy_gbps']:.1f} GB/s\n")
     print(format_table(rec))
