@@ -15,10 +15,12 @@ into the input, hidden and weight gradients (bias gradients are column sums).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext, backends
@@ -177,7 +179,15 @@ def run(call: LSTMCellCall, backend: str) -> Tuple[Tensor, Tensor]:
     if backend == "reference":
         return ref.lstm_cell_ref(c.input, c.hx, c.cx, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)
     fwd = FAMILIES[backend][0]
-    hy, cy, _ = fwd(torch.mm(c.input, c.weight_ih.t()), torch.mm(c.hx, c.weight_hh.t()), c.cx, c.bias_ih, c.bias_hh)
+    tensors = (c.input, c.hx, c.cx, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        hy, cy, _ = fwd(F.linear(c.input, c.weight_ih), F.linear(c.hx, c.weight_hh), c.cx, c.bias_ih, c.bias_hh)
+        return hy, cy
+    # Nothing to differentiate: below the autograd keys the calls skip autograd's dispatch, a good
+    # part of a small cell's host time.
+    with torch._C._AutoDispatchBelowAutograd():
+        hy, cy, _ = fwd.default(F.linear(c.input, c.weight_ih), F.linear(c.hx, c.weight_hh), c.cx, c.bias_ih,
+                                c.bias_hh)
     return hy, cy
 
 
@@ -257,37 +267,52 @@ def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd,
         chunks = _chunks(batch_sizes, max(batch_sizes[0], _PROJ_CHUNK_BYTES // (G * x.element_size())))
         proj_buf = x.new_empty((max(sum(batch_sizes[t0:t1]) for t0, t1 in chunks), G))
         hg_buf = x.new_empty((batch_sizes[0], G))
+        hg_views = {}
+        # Kernel backends run this loop without autograd (their backward is _LSTMLayer's): below the
+        # autograd keys every op call skips autograd's bookkeeping, which is most of a small step's
+        # host time on a GPU.
+        guard = torch._C._AutoDispatchBelowAutograd()
+        fwd = getattr(fwd, "default", fwd)
     else:
         chunks = [(0, T)]
+        guard = contextlib.nullcontext()
     outs = [None] * T
     h_fin, c_fin = [], []  # final states of rows dropped by a shrinking batch, highest rows first
     if reverse:
         h, c = h0[: batch_sizes[-1]], c0[: batch_sizes[-1]]
     else:
         h, c = h0, c0
-    for t0, t1 in (chunks[::-1] if reverse else chunks):
-        r0, r1 = offs[t0], offs[t1 - 1] + batch_sizes[t1 - 1]
-        proj = project(x[r0:r1], proj_buf[: r1 - r0] if reuse_buffers else None)
-        for t in (range(t1 - 1, t0 - 1, -1) if reverse else range(t0, t1)):
-            bs = batch_sizes[t]
-            rows = h.shape[0]
-            if bs < rows:
-                h_fin.append(h[bs:])
-                c_fin.append(c[bs:])
-                h, c = h[:bs], c[:bs]
-            elif bs > rows:
-                h, c = torch.cat([h, h0[rows:bs]]), torch.cat([c, c0[rows:bs]])
-            gates_x = proj[offs[t] - r0: offs[t] - r0 + bs]
-            gates_h = torch.mm(h, w_hh_t, out=hg_buf[:bs]) if reuse_buffers else torch.mm(h, w_hh_t)
-            hy, cy, ws = fwd(gates_x, gates_h, c, None, None)
-            if saved is not None:
-                saved["h_prev"][t], saved["c_prev"][t], saved["cy"][t], saved["ws"][t] = h, c, cy, ws
-            outs[t] = hy
-            h, c = hy, cy
-    out = torch.cat(outs) if T > 1 else outs[0]
-    if h_fin:
-        h = torch.cat([h] + h_fin[::-1])
-        c = torch.cat([c] + c_fin[::-1])
+    rows = h.shape[0]
+    with guard:
+        for t0, t1 in (chunks[::-1] if reverse else chunks):
+            r0, r1 = offs[t0], offs[t1 - 1] + batch_sizes[t1 - 1]
+            proj = project(x[r0:r1], proj_buf[: r1 - r0] if reuse_buffers else None)
+            steps_x = torch.split(proj, batch_sizes[t0:t1])
+            for t in (range(t1 - 1, t0 - 1, -1) if reverse else range(t0, t1)):
+                bs = batch_sizes[t]
+                if bs < rows:
+                    h_fin.append(h[bs:])
+                    c_fin.append(c[bs:])
+                    h, c = h[:bs], c[:bs]
+                elif bs > rows:
+                    h, c = torch.cat([h, h0[rows:bs]]), torch.cat([c, c0[rows:bs]])
+                rows = bs
+                if reuse_buffers:
+                    hg = hg_views.get(bs)
+                    if hg is None:
+                        hg = hg_views[bs] = hg_buf[:bs]
+                    gates_h = torch.mm(h, w_hh_t, out=hg)
+                else:
+                    gates_h = torch.mm(h, w_hh_t)
+                hy, cy, ws = fwd(steps_x[t - t0], gates_h, c, None, None)
+                if saved is not None:
+                    saved["h_prev"][t], saved["c_prev"][t], saved["cy"][t], saved["ws"][t] = h, c, cy, ws
+                outs[t] = hy
+                h, c = hy, cy
+        out = torch.cat(outs) if T > 1 else outs[0]
+        if h_fin:
+            h = torch.cat([h] + h_fin[::-1])
+            c = torch.cat([c] + c_fin[::-1])
     return out, h, c
 
 
@@ -318,7 +343,6 @@ class _LSTMLayer(torch.autograd.Function):
         x, w_ih, w_hh, _, _ = ctx.saved_tensors
         saved, batch_sizes, reverse, bwd = ctx.saved, ctx.batch_sizes, ctx.reverse, ctx.bwd
         T = len(batch_sizes)
-        offs = _offsets(batch_sizes)
         B0 = batch_sizes[0]
         H = w_hh.shape[1]
         zeros = x.new_zeros((B0, H))
@@ -333,32 +357,36 @@ class _LSTMLayer(torch.autograd.Function):
             gh, gc = gh_init, gc_init
         else:
             gh, gc = gh_init[: batch_sizes[-1]], gc_init[: batch_sizes[-1]]
-        for t in steps:
-            bs = batch_sizes[t]
-            rows = gh.shape[0]
-            if bs < rows:  # reverse direction: rows [bs, rows) began here from h0 / c0
-                h0_parts_h.append(gh[bs:])
-                h0_parts_c.append(gc[bs:])
-                gh, gc = gh[:bs], gc[:bs]
-            elif bs > rows:  # forward direction: rows [rows, bs) ended here
-                gh = torch.cat([gh, gh_init[rows:bs]])
-                gc = torch.cat([gc, gc_init[rows:bs]])
-            if grad_out is not None:
-                gh = gh + grad_out[offs[t]: offs[t] + bs]
-            gg, gc = bwd(gh, gc, saved["c_prev"][t], saved["cy"][t], saved["ws"][t])
-            grads[t] = gg
-            gh = torch.mm(gg, w_hh)
-        grad_h0 = torch.cat([gh] + h0_parts_h[::-1]) if h0_parts_h else gh
-        grad_c0 = torch.cat([gc] + h0_parts_c[::-1]) if h0_parts_c else gc
-        G = torch.cat(grads) if T > 1 else grads[0]
-        need = ctx.needs_input_grad
-        grad_x = torch.mm(G, w_ih) if need[0] else None
-        grad_w_ih = torch.mm(G.t(), x) if need[3] else None
-        grad_w_hh = None
-        if need[4]:
-            h_prev = torch.cat(saved["h_prev"]) if T > 1 else saved["h_prev"][0]
-            grad_w_hh = torch.mm(G.t(), h_prev)
-        grad_b = G.sum(0) if (need[5] or need[6]) else None
+        rows = gh.shape[0]
+        bwd = getattr(bwd, "default", bwd)
+        with torch._C._AutoDispatchBelowAutograd():  # plain tensor math: skip autograd's dispatch
+            go = torch.split(grad_out, batch_sizes) if grad_out is not None else None
+            for t in steps:
+                bs = batch_sizes[t]
+                if bs < rows:  # reverse direction: rows [bs, rows) began here from h0 / c0
+                    h0_parts_h.append(gh[bs:])
+                    h0_parts_c.append(gc[bs:])
+                    gh, gc = gh[:bs], gc[:bs]
+                elif bs > rows:  # forward direction: rows [rows, bs) ended here
+                    gh = torch.cat([gh, gh_init[rows:bs]])
+                    gc = torch.cat([gc, gc_init[rows:bs]])
+                rows = bs
+                if go is not None:
+                    gh = gh + go[t]
+                gg, gc = bwd(gh, gc, saved["c_prev"][t], saved["cy"][t], saved["ws"][t])
+                grads[t] = gg
+                gh = torch.mm(gg, w_hh)
+            grad_h0 = torch.cat([gh] + h0_parts_h[::-1]) if h0_parts_h else gh
+            grad_c0 = torch.cat([gc] + h0_parts_c[::-1]) if h0_parts_c else gc
+            G = torch.cat(grads) if T > 1 else grads[0]
+            need = ctx.needs_input_grad
+            grad_x = torch.mm(G, w_ih) if need[0] else None
+            grad_w_ih = torch.mm(G.t(), x) if need[3] else None
+            grad_w_hh = None
+            if need[4]:
+                h_prev = torch.cat(saved["h_prev"]) if T > 1 else saved["h_prev"][0]
+                grad_w_hh = torch.mm(G.t(), h_prev)
+            grad_b = G.sum(0) if (need[5] or need[6]) else None
         ctx.saved = None
         return (grad_x, grad_h0 if need[1] else None, grad_c0 if need[2] else None, grad_w_ih, grad_w_hh,
                 grad_b if ctx.has_bias[0] and need[5] else None, grad_b if ctx.has_bias[1] and need[6] else None,
