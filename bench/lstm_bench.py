@@ -4,9 +4,10 @@ against torch.nn.LSTM (oneDNN on CPU, cuDNN on GPU), forward and forward+backwar
 `run(device, dtype, quick)` returns long-format rows (dicts). Providers are timed interleaved
 (one call of each in turn per repeat) so that load from other processes hits all of them alike;
 medians and the p20/p80 spread are reported, and `speedup_vs_torch` = torch median / ours.
-Every provider is parity-checked against float64 before it is timed.
+Every provider is parity-checked against float64 before it is timed. With one CPU thread the
+timings are CPU time of this process (robust on a shared machine), otherwise wall time.
 
-    python bench/lstm_bench.py [--device cpu] [--dtype float32] [--quick]
+    python bench/lstm_bench.py [--device cpu] [--dtype float32] [--quick] [--threads 1]
 """
 
 from __future__ import annotations
@@ -29,18 +30,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _clock(device: str):
+    # One CPU thread: the process's CPU time, which a busy shared machine does not inflate (time
+    # spent preempted is not counted). Otherwise wall time, the only fair clock for several threads.
+    if not device.startswith("cuda") and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
 def _interleaved(fns: Dict[str, Callable[[], object]], device: str, reps: int, warmup: int = 2):
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
+    clock = _clock(device)
     times: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append((clock() - t0) * 1e3)
     out = {}
     for name, ts in times.items():
         ts = sorted(ts)
@@ -151,7 +161,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: timed in CPU time)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     for r in run(a.device, a.dtype, a.quick):
         sp = r["speedup_vs_torch"]
         print(f"{r['op']:<24} {r['shape']:<28} {r['provider']:<8} median {r['median']:9.3f} ms "

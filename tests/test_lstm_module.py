@@ -70,13 +70,13 @@ def test_lstm_matches_torch_float64(backend, cfg):
     layers, bidir, batch_first, bias, with_h0, T, B = cfg
     device = _device_for(backend)
     _skip_unless_runs(backend, device, torch.float64)
-    I, H = 7, 5
-    ref, ours = _pair(backend, input_size=I, hidden_size=H, num_layers=layers, bidirectional=bidir,
+    n_in, H = 7, 5
+    ref, ours = _pair(backend, input_size=n_in, hidden_size=H, num_layers=layers, bidirectional=bidir,
                       batch_first=batch_first, bias=bias, dropout=0.4 if layers > 1 else 0.0)
     ref.eval()
     ours.eval()  # dropout between layers is off in eval mode, as in torch
     D = 2 if bidir else 1
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn((B, T, n_in) if batch_first else (T, B, n_in), dtype=torch.float64, device=device, requires_grad=True)
     hx = None
     leaves = [x]
     if with_h0:
@@ -320,3 +320,35 @@ def test_gpu_lstm_matches_torch(backend):
     exp = ref(x)[0]
     got = ours(x)[0]
     torch.testing.assert_close(got, exp, atol=2e-5, rtol=1e-4)
+
+
+def test_in_place_change_of_initial_state_before_backward_raises():
+    m = LSTM(3, 4, dtype=torch.float64, backend="cpu" if lstm_ops._ext.extension_available() else "reference")
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0, c0 = torch.randn(1, 2, 4, dtype=torch.float64), torch.randn(1, 2, 4, dtype=torch.float64)
+    out, (h, c) = m(x, (h0, c0))
+    c.mul_(2)  # the returned state is the caller's to modify
+    out.sum().backward()
+    out, _ = m(x, (h0, c0))
+    c0.add_(1)  # the saved initial state is not
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_chunked_input_projection(backend, monkeypatch):
+    # The input projection runs a few whole steps at a time into a reused buffer; shrink the chunk
+    # so that several chunks (some with a single step) occur, with a packed batch that shrinks.
+    _skip_unless_runs(backend, "cpu", torch.float64)
+    monkeypatch.setattr(lstm_ops, "_PROJ_CHUNK_BYTES", 4 * 5 * 8 * 5)  # 5 rows of 4H=20 float64
+    ref, ours = _pair(backend, input_size=3, hidden_size=5, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([6, 2, 4])
+    results = []
+    for m in (ref, ours):
+        out, (h, c) = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        loss = (out.data * torch.linspace(-1, 1, out.data.numel(), dtype=torch.float64).view_as(out.data)).sum()
+        loss = loss + h.sum() - 2 * c.sum()
+        results.append((out.data, h, c) + torch.autograd.grad(loss, [x] + list(m.parameters())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

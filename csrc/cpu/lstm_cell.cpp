@@ -292,7 +292,7 @@ BwdRangeFn bwd_kernel() {
 // Work is split into (row, column block) units; a block is a multiple of every SIMD width, and a
 // task gets enough units that a thread's start-up cost stays small next to its work.
 constexpr int64_t kColBlock = 512;
-constexpr int64_t kMinElemsPerTask = 16384;
+constexpr int64_t kMinElemsPerTask = 4096;
 
 template <typename Args, typename Fn>
 void run_rows(const Args& args, int64_t B, int64_t H, Fn fn) {

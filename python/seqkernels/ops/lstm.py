@@ -15,10 +15,12 @@ into the input, hidden and weight gradients (bias gradients are column sums).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext, backends
@@ -53,7 +55,7 @@ class LSTMCellCall:
 def prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> LSTMCellCall:
     check_tensor("weight_ih", weight_ih, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight_hh", weight_hh, ndim=2)
-    G, I = weight_ih.shape
+    G, n_in = weight_ih.shape
     if G % 4 != 0 or G == 0:
         raise ValueError(f"weight_ih: expected shape (4*hidden_size, input_size), got {tuple(weight_ih.shape)}")
     H = G // 4
@@ -64,11 +66,15 @@ def prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh
     if input.dim() not in (1, 2):
         raise ValueError(f"input: expected a 2-D (batch, input_size) or 1-D (input_size,) tensor, got shape "
                          f"{tuple(input.shape)}")
-    if input.shape[-1] != I:
-        raise ValueError(f"input: has {input.shape[-1]} features but weight_ih expects input_size={I}")
+    if input.shape[-1] != n_in:
+        raise ValueError(f"input: has {input.shape[-1]} features but weight_ih expects input_size={n_in}")
     batched = input.dim() == 2
     B = input.shape[0] if batched else 1
     want = (B, H) if batched else (H,)
+    if hx is None:
+        hx = torch.zeros(want, dtype=input.dtype, device=input.device)
+    if cx is None:
+        cx = torch.zeros(want, dtype=input.dtype, device=input.device)
     for name, t in (("hx", hx), ("cx", cx)):
         check_tensor(name, t)
         if tuple(t.shape) != want:
@@ -173,20 +179,28 @@ def run(call: LSTMCellCall, backend: str) -> Tuple[Tensor, Tensor]:
     if backend == "reference":
         return ref.lstm_cell_ref(c.input, c.hx, c.cx, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)
     fwd = FAMILIES[backend][0]
-    hy, cy, _ = fwd(torch.mm(c.input, c.weight_ih.t()), torch.mm(c.hx, c.weight_hh.t()), c.cx, c.bias_ih, c.bias_hh)
+    tensors = (c.input, c.hx, c.cx, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        hy, cy, _ = fwd(F.linear(c.input, c.weight_ih), F.linear(c.hx, c.weight_hh), c.cx, c.bias_ih, c.bias_hh)
+        return hy, cy
+    # Nothing to differentiate: below the autograd keys the calls skip autograd's dispatch, a good
+    # part of a small cell's host time.
+    with torch._C._AutoDispatchBelowAutograd():
+        hy, cy, _ = fwd.default(F.linear(c.input, c.weight_ih), F.linear(c.hx, c.weight_hh), c.cx, c.bias_ih,
+                                c.bias_hh)
     return hy, cy
 
 
-def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+def lstm_cell(input: Tensor, hx: Optional[Tensor], cx: Optional[Tensor], weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
               backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One step of torch.nn.LSTMCell: returns `(hy, cy)`.
 
     input `(B, input_size)`, hx and cx `(B, hidden_size)` (or all 1-D for one unbatched sample),
     weight_ih `(4*hidden_size, input_size)`, weight_hh `(4*hidden_size, hidden_size)`, optional biases
-    `(4*hidden_size,)`; gate order i, f, g, o as in torch. The GEMMs run in torch (cuBLAS / MKL), the
-    rest in one fused kernel, forward and backward. `backend`: "cuda", "cpu", "triton", "reference"
-    or None (automatic; see seqkernels.explain("lstm_cell", ...)).
+    `(4*hidden_size,)`; gate order i, f, g, o as in torch; `hx` / `cx` None mean zeros. The GEMMs run
+    in torch (cuBLAS / MKL), the rest in one fused kernel, forward and backward. `backend`: "cuda",
+    "cpu", "triton", "reference" or None (automatic; see seqkernels.explain("lstm_cell", ...)).
     """
     call = prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
     b = backends.resolve(OP, call.device, call, backend)
@@ -201,11 +215,9 @@ def lstm_cell(input: Tensor, hx: Tensor, cx: Tensor, weight_ih: Tensor, weight_h
 #
 # Rows are time-major and packed like a PackedSequence: step t owns rows [off_t, off_t + bs_t) of
 # `x (N, I)`, with non-increasing batch sizes bs_t (a padded batch is the special case bs_t = B). The
-# input projection of all steps is one GEMM; each step then runs one recurrent GEMM and one fused cell.
-# A forward pass over shrinking batches leaves a sequence's final state in the rows it drops; the
-# reverse direction starts late sequences from their initial state as the batch grows.
-
-Family = Tuple[Callable, Callable]
+# input projection of many steps is one GEMM; each step then runs one recurrent GEMM and one fused
+# cell. A forward pass over shrinking batches leaves a sequence's final state in the rows it drops;
+# the reverse direction starts late sequences from their initial state as the batch grows.
 
 
 def _offsets(batch_sizes: Sequence[int]):
@@ -216,46 +228,91 @@ def _offsets(batch_sizes: Sequence[int]):
     return offs
 
 
-def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd, saved: Optional[dict]):
+# Input projections are computed a chunk of whole time steps at a time into one reused buffer of
+# about this size: it stays in cache for the per-step kernels that read it, and a fresh multi-MB
+# result per layer (page faults on every call) is avoided. Kernel backends only; the reference
+# backend keeps one differentiable GEMM.
+_PROJ_CHUNK_BYTES = 4 << 20
+
+
+def _chunks(batch_sizes: Sequence[int], max_rows: int):
+    """Consecutive step ranges [t0, t1) holding at most `max_rows` rows (at least one step)."""
+    out, t0, rows = [], 0, 0
+    for t, bs in enumerate(batch_sizes):
+        if rows and rows + bs > max_rows:
+            out.append((t0, t))
+            t0, rows = t, 0
+        rows += bs
+    out.append((t0, len(batch_sizes)))
+    return out
+
+
+def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd, saved: Optional[dict],
+                   reuse_buffers: bool):
     T = len(batch_sizes)
     offs = _offsets(batch_sizes)
+    G = w_ih.shape[0]
     # Both biases fold into the projection GEMM, so the per-step kernel adds none. The transposed
     # weights are made contiguous once per call: the BLAS then reads rows, which is measurably
     # faster for the many small recurrent GEMMs.
     w_ih_t = w_ih.t().contiguous()
-    if b_ih is not None and b_hh is not None:
-        proj = torch.addmm(b_ih + b_hh, x, w_ih_t)
-    elif b_ih is not None or b_hh is not None:
-        proj = torch.addmm(b_ih if b_ih is not None else b_hh, x, w_ih_t)
-    else:
-        proj = torch.mm(x, w_ih_t)
     w_hh_t = w_hh.t().contiguous()
+    bias = b_ih + b_hh if (b_ih is not None and b_hh is not None) else (b_ih if b_ih is not None else b_hh)
+
+    def project(rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        kw = {} if out is None else {"out": out}
+        return torch.addmm(bias, rows, w_ih_t, **kw) if bias is not None else torch.mm(rows, w_ih_t, **kw)
+
+    if reuse_buffers:
+        chunks = _chunks(batch_sizes, max(batch_sizes[0], _PROJ_CHUNK_BYTES // (G * x.element_size())))
+        proj_buf = x.new_empty((max(sum(batch_sizes[t0:t1]) for t0, t1 in chunks), G))
+        hg_buf = x.new_empty((batch_sizes[0], G))
+        hg_views = {}
+        # Kernel backends run this loop without autograd (their backward is _LSTMLayer's): below the
+        # autograd keys every op call skips autograd's bookkeeping, which is most of a small step's
+        # host time on a GPU.
+        guard = torch._C._AutoDispatchBelowAutograd()
+        fwd = getattr(fwd, "default", fwd)
+    else:
+        chunks = [(0, T)]
+        guard = contextlib.nullcontext()
     outs = [None] * T
     h_fin, c_fin = [], []  # final states of rows dropped by a shrinking batch, highest rows first
-    steps = range(T - 1, -1, -1) if reverse else range(T)
     if reverse:
         h, c = h0[: batch_sizes[-1]], c0[: batch_sizes[-1]]
     else:
         h, c = h0, c0
-    for t in steps:
-        bs = batch_sizes[t]
-        rows = h.shape[0]
-        if bs < rows:
-            h_fin.append(h[bs:])
-            c_fin.append(c[bs:])
-            h, c = h[:bs], c[:bs]
-        elif bs > rows:
-            h, c = torch.cat([h, h0[rows:bs]]), torch.cat([c, c0[rows:bs]])
-        gates_x = proj[offs[t]: offs[t] + bs]
-        hy, cy, ws = fwd(gates_x, torch.mm(h, w_hh_t), c, None, None)
-        if saved is not None:
-            saved["h_prev"][t], saved["c_prev"][t], saved["cy"][t], saved["ws"][t] = h, c, cy, ws
-        outs[t] = hy
-        h, c = hy, cy
-    out = torch.cat(outs) if T > 1 else outs[0]
-    if h_fin:
-        h = torch.cat([h] + h_fin[::-1])
-        c = torch.cat([c] + c_fin[::-1])
+    rows = h.shape[0]
+    with guard:
+        for t0, t1 in (chunks[::-1] if reverse else chunks):
+            r0, r1 = offs[t0], offs[t1 - 1] + batch_sizes[t1 - 1]
+            proj = project(x[r0:r1], proj_buf[: r1 - r0] if reuse_buffers else None)
+            steps_x = torch.split(proj, batch_sizes[t0:t1])
+            for t in (range(t1 - 1, t0 - 1, -1) if reverse else range(t0, t1)):
+                bs = batch_sizes[t]
+                if bs < rows:
+                    h_fin.append(h[bs:])
+                    c_fin.append(c[bs:])
+                    h, c = h[:bs], c[:bs]
+                elif bs > rows:
+                    h, c = torch.cat([h, h0[rows:bs]]), torch.cat([c, c0[rows:bs]])
+                rows = bs
+                if reuse_buffers:
+                    hg = hg_views.get(bs)
+                    if hg is None:
+                        hg = hg_views[bs] = hg_buf[:bs]
+                    gates_h = torch.mm(h, w_hh_t, out=hg)
+                else:
+                    gates_h = torch.mm(h, w_hh_t)
+                hy, cy, ws = fwd(steps_x[t - t0], gates_h, c, None, None)
+                if saved is not None:
+                    saved["h_prev"][t], saved["c_prev"][t], saved["cy"][t], saved["ws"][t] = h, c, cy, ws
+                outs[t] = hy
+                h, c = hy, cy
+        out = torch.cat(outs) if T > 1 else outs[0]
+        if h_fin:
+            h = torch.cat([h] + h_fin[::-1])
+            c = torch.cat([c] + c_fin[::-1])
     return out, h, c
 
 
@@ -268,21 +325,24 @@ class _LSTMLayer(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family):
         T = len(batch_sizes)
         saved = {k: [None] * T for k in ("h_prev", "c_prev", "cy", "ws")}
-        out, h_n, c_n = _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], saved)
+        out, h_n, c_n = _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], saved,
+                                       reuse_buffers=True)
         ctx.batch_sizes, ctx.reverse, ctx.bwd = batch_sizes, reverse, family[1]
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.saved = saved
-        ctx.save_for_backward(x, w_ih, w_hh)
+        # h0 / c0 go through save_for_backward too: the per-step lists hold views of them, and this
+        # way an in-place change before backward raises as it does for torch's own ops. c_n is the
+        # last step's saved cy: the caller gets a copy for the same reason.
+        ctx.save_for_backward(x, w_ih, w_hh, h0, c0)
         ctx.set_materialize_grads(False)
-        return out, h_n, c_n
+        return out, h_n, c_n.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_hn, grad_cn):
-        x, w_ih, w_hh = ctx.saved_tensors
+        x, w_ih, w_hh, _, _ = ctx.saved_tensors
         saved, batch_sizes, reverse, bwd = ctx.saved, ctx.batch_sizes, ctx.reverse, ctx.bwd
         T = len(batch_sizes)
-        offs = _offsets(batch_sizes)
         B0 = batch_sizes[0]
         H = w_hh.shape[1]
         zeros = x.new_zeros((B0, H))
@@ -297,32 +357,36 @@ class _LSTMLayer(torch.autograd.Function):
             gh, gc = gh_init, gc_init
         else:
             gh, gc = gh_init[: batch_sizes[-1]], gc_init[: batch_sizes[-1]]
-        for t in steps:
-            bs = batch_sizes[t]
-            rows = gh.shape[0]
-            if bs < rows:  # reverse direction: rows [bs, rows) began here from h0 / c0
-                h0_parts_h.append(gh[bs:])
-                h0_parts_c.append(gc[bs:])
-                gh, gc = gh[:bs], gc[:bs]
-            elif bs > rows:  # forward direction: rows [rows, bs) ended here
-                gh = torch.cat([gh, gh_init[rows:bs]])
-                gc = torch.cat([gc, gc_init[rows:bs]])
-            if grad_out is not None:
-                gh = gh + grad_out[offs[t]: offs[t] + bs]
-            gg, gc = bwd(gh, gc, saved["c_prev"][t], saved["cy"][t], saved["ws"][t])
-            grads[t] = gg
-            gh = torch.mm(gg, w_hh)
-        grad_h0 = torch.cat([gh] + h0_parts_h[::-1]) if h0_parts_h else gh
-        grad_c0 = torch.cat([gc] + h0_parts_c[::-1]) if h0_parts_c else gc
-        G = torch.cat(grads) if T > 1 else grads[0]
-        need = ctx.needs_input_grad
-        grad_x = torch.mm(G, w_ih) if need[0] else None
-        grad_w_ih = torch.mm(G.t(), x) if need[3] else None
-        grad_w_hh = None
-        if need[4]:
-            h_prev = torch.cat(saved["h_prev"]) if T > 1 else saved["h_prev"][0]
-            grad_w_hh = torch.mm(G.t(), h_prev)
-        grad_b = G.sum(0) if (need[5] or need[6]) else None
+        rows = gh.shape[0]
+        bwd = getattr(bwd, "default", bwd)
+        with torch._C._AutoDispatchBelowAutograd():  # plain tensor math: skip autograd's dispatch
+            go = torch.split(grad_out, batch_sizes) if grad_out is not None else None
+            for t in steps:
+                bs = batch_sizes[t]
+                if bs < rows:  # reverse direction: rows [bs, rows) began here from h0 / c0
+                    h0_parts_h.append(gh[bs:])
+                    h0_parts_c.append(gc[bs:])
+                    gh, gc = gh[:bs], gc[:bs]
+                elif bs > rows:  # forward direction: rows [rows, bs) ended here
+                    gh = torch.cat([gh, gh_init[rows:bs]])
+                    gc = torch.cat([gc, gc_init[rows:bs]])
+                rows = bs
+                if go is not None:
+                    gh = gh + go[t]
+                gg, gc = bwd(gh, gc, saved["c_prev"][t], saved["cy"][t], saved["ws"][t])
+                grads[t] = gg
+                gh = torch.mm(gg, w_hh)
+            grad_h0 = torch.cat([gh] + h0_parts_h[::-1]) if h0_parts_h else gh
+            grad_c0 = torch.cat([gc] + h0_parts_c[::-1]) if h0_parts_c else gc
+            G = torch.cat(grads) if T > 1 else grads[0]
+            need = ctx.needs_input_grad
+            grad_x = torch.mm(G, w_ih) if need[0] else None
+            grad_w_ih = torch.mm(G.t(), x) if need[3] else None
+            grad_w_hh = None
+            if need[4]:
+                h_prev = torch.cat(saved["h_prev"]) if T > 1 else saved["h_prev"][0]
+                grad_w_hh = torch.mm(G.t(), h_prev)
+            grad_b = G.sum(0) if (need[5] or need[6]) else None
         ctx.saved = None
         return (grad_x, grad_h0 if need[1] else None, grad_c0 if need[2] else None, grad_w_ih, grad_w_hh,
                 grad_b if ctx.has_bias[0] and need[5] else None, grad_b if ctx.has_bias[1] and need[6] else None,
@@ -336,9 +400,11 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_
     batch_sizes = tuple(int(b) for b in batch_sizes)
     family = FAMILIES[backend]
     if backend == "reference":
-        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None)
+        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None,
+                              reuse_buffers=False)
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _LSTMLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family)
     with torch.no_grad():
-        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None)
+        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None,
+                              reuse_buffers=True)
