@@ -23,13 +23,22 @@ import torch  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow (the full static compile matrix, large interpreter runs)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (cuda marker)")
+    # Slow tests (tens of minutes on 2 cores) stay out of the default run and CI's 30-minute budget;
+    # `pytest --run-slow` or SEQKERNELS_SLOW_TESTS=1 runs them.
+    run_slow = config.getoption("--run-slow") or os.environ.get("SEQKERNELS_SLOW_TESTS") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (cuda marker)")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture(autouse=True)
