@@ -709,7 +709,7 @@ _TABLES: dict[str, dict[tuple[int, int, int], _Cell]] = {
     },
     # Head dims of 256 run dK and dV as two launches (KV_PART), each with these configs.
     "dkdv": {
-        (90, 2, 64): ([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)], [(32, 128, 8, 3), (32, 64, 4, 2)]),
+        (90, 2, 64): ([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)], [(32, 128, 8, 3), (32, 64, 8, 2)]),
         (90, 2, 128): ([(32, 128, 8, 3), (32, 128, 8, 2), (16, 64, 4, 3)], [(16, 128, 8, 2)]),
         # 64 keys per block with masks or dropout spill at this width; 32 keys fall back to mma.sync.
         (90, 2, 256): ([(32, 64, 8, 2)], [(16, 32, 8, 2)]),
@@ -718,14 +718,19 @@ _TABLES: dict[str, dict[tuple[int, int, int], _Cell]] = {
         (80, 2, 256): ([(32, 64, 8, 2), (16, 64, 8, 2)], [(32, 64, 8, 2), (16, 64, 8, 2)]),
     },
 }
+# float32, the same on both arch classes: (light, heavy) per head-dim bucket. The heavy dQ and
+# 256-wide dK/dV entries differ from the light ones: with mask, kv_lengths and the Philox state
+# live, the light tiles leave a stack frame of 8-128 B (ptxas), so they use more warps or fewer
+# pipeline stages.
 for _kernel, _fp32 in {
-    "fwd": {64: [(32, 32, 4, 2)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
-    "dq": {64: [(32, 32, 4, 2)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
-    "dkdv": {64: [(16, 32, 4, 2)], 128: [(16, 16, 4, 2)], 256: [(16, 16, 4, 2)]},
+    "fwd": {64: ([(32, 32, 4, 2)],) * 2, 128: ([(16, 16, 4, 2)],) * 2, 256: ([(16, 16, 4, 2)],) * 2},
+    "dq": {64: ([(32, 32, 4, 2)], [(32, 16, 4, 2)]), 128: ([(16, 16, 4, 2)], [(16, 16, 8, 2)]),
+           256: ([(16, 16, 4, 2)], [(16, 16, 8, 1)])},
+    "dkdv": {64: ([(16, 32, 4, 2)],) * 2, 128: ([(16, 16, 4, 2)],) * 2, 256: ([(16, 16, 4, 2)], [(16, 16, 8, 2)])},
 }.items():
     for _arch in _ARCH_CLASSES:
-        for _bucket, _cfgs in _fp32.items():
-            _TABLES[_kernel][(_arch, 4, _bucket)] = (_cfgs, _cfgs)
+        for _bucket, _cell in _fp32.items():
+            _TABLES[_kernel][(_arch, 4, _bucket)] = _cell
 
 # One config under the interpreter (multi-config autotuning needs a GPU): tiles large enough to
 # keep the interpreter's per-operation cost down, with query and key tiles of different sizes so a

@@ -397,13 +397,16 @@ def _signature_and_attrs(kernel, signature: dict) -> tuple[dict, dict]:
 
 
 def compile_triton_config(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
-                          arch: int) -> dict:
-    """Compile one configuration for one arch; resource usage from the cubin."""
+                          arch: int, attrs: dict | None = None) -> dict:
+    """Compile one configuration for one arch; resource usage from the cubin. `attrs` (as
+    ASTSource takes them) replaces the divisibility hints derived from the signature, for modules
+    that state exactly which arguments the JIT sees divisible by 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig, attrs = _signature_and_attrs(kernel, signature)
+    sig, derived = _signature_and_attrs(kernel, signature)
+    attrs = derived if attrs is None else attrs
     src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -430,16 +433,35 @@ def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
     return ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",warps={num_warps},stages={num_stages}"
 
 
+def _entry_expects(entry):
+    # Entries may carry `mma` ("wgmma", "mma.sync" or None): the instruction their tiles allow.
+    mma = getattr(entry, "mma", "unset")
+    if mma != "unset":
+        return "mma" if mma == "mma.sync" else bool(mma)
+    expects = entry[5]
+    return expects if expects == "mma" else bool(expects)
+
+
+def _entry_archs(entry, archs: list[int]) -> list[int]:
+    # An entry of a per-arch tuning table (`arch` attribute) is compiled for the arch classes it
+    # serves: 80 covers sm_8x, 90 sm_9x and newer, within the requested list.
+    own = getattr(entry, "arch", None)
+    if own is None:
+        return archs
+    return [a for a in archs if (a >= 90) == (own >= 90)]
+
+
 def _triton_job(modname: str, index: int, arch: int) -> dict:
-    kernel, signature, constexprs, num_warps, num_stages, expects = \
-        importlib.import_module(modname).STATIC_CONFIGS[index]
+    entry = importlib.import_module(modname).STATIC_CONFIGS[index]
+    kernel, signature, constexprs, num_warps, num_stages, _ = entry
     name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel))
     row = {"kind": "triton", "source": modname, "kernel": name, "short_name": name,
-           "config": _config_label(constexprs, num_warps, num_stages), "arch": f"sm_{arch}",
-           "spill_stores": None, "spill_loads": None,
-           "expects_tensor_cores": expects if expects == "mma" else bool(expects)}
+           "config": getattr(entry, "name", None) or _config_label(constexprs, num_warps, num_stages),
+           "arch": f"sm_{arch}", "spill_stores": None, "spill_loads": None,
+           "expects_tensor_cores": _entry_expects(entry)}
     try:
-        row.update(compile_triton_config(kernel, signature, constexprs, num_warps, num_stages, arch))
+        row.update(compile_triton_config(kernel, signature, constexprs, num_warps, num_stages, arch,
+                                         attrs=getattr(entry, "attrs", None)))
         row["problems"] = _problems(row)
     except Exception as e:  # a config that does not compile is a finding, not a crash
         row.update({"registers": None, "shared_bytes": None, "stack_bytes": None, "local_bytes": None,
@@ -452,7 +474,7 @@ def _collect_triton_here(modules, archs) -> list[dict]:
     jobs = []
     for modname in modules:
         configs = getattr(importlib.import_module(modname), "STATIC_CONFIGS", [])
-        jobs += [(modname, i, arch) for i in range(len(configs)) for arch in archs]
+        jobs += [(modname, i, arch) for i, entry in enumerate(configs) for arch in _entry_archs(entry, archs)]
     workers = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
     if workers == 1 or len(jobs) < 2:
         return [_triton_job(*j) for j in jobs]
