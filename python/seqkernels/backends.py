@@ -90,7 +90,26 @@ class OpBackends:
 
 
 def _generic_why_not(op: OpBackends, backend: str, device: torch.device) -> Optional[str]:
-    dev = device.type
+    # What does not depend on the call's tensors depends only on the op, the backend, the device
+    # type and the environment, so it is computed once per combination: cheaper per call, and
+    # traceable under torch.compile (the dispatcher query and lru_cache'd import are not).
+    return _static_why_not(op.name, tuple(op.cpp_ops), op.triton_module, backend, device.type,
+                           triton_interpreting())
+
+
+_STATIC_REASONS: Dict[tuple, Optional[str]] = {}
+
+
+@torch._dynamo.assume_constant_result
+def _static_why_not(name: str, cpp_ops: tuple, triton_module: str, backend: str, dev: str,
+                    interpreting: bool) -> Optional[str]:
+    key = (name, cpp_ops, triton_module, backend, dev, interpreting)
+    if key not in _STATIC_REASONS:
+        _STATIC_REASONS[key] = _compute_static_why_not(cpp_ops, triton_module, backend, dev, interpreting)
+    return _STATIC_REASONS[key]
+
+
+def _compute_static_why_not(cpp_ops, triton_module, backend, dev, interpreting) -> Optional[str]:
     if backend == "reference":
         return None
     if backend in ("cpu", "cuda"):
@@ -102,19 +121,19 @@ def _generic_why_not(op: OpBackends, backend: str, device: torch.device) -> Opti
             return ("the extension was built without its CUDA part (rebuild with a CUDA build of torch and "
                     "nvcc present, SEQKERNELS_CUDA=1)")
         key = "CPU" if backend == "cpu" else "CUDA"
-        for cpp in op.cpp_ops:
+        for cpp in cpp_ops:
             if not _ext.has_kernel(cpp, key):
                 return NOT_IMPLEMENTED + f" (no {key} kernel for seqkernels::{cpp})"
         return None
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install triton)"
-        if dev == "cpu" and not triton_interpreting():
+        if dev == "cpu" and not interpreting:
             return "Triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing triton)"
         if dev not in ("cpu", "cuda"):
             return f"Triton does not run on {dev} tensors"
-        if not _triton_module_present(op.triton_module):
-            return NOT_IMPLEMENTED + f" (no seqkernels.triton_kernels.{op.triton_module})"
+        if not _triton_module_present(triton_module):
+            return NOT_IMPLEMENTED + f" (no seqkernels.triton_kernels.{triton_module})"
         return None
     raise AssertionError(backend)
 
