@@ -483,11 +483,6 @@ def test_static_compile_sample(pattern):
     _check_static(pattern)
 
 
-@pytest.mark.slow
-def test_static_compile_all():
-    _check_static(".")
-
-
 # ------------------------------------------------------------------------------------------------
 # GPU only: realistic sizes through the autotuner
 # ------------------------------------------------------------------------------------------------
