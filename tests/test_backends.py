@@ -65,6 +65,7 @@ def test_explain_reports_every_backend():
 def test_not_implemented_is_reported_not_rerouted(monkeypatch):
     q, k, v = _qkv()
     monkeypatch.setattr(backends._ext, "has_kernel", lambda op, key: False)
+    monkeypatch.setattr(backends, "_STATIC_REASONS", {})  # the per-(op, backend, device) cache
     call = attn_ops.prepare_attention(q, k, v)
     assert backends.why_not(attn_ops.OP, "cpu", q.device, call).startswith(backends.NOT_IMPLEMENTED)
     with pytest.raises(seqkernels.BackendError, match="not implemented on this backend yet"):

@@ -100,13 +100,18 @@ def _generic_why_not(op: OpBackends, backend: str, device: torch.device) -> Opti
 _STATIC_REASONS: Dict[tuple, Optional[str]] = {}
 
 
-@torch._dynamo.assume_constant_result
 def _static_why_not(name: str, cpp_ops: tuple, triton_module: str, backend: str, dev: str,
                     interpreting: bool) -> Optional[str]:
     key = (name, cpp_ops, triton_module, backend, dev, interpreting)
     if key not in _STATIC_REASONS:
         _STATIC_REASONS[key] = _compute_static_why_not(cpp_ops, triton_module, backend, dev, interpreting)
     return _STATIC_REASONS[key]
+
+
+# What torch.compiler.assume_constant_result does (Dynamo calls the function at trace time and
+# bakes the result in), without importing torch._dynamo here: that import pulls in triton, which
+# must not load into the sanitizer-preloaded processes of the emulation tests.
+_static_why_not._dynamo_marked_constant = True
 
 
 def _compute_static_why_not(cpp_ops, triton_module, backend, dev, interpreting) -> Optional[str]:
