@@ -35,7 +35,9 @@ def __getattr__(name):
         import importlib
 
         mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod), attr)
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value  # later lookups skip this hook (it costs microseconds per call)
+        return value
     if name in ("nn", "testing", "reference", "integrations"):
         import importlib
 
