@@ -13,10 +13,7 @@ import os
 if not (os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json
 import math
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -24,6 +21,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 import triton.language as tl
+from aot_static import compile_static
 from seqkernels.reference import (
     attention_bwd_ref,
     attention_ref,
@@ -421,48 +419,11 @@ def test_interpreter_runs_exactly_one_config():
 # ------------------------------------------------------------------------------------------------
 
 
-_STATIC_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from seqkernels.triton_kernels.attention import STATIC_CONFIGS
-
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-for cfg in STATIC_CONFIGS:
-    if not re.search(sys.argv[1], cfg.name):
-        continue
-    k = triton.compile(ASTSource(cfg.kernel_fn, cfg.signature, cfg.constexprs, cfg.attrs),
-                       target=GPUTarget("cuda", cfg.arch, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    use = dict(zip(("regs", "stack", "shared", "local"),
-                   map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text).groups())))
-    ptx = k.asm["ptx"]
-    print(json.dumps(dict(name=cfg.name, arch=cfg.arch, mma=cfg.mma, smem=k.metadata.shared,
-                          wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, **use)), flush=True)
-"""
-
 _SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-def _compile_static(pattern):
-    """Compile the STATIC_CONFIGS whose name matches ``pattern`` for their architecture, in a fresh
-    process where triton is not interpreting (the interpreter's kernels cannot be compiled)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    pkg = os.path.dirname(os.path.dirname(os.path.dirname(tk.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([pkg] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", _STATIC_SCRIPT, pattern], capture_output=True, text=True, env=env, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-
-
 def _check_static(pattern):
-    results = _compile_static(pattern)
+    results = compile_static("seqkernels.triton_kernels.attention", pattern)
     assert results, f"no static config matches {pattern!r}"
     bad = []
     for r in results:

@@ -9,6 +9,7 @@ import seqkernels
 from seqkernels import backends, reference, testing
 from seqkernels.ops import lstm as lstm_ops
 
+from aot_static import compile_static
 from conftest import HAS_CUDA
 
 BACKENDS = ["reference", "cpu", "triton"] + (["cuda"] if HAS_CUDA else [])
@@ -355,48 +356,8 @@ def test_gpu_large_batch_parity(backend, dtype):
 # Triton ahead of time (no GPU needed): the STATIC_CONFIGS compile for sm_80 / sm_90 without
 # spills or shared memory, with 16-byte vector accesses.
 
-_STATIC_SCRIPT = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from seqkernels.triton_kernels.lstm_cell import STATIC_CONFIGS
-
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-for cfg in STATIC_CONFIGS:
-    if not re.search(sys.argv[1], cfg.name):
-        continue
-    k = triton.compile(ASTSource(cfg.kernel_fn, cfg.signature, cfg.constexprs, cfg.attrs),
-                       target=GPUTarget("cuda", cfg.arch, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    use = dict(zip(("regs", "stack", "shared", "local"),
-                   map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text).groups())))
-    ptx = k.asm["ptx"]
-    vec16 = r"global[.\w:]*\.(?:v4\.[bfu]32|v2\.[bf]64)"  # one 16-byte access
-    print(json.dumps(dict(name=cfg.name, smem=k.metadata.shared, v4_loads=len(re.findall("ld\\." + vec16, ptx)),
-                          v4_stores=len(re.findall("st\\." + vec16, ptx)), **use)), flush=True)
-"""
-
-
 def _check_static(pattern):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from seqkernels.triton_kernels import lstm_cell as tk
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    pkg = os.path.dirname(os.path.dirname(os.path.dirname(tk.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([pkg] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", _STATIC_SCRIPT, pattern], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    results = compile_static("seqkernels.triton_kernels.lstm_cell", pattern)
     assert len(results) >= pattern.count("|") + 1, f"a pattern of {pattern!r} matches no static config"
     bad = [f"{r['name']}: {r}" for r in results
            if r["stack"] or r["local"] or r["smem"] or not (r["v4_loads"] and r["v4_stores"])]

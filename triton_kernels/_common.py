@@ -13,6 +13,7 @@ import triton
 
 __all__ = [
     "INTERPRET",
+    "StaticConfig",
     "block_dim",
     "device_arch",
     "dot_precision",
@@ -59,3 +60,37 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not tf32_requested():
         return "ieee"
     return "tf32"  # ignored by tl.dot for 16-bit inputs
+
+
+class StaticConfig(tuple):
+    """One compiled variant for the static (no-GPU) report (seqkernels.kernel_report), listed in a
+    kernel module's ``STATIC_CONFIGS``: behaves as the tuple
+    ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
+    ``arch`` (the compute capability of the tuning table it comes from; None: every arch the report
+    compiles for), ``attrs`` (divisibility hints as ``triton.compiler.ASTSource`` takes them) and a
+    readable ``name``. ``expects_mma``: True for tensor cores in the arch's best form (wgmma on
+    sm_90, mma.sync before), ``"mma"`` for mma.sync on every arch (tiles below wgmma's 64 rows),
+    False for kernels without matrix products on tensor cores."""
+
+    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
+        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
+        self.arch = arch
+        self.attrs = attrs
+        self.name = name
+        return self
+
+    kernel_fn = property(lambda self: self[0])
+    signature = property(lambda self: self[1])
+    constexprs = property(lambda self: self[2])
+    num_warps = property(lambda self: self[3])
+    num_stages = property(lambda self: self[4])
+    expects_mma = property(lambda self: self[5])
+
+    def mma_for(self, arch: int):
+        """The tensor-core instruction the PTX for `arch` must contain: "wgmma", "mma.sync" or None."""
+        if not self.expects_mma:
+            return None
+        return "wgmma" if self.expects_mma is True and arch >= 90 else "mma.sync"
+
+    def __repr__(self) -> str:
+        return f"StaticConfig({self.name})"

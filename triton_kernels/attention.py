@@ -57,6 +57,7 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
+    StaticConfig,
     block_dim,
     device_arch,
     dot_precision,
@@ -998,33 +999,6 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
 # --------------------------------------------------------------------------------------------
 
 
-class StaticConfig(tuple):
-    """One compiled variant for the static (no-GPU) report: behaves as the tuple
-    ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
-    ``mma`` (the tensor-core instruction its PTX must contain: "wgmma", "mma.sync", or None for
-    kernels without matrix products on tensor cores), ``arch`` (the compute capability its tuning
-    table is for), ``attrs`` (divisibility hints as
-    ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
-
-    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, *, mma, arch, attrs, name):
-        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, mma is not None))
-        self.mma = mma
-        self.arch = arch
-        self.attrs = attrs
-        self.name = name
-        return self
-
-    kernel_fn = property(lambda self: self[0])
-    signature = property(lambda self: self[1])
-    constexprs = property(lambda self: self[2])
-    num_warps = property(lambda self: self[3])
-    num_stages = property(lambda self: self[4])
-    expects_mma = property(lambda self: self[5])
-
-    def __repr__(self) -> str:
-        return f"StaticConfig({self.name})"
-
-
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Arguments that are 1 for tensors with a contiguous last dimension: Triton specializes an
 # integer argument equal to 1 into a constant, so the representative compile does the same.
@@ -1093,14 +1067,14 @@ def _static_configs() -> list[StaticConfig]:
                         # float32 uses IEEE products on the FMA units: no tensor-core MMA to expect.
                         # wgmma needs 64 rows (queries, or keys in the dK/dV kernel) per warpgroup.
                         rows = bn if kname == "dkdv" else bm
-                        mma = None if elt == 4 else ("wgmma" if arch >= 90 and rows >= 64 else "mma.sync")
-                        out.append(StaticConfig(fn, sig, consts, w, s, mma=mma, arch=arch, attrs=attrs, name=name))
+                        expects = False if elt == 4 else (True if arch < 90 or rows >= 64 else "mma")
+                        out.append(StaticConfig(fn, sig, consts, w, s, expects, arch=arch, attrs=attrs, name=name))
     for arch in _ARCH_CLASSES:
         for bucket in _DIM_BUCKETS:
             constexprs = dict(BLOCK_M=max(16, min(128, 8192 // bucket)), BLOCK_DV=bucket, EVEN_DV=True)
             fn = _attention_bwd_preprocess_kernel
             sig, consts, attrs = _static_signature(fn, torch.bfloat16, constexprs, False)
-            out.append(StaticConfig(fn, sig, consts, 4, 1, mma=None, arch=arch, attrs=attrs,
+            out.append(StaticConfig(fn, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
                                     name=f"{fn.__name__} sm_{arch} bf16 D{bucket} BLOCK_M={constexprs['BLOCK_M']}"))
     return out
 

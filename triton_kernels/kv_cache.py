@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import StaticConfig
+
 __all__ = ["kv_cache_append", "decode_attention", "append_unsupported_reason", "decode_unsupported_reason",
            "STATIC_CONFIGS", "MAX_HEAD_DIM"]
 
@@ -373,30 +375,6 @@ def decode_unsupported_reason(q, k_cache, v_cache) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time compile list
 # --------------------------------------------------------------------------------------------
-
-
-class StaticConfig(tuple):
-    """One compiled variant for the static (no-GPU) report: behaves as the tuple
-    ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
-    ``arch`` (None: every arch the report compiles for), ``attrs`` (divisibility hints as
-    ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
-
-    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
-        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
-        self.arch = arch
-        self.attrs = attrs
-        self.name = name
-        return self
-
-    kernel_fn = property(lambda self: self[0])
-    signature = property(lambda self: self[1])
-    constexprs = property(lambda self: self[2])
-    num_warps = property(lambda self: self[3])
-    num_stages = property(lambda self: self[4])
-    expects_mma = property(lambda self: self[5])
-
-    def __repr__(self) -> str:
-        return f"StaticConfig({self.name})"
 
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

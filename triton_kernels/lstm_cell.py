@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import StaticConfig
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Largest tile, in (row, hidden unit) elements: each element keeps about a dozen values live
 # (4 gates, their activations, c), so float64 gets a quarter of the tile to stay within registers.
@@ -255,30 +257,6 @@ def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile list (the static no-GPU report compiles each for its arch: no spills, no
 # local memory). Same protocol as the other kernel files.
-
-class StaticConfig(tuple):
-    """One compiled variant for the static (no-GPU) report: behaves as the tuple
-    ``(kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma)`` and also carries
-    ``arch`` (the compute capability it is compiled for), ``attrs`` (divisibility hints as
-    ``triton.compiler.ASTSource`` takes them) and a readable ``name``."""
-
-    def __new__(cls, kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma, *, arch, attrs, name):
-        self = super().__new__(cls, (kernel_fn, signature, constexprs, num_warps, num_stages, expects_mma))
-        self.arch = arch
-        self.attrs = attrs
-        self.name = name
-        return self
-
-    kernel_fn = property(lambda self: self[0])
-    signature = property(lambda self: self[1])
-    constexprs = property(lambda self: self[2])
-    num_warps = property(lambda self: self[3])
-    num_stages = property(lambda self: self[4])
-    expects_mma = property(lambda self: self[5])
-
-    def __repr__(self) -> str:
-        return f"StaticConfig({self.name})"
-
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 

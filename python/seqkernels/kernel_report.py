@@ -433,15 +433,6 @@ def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
     return ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",warps={num_warps},stages={num_stages}"
 
 
-def _entry_expects(entry):
-    # Entries may carry `mma` ("wgmma", "mma.sync" or None): the instruction their tiles allow.
-    mma = getattr(entry, "mma", "unset")
-    if mma != "unset":
-        return "mma" if mma == "mma.sync" else bool(mma)
-    expects = entry[5]
-    return expects if expects == "mma" else bool(expects)
-
-
 def _entry_archs(entry, archs: list[int]) -> list[int]:
     # An entry of a per-arch tuning table (`arch` attribute) is compiled for the arch classes it
     # serves: 80 covers sm_8x, 90 sm_9x and newer, within the requested list.
@@ -453,12 +444,12 @@ def _entry_archs(entry, archs: list[int]) -> list[int]:
 
 def _triton_job(modname: str, index: int, arch: int) -> dict:
     entry = importlib.import_module(modname).STATIC_CONFIGS[index]
-    kernel, signature, constexprs, num_warps, num_stages, _ = entry
+    kernel, signature, constexprs, num_warps, num_stages, expects = entry
     name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel))
     row = {"kind": "triton", "source": modname, "kernel": name, "short_name": name,
            "config": getattr(entry, "name", None) or _config_label(constexprs, num_warps, num_stages),
            "arch": f"sm_{arch}", "spill_stores": None, "spill_loads": None,
-           "expects_tensor_cores": _entry_expects(entry)}
+           "expects_tensor_cores": expects if expects == "mma" else bool(expects)}
     try:
         row.update(compile_triton_config(kernel, signature, constexprs, num_warps, num_stages, arch,
                                          attrs=getattr(entry, "attrs", None)))

@@ -1,0 +1,54 @@
+"""Ahead-of-time compilation of sampled Triton STATIC_CONFIGS for the kernel tests (no GPU needed).
+
+The whole list of every module is compiled by seqkernels.kernel_report (tests/test_static_triton.py);
+the kernel tests compile a few entries and check what matters to their kernels. Compilation runs in
+a fresh process where triton is not interpreting (the interpreter's kernels cannot be compiled).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import seqkernels
+
+_SCRIPT = r"""
+import importlib, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+vec16 = r"global[.\w:]*\.(?:v4\.[bfu]32|v2\.[bf]64)"  # one 16-byte access
+for cfg in importlib.import_module(sys.argv[1]).STATIC_CONFIGS:
+    if not re.search(sys.argv[2], cfg.name):
+        continue
+    k = triton.compile(ASTSource(cfg.kernel_fn, cfg.signature, cfg.constexprs, cfg.attrs),
+                       target=GPUTarget("cuda", cfg.arch, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    use = dict(zip(("regs", "stack", "shared", "local"),
+                   map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text).groups())))
+    ptx = k.asm["ptx"]
+    print(json.dumps(dict(name=cfg.name, arch=cfg.arch, mma=cfg.mma_for(cfg.arch), smem=k.metadata.shared,
+                          wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx,
+                          v4_loads=len(re.findall("ld\\." + vec16, ptx)),
+                          v4_stores=len(re.findall("st\\." + vec16, ptx)), **use)), flush=True)
+"""
+
+
+def compile_static(module: str, pattern: str) -> list:
+    """Compile the STATIC_CONFIGS of `module` whose name matches the regex `pattern`, each for its
+    arch; one dict per config: name, arch, mma (expected instruction), smem, regs, stack, shared,
+    local, wgmma / mma_sync (present in the PTX), v4_loads / v4_stores (16-byte global accesses)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    pkg = os.path.dirname(os.path.dirname(seqkernels.__file__))
+    env["PYTHONPATH"] = os.pathsep.join([pkg] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, module, pattern], capture_output=True, text=True, env=env,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
