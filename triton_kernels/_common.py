@@ -14,7 +14,9 @@ import triton
 __all__ = [
     "INTERPRET",
     "StaticConfig",
+    "TRITON_DTYPE",
     "block_dim",
+    "device_unsupported_reason",
     "device_arch",
     "dot_precision",
     "interpreting",
@@ -34,6 +36,28 @@ def interpreting() -> bool:
 def block_dim(d: int) -> int:
     """Padded block size of a head dimension: a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(d))
+
+
+# torch dtype -> the element type of a Triton pointer in an ahead-of-time signature.
+TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def device_unsupported_reason(device: torch.device) -> str | None:
+    """None when Triton kernels can run on `device`, else why not: CUDA needs sm_80 or newer (every
+    kernel here is tuned and statically checked for sm_80/sm_90 only), CPU tensors need the
+    interpreter, any other device type is unsupported."""
+    if device.type == "cuda":
+        if not INTERPRET:
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                return f"the Triton kernels need compute capability >= 8.0 (this GPU is sm_{major}{minor})"
+        return None
+    if device.type == "cpu":
+        if INTERPRET:
+            return None
+        return ("CPU tensors run on the Triton kernels only under the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before triton is imported)")
+    return f"device type {device.type!r} is not supported by the Triton kernels (cuda; cpu when interpreting)"
 
 
 def length_bucket(n: int) -> int:

@@ -57,9 +57,11 @@ import triton.language as tl
 
 from ._common import (
     INTERPRET,
+    TRITON_DTYPE,
     StaticConfig,
     block_dim,
     device_arch,
+    device_unsupported_reason,
     dot_precision,
     length_bucket,
 )
@@ -815,17 +817,9 @@ def unsupported_reason(q, k, v, attn_mask, kv_lengths, dropout_p) -> str | None:
     dev = q.device
     if k.device != dev or v.device != dev:
         return "q, k, v must be on one device"
-    if dev.type == "cuda":
-        if not INTERPRET:
-            major, minor = torch.cuda.get_device_capability(dev)
-            if major < 8:
-                return f"the Triton kernels need compute capability >= 8.0 (this GPU is sm_{major}{minor})"
-    elif dev.type == "cpu":
-        if not INTERPRET:
-            return ("CPU tensors run on the Triton kernels only under the Triton interpreter "
-                    "(set TRITON_INTERPRET=1 before triton is imported)")
-    else:
-        return f"device type {dev.type!r} is not supported by the Triton kernels (cuda; cpu when interpreting)"
+    reason = device_unsupported_reason(dev)
+    if reason is not None:
+        return reason
     D, Dv = q.shape[-1], v.shape[-1]
     if k.shape[-1] != D:
         return f"k's head dim {k.shape[-1]} differs from q's {D}"
@@ -999,7 +993,6 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
 # --------------------------------------------------------------------------------------------
 
 
-_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Arguments that are 1 for tensors with a contiguous last dimension: Triton specializes an
 # integer argument equal to 1 into a constant, so the representative compile does the same.
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_mn"}
@@ -1010,7 +1003,7 @@ _UNALIGNED_INTS = {"Lq", "Lk", "window_left", "window_right", "seed_lo", "seed_h
 
 
 def _static_signature(kernel_fn, dtype: torch.dtype, constexprs: dict, mask_bool: bool):
-    elt = _TORCH_TO_TRITON[dtype]
+    elt = TRITON_DTYPE[dtype]
     signature, consts, attrs = {}, {}, {}
     for idx, name in enumerate(kernel_fn.arg_names):
         if name in constexprs:
@@ -1062,7 +1055,7 @@ def _static_configs() -> list[StaticConfig]:
                             constexprs["KV_PART"] = part
                             label = {0: "", 1: " dk", 2: " dv"}[part]
                         sig, consts, attrs = _static_signature(fn, dtype, constexprs, False)
-                        name = (f"{fn.__name__}{label} sm_{arch} {_TORCH_TO_TRITON[dtype]} D{bucket} {vname} "
+                        name = (f"{fn.__name__}{label} sm_{arch} {TRITON_DTYPE[dtype]} D{bucket} {vname} "
                                 f"BLOCK_M={bm} BLOCK_N={bn} warps={w} stages={s}")
                         # float32 uses IEEE products on the FMA units: no tensor-core MMA to expect.
                         # wgmma needs 64 rows (queries, or keys in the dK/dV kernel) per warpgroup.

@@ -34,13 +34,12 @@ Interpreter (TRITON_INTERPRET=1, CPU tensors): tiles are cast to float32 right a
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import StaticConfig
+from ._common import INTERPRET, TRITON_DTYPE, StaticConfig, block_dim, device_unsupported_reason, dot_precision
 
 __all__ = ["kv_cache_append", "decode_attention", "append_unsupported_reason", "decode_unsupported_reason",
            "STATIC_CONFIGS", "MAX_HEAD_DIM"]
@@ -48,14 +47,6 @@ __all__ = ["kv_cache_append", "decode_attention", "append_unsupported_reason", "
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# The interpreter is fixed when triton.jit decorates the kernels, i.e. at import of this module.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
 
 # --------------------------------------------------------------------------------------------
 # Append
@@ -274,7 +265,7 @@ def _decode_config(n_rows: int, D: int, Dv: int, dtype: torch.dtype, interpret: 
     block_m = max(16, min(64, triton.next_power_of_2(n_rows)))
     if interpret:
         return block_m, 16, 4, 1
-    widest = max(_block(D), _block(Dv))
+    widest = max(block_dim(D), block_dim(Dv))
     if dtype == torch.float32:
         return 16, 16, (8 if widest > 128 else 4), 2
     if widest <= 64:
@@ -282,10 +273,6 @@ def _decode_config(n_rows: int, D: int, Dv: int, dtype: torch.dtype, interpret: 
     if widest <= 128:
         return block_m, 64, (8 if block_m == 64 else 4), 2
     return block_m, 32, (8 if block_m >= 32 else 4), 2
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 or INTERPRET else "tf32"
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right, num_splits):
@@ -326,8 +313,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, win
         *q.stride(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         *o_strides, *l_strides, bt_stride,
-        D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block(D), BLOCK_DV=_block(Dv), PAGED=paged,
-        UPCAST=INTERPRET, DOT_PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), PAGED=paged,
+        UPCAST=INTERPRET, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     if split:
         _decode_merge_kernel[(B * Hq * Tq,)](
@@ -344,27 +331,16 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, win
 # --------------------------------------------------------------------------------------------
 
 
-def _device_reason(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return None
-    if t.device.type == "cpu":
-        if INTERPRET:
-            return None
-        return ("CPU tensors run on the Triton kernels only under the Triton interpreter "
-                "(set TRITON_INTERPRET=1 before triton is imported)")
-    return f"device type {t.device.type!r} is not supported by the Triton kernels (cuda; cpu when interpreting)"
-
-
 def append_unsupported_reason(k_cache, k_new) -> str | None:
     if k_cache.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {k_cache.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
-    return _device_reason(k_cache)
+    return device_unsupported_reason(k_cache.device)
 
 
 def decode_unsupported_reason(q, k_cache, v_cache) -> str | None:
     if q.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
-    reason = _device_reason(q)
+    reason = device_unsupported_reason(q.device)
     if reason is not None:
         return reason
     if max(q.shape[-1], v_cache.shape[-1]) > MAX_HEAD_DIM:
@@ -377,7 +353,6 @@ def decode_unsupported_reason(q, k_cache, v_cache) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Strides of a contiguous last dimension are 1, which Triton specializes into a constant at run time.
 _UNIT_STRIDES = {"stride_q3", "stride_kn3", "stride_vn3", "stride_o3", "stride_p3"}
 _POINTERS = {"Q", "KCache", "VCache", "KNew", "VNew", "Seqlens", "BlockTable", "Out", "Lse", "OPart", "LPart"}
@@ -408,7 +383,7 @@ def _static_signature(fn, dtype: torch.dtype, constexprs: dict, out_fp32: bool =
             elif name in _FP32_POINTERS or (out_fp32 and name == "Out"):
                 signature[name] = "*fp32"
             else:
-                signature[name] = f"*{_TRITON_DTYPE[dtype]}"
+                signature[name] = f"*{TRITON_DTYPE[dtype]}"
             attrs[(idx,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
@@ -430,7 +405,7 @@ def _static_configs() -> list:
     (IEEE) FMA products, not TF32 tensor cores."""
     out = []
     for dtype in (torch.bfloat16, torch.float32):
-        elt = _TRITON_DTYPE[dtype]
+        elt = TRITON_DTYPE[dtype]
         for bucket in (64, 128, 256):
             for rows in ((1,) if dtype == torch.float32 else (1, 64)):
                 bm, bn, warps, stages = _decode_config(rows, bucket, bucket, dtype, interpret=False)

@@ -19,14 +19,13 @@ every output.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import StaticConfig
+from ._common import TRITON_DTYPE, StaticConfig, interpreting
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Largest tile, in (row, hidden unit) elements: each element keeps about a dozen values live
@@ -34,10 +33,6 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The interpreter runs a program as one numpy step: bigger tiles are simply faster there.
 _TILE = {2: 2048, 4: 2048, 8: 512}
 _INTERPRET_TILE = 8192
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -163,8 +158,8 @@ def _lstm_cell_bwd_kernel(
 # Launchers (signatures of the seqkernels::lstm_cell_fwd / lstm_cell_bwd schemas).
 
 def _blocks(B: int, H: int, elem_size: int) -> tuple[int, int]:
-    tile = _INTERPRET_TILE if _interpreting() else _TILE[elem_size]
-    block_h = min(triton.next_power_of_2(max(H, 1)), tile if _interpreting() else 256)
+    tile = _INTERPRET_TILE if interpreting() else _TILE[elem_size]
+    block_h = min(triton.next_power_of_2(max(H, 1)), tile if interpreting() else 256)
     block_b = max(1, min(triton.next_power_of_2(max(B, 1)), tile // block_h))
     return block_b, block_h
 
@@ -217,7 +212,7 @@ def lstm_cell_fwd(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: tor
         ig, hg, c, bih if bih is not None else ig, bhh if bhh is not None else ig, hy, cy, ws,
         B, H, ig.stride(0), hg.stride(0), c.stride(0),
         HAS_BIAS_IH=bih is not None, HAS_BIAS_HH=bhh is not None, F64=ig.dtype == torch.float64,
-        BF16_RNE=_interpreting() and ig.dtype == torch.bfloat16,
+        BF16_RNE=interpreting() and ig.dtype == torch.bfloat16,
         BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h, ig.element_size()),
     )
     return hy, cy, ws
@@ -248,7 +243,7 @@ def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tenso
         B, H, gh.stride(0) if gh is not None else 0, gc.stride(0) if gc is not None else 0,
         c.stride(0), cyr.stride(0), ws.stride(0),
         HAS_GRAD_HY=gh is not None, HAS_GRAD_CY=gc is not None, F64=ws.dtype == torch.float64,
-        BF16_RNE=_interpreting() and ws.dtype == torch.bfloat16,
+        BF16_RNE=interpreting() and ws.dtype == torch.bfloat16,
         BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h, ws.element_size()),
     )
     return grad_gates, grad_cx
@@ -258,7 +253,6 @@ def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tenso
 # Ahead-of-time compile list (the static no-GPU report compiles each for its arch: no spills, no
 # local memory). Same protocol as the other kernel files.
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def _static_signature(fn, dtype: torch.dtype, constexprs: dict):
@@ -271,7 +265,7 @@ def _static_signature(fn, dtype: torch.dtype, constexprs: dict):
             signature[name] = "constexpr"
             consts[name] = constexprs[name]
         elif name[0].isupper() and name not in ("B", "H"):
-            signature[name] = f"*{_TRITON_DTYPE[dtype]}"
+            signature[name] = f"*{TRITON_DTYPE[dtype]}"
             attrs[(idx,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
@@ -294,7 +288,7 @@ def _static_configs() -> list:
             for block_b, block_h in tiles:
                 warps = _num_warps(block_b, block_h, size)
                 common = dict(F64=dtype == torch.float64, BF16_RNE=False, BLOCK_B=block_b, BLOCK_H=block_h)
-                elt = _TRITON_DTYPE[dtype]
+                elt = TRITON_DTYPE[dtype]
                 for bias in (True, False):
                     c = dict(common, HAS_BIAS_IH=bias, HAS_BIAS_HH=bias)
                     sig, consts, attrs = _static_signature(_lstm_cell_fwd_kernel, dtype, c)
