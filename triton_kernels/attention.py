@@ -178,6 +178,28 @@ def _apply_attn_mask(s, mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
     return s
 
 
+@triton.jit
+def _scores(q, k, Mask_n, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, stride_mn,
+            m_rows, Lk, lk_b, qk_scale,
+            MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+            WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Log2-domain scores of a (query tile, key tile) pair with the attn_mask applied and, on a
+    boundary tile (MASKED), keys past lk_b and outside the causal/sliding window set to -inf.
+    Shared by the forward and the dQ kernel, which must agree on every visible position."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_MASK:
+        s = _apply_attn_mask(s, Mask_n, offs_m, offs_n, stride_mm, stride_mn, m_rows, Lk - start_n, MASKED, MASK_BOOL)
+    if MASKED:
+        cols = start_n + offs_n
+        visible = (cols < lk_b)[None, :]
+        if WINDOW_LEFT:
+            visible = visible & (cols[None, :] >= win_lo[:, None])
+        if WINDOW_RIGHT:
+            visible = visible & (cols[None, :] <= win_hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -198,18 +220,9 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, start, end,
         n64 = start_n.to(tl.int64)
         k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
                      MASKED, not EVEN_D, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_MASK:
-            s = _apply_attn_mask(s, Mask_bm + n64 * stride_mn, offs_m, offs_n, stride_mm, stride_mn,
-                                 m_rows, Lk - start_n, MASKED, MASK_BOOL)
-        if MASKED:
-            cols = start_n + offs_n
-            visible = (cols < lk_b)[None, :]
-            if WINDOW_LEFT:
-                visible = visible & (cols[None, :] >= win_lo[:, None])
-            if WINDOW_RIGHT:
-                visible = visible & (cols[None, :] <= win_hi[:, None])
-            s = tl.where(visible, s, float("-inf"))
+        s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, stride_mn,
+                    m_rows, Lk, lk_b, qk_scale, MASKED, HAS_MASK, MASK_BOOL, WINDOW_LEFT, WINDOW_RIGHT,
+                    DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0
         # rather than exp2(-inf - -inf) = NaN.
@@ -556,18 +569,9 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, start, end,
                      MASKED, not EVEN_D, UPCAST)
         v = _load_2d(V_bh + n64 * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, lk_b - start_n, Dv,
                      MASKED, not EVEN_DV, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if HAS_MASK:
-            s = _apply_attn_mask(s, Mask_bm + n64 * stride_mn, offs_m, offs_n, stride_mm, stride_mn,
-                                 m_rows, Lk - start_n, MASKED, MASK_BOOL)
-        if MASKED:
-            cols = start_n + offs_n
-            visible = (cols < lk_b)[None, :]
-            if WINDOW_LEFT:
-                visible = visible & (cols[None, :] >= win_lo[:, None])
-            if WINDOW_RIGHT:
-                visible = visible & (cols[None, :] <= win_hi[:, None])
-            s = tl.where(visible, s, float("-inf"))
+        s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, stride_mn,
+                    m_rows, Lk, lk_b, qk_scale, MASKED, HAS_MASK, MASK_BOOL, WINDOW_LEFT, WINDOW_RIGHT,
+                    DOT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
