@@ -21,6 +21,7 @@ __all__ = [
     "dot_precision",
     "interpreting",
     "length_bucket",
+    "static_signature",
     "tf32_requested",
 ]
 
@@ -58,6 +59,32 @@ def device_unsupported_reason(device: torch.device) -> str | None:
         return ("CPU tensors run on the Triton kernels only under the Triton interpreter "
                 "(set TRITON_INTERPRET=1 before triton is imported)")
     return f"device type {device.type!r} is not supported by the Triton kernels (cuda; cpu when interpreting)"
+
+
+def static_signature(fn, constexprs: dict, pointer_type, aligned_int, unit_strides=(), float_args=()):
+    """(signature, constexprs, attrs) of one ahead-of-time compile of the jitted `fn`, argument by
+    argument as Triton specializes them at run time: `constexprs` as given; `unit_strides` become the
+    constant 1 (the stride of a contiguous last dim); `float_args` are fp32 scalars; an argument for
+    which `pointer_type(name)` gives a type (e.g. "*bf16") is a pointer, 16-byte aligned as torch
+    allocates; every other argument is an i32, marked a multiple of 16 where `aligned_int(name)`."""
+    signature, consts, attrs = {}, {}, {}
+    for idx, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            consts[name] = constexprs[name]
+        elif name in unit_strides:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        elif name in float_args:
+            signature[name] = "fp32"
+        elif (ptr := pointer_type(name)) is not None:
+            signature[name] = ptr
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if aligned_int(name):
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
 
 
 def length_bucket(n: int) -> int:

@@ -64,6 +64,7 @@ from ._common import (
     device_unsupported_reason,
     dot_precision,
     length_bucket,
+    static_signature,
 )
 from .philox import dropout_keep, dropout_threshold, split_u64
 
@@ -1007,30 +1008,17 @@ _UNALIGNED_INTS = {"Lq", "Lk", "window_left", "window_right", "seed_lo", "seed_h
 
 
 def _static_signature(kernel_fn, dtype: torch.dtype, constexprs: dict, mask_bool: bool):
-    elt = TRITON_DTYPE[dtype]
-    signature, consts, attrs = {}, {}, {}
-    for idx, name in enumerate(kernel_fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            consts[name] = constexprs[name]
-        elif name in _UNIT_STRIDES:
-            signature[name] = "constexpr"
-            consts[name] = 1
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        elif name[0].isupper() and name not in ("Hq", "Lq", "Lk", "D", "Dv", "GROUP"):
-            if name == "Mask":
-                signature[name] = "*u8" if mask_bool else "*fp32"
-            elif name == "KVLens":
-                signature[name] = "*i32"
-            else:
-                signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{elt}"
-            attrs[(idx,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if name not in _UNALIGNED_INTS:
-                attrs[(idx,)] = [["tt.divisibility", 16]]
-    return signature, consts, attrs
+    def pointer_type(name):
+        if not name[0].isupper() or name in ("Hq", "Lq", "Lk", "D", "Dv", "GROUP"):
+            return None
+        if name == "Mask":
+            return "*u8" if mask_bool else "*fp32"
+        if name == "KVLens":
+            return "*i32"
+        return "*fp32" if name in _FP32_POINTERS else f"*{TRITON_DTYPE[dtype]}"
+
+    return static_signature(kernel_fn, constexprs, pointer_type, lambda name: name not in _UNALIGNED_INTS,
+                            _UNIT_STRIDES, _FLOAT_ARGS)
 
 
 def _static_configs() -> list[StaticConfig]:

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, TRITON_DTYPE, StaticConfig, block_dim, device_unsupported_reason, dot_precision
+from ._common import (INTERPRET, TRITON_DTYPE, StaticConfig, block_dim, device_unsupported_reason, dot_precision,
+                      static_signature)
 
 __all__ = ["kv_cache_append", "decode_attention", "append_unsupported_reason", "decode_unsupported_reason",
            "STATIC_CONFIGS", "MAX_HEAD_DIM"]
@@ -367,29 +368,17 @@ _ALIGNED_INTS = {"stride_q0", "stride_q1", "stride_q2", "stride_k0", "stride_k1"
 
 
 def _static_signature(fn, dtype: torch.dtype, constexprs: dict, out_fp32: bool = False):
-    signature, consts, attrs = {}, {}, {}
-    for idx, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            consts[name] = constexprs[name]
-        elif name in _UNIT_STRIDES:
-            signature[name] = "constexpr"
-            consts[name] = 1
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        elif name in _POINTERS:
-            if name in _INDEX_POINTERS:
-                signature[name] = "*i32"
-            elif name in _FP32_POINTERS or (out_fp32 and name == "Out"):
-                signature[name] = "*fp32"
-            else:
-                signature[name] = f"*{TRITON_DTYPE[dtype]}"
-            attrs[(idx,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if name in _ALIGNED_INTS:
-                attrs[(idx,)] = [["tt.divisibility", 16]]
-    return signature, consts, attrs
+    def pointer_type(name):
+        if name not in _POINTERS:
+            return None
+        if name in _INDEX_POINTERS:
+            return "*i32"
+        if name in _FP32_POINTERS or (out_fp32 and name == "Out"):
+            return "*fp32"
+        return f"*{TRITON_DTYPE[dtype]}"
+
+    return static_signature(fn, constexprs, pointer_type, lambda name: name in _ALIGNED_INTS, _UNIT_STRIDES,
+                            _FLOAT_ARGS)
 
 
 def _static_configs() -> list:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, StaticConfig, interpreting
+from ._common import TRITON_DTYPE, StaticConfig, interpreting, static_signature
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Largest tile, in (row, hidden unit) elements: each element keeps about a dozen values live
@@ -254,24 +254,14 @@ def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tenso
 # local memory). Same protocol as the other kernel files.
 
 
-
 def _static_signature(fn, dtype: torch.dtype, constexprs: dict):
     """Pointers of `dtype` (16-byte aligned, as torch allocates), int32 sizes. H and the row strides
     are taken as multiples of 16, as Triton specializes them at run time for the usual widths
     (H = 256, 512, ...): that is what lets every gate block load with 16-byte vectors. B is not."""
-    signature, consts, attrs = {}, {}, {}
-    for idx, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            consts[name] = constexprs[name]
-        elif name[0].isupper() and name not in ("B", "H"):
-            signature[name] = f"*{TRITON_DTYPE[dtype]}"
-            attrs[(idx,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride_") or name == "H":
-                attrs[(idx,)] = [["tt.divisibility", 16]]
-    return signature, consts, attrs
+    return static_signature(
+        fn, constexprs,
+        lambda name: f"*{TRITON_DTYPE[dtype]}" if name[0].isupper() and name not in ("B", "H") else None,
+        lambda name: name.startswith("stride_") or name == "H")
 
 
 def _static_configs() -> list:
