@@ -537,6 +537,9 @@ def format_table(rows: list[dict]) -> str:
             else "no"
         exp = r.get("expects_tensor_cores")
         want = {True: "yes", False: "no", "mma": "mma"}.get(exp)
+        if exp is True and r.get("kind") == "triton":
+            # Triton's best form per arch: wgmma from sm_90 on, mma.sync before.
+            want = "wgmma" if _arch_num(r["arch"]) >= 90 else "mma"
         return have + ("" if want is None else f" (expected {want})")
 
     lines = []
