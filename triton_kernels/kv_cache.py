@@ -34,7 +34,6 @@ Interpreter (TRITON_INTERPRET=1, CPU tensors): tiles are cast to float32 right a
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
