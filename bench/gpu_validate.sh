@@ -12,8 +12,14 @@ SEQKERNELS_CUDA=1 SEQKERNELS_CUDA_ARCHS="8.0;9.0" MAX_JOBS=${MAX_JOBS:-16} pytho
   || { tail -30 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/device.txt"
 python3 -m seqkernels info | tee "$OUT/info.txt"
-timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -x --timeout 120 tests/ -k "not emulat and not static and not sanitiz" \
-  > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?" | tee -a "$OUT/device.txt"; tail -15 "$OUT/pytest_gpu.log"
+# The GPU-marked tests first (every backend on CUDA tensors, the large-shape GPU cases): short, and
+# the part a lease must not miss. Then the rest of the suite while the time allows (its CPU and
+# interpreter grids do not need the GPU and take most of a lease).
+timeout ${GPU_TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/ -m cuda -rf \
+  > "$OUT/pytest_cuda_marked.log" 2>&1; echo "pytest -m cuda rc=$?" | tee -a "$OUT/device.txt"; tail -15 "$OUT/pytest_cuda_marked.log"
+timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --timeout 120 tests/ -m "not cuda" -rf \
+  -k "not emulat and not static and not sanitiz" \
+  > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rest rc=$?" | tee -a "$OUT/device.txt"; tail -15 "$OUT/pytest_gpu.log"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
     timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -x \

@@ -454,6 +454,9 @@ def test_static_compile_sample(pattern):
     Case(B=2, Hq=8, Hkv=8, Lq=1024, Lk=1024, D=128, dtype=BF16, window=CAUSAL),
     Case(B=1, Hq=8, Hkv=2, Lq=777, Lk=1031, D=64, dtype=F16, window=(128, 0), kv_lengths=(900,)),
     Case(B=1, Hq=4, Hkv=4, Lq=300, Lk=300, D=256, dtype=BF16, dropout_p=0.1),
+    # An illegal memory access on the H100 in a work-in-progress copy (bench/NOTES.md, entry 1):
+    # padded head dims that differ (40 -> 64, 24 -> 32) with a key length off every tile boundary.
+    Case(B=2, Hq=4, Hkv=2, Lq=37, Lk=50, D=40, Dv=24, dtype=F16, window=CAUSAL),
 ], ids=str)
 def test_gpu_large(case):
     if DEVICE != "cuda":
