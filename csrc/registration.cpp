@@ -33,6 +33,11 @@ TORCH_LIBRARY(seqkernels, m) {
   m.def(
       "lstm_cell_bwd(Tensor? grad_hy, Tensor? grad_cy, Tensor cx, Tensor cy, Tensor workspace) "
       "-> (Tensor grad_gates, Tensor grad_cx)");
+  // Inference-only fast path of seqkernels.nn.LSTM on CPU tensors (no autograd formula): a whole
+  // layer-direction over T steps, from the input projection (T, B, 4H) of every step.
+  m.def(
+      "lstm_layer_fwd(Tensor input_gates, Tensor h0, Tensor c0, Tensor weight_hh, Tensor? bias, "
+      "bool reverse) -> (Tensor out, Tensor h_n, Tensor c_n)");
 }
 
 // Lets `import seqkernels._C` succeed; the ops themselves live in torch.ops.seqkernels.

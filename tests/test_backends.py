@@ -80,3 +80,15 @@ def test_import_does_not_touch_cuda():
     code = ("import torch, seqkernels; "
             "assert not torch.cuda.is_initialized(), 'CUDA initialized at import'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_check_command_runs_on_this_machine(capsys):
+    # `seqkernels check` over every backend: the cuda rows run on a GPU and are skipped (not
+    # crashed on) where the extension has CUDA kernels but the machine has no device.
+    from seqkernels import check
+
+    assert check.main(ops=["lstm_cell", "kv_cache_append"], backends_=["cuda", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert " 0 failed" in out and "cpu" in out
+    if not torch.cuda.is_available():
+        assert "skip" in out

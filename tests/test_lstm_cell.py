@@ -408,3 +408,62 @@ def test_cpu_baseline_isa_path():
     env["PYTHONPATH"] = os.pathsep.join([pkg] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run([sys.executable, "-c", _SCALAR_PATH_SCRIPT], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU sequence kernel lstm_layer_fwd (inference path of seqkernels.nn.LSTM)
+
+needs_layer_op = pytest.mark.skipif(not lstm_ops._HAS_LAYER_OP, reason="extension built without lstm_layer_fwd")
+
+
+def _layer_inputs(T, B, H, dtype, bias):
+    t = [torch.randn(T, B, 4 * H), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, H) / H**0.5,
+         torch.randn(4 * H) * 0.5 if bias else None]
+    return [None if x is None else x.to(dtype) for x in t]
+
+
+@needs_layer_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("T,B,H,reverse,bias", [
+    (1, 1, 1, False, True), (5, 3, 37, False, True), (4, 2, 64, True, False),
+    (7, 5, 70, False, True),  # two unit blocks of 40 and 30: SIMD tails in both threads
+    (3, 4, 200, True, True), (2, 3, 520, False, False)])
+def test_layer_op_matches_reference(dtype, T, B, H, reverse, bias):
+    args = _layer_inputs(T, B, H, dtype, bias)
+    got = torch.ops.seqkernels.lstm_layer_fwd(*args, reverse)
+    exp = reference.lstm_layer_fwd_ref(*[None if a is None else a.double() for a in args], reverse)
+    base = reference.lstm_layer_fwd_ref(*args, reverse)
+    assert [g.shape for g in got] == [(T, B, H), (B, H), (B, H)] and all(g.dtype == dtype for g in got)
+    report = testing.compare(list(got), list(exp), list(base))
+    assert report.passed, str(report)
+
+
+@needs_layer_op
+def test_layer_op_single_thread_and_non_contiguous_inputs():
+    T, B, H = 4, 3, 96
+    ig, h0, c0, w, b = _layer_inputs(T, B, H, torch.float64, True)
+    exp = reference.lstm_layer_fwd_ref(ig, h0, c0, w, b, False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        got = torch.ops.seqkernels.lstm_layer_fwd(ig.transpose(0, 1).contiguous().transpose(0, 1), h0.t().contiguous().t(),
+                                                  c0, w.t().contiguous().t(), b, False)
+    finally:
+        torch.set_num_threads(threads)
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e)
+
+
+@needs_layer_op
+def test_layer_op_opcheck_and_errors():
+    ig, h0, c0, w, b = _layer_inputs(3, 2, 8, torch.float32, True)
+    torch.library.opcheck(torch.ops.seqkernels.lstm_layer_fwd.default, (ig, h0, c0, w, b, True))
+    op = torch.ops.seqkernels.lstm_layer_fwd
+    with pytest.raises(RuntimeError, match="input_gates must be float32 or float64"):
+        op(ig.half(), h0.half(), c0.half(), w.half(), None, False)
+    with pytest.raises(RuntimeError, match=r"weight_hh must have shape \(32, 8\)"):
+        op(ig, h0, c0, w[:, :7], b, False)
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
+        op(ig, h0[:1], c0, w, b, False)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        op(ig, h0, c0, w, b[:5], False)

@@ -12,6 +12,7 @@
 // AVX2 (ATEN_CPU_CAPABILITY=default forces the baseline path, as it does for torch). Elsewhere
 // at::vec is used at the build's baseline ISA (NEON on aarch64).
 
+#include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
@@ -21,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 // Headers that ATen/cpu/vec/vec.h pulls in besides its own: included here, before any target
 // pragma, so their inline functions are compiled for the baseline ISA only. (The vec headers
@@ -79,11 +81,22 @@ struct BwdArgs {
   int64_t H;
 };
 
+// One time step of lstm_layer_fwd: rows of B; every tensor contiguous (the wrapper makes them so).
+struct SeqStepArgs {
+  const void* input_gates;   // (B, 4H): this step's input projection
+  const void* hidden_gates;  // (B, 4 nu): h_prev @ W_hh^T for units [u0, u0 + nu), gate-major
+  const void* bias;          // (4H) or nullptr
+  void* c;                   // (B, H) cell state, updated in place
+  void* h_out;               // (B, H) this step's output
+  int64_t H, nu, u0;
+};
+
 template <typename S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 using FwdRangeFn = void (*)(const FwdArgs&, int64_t, int64_t, int64_t);
 using BwdRangeFn = void (*)(const BwdArgs&, int64_t, int64_t, int64_t);
+using SeqRangeFn = void (*)(const SeqStepArgs&, int64_t, int64_t, int64_t);
 
 // ---------------------------------------------------------------------------------------------
 // Baseline ISA: one element at a time (the x86 fallback for CPUs without AVX2).
@@ -289,6 +302,12 @@ BwdRangeFn bwd_kernel() {
   return use_vec_isa() ? &vec_isa::bwd_range<vec_isa::Lanes<S>> : &scalar_isa::bwd_range<scalar_isa::Lanes<S>>;
 }
 
+template <typename S>
+SeqRangeFn seq_kernel() {
+  return use_vec_isa() ? &vec_isa::seq_step_range<vec_isa::Lanes<S>>
+                       : &scalar_isa::seq_step_range<scalar_isa::Lanes<S>>;
+}
+
 // Work is split into (row, column block) units; a block is a multiple of every SIMD width, and a
 // task gets enough units that a thread's start-up cost stays small next to its work.
 constexpr int64_t kColBlock = 512;
@@ -398,10 +417,86 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const c10::optional<at::Ten
   return {grad_gates, grad_cx};
 }
 
+// A whole layer (one direction) of an LSTM over T steps of a batch of B, inference only: what
+// seqkernels.nn.LSTM runs on CPU tensors when no gradient is needed. input_gates (T, B, 4H) is the
+// input projection of every step (x @ W_ih^T, biases not included), weight_hh (4H, H).
+//
+// Why not the per-step ops from Python: on a few cores the per-step cost is what decides, and there
+// the recurrent GEMM split by the BLAS into threads, then the cell split again, forks and joins twice
+// a step and streams the whole W_hh (1 MB at H = 256) through each core's cache every step. Here the
+// hidden units are split once into one block per thread; each thread keeps its own slice of W_hh^T
+// (all four gates of its units, packed contiguous: 256 KB at H = 256 over two threads), runs its
+// recurrent GEMM single-threaded on it and then the cell of its units, so a step is one fork/join and
+// every thread reads the same slice step after step. The cell state never leaves its thread's columns.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tensor& input_gates, const at::Tensor& h0,
+                                                                   const at::Tensor& c0, const at::Tensor& weight_hh,
+                                                                   const c10::optional<at::Tensor>& bias, bool reverse) {
+  TORCH_CHECK(input_gates.dim() == 3 && input_gates.size(2) % 4 == 0,
+              "seqkernels::lstm_layer_fwd: input_gates must have shape (T, B, 4*H), got ", input_gates.sizes());
+  TORCH_CHECK(input_gates.scalar_type() == at::kFloat || input_gates.scalar_type() == at::kDouble,
+              "seqkernels::lstm_layer_fwd: input_gates must be float32 or float64, got ", input_gates.scalar_type());
+  TORCH_CHECK(input_gates.device().is_cpu(), "seqkernels::lstm_layer_fwd (CPU kernel): input_gates is on ",
+              input_gates.device());
+  const int64_t T = input_gates.size(0), B = input_gates.size(1), G = input_gates.size(2), H = G / 4;
+  TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) == G && weight_hh.size(1) == H,
+              "seqkernels::lstm_layer_fwd: weight_hh must have shape (", G, ", ", H, "), got ", weight_hh.sizes());
+  TORCH_CHECK(weight_hh.scalar_type() == input_gates.scalar_type() && weight_hh.device() == input_gates.device(),
+              "seqkernels::lstm_layer_fwd: weight_hh must have input_gates' dtype and device");
+  check_2d("h0", h0, B, H, input_gates.select(0, 0));
+  check_2d("c0", c0, B, H, input_gates.select(0, 0));
+  check_bias("bias", bias, G, input_gates);
+
+  auto opts = input_gates.options();
+  at::Tensor out = at::empty({T, B, H}, opts);
+  at::Tensor c = c0.contiguous().clone();
+  if (T == 0 || B == 0 || H == 0) return {out, h0.contiguous().clone(), c};
+  const at::Tensor ig = input_gates.contiguous(), h_init = h0.contiguous();
+  const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
+
+  // Unit blocks: one per thread, a multiple of 8 units (the SIMD width) except the last, at least
+  // 32 units each so a block's GEMM is not too thin to be worth a thread.
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / 32));
+  const int64_t per = ((H + threads - 1) / threads + 7) / 8 * 8;
+  const int64_t P = (H + per - 1) / per;
+  // Block p's rows of W_hh, packed contiguous (4 nu_p, H): row g * nu_p + (u - u0) = row g * H + u,
+  // multiplied as its transposed view. (A contiguous transposed copy, (H, 4 nu_p), makes MKL take a
+  // kernel whose float32 sums over K carry about 3x the rounding error of torch's own h @ W^T.)
+  at::Tensor w = weight_hh.contiguous();
+  std::vector<at::Tensor> wp(P), gates(P);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t u0 = p * per, nu = std::min(per, H - u0);
+    wp[p] = w.view({4, H, H}).narrow(1, u0, nu).reshape({4 * nu, H}).contiguous().t();
+    gates[p] = at::empty({B, 4 * nu}, opts);
+  }
+
+  at::Tensor h_prev = h_init;
+  AT_DISPATCH_FLOATING_TYPES(input_gates.scalar_type(), "lstm_layer_fwd_cpu", [&] {
+    const SeqRangeFn cell = seq_kernel<scalar_t>();
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      at::Tensor h_t = out.select(0, t);
+      const at::Tensor ig_t = ig.select(0, t);
+      at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t u0 = p * per, nu = std::min(per, H - u0);
+          // Inside the parallel region the BLAS runs single-threaded, on this block's weights only.
+          at::cpu::mm_out(gates[p], h_prev, wp[p]);
+          SeqStepArgs a{ig_t.data_ptr(), gates[p].data_ptr(), bsum.defined() ? bsum.data_ptr() : nullptr,
+                        c.data_ptr(), h_t.data_ptr(), H, nu, u0};
+          for (int64_t b = 0; b < B; ++b) cell(a, b, u0, u0 + nu);
+        }
+      });
+      h_prev = h_t;
+    }
+  });
+  return {out, h_prev.clone(), c};
+}
+
 }  // namespace
 }  // namespace seqkernels
 
 TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
+  m.impl("lstm_layer_fwd", &seqkernels::lstm_layer_fwd_cpu);
   m.impl("lstm_cell_fwd", &seqkernels::lstm_cell_fwd_cpu);
   m.impl("lstm_cell_bwd", &seqkernels::lstm_cell_bwd_cpu);
 }

@@ -76,3 +76,33 @@ void bwd_range(const BwdArgs& a, int64_t b, int64_t j0, int64_t j1) {
     L::store_n(gcx + j, dcx, n);
   }
 }
+
+// One time step of the sequence kernel (lstm_layer_fwd) for hidden units [j0, j1) of row b:
+// pre-activation gates = this step's input projection (gate k of unit j at k*H + j) + the recurrent
+// GEMM's result for the calling thread's block of units (gate k of unit j at k*nu + j - u0) + the
+// bias; the cell state is updated in place and h is written to the step's output row.
+template <class L>
+void seq_step_range(const SeqStepArgs& a, int64_t b, int64_t j0, int64_t j1) {
+  using S = typename L::S;
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  const int64_t H = a.H, nu = a.nu, u0 = a.u0;
+  const S* ig = static_cast<const S*>(a.input_gates) + b * 4 * H;
+  const S* hg = static_cast<const S*>(a.hidden_gates) + b * 4 * nu - u0;
+  const S* bias = static_cast<const S*>(a.bias);
+  S* c = static_cast<S*>(a.c) + b * H;
+  S* h = static_cast<S*>(a.h_out) + b * H;
+  for (int64_t j = j0; j < j1; j += W) {
+    const int64_t n = j1 - j < W ? j1 - j : W;
+    V pre[4];
+    for (int k = 0; k < 4; ++k) {
+      V x = L::load_n(ig + k * H + j, n) + L::load_n(hg + k * nu + j, n);
+      if (bias != nullptr) x = x + L::load_n(bias + k * H + j, n);
+      pre[k] = x;
+    }
+    V gi, gf, gg, go, cy, hy;
+    cell_forward<L>(pre[0], pre[1], pre[2], pre[3], L::load_n(c + j, n), gi, gf, gg, go, cy, hy);
+    L::store_n(c + j, cy, n);
+    L::store_n(h + j, hy, n);
+  }
+}

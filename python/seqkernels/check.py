@@ -140,6 +140,9 @@ def _spec(op):
 
 
 def run_case(case: Case, backend: str, dtype: torch.dtype, device: str) -> tuple[str, Optional[testing.ParityReport]]:
+    if device == "cuda" and not torch.cuda.is_available():
+        # A CUDA build (kernels registered) on a machine without a GPU: nothing to run them on.
+        return "skip: no CUDA device on this machine", None
     spec = _spec(case.op)
     reason = backends._generic_why_not(spec, backend, torch.device(device))
     if reason is not None:

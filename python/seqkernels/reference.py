@@ -50,6 +50,7 @@ __all__ = [
     "lstm_cell_bwd_ref",
     "lstm_cell_fwd_ref",
     "lstm_cell_ref",
+    "lstm_layer_fwd_ref",
     "philox_keep_word_ref",
     "sdpa_ref",
 ]
@@ -607,6 +608,28 @@ def lstm_cell_fwd_ref(
     cy = f * cx + i * g
     hy = o * torch.tanh(cy)
     return hy, cy, torch.cat([i, f, g, o], dim=-1)
+
+
+def lstm_layer_fwd_ref(
+    input_gates: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weight_hh: Tensor,
+    bias: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A whole LSTM layer-direction from its input projections (op ``lstm_layer_fwd``):
+    ``input_gates (T, B, 4H)`` = x_t @ W_ih^T of every step, ``h0, c0 (B, H)``,
+    ``weight_hh (4H, H)``, ``bias (4H)`` (b_ih + b_hh) or None; steps run last to first when
+    ``reverse``. Returns ``(out (T, B, H), h_n, c_n)``, out[t] the h of step t."""
+    T = input_gates.shape[0]
+    h, c = h0, c0
+    outs: list[Tensor | None] = [None] * T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h, c, _ = lstm_cell_fwd_ref(input_gates[t], h @ weight_hh.t(), c, bias, None)
+        outs[t] = h
+    out = torch.stack(outs) if T else input_gates.new_empty((0,) + tuple(h0.shape))
+    return out, h, c
 
 
 def lstm_cell_bwd_ref(

@@ -170,6 +170,20 @@ if _ext.extension_available():
                                     setup_context=_setup_context)
     FAMILIES["cpu"] = FAMILIES["cuda"] = (torch.ops.seqkernels.lstm_cell_fwd, torch.ops.seqkernels.lstm_cell_bwd)
 
+def _layer_fake(input_gates, h0, c0, weight_hh, bias, reverse):
+    T, B, G = input_gates.shape
+    return (input_gates.new_empty((T, B, G // 4)), input_gates.new_empty((B, G // 4)),
+            input_gates.new_empty((B, G // 4)))
+
+
+# The CPU sequence kernel (inference only; see _cpu_layer_forward).
+try:
+    _HAS_LAYER_OP = _ext.has_kernel("lstm_layer_fwd", "CPU")
+except RuntimeError:  # an extension built before the op existed
+    _HAS_LAYER_OP = False
+if _HAS_LAYER_OP:
+    torch.library.register_fake("seqkernels::lstm_layer_fwd")(_layer_fake)
+
 # The reference backend's pair, for the sequence driver below (plain torch, differentiable).
 FAMILIES["reference"] = (ref.lstm_cell_fwd_ref, ref.lstm_cell_bwd_ref)
 
@@ -406,5 +420,18 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _LSTMLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family)
     with torch.no_grad():
+        if backend == "cpu" and _HAS_LAYER_OP and x.dtype in (torch.float32, torch.float64) \
+                and min(batch_sizes) == batch_sizes[0]:
+            return _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
         return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None,
                               reuse_buffers=True)
+
+
+def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, reverse: bool):
+    """Inference on the CPU backend with a constant batch (no PackedSequence whose batch shrinks):
+    one projection GEMM for all steps, then the whole recurrence in the C++ sequence kernel
+    (seqkernels::lstm_layer_fwd: one fork/join per step, each thread on its own slice of W_hh)."""
+    bias = b_ih + b_hh if (b_ih is not None and b_hh is not None) else (b_ih if b_ih is not None else b_hh)
+    proj = torch.mm(x, w_ih.t())
+    out, h_n, c_n = torch.ops.seqkernels.lstm_layer_fwd(proj.view(T, B, proj.shape[1]), h0, c0, w_hh, bias, reverse)
+    return out.view(T * B, out.shape[2]), h_n, c_n
