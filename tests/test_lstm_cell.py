@@ -459,6 +459,8 @@ def test_layer_op_opcheck_and_errors():
     ig, h0, c0, w, b = _layer_inputs(3, 2, 8, torch.float32, True)
     torch.library.opcheck(torch.ops.seqkernels.lstm_layer_fwd.default, (ig, h0, c0, w, b, True))
     op = torch.ops.seqkernels.lstm_layer_fwd
+    out, h, c = op(ig[:0], h0, c0, w, b, False)  # no steps: the state passes through
+    assert out.shape == (0, 2, 8) and torch.equal(h, h0) and torch.equal(c, c0)
     with pytest.raises(RuntimeError, match="input_gates must be float32 or float64"):
         op(ig.half(), h0.half(), c0.half(), w.half(), None, False)
     with pytest.raises(RuntimeError, match=r"weight_hh must have shape \(32, 8\)"):

@@ -442,8 +442,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tens
               "seqkernels::lstm_layer_fwd: weight_hh must have shape (", G, ", ", H, "), got ", weight_hh.sizes());
   TORCH_CHECK(weight_hh.scalar_type() == input_gates.scalar_type() && weight_hh.device() == input_gates.device(),
               "seqkernels::lstm_layer_fwd: weight_hh must have input_gates' dtype and device");
-  check_2d("h0", h0, B, H, input_gates.select(0, 0));
-  check_2d("c0", c0, B, H, input_gates.select(0, 0));
+  check_2d("h0", h0, B, H, input_gates);
+  check_2d("c0", c0, B, H, input_gates);
   check_bias("bias", bias, G, input_gates);
 
   auto opts = input_gates.options();

@@ -6,7 +6,10 @@ Both modules subclass torch's, so constructor arguments, parameter names, initia
 - `LSTMCell.forward` is `seqkernels.lstm_cell` (two GEMMs in torch, the rest one fused kernel).
 - `LSTM.forward` projects the inputs of all time steps of a layer and direction with one GEMM, then
   per step runs the recurrent GEMM and the fused cell; in training its backward is one fused pass
-  per step plus the recurrent GEMM, and the weight gradients of all steps are one GEMM each.
+  per step plus the recurrent GEMM, and the weight gradients of all steps are one GEMM each. On CPU
+  tensors without gradients (float32/float64, a constant batch) the whole recurrence of a layer runs
+  in one C++ kernel instead (`seqkernels::lstm_layer_fwd`: each thread keeps its slice of W_hh and
+  computes the cell of its hidden units, one fork/join per step).
 
 Supported like torch: `num_layers`, `bias`, `batch_first`, `dropout` (between layers, training
 only, drawn from torch's generator), `bidirectional`, unbatched input, a given or zero initial
