@@ -424,8 +424,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const c10::optional<at::Ten
 // Why not the per-step ops from Python: on a few cores the per-step cost is what decides, and there
 // the recurrent GEMM split by the BLAS into threads, then the cell split again, forks and joins twice
 // a step and streams the whole W_hh (1 MB at H = 256) through each core's cache every step. Here the
-// hidden units are split once into one block per thread; each thread keeps its own slice of W_hh^T
-// (all four gates of its units, packed contiguous: 256 KB at H = 256 over two threads), runs its
+// hidden units are split once into one block per thread; each thread keeps its own rows of W_hh
+// (all four gates of its units, packed contiguous: 512 KB at H = 256 over two threads), runs its
 // recurrent GEMM single-threaded on it and then the cell of its units, so a step is one fork/join and
 // every thread reads the same slice step after step. The cell state never leaves its thread's columns.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tensor& input_gates, const at::Tensor& h0,

@@ -170,6 +170,7 @@ if _ext.extension_available():
                                     setup_context=_setup_context)
     FAMILIES["cpu"] = FAMILIES["cuda"] = (torch.ops.seqkernels.lstm_cell_fwd, torch.ops.seqkernels.lstm_cell_bwd)
 
+
 def _layer_fake(input_gates, h0, c0, weight_hh, bias, reverse):
     T, B, G = input_gates.shape
     return (input_gates.new_empty((T, B, G // 4)), input_gates.new_empty((B, G // 4)),
