@@ -3,10 +3,10 @@
     python bench/lstm_breakdown.py [--layers 2] [--hidden 256] [--length 128] [--batch 32] [--reps 12]
 
 Times, interleaved round by round so that a noisy shared machine affects every entry alike (medians):
-torch's nn.LSTM; seqkernels.nn.LSTM (cpu backend); and the pieces the seqkernels module is made
-of, each alone: the input projection GEMMs of all layers, the per-step recurrent GEMMs of all layers
-and steps, and the per-step fused cell calls. When the pieces' sum already exceeds torch's total, the
-gap is in the BLAS calls, not in the fused kernel or the Python loop around it.
+torch's nn.LSTM; seqkernels.nn.LSTM (cpu backend, inference: the C++ sequence kernel
+seqkernels::lstm_layer_fwd); and the pieces of the per-step path (what a forward with gradients
+runs), each alone: the input projection GEMMs of all layers, the per-step recurrent GEMMs through the
+BLAS (threaded by it), and the per-step fused cell calls. bench/NOTES.md entries 5 and 6 read these.
 """
 
 from __future__ import annotations
