@@ -448,8 +448,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tens
 
   auto opts = input_gates.options();
   at::Tensor out = at::empty({T, B, H}, opts);
-  at::Tensor c = c0.contiguous().clone();
-  if (T == 0 || B == 0 || H == 0) return {out, h0.contiguous().clone(), c};
+  at::Tensor c = c0.clone(at::MemoryFormat::Contiguous);  // the running cell state, updated in place
+  if (T == 0 || B == 0 || H == 0) return {out, h0.clone(at::MemoryFormat::Contiguous), c};
   const at::Tensor ig = input_gates.contiguous(), h_init = h0.contiguous();
   const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
 

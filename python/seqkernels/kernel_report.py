@@ -157,6 +157,18 @@ def _expects(short: str):
     return None
 
 
+def _expected_tc(row: dict) -> str | None:
+    """The tensor-core form a row must show: None (no expectation), "no", "yes" (a CUDA kernel: any
+    tensor-core instruction), "mma" (mma.sync) or "wgmma". A Triton entry expecting tensor cores in
+    its arch's best form (True) wants wgmma from sm_90 on and mma.sync before."""
+    exp = row.get("expects_tensor_cores")
+    if exp is None:
+        return None
+    if exp is True and row["kind"] == "triton":
+        return "wgmma" if _arch_num(row["arch"]) >= 90 else "mma"
+    return {True: "yes", False: "no", "mma": "mma"}[exp]
+
+
 def _problems(row: dict) -> list[str]:
     p = []
     if row.get("spill_stores") or row.get("spill_loads"):
@@ -171,8 +183,7 @@ def _problems(row: dict) -> list[str]:
     exp = row.get("expects_tensor_cores")
     if exp and not row.get("tensor_cores"):
         p.append("no tensor-core instructions")
-    elif exp is True and row["kind"] == "triton" and _arch_num(row["arch"]) >= 90 \
-            and row.get("tensor_core_kind") != "wgmma":
+    elif _expected_tc(row) == "wgmma" and row.get("tensor_core_kind") != "wgmma":
         p.append("no wgmma on sm_90 (mma.sync only; declare expects_mma='mma' for tiles below 64 rows)")
     return p
 
@@ -535,11 +546,7 @@ def format_table(rows: list[dict]) -> str:
     def tc(r):
         have = "?" if r.get("tensor_cores") is None else (r.get("tensor_core_kind") or "yes") if r["tensor_cores"] \
             else "no"
-        exp = r.get("expects_tensor_cores")
-        want = {True: "yes", False: "no", "mma": "mma"}.get(exp)
-        if exp is True and r.get("kind") == "triton":
-            # Triton's best form per arch: wgmma from sm_90 on, mma.sync before.
-            want = "wgmma" if _arch_num(r["arch"]) >= 90 else "mma"
+        want = _expected_tc(r)
         return have + ("" if want is None else f" (expected {want})")
 
     lines = []

@@ -262,6 +262,13 @@ def _chunks(batch_sizes: Sequence[int], max_rows: int):
     return out
 
 
+def _summed_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
+    """b_ih + b_hh, or whichever is present: the sequence paths add both biases once per step."""
+    if b_ih is not None and b_hh is not None:
+        return b_ih + b_hh
+    return b_ih if b_ih is not None else b_hh
+
+
 def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd, saved: Optional[dict],
                    reuse_buffers: bool):
     T = len(batch_sizes)
@@ -272,7 +279,7 @@ def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd,
     # faster for the many small recurrent GEMMs.
     w_ih_t = w_ih.t().contiguous()
     w_hh_t = w_hh.t().contiguous()
-    bias = b_ih + b_hh if (b_ih is not None and b_hh is not None) else (b_ih if b_ih is not None else b_hh)
+    bias = _summed_bias(b_ih, b_hh)
 
     def project(rows: Tensor, out: Optional[Tensor] = None) -> Tensor:
         kw = {} if out is None else {"out": out}
@@ -432,7 +439,7 @@ def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, revers
     """Inference on the CPU backend with a constant batch (no PackedSequence whose batch shrinks):
     one projection GEMM for all steps, then the whole recurrence in the C++ sequence kernel
     (seqkernels::lstm_layer_fwd: one fork/join per step, each thread on its own slice of W_hh)."""
-    bias = b_ih + b_hh if (b_ih is not None and b_hh is not None) else (b_ih if b_ih is not None else b_hh)
+    bias = _summed_bias(b_ih, b_hh)
     proj = torch.mm(x, w_ih.t())
     out, h_n, c_n = torch.ops.seqkernels.lstm_layer_fwd(proj.view(T, B, proj.shape[1]), h0, c0, w_hh, bias, reverse)
     return out.view(T * B, out.shape[2]), h_n, c_n
