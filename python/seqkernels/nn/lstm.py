@@ -120,9 +120,8 @@ class LSTM(torch.nn.LSTM):
             T, B = seq.shape[0], seq.shape[1]
             if seq.shape[2] != self.input_size:
                 raise ValueError(f"input: has {seq.shape[2]} features but this LSTM has input_size={self.input_size}")
-            if T == 0 or B == 0:
-                raise ValueError(f"input: needs at least one time step and one batch element, got shape "
-                                 f"{tuple(input.shape)}")
+            if T == 0:  # as torch.nn.LSTM; an empty batch (B == 0) is fine and gives empty outputs
+                raise ValueError(f"input: needs at least one time step, got shape {tuple(input.shape)}")
             x = seq.reshape(T * B, self.input_size)
             batch_sizes = [B] * T
             sorted_indices = unsorted_indices = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Optional
 
 import torch
@@ -34,20 +36,61 @@ def check_same(names: Iterable[str], tensors: Iterable[torch.Tensor], *, dtype=T
                              "all tensors must be on one device")
 
 
+INT32_MAX = 2**31 - 1
+
+
+def to_int32_saturated(t: torch.Tensor) -> torch.Tensor:
+    """The int32 form of an index tensor the kernels read, contiguous. int64 values outside the
+    int32 range are clamped to [-1, INT32_MAX] first, never wrapped: a plain cast would turn
+    2**32 + 3 into 3, a valid position or block id, and the kernels would silently use it. Clamped,
+    an out-of-range value stays out of range (negative, or past any capacity), so a kernel that
+    skips or clamps such values still does. The caller validates values before this (on the host)
+    wherever it can afford the sync; this is what keeps unvalidated GPU inputs safe."""
+    if t.dtype == torch.int64:
+        t = t.clamp(-1, INT32_MAX)
+    return t.to(torch.int32).contiguous()
+
+
+def check_index_tensor(name: str, t, ndim: int, device: torch.device, what: str = "the other inputs"):
+    """An int32/int64 index tensor of `ndim` dims on `device` (dtype/shape/device only; values are
+    checked by the caller on the original tensor, before `to_int32_saturated`)."""
+    check_tensor(name, t, ndim=ndim, dtypes=(torch.int32, torch.int64))
+    if t.device != device:
+        raise ValueError(f"{name}: on device {t.device}, expected {device} (the device of {what})")
+
+
 def check_lengths(name: str, t, batch: int, device: torch.device, upper: Optional[int] = None,
                   upper_name: str = "") -> torch.Tensor:
-    """An int tensor (B,) on `device`, returned as contiguous int32. Values are range-checked only
-    for CPU tensors: on a GPU that would cost a host sync per call (kernels clamp instead)."""
-    check_tensor(name, t, ndim=1, dtypes=(torch.int32, torch.int64))
+    """An int tensor (B,) on `device`, returned as contiguous int32. Values are range-checked (in
+    the caller's dtype, before any conversion) only for CPU tensors: on a GPU that would cost a
+    host sync per call, so there the kernels clamp instead (see `to_int32_saturated`)."""
+    check_index_tensor(name, t, 1, device)
     if t.shape[0] != batch:
         raise ValueError(f"{name}: expected shape ({batch},) (one entry per batch element), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: on device {t.device}, expected {device} (the device of the other inputs)")
     if t.device.type == "cpu" and t.numel():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or (upper is not None and hi > upper):
             raise ValueError(f"{name}: values must lie in [0, {upper_name or upper}], got min {lo}, max {hi}")
-    return t.to(torch.int32).contiguous()
+    return to_int32_saturated(t)
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """`scale` resolved: None means 1/sqrt(head_dim); otherwise a real number (a Python or NumPy
+    number, or a one-element tensor), finite. Errors name the argument."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:
+            raise TypeError(f"scale: expected a real number or None, got a tensor of shape {tuple(scale.shape)} "
+                            f"and dtype {str(scale.dtype).replace('torch.', '')}")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    return scale
+
 
 
 def draw_seed() -> int:

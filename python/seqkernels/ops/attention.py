@@ -16,7 +16,6 @@ off_b = Lk_b - Lq (bottom-right, `attention`) or 0 (top-left, torch SDPA's `is_c
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -24,7 +23,8 @@ from torch import Tensor
 
 from .. import _ext, backends
 from .. import reference as ref
-from ._common import FLOAT_DTYPES, MAX_HEAD_DIM, check_lengths, check_same, check_tensor, draw_seed, expand_mask
+from ._common import (FLOAT_DTYPES, MAX_HEAD_DIM, check_lengths, check_same, check_scale, check_tensor, draw_seed,
+                      expand_mask)
 
 
 @dataclasses.dataclass
@@ -97,9 +97,8 @@ def prepare_attention(q, k, v, *, causal=False, window=None, attn_mask=None, kv_
     lengths = None
     if kv_lengths is not None:
         lengths = check_lengths("kv_lengths", kv_lengths, B, q.device, upper=Lk, upper_name=f"Lk={Lk}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+    scale = check_scale(scale, D)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
@@ -185,12 +184,42 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, kv_lengths)
 
 
+def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, grad_out=None, grad_lse=None):
+    """(dq, dk, dv) of the attention (and/or its lse) by autograd through the reference math, kept in
+    the graph. This is the backward used when the caller builds a graph of the backward itself
+    (`create_graph=True`: double backward, gradient penalties, gradgradcheck): the kernels compute
+    first-order gradients only, so their backward would be a constant to autograd and the second
+    derivative silently zero. The reference computes the same function (the same Philox keep mask
+    for the same seed and offset), so first-order values agree with the kernels' by the parity rule."""
+    scale, window_left, window_right, bottom_right, dropout_p, seed, offset = params
+    with torch.enable_grad():
+        out, lse = ref.attention_ref(q, k, v, attn_mask=attn_mask, kv_lengths=kv_lengths, scale=scale,
+                                     window_left=window_left, window_right=window_right, bottom_right=bottom_right,
+                                     dropout_p=dropout_p, seed=seed, offset=offset)
+        outs, grads = [], []
+        if grad_out is not None:
+            outs.append(out)
+            grads.append(grad_out.to(out.dtype))
+        if grad_lse is not None:
+            # d lse / d s is the undropped softmax, whatever dropout_p is (as _LseGrad).
+            outs.append(lse)
+            grads.append(torch.where(torch.isfinite(grad_lse), grad_lse, torch.zeros_like(grad_lse)).to(lse.dtype))
+        inputs = [t for t in (q, k, v) if t.requires_grad]
+        got = iter(torch.autograd.grad(outs, inputs, grads, create_graph=True, allow_unused=True)) if inputs else iter(())
+        res = [next(got) if t.requires_grad else None for t in (q, k, v)]
+    return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(res, (q, k, v)))
+
+
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         # The lse output is differentiated by _LseGrad in the public layer, so grad_lse is ignored here.
         q, k, v, out, lse, attn_mask, kv_lengths = ctx.saved_tensors
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params, deterministic)
+        if torch.is_grad_enabled():
+            dq, dk, dv = _reference_vjp(q, k, v, attn_mask, kv_lengths, ctx.params, grad_out=grad_out)
+        else:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params,
+                                deterministic)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
     return backward
@@ -229,6 +258,10 @@ class _LseGrad(torch.autograd.Function):
     def backward(ctx, g):
         q, k = ctx.saved_tensors
         c, (fwd, bwd) = ctx.call, ctx.family
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+            params = (c.scale, c.window_left, c.window_right, c.bottom_right, 0.0, 0, 0)
+            dq, dk, _ = _reference_vjp(q, k, c.v, c.attn_mask, c.kv_lengths, params, grad_lse=g)
+            return None, dq, dk, None, None
         params = (c.attn_mask, c.kv_lengths, c.scale, c.window_left, c.window_right, c.bottom_right, 0.0, 0, 0)
         g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
         with torch.no_grad():
@@ -276,9 +309,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, window=N
     return (out, lse) if return_lse else out
 
 
-def _sdpa_to_4d(query, key, value, attn_mask):
-    """torch's SDPA takes (..., H, L, E); the kernels take (B, H, L, E). Fewer dims get leading 1s (the
-    mask broadcasts right-aligned either way); more fold into B (copying only a mask of such inputs)."""
+def _sdpa_to_4d(query, key, value, attn_mask, enable_gqa):
+    """torch's SDPA takes (..., H, L, E) and broadcasts the leading dims of query, key and value
+    against each other (key/value of batch 1 serve every query batch); the kernels take (B, H, L, E).
+    The leading dims (all but the last three; with GQA the head dims may differ, otherwise they
+    broadcast too) are expanded as stride-0 views, never copied, then fewer dims get leading 1s and
+    more fold into B. Returns the 4-D tensors, the mask, and the output's leading shape."""
     check_tensor("query", query, dtypes=FLOAT_DTYPES)
     check_tensor("key", key)
     check_tensor("value", value)
@@ -286,20 +322,28 @@ def _sdpa_to_4d(query, key, value, attn_mask):
     if r < 2 or key.dim() != r or value.dim() != r:
         raise ValueError(f"query, key, value: expected tensors of equal rank >= 2 (..., L, E), got shapes "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    n_lead = r - 2 if (r < 3 or not enable_gqa) else r - 3
+    try:
+        lead = torch.broadcast_shapes(query.shape[:n_lead], key.shape[:n_lead], value.shape[:n_lead])
+    except RuntimeError:
+        raise ValueError(f"query, key, value: leading dims {tuple(query.shape[:n_lead])}, {tuple(key.shape[:n_lead])}, "
+                         f"{tuple(value.shape[:n_lead])} do not broadcast (as in torch's scaled_dot_product_attention)"
+                         ) from None
+
+    def bcast(t):
+        return t.expand(*lead, *t.shape[n_lead:])
+    query, key, value = bcast(query), bcast(key), bcast(value)
+    out_lead = tuple(query.shape[:-1])
     if r <= 4:
         def lift(t):
             return t.reshape((1,) * (4 - r) + tuple(t.shape))
-        return lift(query), lift(key), lift(value), attn_mask
-    lead = query.shape[:-3]
-    if key.shape[:-3] != lead or value.shape[:-3] != lead:
-        raise ValueError(f"key, value: leading dims {tuple(key.shape[:-3])}, {tuple(value.shape[:-3])} must equal "
-                         f"query's {tuple(lead)}")
+        return lift(query), lift(key), lift(value), attn_mask, out_lead
     if attn_mask is not None:
         attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2]).reshape(-1, *query.shape[-3:-1], key.shape[-2])
 
     def fold(t):
         return t.reshape(-1, *t.shape[-3:])
-    return fold(query), fold(key), fold(value), attn_mask
+    return fold(query), fold(key), fold(value), attn_mask, out_lead
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -309,21 +353,26 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     mask polarity (bool True takes part; float is added), `is_causal` aligned top-left as torch does,
     GQA through `enable_gqa`. Dropout draws its keep mask from seqkernels' own Philox stream, so it
     matches torch's in distribution, not bit for bit."""
-    call = prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    call, out_lead = _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     b = backends.resolve(SDPA_OP, call.device, call, backend)
     out, _ = run(call, b, False)
-    return out.reshape(*query.shape[:-1], value.shape[-1])
+    return out.reshape(*out_lead, value.shape[-1])
+
+
+def _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask: must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
+    q, k, v, mask, out_lead = _sdpa_to_4d(query, key, value, attn_mask, enable_gqa)
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError(f"key: {k.shape[1]} heads differ from query's {q.shape[1]}; pass enable_gqa=True for GQA/MQA")
+    call = prepare_attention(q, k, v, causal=is_causal, attn_mask=mask, scale=scale, dropout_p=dropout_p,
+                             bottom_right=False)
+    return call, out_lead
 
 
 def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False) -> AttentionCall:
-    if is_causal and attn_mask is not None:
-        raise ValueError("attn_mask: must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
-    q, k, v, mask = _sdpa_to_4d(query, key, value, attn_mask)
-    if q.shape[1] != k.shape[1] and not enable_gqa:
-        raise ValueError(f"key: {k.shape[1]} heads differ from query's {q.shape[1]}; pass enable_gqa=True for GQA/MQA")
-    return prepare_attention(q, k, v, causal=is_causal, attn_mask=mask, scale=scale, dropout_p=dropout_p,
-                             bottom_right=False)
+    return _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
 
 
 SDPA_OP = dataclasses.replace(OP, name="scaled_dot_product_attention")

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends
-from ._common import FLOAT_DTYPES, MAX_HEAD_DIM, check_same, check_tensor
+from ._common import (FLOAT_DTYPES, MAX_HEAD_DIM, check_index_tensor, check_same, check_scale, check_tensor,
+                      to_int32_saturated)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -40,11 +41,6 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def _check_index_tensor(name: str, t, ndim: int, device: torch.device) -> Tensor:
-    check_tensor(name, t, ndim=ndim, dtypes=(torch.int32, torch.int64))
-    if t.device != device:
-        raise ValueError(f"{name}: on device {t.device}, expected {device} (the device of the caches)")
-    return t.to(torch.int32).contiguous()
 
 
 def _check_cache_pair(k_cache, v_cache, *, dtypes=FLOAT_DTYPES):
@@ -104,7 +100,9 @@ class AppendCall:
 
 def _validate_positions(cache_seqlens: Tensor, T: int, capacity: int, block_size: int,
                         block_table: Optional[Tensor], num_blocks: int):
-    """Host check of every position the append will write (one device->host copy of the small index tensors)."""
+    """Host check of every position the append will write (one device->host copy of the small index
+    tensors). Takes the caller's tensors, before any int32 conversion, so int64 values are judged as
+    given (2**32 + 2 is out of range, not position 2)."""
     lens = cache_seqlens.cpu().to(torch.int64)
     bad = (lens < 0).nonzero()
     if bad.numel():
@@ -136,6 +134,24 @@ def _validate_positions(cache_seqlens: Tensor, T: int, capacity: int, block_size
         b, c = int(hit[0, 0]), int(hit[0, 1])
         raise ValueError(f"block_table: sequence {b} writes into block-table column {c}, whose block id "
                          f"{int(table[b, c])} is outside [0, num_blocks={num_blocks}); nothing was written")
+    # A block written here must belong to one (sequence, column) only: if another entry of the columns in
+    # use (its readers, or a second writer) names the same block, the append would overwrite keys that
+    # entry reads, or two sequences would race for the same slots (last writer wins). Blocks shared
+    # read-only (a common prompt prefix below every sharer's append position) are fine.
+    readable = cols <= last_col.unsqueeze(1)
+    ids = table[readable]
+    uniq, counts = torch.unique(ids, return_counts=True)
+    shared = uniq[counts > 1]
+    if shared.numel():
+        written_shared = used & torch.isin(table, shared)
+        hit = written_shared.nonzero()
+        if hit.numel():
+            b, c = int(hit[0, 0]), int(hit[0, 1])
+            block = int(table[b, c])
+            others = [(int(x), int(y)) for x, y in ((table == block) & readable).nonzero().tolist() if (x, y) != (b, c)]
+            raise ValueError(f"block_table: sequence {b} writes into block {block} (block-table column {c}), which is "
+                             f"also used by (sequence, column) {others[0]}; a block that is written must not be shared "
+                             "(with check=True aliasing is refused; nothing was written)")
 
 
 def prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table=None, check=True) -> AppendCall:
@@ -151,29 +167,42 @@ def prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table
     if k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
         raise ValueError(f"k_new: shape {tuple(k_new.shape)} does not fit k_cache {tuple(k_cache.shape)} "
                          "(the number of heads and the head dim must match)")
-    table = None
     if block_table is not None:
-        table = _check_index_tensor("block_table", block_table, 2, k_cache.device)
-    capacity, block_size = _layout(k_cache, table, B)
-    lens = _check_index_tensor("cache_seqlens", cache_seqlens, 1, k_cache.device)
-    if lens.shape[0] != B:
-        raise ValueError(f"cache_seqlens: expected shape ({B},) (one entry per sequence), got {tuple(lens.shape)}")
+        check_index_tensor("block_table", block_table, 2, k_cache.device, "the caches")
+    capacity, block_size = _layout(k_cache, block_table, B)
+    check_index_tensor("cache_seqlens", cache_seqlens, 1, k_cache.device, "the caches")
+    if cache_seqlens.shape[0] != B:
+        raise ValueError(f"cache_seqlens: expected shape ({B},) (one entry per sequence), got "
+                         f"{tuple(cache_seqlens.shape)}")
     if check and T > 0 and B > 0:
-        _validate_positions(lens, T, capacity, block_size, table, k_cache.shape[0])
-    return AppendCall(k_cache, v_cache, k_new, v_new, lens, table)
+        _validate_positions(cache_seqlens, T, capacity, block_size, block_table, k_cache.shape[0])
+    table = None if block_table is None else to_int32_saturated(block_table)
+    return AppendCall(k_cache, v_cache, k_new, v_new, to_int32_saturated(cache_seqlens), table)
+
+
+_APPEND_GRAD = ("gradients through kv_cache_append are only tracked by the reference backend (the kernels write the "
+                "cache in place outside autograd); use backend='reference' or torch.no_grad()")
+
+
+def _append_needs_grad(c: AppendCall) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (c.k_cache, c.v_cache, c.k_new, c.v_new))
 
 
 def _append_cpu_why_not(c: AppendCall):
-    return None
+    return _APPEND_GRAD if _append_needs_grad(c) else None
 
 
 def _append_cuda_why_not(c: AppendCall):
+    if _append_needs_grad(c):
+        return _APPEND_GRAD
     if c.k_cache.dtype not in KERNEL_DTYPES:
         return f"the CUDA kernels take float16/bfloat16/float32, not {_dtype_name(c.k_cache.dtype)}"
     return None
 
 
 def _append_triton_why_not(c: AppendCall):
+    if _append_needs_grad(c):
+        return _APPEND_GRAD
     from ..triton_kernels import kv_cache as tk
 
     return tk.append_unsupported_reason(c.k_cache, c.k_new)
@@ -327,13 +356,15 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q, k_cache: the number of query heads ({Hq}) must be a multiple of the number of "
                          f"key/value heads ({Hkv})")
-    table = None
     if block_table is not None:
-        table = _check_index_tensor("block_table", block_table, 2, q.device)
-    capacity, block_size = _layout(k_cache, table, B)
-    lens = _check_index_tensor("cache_seqlens", cache_seqlens, 1, q.device)
-    if lens.shape[0] != B:
-        raise ValueError(f"cache_seqlens: expected shape ({B},) (one entry per sequence), got {tuple(lens.shape)}")
+        check_index_tensor("block_table", block_table, 2, q.device, "q and the caches")
+    capacity, block_size = _layout(k_cache, block_table, B)
+    check_index_tensor("cache_seqlens", cache_seqlens, 1, q.device, "q and the caches")
+    if cache_seqlens.shape[0] != B:
+        raise ValueError(f"cache_seqlens: expected shape ({B},) (one entry per sequence), got "
+                         f"{tuple(cache_seqlens.shape)}")
+    # Values are checked as the caller gave them (int64 included), before the int32 conversion.
+    lens, table = cache_seqlens, block_table
     if lens.device.type == "cpu" and B > 0:
         lo, hi = int(lens.min()), int(lens.max())
         if lo < Tq or hi > capacity:
@@ -351,8 +382,9 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
                 b, c = int(hit[0, 0]), int(hit[0, 1])
                 raise ValueError(f"block_table: sequence {b} reads block-table column {c}, whose block id "
                                  f"{int(table[b, c])} is outside [0, num_blocks={k_cache.shape[0]})")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
+    scale = check_scale(scale, D)
+    lens = to_int32_saturated(lens)
+    table = None if table is None else to_int32_saturated(table)
     left, right = _decode_window(window)
     if num_splits is None:
         if q.device.type == "cpu" and B > 0:
@@ -366,7 +398,7 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
         num_splits = choose_num_splits(units, length, _parallelism(q.device), _MIN_KEYS_PER_SPLIT[kind])
     elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= 1024:
         raise ValueError(f"num_splits: expected None (heuristic) or an int in [1, 1024], got {num_splits!r}")
-    return DecodeCall(q, k_cache, v_cache, lens, table, float(scale), left, right, int(num_splits))
+    return DecodeCall(q, k_cache, v_cache, lens, table, scale, left, right, int(num_splits))
 
 
 _GRAD = ("gradients are not implemented for decode attention on the kernel backends (it is an inference op); "

@@ -147,6 +147,13 @@ def _make_backward(bwd_op):
     def backward(ctx, grad_hy, grad_cy, grad_workspace):
         # The workspace is an implementation detail of the backward, not a differentiable output.
         cx, cy, workspace = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the fused backward is one opaque kernel, so autograd would treat its
+            # result as a constant and every second derivative would silently be zero. Refuse instead.
+            raise RuntimeError(
+                "lstm_cell: double backward (a backward with create_graph=True, e.g. gradgradcheck or a "
+                "gradient penalty) is not implemented by the fused cpu/cuda/triton kernels; use "
+                "backend='reference' (or seqkernels.use_backend('reference')) for higher-order gradients")
         grad_gates, grad_cx = bwd_op(grad_hy, grad_cy, cx, cy, workspace)
         need = ctx.needs_input_grad
         grad_bias = grad_gates.sum(0) if (need[3] or need[4]) else None
