@@ -301,6 +301,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, window=N
     j >= kv_lengths[b]. A query row that sees no key returns 0 (lse -inf, zero gradients).
     With `return_lse` also returns the float32 (B, Hq, Lq) log-sum-exp of the scaled scores.
     `backend`: "cuda", "cpu", "triton", "reference" or None (automatic; see seqkernels.explain).
+    Gradients run on the backend's kernels; a backward that is itself differentiated
+    (`create_graph=True`, e.g. a gradient penalty) is recomputed through the reference math.
     """
     call = prepare_attention(q, k, v, causal=causal, window=window, attn_mask=attn_mask, kv_lengths=kv_lengths,
                              scale=scale, dropout_p=dropout_p)
@@ -351,7 +353,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: same arguments, broadcasting and
     mask polarity (bool True takes part; float is added), `is_causal` aligned top-left as torch does,
-    GQA through `enable_gqa`. Dropout draws its keep mask from seqkernels' own Philox stream, so it
+    GQA through `enable_gqa`. Leading (batch) dims of query, key and value broadcast against each
+    other (key/value of batch 1 serve every query batch) as stride-0 views, without copies. Dropout draws its keep mask from seqkernels' own Philox stream, so it
     matches torch's in distribution, not bit for bit."""
     call, out_lead = _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     b = backends.resolve(SDPA_OP, call.device, call, backend)

@@ -247,8 +247,11 @@ def kv_cache_append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tens
     `cache_seqlens` is not modified (the caller advances it, e.g. `seqkernels.nn.KVCache`).
 
     `check=True` validates every written position on the host and raises, naming the sequence, before
-    anything is written. `check=False` skips that (no host sync: CUDA graphs); the kernels then skip,
-    never write, a token whose position or block id is out of range. Offsets are int64.
+    anything is written; it also refuses a written block that another (sequence, column) of the table
+    uses. `check=False` skips that (no host sync: CUDA graphs); the kernels then skip, never write, a
+    token whose position or block id is out of range (int64 indices are clamped, never wrapped, into
+    int32). Offsets are int64. Gradients through the append are tracked by the reference backend only:
+    the kernel backends refuse inputs that require grad, and the automatic choice takes the reference.
     """
     call = prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=block_table, check=check)
     b = backends.resolve(APPEND_OP, call.device, call, backend)
