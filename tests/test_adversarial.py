@@ -413,3 +413,35 @@ def test_append_refuses_aliased_blocks(backend):
                                backend=backend)
     assert (kc[1, :, 0] == 1).all() and (kc[2, :, 0] == 1).all() and (kc[0] == 0).all()
     assert kv_ops  # the op module is the one under test
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA decode kernel (through the CUDA-on-CPU harness) on scores at the float limit
+
+
+@pytest.fixture(scope="module")
+def kv_emu():
+    from emulation import load_emulated
+
+    return load_emulated("kv_cache", ["csrc/cuda/kv_cache.cu"])
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_cuda_decode_huge_scores_emulated(kv_emu, num_splits):
+    """bfloat16 q = 1.95e18, k = 1.95e18 * c_j over D = 64, scale 1: scores up to 2.4e38, finite in
+    float32 but beyond FLT_MAX / log2(e), where a max kept in log2 units overflows."""
+    B, Hq, Hkv, Tq, D, S = 2, 4, 2, 2, 64, 70
+    big = 1.95e18
+    q = torch.full((B, Hq, Tq, D), big).to(torch.bfloat16)
+    c = torch.linspace(0.5, 1.0, S)[torch.randperm(S)]
+    kc = (big * c).view(1, 1, S, 1).expand(B, Hkv, S, D).contiguous().to(torch.bfloat16)
+    vc = torch.randn(B, Hkv, S, 32).to(torch.bfloat16)
+    lens = torch.tensor([S, 41], dtype=torch.int32)
+    call = kv_ops.prepare_decode(q, kc, vc, lens, num_splits=num_splits, scale=1.0)
+    out, lse = kv_emu.decode_attention(*call.args())
+    ref = reference.decode_attention_ref(q.double(), kc.double(), vc.double(), lens, scale=1.0)
+    base = reference.decode_attention_ref(q, kc, vc, lens, scale=1.0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    rep = testing.compare((out, lse), ref, base)
+    assert rep.passed, str(rep)

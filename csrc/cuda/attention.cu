@@ -202,7 +202,6 @@ void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, c
   p.head_dim = static_cast<int>(d);
   p.head_dim_v = static_cast<int>(dv);
   p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
               "attention: window_left / window_right must be >= -1 (-1 = unbounded), got ",
@@ -377,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                    v = kernel_layout(v_in, Dv8), out = kernel_layout(out_in, Dv8),
                    dout = kernel_layout(grad_out_in, Dv8), lse = lse_in.contiguous();
   at::Tensor delta = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
+  at::Tensor row_stats = at::empty({2, B, Hq, Lq}, q_in.options().dtype(at::kFloat));
   at::Tensor dq_accum;
   if (!deterministic) dq_accum = at::zeros({B, Hq, Lq, D8}, q_in.options().dtype(at::kFloat));
 
@@ -406,6 +406,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dv_head_stride = dv.stride(1);
   p.dv_row_stride = dv.stride(2);
   p.delta = delta.data_ptr<float>();
+  p.row_shift = row_stats.data_ptr<float>();
+  p.row_log2l = p.row_shift + B * Hq * Lq;
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   p.dq_accum_row_stride = static_cast<int>(D8);
 

@@ -6,7 +6,7 @@
 //      its kBlockN keys in shared memory and dK, dV in registers while it walks the query
 //      blocks of every query head of its GQA group (so dK / dV are summed over the group
 //      without copies or atomics, and written once):
-//        S^T = K Q^T, P^T = exp2(S^T * scale log2 e - lse log2 e)       (phase A, keys x queries)
+//        S^T = K Q^T, P^T = exp2((S^T * scale - lse) * log2 e)          (phase A, keys x queries)
 //        dP^T = V dO^T, dS^T = P^T o (dP^T - delta)
 //        dV += P^T dO, dK += dS^T Q                                     (phase B, keys x dims)
 //        dQ += dS K  with float32 atomics into dq_accum                 (phase C, queries x dims,
@@ -25,8 +25,11 @@
 namespace seqkernels {
 namespace attn {
 
-SK_DEVICE SK_INLINE float lse_to_log2(float lse) {
-  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+// The saved (natural-log) lse as the shift of P = exp2((s - lse) * log2 e). Rows that saw no key
+// (lse -inf) get +inf so all their P are 0. Kept in the natural domain for the reason the forward
+// keeps its max there: lse * log2(e) overflows for rows whose scores sit near finfo.min.
+SK_DEVICE SK_INLINE float lse_shift(float lse) {
+  return lse == -INFINITY ? INFINITY : lse;
 }
 
 // Whether key j is visible from query i by band and length (attn_mask aside).
@@ -45,6 +48,44 @@ SK_DEVICE SK_INLINE bool tile_needs_mask(const AttentionParams& p, bool has_mask
 
 // ---------------------------------------------------------------------------------------------
 // 1. delta = rowsum(dO * O), float32 (B, Hq, Lq). One warp per row, 8 elements per lane.
+//    Also the per-row shift of P (row_shift, row_lo; see AttentionParams): a float32 lse of
+//    magnitude >= 2^16 has lost part of log(l) to rounding (all of it for rows that only see keys
+//    masked with a constant like finfo.min or -1e9, where l is the count of tied scores), and
+//    P = exp(s - lse) would be wrong by up to a factor l. Such rows (none in ordinary use) get
+//    their max and log(l) recomputed here from the scores, one warp per row.
+
+constexpr float kLseRecomputeAbove = 65536.f;
+
+template <typename Tag>
+SK_DEVICE SK_INLINE void exact_row_stats(const AttentionBwdParams& p, int b, int h, int i, int lane,
+                                         float& shift, float& log2l) {
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const int len_k = p.kv_lengths ? min(max(p.kv_lengths[b], 0), p.len_k) : p.len_k;
+  const int off = p.bottom_right ? len_k - p.len_q : 0;
+  const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                      static_cast<int64_t>(i) * p.q_row_stride;
+  const uint16_t* k = static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const int64_t mask_row = static_cast<int64_t>(b) * p.mask_batch_stride +
+                           static_cast<int64_t>(h) * p.mask_head_stride +
+                           static_cast<int64_t>(i) * p.mask_row_stride;
+  float m = -INFINITY, l = 0.f;
+  for (int j = 0; j < len_k; ++j) {
+    if (!band_visible(p, i, j, off, len_k)) continue;
+    const uint16_t* kr = k + static_cast<int64_t>(j) * p.k_row_stride;
+    float d = 0.f;
+    for (int c = lane; c < p.head_dim; c += 32) d += Elem<Tag>::to_float(q[c]) * Elem<Tag>::to_float(kr[c]);
+#pragma unroll
+    for (int s = 16; s >= 1; s /= 2) d += __shfl_xor_sync(0xffffffffu, d, s);
+    float sv = d * p.scale;
+    if (p.mask) sv += mask_value(p, mask_row, j);
+    if (sv == -INFINITY) continue;
+    const float m_new = fmaxf(m, sv);
+    l = l * exp2f((m - m_new) * kLog2e) + exp2f((sv - m_new) * kLog2e);
+    m = m_new;
+  }
+  shift = m == -INFINITY ? INFINITY : m;
+  log2l = m == -INFINITY ? 0.f : log2f(l);
+}
 
 template <typename Tag>
 __global__ void __launch_bounds__(128) _attention_bwd_preprocess_kernel(const AttentionBwdParams p) {
@@ -75,7 +116,16 @@ __global__ void __launch_bounds__(128) _attention_bwd_preprocess_kernel(const At
   }
 #pragma unroll
   for (int s = 16; s >= 1; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (lane == 0) p.delta[row] = acc;
+  const float lse = p.lse[row];
+  float shift = lse_shift(lse), log2l = 0.f;
+  if (fabsf(lse) >= kLseRecomputeAbove && fabsf(lse) != INFINITY) {
+    exact_row_stats<Tag>(p, b, h, i, lane, shift, log2l);
+  }
+  if (lane == 0) {
+    p.delta[row] = acc;
+    p.row_shift[row] = shift;
+    p.row_log2l[row] = log2l;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -113,7 +163,7 @@ struct BwdTraits {
   static constexpr int kSmemQ = kBlockM * kHeadDim;
   static constexpr int kSmemP = kBlockN * kBlockM;
   static constexpr int kSmemElems = 2 * kSmemKV + 2 * kStages * kSmemQ + 2 * kSmemP;
-  static constexpr int kSmemBytes = 2 * kSmemElems + 4 * 2 * kStages * kBlockM;
+  static constexpr int kSmemBytes = 2 * kSmemElems + 4 * 3 * kStages * kBlockM;  // + lse, delta, log2 l
 
   static_assert(kAWarpsN * kAWarpsM == kNWarps && kANTiles % 2 == 0, "phase A layout");
   static_assert(kBDims % 16 == 0 && kCDims % kCChunk == 0 && kCChunk % 16 == 0, "phase B/C layout");
@@ -149,8 +199,9 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
   uint16_t* sdO = sQ + kStages * Bt::kSmemQ;   // [kStages][kBlockM][kHeadDim]
   uint16_t* sP = sdO + kStages * Bt::kSmemQ;   // P^T (dropped), [kBlockN][kBlockM]
   uint16_t* sdS = sP + Bt::kSmemP;             // dS^T, [kBlockN][kBlockM]
-  float* sLse = reinterpret_cast<float*>(sdS + Bt::kSmemP);  // [kStages][kBlockM], log2 units
+  float* sLse = reinterpret_cast<float*>(sdS + Bt::kSmemP);  // [kStages][kBlockM], row shift
   float* sDelta = sLse + kStages * kBlockM;                   // [kStages][kBlockM]
+  float* sLog2l = sDelta + kStages * kBlockM;                 // [kStages][kBlockM]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int quad_row = lane >> 2, quad_col = 2 * (lane & 3);
@@ -222,8 +273,9 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
     for (int r = tid; r < kBlockM; r += kThreads) {
       const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0 + r;
       // Rows past Lq get lse +inf (P = 0), like rows that see nothing.
-      sLse[stage * kBlockM + r] = r < rows ? lse_to_log2(p.lse[row]) : INFINITY;
+      sLse[stage * kBlockM + r] = r < rows ? p.row_shift[row] : INFINITY;
       sDelta[stage * kBlockM + r] = r < rows ? p.delta[row] : 0.f;
+      sLog2l[stage * kBlockM + r] = r < rows ? p.row_log2l[row] : 0.f;
     }
   };
 
@@ -260,6 +312,7 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
       const uint16_t* sdOs = sdO + stage * Bt::kSmemQ;
       const float* sLs = sLse + stage * kBlockM;
       const float* sDs = sDelta + stage * kBlockM;
+      const float* sL2 = sLog2l + stage * kBlockM;
 
       // ---- Phase A: S^T = K Q^T and dP^T = V dO^T for this warp's keys x queries.
       {
@@ -340,19 +393,19 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
               for (int e = 0; e < 2; ++e) {
                 const int c = a_q0 + nt * 8 + quad_col + e;  // query within the block
                 const int i = m0 + c;
-                float sv = s[mt][nt][2 * hf + e] * p.scale_log2;
+                float sv = s[mt][nt][2 * hf + e] * p.scale;
                 if (need_mask) {
                   if (!band_visible(p, i, j, off, len_k)) {
                     sv = -INFINITY;
                   } else if (has_mask && i < p.len_q) {
-                    sv += mask_value_log2(p,
+                    sv += mask_value(p,
                                           static_cast<int64_t>(b) * p.mask_batch_stride +
                                               static_cast<int64_t>(h) * p.mask_head_stride +
                                               static_cast<int64_t>(i) * p.mask_row_stride,
                                           j);
                   }
                 }
-                const float prob = exp2f(sv - sLs[c]);
+                const float prob = exp2f(fmaf(sv - sLs[c], kLog2e, -sL2[c]));
                 const bool kept = (keep >> ((((mt * 2 + hf) * Bt::kANTiles + nt) * 2) + e)) & 1;
                 const float rescale = p.dropout ? p.dropout_rescale : 1.f;
                 pv[e] = kept ? prob * rescale : 0.f;
@@ -565,15 +618,16 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
       static_cast<const uint16_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
   const int warp_row0 = warp * 16 * kMTiles;
 
-  // Per-row lse (log2 units, +inf for rows that see nothing or do not exist) and delta.
-  float row_lse[kMTiles][2], row_delta[kMTiles][2];
+  // Per-row shift of P (+inf for rows that see nothing or do not exist), its log2(l) and delta.
+  float row_lse[kMTiles][2], row_log2l[kMTiles][2], row_delta[kMTiles][2];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int i = m0 + warp_row0 + mt * 16 + quad_row + 8 * hf;
       const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + i;
-      row_lse[mt][hf] = i < p.len_q ? lse_to_log2(p.lse[row]) : INFINITY;
+      row_lse[mt][hf] = i < p.len_q ? p.row_shift[row] : INFINITY;
+      row_log2l[mt][hf] = i < p.len_q ? p.row_log2l[row] : 0.f;
       row_delta[mt][hf] = i < p.len_q ? p.delta[row] : 0.f;
     }
   }
@@ -699,15 +753,15 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const int j = n0 + nt * 8 + quad_col + e;
-              float sv = s[mt][nt][2 * hf + e] * p.scale_log2;
+              float sv = s[mt][nt][2 * hf + e] * p.scale;
               if (need_mask) {
                 if (!band_visible(p, i, j, off, len_k)) {
                   sv = -INFINITY;
                 } else if (has_mask && i < p.len_q) {
-                  sv += mask_value_log2(p, mask_row, j);
+                  sv += mask_value(p, mask_row, j);
                 }
               }
-              const float prob = exp2f(sv - row_lse[mt][hf]);
+              const float prob = exp2f(fmaf(sv - row_lse[mt][hf], kLog2e, -row_log2l[mt][hf]));
               const bool kept = (keep >> (((mt * 2 + hf) * kNTiles + nt) * 2 + e)) & 1;
               const float dpv = kept ? dp[mt][nt][2 * hf + e] * rescale : 0.f;
               s[mt][nt][2 * hf + e] = prob * (dpv - row_delta[mt][hf]);

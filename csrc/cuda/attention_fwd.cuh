@@ -21,7 +21,7 @@
 //
 // Key blocks entirely outside the band of the CTA's rows are never loaded; blocks cut by the
 // band, by Lk_b, or any block when attn_mask is given, go through the element-wise mask;
-// the others skip it. Scores are kept in log2 units (scale * log2 e folded in) for exp2.
+// the others skip it. Scores and the running max stay in the natural-log domain; exp2 takes (s - max) * log2 e.
 // A row that sees no key ends with sum 0: its output is 0 and its lse -inf.
 #pragma once
 
@@ -38,7 +38,6 @@ namespace seqkernels {
 namespace attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // ---------------------------------------------------------------------------------------------
 // Element conversions. Tiles are moved as raw 16-bit words; only these helpers know the format.
@@ -209,9 +208,10 @@ SK_DEVICE SK_INLINE RowBand row_band(const AttentionParams& p, int i, int off, i
   return band;
 }
 
-// attn_mask(b, h, i, j) in log2 units.
-SK_DEVICE SK_INLINE float mask_value_log2(const AttentionParams& p, int64_t mask_row_offset, int j) {
-  return p.mask[mask_row_offset + j * p.mask_col_stride] * kLog2e;
+// attn_mask(b, h, i, j), added to the scaled scores as it is: scores and row statistics stay in
+// the natural-log domain (see the online softmax below), so a mask of finfo.min stays finite.
+SK_DEVICE SK_INLINE float mask_value(const AttentionParams& p, int64_t mask_row_offset, int j) {
+  return p.mask[mask_row_offset + j * p.mask_col_stride];
 }
 
 SK_DEVICE SK_INLINE bool dropout_keep_elem(const AttentionParams& p, int b, int h, int i, int j) {
@@ -421,7 +421,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
         }
       }
 
-      // To log2 units, then the element-wise band / length / mask where this block needs it.
+      // Scaled scores, then the element-wise band / length / mask where this block needs it.
       const bool need_mask = has_mask || n0 + kBlockN > len_k ||
                              (p.window_right >= 0 && n0 + kBlockN - 1 > m0 + off + p.window_right) ||
                              (p.window_left >= 0 && n0 < m_last + off - p.window_left);
@@ -431,7 +431,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= p.scale_log2;
+            for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= p.scale;
           }
         }
       } else {
@@ -452,8 +452,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
                 const int j = n0 + nt * 8 + quad_col + e;
                 float& s = acc_s[mt][nt][2 * hf + e];
                 if (j >= band.lo && j <= band.hi) {
-                  s *= p.scale_log2;
-                  if (has_mask && row_in) s += mask_value_log2(p, mask_row, j);
+                  s *= p.scale;
+                  if (has_mask && row_in) s += mask_value(p, mask_row, j);
                 } else {
                   s = -INFINITY;
                 }
@@ -475,8 +475,11 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
           }
           mx = quad_max(mx);
           // A row with nothing visible yet keeps max -inf; exp2(-inf - 0) = 0 keeps it empty.
+          // The max is the largest score itself and every exponent is (s - max) * log2(e) <= 0,
+          // exactly 0 for the max: folding log2(e) into the scale instead would overflow to
+          // -inf for a finfo.min mask and to +inf for scores beyond FLT_MAX / log2(e).
           const float m_use = mx == -INFINITY ? 0.f : mx;
-          const float alpha = exp2f(row_max[mt][hf] - m_use);
+          const float alpha = exp2f((row_max[mt][hf] - m_use) * kLog2e);
           row_max[mt][hf] = mx;
           float sum = 0.f;
 #pragma unroll
@@ -484,7 +487,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float& s = acc_s[mt][nt][2 * hf + e];
-              s = exp2f(s - m_use);
+              s = exp2f((s - m_use) * kLog2e);
               sum += s;
             }
           }
@@ -553,7 +556,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
       const float inv = empty ? 0.f : 1.f / sum;
       const int r = warp_row0 + mt * 16 + quad_row + 8 * hf;
       if ((lane & 3) == 0 && r < rows_valid) {
-        lse_ptr[r] = empty ? -INFINITY : row_max[mt][hf] * kLn2 + logf(sum);
+        lse_ptr[r] = empty ? -INFINITY : row_max[mt][hf] + logf(sum);
       }
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {

@@ -32,8 +32,7 @@ struct AttentionParams {
   int batch, heads_q, heads_kv, len_q, len_k;
   int head_dim, head_dim_v;  // actual D and Dv; multiples of 8, at most the kernel's tile width
 
-  float scale;       // on the raw q.k products
-  float scale_log2;  // scale * log2(e): the kernels work with exp2
+  float scale;  // on the raw q.k products (the softmax stays in the natural-log domain)
 
   int window_left, window_right;  // -1: unbounded
   bool bottom_right;
@@ -56,6 +55,11 @@ struct AttentionBwdParams : AttentionParams {
   int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
   int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
   float* delta;     // (B, Hq, Lq) rowsum(dO * O), written by the preprocess kernel
+  // (B, Hq, Lq) each, written by the preprocess kernel: P = exp2((s - row_shift) log2 e - row_log2l).
+  // row_shift = lse (+inf for rows that see nothing) and row_log2l = 0 for ordinary rows; for rows
+  // whose lse is too large to keep log(l) (kLseRecomputeAbove), the exact max and log2(l).
+  float* row_shift;
+  float* row_log2l;
   float* dq_accum;  // (B, Hq, Lq, head_dim_padded) float32 for the atomic dQ path, else nullptr
   int dq_accum_row_stride;  // padded head dim of dq_accum
 };

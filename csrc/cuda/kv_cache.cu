@@ -260,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
     p.k_stride[i] = k_cache.stride(i);
     p.v_stride[i] = v_cache.stride(i);
   }
-  p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
+  p.qk_scale = static_cast<float>(scale);
   p.window_left = window_left;
   p.window_right = 0;  // causal: the right side is clamped to 0 (-1 included), as in decode_attention_ref
   p.num_splits = num_splits;

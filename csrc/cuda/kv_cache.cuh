@@ -13,7 +13,9 @@
 // once for all the query heads that share them. The CTA's 128 threads form groups of GS lanes;
 // a group holds one key at a time, each lane a slice of EPT = HEAD / GS elements of the head
 // dim (16-byte loads), so a dot product is EPT FMAs per lane plus a butterfly over the group.
-// Each group keeps its own online softmax (base 2: q is pre-scaled by scale * log2 e) over the
+// Each group keeps its own online softmax (q pre-scaled by scale; the running max is the largest
+// score itself and every exponent (s - max) * log2 e is <= 0, so huge finite scores cannot
+// overflow exp2 the way a max folded into log2 units does) over the
 // keys grp, grp + NG, grp + 2 NG, ... of the CTA's range; at the end the NG group states are
 // merged through shared memory. One split: the CTA writes out and lse; several: a float32
 // partial output and lse per split, merged by _decode_merge_kernel.
@@ -39,6 +41,8 @@
 
 namespace seqkernels {
 namespace kv {
+
+constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = exp2(x * log2 e)
 
 // ---------------------------------------------------------------------------------------------
 // Shared helpers
@@ -215,7 +219,7 @@ struct DecodeParams {
   float* lse_partial;   // (num_splits, B, Hq, Tq) float32         (num_splits > 1)
   int64_t B, Hq, Hkv, G, Tq, D, Dv, n_rows;
   int64_t k_stride[3], v_stride[3];  // elements over (outer, kv head, slot)
-  float qk_scale;                    // scale * log2(e)
+  float qk_scale;                    // scale (q is pre-scaled by it)
   int64_t window_left, window_right;
   int64_t num_splits;
   bool vec_ok;  // 16-byte loads of K/V rows are aligned (D, Dv, strides, base pointers)
@@ -361,12 +365,12 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
       // Nothing visible to row i yet (uniform within the group). A NaN score goes on to make the
       // row NaN, as in the reference (fmaxf alone would drop it).
       if (m_new == kNegInf && !nan) continue;
-      const float alpha = exp2f(m[i] - m_new);
+      const float alpha = exp2f((m[i] - m_new) * kLog2e);
       float pr[U];
       l[i] *= alpha;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        pr[u] = exp2f(s[u][i] - m_new);
+        pr[u] = exp2f((s[u][i] - m_new) * kLog2e);
         l[i] += pr[u];
       }
 #pragma unroll
@@ -416,14 +420,14 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
 #pragma unroll
       for (int g = 0; g < NG; ++g) {
         if (s_m[g][i] == kNegInf) continue;
-        const float w = exp2f(s_m[g][i] - mx);
+        const float w = exp2f((s_m[g][i] - mx) * kLog2e);
         total = fmaf(s_l[g][i], w, total);
         o = fmaf(s_acc[g][i][d], w, o);
       }
     }
     const bool empty = !(total > 0.0f) && !(total != total);  // a NaN total stays NaN
     const float out = empty ? 0.0f : o / total;
-    const float lse = empty ? kNegInf : (mx + log2f(total)) * 0.6931471805599453f;
+    const float lse = empty ? kNegInf : mx + logf(total);
     const int r32 = static_cast<int>(r), t = r32 / G;
     const int64_t hq = hkv * p.G + (r32 - t * G);
     const int64_t row_index = (b * p.Hq + hq) * p.Tq + t;
