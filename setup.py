@@ -106,6 +106,7 @@ def _cmdclass():
 setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
+    package_data={"seqkernels": ["py.typed"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
 )
