@@ -445,3 +445,102 @@ def test_cuda_decode_huge_scores_emulated(kv_emu, num_splits):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     rep = testing.compare((out, lse), ref, base)
     assert rep.passed, str(rep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Witnesses outside the reference backend: the parity tests build their oracle through the public
+# layer too, so a slip in the argument normalization would change both sides alike. These compare
+# with torch (or plain arithmetic) instead.
+
+
+def _torch_band_mask(Lq, Lk, left, right, off):
+    i = torch.arange(Lq).unsqueeze(1) + off
+    j = torch.arange(Lk).unsqueeze(0)
+    keep = torch.ones(Lq, Lk, dtype=torch.bool)
+    if left >= 0:
+        keep &= j >= i - left
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("window", [(3, 2), (-1, 5), (2, 0)])
+def test_causal_folds_the_right_window_side(backend, window):
+    """causal=True with window=(l, r > 0): the right side is folded to 0 (causal wins)."""
+    q, k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
+    out = seqkernels.attention(q, k, v, causal=True, window=window, backend=backend)
+    keep = _torch_band_mask(7, 11, window[0], 0, 11 - 7)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_default_scale_is_one_over_sqrt_of_the_query_head_dim(backend):
+    q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 40)
+    out = seqkernels.attention(q, k, v, backend=backend)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_dropout_one_drops_everything(backend):
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    out = seqkernels.attention(q, q, q, dropout_p=1.0, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_num_splits_bounds():
+    q, kc = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 8, 4)
+    lens = torch.tensor([8])
+    a = seqkernels.decode_attention(q, kc, kc, lens, num_splits=1024)
+    torch.testing.assert_close(a, seqkernels.decode_attention(q, kc, kc, lens, num_splits=1))
+    for bad in (0, 1025, True, 2.0):
+        with pytest.raises(ValueError, match="^num_splits: "):
+            seqkernels.decode_attention(q, kc, kc, lens, num_splits=bad)
+
+
+@pytest.mark.parametrize("which", ["b_ih", "b_hh", "both"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_lstm_layer_with_one_bias(which, backend):
+    """The sequence driver sums the two biases; either may be absent alone."""
+    from seqkernels.ops import lstm as lstm_ops
+
+    T, B, I, H = 5, 3, 4, 6
+    x = torch.randn(T * B, I, dtype=torch.float64)
+    h0, c0 = torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(4 * H, I, dtype=torch.float64), torch.randn(4 * H, H, dtype=torch.float64)
+    b_ih = torch.randn(4 * H, dtype=torch.float64) if which != "b_hh" else None
+    b_hh = torch.randn(4 * H, dtype=torch.float64) if which != "b_ih" else None
+    out, h, c = lstm_ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, [B] * T, False, backend)
+    cell = torch.nn.LSTMCell(I, H, dtype=torch.float64)
+    with torch.no_grad():
+        cell.weight_ih.copy_(w_ih)
+        cell.weight_hh.copy_(w_hh)
+        cell.bias_ih.copy_(b_ih if b_ih is not None else torch.zeros(4 * H))
+        cell.bias_hh.copy_(b_hh if b_hh is not None else torch.zeros(4 * H))
+        hh, cc, outs = h0, c0, []
+        for t in range(T):
+            hh, cc = cell(x[t * B:(t + 1) * B], (hh, cc))
+            outs.append(hh)
+    torch.testing.assert_close(out, torch.cat(outs))
+    torch.testing.assert_close((h, c), (hh, cc))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_nan_query_row_leaves_padded_key_gradients_zero(backend):
+    """A NaN query row spreads NaN into the gradients of the keys it sees, never into keys at or
+    past kv_lengths[b] (which take no part): those get exactly 0."""
+    B, H, Lq, Lk, D = 2, 1, 4, 20, 8
+    q = torch.randn(B, H, Lq, D)
+    q[0, 0, 1] = float("nan")
+    k, v = torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+    lens = torch.tensor([13, 20])
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = seqkernels.attention(*xs, kv_lengths=lens, backend=backend)
+    out.backward(torch.ones_like(out))
+    for g in (xs[1].grad, xs[2].grad):
+        assert torch.equal(g[0, :, 13:], torch.zeros_like(g[0, :, 13:])), "keys >= kv_lengths must get exactly 0"
+        assert torch.isnan(g[0, :, :13]).any()
+        assert torch.isfinite(g[1]).all()

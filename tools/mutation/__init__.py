@@ -1,0 +1,1 @@
+"""Mutation harness for seqkernels: see docs/MUTATION.md."""
