@@ -301,3 +301,343 @@ def test_argument_errors():
         sk_forward(q, k, v, dict(kw, dropout_p=1.5))
     with pytest.raises(RuntimeError, match="window_left"):
         sk_forward(q, k, v, dict(kw, window_left=-3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15: large but finite scores and huge negative float masks (forward and backward, both
+# instruction-set paths), zero-size gradients, and tile-boundary regressions.
+# ---------------------------------------------------------------------------------------------
+
+ISAS = ["native", "portable"]  # portable: SEQKERNELS_CPU_ISA=portable forces the at::vec kernels
+
+
+def _set_isa(monkeypatch, isa):
+    if isa == "portable":
+        monkeypatch.setenv("SEQKERNELS_CPU_ISA", "portable")
+    else:
+        monkeypatch.delenv("SEQKERNELS_CPU_ISA", raising=False)
+
+
+def _sdpa_math(q, k, v, attn_mask, scale):
+    """torch's math SDPA in float32 (float64 for float64 inputs), the second witness."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    wt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g = q.shape[1] // k.shape[1]
+    k, v = (t.to(wt).repeat_interleave(g, dim=1) for t in (k, v))
+    m = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(wt)
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(q.to(wt), k, v, attn_mask=m, scale=scale)
+
+
+_WITNESS_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5, torch.float64: 1e-9}
+
+
+def _check_witness(out, wit, rows):
+    """out agrees with torch's SDPA on the rows `rows` (a bool (B, H, Lq) tensor) where SDPA is finite."""
+    rows = rows & torch.isfinite(wit).all(dim=-1)
+    assert rows.any()
+    tol = _WITNESS_TOL[out.dtype]
+    torch.testing.assert_close(out.double()[rows], wit.double()[rows], atol=tol, rtol=tol)
+
+
+_GRAD_WITNESS_TOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+def _check_grad_witness(q, k, v, attn_mask, scale, kw):
+    """The kernel's dq, dk, dv agree with autograd through torch's math SDPA (float32, or float64),
+    each within a tolerance relative to its largest element, where the witness fits q's dtype and
+    is finite. Torch's math backward differentiates its softmax directly, with no lse."""
+    dtype = q.dtype
+    out, lse = sk_forward(q, k, v, kw)
+    g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    grads = sk_backward(g, q, k, v, out, lse, kw)
+    wt = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = [t.detach().to(wt).requires_grad_() for t in (q, k, v)]
+    wit = _sdpa_math(*leaves, attn_mask, scale)
+    wgrads = torch.autograd.grad(wit, leaves, g.to(wt))
+    compared = 0
+    for name, a, w in zip(("dq", "dk", "dv"), grads, wgrads):
+        w = w.double()
+        if not torch.isfinite(w).all() or float(w.abs().max()) >= torch.finfo(dtype).max / 8:
+            continue
+        tol = _GRAD_WITNESS_TOL[dtype] * max(1.0, float(w.abs().max()))
+        torch.testing.assert_close(a.double(), w, atol=tol, rtol=0, msg=lambda m: f"{name}: {m}")
+        compared += 1
+    assert compared >= 1
+
+
+def _assert_rule(out, ref, base, grad, name):
+    """The parity rule (compare), except for its float32/float64 assert_close part on a tensor that
+    meets the error bound, where that part is judged as the bound is, at the tensor's scale:
+    waived when plain torch in the same dtype fails it too (float masks of -1e9 in float32, where
+    the float64 reference still resolves the scores that float32 rounds to ties), or met with the
+    tolerances scaled by max(1, max|ref|) (gradients of 1e10 whose cancelled components are 1e-6
+    in float64). The explicit checks and the SDPA witness of the callers stay strict."""
+    from seqkernels.testing import _CLOSE_TOL
+
+    report = compare(out, ref, base, grad=grad, name=name)
+    failed = []
+    for row, o, r, b in zip(report.rows, out, ref, base):
+        if row.passed:
+            continue
+        if row.max_err <= row.bound and row.nan_agree and row.inf_agree and row.dtype in _CLOSE_TOL:
+            rtol, atol = _CLOSE_TOL[row.dtype]
+            r64, fin = r.double(), torch.isfinite(r.double()) & torch.isfinite(o.double())
+            base_err = (b.double() - r64).abs()[fin]
+            base_close = bool((base_err <= atol + rtol * r64.abs()[fin]).all())
+            scale = max(1.0, float(r64[fin].abs().max())) if fin.any() else 1.0
+            scaled_close = bool(((o.double() - r64).abs()[fin] <= (atol + rtol * r64.abs()[fin]) * scale).all())
+            if not base_close or scaled_close:
+                continue
+        failed.append(row)
+    assert not failed, str(report)
+
+
+def _check_fwd_bwd(q, k, v, kw):
+    """Forward and backward against the float64 reference with _assert_rule; a gradient whose
+    float64 reference does not fit q's dtype (dq and dk of float16 inputs whose scores are 1e9 and
+    more) is left out, dv is always compared. Returns out, lse and the reference lse."""
+    dtype = q.dtype
+    out, lse = sk_forward(q, k, v, kw)
+    kw64 = dict(kw, attn_mask=_d(kw["attn_mask"]))
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), **kw64)
+    base_out, base_lse = attention_ref(q, k, v, **kw)
+    _assert_rule([out, lse], [ref_out, ref_lse], [base_out, base_lse], False, "fwd")
+    g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    grads = sk_backward(g, q, k, v, out, lse, kw)
+    ref = attention_bwd_ref(g.double(), q.double(), k.double(), v.double(), **kw64)
+    base = attention_bwd_ref(g, q, k, v, **kw)
+    fits = [i for i in range(3) if float(ref[i].abs().max()) < torch.finfo(dtype).max / 8]
+    assert 2 in fits
+    _assert_rule([grads[i] for i in fits], [ref[i] for i in fits], [base[i] for i in fits], True, "grad")
+    return out, lse, ref_lse
+
+
+def _huge_score_inputs(dtype, mag, B=2, Hq=2, Hkv=1, Lq=6, Lk=37, D=4, Dv=16):
+    """q, k, v, scale with q.k * scale = mag * sign_i * c_j exactly in every precision: q rows
+    A * sign_i * (1, 1, 0, ..., 0), k rows (A c_j / 2, A c_j / 2, A r_j) with r_j random, scale =
+    mag / A^2, c_j cycling through 1, 7/8, 3/4, 1/2 (so the max of every row is tied between several
+    keys, and distinct scores are mag / 8 apart: the output is the mean of v over the tied keys).
+    Rows of sign +1 see scores up to +mag; rows of sign -1 only scores in [-mag, -mag / 2], with
+    the max at -mag / 2. The r_j (which q's zeros multiply exactly) keep dq from being an exact
+    cancellation of equal keys, which would measure nothing but the rounding of Delta = dO . O."""
+    if dtype == torch.float16:
+        A = 128.0
+    else:
+        A = 2.0 ** math.floor(math.log2(mag) / 2)
+    sign = torch.tensor([1.0 if (i // 2) % 2 == 0 else -1.0 for i in range(Lq)], dtype=torch.float64)
+    c = torch.tensor([1.0, 0.875, 0.75, 0.5], dtype=torch.float64).repeat((Lk + 3) // 4)[:Lk]
+    q = torch.zeros(B, Hq, Lq, D, dtype=torch.float64)
+    q[..., :2] = (A * sign).view(Lq, 1)
+    k = torch.empty(B, Hkv, Lk, D, dtype=torch.float64)
+    k[..., :2] = (A * c / 2).view(Lk, 1)
+    k[..., 2:] = A * (torch.rand(B, Hkv, Lk, D - 2, dtype=torch.float64) * 2 - 1)
+    v = rand(B, Hkv, Lk, Dv, dtype=dtype)
+    return q.to(dtype), k.to(dtype), v, mag / (A * A)
+
+
+def _huge_mags(dtype):
+    # Up to the type's finite limit: 3e38 for float32 (the scores, not the float16 inputs, must fit).
+    return [1e9, 1e20, 1e38, 3e38] + ([1e300, 1.5e308] if dtype == torch.float64 else [])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_huge_finite_scores(dtype, isa, monkeypatch):
+    # Scores of +-1e9, 1e20, 1e38, 3e38 (1.5e308 in float64): the output is the mean of v over the keys
+    # tied at the row max, lse = max + ln(#ties), never NaN / 0 / -inf; gradients as torch's.
+    _set_isa(monkeypatch, isa)
+    for mag in _huge_mags(dtype):
+        q, k, v, scale = _huge_score_inputs(dtype, mag)
+        lens = torch.tensor([37, 21], dtype=torch.int32)
+        kw = _kw(scale, kv_lengths=lens)
+        out, lse, ref_lse = _check_fwd_bwd(q, k, v, kw)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), mag
+        # Explicitly: row 0 (sign +1) averages the keys with c = 1, row 2 (sign -1) those with c = 1/2.
+        for b, n in enumerate((37, 21)):
+            vb = v[b, 0, :n].double()
+            torch.testing.assert_close(out[b, :, 0].double(), vb[0::4].mean(0).expand(2, -1), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(out[b, :, 2].double(), vb[3::4].mean(0).expand(2, -1), atol=2e-2, rtol=2e-2)
+        valid = torch.arange(37).view(1, 37) < lens.view(2, 1)
+        mask = valid.view(2, 1, 1, 37).expand(2, 2, q.shape[2], 37)
+        _check_witness(out, _sdpa_math(q, k, v, mask, scale), torch.ones(lse.shape, dtype=torch.bool))
+        _check_grad_witness(q, k, v, mask, scale, kw)
+
+
+def test_huge_scores_issue_repro():
+    # The reproducers of issue 15 through the public API.
+    import seqkernels
+
+    q = torch.full((1, 1, 1, 1), 1e5)
+    k = torch.full((1, 1, 2, 1), 1e5)
+    v = torch.ones(1, 1, 2, 1)
+    for backend in ("cpu", "reference"):
+        assert seqkernels.attention(q, k, v, backend=backend).item() == 1.0
+    q2, k2, v2 = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    for c in (-1e9, -1e12, -1e30, -3e38, torch.finfo(torch.float32).min):
+        m = torch.zeros(1, 1, 2, 5)
+        m[0, 0, 1] = c
+        o, lse = seqkernels.attention(q2, k2, v2, attn_mask=m, backend="cpu", return_lse=True)
+        ro, rlse = seqkernels.attention(q2, k2, v2, attn_mask=m, backend="reference", return_lse=True)
+        torch.testing.assert_close(o[0, 0, 1], v2[0, 0].mean(0))
+        torch.testing.assert_close(o, ro)
+        assert torch.isfinite(lse).all()
+        torch.testing.assert_close(lse, rlse)
+
+
+_MASK_CONSTS = [-1e9, -1e12, -1e30, -3e38, "finfo.min", "finfo32.min"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("const", _MASK_CONSTS, ids=str)
+def test_huge_negative_float_masks(const, dtype, isa, monkeypatch):
+    # Float masks with huge finite negative values (transformers builds finfo(dtype).min): a row
+    # whose visible scores are all such values still sees those keys (torch averages them), unlike
+    # a row that sees no key at all (output 0, lse -inf); forward and backward.
+    _set_isa(monkeypatch, isa)
+    if const == "finfo.min":
+        c, mdtype = torch.finfo(dtype).min, dtype
+    elif const == "finfo32.min":
+        c, mdtype = torch.finfo(torch.float32).min, torch.float32
+    else:
+        c = const
+        # A float mask must have q's dtype or float32; -1e9 and beyond overflow float16.
+        mdtype = dtype if math.isfinite(float(torch.tensor(c, dtype=dtype))) else torch.float32
+    B, H, Lq, Lk, D = 2, 2, 5, 21, 8
+    q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
+    m = torch.zeros(B, H, Lq, Lk, dtype=torch.float64)
+    m[:, :, 1] = c                      # every key at c: the mean of v
+    m[:, :, 2, 0::2] = c                # c on even keys, -inf on odd ones: the mean over the even keys
+    m[:, :, 2, 1::2] = -math.inf
+    m[:, :, 3] = -math.inf              # sees nothing: 0, lse -inf
+    m[:, :, 4, :7] = c                  # padding-style: keys 7.. only
+    mask = m.to(mdtype)
+    kw = _kw(0.3, attn_mask=mask)
+    out, lse, ref_lse = _check_fwd_bwd(q, k, v, kw)
+    assert torch.all(out[:, :, 3] == 0) and torch.all(lse[:, :, 3] == -math.inf)
+    live = torch.tensor([0, 1, 2, 4])
+    assert torch.isfinite(out[:, :, live]).all() and torch.isfinite(lse[:, :, live]).all()
+    # Where the working precision cannot tell c + s apart between keys, exactly the mean.
+    work_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    cm = abs(float(torch.tensor(c, dtype=mdtype)))
+    if cm * work_eps > 64:
+        vd = v.double()
+        torch.testing.assert_close(out[:, :, 1].double(), vd.mean(2), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(out[:, :, 2].double(), vd[:, :, 0::2].mean(2), atol=2e-2, rtol=2e-2)
+    _check_witness(out, _sdpa_math(q, k, v, mask, 0.3), torch.isfinite(ref_lse))
+    if not torch.isfinite(_sdpa_math(q, k, v, mask, 0.3)).all():  # older torch: NaN for row 3
+        mask = mask.clone()
+        mask[:, :, 3] = 0
+        kw = _kw(0.3, attn_mask=mask)
+    _check_grad_witness(q, k, v, mask, 0.3, kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("shape", [
+    (2, 0, 1, 40, 50, 16, 16),   # Hq = 0: dq is empty, dk and dv are not
+    (0, 2, 1, 40, 50, 16, 16),   # B = 0
+    (2, 2, 1, 0, 50, 16, 16),    # Lq = 0: dk and dv exist
+    (2, 2, 1, 40, 0, 16, 16),    # Lk = 0: dq exists
+    (2, 2, 1, 40, 50, 16, 0),    # Dv = 0: out is empty, lse is not
+], ids=["Hq0", "B0", "Lq0", "Lk0", "Dv0"])
+def test_zero_size_outputs_are_written(shape, dtype):
+    # Nothing may come back as uninitialized memory: the heap is poisoned with NaN blocks of the
+    # outputs' sizes (in their dtype and in float64) before each call.
+    B, Hq, Hkv, Lq, Lk, D, Dv = shape
+    q, k, v = rand(B, Hq, Lq, D, dtype=dtype), rand(B, Hkv, Lk, D, dtype=dtype), rand(B, Hkv, Lk, Dv, dtype=dtype)
+    kw = _kw(0.25)
+
+    def poison(*shapes_dtypes):
+        for dt in (torch.float64, None):
+            bufs = [torch.full(s, float("nan"), dtype=dt or d) for s, d in shapes_dtypes]
+            del bufs
+
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    poison(((B, Hq, Lq, Dv), dtype), ((B, Hq, Lq), lse_dtype))
+    out, lse = sk_forward(q, k, v, kw)
+    assert out.shape == (B, Hq, Lq, Dv) and lse.shape == (B, Hq, Lq)
+    assert torch.all(out == 0)
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), **kw)
+    if Lk == 0:
+        assert torch.all(lse == -math.inf)
+    else:
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    for _ in range(2):  # the second time from a heap that holds the first call's blocks
+        poison((q.shape, dtype), (k.shape, dtype), (v.shape, dtype))
+        dq, dk, dv = bwd_op(g, q, k, v, out, lse, None, None, 0.25, -1, -1, True, 0.0, 0, 0, False)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+        assert all(torch.all(t == 0) for t in (dq, dk, dv)), (dq.isnan().sum(), dk.isnan().sum(), dv.isnan().sum())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0)], ids=["full", "causal"])
+def test_nan_in_partly_valid_key_panel(window, dtype, isa, monkeypatch):
+    # K and V hold NaN at every key >= kv_lengths[b]: in the partly valid last panel (keys packed
+    # 2W wide: 16 for float32 AVX2, 8 for float64) and beyond. Packing any of them (K or V up to
+    # Lk instead of kv_lengths[b]) turns into 0 * NaN in P V, S or dS K.
+    _set_isa(monkeypatch, isa)
+    B, Hq, Hkv, Lq, Lk, D, Dv = 5, 2, 1, 13, 70, 24, 20
+    q, k, v = rand(B, Hq, Lq, D, dtype=dtype), rand(B, Hkv, Lk, D, dtype=dtype), rand(B, Hkv, Lk, Dv, dtype=dtype)
+    lens = [37, 50, 17, 3, 69]
+    for b, n in enumerate(lens):
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+    kw = _kw(0.2, kv_lengths=torch.tensor(lens, dtype=torch.int32), window=window, bottom_right=True)
+    out, lse, _ = _check_fwd_bwd(q, k, v, kw)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("left", [395, 390, 401, 300, 257])
+def test_long_window_off_panel_boundary(left, dtype, isa, monkeypatch):
+    # Lq = 8, Lk = 600, window (left, 0), bottom-right: row i sees keys [592 + i - left, 592 + i],
+    # a first key at residues 5, 10, 15, 4, 15 mod 16 (1, 2, 7, 4, 7 mod 8) and more than 256 keys,
+    # so the forward's first key block starts inside a panel and the visible keys span two or three
+    # 256-key blocks (forward) and several 64-key blocks (backward).
+    _set_isa(monkeypatch, isa)
+    B, Hq, Hkv, Lq, Lk, D, Dv = 1, 2, 1, 8, 600, 32, 16
+    # Scores rise mildly along the keys (by ~3 over a window): the running max moves from block to
+    # block, and the first visible keys still carry weight.
+    w = torch.randn(D, dtype=torch.float64)
+    w = w / w.norm()
+    ramp = torch.linspace(-2.0, 2.0, Lk, dtype=torch.float64).view(1, 1, Lk, 1)
+    q = (w * math.sqrt(D) + 0.5 * torch.randn(B, Hq, Lq, D, dtype=torch.float64)).to(dtype)
+    k = (ramp * w + 0.5 * torch.randn(B, Hkv, Lk, D, dtype=torch.float64)).to(dtype)
+    v = rand(B, Hkv, Lk, Dv, dtype=dtype)
+    kw = _kw(1.0 / math.sqrt(D), window=(left, 0), bottom_right=True)
+    _check_fwd_bwd(q, k, v, kw)
+    # The same keys as a bool mask on the full range (no window skipping) agree.
+    lo = torch.arange(Lq) + (Lk - Lq) - left
+    j = torch.arange(Lk)
+    vis = (j.view(1, Lk) >= lo.view(Lq, 1)) & (j.view(1, Lk) <= (lo + left).view(Lq, 1))
+    out_w, lse_w = sk_forward(q, k, v, kw)
+    out_m, lse_m = sk_forward(q, k, v, _kw(1.0 / math.sqrt(D), attn_mask=vis.expand(B, Hq, Lq, Lk)))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out_w, out_m, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse_w, lse_m, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=["bfloat16", "float32", "float64"])
+def test_forward_rescale_over_key_blocks(dtype, isa, monkeypatch):
+    # Lk = 3 * 256 + 5: four forward key blocks, with scores rising along the keys so that the row
+    # max grows in every block and the online softmax must rescale what the earlier blocks summed.
+    # Checked on the forward alone (a forward without the rescale must fail here, not only through
+    # the backward that consumes its lse).
+    _set_isa(monkeypatch, isa)
+    B, Hq, Hkv, Lq, Lk, D, Dv = 1, 2, 1, 7, 3 * 256 + 5, 16, 24
+    w = torch.randn(D, dtype=torch.float64)
+    w = w / w.norm()
+    ramp = torch.linspace(0.0, 16.0, Lk, dtype=torch.float64)
+    q = (w * math.sqrt(D) + 0.05 * torch.randn(B, Hq, Lq, D, dtype=torch.float64)).to(dtype)
+    k = (ramp.view(1, 1, Lk, 1) * w + 0.1 * torch.randn(B, Hkv, Lk, D, dtype=torch.float64)).to(dtype)
+    v = rand(B, Hkv, Lk, Dv, dtype=dtype)
+    kw = _kw(1.0 / math.sqrt(D))
+    out, lse = check_parity(q, k, v, kw, grads=False)
+    assert float(lse.min()) > 12.0  # the max really sits in the last block
+    check_parity(q, k, v, _kw(1.0 / math.sqrt(D), window=(-1, 0), bottom_right=True), grads=False)

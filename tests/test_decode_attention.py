@@ -343,3 +343,137 @@ def test_scale_is_applied():
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out, seqkernels.decode_attention(q, kc, vc, lens, backend="cpu"))
     assert math.isfinite(float(lse.max()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 15 (CPU backend): large but finite scores, the split merge, and the rescale across key tiles,
+# on both of kv_cache.cpp's paths (SEQKERNELS_CPU_ISA=default forces its at::vec path; float64 always
+# takes it).
+
+CPU_ISAS = ["native", "default"]
+
+
+def _set_cpu_isa(monkeypatch, isa):
+    if isa == "default":
+        monkeypatch.setenv("SEQKERNELS_CPU_ISA", "default")
+    else:
+        monkeypatch.delenv("SEQKERNELS_CPU_ISA", raising=False)
+
+
+def _sdpa_decode_witness(q, kc, vc, lens, scale):
+    """torch's math SDPA (float32, float64 for float64 inputs) on a contiguous cache, causal at the
+    bottom right of each sequence."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    wt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, Tq, _ = q.shape
+    S, g = kc.shape[2], Hq // kc.shape[1]
+    outs = []
+    for b in range(B):
+        n = int(lens[b])
+        k, v = (t[b:b + 1, :, :n].to(wt).repeat_interleave(g, dim=1) for t in (kc, vc))
+        pos = torch.arange(Tq) + n - Tq
+        vis = torch.arange(n).view(1, n) <= pos.view(Tq, 1)
+        with sdpa_kernel(SDPBackend.MATH):
+            outs.append(torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].to(wt), k, v, attn_mask=vis,
+                                                                         scale=scale))
+    return torch.cat(outs)
+
+
+def _huge_decode_inputs(dtype, mag, B=2, Hq=4, Hkv=2, Tq=2, D=4, Dv=16, S=150, lens=(150, 97)):
+    """q.k * scale = mag * sign * c_j exactly (see test_attention_cpu._huge_score_inputs): q rows
+    A * sign * (1, 1, 0, 0), cache keys (A c_j / 2, A c_j / 2, A r_j), c_j cycling through 1, 7/8,
+    3/4, 1/2, so every row's max is tied between several keys (a different number in each of 3
+    splits) and the output is the mean of v over them. Slots past a sequence's length hold NaN."""
+    A = 128.0 if dtype == torch.float16 else 2.0 ** math.floor(math.log2(mag) / 2)
+    sign = torch.tensor([1.0, -1.0] * (Hq // 2), dtype=torch.float64).view(1, Hq, 1, 1)
+    q = torch.zeros(B, Hq, Tq, D, dtype=torch.float64)
+    q[..., :2] = A * sign
+    c = torch.tensor([1.0, 0.875, 0.75, 0.5], dtype=torch.float64).repeat(S // 4 + 1)[:S]
+    kc = torch.empty(B, Hkv, S, D, dtype=torch.float64)
+    kc[..., :2] = (A * c / 2).view(S, 1)
+    kc[..., 2:] = A * (torch.rand(B, Hkv, S, D - 2, dtype=torch.float64) * 2 - 1)
+    vc = torch.randn(B, Hkv, S, Dv, dtype=torch.float64)
+    lens = torch.tensor(lens, dtype=torch.int32)
+    for b in range(B):
+        kc[b, :, int(lens[b]):] = float("nan")
+        vc[b, :, int(lens[b]):] = float("nan")
+    return q.to(dtype), kc.to(dtype), vc.to(dtype), lens, mag / (A * A)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=lambda d: str(d).replace("torch.", ""))
+def test_cpu_decode_huge_finite_scores(dtype, splits, isa, monkeypatch):
+    # Scores of +-1e9, 1e20, 1e38, 3e38 (1.5e308 in float64): never NaN / inf / 0; the reference's out
+    # and lse within the parity rule, and the mean of v over the tied keys as torch's SDPA gives.
+    _set_cpu_isa(monkeypatch, isa)
+    for mag in [1e9, 1e20, 1e38, 3e38] + ([1e300, 1.5e308] if dtype == torch.float64 else []):
+        q, kc, vc, lens, scale = _huge_decode_inputs(dtype, mag)
+        out, lse = seqkernels.decode_attention(q, kc, vc, lens, scale=scale, num_splits=splits, return_lse=True,
+                                               backend="cpu")
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), mag
+        ref = reference.decode_attention_ref(q.double(), kc.double(), vc.double(), lens, scale=scale)
+        base = reference.decode_attention_ref(q, kc, vc, lens, scale=scale)
+        report = testing.compare((out, lse), ref, base)
+        assert report.passed, f"mag={mag}\n{report}"
+        wit = _sdpa_decode_witness(q, kc, vc, lens, scale)
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5, torch.float64: 1e-9}[dtype]
+        torch.testing.assert_close(out.double(), wit.double(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_cpu_decode_issue_repro(splits, isa, monkeypatch):
+    # q of 1e5s against a cache of 1e5s: every score is 1e10 / sqrt(D), the output the mean of v.
+    _set_cpu_isa(monkeypatch, isa)
+    q = torch.full((1, 2, 1, 4), 1e5)
+    kc = torch.full((1, 1, 20, 4), 1e5)
+    vc = torch.randn(1, 1, 20, 4)
+    lens = torch.tensor([20], dtype=torch.int32)
+    out, lse = seqkernels.decode_attention(q, kc, vc, lens, num_splits=splits, return_lse=True, backend="cpu")
+    ref_out, ref_lse = seqkernels.decode_attention(q, kc, vc, lens, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(out[0, :, 0], vc[0, 0].mean(0).expand(2, -1))
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_decode_split_merge_nan_and_empty(isa, monkeypatch):
+    # A NaN score in a split whose sibling splits see no key (one key, three splits) still makes the
+    # row NaN, as in the reference, and a row that no split sees stays 0 / -inf.
+    _set_cpu_isa(monkeypatch, isa)
+    q, kc, vc, lens, bt = make_cache(2, 2, 1, 1, 16, 16, 20, torch.float32, lens=[20, 1])
+    kc[1, 0, 0, 3] = float("nan")
+    args = (q, kc, vc, lens, None, 0.25, -1, 0, 3)
+    out, lse = torch.ops.seqkernels.decode_attention(*args)
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(lse[0]).all()
+    lens0 = torch.tensor([20, 0], dtype=torch.int32)
+    out, lse = torch.ops.seqkernels.decode_attention(q, kc, vc, lens0, None, 0.25, -1, 0, 3)
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("dtype, isa", [(torch.float64, "native"), (torch.float32, "default"),
+                                        (torch.bfloat16, "default"), (torch.float32, "native")],
+                         ids=["float64", "float32-default", "bfloat16-default", "float32-native"])
+def test_cpu_decode_rescale_across_key_tiles(dtype, isa, monkeypatch):
+    # 250 keys (4 tiles of 64) with scores rising along them, one split: the running max grows in
+    # every tile, so each tile must rescale what the earlier ones accumulated (on the at::vec path
+    # as on the AVX2 one).
+    _set_cpu_isa(monkeypatch, isa)
+    B, Hq, Hkv, Tq, D, Dv, S = 1, 2, 1, 1, 16, 16, 250
+    w = torch.randn(D, dtype=torch.float64)
+    w = w / w.norm()
+    ramp = torch.linspace(0.0, 12.0, S, dtype=torch.float64)
+    q = (w * math.sqrt(D) + 0.05 * torch.randn(B, Hq, Tq, D, dtype=torch.float64)).to(dtype)
+    kc = (ramp.view(1, 1, S, 1) * w + 0.1 * torch.randn(B, Hkv, S, D, dtype=torch.float64)).to(dtype)
+    vc = torch.randn(B, Hkv, S, Dv, dtype=torch.float64).to(dtype)
+    lens = torch.tensor([S], dtype=torch.int32)
+    res = seqkernels.decode_attention(q, kc, vc, lens, num_splits=1, return_lse=True, backend="cpu")
+    assert float(res[1].min()) > 9.0  # the max really sits in the last tile
+    if dtype == torch.float64:
+        ref_out, ref_lse = ref_decode(q, kc, vc, lens, None, None)
+        torch.testing.assert_close(res[0], ref_out)
+        torch.testing.assert_close(res[1], ref_lse)
+    check(res, q, kc, vc, lens, None)

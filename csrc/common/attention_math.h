@@ -60,4 +60,31 @@ SK_HOST_DEVICE SK_INLINE T softmax_lse(T m, T log2_l) {
   return m == -T(INFINITY) ? -T(INFINITY) : (m + log2_l) * T(kLn2);
 }
 
+// The same bookkeeping with the running max kept in the natural-log domain: `m` is the largest
+// score itself and `l` the sum of exp(s - m), each term evaluated as exp2((s - m) * log2(e)).
+// Subtracting before scaling keeps every argument <= 0 with exactly 0 for the max element, for
+// any finite scores: a log2-domain max m * log2(e) overflows to -inf for scores near the type's
+// lowest value (a mask of finfo.min), and its rounding error (up to ulp(m), thousands for scores
+// of 1e10) is an exponent argument of its own that overflows exp2. l >= 1 whenever m is finite.
+template <typename T>
+SK_HOST_DEVICE SK_INLINE T softmax_lse_ln(T m, T l) {
+  return m == -T(INFINITY) ? -T(INFINITY) : m + log(l);
+}
+
+// A saved lse carries a rounding of up to ulp(lse) / 2 that every P = exp(s - lse) of its row
+// inherits. Below 2^16 that is at most 2^-9 (float32) or 2^-38 (float64), no more than the
+// rounding of the row's scores themselves at that magnitude, so P stays as accurate as plain
+// softmax's. Above it the rounding can swallow ln(l)
+// entirely (scores of 1e9, rows masked by finfo.min: every key tied at the max would get P = 1
+// instead of 1 / l), so the backward recomputes such a row's max and l. Ordinary attention rows stay
+// far below the threshold and cost nothing; the backends share this rule.
+constexpr double kLseRecomputeAbove = 65536.0;
+
+template <typename T>
+SK_HOST_DEVICE SK_INLINE bool lse_needs_recompute(T lse) {
+  // Comparisons only (no libm on either side of the host/device line); NaN compares false.
+  const T k = T(kLseRecomputeAbove);
+  return (lse >= k || lse <= -k) && lse != T(INFINITY) && lse != -T(INFINITY);
+}
+
 }  // namespace seqkernels

@@ -10,11 +10,12 @@
 //             O += P V). Keys at or past kv_lengths[b] are packed as zeros, so padding that
 //             holds NaN cannot leak through 0 * NaN.
 //   forward   one task per (batch, query head, block of query rows): online softmax over key
-//             blocks (exp2 evaluated in registers, log2(e) applied by the FMA that subtracts
-//             the row max), with S and P V computed by 6 x 2-vector register tiles. Keys that
-//             the window / causal / length rule hides are skipped at the granularity of 6 rows
-//             x NR keys, so a causal forward does half the work; the mask is applied only on
-//             the boundary of that region (and everywhere when attn_mask is given).
+//             blocks (exp2 of (score - row max) * log2(e) evaluated in registers, the max kept
+//             as the exact largest score), with S and P V computed by 6 x 2-vector register
+//             tiles. Keys that the window / causal / length rule hides are skipped at the
+//             granularity of 6 rows x NR keys, so a causal forward does half the work; the mask
+//             is applied only on the boundary of that region (and everywhere when attn_mask is
+//             given).
 //   backward  FlashAttention-2 recomputation from lse. One task per (batch, kv head, range of
 //             key blocks): for each key block it loops over the query heads of the group and
 //             the query blocks that see it, so dK and dV are summed over the group in
@@ -138,7 +139,7 @@ struct Avx2Float {
   // -127 give exactly 0 (the exponent field becomes 0), so -inf scores vanish without a
   // select; NaN stays NaN because the clamps keep their second operand on NaN.
   SK_AVX2_FN static V exp2(V x) { return exp2_nonpos(_mm256_min_ps(_mm256_set1_ps(127.0f), x)); }
-  // The same for x <= 127 (or NaN): the forward's arguments, s * log2(e) - rowmax, never exceed 0.
+  // The same for x <= 127 (or NaN): the forward's arguments, (s - rowmax) * log2(e), never exceed 0.
   SK_AVX2_FN static V exp2_nonpos(V x) {
     const V xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
     const V n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -394,7 +395,7 @@ struct FwdRows {
   uint64_t n_row0;             // dropout index of (row 0, key 0); rows are Lk apart
   int64_t Lk;
   T* O;                        // nrows x Dvp accumulators (unnormalized)
-  T* m;                        // running max times log2(e) (the exp2 shift), -inf initially
+  T* m;                        // running max of the scores (natural log domain), -inf initially
   T* l;                        // running sum, 0 initially
   T* P;                        // kMR x BN scratch
   T* alpha;                    // kMR scratch
@@ -403,10 +404,14 @@ struct FwdRows {
 // One row of one key block: mask, running max, exp2, running sum; leaves P (dropped entries
 // zeroed) in s and the factor that rescales the row's accumulators in alpha.
 //
-// Scores stay in the natural-log domain (the mask adds to them as is); P = exp2(s * log2(e) - m)
-// with one FMA, where m is the rounded log2-domain max actually used as the shift. Every P of the
-// row shares that m, so its rounding cancels in the normalization, and lse = m ln 2 + ln l holds
-// exactly for it; pre-multiplying q by log2(e) instead would add a rounding to every score.
+// Scores, the running max m and lse stay in the natural-log domain (the mask adds to them as is):
+// m is the exact largest score and P = exp2((s - m) * log2(e)), a subtraction then a product
+// (softmax_lse_ln in common/attention_math.h). s - m <= 0 for every finite score and the max
+// element gets exactly 1, so any finite scores work, up to the type's limits. The former
+// exp2(fma(s, log2(e), -m * log2(e))) broke there: m * log2(e) rounds by up to ulp(m), which is
+// itself an exp2 argument (NaN from inf / inf once |s| > ~1.5e9), and overflows to -inf for
+// scores near the lowest finite value (a finfo.min mask), which made a row that sees keys look
+// like one that sees none (0, lse -inf).
 template <class P>
 inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo, int64_t hi,
                             typename P::T& m, typename P::T& l, typename P::T& alpha,
@@ -428,11 +433,12 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
   }
   V mv = P::set1(-kInf);
   for (int64_t j = 0; j < w; j += W) mv = P::max(P::load(s + j), mv);
-  const T mx = P::hmax(mv) * T(kLog2e);
+  const T mx = P::hmax(mv);
   const T m_new = mx > m ? mx : m;
   if (m_new == -kInf) {
-    // Nothing finite so far. All-NaN scores (a NaN query row) must still give NaN, as plain
-    // softmax does; everything else here is masked and contributes nothing.
+    // Nothing but -inf so far (scores of finfo.min are finite and do not come here: such a row
+    // averages the keys it sees, as torch does). All-NaN scores (a NaN query row) must still give
+    // NaN, as plain softmax does; everything else here is masked and contributes nothing.
     bool nan = false;
     for (int64_t j = c0; j < c1; ++j) nan |= std::isnan(s[j]);
     if (nan) {
@@ -441,12 +447,13 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
     fill(s, w, T(0));
     return;
   }
-  // The running max rarely moves after the first blocks; rescaling is skipped then.
-  alpha = m_new == m ? T(1) : std::exp2(m - m_new);
-  const V mn = P::set1(-m_new), l2e = P::set1(T(kLog2e));
+  // The running max rarely moves after the first blocks; rescaling is skipped then. m - m_new
+  // is -inf for the first finite block (m = -inf) and may overflow to -inf: alpha = 0 either way.
+  alpha = m_new == m ? T(1) : std::exp2((m - m_new) * T(kLog2e));
+  const V mn = P::set1(m_new), l2e = P::set1(T(kLog2e));
   V sum = P::zero();
   for (int64_t j = 0; j < w; j += W) {
-    const V p = P::exp2_nonpos(P::fmadd(P::load(s + j), l2e, mn));
+    const V p = P::exp2_nonpos(P::mul(P::sub(P::load(s + j), mn), l2e));
     P::store(s + j, p);
     sum = P::add(sum, p);
   }
@@ -517,6 +524,7 @@ struct BwdBlock {
   const T* dOp;                // per head Lq x Dvp
   const T* Delta;              // per head Lq: rowsum(dO * O)
   const T* lse;                // per head Lq
+  const T* corr;               // per head Lq: lse correction, log2 domain (lse_corrections)
   T* dQ;                       // per head Lq x Dp partial sums of dS K (this task's own)
   const int64_t* lo;           // per query row of the batch: visible keys [lo, hi)
   const int64_t* hi;
@@ -534,10 +542,11 @@ struct BwdBlock {
 // both with dropout applied; s <- dropped P (for dV), dp <- dS (for dK and dQ). The scores stay
 // in the natural-log domain here: s - lse cancels almost exactly near the row max, and scaling
 // only that small difference by log2(e) keeps P as accurate as plain softmax, which a log2-domain
-// lse (one more rounding at |lse| ~ 10) would not.
+// lse (one more rounding at |lse| ~ 10) would not. `corr` (0 but for rows of huge |lse|, see
+// lse_corrections) is subtracted by the FMA that applies log2(e): P = exp2((s - lse) log2(e) - corr).
 template <class P>
 inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, int64_t lo,
-                    int64_t hi, typename P::T lse, typename P::T delta,
+                    int64_t hi, typename P::T lse, typename P::T corr, typename P::T delta,
                     const BwdBlock<typename P::T>& a, int64_t h, int64_t i) {
   using T = typename P::T;
   using V = typename P::V;
@@ -569,16 +578,18 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
     }
     return;
   }
-  const V lv = P::set1(lse), dl = P::set1(delta), l2e = P::set1(T(kLog2e));
+  const V lv = P::set1(lse), nc = P::set1(-corr), dl = P::set1(delta), l2e = P::set1(T(kLog2e));
   if (!a.drop.on) {
     for (int64_t j = 0; j < w; j += W) {
-      const V p = P::exp2(P::mul(P::sub(P::load(s + j), lv), l2e));
+      const V p = P::exp2(P::fmadd(P::sub(P::load(s + j), lv), l2e, nc));
       P::store(dp + j, P::mul(p, P::sub(P::load(dp + j), dl)));
       P::store(s + j, p);
     }
     return;
   }
-  for (int64_t j = 0; j < w; j += W) P::store(s + j, P::exp2(P::mul(P::sub(P::load(s + j), lv), l2e)));
+  for (int64_t j = 0; j < w; j += W) {
+    P::store(s + j, P::exp2(P::fmadd(P::sub(P::load(s + j), lv), l2e, nc)));
+  }
   const T ks = static_cast<T>(a.drop.keep_scale);
   const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.Lq + i) * a.Lk + pl;
   for (int64_t j = 0; j < w; ++j) {
@@ -600,6 +611,7 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
     const T* dOp = a.dOp + hh * Lq * Dvp;
     const T* Delta = a.Delta + hh * Lq;
     const T* lse = a.lse + hh * Lq;
+    const T* corr = a.corr + hh * Lq;
     T* dQ = a.dQ + hh * Lq * Dp;
     const int64_t h = a.h0 + hh;
     for (int64_t i0 = a.ilo; i0 < a.ihi; i0 += a.BM) {
@@ -622,7 +634,8 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
       }
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
-        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], Delta[i], a, h, i);
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a,
+                   h, i);
       }
       // dV[j] += sum_i P[i][j] dO[i];  dK[j] += sum_i dS[i][j] Q[i];  dQ[i] += sum_j dS[i][j] K[j]
       gemm<P, Mode::Add>(w, a.S, 1, BN, dOp + i0 * Dvp, Dvp, nr, a.dV + (pl - a.j0) * Dvp, Dvp, Dvp);
@@ -1010,7 +1023,7 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
           const T inv = dead ? T(0) : (drop.on ? ks : T(1)) / l[r];
           for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(dead ? T(0) : acc[d] * inv);
           lsed[(b * Hq + h) * Lq + i0 + r] =
-              static_cast<T>(softmax_lse<double>(m[r], std::log2(static_cast<double>(l[r]))));
+              static_cast<T>(softmax_lse_ln<double>(m[r], static_cast<double>(l[r])));
         }
       };
     });
@@ -1045,6 +1058,64 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
 // Backward driver.
 // ---------------------------------------------------------------------------------------------
 
+// lse arrives rounded to T (float32 for every input dtype but float64); rows where that rounding
+// may have swallowed ln(l) (common/attention_math.h: lse_needs_recompute) get their normalizer
+// recomputed (lse_corrections); rows of ordinary attention stay far below it and cost nothing.
+template <typename T>
+inline bool lse_needs_correction(T lse, int64_t lo, int64_t hi) {
+  return lo < hi && lse_needs_recompute(lse);
+}
+
+// For the n query rows i0.. of head h of batch b (each with lse_needs_correction): recomputes
+// every row's max m and sum l with the forward's kernel, run with Dvp = 0 (no P V), on the
+// backward's own packed Q (scale applied, rows Dp apart) and K^T panels, so the scores and their
+// mask are bitwise the ones bwd_row sees, and writes corr = (m + ln l - lse) * log2(e), so that
+// bwd_row's exp2((s - lse) log2(e) - corr) is exp(s - m) / l. lo, hi, lse and corr point at row
+// i0. A row whose recomputation finds nothing finite (an lse that is not this forward's) keeps 0.
+template <typename T>
+void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D, const T* Kt,
+                     int64_t BN, const int64_t* lo, const int64_t* hi, const MaskDesc& mask,
+                     int64_t b, int64_t h, int64_t i0, int64_t n, int64_t Lk, const T* lse, T* corr,
+                     std::vector<T>& scratch) {
+  scratch.resize(n * D + 2 * n + kMR * BN + kMR);
+  T* Qs = scratch.data();
+  T* m = Qs + n * D;
+  T* l = m + n;
+  T* Pb = l + n;
+  T* alpha = Pb + kMR * BN;
+  for (int64_t r = 0; r < n; ++r) std::copy(Qp + r * Dp, Qp + r * Dp + D, Qs + r * D);
+  fill(m, n, -std::numeric_limits<T>::infinity());
+  fill(l, n, T(0));
+  FwdRows<T> a;
+  a.D = D;
+  a.Dvp = 0;  // the P V product has no columns: fwd_rows only updates m and l
+  a.BN = BN;
+  a.Qs = Qs;
+  a.Kp = Kt;
+  a.Vp = Kt;  // not read with Dvp = 0
+  a.nrows = n;
+  a.lo = lo;
+  a.hi = hi;
+  a.mask = mask;
+  a.b = b;
+  a.h = h;
+  a.i0 = i0;
+  a.drop = DropoutDesc{};  // lse is the undropped normalizer
+  a.n_row0 = 0;
+  a.Lk = Lk;
+  a.O = m;  // not written with Dvp = 0
+  a.m = m;
+  a.l = l;
+  a.P = Pb;
+  a.alpha = alpha;
+  kern.fwd(a);
+  for (int64_t r = 0; r < n; ++r) {
+    const double mm = m[r], ll = l[r];
+    const bool ok = std::isfinite(mm) && std::isfinite(ll) && ll > 0;
+    corr[r] = ok ? static_cast<T>((mm - static_cast<double>(lse[r]) + std::log(ll)) * kLog2e) : T(0);
+  }
+}
+
 template <typename scalar_t, typename T>
 void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                        const Tensor& out, const Tensor& lse, const Geometry& g, const MaskDesc& mask,
@@ -1059,6 +1130,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   const int64_t Dp = round_up(std::max<int64_t>(D, 1), W), Dvp = round_up(std::max<int64_t>(Dv, 1), W);
   const int64_t npanel = Lk_pad / NR;
   const int64_t BM = kBwdBM, BN = round_up(kBwdBN, NR);
+  const int64_t fwd_BN = round_up(kFwdBN, NR);  // key block of lse_corrections (the forward's)
   const int64_t nkb = (Lk_pad + BN - 1) / BN;
   const T qmul = static_cast<T>(scale);
 
@@ -1095,7 +1167,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   const int64_t ngroups = B * Hkv;
   const int64_t nthreads = at::get_num_threads();
   const int64_t kv_elems = Lk_pad * (D + Dp + Dv);
-  const int64_t q_elems = Hg * Lq * (Dp + Dvp + 2);
+  const int64_t q_elems = Hg * Lq * (Dp + Dvp + 3);
   const int64_t dq_part = Hg * Lq * Dp;
   // Key-block splits per group: enough tasks per chunk to keep every thread busy when there
   // are few groups. Each split owns a dQ partial, summed in split order afterwards. Groups of
@@ -1119,7 +1191,8 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
     auto dOp_of = [&](int64_t gi) { return Qp_of(gi) + Hg * Lq * Dp; };
     auto Delta_of = [&](int64_t gi) { return dOp_of(gi) + Hg * Lq * Dvp; };
     auto lse_of = [&](int64_t gi) { return Delta_of(gi) + Hg * Lq; };
-    auto dQ_of = [&](int64_t gi, int64_t s) { return lse_of(gi) + Hg * Lq + s * Hg * Lq * Dp; };
+    auto corr_of = [&](int64_t gi) { return lse_of(gi) + Hg * Lq; };
+    auto dQ_of = [&](int64_t gi, int64_t s) { return corr_of(gi) + Hg * Lq + s * Hg * Lq * Dp; };
 
     // Pack K/V (three layouts) per slice of panels, and Q, dO, Delta, lse per slice of rows.
     constexpr int64_t kSlice = 8, kRowSlice = 64;
@@ -1128,7 +1201,10 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
     const int64_t nkv_tasks = (g1 - g0) * nslice, nq_tasks = (g1 - g0) * Hg * nrslice;
     // Preparation jobs; a group's tasks start when all of its jobs are done.
     const int64_t per_group = nslice + Hg * nrslice;
-    std::vector<std::atomic<int64_t>> ready(g1 - g0), done(g1 - g0);
+    // kv_ready counts a group's finished K/V slices: lse_corrections (in a Q job) reads K. Every
+    // K/V job is taken before any Q job, by a thread that runs it without waiting, so a Q job
+    // waiting for them cannot deadlock.
+    std::vector<std::atomic<int64_t>> ready(g1 - g0), done(g1 - g0), kv_ready(g1 - g0);
     auto pack = [&](int64_t t) {
       int64_t gi;
       if (t < nkv_tasks) {
@@ -1142,6 +1218,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
         pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, Kt_of(gi));
         pack_rows<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, Dp, p0 * NR, p1 * NR, T(1), Kr_of(gi));
         pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, Vt_of(gi));
+        kv_ready[gi - g0].fetch_add(1, std::memory_order_release);
       } else {
         const int64_t u = t - nkv_tasks;
         gi = g0 + u / (Hg * nrslice);
@@ -1166,6 +1243,23 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
           }
           delta[i] = static_cast<T>(acc);
           lr[i] = lsed[((b * Hq + h) * Lq) + i];
+        }
+        T* cr = corr_of(gi) + hh * Lq;
+        fill(cr + r0, r1 - r0, T(0));
+        const int64_t* lo = lo_all.data() + b * Lq;
+        const int64_t* hi = hi_all.data() + b * Lq;
+        std::vector<T> corr_scratch;
+        for (int64_t i = r0; i < r1;) {
+          if (!lse_needs_correction(lr[i], lo[i], hi[i])) {
+            ++i;
+            continue;
+          }
+          int64_t e = i + 1;  // a run of consecutive rows, recomputed as one block
+          while (e < r1 && lse_needs_correction(lr[e], lo[e], hi[e])) ++e;
+          wait_ready(kv_ready[gi - g0], nslice);
+          lse_corrections<T>(kern, Qp_of(gi) + hh * Lq * Dp + i * Dp, Dp, D, Kt_of(gi), fwd_BN, lo + i,
+                             hi + i, mask, b, h, i, e - i, Lk, lr + i, cr + i, corr_scratch);
+          i = e;
         }
         for (int64_t s = 0; s < splits; ++s) fill(dQ_of(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
       }
@@ -1246,6 +1340,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
         a.dOp = dOp_of(gi);
         a.Delta = Delta_of(gi);
         a.lse = lse_of(gi);
+        a.corr = corr_of(gi);
         a.dQ = dQ_of(gi, s);
         a.lo = lo;
         a.hi = hi;
@@ -1329,8 +1424,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   Tensor dq = at::empty_like(q);
   Tensor dk = at::empty_like(k);
   Tensor dv = at::empty_like(v);
-  if (g.B == 0 || g.Hq == 0) return {dq, dk, dv};
-  if (g.Lq == 0 || g.Lk == 0) {
+  if (g.B == 0 || g.Hq == 0 || g.Lq == 0 || g.Lk == 0) {
+    // Nothing attends (no query row, or no key): every gradient is 0. With Hq == 0 (or Lq == 0)
+    // dK and dV still have elements, which must not be left as uninitialized memory.
     dq.zero_();
     dk.zero_();
     dv.zero_();

@@ -9,9 +9,13 @@
 // (query token t, query head g) pairs of one KV head's group, r = t * G + g, so every K/V tile is
 // read once for all query heads that share it, and a tile of consecutive rows covers a
 // contiguous range of query positions (a prefill chunk skips the keys past its last row). Each
-// unit walks its share of the visible keys in tiles of kKeyTile: scores, mask, online softmax in
-// base 2 (q is pre-scaled by scale * log2(e)), P @ V. With several splits the units write a
-// float partial output and lse, merged exactly by a second pass.
+// unit walks its share of the visible keys in tiles of kKeyTile: scores, mask, online softmax,
+// P @ V. The scores, the running max m and lse stay in the natural-log domain (q is pre-scaled by
+// scale only) and each term is exp2((s - m) * log2(e)), subtraction first: the argument is <= 0,
+// exactly 0 for the max element, for any finite scores. Pre-scaling q by scale * log2(e) instead
+// overflows for scores beyond FLT_MAX / log2(e) (docs/DESIGN.md §9).
+// With several splits the units write a float partial output and the partial (max, sum) pair,
+// merged exactly by a second pass.
 //
 // The tile primitives have two implementations: AVX2+FMA+F16C intrinsics in functions with a
 // target attribute, chosen at run time when the CPU has them (the extension is compiled for the
@@ -43,7 +47,6 @@ namespace cpu {
 namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 constexpr int kKeyTile = 64;
 constexpr int kRowTile = 32;
 
@@ -174,7 +177,8 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
 //
 // scores(q, M, D, krows, n, S):    S[m][i] = dot(q[m], krows[i]) for m < M, i < n
 // softmax_pv(S, M, n, vrows, ...): online softmax update of (mrow, lrow, acc) with the masked
-//                                  base-2 scores S (-inf = not visible), then acc += P @ V.
+//                                  scores S (-inf = not visible), then acc += P @ V: mrow is the
+//                                  largest score, lrow the sum of exp2((s - mrow) * log2(e)).
 
 template <typename acc_t>
 inline acc_t neg_inf() {
@@ -253,10 +257,12 @@ struct GenericOps {
       }
       const acc_t m_new = std::max(mrow[m], mx);
       if (m_new == neg_inf<acc_t>()) continue;  // nothing visible to this row yet
-      const acc_t alpha = std::exp2(mrow[m] - m_new);
+      // mrow - m_new is -inf on the first visible tile (mrow = -inf) or when it overflows: alpha = 0.
+      const acc_t l2e = static_cast<acc_t>(kLog2e);
+      const acc_t alpha = std::exp2((mrow[m] - m_new) * l2e);
       acc_t sum = 0;
       for (int i = 0; i < n; ++i) {
-        s[i] = std::exp2(s[i] - m_new);
+        s[i] = std::exp2((s[i] - m_new) * l2e);
         sum += s[i];
       }
       lrow[m] = lrow[m] * alpha + sum;
@@ -492,18 +498,20 @@ struct Avx2Ops {
         std::fill(s, s + n, 0.0f);
         continue;
       }
-      const float alpha = std::exp2(mrow[m] - m_new);
-      const __m256 mn = _mm256_set1_ps(m_new);
+      // mrow - m_new is -inf on the first visible tile (mrow = -inf) or when it overflows: alpha = 0.
+      const float l2e = static_cast<float>(kLog2e);
+      const float alpha = std::exp2((mrow[m] - m_new) * l2e);
+      const __m256 mn = _mm256_set1_ps(m_new), l2e8 = _mm256_set1_ps(l2e);
       __m256 sum8 = _mm256_setzero_ps();
       i = 0;
       for (; i + 8 <= n; i += 8) {
-        const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + i), mn));
+        const __m256 p = exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), mn), l2e8));
         _mm256_storeu_ps(s + i, p);
         sum8 = _mm256_add_ps(sum8, p);
       }
       float sum = hsum(sum8);
       for (; i < n; ++i) {
-        s[i] = std::exp2(s[i] - m_new);
+        s[i] = std::exp2((s[i] - m_new) * l2e);
         sum += s[i];
       }
       lrow[m] = lrow[m] * alpha + sum;
@@ -569,8 +577,8 @@ inline void tile_key_range(const DecodeShape& s, int64_t len, int64_t r0, int64_
 
 template <typename T, typename acc_t, class Ops>
 void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* kc, const int64_t* ks, const T* vc,
-                  const int64_t* vs, const int32_t* lens, const int32_t* table, acc_t scale2, T* out,
-                  const int64_t* os, acc_t* lse, acc_t* opart, acc_t* lpart) {
+                  const int64_t* vs, const int32_t* lens, const int32_t* table, acc_t scale, T* out,
+                  const int64_t* os, acc_t* lse, acc_t* opart, acc_t* mpart) {
   const int64_t units = s.B * s.Hkv * s.row_tiles * s.splits;
   const int64_t maxd = std::max(s.D, s.Dv);
   // Waking the thread pool costs tens to hundreds of microseconds, more than a small decode step
@@ -598,7 +606,7 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
       for (int m = 0; m < M; ++m) {
         const int64_t r = r0 + m, t = r / s.G, hq = h * s.G + r % s.G;
         const T* src = q + b * qs[0] + hq * qs[1] + t * qs[2];
-        for (int64_t d = 0; d < s.D; ++d) qf[m * s.D + d] = static_cast<acc_t>(src[d * qs[3]]) * scale2;
+        for (int64_t d = 0; d < s.D; ++d) qf[m * s.D + d] = static_cast<acc_t>(src[d * qs[3]]) * scale;
       }
       std::fill(acc.begin(), acc.begin() + M * s.Dv, acc_t(0));
       std::fill(mrow.begin(), mrow.begin() + M, neg_inf<acc_t>());
@@ -652,46 +660,63 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
 
       for (int m = 0; m < M; ++m) {
         const int64_t r = r0 + m, t = r / s.G, hq = h * s.G + r % s.G;
+        // A row that saw no key has mrow = -inf and lrow = 0; one that saw a NaN score has NaN in
+        // both; otherwise lrow >= 1 (its max term is exactly 1).
         const bool empty = lrow[m] == acc_t(0);
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / lrow[m];
-        const acc_t row_lse = empty ? neg_inf<acc_t>() : (mrow[m] + std::log2(lrow[m])) * acc_t(kLn2);
         const int64_t row_index = (b * s.Hq + hq) * s.Tq + t;
         const acc_t* a = acc.data() + m * s.Dv;
         if (s.splits == 1) {
           T* dst = out + b * os[0] + hq * os[1] + t * os[2];
           for (int64_t d = 0; d < s.Dv; ++d) dst[d] = static_cast<T>(a[d] * inv);
-          lse[row_index] = row_lse;
+          lse[row_index] = empty ? neg_inf<acc_t>() : mrow[m] + std::log(lrow[m]);
         } else {
-          const int64_t prow = split * s.B * s.Hq * s.Tq + row_index;
+          // The split's max and sum, not its lse: rounded to float, lse = m + ln l loses ln l
+          // entirely once |m| >> 1 (ulp(1e10) = 1024), and the merge would then weight splits of
+          // different key counts equally.
+          const int64_t nrows = s.B * s.Hq * s.Tq, prow = split * nrows + row_index;
           acc_t* dst = opart + prow * s.Dv;
           for (int64_t d = 0; d < s.Dv; ++d) dst[d] = a[d] * inv;
-          lpart[prow] = row_lse;
+          mpart[prow] = mrow[m];
+          mpart[s.splits * nrows + prow] = lrow[m];
         }
       }
     }
   });
 }
 
+// Merges the splits' normalized partial outputs o_k with their (max m_k, sum l_k): weights
+// l_k exp(m_k - max m) (0 for a split that saw no key, m_k = -inf, so -inf - -inf never occurs),
+// lse = max m + ln(sum of weights). Any NaN partial (a split that saw a NaN score) makes the row
+// NaN, as the reference's softmax does, even when the other splits saw no key.
 template <typename T, typename acc_t>
-void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* lpart, T* out, const int64_t* os,
+void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, T* out, const int64_t* os,
                   acc_t* lse) {
   const int64_t rows = s.B * s.Hq * s.Tq, stride = rows;
+  const acc_t* lpart = mpart + s.splits * rows;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, s.splits * s.Dv));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> o(s.Dv), w(s.splits);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r % s.Tq, hq = (r / s.Tq) % s.Hq, b = r / (s.Tq * s.Hq);
       acc_t mx = neg_inf<acc_t>();
-      for (int64_t k = 0; k < s.splits; ++k) mx = std::max(mx, lpart[k * stride + r]);
+      bool has_nan = false;
+      for (int64_t k = 0; k < s.splits; ++k) {
+        const acc_t mk = mpart[k * stride + r], lk = lpart[k * stride + r];
+        has_nan |= std::isnan(mk) || std::isnan(lk);
+        if (mk > mx) mx = mk;
+      }
       T* dst = out + b * os[0] + hq * os[1] + t * os[2];
-      if (mx == neg_inf<acc_t>()) {
-        for (int64_t d = 0; d < s.Dv; ++d) dst[d] = T(0);
-        lse[r] = neg_inf<acc_t>();
+      if (has_nan || mx == neg_inf<acc_t>()) {
+        for (int64_t d = 0; d < s.Dv; ++d) dst[d] = has_nan ? static_cast<T>(nan) : T(0);
+        lse[r] = has_nan ? nan : neg_inf<acc_t>();
         continue;
       }
       acc_t total = 0;
       for (int64_t k = 0; k < s.splits; ++k) {
-        w[k] = std::exp(lpart[k * stride + r] - mx);
+        const acc_t mk = mpart[k * stride + r];
+        w[k] = mk == neg_inf<acc_t>() ? acc_t(0) : lpart[k * stride + r] * std::exp(mk - mx);
         total += w[k];
       }
       std::fill(o.begin(), o.end(), acc_t(0));
@@ -716,13 +741,13 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
   const int64_t ks[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   const int64_t vs[3] = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
-  const acc_t scale2 = static_cast<acc_t>(scale * kLog2e);
+  const acc_t qscale = static_cast<acc_t>(scale);
   acc_t* op = s.splits > 1 ? opart.data_ptr<acc_t>() : nullptr;
   acc_t* lp = s.splits > 1 ? lpart.data_ptr<acc_t>() : nullptr;
   auto run = [&](auto ops_tag) {
     using Ops = decltype(ops_tag);
     decode_units<scalar_t, acc_t, Ops>(s, q.const_data_ptr<scalar_t>(), qs, k_cache.const_data_ptr<scalar_t>(), ks,
-                                       v_cache.const_data_ptr<scalar_t>(), vs, lens, table, scale2,
+                                       v_cache.const_data_ptr<scalar_t>(), vs, lens, table, qscale,
                                        out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>(), op, lp);
   };
   bool done = false;
@@ -780,7 +805,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   at::Tensor opart, lpart;
   if (s.splits > 1) {
     opart = at::empty({s.splits, s.B, s.Hq, s.Tq, s.Dv}, q.options().dtype(acc_type));
-    lpart = at::empty({s.splits, s.B, s.Hq, s.Tq}, q.options().dtype(acc_type));
+    lpart = at::empty({2, s.splits, s.B, s.Hq, s.Tq}, q.options().dtype(acc_type));  // max, then sum
   }
   const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
   const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;

@@ -20,6 +20,7 @@
 // they are given +inf here so that every P of theirs is exp2(-inf) = 0 and all gradients 0.
 #pragma once
 
+#include "../common/attention_math.h"
 #include "attention_fwd.cuh"
 
 namespace seqkernels {
@@ -48,13 +49,11 @@ SK_DEVICE SK_INLINE bool tile_needs_mask(const AttentionParams& p, bool has_mask
 
 // ---------------------------------------------------------------------------------------------
 // 1. delta = rowsum(dO * O), float32 (B, Hq, Lq). One warp per row, 8 elements per lane.
-//    Also the per-row shift of P (row_shift, row_lo; see AttentionParams): a float32 lse of
-//    magnitude >= 2^16 has lost part of log(l) to rounding (all of it for rows that only see keys
-//    masked with a constant like finfo.min or -1e9, where l is the count of tied scores), and
-//    P = exp(s - lse) would be wrong by up to a factor l. Such rows (none in ordinary use) get
-//    their max and log(l) recomputed here from the scores, one warp per row.
-
-constexpr float kLseRecomputeAbove = 65536.f;
+//    Also the per-row shift of P (row_shift, row_log2l; see AttentionBwdParams): a float32 lse
+//    past lse_needs_recompute (common/attention_math.h) may have lost log(l) to rounding (all of
+//    it for rows that only see keys masked with a constant like finfo.min, l being the count of
+//    tied scores), and P = exp(s - lse) would be wrong by up to a factor l. Such rows (none in
+//    ordinary use) get their max and log2(l) recomputed here from the scores, one warp per row.
 
 template <typename Tag>
 SK_DEVICE SK_INLINE void exact_row_stats(const AttentionBwdParams& p, int b, int h, int i, int lane,
@@ -118,7 +117,7 @@ __global__ void __launch_bounds__(128) _attention_bwd_preprocess_kernel(const At
   for (int s = 16; s >= 1; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   const float lse = p.lse[row];
   float shift = lse_shift(lse), log2l = 0.f;
-  if (fabsf(lse) >= kLseRecomputeAbove && fabsf(lse) != INFINITY) {
+  if (lse_needs_recompute(lse)) {
     exact_row_stats<Tag>(p, b, h, i, lane, shift, log2l);
   }
   if (lane == 0) {

@@ -328,6 +328,9 @@ def _sdpa_to_4d(query, key, value, attn_mask, enable_gqa):
     try:
         lead = torch.broadcast_shapes(query.shape[:n_lead], key.shape[:n_lead], value.shape[:n_lead])
     except RuntimeError:
+        if r >= 3 and not enable_gqa and key.shape[-3] != query.shape[-3]:
+            raise ValueError(f"key: {key.shape[-3]} heads differ from query's {query.shape[-3]}; pass enable_gqa=True "
+                             "for GQA/MQA") from None
         raise ValueError(f"query, key, value: leading dims {tuple(query.shape[:n_lead])}, {tuple(key.shape[:n_lead])}, "
                          f"{tuple(value.shape[:n_lead])} do not broadcast (as in torch's scaled_dot_product_attention)"
                          ) from None
