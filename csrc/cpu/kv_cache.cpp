@@ -20,7 +20,8 @@
 // The tile primitives have two implementations: AVX2+FMA+F16C intrinsics in functions with a
 // target attribute, chosen at run time when the CPU has them (the extension is compiled for the
 // baseline ISA, where at::vec is plain scalar code), and a portable one on at::vec that also
-// serves float64. SEQKERNELS_CPU_ISA=default forces the portable one (tests cover both).
+// serves float64. SEQKERNELS_CPU_ISA=portable (as for attention; "default" is the older
+// spelling) forces the portable one (tests cover both).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -542,7 +543,7 @@ bool cpu_has_avx2() {
 bool use_avx2_path() {
 #if SK_KV_HAVE_AVX2_PATH
   const char* isa = std::getenv("SEQKERNELS_CPU_ISA");
-  if (isa != nullptr && std::strcmp(isa, "default") == 0) return false;
+  if (isa != nullptr && (std::strcmp(isa, "portable") == 0 || std::strcmp(isa, "default") == 0)) return false;
   return cpu_has_avx2();
 #else
   return false;
