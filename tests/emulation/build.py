@@ -20,6 +20,15 @@ Sanitizers: ``run_sanitized("thread" | "address", name, sources, func, *args)`` 
 sanitized variant here, then runs ``func(emu, *args)`` in a child Python with the sanitizer
 runtime preloaded (a sanitized library cannot be loaded into an uninstrumented process) and
 returns a ``SanitizerResult``.
+
+The C++ CPU kernels (``csrc/cpu/*.cpp``) get a sanitized build of their own through the same
+machinery: ``run_cpu_sanitized(name, func, *args)`` compiles the real sources (not copies) with
+``-fsanitize=address,undefined -fno-sanitize-recover=undefined`` and the real build's ``-fopenmp``
+into a shared library under ``build/emulation`` whose ops live in ``torch.ops.seqkernels_cpu_<name>_
+asan_ubsan`` (``-Dseqkernels=<that namespace>`` renames the C++ namespace and the
+``TORCH_LIBRARY_IMPL(seqkernels, CPU, m)`` blocks; the schemas are generated from
+``csrc/registration.cpp`` as above), then runs ``func(ops, *args)`` in a child Python with
+libasan and libubsan preloaded (tests/test_cpu_sanitizers.py).
 """
 
 from __future__ import annotations
@@ -48,6 +57,11 @@ SHIM = HERE / "cuda_shim.h"
 RUNTIME = HERE / "cuda_shim_runtime.cpp"
 REGISTRATION = REPO / "csrc" / "registration.cpp"
 SANITIZERS = {"thread": "tsan", "address": "asan"}
+# Sanitizer modes of the CPU kernel build (run_cpu_sanitized); "address,undefined" is ASan plus
+# UBSan with every UBSan check fatal. Values: the suffix of the namespace / build folder.
+CPU_SANITIZERS = {"address,undefined": "asan_ubsan", "address": "asan", "thread": "tsan"}
+# Runtimes to preload for each mode, the first one first (ASan must come first in the list).
+_RUNTIME_LIBS = {"thread": ["tsan"], "address": ["asan"], "address,undefined": ["asan", "ubsan"]}
 _MIRROR_SUFFIXES = {".cu", ".cuh", ".h", ".hpp", ".cpp", ".inc", ".inl"}
 
 # torch builds CUDA code with these; mirroring them keeps what compiles here compiling under nvcc.
@@ -458,12 +472,16 @@ _REPORT_RE = {
     "plain": re.compile(r"(?!x)x"),
     "thread": re.compile(r"WARNING: ThreadSanitizer:.*?(?:\n={10,}|\Z)", re.S),
     "address": re.compile(r"(?:ERROR|WARNING): AddressSanitizer:.*?(?:\n==\d+==ABORTING|\Z)", re.S),
+    # ASan's reports, and UBSan's "<file>:<line>:<col>: runtime error: ..." up to its SUMMARY line.
+    "address,undefined": re.compile(
+        r"(?:ERROR|WARNING): AddressSanitizer:.*?(?:\n==\d+==ABORTING|\Z)"
+        r"|[^\n]*runtime error: .*?(?:\nSUMMARY: UndefinedBehaviorSanitizer[^\n]*|\Z)", re.S),
 }
 
 
 @dataclasses.dataclass
 class SanitizerResult:
-    sanitizer: str  # "thread", "address" or "plain"
+    sanitizer: str  # "thread", "address", "address,undefined" (CPU kernels) or "plain"
     target: str
     returncode: int
     output: str
@@ -486,11 +504,20 @@ class SanitizerResult:
 
 
 def sanitizer_runtime(sanitizer: str) -> str:
-    lib = f"lib{SANITIZERS[sanitizer]}.so"
-    path = subprocess.run([_cxx(), f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
-    if not path or not os.path.isabs(path) or not os.path.exists(path):
-        raise EmulationBuildError(f"{_cxx()} has no {lib} (install the compiler's sanitizer runtimes)")
-    return path
+    """The main runtime library of `sanitizer` (the one that must be preloaded first)."""
+    return sanitizer_runtimes(sanitizer)[0]
+
+
+def sanitizer_runtimes(sanitizer: str) -> list[str]:
+    """Every runtime library `sanitizer` needs preloaded, in LD_PRELOAD order."""
+    paths = []
+    for name in _RUNTIME_LIBS[sanitizer]:
+        lib = f"lib{name}.so"
+        path = subprocess.run([_cxx(), f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+        if not path or not os.path.isabs(path) or not os.path.exists(path):
+            raise EmulationBuildError(f"{_cxx()} has no {lib} (install the compiler's sanitizer runtimes)")
+        paths.append(path)
+    return paths
 
 
 def run_sanitized(sanitizer: str, name: str, sources, func, *args, extra_cflags=(), schemas=(), timeout: float = 600,
@@ -510,6 +537,13 @@ def run_in_subprocess(name: str, sources, func, *args, sanitizer: str | None = N
     """Like `run_sanitized`, also without a sanitizer: for runs that may end the process (a
     kernel that never returns makes the emulator abort it after SEQKERNELS_EMU_TIMEOUT)."""
     so, namespace = build_emulated(name, sources, extra_cflags=extra_cflags, schemas=schemas, sanitizer=sanitizer)
+    return _run_child(so, namespace, sanitizer, func, args, timeout=timeout, env=env)
+
+
+def _run_child(so: Path, namespace: str, sanitizer: str | None, func, args: tuple, *, timeout: float,
+               env: dict | None) -> SanitizerResult:
+    """Run `func(ops, *args)` in a child Python that loads the library `so` (ops in `namespace`),
+    with the runtimes of `sanitizer` preloaded."""
     module_file = inspect.getfile(func)
     spec = {
         "so": str(so), "namespace": namespace, "sanitizer": sanitizer, "module_file": module_file,
@@ -520,11 +554,13 @@ def run_in_subprocess(name: str, sources, func, *args, sanitizer: str | None = N
     child_env.update(env or {})
     child_env.setdefault("OMP_NUM_THREADS", "1")
     if sanitizer is not None:
-        child_env["LD_PRELOAD"] = sanitizer_runtime(sanitizer)
+        child_env["LD_PRELOAD"] = " ".join(sanitizer_runtimes(sanitizer))
         child_env["TSAN_OPTIONS"] = "halt_on_error=1 exitcode=66 report_signal_unsafe=0 " + child_env.get(
             "TSAN_OPTIONS", "")
         child_env["ASAN_OPTIONS"] = "detect_leaks=0 halt_on_error=1 exitcode=67 detect_odr_violation=0 " + \
             child_env.get("ASAN_OPTIONS", "")
+        child_env["UBSAN_OPTIONS"] = "halt_on_error=1 print_stacktrace=1 exitcode=68 " + \
+            child_env.get("UBSAN_OPTIONS", "")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
         spec_path = f.name
@@ -540,3 +576,126 @@ def run_in_subprocess(name: str, sources, func, *args, sanitizer: str | None = N
         return SanitizerResult(kind, target, -9, text(e.stdout) + text(e.stderr) + f"\n[timed out after {timeout} s]")
     finally:
         os.unlink(spec_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The C++ CPU kernels under sanitizers
+# ------------------------------------------------------------------------------------------------
+# The real build (setup.py) compiles csrc/cpu/*.cpp with -O3 -std=c++20 -fopenmp at the baseline
+# ISA; the AVX2 code paths come from target attributes / pragmas chosen by cpuid at run time, so
+# the same sources compiled here (no -march) take the same ISA paths. The sanitized build differs
+# only in -O1 -g and the instrumentation.
+_CPU_SANITIZE_FLAGS = {
+    "address,undefined": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                          "-fno-omit-frame-pointer"],
+    "address": ["-fsanitize=address", "-fno-omit-frame-pointer"],
+    "thread": ["-fsanitize=thread"],
+}
+
+
+def cpu_sources() -> list[str]:
+    """The CPU kernel sources of the real extension (csrc/cpu/*.cpp), relative to the repo root."""
+    return sorted(p.relative_to(REPO).as_posix() for p in (REPO / "csrc" / "cpu").glob("*.cpp"))
+
+
+def cpu_namespace(name: str, sanitizer: str) -> str:
+    base = re.sub(r"\W", "_", name)
+    return f"seqkernels_cpu_{base}_{CPU_SANITIZERS[sanitizer]}"
+
+
+def _cpu_flags(sanitizer: str) -> list[str]:
+    import torch
+
+    if sanitizer not in _CPU_SANITIZE_FLAGS:
+        raise ValueError(f"sanitizer must be one of {sorted(_CPU_SANITIZE_FLAGS)}, got {sanitizer!r}")
+    inc, _ = _torch_paths()
+    flags = ["-std=c++20", "-fPIC", "-pthread", "-fopenmp", "-O1", "-g1", "-fvisibility=hidden",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             "-Wno-unused-variable", "-Wno-unused-function"] + _CPU_SANITIZE_FLAGS[sanitizer]
+    flags += [f"-isystem{p}" for p in inc] + [f"-isystem{sysconfig.get_paths()['include']}"]
+    return flags
+
+
+def _prepare_cpu_variant(sanitizer: str) -> tuple[list[str], list[str]]:
+    """Flags and `-include` flags (the precompiled torch headers) of one CPU sanitizer variant."""
+    import torch
+
+    flags = _cpu_flags(sanitizer)
+    key = hashlib.sha256("\0".join(flags + [torch.__version__, _cxx()]).encode()).hexdigest()[:12]
+    vdir = build_root() / f"variant-cpu-{CPU_SANITIZERS[sanitizer]}-{key}"
+    if not _use_pch():
+        return flags, []
+    with _locked(vdir / ".lock"):
+        # ATen/ATen.h pulls in no at::vec header, so lstm_cell.cpp's AVX2 region (which includes
+        # them under a target pragma) still gets its AVX2 copies.
+        header = vdir / "sk_cpu_pch.h"
+        _write_if_changed(header, "#include <ATen/ATen.h>\n#include <torch/library.h>\n")
+        gch = vdir / "sk_cpu_pch.h.gch"
+        cmd = [_cxx(), *flags, "-x", "c++-header", str(header), "-MMD", "-MF", str(gch) + ".d", "-o", str(gch)]
+        _compile(cmd, gch)
+    return flags, ["-include", str(header), "-Winvalid-pch"]
+
+
+def build_cpu(name: str = "kernels", sources=None, *, sanitizer: str = "address,undefined", extra_sources=(),
+              extra_cflags=(), schemas=()) -> tuple[Path, str]:
+    """Compile and link the CPU kernels `sources` (default: `cpu_sources()`, the real
+    csrc/cpu/*.cpp, compiled where they are) plus `extra_sources` (test-only kernels that register
+    with `TORCH_LIBRARY_IMPL(seqkernels, CPU, m)` too, their schemas in `schemas`) with `sanitizer`;
+    returns (shared library path, op namespace). `-Dseqkernels=<namespace>` moves both the C++
+    namespace and the op registrations out of `seqkernels`, so the library can sit beside the real
+    extension in one process. Incremental and cached under build_root() like build_emulated."""
+    srcs = []
+    for s in [*(cpu_sources() if sources is None else sources), *extra_sources]:
+        p = Path(s) if Path(s).is_absolute() else (REPO / s).resolve()
+        if not p.is_file():
+            raise FileNotFoundError(f"CPU source {p} does not exist")
+        srcs.append(p)
+    namespace = cpu_namespace(name, sanitizer)
+    flags, include_flags = _prepare_cpu_variant(sanitizer)
+    _, libdirs = _torch_paths()
+    ext_dir = build_root() / namespace
+    with _locked(ext_dir / ".lock"):
+        schemas_src = ext_dir / "schemas.cpp"
+        _write_if_changed(schemas_src, _schemas_cpp(namespace, registered_schemas() + list(schemas)))
+        tu_flags = [*flags, *include_flags, f"-I{REPO / 'csrc'}", f"-Dseqkernels={namespace}", *extra_cflags]
+        jobs = []
+        # Largest first (attention.cpp), so that two workers finish at about the same time.
+        for src in sorted(srcs, key=lambda p: -p.stat().st_size) + [schemas_src]:
+            rel = src.relative_to(REPO) if REPO in src.parents else Path(src.name)
+            obj = ext_dir / "obj" / (rel.as_posix().replace("/", "__") + ".o")
+            cmd = [_cxx(), *tu_flags, "-x", "c++", "-MMD", "-MF", str(obj) + ".d", "-c", str(src), "-o", str(obj)]
+            jobs.append((cmd, obj))
+        max_jobs = max(1, int(os.environ.get("MAX_JOBS") or min(2, os.cpu_count() or 1)))
+        with concurrent.futures.ThreadPoolExecutor(max_jobs) as pool:
+            for f in [pool.submit(_compile, cmd, obj) for cmd, obj in jobs]:
+                f.result()
+        so = ext_dir / f"{namespace}.so"
+        objs = [str(obj) for _, obj in jobs]
+        link = [_cxx(), "-shared", *[f for f in flags if f.startswith("-fsanitize") or f in ("-pthread", "-fopenmp")],
+                "-o", str(so), *objs, *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
+                "-lc10", "-ltorch_cpu", "-ltorch"]
+        stamp = so.with_name(so.name + ".cmd")
+        if not (so.exists() and stamp.exists() and stamp.read_text() == shlex.join(link)
+                and all(Path(o).stat().st_mtime <= so.stat().st_mtime for o in objs)):
+            tmp = so.with_name(so.name + f".tmp{os.getpid()}")
+            link_tmp = [str(tmp) if a == str(so) else a for a in link]
+            proc = subprocess.run(link_tmp, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise EmulationBuildError(f"CPU sanitizer link failed:\n$ {shlex.join(link_tmp)}\n"
+                                          f"{proc.stdout}{proc.stderr}")
+            os.replace(tmp, so)
+            stamp.write_text(shlex.join(link))
+    return so, namespace
+
+
+def run_cpu_sanitized(name: str, func, *args, sources=None, sanitizer: str = "address,undefined",
+                      extra_sources=(), extra_cflags=(), schemas=(), timeout: float = 600,
+                      env: dict | None = None) -> SanitizerResult:
+    """Run `func(ops, *args)` against the `sanitizer` build of the CPU kernels (`build_cpu`) in a
+    child process with the sanitizer runtimes preloaded; `ops.attention_fwd` is the sanitized
+    `torch.ops.<namespace>.attention_fwd`. `func` must be a module-level function and `args`
+    picklable; `env` adds to the child's environment (e.g. SEQKERNELS_CPU_ISA=portable). Returns
+    the result; call `.assert_clean()` on it in a test."""
+    so, namespace = build_cpu(name, sources, sanitizer=sanitizer, extra_sources=extra_sources,
+                              extra_cflags=extra_cflags, schemas=schemas)
+    return _run_child(so, namespace, sanitizer, func, args, timeout=timeout, env=env)

@@ -1,0 +1,142 @@
+"""The C++ CPU kernels (csrc/cpu/*.cpp) under AddressSanitizer and UndefinedBehaviorSanitizer.
+
+A second build of the CPU kernels (emulation.build.build_cpu: the real sources, compiled with
+-fsanitize=address,undefined -fno-sanitize-recover=undefined -O1, ops in the namespace
+torch.ops.seqkernels_cpu_kernels_asan_ubsan) runs the boundary sweeps of tests/cpu_sanitize/sweeps.py
+in a child Python with libasan + libubsan preloaded (emulation.build.run_cpu_sanitized): any
+out-of-bounds access, even a read whose value is never used, and any undefined behaviour ends the
+child with the sanitizer's report, which fails the test. Each sweep runs on both instruction-set
+paths: the AVX2 kernels (what an x86 machine with AVX2 takes) and the portable ones
+(SEQKERNELS_CPU_ISA=portable for attention and the KV cache, ATEN_CPU_CAPABILITY=default for the
+LSTM cell). Planted bugs (tests/cpu_sanitize/planted_bugs.cpp, compiled into the same
+library) show that both sanitizers report.
+
+The default run (CI) takes a bounded sample of each sweep (every tile-edge length, head dim,
+dtype and option still appears); the whole sweep, one child per kernel family and path, is
+
+    python -m pytest -q -p no:cacheprovider tests/test_cpu_sanitizers.py --run-slow
+
+The sanitized build is cached under build/emulation/ (SEQKERNELS_EMU_BUILD_DIR); its first build
+costs about 165 CPU-seconds (attention.cpp alone about 80, the longest single job): two to three
+minutes on two cores.
+"""
+
+import os
+
+import pytest
+
+from emulation.build import cpu_namespace, run_cpu_sanitized
+
+# The first test builds the sanitized library (minutes on a loaded machine); the children have
+# their own timeouts.
+pytestmark = pytest.mark.timeout(1800)
+
+NAME = "kernels"
+EXTRA_SOURCES = ["tests/cpu_sanitize/planted_bugs.cpp"]
+SCHEMAS = ["cpu_sanitize_selftest(Tensor x, int which) -> Tensor"]
+FAMILIES = ("attention", "kv_cache", "lstm")
+ISAS = ("avx2", "portable")
+# Set at the child's start for the portable path (the LSTM cell reads it once per process).
+ISA_ENV = {"avx2": {}, "portable": {"ATEN_CPU_CAPABILITY": "default", "SEQKERNELS_CPU_ISA": "portable"}}
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= flags
+
+
+def _skip_unless_isa(isa):
+    if isa == "avx2" and not _cpu_has_avx2():
+        pytest.skip("this CPU has no AVX2+FMA+F16C: the kernels take the portable path (the portable run)")
+    if isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        pytest.skip("ATEN_CPU_CAPABILITY=default in the environment forces the LSTM cell's portable path")
+
+
+def _run(func, *args, env=None, timeout=900):
+    return run_cpu_sanitized(NAME, func, *args, extra_sources=EXTRA_SOURCES, schemas=SCHEMAS, env=env,
+                             timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------------
+# Child-side functions (module level: the child imports this file and calls them with the ops)
+# ------------------------------------------------------------------------------------------------
+def _selftest(ops, which):
+    import torch
+
+    x = torch.arange(13, dtype=torch.float32)  # 13 floats: one full 8-lane load, a 5-lane tail
+    got = ops.cpu_sanitize_selftest(x, which)
+    assert got.item() == float(x.sum()), got
+    print(f"selftest {which} returned the right sum")
+
+
+def _check_namespace(ops):
+    import torch
+
+    assert ops.namespace == cpu_namespace(NAME, "address,undefined"), ops.namespace
+    for op in ("attention_fwd", "attention_bwd", "kv_cache_append", "decode_attention", "lstm_cell_fwd",
+               "lstm_cell_bwd", "lstm_layer_fwd", "cpu_sanitize_selftest"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ops.namespace}::{op}", "CPU"), op
+    # Nothing of the sanitized library lands in the real extension's namespace.
+    assert not any(name.startswith("seqkernels::") for name in torch._C._dispatch_get_all_op_names()), \
+        "the sanitized library registered ops in seqkernels::"
+    print("namespace ok")
+
+
+def _sweep(ops, families, level, isa, shard=0, nshards=1):
+    from cpu_sanitize.sweeps import run_family
+
+    _check_namespace(ops)
+    _selftest(ops, 0)  # the correct twin of the planted bugs: no report
+    for family in families:
+        run_family(ops, family, level, isa, shard, nshards)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------------
+def test_address_sanitizer_reports_planted_tail_overread():
+    """An 8-lane load at the tail of a 13-float tensor whose extra lanes are discarded: the result
+    is right, ASan must still stop it."""
+    res = _run(_selftest, 1)
+    assert res.returncode != 0, res.output[-6000:]
+    # GCC's ASan names a 32-byte access that starts in bounds "unknown-crash"; the description
+    # of the address is the heap overflow's.
+    report = res.report
+    assert "READ of size 32" in report, res.output[-6000:]
+    assert "0 bytes to the right of 52-byte region" in report, res.output[-6000:]
+    assert "in sum_floats" in report and "planted_bugs.cpp:" in report, res.output[-6000:]
+
+
+def test_ubsan_reports_planted_signed_overflow():
+    res = _run(_selftest, 2)
+    assert res.returncode != 0, res.output[-6000:]
+    assert "runtime error: signed integer overflow" in res.report, res.output[-6000:]
+    assert "planted_bugs.cpp:" in res.report, res.output[-6000:]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_kernels_sanitized_sample(isa):
+    """The bounded sample of every sweep (attention fwd/bwd, KV append and decode, LSTM cell and
+    layer) on one instruction-set path, in one child."""
+    _skip_unless_isa(isa)
+    res = _run(_sweep, FAMILIES, "ci", isa, env=ISA_ENV[isa]).assert_clean()
+    assert "namespace ok" in res.output and "selftest 0 returned the right sum" in res.output
+    for family in FAMILIES:
+        assert f"cpu-sanitize sweep {family} (ci, {isa} path" in res.output, res.output[-6000:]
+    assert res.output.count(" 0 mismatches") == len(FAMILIES), res.output[-6000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(7200)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_kernels_sanitized_full(family, isa):
+    """The whole sweep of one kernel family on one path (`--run-slow`)."""
+    _skip_unless_isa(isa)
+    res = _run(_sweep, (family,), "full", isa, env=ISA_ENV[isa], timeout=7000).assert_clean()
+    assert f"cpu-sanitize sweep {family} (full, {isa} path" in res.output, res.output[-6000:]
+    assert " 0 mismatches" in res.output, res.output[-6000:]
