@@ -274,6 +274,111 @@ def test_attention_small_tiles(case, small_tiles):
 
 
 # ------------------------------------------------------------------------------------------------
+# Tile boundaries
+# ------------------------------------------------------------------------------------------------
+#
+# The tile ranges (_key_range, _query_range) decide which tiles run without a visibility test; an
+# off-by-one there (BLOCK_N - 2 for BLOCK_N - 1, say) only shows when the band's edge falls on one
+# particular residue modulo the tiles and a full tile fits beside it. These sweeps derive the tiles
+# from the launchers' config selection and cover every residue of the bottom-right offset Lk - Lq
+# modulo them, and lengths one below, at and one above one and two tiles.
+
+
+def _launcher_tiles(dtype, D, heavy=False):
+    """{kernel: [(BLOCK_M, BLOCK_N), ...]}: the tiles the launchers can pick for inputs of this dtype
+    and head dim on this device, read from the module's config selection (the interpreter runs exactly
+    one config per kernel; a GPU autotunes among its table's candidates)."""
+    arch = tk.device_arch(torch.device(DEVICE))
+    elt = torch.empty((), dtype=dtype).element_size()
+    return {kern: [(c[0], c[1]) for c in tk._candidates(kern, arch, elt, tk.block_dim(D), heavy)]
+            for kern in ("fwd", "dq", "dkdv")}
+
+
+def _sweep_tiles(dtype, D):
+    """(query tiles, key tiles, period) over every kernel's candidate configs, where the period is the
+    largest tile: tiles are powers of two, so the residues modulo it cover those modulo every tile."""
+    tiles = _launcher_tiles(dtype, D)
+    q_tiles = sorted({bm for cfgs in tiles.values() for bm, _ in cfgs})
+    k_tiles = sorted({bn for cfgs in tiles.values() for _, bn in cfgs})
+    period = max(q_tiles + k_tiles)
+    assert all(period % t == 0 for t in q_tiles + k_tiles), tiles
+    return q_tiles, k_tiles, period, tiles
+
+
+def _signs(shape, dtype, gen):
+    return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(dtype)
+
+
+def _offset_sweep(dtype, Lq, offsets, window, D=16, seed=0):
+    """Causal/windowed attention with Lk = Lq + off for each off, one head, forward and backward against
+    the reference. The references run once, batched: key lengths Lq + off as kv_lengths of a padded
+    batch are the same problems (bottom-right alignment uses each sequence's own length).
+
+    Inputs that make any misclassified (query, key) pair visible at 16-bit precision while rounding
+    dominates the parity bound (so it has no tail of near-misses): small queries, so every visible
+    key gets about 1 / (number of visible keys) of the probability, and values and output gradients of
+    +-1, so one key too many or too few moves the output or dV by about that much in every column."""
+    n, lk_max = len(offsets), Lq + max(offsets)
+    gen = torch.Generator().manual_seed(seed)
+    q = _randn((n, 1, Lq, D), dtype, gen, 0.1)
+    k = _randn((n, 1, lk_max, D), dtype, gen)
+    v = _signs((n, 1, lk_max, D), dtype, gen)
+    go = _signs((n, 1, Lq, D), dtype, gen)
+    lens = torch.tensor([Lq + off for off in offsets], dtype=torch.int32)
+    kw = dict(attn_mask=None, kv_lengths=lens, scale=None, window_left=window[0], window_right=window[1],
+              bottom_right=True, dropout_p=0.0, seed=0, offset=0)
+    ref = attention_ref(q.double(), k.double(), v.double(), **kw)
+    ref_g = attention_bwd_ref(go.double(), q.double(), k.double(), v.double(), **kw)
+    base = attention_ref(q, k, v, **kw)
+    base_g = attention_bwd_ref(go, q, k, v, **kw)
+    failures = []
+    for b, off in enumerate(offsets):
+        lk = Lq + off
+        qb, kb, vb, gb = q[b:b + 1], k[b:b + 1, :, :lk], v[b:b + 1, :, :lk], go[b:b + 1]
+        kwb = dict(kw, kv_lengths=None)
+        out, lse = _launch_fwd(qb, kb, vb, None, None, kwb)
+        grads = [g.cpu() for g in _launch_bwd(gb, qb, kb, vb, out, lse, None, None, kwb)]
+        sl = (slice(b, b + 1), slice(None), slice(None, lk))
+        report = compare(out.cpu(), ref[0][b:b + 1], base[0][b:b + 1], name="out")
+        report.extend(compare(lse.cpu(), ref[1][b:b + 1], base[1][b:b + 1], name="lse", dtype=dtype))
+        report.extend(compare(grads, [ref_g[0][b:b + 1], ref_g[1][sl], ref_g[2][sl]],
+                              [base_g[0][b:b + 1], base_g[1][sl], base_g[2][sl]], grad=True, name="dq,dk,dv"))
+        if not report.passed:
+            failures.append(f"Lq={Lq} Lk={lk} (offset {off}) window {window}:\n{report}")
+    assert not failures, f"{len(failures)} of {n} offsets fail\n" + "\n".join(failures[:3])
+
+
+@pytest.mark.parametrize("window", ["causal", "sliding"])
+def test_tile_boundary_offset_sweep(window):
+    """Every residue of Lk - Lq modulo the tiles, with Lq = the largest query tile plus key tile of one
+    kernel, so that a full query (key) tile fits beside the diagonal of the first key (query) block
+    whatever the residue: an off-by-one in a full-tile bound only shows then (e.g. causal Lq=70,
+    Lk=100 float32 for BLOCK_N - 2 in _query_range). "sliding" is causal with a left window of one
+    period, which puts the band's left edge (window_left - offset) on every residue too."""
+    _, _, period, tiles = _sweep_tiles(F32, 16)
+    lq = max(bm + bn for cfgs in tiles.values() for bm, bn in cfgs)
+    _offset_sweep(F32, lq, list(range(period)), CAUSAL if window == "causal" else (period, 0))
+
+
+def _length_cases():
+    q_tiles, k_tiles, period, _ = _sweep_tiles(F32, 16)
+    lengths = sorted({n for t in set(q_tiles + k_tiles) for n in (t - 1, t, t + 1, 2 * t - 1, 2 * t + 1)} |
+                     {3 * period + 5})
+    windows = [CAUSAL, (-1, -1), (period // 2 + 1, 3), (period, 0)]
+    # Each length as Lq against each other length in reverse order (short against long and long against
+    # short, bottom-right and top-left), cycling through the windows.
+    return [(lq, lk, windows[i % len(windows)], i % 3 != 2)
+            for i, (lq, lk) in enumerate(zip(lengths, reversed(lengths)))]
+
+
+@pytest.mark.parametrize("lq, lk, window, bottom_right", _length_cases(),
+                         ids=lambda x: str(x).replace(" ", ""))
+def test_tile_boundary_lengths(lq, lk, window, bottom_right):
+    dtype = BF16 if lq % 2 else F32
+    _check_case(Case(B=1, Hq=1, Hkv=1, Lq=lq, Lk=lk, D=16, dtype=dtype, window=window, bottom_right=bottom_right))
+
+
+# ------------------------------------------------------------------------------------------------
 # Special rows and values
 # ------------------------------------------------------------------------------------------------
 
@@ -319,6 +424,294 @@ def test_padding_garbage_past_kv_lengths_does_not_leak():
     assert torch.all(dk.cpu()[1, :, 17:] == 0) and torch.all(dv.cpu()[1, :, 17:] == 0)
     ref_out, _ = attention_ref(q.double(), k.double(), v.double(), **kw)
     assert (out.cpu().double() - ref_out).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Extreme scores: finfo.min masks and q.k * scale near FLT_MAX (issue 15)
+# ------------------------------------------------------------------------------------------------
+#
+# Scores used to be kept in the log2 domain (log2(e) folded into the scale and the mask), so a
+# mask of finfo.min (what Hugging Face transformers builds) or a score beyond FLT_MAX / log2(e)
+# overflowed to -inf/+inf: a row whose visible keys all carry finfo.min became a "no visible key"
+# row (output 0, lse -inf) instead of the uniform average torch and the reference give.
+
+
+def _lse_rel(lse, ref_lse):
+    """lse divided by max(1, |reference lse|) per row (1 where the reference is +-inf), so an lse of
+    -3.4e38 does not set the rounding floor of every other row."""
+    r = ref_lse.detach().cpu().double()
+    norm = torch.where(torch.isfinite(r), r.abs().clamp(min=1.0), torch.ones_like(r))
+    return lse.detach().cpu().double() / norm
+
+
+# Close to torch's own math in the same precision (float32 for 16-bit inputs, as attention_ref
+# computes them), relative to the largest magnitude of the tensor: (out, gradients).
+_BASE_TOL = {F32: (1e-5, 1e-5), BF16: (2.0 ** -6, 2.0 ** -5), F16: (2.0 ** -9, 2.0 ** -8)}
+
+
+def _assert_near_baseline(got, base, tol, what):
+    got, base = got.detach().cpu().double(), base.detach().cpu().double()
+    assert torch.equal(torch.isfinite(got), torch.isfinite(base)), f"{what}: inf/NaN positions differ from torch"
+    fin = torch.isfinite(base)
+    if not fin.any():
+        return
+    err = (got - base).abs()[fin].max().item()
+    bound = tol * max(1.0, base[fin].abs().max().item())
+    assert err <= bound, f"{what}: max |kernel - torch| = {err:.3g} > {bound:.3g}"
+
+
+def _run_with_reference(q, k, v, go, mask, kvl, kw, grads=True):
+    """Launch forward (and backward) -> (kernel, float64 reference, torch in the inputs' dtype), each
+    as (out, lse, (dq, dk, dv) or None), on the CPU."""
+    out, lse = _launch_fwd(q, k, v, mask, kvl, kw)
+    got_grads = ref_grads = base_grads = None
+    if grads:
+        got_grads = tuple(g.cpu() for g in _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw))
+    kw64 = dict(kw, attn_mask=_f64(mask))
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), **kw64)
+    base_out, base_lse = attention_ref(q, k, v, **kw)
+    if grads:
+        ref_grads = attention_bwd_ref(go.double(), q.double(), k.double(), v.double(), **kw64)
+        base_grads = attention_bwd_ref(go, q, k, v, **kw)
+    return (out.cpu(), lse.cpu(), got_grads), (ref_out, ref_lse, ref_grads), (base_out, base_lse, base_grads)
+
+
+def _parity(got, ref, base, dtype, grads=(0, 1, 2)):
+    """The parity rule on out, lse (relative to its magnitude) and the gradients listed in `grads`.
+    The float32 assert_close clause is waived for a tensor on which torch's own float32 result fails
+    it too (a -1e9 mask swallows q.k in float32, not in the float64 reference): there the bound
+    against torch's error (and _assert_like_torch) is what holds."""
+    pairs = [(got[0], ref[0], base[0], "out", False, None),
+             (_lse_rel(got[1], ref[1]), _lse_rel(ref[1], ref[1]), _lse_rel(base[1], ref[1]),
+              "lse/max(1,|lse_ref|)", False, dtype)]
+    pairs += [(got[2][i], ref[2][i], base[2][i], ("dq", "dk", "dv")[i], True, dtype) for i in grads]
+    report = compare([], [], [])
+    for g, r, b, name, grad, dt in pairs:
+        row = compare(g, r, b, grad=grad, name=name, dtype=dt).rows[0]
+        if row.note == "assert_close fails" and row.max_err <= row.bound and row.nan_agree and row.inf_agree:
+            if compare(b, r, b, grad=grad, dtype=dt).rows[0].close is False:
+                row.passed, row.note = True, "assert_close waived: torch fails it too"
+        report.rows.append(row)
+    return report
+
+
+def _assert_like_torch(got, base, dtype, grads=(0, 1, 2)):
+    """Close to torch's math in the same precision: where the float64 reference keeps q.k in
+    -1e9 + q.k but float32 rounds it away, the reference is O(1) away from both, and the parity bound
+    alone would then accept a wrong row (zeros, say)."""
+    out_tol, grad_tol = _BASE_TOL[dtype]
+    _assert_near_baseline(got[0], base[0], out_tol, "out")
+    for i in grads:
+        _assert_near_baseline(got[2][i], base[2][i], grad_tol, ("dq", "dk", "dv")[i])
+
+
+def _extreme_mask(value, mask_dtype, B, Hq, Lq, Lk, split, gen):
+    """Float mask with rows of every kind around the value V, on top of N(0, 0.5) noise: all keys at
+    V (uniform over them, not a dead row); the first key tile(s) at V and finite after (the running
+    max jumps up by ~|V| at a tile boundary); finite then V (V keys get probability 0); one finite key
+    among V; every key -inf (a dead row); -inf then V; V on every other key; elsewhere V sprinkled
+    on 30% of the positions."""
+    m = torch.randn((B, Hq, Lq, Lk), generator=gen) * 0.5
+    m[..., 0, :] = value
+    m[..., 1, :split] = value
+    m[..., 2, split:] = value
+    m[..., 3, :] = value
+    m[..., 3, 5] = 0.0
+    m[..., 4, :] = float("-inf")
+    m[..., 5, :split] = float("-inf")
+    m[..., 5, split:] = value
+    m[..., 6, ::2] = value
+    sprinkle = torch.rand((B, Hq, Lq, Lk), generator=gen) < 0.3
+    sprinkle[..., :7, :] = False
+    m[sprinkle] = value
+    return m.to(mask_dtype)
+
+
+def _mask_value(value, dtype):
+    """(value, mask dtype): "finfo" is finfo(q dtype).min in a q-dtype mask (what transformers builds
+    for a model in that dtype, -65504 for float16), "finfo32" finfo(float32).min in a float32 mask;
+    numbers go in a float32 mask."""
+    if value == "finfo":
+        return torch.finfo(dtype).min, dtype
+    if value == "finfo32":
+        return torch.finfo(torch.float32).min, torch.float32
+    return float(value), torch.float32
+
+
+_EXTREME_MASKS = [-1e9, -1e12, -1e30, -3e38, "finfo", "finfo32"]
+
+
+@pytest.mark.parametrize("value", _EXTREME_MASKS, ids=str)
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+def test_extreme_float_masks(dtype, value):
+    if dtype == F32 and value == "finfo32":
+        pytest.skip("same as finfo for float32")
+    mval, mdtype = _mask_value(value, dtype)
+    B, Hq, Hkv, Lq, Lk, D = 2, 2, 1, 37, 45, 16
+    gen = torch.Generator().manual_seed(15)
+    q = _randn((B, Hq, Lq, D), dtype, gen)
+    k = _randn((B, Hkv, Lk, D), dtype, gen)
+    v = _randn((B, Hkv, Lk, D), dtype, gen)
+    go = _randn((B, Hq, Lq, D), dtype, gen)
+    split = min(min(bn for bm, bn in _launcher_tiles(dtype, D, heavy=True)["fwd"]), Lk - 1)
+    mask = _extreme_mask(mval, mdtype, B, Hq, Lq, Lk, split, gen)
+    kw = dict(attn_mask=mask, kv_lengths=None, scale=None, window_left=-1, window_right=-1, bottom_right=True,
+              dropout_p=0.0, seed=0, offset=0)
+    got, ref, base = _run_with_reference(q, k, v, go, mask, None, kw)
+    report = _parity(got, ref, base, dtype)
+    assert report.passed, f"{dtype} mask {value}\n{report}"
+    _assert_like_torch(got, base, dtype)
+    out, lse, (dq, _, _) = got
+    # Only the row with every key at -inf sees nothing; the rows at V are finite, never 0 / -inf.
+    rows = [0, 1, 2, 3, 5, 6]
+    assert torch.isfinite(ref[1][:, :, rows]).all()
+    assert torch.isfinite(lse[:, :, rows]).all() and torch.all(out[:, :, rows].abs().amax(-1) > 0)
+    assert torch.all(lse[:, :, 4] == float("-inf")) and torch.all(out[:, :, 4] == 0) and torch.all(dq[:, :, 4] == 0)
+    if abs(mval) >= 1e30:
+        # V swallows q.k even in float64: row 0 is the plain mean of v, row 5 the mean of its later keys.
+        group = Hq // Hkv
+        vmean = v.double().mean(2, keepdim=True).repeat_interleave(group, 1)
+        torch.testing.assert_close(out[:, :, 0:1].double(), vmean, atol=_BASE_TOL[dtype][0], rtol=0)
+        vmean5 = v.double()[:, :, split:].mean(2, keepdim=True).repeat_interleave(group, 1)
+        torch.testing.assert_close(out[:, :, 5:6].double(), vmean5, atol=_BASE_TOL[dtype][0], rtol=0)
+        torch.testing.assert_close(lse[:, :, 0].double(), torch.full_like(ref[1][:, :, 0], mval) + math.log(Lk),
+                                   rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+def test_finfo_min_mask_with_window_kvlens_gqa_dropout(dtype):
+    """finfo.min rows combined with a causal window, kv_lengths, GQA and dropout (the rows' visible
+    keys: the ones the window and the length leave)."""
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 29, 41, 24
+    gen = torch.Generator().manual_seed(16)
+    q = _randn((B, Hq, Lq, D), dtype, gen)
+    k = _randn((B, Hkv, Lk, D), dtype, gen)
+    v = _randn((B, Hkv, Lk, D), dtype, gen)
+    go = _randn((B, Hq, Lq, D), dtype, gen)
+    mask = _extreme_mask(torch.finfo(dtype).min, dtype, B, Hq, Lq, Lk, 20, gen)
+    kvl = torch.tensor([41, 33], dtype=torch.int32)
+    kw = dict(attn_mask=mask, kv_lengths=kvl, scale=None, window_left=-1, window_right=0, bottom_right=True,
+              dropout_p=0.2, seed=1234, offset=77)
+    got, ref, base = _run_with_reference(q, k, v, go, mask, kvl, kw)
+    report = _parity(got, ref, base, dtype)
+    assert report.passed, f"{dtype}\n{report}"
+    _assert_like_torch(got, base, dtype)
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e20, 1e38, 3e38], ids=lambda m: f"{m:g}")
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
+def test_huge_scores(dtype, magnitude):
+    """max |q.k * scale| = magnitude (the scale carries it, so every dtype gets there): out, lse and
+    dV by the parity rule. dQ and dK: with scores this far apart nearly every row is one-hot, whose
+    exact gradient is 0 but whose dS = P (dP - delta) is the rounding of dP - rowsum(dO O) (the
+    FlashAttention backward's delta, not torch's sum(P dP)), which dQ = scale * dS K multiplies by
+    scale * |K|; torch's own math gets an exact 0 there, so those are held to that conditioning
+    instead: finite, and within 16 ulps of scale * D * max|K| * max|dO| * max|V| (max|Q| for dK), the
+    size of a dQ row of sharp attention. float16 skips them where that noise is beyond its range."""
+    B, Hq, Hkv, Lq, Lk, D = 1, 2, 1, 37, 45, 16
+    gen = torch.Generator().manual_seed(17)
+    q = _randn((B, Hq, Lq, D), dtype, gen)
+    k = _randn((B, Hkv, Lk, D), dtype, gen)
+    v = _randn((B, Hkv, Lk, D), dtype, gen)
+    go = _randn((B, Hq, Lq, D), dtype, gen)
+    qk = (q.double() @ k.double().transpose(-1, -2)).abs().max().item()
+    scale = magnitude / qk
+    kw = dict(attn_mask=None, kv_lengths=None, scale=scale, window_left=-1, window_right=-1, bottom_right=True,
+              dropout_p=0.0, seed=0, offset=0)
+    got, ref, base = _run_with_reference(q, k, v, go, None, None, kw)
+    report = _parity(got, ref, base, dtype, grads=(2,))
+    assert report.passed, f"{dtype} |q.k*scale| <= {magnitude:g}\n{report}"
+    assert torch.isfinite(got[1]).all() and torch.isfinite(got[0]).all()
+    _assert_like_torch(got, base, dtype, grads=(2,))
+    dq, dk, _ = got[2]
+    ref_grads = ref[2]
+    eps = torch.finfo(dtype).eps
+    mx = {n: t.double().abs().max().item() for n, t in (("q", q), ("k", k), ("v", v), ("go", go))}
+    for name, g, want, other in (("dq", dq, ref_grads[0], "k"), ("dk", dk, ref_grads[1], "q")):
+        cond = scale * D * mx[other] * mx["go"] * mx["v"]
+        if 16 * eps * cond > torch.finfo(dtype).max:
+            continue  # the rounding noise itself is beyond the dtype's range (float16 from ~1e20)
+        assert torch.isfinite(g).all(), f"{name} not finite"
+        err = (g.double() - want).abs().max().item()
+        assert err <= 16 * eps * cond, f"{name}: {err:.3g} > 16 eps * {cond:.3g}"
+
+
+def test_hf_finfo_min_mask_reproducer():
+    """The issue's reproducer through the public op, with autograd: a row whose every key carries
+    finfo(float32).min is the mean of v with a finite lse, and its gradients match the reference."""
+    import seqkernels
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 2, 4, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 1, 5, 4, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 1, 5, 4, device=DEVICE, requires_grad=True)
+    m = torch.zeros(1, 1, 2, 5, device=DEVICE)
+    m[0, 0, 1] = torch.finfo(torch.float32).min
+    go = torch.randn(1, 1, 2, 4, device=DEVICE)
+    res = {}
+    for backend in ("triton", "reference"):
+        o, lse = seqkernels.attention(q, k, v, attn_mask=m, backend=backend, return_lse=True)
+        grads = torch.autograd.grad(o, (q, k, v), go)
+        res[backend] = (o.detach(), lse.detach(), grads)
+    (o, lse, grads), (ro, rlse, rgrads) = res["triton"], res["reference"]
+    torch.testing.assert_close(o[0, 0, 1], v.detach()[0, 0].mean(0))
+    assert torch.isfinite(lse).all() and lse[0, 0, 1].item() < -3e38
+    torch.testing.assert_close(o, ro)
+    torch.testing.assert_close(lse, rlse)
+    for g, r in zip(grads, rgrads):
+        torch.testing.assert_close(g, r)
+
+
+# ------------------------------------------------------------------------------------------------
+# Zero-size inputs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [
+    # (B, Hq, Hkv, Lq, Lk)
+    (0, 2, 1, 5, 7), (2, 0, 1, 5, 7), (2, 0, 2, 0, 7), (2, 2, 1, 0, 7), (2, 2, 1, 5, 0), (2, 2, 2, 0, 0),
+    (0, 0, 1, 0, 0),
+], ids=lambda s: "B{}H{}/{}L{}x{}".format(*s))
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "mask_kvlens"])
+def test_zero_size_inputs(shape, extras):
+    """Every empty dimension: the outputs have the right shapes and every element is written (the
+    poisoned allocator leaves NaN otherwise): dK/dV are 0 when no query (Hq = 0, Lq = 0) reads them,
+    rows with no key (Lk = 0) give 0 and lse -inf, and everything equals the reference."""
+    B, Hq, Hkv, Lq, Lk = shape
+    D, Dv = 16, 8
+    q = torch.randn(B, Hq, Lq, D)
+    k = torch.randn(B, Hkv, Lk, D)
+    v = torch.randn(B, Hkv, Lk, Dv)
+    go = torch.randn(B, Hq, Lq, Dv)
+    mask = torch.randn(B, Hq, Lq, Lk) if extras else None
+    kvl = torch.full((B,), Lk, dtype=torch.int32) if extras else None
+    kw = dict(attn_mask=mask, kv_lengths=kvl, scale=None, window_left=-1, window_right=0 if extras else -1,
+              bottom_right=True, dropout_p=0.1 if extras else 0.0, seed=3, offset=0)
+    out, lse = _launch_fwd(q, k, v, mask, kvl, kw)
+    dq, dk, dv = _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw)
+    ref_out, ref_lse = attention_ref(q, k, v, **kw)
+    ref_grads = attention_bwd_ref(go, q, k, v, **kw)
+    for got, want in zip((out, lse, dq, dk, dv), (ref_out, ref_lse, *ref_grads)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(got.cpu(), want), (got, want)
+    if B * Hq * Lq == 0:
+        assert torch.all(dk == 0) and torch.all(dv == 0)
+    if Lk == 0:
+        assert torch.all(out == 0) and torch.all(lse == float("-inf")) and torch.all(dq == 0)
+
+
+def test_zero_query_heads_through_the_op():
+    """Hq = 0 with a kv head through seqkernels.attention and autograd (the reported symptom: dK/dV
+    came back as uninitialized memory)."""
+    import seqkernels
+
+    q = torch.randn(2, 0, 5, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 1, 7, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(2, 1, 7, 16, device=DEVICE, requires_grad=True)
+    out = seqkernels.attention(q, k, v, causal=True, backend="triton")
+    assert out.shape == (2, 0, 5, 16)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -223,3 +223,91 @@ def test_cuda_vector_widths_on_gpu():
         want = expected(kc, vc, kn, vn, lens, table)
         got = run_append("cuda", kc, vc, kn, vn, lens, table)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton decode attention: scores near FLT_MAX and empty inputs (issue 15)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def triton_decode(monkeypatch):
+    """The Triton kv_cache module with a NaN-filled allocator, so an element a kernel forgets to
+    write (output, lse, or a split's partial) shows as NaN."""
+    tkv = pytest.importorskip("seqkernels.triton_kernels.kv_cache")
+    dev = torch.device("cuda" if HAS_CUDA else "cpu")
+    reason = tkv.decode_unsupported_reason(torch.empty(1, 1, 1, 16, device=dev), torch.empty(1, 1, 1, 16, device=dev),
+                                           torch.empty(1, 1, 1, 16, device=dev))
+    if reason is not None:
+        pytest.skip(reason)
+
+    def alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(tkv, "_alloc", alloc)
+    return tkv, dev
+
+
+def _lse_rel(lse, ref_lse):
+    """lse / max(1, |reference lse|) per row, so an lse near FLT_MAX does not set the floor of the others."""
+    r = ref_lse.detach().cpu().double()
+    norm = torch.where(torch.isfinite(r), r.abs().clamp(min=1.0), torch.ones_like(r))
+    return lse.detach().cpu().double() / norm
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's inf - inf in discarded lanes
+@pytest.mark.parametrize("paged, num_splits", [(False, 1), (True, 3)], ids=["contiguous", "paged-split3"])
+@pytest.mark.parametrize("magnitude", [1e20, 3e38], ids=lambda m: f"{m:g}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_triton_decode_huge_scores(triton_decode, dtype, magnitude, paged, num_splits):
+    """max |q.k * scale| = magnitude (carried by the scale, so every dtype gets there), GQA, two query
+    tokens, split-K: with log2(e) folded into the scale the scores beyond FLT_MAX / log2(e) ~ 2.36e38
+    overflowed. Output and lse (relative to its magnitude) against the float64 reference by the parity
+    rule, and close to torch in the same dtype."""
+    from seqkernels import reference, testing
+
+    _, dev = triton_decode
+    gen = torch.Generator().manual_seed(21)
+    B, Hq, Hkv, Tq, D, S = 2, 4, 2, 2, 16, 45
+    q = torch.randn(B, Hq, Tq, D, generator=gen).to(dtype)
+    kc, vc, table = make_caches(B, Hkv, S, D, D, dtype, paged=paged)
+    lens = torch.tensor([S, 29], dtype=torch.int32)
+    k_all = reference._gather_cache(kc, table).double()
+    qk = torch.einsum("bhtd,bgsd->bhgts", q.double(), k_all).abs().max().item()
+    scale = magnitude / qk
+    moved = [None if t is None else t.to(dev) for t in (q, kc, vc, lens, table)]
+    out, lse = seqkernels.decode_attention(*moved[:4], block_table=moved[4], scale=scale, num_splits=num_splits,
+                                           return_lse=True, backend="triton")
+    out, lse = out.cpu(), lse.cpu()
+
+    def ref(dt):
+        return reference.decode_attention_ref(q.to(dt), kc.to(dt), vc.to(dt), lens, block_table=table, scale=scale)
+
+    (ref_out, ref_lse), (base_out, base_lse) = ref(torch.float64), ref(dtype)
+    report = testing.compare(out, ref_out, base_out, name="out")
+    report.extend(testing.compare(_lse_rel(lse, ref_lse), _lse_rel(ref_lse, ref_lse), _lse_rel(base_lse, ref_lse),
+                                  name="lse/max(1,|lse_ref|)", dtype=dtype))
+    assert report.passed, str(report)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -9}[dtype]
+    torch.testing.assert_close(out.double(), base_out.double(), atol=tol, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_triton_decode_zero_size(triton_decode):
+    """Empty batch, no query heads (with a kv head), an empty cache and zero lengths: right shapes, and
+    every element written (rows that see no key: 0 and lse -inf), with one split and several."""
+    tkv, dev = triton_decode
+    for B, Hq, Hkv, S in ((0, 2, 1, 8), (2, 0, 1, 8)):
+        q = torch.randn(B, Hq, 1, 16, device=dev)
+        kc, vc = torch.randn(B, Hkv, S, 16, device=dev), torch.randn(B, Hkv, S, 8, device=dev)
+        lens = torch.full((B,), 3, dtype=torch.int32, device=dev)
+        out, lse = seqkernels.decode_attention(q, kc, vc, lens, return_lse=True, backend="triton")
+        assert out.shape == (B, Hq, 1, 8) and lse.shape == (B, Hq, 1)
+    for S, splits in ((0, 1), (0, 3), (8, 1), (8, 4)):
+        q = torch.randn(2, 4, 3, 16, device=dev)
+        kc, vc = torch.randn(2, 2, S, 16, device=dev), torch.randn(2, 2, S, 8, device=dev)
+        lens = torch.zeros(2, dtype=torch.int32, device=dev)
+        out, lse = tkv.decode_attention(q, kc, vc, lens, None, 0.25, -1, 0, splits)
+        assert out.shape == (2, 4, 3, 8) and lse.shape == (2, 4, 3)
+        assert torch.all(out == 0) and torch.all(lse == float("-inf")), (S, splits)

@@ -20,19 +20,31 @@ the keys run the masked variant. The dK/dV kernel does the same per key block ov
 (``_query_range``). A float or bool ``attn_mask`` is read blockwise through its strides (stride 0
 on broadcast dimensions, never materialized) on every visited tile.
 
-Numerics. Scores are kept in the log2 domain: ``log2(e)`` is folded into the scale once so the
-softmax uses ``exp2``; ``lse`` is converted back to the natural log when stored. Accumulation is
-float32. A row that sees no key has ``l == 0``: its output is written as 0 and its lse as -inf,
-and the backward treats such a row's lse as +inf so its probabilities, hence its gradients, are 0.
+Numerics. Scores ``s = q.k * scale + mask`` and the running row max ``m`` stay in the natural
+domain; only differences are taken to base 2: ``p = exp2((s - m) * log2(e))``, ``alpha =
+exp2((m_old - m_new) * log2(e))``, ``lse = m + log(l)``. Folding ``log2(e)`` into the scale (one
+multiply less per score) would overflow float32 for scores or masks beyond FLT_MAX / log2(e)
+(~2.36e38): a row whose visible keys all carry ``finfo.min`` (the Hugging Face mask value) would
+turn into a "no visible key" row. The dK/dV kernel likewise evaluates ``exp2((s - lse) * log2(e))``
+with the natural lse. Accumulation is float32. A row that sees no key has ``l == 0``: its output
+is written as 0 and its lse as -inf, and the backward treats such a row's lse as +inf so its
+probabilities, hence its gradients, are 0.
+Rows with ``|lse| > 128`` (every visible key under a large mask, or huge scores) take two fix-up
+passes that do nothing elsewhere: the float32 lse cannot carry ``log(l)`` there (``-1e9 +
+log(Lk)`` rounds to ``-1e9``), so ``_attention_bwd_fixup_kernel`` sums ``exp(s - lse)`` over the
+row and rescales its dO and delta (on which the gradients are linear) by the inverse; the dQ kernel
+keeps the log2-domain scores (exact on every other row, and its tightest configs leave no register
+for the extra multiply), and ``_attention_bwd_fixup_dq_kernel`` recomputes dQ on those rows.
 Dropout zeroes probabilities after normalization (the denominator uses the undropped ones, as
 torch does); kept ones are scaled by ``1 / (1 - p)``; the keep mask is regenerated in the
 backward from ``(seed, offset, b, h, i, j)``.
 
-Backward: ``delta = rowsum(dO * O)`` (one small kernel), then a dK/dV kernel (one program per
-key block and kv head, walking the query tiles of every query head of its GQA group in one flat
-loop, so the group sum needs no atomics and is deterministic) and a dQ kernel (one program per
-query block and query head, walking key tiles). 256-wide heads run dK and dV as two launches of
-the dK/dV kernel, since both float32 accumulators do not fit in registers beside the tile math.
+Backward: ``delta = rowsum(dO * O)`` (one small kernel, which also copies dO), the lse fix-up
+above, then a dK/dV kernel (one program per key block and kv head, walking the query tiles of
+every query head of its GQA group in one flat loop, so the group sum needs no atomics and is
+deterministic), a dQ kernel (one program per query block and query head, walking key tiles) and
+the dQ fix-up. 256-wide heads run dK and dV as two launches of the dK/dV kernel, since both
+float32 accumulators do not fit in registers beside the tile math.
 Every kernel is deterministic, so the ``deterministic`` flag of the op is always honoured.
 
 Precision: float16/bfloat16 products on tensor cores (wgmma on sm_90, mma.sync on sm_80) with
@@ -163,9 +175,10 @@ def _load_2d(base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
 
 @triton.jit
 def _apply_attn_mask(s, mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
-                     CHECK_C: tl.constexpr, MASK_BOOL: tl.constexpr):
-    """Add (float) or apply (bool) the attn_mask tile to log2-domain scores ``s``. Rows are always
-    bounds-checked (the last query tile runs past Lq); columns only on boundary tiles."""
+                     CHECK_C: tl.constexpr, MASK_BOOL: tl.constexpr, LOG2: tl.constexpr):
+    """Add (float) or apply (bool) the attn_mask tile to the scores ``s``: natural domain, or log2
+    domain with LOG2 (the mask scaled by log2(e)). Rows are always bounds-checked (the last query
+    tile runs past Lq); columns only on boundary tiles."""
     ptrs = mask_base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
     inb = offs_r[:, None] < n_r
     if CHECK_C:
@@ -175,7 +188,10 @@ def _apply_attn_mask(s, mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
         s = tl.where(m != 0, s, float("-inf"))
     else:
         m = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
-        s = s + m * 1.4426950408889634
+        if LOG2:
+            s = s + m * 1.4426950408889634
+        else:
+            s = s + m
     return s
 
 
@@ -183,13 +199,17 @@ def _apply_attn_mask(s, mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
 def _scores(q, k, Mask_n, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, stride_mn,
             m_rows, Lk, lk_b, qk_scale,
             MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-            WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Log2-domain scores of a (query tile, key tile) pair with the attn_mask applied and, on a
-    boundary tile (MASKED), keys past lk_b and outside the causal/sliding window set to -inf.
-    Shared by the forward and the dQ kernel, which must agree on every visible position."""
+            WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            LOG2: tl.constexpr):
+    """Scores ``q.k * qk_scale + mask`` of a (query tile, key tile) pair with the attn_mask applied
+    and, on a boundary tile (MASKED), keys past lk_b and outside the causal/sliding window set to
+    -inf: natural domain (qk_scale = scale), or log2 domain with LOG2 (qk_scale = scale * log2(e), the
+    mask scaled too; the dQ kernel). Shared by the forward, the dQ kernel and the fix-up passes,
+    which must agree on every visible position."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_MASK:
-        s = _apply_attn_mask(s, Mask_n, offs_m, offs_n, stride_mm, stride_mn, m_rows, Lk - start_n, MASKED, MASK_BOOL)
+        s = _apply_attn_mask(s, Mask_n, offs_m, offs_n, stride_mm, stride_mn, m_rows, Lk - start_n, MASKED, MASK_BOOL,
+                             LOG2)
     if MASKED:
         cols = start_n + offs_n
         visible = (cols < lk_b)[None, :]
@@ -210,7 +230,7 @@ def _scores(q, k, Mask_n, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, st
 def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, start, end,
                offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-               m_rows, Lk, lk_b, D, Dv, qk_scale,
+               m_rows, Lk, lk_b, D, Dv, scale,
                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
                BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
@@ -222,14 +242,17 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, start, end,
         k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
                      MASKED, not EVEN_D, UPCAST)
         s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, stride_mn,
-                    m_rows, Lk, lk_b, qk_scale, MASKED, HAS_MASK, MASK_BOOL, WINDOW_LEFT, WINDOW_RIGHT,
-                    DOT_PRECISION)
+                    m_rows, Lk, lk_b, scale, MASKED, HAS_MASK, MASK_BOOL, WINDOW_LEFT, WINDOW_RIGHT,
+                    DOT_PRECISION, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0
-        # rather than exp2(-inf - -inf) = NaN.
+        # rather than exp2(-inf - -inf) = NaN. The differences are taken before the log2(e)
+        # factor, so scores near FLT_MAX (finfo.min masks) cannot overflow.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2((s - m_use[:, None]) * 1.4426950408889634)
+        # m_i <= m_use, so the clamp changes nothing; written this way the float32 variants compile
+        # without spilling (ptxas allocates registers differently).
+        alpha = tl.math.exp2(tl.minimum(m_i - m_use, 0.0) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -253,7 +276,7 @@ def _attention_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om,
     Hq, Lq, Lk, D, Dv, GROUP,
-    qk_scale, window_left, window_right,
+    scale, window_left, window_right,
     seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
     tune_lq, tune_lk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -305,21 +328,21 @@ def _attention_fwd_kernel(
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, lo, full_lo,
                                offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               m_rows, Lk, lk_b, D, Dv, qk_scale,
+                               m_rows, Lk, lk_b, D, Dv, scale,
                                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
                                BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
                                WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, full_lo, full_hi,
                                offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               m_rows, Lk, lk_b, D, Dv, qk_scale,
+                               m_rows, Lk, lk_b, D, Dv, scale,
                                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
                                BLOCK_N, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
                                WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, full_hi, hi,
                                offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               m_rows, Lk, lk_b, D, Dv, qk_scale,
+                               m_rows, Lk, lk_b, D, Dv, scale,
                                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
                                BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
                                WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
@@ -327,7 +350,7 @@ def _attention_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc * (drop_scale / l_safe)[:, None])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
 
     row_ok = offs_m < m_rows
     o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + m0.to(tl.int64) * stride_om
@@ -346,14 +369,17 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_preprocess_kernel(
-    Out, DO, Delta,
+    Out, DO, Delta, DOS,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dsb, stride_dsh, stride_dsm,
     Hq, Lq, Dv,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO[i, d] * O[i, d]: the softmax-backward row term. With dropout O is
-    the dropped output, which makes delta = sum_j P_ij * dP_ij with the dropped dP, as needed."""
+    the dropped output, which makes delta = sum_j P_ij * dP_ij with the dropped dP, as needed.
+    Also copies dO to the contiguous DOS, which the dK/dV and dQ kernels read (and
+    _attention_bwd_fixup_kernel rescales on the rows whose lse lost its low bits)."""
     pid_m = tl.program_id(0)
     h64 = tl.program_id(1).to(tl.int64)
     b64 = tl.program_id(2).to(tl.int64)
@@ -367,6 +393,89 @@ def _attention_bwd_preprocess_kernel(
                   offs_m, offs_dv, stride_dom, stride_dod, m_rows, Dv, True, not EVEN_DV, True)
     delta = tl.sum(o * do, 1)
     tl.store(Delta + (b64 * Hq + h64) * Lq + m0 + offs_m, delta, mask=offs_m < m_rows)
+    ds_ptrs = (DOS + b64 * stride_dsb + h64 * stride_dsh + m0.to(tl.int64) * stride_dsm
+               + offs_m[:, None] * stride_dsm + offs_dv[None, :])
+    if EVEN_DV:
+        tl.store(ds_ptrs, do.to(DOS.dtype.element_ty), mask=(offs_m < m_rows)[:, None])
+    else:
+        tl.store(ds_ptrs, do.to(DOS.dtype.element_ty), mask=(offs_m < m_rows)[:, None] & (offs_dv[None, :] < Dv))
+
+
+@triton.jit
+def _attention_bwd_fixup_kernel(
+    Q, K, Mask, KVLens, LSE, Delta, DOS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dsb, stride_dsh, stride_dsm,
+    Hq, Lq, Lk, D, Dv, GROUP,
+    scale, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Rows whose float32 lse is too large to carry log(l): the backward's P = exp(S - lse) is then
+    off by a per-row factor (a row whose every key carries a -1e9 mask has lse = -1e9 + log(Lk),
+    which rounds to -1e9, so P would be 1 instead of 1 / Lk). For rows with |lse| > 128 (below,
+    the rounding of lse, |lse| * 2^-24, is no larger than that of the scores themselves), this sums
+    c = sum_j exp(S_ij - lse_i) over the row's visible keys and scales dO_i (in DOS) and delta_i by
+    1 / c: dV and dS = P (dP - delta), hence dK and dQ, are linear in (dO_i, delta_i) for a fixed
+    row factor, so the dK/dV kernel needs no change. Every other block does nothing."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    m0 = pid_m * BLOCK_M
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = m0 + offs_m
+    m_rows = Lq - m0
+    row_ok = offs_m < m_rows
+    lse = tl.load(LSE + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
+    # NaN compares false, so NaN rows stay as they are; -inf (no visible key) rows too.
+    bad = row_ok & (tl.abs(lse) > 128.0) & (tl.abs(lse) < float("inf"))
+    if tl.max(bad.to(tl.int32), 0) > 0:
+        lk_b = Lk
+        if HAS_KVLENS:
+            lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
+        off_b = 0
+        if BOTTOM_RIGHT:
+            off_b = lk_b - Lq
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_2d(Q + b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm, offs_m, offs_d,
+                     stride_qm, stride_qd, m_rows, D, True, not EVEN_D, UPCAST)
+        K_bh = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+        Mask_bm = Mask
+        if HAS_MASK:
+            Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm
+        win_lo = rows + off_b - window_left
+        win_hi = rows + off_b + window_right
+        shift = tl.where(bad, lse, float("inf"))  # other rows: exp2(-inf) = 0, nothing to sum
+        c = tl.zeros([BLOCK_M], dtype=tl.float32)
+        lo, _full_lo, _full_hi, hi = _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            n64 = start_n.to(tl.int64)
+            k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
+                         True, not EVEN_D, UPCAST)
+            s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi,
+                        stride_mm, stride_mn, m_rows, Lk, lk_b, scale, True, HAS_MASK, MASK_BOOL,
+                        WINDOW_LEFT, WINDOW_RIGHT, DOT_PRECISION, False)
+            c += tl.sum(tl.math.exp2((s - shift[:, None]) * 1.4426950408889634), 1)
+        # c >= ~1 for a row with a visible key (the max term is exp(m - lse) ~ 1 / l); guard anyway.
+        r = tl.where(bad & (c > 0.0), 1.0 / c, 1.0)
+        d_ptrs = Delta + (b64 * Hq + h64) * Lq + rows
+        tl.store(d_ptrs, tl.load(d_ptrs, mask=bad, other=0.0) * r, mask=bad)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        ds_ptrs = (DOS + b64 * stride_dsb + h64 * stride_dsh + m0.to(tl.int64) * stride_dsm
+                   + offs_m[:, None] * stride_dsm + offs_dv[None, :])
+        ds_mask = bad[:, None] & (offs_dv[None, :] < Dv)
+        do = tl.load(ds_ptrs, mask=ds_mask, other=0.0).to(tl.float32)
+        tl.store(ds_ptrs, (do * r[:, None]).to(DOS.dtype.element_ty), mask=ds_mask)
 
 
 @triton.jit
@@ -374,7 +483,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64
                     offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
                     stride_mb, stride_mh, stride_mm, stride_mn, n64,
-                    Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                    Lq, Lk, lk_b, off_b, D, Dv, scale, window_left, window_right,
                     seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
                     BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
                     MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
@@ -412,8 +521,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64
             lse = tl.load(LSE_bh + rows)
             delta = tl.load(Delta_bh + rows)
         # Rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale
         if HAS_MASK:
             # Transposed mask tile: keys are dim 0, query rows dim 1.
             ptrs = (Mask + b64 * stride_mb + h64 * stride_mh + n64 * stride_mn + m64 * stride_mm
@@ -424,15 +533,18 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64
                 sT = tl.where(mv != 0, sT, float("-inf"))
             else:
                 mv = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
-                sT = sT + mv * 1.4426950408889634
+                sT = sT + mv
         if MASKED:
             visible = (cols < lk_b)[:, None] & (offs_m < m_rows)[None, :]
             if WINDOW_LEFT:
                 visible = visible & (cols[:, None] >= (rows + off_b - window_left)[None, :])
             if WINDOW_RIGHT:
                 visible = visible & (cols[:, None] <= (rows + off_b + window_right)[None, :])
-            sT = tl.where(visible, sT, float("-inf"))
-        pT = tl.math.exp2(sT - lse2[None, :])
+        # exp2 of the differences (natural domain: scores near FLT_MAX cannot overflow); the
+        # invisible positions are selected away afterwards (an inf there is discarded, never summed).
+        pT = tl.math.exp2((sT - lse[None, :]) * 1.4426950408889634)
+        if MASKED:
+            pT = tl.where(visible, pT, 0.0)
         if DROPOUT:
             keep = dropout_keep(((bh * Lq + rows) * Lk)[None, :] + drop_col[:, None],
                                 seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
@@ -463,7 +575,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     Hq, Lq, Lk, D, Dv, GROUP,
-    qk_scale, scale, window_left, window_right,
+    scale, window_left, window_right,
     seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
     tune_lq, tune_lk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -510,7 +622,7 @@ def _attention_bwd_dkdv_kernel(
                              offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
                              stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
                              stride_dod, stride_mb, stride_mh, stride_mm, stride_mn, n64,
-                             Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                             Lq, Lk, lk_b, off_b, D, Dv, scale, window_left, window_right,
                              seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
                              BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
                              WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION,
@@ -519,7 +631,7 @@ def _attention_bwd_dkdv_kernel(
                              offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
                              stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
                              stride_dod, stride_mb, stride_mh, stride_mm, stride_mn, n64,
-                             Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                             Lq, Lk, lk_b, off_b, D, Dv, scale, window_left, window_right,
                              seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
                              BLOCK_M, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
                              WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION,
@@ -528,7 +640,7 @@ def _attention_bwd_dkdv_kernel(
                              offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
                              stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
                              stride_dod, stride_mb, stride_mh, stride_mm, stride_mn, n64,
-                             Lq, Lk, lk_b, off_b, D, Dv, qk_scale, window_left, window_right,
+                             Lq, Lk, lk_b, off_b, D, Dv, scale, window_left, window_right,
                              seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
                              BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
                              WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION,
@@ -552,6 +664,93 @@ def _attention_bwd_dkdv_kernel(
             tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok & (offs_dv[None, :] < Dv))
 
 
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold",
+                               "window_left", "window_right"])
+def _attention_bwd_fixup_dq_kernel(
+    Q, K, V, DO, LSE, Delta, Mask, KVLens, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dqb, stride_dqh, stride_dqm,
+    Hq, Lq, Lk, D, Dv, GROUP,
+    scale, window_left, window_right,
+    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of the rows with |lse| > 128 (after the dQ kernel, whose log2-domain scores cannot resolve
+    them: it writes garbage there), with the scores in the natural domain, P = exp2((S - lse) log2(e)),
+    from the dO and delta that _attention_bwd_fixup_kernel rescaled. Every other block does nothing.
+    One pass over the row block's visible keys, all with visibility masks (a rare path)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    m0 = pid_m * BLOCK_M
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    m64 = m0.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = m0 + offs_m
+    m_rows = Lq - m0
+    row_ok = offs_m < m_rows
+    lse = tl.load(LSE + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
+    bad = row_ok & (tl.abs(lse) > 128.0) & (tl.abs(lse) < float("inf"))
+    if tl.max(bad.to(tl.int32), 0) > 0:
+        lk_b = Lk
+        if HAS_KVLENS:
+            lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
+        off_b = 0
+        if BOTTOM_RIGHT:
+            off_b = lk_b - Lq
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        q = _load_2d(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm, offs_m, offs_d,
+                     stride_qm, stride_qd, m_rows, D, True, not EVEN_D, UPCAST)
+        do = _load_2d(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom, offs_m, offs_dv,
+                      stride_dom, stride_dod, m_rows, Dv, True, not EVEN_DV, UPCAST)
+        delta = tl.load(Delta + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
+        shift = tl.where(bad, lse, float("inf"))  # other rows: P = 0, their dQ is not stored
+        K_bh = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+        V_bh = V + b64 * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
+        Mask_bm = Mask
+        if HAS_MASK:
+            Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m64 * stride_mm
+        win_lo = rows + off_b - window_left
+        win_hi = rows + off_b + window_right
+        drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo, _full_lo, _full_hi, hi = _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            n64 = start_n.to(tl.int64)
+            k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
+                         True, not EVEN_D, UPCAST)
+            v = _load_2d(V_bh + n64 * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, lk_b - start_n, Dv,
+                         True, not EVEN_DV, UPCAST)
+            s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi,
+                        stride_mm, stride_mn, m_rows, Lk, lk_b, scale, True, HAS_MASK, MASK_BOOL,
+                        WINDOW_LEFT, WINDOW_RIGHT, DOT_PRECISION, False)
+            p = tl.math.exp2((s - shift[:, None]) * 1.4426950408889634)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            if DROPOUT:
+                keep = dropout_keep(drop_row[:, None] + (start_n + offs_n)[None, :],
+                                    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = dq * scale
+        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm + offs_m[:, None] * stride_dqm \
+            + offs_d[None, :]
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=bad[:, None] & (offs_d[None, :] < D))
+
+
 @triton.jit
 def _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, start, end,
                   offs_m, offs_n, offs_d, offs_dv, win_lo, win_hi, drop_row,
@@ -562,7 +761,11 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, start, end,
                   MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ += dS K with dS = P * (dP - delta), dP = dO V^T (dropped)."""
+    """dQ += dS K with dS = P * (dP - delta), dP = dO V^T (dropped). Scores in the log2 domain (the
+    code as before the natural-domain forward: its tightest configs have no register left for the
+    extra multiply), exact for every row with |lse| <= 128: a score or mask beyond FLT_MAX / log2(e)
+    then only overflows to -inf, where P is 0 anyway. The other rows' dQ, garbage here, is recomputed
+    by _attention_bwd_fixup_dq_kernel."""
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         n64 = start_n.to(tl.int64)
@@ -572,7 +775,7 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, start, end,
                      MASKED, not EVEN_DV, UPCAST)
         s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, stride_mn,
                     m_rows, Lk, lk_b, qk_scale, MASKED, HAS_MASK, MASK_BOOL, WINDOW_LEFT, WINDOW_RIGHT,
-                    DOT_PRECISION)
+                    DOT_PRECISION, True)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -634,6 +837,7 @@ def _attention_bwd_dq_kernel(
     do = _load_2d(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom, offs_m, offs_dv,
                   stride_dom, stride_dod, m_rows, Dv, True, not EVEN_DV, UPCAST)
     lse = tl.load(LSE + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=float("inf"))
+    # Rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
     K_bh = K + b64 * stride_kb + hk64 * stride_kh
@@ -806,6 +1010,20 @@ def _preprocess_block_m(block_dv: int) -> int:
     return 64 if INTERPRET else max(16, min(128, 8192 // block_dv))
 
 
+_FIXUP_CONSTEXPRS = ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "HAS_MASK", "MASK_BOOL", "HAS_KVLENS",
+                       "WINDOW_LEFT", "WINDOW_RIGHT", "BOTTOM_RIGHT", "UPCAST", "DOT_PRECISION")
+
+
+def _fixup_config(block_d: int, elt_size: int, dq: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of _attention_bwd_fixup_kernel (dq=False: one pass over the keys,
+    no accumulator) and _attention_bwd_fixup_dq_kernel (a dQ accumulator; float32 runs IEEE products
+    on the FMA units, whose operands take more registers): small tiles, since both only work on the
+    rare query blocks with an lse beyond 128."""
+    if dq and elt_size >= 4:
+        return (16, 16, 8)
+    return (32, 32, 4) if block_d <= 128 else (16, 32, 4)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -914,7 +1132,7 @@ def attention_fwd(q, k, v, attn_mask, kv_lengths, scale: float, window_left: int
         *q.stride(), *k.stride(), *v.stride(), *a["mask_strides"],
         out.stride(0), out.stride(1), out.stride(2),
         Hq, Lq, Lk, D, Dv, Hq // Hkv,
-        float(scale) * _LOG2E, *a["window"],
+        float(scale), *a["window"],
         *a["drop"],
         *a["tune"],
         **a["constexprs"],
@@ -940,9 +1158,9 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
     dq = _alloc((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
     dk = _alloc((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
     dv = _alloc((B, Hkv, Lk, Dv), dtype=v.dtype, device=q.device)
-    if B == 0 or Hq == 0:
-        return dq, dk, dv
-    if Lq == 0:
+    if B == 0 or Hq == 0 or Lq == 0:
+        # No query row reads any key (Hq == 0 still has Hkv >= 1 kv heads): dK and dV are 0, and
+        # dq has no element.
         return dq, dk.zero_(), dv.zero_()
     grad_out = grad_out.to(q.dtype)
     lse = lse.to(torch.float32).contiguous()
@@ -951,11 +1169,26 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
     c = a["constexprs"]
 
     delta = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    dos = _alloc((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
     pre_bm = _preprocess_block_m(c["BLOCK_DV"])
     _attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_bm), Hq, B)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, Lq, Dv,
+        out, grad_out, delta, dos, *out.stride(), *grad_out.stride(), dos.stride(0), dos.stride(1), dos.stride(2),
+        Hq, Lq, Dv,
         BLOCK_M=pre_bm, BLOCK_DV=c["BLOCK_DV"], EVEN_DV=c["EVEN_DV"],
     )
+    if Lk > 0:
+        rbm, rbn, rwarps = _fixup_config(max(c["BLOCK_D"], c["BLOCK_DV"]), q.element_size(), False)
+        fixup_c = {name: c[name] for name in _FIXUP_CONSTEXPRS}
+        fixup_dq_c = dict(fixup_c, DROPOUT=c["DROPOUT"])
+        _attention_bwd_fixup_kernel[(triton.cdiv(Lq, rbm), Hq, B)](
+            q, k, a["mask"], a["kvlens"], lse, delta, dos,
+            *q.stride(), *k.stride(), *a["mask_strides"], dos.stride(0), dos.stride(1), dos.stride(2),
+            Hq, Lq, Lk, D, Dv, Hq // Hkv,
+            float(scale), *a["window"],
+            BLOCK_M=rbm, BLOCK_N=rbn, **fixup_c, num_warps=rwarps,
+        )
+    # From here on dO is read from dos (contiguous, rescaled on the rows the kernel above fixed).
+    grad_out = dos
 
     if Lk > 0:
         def grid_kv(meta):
@@ -970,7 +1203,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
                 *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a["mask_strides"],
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
                 Hq, Lq, Lk, D, Dv, Hq // Hkv,
-                float(scale) * _LOG2E, float(scale), *a["window"],
+                float(scale), *a["window"],
                 *a["drop"],
                 *a["tune"],
                 KV_PART=part,
@@ -990,6 +1223,18 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
         *a["tune"],
         **c,
     )
+    if Lk > 0:
+        # dQ of the rows with |lse| > 128, which the log2-domain dQ kernel above cannot resolve.
+        rbm, rbn, rwarps = _fixup_config(max(c["BLOCK_D"], c["BLOCK_DV"]), q.element_size(), True)
+        _attention_bwd_fixup_dq_kernel[(triton.cdiv(Lq, rbm), Hq, B)](
+            q, k, v, grad_out, lse, delta, a["mask"], a["kvlens"], dq,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a["mask_strides"],
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            Hq, Lq, Lk, D, Dv, Hq // Hkv,
+            float(scale), *a["window"],
+            *a["drop"],
+            BLOCK_M=rbm, BLOCK_N=rbn, **fixup_dq_c, num_warps=rwarps,
+        )
     return dq, dk, dv
 
 
@@ -1061,6 +1306,22 @@ def _static_configs() -> list[StaticConfig]:
             sig, consts, attrs = _static_signature(fn, torch.bfloat16, constexprs, False)
             out.append(StaticConfig(fn, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
                                     name=f"{fn.__name__} sm_{arch} bf16 D{bucket} BLOCK_M={constexprs['BLOCK_M']}"))
+            # The lse fix-up passes, with every feature on (the score code of the "full" variant).
+            for fn in (_attention_bwd_fixup_kernel, _attention_bwd_fixup_dq_kernel):
+                for dtype in (torch.bfloat16, torch.float32):
+                    bm, bn, w = _fixup_config(bucket, 4 if dtype == torch.float32 else 2,
+                                              fn is _attention_bwd_fixup_dq_kernel)
+                    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, BLOCK_DV=bucket, UPCAST=False,
+                                      DOT_PRECISION=dot_precision(dtype),
+                                      **{name: variants["full"][name] for name in _FIXUP_CONSTEXPRS
+                                         if name in variants["full"]})
+                    if fn is _attention_bwd_fixup_dq_kernel:
+                        constexprs["DROPOUT"] = True
+                    sig, consts, attrs = _static_signature(fn, dtype, constexprs, False)
+                    expects = False if dtype == torch.float32 else "mma"
+                    out.append(StaticConfig(fn, sig, consts, w, 1, expects, arch=arch, attrs=attrs,
+                                            name=f"{fn.__name__} sm_{arch} {TRITON_DTYPE[dtype]} D{bucket} full "
+                                                 f"BLOCK_M={bm} BLOCK_N={bn} warps={w}"))
     return out
 
 

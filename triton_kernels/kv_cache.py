@@ -23,8 +23,10 @@ Query t sits at ``pos = len - Tq + t`` and sees key j iff ``pos - wl <= j <= pos
 The visible key range of the tile is cut into ``num_splits`` chunks (a multiple of BLOCK_N each),
 one program per chunk (grid axis 2). With one split the program writes the output and lse
 directly; otherwise it writes a float32 partial output and its lse, and ``_decode_merge_kernel``
-combines them: ``lse = log sum_s exp(lse_s)``, ``out = sum_s exp(lse_s - lse) out_s``. Scores are
-in the log2 domain (``log2(e)`` folded into the scale, ``exp2``). Slots at or past ``len`` are
+combines them: ``lse = log sum_s exp(lse_s)``, ``out = sum_s exp(lse_s - lse) out_s``. Scores
+``q.k * scale`` and the running max stay in the natural domain and only differences go through
+``exp2``: ``p = exp2((s - m) * log2(e))`` (folding ``log2(e)`` into the scale would overflow float32
+for scores beyond FLT_MAX / log2(e) ~ 2.36e38); ``lse = m + log(l)``. Slots at or past ``len`` are
 never loaded (masked loads with ``other=0``), and masked scores are selected to ``-inf``, so
 garbage there cannot leak into the result.
 
@@ -45,8 +47,11 @@ __all__ = ["kv_cache_append", "decode_attention", "append_unsupported_reason", "
            "STATIC_CONFIGS", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Every decode buffer comes from here; the tests swap in a NaN-filled allocator to prove that the
+# kernels write every element.
+_alloc = torch.empty
 
 # --------------------------------------------------------------------------------------------
 # Append
@@ -134,7 +139,7 @@ def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) 
 @triton.jit
 def _decode_attention_kernel(
     Q, KCache, VCache, Seqlens, BlockTable, Out, Lse,
-    qk_scale, Tq, G, n_rows, Hkv, capacity, block_size, num_blocks, window_left, window_right, num_splits,
+    scale, Tq, G, n_rows, Hkv, capacity, block_size, num_blocks, window_left, window_right, num_splits,
     stride_q0, stride_q1, stride_q2, stride_q3,
     stride_k0, stride_k1, stride_k2,
     stride_v0, stride_v1, stride_v2,
@@ -200,13 +205,14 @@ def _decode_attention_kernel(
                     mask=j_ok[:, None] & (d[None, :] < D), other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         visible = j_ok[None, :] & (j[None, :] >= vis_lo[:, None]) & (j[None, :] <= vis_hi[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        # Differences before the log2(e) factor: scores near FLT_MAX cannot overflow.
+        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+        p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VCache + outer[:, None] * stride_v0 + hkv * stride_v1 + slot[:, None] * stride_v2 + dv[None, :],
                     mask=j_ok[:, None] & (dv[None, :] < DV), other=0.0)
@@ -217,7 +223,7 @@ def _decode_attention_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     o_ptr = (Out + split * stride_os + b * stride_o0 + hq[:, None] * stride_o1 + t[:, None] * stride_o2
              + dv[None, :] * stride_o3)
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
@@ -281,8 +287,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, win
     Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
     G = Hq // Hkv
     n_rows = G * Tq
-    out = torch.empty((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    out = _alloc((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype)
+    lse = _alloc((B, Hq, Tq), device=q.device, dtype=torch.float32)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     paged = block_table is not None
@@ -297,8 +303,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, win
     window_right = 0
     split = num_splits > 1
     if split:
-        o_dst = torch.empty((num_splits, B, Hq, Tq, Dv), device=q.device, dtype=torch.float32)
-        l_dst = torch.empty((num_splits, B, Hq, Tq), device=q.device, dtype=torch.float32)
+        o_dst = _alloc((num_splits, B, Hq, Tq, Dv), device=q.device, dtype=torch.float32)
+        l_dst = _alloc((num_splits, B, Hq, Tq), device=q.device, dtype=torch.float32)
         o_strides = (*o_dst.stride()[1:], o_dst.stride(0))
         l_strides = (*l_dst.stride()[1:], l_dst.stride(0))
     else:
@@ -308,7 +314,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, win
     grid = (B * Hkv, triton.cdiv(n_rows, block_m), num_splits)
     _decode_attention_kernel[grid](
         q, k_cache, v_cache, cache_seqlens, bt, o_dst, l_dst,
-        scale * _LOG2E, Tq, G, n_rows, Hkv, capacity, block_size, k_cache.shape[0], window_left, window_right,
+        float(scale), Tq, G, n_rows, Hkv, capacity, block_size, k_cache.shape[0], window_left, window_right,
         num_splits,
         *q.stride(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -358,7 +364,7 @@ _UNIT_STRIDES = {"stride_q3", "stride_kn3", "stride_vn3", "stride_o3", "stride_p
 _POINTERS = {"Q", "KCache", "VCache", "KNew", "VNew", "Seqlens", "BlockTable", "Out", "Lse", "OPart", "LPart"}
 _INDEX_POINTERS = {"Seqlens", "BlockTable"}
 _FP32_POINTERS = {"Lse", "OPart", "LPart"}
-_FLOAT_ARGS = {"qk_scale"}
+_FLOAT_ARGS = {"scale"}
 # Integer arguments that are multiples of 16 for the usual head dims (row strides); lengths, counts
 # and windows are not.
 _ALIGNED_INTS = {"stride_q0", "stride_q1", "stride_q2", "stride_k0", "stride_k1", "stride_k2", "stride_v0",
