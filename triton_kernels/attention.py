@@ -30,11 +30,13 @@ with the natural lse. Accumulation is float32. A row that sees no key has ``l ==
 is written as 0 and its lse as -inf, and the backward treats such a row's lse as +inf so its
 probabilities, hence its gradients, are 0.
 Rows with ``|lse| > 128`` (every visible key under a large mask, or huge scores) take two fix-up
-passes that do nothing elsewhere: the float32 lse cannot carry ``log(l)`` there (``-1e9 +
-log(Lk)`` rounds to ``-1e9``), so ``_attention_bwd_fixup_kernel`` sums ``exp(s - lse)`` over the
-row and rescales its dO and delta (on which the gradients are linear) by the inverse; the dQ kernel
-keeps the log2-domain scores (exact on every other row, and its tightest configs leave no register
-for the extra multiply), and ``_attention_bwd_fixup_dq_kernel`` recomputes dQ on those rows.
+passes that do nothing elsewhere: the float32 lse cannot carry ``log(l)`` accurately there
+(``-1e9 + log(Lk)`` rounds to ``-1e9``; at ``-65504``, float16's mask value, the rounding of lse is
+2^-9, a per-row factor on P that float16 gradients already show), so
+``_attention_bwd_fixup_kernel`` sums ``exp(s - lse)`` over the row and rescales its dO and delta
+(on which the gradients are linear) by the inverse; the dQ kernel keeps the log2-domain scores
+(exact on every other row, and its tightest configs leave no register for the extra multiply), and
+``_attention_bwd_fixup_dq_kernel`` recomputes dQ on those rows.
 Dropout zeroes probabilities after normalization (the denominator uses the undropped ones, as
 torch does); kept ones are scaled by ``1 / (1 - p)``; the keep mask is regenerated in the
 backward from ``(seed, offset, b, h, i, j)``.
@@ -418,8 +420,10 @@ def _attention_bwd_fixup_kernel(
 ):
     """Rows whose float32 lse is too large to carry log(l): the backward's P = exp(S - lse) is then
     off by a per-row factor (a row whose every key carries a -1e9 mask has lse = -1e9 + log(Lk),
-    which rounds to -1e9, so P would be 1 instead of 1 / Lk). For rows with |lse| > 128 (below,
-    the rounding of lse, |lse| * 2^-24, is no larger than that of the scores themselves), this sums
+    which rounds to -1e9, so P would be 1 instead of 1 / Lk). For rows with |lse| > 128 (below, the
+    rounding of lse, at most 2^-17, is a per-row factor on P no gradient in the parity tests can
+    see; above, e.g. at float16's -65504 mask, it is; the CPU and CUDA backends recompute from 2^16,
+    lse_needs_recompute in csrc/common/attention_math.h), this sums
     c = sum_j exp(S_ij - lse_i) over the row's visible keys and scales dO_i (in DOS) and delta_i by
     1 / c: dV and dS = P (dP - delta), hence dK and dQ, are linear in (dO_i, delta_i) for a fixed
     row factor, so the dK/dV kernel needs no change. Every other block does nothing."""
@@ -1018,7 +1022,7 @@ def _fixup_config(block_d: int, elt_size: int, dq: bool) -> tuple[int, int, int]
     """(BLOCK_M, BLOCK_N, num_warps) of _attention_bwd_fixup_kernel (dq=False: one pass over the keys,
     no accumulator) and _attention_bwd_fixup_dq_kernel (a dQ accumulator; float32 runs IEEE products
     on the FMA units, whose operands take more registers): small tiles, since both only work on the
-    rare query blocks with an lse beyond 128."""
+    rare query blocks with |lse| > 128."""
     if dq and elt_size >= 4:
         return (16, 16, 8)
     return (32, 32, 4) if block_d <= 128 else (16, 32, 4)
