@@ -75,6 +75,19 @@ def _layout(k_cache: Tensor, block_table: Optional[Tensor], batch: int):
     return block_table.shape[1] * block_size, block_size
 
 
+def _check_indices(k_cache, cache_seqlens, block_table, batch: int, device, what: str):
+    """dtype/shape/device of `cache_seqlens` and `block_table` (values are judged by the caller, as
+    given); returns the cache's (capacity per sequence, block_size or 0)."""
+    if block_table is not None:
+        check_index_tensor("block_table", block_table, 2, device, what)
+    capacity, block_size = _layout(k_cache, block_table, batch)
+    check_index_tensor("cache_seqlens", cache_seqlens, 1, device, what)
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens: expected shape ({batch},) (one entry per sequence), got "
+                         f"{tuple(cache_seqlens.shape)}")
+    return capacity, block_size
+
+
 # ---------------------------------------------------------------------------------------------
 # Append
 
@@ -167,13 +180,7 @@ def prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table
     if k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
         raise ValueError(f"k_new: shape {tuple(k_new.shape)} does not fit k_cache {tuple(k_cache.shape)} "
                          "(the number of heads and the head dim must match)")
-    if block_table is not None:
-        check_index_tensor("block_table", block_table, 2, k_cache.device, "the caches")
-    capacity, block_size = _layout(k_cache, block_table, B)
-    check_index_tensor("cache_seqlens", cache_seqlens, 1, k_cache.device, "the caches")
-    if cache_seqlens.shape[0] != B:
-        raise ValueError(f"cache_seqlens: expected shape ({B},) (one entry per sequence), got "
-                         f"{tuple(cache_seqlens.shape)}")
+    capacity, block_size = _check_indices(k_cache, cache_seqlens, block_table, B, k_cache.device, "the caches")
     if check and T > 0 and B > 0:
         _validate_positions(cache_seqlens, T, capacity, block_size, block_table, k_cache.shape[0])
     table = None if block_table is None else to_int32_saturated(block_table)
@@ -359,13 +366,7 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q, k_cache: the number of query heads ({Hq}) must be a multiple of the number of "
                          f"key/value heads ({Hkv})")
-    if block_table is not None:
-        check_index_tensor("block_table", block_table, 2, q.device, "q and the caches")
-    capacity, block_size = _layout(k_cache, block_table, B)
-    check_index_tensor("cache_seqlens", cache_seqlens, 1, q.device, "q and the caches")
-    if cache_seqlens.shape[0] != B:
-        raise ValueError(f"cache_seqlens: expected shape ({B},) (one entry per sequence), got "
-                         f"{tuple(cache_seqlens.shape)}")
+    capacity, block_size = _check_indices(k_cache, cache_seqlens, block_table, B, q.device, "q and the caches")
     # Values are checked as the caller gave them (int64 included), before the int32 conversion.
     lens, table = cache_seqlens, block_table
     if lens.device.type == "cpu" and B > 0:
