@@ -104,8 +104,10 @@ def _cmdclass():
 
 
 setup(
-    packages=find_packages("python"),
-    package_dir={"": "python"},
+    # triton_kernels/ sits at the top of the repository (the kernels are not Python-package code in
+    # spirit: they are the Triton backend, next to csrc/) and installs as seqkernels.triton_kernels.
+    packages=find_packages("python") + ["seqkernels.triton_kernels"],
+    package_dir={"": "python", "seqkernels.triton_kernels": "triton_kernels"},
     package_data={"seqkernels": ["py.typed"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),

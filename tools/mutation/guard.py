@@ -10,6 +10,7 @@ not come from the scratch tree named by SEQKERNELS_MUTATION_ROOT.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -42,9 +43,11 @@ def pytest_sessionstart(session):
             problems.append(f"seqkernels._C loaded from {c.__file__}")
     except Exception as e:  # noqa: BLE001 - any failure to load the scratch build is fatal here
         problems.append(f"seqkernels._C does not load from the scratch tree: {e}")
-    tk = os.path.join(os.path.dirname(seqkernels.__file__), "triton_kernels")
+    # find_spec locates the package without running it (no triton import here).
+    spec = importlib.util.find_spec("seqkernels.triton_kernels")
+    tk = spec.origin if spec is not None and spec.origin else "nowhere"
     if not _inside(tk, root):
-        problems.append(f"seqkernels/triton_kernels resolves to {os.path.realpath(tk)}")
+        problems.append(f"seqkernels.triton_kernels resolves to {os.path.realpath(tk)}")
     if problems:
         pytest.exit(f"{MARKER}: the tests would not judge the scratch copy {root}: " + "; ".join(problems),
                     returncode=3)

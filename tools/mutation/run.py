@@ -272,6 +272,7 @@ class Harness:
         except BlockingIOError:
             raise SystemExit(f"another mutation run holds {self.root}/.mutation.lock") from None
         _scratch.sync(REPO, self.root, log=log)
+        _scratch.link_triton_kernels(self.root)
         for d in ("python", "triton_kernels", "tests", "tools"):
             for cache in (self.root / d).rglob("__pycache__"):
                 shutil.rmtree(cache, ignore_errors=True)

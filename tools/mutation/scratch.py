@@ -87,6 +87,22 @@ def sync(repo: Path, scratch: Path, log=print) -> list[str]:
     return changed
 
 
+def link_triton_kernels(scratch: Path) -> None:
+    """Make `seqkernels.triton_kernels` resolve inside the scratch copy.
+
+    An install maps the top-level triton_kernels/ onto seqkernels.triton_kernels (setup.py's
+    package_dir); the scratch copy is imported through PYTHONPATH instead, where that mapping does not
+    exist (and the working tree's editable finder would answer with the unmutated kernels), so the
+    scratch gets the link an install would otherwise stand for."""
+    link = scratch / "python" / "seqkernels" / "triton_kernels"
+    target = Path("..") / ".." / "triton_kernels"
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+
+
 # Files the CPU extension (SEQKERNELS_CUDA=0) is built from.
 def cpu_build_inputs(root: Path) -> list[Path]:
     paths = [root / "setup.py", root / "csrc" / "registration.cpp"]
