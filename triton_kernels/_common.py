@@ -11,12 +11,15 @@ import os
 import torch
 import triton
 
+from .. import capabilities
+
 __all__ = [
     "INTERPRET",
     "StaticConfig",
     "TRITON_DTYPE",
     "block_dim",
     "device_unsupported_reason",
+    "refusal",
     "device_arch",
     "dot_precision",
     "interpreting",
@@ -44,14 +47,10 @@ TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 
 
 def device_unsupported_reason(device: torch.device) -> str | None:
-    """None when Triton kernels can run on `device`, else why not: CUDA needs sm_80 or newer (every
-    kernel here is tuned and statically checked for sm_80/sm_90 only), CPU tensors need the
-    interpreter, any other device type is unsupported."""
+    """None when Triton kernels can run on `device`'s type, else why not: CPU tensors need the
+    interpreter, devices other than CUDA and CPU are unsupported. (The architecture limit is the
+    capability table's, see `refusal`.)"""
     if device.type == "cuda":
-        if not INTERPRET:
-            major, minor = torch.cuda.get_device_capability(device)
-            if major < 8:
-                return f"the Triton kernels need compute capability >= 8.0 (this GPU is sm_{major}{minor})"
         return None
     if device.type == "cpu":
         if INTERPRET:
@@ -59,6 +58,14 @@ def device_unsupported_reason(device: torch.device) -> str | None:
         return ("CPU tensors run on the Triton kernels only under the Triton interpreter "
                 "(set TRITON_INTERPRET=1 before triton is imported)")
     return f"device type {device.type!r} is not supported by the Triton kernels (cuda; cpu when interpreting)"
+
+
+def refusal(op: str, features) -> str | None:
+    """Why the Triton kernels of `op` refuse a call with these `capabilities.Features`, or None:
+    the device type here, everything else (dtypes, head dims, mask dtypes, grid, architecture) from
+    the one capability table that `explain` and the automatic choice also read."""
+    return device_unsupported_reason(features.device) or capabilities.why_not(op, "triton", features,
+                                                                              interpreting=INTERPRET)
 
 
 def static_signature(fn, constexprs: dict, pointer_type, aligned_int, unit_strides=(), float_args=()):

@@ -75,18 +75,18 @@ from ._common import (
     StaticConfig,
     block_dim,
     device_arch,
-    device_unsupported_reason,
     dot_precision,
     length_bucket,
+    refusal,
     static_signature,
 )
+from .. import capabilities
 from .philox import dropout_keep, dropout_threshold, split_u64
 
 __all__ = ["MAX_HEAD_DIM", "STATIC_CONFIGS", "attention_bwd", "attention_fwd", "unsupported_reason"]
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = capabilities.TABLE["attention"]["triton"].max_head_dim
 _LOG2E = 1.4426950408889634
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Every output buffer comes from here; the tests swap in a NaN-filled allocator to prove that the
 # kernels write every element.
@@ -1034,35 +1034,25 @@ def _fixup_config(block_d: int, elt_size: int, dq: bool) -> tuple[int, int, int]
 
 
 def unsupported_reason(q, k, v, attn_mask, kv_lengths, dropout_p) -> str | None:
-    """None when these (normalized) inputs run on the Triton kernels, else a short reason."""
-    if q.dtype not in _SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"q, k, v must share one dtype (got {q.dtype}, {k.dtype}, {v.dtype})"
+    """None when these (normalized) inputs run on the Triton kernels, else a short reason: first the
+    launcher's preconditions (the shapes `prepare_attention` produces; cheap, so a direct call of
+    the custom op cannot launch on inconsistent tensors), then the capability table's refusal."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "q, k, v must be 4-D (B, H, L, D)"
     dev = q.device
     if k.device != dev or v.device != dev:
         return "q, k, v must be on one device"
-    reason = device_unsupported_reason(dev)
-    if reason is not None:
-        return reason
-    D, Dv = q.shape[-1], v.shape[-1]
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v must share one dtype (got {q.dtype}, {k.dtype}, {v.dtype})"
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
     if k.shape[-1] != D:
         return f"k's head dim {k.shape[-1]} differs from q's {D}"
-    if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
-        return f"head dims D={D}, Dv={Dv}: the Triton kernels support 1..{MAX_HEAD_DIM}"
-    B, Hq, Lq = q.shape[:3]
-    Hkv, Lk = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0 or v.shape[:3] != k.shape[:3] or k.shape[0] != B:
+    if Hkv == 0 or Hq % Hkv != 0 or v.shape[:3] != k.shape[:3] or k.shape[0] != B or min(D, v.shape[-1]) < 1:
         return f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    if max(B, Hq) > 65535:
-        return f"batch {B} or heads {Hq} exceed the grid limit of 65535"
     if attn_mask is not None:
         if attn_mask.device != dev:
             return "attn_mask must be on q's device"
-        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (q.dtype, torch.float32):
-            return f"attn_mask dtype {attn_mask.dtype}: bool, {q.dtype} or float32 are supported"
         if tuple(attn_mask.shape) != (B, Hq, Lq, Lk):
             return f"attn_mask must be expanded to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}, got {tuple(attn_mask.shape)}"
     if kv_lengths is not None:
@@ -1070,7 +1060,9 @@ def unsupported_reason(q, k, v, attn_mask, kv_lengths, dropout_p) -> str | None:
             return "kv_lengths must be an int32 (B,) tensor on q's device"
     if not (0.0 <= dropout_p <= 1.0):
         return f"dropout_p={dropout_p} outside [0, 1]"
-    return None
+    return refusal("attention", capabilities.Features(
+        dtype=q.dtype, device=dev, head_dims=(D, v.shape[-1]),
+        mask_dtype=None if attn_mask is None else attn_mask.dtype, grid=(B, Hq)))
 
 
 def _check(q, k, v, attn_mask, kv_lengths, dropout_p):

@@ -40,14 +40,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, TRITON_DTYPE, StaticConfig, block_dim, device_unsupported_reason, dot_precision,
+from ._common import (INTERPRET, TRITON_DTYPE, StaticConfig, block_dim, dot_precision, refusal,
                       static_signature)
+from .. import capabilities
 
 __all__ = ["kv_cache_append", "decode_attention", "append_unsupported_reason", "decode_unsupported_reason",
            "STATIC_CONFIGS", "MAX_HEAD_DIM"]
 
-MAX_HEAD_DIM = 256
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = capabilities.TABLE["decode_attention"]["triton"].max_head_dim
 
 # Every decode buffer comes from here; the tests swap in a NaN-filled allocator to prove that the
 # kernels write every element.
@@ -338,20 +338,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, win
 
 
 def append_unsupported_reason(k_cache, k_new) -> str | None:
-    if k_cache.dtype not in _SUPPORTED_DTYPES:
-        return f"dtype {k_cache.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
-    return device_unsupported_reason(k_cache.device)
+    """Why the Triton append refuses this cache, or None (the capability table's answer)."""
+    return refusal("kv_cache_append", capabilities.Features(dtype=k_cache.dtype, device=k_cache.device))
 
 
 def decode_unsupported_reason(q, k_cache, v_cache) -> str | None:
-    if q.dtype not in _SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} is not supported by the Triton kernels (float16, bfloat16, float32)"
-    reason = device_unsupported_reason(q.device)
-    if reason is not None:
-        return reason
-    if max(q.shape[-1], v_cache.shape[-1]) > MAX_HEAD_DIM:
-        return f"head dims above {MAX_HEAD_DIM} are not supported"
-    return None
+    """Why Triton decode refuses these inputs, or None (the capability table's answer)."""
+    return refusal("decode_attention", capabilities.Features(dtype=q.dtype, device=q.device,
+                                                              head_dims=(q.shape[-1], v_cache.shape[-1])))
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, StaticConfig, interpreting, static_signature
+from .. import capabilities
+from ._common import TRITON_DTYPE, StaticConfig, interpreting, refusal, static_signature
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Largest tile, in (row, hidden unit) elements: each element keeps about a dozen values live
 # (4 gates, their activations, c), so float64 gets a quarter of the tile to stay within registers.
 # The interpreter runs a program as one numpy step: bigger tiles are simply faster there.
@@ -180,18 +180,16 @@ def _rows(name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def unsupported_reason(dtype: torch.dtype) -> Optional[str]:
-    """Why the Triton kernels cannot run inputs of `dtype`, or None."""
-    if dtype not in _DTYPES:
-        return f"the Triton LSTM cell takes float16, bfloat16, float32 or float64, not {dtype}"
-    return None
+def unsupported_reason(t: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels refuse inputs like `t`, or None (the capability table's answer)."""
+    return refusal("lstm_cell", capabilities.Features(dtype=t.dtype, device=t.device))
 
 
 def lstm_cell_fwd(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: torch.Tensor,
                   bias_ih: Optional[torch.Tensor], bias_hh: Optional[torch.Tensor]):
     if input_gates.dim() != 2 or input_gates.shape[1] % 4 != 0:
         raise ValueError(f"lstm_cell: input_gates must have shape (B, 4*H), got {tuple(input_gates.shape)}")
-    reason = unsupported_reason(input_gates.dtype)
+    reason = unsupported_reason(input_gates)
     if reason:
         raise ValueError(reason)
     B, G = input_gates.shape
@@ -222,7 +220,7 @@ def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tenso
                   cy: torch.Tensor, workspace: torch.Tensor):
     if workspace.dim() != 2 or workspace.shape[1] % 4 != 0:
         raise ValueError(f"lstm_cell: workspace must have shape (B, 4*H), got {tuple(workspace.shape)}")
-    reason = unsupported_reason(workspace.dtype)
+    reason = unsupported_reason(workspace)
     if reason:
         raise ValueError(reason)
     B, G = workspace.shape

@@ -8,19 +8,22 @@ reference and Triton backends work without it).
 
 from . import _ext
 
-# Registers the C++ ops when the extension is built; a missing build is reported per call.
+# Registers the C++ ops when the extension is built; a missing build is reported per call (or, with
+# SEQKERNELS_REQUIRE_EXT=1, fails here).
+_ext.require_if_asked()
 if _ext.extension_available():
     _ext.load_extension()
 
+# Every op module registers its custom ops, fakes and autograd at import (ops/_common.register_family),
+# so all of them are imported here; Triton itself is imported only when a Triton kernel first runs.
 from .backends import BackendError, use_backend  # noqa: E402
 from .ops.attention import attention, scaled_dot_product_attention  # noqa: E402
+from .ops.kv_cache import decode_attention, kv_cache_append  # noqa: E402
+from .ops.lstm import lstm_cell  # noqa: E402
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "kv_cache_append": ("seqkernels.ops.kv_cache", "kv_cache_append"),
-    "decode_attention": ("seqkernels.ops.kv_cache", "decode_attention"),
-    "lstm_cell": ("seqkernels.ops.lstm", "lstm_cell"),
     "swap_attention": ("seqkernels.nn.swap", "swap_attention"),
     "restore_attention": ("seqkernels.nn.swap", "restore_attention"),
     "swap_lstm": ("seqkernels.nn.lstm", "swap_lstm"),
@@ -30,7 +33,7 @@ _LAZY = {
 
 
 def __getattr__(name):
-    # Submodules that other work lands in are imported on first use, keeping `import seqkernels` light.
+    # The nn, integration and explain layers are imported on first use, keeping `import seqkernels` light.
     if name in _LAZY:
         import importlib
 

@@ -6,7 +6,7 @@ import importlib
 
 from . import backends
 
-# public op name -> (module, name of the OpBackends spec, name of the prepare function, device of)
+# public op name -> (module, name of the OpBackends spec, name of the prepare function)
 _OPS = {
     "attention": ("seqkernels.ops.attention", "OP", "prepare_attention"),
     "scaled_dot_product_attention": ("seqkernels.ops.attention", "SDPA_OP", "prepare_sdpa"),
@@ -22,13 +22,7 @@ def explain(op_name: str, *args, **kwargs) -> backends.Explanation:
     if op_name not in _OPS:
         raise ValueError(f"op_name: unknown op {op_name!r}; expected one of {', '.join(_OPS)}")
     mod_name, spec_name, prepare_name = _OPS[op_name]
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name != mod_name:
-            raise
-        return backends.Explanation(op_name, "?", None, "auto", {b: backends.NOT_IMPLEMENTED for b in backends.BACKENDS},
-                                    error="this op's Python layer is not built yet")
+    mod = importlib.import_module(mod_name)
     spec, prepare = getattr(mod, spec_name), getattr(mod, prepare_name)
     explicit = kwargs.pop("backend", None)
     call = prepare(*args, **kwargs)

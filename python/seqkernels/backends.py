@@ -1,9 +1,9 @@
 """Backend resolution (DESIGN §3) and `explain`.
 
 Per call, from the inputs' device: the `backend=` argument, then `use_backend(...)`, then the
-`SEQKERNELS_BACKEND` environment variable, then auto: the first backend, in order, that is built
-and supports these exact inputs (CUDA tensors: cuda, triton, reference; CPU tensors: cpu,
-reference). A backend that was asked for explicitly and cannot run raises `BackendError` with
+`SEQKERNELS_BACKEND` environment variable, then auto: the first backend, in the op's measured
+order (`capabilities.AUTO_ORDER`), that is built and supports these exact inputs (what each
+backend supports is the table in `capabilities`). A backend that was asked for explicitly and cannot run raises `BackendError` with
 the reason; it never falls back. Nothing here touches the CUDA driver at import time.
 """
 
@@ -18,10 +18,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from . import _ext
+from . import _ext, capabilities
 
 BACKENDS = ("cuda", "cpu", "triton", "reference")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 NOT_IMPLEMENTED = "not implemented on this backend yet"
 
 _scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
@@ -69,42 +68,45 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_module_present(module: str) -> bool:
-    return importlib.util.find_spec(f"seqkernels.triton_kernels.{module}") is not None
-
-
 @dataclasses.dataclass
 class OpBackends:
     """How one public op maps onto the backends.
 
+    name: the public op (in messages);
     cpp_ops: the C++ ops it needs (their CPU/CUDA kernels are looked up in the dispatcher);
-    triton_module: the module under triton_kernels/ holding its launchers;
-    why_not: op-specific limits, backend -> (call -> reason or None), for inputs a built backend
-    still does not handle (a head dim, a dtype, a mask kind).
+    features: call -> `capabilities.Features`, what the call asks of a backend (dtype, head dims,
+    mask, gradients), checked against the backend's row of the capability table;
+    kernels: its key in `capabilities.TABLE` and `capabilities.AUTO_ORDER` (default: `name`; the
+    SDPA-compatible entry point runs the attention kernels).
     """
 
     name: str
     cpp_ops: Sequence[str]
-    triton_module: str
-    why_not: Dict[str, Callable[[object], Optional[str]]] = dataclasses.field(default_factory=dict)
+    features: Callable[[object], capabilities.Features]
+    kernels: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        return self.kernels or self.name
+
+    def auto_order(self, device_type: str) -> Sequence[str]:
+        return capabilities.AUTO_ORDER[self.key].get(device_type, ("reference",))
 
 
 def _generic_why_not(op: OpBackends, backend: str, device: torch.device) -> Optional[str]:
     # What does not depend on the call's tensors depends only on the op, the backend, the device
     # type and the environment, so it is computed once per combination: cheaper per call, and
     # traceable under torch.compile (the dispatcher query and lru_cache'd import are not).
-    return _static_why_not(op.name, tuple(op.cpp_ops), op.triton_module, backend, device.type,
-                           triton_interpreting())
+    return _static_why_not(op.name, tuple(op.cpp_ops), backend, device.type, triton_interpreting())
 
 
 _STATIC_REASONS: Dict[tuple, Optional[str]] = {}
 
 
-def _static_why_not(name: str, cpp_ops: tuple, triton_module: str, backend: str, dev: str,
-                    interpreting: bool) -> Optional[str]:
-    key = (name, cpp_ops, triton_module, backend, dev, interpreting)
+def _static_why_not(name: str, cpp_ops: tuple, backend: str, dev: str, interpreting: bool) -> Optional[str]:
+    key = (name, cpp_ops, backend, dev, interpreting)
     if key not in _STATIC_REASONS:
-        _STATIC_REASONS[key] = _compute_static_why_not(cpp_ops, triton_module, backend, dev, interpreting)
+        _STATIC_REASONS[key] = _compute_static_why_not(cpp_ops, backend, dev, interpreting)
     return _STATIC_REASONS[key]
 
 
@@ -114,7 +116,7 @@ def _static_why_not(name: str, cpp_ops: tuple, triton_module: str, backend: str,
 _static_why_not._dynamo_marked_constant = True
 
 
-def _compute_static_why_not(cpp_ops, triton_module, backend, dev, interpreting) -> Optional[str]:
+def _compute_static_why_not(cpp_ops, backend, dev, interpreting) -> Optional[str]:
     if backend == "reference":
         return None
     if backend in ("cpu", "cuda"):
@@ -137,8 +139,6 @@ def _compute_static_why_not(cpp_ops, triton_module, backend, dev, interpreting) 
             return "Triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing triton)"
         if dev not in ("cpu", "cuda"):
             return f"Triton does not run on {dev} tensors"
-        if not _triton_module_present(triton_module):
-            return NOT_IMPLEMENTED + f" (no seqkernels.triton_kernels.{triton_module})"
         return None
     raise AssertionError(backend)
 
@@ -146,8 +146,8 @@ def _compute_static_why_not(cpp_ops, triton_module, backend, dev, interpreting) 
 def why_not(op: OpBackends, backend: str, device: torch.device, call) -> Optional[str]:
     """None if `backend` can run this call, else the reason."""
     reason = _generic_why_not(op, backend, device)
-    if reason is None and backend in op.why_not:
-        reason = op.why_not[backend](call)
+    if reason is None:
+        reason = capabilities.why_not(op.key, backend, op.features(call), interpreting=triton_interpreting())
     return reason
 
 
@@ -161,7 +161,7 @@ def resolve(op: OpBackends, device: torch.device, call, explicit: Optional[str])
                 f"{reason}. Use backend=None for automatic choice, or see seqkernels.explain('{op.name}', ...)."
             )
         return name
-    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+    for candidate in op.auto_order(device.type):
         if why_not(op, candidate, device, call) is None:
             return candidate
     return "reference"
@@ -175,6 +175,7 @@ class Explanation:
     source: str
     reasons: Dict[str, Optional[str]]
     error: Optional[str] = None
+    auto_order: Sequence[str] = ()
 
     def __str__(self) -> str:
         lines = [f"seqkernels.{self.op} on {self.device} tensors"]
@@ -189,7 +190,7 @@ class Explanation:
                 continue
             r = self.reasons.get(b)
             if r is None:
-                in_order = b in AUTO_ORDER.get(self.device, ())
+                in_order = b in self.auto_order
                 why = "could run these inputs" + ("" if in_order else f" (not in the automatic order for {self.device} tensors)")
                 if in_order and self.chosen is not None and self.source == "auto":
                     why += ", but an earlier backend in the automatic order was chosen"
@@ -207,4 +208,4 @@ def explain_call(op: OpBackends, device: torch.device, call, explicit: Optional[
         chosen = name if reasons[name] is None else None
     else:
         chosen = resolve(op, device, call, None)
-    return Explanation(op.name, device.type, chosen, source, reasons)
+    return Explanation(op.name, device.type, chosen, source, reasons, auto_order=tuple(op.auto_order(device.type)))

@@ -45,16 +45,13 @@ def cmd_info(args) -> int:
     else:
         lines.append("extension  seqkernels._C NOT built (only the triton and reference backends)")
     lines.append("")
-    lines.append("backends per op (kernel registered / module present):")
-    from ._explain import _OPS
+    lines.append("backends per op (kernel registered; automatic order per device type):")
     import importlib
 
+    from ._explain import _OPS
+
     for name, (mod_name, spec_name, _) in _OPS.items():
-        try:
-            spec = getattr(importlib.import_module(mod_name), spec_name)
-        except ModuleNotFoundError:
-            lines.append(f"  {name:30s} python layer not built yet")
-            continue
+        spec = getattr(importlib.import_module(mod_name), spec_name)
         cells = []
         for b in ("cuda", "cpu", "triton"):
             gpu = b == "cuda" or (b == "triton" and torch.cuda.is_available())
@@ -66,6 +63,8 @@ def cmd_info(args) -> int:
             else:
                 cells.append(f"{b}: no ({reason})")
         lines.append(f"  {name:30s} " + ", ".join(cells) + ", reference: yes")
+        order = "; ".join(f"{dev}: {' > '.join(spec.auto_order(dev))}" for dev in ("cuda", "cpu"))
+        lines.append(f"  {'':30s} auto order  {order}")
     print("\n".join(lines))
     if args.kernels:
         from . import kernel_report

@@ -198,9 +198,6 @@ def _decode_shapes(s: Settings):
 
 
 def suite_decode(rec: Recorder, s: Settings, progress):
-    if _missing("seqkernels.ops.kv_cache"):
-        rec.add_failure("decode", "decode", "seqkernels", "-", "decode_attention is not built yet")
-        return
     from seqkernels.ops import kv_cache as kv_ops
 
     bw = rec.meta["copy_gbps"]
@@ -231,20 +228,7 @@ def suite_decode(rec: Recorder, s: Settings, progress):
                 ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw)])
 
 
-def _missing(mod) -> bool:
-    import importlib
-
-    try:
-        importlib.import_module(mod)
-        return False
-    except ModuleNotFoundError:
-        return True
-
-
 def suite_kv_append(rec: Recorder, s: Settings, progress):
-    if _missing("seqkernels.ops.kv_cache"):
-        rec.add_failure("kv_append", "append", "seqkernels", "-", "kv_cache_append is not built yet")
-        return
     from seqkernels.ops import kv_cache as kv_ops
 
     bw = rec.meta["copy_gbps"]
@@ -289,9 +273,6 @@ def suite_kv_append(rec: Recorder, s: Settings, progress):
 
 
 def suite_lstm(rec: Recorder, s: Settings, progress):
-    if _missing("seqkernels.ops.lstm") or _missing("seqkernels.nn.lstm"):
-        rec.add_failure("lstm", "cell", "seqkernels", "-", "the fused LSTM cell is not built yet")
-        return
     from seqkernels.nn.lstm import LSTM as SkLSTM
     from seqkernels.ops import lstm as lstm_ops
 
@@ -408,7 +389,6 @@ def _generation_latency(rec, s, d, heads, dtype, progress):
     cell = torch.nn.LSTMCell(d, d, device=s.device, dtype=dtype)
     att = _AttentionLayer(d, heads, s.device, dtype, causal=True)
     Dh = d // heads
-    have_cache = not _missing("seqkernels.ops.kv_cache")
     x1 = torch.randn(1, d, device=s.device, dtype=dtype)
     h, c = torch.randn(1, d, device=s.device, dtype=dtype), torch.randn(1, d, device=s.device, dtype=dtype)
     for n in contexts:
@@ -418,19 +398,18 @@ def _generation_latency(rec, s, d, heads, dtype, progress):
         xs = torch.randn(1, n + 1, d, device=s.device, dtype=dtype)
         rec.add_time("rnn_vs_attention", "generate_token", "attention_full_recompute", shape,
                      measure([lambda: att(xs)], s, max_reps=10 if s.quick else 30))
-        if have_cache:
-            kc = torch.randn(1, heads, max(contexts) + 1, Dh, device=s.device, dtype=dtype)
-            vc = torch.randn_like(kc)
-            lens = torch.tensor([n], dtype=torch.int32, device=s.device)
-            lens_next = lens + 1
+        kc = torch.randn(1, heads, max(contexts) + 1, Dh, device=s.device, dtype=dtype)
+        vc = torch.randn_like(kc)
+        lens = torch.tensor([n], dtype=torch.int32, device=s.device)
+        lens_next = lens + 1
 
-            def cached_step():
-                q, k, v = att.qkv(x1).view(1, 3, heads, 1, Dh).unbind(1)
-                seqkernels.kv_cache_append(kc, vc, k, v, lens, check=False)
-                o = seqkernels.decode_attention(q, kc, vc, lens_next)
-                return att.out(o.reshape(1, d))
+        def cached_step():
+            q, k, v = att.qkv(x1).view(1, 3, heads, 1, Dh).unbind(1)
+            seqkernels.kv_cache_append(kc, vc, k, v, lens, check=False)
+            o = seqkernels.decode_attention(q, kc, vc, lens_next)
+            return att.out(o.reshape(1, d))
 
-            rec.add_time("rnn_vs_attention", "generate_token", "attention_kv_cache", shape, measure([cached_step], s))
+        rec.add_time("rnn_vs_attention", "generate_token", "attention_kv_cache", shape, measure([cached_step], s))
         lstm_t = rec.value("rnn_vs_attention", "generate_token", "lstm_step", shape)
         full_t = rec.value("rnn_vs_attention", "generate_token", "attention_full_recompute", shape)
         cache_t = rec.value("rnn_vs_attention", "generate_token", "attention_kv_cache", shape)

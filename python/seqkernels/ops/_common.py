@@ -1,12 +1,15 @@
-"""Validation helpers shared by the public ops: every error names the argument and what was expected."""
+"""Shared by the public ops: validation helpers (every error names the argument and what was expected)
+and the one op-family registration helper."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+
+from .. import _ext
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -108,3 +111,32 @@ def expand_mask(mask: torch.Tensor, shape: tuple, name: str = "attn_mask") -> to
         if got not in (1, want):
             raise ValueError(f"{name}: shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {tuple(shape)}")
     return m.expand(shape)
+
+
+def register_family(names: Sequence[str], fakes: Sequence[Callable], *, backward=None, setup_context=None,
+                    cpp: bool = False) -> Optional[tuple]:
+    """Register one family of custom ops: a fake kernel for each of `names` (so torch.compile and
+    meta tensors trace them) and, given `backward` (ops -> backward function), autograd on the first
+    op. `cpp`: the ops come from the compiled extension, which may not be built; then nothing is
+    registered and None is returned. Returns the ops (torch.ops.seqkernels.<name>, in order).
+
+    Every op module calls this at import, and `import seqkernels` imports every op module, so fakes
+    and autograd exist before any submodule is touched."""
+    if cpp and not _ext.extension_available():
+        return None
+    for name, fake in zip(names, fakes, strict=True):
+        torch.library.register_fake(f"seqkernels::{name}")(fake)
+    ops = tuple(getattr(torch.ops.seqkernels, name) for name in names)
+    if backward is not None:
+        torch.library.register_autograd(f"seqkernels::{names[0]}", backward(ops), setup_context=setup_context)
+    return ops
+
+
+def kernel_families(triton: Sequence[str], cpp: Sequence[str], fakes: Sequence[Callable], **autograd) -> dict:
+    """backend -> ops for an op whose Triton custom ops (`triton`, defined in Python) and C++ ops
+    (`cpp`, one schema serving the CPU and CUDA kernels) share fakes and autograd."""
+    families = {"triton": register_family(triton, fakes, **autograd)}
+    ops = register_family(cpp, fakes, cpp=True, **autograd)
+    if ops is not None:
+        families["cpu"] = families["cuda"] = ops
+    return families

@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext, backends
+from .. import _ext, backends, capabilities
 from .. import reference as ref
 from ._common import (FLOAT_DTYPES, MAX_HEAD_DIM, check_lengths, check_same, check_scale, check_tensor, draw_seed,
-                      expand_mask)
+                      expand_mask, kernel_families)
 
 
 @dataclasses.dataclass
@@ -107,41 +107,17 @@ def prepare_attention(q, k, v, *, causal=False, window=None, attn_mask=None, kv_
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend limits beyond "is it built" (see backends.why_not).
+# What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
 
-_MASK_GRAD = "gradients with respect to a float attn_mask are only computed by the reference backend"
-
-
-def _cpu_why_not(c: AttentionCall):
-    if c.attn_mask is not None and c.attn_mask.requires_grad:
-        return _MASK_GRAD
-    return None
-
-
-def _cuda_why_not(c: AttentionCall):
-    if c.attn_mask is not None and c.attn_mask.requires_grad:
-        return _MASK_GRAD
-    if c.q.dtype not in (torch.float16, torch.bfloat16):
-        return f"the CUDA kernels take float16/bfloat16, not {str(c.q.dtype).replace('torch.', '')}"
-    # Head dims up to 256 run on the 64/128/256-wide tile instantiations (the tail masked), Dv may differ.
-    major, _ = torch.cuda.get_device_capability(c.q.device)
-    if major < 8:
-        return f"the CUDA kernels need sm_80 or newer (mma.sync bf16), this GPU is sm_{major}x"
-    return None
+def features(c: AttentionCall) -> capabilities.Features:
+    m = c.attn_mask
+    return capabilities.Features(
+        dtype=c.q.dtype, device=c.q.device, head_dims=(c.q.shape[-1], c.v.shape[-1]),
+        mask_dtype=None if m is None else m.dtype, mask_grad=m is not None and m.requires_grad,
+        grid=(c.q.shape[0], c.q.shape[1]))
 
 
-def _triton_why_not(c: AttentionCall):
-    if c.attn_mask is not None and c.attn_mask.requires_grad:
-        return _MASK_GRAD
-    from ..triton_kernels import attention as tk
-
-    return tk.unsupported_reason(c.q, c.k, c.v, c.attn_mask, c.kv_lengths, c.dropout_p)
-
-
-OP = backends.OpBackends(
-    name="attention", cpp_ops=("attention_fwd", "attention_bwd"), triton_module="attention",
-    why_not={"cpu": _cpu_why_not, "cuda": _cuda_why_not, "triton": _triton_why_not},
-)
+OP = backends.OpBackends(name="attention", cpp_ops=("attention_fwd", "attention_bwd"), features=features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,19 +201,9 @@ def _make_backward(bwd_op):
     return backward
 
 
-FAMILIES = {"triton": (torch.ops.seqkernels.triton_attention_fwd, torch.ops.seqkernels.triton_attention_bwd)}
-
-torch.library.register_fake("seqkernels::triton_attention_fwd")(_fwd_fake)
-torch.library.register_fake("seqkernels::triton_attention_bwd")(_bwd_fake)
-torch.library.register_autograd("seqkernels::triton_attention_fwd", _make_backward(torch.ops.seqkernels.triton_attention_bwd),
-                                setup_context=_setup_context)
-
-if _ext.extension_available():
-    torch.library.register_fake("seqkernels::attention_fwd")(_fwd_fake)
-    torch.library.register_fake("seqkernels::attention_bwd")(_bwd_fake)
-    torch.library.register_autograd("seqkernels::attention_fwd", _make_backward(torch.ops.seqkernels.attention_bwd),
-                                    setup_context=_setup_context)
-    FAMILIES["cpu"] = FAMILIES["cuda"] = (torch.ops.seqkernels.attention_fwd, torch.ops.seqkernels.attention_bwd)
+FAMILIES = kernel_families(("triton_attention_fwd", "triton_attention_bwd"), ("attention_fwd", "attention_bwd"),
+                           (_fwd_fake, _bwd_fake), backward=lambda ops: _make_backward(ops[1]),
+                           setup_context=_setup_context)
 
 
 class _LseGrad(torch.autograd.Function):
@@ -381,4 +347,4 @@ def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     return _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
 
 
-SDPA_OP = dataclasses.replace(OP, name="scaled_dot_product_attention")
+SDPA_OP = dataclasses.replace(OP, name="scaled_dot_product_attention", kernels="attention")

@@ -30,18 +30,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext, backends
+from .. import _ext, backends, capabilities
 from ._common import (FLOAT_DTYPES, MAX_HEAD_DIM, check_index_tensor, check_same, check_scale, check_tensor,
-                      to_int32_saturated)
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
-
-
-
+                      kernel_families, to_int32_saturated)
 
 def _check_cache_pair(k_cache, v_cache, *, dtypes=FLOAT_DTYPES):
     check_tensor("k_cache", k_cache, ndim=4, dtypes=dtypes)
@@ -187,38 +178,13 @@ def prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table
     return AppendCall(k_cache, v_cache, k_new, v_new, to_int32_saturated(cache_seqlens), table)
 
 
-_APPEND_GRAD = ("gradients through kv_cache_append are only tracked by the reference backend (the kernels write the "
-                "cache in place outside autograd); use backend='reference' or torch.no_grad()")
+# What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
+def _append_features(c: AppendCall) -> capabilities.Features:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (c.k_cache, c.v_cache, c.k_new, c.v_new))
+    return capabilities.Features(dtype=c.k_cache.dtype, device=c.k_cache.device, needs_grad=needs_grad)
 
 
-def _append_needs_grad(c: AppendCall) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in (c.k_cache, c.v_cache, c.k_new, c.v_new))
-
-
-def _append_cpu_why_not(c: AppendCall):
-    return _APPEND_GRAD if _append_needs_grad(c) else None
-
-
-def _append_cuda_why_not(c: AppendCall):
-    if _append_needs_grad(c):
-        return _APPEND_GRAD
-    if c.k_cache.dtype not in KERNEL_DTYPES:
-        return f"the CUDA kernels take float16/bfloat16/float32, not {_dtype_name(c.k_cache.dtype)}"
-    return None
-
-
-def _append_triton_why_not(c: AppendCall):
-    if _append_needs_grad(c):
-        return _APPEND_GRAD
-    from ..triton_kernels import kv_cache as tk
-
-    return tk.append_unsupported_reason(c.k_cache, c.k_new)
-
-
-APPEND_OP = backends.OpBackends(
-    name="kv_cache_append", cpp_ops=("kv_cache_append",), triton_module="kv_cache",
-    why_not={"cpu": _append_cpu_why_not, "cuda": _append_cuda_why_not, "triton": _append_triton_why_not},
-)
+APPEND_OP = backends.OpBackends(name="kv_cache_append", cpp_ops=("kv_cache_append",), features=_append_features)
 
 
 @torch.library.custom_op("seqkernels::triton_kv_cache_append", mutates_args=("k_cache", "v_cache"))
@@ -233,7 +199,6 @@ def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     return None
 
 
-torch.library.register_fake("seqkernels::triton_kv_cache_append")(_append_fake)
 
 
 def _run_append(call: AppendCall, backend: str):
@@ -241,10 +206,8 @@ def _run_append(call: AppendCall, backend: str):
         from .. import reference as ref
 
         ref.kv_cache_append_ref(*call.args())
-    elif backend == "triton":
-        torch.ops.seqkernels.triton_kv_cache_append(*call.args())
     else:
-        torch.ops.seqkernels.kv_cache_append(*call.args())
+        APPEND_FAMILIES[backend][0](*call.args())
 
 
 def kv_cache_append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor, *,
@@ -405,38 +368,14 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
     return DecodeCall(q, k_cache, v_cache, lens, table, scale, left, right, int(num_splits))
 
 
-_GRAD = ("gradients are not implemented for decode attention on the kernel backends (it is an inference op); "
-         "use backend='reference' or torch.no_grad()")
+# What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
+def _decode_features(c: DecodeCall) -> capabilities.Features:
+    needs_grad = torch.is_grad_enabled() and (c.q.requires_grad or c.k_cache.requires_grad or c.v_cache.requires_grad)
+    return capabilities.Features(dtype=c.q.dtype, device=c.q.device, head_dims=(c.q.shape[-1], c.v_cache.shape[-1]),
+                                 needs_grad=needs_grad)
 
 
-def _needs_grad(c: DecodeCall) -> bool:
-    return torch.is_grad_enabled() and (c.q.requires_grad or c.k_cache.requires_grad or c.v_cache.requires_grad)
-
-
-def _decode_cpu_why_not(c: DecodeCall):
-    return _GRAD if _needs_grad(c) else None
-
-
-def _decode_cuda_why_not(c: DecodeCall):
-    if _needs_grad(c):
-        return _GRAD
-    if c.q.dtype not in KERNEL_DTYPES:
-        return f"the CUDA kernels take float16/bfloat16/float32, not {_dtype_name(c.q.dtype)}"
-    return None
-
-
-def _decode_triton_why_not(c: DecodeCall):
-    if _needs_grad(c):
-        return _GRAD
-    from ..triton_kernels import kv_cache as tk
-
-    return tk.decode_unsupported_reason(c.q, c.k_cache, c.v_cache)
-
-
-DECODE_OP = backends.OpBackends(
-    name="decode_attention", cpp_ops=("decode_attention",), triton_module="kv_cache",
-    why_not={"cpu": _decode_cpu_why_not, "cuda": _decode_cuda_why_not, "triton": _decode_triton_why_not},
-)
+DECODE_OP = backends.OpBackends(name="decode_attention", cpp_ops=("decode_attention",), features=_decode_features)
 
 
 @torch.library.custom_op("seqkernels::triton_decode_attention", mutates_args=())
@@ -455,11 +394,9 @@ def _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_
     return q.new_empty((B, Hq, Tq, v_cache.shape[-1])), q.new_empty((B, Hq, Tq), dtype=lse_dtype)
 
 
-torch.library.register_fake("seqkernels::triton_decode_attention")(_decode_fake)
-
-if _ext.extension_available():
-    torch.library.register_fake("seqkernels::kv_cache_append")(_append_fake)
-    torch.library.register_fake("seqkernels::decode_attention")(_decode_fake)
+# Forward-only (inference) ops: fakes, no autograd (a call that needs gradients runs the reference).
+APPEND_FAMILIES = kernel_families(("triton_kv_cache_append",), ("kv_cache_append",), (_append_fake,))
+DECODE_FAMILIES = kernel_families(("triton_decode_attention",), ("decode_attention",), (_decode_fake,))
 
 
 def _run_decode(call: DecodeCall, backend: str):
@@ -469,9 +406,7 @@ def _run_decode(call: DecodeCall, backend: str):
         return ref.decode_attention_ref(call.q, call.k_cache, call.v_cache, call.cache_seqlens,
                                         block_table=call.block_table, scale=call.scale,
                                         window_left=call.window_left, window_right=call.window_right)
-    if backend == "triton":
-        return torch.ops.seqkernels.triton_decode_attention(*call.args())
-    return torch.ops.seqkernels.decode_attention(*call.args())
+    return DECODE_FAMILIES[backend][0](*call.args())
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _ext, backends
+from .. import _ext, backends, capabilities
 from .. import reference as ref
-from ._common import FLOAT_DTYPES, check_same, check_tensor
+from ._common import FLOAT_DTYPES, check_same, check_tensor, kernel_families, register_family
 
 
 @dataclasses.dataclass
@@ -95,16 +95,12 @@ def prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend limits beyond "is it built" (see backends.why_not). The C++ kernels take every float dtype.
-
-def _triton_why_not(c: LSTMCellCall):
-    from ..triton_kernels import lstm_cell as tk
-
-    return tk.unsupported_reason(c.dtype)
+# What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
+def features(c: LSTMCellCall) -> capabilities.Features:
+    return capabilities.Features(dtype=c.dtype, device=c.device)
 
 
-OP = backends.OpBackends(name="lstm_cell", cpp_ops=("lstm_cell_fwd", "lstm_cell_bwd"), triton_module="lstm_cell",
-                         why_not={"triton": _triton_why_not})
+OP = backends.OpBackends(name="lstm_cell", cpp_ops=("lstm_cell_fwd", "lstm_cell_bwd"), features=features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,19 +159,9 @@ def _make_backward(bwd_op):
     return backward
 
 
-FAMILIES = {"triton": (torch.ops.seqkernels.triton_lstm_cell_fwd, torch.ops.seqkernels.triton_lstm_cell_bwd)}
-
-torch.library.register_fake("seqkernels::triton_lstm_cell_fwd")(_fwd_fake)
-torch.library.register_fake("seqkernels::triton_lstm_cell_bwd")(_bwd_fake)
-torch.library.register_autograd("seqkernels::triton_lstm_cell_fwd",
-                                _make_backward(torch.ops.seqkernels.triton_lstm_cell_bwd), setup_context=_setup_context)
-
-if _ext.extension_available():
-    torch.library.register_fake("seqkernels::lstm_cell_fwd")(_fwd_fake)
-    torch.library.register_fake("seqkernels::lstm_cell_bwd")(_bwd_fake)
-    torch.library.register_autograd("seqkernels::lstm_cell_fwd", _make_backward(torch.ops.seqkernels.lstm_cell_bwd),
-                                    setup_context=_setup_context)
-    FAMILIES["cpu"] = FAMILIES["cuda"] = (torch.ops.seqkernels.lstm_cell_fwd, torch.ops.seqkernels.lstm_cell_bwd)
+FAMILIES = kernel_families(("triton_lstm_cell_fwd", "triton_lstm_cell_bwd"), ("lstm_cell_fwd", "lstm_cell_bwd"),
+                           (_fwd_fake, _bwd_fake), backward=lambda ops: _make_backward(ops[1]),
+                           setup_context=_setup_context)
 
 
 def _layer_fake(input_gates, h0, c0, weight_hh, bias, reverse):
@@ -185,12 +171,7 @@ def _layer_fake(input_gates, h0, c0, weight_hh, bias, reverse):
 
 
 # The CPU sequence kernel (inference only; see _cpu_layer_forward).
-try:
-    _HAS_LAYER_OP = _ext.has_kernel("lstm_layer_fwd", "CPU")
-except RuntimeError:  # an extension built before the op existed
-    _HAS_LAYER_OP = False
-if _HAS_LAYER_OP:
-    torch.library.register_fake("seqkernels::lstm_layer_fwd")(_layer_fake)
+_HAS_LAYER_OP = register_family(("lstm_layer_fwd",), (_layer_fake,), cpp=True) is not None
 
 # The reference backend's pair, for the sequence driver below (plain torch, differentiable).
 FAMILIES["reference"] = (ref.lstm_cell_fwd_ref, ref.lstm_cell_bwd_ref)
