@@ -292,4 +292,10 @@ def _static_configs() -> list:
     return out
 
 
-STATIC_CONFIGS: list = _static_configs()
+def __getattr__(name: str):
+    # STATIC_CONFIGS (the ahead-of-time compile list, development tooling: kernel_report and the
+    # static tests) is built on first access, not at import: launching a kernel never needs it.
+    if name == "STATIC_CONFIGS":
+        value = globals()["STATIC_CONFIGS"] = _static_configs()
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
