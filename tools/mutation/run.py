@@ -126,15 +126,35 @@ def load_mutants(path: Path = MUTANTS) -> list[Mutant]:
     return out
 
 
+def _find_pattern(find: str) -> re.Pattern:
+    # Matched up to whitespace: any run of whitespace (none included) may sit between two
+    # non-whitespace characters, so a mutant survives the formatters (clang-format, ruff format)
+    # re-wrapping or re-spacing the code it names. The match starts and ends on non-whitespace.
+    chars = [c for c in find if not c.isspace()]
+    return re.compile(r"\s*".join(re.escape(c) for c in chars))
+
+
+def locate(m: Mutant, text: str) -> list[tuple[int, int]]:
+    """The spans of `text` that `m.find` matches (up to whitespace)."""
+    return [x.span() for x in _find_pattern(m.find).finditer(text)]
+
+
 def applies(m: Mutant, root: Path) -> tuple[bool, str]:
-    """Whether `m.find` occurs exactly once in its file under `root`."""
+    """Whether `m.find` occurs exactly once (up to whitespace) in its file under `root`."""
     p = root / m.file
     if not p.is_file():
         return False, f"{m.file} does not exist"
-    n = p.read_text().count(m.find)
+    n = len(locate(m, p.read_text()))
     if n != 1:
         return False, f"`find` occurs {n} times in {m.file} (must be exactly once)"
     return True, ""
+
+
+def mutate(m: Mutant, text: str) -> str:
+    """`text` with the one match of `m.find` replaced by `m.replace` (leading and trailing
+    whitespace of both are the text's own)."""
+    (lo, hi), = locate(m, text)
+    return text[:lo] + m.replace.strip() + text[hi:]
 
 
 def stratified_sample(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
@@ -320,7 +340,7 @@ class Harness:
         path = self.root / m.file
         original = path.read_text()
         try:
-            path.write_text(original.replace(m.find, m.replace, 1))
+            path.write_text(mutate(m, original))
             if m.cpu_build:
                 ok, res.build_seconds, tail = self.ensure_built()
                 if not ok:
