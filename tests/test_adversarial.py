@@ -8,15 +8,14 @@ float64 reference's by the parity rule (docs/DESIGN.md §5) or a clear error, ne
 
 import pytest
 import torch
+from conftest import HAS_CUDA
+from parity_rules import assert_rule
 from torch.autograd import gradcheck, gradgradcheck
 
 import seqkernels
 from seqkernels import backends, reference, testing
 from seqkernels.ops import attention as attn_ops
 from seqkernels.ops import kv_cache as kv_ops
-
-from conftest import HAS_CUDA
-from parity_rules import assert_rule
 
 BACKENDS = ["reference", "cpu", "triton"] + (["cuda"] if HAS_CUDA else [])
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -4,12 +4,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HAS_CUDA
 
 import seqkernels
-from seqkernels import backends, reference, testing
+from seqkernels import backends, testing
 from seqkernels.ops import attention as attn_ops
-
-from conftest import HAS_CUDA
 
 BACKENDS = ["reference", "cpu", "triton"] + (["cuda"] if HAS_CUDA else [])
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl
 from aot_static import compile_static
 from parity_rules import assert_rule
+
 from seqkernels.reference import (
     attention_bwd_ref,
     attention_ref,

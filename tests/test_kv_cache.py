@@ -5,12 +5,11 @@ anything is written, out-of-range tokens skipped with check=False, validation me
 
 import pytest
 import torch
+from conftest import HAS_CUDA
 
 import seqkernels
 from seqkernels import backends
 from seqkernels.ops import kv_cache as kv_ops
-
-from conftest import HAS_CUDA
 
 BACKENDS = ["reference", "cpu", "triton", "cuda_emu"] + (["cuda"] if HAS_CUDA else [])
 SOURCES = ["csrc/cuda/kv_cache.cu"]

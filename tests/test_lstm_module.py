@@ -6,14 +6,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import HAS_CUDA
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqkernels
 from seqkernels import backends, testing
 from seqkernels.nn.lstm import LSTM, LSTMCell, restore_lstm, swap_lstm
 from seqkernels.ops import lstm as lstm_ops
-
-from conftest import HAS_CUDA
 
 BACKENDS = ["reference", "cpu", "triton"] + (["cuda"] if HAS_CUDA else [])
 

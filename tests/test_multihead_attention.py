@@ -5,10 +5,11 @@ import copy
 import itertools
 
 import pytest
-import seqkernels
-import seqkernels.ops.attention as attention_ops
 import torch
 import torch.nn as nn
+
+import seqkernels
+import seqkernels.ops.attention as attention_ops
 from seqkernels.nn.multihead_attention import MultiheadAttention
 
 E, H = 24, 3  # head_dim 8

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from seqkernels.reference import (
     attention_bwd_ref,
     attention_ref,
@@ -20,7 +22,6 @@ from seqkernels.reference import (
     philox_keep_word_ref,
     sdpa_ref,
 )
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 F64 = torch.float64
 M32 = 0xFFFFFFFF

@@ -5,10 +5,11 @@ weights, counts, and torch.compile on a swapped model."""
 import itertools
 
 import pytest
-import seqkernels
-import seqkernels.ops.attention as attention_ops
 import torch
 import torch.nn as nn
+
+import seqkernels
+import seqkernels.ops.attention as attention_ops
 from seqkernels.nn.multihead_attention import MultiheadAttention
 from seqkernels.nn.swap import restore_attention, swap_attention
 

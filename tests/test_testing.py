@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from seqkernels.reference import attention_ref, sdpa_ref
 from seqkernels.testing import (
     ParityReport,

@@ -69,6 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import capabilities
 from ._common import (
     INTERPRET,
     TRITON_DTYPE,
@@ -80,7 +81,6 @@ from ._common import (
     refusal,
     static_signature,
 )
-from .. import capabilities
 from .philox import dropout_keep, dropout_threshold, split_u64
 
 __all__ = ["MAX_HEAD_DIM", "STATIC_CONFIGS", "attention_bwd", "attention_fwd", "unsupported_reason"]
@@ -1319,6 +1319,9 @@ def _static_configs() -> list[StaticConfig]:
                                             name=f"{fn.__name__} sm_{arch} {TRITON_DTYPE[dtype]} D{bucket} full "
                                                  f"BLOCK_M={bm} BLOCK_N={bn} warps={w}"))
     return out
+
+
+STATIC_CONFIGS: list  # the ahead-of-time compile list, built by __getattr__ below
 
 
 def __getattr__(name: str):

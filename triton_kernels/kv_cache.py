@@ -40,9 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, TRITON_DTYPE, StaticConfig, block_dim, dot_precision, refusal,
-                      static_signature)
 from .. import capabilities
+from ._common import INTERPRET, TRITON_DTYPE, StaticConfig, block_dim, dot_precision, refusal, static_signature
 
 __all__ = ["kv_cache_append", "decode_attention", "append_unsupported_reason", "decode_unsupported_reason",
            "STATIC_CONFIGS", "MAX_HEAD_DIM"]
@@ -425,6 +424,9 @@ def _static_configs() -> list:
                                     name=f"_kv_cache_append_kernel bf16 D{bucket} BLOCK_T={bt} "
                                          f"{'paged' if paged else 'contiguous'} warps=4"))
     return out
+
+
+STATIC_CONFIGS: list  # the ahead-of-time compile list, built by __getattr__ below
 
 
 def __getattr__(name: str):

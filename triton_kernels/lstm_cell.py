@@ -292,6 +292,9 @@ def _static_configs() -> list:
     return out
 
 
+STATIC_CONFIGS: list  # the ahead-of-time compile list, built by __getattr__ below
+
+
 def __getattr__(name: str):
     # STATIC_CONFIGS (the ahead-of-time compile list, development tooling: kernel_report and the
     # static tests) is built on first access, not at import: launching a kernel never needs it.

@@ -7,8 +7,6 @@ xformers / FlexAttention when installed, torch's LSTM modules, a plain slice cop
 
 from __future__ import annotations
 
-import contextlib
-import math
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -169,7 +167,7 @@ def suite_attention(rec: Recorder, s: Settings, progress):
                 if bad:
                     rec.add_failure("attention", "bwd", name, shape, bad)
                     continue
-                ms = measure([lambda: torch.autograd.grad(outg, (qg, kg, vg), g, retain_graph=True)], s)
+                ms = measure([lambda o=outg: torch.autograd.grad(o, (qg, kg, vg), g, retain_graph=True)], s)
                 rec.add_time("attention", "bwd", name, shape, ms, per=[
                     ("tflops", "TFLOP/s", lambda t: 2.5 * flops / (t * 1e-3) / 1e12),
                     ("pct_gemm", "% of GEMM", lambda t: 100 * 2.5 * flops / (t * 1e-3) / 1e12 / gemm)])

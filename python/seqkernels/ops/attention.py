@@ -21,10 +21,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext, backends, capabilities
+from .. import backends, capabilities
 from .. import reference as ref
-from ._common import (FLOAT_DTYPES, MAX_HEAD_DIM, check_lengths, check_same, check_scale, check_tensor, draw_seed,
-                      expand_mask, kernel_families)
+from ._common import (
+    FLOAT_DTYPES,
+    MAX_HEAD_DIM,
+    check_lengths,
+    check_same,
+    check_scale,
+    check_tensor,
+    draw_seed,
+    expand_mask,
+    kernel_families,
+)
 
 
 @dataclasses.dataclass

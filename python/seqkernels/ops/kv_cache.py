@@ -30,9 +30,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext, backends, capabilities
-from ._common import (FLOAT_DTYPES, MAX_HEAD_DIM, check_index_tensor, check_same, check_scale, check_tensor,
-                      kernel_families, to_int32_saturated)
+from .. import backends, capabilities
+from ._common import (
+    FLOAT_DTYPES,
+    MAX_HEAD_DIM,
+    check_index_tensor,
+    check_same,
+    check_scale,
+    check_tensor,
+    kernel_families,
+    to_int32_saturated,
+)
+
 
 def _check_cache_pair(k_cache, v_cache, *, dtypes=FLOAT_DTYPES):
     check_tensor("k_cache", k_cache, ndim=4, dtypes=dtypes)

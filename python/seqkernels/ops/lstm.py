@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _ext, backends, capabilities
+from .. import backends, capabilities
 from .. import reference as ref
 from ._common import FLOAT_DTYPES, check_same, check_tensor, kernel_families, register_family
 
