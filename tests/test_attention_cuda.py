@@ -182,6 +182,57 @@ def test_backward_emulated(emu, case, deterministic):
     check_backward(emu.attention_fwd, emu.attention_bwd, case, "cpu", deterministic)
 
 
+# ------------------------------------------------------------------------------------------------
+# Tile-boundary sweep at the CUDA kernels' own tiles (head-dim tile 64): FwdConfig<64, plain> is
+# 128 queries x 64 keys, FwdConfig<64, general> (mask or dropout) 64 x 64, BwdConfig<64> 128 keys x
+# 64 queries per step, DqConfig<64> 64 x 64 (csrc/cuda/attention_fwd.cuh, attention_bwd.cuh).
+# Lengths at t - 1, t, t + 1 and 2t +- 1 of those tiles, and bottom-right offsets Lk - Lq at several
+# residues modulo 64, causal, one head, both forward variants and both dQ paths.
+CUDA_QUERY_TILES = (64, 128)
+CUDA_KEY_TILES = (64, 128)
+
+
+def test_cuda_tile_sizes_match_the_sources():
+    import re
+
+    src = open("csrc/cuda/attention_fwd.cuh").read() + open("csrc/cuda/attention_bwd.cuh").read()
+    fwd = re.findall(r"FwdConfig<64,\s*(?:true|false)>\s*\{\s*using type = FwdTraits<64,\s*(\d+),\s*(\d+)", src)
+    bwd = re.findall(r"BwdConfig<64>\s*\{\s*using type = BwdTraits<64,\s*(\d+),\s*(\d+)", src)
+    dq = re.findall(r"DqConfig<64>\s*\{\s*using type = DqTraits<64,\s*(\d+),\s*(\d+)", src)
+    assert len(fwd) == 2 and len(bwd) == 1 and len(dq) == 1, "tile configurations moved: update this sweep"
+    queries = {int(m) for m, _ in fwd} | {int(bwd[0][1]), int(dq[0][0])}
+    keys = {int(n) for _, n in fwd} | {int(bwd[0][0]), int(dq[0][1])}
+    assert queries == set(CUDA_QUERY_TILES) and keys == set(CUDA_KEY_TILES), (queries, keys)
+
+
+def _sweep_shapes():
+    tq, tk = min(CUDA_QUERY_TILES), min(CUDA_KEY_TILES)
+    shapes = [(tq - 1, tk + 1), (tq, 2 * tk), (tq + 1, 2 * tk + 1), (2 * tq + 1, 2 * tk - 1), (1, 3 * tk - 1)]
+    shapes += [(tq + 1, tq + 1 + r) for r in (1, 31, tk - 1, tk, tk + 1)]  # offsets at residues mod tk
+    return list(dict.fromkeys(shapes))
+
+
+SWEEP = [(f"lq{lq}_lk{lk}", (1, 1, 1, lq, lk, 64, 64), torch.float16, {"window_right": 0})
+         for lq, lk in _sweep_shapes()]
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("general", [False, True], ids=["plain", "general"])
+@pytest.mark.parametrize("case", SWEEP, ids=[c[0] for c in SWEEP])
+def test_tile_sweep_forward_emulated(emu, case, general):
+    name, shape, dtype, extra = case
+    if general:  # an all-true bool mask selects the general (mask/dropout) variant, same answer
+        extra = dict(extra, attn_mask=torch.ones(1, 1, shape[3], shape[4], dtype=torch.bool))
+    check_forward(emu.attention_fwd, (name, shape, dtype, extra), "cpu")
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+@pytest.mark.parametrize("case", SWEEP, ids=[c[0] for c in SWEEP])
+def test_tile_sweep_backward_emulated(emu, case, deterministic):
+    check_backward(emu.attention_fwd, emu.attention_bwd, case, "cpu", deterministic)
+
+
 @pytest.mark.emulation
 def test_empty_and_keyless_emulated(emu):
     q, k, v = _inputs((1, 2, 2, 5, 0, 64, 64), torch.float16, "cpu")
