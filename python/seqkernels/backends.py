@@ -147,7 +147,7 @@ def why_not(op: OpBackends, backend: str, device: torch.device, call) -> Optiona
     """None if `backend` can run this call, else the reason."""
     reason = _generic_why_not(op, backend, device)
     if reason is None:
-        reason = capabilities.why_not(op.key, backend, op.features(call), interpreting=triton_interpreting())
+        reason = capabilities.why_not(op.key, backend, op.features(call), interpreting=triton_interpreting)
     return reason
 
 

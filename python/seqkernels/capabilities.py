@@ -13,7 +13,7 @@ The automatic order is per op and per device type, and follows the committed mea
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -43,9 +43,9 @@ class Capability:
     max_grid: Optional[int] = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Features:
-    """What one call asks of a backend (each op's `features(call)` fills this in)."""
+class Features(NamedTuple):
+    """What one call asks of a backend (each op's `features(call)` fills this in). A NamedTuple:
+    one is built per call on the dispatch path, where a dataclass costs microseconds."""
 
     dtype: torch.dtype
     device: torch.device
@@ -127,28 +127,31 @@ def _sm(device: torch.device) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def why_not(op: str, backend: str, f: Features, *, interpreting: bool = False) -> Optional[str]:
+def why_not(op: str, backend: str, f: Features, *, interpreting=False) -> Optional[str]:
     """None when `backend`'s kernels for `op` take a call with features `f`, else the reason.
 
-    `interpreting`: Triton runs under its interpreter, where no GPU architecture applies."""
+    `interpreting`: Triton runs under its interpreter, where no GPU architecture applies (a bool,
+    or a callable giving it, asked only when it matters)."""
     cap = TABLE[op][backend]
-    title = _BACKEND_TITLE[backend]
     if f.needs_grad and not cap.grad:
         return NO_GRAD.get(op, f"gradients through {op} are only computed by the reference backend")
     if f.mask_grad and not cap.mask_grad:
         return MASK_GRAD
+    title = _BACKEND_TITLE[backend]
     if f.dtype not in cap.dtypes:
         return f"the {title} kernels take {_names(cap.dtypes)}, not {_dtype_name(f.dtype)}"
-    if cap.max_head_dim is not None and any(d > cap.max_head_dim for d in f.head_dims):
+    if cap.max_head_dim is not None and f.head_dims and max(f.head_dims) > cap.max_head_dim:
         dims = ", ".join(str(d) for d in f.head_dims)
         return f"head dims {dims}: the {title} kernels support 1..{cap.max_head_dim}"
-    if f.mask_dtype is not None:
+    if (f.mask_dtype is not None and f.mask_dtype not in cap.mask_dtypes
+            and not (f.mask_dtype == f.dtype and "input" in cap.mask_dtypes)):
         allowed = tuple(f.dtype if m == "input" else m for m in cap.mask_dtypes)
-        if f.mask_dtype not in allowed:
-            return f"attn_mask dtype {_dtype_name(f.mask_dtype)}: the {title} kernels take {_names(dict.fromkeys(allowed))}"
-    if cap.max_grid is not None and any(g > cap.max_grid for g in f.grid):
+        return f"attn_mask dtype {_dtype_name(f.mask_dtype)}: the {title} kernels take {_names(dict.fromkeys(allowed))}"
+    if cap.max_grid is not None and f.grid and max(f.grid) > cap.max_grid:
         return f"batch or heads {f.grid} exceed the {title} kernels' grid limit of {cap.max_grid}"
-    if cap.min_sm is not None and f.device.type == "cuda" and not (backend == "triton" and interpreting):
+    if cap.min_sm is not None and f.device.type == "cuda":
+        if backend == "triton" and (interpreting() if callable(interpreting) else interpreting):
+            return None
         major, minor = _sm(f.device)
         if major < cap.min_sm:
             return f"the {title} kernels need sm_{cap.min_sm}0 or newer, this GPU is sm_{major}{minor}"

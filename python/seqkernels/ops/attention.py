@@ -119,11 +119,11 @@ def prepare_attention(q, k, v, *, causal=False, window=None, attn_mask=None, kv_
 # What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
 
 def features(c: AttentionCall) -> capabilities.Features:
-    m = c.attn_mask
-    return capabilities.Features(
-        dtype=c.q.dtype, device=c.q.device, head_dims=(c.q.shape[-1], c.v.shape[-1]),
-        mask_dtype=None if m is None else m.dtype, mask_grad=m is not None and m.requires_grad,
-        grid=(c.q.shape[0], c.q.shape[1]))
+    q, m = c.q, c.attn_mask
+    B, Hq, _, D = q.shape
+    if m is None:
+        return capabilities.Features(q.dtype, q.device, (D, c.v.shape[-1]), None, False, False, (B, Hq))
+    return capabilities.Features(q.dtype, q.device, (D, c.v.shape[-1]), m.dtype, m.requires_grad, False, (B, Hq))
 
 
 OP = backends.OpBackends(name="attention", cpp_ops=("attention_fwd", "attention_bwd"), features=features)
