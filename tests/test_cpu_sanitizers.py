@@ -7,8 +7,7 @@ in a child Python with libasan + libubsan preloaded (emulation.build.run_cpu_san
 out-of-bounds access, even a read whose value is never used, and any undefined behaviour ends the
 child with the sanitizer's report, which fails the test. Each sweep runs on both instruction-set
 paths: the AVX2 kernels (what an x86 machine with AVX2 takes) and the portable ones
-(SEQKERNELS_CPU_ISA=portable for attention and the KV cache, ATEN_CPU_CAPABILITY=default for the
-LSTM cell). Planted bugs (tests/cpu_sanitize/planted_bugs.cpp, compiled into the same
+(SEQKERNELS_CPU_ISA=portable, which all three kernel families read). Planted bugs (tests/cpu_sanitize/planted_bugs.cpp, compiled into the same
 library) show that both sanitizers report.
 
 The default run (CI) takes a bounded sample of each sweep (every tile-edge length, head dim,
@@ -36,8 +35,8 @@ EXTRA_SOURCES = ["tests/cpu_sanitize/planted_bugs.cpp"]
 SCHEMAS = ["cpu_sanitize_selftest(Tensor x, int which) -> Tensor"]
 FAMILIES = ("attention", "kv_cache", "lstm")
 ISAS = ("avx2", "portable")
-# Set at the child's start for the portable path (the LSTM cell reads it once per process).
-ISA_ENV = {"avx2": {}, "portable": {"ATEN_CPU_CAPABILITY": "default", "SEQKERNELS_CPU_ISA": "portable"}}
+# Set at the child's start for the portable path (every kernel also reads it per call).
+ISA_ENV = {"avx2": {}, "portable": {"SEQKERNELS_CPU_ISA": "portable"}}
 
 
 def _cpu_has_avx2() -> bool:
@@ -52,8 +51,8 @@ def _cpu_has_avx2() -> bool:
 def _skip_unless_isa(isa):
     if isa == "avx2" and not _cpu_has_avx2():
         pytest.skip("this CPU has no AVX2+FMA+F16C: the kernels take the portable path (the portable run)")
-    if isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-        pytest.skip("ATEN_CPU_CAPABILITY=default in the environment forces the LSTM cell's portable path")
+    if isa == "avx2" and os.environ.get("SEQKERNELS_CPU_ISA") in ("portable", "default"):
+        pytest.skip("SEQKERNELS_CPU_ISA=portable in the environment forces the portable paths")
 
 
 def _run(func, *args, env=None, timeout=900):

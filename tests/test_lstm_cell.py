@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import seqkernels
-from seqkernels import backends, reference, testing
+from seqkernels import _ext, backends, reference, testing
 from seqkernels.ops import lstm as lstm_ops
 
 from aot_static import compile_static
@@ -144,7 +144,7 @@ def test_matches_torch_lstmcell_float32():
 def test_auto_backend_on_cpu_is_the_cpu_kernel():
     args = _inputs(2, 3, 4, torch.float32)
     e = seqkernels.explain("lstm_cell", *args)
-    assert e.chosen == ("cpu" if lstm_ops._ext.extension_available() else "reference")
+    assert e.chosen == ("cpu" if _ext.extension_available() else "reference")
     assert "cuda" in str(e) and e.reasons["cuda"] is not None
 
 
@@ -153,7 +153,7 @@ def test_auto_backend_on_cpu_is_the_cpu_kernel():
 
 def _op_families():
     fams = [("triton", torch.ops.seqkernels.triton_lstm_cell_fwd, torch.ops.seqkernels.triton_lstm_cell_bwd)]
-    if lstm_ops._ext.has_kernel("lstm_cell_fwd", "CPU"):
+    if _ext.has_kernel("lstm_cell_fwd", "CPU"):
         fams.append(("cpu", torch.ops.seqkernels.lstm_cell_fwd, torch.ops.seqkernels.lstm_cell_bwd))
     return fams
 
@@ -253,7 +253,7 @@ def test_explicit_backend_that_cannot_run_raises():
         seqkernels.lstm_cell(*args, backend="tpu")
 
 
-@pytest.mark.skipif(not lstm_ops._ext.has_kernel("lstm_cell_fwd", "CPU"), reason="extension not built")
+@pytest.mark.skipif(not _ext.has_kernel("lstm_cell_fwd", "CPU"), reason="extension not built")
 def test_cpu_kernel_names_bad_arguments():
     with pytest.raises(RuntimeError, match="hidden_gates must have shape"):
         torch.ops.seqkernels.lstm_cell_fwd(torch.randn(2, 8), torch.randn(2, 4), torch.randn(2, 2), None, None)
@@ -395,15 +395,15 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not lstm_ops._ext.has_kernel("lstm_cell_fwd", "CPU"), reason="extension not built")
+@pytest.mark.skipif(not _ext.has_kernel("lstm_cell_fwd", "CPU"), reason="extension not built")
 def test_cpu_baseline_isa_path():
-    # ATEN_CPU_CAPABILITY=default makes the CPU kernels take their one-element (non-AVX2) path,
-    # as on CPUs without AVX2; the choice is made once per process, hence the subprocess.
+    # SEQKERNELS_CPU_ISA=portable makes the CPU kernels take their one-element (non-AVX2) path,
+    # as on CPUs without AVX2; set for a whole fresh process, so no earlier call can have chosen.
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    env = dict(os.environ, SEQKERNELS_CPU_ISA="portable")
     pkg = os.path.dirname(os.path.dirname(seqkernels.__file__))
     env["PYTHONPATH"] = os.pathsep.join([pkg] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run([sys.executable, "-c", _SCALAR_PATH_SCRIPT], capture_output=True, text=True, env=env)

@@ -10,7 +10,7 @@ from conftest import HAS_CUDA
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqkernels
-from seqkernels import backends, testing
+from seqkernels import _ext, backends, testing
 from seqkernels.nn.lstm import LSTM, LSTMCell, restore_lstm, swap_lstm
 from seqkernels.ops import lstm as lstm_ops
 
@@ -233,7 +233,7 @@ def test_swap_and_restore_lstm():
     before = model(x)
     params = {n: p for n, p in model.named_parameters()}
     with pytest.warns(UserWarning, match="proj_size"):
-        n = swap_lstm(model, backend="cpu" if lstm_ops._ext.extension_available() else "reference")
+        n = swap_lstm(model, backend="cpu" if _ext.extension_available() else "reference")
     assert n == 2
     assert type(model.enc) is LSTM and type(model.blocks[0]) is LSTMCell and type(model.proj) is torch.nn.LSTM
     assert model.enc.training and not model.blocks[0].training
@@ -328,7 +328,7 @@ def test_gpu_lstm_matches_torch(backend):
 
 
 def test_in_place_change_of_initial_state_before_backward_raises():
-    m = LSTM(3, 4, dtype=torch.float64, backend="cpu" if lstm_ops._ext.extension_available() else "reference")
+    m = LSTM(3, 4, dtype=torch.float64, backend="cpu" if _ext.extension_available() else "reference")
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     h0, c0 = torch.randn(1, 2, 4, dtype=torch.float64), torch.randn(1, 2, 4, dtype=torch.float64)
     out, (h, c) = m(x, (h0, c0))

@@ -25,8 +25,9 @@
 //
 // Tasks are taken largest first from a shared counter, so both cores stay busy when B * H is
 // small or the causal work per block is uneven; outputs do not depend on which thread ran a
-// task. The inner loops exist twice: AVX2+FMA intrinsics, selected at run time on x86-64, and
-// at::vec::Vectorized (NEON on ARM, plain C++ elsewhere) as the portable fallback.
+// task. The inner loops exist twice: AVX2+FMA intrinsics (the policies of cpu/simd.h), selected
+// per call on x86-64 (simd::selected_isa), and at::vec::Vectorized (NEON on ARM, plain C++
+// elsewhere) as the portable fallback.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -47,21 +48,9 @@
 #include <vector>
 
 #include "common/attention_math.h"
+#include "common/host_checks.h"
 #include "common/philox.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define SK_ATTN_HAVE_AVX2 1
-#include <immintrin.h>
-// Intrinsic wrappers are compiled for AVX2 + FMA; the per-block entry points below inline
-// everything they call (flatten), so the whole hot path is AVX2 code while the rest of the
-// extension keeps the baseline ISA and the choice is made per call from cpuid.
-#define SK_AVX2_FN __attribute__((target("avx2,fma"))) inline
-#define SK_AVX2_ENTRY __attribute__((target("avx2,fma"), flatten, noinline))
-// __m256 values only cross function boundaries inside the flattened AVX2 entry points.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#else
-#define SK_ATTN_HAVE_AVX2 0
-#endif
+#include "cpu/simd.h"
 
 #if defined(__GNUC__)
 #define SK_FLATTEN __attribute__((flatten, noinline))
@@ -81,7 +70,8 @@ using at::Tensor;
 constexpr int kMR = 6;
 
 // ---------------------------------------------------------------------------------------------
-// SIMD policies: the vector type and the few operations the kernels use.
+// SIMD policies: the vector type and the few operations the kernels use. The AVX2 ones
+// (simd::Avx2Float, simd::Avx2Double) live in cpu/simd.h with the rest of the AVX2 layer.
 // ---------------------------------------------------------------------------------------------
 
 template <typename Scalar>
@@ -117,93 +107,6 @@ struct VecPortable {
   }
 };
 
-#if SK_ATTN_HAVE_AVX2
-struct Avx2Float {
-  using T = float;
-  using V = __m256;
-  static constexpr int W = 8;
-  SK_AVX2_FN static V zero() { return _mm256_setzero_ps(); }
-  SK_AVX2_FN static V set1(float x) { return _mm256_set1_ps(x); }
-  SK_AVX2_FN static V load(const float* p) { return _mm256_loadu_ps(p); }
-  SK_AVX2_FN static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
-  SK_AVX2_FN static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  // NaN in `a` is dropped (maxps returns its second operand then); callers only use the max
-  // as a shift and let NaN reach the sum through exp2.
-  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  // 2^x: x = n + f with n = round(x), f in [-1/2, 1/2]; 2^f by a degree-6 polynomial
-  // (relative error 1e-7, fitted for this range), 2^n built in the exponent field. Inputs below
-  // -127 give exactly 0 (the exponent field becomes 0), so -inf scores vanish without a
-  // select; NaN stays NaN because the clamps keep their second operand on NaN.
-  SK_AVX2_FN static V exp2(V x) { return exp2_nonpos(_mm256_min_ps(_mm256_set1_ps(127.0f), x)); }
-  // The same for x <= 127 (or NaN): the forward's arguments, (s - rowmax) * log2(e), never exceed 0.
-  SK_AVX2_FN static V exp2_nonpos(V x) {
-    const V xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
-    const V n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f = _mm256_sub_ps(xc, n);
-    V p = _mm256_set1_ps(1.533758041e-04f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339986571e-03f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618519805e-03f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550329015e-02f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264625e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471825e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  }
-  SK_AVX2_FN static float hmax(V x) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-  }
-  SK_AVX2_FN static float hsum(V x) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-  }
-};
-
-struct Avx2Double {
-  using T = double;
-  using V = __m256d;
-  static constexpr int W = 4;
-  SK_AVX2_FN static V zero() { return _mm256_setzero_pd(); }
-  SK_AVX2_FN static V set1(double x) { return _mm256_set1_pd(x); }
-  SK_AVX2_FN static V load(const double* p) { return _mm256_loadu_pd(p); }
-  SK_AVX2_FN static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
-  SK_AVX2_FN static V bcast(const double* p) { return _mm256_broadcast_sd(p); }
-  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
-  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_pd(a, b); }
-  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
-  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_pd(a, b); }
-  // float64 is the precision path (parity with the float64 reference to ~1e-11), so it uses
-  // the correctly rounded libm exp2 rather than a polynomial.
-  SK_AVX2_FN static V exp2(V x) {
-    alignas(32) double buf[4];
-    _mm256_store_pd(buf, x);
-    for (int i = 0; i < 4; ++i) buf[i] = std::exp2(buf[i]);
-    return _mm256_load_pd(buf);
-  }
-  SK_AVX2_FN static V exp2_nonpos(V x) { return exp2(x); }
-  SK_AVX2_FN static double hmax(V x) {
-    __m128d m = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
-    m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
-    return _mm_cvtsd_f64(m);
-  }
-  SK_AVX2_FN static double hsum(V x) {
-    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
-    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
-    return _mm_cvtsd_f64(s);
-  }
-};
-#endif  // SK_ATTN_HAVE_AVX2
 
 // ---------------------------------------------------------------------------------------------
 // Register-tiled products.
@@ -662,33 +565,23 @@ SK_FLATTEN void fwd_rows_portable(const FwdRows<T>& a) { fwd_rows<VecPortable<T>
 template <typename T>
 SK_FLATTEN void bwd_block_portable(const BwdBlock<T>& a) { bwd_block<VecPortable<T>>(a); }
 
-#if SK_ATTN_HAVE_AVX2
-SK_AVX2_ENTRY void fwd_rows_avx2_f32(const FwdRows<float>& a) { fwd_rows<Avx2Float>(a); }
-SK_AVX2_ENTRY void bwd_block_avx2_f32(const BwdBlock<float>& a) { bwd_block<Avx2Float>(a); }
-SK_AVX2_ENTRY void fwd_rows_avx2_f64(const FwdRows<double>& a) { fwd_rows<Avx2Double>(a); }
-SK_AVX2_ENTRY void bwd_block_avx2_f64(const BwdBlock<double>& a) { bwd_block<Avx2Double>(a); }
-
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+#if SK_SIMD_X86
+SK_AVX2_ENTRY void fwd_rows_avx2_f32(const FwdRows<float>& a) { fwd_rows<simd::Avx2Float>(a); }
+SK_AVX2_ENTRY void bwd_block_avx2_f32(const BwdBlock<float>& a) { bwd_block<simd::Avx2Float>(a); }
+SK_AVX2_ENTRY void fwd_rows_avx2_f64(const FwdRows<double>& a) { fwd_rows<simd::Avx2Double>(a); }
+SK_AVX2_ENTRY void bwd_block_avx2_f64(const BwdBlock<double>& a) { bwd_block<simd::Avx2Double>(a); }
 #endif
 
-// SEQKERNELS_CPU_ISA=portable forces the portable kernels (the path non-x86 machines take), so
-// the tests can cover it on an AVX2 machine.
-inline bool portable_forced() {
-  const char* e = std::getenv("SEQKERNELS_CPU_ISA");
-  return e != nullptr && std::strcmp(e, "portable") == 0;
-}
-
+// Per call (simd::selected_isa), so SEQKERNELS_CPU_ISA=portable lets the tests cover the
+// portable kernels, the path non-x86 machines take, on an AVX2 machine.
 template <typename T>
 Kernels<T> select_kernels() {
-#if SK_ATTN_HAVE_AVX2
-  if (cpu_has_avx2_fma() && !portable_forced()) {
+#if SK_SIMD_X86
+  if (simd::selected_isa() == simd::Isa::Avx2) {
     if constexpr (std::is_same_v<T, float>) {
-      return {Avx2Float::W, &fwd_rows_avx2_f32, &bwd_block_avx2_f32};
+      return {simd::Avx2Float::W, &fwd_rows_avx2_f32, &bwd_block_avx2_f32};
     } else {
-      return {Avx2Double::W, &fwd_rows_avx2_f64, &bwd_block_avx2_f64};
+      return {simd::Avx2Double::W, &fwd_rows_avx2_f64, &bwd_block_avx2_f64};
     }
   }
 #endif
@@ -814,31 +707,8 @@ constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64;
 // Validation shared by forward and backward.
 // ---------------------------------------------------------------------------------------------
 
-struct Geometry {
-  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
-};
-
-Geometry check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const char* op) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, Hq, Lq, D), got ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, Hkv, Lk, D), got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4, op, ": v must be 4-D (B, Hkv, Lk, Dv), got ", v.sizes());
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op,
-              ": q, k and v must be CPU tensors");
-  const auto st = q.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-              ": q must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op,
-              ": k and v must have q's dtype ", st, ", got ", k.scalar_type(), " and ", v.scalar_type());
-  Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  TORCH_CHECK(k.size(0) == g.B && v.size(0) == g.B, op, ": q, k, v batch sizes differ: ", g.B, ", ",
-              k.size(0), ", ", v.size(0));
-  TORCH_CHECK(k.size(3) == g.D, op, ": k's head dim ", k.size(3), " must equal q's ", g.D);
-  TORCH_CHECK(v.size(1) == g.Hkv && v.size(2) == g.Lk, op, ": v ", v.sizes(),
-              " must be (B, Hkv, Lk, Dv) with k's Hkv = ", g.Hkv, " and Lk = ", g.Lk);
-  TORCH_CHECK(g.Hkv > 0 && g.Hq % g.Hkv == 0, op, ": the number of query heads (", g.Hq,
-              ") must be a multiple of the number of kv heads (", g.Hkv, ")");
-  return g;
-}
+// q, k, v: common/host_checks.h, shared with the CUDA launcher.
+using Geometry = host::AttentionGeometry;
 
 MaskDesc check_mask(const std::optional<Tensor>& attn_mask, const Geometry& g, at::ScalarType qt,
                     const char* op) {
@@ -1037,7 +907,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
                                              bool bottom_right, double dropout_p, int64_t seed,
                                              int64_t offset) {
   constexpr const char* op = "seqkernels::attention_fwd (cpu)";
-  const Geometry g = check_qkv(q, k, v, op);
+  const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
   const MaskDesc mask = check_mask(attn_mask, g, q.scalar_type(), op);
   const int32_t* kv_len = check_lengths(kv_lengths, g, op);
   const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
@@ -1403,7 +1273,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
     int64_t seed, int64_t offset, bool deterministic) {
   (void)deterministic;
   constexpr const char* op = "seqkernels::attention_bwd (cpu)";
-  const Geometry g = check_qkv(q, k, v, op);
+  const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
   TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(), op,
               ": grad_out, out and lse must be CPU tensors");
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.B, g.Hq, g.Lq, g.Dv}), op,

@@ -18,10 +18,10 @@
 // merged exactly by a second pass.
 //
 // The tile primitives have two implementations: AVX2+FMA+F16C intrinsics in functions with a
-// target attribute, chosen at run time when the CPU has them (the extension is compiled for the
-// baseline ISA, where at::vec is plain scalar code), and a portable one on at::vec that also
-// serves float64. SEQKERNELS_CPU_ISA=portable (as for attention; "default" is the older
-// spelling) forces the portable one (tests cover both).
+// target attribute, chosen per call by cpu/simd.h's selected_isa (the extension is compiled for
+// the baseline ISA, where at::vec is plain scalar code), and a portable one on at::vec that also
+// serves float64. SEQKERNELS_CPU_ISA=portable (or the older spelling "default") forces the
+// portable one, as for attention and the LSTM cell (tests cover both).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -36,12 +36,8 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SK_KV_HAVE_AVX2_PATH 1
-#include <immintrin.h>
-#else
-#define SK_KV_HAVE_AVX2_PATH 0
-#endif
+#include "common/host_checks.h"
+#include "cpu/simd.h"
 
 namespace seqkernels {
 namespace cpu {
@@ -52,49 +48,11 @@ constexpr int kKeyTile = 64;
 constexpr int kRowTile = 32;
 
 // ---------------------------------------------------------------------------------------------
-// Argument checks shared by both ops (the public layer has already normalized; these guard
-// direct calls of torch.ops.seqkernels.*).
+// Argument checks: common/host_checks.h, shared with the CUDA launchers (the public layer has
+// already normalized; these guard direct calls of torch.ops.seqkernels.*).
 
-void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache: expected a 4-D tensor, got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.dim() == 4, "v_cache: expected a 4-D tensor, got ", v_cache.sizes());
-  TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu(), "k_cache, v_cache: expected CPU tensors");
-  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache: dtype ", v_cache.scalar_type(),
-              " does not match k_cache's ", k_cache.scalar_type());
-  TORCH_CHECK(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) &&
-                  k_cache.size(2) == v_cache.size(2),
-              "v_cache: shape ", v_cache.sizes(), " must match k_cache ", k_cache.sizes(), " except the head dim");
-  TORCH_CHECK(k_cache.size(3) <= 1 || k_cache.stride(3) == 1, "k_cache: the head dim must have stride 1");
-  TORCH_CHECK(v_cache.size(3) <= 1 || v_cache.stride(3) == 1, "v_cache: the head dim must have stride 1");
-}
-
-// Returns (capacity per sequence, block size or 0 for a contiguous cache, max_blocks).
-struct Layout {
-  int64_t capacity;
-  int64_t block_size;
-  int64_t max_blocks;
-  int64_t num_blocks;
-};
-
-Layout check_layout(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table, int64_t B) {
-  if (!block_table.has_value()) {
-    TORCH_CHECK(k_cache.size(0) == B, "k_cache: a contiguous cache is (B, Hkv, S_max, D) with B=", B, ", got ",
-                k_cache.sizes());
-    return {k_cache.size(2), 0, 0, 0};
-  }
-  const at::Tensor& t = *block_table;
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == B, "block_table: expected shape (", B, ", max_blocks), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.device().is_cpu(),
-              "block_table: expected a contiguous int32 CPU tensor");
-  TORCH_CHECK(k_cache.size(2) >= 1, "k_cache: block_size (dim 2 of a paged cache) must be >= 1");
-  return {t.size(1) * k_cache.size(2), k_cache.size(2), t.size(1), k_cache.size(0)};
-}
-
-void check_seqlens(const at::Tensor& s, int64_t B) {
-  TORCH_CHECK(s.dim() == 1 && s.size(0) == B, "cache_seqlens: expected shape (", B, ",), got ", s.sizes());
-  TORCH_CHECK(s.scalar_type() == at::kInt && s.is_contiguous() && s.device().is_cpu(),
-              "cache_seqlens: expected a contiguous int32 CPU tensor");
-}
+// Positions per sequence, block size (0 for a contiguous cache), max_blocks, num_blocks.
+using Layout = host::CacheGeometry;
 
 // Where position p of sequence b lives, as (index into dim 0, slot in dim 2); false when the
 // position or its block id is out of range (the token is skipped / the key is masked).
@@ -131,19 +89,12 @@ inline void copy_row(T* dst, const T* src, int64_t n, int64_t src_stride) {
 void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
                          const at::Tensor& v_new, const at::Tensor& cache_seqlens,
                          const std::optional<at::Tensor>& block_table) {
-  check_cache(k_cache, v_cache);
-  TORCH_CHECK(k_new.dim() == 4 && v_new.dim() == 4, "k_new, v_new: expected 4-D tensors (B, Hkv, T, D)");
-  TORCH_CHECK(k_new.device().is_cpu() && v_new.device().is_cpu(), "k_new, v_new: expected CPU tensors");
-  TORCH_CHECK(k_new.scalar_type() == k_cache.scalar_type() && v_new.scalar_type() == k_cache.scalar_type(),
-              "k_new, v_new: dtype must match the cache's ", k_cache.scalar_type());
+  host::check_cache(k_cache, v_cache, host::kCpu);
+  host::check_new_rows(k_new, v_new, k_cache, v_cache, host::kCpu);
   const int64_t B = k_new.size(0), H = k_new.size(1), T = k_new.size(2), D = k_new.size(3);
   const int64_t Dv = v_cache.size(3);
-  TORCH_CHECK(v_new.size(0) == B && v_new.size(1) == H && v_new.size(2) == T && v_new.size(3) == Dv,
-              "v_new: expected shape (", B, ", ", H, ", ", T, ", ", Dv, "), got ", v_new.sizes());
-  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D, "k_new: shape ", k_new.sizes(),
-              " does not fit k_cache ", k_cache.sizes());
-  const Layout L = check_layout(k_cache, block_table, B);
-  check_seqlens(cache_seqlens, B);
+  const Layout L = host::check_layout(k_cache, block_table, B, host::kCpu);
+  host::check_seqlens(cache_seqlens, B, host::kCpu);
   if (B == 0 || H == 0 || T == 0) return;
 
   const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
@@ -274,86 +225,51 @@ struct GenericOps {
   }
 };
 
-#if SK_KV_HAVE_AVX2_PATH
-#define SK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#if SK_SIMD_X86
+// The lone reductions and the softmax's exp2 are the attention kernels' (cpu/simd.h).
+using simd::Avx2Float;
 
 // 8 consecutive elements as floats; `n < 8` loads only n (the rest 0).
 template <typename T>
-SK_AVX2 inline __m256 load8(const T* p);
+SK_AVX2_FN __m256 load8(const T* p);
 template <>
-SK_AVX2 inline __m256 load8<float>(const float* p) {
+SK_AVX2_FN __m256 load8<float>(const float* p) {
   return _mm256_loadu_ps(p);
 }
 template <>
-SK_AVX2 inline __m256 load8<at::Half>(const at::Half* p) {
+SK_AVX2_FN __m256 load8<at::Half>(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 template <>
-SK_AVX2 inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
+SK_AVX2_FN __m256 load8<at::BFloat16>(const at::BFloat16* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 template <typename T>
-SK_AVX2 inline __m256 load8_partial(const T* p, int n) {
+SK_AVX2_FN __m256 load8_partial(const T* p, int n) {
   alignas(32) T tmp[8] = {};
   std::memcpy(tmp, p, sizeof(T) * n);
   return load8<T>(tmp);
 }
 
-SK_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // The 4 (8) horizontal sums of 4 (8) vectors at once: a transposing add tree costs about as much as
 // one lone horizontal sum, which matters when a query row meets each key once (decode, MHA).
-SK_AVX2 inline __m128 hsum4(const __m256* a) {
+SK_AVX2_FN __m128 hsum4(const __m256* a) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-SK_AVX2 inline __m256 hsum8(const __m256* a) {
+SK_AVX2_FN __m256 hsum8(const __m256* a) {
   const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-}
-
-SK_AVX2 inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// 2^x for x <= 0 (scores minus their running max), relative error ~1e-7: 2^x = 2^n * 2^f with
-// n = round(x), |f| <= 1/2, 2^f by its degree-7 Taylor series in f*ln2 (truncation < 6e-9).
-// x < -126 (including -inf, a masked score) gives exactly 0.
-SK_AVX2 inline __m256 exp2_neg(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-126.0f);
-  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.6931471805599453f));
-  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 720.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return _mm256_andnot_ps(underflow, r);
 }
 
 template <typename T>
 struct Avx2Ops {
   // MB query rows x NB keys of dot products, accumulators in registers; q is float, rows of K in T.
   template <int MB, int NB>
-  SK_AVX2 static void dot_block(const float* q, int64_t ldq, int64_t D, const T* const* k, float* S, int64_t lds) {
+  SK_AVX2_FN static void dot_block(const float* q, int64_t ldq, int64_t D, const T* const* k, float* S, int64_t lds) {
     __m256 acc[MB][NB];
     #pragma GCC unroll 16
     for (int a = 0; a < MB; ++a)
@@ -391,13 +307,13 @@ struct Avx2Ops {
         _mm_storeu_ps(S + a * lds, hsum4(acc[a]));
       } else {
         #pragma GCC unroll 16
-        for (int c = 0; c < NB; ++c) S[a * lds + c] = hsum(acc[a][c]);
+        for (int c = 0; c < NB; ++c) S[a * lds + c] = Avx2Float::hsum(acc[a][c]);
       }
     }
   }
 
   template <int MB>
-  SK_AVX2 static void dot_rows(const float* q, int64_t ldq, int64_t D, const T* const* krows, int n, float* S,
+  SK_AVX2_FN static void dot_rows(const float* q, int64_t ldq, int64_t D, const T* const* krows, int n, float* S,
                                int64_t lds) {
     int i = 0;
     if constexpr (MB == 1) {
@@ -407,7 +323,7 @@ struct Avx2Ops {
     for (; i < n; ++i) dot_block<MB, 1>(q, ldq, D, krows + i, S + i, lds);
   }
 
-  SK_AVX2 static void scores(const float* q, int64_t ldq, int M, int64_t D, const T* const* krows, int n, float* S,
+  SK_AVX2_FN static void scores(const float* q, int64_t ldq, int M, int64_t D, const T* const* krows, int n, float* S,
                              int64_t lds, float*) {
     int m = 0;
     for (; m + 2 <= M; m += 2) dot_rows<2>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
@@ -416,7 +332,7 @@ struct Avx2Ops {
 
   // acc[m][c0 .. c0 + 8*CB) += sum_i P[m][i] * V[i][c0 ..] for MB rows, accumulators in registers.
   template <int MB, int CB>
-  SK_AVX2 static void pv_block(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t c0, float* acc,
+  SK_AVX2_FN static void pv_block(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t c0, float* acc,
                                int64_t ldacc) {
     __m256 a[MB][CB];
     #pragma GCC unroll 16
@@ -449,7 +365,7 @@ struct Avx2Ops {
   }
 
   template <int MB>
-  SK_AVX2 static void pv_rows(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t Dv, float* acc,
+  SK_AVX2_FN static void pv_rows(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t Dv, float* acc,
                               int64_t ldacc) {
     // MB x CB accumulators plus the V vectors and a broadcast must fit the 16 ymm registers.
     constexpr int CB = MB == 1 ? 8 : (MB == 2 ? 4 : 2);
@@ -466,7 +382,7 @@ struct Avx2Ops {
       }
   }
 
-  SK_AVX2 static void softmax_pv(float* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv,
+  SK_AVX2_FN static void softmax_pv(float* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv,
                                  float* mrow, float* lrow, float* acc, int64_t ldacc, float*) {
     const float ninf = -std::numeric_limits<float>::infinity();
     for (int m = 0; m < M; ++m) {
@@ -482,7 +398,7 @@ struct Avx2Ops {
         mx8 = _mm256_max_ps(mx8, x);
         nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
       }
-      float mx = hmax(mx8);
+      float mx = Avx2Float::hmax(mx8);
       bool nan = _mm256_movemask_ps(nan8) != 0;
       for (; i < n; ++i) {
         mx = std::max(mx, s[i]);
@@ -506,11 +422,11 @@ struct Avx2Ops {
       __m256 sum8 = _mm256_setzero_ps();
       i = 0;
       for (; i + 8 <= n; i += 8) {
-        const __m256 p = exp2_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), mn), l2e8));
+        const __m256 p = Avx2Float::exp2_nonpos(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), mn), l2e8));
         _mm256_storeu_ps(s + i, p);
         sum8 = _mm256_add_ps(sum8, p);
       }
-      float sum = hsum(sum8);
+      float sum = Avx2Float::hsum(sum8);
       for (; i < n; ++i) {
         s[i] = std::exp2((s[i] - m_new) * l2e);
         sum += s[i];
@@ -533,22 +449,7 @@ struct Avx2Ops {
   }
 };
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
 #endif
-
-bool use_avx2_path() {
-#if SK_KV_HAVE_AVX2_PATH
-  const char* isa = std::getenv("SEQKERNELS_CPU_ISA");
-  if (isa != nullptr && (std::strcmp(isa, "portable") == 0 || std::strcmp(isa, "default") == 0)) return false;
-  return cpu_has_avx2();
-#else
-  return false;
-#endif
-}
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention: the work units and the merge.
@@ -752,7 +653,7 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
                                        out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>(), op, lp);
   };
   bool done = false;
-#if SK_KV_HAVE_AVX2_PATH
+#if SK_SIMD_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     if (avx2) {
       run(Avx2Ops<scalar_t>{});
@@ -770,11 +671,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
                                                         const std::optional<at::Tensor>& block_table, double scale,
                                                         int64_t window_left, int64_t window_right,
                                                         int64_t num_splits) {
-  check_cache(k_cache, v_cache);
-  TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (B, Hq, Tq, D), got ", q.sizes());
-  TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q: dtype ", q.scalar_type(), " does not match the cache's ",
-              k_cache.scalar_type());
+  host::check_cache(k_cache, v_cache, host::kCpu);
+  host::check_decode_args(q, k_cache, num_splits, window_left, window_right, std::numeric_limits<int64_t>::max(),
+                          host::kCpu);
   DecodeShape s{};
   s.B = q.size(0);
   s.Hq = q.size(1);
@@ -782,13 +681,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   s.D = q.size(3);
   s.Hkv = k_cache.size(1);
   s.Dv = v_cache.size(3);
-  TORCH_CHECK(k_cache.size(3) == s.D, "k_cache: head dim ", k_cache.size(3), " must equal q's ", s.D);
-  TORCH_CHECK(s.Hkv > 0 && s.Hq % s.Hkv == 0, "q: the number of query heads (", s.Hq,
-              ") must be a multiple of the number of key/value heads (", s.Hkv, ")");
-  TORCH_CHECK(num_splits >= 1, "num_splits: expected >= 1, got ", num_splits);
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window_left, window_right: expected >= -1");
-  s.L = check_layout(k_cache, block_table, s.B);
-  check_seqlens(cache_seqlens, s.B);
+  s.L = host::check_layout(k_cache, block_table, s.B, host::kCpu);
+  host::check_seqlens(cache_seqlens, s.B, host::kCpu);
   s.G = s.Hq / s.Hkv;
   s.rows = s.G * s.Tq;
   s.row_tiles = (s.rows + kRowTile - 1) / kRowTile;
@@ -810,7 +704,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   }
   const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
   const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;
-  const bool avx2 = use_avx2_path();
+  const bool avx2 = SK_SIMD_X86 && simd::selected_isa() == simd::Isa::Avx2;
   {
     const int32_t* lp = cache_seqlens.data_ptr<int32_t>();
     int64_t keys = 0;

@@ -7,10 +7,11 @@
 // float16 / bfloat16 are loaded to float32, computed in float32 and rounded once on store;
 // float64 is computed in float64.
 //
-// SIMD: on x86 with GCC the kernels are also compiled for AVX2+FMA with at::vec (Sleef exp/tanh
-// from libtorch) inside a `#pragma GCC target` region and chosen at run time when the CPU has
-// AVX2 (ATEN_CPU_CAPABILITY=default forces the baseline path, as it does for torch). Elsewhere
-// at::vec is used at the build's baseline ISA (NEON on aarch64).
+// SIMD: on x86 with GCC the kernels are also compiled for AVX2+FMA with at::vec (float32 exp and
+// tanh from cpu/simd.h, float64 Sleef from libtorch) inside a `#pragma GCC target` region and
+// chosen per call by cpu/simd.h's selected_isa (SEQKERNELS_CPU_ISA=portable forces the one-element
+// baseline path, as it forces the portable path of attention and the KV cache). Elsewhere at::vec
+// is used at the build's baseline ISA (NEON on aarch64).
 
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
@@ -39,8 +40,10 @@
 #include <cfloat>
 
 #include "../common/macros.h"
+#include "common/host_checks.h"
+#include "cpu/simd.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && SK_SIMD_X86
 #define SK_LSTM_X86_DISPATCH 1
 #else
 #define SK_LSTM_X86_DISPATCH 0
@@ -123,7 +126,7 @@ struct Lanes {
 // at::vec lanes: AVX2+FMA on x86/GCC (runtime-selected), the baseline ISA elsewhere.
 #if SK_LSTM_X86_DISPATCH
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+SK_AVX2_TARGET_PRAGMA
 // g++ does not update the ISA macros for a target pragma (C++ is tokenized up front); the vec
 // and Sleef headers test them, so they are set by hand for this region only.
 #if !defined(__AVX2__)
@@ -194,61 +197,21 @@ struct Lanes {
   }
 
 #if SK_LSTM_X86_DISPATCH
-  // float32 lanes use the inlined exp/tanh below (about twice Sleef's throughput, same few-ulp
+  // float32 lanes use cpu/simd.h's inlined exp/tanh (about twice Sleef's throughput, same few-ulp
   // accuracy); float64 keeps Sleef.
   static V sigmoid(V x) {
     if constexpr (std::is_same_v<A, float>) {
-      const __m256 one = _mm256_set1_ps(1.f);
-      return V(_mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_xor_ps(__m256(x), _mm256_set1_ps(-0.f))))));
+      return V(simd::sigmoid_ps(__m256(x)));
     } else {
       return V(1) / (V(1) + x.neg().exp());
     }
   }
   static V tanh(V x) {
     if constexpr (std::is_same_v<A, float>) {
-      return V(tanh_ps(__m256(x)));
+      return V(simd::tanh_ps(__m256(x)));
     } else {
       return x.tanh();
     }
-  }
-
-  // exp(x): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7 polynomial for e^r
-  // (Cephes expf coefficients), scaled by 2^n through the exponent bits. x is clamped to the
-  // finite range first (max/min with the constant as first operand keep a NaN x as NaN).
-  static __m256 exp_ps(__m256 x) {
-    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), _mm256_max_ps(_mm256_set1_ps(-87.3365447505531f), x));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  }
-
-  // tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|), which cannot overflow; below
-  // |x| = 0.625, where 1 - e would lose relative accuracy, an odd polynomial (Cephes tanhf).
-  static __m256 tanh_ps(__m256 x) {
-    const __m256 sign = _mm256_set1_ps(-0.f);
-    const __m256 ax = _mm256_andnot_ps(sign, x);
-    const __m256 e = exp_ps(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f)));
-    const __m256 one = _mm256_set1_ps(1.f);
-    const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-    const __m256 z = _mm256_mul_ps(x, x);
-    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
-    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
-    const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
-    const __m256 large = _mm256_or_ps(big, _mm256_and_ps(sign, x));
-    return _mm256_blendv_ps(large, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
   }
 #else
   static V sigmoid(V x) { return V(1) / (V(1) + x.neg().exp()); }
@@ -278,15 +241,11 @@ struct Lanes {
 namespace seqkernels {
 namespace {
 
+// Per call, like attention and the KV cache: the choice is one getenv next to a kernel launch,
+// and a test can switch paths without a new process.
 bool use_vec_isa() {
 #if SK_LSTM_X86_DISPATCH
-  static const bool ok = [] {
-    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
-    if (forced != nullptr && std::strcmp(forced, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
+  return simd::selected_isa() == simd::Isa::Avx2;
 #else
   return true;
 #endif
@@ -332,42 +291,20 @@ at::Tensor rows_of(const at::Tensor& t) { return t.stride(1) == 1 || t.size(1) <
 
 int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? 0 : t.stride(0); }
 
-void check_2d(const char* name, const at::Tensor& t, int64_t rows, int64_t cols, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqkernels::lstm_cell: ", name,
-              " must have shape (", rows, ", ", cols, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqkernels::lstm_cell: ", name, " has dtype ",
-              t.scalar_type(), ", expected ", like.scalar_type(), " (one dtype for all inputs)");
-  TORCH_CHECK(t.device() == like.device(), "seqkernels::lstm_cell: ", name, " is on ", t.device(),
-              ", expected ", like.device());
-}
-
-void check_bias(const char* name, const c10::optional<at::Tensor>& b, int64_t gates, const at::Tensor& like) {
-  if (!b.has_value()) return;
-  TORCH_CHECK(b->dim() == 1 && b->size(0) == gates, "seqkernels::lstm_cell_fwd: ", name,
-              " must have shape (", gates, ",), got ", b->sizes());
-  TORCH_CHECK(b->scalar_type() == like.scalar_type() && b->device() == like.device(), "seqkernels::lstm_cell_fwd: ",
-              name, " must have input_gates' dtype and device (", like.scalar_type(), ", ", like.device(), "), got ",
-              b->scalar_type(), ", ", b->device());
-}
+// Argument checks: common/host_checks.h, shared with the CUDA launchers.
+using host::check_2d;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tensor& input_gates,
                                                                   const at::Tensor& hidden_gates,
                                                                   const at::Tensor& cx,
                                                                   const c10::optional<at::Tensor>& bias_ih,
                                                                   const c10::optional<at::Tensor>& bias_hh) {
-  TORCH_CHECK(input_gates.dim() == 2 && input_gates.size(1) % 4 == 0,
-              "seqkernels::lstm_cell_fwd: input_gates must have shape (B, 4*H), got ", input_gates.sizes());
-  TORCH_CHECK(input_gates.scalar_type() == at::kFloat || input_gates.scalar_type() == at::kDouble ||
-                  input_gates.scalar_type() == at::kHalf || input_gates.scalar_type() == at::kBFloat16,
-              "seqkernels::lstm_cell_fwd: input_gates must be float16, bfloat16, float32 or float64, got ",
-              input_gates.scalar_type());
-  TORCH_CHECK(input_gates.device().is_cpu(), "seqkernels::lstm_cell_fwd (CPU kernel): input_gates is on ",
-              input_gates.device());
-  const int64_t B = input_gates.size(0), G = input_gates.size(1), H = G / 4;
+  const int64_t H = host::check_gates("lstm_cell_fwd", "input_gates", input_gates, host::kCpu);
+  const int64_t B = input_gates.size(0), G = 4 * H;
   check_2d("hidden_gates", hidden_gates, B, G, input_gates);
   check_2d("cx", cx, B, H, input_gates);
-  check_bias("bias_ih", bias_ih, G, input_gates);
-  check_bias("bias_hh", bias_hh, G, input_gates);
+  host::check_bias("lstm_cell_fwd", "bias_ih", bias_ih, G, input_gates);
+  host::check_bias("lstm_cell_fwd", "bias_hh", bias_hh, G, input_gates);
 
   auto opts = input_gates.options();
   at::Tensor hy = at::empty({B, H}, opts), cy = at::empty({B, H}, opts), ws = at::empty({B, G}, opts);
@@ -387,15 +324,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const c10::optional<at::Tensor>& grad_hy,
                                                      const c10::optional<at::Tensor>& grad_cy, const at::Tensor& cx,
                                                      const at::Tensor& cy, const at::Tensor& workspace) {
-  TORCH_CHECK(workspace.dim() == 2 && workspace.size(1) % 4 == 0,
-              "seqkernels::lstm_cell_bwd: workspace must have shape (B, 4*H), got ", workspace.sizes());
-  TORCH_CHECK(workspace.scalar_type() == at::kFloat || workspace.scalar_type() == at::kDouble ||
-                  workspace.scalar_type() == at::kHalf || workspace.scalar_type() == at::kBFloat16,
-              "seqkernels::lstm_cell_bwd: workspace must be float16, bfloat16, float32 or float64, got ",
-              workspace.scalar_type());
-  TORCH_CHECK(workspace.device().is_cpu(), "seqkernels::lstm_cell_bwd (CPU kernel): workspace is on ",
-              workspace.device());
-  const int64_t B = workspace.size(0), G = workspace.size(1), H = G / 4;
+  const int64_t H = host::check_gates("lstm_cell_bwd", "workspace", workspace, host::kCpu);
+  const int64_t B = workspace.size(0), G = 4 * H;
   check_2d("cx", cx, B, H, workspace);
   check_2d("cy", cy, B, H, workspace);
   if (grad_hy.has_value()) check_2d("grad_hy", *grad_hy, B, H, workspace);
@@ -444,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tens
               "seqkernels::lstm_layer_fwd: weight_hh must have input_gates' dtype and device");
   check_2d("h0", h0, B, H, input_gates);
   check_2d("c0", c0, B, H, input_gates);
-  check_bias("bias", bias, G, input_gates);
+  host::check_bias("lstm_layer_fwd", "bias", bias, G, input_gates);
 
   auto opts = input_gates.options();
   at::Tensor out = at::empty({T, B, H}, opts);

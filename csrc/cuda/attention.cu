@@ -18,11 +18,13 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/host_checks.h"
 #include "common/philox.h"
 #include "cuda/attention_bwd.cuh"
 #include "cuda/attention_fwd.cuh"
 #include "cuda/attention_params.h"
 #include "cuda/launch.cuh"
+#include "cuda/param_fill.h"
 #include "cuda/register.cuh"
 #include "cuda/stream.cuh"
 
@@ -97,41 +99,25 @@ at::Tensor kernel_layout(const at::Tensor& t, int64_t dim) {
   return ok ? r : r.contiguous();
 }
 
-// Strides of dims of size 1 are never multiplied by a nonzero index; report them as 0 so the
-// checks above and the kernels agree.
-int64_t stride_of(const at::Tensor& t, int d) { return t.size(d) <= 1 ? 0 : t.stride(d); }
+// kernel_layout ignores the strides of dims of size 1; so do the kernels (param_fill.h).
+using cudart::stride_of;
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  SK_CHECK_DEVICE(q);
-  SK_CHECK_DEVICE(k);
-  SK_CHECK_DEVICE(v);
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
-              "attention: q, k and v must be on one device, got ", q.device(), ", ", k.device(),
-              ", ", v.device());
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "attention: q, k, v must be 4-D (B, H, L, D), got q ", q.sizes(), ", k ", k.sizes(),
-              ", v ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "attention: q, k and v must share a dtype, got ", q.scalar_type(), ", ",
-              k.scalar_type(), ", ", v.scalar_type());
+// Where the kernels read their tensors (the CPU under the CUDA-on-CPU harness), for the shared
+// checks of common/host_checks.h.
+constexpr host::Device kDevice{&cudart::on_kernel_device, &cudart::kernel_device_name};
+
+// The dtypes with tensor-core kernels, the shared q/k/v checks, then the kernels' size limits.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "seqkernels attention (CUDA backend): q, k and v must be float16 or bfloat16, got ",
               q.scalar_type(), "; float32 and float64 run on the triton, cpu or reference backends");
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-              "attention: q, k, v batch sizes differ: ", q.size(0), ", ", k.size(0), ", ", v.size(0));
-  TORCH_CHECK(v.size(1) == k.size(1) && v.size(2) == k.size(2),
-              "attention: k ", k.sizes(), " and v ", v.sizes(), " must agree on (heads, length)");
-  TORCH_CHECK(k.size(3) == q.size(3), "attention: q head dim ", q.size(3), " != k head dim ",
-              k.size(3));
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention: query heads (", q.size(1),
-              ") must be a multiple of kv heads (", k.size(1), ")");
+  host::check_qkv(q, k, v, kDevice, op);
   TORCH_CHECK(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim,
               "seqkernels attention (CUDA backend): head dims up to ", kMaxHeadDim,
               " are supported (tiles 64, 128, 256; smaller dims are zero padded to the next "
               "tile), got D=", q.size(3), ", Dv=", v.size(3));
-  TORCH_CHECK(q.size(2) < (int64_t(1) << 30) && k.size(2) < (int64_t(1) << 30),
-              "attention: sequence lengths must be below 2^30, got Lq=", q.size(2), ", Lk=",
-              k.size(2));
+  TORCH_CHECK(q.size(2) < (int64_t(1) << 30) && k.size(2) < (int64_t(1) << 30), op,
+              ": sequence lengths must be below 2^30, got Lq=", q.size(2), ", Lk=", k.size(2));
 }
 
 // The kernels' grids are 1-D: blocks * batch * heads must fit gridDim.x.
@@ -175,25 +161,23 @@ at::Tensor mask_for_kernel(const std::optional<at::Tensor>& attn_mask, const at:
   return conv.expand(m.sizes());
 }
 
-// Fills everything but the output pointers. q/k/v are already in kernel layout, attn_mask in
-// mask_for_kernel's.
-void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& attn_mask,
-                 const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left,
-                 int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
-                 int64_t offset, int64_t d, int64_t dv) {
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_batch_stride = stride_of(q, 0);
-  p.q_head_stride = stride_of(q, 1);
-  p.q_row_stride = stride_of(q, 2);
-  p.k_batch_stride = stride_of(k, 0);
-  p.k_head_stride = stride_of(k, 1);
-  p.k_row_stride = stride_of(k, 2);
-  p.v_batch_stride = stride_of(v, 0);
-  p.v_head_stride = stride_of(v, 1);
-  p.v_row_stride = stride_of(v, 2);
+// ---------------------------------------------------------------------------------------------
+// Filling AttentionParams / AttentionBwdParams: one helper per block of fields, shared by the
+// forward and backward launchers.
+
+// The kernels' view of a (B, H, L, D) tensor already in kernel_layout.
+template <typename Rows>
+Rows rows_view(const at::Tensor& t) {
+  using E = std::remove_pointer_t<decltype(Rows::ptr)>;
+  return {static_cast<E*>(t.data_ptr()), stride_of(t, 0), stride_of(t, 1), stride_of(t, 2)};
+}
+
+// q, k, v and the problem sizes; d and dv are the head dims padded to multiples of 8.
+void fill_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              int64_t d, int64_t dv) {
+  p.q = rows_view<attn::InRows>(q);
+  p.k = rows_view<attn::InRows>(k);
+  p.v = rows_view<attn::InRows>(v);
   p.batch = static_cast<int>(q.size(0));
   p.heads_q = static_cast<int>(q.size(1));
   p.heads_kv = static_cast<int>(k.size(1));
@@ -201,8 +185,21 @@ void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, c
   p.len_k = static_cast<int>(k.size(2));
   p.head_dim = static_cast<int>(d);
   p.head_dim_v = static_cast<int>(dv);
-  p.scale = static_cast<float>(scale);
+}
 
+// attn_mask in mask_for_kernel's format, or an undefined tensor for none.
+void fill_mask(AttentionParams& p, const at::Tensor& mask) {
+  p.mask = {nullptr, 0, 0, 0, 0};
+  if (mask.defined()) {
+    p.mask = {mask.data_ptr<float>(), stride_of(mask, 0), stride_of(mask, 1), stride_of(mask, 2),
+              stride_of(mask, 3)};
+  }
+}
+
+// Which keys a row sees: kv_lengths, the window and its alignment.
+void fill_band(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+               const std::optional<at::Tensor>& kv_lengths, int64_t window_left,
+               int64_t window_right, bool bottom_right) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
               "attention: window_left / window_right must be >= -1 (-1 = unbounded), got ",
               window_left, ", ", window_right);
@@ -212,17 +209,6 @@ void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, c
   p.window_left = window_left > span ? -1 : static_cast<int>(window_left);
   p.window_right = window_right > span ? -1 : static_cast<int>(window_right);
   p.bottom_right = bottom_right;
-
-  p.mask = nullptr;
-  p.mask_batch_stride = p.mask_head_stride = p.mask_row_stride = p.mask_col_stride = 0;
-  if (attn_mask.defined()) {
-    const at::Tensor& m = attn_mask;
-    p.mask = m.data_ptr<float>();
-    p.mask_batch_stride = stride_of(m, 0);
-    p.mask_head_stride = stride_of(m, 1);
-    p.mask_row_stride = stride_of(m, 2);
-    p.mask_col_stride = stride_of(m, 3);
-  }
 
   p.kv_lengths = nullptr;
   if (kv_lengths.has_value()) {
@@ -236,7 +222,9 @@ void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, c
                 q.size(0), "), got ", kl.scalar_type(), " ", kl.sizes());
     p.kv_lengths = kl.data_ptr<int32_t>();
   }
+}
 
+void fill_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t offset) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention: dropout_p must be in [0, 1], got ",
               dropout_p);
   p.dropout = dropout_p > 0.0;
@@ -244,6 +232,20 @@ void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, c
   p.dropout_rescale = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
+}
+
+// Everything but the outputs (and, for the backward, its own inputs). q/k/v are already in
+// kernel layout, attn_mask in mask_for_kernel's.
+void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& attn_mask,
+                 const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left,
+                 int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
+                 int64_t offset, int64_t d, int64_t dv) {
+  fill_qkv(p, q, k, v, d, dv);
+  p.scale = static_cast<float>(scale);
+  fill_band(p, q, k, kv_lengths, window_left, window_right, bottom_right);
+  fill_mask(p, attn_mask);
+  fill_dropout(p, dropout_p, seed, offset);
 }
 
 template <typename Tag, int kTile, bool kGeneral>
@@ -262,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& kv_lengths,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
     int64_t seed, int64_t offset) {
-  check_qkv(q_in, k_in, v_in);
+  check_qkv(q_in, k_in, v_in, "seqkernels::attention_fwd (cuda)");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t D = q_in.size(3), Dv = v_in.size(3);
   const int64_t D8 = round_up8(D), Dv8 = round_up8(Dv);
@@ -281,13 +283,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   AttentionParams p;
   fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right,
               dropout_p, seed, offset, D8, Dv8);
-  p.out = out.data_ptr();
+  p.out = rows_view<attn::OutRows>(out);
   p.lse = lse.data_ptr<float>();
-  p.o_batch_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.o_row_stride = out.stride(2);
 
-  const bool general = p.mask != nullptr || p.dropout;
+  const bool general = p.mask.ptr != nullptr || p.dropout;
   const cudaStream_t stream = cudart::current_stream();
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     dispatch_head_dim(tile, [&](auto tile_c) {
@@ -341,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& kv_lengths,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
     int64_t seed, int64_t offset, bool deterministic) {
-  check_qkv(q_in, k_in, v_in);
+  check_qkv(q_in, k_in, v_in, "seqkernels::attention_bwd (cuda)");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t Hkv = k_in.size(1), Lk = k_in.size(2);
   const int64_t D = q_in.size(3), Dv = v_in.size(3);
@@ -384,27 +383,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   AttentionBwdParams p;
   fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right,
               dropout_p, seed, offset, D8, Dv8);
-  p.out = const_cast<void*>(out.data_ptr());
+  p.out = rows_view<attn::OutRows>(out);  // read only: the forward's output
   p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.o_batch_stride = stride_of(out, 0);
-  p.o_head_stride = stride_of(out, 1);
-  p.o_row_stride = stride_of(out, 2);
-  p.dout = dout.data_ptr();
-  p.do_batch_stride = stride_of(dout, 0);
-  p.do_head_stride = stride_of(dout, 1);
-  p.do_row_stride = stride_of(dout, 2);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_batch_stride = dq.stride(0);
-  p.dq_head_stride = dq.stride(1);
-  p.dq_row_stride = dq.stride(2);
-  p.dk_batch_stride = dk.stride(0);
-  p.dk_head_stride = dk.stride(1);
-  p.dk_row_stride = dk.stride(2);
-  p.dv_batch_stride = dv.stride(0);
-  p.dv_head_stride = dv.stride(1);
-  p.dv_row_stride = dv.stride(2);
+  p.dout = rows_view<attn::InRows>(dout);
+  p.dq = rows_view<attn::OutRows>(dq);
+  p.dk = rows_view<attn::OutRows>(dk);
+  p.dv = rows_view<attn::OutRows>(dv);
   p.delta = delta.data_ptr<float>();
   p.row_shift = row_stats.data_ptr<float>();
   p.row_log2l = p.row_shift + B * Hq * Lq;

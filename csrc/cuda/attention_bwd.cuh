@@ -29,9 +29,7 @@ namespace attn {
 // The saved (natural-log) lse as the shift of P = exp2((s - lse) * log2 e). Rows that saw no key
 // (lse -inf) get +inf so all their P are 0. Kept in the natural domain for the reason the forward
 // keeps its max there: lse * log2(e) overflows for rows whose scores sit near finfo.min.
-SK_DEVICE SK_INLINE float lse_shift(float lse) {
-  return lse == -INFINITY ? INFINITY : lse;
-}
+SK_DEVICE SK_INLINE float lse_shift(float lse) { return lse == -INFINITY ? INFINITY : lse; }
 
 // Whether key j is visible from query i by band and length (attn_mask aside).
 SK_DEVICE SK_INLINE bool band_visible(const AttentionParams& p, int i, int j, int off, int len_k) {
@@ -40,10 +38,9 @@ SK_DEVICE SK_INLINE bool band_visible(const AttentionParams& p, int i, int j, in
 }
 
 // Whether a kBlockM x kBlockN tile (queries from m0, keys from n0) needs element-wise masking.
-SK_DEVICE SK_INLINE bool tile_needs_mask(const AttentionParams& p, bool has_mask, int m0,
-                                         int m_rows, int n0, int n_cols, int off, int len_k) {
-  return has_mask || n0 + n_cols > len_k ||
-         (p.window_left >= 0 && n0 - (m0 + m_rows - 1) < off - p.window_left) ||
+SK_DEVICE SK_INLINE bool tile_needs_mask(const AttentionParams& p, bool has_mask, int m0, int m_rows, int n0,
+                                         int n_cols, int off, int len_k) {
+  return has_mask || n0 + n_cols > len_k || (p.window_left >= 0 && n0 - (m0 + m_rows - 1) < off - p.window_left) ||
          (p.window_right >= 0 && n0 + n_cols - 1 - m0 > off + p.window_right);
 }
 
@@ -56,27 +53,24 @@ SK_DEVICE SK_INLINE bool tile_needs_mask(const AttentionParams& p, bool has_mask
 //    ordinary use) get their max and log2(l) recomputed here from the scores, one warp per row.
 
 template <typename Tag>
-SK_DEVICE SK_INLINE void exact_row_stats(const AttentionBwdParams& p, int b, int h, int i, int lane,
-                                         float& shift, float& log2l) {
+SK_DEVICE SK_INLINE void exact_row_stats(const AttentionBwdParams& p, int b, int h, int i, int lane, float& shift,
+                                         float& log2l) {
   const int hk = h / (p.heads_q / p.heads_kv);
-  const int len_k = p.kv_lengths ? min(max(p.kv_lengths[b], 0), p.len_k) : p.len_k;
+  const int len_k = kv_len(p, b);
   const int off = p.bottom_right ? len_k - p.len_q : 0;
-  const uint16_t* q = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                      static_cast<int64_t>(i) * p.q_row_stride;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const int64_t mask_row = static_cast<int64_t>(b) * p.mask_batch_stride +
-                           static_cast<int64_t>(h) * p.mask_head_stride +
-                           static_cast<int64_t>(i) * p.mask_row_stride;
+  const uint16_t* q = p.q.at(b, h, i);
+  const uint16_t* k = p.k.at(b, hk, 0);
+  const int64_t mask_row = p.mask.row(b, h, i);
   float m = -INFINITY, l = 0.f;
   for (int j = 0; j < len_k; ++j) {
     if (!band_visible(p, i, j, off, len_k)) continue;
-    const uint16_t* kr = k + static_cast<int64_t>(j) * p.k_row_stride;
+    const uint16_t* kr = k + static_cast<int64_t>(j) * p.k.row_stride;
     float d = 0.f;
-    for (int c = lane; c < p.head_dim; c += 32) d += Elem<Tag>::to_float(q[c]) * Elem<Tag>::to_float(kr[c]);
+    for (int c = lane; c < p.head_dim; c += 32) d += Elem<Tag>::from_bits(q[c]) * Elem<Tag>::from_bits(kr[c]);
 #pragma unroll
     for (int s = 16; s >= 1; s /= 2) d += __shfl_xor_sync(0xffffffffu, d, s);
     float sv = d * p.scale;
-    if (p.mask) sv += mask_value(p, mask_row, j);
+    if (p.mask.ptr) sv += mask_value(p, mask_row, j);
     if (sv == -INFINITY) continue;
     const float m_new = fmaxf(m, sv);
     l = l * exp2f((m - m_new) * kLog2e) + exp2f((sv - m_new) * kLog2e);
@@ -95,10 +89,8 @@ __global__ void __launch_bounds__(128) _attention_bwd_preprocess_kernel(const At
   const int i = static_cast<int>(row % p.len_q);
   const int64_t bh = row / p.len_q;
   const int h = static_cast<int>(bh % p.heads_q), b = static_cast<int>(bh / p.heads_q);
-  const uint16_t* o = static_cast<const uint16_t*>(p.out) + b * p.o_batch_stride +
-                      h * p.o_head_stride + i * p.o_row_stride;
-  const uint16_t* d = static_cast<const uint16_t*>(p.dout) + b * p.do_batch_stride +
-                      h * p.do_head_stride + i * p.do_row_stride;
+  const uint16_t* o = p.out.at(b, h, i);
+  const uint16_t* d = p.dout.at(b, h, i);
   float acc = 0.f;
   for (int c = lane; c * 8 < p.head_dim_v; c += 32) {
     const uint4 ov = *reinterpret_cast<const uint4*>(o + c * 8);
@@ -107,10 +99,9 @@ __global__ void __launch_bounds__(128) _attention_bwd_preprocess_kernel(const At
     const uint32_t dw[4] = {dv.x, dv.y, dv.z, dv.w};
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
-      acc += Elem<Tag>::to_float(static_cast<uint16_t>(ow[w])) *
-             Elem<Tag>::to_float(static_cast<uint16_t>(dw[w]));
-      acc += Elem<Tag>::to_float(static_cast<uint16_t>(ow[w] >> 16)) *
-             Elem<Tag>::to_float(static_cast<uint16_t>(dw[w] >> 16));
+      acc += Elem<Tag>::from_bits(static_cast<uint16_t>(ow[w])) * Elem<Tag>::from_bits(static_cast<uint16_t>(dw[w]));
+      acc += Elem<Tag>::from_bits(static_cast<uint16_t>(ow[w] >> 16)) *
+             Elem<Tag>::from_bits(static_cast<uint16_t>(dw[w] >> 16));
     }
   }
 #pragma unroll
@@ -194,13 +185,13 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem_raw);
   uint16_t* sV = sK + Bt::kSmemKV;
-  uint16_t* sQ = sV + Bt::kSmemKV;             // [kStages][kBlockM][kHeadDim]
-  uint16_t* sdO = sQ + kStages * Bt::kSmemQ;   // [kStages][kBlockM][kHeadDim]
-  uint16_t* sP = sdO + kStages * Bt::kSmemQ;   // P^T (dropped), [kBlockN][kBlockM]
-  uint16_t* sdS = sP + Bt::kSmemP;             // dS^T, [kBlockN][kBlockM]
+  uint16_t* sQ = sV + Bt::kSmemKV;                           // [kStages][kBlockM][kHeadDim]
+  uint16_t* sdO = sQ + kStages * Bt::kSmemQ;                 // [kStages][kBlockM][kHeadDim]
+  uint16_t* sP = sdO + kStages * Bt::kSmemQ;                 // P^T (dropped), [kBlockN][kBlockM]
+  uint16_t* sdS = sP + Bt::kSmemP;                           // dS^T, [kBlockN][kBlockM]
   float* sLse = reinterpret_cast<float*>(sdS + Bt::kSmemP);  // [kStages][kBlockM], row shift
-  float* sDelta = sLse + kStages * kBlockM;                   // [kStages][kBlockM]
-  float* sLog2l = sDelta + kStages * kBlockM;                 // [kStages][kBlockM]
+  float* sDelta = sLse + kStages * kBlockM;                  // [kStages][kBlockM]
+  float* sLog2l = sDelta + kStages * kBlockM;                // [kStages][kBlockM]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int quad_row = lane >> 2, quad_col = 2 * (lane & 3);
@@ -213,7 +204,7 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
   const int b = bh / p.heads_kv, hk = bh % p.heads_kv;
   const int group = p.heads_q / p.heads_kv;
 
-  const int len_k = p.kv_lengths ? min(max(p.kv_lengths[b], 0), p.len_k) : p.len_k;
+  const int len_k = kv_len(p, b);
   const int off = p.bottom_right ? len_k - p.len_q : 0;
   const int n0 = n_block * kBlockN;
   const int keys_valid = min(kBlockN, len_k - n0);  // may be <= 0: all keys padding
@@ -231,10 +222,8 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
   const int num_mb = i_end > i_begin ? (i_end + kBlockM - 1) / kBlockM - mb_begin : 0;
   const int total = num_mb * group;
 
-  const uint16_t* k_ptr = static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride +
-                          hk * p.k_head_stride + static_cast<int64_t>(n0) * p.k_row_stride;
-  const uint16_t* v_ptr = static_cast<const uint16_t*>(p.v) + b * p.v_batch_stride +
-                          hk * p.v_head_stride + static_cast<int64_t>(n0) * p.v_row_stride;
+  const uint16_t* k_ptr = p.k.at(b, hk, n0);
+  const uint16_t* v_ptr = p.v.at(b, hk, n0);
 
   // Phase layouts.
   const int a_key0 = (warp % Bt::kAWarpsN) * 16 * Bt::kAMTiles;
@@ -245,30 +234,18 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
   const int c_d0 = (warp / Bt::kCWarpsM) * Bt::kCDims;
 
   float acc_dk[Bt::kBMTiles][Bt::kBDTiles][4], acc_dv[Bt::kBMTiles][Bt::kBDTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < Bt::kBMTiles; ++mt) {
-#pragma unroll
-    for (int dt = 0; dt < Bt::kBDTiles; ++dt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dk[mt][dt][e] = acc_dv[mt][dt][e] = 0.f;
-    }
-  }
+  zero_frags(acc_dk);
+  zero_frags(acc_dv);
 
   // Issues the loads of step t (query head h = hk * group + t / num_mb, block mb) into `stage`.
   auto issue_step = [&](int t, int stage) {
     const int h = hk * group + t / num_mb;
     const int m0 = (mb_begin + t % num_mb) * kBlockM;
     const int rows = min(kBlockM, p.len_q - m0);
-    load_tile_async<kBlockM, kHeadDim, kThreads>(
-        sQ + stage * Bt::kSmemQ,
-        static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-            static_cast<int64_t>(m0) * p.q_row_stride,
-        p.q_row_stride, rows, p.head_dim, tid);
-    load_tile_async<kBlockM, kHeadDim, kThreads>(
-        sdO + stage * Bt::kSmemQ,
-        static_cast<const uint16_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
-            static_cast<int64_t>(m0) * p.do_row_stride,
-        p.do_row_stride, rows, p.head_dim_v, tid);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ + stage * Bt::kSmemQ, p.q.at(b, h, m0), p.q.row_stride, rows,
+                                                 p.head_dim, tid);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO + stage * Bt::kSmemQ, p.dout.at(b, h, m0), p.dout.row_stride, rows,
+                                                 p.head_dim_v, tid);
     for (int r = tid; r < kBlockM; r += kThreads) {
       const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0 + r;
       // Rows past Lq get lse +inf (P = 0), like rows that see nothing.
@@ -279,14 +256,14 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
   };
 
   if (total > 0) {
-    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k_ptr, p.k_row_stride, keys_valid, p.head_dim, tid);
-    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v_ptr, p.v_row_stride, keys_valid, p.head_dim_v, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k_ptr, p.k.row_stride, keys_valid, p.head_dim, tid);
+    load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v_ptr, p.v.row_stride, keys_valid, p.head_dim_v, tid);
     if (kStages == 2) {
       issue_step(0, 0);
     }
     mma::cp_async_commit();
 
-    const bool has_mask = p.mask != nullptr;
+    const bool has_mask = p.mask.ptr != nullptr;
     for (int t = 0; t < total; ++t) {
       const int stage = kStages == 2 ? (t & 1) : 0;
       if (kStages == 2) {
@@ -316,54 +293,10 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
       // ---- Phase A: S^T = K Q^T and dP^T = V dO^T for this warp's keys x queries.
       {
         float s[Bt::kAMTiles][Bt::kANTiles][4], dp[Bt::kAMTiles][Bt::kANTiles][4];
-#pragma unroll
-        for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
-#pragma unroll
-          for (int nt = 0; nt < Bt::kANTiles; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
-          }
-        }
-#pragma unroll
-        for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-          if (ks * 16 < p.head_dim) {
-            uint32_t ka[Bt::kAMTiles][4];
-#pragma unroll
-            for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
-              mma::ldmatrix<4>(ka[mt], smem_at<kHeadDim>(sK, a_key0 + mt * 16, lb_rc_d, ks));
-            }
-#pragma unroll
-            for (int np = 0; np < Bt::kANTiles / 2; ++np) {
-              uint32_t qb[4];
-              mma::ldmatrix<4>(qb, smem_at<kHeadDim>(sQs, a_q0 + np * 16, lb_cr_d, ks));
-#pragma unroll
-              for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
-                mma::mma_m16n8k16<Tag>(s[mt][2 * np], ka[mt], qb, s[mt][2 * np]);
-                mma::mma_m16n8k16<Tag>(s[mt][2 * np + 1], ka[mt], qb + 2, s[mt][2 * np + 1]);
-              }
-            }
-          }
-        }
-#pragma unroll
-        for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-          if (ks * 16 < p.head_dim_v) {
-            uint32_t va[Bt::kAMTiles][4];
-#pragma unroll
-            for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
-              mma::ldmatrix<4>(va[mt], smem_at<kHeadDim>(sV, a_key0 + mt * 16, lb_rc_d, ks));
-            }
-#pragma unroll
-            for (int np = 0; np < Bt::kANTiles / 2; ++np) {
-              uint32_t ob[4];
-              mma::ldmatrix<4>(ob, smem_at<kHeadDim>(sdOs, a_q0 + np * 16, lb_cr_d, ks));
-#pragma unroll
-              for (int mt = 0; mt < Bt::kAMTiles; ++mt) {
-                mma::mma_m16n8k16<Tag>(dp[mt][2 * np], va[mt], ob, dp[mt][2 * np]);
-                mma::mma_m16n8k16<Tag>(dp[mt][2 * np + 1], va[mt], ob + 2, dp[mt][2 * np + 1]);
-              }
-            }
-          }
-        }
+        zero_frags(s);
+        zero_frags(dp);
+        mma_sA_sBt<Tag, kHeadDim>(s, sK, a_key0, sQs, a_q0, lb_rc_d, lb_cr_d, p.head_dim);
+        mma_sA_sBt<Tag, kHeadDim>(dp, sV, a_key0, sdOs, a_q0, lb_rc_d, lb_cr_d, p.head_dim_v);
 
         // P^T, dS^T element-wise; both go to shared memory for phases B and C. The fragment
         // rows are keys and the columns queries, so the keep bits are generated transposed.
@@ -397,11 +330,7 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
                   if (!band_visible(p, i, j, off, len_k)) {
                     sv = -INFINITY;
                   } else if (has_mask && i < p.len_q) {
-                    sv += mask_value(p,
-                                          static_cast<int64_t>(b) * p.mask_batch_stride +
-                                              static_cast<int64_t>(h) * p.mask_head_stride +
-                                              static_cast<int64_t>(i) * p.mask_row_stride,
-                                          j);
+                    sv += mask_value(p, p.mask.row(b, h, i), j);
                   }
                 }
                 const float prob = exp2f(fmaf(sv - sLs[c], kLog2e, -sL2[c]));
@@ -410,11 +339,9 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
                 pv[e] = kept ? prob * rescale : 0.f;
                 dsv[e] = prob * ((kept ? dp[mt][nt][2 * hf + e] * rescale : 0.f) - sDs[c]);
               }
-              const int off_b = Swz<kBlockM>::offset(r, (a_q0 + nt * 8) >> 3) + quad_col * 2;
-              *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sP) + off_b) =
-                  Elem<Tag>::pack(pv[0], pv[1]);
-              *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sdS) + off_b) =
-                  Elem<Tag>::pack(dsv[0], dsv[1]);
+              const int chunk = (a_q0 + nt * 8) >> 3;
+              stage_pair<kBlockM>(sP, r, chunk, quad_col, Elem<Tag>::pack2(pv[0], pv[1]));
+              stage_pair<kBlockM>(sdS, r, chunk, quad_col, Elem<Tag>::pack2(dsv[0], dsv[1]));
             }
           }
         }
@@ -430,65 +357,39 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
           mma::ldmatrix<4>(pa[mt], smem_at<kBlockM>(sP, b_key0 + mt * 16, lb_rc_m, ks));
           mma::ldmatrix<4>(dsa[mt], smem_at<kBlockM>(sdS, b_key0 + mt * 16, lb_rc_m, ks));
         }
+        // dV and dK block by block (rather than all of dV first), which keeps the widest tile's
+        // registers below the limit.
 #pragma unroll
         for (int dp = 0; dp < Bt::kBDims / 16; ++dp) {
           const int d = b_d0 + dp * 16;
           if (d < p.head_dim_v) {
-            uint32_t ob[4];
-            mma::ldmatrix<4, true>(ob, smem_at<kHeadDim>(sdOs, ks * 16, lb_rc_d, d / 16));
-#pragma unroll
-            for (int mt = 0; mt < Bt::kBMTiles; ++mt) {
-              mma::mma_m16n8k16<Tag>(acc_dv[mt][2 * dp], pa[mt], ob, acc_dv[mt][2 * dp]);
-              mma::mma_m16n8k16<Tag>(acc_dv[mt][2 * dp + 1], pa[mt], ob + 2, acc_dv[mt][2 * dp + 1]);
-            }
+            mma_rA_sB_block<Tag, kHeadDim, true>(acc_dv, pa, sdOs, lb_rc_d, ks * 16, d / 16, dp);
           }
           if (d < p.head_dim) {
-            uint32_t qb[4];
-            mma::ldmatrix<4, true>(qb, smem_at<kHeadDim>(sQs, ks * 16, lb_rc_d, d / 16));
-#pragma unroll
-            for (int mt = 0; mt < Bt::kBMTiles; ++mt) {
-              mma::mma_m16n8k16<Tag>(acc_dk[mt][2 * dp], dsa[mt], qb, acc_dk[mt][2 * dp]);
-              mma::mma_m16n8k16<Tag>(acc_dk[mt][2 * dp + 1], dsa[mt], qb + 2, acc_dk[mt][2 * dp + 1]);
-            }
+            mma_rA_sB_block<Tag, kHeadDim, true>(acc_dk, dsa, sQs, lb_rc_d, ks * 16, d / 16, dp);
           }
         }
       }
 
       // ---- Phase C: dQ += scale * dS K, accumulated across key blocks with float atomics.
       if (p.dq_accum != nullptr) {
-        float* dq_rows = p.dq_accum + ((static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0) *
-                                          p.dq_accum_row_stride;
+        float* dq_rows =
+            p.dq_accum + ((static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0) * p.dq_accum_row_stride;
 #pragma unroll
         for (int chunk = 0; chunk < Bt::kCDims / Bt::kCChunk; ++chunk) {
           const int d_base = c_d0 + chunk * Bt::kCChunk;
           if (d_base < p.head_dim) {
             float acc[Bt::kCMTiles][Bt::kCChunk / 8][4];
-#pragma unroll
-            for (int mt = 0; mt < Bt::kCMTiles; ++mt) {
-#pragma unroll
-              for (int nt = 0; nt < Bt::kCChunk / 8; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
-              }
-            }
+            zero_frags(acc);
 #pragma unroll
             for (int ks = 0; ks < kBlockN / 16; ++ks) {
               uint32_t dsa[Bt::kCMTiles][4];
 #pragma unroll
               for (int mt = 0; mt < Bt::kCMTiles; ++mt) {
-                mma::ldmatrix<4, true>(dsa[mt],
-                                       smem_at<kBlockM>(sdS, ks * 16, lb_cr_m, (c_q0 + mt * 16) / 16));
+                mma::ldmatrix<4, true>(dsa[mt], smem_at<kBlockM>(sdS, ks * 16, lb_cr_m, (c_q0 + mt * 16) / 16));
               }
-#pragma unroll
-              for (int dp = 0; dp < Bt::kCChunk / 16; ++dp) {
-                uint32_t kb[4];
-                mma::ldmatrix<4, true>(kb, smem_at<kHeadDim>(sK, ks * 16, lb_rc_d, d_base / 16 + dp));
-#pragma unroll
-                for (int mt = 0; mt < Bt::kCMTiles; ++mt) {
-                  mma::mma_m16n8k16<Tag>(acc[mt][2 * dp], dsa[mt], kb, acc[mt][2 * dp]);
-                  mma::mma_m16n8k16<Tag>(acc[mt][2 * dp + 1], dsa[mt], kb + 2, acc[mt][2 * dp + 1]);
-                }
-              }
+              mma_rA_sB<Tag, kHeadDim, true>(acc, dsa, sK, lb_rc_d, ks * 16, d_base / 16,
+                                             static_cast<int>(Bt::kCChunk));  // a value, not a reference to the member
             }
 #pragma unroll
             for (int mt = 0; mt < Bt::kCMTiles; ++mt) {
@@ -522,44 +423,29 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
       const int r = b_key0 + mt * 16 + quad_row + 8 * hf;
 #pragma unroll
       for (int dt = 0; dt < Bt::kBDTiles; ++dt) {
-        const int so = Swz<kHeadDim>::offset(r, (b_d0 >> 3) + dt) + quad_col * 2;
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sK) + so) = Elem<Tag>::pack(
-            acc_dk[mt][dt][2 * hf] * p.scale, acc_dk[mt][dt][2 * hf + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sV) + so) =
-            Elem<Tag>::pack(acc_dv[mt][dt][2 * hf], acc_dv[mt][dt][2 * hf + 1]);
+        const int chunk = (b_d0 >> 3) + dt;
+        stage_pair<kHeadDim>(sK, r, chunk, quad_col,
+                             Elem<Tag>::pack2(acc_dk[mt][dt][2 * hf] * p.scale, acc_dk[mt][dt][2 * hf + 1] * p.scale));
+        stage_pair<kHeadDim>(sV, r, chunk, quad_col,
+                             Elem<Tag>::pack2(acc_dv[mt][dt][2 * hf], acc_dv[mt][dt][2 * hf + 1]));
       }
     }
   }
   __syncthreads();
   const int rows_out = min(kBlockN, p.len_k - n0);
-  store_tile<kBlockN, kHeadDim, kThreads>(
-      static_cast<uint16_t*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride +
-          static_cast<int64_t>(n0) * p.dk_row_stride,
-      p.dk_row_stride, sK, rows_out, p.head_dim, tid);
-  store_tile<kBlockN, kHeadDim, kThreads>(
-      static_cast<uint16_t*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride +
-          static_cast<int64_t>(n0) * p.dv_row_stride,
-      p.dv_row_stride, sV, rows_out, p.head_dim_v, tid);
+  store_tile<kBlockN, kHeadDim, kThreads>(p.dk.at(b, hk, n0), p.dk.row_stride, sK, rows_out, p.head_dim, tid);
+  store_tile<kBlockN, kHeadDim, kThreads>(p.dv.at(b, hk, n0), p.dv.row_stride, sV, rows_out, p.head_dim_v, tid);
 }
 
 // ---------------------------------------------------------------------------------------------
 // 3. Deterministic dQ: the forward's structure (each warp owns 16 * kMTiles query rows, K and V
 // blocks double buffered), dQ accumulated in registers.
 
+// The forward's tiles, with a dO tile beside Q (Q is reused to stage dQ).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
-struct DqTraits {
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kBlockM_;
-  static constexpr int kBlockN = kBlockN_;
-  static constexpr int kNWarps = kNWarps_;
-  static constexpr int kThreads = 32 * kNWarps;
-  static constexpr int kMTiles = kBlockM / (16 * kNWarps);
-  static constexpr int kNTiles = kBlockN / 8;
-  static constexpr int kDTiles = kHeadDim / 8;
-  static constexpr int kSmemQ = kBlockM * kHeadDim;   // Q, then dO; Q is reused to stage dQ
-  static constexpr int kSmemKV = kBlockN * kHeadDim;  // one stage of K or V
-  static constexpr int kSmemBytes = 2 * (2 * kSmemQ + 4 * kSmemKV);
-  static_assert(kMTiles >= 1 && kBlockM == 16 * kMTiles * kNWarps, "rows per warp");
+struct DqTraits : FwdTraits<kHeadDim_, kBlockM_, kBlockN_, kNWarps_> {
+  using Base = FwdTraits<kHeadDim_, kBlockM_, kBlockN_, kNWarps_>;
+  static constexpr int kSmemBytes = 2 * (2 * Base::kSmemQ + 4 * Base::kSmemKV);
 };
 
 template <int kHeadDim>
@@ -593,28 +479,11 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
   const int quad_row = lane >> 2, quad_col = 2 * (lane & 3);
   const int lb_rc = Swz<kHeadDim>::lane_base_rc(lane), lb_cr = Swz<kHeadDim>::lane_base_cr(lane);
 
-  const int num_m_blocks = (p.len_q + kBlockM - 1) / kBlockM;
-  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
-  const int bh = static_cast<int>(blockIdx.x / num_m_blocks);
-  const int b = bh / p.heads_q, h = bh % p.heads_q;
-  const int hk = h / (p.heads_q / p.heads_kv);
-
-  const int len_k = p.kv_lengths ? min(max(p.kv_lengths[b], 0), p.len_k) : p.len_k;
-  const int off = p.bottom_right ? len_k - p.len_q : 0;
-  const int m0 = m_block * kBlockM;
-  const int rows_valid = min(kBlockM, p.len_q - m0);
-  const int m_last = m0 + rows_valid - 1;
-
-  int n_begin = 0, n_end = len_k;
-  if (p.window_left >= 0) n_begin = max(0, m0 + off - p.window_left);
-  if (p.window_right >= 0) n_end = min(n_end, m_last + off + p.window_right + 1);
-  const int nb_begin = n_begin / kBlockN;
-  const int nb_end = n_end > n_begin ? (n_end + kBlockN - 1) / kBlockN : nb_begin;
-
-  const uint16_t* k_ptr =
-      static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const uint16_t* v_ptr =
-      static_cast<const uint16_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const QueryBlock qb = query_block<kBlockM, kBlockN>(p);
+  const int b = qb.b, h = qb.h, len_k = qb.len_k, off = qb.off;
+  const int m0 = qb.m0, rows_valid = qb.rows_valid;
+  const int nb_begin = qb.nb_begin, nb_end = qb.nb_end;
+  const KvStages<Kt> kv{sK, sV, p.k.at(b, qb.hk, 0), p.v.at(b, qb.hk, 0), len_k};
   const int warp_row0 = warp * 16 * kMTiles;
 
   // Per-row shift of P (+inf for rows that see nothing or do not exist), its log2(l) and delta.
@@ -632,121 +501,42 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
   }
 
   float acc_dq[kMTiles][kDTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dq[mt][dt][e] = 0.f;
-    }
-  }
+  zero_frags(acc_dq);
 
   if (nb_begin < nb_end) {
-    load_tile_async<kBlockM, kHeadDim, kThreads>(
-        sQ,
-        static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-            static_cast<int64_t>(m0) * p.q_row_stride,
-        p.q_row_stride, rows_valid, p.head_dim, tid);
-    load_tile_async<kBlockM, kHeadDim, kThreads>(
-        sdO,
-        static_cast<const uint16_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
-            static_cast<int64_t>(m0) * p.do_row_stride,
-        p.do_row_stride, rows_valid, p.head_dim_v, tid);
-    {
-      const int n0 = nb_begin * kBlockN;
-      load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k_ptr + n0 * p.k_row_stride, p.k_row_stride,
-                                                   len_k - n0, p.head_dim, tid);
-      load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v_ptr + n0 * p.v_row_stride, p.v_row_stride,
-                                                   len_k - n0, p.head_dim_v, tid);
-      mma::cp_async_commit();
-    }
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, p.q.at(b, h, m0), p.q.row_stride, rows_valid, p.head_dim, tid);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO, p.dout.at(b, h, m0), p.dout.row_stride, rows_valid, p.head_dim_v,
+                                                 tid);
+    kv.load(p, 0, nb_begin, tid);
+    mma::cp_async_commit();
 
-    const bool has_mask = p.mask != nullptr;
+    const bool has_mask = p.mask.ptr != nullptr;
     for (int nb = nb_begin; nb < nb_end; ++nb) {
       const int stage = (nb - nb_begin) & 1;
-      const uint16_t* sKs = sK + stage * Kt::kSmemKV;
-      const uint16_t* sVs = sV + stage * Kt::kSmemKV;
+      const uint16_t* sKs = kv.k_stage(stage);
+      const uint16_t* sVs = kv.v_stage(stage);
       const int n0 = nb * kBlockN;
-      if (nb + 1 < nb_end) {
-        const int n1 = n0 + kBlockN;
-        load_tile_async<kBlockN, kHeadDim, kThreads>(sK + (stage ^ 1) * Kt::kSmemKV,
-                                                     k_ptr + n1 * p.k_row_stride, p.k_row_stride,
-                                                     len_k - n1, p.head_dim, tid);
-        load_tile_async<kBlockN, kHeadDim, kThreads>(sV + (stage ^ 1) * Kt::kSmemKV,
-                                                     v_ptr + n1 * p.v_row_stride, p.v_row_stride,
-                                                     len_k - n1, p.head_dim_v, tid);
-        mma::cp_async_commit();
-        mma::cp_async_wait<1>();
-      } else {
-        mma::cp_async_wait<0>();
-      }
-      __syncthreads();
+      kv.next(p, nb, nb_end, stage, tid);
 
       float s[kMTiles][kNTiles][4], dp[kMTiles][kNTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.f;
-        }
-      }
+      zero_frags(s);
+      zero_frags(dp);
       // S = Q K^T, dP = dO V^T.
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-        if (ks * 16 < p.head_dim) {
-          uint32_t qa[kMTiles][4];
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            mma::ldmatrix<4>(qa[mt], smem_at<kHeadDim>(sQ, warp_row0 + mt * 16, lb_rc, ks));
-          }
-#pragma unroll
-          for (int np = 0; np < kNTiles / 2; ++np) {
-            uint32_t kb[4];
-            mma::ldmatrix<4>(kb, smem_at<kHeadDim>(sKs, np * 16, lb_cr, ks));
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-              mma::mma_m16n8k16<Tag>(s[mt][2 * np], qa[mt], kb, s[mt][2 * np]);
-              mma::mma_m16n8k16<Tag>(s[mt][2 * np + 1], qa[mt], kb + 2, s[mt][2 * np + 1]);
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-        if (ks * 16 < p.head_dim_v) {
-          uint32_t oa[kMTiles][4];
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            mma::ldmatrix<4>(oa[mt], smem_at<kHeadDim>(sdO, warp_row0 + mt * 16, lb_rc, ks));
-          }
-#pragma unroll
-          for (int np = 0; np < kNTiles / 2; ++np) {
-            uint32_t vb[4];
-            mma::ldmatrix<4>(vb, smem_at<kHeadDim>(sVs, np * 16, lb_cr, ks));
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-              mma::mma_m16n8k16<Tag>(dp[mt][2 * np], oa[mt], vb, dp[mt][2 * np]);
-              mma::mma_m16n8k16<Tag>(dp[mt][2 * np + 1], oa[mt], vb + 2, dp[mt][2 * np + 1]);
-            }
-          }
-        }
-      }
+      mma_sA_sBt<Tag, kHeadDim>(s, sQ, warp_row0, sKs, 0, lb_rc, lb_cr, p.head_dim);
+      mma_sA_sBt<Tag, kHeadDim>(dp, sdO, warp_row0, sVs, 0, lb_rc, lb_cr, p.head_dim_v);
 
       // dS = P o (dP - delta), in place of s.
       const bool need_mask = tile_needs_mask(p, has_mask, m0, rows_valid, n0, kBlockN, off, len_k);
-      const uint64_t keep = p.dropout ? dropout_keep_bits<kMTiles, kNTiles>(
-                                            p, b, h, m0 + warp_row0 + quad_row, n0 + quad_col)
-                                      : ~uint64_t(0);
+      const uint64_t keep = p.dropout
+                                ? dropout_keep_bits<kMTiles, kNTiles>(p, b, h, m0 + warp_row0 + quad_row, n0 + quad_col)
+                                : ~uint64_t(0);
       const float rescale = p.dropout ? p.dropout_rescale : 1.f;
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int i = m0 + warp_row0 + mt * 16 + quad_row + 8 * hf;
-          const int64_t mask_row = static_cast<int64_t>(b) * p.mask_batch_stride +
-                                   static_cast<int64_t>(h) * p.mask_head_stride +
-                                   static_cast<int64_t>(i) * p.mask_row_stride;
+          const int64_t mask_row = p.mask.row(b, h, i);
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
@@ -770,24 +560,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
       }
 
       // dQ += dS K.
-#pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks) {
-        uint32_t dsa[kMTiles][4];
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) acc_to_a<Tag>(dsa[mt], s[mt][2 * ks], s[mt][2 * ks + 1]);
-#pragma unroll
-        for (int dp2 = 0; dp2 < kHeadDim / 16; ++dp2) {
-          if (dp2 * 16 < p.head_dim) {
-            uint32_t kb[4];
-            mma::ldmatrix<4, true>(kb, smem_at<kHeadDim>(sKs, ks * 16, lb_rc, dp2));
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-              mma::mma_m16n8k16<Tag>(acc_dq[mt][2 * dp2], dsa[mt], kb, acc_dq[mt][2 * dp2]);
-              mma::mma_m16n8k16<Tag>(acc_dq[mt][2 * dp2 + 1], dsa[mt], kb + 2, acc_dq[mt][2 * dp2 + 1]);
-            }
-          }
-        }
-      }
+      mma_pA_sB<Tag, kHeadDim>(acc_dq, s, sKs, lb_rc, p.head_dim);
       __syncthreads();
     }
   }
@@ -800,17 +573,13 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
       const int r = warp_row0 + mt * 16 + quad_row + 8 * hf;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sQ) + Swz<kHeadDim>::offset(r, dt) +
-                                     quad_col * 2) =
-            Elem<Tag>::pack(acc_dq[mt][dt][2 * hf] * p.scale, acc_dq[mt][dt][2 * hf + 1] * p.scale);
+        stage_pair<kHeadDim>(sQ, r, dt, quad_col,
+                             Elem<Tag>::pack2(acc_dq[mt][dt][2 * hf] * p.scale, acc_dq[mt][dt][2 * hf + 1] * p.scale));
       }
     }
   }
   __syncthreads();
-  store_tile<kBlockM, kHeadDim, kThreads>(
-      static_cast<uint16_t*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
-          static_cast<int64_t>(m0) * p.dq_row_stride,
-      p.dq_row_stride, sQ, rows_valid, p.head_dim, tid);
+  store_tile<kBlockM, kHeadDim, kThreads>(p.dq.at(b, h, m0), p.dq.row_stride, sQ, rows_valid, p.head_dim, tid);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -830,10 +599,8 @@ __global__ void __launch_bounds__(256) _attention_bwd_dq_convert_kernel(const At
   const float* src = p.dq_accum + row * p.dq_accum_row_stride + c * 8;
   uint32_t w[4];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) w[k] = Elem<Tag>::pack(src[2 * k], src[2 * k + 1]);
-  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p.dq) + b * p.dq_batch_stride +
-                            h * p.dq_head_stride + i * p.dq_row_stride + c * 8) =
-      make_uint4(w[0], w[1], w[2], w[3]);
+  for (int k = 0; k < 4; ++k) w[k] = Elem<Tag>::pack2(src[2 * k], src[2 * k + 1]);
+  *reinterpret_cast<uint4*>(p.dq.at(b, h, i) + c * 8) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 }  // namespace attn

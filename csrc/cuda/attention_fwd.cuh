@@ -27,170 +27,36 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "../common/macros.h"
 #include "../common/philox.h"
 #include "attention_params.h"
 #include "mma.cuh"
+#include "tile.cuh"
 
 namespace seqkernels {
 namespace attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-// ---------------------------------------------------------------------------------------------
-// Element conversions. Tiles are moved as raw 16-bit words; only these helpers know the format.
+// Tiles, fragments and the warp products: tile.cuh. Elem<Tag>: the conversions (elem.cuh) of
+// the element type of a tag's format.
+using tile::acc_to_a;
+using tile::load_tile_async;
+using tile::mma_pA_sB;
+using tile::mma_rA_sB;
+using tile::mma_rA_sB_block;
+using tile::mma_sA_sBt;
+using tile::quad_max;
+using tile::quad_sum;
+using tile::smem_at;
+using tile::stage_pair;
+using tile::store_tile;
+using tile::Swz;
+using tile::zero_frags;
 
 template <typename Tag>
-struct Elem;
-
-template <>
-struct Elem<mma::f16> {
-  static SK_DEVICE SK_INLINE uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    uint32_t r;
-    memcpy(&r, &v, sizeof(r));
-    return r;
-  }
-  static SK_DEVICE SK_INLINE float to_float(uint16_t u) { return __half2float(__ushort_as_half(u)); }
-};
-
-template <>
-struct Elem<mma::bf16> {
-  static SK_DEVICE SK_INLINE uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    uint32_t r;
-    memcpy(&r, &v, sizeof(r));
-    return r;
-  }
-  static SK_DEVICE SK_INLINE float to_float(uint16_t u) {
-    return __bfloat162float(__ushort_as_bfloat16(u));
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// Shared-memory tiles: row-major kCols-wide rows of 16-bit elements (kCols a multiple of 64),
-// moved in 16-byte chunks. Within each 128-byte segment the chunk index is XOR-swizzled with
-// row & 7, so the 8 row addresses of one ldmatrix 8x8 matrix (same logical chunk, 8 consecutive
-// rows) hit 8 distinct 16-byte bank groups, and so do the cp.async writes of 8 threads.
-//
-// Every ldmatrix below reads rows row0 + (lane & 7) (+8) with row0 a multiple of 8 and logical
-// chunk 2 * step + x(lane), so a lane's byte offset for 16-column step `step` is its offset for
-// step 0 XOR (step & 3) << 5, plus (step >> 2) << 7: one per-lane base register per operand and
-// immediates for the rest (instead of a hoisted address register per step).
-
-template <int kCols>
-struct Swz {
-  static_assert(kCols % 64 == 0, "tiles are multiples of 64 columns");
-  static constexpr int kRowBytes = kCols * 2;
-  static SK_DEVICE SK_INLINE int offset(int row, int chunk) {  // bytes
-    return row * kRowBytes + (((chunk & 7) ^ (row & 7)) | (chunk & ~7)) * 16;
-  }
-  static SK_DEVICE SK_INLINE int step(int lane_base, int s) {
-    return (lane_base ^ ((s & 3) << 5)) + ((s >> 2) << 7);
-  }
-  // Lane patterns of the ldmatrix.x4 operands (see the *_addr comments below).
-  //   rows_then_cols: matrix m = rows (m & 1) * 8, chunk (m >> 1)  -- A, and B with .trans
-  //   cols_then_rows: matrix m = rows (m >> 1) * 8, chunk (m & 1)  -- B of A * T^T, A with .trans
-  static SK_DEVICE SK_INLINE int lane_base_rc(int lane) {
-    return ((lane & 7) + ((lane >> 3) & 1) * 8) * kRowBytes + (((lane >> 4) ^ (lane & 7)) << 4);
-  }
-  static SK_DEVICE SK_INLINE int lane_base_cr(int lane) {
-    return ((lane & 7) + ((lane >> 4) & 1) * 8) * kRowBytes + ((((lane >> 3) & 1) ^ (lane & 7)) << 4);
-  }
-};
-
-template <int kCols>
-SK_DEVICE SK_INLINE const void* smem_at(const uint16_t* tile, int row0, int lane_base, int step) {
-  return reinterpret_cast<const char*>(tile) + row0 * Swz<kCols>::kRowBytes +
-         Swz<kCols>::step(lane_base, step);
-}
-
-// ldmatrix.x4 operands (a 16x16 block = 4 8x8 matrices; lanes 8m..8m+7 address matrix m):
-//   A (rows x k) row-major, no .trans, lane_base_rc: m0 rows 0-7/k 0-7, m1 rows 8-15/k 0-7,
-//       m2 rows 0-7/k 8-15, m3 rows 8-15/k 8-15 -> a[0..3].
-//   B of C = A T^T with T (n x k) row-major (K in Q K^T), no .trans, lane_base_cr:
-//       m0 n 0-7/k 0-7, m1 n 0-7/k 8-15, m2 n 8-15/k 0-7, m3 n 8-15/k 8-15
-//       -> r[0..1] = b of n-tile n0, r[2..3] = b of n-tile n0 + 8.
-//   B of C = A T with T (k x n) row-major (V in P V), .trans, lane_base_rc:
-//       m0 k 0-7/n 0-7, m1 k 8-15/n 0-7, m2 k 0-7/n 8-15, m3 k 8-15/n 8-15
-//       -> r[0..1] = b of n-tile n0, r[2..3] = b of n-tile n0 + 8.
-//   A (m x k) from T (k x m) row-major, .trans, lane_base_cr:
-//       m0 k 0-7/m 0-7 -> a[0], m1 k 0-7/m 8-15 -> a[1], m2 k 8-15/m 0-7 -> a[2], m3 -> a[3].
-
-// Copies rows [0, rows_valid) x columns [0, cols_valid) of a kRows x kCols tile whose first row
-// is `src` (row stride in elements) into shared memory; everything else is zero-filled, so
-// padded head dims and rows past the end contribute nothing to the products. Thread t copies
-// chunk t % kChunks of rows t / kChunks + kRowStep * it.
-template <int kRows, int kCols, int kThreads>
-SK_DEVICE SK_INLINE void load_tile_async(uint16_t* smem, const uint16_t* src, int64_t row_stride,
-                                         int rows_valid, int cols_valid, int tid) {
-  constexpr int kChunks = kCols / 8;
-  static_assert(kThreads % kChunks == 0, "threads cover whole rows");
-  constexpr int kRowStep = kThreads / kChunks;
-  constexpr int kIters = (kRows + kRowStep - 1) / kRowStep;
-  const int c = tid % kChunks, r0 = tid / kChunks;
-  const bool col_ok = c * 8 < cols_valid;
-  const uint16_t* g = src + r0 * row_stride + c * 8;
-  const int64_t g_step = kRowStep * row_stride;
-  char* s = reinterpret_cast<char*>(smem);
-  const int s0 = Swz<kCols>::offset(r0, c);
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int r = r0 + it * kRowStep;
-    if (kRows % kRowStep == 0 || r < kRows) {
-      const bool pred = col_ok && r < rows_valid;
-      const int so = kRowStep % 8 == 0 ? s0 + it * kRowStep * Swz<kCols>::kRowBytes
-                                       : Swz<kCols>::offset(r, c);
-      mma::cp_async_16(s + so, pred ? g : src, pred);
-    }
-    g += g_step;
-  }
-}
-
-// Writes rows [0, rows_valid) x columns [0, cols_valid) of a shared tile to global memory in
-// 16-byte chunks (coalesced; the fragments were staged in shared memory for this).
-template <int kRows, int kCols, int kThreads>
-SK_DEVICE SK_INLINE void store_tile(uint16_t* dst, int64_t row_stride, const uint16_t* smem,
-                                    int rows_valid, int cols_valid, int tid) {
-  constexpr int kChunks = kCols / 8;
-  static_assert(kThreads % kChunks == 0, "threads cover whole rows");
-  constexpr int kRowStep = kThreads / kChunks;
-  constexpr int kIters = (kRows + kRowStep - 1) / kRowStep;
-  const int c = tid % kChunks, r0 = tid / kChunks;
-  if (c * 8 >= cols_valid) return;
-  const char* s = reinterpret_cast<const char*>(smem);
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int r = r0 + it * kRowStep;
-    if ((kRows % kRowStep == 0 || r < kRows) && r < rows_valid) {
-      *reinterpret_cast<uint4*>(dst + r * row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(s + Swz<kCols>::offset(r, c));
-    }
-  }
-}
-
-// Two accumulator n-tiles (16 x 8 each, adjacent in k) become one A fragment of the next
-// product: the C layout of columns 0-7 / 8-15 is exactly the A layout of k 0-7 / 8-15.
-template <typename Tag>
-SK_DEVICE SK_INLINE void acc_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
-  a[0] = Elem<Tag>::pack(c0[0], c0[1]);
-  a[1] = Elem<Tag>::pack(c0[2], c0[3]);
-  a[2] = Elem<Tag>::pack(c1[0], c1[1]);
-  a[3] = Elem<Tag>::pack(c1[2], c1[3]);
-}
-
-SK_DEVICE SK_INLINE float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-  return x;
-}
-SK_DEVICE SK_INLINE float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  x += __shfl_xor_sync(0xffffffffu, x, 2);
-  return x;
-}
+using Elem = elem::Elem<typename Tag::elem>;
 
 // ---------------------------------------------------------------------------------------------
 // Visibility of a (row, key) pair: the band and Lk_b are computed per row once, the mask and
@@ -211,13 +77,12 @@ SK_DEVICE SK_INLINE RowBand row_band(const AttentionParams& p, int i, int off, i
 // attn_mask(b, h, i, j), added to the scaled scores as it is: scores and row statistics stay in
 // the natural-log domain (see the online softmax below), so a mask of finfo.min stays finite.
 SK_DEVICE SK_INLINE float mask_value(const AttentionParams& p, int64_t mask_row_offset, int j) {
-  return p.mask[mask_row_offset + j * p.mask_col_stride];
+  return p.mask.ptr[mask_row_offset + j * p.mask.col_stride];
 }
 
 SK_DEVICE SK_INLINE bool dropout_keep_elem(const AttentionParams& p, int b, int h, int i, int j) {
   return i < p.len_q && j < p.len_k &&
-         dropout_keep(p.seed, p.offset, p.dropout_threshold, b, h, i, j, p.heads_q, p.len_q,
-                      p.len_k);
+         dropout_keep(p.seed, p.offset, p.dropout_threshold, b, h, i, j, p.heads_q, p.len_q, p.len_k);
 }
 
 // Keep bits of the kMTiles x 2 x kNTiles x 2 accumulator elements a thread holds in an
@@ -226,8 +91,7 @@ SK_DEVICE SK_INLINE bool dropout_keep_elem(const AttentionParams& p, int b, int 
 // one inlined Philox instead of one per element keeps the kernels small (compile time) and
 // the bits are applied by the unrolled code with constant shifts.
 template <int kMTiles, int kNTiles>
-SK_DEVICE SK_INLINE uint64_t dropout_keep_bits(const AttentionParams& p, int b, int h, int row0,
-                                               int col0) {
+SK_DEVICE SK_INLINE uint64_t dropout_keep_bits(const AttentionParams& p, int b, int h, int row0, int col0) {
   static_assert(kMTiles * kNTiles * 4 <= 64, "keep bits fit in 64");
   uint64_t bits = 0;
 #pragma unroll 1
@@ -289,6 +153,87 @@ struct FwdConfig<256, true> {
 };
 
 // ---------------------------------------------------------------------------------------------
+// The CTA layout shared by the forward and the deterministic dQ kernel (attention_bwd.cuh): one
+// CTA per (query block, batch, query head), streaming the key blocks its rows can see through
+// two shared-memory stages.
+
+// Keys of sequence b: Lk, or kv_lengths[b] clamped to [0, Lk].
+SK_DEVICE SK_INLINE int kv_len(const AttentionParams& p, int b) {
+  return p.kv_lengths ? min(max(p.kv_lengths[b], 0), p.len_k) : p.len_k;
+}
+
+struct QueryBlock {
+  int b, h, hk;                // batch, query head, its kv head
+  int len_k, off;              // Lk_b and the band offset (Lk_b - Lq when bottom_right)
+  int m0, rows_valid, m_last;  // the block's first row, rows in range, last row in range
+  int nb_begin, nb_end;        // the key blocks any of its rows can see
+};
+
+template <int kBlockM, int kBlockN>
+SK_DEVICE SK_INLINE QueryBlock query_block(const AttentionParams& p) {
+  QueryBlock qb;
+  // Heavier (later) query blocks first: with a causal band they see the most keys.
+  const int num_m_blocks = (p.len_q + kBlockM - 1) / kBlockM;
+  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
+  const int bh = static_cast<int>(blockIdx.x / num_m_blocks);
+  const int b = bh / p.heads_q, h = bh % p.heads_q;
+  const int hk = h / (p.heads_q / p.heads_kv);
+  qb.b = b;
+  qb.h = h;
+  qb.hk = hk;
+
+  qb.len_k = kv_len(p, b);
+  qb.off = p.bottom_right ? qb.len_k - p.len_q : 0;
+  qb.m0 = m_block * kBlockM;
+  qb.rows_valid = min(kBlockM, p.len_q - qb.m0);
+  qb.m_last = qb.m0 + qb.rows_valid - 1;
+
+  // Keys any row of this block can see.
+  int n_begin = 0, n_end = qb.len_k;
+  if (p.window_left >= 0) n_begin = max(0, qb.m0 + qb.off - p.window_left);
+  if (p.window_right >= 0) n_end = min(n_end, qb.m_last + qb.off + p.window_right + 1);
+  qb.nb_begin = n_begin / kBlockN;
+  qb.nb_end = n_end > n_begin ? (n_end + kBlockN - 1) / kBlockN : qb.nb_begin;
+  return qb;
+}
+
+// K and V of one kv head streamed through two shared-memory stages of kBlockN rows each.
+template <typename Kt>
+struct KvStages {
+  uint16_t* sK;       // [2][kBlockN][kHeadDim]
+  uint16_t* sV;       // [2][kBlockN][kHeadDim]
+  const uint16_t* k;  // row 0 of the kv head
+  const uint16_t* v;
+  int len_k;
+
+  SK_DEVICE SK_INLINE const uint16_t* k_stage(int stage) const { return sK + stage * Kt::kSmemKV; }
+  SK_DEVICE SK_INLINE const uint16_t* v_stage(int stage) const { return sV + stage * Kt::kSmemKV; }
+
+  // Starts the copy of key block nb into `stage`; rows at or past len_k become zeros.
+  SK_DEVICE SK_INLINE void load(const AttentionParams& p, int stage, int nb, int tid) const {
+    const int n0 = nb * Kt::kBlockN;
+    load_tile_async<Kt::kBlockN, Kt::kHeadDim, Kt::kThreads>(sK + stage * Kt::kSmemKV, k + n0 * p.k.row_stride,
+                                                             p.k.row_stride, len_k - n0, p.head_dim, tid);
+    load_tile_async<Kt::kBlockN, Kt::kHeadDim, Kt::kThreads>(sV + stage * Kt::kSmemKV, v + n0 * p.v.row_stride,
+                                                             p.v.row_stride, len_k - n0, p.head_dim_v, tid);
+  }
+
+  // Top of iteration nb (in stage `stage`) of the loop over [nb_begin, nb_end): prefetches block
+  // nb + 1 into the other stage, which was last read in iteration nb - 1 (it ended with a
+  // barrier), then waits until block nb has landed and is visible to the whole CTA.
+  SK_DEVICE SK_INLINE void next(const AttentionParams& p, int nb, int nb_end, int stage, int tid) const {
+    if (nb + 1 < nb_end) {
+      load(p, stage ^ 1, nb + 1, tid);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 
 // kGeneral adds attn_mask and dropout; the plain variant handles everything else (band,
 // kv_lengths, GQA) with fewer live registers, so it can afford the larger tiles.
@@ -300,40 +245,20 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem_raw);
-  uint16_t* sK = sQ + Kt::kSmemQ;      // [2][kBlockN][kHeadDim]
+  uint16_t* sK = sQ + Kt::kSmemQ;       // [2][kBlockN][kHeadDim]
   uint16_t* sV = sK + 2 * Kt::kSmemKV;  // [2][kBlockN][kHeadDim]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int quad_row = lane >> 2, quad_col = 2 * (lane & 3);
 
-  // Heavier (later) query blocks first: with a causal band they see the most keys.
-  const int num_m_blocks = (p.len_q + kBlockM - 1) / kBlockM;
-  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
-  const int bh = static_cast<int>(blockIdx.x / num_m_blocks);
-  const int b = bh / p.heads_q, h = bh % p.heads_q;
-  const int hk = h / (p.heads_q / p.heads_kv);
+  const QueryBlock qb = query_block<kBlockM, kBlockN>(p);
+  const int b = qb.b, h = qb.h, len_k = qb.len_k, off = qb.off;
+  const int m0 = qb.m0, rows_valid = qb.rows_valid, m_last = qb.m_last;
+  const int nb_begin = qb.nb_begin, nb_end = qb.nb_end;
+  const KvStages<Kt> kv{sK, sV, p.k.at(b, qb.hk, 0), p.v.at(b, qb.hk, 0), len_k};
 
-  const int len_k = p.kv_lengths ? min(max(p.kv_lengths[b], 0), p.len_k) : p.len_k;
-  const int off = p.bottom_right ? len_k - p.len_q : 0;
-  const int m0 = m_block * kBlockM;
-  const int rows_valid = min(kBlockM, p.len_q - m0);
-  const int m_last = m0 + rows_valid - 1;
-
-  // Keys any row of this block can see.
-  int n_begin = 0, n_end = len_k;
-  if (p.window_left >= 0) n_begin = max(0, m0 + off - p.window_left);
-  if (p.window_right >= 0) n_end = min(n_end, m_last + off + p.window_right + 1);
-  const int nb_begin = n_begin / kBlockN;
-  const int nb_end = n_end > n_begin ? (n_end + kBlockN - 1) / kBlockN : nb_begin;
-
-  const uint16_t* q_ptr = static_cast<const uint16_t*>(p.q) + b * p.q_batch_stride +
-                          h * p.q_head_stride + static_cast<int64_t>(m0) * p.q_row_stride;
-  const uint16_t* k_ptr =
-      static_cast<const uint16_t*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const uint16_t* v_ptr =
-      static_cast<const uint16_t*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  uint16_t* o_ptr = static_cast<uint16_t*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride +
-                    static_cast<int64_t>(m0) * p.o_row_stride;
+  const uint16_t* q_ptr = p.q.at(b, h, m0);
+  uint16_t* o_ptr = p.out.at(b, h, m0);
   float* lse_ptr = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0;
 
   // Row indices (within the block) owned by this thread: [mt][half].
@@ -342,13 +267,9 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
 
   float acc_o[kMTiles][kDTiles][4];
   float row_max[kMTiles][2], row_sum[kMTiles][2];
+  zero_frags(acc_o);
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
-    }
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       row_max[mt][hf] = -INFINITY;
@@ -357,69 +278,22 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
   }
 
   if (nb_begin < nb_end) {
-    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, q_ptr, p.q_row_stride, rows_valid,
-                                                 p.head_dim, tid);
-    {
-      const int n0 = nb_begin * kBlockN;
-      load_tile_async<kBlockN, kHeadDim, kThreads>(sK, k_ptr + n0 * p.k_row_stride,
-                                                   p.k_row_stride, len_k - n0, p.head_dim, tid);
-      load_tile_async<kBlockN, kHeadDim, kThreads>(sV, v_ptr + n0 * p.v_row_stride,
-                                                   p.v_row_stride, len_k - n0, p.head_dim_v, tid);
-      mma::cp_async_commit();
-    }
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, q_ptr, p.q.row_stride, rows_valid, p.head_dim, tid);
+    kv.load(p, 0, nb_begin, tid);
+    mma::cp_async_commit();
 
-    const bool has_mask = kGeneral && p.mask != nullptr;
+    const bool has_mask = kGeneral && p.mask.ptr != nullptr;
     for (int nb = nb_begin; nb < nb_end; ++nb) {
       const int stage = (nb - nb_begin) & 1;
-      const uint16_t* sKs = sK + stage * Kt::kSmemKV;
-      const uint16_t* sVs = sV + stage * Kt::kSmemKV;
+      const uint16_t* sKs = kv.k_stage(stage);
+      const uint16_t* sVs = kv.v_stage(stage);
       const int n0 = nb * kBlockN;
-      if (nb + 1 < nb_end) {
-        // The other stage was last read in iteration nb-1, which ended with a barrier.
-        const int n1 = n0 + kBlockN;
-        load_tile_async<kBlockN, kHeadDim, kThreads>(sK + (stage ^ 1) * Kt::kSmemKV,
-                                                     k_ptr + n1 * p.k_row_stride, p.k_row_stride,
-                                                     len_k - n1, p.head_dim, tid);
-        load_tile_async<kBlockN, kHeadDim, kThreads>(sV + (stage ^ 1) * Kt::kSmemKV,
-                                                     v_ptr + n1 * p.v_row_stride, p.v_row_stride,
-                                                     len_k - n1, p.head_dim_v, tid);
-        mma::cp_async_commit();
-        mma::cp_async_wait<1>();
-      } else {
-        mma::cp_async_wait<0>();
-      }
-      __syncthreads();
+      kv.next(p, nb, nb_end, stage, tid);
 
       // S = Q K^T for this warp's rows.
       float acc_s[kMTiles][kNTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
-        }
-      }
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-        if (ks * 16 < p.head_dim) {
-          uint32_t qa[kMTiles][4];
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            mma::ldmatrix<4>(qa[mt], smem_at<kHeadDim>(sQ, warp_row0 + mt * 16, lb_rc, ks));
-          }
-#pragma unroll
-          for (int np = 0; np < kNTiles / 2; ++np) {
-            uint32_t kb[4];
-            mma::ldmatrix<4>(kb, smem_at<kHeadDim>(sKs, np * 16, lb_cr, ks));
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-              mma::mma_m16n8k16<Tag>(acc_s[mt][2 * np], qa[mt], kb, acc_s[mt][2 * np]);
-              mma::mma_m16n8k16<Tag>(acc_s[mt][2 * np + 1], qa[mt], kb + 2, acc_s[mt][2 * np + 1]);
-            }
-          }
-        }
-      }
+      zero_frags(acc_s);
+      mma_sA_sBt<Tag, kHeadDim>(acc_s, sQ, warp_row0, sKs, 0, lb_rc, lb_cr, p.head_dim);
 
       // Scaled scores, then the element-wise band / length / mask where this block needs it.
       const bool need_mask = has_mask || n0 + kBlockN > len_k ||
@@ -442,9 +316,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
             const int i = m0 + warp_row0 + mt * 16 + quad_row + 8 * hf;
             const RowBand band = row_band(p, i, off, len_k);
             const bool row_in = i < p.len_q;
-            const int64_t mask_row = static_cast<int64_t>(b) * p.mask_batch_stride +
-                                     static_cast<int64_t>(h) * p.mask_head_stride +
-                                     static_cast<int64_t>(i) * p.mask_row_stride;
+            const int64_t mask_row = p.mask.row(b, h, i);
 #pragma unroll
             for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
@@ -502,8 +374,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
 
       // Dropout acts on the probabilities entering O only; row_sum (and lse) stay undropped.
       if (kGeneral && p.dropout) {
-        const uint64_t keep = dropout_keep_bits<kMTiles, kNTiles>(
-            p, b, h, m0 + warp_row0 + quad_row, n0 + quad_col);
+        const uint64_t keep = dropout_keep_bits<kMTiles, kNTiles>(p, b, h, m0 + warp_row0 + quad_row, n0 + quad_col);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -522,26 +393,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
       }
 
       // O += P V.
-#pragma unroll
-      for (int ks = 0; ks < kBlockN / 16; ++ks) {
-        uint32_t pa[kMTiles][4];
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          acc_to_a<Tag>(pa[mt], acc_s[mt][2 * ks], acc_s[mt][2 * ks + 1]);
-        }
-#pragma unroll
-        for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-          if (dp * 16 < p.head_dim_v) {
-            uint32_t vb[4];
-            mma::ldmatrix<4, true>(vb, smem_at<kHeadDim>(sVs, ks * 16, lb_rc, dp));
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-              mma::mma_m16n8k16<Tag>(acc_o[mt][2 * dp], pa[mt], vb, acc_o[mt][2 * dp]);
-              mma::mma_m16n8k16<Tag>(acc_o[mt][2 * dp + 1], pa[mt], vb + 2, acc_o[mt][2 * dp + 1]);
-            }
-          }
-        }
-      }
+      mma_pA_sB<Tag, kHeadDim>(acc_o, acc_s, sVs, lb_rc, p.head_dim_v);
       __syncthreads();
     }
   }
@@ -560,16 +412,13 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
       }
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
-        const uint32_t packed =
-            Elem<Tag>::pack(acc_o[mt][dt][2 * hf] * inv, acc_o[mt][dt][2 * hf + 1] * inv);
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(sQ) + Swz<kHeadDim>::offset(r, dt) +
-                                    quad_col * 2) = packed;
+        stage_pair<kHeadDim>(sQ, r, dt, quad_col,
+                             Elem<Tag>::pack2(acc_o[mt][dt][2 * hf] * inv, acc_o[mt][dt][2 * hf + 1] * inv));
       }
     }
   }
   __syncthreads();
-  store_tile<kBlockM, kHeadDim, kThreads>(o_ptr, p.o_row_stride, sQ, rows_valid, p.head_dim_v,
-                                          tid);
+  store_tile<kBlockM, kHeadDim, kThreads>(o_ptr, p.out.row_stride, sQ, rows_valid, p.head_dim_v, tid);
 }
 
 }  // namespace attn

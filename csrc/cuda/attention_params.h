@@ -7,25 +7,46 @@
 
 #include <stdint.h>
 
+#include "../common/macros.h"
+
 namespace seqkernels {
 namespace attn {
 
+// A (B, H, L, D) tensor of 16-bit elements (moved as raw bits) with a contiguous last dim:
+// its base and the element strides of the other three dims. One type for every tensor of the
+// kernels, so that each row address is computed one way.
+template <typename E>
+struct Rows {
+  E* ptr;
+  int64_t batch_stride, head_stride, row_stride;
+  // The first element of row i of (b, h).
+  SK_HOST_DEVICE SK_INLINE E* at(int b, int h, int i) const {
+    return ptr + b * batch_stride + h * head_stride + static_cast<int64_t>(i) * row_stride;
+  }
+};
+using InRows = Rows<const uint16_t>;
+using OutRows = Rows<uint16_t>;
+
+// Additive float32 mask, expanded (B, Hq, Lq, Lk) view with stride 0 on broadcast dims
+// (the launcher turns bool masks into 0 / -inf and 16-bit ones into float32); ptr nullptr
+// when there is none.
+struct MaskView {
+  const float* ptr;
+  int64_t batch_stride, head_stride, row_stride, col_stride;
+  // Offset of row i of (b, h); add j * col_stride for column j.
+  SK_HOST_DEVICE SK_INLINE int64_t row(int b, int h, int i) const {
+    return static_cast<int64_t>(b) * batch_stride + static_cast<int64_t>(h) * head_stride +
+           static_cast<int64_t>(i) * row_stride;
+  }
+};
+
 struct AttentionParams {
   // q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), out (B, Hq, Lq, Dv).
-  const void* q;
-  const void* k;
-  const void* v;
-  void* out;
+  InRows q, k, v;
+  OutRows out;
   float* lse;  // (B, Hq, Lq), contiguous
-  int64_t q_batch_stride, q_head_stride, q_row_stride;
-  int64_t k_batch_stride, k_head_stride, k_row_stride;
-  int64_t v_batch_stride, v_head_stride, v_row_stride;
-  int64_t o_batch_stride, o_head_stride, o_row_stride;
 
-  // Additive float32 mask, expanded (B, Hq, Lq, Lk) view with stride 0 on broadcast dims
-  // (the launcher turns bool masks into 0 / -inf and 16-bit ones into float32), or nullptr.
-  const float* mask;
-  int64_t mask_batch_stride, mask_head_stride, mask_row_stride, mask_col_stride;
+  MaskView mask;
 
   const int32_t* kv_lengths;  // (B,) or nullptr
 
@@ -45,22 +66,16 @@ struct AttentionParams {
 };
 
 struct AttentionBwdParams : AttentionParams {
-  // grad_out (B, Hq, Lq, Dv); grad_q/k/v contiguous like q, k, v.
-  const void* dout;
-  int64_t do_batch_stride, do_head_stride, do_row_stride;
-  void* dq;
-  void* dk;
-  void* dv;
-  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
-  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
-  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
-  float* delta;     // (B, Hq, Lq) rowsum(dO * O), written by the preprocess kernel
+  // grad_out (B, Hq, Lq, Dv); grad_q/k/v contiguous like q, k, v. `out` is an input here.
+  InRows dout;
+  OutRows dq, dk, dv;
+  float* delta;  // (B, Hq, Lq) rowsum(dO * O), written by the preprocess kernel
   // (B, Hq, Lq) each, written by the preprocess kernel: P = exp2((s - row_shift) log2 e - row_log2l).
   // row_shift = lse (+inf for rows that see nothing) and row_log2l = 0 for ordinary rows; for rows
   // whose lse is too large to keep log(l) (kLseRecomputeAbove), the exact max and log2(l).
   float* row_shift;
   float* row_log2l;
-  float* dq_accum;  // (B, Hq, Lq, head_dim_padded) float32 for the atomic dQ path, else nullptr
+  float* dq_accum;          // (B, Hq, Lq, head_dim_padded) float32 for the atomic dQ path, else nullptr
   int dq_accum_row_stride;  // padded head dim of dq_accum
 };
 

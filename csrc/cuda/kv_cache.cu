@@ -11,52 +11,37 @@
 #include <optional>
 #include <tuple>
 
+#include "common/host_checks.h"
 #include "cuda/kv_cache.cuh"
 #include "cuda/launch.cuh"
+#include "cuda/param_fill.h"
 #include "cuda/register.cuh"
 #include "cuda/stream.cuh"
 
 namespace seqkernels {
 namespace {
 
+// Where the kernels read their tensors (the CPU under the CUDA-on-CPU harness), for the shared
+// checks of common/host_checks.h.
+constexpr host::Device kDevice{&cudart::on_kernel_device, &cudart::kernel_device_name};
+
+// The shared cache checks, then the dtypes these kernels have.
 void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  SK_CHECK_DEVICE(k_cache);
-  SK_CHECK_DEVICE(v_cache);
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache: expected a 4-D tensor, got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.dim() == 4, "v_cache: expected a 4-D tensor, got ", v_cache.sizes());
+  host::check_cache(k_cache, v_cache, kDevice);
   const auto dt = k_cache.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat,
               "k_cache: the CUDA kernels take float16, bfloat16 or float32, got ", dt);
-  TORCH_CHECK(v_cache.scalar_type() == dt, "v_cache: dtype ", v_cache.scalar_type(), " does not match k_cache's ", dt);
-  TORCH_CHECK(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) &&
-                  k_cache.size(2) == v_cache.size(2),
-              "v_cache: shape ", v_cache.sizes(), " must match k_cache ", k_cache.sizes(), " except the head dim");
-  TORCH_CHECK(k_cache.size(3) <= 1 || k_cache.stride(3) == 1, "k_cache: the head dim must have stride 1");
-  TORCH_CHECK(v_cache.size(3) <= 1 || v_cache.stride(3) == 1, "v_cache: the head dim must have stride 1");
 }
 
+// The shared layout checks, then the kernels' 32-bit positions.
 kv::CacheLayout check_layout(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table, int64_t B) {
-  if (!block_table.has_value()) {
-    TORCH_CHECK(k_cache.size(0) == B, "k_cache: a contiguous cache is (B, Hkv, S_max, D) with B=", B, ", got ",
-                k_cache.sizes());
-    TORCH_CHECK(k_cache.size(2) < (int64_t{1} << 31), "k_cache: at most 2^31 - 1 positions per sequence");
-    return {nullptr, k_cache.size(2), kv::FastDiv::make(1), 0, 0};
-  }
-  const at::Tensor& t = *block_table;
-  SK_CHECK_DEVICE(t);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == B, "block_table: expected shape (", B, ", max_blocks), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "block_table: expected a contiguous int32 tensor");
-  TORCH_CHECK(k_cache.size(2) >= 1, "k_cache: block_size (dim 2 of a paged cache) must be >= 1");
-  TORCH_CHECK(t.size(1) * k_cache.size(2) < (int64_t{1} << 31),
-              "block_table: max_blocks * block_size must stay below 2^31 positions");
-  return {t.data_ptr<int32_t>(), t.size(1) * k_cache.size(2), kv::FastDiv::make(static_cast<uint32_t>(k_cache.size(2))),
-          t.size(1), k_cache.size(0)};
-}
-
-void check_seqlens(const at::Tensor& s, int64_t B) {
-  SK_CHECK_DEVICE(s);
-  TORCH_CHECK(s.dim() == 1 && s.size(0) == B, "cache_seqlens: expected shape (", B, ",), got ", s.sizes());
-  TORCH_CHECK(s.scalar_type() == at::kInt && s.is_contiguous(), "cache_seqlens: expected a contiguous int32 tensor");
+  const host::CacheGeometry g = host::check_layout(k_cache, block_table, B, kDevice);
+  TORCH_CHECK(g.capacity < (int64_t{1} << 31), block_table.has_value()
+                                                   ? "block_table: max_blocks * block_size must stay below 2^31 positions"
+                                                   : "k_cache: at most 2^31 - 1 positions per sequence");
+  if (!block_table.has_value()) return {nullptr, g.capacity, kv::FastDiv::make(1), 0, 0};
+  return {block_table->data_ptr<int32_t>(), g.capacity, kv::FastDiv::make(static_cast<uint32_t>(g.block_size)),
+          g.max_blocks, g.num_blocks};
 }
 
 // Widest copy (16, 8, 4 or 2 bytes, at least one element) that divides every byte count,
@@ -70,7 +55,8 @@ int vector_bytes(int64_t elt, std::initializer_list<int64_t> values) {
   return static_cast<int>(elt);
 }
 
-int64_t address(const at::Tensor& t) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr())); }
+using cudart::address;
+using cudart::copy_strides;
 
 }  // namespace
 
@@ -78,19 +64,11 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
                           const at::Tensor& v_new_in, const at::Tensor& cache_seqlens,
                           const std::optional<at::Tensor>& block_table) {
   check_cache(k_cache, v_cache);
-  SK_CHECK_DEVICE(k_new_in);
-  SK_CHECK_DEVICE(v_new_in);
-  TORCH_CHECK(k_new_in.dim() == 4 && v_new_in.dim() == 4, "k_new, v_new: expected 4-D tensors (B, Hkv, T, D)");
-  TORCH_CHECK(k_new_in.scalar_type() == k_cache.scalar_type() && v_new_in.scalar_type() == k_cache.scalar_type(),
-              "k_new, v_new: dtype must match the cache's ", k_cache.scalar_type());
+  host::check_new_rows(k_new_in, v_new_in, k_cache, v_cache, kDevice);
   const int64_t B = k_new_in.size(0), H = k_new_in.size(1), T = k_new_in.size(2), D = k_new_in.size(3);
   const int64_t Dv = v_cache.size(3);
-  TORCH_CHECK(v_new_in.size(0) == B && v_new_in.size(1) == H && v_new_in.size(2) == T && v_new_in.size(3) == Dv,
-              "v_new: expected shape (", B, ", ", H, ", ", T, ", ", Dv, "), got ", v_new_in.sizes());
-  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D, "k_new: shape ", k_new_in.sizes(),
-              " does not fit k_cache ", k_cache.sizes());
   const kv::CacheLayout layout = check_layout(k_cache, block_table, B);
-  check_seqlens(cache_seqlens, B);
+  host::check_seqlens(cache_seqlens, B, kDevice);
   if (B == 0 || H == 0 || T == 0) return;
   const cudart::DeviceGuard guard(k_cache);
   // The kernel copies whole rows as bytes, so the new rows' head dim must be contiguous.
@@ -110,12 +88,10 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
   p.H = kv::FastDiv::make(static_cast<uint32_t>(H));
   p.T = kv::FastDiv::make(static_cast<uint32_t>(T));
   p.rows = static_cast<uint32_t>(B * H * T);
-  for (int i = 0; i < 3; ++i) {
-    p.kn[i] = k_new.stride(i) * elt;
-    p.vn[i] = v_new.stride(i) * elt;
-    p.kc[i] = k_cache.stride(i) * elt;
-    p.vc[i] = v_cache.stride(i) * elt;
-  }
+  copy_strides(p.kn, k_new, elt);  // bytes
+  copy_strides(p.vn, v_new, elt);
+  copy_strides(p.kc, k_cache, elt);
+  copy_strides(p.vc, v_cache, elt);
   const int vec = vector_bytes(elt, {D * elt, Dv * elt, p.kn[0], p.kn[1], p.kn[2], p.vn[0], p.vn[1], p.vn[2], p.kc[0],
                                      p.kc[1], p.kc[2], p.vc[0], p.vc[1], p.vc[2], address(k_new), address(v_new),
                                      address(k_cache), address(v_cache)});
@@ -192,6 +168,50 @@ void run_decode(const kv::DecodeParams& p, dim3 grid, int rows, int64_t widest, 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Filling DecodeParams, one block of fields at a time.
+
+// q (contiguous) and the caches (element strides over (outer, kv head, slot)), with the sizes
+// the kernel indexes them by.
+void fill_qkv(kv::DecodeParams& p, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  copy_strides(p.k_stride, k_cache);
+  copy_strides(p.v_stride, v_cache);
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Hkv = k_cache.size(1);
+  p.G = p.Hq / p.Hkv;
+  p.Tq = q.size(2);
+  p.D = q.size(3);
+  p.Dv = v_cache.size(3);
+  p.n_rows = p.G * p.Tq;
+  // 16-byte loads of K/V rows need the head dims, the strides and the bases aligned to them.
+  const int64_t vec_elems = 16 / k_cache.element_size();
+  p.vec_ok = p.D % vec_elems == 0 && p.Dv % vec_elems == 0 && address(k_cache) % 16 == 0 &&
+             address(v_cache) % 16 == 0;
+  for (int i = 0; i < 3; ++i) p.vec_ok &= k_cache.stride(i) % vec_elems == 0 && v_cache.stride(i) % vec_elems == 0;
+}
+
+// Which keys a row sees: the cache lengths, where positions live, the window.
+void fill_band(kv::DecodeParams& p, const at::Tensor& seqlens, const kv::CacheLayout& layout, int64_t window_left) {
+  p.seqlens = seqlens.data_ptr<int32_t>();
+  p.layout = layout;
+  p.window_left = window_left;
+  p.window_right = 0;  // causal: the right side is clamped to 0 (-1 included), as in decode_attention_ref
+}
+
+// One split writes out and lse itself; several write float32 partials that the merge combines.
+void fill_outputs(kv::DecodeParams& p, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& out_partial,
+                  const at::Tensor& lse_partial, int64_t num_splits) {
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_partial = num_splits > 1 ? out_partial.data_ptr<float>() : nullptr;
+  p.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
+  p.num_splits = num_splits;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
@@ -200,21 +220,14 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
                                                          int64_t window_left, int64_t window_right,
                                                          int64_t num_splits) {
   check_cache(k_cache, v_cache);
-  SK_CHECK_DEVICE(q_in);
-  TORCH_CHECK(q_in.dim() == 4, "q: expected a 4-D tensor (B, Hq, Tq, D), got ", q_in.sizes());
-  TORCH_CHECK(q_in.scalar_type() == k_cache.scalar_type(), "q: dtype ", q_in.scalar_type(),
-              " does not match the cache's ", k_cache.scalar_type());
+  // 65535: the splits are the grid's z dimension.
+  host::check_decode_args(q_in, k_cache, num_splits, window_left, window_right, 65535, kDevice);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_cache.size(1), Dv = v_cache.size(3);
-  TORCH_CHECK(k_cache.size(3) == D, "k_cache: head dim ", k_cache.size(3), " must equal q's ", D);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "q: the number of query heads (", Hq,
-              ") must be a multiple of the number of key/value heads (", Hkv, ")");
   TORCH_CHECK(D >= 1 && Dv >= 1 && D <= 256 && Dv <= 256, "q, v_cache: head dims must be in [1, 256], got D=", D,
               ", Dv=", Dv);
-  TORCH_CHECK(num_splits >= 1 && num_splits <= 65535, "num_splits: expected a value in [1, 65535], got ", num_splits);
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window_left, window_right: expected >= -1");
   const kv::CacheLayout layout = check_layout(k_cache, block_table, B);
-  check_seqlens(cache_seqlens, B);
+  host::check_seqlens(cache_seqlens, B, kDevice);
   const cudart::DeviceGuard guard(q_in);
 
   at::Tensor out = at::empty({B, Hq, Tq, Dv}, q_in.options());
@@ -234,37 +247,11 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
     out_partial = at::empty({num_splits, B, Hq, Tq, Dv}, q_in.options().dtype(at::kFloat));
     lse_partial = at::empty({num_splits, B, Hq, Tq}, q_in.options().dtype(at::kFloat));
   }
-  const int64_t vec_elems = 16 / k_cache.element_size();
-  bool vec_ok = D % vec_elems == 0 && Dv % vec_elems == 0 && address(k_cache) % 16 == 0 && address(v_cache) % 16 == 0;
-  for (int i = 0; i < 3; ++i) vec_ok &= k_cache.stride(i) % vec_elems == 0 && v_cache.stride(i) % vec_elems == 0;
-
   kv::DecodeParams p{};
-  p.q = q.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.seqlens = cache_seqlens.data_ptr<int32_t>();
-  p.layout = layout;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.out_partial = num_splits > 1 ? out_partial.data_ptr<float>() : nullptr;
-  p.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
-  p.B = B;
-  p.Hq = Hq;
-  p.Hkv = Hkv;
-  p.G = G;
-  p.Tq = Tq;
-  p.D = D;
-  p.Dv = Dv;
-  p.n_rows = n_rows;
-  for (int i = 0; i < 3; ++i) {
-    p.k_stride[i] = k_cache.stride(i);
-    p.v_stride[i] = v_cache.stride(i);
-  }
+  fill_qkv(p, q, k_cache, v_cache);
   p.qk_scale = static_cast<float>(scale);
-  p.window_left = window_left;
-  p.window_right = 0;  // causal: the right side is clamped to 0 (-1 included), as in decode_attention_ref
-  p.num_splits = num_splits;
-  p.vec_ok = vec_ok;
+  fill_band(p, cache_seqlens, layout, window_left);
+  fill_outputs(p, out, lse, out_partial, lse_partial, num_splits);
 
   const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_tiles), static_cast<unsigned>(num_splits));
   const cudaStream_t stream = cudart::current_stream();

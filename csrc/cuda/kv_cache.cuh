@@ -32,10 +32,9 @@
 #include <string.h>
 
 #include "../common/macros.h"
+#include "elem.cuh"
 
 #if !defined(SEQKERNELS_CUDA_EMULATION)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <math_constants.h>
 #endif
 
@@ -125,10 +124,10 @@ struct AppendParams {
   char* v_cache;
   const int32_t* seqlens;
   CacheLayout layout;
-  FastDiv T, H;         // to split a row index into (b, h, t)
-  uint32_t rows;        // B * H * T (< 2^32, checked by the launcher)
-  uint32_t k_chunks;    // K row bytes / VEC_BYTES
-  uint32_t chunks;      // (K + V row bytes) / VEC_BYTES
+  FastDiv T, H;       // to split a row index into (b, h, t)
+  uint32_t rows;      // B * H * T (< 2^32, checked by the launcher)
+  uint32_t k_chunks;  // K row bytes / VEC_BYTES
+  uint32_t chunks;    // (K + V row bytes) / VEC_BYTES
   // Strides in bytes over (b, h, t) for the new rows and (outer, h, slot) for the caches; the
   // last dim is contiguous.
   int64_t kn[3], vn[3], kc[3], vc[3];
@@ -164,45 +163,19 @@ __global__ void __launch_bounds__(256) _kv_cache_append_kernel(AppendParams p) {
 // ---------------------------------------------------------------------------------------------
 // Decode attention
 
-template <typename T>
-SK_DEVICE SK_INLINE float to_float(T x);
-template <>
-SK_DEVICE SK_INLINE float to_float<float>(float x) {
-  return x;
-}
-template <>
-SK_DEVICE SK_INLINE float to_float<__half>(__half x) {
-  return __half2float(x);
-}
-template <>
-SK_DEVICE SK_INLINE float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename T>
-SK_DEVICE SK_INLINE T from_float(float x);
-template <>
-SK_DEVICE SK_INLINE float from_float<float>(float x) {
-  return x;
-}
-template <>
-SK_DEVICE SK_INLINE __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-SK_DEVICE SK_INLINE __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+// T is float, __half or __nv_bfloat16; every one computes in float (elem.cuh).
+using elem::from_acc;
+using elem::to_acc;
 
 // Compile-time geometry of the decode kernel for element type T and head-dim bucket HEAD.
 template <typename T, int HEAD>
 struct DecodeGeometry {
   static constexpr int kThreads = 128;
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));           // elements per 16-byte load
   static constexpr int kGroup = (HEAD / kVec) < 32 ? (HEAD / kVec) : 32;  // lanes per key
-  static constexpr int kChunks = HEAD / (kGroup * kVec);                 // 16-byte loads per lane
-  static constexpr int kEpt = kChunks * kVec;                            // elements per lane
-  static constexpr int kGroups = kThreads / kGroup;                      // keys in flight per CTA
+  static constexpr int kChunks = HEAD / (kGroup * kVec);                  // 16-byte loads per lane
+  static constexpr int kEpt = kChunks * kVec;                             // elements per lane
+  static constexpr int kGroups = kThreads / kGroup;                       // keys in flight per CTA
   static_assert(kGroup >= 1 && (kGroup & (kGroup - 1)) == 0, "group size must be a power of two");
   static_assert(kChunks * kGroup * kVec == HEAD, "HEAD must be a multiple of the group's span");
 };
@@ -213,10 +186,10 @@ struct DecodeParams {
   const void* v_cache;
   const int32_t* seqlens;
   CacheLayout layout;
-  void* out;            // (B, Hq, Tq, Dv) contiguous, T            (num_splits == 1)
-  float* lse;           // (B, Hq, Tq) float32                     (num_splits == 1)
-  float* out_partial;   // (num_splits, B, Hq, Tq, Dv) float32     (num_splits > 1)
-  float* lse_partial;   // (num_splits, B, Hq, Tq) float32         (num_splits > 1)
+  void* out;           // (B, Hq, Tq, Dv) contiguous, T            (num_splits == 1)
+  float* lse;          // (B, Hq, Tq) float32                     (num_splits == 1)
+  float* out_partial;  // (num_splits, B, Hq, Tq, Dv) float32     (num_splits > 1)
+  float* lse_partial;  // (num_splits, B, Hq, Tq) float32         (num_splits > 1)
   int64_t B, Hq, Hkv, G, Tq, D, Dv, n_rows;
   int64_t k_stride[3], v_stride[3];  // elements over (outer, kv head, slot)
   float qk_scale;                    // scale (q is pre-scaled by it)
@@ -233,7 +206,7 @@ SK_DEVICE SK_INLINE void load_chunk(const T* row, int64_t d0, int64_t n, bool ve
     memcpy(out, &raw, sizeof(raw));
   } else {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) out[e] = (d0 + e < n) ? row[d0 + e] : from_float<T>(0.0f);
+    for (int e = 0; e < VEC; ++e) out[e] = (d0 + e < n) ? row[d0 + e] : from_acc<T>(0.0f);
   }
 }
 
@@ -293,7 +266,7 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
       const int64_t d0 = static_cast<int64_t>(c) * GS * VEC + lane * VEC;
 #pragma unroll
       for (int e = 0; e < VEC; ++e)
-        q[i][c * VEC + e] = (ok && d0 + e < p.D) ? to_float<T>(qrow[d0 + e]) * p.qk_scale : 0.0f;
+        q[i][c * VEC + e] = (ok && d0 + e < p.D) ? to_acc<T>(qrow[d0 + e]) * p.qk_scale : 0.0f;
     }
   }
 
@@ -330,8 +303,8 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
       } else {
 #pragma unroll
         for (int e = 0; e < EPT; ++e) {
-          kr[u][e] = from_float<T>(0.0f);
-          vr[u][e] = from_float<T>(0.0f);
+          kr[u][e] = from_acc<T>(0.0f);
+          vr[u][e] = from_acc<T>(0.0f);
         }
       }
     }
@@ -340,7 +313,7 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
     for (int u = 0; u < U; ++u) {
       float kf[EPT];
 #pragma unroll
-      for (int e = 0; e < EPT; ++e) kf[e] = to_float<T>(kr[u][e]);
+      for (int e = 0; e < EPT; ++e) kf[e] = to_acc<T>(kr[u][e]);
 #pragma unroll
       for (int i = 0; i < ROWS; ++i) {
         float d = 0.0f;
@@ -377,7 +350,7 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
       for (int e = 0; e < EPT; ++e) {
         float a = acc[i][e] * alpha;
 #pragma unroll
-        for (int u = 0; u < U; ++u) a = fmaf(pr[u], to_float<T>(vr[u][e]), a);
+        for (int u = 0; u < U; ++u) a = fmaf(pr[u], to_acc<T>(vr[u][e]), a);
         acc[i][e] = a;
       }
       // A NaN row keeps a NaN max so that the merge below does not mistake it for an empty one.
@@ -432,7 +405,7 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
     const int64_t hq = hkv * p.G + (r32 - t * G);
     const int64_t row_index = (b * p.Hq + hq) * p.Tq + t;
     if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[row_index * p.Dv + d] = from_float<T>(out);
+      static_cast<T*>(p.out)[row_index * p.Dv + d] = from_acc<T>(out);
       if (d == 0) p.lse[row_index] = lse;
     } else {
       const int64_t prow = split * p.B * p.Hq * p.Tq + row_index;
@@ -479,7 +452,7 @@ __global__ void __launch_bounds__(128) _decode_merge_kernel(MergeParams p) {
         o = fmaf(expf(ls - mx) / total, p.out_partial[(s * p.rows + row) * p.Dv + d], o);
       }
     }
-    static_cast<T*>(p.out)[row * p.Dv + d] = from_float<T>(o);
+    static_cast<T*>(p.out)[row * p.Dv + d] = from_acc<T>(o);
   }
   if (lane == 0) p.lse[row] = empty ? kNegInf : mx + logf(total);
 }

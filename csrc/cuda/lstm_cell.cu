@@ -7,6 +7,7 @@
 // correct for every shape and stride.
 #include <ATen/ATen.h>
 
+#include "common/host_checks.h"
 #include "cuda/launch.cuh"
 #include "cuda/lstm_cell.cuh"
 #include "cuda/register.cuh"
@@ -17,20 +18,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
-void check_2d(const char* name, const at::Tensor& t, int64_t rows, int64_t cols, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqkernels::lstm_cell: ", name,
-              " must have shape (", rows, ", ", cols, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqkernels::lstm_cell: ", name, " has dtype ",
-              t.scalar_type(), ", expected ", like.scalar_type(), " (one dtype for all inputs)");
-  TORCH_CHECK(t.device() == like.device(), "seqkernels::lstm_cell: ", name, " is on ", t.device(), ", expected ",
-              like.device());
-}
+// Where the kernels read their tensors (the CPU under the CUDA-on-CPU harness), for the shared
+// checks of common/host_checks.h.
+constexpr host::Device kDevice{&cudart::on_kernel_device, &cudart::kernel_device_name};
 
-void check_dtype(const char* op, const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, "seqkernels::", op,
-              ": expected float16, bfloat16, float32 or float64 tensors, got ", s);
-}
+using host::check_2d;
 
 // Last dim contiguous; rows may be strided (the per-step slices of a projected sequence are).
 at::Tensor rows_of(const at::Tensor& t) { return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous(); }
@@ -70,24 +62,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cuda(const at::Tens
                                                                    const at::Tensor& cx,
                                                                    const std::optional<at::Tensor>& bias_ih,
                                                                    const std::optional<at::Tensor>& bias_hh) {
-  TORCH_CHECK(input_gates.dim() == 2 && input_gates.size(1) % 4 == 0,
-              "seqkernels::lstm_cell_fwd: input_gates must have shape (B, 4*H), got ", input_gates.sizes());
-  check_dtype("lstm_cell_fwd", input_gates);
-  SK_CHECK_DEVICE(input_gates);
-  const int64_t B = input_gates.size(0), G = input_gates.size(1), H = G / 4;
+  const int64_t H = host::check_gates("lstm_cell_fwd", "input_gates", input_gates, kDevice);
+  const int64_t B = input_gates.size(0), G = 4 * H;
   check_2d("hidden_gates", hidden_gates, B, G, input_gates);
   check_2d("cx", cx, B, H, input_gates);
-  at::Tensor bi, bh;
-  for (auto [name, opt, out] : {std::tuple{"bias_ih", &bias_ih, &bi}, std::tuple{"bias_hh", &bias_hh, &bh}}) {
-    if (!opt->has_value()) continue;
-    const at::Tensor& b = opt->value();
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == G, "seqkernels::lstm_cell_fwd: ", name, " must have shape (", G,
-                ",), got ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == input_gates.scalar_type() && b.device() == input_gates.device(),
-                "seqkernels::lstm_cell_fwd: ", name, " must have input_gates' dtype and device (",
-                input_gates.scalar_type(), ", ", input_gates.device(), "), got ", b.scalar_type(), ", ", b.device());
-    *out = b.contiguous();
-  }
+  host::check_bias("lstm_cell_fwd", "bias_ih", bias_ih, G, input_gates);
+  host::check_bias("lstm_cell_fwd", "bias_hh", bias_hh, G, input_gates);
+  const at::Tensor bi = bias_ih.has_value() ? bias_ih->contiguous() : at::Tensor();
+  const at::Tensor bh = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
   TORCH_CHECK(B * G < (int64_t(1) << 40), "seqkernels::lstm_cell_fwd: input_gates is too large (", B, " x ", G, ")");
 
   const cudart::DeviceGuard guard(input_gates);
@@ -112,11 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cuda(const std::optional<at::Tensor>& grad_hy,
                                                       const std::optional<at::Tensor>& grad_cy, const at::Tensor& cx,
                                                       const at::Tensor& cy, const at::Tensor& workspace) {
-  TORCH_CHECK(workspace.dim() == 2 && workspace.size(1) % 4 == 0,
-              "seqkernels::lstm_cell_bwd: workspace must have shape (B, 4*H), got ", workspace.sizes());
-  check_dtype("lstm_cell_bwd", workspace);
-  SK_CHECK_DEVICE(workspace);
-  const int64_t B = workspace.size(0), G = workspace.size(1), H = G / 4;
+  const int64_t H = host::check_gates("lstm_cell_bwd", "workspace", workspace, kDevice);
+  const int64_t B = workspace.size(0), G = 4 * H;
   check_2d("cx", cx, B, H, workspace);
   check_2d("cy", cy, B, H, workspace);
   if (grad_hy.has_value()) check_2d("grad_hy", *grad_hy, B, H, workspace);

@@ -16,10 +16,9 @@
 #include <string.h>
 
 #include "../common/macros.h"
+#include "elem.cuh"
 
 #if !defined(SEQKERNELS_CUDA_EMULATION)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #endif
 
@@ -55,39 +54,11 @@ struct BwdParams {
   int64_t grad_hy_rs, grad_cy_rs, cx_rs, cy_rs, workspace_rs;
 };
 
-// Storage type -> compute type, and the conversions.
-template <typename T>
-struct Num {
-  using acc = float;
-};
-template <>
-struct Num<double> {
-  using acc = double;
-};
-
-SK_DEVICE SK_INLINE float to_acc(float x) { return x; }
-SK_DEVICE SK_INLINE double to_acc(double x) { return x; }
-SK_DEVICE SK_INLINE float to_acc(__half x) { return __half2float(x); }
-SK_DEVICE SK_INLINE float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-SK_DEVICE SK_INLINE T from_acc(typename Num<T>::acc x);
-template <>
-SK_DEVICE SK_INLINE float from_acc<float>(float x) {
-  return x;
-}
-template <>
-SK_DEVICE SK_INLINE double from_acc<double>(double x) {
-  return x;
-}
-template <>
-SK_DEVICE SK_INLINE __half from_acc<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-SK_DEVICE SK_INLINE __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+// Storage type -> compute type (acc_t: double for double, float otherwise), and the
+// conversions: elem.cuh.
+using elem::acc_t;
+using elem::from_acc;
+using elem::to_acc;
 
 struct DeviceMath {
   // exp of -x overflows to inf for very negative x, giving sigmoid 0 exactly as it should.
@@ -104,7 +75,7 @@ struct DeviceMath {
 // uint4 (ld/st.global.v4; building the value in registers first keeps nvcc from splitting the
 // store), anything narrower element by element.
 template <typename T, int VEC>
-SK_DEVICE SK_INLINE void load(const T* p, typename Num<T>::acc (&out)[VEC]) {
+SK_DEVICE SK_INLINE void load(const T* p, acc_t<T> (&out)[VEC]) {
   if constexpr (sizeof(T) * VEC == 16) {
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
     T e[VEC];
@@ -114,6 +85,17 @@ SK_DEVICE SK_INLINE void load(const T* p, typename Num<T>::acc (&out)[VEC]) {
   } else {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) out[k] = to_acc(p[k]);
+  }
+}
+
+// Row b, columns j.. of an optional operand: an absent one (nullptr) reads as zeros.
+template <typename T, int VEC>
+SK_DEVICE SK_INLINE void load_or_zero(const T* base, int64_t row_stride, int64_t b, int64_t j, acc_t<T> (&out)[VEC]) {
+  if (base != nullptr) {
+    load<T, VEC>(base + b * row_stride + j, out);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = acc_t<T>(0);
   }
 }
 
@@ -140,7 +122,7 @@ SK_DEVICE SK_INLINE uint32_t word_of(const T* e, int w) {
 }
 
 template <typename T, int VEC>
-SK_DEVICE SK_INLINE void store(T* p, const typename Num<T>::acc (&in)[VEC]) {
+SK_DEVICE SK_INLINE void store(T* p, const acc_t<T> (&in)[VEC]) {
   T e[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) e[k] = from_acc<T>(in[k]);
@@ -152,15 +134,41 @@ SK_DEVICE SK_INLINE void store(T* p, const typename Num<T>::acc (&in)[VEC]) {
   }
 }
 
-// Grid: ceil(rows * H / VEC / blockDim.x) blocks, one (row, VEC-column group) per thread.
+// The four gate blocks i, f, g, o (H apart) of a (B, 4H) tensor, from `row` (row b, column j).
+template <typename T, int VEC>
+SK_DEVICE SK_INLINE void load_gates(const T* row, int64_t H, acc_t<T> (&i)[VEC], acc_t<T> (&f)[VEC], acc_t<T> (&g)[VEC],
+                                    acc_t<T> (&o)[VEC]) {
+  load<T, VEC>(row, i);
+  load<T, VEC>(row + H, f);
+  load<T, VEC>(row + 2 * H, g);
+  load<T, VEC>(row + 3 * H, o);
+}
+template <typename T, int VEC>
+SK_DEVICE SK_INLINE void store_gates(T* row, int64_t H, const acc_t<T> (&i)[VEC], const acc_t<T> (&f)[VEC],
+                                     const acc_t<T> (&g)[VEC], const acc_t<T> (&o)[VEC]) {
+  store<T, VEC>(row, i);
+  store<T, VEC>(row + H, f);
+  store<T, VEC>(row + 2 * H, g);
+  store<T, VEC>(row + 3 * H, o);
+}
+
+// Grid: ceil(rows * H / VEC / blockDim.x) blocks, one (row, VEC-column group) per thread:
+// this thread's row b and first hidden unit j, false for the threads past the end.
+template <int VEC>
+SK_DEVICE SK_INLINE bool thread_item(int64_t rows, int64_t H, int64_t& b, int64_t& j) {
+  const int64_t groups = H / VEC;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= rows * groups) return false;
+  b = item / groups;
+  j = (item - b * groups) * VEC;
+  return true;
+}
+
 template <typename T, int VEC>
 __global__ void lstm_cell_fwd_kernel(FwdParams p) {
-  using A = typename Num<T>::acc;
-  const int64_t groups = p.H / VEC;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= p.rows * groups) return;
-  const int64_t b = item / groups;
-  const int64_t j = (item - b * groups) * VEC;
+  using A = acc_t<T>;
+  int64_t b, j;
+  if (!thread_item<VEC>(p.rows, p.H, b, j)) return;
   const int64_t H = p.H;
   const T* ig = static_cast<const T*>(p.input_gates) + b * p.input_gates_rs + j;
   const T* hg = static_cast<const T*>(p.hidden_gates) + b * p.hidden_gates_rs + j;
@@ -194,45 +202,24 @@ __global__ void lstm_cell_fwd_kernel(FwdParams p) {
     cell_forward<DeviceMath>(pre[0][k], pre[1][k], pre[2][k], pre[3][k], c[k], gi[k], gf[k], gg[k], go[k], cy[k],
                              hy[k]);
   }
-  T* ws = static_cast<T*>(p.workspace) + b * 4 * H + j;
-  store<T, VEC>(ws, gi);
-  store<T, VEC>(ws + H, gf);
-  store<T, VEC>(ws + 2 * H, gg);
-  store<T, VEC>(ws + 3 * H, go);
+  store_gates<T, VEC>(static_cast<T*>(p.workspace) + b * 4 * H + j, H, gi, gf, gg, go);
   store<T, VEC>(static_cast<T*>(p.cy) + b * H + j, cy);
   store<T, VEC>(static_cast<T*>(p.hy) + b * H + j, hy);
 }
 
 template <typename T, int VEC>
 __global__ void lstm_cell_bwd_kernel(BwdParams p) {
-  using A = typename Num<T>::acc;
-  const int64_t groups = p.H / VEC;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= p.rows * groups) return;
-  const int64_t b = item / groups;
-  const int64_t j = (item - b * groups) * VEC;
+  using A = acc_t<T>;
+  int64_t b, j;
+  if (!thread_item<VEC>(p.rows, p.H, b, j)) return;
   const int64_t H = p.H;
 
   A dh[VEC], dcy[VEC], c[VEC], cyv[VEC], gi[VEC], gf[VEC], gg[VEC], go[VEC];
-  if (p.grad_hy != nullptr) {
-    load<T, VEC>(static_cast<const T*>(p.grad_hy) + b * p.grad_hy_rs + j, dh);
-  } else {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) dh[k] = A(0);
-  }
-  if (p.grad_cy != nullptr) {
-    load<T, VEC>(static_cast<const T*>(p.grad_cy) + b * p.grad_cy_rs + j, dcy);
-  } else {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) dcy[k] = A(0);
-  }
+  load_or_zero<T, VEC>(static_cast<const T*>(p.grad_hy), p.grad_hy_rs, b, j, dh);
+  load_or_zero<T, VEC>(static_cast<const T*>(p.grad_cy), p.grad_cy_rs, b, j, dcy);
   load<T, VEC>(static_cast<const T*>(p.cx) + b * p.cx_rs + j, c);
   load<T, VEC>(static_cast<const T*>(p.cy) + b * p.cy_rs + j, cyv);
-  const T* ws = static_cast<const T*>(p.workspace) + b * p.workspace_rs + j;
-  load<T, VEC>(ws, gi);
-  load<T, VEC>(ws + H, gf);
-  load<T, VEC>(ws + 2 * H, gg);
-  load<T, VEC>(ws + 3 * H, go);
+  load_gates<T, VEC>(static_cast<const T*>(p.workspace) + b * p.workspace_rs + j, H, gi, gf, gg, go);
 
   A di[VEC], df[VEC], dg[VEC], d_o[VEC], dcx[VEC];
 #pragma unroll
@@ -240,11 +227,7 @@ __global__ void lstm_cell_bwd_kernel(BwdParams p) {
     cell_backward<DeviceMath>(dh[k], dcy[k], c[k], cyv[k], gi[k], gf[k], gg[k], go[k], di[k], df[k], dg[k], d_o[k],
                               dcx[k]);
   }
-  T* out = static_cast<T*>(p.grad_gates) + b * 4 * H + j;
-  store<T, VEC>(out, di);
-  store<T, VEC>(out + H, df);
-  store<T, VEC>(out + 2 * H, dg);
-  store<T, VEC>(out + 3 * H, d_o);
+  store_gates<T, VEC>(static_cast<T*>(p.grad_gates) + b * 4 * H + j, H, di, df, dg, d_o);
   store<T, VEC>(static_cast<T*>(p.grad_cx) + b * H + j, dcx);
 }
 

@@ -22,6 +22,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "../common/macros.h"
 
 #if !defined(SEQKERNELS_CUDA_EMULATION)
@@ -32,8 +34,13 @@
 namespace seqkernels {
 namespace mma {
 
-struct f16 {};
-struct bf16 {};
+// The tags name the instruction's input type; `elem` is the element type of that format.
+struct f16 {
+  using elem = __half;
+};
+struct bf16 {
+  using elem = __nv_bfloat16;
+};
 
 // The mma tag of an element type: mma_tag_t<__half> is f16, mma_tag_t<__nv_bfloat16> is bf16.
 template <typename T>
@@ -74,31 +81,27 @@ SK_DEVICE SK_INLINE void cp_async_wait() {}
 
 #else
 
+// The two input formats differ only in the instruction's type suffix, which asm needs as a
+// string literal: one macro spells the operand list once.
+#define SK_MMA_M16N8K16(ab)                                                                                         \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ab "." ab                                                   \
+               ".f32 {%0,%1,%2,%3}, "                                                                               \
+               "{%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"                                                       \
+               : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                                     \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), \
+                 "f"(c[3]))
+
 template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2],
-                                             const float c[4]);
-
-template <>
-__device__ __forceinline__ void mma_m16n8k16<f16>(float d[4], const uint32_t a[4],
-                                                  const uint32_t b[2], const float c[4]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%11,%12,%13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
+__device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    SK_MMA_M16N8K16("bf16");
+  } else {
+    static_assert(std::is_same_v<T, f16>, "mma_m16n8k16 takes mma::f16 or mma::bf16");
+    SK_MMA_M16N8K16("f16");
+  }
 }
 
-template <>
-__device__ __forceinline__ void mma_m16n8k16<bf16>(float d[4], const uint32_t a[4],
-                                                   const uint32_t b[2], const float c[4]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%11,%12,%13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
-}
+#undef SK_MMA_M16N8K16
 
 template <int N, bool Trans = false>
 __device__ __forceinline__ void ldmatrix(uint32_t r[N], const void* smem_row) {
@@ -108,18 +111,20 @@ __device__ __forceinline__ void ldmatrix(uint32_t r[N], const void* smem_row) {
   } else if constexpr (N == 1 && Trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(addr));
   } else if constexpr (N == 2 && !Trans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
   } else if constexpr (N == 2 && Trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
   } else if constexpr (N == 4 && !Trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
   } else {
     static_assert(N == 4 && Trans, "ldmatrix loads 1, 2 or 4 matrices");
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
   }
 }
 
@@ -132,7 +137,9 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool p
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 
 #endif
 

@@ -18,7 +18,7 @@ bounds.
 Levels: "ci" is a bounded sample in which every length, head dim, dtype and option still appears
 (tests/test_cpu_sanitizers.py, default run); "full" is the whole cross product (`--run-slow`).
 The instruction set path ("avx2" or "portable") is selected through the environment variables
-the kernels read (`select_isa`: SEQKERNELS_CPU_ISA, ATEN_CPU_CAPABILITY).
+the kernels read (`select_isa`: SEQKERNELS_CPU_ISA).
 """
 
 from __future__ import annotations
@@ -500,13 +500,12 @@ RUNNERS = {"attention": _run_attention, "decode": _run_decode, "append": _run_ap
 
 
 # How each kernel family is sent down its portable path, as the real extension reads it:
-# attention and the KV cache read SEQKERNELS_CPU_ISA=portable on every call (the KV cache also
-# takes the older spelling "default"); the LSTM cell reads ATEN_CPU_CAPABILITY=default once, at
-# its first call in the process.
+# every family reads SEQKERNELS_CPU_ISA=portable on every call (csrc/cpu/simd.h; the older
+# spelling "default" is taken too).
 PORTABLE_ENV = {
     "attention": ("SEQKERNELS_CPU_ISA", "portable"),
     "kv_cache": ("SEQKERNELS_CPU_ISA", "portable"),
-    "lstm": ("ATEN_CPU_CAPABILITY", "default"),
+    "lstm": ("SEQKERNELS_CPU_ISA", "portable"),
 }
 
 

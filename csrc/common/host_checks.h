@@ -1,0 +1,203 @@
+// Argument checks that the CPU launchers (csrc/cpu/*.cpp) and the CUDA launchers (csrc/cuda/*.cu)
+// both make, written once so that both backends reject the same calls with the same words.
+//
+// Host only, and unlike the rest of csrc/common this header includes ATen (it checks at::Tensor
+// arguments): include it from launchers, never from a kernel header, which stay torch-free.
+//
+// What differs between the backends is a parameter, not a second copy: the device the kernels run
+// on (`Device`: the CPU, or cudart's kernel device, the CPU itself under the CUDA-on-CPU harness)
+// and the limits of one backend only (dtypes without a kernel, grid and index-width bounds), which
+// stay at the call site after the shared check. The public Python layer validates first; these
+// guard direct calls of torch.ops.seqkernels.*. Every message names its argument.
+
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+namespace seqkernels {
+namespace host {
+
+// Where a backend's kernels read their tensors: `ok` tells, `name` says it in errors.
+struct Device {
+  bool (*ok)(const at::Tensor&);
+  const char* (*name)();
+};
+
+inline bool on_cpu(const at::Tensor& t) { return t.device().is_cpu(); }
+inline const char* cpu_name() { return "CPU"; }
+constexpr Device kCpu{&on_cpu, &cpu_name};
+
+// `name...` is the argument's name, with the op in front where the op's messages carry it.
+template <typename... Name>
+void check_device(const Device& dev, const at::Tensor& t, const Name&... name) {
+  TORCH_CHECK(dev.ok(t), name..., " must be a tensor on ", dev.name(), ", got one on ", t.device());
+}
+
+inline bool is_float_type(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention (seqkernels::attention_fwd / attention_bwd)
+
+struct AttentionGeometry {
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
+};
+
+// q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) of one floating dtype on dev, Hq a
+// multiple of Hkv. `op` prefixes every message.
+inline AttentionGeometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const Device& dev, const char* op) {
+  check_device(dev, q, op, ": q");
+  check_device(dev, k, op, ": k");
+  check_device(dev, v, op, ": v");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op,
+              ": q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, Hq, Lq, D), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, Hkv, Lk, D), got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, op, ": v must be 4-D (B, Hkv, Lk, Dv), got ", v.sizes());
+  const auto st = q.scalar_type();
+  TORCH_CHECK(is_float_type(st), op, ": q must be float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op,
+              ": k and v must have q's dtype ", st, ", got ", k.scalar_type(), " and ", v.scalar_type());
+  AttentionGeometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK(k.size(0) == g.B && v.size(0) == g.B, op, ": q, k, v batch sizes differ: ", g.B, ", ",
+              k.size(0), ", ", v.size(0));
+  TORCH_CHECK(k.size(3) == g.D, op, ": k's head dim ", k.size(3), " must equal q's ", g.D);
+  TORCH_CHECK(v.size(1) == g.Hkv && v.size(2) == g.Lk, op, ": v ", v.sizes(),
+              " must be (B, Hkv, Lk, Dv) with k's Hkv = ", g.Hkv, " and Lk = ", g.Lk);
+  TORCH_CHECK(g.Hkv > 0 && g.Hq % g.Hkv == 0, op, ": query heads (", g.Hq, ") must be a multiple of kv heads (",
+              g.Hkv, "): grouped-query attention needs the number of query heads to be a multiple of the number of "
+              "kv heads");
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV cache (seqkernels::kv_cache_append / decode_attention)
+
+// k_cache and v_cache: 4-D on dev, one dtype, equal but for the head dim, head dim contiguous.
+// Which dtypes have kernels is the backend's to check.
+inline void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, const Device& dev) {
+  check_device(dev, k_cache, "k_cache");
+  check_device(dev, v_cache, "v_cache");
+  TORCH_CHECK(k_cache.dim() == 4, "k_cache: expected a 4-D tensor, got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.dim() == 4, "v_cache: expected a 4-D tensor, got ", v_cache.sizes());
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache: dtype ", v_cache.scalar_type(),
+              " does not match k_cache's ", k_cache.scalar_type());
+  TORCH_CHECK(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) &&
+                  k_cache.size(2) == v_cache.size(2),
+              "v_cache: shape ", v_cache.sizes(), " must match k_cache ", k_cache.sizes(), " except the head dim");
+  TORCH_CHECK(k_cache.size(3) <= 1 || k_cache.stride(3) == 1, "k_cache: the head dim must have stride 1");
+  TORCH_CHECK(v_cache.size(3) <= 1 || v_cache.stride(3) == 1, "v_cache: the head dim must have stride 1");
+}
+
+// How positions map to cache slots: a contiguous cache (B, Hkv, S_max, D) has block_size 0; a
+// paged one (num_blocks, Hkv, block_size, D) is read through block_table (B, max_blocks).
+struct CacheGeometry {
+  int64_t capacity;    // positions per sequence
+  int64_t block_size;  // 0 for a contiguous cache
+  int64_t max_blocks;
+  int64_t num_blocks;
+};
+
+inline CacheGeometry check_layout(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table,
+                                  int64_t B, const Device& dev) {
+  if (!block_table.has_value()) {
+    TORCH_CHECK(k_cache.size(0) == B, "k_cache: a contiguous cache is (B, Hkv, S_max, D) with B=", B, ", got ",
+                k_cache.sizes());
+    return {k_cache.size(2), 0, 0, 0};
+  }
+  const at::Tensor& t = *block_table;
+  check_device(dev, t, "block_table");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B, "block_table: expected shape (", B, ", max_blocks), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous(), "block_table: expected a contiguous int32 tensor, got ",
+              t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(k_cache.size(2) >= 1, "k_cache: block_size (dim 2 of a paged cache) must be >= 1");
+  return {t.size(1) * k_cache.size(2), k_cache.size(2), t.size(1), k_cache.size(0)};
+}
+
+inline void check_seqlens(const at::Tensor& s, int64_t B, const Device& dev) {
+  check_device(dev, s, "cache_seqlens");
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == B, "cache_seqlens: expected shape (", B, ",), got ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kInt && s.is_contiguous(), "cache_seqlens: expected a contiguous int32 tensor, got ",
+              s.scalar_type(), s.is_contiguous() ? "" : " (not contiguous)");
+}
+
+// The rows kv_cache_append writes: k_new (B, Hkv, T, D) and v_new (B, Hkv, T, Dv) in the cache's
+// dtype, on dev, with the cache's Hkv, D and Dv (check_cache first).
+inline void check_new_rows(const at::Tensor& k_new, const at::Tensor& v_new, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const Device& dev) {
+  check_device(dev, k_new, "k_new");
+  check_device(dev, v_new, "v_new");
+  TORCH_CHECK(k_new.dim() == 4 && v_new.dim() == 4, "k_new, v_new: expected 4-D tensors (B, Hkv, T, D), got ",
+              k_new.sizes(), " and ", v_new.sizes());
+  TORCH_CHECK(k_new.scalar_type() == k_cache.scalar_type() && v_new.scalar_type() == k_cache.scalar_type(),
+              "k_new, v_new: dtype must match the cache's ", k_cache.scalar_type(), ", got ", k_new.scalar_type(),
+              " and ", v_new.scalar_type());
+  const int64_t B = k_new.size(0), H = k_new.size(1), T = k_new.size(2), D = k_new.size(3);
+  const int64_t Dv = v_cache.size(3);
+  TORCH_CHECK(v_new.size(0) == B && v_new.size(1) == H && v_new.size(2) == T && v_new.size(3) == Dv,
+              "v_new: expected shape (", B, ", ", H, ", ", T, ", ", Dv, "), got ", v_new.sizes());
+  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D, "k_new: shape ", k_new.sizes(),
+              " does not fit k_cache ", k_cache.sizes());
+}
+
+// decode_attention's q (B, Hq, Tq, D) against the cache (check_cache first), num_splits in
+// [1, max_splits] and the window. A backend's head-dim limits are its own.
+inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, int64_t num_splits,
+                              int64_t window_left, int64_t window_right, int64_t max_splits, const Device& dev) {
+  check_device(dev, q, "q");
+  TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (B, Hq, Tq, D), got ", q.sizes());
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q: dtype ", q.scalar_type(), " does not match the cache's ",
+              k_cache.scalar_type());
+  const int64_t Hq = q.size(1), D = q.size(3), Hkv = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(3) == D, "k_cache: head dim ", k_cache.size(3), " must equal q's ", D);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "q: the number of query heads (", Hq,
+              ") must be a multiple of the number of key/value heads (", Hkv, ")");
+  TORCH_CHECK(num_splits >= 1 && num_splits <= max_splits, "num_splits: expected a value in [1, ", max_splits,
+              "], got ", num_splits);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "window_left, window_right: expected >= -1, got ", window_left,
+              ", ", window_right);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LSTM cell (seqkernels::lstm_cell_fwd / lstm_cell_bwd; the CPU's lstm_layer_fwd too)
+
+// The tensor every other argument is checked against: (B, 4*H) gates of a floating dtype on dev.
+// Returns H.
+inline int64_t check_gates(const char* op, const char* name, const at::Tensor& t, const Device& dev) {
+  TORCH_CHECK(t.dim() == 2 && t.size(1) % 4 == 0, "seqkernels::", op, ": ", name, " must have shape (B, 4*H), got ",
+              t.sizes());
+  TORCH_CHECK(is_float_type(t.scalar_type()), "seqkernels::", op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  check_device(dev, t, "seqkernels::", op, ": ", name);
+  return t.size(1) / 4;
+}
+
+// A (rows, cols) tensor with like's dtype and device.
+inline void check_2d(const char* name, const at::Tensor& t, int64_t rows, int64_t cols, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqkernels::lstm_cell: ", name,
+              " must have shape (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqkernels::lstm_cell: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", like.scalar_type(), " (one dtype for all inputs)");
+  TORCH_CHECK(t.device() == like.device(), "seqkernels::lstm_cell: ", name, " is on ", t.device(),
+              ", expected ", like.device());
+}
+
+// An optional (gates,) bias with like's dtype and device.
+inline void check_bias(const char* op, const char* name, const std::optional<at::Tensor>& b, int64_t gates,
+                       const at::Tensor& like) {
+  if (!b.has_value()) return;
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == gates, "seqkernels::", op, ": ", name, " must have shape (", gates,
+              ",), got ", b->sizes());
+  TORCH_CHECK(b->scalar_type() == like.scalar_type() && b->device() == like.device(), "seqkernels::", op, ": ", name,
+              " must have input_gates' dtype and device (", like.scalar_type(), ", ", like.device(), "), got ",
+              b->scalar_type(), ", ", b->device());
+}
+
+}  // namespace host
+}  // namespace seqkernels

@@ -1,0 +1,242 @@
+// The one SIMD layer of the CPU kernels (attention.cpp, kv_cache.cpp, lstm_cell.cpp): which
+// instruction set a call takes, and the AVX2 building blocks they share. Torch-free on purpose,
+// like the kernel headers (DESIGN §9), so the sanitizer build and any later kernel can take it
+// as is; the portable (at::vec) policies stay in the .cpp files that need ATen.
+//
+// Instruction-set choice, made in one place:
+//   cpu_features()  what this CPU and OS can run, probed once per process. AVX-512 (F, BW, VL,
+//                   BF16) is reported already so that a later AVX-512 path needs no second probe;
+//                   no kernel uses it yet.
+//   selected_isa()  the path a call takes: the best one the kernels have for this CPU, unless
+//                   SEQKERNELS_CPU_ISA=portable (or the older spelling "default") forces the
+//                   portable one, as on a CPU without AVX2. Unset, "native" or any other value
+//                   means the best path. The variable is read on every call (a getenv, tens of
+//                   nanoseconds next to a kernel call's microseconds), so a test can switch paths
+//                   inside one process.
+//
+// The extension is compiled for the baseline ISA; the AVX2 code lives in functions with a target
+// attribute (SK_AVX2_FN for helpers, SK_AVX2_ENTRY for the flattened entry points a driver calls
+// through a pointer), and the driver picks them per call from selected_isa(). Every AVX2 helper
+// here carries the same target string, so it inlines into any caller compiled for it (an entry
+// point, or lstm_cell.cpp's `#pragma GCC target` region, which must use SK_AVX2_TARGET too).
+
+#pragma once
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define SK_SIMD_X86 1
+#include <immintrin.h>
+// F16C comes with every AVX2 CPU; it is part of the one AVX2 target so that the KV cache's
+// float16 loads and the LSTM cell's float16 stores are in the same ISA as the math around them.
+#define SK_AVX2_TARGET "avx2,fma,f16c"
+#define SK_AVX2_FN __attribute__((target(SK_AVX2_TARGET))) inline
+#define SK_AVX2_ENTRY __attribute__((target(SK_AVX2_TARGET), flatten, noinline))
+// `#pragma GCC target` does not expand macros; this spelling of it does, for a region (between
+// `#pragma GCC push_options` and `pop_options`) compiled for the same target as the helpers.
+#define SK_SIMD_PRAGMA_STR_(x) _Pragma(#x)
+#define SK_SIMD_PRAGMA_(x) SK_SIMD_PRAGMA_STR_(x)
+#define SK_AVX2_TARGET_PRAGMA SK_SIMD_PRAGMA_(GCC target(SK_AVX2_TARGET))
+// __m256 values only cross function boundaries inside code compiled for AVX2 (flattened entry
+// points, inlined helpers), never through the baseline-ISA drivers, so g++'s note that the
+// by-value vector ABI differs between ISAs does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#else
+#define SK_SIMD_X86 0
+#endif
+
+namespace seqkernels {
+namespace simd {
+
+struct CpuFeatures {
+  bool avx2 = false;  // AVX2 + FMA + F16C: what the AVX2 kernels need
+  bool avx512f = false;
+  bool avx512bw = false;
+  bool avx512vl = false;
+  bool avx512_bf16 = false;
+};
+
+// __builtin_cpu_supports also checks that the OS saves the wider registers (XGETBV), so a
+// feature reported here can be used.
+inline CpuFeatures probe_cpu_features() {
+  CpuFeatures f;
+#if SK_SIMD_X86
+  // The probe may run from a static initializer, before libgcc has filled in its model.
+  __builtin_cpu_init();
+  f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  f.avx512f = __builtin_cpu_supports("avx512f");
+  f.avx512bw = __builtin_cpu_supports("avx512bw");
+  f.avx512vl = __builtin_cpu_supports("avx512vl");
+#if defined(__clang__) || __GNUC__ >= 11
+  f.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+#endif
+#endif
+  return f;
+}
+
+inline const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = probe_cpu_features();
+  return f;
+}
+
+enum class Isa { Portable, Avx2 };
+
+inline bool portable_forced() {
+  const char* e = std::getenv("SEQKERNELS_CPU_ISA");
+  return e != nullptr && (std::strcmp(e, "portable") == 0 || std::strcmp(e, "default") == 0);
+}
+
+inline Isa selected_isa() {
+  if (portable_forced()) return Isa::Portable;
+  return cpu_features().avx2 ? Isa::Avx2 : Isa::Portable;
+}
+
+#if SK_SIMD_X86
+// ---------------------------------------------------------------------------------------------
+// AVX2 policies: the vector type and the few operations the attention kernels are written
+// against (csrc/cpu/attention.cpp's VecPortable is the portable twin); the KV cache's decode
+// uses the float one's reductions and exp2.
+
+struct Avx2Float {
+  using T = float;
+  using V = __m256;
+  static constexpr int W = 8;
+  SK_AVX2_FN static V zero() { return _mm256_setzero_ps(); }
+  SK_AVX2_FN static V set1(float x) { return _mm256_set1_ps(x); }
+  SK_AVX2_FN static V load(const float* p) { return _mm256_loadu_ps(p); }
+  SK_AVX2_FN static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  SK_AVX2_FN static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  // max returns its second operand when either is NaN: the kernels take the running max as
+  // a shift and let NaN reach the sum through exp2.
+  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, 2^f by a degree-6 minimax polynomial
+  // (relative error 8e-8, under one ulp, over [-126, 0]), 2^n built in the exponent field.
+  // Inputs below about -126.5 give exactly 0 (the exponent field becomes 0), so -inf scores
+  // vanish without a compare; NaN stays NaN. Of the softmax exp2s the kernels had, this one is
+  // as accurate as the Taylor form the decode used and about a quarter cheaper.
+  SK_AVX2_FN static V exp2(V x) { return exp2_nonpos(_mm256_min_ps(_mm256_set1_ps(127.0f), x)); }
+  // exp2 for x <= 0 (a score minus its row max), without the upper clamp.
+  SK_AVX2_FN static V exp2_nonpos(V x) {
+    const V xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
+    const V n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm256_sub_ps(xc, n);
+    V p = _mm256_set1_ps(1.533758041e-04f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339986571e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618519805e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550329015e-02f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264625e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471825e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  SK_AVX2_FN static float hmax(V x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  SK_AVX2_FN static float hsum(V x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+struct Avx2Double {
+  using T = double;
+  using V = __m256d;
+  static constexpr int W = 4;
+  SK_AVX2_FN static V zero() { return _mm256_setzero_pd(); }
+  SK_AVX2_FN static V set1(double x) { return _mm256_set1_pd(x); }
+  SK_AVX2_FN static V load(const double* p) { return _mm256_loadu_pd(p); }
+  SK_AVX2_FN static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
+  SK_AVX2_FN static V bcast(const double* p) { return _mm256_broadcast_sd(p); }
+  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_pd(a, b); }
+  // float64 is the precision path (parity with the float64 reference to ~1e-11), so it uses
+  // the correctly rounded libm exp2 rather than a polynomial.
+  SK_AVX2_FN static V exp2(V x) {
+    alignas(32) double buf[4];
+    _mm256_store_pd(buf, x);
+    for (int i = 0; i < 4; ++i) buf[i] = std::exp2(buf[i]);
+    return _mm256_load_pd(buf);
+  }
+  SK_AVX2_FN static V exp2_nonpos(V x) { return exp2(x); }
+  SK_AVX2_FN static double hmax(V x) {
+    __m128d m = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
+    return _mm_cvtsd_f64(m);
+  }
+  SK_AVX2_FN static double hsum(V x) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Natural exp and tanh for the LSTM gates (float32). exp(x) is not exp2(x log2 e): rounding
+// x log2 e costs a relative error of |x| ulps at the gates' |x| up to 88, so exp keeps its own
+// Cody-Waite reduction.
+
+// exp(x): x = n ln2 + r, |r| <= ln2/2, ln2 split in two so n ln2 is exact to float precision,
+// then a degree-7 polynomial for e^r (Cephes expf coefficients), scaled by 2^n through the
+// exponent bits. x is clamped to the finite range first (max/min with the constant as first
+// operand keep a NaN x as NaN). A few ulps, about twice Sleef's throughput.
+SK_AVX2_FN __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), _mm256_max_ps(_mm256_set1_ps(-87.3365447505531f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|), which cannot overflow; below
+// |x| = 0.625, where 1 - e would lose relative accuracy, an odd polynomial (Cephes tanhf).
+SK_AVX2_FN __m256 tanh_ps(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 ax = _mm256_andnot_ps(sign, x);
+  const __m256 e = exp_ps(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f)));
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+  const __m256 large = _mm256_or_ps(big, _mm256_and_ps(sign, x));
+  return _mm256_blendv_ps(large, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+
+// sigmoid(x) = 1 / (1 + exp(-x)).
+SK_AVX2_FN __m256 sigmoid_ps(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_xor_ps(x, _mm256_set1_ps(-0.f)))));
+}
+#endif  // SK_SIMD_X86
+
+}  // namespace simd
+}  // namespace seqkernels
