@@ -45,7 +45,9 @@ def _want_cuda(torch):
 
 
 def cuda_archs():
-    return [a.strip() for a in os.environ.get("SEQKERNELS_CUDA_ARCHS", "8.0;9.0").replace(",", ";").split(";") if a.strip()]
+    return [
+        a.strip() for a in os.environ.get("SEQKERNELS_CUDA_ARCHS", "8.0;9.0").replace(",", ";").split(";") if a.strip()
+    ]
 
 
 def gencode_flags(archs):
@@ -80,20 +82,39 @@ def _extensions():
         for root in (spec.submodule_search_locations or []) if spec else []:
             if os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cusparse.h")):
                 break
-            include_dirs += sorted(d for d in glob.glob(os.path.join(root, "*", "include"))
-                                   if os.path.exists(os.path.join(d, "cusparse.h")))
-        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-                "-Xptxas=-warn-spills"] + gencode_flags(archs)
+            include_dirs += sorted(
+                d
+                for d in glob.glob(os.path.join(root, "*", "include"))
+                if os.path.exists(os.path.join(d, "cusparse.h"))
+            )
+        nvcc = [
+            "-O3",
+            "-std=c++20",
+            "--use_fast_math",
+            "-lineinfo",
+            "--expt-relaxed-constexpr",
+            "-Xptxas=-warn-spills",
+        ] + gencode_flags(archs)
         home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
         lib_dirs = [d for d in (os.path.join(home, "lib64"), os.path.join(home, "lib")) if os.path.isdir(d)]
-        ext = CUDAExtension("seqkernels._C", sources, include_dirs=include_dirs, library_dirs=lib_dirs,
-                            extra_compile_args={"cxx": cxx + ["-DSEQKERNELS_WITH_CUDA"],
-                                                "nvcc": nvcc + ["-DSEQKERNELS_WITH_CUDA"]},
-                            extra_link_args=["-fopenmp"], define_macros=define)
+        ext = CUDAExtension(
+            "seqkernels._C",
+            sources,
+            include_dirs=include_dirs,
+            library_dirs=lib_dirs,
+            extra_compile_args={"cxx": cxx + ["-DSEQKERNELS_WITH_CUDA"], "nvcc": nvcc + ["-DSEQKERNELS_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"],
+            define_macros=define,
+        )
     else:
-        ext = CppExtension("seqkernels._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
-                           define_macros=define)
+        ext = CppExtension(
+            "seqkernels._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+            define_macros=define,
+        )
     return [ext]
 
 

@@ -54,9 +54,12 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 1,8,1024,64;4,8,512,64")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time with the process CPU clock instead of the wall clock: steadier on a "
-                         "loaded machine, but counts all threads (use with --threads 1)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the process CPU clock instead of the wall clock: steadier on a "
+        "loaded machine, but counts all threads (use with --threads 1)",
+    )
     args = ap.parse_args()
     global CLOCK
     if args.cpu_time:
@@ -87,15 +90,18 @@ def main():
             rows = [("fwd", {"torch": th_fwd, "sk": sk_fwd})]
             if not args.no_bwd:
                 t_out, t_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, 0.0, causal, scale=scale)
+                    q, k, v, 0.0, causal, scale=scale
+                )
 
                 def sk_bwd():
                     return torch.ops.seqkernels.attention_bwd(
-                        go, q, k, v, out, lse, None, None, scale, -1, wr, False, 0.0, 0, 0, False)
+                        go, q, k, v, out, lse, None, None, scale, -1, wr, False, 0.0, 0, 0, False
+                    )
 
                 def th_bwd():
                     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                        go, q, k, v, t_out, t_lse, 0.0, causal, scale=scale)
+                        go, q, k, v, t_out, t_lse, 0.0, causal, scale=scale
+                    )
 
                 for a, b in zip(sk_bwd(), th_bwd()):
                     torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
@@ -105,8 +111,11 @@ def main():
                 mt, ms = statistics.median(t["torch"]), statistics.median(t["sk"])
                 pair = statistics.median(a / b for a, b in zip(t["torch"], t["sk"]))
                 shape = f"{what} {B},{H},{L},{D}"
-                print(f"{shape:>18} {str(causal):>6} {'ok':>4} {mt * 1e3:9.2f} {ms * 1e3:8.2f} "
-                      f"{mt / ms:6.2f} {pair:6.2f}", flush=True)
+                print(
+                    f"{shape:>18} {str(causal):>6} {'ok':>4} {mt * 1e3:9.2f} {ms * 1e3:8.2f} "
+                    f"{mt / ms:6.2f} {pair:6.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

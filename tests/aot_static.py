@@ -48,7 +48,8 @@ def compile_static(module: str, pattern: str) -> list:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     pkg = os.path.dirname(os.path.dirname(seqkernels.__file__))
     env["PYTHONPATH"] = os.pathsep.join([pkg] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, module, pattern], capture_output=True, text=True, env=env,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, module, pattern], capture_output=True, text=True, env=env, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -24,8 +24,12 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="also run tests marked slow (the full static compile matrix, large interpreter runs)")
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        default=False,
+        help="also run tests marked slow (the full static compile matrix, large interpreter runs)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -73,7 +73,7 @@ def _assert_parity(got, ref, base, dtype):
 def _huge_score_qkv(dtype, score, D=3, Lk=7):
     """Scores q.k * scale equal to score * c_j with c_j in {1, 1, 0.5, -1, ...}: the rows' max is a
     huge finite value, reached twice, so the answer is the mean of those two values."""
-    a = score ** 0.5
+    a = score**0.5
     c = torch.tensor([1.0, 0.5, 1.0, -1.0, 0.25, -0.5, 0.75][:Lk], dtype=torch.float64)
     q = torch.full((1, 2, 3, D), a, dtype=torch.float64)
     q[:, :, 1] *= -1  # the second row's max sits at c_j = -1
@@ -86,7 +86,7 @@ def _huge_score_qkv(dtype, score, D=3, Lk=7):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("score", [1e4, 2e9, 1e20, 1e38])
 def test_huge_finite_scores(backend, dtype, score):
-    if score ** 0.5 > torch.finfo(dtype).max:
+    if score**0.5 > torch.finfo(dtype).max:
         pytest.skip(f"sqrt({score:g}) is not finite in {dtype}")
     q, k, v, scale = _huge_score_qkv(dtype, score)
     q, k, v = (t.to(_dev(backend)) for t in (q, k, v))
@@ -142,6 +142,7 @@ def test_attention_gradgradcheck_float64(backend, kw):
 
     def f(q, k, v):
         return seqkernels.attention(q, k, v, backend=backend, **kw)
+
     assert gradcheck(f, (q, k, v))
     assert gradgradcheck(f, (q, k, v))
 
@@ -225,8 +226,24 @@ def test_empty_dims_give_zero_gradients(backend, shape):
 def _kernel_bwd_zero_size(backend, q, k, v, out, lse):
     """The backward op itself on an empty problem (autograd skips it when the output is empty)."""
     call = attn_ops.prepare_attention(q.detach(), k.detach(), v.detach())
-    args = (torch.zeros_like(out), call.q, call.k, call.v, out.detach(), lse.detach(), None, None, call.scale,
-            -1, -1, True, 0.0, 0, 0, False)
+    args = (
+        torch.zeros_like(out),
+        call.q,
+        call.k,
+        call.v,
+        out.detach(),
+        lse.detach(),
+        None,
+        None,
+        call.scale,
+        -1,
+        -1,
+        True,
+        0.0,
+        0,
+        0,
+        False,
+    )
     if backend == "reference":
         _, dk, dv = reference.attention_bwd_ref(args[0], call.q, call.k, call.v, scale=call.scale)
     elif backend == "cpu":
@@ -276,8 +293,9 @@ def test_decode_int64_lengths_are_judged_as_given(backend):
             seqkernels.decode_attention(q, kc, vc, torch.tensor([length]), backend=backend)
     pk, pv = torch.randn(6, 2, 4, 4), torch.randn(6, 2, 4, 4)
     with pytest.raises(ValueError, match="block_table.*4294967301"):
-        seqkernels.decode_attention(q, pk, pv, torch.tensor([3]), block_table=torch.tensor([[2**32 + 5]]),
-                                    backend=backend)
+        seqkernels.decode_attention(
+            q, pk, pv, torch.tensor([3]), block_table=torch.tensor([[2**32 + 5]]), backend=backend
+        )
 
 
 def test_attention_int64_kv_lengths_are_judged_as_given():
@@ -325,8 +343,9 @@ def test_append_kernel_backends_refuse_inputs_that_require_grad(backend):
 def test_append_into_a_leaf_cache_that_requires_grad_raises_like_torch():
     kc = torch.zeros(1, 2, 8, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
-        seqkernels.kv_cache_append(kc, torch.zeros(1, 2, 8, 4), torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4),
-                                   torch.tensor([0]))
+        seqkernels.kv_cache_append(
+            kc, torch.zeros(1, 2, 8, 4), torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), torch.tensor([0])
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +383,15 @@ def test_other_bad_arguments_are_named(bad):
 # Decided and documented behaviour
 
 
-@pytest.mark.parametrize("shapes", [((3, 2, 5, 4), (1, 2, 6, 4)), ((1, 2, 5, 4), (3, 2, 6, 4)),
-                                    ((2, 3, 2, 5, 4), (1, 3, 2, 6, 4)), ((4, 5, 4), (1, 6, 4))])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        ((3, 2, 5, 4), (1, 2, 6, 4)),
+        ((1, 2, 5, 4), (3, 2, 6, 4)),
+        ((2, 3, 2, 5, 4), (1, 3, 2, 6, 4)),
+        ((4, 5, 4), (1, 6, 4)),
+    ],
+)
 def test_sdpa_broadcasts_batch_dims_like_torch(shapes):
     qs, ks = shapes
     q = torch.randn(*qs, requires_grad=True)
@@ -400,16 +426,19 @@ def test_append_refuses_aliased_blocks(backend):
     kc, vc = torch.zeros(4, 1, 2, 2), torch.zeros(4, 1, 2, 2)
     kn, vn = torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2)
     with pytest.raises(ValueError, match="block_table: sequence 0 writes into block 1"):
-        seqkernels.kv_cache_append(kc, vc, kn, vn, torch.tensor([0, 0]), block_table=torch.tensor([[1], [1]]),
-                                   backend=backend)
+        seqkernels.kv_cache_append(
+            kc, vc, kn, vn, torch.tensor([0, 0]), block_table=torch.tensor([[1], [1]]), backend=backend
+        )
     # A block another sequence reads (sequence 1's column 0) must not be written either.
     with pytest.raises(ValueError, match="also used by"):
-        seqkernels.kv_cache_append(kc, vc, kn, vn, torch.tensor([0, 2]), block_table=torch.tensor([[2, 3], [2, 1]]),
-                                   backend=backend)
+        seqkernels.kv_cache_append(
+            kc, vc, kn, vn, torch.tensor([0, 2]), block_table=torch.tensor([[2, 3], [2, 1]]), backend=backend
+        )
     assert (kc == 0).all()
     # Sharing a read-only prefix block is fine.
-    seqkernels.kv_cache_append(kc, vc, kn, vn, torch.tensor([2, 2]), block_table=torch.tensor([[0, 1], [0, 2]]),
-                               backend=backend)
+    seqkernels.kv_cache_append(
+        kc, vc, kn, vn, torch.tensor([2, 2]), block_table=torch.tensor([[0, 1], [0, 2]]), backend=backend
+    )
     assert (kc[1, :, 0] == 1).all() and (kc[2, :, 0] == 1).all() and (kc[0] == 0).all()
     assert kv_ops  # the op module is the one under test
 
@@ -521,7 +550,7 @@ def test_lstm_layer_with_one_bias(which, backend):
         cell.bias_hh.copy_(b_hh if b_hh is not None else torch.zeros(4 * H))
         hh, cc, outs = h0, c0, []
         for t in range(T):
-            hh, cc = cell(x[t * B:(t + 1) * B], (hh, cc))
+            hh, cc = cell(x[t * B : (t + 1) * B], (hh, cc))
             outs.append(hh)
     torch.testing.assert_close(out, torch.cat(outs))
     torch.testing.assert_close((h, c), (hh, cc))

@@ -76,14 +76,19 @@ def _to64(kwargs):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}-{c[2]}L{c[3]}x{c[4]}D{c[5]}-{c[6]}{'-' + '-'.join(map(str, c[7])) if c[7] else ''}")
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: f"B{c[0]}H{c[1]}-{c[2]}L{c[3]}x{c[4]}D{c[5]}-{c[6]}{'-' + '-'.join(map(str, c[7])) if c[7] else ''}",
+)
 def test_forward_and_lse_parity(backend, dtype, case):
     device = _device_for(backend)
     q, k, v, kwargs = _build(case, dtype, device)
     _skip_unless_runs(backend, attn_ops.prepare_attention(q, k, v, **kwargs))
     out, lse = seqkernels.attention(q, k, v, return_lse=True, backend=backend, **kwargs)
-    ref_out, ref_lse = seqkernels.attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), return_lse=True,
-                                            backend="reference", **_to64(kwargs))
+    ref_out, ref_lse = seqkernels.attention(
+        q.cpu().double(), k.cpu().double(), v.cpu().double(), return_lse=True, backend="reference", **_to64(kwargs)
+    )
     base_out, base_lse = seqkernels.attention(q, k, v, return_lse=True, backend="reference", **kwargs)
     assert out.dtype == dtype and out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     report = testing.compare((out.cpu(), lse.cpu()), (ref_out, ref_lse), (base_out.cpu(), base_lse.cpu()))
@@ -113,8 +118,11 @@ def test_backward_parity(backend, dtype, case):
 
 
 def _sdpa_inputs(shape_q, shape_kv, dtype):
-    return (torch.randn(*shape_q, dtype=dtype), torch.randn(*shape_kv, dtype=dtype),
-            torch.randn(*shape_kv, dtype=dtype))
+    return (
+        torch.randn(*shape_q, dtype=dtype),
+        torch.randn(*shape_kv, dtype=dtype),
+        torch.randn(*shape_kv, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,8 +167,16 @@ def test_sdpa_rejects_what_torch_rejects():
         (lambda q, k, v: (q[0], k, v), ValueError, "q: expected a 4-D"),
         (lambda q, k, v: (q.int(), k, v), TypeError, "q: expected dtype"),
         (lambda q, k, v: (q, k[:, :, :, :8], v), ValueError, "head dim"),
-        (lambda q, k, v: (torch.randn(1, 3, 5, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)), ValueError, "multiple"),
-        (lambda q, k, v: (torch.randn(1, 2, 5, 300), torch.randn(1, 2, 7, 300), torch.randn(1, 2, 7, 16)), ValueError, "head dims"),
+        (
+            lambda q, k, v: (torch.randn(1, 3, 5, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)),
+            ValueError,
+            "multiple",
+        ),
+        (
+            lambda q, k, v: (torch.randn(1, 2, 5, 300), torch.randn(1, 2, 7, 300), torch.randn(1, 2, 7, 16)),
+            ValueError,
+            "head dims",
+        ),
         (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "v: expected shape"),
     ],
 )
@@ -188,8 +204,9 @@ def test_lse_gradient_matches_reference():
     # The lse output is differentiable on every backend (ring-attention style merges need it).
     q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out, lse = seqkernels.attention(q, k, v, causal=True, return_lse=True, backend="reference")
-    torch.autograd.gradcheck(lambda q_, k_: seqkernels.attention(q_, k_, v, causal=True, return_lse=True,
-                                                                 backend="reference")[1], (q, k))
+    torch.autograd.gradcheck(
+        lambda q_, k_: seqkernels.attention(q_, k_, v, causal=True, return_lse=True, backend="reference")[1], (q, k)
+    )
 
 
 def test_fully_masked_rows_are_zero_with_zero_grads():

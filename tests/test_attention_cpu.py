@@ -25,11 +25,18 @@ bwd_op = torch.ops.seqkernels.attention_bwd
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
-def _kw(scale, attn_mask=None, kv_lengths=None, window=(-1, -1), bottom_right=True, dropout_p=0.0,
-        seed=0, offset=0):
-    return dict(attn_mask=attn_mask, kv_lengths=kv_lengths, scale=scale, window_left=window[0],
-                window_right=window[1], bottom_right=bottom_right, dropout_p=dropout_p, seed=seed,
-                offset=offset)
+def _kw(scale, attn_mask=None, kv_lengths=None, window=(-1, -1), bottom_right=True, dropout_p=0.0, seed=0, offset=0):
+    return dict(
+        attn_mask=attn_mask,
+        kv_lengths=kv_lengths,
+        scale=scale,
+        window_left=window[0],
+        window_right=window[1],
+        bottom_right=bottom_right,
+        dropout_p=dropout_p,
+        seed=seed,
+        offset=offset,
+    )
 
 
 def _poison_heap(*shapes):
@@ -43,15 +50,42 @@ def _poison_heap(*shapes):
 def sk_forward(q, k, v, kw):
     B, Hq, Lq, _ = q.shape
     _poison_heap((B, Hq, Lq, v.shape[-1]), (B, Hq, Lq))
-    return fwd_op(q, k, v, kw["attn_mask"], kw["kv_lengths"], kw["scale"], kw["window_left"],
-                  kw["window_right"], kw["bottom_right"], kw["dropout_p"], kw["seed"], kw["offset"])
+    return fwd_op(
+        q,
+        k,
+        v,
+        kw["attn_mask"],
+        kw["kv_lengths"],
+        kw["scale"],
+        kw["window_left"],
+        kw["window_right"],
+        kw["bottom_right"],
+        kw["dropout_p"],
+        kw["seed"],
+        kw["offset"],
+    )
 
 
 def sk_backward(g, q, k, v, out, lse, kw, deterministic=False):
     _poison_heap(q.shape, k.shape, v.shape)
-    return bwd_op(g, q, k, v, out, lse, kw["attn_mask"], kw["kv_lengths"], kw["scale"], kw["window_left"],
-                  kw["window_right"], kw["bottom_right"], kw["dropout_p"], kw["seed"], kw["offset"],
-                  deterministic)
+    return bwd_op(
+        g,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kw["attn_mask"],
+        kw["kv_lengths"],
+        kw["scale"],
+        kw["window_left"],
+        kw["window_right"],
+        kw["bottom_right"],
+        kw["dropout_p"],
+        kw["seed"],
+        kw["offset"],
+        deterministic,
+    )
 
 
 def _d(t):
@@ -171,11 +205,15 @@ def test_dropout_keep_rate():
 def test_nan_propagation():
     torch.manual_seed(4)
     B, H, Lq, Lk, D = 2, 2, 17, 40, 16
-    q, k, v = rand(B, H, Lq, D, dtype=torch.float32), rand(B, H, Lk, D, dtype=torch.float32), rand(B, H, Lk, D, dtype=torch.float32)
+    q, k, v = (
+        rand(B, H, Lq, D, dtype=torch.float32),
+        rand(B, H, Lk, D, dtype=torch.float32),
+        rand(B, H, Lk, D, dtype=torch.float32),
+    )
     lens = torch.tensor([30, 40], dtype=torch.int32)
-    q[0, 1, 5] = float("nan")            # one query row: that row is NaN
-    k[1, 0, 12, 3] = float("nan")        # a visible key: every row seeing it is NaN
-    v[0, :, 35] = float("nan")           # padding past kv_lengths[0]: must not leak
+    q[0, 1, 5] = float("nan")  # one query row: that row is NaN
+    k[1, 0, 12, 3] = float("nan")  # a visible key: every row seeing it is NaN
+    v[0, :, 35] = float("nan")  # padding past kv_lengths[0]: must not leak
     k[0, :, 33] = float("nan")
     kw = _kw(0.25, kv_lengths=lens)
     out, lse = check_parity(q, k, v, kw)
@@ -187,7 +225,11 @@ def test_nan_propagation():
 def test_fully_masked_rows_zero_grads():
     torch.manual_seed(5)
     B, H, Lq, Lk, D = 1, 2, 20, 16, 16
-    q, k, v = rand(B, H, Lq, D, dtype=torch.float32), rand(B, H, Lk, D, dtype=torch.float32), rand(B, H, Lk, D, dtype=torch.float32)
+    q, k, v = (
+        rand(B, H, Lq, D, dtype=torch.float32),
+        rand(B, H, Lk, D, dtype=torch.float32),
+        rand(B, H, Lk, D, dtype=torch.float32),
+    )
     # Bottom-right causal with Lq > Lk: the first Lq - Lk rows see no key.
     kw = _kw(0.25, window=(-1, 0), bottom_right=True)
     out, lse = sk_forward(q, k, v, kw)
@@ -239,8 +281,9 @@ def test_gradcheck_float64(feature):
     B, Hq, Hkv, Lq, Lk, D, Dv = 1, 2, 1, 5, 7, 3, 4
     if feature == "mask-dropout":
         Hkv = 2
-    q, k, v = (rand(*s, dtype=torch.float64).requires_grad_() for s in
-               ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv)))
+    q, k, v = (
+        rand(*s, dtype=torch.float64).requires_grad_() for s in ((B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv))
+    )
     if feature == "causal-gqa":
         kw = _kw(0.7, window=(-1, 0), kv_lengths=torch.tensor([6], dtype=torch.int32))
     else:
@@ -253,7 +296,11 @@ def test_backward_deterministic_with_splits():
     # One (batch, kv head) group and two threads: the backward splits the key blocks and sums
     # the dQ partials; the result must be bitwise reproducible.
     torch.manual_seed(7)
-    q, k, v = rand(1, 2, 200, 32, dtype=torch.float32), rand(1, 1, 300, 32, dtype=torch.float32), rand(1, 1, 300, 32, dtype=torch.float32)
+    q, k, v = (
+        rand(1, 2, 200, 32, dtype=torch.float32),
+        rand(1, 1, 300, 32, dtype=torch.float32),
+        rand(1, 1, 300, 32, dtype=torch.float32),
+    )
     kw = _kw(0.2, window=(-1, 0))
     old = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -271,15 +318,18 @@ def test_backward_deterministic_with_splits():
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=["bfloat16", "float32", "float64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float32, torch.float64], ids=["bfloat16", "float32", "float64"]
+)
 def test_portable_kernels(dtype, monkeypatch):
     # The at::vec path (what non-x86 machines run) on the same contract.
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", "portable")
     torch.manual_seed(8)
     q, k, v = rand(2, 4, 45, 40, dtype=dtype), rand(2, 2, 61, 40, dtype=dtype), rand(2, 2, 61, 24, dtype=dtype)
     mask = (torch.rand(2, 1, 45, 61) > 0.2).expand(2, 4, 45, 61)
-    kw = _kw(0.2, attn_mask=mask, window=(10, 0), kv_lengths=torch.tensor([61, 30], dtype=torch.int32),
-             dropout_p=0.1, seed=3)
+    kw = _kw(
+        0.2, attn_mask=mask, window=(10, 0), kv_lengths=torch.tensor([61, 30], dtype=torch.int32), dropout_p=0.1, seed=3
+    )
     check_parity(q, k, v, kw)
 
 
@@ -508,11 +558,11 @@ def test_huge_negative_float_masks(const, dtype, isa, monkeypatch):
     B, H, Lq, Lk, D = 2, 2, 5, 21, 8
     q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
     m = torch.zeros(B, H, Lq, Lk, dtype=torch.float64)
-    m[:, :, 1] = c                      # every key at c: the mean of v
-    m[:, :, 2, 0::2] = c                # c on even keys, -inf on odd ones: the mean over the even keys
+    m[:, :, 1] = c  # every key at c: the mean of v
+    m[:, :, 2, 0::2] = c  # c on even keys, -inf on odd ones: the mean over the even keys
     m[:, :, 2, 1::2] = -math.inf
-    m[:, :, 3] = -math.inf              # sees nothing: 0, lse -inf
-    m[:, :, 4, :7] = c                  # padding-style: keys 7.. only
+    m[:, :, 3] = -math.inf  # sees nothing: 0, lse -inf
+    m[:, :, 4, :7] = c  # padding-style: keys 7.. only
     mask = m.to(mdtype)
     kw = _kw(0.3, attn_mask=mask)
     out, lse, ref_lse = _check_fwd_bwd(q, k, v, kw)
@@ -534,14 +584,20 @@ def test_huge_negative_float_masks(const, dtype, isa, monkeypatch):
     _check_grad_witness(q, k, v, mask, 0.3, kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("shape", [
-    (2, 0, 1, 40, 50, 16, 16),   # Hq = 0: dq is empty, dk and dv are not
-    (0, 2, 1, 40, 50, 16, 16),   # B = 0
-    (2, 2, 1, 0, 50, 16, 16),    # Lq = 0: dk and dv exist
-    (2, 2, 1, 40, 0, 16, 16),    # Lk = 0: dq exists
-    (2, 2, 1, 40, 50, 16, 0),    # Dv = 0: out is empty, lse is not
-], ids=["Hq0", "B0", "Lq0", "Lk0", "Dv0"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"]
+)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 0, 1, 40, 50, 16, 16),  # Hq = 0: dq is empty, dk and dv are not
+        (0, 2, 1, 40, 50, 16, 16),  # B = 0
+        (2, 2, 1, 0, 50, 16, 16),  # Lq = 0: dk and dv exist
+        (2, 2, 1, 40, 0, 16, 16),  # Lk = 0: dq exists
+        (2, 2, 1, 40, 50, 16, 0),  # Dv = 0: out is empty, lse is not
+    ],
+    ids=["Hq0", "B0", "Lq0", "Lk0", "Dv0"],
+)
 def test_zero_size_outputs_are_written(shape, dtype):
     # Nothing may come back as uninitialized memory: the heap is poisoned with NaN blocks of the
     # outputs' sizes (in their dtype and in float64) before each call.
@@ -573,7 +629,9 @@ def test_zero_size_outputs_are_written(shape, dtype):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bfloat16"]
+)
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0)], ids=["full", "causal"])
 def test_nan_in_partly_valid_key_panel(window, dtype, isa, monkeypatch):
     # K and V hold NaN at every key >= kv_lengths[b]: in the partly valid last panel (keys packed
@@ -623,7 +681,9 @@ def test_long_window_off_panel_boundary(left, dtype, isa, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=["bfloat16", "float32", "float64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float32, torch.float64], ids=["bfloat16", "float32", "float64"]
+)
 def test_forward_rescale_over_key_blocks(dtype, isa, monkeypatch):
     # Lk = 3 * 256 + 5: four forward key blocks, with scores rising along the keys so that the row
     # max grows in every block and the online softmax must rescale what the earlier blocks summed.

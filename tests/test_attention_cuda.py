@@ -16,14 +16,32 @@ from seqkernels.reference import attention_bwd_ref, attention_ref
 from seqkernels.testing import compare
 
 SOURCES = ["csrc/cuda/attention.cu"]
-ARG_NAMES = ("attn_mask", "kv_lengths", "scale", "window_left", "window_right", "bottom_right",
-             "dropout_p", "seed", "offset")
+ARG_NAMES = (
+    "attn_mask",
+    "kv_lengths",
+    "scale",
+    "window_left",
+    "window_right",
+    "bottom_right",
+    "dropout_p",
+    "seed",
+    "offset",
+)
 
 
 def _normalized(q, k, **kw):
     """The op's positional arguments (docs/INTERNALS.md) with defaults filled in."""
-    args = dict(attn_mask=None, kv_lengths=None, scale=q.shape[-1] ** -0.5, window_left=-1,
-                window_right=-1, bottom_right=True, dropout_p=0.0, seed=0, offset=0)
+    args = dict(
+        attn_mask=None,
+        kv_lengths=None,
+        scale=q.shape[-1] ** -0.5,
+        window_left=-1,
+        window_right=-1,
+        bottom_right=True,
+        dropout_p=0.0,
+        seed=0,
+        offset=0,
+    )
     args.update(kw)
     m = args["attn_mask"]
     if m is not None:
@@ -73,39 +91,63 @@ def _bool_mask(Lq, Lk, device, *, dead_rows=(1,)):
 FWD_CASES = [
     ("d64_gqa", (1, 2, 1, 17, 33, 64, 64), torch.float16, {}),
     ("d128_lq1_causal", (1, 1, 1, 1, 97, 128, 128), torch.bfloat16, {"window_right": 0}),
-    ("d40_dv80_causal_topleft", (2, 2, 2, 97, 17, 40, 80), torch.float16,
-     {"window_right": 0, "bottom_right": False}),
+    ("d40_dv80_causal_topleft", (2, 2, 2, 97, 17, 40, 80), torch.float16, {"window_right": 0, "bottom_right": False}),
     ("d256_window", (1, 2, 1, 33, 97, 256, 256), torch.bfloat16, {"window_left": 8, "window_right": 4}),
-    ("d64_kv_lengths", (2, 1, 1, 17, 40, 64, 64), torch.float16,
-     lambda dev: {"kv_lengths": torch.tensor([0, 23], dtype=torch.int32, device=dev)}),
-    ("d64_bool_mask", (1, 2, 2, 33, 33, 64, 64), torch.float16,
-     lambda dev: {"attn_mask": _bool_mask(33, 33, dev)}),
-    ("d128_bf16_mask_causal", (1, 2, 1, 17, 29, 128, 128), torch.bfloat16,
-     lambda dev: {"attn_mask": _float_mask(17, 29, torch.bfloat16, dev), "window_right": 0}),
-    ("d20_dv12_f32_mask", (1, 1, 1, 17, 29, 20, 12), torch.float16,
-     lambda dev: {"attn_mask": _float_mask(17, 29, torch.float32, dev)}),
-    ("d64_dropout", (1, 2, 1, 33, 47, 64, 64), torch.float16,
-     {"dropout_p": 0.3, "seed": 1234, "offset": 7}),
-    ("d256_dropout_mask", (1, 1, 1, 17, 17, 256, 256), torch.float16,
-     lambda dev: {"dropout_p": 0.5, "seed": 99, "attn_mask": _bool_mask(17, 17, dev)}),
+    (
+        "d64_kv_lengths",
+        (2, 1, 1, 17, 40, 64, 64),
+        torch.float16,
+        lambda dev: {"kv_lengths": torch.tensor([0, 23], dtype=torch.int32, device=dev)},
+    ),
+    ("d64_bool_mask", (1, 2, 2, 33, 33, 64, 64), torch.float16, lambda dev: {"attn_mask": _bool_mask(33, 33, dev)}),
+    (
+        "d128_bf16_mask_causal",
+        (1, 2, 1, 17, 29, 128, 128),
+        torch.bfloat16,
+        lambda dev: {"attn_mask": _float_mask(17, 29, torch.bfloat16, dev), "window_right": 0},
+    ),
+    (
+        "d20_dv12_f32_mask",
+        (1, 1, 1, 17, 29, 20, 12),
+        torch.float16,
+        lambda dev: {"attn_mask": _float_mask(17, 29, torch.float32, dev)},
+    ),
+    ("d64_dropout", (1, 2, 1, 33, 47, 64, 64), torch.float16, {"dropout_p": 0.3, "seed": 1234, "offset": 7}),
+    (
+        "d256_dropout_mask",
+        (1, 1, 1, 17, 17, 256, 256),
+        torch.float16,
+        lambda dev: {"dropout_p": 0.5, "seed": 99, "attn_mask": _bool_mask(17, 17, dev)},
+    ),
     ("d64_causal_lq_gt_lk", (1, 2, 2, 40, 17, 64, 64), torch.bfloat16, {"window_right": 0}),
     ("d64_strided_q", (1, 3, 3, 33, 33, 64, 64), torch.float16, {"q_layout": "blhd"}),
     ("d64_l257_causal", (1, 1, 1, 257, 257, 64, 64), torch.float16, {"window_right": 0}),
-    ("d128_l257_window", (1, 1, 1, 257, 130, 128, 128), torch.bfloat16,
-     {"window_left": 40, "window_right": 3}),
+    ("d128_l257_window", (1, 1, 1, 257, 130, 128, 128), torch.bfloat16, {"window_left": 40, "window_right": 3}),
 ]
 
 BWD_CASES = [
     ("d64_gqa", (1, 4, 2, 17, 33, 64, 64), torch.float16, {}),
     ("d128_causal", (1, 1, 1, 97, 97, 128, 128), torch.bfloat16, {"window_right": 0}),
-    ("d40_dv80_kv_lengths", (2, 2, 1, 17, 40, 40, 80), torch.float16,
-     lambda dev: {"kv_lengths": torch.tensor([0, 23], dtype=torch.int32, device=dev)}),
-    ("d64_mask_dropout", (1, 2, 2, 33, 33, 64, 64), torch.float16,
-     lambda dev: {"attn_mask": _bool_mask(33, 33, dev), "dropout_p": 0.25, "seed": 5, "offset": 3}),
+    (
+        "d40_dv80_kv_lengths",
+        (2, 2, 1, 17, 40, 40, 80),
+        torch.float16,
+        lambda dev: {"kv_lengths": torch.tensor([0, 23], dtype=torch.int32, device=dev)},
+    ),
+    (
+        "d64_mask_dropout",
+        (1, 2, 2, 33, 33, 64, 64),
+        torch.float16,
+        lambda dev: {"attn_mask": _bool_mask(33, 33, dev), "dropout_p": 0.25, "seed": 5, "offset": 3},
+    ),
     ("d256_window", (1, 1, 1, 17, 29, 256, 256), torch.bfloat16, {"window_left": 5, "window_right": 3}),
     ("d64_causal_lq_gt_lk", (1, 2, 1, 40, 17, 64, 64), torch.float16, {"window_right": 0}),
-    ("d20_dv12_float_mask", (1, 1, 1, 17, 29, 20, 12), torch.float16,
-     lambda dev: {"attn_mask": _float_mask(17, 29, torch.float16, dev)}),
+    (
+        "d20_dv12_float_mask",
+        (1, 1, 1, 17, 29, 20, 12),
+        torch.float16,
+        lambda dev: {"attn_mask": _float_mask(17, 29, torch.float16, dev)},
+    ),
 ]
 
 
@@ -174,10 +216,12 @@ def test_forward_emulated(emu, case):
 
 
 @pytest.mark.emulation
-@pytest.mark.parametrize("case,deterministic",
-                         [(c, i % 2 == 0) for i, c in enumerate(BWD_CASES)] + [(BWD_CASES[0], False)],
-                         ids=[f"{c[0]}-{'det' if i % 2 == 0 else 'atomic'}" for i, c in enumerate(BWD_CASES)]
-                         + [f"{BWD_CASES[0][0]}-atomic"])
+@pytest.mark.parametrize(
+    "case,deterministic",
+    [(c, i % 2 == 0) for i, c in enumerate(BWD_CASES)] + [(BWD_CASES[0], False)],
+    ids=[f"{c[0]}-{'det' if i % 2 == 0 else 'atomic'}" for i, c in enumerate(BWD_CASES)]
+    + [f"{BWD_CASES[0][0]}-atomic"],
+)
 def test_backward_emulated(emu, case, deterministic):
     check_backward(emu.attention_fwd, emu.attention_bwd, case, "cpu", deterministic)
 
@@ -212,8 +256,9 @@ def _sweep_shapes():
     return list(dict.fromkeys(shapes))
 
 
-SWEEP = [(f"lq{lq}_lk{lk}", (1, 1, 1, lq, lk, 64, 64), torch.float16, {"window_right": 0})
-         for lq, lk in _sweep_shapes()]
+SWEEP = [
+    (f"lq{lq}_lk{lk}", (1, 1, 1, lq, lk, 64, 64), torch.float16, {"window_right": 0}) for lq, lk in _sweep_shapes()
+]
 
 
 @pytest.mark.emulation
@@ -330,8 +375,7 @@ def _sanitizer_case(emu):
     torch.manual_seed(0)
     q, k, v = _inputs((1, 2, 1, 19, 21, 64, 64), torch.float16, "cpu")
     mask = _bool_mask(19, 21, "cpu").expand(1, 2, 19, 21)
-    for extra, det in (({"window_right": 0}, True),
-                       ({"attn_mask": mask, "dropout_p": 0.2, "seed": 3}, False)):
+    for extra, det in (({"window_right": 0}, True), ({"attn_mask": mask, "dropout_p": 0.2, "seed": 3}, False)):
         args = _normalized(q, k, **extra)
         out, lse = emu.attention_fwd(q, k, v, *_call_args(args))
         emu.attention_bwd(torch.randn_like(out), q, k, v, out, lse, *_call_args(args), det)
@@ -352,8 +396,12 @@ def test_sanitized_emulated(sanitizer):
 GPU_EXTRA_FWD = [
     ("d128_big_causal", (2, 4, 2, 513, 1031, 128, 128), torch.bfloat16, {"window_right": 0}),
     ("d64_big", (2, 8, 8, 1024, 1024, 64, 64), torch.float16, {}),
-    ("d256_big_mask", (1, 2, 1, 300, 257, 256, 256), torch.float16,
-     lambda dev: {"attn_mask": _float_mask(300, 257, torch.float16, dev)}),
+    (
+        "d256_big_mask",
+        (1, 2, 1, 300, 257, 256, 256),
+        torch.float16,
+        lambda dev: {"attn_mask": _float_mask(300, 257, torch.float16, dev)},
+    ),
 ]
 
 

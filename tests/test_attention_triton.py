@@ -82,8 +82,12 @@ class Case:
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __str__(self):
-        parts = [f"B{self.B}H{self.Hq}/{self.Hkv}", f"L{self.Lq}x{self.Lk}", f"D{self.D}",
-                 str(self.dtype).replace("torch.", "")]
+        parts = [
+            f"B{self.B}H{self.Hq}/{self.Hkv}",
+            f"L{self.Lq}x{self.Lk}",
+            f"D{self.D}",
+            str(self.dtype).replace("torch.", ""),
+        ]
         if self.Dv is not None:
             parts.append(f"Dv{self.Dv}")
         if self.window != (-1, -1):
@@ -194,9 +198,17 @@ def _make_inputs(c: Case, seed=0):
 
 
 def _kwargs(c: Case, mask, kvl):
-    return dict(attn_mask=mask, kv_lengths=kvl, scale=c.scale, window_left=c.window[0],
-                window_right=c.window[1], bottom_right=c.bottom_right, dropout_p=c.dropout_p,
-                seed=0x9E3779B97F4A7C15 + len(str(c)), offset=(1 << 33) + 5)
+    return dict(
+        attn_mask=mask,
+        kv_lengths=kvl,
+        scale=c.scale,
+        window_left=c.window[0],
+        window_right=c.window[1],
+        bottom_right=c.bottom_right,
+        dropout_p=c.dropout_p,
+        seed=0x9E3779B97F4A7C15 + len(str(c)),
+        offset=(1 << 33) + 5,
+    )
 
 
 def _to(x, device):
@@ -205,16 +217,42 @@ def _to(x, device):
 
 def _launch_fwd(q, k, v, mask, kvl, kw, device=DEVICE):
     scale = kw["scale"] if kw["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-    return tk.attention_fwd(_to(q, device), _to(k, device), _to(v, device), _to(mask, device), _to(kvl, device),
-                            scale, kw["window_left"], kw["window_right"], kw["bottom_right"],
-                            kw["dropout_p"], kw["seed"], kw["offset"])
+    return tk.attention_fwd(
+        _to(q, device),
+        _to(k, device),
+        _to(v, device),
+        _to(mask, device),
+        _to(kvl, device),
+        scale,
+        kw["window_left"],
+        kw["window_right"],
+        kw["bottom_right"],
+        kw["dropout_p"],
+        kw["seed"],
+        kw["offset"],
+    )
 
 
 def _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw, deterministic=True, device=DEVICE):
     scale = kw["scale"] if kw["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-    return tk.attention_bwd(_to(go, device), _to(q, device), _to(k, device), _to(v, device), out, lse,
-                            _to(mask, device), _to(kvl, device), scale, kw["window_left"], kw["window_right"],
-                            kw["bottom_right"], kw["dropout_p"], kw["seed"], kw["offset"], deterministic)
+    return tk.attention_bwd(
+        _to(go, device),
+        _to(q, device),
+        _to(k, device),
+        _to(v, device),
+        out,
+        lse,
+        _to(mask, device),
+        _to(kvl, device),
+        scale,
+        kw["window_left"],
+        kw["window_right"],
+        kw["bottom_right"],
+        kw["dropout_p"],
+        kw["seed"],
+        kw["offset"],
+        deterministic,
+    )
 
 
 def _f64(x):
@@ -236,8 +274,9 @@ def _check_case(c: Case):
     assert out.dtype == q.dtype and out.is_contiguous() and lse.dtype == torch.float32
     report = compare(out.cpu(), ref_out, base_out, name="out")
     report.extend(compare(lse.cpu(), ref_lse, base_lse, name="lse", dtype=c.dtype))
-    report.extend(compare([g.cpu() for g in (dq, dk, dv)], list(ref_grads), list(base_grads), grad=True,
-                          name="dq,dk,dv"))
+    report.extend(
+        compare([g.cpu() for g in (dq, dk, dv)], list(ref_grads), list(base_grads), grad=True, name="dq,dk,dv")
+    )
     assert report.passed, f"{c}\n{report}"
     return out, lse, (dq, dk, dv), ref_lse
 
@@ -292,8 +331,10 @@ def _launcher_tiles(dtype, D, heavy=False):
     one config per kernel; a GPU autotunes among its table's candidates)."""
     arch = tk.device_arch(torch.device(DEVICE))
     elt = torch.empty((), dtype=dtype).element_size()
-    return {kern: [(c[0], c[1]) for c in tk._candidates(kern, arch, elt, tk.block_dim(D), heavy)]
-            for kern in ("fwd", "dq", "dkdv")}
+    return {
+        kern: [(c[0], c[1]) for c in tk._candidates(kern, arch, elt, tk.block_dim(D), heavy)]
+        for kern in ("fwd", "dq", "dkdv")
+    }
 
 
 def _sweep_tiles(dtype, D):
@@ -334,8 +375,17 @@ def _offset_sweep(dtype, Lq, offsets, window, D=16, seed=0, kv_lengths=False):
     for b, lk in enumerate(lens.tolist()):
         k[b, :, lk:] = float("nan")
         v[b, :, lk:] = float("nan")
-    kw = dict(attn_mask=None, kv_lengths=lens, scale=None, window_left=window[0], window_right=window[1],
-              bottom_right=True, dropout_p=0.0, seed=0, offset=0)
+    kw = dict(
+        attn_mask=None,
+        kv_lengths=lens,
+        scale=None,
+        window_left=window[0],
+        window_right=window[1],
+        bottom_right=True,
+        dropout_p=0.0,
+        seed=0,
+        offset=0,
+    )
     ref = attention_ref(q.double(), k.double(), v.double(), **kw)
     ref_g = attention_bwd_ref(go.double(), q.double(), k.double(), v.double(), **kw)
     base = attention_ref(q, k, v, **kw)
@@ -343,22 +393,29 @@ def _offset_sweep(dtype, Lq, offsets, window, D=16, seed=0, kv_lengths=False):
     if kv_lengths:
         out, lse = _launch_fwd(q, k, v, None, lens, kw)
         grads = _launch_bwd(go, q, k, v, out, lse, None, lens, kw)
-        got = [(out[b:b + 1], lse[b:b + 1], [g[b:b + 1] for g in grads]) for b in range(n)]
+        got = [(out[b : b + 1], lse[b : b + 1], [g[b : b + 1] for g in grads]) for b in range(n)]
     failures = []
     for b, off in enumerate(offsets):
         lk = Lq + off if not kv_lengths else lk_max
         if kv_lengths:
             out, lse, grads = got[b]
         else:
-            qb, kb, vb, gb = q[b:b + 1], k[b:b + 1, :, :lk], v[b:b + 1, :, :lk], go[b:b + 1]
+            qb, kb, vb, gb = q[b : b + 1], k[b : b + 1, :, :lk], v[b : b + 1, :, :lk], go[b : b + 1]
             kwb = dict(kw, kv_lengths=None)
             out, lse = _launch_fwd(qb, kb, vb, None, None, kwb)
             grads = _launch_bwd(gb, qb, kb, vb, out, lse, None, None, kwb)
         sl = (slice(b, b + 1), slice(None), slice(None, lk))
-        report = compare(out.cpu(), ref[0][b:b + 1], base[0][b:b + 1], name="out")
-        report.extend(compare(lse.cpu(), ref[1][b:b + 1], base[1][b:b + 1], name="lse", dtype=dtype))
-        report.extend(compare([g.cpu() for g in grads], [ref_g[0][b:b + 1], ref_g[1][sl], ref_g[2][sl]],
-                              [base_g[0][b:b + 1], base_g[1][sl], base_g[2][sl]], grad=True, name="dq,dk,dv"))
+        report = compare(out.cpu(), ref[0][b : b + 1], base[0][b : b + 1], name="out")
+        report.extend(compare(lse.cpu(), ref[1][b : b + 1], base[1][b : b + 1], name="lse", dtype=dtype))
+        report.extend(
+            compare(
+                [g.cpu() for g in grads],
+                [ref_g[0][b : b + 1], ref_g[1][sl], ref_g[2][sl]],
+                [base_g[0][b : b + 1], base_g[1][sl], base_g[2][sl]],
+                grad=True,
+                name="dq,dk,dv",
+            )
+        )
         if not report.passed:
             failures.append(f"Lq={Lq} Lk_b={Lq + off} (offset {off}) window {window}:\n{report}")
     assert not failures, f"{len(failures)} of {n} offsets fail\n" + "\n".join(failures[:3])
@@ -385,17 +442,18 @@ def test_tile_boundary_offset_sweep(window):
 
 def _length_cases():
     q_tiles, k_tiles, period, _ = _sweep_tiles(F32, 16)
-    lengths = sorted({n for t in set(q_tiles + k_tiles) for n in (t - 1, t, t + 1, 2 * t - 1, 2 * t + 1)} |
-                     {3 * period + 5})
+    lengths = sorted(
+        {n for t in set(q_tiles + k_tiles) for n in (t - 1, t, t + 1, 2 * t - 1, 2 * t + 1)} | {3 * period + 5}
+    )
     windows = [CAUSAL, (-1, -1), (period // 2 + 1, 3), (period, 0)]
     # Each length as Lq against each other length in reverse order (short against long and long against
     # short, bottom-right and top-left), cycling through the windows.
-    return [(lq, lk, windows[i % len(windows)], i % 3 != 2)
-            for i, (lq, lk) in enumerate(zip(lengths, reversed(lengths)))]
+    return [
+        (lq, lk, windows[i % len(windows)], i % 3 != 2) for i, (lq, lk) in enumerate(zip(lengths, reversed(lengths)))
+    ]
 
 
-@pytest.mark.parametrize("lq, lk, window, bottom_right", _length_cases(),
-                         ids=lambda x: str(x).replace(" ", ""))
+@pytest.mark.parametrize("lq, lk, window, bottom_right", _length_cases(), ids=lambda x: str(x).replace(" ", ""))
 def test_tile_boundary_lengths(lq, lk, window, bottom_right):
     dtype = BF16 if lq % 2 else F32
     _check_case(Case(B=1, Hq=1, Hkv=1, Lq=lq, Lk=lk, D=16, dtype=dtype, window=window, bottom_right=bottom_right))
@@ -469,7 +527,7 @@ def _lse_rel(lse, ref_lse):
 
 # Close to torch's own math in the same precision (float32 for 16-bit inputs, as attention_ref
 # computes them), relative to the largest magnitude of the tensor: (out, gradients).
-_BASE_TOL = {F32: (1e-5, 1e-5), BF16: (2.0 ** -6, 2.0 ** -5), F16: (2.0 ** -9, 2.0 ** -8)}
+_BASE_TOL = {F32: (1e-5, 1e-5), BF16: (2.0**-6, 2.0**-5), F16: (2.0**-9, 2.0**-8)}
 
 
 def _assert_near_baseline(got, base, tol, what):
@@ -504,8 +562,14 @@ def _assert_parity(got, ref, base, dtype, grads=(0, 1, 2), cancel_floor=0.0):
     that dtype fails it too, e.g. a -1e9 mask swallowing q.k in float32 but not in the float64
     reference) on out, lse (relative to its magnitude) and the gradients listed in `grads`."""
     assert_rule(got[0], ref[0], base[0], False, "out", None)
-    assert_rule(_lse_rel(got[1], ref[1]), _lse_rel(ref[1], ref[1]), _lse_rel(base[1], ref[1]), False,
-                "lse/max(1,|lse_ref|)", dtype)
+    assert_rule(
+        _lse_rel(got[1], ref[1]),
+        _lse_rel(ref[1], ref[1]),
+        _lse_rel(base[1], ref[1]),
+        False,
+        "lse/max(1,|lse_ref|)",
+        dtype,
+    )
     for i in grads:
         assert_rule(got[2][i], ref[2][i], base[2][i], True, ("dq", "dk", "dv")[i], dtype, cancel_floor)
 
@@ -570,8 +634,17 @@ def test_extreme_float_masks(dtype, value):
     go = _randn((B, Hq, Lq, D), dtype, gen)
     split = min(min(bn for bm, bn in _launcher_tiles(dtype, D, heavy=True)["fwd"]), Lk - 1)
     mask = _extreme_mask(mval, mdtype, B, Hq, Lq, Lk, split, gen)
-    kw = dict(attn_mask=mask, kv_lengths=None, scale=None, window_left=-1, window_right=-1, bottom_right=True,
-              dropout_p=0.0, seed=0, offset=0)
+    kw = dict(
+        attn_mask=mask,
+        kv_lengths=None,
+        scale=None,
+        window_left=-1,
+        window_right=-1,
+        bottom_right=True,
+        dropout_p=0.0,
+        seed=0,
+        offset=0,
+    )
     got, ref, base = _run_with_reference(q, k, v, go, mask, None, kw)
     _assert_parity(got, ref, base, dtype)
     _assert_like_torch(got, base, dtype)
@@ -588,8 +661,9 @@ def test_extreme_float_masks(dtype, value):
         torch.testing.assert_close(out[:, :, 0:1].double(), vmean, atol=_BASE_TOL[dtype][0], rtol=0)
         vmean5 = v.double()[:, :, split:].mean(2, keepdim=True).repeat_interleave(group, 1)
         torch.testing.assert_close(out[:, :, 5:6].double(), vmean5, atol=_BASE_TOL[dtype][0], rtol=0)
-        torch.testing.assert_close(lse[:, :, 0].double(), torch.full_like(ref[1][:, :, 0], mval) + math.log(Lk),
-                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            lse[:, :, 0].double(), torch.full_like(ref[1][:, :, 0], mval) + math.log(Lk), rtol=1e-6, atol=0
+        )
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=str)
@@ -604,8 +678,17 @@ def test_finfo_min_mask_with_window_kvlens_gqa_dropout(dtype):
     go = _randn((B, Hq, Lq, D), dtype, gen)
     mask = _extreme_mask(torch.finfo(dtype).min, dtype, B, Hq, Lq, Lk, 20, gen)
     kvl = torch.tensor([41, 33], dtype=torch.int32)
-    kw = dict(attn_mask=mask, kv_lengths=kvl, scale=None, window_left=-1, window_right=0, bottom_right=True,
-              dropout_p=0.2, seed=1234, offset=77)
+    kw = dict(
+        attn_mask=mask,
+        kv_lengths=kvl,
+        scale=None,
+        window_left=-1,
+        window_right=0,
+        bottom_right=True,
+        dropout_p=0.2,
+        seed=1234,
+        offset=77,
+    )
     got, ref, base = _run_with_reference(q, k, v, go, mask, kvl, kw)
     _assert_parity(got, ref, base, dtype)
     _assert_like_torch(got, base, dtype)
@@ -629,8 +712,17 @@ def test_huge_scores(dtype, magnitude):
     go = _randn((B, Hq, Lq, D), dtype, gen)
     qk = (q.double() @ k.double().transpose(-1, -2)).abs().max().item()
     scale = magnitude / qk
-    kw = dict(attn_mask=None, kv_lengths=None, scale=scale, window_left=-1, window_right=-1, bottom_right=True,
-              dropout_p=0.0, seed=0, offset=0)
+    kw = dict(
+        attn_mask=None,
+        kv_lengths=None,
+        scale=scale,
+        window_left=-1,
+        window_right=-1,
+        bottom_right=True,
+        dropout_p=0.0,
+        seed=0,
+        offset=0,
+    )
     got, ref, base = _run_with_reference(q, k, v, go, None, None, kw)
     _assert_parity(got, ref, base, dtype, grads=(2,))
     assert torch.isfinite(got[1]).all() and torch.isfinite(got[0]).all()
@@ -676,11 +768,20 @@ def test_hf_finfo_min_mask_reproducer():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [
-    # (B, Hq, Hkv, Lq, Lk)
-    (0, 2, 1, 5, 7), (2, 0, 1, 5, 7), (2, 0, 2, 0, 7), (2, 2, 1, 0, 7), (2, 2, 1, 5, 0), (2, 2, 2, 0, 0),
-    (0, 0, 1, 0, 0),
-], ids=lambda s: "B{}H{}/{}L{}x{}".format(*s))
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # (B, Hq, Hkv, Lq, Lk)
+        (0, 2, 1, 5, 7),
+        (2, 0, 1, 5, 7),
+        (2, 0, 2, 0, 7),
+        (2, 2, 1, 0, 7),
+        (2, 2, 1, 5, 0),
+        (2, 2, 2, 0, 0),
+        (0, 0, 1, 0, 0),
+    ],
+    ids=lambda s: "B{}H{}/{}L{}x{}".format(*s),
+)
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "mask_kvlens"])
 def test_zero_size_inputs(shape, extras):
     """Every empty dimension: the outputs have the right shapes and every element is written (the
@@ -694,8 +795,17 @@ def test_zero_size_inputs(shape, extras):
     go = torch.randn(B, Hq, Lq, Dv)
     mask = torch.randn(B, Hq, Lq, Lk) if extras else None
     kvl = torch.full((B,), Lk, dtype=torch.int32) if extras else None
-    kw = dict(attn_mask=mask, kv_lengths=kvl, scale=None, window_left=-1, window_right=0 if extras else -1,
-              bottom_right=True, dropout_p=0.1 if extras else 0.0, seed=3, offset=0)
+    kw = dict(
+        attn_mask=mask,
+        kv_lengths=kvl,
+        scale=None,
+        window_left=-1,
+        window_right=0 if extras else -1,
+        bottom_right=True,
+        dropout_p=0.1 if extras else 0.0,
+        seed=3,
+        offset=0,
+    )
     out, lse = _launch_fwd(q, k, v, mask, kvl, kw)
     dq, dk, dv = _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw)
     ref_out, ref_lse = attention_ref(q, k, v, **kw)
@@ -731,13 +841,20 @@ def test_zero_query_heads_through_the_op():
 @triton.jit
 def _philox_word_kernel(out, n0, seed_lo, seed_hi, offset_lo, offset_hi, N: tl.constexpr):
     n = n0 + tl.arange(0, N).to(tl.int64)
-    r = philox.philox_keep_word(n, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True),
-                                offset_lo.to(tl.uint32, bitcast=True), offset_hi.to(tl.uint32, bitcast=True))
+    r = philox.philox_keep_word(
+        n,
+        seed_lo.to(tl.uint32, bitcast=True),
+        seed_hi.to(tl.uint32, bitcast=True),
+        offset_lo.to(tl.uint32, bitcast=True),
+        offset_hi.to(tl.uint32, bitcast=True),
+    )
     tl.store(out + tl.arange(0, N), r.to(tl.int32, bitcast=True))
 
 
-@pytest.mark.parametrize("seed,offset,n0", [(0, 0, 0), ((1 << 64) - 1, (1 << 40) + 7, (1 << 33) - 5),
-                                            (123456789123, 5, 17), (-3, -1, (1 << 62) + 11)])
+@pytest.mark.parametrize(
+    "seed,offset,n0",
+    [(0, 0, 0), ((1 << 64) - 1, (1 << 40) + 7, (1 << 33) - 5), (123456789123, 5, 17), (-3, -1, (1 << 62) + 11)],
+)
 def test_philox_words_match_reference(seed, offset, n0):
     out = torch.empty(64, dtype=torch.int32, device=DEVICE)
     s, o = philox.split_u64(seed), philox.split_u64(offset)
@@ -758,8 +875,7 @@ def test_dropout_keep_mask_is_the_reference_mask(p):
     k = _randn((B, Hkv, Lk, 16), F32, gen, 0.3)
     v = torch.eye(Lk).expand(B, Hkv, Lk, Lk)
     seed, offset = 0xDEADBEEFCAFEF00D, 12345
-    out, _ = tk.attention_fwd(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, None, 0.25, -1, -1, True, p, seed,
-                              offset)
+    out, _ = tk.attention_fwd(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, None, 0.25, -1, -1, True, p, seed, offset)
     keep = dropout_keep_mask_ref(seed, offset, B, Hq, Lq, Lk, p)
     assert torch.equal(out.cpu() != 0, keep)
 
@@ -838,10 +954,13 @@ def _check_static(pattern):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("pattern", [
-    r"fwd_kernel sm_90 bf16 D128 causal BLOCK_M=128 BLOCK_N=64 warps=8",
-    r"dq_kernel sm_80 bf16 D64 full BLOCK_M=64 BLOCK_N=32",
-])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"fwd_kernel sm_90 bf16 D128 causal BLOCK_M=128 BLOCK_N=64 warps=8",
+        r"dq_kernel sm_80 bf16 D64 full BLOCK_M=64 BLOCK_N=32",
+    ],
+)
 def test_static_compile_sample(pattern):
     _check_static(pattern)
 
@@ -852,14 +971,18 @@ def test_static_compile_sample(pattern):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", [
-    Case(B=2, Hq=8, Hkv=8, Lq=1024, Lk=1024, D=128, dtype=BF16, window=CAUSAL),
-    Case(B=1, Hq=8, Hkv=2, Lq=777, Lk=1031, D=64, dtype=F16, window=(128, 0), kv_lengths=(900,)),
-    Case(B=1, Hq=4, Hkv=4, Lq=300, Lk=300, D=256, dtype=BF16, dropout_p=0.1),
-    # An illegal memory access on the H100 in a work-in-progress copy (bench/NOTES.md, entry 1):
-    # padded head dims that differ (40 -> 64, 24 -> 32) with a key length off every tile boundary.
-    Case(B=2, Hq=4, Hkv=2, Lq=37, Lk=50, D=40, Dv=24, dtype=F16, window=CAUSAL),
-], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(B=2, Hq=8, Hkv=8, Lq=1024, Lk=1024, D=128, dtype=BF16, window=CAUSAL),
+        Case(B=1, Hq=8, Hkv=2, Lq=777, Lk=1031, D=64, dtype=F16, window=(128, 0), kv_lengths=(900,)),
+        Case(B=1, Hq=4, Hkv=4, Lq=300, Lk=300, D=256, dtype=BF16, dropout_p=0.1),
+        # An illegal memory access on the H100 in a work-in-progress copy (bench/NOTES.md, entry 1):
+        # padded head dims that differ (40 -> 64, 24 -> 32) with a key length off every tile boundary.
+        Case(B=2, Hq=4, Hkv=2, Lq=37, Lk=50, D=40, Dv=24, dtype=F16, window=CAUSAL),
+    ],
+    ids=str,
+)
 def test_gpu_large(case):
     if DEVICE != "cuda":
         pytest.skip("needs a GPU")

@@ -9,7 +9,11 @@ from seqkernels.ops import attention as attn_ops
 
 
 def _qkv(dtype=torch.float32):
-    return torch.randn(1, 2, 5, 16, dtype=dtype), torch.randn(1, 2, 7, 16, dtype=dtype), torch.randn(1, 2, 7, 16, dtype=dtype)
+    return (
+        torch.randn(1, 2, 5, 16, dtype=dtype),
+        torch.randn(1, 2, 7, 16, dtype=dtype),
+        torch.randn(1, 2, 7, 16, dtype=dtype),
+    )
 
 
 def _chosen(*args, **kw):
@@ -77,8 +81,7 @@ def test_import_does_not_touch_cuda():
     import subprocess
     import sys
 
-    code = ("import torch, seqkernels; "
-            "assert not torch.cuda.is_initialized(), 'CUDA initialized at import'")
+    code = "import torch, seqkernels; assert not torch.cuda.is_initialized(), 'CUDA initialized at import'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

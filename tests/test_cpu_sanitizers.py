@@ -23,7 +23,6 @@ minutes on two cores.
 import os
 
 import pytest
-
 from emulation.build import cpu_namespace, run_cpu_sanitized
 
 # The first test builds the sanitized library (minutes on a loaded machine); the children have
@@ -56,8 +55,7 @@ def _skip_unless_isa(isa):
 
 
 def _run(func, *args, env=None, timeout=900):
-    return run_cpu_sanitized(NAME, func, *args, extra_sources=EXTRA_SOURCES, schemas=SCHEMAS, env=env,
-                             timeout=timeout)
+    return run_cpu_sanitized(NAME, func, *args, extra_sources=EXTRA_SOURCES, schemas=SCHEMAS, env=env, timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,12 +74,21 @@ def _check_namespace(ops):
     import torch
 
     assert ops.namespace == cpu_namespace(NAME, "address,undefined"), ops.namespace
-    for op in ("attention_fwd", "attention_bwd", "kv_cache_append", "decode_attention", "lstm_cell_fwd",
-               "lstm_cell_bwd", "lstm_layer_fwd", "cpu_sanitize_selftest"):
+    for op in (
+        "attention_fwd",
+        "attention_bwd",
+        "kv_cache_append",
+        "decode_attention",
+        "lstm_cell_fwd",
+        "lstm_cell_bwd",
+        "lstm_layer_fwd",
+        "cpu_sanitize_selftest",
+    ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{ops.namespace}::{op}", "CPU"), op
     # Nothing of the sanitized library lands in the real extension's namespace.
-    assert not any(name.startswith("seqkernels::") for name in torch._C._dispatch_get_all_op_names()), \
+    assert not any(name.startswith("seqkernels::") for name in torch._C._dispatch_get_all_op_names()), (
         "the sanitized library registered ops in seqkernels::"
+    )
     print("namespace ok")
 
 

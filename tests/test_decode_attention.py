@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from conftest import HAS_CUDA
 
 import seqkernels
 from seqkernels import backends, reference, testing
 from seqkernels.ops import kv_cache as kv_ops
-
-from conftest import HAS_CUDA
 
 BACKENDS = ["reference", "cpu", "triton", "cuda_emu"] + (["cuda"] if HAS_CUDA else [])
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -26,8 +25,9 @@ def emu():
     return load_emulated("kv_cache", SOURCES)
 
 
-def make_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, device="cpu", *, paged=False, block_size=8, lens=None,
-               garbage=float("nan")):
+def make_cache(
+    B, Hq, Hkv, Tq, D, Dv, S, dtype, device="cpu", *, paged=False, block_size=8, lens=None, garbage=float("nan")
+):
     """q, k_cache, v_cache, cache_seqlens, block_table. Lengths are random in [Tq, S] (always including
     Tq and S when B > 1); a paged cache gets a random permutation of blocks and -1 in table entries past
     a sequence's length; every slot at or past a sequence's length holds `garbage`."""
@@ -44,7 +44,7 @@ def make_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, device="cpu", *, paged=False, bl
         kc = torch.randn(num_blocks, Hkv, block_size, D, dtype=dtype)
         vc = torch.randn(num_blocks, Hkv, block_size, Dv, dtype=dtype)
         perm = torch.randperm(num_blocks)
-        table = perm[:B * max_blocks].view(B, max_blocks).to(torch.int32)
+        table = perm[: B * max_blocks].view(B, max_blocks).to(torch.int32)
         used = torch.zeros(num_blocks, dtype=torch.bool)
         for b in range(B):
             n = int(lens[b])
@@ -53,8 +53,8 @@ def make_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, device="cpu", *, paged=False, bl
             used[table[b, :cols].long()] = True
             if cols and n % block_size:
                 blk = int(table[b, cols - 1])
-                kc[blk, :, n % block_size:] = garbage
-                vc[blk, :, n % block_size:] = garbage
+                kc[blk, :, n % block_size :] = garbage
+                vc[blk, :, n % block_size :] = garbage
         kc[~used] = garbage
         vc[~used] = garbage
         table = table.to(device)
@@ -62,8 +62,8 @@ def make_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, device="cpu", *, paged=False, bl
         kc = torch.randn(B, Hkv, S, D, dtype=dtype)
         vc = torch.randn(B, Hkv, S, Dv, dtype=dtype)
         for b in range(B):
-            kc[b, :, int(lens[b]):] = garbage
-            vc[b, :, int(lens[b]):] = garbage
+            kc[b, :, int(lens[b]) :] = garbage
+            vc[b, :, int(lens[b]) :] = garbage
         table = None
     return q, kc.to(device), vc.to(device), lens.to(device), table
 
@@ -80,8 +80,9 @@ def run_decode(backend, q, kc, vc, lens, bt, *, window=None, num_splits=None, em
     reason = backends.why_not(kv_ops.DECODE_OP, backend, c.device, c)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
-    return seqkernels.decode_attention(q, kc, vc, lens, block_table=bt, window=window, num_splits=num_splits,
-                                       return_lse=True, backend=backend)
+    return seqkernels.decode_attention(
+        q, kc, vc, lens, block_table=bt, window=window, num_splits=num_splits, return_lse=True, backend=backend
+    )
 
 
 def ref_decode(q, kc, vc, lens, bt, window, dtype=torch.float64):
@@ -89,9 +90,16 @@ def ref_decode(q, kc, vc, lens, bt, window, dtype=torch.float64):
 
     def cast(t):
         return t.cpu().to(dtype)
-    return reference.decode_attention_ref(cast(q), cast(kc), cast(vc), lens.cpu(),
-                                          block_table=None if bt is None else bt.cpu(), window_left=left,
-                                          window_right=0)
+
+    return reference.decode_attention_ref(
+        cast(q),
+        cast(kc),
+        cast(vc),
+        lens.cpu(),
+        block_table=None if bt is None else bt.cpu(),
+        window_left=left,
+        window_right=0,
+    )
 
 
 def check(out_lse, q, kc, vc, lens, bt, window=None):
@@ -148,8 +156,9 @@ def test_prefill_chunk(backend, paged, request):
     """A chunk of many queries (a prefill continued against an existing cache), causal within it."""
     emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
     Tq, S = (97, 257) if backend == "cpu" else (12, 30)
-    q, kc, vc, lens, bt = make_cache(1, 4, 2, Tq, 32, 32, S, torch.float32, _device_for(backend), paged=paged,
-                                     lens=[S - 3])
+    q, kc, vc, lens, bt = make_cache(
+        1, 4, 2, Tq, 32, 32, S, torch.float32, _device_for(backend), paged=paged, lens=[S - 3]
+    )
     res = run_decode(backend, q, kc, vc, lens, bt, num_splits=2, emu=emu)
     check(res, q, kc, vc, lens, bt)
 
@@ -196,8 +205,9 @@ def test_nan_in_visible_key_propagates(backend, request):
 
 def test_float64_cpu_and_portable_path(monkeypatch):
     q, kc, vc, lens, bt = make_cache(2, 4, 2, 3, 40, 40, 70, torch.float64, paged=True)
-    out, lse = seqkernels.decode_attention(q, kc, vc, lens, block_table=bt, num_splits=2, return_lse=True,
-                                           backend="cpu")
+    out, lse = seqkernels.decode_attention(
+        q, kc, vc, lens, block_table=bt, num_splits=2, return_lse=True, backend="cpu"
+    )
     ref_out, ref_lse = ref_decode(q, kc, vc, lens, bt, None)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
@@ -260,20 +270,23 @@ def _bad(mutate):
     return kw
 
 
-@pytest.mark.parametrize("mutate, exc, match", [
-    (lambda kw: kw.update(q=kw["q"].half()), TypeError, "k_cache.*dtype"),
-    (lambda kw: kw.update(q=kw["q"][:, :3]), ValueError, "multiple of the number of key/value heads"),
-    (lambda kw: kw.update(q=kw["q"][..., :8]), ValueError, "head dim"),
-    (lambda kw: kw.update(q=kw["q"][:, :, :0]), ValueError, "Tq >= 1"),
-    (lambda kw: kw.update(cache_seqlens=torch.tensor([24, 1], dtype=torch.int32)), ValueError, "sequence 1.*Tq=2"),
-    (lambda kw: kw.update(cache_seqlens=torch.tensor([25, 3], dtype=torch.int32)), ValueError, "sequence 0"),
-    (lambda kw: kw["block_table"].__setitem__((1, 0), 1000), ValueError, "sequence 1.*block id 1000"),
-    (lambda kw: kw.update(block_table=kw["block_table"].float()), TypeError, "block_table"),
-    (lambda kw: kw.update(cache_seqlens=kw["cache_seqlens"][:1]), ValueError, "cache_seqlens"),
-    (lambda kw: kw.update(num_splits=0), ValueError, "num_splits"),
-    (lambda kw: kw.update(window=(1, 2, 3)), ValueError, "window"),
-    (lambda kw: kw.update(window=-2), ValueError, "window"),
-])
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (lambda kw: kw.update(q=kw["q"].half()), TypeError, "k_cache.*dtype"),
+        (lambda kw: kw.update(q=kw["q"][:, :3]), ValueError, "multiple of the number of key/value heads"),
+        (lambda kw: kw.update(q=kw["q"][..., :8]), ValueError, "head dim"),
+        (lambda kw: kw.update(q=kw["q"][:, :, :0]), ValueError, "Tq >= 1"),
+        (lambda kw: kw.update(cache_seqlens=torch.tensor([24, 1], dtype=torch.int32)), ValueError, "sequence 1.*Tq=2"),
+        (lambda kw: kw.update(cache_seqlens=torch.tensor([25, 3], dtype=torch.int32)), ValueError, "sequence 0"),
+        (lambda kw: kw["block_table"].__setitem__((1, 0), 1000), ValueError, "sequence 1.*block id 1000"),
+        (lambda kw: kw.update(block_table=kw["block_table"].float()), TypeError, "block_table"),
+        (lambda kw: kw.update(cache_seqlens=kw["cache_seqlens"][:1]), ValueError, "cache_seqlens"),
+        (lambda kw: kw.update(num_splits=0), ValueError, "num_splits"),
+        (lambda kw: kw.update(window=(1, 2, 3)), ValueError, "window"),
+        (lambda kw: kw.update(window=-2), ValueError, "window"),
+    ],
+)
 def test_bad_inputs_are_named(mutate, exc, match):
     kw = _bad(mutate)
     with pytest.raises(exc, match=match):
@@ -331,8 +344,9 @@ def test_cuda_matches_cpu_on_gpu():
     q, kc, vc, lens, bt = make_cache(4, 16, 4, 1, 128, 128, 1000, torch.bfloat16, paged=True, block_size=16)
     dev = [t.cuda() if t is not None else None for t in (q, kc, vc, lens, bt)]
     for splits in (None, 1, 8):
-        res = seqkernels.decode_attention(*dev[:4], block_table=dev[4], num_splits=splits, return_lse=True,
-                                          backend="cuda")
+        res = seqkernels.decode_attention(
+            *dev[:4], block_table=dev[4], num_splits=splits, return_lse=True, backend="cuda"
+        )
         check(tuple(t.cpu() for t in res), q, kc, vc, lens, bt)
 
 
@@ -367,16 +381,17 @@ def _sdpa_decode_witness(q, kc, vc, lens, scale):
 
     wt = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, Tq, _ = q.shape
-    S, g = kc.shape[2], Hq // kc.shape[1]
+    g = Hq // kc.shape[1]
     outs = []
     for b in range(B):
         n = int(lens[b])
-        k, v = (t[b:b + 1, :, :n].to(wt).repeat_interleave(g, dim=1) for t in (kc, vc))
+        k, v = (t[b : b + 1, :, :n].to(wt).repeat_interleave(g, dim=1) for t in (kc, vc))
         pos = torch.arange(Tq) + n - Tq
         vis = torch.arange(n).view(1, n) <= pos.view(Tq, 1)
         with sdpa_kernel(SDPBackend.MATH):
-            outs.append(torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].to(wt), k, v, attn_mask=vis,
-                                                                         scale=scale))
+            outs.append(
+                torch.nn.functional.scaled_dot_product_attention(q[b : b + 1].to(wt), k, v, attn_mask=vis, scale=scale)
+            )
     return torch.cat(outs)
 
 
@@ -396,8 +411,8 @@ def _huge_decode_inputs(dtype, mag, B=2, Hq=4, Hkv=2, Tq=2, D=4, Dv=16, S=150, l
     vc = torch.randn(B, Hkv, S, Dv, dtype=torch.float64)
     lens = torch.tensor(lens, dtype=torch.int32)
     for b in range(B):
-        kc[b, :, int(lens[b]):] = float("nan")
-        vc[b, :, int(lens[b]):] = float("nan")
+        kc[b, :, int(lens[b]) :] = float("nan")
+        vc[b, :, int(lens[b]) :] = float("nan")
     return q.to(dtype), kc.to(dtype), vc.to(dtype), lens, mag / (A * A)
 
 
@@ -410,8 +425,9 @@ def test_cpu_decode_huge_finite_scores(dtype, splits, isa, monkeypatch):
     _set_cpu_isa(monkeypatch, isa)
     for mag in [1e9, 1e20, 1e38, 3e38] + ([1e300, 1.5e308] if dtype == torch.float64 else []):
         q, kc, vc, lens, scale = _huge_decode_inputs(dtype, mag)
-        out, lse = seqkernels.decode_attention(q, kc, vc, lens, scale=scale, num_splits=splits, return_lse=True,
-                                               backend="cpu")
+        out, lse = seqkernels.decode_attention(
+            q, kc, vc, lens, scale=scale, num_splits=splits, return_lse=True, backend="cpu"
+        )
         assert torch.isfinite(out).all() and torch.isfinite(lse).all(), mag
         ref = reference.decode_attention_ref(q.double(), kc.double(), vc.double(), lens, scale=scale)
         base = reference.decode_attention_ref(q, kc, vc, lens, scale=scale)
@@ -454,9 +470,11 @@ def test_cpu_decode_split_merge_nan_and_empty(isa, monkeypatch):
     assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
 
 
-@pytest.mark.parametrize("dtype, isa", [(torch.float64, "native"), (torch.float32, "default"),
-                                        (torch.bfloat16, "default"), (torch.float32, "native")],
-                         ids=["float64", "float32-default", "bfloat16-default", "float32-native"])
+@pytest.mark.parametrize(
+    "dtype, isa",
+    [(torch.float64, "native"), (torch.float32, "default"), (torch.bfloat16, "default"), (torch.float32, "native")],
+    ids=["float64", "float32-default", "bfloat16-default", "float32-native"],
+)
 def test_cpu_decode_rescale_across_key_tiles(dtype, isa, monkeypatch):
     # 250 keys (4 tiles of 64) with scores rising along them, one split: the running max grows in
     # every tile, so each tile must rescale what the earlier ones accumulated (on the at::vec path

@@ -5,27 +5,40 @@ import re
 
 import pytest
 import torch
-
 from emulation import registered_schemas, rewrite_shared
 from emulation.selftest import SCHEMAS, load_selftest
 
 pytestmark = pytest.mark.emulation
 
 
-@pytest.mark.parametrize("src,want", [
-    ("  __shared__ float tile[64][65];\n", "  __shared__ float tile[64][65]; SK_EMU_REGISTER_SHARED(tile)\n"),
-    ("__shared__ __align__(16) T a[N * 2], b;", "__shared__ __align__(16) T a[N * 2], b; SK_EMU_REGISTER_SHARED(a) "
-                                                 "SK_EMU_REGISTER_SHARED(b)"),
-    ("__shared__ typename Cfg<T, 4>::Storage st;", "__shared__ typename Cfg<T, 4>::Storage st; "
-                                                   "SK_EMU_REGISTER_SHARED(st)"),
-    ("extern __shared__ __align__(16) unsigned char smem[];", "unsigned char* const smem = "
-                                                             "::sk_emu::dynamic_smem<unsigned char>();"),
-    ("extern __shared__\n  float4 buf[];\nint x;", "float4* const buf = ::sk_emu::dynamic_smem<float4>();\n\nint x;"),
-    ("// __shared__ float not_code[4];\n/* extern __shared__ int c[]; */ int y = 0;",
-     "// __shared__ float not_code[4];\n/* extern __shared__ int c[]; */ int y = 0;"),
-    ('const char* s = "__shared__ float q[2];";', 'const char* s = "__shared__ float q[2];";'),
-    ("#define SMEM __shared__ float z[4];\n", "#define SMEM __shared__ float z[4];\n"),
-])
+@pytest.mark.parametrize(
+    "src,want",
+    [
+        ("  __shared__ float tile[64][65];\n", "  __shared__ float tile[64][65]; SK_EMU_REGISTER_SHARED(tile)\n"),
+        (
+            "__shared__ __align__(16) T a[N * 2], b;",
+            "__shared__ __align__(16) T a[N * 2], b; SK_EMU_REGISTER_SHARED(a) SK_EMU_REGISTER_SHARED(b)",
+        ),
+        (
+            "__shared__ typename Cfg<T, 4>::Storage st;",
+            "__shared__ typename Cfg<T, 4>::Storage st; SK_EMU_REGISTER_SHARED(st)",
+        ),
+        (
+            "extern __shared__ __align__(16) unsigned char smem[];",
+            "unsigned char* const smem = ::sk_emu::dynamic_smem<unsigned char>();",
+        ),
+        (
+            "extern __shared__\n  float4 buf[];\nint x;",
+            "float4* const buf = ::sk_emu::dynamic_smem<float4>();\n\nint x;",
+        ),
+        (
+            "// __shared__ float not_code[4];\n/* extern __shared__ int c[]; */ int y = 0;",
+            "// __shared__ float not_code[4];\n/* extern __shared__ int c[]; */ int y = 0;",
+        ),
+        ('const char* s = "__shared__ float q[2];";', 'const char* s = "__shared__ float q[2];";'),
+        ("#define SMEM __shared__ float z[4];\n", "#define SMEM __shared__ float z[4];\n"),
+    ],
+)
 def test_rewrite_shared(src, want):
     assert rewrite_shared(src) == want
     assert rewrite_shared(src).count("\n") == src.count("\n")  # line numbers kept
@@ -50,5 +63,5 @@ def test_emulated_namespace_has_every_schema_and_cpu_kernels():
         assert str(op._schema).split("(")[0].endswith(name)
     assert emu.has("selftest_mma") and not emu.has("attention_fwd")
     with pytest.raises(AttributeError, match="SK_REGISTER_CUDA"):
-        emu.attention_fwd
+        emu.attention_fwd  # noqa: B018 (the attribute access is what raises)
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"{emu.namespace}::selftest_mma", "CUDA")

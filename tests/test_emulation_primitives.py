@@ -9,7 +9,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-
 from emulation.selftest import load_selftest, run_selftest_subprocess
 
 pytestmark = pytest.mark.emulation
@@ -91,8 +90,15 @@ def test_votes_match_reduce(emu, n, mask):
         ballot = sum(1 << (m - base) for m in members if pred[m])
         match = sum(1 << (m - base) for m in members if vals[m] == vals[t])
         total = sum(int(vals[m]) for m in members)
-        want = [ballot, int(any(pred[m] for m in members)), int(all(pred[m] for m in members)), match, total,
-                min(int(vals[m]) for m in members), max(int(vals[m]) for m in members)]
+        want = [
+            ballot,
+            int(any(pred[m] for m in members)),
+            int(all(pred[m] for m in members)),
+            match,
+            total,
+            min(int(vals[m]) for m in members),
+            max(int(vals[m]) for m in members),
+        ]
         want[0] = _signed(want[0])
         want[3] = _signed(want[3])
         assert got[t].tolist() == want, f"thread {t}"
@@ -168,9 +174,26 @@ def _inputs():
     g = torch.Generator().manual_seed(7)
     scales = 10.0 ** torch.randint(-9, 6, (3000,), generator=g).double()
     x = (torch.randn(3000, generator=g, dtype=torch.float64) * scales).float()
-    specials = [1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65519.99, 65520.0, 2.0**-25, 3 * 2.0**-25, 2.0**-24,
-                6.0e-8, 1 + 2**-8, 1 + 3 * 2**-8, 3.3895314e38, -0.0, float("inf"), float("-inf"), float("nan"),
-                2.0**-14 - 2.0**-25, 1e-40]
+    specials = [
+        1 + 2**-11,
+        1 + 3 * 2**-11,
+        65504.0,
+        65519.99,
+        65520.0,
+        2.0**-25,
+        3 * 2.0**-25,
+        2.0**-24,
+        6.0e-8,
+        1 + 2**-8,
+        1 + 3 * 2**-8,
+        3.3895314e38,
+        -0.0,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        2.0**-14 - 2.0**-25,
+        1e-40,
+    ]
     x = torch.cat([x, torch.tensor(specials)])
     y = x[torch.randperm(len(x), generator=g)] * 0.37
     return x, y
@@ -222,7 +245,7 @@ def test_ldmatrix_fragments(emu, n, trans):
     # matrix (of its transpose with .trans), the lower-indexed element in the low half.
     for lane in range(32):
         for i in range(n):
-            mat = u[8 * i:8 * i + 8]
+            mat = u[8 * i : 8 * i + 8]
             mat = mat.t() if trans else mat
             r, c = lane // 4, 2 * (lane % 4)
             want = int(mat[r, c]) | (int(mat[r, c + 1]) << 16)

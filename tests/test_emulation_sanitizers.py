@@ -6,7 +6,6 @@ every emulated primitive (no false positives from the harness itself).
 Each case runs in a child Python with the sanitizer runtime preloaded (emulation.run_sanitized)."""
 
 import pytest
-
 from emulation.selftest import run_selftest_sanitized
 
 pytestmark = pytest.mark.emulation
@@ -18,8 +17,12 @@ def _exercise_everything(emu):
 
     torch.manual_seed(0)
     x = torch.randn(300)
-    torch.testing.assert_close(emu.selftest_block_reduce(x, 128, True)[:, 0],
-                               torch.cat([x, torch.zeros(84)]).view(3, 128).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        emu.selftest_block_reduce(x, 128, True)[:, 0],
+        torch.cat([x, torch.zeros(84)]).view(3, 128).sum(1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     emu.selftest_block_reduce(x, 64, False)
     v = torch.arange(64, dtype=torch.int32)
     assert emu.selftest_shfl(v, 3, 1, 32, -1)[0].item() == 1
@@ -66,9 +69,11 @@ def test_thread_sanitizer_reports_missing_syncthreads():
     assert "_race_kernel" in res.report and "selftest_kernels.cu" in res.report
 
 
-@pytest.mark.parametrize("where,kind", [(1, "heap-buffer-overflow"), (2, "use-after-poison"),
-                                        (3, "global-buffer-overflow")],
-                         ids=["global", "dynamic_shared", "static_shared"])
+@pytest.mark.parametrize(
+    "where,kind",
+    [(1, "heap-buffer-overflow"), (2, "use-after-poison"), (3, "global-buffer-overflow")],
+    ids=["global", "dynamic_shared", "static_shared"],
+)
 def test_address_sanitizer_reports_out_of_bounds(where, kind):
     res = run_selftest_sanitized("address", _oob, where)
     assert res.returncode != 0

@@ -14,8 +14,9 @@ def _model(dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("layout", [dict(paged=False), dict(paged=True, block_size=4, num_blocks=10)],
-                         ids=["contiguous", "paged"])
+@pytest.mark.parametrize(
+    "layout", [dict(paged=False), dict(paged=True, block_size=4, num_blocks=10)], ids=["contiguous", "paged"]
+)
 @pytest.mark.parametrize("backend", [None, "triton"])
 def test_cached_generation_equals_recompute(dtype, layout, backend):
     if backend == "triton" and dtype == torch.float64:
@@ -36,7 +37,31 @@ def test_cached_generation_equals_recompute(dtype, layout, backend):
 
 
 def test_cli_runs_and_verifies(capsys):
-    assert gen.main(["--device", "cpu", "--batch", "2", "--prompt-len", "5", "--new-tokens", "6", "--dim", "32",
-                     "--layers", "2", "--heads", "4", "--kv-heads", "1", "--paged", "--block-size", "4"]) == 0
+    assert (
+        gen.main(
+            [
+                "--device",
+                "cpu",
+                "--batch",
+                "2",
+                "--prompt-len",
+                "5",
+                "--new-tokens",
+                "6",
+                "--dim",
+                "32",
+                "--layers",
+                "2",
+                "--heads",
+                "4",
+                "--kv-heads",
+                "1",
+                "--paged",
+                "--block-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tokens equal to full recomputation: True" in out and "ms/token" in out

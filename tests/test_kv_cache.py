@@ -29,7 +29,7 @@ def make_caches(B, H, S, D, Dv, dtype, *, paged, block_size=8, extra_blocks=3):
         num_blocks = B * max_blocks + extra_blocks
         kc = torch.randn(num_blocks, H, block_size, D, dtype=dtype)
         vc = torch.randn(num_blocks, H, block_size, Dv, dtype=dtype)
-        table = torch.randperm(num_blocks)[:B * max_blocks].view(B, max_blocks).to(torch.int32)
+        table = torch.randperm(num_blocks)[: B * max_blocks].view(B, max_blocks).to(torch.int32)
         return kc, vc, table
     return torch.randn(B, H, S, D, dtype=dtype), torch.randn(B, H, S, Dv, dtype=dtype), None
 
@@ -91,8 +91,15 @@ def _new_rows(B, H, T, D, dtype, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}T{c[2]}D{c[3]}-{c[4]}S{c[5]}-{c[6]}-"
-                         f"{'paged' if c[7] else 'contig'}-{c[8]}".replace("torch.", ""))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: (
+        f"B{c[0]}H{c[1]}T{c[2]}D{c[3]}-{c[4]}S{c[5]}-{c[6]}-{'paged' if c[7] else 'contig'}-{c[8]}".replace(
+            "torch.", ""
+        )
+    ),
+)
 def test_append_matches_expected(backend, case, request):
     B, H, T, D, Dv, S, dtype, paged, layout = case
     emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
@@ -168,8 +175,9 @@ def test_float64_and_empty_appends():
     kc32, vc32 = kc.float(), vc.float()
     before = kc32.clone(), vc32.clone()
     for backend in ("cpu", "triton", "reference"):
-        seqkernels.kv_cache_append(kc32, vc32, kn[:, :, :0].float(), vn[:, :, :0].float(), lens,
-                                   block_table=table, backend=backend)
+        seqkernels.kv_cache_append(
+            kc32, vc32, kn[:, :, :0].float(), vn[:, :, :0].float(), lens, block_table=table, backend=backend
+        )
     assert torch.equal(kc32, before[0]) and torch.equal(vc32, before[1])
     ex = seqkernels.explain("kv_cache_append", kc, vc, kn, vn, lens, block_table=table)
     assert ex.chosen == "cpu" and "float64" in ex.reasons["triton"]
@@ -177,30 +185,39 @@ def test_float64_and_empty_appends():
 
 def _bad(mutate):
     kc, vc, table = make_caches(2, 2, 16, 8, 8, torch.float32, paged=False)
-    kw = dict(k_cache=kc, v_cache=vc, k_new=torch.randn(2, 2, 3, 8), v_new=torch.randn(2, 2, 3, 8),
-              cache_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+    kw = dict(
+        k_cache=kc,
+        v_cache=vc,
+        k_new=torch.randn(2, 2, 3, 8),
+        v_new=torch.randn(2, 2, 3, 8),
+        cache_seqlens=torch.tensor([0, 4], dtype=torch.int32),
+    )
     mutate(kw)
     return kw
 
 
-@pytest.mark.parametrize("mutate, exc, match", [
-    (lambda kw: kw.update(k_new=kw["k_new"].half()), TypeError, "k_new.*dtype"),
-    (lambda kw: kw.update(v_cache=kw["v_cache"].double()), TypeError, "v_cache.*dtype"),
-    (lambda kw: kw.update(k_new=kw["k_new"][:, :1]), ValueError, "v_new: expected shape"),
-    (lambda kw: kw.update(k_new=kw["k_new"][..., :4], v_new=kw["v_new"]), ValueError, "k_new"),
-    (lambda kw: kw.update(k_cache=kw["k_cache"][:1], v_cache=kw["v_cache"][:1]), ValueError, "contiguous cache"),
-    (lambda kw: kw.update(k_cache=kw["k_cache"].transpose(2, 3)), ValueError, "v_cache: shape"),
-    (lambda kw: kw.update(k_cache=torch.randn(2, 2, 8, 16).transpose(2, 3)), ValueError, "stride 1"),
-    (lambda kw: kw.update(cache_seqlens=kw["cache_seqlens"].float()), TypeError, "cache_seqlens"),
-    (lambda kw: kw.update(cache_seqlens=torch.zeros(3, dtype=torch.int32)), ValueError, "cache_seqlens"),
-    (lambda kw: kw.update(block_table=torch.zeros(3, 2, dtype=torch.int32)), ValueError, "block_table"),
-    (lambda kw: kw.update(k_new=kw["k_new"].numpy()), TypeError, "k_new"),
-])
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (lambda kw: kw.update(k_new=kw["k_new"].half()), TypeError, "k_new.*dtype"),
+        (lambda kw: kw.update(v_cache=kw["v_cache"].double()), TypeError, "v_cache.*dtype"),
+        (lambda kw: kw.update(k_new=kw["k_new"][:, :1]), ValueError, "v_new: expected shape"),
+        (lambda kw: kw.update(k_new=kw["k_new"][..., :4], v_new=kw["v_new"]), ValueError, "k_new"),
+        (lambda kw: kw.update(k_cache=kw["k_cache"][:1], v_cache=kw["v_cache"][:1]), ValueError, "contiguous cache"),
+        (lambda kw: kw.update(k_cache=kw["k_cache"].transpose(2, 3)), ValueError, "v_cache: shape"),
+        (lambda kw: kw.update(k_cache=torch.randn(2, 2, 8, 16).transpose(2, 3)), ValueError, "stride 1"),
+        (lambda kw: kw.update(cache_seqlens=kw["cache_seqlens"].float()), TypeError, "cache_seqlens"),
+        (lambda kw: kw.update(cache_seqlens=torch.zeros(3, dtype=torch.int32)), ValueError, "cache_seqlens"),
+        (lambda kw: kw.update(block_table=torch.zeros(3, 2, dtype=torch.int32)), ValueError, "block_table"),
+        (lambda kw: kw.update(k_new=kw["k_new"].numpy()), TypeError, "k_new"),
+    ],
+)
 def test_bad_inputs_are_named(mutate, exc, match):
     kw = _bad(mutate)
     with pytest.raises(exc, match=match):
-        seqkernels.kv_cache_append(kw.pop("k_cache"), kw.pop("v_cache"), kw.pop("k_new"), kw.pop("v_new"),
-                                   kw.pop("cache_seqlens"), **kw)
+        seqkernels.kv_cache_append(
+            kw.pop("k_cache"), kw.pop("v_cache"), kw.pop("k_new"), kw.pop("v_new"), kw.pop("cache_seqlens"), **kw
+        )
 
 
 @pytest.mark.parametrize("op", ["cpp", "triton"])
@@ -214,8 +231,12 @@ def test_opcheck(op):
 @pytest.mark.cuda
 def test_cuda_vector_widths_on_gpu():
     """16-, 8-, 4- and 2-byte copies: head dims and alignments that allow each."""
-    for D, dtype, layout in ((64, torch.bfloat16, "contiguous"), (4, torch.float16, "contiguous"),
-                             (3, torch.float32, "contiguous"), (17, torch.float16, "offset")):
+    for D, dtype, layout in (
+        (64, torch.bfloat16, "contiguous"),
+        (4, torch.float16, "contiguous"),
+        (3, torch.float32, "contiguous"),
+        (17, torch.float16, "offset"),
+    ):
         kc, vc, table = make_caches(2, 2, 30, D, D, dtype, paged=True)
         kn, vn = _new_rows(2, 2, 7, D, dtype, layout), _new_rows(2, 2, 7, D, dtype, layout)
         lens = torch.tensor([0, 23], dtype=torch.int32)
@@ -235,8 +256,9 @@ def triton_decode(monkeypatch):
     write (output, lse, or a split's partial) shows as NaN."""
     tkv = pytest.importorskip("seqkernels.triton_kernels.kv_cache")
     dev = torch.device("cuda" if HAS_CUDA else "cpu")
-    reason = tkv.decode_unsupported_reason(torch.empty(1, 1, 1, 16, device=dev), torch.empty(1, 1, 1, 16, device=dev),
-                                           torch.empty(1, 1, 1, 16, device=dev))
+    reason = tkv.decode_unsupported_reason(
+        torch.empty(1, 1, 1, 16, device=dev), torch.empty(1, 1, 1, 16, device=dev), torch.empty(1, 1, 1, 16, device=dev)
+    )
     if reason is not None:
         pytest.skip(reason)
 
@@ -275,8 +297,9 @@ def test_triton_decode_huge_scores(triton_decode, dtype, magnitude, paged, num_s
     qk = torch.einsum("bhtd,bgsd->bhgts", q.double(), k_all).abs().max().item()
     scale = magnitude / qk
     moved = [None if t is None else t.to(dev) for t in (q, kc, vc, lens, table)]
-    out, lse = seqkernels.decode_attention(*moved[:4], block_table=moved[4], scale=scale, num_splits=num_splits,
-                                           return_lse=True, backend="triton")
+    out, lse = seqkernels.decode_attention(
+        *moved[:4], block_table=moved[4], scale=scale, num_splits=num_splits, return_lse=True, backend="triton"
+    )
     out, lse = out.cpu(), lse.cpu()
 
     def ref(dt):
@@ -284,11 +307,18 @@ def test_triton_decode_huge_scores(triton_decode, dtype, magnitude, paged, num_s
 
     (ref_out, ref_lse), (base_out, base_lse) = ref(torch.float64), ref(dtype)
     report = testing.compare(out, ref_out, base_out, name="out")
-    report.extend(testing.compare(_lse_rel(lse, ref_lse), _lse_rel(ref_lse, ref_lse), _lse_rel(base_lse, ref_lse),
-                                  name="lse/max(1,|lse_ref|)", dtype=dtype))
+    report.extend(
+        testing.compare(
+            _lse_rel(lse, ref_lse),
+            _lse_rel(ref_lse, ref_lse),
+            _lse_rel(base_lse, ref_lse),
+            name="lse/max(1,|lse_ref|)",
+            dtype=dtype,
+        )
+    )
     assert report.passed, str(report)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -9}[dtype]
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}[dtype]
     torch.testing.assert_close(out.double(), base_out.double(), atol=tol, rtol=0)
 
 

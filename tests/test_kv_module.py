@@ -18,8 +18,9 @@ def _logical(cache, table, n):
     if table is None:
         return cache[:, :, :n]
     bs = cache.shape[2]
-    return torch.stack([torch.stack([cache[int(table[b, p // bs]), :, p % bs] for p in range(n)], 1)
-                        for b in range(table.shape[0])])
+    return torch.stack(
+        [torch.stack([cache[int(table[b, p // bs]), :, p % bs] for p in range(n)], 1) for b in range(table.shape[0])]
+    )
 
 
 def _steps(cache, steps, Hq, gen):
@@ -133,10 +134,11 @@ def test_paged_allocator_grows_frees_and_runs_out():
     out = cache.attend(0, q, backend="cpu")
     full = torch.cat([k, k1, k2], 2)
     for b, n in enumerate(cache.host_lengths):
-        seq = full[b:b + 1, :, :n] if b != 1 else k2[1:2]
-        ref, _ = reference.decode_attention_ref(q[b:b + 1].double(), seq.double(), seq.double(),
-                                                torch.tensor([n], dtype=torch.int32))
-        torch.testing.assert_close(out[b:b + 1].double(), ref, atol=2e-6, rtol=2e-6)
+        seq = full[b : b + 1, :, :n] if b != 1 else k2[1:2]
+        ref, _ = reference.decode_attention_ref(
+            q[b : b + 1].double(), seq.double(), seq.double(), torch.tensor([n], dtype=torch.int32)
+        )
+        torch.testing.assert_close(out[b : b + 1].double(), ref, atol=2e-6, rtol=2e-6)
     cache.reset()
     assert cache.free_blocks == 7 and cache.host_lengths == [0, 0, 0]
 

@@ -4,13 +4,12 @@ CUDA-on-CPU harness (plain, ThreadSanitizer, AddressSanitizer)."""
 
 import pytest
 import torch
+from aot_static import compile_static
+from conftest import HAS_CUDA
 
 import seqkernels
 from seqkernels import _ext, backends, reference, testing
 from seqkernels.ops import lstm as lstm_ops
-
-from aot_static import compile_static
-from conftest import HAS_CUDA
 
 BACKENDS = ["reference", "cpu", "triton"] + (["cuda"] if HAS_CUDA else [])
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -31,8 +30,13 @@ def _skip_unless_runs(backend, call):
 
 def _inputs(B, n_in, H, dtype, device="cpu", bias=True, unbatched=False):
     lead = () if unbatched else (B,)
-    t = [torch.randn(*lead, n_in), torch.randn(*lead, H), torch.randn(*lead, H),
-         torch.randn(4 * H, n_in) / n_in**0.5, torch.randn(4 * H, H) / H**0.5]
+    t = [
+        torch.randn(*lead, n_in),
+        torch.randn(*lead, H),
+        torch.randn(*lead, H),
+        torch.randn(4 * H, n_in) / n_in**0.5,
+        torch.randn(4 * H, H) / H**0.5,
+    ]
     if bias:
         t += [torch.randn(4 * H) * 0.5, torch.randn(4 * H) * 0.5]
     return [x.to(device=device, dtype=dtype) for x in t]
@@ -99,8 +103,9 @@ def test_gradcheck_float64(backend, bias):
     args = [a.requires_grad_() for a in _inputs(3, 5, 4, torch.float64, bias=bias)]
     _skip_unless_runs(backend, lstm_ops.prepare_lstm_cell(*args))
     # The interpreter is slow: Triton gets gradcheck's fast mode (random projections of the Jacobian).
-    assert torch.autograd.gradcheck(lambda *a: seqkernels.lstm_cell(*a, backend=backend), args,
-                                    fast_mode=backend == "triton")
+    assert torch.autograd.gradcheck(
+        lambda *a: seqkernels.lstm_cell(*a, backend=backend), args, fast_mode=backend == "triton"
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
@@ -150,6 +155,7 @@ def test_auto_backend_on_cpu_is_the_cpu_kernel():
 
 # ---------------------------------------------------------------------------------------------
 # The ops themselves: strides, optional arguments, NaN, opcheck.
+
 
 def _op_families():
     fams = [("triton", torch.ops.seqkernels.triton_lstm_cell_fwd, torch.ops.seqkernels.triton_lstm_cell_bwd)]
@@ -223,6 +229,7 @@ def test_opcheck(family):
 # ---------------------------------------------------------------------------------------------
 # Errors
 
+
 @pytest.mark.parametrize(
     "mutate,exc,match",
     [
@@ -258,11 +265,11 @@ def test_cpu_kernel_names_bad_arguments():
     with pytest.raises(RuntimeError, match="hidden_gates must have shape"):
         torch.ops.seqkernels.lstm_cell_fwd(torch.randn(2, 8), torch.randn(2, 4), torch.randn(2, 2), None, None)
     with pytest.raises(RuntimeError, match="bias_hh must have shape"):
-        torch.ops.seqkernels.lstm_cell_fwd(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 2), None,
-                                           torch.randn(4))
+        torch.ops.seqkernels.lstm_cell_fwd(
+            torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 2), None, torch.randn(4)
+        )
     with pytest.raises(RuntimeError, match="cy has dtype"):
-        torch.ops.seqkernels.lstm_cell_bwd(None, None, torch.randn(2, 2), torch.randn(2, 2).double(),
-                                           torch.randn(2, 8))
+        torch.ops.seqkernels.lstm_cell_bwd(None, None, torch.randn(2, 2), torch.randn(2, 2).double(), torch.randn(2, 8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,18 +300,29 @@ def _emu_case(emu, dtype, B, H, pad, seed=0):
     hg, cx = rnd(B, 4 * H), rnd(B, H)
     bih, bhh = rnd(4 * H), rnd(4 * H)
     hy, cy, ws = emu.lstm_cell_fwd(ig, hg, cx, bih, bhh)
-    fwd = testing.compare((hy, cy, ws), reference.lstm_cell_fwd_ref(*_cpu64([ig, hg, cx, bih, bhh])),
-                          reference.lstm_cell_fwd_ref(ig, hg, cx, bih, bhh))
+    fwd = testing.compare(
+        (hy, cy, ws),
+        reference.lstm_cell_fwd_ref(*_cpu64([ig, hg, cx, bih, bhh])),
+        reference.lstm_cell_fwd_ref(ig, hg, cx, bih, bhh),
+    )
     gh, gc = rnd(B, H), rnd(B, H)
-    bwd = testing.compare(emu.lstm_cell_bwd(gh, gc, cx, cy, ws),
-                          reference.lstm_cell_bwd_ref(*_cpu64([gh, gc, cx, cy, ws])),
-                          reference.lstm_cell_bwd_ref(gh, gc, cx, cy, ws), grad=True)
-    one_sided = testing.compare(emu.lstm_cell_bwd(None, gc, cx, cy, ws),
-                                reference.lstm_cell_bwd_ref(None, *_cpu64([gc, cx, cy, ws])),
-                                reference.lstm_cell_bwd_ref(None, gc, cx, cy, ws), grad=True)
-    no_bias = testing.compare(emu.lstm_cell_fwd(ig, hg, cx, None, bhh),
-                              reference.lstm_cell_fwd_ref(*_cpu64([ig, hg, cx]), None, bhh.double()),
-                              reference.lstm_cell_fwd_ref(ig, hg, cx, None, bhh))
+    bwd = testing.compare(
+        emu.lstm_cell_bwd(gh, gc, cx, cy, ws),
+        reference.lstm_cell_bwd_ref(*_cpu64([gh, gc, cx, cy, ws])),
+        reference.lstm_cell_bwd_ref(gh, gc, cx, cy, ws),
+        grad=True,
+    )
+    one_sided = testing.compare(
+        emu.lstm_cell_bwd(None, gc, cx, cy, ws),
+        reference.lstm_cell_bwd_ref(None, *_cpu64([gc, cx, cy, ws])),
+        reference.lstm_cell_bwd_ref(None, gc, cx, cy, ws),
+        grad=True,
+    )
+    no_bias = testing.compare(
+        emu.lstm_cell_fwd(ig, hg, cx, None, bhh),
+        reference.lstm_cell_fwd_ref(*_cpu64([ig, hg, cx]), None, bhh.double()),
+        reference.lstm_cell_fwd_ref(ig, hg, cx, None, bhh),
+    )
     return fwd, bwd, one_sided, no_bias
 
 
@@ -347,8 +365,11 @@ def test_gpu_large_batch_parity(backend, dtype):
     _skip_unless_runs(backend, lstm_ops.prepare_lstm_cell(*args))
     hy, cy = seqkernels.lstm_cell(*args, backend=backend)
     # The baseline is plain torch math on the same device: cuBLAS sums the GEMMs in its own order.
-    report = testing.compare((hy.cpu(), cy.cpu()), reference.lstm_cell_ref(*_cpu64(args)),
-                             tuple(t.cpu() for t in reference.lstm_cell_ref(*args)))
+    report = testing.compare(
+        (hy.cpu(), cy.cpu()),
+        reference.lstm_cell_ref(*_cpu64(args)),
+        tuple(t.cpu() for t in reference.lstm_cell_ref(*args)),
+    )
     assert report.passed, str(report)
 
 
@@ -356,11 +377,15 @@ def test_gpu_large_batch_parity(backend, dtype):
 # Triton ahead of time (no GPU needed): the STATIC_CONFIGS compile for sm_80 / sm_90 without
 # spills or shared memory, with 16-byte vector accesses.
 
+
 def _check_static(pattern):
     results = compile_static("seqkernels.triton_kernels.lstm_cell", pattern)
     assert len(results) >= pattern.count("|") + 1, f"a pattern of {pattern!r} matches no static config"
-    bad = [f"{r['name']}: {r}" for r in results
-           if r["stack"] or r["local"] or r["smem"] or not (r["v4_loads"] and r["v4_stores"])]
+    bad = [
+        f"{r['name']}: {r}"
+        for r in results
+        if r["stack"] or r["local"] or r["smem"] or not (r["v4_loads"] and r["v4_stores"])
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -368,9 +393,15 @@ def _check_static(pattern):
 # a float32 backward, and the float64 forward, the one closest to the register limit.
 def test_triton_static_compile_sample():
     # One subprocess for the three (each start imports torch and triton).
-    _check_static("|".join([r"fwd_kernel sm_90 bf16 BLOCK_B=8 BLOCK_H=256 bias=False",
-                            r"bwd_kernel sm_80 fp32 BLOCK_B=8",
-                            r"fwd_kernel sm_90 fp64 BLOCK_B=2 BLOCK_H=256 bias=True"]))
+    _check_static(
+        "|".join(
+            [
+                r"fwd_kernel sm_90 bf16 BLOCK_B=8 BLOCK_H=256 bias=False",
+                r"bwd_kernel sm_80 fp32 BLOCK_B=8",
+                r"fwd_kernel sm_90 fp64 BLOCK_B=2 BLOCK_H=256 bias=True",
+            ]
+        )
+    )
 
 
 _SCALAR_PATH_SCRIPT = r"""
@@ -417,17 +448,29 @@ needs_layer_op = pytest.mark.skipif(not lstm_ops._HAS_LAYER_OP, reason="extensio
 
 
 def _layer_inputs(T, B, H, dtype, bias):
-    t = [torch.randn(T, B, 4 * H), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, H) / H**0.5,
-         torch.randn(4 * H) * 0.5 if bias else None]
+    t = [
+        torch.randn(T, B, 4 * H),
+        torch.randn(B, H),
+        torch.randn(B, H),
+        torch.randn(4 * H, H) / H**0.5,
+        torch.randn(4 * H) * 0.5 if bias else None,
+    ]
     return [None if x is None else x.to(dtype) for x in t]
 
 
 @needs_layer_op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("T,B,H,reverse,bias", [
-    (1, 1, 1, False, True), (5, 3, 37, False, True), (4, 2, 64, True, False),
-    (7, 5, 70, False, True),  # two unit blocks of 40 and 30: SIMD tails in both threads
-    (3, 4, 200, True, True), (2, 3, 520, False, False)])
+@pytest.mark.parametrize(
+    "T,B,H,reverse,bias",
+    [
+        (1, 1, 1, False, True),
+        (5, 3, 37, False, True),
+        (4, 2, 64, True, False),
+        (7, 5, 70, False, True),  # two unit blocks of 40 and 30: SIMD tails in both threads
+        (3, 4, 200, True, True),
+        (2, 3, 520, False, False),
+    ],
+)
 def test_layer_op_matches_reference(dtype, T, B, H, reverse, bias):
     args = _layer_inputs(T, B, H, dtype, bias)
     got = torch.ops.seqkernels.lstm_layer_fwd(*args, reverse)
@@ -446,8 +489,14 @@ def test_layer_op_single_thread_and_non_contiguous_inputs():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        got = torch.ops.seqkernels.lstm_layer_fwd(ig.transpose(0, 1).contiguous().transpose(0, 1), h0.t().contiguous().t(),
-                                                  c0, w.t().contiguous().t(), b, False)
+        got = torch.ops.seqkernels.lstm_layer_fwd(
+            ig.transpose(0, 1).contiguous().transpose(0, 1),
+            h0.t().contiguous().t(),
+            c0,
+            w.t().contiguous().t(),
+            b,
+            False,
+        )
     finally:
         torch.set_num_threads(threads)
     for g, e in zip(got, exp):

@@ -23,8 +23,9 @@ def _device_for(backend):
 
 def _skip_unless_runs(backend, device, dtype):
     x = torch.zeros(1, 1, device=device, dtype=dtype)
-    call = lstm_ops.prepare_lstm_cell(x, x, x, torch.zeros(4, 1, device=device, dtype=dtype),
-                                      torch.zeros(4, 1, device=device, dtype=dtype))
+    call = lstm_ops.prepare_lstm_cell(
+        x, x, x, torch.zeros(4, 1, device=device, dtype=dtype), torch.zeros(4, 1, device=device, dtype=dtype)
+    )
     reason = backends.why_not(lstm_ops.OP, backend, call.device, call)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
@@ -63,29 +64,43 @@ CONFIGS = [
 CASES64 = [(b, c) for b in BACKENDS for c in CONFIGS if b != "triton" or c in (CONFIGS[1], CONFIGS[2], CONFIGS[4])]
 
 
-@pytest.mark.parametrize("backend,cfg", CASES64,
-                         ids=lambda c: c if isinstance(c, str) else "L{}-bi{}-bf{}-bias{}-h0{}-T{}B{}".format(*c))
+@pytest.mark.parametrize(
+    "backend,cfg", CASES64, ids=lambda c: c if isinstance(c, str) else "L{}-bi{}-bf{}-bias{}-h0{}-T{}B{}".format(*c)
+)
 def test_lstm_matches_torch_float64(backend, cfg):
     layers, bidir, batch_first, bias, with_h0, T, B = cfg
     device = _device_for(backend)
     _skip_unless_runs(backend, device, torch.float64)
     n_in, H = 7, 5
-    ref, ours = _pair(backend, input_size=n_in, hidden_size=H, num_layers=layers, bidirectional=bidir,
-                      batch_first=batch_first, bias=bias, dropout=0.4 if layers > 1 else 0.0)
+    ref, ours = _pair(
+        backend,
+        input_size=n_in,
+        hidden_size=H,
+        num_layers=layers,
+        bidirectional=bidir,
+        batch_first=batch_first,
+        bias=bias,
+        dropout=0.4 if layers > 1 else 0.0,
+    )
     ref.eval()
     ours.eval()  # dropout between layers is off in eval mode, as in torch
     D = 2 if bidir else 1
-    x = torch.randn((B, T, n_in) if batch_first else (T, B, n_in), dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(
+        (B, T, n_in) if batch_first else (T, B, n_in), dtype=torch.float64, device=device, requires_grad=True
+    )
     hx = None
     leaves = [x]
     if with_h0:
-        hx = tuple(torch.randn(layers * D, B, H, dtype=torch.float64, device=device, requires_grad=True)
-                   for _ in range(2))
+        hx = tuple(
+            torch.randn(layers * D, B, H, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2)
+        )
         leaves += list(hx)
     out_shape = (B, T, D * H) if batch_first else (T, B, D * H)
-    cot = (torch.randn(out_shape, dtype=torch.float64, device=device),
-           torch.randn(layers * D, B, H, dtype=torch.float64, device=device),
-           torch.randn(layers * D, B, H, dtype=torch.float64, device=device))
+    cot = (
+        torch.randn(out_shape, dtype=torch.float64, device=device),
+        torch.randn(layers * D, B, H, dtype=torch.float64, device=device),
+        torch.randn(layers * D, B, H, dtype=torch.float64, device=device),
+    )
     exp, exp_g = _run(ref, x, hx, leaves + list(ref.parameters()), cot)
     got, got_g = _run(ours, x, hx, leaves + list(ours.parameters()), cot)
     assert got[0].shape == out_shape
@@ -104,8 +119,11 @@ def test_lstm_parity_rule_low_precision(backend, dtype):
     ours = LSTM(**kw, dtype=dtype, device=device, backend=backend)
     ours.load_state_dict(ref_t.state_dict())
     x = torch.randn(9, 3, 16, device=device)
-    cot = (torch.randn(9, 3, 48, device=device), torch.randn(4, 3, 24, device=device),
-           torch.randn(4, 3, 24, device=device))
+    cot = (
+        torch.randn(9, 3, 48, device=device),
+        torch.randn(4, 3, 24, device=device),
+        torch.randn(4, 3, 24, device=device),
+    )
 
     def run(m, dt):
         xx = x.to(dt).requires_grad_()
@@ -147,8 +165,7 @@ def test_packed_sequence_matches_torch(backend, bidir):
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_unbatched_input(backend, batch_first):
     _skip_unless_runs(backend, "cpu", torch.float64)
-    ref, ours = _pair(backend, input_size=3, hidden_size=4, num_layers=2, bidirectional=True,
-                      batch_first=batch_first)
+    ref, ours = _pair(backend, input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=batch_first)
     x = torch.randn(6, 3, dtype=torch.float64)
     hx = (torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64))
     for args in ((x,), (x, hx)):
@@ -189,8 +206,11 @@ def test_lstmcell_matches_torch(backend):
     ref = torch.nn.LSTMCell(6, 5, dtype=torch.float64)
     ours = LSTMCell(6, 5, dtype=torch.float64, backend=backend)
     ours.load_state_dict(ref.state_dict())
-    x, h, c = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64), torch.randn(
-        3, 5, dtype=torch.float64)
+    x, h, c = (
+        torch.randn(3, 6, dtype=torch.float64),
+        torch.randn(3, 5, dtype=torch.float64),
+        torch.randn(3, 5, dtype=torch.float64),
+    )
     for args in ((x,), (x, (h, c)), (x[0],), (x[0], (h[0], c[0]))):
         for a, b in zip(ours(*args), ref(*args)):
             torch.testing.assert_close(a, b)
@@ -216,8 +236,9 @@ class _Model(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.enc = torch.nn.LSTM(4, 6, num_layers=2, batch_first=True, dtype=torch.float64)
-        self.blocks = torch.nn.ModuleList([torch.nn.LSTMCell(6, 6, dtype=torch.float64),
-                                           torch.nn.Linear(6, 2, dtype=torch.float64)])
+        self.blocks = torch.nn.ModuleList(
+            [torch.nn.LSTMCell(6, 6, dtype=torch.float64), torch.nn.Linear(6, 2, dtype=torch.float64)]
+        )
         self.proj = torch.nn.LSTM(4, 6, proj_size=3, dtype=torch.float64)
 
     def forward(self, x):
@@ -261,6 +282,7 @@ def test_swap_the_model_itself_and_lazy_exports():
 
 # ---------------------------------------------------------------------------------------------
 # Errors
+
 
 def test_proj_size_is_rejected():
     with pytest.raises(ValueError, match="proj_size"):
@@ -313,8 +335,7 @@ def test_bad_cell_inputs_are_named():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_lstm_matches_torch(backend):
     _skip_unless_runs(backend, "cuda", torch.float32)
-    ref, ours = _pair(backend, dtype=torch.float32, input_size=64, hidden_size=128, num_layers=2,
-                      bidirectional=True)
+    ref, ours = _pair(backend, dtype=torch.float32, input_size=64, hidden_size=128, num_layers=2, bidirectional=True)
     x = torch.randn(33, 8, 64, device="cuda")
     # cuDNN's float32 LSTM uses TF32 tensor cores by default (torch.backends.cudnn.allow_tf32),
     # errors near 1e-2 here: the baseline is torch in true float32, the truth torch in float64.
@@ -378,14 +399,22 @@ def _count_layer_calls(monkeypatch):
 
 
 @needs_layer_op
-@pytest.mark.parametrize("cfg", CONFIGS + [(2, True, True, True, True, 4, 5)],
-                         ids=lambda c: "L{}-bi{}-bf{}-bias{}-h0{}-T{}B{}".format(*c))
+@pytest.mark.parametrize(
+    "cfg", CONFIGS + [(2, True, True, True, True, 4, 5)], ids=lambda c: "L{}-bi{}-bf{}-bias{}-h0{}-T{}B{}".format(*c)
+)
 @pytest.mark.parametrize("hidden", [5, 70])
 def test_inference_sequence_kernel_matches_torch_float64(cfg, hidden, monkeypatch):
     layers, bidir, batch_first, bias, with_h0, T, B = cfg
     calls = _count_layer_calls(monkeypatch)
-    ref, ours = _pair("cpu", input_size=7, hidden_size=hidden, num_layers=layers, bidirectional=bidir,
-                      batch_first=batch_first, bias=bias)
+    ref, ours = _pair(
+        "cpu",
+        input_size=7,
+        hidden_size=hidden,
+        num_layers=layers,
+        bidirectional=bidir,
+        batch_first=batch_first,
+        bias=bias,
+    )
     D = 2 if bidir else 1
     x = torch.randn((B, T, 7) if batch_first else (T, B, 7), dtype=torch.float64)
     hx = tuple(torch.randn(layers * D, B, hidden, dtype=torch.float64) for _ in range(2)) if with_h0 else None

@@ -13,7 +13,7 @@ import seqkernels.ops.attention as attention_ops
 from seqkernels.nn.multihead_attention import MultiheadAttention
 
 E, H = 24, 3  # head_dim 8
-FLOOR = {torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -36}
+FLOOR = {torch.float32: 2.0**-23, torch.float64: 2.0**-36}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,6 +57,7 @@ def rand_inputs(N, L, S, kdim, vdim, batch_first, dtype, unbatched=False, grad=F
     def mk(n, length, e):
         shape = (length, e) if unbatched else ((n, length, e) if batch_first else (length, n, e))
         return torch.randn(shape, dtype=dtype, requires_grad=grad)
+
     return mk(N, L, E), mk(N, S, kdim), mk(N, S, vdim)
 
 
@@ -80,16 +81,20 @@ def run_both(t, ours, ref, inputs, kwargs):
     dtype = inputs[0].dtype
     out_t = t(*inputs, **kwargs)
     out_o = ours(*inputs, **kwargs)
-    ref_kwargs = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                  for k, v in kwargs.items()}
+    ref_kwargs = {
+        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()
+    }
     out_r = ref(*[x.detach().double() for x in inputs], **ref_kwargs)
     assert out_o[0].dtype == dtype
     return out_o, out_t, out_r
 
 
-MODULE_GRID = [dict(batch_first=bf, kdim=kd, vdim=vd, bias=b, add_bias_kv=bkv, add_zero_attn=z)
-               for bf, (kd, vd), b, bkv, z in itertools.product((False, True), ((None, None), (11, 7)),
-                                                              (True, False), (False, True), (False, True))]
+MODULE_GRID = [
+    dict(batch_first=bf, kdim=kd, vdim=vd, bias=b, add_bias_kv=bkv, add_zero_attn=z)
+    for bf, (kd, vd), b, bkv, z in itertools.product(
+        (False, True), ((None, None), (11, 7)), (True, False), (False, True), (False, True)
+    )
+]
 MASK_GRID = [
     (None, None),
     (("attn", "bool2d"), None),
@@ -146,10 +151,14 @@ def test_forward_sizes_dtypes(L, S, dtype, self_attention):
             assert_parity(w, wt, wrf)
 
 
-@pytest.mark.parametrize("masks", [(None, None), (("attn", "bool2d"), ("kpm", "bool")), (("attn", "float3d"), None),
-                                   (None, ("kpm", "float"))], ids=str)
-@pytest.mark.parametrize("kw", [dict(), dict(kdim=11, vdim=7, add_bias_kv=True), dict(add_zero_attn=True, batch_first=True)],
-                         ids=_ids)
+@pytest.mark.parametrize(
+    "masks",
+    [(None, None), (("attn", "bool2d"), ("kpm", "bool")), (("attn", "float3d"), None), (None, ("kpm", "float"))],
+    ids=str,
+)
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(kdim=11, vdim=7, add_bias_kv=True), dict(add_zero_attn=True, batch_first=True)], ids=_ids
+)
 def test_unbatched(kw, masks):
     t, ours, ref = make_pair(torch.float64, **kw)
     L, S = 6, 9
@@ -167,11 +176,15 @@ def test_unbatched(kw, masks):
 @pytest.mark.filterwarnings("ignore:Support for mismatched")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("need_weights", [True, False])
-@pytest.mark.parametrize("kw,masks", [
-    (dict(batch_first=True), (("attn", "float2d"), ("kpm", "bool"))),
-    (dict(kdim=11, vdim=7, add_bias_kv=True, add_zero_attn=True), (("attn", "bool3d"), None)),
-    (dict(bias=False), (None, ("kpm", "float"))),
-], ids=["packed", "separate-biaskv-zero", "nobias"])
+@pytest.mark.parametrize(
+    "kw,masks",
+    [
+        (dict(batch_first=True), (("attn", "float2d"), ("kpm", "bool"))),
+        (dict(kdim=11, vdim=7, add_bias_kv=True, add_zero_attn=True), (("attn", "bool3d"), None)),
+        (dict(bias=False), (None, ("kpm", "float"))),
+    ],
+    ids=["packed", "separate-biaskv-zero", "nobias"],
+)
 def test_gradients(kw, masks, need_weights, dtype):
     t, ours, ref = make_pair(dtype, **kw)
     N, L, S = 2, 5, 7
@@ -183,8 +196,13 @@ def test_gradients(kw, masks, need_weights, dtype):
 
     def grads(module, xs):
         module.zero_grad()
-        out, w = module(*xs, **{k: (v.to(xs[0].dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                                for k, v in args.items()})
+        out, w = module(
+            *xs,
+            **{
+                k: (v.to(xs[0].dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in args.items()
+            },
+        )
         loss = (out * cot.to(out.dtype)).sum() + (w.square().sum() if w is not None else 0)
         gx = torch.autograd.grad(loss, list(xs) + list(module.parameters()))
         return gx
@@ -204,11 +222,13 @@ def test_gradcheck_float64():
     kpm = torch.tensor([[False, False, True, False], [False, True, False, False]])
     for need_weights in (True, False):
         assert torch.autograd.gradcheck(
-            lambda a, b, c, nw=need_weights: ours(a, b, c, key_padding_mask=kpm, need_weights=nw)[0], (q, k, v))
+            lambda a, b, c, nw=need_weights: ours(a, b, c, key_padding_mask=kpm, need_weights=nw)[0], (q, k, v)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # is_causal: a hint that requires attn_mask (torch's F.multi_head_attention_forward rule).
+
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched")
 @pytest.mark.parametrize("kw", [dict(batch_first=True), dict(add_bias_kv=True, add_zero_attn=True)], ids=_ids)
@@ -218,7 +238,11 @@ def test_is_causal_semantics(kw):
     t, ours, ref = make_pair(torch.float64, **kw)
     t.train(), ours.train(), ref.train()
     N, L = 2, 6
-    x = torch.randn(N, L, E, dtype=torch.float64) if kw.get("batch_first") else torch.randn(L, N, E, dtype=torch.float64)
+    x = (
+        torch.randn(N, L, E, dtype=torch.float64)
+        if kw.get("batch_first")
+        else torch.randn(L, N, E, dtype=torch.float64)
+    )
     causal = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
     not_causal = rand_mask(("attn", "bool2d"), N, L, L, torch.float64)
     kpm = rand_mask(("kpm", "bool"), N, L, L, torch.float64)
@@ -249,6 +273,7 @@ def test_is_causal_uses_causal_kernel_without_reading_mask(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def test_fully_masked_rows():
     """Fused path: a row that sees no key gives 0, as torch's SDPA path; need_weights path: NaN, as

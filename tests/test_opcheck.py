@@ -60,8 +60,16 @@ def _attention_args(case, dtype=torch.float32):
         mask = torch.rand(B, Hq, Lq, Lk) > 0.3
         mask[..., 0] = True
     call = attn_ops.prepare_attention(
-        q, k, v, attn_mask=mask, kv_lengths=torch.tensor([7, 4]) if case.get("lengths") else None,
-        window=case.get("window"), dropout_p=case.get("dropout_p", 0.0), seed=1234, causal=True)
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        kv_lengths=torch.tensor([7, 4]) if case.get("lengths") else None,
+        window=case.get("window"),
+        dropout_p=case.get("dropout_p", 0.0),
+        seed=1234,
+        causal=True,
+    )
     return call
 
 

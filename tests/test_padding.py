@@ -109,8 +109,7 @@ def test_keys_past_lengths_at_tile_residues(backend, causal, request, monkeypatc
     lengths = torch.tensor(lens, dtype=torch.int32)
     out, lse, dq, dk, dv = _attention(backend, request, q, k, v, go, lengths, causal)
 
-    kw = dict(kv_lengths=lengths, window_left=-1, window_right=0 if causal else -1, bottom_right=True,
-              scale=D**-0.5)
+    kw = dict(kv_lengths=lengths, window_left=-1, window_right=0 if causal else -1, bottom_right=True, scale=D**-0.5)
     ref = reference.attention_ref(q.double(), clean_k.double(), clean_v.double(), **kw)
     base = reference.attention_ref(q, clean_k, clean_v, **kw)
     report = compare((out, lse), ref, base)
@@ -174,8 +173,7 @@ def test_decode_cache_rows_with_nan_tail_lanes(backend, request, monkeypatch):
     want = _decode(name, request, q, kc, vc, lens)
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    ref = reference.decode_attention_ref(q.double(), torch.nan_to_num(kc.double()), torch.nan_to_num(vc.double()),
-                                         lens)
+    ref = reference.decode_attention_ref(q.double(), torch.nan_to_num(kc.double()), torch.nan_to_num(vc.double()), lens)
     torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)
 
 

@@ -15,19 +15,21 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import HAS_CUDA  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import seqkernels  # noqa: E402
-from seqkernels import backends, testing  # noqa: E402
-from seqkernels.ops import attention as attn_ops  # noqa: E402
-
-from conftest import HAS_CUDA  # noqa: E402
 from parity_rules import assert_rule  # noqa: E402
 
-SETTINGS = dict(derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+import seqkernels  # noqa: E402
+from seqkernels import backends  # noqa: E402
+from seqkernels.ops import attention as attn_ops  # noqa: E402
+
+SETTINGS = dict(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 LOW = [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -50,6 +52,7 @@ def _make(draw, shape, dtype, magnitude, layout):
 
     def rnd(s):  # normal draws clipped to [-2, 2], so `magnitude` bounds every |value| by 2x
         return (torch.randn(s, generator=g, dtype=torch.float64).clamp(-2, 2) * magnitude).to(dtype)
+
     if layout == "transposed" and len(shape) == 4:
         B, H, L, D = shape
         return rnd((B, L, H, D)).transpose(1, 2)
@@ -68,7 +71,7 @@ def _magnitude(draw, dtype, D):
     plain torch overflows too, and there is no finite answer to match)."""
     limit = math.sqrt(torch.finfo(dtype).max / (8 * max(D, 1)))  # |q.k| <= 4 * limit^2 * D = max / 2
     exp = draw(st.sampled_from([0.0, 1.0, 3.0, 6.0, 12.0, 19.0, math.log10(limit)]))
-    return min(10.0 ** exp, limit)
+    return min(10.0**exp, limit)
 
 
 MASK_CONSTANTS = [0.0, -1.0, -1e4, -1e9, -1e30, -3e38, "finfo.min", float("-inf")]
@@ -103,8 +106,10 @@ def attention_inputs(draw, dtypes, max_lq=12, max_lk=40):
             kw["attn_mask"] = torch.rand(shape, generator=g) > draw(st.sampled_from([0.0, 0.3, 0.9, 1.0]))
         else:
             mdtype = draw(st.sampled_from([torch.float32, dtype]))
-            consts = [torch.finfo(mdtype).min if c == "finfo.min" else c for c in
-                      draw(st.lists(st.sampled_from(MASK_CONSTANTS), min_size=1, max_size=3))]
+            consts = [
+                torch.finfo(mdtype).min if c == "finfo.min" else c
+                for c in draw(st.lists(st.sampled_from(MASK_CONSTANTS), min_size=1, max_size=3))
+            ]
             pick = torch.randint(0, len(consts), shape, generator=g)
             kw["attn_mask"] = torch.tensor(consts, dtype=torch.float64)[pick].to(mdtype)
     if draw(st.booleans()):
@@ -150,7 +155,7 @@ def _check_attention(backend, q, k, v, kw, grads):
     amax = [float(t.detach().abs().max()) if t.numel() else 0.0 for t in (q, k, v)]
     n = max(k.shape[2], q.shape[2], 1)
     floors = [0.0, 0.0, 4 * u * n * amax[2] * amax[1] * sc, 4 * u * n * amax[2] * amax[0] * sc, 4 * u * n]
-    for i, name in enumerate(["out", "lse", "dq", "dk", "dv"][:len(got)]):
+    for i, name in enumerate(["out", "lse", "dq", "dk", "dv"][: len(got)]):
         assert_rule(got[i], ref[i], base[i], i >= 2, f"{backend} {name}", q.dtype, floors[i])
 
 
@@ -184,9 +189,25 @@ def test_attention_triton_interpreter(data):
 def bad_attention_calls(draw):
     B, H, Lq, Lk, D = 2, 2, 3, 5, 4
     q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
-    kind = draw(st.sampled_from(["kv_lengths_high", "kv_lengths_neg", "kv_lengths_int64_wrap", "kv_lengths_dtype",
-                                 "mask_shape", "mask_dtype", "window", "dropout", "scale", "head_dim", "gqa",
-                                 "v_shape", "q_dtype"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "kv_lengths_high",
+                "kv_lengths_neg",
+                "kv_lengths_int64_wrap",
+                "kv_lengths_dtype",
+                "mask_shape",
+                "mask_dtype",
+                "window",
+                "dropout",
+                "scale",
+                "head_dim",
+                "gqa",
+                "v_shape",
+                "q_dtype",
+            ]
+        )
+    )
     kw = {}
     name = kind.split("_")[0] if kind.startswith(("kv_lengths", "mask")) else kind
     if kind == "kv_lengths_high":
@@ -256,6 +277,7 @@ def cache_problems(draw, dtypes):
     vc = torch.full(shape_v, float("nan"), dtype=dtype)
     # Old tokens: written through the reference append so both sides start from the same cache.
     from seqkernels import reference as ref
+
     lens0 = torch.zeros(B, dtype=torch.int32)
     if B and max(old):
         n = max(old)
@@ -263,9 +285,14 @@ def cache_problems(draw, dtypes):
         vn0 = _make(draw, (B, Hkv, n, Dv), dtype, 1.0, "contiguous")
         for b in range(B):
             sub = slice(b, b + 1)
-            ref.kv_cache_append_ref(kc if paged else kc[sub], vc if paged else vc[sub], kn0[sub, :, :old[b]],
-                                    vn0[sub, :, :old[b]], lens0[sub],
-                                    None if table is None else table[sub].to(torch.int32))
+            ref.kv_cache_append_ref(
+                kc if paged else kc[sub],
+                vc if paged else vc[sub],
+                kn0[sub, :, : old[b]],
+                vn0[sub, :, : old[b]],
+                lens0[sub],
+                None if table is None else table[sub].to(torch.int32),
+            )
     kn = _make(draw, (B, Hkv, T, D), dtype, mag, draw(LAYOUTS))
     vn = _make(draw, (B, Hkv, T, Dv), dtype, 1.0, draw(LAYOUTS))
     lens = torch.tensor(old, dtype=idt)
@@ -291,8 +318,9 @@ def _check_cache(backend, p):
             seqkernels.decode_attention(q, kc, vc, new_lens, block_table=p["table"], backend=backend)
         return
     kw = dict(block_table=p["table"], window=p["window"], return_lse=True)
-    call = seqkernels.ops.kv_cache.prepare_decode(q, kc, vc, new_lens, block_table=p["table"], window=p["window"],
-                                                  num_splits=p["splits"])
+    call = seqkernels.ops.kv_cache.prepare_decode(
+        q, kc, vc, new_lens, block_table=p["table"], window=p["window"], num_splits=p["splits"]
+    )
     if backends.why_not(seqkernels.ops.kv_cache.DECODE_OP, backend, call.device, call) is not None:
         return
     out = seqkernels.decode_attention(q, kc, vc, new_lens, num_splits=p["splits"], backend=backend, **kw)
@@ -394,12 +422,16 @@ def test_lstm_cell_triton_interpreter(args):
 @given(data=attention_inputs([torch.float64], max_lq=4, max_lk=6), backend=st.sampled_from(["cpu", "reference"]))
 def test_attention_gradcheck_and_gradgradcheck(data, backend):
     q, k, v, kw = data
-    kw = {k_: v_ for k_, v_ in kw.items() if not (k_ == "attn_mask" and v_.is_floating_point()
-                                                   and not torch.isfinite(v_).all())}
+    kw = {
+        k_: v_
+        for k_, v_ in kw.items()
+        if not (k_ == "attn_mask" and v_.is_floating_point() and not torch.isfinite(v_).all())
+    }
     xs = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
 
     def f(*xs):
         return seqkernels.attention(*xs, backend=backend, return_lse=False, **kw)
+
     if any(t.numel() == 0 for t in xs):
         return
     assert torch.autograd.gradcheck(f, xs)
@@ -420,6 +452,7 @@ def test_lstm_cell_gradcheck_float64(backend):
 
     def f(*xs):
         return seqkernels.lstm_cell(*xs, backend=backend)
+
     assert torch.autograd.gradcheck(f, xs)
     if backend == "reference":
         assert torch.autograd.gradgradcheck(f, xs)
@@ -436,6 +469,7 @@ def test_decode_and_append_gradcheck_reference():
 
     def decode(q, kc, vc):
         return seqkernels.decode_attention(q, kc, vc, lens, window=2)
+
     assert torch.autograd.gradcheck(decode, (q, kc, vc))
     assert torch.autograd.gradgradcheck(decode, (q, kc, vc))
     kn = torch.randn(2, 1, 2, 3, dtype=torch.float64, requires_grad=True)
@@ -445,5 +479,6 @@ def test_decode_and_append_gradcheck_reference():
         kc2, vc2 = kc * 1, vc * 1
         seqkernels.kv_cache_append(kc2, vc2, kn, vn, torch.tensor([1, 4]))
         return kc2, vc2
+
     assert torch.autograd.gradcheck(append, (kc, vc, kn, vn))
     assert torch.autograd.gradgradcheck(append, (kc, vc, kn, vn))

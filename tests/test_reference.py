@@ -70,14 +70,17 @@ def clones(*ts):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed,offset", [(0, 0), (1, 0), (0x1234_5678_9ABC_DEF0, 7), (2**64 - 1, 2**64 - 1),
-                                         (987654321, 2**33 + 5)])
+@pytest.mark.parametrize(
+    "seed,offset", [(0, 0), (1, 0), (0x1234_5678_9ABC_DEF0, 7), (2**64 - 1, 2**64 - 1), (987654321, 2**33 + 5)]
+)
 def test_philox_word_matches_python(seed, offset):
     gen = torch.Generator().manual_seed(seed % 1000)
-    ns = torch.cat([
-        torch.tensor([0, 1, 2, 3, M32 - 1, M32, M32 + 1, 2**40 + 7, 2**62 + 3, 2**63 - 1]),
-        torch.randint(0, 2**62, (40,), generator=gen),
-    ])
+    ns = torch.cat(
+        [
+            torch.tensor([0, 1, 2, 3, M32 - 1, M32, M32 + 1, 2**40 + 7, 2**62 + 3, 2**63 - 1]),
+            torch.randint(0, 2**62, (40,), generator=gen),
+        ]
+    )
     words = philox_keep_word_ref(seed, offset, ns)
     assert words.dtype == torch.int64
     assert words.tolist() == [philox_py(seed, offset, int(n)) for n in ns]
@@ -253,14 +256,26 @@ def test_visibility_rule_by_hand(window, bottom_right, kv_lengths, Lq):
     extra = torch.rand(Lq, Lk, generator=gen) > 0.2  # a bool mask combined with the rule
     lens = None if kv_lengths is None else torch.tensor(kv_lengths, dtype=torch.int32)
     scale = 0.61
-    out, lse = attention_ref(q, k, v, attn_mask=extra, kv_lengths=lens, scale=scale, window_left=wl,
-                             window_right=wr, bottom_right=bottom_right)
+    out, lse = attention_ref(
+        q,
+        k,
+        v,
+        attn_mask=extra,
+        kv_lengths=lens,
+        scale=scale,
+        window_left=wl,
+        window_right=wr,
+        bottom_right=bottom_right,
+    )
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     for b in range(B):
         for h in range(Hq):
             for i in range(Lq):
-                js = [j for j in range(Lk)
-                      if hand_visible(b, i, j, Lq, Lk, kv_lengths, wl, wr, bottom_right) and extra[i, j]]
+                js = [
+                    j
+                    for j in range(Lk)
+                    if hand_visible(b, i, j, Lq, Lk, kv_lengths, wl, wr, bottom_right) and extra[i, j]
+                ]
                 if not js:
                     assert (out[b, h, i] == 0).all() and lse[b, h, i] == -math.inf
                     continue
@@ -389,8 +404,9 @@ def test_attention_bwd_ref_matches_torch():
     dq, dk, dv = attention_bwd_ref(go, q, k, v, attn_mask=m, scale=0.3, window_right=0, bottom_right=False)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     q2, k2, v2 = clones(q, k, v)
-    expected = torch_sdpa(q2, k2, v2, attn_mask=m & torch.ones(17, 19, dtype=torch.bool).tril(),
-                                              scale=0.3, enable_gqa=True)
+    expected = torch_sdpa(
+        q2, k2, v2, attn_mask=m & torch.ones(17, 19, dtype=torch.bool).tril(), scale=0.3, enable_gqa=True
+    )
     for a, b in zip((dq, dk, dv), torch.autograd.grad(expected, (q2, k2, v2), go)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -401,9 +417,9 @@ def test_gradcheck_float64():
     lens = torch.tensor([4])
     m = torch.randn(3, 5, generator=gen, dtype=F64)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: attention_ref(q, k, v, attn_mask=m, kv_lengths=lens, window_left=2,
-                                      window_right=0)[0],
-        (q, k, v))
+        lambda q, k, v: attention_ref(q, k, v, attn_mask=m, kv_lengths=lens, window_left=2, window_right=0)[0],
+        (q, k, v),
+    )
 
 
 def test_attention_argument_errors():
@@ -424,8 +440,10 @@ def test_attention_argument_errors():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["5d_bcast", "3d", "2d", "head_bcast", "gqa", "gqa_kv_heads_differ",
-                                  "causal_gqa", "mask_bcast", "float_mask_5d"])
+@pytest.mark.parametrize(
+    "case",
+    ["5d_bcast", "3d", "2d", "head_bcast", "gqa", "gqa_kv_heads_differ", "causal_gqa", "mask_bcast", "float_mask_5d"],
+)
 def test_sdpa_ref_matches_torch(case):
     gen = torch.Generator().manual_seed(len(case))
     kw = {}
@@ -521,8 +539,8 @@ def test_kv_cache_append_paged(T):
     num_blocks = B * max_blocks + 2
     perm = torch.randperm(num_blocks, generator=gen)[: B * max_blocks]
     table = perm.view(B, max_blocks).to(torch.int32)
-    table[1, 2] = -1            # unallocated block: tokens landing there are skipped
-    table[2, 1] = num_blocks    # out-of-range block id: skipped
+    table[1, 2] = -1  # unallocated block: tokens landing there are skipped
+    table[2, 1] = num_blocks  # out-of-range block id: skipped
     k_cache, v_cache = rand(num_blocks, Hkv, bs, D, gen=gen), rand(num_blocks, Hkv, bs, D, gen=gen)
     k_new, v_new = rand(B, Hkv, T, D, gen=gen), rand(B, Hkv, T, D, gen=gen)
     seqlens = torch.tensor([1, 6, 10], dtype=torch.int32)  # 10 + 7 > max_blocks * bs: tail skipped
@@ -546,7 +564,7 @@ def _paged_from_contiguous(k, bs, gen, spare=2):
     cache = torch.full((B * nb + spare, H, bs, D), math.nan, dtype=k.dtype)
     for b in range(B):
         for j in range(nb):
-            cache[table[b, j]] = k[b, :, j * bs:(j + 1) * bs]
+            cache[table[b, j]] = k[b, :, j * bs : (j + 1) * bs]
     return cache, table
 
 
@@ -560,8 +578,8 @@ def test_decode_attention_matches_attention_on_valid_prefix(Tq, paged, window):
     k_cache, v_cache = rand(B, Hkv, S, D, gen=gen), rand(B, Hkv, S, Dv, gen=gen)
     seqlens = torch.tensor([Tq, 13, S], dtype=torch.int32)
     for b in range(B):  # poison the unused slots: they must not leak
-        k_cache[b, :, seqlens[b]:] = math.nan
-        v_cache[b, :, seqlens[b]:] = math.inf
+        k_cache[b, :, seqlens[b] :] = math.nan
+        v_cache[b, :, seqlens[b] :] = math.inf
     table = None
     kc, vc = k_cache, v_cache
     if paged:
@@ -569,16 +587,24 @@ def test_decode_attention_matches_attention_on_valid_prefix(Tq, paged, window):
         vc = torch.full((kc.shape[0], Hkv, bs, Dv), math.nan, dtype=F64)
         for b in range(B):
             for j in range(S // bs):
-                vc[table[b, j]] = v_cache[b, :, j * bs:(j + 1) * bs]
-    out, lse = decode_attention_ref(q, kc, vc, seqlens, block_table=table, scale=0.3, window_left=window[0],
-                                    window_right=window[1])
+                vc[table[b, j]] = v_cache[b, :, j * bs : (j + 1) * bs]
+    out, lse = decode_attention_ref(
+        q, kc, vc, seqlens, block_table=table, scale=0.3, window_left=window[0], window_right=window[1]
+    )
     assert out.shape == (B, Hq, Tq, Dv) and torch.isfinite(out).all() and torch.isfinite(lse).all()
     for b in range(B):
         n = int(seqlens[b])
-        o, l = attention_ref(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n], scale=0.3,
-                             window_left=window[0], window_right=0, bottom_right=True)
-        torch.testing.assert_close(out[b:b + 1], o, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(lse[b:b + 1], l, rtol=1e-12, atol=1e-12)
+        o, l = attention_ref(
+            q[b : b + 1],
+            k_cache[b : b + 1, :, :n],
+            v_cache[b : b + 1, :, :n],
+            scale=0.3,
+            window_left=window[0],
+            window_right=0,
+            bottom_right=True,
+        )
+        torch.testing.assert_close(out[b : b + 1], o, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse[b : b + 1], l, rtol=1e-12, atol=1e-12)
 
 
 def test_decode_query_sees_up_to_its_own_position():
@@ -587,8 +613,11 @@ def test_decode_query_sees_up_to_its_own_position():
     k = torch.randn(1, 1, 8, 4, dtype=F64)
     v = torch.eye(8, dtype=F64).view(1, 1, 8, 8)
     w, _ = decode_attention_ref(q, k, v, torch.tensor([5], dtype=torch.int32))
-    assert (w[0, 0] > 0).int().tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0],
-                                            [1, 1, 1, 1, 1, 0, 0, 0]]
+    assert (w[0, 0] > 0).int().tolist() == [
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0],
+    ]
 
 
 def test_decode_rejects_bad_lengths():
@@ -609,8 +638,11 @@ def test_lstm_cell_matches_torch(bias, B, I, H):
     torch.manual_seed(B * 100 + I)
     cell = torch.nn.LSTMCell(I, H, bias=bias, dtype=F64)
     gen = torch.Generator().manual_seed(3)
-    x, hx, cx = rand(B, I, gen=gen, requires_grad=True), rand(B, H, gen=gen, requires_grad=True), \
-        rand(B, H, gen=gen, requires_grad=True)
+    x, hx, cx = (
+        rand(B, I, gen=gen, requires_grad=True),
+        rand(B, H, gen=gen, requires_grad=True),
+        rand(B, H, gen=gen, requires_grad=True),
+    )
     hy, cy = lstm_cell_ref(x, hx, cx, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
     x2, hx2, cx2 = clones(x, hx, cx)
     ehy, ecy = cell(x2, (hx2, cx2))

@@ -8,8 +8,10 @@ import pytest
 
 from seqkernels import kernel_report as kr
 
-needs_nvcc = pytest.mark.skipif(kr._tool("nvcc") is None or kr._tool("cuobjdump") is None,
-                                reason="nvcc and cuobjdump are needed to compile the CUDA kernels")
+needs_nvcc = pytest.mark.skipif(
+    kr._tool("nvcc") is None or kr._tool("cuobjdump") is None,
+    reason="nvcc and cuobjdump are needed to compile the CUDA kernels",
+)
 ARCHS = [f"sm_{a}" for a in kr._archs(None)]
 SELFTEST = "tests/emulation/static_selftest_kernels.cu"
 
@@ -32,12 +34,23 @@ def test_report_on_kernels_with_known_answers():
 
 
 def test_expectation_table_and_name_parsing():
-    assert kr._short_name("void seqkernels::_attention_fwd_kernel<__half, 64, true>(seqkernels::P)") == \
-        "_attention_fwd_kernel"
+    assert (
+        kr._short_name("void seqkernels::_attention_fwd_kernel<__half, 64, true>(seqkernels::P)")
+        == "_attention_fwd_kernel"
+    )
     assert kr._expects("_attention_fwd_kernel") is True and kr._expects("_attention_bwd_kernel") is True
     assert kr._expects("_kv_cache_append_kernel") is None
-    row = {"kind": "cuda", "arch": "sm_90", "spill_stores": 0, "spill_loads": 0, "stack_bytes": 0, "local_bytes": 0,
-           "shared_bytes": 1024, "tensor_cores": False, "expects_tensor_cores": True}
+    row = {
+        "kind": "cuda",
+        "arch": "sm_90",
+        "spill_stores": 0,
+        "spill_loads": 0,
+        "stack_bytes": 0,
+        "local_bytes": 0,
+        "shared_bytes": 1024,
+        "tensor_cores": False,
+        "expects_tensor_cores": True,
+    }
     assert kr._problems(row) == ["no tensor-core instructions"]
 
 

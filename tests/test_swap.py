@@ -15,9 +15,11 @@ from seqkernels.nn.swap import restore_attention, swap_attention
 
 D, HEADS, FF = 16, 4, 24
 
-pytestmark = [pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),
-              pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors"),
-              pytest.mark.filterwarnings("ignore:Support for mismatched")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors"),
+    pytest.mark.filterwarnings("ignore:Support for mismatched"),
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,10 +55,14 @@ def randomize(model):
 
 def make_model(kind, batch_first, dropout=0.0, norm_first=False, dtype=torch.float32):
     if kind == "encoder":
-        layer = nn.TransformerEncoderLayer(D, HEADS, FF, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
+        layer = nn.TransformerEncoderLayer(
+            D, HEADS, FF, dropout=dropout, batch_first=batch_first, norm_first=norm_first
+        )
         m = nn.TransformerEncoder(layer, 2)
     elif kind == "decoder":
-        layer = nn.TransformerDecoderLayer(D, HEADS, FF, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
+        layer = nn.TransformerDecoderLayer(
+            D, HEADS, FF, dropout=dropout, batch_first=batch_first, norm_first=norm_first
+        )
         m = nn.TransformerDecoder(layer, 2)
     else:
         m = nn.Transformer(D, HEADS, 2, 2, FF, dropout=dropout, batch_first=batch_first, norm_first=norm_first)
@@ -66,24 +72,40 @@ def make_model(kind, batch_first, dropout=0.0, norm_first=False, dtype=torch.flo
 def make_inputs(kind, batch_first, dtype=torch.float32, B=3, S=9, T=6):
     def seq(n):
         return torch.randn(B, n, D, dtype=dtype) if batch_first else torch.randn(n, B, D, dtype=dtype)
+
     # left-aligned padding (what the encoder's nested path needs), never a fully padded sequence
     src_kpm = torch.arange(S)[None, :] >= torch.tensor([S, 5, 2])[:, None]
     tgt_kpm = torch.arange(T)[None, :] >= torch.tensor([4, T, 3])[:, None]
     tgt_mask = nn.Transformer.generate_square_subsequent_mask(T, dtype=dtype)
     if kind == "encoder":
-        variants = [((seq(S),), {}),
-                    ((seq(S),), dict(src_key_padding_mask=src_kpm)),
-                    ((seq(S),), dict(mask=nn.Transformer.generate_square_subsequent_mask(S, dtype=dtype), is_causal=True)),
-                    ((seq(S),), dict(mask=nn.Transformer.generate_square_subsequent_mask(S, dtype=dtype),
-                                     src_key_padding_mask=src_kpm))]
+        variants = [
+            ((seq(S),), {}),
+            ((seq(S),), dict(src_key_padding_mask=src_kpm)),
+            ((seq(S),), dict(mask=nn.Transformer.generate_square_subsequent_mask(S, dtype=dtype), is_causal=True)),
+            (
+                (seq(S),),
+                dict(mask=nn.Transformer.generate_square_subsequent_mask(S, dtype=dtype), src_key_padding_mask=src_kpm),
+            ),
+        ]
     elif kind == "decoder":
         mem = seq(S)
-        variants = [((seq(T), mem), dict(tgt_mask=tgt_mask, tgt_is_causal=True)),
-                    ((seq(T), mem), dict(tgt_mask=tgt_mask, tgt_key_padding_mask=tgt_kpm, memory_key_padding_mask=src_kpm))]
+        variants = [
+            ((seq(T), mem), dict(tgt_mask=tgt_mask, tgt_is_causal=True)),
+            ((seq(T), mem), dict(tgt_mask=tgt_mask, tgt_key_padding_mask=tgt_kpm, memory_key_padding_mask=src_kpm)),
+        ]
     else:
-        variants = [((seq(S), seq(T)), dict(tgt_mask=tgt_mask, src_key_padding_mask=src_kpm,
-                                             memory_key_padding_mask=src_kpm, tgt_key_padding_mask=tgt_kpm)),
-                    ((seq(S), seq(T)), dict(tgt_mask=tgt_mask, tgt_is_causal=True))]
+        variants = [
+            (
+                (seq(S), seq(T)),
+                dict(
+                    tgt_mask=tgt_mask,
+                    src_key_padding_mask=src_kpm,
+                    memory_key_padding_mask=src_kpm,
+                    tgt_key_padding_mask=tgt_kpm,
+                ),
+            ),
+            ((seq(S), seq(T)), dict(tgt_mask=tgt_mask, tgt_is_causal=True)),
+        ]
     return variants
 
 
@@ -101,9 +123,17 @@ N_MHA = {"encoder": 2, "decoder": 4, "transformer": 6}
 
 
 @pytest.mark.parametrize("mode", ["eval", "train", "no_grad_eval"])
-@pytest.mark.parametrize("kind,batch_first,norm_first",
-                         [("encoder", True, False), ("encoder", False, True), ("decoder", True, False),
-                          ("decoder", False, False), ("transformer", True, False), ("transformer", False, True)])
+@pytest.mark.parametrize(
+    "kind,batch_first,norm_first",
+    [
+        ("encoder", True, False),
+        ("encoder", False, True),
+        ("decoder", True, False),
+        ("decoder", False, False),
+        ("transformer", True, False),
+        ("transformer", False, True),
+    ],
+)
 def test_swapped_matches_original(kind, batch_first, norm_first, mode, spy):
     model = make_model(kind, batch_first, norm_first=norm_first)
     model.train(mode == "train")
@@ -193,8 +223,9 @@ def test_counts_shared_subclasses_and_root():
         pass
 
     shared = nn.MultiheadAttention(D, HEADS)
-    model = nn.ModuleDict(dict(a=shared, b=nn.Sequential(shared, nn.Linear(D, D)), c=Custom(D, HEADS),
-                               d=nn.MultiheadAttention(D, 2)))
+    model = nn.ModuleDict(
+        dict(a=shared, b=nn.Sequential(shared, nn.Linear(D, D)), c=Custom(D, HEADS), d=nn.MultiheadAttention(D, 2))
+    )
     assert swap_attention(model) == 2
     assert model["a"] is model["b"][0] and isinstance(model["a"], MultiheadAttention)
     assert type(model["c"]) is Custom

@@ -65,7 +65,7 @@ def test_compare_bound_is_a_multiple_of_the_baseline_error(dtype, grad):
 def test_compare_float32_also_needs_assert_close():
     ref = rand(7, 9, seed=2)
     base = (ref + 1e-3).float()  # a sloppy baseline would allow 2e-3 ...
-    out = (ref + 5e-4).float()   # ... but float32 must still pass assert_close (atol 1e-5)
+    out = (ref + 5e-4).float()  # ... but float32 must still pass assert_close (atol 1e-5)
     report = compare(out, ref, base)
     assert not report.passed and report.rows[0].close is False
     assert compare(ref.float(), ref, base).passed
@@ -104,9 +104,9 @@ def test_compare_structures_and_none():
     report = compare(low, ref, low, name="grad")
     assert [r.name for r in report.rows] == ["grad[0]", "grad[2]"] and report.passed
     assert not compare((low[0], low[0], low[2]), ref, low).passed  # None on one side only
-    assert not compare(low[:2], ref, low).passed                   # length differs
-    assert not compare(low[0][:2], ref[0], low[0]).passed          # shape differs
-    assert not compare(None, None, None).passed                    # nothing compared
+    assert not compare(low[:2], ref, low).passed  # length differs
+    assert not compare(low[0][:2], ref[0], low[0]).passed  # shape differs
+    assert not compare(None, None, None).passed  # nothing compared
 
 
 def test_compare_judges_a_wide_output_by_the_narrowest_one():
@@ -151,8 +151,7 @@ def _qkv(seed=0, shape=(2, 3, 17, 16)):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_correct_low_precision_function_passes(dtype):
     q, k, v = _qkv()
-    report = check_parity(F.scaled_dot_product_attention, sdpa_ref, q, k, v, dtype=dtype, grads=True,
-                          is_causal=True)
+    report = check_parity(F.scaled_dot_product_attention, sdpa_ref, q, k, v, dtype=dtype, grads=True, is_causal=True)
     assert report.passed, str(report)
     assert [r.name for r in report.rows] == ["out", "grad[args[0]]", "grad[args[1]]", "grad[args[2]]"]
     assert all(r.dtype == dtype for r in report.rows)
@@ -200,8 +199,7 @@ def test_nan_disagreement_fails_check_parity():
 
 
 def test_report_prints_a_table():
-    report = check_parity(F.scaled_dot_product_attention, sdpa_ref, *_qkv(seed=40), dtype=torch.float16,
-                          grads=True)
+    report = check_parity(F.scaled_dot_product_attention, sdpa_ref, *_qkv(seed=40), dtype=torch.float16, grads=True)
     text = str(report)
     assert isinstance(report, ParityReport)
     lines = text.splitlines()
@@ -209,8 +207,9 @@ def test_report_prints_a_table():
     assert any(line.startswith("name") and "bound" in line and "ratio" in line for line in lines)
     assert sum(line.endswith("PASS") for line in lines) == 4
     assert lines[-1].startswith("PASSED: 4/4")
-    assert assert_close_to_reference(F.scaled_dot_product_attention, sdpa_ref, *_qkv(seed=40),
-                                     dtype=torch.float16).passed
+    assert assert_close_to_reference(
+        F.scaled_dot_product_attention, sdpa_ref, *_qkv(seed=40), dtype=torch.float16
+    ).passed
 
 
 def test_tuple_outputs_kwargs_and_non_tensor_args():
@@ -221,8 +220,9 @@ def test_tuple_outputs_kwargs_and_non_tensor_args():
         assert kv_lengths.dtype == torch.int32 and isinstance(window_right, int)
         return attention_ref(q, k, v, kv_lengths=kv_lengths, window_right=window_right, scale=scale)
 
-    report = check_parity(fn, attention_ref, q, k, v, dtype=torch.bfloat16, grads=True,
-                          kv_lengths=lens, window_right=0, scale=0.5)
+    report = check_parity(
+        fn, attention_ref, q, k, v, dtype=torch.bfloat16, grads=True, kv_lengths=lens, window_right=0, scale=0.5
+    )
     assert report.passed, str(report)
     names = [r.name for r in report.rows]
     assert names == ["out[0]", "out[1]", "grad[args[0]]", "grad[args[1]]", "grad[args[2]]"]

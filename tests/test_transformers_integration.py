@@ -18,7 +18,7 @@ from seqkernels.integrations import transformers as skt
 # AttentionInterface and the position_bias / mask-builder APIs tested here are those of transformers 5.
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 needs_v5 = pytest.mark.skipif(not V5, reason=f"needs transformers >= 5, found {transformers.__version__}")
-FLOOR = {torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -36}
+FLOOR = {torch.float32: 2.0**-23, torch.float64: 2.0**-36}
 VOCAB = 61
 
 
@@ -39,8 +39,16 @@ def spy(monkeypatch):
         real = getattr(mod, name)
 
         def wrapped(*a, _real=real, _name=name, **k):
-            calls.append(dict(op=_name, mask=k.get("attn_mask") is not None, causal=k.get("causal", False),
-                              window=k.get("window"), lengths=k.get("kv_lengths") is not None, keys=a[1].shape[2]))
+            calls.append(
+                dict(
+                    op=_name,
+                    mask=k.get("attn_mask") is not None,
+                    causal=k.get("causal", False),
+                    window=k.get("window"),
+                    lengths=k.get("kv_lengths") is not None,
+                    keys=a[1].shape[2],
+                )
+            )
             return _real(*a, **k)
 
         monkeypatch.setattr(mod, name, wrapped)
@@ -48,22 +56,45 @@ def spy(monkeypatch):
 
 
 def llama(dtype=torch.float32, **kw):
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   attn_implementation="sdpa", **kw)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+        **kw,
+    )
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def mistral(dtype=torch.float32, sliding_window=5):
-    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
-                                     sliding_window=sliding_window, attn_implementation="sdpa")
+    cfg = transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        sliding_window=sliding_window,
+        attn_implementation="sdpa",
+    )
     return transformers.MistralForCausalLM(cfg).to(dtype).eval()
 
 
 def bert(dtype=torch.float32):
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                  num_attention_heads=4, max_position_embeddings=128, attn_implementation="sdpa")
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        attn_implementation="sdpa",
+    )
     return transformers.BertModel(cfg, add_pooling_layer=False).to(dtype).eval()
 
 
@@ -77,8 +108,8 @@ def batch(B=3, L=11, padding="left"):
         mask[0, :4] = 0
         mask[2, :1] = 0
     elif padding == "right":
-        mask[1, L - 5:] = 0
-        mask[2, L - 1:] = 0
+        mask[1, L - 5 :] = 0
+        mask[2, L - 1 :] = 0
     return ids, mask
 
 
@@ -99,10 +130,17 @@ def assert_parity(out, out_torch, out_ref, keep=None, factor=2.0):
 
 
 # decoders are padded on the left (generation), encoders on the right
-@pytest.mark.parametrize("family,padding", [("llama", "none"), ("llama", "left"), ("mistral", "none"),
-                                            ("mistral", "left"),
-                                            pytest.param("bert", "none", marks=needs_v5),
-                                            pytest.param("bert", "right", marks=needs_v5)])
+@pytest.mark.parametrize(
+    "family,padding",
+    [
+        ("llama", "none"),
+        ("llama", "left"),
+        ("mistral", "none"),
+        ("mistral", "left"),
+        pytest.param("bert", "none", marks=needs_v5),
+        pytest.param("bert", "right", marks=needs_v5),
+    ],
+)
 def test_logits_match_sdpa(family, padding):
     model = MODELS[family]()
     ref_model = copy.deepcopy(model).double()
@@ -213,8 +251,13 @@ def test_cache_needs_seqkernels_attention():
     model = llama()
     ids, mask = batch(padding="none", L=5)
     with torch.no_grad(), pytest.raises(RuntimeError, match="attn_implementation"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=skt.SeqkernelsCache(model.config),
-                       pad_token_id=0)
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=2,
+            past_key_values=skt.SeqkernelsCache(model.config),
+            pad_token_id=0,
+        )
     # without a config the cache cannot check up front; the unconsumed update is caught on the next one
     layer = skt.SeqkernelsCacheLayer()
     k = torch.randn(1, 2, 3, 8)
@@ -311,12 +354,24 @@ def test_mask_descriptions_are_exact():
     B, L = 3, 10
     pad = torch.ones(B, L, dtype=torch.bool)
     pad[0, :3] = False
-    mask = sdpa_mask(batch_size=B, q_length=L, kv_length=L, mask_function=causal_mask_function, attention_mask=pad,
-                     allow_is_causal_skip=False)
+    mask = sdpa_mask(
+        batch_size=B,
+        q_length=L,
+        kv_length=L,
+        mask_function=causal_mask_function,
+        attention_mask=pad,
+        allow_is_causal_skip=False,
+    )
     spec = skt._describe(mask, None)
     assert isinstance(spec, skt._CausalSpec) and spec.first.tolist() == [3, 0, 0] and spec.max_first == 3
-    win = sdpa_mask(batch_size=B, q_length=4, kv_length=L, q_offset=6, mask_function=sliding_window_causal_mask_function(3),
-                    allow_is_causal_skip=False)
+    win = sdpa_mask(
+        batch_size=B,
+        q_length=4,
+        kv_length=L,
+        q_offset=6,
+        mask_function=sliding_window_causal_mask_function(3),
+        allow_is_causal_skip=False,
+    )
     spec = skt._describe(win, 3)
     assert isinstance(spec, skt._CausalSpec) and spec.left == 2 and spec.max_first == 0
     assert skt._describe(win, None) is None  # a window the caller did not announce is not assumed

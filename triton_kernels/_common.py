@@ -55,8 +55,10 @@ def device_unsupported_reason(device: torch.device) -> str | None:
     if device.type == "cpu":
         if INTERPRET:
             return None
-        return ("CPU tensors run on the Triton kernels only under the Triton interpreter "
-                "(set TRITON_INTERPRET=1 before triton is imported)")
+        return (
+            "CPU tensors run on the Triton kernels only under the Triton interpreter "
+            "(set TRITON_INTERPRET=1 before triton is imported)"
+        )
     return f"device type {device.type!r} is not supported by the Triton kernels (cuda; cpu when interpreting)"
 
 
@@ -64,8 +66,9 @@ def refusal(op: str, features) -> str | None:
     """Why the Triton kernels of `op` refuse a call with these `capabilities.Features`, or None:
     the device type here, everything else (dtypes, head dims, mask dtypes, grid, architecture) from
     the one capability table that `explain` and the automatic choice also read."""
-    return device_unsupported_reason(features.device) or capabilities.why_not(op, "triton", features,
-                                                                              interpreting=INTERPRET)
+    return device_unsupported_reason(features.device) or capabilities.why_not(
+        op, "triton", features, interpreting=INTERPRET
+    )
 
 
 def static_signature(fn, constexprs: dict, pointer_type, aligned_int, unit_strides=(), float_args=()):

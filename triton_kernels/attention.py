@@ -99,9 +99,18 @@ _alloc = torch.empty
 
 
 @triton.jit
-def _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+def _key_range(
+    m0,
+    Lq,
+    lk_b,
+    off_b,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+):
     """Key tiles for query rows [m0, m0 + BLOCK_M): returns (lo, full_lo, full_hi, hi).
 
     [lo, full_lo) and [full_hi, hi) are walked with visibility masks, [full_lo, full_hi) without;
@@ -129,9 +138,18 @@ def _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
 
 
 @triton.jit
-def _query_range(n0, Lq, lk_b, off_b, window_left, window_right,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+def _query_range(
+    n0,
+    Lq,
+    lk_b,
+    off_b,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+):
     """Query tiles that see some key of [n0, n0 + BLOCK_N): returns (lo, full_lo, full_hi, hi),
     with the same meaning as ``_key_range`` (full tiles: every row sees every key of the block,
     and every row is < Lq)."""
@@ -157,8 +175,18 @@ def _query_range(n0, Lq, lk_b, off_b, window_left, window_right,
 
 
 @triton.jit
-def _load_2d(base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
-             CHECK_R: tl.constexpr, CHECK_C: tl.constexpr, UPCAST: tl.constexpr):
+def _load_2d(
+    base,
+    offs_r,
+    offs_c,
+    stride_r,
+    stride_c,
+    n_r,
+    n_c,
+    CHECK_R: tl.constexpr,
+    CHECK_C: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Tile load; rows/columns past n_r/n_c read as 0. Offsets are relative to ``base`` (which
     carries the int64 part), so they stay small."""
     ptrs = base + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
@@ -176,8 +204,19 @@ def _load_2d(base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
 
 
 @triton.jit
-def _apply_attn_mask(s, mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
-                     CHECK_C: tl.constexpr, MASK_BOOL: tl.constexpr, LOG2: tl.constexpr):
+def _apply_attn_mask(
+    s,
+    mask_base,
+    offs_r,
+    offs_c,
+    stride_r,
+    stride_c,
+    n_r,
+    n_c,
+    CHECK_C: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    LOG2: tl.constexpr,
+):
     """Add (float) or apply (bool) the attn_mask tile to the scores ``s``: natural domain, or log2
     domain with LOG2 (the mask scaled by log2(e)). Rows are always bounds-checked (the last query
     tile runs past Lq); columns only on boundary tiles."""
@@ -198,11 +237,29 @@ def _apply_attn_mask(s, mask_base, offs_r, offs_c, stride_r, stride_c, n_r, n_c,
 
 
 @triton.jit
-def _scores(q, k, Mask_n, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, stride_mn,
-            m_rows, Lk, lk_b, qk_scale,
-            MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-            WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            LOG2: tl.constexpr):
+def _scores(
+    q,
+    k,
+    Mask_n,
+    start_n,
+    offs_m,
+    offs_n,
+    win_lo,
+    win_hi,
+    stride_mm,
+    stride_mn,
+    m_rows,
+    Lk,
+    lk_b,
+    qk_scale,
+    MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LOG2: tl.constexpr,
+):
     """Scores ``q.k * qk_scale + mask`` of a (query tile, key tile) pair with the attn_mask applied
     and, on a boundary tile (MASKED), keys past lk_b and outside the causal/sliding window set to
     -inf: natural domain (qk_scale = scale), or log2 domain with LOG2 (qk_scale = scale * log2(e), the
@@ -210,8 +267,9 @@ def _scores(q, k, Mask_n, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, st
     which must agree on every visible position."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if HAS_MASK:
-        s = _apply_attn_mask(s, Mask_n, offs_m, offs_n, stride_mm, stride_mn, m_rows, Lk - start_n, MASKED, MASK_BOOL,
-                             LOG2)
+        s = _apply_attn_mask(
+            s, Mask_n, offs_m, offs_n, stride_mm, stride_mn, m_rows, Lk - start_n, MASKED, MASK_BOOL, LOG2
+        )
     if MASKED:
         cols = start_n + offs_n
         visible = (cols < lk_b)[None, :]
@@ -229,23 +287,82 @@ def _scores(q, k, Mask_n, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, st
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, start, end,
-               offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
-               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-               m_rows, Lk, lk_b, D, Dv, scale,
-               seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
-               BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-               MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fwd_tiles(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K_bh,
+    V_bh,
+    Mask_bm,
+    start,
+    end,
+    offs_m,
+    offs_n,
+    offs_d,
+    offs_dv,
+    rows,
+    win_lo,
+    win_hi,
+    drop_row,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_mm,
+    stride_mn,
+    m_rows,
+    Lk,
+    lk_b,
+    D,
+    Dv,
+    scale,
+    seed_lo,
+    seed_hi,
+    offset_lo,
+    offset_hi,
+    drop_threshold,
+    BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         n64 = start_n.to(tl.int64)
-        k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
-                     MASKED, not EVEN_D, UPCAST)
-        s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, stride_mn,
-                    m_rows, Lk, lk_b, scale, MASKED, HAS_MASK, MASK_BOOL, WINDOW_LEFT, WINDOW_RIGHT,
-                    DOT_PRECISION, False)
+        k = _load_2d(
+            K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D, MASKED, not EVEN_D, UPCAST
+        )
+        s = _scores(
+            q,
+            k,
+            Mask_bm + n64 * stride_mn,
+            start_n,
+            offs_m,
+            offs_n,
+            win_lo,
+            win_hi,
+            stride_mm,
+            stride_mn,
+            m_rows,
+            Lk,
+            lk_b,
+            scale,
+            MASKED,
+            HAS_MASK,
+            MASK_BOOL,
+            WINDOW_LEFT,
+            WINDOW_RIGHT,
+            DOT_PRECISION,
+            False,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0
         # rather than exp2(-inf - -inf) = NaN. The differences are taken before the log2(e)
@@ -258,34 +375,99 @@ def _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, start, end,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = dropout_keep(drop_row[:, None] + (start_n + offs_n)[None, :],
-                                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
+            keep = dropout_keep(
+                drop_row[:, None] + (start_n + offs_n)[None, :], seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold
+            )
             p = tl.where(keep, p, 0.0)
-        v = _load_2d(V_bh + n64 * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, lk_b - start_n, Dv,
-                     MASKED, not EVEN_DV, UPCAST)
+        v = _load_2d(
+            V_bh + n64 * stride_vn,
+            offs_n,
+            offs_dv,
+            stride_vn,
+            stride_vd,
+            lk_b - start_n,
+            Dv,
+            MASKED,
+            not EVEN_DV,
+            UPCAST,
+        )
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold",
-                               "window_left", "window_right", "tune_lq", "tune_lk"])
+@triton.jit(
+    do_not_specialize=[
+        "seed_lo",
+        "seed_hi",
+        "offset_lo",
+        "offset_hi",
+        "drop_threshold",
+        "window_left",
+        "window_right",
+        "tune_lq",
+        "tune_lk",
+    ]
+)
 def _attention_fwd_kernel(
-    Q, K, V, Mask, KVLens, Out, LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_ob, stride_oh, stride_om,
-    Hq, Lq, Lk, D, Dv, GROUP,
-    scale, window_left, window_right,
-    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-    tune_lq, tune_lk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    Mask,
+    KVLens,
+    Out,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    Hq,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    GROUP,
+    scale,
+    window_left,
+    window_right,
+    seed_lo,
+    seed_hi,
+    offset_lo,
+    offset_hi,
+    drop_threshold,
+    drop_scale,
+    tune_lq,
+    tune_lk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -310,8 +492,18 @@ def _attention_fwd_kernel(
     rows = m0 + offs_m
     m_rows = Lq - m0
 
-    q = _load_2d(Q + b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm,
-                 offs_m, offs_d, stride_qm, stride_qd, m_rows, D, True, not EVEN_D, UPCAST)
+    q = _load_2d(
+        Q + b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm,
+        offs_m,
+        offs_d,
+        stride_qm,
+        stride_qd,
+        m_rows,
+        D,
+        True,
+        not EVEN_D,
+        UPCAST,
+    )
     K_bh = K + b64 * stride_kb + hk64 * stride_kh
     V_bh = V + b64 * stride_vb + hk64 * stride_vh
     Mask_bm = Mask
@@ -325,29 +517,150 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
-                                          BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, lo, full_lo,
-                               offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               m_rows, Lk, lk_b, D, Dv, scale,
-                               seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
-                               BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
-                               WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, full_lo, full_hi,
-                               offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               m_rows, Lk, lk_b, D, Dv, scale,
-                               seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
-                               BLOCK_N, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
-                               WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K_bh, V_bh, Mask_bm, full_hi, hi,
-                               offs_m, offs_n, offs_d, offs_dv, rows, win_lo, win_hi, drop_row,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                               m_rows, Lk, lk_b, D, Dv, scale,
-                               seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold,
-                               BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
-                               WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+    lo, full_lo, full_hi, hi = _key_range(
+        m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_bh,
+        V_bh,
+        Mask_bm,
+        lo,
+        full_lo,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        rows,
+        win_lo,
+        win_hi,
+        drop_row,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_mm,
+        stride_mn,
+        m_rows,
+        Lk,
+        lk_b,
+        D,
+        Dv,
+        scale,
+        seed_lo,
+        seed_hi,
+        offset_lo,
+        offset_hi,
+        drop_threshold,
+        BLOCK_N,
+        EVEN_D,
+        EVEN_DV,
+        True,
+        HAS_MASK,
+        MASK_BOOL,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_bh,
+        V_bh,
+        Mask_bm,
+        full_lo,
+        full_hi,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        rows,
+        win_lo,
+        win_hi,
+        drop_row,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_mm,
+        stride_mn,
+        m_rows,
+        Lk,
+        lk_b,
+        D,
+        Dv,
+        scale,
+        seed_lo,
+        seed_hi,
+        offset_lo,
+        offset_hi,
+        drop_threshold,
+        BLOCK_N,
+        EVEN_D,
+        EVEN_DV,
+        False,
+        HAS_MASK,
+        MASK_BOOL,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_bh,
+        V_bh,
+        Mask_bm,
+        full_hi,
+        hi,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        rows,
+        win_lo,
+        win_hi,
+        drop_row,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_mm,
+        stride_mn,
+        m_rows,
+        Lk,
+        lk_b,
+        D,
+        Dv,
+        scale,
+        seed_lo,
+        seed_hi,
+        offset_lo,
+        offset_hi,
+        drop_threshold,
+        BLOCK_N,
+        EVEN_D,
+        EVEN_DV,
+        True,
+        HAS_MASK,
+        MASK_BOOL,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
+    )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -355,8 +668,14 @@ def _attention_fwd_kernel(
     lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
 
     row_ok = offs_m < m_rows
-    o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + m0.to(tl.int64) * stride_om
-              + offs_m[:, None] * stride_om + offs_dv[None, :])
+    o_ptrs = (
+        Out
+        + b64 * stride_ob
+        + h64 * stride_oh
+        + m0.to(tl.int64) * stride_om
+        + offs_m[:, None] * stride_om
+        + offs_dv[None, :]
+    )
     if EVEN_DV:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
@@ -371,12 +690,27 @@ def _attention_fwd_kernel(
 
 @triton.jit
 def _attention_bwd_preprocess_kernel(
-    Out, DO, Delta, DOS,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dsb, stride_dsh, stride_dsm,
-    Hq, Lq, Dv,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr,
+    Out,
+    DO,
+    Delta,
+    DOS,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dsb,
+    stride_dsh,
+    stride_dsm,
+    Hq,
+    Lq,
+    Dv,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    EVEN_DV: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO[i, d] * O[i, d]: the softmax-backward row term. With dropout O is
     the dropped output, which makes delta = sum_j P_ij * dP_ij with the dropped dP, as needed.
@@ -389,14 +723,40 @@ def _attention_bwd_preprocess_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_rows = Lq - m0
-    o = _load_2d(Out + b64 * stride_ob + h64 * stride_oh + m0.to(tl.int64) * stride_om,
-                 offs_m, offs_dv, stride_om, stride_od, m_rows, Dv, True, not EVEN_DV, True)
-    do = _load_2d(DO + b64 * stride_dob + h64 * stride_doh + m0.to(tl.int64) * stride_dom,
-                  offs_m, offs_dv, stride_dom, stride_dod, m_rows, Dv, True, not EVEN_DV, True)
+    o = _load_2d(
+        Out + b64 * stride_ob + h64 * stride_oh + m0.to(tl.int64) * stride_om,
+        offs_m,
+        offs_dv,
+        stride_om,
+        stride_od,
+        m_rows,
+        Dv,
+        True,
+        not EVEN_DV,
+        True,
+    )
+    do = _load_2d(
+        DO + b64 * stride_dob + h64 * stride_doh + m0.to(tl.int64) * stride_dom,
+        offs_m,
+        offs_dv,
+        stride_dom,
+        stride_dod,
+        m_rows,
+        Dv,
+        True,
+        not EVEN_DV,
+        True,
+    )
     delta = tl.sum(o * do, 1)
     tl.store(Delta + (b64 * Hq + h64) * Lq + m0 + offs_m, delta, mask=offs_m < m_rows)
-    ds_ptrs = (DOS + b64 * stride_dsb + h64 * stride_dsh + m0.to(tl.int64) * stride_dsm
-               + offs_m[:, None] * stride_dsm + offs_dv[None, :])
+    ds_ptrs = (
+        DOS
+        + b64 * stride_dsb
+        + h64 * stride_dsh
+        + m0.to(tl.int64) * stride_dsm
+        + offs_m[:, None] * stride_dsm
+        + offs_dv[None, :]
+    )
     if EVEN_DV:
         tl.store(ds_ptrs, do.to(DOS.dtype.element_ty), mask=(offs_m < m_rows)[:, None])
     else:
@@ -405,18 +765,51 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attention_bwd_fixup_kernel(
-    Q, K, Mask, KVLens, LSE, Delta, DOS,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_dsb, stride_dsh, stride_dsm,
-    Hq, Lq, Lk, D, Dv, GROUP,
-    scale, window_left, window_right,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    Mask,
+    KVLens,
+    LSE,
+    Delta,
+    DOS,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dsb,
+    stride_dsh,
+    stride_dsm,
+    Hq,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    GROUP,
+    scale,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Rows whose float32 lse is too large to carry log(l): the backward's P = exp(S - lse) is then
     off by a per-row factor (a row whose every key carries a -1e9 mask has lse = -1e9 + log(Lk),
@@ -449,8 +842,18 @@ def _attention_bwd_fixup_kernel(
             off_b = lk_b - Lq
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_2d(Q + b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm, offs_m, offs_d,
-                     stride_qm, stride_qd, m_rows, D, True, not EVEN_D, UPCAST)
+        q = _load_2d(
+            Q + b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm,
+            offs_m,
+            offs_d,
+            stride_qm,
+            stride_qd,
+            m_rows,
+            D,
+            True,
+            not EVEN_D,
+            UPCAST,
+        )
         K_bh = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
         Mask_bm = Mask
         if HAS_MASK:
@@ -459,41 +862,131 @@ def _attention_bwd_fixup_kernel(
         win_hi = rows + off_b + window_right
         shift = tl.where(bad, lse, float("inf"))  # other rows: exp2(-inf) = 0, nothing to sum
         c = tl.zeros([BLOCK_M], dtype=tl.float32)
-        lo, _full_lo, _full_hi, hi = _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
-                                                BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+        lo, _full_lo, _full_hi, hi = _key_range(
+            m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+        )
         for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             n64 = start_n.to(tl.int64)
-            k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
-                         True, not EVEN_D, UPCAST)
-            s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi,
-                        stride_mm, stride_mn, m_rows, Lk, lk_b, scale, True, HAS_MASK, MASK_BOOL,
-                        WINDOW_LEFT, WINDOW_RIGHT, DOT_PRECISION, False)
+            k = _load_2d(
+                K_bh + n64 * stride_kn,
+                offs_n,
+                offs_d,
+                stride_kn,
+                stride_kd,
+                lk_b - start_n,
+                D,
+                True,
+                not EVEN_D,
+                UPCAST,
+            )
+            s = _scores(
+                q,
+                k,
+                Mask_bm + n64 * stride_mn,
+                start_n,
+                offs_m,
+                offs_n,
+                win_lo,
+                win_hi,
+                stride_mm,
+                stride_mn,
+                m_rows,
+                Lk,
+                lk_b,
+                scale,
+                True,
+                HAS_MASK,
+                MASK_BOOL,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                DOT_PRECISION,
+                False,
+            )
             c += tl.sum(tl.math.exp2((s - shift[:, None]) * 1.4426950408889634), 1)
         # c >= ~1 for a row with a visible key (the max term is exp(m - lse) ~ 1 / l); guard anyway.
         r = tl.where(bad & (c > 0.0), 1.0 / c, 1.0)
         d_ptrs = Delta + (b64 * Hq + h64) * Lq + rows
         tl.store(d_ptrs, tl.load(d_ptrs, mask=bad, other=0.0) * r, mask=bad)
         offs_dv = tl.arange(0, BLOCK_DV)
-        ds_ptrs = (DOS + b64 * stride_dsb + h64 * stride_dsh + m0.to(tl.int64) * stride_dsm
-                   + offs_m[:, None] * stride_dsm + offs_dv[None, :])
+        ds_ptrs = (
+            DOS
+            + b64 * stride_dsb
+            + h64 * stride_dsh
+            + m0.to(tl.int64) * stride_dsm
+            + offs_m[:, None] * stride_dsm
+            + offs_dv[None, :]
+        )
         ds_mask = bad[:, None] & (offs_dv[None, :] < Dv)
         do = tl.load(ds_ptrs, mask=ds_mask, other=0.0).to(tl.float32)
         tl.store(ds_ptrs, (do * r[:, None]).to(DOS.dtype.element_ty), mask=ds_mask)
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64, GROUP, Hq,
-                    offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
-                    stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
-                    stride_mb, stride_mh, stride_mm, stride_mn, n64,
-                    Lq, Lk, lk_b, off_b, D, Dv, scale, window_left, window_right,
-                    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-                    BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-                    MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr):
+def _bwd_dkdv_tiles(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    Delta,
+    Mask,
+    start,
+    end,
+    b64,
+    hk64,
+    GROUP,
+    Hq,
+    offs_m,
+    offs_n,
+    offs_d,
+    offs_dv,
+    cols,
+    drop_col,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    n64,
+    Lq,
+    Lk,
+    lk_b,
+    off_b,
+    D,
+    Dv,
+    scale,
+    window_left,
+    window_right,
+    seed_lo,
+    seed_hi,
+    offset_lo,
+    offset_hi,
+    drop_threshold,
+    drop_scale,
+    BLOCK_M: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    COMPUTE_DK: tl.constexpr,
+    COMPUTE_DV: tl.constexpr,
+):
     """Transposed tiles (keys along dim 0, queries along dim 1): dV += P^T dO, dK += dS^T Q, over
     the query tiles [start, end) of every query head of the kv head's group.
 
@@ -513,10 +1006,12 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64
         DO_bh = DO + b64 * stride_dob + h64 * stride_doh
         LSE_bh = LSE + bh * Lq
         Delta_bh = Delta + bh * Lq
-        q = _load_2d(Q_bh + m64 * stride_qm, offs_m, offs_d, stride_qm, stride_qd, m_rows, D,
-                     MASKED, not EVEN_D, UPCAST)
-        do = _load_2d(DO_bh + m64 * stride_dom, offs_m, offs_dv, stride_dom, stride_dod, m_rows, Dv,
-                      MASKED, not EVEN_DV, UPCAST)
+        q = _load_2d(
+            Q_bh + m64 * stride_qm, offs_m, offs_d, stride_qm, stride_qd, m_rows, D, MASKED, not EVEN_D, UPCAST
+        )
+        do = _load_2d(
+            DO_bh + m64 * stride_dom, offs_m, offs_dv, stride_dom, stride_dod, m_rows, Dv, MASKED, not EVEN_DV, UPCAST
+        )
         rows = start_m + offs_m
         if MASKED:
             lse = tl.load(LSE_bh + rows, mask=offs_m < m_rows, other=float("inf"))
@@ -529,8 +1024,15 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale
         if HAS_MASK:
             # Transposed mask tile: keys are dim 0, query rows dim 1.
-            ptrs = (Mask + b64 * stride_mb + h64 * stride_mh + n64 * stride_mn + m64 * stride_mm
-                    + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn)
+            ptrs = (
+                Mask
+                + b64 * stride_mb
+                + h64 * stride_mh
+                + n64 * stride_mn
+                + m64 * stride_mm
+                + offs_m[None, :] * stride_mm
+                + offs_n[:, None] * stride_mn
+            )
             inb = (offs_m < m_rows)[None, :] & (cols < Lk)[:, None]
             if MASK_BOOL:
                 mv = tl.load(ptrs, mask=inb, other=0)
@@ -550,8 +1052,14 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64
         if MASKED:
             pT = tl.where(visible, pT, 0.0)
         if DROPOUT:
-            keep = dropout_keep(((bh * Lq + rows) * Lk)[None, :] + drop_col[:, None],
-                                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
+            keep = dropout_keep(
+                ((bh * Lq + rows) * Lk)[None, :] + drop_col[:, None],
+                seed_lo,
+                seed_hi,
+                offset_lo,
+                offset_hi,
+                drop_threshold,
+            )
         if COMPUTE_DV:
             if DROPOUT:
                 pdT = tl.where(keep, pT * drop_scale, 0.0)
@@ -567,26 +1075,89 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, start, end, b64, hk64
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold",
-                               "window_left", "window_right", "tune_lq", "tune_lk"])
+@triton.jit(
+    do_not_specialize=[
+        "seed_lo",
+        "seed_hi",
+        "offset_lo",
+        "offset_hi",
+        "drop_threshold",
+        "window_left",
+        "window_right",
+        "tune_lq",
+        "tune_lk",
+    ]
+)
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, KVLens, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    Hq, Lq, Lk, D, Dv, GROUP,
-    scale, window_left, window_right,
-    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-    tune_lq, tune_lk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_PART: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    Mask,
+    KVLens,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    Hq,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    GROUP,
+    scale,
+    window_left,
+    window_right,
+    seed_lo,
+    seed_hi,
+    offset_lo,
+    offset_hi,
+    drop_threshold,
+    drop_scale,
+    tune_lq,
+    tune_lk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    KV_PART: tl.constexpr,
 ):
     """dK and dV of one key block (KV_PART 0), or only dK (1) / only dV (2): head dims of 256 run
     the two as separate launches, since both float32 accumulators do not fit in registers."""
@@ -612,80 +1183,326 @@ def _attention_bwd_dkdv_kernel(
     n64 = n0.to(tl.int64)
 
     # Keys past Lk_b are never visible: not reading them keeps padding garbage out of dK/dV.
-    k = _load_2d(K + b64 * stride_kb + hk64 * stride_kh + n64 * stride_kn, offs_n, offs_d,
-                 stride_kn, stride_kd, lk_b - n0, D, True, not EVEN_D, UPCAST)
-    v = _load_2d(V + b64 * stride_vb + hk64 * stride_vh + n64 * stride_vn, offs_n, offs_dv,
-                 stride_vn, stride_vd, lk_b - n0, Dv, True, not EVEN_DV, UPCAST)
+    k = _load_2d(
+        K + b64 * stride_kb + hk64 * stride_kh + n64 * stride_kn,
+        offs_n,
+        offs_d,
+        stride_kn,
+        stride_kd,
+        lk_b - n0,
+        D,
+        True,
+        not EVEN_D,
+        UPCAST,
+    )
+    v = _load_2d(
+        V + b64 * stride_vb + hk64 * stride_vh + n64 * stride_vn,
+        offs_n,
+        offs_dv,
+        stride_vn,
+        stride_vd,
+        lk_b - n0,
+        Dv,
+        True,
+        not EVEN_DV,
+        UPCAST,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _query_range(n0, Lq, lk_b, off_b, window_left, window_right,
-                                            BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+    lo, full_lo, full_hi, hi = _query_range(
+        n0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+    )
     drop_col = cols.to(tl.int64)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, lo, full_lo, b64, hk64, GROUP, Hq,
-                             offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
-                             stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
-                             stride_dod, stride_mb, stride_mh, stride_mm, stride_mn, n64,
-                             Lq, Lk, lk_b, off_b, D, Dv, scale, window_left, window_right,
-                             seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-                             BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
-                             WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION,
-                             KV_PART != 2, KV_PART != 1)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, full_lo, full_hi, b64, hk64, GROUP, Hq,
-                             offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
-                             stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
-                             stride_dod, stride_mb, stride_mh, stride_mm, stride_mn, n64,
-                             Lq, Lk, lk_b, off_b, D, Dv, scale, window_left, window_right,
-                             seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-                             BLOCK_M, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
-                             WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION,
-                             KV_PART != 2, KV_PART != 1)
-    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, LSE, Delta, Mask, full_hi, hi, b64, hk64, GROUP, Hq,
-                             offs_m, offs_n, offs_d, offs_dv, cols, drop_col,
-                             stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom,
-                             stride_dod, stride_mb, stride_mh, stride_mm, stride_mn, n64,
-                             Lq, Lk, lk_b, off_b, D, Dv, scale, window_left, window_right,
-                             seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-                             BLOCK_M, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
-                             WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION,
-                             KV_PART != 2, KV_PART != 1)
+    dk, dv = _bwd_dkdv_tiles(
+        dk,
+        dv,
+        k,
+        v,
+        Q,
+        DO,
+        LSE,
+        Delta,
+        Mask,
+        lo,
+        full_lo,
+        b64,
+        hk64,
+        GROUP,
+        Hq,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        cols,
+        drop_col,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_dob,
+        stride_doh,
+        stride_dom,
+        stride_dod,
+        stride_mb,
+        stride_mh,
+        stride_mm,
+        stride_mn,
+        n64,
+        Lq,
+        Lk,
+        lk_b,
+        off_b,
+        D,
+        Dv,
+        scale,
+        window_left,
+        window_right,
+        seed_lo,
+        seed_hi,
+        offset_lo,
+        offset_hi,
+        drop_threshold,
+        drop_scale,
+        BLOCK_M,
+        EVEN_D,
+        EVEN_DV,
+        True,
+        HAS_MASK,
+        MASK_BOOL,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
+        KV_PART != 2,
+        KV_PART != 1,
+    )
+    dk, dv = _bwd_dkdv_tiles(
+        dk,
+        dv,
+        k,
+        v,
+        Q,
+        DO,
+        LSE,
+        Delta,
+        Mask,
+        full_lo,
+        full_hi,
+        b64,
+        hk64,
+        GROUP,
+        Hq,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        cols,
+        drop_col,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_dob,
+        stride_doh,
+        stride_dom,
+        stride_dod,
+        stride_mb,
+        stride_mh,
+        stride_mm,
+        stride_mn,
+        n64,
+        Lq,
+        Lk,
+        lk_b,
+        off_b,
+        D,
+        Dv,
+        scale,
+        window_left,
+        window_right,
+        seed_lo,
+        seed_hi,
+        offset_lo,
+        offset_hi,
+        drop_threshold,
+        drop_scale,
+        BLOCK_M,
+        EVEN_D,
+        EVEN_DV,
+        False,
+        HAS_MASK,
+        MASK_BOOL,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
+        KV_PART != 2,
+        KV_PART != 1,
+    )
+    dk, dv = _bwd_dkdv_tiles(
+        dk,
+        dv,
+        k,
+        v,
+        Q,
+        DO,
+        LSE,
+        Delta,
+        Mask,
+        full_hi,
+        hi,
+        b64,
+        hk64,
+        GROUP,
+        Hq,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        cols,
+        drop_col,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_dob,
+        stride_doh,
+        stride_dom,
+        stride_dod,
+        stride_mb,
+        stride_mh,
+        stride_mm,
+        stride_mn,
+        n64,
+        Lq,
+        Lk,
+        lk_b,
+        off_b,
+        D,
+        Dv,
+        scale,
+        window_left,
+        window_right,
+        seed_lo,
+        seed_hi,
+        offset_lo,
+        offset_hi,
+        drop_threshold,
+        drop_scale,
+        BLOCK_M,
+        EVEN_D,
+        EVEN_DV,
+        True,
+        HAS_MASK,
+        MASK_BOOL,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
+        KV_PART != 2,
+        KV_PART != 1,
+    )
 
     col_ok = (offs_n < Lk - n0)[:, None]
     if KV_PART != 2:
         dk = dk * scale
-        dk_ptrs = (DK + b64 * stride_dkb + hk64 * stride_dkh + n64 * stride_dkn + offs_n[:, None] * stride_dkn
-                   + offs_d[None, :])
+        dk_ptrs = (
+            DK
+            + b64 * stride_dkb
+            + hk64 * stride_dkh
+            + n64 * stride_dkn
+            + offs_n[:, None] * stride_dkn
+            + offs_d[None, :]
+        )
         if EVEN_D:
             tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok)
         else:
             tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok & (offs_d[None, :] < D))
     if KV_PART != 1:
-        dv_ptrs = (DV + b64 * stride_dvb + hk64 * stride_dvh + n64 * stride_dvn + offs_n[:, None] * stride_dvn
-                   + offs_dv[None, :])
+        dv_ptrs = (
+            DV
+            + b64 * stride_dvb
+            + hk64 * stride_dvh
+            + n64 * stride_dvn
+            + offs_n[:, None] * stride_dvn
+            + offs_dv[None, :]
+        )
         if EVEN_DV:
             tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
         else:
             tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok & (offs_dv[None, :] < Dv))
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold",
-                               "window_left", "window_right"])
+@triton.jit(
+    do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold", "window_left", "window_right"]
+)
 def _attention_bwd_fixup_dq_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, KVLens, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_dqb, stride_dqh, stride_dqm,
-    Hq, Lq, Lk, D, Dv, GROUP,
-    scale, window_left, window_right,
-    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    Mask,
+    KVLens,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    Hq,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    GROUP,
+    scale,
+    window_left,
+    window_right,
+    seed_lo,
+    seed_hi,
+    offset_lo,
+    offset_hi,
+    drop_threshold,
+    drop_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dQ of the rows with |lse| > 128 (after the dQ kernel, whose log2-domain scores cannot resolve
     them: it writes garbage there), with the scores in the natural domain, P = exp2((S - lse) log2(e)),
@@ -714,10 +1531,30 @@ def _attention_bwd_fixup_dq_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        q = _load_2d(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm, offs_m, offs_d,
-                     stride_qm, stride_qd, m_rows, D, True, not EVEN_D, UPCAST)
-        do = _load_2d(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom, offs_m, offs_dv,
-                      stride_dom, stride_dod, m_rows, Dv, True, not EVEN_DV, UPCAST)
+        q = _load_2d(
+            Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm,
+            offs_m,
+            offs_d,
+            stride_qm,
+            stride_qd,
+            m_rows,
+            D,
+            True,
+            not EVEN_D,
+            UPCAST,
+        )
+        do = _load_2d(
+            DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom,
+            offs_m,
+            offs_dv,
+            stride_dom,
+            stride_dod,
+            m_rows,
+            Dv,
+            True,
+            not EVEN_DV,
+            UPCAST,
+        )
         delta = tl.load(Delta + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
         shift = tl.where(bad, lse, float("inf"))  # other rows: P = 0, their dQ is not stored
         K_bh = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
@@ -729,42 +1566,129 @@ def _attention_bwd_fixup_dq_kernel(
         win_hi = rows + off_b + window_right
         drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        lo, _full_lo, _full_hi, hi = _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
-                                                BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
+        lo, _full_lo, _full_hi, hi = _key_range(
+            m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+        )
         for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             n64 = start_n.to(tl.int64)
-            k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
-                         True, not EVEN_D, UPCAST)
-            v = _load_2d(V_bh + n64 * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, lk_b - start_n, Dv,
-                         True, not EVEN_DV, UPCAST)
-            s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi,
-                        stride_mm, stride_mn, m_rows, Lk, lk_b, scale, True, HAS_MASK, MASK_BOOL,
-                        WINDOW_LEFT, WINDOW_RIGHT, DOT_PRECISION, False)
+            k = _load_2d(
+                K_bh + n64 * stride_kn,
+                offs_n,
+                offs_d,
+                stride_kn,
+                stride_kd,
+                lk_b - start_n,
+                D,
+                True,
+                not EVEN_D,
+                UPCAST,
+            )
+            v = _load_2d(
+                V_bh + n64 * stride_vn,
+                offs_n,
+                offs_dv,
+                stride_vn,
+                stride_vd,
+                lk_b - start_n,
+                Dv,
+                True,
+                not EVEN_DV,
+                UPCAST,
+            )
+            s = _scores(
+                q,
+                k,
+                Mask_bm + n64 * stride_mn,
+                start_n,
+                offs_m,
+                offs_n,
+                win_lo,
+                win_hi,
+                stride_mm,
+                stride_mn,
+                m_rows,
+                Lk,
+                lk_b,
+                scale,
+                True,
+                HAS_MASK,
+                MASK_BOOL,
+                WINDOW_LEFT,
+                WINDOW_RIGHT,
+                DOT_PRECISION,
+                False,
+            )
             p = tl.math.exp2((s - shift[:, None]) * 1.4426950408889634)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if DROPOUT:
-                keep = dropout_keep(drop_row[:, None] + (start_n + offs_n)[None, :],
-                                    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
+                keep = dropout_keep(
+                    drop_row[:, None] + (start_n + offs_n)[None, :],
+                    seed_lo,
+                    seed_hi,
+                    offset_lo,
+                    offset_hi,
+                    drop_threshold,
+                )
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
         dq = dq * scale
-        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm + offs_m[:, None] * stride_dqm \
-            + offs_d[None, :]
+        dq_ptrs = (
+            DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :]
+        )
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=bad[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, start, end,
-                  offs_m, offs_n, offs_d, offs_dv, win_lo, win_hi, drop_row,
-                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                  m_rows, Lk, lk_b, D, Dv, qk_scale,
-                  seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-                  BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-                  MASKED: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
-                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _bwd_dq_tiles(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    K_bh,
+    V_bh,
+    Mask_bm,
+    start,
+    end,
+    offs_m,
+    offs_n,
+    offs_d,
+    offs_dv,
+    win_lo,
+    win_hi,
+    drop_row,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    stride_mm,
+    stride_mn,
+    m_rows,
+    Lk,
+    lk_b,
+    D,
+    Dv,
+    qk_scale,
+    seed_lo,
+    seed_hi,
+    offset_lo,
+    offset_hi,
+    drop_threshold,
+    drop_scale,
+    BLOCK_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """dQ += dS K with dS = P * (dP - delta), dP = dO V^T (dropped). Scores in the log2 domain (the
     code as before the natural-domain forward: its tightest configs have no register left for the
     extra multiply), exact for every row with |lse| <= 128: a score or mask beyond FLT_MAX / log2(e)
@@ -773,43 +1697,135 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, start, end,
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         n64 = start_n.to(tl.int64)
-        k = _load_2d(K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D,
-                     MASKED, not EVEN_D, UPCAST)
-        v = _load_2d(V_bh + n64 * stride_vn, offs_n, offs_dv, stride_vn, stride_vd, lk_b - start_n, Dv,
-                     MASKED, not EVEN_DV, UPCAST)
-        s = _scores(q, k, Mask_bm + n64 * stride_mn, start_n, offs_m, offs_n, win_lo, win_hi, stride_mm, stride_mn,
-                    m_rows, Lk, lk_b, qk_scale, MASKED, HAS_MASK, MASK_BOOL, WINDOW_LEFT, WINDOW_RIGHT,
-                    DOT_PRECISION, True)
+        k = _load_2d(
+            K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D, MASKED, not EVEN_D, UPCAST
+        )
+        v = _load_2d(
+            V_bh + n64 * stride_vn,
+            offs_n,
+            offs_dv,
+            stride_vn,
+            stride_vd,
+            lk_b - start_n,
+            Dv,
+            MASKED,
+            not EVEN_DV,
+            UPCAST,
+        )
+        s = _scores(
+            q,
+            k,
+            Mask_bm + n64 * stride_mn,
+            start_n,
+            offs_m,
+            offs_n,
+            win_lo,
+            win_hi,
+            stride_mm,
+            stride_mn,
+            m_rows,
+            Lk,
+            lk_b,
+            qk_scale,
+            MASKED,
+            HAS_MASK,
+            MASK_BOOL,
+            WINDOW_LEFT,
+            WINDOW_RIGHT,
+            DOT_PRECISION,
+            True,
+        )
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(drop_row[:, None] + (start_n + offs_n)[None, :],
-                                seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold)
+            keep = dropout_keep(
+                drop_row[:, None] + (start_n + offs_n)[None, :], seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold
+            )
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold",
-                               "window_left", "window_right", "tune_lq", "tune_lk"])
+@triton.jit(
+    do_not_specialize=[
+        "seed_lo",
+        "seed_hi",
+        "offset_lo",
+        "offset_hi",
+        "drop_threshold",
+        "window_left",
+        "window_right",
+        "tune_lq",
+        "tune_lk",
+    ]
+)
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, Mask, KVLens, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_dqb, stride_dqh, stride_dqm,
-    Hq, Lq, Lk, D, Dv, GROUP,
-    qk_scale, scale, window_left, window_right,
-    seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-    tune_lq, tune_lk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KVLENS: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    Mask,
+    KVLens,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    Hq,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    GROUP,
+    qk_scale,
+    scale,
+    window_left,
+    window_right,
+    seed_lo,
+    seed_hi,
+    offset_lo,
+    offset_hi,
+    drop_threshold,
+    drop_scale,
+    tune_lq,
+    tune_lk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr,
+    WINDOW_RIGHT: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -836,10 +1852,30 @@ def _attention_bwd_dq_kernel(
     m_rows = Lq - m0
     row_ok = offs_m < m_rows
 
-    q = _load_2d(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm, offs_m, offs_d,
-                 stride_qm, stride_qd, m_rows, D, True, not EVEN_D, UPCAST)
-    do = _load_2d(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom, offs_m, offs_dv,
-                  stride_dom, stride_dod, m_rows, Dv, True, not EVEN_DV, UPCAST)
+    q = _load_2d(
+        Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm,
+        offs_m,
+        offs_d,
+        stride_qm,
+        stride_qd,
+        m_rows,
+        D,
+        True,
+        not EVEN_D,
+        UPCAST,
+    )
+    do = _load_2d(
+        DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom,
+        offs_m,
+        offs_dv,
+        stride_dom,
+        stride_dod,
+        m_rows,
+        Dv,
+        True,
+        not EVEN_DV,
+        UPCAST,
+    )
     lse = tl.load(LSE + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=float("inf"))
     # Rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -854,33 +1890,158 @@ def _attention_bwd_dq_kernel(
     drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(m0, Lq, lk_b, off_b, window_left, window_right,
-                                          BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, lo, full_lo,
-                       offs_m, offs_n, offs_d, offs_dv, win_lo, win_hi, drop_row,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                       m_rows, Lk, lk_b, D, Dv, qk_scale,
-                       seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-                       BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
-                       WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, full_lo, full_hi,
-                       offs_m, offs_n, offs_d, offs_dv, win_lo, win_hi, drop_row,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                       m_rows, Lk, lk_b, D, Dv, qk_scale,
-                       seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-                       BLOCK_N, EVEN_D, EVEN_DV, False, HAS_MASK, MASK_BOOL,
-                       WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
-    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, Mask_bm, full_hi, hi,
-                       offs_m, offs_n, offs_d, offs_dv, win_lo, win_hi, drop_row,
-                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                       m_rows, Lk, lk_b, D, Dv, qk_scale,
-                       seed_lo, seed_hi, offset_lo, offset_hi, drop_threshold, drop_scale,
-                       BLOCK_N, EVEN_D, EVEN_DV, True, HAS_MASK, MASK_BOOL,
-                       WINDOW_LEFT, WINDOW_RIGHT, DROPOUT, UPCAST, DOT_PRECISION)
+    lo, full_lo, full_hi, hi = _key_range(
+        m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+    )
+    dq = _bwd_dq_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K_bh,
+        V_bh,
+        Mask_bm,
+        lo,
+        full_lo,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        win_lo,
+        win_hi,
+        drop_row,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_mm,
+        stride_mn,
+        m_rows,
+        Lk,
+        lk_b,
+        D,
+        Dv,
+        qk_scale,
+        seed_lo,
+        seed_hi,
+        offset_lo,
+        offset_hi,
+        drop_threshold,
+        drop_scale,
+        BLOCK_N,
+        EVEN_D,
+        EVEN_DV,
+        True,
+        HAS_MASK,
+        MASK_BOOL,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
+    )
+    dq = _bwd_dq_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K_bh,
+        V_bh,
+        Mask_bm,
+        full_lo,
+        full_hi,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        win_lo,
+        win_hi,
+        drop_row,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_mm,
+        stride_mn,
+        m_rows,
+        Lk,
+        lk_b,
+        D,
+        Dv,
+        qk_scale,
+        seed_lo,
+        seed_hi,
+        offset_lo,
+        offset_hi,
+        drop_threshold,
+        drop_scale,
+        BLOCK_N,
+        EVEN_D,
+        EVEN_DV,
+        False,
+        HAS_MASK,
+        MASK_BOOL,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
+    )
+    dq = _bwd_dq_tiles(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K_bh,
+        V_bh,
+        Mask_bm,
+        full_hi,
+        hi,
+        offs_m,
+        offs_n,
+        offs_d,
+        offs_dv,
+        win_lo,
+        win_hi,
+        drop_row,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        stride_mm,
+        stride_mn,
+        m_rows,
+        Lk,
+        lk_b,
+        D,
+        Dv,
+        qk_scale,
+        seed_lo,
+        seed_hi,
+        offset_lo,
+        offset_hi,
+        drop_threshold,
+        drop_scale,
+        BLOCK_N,
+        EVEN_D,
+        EVEN_DV,
+        True,
+        HAS_MASK,
+        MASK_BOOL,
+        WINDOW_LEFT,
+        WINDOW_RIGHT,
+        DROPOUT,
+        UPCAST,
+        DOT_PRECISION,
+    )
 
     dq = dq * scale
-    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm + offs_m[:, None] * stride_dqm \
-        + offs_d[None, :]
+    dq_ptrs = (
+        DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    )
     if EVEN_D:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     else:
@@ -940,8 +2101,11 @@ _TABLES: dict[str, dict[tuple[int, int, int], _Cell]] = {
 # pipeline stages.
 for _kernel, _fp32 in {
     "fwd": {64: ([(32, 32, 4, 2)],) * 2, 128: ([(16, 16, 4, 2)],) * 2, 256: ([(16, 16, 4, 2)],) * 2},
-    "dq": {64: ([(32, 32, 4, 2)], [(32, 16, 4, 2)]), 128: ([(16, 16, 4, 2)], [(16, 16, 8, 2)]),
-           256: ([(16, 16, 4, 2)], [(16, 16, 8, 1)])},
+    "dq": {
+        64: ([(32, 32, 4, 2)], [(32, 16, 4, 2)]),
+        128: ([(16, 16, 4, 2)], [(16, 16, 8, 2)]),
+        256: ([(16, 16, 4, 2)], [(16, 16, 8, 1)]),
+    },
     "dkdv": {64: ([(16, 32, 4, 2)],) * 2, 128: ([(16, 16, 4, 2)],) * 2, 256: ([(16, 16, 4, 2)], [(16, 16, 8, 2)])},
 }.items():
     for _arch in _ARCH_CLASSES:
@@ -989,20 +2153,36 @@ def _config_tuple(c: triton.Config) -> tuple[int, int, int, int]:
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
-        wanted = _candidates(kernel, device_arch(q.device), q.element_size(),
-                             max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"]), kwargs["HAS_MASK"] or kwargs["DROPOUT"])
+        wanted = _candidates(
+            kernel,
+            device_arch(q.device),
+            q.element_size(),
+            max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"]),
+            kwargs["HAS_MASK"] or kwargs["DROPOUT"],
+        )
         return [c for c in configs if _config_tuple(c) in wanted]
 
     return prune
 
 
-_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "HAS_MASK", "HAS_KVLENS", "WINDOW_LEFT", "WINDOW_RIGHT", "DROPOUT",
-             "KV_PART", "tune_lq", "tune_lk"]
+_TUNE_KEY = [
+    "BLOCK_D",
+    "BLOCK_DV",
+    "HAS_MASK",
+    "HAS_KVLENS",
+    "WINDOW_LEFT",
+    "WINDOW_RIGHT",
+    "DROPOUT",
+    "KV_PART",
+    "tune_lq",
+    "tune_lk",
+]
 
 
 def _autotuned(kernel_fn, kernel: str):
-    return triton.autotune(configs=_all_configs(kernel), key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(kernel)})(kernel_fn)
+    return triton.autotune(
+        configs=_all_configs(kernel), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(kernel)}
+    )(kernel_fn)
 
 
 _attention_fwd_tuned = _autotuned(_attention_fwd_kernel, "fwd")
@@ -1014,8 +2194,20 @@ def _preprocess_block_m(block_dv: int) -> int:
     return 64 if INTERPRET else max(16, min(128, 8192 // block_dv))
 
 
-_FIXUP_CONSTEXPRS = ("BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "HAS_MASK", "MASK_BOOL", "HAS_KVLENS",
-                       "WINDOW_LEFT", "WINDOW_RIGHT", "BOTTOM_RIGHT", "UPCAST", "DOT_PRECISION")
+_FIXUP_CONSTEXPRS = (
+    "BLOCK_D",
+    "BLOCK_DV",
+    "EVEN_D",
+    "EVEN_DV",
+    "HAS_MASK",
+    "MASK_BOOL",
+    "HAS_KVLENS",
+    "WINDOW_LEFT",
+    "WINDOW_RIGHT",
+    "BOTTOM_RIGHT",
+    "UPCAST",
+    "DOT_PRECISION",
+)
 
 
 def _fixup_config(block_d: int, elt_size: int, dq: bool) -> tuple[int, int, int]:
@@ -1060,9 +2252,16 @@ def unsupported_reason(q, k, v, attn_mask, kv_lengths, dropout_p) -> str | None:
             return "kv_lengths must be an int32 (B,) tensor on q's device"
     if not (0.0 <= dropout_p <= 1.0):
         return f"dropout_p={dropout_p} outside [0, 1]"
-    return refusal("attention", capabilities.Features(
-        dtype=q.dtype, device=dev, head_dims=(D, v.shape[-1]),
-        mask_dtype=None if attn_mask is None else attn_mask.dtype, grid=(B, Hq)))
+    return refusal(
+        "attention",
+        capabilities.Features(
+            dtype=q.dtype,
+            device=dev,
+            head_dims=(D, v.shape[-1]),
+            mask_dtype=None if attn_mask is None else attn_mask.dtype,
+            grid=(B, Hq),
+        ),
+    )
 
 
 def _check(q, k, v, attn_mask, kv_lengths, dropout_p):
@@ -1080,8 +2279,7 @@ def _mask_args(attn_mask, q):
     return attn_mask, tuple(attn_mask.stride()), True, False
 
 
-def _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right,
-                 dropout_p, seed, offset):
+def _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right, dropout_p, seed, offset):
     D, Dv = q.shape[-1], v.shape[-1]
     block_d, block_dv = block_dim(D), block_dim(Dv)
     mask_t, mask_strides, has_mask, mask_bool = _mask_args(attn_mask, q)
@@ -1090,13 +2288,24 @@ def _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bott
     offset_lo, offset_hi = split_u64(int(offset))
     threshold, drop_scale = dropout_threshold(float(dropout_p)) if dropout else (0, 1.0)
     constexprs = dict(
-        BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=D == block_d, EVEN_DV=Dv == block_dv,
-        HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_KVLENS=kv_lengths is not None,
-        WINDOW_LEFT=window_left >= 0, WINDOW_RIGHT=window_right >= 0, BOTTOM_RIGHT=bool(bottom_right),
-        DROPOUT=dropout, UPCAST=INTERPRET, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        EVEN_D=D == block_d,
+        EVEN_DV=Dv == block_dv,
+        HAS_MASK=has_mask,
+        MASK_BOOL=mask_bool,
+        HAS_KVLENS=kv_lengths is not None,
+        WINDOW_LEFT=window_left >= 0,
+        WINDOW_RIGHT=window_right >= 0,
+        BOTTOM_RIGHT=bool(bottom_right),
+        DROPOUT=dropout,
+        UPCAST=INTERPRET,
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     return dict(
-        mask=mask_t, mask_strides=mask_strides, kvlens=kv_lengths if kv_lengths is not None else q,
+        mask=mask_t,
+        mask_strides=mask_strides,
+        kvlens=kv_lengths if kv_lengths is not None else q,
         window=(max(window_left, 0), max(window_right, 0)),
         drop=(seed_lo, seed_hi, offset_lo, offset_hi, threshold, drop_scale),
         tune=(length_bucket(q.shape[2]), length_bucket(k.shape[2])),
@@ -1104,8 +2313,20 @@ def _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bott
     )
 
 
-def attention_fwd(q, k, v, attn_mask, kv_lengths, scale: float, window_left: int, window_right: int,
-                  bottom_right: bool, dropout_p: float, seed: int, offset: int):
+def attention_fwd(
+    q,
+    k,
+    v,
+    attn_mask,
+    kv_lengths,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+):
     """Fused attention forward on normalized arguments (docs/INTERNALS.md) -> (out, lse).
 
     out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse (B, Hq, Lq) float32, natural log."""
@@ -1117,18 +2338,34 @@ def attention_fwd(q, k, v, attn_mask, kv_lengths, scale: float, window_left: int
     lse = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if B == 0 or Hq == 0 or Lq == 0:
         return out, lse
-    a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right,
-                     dropout_p, seed, offset)
+    a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right, dropout_p, seed, offset)
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), Hq, B)
 
     _attention_fwd_tuned[grid](
-        q, k, v, a["mask"], a["kvlens"], out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *a["mask_strides"],
-        out.stride(0), out.stride(1), out.stride(2),
-        Hq, Lq, Lk, D, Dv, Hq // Hkv,
-        float(scale), *a["window"],
+        q,
+        k,
+        v,
+        a["mask"],
+        a["kvlens"],
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *a["mask_strides"],
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        Hq,
+        Lq,
+        Lk,
+        D,
+        Dv,
+        Hq // Hkv,
+        float(scale),
+        *a["window"],
         *a["drop"],
         *a["tune"],
         **a["constexprs"],
@@ -1136,9 +2373,24 @@ def attention_fwd(q, k, v, attn_mask, kv_lengths, scale: float, window_left: int
     return out, lse
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: float, window_left: int,
-                  window_right: int, bottom_right: bool, dropout_p: float, seed: int, offset: int,
-                  deterministic: bool):
+def attention_bwd(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    attn_mask,
+    kv_lengths,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    deterministic: bool,
+):
     """Fused attention backward -> (dq, dk, dv), shaped like q, k, v (dk, dv summed over the query
     heads of each kv head). Every kernel is deterministic, so ``deterministic`` needs no special path."""
     del deterministic
@@ -1147,8 +2399,10 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
     Hkv, Lk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
     if tuple(grad_out.shape) != (B, Hq, Lq, Dv) or tuple(out.shape) != (B, Hq, Lq, Dv):
-        raise ValueError(f"seqkernels Triton attention: grad_out {tuple(grad_out.shape)} and out "
-                         f"{tuple(out.shape)} must be (B, Hq, Lq, Dv) = {(B, Hq, Lq, Dv)}")
+        raise ValueError(
+            f"seqkernels Triton attention: grad_out {tuple(grad_out.shape)} and out "
+            f"{tuple(out.shape)} must be (B, Hq, Lq, Dv) = {(B, Hq, Lq, Dv)}"
+        )
     if tuple(lse.shape) != (B, Hq, Lq):
         raise ValueError(f"seqkernels Triton attention: lse {tuple(lse.shape)} must be (B, Hq, Lq)")
     dq = _alloc((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
@@ -1160,33 +2414,65 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
         return dq, dk.zero_(), dv.zero_()
     grad_out = grad_out.to(q.dtype)
     lse = lse.to(torch.float32).contiguous()
-    a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right,
-                     dropout_p, seed, offset)
+    a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right, dropout_p, seed, offset)
     c = a["constexprs"]
 
     delta = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
     dos = _alloc((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
     pre_bm = _preprocess_block_m(c["BLOCK_DV"])
     _attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_bm), Hq, B)](
-        out, grad_out, delta, dos, *out.stride(), *grad_out.stride(), dos.stride(0), dos.stride(1), dos.stride(2),
-        Hq, Lq, Dv,
-        BLOCK_M=pre_bm, BLOCK_DV=c["BLOCK_DV"], EVEN_DV=c["EVEN_DV"],
+        out,
+        grad_out,
+        delta,
+        dos,
+        *out.stride(),
+        *grad_out.stride(),
+        dos.stride(0),
+        dos.stride(1),
+        dos.stride(2),
+        Hq,
+        Lq,
+        Dv,
+        BLOCK_M=pre_bm,
+        BLOCK_DV=c["BLOCK_DV"],
+        EVEN_DV=c["EVEN_DV"],
     )
     if Lk > 0:
         rbm, rbn, rwarps = _fixup_config(max(c["BLOCK_D"], c["BLOCK_DV"]), q.element_size(), False)
         fixup_c = {name: c[name] for name in _FIXUP_CONSTEXPRS}
         fixup_dq_c = dict(fixup_c, DROPOUT=c["DROPOUT"])
         _attention_bwd_fixup_kernel[(triton.cdiv(Lq, rbm), Hq, B)](
-            q, k, a["mask"], a["kvlens"], lse, delta, dos,
-            *q.stride(), *k.stride(), *a["mask_strides"], dos.stride(0), dos.stride(1), dos.stride(2),
-            Hq, Lq, Lk, D, Dv, Hq // Hkv,
-            float(scale), *a["window"],
-            BLOCK_M=rbm, BLOCK_N=rbn, **fixup_c, num_warps=rwarps,
+            q,
+            k,
+            a["mask"],
+            a["kvlens"],
+            lse,
+            delta,
+            dos,
+            *q.stride(),
+            *k.stride(),
+            *a["mask_strides"],
+            dos.stride(0),
+            dos.stride(1),
+            dos.stride(2),
+            Hq,
+            Lq,
+            Lk,
+            D,
+            Dv,
+            Hq // Hkv,
+            float(scale),
+            *a["window"],
+            BLOCK_M=rbm,
+            BLOCK_N=rbn,
+            **fixup_c,
+            num_warps=rwarps,
         )
     # From here on dO is read from dos (contiguous, rescaled on the rows the kernel above fixed).
     grad_out = dos
 
     if Lk > 0:
+
         def grid_kv(meta):
             return (triton.cdiv(Lk, meta["BLOCK_N"]), Hkv, B)
 
@@ -1195,11 +2481,35 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
         parts = (1, 2) if _dim_bucket(max(c["BLOCK_D"], c["BLOCK_DV"])) >= 256 else (0,)
         for part in parts:
             _attention_bwd_dkdv_tuned[grid_kv](
-                q, k, v, grad_out, lse, delta, a["mask"], a["kvlens"], dk, dv,
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a["mask_strides"],
-                dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                Hq, Lq, Lk, D, Dv, Hq // Hkv,
-                float(scale), *a["window"],
+                q,
+                k,
+                v,
+                grad_out,
+                lse,
+                delta,
+                a["mask"],
+                a["kvlens"],
+                dk,
+                dv,
+                *q.stride(),
+                *k.stride(),
+                *v.stride(),
+                *grad_out.stride(),
+                *a["mask_strides"],
+                dk.stride(0),
+                dk.stride(1),
+                dk.stride(2),
+                dv.stride(0),
+                dv.stride(1),
+                dv.stride(2),
+                Hq,
+                Lq,
+                Lk,
+                D,
+                Dv,
+                Hq // Hkv,
+                float(scale),
+                *a["window"],
                 *a["drop"],
                 *a["tune"],
                 KV_PART=part,
@@ -1210,11 +2520,32 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
         return (triton.cdiv(Lq, meta["BLOCK_M"]), Hq, B)
 
     _attention_bwd_dq_tuned[grid_q](
-        q, k, v, grad_out, lse, delta, a["mask"], a["kvlens"], dq,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a["mask_strides"],
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        Hq, Lq, Lk, D, Dv, Hq // Hkv,
-        float(scale) * _LOG2E, float(scale), *a["window"],
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        a["mask"],
+        a["kvlens"],
+        dq,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *a["mask_strides"],
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        Hq,
+        Lq,
+        Lk,
+        D,
+        Dv,
+        Hq // Hkv,
+        float(scale) * _LOG2E,
+        float(scale),
+        *a["window"],
         *a["drop"],
         *a["tune"],
         **c,
@@ -1223,13 +2554,36 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
         # dQ of the rows with |lse| > 128, which the log2-domain dQ kernel above cannot resolve.
         rbm, rbn, rwarps = _fixup_config(max(c["BLOCK_D"], c["BLOCK_DV"]), q.element_size(), True)
         _attention_bwd_fixup_dq_kernel[(triton.cdiv(Lq, rbm), Hq, B)](
-            q, k, v, grad_out, lse, delta, a["mask"], a["kvlens"], dq,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *a["mask_strides"],
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            Hq, Lq, Lk, D, Dv, Hq // Hkv,
-            float(scale), *a["window"],
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            a["mask"],
+            a["kvlens"],
+            dq,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *grad_out.stride(),
+            *a["mask_strides"],
+            dq.stride(0),
+            dq.stride(1),
+            dq.stride(2),
+            Hq,
+            Lq,
+            Lk,
+            D,
+            Dv,
+            Hq // Hkv,
+            float(scale),
+            *a["window"],
             *a["drop"],
-            BLOCK_M=rbm, BLOCK_N=rbn, **fixup_dq_c, num_warps=rwarps,
+            BLOCK_M=rbm,
+            BLOCK_N=rbn,
+            **fixup_dq_c,
+            num_warps=rwarps,
         )
     return dq, dk, dv
 
@@ -1244,8 +2598,21 @@ def attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale: flo
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_mn"}
 _FLOAT_ARGS = {"qk_scale", "scale", "drop_scale"}
 _FP32_POINTERS = {"LSE", "Delta"}
-_UNALIGNED_INTS = {"Lq", "Lk", "window_left", "window_right", "seed_lo", "seed_hi", "offset_lo", "offset_hi",
-                   "drop_threshold", "tune_lq", "tune_lk", "GROUP", "Hq"}
+_UNALIGNED_INTS = {
+    "Lq",
+    "Lk",
+    "window_left",
+    "window_right",
+    "seed_lo",
+    "seed_hi",
+    "offset_lo",
+    "offset_hi",
+    "drop_threshold",
+    "tune_lq",
+    "tune_lk",
+    "GROUP",
+    "Hq",
+}
 
 
 def _static_signature(kernel_fn, dtype: torch.dtype, constexprs: dict, mask_bool: bool):
@@ -1258,8 +2625,9 @@ def _static_signature(kernel_fn, dtype: torch.dtype, constexprs: dict, mask_bool
             return "*i32"
         return "*fp32" if name in _FP32_POINTERS else f"*{TRITON_DTYPE[dtype]}"
 
-    return static_signature(kernel_fn, constexprs, pointer_type, lambda name: name not in _UNALIGNED_INTS,
-                            _UNIT_STRIDES, _FLOAT_ARGS)
+    return static_signature(
+        kernel_fn, constexprs, pointer_type, lambda name: name not in _UNALIGNED_INTS, _UNIT_STRIDES, _FLOAT_ARGS
+    )
 
 
 def _static_configs() -> list[StaticConfig]:
@@ -1268,10 +2636,28 @@ def _static_configs() -> list[StaticConfig]:
     (float mask, kv_lengths, two-sided window, dropout, head dims not a power of two)."""
     kernels = {"fwd": _attention_fwd_kernel, "dq": _attention_bwd_dq_kernel, "dkdv": _attention_bwd_dkdv_kernel}
     variants = {
-        "causal": dict(HAS_MASK=False, MASK_BOOL=False, HAS_KVLENS=False, WINDOW_LEFT=False, WINDOW_RIGHT=True,
-                       BOTTOM_RIGHT=True, DROPOUT=False, EVEN_D=True, EVEN_DV=True),
-        "full": dict(HAS_MASK=True, MASK_BOOL=False, HAS_KVLENS=True, WINDOW_LEFT=True, WINDOW_RIGHT=True,
-                     BOTTOM_RIGHT=True, DROPOUT=True, EVEN_D=False, EVEN_DV=False),
+        "causal": dict(
+            HAS_MASK=False,
+            MASK_BOOL=False,
+            HAS_KVLENS=False,
+            WINDOW_LEFT=False,
+            WINDOW_RIGHT=True,
+            BOTTOM_RIGHT=True,
+            DROPOUT=False,
+            EVEN_D=True,
+            EVEN_DV=True,
+        ),
+        "full": dict(
+            HAS_MASK=True,
+            MASK_BOOL=False,
+            HAS_KVLENS=True,
+            WINDOW_LEFT=True,
+            WINDOW_RIGHT=True,
+            BOTTOM_RIGHT=True,
+            DROPOUT=True,
+            EVEN_D=False,
+            EVEN_DV=False,
+        ),
     }
     out = []
     for kname, fn in kernels.items():
@@ -1281,15 +2667,24 @@ def _static_configs() -> list[StaticConfig]:
             for vname, cfgs in (("causal", light), ("full", heavy)):
                 for bm, bn, w, s in cfgs:
                     for part in parts:
-                        constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, BLOCK_DV=bucket, UPCAST=False,
-                                          DOT_PRECISION=dot_precision(dtype), **variants[vname])
+                        constexprs = dict(
+                            BLOCK_M=bm,
+                            BLOCK_N=bn,
+                            BLOCK_D=bucket,
+                            BLOCK_DV=bucket,
+                            UPCAST=False,
+                            DOT_PRECISION=dot_precision(dtype),
+                            **variants[vname],
+                        )
                         label = ""
                         if part is not None:
                             constexprs["KV_PART"] = part
                             label = {0: "", 1: " dk", 2: " dv"}[part]
                         sig, consts, attrs = _static_signature(fn, dtype, constexprs, False)
-                        name = (f"{fn.__name__}{label} sm_{arch} {TRITON_DTYPE[dtype]} D{bucket} {vname} "
-                                f"BLOCK_M={bm} BLOCK_N={bn} warps={w} stages={s}")
+                        name = (
+                            f"{fn.__name__}{label} sm_{arch} {TRITON_DTYPE[dtype]} D{bucket} {vname} "
+                            f"BLOCK_M={bm} BLOCK_N={bn} warps={w} stages={s}"
+                        )
                         # float32 uses IEEE products on the FMA units: no tensor-core MMA to expect.
                         # wgmma needs 64 rows (queries, or keys in the dK/dV kernel) per warpgroup.
                         rows = bn if kname == "dkdv" else bm
@@ -1300,24 +2695,52 @@ def _static_configs() -> list[StaticConfig]:
             constexprs = dict(BLOCK_M=max(16, min(128, 8192 // bucket)), BLOCK_DV=bucket, EVEN_DV=True)
             fn = _attention_bwd_preprocess_kernel
             sig, consts, attrs = _static_signature(fn, torch.bfloat16, constexprs, False)
-            out.append(StaticConfig(fn, sig, consts, 4, 1, False, arch=arch, attrs=attrs,
-                                    name=f"{fn.__name__} sm_{arch} bf16 D{bucket} BLOCK_M={constexprs['BLOCK_M']}"))
+            out.append(
+                StaticConfig(
+                    fn,
+                    sig,
+                    consts,
+                    4,
+                    1,
+                    False,
+                    arch=arch,
+                    attrs=attrs,
+                    name=f"{fn.__name__} sm_{arch} bf16 D{bucket} BLOCK_M={constexprs['BLOCK_M']}",
+                )
+            )
             # The lse fix-up passes, with every feature on (the score code of the "full" variant).
             for fn in (_attention_bwd_fixup_kernel, _attention_bwd_fixup_dq_kernel):
                 for dtype in (torch.bfloat16, torch.float32):
-                    bm, bn, w = _fixup_config(bucket, 4 if dtype == torch.float32 else 2,
-                                              fn is _attention_bwd_fixup_dq_kernel)
-                    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket, BLOCK_DV=bucket, UPCAST=False,
-                                      DOT_PRECISION=dot_precision(dtype),
-                                      **{name: variants["full"][name] for name in _FIXUP_CONSTEXPRS
-                                         if name in variants["full"]})
+                    bm, bn, w = _fixup_config(
+                        bucket, 4 if dtype == torch.float32 else 2, fn is _attention_bwd_fixup_dq_kernel
+                    )
+                    constexprs = dict(
+                        BLOCK_M=bm,
+                        BLOCK_N=bn,
+                        BLOCK_D=bucket,
+                        BLOCK_DV=bucket,
+                        UPCAST=False,
+                        DOT_PRECISION=dot_precision(dtype),
+                        **{name: variants["full"][name] for name in _FIXUP_CONSTEXPRS if name in variants["full"]},
+                    )
                     if fn is _attention_bwd_fixup_dq_kernel:
                         constexprs["DROPOUT"] = True
                     sig, consts, attrs = _static_signature(fn, dtype, constexprs, False)
                     expects = False if dtype == torch.float32 else "mma"
-                    out.append(StaticConfig(fn, sig, consts, w, 1, expects, arch=arch, attrs=attrs,
-                                            name=f"{fn.__name__} sm_{arch} {TRITON_DTYPE[dtype]} D{bucket} full "
-                                                 f"BLOCK_M={bm} BLOCK_N={bn} warps={w}"))
+                    out.append(
+                        StaticConfig(
+                            fn,
+                            sig,
+                            consts,
+                            w,
+                            1,
+                            expects,
+                            arch=arch,
+                            attrs=attrs,
+                            name=f"{fn.__name__} sm_{arch} {TRITON_DTYPE[dtype]} D{bucket} full "
+                            f"BLOCK_M={bm} BLOCK_N={bn} warps={w}",
+                        )
+                    )
     return out
 
 

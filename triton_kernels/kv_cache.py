@@ -43,8 +43,14 @@ import triton.language as tl
 from .. import capabilities
 from ._common import INTERPRET, TRITON_DTYPE, StaticConfig, block_dim, dot_precision, refusal, static_signature
 
-__all__ = ["kv_cache_append", "decode_attention", "append_unsupported_reason", "decode_unsupported_reason",
-           "STATIC_CONFIGS", "MAX_HEAD_DIM"]
+__all__ = [
+    "kv_cache_append",
+    "decode_attention",
+    "append_unsupported_reason",
+    "decode_unsupported_reason",
+    "STATIC_CONFIGS",
+    "MAX_HEAD_DIM",
+]
 
 MAX_HEAD_DIM = capabilities.TABLE["decode_attention"]["triton"].max_head_dim
 
@@ -59,14 +65,38 @@ _alloc = torch.empty
 
 @triton.jit
 def _kv_cache_append_kernel(
-    KCache, VCache, KNew, VNew, Seqlens, BlockTable,
-    H, T, capacity, block_size, max_blocks, num_blocks,
-    stride_kc0, stride_kc1, stride_kc2,
-    stride_vc0, stride_vc1, stride_vc2,
-    stride_kn0, stride_kn1, stride_kn2, stride_kn3,
-    stride_vn0, stride_vn1, stride_vn2, stride_vn3,
+    KCache,
+    VCache,
+    KNew,
+    VNew,
+    Seqlens,
+    BlockTable,
+    H,
+    T,
+    capacity,
+    block_size,
+    max_blocks,
+    num_blocks,
+    stride_kc0,
+    stride_kc1,
+    stride_kc2,
+    stride_vc0,
+    stride_vc1,
+    stride_vc2,
+    stride_kn0,
+    stride_kn1,
+    stride_kn2,
+    stride_kn3,
+    stride_vn0,
+    stride_vn1,
+    stride_vn2,
+    stride_vn3,
     stride_bt0,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     PAGED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -87,13 +117,15 @@ def _kv_cache_append_kernel(
     d = tl.arange(0, BLOCK_D)
     dm = ok[:, None] & (d[None, :] < D)
     x = tl.load(KNew + b * stride_kn0 + h * stride_kn1 + t[:, None] * stride_kn2 + d[None, :] * stride_kn3, mask=dm)
-    tl.store(KCache + outer[:, None] * stride_kc0 + h * stride_kc1 + slot[:, None] * stride_kc2 + d[None, :], x,
-             mask=dm)
+    tl.store(
+        KCache + outer[:, None] * stride_kc0 + h * stride_kc1 + slot[:, None] * stride_kc2 + d[None, :], x, mask=dm
+    )
     dv = tl.arange(0, BLOCK_DV)
     dvm = ok[:, None] & (dv[None, :] < DV)
     y = tl.load(VNew + b * stride_vn0 + h * stride_vn1 + t[:, None] * stride_vn2 + dv[None, :] * stride_vn3, mask=dvm)
-    tl.store(VCache + outer[:, None] * stride_vc0 + h * stride_vc1 + slot[:, None] * stride_vc2 + dv[None, :], y,
-             mask=dvm)
+    tl.store(
+        VCache + outer[:, None] * stride_vc0 + h * stride_vc1 + slot[:, None] * stride_vc2 + dv[None, :], y, mask=dvm
+    )
 
 
 def _append_block_t(T: int, D: int, Dv: int, interpret: bool = INTERPRET) -> int:
@@ -120,13 +152,34 @@ def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) 
     block_t = _append_block_t(T, D, Dv)
     grid = (B * H, triton.cdiv(T, block_t))
     _kv_cache_append_kernel[grid](
-        k_cache, v_cache, k_new, v_new, cache_seqlens, bt,
-        H, T, capacity, block_size, max_blocks, k_cache.shape[0],
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *k_new.stride(), *v_new.stride(), bt_stride,
-        D=D, DV=Dv, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
-        PAGED=paged, num_warps=4,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        cache_seqlens,
+        bt,
+        H,
+        T,
+        capacity,
+        block_size,
+        max_blocks,
+        k_cache.shape[0],
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        *k_new.stride(),
+        *v_new.stride(),
+        bt_stride,
+        D=D,
+        DV=Dv,
+        BLOCK_T=block_t,
+        BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_DV=triton.next_power_of_2(Dv),
+        PAGED=paged,
+        num_warps=4,
     )
 
 
@@ -137,16 +190,52 @@ def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) 
 
 @triton.jit
 def _decode_attention_kernel(
-    Q, KCache, VCache, Seqlens, BlockTable, Out, Lse,
-    scale, Tq, G, n_rows, Hkv, capacity, block_size, num_blocks, window_left, window_right, num_splits,
-    stride_q0, stride_q1, stride_q2, stride_q3,
-    stride_k0, stride_k1, stride_k2,
-    stride_v0, stride_v1, stride_v2,
-    stride_o0, stride_o1, stride_o2, stride_o3, stride_os,
-    stride_l0, stride_l1, stride_l2, stride_ls,
+    Q,
+    KCache,
+    VCache,
+    Seqlens,
+    BlockTable,
+    Out,
+    Lse,
+    scale,
+    Tq,
+    G,
+    n_rows,
+    Hkv,
+    capacity,
+    block_size,
+    num_blocks,
+    window_left,
+    window_right,
+    num_splits,
+    stride_q0,
+    stride_q1,
+    stride_q2,
+    stride_q3,
+    stride_k0,
+    stride_k1,
+    stride_k2,
+    stride_v0,
+    stride_v1,
+    stride_v2,
+    stride_o0,
+    stride_o1,
+    stride_o2,
+    stride_o3,
+    stride_os,
+    stride_l0,
+    stride_l1,
+    stride_l2,
+    stride_ls,
     stride_bt0,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    PAGED: tl.constexpr,
+    UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -178,8 +267,11 @@ def _decode_attention_kernel(
 
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * stride_q0 + hq[:, None] * stride_q1 + t[:, None] * stride_q2 + d[None, :] * stride_q3,
-                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    q = tl.load(
+        Q + b * stride_q0 + hq[:, None] * stride_q1 + t[:, None] * stride_q2 + d[None, :] * stride_q3,
+        mask=row_ok[:, None] & (d[None, :] < D),
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -200,8 +292,11 @@ def _decode_attention_kernel(
         else:
             outer = tl.zeros([BLOCK_N], dtype=tl.int64) + b
             slot = j
-        k = tl.load(KCache + outer[:, None] * stride_k0 + hkv * stride_k1 + slot[:, None] * stride_k2 + d[None, :],
-                    mask=j_ok[:, None] & (d[None, :] < D), other=0.0)
+        k = tl.load(
+            KCache + outer[:, None] * stride_k0 + hkv * stride_k1 + slot[:, None] * stride_k2 + d[None, :],
+            mask=j_ok[:, None] & (d[None, :] < D),
+            other=0.0,
+        )
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
@@ -213,8 +308,11 @@ def _decode_attention_kernel(
         alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
         p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VCache + outer[:, None] * stride_v0 + hkv * stride_v1 + slot[:, None] * stride_v2 + dv[None, :],
-                    mask=j_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        v = tl.load(
+            VCache + outer[:, None] * stride_v0 + hkv * stride_v1 + slot[:, None] * stride_v2 + dv[None, :],
+            mask=j_ok[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        )
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -223,21 +321,45 @@ def _decode_attention_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    o_ptr = (Out + split * stride_os + b * stride_o0 + hq[:, None] * stride_o1 + t[:, None] * stride_o2
-             + dv[None, :] * stride_o3)
+    o_ptr = (
+        Out
+        + split * stride_os
+        + b * stride_o0
+        + hq[:, None] * stride_o1
+        + t[:, None] * stride_o2
+        + dv[None, :] * stride_o3
+    )
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(Lse + split * stride_ls + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse, mask=row_ok)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    OPart, LPart, Out, Lse,
-    Hq, Tq, num_splits,
-    stride_p0, stride_p1, stride_p2, stride_p3, stride_ps,
-    stride_lp0, stride_lp1, stride_lp2, stride_lps,
-    stride_o0, stride_o1, stride_o2,
-    stride_l0, stride_l1, stride_l2,
-    DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    OPart,
+    LPart,
+    Out,
+    Lse,
+    Hq,
+    Tq,
+    num_splits,
+    stride_p0,
+    stride_p1,
+    stride_p2,
+    stride_p3,
+    stride_ps,
+    stride_lp0,
+    stride_lp1,
+    stride_lp2,
+    stride_lps,
+    stride_o0,
+    stride_o1,
+    stride_o2,
+    stride_l0,
+    stride_l1,
+    stride_l2,
+    DV: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     row = tl.program_id(0)
     t = (row % Tq).to(tl.int64)
@@ -246,19 +368,22 @@ def _decode_merge_kernel(
     s = tl.arange(0, BLOCK_S)
     s_ok = s < num_splits
     dv = tl.arange(0, BLOCK_DV)
-    lse_s = tl.load(LPart + s * stride_lps + b * stride_lp0 + hq * stride_lp1 + t * stride_lp2, mask=s_ok,
-                    other=float("-inf"))
+    lse_s = tl.load(
+        LPart + s * stride_lps + b * stride_lp0 + hq * stride_lp1 + t * stride_lp2, mask=s_ok, other=float("-inf")
+    )
     mx = tl.max(lse_s, 0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp(lse_s - mx_safe)
     total = tl.sum(w, 0)
-    o = tl.load(OPart + s[:, None] * stride_ps + b * stride_p0 + hq * stride_p1 + t * stride_p2
-                + dv[None, :] * stride_p3, mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    o = tl.load(
+        OPart + s[:, None] * stride_ps + b * stride_p0 + hq * stride_p1 + t * stride_p2 + dv[None, :] * stride_p3,
+        mask=s_ok[:, None] & (dv[None, :] < DV),
+        other=0.0,
+    )
     # Weights are selected (not multiplied) away for empty splits, whose partial output is 0 anyway.
     merged = tl.sum(tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0), 0) / tl.where(total == 0.0, 1.0, total)
     lse = tl.where(total == 0.0, float("-inf"), mx_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
-    tl.store(Out + b * stride_o0 + hq * stride_o1 + t * stride_o2 + dv, merged.to(Out.dtype.element_ty),
-             mask=dv < DV)
+    tl.store(Out + b * stride_o0 + hq * stride_o1 + t * stride_o2 + dv, merged.to(Out.dtype.element_ty), mask=dv < DV)
     tl.store(Lse + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse)
 
 
@@ -312,20 +437,62 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, win
         l_strides = (*lse.stride(), 0)
     grid = (B * Hkv, triton.cdiv(n_rows, block_m), num_splits)
     _decode_attention_kernel[grid](
-        q, k_cache, v_cache, cache_seqlens, bt, o_dst, l_dst,
-        float(scale), Tq, G, n_rows, Hkv, capacity, block_size, k_cache.shape[0], window_left, window_right,
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        bt,
+        o_dst,
+        l_dst,
+        float(scale),
+        Tq,
+        G,
+        n_rows,
+        Hkv,
+        capacity,
+        block_size,
+        k_cache.shape[0],
+        window_left,
+        window_right,
         num_splits,
-        *q.stride(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *o_strides, *l_strides, bt_stride,
-        D=D, DV=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(Dv), PAGED=paged,
-        UPCAST=INTERPRET, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+        *q.stride(),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        *o_strides,
+        *l_strides,
+        bt_stride,
+        D=D,
+        DV=Dv,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_dim(D),
+        BLOCK_DV=block_dim(Dv),
+        PAGED=paged,
+        UPCAST=INTERPRET,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
     )
     if split:
         _decode_merge_kernel[(B * Hq * Tq,)](
-            o_dst, l_dst, out, lse, Hq, Tq, num_splits,
-            *o_strides, *l_strides, *out.stride()[:3], *lse.stride(),
-            DV=Dv, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_DV=triton.next_power_of_2(Dv),
+            o_dst,
+            l_dst,
+            out,
+            lse,
+            Hq,
+            Tq,
+            num_splits,
+            *o_strides,
+            *l_strides,
+            *out.stride()[:3],
+            *lse.stride(),
+            DV=Dv,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_DV=triton.next_power_of_2(Dv),
             num_warps=4 if Dv >= 128 else 2,
         )
     return out, lse
@@ -343,8 +510,10 @@ def append_unsupported_reason(k_cache, k_new) -> str | None:
 
 def decode_unsupported_reason(q, k_cache, v_cache) -> str | None:
     """Why Triton decode refuses these inputs, or None (the capability table's answer)."""
-    return refusal("decode_attention", capabilities.Features(dtype=q.dtype, device=q.device,
-                                                              head_dims=(q.shape[-1], v_cache.shape[-1])))
+    return refusal(
+        "decode_attention",
+        capabilities.Features(dtype=q.dtype, device=q.device, head_dims=(q.shape[-1], v_cache.shape[-1])),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,9 +529,23 @@ _FP32_POINTERS = {"Lse", "OPart", "LPart"}
 _FLOAT_ARGS = {"scale"}
 # Integer arguments that are multiples of 16 for the usual head dims (row strides); lengths, counts
 # and windows are not.
-_ALIGNED_INTS = {"stride_q0", "stride_q1", "stride_q2", "stride_k0", "stride_k1", "stride_k2", "stride_v0",
-                 "stride_v1", "stride_v2", "stride_kc0", "stride_kc1", "stride_kc2", "stride_vc0", "stride_vc1",
-                 "stride_vc2"}
+_ALIGNED_INTS = {
+    "stride_q0",
+    "stride_q1",
+    "stride_q2",
+    "stride_k0",
+    "stride_k1",
+    "stride_k2",
+    "stride_v0",
+    "stride_v1",
+    "stride_v2",
+    "stride_kc0",
+    "stride_kc1",
+    "stride_kc2",
+    "stride_vc0",
+    "stride_vc1",
+    "stride_vc2",
+}
 
 
 def _static_signature(fn, dtype: torch.dtype, constexprs: dict, out_fp32: bool = False):
@@ -375,8 +558,9 @@ def _static_signature(fn, dtype: torch.dtype, constexprs: dict, out_fp32: bool =
             return "*fp32"
         return f"*{TRITON_DTYPE[dtype]}"
 
-    return static_signature(fn, constexprs, pointer_type, lambda name: name in _ALIGNED_INTS, _UNIT_STRIDES,
-                            _FLOAT_ARGS)
+    return static_signature(
+        fn, constexprs, pointer_type, lambda name: name in _ALIGNED_INTS, _UNIT_STRIDES, _FLOAT_ARGS
+    )
 
 
 def _static_configs() -> list:
@@ -394,35 +578,79 @@ def _static_configs() -> list:
     for dtype in (torch.bfloat16, torch.float32):
         elt = TRITON_DTYPE[dtype]
         for bucket in (64, 128, 256):
-            for rows in ((1,) if dtype == torch.float32 else (1, 64)):
+            for rows in (1,) if dtype == torch.float32 else (1, 64):
                 bm, bn, warps, stages = _decode_config(rows, bucket, bucket, dtype, interpret=False)
                 layouts = (True, False) if (bucket == 128 and rows == 1) else (True,)
                 for paged in layouts:
-                    for split in ((False, True) if (bucket == 128 and rows == 1 and paged) else (False,)):
-                        constexprs = dict(D=bucket, DV=bucket, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bucket,
-                                          BLOCK_DV=bucket, PAGED=paged, UPCAST=False,
-                                          DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
-                        sig, consts, attrs = _static_signature(_decode_attention_kernel, dtype, constexprs,
-                                                               out_fp32=split)
-                        name = (f"_decode_attention_kernel {elt} D{bucket} BLOCK_M={bm} BLOCK_N={bn} "
-                                f"{'paged' if paged else 'contiguous'}{' split' if split else ''} "
-                                f"warps={warps} stages={stages}")
+                    for split in (False, True) if (bucket == 128 and rows == 1 and paged) else (False,):
+                        constexprs = dict(
+                            D=bucket,
+                            DV=bucket,
+                            BLOCK_M=bm,
+                            BLOCK_N=bn,
+                            BLOCK_D=bucket,
+                            BLOCK_DV=bucket,
+                            PAGED=paged,
+                            UPCAST=False,
+                            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                        )
+                        sig, consts, attrs = _static_signature(
+                            _decode_attention_kernel, dtype, constexprs, out_fp32=split
+                        )
+                        name = (
+                            f"_decode_attention_kernel {elt} D{bucket} BLOCK_M={bm} BLOCK_N={bn} "
+                            f"{'paged' if paged else 'contiguous'}{' split' if split else ''} "
+                            f"warps={warps} stages={stages}"
+                        )
                         mma = dtype != torch.float32 and bm >= 64
-                        out.append(StaticConfig(_decode_attention_kernel, sig, consts, warps, stages, mma,
-                                                arch=None, attrs=attrs, name=name))
+                        out.append(
+                            StaticConfig(
+                                _decode_attention_kernel,
+                                sig,
+                                consts,
+                                warps,
+                                stages,
+                                mma,
+                                arch=None,
+                                attrs=attrs,
+                                name=name,
+                            )
+                        )
     for bucket in (64, 128, 256):
         constexprs = dict(DV=bucket, BLOCK_S=16, BLOCK_DV=bucket)
         sig, consts, attrs = _static_signature(_decode_merge_kernel, torch.bfloat16, constexprs)
         warps = 4 if bucket >= 128 else 2
-        out.append(StaticConfig(_decode_merge_kernel, sig, consts, warps, 1, False, arch=None, attrs=attrs,
-                                name=f"_decode_merge_kernel bf16 D{bucket} BLOCK_S=16 warps={warps}"))
+        out.append(
+            StaticConfig(
+                _decode_merge_kernel,
+                sig,
+                consts,
+                warps,
+                1,
+                False,
+                arch=None,
+                attrs=attrs,
+                name=f"_decode_merge_kernel bf16 D{bucket} BLOCK_S=16 warps={warps}",
+            )
+        )
         for paged in (False, True):
             bt = _append_block_t(512, bucket, bucket, interpret=False)
             constexprs = dict(D=bucket, DV=bucket, BLOCK_T=bt, BLOCK_D=bucket, BLOCK_DV=bucket, PAGED=paged)
             sig, consts, attrs = _static_signature(_kv_cache_append_kernel, torch.bfloat16, constexprs)
-            out.append(StaticConfig(_kv_cache_append_kernel, sig, consts, 4, 1, False, arch=None, attrs=attrs,
-                                    name=f"_kv_cache_append_kernel bf16 D{bucket} BLOCK_T={bt} "
-                                         f"{'paged' if paged else 'contiguous'} warps=4"))
+            out.append(
+                StaticConfig(
+                    _kv_cache_append_kernel,
+                    sig,
+                    consts,
+                    4,
+                    1,
+                    False,
+                    arch=None,
+                    attrs=attrs,
+                    name=f"_kv_cache_append_kernel bf16 D{bucket} BLOCK_T={bt} "
+                    f"{'paged' if paged else 'contiguous'} warps=4",
+                )
+            )
     return out
 
 

@@ -63,10 +63,25 @@ def _to_out(x, DT: tl.constexpr, BF16_RNE: tl.constexpr):
 
 @triton.jit
 def _lstm_cell_fwd_kernel(
-    IG, HG, CX, BIH, BHH, HY, CY, WS,
-    B, H, stride_ig, stride_hg, stride_cx,
-    HAS_BIAS_IH: tl.constexpr, HAS_BIAS_HH: tl.constexpr, F64: tl.constexpr, BF16_RNE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    IG,
+    HG,
+    CX,
+    BIH,
+    BHH,
+    HY,
+    CY,
+    WS,
+    B,
+    H,
+    stride_ig,
+    stride_hg,
+    stride_cx,
+    HAS_BIAS_IH: tl.constexpr,
+    HAS_BIAS_HH: tl.constexpr,
+    F64: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -116,10 +131,26 @@ def _lstm_cell_fwd_kernel(
 
 @triton.jit
 def _lstm_cell_bwd_kernel(
-    GH, GC, CX, CY, WS, GG, GCX,
-    B, H, stride_gh, stride_gc, stride_cx, stride_cy, stride_ws,
-    HAS_GRAD_HY: tl.constexpr, HAS_GRAD_CY: tl.constexpr, F64: tl.constexpr, BF16_RNE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    GH,
+    GC,
+    CX,
+    CY,
+    WS,
+    GG,
+    GCX,
+    B,
+    H,
+    stride_gh,
+    stride_gc,
+    stride_cx,
+    stride_cy,
+    stride_ws,
+    HAS_GRAD_HY: tl.constexpr,
+    HAS_GRAD_CY: tl.constexpr,
+    F64: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -157,6 +188,7 @@ def _lstm_cell_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers (signatures of the seqkernels::lstm_cell_fwd / lstm_cell_bwd schemas).
 
+
 def _blocks(B: int, H: int, elem_size: int) -> tuple[int, int]:
     tile = _INTERPRET_TILE if interpreting() else _TILE[elem_size]
     block_h = min(triton.next_power_of_2(max(H, 1)), tile if interpreting() else 256)
@@ -175,8 +207,10 @@ def _rows(name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch
     if tuple(t.shape) != shape:
         raise ValueError(f"lstm_cell: {name} must have shape {shape}, got {tuple(t.shape)}")
     if t.dtype != like.dtype or t.device != like.device:
-        raise ValueError(f"lstm_cell: {name} must have dtype {like.dtype} on {like.device} like the other inputs, "
-                         f"got {t.dtype} on {t.device}")
+        raise ValueError(
+            f"lstm_cell: {name} must have dtype {like.dtype} on {like.device} like the other inputs, "
+            f"got {t.dtype} on {t.device}"
+        )
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
@@ -185,8 +219,13 @@ def unsupported_reason(t: torch.Tensor) -> Optional[str]:
     return refusal("lstm_cell", capabilities.Features(dtype=t.dtype, device=t.device))
 
 
-def lstm_cell_fwd(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: torch.Tensor,
-                  bias_ih: Optional[torch.Tensor], bias_hh: Optional[torch.Tensor]):
+def lstm_cell_fwd(
+    input_gates: torch.Tensor,
+    hidden_gates: torch.Tensor,
+    cx: torch.Tensor,
+    bias_ih: Optional[torch.Tensor],
+    bias_hh: Optional[torch.Tensor],
+):
     if input_gates.dim() != 2 or input_gates.shape[1] % 4 != 0:
         raise ValueError(f"lstm_cell: input_gates must have shape (B, 4*H), got {tuple(input_gates.shape)}")
     reason = unsupported_reason(input_gates)
@@ -207,17 +246,37 @@ def lstm_cell_fwd(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cx: tor
     block_b, block_h = _blocks(B, H, ig.element_size())
     grid = (triton.cdiv(H, block_h), triton.cdiv(B, block_b))
     _lstm_cell_fwd_kernel[grid](
-        ig, hg, c, bih if bih is not None else ig, bhh if bhh is not None else ig, hy, cy, ws,
-        B, H, ig.stride(0), hg.stride(0), c.stride(0),
-        HAS_BIAS_IH=bih is not None, HAS_BIAS_HH=bhh is not None, F64=ig.dtype == torch.float64,
+        ig,
+        hg,
+        c,
+        bih if bih is not None else ig,
+        bhh if bhh is not None else ig,
+        hy,
+        cy,
+        ws,
+        B,
+        H,
+        ig.stride(0),
+        hg.stride(0),
+        c.stride(0),
+        HAS_BIAS_IH=bih is not None,
+        HAS_BIAS_HH=bhh is not None,
+        F64=ig.dtype == torch.float64,
         BF16_RNE=interpreting() and ig.dtype == torch.bfloat16,
-        BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h, ig.element_size()),
+        BLOCK_B=block_b,
+        BLOCK_H=block_h,
+        num_warps=_num_warps(block_b, block_h, ig.element_size()),
     )
     return hy, cy, ws
 
 
-def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tensor], cx: torch.Tensor,
-                  cy: torch.Tensor, workspace: torch.Tensor):
+def lstm_cell_bwd(
+    grad_hy: Optional[torch.Tensor],
+    grad_cy: Optional[torch.Tensor],
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    workspace: torch.Tensor,
+):
     if workspace.dim() != 2 or workspace.shape[1] % 4 != 0:
         raise ValueError(f"lstm_cell: workspace must have shape (B, 4*H), got {tuple(workspace.shape)}")
     reason = unsupported_reason(workspace)
@@ -237,12 +296,27 @@ def lstm_cell_bwd(grad_hy: Optional[torch.Tensor], grad_cy: Optional[torch.Tenso
     block_b, block_h = _blocks(B, H, ws.element_size())
     grid = (triton.cdiv(H, block_h), triton.cdiv(B, block_b))
     _lstm_cell_bwd_kernel[grid](
-        gh if gh is not None else c, gc if gc is not None else c, c, cyr, ws, grad_gates, grad_cx,
-        B, H, gh.stride(0) if gh is not None else 0, gc.stride(0) if gc is not None else 0,
-        c.stride(0), cyr.stride(0), ws.stride(0),
-        HAS_GRAD_HY=gh is not None, HAS_GRAD_CY=gc is not None, F64=ws.dtype == torch.float64,
+        gh if gh is not None else c,
+        gc if gc is not None else c,
+        c,
+        cyr,
+        ws,
+        grad_gates,
+        grad_cx,
+        B,
+        H,
+        gh.stride(0) if gh is not None else 0,
+        gc.stride(0) if gc is not None else 0,
+        c.stride(0),
+        cyr.stride(0),
+        ws.stride(0),
+        HAS_GRAD_HY=gh is not None,
+        HAS_GRAD_CY=gc is not None,
+        F64=ws.dtype == torch.float64,
         BF16_RNE=interpreting() and ws.dtype == torch.bfloat16,
-        BLOCK_B=block_b, BLOCK_H=block_h, num_warps=_num_warps(block_b, block_h, ws.element_size()),
+        BLOCK_B=block_b,
+        BLOCK_H=block_h,
+        num_warps=_num_warps(block_b, block_h, ws.element_size()),
     )
     return grad_gates, grad_cx
 
@@ -257,9 +331,11 @@ def _static_signature(fn, dtype: torch.dtype, constexprs: dict):
     are taken as multiples of 16, as Triton specializes them at run time for the usual widths
     (H = 256, 512, ...): that is what lets every gate block load with 16-byte vectors. B is not."""
     return static_signature(
-        fn, constexprs,
+        fn,
+        constexprs,
         lambda name: f"*{TRITON_DTYPE[dtype]}" if name[0].isupper() and name not in ("B", "H") else None,
-        lambda name: name.startswith("stride_") or name == "H")
+        lambda name: name.startswith("stride_") or name == "H",
+    )
 
 
 def _static_configs() -> list:
@@ -280,15 +356,37 @@ def _static_configs() -> list:
                 for bias in (True, False):
                     c = dict(common, HAS_BIAS_IH=bias, HAS_BIAS_HH=bias)
                     sig, consts, attrs = _static_signature(_lstm_cell_fwd_kernel, dtype, c)
-                    out.append(StaticConfig(_lstm_cell_fwd_kernel, sig, consts, warps, 1, False, arch=arch,
-                                            attrs=attrs, name=f"_lstm_cell_fwd_kernel sm_{arch} {elt} BLOCK_B={block_b} "
-                                                              f"BLOCK_H={block_h} bias={bias} warps={warps}"))
-                for has_hy in ((True, False) if dtype == torch.bfloat16 else (True,)):
+                    out.append(
+                        StaticConfig(
+                            _lstm_cell_fwd_kernel,
+                            sig,
+                            consts,
+                            warps,
+                            1,
+                            False,
+                            arch=arch,
+                            attrs=attrs,
+                            name=f"_lstm_cell_fwd_kernel sm_{arch} {elt} BLOCK_B={block_b} "
+                            f"BLOCK_H={block_h} bias={bias} warps={warps}",
+                        )
+                    )
+                for has_hy in (True, False) if dtype == torch.bfloat16 else (True,):
                     c = dict(common, HAS_GRAD_HY=has_hy, HAS_GRAD_CY=True)
                     sig, consts, attrs = _static_signature(_lstm_cell_bwd_kernel, dtype, c)
-                    out.append(StaticConfig(_lstm_cell_bwd_kernel, sig, consts, warps, 1, False, arch=arch,
-                                            attrs=attrs, name=f"_lstm_cell_bwd_kernel sm_{arch} {elt} BLOCK_B={block_b} "
-                                                              f"BLOCK_H={block_h} grad_hy={has_hy} warps={warps}"))
+                    out.append(
+                        StaticConfig(
+                            _lstm_cell_bwd_kernel,
+                            sig,
+                            consts,
+                            warps,
+                            1,
+                            False,
+                            arch=arch,
+                            attrs=attrs,
+                            name=f"_lstm_cell_bwd_kernel sm_{arch} {elt} BLOCK_B={block_b} "
+                            f"BLOCK_H={block_h} grad_hy={has_hy} warps={warps}",
+                        )
+                    )
     return out
 
 

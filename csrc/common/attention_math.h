@@ -30,9 +30,8 @@ struct KeyRange {
   int64_t lo, hi;
 };
 
-SK_HOST_DEVICE SK_INLINE KeyRange visible_keys(int64_t i, int64_t Lq, int64_t Lk_b,
-                                               int64_t window_left, int64_t window_right,
-                                               bool bottom_right) {
+SK_HOST_DEVICE SK_INLINE KeyRange visible_keys(int64_t i, int64_t Lq, int64_t Lk_b, int64_t window_left,
+                                               int64_t window_right, bool bottom_right) {
   const int64_t diag = i + (bottom_right ? Lk_b - Lq : 0);
   int64_t lo = window_left >= 0 ? diag - window_left : 0;
   int64_t hi = window_right >= 0 ? diag + window_right + 1 : Lk_b;

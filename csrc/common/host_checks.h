@@ -50,28 +50,28 @@ struct AttentionGeometry {
 
 // q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) of one floating dtype on dev, Hq a
 // multiple of Hkv. `op` prefixes every message.
-inline AttentionGeometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const Device& dev, const char* op) {
+inline AttentionGeometry check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Device& dev,
+                                   const char* op) {
   check_device(dev, q, op, ": q");
   check_device(dev, k, op, ": k");
   check_device(dev, v, op, ": v");
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op,
-              ": q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device, got ",
+              q.device(), ", ", k.device(), ", ", v.device());
   TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, Hq, Lq, D), got ", q.sizes());
   TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, Hkv, Lk, D), got ", k.sizes());
   TORCH_CHECK(v.dim() == 4, op, ": v must be 4-D (B, Hkv, Lk, Dv), got ", v.sizes());
   const auto st = q.scalar_type();
   TORCH_CHECK(is_float_type(st), op, ": q must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op,
-              ": k and v must have q's dtype ", st, ", got ", k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op, ": k and v must have q's dtype ", st, ", got ",
+              k.scalar_type(), " and ", v.scalar_type());
   AttentionGeometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
-  TORCH_CHECK(k.size(0) == g.B && v.size(0) == g.B, op, ": q, k, v batch sizes differ: ", g.B, ", ",
-              k.size(0), ", ", v.size(0));
+  TORCH_CHECK(k.size(0) == g.B && v.size(0) == g.B, op, ": q, k, v batch sizes differ: ", g.B, ", ", k.size(0), ", ",
+              v.size(0));
   TORCH_CHECK(k.size(3) == g.D, op, ": k's head dim ", k.size(3), " must equal q's ", g.D);
   TORCH_CHECK(v.size(1) == g.Hkv && v.size(2) == g.Lk, op, ": v ", v.sizes(),
               " must be (B, Hkv, Lk, Dv) with k's Hkv = ", g.Hkv, " and Lk = ", g.Lk);
-  TORCH_CHECK(g.Hkv > 0 && g.Hq % g.Hkv == 0, op, ": query heads (", g.Hq, ") must be a multiple of kv heads (",
-              g.Hkv, "): grouped-query attention needs the number of query heads to be a multiple of the number of "
+  TORCH_CHECK(g.Hkv > 0 && g.Hq % g.Hkv == 0, op, ": query heads (", g.Hq, ") must be a multiple of kv heads (", g.Hkv,
+              "): grouped-query attention needs the number of query heads to be a multiple of the number of "
               "kv heads");
   return g;
 }
@@ -88,9 +88,9 @@ inline void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, co
   TORCH_CHECK(v_cache.dim() == 4, "v_cache: expected a 4-D tensor, got ", v_cache.sizes());
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache: dtype ", v_cache.scalar_type(),
               " does not match k_cache's ", k_cache.scalar_type());
-  TORCH_CHECK(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) &&
-                  k_cache.size(2) == v_cache.size(2),
-              "v_cache: shape ", v_cache.sizes(), " must match k_cache ", k_cache.sizes(), " except the head dim");
+  TORCH_CHECK(
+      k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) && k_cache.size(2) == v_cache.size(2),
+      "v_cache: shape ", v_cache.sizes(), " must match k_cache ", k_cache.sizes(), " except the head dim");
   TORCH_CHECK(k_cache.size(3) <= 1 || k_cache.stride(3) == 1, "k_cache: the head dim must have stride 1");
   TORCH_CHECK(v_cache.size(3) <= 1 || v_cache.stride(3) == 1, "v_cache: the head dim must have stride 1");
 }
@@ -104,8 +104,8 @@ struct CacheGeometry {
   int64_t num_blocks;
 };
 
-inline CacheGeometry check_layout(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table,
-                                  int64_t B, const Device& dev) {
+inline CacheGeometry check_layout(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table, int64_t B,
+                                  const Device& dev) {
   if (!block_table.has_value()) {
     TORCH_CHECK(k_cache.size(0) == B, "k_cache: a contiguous cache is (B, Hkv, S_max, D) with B=", B, ", got ",
                 k_cache.sizes());
@@ -123,8 +123,9 @@ inline CacheGeometry check_layout(const at::Tensor& k_cache, const std::optional
 inline void check_seqlens(const at::Tensor& s, int64_t B, const Device& dev) {
   check_device(dev, s, "cache_seqlens");
   TORCH_CHECK(s.dim() == 1 && s.size(0) == B, "cache_seqlens: expected shape (", B, ",), got ", s.sizes());
-  TORCH_CHECK(s.scalar_type() == at::kInt && s.is_contiguous(), "cache_seqlens: expected a contiguous int32 tensor, got ",
-              s.scalar_type(), s.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(s.scalar_type() == at::kInt && s.is_contiguous(),
+              "cache_seqlens: expected a contiguous int32 tensor, got ", s.scalar_type(),
+              s.is_contiguous() ? "" : " (not contiguous)");
 }
 
 // The rows kv_cache_append writes: k_new (B, Hkv, T, D) and v_new (B, Hkv, T, Dv) in the cache's
@@ -142,14 +143,14 @@ inline void check_new_rows(const at::Tensor& k_new, const at::Tensor& v_new, con
   const int64_t Dv = v_cache.size(3);
   TORCH_CHECK(v_new.size(0) == B && v_new.size(1) == H && v_new.size(2) == T && v_new.size(3) == Dv,
               "v_new: expected shape (", B, ", ", H, ", ", T, ", ", Dv, "), got ", v_new.sizes());
-  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D, "k_new: shape ", k_new.sizes(),
-              " does not fit k_cache ", k_cache.sizes());
+  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D, "k_new: shape ", k_new.sizes(), " does not fit k_cache ",
+              k_cache.sizes());
 }
 
 // decode_attention's q (B, Hq, Tq, D) against the cache (check_cache first), num_splits in
 // [1, max_splits] and the window. A backend's head-dim limits are its own.
-inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, int64_t num_splits,
-                              int64_t window_left, int64_t window_right, int64_t max_splits, const Device& dev) {
+inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, int64_t num_splits, int64_t window_left,
+                              int64_t window_right, int64_t max_splits, const Device& dev) {
   check_device(dev, q, "q");
   TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (B, Hq, Tq, D), got ", q.sizes());
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q: dtype ", q.scalar_type(), " does not match the cache's ",
@@ -182,10 +183,10 @@ inline int64_t check_gates(const char* op, const char* name, const at::Tensor& t
 inline void check_2d(const char* name, const at::Tensor& t, int64_t rows, int64_t cols, const at::Tensor& like) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "seqkernels::lstm_cell: ", name,
               " must have shape (", rows, ", ", cols, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqkernels::lstm_cell: ", name, " has dtype ",
-              t.scalar_type(), ", expected ", like.scalar_type(), " (one dtype for all inputs)");
-  TORCH_CHECK(t.device() == like.device(), "seqkernels::lstm_cell: ", name, " is on ", t.device(),
-              ", expected ", like.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "seqkernels::lstm_cell: ", name, " has dtype ", t.scalar_type(),
+              ", expected ", like.scalar_type(), " (one dtype for all inputs)");
+  TORCH_CHECK(t.device() == like.device(), "seqkernels::lstm_cell: ", name, " is on ", t.device(), ", expected ",
+              like.device());
 }
 
 // An optional (gates,) bias with like's dtype and device.

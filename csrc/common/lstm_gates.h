@@ -31,8 +31,8 @@ SK_HOST_DEVICE SK_INLINE void cell_forward(V gi, V gf, V gg, V go, V cx, V& i, V
 }
 
 template <class M, class V>
-SK_HOST_DEVICE SK_INLINE void cell_backward(V grad_hy, V grad_cy, V cx, V cy, V i, V f, V g, V o, V& di, V& df,
-                                            V& dg, V& d_o, V& grad_cx) {
+SK_HOST_DEVICE SK_INLINE void cell_backward(V grad_hy, V grad_cy, V cx, V cy, V i, V f, V g, V o, V& di, V& df, V& dg,
+                                            V& d_o, V& grad_cx) {
   const V one(1);
   const V tc = M::tanh(cy);
   const V dc = grad_cy + grad_hy * o * (one - tc * tc);

@@ -38,9 +38,8 @@ SK_HOST_DEVICE SK_INLINE uint64_t dropout_threshold(double p) {
 }
 
 // Linear element index n = ((b * H + h) * Lq + i) * Lk + j, in 64 bits.
-SK_HOST_DEVICE SK_INLINE bool dropout_keep(uint64_t seed, uint64_t offset, uint64_t threshold,
-                                           int64_t b, int64_t h, int64_t i, int64_t j, int64_t H,
-                                           int64_t Lq, int64_t Lk) {
+SK_HOST_DEVICE SK_INLINE bool dropout_keep(uint64_t seed, uint64_t offset, uint64_t threshold, int64_t b, int64_t h,
+                                           int64_t i, int64_t j, int64_t H, int64_t Lq, int64_t Lk) {
   const uint64_t n = static_cast<uint64_t>(((b * H + h) * Lq + i) * Lk + j);
   return static_cast<uint64_t>(philox_keep_word(seed, offset, n)) >= threshold;
 }

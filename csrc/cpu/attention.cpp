@@ -107,7 +107,6 @@ struct VecPortable {
   }
 };
 
-
 // ---------------------------------------------------------------------------------------------
 // Register-tiled products.
 //
@@ -119,9 +118,8 @@ struct VecPortable {
 enum class Mode { Store, Add, ScaleAdd };  // C = AB, C += AB, C = C * alpha[r] + AB
 
 template <class P, int MR, int NV, Mode M>
-inline void micro_tile(const typename P::T* A, int64_t a_rs, int64_t a_ks,
-                       const typename P::T* B, int64_t ldb, int64_t K, typename P::T* C,
-                       int64_t ldc, const typename P::T* alpha) {
+inline void micro_tile(const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B, int64_t ldb,
+                       int64_t K, typename P::T* C, int64_t ldc, const typename P::T* alpha) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -130,9 +128,7 @@ inline void micro_tile(const typename P::T* A, int64_t a_rs, int64_t a_ks,
   // into it directly costs a rounding at C's magnitude per term (for the first keys of a causal
   // L=2048 backward, 3x torch's error in dV, outside the §5 bound).
   V acc[MR][NV];
-  SK_UNROLL for (int r = 0; r < MR; ++r) {
-    SK_UNROLL for (int c = 0; c < NV; ++c) acc[r][c] = P::zero();
-  }
+  SK_UNROLL for (int r = 0; r < MR; ++r) { SK_UNROLL for (int c = 0; c < NV; ++c) acc[r][c] = P::zero(); }
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
     SK_UNROLL for (int c = 0; c < NV; ++c) b[c] = P::load(B + c * W);
@@ -159,9 +155,8 @@ inline void micro_tile(const typename P::T* A, int64_t a_rs, int64_t a_ks,
 
 // MR rows, ncols (a multiple of W) columns.
 template <class P, int MR, Mode M>
-inline void gemm_rows_fixed(const typename P::T* A, int64_t a_rs, int64_t a_ks,
-                            const typename P::T* B, int64_t ldb, int64_t K, typename P::T* C,
-                            int64_t ldc, int64_t ncols, const typename P::T* alpha) {
+inline void gemm_rows_fixed(const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B, int64_t ldb,
+                            int64_t K, typename P::T* C, int64_t ldc, int64_t ncols, const typename P::T* alpha) {
   constexpr int W = P::W;
   int64_t c = 0;
   for (; c + 2 * W <= ncols; c += 2 * W) {
@@ -172,9 +167,8 @@ inline void gemm_rows_fixed(const typename P::T* A, int64_t a_rs, int64_t a_ks,
 
 // Any number of rows: groups of kMR, then one narrower group.
 template <class P, Mode M>
-inline void gemm(int64_t rows, const typename P::T* A, int64_t a_rs, int64_t a_ks,
-                 const typename P::T* B, int64_t ldb, int64_t K, typename P::T* C, int64_t ldc,
-                 int64_t ncols, const typename P::T* alpha = nullptr) {
+inline void gemm(int64_t rows, const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B, int64_t ldb,
+                 int64_t K, typename P::T* C, int64_t ldc, int64_t ncols, const typename P::T* alpha = nullptr) {
   int64_t r = 0;
   auto al = [&](int64_t r0) { return M == Mode::ScaleAdd ? alpha + r0 : nullptr; };
   for (; r + kMR <= rows; r += kMR) {
@@ -183,12 +177,23 @@ inline void gemm(int64_t rows, const typename P::T* A, int64_t a_rs, int64_t a_k
   const auto* Ar = A + r * a_rs;
   auto* Cr = C + r * ldc;
   switch (rows - r) {
-    case 5: gemm_rows_fixed<P, 5, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
-    case 4: gemm_rows_fixed<P, 4, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
-    case 3: gemm_rows_fixed<P, 3, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
-    case 2: gemm_rows_fixed<P, 2, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
-    case 1: gemm_rows_fixed<P, 1, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r)); break;
-    default: break;
+    case 5:
+      gemm_rows_fixed<P, 5, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r));
+      break;
+    case 4:
+      gemm_rows_fixed<P, 4, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r));
+      break;
+    case 3:
+      gemm_rows_fixed<P, 3, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r));
+      break;
+    case 2:
+      gemm_rows_fixed<P, 2, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r));
+      break;
+    case 1:
+      gemm_rows_fixed<P, 1, M>(Ar, a_rs, a_ks, B, ldb, K, Cr, ldc, ncols, al(r));
+      break;
+    default:
+      break;
   }
 }
 
@@ -196,8 +201,8 @@ inline void gemm(int64_t rows, const typename P::T* A, int64_t a_rs, int64_t a_k
 // panels of NR = 2W columns (S = Q K^T of one row group against packed K^T panels), with the
 // row addressing set up once for all panels.
 template <class P, int MR>
-inline void panels_fixed(const typename P::T* A, int64_t a_rs, const typename P::T* B, int64_t K,
-                         int64_t np, typename P::T* C, int64_t ldc) {
+inline void panels_fixed(const typename P::T* A, int64_t a_rs, const typename P::T* B, int64_t K, int64_t np,
+                         typename P::T* C, int64_t ldc) {
   constexpr int NR = 2 * P::W;
   for (int64_t p = 0; p < np; ++p) {
     micro_tile<P, MR, 2, Mode::Store>(A, a_rs, 1, B + p * K * NR, NR, K, C + p * NR, ldc, nullptr);
@@ -205,16 +210,29 @@ inline void panels_fixed(const typename P::T* A, int64_t a_rs, const typename P:
 }
 
 template <class P>
-inline void gemm_panels(int64_t rows, const typename P::T* A, int64_t a_rs, const typename P::T* B,
-                        int64_t K, int64_t np, typename P::T* C, int64_t ldc) {
+inline void gemm_panels(int64_t rows, const typename P::T* A, int64_t a_rs, const typename P::T* B, int64_t K,
+                        int64_t np, typename P::T* C, int64_t ldc) {
   switch (rows) {
-    case 6: panels_fixed<P, 6>(A, a_rs, B, K, np, C, ldc); break;
-    case 5: panels_fixed<P, 5>(A, a_rs, B, K, np, C, ldc); break;
-    case 4: panels_fixed<P, 4>(A, a_rs, B, K, np, C, ldc); break;
-    case 3: panels_fixed<P, 3>(A, a_rs, B, K, np, C, ldc); break;
-    case 2: panels_fixed<P, 2>(A, a_rs, B, K, np, C, ldc); break;
-    case 1: panels_fixed<P, 1>(A, a_rs, B, K, np, C, ldc); break;
-    default: break;
+    case 6:
+      panels_fixed<P, 6>(A, a_rs, B, K, np, C, ldc);
+      break;
+    case 5:
+      panels_fixed<P, 5>(A, a_rs, B, K, np, C, ldc);
+      break;
+    case 4:
+      panels_fixed<P, 4>(A, a_rs, B, K, np, C, ldc);
+      break;
+    case 3:
+      panels_fixed<P, 3>(A, a_rs, B, K, np, C, ldc);
+      break;
+    case 2:
+      panels_fixed<P, 2>(A, a_rs, B, K, np, C, ldc);
+      break;
+    case 1:
+      panels_fixed<P, 1>(A, a_rs, B, K, np, C, ldc);
+      break;
+    default:
+      break;
   }
 }
 
@@ -249,16 +267,26 @@ inline void mask_row_typed(const M* m, int64_t sj, T* s, T* dp, int64_t n) {
 }
 
 template <typename T>
-inline void apply_mask_row(const MaskDesc& mk, int64_t b, int64_t h, int64_t i, int64_t j0, T* s,
-                           T* dp, int64_t n) {
+inline void apply_mask_row(const MaskDesc& mk, int64_t b, int64_t h, int64_t i, int64_t j0, T* s, T* dp, int64_t n) {
   const int64_t off = b * mk.sb + h * mk.sh + i * mk.si + j0 * mk.sj;
   switch (mk.kind) {
-    case MaskKind::Bool: mask_row_typed(static_cast<const bool*>(mk.ptr) + off, mk.sj, s, dp, n); break;
-    case MaskKind::Half: mask_row_typed(static_cast<const c10::Half*>(mk.ptr) + off, mk.sj, s, dp, n); break;
-    case MaskKind::BFloat16: mask_row_typed(static_cast<const c10::BFloat16*>(mk.ptr) + off, mk.sj, s, dp, n); break;
-    case MaskKind::Float: mask_row_typed(static_cast<const float*>(mk.ptr) + off, mk.sj, s, dp, n); break;
-    case MaskKind::Double: mask_row_typed(static_cast<const double*>(mk.ptr) + off, mk.sj, s, dp, n); break;
-    case MaskKind::None: break;
+    case MaskKind::Bool:
+      mask_row_typed(static_cast<const bool*>(mk.ptr) + off, mk.sj, s, dp, n);
+      break;
+    case MaskKind::Half:
+      mask_row_typed(static_cast<const c10::Half*>(mk.ptr) + off, mk.sj, s, dp, n);
+      break;
+    case MaskKind::BFloat16:
+      mask_row_typed(static_cast<const c10::BFloat16*>(mk.ptr) + off, mk.sj, s, dp, n);
+      break;
+    case MaskKind::Float:
+      mask_row_typed(static_cast<const float*>(mk.ptr) + off, mk.sj, s, dp, n);
+      break;
+    case MaskKind::Double:
+      mask_row_typed(static_cast<const double*>(mk.ptr) + off, mk.sj, s, dp, n);
+      break;
+    case MaskKind::None:
+      break;
   }
 }
 
@@ -285,23 +313,23 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 template <typename T>
 struct FwdRows {
-  int64_t D, Dvp, BN;          // head dims (Dvp: Dv padded to W), key block
-  const T* Qs;                 // nrows x D, pre-multiplied by scale
-  const T* Kp;                 // K^T panels of the kv head: panel p at Kp + p * D * NR
-  const T* Vp;                 // V rows of the kv head, Lk_pad x Dvp
+  int64_t D, Dvp, BN;  // head dims (Dvp: Dv padded to W), key block
+  const T* Qs;         // nrows x D, pre-multiplied by scale
+  const T* Kp;         // K^T panels of the kv head: panel p at Kp + p * D * NR
+  const T* Vp;         // V rows of the kv head, Lk_pad x Dvp
   int64_t nrows;
-  const int64_t* lo;           // per row: visible keys [lo, hi) (window / causal / length)
+  const int64_t* lo;  // per row: visible keys [lo, hi) (window / causal / length)
   const int64_t* hi;
   MaskDesc mask;
-  int64_t b, h, i0;            // for the mask and the dropout index
+  int64_t b, h, i0;  // for the mask and the dropout index
   DropoutDesc drop;
-  uint64_t n_row0;             // dropout index of (row 0, key 0); rows are Lk apart
+  uint64_t n_row0;  // dropout index of (row 0, key 0); rows are Lk apart
   int64_t Lk;
-  T* O;                        // nrows x Dvp accumulators (unnormalized)
-  T* m;                        // running max of the scores (natural log domain), -inf initially
-  T* l;                        // running sum, 0 initially
-  T* P;                        // kMR x BN scratch
-  T* alpha;                    // kMR scratch
+  T* O;      // nrows x Dvp accumulators (unnormalized)
+  T* m;      // running max of the scores (natural log domain), -inf initially
+  T* l;      // running sum, 0 initially
+  T* P;      // kMR x BN scratch
+  T* alpha;  // kMR scratch
 };
 
 // One row of one key block: mask, running max, exp2, running sum; leaves P (dropped entries
@@ -316,9 +344,8 @@ struct FwdRows {
 // scores near the lowest finite value (a finfo.min mask), which made a row that sees keys look
 // like one that sees none (0, lse -inf).
 template <class P>
-inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo, int64_t hi,
-                            typename P::T& m, typename P::T& l, typename P::T& alpha,
-                            const FwdRows<typename P::T>& a, int64_t r) {
+inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo, int64_t hi, typename P::T& m,
+                            typename P::T& l, typename P::T& alpha, const FwdRows<typename P::T>& a, int64_t r) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -401,11 +428,10 @@ inline void fwd_rows(const FwdRows<typename P::T>& a) {
       const T* Q = a.Qs + r0 * D;
       gemm_panels<P>(mr, Q, D, a.Kp + (pl / NR) * D * NR, D, w / NR, S, BN);
       for (int64_t r = 0; r < mr; ++r) {
-        fwd_softmax_row<P>(S + r * BN, w, pl, a.lo[r0 + r], a.hi[r0 + r], a.m[r0 + r],
-                           a.l[r0 + r], a.alpha[r], a, r0 + r);
+        fwd_softmax_row<P>(S + r * BN, w, pl, a.lo[r0 + r], a.hi[r0 + r], a.m[r0 + r], a.l[r0 + r], a.alpha[r], a,
+                           r0 + r);
       }
-      gemm<P, Mode::ScaleAdd>(mr, S, BN, 1, a.Vp + pl * Dvp, Dvp, w, a.O + r0 * Dvp, Dvp, Dvp,
-                              a.alpha);
+      gemm<P, Mode::ScaleAdd>(mr, S, BN, 1, a.Vp + pl * Dvp, Dvp, w, a.O + r0 * Dvp, Dvp, Dvp, a.alpha);
     }
   }
 }
@@ -416,29 +442,29 @@ inline void fwd_rows(const FwdRows<typename P::T>& a) {
 
 template <typename T>
 struct BwdBlock {
-  int64_t D, Dp, Dv, Dvp;      // head dims and their W-padded row lengths
-  int64_t BM, BN;              // query rows per step; ld of the S / dP scratch
-  int64_t j0, j1;              // the key block [j0, j1), NR-aligned
-  const T* Kt;                 // K^T panels of the kv head ([panel][D][NR])
-  const T* Kr;                 // K rows, Lk_pad x Dp
-  const T* Vt;                 // V^T panels ([panel][Dv][NR])
-  int64_t Hg, Lq;              // query heads in the group, query length
-  const T* Qp;                 // per head Lq x Dp, pre-multiplied by scale
-  const T* dOp;                // per head Lq x Dvp
-  const T* Delta;              // per head Lq: rowsum(dO * O)
-  const T* lse;                // per head Lq
-  const T* corr;               // per head Lq: lse correction, log2 domain (lse_corrections)
-  T* dQ;                       // per head Lq x Dp partial sums of dS K (this task's own)
-  const int64_t* lo;           // per query row of the batch: visible keys [lo, hi)
+  int64_t D, Dp, Dv, Dvp;  // head dims and their W-padded row lengths
+  int64_t BM, BN;          // query rows per step; ld of the S / dP scratch
+  int64_t j0, j1;          // the key block [j0, j1), NR-aligned
+  const T* Kt;             // K^T panels of the kv head ([panel][D][NR])
+  const T* Kr;             // K rows, Lk_pad x Dp
+  const T* Vt;             // V^T panels ([panel][Dv][NR])
+  int64_t Hg, Lq;          // query heads in the group, query length
+  const T* Qp;             // per head Lq x Dp, pre-multiplied by scale
+  const T* dOp;            // per head Lq x Dvp
+  const T* Delta;          // per head Lq: rowsum(dO * O)
+  const T* lse;            // per head Lq
+  const T* corr;           // per head Lq: lse correction, log2 domain (lse_corrections)
+  T* dQ;                   // per head Lq x Dp partial sums of dS K (this task's own)
+  const int64_t* lo;       // per query row of the batch: visible keys [lo, hi)
   const int64_t* hi;
-  int64_t ilo, ihi;            // query rows that may see this block
+  int64_t ilo, ihi;  // query rows that may see this block
   MaskDesc mask;
-  int64_t b, h0, Hq, Lk;       // h0: first query head of the group
+  int64_t b, h0, Hq, Lk;  // h0: first query head of the group
   DropoutDesc drop;
-  T* S;                        // BM x BN scratch: scores, then dropped P
-  T* dP;                       // BM x BN scratch: dP, then dS
-  T* dK;                       // (j1 - j0) x Dp accumulators
-  T* dV;                       // (j1 - j0) x Dvp accumulators
+  T* S;   // BM x BN scratch: scores, then dropped P
+  T* dP;  // BM x BN scratch: dP, then dS
+  T* dK;  // (j1 - j0) x Dp accumulators
+  T* dV;  // (j1 - j0) x Dvp accumulators
 };
 
 // One query row against the key columns [pl, pl + w): P = exp(s - lse), dS = P * (dP - Delta),
@@ -448,9 +474,9 @@ struct BwdBlock {
 // lse (one more rounding at |lse| ~ 10) would not. `corr` (0 but for rows of huge |lse|, see
 // lse_corrections) is subtracted by the FMA that applies log2(e): P = exp2((s - lse) log2(e) - corr).
 template <class P>
-inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, int64_t lo,
-                    int64_t hi, typename P::T lse, typename P::T corr, typename P::T delta,
-                    const BwdBlock<typename P::T>& a, int64_t h, int64_t i) {
+inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, int64_t lo, int64_t hi,
+                    typename P::T lse, typename P::T corr, typename P::T delta, const BwdBlock<typename P::T>& a,
+                    int64_t h, int64_t i) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -530,15 +556,12 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
       if (cl >= ch) continue;
       const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
       for (int64_t p = pl; p < ph; p += NR) {
-        gemm<P, Mode::Store>(nr, Qp + i0 * Dp, Dp, 1, a.Kt + (p / NR) * D * NR, NR, D,
-                             a.S + (p - pl), BN, NR);
-        gemm<P, Mode::Store>(nr, dOp + i0 * Dvp, Dvp, 1, a.Vt + (p / NR) * Dv * NR, NR, Dv,
-                             a.dP + (p - pl), BN, NR);
+        gemm<P, Mode::Store>(nr, Qp + i0 * Dp, Dp, 1, a.Kt + (p / NR) * D * NR, NR, D, a.S + (p - pl), BN, NR);
+        gemm<P, Mode::Store>(nr, dOp + i0 * Dvp, Dvp, 1, a.Vt + (p / NR) * Dv * NR, NR, Dv, a.dP + (p - pl), BN, NR);
       }
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
-        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a,
-                   h, i);
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a, h, i);
       }
       // dV[j] += sum_i P[i][j] dO[i];  dK[j] += sum_i dS[i][j] Q[i];  dQ[i] += sum_j dS[i][j] K[j]
       gemm<P, Mode::Add>(w, a.S, 1, BN, dOp + i0 * Dvp, Dvp, nr, a.dV + (pl - a.j0) * Dvp, Dvp, Dvp);
@@ -561,9 +584,13 @@ struct Kernels {
 };
 
 template <typename T>
-SK_FLATTEN void fwd_rows_portable(const FwdRows<T>& a) { fwd_rows<VecPortable<T>>(a); }
+SK_FLATTEN void fwd_rows_portable(const FwdRows<T>& a) {
+  fwd_rows<VecPortable<T>>(a);
+}
 template <typename T>
-SK_FLATTEN void bwd_block_portable(const BwdBlock<T>& a) { bwd_block<VecPortable<T>>(a); }
+SK_FLATTEN void bwd_block_portable(const BwdBlock<T>& a) {
+  bwd_block<VecPortable<T>>(a);
+}
 
 #if SK_SIMD_X86
 SK_AVX2_ENTRY void fwd_rows_avx2_f32(const FwdRows<float>& a) { fwd_rows<simd::Avx2Float>(a); }
@@ -594,8 +621,8 @@ Kernels<T> select_kernels() {
 
 // K^T panels [p][d][NR] for panels [p0, p1) of one head; keys >= nvalid are zeros.
 template <typename scalar_t, typename T>
-void pack_panels(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t NR,
-                 int64_t p0, int64_t p1, T* out) {
+void pack_panels(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t NR, int64_t p0,
+                 int64_t p1, T* out) {
   for (int64_t p = p0; p < p1; ++p) {
     T* dst = out + p * D * NR;
     for (int64_t t = 0; t < NR; ++t) {
@@ -613,8 +640,8 @@ void pack_panels(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int6
 // Rows [r0, r1) of one head as rows of Dp values (multiplied by mul, zero padded); rows >=
 // nvalid are zeros.
 template <typename scalar_t, typename T>
-void pack_rows(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t Dp,
-               int64_t r0, int64_t r1, T mul, T* out) {
+void pack_rows(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t Dp, int64_t r0, int64_t r1,
+               T mul, T* out) {
   for (int64_t j = r0; j < r1; ++j) {
     T* dst = out + j * Dp;
     int64_t d = 0;
@@ -710,26 +737,35 @@ constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64;
 // q, k, v: common/host_checks.h, shared with the CUDA launcher.
 using Geometry = host::AttentionGeometry;
 
-MaskDesc check_mask(const std::optional<Tensor>& attn_mask, const Geometry& g, at::ScalarType qt,
-                    const char* op) {
+MaskDesc check_mask(const std::optional<Tensor>& attn_mask, const Geometry& g, at::ScalarType qt, const char* op) {
   MaskDesc m;
   if (!attn_mask.has_value() || !attn_mask->defined()) return m;
   const Tensor& t = *attn_mask;
   TORCH_CHECK(t.device().is_cpu(), op, ": attn_mask must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.B && t.size(1) == g.Hq && t.size(2) == g.Lq &&
-                  t.size(3) == g.Lk,
-              op, ": attn_mask must be expanded to (B, Hq, Lq, Lk) = (", g.B, ", ", g.Hq, ", ", g.Lq,
-              ", ", g.Lk, "), got ", t.sizes());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.B && t.size(1) == g.Hq && t.size(2) == g.Lq && t.size(3) == g.Lk, op,
+              ": attn_mask must be expanded to (B, Hq, Lq, Lk) = (", g.B, ", ", g.Hq, ", ", g.Lq, ", ", g.Lk, "), got ",
+              t.sizes());
   switch (t.scalar_type()) {
-    case at::kBool: m.kind = MaskKind::Bool; break;
-    case at::kHalf: m.kind = MaskKind::Half; break;
-    case at::kBFloat16: m.kind = MaskKind::BFloat16; break;
-    case at::kFloat: m.kind = MaskKind::Float; break;
-    case at::kDouble: m.kind = MaskKind::Double; break;
-    default: TORCH_CHECK(false, op, ": attn_mask must be bool or floating point, got ", t.scalar_type());
+    case at::kBool:
+      m.kind = MaskKind::Bool;
+      break;
+    case at::kHalf:
+      m.kind = MaskKind::Half;
+      break;
+    case at::kBFloat16:
+      m.kind = MaskKind::BFloat16;
+      break;
+    case at::kFloat:
+      m.kind = MaskKind::Float;
+      break;
+    case at::kDouble:
+      m.kind = MaskKind::Double;
+      break;
+    default:
+      TORCH_CHECK(false, op, ": attn_mask must be bool or floating point, got ", t.scalar_type());
   }
-  TORCH_CHECK(t.scalar_type() == at::kBool || t.scalar_type() == qt || t.scalar_type() == at::kFloat,
-              op, ": a float attn_mask must have q's dtype (", qt, ") or float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kBool || t.scalar_type() == qt || t.scalar_type() == at::kFloat, op,
+              ": a float attn_mask must have q's dtype (", qt, ") or float32, got ", t.scalar_type());
   m.ptr = t.data_ptr();
   m.sb = t.stride(0);
   m.sh = t.stride(1);
@@ -743,8 +779,8 @@ const int32_t* check_lengths(const std::optional<Tensor>& kv_lengths, const Geom
   const Tensor& t = *kv_lengths;
   TORCH_CHECK(t.device().is_cpu(), op, ": kv_lengths must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kInt, op, ": kv_lengths must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == g.B && t.is_contiguous(), op,
-              ": kv_lengths must be a contiguous (B,) = (", g.B, ",) tensor, got ", t.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == g.B && t.is_contiguous(), op, ": kv_lengths must be a contiguous (B,) = (",
+              g.B, ",) tensor, got ", t.sizes());
   return t.data_ptr<int32_t>();
 }
 
@@ -765,8 +801,8 @@ void check_window(int64_t wl, int64_t wr, const char* op) {
 }
 
 // Visible key range of every query row of batch b.
-void row_ranges(const Geometry& g, const int32_t* kv_len, int64_t b, int64_t wl, int64_t wr,
-                bool bottom_right, int64_t* lo, int64_t* hi) {
+void row_ranges(const Geometry& g, const int32_t* kv_len, int64_t b, int64_t wl, int64_t wr, bool bottom_right,
+                int64_t* lo, int64_t* hi) {
   const int64_t Lk_b = batch_key_length(kv_len, b, g.Lk);
   for (int64_t i = 0; i < g.Lq; ++i) {
     const KeyRange kr = visible_keys(i, g.Lq, Lk_b, wl, wr, bottom_right);
@@ -780,10 +816,9 @@ void row_ranges(const Geometry& g, const int32_t* kv_len, int64_t b, int64_t wl,
 // ---------------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename T>
-void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g,
-                       const MaskDesc& mask, const int32_t* kv_len, double scale, int64_t wl,
-                       int64_t wr, bool bottom_right, const DropoutDesc& drop, Tensor& out,
-                       Tensor& lse) {
+void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g, const MaskDesc& mask,
+                       const int32_t* kv_len, double scale, int64_t wl, int64_t wr, bool bottom_right,
+                       const DropoutDesc& drop, Tensor& out, Tensor& lse) {
   const Kernels<T> kern = select_kernels<T>();
   const int64_t W = kern.W, NR = 2 * W;
   const int64_t B = g.B, Hq = g.Hq, Hkv = g.Hkv, Lq = g.Lq, Lk = g.Lk, D = g.D, Dv = g.Dv;
@@ -823,10 +858,10 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
       const int64_t Lk_b = batch_key_length(kv_len, b, Lk);
       const int64_t p0 = sl * kSlice, p1 = std::min(npanel, p0 + kSlice);
       T* base = pk + (gi - g0) * group_elems;
-      pack_panels<scalar_t, T>(kd + b * k.stride(0) + hk * k.stride(1), k.stride(2), k.stride(3),
-                               Lk_b, D, NR, p0, p1, base);
-      pack_rows<scalar_t, T>(vd + b * v.stride(0) + hk * v.stride(1), v.stride(2), v.stride(3), Lk_b,
-                             Dv, Dvp, p0 * NR, p1 * NR, T(1), base + Lk_pad * D);
+      pack_panels<scalar_t, T>(kd + b * k.stride(0) + hk * k.stride(1), k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1,
+                               base);
+      pack_rows<scalar_t, T>(vd + b * v.stride(0) + hk * v.stride(1), v.stride(2), v.stride(3), Lk_b, Dv, Dvp, p0 * NR,
+                             p1 * NR, T(1), base + Lk_pad * D);
       ready[gi - g0].fetch_add(1, std::memory_order_release);
     };
 
@@ -854,8 +889,8 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
         const int64_t gi = g0 + t / (Hg * nqb), hh = (t / nqb) % Hg, qb = t % nqb;
         const int64_t b = gi / Hkv, hk = gi % Hkv, h = hk * Hg + hh;
         const int64_t i0 = qb * BM, nrows = std::min(BM, Lq - i0);
-        pack_rows<scalar_t, T>(qd + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2),
-                               q.stride(3), nrows, D, D, 0, nrows, qmul, Qs);
+        pack_rows<scalar_t, T>(qd + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), q.stride(3),
+                               nrows, D, D, 0, nrows, qmul, Qs);
         fill(O, nrows * Dvp, T(0));
         fill(m, nrows, -std::numeric_limits<T>::infinity());
         fill(l, nrows, T(0));
@@ -892,8 +927,7 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
           const bool dead = m[r] == -std::numeric_limits<T>::infinity();
           const T inv = dead ? T(0) : (drop.on ? ks : T(1)) / l[r];
           for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(dead ? T(0) : acc[d] * inv);
-          lsed[(b * Hq + h) * Lq + i0 + r] =
-              static_cast<T>(softmax_lse_ln<double>(m[r], static_cast<double>(l[r])));
+          lsed[(b * Hq + h) * Lq + i0 + r] = static_cast<T>(softmax_lse_ln<double>(m[r], static_cast<double>(l[r])));
         }
       };
     });
@@ -902,9 +936,8 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& attn_mask,
-                                             const std::optional<Tensor>& kv_lengths, double scale,
-                                             int64_t window_left, int64_t window_right,
-                                             bool bottom_right, double dropout_p, int64_t seed,
+                                             const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left,
+                                             int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
                                              int64_t offset) {
   constexpr const char* op = "seqkernels::attention_fwd (cpu)";
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
@@ -918,8 +951,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attention_fwd_run<scalar_t, T>(q, k, v, g, mask, kv_len, scale, window_left, window_right,
-                                   bottom_right, drop, out, lse);
+    attention_fwd_run<scalar_t, T>(q, k, v, g, mask, kv_len, scale, window_left, window_right, bottom_right, drop, out,
+                                   lse);
   });
   return {out, lse};
 }
@@ -943,10 +976,9 @@ inline bool lse_needs_correction(T lse, int64_t lo, int64_t hi) {
 // bwd_row's exp2((s - lse) log2(e) - corr) is exp(s - m) / l. lo, hi, lse and corr point at row
 // i0. A row whose recomputation finds nothing finite (an lse that is not this forward's) keeps 0.
 template <typename T>
-void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D, const T* Kt,
-                     int64_t BN, const int64_t* lo, const int64_t* hi, const MaskDesc& mask,
-                     int64_t b, int64_t h, int64_t i0, int64_t n, int64_t Lk, const T* lse, T* corr,
-                     std::vector<T>& scratch) {
+void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D, const T* Kt, int64_t BN,
+                     const int64_t* lo, const int64_t* hi, const MaskDesc& mask, int64_t b, int64_t h, int64_t i0,
+                     int64_t n, int64_t Lk, const T* lse, T* corr, std::vector<T>& scratch) {
   scratch.resize(n * D + 2 * n + kMR * BN + kMR);
   T* Qs = scratch.data();
   T* m = Qs + n * D;
@@ -987,10 +1019,9 @@ void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D,
 }
 
 template <typename scalar_t, typename T>
-void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                       const Tensor& out, const Tensor& lse, const Geometry& g, const MaskDesc& mask,
-                       const int32_t* kv_len, double scale, int64_t wl, int64_t wr,
-                       bool bottom_right, const DropoutDesc& drop, Tensor& dq, Tensor& dk,
+void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                       const Tensor& lse, const Geometry& g, const MaskDesc& mask, const int32_t* kv_len, double scale,
+                       int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop, Tensor& dq, Tensor& dk,
                        Tensor& dv) {
   const Kernels<T> kern = select_kernels<T>();
   const int64_t W = kern.W, NR = 2 * W;
@@ -1127,8 +1158,8 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
           int64_t e = i + 1;  // a run of consecutive rows, recomputed as one block
           while (e < r1 && lse_needs_correction(lr[e], lo[e], hi[e])) ++e;
           wait_ready(kv_ready[gi - g0], nslice);
-          lse_corrections<T>(kern, Qp_of(gi) + hh * Lq * Dp + i * Dp, Dp, D, Kt_of(gi), fwd_BN, lo + i,
-                             hi + i, mask, b, h, i, e - i, Lk, lr + i, cr + i, corr_scratch);
+          lse_corrections<T>(kern, Qp_of(gi) + hh * Lq * Dp + i * Dp, Dp, D, Kt_of(gi), fwd_BN, lo + i, hi + i, mask, b,
+                             h, i, e - i, Lk, lr + i, cr + i, corr_scratch);
           i = e;
         }
         for (int64_t s = 0; s < splits; ++s) fill(dQ_of(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
@@ -1259,7 +1290,6 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
         if (done[gi - g0].fetch_add(1, std::memory_order_acq_rel) + 1 == splits) reduce_dq(gi);
       };
     });
-
   }
 }
 
@@ -1267,10 +1297,9 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
 // sums every gradient in a fixed order (dQ partials per key-block split, reduced in split
 // order), so its result never depends on thread timing.
 std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
-    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-    const Tensor& lse, const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& kv_lengths,
-    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
-    int64_t seed, int64_t offset, bool deterministic) {
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
   (void)deterministic;
   constexpr const char* op = "seqkernels::attention_bwd (cpu)";
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
@@ -1284,8 +1313,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
               ": grad_out and out must have q's dtype ", q.scalar_type());
   const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({g.B, g.Hq, g.Lq}) && lse.scalar_type() == lse_type, op,
-              ": lse must be a ", lse_type, " tensor of shape (B, Hq, Lq), got ", lse.scalar_type(), " ",
-              lse.sizes());
+              ": lse must be a ", lse_type, " tensor of shape (B, Hq, Lq), got ", lse.scalar_type(), " ", lse.sizes());
   const MaskDesc mask = check_mask(attn_mask, g, q.scalar_type(), op);
   const int32_t* kv_len = check_lengths(kv_lengths, g, op);
   const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
@@ -1305,8 +1333,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
   const Tensor lse_c = lse.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attention_bwd_run<scalar_t, T>(grad_out, q, k, v, out, lse_c, g, mask, kv_len, scale, window_left,
-                                   window_right, bottom_right, drop, dq, dk, dv);
+    attention_bwd_run<scalar_t, T>(grad_out, q, k, v, out, lse_c, g, mask, kv_len, scale, window_left, window_right,
+                                   bottom_right, drop, dq, dk, dv);
   });
   return {dq, dk, dv};
 }

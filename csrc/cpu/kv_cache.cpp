@@ -172,7 +172,8 @@ struct GenericOps {
   static void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
     const Vec va(alpha);
     int64_t d = 0;
-    for (; d + Vec::size() <= n; d += Vec::size()) at::vec::fmadd(va, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
+    for (; d + Vec::size() <= n; d += Vec::size())
+      at::vec::fmadd(va, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
     for (; d < n; ++d) y[d] += alpha * x[d];
   }
 
@@ -184,8 +185,8 @@ struct GenericOps {
   }
 
   // rowbuf: scratch of n * max(D, Dv) acc_t
-  static void scores(const acc_t* q, int64_t ldq, int M, int64_t D, const T* const* krows, int n, acc_t* S,
-                     int64_t lds, acc_t* rowbuf) {
+  static void scores(const acc_t* q, int64_t ldq, int M, int64_t D, const T* const* krows, int n, acc_t* S, int64_t lds,
+                     acc_t* rowbuf) {
     for (int i = 0; i < n; ++i) load_row(krows[i], rowbuf + i * D, D);
     for (int m = 0; m < M; ++m)
       for (int i = 0; i < n; ++i) S[m * lds + i] = dot(q + m * ldq, rowbuf + i * D, D);
@@ -271,42 +272,42 @@ struct Avx2Ops {
   template <int MB, int NB>
   SK_AVX2_FN static void dot_block(const float* q, int64_t ldq, int64_t D, const T* const* k, float* S, int64_t lds) {
     __m256 acc[MB][NB];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int a = 0; a < MB; ++a)
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int c = 0; c < NB; ++c) acc[a][c] = _mm256_setzero_ps();
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
       __m256 qv[MB];
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int a = 0; a < MB; ++a) qv[a] = _mm256_loadu_ps(q + a * ldq + d);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int c = 0; c < NB; ++c) {
         const __m256 kv = load8<T>(k[c] + d);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int a = 0; a < MB; ++a) acc[a][c] = _mm256_fmadd_ps(qv[a], kv, acc[a][c]);
       }
     }
     if (d < D) {
       const int rem = static_cast<int>(D - d);
       __m256 kv[NB];
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int c = 0; c < NB; ++c) kv[c] = load8_partial<T>(k[c] + d, rem);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int a = 0; a < MB; ++a) {
         const __m256 qv = load8_partial<float>(q + a * ldq + d, rem);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int c = 0; c < NB; ++c) acc[a][c] = _mm256_fmadd_ps(qv, kv[c], acc[a][c]);
       }
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int a = 0; a < MB; ++a) {
       if constexpr (NB == 8) {
         _mm256_storeu_ps(S + a * lds, hsum8(acc[a]));
       } else if constexpr (NB == 4) {
         _mm_storeu_ps(S + a * lds, hsum4(acc[a]));
       } else {
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int c = 0; c < NB; ++c) S[a * lds + c] = Avx2Float::hsum(acc[a][c]);
       }
     }
@@ -314,7 +315,7 @@ struct Avx2Ops {
 
   template <int MB>
   SK_AVX2_FN static void dot_rows(const float* q, int64_t ldq, int64_t D, const T* const* krows, int n, float* S,
-                               int64_t lds) {
+                                  int64_t lds) {
     int i = 0;
     if constexpr (MB == 1) {
       for (; i + 8 <= n; i += 8) dot_block<1, 8>(q, ldq, D, krows + i, S + i, lds);
@@ -324,7 +325,7 @@ struct Avx2Ops {
   }
 
   SK_AVX2_FN static void scores(const float* q, int64_t ldq, int M, int64_t D, const T* const* krows, int n, float* S,
-                             int64_t lds, float*) {
+                                int64_t lds, float*) {
     int m = 0;
     for (; m + 2 <= M; m += 2) dot_rows<2>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
     if (m < M) dot_rows<1>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
@@ -333,40 +334,40 @@ struct Avx2Ops {
   // acc[m][c0 .. c0 + 8*CB) += sum_i P[m][i] * V[i][c0 ..] for MB rows, accumulators in registers.
   template <int MB, int CB>
   SK_AVX2_FN static void pv_block(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t c0, float* acc,
-                               int64_t ldacc) {
+                                  int64_t ldacc) {
     __m256 a[MB][CB];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < MB; ++r)
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int c = 0; c < CB; ++c) a[r][c] = _mm256_loadu_ps(acc + r * ldacc + c0 + 8 * c);
     for (int i = 0; i < n; ++i) {
       if constexpr (MB == 1) {
         // One row: the broadcast, then each V vector consumed as loaded (CB + 2 registers).
         const __m256 p = _mm256_broadcast_ss(P + i);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int c = 0; c < CB; ++c) a[0][c] = _mm256_fmadd_ps(p, load8<T>(vrows[i] + c0 + 8 * c), a[0][c]);
         continue;
       }
       // V first, then one broadcast at a time: MB * CB accumulators + CB + 1 registers.
       __m256 v[CB];
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int c = 0; c < CB; ++c) v[c] = load8<T>(vrows[i] + c0 + 8 * c);
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int r = 0; r < MB; ++r) {
         const __m256 p = _mm256_broadcast_ss(P + r * ldp + i);
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int c = 0; c < CB; ++c) a[r][c] = _mm256_fmadd_ps(p, v[c], a[r][c]);
       }
     }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < MB; ++r)
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int c = 0; c < CB; ++c) _mm256_storeu_ps(acc + r * ldacc + c0 + 8 * c, a[r][c]);
   }
 
   template <int MB>
   SK_AVX2_FN static void pv_rows(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t Dv, float* acc,
-                              int64_t ldacc) {
+                                 int64_t ldacc) {
     // MB x CB accumulators plus the V vectors and a broadcast must fit the 16 ymm registers.
     constexpr int CB = MB == 1 ? 8 : (MB == 2 ? 4 : 2);
     static_assert(MB == 1 || MB * CB + CB + 1 <= 16, "pv_block would spill");
@@ -374,7 +375,7 @@ struct Avx2Ops {
     for (; c0 + 8 * CB <= Dv; c0 += 8 * CB) pv_block<MB, CB>(P, ldp, n, vrows, c0, acc, ldacc);
     for (; c0 + 8 <= Dv; c0 += 8) pv_block<MB, 1>(P, ldp, n, vrows, c0, acc, ldacc);
     for (; c0 < Dv; ++c0)
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int r = 0; r < MB; ++r) {
         float s = acc[r * ldacc + c0];
         for (int i = 0; i < n; ++i) s += P[r * ldp + i] * static_cast<float>(vrows[i][c0]);
@@ -382,8 +383,8 @@ struct Avx2Ops {
       }
   }
 
-  SK_AVX2_FN static void softmax_pv(float* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv,
-                                 float* mrow, float* lrow, float* acc, int64_t ldacc, float*) {
+  SK_AVX2_FN static void softmax_pv(float* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv, float* mrow,
+                                    float* lrow, float* acc, int64_t ldacc, float*) {
     const float ninf = -std::numeric_limits<float>::infinity();
     for (int m = 0; m < M; ++m) {
       float* s = S + m * lds;
@@ -479,8 +480,8 @@ inline void tile_key_range(const DecodeShape& s, int64_t len, int64_t r0, int64_
 
 template <typename T, typename acc_t, class Ops>
 void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* kc, const int64_t* ks, const T* vc,
-                  const int64_t* vs, const int32_t* lens, const int32_t* table, acc_t scale, T* out,
-                  const int64_t* os, acc_t* lse, acc_t* opart, acc_t* mpart) {
+                  const int64_t* vs, const int32_t* lens, const int32_t* table, acc_t scale, T* out, const int64_t* os,
+                  acc_t* lse, acc_t* opart, acc_t* mpart) {
   const int64_t units = s.B * s.Hkv * s.row_tiles * s.splits;
   const int64_t maxd = std::max(s.D, s.Dv);
   // Waking the thread pool costs tens to hundreds of microseconds, more than a small decode step
@@ -488,11 +489,12 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
   int64_t max_len = 0;
   for (int64_t b = 0; b < s.B; ++b) max_len = std::max<int64_t>(max_len, std::clamp<int64_t>(lens[b], 0, s.L.capacity));
   const int64_t keys_per_unit = (max_len + s.splits - 1) / s.splits;
-  const int64_t work_per_unit = std::max<int64_t>(1, std::min<int64_t>(kRowTile, s.rows) * keys_per_unit * (s.D + s.Dv));
+  const int64_t work_per_unit =
+      std::max<int64_t>(1, std::min<int64_t>(kRowTile, s.rows) * keys_per_unit * (s.D + s.Dv));
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / work_per_unit);
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qf(kRowTile * s.D), S(kRowTile * kKeyTile), acc(kRowTile * s.Dv), mrow(kRowTile),
-        lrow(kRowTile), rowbuf(kKeyTile * maxd);
+    std::vector<acc_t> qf(kRowTile * s.D), S(kRowTile * kKeyTile), acc(kRowTile * s.Dv), mrow(kRowTile), lrow(kRowTile),
+        rowbuf(kKeyTile * maxd);
     std::vector<const T*> krows(kKeyTile), vrows(kKeyTile);
     std::vector<T> zero_row(maxd, T(0));
     std::vector<char> key_ok(kKeyTile);
@@ -539,8 +541,10 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
           if (!locate(s.L, table, b, j, &sl)) continue;
           const char* kp = reinterpret_cast<const char*>(kc + sl.outer * ks[0] + h * ks[1] + sl.slot * ks[2]);
           const char* vp = reinterpret_cast<const char*>(vc + sl.outer * vs[0] + h * vs[1] + sl.slot * vs[2]);
-          for (int64_t off = 0; off < s.D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(kp + off, 0, 2);
-          for (int64_t off = 0; off < s.Dv * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(vp + off, 0, 2);
+          for (int64_t off = 0; off < s.D * static_cast<int64_t>(sizeof(T)); off += 64)
+            __builtin_prefetch(kp + off, 0, 2);
+          for (int64_t off = 0; off < s.Dv * static_cast<int64_t>(sizeof(T)); off += 64)
+            __builtin_prefetch(vp + off, 0, 2);
         }
         Ops::scores(qf.data(), s.D, M, s.D, krows.data(), n, S.data(), kKeyTile, rowbuf.data());
         // Masking by selection (never by multiplying), so a non-finite score cannot leak.
@@ -592,8 +596,7 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
 // lse = max m + ln(sum of weights). Any NaN partial (a split that saw a NaN score) makes the row
 // NaN, as the reference's softmax does, even when the other splits saw no key.
 template <typename T, typename acc_t>
-void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, T* out, const int64_t* os,
-                  acc_t* lse) {
+void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, T* out, const int64_t* os, acc_t* lse) {
   const int64_t rows = s.B * s.Hq * s.Tq, stride = rows;
   const acc_t* lpart = mpart + s.splits * rows;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -669,8 +672,7 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
 std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                         const std::optional<at::Tensor>& block_table, double scale,
-                                                        int64_t window_left, int64_t window_right,
-                                                        int64_t num_splits) {
+                                                        int64_t window_left, int64_t window_right, int64_t num_splits) {
   host::check_cache(k_cache, v_cache, host::kCpu);
   host::check_decode_args(q, k_cache, num_splits, window_left, window_right, std::numeric_limits<int64_t>::max(),
                           host::kCpu);

@@ -181,8 +181,8 @@ struct Lanes {
 #if SK_LSTM_X86_DISPATCH
       // The raw converters rather than convert_from_float: Vectorized<Half/BFloat16>'s inherited
       // constructor is generated outside this target region and could not be inlined here.
-      const __m128i r = std::is_same_v<S, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
-                                                          : at::vec::cvtfp32_fp16(__m256(v));
+      const __m128i r =
+          std::is_same_v<S, c10::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v)) : at::vec::cvtfp32_fp16(__m256(v));
       if (n == W) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(p), r);
       } else {
@@ -295,10 +295,9 @@ int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? 0 : t.stride(0
 using host::check_2d;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tensor& input_gates,
-                                                                  const at::Tensor& hidden_gates,
-                                                                  const at::Tensor& cx,
-                                                                  const c10::optional<at::Tensor>& bias_ih,
-                                                                  const c10::optional<at::Tensor>& bias_hh) {
+                                                                 const at::Tensor& hidden_gates, const at::Tensor& cx,
+                                                                 const c10::optional<at::Tensor>& bias_ih,
+                                                                 const c10::optional<at::Tensor>& bias_hh) {
   const int64_t H = host::check_gates("lstm_cell_fwd", "input_gates", input_gates, host::kCpu);
   const int64_t B = input_gates.size(0), G = 4 * H;
   check_2d("hidden_gates", hidden_gates, B, G, input_gates);
@@ -312,12 +311,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
   const at::Tensor ig = rows_of(input_gates), hg = rows_of(hidden_gates), c = rows_of(cx);
   const at::Tensor bi = bias_ih.has_value() ? bias_ih->contiguous() : at::Tensor();
   const at::Tensor bh = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
-  FwdArgs a{ig.data_ptr(), row_stride(ig), hg.data_ptr(), row_stride(hg), c.data_ptr(), row_stride(c),
-            bi.defined() ? bi.data_ptr() : nullptr, bh.defined() ? bh.data_ptr() : nullptr,
-            hy.data_ptr(), cy.data_ptr(), ws.data_ptr(), H};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_gates.scalar_type(), "lstm_cell_fwd_cpu", [&] {
-    run_rows(a, B, H, fwd_kernel<scalar_t>());
-  });
+  FwdArgs a{ig.data_ptr(),
+            row_stride(ig),
+            hg.data_ptr(),
+            row_stride(hg),
+            c.data_ptr(),
+            row_stride(c),
+            bi.defined() ? bi.data_ptr() : nullptr,
+            bh.defined() ? bh.data_ptr() : nullptr,
+            hy.data_ptr(),
+            cy.data_ptr(),
+            ws.data_ptr(),
+            H};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_gates.scalar_type(), "lstm_cell_fwd_cpu",
+                                  [&] { run_rows(a, B, H, fwd_kernel<scalar_t>()); });
   return {hy, cy, ws};
 }
 
@@ -337,13 +344,21 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const c10::optional<at::Ten
   const at::Tensor gh = grad_hy.has_value() ? rows_of(*grad_hy) : at::Tensor();
   const at::Tensor gc = grad_cy.has_value() ? rows_of(*grad_cy) : at::Tensor();
   const at::Tensor c = rows_of(cx), cyr = rows_of(cy), ws = rows_of(workspace);
-  BwdArgs a{gh.defined() ? gh.data_ptr() : nullptr, gh.defined() ? row_stride(gh) : 0,
-            gc.defined() ? gc.data_ptr() : nullptr, gc.defined() ? row_stride(gc) : 0,
-            c.data_ptr(), row_stride(c), cyr.data_ptr(), row_stride(cyr), ws.data_ptr(), row_stride(ws),
-            grad_gates.data_ptr(), grad_cx.data_ptr(), H};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, workspace.scalar_type(), "lstm_cell_bwd_cpu", [&] {
-    run_rows(a, B, H, bwd_kernel<scalar_t>());
-  });
+  BwdArgs a{gh.defined() ? gh.data_ptr() : nullptr,
+            gh.defined() ? row_stride(gh) : 0,
+            gc.defined() ? gc.data_ptr() : nullptr,
+            gc.defined() ? row_stride(gc) : 0,
+            c.data_ptr(),
+            row_stride(c),
+            cyr.data_ptr(),
+            row_stride(cyr),
+            ws.data_ptr(),
+            row_stride(ws),
+            grad_gates.data_ptr(),
+            grad_cx.data_ptr(),
+            H};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, workspace.scalar_type(), "lstm_cell_bwd_cpu",
+                                  [&] { run_rows(a, B, H, bwd_kernel<scalar_t>()); });
   return {grad_gates, grad_cx};
 }
 
@@ -359,8 +374,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const c10::optional<at::Ten
 // recurrent GEMM single-threaded on it and then the cell of its units, so a step is one fork/join and
 // every thread reads the same slice step after step. The cell state never leaves its thread's columns.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tensor& input_gates, const at::Tensor& h0,
-                                                                   const at::Tensor& c0, const at::Tensor& weight_hh,
-                                                                   const c10::optional<at::Tensor>& bias, bool reverse) {
+                                                                  const at::Tensor& c0, const at::Tensor& weight_hh,
+                                                                  const c10::optional<at::Tensor>& bias, bool reverse) {
   TORCH_CHECK(input_gates.dim() == 3 && input_gates.size(2) % 4 == 0,
               "seqkernels::lstm_layer_fwd: input_gates must have shape (T, B, 4*H), got ", input_gates.sizes());
   TORCH_CHECK(input_gates.scalar_type() == at::kFloat || input_gates.scalar_type() == at::kDouble,
@@ -411,8 +426,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tens
           const int64_t u0 = p * per, nu = std::min(per, H - u0);
           // Inside the parallel region the BLAS runs single-threaded, on this block's weights only.
           at::cpu::mm_out(gates[p], h_prev, wp[p]);
-          SeqStepArgs a{ig_t.data_ptr(), gates[p].data_ptr(), bsum.defined() ? bsum.data_ptr() : nullptr,
-                        c.data_ptr(), h_t.data_ptr(), H, nu, u0};
+          SeqStepArgs a{ig_t.data_ptr(),
+                        gates[p].data_ptr(),
+                        bsum.defined() ? bsum.data_ptr() : nullptr,
+                        c.data_ptr(),
+                        h_t.data_ptr(),
+                        H,
+                        nu,
+                        u0};
           for (int64_t b = 0; b < B; ++b) cell(a, b, u0, u0 + nu);
         }
       });

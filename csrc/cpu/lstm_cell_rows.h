@@ -67,8 +67,8 @@ void bwd_range(const BwdArgs& a, int64_t b, int64_t j0, int64_t j1) {
     const V dcy = gc ? L::load_n(gc + j, n) : zero;
     V di, df, dg, d_o, dcx;
     cell_backward<L>(dh, dcy, L::load_n(cx + j, n), L::load_n(cy + j, n), L::load_n(ws + j, n),
-                     L::load_n(ws + H + j, n), L::load_n(ws + 2 * H + j, n), L::load_n(ws + 3 * H + j, n), di, df,
-                     dg, d_o, dcx);
+                     L::load_n(ws + H + j, n), L::load_n(ws + 2 * H + j, n), L::load_n(ws + 3 * H + j, n), di, df, dg,
+                     d_o, dcx);
     L::store_n(gg + j, di, n);
     L::store_n(gg + H + j, df, n);
     L::store_n(gg + 2 * H + j, dg, n);

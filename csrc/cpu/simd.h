@@ -133,8 +133,7 @@ struct Avx2Float {
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264625e-01f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471825e-01f));
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
   SK_AVX2_FN static float hmax(V x) {

@@ -56,8 +56,8 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
   } else if (dtype == at::kBFloat16) {
     f(mma::bf16{});
   } else {
-    TORCH_CHECK(false, "seqkernels attention (CUDA backend): q, k and v must be float16 or bfloat16, got ",
-                dtype, "; float32 and float64 run on the triton, cpu or reference backends");
+    TORCH_CHECK(false, "seqkernels attention (CUDA backend): q, k and v must be float16 or bfloat16, got ", dtype,
+                "; float32 and float64 run on the triton, cpu or reference backends");
   }
 }
 
@@ -109,13 +109,14 @@ constexpr host::Device kDevice{&cudart::on_kernel_device, &cudart::kernel_device
 // The dtypes with tensor-core kernels, the shared q/k/v checks, then the kernels' size limits.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "seqkernels attention (CUDA backend): q, k and v must be float16 or bfloat16, got ",
-              q.scalar_type(), "; float32 and float64 run on the triton, cpu or reference backends");
+              "seqkernels attention (CUDA backend): q, k and v must be float16 or bfloat16, got ", q.scalar_type(),
+              "; float32 and float64 run on the triton, cpu or reference backends");
   host::check_qkv(q, k, v, kDevice, op);
   TORCH_CHECK(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim,
               "seqkernels attention (CUDA backend): head dims up to ", kMaxHeadDim,
               " are supported (tiles 64, 128, 256; smaller dims are zero padded to the next "
-              "tile), got D=", q.size(3), ", Dv=", v.size(3));
+              "tile), got D=",
+              q.size(3), ", Dv=", v.size(3));
   TORCH_CHECK(q.size(2) < (int64_t(1) << 30) && k.size(2) < (int64_t(1) << 30), op,
               ": sequence lengths must be below 2^30, got Lq=", q.size(2), ", Lk=", k.size(2));
 }
@@ -131,20 +132,19 @@ unsigned grid_size(int64_t blocks, int64_t batch_heads) {
 // The kernels read one mask format: an additive float32 mask. A bool mask becomes 0 / -inf and
 // a 16-bit one float32; only the stored values are converted (broadcast dims are collapsed
 // first and expanded again), so an expanded mask is never materialized.
-at::Tensor mask_for_kernel(const std::optional<at::Tensor>& attn_mask, const at::Tensor& q,
-                           const at::Tensor& k) {
+at::Tensor mask_for_kernel(const std::optional<at::Tensor>& attn_mask, const at::Tensor& q, const at::Tensor& k) {
   if (!attn_mask.has_value()) return at::Tensor();
   const at::Tensor& m = *attn_mask;
   SK_CHECK_DEVICE(m);
-  TORCH_CHECK(m.device() == q.device(), "attention: attn_mask must be on q's device ", q.device(),
-              ", got ", m.device());
-  TORCH_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(1) &&
-                  m.size(2) == q.size(2) && m.size(3) == k.size(2),
-              "attention: attn_mask must be expanded to (B, Hq, Lq, Lk) = (", q.size(0), ", ",
-              q.size(1), ", ", q.size(2), ", ", k.size(2), "), got ", m.sizes());
+  TORCH_CHECK(m.device() == q.device(), "attention: attn_mask must be on q's device ", q.device(), ", got ",
+              m.device());
+  TORCH_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(1) && m.size(2) == q.size(2) &&
+                  m.size(3) == k.size(2),
+              "attention: attn_mask must be expanded to (B, Hq, Lq, Lk) = (", q.size(0), ", ", q.size(1), ", ",
+              q.size(2), ", ", k.size(2), "), got ", m.sizes());
   const at::ScalarType dt = m.scalar_type();
-  TORCH_CHECK(dt == at::kBool || dt == at::kFloat || dt == q.scalar_type(),
-              "attention: attn_mask must be bool, ", q.scalar_type(), " or float32, got ", dt);
+  TORCH_CHECK(dt == at::kBool || dt == at::kFloat || dt == q.scalar_type(), "attention: attn_mask must be bool, ",
+              q.scalar_type(), " or float32, got ", dt);
   if (dt == at::kFloat) return m;
   at::Tensor base = m;
   for (int d = 0; d < 4; ++d) {
@@ -152,8 +152,7 @@ at::Tensor mask_for_kernel(const std::optional<at::Tensor>& attn_mask, const at:
   }
   at::Tensor conv;
   if (dt == at::kBool) {
-    conv = at::full(base.sizes(), -std::numeric_limits<float>::infinity(),
-                    base.options().dtype(at::kFloat));
+    conv = at::full(base.sizes(), -std::numeric_limits<float>::infinity(), base.options().dtype(at::kFloat));
     conv.masked_fill_(base, 0.0);
   } else {
     conv = base.to(at::kFloat);
@@ -173,8 +172,8 @@ Rows rows_view(const at::Tensor& t) {
 }
 
 // q, k, v and the problem sizes; d and dv are the head dims padded to multiples of 8.
-void fill_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              int64_t d, int64_t dv) {
+void fill_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t d,
+              int64_t dv) {
   p.q = rows_view<attn::InRows>(q);
   p.k = rows_view<attn::InRows>(k);
   p.v = rows_view<attn::InRows>(v);
@@ -191,18 +190,17 @@ void fill_qkv(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, cons
 void fill_mask(AttentionParams& p, const at::Tensor& mask) {
   p.mask = {nullptr, 0, 0, 0, 0};
   if (mask.defined()) {
-    p.mask = {mask.data_ptr<float>(), stride_of(mask, 0), stride_of(mask, 1), stride_of(mask, 2),
-              stride_of(mask, 3)};
+    p.mask = {mask.data_ptr<float>(), stride_of(mask, 0), stride_of(mask, 1), stride_of(mask, 2), stride_of(mask, 3)};
   }
 }
 
 // Which keys a row sees: kv_lengths, the window and its alignment.
 void fill_band(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
-               const std::optional<at::Tensor>& kv_lengths, int64_t window_left,
-               int64_t window_right, bool bottom_right) {
+               const std::optional<at::Tensor>& kv_lengths, int64_t window_left, int64_t window_right,
+               bool bottom_right) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
-              "attention: window_left / window_right must be >= -1 (-1 = unbounded), got ",
-              window_left, ", ", window_right);
+              "attention: window_left / window_right must be >= -1 (-1 = unbounded), got ", window_left, ", ",
+              window_right);
   // A window wider than both lengths bounds nothing; folding it to -1 keeps the kernels'
   // int arithmetic far from overflow.
   const int64_t span = q.size(2) + k.size(2);
@@ -214,19 +212,17 @@ void fill_band(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
   if (kv_lengths.has_value()) {
     const at::Tensor& kl = *kv_lengths;
     SK_CHECK_DEVICE(kl);
-    TORCH_CHECK(kl.device() == q.device(), "attention: kv_lengths must be on q's device ",
-                q.device(), ", got ", kl.device());
-    TORCH_CHECK(kl.scalar_type() == at::kInt && kl.dim() == 1 && kl.size(0) == q.size(0) &&
-                    kl.is_contiguous(),
-                "attention: kv_lengths must be a contiguous int32 tensor of shape (B,) = (",
-                q.size(0), "), got ", kl.scalar_type(), " ", kl.sizes());
+    TORCH_CHECK(kl.device() == q.device(), "attention: kv_lengths must be on q's device ", q.device(), ", got ",
+                kl.device());
+    TORCH_CHECK(kl.scalar_type() == at::kInt && kl.dim() == 1 && kl.size(0) == q.size(0) && kl.is_contiguous(),
+                "attention: kv_lengths must be a contiguous int32 tensor of shape (B,) = (", q.size(0), "), got ",
+                kl.scalar_type(), " ", kl.sizes());
     p.kv_lengths = kl.data_ptr<int32_t>();
   }
 }
 
 void fill_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t offset) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention: dropout_p must be in [0, 1], got ",
-              dropout_p);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention: dropout_p must be in [0, 1], got ", dropout_p);
   p.dropout = dropout_p > 0.0;
   p.dropout_threshold = dropout_threshold(dropout_p);
   p.dropout_rescale = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
@@ -237,9 +233,8 @@ void fill_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t of
 // Everything but the outputs (and, for the backward, its own inputs). q/k/v are already in
 // kernel layout, attn_mask in mask_for_kernel's.
 void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& attn_mask,
-                 const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left,
-                 int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
+                 const at::Tensor& attn_mask, const std::optional<at::Tensor>& kv_lengths, double scale,
+                 int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
                  int64_t offset, int64_t d, int64_t dv) {
   fill_qkv(p, q, k, v, d, dv);
   p.scale = static_cast<float>(scale);
@@ -259,11 +254,12 @@ void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
   SK_LAUNCH(kernel, dim3(grid), dim3(Kt::kThreads), smem, stream, p);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& kv_lengths,
-    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
-    int64_t seed, int64_t offset) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in,
+                                                      const std::optional<at::Tensor>& attn_mask,
+                                                      const std::optional<at::Tensor>& kv_lengths, double scale,
+                                                      int64_t window_left, int64_t window_right, bool bottom_right,
+                                                      double dropout_p, int64_t seed, int64_t offset) {
   check_qkv(q_in, k_in, v_in, "seqkernels::attention_fwd (cuda)");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t D = q_in.size(3), Dv = v_in.size(3);
@@ -276,13 +272,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     return {Dv8 == Dv ? out : out.narrow(3, 0, Dv), lse};
   }
   const cudart::DeviceGuard guard(q_in);
-  const at::Tensor q = kernel_layout(q_in, D8), k = kernel_layout(k_in, D8),
-                   v = kernel_layout(v_in, Dv8);
+  const at::Tensor q = kernel_layout(q_in, D8), k = kernel_layout(k_in, D8), v = kernel_layout(v_in, Dv8);
 
   const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in);
   AttentionParams p;
-  fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right,
-              dropout_p, seed, offset, D8, Dv8);
+  fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset, D8,
+              Dv8);
   p.out = rows_view<attn::OutRows>(out);
   p.lse = lse.data_ptr<float>();
 
@@ -311,8 +306,7 @@ void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t st
     auto kernel = &attn::_attention_bwd_dkdv_kernel<Tag, Bt>;
     constexpr int smem = Bt::kSmemBytes;
     if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
-    const unsigned grid =
-        grid_size((p.len_k + Bt::kBlockN - 1) / Bt::kBlockN, int64_t(p.batch) * p.heads_kv);
+    const unsigned grid = grid_size((p.len_k + Bt::kBlockN - 1) / Bt::kBlockN, int64_t(p.batch) * p.heads_kv);
     SK_LAUNCH(kernel, dim3(grid), dim3(Bt::kThreads), smem, stream, p);
   }
   if (rows == 0) return;
@@ -321,8 +315,7 @@ void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t st
     auto kernel = &attn::_attention_bwd_dq_kernel<Tag, Dt>;
     constexpr int smem = Dt::kSmemBytes;
     if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
-    const unsigned grid =
-        grid_size((p.len_q + Dt::kBlockM - 1) / Dt::kBlockM, int64_t(p.batch) * p.heads_q);
+    const unsigned grid = grid_size((p.len_q + Dt::kBlockM - 1) / Dt::kBlockM, int64_t(p.batch) * p.heads_q);
     SK_LAUNCH(kernel, dim3(grid), dim3(Dt::kThreads), smem, stream, p);
   } else {
     auto kernel = &attn::_attention_bwd_dq_convert_kernel<Tag>;
@@ -335,45 +328,39 @@ void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t st
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& kv_lengths,
-    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
-    int64_t seed, int64_t offset, bool deterministic) {
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
   check_qkv(q_in, k_in, v_in, "seqkernels::attention_bwd (cuda)");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t Hkv = k_in.size(1), Lk = k_in.size(2);
   const int64_t D = q_in.size(3), Dv = v_in.size(3);
   for (const at::Tensor* t : {&grad_out_in, &out_in}) {
     SK_CHECK_DEVICE(*t);
-    TORCH_CHECK(t->device() == q_in.device() && t->scalar_type() == q_in.scalar_type() &&
-                    t->dim() == 4 && t->size(0) == B && t->size(1) == Hq && t->size(2) == Lq &&
-                    t->size(3) == Dv,
-                "attention_bwd: grad_out and out must be ", q_in.scalar_type(), " (B, Hq, Lq, Dv) = (",
-                B, ", ", Hq, ", ", Lq, ", ", Dv, ") on ", q_in.device(), ", got ", t->scalar_type(),
-                " ", t->sizes(), " on ", t->device());
+    TORCH_CHECK(t->device() == q_in.device() && t->scalar_type() == q_in.scalar_type() && t->dim() == 4 &&
+                    t->size(0) == B && t->size(1) == Hq && t->size(2) == Lq && t->size(3) == Dv,
+                "attention_bwd: grad_out and out must be ", q_in.scalar_type(), " (B, Hq, Lq, Dv) = (", B, ", ", Hq,
+                ", ", Lq, ", ", Dv, ") on ", q_in.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ",
+                t->device());
   }
   SK_CHECK_DEVICE(lse_in);
-  TORCH_CHECK(lse_in.device() == q_in.device() && lse_in.scalar_type() == at::kFloat &&
-                  lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == Hq &&
-                  lse_in.size(2) == Lq,
-              "attention_bwd: lse must be float32 (B, Hq, Lq) = (", B, ", ", Hq, ", ", Lq,
-              ") on ", q_in.device(), ", got ", lse_in.scalar_type(), " ", lse_in.sizes());
+  TORCH_CHECK(lse_in.device() == q_in.device() && lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 &&
+                  lse_in.size(0) == B && lse_in.size(1) == Hq && lse_in.size(2) == Lq,
+              "attention_bwd: lse must be float32 (B, Hq, Lq) = (", B, ", ", Hq, ", ", Lq, ") on ", q_in.device(),
+              ", got ", lse_in.scalar_type(), " ", lse_in.sizes());
 
   const int64_t D8 = round_up8(D), Dv8 = round_up8(Dv);
   const int tile = head_dim_tile(std::max(D8, Dv8));
   at::Tensor dq = at::empty({B, Hq, Lq, D8}, q_in.options());
   at::Tensor dk = at::empty({B, Hkv, Lk, D8}, q_in.options());
   at::Tensor dv = at::empty({B, Hkv, Lk, Dv8}, q_in.options());
-  auto unpad = [](const at::Tensor& t, int64_t d) {
-    return t.size(3) == d ? t : t.narrow(3, 0, d).contiguous();
-  };
+  auto unpad = [](const at::Tensor& t, int64_t d) { return t.size(3) == d ? t : t.narrow(3, 0, d).contiguous(); };
   if (B * Hq == 0 || (Lq == 0 && Lk == 0)) return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv)};
 
   const cudart::DeviceGuard guard(q_in);
-  const at::Tensor q = kernel_layout(q_in, D8), k = kernel_layout(k_in, D8),
-                   v = kernel_layout(v_in, Dv8), out = kernel_layout(out_in, Dv8),
-                   dout = kernel_layout(grad_out_in, Dv8), lse = lse_in.contiguous();
+  const at::Tensor q = kernel_layout(q_in, D8), k = kernel_layout(k_in, D8), v = kernel_layout(v_in, Dv8),
+                   out = kernel_layout(out_in, Dv8), dout = kernel_layout(grad_out_in, Dv8), lse = lse_in.contiguous();
   at::Tensor delta = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
   at::Tensor row_stats = at::empty({2, B, Hq, Lq}, q_in.options().dtype(at::kFloat));
   at::Tensor dq_accum;
@@ -381,8 +368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 
   const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in);
   AttentionBwdParams p;
-  fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right,
-              dropout_p, seed, offset, D8, Dv8);
+  fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset, D8,
+              Dv8);
   p.out = rows_view<attn::OutRows>(out);  // read only: the forward's output
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.dout = rows_view<attn::InRows>(dout);
@@ -397,9 +384,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 
   const cudaStream_t stream = cudart::current_stream();
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    dispatch_head_dim(tile, [&](auto tile_c) {
-      launch_bwd<decltype(tag), decltype(tile_c)::value>(p, deterministic, stream);
-    });
+    dispatch_head_dim(
+        tile, [&](auto tile_c) { launch_bwd<decltype(tag), decltype(tile_c)::value>(p, deterministic, stream); });
   });
   return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv)};
 }

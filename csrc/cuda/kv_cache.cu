@@ -36,9 +36,9 @@ void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache) {
 // The shared layout checks, then the kernels' 32-bit positions.
 kv::CacheLayout check_layout(const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table, int64_t B) {
   const host::CacheGeometry g = host::check_layout(k_cache, block_table, B, kDevice);
-  TORCH_CHECK(g.capacity < (int64_t{1} << 31), block_table.has_value()
-                                                   ? "block_table: max_blocks * block_size must stay below 2^31 positions"
-                                                   : "k_cache: at most 2^31 - 1 positions per sequence");
+  TORCH_CHECK(g.capacity < (int64_t{1} << 31),
+              block_table.has_value() ? "block_table: max_blocks * block_size must stay below 2^31 positions"
+                                      : "k_cache: at most 2^31 - 1 positions per sequence");
   if (!block_table.has_value()) return {nullptr, g.capacity, kv::FastDiv::make(1), 0, 0};
   return {block_table->data_ptr<int32_t>(), g.capacity, kv::FastDiv::make(static_cast<uint32_t>(g.block_size)),
           g.max_blocks, g.num_blocks};
@@ -92,9 +92,9 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
   copy_strides(p.vn, v_new, elt);
   copy_strides(p.kc, k_cache, elt);
   copy_strides(p.vc, v_cache, elt);
-  const int vec = vector_bytes(elt, {D * elt, Dv * elt, p.kn[0], p.kn[1], p.kn[2], p.vn[0], p.vn[1], p.vn[2], p.kc[0],
-                                     p.kc[1], p.kc[2], p.vc[0], p.vc[1], p.vc[2], address(k_new), address(v_new),
-                                     address(k_cache), address(v_cache)});
+  const int vec = vector_bytes(
+      elt, {D * elt, Dv * elt, p.kn[0], p.kn[1], p.kn[2], p.vn[0], p.vn[1], p.vn[2], p.kc[0], p.kc[1], p.kc[2], p.vc[0],
+            p.vc[1], p.vc[2], address(k_new), address(v_new), address(k_cache), address(v_cache)});
   p.k_chunks = static_cast<uint32_t>(D * elt / vec);
   p.chunks = static_cast<uint32_t>((D + Dv) * elt / vec);
   constexpr int kRows = kv::kAppendRowsPerBlock;
@@ -189,8 +189,7 @@ void fill_qkv(kv::DecodeParams& p, const at::Tensor& q, const at::Tensor& k_cach
   p.n_rows = p.G * p.Tq;
   // 16-byte loads of K/V rows need the head dims, the strides and the bases aligned to them.
   const int64_t vec_elems = 16 / k_cache.element_size();
-  p.vec_ok = p.D % vec_elems == 0 && p.Dv % vec_elems == 0 && address(k_cache) % 16 == 0 &&
-             address(v_cache) % 16 == 0;
+  p.vec_ok = p.D % vec_elems == 0 && p.Dv % vec_elems == 0 && address(k_cache) % 16 == 0 && address(v_cache) % 16 == 0;
   for (int i = 0; i < 3; ++i) p.vec_ok &= k_cache.stride(i) % vec_elems == 0 && v_cache.stride(i) % vec_elems == 0;
 }
 
@@ -256,10 +255,11 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
   const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_tiles), static_cast<unsigned>(num_splits));
   const cudaStream_t stream = cudart::current_stream();
   const int64_t widest = std::max(D, Dv);
-  AT_DISPATCH_SWITCH(q.scalar_type(), "decode_attention_cuda",
-                     AT_DISPATCH_CASE(at::kHalf, [&] { run_decode<scalar_t>(p, grid, rows, widest, stream); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { run_decode<scalar_t>(p, grid, rows, widest, stream); })
-                     AT_DISPATCH_CASE(at::kFloat, [&] { run_decode<scalar_t>(p, grid, rows, widest, stream); }));
+  AT_DISPATCH_SWITCH(q.scalar_type(), "decode_attention_cuda", AT_DISPATCH_CASE(at::kHalf, [&] {
+                       run_decode<scalar_t>(p, grid, rows, widest, stream);
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       run_decode<scalar_t>(p, grid, rows, widest, stream);
+                     }) AT_DISPATCH_CASE(at::kFloat, [&] { run_decode<scalar_t>(p, grid, rows, widest, stream); }));
   return {out, lse};
 }
 

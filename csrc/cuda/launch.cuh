@@ -11,8 +11,8 @@
 #include "../common/macros.h"
 
 #if defined(SEQKERNELS_CUDA_EMULATION)
-#define SK_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                              \
-  ::sk_emu::launch(#kernel, __FILE__, __LINE__, (kernel), dim3(grid), dim3(block),           \
+#define SK_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                    \
+  ::sk_emu::launch(#kernel, __FILE__, __LINE__, (kernel), dim3(grid), dim3(block), \
                    static_cast<size_t>(smem_bytes), ##__VA_ARGS__)
 #define SK_CHECK_LAUNCH() ((void)0)
 // Dynamic shared memory above 48 KiB needs this opt-in before the launch, as on the GPU; the
@@ -22,12 +22,11 @@
 #else
 #include <cuda_runtime.h>
 #include <c10/cuda/CUDAException.h>
-#define SK_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)            \
-  do {                                                                    \
-    (kernel)<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__);   \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                       \
+#define SK_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)         \
+  do {                                                                  \
+    (kernel)<<<(grid), (block), (smem_bytes), (stream)>>>(__VA_ARGS__); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                     \
   } while (0)
-#define SK_SET_MAX_DYNAMIC_SMEM(kernel, bytes)                                                 \
-  C10_CUDA_CHECK(cudaFuncSetAttribute((kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, \
-                                      static_cast<int>(bytes)))
+#define SK_SET_MAX_DYNAMIC_SMEM(kernel, bytes) \
+  C10_CUDA_CHECK(cudaFuncSetAttribute((kernel), cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)))
 #endif

@@ -58,10 +58,9 @@ void launch(const Params& p, bool vector_path, Kernel16 k16, Kernel1 k1) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cuda(const at::Tensor& input_gates,
-                                                                   const at::Tensor& hidden_gates,
-                                                                   const at::Tensor& cx,
-                                                                   const std::optional<at::Tensor>& bias_ih,
-                                                                   const std::optional<at::Tensor>& bias_hh) {
+                                                                  const at::Tensor& hidden_gates, const at::Tensor& cx,
+                                                                  const std::optional<at::Tensor>& bias_ih,
+                                                                  const std::optional<at::Tensor>& bias_hh) {
   const int64_t H = host::check_gates("lstm_cell_fwd", "input_gates", input_gates, kDevice);
   const int64_t B = input_gates.size(0), G = 4 * H;
   check_2d("hidden_gates", hidden_gates, B, G, input_gates);
@@ -78,14 +77,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cuda(const at::Tens
   if (B == 0 || H == 0) return {hy, cy, ws};
   const at::Tensor ig = rows_of(input_gates), hg = rows_of(hidden_gates), c = rows_of(cx);
 
-  lstm_cuda::FwdParams p{ig.data_ptr(), hg.data_ptr(), c.data_ptr(), bi.defined() ? bi.data_ptr() : nullptr,
-                         bh.defined() ? bh.data_ptr() : nullptr, hy.data_ptr(), cy.data_ptr(), ws.data_ptr(),
-                         B, H, row_stride(ig), row_stride(hg), row_stride(c)};
+  lstm_cuda::FwdParams p{ig.data_ptr(),
+                         hg.data_ptr(),
+                         c.data_ptr(),
+                         bi.defined() ? bi.data_ptr() : nullptr,
+                         bh.defined() ? bh.data_ptr() : nullptr,
+                         hy.data_ptr(),
+                         cy.data_ptr(),
+                         ws.data_ptr(),
+                         B,
+                         H,
+                         row_stride(ig),
+                         row_stride(hg),
+                         row_stride(c)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_gates.scalar_type(), "lstm_cell_fwd_cuda", [&] {
     using T = cudart::device_type_t<scalar_t>;
     constexpr int VEC = 16 / sizeof(T);
-    const bool vector_path = H % VEC == 0 && vec_ok(ig, VEC) && vec_ok(hg, VEC) && vec_ok(c, VEC) &&
-                             vec_ok(bi, VEC) && vec_ok(bh, VEC) && vec_ok(hy, VEC) && vec_ok(ws, VEC);
+    const bool vector_path = H % VEC == 0 && vec_ok(ig, VEC) && vec_ok(hg, VEC) && vec_ok(c, VEC) && vec_ok(bi, VEC) &&
+                             vec_ok(bh, VEC) && vec_ok(hy, VEC) && vec_ok(ws, VEC);
     launch<T>(p, vector_path, &lstm_cuda::lstm_cell_fwd_kernel<T, VEC>, &lstm_cuda::lstm_cell_fwd_kernel<T, 1>);
   });
   return {hy, cy, ws};
@@ -110,15 +119,25 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cuda(const std::optional<at::Te
   const at::Tensor gc = grad_cy.has_value() ? rows_of(*grad_cy) : at::Tensor();
   const at::Tensor c = rows_of(cx), cyr = rows_of(cy), ws = rows_of(workspace);
 
-  lstm_cuda::BwdParams p{gh.defined() ? gh.data_ptr() : nullptr, gc.defined() ? gc.data_ptr() : nullptr,
-                         c.data_ptr(), cyr.data_ptr(), ws.data_ptr(), grad_gates.data_ptr(), grad_cx.data_ptr(),
-                         B, H, gh.defined() ? row_stride(gh) : 0, gc.defined() ? row_stride(gc) : 0,
-                         row_stride(c), row_stride(cyr), row_stride(ws)};
+  lstm_cuda::BwdParams p{gh.defined() ? gh.data_ptr() : nullptr,
+                         gc.defined() ? gc.data_ptr() : nullptr,
+                         c.data_ptr(),
+                         cyr.data_ptr(),
+                         ws.data_ptr(),
+                         grad_gates.data_ptr(),
+                         grad_cx.data_ptr(),
+                         B,
+                         H,
+                         gh.defined() ? row_stride(gh) : 0,
+                         gc.defined() ? row_stride(gc) : 0,
+                         row_stride(c),
+                         row_stride(cyr),
+                         row_stride(ws)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, workspace.scalar_type(), "lstm_cell_bwd_cuda", [&] {
     using T = cudart::device_type_t<scalar_t>;
     constexpr int VEC = 16 / sizeof(T);
-    const bool vector_path = H % VEC == 0 && vec_ok(gh, VEC) && vec_ok(gc, VEC) && vec_ok(c, VEC) &&
-                             vec_ok(cyr, VEC) && vec_ok(ws, VEC) && vec_ok(grad_gates, VEC) && vec_ok(grad_cx, VEC);
+    const bool vector_path = H % VEC == 0 && vec_ok(gh, VEC) && vec_ok(gc, VEC) && vec_ok(c, VEC) && vec_ok(cyr, VEC) &&
+                             vec_ok(ws, VEC) && vec_ok(grad_gates, VEC) && vec_ok(grad_cx, VEC);
     launch<T>(p, vector_path, &lstm_cuda::lstm_cell_bwd_kernel<T, VEC>, &lstm_cuda::lstm_cell_bwd_kernel<T, 1>);
   });
   return {grad_gates, grad_cx};

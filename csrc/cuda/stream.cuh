@@ -93,6 +93,6 @@ inline size_t max_dynamic_smem() {
 }  // namespace seqkernels
 
 // TORCH_CHECK that a tensor argument lives where the kernels run (CUDA; CPU under emulation).
-#define SK_CHECK_DEVICE(t)                                                                   \
-  TORCH_CHECK(::seqkernels::cudart::on_kernel_device(t), #t " must be a tensor on ",           \
+#define SK_CHECK_DEVICE(t)                                                           \
+  TORCH_CHECK(::seqkernels::cudart::on_kernel_device(t), #t " must be a tensor on ", \
               ::seqkernels::cudart::kernel_device_name(), ", got one on ", (t).device())

@@ -48,6 +48,17 @@ def __getattr__(name):
     raise AttributeError(f"module 'seqkernels' has no attribute {name!r}")
 
 
-__all__ = ["attention", "scaled_dot_product_attention", "kv_cache_append", "decode_attention", "lstm_cell",
-           "use_backend", "explain", "BackendError", "swap_attention", "restore_attention", "swap_lstm",
-           "restore_lstm"]
+__all__ = [
+    "attention",
+    "scaled_dot_product_attention",
+    "kv_cache_append",
+    "decode_attention",
+    "lstm_cell",
+    "use_backend",
+    "explain",
+    "BackendError",
+    "swap_attention",
+    "restore_attention",
+    "swap_lstm",
+    "restore_lstm",
+]

@@ -23,9 +23,7 @@ from . import _ext, capabilities
 BACKENDS = ("cuda", "cpu", "triton", "reference")
 NOT_IMPLEMENTED = "not implemented on this backend yet"
 
-_scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "seqkernels_backend", default=None
-)
+_scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("seqkernels_backend", default=None)
 
 
 class BackendError(RuntimeError):
@@ -125,8 +123,10 @@ def _compute_static_why_not(cpp_ops, backend, dev, interpreting) -> Optional[str
         if not _ext.extension_available():
             return "the compiled extension seqkernels._C is not built (pip install --no-build-isolation -e .)"
         if backend == "cuda" and not _ext.built_with_cuda():
-            return ("the extension was built without its CUDA part (rebuild with a CUDA build of torch and "
-                    "nvcc present, SEQKERNELS_CUDA=1)")
+            return (
+                "the extension was built without its CUDA part (rebuild with a CUDA build of torch and "
+                "nvcc present, SEQKERNELS_CUDA=1)"
+            )
         key = "CPU" if backend == "cpu" else "CUDA"
         for cpp in cpp_ops:
             if not _ext.has_kernel(cpp, key):
@@ -191,7 +191,9 @@ class Explanation:
             r = self.reasons.get(b)
             if r is None:
                 in_order = b in self.auto_order
-                why = "could run these inputs" + ("" if in_order else f" (not in the automatic order for {self.device} tensors)")
+                why = "could run these inputs" + (
+                    "" if in_order else f" (not in the automatic order for {self.device} tensors)"
+                )
                 if in_order and self.chosen is not None and self.source == "auto":
                     why += ", but an earlier backend in the automatic order was chosen"
                 r = why

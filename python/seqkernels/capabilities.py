@@ -60,10 +60,14 @@ _KERNEL_FLOATS = (_F16, _BF16, _F32)
 
 # Why gradients are refused, per op, where a backend's kernels are forward-only.
 NO_GRAD = {
-    "kv_cache_append": ("gradients through kv_cache_append are only tracked by the reference backend (the kernels "
-                        "write the cache in place outside autograd); use backend='reference' or torch.no_grad()"),
-    "decode_attention": ("gradients are not implemented for decode attention on the kernel backends (it is an "
-                         "inference op); use backend='reference' or torch.no_grad()"),
+    "kv_cache_append": (
+        "gradients through kv_cache_append are only tracked by the reference backend (the kernels "
+        "write the cache in place outside autograd); use backend='reference' or torch.no_grad()"
+    ),
+    "decode_attention": (
+        "gradients are not implemented for decode attention on the kernel backends (it is an "
+        "inference op); use backend='reference' or torch.no_grad()"
+    ),
 }
 MASK_GRAD = "gradients with respect to a float attn_mask are only computed by the reference backend"
 
@@ -143,8 +147,11 @@ def why_not(op: str, backend: str, f: Features, *, interpreting=False) -> Option
     if cap.max_head_dim is not None and f.head_dims and max(f.head_dims) > cap.max_head_dim:
         dims = ", ".join(str(d) for d in f.head_dims)
         return f"head dims {dims}: the {title} kernels support 1..{cap.max_head_dim}"
-    if (f.mask_dtype is not None and f.mask_dtype not in cap.mask_dtypes
-            and not (f.mask_dtype == f.dtype and "input" in cap.mask_dtypes)):
+    if (
+        f.mask_dtype is not None
+        and f.mask_dtype not in cap.mask_dtypes
+        and not (f.mask_dtype == f.dtype and "input" in cap.mask_dtypes)
+    ):
         allowed = tuple(f.dtype if m == "input" else m for m in cap.mask_dtypes)
         return f"attn_mask dtype {_dtype_name(f.mask_dtype)}: the {title} kernels take {_names(dict.fromkeys(allowed))}"
     if cap.max_grid is not None and f.grid and max(f.grid) > cap.max_grid:

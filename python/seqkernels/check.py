@@ -42,33 +42,51 @@ def _attention_cases() -> List[Case]:
 
     def make(B, Hq, Hkv, Lq, Lk, D, extra=None):
         def f(dtype, device):
-            d = {"q": torch.randn(B, Hq, Lq, D, dtype=dtype, device=device),
-                 "k": torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device),
-                 "v": torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device)}
+            d = {
+                "q": torch.randn(B, Hq, Lq, D, dtype=dtype, device=device),
+                "k": torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device),
+                "v": torch.randn(B, Hkv, Lk, D, dtype=dtype, device=device),
+            }
             if extra:
                 d.update(extra(dtype, device))
             return d
+
         return f
 
     def fwd(kw):
         def f(x, backend):
-            return seqkernels.attention(x["q"], x["k"], x["v"], backend=backend, return_lse=True,
-                                        **{**kw, **{k: v for k, v in x.items() if k not in "qkv"}})
+            return seqkernels.attention(
+                x["q"],
+                x["k"],
+                x["v"],
+                backend=backend,
+                return_lse=True,
+                **{**kw, **{k: v for k, v in x.items() if k not in "qkv"}},
+            )
+
         return f
 
     def bwd(kw):
         def f(x, backend):
             q, k, v = (x[n].requires_grad_() for n in "qkv")
-            out = seqkernels.attention(q, k, v, backend=backend, **{**kw, **{k_: v_ for k_, v_ in x.items() if k_ not in "qkv"}})
+            out = seqkernels.attention(
+                q, k, v, backend=backend, **{**kw, **{k_: v_ for k_, v_ in x.items() if k_ not in "qkv"}}
+            )
             out.backward(torch.ones_like(out) * 0.1 + out.detach() * 0)
             return q.grad, k.grad, v.grad
+
         return f
 
     lengths = lambda dtype, device: {"kv_lengths": torch.tensor([13, 0], dtype=torch.int32, device=device)}  # noqa: E731
     mask = lambda dtype, device: {"attn_mask": torch.rand(2, 1, 17, 29, device=device) > 0.3}  # noqa: E731
     return [
         Case("attention", "fwd causal GQA (2,4/2,97x97,64)", make(2, 4, 2, 97, 97, 64), fwd({"causal": True})),
-        Case("attention", "fwd window+kv_lengths (2,2,17x29,40)", make(2, 2, 2, 17, 29, 40, lengths), fwd({"window": (5, 2)})),
+        Case(
+            "attention",
+            "fwd window+kv_lengths (2,2,17x29,40)",
+            make(2, 2, 2, 17, 29, 40, lengths),
+            fwd({"window": (5, 2)}),
+        ),
         Case("attention", "fwd bool mask (2,2,17x29,128)", make(2, 2, 2, 17, 29, 128, mask), fwd({})),
         Case("attention", "bwd causal (1,2,33x65,64)", make(1, 2, 2, 33, 65, 64), bwd({"causal": True}), grad=True),
     ]
@@ -79,29 +97,38 @@ def _kv_cases() -> List[Case]:
 
     def make_append(dtype, device):
         B, H, S, T, D = 3, 2, 40, 5, 64
-        return {"k_cache": torch.randn(B, H, S, D, dtype=dtype, device=device),
-                "v_cache": torch.randn(B, H, S, D, dtype=dtype, device=device),
-                "k_new": torch.randn(B, H, T, D, dtype=dtype, device=device),
-                "v_new": torch.randn(B, H, T, D, dtype=dtype, device=device),
-                "cache_seqlens": torch.tensor([0, 17, S - T], dtype=torch.int32, device=device)}
+        return {
+            "k_cache": torch.randn(B, H, S, D, dtype=dtype, device=device),
+            "v_cache": torch.randn(B, H, S, D, dtype=dtype, device=device),
+            "k_new": torch.randn(B, H, T, D, dtype=dtype, device=device),
+            "v_new": torch.randn(B, H, T, D, dtype=dtype, device=device),
+            "cache_seqlens": torch.tensor([0, 17, S - T], dtype=torch.int32, device=device),
+        }
 
     def run_append(x, backend):
-        seqkernels.kv_cache_append(x["k_cache"], x["v_cache"], x["k_new"], x["v_new"], x["cache_seqlens"], backend=backend)
+        seqkernels.kv_cache_append(
+            x["k_cache"], x["v_cache"], x["k_new"], x["v_new"], x["cache_seqlens"], backend=backend
+        )
         return x["k_cache"], x["v_cache"]
 
     def make_decode(dtype, device):
         B, Hq, Hkv, S, D = 3, 8, 2, 300, 128
-        return {"q": torch.randn(B, Hq, 1, D, dtype=dtype, device=device),
-                "k_cache": torch.randn(B, Hkv, S, D, dtype=dtype, device=device),
-                "v_cache": torch.randn(B, Hkv, S, D, dtype=dtype, device=device),
-                "cache_seqlens": torch.tensor([1, 177, S], dtype=torch.int32, device=device)}
+        return {
+            "q": torch.randn(B, Hq, 1, D, dtype=dtype, device=device),
+            "k_cache": torch.randn(B, Hkv, S, D, dtype=dtype, device=device),
+            "v_cache": torch.randn(B, Hkv, S, D, dtype=dtype, device=device),
+            "cache_seqlens": torch.tensor([1, 177, S], dtype=torch.int32, device=device),
+        }
 
     def run_decode(x, backend):
-        return seqkernels.decode_attention(x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], backend=backend,
-                                           return_lse=True)
+        return seqkernels.decode_attention(
+            x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], backend=backend, return_lse=True
+        )
 
-    return [Case("kv_cache_append", "append contiguous (3,2,40,64) T=5", make_append, run_append),
-            Case("decode_attention", "decode GQA (3,8/2,300,128)", make_decode, run_decode)]
+    return [
+        Case("kv_cache_append", "append contiguous (3,2,40,64) T=5", make_append, run_append),
+        Case("decode_attention", "decode GQA (3,8/2,300,128)", make_decode, run_decode),
+    ]
 
 
 def _lstm_cases() -> List[Case]:
@@ -109,11 +136,15 @@ def _lstm_cases() -> List[Case]:
 
     def make(dtype, device):
         B, I, H = 7, 33, 64
-        return {"input": torch.randn(B, I, dtype=dtype, device=device), "hx": torch.randn(B, H, dtype=dtype, device=device),
-                "cx": torch.randn(B, H, dtype=dtype, device=device),
-                "weight_ih": torch.randn(4 * H, I, dtype=dtype, device=device) * 0.2,
-                "weight_hh": torch.randn(4 * H, H, dtype=dtype, device=device) * 0.2,
-                "bias_ih": torch.randn(4 * H, dtype=dtype, device=device), "bias_hh": torch.randn(4 * H, dtype=dtype, device=device)}
+        return {
+            "input": torch.randn(B, I, dtype=dtype, device=device),
+            "hx": torch.randn(B, H, dtype=dtype, device=device),
+            "cx": torch.randn(B, H, dtype=dtype, device=device),
+            "weight_ih": torch.randn(4 * H, I, dtype=dtype, device=device) * 0.2,
+            "weight_hh": torch.randn(4 * H, H, dtype=dtype, device=device) * 0.2,
+            "bias_ih": torch.randn(4 * H, dtype=dtype, device=device),
+            "bias_hh": torch.randn(4 * H, dtype=dtype, device=device),
+        }
 
     def run(x, backend):
         return seqkernels.lstm_cell(**x, backend=backend)
@@ -125,7 +156,10 @@ def _lstm_cases() -> List[Case]:
         (hy.sum() + 0.5 * cy.sum()).backward()
         return tuple(x[n].grad for n in ("input", "hx", "cx", "weight_ih", "weight_hh", "bias_ih"))
 
-    return [Case("lstm_cell", "fwd (7,33->64)", make, run), Case("lstm_cell", "bwd (7,33->64)", make, run_bwd, grad=True)]
+    return [
+        Case("lstm_cell", "fwd (7,33->64)", make, run),
+        Case("lstm_cell", "bwd (7,33->64)", make, run_bwd, grad=True),
+    ]
 
 
 def _spec(op):
@@ -157,8 +191,11 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: str) -> tuple
 
 def main(ops=None, backends_=None, dtypes=None, verbose=False) -> int:
     cases: List[Case] = []
-    for loader, op_names in ((_attention_cases, ("attention",)), (_kv_cases, ("kv_cache_append", "decode_attention")),
-                             (_lstm_cases, ("lstm_cell",))):
+    for loader, op_names in (
+        (_attention_cases, ("attention",)),
+        (_kv_cases, ("kv_cache_append", "decode_attention")),
+        (_lstm_cases, ("lstm_cell",)),
+    ):
         if ops and not set(ops) & set(op_names):
             continue
         cases += [c for c in loader() if not ops or c.op in ops]
@@ -181,6 +218,8 @@ def main(ops=None, backends_=None, dtypes=None, verbose=False) -> int:
     for op, name, backend, dtype, status, ratio in rows:
         r = f"{ratio:9.3f}" if ratio is not None else " " * 9
         print(f"{op:18s} {name:{w}s} {backend:9s} {dtype:9s} {r}  {status}")
-    print(f"\n{sum(r[4] == 'pass' for r in rows)} passed, {failures} failed, "
-          f"{sum(r[4].startswith('skip') for r in rows)} skipped (backend not available for these inputs here)")
+    print(
+        f"\n{sum(r[4] == 'pass' for r in rows)} passed, {failures} failed, "
+        f"{sum(r[4].startswith('skip') for r in rows)} skipped (backend not available for these inputs here)"
+    )
     return 1 if failures else 0

@@ -22,9 +22,11 @@ def cmd_info(args) -> int:
 
     from . import _ext, backends
 
-    lines = [f"seqkernels {__import__('seqkernels').__version__}",
-             f"python     {platform.python_version()} ({platform.machine()})",
-             f"torch      {torch.__version__} (CUDA build {torch.version.cuda or 'none'})"]
+    lines = [
+        f"seqkernels {__import__('seqkernels').__version__}",
+        f"python     {platform.python_version()} ({platform.machine()})",
+        f"torch      {torch.__version__} (CUDA build {torch.version.cuda or 'none'})",
+    ]
     try:
         import triton
 
@@ -35,13 +37,17 @@ def cmd_info(args) -> int:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            lines.append(f"gpu {i}      {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
-                         f"{p.multi_processor_count} SMs")
+            lines.append(
+                f"gpu {i}      {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+                f"{p.multi_processor_count} SMs"
+            )
     else:
         lines.append("gpu        none visible to torch")
     if _ext.extension_available():
         archs = _ext.compiled_cuda_archs()
-        lines.append("extension  seqkernels._C built; CUDA part: " + (f"archs {';'.join(archs)}" if archs else "not built"))
+        lines.append(
+            "extension  seqkernels._C built; CUDA part: " + (f"archs {';'.join(archs)}" if archs else "not built")
+        )
     else:
         lines.append("extension  seqkernels._C NOT built (only the triton and reference backends)")
     lines.append("")
@@ -94,8 +100,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="seqkernels", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="versions, devices, backends built, CUDA archs compiled in")
-    p.add_argument("--kernels", action="store_true", help="also compile every kernel and print registers, "
-                   "shared memory, spills and tensor-core use per arch (slow)")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also compile every kernel and print registers, shared memory, spills and tensor-core use per arch (slow)",
+    )
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("check", help="parity of every op on every backend available here (DESIGN §5)")
     p.add_argument("--op", action="append", help="only this op (repeatable)")

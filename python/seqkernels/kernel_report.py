@@ -227,8 +227,12 @@ def parse_res_usage(text: str) -> dict[tuple[str, str], dict]:
             continue
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
         if m and func:
-            out[(arch, func)] = {"registers": int(m.group(1)), "stack": int(m.group(2)),
-                                 "shared": int(m.group(3)), "local": int(m.group(4))}
+            out[(arch, func)] = {
+                "registers": int(m.group(1)),
+                "stack": int(m.group(2)),
+                "shared": int(m.group(3)),
+                "local": int(m.group(4)),
+            }
             func = None
     return out
 
@@ -240,8 +244,9 @@ def parse_ptxas(text: str) -> dict[tuple[str, str], dict]:
     for line in text.splitlines():
         m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
         if m:
-            cur = out.setdefault((m.group(2), m.group(1)), {"registers": 0, "shared": 0, "spill_stores": 0,
-                                                           "spill_loads": 0, "stack": 0})
+            cur = out.setdefault(
+                (m.group(2), m.group(1)), {"registers": 0, "shared": 0, "spill_stores": 0, "spill_loads": 0, "stack": 0}
+            )
             continue
         if cur is None:
             continue
@@ -260,8 +265,12 @@ def parse_ptxas(text: str) -> dict[tuple[str, str], dict]:
 # ------------------------------------------------------------------------------------------------
 # CUDA: nvcc per .cu file
 # ------------------------------------------------------------------------------------------------
-TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+TORCH_NVCC_DEFINES = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 
 
 def cuda_sources(root: Path | None = None) -> list[Path]:
@@ -275,9 +284,19 @@ def _nvcc_command(src: Path, archs: list[int], out: Path, root: Path) -> list[st
     nvcc = _tool("nvcc")
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME): the CUDA kernels cannot be compiled for the report")
-    cmd = [nvcc, "-fatbin", "-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
-           "-Xptxas=-v,-warn-spills", "-DSEQKERNELS_WITH_CUDA", *TORCH_NVCC_DEFINES,
-           f"-I{root / 'csrc'}", f"-I{sysconfig.get_paths()['include']}"]
+    cmd = [
+        nvcc,
+        "-fatbin",
+        "-O3",
+        "-std=c++20",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "-Xptxas=-v,-warn-spills",
+        "-DSEQKERNELS_WITH_CUDA",
+        *TORCH_NVCC_DEFINES,
+        f"-I{root / 'csrc'}",
+        f"-I{sysconfig.get_paths()['include']}",
+    ]
     cmd += [f"-I{p}" for p in cpp_extension.include_paths()]
     cmd += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     cmd += ["-MD", "-MF", str(out) + ".d", str(src), "-o", str(out)]
@@ -315,18 +334,32 @@ def compile_cuda_file(src, archs=None, *, build_dir: Path | None = None) -> list
         Path(str(out) + ".cmd").write_text(shlex.join(cmd))
     ptxas = parse_ptxas(log.read_text())
     cuobjdump = _tool("cuobjdump")
-    sass = parse_sass(subprocess.run([cuobjdump, "-sass", str(out)], capture_output=True, text=True).stdout) \
-        if cuobjdump else {}
+    sass = (
+        parse_sass(subprocess.run([cuobjdump, "-sass", str(out)], capture_output=True, text=True).stdout)
+        if cuobjdump
+        else {}
+    )
     names = _demangle(sorted({f for _, f in ptxas}))
     rows = []
     for (arch, func), r in sorted(ptxas.items(), key=lambda kv: (names[kv[0][1]], kv[0][0])):
         s = sass.get((arch, func), {})
         short = _short_name(names[func])
-        row = {"kind": "cuda", "source": _rel(src), "kernel": _display_name(names[func]), "short_name": short, "config": "",
-               "arch": arch, "registers": r["registers"], "shared_bytes": r["shared"],
-               "spill_stores": r["spill_stores"], "spill_loads": r["spill_loads"], "stack_bytes": r["stack"],
-               "local_bytes": 0, "tensor_cores": s.get("tensor_cores", False) if s else None,
-               "expects_tensor_cores": _expects(short)}
+        row = {
+            "kind": "cuda",
+            "source": _rel(src),
+            "kernel": _display_name(names[func]),
+            "short_name": short,
+            "config": "",
+            "arch": arch,
+            "registers": r["registers"],
+            "shared_bytes": r["shared"],
+            "spill_stores": r["spill_stores"],
+            "spill_loads": r["spill_loads"],
+            "stack_bytes": r["stack"],
+            "local_bytes": 0,
+            "tensor_cores": s.get("tensor_cores", False) if s else None,
+            "expects_tensor_cores": _expects(short),
+        }
         row["problems"] = _problems(row)
         rows.append(row)
     return rows
@@ -360,11 +393,22 @@ def collect_built_cuda(archs=None) -> list[dict]:
             continue
         s = sass.get((arch, func), {})
         short = _short_name(names[func])
-        row = {"kind": "cuda", "source": "seqkernels._C", "kernel": _display_name(names[func]), "short_name": short,
-               "config": "",
-               "arch": arch, "registers": r["registers"], "shared_bytes": r["shared"], "spill_stores": None,
-               "spill_loads": None, "stack_bytes": r["stack"], "local_bytes": r["local"],
-               "tensor_cores": s.get("tensor_cores", False), "expects_tensor_cores": _expects(short)}
+        row = {
+            "kind": "cuda",
+            "source": "seqkernels._C",
+            "kernel": _display_name(names[func]),
+            "short_name": short,
+            "config": "",
+            "arch": arch,
+            "registers": r["registers"],
+            "shared_bytes": r["shared"],
+            "spill_stores": None,
+            "spill_loads": None,
+            "stack_bytes": r["stack"],
+            "local_bytes": r["local"],
+            "tensor_cores": s.get("tensor_cores", False),
+            "expects_tensor_cores": _expects(short),
+        }
         row["problems"] = _problems(row)
         rows.append(row)
     return rows
@@ -407,8 +451,9 @@ def _signature_and_attrs(kernel, signature: dict) -> tuple[dict, dict]:
     return sig, attrs
 
 
-def compile_triton_config(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
-                          arch: int, attrs: dict | None = None) -> dict:
+def compile_triton_config(
+    kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int, attrs: dict | None = None
+) -> dict:
     """Compile one configuration for one arch; resource usage from the cubin. `attrs` (as
     ASTSource takes them) replaces the divisibility hints derived from the signature, for modules
     that state exactly which arguments the JIT sees divisible by 16."""
@@ -419,8 +464,9 @@ def compile_triton_config(kernel, signature: dict, constexprs: dict, num_warps: 
     sig, derived = _signature_and_attrs(kernel, signature)
     attrs = derived if attrs is None else attrs
     src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     cuobjdump = _tool("cuobjdump")
     if cuobjdump is None:
         raise RuntimeError("cuobjdump not found (CUDA toolkit or Triton's bundled tools)")
@@ -435,9 +481,15 @@ def compile_triton_config(kernel, signature: dict, constexprs: dict, num_warps: 
     s = next(iter(sass.values()), {"tensor_cores": False, "local_instructions": 0})
     ptx = compiled.asm.get("ptx", "")
     kind = "wgmma" if "wgmma." in ptx else ("mma" if "mma.sync" in ptx or s["tensor_cores"] else None)
-    return {"registers": r["registers"], "shared_bytes": int(compiled.metadata.shared), "stack_bytes": r["stack"],
-            "local_bytes": r["local"], "local_instructions": s["local_instructions"], "tensor_cores": kind is not None,
-            "tensor_core_kind": kind}
+    return {
+        "registers": r["registers"],
+        "shared_bytes": int(compiled.metadata.shared),
+        "stack_bytes": r["stack"],
+        "local_bytes": r["local"],
+        "local_instructions": s["local_instructions"],
+        "tensor_cores": kind is not None,
+        "tensor_core_kind": kind,
+    }
 
 
 def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
@@ -457,17 +509,28 @@ def _triton_job(modname: str, index: int, arch: int) -> dict:
     entry = importlib.import_module(modname).STATIC_CONFIGS[index]
     kernel, signature, constexprs, num_warps, num_stages, expects = entry
     name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel))
-    row = {"kind": "triton", "source": modname, "kernel": name, "short_name": name,
-           "config": getattr(entry, "name", None) or _config_label(constexprs, num_warps, num_stages),
-           "arch": f"sm_{arch}", "spill_stores": None, "spill_loads": None,
-           "expects_tensor_cores": expects if expects == "mma" else bool(expects)}
+    row = {
+        "kind": "triton",
+        "source": modname,
+        "kernel": name,
+        "short_name": name,
+        "config": getattr(entry, "name", None) or _config_label(constexprs, num_warps, num_stages),
+        "arch": f"sm_{arch}",
+        "spill_stores": None,
+        "spill_loads": None,
+        "expects_tensor_cores": expects if expects == "mma" else bool(expects),
+    }
     try:
-        row.update(compile_triton_config(kernel, signature, constexprs, num_warps, num_stages, arch,
-                                         attrs=getattr(entry, "attrs", None)))
+        row.update(
+            compile_triton_config(
+                kernel, signature, constexprs, num_warps, num_stages, arch, attrs=getattr(entry, "attrs", None)
+            )
+        )
         row["problems"] = _problems(row)
     except Exception as e:  # a config that does not compile is a finding, not a crash
-        row.update({"registers": None, "shared_bytes": None, "stack_bytes": None, "local_bytes": None,
-                    "tensor_cores": None})
+        row.update(
+            {"registers": None, "shared_bytes": None, "stack_bytes": None, "local_bytes": None, "tensor_cores": None}
+        )
         row["problems"] = [f"does not compile: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"]
     return row
 
@@ -485,8 +548,9 @@ def _collect_triton_here(modules, archs) -> list[dict]:
     import concurrent.futures
     import multiprocessing
 
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)),
-                                                mp_context=multiprocessing.get_context("fork")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")
+    ) as pool:
         return list(pool.map(_triton_job, *zip(*jobs)))
 
 
@@ -502,14 +566,20 @@ def collect_triton(modules=None, archs=None) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = dict(os.environ, TRITON_INTERPRET="0")
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        code = ("import json,sys; from seqkernels.kernel_report import _collect_triton_here as c; "
-                "print('@@ROWS@@' + json.dumps(c(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))")
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(mods), json.dumps(arch_list)], env=env,
-                              capture_output=True, text=True)
+        code = (
+            "import json,sys; from seqkernels.kernel_report import _collect_triton_here as c; "
+            "print('@@ROWS@@' + json.dumps(c(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(mods), json.dumps(arch_list)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         marker = proc.stdout.rfind("@@ROWS@@")
         if proc.returncode != 0 or marker < 0:
             raise RuntimeError(f"Triton ahead-of-time compilation failed:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
-        return json.loads(proc.stdout[marker + len("@@ROWS@@"):])
+        return json.loads(proc.stdout[marker + len("@@ROWS@@") :])
     return _collect_triton_here(mods, arch_list)
 
 
@@ -537,15 +607,30 @@ def format_table(rows: list[dict]) -> str:
     """Human-readable table: one line per kernel (and Triton config) and arch."""
     if not rows:
         return "no GPU kernels found"
-    headers = ["kind", "kernel", "arch", "regs", "smem B", "spill st/ld B", "stack B", "local B", "tensor cores",
-               "status"]
+    headers = [
+        "kind",
+        "kernel",
+        "arch",
+        "regs",
+        "smem B",
+        "spill st/ld B",
+        "stack B",
+        "local B",
+        "tensor cores",
+        "status",
+    ]
 
     def fmt(v):
         return "?" if v is None else str(v)
 
     def tc(r):
-        have = "?" if r.get("tensor_cores") is None else (r.get("tensor_core_kind") or "yes") if r["tensor_cores"] \
+        have = (
+            "?"
+            if r.get("tensor_cores") is None
+            else (r.get("tensor_core_kind") or "yes")
+            if r["tensor_cores"]
             else "no"
+        )
         want = _expected_tc(r)
         return have + ("" if want is None else f" (expected {want})")
 
@@ -556,8 +641,20 @@ def format_table(rows: list[dict]) -> str:
             name += f" [{r['config']}]"
         spills = "?" if r.get("spill_stores") is None else f"{r['spill_stores']}/{r['spill_loads']}"
         status = "ok" if not r["problems"] else "; ".join(r["problems"])
-        lines.append([r["kind"], name, r["arch"], fmt(r.get("registers")), fmt(r.get("shared_bytes")), spills,
-                      fmt(r.get("stack_bytes")), fmt(r.get("local_bytes")), tc(r), status])
+        lines.append(
+            [
+                r["kind"],
+                name,
+                r["arch"],
+                fmt(r.get("registers")),
+                fmt(r.get("shared_bytes")),
+                spills,
+                fmt(r.get("stack_bytes")),
+                fmt(r.get("local_bytes")),
+                tc(r),
+                status,
+            ]
+        )
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(headers)]
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]

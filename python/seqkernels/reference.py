@@ -123,9 +123,7 @@ def dropout_threshold_ref(p: float) -> int:
     return int(p * 4294967296.0)
 
 
-def dropout_keep_mask_ref(
-    seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, p: float, device=None
-) -> Tensor:
+def dropout_keep_mask_ref(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, p: float, device=None) -> Tensor:
     """Bool keep mask ``(B, H, Lq, Lk)``: element ``(b, h, i, j)`` is kept iff the Philox word of
     ``n = ((b * H + h) * Lq + i) * Lk + j`` is ``>= floor(p * 2^32)``. ``H`` is the number of
     *query* heads."""
@@ -162,8 +160,10 @@ def _grouped_matmul(a: Tensor, b: Tensor, groups: int) -> Tensor:
 def _check_attention_args(q, k, v, attn_mask, kv_lengths):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"attention_ref: {name} must be a 4-D tensor (B, H, L, D), got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+            raise ValueError(
+                f"attention_ref: {name} must be a 4-D tensor (B, H, L, D), got "
+                f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}"
+            )
         if not t.is_floating_point():
             raise ValueError(f"attention_ref: {name} must be floating point, got {t.dtype}")
     B, Hq, Lq, D = q.shape
@@ -173,24 +173,25 @@ def _check_attention_args(q, k, v, attn_mask, kv_lengths):
     if Dk != D:
         raise ValueError(f"attention_ref: q and k head dims differ ({D} vs {Dk})")
     if v.shape[1] != Hkv or v.shape[2] != Lk:
-        raise ValueError(f"attention_ref: v {tuple(v.shape)} must be (B, Hkv, Lk, Dv) with k's Hkv={Hkv}, "
-                         f"Lk={Lk}")
+        raise ValueError(f"attention_ref: v {tuple(v.shape)} must be (B, Hkv, Lk, Dv) with k's Hkv={Hkv}, Lk={Lk}")
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"attention_ref: the number of query heads ({Hq}) must be a multiple of the "
-                         f"number of kv heads ({Hkv})")
+        raise ValueError(
+            f"attention_ref: the number of query heads ({Hq}) must be a multiple of the number of kv heads ({Hkv})"
+        )
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise ValueError("attention_ref: attn_mask must be a tensor or None")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(f"attention_ref: attn_mask must be bool or floating point, got "
-                             f"{attn_mask.dtype}")
+            raise ValueError(f"attention_ref: attn_mask must be bool or floating point, got {attn_mask.dtype}")
         try:
             shape = torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk))
         except RuntimeError:
             shape = None
         if shape != (B, Hq, Lq, Lk):
-            raise ValueError(f"attention_ref: attn_mask of shape {tuple(attn_mask.shape)} does not "
-                             f"broadcast to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}")
+            raise ValueError(
+                f"attention_ref: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                f"broadcast to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}"
+            )
     if kv_lengths is not None and (
         not isinstance(kv_lengths, Tensor) or kv_lengths.shape != (B,) or kv_lengths.is_floating_point()
     ):
@@ -284,8 +285,7 @@ def attention_ref(
         k = torch.where(valid, k, torch.zeros((), dtype=k.dtype, device=device))
         v = torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=device))
 
-    vis = _visibility(B, Lq, Lk, kv_lengths, int(window_left), int(window_right), bool(bottom_right),
-                      device)
+    vis = _visibility(B, Lq, Lk, kv_lengths, int(window_left), int(window_right), bool(bottom_right), device)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         m = attn_mask.to(device)
         vis = m if vis is None else vis & m
@@ -322,9 +322,7 @@ def attention_ref(
     return out.to(out_dtype), lse
 
 
-def attention_bwd_ref(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, **kwargs
-) -> tuple[Tensor, Tensor, Tensor]:
+def attention_bwd_ref(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`attention_ref` for the cotangent ``grad_out`` (autograd),
     shaped like ``q, k, v``; ``dk``/``dv`` are summed over the query heads of each group.
     Accepts the keyword arguments of :func:`attention_ref`; the mask gets no gradient."""
@@ -358,9 +356,7 @@ def sdpa_ref(
     broadcasting leading dims, top-left ``is_causal``, ``enable_gqa``. Dropout uses the Philox
     keep mask of ``(seed, offset)`` instead of torch's generator."""
     if is_causal and attn_mask is not None:
-        raise RuntimeError(
-            "_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True"
-        )
+        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(
             "Expected query, key, and value to have the same dtype, but got query.dtype: "
@@ -385,9 +381,7 @@ def sdpa_ref(
     if enable_gqa:
         for name, t in (("key", k), ("value", v)):
             if t.shape[-3] == 0 or Hq % t.shape[-3] != 0:
-                raise RuntimeError(
-                    "Number of heads in key and value must divide the number of heads in query"
-                )
+                raise RuntimeError("Number of heads in key and value must divide the number of heads in query")
         if k.shape[-3] != v.shape[-3]:
             # torch repeats key and value separately; attention_ref wants one kv head count.
             k = k.repeat_interleave(Hq // k.shape[-3], dim=-3)
@@ -408,13 +402,21 @@ def sdpa_ref(
             mask = attn_mask.broadcast_to(*lead, H, L, S).reshape(Bf, H, L, S)
         except RuntimeError as e:
             raise RuntimeError(
-                f"sdpa_ref: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                f"{(*lead, H, L, S)}"
+                f"sdpa_ref: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {(*lead, H, L, S)}"
             ) from e
 
     out, _ = attention_ref(
-        q, k, v, attn_mask=mask, scale=scale, window_left=-1, window_right=0 if is_causal else -1,
-        bottom_right=False, dropout_p=dropout_p, seed=seed, offset=offset,
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        scale=scale,
+        window_left=-1,
+        window_right=0 if is_causal else -1,
+        bottom_right=False,
+        dropout_p=dropout_p,
+        seed=seed,
+        offset=offset,
     )
     out = out.reshape(*lead, H, L, Ev)
     if out_ndim < 3:
@@ -427,8 +429,9 @@ def sdpa_ref(
 # ----------------------------------------------------------------------------------------------
 
 
-def _cache_slots(cache_seqlens: Tensor, T: int, block_table: Tensor | None, num_slots: int,
-                 block_size: int, num_blocks: int):
+def _cache_slots(
+    cache_seqlens: Tensor, T: int, block_table: Tensor | None, num_slots: int, block_size: int, num_blocks: int
+):
     """For each (b, t) the flat destination ``(slot_tensor_index, position_in_slot)`` and whether
     it is in range. Contiguous: slot = b, position = p. Paged: slot = block id, position =
     p % block_size. All in int64."""
@@ -469,8 +472,7 @@ def kv_cache_append_ref(
         raise ValueError("kv_cache_append_ref: caches and new tokens must be 4-D")
     B, Hkv, T, _ = k_new.shape
     if cache_seqlens.shape != (B,):
-        raise ValueError(f"kv_cache_append_ref: cache_seqlens must have shape ({B},), got "
-                         f"{tuple(cache_seqlens.shape)}")
+        raise ValueError(f"kv_cache_append_ref: cache_seqlens must have shape ({B},), got {tuple(cache_seqlens.shape)}")
     if v_new.shape[:3] != (B, Hkv, T):
         raise ValueError("kv_cache_append_ref: k_new and v_new must agree on (B, Hkv, T)")
     if block_table is None:
@@ -482,9 +484,14 @@ def kv_cache_append_ref(
             raise ValueError(f"kv_cache_append_ref: block_table must be (B={B}, max_blocks)")
         num_slots, block_size, num_blocks = 0, k_cache.shape[2], k_cache.shape[0]
     device = k_cache.device
-    slot, pos, valid = _cache_slots(cache_seqlens.to(device), T,
-                                    None if block_table is None else block_table.to(device),
-                                    num_slots, block_size, num_blocks)
+    slot, pos, valid = _cache_slots(
+        cache_seqlens.to(device),
+        T,
+        None if block_table is None else block_table.to(device),
+        num_slots,
+        block_size,
+        num_blocks,
+    )
     b_idx, t_idx = valid.nonzero(as_tuple=True)
     dst_slot, dst_pos = slot[b_idx, t_idx], pos[b_idx, t_idx]
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
@@ -537,8 +544,9 @@ def decode_attention_ref(
     device = q.device
     lens = cache_seqlens.to(device=device, dtype=torch.int64)
     if bool(((lens < 0) | (lens > S)).any()):
-        raise ValueError(f"decode_attention_ref: cache_seqlens must lie in [0, {S}] (the cache capacity), "
-                         f"got {lens.tolist()}")
+        raise ValueError(
+            f"decode_attention_ref: cache_seqlens must lie in [0, {S}] (the cache capacity), got {lens.tolist()}"
+        )
     valid = torch.arange(S, device=device).view(1, S) < lens.view(B, 1)
     if block_table is not None:
         bs, num_blocks = k_cache.shape[2], k_cache.shape[0]
@@ -550,9 +558,16 @@ def decode_attention_ref(
     valid = valid.view(B, 1, S, 1)
     k = torch.where(valid, k, torch.zeros((), dtype=k.dtype, device=device))
     v = torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=device))
-    return attention_ref(q, k, v, kv_lengths=lens, scale=scale, window_left=window_left,
-                         window_right=0 if window_right < 0 else min(window_right, 0),
-                         bottom_right=True)
+    return attention_ref(
+        q,
+        k,
+        v,
+        kv_lengths=lens,
+        scale=scale,
+        window_left=window_left,
+        window_right=0 if window_right < 0 else min(window_right, 0),
+        bottom_right=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,7 +640,7 @@ def lstm_layer_fwd_ref(
     T = input_gates.shape[0]
     h, c = h0, c0
     outs: list[Tensor | None] = [None] * T
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+    for t in range(T - 1, -1, -1) if reverse else range(T):
         h, c, _ = lstm_cell_fwd_ref(input_gates[t], h @ weight_hh.t(), c, bias, None)
         outs[t] = h
     out = torch.stack(outs) if T else input_gates.new_empty((0,) + tuple(h0.shape))

@@ -66,7 +66,7 @@ def parity_floor(dtype: torch.dtype) -> float:
     ten thousand times tighter than float32 precision. Non-floating dtypes get 0 (exact match).
     """
     if dtype == torch.float64:
-        return 2.0 ** -36
+        return 2.0**-36
     if dtype.is_floating_point:
         return float(torch.finfo(dtype).eps)
     return 0.0
@@ -122,36 +122,51 @@ class ParityReport:
         return self
 
     def __str__(self) -> str:
-        head = ("name", "dtype", "shape", "max err", "mean err", "torch err", "bound", "ratio",
-                "nan/inf", "close", "result")
+        head = (
+            "name",
+            "dtype",
+            "shape",
+            "max err",
+            "mean err",
+            "torch err",
+            "bound",
+            "ratio",
+            "nan/inf",
+            "close",
+            "result",
+        )
         lines = []
         for r in self.rows:
-            lines.append((
-                r.name,
-                str(r.dtype).replace("torch.", "") if r.dtype is not None else "-",
-                "x".join(str(s) for s in r.shape) if r.shape else "()",
-                f"{r.max_err:.3e}",
-                f"{r.mean_err:.3e}",
-                f"{r.baseline_err:.3e}",
-                f"{r.bound:.3e}",
-                f"{r.ratio:.3f}",
-                "ok" if (r.nan_agree and r.inf_agree) else "DIFFER",
-                "-" if r.close is None else ("ok" if r.close else "FAIL"),
-                ("PASS" if r.passed else "FAIL") + (f" ({r.note})" if r.note else ""),
-            ))
-        widths = [max(len(h), *(len(l[c]) for l in lines)) if lines else len(h)
-                  for c, h in enumerate(head)]
+            lines.append(
+                (
+                    r.name,
+                    str(r.dtype).replace("torch.", "") if r.dtype is not None else "-",
+                    "x".join(str(s) for s in r.shape) if r.shape else "()",
+                    f"{r.max_err:.3e}",
+                    f"{r.mean_err:.3e}",
+                    f"{r.baseline_err:.3e}",
+                    f"{r.bound:.3e}",
+                    f"{r.ratio:.3f}",
+                    "ok" if (r.nan_agree and r.inf_agree) else "DIFFER",
+                    "-" if r.close is None else ("ok" if r.close else "FAIL"),
+                    ("PASS" if r.passed else "FAIL") + (f" ({r.note})" if r.note else ""),
+                )
+            )
+        widths = [max(len(h), *(len(l[c]) for l in lines)) if lines else len(h) for c, h in enumerate(head)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         n_fail = len(self.failures)
         summary = ("PASSED" if self.passed else "FAILED") + (
             f": {len(self.rows) - n_fail}/{len(self.rows)} entries within the parity bound"
-            if self.rows else ": nothing was compared"
+            if self.rows
+            else ": nothing was compared"
         )
         out = []
         if self.title:
             out.append(self.title)
-        out.append("rule: max|out-ref| <= 2*max|torch-ref| + floor (3* for gradients); "
-                   "NaN/inf positions agree; float32/64 also assert_close")
+        out.append(
+            "rule: max|out-ref| <= 2*max|torch-ref| + floor (3* for gradients); "
+            "NaN/inf positions agree; float32/64 also assert_close"
+        )
         out.append(fmt(head))
         out.append(fmt(["-" * w for w in widths]))
         out.extend(fmt(l) for l in lines)
@@ -165,12 +180,25 @@ class ParityReport:
 
 
 def _fail_row(name, t, note) -> ParityRow:
-    return ParityRow(name, getattr(t, "dtype", None), tuple(getattr(t, "shape", ())), math.inf, math.inf,
-                     math.nan, math.nan, False, False, None, False, note)
+    return ParityRow(
+        name,
+        getattr(t, "dtype", None),
+        tuple(getattr(t, "shape", ())),
+        math.inf,
+        math.inf,
+        math.nan,
+        math.nan,
+        False,
+        False,
+        None,
+        False,
+        note,
+    )
 
 
-def _compare_tensor(out: Tensor, ref: Tensor, baseline: Tensor | None, grad: bool, name: str,
-                    dtype: torch.dtype | None) -> ParityRow:
+def _compare_tensor(
+    out: Tensor, ref: Tensor, baseline: Tensor | None, grad: bool, name: str, dtype: torch.dtype | None
+) -> ParityRow:
     if not isinstance(out, Tensor) or not isinstance(ref, Tensor):
         return _fail_row(name, out, f"expected tensors, got {type(out).__name__} and {type(ref).__name__}")
     if tuple(out.shape) != tuple(ref.shape):
@@ -183,8 +211,20 @@ def _compare_tensor(out: Tensor, ref: Tensor, baseline: Tensor | None, grad: boo
         equal = bool(torch.equal(out.detach().cpu(), ref.detach().cpu().to(out.dtype)))
         diff = (out.detach().cpu().double() - ref.detach().cpu().double()).abs()
         err = float(diff.max()) if diff.numel() else 0.0
-        return ParityRow(name, out.dtype, tuple(out.shape), err, float(diff.mean()) if diff.numel() else 0.0,
-                         0.0, 0.0, True, True, None, equal, "" if equal else "integer values differ")
+        return ParityRow(
+            name,
+            out.dtype,
+            tuple(out.shape),
+            err,
+            float(diff.mean()) if diff.numel() else 0.0,
+            0.0,
+            0.0,
+            True,
+            True,
+            None,
+            equal,
+            "" if equal else "integer values differ",
+        )
 
     o = out.detach().to("cpu", torch.float64)
     r = ref.detach().to("cpu", torch.float64)
@@ -225,8 +265,9 @@ def _compare_tensor(out: Tensor, ref: Tensor, baseline: Tensor | None, grad: boo
         note = "inf positions differ"
     elif close is False:
         note = "assert_close fails"
-    return ParityRow(name, out.dtype, tuple(out.shape), err_k, mean_k, err_t, bound, nan_agree,
-                     inf_agree, close, passed, note)
+    return ParityRow(
+        name, out.dtype, tuple(out.shape), err_k, mean_k, err_t, bound, nan_agree, inf_agree, close, passed, note
+    )
 
 
 def _narrowest_dtype(obj) -> torch.dtype | None:
@@ -234,8 +275,9 @@ def _narrowest_dtype(obj) -> torch.dtype | None:
     return max(dtypes, key=lambda d: torch.finfo(d).eps) if dtypes else None
 
 
-def compare(out: Any, ref: Any, baseline: Any, *, grad: bool = False, name: str = "out",
-            dtype: torch.dtype | None = None) -> ParityReport:
+def compare(
+    out: Any, ref: Any, baseline: Any, *, grad: bool = False, name: str = "out", dtype: torch.dtype | None = None
+) -> ParityReport:
     """Apply the parity rule to ``out`` (code under test), ``ref`` (float64 reference) and
     ``baseline`` (plain torch in ``out``'s dtype).
 
@@ -347,14 +389,15 @@ def _cotangents(outs: list[Any], seed: int) -> list[Tensor | None]:
 def _input_grads(outs, cots, leaves: list[Tensor | None]):
     """Gradients of ``sum(out * cot)`` with respect to ``leaves`` (None where a leaf is absent,
     unused, or nothing differentiable came out)."""
-    pairs = [(o, c.to(device=o.device, dtype=o.dtype)) for o, c in zip(outs, cots)
-             if c is not None and isinstance(o, Tensor) and o.requires_grad
-             and tuple(o.shape) == tuple(c.shape)]
+    pairs = [
+        (o, c.to(device=o.device, dtype=o.dtype))
+        for o, c in zip(outs, cots)
+        if c is not None and isinstance(o, Tensor) and o.requires_grad and tuple(o.shape) == tuple(c.shape)
+    ]
     present = [x for x in leaves if x is not None]
     if not pairs or not present:
         return [None] * len(leaves)
-    grads = iter(torch.autograd.grad([o for o, _ in pairs], present, [c for _, c in pairs],
-                                     allow_unused=True))
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], present, [c for _, c in pairs], allow_unused=True))
     return [None if x is None else next(grads) for x in leaves]
 
 
@@ -443,9 +486,11 @@ def check_parity(
 
     paths = list(ref_copies.leaves)
     names = [f"grad[{p}]" for p in paths]
-    leaves = {"test": [test_copies.leaves.get(p) for p in paths],
-              "ref": [ref_copies.leaves.get(p) for p in paths],
-              "base": [base_copies.leaves.get(p) for p in paths]}
+    leaves = {
+        "test": [test_copies.leaves.get(p) for p in paths],
+        "ref": [ref_copies.leaves.get(p) for p in paths],
+        "base": [base_copies.leaves.get(p) for p in paths],
+    }
     test_p, ref_p, base_p = _params(test_fn), _params(ref_fn), _params(base_fn)
     for n in ref_p:
         if n in test_p and n in base_p:

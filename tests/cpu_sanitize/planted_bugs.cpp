@@ -62,6 +62,4 @@ at::Tensor cpu_sanitize_selftest(const at::Tensor& x, int64_t which) {
 }  // namespace
 }  // namespace seqkernels
 
-TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
-  m.impl("cpu_sanitize_selftest", &seqkernels::cpu_sanitize_selftest);
-}
+TORCH_LIBRARY_IMPL(seqkernels, CPU, m) { m.impl("cpu_sanitize_selftest", &seqkernels::cpu_sanitize_selftest); }

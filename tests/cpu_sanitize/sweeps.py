@@ -93,8 +93,9 @@ def attention_cases(level: str) -> list[dict]:
         W = lanes(dtype)
         NR = 2 * W
         lq = sorted({1} | edges(t["kMR"]) | edges(t["bwd_BM"]) | edges(t["fwd_BM"]) | {3 * t["fwd_BM"] + 1})
-        lk = sorted({1} | edges(NR) | edges(t["bwd_BN"]) | edges(t["kSlice"] * NR) | edges(t["fwd_BN"])
-                    | {3 * t["fwd_BN"] + 1})
+        lk = sorted(
+            {1} | edges(NR) | edges(t["bwd_BN"]) | edges(t["kSlice"] * NR) | edges(t["fwd_BN"]) | {3 * t["fwd_BN"] + 1}
+        )
         if level == "ci":
             # Every key length once, the query lengths cycling (both extremes included).
             pairs = [(lq[(i * 7) % len(lq)], L) for i, L in enumerate(lk)] + [(lq[-1], lk[-1])]
@@ -114,31 +115,79 @@ def attention_cases(level: str) -> list[dict]:
                 kv[0] = Lk - 1 if Lk > 1 else Lk
             windows = [(-1, -1), (-1, 0), (NR - 1, 0), (NR + 1, NR), (0, -1), (1, 2 * NR - 1), (-1, -1)]
             wl, wr = _pick(windows, n)
-            cases.append(dict(
-                op="attention", dtype=dtype, B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=dims[n % len(dims)],
-                Dv=dims[(n + 1 + n // len(dims)) % len(dims)], mask=mask, kv_lengths=kv, window=(wl, wr),
-                bottom_right=bool(rnd.getrandbits(1)) if (wl, wr) != (-1, -1) else bool(n % 2),
-                # The reference's Philox mask is slow in torch: dropout on the smaller shapes.
-                dropout=0.25 if n % 6 == 5 and Lq * Lk <= 8192 else 0.0,
-                layout=_pick(["contig", "bshd", "strided_d", "contig", "bcast_b"], n // 2),
-                threads=1 + (n % 2), seed=_seed("attention-data", dtype, n, Lq, Lk)))
+            cases.append(
+                dict(
+                    op="attention",
+                    dtype=dtype,
+                    B=B,
+                    Hq=Hq,
+                    Hkv=Hkv,
+                    Lq=Lq,
+                    Lk=Lk,
+                    D=dims[n % len(dims)],
+                    Dv=dims[(n + 1 + n // len(dims)) % len(dims)],
+                    mask=mask,
+                    kv_lengths=kv,
+                    window=(wl, wr),
+                    bottom_right=bool(rnd.getrandbits(1)) if (wl, wr) != (-1, -1) else bool(n % 2),
+                    # The reference's Philox mask is slow in torch: dropout on the smaller shapes.
+                    dropout=0.25 if n % 6 == 5 and Lq * Lk <= 8192 else 0.0,
+                    layout=_pick(["contig", "bshd", "strided_d", "contig", "bcast_b"], n // 2),
+                    threads=1 + (n % 2),
+                    seed=_seed("attention-data", dtype, n, Lq, Lk),
+                )
+            )
     # Dropout at tile edges (small: the reference's Philox mask is slow in torch).
     for dtype in DTYPES:
         NR = 2 * lanes(dtype)
-        for n, (Lq, Lk) in enumerate(((t["kMR"] + 1, NR + 1), (2 * t["kMR"] + 1, t["bwd_BN"] + 1),
-                                      (t["fwd_BM"] + 1, 2 * NR + 1))):
-            cases.append(dict(op="attention", dtype=dtype, B=1, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=lanes(dtype) + 1,
-                              Dv=lanes(dtype) - 1, mask=_pick(["none", "bool", "float32"], n),
-                              kv_lengths=[Lk - 1] if n == 1 else None,
-                              window=_pick([(-1, -1), (-1, 0), (3, 1)], n),
-                              bottom_right=True, dropout=0.25, layout="contig", threads=1 + n % 2,
-                              seed=_seed("attention-dropout", dtype, Lq, Lk)))
+        for n, (Lq, Lk) in enumerate(
+            ((t["kMR"] + 1, NR + 1), (2 * t["kMR"] + 1, t["bwd_BN"] + 1), (t["fwd_BM"] + 1, 2 * NR + 1))
+        ):
+            cases.append(
+                dict(
+                    op="attention",
+                    dtype=dtype,
+                    B=1,
+                    Hq=2,
+                    Hkv=1,
+                    Lq=Lq,
+                    Lk=Lk,
+                    D=lanes(dtype) + 1,
+                    Dv=lanes(dtype) - 1,
+                    mask=_pick(["none", "bool", "float32"], n),
+                    kv_lengths=[Lk - 1] if n == 1 else None,
+                    window=_pick([(-1, -1), (-1, 0), (3, 1)], n),
+                    bottom_right=True,
+                    dropout=0.25,
+                    layout="contig",
+                    threads=1 + n % 2,
+                    seed=_seed("attention-dropout", dtype, Lq, Lk),
+                )
+            )
     # Degenerate shapes (the early returns and zero-filled gradients).
     for dtype in DTYPES:
         for Lq, Lk, kv in ((0, 5, None), (4, 0, None), (7, 19, [0, 0])):
-            cases.append(dict(op="attention", dtype=dtype, B=2, Hq=2, Hkv=1, Lq=Lq, Lk=Lk, D=3, Dv=5,
-                              mask="none", kv_lengths=kv, window=(-1, -1), bottom_right=True, dropout=0.0,
-                              layout="contig", threads=2, seed=_seed("attention-degenerate", dtype, Lq, Lk)))
+            cases.append(
+                dict(
+                    op="attention",
+                    dtype=dtype,
+                    B=2,
+                    Hq=2,
+                    Hkv=1,
+                    Lq=Lq,
+                    Lk=Lk,
+                    D=3,
+                    Dv=5,
+                    mask="none",
+                    kv_lengths=kv,
+                    window=(-1, -1),
+                    bottom_right=True,
+                    dropout=0.0,
+                    layout="contig",
+                    threads=2,
+                    seed=_seed("attention-degenerate", dtype, Lq, Lk),
+                )
+            )
     return cases
 
 
@@ -153,8 +202,7 @@ def kv_cache_cases(level: str) -> list[dict]:
         rows = [(1, 1), (2, 2), (5, 3), (RT - 1, 1), (RT // 2, 2), ((RT + 1) // 3 + 1, 3), (RT + 1, 1)]
         layouts = [0, 1, 3, 16]  # 0: contiguous, else the paged block size
         if level == "ci":
-            combos = [(lens[i % len(lens)], _pick(rows, i), _pick(layouts, i + i // 4))
-                      for i in range(len(lens) + 4)]
+            combos = [(lens[i % len(lens)], _pick(rows, i), _pick(layouts, i + i // 4)) for i in range(len(lens) + 4)]
         else:
             combos = list(itertools.product(lens, rows, layouts))
         for n, (L, (Tq, G), bs) in enumerate(combos):
@@ -162,24 +210,51 @@ def kv_cache_cases(level: str) -> list[dict]:
             B = 2 if n % 3 else 1
             Hkv = 1 + (n % 2)
             lens_b = [L] + [rnd.choice(lens) for _ in range(B - 1)]
-            cases.append(dict(
-                op="decode", dtype=dtype, B=B, Hkv=Hkv, G=G, Tq=Tq, D=dims[n % len(dims)],
-                Dv=dims[(n * 3 + 1) % len(dims)], lens=lens_b, block_size=bs, extra=_pick([0, 0, 3, 1], n),
-                splits=_pick([1, 3, 1, 2], n // 2), window_left=_pick([-1, -1, 0, 5, KT + 3], n),
-                q_layout=_pick(["contig", "strided"], n // 3), threads=1 + (n % 2),
-                seed=_seed("decode-data", dtype, n, L)))
+            cases.append(
+                dict(
+                    op="decode",
+                    dtype=dtype,
+                    B=B,
+                    Hkv=Hkv,
+                    G=G,
+                    Tq=Tq,
+                    D=dims[n % len(dims)],
+                    Dv=dims[(n * 3 + 1) % len(dims)],
+                    lens=lens_b,
+                    block_size=bs,
+                    extra=_pick([0, 0, 3, 1], n),
+                    splits=_pick([1, 3, 1, 2], n // 2),
+                    window_left=_pick([-1, -1, 0, 5, KT + 3], n),
+                    q_layout=_pick(["contig", "strided"], n // 3),
+                    threads=1 + (n % 2),
+                    seed=_seed("decode-data", dtype, n, L),
+                )
+            )
         # Appends: the last token exactly at the end of the cache, one past it, all past it, and
         # across block edges; strided new tokens.
         T_list = [1, 3, 17]
         cap_list = [KT, KT + 1, 7]
         combos = list(itertools.product(T_list, cap_list, layouts, range(4)))
         if level == "ci":
-            combos = combos[:: 5]
+            combos = combos[::5]
         for n, (T, cap, bs, where) in enumerate(combos):
-            cases.append(dict(
-                op="append", dtype=dtype, B=2, Hkv=1 + (n % 2), T=T, capacity=cap, block_size=bs, where=where,
-                D=_pick(dims, n), Dv=_pick(dims, n + 2), new_layout=_pick(["contig", "strided", "bshd"], n),
-                threads=1 + (n % 2), seed=_seed("append-data", dtype, n, T, cap, bs)))
+            cases.append(
+                dict(
+                    op="append",
+                    dtype=dtype,
+                    B=2,
+                    Hkv=1 + (n % 2),
+                    T=T,
+                    capacity=cap,
+                    block_size=bs,
+                    where=where,
+                    D=_pick(dims, n),
+                    Dv=_pick(dims, n + 2),
+                    new_layout=_pick(["contig", "strided", "bshd"], n),
+                    threads=1 + (n % 2),
+                    seed=_seed("append-data", dtype, n, T, cap, bs),
+                )
+            )
     return cases
 
 
@@ -195,19 +270,37 @@ def lstm_cases(level: str) -> list[dict]:
         for n, H in enumerate(hs):
             for v in range(1 if level == "ci" else 3):
                 m = n + v
-                cases.append(dict(op="cell", dtype=dtype, B=_pick([1, 3, 2], m), H=H,
-                                  bias=_pick(["both", "none", "ih", "hh"], m),
-                                  rows=_pick(["contig", "padded", "contig", "bcast"], m // 2),
-                                  grads=_pick(["both", "hy", "cy", "none"], m + m // 4),
-                                  threads=1 + (m % 2), seed=_seed("lstm-cell", dtype, H, v)))
+                cases.append(
+                    dict(
+                        op="cell",
+                        dtype=dtype,
+                        B=_pick([1, 3, 2], m),
+                        H=H,
+                        bias=_pick(["both", "none", "ih", "hh"], m),
+                        rows=_pick(["contig", "padded", "contig", "bcast"], m // 2),
+                        grads=_pick(["both", "hy", "cy", "none"], m + m // 4),
+                        threads=1 + (m % 2),
+                        seed=_seed("lstm-cell", dtype, H, v),
+                    )
+                )
     for dtype in ("float32", "float64"):
         hs = [1, 7, 9, 33, 64, 71] if level == "ci" else [1, 3, 7, 8, 9, 31, 33, 63, 64, 65, 71, 100]
         for n, H in enumerate(hs):
             for v in range(1 if level == "ci" else 2):
                 m = n + v
-                cases.append(dict(op="layer", dtype=dtype, T=_pick([3, 1, 2], m), B=_pick([2, 1, 3], m), H=H,
-                                  bias=bool(m % 2), reverse=bool((m // 2) % 2), threads=2,
-                                  seed=_seed("lstm-layer", dtype, H, v)))
+                cases.append(
+                    dict(
+                        op="layer",
+                        dtype=dtype,
+                        T=_pick([3, 1, 2], m),
+                        B=_pick([2, 1, 3], m),
+                        H=H,
+                        bias=bool(m % 2),
+                        reverse=bool((m // 2) % 2),
+                        threads=2,
+                        seed=_seed("lstm-layer", dtype, H, v),
+                    )
+                )
     return cases
 
 
@@ -219,8 +312,9 @@ CASES = {"attention": attention_cases, "kv_cache": kv_cache_cases, "lstm": lstm_
 # ------------------------------------------------------------------------------------------------
 def load_reference():
     """python/seqkernels/reference.py as a standalone module: plain torch, no seqkernels._C."""
-    spec = importlib.util.spec_from_file_location("_sk_reference_standalone",
-                                                  REPO / "python" / "seqkernels" / "reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "_sk_reference_standalone", REPO / "python" / "seqkernels" / "reference.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -243,7 +337,7 @@ def _randn(gen, shape, dtype, layout="contig", scale=1.0):
         x = torch.randn(tuple(shape[:-1]) + (2 * shape[-1],), generator=gen, dtype=torch.float64)[..., ::2]
     elif layout == "strided":  # rows padded: last dim contiguous, larger row stride
         x = torch.randn(tuple(shape[:-1]) + (shape[-1] + 3,), generator=gen, dtype=torch.float64)
-        x = x[..., :shape[-1]]
+        x = x[..., : shape[-1]]
     elif layout == "bcast_b" and len(shape) == 4:
         x = torch.randn((1,) + tuple(shape[1:]), generator=gen, dtype=torch.float64).expand(shape)
     else:
@@ -296,7 +390,8 @@ def _attention_mask(gen, c, dtype):
         # A large common offset: |lse| past the backward's recompute threshold (lse_corrections).
         off = -1e4 if dtype == torch.float64 else -1e3
         m = (torch.randn((B, Hq, Lq, Lk), generator=gen, dtype=torch.float64) + off).to(
-            dtype if dtype in (torch.float64, torch.float32) else torch.float32)
+            dtype if dtype in (torch.float64, torch.float32) else torch.float32
+        )
     else:
         raise ValueError(kind)
     return m
@@ -323,8 +418,17 @@ def _run_attention(ops, ref, c, failures):
     scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     wl, wr = c["window"]
     br, p = c["bottom_right"], c["dropout"]
-    args = dict(attn_mask=mask, kv_lengths=kv, scale=scale, window_left=wl, window_right=wr, bottom_right=br,
-                dropout_p=p, seed=c["seed"], offset=0)
+    args = dict(
+        attn_mask=mask,
+        kv_lengths=kv,
+        scale=scale,
+        window_left=wl,
+        window_right=wr,
+        bottom_right=br,
+        dropout_p=p,
+        seed=c["seed"],
+        offset=0,
+    )
     out, lse = ops.attention_fwd(q, k, v, mask, kv, scale, wl, wr, br, p, c["seed"], 0)
     dout = _randn(gen, (B, Hq, Lq, Dv), dt)
     # Forward and backward reference in one autograd pass (attention_bwd_ref's math without its
@@ -337,10 +441,10 @@ def _run_attention(ops, ref, c, failures):
     ref_out, ref_lse = ref_out.detach(), ref_lse.detach()
     tol = TOL[c["dtype"]]
     _check(failures, c, "attention_fwd out", out, ref_out, tol)
-    _check(failures, c, "attention_fwd lse", lse, ref_lse, max(tol, 1e-4) if dt != torch.float64 else tol,
-           allow_inf=True)
-    dq, dk, dv = ops.attention_bwd(dout, q, k, v, out, lse, mask, kv, scale, wl, wr, br, p, c["seed"], 0,
-                                   False)
+    _check(
+        failures, c, "attention_fwd lse", lse, ref_lse, max(tol, 1e-4) if dt != torch.float64 else tol, allow_inf=True
+    )
+    dq, dk, dv = ops.attention_bwd(dout, q, k, v, out, lse, mask, kv, scale, wl, wr, br, p, c["seed"], 0, False)
     gtol = tol * (2 if dt in (torch.bfloat16, torch.float16) else 1)
     _check(failures, c, "attention_bwd dq", dq, rq, gtol)
     _check(failures, c, "attention_bwd dk", dk, rk, gtol)
@@ -398,13 +502,27 @@ def _run_decode(ops, ref, c, failures):
     seqlens = torch.tensor(lens, dtype=torch.int32)
     scale = 1.0 / math.sqrt(D)
     out, lse = ops.decode_attention(q, kc, vc, seqlens, table, scale, c["window_left"], -1, c["splits"])
-    ref_out, ref_lse = ref.decode_attention_ref(q.double(), kc.double(), vc.double(), seqlens,
-                                                block_table=table, scale=scale, window_left=c["window_left"],
-                                                window_right=-1)
+    ref_out, ref_lse = ref.decode_attention_ref(
+        q.double(),
+        kc.double(),
+        vc.double(),
+        seqlens,
+        block_table=table,
+        scale=scale,
+        window_left=c["window_left"],
+        window_right=-1,
+    )
     tol = TOL[c["dtype"]]
     _check(failures, c, "decode_attention out", out, ref_out, tol)
-    _check(failures, c, "decode_attention lse", lse, ref_lse, max(tol, 1e-4) if dt != torch.float64 else tol,
-           allow_inf=True)
+    _check(
+        failures,
+        c,
+        "decode_attention lse",
+        lse,
+        ref_lse,
+        max(tol, 1e-4) if dt != torch.float64 else tol,
+        allow_inf=True,
+    )
 
 
 def _run_append(ops, ref, c, failures):
@@ -434,7 +552,8 @@ def _run_append(ops, ref, c, failures):
     ref.kv_cache_append_ref(k2, v2, kn, vn, seqlens, table)
     for name, got, want in (("kv_cache_append k_cache", k1, k2), ("kv_cache_append v_cache", v1, v2)):
         if not torch.equal(torch.isnan(got), torch.isnan(want)) or not torch.equal(
-                torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0)):
+            torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0)
+        ):
             failures.append(f"{name}: differs from the reference in {c}")
 
 
@@ -487,16 +606,22 @@ def _run_lstm_layer(ops, ref, c, failures):
     w = (torch.randn((4 * H, H), generator=gen, dtype=torch.float64) / math.sqrt(H)).to(dt)
     bias = torch.randn(4 * H, generator=gen, dtype=torch.float64).to(dt) if c["bias"] else None
     out, hn, cn = ops.lstm_layer_fwd(ig, h0, c0, w, bias, c["reverse"])
-    rout, rhn, rcn = ref.lstm_layer_fwd_ref(ig.double(), h0.double(), c0.double(), w.double(),
-                                            None if bias is None else bias.double(), c["reverse"])
+    rout, rhn, rcn = ref.lstm_layer_fwd_ref(
+        ig.double(), h0.double(), c0.double(), w.double(), None if bias is None else bias.double(), c["reverse"]
+    )
     tol = TOL[c["dtype"]] * 10  # T steps of GEMM + cell rounding
     _check(failures, c, "lstm_layer_fwd out", out, rout, tol)
     _check(failures, c, "lstm_layer_fwd h_n", hn, rhn, tol)
     _check(failures, c, "lstm_layer_fwd c_n", cn, rcn, tol)
 
 
-RUNNERS = {"attention": _run_attention, "decode": _run_decode, "append": _run_append, "cell": _run_lstm_cell,
-           "layer": _run_lstm_layer}
+RUNNERS = {
+    "attention": _run_attention,
+    "decode": _run_decode,
+    "append": _run_append,
+    "cell": _run_lstm_cell,
+    "layer": _run_lstm_layer,
+}
 
 
 # How each kernel family is sent down its portable path, as the real extension reads it:
@@ -512,7 +637,6 @@ PORTABLE_ENV = {
 def select_isa(family: str, isa: str) -> None:
     """Point `family`'s kernels at the AVX2 ("avx2": what they pick on an AVX2 machine) or the
     portable path ("portable"), through the environment the kernels read."""
-    import os
 
     var, value = PORTABLE_ENV[family]
     if isa == "portable":
@@ -540,8 +664,9 @@ def run_family(ops, family: str, level: str, isa: str, shard: int = 0, nshards: 
         torch.set_num_threads(c.get("threads", 1))
         RUNNERS[c["op"]](ops, ref, c, failures)
     torch.set_num_threads(1)
-    print(f"cpu-sanitize sweep {family} ({level}, {isa} path, shard {shard}/{nshards}): {len(cases)} cases "
-          f"in {time.time() - t0:.1f} s, {len(failures)} mismatches")
+    print(
+        f"cpu-sanitize sweep {family} ({level}, {isa} path, shard {shard}/{nshards}): {len(cases)} cases "
+        f"in {time.time() - t0:.1f} s, {len(failures)} mismatches"
+    )
     if failures:
-        raise AssertionError(f"{len(failures)} results differ from the reference:\n"
-                             + "\n".join(failures[:20]))
+        raise AssertionError(f"{len(failures)} results differ from the reference:\n" + "\n".join(failures[:20]))

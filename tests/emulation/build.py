@@ -178,11 +178,11 @@ def rewrite_shared(text: str, path: str = "<source>") -> str:
     edits = []  # (start, end, replacement)
     for m in _TOKEN_RE.finditer(code):
         end = code.find(";", m.end())
-        if end < 0 or "{" in code[m.end():end] or "}" in code[m.end():end]:
+        if end < 0 or "{" in code[m.end() : end] or "}" in code[m.end() : end]:
             continue
         stmt_start = max(code.rfind(ch, 0, m.start()) for ch in ";{}") + 1
-        prefix = code[stmt_start:m.start()]
-        body = _ALIGN_RE.sub(" ", code[m.end():end])
+        prefix = code[stmt_start : m.start()]
+        body = _ALIGN_RE.sub(" ", code[m.end() : end])
         ext = re.search(r"\bextern\b", prefix)
         if ext:
             dm = re.fullmatch(r"\s*(.*?)\b([A-Za-z_]\w*)\s*\[\s*\]\s*", body, re.S)
@@ -238,7 +238,7 @@ def registered_schemas() -> list[str]:
     for m in re.finditer(r"\bm\.def\(\s*((?:\"(?:[^\"\\]|\\.)*\"\s*)+)\)", code):
         schemas.append("".join(re.findall(r"\"((?:[^\"\\]|\\.)*)\"", m.group(1))))
     if not schemas:
-        raise EmulationBuildError(f"no m.def(\"...\") schema found in {REGISTRATION}")
+        raise EmulationBuildError(f'no m.def("...") schema found in {REGISTRATION}')
     return schemas
 
 
@@ -262,9 +262,18 @@ def _base_flags(sanitizer: str | None) -> list[str]:
     import torch
 
     inc, _ = _torch_paths()
-    flags = ["-std=c++20", "-fPIC", "-pthread", "-O1", "-g1", "-fvisibility=hidden",
-             "-DSEQKERNELS_CUDA_EMULATION", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             "-Wno-unused-variable", "-Wno-unused-function"] + TORCH_NVCC_DEFINES
+    flags = [
+        "-std=c++20",
+        "-fPIC",
+        "-pthread",
+        "-O1",
+        "-g1",
+        "-fvisibility=hidden",
+        "-DSEQKERNELS_CUDA_EMULATION",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        "-Wno-unused-variable",
+        "-Wno-unused-function",
+    ] + TORCH_NVCC_DEFINES
     flags += [f"-isystem{p}" for p in inc] + [f"-isystem{sysconfig.get_paths()['include']}"]
     if sanitizer == "thread":
         flags += ["-fsanitize=thread"]
@@ -333,8 +342,19 @@ def _prepare_variant(sanitizer: str | None) -> tuple[list[str], list[str], Path]
     vdir = build_root() / f"variant-{_variant(sanitizer)}-{key}"
     with _locked(vdir / ".lock"):
         runtime_obj = vdir / "cuda_shim_runtime.o"
-        cmd = [_cxx(), *flags, "-include", str(SHIM), "-MMD", "-MF", str(runtime_obj) + ".d", "-c", str(RUNTIME),
-               "-o", str(runtime_obj)]
+        cmd = [
+            _cxx(),
+            *flags,
+            "-include",
+            str(SHIM),
+            "-MMD",
+            "-MF",
+            str(runtime_obj) + ".d",
+            "-c",
+            str(RUNTIME),
+            "-o",
+            str(runtime_obj),
+        ]
         _compile(cmd, runtime_obj)
         if not _use_pch():
             return flags, ["-include", str(SHIM)], runtime_obj
@@ -351,7 +371,9 @@ def _namespace(name: str, sanitizer: str | None) -> str:
     return f"seqkernels_emu_{base}" + (f"_{SANITIZERS[sanitizer]}" if sanitizer else "")
 
 
-def build_emulated(name: str, sources, *, extra_cflags=(), schemas=(), sanitizer: str | None = None) -> tuple[Path, str]:
+def build_emulated(
+    name: str, sources, *, extra_cflags=(), schemas=(), sanitizer: str | None = None
+) -> tuple[Path, str]:
     """Compile and link the emulated extension; returns (shared library path, op namespace)."""
     srcs = [(REPO / s).resolve() if not Path(s).is_absolute() else Path(s) for s in sources]
     for s in srcs:
@@ -368,8 +390,13 @@ def build_emulated(name: str, sources, *, extra_cflags=(), schemas=(), sanitizer
         all_schemas = registered_schemas() + list(schemas)
         schemas_src = ext_dir / "schemas.cpp"
         _write_if_changed(schemas_src, _schemas_cpp(namespace, all_schemas))
-        tu_flags = [*flags, *include_flags, f"-I{ext_dir / 'src' / 'csrc'}", f"-DSK_EMU_NAMESPACE={namespace}",
-                    *extra_cflags]
+        tu_flags = [
+            *flags,
+            *include_flags,
+            f"-I{ext_dir / 'src' / 'csrc'}",
+            f"-DSK_EMU_NAMESPACE={namespace}",
+            *extra_cflags,
+        ]
         jobs = []
         for src in [*mirrored, schemas_src]:
             obj = ext_dir / "obj" / (src.relative_to(ext_dir).as_posix().replace("/", "__") + ".o")
@@ -381,17 +408,33 @@ def build_emulated(name: str, sources, *, extra_cflags=(), schemas=(), sanitizer
                 f.result()
         so = ext_dir / f"{namespace}.so"
         objs = [str(obj) for _, obj in jobs] + [str(runtime_obj)]
-        link = [_cxx(), "-shared", *[f for f in flags if f.startswith("-fsanitize") or f == "-pthread"], "-o",
-                str(so), *objs, *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
-                "-lc10", "-ltorch_cpu", "-ltorch"]
+        link = [
+            _cxx(),
+            "-shared",
+            *[f for f in flags if f.startswith("-fsanitize") or f == "-pthread"],
+            "-o",
+            str(so),
+            *objs,
+            *[f"-L{d}" for d in libdirs],
+            *[f"-Wl,-rpath,{d}" for d in libdirs],
+            "-lc10",
+            "-ltorch_cpu",
+            "-ltorch",
+        ]
         stamp = so.with_name(so.name + ".cmd")
-        if not (so.exists() and stamp.exists() and stamp.read_text() == shlex.join(link)
-                and all(Path(o).stat().st_mtime <= so.stat().st_mtime for o in objs)):
+        if not (
+            so.exists()
+            and stamp.exists()
+            and stamp.read_text() == shlex.join(link)
+            and all(Path(o).stat().st_mtime <= so.stat().st_mtime for o in objs)
+        ):
             tmp = so.with_name(so.name + f".tmp{os.getpid()}")
             link_tmp = [str(tmp) if a == str(so) else a for a in link]
             proc = subprocess.run(link_tmp, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise EmulationBuildError(f"emulated link failed:\n$ {shlex.join(link_tmp)}\n{proc.stdout}{proc.stderr}")
+                raise EmulationBuildError(
+                    f"emulated link failed:\n$ {shlex.join(link_tmp)}\n{proc.stdout}{proc.stderr}"
+                )
             os.replace(tmp, so)
             stamp.write_text(shlex.join(link))
     return so, namespace
@@ -417,7 +460,8 @@ class EmulatedOps:
         if not self.has(op):
             raise AttributeError(
                 f"emulated extension {self.namespace} has no CPU kernel for '{op}': its .cu sources must "
-                f"register it with SK_REGISTER_CUDA({op}, fn)")
+                f"register it with SK_REGISTER_CUDA({op}, fn)"
+            )
         return getattr(getattr(torch.ops, self.namespace), op)
 
     def has(self, op: str) -> bool:
@@ -440,8 +484,10 @@ def load_emulated(name: str, sources, *, extra_cflags=(), schemas=(), sanitizer:
     import torch
 
     if sanitizer is not None and not _sanitizer_preloaded(sanitizer):
-        raise RuntimeError(f"the {sanitizer} sanitizer runtime is not preloaded in this process; "
-                           "use run_sanitized(...) to run sanitized emulated kernels in a child process")
+        raise RuntimeError(
+            f"the {sanitizer} sanitizer runtime is not preloaded in this process; "
+            "use run_sanitized(...) to run sanitized emulated kernels in a child process"
+        )
     key_args = (tuple(map(str, sources)), tuple(extra_cflags), tuple(schemas))
     namespace = _namespace(name, sanitizer)
     if namespace in _LOADED:
@@ -475,7 +521,9 @@ _REPORT_RE = {
     # ASan's reports, and UBSan's "<file>:<line>:<col>: runtime error: ..." up to its SUMMARY line.
     "address,undefined": re.compile(
         r"(?:ERROR|WARNING): AddressSanitizer:.*?(?:\n==\d+==ABORTING|\Z)"
-        r"|[^\n]*runtime error: .*?(?:\nSUMMARY: UndefinedBehaviorSanitizer[^\n]*|\Z)", re.S),
+        r"|[^\n]*runtime error: .*?(?:\nSUMMARY: UndefinedBehaviorSanitizer[^\n]*|\Z)",
+        re.S,
+    ),
 }
 
 
@@ -498,8 +546,9 @@ class SanitizerResult:
     def assert_clean(self) -> "SanitizerResult":
         if not self.clean:
             tail = self.output[-12000:]
-            raise AssertionError(f"{self.target} under the {self.sanitizer} sanitizer failed "
-                                 f"(exit code {self.returncode}):\n{tail}")
+            raise AssertionError(
+                f"{self.target} under the {self.sanitizer} sanitizer failed (exit code {self.returncode}):\n{tail}"
+            )
         return self
 
 
@@ -520,34 +569,66 @@ def sanitizer_runtimes(sanitizer: str) -> list[str]:
     return paths
 
 
-def run_sanitized(sanitizer: str, name: str, sources, func, *args, extra_cflags=(), schemas=(), timeout: float = 600,
-                  env: dict | None = None) -> SanitizerResult:
+def run_sanitized(
+    sanitizer: str,
+    name: str,
+    sources,
+    func,
+    *args,
+    extra_cflags=(),
+    schemas=(),
+    timeout: float = 600,
+    env: dict | None = None,
+) -> SanitizerResult:
     """Run `func(emu, *args)` against the `sanitizer` ("thread" or "address") build of the
     emulated extension in a child process with the sanitizer runtime preloaded. `func` must be a
     module-level function (it is imported from its file in the child) and `args` picklable.
     Returns the result; call `.assert_clean()` on it in a test."""
     if sanitizer not in SANITIZERS:
         raise ValueError(f"sanitizer must be 'thread' or 'address', got {sanitizer!r}")
-    return run_in_subprocess(name, sources, func, *args, sanitizer=sanitizer, extra_cflags=extra_cflags,
-                             schemas=schemas, timeout=timeout, env=env)
+    return run_in_subprocess(
+        name,
+        sources,
+        func,
+        *args,
+        sanitizer=sanitizer,
+        extra_cflags=extra_cflags,
+        schemas=schemas,
+        timeout=timeout,
+        env=env,
+    )
 
 
-def run_in_subprocess(name: str, sources, func, *args, sanitizer: str | None = None, extra_cflags=(), schemas=(),
-                      timeout: float = 600, env: dict | None = None) -> SanitizerResult:
+def run_in_subprocess(
+    name: str,
+    sources,
+    func,
+    *args,
+    sanitizer: str | None = None,
+    extra_cflags=(),
+    schemas=(),
+    timeout: float = 600,
+    env: dict | None = None,
+) -> SanitizerResult:
     """Like `run_sanitized`, also without a sanitizer: for runs that may end the process (a
     kernel that never returns makes the emulator abort it after SEQKERNELS_EMU_TIMEOUT)."""
     so, namespace = build_emulated(name, sources, extra_cflags=extra_cflags, schemas=schemas, sanitizer=sanitizer)
     return _run_child(so, namespace, sanitizer, func, args, timeout=timeout, env=env)
 
 
-def _run_child(so: Path, namespace: str, sanitizer: str | None, func, args: tuple, *, timeout: float,
-               env: dict | None) -> SanitizerResult:
+def _run_child(
+    so: Path, namespace: str, sanitizer: str | None, func, args: tuple, *, timeout: float, env: dict | None
+) -> SanitizerResult:
     """Run `func(ops, *args)` in a child Python that loads the library `so` (ops in `namespace`),
     with the runtimes of `sanitizer` preloaded."""
     module_file = inspect.getfile(func)
     spec = {
-        "so": str(so), "namespace": namespace, "sanitizer": sanitizer, "module_file": module_file,
-        "qualname": func.__qualname__, "args": base64.b64encode(pickle.dumps(args)).decode(),
+        "so": str(so),
+        "namespace": namespace,
+        "sanitizer": sanitizer,
+        "module_file": module_file,
+        "qualname": func.__qualname__,
+        "args": base64.b64encode(pickle.dumps(args)).decode(),
         "sys_path": [str(HERE.parent), str(REPO / "python"), str(Path(module_file).parent)],
     }
     child_env = dict(os.environ)
@@ -556,23 +637,33 @@ def _run_child(so: Path, namespace: str, sanitizer: str | None, func, args: tupl
     if sanitizer is not None:
         child_env["LD_PRELOAD"] = " ".join(sanitizer_runtimes(sanitizer))
         child_env["TSAN_OPTIONS"] = "halt_on_error=1 exitcode=66 report_signal_unsafe=0 " + child_env.get(
-            "TSAN_OPTIONS", "")
-        child_env["ASAN_OPTIONS"] = "detect_leaks=0 halt_on_error=1 exitcode=67 detect_odr_violation=0 " + \
-            child_env.get("ASAN_OPTIONS", "")
-        child_env["UBSAN_OPTIONS"] = "halt_on_error=1 print_stacktrace=1 exitcode=68 " + \
-            child_env.get("UBSAN_OPTIONS", "")
+            "TSAN_OPTIONS", ""
+        )
+        child_env["ASAN_OPTIONS"] = (
+            "detect_leaks=0 halt_on_error=1 exitcode=67 detect_odr_violation=0 " + child_env.get("ASAN_OPTIONS", "")
+        )
+        child_env["UBSAN_OPTIONS"] = "halt_on_error=1 print_stacktrace=1 exitcode=68 " + child_env.get(
+            "UBSAN_OPTIONS", ""
+        )
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
         spec_path = f.name
     target = f"{func.__module__}.{func.__qualname__}"
     kind = sanitizer or "plain"
     try:
-        proc = subprocess.run([sys.executable, str(HERE / "_sanitized_child.py"), spec_path], env=child_env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "_sanitized_child.py"), spec_path],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         return SanitizerResult(kind, target, proc.returncode, proc.stdout + proc.stderr)
     except subprocess.TimeoutExpired as e:
+
         def text(b):
             return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
         return SanitizerResult(kind, target, -9, text(e.stdout) + text(e.stderr) + f"\n[timed out after {timeout} s]")
     finally:
         os.unlink(spec_path)
@@ -586,8 +677,7 @@ def _run_child(so: Path, namespace: str, sanitizer: str | None, func, args: tupl
 # the same sources compiled here (no -march) take the same ISA paths. The sanitized build differs
 # only in -O1 -g and the instrumentation.
 _CPU_SANITIZE_FLAGS = {
-    "address,undefined": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                          "-fno-omit-frame-pointer"],
+    "address,undefined": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"],
     "address": ["-fsanitize=address", "-fno-omit-frame-pointer"],
     "thread": ["-fsanitize=thread"],
 }
@@ -609,9 +699,18 @@ def _cpu_flags(sanitizer: str) -> list[str]:
     if sanitizer not in _CPU_SANITIZE_FLAGS:
         raise ValueError(f"sanitizer must be one of {sorted(_CPU_SANITIZE_FLAGS)}, got {sanitizer!r}")
     inc, _ = _torch_paths()
-    flags = ["-std=c++20", "-fPIC", "-pthread", "-fopenmp", "-O1", "-g1", "-fvisibility=hidden",
-             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             "-Wno-unused-variable", "-Wno-unused-function"] + _CPU_SANITIZE_FLAGS[sanitizer]
+    flags = [
+        "-std=c++20",
+        "-fPIC",
+        "-pthread",
+        "-fopenmp",
+        "-O1",
+        "-g1",
+        "-fvisibility=hidden",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        "-Wno-unused-variable",
+        "-Wno-unused-function",
+    ] + _CPU_SANITIZE_FLAGS[sanitizer]
     flags += [f"-isystem{p}" for p in inc] + [f"-isystem{sysconfig.get_paths()['include']}"]
     return flags
 
@@ -636,8 +735,15 @@ def _prepare_cpu_variant(sanitizer: str) -> tuple[list[str], list[str]]:
     return flags, ["-include", str(header), "-Winvalid-pch"]
 
 
-def build_cpu(name: str = "kernels", sources=None, *, sanitizer: str = "address,undefined", extra_sources=(),
-              extra_cflags=(), schemas=()) -> tuple[Path, str]:
+def build_cpu(
+    name: str = "kernels",
+    sources=None,
+    *,
+    sanitizer: str = "address,undefined",
+    extra_sources=(),
+    extra_cflags=(),
+    schemas=(),
+) -> tuple[Path, str]:
     """Compile and link the CPU kernels `sources` (default: `cpu_sources()`, the real
     csrc/cpu/*.cpp, compiled where they are) plus `extra_sources` (test-only kernels that register
     with `TORCH_LIBRARY_IMPL(seqkernels, CPU, m)` too, their schemas in `schemas`) with `sanitizer`;
@@ -671,31 +777,56 @@ def build_cpu(name: str = "kernels", sources=None, *, sanitizer: str = "address,
                 f.result()
         so = ext_dir / f"{namespace}.so"
         objs = [str(obj) for _, obj in jobs]
-        link = [_cxx(), "-shared", *[f for f in flags if f.startswith("-fsanitize") or f in ("-pthread", "-fopenmp")],
-                "-o", str(so), *objs, *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
-                "-lc10", "-ltorch_cpu", "-ltorch"]
+        link = [
+            _cxx(),
+            "-shared",
+            *[f for f in flags if f.startswith("-fsanitize") or f in ("-pthread", "-fopenmp")],
+            "-o",
+            str(so),
+            *objs,
+            *[f"-L{d}" for d in libdirs],
+            *[f"-Wl,-rpath,{d}" for d in libdirs],
+            "-lc10",
+            "-ltorch_cpu",
+            "-ltorch",
+        ]
         stamp = so.with_name(so.name + ".cmd")
-        if not (so.exists() and stamp.exists() and stamp.read_text() == shlex.join(link)
-                and all(Path(o).stat().st_mtime <= so.stat().st_mtime for o in objs)):
+        if not (
+            so.exists()
+            and stamp.exists()
+            and stamp.read_text() == shlex.join(link)
+            and all(Path(o).stat().st_mtime <= so.stat().st_mtime for o in objs)
+        ):
             tmp = so.with_name(so.name + f".tmp{os.getpid()}")
             link_tmp = [str(tmp) if a == str(so) else a for a in link]
             proc = subprocess.run(link_tmp, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise EmulationBuildError(f"CPU sanitizer link failed:\n$ {shlex.join(link_tmp)}\n"
-                                          f"{proc.stdout}{proc.stderr}")
+                raise EmulationBuildError(
+                    f"CPU sanitizer link failed:\n$ {shlex.join(link_tmp)}\n{proc.stdout}{proc.stderr}"
+                )
             os.replace(tmp, so)
             stamp.write_text(shlex.join(link))
     return so, namespace
 
 
-def run_cpu_sanitized(name: str, func, *args, sources=None, sanitizer: str = "address,undefined",
-                      extra_sources=(), extra_cflags=(), schemas=(), timeout: float = 600,
-                      env: dict | None = None) -> SanitizerResult:
+def run_cpu_sanitized(
+    name: str,
+    func,
+    *args,
+    sources=None,
+    sanitizer: str = "address,undefined",
+    extra_sources=(),
+    extra_cflags=(),
+    schemas=(),
+    timeout: float = 600,
+    env: dict | None = None,
+) -> SanitizerResult:
     """Run `func(ops, *args)` against the `sanitizer` build of the CPU kernels (`build_cpu`) in a
     child process with the sanitizer runtimes preloaded; `ops.attention_fwd` is the sanitized
     `torch.ops.<namespace>.attention_fwd`. `func` must be a module-level function and `args`
     picklable; `env` adds to the child's environment (e.g. SEQKERNELS_CPU_ISA=portable). Returns
     the result; call `.assert_clean()` on it in a test."""
-    so, namespace = build_cpu(name, sources, sanitizer=sanitizer, extra_sources=extra_sources,
-                              extra_cflags=extra_cflags, schemas=schemas)
+    so, namespace = build_cpu(
+        name, sources, sanitizer=sanitizer, extra_sources=extra_sources, extra_cflags=extra_cflags, schemas=schemas
+    )
     return _run_child(so, namespace, sanitizer, func, args, timeout=timeout, env=env)

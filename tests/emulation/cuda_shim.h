@@ -51,21 +51,15 @@
 // ----------------------------------------------------------------------------------------------
 // Built-in vector types
 // ----------------------------------------------------------------------------------------------
-#define SK_EMU_VEC2(T, N, A)                                \
-  struct alignas(A) N##2 {                                  \
-    T x, y;                                                 \
-  };                                                        \
-  inline N##2 make_##N##2(T x, T y) { return N##2{x, y}; }
-#define SK_EMU_VEC3(T, N)                                         \
-  struct N##3 {                                                   \
-    T x, y, z;                                                    \
-  };                                                              \
-  inline N##3 make_##N##3(T x, T y, T z) { return N##3{x, y, z}; }
-#define SK_EMU_VEC4(T, N, A)                                                     \
-  struct alignas(A) N##4 {                                                       \
-    T x, y, z, w;                                                                \
-  };                                                                             \
-  inline N##4 make_##N##4(T x, T y, T z, T w) { return N##4{x, y, z, w}; }
+#define SK_EMU_VEC2(T, N, A)          \
+  struct alignas(A) N##2 { T x, y; }; \
+  inline N##2 make_##N##2(T x, T y) { return N##2 {x, y}; }
+#define SK_EMU_VEC3(T, N)     \
+  struct N##3 { T x, y, z; }; \
+  inline N##3 make_##N##3(T x, T y, T z) { return N##3 {x, y, z}; }
+#define SK_EMU_VEC4(T, N, A)                \
+  struct alignas(A) N##4 { T x, y, z, w; }; \
+  inline N##4 make_##N##4(T x, T y, T z, T w) { return N##4 {x, y, z, w}; }
 
 SK_EMU_VEC2(float, float, 8)
 SK_EMU_VEC3(float, float)
@@ -172,9 +166,22 @@ int syncthreads(int mode, int pred, const Loc& loc);
 // Warp collectives. `mask` names the participating lanes, which must include the caller.
 enum class ShflMode : int { Idx = 0, Up = 1, Down = 2, Bfly = 3 };
 uint64_t shfl(unsigned mask, uint64_t bits, ShflMode mode, int b, int width, const Loc& loc);
-enum class VoteOp : int { Ballot = 0, Any = 1, All = 2, Sync = 3, MatchAny = 4, MatchAll = 5, RedAdd = 6,
-                          RedMinU = 7, RedMaxU = 8, RedMinS = 9, RedMaxS = 10, RedAnd = 11, RedOr = 12,
-                          RedXor = 13 };
+enum class VoteOp : int {
+  Ballot = 0,
+  Any = 1,
+  All = 2,
+  Sync = 3,
+  MatchAny = 4,
+  MatchAll = 5,
+  RedAdd = 6,
+  RedMinU = 7,
+  RedMaxU = 8,
+  RedMinS = 9,
+  RedMaxS = 10,
+  RedAnd = 11,
+  RedOr = 12,
+  RedXor = 13
+};
 uint64_t vote(unsigned mask, VoteOp op, uint64_t value, int* pred, const Loc& loc);
 unsigned activemask();
 
@@ -197,7 +204,7 @@ struct is_bf16;
 #define SK_EMU_CAT2(a, b) a##b
 #define SK_EMU_CAT(a, b) SK_EMU_CAT2(a, b)
 // Appended by build.py after each static __shared__ declaration.
-#define SK_EMU_REGISTER_SHARED(var)                                         \
+#define SK_EMU_REGISTER_SHARED(var)                                      \
   static const bool SK_EMU_CAT(sk_emu_shared_registered_, __COUNTER__) = \
       ::sk_emu::register_static_shared(static_cast<void*>(&(var)), sizeof(var), #var);
 
@@ -280,8 +287,7 @@ inline unsigned __match_any_sync(unsigned mask, T value, const sk_emu::Loc& loc 
   return static_cast<unsigned>(sk_emu::vote(mask, sk_emu::VoteOp::MatchAny, sk_emu::to_bits(value), nullptr, loc));
 }
 template <typename T>
-inline unsigned __match_all_sync(unsigned mask, T value, int* pred,
-                                 const sk_emu::Loc& loc = sk_emu::Loc::current()) {
+inline unsigned __match_all_sync(unsigned mask, T value, int* pred, const sk_emu::Loc& loc = sk_emu::Loc::current()) {
   return static_cast<unsigned>(sk_emu::vote(mask, sk_emu::VoteOp::MatchAll, sk_emu::to_bits(value), pred, loc));
 }
 inline unsigned __reduce_add_sync(unsigned mask, unsigned v, const sk_emu::Loc& loc = sk_emu::Loc::current()) {
@@ -332,33 +338,33 @@ inline T atomic_add_float(T* addr, T val) {
 }
 }  // namespace sk_emu
 
-#define SK_EMU_INT_ATOMICS(T)                                                                                 \
-  inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }                      \
-  inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); }                      \
-  inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); }                    \
-  inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); }                      \
-  inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }                        \
-  inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); }                      \
-  inline T atomicCAS(T* a, T cmp, T v) {                                                                    \
-    __atomic_compare_exchange_n(a, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                     \
-    return cmp;                                                                                             \
-  }                                                                                                         \
-  inline T atomicMax(T* a, T v) {                                                                           \
-    T old = __atomic_load_n(a, __ATOMIC_RELAXED);                                                           \
+#define SK_EMU_INT_ATOMICS(T)                                                                                \
+  inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }                       \
+  inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); }                       \
+  inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); }                     \
+  inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); }                       \
+  inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }                         \
+  inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); }                       \
+  inline T atomicCAS(T* a, T cmp, T v) {                                                                     \
+    __atomic_compare_exchange_n(a, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                      \
+    return cmp;                                                                                              \
+  }                                                                                                          \
+  inline T atomicMax(T* a, T v) {                                                                            \
+    T old = __atomic_load_n(a, __ATOMIC_RELAXED);                                                            \
     while (old < v && !__atomic_compare_exchange_n(a, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) { \
-    }                                                                                                       \
-    return old;                                                                                             \
-  }                                                                                                         \
-  inline T atomicMin(T* a, T v) {                                                                           \
-    T old = __atomic_load_n(a, __ATOMIC_RELAXED);                                                           \
+    }                                                                                                        \
+    return old;                                                                                              \
+  }                                                                                                          \
+  inline T atomicMin(T* a, T v) {                                                                            \
+    T old = __atomic_load_n(a, __ATOMIC_RELAXED);                                                            \
     while (old > v && !__atomic_compare_exchange_n(a, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) { \
-    }                                                                                                       \
-    return old;                                                                                             \
-  }                                                                                                         \
-  inline T atomicAdd_block(T* a, T v) { return atomicAdd(a, v); }                                           \
-  inline T atomicAdd_system(T* a, T v) { return atomicAdd(a, v); }                                          \
-  inline T atomicCAS_block(T* a, T c, T v) { return atomicCAS(a, c, v); }                                   \
-  inline T atomicMax_block(T* a, T v) { return atomicMax(a, v); }                                           \
+    }                                                                                                        \
+    return old;                                                                                              \
+  }                                                                                                          \
+  inline T atomicAdd_block(T* a, T v) { return atomicAdd(a, v); }                                            \
+  inline T atomicAdd_system(T* a, T v) { return atomicAdd(a, v); }                                           \
+  inline T atomicCAS_block(T* a, T c, T v) { return atomicCAS(a, c, v); }                                    \
+  inline T atomicMax_block(T* a, T v) { return atomicMax(a, v); }                                            \
   inline T atomicMin_block(T* a, T v) { return atomicMin(a, v); }
 SK_EMU_INT_ATOMICS(int)
 SK_EMU_INT_ATOMICS(unsigned int)
@@ -386,15 +392,15 @@ inline double atomicAdd_block(double* a, double v) { return atomicAdd(a, v); }
 // Wrapping increment/decrement with the PTX semantics of atom.inc/atom.dec.
 inline unsigned atomicInc(unsigned* a, unsigned limit) {
   unsigned old = __atomic_load_n(a, __ATOMIC_RELAXED);
-  while (!__atomic_compare_exchange_n(a, &old, old >= limit ? 0u : old + 1u, false, __ATOMIC_SEQ_CST,
-                                      __ATOMIC_RELAXED)) {
+  while (
+      !__atomic_compare_exchange_n(a, &old, old >= limit ? 0u : old + 1u, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
   }
   return old;
 }
 inline unsigned atomicDec(unsigned* a, unsigned limit) {
   unsigned old = __atomic_load_n(a, __ATOMIC_RELAXED);
-  while (!__atomic_compare_exchange_n(a, &old, (old == 0u || old > limit) ? limit : old - 1u, false,
-                                      __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+  while (!__atomic_compare_exchange_n(a, &old, (old == 0u || old > limit) ? limit : old - 1u, false, __ATOMIC_SEQ_CST,
+                                      __ATOMIC_RELAXED)) {
   }
   return old;
 }
@@ -461,9 +467,15 @@ inline int __float2int_ru(float x) { return sk_emu::saturating_cast<int>(std::ce
 inline unsigned __float2uint_rn(float x) {
   return sk_emu::saturating_cast<unsigned>(std::nearbyint(static_cast<double>(x)));
 }
-inline unsigned __float2uint_rz(float x) { return sk_emu::saturating_cast<unsigned>(std::trunc(static_cast<double>(x))); }
-inline long long __float2ll_rn(float x) { return sk_emu::saturating_cast<long long>(std::nearbyint(static_cast<double>(x))); }
-inline long long __float2ll_rz(float x) { return sk_emu::saturating_cast<long long>(std::trunc(static_cast<double>(x))); }
+inline unsigned __float2uint_rz(float x) {
+  return sk_emu::saturating_cast<unsigned>(std::trunc(static_cast<double>(x)));
+}
+inline long long __float2ll_rn(float x) {
+  return sk_emu::saturating_cast<long long>(std::nearbyint(static_cast<double>(x)));
+}
+inline long long __float2ll_rz(float x) {
+  return sk_emu::saturating_cast<long long>(std::trunc(static_cast<double>(x)));
+}
 inline float __int2float_rn(int x) { return static_cast<float>(x); }
 inline float __uint2float_rn(unsigned x) { return static_cast<float>(x); }
 inline float __ll2float_rn(long long x) { return static_cast<float>(x); }
@@ -505,8 +517,8 @@ inline double __dmul_rn(double a, double b) { return a * b; }
 inline float __saturatef(float x) { return x > 0.0f ? (x < 1.0f ? x : 1.0f) : 0.0f; }
 
 // CUDA's global min/max overloads.
-#define SK_EMU_MINMAX(T)                                  \
-  inline T min(T a, T b) { return b < a ? b : a; }        \
+#define SK_EMU_MINMAX(T)                           \
+  inline T min(T a, T b) { return b < a ? b : a; } \
   inline T max(T a, T b) { return a < b ? b : a; }
 SK_EMU_MINMAX(int)
 SK_EMU_MINMAX(unsigned int)
@@ -575,9 +587,9 @@ inline uint16_t f32_to_f16_rn(float f) {
   const uint32_t x = f32_bits(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return 0x7fffu;              // NaN: the canonical NaN cvt.rn.f16.f32 returns
-  if (ax >= 0x477ff000u) return sign | 0x7c00u;      // >= 65520 rounds to infinity
-  if (ax < 0x38800000u) {                            // below 2^-14: subnormal half or zero
+  if (ax > 0x7f800000u) return 0x7fffu;          // NaN: the canonical NaN cvt.rn.f16.f32 returns
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to infinity
+  if (ax < 0x38800000u) {                        // below 2^-14: subnormal half or zero
     // a * 2^24 is exact and below 2^10, and nearbyint rounds to nearest even.
     const float scaled = bits_f32(ax) * 16777216.0f;
     return sign | static_cast<uint16_t>(std::nearbyint(scaled));
@@ -728,9 +740,7 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
 }
 inline __nv_bfloat162 __float2bfloat162_rn(float a) { return __floats2bfloat162_rn(a, a); }
 inline __nv_bfloat162 __float22bfloat162_rn(float2 v) { return __floats2bfloat162_rn(v.x, v.y); }
-inline float2 __bfloat1622float2(__nv_bfloat162 h) {
-  return make_float2(__bfloat162float(h.x), __bfloat162float(h.y));
-}
+inline float2 __bfloat1622float2(__nv_bfloat162 h) { return make_float2(__bfloat162float(h.x), __bfloat162float(h.y)); }
 inline float __low2float(__nv_bfloat162 h) { return __bfloat162float(h.x); }
 inline float __high2float(__nv_bfloat162 h) { return __bfloat162float(h.y); }
 inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 h) { return h.x; }
@@ -740,71 +750,71 @@ inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 a) { return __nv_bfloat
 
 // Arithmetic: exact in double for these narrow types (division: correctly rounded in double),
 // then one rounding to the narrow type, as the hardware does.
-#define SK_EMU_NARROW_ARITH(T, TO_F, FROM_F, T2)                                                          \
+#define SK_EMU_NARROW_ARITH(T, TO_F, FROM_F, T2)                                                               \
   inline T __hadd(T a, T b) { return FROM_F(sk_emu::f64_to_f32_odd(static_cast<double>(TO_F(a)) + TO_F(b))); } \
   inline T __hsub(T a, T b) { return FROM_F(sk_emu::f64_to_f32_odd(static_cast<double>(TO_F(a)) - TO_F(b))); } \
   inline T __hmul(T a, T b) { return FROM_F(sk_emu::f64_to_f32_odd(static_cast<double>(TO_F(a)) * TO_F(b))); } \
   inline T __hdiv(T a, T b) { return FROM_F(sk_emu::f64_to_f32_odd(static_cast<double>(TO_F(a)) / TO_F(b))); } \
-  inline T __hfma(T a, T b, T c) {                                                                        \
-    return FROM_F(sk_emu::f64_to_f32_odd(fma(static_cast<double>(TO_F(a)), TO_F(b), TO_F(c))));           \
-  }                                                                                                       \
-  inline T __hneg(T a) {                                                                                  \
-    T r = a;                                                                                              \
-    r.__x ^= 0x8000u;                                                                                     \
-    return r;                                                                                             \
-  }                                                                                                       \
-  inline T __habs(T a) {                                                                                  \
-    T r = a;                                                                                              \
-    r.__x &= 0x7fffu;                                                                                     \
-    return r;                                                                                             \
-  }                                                                                                       \
-  inline T __hmax(T a, T b) { return FROM_F(fmaxf(TO_F(a), TO_F(b))); }                                  \
-  inline T __hmin(T a, T b) { return FROM_F(fminf(TO_F(a), TO_F(b))); }                                  \
-  inline bool __heq(T a, T b) { return TO_F(a) == TO_F(b); }                                              \
-  inline bool __hne(T a, T b) { return TO_F(a) != TO_F(b); }                                              \
-  inline bool __hlt(T a, T b) { return TO_F(a) < TO_F(b); }                                               \
-  inline bool __hle(T a, T b) { return TO_F(a) <= TO_F(b); }                                              \
-  inline bool __hgt(T a, T b) { return TO_F(a) > TO_F(b); }                                               \
-  inline bool __hge(T a, T b) { return TO_F(a) >= TO_F(b); }                                              \
-  inline bool __hisnan(T a) { return std::isnan(TO_F(a)); }                                               \
-  inline int __hisinf(T a) { return std::isinf(TO_F(a)) ? (TO_F(a) > 0 ? 1 : -1) : 0; }                  \
-  inline T2 __hadd2(T2 a, T2 b) { return T2{__hadd(a.x, b.x), __hadd(a.y, b.y)}; }                        \
-  inline T2 __hsub2(T2 a, T2 b) { return T2{__hsub(a.x, b.x), __hsub(a.y, b.y)}; }                        \
-  inline T2 __hmul2(T2 a, T2 b) { return T2{__hmul(a.x, b.x), __hmul(a.y, b.y)}; }                        \
-  inline T2 __h2div(T2 a, T2 b) { return T2{__hdiv(a.x, b.x), __hdiv(a.y, b.y)}; }                        \
-  inline T2 __hfma2(T2 a, T2 b, T2 c) { return T2{__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)}; }        \
-  inline T2 __hneg2(T2 a) { return T2{__hneg(a.x), __hneg(a.y)}; }                                        \
-  inline T2 __habs2(T2 a) { return T2{__habs(a.x), __habs(a.y)}; }                                        \
-  inline T2 __hmax2(T2 a, T2 b) { return T2{__hmax(a.x, b.x), __hmax(a.y, b.y)}; }                        \
+  inline T __hfma(T a, T b, T c) {                                                                             \
+    return FROM_F(sk_emu::f64_to_f32_odd(fma(static_cast<double>(TO_F(a)), TO_F(b), TO_F(c))));                \
+  }                                                                                                            \
+  inline T __hneg(T a) {                                                                                       \
+    T r = a;                                                                                                   \
+    r.__x ^= 0x8000u;                                                                                          \
+    return r;                                                                                                  \
+  }                                                                                                            \
+  inline T __habs(T a) {                                                                                       \
+    T r = a;                                                                                                   \
+    r.__x &= 0x7fffu;                                                                                          \
+    return r;                                                                                                  \
+  }                                                                                                            \
+  inline T __hmax(T a, T b) { return FROM_F(fmaxf(TO_F(a), TO_F(b))); }                                        \
+  inline T __hmin(T a, T b) { return FROM_F(fminf(TO_F(a), TO_F(b))); }                                        \
+  inline bool __heq(T a, T b) { return TO_F(a) == TO_F(b); }                                                   \
+  inline bool __hne(T a, T b) { return TO_F(a) != TO_F(b); }                                                   \
+  inline bool __hlt(T a, T b) { return TO_F(a) < TO_F(b); }                                                    \
+  inline bool __hle(T a, T b) { return TO_F(a) <= TO_F(b); }                                                   \
+  inline bool __hgt(T a, T b) { return TO_F(a) > TO_F(b); }                                                    \
+  inline bool __hge(T a, T b) { return TO_F(a) >= TO_F(b); }                                                   \
+  inline bool __hisnan(T a) { return std::isnan(TO_F(a)); }                                                    \
+  inline int __hisinf(T a) { return std::isinf(TO_F(a)) ? (TO_F(a) > 0 ? 1 : -1) : 0; }                        \
+  inline T2 __hadd2(T2 a, T2 b) { return T2{__hadd(a.x, b.x), __hadd(a.y, b.y)}; }                             \
+  inline T2 __hsub2(T2 a, T2 b) { return T2{__hsub(a.x, b.x), __hsub(a.y, b.y)}; }                             \
+  inline T2 __hmul2(T2 a, T2 b) { return T2{__hmul(a.x, b.x), __hmul(a.y, b.y)}; }                             \
+  inline T2 __h2div(T2 a, T2 b) { return T2{__hdiv(a.x, b.x), __hdiv(a.y, b.y)}; }                             \
+  inline T2 __hfma2(T2 a, T2 b, T2 c) { return T2{__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)}; }             \
+  inline T2 __hneg2(T2 a) { return T2{__hneg(a.x), __hneg(a.y)}; }                                             \
+  inline T2 __habs2(T2 a) { return T2{__habs(a.x), __habs(a.y)}; }                                             \
+  inline T2 __hmax2(T2 a, T2 b) { return T2{__hmax(a.x, b.x), __hmax(a.y, b.y)}; }                             \
   inline T2 __hmin2(T2 a, T2 b) { return T2{__hmin(a.x, b.x), __hmin(a.y, b.y)}; }
 SK_EMU_NARROW_ARITH(__half, __half2float, __float2half, __half2)
 SK_EMU_NARROW_ARITH(__nv_bfloat16, __bfloat162float, __float2bfloat16, __nv_bfloat162)
 #undef SK_EMU_NARROW_ARITH
 
-#define SK_EMU_NARROW_OPERATORS(T)                                           \
-  inline T operator+(T a, T b) { return __hadd(a, b); }                      \
-  inline T operator-(T a, T b) { return __hsub(a, b); }                      \
-  inline T operator*(T a, T b) { return __hmul(a, b); }                      \
-  inline T operator/(T a, T b) { return __hdiv(a, b); }                      \
-  inline T operator-(T a) { return __hneg(a); }                              \
-  inline T operator+(T a) { return a; }                                      \
-  inline T& operator+=(T& a, T b) { return a = __hadd(a, b); }               \
-  inline T& operator-=(T& a, T b) { return a = __hsub(a, b); }               \
-  inline T& operator*=(T& a, T b) { return a = __hmul(a, b); }               \
-  inline T& operator/=(T& a, T b) { return a = __hdiv(a, b); }               \
-  inline bool operator==(T a, T b) { return __heq(a, b); }                   \
-  inline bool operator!=(T a, T b) { return __hne(a, b); }                   \
-  inline bool operator<(T a, T b) { return __hlt(a, b); }                    \
-  inline bool operator<=(T a, T b) { return __hle(a, b); }                   \
-  inline bool operator>(T a, T b) { return __hgt(a, b); }                    \
+#define SK_EMU_NARROW_OPERATORS(T)                             \
+  inline T operator+(T a, T b) { return __hadd(a, b); }        \
+  inline T operator-(T a, T b) { return __hsub(a, b); }        \
+  inline T operator*(T a, T b) { return __hmul(a, b); }        \
+  inline T operator/(T a, T b) { return __hdiv(a, b); }        \
+  inline T operator-(T a) { return __hneg(a); }                \
+  inline T operator+(T a) { return a; }                        \
+  inline T& operator+=(T& a, T b) { return a = __hadd(a, b); } \
+  inline T& operator-=(T& a, T b) { return a = __hsub(a, b); } \
+  inline T& operator*=(T& a, T b) { return a = __hmul(a, b); } \
+  inline T& operator/=(T& a, T b) { return a = __hdiv(a, b); } \
+  inline bool operator==(T a, T b) { return __heq(a, b); }     \
+  inline bool operator!=(T a, T b) { return __hne(a, b); }     \
+  inline bool operator<(T a, T b) { return __hlt(a, b); }      \
+  inline bool operator<=(T a, T b) { return __hle(a, b); }     \
+  inline bool operator>(T a, T b) { return __hgt(a, b); }      \
   inline bool operator>=(T a, T b) { return __hge(a, b); }
-#define SK_EMU_NARROW2_OPERATORS(T2)                                             \
-  inline T2 operator+(T2 a, T2 b) { return __hadd2(a, b); }                      \
-  inline T2 operator-(T2 a, T2 b) { return __hsub2(a, b); }                      \
-  inline T2 operator*(T2 a, T2 b) { return __hmul2(a, b); }                      \
-  inline T2 operator/(T2 a, T2 b) { return __h2div(a, b); }                      \
-  inline T2& operator+=(T2& a, T2 b) { return a = __hadd2(a, b); }               \
-  inline T2& operator-=(T2& a, T2 b) { return a = __hsub2(a, b); }               \
+#define SK_EMU_NARROW2_OPERATORS(T2)                               \
+  inline T2 operator+(T2 a, T2 b) { return __hadd2(a, b); }        \
+  inline T2 operator-(T2 a, T2 b) { return __hsub2(a, b); }        \
+  inline T2 operator*(T2 a, T2 b) { return __hmul2(a, b); }        \
+  inline T2 operator/(T2 a, T2 b) { return __h2div(a, b); }        \
+  inline T2& operator+=(T2& a, T2 b) { return a = __hadd2(a, b); } \
+  inline T2& operator-=(T2& a, T2 b) { return a = __hsub2(a, b); } \
   inline T2& operator*=(T2& a, T2 b) { return a = __hmul2(a, b); }
 #if !defined(__CUDA_NO_HALF_OPERATORS__)
 SK_EMU_NARROW_OPERATORS(__half)

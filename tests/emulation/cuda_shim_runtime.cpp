@@ -72,13 +72,20 @@ enum class Wait : int { Running, Barrier, Warp, Exited };
 
 const char* vote_name(VoteOp op) {
   switch (op) {
-    case VoteOp::Ballot: return "__ballot_sync";
-    case VoteOp::Any: return "__any_sync";
-    case VoteOp::All: return "__all_sync";
-    case VoteOp::Sync: return "__syncwarp";
-    case VoteOp::MatchAny: return "__match_any_sync";
-    case VoteOp::MatchAll: return "__match_all_sync";
-    default: return "__reduce_*_sync";
+    case VoteOp::Ballot:
+      return "__ballot_sync";
+    case VoteOp::Any:
+      return "__any_sync";
+    case VoteOp::All:
+      return "__all_sync";
+    case VoteOp::Sync:
+      return "__syncwarp";
+    case VoteOp::MatchAny:
+      return "__match_any_sync";
+    case VoteOp::MatchAll:
+      return "__match_all_sync";
+    default:
+      return "__reduce_*_sync";
   }
 }
 
@@ -193,9 +200,15 @@ std::string where() {
 std::string describe_slot(const Slot& s) {
   std::ostringstream os;
   switch (s.wait) {
-    case Wait::Running: os << "running"; break;
-    case Wait::Exited: os << "exited"; break;
-    case Wait::Barrier: os << "waiting at __syncthreads at " << s.file << ":" << s.line; break;
+    case Wait::Running:
+      os << "running";
+      break;
+    case Wait::Exited:
+      os << "exited";
+      break;
+    case Wait::Barrier:
+      os << "waiting at __syncthreads at " << s.file << ":" << s.line;
+      break;
     case Wait::Warp: {
       const char* what = s.kind == kKindShfl       ? "__shfl_*_sync"
                          : s.kind == kKindMma      ? "mma_m16n8k16"
@@ -319,8 +332,8 @@ void warp_rendezvous(BlockState& b, const WarpCtx& w, Slot& me, int kind, unsign
   for (int l = 0; l < w.lanes_in_warp; ++l) {
     if ((mask >> l & 1u) && b.slots[w.base + l].wait == Wait::Exited) {
       fail_and_throw(b, lk,
-                     "sk_emu: " + std::string(what) + " at " + fmt_loc(loc) + " in " + where() + ": mask " +
-                         hex(mask) + " includes lane " + std::to_string(l) + " of warp " + std::to_string(w.warp) +
+                     "sk_emu: " + std::string(what) + " at " + fmt_loc(loc) + " in " + where() + ": mask " + hex(mask) +
+                         " includes lane " + std::to_string(l) + " of warp " + std::to_string(w.warp) +
                          ", which has already exited" + describe_block(b));
     }
   }
@@ -384,10 +397,22 @@ void complete_shfl(BlockState& b, const WarpCtx& w, unsigned mask) {
     int j = lane;
     bool pval = true;
     switch (static_cast<ShflMode>(s.mode)) {
-      case ShflMode::Up: j = lane - bval; pval = j >= max_lane; break;
-      case ShflMode::Down: j = lane + bval; pval = j <= max_lane; break;
-      case ShflMode::Bfly: j = lane ^ bval; pval = j <= max_lane; break;
-      case ShflMode::Idx: j = min_lane | (bval & static_cast<int>(~segmask & 0x1fu)); pval = j <= max_lane; break;
+      case ShflMode::Up:
+        j = lane - bval;
+        pval = j >= max_lane;
+        break;
+      case ShflMode::Down:
+        j = lane + bval;
+        pval = j <= max_lane;
+        break;
+      case ShflMode::Bfly:
+        j = lane ^ bval;
+        pval = j <= max_lane;
+        break;
+      case ShflMode::Idx:
+        j = min_lane | (bval & static_cast<int>(~segmask & 0x1fu));
+        pval = j <= max_lane;
+        break;
     }
     if (!pval) j = lane;
     // Reading a lane that does not take part is undefined: give it garbage bits so a kernel
@@ -402,35 +427,68 @@ void complete_vote(BlockState& b, const WarpCtx& w, unsigned mask) {
   bool all_equal = true;
   const uint64_t first = b.slots[w.base + __builtin_ctz(mask)].value;
   switch (Op) {
-    case VoteOp::All: acc = 1; break;
-    case VoteOp::RedAnd: acc = 0xffffffffull; break;
-    case VoteOp::RedMinU: acc = 0xffffffffull; break;
-    case VoteOp::RedMaxS: acc = static_cast<uint32_t>(INT32_MIN); break;
-    case VoteOp::RedMinS: acc = static_cast<uint32_t>(INT32_MAX); break;
-    default: acc = 0; break;
+    case VoteOp::All:
+      acc = 1;
+      break;
+    case VoteOp::RedAnd:
+      acc = 0xffffffffull;
+      break;
+    case VoteOp::RedMinU:
+      acc = 0xffffffffull;
+      break;
+    case VoteOp::RedMaxS:
+      acc = static_cast<uint32_t>(INT32_MIN);
+      break;
+    case VoteOp::RedMinS:
+      acc = static_cast<uint32_t>(INT32_MAX);
+      break;
+    default:
+      acc = 0;
+      break;
   }
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     const uint64_t v = b.slots[w.base + l].value;
     const uint32_t v32 = static_cast<uint32_t>(v);
     switch (Op) {
-      case VoteOp::Ballot: acc |= v ? (1ull << l) : 0; break;
-      case VoteOp::Any: acc |= v ? 1 : 0; break;
-      case VoteOp::All: acc &= v ? 1 : 0; break;
-      case VoteOp::RedAdd: acc = static_cast<uint32_t>(acc + v32); break;
-      case VoteOp::RedMinU: acc = std::min<uint32_t>(static_cast<uint32_t>(acc), v32); break;
-      case VoteOp::RedMaxU: acc = std::max<uint32_t>(static_cast<uint32_t>(acc), v32); break;
+      case VoteOp::Ballot:
+        acc |= v ? (1ull << l) : 0;
+        break;
+      case VoteOp::Any:
+        acc |= v ? 1 : 0;
+        break;
+      case VoteOp::All:
+        acc &= v ? 1 : 0;
+        break;
+      case VoteOp::RedAdd:
+        acc = static_cast<uint32_t>(acc + v32);
+        break;
+      case VoteOp::RedMinU:
+        acc = std::min<uint32_t>(static_cast<uint32_t>(acc), v32);
+        break;
+      case VoteOp::RedMaxU:
+        acc = std::max<uint32_t>(static_cast<uint32_t>(acc), v32);
+        break;
       case VoteOp::RedMinS:
         acc = static_cast<uint32_t>(std::min(static_cast<int32_t>(acc), static_cast<int32_t>(v32)));
         break;
       case VoteOp::RedMaxS:
         acc = static_cast<uint32_t>(std::max(static_cast<int32_t>(acc), static_cast<int32_t>(v32)));
         break;
-      case VoteOp::RedAnd: acc &= v32; break;
-      case VoteOp::RedOr: acc |= v32; break;
-      case VoteOp::RedXor: acc ^= v32; break;
-      case VoteOp::MatchAll: all_equal = all_equal && v == first; break;
-      default: break;
+      case VoteOp::RedAnd:
+        acc &= v32;
+        break;
+      case VoteOp::RedOr:
+        acc |= v32;
+        break;
+      case VoteOp::RedXor:
+        acc ^= v32;
+        break;
+      case VoteOp::MatchAll:
+        all_equal = all_equal && v == first;
+        break;
+      default:
+        break;
     }
   }
   for (int l = 0; l < 32; ++l) {
@@ -453,20 +511,34 @@ void complete_vote(BlockState& b, const WarpCtx& w, unsigned mask) {
 
 Completer vote_completer(VoteOp op) {
   switch (op) {
-    case VoteOp::Ballot: return complete_vote<VoteOp::Ballot>;
-    case VoteOp::Any: return complete_vote<VoteOp::Any>;
-    case VoteOp::All: return complete_vote<VoteOp::All>;
-    case VoteOp::Sync: return complete_vote<VoteOp::Sync>;
-    case VoteOp::MatchAny: return complete_vote<VoteOp::MatchAny>;
-    case VoteOp::MatchAll: return complete_vote<VoteOp::MatchAll>;
-    case VoteOp::RedAdd: return complete_vote<VoteOp::RedAdd>;
-    case VoteOp::RedMinU: return complete_vote<VoteOp::RedMinU>;
-    case VoteOp::RedMaxU: return complete_vote<VoteOp::RedMaxU>;
-    case VoteOp::RedMinS: return complete_vote<VoteOp::RedMinS>;
-    case VoteOp::RedMaxS: return complete_vote<VoteOp::RedMaxS>;
-    case VoteOp::RedAnd: return complete_vote<VoteOp::RedAnd>;
-    case VoteOp::RedOr: return complete_vote<VoteOp::RedOr>;
-    case VoteOp::RedXor: return complete_vote<VoteOp::RedXor>;
+    case VoteOp::Ballot:
+      return complete_vote<VoteOp::Ballot>;
+    case VoteOp::Any:
+      return complete_vote<VoteOp::Any>;
+    case VoteOp::All:
+      return complete_vote<VoteOp::All>;
+    case VoteOp::Sync:
+      return complete_vote<VoteOp::Sync>;
+    case VoteOp::MatchAny:
+      return complete_vote<VoteOp::MatchAny>;
+    case VoteOp::MatchAll:
+      return complete_vote<VoteOp::MatchAll>;
+    case VoteOp::RedAdd:
+      return complete_vote<VoteOp::RedAdd>;
+    case VoteOp::RedMinU:
+      return complete_vote<VoteOp::RedMinU>;
+    case VoteOp::RedMaxU:
+      return complete_vote<VoteOp::RedMaxU>;
+    case VoteOp::RedMinS:
+      return complete_vote<VoteOp::RedMinS>;
+    case VoteOp::RedMaxS:
+      return complete_vote<VoteOp::RedMaxS>;
+    case VoteOp::RedAnd:
+      return complete_vote<VoteOp::RedAnd>;
+    case VoteOp::RedOr:
+      return complete_vote<VoteOp::RedOr>;
+    case VoteOp::RedXor:
+      return complete_vote<VoteOp::RedXor>;
   }
   return complete_vote<VoteOp::Sync>;
 }
@@ -511,7 +583,9 @@ void poison_shared() {
 void complete_mma(BlockState& b, const WarpCtx& w, unsigned) {
   const bool bf16 = b.slots[w.base].mode != 0;
   float A[16][16], B[16][8], C[16][8];
-  auto narrow = [bf16](uint32_t bits) { return bf16 ? bf16_to_f32(static_cast<uint16_t>(bits)) : f16_to_f32(static_cast<uint16_t>(bits)); };
+  auto narrow = [bf16](uint32_t bits) {
+    return bf16 ? bf16_to_f32(static_cast<uint16_t>(bits)) : f16_to_f32(static_cast<uint16_t>(bits));
+  };
   for (int l = 0; l < 32; ++l) {
     const Slot& s = b.slots[w.base + l];
     if ((s.mode != 0) != bf16) throw std::runtime_error("sk_emu: mma_m16n8k16: lanes disagree on f16 vs bf16");
@@ -776,7 +850,8 @@ bool register_static_shared(void* ptr, size_t bytes, const char* name) {
 void run_grid(const char* name, const char* file, int line, const void* kernel, dim3 grid, dim3 block,
               size_t smem_bytes, void (*body)(void*), void* ctx) {
   if (detail::tls.block != nullptr) {
-    throw std::runtime_error(std::string("sk_emu: kernel ") + name + " launched from inside a kernel: dynamic "
+    throw std::runtime_error(std::string("sk_emu: kernel ") + name +
+                             " launched from inside a kernel: dynamic "
                              "parallelism is not supported by the emulator");
   }
   std::lock_guard<std::mutex> launch_lock(g_launch_mu);
@@ -866,10 +941,17 @@ int syncthreads(int mode, int pred, const Loc& loc) {
                        " while others wait at " + b.bar_file + ":" + std::to_string(b.bar_line) + describe_block(b));
   }
   switch (mode) {
-    case 1: b.bar_acc += pred != 0; break;
-    case 2: b.bar_acc = b.bar_acc && pred != 0; break;
-    case 3: b.bar_acc = b.bar_acc || pred != 0; break;
-    default: break;
+    case 1:
+      b.bar_acc += pred != 0;
+      break;
+    case 2:
+      b.bar_acc = b.bar_acc && pred != 0;
+      break;
+    case 3:
+      b.bar_acc = b.bar_acc || pred != 0;
+      break;
+    default:
+      break;
   }
   me.file = loc.file_name();
   me.line = static_cast<int>(loc.line());
@@ -965,7 +1047,8 @@ void cp_async_16(void* smem, const void* gmem, bool pred, const Loc& loc) {
   }
   if (pred) {
     if (reinterpret_cast<uintptr_t>(gmem) % 16 != 0) {
-      throw std::runtime_error("sk_emu: cp_async_16 at " + fmt_loc(loc) + ": global source address not 16-byte aligned");
+      throw std::runtime_error("sk_emu: cp_async_16 at " + fmt_loc(loc) +
+                               ": global source address not 16-byte aligned");
     }
     memcpy(smem, gmem, 16);
   } else {

@@ -31,10 +31,18 @@ __global__ void _shfl_kernel(const T* vals, T* out, int mode, int arg, int width
   }
   T r;
   switch (mode) {
-    case 0: r = __shfl_sync(mask, v, arg, width); break;
-    case 1: r = __shfl_up_sync(mask, v, static_cast<unsigned>(arg), width); break;
-    case 2: r = __shfl_down_sync(mask, v, static_cast<unsigned>(arg), width); break;
-    default: r = __shfl_xor_sync(mask, v, arg, width); break;
+    case 0:
+      r = __shfl_sync(mask, v, arg, width);
+      break;
+    case 1:
+      r = __shfl_up_sync(mask, v, static_cast<unsigned>(arg), width);
+      break;
+    case 2:
+      r = __shfl_down_sync(mask, v, static_cast<unsigned>(arg), width);
+      break;
+    default:
+      r = __shfl_xor_sync(mask, v, arg, width);
+      break;
   }
   out[t] = r;
 }
@@ -46,8 +54,7 @@ at::Tensor shfl(const at::Tensor& vals, int64_t mode, int64_t arg, int64_t width
   auto out = at::empty_like(vals);
   const int n = static_cast<int>(vals.numel());
   const unsigned m = static_cast<unsigned>(mask);
-  AT_DISPATCH_SWITCH(vals.scalar_type(), "selftest_shfl",
-                     AT_DISPATCH_CASE(at::kInt, [&] {
+  AT_DISPATCH_SWITCH(vals.scalar_type(), "selftest_shfl", AT_DISPATCH_CASE(at::kInt, [&] {
                        auto kernel = &_shfl_kernel<int>;
                        SK_LAUNCH(kernel, 1, n, 0, cudart::current_stream(), vals.data_ptr<int>(), out.data_ptr<int>(),
                                  int(mode), int(arg), int(width), m);
@@ -118,8 +125,7 @@ std::vector<at::Tensor> atomics(const at::Tensor& ivals, const at::Tensor& fvals
   SK_CHECK_DEVICE(ivals);
   TORCH_CHECK(ivals.numel() == fvals.numel() && ivals.numel() % blocks == 0, "ivals, fvals: blocks * threads");
   const int threads = static_cast<int>(ivals.numel() / blocks);
-  auto iout = at::tensor({0, std::numeric_limits<int>::min(), std::numeric_limits<int>::max(), 0, 0},
-                         ivals.options());
+  auto iout = at::tensor({0, std::numeric_limits<int>::min(), std::numeric_limits<int>::max(), 0, 0}, ivals.options());
   auto fout = at::tensor({0.0f, -std::numeric_limits<float>::infinity()}, fvals.options());
   auto dout = at::zeros({1}, fvals.options().dtype(at::kDouble));
   SK_LAUNCH(_atomics_kernel, static_cast<int>(blocks), threads, 0, cudart::current_stream(), ivals.data_ptr<int>(),
@@ -389,8 +395,8 @@ at::Tensor oob(const at::Tensor& x, int64_t where) {
   auto out = at::empty_like(x);
   const int n = static_cast<int>(x.numel());
   TORCH_CHECK(n <= 64, "x: at most 64 elements");
-  SK_LAUNCH(_oob_kernel, 1, n, n * sizeof(float), cudart::current_stream(), x.data_ptr<float>(),
-            out.data_ptr<float>(), n, static_cast<int>(where));
+  SK_LAUNCH(_oob_kernel, 1, n, n * sizeof(float), cudart::current_stream(), x.data_ptr<float>(), out.data_ptr<float>(),
+            n, static_cast<int>(where));
   return out;
 }
 
@@ -488,9 +494,12 @@ at::Tensor launch_config(const at::Tensor& like, int64_t bx, int64_t by, int64_t
 int64_t device_info(const at::Tensor& like, int64_t which) {
   SK_CHECK_DEVICE(like);
   switch (which) {
-    case 0: return cudart::compute_capability();
-    case 1: return cudart::multiprocessor_count();
-    default: return static_cast<int64_t>(cudart::max_dynamic_smem());
+    case 0:
+      return cudart::compute_capability();
+    case 1:
+      return cudart::multiprocessor_count();
+    default:
+      return static_cast<int64_t>(cudart::max_dynamic_smem());
   }
 }
 

@@ -1,8 +1,8 @@
 // Torch-free kernels for testing the static GPU-code report itself
 // (python/seqkernels/kernel_report.py, tests/test_static_cuda.py): one that must use tensor
 // cores, one plain kernel, one that must need local memory (a dynamically indexed
-// per-thread array) and one that must spill registers, so the report's parsing of registers, spills, stack and HMMA is checked
-// on kernels with known answers. Never compiled into the extension.
+// per-thread array) and one that must spill registers, so the report's parsing of registers, spills, stack and HMMA is
+// checked on kernels with known answers. Never compiled into the extension.
 #include <stdint.h>
 
 #include "cuda/mma.cuh"

@@ -7,8 +7,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _selftest_matmul_kernel(A, B, C, stride_am, stride_bk, stride_cm, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _selftest_matmul_kernel(
+    A,
+    B,
+    C,
+    stride_am,
+    stride_bk,
+    stride_cm,
+    K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -27,13 +37,29 @@ def _selftest_scale_kernel(X, Y, n, alpha, BLOCK: tl.constexpr):
     tl.store(Y + offs, x * alpha, mask=offs < n)
 
 
-_MM_SIG = {"A": "*fp16", "B": "*fp16", "C": "*fp32", "stride_am": "i32:16", "stride_bk": "i32:16", "stride_cm": "i32:16",
-           "K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+_MM_SIG = {
+    "A": "*fp16",
+    "B": "*fp16",
+    "C": "*fp32",
+    "stride_am": "i32:16",
+    "stride_bk": "i32:16",
+    "stride_cm": "i32:16",
+    "K": "constexpr",
+    "BLOCK_M": "constexpr",
+    "BLOCK_N": "constexpr",
+    "BLOCK_K": "constexpr",
+}
 
 STATIC_CONFIGS = [
     (_selftest_matmul_kernel, _MM_SIG, {"K": 256, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3, True),
-    (_selftest_scale_kernel, {"X": "*fp32", "Y": "*fp32", "n": "i32", "alpha": "fp32", "BLOCK": "constexpr"},
-     {"BLOCK": 1024}, 4, 1, False),
+    (
+        _selftest_scale_kernel,
+        {"X": "*fp32", "Y": "*fp32", "n": "i32", "alpha": "fp32", "BLOCK": "constexpr"},
+        {"BLOCK": 1024},
+        4,
+        1,
+        False,
+    ),
     # A 16-row tile is below wgmma's minimum: tensor cores through mma.sync on sm_90 too.
     (_selftest_matmul_kernel, _MM_SIG, {"K": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 2, "mma"),
     # 8 stages of 256x128 + 128x256 fp16 tiles: far beyond any arch's shared memory.

@@ -49,5 +49,6 @@ def pytest_sessionstart(session):
     if not _inside(tk, root):
         problems.append(f"seqkernels.triton_kernels resolves to {os.path.realpath(tk)}")
     if problems:
-        pytest.exit(f"{MARKER}: the tests would not judge the scratch copy {root}: " + "; ".join(problems),
-                    returncode=3)
+        pytest.exit(
+            f"{MARKER}: the tests would not judge the scratch copy {root}: " + "; ".join(problems), returncode=3
+        )

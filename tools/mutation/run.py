@@ -86,8 +86,13 @@ class Mutant:
 
 
 def area_of(path: str) -> str:
-    for prefix, area in (("csrc/common/", "common"), ("csrc/cpu/", "cpu"), ("csrc/cuda/", "cuda"),
-                         ("triton_kernels/", "triton"), ("python/", "python")):
+    for prefix, area in (
+        ("csrc/common/", "common"),
+        ("csrc/cpu/", "cpu"),
+        ("csrc/cuda/", "cuda"),
+        ("triton_kernels/", "triton"),
+        ("python/", "python"),
+    ):
         if path.startswith(prefix):
             return area
     return "other"
@@ -121,8 +126,18 @@ def load_mutants(path: Path = MUTANTS) -> list[Mutant]:
             suite = Suite(f"<{mid}>", list(m["tests"]), m.get("k"), m.get("timeout"))
         else:
             raise ValueError(f"{path}: mutant {mid} needs 'suite' or 'tests'")
-        out.append(Mutant(mid, m["file"], m["find"], m["replace"], suite, m.get("why", ""),
-                          m.get("equivalent"), list(m.get("pytest_args", []))))
+        out.append(
+            Mutant(
+                mid,
+                m["file"],
+                m["find"],
+                m["replace"],
+                suite,
+                m.get("why", ""),
+                m.get("equivalent"),
+                list(m.get("pytest_args", [])),
+            )
+        )
     return out
 
 
@@ -153,7 +168,7 @@ def applies(m: Mutant, root: Path) -> tuple[bool, str]:
 def mutate(m: Mutant, text: str) -> str:
     """`text` with the one match of `m.find` replaced by `m.replace` (leading and trailing
     whitespace of both are the text's own)."""
-    (lo, hi), = locate(m, text)
+    ((lo, hi),) = locate(m, text)
     return text[:lo] + m.replace.strip() + text[hi:]
 
 
@@ -200,8 +215,18 @@ def log(msg: str) -> None:
 
 
 def _pytest_cmd(suite: Suite, extra: list[str], stop_first: bool = True) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", *(["-x"] if stop_first else []), "-q", "-p", "no:cacheprovider",
-           "-p", "tools.mutation.guard", *suite.tests]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *(["-x"] if stop_first else []),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "tools.mutation.guard",
+        *suite.tests,
+    ]
     if suite.k:
         cmd += ["-k", suite.k]
     return cmd + extra
@@ -245,20 +270,27 @@ def failed_node_ids(output: str) -> list[str]:
     for line in output.splitlines():
         for tag in ("FAILED ", "ERROR "):
             if line.startswith(tag):
-                nid = line[len(tag):].split(" - ", 1)[0].strip()
+                nid = line[len(tag) :].split(" - ", 1)[0].strip()
                 if "::" in nid and nid not in ids:
                     ids.append(nid)
     return ids
 
 
-def run_tests(root: Path, suite: Suite, extra: list[str], timeout: float,
-              stop_first: bool = True) -> tuple[str, float, str, str]:
+def run_tests(
+    root: Path, suite: Suite, extra: list[str], timeout: float, stop_first: bool = True
+) -> tuple[str, float, str, str]:
     """(outcome, seconds, summary, full output); outcome is pass / fail / timeout / empty / guard."""
     cmd = _pytest_cmd(suite, extra, stop_first)
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=root, env=_test_env(root), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=_test_env(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -312,8 +344,7 @@ class Harness:
         then judged without them, and the report lists them); "bad" when the selection cannot judge
         anything (collection errors, a timeout, no test selected)."""
         self.ensure_built(initial=True)
-        outcome, dt, summary, out = run_tests(self.root, suite, extra, suite.timeout or self.timeout,
-                                              stop_first=False)
+        outcome, dt, summary, out = run_tests(self.root, suite, extra, suite.timeout or self.timeout, stop_first=False)
         self._save_log(f"baseline-{re.sub(r'[^A-Za-z0-9_.-]+', '_', _suite_desc(suite, extra))[:120]}", out)
         if outcome == "guard":
             raise SystemExit(summary)
@@ -330,8 +361,9 @@ class Harness:
         (self.log_dir / f"{name}.log").write_text(text)
 
     def run_one(self, m: Mutant, deselect: list[str] = ()) -> Result:
-        res = Result(m.id, m.area, m.file, ERROR, tests=_suite_desc(m.suite, m.extra_args), why=m.why,
-                     equivalent=m.equivalent)
+        res = Result(
+            m.id, m.area, m.file, ERROR, tests=_suite_desc(m.suite, m.extra_args), why=m.why, equivalent=m.equivalent
+        )
         t0 = time.monotonic()
         ok, reason = applies(m, self.root)
         if not ok:
@@ -348,8 +380,9 @@ class Harness:
                     res.status, res.detail = KILLED, "build failed: " + _last_error(tail)
                     return res
             extra = list(m.extra_args) + [a for nid in deselect for a in ("--deselect", nid)]
-            outcome, res.test_seconds, summary, out = run_tests(self.root, m.suite, extra,
-                                                                m.suite.timeout or self.timeout)
+            outcome, res.test_seconds, summary, out = run_tests(
+                self.root, m.suite, extra, m.suite.timeout or self.timeout
+            )
             self._save_log(m.id, out)
             if outcome == "guard":
                 raise SystemExit(summary)
@@ -399,7 +432,8 @@ def markdown(results: list[Result], meta: dict) -> str:
     lines = [
         f"Run of {meta['date']} ({meta['command']}), {len(results)} mutant(s), "
         f"{meta['wall_seconds']:.0f} s wall, tree at {meta.get('git_head', '?')}"
-        + (" plus uncommitted changes" if meta.get("dirty") else "") + ".",
+        + (" plus uncommitted changes" if meta.get("dirty") else "")
+        + ".",
         "",
         f"killed {c[KILLED]}, timeout {c[TIMEOUT]}, survived {c[SURVIVED]}, equivalent {c[EQUIVALENT]}, "
         f"stale {c[STALE]}, error {c[ERROR]}; "
@@ -411,13 +445,14 @@ def markdown(results: list[Result], meta: dict) -> str:
         for i in ids:
             base = i.split("[", 1)[0]
             groups[base] = groups.get(base, 0) + 1
-        lines.append(f"Failing on the unmutated tree, deselected from `{desc}` ({len(ids)}): "
-                     + ", ".join(f"`{g}`" + (f" ({n} cases)" if n > 1 else "") for g, n in groups.items())
-                     + " (full ids in the JSON report).")
+        lines.append(
+            f"Failing on the unmutated tree, deselected from `{desc}` ({len(ids)}): "
+            + ", ".join(f"`{g}`" + (f" ({n} cases)" if n > 1 else "") for g, n in groups.items())
+            + " (full ids in the JSON report)."
+        )
         lines.append("")
     for desc, why in (meta.get("bad_selections") or {}).items():
-        lines.append(f"Selection `{desc}` cannot judge on the unmutated tree ({why}): "
-                     "its mutants are `error`.")
+        lines.append(f"Selection `{desc}` cannot judge on the unmutated tree ({why}): its mutants are `error`.")
         lines.append("")
     lines += [
         "| id | area | status | seconds (build + tests) | detail |",
@@ -425,8 +460,10 @@ def markdown(results: list[Result], meta: dict) -> str:
     ]
     for r in results:
         detail = (r.detail or "").replace("|", "\\|")
-        lines.append(f"| `{r.id}` | {r.area} | {r.status} | {r.seconds:.0f} ({r.build_seconds:.0f} + "
-                     f"{r.test_seconds:.0f}) | {detail} |")
+        lines.append(
+            f"| `{r.id}` | {r.area} | {r.status} | {r.seconds:.0f} ({r.build_seconds:.0f} + "
+            f"{r.test_seconds:.0f}) | {detail} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -443,26 +480,23 @@ def _git(*args: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.mutation", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--list", action="store_true",
-                    help="list the mutants and whether each applies to the working tree")
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.mutation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--list", action="store_true", help="list the mutants and whether each applies to the working tree")
     ap.add_argument("--check", action="store_true", help="like --list, exit 1 if any mutant is stale")
     ap.add_argument("--only", help="comma-separated mutant ids")
     ap.add_argument("--area", help="comma-separated areas (common, cpu, cuda, triton, python)")
     ap.add_argument("--sample", type=int, help="run N mutants, stratified over the areas")
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
-    ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH,
-                    help=f"scratch copy (default {DEFAULT_SCRATCH})")
-    ap.add_argument("--timeout", type=float, default=1200,
-                    help="seconds per test run unless the suite sets one")
+    ap.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH, help=f"scratch copy (default {DEFAULT_SCRATCH})")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per test run unless the suite sets one")
     ap.add_argument("--build-timeout", type=float, default=3600, help="seconds per build of seqkernels._C")
-    ap.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS") or 1),
-                    help="MAX_JOBS of builds")
-    ap.add_argument("--no-baseline", action="store_true",
-                    help="skip running each selected suite on the unmutated copy first")
-    ap.add_argument("--report", type=Path,
-                    help="write the results as JSON here and as markdown next to it (.md)")
+    ap.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS") or 1), help="MAX_JOBS of builds")
+    ap.add_argument(
+        "--no-baseline", action="store_true", help="skip running each selected suite on the unmutated copy first"
+    )
+    ap.add_argument("--report", type=Path, help="write the results as JSON here and as markdown next to it (.md)")
     ap.add_argument("--mutants", type=Path, default=MUTANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -478,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
             eq = "  [declared equivalent]" if m.equivalent else ""
             print(f"{m.id:44s} {m.area:7s} {flag}{eq}")
             print(f"{'':44s} {m.file} :: {_suite_desc(m.suite, m.extra_args)}")
-        print(f"\n{len(mutants)} mutants ({', '.join(f'{a} {n}' for a, n in sorted(by_area.items()))}); "
-              f"{stale} stale against {REPO}")
+        print(
+            f"\n{len(mutants)} mutants ({', '.join(f'{a} {n}' for a, n in sorted(by_area.items()))}); "
+            f"{stale} stale against {REPO}"
+        )
         return 1 if (args.check and stale) else 0
 
     selected = mutants
@@ -500,8 +536,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     command = "python -m tools.mutation " + " ".join(argv if argv is not None else sys.argv[1:])
-    h = Harness(args.scratch.resolve(), args.timeout, args.jobs, args.build_timeout,
-                args.scratch.resolve() / ".mutation-logs")
+    h = Harness(
+        args.scratch.resolve(), args.timeout, args.jobs, args.build_timeout, args.scratch.resolve() / ".mutation-logs"
+    )
     h.prepare()
 
     # C++ mutants first, grouped by the objects their file is compiled into (ninja's recorded
@@ -509,8 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     # restoring one mutant and compiling the next are one rebuild; then the rest (no rebuild).
     order = {m.id: i for i, m in enumerate(mutants)}
     deps = _scratch.object_dependencies(h.root)
-    selected.sort(key=lambda m: (not m.cpu_build, sorted(deps.get(m.file, ())) if m.cpu_build else [],
-                                 m.file if m.cpu_build else "", order[m.id]))
+    selected.sort(
+        key=lambda m: (
+            not m.cpu_build,
+            sorted(deps.get(m.file, ())) if m.cpu_build else [],
+            m.file if m.cpu_build else "",
+            order[m.id],
+        )
+    )
     log(f"{len(selected)} mutant(s): {', '.join(m.id for m in selected)}")
 
     bad_suites: dict[str, str] = {}
@@ -536,18 +579,28 @@ def main(argv: list[str] | None = None) -> int:
         for i, m in enumerate(selected, 1):
             desc = _suite_desc(m.suite, m.extra_args)
             if desc in bad_suites:
-                results.append(Result(m.id, m.area, m.file, ERROR,
-                                      detail="the unmutated tree fails this selection: " + bad_suites[desc],
-                                      tests=desc, why=m.why, equivalent=m.equivalent))
+                results.append(
+                    Result(
+                        m.id,
+                        m.area,
+                        m.file,
+                        ERROR,
+                        detail="the unmutated tree fails this selection: " + bad_suites[desc],
+                        tests=desc,
+                        why=m.why,
+                        equivalent=m.equivalent,
+                    )
+                )
             else:
                 log(f"[{i}/{len(selected)}] {m.id} ({m.file})")
                 results.append(h.run_one(m, deselected.get(desc, [])))
                 if desc in deselected:
                     results[-1].detail += f" [{len(deselected[desc])} test(s) that fail unmutated deselected]"
             r = results[-1]
-            log(f"    {r.status} in {r.seconds:.0f} s "
-                f"(build {r.build_seconds:.0f}, tests {r.test_seconds:.0f})"
-                + (f": {r.detail}" if r.detail else ""))
+            log(
+                f"    {r.status} in {r.seconds:.0f} s "
+                f"(build {r.build_seconds:.0f}, tests {r.test_seconds:.0f})" + (f": {r.detail}" if r.detail else "")
+            )
     finally:
         h.ensure_built()  # leave the scratch build matching the unmutated sources
 

@@ -26,7 +26,9 @@ def repo_files(repo: Path) -> list[str]:
     """Tracked files plus untracked files git does not ignore, relative to `repo`."""
     out = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=repo, check=True, capture_output=True,
+        cwd=repo,
+        check=True,
+        capture_output=True,
     ).stdout.decode()
     return sorted({p for p in out.split("\0") if p})
 
@@ -135,7 +137,11 @@ def build(root: Path, timeout: float, jobs: int = 1, log=print) -> tuple[bool, f
     try:
         proc = subprocess.run(
             [sys.executable, "setup.py", "build_ext", "--inplace"],
-            cwd=root, env=env, capture_output=True, text=True, timeout=timeout,
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         ok, out = proc.returncode == 0, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
@@ -161,8 +167,9 @@ def object_dependencies(root: Path) -> dict[str, frozenset]:
         if not (build_dir / ".ninja_deps").exists():
             continue
         try:
-            text = subprocess.run(["ninja", "-t", "deps"], cwd=build_dir, capture_output=True, text=True,
-                                  timeout=60, check=True).stdout
+            text = subprocess.run(
+                ["ninja", "-t", "deps"], cwd=build_dir, capture_output=True, text=True, timeout=60, check=True
+            ).stdout
         except (OSError, subprocess.SubprocessError):
             continue
         obj = None
@@ -171,5 +178,5 @@ def object_dependencies(root: Path) -> dict[str, frozenset]:
             if line and not line[0].isspace():
                 obj = Path(line.split(":", 1)[0]).name
             elif obj and line.strip().startswith(prefix):
-                out.setdefault(line.strip()[len(prefix):], set()).add(obj)
+                out.setdefault(line.strip()[len(prefix) :], set()).add(obj)
     return {k: frozenset(v) for k, v in out.items()}

@@ -15,8 +15,24 @@ import torch
 from .harness import Recorder, Settings, copy_bandwidth, gemm_ceiling
 from .suites import SUITES
 
-CSV_FIELDS = ["suite", "op", "provider", "shape", "dtype", "device", "metric", "unit", "p20", "p50", "p80", "note",
-              "torch", "triton", "git", "date"]
+CSV_FIELDS = [
+    "suite",
+    "op",
+    "provider",
+    "shape",
+    "dtype",
+    "device",
+    "metric",
+    "unit",
+    "p20",
+    "p50",
+    "p80",
+    "note",
+    "torch",
+    "triton",
+    "git",
+    "date",
+]
 
 
 class Progress:
@@ -48,8 +64,13 @@ def write_outputs(rec: Recorder, out_dir: str, stem: str):
         w.writeheader()
         for r in rec.rows:
             d = dataclasses.asdict(r)
-            d.update(device=rec.meta["device"], torch=rec.meta["torch"], triton=rec.meta["triton"], git=rec.meta["git"],
-                     date=rec.meta["date"])
+            d.update(
+                device=rec.meta["device"],
+                torch=rec.meta["torch"],
+                triton=rec.meta["triton"],
+                git=rec.meta["git"],
+                date=rec.meta["date"],
+            )
             w.writerow(d)
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump({"meta": rec.meta, "rows": [dataclasses.asdict(r) for r in rec.rows]}, f, indent=1, default=str)
@@ -79,7 +100,9 @@ def format_table(rec: Recorder) -> str:
             if r.metric == "status":
                 lines.append(f"    {r.provider:28s} {r.note}")
             elif r.metric == "time":
-                extra = [x for x in rows if x.provider == r.provider and x.metric == head[suite] and head[suite] != "time"]
+                extra = [
+                    x for x in rows if x.provider == r.provider and x.metric == head[suite] and head[suite] != "time"
+                ]
                 thr = f"{extra[0].p50:9.4g} {extra[0].unit:9s}" if extra else " " * 19
                 ratio = ""
                 if best_peer and r.provider.startswith("seqkernels"):
@@ -92,10 +115,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="seqkernels bench", description=__doc__)
     ap.add_argument("--suite", action="append", choices=sorted(SUITES), help="suite to run (repeatable; default all)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    ap.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on GPU, float32 on CPU)")
+    ap.add_argument(
+        "--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on GPU, float32 on CPU)"
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes: every suite in a few minutes on a 2-core CPU")
     ap.add_argument("--backend", default=None, help="only this seqkernels backend, no peers")
-    ap.add_argument("--out", default="bench_out", help="output folder for CSV, JSON and PNG plots (default ./bench_out)")
+    ap.add_argument(
+        "--out", default="bench_out", help="output folder for CSV, JSON and PNG plots (default ./bench_out)"
+    )
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not device.startswith("cuda"):
@@ -119,7 +146,9 @@ def main(argv=None) -> int:
         progress.suite_done()
         # Written after every suite, so an interrupted run still leaves what it measured.
         csv_path, pngs = write_outputs(rec, args.out, stem)
-    print(f"\nseqkernels bench on {rec.meta['device']} ({dtype_name}), torch {rec.meta['torch']}, git {rec.meta['git']}")
+    print(
+        f"\nseqkernels bench on {rec.meta['device']} ({dtype_name}), torch {rec.meta['torch']}, git {rec.meta['git']}"
+    )
     print(f"ceilings: GEMM {rec.meta['gemm_tflops']:.2f} TFLOP/s, copy {rec.meta['copy_gbps']:.1f} GB/s\n")
     print(format_table(rec))
     if rec.meta.get("findings"):

@@ -51,8 +51,12 @@ def device_name(device: str) -> str:
 def git_revision() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -128,13 +132,29 @@ class Recorder:
         self.s = s
         self.rows: List[Row] = []
         self.meta = {
-            "device": device_name(s.device), "torch": torch.__version__, "triton": _triton_version(),
-            "git": git_revision(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(s.device),
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "git": git_revision(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
 
     def add(self, suite, op, provider, shape, metric, unit, p20, p50, p80, note="", dtype=None):
-        self.rows.append(Row(suite, op, provider, shape, dtype or str(self.s.dtype).replace("torch.", ""), metric, unit,
-                             p20, p50, p80, note))
+        self.rows.append(
+            Row(
+                suite,
+                op,
+                provider,
+                shape,
+                dtype or str(self.s.dtype).replace("torch.", ""),
+                metric,
+                unit,
+                p20,
+                p50,
+                p80,
+                note,
+            )
+        )
 
     def add_time(self, suite, op, provider, shape, ms, *, per=None, note="", dtype=None):
         """The time row, plus derived throughput rows from `per` = [(metric, unit, amount_per_ms_fn)]."""

@@ -9,8 +9,12 @@ import re
 import sys
 from collections import defaultdict
 
-HEADLINE = {"attention": ("tflops", "TFLOP/s"), "decode": ("gbps", "GB/s"), "kv_append": ("gbps", "GB/s"),
-            "lstm": ("time", "ms (lower is better)")}
+HEADLINE = {
+    "attention": ("tflops", "TFLOP/s"),
+    "decode": ("gbps", "GB/s"),
+    "kv_append": ("gbps", "GB/s"),
+    "lstm": ("time", "ms (lower is better)"),
+}
 
 
 def _size(shape: str) -> float:
@@ -48,8 +52,13 @@ def plot_all(csv_path: str, out_dir: str, stem: str):
             for prov, pr in sorted(by_prov.items()):
                 pr.sort(key=lambda r: (_size(r["shape"]), r["shape"]))
                 labels = [r["shape"].replace(" causal", "") for r in pr]
-                ax.plot(range(len(pr)), [float(r["p50"]) for r in pr], marker="o", label=prov,
-                        linewidth=2.5 if prov.startswith("seqkernels") else 1.2)
+                ax.plot(
+                    range(len(pr)),
+                    [float(r["p50"]) for r in pr],
+                    marker="o",
+                    label=prov,
+                    linewidth=2.5 if prov.startswith("seqkernels") else 1.2,
+                )
                 ax.set_xticks(range(len(pr)), labels, rotation=30, ha="right", fontsize=7)
             ax.set_title(f"{suite} {op} {variant}".strip())
             ax.set_ylabel(unit)
@@ -64,9 +73,11 @@ def plot_all(csv_path: str, out_dir: str, stem: str):
     rv = [r for r in rows if r["suite"] == "rnn_vs_attention"]
     if rv:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-        panels = [("sequence", "time", "sequence forward time (ms)"),
-                  ("sequence", "us_per_token", "time per token (us)"),
-                  ("generate_token", "time", "per-token generation latency (ms), batch 1")]
+        panels = [
+            ("sequence", "time", "sequence forward time (ms)"),
+            ("sequence", "us_per_token", "time per token (us)"),
+            ("generate_token", "time", "per-token generation latency (ms), batch 1"),
+        ]
         for ax, (op, metric, title) in zip(axes, panels):
             by_prov = defaultdict(list)
             for r in rv:

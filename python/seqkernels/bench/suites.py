@@ -49,12 +49,16 @@ def _sdpa_providers(s: Settings) -> Dict[str, Callable]:
         def f(q, k, v, causal):
             with sdpa_kernel([b]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
         return f
 
     provs = {}
     if s.is_cuda:
-        for name, b in (("torch_sdpa_flash", SDPBackend.FLASH_ATTENTION), ("torch_sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
-                        ("torch_sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for name, b in (
+            ("torch_sdpa_flash", SDPBackend.FLASH_ATTENTION),
+            ("torch_sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("torch_sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ):
             provs[name] = with_backend(b)
     else:
         provs["torch_sdpa"] = lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -72,15 +76,19 @@ def _sdpa_providers(s: Settings) -> Dict[str, Callable]:
         from flash_attn import flash_attn_func
 
         provs["flash_attn"] = lambda q, k, v, causal: flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal
+        ).transpose(1, 2)
     except ImportError:
         pass
     try:
         import xformers.ops as xops
 
         provs["xformers"] = lambda q, k, v, causal: xops.memory_efficient_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_bias=xops.LowerTriangularMask() if causal else None).transpose(1, 2)
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_bias=xops.LowerTriangularMask() if causal else None,
+        ).transpose(1, 2)
     except ImportError:
         pass
     if s.is_cuda:
@@ -96,7 +104,9 @@ def _sdpa_providers(s: Settings) -> Dict[str, Callable]:
                 key = (q.shape[-2], k.shape[-2])
                 if key not in masks:
                     off = k.shape[-2] - q.shape[-2]
-                    masks[key] = create_block_mask(lambda b, h, i, j: j <= i + off, None, None, key[0], key[1], device=q.device)
+                    masks[key] = create_block_mask(
+                        lambda b, h, i, j: j <= i + off, None, None, key[0], key[1], device=q.device
+                    )
                 return flex(q, k, v, block_mask=masks[key])
 
             provs["flex_attention"] = flex_fn
@@ -117,24 +127,31 @@ def _attention_shapes(s: Settings):
 
 def _ref_slice(q, k, v, causal, dtype):
     """Reference for batch 0, head 0 (the parity gate): computed on the device in `dtype`."""
-    return reference.attention_ref(q[:1, :1].to(dtype), k[:1, :1].to(dtype), v[:1, :1].to(dtype),
-                                   window_left=-1, window_right=0 if causal else -1)[0]
+    return reference.attention_ref(
+        q[:1, :1].to(dtype), k[:1, :1].to(dtype), v[:1, :1].to(dtype), window_left=-1, window_right=0 if causal else -1
+    )[0]
 
 
 def suite_attention(rec: Recorder, s: Settings, progress):
     gemm = rec.meta["gemm_tflops"]
-    for (B, H, L, D) in _attention_shapes(s):
+    for B, H, L, D in _attention_shapes(s):
         for causal in (False, True):
             shape = f"B{B} H{H} L{L} D{D}{' causal' if causal else ''}"
             flops = 4 * B * H * L * L * D * (0.5 if causal else 1.0)
             nrot = rotations(s, 3 * B * H * L * D * s.dtype.itemsize)
-            inputs = [tuple(torch.randn(B, H, L, D, device=s.device, dtype=s.dtype) for _ in range(3)) for _ in range(nrot)]
+            inputs = [
+                tuple(torch.randn(B, H, L, D, device=s.device, dtype=s.dtype) for _ in range(3)) for _ in range(nrot)
+            ]
             q0, k0, v0 = inputs[0]
             ref64 = _ref_slice(q0, k0, v0, causal, torch.float64)
             base = _ref_slice(q0, k0, v0, causal, s.dtype)
             call = seqkernels.ops.attention.prepare_attention(q0, k0, v0, causal=causal)
-            provs = {f"seqkernels_{b}": (lambda b_: lambda q, k, v, c: seqkernels.attention(q, k, v, causal=c, backend=b_))(b)
-                     for b in _seqkernels_backends(s, seqkernels.ops.attention.OP, call)}
+            provs = {
+                f"seqkernels_{b}": (lambda b_: lambda q, k, v, c: seqkernels.attention(q, k, v, causal=c, backend=b_))(
+                    b
+                )
+                for b in _seqkernels_backends(s, seqkernels.ops.attention.OP, call)
+            }
             if not s.backend:
                 provs.update(_sdpa_providers(s))
             g = torch.randn_like(q0)
@@ -150,9 +167,17 @@ def suite_attention(rec: Recorder, s: Settings, progress):
                     rec.add_failure("attention", "fwd", name, shape, bad)
                     continue
                 ms = measure([lambda x=x: fn(*x, causal) for x in inputs], s)
-                rec.add_time("attention", "fwd", name, shape, ms, per=[
-                    ("tflops", "TFLOP/s", lambda t: flops / (t * 1e-3) / 1e12),
-                    ("pct_gemm", "% of GEMM", lambda t: 100 * flops / (t * 1e-3) / 1e12 / gemm)])
+                rec.add_time(
+                    "attention",
+                    "fwd",
+                    name,
+                    shape,
+                    ms,
+                    per=[
+                        ("tflops", "TFLOP/s", lambda t: flops / (t * 1e-3) / 1e12),
+                        ("pct_gemm", "% of GEMM", lambda t: 100 * flops / (t * 1e-3) / 1e12 / gemm),
+                    ],
+                )
                 if name in ("naive",) and L > 4096:
                     continue
                 # backward: time only autograd.grad through the retained graph of one forward
@@ -168,9 +193,17 @@ def suite_attention(rec: Recorder, s: Settings, progress):
                     rec.add_failure("attention", "bwd", name, shape, bad)
                     continue
                 ms = measure([lambda o=outg: torch.autograd.grad(o, (qg, kg, vg), g, retain_graph=True)], s)
-                rec.add_time("attention", "bwd", name, shape, ms, per=[
-                    ("tflops", "TFLOP/s", lambda t: 2.5 * flops / (t * 1e-3) / 1e12),
-                    ("pct_gemm", "% of GEMM", lambda t: 100 * 2.5 * flops / (t * 1e-3) / 1e12 / gemm)])
+                rec.add_time(
+                    "attention",
+                    "bwd",
+                    name,
+                    shape,
+                    ms,
+                    per=[
+                        ("tflops", "TFLOP/s", lambda t: 2.5 * flops / (t * 1e-3) / 1e12),
+                        ("pct_gemm", "% of GEMM", lambda t: 100 * 2.5 * flops / (t * 1e-3) / 1e12 / gemm),
+                    ],
+                )
                 del outg, grads
             del inputs
 
@@ -190,8 +223,9 @@ def _gate_bwd(q, k, v, g, causal, grads):
 
 def _decode_shapes(s: Settings):
     if s.is_cuda:
-        return [(64, 32, 8, S, 128) for S in ([4096] if s.quick else [1024, 4096, 16384])] + \
-               ([] if s.quick else [(8, 32, 8, 65536, 128)])
+        return [(64, 32, 8, S, 128) for S in ([4096] if s.quick else [1024, 4096, 16384])] + (
+            [] if s.quick else [(8, 32, 8, 65536, 128)]
+        )
     return [(4, 32, 8, S, 128) for S in ([2048] if s.quick else [1024, 4096, 8192])]
 
 
@@ -199,7 +233,7 @@ def suite_decode(rec: Recorder, s: Settings, progress):
     from seqkernels.ops import kv_cache as kv_ops
 
     bw = rec.meta["copy_gbps"]
-    for (B, Hq, Hkv, S, D) in _decode_shapes(s):
+    for B, Hq, Hkv, S, D in _decode_shapes(s):
         shape = f"B{B} Hq{Hq} Hkv{Hkv} S{S} D{D}"
         kc = torch.randn(B, Hkv, S, D, device=s.device, dtype=s.dtype)
         vc = torch.randn_like(kc)
@@ -209,10 +243,14 @@ def suite_decode(rec: Recorder, s: Settings, progress):
         ref64 = reference.decode_attention_ref(q[:1].double(), kc[:1].double(), vc[:1].double(), lens[:1])[0]
         base = reference.decode_attention_ref(q[:1], kc[:1], vc[:1], lens[:1])[0]
         call = kv_ops.prepare_decode(q, kc, vc, lens)
-        provs = {f"seqkernels_{b}": (lambda b_: lambda: seqkernels.decode_attention(q, kc, vc, lens, backend=b_))(b)
-                 for b in _seqkernels_backends(s, kv_ops.DECODE_OP, call)}
+        provs = {
+            f"seqkernels_{b}": (lambda b_: lambda: seqkernels.decode_attention(q, kc, vc, lens, backend=b_))(b)
+            for b in _seqkernels_backends(s, kv_ops.DECODE_OP, call)
+        }
         if not s.backend:
-            provs["torch_sdpa_slice"] = lambda: F.scaled_dot_product_attention(q, kc[:, :, :S], vc[:, :, :S], enable_gqa=True)
+            provs["torch_sdpa_slice"] = lambda: F.scaled_dot_product_attention(
+                q, kc[:, :, :S], vc[:, :, :S], enable_gqa=True
+            )
         for name, fn in provs.items():
             progress(f"decode {name} {shape}")
             out = fn()
@@ -221,19 +259,31 @@ def suite_decode(rec: Recorder, s: Settings, progress):
                 rec.add_failure("decode", "decode", name, shape, bad)
                 continue
             ms = measure([fn], s)
-            rec.add_time("decode", "decode", name, shape, ms, per=[
-                ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
-                ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw)])
+            rec.add_time(
+                "decode",
+                "decode",
+                name,
+                shape,
+                ms,
+                per=[
+                    ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
+                    ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw),
+                ],
+            )
 
 
 def suite_kv_append(rec: Recorder, s: Settings, progress):
     from seqkernels.ops import kv_cache as kv_ops
 
     bw = rec.meta["copy_gbps"]
-    shapes = [(64, 8, 4096, 1, 128), (8, 8, 4096, 512, 128)] if s.is_cuda else [(16, 8, 2048, 1, 128), (4, 8, 2048, 256, 128)]
+    shapes = (
+        [(64, 8, 4096, 1, 128), (8, 8, 4096, 512, 128)]
+        if s.is_cuda
+        else [(16, 8, 2048, 1, 128), (4, 8, 2048, 256, 128)]
+    )
     if s.quick:
         shapes = shapes[1:]
-    for (B, H, S, T, D) in shapes:
+    for B, H, S, T, D in shapes:
         shape = f"B{B} H{H} S{S} T{T} D{D}"
         kc = torch.randn(B, H, S, D, device=s.device, dtype=s.dtype)
         vc = torch.randn_like(kc)
@@ -245,11 +295,15 @@ def suite_kv_append(rec: Recorder, s: Settings, progress):
         p0 = S // 2
 
         def torch_slice():
-            kc[:, :, p0:p0 + T] = kn
-            vc[:, :, p0:p0 + T] = vn
+            kc[:, :, p0 : p0 + T] = kn
+            vc[:, :, p0 : p0 + T] = vn
 
-        provs = {f"seqkernels_{b}": (lambda b_: lambda: seqkernels.kv_cache_append(kc, vc, kn, vn, lens, check=False, backend=b_))(b)
-                 for b in _seqkernels_backends(s, kv_ops.APPEND_OP, call)}
+        provs = {
+            f"seqkernels_{b}": (
+                lambda b_: lambda: seqkernels.kv_cache_append(kc, vc, kn, vn, lens, check=False, backend=b_)
+            )(b)
+            for b in _seqkernels_backends(s, kv_ops.APPEND_OP, call)
+        }
         if not s.backend:
             provs["torch_slice_copy"] = torch_slice
         for name, fn in provs.items():
@@ -257,13 +311,21 @@ def suite_kv_append(rec: Recorder, s: Settings, progress):
             kc.uniform_()
             vc.uniform_()
             fn()
-            if not (torch.equal(kc[:, :, p0:p0 + T], kn) and torch.equal(vc[:, :, p0:p0 + T], vn)):
+            if not (torch.equal(kc[:, :, p0 : p0 + T], kn) and torch.equal(vc[:, :, p0 : p0 + T], vn)):
                 rec.add_failure("kv_append", "append", name, shape, "parity FAILED: appended tokens differ")
                 continue
             ms = measure([fn], s)
-            rec.add_time("kv_append", "append", name, shape, ms, per=[
-                ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
-                ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw)])
+            rec.add_time(
+                "kv_append",
+                "append",
+                name,
+                shape,
+                ms,
+                per=[
+                    ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
+                    ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw),
+                ],
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +338,7 @@ def suite_lstm(rec: Recorder, s: Settings, progress):
 
     dtype = s.dtype
     cells = [(32, 512), (64, 1024)] if s.quick else [(32, 512), (64, 512), (32, 1024), (64, 1024)]
-    for (B, H) in cells:
+    for B, H in cells:
         shape = f"B{B} H{H}"
         torch_cell = torch.nn.LSTMCell(H, H, device=s.device, dtype=dtype)
         x, h, c = (torch.randn(B, H, device=s.device, dtype=dtype) for _ in range(3))
@@ -285,8 +347,10 @@ def suite_lstm(rec: Recorder, s: Settings, progress):
         with torch.no_grad():
             ref = reference.lstm_cell_ref(*(a.double() for a in args))
             base = reference.lstm_cell_ref(*args)
-            provs = {f"seqkernels_{b}": (lambda b_: lambda: seqkernels.lstm_cell(*args, backend=b_))(b)
-                     for b in _seqkernels_backends(s, lstm_ops.OP, call)}
+            provs = {
+                f"seqkernels_{b}": (lambda b_: lambda: seqkernels.lstm_cell(*args, backend=b_))(b)
+                for b in _seqkernels_backends(s, lstm_ops.OP, call)
+            }
             if not s.backend:
                 provs["torch_LSTMCell"] = lambda: torch_cell(x, (h, c))
             for name, fn in provs.items():
@@ -351,11 +415,16 @@ def suite_rnn_vs_attention(rec: Recorder, s: Settings, progress):
     lens = [16, 64, 256, 1024] if (s.quick and not s.is_cuda) else [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
     lstm = torch.nn.LSTM(d, d, device=s.device, dtype=dtype)
     att = _AttentionLayer(d, heads, s.device, dtype)
-    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
-                                                                       device=s.device, dtype=dtype),
-                                      num_layers=6, enable_nested_tensor=False).eval()
-    models = {"lstm_1layer": lambda x: lstm(x.transpose(0, 1)), "attention_layer": att,
-              "transformer_encoder_6layer": enc}
+    enc = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, device=s.device, dtype=dtype),
+        num_layers=6,
+        enable_nested_tensor=False,
+    ).eval()
+    models = {
+        "lstm_1layer": lambda x: lstm(x.transpose(0, 1)),
+        "attention_layer": att,
+        "transformer_encoder_6layer": enc,
+    }
     if s.quick and not s.is_cuda:
         lens_enc = [l_ for l_ in lens if l_ <= 256]
     else:
@@ -372,11 +441,24 @@ def suite_rnn_vs_attention(rec: Recorder, s: Settings, progress):
                     torch.cuda.reset_peak_memory_stats()
                     base_mem = torch.cuda.memory_allocated()
                 ms = measure([lambda: m(x)], s, min_time=0.1 if s.quick else 0.5, max_reps=5 if s.quick else 20)
-                rec.add_time("rnn_vs_attention", "sequence", name, shape, ms,
-                             per=[("us_per_token", "us/token", lambda t: t * 1e3 / (B * L))])
+                rec.add_time(
+                    "rnn_vs_attention",
+                    "sequence",
+                    name,
+                    shape,
+                    ms,
+                    per=[("us_per_token", "us/token", lambda t: t * 1e3 / (B * L))],
+                )
                 if s.is_cuda:
-                    rec.add("rnn_vs_attention", "sequence", name, shape, "peak_mem", "MiB",
-                            *[(torch.cuda.max_memory_allocated() - base_mem) / 2**20] * 3)
+                    rec.add(
+                        "rnn_vs_attention",
+                        "sequence",
+                        name,
+                        shape,
+                        "peak_mem",
+                        "MiB",
+                        *[(torch.cuda.max_memory_allocated() - base_mem) / 2**20] * 3,
+                    )
         _generation_latency(rec, s, d, heads, dtype, progress)
     _crossovers(rec, s, B, d, lens)
 
@@ -394,8 +476,13 @@ def _generation_latency(rec, s, d, heads, dtype, progress):
         progress(f"generation latency context={n}")
         rec.add_time("rnn_vs_attention", "generate_token", "lstm_step", shape, measure([lambda: cell(x1, (h, c))], s))
         xs = torch.randn(1, n + 1, d, device=s.device, dtype=dtype)
-        rec.add_time("rnn_vs_attention", "generate_token", "attention_full_recompute", shape,
-                     measure([lambda: att(xs)], s, max_reps=10 if s.quick else 30))
+        rec.add_time(
+            "rnn_vs_attention",
+            "generate_token",
+            "attention_full_recompute",
+            shape,
+            measure([lambda: att(xs)], s, max_reps=10 if s.quick else 30),
+        )
         kc = torch.randn(1, heads, max(contexts) + 1, Dh, device=s.device, dtype=dtype)
         vc = torch.randn_like(kc)
         lens = torch.tensor([n], dtype=torch.int32, device=s.device)
@@ -424,8 +511,20 @@ def _crossovers(rec: Recorder, s: Settings, B, d, lens):
         return rec.value("rnn_vs_attention", op, prov, shape)
 
     for other in ("attention_layer", "transformer_encoder_6layer"):
-        faster = [L for L in lens if (a := t("sequence", other, f"B{B} d{d} L{L}")) and (r := t("sequence", "lstm_1layer", f"B{B} d{d} L{L}")) and a < r]
-        slower = [L for L in lens if (a := t("sequence", other, f"B{B} d{d} L{L}")) and (r := t("sequence", "lstm_1layer", f"B{B} d{d} L{L}")) and a >= r]
+        faster = [
+            L
+            for L in lens
+            if (a := t("sequence", other, f"B{B} d{d} L{L}"))
+            and (r := t("sequence", "lstm_1layer", f"B{B} d{d} L{L}"))
+            and a < r
+        ]
+        slower = [
+            L
+            for L in lens
+            if (a := t("sequence", other, f"B{B} d{d} L{L}"))
+            and (r := t("sequence", "lstm_1layer", f"B{B} d{d} L{L}"))
+            and a >= r
+        ]
         if faster and slower:
             notes.append(f"{other} is faster than the LSTM at L in {faster}, slower at L in {slower}")
         elif faster:
@@ -434,12 +533,22 @@ def _crossovers(rec: Recorder, s: Settings, B, d, lens):
             notes.append(f"{other} is slower than the LSTM at every measured length ({slower[0]}..{slower[-1]})")
     for L in (200, 1000):
         near = min(lens, key=lambda x: abs(x - L))
-        a, r = t("sequence", "transformer_encoder_6layer", f"B{B} d{d} L{near}"), t("sequence", "lstm_1layer", f"B{B} d{d} L{near}")
+        a, r = (
+            t("sequence", "transformer_encoder_6layer", f"B{B} d{d} L{near}"),
+            t("sequence", "lstm_1layer", f"B{B} d{d} L{near}"),
+        )
         if a and r:
-            notes.append(f"at L={near}: LSTM {r:.2f} ms vs 6-layer encoder {a:.2f} ms "
-                         f"({'encoder' if a < r else 'LSTM'} {max(r / a, a / r):.2f}x faster; the claim: encoder 3.7x at 200, 1.9x at 1000 on a GPU)")
+            notes.append(
+                f"at L={near}: LSTM {r:.2f} ms vs 6-layer encoder {a:.2f} ms "
+                f"({'encoder' if a < r else 'LSTM'} {max(r / a, a / r):.2f}x faster; the claim: encoder 3.7x at 200, 1.9x at 1000 on a GPU)"
+            )
     rec.meta.setdefault("findings", []).extend(notes)
 
 
-SUITES = {"attention": suite_attention, "decode": suite_decode, "kv_append": suite_kv_append, "lstm": suite_lstm,
-          "rnn_vs_attention": suite_rnn_vs_attention}
+SUITES = {
+    "attention": suite_attention,
+    "decode": suite_decode,
+    "kv_append": suite_kv_append,
+    "lstm": suite_lstm,
+    "rnn_vs_attention": suite_rnn_vs_attention,
+}

@@ -63,8 +63,15 @@ class Block(nn.Module):
 class TinyDecoder(nn.Module):
     """Decoder-only transformer: token + learned position embeddings, `n_layers` blocks, linear head."""
 
-    def __init__(self, vocab: int = 256, dim: int = 128, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2,
-                 max_seqlen: int = 512):
+    def __init__(
+        self,
+        vocab: int = 256,
+        dim: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        n_kv_heads: int = 2,
+        max_seqlen: int = 512,
+    ):
         super().__init__()
         if dim % n_heads or n_heads % n_kv_heads:
             raise ValueError("dim must be a multiple of n_heads, and n_heads a multiple of n_kv_heads")
@@ -86,12 +93,30 @@ class TinyDecoder(nn.Module):
             x = blk(x)
         return self._head(x)
 
-    def make_cache(self, batch_size: int, *, paged: bool = False, block_size: int = 16,
-                   num_blocks: Optional[int] = None, backend: Optional[str] = None) -> KVCache:
+    def make_cache(
+        self,
+        batch_size: int,
+        *,
+        paged: bool = False,
+        block_size: int = 16,
+        num_blocks: Optional[int] = None,
+        backend: Optional[str] = None,
+    ) -> KVCache:
         blk = self.blocks[0]
         p = self.embed.weight
-        return KVCache(len(self.blocks), batch_size, blk.n_kv_heads, blk.head_dim, self.max_seqlen, dtype=p.dtype,
-                       device=p.device, paged=paged, block_size=block_size, num_blocks=num_blocks, backend=backend)
+        return KVCache(
+            len(self.blocks),
+            batch_size,
+            blk.n_kv_heads,
+            blk.head_dim,
+            self.max_seqlen,
+            dtype=p.dtype,
+            device=p.device,
+            paged=paged,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            backend=backend,
+        )
 
     def step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """Feed `tokens` (B, T) at the cache's next positions (T > 1 on an empty cache: prefill);
@@ -152,8 +177,13 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     max_seqlen = args.prompt_len + args.new_tokens
-    model = TinyDecoder(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                        max_seqlen=max_seqlen).to(device=args.device, dtype=dtype).eval()
+    model = (
+        TinyDecoder(
+            dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads, max_seqlen=max_seqlen
+        )
+        .to(device=args.device, dtype=dtype)
+        .eval()
+    )
     prompt = torch.randint(0, model.embed.num_embeddings, (args.batch, args.prompt_len), device=args.device)
     cache = model.make_cache(args.batch, paged=args.paged, block_size=args.block_size, backend=args.backend)
 
@@ -167,9 +197,11 @@ def main(argv=None) -> int:
     same = torch.equal(tokens, ref_tokens)
     err = max((a.float() - b.float()).abs().max().item() for a, b in zip(logits, ref_logits))
     print(f"{cache!r}")
-    print(f"generated (sequence 0): {tokens[0, args.prompt_len:].tolist()}")
-    print(f"cached: {1e3 * (t1 - t0) / args.new_tokens:.2f} ms/token, "
-          f"recompute: {1e3 * (t2 - t1) / args.new_tokens:.2f} ms/token")
+    print(f"generated (sequence 0): {tokens[0, args.prompt_len :].tolist()}")
+    print(
+        f"cached: {1e3 * (t1 - t0) / args.new_tokens:.2f} ms/token, "
+        f"recompute: {1e3 * (t2 - t1) / args.new_tokens:.2f} ms/token"
+    )
     print(f"tokens equal to full recomputation: {same}; max |logit difference|: {err:.3g}")
     return 0 if same else 1
 

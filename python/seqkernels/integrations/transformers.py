@@ -62,14 +62,22 @@ except ImportError as e:  # pragma: no cover - depends on the installed transfor
         f"pip install -U transformers ({e})"
     ) from e
 
-__all__ = ["register", "unregister", "NAME", "seqkernels_attention_forward", "seqkernels_mask", "SeqkernelsCache",
-           "SeqkernelsCacheLayer"]
+__all__ = [
+    "register",
+    "unregister",
+    "NAME",
+    "seqkernels_attention_forward",
+    "seqkernels_mask",
+    "SeqkernelsCache",
+    "SeqkernelsCacheLayer",
+]
 
 NAME = "seqkernels"
 
 
 # ---------------------------------------------------------------------------------------------
 # Mask builder: transformers' SDPA mask, plus a verified compact description of it.
+
 
 @dataclasses.dataclass(frozen=True)
 class _CausalSpec:
@@ -110,8 +118,13 @@ def _describe(mask: Tensor, local_size: Optional[int]):
         causal = causal & (j >= diag - left)
     lengths = seen.sum(dim=-1)
     right_padded = j < lengths.view(B, 1, 1, 1)
-    flags = torch.stack([(causal == mask).all(), (right_padded == mask).all(),
-                         first.max() if B else torch.zeros((), dtype=torch.long, device=dev)]).tolist()
+    flags = torch.stack(
+        [
+            (causal == mask).all(),
+            (right_padded == mask).all(),
+            first.max() if B else torch.zeros((), dtype=torch.long, device=dev),
+        ]
+    ).tolist()
     if flags[0]:
         return _CausalSpec(left, first, int(flags[2]))
     if flags[1]:
@@ -129,8 +142,15 @@ def seqkernels_mask(*args, **kwargs):
     equal, a compact form of it recorded on the mask for the attention function. Arguments are
     transformers' mask-interface arguments, passed through (they differ between versions)."""
     mask = sdpa_mask(*args, **kwargs)
-    if (mask is None or not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4
-            or mask.shape[1] != 1 or mask.device.type == "meta" or torch.compiler.is_compiling()):
+    if (
+        mask is None
+        or not isinstance(mask, Tensor)
+        or mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.shape[1] != 1
+        or mask.device.type == "meta"
+        or torch.compiler.is_compiling()
+    ):
         return mask
     spec = _describe(mask, kwargs.get("local_size"))
     if spec is not None:
@@ -141,20 +161,29 @@ def seqkernels_mask(*args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Attention function.
 
+
 def _reject_unsupported(kwargs, softcap):
     if softcap is not None:
-        raise ValueError("softcap: seqkernels attention has no logit soft-capping (Gemma 2); use "
-                         "attn_implementation='eager' for this model")
+        raise ValueError(
+            "softcap: seqkernels attention has no logit soft-capping (Gemma 2); use "
+            "attn_implementation='eager' for this model"
+        )
     for name in ("s_aux", "sinks"):
         if kwargs.get(name) is not None:
-            raise ValueError(f"{name}: seqkernels attention does not implement attention sinks; use "
-                             "attn_implementation='eager' for this model")
+            raise ValueError(
+                f"{name}: seqkernels attention does not implement attention sinks; use "
+                "attn_implementation='eager' for this model"
+            )
     if kwargs.get("cache") is not None:
-        raise ValueError("cache: paged continuous-batching caches are not supported by the seqkernels backend; use "
-                         "generate() with SeqkernelsCache instead")
+        raise ValueError(
+            "cache: paged continuous-batching caches are not supported by the seqkernels backend; use "
+            "generate() with SeqkernelsCache instead"
+        )
     if kwargs.get("output_attentions"):
-        _warn_once("output_attentions: the seqkernels attention backend does not return attention weights (None is "
-                   "returned, as with 'sdpa'); use attn_implementation='eager' to get them")
+        _warn_once(
+            "output_attentions: the seqkernels attention backend does not return attention weights (None is "
+            "returned, as with 'sdpa'); use attn_implementation='eager' to get them"
+        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,8 +206,19 @@ def _window(left: int):
     return (left, 0) if left >= 0 else None
 
 
-def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], *, causal: bool, left: int,
-            scale: Optional[float], dropout: float, position_bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
+def _attend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Optional[Tensor],
+    *,
+    causal: bool,
+    left: int,
+    scale: Optional[float],
+    dropout: float,
+    position_bias: Optional[Tensor],
+    backend: Optional[str],
+) -> Tensor:
     """transformers' SDPA semantics on seqkernels.attention; q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D)."""
     from ..ops.attention import attention
 
@@ -212,11 +252,20 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor], *
     return attention(query, key, value, attn_mask=mask, **kw)
 
 
-def seqkernels_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                                 attention_mask: Optional[Tensor], dropout: float = 0.0,
-                                 scaling: Optional[float] = None, is_causal: Optional[bool] = None,
-                                 sliding_window: Optional[int] = None, softcap: Optional[float] = None,
-                                 position_bias: Optional[Tensor] = None, **kwargs) -> tuple[Tensor, None]:
+def seqkernels_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    position_bias: Optional[Tensor] = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
     """The "seqkernels" entry of AttentionInterface. query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
     (Hkv may divide Hq), attention_mask from `seqkernels_mask` (or a user's 4-D bool/float mask).
     Returns (B, Lq, Hq, Dv) and None (no weights)."""
@@ -226,11 +275,30 @@ def seqkernels_attention_forward(module: torch.nn.Module, query: Tensor, key: Te
     backend = _DEFAULT_BACKEND[0]
     layer = getattr(key, _CACHE_ATTR, None)
     if isinstance(layer, SeqkernelsCacheLayer) and layer.pending_key is key:
-        out = layer.attend(query, value, attention_mask, causal=causal, left=left, scale=scaling,
-                           dropout=dropout, position_bias=position_bias, backend=backend)
+        out = layer.attend(
+            query,
+            value,
+            attention_mask,
+            causal=causal,
+            left=left,
+            scale=scaling,
+            dropout=dropout,
+            position_bias=position_bias,
+            backend=backend,
+        )
     else:
-        out = _attend(query, key, value, attention_mask, causal=causal, left=left, scale=scaling, dropout=dropout,
-                      position_bias=position_bias, backend=backend)
+        out = _attend(
+            query,
+            key,
+            value,
+            attention_mask,
+            causal=causal,
+            left=left,
+            scale=scaling,
+            dropout=dropout,
+            position_bias=position_bias,
+            backend=backend,
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -244,7 +312,9 @@ def register(name: str = NAME, *, backend: Optional[str] = None) -> None:
     `attn_implementation=name` / `model.set_attn_implementation(name)` use it. `backend` fixes the
     seqkernels backend for these calls (None: automatic per call, see seqkernels.explain)."""
     if backend is not None and backend not in backends.BACKENDS:
-        raise ValueError(f"backend: unknown backend {backend!r}; expected None or one of {', '.join(backends.BACKENDS)}")
+        raise ValueError(
+            f"backend: unknown backend {backend!r}; expected None or one of {', '.join(backends.BACKENDS)}"
+        )
     _DEFAULT_BACKEND[0] = backend
     AttentionInterface.register(name, seqkernels_attention_forward)
     AttentionMaskInterface.register(name, seqkernels_mask)
@@ -260,10 +330,12 @@ def unregister(name: str = NAME) -> None:
 # KV cache.
 
 _CACHE_ATTR = "_seqkernels_cache_layer"
-_NOT_CONSUMED = ("SeqkernelsCache: the keys stored by the previous update() never reached the seqkernels attention "
-                 "function. SeqkernelsCache only works with attn_implementation='seqkernels' (call "
-                 "seqkernels.integrations.transformers.register() first) and with models that pass the cache's "
-                 "keys to the attention function unchanged")
+_NOT_CONSUMED = (
+    "SeqkernelsCache: the keys stored by the previous update() never reached the seqkernels attention "
+    "function. SeqkernelsCache only works with attn_implementation='seqkernels' (call "
+    "seqkernels.integrations.transformers.register() first) and with models that pass the cache's "
+    "keys to the attention function unchanged"
+)
 _GRANULE = 256  # buffer capacity grows in multiples of this many positions (amortized reallocations)
 
 
@@ -306,8 +378,10 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         if needed <= cap:
             return
         if self.max_cache_len is not None:
-            raise ValueError(f"SeqkernelsCache: {needed} positions do not fit max_cache_len={self.max_cache_len}; "
-                             "create the cache with a larger max_cache_len (or None to grow as needed)")
+            raise ValueError(
+                f"SeqkernelsCache: {needed} positions do not fit max_cache_len={self.max_cache_len}; "
+                "create the cache with a larger max_cache_len (or None to grow as needed)"
+            )
         new_cap = _round_up(max(needed, 2 * cap), _GRANULE)
         for name in ("keys", "values"):
             old = getattr(self, name)
@@ -329,8 +403,19 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         setattr(key_states, _CACHE_ATTR, self)
         return key_states, value_states
 
-    def attend(self, query: Tensor, value: Tensor, mask: Optional[Tensor], *, causal: bool, left: int,
-               scale: Optional[float], dropout: float, position_bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    def attend(
+        self,
+        query: Tensor,
+        value: Tensor,
+        mask: Optional[Tensor],
+        *,
+        causal: bool,
+        left: int,
+        scale: Optional[float],
+        dropout: float,
+        position_bias: Optional[Tensor],
+        backend: Optional[str],
+    ) -> Tensor:
         from ..ops.attention import attention  # noqa: F401  (imported for its op registrations)
         from ..ops.kv_cache import decode_attention, kv_cache_append
 
@@ -343,24 +428,28 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         backend = self.backend if self.backend is not None else backend
         spec = _mask_spec(mask) if mask is None or mask.shape[-1] == self.length else None
         if self.compact is None:
-            self.compact = (causal and position_bias is None
-                            and (mask is None or isinstance(spec, _CausalSpec)))
-        common = dict(causal=causal, left=left, scale=scale, dropout=dropout, position_bias=position_bias,
-                      backend=backend)
+            self.compact = causal and position_bias is None and (mask is None or isinstance(spec, _CausalSpec))
+        common = dict(
+            causal=causal, left=left, scale=scale, dropout=dropout, position_bias=position_bias, backend=backend
+        )
         if not self.compact:
             kv_cache_append(self.keys, self.values, k_new, v_new, self.cache_seqlens, check=False, backend=backend)
             self.cache_seqlens += T
-            return _attend(query, self.keys[:, :, :self.length], self.values[:, :, :self.length], mask, **common)
+            return _attend(query, self.keys[:, :, : self.length], self.values[:, :, : self.length], mask, **common)
 
         if mask is not None and not isinstance(spec, _CausalSpec):
-            raise RuntimeError("SeqkernelsCache: this step's attention mask is not causal + left padding (+ sliding window), "
-                               "which the compact cache layout chosen at prefill cannot represent")
+            raise RuntimeError(
+                "SeqkernelsCache: this step's attention mask is not causal + left padding (+ sliding window), "
+                "which the compact cache layout chosen at prefill cannot represent"
+            )
         if spec is not None and past == 0:
             self._max_first = spec.max_first
         pads_in_chunk = spec is not None and spec.max_first > past
         if pads_in_chunk and past > 0:
-            raise RuntimeError("SeqkernelsCache: padding tokens after the first forward (padding inside a continuation "
-                               "chunk) are not supported; pad prompts on the left")
+            raise RuntimeError(
+                "SeqkernelsCache: padding tokens after the first forward (padding inside a continuation "
+                "chunk) are not supported; pad prompts on the left"
+            )
         if pads_in_chunk:
             # Left padding of the prompt: shift each sequence's real tokens to the front, store only those.
             shift = (spec.first - past).clamp(0, T)
@@ -370,18 +459,28 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
             added = (T - shift).to(torch.int32)
         else:
             k_app, v_app, added = k_new, v_new, T
-        kv_cache_append(self.keys, self.values, k_app.contiguous(), v_app.contiguous(), self.cache_seqlens,
-                        check=False, backend=backend)
+        kv_cache_append(
+            self.keys,
+            self.values,
+            k_app.contiguous(),
+            v_app.contiguous(),
+            self.cache_seqlens,
+            check=False,
+            backend=backend,
+        )
         self.cache_seqlens += added
         if past == 0:
             # Prefill: the new tokens are the whole sequence, attend in their own (padded) layout.
             return _attend(query, k_new, v_new, mask, **common)
         if dropout > 0:
-            raise ValueError("dropout: decoding from SeqkernelsCache has no attention dropout; put the model in eval mode")
+            raise ValueError(
+                "dropout: decoding from SeqkernelsCache has no attention dropout; put the model in eval mode"
+            )
         if spec is not None:
             left = spec.left
-        return decode_attention(query, self.keys, self.values, self.cache_seqlens, scale=scale, window=_window(left),
-                                backend=backend)
+        return decode_attention(
+            query, self.keys, self.values, self.cache_seqlens, scale=scale, window=_window(left), backend=backend
+        )
 
     # -- transformers' cache protocol ------------------------------------------------------------
 
@@ -419,7 +518,9 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` positions (a negative int, transformers' convention)."""
         if tokens_to_remove > 0:
-            raise ValueError(f"tokens_to_remove: expected a negative number of positions to drop, got {tokens_to_remove}")
+            raise ValueError(
+                f"tokens_to_remove: expected a negative number of positions to drop, got {tokens_to_remove}"
+            )
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
@@ -459,11 +560,15 @@ class SeqkernelsCache(Cache):
 
     def __init__(self, config=None, *, max_cache_len: Optional[int] = None, backend: Optional[str] = None):
         if not _query_length_cache_api():
-            raise RuntimeError(f"SeqkernelsCache needs the cache-layer API of transformers >= 5 (get_mask_sizes(query_length)); "
-                               f"transformers {transformers_version} is installed. The 'seqkernels' attention backend "
-                               "itself works with it; only this cache does not")
+            raise RuntimeError(
+                f"SeqkernelsCache needs the cache-layer API of transformers >= 5 (get_mask_sizes(query_length)); "
+                f"transformers {transformers_version} is installed. The 'seqkernels' attention backend "
+                "itself works with it; only this cache does not"
+            )
         if backend is not None and backend not in backends.BACKENDS:
-            raise ValueError(f"backend: unknown backend {backend!r}; expected None or one of {', '.join(backends.BACKENDS)}")
+            raise ValueError(
+                f"backend: unknown backend {backend!r}; expected None or one of {', '.join(backends.BACKENDS)}"
+            )
         if max_cache_len is not None and max_cache_len < 1:
             raise ValueError(f"max_cache_len: expected a positive int or None, got {max_cache_len!r}")
         make = functools.partial(SeqkernelsCacheLayer, max_cache_len=max_cache_len, backend=backend)
@@ -477,7 +582,9 @@ class SeqkernelsCache(Cache):
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         impl = getattr(self.config, "_attn_implementation", NAME) if self.config is not None else NAME
         if impl is not None and AttentionInterface._global_mapping.get(impl) is not seqkernels_attention_forward:
-            raise RuntimeError(f"SeqkernelsCache: the model's attn_implementation is {impl!r}; this cache needs the "
-                               "seqkernels attention (seqkernels.integrations.transformers.register(), then "
-                               "model.set_attn_implementation('seqkernels'))")
+            raise RuntimeError(
+                f"SeqkernelsCache: the model's attn_implementation is {impl!r}; this cache needs the "
+                "seqkernels attention (seqkernels.integrations.transformers.register(), then "
+                "model.set_attn_implementation('seqkernels'))"
+            )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)

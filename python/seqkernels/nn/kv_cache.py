@@ -51,12 +51,30 @@ class KVCache:
     default `head_dim`). `paged=True` stores `num_blocks` blocks of `block_size` positions per layer
     and allocates them as sequences grow. `backend` is passed to the ops (None: automatic)."""
 
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_seqlen: int, *,
-                 dtype: Optional[torch.dtype] = None, device=None, paged: bool = False, block_size: int = 16,
-                 num_blocks: Optional[int] = None, v_head_dim: Optional[int] = None,
-                 backend: Optional[str] = None):
-        for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("max_seqlen", max_seqlen), ("block_size", block_size)):
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_seqlen: int,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        paged: bool = False,
+        block_size: int = 16,
+        num_blocks: Optional[int] = None,
+        v_head_dim: Optional[int] = None,
+        backend: Optional[str] = None,
+    ):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("batch_size", batch_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("max_seqlen", max_seqlen),
+            ("block_size", block_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
@@ -138,18 +156,22 @@ class KVCache:
         over = [b for b, n in enumerate(self._host_lengths) if n + T > self.max_seqlen]
         if over:
             b = over[0]
-            raise RuntimeError(f"KVCache.append: sequence {b} holds {self._host_lengths[b]} tokens and cannot take "
-                               f"{T} more (max_seqlen={self.max_seqlen}); reset it with reset({b}) or build a "
-                               "larger cache")
+            raise RuntimeError(
+                f"KVCache.append: sequence {b} holds {self._host_lengths[b]} tokens and cannot take "
+                f"{T} more (max_seqlen={self.max_seqlen}); reset it with reset({b}) or build a "
+                "larger cache"
+            )
         if self.paged:
             need = [-(-(n + T) // self.block_size) - len(self._owned[b]) for b, n in enumerate(self._host_lengths)]
             total = sum(max(0, x) for x in need)
             if total > len(self._free):
                 b = next(i for i, x in enumerate(need) if x > 0)
-                raise RuntimeError(f"KVCache.append: out of blocks: this step needs {total} more blocks of "
-                                   f"{self.block_size} positions (sequence {b} needs {need[b]}) but only "
-                                   f"{len(self._free)} of {self.num_blocks} are free; free some with "
-                                   "reset(batch_index) or build the cache with a larger num_blocks")
+                raise RuntimeError(
+                    f"KVCache.append: out of blocks: this step needs {total} more blocks of "
+                    f"{self.block_size} positions (sequence {b} needs {need[b]}) but only "
+                    f"{len(self._free)} of {self.num_blocks} are free; free some with "
+                    "reset(batch_index) or build the cache with a larger num_blocks"
+                )
             if total:
                 for b, x in enumerate(need):
                     for _ in range(max(0, x)):
@@ -165,12 +187,19 @@ class KVCache:
         order within a step, all with the same T; the last layer's append advances `lengths`."""
         self._check_layer(layer)
         if layer != self._next_layer:
-            raise RuntimeError(f"KVCache.append: expected layer {self._next_layer} next (each step appends layers "
-                               f"0..{self.num_layers - 1} in order), got layer {layer}; reset() abandons a "
-                               "partial step")
+            raise RuntimeError(
+                f"KVCache.append: expected layer {self._next_layer} next (each step appends layers "
+                f"0..{self.num_layers - 1} in order), got layer {layer}; reset() abandons a "
+                "partial step"
+            )
         for name, t, d in (("k", k, self.head_dim), ("v", v, self.v_head_dim)):
-            if not isinstance(t, Tensor) or t.dim() != 4 or t.shape[0] != self.batch_size or \
-                    t.shape[1] != self.num_kv_heads or t.shape[3] != d:
+            if (
+                not isinstance(t, Tensor)
+                or t.dim() != 4
+                or t.shape[0] != self.batch_size
+                or t.shape[1] != self.num_kv_heads
+                or t.shape[3] != d
+            ):
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name}: expected shape ({self.batch_size}, {self.num_kv_heads}, T, {d}), got {got}")
         T = k.shape[2]
@@ -182,8 +211,16 @@ class KVCache:
             raise ValueError(f"k: layer {layer} appends {T} tokens but this step started with {self._step_tokens}")
         # The positions and blocks were validated on the host above, so skip the op's host check
         # (a device sync per call on GPUs).
-        kv_cache_append(self.k[layer], self.v[layer], k.to(self.dtype), v.to(self.dtype), self.lengths,
-                        block_table=self.block_table, check=False, backend=self.backend)
+        kv_cache_append(
+            self.k[layer],
+            self.v[layer],
+            k.to(self.dtype),
+            v.to(self.dtype),
+            self.lengths,
+            block_table=self.block_table,
+            check=False,
+            backend=self.backend,
+        )
         self._next_layer += 1
         if self._next_layer == self.num_layers:
             self.lengths.copy_(self._step_lengths)
@@ -191,14 +228,32 @@ class KVCache:
             self._step_lengths = None
             self._next_layer = 0
 
-    def attend(self, layer: int, q: Tensor, *, window=None, scale: Optional[float] = None,
-               num_splits: Optional[int] = None, return_lse: bool = False, backend: Optional[str] = None):
+    def attend(
+        self,
+        layer: int,
+        q: Tensor,
+        *,
+        window=None,
+        scale: Optional[float] = None,
+        num_splits: Optional[int] = None,
+        return_lse: bool = False,
+        backend: Optional[str] = None,
+    ):
         """`seqkernels.decode_attention(q, *self.views(layer), ...)`: q (B, Hq, Tq, D) are the newest
         Tq tokens, whose keys and values `layer` has already appended."""
         view = self.views(layer)
-        return decode_attention(q, view.k_cache, view.v_cache, view.cache_seqlens, block_table=view.block_table,
-                                scale=scale, window=window, num_splits=num_splits, return_lse=return_lse,
-                                backend=self.backend if backend is None else backend)
+        return decode_attention(
+            q,
+            view.k_cache,
+            view.v_cache,
+            view.cache_seqlens,
+            block_table=view.block_table,
+            scale=scale,
+            window=window,
+            num_splits=num_splits,
+            return_lse=return_lse,
+            backend=self.backend if backend is None else backend,
+        )
 
     def reset(self, batch_index: Union[None, int, Sequence[int], Tensor] = None) -> None:
         """Empty every sequence (None) or the given ones (an index, a sequence of indices, or a bool
@@ -209,8 +264,10 @@ class KVCache:
             self._step_lengths, self._step_tokens, self._next_layer = None, 0, 0
         else:
             if self.in_step:
-                raise RuntimeError("KVCache.reset: a step is in progress (not every layer has appended); call "
-                                   "reset() to abandon it for all sequences")
+                raise RuntimeError(
+                    "KVCache.reset: a step is in progress (not every layer has appended); call "
+                    "reset() to abandon it for all sequences"
+                )
             rows = self._rows(batch_index)
         for b in rows:
             self._host_lengths[b] = 0
@@ -228,8 +285,9 @@ class KVCache:
         if isinstance(batch_index, Tensor):
             if batch_index.dtype == torch.bool:
                 if batch_index.shape != (self.batch_size,):
-                    raise ValueError(f"batch_index: a bool mask must have shape ({self.batch_size},), got "
-                                     f"{tuple(batch_index.shape)}")
+                    raise ValueError(
+                        f"batch_index: a bool mask must have shape ({self.batch_size},), got {tuple(batch_index.shape)}"
+                    )
                 batch_index = batch_index.nonzero().flatten()
             batch_index = [int(i) for i in batch_index.flatten().tolist()]
         elif isinstance(batch_index, int) and not isinstance(batch_index, bool):
@@ -242,8 +300,13 @@ class KVCache:
         return sorted(set(rows))
 
     def __repr__(self) -> str:
-        layout = (f"paged, {self.num_blocks} blocks of {self.block_size} ({self.free_blocks} free)" if self.paged
-                  else "contiguous")
-        return (f"KVCache(layers={self.num_layers}, batch={self.batch_size}, kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, max_seqlen={self.max_seqlen}, {layout}, dtype={self.dtype}, "
-                f"device={self.device}, lengths={self._host_lengths})")
+        layout = (
+            f"paged, {self.num_blocks} blocks of {self.block_size} ({self.free_blocks} free)"
+            if self.paged
+            else "contiguous"
+        )
+        return (
+            f"KVCache(layers={self.num_layers}, batch={self.batch_size}, kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, max_seqlen={self.max_seqlen}, {layout}, dtype={self.dtype}, "
+            f"device={self.device}, lengths={self._host_lengths})"
+        )

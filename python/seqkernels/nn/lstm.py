@@ -34,7 +34,9 @@ __all__ = ["LSTMCell", "LSTM", "swap_lstm", "restore_lstm"]
 
 def _check_backend(backend: Optional[str]) -> Optional[str]:
     if backend is not None and backend not in backends.BACKENDS:
-        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(backends.BACKENDS)} or None")
+        raise ValueError(
+            f"backend: unknown backend {backend!r}; expected one of {', '.join(backends.BACKENDS)} or None"
+        )
     return backend
 
 
@@ -47,24 +49,35 @@ class LSTMCell(torch.nn.LSTMCell):
     `(input_size,)`; a missing `hx` is zeros.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
-                 backend: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: Optional[str] = None,
+    ) -> None:
         super().__init__(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
         self.backend = _check_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
-            raise ValueError(f"LSTMCell: expected input to be 1-D or 2-D, got "
-                             f"{input.dim() if isinstance(input, Tensor) else type(input).__name__}"
-                             f"{'-D' if isinstance(input, Tensor) else ''}")
+            raise ValueError(
+                f"LSTMCell: expected input to be 1-D or 2-D, got "
+                f"{input.dim() if isinstance(input, Tensor) else type(input).__name__}"
+                f"{'-D' if isinstance(input, Tensor) else ''}"
+            )
         if hx is None:
             shape = (input.shape[0], self.hidden_size) if input.dim() == 2 else (self.hidden_size,)
             zeros = torch.zeros(shape, dtype=input.dtype, device=input.device)
             hx = (zeros, zeros)
         elif not (isinstance(hx, (tuple, list)) and len(hx) == 2):
             raise ValueError("LSTMCell: hx must be a pair (h_0, c_0) of tensors or None")
-        return lstm_ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                                  backend=self.backend)
+        return lstm_ops.lstm_cell(
+            input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -84,8 +97,10 @@ class LSTM(torch.nn.LSTM):
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.proj_size != 0:
-            raise ValueError(f"proj_size: seqkernels.nn.LSTM does not support LSTMs with projections "
-                             f"(proj_size={self.proj_size}); use torch.nn.LSTM for those")
+            raise ValueError(
+                f"proj_size: seqkernels.nn.LSTM does not support LSTMs with projections "
+                f"(proj_size={self.proj_size}); use torch.nn.LSTM for those"
+            )
         self.backend = _check_backend(backend)
 
     def extra_repr(self) -> str:
@@ -139,8 +154,15 @@ class LSTM(torch.nn.LSTM):
             outs = []
             for d in range(D):
                 idx = layer * D + d
-                out, h, c = lstm_ops.lstm_layer(layer_in, h0[idx], c0[idx], *self._layer_params(layer, d),
-                                                batch_sizes, reverse=d == 1, backend=backend)
+                out, h, c = lstm_ops.lstm_layer(
+                    layer_in,
+                    h0[idx],
+                    c0[idx],
+                    *self._layer_params(layer, d),
+                    batch_sizes,
+                    reverse=d == 1,
+                    backend=backend,
+                )
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -172,20 +194,27 @@ class LSTM(torch.nn.LSTM):
         h0, c0 = hx
         if batched:
             if h0.dim() != 3 or c0.dim() != 3:
-                raise ValueError(f"hx: for batched 3-D input, h_0 and c_0 must be 3-D (num_layers * num_directions, "
-                                 f"batch, hidden_size), got {h0.dim()}-D and {c0.dim()}-D")
+                raise ValueError(
+                    f"hx: for batched 3-D input, h_0 and c_0 must be 3-D (num_layers * num_directions, "
+                    f"batch, hidden_size), got {h0.dim()}-D and {c0.dim()}-D"
+                )
         else:
             if h0.dim() != 2 or c0.dim() != 2:
-                raise ValueError(f"hx: for unbatched 2-D input, h_0 and c_0 must be 2-D (num_layers * num_directions, "
-                                 f"hidden_size), got {h0.dim()}-D and {c0.dim()}-D")
+                raise ValueError(
+                    f"hx: for unbatched 2-D input, h_0 and c_0 must be 2-D (num_layers * num_directions, "
+                    f"hidden_size), got {h0.dim()}-D and {c0.dim()}-D"
+                )
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         for name, t in (("h_0", h0), ("c_0", c0)):
             if tuple(t.shape) != want:
-                raise ValueError(f"hx: expected {name} of shape {want} (num_layers * num_directions, batch, "
-                                 f"hidden_size), got {tuple(t.shape)}")
+                raise ValueError(
+                    f"hx: expected {name} of shape {want} (num_layers * num_directions, batch, "
+                    f"hidden_size), got {tuple(t.shape)}"
+                )
             if t.dtype != x.dtype or t.device != x.device:
-                raise ValueError(f"hx: {name} has dtype {t.dtype} on {t.device}, expected the input's {x.dtype} on "
-                                 f"{x.device}")
+                raise ValueError(
+                    f"hx: {name} has dtype {t.dtype} on {t.device}, expected the input's {x.dtype} on {x.device}"
+                )
         if sorted_indices is not None:
             h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
         return h0, c0
@@ -212,8 +241,11 @@ def swap_lstm(model: torch.nn.Module, *, backend: Optional[str] = None) -> int:
         if target is None:
             continue
         if getattr(m, "proj_size", 0):
-            warnings.warn(f"swap_lstm: {name or 'model'} has proj_size={m.proj_size}, which seqkernels.nn.LSTM does "
-                          "not support; left as torch.nn.LSTM", stacklevel=2)
+            warnings.warn(
+                f"swap_lstm: {name or 'model'} has proj_size={m.proj_size}, which seqkernels.nn.LSTM does "
+                "not support; left as torch.nn.LSTM",
+                stacklevel=2,
+            )
             continue
         m.__class__ = target
         m.backend = backend

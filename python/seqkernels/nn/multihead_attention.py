@@ -42,13 +42,17 @@ def _keep_seqkernels_path(module, args):
 
 def _check_backend(backend):
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend: unknown backend {backend!r}; expected None (automatic) or one of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"backend: unknown backend {backend!r}; expected None (automatic) or one of {', '.join(BACKENDS)}"
+        )
     return backend
 
 
 def _check_mask_dtype(name: str, mask: Optional[Tensor]):
     if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
-        raise TypeError(f"{name}: only bool and floating masks are supported, got {str(mask.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"{name}: only bool and floating masks are supported, got {str(mask.dtype).replace('torch.', '')}"
+        )
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -81,11 +85,35 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
       take no masks and need ``need_weights=False``.
     """
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
-                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, backend: Optional[str] = None):
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
-                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first, device=device,
-                         dtype=dtype)
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        bias=True,
+        add_bias_kv=False,
+        add_zero_attn=False,
+        kdim=None,
+        vdim=None,
+        batch_first=False,
+        device=None,
+        dtype=None,
+        *,
+        backend: Optional[str] = None,
+    ):
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            device=device,
+            dtype=dtype,
+        )
         self.backend = _check_backend(backend)
         self._install_fastpath_guard()
 
@@ -131,9 +159,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     # -----------------------------------------------------------------------------------------------
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
         if query.is_nested or key.is_nested or value.is_nested:
             return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         _check_mask_dtype("key_padding_mask", key_padding_mask)
@@ -147,8 +183,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             batch_first = True
         else:
             batch_first = self.batch_first
-        out, weights = self._attend(query, key, value, batch_first, key_padding_mask, attn_mask, need_weights,
-                                    average_attn_weights, is_causal, kv_lengths=None)
+        out, weights = self._attend(
+            query,
+            key,
+            value,
+            batch_first,
+            key_padding_mask,
+            attn_mask,
+            need_weights,
+            average_attn_weights,
+            is_causal,
+            kv_lengths=None,
+        )
         if not batched:
             out = out.squeeze(0)
             if weights is not None:
@@ -157,23 +203,33 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def _check_shapes(self, query, key, value, key_padding_mask, attn_mask) -> bool:
         if query.dim() not in (2, 3):
-            raise ValueError(f"query: expected a 2-D (unbatched) or 3-D (batched) tensor, got shape {tuple(query.shape)}")
+            raise ValueError(
+                f"query: expected a 2-D (unbatched) or 3-D (batched) tensor, got shape {tuple(query.shape)}"
+            )
         batched = query.dim() == 3
         kind = "batched (3-D)" if batched else "unbatched (2-D)"
         if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"key, value: for {kind} query expected {query.dim()}-D key and value, got shapes "
-                             f"{tuple(key.shape)} and {tuple(value.shape)}")
+            raise ValueError(
+                f"key, value: for {kind} query expected {query.dim()}-D key and value, got shapes "
+                f"{tuple(key.shape)} and {tuple(value.shape)}"
+            )
         if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
-            raise ValueError(f"key_padding_mask: for {kind} query expected a {query.dim() - 1}-D mask, got shape "
-                             f"{tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask: for {kind} query expected a {query.dim() - 1}-D mask, got shape "
+                f"{tuple(key_padding_mask.shape)}"
+            )
         if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise ValueError(f"attn_mask: expected a 2-D (L, S) or 3-D (N * num_heads, L, S) mask, got shape "
-                             f"{tuple(attn_mask.shape)}")
+            raise ValueError(
+                f"attn_mask: expected a 2-D (L, S) or 3-D (N * num_heads, L, S) mask, got shape "
+                f"{tuple(attn_mask.shape)}"
+            )
         if query.shape[-1] != self.embed_dim:
             raise ValueError(f"query: expected embedding dim {self.embed_dim}, got {query.shape[-1]}")
         if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
-            raise ValueError(f"key, value: expected feature dims kdim={self.kdim} and vdim={self.vdim}, got "
-                             f"{key.shape[-1]} and {value.shape[-1]}")
+            raise ValueError(
+                f"key, value: expected feature dims kdim={self.kdim} and vdim={self.vdim}, got "
+                f"{key.shape[-1]} and {value.shape[-1]}"
+            )
         return batched
 
     # -----------------------------------------------------------------------------------------------
@@ -197,8 +253,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-        return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
-                F.linear(value, self.v_proj_weight, bv))
+        return (
+            F.linear(query, self.q_proj_weight, bq),
+            F.linear(key, self.k_proj_weight, bk),
+            F.linear(value, self.v_proj_weight, bv),
+        )
 
     def _heads(self, x: Tensor, batch_first: bool) -> Tensor:
         """(N, L, E) or (L, N, E) -> (N, H, L, head_dim) as a view."""
@@ -209,8 +268,19 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         L, N = x.shape[0], x.shape[1]
         return x.view(L, N, H, Dh).permute(1, 2, 0, 3)
 
-    def _attend(self, query, key, value, batch_first, key_padding_mask, attn_mask, need_weights,
-                average_attn_weights, is_causal, kv_lengths):
+    def _attend(
+        self,
+        query,
+        key,
+        value,
+        batch_first,
+        key_padding_mask,
+        attn_mask,
+        need_weights,
+        average_attn_weights,
+        is_causal,
+        kv_lengths,
+    ):
         N = query.shape[0] if batch_first else query.shape[1]
         L = query.shape[1] if batch_first else query.shape[0]
         S = key.shape[1] if batch_first else key.shape[0]
@@ -219,11 +289,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         Nv = value.shape[0] if batch_first else value.shape[1]
         H = self.num_heads
         if Nk != N or Nv != N or Sv != S:
-            raise ValueError(f"key, value: expected batch {N} and equal lengths, got key {tuple(key.shape)}, "
-                             f"value {tuple(value.shape)} (batch_first={batch_first})")
+            raise ValueError(
+                f"key, value: expected batch {N} and equal lengths, got key {tuple(key.shape)}, "
+                f"value {tuple(value.shape)} (batch_first={batch_first})"
+            )
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
-            raise ValueError(f"key_padding_mask: expected shape ({N}, {S}) (batch, source length), got "
-                             f"{tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask: expected shape ({N}, {S}) (batch, source length), got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
         if attn_mask is not None:
             want = (L, S) if attn_mask.dim() == 2 else (N * H, L, S)
             if tuple(attn_mask.shape) != want:
@@ -232,8 +306,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         # torch's rule for the hint (F.multi_head_attention_forward): it needs attn_mask; with no padding
         # mask and no weights asked for, the mask is replaced by a causal one, otherwise the mask is used.
         if is_causal and attn_mask is None:
-            raise RuntimeError("attn_mask: is_causal=True is a hint that attn_mask is the causal mask, so attn_mask "
-                               "is required (nn.Transformer.generate_square_subsequent_mask makes one)")
+            raise RuntimeError(
+                "attn_mask: is_causal=True is a hint that attn_mask is the causal mask, so attn_mask "
+                "is required (nn.Transformer.generate_square_subsequent_mask makes one)"
+            )
         use_causal = bool(is_causal) and key_padding_mask is None and not need_weights
 
         q, k, v = self._project(query, key, value)
@@ -267,8 +343,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 from ..ops.attention import attention
 
                 mask = _sdpa_mask(key_padding_mask, attn_mask, N, H, L, extra, q.dtype)
-                out = attention(q, k, v, attn_mask=mask, kv_lengths=kv_lengths, dropout_p=dropout_p,
-                                backend=self.backend)
+                out = attention(
+                    q, k, v, attn_mask=mask, kv_lengths=kv_lengths, dropout_p=dropout_p, backend=self.backend
+                )
         return self._out(out, batch_first), weights
 
     def _explicit(self, q, k, v, N, L, S_all, key_padding_mask, attn_mask, extra, dropout_p):
@@ -302,13 +379,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if not (query.is_nested and key.is_nested and value.is_nested):
             raise ValueError("query, key, value: either all or none must be NestedTensors")
         if key_padding_mask is not None or attn_mask is not None:
-            raise ValueError("key_padding_mask, attn_mask: not supported with NestedTensor inputs (the nesting already "
-                             "says which positions exist), as in torch")
+            raise ValueError(
+                "key_padding_mask, attn_mask: not supported with NestedTensor inputs (the nesting already "
+                "says which positions exist), as in torch"
+            )
         if need_weights:
             raise ValueError("need_weights: NestedTensor inputs need need_weights=False")
         if is_causal:
-            raise RuntimeError("attn_mask: is_causal=True is a hint that attn_mask is the causal mask, so attn_mask "
-                               "is required; NestedTensor inputs take no attn_mask")
+            raise RuntimeError(
+                "attn_mask: is_causal=True is a hint that attn_mask is the causal mask, so attn_mask "
+                "is required; NestedTensor inputs take no attn_mask"
+            )
         q_parts = query.unbind()
         q_lens = [t.shape[0] for t in q_parts]
         k_lens = [t.shape[0] for t in key.unbind()]

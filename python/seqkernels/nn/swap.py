@@ -34,8 +34,10 @@ def _replace(model: torch.nn.Module, convert, what: str) -> int:
     """Replace, in place, every submodule m of `model` for which convert(m) returns a module.
     A module reachable under several names (shared) is converted once and stays shared."""
     if convert(model) is not None:
-        raise TypeError(f"model: is itself the {what} module to replace, which cannot be done in place; convert it "
-                        "directly (seqkernels.nn.MultiheadAttention.from_torch(m) / m.to_torch())")
+        raise TypeError(
+            f"model: is itself the {what} module to replace, which cannot be done in place; convert it "
+            "directly (seqkernels.nn.MultiheadAttention.from_torch(m) / m.to_torch())"
+        )
     done: dict[int, torch.nn.Module] = {}
     count = 0
     for parent in list(model.modules()):

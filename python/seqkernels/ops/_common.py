@@ -32,11 +32,14 @@ def check_same(names: Iterable[str], tensors: Iterable[torch.Tensor], *, dtype=T
     first_n, first = names[0], tensors[0]
     for n, t in zip(names[1:], tensors[1:]):
         if dtype and t.dtype != first.dtype:
-            raise TypeError(f"{n}: dtype {str(t.dtype).replace('torch.', '')} does not match "
-                            f"{first_n}'s {str(first.dtype).replace('torch.', '')}; all must share one dtype")
+            raise TypeError(
+                f"{n}: dtype {str(t.dtype).replace('torch.', '')} does not match "
+                f"{first_n}'s {str(first.dtype).replace('torch.', '')}; all must share one dtype"
+            )
         if device and t.device != first.device:
-            raise ValueError(f"{n}: on device {t.device}, but {first_n} is on {first.device}; "
-                             "all tensors must be on one device")
+            raise ValueError(
+                f"{n}: on device {t.device}, but {first_n} is on {first.device}; all tensors must be on one device"
+            )
 
 
 INT32_MAX = 2**31 - 1
@@ -62,8 +65,9 @@ def check_index_tensor(name: str, t, ndim: int, device: torch.device, what: str 
         raise ValueError(f"{name}: on device {t.device}, expected {device} (the device of {what})")
 
 
-def check_lengths(name: str, t, batch: int, device: torch.device, upper: Optional[int] = None,
-                  upper_name: str = "") -> torch.Tensor:
+def check_lengths(
+    name: str, t, batch: int, device: torch.device, upper: Optional[int] = None, upper_name: str = ""
+) -> torch.Tensor:
     """An int tensor (B,) on `device`, returned as contiguous int32. Values are range-checked (in
     the caller's dtype, before any conversion) only for CPU tensors: on a GPU that would cost a
     host sync per call, so there the kernels clamp instead (see `to_int32_saturated`)."""
@@ -84,8 +88,10 @@ def check_scale(scale, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1 or scale.is_complex() or scale.dtype == torch.bool:
-            raise TypeError(f"scale: expected a real number or None, got a tensor of shape {tuple(scale.shape)} "
-                            f"and dtype {str(scale.dtype).replace('torch.', '')}")
+            raise TypeError(
+                f"scale: expected a real number or None, got a tensor of shape {tuple(scale.shape)} "
+                f"and dtype {str(scale.dtype).replace('torch.', '')}"
+            )
         scale = scale.item()
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__} {scale!r}")
@@ -93,7 +99,6 @@ def check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale!r}")
     return scale
-
 
 
 def draw_seed() -> int:
@@ -105,16 +110,21 @@ def draw_seed() -> int:
 def expand_mask(mask: torch.Tensor, shape: tuple, name: str = "attn_mask") -> torch.Tensor:
     """`mask` broadcast to the 4-D `shape` as a view (stride 0 on broadcast dims, never copied)."""
     if mask.dim() > 4:
-        raise ValueError(f"{name}: expected at most 4 dims broadcastable to {tuple(shape)}, got shape {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name}: expected at most 4 dims broadcastable to {tuple(shape)}, got shape {tuple(mask.shape)}"
+        )
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     for got, want in zip(m.shape, shape):
         if got not in (1, want):
-            raise ValueError(f"{name}: shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {tuple(shape)}")
+            raise ValueError(
+                f"{name}: shape {tuple(mask.shape)} is not broadcastable to (B, Hq, Lq, Lk) = {tuple(shape)}"
+            )
     return m.expand(shape)
 
 
-def register_family(names: Sequence[str], fakes: Sequence[Callable], *, backward=None, setup_context=None,
-                    cpp: bool = False) -> Optional[tuple]:
+def register_family(
+    names: Sequence[str], fakes: Sequence[Callable], *, backward=None, setup_context=None, cpp: bool = False
+) -> Optional[tuple]:
     """Register one family of custom ops: a fake kernel for each of `names` (so torch.compile and
     meta tensors trace them) and, given `backward` (ops -> backward function), autograd on the first
     op. `cpp`: the ops come from the compiled extension, which may not be built; then nothing is

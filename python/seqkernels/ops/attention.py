@@ -58,8 +58,20 @@ class AttentionCall:
         return self.q.device
 
     def args(self):
-        return (self.q, self.k, self.v, self.attn_mask, self.kv_lengths, self.scale, self.window_left,
-                self.window_right, self.bottom_right, self.dropout_p, self.seed, self.offset)
+        return (
+            self.q,
+            self.k,
+            self.v,
+            self.attn_mask,
+            self.kv_lengths,
+            self.scale,
+            self.window_left,
+            self.window_right,
+            self.bottom_right,
+            self.dropout_p,
+            self.seed,
+            self.offset,
+        )
 
 
 def _combine_window(causal: bool, window) -> tuple[int, int]:
@@ -75,8 +87,21 @@ def _combine_window(causal: bool, window) -> tuple[int, int]:
     return left, right
 
 
-def prepare_attention(q, k, v, *, causal=False, window=None, attn_mask=None, kv_lengths=None, scale=None,
-                      dropout_p=0.0, bottom_right=True, seed=None, offset=0) -> AttentionCall:
+def prepare_attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    window=None,
+    attn_mask=None,
+    kv_lengths=None,
+    scale=None,
+    dropout_p=0.0,
+    bottom_right=True,
+    seed=None,
+    offset=0,
+) -> AttentionCall:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4)
     check_tensor("v", v, ndim=4)
@@ -91,7 +116,9 @@ def prepare_attention(q, k, v, *, causal=False, window=None, attn_mask=None, kv_
         raise ValueError(f"v: expected shape ({B}, {Hkv}, {Lk}, Dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}")
     Dv = v.shape[3]
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q, k: the number of query heads ({Hq}) must be a multiple of the number of key/value heads ({Hkv})")
+        raise ValueError(
+            f"q, k: the number of query heads ({Hq}) must be a multiple of the number of key/value heads ({Hkv})"
+        )
     if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
         raise ValueError(f"q, v: head dims must be in [1, {MAX_HEAD_DIM}], got D={D}, Dv={Dv}")
     left, right = _combine_window(causal, window)
@@ -111,12 +138,25 @@ def prepare_attention(q, k, v, *, causal=False, window=None, attn_mask=None, kv_
         raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
-    return AttentionCall(q, k, v, mask, lengths, float(scale), left, right, bool(bottom_right),
-                         float(dropout_p), int(seed or 0), int(offset))
+    return AttentionCall(
+        q,
+        k,
+        v,
+        mask,
+        lengths,
+        float(scale),
+        left,
+        right,
+        bool(bottom_right),
+        float(dropout_p),
+        int(seed or 0),
+        int(offset),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
+
 
 def features(c: AttentionCall) -> capabilities.Features:
     q, m = c.q, c.attn_mask
@@ -132,25 +172,68 @@ OP = backends.OpBackends(name="attention", cpp_ops=("attention_fwd", "attention_
 # ---------------------------------------------------------------------------------------------
 # Triton family: opaque custom ops (torch.compile treats them as one node, also under the interpreter).
 
+
 @torch.library.custom_op("seqkernels::triton_attention_fwd", mutates_args=())
-def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_lengths: Optional[Tensor],
-                         scale: float, window_left: int, window_right: int, bottom_right: bool, dropout_p: float,
-                         seed: int, offset: int) -> tuple[Tensor, Tensor]:
+def triton_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    kv_lengths: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
-    return tk.attention_fwd(q, k, v, attn_mask, kv_lengths, scale, window_left, window_right, bottom_right,
-                            dropout_p, seed, offset)
+    return tk.attention_fwd(
+        q, k, v, attn_mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset
+    )
 
 
 @torch.library.custom_op("seqkernels::triton_attention_bwd", mutates_args=())
-def triton_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                         attn_mask: Optional[Tensor], kv_lengths: Optional[Tensor], scale: float, window_left: int,
-                         window_right: int, bottom_right: bool, dropout_p: float, seed: int, offset: int,
-                         deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+def triton_attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Optional[Tensor],
+    kv_lengths: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
-    return tk.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, kv_lengths, scale, window_left, window_right,
-                            bottom_right, dropout_p, seed, offset, deterministic)
+    return tk.attention_bwd(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        attn_mask,
+        kv_lengths,
+        scale,
+        window_left,
+        window_right,
+        bottom_right,
+        dropout_p,
+        seed,
+        offset,
+        deterministic,
+    )
 
 
 def _fwd_fake(q, k, v, attn_mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset):
@@ -178,9 +261,20 @@ def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, grad_out=None, grad_l
     for the same seed and offset), so first-order values agree with the kernels' by the parity rule."""
     scale, window_left, window_right, bottom_right, dropout_p, seed, offset = params
     with torch.enable_grad():
-        out, lse = ref.attention_ref(q, k, v, attn_mask=attn_mask, kv_lengths=kv_lengths, scale=scale,
-                                     window_left=window_left, window_right=window_right, bottom_right=bottom_right,
-                                     dropout_p=dropout_p, seed=seed, offset=offset)
+        out, lse = ref.attention_ref(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            kv_lengths=kv_lengths,
+            scale=scale,
+            window_left=window_left,
+            window_right=window_right,
+            bottom_right=bottom_right,
+            dropout_p=dropout_p,
+            seed=seed,
+            offset=offset,
+        )
         outs, grads = [], []
         if grad_out is not None:
             outs.append(out)
@@ -190,7 +284,9 @@ def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, grad_out=None, grad_l
             outs.append(lse)
             grads.append(torch.where(torch.isfinite(grad_lse), grad_lse, torch.zeros_like(grad_lse)).to(lse.dtype))
         inputs = [t for t in (q, k, v) if t.requires_grad]
-        got = iter(torch.autograd.grad(outs, inputs, grads, create_graph=True, allow_unused=True)) if inputs else iter(())
+        got = (
+            iter(torch.autograd.grad(outs, inputs, grads, create_graph=True, allow_unused=True)) if inputs else iter(())
+        )
         res = [next(got) if t.requires_grad else None for t in (q, k, v)]
     return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(res, (q, k, v)))
 
@@ -203,16 +299,21 @@ def _make_backward(bwd_op):
             dq, dk, dv = _reference_vjp(q, k, v, attn_mask, kv_lengths, ctx.params, grad_out=grad_out)
         else:
             deterministic = torch.are_deterministic_algorithms_enabled()
-            dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params,
-                                deterministic)
+            dq, dk, dv = bwd_op(
+                grad_out.contiguous(), q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params, deterministic
+            )
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
     return backward
 
 
-FAMILIES = kernel_families(("triton_attention_fwd", "triton_attention_bwd"), ("attention_fwd", "attention_bwd"),
-                           (_fwd_fake, _bwd_fake), backward=lambda ops: _make_backward(ops[1]),
-                           setup_context=_setup_context)
+FAMILIES = kernel_families(
+    ("triton_attention_fwd", "triton_attention_bwd"),
+    ("attention_fwd", "attention_bwd"),
+    (_fwd_fake, _bwd_fake),
+    backward=lambda ops: _make_backward(ops[1]),
+    setup_context=_setup_context,
+)
 
 
 class _LseGrad(torch.autograd.Function):
@@ -250,10 +351,20 @@ class _LseGrad(torch.autograd.Function):
 
 def run(call: AttentionCall, backend: str, return_lse: bool):
     if backend == "reference":
-        return ref.attention_ref(call.q, call.k, call.v, attn_mask=call.attn_mask, kv_lengths=call.kv_lengths,
-                                 scale=call.scale, window_left=call.window_left, window_right=call.window_right,
-                                 bottom_right=call.bottom_right, dropout_p=call.dropout_p, seed=call.seed,
-                                 offset=call.offset)
+        return ref.attention_ref(
+            call.q,
+            call.k,
+            call.v,
+            attn_mask=call.attn_mask,
+            kv_lengths=call.kv_lengths,
+            scale=call.scale,
+            window_left=call.window_left,
+            window_right=call.window_right,
+            bottom_right=call.bottom_right,
+            dropout_p=call.dropout_p,
+            seed=call.seed,
+            offset=call.offset,
+        )
     family = FAMILIES[backend]
     out, lse = family[0](*call.args())
     if return_lse and torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad):
@@ -264,9 +375,20 @@ def run(call: AttentionCall, backend: str, return_lse: bool):
     return out, lse
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, window=None, attn_mask: Optional[Tensor] = None,
-              kv_lengths: Optional[Tensor] = None, scale: Optional[float] = None, dropout_p: float = 0.0,
-              return_lse: bool = False, backend: Optional[str] = None):
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    window=None,
+    attn_mask: Optional[Tensor] = None,
+    kv_lengths: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+):
     """Fused scaled-dot-product attention.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) with Hq % Hkv == 0 (GQA/MQA).
@@ -279,8 +401,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, window=N
     Gradients run on the backend's kernels; a backward that is itself differentiated
     (`create_graph=True`, e.g. a gradient penalty) is recomputed through the reference math.
     """
-    call = prepare_attention(q, k, v, causal=causal, window=window, attn_mask=attn_mask, kv_lengths=kv_lengths,
-                             scale=scale, dropout_p=dropout_p)
+    call = prepare_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        window=window,
+        attn_mask=attn_mask,
+        kv_lengths=kv_lengths,
+        scale=scale,
+        dropout_p=dropout_p,
+    )
     b = backends.resolve(OP, q.device, call, backend)
     out, lse = run(call, b, return_lse)
     return (out, lse) if return_lse else out
@@ -297,38 +428,55 @@ def _sdpa_to_4d(query, key, value, attn_mask, enable_gqa):
     check_tensor("value", value)
     r = query.dim()
     if r < 2 or key.dim() != r or value.dim() != r:
-        raise ValueError(f"query, key, value: expected tensors of equal rank >= 2 (..., L, E), got shapes "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(
+            f"query, key, value: expected tensors of equal rank >= 2 (..., L, E), got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
     n_lead = r - 2 if (r < 3 or not enable_gqa) else r - 3
     try:
         lead = torch.broadcast_shapes(query.shape[:n_lead], key.shape[:n_lead], value.shape[:n_lead])
     except RuntimeError:
         if r >= 3 and not enable_gqa and key.shape[-3] != query.shape[-3]:
-            raise ValueError(f"key: {key.shape[-3]} heads differ from query's {query.shape[-3]}; pass enable_gqa=True "
-                             "for GQA/MQA") from None
-        raise ValueError(f"query, key, value: leading dims {tuple(query.shape[:n_lead])}, {tuple(key.shape[:n_lead])}, "
-                         f"{tuple(value.shape[:n_lead])} do not broadcast (as in torch's scaled_dot_product_attention)"
-                         ) from None
+            raise ValueError(
+                f"key: {key.shape[-3]} heads differ from query's {query.shape[-3]}; pass enable_gqa=True for GQA/MQA"
+            ) from None
+        raise ValueError(
+            f"query, key, value: leading dims {tuple(query.shape[:n_lead])}, {tuple(key.shape[:n_lead])}, "
+            f"{tuple(value.shape[:n_lead])} do not broadcast (as in torch's scaled_dot_product_attention)"
+        ) from None
 
     def bcast(t):
         return t.expand(*lead, *t.shape[n_lead:])
+
     query, key, value = bcast(query), bcast(key), bcast(value)
     out_lead = tuple(query.shape[:-1])
     if r <= 4:
+
         def lift(t):
             return t.reshape((1,) * (4 - r) + tuple(t.shape))
+
         return lift(query), lift(key), lift(value), attn_mask, out_lead
     if attn_mask is not None:
         attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2]).reshape(-1, *query.shape[-3:-1], key.shape[-2])
 
     def fold(t):
         return t.reshape(-1, *t.shape[-3:])
+
     return fold(query), fold(key), fold(value), attn_mask, out_lead
 
 
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: same arguments, broadcasting and
     mask polarity (bool True takes part; float is added), `is_causal` aligned top-left as torch does,
     GQA through `enable_gqa`. Leading (batch) dims of query, key and value broadcast against each
@@ -346,13 +494,15 @@ def _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     q, k, v, mask, out_lead = _sdpa_to_4d(query, key, value, attn_mask, enable_gqa)
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError(f"key: {k.shape[1]} heads differ from query's {q.shape[1]}; pass enable_gqa=True for GQA/MQA")
-    call = prepare_attention(q, k, v, causal=is_causal, attn_mask=mask, scale=scale, dropout_p=dropout_p,
-                             bottom_right=False)
+    call = prepare_attention(
+        q, k, v, causal=is_causal, attn_mask=mask, scale=scale, dropout_p=dropout_p, bottom_right=False
+    )
     return call, out_lead
 
 
-def prepare_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                 enable_gqa=False) -> AttentionCall:
+def prepare_sdpa(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+) -> AttentionCall:
     return _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
 
 

@@ -48,30 +48,40 @@ def _check_cache_pair(k_cache, v_cache, *, dtypes=FLOAT_DTYPES):
     check_tensor("v_cache", v_cache, ndim=4)
     check_same(("k_cache", "v_cache"), (k_cache, v_cache))
     if k_cache.shape[:3] != v_cache.shape[:3]:
-        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)} in all but "
-                         "the last (head) dim")
+        raise ValueError(
+            f"v_cache: shape {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)} in all but "
+            "the last (head) dim"
+        )
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.shape[-1] > 1 and c.stride(-1) != 1:
-            raise ValueError(f"{name}: the head dim must be contiguous (stride 1), got strides {tuple(c.stride())}; "
-                             "the cache is written in place, so it cannot be copied to fix this")
+            raise ValueError(
+                f"{name}: the head dim must be contiguous (stride 1), got strides {tuple(c.stride())}; "
+                "the cache is written in place, so it cannot be copied to fix this"
+            )
     if not (1 <= k_cache.shape[-1] <= MAX_HEAD_DIM and 1 <= v_cache.shape[-1] <= MAX_HEAD_DIM):
-        raise ValueError(f"k_cache, v_cache: head dims must be in [1, {MAX_HEAD_DIM}], got D={k_cache.shape[-1]}, "
-                         f"Dv={v_cache.shape[-1]}")
+        raise ValueError(
+            f"k_cache, v_cache: head dims must be in [1, {MAX_HEAD_DIM}], got D={k_cache.shape[-1]}, "
+            f"Dv={v_cache.shape[-1]}"
+        )
 
 
 def _layout(k_cache: Tensor, block_table: Optional[Tensor], batch: int):
     """(capacity per sequence, block_size or 0) of a contiguous or paged cache; checks the batch dims."""
     if block_table is None:
         if k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache: a contiguous cache is (B, Hkv, S_max, D) with B={batch}, got "
-                             f"{tuple(k_cache.shape)} (pass block_table for a paged cache)")
+            raise ValueError(
+                f"k_cache: a contiguous cache is (B, Hkv, S_max, D) with B={batch}, got "
+                f"{tuple(k_cache.shape)} (pass block_table for a paged cache)"
+            )
         return k_cache.shape[2], 0
     if block_table.shape[0] != batch:
         raise ValueError(f"block_table: expected shape ({batch}, max_blocks), got {tuple(block_table.shape)}")
     block_size = k_cache.shape[2]
     if block_size < 1:
-        raise ValueError(f"k_cache: a paged cache is (num_blocks, Hkv, block_size, D) with block_size >= 1, got "
-                         f"{tuple(k_cache.shape)}")
+        raise ValueError(
+            f"k_cache: a paged cache is (num_blocks, Hkv, block_size, D) with block_size >= 1, got "
+            f"{tuple(k_cache.shape)}"
+        )
     return block_table.shape[1] * block_size, block_size
 
 
@@ -83,8 +93,9 @@ def _check_indices(k_cache, cache_seqlens, block_table, batch: int, device, what
     capacity, block_size = _layout(k_cache, block_table, batch)
     check_index_tensor("cache_seqlens", cache_seqlens, 1, device, what)
     if cache_seqlens.shape[0] != batch:
-        raise ValueError(f"cache_seqlens: expected shape ({batch},) (one entry per sequence), got "
-                         f"{tuple(cache_seqlens.shape)}")
+        raise ValueError(
+            f"cache_seqlens: expected shape ({batch},) (one entry per sequence), got {tuple(cache_seqlens.shape)}"
+        )
     return capacity, block_size
 
 
@@ -111,8 +122,9 @@ class AppendCall:
         return (self.k_cache, self.v_cache, self.k_new, self.v_new, self.cache_seqlens, self.block_table)
 
 
-def _validate_positions(cache_seqlens: Tensor, T: int, capacity: int, block_size: int,
-                        block_table: Optional[Tensor], num_blocks: int):
+def _validate_positions(
+    cache_seqlens: Tensor, T: int, capacity: int, block_size: int, block_table: Optional[Tensor], num_blocks: int
+):
     """Host check of every position the append will write (one device->host copy of the small index
     tensors). Takes the caller's tensors, before any int32 conversion, so int64 values are judged as
     given (2**32 + 2 is out of range, not position 2)."""
@@ -126,17 +138,21 @@ def _validate_positions(cache_seqlens: Tensor, T: int, capacity: int, block_size
         over = (last >= capacity).nonzero()
         if over.numel():
             b = int(over[0, 0])
-            raise ValueError(f"kv_cache_append: sequence {b} would write positions {int(lens[b])}..{int(last[b])} but "
-                             f"the cache holds S_max={capacity} positions (cache_seqlens[{b}]={int(lens[b])}, T={T}); "
-                             "nothing was written")
+            raise ValueError(
+                f"kv_cache_append: sequence {b} would write positions {int(lens[b])}..{int(last[b])} but "
+                f"the cache holds S_max={capacity} positions (cache_seqlens[{b}]={int(lens[b])}, T={T}); "
+                "nothing was written"
+            )
         return
     max_blocks = block_table.shape[1]
     over = (last // block_size >= max_blocks).nonzero()
     if over.numel():
         b = int(over[0, 0])
-        raise ValueError(f"kv_cache_append: sequence {b} would write positions {int(lens[b])}..{int(last[b])}, "
-                         f"i.e. block-table column {int(last[b]) // block_size}, but block_table has "
-                         f"max_blocks={max_blocks} columns of block_size={block_size}; nothing was written")
+        raise ValueError(
+            f"kv_cache_append: sequence {b} would write positions {int(lens[b])}..{int(last[b])}, "
+            f"i.e. block-table column {int(last[b]) // block_size}, but block_table has "
+            f"max_blocks={max_blocks} columns of block_size={block_size}; nothing was written"
+        )
     table = block_table.cpu().to(torch.int64)
     first_col, last_col = lens // block_size, last // block_size
     cols = torch.arange(max_blocks).unsqueeze(0)
@@ -145,8 +161,10 @@ def _validate_positions(cache_seqlens: Tensor, T: int, capacity: int, block_size
     hit = invalid.nonzero()
     if hit.numel():
         b, c = int(hit[0, 0]), int(hit[0, 1])
-        raise ValueError(f"block_table: sequence {b} writes into block-table column {c}, whose block id "
-                         f"{int(table[b, c])} is outside [0, num_blocks={num_blocks}); nothing was written")
+        raise ValueError(
+            f"block_table: sequence {b} writes into block-table column {c}, whose block id "
+            f"{int(table[b, c])} is outside [0, num_blocks={num_blocks}); nothing was written"
+        )
     # A block written here must belong to one (sequence, column) only: if another entry of the columns in
     # use (its readers, or a second writer) names the same block, the append would overwrite keys that
     # entry reads, or two sequences would race for the same slots (last writer wins). Blocks shared
@@ -162,9 +180,11 @@ def _validate_positions(cache_seqlens: Tensor, T: int, capacity: int, block_size
             b, c = int(hit[0, 0]), int(hit[0, 1])
             block = int(table[b, c])
             others = [(int(x), int(y)) for x, y in ((table == block) & readable).nonzero().tolist() if (x, y) != (b, c)]
-            raise ValueError(f"block_table: sequence {b} writes into block {block} (block-table column {c}), which is "
-                             f"also used by (sequence, column) {others[0]}; a block that is written must not be shared "
-                             "(with check=True aliasing is refused; nothing was written)")
+            raise ValueError(
+                f"block_table: sequence {b} writes into block {block} (block-table column {c}), which is "
+                f"also used by (sequence, column) {others[0]}; a block that is written must not be shared "
+                "(with check=True aliasing is refused; nothing was written)"
+            )
 
 
 def prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table=None, check=True) -> AppendCall:
@@ -175,11 +195,15 @@ def prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table
     B, Hkv, T, D = k_new.shape
     Dv = v_cache.shape[-1]
     if tuple(v_new.shape) != (B, Hkv, T, Dv):
-        raise ValueError(f"v_new: expected shape ({B}, {Hkv}, {T}, {Dv}) (k_new's B, Hkv, T and v_cache's head dim), "
-                         f"got {tuple(v_new.shape)}")
+        raise ValueError(
+            f"v_new: expected shape ({B}, {Hkv}, {T}, {Dv}) (k_new's B, Hkv, T and v_cache's head dim), "
+            f"got {tuple(v_new.shape)}"
+        )
     if k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
-        raise ValueError(f"k_new: shape {tuple(k_new.shape)} does not fit k_cache {tuple(k_cache.shape)} "
-                         "(the number of heads and the head dim must match)")
+        raise ValueError(
+            f"k_new: shape {tuple(k_new.shape)} does not fit k_cache {tuple(k_cache.shape)} "
+            "(the number of heads and the head dim must match)"
+        )
     capacity, block_size = _check_indices(k_cache, cache_seqlens, block_table, B, k_cache.device, "the caches")
     if check and T > 0 and B > 0:
         _validate_positions(cache_seqlens, T, capacity, block_size, block_table, k_cache.shape[0])
@@ -197,8 +221,9 @@ APPEND_OP = backends.OpBackends(name="kv_cache_append", cpp_ops=("kv_cache_appen
 
 
 @torch.library.custom_op("seqkernels::triton_kv_cache_append", mutates_args=("k_cache", "v_cache"))
-def triton_kv_cache_append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor,
-                           block_table: Optional[Tensor]) -> None:
+def triton_kv_cache_append(
+    k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor, block_table: Optional[Tensor]
+) -> None:
     from ..triton_kernels import kv_cache as tk
 
     tk.kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
@@ -206,8 +231,6 @@ def triton_kv_cache_append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_ne
 
 def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     return None
-
-
 
 
 def _run_append(call: AppendCall, backend: str):
@@ -219,8 +242,17 @@ def _run_append(call: AppendCall, backend: str):
         APPEND_FAMILIES[backend][0](*call.args())
 
 
-def kv_cache_append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor, *,
-                    block_table: Optional[Tensor] = None, check: bool = True, backend: Optional[str] = None) -> None:
+def kv_cache_append(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    block_table: Optional[Tensor] = None,
+    check: bool = True,
+    backend: Optional[str] = None,
+) -> None:
     """Write `k_new`, `v_new` (B, Hkv, T, D) into the caches in place: token t of sequence b goes to
     position `cache_seqlens[b] + t` (see the module docstring for the contiguous and paged layouts).
     `cache_seqlens` is not modified (the caller advances it, e.g. `seqkernels.nn.KVCache`).
@@ -263,8 +295,17 @@ class DecodeCall:
         return self.q.device
 
     def args(self):
-        return (self.q, self.k_cache, self.v_cache, self.cache_seqlens, self.block_table, self.scale,
-                self.window_left, self.window_right, self.num_splits)
+        return (
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.cache_seqlens,
+            self.block_table,
+            self.scale,
+            self.window_left,
+            self.window_right,
+            self.num_splits,
+        )
 
 
 def _decode_window(window) -> tuple[int, int]:
@@ -274,14 +315,18 @@ def _decode_window(window) -> tuple[int, int]:
         return -1, 0
     if isinstance(window, int) and not isinstance(window, bool):
         left = window
-    elif (isinstance(window, (tuple, list)) and len(window) == 2
-          and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+    elif (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+    ):
         left, right = window
         if right < -1:
             raise ValueError(f"window: sides must be >= 0 or -1 (unbounded), got {window!r}")
     else:
-        raise ValueError(f"window: expected an int (left extent) or a pair (left, right) of ints, -1 for unbounded, "
-                         f"got {window!r}")
+        raise ValueError(
+            f"window: expected an int (left extent) or a pair (left, right) of ints, -1 for unbounded, got {window!r}"
+        )
     if left < -1:
         raise ValueError(f"window: sides must be >= 0 or -1 (unbounded), got {window!r}")
     return int(left), 0
@@ -324,8 +369,9 @@ def choose_num_splits(units: int, length: int, parallelism: int, min_keys: int) 
     return 1
 
 
-def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, window=None,
-                   num_splits=None) -> DecodeCall:
+def prepare_decode(
+    q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, window=None, num_splits=None
+) -> DecodeCall:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     _check_cache_pair(k_cache, v_cache)
     check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
@@ -336,8 +382,9 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
     if k_cache.shape[3] != D:
         raise ValueError(f"k_cache: head dim {k_cache.shape[3]} must equal q's head dim {D}")
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q, k_cache: the number of query heads ({Hq}) must be a multiple of the number of "
-                         f"key/value heads ({Hkv})")
+        raise ValueError(
+            f"q, k_cache: the number of query heads ({Hq}) must be a multiple of the number of key/value heads ({Hkv})"
+        )
     capacity, block_size = _check_indices(k_cache, cache_seqlens, block_table, B, q.device, "q and the caches")
     # Values are checked as the caller gave them (int64 included), before the int32 conversion.
     lens, table = cache_seqlens, block_table
@@ -345,10 +392,12 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
         lo, hi = int(lens.min()), int(lens.max())
         if lo < Tq or hi > capacity:
             b = int(((lens < Tq) | (lens > capacity)).nonzero()[0, 0])
-            raise ValueError(f"cache_seqlens: sequence {b} has length {int(lens[b])}, expected a value in "
-                             f"[Tq={Tq}, {capacity}] (the {Tq} queries' keys and values must already be in the cache, "
-                             "appended with kv_cache_append, and the cache holds "
-                             f"{capacity} positions)")
+            raise ValueError(
+                f"cache_seqlens: sequence {b} has length {int(lens[b])}, expected a value in "
+                f"[Tq={Tq}, {capacity}] (the {Tq} queries' keys and values must already be in the cache, "
+                "appended with kv_cache_append, and the cache holds "
+                f"{capacity} positions)"
+            )
         if table is not None:
             cols = (lens.to(torch.int64) + block_size - 1) // block_size
             used = torch.arange(table.shape[1]).unsqueeze(0) < cols.unsqueeze(1)
@@ -356,8 +405,10 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
             hit = invalid.nonzero()
             if hit.numel():
                 b, c = int(hit[0, 0]), int(hit[0, 1])
-                raise ValueError(f"block_table: sequence {b} reads block-table column {c}, whose block id "
-                                 f"{int(table[b, c])} is outside [0, num_blocks={k_cache.shape[0]})")
+                raise ValueError(
+                    f"block_table: sequence {b} reads block-table column {c}, whose block id "
+                    f"{int(table[b, c])} is outside [0, num_blocks={k_cache.shape[0]})"
+                )
     scale = check_scale(scale, D)
     lens = to_int32_saturated(lens)
     table = None if table is None else to_int32_saturated(table)
@@ -380,21 +431,31 @@ def prepare_decode(q, k_cache, v_cache, cache_seqlens, *, block_table=None, scal
 # What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
 def _decode_features(c: DecodeCall) -> capabilities.Features:
     needs_grad = torch.is_grad_enabled() and (c.q.requires_grad or c.k_cache.requires_grad or c.v_cache.requires_grad)
-    return capabilities.Features(dtype=c.q.dtype, device=c.q.device, head_dims=(c.q.shape[-1], c.v_cache.shape[-1]),
-                                 needs_grad=needs_grad)
+    return capabilities.Features(
+        dtype=c.q.dtype, device=c.q.device, head_dims=(c.q.shape[-1], c.v_cache.shape[-1]), needs_grad=needs_grad
+    )
 
 
 DECODE_OP = backends.OpBackends(name="decode_attention", cpp_ops=("decode_attention",), features=_decode_features)
 
 
 @torch.library.custom_op("seqkernels::triton_decode_attention", mutates_args=())
-def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
-                            block_table: Optional[Tensor], scale: float, window_left: int, window_right: int,
-                            num_splits: int) -> tuple[Tensor, Tensor]:
+def triton_decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Optional[Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import kv_cache as tk
 
-    return tk.decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right,
-                               num_splits)
+    return tk.decode_attention(
+        q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right, num_splits
+    )
 
 
 def _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right, num_splits):
@@ -412,15 +473,32 @@ def _run_decode(call: DecodeCall, backend: str):
     if backend == "reference":
         from .. import reference as ref
 
-        return ref.decode_attention_ref(call.q, call.k_cache, call.v_cache, call.cache_seqlens,
-                                        block_table=call.block_table, scale=call.scale,
-                                        window_left=call.window_left, window_right=call.window_right)
+        return ref.decode_attention_ref(
+            call.q,
+            call.k_cache,
+            call.v_cache,
+            call.cache_seqlens,
+            block_table=call.block_table,
+            scale=call.scale,
+            window_left=call.window_left,
+            window_right=call.window_right,
+        )
     return DECODE_FAMILIES[backend][0](*call.args())
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
-                     block_table: Optional[Tensor] = None, scale: Optional[float] = None, window=None,
-                     num_splits: Optional[int] = None, return_lse: bool = False, backend: Optional[str] = None):
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    block_table: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    window=None,
+    num_splits: Optional[int] = None,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+):
     """Attention of the `Tq` newest tokens against the cache.
 
     q (B, Hq, Tq, D); k_cache/v_cache contiguous (B, Hkv, S_max, D|Dv) or paged
@@ -434,8 +512,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     float32 (float64 for float64 inputs) log-sum-exp (B, Hq, Tq) of the scaled scores (-inf, with a
     zero output row, for a query that sees no key).
     """
-    call = prepare_decode(q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, window=window,
-                          num_splits=num_splits)
+    call = prepare_decode(
+        q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, window=window, num_splits=num_splits
+    )
     b = backends.resolve(DECODE_OP, call.device, call, backend)
     out, lse = _run_decode(call, b)
     return (out, lse) if return_lse else out

@@ -60,12 +60,15 @@ def prepare_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh
         raise ValueError(f"weight_ih: expected shape (4*hidden_size, input_size), got {tuple(weight_ih.shape)}")
     H = G // 4
     if tuple(weight_hh.shape) != (G, H):
-        raise ValueError(f"weight_hh: expected shape (4*hidden_size, hidden_size) = ({G}, {H}) to match weight_ih "
-                         f"{tuple(weight_ih.shape)}, got {tuple(weight_hh.shape)}")
+        raise ValueError(
+            f"weight_hh: expected shape (4*hidden_size, hidden_size) = ({G}, {H}) to match weight_ih "
+            f"{tuple(weight_ih.shape)}, got {tuple(weight_hh.shape)}"
+        )
     check_tensor("input", input)
     if input.dim() not in (1, 2):
-        raise ValueError(f"input: expected a 2-D (batch, input_size) or 1-D (input_size,) tensor, got shape "
-                         f"{tuple(input.shape)}")
+        raise ValueError(
+            f"input: expected a 2-D (batch, input_size) or 1-D (input_size,) tensor, got shape {tuple(input.shape)}"
+        )
     if input.shape[-1] != n_in:
         raise ValueError(f"input: has {input.shape[-1]} features but weight_ih expects input_size={n_in}")
     batched = input.dim() == 2
@@ -106,17 +109,20 @@ OP = backends.OpBackends(name="lstm_cell", cpp_ops=("lstm_cell_fwd", "lstm_cell_
 # ---------------------------------------------------------------------------------------------
 # Triton family: opaque custom ops (torch.compile treats each as one node, also under the interpreter).
 
+
 @torch.library.custom_op("seqkernels::triton_lstm_cell_fwd", mutates_args=())
-def triton_lstm_cell_fwd(input_gates: Tensor, hidden_gates: Tensor, cx: Tensor, bias_ih: Optional[Tensor],
-                         bias_hh: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def triton_lstm_cell_fwd(
+    input_gates: Tensor, hidden_gates: Tensor, cx: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
     from ..triton_kernels import lstm_cell as tk
 
     return tk.lstm_cell_fwd(input_gates, hidden_gates, cx, bias_ih, bias_hh)
 
 
 @torch.library.custom_op("seqkernels::triton_lstm_cell_bwd", mutates_args=())
-def triton_lstm_cell_bwd(grad_hy: Optional[Tensor], grad_cy: Optional[Tensor], cx: Tensor, cy: Tensor,
-                         workspace: Tensor) -> tuple[Tensor, Tensor]:
+def triton_lstm_cell_bwd(
+    grad_hy: Optional[Tensor], grad_cy: Optional[Tensor], cx: Tensor, cy: Tensor, workspace: Tensor
+) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import lstm_cell as tk
 
     return tk.lstm_cell_bwd(grad_hy, grad_cy, cx, cy, workspace)
@@ -129,7 +135,8 @@ def _fwd_fake(input_gates, hidden_gates, cx, bias_ih, bias_hh):
 
 def _bwd_fake(grad_hy, grad_cy, cx, cy, workspace):
     return torch.empty_like(workspace, memory_format=torch.contiguous_format), torch.empty_like(
-        cx, memory_format=torch.contiguous_format)
+        cx, memory_format=torch.contiguous_format
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,25 +156,38 @@ def _make_backward(bwd_op):
             raise RuntimeError(
                 "lstm_cell: double backward (a backward with create_graph=True, e.g. gradgradcheck or a "
                 "gradient penalty) is not implemented by the fused cpu/cuda/triton kernels; use "
-                "backend='reference' (or seqkernels.use_backend('reference')) for higher-order gradients")
+                "backend='reference' (or seqkernels.use_backend('reference')) for higher-order gradients"
+            )
         grad_gates, grad_cx = bwd_op(grad_hy, grad_cy, cx, cy, workspace)
         need = ctx.needs_input_grad
         grad_bias = grad_gates.sum(0) if (need[3] or need[4]) else None
-        return (grad_gates if need[0] else None, grad_gates if need[1] else None, grad_cx if need[2] else None,
-                grad_bias if ctx.has_bias[0] and need[3] else None, grad_bias if ctx.has_bias[1] and need[4] else None)
+        return (
+            grad_gates if need[0] else None,
+            grad_gates if need[1] else None,
+            grad_cx if need[2] else None,
+            grad_bias if ctx.has_bias[0] and need[3] else None,
+            grad_bias if ctx.has_bias[1] and need[4] else None,
+        )
 
     return backward
 
 
-FAMILIES = kernel_families(("triton_lstm_cell_fwd", "triton_lstm_cell_bwd"), ("lstm_cell_fwd", "lstm_cell_bwd"),
-                           (_fwd_fake, _bwd_fake), backward=lambda ops: _make_backward(ops[1]),
-                           setup_context=_setup_context)
+FAMILIES = kernel_families(
+    ("triton_lstm_cell_fwd", "triton_lstm_cell_bwd"),
+    ("lstm_cell_fwd", "lstm_cell_bwd"),
+    (_fwd_fake, _bwd_fake),
+    backward=lambda ops: _make_backward(ops[1]),
+    setup_context=_setup_context,
+)
 
 
 def _layer_fake(input_gates, h0, c0, weight_hh, bias, reverse):
     T, B, G = input_gates.shape
-    return (input_gates.new_empty((T, B, G // 4)), input_gates.new_empty((B, G // 4)),
-            input_gates.new_empty((B, G // 4)))
+    return (
+        input_gates.new_empty((T, B, G // 4)),
+        input_gates.new_empty((B, G // 4)),
+        input_gates.new_empty((B, G // 4)),
+    )
 
 
 # The CPU sequence kernel (inference only; see _cpu_layer_forward).
@@ -189,14 +209,21 @@ def run(call: LSTMCellCall, backend: str) -> Tuple[Tensor, Tensor]:
     # Nothing to differentiate: below the autograd keys the calls skip autograd's dispatch, a good
     # part of a small cell's host time.
     with torch._C._AutoDispatchBelowAutograd():
-        hy, cy, _ = fwd.default(F.linear(c.input, c.weight_ih), F.linear(c.hx, c.weight_hh), c.cx, c.bias_ih,
-                                c.bias_hh)
+        hy, cy, _ = fwd.default(F.linear(c.input, c.weight_ih), F.linear(c.hx, c.weight_hh), c.cx, c.bias_ih, c.bias_hh)
     return hy, cy
 
 
-def lstm_cell(input: Tensor, hx: Optional[Tensor], cx: Optional[Tensor], weight_ih: Tensor, weight_hh: Tensor,
-              bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
-              backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+def lstm_cell(
+    input: Tensor,
+    hx: Optional[Tensor],
+    cx: Optional[Tensor],
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Optional[Tensor] = None,
+    bias_hh: Optional[Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor]:
     """One step of torch.nn.LSTMCell: returns `(hy, cy)`.
 
     input `(B, input_size)`, hx and cx `(B, hidden_size)` (or all 1-D for one unbatched sample),
@@ -257,8 +284,9 @@ def _summed_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Ten
     return b_ih if b_ih is not None else b_hh
 
 
-def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd, saved: Optional[dict],
-                   reuse_buffers: bool):
+def _layer_forward(
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd, saved: Optional[dict], reuse_buffers: bool
+):
     T = len(batch_sizes)
     offs = _offsets(batch_sizes)
     G = w_ih.shape[0]
@@ -294,11 +322,11 @@ def _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, fwd,
         h, c = h0, c0
     rows = h.shape[0]
     with guard:
-        for t0, t1 in (chunks[::-1] if reverse else chunks):
+        for t0, t1 in chunks[::-1] if reverse else chunks:
             r0, r1 = offs[t0], offs[t1 - 1] + batch_sizes[t1 - 1]
             proj = project(x[r0:r1], proj_buf[: r1 - r0] if reuse_buffers else None)
             steps_x = torch.split(proj, batch_sizes[t0:t1])
-            for t in (range(t1 - 1, t0 - 1, -1) if reverse else range(t0, t1)):
+            for t in range(t1 - 1, t0 - 1, -1) if reverse else range(t0, t1):
                 bs = batch_sizes[t]
                 if bs < rows:
                     h_fin.append(h[bs:])
@@ -335,8 +363,9 @@ class _LSTMLayer(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family):
         T = len(batch_sizes)
         saved = {k: [None] * T for k in ("h_prev", "c_prev", "cy", "ws")}
-        out, h_n, c_n = _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], saved,
-                                       reuse_buffers=True)
+        out, h_n, c_n = _layer_forward(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], saved, reuse_buffers=True
+        )
         ctx.batch_sizes, ctx.reverse, ctx.bwd = batch_sizes, reverse, family[1]
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.saved = saved
@@ -398,29 +427,54 @@ class _LSTMLayer(torch.autograd.Function):
                 grad_w_hh = torch.mm(G.t(), h_prev)
             grad_b = G.sum(0) if (need[5] or need[6]) else None
         ctx.saved = None
-        return (grad_x, grad_h0 if need[1] else None, grad_c0 if need[2] else None, grad_w_ih, grad_w_hh,
-                grad_b if ctx.has_bias[0] and need[5] else None, grad_b if ctx.has_bias[1] and need[6] else None,
-                None, None, None)
+        return (
+            grad_x,
+            grad_h0 if need[1] else None,
+            grad_c0 if need[2] else None,
+            grad_w_ih,
+            grad_w_hh,
+            grad_b if ctx.has_bias[0] and need[5] else None,
+            grad_b if ctx.has_bias[1] and need[6] else None,
+            None,
+            None,
+            None,
+        )
 
 
-def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-               b_hh: Optional[Tensor], batch_sizes: Sequence[int], reverse: bool, backend: str):
+def lstm_layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+    batch_sizes: Sequence[int],
+    reverse: bool,
+    backend: str,
+):
     """Runs one LSTM layer in one direction over packed rows `x (N, I)` (see above); returns
     `(out (N, H), h_n (B, H), c_n (B, H))` with B = batch_sizes[0]. `backend` is already resolved."""
     batch_sizes = tuple(int(b) for b in batch_sizes)
     family = FAMILIES[backend]
     if backend == "reference":
-        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None,
-                              reuse_buffers=False)
+        return _layer_forward(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None, reuse_buffers=False
+        )
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _LSTMLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family)
     with torch.no_grad():
-        if backend == "cpu" and _HAS_LAYER_OP and x.dtype in (torch.float32, torch.float64) \
-                and min(batch_sizes) == batch_sizes[0]:
+        if (
+            backend == "cpu"
+            and _HAS_LAYER_OP
+            and x.dtype in (torch.float32, torch.float64)
+            and min(batch_sizes) == batch_sizes[0]
+        ):
             return _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
-        return _layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None,
-                              reuse_buffers=True)
+        return _layer_forward(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None, reuse_buffers=True
+        )
 
 
 def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, reverse: bool):
