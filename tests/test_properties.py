@@ -24,6 +24,24 @@ import seqkernels  # noqa: E402
 from seqkernels import backends  # noqa: E402
 from seqkernels.ops import attention as attn_ops  # noqa: E402
 
+
+def _no_local_constants():
+    # Hypothesis (6.131 on) also draws "local constants" harvested from every module of this
+    # checkout loaded so far, parsing under a 100 ms budget: what a derandomized test draws then
+    # depends on which test files were imported before it and on machine load, so one example can
+    # differ between CI, a single file and the mutation harness's selections (a failure seen once
+    # did not reproduce). The hostile values are explicit in the strategies below; the harvest is
+    # turned off so every run draws the same examples.
+    try:
+        from hypothesis.internal.conjecture import providers
+    except ImportError:  # an older hypothesis: no harvest
+        return
+    empty = getattr(providers, "_local_constants", None)
+    if empty is not None and hasattr(providers, "_get_local_constants"):
+        providers._get_local_constants = lambda: empty
+
+
+_no_local_constants()
 SETTINGS = dict(
     derandomize=True,
     deadline=None,
@@ -150,7 +168,9 @@ def _check_attention(backend, q, k, v, kw, grads):
     # dV sums P * dO over the queries.
     eps = torch.finfo(q.dtype).eps
     lse_max = float(ref[1][torch.isfinite(ref[1])].abs().max()) if torch.isfinite(ref[1]).any() else 0.0
-    u = max(eps, 0.5 * float(torch.finfo(torch.float32).eps) * 2.0 ** math.floor(math.log2(max(lse_max, 1.0))))
+    # 2^floor(log2 |lse|) from the exponent itself: log2 of a value near DBL_MAX rounds up to 1024
+    # (an lse of -1.8e308 from a float64 mask of finfo.min), and 2.0 ** 1024 overflows.
+    u = max(eps, math.ldexp(0.5 * float(torch.finfo(torch.float32).eps), math.frexp(max(lse_max, 1.0))[1] - 1))
     sc = kw.get("scale") or 1.0 / math.sqrt(q.shape[-1])
     amax = [float(t.detach().abs().max()) if t.numel() else 0.0 for t in (q, k, v)]
     n = max(k.shape[2], q.shape[2], 1)
