@@ -94,10 +94,8 @@ def _new_rows(B, H, T, D, dtype, layout):
 @pytest.mark.parametrize(
     "case",
     CASES,
-    ids=lambda c: (
-        f"B{c[0]}H{c[1]}T{c[2]}D{c[3]}-{c[4]}S{c[5]}-{c[6]}-{'paged' if c[7] else 'contig'}-{c[8]}".replace(
-            "torch.", ""
-        )
+    ids=lambda c: f"B{c[0]}H{c[1]}T{c[2]}D{c[3]}-{c[4]}S{c[5]}-{c[6]}-{'paged' if c[7] else 'contig'}-{c[8]}".replace(
+        "torch.", ""
     ),
 )
 def test_append_matches_expected(backend, case, request):
