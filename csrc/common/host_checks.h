@@ -200,5 +200,33 @@ inline void check_bias(const char* op, const char* name, const std::optional<at:
               b->scalar_type(), ", ", b->device());
 }
 
+// The forward's arguments: input_gates (B, 4*H) on dev, hidden_gates (B, 4*H) and cx (B, H), the
+// optional (4*H,) biases, one dtype and device. Returns H.
+inline int64_t check_lstm_fwd(const at::Tensor& input_gates, const at::Tensor& hidden_gates, const at::Tensor& cx,
+                              const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+                              const Device& dev) {
+  const int64_t H = check_gates("lstm_cell_fwd", "input_gates", input_gates, dev);
+  const int64_t B = input_gates.size(0), G = 4 * H;
+  check_2d("hidden_gates", hidden_gates, B, G, input_gates);
+  check_2d("cx", cx, B, H, input_gates);
+  check_bias("lstm_cell_fwd", "bias_ih", bias_ih, G, input_gates);
+  check_bias("lstm_cell_fwd", "bias_hh", bias_hh, G, input_gates);
+  return H;
+}
+
+// The backward's arguments: the forward's workspace (B, 4*H) on dev, cx and cy (B, H), the
+// optional grad_hy / grad_cy (B, H), one dtype and device. Returns H.
+inline int64_t check_lstm_bwd(const std::optional<at::Tensor>& grad_hy, const std::optional<at::Tensor>& grad_cy,
+                              const at::Tensor& cx, const at::Tensor& cy, const at::Tensor& workspace,
+                              const Device& dev) {
+  const int64_t H = check_gates("lstm_cell_bwd", "workspace", workspace, dev);
+  const int64_t B = workspace.size(0);
+  check_2d("cx", cx, B, H, workspace);
+  check_2d("cy", cy, B, H, workspace);
+  if (grad_hy.has_value()) check_2d("grad_hy", *grad_hy, B, H, workspace);
+  if (grad_cy.has_value()) check_2d("grad_cy", *grad_cy, B, H, workspace);
+  return H;
+}
+
 }  // namespace host
 }  // namespace seqkernels

@@ -298,12 +298,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
                                                                  const at::Tensor& hidden_gates, const at::Tensor& cx,
                                                                  const c10::optional<at::Tensor>& bias_ih,
                                                                  const c10::optional<at::Tensor>& bias_hh) {
-  const int64_t H = host::check_gates("lstm_cell_fwd", "input_gates", input_gates, host::kCpu);
+  const int64_t H = host::check_lstm_fwd(input_gates, hidden_gates, cx, bias_ih, bias_hh, host::kCpu);
   const int64_t B = input_gates.size(0), G = 4 * H;
-  check_2d("hidden_gates", hidden_gates, B, G, input_gates);
-  check_2d("cx", cx, B, H, input_gates);
-  host::check_bias("lstm_cell_fwd", "bias_ih", bias_ih, G, input_gates);
-  host::check_bias("lstm_cell_fwd", "bias_hh", bias_hh, G, input_gates);
 
   auto opts = input_gates.options();
   at::Tensor hy = at::empty({B, H}, opts), cy = at::empty({B, H}, opts), ws = at::empty({B, G}, opts);
@@ -331,12 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cpu(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const c10::optional<at::Tensor>& grad_hy,
                                                      const c10::optional<at::Tensor>& grad_cy, const at::Tensor& cx,
                                                      const at::Tensor& cy, const at::Tensor& workspace) {
-  const int64_t H = host::check_gates("lstm_cell_bwd", "workspace", workspace, host::kCpu);
+  const int64_t H = host::check_lstm_bwd(grad_hy, grad_cy, cx, cy, workspace, host::kCpu);
   const int64_t B = workspace.size(0), G = 4 * H;
-  check_2d("cx", cx, B, H, workspace);
-  check_2d("cy", cy, B, H, workspace);
-  if (grad_hy.has_value()) check_2d("grad_hy", *grad_hy, B, H, workspace);
-  if (grad_cy.has_value()) check_2d("grad_cy", *grad_cy, B, H, workspace);
 
   auto opts = workspace.options();
   at::Tensor grad_gates = at::empty({B, G}, opts), grad_cx = at::empty({B, H}, opts);

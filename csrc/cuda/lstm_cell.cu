@@ -22,8 +22,6 @@ constexpr int kThreads = 256;
 // checks of common/host_checks.h.
 constexpr host::Device kDevice{&cudart::on_kernel_device, &cudart::kernel_device_name};
 
-using host::check_2d;
-
 // Last dim contiguous; rows may be strided (the per-step slices of a projected sequence are).
 at::Tensor rows_of(const at::Tensor& t) { return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous(); }
 
@@ -61,12 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cuda(const at::Tens
                                                                   const at::Tensor& hidden_gates, const at::Tensor& cx,
                                                                   const std::optional<at::Tensor>& bias_ih,
                                                                   const std::optional<at::Tensor>& bias_hh) {
-  const int64_t H = host::check_gates("lstm_cell_fwd", "input_gates", input_gates, kDevice);
+  const int64_t H = host::check_lstm_fwd(input_gates, hidden_gates, cx, bias_ih, bias_hh, kDevice);
   const int64_t B = input_gates.size(0), G = 4 * H;
-  check_2d("hidden_gates", hidden_gates, B, G, input_gates);
-  check_2d("cx", cx, B, H, input_gates);
-  host::check_bias("lstm_cell_fwd", "bias_ih", bias_ih, G, input_gates);
-  host::check_bias("lstm_cell_fwd", "bias_hh", bias_hh, G, input_gates);
   const at::Tensor bi = bias_ih.has_value() ? bias_ih->contiguous() : at::Tensor();
   const at::Tensor bh = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
   TORCH_CHECK(B * G < (int64_t(1) << 40), "seqkernels::lstm_cell_fwd: input_gates is too large (", B, " x ", G, ")");
@@ -103,12 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_fwd_cuda(const at::Tens
 std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cuda(const std::optional<at::Tensor>& grad_hy,
                                                       const std::optional<at::Tensor>& grad_cy, const at::Tensor& cx,
                                                       const at::Tensor& cy, const at::Tensor& workspace) {
-  const int64_t H = host::check_gates("lstm_cell_bwd", "workspace", workspace, kDevice);
+  const int64_t H = host::check_lstm_bwd(grad_hy, grad_cy, cx, cy, workspace, kDevice);
   const int64_t B = workspace.size(0), G = 4 * H;
-  check_2d("cx", cx, B, H, workspace);
-  check_2d("cy", cy, B, H, workspace);
-  if (grad_hy.has_value()) check_2d("grad_hy", *grad_hy, B, H, workspace);
-  if (grad_cy.has_value()) check_2d("grad_cy", *grad_cy, B, H, workspace);
   TORCH_CHECK(B * G < (int64_t(1) << 40), "seqkernels::lstm_cell_bwd: workspace is too large (", B, " x ", G, ")");
 
   const cudart::DeviceGuard guard(workspace);
