@@ -539,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     h = Harness(
         args.scratch.resolve(), args.timeout, args.jobs, args.build_timeout, args.scratch.resolve() / ".mutation-logs"
     )
+    # The tree is judged as mirrored now; record it now (a run takes hours, HEAD may move meanwhile).
+    git_head = _git("rev-parse", "--short", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     h.prepare()
 
     # C++ mutants first, grouped by the objects their file is compiled into (ninja's recorded
@@ -608,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": _dt.date.today().isoformat(),
         "command": command,
         "wall_seconds": round(time.monotonic() - started, 1),
-        "git_head": _git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_head": git_head,
+        "dirty": dirty,
         "scratch": str(h.root),
         "baseline_seconds": baselines,
         "deselected_failing_unmutated": deselected,
