@@ -815,6 +815,37 @@ void row_ranges(const Geometry& g, const int32_t* kv_len, int64_t b, int64_t wl,
 // Forward driver.
 // ---------------------------------------------------------------------------------------------
 
+// Every row's visible keys [lo, hi), (B, Lq) each: the plan both passes start from.
+struct RowRanges {
+  std::vector<int64_t> lo, hi;
+};
+
+RowRanges visible_rows(const Geometry& g, const int32_t* kv_len, int64_t wl, int64_t wr, bool bottom_right) {
+  RowRanges r;
+  r.lo.resize(g.B * g.Lq);
+  r.hi.resize(g.B * g.Lq);
+  for (int64_t b = 0; b < g.B; ++b) {
+    row_ranges(g, kv_len, b, wl, wr, bottom_right, r.lo.data() + b * g.Lq, r.hi.data() + b * g.Lq);
+  }
+  return r;
+}
+
+// Write back the forward's rows: normalize the accumulators (the dropout keep scale folded into
+// 1 / l) and store the natural-log lse; a row that saw no key is 0 with lse -inf.
+template <typename scalar_t, typename T>
+void store_fwd_rows(const T* O, const T* m, const T* l, int64_t nrows, int64_t Dv, int64_t Dvp, const DropoutDesc& drop,
+                    scalar_t* out_rows, T* lse_rows) {
+  const T ks = static_cast<T>(drop.keep_scale);
+  for (int64_t r = 0; r < nrows; ++r) {
+    scalar_t* orow = out_rows + r * Dv;
+    const T* acc = O + r * Dvp;
+    const bool dead = m[r] == -std::numeric_limits<T>::infinity();
+    const T inv = dead ? T(0) : (drop.on ? ks : T(1)) / l[r];
+    for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(dead ? T(0) : acc[d] * inv);
+    lse_rows[r] = static_cast<T>(softmax_lse_ln<double>(m[r], static_cast<double>(l[r])));
+  }
+}
+
 template <typename scalar_t, typename T>
 void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g, const MaskDesc& mask,
                        const int32_t* kv_len, double scale, int64_t wl, int64_t wr, bool bottom_right,
@@ -834,10 +865,8 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
   scalar_t* od = out.data_ptr<scalar_t>();
   T* lsed = lse.data_ptr<T>();
 
-  std::vector<int64_t> lo_all(B * Lq), hi_all(B * Lq);
-  for (int64_t b = 0; b < B; ++b) {
-    row_ranges(g, kv_len, b, wl, wr, bottom_right, lo_all.data() + b * Lq, hi_all.data() + b * Lq);
-  }
+  const RowRanges rows = visible_rows(g, kv_len, wl, wr, bottom_right);
+  const std::vector<int64_t>&lo_all = rows.lo, &hi_all = rows.hi;
 
   const int64_t group_elems = Lk_pad * (D + Dvp);
   const int64_t ngroups = B * Hkv;
@@ -919,16 +948,8 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
         a.P = Pb;
         a.alpha = alpha;
         kern.fwd(a);
-        // Normalize; a row that saw no key is 0 with lse -inf.
-        const T ks = static_cast<T>(drop.keep_scale);
-        for (int64_t r = 0; r < nrows; ++r) {
-          scalar_t* orow = od + ((b * Hq + h) * Lq + i0 + r) * Dv;
-          const T* acc = O + r * Dvp;
-          const bool dead = m[r] == -std::numeric_limits<T>::infinity();
-          const T inv = dead ? T(0) : (drop.on ? ks : T(1)) / l[r];
-          for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(dead ? T(0) : acc[d] * inv);
-          lsed[(b * Hq + h) * Lq + i0 + r] = static_cast<T>(softmax_lse_ln<double>(m[r], static_cast<double>(l[r])));
-        }
+        store_fwd_rows<scalar_t, T>(O, m, l, nrows, Dv, Dvp, drop, od + ((b * Hq + h) * Lq + i0) * Dv,
+                                    lsed + (b * Hq + h) * Lq + i0);
       };
     });
   }
@@ -1018,6 +1039,100 @@ void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D,
   }
 }
 
+// The backward's plan, before anything is packed: each row's visible key range, the work in each
+// key block of each batch (visible (row, key) pairs), and the split of every batch's key blocks
+// into `splits` contiguous ranges of about equal work, each with its own dQ partial.
+struct BwdPlan {
+  int64_t B = 0, Lq = 0, nkb = 0, splits = 1;
+  std::vector<int64_t> lo, hi;       // (B, Lq): visible keys [lo, hi) of each row
+  std::vector<int64_t> kb_cost;      // (B, nkb)
+  std::vector<int64_t> split_begin;  // (B, splits + 1): first key block of each split
+
+  void split(int64_t n) {
+    splits = n;
+    split_begin.assign(B * (splits + 1), 0);
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t total = 0;
+      for (int64_t kb = 0; kb < nkb; ++kb) total += kb_cost[b * nkb + kb];
+      int64_t* sb = split_begin.data() + b * (splits + 1);
+      sb[0] = 0;
+      int64_t acc = 0, s = 1;
+      for (int64_t kb = 0; kb < nkb && s < splits; ++kb) {
+        acc += kb_cost[b * nkb + kb];
+        while (s < splits && acc * splits >= total * s) sb[s++] = kb + 1;
+      }
+      while (s <= splits) sb[s++] = nkb;
+    }
+  }
+
+  // Work of split s of group gi (a kv head of a batch), for the task scheduler.
+  int64_t split_cost(int64_t gi, int64_t Hkv, int64_t s) const {
+    const int64_t b = gi / Hkv;
+    const int64_t* sb = split_begin.data() + b * (splits + 1);
+    int64_t c = 0;
+    for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) c += kb_cost[b * nkb + kb];
+    return c;
+  }
+};
+
+BwdPlan make_bwd_plan(const Geometry& g, const int32_t* kv_len, int64_t wl, int64_t wr, bool bottom_right,
+                      int64_t Lk_pad, int64_t BN) {
+  BwdPlan p;
+  p.B = g.B;
+  p.Lq = g.Lq;
+  p.nkb = (Lk_pad + BN - 1) / BN;
+  const int64_t B = g.B, Lq = g.Lq, nkb = p.nkb;
+  RowRanges rows = visible_rows(g, kv_len, wl, wr, bottom_right);
+  p.lo = std::move(rows.lo);
+  p.hi = std::move(rows.hi);
+  p.kb_cost.assign(B * nkb, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t j0 = kb * BN, j1 = std::min(Lk_pad, j0 + BN);
+      int64_t c = 1;
+      for (int64_t i = 0; i < Lq; ++i) {
+        c += std::max<int64_t>(0, std::min(p.hi[b * Lq + i], j1) - std::max(p.lo[b * Lq + i], j0));
+      }
+      p.kb_cost[b * nkb + kb] = c;
+    }
+  }
+  return p;
+}
+
+// Write back one key block's dK / dV rows [j0, jend) from the packed accumulators. Keys past
+// kv_lengths[b] (>= jvalid) take no part: exactly 0, even where 0 * NaN (a NaN query row times a
+// hidden key's zero dS) reached their accumulators.
+template <typename scalar_t, typename T>
+void store_dkdv_rows(const T* dK, const T* dV, int64_t j0, int64_t jend, int64_t jvalid, int64_t D, int64_t Dp,
+                     int64_t Dv, int64_t Dvp, scalar_t* dk_head, int64_t dk_s2, int64_t dk_s3, scalar_t* dv_head,
+                     int64_t dv_s2, int64_t dv_s3) {
+  for (int64_t j = j0; j < jend; ++j) {
+    scalar_t* dkrow = dk_head + j * dk_s2;
+    scalar_t* dvrow = dv_head + j * dv_s2;
+    const T* ak = dK + (j - j0) * Dp;
+    const T* av = dV + (j - j0) * Dvp;
+    const bool pad = j >= jvalid;
+    for (int64_t d = 0; d < D; ++d) dkrow[d * dk_s3] = static_cast<scalar_t>(pad ? T(0) : ak[d]);
+    for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv_s3] = static_cast<scalar_t>(pad ? T(0) : av[d]);
+  }
+}
+
+// Write back one head's dQ: scale * the sum of the `splits` partials (part_stride apart), in
+// split order, so the result does not depend on which thread finished which split.
+template <typename scalar_t, typename T>
+void store_dq_rows(const T* part0, int64_t part_stride, int64_t splits, int64_t Lq, int64_t D, int64_t Dp, T scale,
+                   scalar_t* dq_head, int64_t dq_s2, int64_t dq_s3) {
+  for (int64_t i = 0; i < Lq; ++i) {
+    scalar_t* dqrow = dq_head + i * dq_s2;
+    const T* src = part0 + i * Dp;
+    for (int64_t d = 0; d < D; ++d) {
+      T acc = src[d];
+      for (int64_t s = 1; s < splits; ++s) acc += src[s * part_stride + d];
+      dqrow[d * dq_s3] = static_cast<scalar_t>(acc * scale);
+    }
+  }
+}
+
 template <typename scalar_t, typename T>
 void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                        const Tensor& lse, const Geometry& g, const MaskDesc& mask, const int32_t* kv_len, double scale,
@@ -1048,22 +1163,8 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   const int64_t dk_s0 = dk.stride(0), dk_s1 = dk.stride(1), dk_s2 = dk.stride(2), dk_s3 = dk.stride(3);
   const int64_t dv_s0 = dv.stride(0), dv_s1 = dv.stride(1), dv_s2 = dv.stride(2), dv_s3 = dv.stride(3);
 
-  std::vector<int64_t> lo_all(B * Lq), hi_all(B * Lq);
-  for (int64_t b = 0; b < B; ++b) {
-    row_ranges(g, kv_len, b, wl, wr, bottom_right, lo_all.data() + b * Lq, hi_all.data() + b * Lq);
-  }
-  // Work per key block of each batch: visible (row, key) pairs, to balance the splits.
-  std::vector<int64_t> kb_cost(B * nkb, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-      const int64_t j0 = kb * BN, j1 = std::min(Lk_pad, j0 + BN);
-      int64_t c = 1;
-      for (int64_t i = 0; i < Lq; ++i) {
-        c += std::max<int64_t>(0, std::min(hi_all[b * Lq + i], j1) - std::max(lo_all[b * Lq + i], j0));
-      }
-      kb_cost[b * nkb + kb] = c;
-    }
-  }
+  BwdPlan plan = make_bwd_plan(g, kv_len, wl, wr, bottom_right, Lk_pad, BN);
+  const std::vector<int64_t>&lo_all = plan.lo, &hi_all = plan.hi;
 
   const int64_t ngroups = B * Hkv;
   const int64_t nthreads = at::get_num_threads();
@@ -1077,6 +1178,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   int64_t splits = 1;
   const bool even = chunk0 % nthreads == 0 && kv_len == nullptr;
   if (chunk0 < 4 * nthreads && !even) splits = std::min<int64_t>(nkb, (4 * nthreads + chunk0 - 1) / chunk0);
+  plan.split(splits);
   const int64_t group_elems = kv_elems + q_elems + splits * dq_part;
   const int64_t chunk = chunk_groups(group_elems * int64_t(sizeof(T)), ngroups);
   Tensor packed = at::empty({chunk * group_elems}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
@@ -1171,47 +1273,17 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
     // finishes a group's last split.
     auto reduce_dq = [&](int64_t gi) {
       const int64_t b = gi / Hkv;
-      const int64_t part_stride = Hg * Lq * Dp;
       for (int64_t hh = 0; hh < Hg; ++hh) {
         const int64_t h = (gi % Hkv) * Hg + hh;
-        const T* part0 = dQ_of(gi, 0) + hh * Lq * Dp;
-        for (int64_t i = 0; i < Lq; ++i) {
-          scalar_t* dqrow = dqd + b * dq_s0 + h * dq_s1 + i * dq_s2;
-          const T* src = part0 + i * Dp;
-          for (int64_t d = 0; d < D; ++d) {
-            T acc = src[d];
-            for (int64_t s = 1; s < splits; ++s) acc += src[s * part_stride + d];
-            dqrow[d * dq_s3] = static_cast<scalar_t>(acc * tscale);
-          }
-        }
+        store_dq_rows<scalar_t, T>(dQ_of(gi, 0) + hh * Lq * Dp, Hg * Lq * Dp, splits, Lq, D, Dp, tscale,
+                                   dqd + b * dq_s0 + h * dq_s1, dq_s2, dq_s3);
       }
     };
 
-    // Split boundaries: contiguous key-block ranges of about equal work (same for every group
-    // of a batch).
-    std::vector<int64_t> split_begin(B * (splits + 1));
-    for (int64_t b = 0; b < B; ++b) {
-      int64_t total = 0;
-      for (int64_t kb = 0; kb < nkb; ++kb) total += kb_cost[b * nkb + kb];
-      int64_t* sb = split_begin.data() + b * (splits + 1);
-      sb[0] = 0;
-      int64_t acc = 0, s = 1;
-      for (int64_t kb = 0; kb < nkb && s < splits; ++kb) {
-        acc += kb_cost[b * nkb + kb];
-        while (s < splits && acc * splits >= total * s) sb[s++] = kb + 1;
-      }
-      while (s <= splits) sb[s++] = nkb;
-    }
-
     const int64_t ntask = (g1 - g0) * splits;
     std::vector<int64_t> cost(ntask);
-    for (int64_t t = 0; t < ntask; ++t) {
-      const int64_t gi = g0 + t / splits, s = t % splits, b = gi / Hkv;
-      const int64_t* sb = split_begin.data() + b * (splits + 1);
-      int64_t c = 0;
-      for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) c += kb_cost[b * nkb + kb];
-      cost[t] = c;
-    }
+    for (int64_t t = 0; t < ntask; ++t) cost[t] = plan.split_cost(g0 + t / splits, Hkv, t % splits);
+    const std::vector<int64_t>& split_begin = plan.split_begin;
     run_tasks(nkv_tasks + nq_tasks, pack, cost, [&]() {
       auto scratch = std::make_shared<std::vector<T>>(2 * BM * BN + BN * (Dp + Dvp));
       return [&, scratch](int64_t t) {
@@ -1274,18 +1346,9 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
             kern.bwd(a);
           }
           // dK = scale * sum dS Q = sum dS Qp (Qp carries the scale).
-          // Keys past kv_lengths[b] take no part: exactly 0, even where 0 * NaN (a NaN query
-          // row times a hidden key's zero dS) reached their accumulators.
-          const int64_t jend = std::min(j1, Lk), jvalid = batch_key_length(kv_len, b, Lk);
-          for (int64_t j = j0; j < jend; ++j) {
-            scalar_t* dkrow = dkd + b * dk_s0 + hk * dk_s1 + j * dk_s2;
-            scalar_t* dvrow = dvd + b * dv_s0 + hk * dv_s1 + j * dv_s2;
-            const T* ak = dK + (j - j0) * Dp;
-            const T* av = dV + (j - j0) * Dvp;
-            const bool pad = j >= jvalid;
-            for (int64_t d = 0; d < D; ++d) dkrow[d * dk_s3] = static_cast<scalar_t>(pad ? T(0) : ak[d]);
-            for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv_s3] = static_cast<scalar_t>(pad ? T(0) : av[d]);
-          }
+          store_dkdv_rows<scalar_t, T>(dK, dV, j0, std::min(j1, Lk), batch_key_length(kv_len, b, Lk), D, Dp, Dv, Dvp,
+                                       dkd + b * dk_s0 + hk * dk_s1, dk_s2, dk_s3, dvd + b * dv_s0 + hk * dv_s1, dv_s2,
+                                       dv_s3);
         }
         if (done[gi - g0].fetch_add(1, std::memory_order_acq_rel) + 1 == splits) reduce_dq(gi);
       };
