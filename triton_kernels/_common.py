@@ -23,6 +23,7 @@ __all__ = [
     "device_arch",
     "dot_precision",
     "interpreting",
+    "lazy_static_configs",
     "length_bucket",
     "static_signature",
     "tf32_requested",
@@ -60,6 +61,20 @@ def device_unsupported_reason(device: torch.device) -> str | None:
             "(set TRITON_INTERPRET=1 before triton is imported)"
         )
     return f"device type {device.type!r} is not supported by the Triton kernels (cuda; cpu when interpreting)"
+
+
+def lazy_static_configs(module_globals: dict, build):
+    """A module `__getattr__` that builds the module's STATIC_CONFIGS (the ahead-of-time compile
+    list: development tooling, kernel_report and the static tests) on first access and keeps it,
+    so importing a kernel module to launch a kernel never computes it."""
+
+    def __getattr__(name: str):
+        if name == "STATIC_CONFIGS":
+            value = module_globals["STATIC_CONFIGS"] = build()
+            return value
+        raise AttributeError(f"module {module_globals['__name__']!r} has no attribute {name!r}")
+
+    return __getattr__
 
 
 def refusal(op: str, features) -> str | None:

@@ -77,6 +77,7 @@ from ._common import (
     block_dim,
     device_arch,
     dot_precision,
+    lazy_static_configs,
     length_bucket,
     refusal,
     static_signature,
@@ -2744,13 +2745,5 @@ def _static_configs() -> list[StaticConfig]:
     return out
 
 
-STATIC_CONFIGS: list  # the ahead-of-time compile list, built by __getattr__ below
-
-
-def __getattr__(name: str):
-    # STATIC_CONFIGS (the ahead-of-time compile list, development tooling: kernel_report and the
-    # static tests) is built on first access, not at import: launching a kernel never needs it.
-    if name == "STATIC_CONFIGS":
-        value = globals()["STATIC_CONFIGS"] = _static_configs()
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+STATIC_CONFIGS: list  # the ahead-of-time compile list, built on first access
+__getattr__ = lazy_static_configs(globals(), _static_configs)

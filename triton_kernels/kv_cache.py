@@ -41,7 +41,16 @@ import triton
 import triton.language as tl
 
 from .. import capabilities
-from ._common import INTERPRET, TRITON_DTYPE, StaticConfig, block_dim, dot_precision, refusal, static_signature
+from ._common import (
+    INTERPRET,
+    TRITON_DTYPE,
+    StaticConfig,
+    block_dim,
+    dot_precision,
+    lazy_static_configs,
+    refusal,
+    static_signature,
+)
 
 __all__ = [
     "kv_cache_append",
@@ -654,13 +663,5 @@ def _static_configs() -> list:
     return out
 
 
-STATIC_CONFIGS: list  # the ahead-of-time compile list, built by __getattr__ below
-
-
-def __getattr__(name: str):
-    # STATIC_CONFIGS (the ahead-of-time compile list, development tooling: kernel_report and the
-    # static tests) is built on first access, not at import: launching a kernel never needs it.
-    if name == "STATIC_CONFIGS":
-        value = globals()["STATIC_CONFIGS"] = _static_configs()
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+STATIC_CONFIGS: list  # the ahead-of-time compile list, built on first access
+__getattr__ = lazy_static_configs(globals(), _static_configs)

@@ -161,9 +161,16 @@ def prepare_attention(
 def features(c: AttentionCall) -> capabilities.Features:
     q, m = c.q, c.attn_mask
     B, Hq, _, D = q.shape
-    if m is None:
-        return capabilities.Features(q.dtype, q.device, (D, c.v.shape[-1]), None, False, False, (B, Hq))
-    return capabilities.Features(q.dtype, q.device, (D, c.v.shape[-1]), m.dtype, m.requires_grad, False, (B, Hq))
+    has_mask = m is not None
+    return capabilities.Features(
+        q.dtype,
+        q.device,
+        (D, c.v.shape[-1]),
+        m.dtype if has_mask else None,
+        has_mask and m.requires_grad,
+        False,
+        (B, Hq),
+    )
 
 
 OP = backends.OpBackends(name="attention", cpp_ops=("attention_fwd", "attention_bwd"), features=features)
