@@ -96,7 +96,7 @@ def main():
                 def sk_bwd():
                     return torch.ops.seqkernels.attention_bwd(
                         go, q, k, v, out, lse, None, None, scale, -1, wr, False, 0.0, 0, 0, False
-                    )
+                    )[:3]
 
                 def th_bwd():
                     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -5,7 +5,10 @@
 //
 // Arguments arrive normalized by the public layer (docs/INTERNALS.md): scale resolved,
 // causal folded into the window, masks expanded to (B, Hq, Lq, Lk) with stride 0 on
-// broadcast dims, lengths as int32.
+// broadcast dims, lengths as int32. The score modifiers (docs/DESIGN.md §2) come last, with
+// defaults that switch them off: alibi_slopes (B, Hq) and sinks (Hq,) contiguous in the
+// accumulation type (float64 for float64 inputs, else float32), softcap 0 = off. grad_sinks is
+// (Hq,) in that type when sinks are given, else an empty (0,) tensor.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -14,19 +17,21 @@ TORCH_LIBRARY(seqkernels, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? kv_lengths, "
       "float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
-      "int seed, int offset) -> (Tensor out, Tensor lse)");
+      "int seed, int offset, Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0.) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? attn_mask, Tensor? kv_lengths, float scale, int window_left, int window_right, "
-      "bool bottom_right, float dropout_p, int seed, int offset, bool deterministic) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "bool bottom_right, float dropout_p, int seed, int offset, bool deterministic, "
+      "Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0.) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
   m.def(
       "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
       "Tensor cache_seqlens, Tensor? block_table) -> ()");
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
-      "Tensor? block_table, float scale, int window_left, int window_right, int num_splits) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor? block_table, float scale, int window_left, int window_right, int num_splits, "
+      "Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0.) -> (Tensor out, Tensor lse)");
   m.def(
       "lstm_cell_fwd(Tensor input_gates, Tensor hidden_gates, Tensor cx, Tensor? bias_ih, "
       "Tensor? bias_hh) -> (Tensor hy, Tensor cy, Tensor workspace)");

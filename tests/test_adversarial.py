@@ -247,9 +247,9 @@ def _kernel_bwd_zero_size(backend, q, k, v, out, lse):
     if backend == "reference":
         _, dk, dv = reference.attention_bwd_ref(args[0], call.q, call.k, call.v, scale=call.scale)
     elif backend == "cpu":
-        _, dk, dv = torch.ops.seqkernels.attention_bwd(*args)
+        _, dk, dv, _ = torch.ops.seqkernels.attention_bwd(*args)
     else:
-        _, dk, dv = torch.ops.seqkernels.triton_attention_bwd(*args)
+        _, dk, dv, _ = torch.ops.seqkernels.triton_attention_bwd(*args)
     return dk, dv
 
 

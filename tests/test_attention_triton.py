@@ -252,7 +252,7 @@ def _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw, deterministic=True, device
         kw["seed"],
         kw["offset"],
         deterministic,
-    )
+    )[:3]
 
 
 def _f64(x):

@@ -85,8 +85,9 @@ def test_attention_opcheck(family, case):
         out, lse = fwd(*call.args())
     grad_out = torch.randn_like(out)
     q, k, v = (t.detach() for t in (call.q, call.k, call.v))
-    rest = call.args()[3:]
-    torch.library.opcheck(bwd.default, (grad_out, q, k, v, out, lse, *rest, False))
+    args = call.args()
+    rest, mods = args[3:12], args[12:]  # mask .. offset, then alibi_slopes, sinks, softcap
+    torch.library.opcheck(bwd.default, (grad_out, q, k, v, out, lse, *rest, False, *mods))
 
 
 @needs_ext

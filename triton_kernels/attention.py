@@ -2314,6 +2314,11 @@ def _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bott
     )
 
 
+def _no_modifiers(alibi_slopes, sinks, softcap):
+    if alibi_slopes is not None or sinks is not None or softcap:
+        raise NotImplementedError("softcap, alibi_slopes and sinks are not implemented by the Triton kernels yet")
+
+
 def attention_fwd(
     q,
     k,
@@ -2327,11 +2332,15 @@ def attention_fwd(
     dropout_p: float,
     seed: int,
     offset: int,
+    alibi_slopes=None,
+    sinks=None,
+    softcap: float = 0.0,
 ):
     """Fused attention forward on normalized arguments (docs/INTERNALS.md) -> (out, lse).
 
     out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse (B, Hq, Lq) float32, natural log."""
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
+    _no_modifiers(alibi_slopes, sinks, softcap)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -2391,11 +2400,17 @@ def attention_bwd(
     seed: int,
     offset: int,
     deterministic: bool,
+    alibi_slopes=None,
+    sinks=None,
+    softcap: float = 0.0,
 ):
-    """Fused attention backward -> (dq, dk, dv), shaped like q, k, v (dk, dv summed over the query
-    heads of each kv head). Every kernel is deterministic, so ``deterministic`` needs no special path."""
+    """Fused attention backward -> (dq, dk, dv, dsinks), dq, dk, dv shaped like q, k, v (dk, dv
+    summed over the query heads of each kv head), dsinks (Hq,) float32 with sinks, else (0,).
+    Every kernel is deterministic, so ``deterministic`` needs no special path."""
     del deterministic
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
+    _no_modifiers(alibi_slopes, sinks, softcap)
+    dsinks = torch.zeros((q.shape[1] if sinks is not None else 0,), dtype=torch.float32, device=q.device)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -2412,7 +2427,7 @@ def attention_bwd(
     if B == 0 or Hq == 0 or Lq == 0:
         # No query row reads any key (Hq == 0 still has Hkv >= 1 kv heads): dK and dV are 0, and
         # dq has no element.
-        return dq, dk.zero_(), dv.zero_()
+        return dq, dk.zero_(), dv.zero_(), dsinks
     grad_out = grad_out.to(q.dtype)
     lse = lse.to(torch.float32).contiguous()
     a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right, dropout_p, seed, offset)
@@ -2586,7 +2601,7 @@ def attention_bwd(
             **fixup_dq_c,
             num_warps=rwarps,
         )
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
 
 
 # --------------------------------------------------------------------------------------------

@@ -414,8 +414,23 @@ def _decode_config(n_rows: int, D: int, Dv: int, dtype: torch.dtype, interpret: 
     return block_m, 32, (8 if block_m >= 32 else 4), 2
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right, num_splits):
+def decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    block_table,
+    scale,
+    window_left,
+    window_right,
+    num_splits,
+    alibi_slopes=None,
+    sinks=None,
+    softcap=0.0,
+):
     """Arguments as normalized by seqkernels.ops.kv_cache.prepare_decode; returns (out, lse)."""
+    if alibi_slopes is not None or sinks is not None or softcap:
+        raise NotImplementedError("softcap, alibi_slopes and sinks are not implemented by the Triton kernels yet")
     B, Hq, Tq, D = q.shape
     Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
     G = Hq // Hkv

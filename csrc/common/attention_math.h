@@ -86,4 +86,66 @@ SK_HOST_DEVICE SK_INLINE bool lse_needs_recompute(T lse) {
   return (lse >= k || lse <= -k) && lse != T(INFINITY) && lse != -T(INFINITY);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Score modifiers (docs/DESIGN.md §2), applied to the scaled score s = scale * q.k of query i and
+// key j in this order, before the mask and the visibility rule:
+//   softcap c > 0:  s <- c * tanh(s / c)
+//   ALiBi slope a:  s <- s - a * |i + off_b - j|   (off_b = Lk_b - Lq bottom-right, else 0)
+// and a sink logit per query head that joins the softmax denominator without a value:
+//   p_ij = exp(s_ij - m) / (exp(sink - m) + sum_j exp(s_ij - m)), m and lse including the sink.
+// T is the accumulation type (float, or double for float64 inputs).
+template <typename T>
+struct ScoreMods {
+  T softcap;       // > 0: cap the scores; 0: off
+  const T* alibi;  // (B, Hq) slopes, row-major; nullptr: off
+  const T* sinks;  // (Hq,) sink logits (-inf behaves like none); nullptr: off
+  SK_HOST_DEVICE SK_INLINE bool any() const { return softcap > T(0) || alibi != nullptr || sinks != nullptr; }
+  SK_HOST_DEVICE SK_INLINE T slope(int64_t b, int64_t h, int64_t Hq) const {
+    return alibi != nullptr ? alibi[b * Hq + h] : T(0);
+  }
+  SK_HOST_DEVICE SK_INLINE T sink(int64_t h) const { return sinks != nullptr ? sinks[h] : -T(INFINITY); }
+};
+
+template <typename T>
+SK_HOST_DEVICE SK_INLINE T softcap_score(T s, T cap) {
+  return cap * tanh(s / cap);
+}
+
+// d capped / d s, from the capped score t = c * tanh(s / c): 1 - tanh^2 = 1 - (t / c)^2. The
+// backward multiplies dS by it before dS meets q or k.
+template <typename T>
+SK_HOST_DEVICE SK_INLINE T softcap_grad(T capped, T cap) {
+  const T r = capped / cap;
+  return T(1) - r * r;
+}
+
+// The ALiBi term added to the score of (i, j); `diag` = i + off_b, as in visible_keys.
+template <typename T>
+SK_HOST_DEVICE SK_INLINE T alibi_bias(T slope, int64_t diag, int64_t j) {
+  const int64_t d = diag - j;
+  return -slope * T(d < 0 ? -d : d);
+}
+
+// A row's statistics (natural-log max m, sum l of exp(s - m)) with the sink logit merged in;
+// returns the factor exp(m_old - m_new) by which the row's accumulated output must be scaled.
+// A row that saw no key and has a finite sink ends with m = sink, l = 1 (lse = sink, output 0);
+// a -inf sink changes nothing.
+template <typename T>
+SK_HOST_DEVICE SK_INLINE T merge_sink(T sink, T& m, T& l) {
+  if (sink == -T(INFINITY)) return T(1);
+  if (m == -T(INFINITY)) {
+    m = sink;
+    l = T(1);
+    return T(0);
+  }
+  if (sink <= m) {
+    l += exp(sink - m);
+    return T(1);
+  }
+  const T r = exp(m - sink);
+  l = l * r + T(1);
+  m = sink;
+  return r;
+}
+
 }  // namespace seqkernels

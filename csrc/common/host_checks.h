@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 namespace seqkernels {
 namespace host {
@@ -74,6 +75,39 @@ inline AttentionGeometry check_qkv(const at::Tensor& q, const at::Tensor& k, con
               "): grouped-query attention needs the number of query heads to be a multiple of the number of "
               "kv heads");
   return g;
+}
+
+// The score modifiers of attention_fwd / attention_bwd / decode_attention: alibi_slopes (B, Hq)
+// and sinks (Hq,), contiguous, of the accumulation type `acc` (float64 for float64 inputs, float32
+// otherwise) on dev; softcap finite and >= 0 (0 = off). Returns them as raw pointers.
+template <typename T>
+struct ModifierArgs {
+  T softcap;
+  const T* alibi;
+  const T* sinks;
+};
+
+inline void check_modifier_tensor(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape,
+                                  const char* shape_name, at::ScalarType acc, const Device& dev, const char* op) {
+  if (!t.has_value()) return;
+  check_device(dev, *t, op, ": ", name);
+  TORCH_CHECK(t->scalar_type() == acc, op, ": ", name, " must be ", acc, " (the accumulation type), got ",
+              t->scalar_type());
+  TORCH_CHECK(t->sizes() == shape, op, ": ", name, " must have shape ", shape_name, " = ", shape, ", got ",
+              t->sizes());
+  TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+template <typename T>
+ModifierArgs<T> check_modifiers(const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+                                double softcap, int64_t B, int64_t Hq, const Device& dev, const char* op) {
+  const auto acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
+  TORCH_CHECK(softcap >= 0 && softcap < std::numeric_limits<double>::infinity(), op,
+              ": softcap must be a finite number >= 0 (0 = off), got ", softcap);
+  check_modifier_tensor(alibi_slopes, "alibi_slopes", {B, Hq}, "(B, Hq)", acc, dev, op);
+  check_modifier_tensor(sinks, "sinks", {Hq}, "(Hq,)", acc, dev, op);
+  return {static_cast<T>(softcap), alibi_slopes ? alibi_slopes->data_ptr<T>() : nullptr,
+          sinks ? sinks->data_ptr<T>() : nullptr};
 }
 
 // ---------------------------------------------------------------------------------------------

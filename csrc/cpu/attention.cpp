@@ -955,13 +955,27 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
   }
 }
 
+// The score modifiers (softcap, ALiBi, sinks) are validated here; the kernels take them next.
+void check_modifiers_cpu(const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks, double softcap,
+                         const Geometry& g, at::ScalarType qt, const char* op) {
+  if (qt == at::kDouble) {
+    host::check_modifiers<double>(alibi_slopes, sinks, softcap, g.B, g.Hq, host::kCpu, op);
+  } else {
+    host::check_modifiers<float>(alibi_slopes, sinks, softcap, g.B, g.Hq, host::kCpu, op);
+  }
+  TORCH_CHECK(softcap == 0 && !alibi_slopes && !sinks, op,
+              ": softcap, alibi_slopes and sinks are not implemented by the C++ CPU kernels yet");
+}
+
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& attn_mask,
                                              const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left,
                                              int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
-                                             int64_t offset) {
+                                             int64_t offset, const std::optional<Tensor>& alibi_slopes,
+                                             const std::optional<Tensor>& sinks, double softcap) {
   constexpr const char* op = "seqkernels::attention_fwd (cpu)";
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
+  check_modifiers_cpu(alibi_slopes, sinks, softcap, g, q.scalar_type(), op);
   const MaskDesc mask = check_mask(attn_mask, g, q.scalar_type(), op);
   const int32_t* kv_len = check_lengths(kv_lengths, g, op);
   const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
@@ -1359,13 +1373,17 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
 // `deterministic` is accepted for the schema and ignored: this backward has no atomics and
 // sums every gradient in a fixed order (dQ partials per key-block split, reduced in split
 // order), so its result never depends on thread timing.
-std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
+    int64_t window_right, bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic,
+    const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks, double softcap) {
   (void)deterministic;
   constexpr const char* op = "seqkernels::attention_bwd (cpu)";
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
+  check_modifiers_cpu(alibi_slopes, sinks, softcap, g, q.scalar_type(), op);
+  const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor dsinks = at::zeros({sinks.has_value() ? g.Hq : 0}, q.options().dtype(acc_type));
   TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(), op,
               ": grad_out, out and lse must be CPU tensors");
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({g.B, g.Hq, g.Lq, g.Dv}), op,
@@ -1391,7 +1409,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    return {dq, dk, dv, dsinks};
   }
   const Tensor lse_c = lse.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
@@ -1399,7 +1417,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd_cpu(
     attention_bwd_run<scalar_t, T>(grad_out, q, k, v, out, lse_c, g, mask, kv_len, scale, window_left, window_right,
                                    bottom_right, drop, dq, dk, dv);
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dsinks};
 }
 
 }  // namespace

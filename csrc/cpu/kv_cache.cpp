@@ -672,8 +672,18 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
 std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                         const std::optional<at::Tensor>& block_table, double scale,
-                                                        int64_t window_left, int64_t window_right, int64_t num_splits) {
+                                                        int64_t window_left, int64_t window_right, int64_t num_splits,
+                                                        const std::optional<at::Tensor>& alibi_slopes,
+                                                        const std::optional<at::Tensor>& sinks, double softcap) {
   host::check_cache(k_cache, v_cache, host::kCpu);
+  constexpr const char* op = "seqkernels::decode_attention (cpu)";
+  if (q.scalar_type() == at::kDouble) {
+    host::check_modifiers<double>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), host::kCpu, op);
+  } else {
+    host::check_modifiers<float>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), host::kCpu, op);
+  }
+  TORCH_CHECK(softcap == 0 && !alibi_slopes && !sinks, op,
+              ": softcap, alibi_slopes and sinks are not implemented by the C++ CPU kernels yet");
   host::check_decode_args(q, k_cache, num_splits, window_left, window_right, std::numeric_limits<int64_t>::max(),
                           host::kCpu);
   DecodeShape s{};

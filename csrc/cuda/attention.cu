@@ -121,6 +121,16 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               ": sequence lengths must be below 2^30, got Lq=", q.size(2), ", Lk=", k.size(2));
 }
 
+// The score modifiers, checked as on the CPU (common/host_checks.h); the kernels take them next.
+host::ModifierArgs<float> check_modifiers(const std::optional<at::Tensor>& alibi_slopes,
+                                          const std::optional<at::Tensor>& sinks, double softcap, const at::Tensor& q,
+                                          const char* op) {
+  const auto mods = host::check_modifiers<float>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), kDevice, op);
+  TORCH_CHECK(softcap == 0 && !alibi_slopes && !sinks, op,
+              ": softcap, alibi_slopes and sinks are not implemented by the CUDA kernels yet");
+  return mods;
+}
+
 // The kernels' grids are 1-D: blocks * batch * heads must fit gridDim.x.
 unsigned grid_size(int64_t blocks, int64_t batch_heads) {
   const int64_t g = blocks * batch_heads;
@@ -259,8 +269,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
                                                       const std::optional<at::Tensor>& attn_mask,
                                                       const std::optional<at::Tensor>& kv_lengths, double scale,
                                                       int64_t window_left, int64_t window_right, bool bottom_right,
-                                                      double dropout_p, int64_t seed, int64_t offset) {
+                                                      double dropout_p, int64_t seed, int64_t offset,
+                                                      const std::optional<at::Tensor>& alibi_slopes,
+                                                      const std::optional<at::Tensor>& sinks, double softcap) {
   check_qkv(q_in, k_in, v_in, "seqkernels::attention_fwd (cuda)");
+  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, "seqkernels::attention_fwd (cuda)");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t D = q_in.size(3), Dv = v_in.size(3);
   const int64_t D8 = round_up8(D), Dv8 = round_up8(Dv);
@@ -327,12 +340,15 @@ void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t st
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right,
-    bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic) {
+    bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double softcap) {
   check_qkv(q_in, k_in, v_in, "seqkernels::attention_bwd (cuda)");
+  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, "seqkernels::attention_bwd (cuda)");
+  at::Tensor dsinks = at::zeros({sinks.has_value() ? q_in.size(1) : 0}, q_in.options().dtype(at::kFloat));
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t Hkv = k_in.size(1), Lk = k_in.size(2);
   const int64_t D = q_in.size(3), Dv = v_in.size(3);
@@ -356,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dk = at::empty({B, Hkv, Lk, D8}, q_in.options());
   at::Tensor dv = at::empty({B, Hkv, Lk, Dv8}, q_in.options());
   auto unpad = [](const at::Tensor& t, int64_t d) { return t.size(3) == d ? t : t.narrow(3, 0, d).contiguous(); };
-  if (B * Hq == 0 || (Lq == 0 && Lk == 0)) return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv)};
+  if (B * Hq == 0 || (Lq == 0 && Lk == 0)) return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv), dsinks};
 
   const cudart::DeviceGuard guard(q_in);
   const at::Tensor q = kernel_layout(q_in, D8), k = kernel_layout(k_in, D8), v = kernel_layout(v_in, Dv8),
@@ -387,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     dispatch_head_dim(
         tile, [&](auto tile_c) { launch_bwd<decltype(tag), decltype(tile_c)::value>(p, deterministic, stream); });
   });
-  return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv)};
+  return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv), dsinks};
 }
 
 }  // namespace

@@ -217,8 +217,14 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
                                                          const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                          const std::optional<at::Tensor>& block_table, double scale,
                                                          int64_t window_left, int64_t window_right,
-                                                         int64_t num_splits) {
+                                                         int64_t num_splits,
+                                                         const std::optional<at::Tensor>& alibi_slopes,
+                                                         const std::optional<at::Tensor>& sinks, double softcap) {
   check_cache(k_cache, v_cache);
+  constexpr const char* op = "seqkernels::decode_attention (cuda)";
+  host::check_modifiers<float>(alibi_slopes, sinks, softcap, q_in.size(0), q_in.size(1), kDevice, op);
+  TORCH_CHECK(softcap == 0 && !alibi_slopes && !sinks, op,
+              ": softcap, alibi_slopes and sinks are not implemented by the CUDA kernels yet");
   // 65535: the splits are the grid's z dimension.
   host::check_decode_args(q_in, k_cache, num_splits, window_left, window_right, 65535, kDevice);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);

@@ -19,6 +19,7 @@ import torch
 
 _F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 ALL_FLOATS = (_F16, _BF16, _F32, _F64)
+MODIFIERS = ("softcap", "alibi", "sinks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Capability:
     grad: whether autograd through the op is supported (False: forward-only kernels).
     min_sm: oldest CUDA compute capability (major) the kernels are built and checked for.
     max_grid: the largest batch or head count one launch grid dimension takes.
+    modifiers: the score modifiers (docs/DESIGN.md §2) the kernels apply: "softcap", "alibi",
+        "sinks" (forward, and backward where `grad`).
     """
 
     dtypes: Tuple[torch.dtype, ...] = ALL_FLOATS
@@ -41,6 +44,7 @@ class Capability:
     grad: bool = True
     min_sm: Optional[int] = None
     max_grid: Optional[int] = None
+    modifiers: Tuple[str, ...] = MODIFIERS
 
 
 class Features(NamedTuple):
@@ -54,6 +58,7 @@ class Features(NamedTuple):
     mask_grad: bool = False
     needs_grad: bool = False
     grid: Tuple[int, ...] = ()
+    modifiers: Tuple[str, ...] = ()
 
 
 _KERNEL_FLOATS = (_F16, _BF16, _F32)
@@ -75,11 +80,11 @@ _REFERENCE = Capability(mask_grad=True)
 
 TABLE: Dict[str, Dict[str, Capability]] = {
     "attention": {
-        "cpu": Capability(),
+        "cpu": Capability(modifiers=()),
         # mma.sync on float16/bfloat16 tiles of width 64/128/256 (the tail of the head dim masked).
-        "cuda": Capability(dtypes=(_F16, _BF16), max_head_dim=256, min_sm=8),
+        "cuda": Capability(dtypes=(_F16, _BF16), max_head_dim=256, min_sm=8, modifiers=()),
         # Grid axes carry the batch and the heads; CUDA caps the y/z grid dimensions at 65535.
-        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535, modifiers=()),
         "reference": _REFERENCE,
     },
     "kv_cache_append": {
@@ -89,9 +94,9 @@ TABLE: Dict[str, Dict[str, Capability]] = {
         "reference": _REFERENCE,
     },
     "decode_attention": {
-        "cpu": Capability(grad=False),
-        "cuda": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False),
-        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, min_sm=8),
+        "cpu": Capability(grad=False, modifiers=()),
+        "cuda": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, modifiers=()),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, min_sm=8, modifiers=()),
         "reference": _REFERENCE,
     },
     "lstm_cell": {
@@ -142,6 +147,9 @@ def why_not(op: str, backend: str, f: Features, *, interpreting=False) -> Option
     if f.mask_grad and not cap.mask_grad:
         return MASK_GRAD
     title = _BACKEND_TITLE[backend]
+    missing = [m for m in f.modifiers if m not in cap.modifiers]
+    if missing:
+        return f"{', '.join(missing)}: not supported by the {title} kernels"
     if f.dtype not in cap.dtypes:
         return f"the {title} kernels take {_names(cap.dtypes)}, not {_dtype_name(f.dtype)}"
     if cap.max_head_dim is not None and f.head_dims and max(f.head_dims) > cap.max_head_dim:

@@ -220,6 +220,17 @@ def _visibility(B, Lq, Lk, kv_lengths, window_left, window_right, bottom_right, 
     return vis
 
 
+def _key_distance(B, Lq, Lk, kv_lengths, bottom_right, device) -> Tensor:
+    """|i + off_b - j| as a (B, 1, Lq, Lk) tensor: the ALiBi distance of query i to key j."""
+    i = torch.arange(Lq, device=device).view(1, 1, Lq, 1)
+    j = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
+    off = torch.zeros(B, dtype=torch.int64, device=device)
+    if bottom_right:
+        lk = torch.full((B,), Lk, dtype=torch.int64, device=device) if kv_lengths is None else kv_lengths
+        off = lk.to(device=device, dtype=torch.int64) - Lq
+    return (i + off.view(B, 1, 1, 1) - j).abs()
+
+
 def attention_ref(
     q: Tensor,
     k: Tensor,
@@ -234,6 +245,9 @@ def attention_ref(
     dropout_p: float = 0.0,
     seed: int = 0,
     offset: int = 0,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Masked scaled-dot-product attention with the normalized arguments of docs/INTERNALS.md.
 
@@ -248,6 +262,12 @@ def attention_ref(
         bottom_right: diagonal offset ``Lk_b - Lq`` (True) or ``0`` (False, torch's is_causal).
         dropout_p, seed, offset: dropout of the normalized probabilities with the Philox keep
             mask, kept values scaled by ``1 / (1 - dropout_p)``.
+        softcap: ``> 0`` caps the scaled scores, ``s <- softcap * tanh(s / softcap)``; None or 0 = off.
+        alibi_slopes: ``(Hq,)`` or ``(B, Hq)``: ``s <- s - slope * |i + off_b - j|`` after the cap,
+            with the diagonal offset ``off_b`` of ``bottom_right``; no gradient to the slopes.
+        sinks: ``(Hq,)`` one logit per query head that joins the softmax denominator and carries
+            no value (differentiable); ``-inf`` is no sink. lse includes it; a row that sees no
+            key has output 0 and lse = its sink.
 
     Returns:
         ``(out, lse)``: ``out (B, Hq, Lq, Dv)`` in q's dtype; ``lse (B, Hq, Lq)`` the natural
@@ -274,6 +294,8 @@ def attention_ref(
         s = _grouped_matmul(q, k.transpose(-1, -2), groups)
         out = _grouped_matmul(s.to(v.dtype), v, groups)
         lse = torch.full((B, Hq, Lq), -math.inf, dtype=lse_dtype, device=device)
+        if sinks is not None:  # a softmax over the sink alone: lse = sink
+            lse = sinks.to(device=device, dtype=lse_dtype).view(1, Hq, 1).expand(B, Hq, Lq)
         return out.to(out_dtype), lse
 
     if kv_lengths is not None:
@@ -291,19 +313,31 @@ def attention_ref(
         vis = m if vis is None else vis & m
 
     s = _grouped_matmul(q, k.transpose(-1, -2), groups) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.detach().to(device=device, dtype=s.dtype).expand(B, Hq).reshape(B, Hq, 1, 1)
+        s = s - slopes * _key_distance(B, Lq, Lk, kv_lengths, bool(bottom_right), device).to(s.dtype)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         s = s + attn_mask.to(device)
     if vis is not None:
         s = torch.where(vis, s, torch.full((), -math.inf, dtype=s.dtype, device=device))
 
     # Softmax is shift invariant, so the row max is a constant for autograd; detaching it keeps
-    # amax's tie-breaking gradient out of the graph. Rows whose max is -inf see no key: shift by
-    # 0 and divide by 1 so exp gives exact zeros and no 0/0 or inf-inf reaches forward or backward.
+    # amax's tie-breaking gradient out of the graph. Rows whose max is -inf see no key (and no
+    # finite sink): shift by 0 and divide by 1 so exp gives exact zeros and no 0/0 or inf-inf
+    # reaches forward or backward.
     row_max = s.amax(dim=-1, keepdim=True).detach()
+    sink = None
+    if sinks is not None:
+        sink = sinks.to(device=device, dtype=s.dtype).view(1, Hq, 1, 1)
+        row_max = torch.maximum(row_max, sink.detach())
     dead = row_max == -math.inf
     row_max = torch.where(dead, torch.zeros_like(row_max), row_max)
     p_un = torch.exp(s - row_max)
     denom = p_un.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - row_max)
     denom = torch.where(dead, torch.ones_like(denom), denom)
     probs = p_un / denom
     lse = torch.where(
@@ -523,6 +557,9 @@ def decode_attention_ref(
     scale: float | None = None,
     window_left: int = -1,
     window_right: int = -1,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``q (B, Hq, Tq, D)`` against the first ``cache_seqlens[b]`` positions of the
     (contiguous or paged) cache. Query ``t`` sits at position ``cache_seqlens[b] - Tq + t`` and
@@ -567,6 +604,9 @@ def decode_attention_ref(
         window_left=window_left,
         window_right=0 if window_right < 0 else min(window_right, 0),
         bottom_right=True,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
     )
 
 

@@ -101,6 +101,54 @@ def check_scale(scale, head_dim: int) -> float:
     return scale
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type the kernels accumulate in (and keep lse, sinks and ALiBi slopes in)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_modifiers(q: torch.Tensor, softcap, alibi_slopes, sinks):
+    """The score modifiers of attention and decode (docs/DESIGN.md §2), normalized for the
+    kernels: softcap a float (0.0 = off), alibi_slopes (B, Hq) and sinks (Hq,) contiguous in the
+    accumulation type (or None). The sinks conversion is differentiable, so a bfloat16 parameter
+    (as gpt-oss keeps them) gets its gradient back in its own dtype. Values are checked (NaN
+    slopes, NaN or +inf sinks) on CPU tensors only: on a GPU that would cost a host sync per call."""
+    B, Hq = q.shape[0], q.shape[1]
+    acc = acc_dtype(q.dtype)
+    cap = 0.0
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap: expected a positive float or None, got {type(softcap).__name__} {softcap!r}")
+        cap = float(softcap)
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError(f"softcap: expected a finite float > 0 (None = off), got {softcap!r}")
+    slopes = None
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32, torch.float64))
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes: on device {alibi_slopes.device}, expected {q.device}")
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            raise ValueError(
+                f"alibi_slopes: expected shape (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}) (one slope per query "
+                f"head), got {tuple(alibi_slopes.shape)}"
+            )
+        if alibi_slopes.device.type == "cpu" and bool(torch.isnan(alibi_slopes).any()):
+            raise ValueError("alibi_slopes: contains NaN")
+        slopes = alibi_slopes.detach().to(acc).expand(B, Hq).contiguous()
+    sk = None
+    if sinks is not None:
+        check_tensor("sinks", sinks, dtypes=FLOAT_DTYPES)
+        if sinks.device != q.device:
+            raise ValueError(f"sinks: on device {sinks.device}, expected {q.device}")
+        if tuple(sinks.shape) != (Hq,):
+            raise ValueError(
+                f"sinks: expected shape (Hq,) = ({Hq},) (one sink logit per query head), got {tuple(sinks.shape)}"
+            )
+        if sinks.device.type == "cpu" and bool((torch.isnan(sinks) | (sinks == math.inf)).any()):
+            raise ValueError("sinks: expected finite values or -inf (no sink), got NaN or +inf")
+        sk = sinks.to(acc).contiguous()
+    return cap, slopes, sk
+
+
 def draw_seed() -> int:
     """A dropout seed from torch's default CPU generator: repeatable under torch.manual_seed and no
     GPU sync (the keep mask itself is computed on the device from (seed, offset, b, h, i, j))."""

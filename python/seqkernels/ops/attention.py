@@ -29,6 +29,8 @@ from ._common import (
     check_lengths,
     check_same,
     check_scale,
+    acc_dtype,
+    check_modifiers,
     check_tensor,
     draw_seed,
     expand_mask,
@@ -52,6 +54,10 @@ class AttentionCall:
     dropout_p: float
     seed: int
     offset: int
+    # Score modifiers (docs/DESIGN.md §2), in the accumulation type; None / 0.0 = off.
+    alibi_slopes: Optional[Tensor] = None  # (B, Hq)
+    sinks: Optional[Tensor] = None  # (Hq,), may require grad
+    softcap: float = 0.0
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +77,35 @@ class AttentionCall:
             self.dropout_p,
             self.seed,
             self.offset,
+            self.alibi_slopes,
+            self.sinks,
+            self.softcap,
+        )
+
+    def modifiers(self) -> tuple:
+        return tuple(
+            name
+            for name, on in zip(
+                capabilities.MODIFIERS, (self.softcap > 0, self.alibi_slopes is not None, self.sinks is not None)
+            )
+            if on
+        )
+
+    def reference_kwargs(self) -> dict:
+        """The keyword arguments of reference.attention_ref for this call."""
+        return dict(
+            attn_mask=self.attn_mask,
+            kv_lengths=self.kv_lengths,
+            scale=self.scale,
+            window_left=self.window_left,
+            window_right=self.window_right,
+            bottom_right=self.bottom_right,
+            dropout_p=self.dropout_p,
+            seed=self.seed,
+            offset=self.offset,
+            softcap=self.softcap or None,
+            alibi_slopes=self.alibi_slopes,
+            sinks=self.sinks,
         )
 
 
@@ -101,6 +136,9 @@ def prepare_attention(
     bottom_right=True,
     seed=None,
     offset=0,
+    softcap=None,
+    alibi_slopes=None,
+    sinks=None,
 ) -> AttentionCall:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4)
@@ -138,6 +176,7 @@ def prepare_attention(
         raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
+    cap, slopes, sink_logits = check_modifiers(q, softcap, alibi_slopes, sinks)
     return AttentionCall(
         q,
         k,
@@ -151,6 +190,9 @@ def prepare_attention(
         float(dropout_p),
         int(seed or 0),
         int(offset),
+        slopes,
+        sink_logits,
+        cap,
     )
 
 
@@ -170,6 +212,7 @@ def features(c: AttentionCall) -> capabilities.Features:
         has_mask and m.requires_grad,
         False,
         (B, Hq),
+        c.modifiers(),
     )
 
 
@@ -194,11 +237,28 @@ def triton_attention_fwd(
     dropout_p: float,
     seed: int,
     offset: int,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
     return tk.attention_fwd(
-        q, k, v, attn_mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset
+        q,
+        k,
+        v,
+        attn_mask,
+        kv_lengths,
+        scale,
+        window_left,
+        window_right,
+        bottom_right,
+        dropout_p,
+        seed,
+        offset,
+        alibi_slopes,
+        sinks,
+        softcap,
     )
 
 
@@ -220,7 +280,10 @@ def triton_attention_bwd(
     seed: int,
     offset: int,
     deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
     return tk.attention_bwd(
@@ -240,33 +303,45 @@ def triton_attention_bwd(
         seed,
         offset,
         deterministic,
+        alibi_slopes,
+        sinks,
+        softcap,
     )
 
 
-def _fwd_fake(q, k, v, attn_mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset):
+def _fwd_fake(q, k, v, *rest):
     B, Hq, Lq, _ = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=lse_dtype)
+    return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=acc_dtype(q.dtype))
 
 
 def _bwd_fake(grad_out, q, k, v, out, lse, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    sinks = rest[11] if len(rest) > 11 else None
+    dsinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=acc_dtype(q.dtype))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
+
+
+# The op's inputs: q, k, v, attn_mask, kv_lengths, then these scalars, then the modifiers.
+_N_PARAMS = 7  # scale, window_left, window_right, bottom_right, dropout_p, seed, offset
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, kv_lengths = inputs[:5]
-    ctx.params = inputs[5:]
-    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, kv_lengths)
+    ctx.params = inputs[5 : 5 + _N_PARAMS]
+    alibi, sinks = (list(inputs[5 + _N_PARAMS :]) + [None, None])[:2]
+    ctx.softcap = inputs[7 + _N_PARAMS] if len(inputs) > 7 + _N_PARAMS else 0.0
+    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, kv_lengths, alibi, sinks)
 
 
-def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, grad_out=None, grad_lse=None):
-    """(dq, dk, dv) of the attention (and/or its lse) by autograd through the reference math, kept in
-    the graph. This is the backward used when the caller builds a graph of the backward itself
-    (`create_graph=True`: double backward, gradient penalties, gradgradcheck): the kernels compute
-    first-order gradients only, so their backward would be a constant to autograd and the second
-    derivative silently zero. The reference computes the same function (the same Philox keep mask
-    for the same seed and offset), so first-order values agree with the kernels' by the parity rule."""
+def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, mods, grad_out=None, grad_lse=None):
+    """(dq, dk, dv, dsinks) of the attention (and/or its lse) by autograd through the reference math,
+    kept in the graph. This is the backward used when the caller builds a graph of the backward
+    itself (`create_graph=True`: double backward, gradient penalties, gradgradcheck): the kernels
+    compute first-order gradients only, so their backward would be a constant to autograd and the
+    second derivative silently zero. The reference computes the same function (the same Philox keep
+    mask for the same seed and offset), so first-order values agree with the kernels' by the parity
+    rule. `mods` = (alibi_slopes, sinks, softcap); dsinks is None without sinks."""
     scale, window_left, window_right, bottom_right, dropout_p, seed, offset = params
+    alibi, sinks, softcap = mods
     with torch.enable_grad():
         out, lse = ref.attention_ref(
             q,
@@ -281,6 +356,9 @@ def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, grad_out=None, grad_l
             dropout_p=dropout_p,
             seed=seed,
             offset=offset,
+            softcap=softcap or None,
+            alibi_slopes=alibi,
+            sinks=sinks,
         )
         outs, grads = [], []
         if grad_out is not None:
@@ -290,26 +368,34 @@ def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, grad_out=None, grad_l
             # d lse / d s is the undropped softmax, whatever dropout_p is (as _LseGrad).
             outs.append(lse)
             grads.append(torch.where(torch.isfinite(grad_lse), grad_lse, torch.zeros_like(grad_lse)).to(lse.dtype))
-        inputs = [t for t in (q, k, v) if t.requires_grad]
+        wrt = (q, k, v, sinks)
+        inputs = [t for t in wrt if t is not None and t.requires_grad]
         got = (
             iter(torch.autograd.grad(outs, inputs, grads, create_graph=True, allow_unused=True)) if inputs else iter(())
         )
-        res = [next(got) if t.requires_grad else None for t in (q, k, v)]
-    return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(res, (q, k, v)))
+        res = [next(got) if t is not None and t.requires_grad else None for t in wrt]
+    dq, dk, dv = (torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in zip(res[:3], (q, k, v)))
+    dsinks = None
+    if sinks is not None:
+        dsinks = torch.zeros_like(sinks) if res[3] is None else res[3].to(sinks.dtype)
+    return dq, dk, dv, dsinks
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         # The lse output is differentiated by _LseGrad in the public layer, so grad_lse is ignored here.
-        q, k, v, out, lse, attn_mask, kv_lengths = ctx.saved_tensors
+        q, k, v, out, lse, attn_mask, kv_lengths, alibi, sinks = ctx.saved_tensors
+        mods = (alibi, sinks, ctx.softcap)
         if torch.is_grad_enabled():
-            dq, dk, dv = _reference_vjp(q, k, v, attn_mask, kv_lengths, ctx.params, grad_out=grad_out)
+            dq, dk, dv, dsinks = _reference_vjp(q, k, v, attn_mask, kv_lengths, ctx.params, mods, grad_out=grad_out)
         else:
             deterministic = torch.are_deterministic_algorithms_enabled()
-            dq, dk, dv = bwd_op(
-                grad_out.contiguous(), q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params, deterministic
+            dq, dk, dv, dsinks = bwd_op(
+                grad_out.contiguous(), q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params, deterministic, *mods
             )
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+            if sinks is None:
+                dsinks = None
+        return (dq, dk, dv, None, None) + (None,) * _N_PARAMS + (None, dsinks, None)
 
     return backward
 
@@ -323,62 +409,66 @@ FAMILIES = kernel_families(
 )
 
 
+def _sink_probability(sinks: Tensor, lse: Tensor) -> Tensor:
+    """exp(sink_h - lse) per (b, h, i): the softmax weight of the sink (0 where either is -inf)."""
+    sk = sinks.view(1, -1, 1).to(lse.dtype)
+    ok = torch.isfinite(sk) & torch.isfinite(lse)
+    return torch.where(ok, torch.exp(torch.where(ok, sk - lse, torch.zeros_like(lse))), torch.zeros_like(lse))
+
+
 class _LseGrad(torch.autograd.Function):
     """Gradient of the returned lse for the kernel backends.
 
-    d lse_i / d s_ij = p_ij (undropped), so dq_i += scale * g_i * (P K)_i, which is attention with
-    V := K, and dk_j += scale * (P^T (g * q))_j, which is the dV of a backward pass run with
-    grad_out := g * q and V := K. Both reuse the backend's own kernels (dropout off: lse is defined on
-    the undropped scores)."""
+    d lse_i / d s_ij = p_ij (undropped) and d lse_i / d sink_h = p_sink. The backend's own backward
+    kernel computes dS_ij = P_ij (dO_i . v_j - D_i) and from it dq and dk, with the softcap factor
+    where there is one; run with V := ones (Dv = 1), dO_i := g_i and out := 0 (so D_i = 0) it gives
+    dS_ij = g_i P_ij, exactly the lse's gradient on the scores. The sinks' share is
+    sum over (b, i) of g * p_sink, from the lse itself. Dropout off: lse is defined on the undropped
+    scores."""
 
     @staticmethod
-    def forward(ctx, lse, q, k, call, family):
-        ctx.call, ctx.family = call, family
-        ctx.save_for_backward(q, k)
+    def forward(ctx, lse, q, k, sinks, call, bwd):
+        ctx.call, ctx.bwd = call, bwd
+        ctx.save_for_backward(lse, q, k, sinks)
         return lse.view_as(lse)
 
     @staticmethod
     def backward(ctx, g):
-        q, k = ctx.saved_tensors
-        c, (fwd, bwd) = ctx.call, ctx.family
+        lse, q, k, sinks = ctx.saved_tensors
+        c = ctx.call
+        mods = (c.alibi_slopes, sinks, c.softcap)
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
             params = (c.scale, c.window_left, c.window_right, c.bottom_right, 0.0, 0, 0)
-            dq, dk, _ = _reference_vjp(q, k, c.v, c.attn_mask, c.kv_lengths, params, grad_lse=g)
-            return None, dq, dk, None, None
-        params = (c.attn_mask, c.kv_lengths, c.scale, c.window_left, c.window_right, c.bottom_right, 0.0, 0, 0)
+            dq, dk, _, dsinks = _reference_vjp(q, k, c.v, c.attn_mask, c.kv_lengths, params, mods, grad_lse=g)
+            return None, dq, dk, dsinks, None, None
         g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
+        B, Hkv, Lk = k.shape[:3]
+        params = (c.attn_mask, c.kv_lengths, c.scale, c.window_left, c.window_right, c.bottom_right, 0.0, 0, 0)
         with torch.no_grad():
-            pk, lse_k = fwd(q, k, k, *params)
-            dq = (c.scale * g.unsqueeze(-1) * pk.to(g.dtype)).to(q.dtype)
-            gq = (g.unsqueeze(-1) * q.to(g.dtype)).to(q.dtype).contiguous()
-            _, _, pt = bwd(gq, q, k, k, pk, lse_k, *params, torch.are_deterministic_algorithms_enabled())
-            dk = (c.scale * pt.to(torch.float32 if q.dtype != torch.float64 else q.dtype)).to(k.dtype)
-        return None, dq, dk, None, None
+            ones = q.new_ones((B, Hkv, Lk, 1))
+            g_rows = g.unsqueeze(-1).to(q.dtype).contiguous()
+            dq, dk, _, _ = ctx.bwd(
+                g_rows, q, k, ones, torch.zeros_like(g_rows), lse, *params,
+                torch.are_deterministic_algorithms_enabled(), *mods,
+            )  # fmt: skip
+            dsinks = None
+            if sinks is not None:
+                dsinks = (g.to(lse.dtype) * _sink_probability(sinks, lse)).sum(dim=(0, 2)).to(sinks.dtype)
+        return None, dq, dk, dsinks, None, None
 
 
 def run(call: AttentionCall, backend: str, return_lse: bool):
     if backend == "reference":
-        return ref.attention_ref(
-            call.q,
-            call.k,
-            call.v,
-            attn_mask=call.attn_mask,
-            kv_lengths=call.kv_lengths,
-            scale=call.scale,
-            window_left=call.window_left,
-            window_right=call.window_right,
-            bottom_right=call.bottom_right,
-            dropout_p=call.dropout_p,
-            seed=call.seed,
-            offset=call.offset,
-        )
+        return ref.attention_ref(call.q, call.k, call.v, **call.reference_kwargs())
     family = FAMILIES[backend]
     out, lse = family[0](*call.args())
-    if return_lse and torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad):
+    sinks = call.sinks
+    wants = call.q.requires_grad or call.k.requires_grad or (sinks is not None and sinks.requires_grad)
+    if return_lse and torch.is_grad_enabled() and wants:
         if call.dropout_p > 0:
             lse = lse.detach()  # documented: with dropout only `out` is differentiable on kernel backends
         else:
-            lse = _LseGrad.apply(lse.detach(), call.q, call.k, call, family)
+            lse = _LseGrad.apply(lse.detach(), call.q, call.k, sinks, call, family[1])
     return out, lse
 
 
@@ -395,6 +485,9 @@ def attention(
     dropout_p: float = 0.0,
     return_lse: bool = False,
     backend: Optional[str] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ):
     """Fused scaled-dot-product attention.
 
@@ -404,6 +497,11 @@ def attention(
     float: added to the scaled scores) broadcasts to (B, Hq, Lq, Lk), `kv_lengths` (B,) drops keys
     j >= kv_lengths[b]. A query row that sees no key returns 0 (lse -inf, zero gradients).
     With `return_lse` also returns the float32 (B, Hq, Lq) log-sum-exp of the scaled scores.
+    Score modifiers, applied in this order before the mask: `softcap=c` (s <- c * tanh(s / c), as
+    Gemma 2), `alibi_slopes` (float32 (Hq,) or (B, Hq): s <- s - slope * |i + off_b - j|, no
+    gradient to the slopes); `sinks` ((Hq,), differentiable) adds one logit per query head to the
+    softmax denominator that contributes no value (gpt-oss); lse includes it, and a row that sees
+    no key still returns 0 (lse = the sink).
     `backend`: "cuda", "cpu", "triton", "reference" or None (automatic; see seqkernels.explain).
     Gradients run on the backend's kernels; a backward that is itself differentiated
     (`create_graph=True`, e.g. a gradient penalty) is recomputed through the reference math.
@@ -418,6 +516,9 @@ def attention(
         kv_lengths=kv_lengths,
         scale=scale,
         dropout_p=dropout_p,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
     )
     b = backends.resolve(OP, q.device, call, backend)
     out, lse = run(call, b, return_lse)
@@ -483,26 +584,49 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     backend: Optional[str] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention: same arguments, broadcasting and
     mask polarity (bool True takes part; float is added), `is_causal` aligned top-left as torch does,
     GQA through `enable_gqa`. Leading (batch) dims of query, key and value broadcast against each
     other (key/value of batch 1 serve every query batch) as stride-0 views, without copies. Dropout draws its keep mask from seqkernels' own Philox stream, so it
-    matches torch's in distribution, not bit for bit."""
-    call, out_lead = _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    matches torch's in distribution, not bit for bit. Keyword-only extras torch has no equivalent
+    for: `softcap`, `alibi_slopes` and `sinks`, as in `seqkernels.attention` (4-D inputs; ALiBi
+    distances top-left aligned like `is_causal`)."""
+    call, out_lead = _prepare_sdpa(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap, alibi_slopes, sinks
+    )
     b = backends.resolve(SDPA_OP, call.device, call, backend)
     out, _ = run(call, b, False)
     return out.reshape(*out_lead, value.shape[-1])
 
 
-def _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _prepare_sdpa(
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap=None, alibi_slopes=None, sinks=None
+):
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask: must be None when is_causal=True (as in torch's scaled_dot_product_attention)")
     q, k, v, mask, out_lead = _sdpa_to_4d(query, key, value, attn_mask, enable_gqa)
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError(f"key: {k.shape[1]} heads differ from query's {q.shape[1]}; pass enable_gqa=True for GQA/MQA")
+    if (alibi_slopes is not None or sinks is not None) and query.dim() != 4:
+        raise ValueError(
+            f"alibi_slopes, sinks: supported with 4-D (B, H, L, E) inputs, got query of shape {tuple(query.shape)}"
+        )
     call = prepare_attention(
-        q, k, v, causal=is_causal, attn_mask=mask, scale=scale, dropout_p=dropout_p, bottom_right=False
+        q,
+        k,
+        v,
+        causal=is_causal,
+        attn_mask=mask,
+        scale=scale,
+        dropout_p=dropout_p,
+        bottom_right=False,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
     )
     return call, out_lead
 

@@ -35,6 +35,7 @@ from ._common import (
     FLOAT_DTYPES,
     MAX_HEAD_DIM,
     check_index_tensor,
+    check_modifiers,
     check_same,
     check_scale,
     check_tensor,
@@ -289,6 +290,10 @@ class DecodeCall:
     window_left: int
     window_right: int
     num_splits: int
+    # Score modifiers as in AttentionCall (accumulation type; None / 0.0 = off).
+    alibi_slopes: Optional[Tensor] = None
+    sinks: Optional[Tensor] = None
+    softcap: float = 0.0
 
     @property
     def device(self) -> torch.device:
@@ -305,7 +310,14 @@ class DecodeCall:
             self.window_left,
             self.window_right,
             self.num_splits,
+            self.alibi_slopes,
+            self.sinks,
+            self.softcap,
         )
+
+    def modifiers(self) -> tuple:
+        on = (self.softcap > 0, self.alibi_slopes is not None, self.sinks is not None)
+        return tuple(name for name, flag in zip(capabilities.MODIFIERS, on) if flag)
 
 
 def _decode_window(window) -> tuple[int, int]:
@@ -370,7 +382,18 @@ def choose_num_splits(units: int, length: int, parallelism: int, min_keys: int) 
 
 
 def prepare_decode(
-    q, k_cache, v_cache, cache_seqlens, *, block_table=None, scale=None, window=None, num_splits=None
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    *,
+    block_table=None,
+    scale=None,
+    window=None,
+    num_splits=None,
+    softcap=None,
+    alibi_slopes=None,
+    sinks=None,
 ) -> DecodeCall:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     _check_cache_pair(k_cache, v_cache)
@@ -425,14 +448,21 @@ def prepare_decode(
         num_splits = choose_num_splits(units, length, _parallelism(q.device), _MIN_KEYS_PER_SPLIT[kind])
     elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= 1024:
         raise ValueError(f"num_splits: expected None (heuristic) or an int in [1, 1024], got {num_splits!r}")
-    return DecodeCall(q, k_cache, v_cache, lens, table, scale, left, right, int(num_splits))
+    cap, slopes, sink_logits = check_modifiers(q, softcap, alibi_slopes, sinks)
+    return DecodeCall(q, k_cache, v_cache, lens, table, scale, left, right, int(num_splits), slopes, sink_logits, cap)
 
 
 # What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
 def _decode_features(c: DecodeCall) -> capabilities.Features:
-    needs_grad = torch.is_grad_enabled() and (c.q.requires_grad or c.k_cache.requires_grad or c.v_cache.requires_grad)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (c.q, c.k_cache, c.v_cache, c.sinks)
+    )
     return capabilities.Features(
-        dtype=c.q.dtype, device=c.q.device, head_dims=(c.q.shape[-1], c.v_cache.shape[-1]), needs_grad=needs_grad
+        dtype=c.q.dtype,
+        device=c.q.device,
+        head_dims=(c.q.shape[-1], c.v_cache.shape[-1]),
+        needs_grad=needs_grad,
+        modifiers=c.modifiers(),
     )
 
 
@@ -450,15 +480,29 @@ def triton_decode_attention(
     window_left: int,
     window_right: int,
     num_splits: int,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import kv_cache as tk
 
     return tk.decode_attention(
-        q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right, num_splits
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        block_table,
+        scale,
+        window_left,
+        window_right,
+        num_splits,
+        alibi_slopes,
+        sinks,
+        softcap,
     )
 
 
-def _decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, window_left, window_right, num_splits):
+def _decode_fake(q, k_cache, v_cache, *rest):
     B, Hq, Tq, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty((B, Hq, Tq, v_cache.shape[-1])), q.new_empty((B, Hq, Tq), dtype=lse_dtype)
@@ -482,6 +526,9 @@ def _run_decode(call: DecodeCall, backend: str):
             scale=call.scale,
             window_left=call.window_left,
             window_right=call.window_right,
+            softcap=call.softcap or None,
+            alibi_slopes=call.alibi_slopes,
+            sinks=call.sinks,
         )
     return DECODE_FAMILIES[backend][0](*call.args())
 
@@ -498,6 +545,9 @@ def decode_attention(
     num_splits: Optional[int] = None,
     return_lse: bool = False,
     backend: Optional[str] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ):
     """Attention of the `Tq` newest tokens against the cache.
 
@@ -510,10 +560,21 @@ def decode_attention(
     `num_splits` (split-K over the cache length) defaults to a heuristic on batch x heads x length vs the
     machine's parallelism. Returns `out` (B, Hq, Tq, Dv) in q's dtype, and with `return_lse` also the
     float32 (float64 for float64 inputs) log-sum-exp (B, Hq, Tq) of the scaled scores (-inf, with a
-    zero output row, for a query that sees no key).
+    zero output row, for a query that sees no key). `softcap`, `alibi_slopes` and `sinks` as in
+    `seqkernels.attention` (ALiBi distances from each query's own position).
     """
     call = prepare_decode(
-        q, k_cache, v_cache, cache_seqlens, block_table=block_table, scale=scale, window=window, num_splits=num_splits
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        block_table=block_table,
+        scale=scale,
+        window=window,
+        num_splits=num_splits,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
     )
     b = backends.resolve(DECODE_OP, call.device, call, backend)
     out, lse = _run_decode(call, b)
