@@ -26,11 +26,11 @@ from .. import reference as ref
 from ._common import (
     FLOAT_DTYPES,
     MAX_HEAD_DIM,
+    acc_dtype,
     check_lengths,
+    check_modifiers,
     check_same,
     check_scale,
-    acc_dtype,
-    check_modifiers,
     check_tensor,
     draw_seed,
     expand_mask,
