@@ -632,9 +632,22 @@ def _prepare_sdpa(
 
 
 def prepare_sdpa(
-    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    softcap=None,
+    alibi_slopes=None,
+    sinks=None,
 ) -> AttentionCall:
-    return _prepare_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
+    return _prepare_sdpa(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap, alibi_slopes, sinks
+    )[0]
 
 
 SDPA_OP = dataclasses.replace(OP, name="scaled_dot_product_attention", kernels="attention")
