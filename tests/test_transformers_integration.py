@@ -382,14 +382,25 @@ def test_mask_descriptions_are_exact():
     assert skt._describe(rnd, None) is None
 
 
+def test_modifiers_are_forwarded():
+    """Gemma 2's softcap and gpt-oss's s_aux reach seqkernels.attention (tests/test_transformers_modifiers.py
+    runs the models)."""
+    import seqkernels
+
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    module = torch.nn.Module()
+    sinks = torch.randn(4)
+    out, _ = skt.seqkernels_attention_forward(module, q, k, k, None, softcap=3.0, s_aux=sinks)
+    want = seqkernels.attention(q, k, k, causal=True, softcap=3.0, sinks=sinks, backend="reference")
+    torch.testing.assert_close(out, want.transpose(1, 2))
+
+
 def test_unsupported_arguments_raise():
     q = torch.randn(1, 4, 3, 8)
     k = torch.randn(1, 2, 3, 8)
     module = torch.nn.Module()
-    with pytest.raises(ValueError, match="softcap"):
-        skt.seqkernels_attention_forward(module, q, k, k, None, softcap=30.0)
-    with pytest.raises(ValueError, match="sinks"):
-        skt.seqkernels_attention_forward(module, q, k, k, None, s_aux=torch.zeros(4))
+    with pytest.raises(ValueError, match="cache"):
+        skt.seqkernels_attention_forward(module, q, k, k, None, cache=object())
     out, w = skt.seqkernels_attention_forward(module, q, k, k, None)
     assert out.shape == (1, 3, 4, 8) and w is None
     with pytest.raises(ValueError, match="backend"):

@@ -21,8 +21,10 @@ for a custom backend, so padding would be ignored). Every model whose attention 
   causal/window or `kv_lengths` path instead of reading a mask. The proof costs one small reduction
   and one device-to-host sync per mask built (once per forward, not per layer), the same order as
   transformers' own SDPA mask skipping; it is skipped while compiling.
-- Not supported (a clear error): `softcap` (Gemma 2 logit soft-capping), attention sinks (`s_aux`,
-  `sinks`), paged continuous-batching caches. `output_attentions` returns no weights, as with "sdpa".
+- Gemma 2's logit soft-capping (`softcap`) and gpt-oss's learned attention sinks (`s_aux`), forward
+  and backward (the sinks get their gradient), in prefill and in cached decoding.
+- Not supported (a clear error): paged continuous-batching caches. `output_attentions` returns no
+  weights, as with "sdpa".
 
 `SeqkernelsCache` stores keys and values in preallocated per-layer buffers with
 `seqkernels.kv_cache_append` and, while decoding, attends with `seqkernels.decode_attention` directly
@@ -162,18 +164,21 @@ def seqkernels_mask(*args, **kwargs):
 # Attention function.
 
 
-def _reject_unsupported(kwargs, softcap):
-    if softcap is not None:
-        raise ValueError(
-            "softcap: seqkernels attention has no logit soft-capping (Gemma 2); use "
-            "attn_implementation='eager' for this model"
-        )
-    for name in ("s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise ValueError(
-                f"{name}: seqkernels attention does not implement attention sinks; use "
-                "attn_implementation='eager' for this model"
-            )
+def _modifiers(kwargs, softcap) -> dict:
+    """The score modifiers a layer asks for: Gemma 2's `softcap` (attn_logit_softcapping) and
+    gpt-oss's learned attention sinks (`s_aux`, one logit per query head; `sinks` in some ports)."""
+    mods = {}
+    if softcap:
+        mods["softcap"] = float(softcap)
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
+    if sinks is not None:
+        mods["sinks"] = sinks
+    return mods
+
+
+def _reject_unsupported(kwargs):
     if kwargs.get("cache") is not None:
         raise ValueError(
             "cache: paged continuous-batching caches are not supported by the seqkernels backend; use "
@@ -218,8 +223,10 @@ def _attend(
     dropout: float,
     position_bias: Optional[Tensor],
     backend: Optional[str],
+    mods: dict,
 ) -> Tensor:
-    """transformers' SDPA semantics on seqkernels.attention; q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D)."""
+    """transformers' SDPA semantics on seqkernels.attention; q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D);
+    `mods` the score modifiers (softcap, sinks)."""
     from ..ops.attention import attention
 
     Lq, Lk = query.shape[2], key.shape[2]
@@ -230,7 +237,7 @@ def _attend(
         mask, spec = mask[..., :Lk], None
     if position_bias is not None and position_bias.shape[-1] > Lk:
         position_bias = position_bias[..., :Lk]
-    kw = dict(scale=scale, dropout_p=dropout, backend=backend)
+    kw = dict(scale=scale, dropout_p=dropout, backend=backend, **mods)
     if mask is None:
         # transformers dropped the mask because SDPA's is_causal (top-left) covers it: single-token decode
         # sees every key; a longer query with more keys than queries only happens for the prefill of an
@@ -269,7 +276,8 @@ def seqkernels_attention_forward(
     """The "seqkernels" entry of AttentionInterface. query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
     (Hkv may divide Hq), attention_mask from `seqkernels_mask` (or a user's 4-D bool/float mask).
     Returns (B, Lq, Hq, Dv) and None (no weights)."""
-    _reject_unsupported(kwargs, softcap)
+    _reject_unsupported(kwargs)
+    mods = _modifiers(kwargs, softcap)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     left = sliding_window - 1 if sliding_window else -1
     backend = _DEFAULT_BACKEND[0]
@@ -285,6 +293,7 @@ def seqkernels_attention_forward(
             dropout=dropout,
             position_bias=position_bias,
             backend=backend,
+            mods=mods,
         )
     else:
         out = _attend(
@@ -298,6 +307,7 @@ def seqkernels_attention_forward(
             dropout=dropout,
             position_bias=position_bias,
             backend=backend,
+            mods=mods,
         )
     return out.transpose(1, 2).contiguous(), None
 
@@ -415,6 +425,7 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         dropout: float,
         position_bias: Optional[Tensor],
         backend: Optional[str],
+        mods: dict,
     ) -> Tensor:
         from ..ops.attention import attention  # noqa: F401  (imported for its op registrations)
         from ..ops.kv_cache import decode_attention, kv_cache_append
@@ -430,7 +441,13 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         if self.compact is None:
             self.compact = causal and position_bias is None and (mask is None or isinstance(spec, _CausalSpec))
         common = dict(
-            causal=causal, left=left, scale=scale, dropout=dropout, position_bias=position_bias, backend=backend
+            causal=causal,
+            left=left,
+            scale=scale,
+            dropout=dropout,
+            position_bias=position_bias,
+            backend=backend,
+            mods=mods,
         )
         if not self.compact:
             kv_cache_append(self.keys, self.values, k_new, v_new, self.cache_seqlens, check=False, backend=backend)
@@ -479,7 +496,14 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         if spec is not None:
             left = spec.left
         return decode_attention(
-            query, self.keys, self.values, self.cache_seqlens, scale=scale, window=_window(left), backend=backend
+            query,
+            self.keys,
+            self.values,
+            self.cache_seqlens,
+            scale=scale,
+            window=_window(left),
+            backend=backend,
+            **mods,
         )
 
     # -- transformers' cache protocol ------------------------------------------------------------
