@@ -204,3 +204,13 @@ def test_training_step_matches_eager(family):
         assert any("sinks" in n for n in ours)
     for name in ref:
         assert_parity(ours[name], base[name], ref[name], name)
+
+
+def test_finetune_example_runs_next_to_eager(capsys):
+    from seqkernels.examples import finetune_sinks
+
+    hist = finetune_sinks.main(["--steps", "2", "--batch", "2", "--length", "16"])["history"]
+    assert len(hist) == 2
+    for ours, eager, drift in hist:
+        assert abs(ours - eager) <= 1e-4 * abs(eager) and drift <= 1e-4
+    assert "seqkernels" in capsys.readouterr().out
