@@ -152,6 +152,10 @@ def test_views_feed_decode_attention_directly():
     b = cache.attend(0, q, window=3)
     assert torch.equal(a, b)
     assert "paged" in repr(cache) and "lengths=[7, 7]" in repr(cache)
+    mods = dict(softcap=4.0, alibi_slopes=torch.rand(4), sinks=torch.randn(4))
+    a = seqkernels.decode_attention(q, **cache.views(0).as_kwargs(), window=3, **mods)
+    b = cache.attend(0, q, window=3, **mods)
+    assert torch.equal(a, b) and not torch.equal(a, cache.attend(0, q, window=3))
 
 
 def test_constructor_validation():

@@ -238,9 +238,13 @@ class KVCache:
         num_splits: Optional[int] = None,
         return_lse: bool = False,
         backend: Optional[str] = None,
+        softcap: Optional[float] = None,
+        alibi_slopes: Optional[Tensor] = None,
+        sinks: Optional[Tensor] = None,
     ):
         """`seqkernels.decode_attention(q, *self.views(layer), ...)`: q (B, Hq, Tq, D) are the newest
-        Tq tokens, whose keys and values `layer` has already appended."""
+        Tq tokens, whose keys and values `layer` has already appended. `softcap`, `alibi_slopes` and
+        `sinks` are the score modifiers of `seqkernels.attention`."""
         view = self.views(layer)
         return decode_attention(
             q,
@@ -253,6 +257,9 @@ class KVCache:
             num_splits=num_splits,
             return_lse=return_lse,
             backend=self.backend if backend is None else backend,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            sinks=sinks,
         )
 
     def reset(self, batch_index: Union[None, int, Sequence[int], Tensor] = None) -> None:
