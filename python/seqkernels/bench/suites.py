@@ -206,6 +206,92 @@ def suite_attention(rec: Recorder, s: Settings, progress):
                 )
                 del outg, grads
             del inputs
+    _attention_modifier_rows(rec, s, progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention with score modifiers (softcap, ALiBi, sinks): seqkernels against torch's eager
+# formulation of each (explicit scores, the modifier, softmax; the sink as an extra softmax
+# column, as gpt-oss and Gemma 2 write it in transformers), and against plain attention.
+
+
+def _modifier_kwargs(name: str, H: int, device) -> dict:
+    if name == "sinks":
+        return {"sinks": torch.randn(H, device=device)}
+    if name == "alibi":
+        return {"alibi_slopes": torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], device=device)}
+    if name == "softcap":
+        return {"softcap": 30.0}
+    return {}
+
+
+def eager_modified_attention(q, k, v, softcap=None, alibi_slopes=None, sinks=None):
+    """torch's eager formulation of a modified attention (not causal): the peer of the modifier rows."""
+    s_ = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
+    if softcap:
+        s_ = softcap * torch.tanh(s_ / softcap)
+    if alibi_slopes is not None:
+        L, S = s_.shape[-2:]
+        i = torch.arange(L, device=q.device).view(L, 1) + (S - L)
+        j = torch.arange(S, device=q.device).view(1, S)
+        s_ = s_ - alibi_slopes.view(1, -1, 1, 1) * (i - j).abs()
+    if sinks is not None:
+        s_ = torch.cat([s_, sinks.float().view(1, -1, 1, 1).expand(*s_.shape[:-1], 1)], dim=-1)
+        return torch.softmax(s_, -1)[..., :-1].to(q.dtype) @ v
+    return torch.softmax(s_, -1).to(q.dtype) @ v
+
+
+def _modifier_shapes(s: Settings):
+    if s.is_cuda:
+        return [(4, 16, 2048, 128)] if s.quick else [(4, 16, 2048, 128), (16, 16, 512, 64)]
+    return [(4, 8, 512, 64)] if s.quick else [(1, 8, 2048, 128), (4, 8, 512, 64)]
+
+
+def _attention_modifier_rows(rec: Recorder, s: Settings, progress):
+    for B, H, L, D in _modifier_shapes(s):
+        q0, k0, v0 = (torch.randn(B, H, L, D, device=s.device, dtype=s.dtype) for _ in range(3))
+        g = torch.randn_like(q0)
+        for mod in ("plain", "sinks", "alibi", "softcap"):
+            mk = _modifier_kwargs(mod, H, s.device)
+            shape = f"B{B} H{H} L{L} D{D} {mod}"
+            head0 = {n: (x[:1] if isinstance(x, torch.Tensor) else x) for n, x in mk.items()}
+            leaves = lambda dtype: [t[:1, :1].to(dtype).detach().requires_grad_() for t in (q0, k0, v0)]  # noqa: E731
+            refs = []
+            for dtype in (torch.float64, s.dtype):
+                xs = leaves(dtype)
+                m64 = {n: (x.to(torch.float64) if isinstance(x, torch.Tensor) and dtype == torch.float64 else x)
+                       for n, x in head0.items()}  # fmt: skip
+                out = reference.attention_ref(*xs, **m64)[0]
+                refs.append((out.detach(), torch.autograd.grad(out, xs, g[:1, :1].to(dtype))))
+            call = seqkernels.ops.attention.prepare_attention(q0, k0, v0, **mk)
+            provs = {
+                f"seqkernels_{b}": (lambda b_: lambda q, k, v: seqkernels.attention(q, k, v, backend=b_, **mk))(b)
+                for b in _seqkernels_backends(s, seqkernels.ops.attention.OP, call)
+            }
+            if not s.backend:
+                provs["torch_eager"] = lambda q, k, v: eager_modified_attention(q, k, v, **mk)
+            for name, fn in provs.items():
+                progress(f"attention {name} {shape}")
+                try:
+                    out = fn(q0, k0, v0)
+                except Exception as e:
+                    rec.add_failure("attention", "fwd", name, shape, f"unsupported: {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                bad = _gate(out[:1, :1], refs[0][0], refs[1][0])
+                if bad:
+                    rec.add_failure("attention", "fwd", name, shape, bad)
+                    continue
+                rec.add_time("attention", "fwd", name, shape, measure([lambda: fn(q0, k0, v0)], s))
+                qg, kg, vg = (t.detach().requires_grad_() for t in (q0, k0, v0))
+                outg = fn(qg, kg, vg)
+                grads = torch.autograd.grad(outg, (qg, kg, vg), g, retain_graph=True)
+                bad = _gate(tuple(t[:1, :1] for t in grads), refs[0][1], refs[1][1], grad=True)
+                if bad:
+                    rec.add_failure("attention", "bwd", name, shape, bad)
+                    continue
+                ms = measure([lambda o=outg: torch.autograd.grad(o, (qg, kg, vg), g, retain_graph=True)], s)
+                rec.add_time("attention", "bwd", name, shape, ms)
+                del outg, grads
 
 
 def _gate_bwd(q, k, v, g, causal, grads):
