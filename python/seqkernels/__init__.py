@@ -41,7 +41,7 @@ def __getattr__(name):
         value = getattr(importlib.import_module(mod), attr)
         globals()[name] = value  # later lookups skip this hook (it costs microseconds per call)
         return value
-    if name in ("nn", "testing", "reference", "integrations"):
+    if name in ("nn", "testing", "reference", "integrations", "distributed"):
         import importlib
 
         return importlib.import_module(f"seqkernels.{name}")

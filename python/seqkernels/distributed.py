@@ -1,0 +1,355 @@
+"""Context parallelism on torch.distributed: attention over a sequence sharded across ranks.
+
+Each rank holds a shard of the global sequence (`shard_sequence`) and calls `ring_attention` on its
+shard; key/value shards travel around the ring of ranks with batched point-to-point transfers
+(`torch.distributed.batch_isend_irecv`, NCCL on GPUs, gloo on CPUs), the next transfer posted before
+the current block is computed so communication overlaps compute. Each block runs on seqkernels'
+attention kernels (any backend with kernels: cpu, cuda, triton) and returns its log-sum-exp; the
+partial results are merged by `merge_attention_states`. The backward sends dK/dV around the ring with
+the key/value shards and accumulates dQ locally, running the backend's backward kernel on each block
+with the *global* output and lse, so every block's probabilities are the global ones.
+
+Layouts (the global sequence is cut into chunks):
+- "contiguous": rank r holds chunk r of W. Causal work is unbalanced (the last rank does W blocks,
+  the first one).
+- "zigzag": 2W chunks, rank r holds chunks r and 2W-1-r. Every rank does the same causal work.
+
+What is not here yet (an explicit error, not a silent fallback): dropout (its keep mask would have
+to be a function of global positions inside the kernels), sliding windows and ALiBi (they need the
+kernels to take a diagonal offset per block), and the all-gather variant for packed (varlen) batches.
+Softcap and attention sinks work: softcap is per score, and the sink joins the merged softmax once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import backends
+from .ops import attention as attn_ops
+from .ops._common import check_modifiers
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding helpers
+
+
+def _world(group) -> Tuple[int, int]:
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def chunk_ids(rank: int, world: int, layout: str) -> List[int]:
+    """The global chunk indices rank `rank` holds, in the order they sit in its shard."""
+    if layout == "contiguous":
+        return [rank]
+    if layout == "zigzag":
+        return [rank, 2 * world - 1 - rank]
+    raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+
+
+def _n_chunks(world: int, layout: str) -> int:
+    return world if layout == "contiguous" else 2 * world
+
+
+def _check_length(L: int, world: int, layout: str, name: str = "the global sequence length"):
+    n = _n_chunks(world, layout)
+    if L % n != 0:
+        raise ValueError(
+            f"{name} {L} must be divisible by {n} (layout={layout!r} cuts it into "
+            f"{'W' if layout == 'contiguous' else '2W'} = {n} equal chunks for W = {world} ranks)"
+        )
+
+
+def shard_sequence(x: Tensor, group=None, layout: str = "zigzag", seq_dim: int = 2) -> Tensor:
+    """This rank's shard of the global tensor `x` (the same `x` on every rank) along `seq_dim`."""
+    world, rank = _world(group)
+    L = x.shape[seq_dim]
+    _check_length(L, world, layout)
+    c = L // _n_chunks(world, layout)
+    parts = [x.narrow(seq_dim, i * c, c) for i in chunk_ids(rank, world, layout)]
+    return torch.cat(parts, dim=seq_dim).contiguous()
+
+
+def shard_positions(length: int, group=None, layout: str = "zigzag", device=None) -> Tensor:
+    """The global position ids of this rank's shard (for RoPE and friends), int64 (L_local,)."""
+    return shard_sequence(torch.arange(length, device=device), group, layout, seq_dim=0)
+
+
+def unshard_sequence(x: Tensor, group=None, layout: str = "zigzag", seq_dim: int = 2) -> Tensor:
+    """The global tensor from every rank's shard (an all-gather, then the chunks put in order)."""
+    world, _ = _world(group)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    per = len(chunk_ids(0, world, layout))
+    c = x.shape[seq_dim] // per
+    chunks = [None] * _n_chunks(world, layout)
+    for r, part in enumerate(parts):
+        for k, cid in enumerate(chunk_ids(r, world, layout)):
+            chunks[cid] = part.narrow(seq_dim, k * c, c)
+    return torch.cat(chunks, dim=seq_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging partial attention results
+
+
+def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Attention over the union of two disjoint key sets from the results over each: out (..., L, Dv)
+    and lse (..., L) (natural log, as `attention(..., return_lse=True)` returns). A row that saw no
+    key in one part (lse -inf, out 0) takes the other part's result; a row that saw no key in either
+    stays 0 with lse -inf: never NaN. Composite torch ops, so it runs on every device and is
+    differentiable; the result is float32 (float64 if either input is)."""
+    dtype = torch.promote_types(torch.promote_types(out_a.dtype, out_b.dtype), torch.float32)
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(m == -math.inf, torch.zeros_like(m), m)
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = w_a + w_b
+    safe = torch.where(total == 0, torch.ones_like(total), total)
+    out = (out_a.to(dtype) * (w_a / safe).unsqueeze(-1)) + (out_b.to(dtype) * (w_b / safe).unsqueeze(-1))
+    lse = torch.where(total == 0, torch.full_like(m, -math.inf), m + torch.log(safe))
+    return out, lse
+
+
+def _merge_sink(out: Tensor, lse: Tensor, sinks: Tensor) -> Tuple[Tensor, Tensor]:
+    """The sink logit joins the merged softmax once: lse' = logaddexp(lse, sink), out scaled by
+    exp(lse - lse')."""
+    sink = sinks.to(lse.dtype).view(1, -1, 1).expand_as(lse)
+    new = torch.logaddexp(lse, sink)
+    scale = torch.where(new == -math.inf, torch.zeros_like(new), torch.exp(lse - new))
+    return out * scale.unsqueeze(-1), new
+
+
+# ---------------------------------------------------------------------------------------------
+# The ring
+
+
+class _Ring:
+    """Passes tensors one step around the ring: send to rank + 1, receive from rank - 1."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world, self.rank = _world(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group is not None else None
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group is not None else None
+        if group is None:
+            self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+
+    def start(self, send: Tensor) -> Tuple[Tensor, list]:
+        recv = torch.empty_like(send)
+        ops = [
+            dist.P2POp(dist.isend, send, self.next, self.group),
+            dist.P2POp(dist.irecv, recv, self.prev, self.group),
+        ]
+        return recv, dist.batch_isend_irecv(ops)
+
+    @staticmethod
+    def wait(reqs):
+        for r in reqs:
+            r.wait()
+
+
+def _pack(*ts: Tensor) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unpack(buf: Tensor, shapes) -> List[Tensor]:
+    out, i = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(buf[i : i + n].view(s))
+        i += n
+    return out
+
+
+def _pairs(q_ids: List[int], kv_ids: List[int], causal: bool):
+    """(q chunk slot, kv chunk slot, causal) for every pair that has visible keys: with causal, a
+    query chunk sees earlier chunks fully and its own chunk causally (the diagonal block)."""
+    for a, x in enumerate(q_ids):
+        for b, y in enumerate(kv_ids):
+            if not causal or y < x:
+                yield a, b, False
+            elif y == x:
+                yield a, b, True
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, meta):
+        ring = _Ring(meta["group"])
+        W, r = ring.world, ring.rank
+        B, Hq, Lq, _ = q.shape
+        Lk, Dv = k.shape[2], v.shape[3]
+        layout, causal = meta["layout"], meta["causal"]
+        q_ids = chunk_ids(r, W, layout)
+        cq, ck = Lq // len(q_ids), Lk // len(q_ids)
+        fwd = meta["family"][0]
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.zeros(B, Hq, Lq, Dv, dtype=acc_dtype, device=q.device)
+        lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc_dtype, device=q.device)
+        shapes = (k.shape, v.shape)
+        block = _pack(k, v)
+        for step in range(W):
+            reqs = None
+            if step + 1 < W:
+                nxt, reqs = ring.start(block)  # posted before computing on `block`: overlaps the compute
+            kb, vb = _unpack(block, shapes)
+            for a, b, diag in _pairs(q_ids, chunk_ids((r - step) % W, W, layout), causal):
+                qs = q[:, :, a * cq : (a + 1) * cq]
+                o, l_ = fwd(
+                    qs, kb[:, :, b * ck : (b + 1) * ck], vb[:, :, b * ck : (b + 1) * ck],
+                    None, None, meta["scale"], -1, 0 if diag else -1, True, 0.0, 0, 0,
+                    None, None, meta["softcap"],
+                )  # fmt: skip
+                sl = slice(a * cq, (a + 1) * cq)
+                out[:, :, sl], lse[:, :, sl] = merge_attention_states(out[:, :, sl], lse[:, :, sl], o, l_)
+            if reqs is not None:
+                _Ring.wait(reqs)
+                block = nxt
+        if sinks is not None:
+            out, lse = _merge_sink(out, lse, sinks)
+        out = out.to(q.dtype)
+        ctx.meta = meta
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        meta = ctx.meta
+        ring = _Ring(meta["group"])
+        W, r = ring.world, ring.rank
+        layout, causal = meta["layout"], meta["causal"]
+        bwd = meta["family"][1]
+        Lq, Lk = q.shape[2], k.shape[2]
+        q_ids = chunk_ids(r, W, layout)
+        cq, ck = Lq // len(q_ids), Lk // len(q_ids)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype).contiguous()
+        has_lse_grad = grad_lse is not None and bool((grad_lse != 0).any())
+        if has_lse_grad:
+            grad_lse = torch.where(torch.isfinite(grad_lse), grad_lse, torch.zeros_like(grad_lse))
+        lse32 = lse.to(acc).contiguous()
+        det = torch.are_deterministic_algorithms_enabled()
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk_acc = torch.zeros(k.shape, dtype=acc, device=q.device)
+        dv_acc = torch.zeros(v.shape, dtype=acc, device=q.device)
+        kv_shapes = (k.shape, v.shape)
+        kb, vb = k, v
+        for step in range(W):
+            kv_reqs = None
+            if step + 1 < W:  # the next block's keys/values travel while this one is computed
+                kv_next, kv_reqs = ring.start(_pack(kb, vb))
+            kv_ids = chunk_ids((r - step) % W, W, layout)
+            for a, b, diag in _pairs(q_ids, kv_ids, causal):
+                sq, sk = slice(a * cq, (a + 1) * cq), slice(b * ck, (b + 1) * ck)
+                params = (None, None, meta["scale"], -1, 0 if diag else -1, True, 0.0, 0, 0)
+                qs, ks, vs = q[:, :, sq], kb[:, :, sk], vb[:, :, sk]
+                ls = lse32[:, :, sq].contiguous()
+                dq_b, dk_b, dv_b, _ = bwd(
+                    grad_out[:, :, sq].contiguous(), qs, ks, vs, out[:, :, sq].contiguous(), ls, *params, det,
+                    None, None, meta["softcap"],
+                )  # fmt: skip
+                dq[:, :, sq] += dq_b
+                dk_acc[:, :, sk] += dk_b
+                dv_acc[:, :, sk] += dv_b
+                if has_lse_grad:  # d lse / d s = P: the backward kernel with V := ones, dO := g, O := 0
+                    g = grad_lse[:, :, sq].unsqueeze(-1).to(q.dtype).contiguous()
+                    ones = ks.new_ones(ks.shape[:3] + (1,))
+                    dq_l, dk_l, _, _ = bwd(g, qs, ks, ones, torch.zeros_like(g), ls, *params, det,
+                                           None, None, meta["softcap"])  # fmt: skip
+                    dq[:, :, sq] += dq_l
+                    dk_acc[:, :, sk] += dk_l
+            # The gradients accumulated for this block follow it around the ring; after W hops they
+            # are back at the rank that owns the block.
+            recv, reqs = ring.start(_pack(dk_acc, dv_acc))
+            _Ring.wait(reqs)
+            dk_acc, dv_acc = (t.clone() for t in _unpack(recv, (dk_acc.shape, dv_acc.shape)))
+            if kv_reqs is not None:
+                _Ring.wait(kv_reqs)
+                kb, vb = _unpack(kv_next, kv_shapes)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # d sink_h = -sum_i p_sink (dO . O) + sum_i g_lse p_sink over this rank's rows: the
+            # local share; a replicated parameter's gradient is summed over ranks by the caller
+            # (DDP / all_reduce), as for every other weight.
+            p_sink = torch.exp(sinks.to(acc).view(1, -1, 1) - lse32)
+            p_sink = torch.where(torch.isfinite(lse32), p_sink, torch.zeros_like(p_sink))
+            delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+            d = -(p_sink * delta)
+            if has_lse_grad:
+                d = d + grad_lse.to(acc) * p_sink
+            dsinks = d.sum(dim=(0, 2)).to(sinks.dtype)
+        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), dsinks, None
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group=None,
+    *,
+    causal: bool = False,
+    layout: str = "zigzag",
+    window=None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+):
+    """Attention of this rank's query shard against the whole (sharded) sequence.
+
+    q (B, Hq, L_local, D), k/v (B, Hkv, L_local, D|Dv): this rank's shards in `layout` (see
+    `shard_sequence`); every rank of `group` calls this with shards of the same shape. Returns this
+    rank's shard of the global output (and, with `return_lse`, of the float32 lse), differentiable
+    with respect to q, k, v and `sinks`. `sinks`' gradient is this rank's share (sum it over ranks,
+    as for any replicated weight). Causal masking is bottom-right over the global sequence (its
+    queries and keys are the same positions, so top-left and bottom-right coincide).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ring_attention: torch.distributed is not initialized (call init_process_group first)")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if dropout_p:
+        raise NotImplementedError(
+            "dropout_p: ring_attention has no dropout yet (the kernels' keep mask would have to follow global "
+            "positions across shards)"
+        )
+    if window is not None:
+        raise NotImplementedError("window: ring_attention has no sliding windows yet (needs per-block diagonals)")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ring_attention has no ALiBi yet (needs per-block diagonals)")
+    world, _ = _world(group)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v: expected 4-D shards (B, H, L_local, D)")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q, k: query and key shards must have the same length, got {q.shape[2]} and {k.shape[2]}")
+    _check_length(q.shape[2] * world, world, layout, "the global sequence length (L_local * W)")
+    call = attn_ops.prepare_attention(q, k, v, causal=causal, scale=scale, softcap=softcap)
+    chosen = backends.resolve(attn_ops.OP, q.device, call, backend)
+    if chosen == "reference":
+        raise backends.BackendError(
+            "ring_attention: runs on the kernel backends (cpu, cuda, triton), whose backward takes the global "
+            "output and lse; none is available for these inputs: "
+            + str(backends.why_not(attn_ops.OP, "cpu", q.device, call))
+        )
+    _, _, sink_logits = check_modifiers(q, None, None, sinks)
+    meta = dict(
+        group=group,
+        layout=layout,
+        causal=bool(causal),
+        scale=call.scale,
+        softcap=call.softcap,
+        family=attn_ops.FAMILIES[chosen],
+    )
+    out, lse = _RingAttention.apply(q, k, v, sink_logits, meta)
+    return (out, lse) if return_lse else out
