@@ -201,3 +201,17 @@ def test_needs_an_initialized_group():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(RuntimeError, match="not initialized"):
         skd.ring_attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+
+
+@needs_ext
+def test_context_parallel_example_trains_like_one_process(capsys):
+    """A tiny Llama (transformers) trained 2 steps with its sequence sharded over 2 ranks through
+    use_context_parallel: the same losses as one process."""
+    pytest.importorskip("transformers")
+    from seqkernels.examples import context_parallel
+
+    res = context_parallel.main(["--world", "2", "--steps", "2", "--length", "16"])
+    assert len(res["sharded"]) == 2
+    for a, b in zip(res["single"], res["sharded"]):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert "2 ranks" in capsys.readouterr().out

@@ -612,3 +612,75 @@ class SeqkernelsCache(Cache):
                 "model.set_attn_implementation('seqkernels'))"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Context parallelism: the sequence sharded over a process group (seqkernels.distributed).
+
+RING_NAME = "seqkernels_ring"
+_RING: dict = {}
+
+
+def _ring_mask(*args, **kwargs):
+    """The mask builder of the ring backend: no mask (the ring applies causality over the global
+    sequence itself); padding cannot be expressed per shard yet, so a padded batch is refused."""
+    pad = kwargs.get("attention_mask")
+    if isinstance(pad, Tensor) and pad.dim() == 2 and not bool(pad.all()):
+        raise ValueError(
+            "attention_mask: the seqkernels_ring backend takes unpadded sequences (every rank holds a shard of "
+            "one full-length sequence per batch row); pack or trim the batch instead of padding it"
+        )
+    return None
+
+
+def seqkernels_ring_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """The "seqkernels_ring" entry of AttentionInterface: query/key/value are this rank's shards of the
+    sequence (in the layout of `use_context_parallel`); attention runs over the whole sequence with
+    seqkernels.distributed.ring_attention."""
+    from ..distributed import ring_attention
+
+    if not _RING:
+        raise RuntimeError("seqkernels_ring: call seqkernels.integrations.transformers.use_context_parallel first")
+    _reject_unsupported(kwargs)
+    if attention_mask is not None:
+        raise ValueError("attention_mask: the seqkernels_ring backend applies causality itself and takes no mask")
+    mods = _modifiers(kwargs, softcap)
+    out = ring_attention(
+        query,
+        key,
+        value,
+        _RING["group"],
+        causal=bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)),
+        layout=_RING["layout"],
+        window=(sliding_window - 1, 0) if sliding_window else None,
+        scale=scaling,
+        dropout_p=dropout,
+        backend=_RING["backend"],
+        **mods,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_context_parallel(model, group=None, *, layout: str = "zigzag", backend: Optional[str] = None):
+    """Make `model` (a transformers model) run its attention as ring attention over `group`: every rank
+    then feeds the model its shard of each sequence (`seqkernels.distributed.shard_sequence(ids,
+    layout=layout, seq_dim=1)`) with the matching `position_ids` (`shard_positions`), and gets its shard
+    of the hidden states / logits. Losses over shards need the labels shifted globally before sharding;
+    parameter gradients are per-rank shares to be summed over the group (as DDP does)."""
+    _RING.update(group=group, layout=layout, backend=backend)
+    AttentionInterface.register(RING_NAME, seqkernels_ring_attention_forward)
+    AttentionMaskInterface.register(RING_NAME, _ring_mask)
+    model.set_attn_implementation(RING_NAME)
+    return model
