@@ -109,6 +109,7 @@ def _spawn(world, case):
 
 
 CASES = [
+    (1, "zigzag", True, (1, 2, 2, 8, 8), torch.float32, ("sinks",)),
     (2, "zigzag", True, (1, 4, 2, 16, 16), torch.float32, ()),
     (3, "zigzag", True, (1, 2, 1, 18, 16), torch.bfloat16, ("softcap", "sinks")),
     (4, "zigzag", False, (1, 2, 2, 16, 8), torch.float32, ("sinks",)),
@@ -215,3 +216,29 @@ def test_context_parallel_example_trains_like_one_process(capsys):
     for a, b in zip(res["single"], res["sharded"]):
         assert abs(a - b) <= 1e-5 * abs(a)
     assert "2 ranks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_zigzag_balances_causal_work(world):
+    from seqkernels.bench.context_parallel import flop_balance
+
+    assert flop_balance(world, "zigzag") == 1.0
+    assert flop_balance(world, "contiguous") == 2 * world - 1
+
+
+@pytest.mark.slow  # six process groups spawned: over a minute on 2 cores
+@needs_ext
+def test_context_parallel_bench_suite_runs(monkeypatch):
+    from seqkernels.bench import context_parallel as cp
+    from seqkernels.bench.harness import Recorder, Settings
+
+    s = Settings(device="cpu", dtype=torch.float32, quick=True)
+    rec = Recorder(s)
+    # a small shape: the suite's own (L = 1024 in quick mode) takes minutes on 2 loaded cores
+    monkeypatch.setattr(cp, "_TEST_SHAPE", (1, 2, 64, 16))
+    cp.suite_context_parallel(rec, s, lambda m: None)
+    rows = {(r.op, r.provider, r.shape.split(" float32")[0]) for r in rec.rows}
+    assert ("fwd+bwd", "ring_W2_zigzag", "B1 H2 L64 D16 causal") in rows
+    assert ("overlap", "ring_W2_contiguous", "B1 H2 L64 D16") in rows
+    fails = [r for r in rec.rows if r.metric == "status"]
+    assert not fails, fails

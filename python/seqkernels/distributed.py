@@ -268,9 +268,10 @@ class _RingAttention(torch.autograd.Function):
                     dk_acc[:, :, sk] += dk_l
             # The gradients accumulated for this block follow it around the ring; after W hops they
             # are back at the rank that owns the block.
-            recv, reqs = ring.start(_pack(dk_acc, dv_acc))
-            _Ring.wait(reqs)
-            dk_acc, dv_acc = (t.clone() for t in _unpack(recv, (dk_acc.shape, dv_acc.shape)))
+            if W > 1:
+                recv, reqs = ring.start(_pack(dk_acc, dv_acc))
+                _Ring.wait(reqs)
+                dk_acc, dv_acc = (t.clone() for t in _unpack(recv, (dk_acc.shape, dv_acc.shape)))
             if kv_reqs is not None:
                 _Ring.wait(kv_reqs)
                 kb, vb = _unpack(kv_next, kv_shapes)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import seqkernels
 from seqkernels import backends, reference, testing
 
+from .context_parallel import suite_context_parallel
 from .harness import Recorder, Settings, measure, rotations
 
 # ---------------------------------------------------------------------------------------------
@@ -637,4 +638,5 @@ SUITES = {
     "kv_append": suite_kv_append,
     "lstm": suite_lstm,
     "rnn_vs_attention": suite_rnn_vs_attention,
+    "context_parallel": suite_context_parallel,
 }
