@@ -242,3 +242,29 @@ def test_context_parallel_bench_suite_runs(monkeypatch):
     assert ("overlap", "ring_W2_contiguous", "B1 H2 L64 D16") in rows
     fails = [r for r in rec.rows if r.metric == "status"]
     assert not fails, fails
+
+
+def _one_rank_fails_worker(rank, world, init_file, errors):
+    t0 = datetime.datetime.now()
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=8),
+        )  # fmt: skip
+        q = torch.randn(1, 2, 4, 8)
+        skd.ring_attention(q, q, q, causal=True, dropout_p=0.5 if rank == 1 else 0.0, backend="cpu")
+        errors.append(f"rank {rank}: no error")
+    except Exception as e:  # rank 1: the refusal; rank 0: the group's timeout, not a hang
+        errors.append(f"rank {rank}: {type(e).__name__} after {(datetime.datetime.now() - t0).seconds} s")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@needs_ext
+def test_a_rank_that_raises_does_not_hang_the_others():
+    with tempfile.TemporaryDirectory() as d:
+        errors = mp.Manager().list()
+        mp.spawn(_one_rank_fails_worker, args=(2, os.path.join(d, "init"), errors), nprocs=2, join=True)
+        got = sorted(errors)
+    assert len(got) == 2 and "NotImplementedError" in got[1] and "no error" not in got[0], got
