@@ -183,6 +183,8 @@ def check_backward(fwd, bwd, case, device, deterministic):
     args = _normalized(q, k, **kw)
     out, lse = fwd(q, k, v, *_call_args(args))
     grads = bwd(dout, q, k, v, out, lse, *_call_args(args), deterministic)
+    assert grads[3].shape == (0,)  # grad_sinks: empty without sinks
+    grads = grads[:3]
     for g, x in zip(grads, (q, k, v)):
         assert g.dtype == x.dtype and g.shape == x.shape
     cpu = [t.cpu() for t in (dout, q, k, v)]
@@ -387,6 +389,197 @@ def test_sanitized_emulated(sanitizer):
     from emulation import run_sanitized
 
     run_sanitized(sanitizer, "attention", SOURCES, _sanitizer_case).assert_clean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Score modifiers (softcap, ALiBi, sinks): forward and backward against the float64 reference with
+# autograd (sinks a float64 leaf), through the kMods variants of the kernels. The tile-boundary
+# shapes sit around the tiles the modifiers run in: the general forward (64 x 64 at head dim 64),
+# BwdConfig<64> (128 keys x 64 queries) and DqConfig<64> (64 x 64).
+
+
+def _mods(B, Hq, *, softcap=0.0, alibi=False, sinks=None):
+    """(alibi_slopes (B, Hq) float32 or None, sinks (Hq,) float32 or None, softcap) as the op takes
+    them. `sinks`: None, "random", "-inf" (every head) or a list of values."""
+    slopes = torch.rand(B, Hq) * 0.3 + 0.02 if alibi else None
+    if sinks == "random":
+        sinks = torch.randn(Hq) * 2
+    elif sinks == "-inf":
+        sinks = torch.full((Hq,), -math.inf)
+    elif sinks is not None:
+        sinks = torch.tensor(sinks, dtype=torch.float32)
+    return slopes, sinks, float(softcap)
+
+
+def _ref_modified(dout, q, k, v, args, mods, dtype):
+    """out, lse and (dq, dk, dv, dsinks) of attention_ref with the modifiers, computed in `dtype`
+    (float64: the reference; the inputs' dtype: the plain-torch baseline)."""
+    slopes, sinks, softcap = mods
+    with torch.enable_grad():
+        xs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        sk = None
+        if sinks is not None:
+            sk = sinks.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
+        al = None if slopes is None else slopes.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        out, lse = attention_ref(*xs, **_ref_kwargs(args), softcap=softcap, alibi_slopes=al, sinks=sk)
+        leaves = xs + ([sk] if sk is not None else [])
+        grads = torch.autograd.grad(out, leaves, dout.to(out.dtype), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+    return (out.detach(), lse.detach()), tuple(grads)
+
+
+def check_modified(emu, shape, dtype, kw, mod_kw, deterministic):
+    B, Hq = shape[0], shape[1]
+    kw = dict(kw)
+    q, k, v = _inputs(shape, dtype, "cpu")
+    for name in ("attn_mask", "kv_lengths"):
+        if callable(kw.get(name)):
+            kw[name] = kw[name](q, k)
+    args = _normalized(q, k, **kw)
+    mods = _mods(B, Hq, **mod_kw)
+    out, lse = emu.attention_fwd(q, k, v, *_call_args(args), *mods)
+    dout = torch.randn(*q.shape[:3], v.shape[-1], dtype=dtype)
+    ref_fwd, ref_g = _ref_modified(dout, q, k, v, args, mods, torch.float64)
+    base_fwd, base_g = _ref_modified(dout, q, k, v, args, mods, dtype)
+    report = compare((out, lse), ref_fwd, base_fwd)
+    assert report.passed, str(report)
+    dq, dk, dv, dsinks = emu.attention_bwd(dout, q, k, v, out, lse, *_call_args(args), deterministic, *mods)
+    got = (dq, dk, dv) + ((dsinks,) if mods[1] is not None else ())
+    assert dsinks.dtype == torch.float32 and dsinks.shape == ((Hq,) if mods[1] is not None else (0,))
+    # dsinks is judged at the inputs' precision: it is built from delta = dO.O, and O was rounded to
+    # that dtype (the plain-torch baseline keeps O in float32).
+    report = compare(got, ref_g, base_g, grad=True, dtype=dtype)
+    assert report.passed, str(report)
+    assert all(torch.isfinite(g).all() for g in got)
+    return out, lse, ref_fwd
+
+
+def _dead_row_mask(q, k):
+    return _bool_mask(q.shape[2], k.shape[2], "cpu", dead_rows=(1, 4))
+
+
+def _lengths(*n):
+    return lambda q, k: torch.tensor(n, dtype=torch.int32)
+
+
+def _big_mask(q, k):
+    """Scores near 1e5 on one row: its lse is past kLseRecomputeAbove, so the backward recomputes
+    that row's max and l, which must include the sink (1e5 + 0.5 on head 0)."""
+    m = torch.zeros(1, 1, q.shape[2], k.shape[2])
+    m[..., 2, :] = 1e5
+    return m
+
+
+ALL = {"softcap": 2.0, "alibi": True, "sinks": "random"}
+# (id, shape (B, Hq, Hkv, Lq, Lk, D, Dv), dtype, arguments, modifiers)
+MOD_CASES = [
+    ("softcap_gqa", (1, 4, 2, 17, 33, 64, 64), torch.float16, {}, {"softcap": 1.5}),
+    ("alibi_causal", (2, 2, 1, 33, 40, 64, 64), torch.bfloat16, {"window_right": 0}, {"alibi": True}),
+    ("sinks", (1, 2, 2, 17, 29, 64, 64), torch.float16, {}, {"sinks": "random"}),
+    ("all_gqa_window", (1, 4, 2, 40, 47, 64, 64), torch.bfloat16, {"window_left": 8, "window_right": 0}, ALL),
+    ("all_topleft_lq_gt_lk", (2, 2, 2, 40, 17, 64, 64), torch.float16, {"window_right": 0, "bottom_right": False}, ALL),
+    ("all_bool_mask_dead_rows", (1, 2, 2, 33, 33, 64, 64), torch.float16, {"attn_mask": _dead_row_mask}, ALL),
+    (
+        "all_dead_rows_sink_minus_inf_on_one_head",
+        (1, 2, 2, 33, 33, 64, 64),
+        torch.bfloat16,
+        {"attn_mask": _dead_row_mask},
+        {"softcap": 2.0, "alibi": True, "sinks": [0.7, -math.inf]},
+    ),
+    (
+        "all_float_mask_kv_lengths",
+        (2, 2, 1, 17, 40, 40, 80),
+        torch.float16,
+        {"attn_mask": lambda q, k: _float_mask(17, 40, torch.float32, "cpu"), "kv_lengths": _lengths(0, 23)},
+        ALL,
+    ),
+    (
+        "softcap_alibi_kv_lengths_no_sink",
+        (2, 2, 1, 17, 40, 64, 64),
+        torch.bfloat16,
+        {"kv_lengths": _lengths(0, 23)},
+        {"softcap": 2.0, "alibi": True},
+    ),
+    ("all_dropout", (1, 2, 1, 33, 47, 64, 64), torch.float16, {"dropout_p": 0.3, "seed": 11, "offset": 2}, ALL),
+    ("all_lk1", (1, 2, 2, 5, 1, 64, 64), torch.float16, {}, ALL),
+    ("sinks_minus_inf", (1, 2, 2, 17, 17, 64, 64), torch.bfloat16, {"attn_mask": _dead_row_mask}, {"sinks": "-inf"}),
+    (
+        "sinks_recomputed_rows",
+        (1, 2, 1, 9, 13, 64, 64),
+        torch.float16,
+        {"attn_mask": _big_mask},
+        {"alibi": True, "sinks": [1e5 + 0.5, 1.0]},
+    ),
+    ("all_d128", (1, 2, 1, 17, 29, 128, 128), torch.bfloat16, {"window_right": 0}, ALL),
+    ("all_d256", (1, 1, 1, 17, 20, 256, 256), torch.float16, {}, ALL),
+] + [
+    (f"all_causal_lq{lq}_lk{lk}", (1, 1, 1, lq, lk, 64, 64), torch.float16, {"window_right": 0}, ALL)
+    for lq, lk in ((63, 65), (64, 128), (65, 129), (129, 127), (1, 191))
+]
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize(
+    "case,deterministic",
+    [(c, i % 2 == 0) for i, c in enumerate(MOD_CASES)],
+    ids=[f"{c[0]}-{'det' if i % 2 == 0 else 'atomic'}" for i, c in enumerate(MOD_CASES)],
+)
+def test_modifiers_emulated(emu, case, deterministic):
+    torch.manual_seed(len(case[0]))
+    _, shape, dtype, kw, mod_kw = case
+    check_modified(emu, shape, dtype, kw, mod_kw, deterministic)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+def test_modifiers_keyless_rows_emulated(emu, deterministic):
+    """Rows that see no key: with a finite sink out 0 and lse = sink exactly, and no gradient but the
+    sink's (which is 0 too: delta = dO.O = 0); with a -inf sink out 0 and lse -inf."""
+    torch.manual_seed(0)
+    out, lse, _ = check_modified(
+        emu,
+        (2, 2, 1, 9, 12, 64, 64),
+        torch.float16,
+        {"kv_lengths": _lengths(0, 5)},
+        {"softcap": 3.0, "alibi": True, "sinks": [1.25, -math.inf]},
+        deterministic,
+    )
+    assert torch.all(out[0] == 0)
+    assert torch.all(lse[0, 0] == 1.25) and torch.all(lse[0, 1] == -math.inf)
+    assert torch.isfinite(lse[1]).all()
+
+
+@pytest.mark.emulation
+def test_modifiers_keyless_problem_emulated(emu):
+    """Lk = 0: every row's softmax holds only its sink."""
+    q, k, v = _inputs((1, 2, 2, 5, 0, 64, 64), torch.float16, "cpu")
+    mods = _mods(1, 2, softcap=2.0, alibi=True, sinks=[0.5, -math.inf])
+    args = _normalized(q, k)
+    out, lse = emu.attention_fwd(q, k, v, *_call_args(args), *mods)
+    assert torch.all(out == 0) and torch.all(lse[0, 0] == 0.5) and torch.all(lse[0, 1] == -math.inf)
+    dq, _, _, dsinks = emu.attention_bwd(torch.randn_like(out), q, k, v, out, lse, *_call_args(args), True, *mods)
+    assert torch.all(dq == 0) and torch.equal(dsinks, torch.zeros(2))
+
+
+def _sanitizer_case_mods(emu):
+    """The kMods kernels once each (plain band: deterministic dQ; mask + dropout: atomic dQ), every
+    modifier on, on a small shape."""
+    torch.manual_seed(0)
+    q, k, v = _inputs((1, 2, 1, 19, 21, 64, 64), torch.float16, "cpu")
+    mask = _bool_mask(19, 21, "cpu").expand(1, 2, 19, 21)
+    mods = _mods(1, 2, softcap=2.0, alibi=True, sinks="random")
+    for extra, det in (({"window_right": 0}, True), ({"attn_mask": mask, "dropout_p": 0.2, "seed": 3}, False)):
+        args = _normalized(q, k, **extra)
+        out, lse = emu.attention_fwd(q, k, v, *_call_args(args), *mods)
+        emu.attention_bwd(torch.randn_like(out), q, k, v, out, lse, *_call_args(args), det, *mods)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_sanitized_modifiers_emulated(sanitizer):
+    from emulation import run_sanitized
+
+    run_sanitized(sanitizer, "attention", SOURCES, _sanitizer_case_mods).assert_clean()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@
 // Supported: float16 / bfloat16 q, k, v on sm_80+; head dims D, Dv <= 256 (a head dim that is
 // not a multiple of 8 is zero padded to one through a copy); any window / bottom_right;
 // kv_lengths; GQA/MQA without copies of k and v; attn_mask bool, q's dtype or float32 in any
-// expanded layout; dropout with the Philox keep rule. float32 inputs are rejected (the tensor
-// core path is 16-bit only): the Python layer runs them on the triton or reference backend.
+// expanded layout; dropout with the Philox keep rule; the score modifiers softcap, ALiBi and
+// sinks (a kMods variant of the general forward and of the backward kernels, so the kernels
+// without them keep their registers). float32 inputs are rejected (the tensor core path is
+// 16-bit only): the Python layer runs them on the triton or reference backend.
 
 #include <ATen/ATen.h>
 
@@ -121,14 +123,11 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               ": sequence lengths must be below 2^30, got Lq=", q.size(2), ", Lk=", k.size(2));
 }
 
-// The score modifiers, checked as on the CPU (common/host_checks.h); the kernels take them next.
+// The score modifiers, checked as on the CPU (common/host_checks.h).
 host::ModifierArgs<float> check_modifiers(const std::optional<at::Tensor>& alibi_slopes,
                                           const std::optional<at::Tensor>& sinks, double softcap, const at::Tensor& q,
                                           const char* op) {
-  const auto mods = host::check_modifiers<float>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), kDevice, op);
-  TORCH_CHECK(softcap == 0 && !alibi_slopes && !sinks, op,
-              ": softcap, alibi_slopes and sinks are not implemented by the CUDA kernels yet");
-  return mods;
+  return host::check_modifiers<float>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), kDevice, op);
 }
 
 // The kernels' grids are 1-D: blocks * batch * heads must fit gridDim.x.
@@ -231,6 +230,12 @@ void fill_band(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
   }
 }
 
+void fill_mods(AttentionParams& p, const host::ModifierArgs<float>& mods) {
+  p.softcap = mods.softcap;
+  p.alibi = mods.alibi;
+  p.sinks = mods.sinks;
+}
+
 void fill_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t offset) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention: dropout_p must be in [0, 1], got ", dropout_p);
   p.dropout = dropout_p > 0.0;
@@ -245,18 +250,21 @@ void fill_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t of
 void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& attn_mask, const std::optional<at::Tensor>& kv_lengths, double scale,
                  int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
-                 int64_t offset, int64_t d, int64_t dv) {
+                 int64_t offset, int64_t d, int64_t dv, const host::ModifierArgs<float>& mods) {
   fill_qkv(p, q, k, v, d, dv);
   p.scale = static_cast<float>(scale);
   fill_band(p, q, k, kv_lengths, window_left, window_right, bottom_right);
   fill_mask(p, attn_mask);
   fill_dropout(p, dropout_p, seed, offset);
+  fill_mods(p, mods);
 }
 
-template <typename Tag, int kTile, bool kGeneral>
+// kMods runs in the general variant's tiles (its scores all take the element-wise path).
+template <typename Tag, int kTile, bool kGeneral, bool kMods>
 void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
+  static_assert(kGeneral || !kMods, "the modifiers are a variant of the general kernel");
   using Kt = typename attn::FwdConfig<kTile, kGeneral>::type;
-  auto kernel = &attn::_attention_fwd_kernel<Tag, Kt, kGeneral>;
+  auto kernel = &attn::_attention_fwd_kernel<Tag, Kt, kGeneral, kMods>;
   constexpr int smem = Kt::kSmemBytes;
   if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
   const int64_t m_blocks = (p.len_q + Kt::kBlockM - 1) / Kt::kBlockM;
@@ -264,14 +272,11 @@ void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
   SK_LAUNCH(kernel, dim3(grid), dim3(Kt::kThreads), smem, stream, p);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in,
-                                                      const std::optional<at::Tensor>& attn_mask,
-                                                      const std::optional<at::Tensor>& kv_lengths, double scale,
-                                                      int64_t window_left, int64_t window_right, bool bottom_right,
-                                                      double dropout_p, int64_t seed, int64_t offset,
-                                                      const std::optional<at::Tensor>& alibi_slopes,
-                                                      const std::optional<at::Tensor>& sinks, double softcap) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& attn_mask,
+    const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, int64_t seed, int64_t offset, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& sinks, double softcap) {
   check_qkv(q_in, k_in, v_in, "seqkernels::attention_fwd (cuda)");
   const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, "seqkernels::attention_fwd (cuda)");
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
@@ -290,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in);
   AttentionParams p;
   fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset, D8,
-              Dv8);
+              Dv8, mods);
   p.out = rows_view<attn::OutRows>(out);
   p.lse = lse.data_ptr<float>();
 
@@ -298,15 +303,20 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const cudaStream_t stream = cudart::current_stream();
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     dispatch_head_dim(tile, [&](auto tile_c) {
-      dispatch_bool(general, [&](auto general_c) {
-        launch_fwd<decltype(tag), decltype(tile_c)::value, decltype(general_c)::value>(p, stream);
-      });
+      constexpr int kTile = decltype(tile_c)::value;
+      if (p.mods_any()) {
+        launch_fwd<decltype(tag), kTile, true, true>(p, stream);
+      } else {
+        dispatch_bool(general, [&](auto general_c) {
+          launch_fwd<decltype(tag), kTile, decltype(general_c)::value, false>(p, stream);
+        });
+      }
     });
   });
   return {Dv8 == Dv ? out : out.narrow(3, 0, Dv).contiguous(), lse};
 }
 
-template <typename Tag, int kTile>
+template <typename Tag, int kTile, bool kMods>
 void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t stream) {
   const int64_t rows = int64_t(p.batch) * p.heads_q * p.len_q;
   if (rows > 0) {
@@ -316,7 +326,7 @@ void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t st
   }
   if (p.len_k > 0) {
     using Bt = typename attn::BwdConfig<kTile>::type;
-    auto kernel = &attn::_attention_bwd_dkdv_kernel<Tag, Bt>;
+    auto kernel = &attn::_attention_bwd_dkdv_kernel<Tag, Bt, kMods>;
     constexpr int smem = Bt::kSmemBytes;
     if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
     const unsigned grid = grid_size((p.len_k + Bt::kBlockN - 1) / Bt::kBlockN, int64_t(p.batch) * p.heads_kv);
@@ -325,7 +335,7 @@ void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t st
   if (rows == 0) return;
   if (deterministic) {
     using Dt = typename attn::DqConfig<kTile>::type;
-    auto kernel = &attn::_attention_bwd_dq_kernel<Tag, Dt>;
+    auto kernel = &attn::_attention_bwd_dq_kernel<Tag, Dt, kMods>;
     constexpr int smem = Dt::kSmemBytes;
     if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
     const unsigned grid = grid_size((p.len_q + Dt::kBlockM - 1) / Dt::kBlockM, int64_t(p.batch) * p.heads_q);
@@ -382,10 +392,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dq_accum;
   if (!deterministic) dq_accum = at::zeros({B, Hq, Lq, D8}, q_in.options().dtype(at::kFloat));
 
+  // Each row's share of grad_sinks, summed below (a fixed-order reduction: deterministic).
+  at::Tensor dsink_rows;
+  if (sinks.has_value()) dsink_rows = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
+
   const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in);
   AttentionBwdParams p;
   fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset, D8,
-              Dv8);
+              Dv8, mods);
   p.out = rows_view<attn::OutRows>(out);  // read only: the forward's output
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.dout = rows_view<attn::InRows>(dout);
@@ -397,12 +411,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.row_log2l = p.row_shift + B * Hq * Lq;
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   p.dq_accum_row_stride = static_cast<int>(D8);
+  p.dsink_rows = dsink_rows.defined() ? dsink_rows.data_ptr<float>() : nullptr;
 
   const cudaStream_t stream = cudart::current_stream();
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    dispatch_head_dim(
-        tile, [&](auto tile_c) { launch_bwd<decltype(tag), decltype(tile_c)::value>(p, deterministic, stream); });
+    dispatch_head_dim(tile, [&](auto tile_c) {
+      dispatch_bool(p.mods_any(), [&](auto mods_c) {
+        launch_bwd<decltype(tag), decltype(tile_c)::value, decltype(mods_c)::value>(p, deterministic, stream);
+      });
+    });
   });
+  if (dsink_rows.defined()) dsinks = dsink_rows.sum({0, 2});
   return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv), dsinks};
 }
 

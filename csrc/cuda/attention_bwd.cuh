@@ -18,6 +18,12 @@
 // With dropout, dV uses the dropped, rescaled P and dP is masked and rescaled the same way;
 // delta = rowsum(dO o O) already is the dropped product. Rows that see no key have lse = -inf;
 // they are given +inf here so that every P of theirs is exp2(-inf) = 0 and all gradients 0.
+//
+// Score modifiers (kMods variants of the dK/dV and dQ kernels): P is rebuilt from the same
+// modified scores, and the lse already holds the sink, so P needs nothing else. Softcap scales dS
+// by softcap_grad of the capped score before dS meets q or k; ALiBi has no gradient. The sink's
+// gradient is -sum over rows of p_sink * delta: the preprocess kernel writes each row's term and
+// the launcher sums them (dsink_rows).
 #pragma once
 
 #include "../common/attention_math.h"
@@ -61,6 +67,8 @@ SK_DEVICE SK_INLINE void exact_row_stats(const AttentionBwdParams& p, int b, int
   const uint16_t* q = p.q.at(b, h, i);
   const uint16_t* k = p.k.at(b, hk, 0);
   const int64_t mask_row = p.mask.row(b, h, i);
+  const bool mods = p.mods_any();
+  const float slope = alibi_slope(p, b, h);
   float m = -INFINITY, l = 0.f;
   for (int j = 0; j < len_k; ++j) {
     if (!band_visible(p, i, j, off, len_k)) continue;
@@ -70,12 +78,18 @@ SK_DEVICE SK_INLINE void exact_row_stats(const AttentionBwdParams& p, int b, int
 #pragma unroll
     for (int s = 16; s >= 1; s /= 2) d += __shfl_xor_sync(0xffffffffu, d, s);
     float sv = d * p.scale;
+    if (mods) {
+      float capped;
+      sv = modified_score(p, sv, slope, i + off, j, capped);
+    }
     if (p.mask.ptr) sv += mask_value(p, mask_row, j);
     if (sv == -INFINITY) continue;
     const float m_new = fmaxf(m, sv);
     l = l * exp2f((m - m_new) * kLog2e) + exp2f((sv - m_new) * kLog2e);
     m = m_new;
   }
+  // The saved lse includes the sink, so the recomputed statistics must too.
+  if (p.sinks != nullptr) merge_sink(p.sinks[h], m, l);
   shift = m == -INFINITY ? INFINITY : m;
   log2l = m == -INFINITY ? 0.f : log2f(l);
 }
@@ -115,6 +129,13 @@ __global__ void __launch_bounds__(128) _attention_bwd_preprocess_kernel(const At
     p.delta[row] = acc;
     p.row_shift[row] = shift;
     p.row_log2l[row] = log2l;
+    if (p.dsink_rows != nullptr) {
+      // p_sink = exp(sink - lse) from the exact row statistics; 0 for a -inf sink and for rows
+      // whose shift is +inf (lse -inf: nothing, not even a sink, in the softmax).
+      const float sink = p.sinks[h];
+      const float p_sink = sink == -INFINITY ? 0.f : exp2f(fmaf(sink - shift, kLog2e, -log2l));
+      p.dsink_rows[row] = -p_sink * acc;
+    }
   }
 }
 
@@ -176,8 +197,9 @@ struct BwdConfig<256> {
   using type = BwdTraits<256, 64, 64, 8, 1>;
 };
 
-// attn_mask and dropout are runtime switches here (one variant per dtype and tile).
-template <typename Tag, typename Bt>
+// attn_mask and dropout are runtime switches here (one variant per dtype and tile); the score
+// modifiers are the compile-time kMods.
+template <typename Tag, typename Bt, bool kMods = false>
 __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   constexpr int kHeadDim = Bt::kHeadDim, kBlockN = Bt::kBlockN, kBlockM = Bt::kBlockM;
   constexpr int kThreads = Bt::kThreads, kStages = Bt::kStages;
@@ -301,6 +323,7 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
         // P^T, dS^T element-wise; both go to shared memory for phases B and C. The fragment
         // rows are keys and the columns queries, so the keep bits are generated transposed.
         const bool need_mask = tile_needs_mask(p, has_mask, m0, kBlockM, n0, kBlockN, off, len_k);
+        const float slope = kMods ? alibi_slope(p, b, h) : 0.f;
         uint64_t keep = ~uint64_t(0);
         if (p.dropout) {
           keep = 0;
@@ -326,6 +349,12 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
                 const int c = a_q0 + nt * 8 + quad_col + e;  // query within the block
                 const int i = m0 + c;
                 float sv = s[mt][nt][2 * hf + e] * p.scale;
+                float dcap = 1.f;  // d capped / d s
+                if (kMods) {
+                  float capped;
+                  sv = modified_score(p, sv, slope, i + off, j, capped);
+                  if (p.softcap > 0.f) dcap = softcap_grad(capped, p.softcap);
+                }
                 if (need_mask) {
                   if (!band_visible(p, i, j, off, len_k)) {
                     sv = -INFINITY;
@@ -338,6 +367,7 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
                 const float rescale = p.dropout ? p.dropout_rescale : 1.f;
                 pv[e] = kept ? prob * rescale : 0.f;
                 dsv[e] = prob * ((kept ? dp[mt][nt][2 * hf + e] * rescale : 0.f) - sDs[c]);
+                if (kMods) dsv[e] *= dcap;
               }
               const int chunk = (a_q0 + nt * 8) >> 3;
               stage_pair<kBlockM>(sP, r, chunk, quad_col, Elem<Tag>::pack2(pv[0], pv[1]));
@@ -463,7 +493,7 @@ struct DqConfig<256> {
   using type = DqTraits<256, 64, 32, 4>;
 };
 
-template <typename Tag, typename Kt>
+template <typename Tag, typename Kt, bool kMods = false>
 __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(const AttentionBwdParams p) {
   constexpr int kHeadDim = Kt::kHeadDim, kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN;
   constexpr int kMTiles = Kt::kMTiles, kNTiles = Kt::kNTiles, kDTiles = Kt::kDTiles;
@@ -511,6 +541,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
     mma::cp_async_commit();
 
     const bool has_mask = p.mask.ptr != nullptr;
+    const float slope = kMods ? alibi_slope(p, b, h) : 0.f;
     for (int nb = nb_begin; nb < nb_end; ++nb) {
       const int stage = (nb - nb_begin) & 1;
       const uint16_t* sKs = kv.k_stage(stage);
@@ -543,6 +574,12 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
             for (int e = 0; e < 2; ++e) {
               const int j = n0 + nt * 8 + quad_col + e;
               float sv = s[mt][nt][2 * hf + e] * p.scale;
+              float dcap = 1.f;  // d capped / d s
+              if (kMods) {
+                float capped;
+                sv = modified_score(p, sv, slope, i + off, j, capped);
+                if (p.softcap > 0.f) dcap = softcap_grad(capped, p.softcap);
+              }
               if (need_mask) {
                 if (!band_visible(p, i, j, off, len_k)) {
                   sv = -INFINITY;
@@ -554,6 +591,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
               const bool kept = (keep >> (((mt * 2 + hf) * kNTiles + nt) * 2 + e)) & 1;
               const float dpv = kept ? dp[mt][nt][2 * hf + e] * rescale : 0.f;
               s[mt][nt][2 * hf + e] = prob * (dpv - row_delta[mt][hf]);
+              if (kMods) s[mt][nt][2 * hf + e] *= dcap;
             }
           }
         }

@@ -23,11 +23,17 @@
 // band, by Lk_b, or any block when attn_mask is given, go through the element-wise mask;
 // the others skip it. Scores and the running max stay in the natural-log domain; exp2 takes (s - max) * log2 e.
 // A row that sees no key ends with sum 0: its output is 0 and its lse -inf.
+//
+// Score modifiers (softcap, ALiBi, sinks; common/attention_math.h) are a compile-time variant
+// (kMods) of the general kernel: the plain and general kernels keep their registers and speed.
+// Softcap and ALiBi rewrite each scaled score before the mask; the sink joins the row's max and
+// sum once, after the key loop (merge_sink), which is also what gives a keyless row lse = sink.
 #pragma once
 
 #include <math.h>
 #include <stdint.h>
 
+#include "../common/attention_math.h"
 #include "../common/macros.h"
 #include "../common/philox.h"
 #include "attention_params.h"
@@ -78,6 +84,22 @@ SK_DEVICE SK_INLINE RowBand row_band(const AttentionParams& p, int i, int off, i
 // the natural-log domain (see the online softmax below), so a mask of finfo.min stays finite.
 SK_DEVICE SK_INLINE float mask_value(const AttentionParams& p, int64_t mask_row_offset, int j) {
   return p.mask.ptr[mask_row_offset + j * p.mask.col_stride];
+}
+
+// Softcap, then ALiBi, on one scaled score s of (row with diagonal `diag`, key j); `capped` gets
+// the score after the cap (softcap_grad's argument in the backward). Only the kMods variants call
+// this; the branches are uniform over the CTA.
+SK_DEVICE SK_INLINE float modified_score(const AttentionParams& p, float s, float slope, int diag, int j,
+                                         float& capped) {
+  if (p.softcap > 0.f) s = softcap_score(s, p.softcap);
+  capped = s;
+  if (p.alibi != nullptr) s += alibi_bias(slope, diag, j);
+  return s;
+}
+
+// The ALiBi slope of (b, h), 0 without ALiBi.
+SK_DEVICE SK_INLINE float alibi_slope(const AttentionParams& p, int b, int h) {
+  return p.alibi != nullptr ? p.alibi[static_cast<int64_t>(b) * p.heads_q + h] : 0.f;
 }
 
 SK_DEVICE SK_INLINE bool dropout_keep_elem(const AttentionParams& p, int b, int h, int i, int j) {
@@ -236,8 +258,9 @@ struct KvStages {
 // ---------------------------------------------------------------------------------------------
 
 // kGeneral adds attn_mask and dropout; the plain variant handles everything else (band,
-// kv_lengths, GQA) with fewer live registers, so it can afford the larger tiles.
-template <typename Tag, typename Kt, bool kGeneral>
+// kv_lengths, GQA) with fewer live registers, so it can afford the larger tiles. kMods (only with
+// kGeneral, in its tiles) adds the score modifiers.
+template <typename Tag, typename Kt, bool kGeneral, bool kMods = false>
 __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const AttentionParams p) {
   constexpr int kHeadDim = Kt::kHeadDim, kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN;
   constexpr int kMTiles = Kt::kMTiles, kNTiles = Kt::kNTiles, kDTiles = Kt::kDTiles;
@@ -283,6 +306,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
     mma::cp_async_commit();
 
     const bool has_mask = kGeneral && p.mask.ptr != nullptr;
+    const float slope = kMods ? alibi_slope(p, b, h) : 0.f;
     for (int nb = nb_begin; nb < nb_end; ++nb) {
       const int stage = (nb - nb_begin) & 1;
       const uint16_t* sKs = kv.k_stage(stage);
@@ -296,7 +320,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
       mma_sA_sBt<Tag, kHeadDim>(acc_s, sQ, warp_row0, sKs, 0, lb_rc, lb_cr, p.head_dim);
 
       // Scaled scores, then the element-wise band / length / mask where this block needs it.
-      const bool need_mask = has_mask || n0 + kBlockN > len_k ||
+      // Modified scores all go through the element-wise path (ALiBi depends on i and j).
+      const bool need_mask = kMods || has_mask || n0 + kBlockN > len_k ||
                              (p.window_right >= 0 && n0 + kBlockN - 1 > m0 + off + p.window_right) ||
                              (p.window_left >= 0 && n0 < m_last + off - p.window_left);
       if (!need_mask) {
@@ -325,6 +350,10 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
                 float& s = acc_s[mt][nt][2 * hf + e];
                 if (j >= band.lo && j <= band.hi) {
                   s *= p.scale;
+                  if (kMods) {
+                    float capped;
+                    s = modified_score(p, s, slope, i + off, j, capped);
+                  }
                   if (has_mask && row_in) s += mask_value(p, mask_row, j);
                 } else {
                   s = -INFINITY;
@@ -403,12 +432,14 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const float sum = quad_sum(row_sum[mt][hf]);
+      float m = row_max[mt][hf], sum = quad_sum(row_sum[mt][hf]);
+      // The sink joins max and sum once; its factor rescales what the keys accumulated.
+      const float sink_factor = kMods && p.sinks != nullptr ? merge_sink(p.sinks[h], m, sum) : 1.f;
       const bool empty = sum == 0.f;
-      const float inv = empty ? 0.f : 1.f / sum;
+      const float inv = empty ? 0.f : sink_factor / sum;
       const int r = warp_row0 + mt * 16 + quad_row + 8 * hf;
       if ((lane & 3) == 0 && r < rows_valid) {
-        lse_ptr[r] = empty ? -INFINITY : row_max[mt][hf] + logf(sum);
+        lse_ptr[r] = empty ? -INFINITY : m + logf(sum);
       }
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {

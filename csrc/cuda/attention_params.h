@@ -63,6 +63,13 @@ struct AttentionParams {
   uint64_t dropout_threshold;
   float dropout_rescale;  // 1 / (1 - p), unused when everything is dropped
   uint64_t seed, offset;
+
+  // Score modifiers (common/attention_math.h ScoreMods); the kernels compiled with kMods read
+  // them, the others never look (the launcher picks the variant from mods_any()).
+  float softcap;       // > 0: s <- softcap * tanh(s / softcap); 0: off
+  const float* alibi;  // (B, Hq) slopes, or nullptr
+  const float* sinks;  // (Hq,) sink logits, or nullptr
+  SK_HOST_DEVICE SK_INLINE bool mods_any() const { return softcap > 0.f || alibi != nullptr || sinks != nullptr; }
 };
 
 struct AttentionBwdParams : AttentionParams {
@@ -77,6 +84,9 @@ struct AttentionBwdParams : AttentionParams {
   float* row_log2l;
   float* dq_accum;          // (B, Hq, Lq, head_dim_padded) float32 for the atomic dQ path, else nullptr
   int dq_accum_row_stride;  // padded head dim of dq_accum
+  // (B, Hq, Lq) float32, -p_sink * delta per row (written by the preprocess kernel when sinks is
+  // given, else nullptr); the launcher sums it over (B, Lq) into grad_sinks, deterministically.
+  float* dsink_rows;
 };
 
 }  // namespace attn

@@ -128,10 +128,17 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
 
 namespace {
 
+// The modifiers are a compile-time variant, so the kernel without them keeps its registers.
 template <typename T, int HEAD, int ROWS>
 void launch_decode(const kv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  auto kernel = &kv::_decode_attention_kernel<T, HEAD, ROWS>;
-  SK_LAUNCH(kernel, grid, dim3(kv::DecodeGeometry<T, HEAD>::kThreads), 0, stream, p);
+  constexpr int kThreads = kv::DecodeGeometry<T, HEAD>::kThreads;
+  if (p.softcap > 0.0f || p.alibi != nullptr || p.sinks != nullptr) {
+    auto kernel = &kv::_decode_attention_kernel<T, HEAD, ROWS, true>;
+    SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+  } else {
+    auto kernel = &kv::_decode_attention_kernel<T, HEAD, ROWS, false>;
+    SK_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, p);
+  }
 }
 
 template <typename T, int HEAD>
@@ -160,7 +167,10 @@ void run_decode(const kv::DecodeParams& p, dim3 grid, int rows, int64_t widest, 
     launch_decode_rows<T, 256>(rows, p, grid, stream);
   }
   if (p.num_splits > 1) {
-    const kv::MergeParams mp{p.out_partial, p.lse_partial, p.out, p.lse, p.B * p.Hq * p.Tq, p.Dv, p.num_splits};
+    kv::MergeParams mp{p.out_partial, p.lse_partial, p.out, p.lse, p.B * p.Hq * p.Tq, p.Dv, p.num_splits};
+    mp.sinks = p.sinks;  // merged once, after the splits
+    mp.Hq = p.Hq;
+    mp.Tq = p.Tq;
     constexpr int kWarps = 4;
     const dim3 mgrid(static_cast<unsigned>((mp.rows + kWarps - 1) / kWarps));
     auto kernel = &kv::_decode_merge_kernel<T>;
@@ -216,17 +226,17 @@ void fill_outputs(kv::DecodeParams& p, const at::Tensor& out, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
                                                          const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                          const std::optional<at::Tensor>& block_table, double scale,
-                                                         int64_t window_left, int64_t window_right,
-                                                         int64_t num_splits,
+                                                         int64_t window_left, int64_t window_right, int64_t num_splits,
                                                          const std::optional<at::Tensor>& alibi_slopes,
                                                          const std::optional<at::Tensor>& sinks, double softcap) {
   check_cache(k_cache, v_cache);
   constexpr const char* op = "seqkernels::decode_attention (cuda)";
-  host::check_modifiers<float>(alibi_slopes, sinks, softcap, q_in.size(0), q_in.size(1), kDevice, op);
-  TORCH_CHECK(softcap == 0 && !alibi_slopes && !sinks, op,
-              ": softcap, alibi_slopes and sinks are not implemented by the CUDA kernels yet");
   // 65535: the splits are the grid's z dimension.
   host::check_decode_args(q_in, k_cache, num_splits, window_left, window_right, 65535, kDevice);
+  // After the decode checks, which establish that q is (B, Hq, Tq, D) (the modifiers' shapes
+  // are read from it).
+  const host::ModifierArgs<float> mods =
+      host::check_modifiers<float>(alibi_slopes, sinks, softcap, q_in.size(0), q_in.size(1), kDevice, op);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_cache.size(1), Dv = v_cache.size(3);
   TORCH_CHECK(D >= 1 && Dv >= 1 && D <= 256 && Dv <= 256, "q, v_cache: head dims must be in [1, 256], got D=", D,
@@ -257,6 +267,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
   p.qk_scale = static_cast<float>(scale);
   fill_band(p, cache_seqlens, layout, window_left);
   fill_outputs(p, out, lse, out_partial, lse_partial, num_splits);
+  p.softcap = mods.softcap;
+  p.alibi = mods.alibi;
+  p.sinks = mods.sinks;
 
   const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_tiles), static_cast<unsigned>(num_splits));
   const cudaStream_t stream = cudart::current_stream();

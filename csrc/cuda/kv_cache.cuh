@@ -23,6 +23,12 @@
 //   key range of a CTA: rows' positions pos = len - Tq + t, visible keys
 //   [max(0, pos_first - wl), min(len, pos_last + wr + 1)), cut into num_splits chunks.
 //
+// Score modifiers (kMods, a compile-time variant so the plain kernel keeps its registers):
+// softcap and ALiBi rewrite each visible score (the diagonal of row t is its position); the sink
+// joins a row's max and sum once, where the row's statistics are final: the CTA's epilogue for one
+// split, _decode_merge_kernel after combining several (a sink merged per split would count
+// num_splits times).
+//
 // Shuffles are executed by every lane of every group on every iteration (a key that is out of
 // range or has a bad block id loads nothing and is masked with -inf afterwards), so warp
 // collectives never diverge. Masked values are selected away, never multiplied by 0.
@@ -31,6 +37,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../common/attention_math.h"
 #include "../common/macros.h"
 #include "elem.cuh"
 
@@ -196,6 +203,10 @@ struct DecodeParams {
   int64_t window_left, window_right;
   int64_t num_splits;
   bool vec_ok;  // 16-byte loads of K/V rows are aligned (D, Dv, strides, base pointers)
+  // Score modifiers (common/attention_math.h ScoreMods), read by the kMods variant only.
+  float softcap;       // > 0: s <- softcap * tanh(s / softcap); 0: off
+  const float* alibi;  // (B, Hq) slopes, or nullptr
+  const float* sinks;  // (Hq,) sink logits, or nullptr
 };
 
 // Elements [d0, d0 + VEC) of a row (0 past n): one 16-byte load when aligned and in range.
@@ -213,7 +224,7 @@ SK_DEVICE SK_INLINE void load_chunk(const T* row, int64_t d0, int64_t n, bool ve
 // Keys each group holds per iteration: their K and V loads are all issued before the first use.
 constexpr int kKeysPerGroup = 2;
 
-template <typename T, int HEAD, int ROWS>
+template <typename T, int HEAD, int ROWS, bool kMods = false>
 __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) {
   using Geo = DecodeGeometry<T, HEAD>;
   constexpr int VEC = Geo::kVec, GS = Geo::kGroup, NCH = Geo::kChunks, EPT = Geo::kEpt, NG = Geo::kGroups;
@@ -253,6 +264,7 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
   // This lane's slice of the query rows, pre-scaled; rows past n_rows are 0 and never stored.
   float q[ROWS][EPT];
   int64_t pos[ROWS];
+  float slope[ROWS];  // ALiBi slopes of the rows (kMods only; dead code otherwise)
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) {
     const int64_t r = r0 + i;
@@ -260,6 +272,7 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
     const int64_t t = ok ? r / p.G : 0;
     const int64_t hq = hkv * p.G + (ok ? r % p.G : 0);
     pos[i] = len - p.Tq + t;
+    slope[i] = kMods && p.alibi != nullptr ? p.alibi[b * p.Hq + hq] : 0.0f;
     const T* qrow = static_cast<const T*>(p.q) + ((b * p.Hq + hq) * p.Tq + t) * p.D;
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
@@ -323,6 +336,10 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
         for (int off = GS / 2; off > 0; off /= 2) d += __shfl_xor_sync(0xffffffffu, d, off);
         const bool visible = key_ok[u] && (p.window_left < 0 || j[u] >= pos[i] - p.window_left) &&
                              (p.window_right < 0 || j[u] <= pos[i] + p.window_right);
+        if (kMods) {
+          if (p.softcap > 0.0f) d = softcap_score(d, p.softcap);
+          if (p.alibi != nullptr) d += alibi_bias(slope[i], pos[i], j[u]);
+        }
         s[u][i] = visible ? d : kNegInf;
       }
     }
@@ -398,12 +415,14 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
         o = fmaf(s_acc[g][i][d], w, o);
       }
     }
-    const bool empty = !(total > 0.0f) && !(total != total);  // a NaN total stays NaN
-    const float out = empty ? 0.0f : o / total;
-    const float lse = empty ? kNegInf : mx + logf(total);
     const int r32 = static_cast<int>(r), t = r32 / G;
     const int64_t hq = hkv * p.G + (r32 - t * G);
     const int64_t row_index = (b * p.Hq + hq) * p.Tq + t;
+    // One split: the row is complete here, so the sink joins it now; with several, the merge does.
+    if (kMods && p.sinks != nullptr && p.num_splits == 1) o *= merge_sink(p.sinks[hq], mx, total);
+    const bool empty = !(total > 0.0f) && !(total != total);  // a NaN total stays NaN
+    const float out = empty ? 0.0f : o / total;
+    const float lse = empty ? kNegInf : mx + logf(total);
     if (p.num_splits == 1) {
       static_cast<T*>(p.out)[row_index * p.Dv + d] = from_acc<T>(out);
       if (d == 0) p.lse[row_index] = lse;
@@ -421,6 +440,8 @@ struct MergeParams {
   void* out;                 // (rows, Dv) T
   float* lse;                // (rows,)
   int64_t rows, Dv, num_splits;
+  const float* sinks;  // (Hq,) or nullptr: merged once, after the splits
+  int64_t Hq, Tq;      // row = (b * Hq + h) * Tq + t
 };
 
 // One warp per output row: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
@@ -443,18 +464,22 @@ __global__ void __launch_bounds__(128) _decode_merge_kernel(MergeParams p) {
   for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
   if (!active) return;
   const bool empty = mx == kNegInf && !(total != total);
+  // The splits' weights are exp(ls - mx) / total; the sink adds to total and may raise the max,
+  // which rescales them by its factor. A keyless row with a finite sink: out 0, lse = sink.
+  float m = mx, l = total, factor = 1.0f;
+  if (p.sinks != nullptr) factor = merge_sink(p.sinks[(row / p.Tq) % p.Hq], m, l);
   for (int64_t d = lane; d < p.Dv; d += 32) {
     float o = 0.0f;
     if (!empty) {
       for (int64_t s = 0; s < p.num_splits; ++s) {
         const float ls = p.lse_partial[s * p.rows + row];
         if (ls == kNegInf) continue;
-        o = fmaf(expf(ls - mx) / total, p.out_partial[(s * p.rows + row) * p.Dv + d], o);
+        o = fmaf(expf(ls - mx) * factor / l, p.out_partial[(s * p.rows + row) * p.Dv + d], o);
       }
     }
     static_cast<T*>(p.out)[row * p.Dv + d] = from_acc<T>(o);
   }
-  if (lane == 0) p.lse[row] = empty ? kNegInf : mx + logf(total);
+  if (lane == 0) p.lse[row] = m == kNegInf && !(l != l) ? kNegInf : m + logf(l);
 }
 
 }  // namespace kv
