@@ -77,6 +77,41 @@ inline AttentionGeometry check_qkv(const at::Tensor& q, const at::Tensor& k, con
   return g;
 }
 
+// attn_mask as the kernels read it: expanded to (B, Hq, Lq, Lk) (stride 0 on broadcast dims), bool
+// (True takes part), q's dtype or float32 (added to the scaled scores), on dev.
+inline void check_attn_mask(const at::Tensor& m, const AttentionGeometry& g, at::ScalarType qt, const Device& dev,
+                            const char* op) {
+  check_device(dev, m, op, ": attn_mask");
+  TORCH_CHECK(m.dim() == 4 && m.size(0) == g.B && m.size(1) == g.Hq && m.size(2) == g.Lq && m.size(3) == g.Lk, op,
+              ": attn_mask must be expanded to (B, Hq, Lq, Lk) = (", g.B, ", ", g.Hq, ", ", g.Lq, ", ", g.Lk, "), got ",
+              m.sizes());
+  const at::ScalarType dt = m.scalar_type();
+  TORCH_CHECK(dt == at::kBool || dt == at::kFloat || dt == qt, op, ": attn_mask must be bool, ", qt,
+              " or float32, got ", dt);
+}
+
+// kv_lengths: a contiguous int32 (B,) tensor on dev (values are clamped by the kernels; the public
+// layer range-checks CPU tensors).
+inline const int32_t* check_kv_lengths(const std::optional<at::Tensor>& kv_lengths, const AttentionGeometry& g,
+                                       const Device& dev, const char* op) {
+  if (!kv_lengths.has_value() || !kv_lengths->defined()) return nullptr;
+  const at::Tensor& t = *kv_lengths;
+  check_device(dev, t, op, ": kv_lengths");
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == g.B && t.is_contiguous(), op,
+              ": kv_lengths must be a contiguous int32 tensor of shape (B,) = (", g.B, ",), got ", t.scalar_type(), " ",
+              t.sizes());
+  return t.data_ptr<int32_t>();
+}
+
+inline void check_dropout_p(double p, const char* op) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": dropout_p must be in [0, 1], got ", p);
+}
+
+inline void check_window(int64_t window_left, int64_t window_right, const char* op) {
+  TORCH_CHECK(window_left >= -1, op, ": window_left must be >= 0, or -1 for unbounded, got ", window_left);
+  TORCH_CHECK(window_right >= -1, op, ": window_right must be >= 0, or -1 for unbounded, got ", window_right);
+}
+
 // The score modifiers of attention_fwd / attention_bwd / decode_attention: alibi_slopes (B, Hq)
 // and sinks (Hq,), contiguous, of the accumulation type `acc` (float64 for float64 inputs, float32
 // otherwise) on dev; softcap finite and >= 0 (0 = off). Returns them as raw pointers.
@@ -93,8 +128,7 @@ inline void check_modifier_tensor(const std::optional<at::Tensor>& t, const char
   check_device(dev, *t, op, ": ", name);
   TORCH_CHECK(t->scalar_type() == acc, op, ": ", name, " must be ", acc, " (the accumulation type), got ",
               t->scalar_type());
-  TORCH_CHECK(t->sizes() == shape, op, ": ", name, " must have shape ", shape_name, " = ", shape, ", got ",
-              t->sizes());
+  TORCH_CHECK(t->sizes() == shape, op, ": ", name, " must have shape ", shape_name, " = ", shape, ", got ", t->sizes());
   TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
 }
 

@@ -141,19 +141,17 @@ unsigned grid_size(int64_t blocks, int64_t batch_heads) {
 // The kernels read one mask format: an additive float32 mask. A bool mask becomes 0 / -inf and
 // a 16-bit one float32; only the stored values are converted (broadcast dims are collapsed
 // first and expanded again), so an expanded mask is never materialized.
-at::Tensor mask_for_kernel(const std::optional<at::Tensor>& attn_mask, const at::Tensor& q, const at::Tensor& k) {
+// The sizes the shared mask and length checks read (B, Hq, Lq, Lk); head dims are not among them.
+host::AttentionGeometry geometry(const at::Tensor& q, const at::Tensor& k) {
+  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), k.size(3)};
+}
+
+at::Tensor mask_for_kernel(const std::optional<at::Tensor>& attn_mask, const at::Tensor& q, const at::Tensor& k,
+                           const char* op) {
   if (!attn_mask.has_value()) return at::Tensor();
   const at::Tensor& m = *attn_mask;
-  SK_CHECK_DEVICE(m);
-  TORCH_CHECK(m.device() == q.device(), "attention: attn_mask must be on q's device ", q.device(), ", got ",
-              m.device());
-  TORCH_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(1) && m.size(2) == q.size(2) &&
-                  m.size(3) == k.size(2),
-              "attention: attn_mask must be expanded to (B, Hq, Lq, Lk) = (", q.size(0), ", ", q.size(1), ", ",
-              q.size(2), ", ", k.size(2), "), got ", m.sizes());
+  host::check_attn_mask(m, geometry(q, k), q.scalar_type(), kDevice, op);
   const at::ScalarType dt = m.scalar_type();
-  TORCH_CHECK(dt == at::kBool || dt == at::kFloat || dt == q.scalar_type(), "attention: attn_mask must be bool, ",
-              q.scalar_type(), " or float32, got ", dt);
   if (dt == at::kFloat) return m;
   at::Tensor base = m;
   for (int d = 0; d < 4; ++d) {
@@ -206,28 +204,15 @@ void fill_mask(AttentionParams& p, const at::Tensor& mask) {
 // Which keys a row sees: kv_lengths, the window and its alignment.
 void fill_band(AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
                const std::optional<at::Tensor>& kv_lengths, int64_t window_left, int64_t window_right,
-               bool bottom_right) {
-  TORCH_CHECK(window_left >= -1 && window_right >= -1,
-              "attention: window_left / window_right must be >= -1 (-1 = unbounded), got ", window_left, ", ",
-              window_right);
+               bool bottom_right, const char* op) {
+  host::check_window(window_left, window_right, op);
   // A window wider than both lengths bounds nothing; folding it to -1 keeps the kernels'
   // int arithmetic far from overflow.
   const int64_t span = q.size(2) + k.size(2);
   p.window_left = window_left > span ? -1 : static_cast<int>(window_left);
   p.window_right = window_right > span ? -1 : static_cast<int>(window_right);
   p.bottom_right = bottom_right;
-
-  p.kv_lengths = nullptr;
-  if (kv_lengths.has_value()) {
-    const at::Tensor& kl = *kv_lengths;
-    SK_CHECK_DEVICE(kl);
-    TORCH_CHECK(kl.device() == q.device(), "attention: kv_lengths must be on q's device ", q.device(), ", got ",
-                kl.device());
-    TORCH_CHECK(kl.scalar_type() == at::kInt && kl.dim() == 1 && kl.size(0) == q.size(0) && kl.is_contiguous(),
-                "attention: kv_lengths must be a contiguous int32 tensor of shape (B,) = (", q.size(0), "), got ",
-                kl.scalar_type(), " ", kl.sizes());
-    p.kv_lengths = kl.data_ptr<int32_t>();
-  }
+  p.kv_lengths = host::check_kv_lengths(kv_lengths, geometry(q, k), kDevice, op);
 }
 
 void fill_mods(AttentionParams& p, const host::ModifierArgs<float>& mods) {
@@ -236,8 +221,8 @@ void fill_mods(AttentionParams& p, const host::ModifierArgs<float>& mods) {
   p.sinks = mods.sinks;
 }
 
-void fill_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t offset) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "attention: dropout_p must be in [0, 1], got ", dropout_p);
+void fill_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t offset, const char* op) {
+  host::check_dropout_p(dropout_p, op);
   p.dropout = dropout_p > 0.0;
   p.dropout_threshold = dropout_threshold(dropout_p);
   p.dropout_rescale = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
@@ -250,12 +235,12 @@ void fill_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t of
 void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& attn_mask, const std::optional<at::Tensor>& kv_lengths, double scale,
                  int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
-                 int64_t offset, int64_t d, int64_t dv, const host::ModifierArgs<float>& mods) {
+                 int64_t offset, int64_t d, int64_t dv, const host::ModifierArgs<float>& mods, const char* op) {
   fill_qkv(p, q, k, v, d, dv);
   p.scale = static_cast<float>(scale);
-  fill_band(p, q, k, kv_lengths, window_left, window_right, bottom_right);
+  fill_band(p, q, k, kv_lengths, window_left, window_right, bottom_right, op);
   fill_mask(p, attn_mask);
-  fill_dropout(p, dropout_p, seed, offset);
+  fill_dropout(p, dropout_p, seed, offset, op);
   fill_mods(p, mods);
 }
 
@@ -277,8 +262,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right,
     bool bottom_right, double dropout_p, int64_t seed, int64_t offset, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& sinks, double softcap) {
-  check_qkv(q_in, k_in, v_in, "seqkernels::attention_fwd (cuda)");
-  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, "seqkernels::attention_fwd (cuda)");
+  constexpr const char* op = "seqkernels::attention_fwd (cuda)";
+  check_qkv(q_in, k_in, v_in, op);
+  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, op);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t D = q_in.size(3), Dv = v_in.size(3);
   const int64_t D8 = round_up8(D), Dv8 = round_up8(Dv);
@@ -292,10 +278,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   const cudart::DeviceGuard guard(q_in);
   const at::Tensor q = kernel_layout(q_in, D8), k = kernel_layout(k_in, D8), v = kernel_layout(v_in, Dv8);
 
-  const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in);
+  const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in, op);
   AttentionParams p;
   fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset, D8,
-              Dv8, mods);
+              Dv8, mods, op);
   p.out = rows_view<attn::OutRows>(out);
   p.lse = lse.data_ptr<float>();
 
@@ -356,8 +342,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right,
     bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double softcap) {
-  check_qkv(q_in, k_in, v_in, "seqkernels::attention_bwd (cuda)");
-  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, "seqkernels::attention_bwd (cuda)");
+  constexpr const char* op = "seqkernels::attention_bwd (cuda)";
+  check_qkv(q_in, k_in, v_in, op);
+  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, op);
   at::Tensor dsinks = at::zeros({sinks.has_value() ? q_in.size(1) : 0}, q_in.options().dtype(at::kFloat));
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t Hkv = k_in.size(1), Lk = k_in.size(2);
@@ -396,10 +383,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dsink_rows;
   if (sinks.has_value()) dsink_rows = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
 
-  const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in);
+  const at::Tensor mask = mask_for_kernel(attn_mask, q_in, k_in, op);
   AttentionBwdParams p;
   fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset, D8,
-              Dv8, mods);
+              Dv8, mods, op);
   p.out = rows_view<attn::OutRows>(out);  // read only: the forward's output
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.dout = rows_view<attn::InRows>(dout);
