@@ -8,11 +8,44 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import os
 from typing import Callable, List, Optional
 
 import torch
 
 from . import backends, testing
+
+
+def prepare_triton_env() -> None:
+    # Triton reads TRITON_INTERPRET when it is imported: without a GPU, Triton kernels run on CPU
+    # tensors under the interpreter (as the tests run them). Called before anything imports triton.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def triton_usable() -> tuple[bool, str]:
+    """Is Triton usable here, and how: the one answer `seqkernels info` prints and `seqkernels check`
+    acts on (it runs the Triton cases exactly when this says yes, on the device named)."""
+    prepare_triton_env()
+    if importlib.util.find_spec("triton") is None:
+        return False, "no: triton is not installed (pip install triton)"
+    try:
+        import triton
+    except Exception as e:  # a broken install: say so instead of failing later per case
+        return False, f"no: import triton failed ({type(e).__name__}: {e})"
+    if torch.cuda.is_available():
+        return True, f"yes, on the GPU (triton {triton.__version__})"
+    if backends.triton_interpreting():
+        return True, (
+            f"yes, on CPU tensors under the interpreter (TRITON_INTERPRET=1; triton {triton.__version__}): "
+            "correctness only, slow"
+        )
+    return False, "no: no GPU, and TRITON_INTERPRET=0 turns the interpreter off"
+
+
+def triton_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclasses.dataclass
@@ -200,14 +233,21 @@ def main(ops=None, backends_=None, dtypes=None, verbose=False) -> int:
             continue
         cases += [c for c in loader() if not ops or c.op in ops]
     want_backends = backends_ or ["cuda", "cpu", "triton"]
+    usable, how = False, ""
+    if "triton" in want_backends:  # importing triton costs seconds: only when its rows are wanted
+        usable, how = triton_usable()
+        print(f"triton usable here: {how}")
     rows, failures = [], 0
     for case in cases:
         for backend in want_backends:
-            device = "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+            device = "cuda" if backend == "cuda" else triton_device() if backend == "triton" else "cpu"
             for dtype in case.dtypes:
                 if dtypes and str(dtype).replace("torch.", "") not in dtypes:
                     continue
-                status, report = run_case(case, backend, dtype, device)
+                if backend == "triton" and not usable:
+                    status, report = "skip: triton " + how, None
+                else:
+                    status, report = run_case(case, backend, dtype, device)
                 failures += status == "FAIL"
                 ratio = max((r.ratio for r in report.rows), default=0.0) if report else None
                 rows.append((case.op, case.name, backend, str(dtype).replace("torch.", ""), status, ratio))

@@ -8,31 +8,34 @@ import platform
 import sys
 
 
-def _prepare_triton_env():
-    # Triton reads TRITON_INTERPRET when it is imported: without a GPU, the CLI checks the Triton
-    # kernels under the interpreter, as the tests do.
+def version_string() -> str:
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from . import __version__, _ext
+
+    if _ext.extension_available():
+        archs = _ext.compiled_cuda_archs()
+        ext = "extension built" + (f", CUDA archs {';'.join(archs)}" if archs else ", CPU only")
+    else:
+        ext = "extension NOT built"
+    return f"seqkernels {__version__} (torch {torch.__version__}; {ext})"
 
 
 def cmd_info(args) -> int:
     import torch
 
-    from . import _ext, backends
+    from . import _ext, backends, check
+
+    # The same environment and answer as `seqkernels check` (check.triton_usable): the per-op
+    # cells below then agree with what check runs.
+    triton_ok, triton_how = check.triton_usable()
 
     lines = [
         f"seqkernels {__import__('seqkernels').__version__}",
         f"python     {platform.python_version()} ({platform.machine()})",
         f"torch      {torch.__version__} (CUDA build {torch.version.cuda or 'none'})",
     ]
-    try:
-        import triton
-
-        lines.append(f"triton     {triton.__version__}")
-    except ImportError:
-        lines.append("triton     not installed")
+    lines.append(f"triton     usable here: {triton_how}")
     lines.append(f"cpu        {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -60,8 +63,10 @@ def cmd_info(args) -> int:
         spec = getattr(importlib.import_module(mod_name), spec_name)
         cells = []
         for b in ("cuda", "cpu", "triton"):
-            gpu = b == "cuda" or (b == "triton" and torch.cuda.is_available())
-            reason = backends._generic_why_not(spec, b, torch.device("cuda" if gpu else "cpu"))
+            dev = "cuda" if b == "cuda" else check.triton_device() if b == "triton" else "cpu"
+            reason = backends._generic_why_not(spec, b, torch.device(dev))
+            if b == "triton" and not triton_ok:
+                reason = triton_how.removeprefix("no: ")
             if reason is None:
                 cells.append(f"{b}: yes")
             elif reason.startswith(backends.NOT_IMPLEMENTED):
@@ -81,7 +86,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_check(args) -> int:
-    _prepare_triton_env()
     from . import check
 
     return check.main(ops=args.op, backends_=args.backend, dtypes=args.dtype)
@@ -97,7 +101,12 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
+    if argv[:1] in (["--version"], ["-V"]):
+        # Answered before argparse builds the sub-commands (and before anything imports triton).
+        print(version_string())
+        return 0
     parser = argparse.ArgumentParser(prog="seqkernels", description=__doc__)
+    parser.add_argument("--version", "-V", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="versions, devices, backends built, CUDA archs compiled in")
     p.add_argument(
@@ -113,6 +122,9 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_check)
     sub.add_parser("bench", help="microbenchmarks, tables, CSV and plots (seqkernels bench --help)")
     args = parser.parse_args(argv)
+    if args.version:
+        print(version_string())
+        return 0
     return args.fn(args)
 
 

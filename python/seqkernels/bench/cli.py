@@ -12,7 +12,18 @@ import time
 
 import torch
 
-from .harness import Recorder, Settings, copy_bandwidth, gemm_ceiling
+from .harness import (
+    NOISY_ADVICE,
+    Recorder,
+    Settings,
+    copy_bandwidth,
+    format_ratio,
+    gemm_ceiling,
+    is_noisy,
+    rnn_vs_attention_findings,
+    speedup,
+    spread,
+)
 from .suites import SUITES
 
 CSV_FIELDS = [
@@ -56,7 +67,7 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def write_outputs(rec: Recorder, out_dir: str, stem: str):
+def write_outputs(rec: Recorder, out_dir: str, stem: str, plots: bool = True):
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{stem}.csv")
     with open(csv_path, "w", newline="") as f:
@@ -74,17 +85,44 @@ def write_outputs(rec: Recorder, out_dir: str, stem: str):
             w.writerow(d)
     with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump({"meta": rec.meta, "rows": [dataclasses.asdict(r) for r in rec.rows]}, f, indent=1, default=str)
+    if not plots:
+        return csv_path, []
     from .plots import plot_all
 
     pngs = plot_all(csv_path, out_dir, stem)
     return csv_path, pngs
 
 
+# The throughput printed next to each time, per suite ("time": none).
+HEADLINE = {"attention": "tflops", "decode": "gbps", "kv_append": "gbps", "lstm": "time", "rnn_vs_attention": "time"}
+
+
+def _flag(rec: Recorder, *rows) -> str:
+    """The table's noise marker: the row's own spread, or the machine's load during the run."""
+    if any(is_noisy(r.p20, r.p50, r.p80) for r in rows):
+        return "  NOISY"
+    return "  NOISY (load)" if rec.overloaded else ""
+
+
+def _spread(r) -> str:
+    s = spread(r.p20, r.p50, r.p80)
+    return f"{100 * s:4.0f}%" if s != float("inf") else "    -"
+
+
 def format_table(rec: Recorder) -> str:
-    """The readable summary: time and the headline throughput per (suite, op, shape, provider), plus
-    each provider's ratio to the fastest peer measured in the same run."""
-    head = {"attention": "tflops", "decode": "gbps", "kv_append": "gbps", "lstm": "time", "rnn_vs_attention": "time"}
+    """The readable summary: per (suite, op, shape, provider) the median time with its p20-p80 range
+    and spread, the headline throughput with its range, each seqkernels provider's speedup over the
+    fastest peer of the same run with the range the two spreads allow, and NOISY where a spread
+    exceeds 10% of its median or the machine was loaded beyond its core count. Rows without a time
+    (the ceilings) print their own value and range; a line with nothing measured says so."""
     lines = []
+    if rec.overloaded:
+        lines.append(
+            f"NOISY RUN: the load average reached {rec.meta['load_max']:.1f} on {rec.meta['cores']} cores "
+            f"while measuring, so every figure below competes with other processes ({NOISY_ADVICE})."
+        )
+        lines.append("")
+    lines.append("median [p20-p80] spread (p80-p20)/median; NOISY: spread > 10% or a loaded machine")
     keys = []
     for r in rec.rows:
         k = (r.suite, r.op, r.shape)
@@ -92,23 +130,53 @@ def format_table(rec: Recorder) -> str:
             keys.append(k)
     for suite, op, shape in keys:
         rows = [r for r in rec.rows if (r.suite, r.op, r.shape) == (suite, op, shape)]
-        times = {r.provider: r.p50 for r in rows if r.metric == "time"}
-        peers = {p: t for p, t in times.items() if not p.startswith("seqkernels")}
-        best_peer = min(peers.items(), key=lambda kv: kv[1]) if peers else None
-        lines.append(f"{suite} / {op} / {shape}")
+        times = {r.provider: r for r in rows if r.metric == "time"}
+        peers = [r for p, r in times.items() if not p.startswith("seqkernels")]
+        best_peer = min(peers, key=lambda r: r.p50) if peers else None
+        head = HEADLINE.get(suite, "time")
+        out = []
         for r in rows:
             if r.metric == "status":
-                lines.append(f"    {r.provider:28s} {r.note}")
+                out.append(f"    {r.provider:28s} {r.note}")
             elif r.metric == "time":
-                extra = [
-                    x for x in rows if x.provider == r.provider and x.metric == head[suite] and head[suite] != "time"
-                ]
-                thr = f"{extra[0].p50:9.4g} {extra[0].unit:9s}" if extra else " " * 19
+                extra = [x for x in rows if x.provider == r.provider and x.metric == head != "time"]
+                thr = f"{extra[0].p50:8.4g} {extra[0].unit} [{extra[0].p20:.4g}-{extra[0].p80:.4g}]" if extra else ""
                 ratio = ""
-                if best_peer and r.provider.startswith("seqkernels"):
-                    ratio = f"{best_peer[1] / r.p50:5.2f}x vs {best_peer[0]}"
-                lines.append(f"    {r.provider:28s} {r.p50:10.3f} ms [{r.p20:.3f}-{r.p80:.3f}] {thr} {ratio}")
+                if best_peer is not None and r.provider.startswith("seqkernels"):
+                    ratio = f"  {format_ratio(*speedup(best_peer, r))} vs {best_peer.provider}"
+                    flag = _flag(rec, r, best_peer)
+                else:
+                    flag = _flag(rec, r)
+                out.append(
+                    f"    {r.provider:28s} {r.p50:10.3f} ms [{r.p20:.3f}-{r.p80:.3f}] {_spread(r)}  {thr}{ratio}{flag}"
+                )
+            elif r.provider not in times:
+                # A figure with no time row (the ceilings): its own value and range.
+                note = f"  ({r.note})" if r.note else ""
+                out.append(
+                    f"    {r.provider:28s} {r.p50:10.4g} {r.unit} [{r.p20:.4g}-{r.p80:.4g}] {_spread(r)}"
+                    f"{note}{_flag(rec, r)}"
+                )
+        lines.append(f"{suite} / {op} / {shape}")
+        lines += out or ["    nothing measured for this line"]
     return "\n".join(lines)
+
+
+def _ceilings(rec: Recorder, s: Settings):
+    """Measure the GEMM and copy ceilings as rows with their spreads; one that cannot be measured
+    here becomes one line saying why (its meta value NaN, so the % columns read nan, not a guess)."""
+    for op, provider, key, metric, unit, fn in (
+        ("gemm", "torch.matmul", "gemm_tflops", "tflops", "TFLOP/s", gemm_ceiling),
+        ("copy", "torch.copy_", "copy_gbps", "gbps", "GB/s", copy_bandwidth),
+    ):
+        try:
+            (p20, p50, p80), note = fn(s)
+        except Exception as e:  # e.g. out of memory for the copy buffers, a dtype with no matmul here
+            rec.meta[key] = float("nan")
+            rec.add_failure("ceiling", op, provider, "-", f"not measured here: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        rec.meta[key] = p50
+        rec.add("ceiling", op, provider, "-", metric, unit, p20, p50, p80, note)
 
 
 def main(argv=None) -> int:
@@ -121,6 +189,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes: every suite in a few minutes on a 2-core CPU")
     ap.add_argument("--backend", default=None, help="only this seqkernels backend, no peers")
     ap.add_argument(
+        "--repeat",
+        type=float,
+        default=1.0,
+        help="multiply the repetitions and minimum timed duration of every measurement (default 1; "
+        "use 4 or more when figures are flagged NOISY)",
+    )
+    ap.add_argument(
         "--out", default="bench_out", help="output folder for CSV, JSON and PNG plots (default ./bench_out)"
     )
     args = ap.parse_args(argv)
@@ -131,28 +206,39 @@ def main(argv=None) -> int:
     dtype = getattr(torch, dtype_name, None)
     if not isinstance(dtype, torch.dtype):
         ap.error(f"--dtype: unknown dtype {dtype_name!r}")
-    s = Settings(device=device, dtype=dtype, quick=args.quick, backend=args.backend)
+    if args.repeat <= 0:
+        ap.error("--repeat must be positive")
+    s = Settings(device=device, dtype=dtype, quick=args.quick, backend=args.backend, repeat=args.repeat)
     suites = args.suite or list(SUITES)
     rec = Recorder(s)
     progress = Progress(len(suites))
     progress("measuring the GEMM and copy-bandwidth ceilings")
-    rec.meta["gemm_tflops"] = gemm_ceiling(s)
-    rec.meta["copy_gbps"] = copy_bandwidth(s)
-    rec.add("ceiling", "gemm", "torch.matmul", "-", "tflops", "TFLOP/s", *[rec.meta["gemm_tflops"]] * 3)
-    rec.add("ceiling", "copy", "torch.copy_", "-", "gbps", "GB/s", *[rec.meta["copy_gbps"]] * 3)
+    _ceilings(rec, s)
     stem = f"{'gpu' if s.is_cuda else 'cpu'}_{dtype_name}{'_quick' if s.quick else ''}"
     for name in suites:
         SUITES[name](rec, s, progress)
+        rec.sample_load()
         progress.suite_done()
         # Written after every suite, so an interrupted run still leaves what it measured.
         csv_path, pngs = write_outputs(rec, args.out, stem)
     print(
         f"\nseqkernels bench on {rec.meta['device']} ({dtype_name}), torch {rec.meta['torch']}, git {rec.meta['git']}"
     )
-    print(f"ceilings: GEMM {rec.meta['gemm_tflops']:.2f} TFLOP/s, copy {rec.meta['copy_gbps']:.1f} GB/s\n")
+    load = rec.meta.get("load_max")
+    print(
+        f"machine: {rec.meta['machine']}; highest 1-minute load average during the run "
+        + (f"{load:.1f} on {rec.meta['cores']} cores" if load is not None else "unknown")
+        + (" (overloaded: timings are noisy)" if rec.overloaded else "")
+        + "\n"
+    )
     print(format_table(rec))
-    if rec.meta.get("findings"):
-        print("\nrnn_vs_attention findings (this machine):")
+    # The suites' own notes quote medians only; the findings printed (and kept as "findings" in the
+    # JSON) are recomputed from the rows with their spreads, the machine and the noise flag.
+    rec.meta["suite_notes"] = rec.meta.pop("findings", [])
+    rec.meta["findings"] = rnn_vs_attention_findings(rec)
+    write_outputs(rec, args.out, stem, plots=False)
+    if rec.meta["findings"]:
+        print("\nrnn_vs_attention findings:")
         for line in rec.meta["findings"]:
             print("  - " + line)
     print(f"\nwrote {csv_path}, {csv_path[:-4]}.json and {len(pngs)} plots under {args.out}/")

@@ -5,6 +5,10 @@ CPU: wall-clock medians after warm-up. Both report p20/p50/p80. Inputs rotate am
 copies so repeated calls do not run out of a warm cache. A provider's result is checked against
 the float64 reference with the DESIGN §5 rule before it is timed; a wrong result is recorded as
 such and never timed.
+
+Noise: a figure whose p20-p80 spread exceeds NOISY_SPREAD of its median, or any figure of a run
+during which the load average exceeded the core count, is flagged (NOISY) wherever it is printed;
+ratios carry the range their operands' spreads allow (`speedup`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -27,6 +32,9 @@ class Settings:
     dtype: torch.dtype
     quick: bool
     backend: Optional[str] = None
+    # Multiplies the repetitions and the minimum timed duration of every CPU measurement (and the
+    # rep budget of do_bench on a GPU): --repeat N, the answer to a figure flagged as noisy.
+    repeat: float = 1.0
 
     @property
     def is_cuda(self) -> bool:
@@ -78,17 +86,18 @@ def measure(fns: Sequence[Callable[[], object]], s: Settings, *, min_time: float
             def call():
                 return fns[next(counter) % n]()
 
-            q = do_bench(call, warmup=25 if s.quick else 100, rep=50 if s.quick else 200, quantiles=[0.2, 0.5, 0.8])
+            rep = (50 if s.quick else 200) * s.repeat
+            q = do_bench(call, warmup=25 if s.quick else 100, rep=rep, quantiles=[0.2, 0.5, 0.8])
             return tuple(float(x) for x in q)
         except ImportError:
             pass
-    min_time = min_time if min_time is not None else (0.25 if s.quick else 1.0)
-    max_reps = max_reps if max_reps is not None else (15 if s.quick else 50)
+    min_time = (min_time if min_time is not None else (0.25 if s.quick else 1.0)) * s.repeat
+    max_reps = round((max_reps if max_reps is not None else (15 if s.quick else 50)) * s.repeat)
     for i in range(max(1 if s.quick else 2, n)):  # warm-up: first-call allocation, thread pools, lazy init
         fns[i % n]()
     _sync(s.device)
     times, start, i = [], time.perf_counter(), 0
-    min_reps = 3 if s.quick else 5
+    min_reps = max(3, round((3 if s.quick else 5) * s.repeat))
     while (len(times) < min_reps or time.perf_counter() - start < min_time) and len(times) < max_reps:
         if s.is_cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -133,11 +142,27 @@ class Recorder:
         self.rows: List[Row] = []
         self.meta = {
             "device": device_name(s.device),
+            "machine": machine_phrase(s.device),
+            "cores": os.cpu_count(),
             "torch": torch.__version__,
             "triton": _triton_version(),
             "git": git_revision(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_max": None,
         }
+        self.sample_load()
+
+    def sample_load(self):
+        """Record the 1-minute load average (the run keeps the highest it saw)."""
+        load = load_average()
+        if load is not None:
+            self.meta["load_max"] = max(load, self.meta["load_max"] or 0.0)
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether the machine was busier than its core count at some point of the run: every
+        CPU timing taken then competes with other processes for the cores."""
+        return machine_overloaded(self.meta.get("load_max"), self.meta.get("cores"))
 
     def add(self, suite, op, provider, shape, metric, unit, p20, p50, p80, note="", dtype=None):
         self.rows.append(
@@ -169,10 +194,80 @@ class Recorder:
         self.add(suite, op, provider, shape, "status", "", nan, nan, nan, why, dtype)
 
     def value(self, suite, op, provider, shape, metric="time"):
+        r = self.row(suite, op, provider, shape, metric)
+        return r.p50 if r else None
+
+    def row(self, suite, op, provider, shape, metric="time") -> Optional[Row]:
         for r in self.rows:
             if (r.suite, r.op, r.provider, r.shape, r.metric) == (suite, op, provider, shape, metric):
-                return r.p50
+                return r
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# noise and spreads
+
+NOISY_SPREAD = 0.10  # p20-p80 width above this fraction of the median: the figure is not trustworthy
+NOISY_ADVICE = "noisy: rerun with more repeats (--repeat 4) on a quiet machine"
+
+
+def spread(p20: float, p50: float, p80: float) -> float:
+    """The p20-p80 width relative to the median (0.08 = 8%); 0 for a figure with no spread (a derived
+    constant, e.g. an overlap fraction), inf for a spread around a zero or missing median."""
+    if p80 == p20:
+        return 0.0
+    if not p50 or p50 != p50:
+        return float("inf")
+    return abs(p80 - p20) / abs(p50)
+
+
+def is_noisy(p20: float, p50: float, p80: float) -> bool:
+    return spread(p20, p50, p80) > NOISY_SPREAD
+
+
+def machine_overloaded(load: Optional[float], cores: Optional[int]) -> bool:
+    return load is not None and bool(cores) and load > cores
+
+
+def load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def speedup(slow: Row, fast: Row):
+    """How many times faster `fast` is than `slow` (time rows): (median ratio, low, high), where
+    low/high pair the opposite ends of the two p20-p80 ranges, the spread a rerun could show."""
+    mid = slow.p50 / fast.p50
+    low = slow.p20 / fast.p80
+    high = slow.p80 / fast.p20
+    return mid, min(low, high), max(low, high)
+
+
+def format_ratio(mid: float, low: float, high: float) -> str:
+    return f"{mid:.2f}x, p20-p80 {low:.2f}-{high:.2f}x"
+
+
+def _cpu_isa() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    return ""
+
+
+def machine_phrase(device: str) -> str:
+    """How findings name the machine: 'this 2-core AVX-512 CPU', 'this NVIDIA H100 80GB HBM3'."""
+    if device.startswith("cuda"):
+        return "this " + torch.cuda.get_device_name(torch.device(device))
+    isa = _cpu_isa()
+    return f"this {os.cpu_count()}-core {isa + ' ' if isa else ''}CPU"
 
 
 def _triton_version():
@@ -184,20 +279,100 @@ def _triton_version():
         return "not installed"
 
 
-def gemm_ceiling(s: Settings) -> float:
-    """The device's own matrix-product rate in TFLOP/s for the bench dtype (median)."""
+def gemm_ceiling(s: Settings):
+    """The device's own matrix-product rate in TFLOP/s: (p20, p50, p80) of the rate, and a note
+    (what was measured when it is not the bench dtype)."""
     n = 4096 if s.is_cuda else (768 if s.quick else 1024)
     dtype = s.dtype if s.is_cuda or s.dtype == torch.float32 else torch.float32
     a = [torch.randn(n, n, device=s.device, dtype=dtype) for _ in range(2)]
     b = torch.randn(n, n, device=s.device, dtype=dtype)
     ms = measure([lambda x=x: x @ b for x in a], s)
-    return 2 * n**3 / (ms[1] * 1e-3) / 1e12
+    rate = lambda t: 2 * n**3 / (t * 1e-3) / 1e12  # noqa: E731
+    note = (
+        ""
+        if dtype == s.dtype
+        else f"measured in {str(dtype).replace('torch.', '')} (CPU {s.dtype} GEMM is not the peak)"
+    )
+    return (rate(ms[2]), rate(ms[1]), rate(ms[0])), note
 
 
-def copy_bandwidth(s: Settings) -> float:
-    """Device-memory copy bandwidth in GB/s counting bytes read plus written (median)."""
+def copy_bandwidth(s: Settings):
+    """Device-memory copy bandwidth in GB/s counting bytes read plus written: (p20, p50, p80)."""
     nbytes = (1 << 30) if s.is_cuda else (128 << 20 if s.quick else 256 << 20)
     src = torch.empty(nbytes // 4, device=s.device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     ms = measure([lambda: dst.copy_(src)], s)
-    return 2 * nbytes / (ms[1] * 1e-3) / 1e9
+    rate = lambda t: 2 * nbytes / (t * 1e-3) / 1e9  # noqa: E731
+    return (rate(ms[2]), rate(ms[1]), rate(ms[0])), ""
+
+
+# ---------------------------------------------------------------------------------------------
+# findings: what the rnn_vs_attention rows say, each ratio with the range its spreads allow, the
+# machine named, and flagged when the figures behind it are noisy
+
+
+def shape_params(shape: str) -> dict:
+    """'B8 d512 L1024' -> {'B': 8, 'd': 512, 'L': 1024}."""
+    return {k: int(v) for k, v in re.findall(r"([A-Za-z]+)(\d+)", shape)}
+
+
+def _noisy(rec: "Recorder", *rows: Row) -> bool:
+    return rec.overloaded or any(is_noisy(r.p20, r.p50, r.p80) for r in rows)
+
+
+def _ranges(values: List[int]) -> str:
+    return ", ".join(str(v) for v in values) if values else "none"
+
+
+def rnn_vs_attention_findings(rec: "Recorder") -> List[str]:
+    rows = [r for r in rec.rows if r.suite == "rnn_vs_attention" and r.metric == "time"]
+    if not rows:
+        return []
+    where = rec.meta.get("machine") or "this machine"
+    out = []
+    seq = {(r.provider, shape_params(r.shape).get("L")): r for r in rows if r.op == "sequence"}
+    lstm = {L: r for (p, L), r in seq.items() if p == "lstm_1layer"}
+    for other in ("attention_layer", "transformer_encoder_6layer"):
+        pairs = [(L, lstm[L], seq[(other, L)]) for L in sorted(lstm) if (other, L) in seq]
+        if not pairs:
+            continue
+        p = shape_params(pairs[0][1].shape)
+        faster, slower, unclear, per_len, noisy = [], [], [], [], False
+        for L, slow, fast in pairs:
+            mid, low, high = speedup(slow, fast)
+            (faster if low > 1 else slower if high < 1 else unclear).append(L)
+            per_len.append(f"L={L} {format_ratio(mid, low, high)}")
+            noisy |= _noisy(rec, slow, fast)
+        line = (
+            f"{other} vs lstm_1layer (batch {p.get('B')}, width {p.get('d')}, {pairs[0][1].dtype}) on {where}: "
+            f"faster at L = {_ranges(faster)}; slower at L = {_ranges(slower)}; "
+            f"within the p20-p80 spread at L = {_ranges(unclear)}. Times faster than the LSTM: " + "; ".join(per_len)
+        )
+        if other == "transformer_encoder_6layer":
+            line += " (the claim under test: encoder 3.7x faster at 200 tokens, 1.9x at 1000, on a GPU)"
+        out.append(line + (f" [{NOISY_ADVICE}]" if noisy else ""))
+    gen = {}
+    for r in rows:
+        if r.op == "generate_token":
+            gen.setdefault(shape_params(r.shape).get("context"), {})[r.provider] = r
+    for n in sorted(k for k in gen if k is not None):
+        g = gen[n]
+        lstm_r, full, cache = g.get("lstm_step"), g.get("attention_full_recompute"), g.get("attention_kv_cache")
+        if not (lstm_r and full):
+            continue
+        p = shape_params(full.shape)
+        line = (
+            f"per-token generation at context {n} (batch {p.get('B')}, width {p.get('d')}, {full.dtype}) on {where}: "
+            f"LSTM step {lstm_r.p50:.3f} ms [{lstm_r.p20:.3f}-{lstm_r.p80:.3f}], "
+            f"full recompute {full.p50:.3f} ms [{full.p20:.3f}-{full.p80:.3f}]"
+        )
+        used = [lstm_r, full]
+        if cache:
+            used.append(cache)
+            line += (
+                f", KV-cached decode {cache.p50:.3f} ms [{cache.p20:.3f}-{cache.p80:.3f}]: "
+                f"the cache {format_ratio(*speedup(full, cache))} faster than recomputing; "
+                f"the LSTM step {format_ratio(*speedup(cache, lstm_r))} faster than the cached decode"
+            )
+        out.append(line + (f" [{NOISY_ADVICE}]" if _noisy(rec, *used) else ""))
+    return out
