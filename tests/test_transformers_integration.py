@@ -187,7 +187,7 @@ def test_generate_matches_sdpa_with_and_without_cache(family, spy):
         assert not any(c["op"] == "decode_attention" for c in spy)
         spy.clear()
         cache = skt.SeqkernelsCache(model.config)
-        cached = model.generate(ids, past_key_values=cache, **kw)
+        cached = model.generate(ids, cache=cache, **kw)
     assert torch.equal(plain, ref) and torch.equal(cached, ref)
     decodes = [c for c in spy if c["op"] == "decode_attention"]
     assert len(decodes) == 2 * (kw["max_new_tokens"] - 1)  # every decode step of both layers
@@ -213,18 +213,18 @@ def test_cache_padded_layout_and_growth():
         m4 = torch.ones(3, 1, 7, 7, dtype=torch.bool).tril()
         m4[:, :, :, 2] = False
         m4[:, :, 2, 2] = True
-        a = model(input_ids=ids, attention_mask=m4, past_key_values=cache).logits
+        a = model(input_ids=ids, attention_mask=m4, cache=cache).logits
         model.set_attn_implementation("sdpa")
-        b = model(input_ids=ids, attention_mask=m4, past_key_values=sdpa_cache).logits
+        b = model(input_ids=ids, attention_mask=m4, cache=sdpa_cache).logits
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert not cache.layers[0].compact
         for step in range(3):
             nxt = torch.randint(1, VOCAB, (3, 1))
             full = torch.ones(3, 8 + step, dtype=torch.long)
             model.set_attn_implementation("seqkernels")
-            a = model(input_ids=nxt, attention_mask=full, past_key_values=cache).logits
+            a = model(input_ids=nxt, attention_mask=full, cache=cache).logits
             model.set_attn_implementation("sdpa")
-            b = model(input_ids=nxt, attention_mask=full, past_key_values=sdpa_cache).logits
+            b = model(input_ids=nxt, attention_mask=full, cache=sdpa_cache).logits
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert cache.get_seq_length() == 10
 
@@ -237,13 +237,13 @@ def test_cache_growth_and_fixed_capacity(monkeypatch):
     ids, mask = batch(padding="left", L=6)
     kw = dict(attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        grown = model.generate(ids, past_key_values=skt.SeqkernelsCache(model.config), **kw)
+        grown = model.generate(ids, cache=skt.SeqkernelsCache(model.config), **kw)
         model.set_attn_implementation("sdpa")
         ref = model.generate(ids, **kw)
         model.set_attn_implementation("seqkernels")
         assert torch.equal(grown, ref)
         with pytest.raises(ValueError, match="max_cache_len"):
-            model.generate(ids, past_key_values=skt.SeqkernelsCache(model.config, max_cache_len=8), **kw)
+            model.generate(ids, cache=skt.SeqkernelsCache(model.config, max_cache_len=8), **kw)
 
 
 @needs_v5
@@ -255,7 +255,7 @@ def test_cache_needs_seqkernels_attention():
             ids,
             attention_mask=mask,
             max_new_tokens=2,
-            past_key_values=skt.SeqkernelsCache(model.config),
+            cache=skt.SeqkernelsCache(model.config),
             pad_token_id=0,
         )
     # without a config the cache cannot check up front; the unconsumed update is caught on the next one
@@ -275,7 +275,7 @@ def test_beam_search_reorders_cache():
         model.set_attn_implementation("sdpa")
         ref = model.generate(ids, **kw)
         model.set_attn_implementation("seqkernels")
-        out = model.generate(ids, past_key_values=skt.SeqkernelsCache(model.config), **kw)
+        out = model.generate(ids, cache=skt.SeqkernelsCache(model.config), **kw)
     assert torch.equal(out, ref)
 
 
@@ -286,13 +286,13 @@ def test_crop():
     ids, mask = batch(padding="left", L=6)
     with torch.no_grad():
         cache = skt.SeqkernelsCache(model.config)
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, cache=cache)
         nxt = torch.randint(1, VOCAB, (3, 2))
         mask8 = torch.cat([mask, torch.ones(3, 2, dtype=torch.long)], 1)
-        first = model(input_ids=nxt, attention_mask=mask8, past_key_values=cache).logits
+        first = model(input_ids=nxt, attention_mask=mask8, cache=cache).logits
         cache.crop(-2)
         assert cache.get_seq_length() == 6 and cache.layers[0].cache_seqlens.tolist() == [2, 6, 5]
-        again = model(input_ids=nxt, attention_mask=mask8, past_key_values=cache).logits
+        again = model(input_ids=nxt, attention_mask=mask8, cache=cache).logits
         torch.testing.assert_close(again, first)
         with pytest.raises(ValueError, match="cannot drop"):
             cache.crop(-7)

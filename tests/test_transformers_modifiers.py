@@ -165,7 +165,7 @@ def test_generate_matches_eager_with_and_without_cache(family, spy):
         model.set_attn_implementation("seqkernels")
         plain = model.generate(ids, **kw)
         spy.clear()
-        cached = model.generate(ids, past_key_values=skt.SeqkernelsCache(model.config), **kw)
+        cached = model.generate(ids, cache=skt.SeqkernelsCache(model.config), **kw)
     assert torch.equal(plain, ref)
     assert torch.equal(cached, ref)
     decodes = [c for c in spy if c[0] == "decode_attention"]

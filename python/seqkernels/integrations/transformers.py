@@ -4,7 +4,7 @@
     skt.register()
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="seqkernels")
     # or, on a loaded model: model.set_attn_implementation("seqkernels")
-    out = model.generate(ids, attention_mask=mask, past_key_values=skt.SeqkernelsCache(model.config))
+    out = model.generate(ids, attention_mask=mask, cache=skt.SeqkernelsCache(model.config))  # `past_key_values=` before transformers 5.2x
 
 `register()` adds "seqkernels" to `AttentionInterface` (the attention function) and to
 `AttentionMaskInterface` (the mask builder: without an entry there transformers builds no mask at all
