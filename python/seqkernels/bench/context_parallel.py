@@ -143,7 +143,7 @@ def suite_context_parallel(rec: Recorder, s: Settings, progress):
     shape = _TEST_SHAPE or (1, 8, 1024 if s.quick else 4096, 64)
     reps = 3 if s.quick else 7
     for causal in (True, False):
-        tag = f"B{shape[0]} H{shape[1]} L{shape[2]} D{shape[3]}{' causal' if causal else ''} float32 cpu"
+        tag = f"B{shape[0]} H{shape[1]} L{shape[2]} D{shape[3]}{' causal' if causal else ''}"
         progress(f"context_parallel single {tag}")
         rec.add_time("context_parallel", "fwd+bwd", "one_rank", tag, _p(_single(shape, causal, reps)), dtype="float32")
         for world in (1, 2):
