@@ -16,7 +16,9 @@ try:
 except ImportError as e:  # pragma: no cover - only without a build
     pytest.skip(f"seqkernels._C is not built: {e}", allow_module_level=True)
 
-from seqkernels.reference import attention_bwd_ref, attention_ref, dropout_keep_mask_ref
+from parity_rules import assert_rule
+
+from seqkernels.reference import attention_bwd_ref, attention_ref, decode_attention_ref, dropout_keep_mask_ref
 from seqkernels.testing import compare
 
 fwd_op = torch.ops.seqkernels.attention_fwd
@@ -701,3 +703,332 @@ def test_forward_rescale_over_key_blocks(dtype, isa, monkeypatch):
     out, lse = check_parity(q, k, v, kw, grads=False)
     assert float(lse.min()) > 12.0  # the max really sits in the last block
     check_parity(q, k, v, _kw(1.0 / math.sqrt(D), window=(-1, 0), bottom_right=True), grads=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score modifiers (softcap, ALiBi, sinks; docs/DESIGN.md §2) in the C++ kernels: out, lse, dq, dk,
+# dv and dsinks against attention_ref in float64 with autograd (sinks a float64 leaf), the
+# plain-torch baseline computed the same way in the inputs' dtype. Both instruction-set paths.
+# The tile shapes sit around the forward's query / key blocks (kFwdBM, kFwdBN), the backward's
+# (kBwdBM, kBwdBN) and the 6-row register tile.
+# ---------------------------------------------------------------------------------------------
+
+MOD_SETS = {
+    "softcap": dict(softcap=2.5),
+    "alibi": dict(alibi=True),
+    "sinks": dict(sinks="random"),
+    "all": dict(softcap=2.5, alibi=True, sinks="random"),
+}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mod_tensors(B, Hq, dtype, softcap=0.0, alibi=False, sinks=None):
+    """(alibi_slopes (B, Hq), sinks (Hq,), softcap) in the accumulation type, as the ops take them.
+    sinks: None, "random", "-inf", or a number for every head."""
+    acc = _acc(dtype)
+    slopes = (torch.rand(B, Hq, dtype=torch.float64) * 0.3 + 0.02).to(acc) if alibi else None
+    if sinks == "random":
+        sk = (torch.randn(Hq, dtype=torch.float64) * 2).to(acc)
+    elif sinks == "-inf":
+        sk = torch.full((Hq,), -math.inf, dtype=acc)
+    elif sinks is None:
+        sk = None
+    else:
+        sk = torch.full((Hq,), float(sinks), dtype=acc)
+    return slopes, sk, float(softcap)
+
+
+def _ref_with_mods(g, q, k, v, kw, mods, dtype):
+    """(out, lse), (dq, dk, dv[, dsinks]) of attention_ref in `dtype` (float64: the reference;
+    the inputs' dtype: the plain-torch baseline), gradients by autograd."""
+    slopes, sinks, softcap = mods
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    kw = dict(kw)
+    if kw["attn_mask"] is not None and kw["attn_mask"].is_floating_point():
+        kw["attn_mask"] = kw["attn_mask"].to(dtype if dtype == torch.float64 else kw["attn_mask"].dtype)
+    with torch.enable_grad():
+        xs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        sk = None if sinks is None else sinks.detach().to(acc).requires_grad_(True)
+        al = None if slopes is None else slopes.to(acc)
+        out, lse = attention_ref(*xs, **kw, softcap=softcap or None, alibi_slopes=al, sinks=sk)
+        leaves = xs + ([sk] if sk is not None else [])
+        grads = torch.autograd.grad(out, leaves, g.to(out.dtype), allow_unused=True)
+    grads = tuple(torch.zeros_like(x) if d is None else d for d, x in zip(grads, leaves))
+    return (out.detach(), lse.detach()), grads
+
+
+def check_mods_parity(q, k, v, kw, mods, grads=True):
+    dtype = q.dtype
+    slopes, sinks, softcap = mods
+    B, Hq, Lq, _ = q.shape
+    _poison_heap((B, Hq, Lq, v.shape[-1]), (B, Hq, Lq))
+    args = (kw["attn_mask"], kw["kv_lengths"], kw["scale"], kw["window_left"], kw["window_right"])
+    args = args + (kw["bottom_right"], kw["dropout_p"], kw["seed"], kw["offset"])
+    out, lse = fwd_op(q, k, v, *args, slopes, sinks, softcap)
+    g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    ref_fwd, ref_g = _ref_with_mods(g, q, k, v, kw, mods, torch.float64)
+    base_fwd, base_g = _ref_with_mods(g, q, k, v, kw, mods, dtype)
+    # assert_rule: the float32 assert_close part is waived where torch fails it too (big-lse: scores
+    # of 1e5 round q.k in float32 but not in the float64 reference).
+    assert_rule([out, lse], list(ref_fwd), list(base_fwd), False, "fwd", None)
+    if not grads:
+        return out, lse, None
+    _poison_heap(q.shape, k.shape, v.shape)
+    dq, dk, dv, dsinks = bwd_op(g, q, k, v, out, lse, *args, False, slopes, sinks, softcap)
+    assert dsinks.dtype == _acc(dtype) and dsinks.shape == ((Hq,) if sinks is not None else (0,))
+    floor = 0.0
+    if k.shape[2] == 1 and sinks is None:
+        # One key: every row's softmax is one-hot, the exact dq and dk are 0 and torch's autograd
+        # cancels them exactly; the kernel's dS = P (dO.V - dO.O) keeps one rounding of those
+        # terms (tests/parity_rules.py: the cancellation floor).
+        eps = torch.finfo(dtype).eps
+        floor = 4 * eps * float((g.double().abs() @ v.double().abs().transpose(-1, -2)).max())
+        floor *= float(k.double().abs().max()) * max(1.0, float(q.double().abs().max()))
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_rule((dq, dk, dv)[i], ref_g[i], base_g[i], True, name, dtype, floor)
+    if sinks is not None:
+        _check_dsinks(dsinks, ref_g[3], base_g[3], g, out, lse, base_fwd, sinks, dtype)
+    return out, lse, dsinks
+
+
+def _dsinks_formula(g, out, lse, sinks):
+    """-sum over (b, i) of exp(sink - lse) * rowsum(dO * O), in float64 (0 where lse or sink is -inf)."""
+    lse = lse.double()
+    p_sink = torch.exp(sinks.double().view(1, -1, 1) - lse)
+    p_sink = torch.where(torch.isneginf(lse) | torch.isneginf(sinks.double().view(1, -1, 1)), 0.0, p_sink)
+    return -(p_sink * (g.double() * out.double()).sum(-1)).sum((0, 2))
+
+
+def _check_dsinks(dsinks, ref, base, g, out, lse, base_fwd, sinks, dtype):
+    """dsinks = -sum p_sink * Delta with Delta = dO.O (the contract, as in FlashAttention), so it
+    inherits the error of the output O it is given, which torch's autograd never reads; summed over
+    every row of a head, an O a few ulps off in the same direction on every row (as any kernel's
+    can be) moves it more than autograd's independent roundings. So: the parity rule at the inputs'
+    precision against the better of two plain-torch baselines (autograd, and the formula on plain
+    torch's own out and lse); failing that, assert_close against the float64 reference."""
+    by_formula = _dsinks_formula(g, *(t.double() for t in base_fwd), sinks)
+    reports = []
+    for b in (base, by_formula):
+        try:
+            assert_rule(dsinks, ref, b, True, "dsinks", dtype)  # waives close where torch fails it too
+            return
+        except AssertionError as e:
+            reports.append(str(e))
+    # assert_close at the dtype's tolerances (float32: rtol 1.3e-6, atol 1e-5), on the scale of the
+    # largest |dsinks|.
+    rtol, atol = {torch.float64: (1e-7, 1e-7), torch.float32: (1.3e-6, 1e-5)}.get(dtype, (1.6e-2, 1e-5))
+    atol *= max(1.0, float(ref.abs().max()))
+    torch.testing.assert_close(dsinks.double(), ref, rtol=rtol, atol=atol, msg=lambda m: m + "\n" + "\n".join(reports))
+
+
+def _dead_rows(B, Hq, Lq, Lk, rows=(1, 4)):
+    m = torch.rand(B, 1, Lq, Lk) > 0.3
+    for r in rows:
+        if r < Lq:
+            m[:, :, r] = False
+    return m.expand(B, Hq, Lq, Lk)
+
+
+# id: (B, Hq, Hkv, Lq, Lk, D, Dv, window, bottom_right, kv_lengths, mask, dropout_p)
+# mask: None, "bool", "float", "dead" (bool with rows that see no key), "big" (one row of scores
+# near 1e5, whose lse the backward recomputes: with the sink)
+MOD_CASES = {
+    "gqa": (2, 4, 2, 23, 29, 16, 24, (-1, -1), True, None, None, 0.0),
+    "causal-br": (1, 4, 2, 37, 50, 32, 16, (-1, 0), True, None, None, 0.0),
+    "causal-tl": (1, 2, 1, 50, 37, 16, 16, (-1, 0), False, None, None, 0.0),
+    "window": (2, 2, 2, 41, 41, 16, 16, (7, 3), True, None, None, 0.0),
+    "bool-mask": (2, 4, 2, 19, 33, 16, 16, (-1, -1), True, None, "bool", 0.0),
+    "float-mask": (2, 2, 2, 19, 33, 16, 16, (-1, 0), True, None, "float", 0.0),
+    "kv-lengths": (3, 4, 1, 21, 40, 24, 16, (-1, 0), True, [40, 7, 0], None, 0.0),
+    "dropout": (2, 2, 2, 29, 31, 16, 16, (-1, -1), True, [31, 12], None, 0.2),
+    "dead-rows": (2, 2, 1, 13, 24, 16, 16, (-1, -1), True, None, "dead", 0.0),
+    "dead-causal": (1, 2, 2, 20, 14, 16, 16, (-1, 0), True, None, None, 0.0),
+    "lk1": (2, 2, 2, 9, 1, 16, 8, (-1, -1), True, None, None, 0.0),
+    "big-lse": (1, 2, 2, 12, 40, 16, 16, (-1, -1), True, None, "big", 0.0),
+    "fwd-tiles-": (1, 2, 1, 95, 255, 16, 16, (-1, -1), True, None, None, 0.0),
+    "fwd-tiles": (1, 2, 2, 96, 256, 8, 16, (-1, 0), False, None, None, 0.0),
+    "fwd-tiles+": (1, 2, 1, 97, 257, 16, 8, (-1, -1), True, [257], None, 0.0),
+    "bwd-tiles": (1, 2, 2, 65, 63, 16, 16, (-1, 0), True, None, None, 0.0),
+    "bwd-tiles+": (1, 2, 1, 63, 65, 16, 16, (-1, -1), True, None, None, 0.0),
+    "mr-tiles": (2, 2, 2, 7, 64, 16, 16, (-1, -1), True, None, None, 0.0),
+}
+MOD_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _mod_inputs(case, dtype):
+    B, Hq, Hkv, Lq, Lk, D, Dv, window, br, lens, mask, p = MOD_CASES[case]
+    q, k, v = rand(B, Hq, Lq, D, dtype=dtype), rand(B, Hkv, Lk, D, dtype=dtype), rand(B, Hkv, Lk, Dv, dtype=dtype)
+    if mask == "bool":
+        mask = (torch.rand(B, 1, Lq, Lk) > 0.25).expand(B, Hq, Lq, Lk)
+    elif mask == "float":
+        mask = rand(B, Hq, Lq, Lk, dtype=dtype)
+    elif mask == "dead":
+        mask = _dead_rows(B, Hq, Lq, Lk)
+    elif mask == "big":
+        mask = torch.zeros(B, Hq, Lq, Lk, dtype=_acc(dtype))
+        mask[:, :, 2] = 1e5
+    kv_lengths = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    kw = _kw(1.0 / math.sqrt(D), attn_mask=mask, kv_lengths=kv_lengths, window=window, bottom_right=br, dropout_p=p)
+    kw["seed"] = 11 if p else 0
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", MOD_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("mods", list(MOD_SETS))
+@pytest.mark.parametrize("case", list(MOD_CASES))
+def test_modifiers_parity(case, mods, dtype, isa, monkeypatch):
+    _set_isa(monkeypatch, isa)
+    # Fixed data per test. On these small shapes the float32 gradient error relative to torch's is
+    # 1x-2.7x over random seeds for the plain kernels and the modified ones alike (a few draws out
+    # of hundreds land past the 3x bound, with or without a modifier), so the seeds are pinned.
+    torch.manual_seed(zlib.crc32(f"{case}/{mods}/{dtype}/{isa}/1".encode()) % 10000)
+    q, k, v, kw = _mod_inputs(case, dtype)
+    B, Hq = q.shape[:2]
+    spec = MOD_SETS[mods]
+    if case == "big-lse" and "sinks" in spec:
+        spec = dict(spec, sinks=1e5 + 0.5)  # the sink dominates the recomputed row
+    mods_t = _mod_tensors(B, Hq, dtype, **spec)
+    check_mods_parity(q, k, v, kw, mods_t)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("sink", ["-inf", 80.0, -80.0, 0.0])
+def test_sink_values(sink, dtype, isa, monkeypatch):
+    # -inf is no sink (bitwise the plain kernels), 80 swallows the whole row (out ~ e^-80), and a
+    # row that sees no key has out 0 and lse = sink.
+    _set_isa(monkeypatch, isa)
+    torch.manual_seed(21)
+    q, k, v, kw = _mod_inputs("dead-rows", dtype)
+    B, Hq = q.shape[:2]
+    mods = _mod_tensors(B, Hq, dtype, sinks=sink, alibi=True)
+    out, lse, dsinks = check_mods_parity(q, k, v, kw, mods)
+    dead = ~kw["attn_mask"].any(-1)
+    assert torch.all(out[dead] == 0)
+    want = -math.inf if sink == "-inf" else float(sink)
+    assert torch.all(lse[dead] == want)
+    if sink == "-inf":
+        assert torch.all(dsinks == 0)
+        plain_out, plain_lse = fwd_op(
+            q, k, v, kw["attn_mask"], None, kw["scale"], -1, -1, True, 0.0, 0, 0, mods[0], None, 0.0
+        )
+        assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_modifiers_off_is_bitwise_plain(isa, monkeypatch):
+    # No modifier (and softcap 0, sinks None) runs exactly the plain kernels.
+    _set_isa(monkeypatch, isa)
+    torch.manual_seed(3)
+    q, k, v, kw = _mod_inputs("causal-br", torch.float32)
+    a = sk_forward(q, k, v, kw)
+    b = fwd_op(q, k, v, *[kw[n] for n in list(kw)[:2]], kw["scale"], -1, 0, True, 0.0, 0, 0, None, None, 0.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_dsinks_deterministic():
+    torch.manual_seed(4)
+    q, k, v, kw = _mod_inputs("kv-lengths", torch.float32)
+    mods = _mod_tensors(q.shape[0], q.shape[1], torch.float32, softcap=2.0, alibi=True, sinks="random")
+    args = (kw["attn_mask"], kw["kv_lengths"], kw["scale"], kw["window_left"], kw["window_right"], True, 0.0, 0, 0)
+    out, lse = fwd_op(q, k, v, *args, *mods)
+    g = torch.randn_like(out)
+    first = bwd_op(g, q, k, v, out, lse, *args, False, *mods)
+    for threads in (1, 3):
+        with _threads(threads):
+            again = bwd_op(g, q, k, v, out, lse, *args, True, *mods)
+        assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+class _threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def test_modifier_argument_errors():
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    base = (None, None, 0.25, -1, -1, True, 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="alibi_slopes"):
+        fwd_op(q, k, v, *base, torch.rand(4), None, 0.0)
+    with pytest.raises(RuntimeError, match="sinks"):
+        fwd_op(q, k, v, *base, None, torch.rand(4, dtype=torch.float64), 0.0)
+    with pytest.raises(RuntimeError, match="softcap"):
+        fwd_op(q, k, v, *base, None, None, -1.0)
+
+
+# decode_attention (forward only) with the modifiers, against decode_attention_ref: contiguous and
+# paged caches, one and several query tokens, one split and several (the sink merged once, after
+# the splits). Slots past cache_seqlens hold NaN.
+decode_op = torch.ops.seqkernels.decode_attention
+
+
+def _decode_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, paged, block_size=8):
+    lens = torch.randint(Tq, S + 1, (B,))
+    lens[0] = S
+    lens[1] = Tq
+    lens = lens.to(torch.int32)
+    q = rand(B, Hq, Tq, D, dtype=dtype)
+    if not paged:
+        kc, vc = rand(B, Hkv, S, D, dtype=dtype), rand(B, Hkv, S, Dv, dtype=dtype)
+        for b in range(B):
+            kc[b, :, int(lens[b]) :] = float("nan")
+            vc[b, :, int(lens[b]) :] = float("nan")
+        return q, kc, vc, lens, None
+    max_blocks = -(-S // block_size)
+    nblocks = B * max_blocks + 2
+    kc = torch.full((nblocks, Hkv, block_size, D), float("nan"), dtype=dtype)
+    vc = torch.full((nblocks, Hkv, block_size, Dv), float("nan"), dtype=dtype)
+    table = torch.randperm(nblocks)[: B * max_blocks].view(B, max_blocks).to(torch.int32)
+    for b in range(B):
+        n = int(lens[b])
+        for blk in range(-(-n // block_size)):
+            m = min(block_size, n - blk * block_size)
+            kc[table[b, blk], :, :m] = rand(Hkv, m, D, dtype=dtype)
+            vc[table[b, blk], :, :m] = rand(Hkv, m, Dv, dtype=dtype)
+        table[b, -(-n // block_size) :] = -1
+    return q, kc, vc, lens, table
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", MOD_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("mods", list(MOD_SETS) + ["sink80", "sink-inf"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("Tq,splits,window", [(1, 1, -1), (1, 3, -1), (5, 1, 9), (5, 4, -1), (40, 2, 17)])
+def test_decode_modifiers(Tq, splits, window, paged, mods, dtype, isa, monkeypatch):
+    _set_isa(monkeypatch, isa)
+    torch.manual_seed(zlib.crc32(f"{Tq}/{splits}/{paged}/{mods}".encode()) % 10000)
+    B, Hq, Hkv, D, Dv, S = 3, 4, 2, 24, 16, 150
+    q, kc, vc, lens, table = _decode_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, paged)
+    spec = {"sink80": dict(sinks=80.0, alibi=True), "sink-inf": dict(sinks="-inf", softcap=1.5)}.get(mods)
+    slopes, sinks, softcap = _mod_tensors(B, Hq, dtype, **(spec or MOD_SETS[mods]))
+    scale = 1.0 / math.sqrt(D)
+    out, lse = decode_op(q, kc, vc, lens, table, scale, window, -1, splits, slopes, sinks, softcap)
+
+    def ref(dt):
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        return decode_attention_ref(
+            q.to(dt),
+            kc.to(dt),
+            vc.to(dt),
+            lens,
+            block_table=table,
+            scale=scale,
+            window_left=window,
+            softcap=softcap or None,
+            alibi_slopes=None if slopes is None else slopes.to(acc),
+            sinks=None if sinks is None else sinks.to(acc),
+        )
+
+    report = compare([out, lse], list(ref(torch.float64)), list(ref(dtype)), name="decode")
+    assert report.passed, str(report)

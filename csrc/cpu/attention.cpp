@@ -91,6 +91,7 @@ struct VecPortable {
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V exp2(const V& x) { return x.exp2(); }
   static V exp2_nonpos(const V& x) { return x.exp2(); }
+  static V tanh(const V& x) { return x.tanh(); }
   static T hmax(const V& x) {
     T buf[W];
     x.store(buf);
@@ -308,6 +309,74 @@ inline void fill(T* p, int64_t n, T v) {
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------------------------
+// Score modifiers (common/attention_math.h: ScoreMods), as one (batch, query head) sees them.
+// They are applied to a row's scores in the tile, right after S = Q K^T and before the mask, so
+// no (B, H, Lq, Lk) bias is ever materialized; with none on, the kernels test one flag per row
+// and block and run the plain code.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct RowMods {
+  T cap = T(0);      // softcap c (0: off)
+  T inv_cap = T(0);  // 1 / c: a product per score instead of a division
+  T slope = T(0);    // ALiBi slope of (b, h)
+  bool alibi = false;
+  int64_t off = 0;  // diagonal offset: query row i sits at diag = i + off (visible_keys' rule)
+  bool on() const { return cap > T(0) || alibi; }
+};
+
+template <typename T>
+RowMods<T> row_mods(const ScoreMods<T>& mods, int64_t b, int64_t h, int64_t Hq, int64_t off) {
+  RowMods<T> r;
+  if (mods.softcap > T(0)) {
+    r.cap = mods.softcap;
+    r.inv_cap = T(1) / mods.softcap;
+  }
+  r.alibi = mods.alibi != nullptr;
+  r.slope = mods.slope(b, h, Hq);
+  r.off = off;
+  return r;
+}
+
+// 0, 1, ..., 15: the lane offsets of a vector of key indices.
+template <typename T>
+struct Lanes {
+  alignas(64) static constexpr T v[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+};
+
+// The scores s[0:w) (w a multiple of W) of one query row with diagonal `diag` against keys
+// pl, pl + 1, ...: softcap, then ALiBi. When `g` is given (the backward) it receives the softcap
+// derivative 1 - tanh^2(s / c) = softcap_grad(capped, c), for dS. Hidden and padded keys are
+// modified too (a few wasted lanes, no branch); the caller overwrites them with -inf after.
+template <class P>
+inline void apply_mods_row(typename P::T* s, int64_t w, int64_t pl, int64_t diag, const RowMods<typename P::T>& md,
+                           typename P::T* g) {
+  using T = typename P::T;
+  using V = typename P::V;
+  constexpr int W = P::W;
+  static_assert(W <= 16, "Lanes holds 16 offsets");
+  if (md.cap > T(0)) {
+    const V c = P::set1(md.cap), ic = P::set1(md.inv_cap), one = P::set1(T(1));
+    for (int64_t j = 0; j < w; j += W) {
+      const V t = P::tanh(P::mul(P::load(s + j), ic));
+      P::store(s + j, P::mul(c, t));
+      if (g != nullptr) P::store(g + j, P::sub(one, P::mul(t, t)));
+    }
+  }
+  if (md.alibi) {
+    // Distances diag - j as exact integers in T (|diag - j| < 2^24 for any realistic length),
+    // |x| as max(x, -x).
+    const V ns = P::set1(-md.slope), step = P::set1(T(W)), zero = P::zero();
+    V d = P::sub(P::set1(static_cast<T>(diag - pl)), P::load(Lanes<T>::v));
+    for (int64_t j = 0; j < w; j += W) {
+      const V ad = P::max(d, P::sub(zero, d));
+      P::store(s + j, P::fmadd(ns, ad, P::load(s + j)));
+      d = P::sub(d, step);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward: a block of query rows of one (b, h) against the packed K/V of its kv head.
 // ---------------------------------------------------------------------------------------------
 
@@ -325,11 +394,12 @@ struct FwdRows {
   DropoutDesc drop;
   uint64_t n_row0;  // dropout index of (row 0, key 0); rows are Lk apart
   int64_t Lk;
-  T* O;      // nrows x Dvp accumulators (unnormalized)
-  T* m;      // running max of the scores (natural log domain), -inf initially
-  T* l;      // running sum, 0 initially
-  T* P;      // kMR x BN scratch
-  T* alpha;  // kMR scratch
+  RowMods<T> mods;  // of (b, h); row r's diagonal is i0 + r + mods.off
+  T* O;             // nrows x Dvp accumulators (unnormalized)
+  T* m;             // running max of the scores (natural log domain), -inf initially
+  T* l;             // running sum, 0 initially
+  T* P;             // kMR x BN scratch
+  T* alpha;         // kMR scratch
 };
 
 // One row of one key block: mask, running max, exp2, running sum; leaves P (dropped entries
@@ -356,6 +426,7 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
     fill(s, w, T(0));
     return;
   }
+  if (a.mods.on()) apply_mods_row<P>(s, w, pl, a.i0 + r + a.mods.off, a.mods, nullptr);
   fill(s, c0, -kInf);
   fill(s + c1, w - c1, -kInf);
   if (a.mask.kind != MaskKind::None) {
@@ -461,10 +532,13 @@ struct BwdBlock {
   MaskDesc mask;
   int64_t b, h0, Hq, Lk;  // h0: first query head of the group
   DropoutDesc drop;
-  T* S;   // BM x BN scratch: scores, then dropped P
-  T* dP;  // BM x BN scratch: dP, then dS
-  T* dK;  // (j1 - j0) x Dp accumulators
-  T* dV;  // (j1 - j0) x Dvp accumulators
+  const ScoreMods<T>* mods;  // nullptr: none on
+  int64_t off;               // diagonal offset of the batch (query row i sits at i + off)
+  T* G;                      // BN scratch: one row's softcap derivative
+  T* S;                      // BM x BN scratch: scores, then dropped P
+  T* dP;                     // BM x BN scratch: dP, then dS
+  T* dK;                     // (j1 - j0) x Dp accumulators
+  T* dV;                     // (j1 - j0) x Dvp accumulators
 };
 
 // One query row against the key columns [pl, pl + w): P = exp(s - lse), dS = P * (dP - Delta),
@@ -476,7 +550,7 @@ struct BwdBlock {
 template <class P>
 inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, int64_t lo, int64_t hi,
                     typename P::T lse, typename P::T corr, typename P::T delta, const BwdBlock<typename P::T>& a,
-                    int64_t h, int64_t i) {
+                    int64_t h, int64_t i, const RowMods<typename P::T>* md) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -486,6 +560,12 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
     fill(s, w, T(0));
     fill(dp, w, T(0));
     return;
+  }
+  // With softcap, dS is multiplied by d capped / d s (in g) before it meets Q or K.
+  T* g = nullptr;
+  if (md != nullptr) {
+    if (md->cap > T(0)) g = a.G;
+    apply_mods_row<P>(s, w, pl, i + md->off, *md, g);
   }
   fill(s, c0, -kInf);
   fill(s + c1, w - c1, -kInf);
@@ -509,10 +589,18 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
   }
   const V lv = P::set1(lse), nc = P::set1(-corr), dl = P::set1(delta), l2e = P::set1(T(kLog2e));
   if (!a.drop.on) {
-    for (int64_t j = 0; j < w; j += W) {
-      const V p = P::exp2(P::fmadd(P::sub(P::load(s + j), lv), l2e, nc));
-      P::store(dp + j, P::mul(p, P::sub(P::load(dp + j), dl)));
-      P::store(s + j, p);
+    if (g == nullptr) {
+      for (int64_t j = 0; j < w; j += W) {
+        const V p = P::exp2(P::fmadd(P::sub(P::load(s + j), lv), l2e, nc));
+        P::store(dp + j, P::mul(p, P::sub(P::load(dp + j), dl)));
+        P::store(s + j, p);
+      }
+    } else {
+      for (int64_t j = 0; j < w; j += W) {
+        const V p = P::exp2(P::fmadd(P::sub(P::load(s + j), lv), l2e, nc));
+        P::store(dp + j, P::mul(P::mul(p, P::sub(P::load(dp + j), dl)), P::load(g + j)));
+        P::store(s + j, p);
+      }
     }
     return;
   }
@@ -527,6 +615,9 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
     const T dpk = keep ? dp[j] * ks : T(0);
     dp[j] = p * (dpk - delta);
     s[j] = keep ? p * ks : T(0);
+  }
+  if (g != nullptr) {
+    for (int64_t j = 0; j < w; j += W) P::store(dp + j, P::mul(P::load(dp + j), P::load(g + j)));
   }
 }
 
@@ -543,6 +634,9 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
     const T* corr = a.corr + hh * Lq;
     T* dQ = a.dQ + hh * Lq * Dp;
     const int64_t h = a.h0 + hh;
+    RowMods<T> md;
+    if (a.mods != nullptr) md = row_mods(*a.mods, a.b, h, a.Hq, a.off);
+    const RowMods<T>* mdp = md.on() ? &md : nullptr;
     for (int64_t i0 = a.ilo; i0 < a.ihi; i0 += a.BM) {
       const int64_t nr = std::min(a.BM, a.ihi - i0);
       int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
@@ -561,7 +655,7 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
       }
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
-        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a, h, i);
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a, h, i, mdp);
       }
       // dV[j] += sum_i P[i][j] dO[i];  dK[j] += sum_i dS[i][j] Q[i];  dQ[i] += sum_j dS[i][j] K[j]
       gemm<P, Mode::Add>(w, a.S, 1, BN, dOp + i0 * Dvp, Dvp, nr, a.dV + (pl - a.j0) * Dvp, Dvp, Dvp);
@@ -830,26 +924,30 @@ RowRanges visible_rows(const Geometry& g, const int32_t* kv_len, int64_t wl, int
   return r;
 }
 
-// Write back the forward's rows: normalize the accumulators (the dropout keep scale folded into
-// 1 / l) and store the natural-log lse; a row that saw no key is 0 with lse -inf.
+// Write back the forward's rows: merge the head's sink logit into (m, l) (-inf: none), normalize
+// the accumulators (the dropout keep scale and the sink's rescale folded into 1 / l) and store the
+// natural-log lse; a row that saw no key is 0 with lse -inf, or lse = sink with a finite sink.
 template <typename scalar_t, typename T>
 void store_fwd_rows(const T* O, const T* m, const T* l, int64_t nrows, int64_t Dv, int64_t Dvp, const DropoutDesc& drop,
-                    scalar_t* out_rows, T* lse_rows) {
+                    T sink, scalar_t* out_rows, T* lse_rows) {
   const T ks = static_cast<T>(drop.keep_scale);
   for (int64_t r = 0; r < nrows; ++r) {
     scalar_t* orow = out_rows + r * Dv;
     const T* acc = O + r * Dvp;
-    const bool dead = m[r] == -std::numeric_limits<T>::infinity();
-    const T inv = dead ? T(0) : (drop.on ? ks : T(1)) / l[r];
+    T mr = m[r], lr = l[r];
+    const T f = merge_sink(sink, mr, lr);
+    const bool dead = mr == -std::numeric_limits<T>::infinity();
+    T inv = dead ? T(0) : (drop.on ? ks : T(1)) / lr;
+    if (f != T(1)) inv *= f;  // exactly the plain path without a sink
     for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(dead ? T(0) : acc[d] * inv);
-    lse_rows[r] = static_cast<T>(softmax_lse_ln<double>(m[r], static_cast<double>(l[r])));
+    lse_rows[r] = static_cast<T>(softmax_lse_ln<double>(mr, static_cast<double>(lr)));
   }
 }
 
 template <typename scalar_t, typename T>
 void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g, const MaskDesc& mask,
                        const int32_t* kv_len, double scale, int64_t wl, int64_t wr, bool bottom_right,
-                       const DropoutDesc& drop, Tensor& out, Tensor& lse) {
+                       const DropoutDesc& drop, const ScoreMods<T>& mods, Tensor& out, Tensor& lse) {
   const Kernels<T> kern = select_kernels<T>();
   const int64_t W = kern.W, NR = 2 * W;
   const int64_t B = g.B, Hq = g.Hq, Hkv = g.Hkv, Lq = g.Lq, Lk = g.Lk, D = g.D, Dv = g.Dv;
@@ -942,29 +1040,36 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
         a.drop = drop;
         a.n_row0 = ((static_cast<uint64_t>(b) * Hq + h) * Lq + i0) * Lk;
         a.Lk = Lk;
+        a.mods = row_mods(mods, b, h, Hq, bottom_right ? batch_key_length(kv_len, b, Lk) - Lq : 0);
         a.O = O;
         a.m = m;
         a.l = l;
         a.P = Pb;
         a.alpha = alpha;
         kern.fwd(a);
-        store_fwd_rows<scalar_t, T>(O, m, l, nrows, Dv, Dvp, drop, od + ((b * Hq + h) * Lq + i0) * Dv,
+        store_fwd_rows<scalar_t, T>(O, m, l, nrows, Dv, Dvp, drop, mods.sink(h), od + ((b * Hq + h) * Lq + i0) * Dv,
                                     lsed + (b * Hq + h) * Lq + i0);
       };
     });
   }
 }
 
-// The score modifiers (softcap, ALiBi, sinks) are validated here; the kernels take them next.
+// The score modifiers (softcap, ALiBi, sinks), validated in the accumulation type T.
+template <typename T>
+ScoreMods<T> modifiers_cpu(const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks,
+                           double softcap, const Geometry& g, const char* op) {
+  const host::ModifierArgs<T> m = host::check_modifiers<T>(alibi_slopes, sinks, softcap, g.B, g.Hq, host::kCpu, op);
+  return ScoreMods<T>{m.softcap, m.alibi, m.sinks};
+}
+
+// Validation before anything else runs, in the accumulation type of q's dtype.
 void check_modifiers_cpu(const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks, double softcap,
                          const Geometry& g, at::ScalarType qt, const char* op) {
   if (qt == at::kDouble) {
-    host::check_modifiers<double>(alibi_slopes, sinks, softcap, g.B, g.Hq, host::kCpu, op);
+    modifiers_cpu<double>(alibi_slopes, sinks, softcap, g, op);
   } else {
-    host::check_modifiers<float>(alibi_slopes, sinks, softcap, g.B, g.Hq, host::kCpu, op);
+    modifiers_cpu<float>(alibi_slopes, sinks, softcap, g, op);
   }
-  TORCH_CHECK(softcap == 0 && !alibi_slopes && !sinks, op,
-              ": softcap, alibi_slopes and sinks are not implemented by the C++ CPU kernels yet");
 }
 
 std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -986,8 +1091,9 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attention_fwd_run<scalar_t, T>(q, k, v, g, mask, kv_len, scale, window_left, window_right, bottom_right, drop, out,
-                                   lse);
+    const ScoreMods<T> mods = modifiers_cpu<T>(alibi_slopes, sinks, softcap, g, op);
+    attention_fwd_run<scalar_t, T>(q, k, v, g, mask, kv_len, scale, window_left, window_right, bottom_right, drop, mods,
+                                   out, lse);
   });
   return {out, lse};
 }
@@ -1013,7 +1119,8 @@ inline bool lse_needs_correction(T lse, int64_t lo, int64_t hi) {
 template <typename T>
 void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D, const T* Kt, int64_t BN,
                      const int64_t* lo, const int64_t* hi, const MaskDesc& mask, int64_t b, int64_t h, int64_t i0,
-                     int64_t n, int64_t Lk, const T* lse, T* corr, std::vector<T>& scratch) {
+                     int64_t n, int64_t Lk, const RowMods<T>& mods, T sink, const T* lse, T* corr,
+                     std::vector<T>& scratch) {
   scratch.resize(n * D + 2 * n + kMR * BN + kMR);
   T* Qs = scratch.data();
   T* m = Qs + n * D;
@@ -1040,6 +1147,7 @@ void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D,
   a.drop = DropoutDesc{};  // lse is the undropped normalizer
   a.n_row0 = 0;
   a.Lk = Lk;
+  a.mods = mods;
   a.O = m;  // not written with Dvp = 0
   a.m = m;
   a.l = l;
@@ -1047,6 +1155,7 @@ void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D,
   a.alpha = alpha;
   kern.fwd(a);
   for (int64_t r = 0; r < n; ++r) {
+    merge_sink(sink, m[r], l[r]);  // lse includes the sink, as the forward's
     const double mm = m[r], ll = l[r];
     const bool ok = std::isfinite(mm) && std::isfinite(ll) && ll > 0;
     corr[r] = ok ? static_cast<T>((mm - static_cast<double>(lse[r]) + std::log(ll)) * kLog2e) : T(0);
@@ -1150,8 +1259,8 @@ void store_dq_rows(const T* part0, int64_t part_stride, int64_t splits, int64_t 
 template <typename scalar_t, typename T>
 void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                        const Tensor& lse, const Geometry& g, const MaskDesc& mask, const int32_t* kv_len, double scale,
-                       int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop, Tensor& dq, Tensor& dk,
-                       Tensor& dv) {
+                       int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop, const ScoreMods<T>& mods,
+                       double* dsink_rows, Tensor& dq, Tensor& dk, Tensor& dv) {
   const Kernels<T> kern = select_kernels<T>();
   const int64_t W = kern.W, NR = 2 * W;
   const int64_t B = g.B, Hq = g.Hq, Hkv = g.Hkv, Lq = g.Lq, Lk = g.Lk, D = g.D, Dv = g.Dv;
@@ -1265,6 +1374,8 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
         fill(cr + r0, r1 - r0, T(0));
         const int64_t* lo = lo_all.data() + b * Lq;
         const int64_t* hi = hi_all.data() + b * Lq;
+        const RowMods<T> md = row_mods(mods, b, h, Hq, bottom_right ? batch_key_length(kv_len, b, Lk) - Lq : 0);
+        const T sink = mods.sink(h);
         std::vector<T> corr_scratch;
         for (int64_t i = r0; i < r1;) {
           if (!lse_needs_correction(lr[i], lo[i], hi[i])) {
@@ -1275,8 +1386,20 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
           while (e < r1 && lse_needs_correction(lr[e], lo[e], hi[e])) ++e;
           wait_ready(kv_ready[gi - g0], nslice);
           lse_corrections<T>(kern, Qp_of(gi) + hh * Lq * Dp + i * Dp, Dp, D, Kt_of(gi), fwd_BN, lo + i, hi + i, mask, b,
-                             h, i, e - i, Lk, lr + i, cr + i, corr_scratch);
+                             h, i, e - i, Lk, md, sink, lr + i, cr + i, corr_scratch);
           i = e;
+        }
+        if (dsink_rows != nullptr) {
+          // d lse / d sink = p_sink = exp(sink - lse), the sink's probability, corrected like
+          // bwd_row's P; its share of the row's gradient is -p_sink * Delta. One value per row,
+          // summed in a fixed order by the caller.
+          double* ds = dsink_rows + (b * Hq + h) * Lq;
+          const double sk = static_cast<double>(sink), ninf = -std::numeric_limits<double>::infinity();
+          for (int64_t i = r0; i < r1; ++i) {
+            const double L = static_cast<double>(lr[i]);
+            const double p = sk == ninf || L == ninf ? 0.0 : std::exp2((sk - L) * kLog2e - static_cast<double>(cr[i]));
+            ds[i] = -p * static_cast<double>(delta[i]);
+          }
         }
         for (int64_t s = 0; s < splits; ++s) fill(dQ_of(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
       }
@@ -1299,12 +1422,13 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
     for (int64_t t = 0; t < ntask; ++t) cost[t] = plan.split_cost(g0 + t / splits, Hkv, t % splits);
     const std::vector<int64_t>& split_begin = plan.split_begin;
     run_tasks(nkv_tasks + nq_tasks, pack, cost, [&]() {
-      auto scratch = std::make_shared<std::vector<T>>(2 * BM * BN + BN * (Dp + Dvp));
+      auto scratch = std::make_shared<std::vector<T>>(2 * BM * BN + BN * (Dp + Dvp) + BN);
       return [&, scratch](int64_t t) {
         T* S = scratch->data();
         T* dPb = S + BM * BN;
         T* dK = dPb + BM * BN;
         T* dV = dK + BN * Dp;
+        T* Gb = dV + BN * Dvp;
         const int64_t gi = g0 + t / splits, s = t % splits;
         const int64_t b = gi / Hkv, hk = gi % Hkv;
         const int64_t* sb = split_begin.data() + b * (splits + 1);
@@ -1337,6 +1461,9 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
         a.Hq = Hq;
         a.Lk = Lk;
         a.drop = drop;
+        a.mods = &mods;
+        a.off = bottom_right ? batch_key_length(kv_len, b, Lk) - Lq : 0;
+        a.G = Gb;
         a.S = S;
         a.dP = dPb;
         a.dK = dK;
@@ -1412,10 +1539,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
     return {dq, dk, dv, dsinks};
   }
   const Tensor lse_c = lse.contiguous();
+  // dsinks: one contribution per (b, h, i) row, written by whichever thread packs the row, then
+  // summed per head in (b, i) order so that the result does not depend on the thread timing.
+  std::vector<double> dsink_rows(sinks.has_value() ? g.B * g.Hq * g.Lq : 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const ScoreMods<T> mods = modifiers_cpu<T>(alibi_slopes, sinks, softcap, g, op);
     attention_bwd_run<scalar_t, T>(grad_out, q, k, v, out, lse_c, g, mask, kv_len, scale, window_left, window_right,
-                                   bottom_right, drop, dq, dk, dv);
+                                   bottom_right, drop, mods, sinks.has_value() ? dsink_rows.data() : nullptr, dq, dk,
+                                   dv);
+    if (sinks.has_value()) {
+      T* ds = dsinks.data_ptr<T>();
+      for (int64_t h = 0; h < g.Hq; ++h) {
+        double acc = 0;
+        for (int64_t b = 0; b < g.B; ++b) {
+          const double* row = dsink_rows.data() + (b * g.Hq + h) * g.Lq;
+          for (int64_t i = 0; i < g.Lq; ++i) acc += row[i];
+        }
+        ds[h] = static_cast<T>(acc);
+      }
+    }
   });
   return {dq, dk, dv, dsinks};
 }

@@ -36,6 +36,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/attention_math.h"
 #include "common/host_checks.h"
 #include "cpu/simd.h"
 
@@ -190,6 +191,20 @@ struct GenericOps {
     for (int i = 0; i < n; ++i) load_row(krows[i], rowbuf + i * D, D);
     for (int m = 0; m < M; ++m)
       for (int i = 0; i < n; ++i) S[m * lds + i] = dot(q + m * ldq, rowbuf + i * D, D);
+  }
+
+  // The score modifiers on one row's scores s[0:n) of keys j0, j0 + 1, ...: softcap (cap > 0),
+  // then ALiBi (slope, distance |diag - j|). Whole vectors up to round_up(n, W) (the row has
+  // kKeyTile entries): the lanes past n are scratch that nothing reads.
+  static void modify(acc_t* s, int n, acc_t cap, acc_t inv_cap, bool alibi, acc_t slope, int64_t diag, int64_t j0) {
+    constexpr int W = Vec::size();
+    if (cap > acc_t(0)) {
+      const Vec c(cap), ic(inv_cap);
+      for (int i = 0; i < n; i += W) (c * (Vec::loadu(s + i) * ic).tanh()).store(s + i);
+    }
+    if (alibi) {
+      for (int i = 0; i < n; ++i) s[i] += alibi_bias(slope, diag, j0 + i);
+    }
   }
 
   static void softmax_pv(acc_t* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv, acc_t* mrow,
@@ -383,6 +398,28 @@ struct Avx2Ops {
       }
   }
 
+  // GenericOps::modify with AVX2 vectors (the tanh of cpu/simd.h).
+  SK_AVX2_FN static void modify(float* s, int n, float cap, float inv_cap, bool alibi, float slope, int64_t diag,
+                                int64_t j0) {
+    if (cap > 0.0f) {
+      const __m256 c = _mm256_set1_ps(cap), ic = _mm256_set1_ps(inv_cap);
+      for (int i = 0; i < n; i += 8) {
+        _mm256_storeu_ps(s + i, _mm256_mul_ps(c, Avx2Float::tanh(_mm256_mul_ps(_mm256_loadu_ps(s + i), ic))));
+      }
+    }
+    if (alibi) {
+      // Distances diag - j exact in float (< 2^24), |x| as max(x, -x).
+      const __m256 ns = _mm256_set1_ps(-slope), step = _mm256_set1_ps(8.0f);
+      __m256 d = _mm256_sub_ps(_mm256_set1_ps(static_cast<float>(diag - j0)),
+                               _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f));
+      for (int i = 0; i < n; i += 8) {
+        const __m256 ad = _mm256_max_ps(d, _mm256_sub_ps(_mm256_setzero_ps(), d));
+        _mm256_storeu_ps(s + i, _mm256_fmadd_ps(ns, ad, _mm256_loadu_ps(s + i)));
+        d = _mm256_sub_ps(d, step);
+      }
+    }
+  }
+
   SK_AVX2_FN static void softmax_pv(float* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv, float* mrow,
                                     float* lrow, float* acc, int64_t ldacc, float*) {
     const float ninf = -std::numeric_limits<float>::infinity();
@@ -481,7 +518,9 @@ inline void tile_key_range(const DecodeShape& s, int64_t len, int64_t r0, int64_
 template <typename T, typename acc_t, class Ops>
 void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* kc, const int64_t* ks, const T* vc,
                   const int64_t* vs, const int32_t* lens, const int32_t* table, acc_t scale, T* out, const int64_t* os,
-                  acc_t* lse, acc_t* opart, acc_t* mpart) {
+                  acc_t* lse, acc_t* opart, acc_t* mpart, const ScoreMods<acc_t>& mods) {
+  const bool modify = mods.softcap > acc_t(0) || mods.alibi != nullptr;
+  const acc_t inv_cap = mods.softcap > acc_t(0) ? acc_t(1) / mods.softcap : acc_t(0);
   const int64_t units = s.B * s.Hkv * s.row_tiles * s.splits;
   const int64_t maxd = std::max(s.D, s.Dv);
   // Waking the thread pool costs tens to hundreds of microseconds, more than a small decode step
@@ -547,6 +586,14 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
             __builtin_prefetch(vp + off, 0, 2);
         }
         Ops::scores(qf.data(), s.D, M, s.D, krows.data(), n, S.data(), kKeyTile, rowbuf.data());
+        if (modify) {
+          // Before the mask, as in attention: query t sits at position len - Tq + t (ALiBi's diag).
+          for (int m = 0; m < M; ++m) {
+            const int64_t r = r0 + m, hq = h * s.G + r % s.G;
+            Ops::modify(S.data() + m * kKeyTile, n, mods.softcap, inv_cap, mods.alibi != nullptr,
+                        mods.slope(b, hq, s.Hq), len - s.Tq + r / s.G, j0);
+          }
+        }
         // Masking by selection (never by multiplying), so a non-finite score cannot leak.
         const int64_t j_last = j0 + n - 1;
         for (int m = 0; m < M; ++m) {
@@ -566,17 +613,23 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
 
       for (int m = 0; m < M; ++m) {
         const int64_t r = r0 + m, t = r / s.G, hq = h * s.G + r % s.G;
-        // A row that saw no key has mrow = -inf and lrow = 0; one that saw a NaN score has NaN in
-        // both; otherwise lrow >= 1 (its max term is exactly 1).
-        const bool empty = lrow[m] == acc_t(0);
-        const acc_t inv = empty ? acc_t(0) : acc_t(1) / lrow[m];
         const int64_t row_index = (b * s.Hq + hq) * s.Tq + t;
         const acc_t* a = acc.data() + m * s.Dv;
         if (s.splits == 1) {
+          // The sink joins the denominator here; with splits, once in merge_splits, never per split.
+          acc_t mm = mrow[m], ll = lrow[m];
+          const acc_t f = merge_sink(mods.sink(hq), mm, ll);
+          // A row that saw no key (and no finite sink) has mrow = -inf and lrow = 0; one that saw a
+          // NaN score has NaN in both; otherwise lrow >= 1 (its max term is exactly 1).
+          const bool empty = ll == acc_t(0);
+          acc_t inv = empty ? acc_t(0) : acc_t(1) / ll;
+          if (f != acc_t(1)) inv *= f;
           T* dst = out + b * os[0] + hq * os[1] + t * os[2];
           for (int64_t d = 0; d < s.Dv; ++d) dst[d] = static_cast<T>(a[d] * inv);
-          lse[row_index] = empty ? neg_inf<acc_t>() : mrow[m] + std::log(lrow[m]);
+          lse[row_index] = empty ? neg_inf<acc_t>() : mm + std::log(ll);
         } else {
+          const bool empty = lrow[m] == acc_t(0);
+          const acc_t inv = empty ? acc_t(0) : acc_t(1) / lrow[m];
           // The split's max and sum, not its lse: rounded to float, lse = m + ln l loses ln l
           // entirely once |m| >> 1 (ulp(1e10) = 1024), and the merge would then weight splits of
           // different key counts equally.
@@ -595,8 +648,10 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
 // l_k exp(m_k - max m) (0 for a split that saw no key, m_k = -inf, so -inf - -inf never occurs),
 // lse = max m + ln(sum of weights). Any NaN partial (a split that saw a NaN score) makes the row
 // NaN, as the reference's softmax does, even when the other splits saw no key.
+// The head's sink logit (sinks, nullptr: none) is merged once, into the combined (max, sum).
 template <typename T, typename acc_t>
-void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, T* out, const int64_t* os, acc_t* lse) {
+void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, T* out, const int64_t* os, acc_t* lse,
+                  const acc_t* sinks) {
   const int64_t rows = s.B * s.Hq * s.Tq, stride = rows;
   const acc_t* lpart = mpart + s.splits * rows;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -613,9 +668,11 @@ void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, 
         if (mk > mx) mx = mk;
       }
       T* dst = out + b * os[0] + hq * os[1] + t * os[2];
+      const acc_t sink = sinks != nullptr ? sinks[hq] : neg_inf<acc_t>();
       if (has_nan || mx == neg_inf<acc_t>()) {
         for (int64_t d = 0; d < s.Dv; ++d) dst[d] = has_nan ? static_cast<T>(nan) : T(0);
-        lse[r] = has_nan ? nan : neg_inf<acc_t>();
+        // No key in any split: lse is the sink's alone (-inf without one).
+        lse[r] = has_nan ? nan : sink;
         continue;
       }
       acc_t total = 0;
@@ -631,8 +688,15 @@ void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, 
         const acc_t wk = w[k] / total;
         for (int64_t d = 0; d < s.Dv; ++d) o[d] += wk * src[d];
       }
+      acc_t m_all = mx, l_all = total;
+      const acc_t f = merge_sink(sink, m_all, l_all);
+      if (f != acc_t(1) || l_all != total) {
+        // o is normalized by total; with the sink the denominator is l_all at max m_all.
+        const acc_t rescale = total * f / l_all;
+        for (int64_t d = 0; d < s.Dv; ++d) o[d] *= rescale;
+      }
       for (int64_t d = 0; d < s.Dv; ++d) dst[d] = static_cast<T>(o[d]);
-      lse[r] = mx + std::log(total);
+      lse[r] = m_all + std::log(l_all);
     }
   });
 }
@@ -640,7 +704,8 @@ void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, 
 template <typename scalar_t>
 void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const int32_t* lens, const int32_t* table, double scale, at::Tensor& out, at::Tensor& lse,
-                at::Tensor& opart, at::Tensor& lpart, bool avx2) {
+                at::Tensor& opart, at::Tensor& lpart, bool avx2, const std::optional<at::Tensor>& alibi_slopes,
+                const std::optional<at::Tensor>& sinks, double softcap) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t qs[4] = {q.stride(0), q.stride(1), q.stride(2), q.stride(3)};
   const int64_t ks[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
@@ -649,11 +714,15 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
   const acc_t qscale = static_cast<acc_t>(scale);
   acc_t* op = s.splits > 1 ? opart.data_ptr<acc_t>() : nullptr;
   acc_t* lp = s.splits > 1 ? lpart.data_ptr<acc_t>() : nullptr;
+  const host::ModifierArgs<acc_t> ma =
+      host::check_modifiers<acc_t>(alibi_slopes, sinks, softcap, s.B, s.Hq, host::kCpu, "decode_attention");
+  // With splits the units see no sink; merge_splits adds it once.
+  const ScoreMods<acc_t> mods{ma.softcap, ma.alibi, s.splits > 1 ? nullptr : ma.sinks};
   auto run = [&](auto ops_tag) {
     using Ops = decltype(ops_tag);
     decode_units<scalar_t, acc_t, Ops>(s, q.const_data_ptr<scalar_t>(), qs, k_cache.const_data_ptr<scalar_t>(), ks,
                                        v_cache.const_data_ptr<scalar_t>(), vs, lens, table, qscale,
-                                       out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>(), op, lp);
+                                       out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>(), op, lp, mods);
   };
   bool done = false;
 #if SK_SIMD_X86
@@ -666,7 +735,9 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
 #endif
   (void)avx2;
   if (!done) run(GenericOps<scalar_t, acc_t>{});
-  if (s.splits > 1) merge_splits<scalar_t, acc_t>(s, op, lp, out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>());
+  if (s.splits > 1) {
+    merge_splits<scalar_t, acc_t>(s, op, lp, out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>(), ma.sinks);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
@@ -677,15 +748,14 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
                                                         const std::optional<at::Tensor>& sinks, double softcap) {
   host::check_cache(k_cache, v_cache, host::kCpu);
   constexpr const char* op = "seqkernels::decode_attention (cpu)";
+  host::check_decode_args(q, k_cache, num_splits, window_left, window_right, std::numeric_limits<int64_t>::max(),
+                          host::kCpu);
+  // After check_decode_args: q is 4-D from here on.
   if (q.scalar_type() == at::kDouble) {
     host::check_modifiers<double>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), host::kCpu, op);
   } else {
     host::check_modifiers<float>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), host::kCpu, op);
   }
-  TORCH_CHECK(softcap == 0 && !alibi_slopes && !sinks, op,
-              ": softcap, alibi_slopes and sinks are not implemented by the C++ CPU kernels yet");
-  host::check_decode_args(q, k_cache, num_splits, window_left, window_right, std::numeric_limits<int64_t>::max(),
-                          host::kCpu);
   DecodeShape s{};
   s.B = q.size(0);
   s.Hq = q.size(1);
@@ -725,7 +795,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention_cpu", [&] {
-    run_decode<scalar_t>(s, q, k_cache, v_cache, lens, table, scale, out, lse, opart, lpart, avx2);
+    run_decode<scalar_t>(s, q, k_cache, v_cache, lens, table, scale, out, lse, opart, lpart, avx2, alibi_slopes, sinks,
+                         softcap);
   });
   return {out, lse};
 }

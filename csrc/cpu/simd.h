@@ -95,98 +95,8 @@ inline Isa selected_isa() {
 
 #if SK_SIMD_X86
 // ---------------------------------------------------------------------------------------------
-// AVX2 policies: the vector type and the few operations the attention kernels are written
-// against (csrc/cpu/attention.cpp's VecPortable is the portable twin); the KV cache's decode
-// uses the float one's reductions and exp2.
-
-struct Avx2Float {
-  using T = float;
-  using V = __m256;
-  static constexpr int W = 8;
-  SK_AVX2_FN static V zero() { return _mm256_setzero_ps(); }
-  SK_AVX2_FN static V set1(float x) { return _mm256_set1_ps(x); }
-  SK_AVX2_FN static V load(const float* p) { return _mm256_loadu_ps(p); }
-  SK_AVX2_FN static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
-  SK_AVX2_FN static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_ps(a, b); }
-  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
-  // max returns its second operand when either is NaN: the kernels take the running max as
-  // a shift and let NaN reach the sum through exp2.
-  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_ps(a, b); }
-  // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, 2^f by a degree-6 minimax polynomial
-  // (relative error 8e-8, under one ulp, over [-126, 0]), 2^n built in the exponent field.
-  // Inputs below about -126.5 give exactly 0 (the exponent field becomes 0), so -inf scores
-  // vanish without a compare; NaN stays NaN. Of the softmax exp2s the kernels had, this one is
-  // as accurate as the Taylor form the decode used and about a quarter cheaper.
-  SK_AVX2_FN static V exp2(V x) { return exp2_nonpos(_mm256_min_ps(_mm256_set1_ps(127.0f), x)); }
-  // exp2 for x <= 0 (a score minus its row max), without the upper clamp.
-  SK_AVX2_FN static V exp2_nonpos(V x) {
-    const V xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
-    const V n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f = _mm256_sub_ps(xc, n);
-    V p = _mm256_set1_ps(1.533758041e-04f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339986571e-03f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618519805e-03f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550329015e-02f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264625e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471825e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  }
-  SK_AVX2_FN static float hmax(V x) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    return _mm_cvtss_f32(m);
-  }
-  SK_AVX2_FN static float hsum(V x) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-  }
-};
-
-struct Avx2Double {
-  using T = double;
-  using V = __m256d;
-  static constexpr int W = 4;
-  SK_AVX2_FN static V zero() { return _mm256_setzero_pd(); }
-  SK_AVX2_FN static V set1(double x) { return _mm256_set1_pd(x); }
-  SK_AVX2_FN static V load(const double* p) { return _mm256_loadu_pd(p); }
-  SK_AVX2_FN static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
-  SK_AVX2_FN static V bcast(const double* p) { return _mm256_broadcast_sd(p); }
-  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
-  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
-  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_pd(a, b); }
-  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
-  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_pd(a, b); }
-  // float64 is the precision path (parity with the float64 reference to ~1e-11), so it uses
-  // the correctly rounded libm exp2 rather than a polynomial.
-  SK_AVX2_FN static V exp2(V x) {
-    alignas(32) double buf[4];
-    _mm256_store_pd(buf, x);
-    for (int i = 0; i < 4; ++i) buf[i] = std::exp2(buf[i]);
-    return _mm256_load_pd(buf);
-  }
-  SK_AVX2_FN static V exp2_nonpos(V x) { return exp2(x); }
-  SK_AVX2_FN static double hmax(V x) {
-    __m128d m = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
-    m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
-    return _mm_cvtsd_f64(m);
-  }
-  SK_AVX2_FN static double hsum(V x) {
-    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
-    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
-    return _mm_cvtsd_f64(s);
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
-// Natural exp and tanh for the LSTM gates (float32). exp(x) is not exp2(x log2 e): rounding
+// Natural exp and tanh (float32): the LSTM gates, and the attention softcap (Avx2Float::tanh,
+// in the attention and decode kernels alike). exp(x) is not exp2(x log2 e): rounding
 // x log2 e costs a relative error of |x| ulps at the gates' |x| up to 88, so exp keeps its own
 // Cody-Waite reduction.
 
@@ -229,6 +139,105 @@ SK_AVX2_FN __m256 tanh_ps(__m256 x) {
   const __m256 large = _mm256_or_ps(big, _mm256_and_ps(sign, x));
   return _mm256_blendv_ps(large, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 policies: the vector type and the few operations the attention kernels are written
+// against (csrc/cpu/attention.cpp's VecPortable is the portable twin); the KV cache's decode
+// uses the float one's reductions and exp2.
+
+struct Avx2Float {
+  using T = float;
+  using V = __m256;
+  static constexpr int W = 8;
+  SK_AVX2_FN static V zero() { return _mm256_setzero_ps(); }
+  SK_AVX2_FN static V set1(float x) { return _mm256_set1_ps(x); }
+  SK_AVX2_FN static V load(const float* p) { return _mm256_loadu_ps(p); }
+  SK_AVX2_FN static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  SK_AVX2_FN static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  // max returns its second operand when either is NaN: the kernels take the running max as
+  // a shift and let NaN reach the sum through exp2.
+  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, 2^f by a degree-6 minimax polynomial
+  // (relative error 8e-8, under one ulp, over [-126, 0]), 2^n built in the exponent field.
+  // Inputs below about -126.5 give exactly 0 (the exponent field becomes 0), so -inf scores
+  // vanish without a compare; NaN stays NaN. Of the softmax exp2s the kernels had, this one is
+  // as accurate as the Taylor form the decode used and about a quarter cheaper.
+  SK_AVX2_FN static V exp2(V x) { return exp2_nonpos(_mm256_min_ps(_mm256_set1_ps(127.0f), x)); }
+  // exp2 for x <= 0 (a score minus its row max), without the upper clamp.
+  SK_AVX2_FN static V exp2_nonpos(V x) {
+    const V xc = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
+    const V n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm256_sub_ps(xc, n);
+    V p = _mm256_set1_ps(1.533758041e-04f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339986571e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618519805e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550329015e-02f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264625e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471825e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  SK_AVX2_FN static V tanh(V x) { return tanh_ps(x); }
+  SK_AVX2_FN static float hmax(V x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+  }
+  SK_AVX2_FN static float hsum(V x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+struct Avx2Double {
+  using T = double;
+  using V = __m256d;
+  static constexpr int W = 4;
+  SK_AVX2_FN static V zero() { return _mm256_setzero_pd(); }
+  SK_AVX2_FN static V set1(double x) { return _mm256_set1_pd(x); }
+  SK_AVX2_FN static V load(const double* p) { return _mm256_loadu_pd(p); }
+  SK_AVX2_FN static void store(double* p, V x) { _mm256_storeu_pd(p, x); }
+  SK_AVX2_FN static V bcast(const double* p) { return _mm256_broadcast_sd(p); }
+  SK_AVX2_FN static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  SK_AVX2_FN static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+  SK_AVX2_FN static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
+  SK_AVX2_FN static V max(V a, V b) { return _mm256_max_pd(a, b); }
+  // float64 is the precision path (parity with the float64 reference to ~1e-11), so it uses
+  // the correctly rounded libm exp2 rather than a polynomial.
+  SK_AVX2_FN static V exp2(V x) {
+    alignas(32) double buf[4];
+    _mm256_store_pd(buf, x);
+    for (int i = 0; i < 4; ++i) buf[i] = std::exp2(buf[i]);
+    return _mm256_load_pd(buf);
+  }
+  SK_AVX2_FN static V exp2_nonpos(V x) { return exp2(x); }
+  // libm, as exp2: the precision path.
+  SK_AVX2_FN static V tanh(V x) {
+    alignas(32) double buf[4];
+    _mm256_store_pd(buf, x);
+    for (int i = 0; i < 4; ++i) buf[i] = std::tanh(buf[i]);
+    return _mm256_load_pd(buf);
+  }
+  SK_AVX2_FN static double hmax(V x) {
+    __m128d m = _mm_max_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    m = _mm_max_sd(m, _mm_unpackhi_pd(m, m));
+    return _mm_cvtsd_f64(m);
+  }
+  SK_AVX2_FN static double hsum(V x) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
+  }
+};
 
 // sigmoid(x) = 1 / (1 + exp(-x)).
 SK_AVX2_FN __m256 sigmoid_ps(__m256 x) {

@@ -135,6 +135,7 @@ def attention_cases(level: str) -> list[dict]:
                     layout=_pick(["contig", "bshd", "strided_d", "contig", "bcast_b"], n // 2),
                     threads=1 + (n % 2),
                     seed=_seed("attention-data", dtype, n, Lq, Lk),
+                    mods=_pick(MOD_KINDS, n // 2 + n),
                 )
             )
     # Dropout at tile edges (small: the reference's Philox mask is slow in torch).
@@ -162,6 +163,7 @@ def attention_cases(level: str) -> list[dict]:
                     layout="contig",
                     threads=1 + n % 2,
                     seed=_seed("attention-dropout", dtype, Lq, Lk),
+                    mods=_pick(["all", "none", "sinks"], n),
                 )
             )
     # Degenerate shapes (the early returns and zero-filled gradients).
@@ -186,9 +188,67 @@ def attention_cases(level: str) -> list[dict]:
                     layout="contig",
                     threads=2,
                     seed=_seed("attention-degenerate", dtype, Lq, Lk),
+                    mods="all" if Lq else "none",
+                )
+            )
+    # Score modifiers at the forward / backward block edges, with rows that see no key (the sink's
+    # lse) and a -inf sink on one head.
+    for dtype in DTYPES:
+        for n, (Lq, Lk) in enumerate(
+            (
+                (t["fwd_BM"] + 1, t["fwd_BN"] - 1),
+                (t["bwd_BM"] - 1, t["bwd_BN"] + 1),
+                (t["kMR"] + 1, 1),
+                (2 * t["kMR"] + 1, t["fwd_BN"] + 1),
+            )
+        ):
+            cases.append(
+                dict(
+                    op="attention",
+                    dtype=dtype,
+                    B=2,
+                    Hq=4,
+                    Hkv=2,
+                    Lq=Lq,
+                    Lk=Lk,
+                    D=lanes(dtype) + 1,
+                    Dv=lanes(dtype) - 1 if lanes(dtype) > 1 else 1,
+                    mask=_pick(["bool", "none", "float32", "float_big"], n),
+                    kv_lengths=[Lk, max(0, Lk // 2)] if n % 2 else None,
+                    window=_pick([(-1, 0), (-1, -1), (5, 0), (-1, 0)], n),
+                    bottom_right=True,
+                    dropout=0.0,
+                    layout="contig",
+                    threads=1 + n % 2,
+                    seed=_seed("attention-mods", dtype, Lq, Lk),
+                    mods=_pick(["all", "softcap", "alibi", "sinks"], n + 2),
                 )
             )
     return cases
+
+
+# Score modifiers of a case: none, each alone, all together (softcap 2.5, ALiBi slopes in
+# [0.02, 0.32], sinks ~ N(0, 2) with head 0's at -inf when the case has several heads).
+MOD_KINDS = ("none", "all", "softcap", "none", "alibi", "sinks")
+
+
+def _modifiers(gen, c, B, Hq, dt):
+    """(alibi_slopes (B, Hq), sinks (Hq,), softcap) in the accumulation type, as the ops take them."""
+    import torch
+
+    kind = c.get("mods", "none")
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    slopes = sinks = None
+    softcap = 0.0
+    if kind in ("all", "softcap"):
+        softcap = 2.5
+    if kind in ("all", "alibi"):
+        slopes = (torch.rand((B, Hq), generator=gen, dtype=torch.float64) * 0.3 + 0.02).to(acc)
+    if kind in ("all", "sinks"):
+        sinks = (torch.randn((Hq,), generator=gen, dtype=torch.float64) * 2).to(acc)
+        if Hq > 1:
+            sinks[0] = -math.inf
+    return slopes, sinks, softcap
 
 
 def kv_cache_cases(level: str) -> list[dict]:
@@ -228,6 +288,7 @@ def kv_cache_cases(level: str) -> list[dict]:
                     q_layout=_pick(["contig", "strided"], n // 3),
                     threads=1 + (n % 2),
                     seed=_seed("decode-data", dtype, n, L),
+                    mods=_pick(MOD_KINDS, n + n // 6),
                 )
             )
         # Appends: the last token exactly at the end of the cache, one past it, all past it, and
@@ -429,26 +490,44 @@ def _run_attention(ops, ref, c, failures):
         seed=c["seed"],
         offset=0,
     )
-    out, lse = ops.attention_fwd(q, k, v, mask, kv, scale, wl, wr, br, p, c["seed"], 0)
+    slopes, sinks, softcap = mods = _modifiers(gen, c, B, Hq, dt)
+    out, lse = ops.attention_fwd(q, k, v, mask, kv, scale, wl, wr, br, p, c["seed"], 0, *mods)
     dout = _randn(gen, (B, Hq, Lq, Dv), dt)
     # Forward and backward reference in one autograd pass (attention_bwd_ref's math without its
     # second forward).
     with torch.enable_grad():
         q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
-        ref_out, ref_lse = ref.attention_ref(q64, k64, v64, **args)
-        grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double(), allow_unused=True)
-    rq, rk, rv = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q64, k64, v64)))
+        s64 = None if sinks is None else sinks.detach().double().requires_grad_(True)
+        ref_out, ref_lse = ref.attention_ref(
+            q64,
+            k64,
+            v64,
+            **args,
+            softcap=softcap or None,
+            alibi_slopes=None if slopes is None else slopes.double(),
+            sinks=s64,
+        )
+        leaves = (q64, k64, v64) + (() if s64 is None else (s64,))
+        grads = torch.autograd.grad(ref_out, leaves, dout.double(), allow_unused=True)
+    rq, rk, rv, *rs = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves))
     ref_out, ref_lse = ref_out.detach(), ref_lse.detach()
     tol = TOL[c["dtype"]]
     _check(failures, c, "attention_fwd out", out, ref_out, tol)
     _check(
         failures, c, "attention_fwd lse", lse, ref_lse, max(tol, 1e-4) if dt != torch.float64 else tol, allow_inf=True
     )
-    dq, dk, dv, _ = ops.attention_bwd(dout, q, k, v, out, lse, mask, kv, scale, wl, wr, br, p, c["seed"], 0, False)
+    dq, dk, dv, ds = ops.attention_bwd(
+        dout, q, k, v, out, lse, mask, kv, scale, wl, wr, br, p, c["seed"], 0, False, *mods
+    )
     gtol = tol * (2 if dt in (torch.bfloat16, torch.float16) else 1)
     _check(failures, c, "attention_bwd dq", dq, rq, gtol)
     _check(failures, c, "attention_bwd dk", dk, rk, gtol)
     _check(failures, c, "attention_bwd dv", dv, rv, gtol)
+    if sinks is not None:
+        # A sum over every row of a head: its scale is the row count's.
+        _check(failures, c, "attention_bwd dsinks", ds, rs[0], gtol * max(1, B * Lq) ** 0.5)
+    elif ds.numel() != 0:
+        failures.append(f"attention_bwd dsinks: expected an empty tensor without sinks, got {tuple(ds.shape)} in {c}")
 
 
 def _paged_cache(gen, c, S_cap, D, dt, lens, fill_tokens):
@@ -501,7 +580,8 @@ def _run_decode(ops, ref, c, failures):
     q = _randn(gen, (B, Hkv * G, Tq, D), dt, c["q_layout"])
     seqlens = torch.tensor(lens, dtype=torch.int32)
     scale = 1.0 / math.sqrt(D)
-    out, lse = ops.decode_attention(q, kc, vc, seqlens, table, scale, c["window_left"], -1, c["splits"])
+    slopes, sinks, softcap = mods = _modifiers(gen, c, B, Hkv * G, dt)
+    out, lse = ops.decode_attention(q, kc, vc, seqlens, table, scale, c["window_left"], -1, c["splits"], *mods)
     ref_out, ref_lse = ref.decode_attention_ref(
         q.double(),
         kc.double(),
@@ -511,6 +591,9 @@ def _run_decode(ops, ref, c, failures):
         scale=scale,
         window_left=c["window_left"],
         window_right=-1,
+        softcap=softcap or None,
+        alibi_slopes=None if slopes is None else slopes.double(),
+        sinks=None if sinks is None else sinks.double(),
     )
     tol = TOL[c["dtype"]]
     _check(failures, c, "decode_attention out", out, ref_out, tol)
