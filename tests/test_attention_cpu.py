@@ -343,7 +343,7 @@ def test_argument_errors():
     with pytest.raises(RuntimeError, match="multiple of the number of kv heads"):
         sk_forward(q, k, v, kw)
     k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
-    with pytest.raises(RuntimeError, match="kv_lengths must be int32"):
+    with pytest.raises(RuntimeError, match="kv_lengths must be a contiguous int32"):
         sk_forward(q, k, v, dict(kw, kv_lengths=torch.tensor([3])))
     with pytest.raises(RuntimeError, match="attn_mask must be expanded"):
         sk_forward(q, k, v, dict(kw, attn_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool)))

@@ -831,14 +831,12 @@ constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64;
 // q, k, v: common/host_checks.h, shared with the CUDA launcher.
 using Geometry = host::AttentionGeometry;
 
+// The shared checks (common/host_checks.h), then the kernels' view of the mask.
 MaskDesc check_mask(const std::optional<Tensor>& attn_mask, const Geometry& g, at::ScalarType qt, const char* op) {
   MaskDesc m;
   if (!attn_mask.has_value() || !attn_mask->defined()) return m;
   const Tensor& t = *attn_mask;
-  TORCH_CHECK(t.device().is_cpu(), op, ": attn_mask must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.B && t.size(1) == g.Hq && t.size(2) == g.Lq && t.size(3) == g.Lk, op,
-              ": attn_mask must be expanded to (B, Hq, Lq, Lk) = (", g.B, ", ", g.Hq, ", ", g.Lq, ", ", g.Lk, "), got ",
-              t.sizes());
+  host::check_attn_mask(t, g, qt, host::kCpu, op);
   switch (t.scalar_type()) {
     case at::kBool:
       m.kind = MaskKind::Bool;
@@ -852,14 +850,10 @@ MaskDesc check_mask(const std::optional<Tensor>& attn_mask, const Geometry& g, a
     case at::kFloat:
       m.kind = MaskKind::Float;
       break;
-    case at::kDouble:
+    default:  // float64 (q's dtype): check_attn_mask allowed nothing else
       m.kind = MaskKind::Double;
       break;
-    default:
-      TORCH_CHECK(false, op, ": attn_mask must be bool or floating point, got ", t.scalar_type());
   }
-  TORCH_CHECK(t.scalar_type() == at::kBool || t.scalar_type() == qt || t.scalar_type() == at::kFloat, op,
-              ": a float attn_mask must have q's dtype (", qt, ") or float32, got ", t.scalar_type());
   m.ptr = t.data_ptr();
   m.sb = t.stride(0);
   m.sh = t.stride(1);
@@ -868,18 +862,8 @@ MaskDesc check_mask(const std::optional<Tensor>& attn_mask, const Geometry& g, a
   return m;
 }
 
-const int32_t* check_lengths(const std::optional<Tensor>& kv_lengths, const Geometry& g, const char* op) {
-  if (!kv_lengths.has_value() || !kv_lengths->defined()) return nullptr;
-  const Tensor& t = *kv_lengths;
-  TORCH_CHECK(t.device().is_cpu(), op, ": kv_lengths must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": kv_lengths must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == g.B && t.is_contiguous(), op, ": kv_lengths must be a contiguous (B,) = (",
-              g.B, ",) tensor, got ", t.sizes());
-  return t.data_ptr<int32_t>();
-}
-
 DropoutDesc check_dropout(double p, int64_t seed, int64_t offset, const char* op) {
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": dropout_p must be in [0, 1], got ", p);
+  host::check_dropout_p(p, op);
   DropoutDesc d;
   d.on = p > 0.0;
   d.seed = static_cast<uint64_t>(seed);
@@ -887,11 +871,6 @@ DropoutDesc check_dropout(double p, int64_t seed, int64_t offset, const char* op
   d.threshold = dropout_threshold(p);
   d.keep_scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0;
   return d;
-}
-
-void check_window(int64_t wl, int64_t wr, const char* op) {
-  TORCH_CHECK(wl >= -1, op, ": window_left must be >= 0, or -1 for unbounded, got ", wl);
-  TORCH_CHECK(wr >= -1, op, ": window_right must be >= 0, or -1 for unbounded, got ", wr);
 }
 
 // Visible key range of every query row of batch b.
@@ -1082,9 +1061,9 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, c
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
   check_modifiers_cpu(alibi_slopes, sinks, softcap, g, q.scalar_type(), op);
   const MaskDesc mask = check_mask(attn_mask, g, q.scalar_type(), op);
-  const int32_t* kv_len = check_lengths(kv_lengths, g, op);
+  const int32_t* kv_len = host::check_kv_lengths(kv_lengths, g, host::kCpu, op);
   const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
-  check_window(window_left, window_right, op);
+  host::check_window(window_left, window_right, op);
   const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor out = at::empty({g.B, g.Hq, g.Lq, g.Dv}, q.options());
   Tensor lse = at::empty({g.B, g.Hq, g.Lq}, q.options().dtype(lse_type));
@@ -1523,9 +1502,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({g.B, g.Hq, g.Lq}) && lse.scalar_type() == lse_type, op,
               ": lse must be a ", lse_type, " tensor of shape (B, Hq, Lq), got ", lse.scalar_type(), " ", lse.sizes());
   const MaskDesc mask = check_mask(attn_mask, g, q.scalar_type(), op);
-  const int32_t* kv_len = check_lengths(kv_lengths, g, op);
+  const int32_t* kv_len = host::check_kv_lengths(kv_lengths, g, host::kCpu, op);
   const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
-  check_window(window_left, window_right, op);
+  host::check_window(window_left, window_right, op);
   // Laid out like q, k, v (as the registered fake kernel promises); written through strides.
   Tensor dq = at::empty_like(q);
   Tensor dk = at::empty_like(k);
