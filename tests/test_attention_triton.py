@@ -169,6 +169,11 @@ def _make_mask(kind, B, Hq, Lq, Lk, dtype, gen):
         m = torch.randn((1, 1, Lq, Lk), generator=gen, dtype=torch.float32)
         m[..., 2, :] = float("-inf")
         m[..., 5:9, 3:] = float("-inf")
+    elif kind in ("float_shift", "float_shift_far"):
+        # Every score near -1000 or -1e6 (as the "shifted"/"far" sinks): |lse| > 128, the lse fix-up
+        # passes' rows; at -1e6 the float32 lse is off by up to 2^-5, which the fix-up must undo.
+        shift = 1000.0 if kind == "float_shift" else 1e6
+        m = torch.randn((B, Hq, Lq, Lk), generator=gen, dtype=torch.float32) - shift
     else:
         raise AssertionError(kind)
     while m.dim() < 4:
@@ -215,7 +220,8 @@ def _to(x, device):
     return None if x is None else x.to(device)
 
 
-def _launch_fwd(q, k, v, mask, kvl, kw, device=DEVICE):
+def _launch_fwd(q, k, v, mask, kvl, kw, device=DEVICE, mods=(None, None, 0.0)):
+    """`mods`: (alibi_slopes, sinks, softcap) as the op passes them."""
     scale = kw["scale"] if kw["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
     return tk.attention_fwd(
         _to(q, device),
@@ -230,12 +236,16 @@ def _launch_fwd(q, k, v, mask, kvl, kw, device=DEVICE):
         kw["dropout_p"],
         kw["seed"],
         kw["offset"],
+        _to(mods[0], device),
+        _to(mods[1], device),
+        mods[2],
     )
 
 
-def _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw, deterministic=True, device=DEVICE):
+def _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw, deterministic=True, device=DEVICE, mods=None):
+    """(dq, dk, dv); with `mods` (as _launch_fwd takes them) (dq, dk, dv, dsinks)."""
     scale = kw["scale"] if kw["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-    return tk.attention_bwd(
+    grads = tk.attention_bwd(
         _to(go, device),
         _to(q, device),
         _to(k, device),
@@ -252,7 +262,9 @@ def _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw, deterministic=True, device
         kw["seed"],
         kw["offset"],
         deterministic,
-    )[:3]
+        *(() if mods is None else (_to(mods[0], device), _to(mods[1], device), mods[2])),
+    )
+    return grads[:3] if mods is None else grads
 
 
 def _f64(x):
@@ -933,6 +945,176 @@ def test_interpreter_runs_exactly_one_config():
 
 
 # ------------------------------------------------------------------------------------------------
+# Score modifiers: softcap, ALiBi, attention sinks
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mods:
+    softcap: float = 0.0
+    alibi: bool = False
+    sinks: str = None  # "rand" (one head -inf), "neginf" (every head), "shifted"/"far" (near -1000/-1e6)
+
+    def __str__(self):
+        parts = [f"cap{self.softcap}"] if self.softcap else []
+        if self.alibi:
+            parts.append("alibi")
+        if self.sinks:
+            parts.append(f"sinks_{self.sinks}")
+        return "+".join(parts)
+
+
+ALL_MODS = Mods(softcap=1.5, alibi=True, sinks="rand")
+
+
+def _make_mods(c: Case, m: Mods, seed=1):
+    """(alibi_slopes float32 (B, Hq), sinks float32 (Hq,), softcap), as the op normalizes them."""
+    gen = torch.Generator().manual_seed(seed)
+    alibi = torch.rand((c.B, c.Hq), generator=gen) * 0.5 if m.alibi else None
+    sinks = None
+    if m.sinks == "rand":
+        sinks = torch.randn((c.Hq,), generator=gen) * 2.0
+        sinks[-1] = float("-inf")
+    elif m.sinks == "neginf":
+        sinks = torch.full((c.Hq,), float("-inf"))
+    elif m.sinks in ("shifted", "far"):
+        sinks = torch.randn((c.Hq,), generator=gen) - (1000.0 if m.sinks == "shifted" else 1e6)
+    return alibi, sinks, m.softcap
+
+
+def _ref_with_sinks(go, q, k, v, sinks, kw, dtype):
+    """(out, lse, (dq, dk, dv, dsinks)) of attention_ref in `dtype` (float64: the oracle; None: the
+    inputs' own, the plain-torch baseline) by autograd, sinks a leaf requiring grad."""
+    cast = (lambda x: x.double()) if dtype == torch.float64 else (lambda x: x)
+    leaves = [cast(x).detach().requires_grad_(True) for x in (q, k, v)]
+    s = None
+    if sinks is not None:
+        s = sinks.to(torch.float64 if dtype == torch.float64 else torch.float32).detach().requires_grad_(True)
+    with torch.enable_grad():
+        out, lse = attention_ref(*leaves, **dict(kw, sinks=s))
+        wrt = leaves + ([s] if s is not None else [])
+        grads = torch.autograd.grad(out, wrt, cast(go).to(out.dtype), allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, wrt)]
+    return out.detach(), lse.detach(), grads
+
+
+def _check_mods(c: Case, m: Mods, inputs=None, mods=None):
+    """`inputs` (q, k, v, go, mask, kv_lengths) and `mods` (alibi, sinks, softcap) override the
+    ones made from `c` and `m`."""
+    q, k, v, go, mask, kvl = _make_inputs(c) if inputs is None else inputs
+    kw = _kwargs(c, mask, kvl)
+    alibi, sinks, softcap = mods = _make_mods(c, m) if mods is None else mods
+    out, lse = _launch_fwd(q, k, v, mask, kvl, kw, mods=mods)
+    dq, dk, dv, dsinks = _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw, mods=mods)
+    assert dsinks.dtype == torch.float32 and dsinks.shape == ((c.Hq,) if sinks is not None else (0,))
+
+    mod_kw = dict(softcap=softcap or None, alibi_slopes=alibi)
+    kw64 = dict(kw, attn_mask=_f64(mask), **dict(mod_kw, alibi_slopes=_f64(alibi)))
+    ref_out, ref_lse, ref_grads = _ref_with_sinks(go, q, k, v, sinks, kw64, torch.float64)
+    base_out, base_lse, base_grads = _ref_with_sinks(go, q, k, v, sinks, dict(kw, **mod_kw), None)
+    got_grads = [g.cpu() for g in (dq, dk, dv)] + ([dsinks.cpu()] if sinks is not None else [])
+
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    # The parity rule with its allowance for inputs where torch in the same dtype fails the float32
+    # assert_close itself (the -1000 shifted rows round q.k away in float32).
+    assert_rule(out.cpu(), ref_out, base_out, False, "out", None)
+    assert_rule(lse.cpu(), ref_lse, base_lse, False, "lse", c.dtype)
+    for name, got, ref, base in zip(("dq", "dk", "dv", "dsinks"), got_grads, ref_grads, base_grads):
+        assert_rule(got, ref, base, True, name, c.dtype)
+    return out, lse, got_grads, ref_lse
+
+
+MOD_CASES = [
+    # Each modifier alone.
+    (Case(B=2, Lq=17, Lk=17, D=16), Mods(softcap=1.0)),
+    (Case(Lq=33, Lk=45, D=32, dtype=F16, window=CAUSAL), Mods(alibi=True)),
+    # kv_lengths 0: rows that see no key, lse = the sink.
+    (Case(B=2, Hq=4, Hkv=2, Lq=19, Lk=26, D=16, dtype=BF16, kv_lengths=(26, 0)), Mods(sinks="rand")),
+    # All together, with GQA, windows, masks, kv_lengths, dropout, top-left diagonal.
+    (Case(B=2, Hq=4, Hkv=2, Lq=33, Lk=70, D=64, dtype=BF16, window=(5, 3), kv_lengths=(0, 37)), ALL_MODS),
+    (Case(Lq=18, Lk=40, D=16, mask="bool_dead_rows", kv_lengths=(31,)), ALL_MODS),
+    (Case(B=2, Lq=21, Lk=33, D=32, dtype=F32, mask="float_b1ll", window=CAUSAL), ALL_MODS),
+    (Case(B=2, Hq=4, Hkv=2, Lq=19, Lk=26, D=16, dtype=BF16, dropout_p=0.17, kv_lengths=(26, 11)), ALL_MODS),
+    (Case(Lq=50, Lk=37, D=16, dtype=F16, window=CAUSAL, bottom_right=False), ALL_MODS),
+    (Case(Lq=23, Lk=29, D=24, Dv=40, dtype=F32, layout="strided_d", window=(4, 4)), ALL_MODS),
+    (Case(Lq=5, Lk=1, D=16, dtype=F16), ALL_MODS),
+    # Fully masked rows with and without a sink; a -inf sink is no sink.
+    (Case(Lq=20, Lk=20, D=16, dtype=F16, mask="float_neginf_rows"), ALL_MODS),
+    (Case(Lq=20, Lk=20, D=16, dtype=F32, mask="float_neginf_rows"), Mods(softcap=2.0, alibi=True, sinks="neginf")),
+    (Case(Lq=7, Lk=0, D=16), ALL_MODS),
+    # |lse| > 128: the fix-up passes, with the sink in their sums.
+    (Case(Hq=2, Hkv=1, Lq=17, Lk=23, D=16, mask="float_shift"), Mods(alibi=True, sinks="shifted")),
+    (Case(Lq=17, Lk=23, D=16, dtype=BF16, mask="float_shift"), Mods(softcap=3.0, sinks="shifted")),
+    (Case(Hq=2, Hkv=1, Lq=17, Lk=23, D=16, mask="float_shift_far"), Mods(softcap=2.0, alibi=True, sinks="far")),
+    # Around the interpreter's tiles (fwd 64 x 32, dQ 64 x 32, dK/dV 32 x 64): t - 1, t, t + 1.
+    (Case(Lq=63, Lk=31, D=16, window=CAUSAL), ALL_MODS),
+    (Case(Lq=64, Lk=64, D=16, dtype=BF16), ALL_MODS),
+    (Case(Lq=65, Lk=33, D=16, dtype=F16, window=(-1, 2)), ALL_MODS),
+]
+
+
+@pytest.mark.parametrize("case, mods", MOD_CASES, ids=lambda x: str(x))
+def test_attention_modifiers(case, mods):
+    _check_mods(case, mods)
+
+
+@pytest.mark.parametrize(
+    "case, mods",
+    [
+        (Case(B=2, Hq=4, Hkv=2, Lq=33, Lk=70, D=16, window=(5, 3), kv_lengths=(0, 37)), ALL_MODS),
+        (Case(Lq=40, Lk=57, D=16, dtype=BF16, window=(-1, 2), dropout_p=0.25, kv_lengths=(50,)), ALL_MODS),
+    ],
+    ids=lambda x: str(x),
+)
+def test_attention_modifiers_small_tiles(case, mods, small_tiles):
+    _check_mods(case, mods)
+
+
+def test_sinks_far_lse_fixup_is_exact():
+    """|lse| ~ 1e6, where the float32 lse is off by up to 2^-5 (a 3% factor on every probability):
+    scores, mask, slopes and sinks are multiples of 1/16, exact in float32 at that magnitude, so
+    torch in float32 is exact up to the exponentials and only the fix-up passes (their sums include
+    the sink; the dsink terms are rescaled too) can bring the kernel to the same accuracy."""
+    c = Case(B=2, Hq=2, Hkv=1, Lq=17, Lk=23, D=16, scale=0.25, window=(9, 2), mask="float_shift_far")
+    gen = torch.Generator().manual_seed(3)
+
+    def grid(shape, lo, hi, step):
+        return torch.randint(lo, hi, shape, generator=gen).float() * step
+
+    q, k = grid((2, 2, 17, 16), -2, 3, 0.5), grid((2, 1, 23, 16), -2, 3, 0.5)
+    v, go = _randn((2, 1, 23, 16), F32, gen), _randn((2, 2, 17, 16), F32, gen)
+    mask = (grid((2, 2, 17, 23), -16, 16, 0.125) - 1e6).contiguous()
+    mods = (grid((2, 2), 0, 4, 0.125), grid((2,), -16, 16, 0.125) - 1e6, 0.0)
+    _check_mods(c, Mods(), inputs=(q, k, v, go, mask, None), mods=mods)
+
+
+def test_modifier_rows_that_see_nothing():
+    """A row that sees no key: output 0, lse = its sink (finite) or -inf (-inf sink), and its dsink
+    term is 0 (its output, hence delta, is 0)."""
+    c = Case(B=2, Hq=2, Hkv=1, Lq=9, Lk=12, D=16, kv_lengths=(0, 12))
+    q, k, v, go, mask, kvl = _make_inputs(c)
+    kw = _kwargs(c, mask, kvl)
+    sinks = torch.tensor([0.75, float("-inf")])
+    out, lse = _launch_fwd(q, k, v, mask, kvl, kw, mods=(None, sinks, 1.0))
+    assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
+    assert torch.equal(lse[0, 0].cpu(), torch.full((9,), 0.75))
+    assert torch.equal(lse[0, 1].cpu(), torch.full((9,), float("-inf")))
+
+
+def test_modifiers_off_is_the_plain_path():
+    """softcap 0, no slopes, no sinks: bitwise the plain kernels' results (the constexpr switches off)."""
+    c = Case(B=2, Hq=4, Hkv=2, Lq=19, Lk=26, D=16, dtype=BF16, window=CAUSAL)
+    q, k, v, go, mask, kvl = _make_inputs(c)
+    kw = _kwargs(c, mask, kvl)
+    out, lse = _launch_fwd(q, k, v, mask, kvl, kw)
+    out2, lse2 = _launch_fwd(q, k, v, mask, kvl, kw, mods=(None, None, 0.0))
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    g = _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw)
+    g2 = _launch_bwd(go, q, k, v, out, lse, mask, kvl, kw, mods=(None, None, 0.0))
+    assert all(torch.equal(a, b) for a, b in zip(g, g2)) and g2[3].shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation (no GPU needed)
 # ------------------------------------------------------------------------------------------------
 
@@ -959,6 +1141,10 @@ def _check_static(pattern):
     [
         r"fwd_kernel sm_90 bf16 D128 causal BLOCK_M=128 BLOCK_N=64 warps=8",
         r"dq_kernel sm_80 bf16 D64 full BLOCK_M=64 BLOCK_N=32",
+        # The score modifiers (softcap, ALiBi, sinks) on the heavy entries, and sinks on a light one.
+        r"fwd_kernel sm_90 bf16 D128 mods BLOCK_M=128 BLOCK_N=32",
+        r"dkdv_kernel sm_80 bf16 D64 mods BLOCK_M=16 BLOCK_N=128",
+        r"fwd_kernel sm_90 bf16 D64 causal_sinks BLOCK_M=128 BLOCK_N=128",
     ],
 )
 def test_static_compile_sample(pattern):

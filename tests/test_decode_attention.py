@@ -318,6 +318,159 @@ def test_split_heuristic():
         torch.set_num_threads(threads)
 
 
+# ------------------------------------------------------------------------------------------------
+# Score modifiers on the CUDA decode kernels (through the CUDA-on-CPU harness): softcap, ALiBi and
+# sinks against the float64 reference, one split and several (the sink joins a row once, after the
+# splits are merged), contiguous and paged caches, Tq = 1 and > 1.
+
+
+def _decode_mods(B, Hq, *, softcap=0.0, alibi=False, sinks=None):
+    """(softcap or None, alibi_slopes (B, Hq) float32 or None, sinks (Hq,) float32 or None)."""
+    slopes = torch.rand(B, Hq) * 0.3 + 0.02 if alibi else None
+    if sinks == "random":
+        sinks = torch.randn(Hq) * 2
+    elif sinks is not None:
+        sinks = torch.tensor(sinks, dtype=torch.float32)
+    return (float(softcap) or None), slopes, sinks  # prepare_decode: None = no softcap
+
+
+def ref_decode_mods(q, kc, vc, lens, bt, window, mods, dtype=torch.float64):
+    softcap, slopes, sinks = mods
+    left = -1 if window is None else window
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def cast(t):
+        return None if t is None else t.cpu().to(dtype)
+
+    return reference.decode_attention_ref(
+        cast(q),
+        cast(kc),
+        cast(vc),
+        lens.cpu(),
+        block_table=None if bt is None else bt.cpu(),
+        window_left=left,
+        window_right=0,
+        softcap=softcap,
+        alibi_slopes=None if slopes is None else slopes.to(acc),
+        sinks=None if sinks is None else sinks.to(acc),
+    )
+
+
+def run_decode_mods(emu, q, kc, vc, lens, bt, window, splits, mods):
+    softcap, slopes, sinks = mods
+    c = kv_ops.prepare_decode(
+        q,
+        kc,
+        vc,
+        lens,
+        block_table=bt,
+        window=window,
+        num_splits=splits,
+        softcap=softcap,
+        alibi_slopes=slopes,
+        sinks=sinks,
+    )
+    return emu.decode_attention(*c.args())
+
+
+ALL_MODS = {"softcap": 2.0, "alibi": True, "sinks": "random"}
+# (B, Hq, Hkv, Tq, D, Dv, S, paged, window, num_splits, dtype, modifiers)
+MOD_CASES = [
+    (2, 4, 2, 1, 64, 64, 57, False, None, 1, torch.float16, ALL_MODS),
+    (2, 4, 2, 1, 64, 64, 57, True, None, 3, torch.bfloat16, ALL_MODS),
+    (2, 4, 1, 3, 40, 24, 60, False, 5, 2, torch.float32, ALL_MODS),
+    (2, 4, 1, 3, 40, 24, 60, True, 5, 1, torch.float32, ALL_MODS),
+    (1, 2, 1, 9, 80, 80, 40, True, None, 4, torch.float32, {"sinks": "random"}),
+    (3, 8, 2, 1, 128, 128, 33, True, None, 7, torch.bfloat16, {"softcap": 1.5}),
+    (2, 2, 2, 2, 256, 256, 19, False, None, 1, torch.float16, {"alibi": True}),
+    (2, 4, 2, 9, 32, 32, 30, True, 3, 2, torch.float32, {"softcap": 3.0, "alibi": True, "sinks": [0.5, -math.inf] * 2}),
+]
+
+
+def _mod_case_id(c):
+    B, Hq, Hkv, Tq, D, Dv, S, paged, window, splits, dtype, mods = c
+    return (
+        f"B{B}H{Hq}-{Hkv}T{Tq}D{D}-{Dv}S{S}{'-paged' if paged else ''}-w{window}-s{splits}-{str(dtype)[6:]}-"
+        + "+".join(sorted(mods))
+    )
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("case", MOD_CASES, ids=[_mod_case_id(c) for c in MOD_CASES])
+def test_cuda_decode_modifiers_emulated(emu, case):
+    B, Hq, Hkv, Tq, D, Dv, S, paged, window, splits, dtype, mod_kw = case
+    torch.manual_seed(B * 100 + Tq * 10 + splits)
+    q, kc, vc, lens, bt = make_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, paged=paged)
+    mods = _decode_mods(B, Hq, **mod_kw)
+    out, lse = run_decode_mods(emu, q, kc, vc, lens, bt, window, splits, mods)
+    ref = ref_decode_mods(q, kc, vc, lens, bt, window, mods)
+    base = ref_decode_mods(q, kc, vc, lens, bt, window, mods, dtype=dtype)
+    report = testing.compare((out, lse), ref, base)
+    assert report.passed, str(report)
+
+
+@pytest.mark.emulation
+def test_cuda_decode_modifiers_split_counts_agree(emu):
+    """The sink is merged once whatever the split count (17 splits leave some empty)."""
+    torch.manual_seed(1)
+    q, kc, vc, lens, bt = make_cache(2, 4, 2, 2, 32, 32, 50, torch.float32, paged=True)
+    mods = _decode_mods(2, 4, softcap=2.0, alibi=True, sinks="random")
+    one = run_decode_mods(emu, q, kc, vc, lens, bt, None, 1, mods)
+    ref = ref_decode_mods(q, kc, vc, lens, bt, None, mods)
+    base = ref_decode_mods(q, kc, vc, lens, bt, None, mods, dtype=torch.float32)
+    for splits in (2, 17):
+        res = run_decode_mods(emu, q, kc, vc, lens, bt, None, splits, mods)
+        report = testing.compare(res, ref, base)
+        assert report.passed, str(report)
+        torch.testing.assert_close(res[0], one[0], atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(res[1], one[1], atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("splits", [1, 3])
+def test_cuda_decode_modifiers_rows_that_see_nothing(emu, splits):
+    """Queries at negative positions (lengths below Tq, the op called directly) see no key: out 0 and
+    lse = the sink (finite), or -inf (a -inf sink)."""
+    q, kc, vc, _, _ = make_cache(2, 2, 2, 4, 16, 16, 12, torch.float32)
+    lens = torch.tensor([2, 0], dtype=torch.int32)
+    sinks = torch.tensor([0.75, -math.inf])
+    slopes = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    out, lse = emu.decode_attention(q, kc, vc, lens, None, 0.25, -1, 0, splits, slopes, sinks, 2.0)
+    ref_out, ref_lse = reference.decode_attention_ref(
+        q.double(),
+        kc.double(),
+        vc.double(),
+        lens,
+        scale=0.25,
+        softcap=2.0,
+        alibi_slopes=slopes.double(),
+        sinks=sinks.double(),
+    )
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[1] == 0).all() and (lse[1, 0] == 0.75).all() and (lse[1, 1] == -math.inf).all()
+    assert (lse[0, 0, :2] == 0.75).all() and (lse[0, 1, :2] == -math.inf).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def _sanitized_case_mods(emu):
+    torch.manual_seed(0)
+    for paged, splits in ((False, 1), (True, 3)):
+        q, kc, vc, lens, bt = make_cache(2, 4, 2, 2, 40, 24, 19, torch.bfloat16, paged=paged, block_size=4)
+        mods = _decode_mods(2, 4, softcap=2.0, alibi=True, sinks="random")
+        out, _ = run_decode_mods(emu, q, kc, vc, lens, bt, None, splits, mods)
+        ref_out, _ = ref_decode_mods(q, kc, vc, lens, bt, None, mods)
+        assert (out.double() - ref_out).abs().max() < 3e-2
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_cuda_decode_modifiers_sanitized(sanitizer):
+    from emulation import run_sanitized
+
+    run_sanitized(sanitizer, "kv_cache", SOURCES, _sanitized_case_mods).assert_clean()
+
+
 def _sanitized_case(emu):
     torch.manual_seed(0)
     for paged, splits in ((False, 1), (True, 3)):
@@ -495,3 +648,91 @@ def test_cpu_decode_rescale_across_key_tiles(dtype, isa, monkeypatch):
         torch.testing.assert_close(res[0], ref_out)
         torch.testing.assert_close(res[1], ref_lse)
     check(res, q, kc, vc, lens, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: score modifiers (softcap, ALiBi, sinks) against decode_attention_ref
+# ------------------------------------------------------------------------------------------------
+
+# (B, Hq, Hkv, Tq, D, Dv, S, paged, window_left, num_splits, softcap, alibi, sinks, lens)
+_TRITON_MOD_CASES = [
+    (2, 4, 2, 1, 16, 16, 40, False, -1, 1, 1.5, True, "rand", None),
+    (2, 4, 2, 1, 16, 16, 40, True, -1, 3, 1.5, True, "rand", None),
+    (2, 4, 1, 3, 32, 24, 37, True, 5, 2, 0.0, True, "rand", None),
+    # A sequence of length 0 (Tq = 1 sees nothing: output 0, lse = the sink), split and not.
+    (3, 4, 2, 1, 16, 16, 33, False, -1, 4, 2.0, False, "rand", (33, 0, 20)),
+    (3, 4, 2, 1, 16, 16, 33, True, -1, 1, 2.0, True, "rand", (33, 0, 20)),
+    (2, 2, 2, 2, 16, 16, 23, True, -1, 2, 0.0, False, "rand", None),
+    (2, 2, 1, 1, 16, 16, 30, False, -1, 1, 1.0, False, None, None),
+    (2, 4, 4, 2, 16, 16, 30, True, 7, 3, 0.0, True, None, None),
+    # -inf sinks are no sinks, also through the split merge.
+    (2, 2, 1, 1, 16, 16, 30, True, -1, 2, 1.0, True, "neginf", None),
+]
+
+
+def _triton_mod_params():
+    out = []
+    for i, case in enumerate(_TRITON_MOD_CASES):
+        for dtype in DTYPES if i < 2 else [torch.float32, torch.bfloat16]:
+            B, Hq, Hkv, Tq, D, Dv, S, paged, wl, splits, cap, alibi, sinks, lens = case
+            cid = f"B{B}H{Hq}-{Hkv}T{Tq}D{D}-{Dv}S{S}{'-paged' if paged else ''}-w{wl}-s{splits}-cap{cap}"
+            cid += f"{'-alibi' if alibi else ''}-sinks{sinks}-len{lens}-{str(dtype)[6:]}"
+            out.append(pytest.param(dtype, case, id=cid))
+    return out
+
+
+@pytest.mark.parametrize("dtype, case", _triton_mod_params())
+def test_triton_decode_modifiers(dtype, case):
+    pytest.importorskip("triton")
+    from seqkernels.triton_kernels import kv_cache as tkv
+
+    B, Hq, Hkv, Tq, D, Dv, S, paged, wl, splits, cap, alibi, sinks, lens = case
+    device = _device_for("triton")
+    if device == "cpu" and not tkv.INTERPRET:
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    torch.manual_seed(7)
+    q, kc, vc, cache_lens, bt = make_cache(B, Hq, Hkv, Tq, D, Dv, S, dtype, device, paged=paged, lens=lens)
+    slopes = torch.rand(B, Hq) * 0.5 if alibi else None
+    sink = None
+    if sinks == "rand":
+        sink = torch.randn(Hq) * 2.0
+        sink[-1] = float("-inf")
+    elif sinks == "neginf":
+        sink = torch.full((Hq,), float("-inf"))
+    scale = 0.6
+    out, lse = tkv.decode_attention(
+        q,
+        kc,
+        vc,
+        cache_lens,
+        bt,
+        scale,
+        wl,
+        0,
+        splits,
+        None if slopes is None else slopes.to(device),
+        None if sink is None else sink.to(device),
+        cap,
+    )
+
+    def ref(dt):
+        def cast(t):
+            return t.cpu().to(dt)
+
+        wide = torch.float64 if dt == torch.float64 else torch.float32
+        return reference.decode_attention_ref(
+            cast(q),
+            cast(kc),
+            cast(vc),
+            cache_lens.cpu(),
+            block_table=None if bt is None else bt.cpu(),
+            scale=scale,
+            window_left=wl,
+            window_right=0,
+            softcap=cap or None,
+            alibi_slopes=None if slopes is None else slopes.to(wide),
+            sinks=None if sink is None else sink.to(wide),
+        )
+
+    report = testing.compare((out.cpu(), lse.cpu()), ref(torch.float64), ref(dtype))
+    assert report.passed, str(report)

@@ -246,7 +246,7 @@ def test_row_that_sees_no_key_with_a_sink(backend):
     torch.testing.assert_close(sinks.grad, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu"])  # gradgradcheck needs float64, which only the C++ kernels take
 def test_double_backward_through_sinks(backend):
     """create_graph=True recomputes through the reference math, sinks included (gradgradcheck)."""
     q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for n in (4, 5, 5))

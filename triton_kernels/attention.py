@@ -41,6 +41,17 @@ Dropout zeroes probabilities after normalization (the denominator uses the undro
 torch does); kept ones are scaled by ``1 / (1 - p)``; the keep mask is regenerated in the
 backward from ``(seed, offset, b, h, i, j)``.
 
+Score modifiers (constexpr switches SOFTCAP, ALIBI, SINKS: off, the plain kernels are unchanged), on
+the scaled score before the mask, in this order: ``s <- c * tanh(s / c)`` (softcap ``c``), then
+``s <- s - slope[b, h] * |i + off_b - j|`` (ALiBi, no gradient to the slopes). A sink is one more
+logit per head in the softmax denominator with no value: the forward merges it after the key loop
+(one more online-softmax step), so lse includes it and a row that sees no key gets output 0 and
+lse = sink (-inf sink: no sink). The backward recomputes P = exp(s - lse) with the same modifiers;
+dS gets the cap's factor ``1 - tanh^2`` before it meets Q or K; ``dsink[h] = -sum_(b, i) p_sink *
+delta`` with ``p_sink = exp(sink - lse)``, per row in the preprocess kernel (rescaled with the row by
+the lse fix-up) and summed per head by the launcher (deterministic). Calls with softcap or ALiBi use
+the heavy tuning lists, where _MODS_TABLES replaces the entries that spill with them.
+
 Backward: ``delta = rowsum(dO * O)`` (one small kernel, which also copies dO), the lse fix-up
 above, then a dK/dV kernel (one program per key block and kv head, walking the query tiles of
 every query head of its GQA group in one flat loop, so the group sum needs no atomics and is
@@ -81,6 +92,7 @@ from ._common import (
     length_bucket,
     refusal,
     static_signature,
+    tanh,
 )
 from .philox import dropout_keep, dropout_threshold, split_u64
 
@@ -253,6 +265,9 @@ def _scores(
     Lk,
     lk_b,
     qk_scale,
+    diag,
+    slope,
+    softcap,
     MASKED: tl.constexpr,
     HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr,
@@ -260,13 +275,34 @@ def _scores(
     WINDOW_RIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LOG2: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """Scores ``q.k * qk_scale + mask`` of a (query tile, key tile) pair with the attn_mask applied
     and, on a boundary tile (MASKED), keys past lk_b and outside the causal/sliding window set to
     -inf: natural domain (qk_scale = scale), or log2 domain with LOG2 (qk_scale = scale * log2(e), the
     mask scaled too; the dQ kernel). Shared by the forward, the dQ kernel and the fix-up passes,
-    which must agree on every visible position."""
+    which must agree on every visible position.
+
+    Modifiers, before the mask: SOFTCAP caps the score, ``c * tanh(s / c)``; ALIBI subtracts
+    ``slope * |diag - j|`` (``diag = i + off_b``, per row). Returns ``(s, th)``, ``th = tanh(s / c)``
+    of the cap (the backward's factor ``1 - th^2``; ``s`` itself without SOFTCAP, unused then)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    th = s
+    if SOFTCAP:
+        # In the log2 domain qk_scale carries log2(e): the cap applies to s / log2(e), and the
+        # capped score gets the factor back.
+        cap = softcap
+        if LOG2:
+            cap = softcap * 1.4426950408889634
+        th = tanh(s * tl.fdiv(1.0, cap, ieee_rounding=False))
+        s = th * cap
+    if ALIBI:
+        dist = tl.abs(diag[:, None] - (start_n + offs_n)[None, :]).to(tl.float32)
+        if LOG2:
+            s = s - (slope * 1.4426950408889634) * dist
+        else:
+            s = s - slope * dist
     if HAS_MASK:
         s = _apply_attn_mask(
             s, Mask_n, offs_m, offs_n, stride_mm, stride_mn, m_rows, Lk - start_n, MASKED, MASK_BOOL, LOG2
@@ -279,7 +315,7 @@ def _scores(
         if WINDOW_RIGHT:
             visible = visible & (cols[None, :] <= win_hi[:, None])
         s = tl.where(visible, s, float("-inf"))
-    return s
+    return s, th
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +359,9 @@ def _fwd_tiles(
     offset_lo,
     offset_hi,
     drop_threshold,
+    diag,
+    slope,
+    softcap,
     BLOCK_N: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_DV: tl.constexpr,
@@ -334,6 +373,8 @@ def _fwd_tiles(
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -341,7 +382,7 @@ def _fwd_tiles(
         k = _load_2d(
             K_bh + n64 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, lk_b - start_n, D, MASKED, not EVEN_D, UPCAST
         )
-        s = _scores(
+        s, _th = _scores(
             q,
             k,
             Mask_bm + n64 * stride_mn,
@@ -356,6 +397,9 @@ def _fwd_tiles(
             Lk,
             lk_b,
             scale,
+            diag,
+            slope,
+            softcap,
             MASKED,
             HAS_MASK,
             MASK_BOOL,
@@ -363,6 +407,8 @@ def _fwd_tiles(
             WINDOW_RIGHT,
             DOT_PRECISION,
             False,
+            SOFTCAP,
+            ALIBI,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0
@@ -454,6 +500,10 @@ def _attention_fwd_kernel(
     drop_scale,
     tune_lq,
     tune_lk,
+    # Modifier arguments last: the plain variants keep the parameter layout (and ptxas its allocation).
+    Alibi,
+    Sinks,
+    softcap,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -469,6 +519,9 @@ def _attention_fwd_kernel(
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -513,6 +566,10 @@ def _attention_fwd_kernel(
     win_lo = rows + off_b - window_left
     win_hi = rows + off_b + window_right
     drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
+    diag = rows + off_b
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + b64 * Hq + h64)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -556,6 +613,9 @@ def _attention_fwd_kernel(
         offset_lo,
         offset_hi,
         drop_threshold,
+        diag,
+        slope,
+        softcap,
         BLOCK_N,
         EVEN_D,
         EVEN_DV,
@@ -567,6 +627,8 @@ def _attention_fwd_kernel(
         DROPOUT,
         UPCAST,
         DOT_PRECISION,
+        SOFTCAP,
+        ALIBI,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -603,6 +665,9 @@ def _attention_fwd_kernel(
         offset_lo,
         offset_hi,
         drop_threshold,
+        diag,
+        slope,
+        softcap,
         BLOCK_N,
         EVEN_D,
         EVEN_DV,
@@ -614,6 +679,8 @@ def _attention_fwd_kernel(
         DROPOUT,
         UPCAST,
         DOT_PRECISION,
+        SOFTCAP,
+        ALIBI,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -650,6 +717,9 @@ def _attention_fwd_kernel(
         offset_lo,
         offset_hi,
         drop_threshold,
+        diag,
+        slope,
+        softcap,
         BLOCK_N,
         EVEN_D,
         EVEN_DV,
@@ -661,7 +731,21 @@ def _attention_fwd_kernel(
         DROPOUT,
         UPCAST,
         DOT_PRECISION,
+        SOFTCAP,
+        ALIBI,
     )
+
+    if SINKS:
+        # The sink joins the denominator once, after the keys: one more online-softmax step with a
+        # logit and no value. A row that saw no key gets l = 1 (output 0, lse = sink); a -inf sink
+        # adds exactly 0.
+        sink = tl.load(Sinks + h64)
+        m_new = tl.maximum(m_i, sink)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2((m_i - m_use) * 1.4426950408889634)
+        l_i = l_i * alpha + tl.math.exp2((sink - m_use) * 1.4426950408889634)
+        acc = acc * alpha[:, None]
+        m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -695,6 +779,9 @@ def _attention_bwd_preprocess_kernel(
     DO,
     Delta,
     DOS,
+    LSE,
+    Sinks,
+    DSinkRows,
     stride_ob,
     stride_oh,
     stride_om,
@@ -712,11 +799,16 @@ def _attention_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     EVEN_DV: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO[i, d] * O[i, d]: the softmax-backward row term. With dropout O is
     the dropped output, which makes delta = sum_j P_ij * dP_ij with the dropped dP, as needed.
     Also copies dO to the contiguous DOS, which the dK/dV and dQ kernels read (and
-    _attention_bwd_fixup_kernel rescales on the rows whose lse lost its low bits)."""
+    _attention_bwd_fixup_kernel rescales on the rows whose lse lost its low bits).
+
+    SINKS: the sink's share of the row term, -p_sink * delta with p_sink = exp(sink - lse), goes to
+    DSinkRows (B, Hq, Lq); the launcher sums it per head (deterministic, no atomics). O carries no
+    sink value, so delta itself is unchanged."""
     pid_m = tl.program_id(0)
     h64 = tl.program_id(1).to(tl.int64)
     b64 = tl.program_id(2).to(tl.int64)
@@ -750,6 +842,13 @@ def _attention_bwd_preprocess_kernel(
     )
     delta = tl.sum(o * do, 1)
     tl.store(Delta + (b64 * Hq + h64) * Lq + m0 + offs_m, delta, mask=offs_m < m_rows)
+    if SINKS:
+        lse = tl.load(LSE + (b64 * Hq + h64) * Lq + m0 + offs_m, mask=offs_m < m_rows, other=float("-inf"))
+        sink = tl.load(Sinks + h64)
+        # -inf lse (no key, no sink) or -inf sink: no sink probability (and no -inf - -inf NaN).
+        no_sink = (lse == float("-inf")) | (tl.zeros_like(lse) + sink == float("-inf"))
+        p_sink = tl.where(no_sink, 0.0, tl.exp(sink - lse))
+        tl.store(DSinkRows + (b64 * Hq + h64) * Lq + m0 + offs_m, -p_sink * delta, mask=offs_m < m_rows)
     ds_ptrs = (
         DOS
         + b64 * stride_dsb
@@ -770,9 +869,12 @@ def _attention_bwd_fixup_kernel(
     K,
     Mask,
     KVLens,
+    Alibi,
+    Sinks,
     LSE,
     Delta,
     DOS,
+    DSinkRows,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -795,6 +897,7 @@ def _attention_bwd_fixup_kernel(
     Dv,
     GROUP,
     scale,
+    softcap,
     window_left,
     window_right,
     BLOCK_M: tl.constexpr,
@@ -811,6 +914,9 @@ def _attention_bwd_fixup_kernel(
     BOTTOM_RIGHT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     """Rows whose float32 lse is too large to carry log(l): the backward's P = exp(S - lse) is then
     off by a per-row factor (a row whose every key carries a -1e9 mask has lse = -1e9 + log(Lk),
@@ -820,7 +926,9 @@ def _attention_bwd_fixup_kernel(
     lse_needs_recompute in csrc/common/attention_math.h), this sums
     c = sum_j exp(S_ij - lse_i) over the row's visible keys and scales dO_i (in DOS) and delta_i by
     1 / c: dV and dS = P (dP - delta), hence dK and dQ, are linear in (dO_i, delta_i) for a fixed
-    row factor, so the dK/dV kernel needs no change. Every other block does nothing."""
+    row factor, so the dK/dV kernel needs no change. Every other block does nothing. With SINKS the
+    sum includes exp(sink - lse), and the row's dsink term (-p_sink * delta, p_sink off by the same
+    factor) is scaled by 1 / c too."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -861,8 +969,14 @@ def _attention_bwd_fixup_kernel(
             Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm
         win_lo = rows + off_b - window_left
         win_hi = rows + off_b + window_right
+        diag = rows + off_b
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + b64 * Hq + h64)
         shift = tl.where(bad, lse, float("inf"))  # other rows: exp2(-inf) = 0, nothing to sum
         c = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if SINKS:
+            c += tl.math.exp2((tl.load(Sinks + h64) - shift) * 1.4426950408889634)
         lo, _full_lo, _full_hi, hi = _key_range(
             m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
         )
@@ -881,7 +995,7 @@ def _attention_bwd_fixup_kernel(
                 not EVEN_D,
                 UPCAST,
             )
-            s = _scores(
+            s, _th = _scores(
                 q,
                 k,
                 Mask_bm + n64 * stride_mn,
@@ -896,6 +1010,9 @@ def _attention_bwd_fixup_kernel(
                 Lk,
                 lk_b,
                 scale,
+                diag,
+                slope,
+                softcap,
                 True,
                 HAS_MASK,
                 MASK_BOOL,
@@ -903,12 +1020,17 @@ def _attention_bwd_fixup_kernel(
                 WINDOW_RIGHT,
                 DOT_PRECISION,
                 False,
+                SOFTCAP,
+                ALIBI,
             )
             c += tl.sum(tl.math.exp2((s - shift[:, None]) * 1.4426950408889634), 1)
         # c >= ~1 for a row with a visible key (the max term is exp(m - lse) ~ 1 / l); guard anyway.
         r = tl.where(bad & (c > 0.0), 1.0 / c, 1.0)
         d_ptrs = Delta + (b64 * Hq + h64) * Lq + rows
         tl.store(d_ptrs, tl.load(d_ptrs, mask=bad, other=0.0) * r, mask=bad)
+        if SINKS:
+            s_ptrs = DSinkRows + (b64 * Hq + h64) * Lq + rows
+            tl.store(s_ptrs, tl.load(s_ptrs, mask=bad, other=0.0) * r, mask=bad)
         offs_dv = tl.arange(0, BLOCK_DV)
         ds_ptrs = (
             DOS
@@ -934,6 +1056,7 @@ def _bwd_dkdv_tiles(
     LSE,
     Delta,
     Mask,
+    Alibi,
     start,
     end,
     b64,
@@ -974,6 +1097,7 @@ def _bwd_dkdv_tiles(
     offset_hi,
     drop_threshold,
     drop_scale,
+    softcap,
     BLOCK_M: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_DV: tl.constexpr,
@@ -987,6 +1111,8 @@ def _bwd_dkdv_tiles(
     DOT_PRECISION: tl.constexpr,
     COMPUTE_DK: tl.constexpr,
     COMPUTE_DV: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """Transposed tiles (keys along dim 0, queries along dim 1): dV += P^T dO, dK += dS^T Q, over
     the query tiles [start, end) of every query head of the kv head's group.
@@ -1023,6 +1149,13 @@ def _bwd_dkdv_tiles(
         # Rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0.
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale
+        # The modifiers as _scores applies them, transposed.
+        if SOFTCAP:
+            thT = tanh(sT * tl.fdiv(1.0, softcap, ieee_rounding=False))
+            sT = thT * softcap
+        if ALIBI:
+            slope = tl.load(Alibi + bh)
+            sT = sT - slope * tl.abs((rows + off_b)[None, :] - cols[:, None]).to(tl.float32)
         if HAS_MASK:
             # Transposed mask tile: keys are dim 0, query rows dim 1.
             ptrs = (
@@ -1072,6 +1205,9 @@ def _bwd_dkdv_tiles(
             if DROPOUT:
                 dpT = tl.where(keep, dpT * drop_scale, 0.0)
             dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:
+                # d(c * tanh(s / c)) / ds = 1 - tanh^2: the chain rule through the cap.
+                dsT = dsT * (1.0 - thT * thT)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -1143,6 +1279,9 @@ def _attention_bwd_dkdv_kernel(
     drop_scale,
     tune_lq,
     tune_lk,
+    # Modifier arguments last: the plain variants keep the parameter layout (and ptxas its allocation).
+    Alibi,
+    softcap,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -1158,6 +1297,8 @@ def _attention_bwd_dkdv_kernel(
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
     KV_PART: tl.constexpr,
 ):
     """dK and dV of one key block (KV_PART 0), or only dK (1) / only dV (2): head dims of 256 run
@@ -1225,6 +1366,7 @@ def _attention_bwd_dkdv_kernel(
         LSE,
         Delta,
         Mask,
+        Alibi,
         lo,
         full_lo,
         b64,
@@ -1265,6 +1407,7 @@ def _attention_bwd_dkdv_kernel(
         offset_hi,
         drop_threshold,
         drop_scale,
+        softcap,
         BLOCK_M,
         EVEN_D,
         EVEN_DV,
@@ -1278,6 +1421,8 @@ def _attention_bwd_dkdv_kernel(
         DOT_PRECISION,
         KV_PART != 2,
         KV_PART != 1,
+        SOFTCAP,
+        ALIBI,
     )
     dk, dv = _bwd_dkdv_tiles(
         dk,
@@ -1289,6 +1434,7 @@ def _attention_bwd_dkdv_kernel(
         LSE,
         Delta,
         Mask,
+        Alibi,
         full_lo,
         full_hi,
         b64,
@@ -1329,6 +1475,7 @@ def _attention_bwd_dkdv_kernel(
         offset_hi,
         drop_threshold,
         drop_scale,
+        softcap,
         BLOCK_M,
         EVEN_D,
         EVEN_DV,
@@ -1342,6 +1489,8 @@ def _attention_bwd_dkdv_kernel(
         DOT_PRECISION,
         KV_PART != 2,
         KV_PART != 1,
+        SOFTCAP,
+        ALIBI,
     )
     dk, dv = _bwd_dkdv_tiles(
         dk,
@@ -1353,6 +1502,7 @@ def _attention_bwd_dkdv_kernel(
         LSE,
         Delta,
         Mask,
+        Alibi,
         full_hi,
         hi,
         b64,
@@ -1393,6 +1543,7 @@ def _attention_bwd_dkdv_kernel(
         offset_hi,
         drop_threshold,
         drop_scale,
+        softcap,
         BLOCK_M,
         EVEN_D,
         EVEN_DV,
@@ -1406,6 +1557,8 @@ def _attention_bwd_dkdv_kernel(
         DOT_PRECISION,
         KV_PART != 2,
         KV_PART != 1,
+        SOFTCAP,
+        ALIBI,
     )
 
     col_ok = (offs_n < Lk - n0)[:, None]
@@ -1450,6 +1603,7 @@ def _attention_bwd_fixup_dq_kernel(
     Delta,
     Mask,
     KVLens,
+    Alibi,
     DQ,
     stride_qb,
     stride_qh,
@@ -1481,6 +1635,7 @@ def _attention_bwd_fixup_dq_kernel(
     Dv,
     GROUP,
     scale,
+    softcap,
     window_left,
     window_right,
     seed_lo,
@@ -1504,6 +1659,8 @@ def _attention_bwd_fixup_dq_kernel(
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """dQ of the rows with |lse| > 128 (after the dQ kernel, whose log2-domain scores cannot resolve
     them: it writes garbage there), with the scores in the natural domain, P = exp2((S - lse) log2(e)),
@@ -1566,6 +1723,10 @@ def _attention_bwd_fixup_dq_kernel(
         win_lo = rows + off_b - window_left
         win_hi = rows + off_b + window_right
         drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
+        diag = rows + off_b
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + b64 * Hq + h64)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         lo, _full_lo, _full_hi, hi = _key_range(
             m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
@@ -1597,7 +1758,7 @@ def _attention_bwd_fixup_dq_kernel(
                 not EVEN_DV,
                 UPCAST,
             )
-            s = _scores(
+            s, th = _scores(
                 q,
                 k,
                 Mask_bm + n64 * stride_mn,
@@ -1612,6 +1773,9 @@ def _attention_bwd_fixup_dq_kernel(
                 Lk,
                 lk_b,
                 scale,
+                diag,
+                slope,
+                softcap,
                 True,
                 HAS_MASK,
                 MASK_BOOL,
@@ -1619,8 +1783,13 @@ def _attention_bwd_fixup_dq_kernel(
                 WINDOW_RIGHT,
                 DOT_PRECISION,
                 False,
+                SOFTCAP,
+                ALIBI,
             )
             p = tl.math.exp2((s - shift[:, None]) * 1.4426950408889634)
+            if SOFTCAP:
+                # The cap's chain-rule factor 1 - tanh^2, folded into P before dP (one tile less live).
+                p = p * (1.0 - th * th)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             if DROPOUT:
                 keep = dropout_keep(
@@ -1678,6 +1847,9 @@ def _bwd_dq_tiles(
     offset_hi,
     drop_threshold,
     drop_scale,
+    diag,
+    slope,
+    softcap,
     BLOCK_N: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_DV: tl.constexpr,
@@ -1689,6 +1861,8 @@ def _bwd_dq_tiles(
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """dQ += dS K with dS = P * (dP - delta), dP = dO V^T (dropped). Scores in the log2 domain (the
     code as before the natural-domain forward: its tightest configs have no register left for the
@@ -1713,7 +1887,7 @@ def _bwd_dq_tiles(
             not EVEN_DV,
             UPCAST,
         )
-        s = _scores(
+        s, th = _scores(
             q,
             k,
             Mask_bm + n64 * stride_mn,
@@ -1728,6 +1902,9 @@ def _bwd_dq_tiles(
             Lk,
             lk_b,
             qk_scale,
+            diag,
+            slope,
+            softcap,
             MASKED,
             HAS_MASK,
             MASK_BOOL,
@@ -1735,8 +1912,13 @@ def _bwd_dq_tiles(
             WINDOW_RIGHT,
             DOT_PRECISION,
             True,
+            SOFTCAP,
+            ALIBI,
         )
         p = tl.math.exp2(s - lse2[:, None])
+        if SOFTCAP:
+            # The cap's chain-rule factor 1 - tanh^2, folded into P before dP (one tile less live).
+            p = p * (1.0 - th * th)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = dropout_keep(
@@ -1812,6 +1994,9 @@ def _attention_bwd_dq_kernel(
     drop_scale,
     tune_lq,
     tune_lk,
+    # Modifier arguments last: the plain variants keep the parameter layout (and ptxas its allocation).
+    Alibi,
+    softcap,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -1827,6 +2012,8 @@ def _attention_bwd_dq_kernel(
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -1889,6 +2076,10 @@ def _attention_bwd_dq_kernel(
     win_lo = rows + off_b - window_left
     win_hi = rows + off_b + window_right
     drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
+    diag = rows + off_b
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + b64 * Hq + h64)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(
@@ -1930,6 +2121,9 @@ def _attention_bwd_dq_kernel(
         offset_hi,
         drop_threshold,
         drop_scale,
+        diag,
+        slope,
+        softcap,
         BLOCK_N,
         EVEN_D,
         EVEN_DV,
@@ -1941,6 +2135,8 @@ def _attention_bwd_dq_kernel(
         DROPOUT,
         UPCAST,
         DOT_PRECISION,
+        SOFTCAP,
+        ALIBI,
     )
     dq = _bwd_dq_tiles(
         dq,
@@ -1978,6 +2174,9 @@ def _attention_bwd_dq_kernel(
         offset_hi,
         drop_threshold,
         drop_scale,
+        diag,
+        slope,
+        softcap,
         BLOCK_N,
         EVEN_D,
         EVEN_DV,
@@ -1989,6 +2188,8 @@ def _attention_bwd_dq_kernel(
         DROPOUT,
         UPCAST,
         DOT_PRECISION,
+        SOFTCAP,
+        ALIBI,
     )
     dq = _bwd_dq_tiles(
         dq,
@@ -2026,6 +2227,9 @@ def _attention_bwd_dq_kernel(
         offset_hi,
         drop_threshold,
         drop_scale,
+        diag,
+        slope,
+        softcap,
         BLOCK_N,
         EVEN_D,
         EVEN_DV,
@@ -2037,6 +2241,8 @@ def _attention_bwd_dq_kernel(
         DROPOUT,
         UPCAST,
         DOT_PRECISION,
+        SOFTCAP,
+        ALIBI,
     )
 
     dq = dq * scale
@@ -2121,6 +2327,27 @@ _INTERPRET_CONFIGS = {"fwd": (64, 32, 4, 1), "dq": (64, 32, 4, 1), "dkdv": (32, 
 _INTERPRET_SMALL_CONFIGS = {"fwd": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 16, 4, 1)}
 
 
+# Softcap or ALiBi (with every other feature possibly on): the heavy entries that spill with the
+# modifiers' extra registers (ptxas, stack frames of 8-32 B) are replaced per cell; cells not listed
+# keep their heavy list.
+_MODS_TABLES: dict[str, dict[tuple[int, int, int], list[tuple[int, int, int, int]]]] = {
+    "fwd": {(90, 2, 64): [(128, 64, 8, 4)], (80, 2, 64): [(64, 64, 8, 3)]},
+    "dq": {
+        (90, 2, 64): [(128, 32, 8, 3)],
+        (80, 2, 128): [(64, 32, 8, 2), (128, 16, 8, 2)],
+        (80, 2, 256): [(64, 16, 8, 2)],
+        (90, 4, 64): [(16, 16, 4, 2)],
+        (80, 4, 256): [(16, 16, 4, 1)],
+    },
+    "dkdv": {
+        (90, 2, 64): [(16, 128, 8, 2), (16, 64, 4, 2)],
+        (80, 2, 128): [(16, 64, 8, 2)],
+        (80, 2, 256): [(16, 64, 8, 2)],
+        (90, 4, 64): [(16, 32, 8, 2)],
+    },
+}
+
+
 def _arch_class(arch: int) -> int:
     # sm_90 and sm_100 have 227 KiB of shared memory per block and wgmma/tcgen05; sm_8x and the
     # consumer sm_120 parts get the Ampere tables (the autotuner skips configs that do not fit).
@@ -2131,10 +2358,17 @@ def _dim_bucket(block_d: int) -> int:
     return max(64, block_d)
 
 
-def _candidates(kernel: str, arch: int, elt_size: int, block_d: int, heavy: bool) -> list[tuple[int, int, int, int]]:
+def _candidates(
+    kernel: str, arch: int, elt_size: int, block_d: int, heavy: bool, mods: bool = False
+) -> list[tuple[int, int, int, int]]:
+    """The table's candidates; `mods` (softcap or ALiBi on: heavy implied) replaces the heavy list by
+    its _MODS_TABLES entry where there is one."""
     if INTERPRET:
         return [_INTERPRET_CONFIGS[kernel]]
-    light, heavy_list = _TABLES[kernel][(_arch_class(arch), 4 if elt_size >= 4 else 2, _dim_bucket(block_d))]
+    key = (_arch_class(arch), 4 if elt_size >= 4 else 2, _dim_bucket(block_d))
+    light, heavy_list = _TABLES[kernel][key]
+    if mods:
+        return _MODS_TABLES[kernel].get(key, heavy_list)
     return heavy_list if heavy else light
 
 
@@ -2142,6 +2376,10 @@ def _all_configs(kernel: str) -> list[triton.Config]:
     seen: list[tuple[int, int, int, int]] = [_INTERPRET_CONFIGS[kernel], _INTERPRET_SMALL_CONFIGS[kernel]]
     for light, heavy in _TABLES[kernel].values():
         for t in light + heavy:
+            if t not in seen:
+                seen.append(t)
+    for mods in _MODS_TABLES[kernel].values():
+        for t in mods:
             if t not in seen:
                 seen.append(t)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
@@ -2160,6 +2398,9 @@ def _pruner(kernel: str):
             q.element_size(),
             max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"]),
             kwargs["HAS_MASK"] or kwargs["DROPOUT"],
+            # The cap's tanh (kept for the backward's factor) and the ALiBi distances take registers
+            # on top of a mask tile; sinks only touch the forward's epilogue.
+            kwargs["SOFTCAP"] or kwargs["ALIBI"],
         )
         return [c for c in configs if _config_tuple(c) in wanted]
 
@@ -2174,6 +2415,9 @@ _TUNE_KEY = [
     "WINDOW_LEFT",
     "WINDOW_RIGHT",
     "DROPOUT",
+    "SOFTCAP",
+    "ALIBI",
+    "SINKS",
     "KV_PART",
     "tune_lq",
     "tune_lk",
@@ -2208,16 +2452,20 @@ _FIXUP_CONSTEXPRS = (
     "BOTTOM_RIGHT",
     "UPCAST",
     "DOT_PRECISION",
+    "SOFTCAP",
+    "ALIBI",
 )
 
 
-def _fixup_config(block_d: int, elt_size: int, dq: bool) -> tuple[int, int, int]:
+def _fixup_config(block_d: int, elt_size: int, dq: bool, mods: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of _attention_bwd_fixup_kernel (dq=False: one pass over the keys,
     no accumulator) and _attention_bwd_fixup_dq_kernel (a dQ accumulator; float32 runs IEEE products
     on the FMA units, whose operands take more registers): small tiles, since both only work on the
     rare query blocks with |lse| > 128."""
     if dq and elt_size >= 4:
-        return (16, 16, 8)
+        # With the modifiers, ptxas leaves a stack frame at 128-wide heads with 8 warps (sm_90) and at
+        # 64/256-wide ones with 4 (sm_90, sm_80).
+        return (16, 16, 4) if mods and block_d == 128 else (16, 16, 8)
     return (32, 32, 4) if block_d <= 128 else (16, 32, 4)
 
 
@@ -2280,7 +2528,22 @@ def _mask_args(attn_mask, q):
     return attn_mask, tuple(attn_mask.stride()), True, False
 
 
-def _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right, dropout_p, seed, offset):
+def _common_args(
+    q,
+    k,
+    v,
+    attn_mask,
+    kv_lengths,
+    window_left,
+    window_right,
+    bottom_right,
+    dropout_p,
+    seed,
+    offset,
+    alibi_slopes,
+    sinks,
+    softcap,
+):
     D, Dv = q.shape[-1], v.shape[-1]
     block_d, block_dv = block_dim(D), block_dim(Dv)
     mask_t, mask_strides, has_mask, mask_bool = _mask_args(attn_mask, q)
@@ -2302,8 +2565,14 @@ def _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bott
         DROPOUT=dropout,
         UPCAST=INTERPRET,
         DOT_PRECISION=dot_precision(q.dtype),
+        SOFTCAP=bool(softcap and softcap > 0.0),
+        ALIBI=alibi_slopes is not None,
     )
     return dict(
+        # Unused pointer arguments get q (never read: their constexpr switch is off).
+        alibi=q if alibi_slopes is None else alibi_slopes,
+        sinks=q if sinks is None else sinks,
+        softcap=float(softcap) if constexprs["SOFTCAP"] else 0.0,
         mask=mask_t,
         mask_strides=mask_strides,
         kvlens=kv_lengths if kv_lengths is not None else q,
@@ -2314,9 +2583,15 @@ def _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bott
     )
 
 
-def _no_modifiers(alibi_slopes, sinks, softcap):
-    if alibi_slopes is not None or sinks is not None or softcap:
-        raise NotImplementedError("softcap, alibi_slopes and sinks are not implemented by the Triton kernels yet")
+def _modifier_args(q, alibi_slopes, sinks):
+    """alibi_slopes as float32 (B, Hq) and sinks as float32 (Hq,), contiguous on q's device (the op
+    layer already passes them so; a direct call gets the same layout)."""
+    B, Hq = q.shape[0], q.shape[1]
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.detach().to(device=q.device, dtype=torch.float32).expand(B, Hq).contiguous()
+    if sinks is not None:
+        sinks = sinks.detach().to(device=q.device, dtype=torch.float32).reshape(Hq).contiguous()
+    return alibi_slopes, sinks
 
 
 def attention_fwd(
@@ -2340,7 +2615,7 @@ def attention_fwd(
 
     out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse (B, Hq, Lq) float32, natural log."""
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
-    _no_modifiers(alibi_slopes, sinks, softcap)
+    alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
@@ -2348,7 +2623,22 @@ def attention_fwd(
     lse = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if B == 0 or Hq == 0 or Lq == 0:
         return out, lse
-    a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right, dropout_p, seed, offset)
+    a = _common_args(
+        q,
+        k,
+        v,
+        attn_mask,
+        kv_lengths,
+        window_left,
+        window_right,
+        bottom_right,
+        dropout_p,
+        seed,
+        offset,
+        alibi_slopes,
+        sinks,
+        softcap,
+    )
 
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), Hq, B)
@@ -2378,6 +2668,10 @@ def attention_fwd(
         *a["window"],
         *a["drop"],
         *a["tune"],
+        a["alibi"],
+        a["sinks"],
+        a["softcap"],
+        SINKS=sinks is not None,
         **a["constexprs"],
     )
     return out, lse
@@ -2409,7 +2703,7 @@ def attention_bwd(
     Every kernel is deterministic, so ``deterministic`` needs no special path."""
     del deterministic
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
-    _no_modifiers(alibi_slopes, sinks, softcap)
+    alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks)
     dsinks = torch.zeros((q.shape[1] if sinks is not None else 0,), dtype=torch.float32, device=q.device)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -2430,17 +2724,38 @@ def attention_bwd(
         return dq, dk.zero_(), dv.zero_(), dsinks
     grad_out = grad_out.to(q.dtype)
     lse = lse.to(torch.float32).contiguous()
-    a = _common_args(q, k, v, attn_mask, kv_lengths, window_left, window_right, bottom_right, dropout_p, seed, offset)
+    a = _common_args(
+        q,
+        k,
+        v,
+        attn_mask,
+        kv_lengths,
+        window_left,
+        window_right,
+        bottom_right,
+        dropout_p,
+        seed,
+        offset,
+        alibi_slopes,
+        sinks,
+        softcap,
+    )
     c = a["constexprs"]
+    has_sinks = sinks is not None
 
     delta = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
     dos = _alloc((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+    # Per-row dsink terms, summed per head below (a fixed-order reduction: deterministic).
+    dsink_rows = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device) if has_sinks else delta
     pre_bm = _preprocess_block_m(c["BLOCK_DV"])
     _attention_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_bm), Hq, B)](
         out,
         grad_out,
         delta,
         dos,
+        lse,
+        a["sinks"],
+        dsink_rows,
         *out.stride(),
         *grad_out.stride(),
         dos.stride(0),
@@ -2452,9 +2767,12 @@ def attention_bwd(
         BLOCK_M=pre_bm,
         BLOCK_DV=c["BLOCK_DV"],
         EVEN_DV=c["EVEN_DV"],
+        SINKS=has_sinks,
     )
     if Lk > 0:
-        rbm, rbn, rwarps = _fixup_config(max(c["BLOCK_D"], c["BLOCK_DV"]), q.element_size(), False)
+        rbm, rbn, rwarps = _fixup_config(
+            max(c["BLOCK_D"], c["BLOCK_DV"]), q.element_size(), False, c["SOFTCAP"] or c["ALIBI"]
+        )
         fixup_c = {name: c[name] for name in _FIXUP_CONSTEXPRS}
         fixup_dq_c = dict(fixup_c, DROPOUT=c["DROPOUT"])
         _attention_bwd_fixup_kernel[(triton.cdiv(Lq, rbm), Hq, B)](
@@ -2462,9 +2780,12 @@ def attention_bwd(
             k,
             a["mask"],
             a["kvlens"],
+            a["alibi"],
+            a["sinks"],
             lse,
             delta,
             dos,
+            dsink_rows,
             *q.stride(),
             *k.stride(),
             *a["mask_strides"],
@@ -2478,12 +2799,16 @@ def attention_bwd(
             Dv,
             Hq // Hkv,
             float(scale),
+            a["softcap"],
             *a["window"],
             BLOCK_M=rbm,
             BLOCK_N=rbn,
+            SINKS=has_sinks,
             **fixup_c,
             num_warps=rwarps,
         )
+    if has_sinks:
+        dsinks = dsink_rows.sum(dim=(0, 2))
     # From here on dO is read from dos (contiguous, rescaled on the rows the kernel above fixed).
     grad_out = dos
 
@@ -2528,6 +2853,8 @@ def attention_bwd(
                 *a["window"],
                 *a["drop"],
                 *a["tune"],
+                a["alibi"],
+                a["softcap"],
                 KV_PART=part,
                 **c,
             )
@@ -2564,11 +2891,15 @@ def attention_bwd(
         *a["window"],
         *a["drop"],
         *a["tune"],
+        a["alibi"],
+        a["softcap"],
         **c,
     )
     if Lk > 0:
         # dQ of the rows with |lse| > 128, which the log2-domain dQ kernel above cannot resolve.
-        rbm, rbn, rwarps = _fixup_config(max(c["BLOCK_D"], c["BLOCK_DV"]), q.element_size(), True)
+        rbm, rbn, rwarps = _fixup_config(
+            max(c["BLOCK_D"], c["BLOCK_DV"]), q.element_size(), True, c["SOFTCAP"] or c["ALIBI"]
+        )
         _attention_bwd_fixup_dq_kernel[(triton.cdiv(Lq, rbm), Hq, B)](
             q,
             k,
@@ -2578,6 +2909,7 @@ def attention_bwd(
             delta,
             a["mask"],
             a["kvlens"],
+            a["alibi"],
             dq,
             *q.stride(),
             *k.stride(),
@@ -2594,6 +2926,7 @@ def attention_bwd(
             Dv,
             Hq // Hkv,
             float(scale),
+            a["softcap"],
             *a["window"],
             *a["drop"],
             BLOCK_M=rbm,
@@ -2612,8 +2945,8 @@ def attention_bwd(
 # Arguments that are 1 for tensors with a contiguous last dimension: Triton specializes an
 # integer argument equal to 1 into a constant, so the representative compile does the same.
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_mn"}
-_FLOAT_ARGS = {"qk_scale", "scale", "drop_scale"}
-_FP32_POINTERS = {"LSE", "Delta"}
+_FLOAT_ARGS = {"qk_scale", "scale", "drop_scale", "softcap"}
+_FP32_POINTERS = {"LSE", "Delta", "Alibi", "Sinks", "DSinkRows"}
 _UNALIGNED_INTS = {
     "Lq",
     "Lk",
@@ -2649,7 +2982,10 @@ def _static_signature(kernel_fn, dtype: torch.dtype, constexprs: dict, mask_bool
 def _static_configs() -> list[StaticConfig]:
     """Every autotune config of every kernel, for the architecture whose table lists it: the light
     entries in the plain causal variant (the fast path), the heavy entries with every feature on
-    (float mask, kv_lengths, two-sided window, dropout, head dims not a power of two)."""
+    (float mask, kv_lengths, two-sided window, dropout, head dims not a power of two) and again with
+    every score modifier on top (softcap, ALiBi, sinks: "mods", which the launchers run on the heavy
+    entries too); the forward's light entries also with sinks alone ("causal_sinks", the only
+    modifier that keeps the light list)."""
     kernels = {"fwd": _attention_fwd_kernel, "dq": _attention_bwd_dq_kernel, "dkdv": _attention_bwd_dkdv_kernel}
     variants = {
         "causal": dict(
@@ -2662,6 +2998,9 @@ def _static_configs() -> list[StaticConfig]:
             DROPOUT=False,
             EVEN_D=True,
             EVEN_DV=True,
+            SOFTCAP=False,
+            ALIBI=False,
+            SINKS=False,
         ),
         "full": dict(
             HAS_MASK=True,
@@ -2673,14 +3012,23 @@ def _static_configs() -> list[StaticConfig]:
             DROPOUT=True,
             EVEN_D=False,
             EVEN_DV=False,
+            SOFTCAP=False,
+            ALIBI=False,
+            SINKS=False,
         ),
     }
+    variants["mods"] = dict(variants["full"], SOFTCAP=True, ALIBI=True, SINKS=True)
+    variants["causal_sinks"] = dict(variants["causal"], SINKS=True)
     out = []
     for kname, fn in kernels.items():
         for (arch, elt, bucket), (light, heavy) in _TABLES[kname].items():
             dtype = torch.bfloat16 if elt == 2 else torch.float32
             parts = ((1, 2) if bucket >= 256 else (0,)) if kname == "dkdv" else (None,)
-            for vname, cfgs in (("causal", light), ("full", heavy)):
+            mods = _MODS_TABLES[kname].get((arch, elt, bucket), heavy)
+            listed = [("causal", light), ("full", heavy), ("mods", mods)]
+            if kname == "fwd":
+                listed.append(("causal_sinks", light))
+            for vname, cfgs in listed:
                 for bm, bn, w, s in cfgs:
                     for part in parts:
                         constexprs = dict(
@@ -2692,6 +3040,8 @@ def _static_configs() -> list[StaticConfig]:
                             DOT_PRECISION=dot_precision(dtype),
                             **variants[vname],
                         )
+                        if kname != "fwd":
+                            del constexprs["SINKS"]  # the sink is in the lse the backward reads
                         label = ""
                         if part is not None:
                             constexprs["KV_PART"] = part
@@ -2708,55 +3058,64 @@ def _static_configs() -> list[StaticConfig]:
                         out.append(StaticConfig(fn, sig, consts, w, s, expects, arch=arch, attrs=attrs, name=name))
     for arch in _ARCH_CLASSES:
         for bucket in _DIM_BUCKETS:
-            constexprs = dict(BLOCK_M=max(16, min(128, 8192 // bucket)), BLOCK_DV=bucket, EVEN_DV=True)
-            fn = _attention_bwd_preprocess_kernel
-            sig, consts, attrs = _static_signature(fn, torch.bfloat16, constexprs, False)
-            out.append(
-                StaticConfig(
-                    fn,
-                    sig,
-                    consts,
-                    4,
-                    1,
-                    False,
-                    arch=arch,
-                    attrs=attrs,
-                    name=f"{fn.__name__} sm_{arch} bf16 D{bucket} BLOCK_M={constexprs['BLOCK_M']}",
+            for sinks in (False, True):
+                constexprs = dict(BLOCK_M=max(16, min(128, 8192 // bucket)), BLOCK_DV=bucket, EVEN_DV=True, SINKS=sinks)
+                fn = _attention_bwd_preprocess_kernel
+                sig, consts, attrs = _static_signature(fn, torch.bfloat16, constexprs, False)
+                out.append(
+                    StaticConfig(
+                        fn,
+                        sig,
+                        consts,
+                        4,
+                        1,
+                        False,
+                        arch=arch,
+                        attrs=attrs,
+                        name=f"{fn.__name__} sm_{arch} bf16 D{bucket}{' sinks' if sinks else ''} "
+                        f"BLOCK_M={constexprs['BLOCK_M']}",
+                    )
                 )
-            )
-            # The lse fix-up passes, with every feature on (the score code of the "full" variant).
-            for fn in (_attention_bwd_fixup_kernel, _attention_bwd_fixup_dq_kernel):
-                for dtype in (torch.bfloat16, torch.float32):
-                    bm, bn, w = _fixup_config(
-                        bucket, 4 if dtype == torch.float32 else 2, fn is _attention_bwd_fixup_dq_kernel
+            # The lse fix-up passes, with every feature on (the score code of the "full" variant), and
+            # with the modifiers on top ("mods").
+            for fn, dtype, vname in (
+                (f, d, vn)
+                for f in (_attention_bwd_fixup_kernel, _attention_bwd_fixup_dq_kernel)
+                for d in (torch.bfloat16, torch.float32)
+                for vn in ("full", "mods")
+            ):
+                bm, bn, w = _fixup_config(
+                    bucket, 4 if dtype == torch.float32 else 2, fn is _attention_bwd_fixup_dq_kernel, vname == "mods"
+                )
+                constexprs = dict(
+                    BLOCK_M=bm,
+                    BLOCK_N=bn,
+                    BLOCK_D=bucket,
+                    BLOCK_DV=bucket,
+                    UPCAST=False,
+                    DOT_PRECISION=dot_precision(dtype),
+                    **{name: variants[vname][name] for name in _FIXUP_CONSTEXPRS if name in variants[vname]},
+                )
+                if fn is _attention_bwd_fixup_dq_kernel:
+                    constexprs["DROPOUT"] = True
+                else:
+                    constexprs["SINKS"] = variants[vname]["SINKS"]
+                sig, consts, attrs = _static_signature(fn, dtype, constexprs, False)
+                expects = False if dtype == torch.float32 else "mma"
+                out.append(
+                    StaticConfig(
+                        fn,
+                        sig,
+                        consts,
+                        w,
+                        1,
+                        expects,
+                        arch=arch,
+                        attrs=attrs,
+                        name=f"{fn.__name__} sm_{arch} {TRITON_DTYPE[dtype]} D{bucket} {vname} "
+                        f"BLOCK_M={bm} BLOCK_N={bn} warps={w}",
                     )
-                    constexprs = dict(
-                        BLOCK_M=bm,
-                        BLOCK_N=bn,
-                        BLOCK_D=bucket,
-                        BLOCK_DV=bucket,
-                        UPCAST=False,
-                        DOT_PRECISION=dot_precision(dtype),
-                        **{name: variants["full"][name] for name in _FIXUP_CONSTEXPRS if name in variants["full"]},
-                    )
-                    if fn is _attention_bwd_fixup_dq_kernel:
-                        constexprs["DROPOUT"] = True
-                    sig, consts, attrs = _static_signature(fn, dtype, constexprs, False)
-                    expects = False if dtype == torch.float32 else "mma"
-                    out.append(
-                        StaticConfig(
-                            fn,
-                            sig,
-                            consts,
-                            w,
-                            1,
-                            expects,
-                            arch=arch,
-                            attrs=attrs,
-                            name=f"{fn.__name__} sm_{arch} {TRITON_DTYPE[dtype]} D{bucket} full "
-                            f"BLOCK_M={bm} BLOCK_N={bn} warps={w}",
-                        )
-                    )
+                )
     return out
 
 

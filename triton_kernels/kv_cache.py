@@ -30,6 +30,11 @@ for scores beyond FLT_MAX / log2(e) ~ 2.36e38); ``lse = m + log(l)``. Slots at o
 never loaded (masked loads with ``other=0``), and masked scores are selected to ``-inf``, so
 garbage there cannot leak into the result.
 
+Score modifiers (constexpr switches, off: the plain kernel): softcap ``s <- c * tanh(s / c)``, then
+ALiBi ``s <- s - slope[b, h] * |pos - j|``, before visibility; a sink per query head joins the
+softmax denominator with no value, merged after the key loop with one split, and once by the merge
+pass (``lse = log(sum_s exp(lse_s) + exp(sink))``) with several, whose partials leave it out.
+
 Interpreter (TRITON_INTERPRET=1, CPU tensors): tiles are cast to float32 right after loading
 (``UPCAST``: the interpreter's bfloat16 arithmetic is wrong) and one small config runs.
 """
@@ -50,6 +55,7 @@ from ._common import (
     lazy_static_configs,
     refusal,
     static_signature,
+    tanh,
 )
 
 __all__ = [
@@ -204,9 +210,12 @@ def _decode_attention_kernel(
     VCache,
     Seqlens,
     BlockTable,
+    Alibi,
+    Sinks,
     Out,
     Lse,
     scale,
+    softcap,
     Tq,
     G,
     n_rows,
@@ -246,7 +255,13 @@ def _decode_attention_kernel(
     PAGED: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
+    """SOFTCAP / ALIBI modify the scores as attention_ref does (cap, then ``- slope * |pos - j|``,
+    then visibility). SINKS merges the row's sink into the denominator after the keys; the launcher
+    sets it only without splits, since with splits the merge pass adds the sink once."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -289,6 +304,8 @@ def _decode_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     vis_lo = tl.where(window_left >= 0, pos - window_left, -1)
     vis_hi = tl.where(window_right >= 0, pos + window_right, capacity)
+    if ALIBI:
+        slope = tl.load(Alibi + b * (Hkv * G) + hq, mask=row_ok, other=0.0)
 
     for start in range(k_lo, k_hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
@@ -309,6 +326,10 @@ def _decode_attention_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        if SOFTCAP:
+            s = softcap * tanh(s * tl.fdiv(1.0, softcap, ieee_rounding=False))
+        if ALIBI:
+            s = s - slope[:, None] * tl.abs(pos[:, None] - j[None, :]).to(tl.float32)
         visible = j_ok[None, :] & (j[None, :] >= vis_lo[:, None]) & (j[None, :] <= vis_hi[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -325,6 +346,16 @@ def _decode_attention_kernel(
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if SINKS:
+        # One more online-softmax step with the sink's logit and no value (-inf: adds 0).
+        sink = tl.load(Sinks + hq, mask=row_ok, other=float("-inf"))
+        m_new = tl.maximum(m_i, sink)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+        l_i = l_i * alpha + tl.exp2((sink - m_safe) * 1.4426950408889634)
+        acc = acc * alpha[:, None]
         m_i = m_new
 
     empty = l_i == 0.0
@@ -346,6 +377,7 @@ def _decode_attention_kernel(
 def _decode_merge_kernel(
     OPart,
     LPart,
+    Sinks,
     Out,
     Lse,
     Hq,
@@ -369,7 +401,10 @@ def _decode_merge_kernel(
     DV: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
+    """Combines the splits' partial outputs; SINKS adds the head's sink to the denominator here,
+    once (the split programs leave it out)."""
     row = tl.program_id(0)
     t = (row % Tq).to(tl.int64)
     hq = ((row // Tq) % Hq).to(tl.int64)
@@ -381,9 +416,14 @@ def _decode_merge_kernel(
         LPart + s * stride_lps + b * stride_lp0 + hq * stride_lp1 + t * stride_lp2, mask=s_ok, other=float("-inf")
     )
     mx = tl.max(lse_s, 0)
+    if SINKS:
+        sink = tl.load(Sinks + hq)
+        mx = tl.maximum(mx, sink)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.exp(lse_s - mx_safe)
     total = tl.sum(w, 0)
+    if SINKS:
+        total += tl.exp(sink - mx_safe)
     o = tl.load(
         OPart + s[:, None] * stride_ps + b * stride_p0 + hq * stride_p1 + t * stride_p2 + dv[None, :] * stride_p3,
         mask=s_ok[:, None] & (dv[None, :] < DV),
@@ -396,22 +436,23 @@ def _decode_merge_kernel(
     tl.store(Lse + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse)
 
 
-def _decode_config(n_rows: int, D: int, Dv: int, dtype: torch.dtype, interpret: bool = INTERPRET):
+def _decode_config(n_rows: int, D: int, Dv: int, dtype: torch.dtype, interpret: bool = INTERPRET, mods: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen so that no variant spills (checked by the static
     report for sm_80 and sm_90): float32 tiles with exact (IEEE) products live in registers, so they stay
     16 x 16; 16-bit tiles grow to 64 query rows (a GQA group or a prefill chunk) with 8 warps at wide
-    heads."""
+    heads. `mods` (softcap or ALiBi): the variants where their registers made ptxas spill or keep a stack
+    frame get more warps (float32, 64-wide) or half the key tile (16-bit, 256-wide, 32+ rows)."""
     block_m = max(16, min(64, triton.next_power_of_2(n_rows)))
     if interpret:
         return block_m, 16, 4, 1
     widest = max(block_dim(D), block_dim(Dv))
     if dtype == torch.float32:
-        return 16, 16, (8 if widest > 128 else 4), 2
+        return 16, 16, (8 if widest > 128 or (mods and widest <= 64) else 4), 2
     if widest <= 64:
         return block_m, 64, 4, 2
     if widest <= 128:
         return block_m, 64, (8 if block_m == 64 else 4), 2
-    return block_m, 32, (8 if block_m >= 32 else 4), 2
+    return block_m, (16 if mods and block_m >= 32 else 32), (8 if block_m >= 32 else 4), 2
 
 
 def decode_attention(
@@ -428,10 +469,14 @@ def decode_attention(
     sinks=None,
     softcap=0.0,
 ):
-    """Arguments as normalized by seqkernels.ops.kv_cache.prepare_decode; returns (out, lse)."""
-    if alibi_slopes is not None or sinks is not None or softcap:
-        raise NotImplementedError("softcap, alibi_slopes and sinks are not implemented by the Triton kernels yet")
+    """Arguments as normalized by seqkernels.ops.kv_cache.prepare_decode; returns (out, lse).
+    alibi_slopes (B, Hq) or (Hq,), sinks (Hq,): read as float32; softcap > 0 caps the scores."""
     B, Hq, Tq, D = q.shape
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.detach().to(device=q.device, dtype=torch.float32).expand(B, Hq).contiguous()
+    if sinks is not None:
+        sinks = sinks.detach().to(device=q.device, dtype=torch.float32).reshape(Hq).contiguous()
+    has_cap = bool(softcap and softcap > 0.0)
     Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
     G = Hq // Hkv
     n_rows = G * Tq
@@ -445,7 +490,7 @@ def decode_attention(
         bt, bt_stride = block_table, block_table.stride(0)
     else:
         block_size, capacity, bt, bt_stride = 1, k_cache.shape[2], cache_seqlens, 0
-    block_m, block_n, warps, stages = _decode_config(n_rows, D, Dv, q.dtype)
+    block_m, block_n, warps, stages = _decode_config(n_rows, D, Dv, q.dtype, mods=has_cap or alibi_slopes is not None)
     # Decode attention is causal: the right side of the window is clamped to 0 (-1 included), as in
     # decode_attention_ref; a query never sees the later queries of its own chunk.
     window_right = 0
@@ -466,9 +511,12 @@ def decode_attention(
         v_cache,
         cache_seqlens,
         bt,
+        q if alibi_slopes is None else alibi_slopes,  # unused pointers: never read
+        q if sinks is None else sinks,
         o_dst,
         l_dst,
         float(scale),
+        float(softcap) if has_cap else 0.0,
         Tq,
         G,
         n_rows,
@@ -498,6 +546,9 @@ def decode_attention(
         PAGED=paged,
         UPCAST=INTERPRET,
         DOT_PRECISION=dot_precision(q.dtype),
+        SOFTCAP=has_cap,
+        ALIBI=alibi_slopes is not None,
+        SINKS=sinks is not None and not split,
         num_warps=warps,
         num_stages=stages,
     )
@@ -505,6 +556,7 @@ def decode_attention(
         _decode_merge_kernel[(B * Hq * Tq,)](
             o_dst,
             l_dst,
+            q if sinks is None else sinks,
             out,
             lse,
             Hq,
@@ -517,6 +569,7 @@ def decode_attention(
             DV=Dv,
             BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
             BLOCK_DV=triton.next_power_of_2(Dv),
+            SINKS=sinks is not None,
             num_warps=4 if Dv >= 128 else 2,
         )
     return out, lse
@@ -547,10 +600,24 @@ def decode_unsupported_reason(q, k_cache, v_cache) -> str | None:
 
 # Strides of a contiguous last dimension are 1, which Triton specializes into a constant at run time.
 _UNIT_STRIDES = {"stride_q3", "stride_kn3", "stride_vn3", "stride_o3", "stride_p3"}
-_POINTERS = {"Q", "KCache", "VCache", "KNew", "VNew", "Seqlens", "BlockTable", "Out", "Lse", "OPart", "LPart"}
+_POINTERS = {
+    "Q",
+    "KCache",
+    "VCache",
+    "KNew",
+    "VNew",
+    "Seqlens",
+    "BlockTable",
+    "Alibi",
+    "Sinks",
+    "Out",
+    "Lse",
+    "OPart",
+    "LPart",
+}
 _INDEX_POINTERS = {"Seqlens", "BlockTable"}
-_FP32_POINTERS = {"Lse", "OPart", "LPart"}
-_FLOAT_ARGS = {"scale"}
+_FP32_POINTERS = {"Lse", "OPart", "LPart", "Alibi", "Sinks"}
+_FLOAT_ARGS = {"scale", "softcap"}
 # Integer arguments that are multiples of 16 for the usual head dims (row strides); lengths, counts
 # and windows are not.
 _ALIGNED_INTS = {
@@ -592,7 +659,8 @@ def _static_configs() -> list:
     every arch): decode for head-dim buckets 64/128/256, one decode row (BLOCK_M 16) and, for 16-bit
     inputs, a full GQA/prefill tile (BLOCK_M 64), paged (the gathers make it the heavier one) for every
     combination plus the contiguous layout at D=128; the split writer (float32 partials); the merge
-    pass; the append copy.
+    pass; the append copy. The paged variants again with every score modifier ("mods": softcap,
+    ALiBi, and sinks except in the split writer, whose merge pass adds them; the merge with sinks).
 
     Tensor cores are expected of the 16-bit 64-row tiles (mma.sync on sm_80, wgmma on sm_90). The
     16-row tiles of single-token decode use mma.sync on both archs, since wgmma needs 64 rows per warp
@@ -603,9 +671,9 @@ def _static_configs() -> list:
         elt = TRITON_DTYPE[dtype]
         for bucket in (64, 128, 256):
             for rows in (1,) if dtype == torch.float32 else (1, 64):
-                bm, bn, warps, stages = _decode_config(rows, bucket, bucket, dtype, interpret=False)
                 layouts = (True, False) if (bucket == 128 and rows == 1) else (True,)
-                for paged in layouts:
+                for paged, mods in [(p, False) for p in layouts] + [(True, True)]:
+                    bm, bn, warps, stages = _decode_config(rows, bucket, bucket, dtype, interpret=False, mods=mods)
                     for split in (False, True) if (bucket == 128 and rows == 1 and paged) else (False,):
                         constexprs = dict(
                             D=bucket,
@@ -617,14 +685,17 @@ def _static_configs() -> list:
                             PAGED=paged,
                             UPCAST=False,
                             DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                            SOFTCAP=mods,
+                            ALIBI=mods,
+                            SINKS=mods and not split,
                         )
                         sig, consts, attrs = _static_signature(
                             _decode_attention_kernel, dtype, constexprs, out_fp32=split
                         )
                         name = (
                             f"_decode_attention_kernel {elt} D{bucket} BLOCK_M={bm} BLOCK_N={bn} "
-                            f"{'paged' if paged else 'contiguous'}{' split' if split else ''} "
-                            f"warps={warps} stages={stages}"
+                            f"{'paged' if paged else 'contiguous'}{' split' if split else ''}"
+                            f"{' mods' if mods else ''} warps={warps} stages={stages}"
                         )
                         mma = dtype != torch.float32 and bm >= 64
                         out.append(
@@ -641,22 +712,23 @@ def _static_configs() -> list:
                             )
                         )
     for bucket in (64, 128, 256):
-        constexprs = dict(DV=bucket, BLOCK_S=16, BLOCK_DV=bucket)
-        sig, consts, attrs = _static_signature(_decode_merge_kernel, torch.bfloat16, constexprs)
-        warps = 4 if bucket >= 128 else 2
-        out.append(
-            StaticConfig(
-                _decode_merge_kernel,
-                sig,
-                consts,
-                warps,
-                1,
-                False,
-                arch=None,
-                attrs=attrs,
-                name=f"_decode_merge_kernel bf16 D{bucket} BLOCK_S=16 warps={warps}",
+        for sinks in (False, True):
+            constexprs = dict(DV=bucket, BLOCK_S=16, BLOCK_DV=bucket, SINKS=sinks)
+            sig, consts, attrs = _static_signature(_decode_merge_kernel, torch.bfloat16, constexprs)
+            warps = 4 if bucket >= 128 else 2
+            out.append(
+                StaticConfig(
+                    _decode_merge_kernel,
+                    sig,
+                    consts,
+                    warps,
+                    1,
+                    False,
+                    arch=None,
+                    attrs=attrs,
+                    name=f"_decode_merge_kernel bf16 D{bucket} BLOCK_S=16{' sinks' if sinks else ''} warps={warps}",
+                )
             )
-        )
         for paged in (False, True):
             bt = _append_block_t(512, bucket, bucket, interpret=False)
             constexprs = dict(D=bucket, DV=bucket, BLOCK_T=bt, BLOCK_D=bucket, BLOCK_DV=bucket, PAGED=paged)

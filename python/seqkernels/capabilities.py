@@ -80,11 +80,11 @@ _REFERENCE = Capability(mask_grad=True)
 
 TABLE: Dict[str, Dict[str, Capability]] = {
     "attention": {
-        "cpu": Capability(modifiers=()),
+        "cpu": Capability(),
         # mma.sync on float16/bfloat16 tiles of width 64/128/256 (the tail of the head dim masked).
-        "cuda": Capability(dtypes=(_F16, _BF16), max_head_dim=256, min_sm=8, modifiers=()),
+        "cuda": Capability(dtypes=(_F16, _BF16), max_head_dim=256, min_sm=8),
         # Grid axes carry the batch and the heads; CUDA caps the y/z grid dimensions at 65535.
-        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535, modifiers=()),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535),
         "reference": _REFERENCE,
     },
     "kv_cache_append": {
@@ -94,9 +94,9 @@ TABLE: Dict[str, Dict[str, Capability]] = {
         "reference": _REFERENCE,
     },
     "decode_attention": {
-        "cpu": Capability(grad=False, modifiers=()),
-        "cuda": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, modifiers=()),
-        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, min_sm=8, modifiers=()),
+        "cpu": Capability(grad=False),
+        "cuda": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, min_sm=8),
         "reference": _REFERENCE,
     },
     "lstm_cell": {
