@@ -824,6 +824,10 @@ inline int64_t chunk_groups(int64_t bytes_per_group, int64_t ngroups) {
 // within a few percent around these values.
 constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64;
 
+// Panels of K/V per packing job and query rows per backward Q job: slices, not whole groups, so
+// that the threads share the packing of a chunk with few groups.
+constexpr int64_t kSlice = 8, kRowSlice = 64;
+
 // ---------------------------------------------------------------------------------------------
 // Validation shared by forward and backward.
 // ---------------------------------------------------------------------------------------------
@@ -923,112 +927,191 @@ void store_fwd_rows(const T* O, const T* m, const T* l, int64_t nrows, int64_t D
   }
 }
 
+// The forward's plan: the selected kernels with the sizes they need (padded key and value
+// lengths, tiles), every row's visible keys, and how many (b, kv head) groups are packed at once.
+template <typename T>
+struct FwdPlan {
+  Kernels<T> kern;
+  int64_t NR, Hg, Lk_pad, Dvp, npanel, nslice, BM, BN, nqb, group_elems, ngroups, chunk;
+  RowRanges rows;
+};
+
+template <typename T>
+FwdPlan<T> make_fwd_plan(const Geometry& g, const int32_t* kv_len, int64_t wl, int64_t wr, bool bottom_right) {
+  FwdPlan<T> p;
+  p.kern = select_kernels<T>();
+  const int64_t W = p.kern.W;
+  p.NR = 2 * W;
+  p.Hg = g.Hq / g.Hkv;
+  p.Lk_pad = round_up(std::max<int64_t>(g.Lk, 1), p.NR);
+  p.Dvp = round_up(std::max<int64_t>(g.Dv, 1), W);
+  p.npanel = p.Lk_pad / p.NR;
+  p.nslice = (p.npanel + kSlice - 1) / kSlice;
+  p.BM = kFwdBM;
+  p.BN = round_up(kFwdBN, p.NR);
+  p.nqb = (g.Lq + p.BM - 1) / p.BM;
+  p.rows = visible_rows(g, kv_len, wl, wr, bottom_right);
+  p.group_elems = p.Lk_pad * (g.D + p.Dvp);
+  p.ngroups = g.B * g.Hkv;
+  p.chunk = chunk_groups(p.group_elems * int64_t(sizeof(T)), p.ngroups);
+  return p;
+}
+
+// The forward's inputs, options and outputs, as its packing jobs and tasks read them.
+template <typename scalar_t, typename T>
+struct FwdIo {
+  const Tensor &q, &k, &v;
+  Tensor &out, &lse;
+  const Geometry& g;
+  const MaskDesc& mask;
+  const int32_t* kv_len;
+  T qmul;
+  bool bottom_right;
+  const DropoutDesc& drop;
+  const ScoreMods<T>& mods;
+  const scalar_t* qd = q.template const_data_ptr<scalar_t>();
+  const scalar_t* kd = k.template const_data_ptr<scalar_t>();
+  const scalar_t* vd = v.template const_data_ptr<scalar_t>();
+  scalar_t* od = out.template data_ptr<scalar_t>();
+  T* lsed = lse.template data_ptr<T>();
+};
+
+// The packed K^T panels and V rows of the groups [g0, g1) of the current chunk, one group after
+// the other; ready[gi - g0] counts group gi's packed slices, which its tasks wait for.
+template <typename T>
+struct FwdPack {
+  Tensor buf;
+  T* base = nullptr;
+  int64_t group_elems = 0, v_off = 0, g0 = 0, g1 = 0;
+  std::vector<std::atomic<int64_t>> ready;
+
+  void start_chunk(int64_t first, int64_t last) {
+    g0 = first;
+    g1 = last;
+    ready = std::vector<std::atomic<int64_t>>(last - first);
+  }
+  T* Kp(int64_t gi) const { return base + (gi - g0) * group_elems; }
+  T* Vp(int64_t gi) const { return Kp(gi) + v_off; }
+};
+
+template <typename T>
+FwdPack<T> make_fwd_pack(const FwdPlan<T>& p, const Geometry& g, const at::TensorOptions& opts) {
+  FwdPack<T> pk;
+  pk.group_elems = p.group_elems;
+  pk.v_off = p.Lk_pad * g.D;
+  pk.buf = at::empty({p.chunk * p.group_elems}, opts.dtype(c10::CppTypeToScalarType<T>::value));
+  pk.base = pk.buf.template data_ptr<T>();
+  return pk;
+}
+
+// Packing job t of the chunk: a slice of kSlice panels of K^T and the matching V rows of one group.
+template <typename scalar_t, typename T>
+void pack_fwd_slice(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, FwdPack<T>& pk, int64_t t) {
+  const Tensor &k = io.k, &v = io.v;
+  const scalar_t *kd = io.kd, *vd = io.vd;
+  const int64_t Hkv = io.g.Hkv, D = io.g.D, Dv = io.g.Dv, NR = p.NR;
+  const int64_t gi = pk.g0 + t / p.nslice, sl = t % p.nslice;
+  const int64_t b = gi / Hkv, hk = gi % Hkv;
+  const int64_t Lk_b = batch_key_length(io.kv_len, b, io.g.Lk);
+  const int64_t p0 = sl * kSlice, p1 = std::min(p.npanel, p0 + kSlice);
+  pack_panels<scalar_t, T>(kd + b * k.stride(0) + hk * k.stride(1), k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1,
+                           pk.Kp(gi));
+  pack_rows<scalar_t, T>(vd + b * v.stride(0) + hk * v.stride(1), v.stride(2), v.stride(3), Lk_b, Dv, p.Dvp, p0 * NR,
+                         p1 * NR, T(1), pk.Vp(gi));
+  pk.ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
+}
+
+// Tasks of the groups [g0, g1): (group, query head in group, block of query rows), cost = visible
+// (row, key) pairs.
+template <typename T>
+std::vector<int64_t> fwd_task_costs(const FwdPlan<T>& p, const Geometry& g, int64_t g0, int64_t g1) {
+  const int64_t Lq = g.Lq, BM = p.BM, nqb = p.nqb;
+  const std::vector<int64_t>&lo_all = p.rows.lo, &hi_all = p.rows.hi;
+  const int64_t ntask = (g1 - g0) * p.Hg * nqb;
+  std::vector<int64_t> cost(ntask);
+  for (int64_t t = 0; t < ntask; ++t) {
+    const int64_t gi = g0 + t / (p.Hg * nqb), qb = t % nqb;
+    const int64_t b = gi / g.Hkv;
+    const int64_t i0 = qb * BM, i1 = std::min(Lq, i0 + BM);
+    int64_t c = i1 - i0;
+    for (int64_t i = i0; i < i1; ++i) c += hi_all[b * Lq + i] - lo_all[b * Lq + i];
+    cost[t] = c;
+  }
+  return cost;
+}
+
+// Per-thread scratch of fwd_compute_task: Q rows, the O accumulators, m, l, the P tile, alpha.
+template <typename T>
+int64_t fwd_scratch_elems(const FwdPlan<T>& p, int64_t D) {
+  return p.BM * D + p.BM * p.Dvp + 2 * p.BM + kMR * p.BN + kMR;
+}
+
+// Task t of the chunk: one block of query rows of one query head, from packing its Q rows to
+// writing back its output rows and lse.
+template <typename scalar_t, typename T>
+void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, const FwdPack<T>& pk, T* scratch, int64_t t) {
+  const Tensor& q = io.q;
+  const int64_t Hq = io.g.Hq, Hkv = io.g.Hkv, Lq = io.g.Lq, Lk = io.g.Lk, D = io.g.D, Dv = io.g.Dv;
+  const int64_t Hg = p.Hg, nqb = p.nqb, BM = p.BM, Dvp = p.Dvp;
+  T* Qs = scratch;
+  T* O = Qs + BM * D;
+  T* m = O + BM * Dvp;
+  T* l = m + BM;
+  T* Pb = l + BM;
+  T* alpha = Pb + kMR * p.BN;
+  const int64_t gi = pk.g0 + t / (Hg * nqb), hh = (t / nqb) % Hg, qb = t % nqb;
+  const int64_t b = gi / Hkv, hk = gi % Hkv, h = hk * Hg + hh;
+  const int64_t i0 = qb * BM, nrows = std::min(BM, Lq - i0);
+  pack_rows<scalar_t, T>(io.qd + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), q.stride(3), nrows,
+                         D, D, 0, nrows, io.qmul, Qs);
+  fill(O, nrows * Dvp, T(0));
+  fill(m, nrows, -std::numeric_limits<T>::infinity());
+  fill(l, nrows, T(0));
+  wait_ready(pk.ready[gi - pk.g0], p.nslice);
+  FwdRows<T> a;
+  a.D = D;
+  a.Dvp = Dvp;
+  a.BN = p.BN;
+  a.Qs = Qs;
+  a.Kp = pk.Kp(gi);
+  a.Vp = pk.Vp(gi);
+  a.nrows = nrows;
+  a.lo = p.rows.lo.data() + b * Lq + i0;
+  a.hi = p.rows.hi.data() + b * Lq + i0;
+  a.mask = io.mask;
+  a.b = b;
+  a.h = h;
+  a.i0 = i0;
+  a.drop = io.drop;
+  a.n_row0 = ((static_cast<uint64_t>(b) * Hq + h) * Lq + i0) * Lk;
+  a.Lk = Lk;
+  a.mods = row_mods(io.mods, b, h, Hq, io.bottom_right ? batch_key_length(io.kv_len, b, Lk) - Lq : 0);
+  a.O = O;
+  a.m = m;
+  a.l = l;
+  a.P = Pb;
+  a.alpha = alpha;
+  p.kern.fwd(a);
+  store_fwd_rows<scalar_t, T>(O, m, l, nrows, Dv, Dvp, io.drop, io.mods.sink(h), io.od + ((b * Hq + h) * Lq + i0) * Dv,
+                              io.lsed + (b * Hq + h) * Lq + i0);
+}
+
 template <typename scalar_t, typename T>
 void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g, const MaskDesc& mask,
                        const int32_t* kv_len, double scale, int64_t wl, int64_t wr, bool bottom_right,
                        const DropoutDesc& drop, const ScoreMods<T>& mods, Tensor& out, Tensor& lse) {
-  const Kernels<T> kern = select_kernels<T>();
-  const int64_t W = kern.W, NR = 2 * W;
-  const int64_t B = g.B, Hq = g.Hq, Hkv = g.Hkv, Lq = g.Lq, Lk = g.Lk, D = g.D, Dv = g.Dv;
-  const int64_t Hg = Hq / Hkv;
-  const int64_t Lk_pad = round_up(std::max<int64_t>(Lk, 1), NR), Dvp = round_up(std::max<int64_t>(Dv, 1), W);
-  const int64_t npanel = Lk_pad / NR;
-  const int64_t BM = kFwdBM, BN = round_up(kFwdBN, NR);
-  const T qmul = static_cast<T>(scale);
-
-  const scalar_t* qd = q.const_data_ptr<scalar_t>();
-  const scalar_t* kd = k.const_data_ptr<scalar_t>();
-  const scalar_t* vd = v.const_data_ptr<scalar_t>();
-  scalar_t* od = out.data_ptr<scalar_t>();
-  T* lsed = lse.data_ptr<T>();
-
-  const RowRanges rows = visible_rows(g, kv_len, wl, wr, bottom_right);
-  const std::vector<int64_t>&lo_all = rows.lo, &hi_all = rows.hi;
-
-  const int64_t group_elems = Lk_pad * (D + Dvp);
-  const int64_t ngroups = B * Hkv;
-  const int64_t chunk = chunk_groups(group_elems * int64_t(sizeof(T)), ngroups);
-  const int64_t nqb = (Lq + BM - 1) / BM;
-  Tensor packed = at::empty({chunk * group_elems}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
-  T* pk = packed.data_ptr<T>();
-
-  for (int64_t g0 = 0; g0 < ngroups; g0 += chunk) {
-    const int64_t g1 = std::min(g0 + chunk, ngroups);
-    // Preparation: K^T panels and V rows of the chunk's groups, in slices of panels.
-    constexpr int64_t kSlice = 8;
-    const int64_t nslice = (npanel + kSlice - 1) / kSlice;
-    std::vector<std::atomic<int64_t>> ready(g1 - g0);
-    auto pack = [&](int64_t t) {
-      const int64_t gi = g0 + t / nslice, sl = t % nslice;
-      const int64_t b = gi / Hkv, hk = gi % Hkv;
-      const int64_t Lk_b = batch_key_length(kv_len, b, Lk);
-      const int64_t p0 = sl * kSlice, p1 = std::min(npanel, p0 + kSlice);
-      T* base = pk + (gi - g0) * group_elems;
-      pack_panels<scalar_t, T>(kd + b * k.stride(0) + hk * k.stride(1), k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1,
-                               base);
-      pack_rows<scalar_t, T>(vd + b * v.stride(0) + hk * v.stride(1), v.stride(2), v.stride(3), Lk_b, Dv, Dvp, p0 * NR,
-                             p1 * NR, T(1), base + Lk_pad * D);
-      ready[gi - g0].fetch_add(1, std::memory_order_release);
-    };
-
-    // Tasks: (group, query head in group, block of query rows), cost = visible (row, key) pairs.
-    const int64_t ntask = (g1 - g0) * Hg * nqb;
-    std::vector<int64_t> cost(ntask);
-    for (int64_t t = 0; t < ntask; ++t) {
-      const int64_t gi = g0 + t / (Hg * nqb), qb = t % nqb;
-      const int64_t b = gi / Hkv;
-      const int64_t i0 = qb * BM, i1 = std::min(Lq, i0 + BM);
-      int64_t c = i1 - i0;
-      for (int64_t i = i0; i < i1; ++i) c += hi_all[b * Lq + i] - lo_all[b * Lq + i];
-      cost[t] = c;
-    }
-    run_tasks((g1 - g0) * nslice, pack, cost, [&]() {
+  const FwdPlan<T> plan = make_fwd_plan<T>(g, kv_len, wl, wr, bottom_right);
+  const FwdIo<scalar_t, T> io{q, k, v, out, lse, g, mask, kv_len, static_cast<T>(scale), bottom_right, drop, mods};
+  FwdPack<T> pack = make_fwd_pack(plan, g, q.options());
+  // Chunks one after the other; within one, packing and compute share a parallel region.
+  for (int64_t g0 = 0; g0 < plan.ngroups; g0 += plan.chunk) {
+    pack.start_chunk(g0, std::min(g0 + plan.chunk, plan.ngroups));
+    const std::vector<int64_t> cost = fwd_task_costs(plan, g, pack.g0, pack.g1);
+    auto pack_job = [&](int64_t t) { pack_fwd_slice(plan, io, pack, t); };
+    run_tasks((pack.g1 - pack.g0) * plan.nslice, pack_job, cost, [&]() {
       // Per-thread scratch, allocated once per call.
-      auto scratch = std::make_shared<std::vector<T>>(BM * D + BM * Dvp + 2 * BM + kMR * BN + kMR);
-      return [&, scratch](int64_t t) {
-        T* Qs = scratch->data();
-        T* O = Qs + BM * D;
-        T* m = O + BM * Dvp;
-        T* l = m + BM;
-        T* Pb = l + BM;
-        T* alpha = Pb + kMR * BN;
-        const int64_t gi = g0 + t / (Hg * nqb), hh = (t / nqb) % Hg, qb = t % nqb;
-        const int64_t b = gi / Hkv, hk = gi % Hkv, h = hk * Hg + hh;
-        const int64_t i0 = qb * BM, nrows = std::min(BM, Lq - i0);
-        pack_rows<scalar_t, T>(qd + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), q.stride(3),
-                               nrows, D, D, 0, nrows, qmul, Qs);
-        fill(O, nrows * Dvp, T(0));
-        fill(m, nrows, -std::numeric_limits<T>::infinity());
-        fill(l, nrows, T(0));
-        wait_ready(ready[gi - g0], nslice);
-        const T* base = pk + (gi - g0) * group_elems;
-        FwdRows<T> a;
-        a.D = D;
-        a.Dvp = Dvp;
-        a.BN = BN;
-        a.Qs = Qs;
-        a.Kp = base;
-        a.Vp = base + Lk_pad * D;
-        a.nrows = nrows;
-        a.lo = lo_all.data() + b * Lq + i0;
-        a.hi = hi_all.data() + b * Lq + i0;
-        a.mask = mask;
-        a.b = b;
-        a.h = h;
-        a.i0 = i0;
-        a.drop = drop;
-        a.n_row0 = ((static_cast<uint64_t>(b) * Hq + h) * Lq + i0) * Lk;
-        a.Lk = Lk;
-        a.mods = row_mods(mods, b, h, Hq, bottom_right ? batch_key_length(kv_len, b, Lk) - Lq : 0);
-        a.O = O;
-        a.m = m;
-        a.l = l;
-        a.P = Pb;
-        a.alpha = alpha;
-        kern.fwd(a);
-        store_fwd_rows<scalar_t, T>(O, m, l, nrows, Dv, Dvp, drop, mods.sink(h), od + ((b * Hq + h) * Lq + i0) * Dv,
-                                    lsed + (b * Hq + h) * Lq + i0);
-      };
+      auto scratch = std::make_shared<std::vector<T>>(fwd_scratch_elems(plan, g.D));
+      return [&, scratch](int64_t t) { fwd_compute_task(plan, io, pack, scratch->data(), t); };
     });
   }
 }
@@ -1235,243 +1318,353 @@ void store_dq_rows(const T* part0, int64_t part_stride, int64_t splits, int64_t 
   }
 }
 
+// The backward's packed data, per (b, kv head) group of the current chunk [g0, g1), one group
+// after the other: K^T panels, K rows and V^T panels, then for each query head of the group its Q
+// rows (scale applied), dO rows, Delta, lse, lse corrections and one dQ partial per key-block
+// split. It also holds the selected kernels' tile sizes, which that layout depends on.
+template <typename T>
+struct BwdPack {
+  int64_t NR, Hg, D, Dp, Dv, Dvp, Lq, Lk_pad, npanel, nslice, nrslice, BM, BN, fwd_BN;
+  int64_t splits = 1, group_elems = 0, chunk = 1;
+  Tensor buf;
+  T* base = nullptr;
+  int64_t g0 = 0, g1 = 0;
+  // ready: a group's finished packing jobs, which its tasks wait for. kv_ready: its finished K/V
+  // slices, which lse_corrections (in a Q job) reads. done: its finished splits; the last one
+  // reduces dQ.
+  std::vector<std::atomic<int64_t>> ready, done, kv_ready;
+
+  void start_chunk(int64_t first, int64_t last) {
+    g0 = first;
+    g1 = last;
+    ready = std::vector<std::atomic<int64_t>>(last - first);
+    done = std::vector<std::atomic<int64_t>>(last - first);
+    kv_ready = std::vector<std::atomic<int64_t>>(last - first);
+  }
+  // K/V jobs come first: every one is taken before any Q job, by a thread that runs it without
+  // waiting, so a Q job waiting for them cannot deadlock.
+  int64_t nkv_jobs() const { return (g1 - g0) * nslice; }
+  int64_t nq_jobs() const { return (g1 - g0) * Hg * nrslice; }
+  int64_t jobs_per_group() const { return nslice + Hg * nrslice; }
+
+  T* Kt(int64_t gi) const { return base + (gi - g0) * group_elems; }
+  T* Kr(int64_t gi) const { return Kt(gi) + Lk_pad * D; }
+  T* Vt(int64_t gi) const { return Kr(gi) + Lk_pad * Dp; }
+  T* Qp(int64_t gi) const { return Vt(gi) + Lk_pad * Dv; }
+  T* dOp(int64_t gi) const { return Qp(gi) + Hg * Lq * Dp; }
+  T* Delta(int64_t gi) const { return dOp(gi) + Hg * Lq * Dvp; }
+  T* lse(int64_t gi) const { return Delta(gi) + Hg * Lq; }
+  T* corr(int64_t gi) const { return lse(gi) + Hg * Lq; }
+  T* dQ(int64_t gi, int64_t s) const { return corr(gi) + Hg * Lq + s * Hg * Lq * Dp; }
+};
+
+template <typename T>
+BwdPack<T> bwd_pack_sizes(const Geometry& g, int64_t W) {
+  BwdPack<T> pk;
+  pk.NR = 2 * W;
+  pk.Hg = g.Hq / g.Hkv;
+  pk.D = g.D;
+  pk.Dp = round_up(std::max<int64_t>(g.D, 1), W);
+  pk.Dv = g.Dv;
+  pk.Dvp = round_up(std::max<int64_t>(g.Dv, 1), W);
+  pk.Lq = g.Lq;
+  pk.Lk_pad = round_up(std::max<int64_t>(g.Lk, 1), pk.NR);
+  pk.npanel = pk.Lk_pad / pk.NR;
+  pk.nslice = (pk.npanel + kSlice - 1) / kSlice;
+  pk.nrslice = (g.Lq + kRowSlice - 1) / kRowSlice;
+  pk.BM = kBwdBM;
+  pk.BN = round_up(kBwdBN, pk.NR);
+  pk.fwd_BN = round_up(kFwdBN, pk.NR);  // key block of lse_corrections (the forward's)
+  return pk;
+}
+
+// Key-block splits per group and groups per chunk, then the buffer. Splits give enough tasks per
+// chunk to keep every thread busy when there are few groups. Each split owns a dQ partial, summed
+// in split order afterwards. Groups of a chunk cost the same unless kv_lengths differ, so a
+// multiple of the thread count needs none.
+template <typename T>
+void size_bwd_chunks(BwdPack<T>& pk, BwdPlan& plan, const Geometry& g, const int32_t* kv_len,
+                     const at::TensorOptions& opts) {
+  const int64_t ngroups = g.B * g.Hkv;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t kv_elems = pk.Lk_pad * (pk.D + pk.Dp + pk.Dv);
+  const int64_t q_elems = pk.Hg * pk.Lq * (pk.Dp + pk.Dvp + 3);
+  const int64_t dq_part = pk.Hg * pk.Lq * pk.Dp;
+  const int64_t chunk0 = chunk_groups((kv_elems + q_elems + dq_part) * int64_t(sizeof(T)), ngroups);
+  int64_t splits = 1;
+  const bool even = chunk0 % nthreads == 0 && kv_len == nullptr;
+  if (chunk0 < 4 * nthreads && !even) splits = std::min<int64_t>(plan.nkb, (4 * nthreads + chunk0 - 1) / chunk0);
+  plan.split(splits);
+  pk.splits = splits;
+  pk.group_elems = kv_elems + q_elems + splits * dq_part;
+  pk.chunk = chunk_groups(pk.group_elems * int64_t(sizeof(T)), ngroups);
+  pk.buf = at::empty({pk.chunk * pk.group_elems}, opts.dtype(c10::CppTypeToScalarType<T>::value));
+  pk.base = pk.buf.template data_ptr<T>();
+}
+
+// The backward's inputs, options and outputs, as its packing jobs and tasks read them.
+template <typename scalar_t, typename T>
+struct BwdIo {
+  const Tensor &dout, &q, &k, &v, &out, &lse;
+  Tensor &dq, &dk, &dv;
+  double* dsink_rows;
+  const Geometry& g;
+  const MaskDesc& mask;
+  const int32_t* kv_len;
+  T scale;
+  bool bottom_right;
+  const DropoutDesc& drop;
+  const ScoreMods<T>& mods;
+  const scalar_t* qd = q.template const_data_ptr<scalar_t>();
+  const scalar_t* kd = k.template const_data_ptr<scalar_t>();
+  const scalar_t* vd = v.template const_data_ptr<scalar_t>();
+  const scalar_t* od = out.template const_data_ptr<scalar_t>();
+  const scalar_t* dod = dout.template const_data_ptr<scalar_t>();
+  const T* lsed = lse.template const_data_ptr<T>();
+  scalar_t* dqd = dq.template data_ptr<scalar_t>();
+  scalar_t* dkd = dk.template data_ptr<scalar_t>();
+  scalar_t* dvd = dv.template data_ptr<scalar_t>();
+
+  int64_t key_offset(int64_t b) const { return bottom_right ? batch_key_length(kv_len, b, g.Lk) - g.Lq : 0; }
+};
+
+// K/V job t: a slice of kSlice panels of one group in the three layouts the kernels read.
+template <typename scalar_t, typename T>
+int64_t pack_bwd_kv(const BwdIo<scalar_t, T>& io, BwdPack<T>& pk, int64_t t) {
+  const Tensor &k = io.k, &v = io.v;
+  const int64_t Hkv = io.g.Hkv, D = pk.D, Dv = pk.Dv, NR = pk.NR;
+  const int64_t gi = pk.g0 + t / pk.nslice;
+  const int64_t sl = t % pk.nslice;
+  const int64_t b = gi / Hkv, hk = gi % Hkv;
+  const int64_t Lk_b = batch_key_length(io.kv_len, b, io.g.Lk);
+  const int64_t p0 = sl * kSlice, p1 = std::min(pk.npanel, p0 + kSlice);
+  const scalar_t* kh = io.kd + b * k.stride(0) + hk * k.stride(1);
+  const scalar_t* vh = io.vd + b * v.stride(0) + hk * v.stride(1);
+  pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, pk.Kt(gi));
+  pack_rows<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, pk.Dp, p0 * NR, p1 * NR, T(1), pk.Kr(gi));
+  pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, pk.Vt(gi));
+  pk.kv_ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
+  return gi;
+}
+
+// For rows [r0, r1) of query head hh of group gi: the lse corrections of the rows that need them
+// (lse_needs_correction), each run of consecutive such rows recomputed as one block.
+template <typename scalar_t, typename T>
+void correct_lse_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scalar_t, T>& io, const BwdPack<T>& pk,
+                      int64_t gi, int64_t hh, int64_t r0, int64_t r1) {
+  const int64_t Lq = pk.Lq, Dp = pk.Dp, Hq = io.g.Hq, Hkv = io.g.Hkv;
+  const int64_t b = gi / Hkv, h = (gi % Hkv) * pk.Hg + hh;
+  const T* lr = pk.lse(gi) + hh * Lq;
+  T* cr = pk.corr(gi) + hh * Lq;
+  const int64_t* lo = plan.lo.data() + b * Lq;
+  const int64_t* hi = plan.hi.data() + b * Lq;
+  const RowMods<T> md = row_mods(io.mods, b, h, Hq, io.key_offset(b));
+  const T sink = io.mods.sink(h);
+  std::vector<T> corr_scratch;
+  for (int64_t i = r0; i < r1;) {
+    if (!lse_needs_correction(lr[i], lo[i], hi[i])) {
+      ++i;
+      continue;
+    }
+    int64_t e = i + 1;
+    while (e < r1 && lse_needs_correction(lr[e], lo[e], hi[e])) ++e;
+    wait_ready(pk.kv_ready[gi - pk.g0], pk.nslice);
+    lse_corrections<T>(kern, pk.Qp(gi) + hh * Lq * Dp + i * Dp, Dp, pk.D, pk.Kt(gi), pk.fwd_BN, lo + i, hi + i, io.mask,
+                       b, h, i, e - i, io.g.Lk, md, sink, lr + i, cr + i, corr_scratch);
+    i = e;
+  }
+}
+
+// d lse / d sink = p_sink = exp(sink - lse), the sink's probability, corrected like bwd_row's P;
+// its share of the row's gradient is -p_sink * Delta. One value per row of [r0, r1), summed in a
+// fixed order by the caller. lse, corr, delta and ds point at row 0 of the head.
+template <typename T>
+void store_dsink_rows(T sink, const T* lse, const T* corr, const T* delta, int64_t r0, int64_t r1, double* ds) {
+  const double sk = static_cast<double>(sink), ninf = -std::numeric_limits<double>::infinity();
+  for (int64_t i = r0; i < r1; ++i) {
+    const double L = static_cast<double>(lse[i]);
+    const double p = sk == ninf || L == ninf ? 0.0 : std::exp2((sk - L) * kLog2e - static_cast<double>(corr[i]));
+    ds[i] = -p * static_cast<double>(delta[i]);
+  }
+}
+
+// Q job u: a slice of kRowSlice rows of one query head: Q, dO, Delta, lse, the lse corrections,
+// the dsink contributions, and the rows of its dQ partials set to zero.
+template <typename scalar_t, typename T>
+int64_t pack_bwd_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scalar_t, T>& io, BwdPack<T>& pk,
+                      int64_t u) {
+  const Tensor &q = io.q, &dout = io.dout, &out = io.out;
+  const int64_t Hq = io.g.Hq, Hkv = io.g.Hkv, Hg = pk.Hg, Lq = pk.Lq, D = pk.D, Dp = pk.Dp, Dv = pk.Dv;
+  const int64_t Dvp = pk.Dvp;
+  const int64_t gi = pk.g0 + u / (Hg * pk.nrslice);
+  const int64_t hh = (u / pk.nrslice) % Hg, rs = u % pk.nrslice;
+  const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
+  const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
+  const scalar_t* qh = io.qd + b * q.stride(0) + h * q.stride(1);
+  const scalar_t* doh = io.dod + b * dout.stride(0) + h * dout.stride(1);
+  const scalar_t* oh = io.od + b * out.stride(0) + h * out.stride(1);
+  const int64_t o_s2 = out.stride(2), o_s3 = out.stride(3);
+  pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, io.scale, pk.Qp(gi) + hh * Lq * Dp);
+  T* dO = pk.dOp(gi) + hh * Lq * Dvp;
+  pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
+  T* delta = pk.Delta(gi) + hh * Lq;
+  T* lr = pk.lse(gi) + hh * Lq;
+  for (int64_t i = r0; i < r1; ++i) {
+    // In double: Delta is a long dot product whose error would go straight into dS.
+    double acc = 0;
+    const scalar_t* orow = oh + i * o_s2;
+    for (int64_t d = 0; d < Dv; ++d) {
+      acc += static_cast<double>(dO[i * Dvp + d]) * static_cast<double>(orow[d * o_s3]);
+    }
+    delta[i] = static_cast<T>(acc);
+    lr[i] = io.lsed[((b * Hq + h) * Lq) + i];
+  }
+  T* cr = pk.corr(gi) + hh * Lq;
+  fill(cr + r0, r1 - r0, T(0));
+  correct_lse_rows(kern, plan, io, pk, gi, hh, r0, r1);
+  if (io.dsink_rows != nullptr) {
+    store_dsink_rows(io.mods.sink(h), lr, cr, delta, r0, r1, io.dsink_rows + (b * Hq + h) * Lq);
+  }
+  for (int64_t s = 0; s < pk.splits; ++s) fill(pk.dQ(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
+  return gi;
+}
+
+// Preparation job t of the chunk (K/V jobs, then Q jobs); a group's tasks start when all of its
+// jobs are done.
+template <typename scalar_t, typename T>
+void pack_bwd_job(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scalar_t, T>& io, BwdPack<T>& pk,
+                  int64_t t) {
+  const int64_t gi = t < pk.nkv_jobs() ? pack_bwd_kv(io, pk, t) : pack_bwd_rows(kern, plan, io, pk, t - pk.nkv_jobs());
+  pk.ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
+}
+
+// Tasks of the chunk: (group, split of its key blocks), cost = the split's visible (row, key) pairs.
+template <typename T>
+std::vector<int64_t> bwd_task_costs(const BwdPlan& plan, const BwdPack<T>& pk, int64_t Hkv) {
+  const int64_t ntask = (pk.g1 - pk.g0) * pk.splits;
+  std::vector<int64_t> cost(ntask);
+  for (int64_t t = 0; t < ntask; ++t) cost[t] = plan.split_cost(pk.g0 + t / pk.splits, Hkv, t % pk.splits);
+  return cost;
+}
+
+// dQ = scale * sum over splits (in split order) of the partials, for every query head of group
+// gi; run by whichever thread finishes the group's last split.
+template <typename scalar_t, typename T>
+void dq_reduce(const BwdIo<scalar_t, T>& io, const BwdPack<T>& pk, int64_t gi) {
+  const int64_t Hkv = io.g.Hkv, Hg = pk.Hg, Lq = pk.Lq, Dp = pk.Dp;
+  const int64_t b = gi / Hkv;
+  for (int64_t hh = 0; hh < Hg; ++hh) {
+    const int64_t h = (gi % Hkv) * Hg + hh;
+    store_dq_rows<scalar_t, T>(pk.dQ(gi, 0) + hh * Lq * Dp, Hg * Lq * Dp, pk.splits, Lq, pk.D, Dp, io.scale,
+                               io.dqd + b * io.dq.stride(0) + h * io.dq.stride(1), io.dq.stride(2), io.dq.stride(3));
+  }
+}
+
+// Per-thread scratch of bwd_dkdv_task: the S and dP tiles, the dK and dV accumulators of one key
+// block, and the kernel's G row.
+template <typename T>
+int64_t bwd_scratch_elems(const BwdPack<T>& pk) {
+  return 2 * pk.BM * pk.BN + pk.BN * (pk.Dp + pk.Dvp) + pk.BN;
+}
+
+// Task t of the chunk: dK and dV of the key blocks of one split of one group, summed over the
+// group's query heads and written back block by block, with that split's dQ partial.
+template <typename scalar_t, typename T>
+void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scalar_t, T>& io, BwdPack<T>& pk,
+                   T* scratch, int64_t t) {
+  const int64_t Hkv = io.g.Hkv, Hg = pk.Hg, Lq = pk.Lq, Lk = io.g.Lk, Lk_pad = pk.Lk_pad;
+  const int64_t D = pk.D, Dp = pk.Dp, Dv = pk.Dv, Dvp = pk.Dvp, BM = pk.BM, BN = pk.BN, splits = pk.splits;
+  T* S = scratch;
+  T* dPb = S + BM * BN;
+  T* dK = dPb + BM * BN;
+  T* dV = dK + BN * Dp;
+  T* Gb = dV + BN * Dvp;
+  const int64_t gi = pk.g0 + t / splits, s = t % splits;
+  const int64_t b = gi / Hkv, hk = gi % Hkv;
+  const int64_t* sb = plan.split_begin.data() + b * (splits + 1);
+  const int64_t* lo = plan.lo.data() + b * Lq;
+  const int64_t* hi = plan.hi.data() + b * Lq;
+  wait_ready(pk.ready[gi - pk.g0], pk.jobs_per_group());
+  BwdBlock<T> a;
+  a.D = D;
+  a.Dp = Dp;
+  a.Dv = Dv;
+  a.Dvp = Dvp;
+  a.BM = BM;
+  a.BN = BN;
+  a.Kt = pk.Kt(gi);
+  a.Kr = pk.Kr(gi);
+  a.Vt = pk.Vt(gi);
+  a.Hg = Hg;
+  a.Lq = Lq;
+  a.Qp = pk.Qp(gi);
+  a.dOp = pk.dOp(gi);
+  a.Delta = pk.Delta(gi);
+  a.lse = pk.lse(gi);
+  a.corr = pk.corr(gi);
+  a.dQ = pk.dQ(gi, s);
+  a.lo = lo;
+  a.hi = hi;
+  a.mask = io.mask;
+  a.b = b;
+  a.h0 = hk * Hg;
+  a.Hq = io.g.Hq;
+  a.Lk = Lk;
+  a.drop = io.drop;
+  a.mods = &io.mods;
+  a.off = io.key_offset(b);
+  a.G = Gb;
+  a.S = S;
+  a.dP = dPb;
+  a.dK = dK;
+  a.dV = dV;
+  const Tensor &dk = io.dk, &dv = io.dv;
+  for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) {
+    const int64_t j0 = kb * BN, j1 = std::min(Lk_pad, j0 + BN);
+    int64_t ilo = Lq, ihi = 0;
+    for (int64_t i = 0; i < Lq; ++i) {
+      if (lo[i] < hi[i] && lo[i] < j1 && hi[i] > j0) {
+        ilo = std::min(ilo, i);
+        ihi = i + 1;
+      }
+    }
+    fill(dK, (j1 - j0) * Dp, T(0));
+    fill(dV, (j1 - j0) * Dvp, T(0));
+    if (ilo < ihi) {
+      a.j0 = j0;
+      a.j1 = j1;
+      a.ilo = ilo;
+      a.ihi = ihi;
+      kern.bwd(a);
+    }
+    // dK = scale * sum dS Q = sum dS Qp (Qp carries the scale).
+    store_dkdv_rows<scalar_t, T>(dK, dV, j0, std::min(j1, Lk), batch_key_length(io.kv_len, b, Lk), D, Dp, Dv, Dvp,
+                                 io.dkd + b * dk.stride(0) + hk * dk.stride(1), dk.stride(2), dk.stride(3),
+                                 io.dvd + b * dv.stride(0) + hk * dv.stride(1), dv.stride(2), dv.stride(3));
+  }
+  if (pk.done[gi - pk.g0].fetch_add(1, std::memory_order_acq_rel) + 1 == splits) dq_reduce(io, pk, gi);
+}
+
 template <typename scalar_t, typename T>
 void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                        const Tensor& lse, const Geometry& g, const MaskDesc& mask, const int32_t* kv_len, double scale,
                        int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop, const ScoreMods<T>& mods,
                        double* dsink_rows, Tensor& dq, Tensor& dk, Tensor& dv) {
   const Kernels<T> kern = select_kernels<T>();
-  const int64_t W = kern.W, NR = 2 * W;
-  const int64_t B = g.B, Hq = g.Hq, Hkv = g.Hkv, Lq = g.Lq, Lk = g.Lk, D = g.D, Dv = g.Dv;
-  const int64_t Hg = Hq / Hkv;
-  const int64_t Lk_pad = round_up(std::max<int64_t>(Lk, 1), NR);
-  const int64_t Dp = round_up(std::max<int64_t>(D, 1), W), Dvp = round_up(std::max<int64_t>(Dv, 1), W);
-  const int64_t npanel = Lk_pad / NR;
-  const int64_t BM = kBwdBM, BN = round_up(kBwdBN, NR);
-  const int64_t fwd_BN = round_up(kFwdBN, NR);  // key block of lse_corrections (the forward's)
-  const int64_t nkb = (Lk_pad + BN - 1) / BN;
-  const T qmul = static_cast<T>(scale);
-
-  const scalar_t* qd = q.const_data_ptr<scalar_t>();
-  const scalar_t* kd = k.const_data_ptr<scalar_t>();
-  const scalar_t* vd = v.const_data_ptr<scalar_t>();
-  const scalar_t* od = out.const_data_ptr<scalar_t>();
-  const scalar_t* dod = dout.const_data_ptr<scalar_t>();
-  const T* lsed = lse.const_data_ptr<T>();
-  scalar_t* dqd = dq.data_ptr<scalar_t>();
-  scalar_t* dkd = dk.data_ptr<scalar_t>();
-  scalar_t* dvd = dv.data_ptr<scalar_t>();
-  const int64_t dq_s0 = dq.stride(0), dq_s1 = dq.stride(1), dq_s2 = dq.stride(2), dq_s3 = dq.stride(3);
-  const int64_t dk_s0 = dk.stride(0), dk_s1 = dk.stride(1), dk_s2 = dk.stride(2), dk_s3 = dk.stride(3);
-  const int64_t dv_s0 = dv.stride(0), dv_s1 = dv.stride(1), dv_s2 = dv.stride(2), dv_s3 = dv.stride(3);
-
-  BwdPlan plan = make_bwd_plan(g, kv_len, wl, wr, bottom_right, Lk_pad, BN);
-  const std::vector<int64_t>&lo_all = plan.lo, &hi_all = plan.hi;
-
-  const int64_t ngroups = B * Hkv;
-  const int64_t nthreads = at::get_num_threads();
-  const int64_t kv_elems = Lk_pad * (D + Dp + Dv);
-  const int64_t q_elems = Hg * Lq * (Dp + Dvp + 3);
-  const int64_t dq_part = Hg * Lq * Dp;
-  // Key-block splits per group: enough tasks per chunk to keep every thread busy when there
-  // are few groups. Each split owns a dQ partial, summed in split order afterwards. Groups of
-  // a chunk cost the same unless kv_lengths differ, so a multiple of the thread count needs none.
-  const int64_t chunk0 = chunk_groups((kv_elems + q_elems + dq_part) * int64_t(sizeof(T)), ngroups);
-  int64_t splits = 1;
-  const bool even = chunk0 % nthreads == 0 && kv_len == nullptr;
-  if (chunk0 < 4 * nthreads && !even) splits = std::min<int64_t>(nkb, (4 * nthreads + chunk0 - 1) / chunk0);
-  plan.split(splits);
-  const int64_t group_elems = kv_elems + q_elems + splits * dq_part;
-  const int64_t chunk = chunk_groups(group_elems * int64_t(sizeof(T)), ngroups);
-  Tensor packed = at::empty({chunk * group_elems}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
-  T* pk = packed.data_ptr<T>();
-  const T tscale = static_cast<T>(scale);
-
-  for (int64_t g0 = 0; g0 < ngroups; g0 += chunk) {
-    const int64_t g1 = std::min(g0 + chunk, ngroups);
-    auto Kt_of = [&](int64_t gi) { return pk + (gi - g0) * group_elems; };
-    auto Kr_of = [&](int64_t gi) { return Kt_of(gi) + Lk_pad * D; };
-    auto Vt_of = [&](int64_t gi) { return Kr_of(gi) + Lk_pad * Dp; };
-    auto Qp_of = [&](int64_t gi) { return Vt_of(gi) + Lk_pad * Dv; };
-    auto dOp_of = [&](int64_t gi) { return Qp_of(gi) + Hg * Lq * Dp; };
-    auto Delta_of = [&](int64_t gi) { return dOp_of(gi) + Hg * Lq * Dvp; };
-    auto lse_of = [&](int64_t gi) { return Delta_of(gi) + Hg * Lq; };
-    auto corr_of = [&](int64_t gi) { return lse_of(gi) + Hg * Lq; };
-    auto dQ_of = [&](int64_t gi, int64_t s) { return corr_of(gi) + Hg * Lq + s * Hg * Lq * Dp; };
-
-    // Pack K/V (three layouts) per slice of panels, and Q, dO, Delta, lse per slice of rows.
-    constexpr int64_t kSlice = 8, kRowSlice = 64;
-    const int64_t nslice = (npanel + kSlice - 1) / kSlice;
-    const int64_t nrslice = (Lq + kRowSlice - 1) / kRowSlice;
-    const int64_t nkv_tasks = (g1 - g0) * nslice, nq_tasks = (g1 - g0) * Hg * nrslice;
-    // Preparation jobs; a group's tasks start when all of its jobs are done.
-    const int64_t per_group = nslice + Hg * nrslice;
-    // kv_ready counts a group's finished K/V slices: lse_corrections (in a Q job) reads K. Every
-    // K/V job is taken before any Q job, by a thread that runs it without waiting, so a Q job
-    // waiting for them cannot deadlock.
-    std::vector<std::atomic<int64_t>> ready(g1 - g0), done(g1 - g0), kv_ready(g1 - g0);
-    auto pack = [&](int64_t t) {
-      int64_t gi;
-      if (t < nkv_tasks) {
-        gi = g0 + t / nslice;
-        const int64_t sl = t % nslice;
-        const int64_t b = gi / Hkv, hk = gi % Hkv;
-        const int64_t Lk_b = batch_key_length(kv_len, b, Lk);
-        const int64_t p0 = sl * kSlice, p1 = std::min(npanel, p0 + kSlice);
-        const scalar_t* kh = kd + b * k.stride(0) + hk * k.stride(1);
-        const scalar_t* vh = vd + b * v.stride(0) + hk * v.stride(1);
-        pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, Kt_of(gi));
-        pack_rows<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, Dp, p0 * NR, p1 * NR, T(1), Kr_of(gi));
-        pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, Vt_of(gi));
-        kv_ready[gi - g0].fetch_add(1, std::memory_order_release);
-      } else {
-        const int64_t u = t - nkv_tasks;
-        gi = g0 + u / (Hg * nrslice);
-        const int64_t hh = (u / nrslice) % Hg, rs = u % nrslice;
-        const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
-        const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
-        const scalar_t* qh = qd + b * q.stride(0) + h * q.stride(1);
-        const scalar_t* doh = dod + b * dout.stride(0) + h * dout.stride(1);
-        const scalar_t* oh = od + b * out.stride(0) + h * out.stride(1);
-        const int64_t o_s2 = out.stride(2), o_s3 = out.stride(3);
-        pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, qmul, Qp_of(gi) + hh * Lq * Dp);
-        T* dO = dOp_of(gi) + hh * Lq * Dvp;
-        pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
-        T* delta = Delta_of(gi) + hh * Lq;
-        T* lr = lse_of(gi) + hh * Lq;
-        for (int64_t i = r0; i < r1; ++i) {
-          // In double: Delta is a long dot product whose error would go straight into dS.
-          double acc = 0;
-          const scalar_t* orow = oh + i * o_s2;
-          for (int64_t d = 0; d < Dv; ++d) {
-            acc += static_cast<double>(dO[i * Dvp + d]) * static_cast<double>(orow[d * o_s3]);
-          }
-          delta[i] = static_cast<T>(acc);
-          lr[i] = lsed[((b * Hq + h) * Lq) + i];
-        }
-        T* cr = corr_of(gi) + hh * Lq;
-        fill(cr + r0, r1 - r0, T(0));
-        const int64_t* lo = lo_all.data() + b * Lq;
-        const int64_t* hi = hi_all.data() + b * Lq;
-        const RowMods<T> md = row_mods(mods, b, h, Hq, bottom_right ? batch_key_length(kv_len, b, Lk) - Lq : 0);
-        const T sink = mods.sink(h);
-        std::vector<T> corr_scratch;
-        for (int64_t i = r0; i < r1;) {
-          if (!lse_needs_correction(lr[i], lo[i], hi[i])) {
-            ++i;
-            continue;
-          }
-          int64_t e = i + 1;  // a run of consecutive rows, recomputed as one block
-          while (e < r1 && lse_needs_correction(lr[e], lo[e], hi[e])) ++e;
-          wait_ready(kv_ready[gi - g0], nslice);
-          lse_corrections<T>(kern, Qp_of(gi) + hh * Lq * Dp + i * Dp, Dp, D, Kt_of(gi), fwd_BN, lo + i, hi + i, mask, b,
-                             h, i, e - i, Lk, md, sink, lr + i, cr + i, corr_scratch);
-          i = e;
-        }
-        if (dsink_rows != nullptr) {
-          // d lse / d sink = p_sink = exp(sink - lse), the sink's probability, corrected like
-          // bwd_row's P; its share of the row's gradient is -p_sink * Delta. One value per row,
-          // summed in a fixed order by the caller.
-          double* ds = dsink_rows + (b * Hq + h) * Lq;
-          const double sk = static_cast<double>(sink), ninf = -std::numeric_limits<double>::infinity();
-          for (int64_t i = r0; i < r1; ++i) {
-            const double L = static_cast<double>(lr[i]);
-            const double p = sk == ninf || L == ninf ? 0.0 : std::exp2((sk - L) * kLog2e - static_cast<double>(cr[i]));
-            ds[i] = -p * static_cast<double>(delta[i]);
-          }
-        }
-        for (int64_t s = 0; s < splits; ++s) fill(dQ_of(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
-      }
-      ready[gi - g0].fetch_add(1, std::memory_order_release);
-    };
-
-    // dQ = scale * sum over splits (in split order) of the partials; run by whichever thread
-    // finishes a group's last split.
-    auto reduce_dq = [&](int64_t gi) {
-      const int64_t b = gi / Hkv;
-      for (int64_t hh = 0; hh < Hg; ++hh) {
-        const int64_t h = (gi % Hkv) * Hg + hh;
-        store_dq_rows<scalar_t, T>(dQ_of(gi, 0) + hh * Lq * Dp, Hg * Lq * Dp, splits, Lq, D, Dp, tscale,
-                                   dqd + b * dq_s0 + h * dq_s1, dq_s2, dq_s3);
-      }
-    };
-
-    const int64_t ntask = (g1 - g0) * splits;
-    std::vector<int64_t> cost(ntask);
-    for (int64_t t = 0; t < ntask; ++t) cost[t] = plan.split_cost(g0 + t / splits, Hkv, t % splits);
-    const std::vector<int64_t>& split_begin = plan.split_begin;
-    run_tasks(nkv_tasks + nq_tasks, pack, cost, [&]() {
-      auto scratch = std::make_shared<std::vector<T>>(2 * BM * BN + BN * (Dp + Dvp) + BN);
-      return [&, scratch](int64_t t) {
-        T* S = scratch->data();
-        T* dPb = S + BM * BN;
-        T* dK = dPb + BM * BN;
-        T* dV = dK + BN * Dp;
-        T* Gb = dV + BN * Dvp;
-        const int64_t gi = g0 + t / splits, s = t % splits;
-        const int64_t b = gi / Hkv, hk = gi % Hkv;
-        const int64_t* sb = split_begin.data() + b * (splits + 1);
-        const int64_t* lo = lo_all.data() + b * Lq;
-        const int64_t* hi = hi_all.data() + b * Lq;
-        wait_ready(ready[gi - g0], per_group);
-        BwdBlock<T> a;
-        a.D = D;
-        a.Dp = Dp;
-        a.Dv = Dv;
-        a.Dvp = Dvp;
-        a.BM = BM;
-        a.BN = BN;
-        a.Kt = Kt_of(gi);
-        a.Kr = Kr_of(gi);
-        a.Vt = Vt_of(gi);
-        a.Hg = Hg;
-        a.Lq = Lq;
-        a.Qp = Qp_of(gi);
-        a.dOp = dOp_of(gi);
-        a.Delta = Delta_of(gi);
-        a.lse = lse_of(gi);
-        a.corr = corr_of(gi);
-        a.dQ = dQ_of(gi, s);
-        a.lo = lo;
-        a.hi = hi;
-        a.mask = mask;
-        a.b = b;
-        a.h0 = hk * Hg;
-        a.Hq = Hq;
-        a.Lk = Lk;
-        a.drop = drop;
-        a.mods = &mods;
-        a.off = bottom_right ? batch_key_length(kv_len, b, Lk) - Lq : 0;
-        a.G = Gb;
-        a.S = S;
-        a.dP = dPb;
-        a.dK = dK;
-        a.dV = dV;
-        for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) {
-          const int64_t j0 = kb * BN, j1 = std::min(Lk_pad, j0 + BN);
-          int64_t ilo = Lq, ihi = 0;
-          for (int64_t i = 0; i < Lq; ++i) {
-            if (lo[i] < hi[i] && lo[i] < j1 && hi[i] > j0) {
-              ilo = std::min(ilo, i);
-              ihi = i + 1;
-            }
-          }
-          fill(dK, (j1 - j0) * Dp, T(0));
-          fill(dV, (j1 - j0) * Dvp, T(0));
-          if (ilo < ihi) {
-            a.j0 = j0;
-            a.j1 = j1;
-            a.ilo = ilo;
-            a.ihi = ihi;
-            kern.bwd(a);
-          }
-          // dK = scale * sum dS Q = sum dS Qp (Qp carries the scale).
-          store_dkdv_rows<scalar_t, T>(dK, dV, j0, std::min(j1, Lk), batch_key_length(kv_len, b, Lk), D, Dp, Dv, Dvp,
-                                       dkd + b * dk_s0 + hk * dk_s1, dk_s2, dk_s3, dvd + b * dv_s0 + hk * dv_s1, dv_s2,
-                                       dv_s3);
-        }
-        if (done[gi - g0].fetch_add(1, std::memory_order_acq_rel) + 1 == splits) reduce_dq(gi);
-      };
+  BwdPack<T> pack = bwd_pack_sizes<T>(g, kern.W);
+  BwdPlan plan = make_bwd_plan(g, kv_len, wl, wr, bottom_right, pack.Lk_pad, pack.BN);
+  size_bwd_chunks(pack, plan, g, kv_len, q.options());
+  const BwdIo<scalar_t, T> io{dout,         q,    k,          v, out,  lse,    dq,
+                              dk,           dv,   dsink_rows, g, mask, kv_len, static_cast<T>(scale),
+                              bottom_right, drop, mods};
+  const int64_t ngroups = g.B * g.Hkv;
+  for (int64_t g0 = 0; g0 < ngroups; g0 += pack.chunk) {
+    pack.start_chunk(g0, std::min(g0 + pack.chunk, ngroups));
+    const std::vector<int64_t> cost = bwd_task_costs(plan, pack, g.Hkv);
+    auto pack_job = [&](int64_t t) { pack_bwd_job(kern, plan, io, pack, t); };
+    run_tasks(pack.nkv_jobs() + pack.nq_jobs(), pack_job, cost, [&]() {
+      auto scratch = std::make_shared<std::vector<T>>(bwd_scratch_elems(pack));
+      return [&, scratch](int64_t t) { bwd_dkdv_task(kern, plan, io, pack, scratch->data(), t); };
     });
   }
 }
