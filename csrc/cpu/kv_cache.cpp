@@ -17,11 +17,13 @@
 // With several splits the units write a float partial output and the partial (max, sum) pair,
 // merged exactly by a second pass.
 //
-// The tile primitives have two implementations: AVX2+FMA+F16C intrinsics in functions with a
-// target attribute, chosen per call by cpu/simd.h's selected_isa (the extension is compiled for
-// the baseline ISA, where at::vec is plain scalar code), and a portable one on at::vec that also
-// serves float64. SEQKERNELS_CPU_ISA=portable (or the older spelling "default") forces the
-// portable one, as for attention and the LSTM cell (tests cover both).
+// The tile primitives have three implementations: AVX-512 (F/BW/VL/DQ) and AVX2+FMA+F16C
+// intrinsics in functions with a target attribute, the highest one the call may use chosen per
+// call by cpu/simd.h's has() (the extension is compiled for the baseline ISA, where at::vec is
+// plain scalar code), and a portable one on at::vec that also serves float64.
+// SEQKERNELS_CPU_ISA=portable|avx2|avx512|native lowers the choice ("default" is the older
+// spelling of portable), as for attention and the LSTM cell (tests/test_cpu_isa.py covers each
+// level this CPU has).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -32,8 +34,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "common/attention_math.h"
@@ -487,6 +491,247 @@ struct Avx2Ops {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// AVX-512 twin of Avx2Ops: 16 float lanes, 32 zmm registers (so wider register blocks), masked
+// loads and stores for the tails (no scalar remainder loops, no reads past a row's end). Same
+// algorithms: only the order of the reductions differs from the AVX2 path.
+using simd::Avx512Float;
+
+// 16 consecutive elements as floats.
+template <typename T>
+SK_AVX512_FN __m512 load16(const T* p);
+template <>
+SK_AVX512_FN __m512 load16<float>(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+template <>
+SK_AVX512_FN __m512 load16<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <>
+SK_AVX512_FN __m512 load16<at::BFloat16>(const at::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+// The lanes of mask k only (the others 0); the masked-off elements are not read.
+template <typename T>
+SK_AVX512_FN __m512 load16_mask(const T* p, __mmask16 k);
+template <>
+SK_AVX512_FN __m512 load16_mask<float>(const float* p, __mmask16 k) {
+  return _mm512_maskz_loadu_ps(k, p);
+}
+template <>
+SK_AVX512_FN __m512 load16_mask<at::Half>(const at::Half* p, __mmask16 k) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+}
+template <>
+SK_AVX512_FN __m512 load16_mask<at::BFloat16>(const at::BFloat16* p, __mmask16 k) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// The first n (0 < n <= 16) lanes.
+SK_AVX512_FN __mmask16 lanes_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+template <typename T>
+struct Avx512Ops {
+  // MB query rows x NB keys of dot products, accumulators in registers; the 16-lane sums are
+  // folded to 8 lanes and reduced by the AVX2 transposing trees.
+  template <int MB, int NB>
+  SK_AVX512_FN static void dot_block(const float* q, int64_t ldq, int64_t D, const T* const* k, float* S, int64_t lds) {
+    __m512 acc[MB][NB];
+#pragma GCC unroll 16
+    for (int a = 0; a < MB; ++a)
+#pragma GCC unroll 16
+      for (int c = 0; c < NB; ++c) acc[a][c] = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      __m512 qv[MB];
+#pragma GCC unroll 16
+      for (int a = 0; a < MB; ++a) qv[a] = _mm512_loadu_ps(q + a * ldq + d);
+#pragma GCC unroll 16
+      for (int c = 0; c < NB; ++c) {
+        const __m512 kv = load16<T>(k[c] + d);
+#pragma GCC unroll 16
+        for (int a = 0; a < MB; ++a) acc[a][c] = _mm512_fmadd_ps(qv[a], kv, acc[a][c]);
+      }
+    }
+    if (d < D) {
+      const __mmask16 km = lanes_mask(D - d);
+      __m512 qv[MB];
+#pragma GCC unroll 16
+      for (int a = 0; a < MB; ++a) qv[a] = _mm512_maskz_loadu_ps(km, q + a * ldq + d);
+#pragma GCC unroll 16
+      for (int c = 0; c < NB; ++c) {
+        const __m512 kv = load16_mask<T>(k[c] + d, km);
+#pragma GCC unroll 16
+        for (int a = 0; a < MB; ++a) acc[a][c] = _mm512_fmadd_ps(qv[a], kv, acc[a][c]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int a = 0; a < MB; ++a) {
+      __m256 h[NB];
+#pragma GCC unroll 16
+      for (int c = 0; c < NB; ++c) h[c] = Avx512Float::fold(acc[a][c]);
+      if constexpr (NB == 8) {
+        _mm256_storeu_ps(S + a * lds, hsum8(h));
+      } else if constexpr (NB == 4) {
+        _mm_storeu_ps(S + a * lds, hsum4(h));
+      } else {
+#pragma GCC unroll 16
+        for (int c = 0; c < NB; ++c) S[a * lds + c] = Avx2Float::hsum(h[c]);
+      }
+    }
+  }
+
+  template <int MB>
+  SK_AVX512_FN static void dot_rows(const float* q, int64_t ldq, int64_t D, const T* const* krows, int n, float* S,
+                                    int64_t lds) {
+    int i = 0;
+    // MB * NB accumulators + MB query vectors + one key vector within the 32 zmm registers.
+    if constexpr (MB <= 2) {
+      for (; i + 8 <= n; i += 8) dot_block<MB, 8>(q, ldq, D, krows + i, S + i, lds);
+    }
+    for (; i + 4 <= n; i += 4) dot_block<MB, 4>(q, ldq, D, krows + i, S + i, lds);
+    for (; i < n; ++i) dot_block<MB, 1>(q, ldq, D, krows + i, S + i, lds);
+  }
+
+  SK_AVX512_FN static void scores(const float* q, int64_t ldq, int M, int64_t D, const T* const* krows, int n, float* S,
+                                  int64_t lds, float*) {
+    int m = 0;
+    for (; m + 4 <= M; m += 4) dot_rows<4>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
+    for (; m + 2 <= M; m += 2) dot_rows<2>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
+    if (m < M) dot_rows<1>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
+  }
+
+  // acc[m][c0 .. c0 + 16*CB) += sum_i P[m][i] * V[i][c0 ..] for MB rows; with a mask (CB = 1),
+  // only the columns of km are read and written.
+  template <int MB, int CB, bool Masked = false>
+  SK_AVX512_FN static void pv_block(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t c0, float* acc,
+                                    int64_t ldacc, __mmask16 km = 0xffff) {
+    static_assert(!Masked || CB == 1, "a masked block is one vector wide");
+    __m512 a[MB][CB];
+#pragma GCC unroll 16
+    for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 16
+      for (int c = 0; c < CB; ++c)
+        a[r][c] =
+            Masked ? _mm512_maskz_loadu_ps(km, acc + r * ldacc + c0) : _mm512_loadu_ps(acc + r * ldacc + c0 + 16 * c);
+    for (int i = 0; i < n; ++i) {
+      __m512 v[CB];
+#pragma GCC unroll 16
+      for (int c = 0; c < CB; ++c)
+        v[c] = Masked ? load16_mask<T>(vrows[i] + c0, km) : load16<T>(vrows[i] + c0 + 16 * c);
+#pragma GCC unroll 16
+      for (int r = 0; r < MB; ++r) {
+        const __m512 p = _mm512_set1_ps(P[r * ldp + i]);
+#pragma GCC unroll 16
+        for (int c = 0; c < CB; ++c) a[r][c] = _mm512_fmadd_ps(p, v[c], a[r][c]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MB; ++r)
+#pragma GCC unroll 16
+      for (int c = 0; c < CB; ++c) {
+        if constexpr (Masked) {
+          _mm512_mask_storeu_ps(acc + r * ldacc + c0, km, a[r][c]);
+        } else {
+          _mm512_storeu_ps(acc + r * ldacc + c0 + 16 * c, a[r][c]);
+        }
+      }
+  }
+
+  template <int MB>
+  SK_AVX512_FN static void pv_rows(const float* P, int64_t ldp, int n, const T* const* vrows, int64_t Dv, float* acc,
+                                   int64_t ldacc) {
+    // MB x CB accumulators plus the CB V vectors and a broadcast within the 32 zmm registers.
+    constexpr int CB = MB <= 2 ? 8 : 4;
+    static_assert(MB * CB + CB + 1 <= 32, "pv_block would spill");
+    int64_t c0 = 0;
+    for (; c0 + 16 * CB <= Dv; c0 += 16 * CB) pv_block<MB, CB>(P, ldp, n, vrows, c0, acc, ldacc);
+    for (; c0 + 16 <= Dv; c0 += 16) pv_block<MB, 1>(P, ldp, n, vrows, c0, acc, ldacc);
+    if (c0 < Dv) pv_block<MB, 1, true>(P, ldp, n, vrows, c0, acc, ldacc, lanes_mask(Dv - c0));
+  }
+
+  // GenericOps::modify with 16 lanes (kKeyTile is a multiple of 16, so whole vectors fit the row).
+  SK_AVX512_FN static void modify(float* s, int n, float cap, float inv_cap, bool alibi, float slope, int64_t diag,
+                                  int64_t j0) {
+    if (cap > 0.0f) {
+      const __m512 c = _mm512_set1_ps(cap), ic = _mm512_set1_ps(inv_cap);
+      for (int i = 0; i < n; i += 16) {
+        _mm512_storeu_ps(s + i, _mm512_mul_ps(c, Avx512Float::tanh(_mm512_mul_ps(_mm512_loadu_ps(s + i), ic))));
+      }
+    }
+    if (alibi) {
+      const __m512 ns = _mm512_set1_ps(-slope), step = _mm512_set1_ps(16.0f);
+      __m512 d = _mm512_sub_ps(
+          _mm512_set1_ps(static_cast<float>(diag - j0)),
+          _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f));
+      for (int i = 0; i < n; i += 16) {
+        const __m512 ad = _mm512_max_ps(d, _mm512_sub_ps(_mm512_setzero_ps(), d));
+        _mm512_storeu_ps(s + i, _mm512_fmadd_ps(ns, ad, _mm512_loadu_ps(s + i)));
+        d = _mm512_sub_ps(d, step);
+      }
+    }
+  }
+
+  SK_AVX512_FN static void softmax_pv(float* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv,
+                                      float* mrow, float* lrow, float* acc, int64_t ldacc, float*) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int m = 0; m < M; ++m) {
+      float* s = S + m * lds;
+      if (std::isnan(mrow[m])) {
+        std::fill(s, s + n, 0.0f);
+        continue;
+      }
+      __m512 mx16 = _mm512_set1_ps(ninf);
+      __mmask16 nanm = 0;
+      for (int i = 0; i < n; i += 16) {
+        const __mmask16 km = lanes_mask(std::min(16, n - i));
+        const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(ninf), km, s + i);
+        mx16 = _mm512_max_ps(mx16, x);
+        nanm |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      }
+      if (nanm != 0) {
+        poison_row(mrow + m, lrow + m, acc + m * ldacc, Dv);
+        std::fill(s, s + n, 0.0f);
+        continue;
+      }
+      const float m_new = std::max(mrow[m], Avx512Float::hmax(mx16));
+      if (m_new == ninf) {
+        std::fill(s, s + n, 0.0f);
+        continue;
+      }
+      const float l2e = static_cast<float>(kLog2e);
+      const float alpha = std::exp2((mrow[m] - m_new) * l2e);
+      const __m512 mn = _mm512_set1_ps(m_new), l2e16 = _mm512_set1_ps(l2e);
+      __m512 sum16 = _mm512_setzero_ps();
+      for (int i = 0; i < n; i += 16) {
+        const __mmask16 km = lanes_mask(std::min(16, n - i));
+        const __m512 x = _mm512_maskz_loadu_ps(km, s + i);
+        const __m512 p = Avx512Float::exp2_nonpos(_mm512_mul_ps(_mm512_sub_ps(x, mn), l2e16));
+        _mm512_mask_storeu_ps(s + i, km, p);
+        sum16 = _mm512_mask_add_ps(sum16, km, sum16, p);
+      }
+      lrow[m] = lrow[m] * alpha + Avx512Float::hsum(sum16);
+      mrow[m] = m_new;
+      if (alpha != 1.0f) {
+        float* a = acc + m * ldacc;
+        const __m512 va = _mm512_set1_ps(alpha);
+        for (int64_t d = 0; d < Dv; d += 16) {
+          const __mmask16 km = lanes_mask(std::min<int64_t>(16, Dv - d));
+          _mm512_mask_storeu_ps(a + d, km, _mm512_mul_ps(va, _mm512_maskz_loadu_ps(km, a + d)));
+        }
+      }
+    }
+    int m = 0;
+    for (; m + 6 <= M; m += 6) pv_rows<6>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
+    for (; m + 4 <= M; m += 4) pv_rows<4>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
+    for (; m + 2 <= M; m += 2) pv_rows<2>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
+    if (m < M) pv_rows<1>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
+  }
+};
+
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -704,7 +949,7 @@ void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, 
 template <typename scalar_t>
 void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const int32_t* lens, const int32_t* table, double scale, at::Tensor& out, at::Tensor& lse,
-                at::Tensor& opart, at::Tensor& lpart, bool avx2, const std::optional<at::Tensor>& alibi_slopes,
+                at::Tensor& opart, at::Tensor& lpart, simd::Isa isa, const std::optional<at::Tensor>& alibi_slopes,
                 const std::optional<at::Tensor>& sinks, double softcap) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t qs[4] = {q.stride(0), q.stride(1), q.stride(2), q.stride(3)};
@@ -727,13 +972,16 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
   bool done = false;
 #if SK_SIMD_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (avx2) {
+    if (isa == simd::Isa::Avx512) {
+      run(Avx512Ops<scalar_t>{});
+      done = true;
+    } else if (isa == simd::Isa::Avx2) {
       run(Avx2Ops<scalar_t>{});
       done = true;
     }
   }
 #endif
-  (void)avx2;
+  (void)isa;
   if (!done) run(GenericOps<scalar_t, acc_t>{});
   if (s.splits > 1) {
     merge_splits<scalar_t, acc_t>(s, op, lp, out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>(), ma.sinks);
@@ -786,7 +1034,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   }
   const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
   const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;
-  const bool avx2 = SK_SIMD_X86 && simd::selected_isa() == simd::Isa::Avx2;
+  // The highest path this file has that the call may use (simd::has, not selected_isa(): that one
+  // stops at Avx2 for callers without an AVX-512 path).
+  const simd::Isa isa = !SK_SIMD_X86                   ? simd::Isa::Portable
+                        : simd::has(simd::Isa::Avx512) ? simd::Isa::Avx512
+                        : simd::has(simd::Isa::Avx2)   ? simd::Isa::Avx2
+                                                       : simd::Isa::Portable;
   {
     const int32_t* lp = cache_seqlens.data_ptr<int32_t>();
     int64_t keys = 0;
@@ -795,7 +1048,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention_cpu", [&] {
-    run_decode<scalar_t>(s, q, k_cache, v_cache, lens, table, scale, out, lse, opart, lpart, avx2, alibi_slopes, sinks,
+    run_decode<scalar_t>(s, q, k_cache, v_cache, lens, table, scale, out, lse, opart, lpart, isa, alibi_slopes, sinks,
                          softcap);
   });
   return {out, lse};
@@ -808,4 +1061,20 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
 TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
   m.impl("kv_cache_append", TORCH_FN(seqkernels::cpu::kv_cache_append_cpu));
   m.impl("decode_attention", TORCH_FN(seqkernels::cpu::decode_attention_cpu));
+}
+
+// For `seqkernels info` (python/seqkernels/cli.py), read through ctypes from this library: the CPU
+// paths the kernels have that this CPU and OS support, and the one a call takes now (the
+// SEQKERNELS_CPU_ISA rules of cpu/simd.h), e.g. "active=avx512;supported=portable,avx2,avx512;
+// avx512_bf16=1". A plain C symbol rather than an op, so the schema does not grow for a report.
+extern "C" __attribute__((visibility("default"))) const char* seqkernels_cpu_isa_report() {
+  namespace simd = seqkernels::simd;
+  static thread_local char buf[128];
+  const simd::Isa best = simd::supported_isa();
+  std::string sup = "portable";
+  if (static_cast<int>(best) >= static_cast<int>(simd::Isa::Avx2)) sup += ",avx2";
+  if (best == simd::Isa::Avx512) sup += ",avx512";
+  std::snprintf(buf, sizeof(buf), "active=%s;supported=%s;avx512_bf16=%d", simd::isa_name(simd::active_isa()),
+                sup.c_str(), simd::cpu_features().avx512_bf16 ? 1 : 0);
+  return buf;
 }

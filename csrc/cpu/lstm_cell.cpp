@@ -8,10 +8,12 @@
 // float64 is computed in float64.
 //
 // SIMD: on x86 with GCC the kernels are also compiled for AVX2+FMA with at::vec (float32 exp and
-// tanh from cpu/simd.h, float64 Sleef from libtorch) inside a `#pragma GCC target` region and
-// chosen per call by cpu/simd.h's selected_isa (SEQKERNELS_CPU_ISA=portable forces the one-element
-// baseline path, as it forces the portable path of attention and the KV cache). Elsewhere at::vec
-// is used at the build's baseline ISA (NEON on aarch64).
+// tanh from cpu/simd.h, float64 Sleef from libtorch) and for AVX-512 with 16-lane zmm intrinsics
+// (float32/float16/bfloat16; float64 stays on AVX2), each inside a `#pragma GCC target` region, the
+// highest the call may use chosen per call by cpu/simd.h's has() (SEQKERNELS_CPU_ISA=avx2 caps it
+// at AVX2; =portable forces the one-element baseline path, as it forces the portable path of
+// attention and the KV cache). Elsewhere at::vec is used at the build's baseline ISA (NEON on
+// aarch64).
 
 #include <ATen/CPUFunctions.h>
 #include <ATen/Parallel.h>
@@ -238,6 +240,83 @@ struct Lanes {
 #endif
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// AVX-512 lanes (x86/GCC, runtime-selected): 16 float32 lanes on raw zmm intrinsics, for float32,
+// float16 and bfloat16 storage (float64 keeps the AVX2 at::vec lanes: the precision path, Sleef).
+// at::vec is not used here: its headers are already expanded for AVX2 above and cannot be
+// included a second time for another ISA. The exp/tanh/sigmoid are cpu/simd.h's 16-lane twins of
+// the AVX2 ones, the same algorithm lane for lane; tails use masked loads and stores.
+#if SK_LSTM_X86_DISPATCH
+#pragma GCC push_options
+SK_AVX512_TARGET_PRAGMA
+
+namespace seqkernels {
+namespace {
+namespace avx512_isa {
+
+// The value type the gate math (common/lstm_gates.h) is written against: + - * and a broadcast
+// constructor (`V one(1)`).
+struct Z {
+  __m512 v;
+  Z() = default;
+  Z(float x) : v(_mm512_set1_ps(x)) {}  // NOLINT: implicit, as Vectorized's scalar constructor
+  Z(__m512 x) : v(x) {}                 // NOLINT
+};
+inline Z operator+(Z a, Z b) { return _mm512_add_ps(a.v, b.v); }
+inline Z operator-(Z a, Z b) { return _mm512_sub_ps(a.v, b.v); }
+inline Z operator*(Z a, Z b) { return _mm512_mul_ps(a.v, b.v); }
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
+
+template <typename Storage>
+struct Lanes {
+  static_assert(!std::is_same_v<Storage, double>, "float64 takes the AVX2 at::vec lanes");
+  using S = Storage;
+  using V = Z;
+  static constexpr int64_t W = 16;
+
+  // Elements [0, n) of p; the lanes past n are 0 and their memory is not read.
+  static V load_n(const S* p, int64_t n) {
+    const __mmask16 k = lanes(n);
+    if constexpr (std::is_same_v<S, float>) {
+      return _mm512_maskz_loadu_ps(k, p);
+    } else if constexpr (std::is_same_v<S, c10::Half>) {
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+    } else {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    }
+  }
+
+  // Rounded to nearest even as at::vec's AVX2 converters do (bfloat16: NaN becomes 0xffff).
+  static void store_n(S* p, V v, int64_t n) {
+    const __mmask16 k = lanes(n);
+    if constexpr (std::is_same_v<S, float>) {
+      _mm512_mask_storeu_ps(p, k, v.v);
+    } else if constexpr (std::is_same_v<S, c10::Half>) {
+      _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      const __m512i x = _mm512_castps_si512(v.v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+      __m512i t = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+      t = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), t, _mm512_set1_epi32(0xffff));
+      _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(t));
+    }
+  }
+
+  static V sigmoid(V x) { return simd::sigmoid_ps(x.v); }
+  static V tanh(V x) { return simd::tanh_ps(x.v); }
+};
+
+#include "lstm_cell_rows.h"
+
+}  // namespace avx512_isa
+}  // namespace
+}  // namespace seqkernels
+
+#pragma GCC pop_options
+#endif
+
 namespace seqkernels {
 namespace {
 
@@ -245,24 +324,48 @@ namespace {
 // and a test can switch paths without a new process.
 bool use_vec_isa() {
 #if SK_LSTM_X86_DISPATCH
-  return simd::selected_isa() == simd::Isa::Avx2;
+  // has(Avx2): true on an AVX-512 machine too (this file has no AVX-512 path, and the AVX2 one
+  // runs there), false only when the CPU lacks AVX2 or SEQKERNELS_CPU_ISA=portable.
+  return simd::has(simd::Isa::Avx2);
 #else
   return true;
 #endif
 }
 
+// The AVX-512 lanes, for the storage types they cover, when the call may use them.
+template <typename S>
+bool use_avx512_isa() {
+#if SK_LSTM_X86_DISPATCH
+  return !std::is_same_v<S, double> && simd::has(simd::Isa::Avx512);
+#else
+  return false;
+#endif
+}
+
+#if SK_LSTM_X86_DISPATCH
+#define SK_LSTM_AVX512_KERNEL(fn, S)                                       \
+  if constexpr (!std::is_same_v<S, double>) {                              \
+    if (use_avx512_isa<S>()) return &avx512_isa::fn<avx512_isa::Lanes<S>>; \
+  }
+#else
+#define SK_LSTM_AVX512_KERNEL(fn, S)
+#endif
+
 template <typename S>
 FwdRangeFn fwd_kernel() {
+  SK_LSTM_AVX512_KERNEL(fwd_range, S)
   return use_vec_isa() ? &vec_isa::fwd_range<vec_isa::Lanes<S>> : &scalar_isa::fwd_range<scalar_isa::Lanes<S>>;
 }
 
 template <typename S>
 BwdRangeFn bwd_kernel() {
+  SK_LSTM_AVX512_KERNEL(bwd_range, S)
   return use_vec_isa() ? &vec_isa::bwd_range<vec_isa::Lanes<S>> : &scalar_isa::bwd_range<scalar_isa::Lanes<S>>;
 }
 
 template <typename S>
 SeqRangeFn seq_kernel() {
+  SK_LSTM_AVX512_KERNEL(seq_step_range, S)
   return use_vec_isa() ? &vec_isa::seq_step_range<vec_isa::Lanes<S>>
                        : &scalar_isa::seq_step_range<scalar_isa::Lanes<S>>;
 }

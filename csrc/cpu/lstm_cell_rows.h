@@ -1,10 +1,10 @@
 // Row kernels of the fused LSTM cell, written once against a "lanes" policy L:
-//   L::S (storage type), L::V (value type: a scalar or an at::vec::Vectorized of the compute
-//   type), L::W (lanes per V), L::load / L::load_n / L::store_n (n <= W), and the math policy
-//   L::sigmoid / L::tanh used by common/lstm_gates.h.
+//   L::S (storage type), L::V (value type: a scalar, an at::vec::Vectorized of the compute type
+//   or lstm_cell.cpp's AVX-512 wrapper avx512_isa::Z), L::W (lanes per V), L::load / L::load_n / L::store_n (n <= W),
+//   and the math policy L::sigmoid / L::tanh used by common/lstm_gates.h.
 //
-// No include guard on purpose: lstm_cell.cpp includes this file twice, once for the baseline
-// ISA and once inside a region compiled for AVX2+FMA, into two different namespaces. A
+// No include guard on purpose: lstm_cell.cpp includes this file three times, once for the baseline
+// ISA and once in each region compiled for AVX2+FMA and for AVX-512, into three namespaces. A
 // function's target ISA is fixed where it is defined, so each ISA needs its own definition
 // (of the gate math too, or the SIMD operators could not be inlined into it).
 

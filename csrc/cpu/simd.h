@@ -3,31 +3,46 @@
 // like the kernel headers (DESIGN §9), so the sanitizer build and any later kernel can take it
 // as is; the portable (at::vec) policies stay in the .cpp files that need ATen.
 //
-// Instruction-set choice, made in one place:
-//   cpu_features()  what this CPU and OS can run, probed once per process. AVX-512 (F, BW, VL,
-//                   BF16) is reported already so that a later AVX-512 path needs no second probe;
-//                   no kernel uses it yet.
-//   selected_isa()  the path a call takes: the best one the kernels have for this CPU, unless
-//                   SEQKERNELS_CPU_ISA=portable (or the older spelling "default") forces the
-//                   portable one, as on a CPU without AVX2. Unset, "native" or any other value
-//                   means the best path. The variable is read on every call (a getenv, tens of
-//                   nanoseconds next to a kernel call's microseconds), so a test can switch paths
-//                   inside one process.
+// Instruction-set choice, made in one place. The levels are ordered, Portable < Avx2 < Avx512:
+//   cpu_features()  what this CPU and OS can run, probed once per process: CPUID for the
+//                   instructions, and XGETBV (XCR0) for the OS saving the registers they use
+//                   (bits 1-2 for xmm/ymm; bits 5-7, opmask and the upper zmm state, for AVX-512).
+//   supported_isa() the best level the CPU and OS support (Avx512 needs F, BW, VL and DQ).
+//   active_isa()    the level a call may use: supported_isa(), lowered by the one variable
+//                   SEQKERNELS_CPU_ISA = portable | avx2 | avx512 | native. "default" is the
+//                   older spelling of portable; unset, "native" or any other value means the best
+//                   supported level. A request can only lower the level: asking for one the CPU
+//                   lacks (avx512 on an AVX2-only CPU) gives the best supported one, never a
+//                   crash. The variable is read on every call (a getenv, tens of nanoseconds next
+//                   to a kernel call's microseconds), so a test can switch paths inside one
+//                   process.
+//   has(level)      active_isa() >= level: what a kernel with paths for several levels asks,
+//                   from the highest it has down (`if (has(Isa::Avx512)) ... else if
+//                   (has(Isa::Avx2)) ...`), so a new level never sends it to a lower path.
+//   selected_isa()  active_isa() capped at Avx2: the meaning this function had before the AVX-512
+//                   level existed. Callers written against it (attention.cpp) compare
+//                   `selected_isa() == Isa::Avx2`; with the uncapped level that comparison would
+//                   turn false on an AVX-512 machine and silently send them to the portable path.
+//                   Kept so they need no change; new code uses has() / active_isa().
 //
 // The extension is compiled for the baseline ISA; the AVX2 code lives in functions with a target
 // attribute (SK_AVX2_FN for helpers, SK_AVX2_ENTRY for the flattened entry points a driver calls
-// through a pointer), and the driver picks them per call from selected_isa(). Every AVX2 helper
-// here carries the same target string, so it inlines into any caller compiled for it (an entry
-// point, or lstm_cell.cpp's `#pragma GCC target` region, which must use SK_AVX2_TARGET too).
+// through a pointer), and the driver picks them per call. Every AVX2 helper here carries the same
+// target string, so it inlines into any caller compiled for it (an entry point, or lstm_cell.cpp's
+// `#pragma GCC target` region, which must use SK_AVX2_TARGET too). The AVX-512 code does the same
+// with SK_AVX512_TARGET / SK_AVX512_FN / SK_AVX512_ENTRY; that target includes the AVX2 one, so
+// AVX-512 code may call the AVX2 helpers (a 256-bit half of a reduction, say) and they inline.
 
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define SK_SIMD_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 // F16C comes with every AVX2 CPU; it is part of the one AVX2 target so that the KV cache's
 // float16 loads and the LSTM cell's float16 stores are in the same ISA as the math around them.
@@ -39,10 +54,23 @@
 #define SK_SIMD_PRAGMA_STR_(x) _Pragma(#x)
 #define SK_SIMD_PRAGMA_(x) SK_SIMD_PRAGMA_STR_(x)
 #define SK_AVX2_TARGET_PRAGMA SK_SIMD_PRAGMA_(GCC target(SK_AVX2_TARGET))
+// AVX-512 F + BW + VL + DQ: every AVX-512 CPU since Skylake-SP has all four (Xeon Phi, without
+// BW/VL/DQ, takes the AVX2 path). BW and VL give the masked 16-bit loads of float16/bfloat16 tails,
+// DQ the float and/or/andnot on zmm.
+#define SK_AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+#define SK_AVX512_FN __attribute__((target(SK_AVX512_TARGET))) inline
+#define SK_AVX512_ENTRY __attribute__((target(SK_AVX512_TARGET), flatten, noinline))
+#define SK_AVX512_TARGET_PRAGMA SK_SIMD_PRAGMA_(GCC target(SK_AVX512_TARGET))
 // __m256 values only cross function boundaries inside code compiled for AVX2 (flattened entry
 // points, inlined helpers), never through the baseline-ISA drivers, so g++'s note that the
 // by-value vector ABI differs between ISAs does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// g++ 12 flags the AVX-512 intrinsics' own `__m512 __Y = __Y;` placeholder (an undefined
+// pass-through operand) as uninitialized wherever they are inlined (GCC PR 105593, fixed in 13).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #else
 #define SK_SIMD_X86 0
 #endif
@@ -51,27 +79,42 @@ namespace seqkernels {
 namespace simd {
 
 struct CpuFeatures {
-  bool avx2 = false;  // AVX2 + FMA + F16C: what the AVX2 kernels need
-  bool avx512f = false;
+  bool avx2 = false;     // AVX2 + FMA + F16C, and the OS saves ymm: what the AVX2 kernels need
+  bool avx512f = false;  // the AVX-512 bits: CPUID and the OS saving the zmm/opmask state
   bool avx512bw = false;
   bool avx512vl = false;
+  bool avx512dq = false;
   bool avx512_bf16 = false;
+  bool avx512() const { return avx2 && avx512f && avx512bw && avx512vl && avx512dq; }
 };
 
-// __builtin_cpu_supports also checks that the OS saves the wider registers (XGETBV), so a
-// feature reported here can be used.
+// CPUID says what the CPU has; XCR0 (XGETBV, allowed once CPUID reports OSXSAVE) says which
+// register states the OS saves on a context switch. An instruction set whose registers the OS
+// does not save cannot be used (a hypervisor or kernel may hide AVX-512 that way).
 inline CpuFeatures probe_cpu_features() {
   CpuFeatures f;
 #if SK_SIMD_X86
-  // The probe may run from a static initializer, before libgcc has filled in its model.
-  __builtin_cpu_init();
-  f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  f.avx512f = __builtin_cpu_supports("avx512f");
-  f.avx512bw = __builtin_cpu_supports("avx512bw");
-  f.avx512vl = __builtin_cpu_supports("avx512vl");
-#if defined(__clang__) || __GNUC__ >= 11
-  f.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
-#endif
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(1, 0, a, b, c, d);
+  const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
+  if (!osxsave || !avx) return f;
+  uint32_t xcr0_lo = 0, xcr0_hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const uint64_t xcr0 = (uint64_t{xcr0_hi} << 32) | xcr0_lo;
+  const bool os_ymm = (xcr0 & 0x6) == 0x6;    // bits 1-2: SSE and AVX state
+  const bool os_zmm = (xcr0 & 0xe6) == 0xe6;  // and bits 5-7: opmask, ZMM_Hi256, Hi16_ZMM
+  __cpuid_count(7, 0, a, b, c, d);
+  const unsigned leaf7_subleaves = a;  // the highest valid subleaf of leaf 7
+  f.avx2 = os_ymm && ((b >> 5) & 1) && fma && f16c;
+  f.avx512f = os_zmm && ((b >> 16) & 1);
+  f.avx512dq = f.avx512f && ((b >> 17) & 1);
+  f.avx512bw = f.avx512f && ((b >> 30) & 1);
+  f.avx512vl = f.avx512f && ((b >> 31) & 1);
+  if (leaf7_subleaves >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    f.avx512_bf16 = f.avx512f && ((a >> 5) & 1);
+  }
 #endif
   return f;
 }
@@ -81,17 +124,46 @@ inline const CpuFeatures& cpu_features() {
   return f;
 }
 
-enum class Isa { Portable, Avx2 };
+// Ordered: a higher level includes the lower ones.
+enum class Isa { Portable = 0, Avx2 = 1, Avx512 = 2 };
 
-inline bool portable_forced() {
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512:
+      return "avx512";
+    case Isa::Avx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+// The best level the CPU and OS support (probed once).
+inline Isa supported_isa() {
+  const CpuFeatures& f = cpu_features();
+  return f.avx512() ? Isa::Avx512 : f.avx2 ? Isa::Avx2 : Isa::Portable;
+}
+
+// The level SEQKERNELS_CPU_ISA asks for; Avx512 (the highest) when unset, "native" or unknown.
+inline Isa requested_isa() {
   const char* e = std::getenv("SEQKERNELS_CPU_ISA");
-  return e != nullptr && (std::strcmp(e, "portable") == 0 || std::strcmp(e, "default") == 0);
+  if (e == nullptr) return Isa::Avx512;
+  if (std::strcmp(e, "portable") == 0 || std::strcmp(e, "default") == 0) return Isa::Portable;
+  if (std::strcmp(e, "avx2") == 0) return Isa::Avx2;
+  return Isa::Avx512;
 }
 
-inline Isa selected_isa() {
-  if (portable_forced()) return Isa::Portable;
-  return cpu_features().avx2 ? Isa::Avx2 : Isa::Portable;
-}
+inline Isa min_isa(Isa a, Isa b) { return static_cast<int>(a) < static_cast<int>(b) ? a : b; }
+
+// The level a call may use: the request, never above what the CPU supports.
+inline Isa active_isa() { return min_isa(requested_isa(), supported_isa()); }
+
+inline bool has(Isa level) { return static_cast<int>(active_isa()) >= static_cast<int>(level); }
+
+inline bool portable_forced() { return requested_isa() == Isa::Portable; }
+
+// The pre-AVX-512 meaning (see the top of this file): Portable or Avx2, never Avx512.
+inline Isa selected_isa() { return min_isa(active_isa(), Isa::Avx2); }
 
 #if SK_SIMD_X86
 // ---------------------------------------------------------------------------------------------
@@ -244,6 +316,96 @@ SK_AVX2_FN __m256 sigmoid_ps(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.f);
   return _mm256_div_ps(one, _mm256_add_ps(one, exp_ps(_mm256_xor_ps(x, _mm256_set1_ps(-0.f)))));
 }
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 (16 float lanes): the same algorithms and constants as the AVX2 functions above, lane
+// for lane, so the two paths agree to the rounding of the reductions' order.
+
+SK_AVX512_FN __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(_mm512_set1_ps(-87.3365447505531f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+SK_AVX512_FN __m512 tanh_ps(__m512 x) {
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  const __m512 ax = _mm512_andnot_ps(sign, x);
+  const __m512 e = exp_ps(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f)));
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 big = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.06390887954e-2f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-5.37397155531e-2f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.33314422036e-1f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.33332819422e-1f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+  const __m512 large = _mm512_or_ps(big, _mm512_and_ps(sign, x));
+  // NaN compares false (ordered), as _CMP_LT_OQ in the AVX2 blend: a NaN x takes `large`, NaN too.
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ), large, small);
+}
+
+SK_AVX512_FN __m512 sigmoid_ps(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_xor_ps(x, _mm512_set1_ps(-0.f)))));
+}
+
+// The AVX-512 twin of Avx2Float: same interface, W = 16.
+struct Avx512Float {
+  using T = float;
+  using V = __m512;
+  static constexpr int W = 16;
+  SK_AVX512_FN static V zero() { return _mm512_setzero_ps(); }
+  SK_AVX512_FN static V set1(float x) { return _mm512_set1_ps(x); }
+  SK_AVX512_FN static V load(const float* p) { return _mm512_loadu_ps(p); }
+  SK_AVX512_FN static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+  SK_AVX512_FN static V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  SK_AVX512_FN static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  SK_AVX512_FN static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  SK_AVX512_FN static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  SK_AVX512_FN static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  // Second operand on NaN, as Avx2Float::max (vmaxps has the same rule at every width).
+  SK_AVX512_FN static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  SK_AVX512_FN static V exp2(V x) { return exp2_nonpos(_mm512_min_ps(_mm512_set1_ps(127.0f), x)); }
+  // Avx2Float::exp2_nonpos, 16 lanes.
+  SK_AVX512_FN static V exp2_nonpos(V x) {
+    const V xc = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
+    const V n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm512_sub_ps(xc, n);
+    V p = _mm512_set1_ps(1.533758041e-04f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339986571e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618519805e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550329015e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264625e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  }
+  SK_AVX512_FN static V tanh(V x) { return tanh_ps(x); }
+  // The two 256-bit halves first, then Avx2Float's tree (the order of a reduction is the only
+  // difference from the AVX2 path).
+  SK_AVX512_FN static __m256 fold(V x) {
+    return _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  }
+  SK_AVX512_FN static float hmax(V x) {
+    const __m256 m =
+        _mm256_max_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    return Avx2Float::hmax(m);
+  }
+  SK_AVX512_FN static float hsum(V x) { return Avx2Float::hsum(fold(x)); }
+};
 #endif  // SK_SIMD_X86
 
 }  // namespace simd

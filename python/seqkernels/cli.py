@@ -21,6 +21,43 @@ def version_string() -> str:
     return f"seqkernels {__version__} (torch {torch.__version__}; {ext})"
 
 
+def cpu_isa_report() -> dict | None:
+    """The CPU kernels' instruction-set report, from the extension itself (csrc/cpu/kv_cache.cpp's
+    ``seqkernels_cpu_isa_report``, read through ctypes: it applies the same CPUID/XGETBV probe and
+    SEQKERNELS_CPU_ISA rules as the kernels). ``{"active": "avx512", "supported": ["portable",
+    ...], "avx512_bf16": True}``; None when the extension is not built or predates the report."""
+    import ctypes
+
+    from . import _ext
+
+    if not _ext.extension_available():
+        return None
+    try:
+        lib = ctypes.CDLL(_ext.load_extension().__file__)
+        fn = lib.seqkernels_cpu_isa_report
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    fields = dict(kv.split("=", 1) for kv in fn().decode().split(";"))
+    return {
+        "active": fields["active"],
+        "supported": fields["supported"].split(","),
+        "avx512_bf16": fields.get("avx512_bf16") == "1",
+    }
+
+
+def cpu_isa_summary() -> str:
+    """The `cpu isa` line of `seqkernels info`: the path the CPU kernels take now, and the ones
+    this CPU supports (SEQKERNELS_CPU_ISA=portable|avx2|avx512|native lowers the choice)."""
+    rep = cpu_isa_report()
+    if rep is None:
+        return "unknown (extension not built)"
+    bf16 = "avx512_bf16 present" if rep["avx512_bf16"] else "no avx512_bf16"
+    forced = os.environ.get("SEQKERNELS_CPU_ISA")
+    how = f"; SEQKERNELS_CPU_ISA={forced}" if forced else ""
+    return f"{rep['active']} (supports: {', '.join(rep['supported'])}; {bf16}{how})"
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -37,6 +74,7 @@ def cmd_info(args) -> int:
     ]
     lines.append(f"triton     usable here: {triton_how}")
     lines.append(f"cpu        {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+    lines.append(f"cpu isa    {cpu_isa_summary()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -1,0 +1,252 @@
+"""The CPU kernels on every instruction-set level this machine supports (issue 21).
+
+cpu/simd.h picks the highest path the CPU and OS support; SEQKERNELS_CPU_ISA=portable|avx2|avx512
+lowers it. Each level runs in its own subprocess (the variable is set before anything loads the
+extension, as a user would set it), running decode attention and the LSTM kernels against the
+float64 reference by the parity rule (seqkernels.testing.compare). Levels this CPU lacks are skipped
+with the reason; asking for one of them must fall back to the best supported level, not crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seqkernels import _ext, cli, reference, testing
+
+LEVELS = ["portable", "avx2", "avx512"]
+
+pytestmark = pytest.mark.skipif(not _ext.extension_available(), reason="seqkernels._C is not built")
+
+
+def _supported() -> list[str]:
+    rep = cli.cpu_isa_report()
+    return [] if rep is None else rep["supported"]
+
+
+def _run_worker(isa: str, *args: str) -> dict:
+    env = dict(os.environ, SEQKERNELS_CPU_ISA=isa)
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, f"worker under SEQKERNELS_CPU_ISA={isa} failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: runs in the subprocess.
+
+# (B, Hq, Hkv, Tq, D, Dv, S, paged, window_left, num_splits, softcap, alibi): head sizes that are
+# and are not multiples of 8 and 16 (the AVX2 / AVX-512 tails), several rows per KV head (the
+# register blocks of 1, 2, 4 and 6 query rows), splits, a paged cache and the score modifiers.
+DECODE_CASES = [
+    (2, 8, 2, 1, 128, 128, 150, False, -1, 1, 0.0, False),
+    (2, 32, 8, 1, 64, 64, 97, True, -1, 3, 0.0, False),
+    (3, 8, 1, 1, 17, 33, 71, False, -1, 2, 0.0, False),
+    (2, 4, 1, 3, 40, 24, 60, False, 5, 2, 0.0, False),
+    (1, 6, 1, 2, 80, 72, 130, True, -1, 1, 0.0, False),
+    (2, 12, 2, 1, 24, 8, 45, False, -1, 1, 1.5, True),
+    (2, 4, 2, 1, 256, 200, 40, False, -1, 1, 0.0, False),
+]
+DECODE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _decode_case(case, dtype, gen):
+    B, Hq, Hkv, Tq, D, Dv, S, paged, wl, splits, cap, alibi = case
+    q = torch.randn(B, Hq, Tq, D, generator=gen, dtype=torch.float64)
+    lens = torch.randint(Tq, S + 1, (B,), generator=gen, dtype=torch.int32)
+    lens[0] = S
+    if paged:
+        bs = 16
+        nb = -(-S // bs)
+        kc = torch.randn(B * nb + 2, Hkv, bs, D, generator=gen, dtype=torch.float64)
+        vc = torch.randn(B * nb + 2, Hkv, bs, Dv, generator=gen, dtype=torch.float64)
+        table = torch.randperm(B * nb + 2, generator=gen)[: B * nb].view(B, nb).to(torch.int32)
+    else:
+        kc = torch.randn(B, Hkv, S, D, generator=gen, dtype=torch.float64)
+        vc = torch.randn(B, Hkv, S, Dv, generator=gen, dtype=torch.float64)
+        table = None
+    slopes = (torch.rand(B, Hq, generator=gen) * 0.3) if alibi else None
+    q, kc, vc = (t.to(dtype) for t in (q, kc, vc))
+    return q, kc, vc, lens, table, wl, splits, cap, slopes
+
+
+def _decode_ref(q, kc, vc, lens, table, wl, cap, slopes, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return reference.decode_attention_ref(
+        q.to(dtype),
+        kc.to(dtype),
+        vc.to(dtype),
+        lens,
+        block_table=table,
+        window_left=wl,
+        window_right=0,
+        softcap=cap or None,
+        alibi_slopes=None if slopes is None else slopes.to(acc),
+    )
+
+
+def _worker_decode() -> list[str]:
+    import seqkernels
+
+    failures = []
+    gen = torch.Generator().manual_seed(21)
+    for i, case in enumerate(DECODE_CASES):
+        for dtype in DECODE_DTYPES:
+            q, kc, vc, lens, table, wl, splits, cap, slopes = _decode_case(case, dtype, gen)
+            kw = {"softcap": cap} if cap else {}
+            if slopes is not None:
+                kw["alibi_slopes"] = slopes
+            out = seqkernels.decode_attention(
+                q,
+                kc,
+                vc,
+                lens,
+                block_table=table,
+                window=None if wl < 0 else wl,
+                num_splits=splits,
+                return_lse=True,
+                backend="cpu",
+                **kw,
+            )
+            ref = _decode_ref(q, kc, vc, lens, table, wl, cap, slopes, torch.float64)
+            base = _decode_ref(q, kc, vc, lens, table, wl, cap, slopes, dtype)
+            report = testing.compare(tuple(out), ref, base)
+            if not report.passed:
+                failures.append(f"decode case {i} {dtype}:\n{report}")
+    return failures
+
+
+def _worker_lstm() -> list[str]:
+    import seqkernels
+
+    failures = []
+    gen = torch.Generator().manual_seed(7)
+    for B, n_in, H in [(3, 17, 5), (5, 40, 33), (2, 16, 64), (4, 7, 520)]:
+        for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
+            t = [
+                torch.randn(B, n_in, generator=gen),
+                torch.randn(B, H, generator=gen),
+                torch.randn(B, H, generator=gen),
+                torch.randn(4 * H, n_in, generator=gen) / n_in**0.5,
+                torch.randn(4 * H, H, generator=gen) / H**0.5,
+                torch.randn(4 * H, generator=gen) * 0.5,
+                torch.randn(4 * H, generator=gen) * 0.5,
+            ]
+            args = [x.to(dtype) for x in t]
+            got = seqkernels.lstm_cell(*args, backend="cpu")
+            ref = reference.lstm_cell_ref(*[a.double() for a in args])
+            base = reference.lstm_cell_ref(*args)
+            report = testing.compare(tuple(got), ref, base)
+            if not report.passed:
+                failures.append(f"lstm_cell B{B} H{H} {dtype}:\n{report}")
+    # The sequence kernel (lstm_layer_fwd, what seqkernels.nn.LSTM runs without gradients).
+    for T, B, H in [(5, 3, 40), (4, 2, 72)]:
+        for dtype in [torch.float32, torch.float64]:
+            ig = torch.randn(T, B, 4 * H, generator=gen, dtype=torch.float64)
+            h0 = torch.randn(B, H, generator=gen, dtype=torch.float64)
+            c0 = torch.randn(B, H, generator=gen, dtype=torch.float64)
+            w = torch.randn(4 * H, H, generator=gen, dtype=torch.float64) / H**0.5
+            bias = torch.randn(4 * H, generator=gen, dtype=torch.float64) * 0.5
+            args = [x.to(dtype) for x in (ig, h0, c0, w, bias)]
+            got = torch.ops.seqkernels.lstm_layer_fwd(*args, False)
+            ref = reference.lstm_layer_fwd_ref(*[a.double() for a in args])
+            base = reference.lstm_layer_fwd_ref(*args)
+            report = testing.compare(tuple(got), tuple(ref), tuple(base))
+            if not report.passed:
+                failures.append(f"lstm_layer_fwd T{T} B{B} H{H} {dtype}:\n{report}")
+    return failures
+
+
+def _worker(what: str) -> None:
+    rep = cli.cpu_isa_report()
+    failures = []
+    if what in ("decode", "all"):
+        failures += _worker_decode()
+    if what in ("lstm", "all"):
+        failures += _worker_lstm()
+    print(json.dumps({"report": rep, "failures": failures}))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+def test_every_level_matches_the_reference(isa):
+    if isa not in _supported():
+        pytest.skip(f"this CPU/OS does not support the {isa} path (supports: {', '.join(_supported())})")
+    res = _run_worker(isa, "all")
+    # The forced level is the one the kernels took (the extension's own report, in the worker).
+    assert res["report"]["active"] == isa
+    assert not res["failures"], "\n".join(res["failures"])
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+def test_forcing_a_level_never_raises_it(isa):
+    # A request above what the CPU has gives the best supported level; one at or below it is taken
+    # as asked. Either way the kernels run (here: one small decode case) and match the reference.
+    sup = _supported()
+    res = _run_worker(isa, "small")
+    want = isa if isa in sup else sup[-1]
+    assert res["report"]["active"] == want
+    assert not res["failures"], "\n".join(res["failures"])
+
+
+def test_unknown_value_means_native():
+    sup = _supported()
+    res = _run_worker("no-such-isa", "small")
+    assert res["report"]["active"] == sup[-1]
+    assert res["report"]["supported"] == sup
+
+
+def test_default_is_the_portable_alias():
+    assert _run_worker("default", "small")["report"]["active"] == "portable"
+
+
+def test_info_line_and_cpuinfo_agree(monkeypatch):
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", "portable")
+    assert cli.cpu_isa_summary().startswith("portable (supports: portable")
+    monkeypatch.delenv("SEQKERNELS_CPU_ISA")
+    assert cli.cpu_isa_summary().startswith(_supported()[-1] + " (supports: ")
+    # The extension's CPUID/XGETBV probe against the kernel's view of this CPU (Linux): a level the
+    # probe reports needs its flags in /proc/cpuinfo (the OS may hide more, never less).
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags")
+    if "avx2" in _supported():
+        assert {"avx2", "fma", "f16c"} <= flags
+    if "avx512" in _supported():
+        assert {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+
+
+def _worker_small() -> None:
+    import seqkernels
+
+    rep = cli.cpu_isa_report()
+    gen = torch.Generator().manual_seed(3)
+    failures = []
+    q, kc, vc, lens, table, wl, splits, cap, slopes = _decode_case(DECODE_CASES[2], torch.float32, gen)
+    out = seqkernels.decode_attention(q, kc, vc, lens, num_splits=splits, return_lse=True, backend="cpu")
+    report = testing.compare(
+        tuple(out),
+        _decode_ref(q, kc, vc, lens, table, wl, cap, slopes, torch.float64),
+        _decode_ref(q, kc, vc, lens, table, wl, cap, slopes, torch.float32),
+    )
+    if not report.passed:
+        failures.append(str(report))
+    print(json.dumps({"report": rep, "failures": failures}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "small":
+        _worker_small()
+    else:
+        _worker(sys.argv[1])
