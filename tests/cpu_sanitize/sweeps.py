@@ -17,7 +17,7 @@ bounds.
 
 Levels: "ci" is a bounded sample in which every length, head dim, dtype and option still appears
 (tests/test_cpu_sanitizers.py, default run); "full" is the whole cross product (`--run-slow`).
-The instruction set path ("avx2" or "portable") is selected through the environment variables
+The instruction set path ("avx512", "avx2" or "portable") is selected through the environment variables
 the kernels read (`select_isa`: SEQKERNELS_CPU_ISA).
 """
 
@@ -718,16 +718,16 @@ PORTABLE_ENV = {
 
 
 def select_isa(family: str, isa: str) -> None:
-    """Point `family`'s kernels at the AVX2 ("avx2": what they pick on an AVX2 machine) or the
-    portable path ("portable"), through the environment the kernels read."""
+    """Point `family`'s kernels at the AVX-512, AVX2 or portable path, through the environment the
+    kernels read (SEQKERNELS_CPU_ISA; a level above the CPU's falls back to the best it has)."""
 
     var, value = PORTABLE_ENV[family]
     if isa == "portable":
         os.environ[var] = value
-    elif isa == "avx2":
-        os.environ.pop(var, None)
+    elif isa in ("avx2", "avx512"):
+        os.environ[var] = isa  # forced, so an AVX-512 machine still runs the AVX2 code under "avx2"
     else:
-        raise ValueError(f"isa must be 'avx2' or 'portable', got {isa!r}")
+        raise ValueError(f"isa must be 'avx512', 'avx2' or 'portable', got {isa!r}")
 
 
 def run_family(ops, family: str, level: str, isa: str, shard: int = 0, nshards: int = 1) -> None:
