@@ -5,6 +5,9 @@ arch's shared memory, and use tensor cores (wgmma on sm_90) when it does matrix 
 machinery is tested on tests/emulation/static_selftest_triton.py. No GPU needed."""
 
 import importlib
+import os
+import sys
+import time
 
 import pytest
 
@@ -46,10 +49,26 @@ def _modules_with_configs():
     return mods
 
 
+def _say(request, msg):
+    """A progress line on the terminal past pytest's capture: these compiles take minutes cold."""
+    cap = request.config.pluginmanager.get_plugin("capturemanager")
+    if cap is None:
+        print(msg, file=sys.stderr, flush=True)
+        return
+    with cap.global_and_fixture_disabled():
+        print(msg, file=sys.stderr, flush=True)
+
+
 @needs_cuobjdump
 @pytest.mark.parametrize("module", _modules_with_configs())
-def test_triton_kernel_module(module):
+def test_triton_kernel_module(module, request):
+    n = len(getattr(importlib.import_module(module), "STATIC_CONFIGS", ()) or ())
+    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    _say(request, f"\n[static triton] compiling {n} configs of {module} ahead of time for sm_80/sm_90 "
+                  f"(Triton's cache {cache} makes a rerun take seconds)")  # fmt: skip
+    t0 = time.perf_counter()
     rows = kr.collect_triton(modules=[module])
+    _say(request, f"[static triton] {module}: {len(rows)} kernels checked in {time.perf_counter() - t0:.0f} s")
     assert rows
     bad = [r for r in rows if r["problems"]]
     assert not bad, "\n" + kr.format_table(bad)
