@@ -22,6 +22,12 @@ ALL_FLOATS = (_F16, _BF16, _F32, _F64)
 MODIFIERS = ("softcap", "alibi", "sinks")
 
 
+def modifiers_in(softcap: float, alibi_slopes, sinks) -> Tuple[str, ...]:
+    """The names (MODIFIERS) of the score modifiers a normalized call switches on."""
+    on = (softcap > 0, alibi_slopes is not None, sinks is not None)
+    return tuple(name for name, flag in zip(MODIFIERS, on) if flag)
+
+
 @dataclasses.dataclass(frozen=True)
 class Capability:
     """The inputs one backend's kernels for one op accept.

@@ -136,10 +136,10 @@ class _Ring:
     def __init__(self, group):
         self.group = group
         self.world, self.rank = _world(group)
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group is not None else None
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group is not None else None
-        if group is None:
-            self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        # Peers as global ranks (what isend/irecv take), for the default group and subgroups alike.
+        peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+        self.next = peer((self.rank + 1) % self.world)
+        self.prev = peer((self.rank - 1) % self.world)
 
     def start(self, send: Tensor) -> Tuple[Tensor, list]:
         recv = torch.empty_like(send)

@@ -172,6 +172,6 @@ def suite_context_parallel(rec: Recorder, s: Settings, progress):
                     rec.add("context_parallel", "overlap", name, tag, "overlap", "fraction", frac, frac, frac,
                             dtype="float32")  # fmt: skip
                 if causal:
-                    bal = flop_balance(max(world, 2) if world > 1 else 1, layout) if world > 1 else 1.0
+                    bal = flop_balance(world, layout)
                     rec.add("context_parallel", "flop_balance", name, tag, "max/min", "ratio", bal, bal, bal,
                             dtype="float32")  # fmt: skip

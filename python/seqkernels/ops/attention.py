@@ -83,13 +83,7 @@ class AttentionCall:
         )
 
     def modifiers(self) -> tuple:
-        return tuple(
-            name
-            for name, on in zip(
-                capabilities.MODIFIERS, (self.softcap > 0, self.alibi_slopes is not None, self.sinks is not None)
-            )
-            if on
-        )
+        return capabilities.modifiers_in(self.softcap, self.alibi_slopes, self.sinks)
 
     def reference_kwargs(self) -> dict:
         """The keyword arguments of reference.attention_ref for this call."""

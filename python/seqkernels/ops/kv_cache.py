@@ -316,8 +316,7 @@ class DecodeCall:
         )
 
     def modifiers(self) -> tuple:
-        on = (self.softcap > 0, self.alibi_slopes is not None, self.sinks is not None)
-        return tuple(name for name, flag in zip(capabilities.MODIFIERS, on) if flag)
+        return capabilities.modifiers_in(self.softcap, self.alibi_slopes, self.sinks)
 
 
 def _decode_window(window) -> tuple[int, int]:
