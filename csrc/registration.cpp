@@ -9,6 +9,15 @@
 // defaults that switch them off: alibi_slopes (B, Hq) and sinks (Hq,) contiguous in the
 // accumulation type (float64 for float64 inputs, else float32), softcap 0 = off. grad_sinks is
 // (Hq,) in that type when sinks are given, else an empty (0,) tensor.
+//
+// Packed sequences (seqkernels.attention_varlen, docs/INTERNALS.md "Packed sequences") are the
+// last four arguments: with cu_seqlens_q/k (int32 (N+1,)) given, q, k, v are (1, H, total, D)
+// views of the token-major packed tensors, sequence b is rows cu_seqlens_q[b]..cu_seqlens_q[b+1]
+// against keys cu_seqlens_k[b]..cu_seqlens_k[b+1], alibi_slopes is (N, Hq), out is
+// (1, Hq, total_q, Dv) with token-major storage and lse (1, Hq, total_q); max_seqlen_q/k are the
+// dims of the dropout index (the padded form's Lq, Lk). attention_fwd's `deterministic` is not
+// read by its kernels: the autograd layer records it for the backward (attention_varlen's
+// `deterministic=`, FlashAttention's argument).
 
 #include <Python.h>
 #include <torch/library.h>
@@ -17,13 +26,15 @@ TORCH_LIBRARY(seqkernels, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? kv_lengths, "
       "float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
-      "int seed, int offset, Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0.) "
-      "-> (Tensor out, Tensor lse)");
+      "int seed, int offset, Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0., "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
+      "bool deterministic=False) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? attn_mask, Tensor? kv_lengths, float scale, int window_left, int window_right, "
       "bool bottom_right, float dropout_p, int seed, int offset, bool deterministic, "
-      "Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0.) "
+      "Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0., "
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
   m.def(
       "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "

@@ -85,9 +85,8 @@ def test_attention_opcheck(family, case):
         out, lse = fwd(*call.args())
     grad_out = torch.randn_like(out)
     q, k, v = (t.detach() for t in (call.q, call.k, call.v))
-    args = call.args()
-    rest, mods = args[3:12], args[12:]  # mask .. offset, then alibi_slopes, sinks, softcap
-    torch.library.opcheck(bwd.default, (grad_out, q, k, v, out, lse, *rest, False, *mods))
+    call.q, call.k, call.v = q, k, v
+    torch.library.opcheck(bwd.default, call.bwd_args(grad_out, out, lse))
 
 
 @needs_ext

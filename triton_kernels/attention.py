@@ -2610,10 +2610,16 @@ def attention_fwd(
     alibi_slopes=None,
     sinks=None,
     softcap: float = 0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ):
     """Fused attention forward on normalized arguments (docs/INTERNALS.md) -> (out, lse).
 
     out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse (B, Hq, Lq) float32, natural log."""
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:  # TODO(issue 19): the packed path
+        raise NotImplementedError("attention_fwd (triton): packed sequences (cu_seqlens) are not implemented yet")
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
     alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks)
     B, Hq, Lq, D = q.shape
@@ -2697,11 +2703,17 @@ def attention_bwd(
     alibi_slopes=None,
     sinks=None,
     softcap: float = 0.0,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ):
     """Fused attention backward -> (dq, dk, dv, dsinks), dq, dk, dv shaped like q, k, v (dk, dv
     summed over the query heads of each kv head), dsinks (Hq,) float32 with sinks, else (0,).
     Every kernel is deterministic, so ``deterministic`` needs no special path."""
     del deterministic
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:  # TODO(issue 19): the packed path
+        raise NotImplementedError("attention_bwd (triton): packed sequences (cu_seqlens) are not implemented yet")
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
     alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks)
     dsinks = torch.zeros((q.shape[1] if sinks is not None else 0,), dtype=torch.float32, device=q.device)

@@ -86,6 +86,25 @@ SK_HOST_DEVICE SK_INLINE bool lse_needs_recompute(T lse) {
   return (lse >= k || lse <= -k) && lse != T(INFINITY) && lse != -T(INFINITY);
 }
 
+// One sequence of a packed batch (attention_varlen): its query rows [q0, q0 + lq) and keys
+// [k0, k0 + lk) in the (1, H, total, D) views. The spans are clamped into [0, total] so that
+// cu_seqlens values the host did not check (GPU tensors, or a direct call) never move a kernel
+// outside its tensors: a decreasing pair gives an empty sequence.
+struct SeqSpan {
+  int64_t q0, lq, k0, lk;
+};
+
+SK_HOST_DEVICE SK_INLINE int64_t clamp_index(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+SK_HOST_DEVICE SK_INLINE SeqSpan seq_span(const int32_t* cu_q, const int32_t* cu_k, int64_t b, int64_t total_q,
+                                          int64_t total_k) {
+  const int64_t q0 = clamp_index(cu_q[b], 0, total_q), q1 = clamp_index(cu_q[b + 1], q0, total_q);
+  const int64_t k0 = clamp_index(cu_k[b], 0, total_k), k1 = clamp_index(cu_k[b + 1], k0, total_k);
+  return {q0, q1 - q0, k0, k1 - k0};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Score modifiers (docs/DESIGN.md §2), applied to the scaled score s = scale * q.k of query i and
 // key j in this order, before the mask and the visibility rule:

@@ -144,6 +144,69 @@ ModifierArgs<T> check_modifiers(const std::optional<at::Tensor>& alibi_slopes, c
           sinks ? sinks->data_ptr<T>() : nullptr};
 }
 
+// Packed sequences (the last four arguments of attention_fwd / attention_bwd; docs/INTERNALS.md
+// "Packed sequences"). Without cu_seqlens_q the call is the padded form: n = -1 and nothing else
+// is looked at. With it: cu_seqlens_q and cu_seqlens_k contiguous int32 (N+1,) on dev, q, k, v
+// (1, H, total, D) views (the batch dim is the packing, N the sequence count), no attn_mask and no
+// kv_lengths (a sequence's keys are its span), max_seqlen_q/k >= 0. Values (start at 0,
+// non-decreasing, end at the totals, lengths <= max_seqlen) are checked here on CPU tensors only
+// (on a GPU that would cost a host sync); kernels clamp every span into the tensors (seq_span), so
+// bad values never reach memory outside them.
+struct Varlen {
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  int64_t n = -1;  // sequences; -1: not packed
+  int64_t max_q = 0, max_k = 0;
+  bool packed() const { return n >= 0; }
+};
+
+inline void check_cu_values(const at::Tensor& cu, int64_t total, int64_t max_len, const char* name, const char* op) {
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.size(0) - 1;
+  TORCH_CHECK(c[0] == 0, op, ": ", name, " must start at 0, got ", c[0]);
+  for (int64_t b = 0; b < n; ++b) {
+    TORCH_CHECK(c[b + 1] >= c[b], op, ": ", name, " must be non-decreasing, got ", c[b], " then ", c[b + 1],
+                " at index ", b + 1);
+    TORCH_CHECK(c[b + 1] - c[b] <= max_len, op, ": ", name, ": sequence ", b, " has length ", c[b + 1] - c[b],
+                ", above max_seqlen ", max_len);
+  }
+  TORCH_CHECK(c[n] == total, op, ": ", name, " must end at the total length ", total, ", got ", c[n]);
+}
+
+inline Varlen check_varlen(const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                           int64_t max_seqlen_q, int64_t max_seqlen_k, const AttentionGeometry& g, bool has_mask,
+                           bool has_kv_lengths, const Device& dev, const char* op) {
+  Varlen vl;
+  const bool hq = cu_seqlens_q.has_value() && cu_seqlens_q->defined();
+  const bool hk = cu_seqlens_k.has_value() && cu_seqlens_k->defined();
+  TORCH_CHECK(hq == hk, op, ": cu_seqlens_q and cu_seqlens_k must be given together");
+  if (!hq) return vl;
+  const at::Tensor& cq = *cu_seqlens_q;
+  const at::Tensor& ck = *cu_seqlens_k;
+  check_device(dev, cq, op, ": cu_seqlens_q");
+  check_device(dev, ck, op, ": cu_seqlens_k");
+  TORCH_CHECK(cq.scalar_type() == at::kInt && cq.dim() == 1 && cq.size(0) >= 1 && cq.is_contiguous(), op,
+              ": cu_seqlens_q must be a contiguous 1-D int32 tensor (N+1,), got ", cq.scalar_type(), " ", cq.sizes());
+  TORCH_CHECK(ck.scalar_type() == at::kInt && ck.dim() == 1 && ck.is_contiguous(), op,
+              ": cu_seqlens_k must be a contiguous 1-D int32 tensor (N+1,), got ", ck.scalar_type(), " ", ck.sizes());
+  TORCH_CHECK(ck.size(0) == cq.size(0), op, ": cu_seqlens_k has ", ck.size(0) - 1, " sequences, cu_seqlens_q ",
+              cq.size(0) - 1);
+  TORCH_CHECK(g.B == 1, op, ": with cu_seqlens, q, k and v must be (1, H, total, D) views of the packed tensors, got ",
+              "batch ", g.B);
+  TORCH_CHECK(!has_mask, op, ": attn_mask is not taken with cu_seqlens (a sequence sees its own keys)");
+  TORCH_CHECK(!has_kv_lengths, op, ": kv_lengths is not taken with cu_seqlens (a sequence's keys are its span)");
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q and max_seqlen_k must be >= 0, got ",
+              max_seqlen_q, ", ", max_seqlen_k);
+  if (cq.device().is_cpu()) check_cu_values(cq, g.Lq, max_seqlen_q, "cu_seqlens_q", op);
+  if (ck.device().is_cpu()) check_cu_values(ck, g.Lk, max_seqlen_k, "cu_seqlens_k", op);
+  vl.cu_q = cq.data_ptr<int32_t>();
+  vl.cu_k = ck.data_ptr<int32_t>();
+  vl.n = cq.size(0) - 1;
+  vl.max_q = max_seqlen_q;
+  vl.max_k = max_seqlen_k;
+  return vl;
+}
+
 // ---------------------------------------------------------------------------------------------
 // KV cache (seqkernels::kv_cache_append / decode_attention)
 

@@ -1134,13 +1134,19 @@ void check_modifiers_cpu(const std::optional<Tensor>& alibi_slopes, const std::o
   }
 }
 
-std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                             const std::optional<Tensor>& attn_mask,
-                                             const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left,
-                                             int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
-                                             int64_t offset, const std::optional<Tensor>& alibi_slopes,
-                                             const std::optional<Tensor>& sinks, double softcap) {
+std::tuple<Tensor, Tensor> attention_fwd_cpu(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
+    const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+    double dropout_p, int64_t seed, int64_t offset, const std::optional<Tensor>& alibi_slopes,
+    const std::optional<Tensor>& sinks, double softcap, const std::optional<Tensor>& cu_seqlens_q,
+    const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool deterministic) {
+  (void)deterministic;  // recorded by the autograd layer for the backward
   constexpr const char* op = "seqkernels::attention_fwd (cpu)";
+  // TODO(issue 19): the packed (varlen) path of this kernel.
+  TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value(), op,
+              ": packed sequences (cu_seqlens) are not implemented on this backend yet");
+  (void)max_seqlen_q;
+  (void)max_seqlen_k;
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
   check_modifiers_cpu(alibi_slopes, sinks, softcap, g, q.scalar_type(), op);
   const MaskDesc mask = check_mask(attn_mask, g, q.scalar_type(), op);
@@ -1676,9 +1682,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
     const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left,
     int64_t window_right, bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic,
-    const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks, double softcap) {
+    const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks, double softcap,
+    const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k) {
   (void)deterministic;
   constexpr const char* op = "seqkernels::attention_bwd (cpu)";
+  // TODO(issue 19): the packed (varlen) path of this kernel.
+  TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value(), op,
+              ": packed sequences (cu_seqlens) are not implemented on this backend yet");
+  (void)max_seqlen_q;
+  (void)max_seqlen_k;
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
   check_modifiers_cpu(alibi_slopes, sinks, softcap, g, q.scalar_type(), op);
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

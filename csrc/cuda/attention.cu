@@ -261,8 +261,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right,
     bool bottom_right, double dropout_p, int64_t seed, int64_t offset, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& sinks, double softcap) {
+    const std::optional<at::Tensor>& sinks, double softcap, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool deterministic) {
+  (void)deterministic;  // recorded by the autograd layer for the backward
   constexpr const char* op = "seqkernels::attention_fwd (cuda)";
+  // TODO(issue 19): the packed (varlen) path of this kernel.
+  TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value(), op,
+              ": packed sequences (cu_seqlens) are not implemented on this backend yet");
+  (void)max_seqlen_q;
+  (void)max_seqlen_k;
   check_qkv(q_in, k_in, v_in, op);
   const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, op);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
@@ -341,8 +348,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right,
     bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double softcap) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double softcap,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k) {
   constexpr const char* op = "seqkernels::attention_bwd (cuda)";
+  // TODO(issue 19): the packed (varlen) path of this kernel.
+  TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value(), op,
+              ": packed sequences (cu_seqlens) are not implemented on this backend yet");
+  (void)max_seqlen_q;
+  (void)max_seqlen_k;
   check_qkv(q_in, k_in, v_in, op);
   const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, op);
   at::Tensor dsinks = at::zeros({sinks.has_value() ? q_in.size(1) : 0}, q_in.options().dtype(at::kFloat));

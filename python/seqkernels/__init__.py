@@ -17,7 +17,7 @@ if _ext.extension_available():
 # Every op module registers its custom ops, fakes and autograd at import (ops/_common.register_family),
 # so all of them are imported here; Triton itself is imported only when a Triton kernel first runs.
 from .backends import BackendError, use_backend  # noqa: E402
-from .ops.attention import attention, scaled_dot_product_attention  # noqa: E402
+from .ops.attention import attention, attention_varlen, scaled_dot_product_attention  # noqa: E402
 from .ops.kv_cache import decode_attention, kv_cache_append  # noqa: E402
 from .ops.lstm import lstm_cell  # noqa: E402
 
@@ -50,6 +50,7 @@ def __getattr__(name):
 
 __all__ = [
     "attention",
+    "attention_varlen",
     "scaled_dot_product_attention",
     "kv_cache_append",
     "decode_attention",

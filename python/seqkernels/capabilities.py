@@ -41,6 +41,8 @@ class Capability:
     max_grid: the largest batch or head count one launch grid dimension takes.
     modifiers: the score modifiers (docs/DESIGN.md §2) the kernels apply: "softcap", "alibi",
         "sinks" (forward, and backward where `grad`).
+    varlen: whether the kernels take packed sequences (cu_seqlens: attention_varlen, and the
+        packed query batches of decode_attention / kv_cache_append).
     """
 
     dtypes: Tuple[torch.dtype, ...] = ALL_FLOATS
@@ -51,6 +53,7 @@ class Capability:
     min_sm: Optional[int] = None
     max_grid: Optional[int] = None
     modifiers: Tuple[str, ...] = MODIFIERS
+    varlen: bool = True
 
 
 class Features(NamedTuple):
@@ -65,6 +68,7 @@ class Features(NamedTuple):
     needs_grad: bool = False
     grid: Tuple[int, ...] = ()
     modifiers: Tuple[str, ...] = ()
+    varlen: bool = False
 
 
 _KERNEL_FLOATS = (_F16, _BF16, _F32)
@@ -86,23 +90,23 @@ _REFERENCE = Capability(mask_grad=True)
 
 TABLE: Dict[str, Dict[str, Capability]] = {
     "attention": {
-        "cpu": Capability(),
+        "cpu": Capability(varlen=False),
         # mma.sync on float16/bfloat16 tiles of width 64/128/256 (the tail of the head dim masked).
-        "cuda": Capability(dtypes=(_F16, _BF16), max_head_dim=256, min_sm=8),
+        "cuda": Capability(dtypes=(_F16, _BF16), max_head_dim=256, min_sm=8, varlen=False),
         # Grid axes carry the batch and the heads; CUDA caps the y/z grid dimensions at 65535.
-        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535, varlen=False),
         "reference": _REFERENCE,
     },
     "kv_cache_append": {
-        "cpu": Capability(grad=False),
-        "cuda": Capability(dtypes=_KERNEL_FLOATS, grad=False),
-        "triton": Capability(dtypes=_KERNEL_FLOATS, grad=False, min_sm=8),
+        "cpu": Capability(grad=False, varlen=False),
+        "cuda": Capability(dtypes=_KERNEL_FLOATS, grad=False, varlen=False),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, grad=False, min_sm=8, varlen=False),
         "reference": _REFERENCE,
     },
     "decode_attention": {
-        "cpu": Capability(grad=False),
-        "cuda": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False),
-        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, min_sm=8),
+        "cpu": Capability(grad=False, varlen=False),
+        "cuda": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, varlen=False),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, min_sm=8, varlen=False),
         "reference": _REFERENCE,
     },
     "lstm_cell": {
@@ -156,6 +160,8 @@ def why_not(op: str, backend: str, f: Features, *, interpreting=False) -> Option
     missing = [m for m in f.modifiers if m not in cap.modifiers]
     if missing:
         return f"{', '.join(missing)}: not supported by the {title} kernels"
+    if f.varlen and not cap.varlen:
+        return f"packed sequences (cu_seqlens): not implemented by the {title} kernels yet"
     if f.dtype not in cap.dtypes:
         return f"the {title} kernels take {_names(cap.dtypes)}, not {_dtype_name(f.dtype)}"
     if cap.max_head_dim is not None and f.head_dims and max(f.head_dims) > cap.max_head_dim:

@@ -35,6 +35,7 @@ torch. A NaN in a visible input propagates as plain torch would.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -123,12 +124,22 @@ def dropout_threshold_ref(p: float) -> int:
     return int(p * 4294967296.0)
 
 
-def dropout_keep_mask_ref(seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, p: float, device=None) -> Tensor:
+def dropout_keep_mask_ref(
+    seed: int, offset: int, B: int, H: int, Lq: int, Lk: int, p: float, device=None, *, index=None
+) -> Tensor:
     """Bool keep mask ``(B, H, Lq, Lk)``: element ``(b, h, i, j)`` is kept iff the Philox word of
     ``n = ((b * H + h) * Lq + i) * Lk + j`` is ``>= floor(p * 2^32)``. ``H`` is the number of
-    *query* heads."""
+    *query* heads. ``index=(b0, Lq_pad, Lk_pad)`` numbers the elements as batch ``b0 + b`` of a
+    ``(.., H, Lq_pad, Lk_pad)`` grid instead: one sequence of a packed batch (attention_varlen)
+    draws the keep mask of its padded form."""
     threshold = dropout_threshold_ref(p)
-    n = torch.arange(B * H * Lq * Lk, dtype=torch.int64, device=device).view(B, H, Lq, Lk)
+    if index is None:
+        n = torch.arange(B * H * Lq * Lk, dtype=torch.int64, device=device).view(B, H, Lq, Lk)
+    else:
+        b0, lq_pad, lk_pad = (int(x) for x in index)
+        ar = functools.partial(torch.arange, dtype=torch.int64, device=device)
+        bh = (ar(B).view(B, 1) + b0) * H + ar(H).view(1, H)
+        n = (bh.view(B, H, 1, 1) * lq_pad + ar(Lq).view(1, 1, Lq, 1)) * lk_pad + ar(Lk).view(1, 1, 1, Lk)
     if threshold == 0:
         return torch.ones_like(n, dtype=torch.bool)
     if threshold >= 1 << 32:
@@ -248,6 +259,11 @@ def attention_ref(
     softcap: float | None = None,
     alibi_slopes: Tensor | None = None,
     sinks: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    _dropout_index=None,
 ) -> tuple[Tensor, Tensor]:
     """Masked scaled-dot-product attention with the normalized arguments of docs/INTERNALS.md.
 
@@ -268,12 +284,25 @@ def attention_ref(
         sinks: ``(Hq,)`` one logit per query head that joins the softmax denominator and carries
             no value (differentiable); ``-inf`` is no sink. lse includes it; a row that sees no
             key has output 0 and lse = its sink.
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: packed sequences (the kernels'
+            form of attention_varlen, docs/INTERNALS.md): q, k, v are ``(1, H, total, D)``,
+            sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` against keys
+            ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``, computed one sequence at a time;
+            ``alibi_slopes`` is then ``(N, Hq)`` and dropout draws each sequence's keep mask of
+            the padded ``(N, Hq, max_seqlen_q, max_seqlen_k)`` form.
 
     Returns:
         ``(out, lse)``: ``out (B, Hq, Lq, Dv)`` in q's dtype; ``lse (B, Hq, Lq)`` the natural
         log of the softmax denominator of the masked scaled scores (undropped), float32
         (float64 for float64 inputs), ``-inf`` on rows that see no key (whose output is 0).
     """
+    if cu_seqlens_q is not None:
+        return _attention_varlen_ref(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask=attn_mask,
+            kv_lengths=kv_lengths, scale=scale, window_left=window_left, window_right=window_right,
+            bottom_right=bottom_right, dropout_p=dropout_p, seed=seed, offset=offset, softcap=softcap,
+            alibi_slopes=alibi_slopes, sinks=sinks,
+        )  # fmt: skip
     _check_attention_args(q, k, v, attn_mask, kv_lengths)
     out_dtype = q.dtype
     # Half types compute in float32, as torch's math SDPA does (and as every kernel accumulates),
@@ -347,13 +376,43 @@ def attention_ref(
     )
 
     if dropout_p > 0.0:
-        keep = dropout_keep_mask_ref(seed, offset, B, Hq, Lq, Lk, dropout_p, device)
+        keep = dropout_keep_mask_ref(seed, offset, B, Hq, Lq, Lk, dropout_p, device, index=_dropout_index)
         # p >= 1 keeps nothing; a 0 factor (not inf) keeps inf * 0 out of the backward.
         factor = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
         probs = torch.where(keep, probs * factor, torch.zeros((), dtype=probs.dtype, device=device))
 
     out = _grouped_matmul(probs.to(v.dtype), v, groups)
     return out.to(out_dtype), lse
+
+
+def _attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kw):
+    """attention_ref over packed sequences, one sequence at a time (see attention_ref's
+    cu_seqlens arguments). Returns out ``(1, Hq, total_q, Dv)`` and lse ``(1, Hq, total_q)``."""
+    if cu_seqlens_k is None:
+        raise ValueError("cu_seqlens_k: required with cu_seqlens_q")
+    if kw.get("attn_mask") is not None or kw.get("kv_lengths") is not None:
+        raise ValueError("attn_mask, kv_lengths: not taken with cu_seqlens (a sequence sees its own keys)")
+    if q.dim() != 4 or q.shape[0] != 1 or k.shape[0] != 1 or v.shape[0] != 1:
+        raise ValueError(f"q, k, v: packed sequences are (1, H, total, D) views, got q {tuple(q.shape)}")
+    cq = [int(x) for x in cu_seqlens_q.tolist()]
+    ck = [int(x) for x in cu_seqlens_k.tolist()]
+    if len(cq) != len(ck) or not cq:
+        raise ValueError(f"cu_seqlens_q, cu_seqlens_k: expected (N+1,) each, got {len(cq)} and {len(ck)} entries")
+    slopes = kw.pop("alibi_slopes", None)
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        sl = slopes if slopes is None or slopes.dim() == 1 else slopes[b : b + 1]
+        o, lse = attention_ref(
+            q[:, :, cq[b] : cq[b + 1]], k[:, :, ck[b] : ck[b + 1]], v[:, :, ck[b] : ck[b + 1]],
+            alibi_slopes=sl, _dropout_index=(b, max_seqlen_q, max_seqlen_k), **kw,
+        )  # fmt: skip
+        outs.append(o)
+        lses.append(lse)
+    if not outs:  # no sequence: empty outputs still connected to q (and to k, v through 0 * sum)
+        lse = torch.empty((1, q.shape[1], 0), dtype=_lse_dtype(q.dtype), device=q.device)
+        zero = (k.sum() + v.sum()) * 0
+        return q.new_zeros((1, q.shape[1], 0, v.shape[-1])) + zero.to(q.dtype), lse
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def attention_bwd_ref(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[Tensor, Tensor, Tensor]:

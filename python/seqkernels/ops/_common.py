@@ -81,6 +81,40 @@ def check_lengths(
     return to_int32_saturated(t)
 
 
+def check_cu_seqlens(name: str, t, total: int, device: torch.device, max_seqlen=None, max_name: str = "max_seqlen"):
+    """Cumulative sequence starts of a packed batch: int32 (N+1,) on `device`, starting at 0,
+    non-decreasing, ending at `total`, every length <= `max_seqlen` (when given). Returns the
+    contiguous tensor and the longest length: `max_seqlen` itself when given, else read from the
+    tensor (a host sync on a GPU, the price of leaving it out, as in FlashAttention). Values are
+    checked on CPU tensors; on a GPU that would cost a sync per call, and the kernels clamp each
+    span into the tensors instead."""
+    check_tensor(name, t, ndim=1, dtypes=(torch.int32,))
+    if t.device != device:
+        raise ValueError(f"{name}: on device {t.device}, expected {device} (the device of q)")
+    if t.shape[0] < 1:
+        raise ValueError(f"{name}: expected (N+1,) cumulative starts beginning with 0, got an empty tensor")
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"{max_name}: expected an int >= 0 or None, got {max_seqlen!r}")
+    if t.device.type == "cpu":
+        c = t.tolist()
+        if c[0] != 0:
+            raise ValueError(f"{name}: must start at 0, got {c[0]}")
+        for b in range(len(c) - 1):
+            if c[b + 1] < c[b]:
+                raise ValueError(f"{name}: must be non-decreasing, got {c[b]} then {c[b + 1]} at index {b + 1}")
+        if c[-1] != total:
+            raise ValueError(f"{name}: must end at the total length {total}, got {c[-1]}")
+    lens = t[1:] - t[:-1]
+    longest = int(lens.max()) if (max_seqlen is None or t.device.type == "cpu") and lens.numel() else 0
+    if max_seqlen is None:
+        return t.contiguous(), max(longest, 0)
+    if t.device.type == "cpu" and longest > max_seqlen:
+        b = int(torch.argmax(lens))
+        raise ValueError(f"{name}: sequence {b} has length {longest}, above {max_name}={max_seqlen}")
+    return t.contiguous(), int(max_seqlen)
+
+
 def check_scale(scale, head_dim: int) -> float:
     """`scale` resolved: None means 1/sqrt(head_dim); otherwise a real number (a Python or NumPy
     number, or a one-element tensor), finite. Errors name the argument."""
@@ -106,13 +140,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_modifiers(q: torch.Tensor, softcap, alibi_slopes, sinks):
+def check_modifiers(q: torch.Tensor, softcap, alibi_slopes, sinks, batch: Optional[int] = None):
     """The score modifiers of attention and decode (docs/DESIGN.md §2), normalized for the
     kernels: softcap a float (0.0 = off), alibi_slopes (B, Hq) and sinks (Hq,) contiguous in the
     accumulation type (or None). The sinks conversion is differentiable, so a bfloat16 parameter
     (as gpt-oss keeps them) gets its gradient back in its own dtype. Values are checked (NaN
-    slopes, NaN or +inf sinks) on CPU tensors only: on a GPU that would cost a host sync per call."""
-    B, Hq = q.shape[0], q.shape[1]
+    slopes, NaN or +inf sinks) on CPU tensors only: on a GPU that would cost a host sync per call.
+    `batch`: the number of sequences where that is not q's dim 0 (packed sequences)."""
+    B, Hq = (q.shape[0] if batch is None else batch), q.shape[1]
     acc = acc_dtype(q.dtype)
     cap = 0.0
     if softcap is not None:

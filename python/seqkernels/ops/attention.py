@@ -27,6 +27,7 @@ from ._common import (
     FLOAT_DTYPES,
     MAX_HEAD_DIM,
     acc_dtype,
+    check_cu_seqlens,
     check_lengths,
     check_modifiers,
     check_same,
@@ -58,6 +59,14 @@ class AttentionCall:
     alibi_slopes: Optional[Tensor] = None  # (B, Hq)
     sinks: Optional[Tensor] = None  # (Hq,), may require grad
     softcap: float = 0.0
+    # Packed sequences (attention_varlen; docs/INTERNALS.md): q, k, v are (1, H, total, D) views,
+    # cu_seqlens int32 (N+1,); None = the padded form. max_seqlen_* are the dropout index's dims.
+    cu_seqlens_q: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    # Recorded for the backward (attention_fwd does not read it); with torch's deterministic flag.
+    deterministic: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +89,17 @@ class AttentionCall:
             self.alibi_slopes,
             self.sinks,
             self.softcap,
+            *self.varlen(),
+            self.deterministic,
         )
+
+    def bwd_args(self, grad_out: Tensor, out: Tensor, lse: Tensor, deterministic: bool = False) -> tuple:
+        """The arguments of attention_bwd for this call's forward outputs."""
+        a = self.args()
+        return (grad_out, *a[:3], out, lse, *a[3:_MODS_AT], deterministic, *a[_MODS_AT:-1])
+
+    def varlen(self) -> tuple:
+        return (self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)
 
     def modifiers(self) -> tuple:
         return capabilities.modifiers_in(self.softcap, self.alibi_slopes, self.sinks)
@@ -100,6 +119,10 @@ class AttentionCall:
             softcap=self.softcap or None,
             alibi_slopes=self.alibi_slopes,
             sinks=self.sinks,
+            cu_seqlens_q=self.cu_seqlens_q,
+            cu_seqlens_k=self.cu_seqlens_k,
+            max_seqlen_q=self.max_seqlen_q,
+            max_seqlen_k=self.max_seqlen_k,
         )
 
 
@@ -207,6 +230,7 @@ def features(c: AttentionCall) -> capabilities.Features:
         False,
         (B, Hq),
         c.modifiers(),
+        c.cu_seqlens_q is not None,
     )
 
 
@@ -234,6 +258,11 @@ def triton_attention_fwd(
     alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
     softcap: float = 0.0,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
@@ -253,6 +282,10 @@ def triton_attention_fwd(
         alibi_slopes,
         sinks,
         softcap,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
     )
 
 
@@ -277,6 +310,10 @@ def triton_attention_bwd(
     alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
     softcap: float = 0.0,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
@@ -300,42 +337,66 @@ def triton_attention_bwd(
         alibi_slopes,
         sinks,
         softcap,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
     )
+
+
+# The op's inputs: q, k, v, attn_mask, kv_lengths, then these scalars, then the modifiers
+# (alibi_slopes, sinks, softcap), then the packed-sequence arguments (cu_seqlens_q, cu_seqlens_k,
+# max_seqlen_q, max_seqlen_k) and, for the forward, `deterministic`.
+_N_PARAMS = 7  # scale, window_left, window_right, bottom_right, dropout_p, seed, offset
+_MODS_AT = 5 + _N_PARAMS
+_VARLEN_AT = _MODS_AT + 3
+_MODS_DEFAULT = (None, None, 0.0)
+_VARLEN_DEFAULT = (None, None, 0, 0)
+
+
+def _tail(inputs, at: int, defaults: tuple) -> tuple:
+    """inputs[at : at + len(defaults)], the trailing defaults filled in (callers may stop early)."""
+    got = tuple(inputs[at : at + len(defaults)])
+    return got + defaults[len(got) :]
 
 
 def _fwd_fake(q, k, v, *rest):
     B, Hq, Lq, _ = q.shape
-    return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=acc_dtype(q.dtype))
+    lse = q.new_empty((B, Hq, Lq), dtype=acc_dtype(q.dtype))
+    if _tail(rest, _VARLEN_AT - 3, _VARLEN_DEFAULT)[0] is not None:
+        # Packed: the kernels write out token-major, (total_q, Hq, Dv) storage seen as (1, Hq, total_q, Dv).
+        return q.new_empty((Lq, Hq, v.shape[-1])).permute(1, 0, 2).unsqueeze(0), lse
+    return q.new_empty((B, Hq, Lq, v.shape[-1])), lse
 
 
 def _bwd_fake(grad_out, q, k, v, out, lse, *rest):
-    sinks = rest[11] if len(rest) > 11 else None
+    # rest: attn_mask, kv_lengths, the scalars, deterministic, then the modifiers.
+    sinks = _tail(rest, 3 + _N_PARAMS, _MODS_DEFAULT)[1]
     dsinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=acc_dtype(q.dtype))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
-# The op's inputs: q, k, v, attn_mask, kv_lengths, then these scalars, then the modifiers.
-_N_PARAMS = 7  # scale, window_left, window_right, bottom_right, dropout_p, seed, offset
-
-
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, kv_lengths = inputs[:5]
-    ctx.params = inputs[5 : 5 + _N_PARAMS]
-    alibi, sinks = (list(inputs[5 + _N_PARAMS :]) + [None, None])[:2]
-    ctx.softcap = inputs[7 + _N_PARAMS] if len(inputs) > 7 + _N_PARAMS else 0.0
-    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, kv_lengths, alibi, sinks)
+    ctx.params = inputs[5:_MODS_AT]
+    alibi, sinks, ctx.softcap = _tail(inputs, _MODS_AT, _MODS_DEFAULT)
+    cu_q, cu_k, ctx.max_seqlen = *_tail(inputs, _VARLEN_AT, _VARLEN_DEFAULT)[:2], _tail(inputs, _VARLEN_AT + 2, (0, 0))
+    (ctx.deterministic,) = _tail(inputs, _VARLEN_AT + 4, (False,))
+    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, kv_lengths, alibi, sinks, cu_q, cu_k)
 
 
-def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, mods, grad_out=None, grad_lse=None):
+def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, mods, grad_out=None, grad_lse=None, varlen=_VARLEN_DEFAULT):
     """(dq, dk, dv, dsinks) of the attention (and/or its lse) by autograd through the reference math,
     kept in the graph. This is the backward used when the caller builds a graph of the backward
     itself (`create_graph=True`: double backward, gradient penalties, gradgradcheck): the kernels
     compute first-order gradients only, so their backward would be a constant to autograd and the
     second derivative silently zero. The reference computes the same function (the same Philox keep
     mask for the same seed and offset), so first-order values agree with the kernels' by the parity
-    rule. `mods` = (alibi_slopes, sinks, softcap); dsinks is None without sinks."""
+    rule. `mods` = (alibi_slopes, sinks, softcap), `varlen` = (cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k); dsinks is None without sinks."""
     scale, window_left, window_right, bottom_right, dropout_p, seed, offset = params
     alibi, sinks, softcap = mods
+    cu_q, cu_k, max_q, max_k = varlen
     with torch.enable_grad():
         out, lse = ref.attention_ref(
             q,
@@ -353,6 +414,10 @@ def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, mods, grad_out=None, 
             softcap=softcap or None,
             alibi_slopes=alibi,
             sinks=sinks,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=max_q,
+            max_seqlen_k=max_k,
         )
         outs, grads = [], []
         if grad_out is not None:
@@ -378,18 +443,23 @@ def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, mods, grad_out=None, 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         # The lse output is differentiated by _LseGrad in the public layer, so grad_lse is ignored here.
-        q, k, v, out, lse, attn_mask, kv_lengths, alibi, sinks = ctx.saved_tensors
+        q, k, v, out, lse, attn_mask, kv_lengths, alibi, sinks, cu_q, cu_k = ctx.saved_tensors
         mods = (alibi, sinks, ctx.softcap)
+        varlen = (cu_q, cu_k, *ctx.max_seqlen)
         if torch.is_grad_enabled():
-            dq, dk, dv, dsinks = _reference_vjp(q, k, v, attn_mask, kv_lengths, ctx.params, mods, grad_out=grad_out)
+            dq, dk, dv, dsinks = _reference_vjp(
+                q, k, v, attn_mask, kv_lengths, ctx.params, mods, grad_out=grad_out, varlen=varlen
+            )
         else:
-            deterministic = torch.are_deterministic_algorithms_enabled()
+            deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
+            # Dense in memory, or in out's own layout (token-major for packed sequences): no copy.
+            g = grad_out if grad_out.is_contiguous() or grad_out.stride() == out.stride() else grad_out.contiguous()
             dq, dk, dv, dsinks = bwd_op(
-                grad_out.contiguous(), q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params, deterministic, *mods
+                g, q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params, deterministic, *mods, *varlen
             )
             if sinks is None:
                 dsinks = None
-        return (dq, dk, dv, None, None) + (None,) * _N_PARAMS + (None, dsinks, None)
+        return (dq, dk, dv, None, None) + (None,) * _N_PARAMS + (None, dsinks, None) + (None,) * 5
 
     return backward
 
@@ -433,7 +503,9 @@ class _LseGrad(torch.autograd.Function):
         mods = (c.alibi_slopes, sinks, c.softcap)
         if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
             params = (c.scale, c.window_left, c.window_right, c.bottom_right, 0.0, 0, 0)
-            dq, dk, _, dsinks = _reference_vjp(q, k, c.v, c.attn_mask, c.kv_lengths, params, mods, grad_lse=g)
+            dq, dk, _, dsinks = _reference_vjp(
+                q, k, c.v, c.attn_mask, c.kv_lengths, params, mods, grad_lse=g, varlen=c.varlen()
+            )
             return None, dq, dk, dsinks, None, None
         g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
         B, Hkv, Lk = k.shape[:3]
@@ -443,7 +515,7 @@ class _LseGrad(torch.autograd.Function):
             g_rows = g.unsqueeze(-1).to(q.dtype).contiguous()
             dq, dk, _, _ = ctx.bwd(
                 g_rows, q, k, ones, torch.zeros_like(g_rows), lse, *params,
-                torch.are_deterministic_algorithms_enabled(), *mods,
+                c.deterministic or torch.are_deterministic_algorithms_enabled(), *mods, *c.varlen(),
             )  # fmt: skip
             dsinks = None
             if sinks is not None:
@@ -519,6 +591,103 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+def prepare_attention_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    *,
+    causal=False,
+    window=None,
+    scale=None,
+    dropout_p=0.0,
+    softcap=None,
+    alibi_slopes=None,
+    sinks=None,
+    deterministic=False,
+    bottom_right=True,
+    seed=None,
+    offset=0,
+) -> AttentionCall:
+    """The packed form's arguments, normalized to the kernels' (1, H, total, D) views
+    (docs/INTERNALS.md, "Packed sequences")."""
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=3)
+    check_tensor("v", v, ndim=3)
+    check_same(("q", "k", "v"), (q, k, v))
+    if v.shape[0] != k.shape[0] or v.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"v: expected shape ({k.shape[0]}, {k.shape[1]}, Dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}"
+        )
+    cu_q, max_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q")
+    cu_k, max_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k")
+    if cu_k.shape[0] != cu_q.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_k: {cu_k.shape[0] - 1} sequences, but cu_seqlens_q has {cu_q.shape[0] - 1}; "
+            "each query sequence needs its key sequence"
+        )
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    # The kernels' form: (1, H, total, D) views of the token-major tensors (no copy).
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    call = prepare_attention(q4, k4, v4, causal=causal, window=window, scale=scale, dropout_p=dropout_p,
+                             bottom_right=bottom_right, seed=seed, offset=offset)  # fmt: skip
+    cap, slopes, sink_logits = check_modifiers(q4, softcap, alibi_slopes, sinks, batch=cu_q.shape[0] - 1)
+    return dataclasses.replace(
+        call, alibi_slopes=slopes, sinks=sink_logits, softcap=cap, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q, max_seqlen_k=max_k, deterministic=deterministic,
+    )  # fmt: skip
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    *,
+    causal: bool = False,
+    window=None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    deterministic: bool = False,
+    backend: Optional[str] = None,
+):
+    """Attention over packed variable-length sequences (FlashAttention's `flash_attn_varlen_func`).
+
+    q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), token-major as packed batches
+    arrive; cu_seqlens_q / cu_seqlens_k int32 (N+1,), starting at 0, non-decreasing, ending at
+    total_q / total_k. Sequence b is query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] against keys
+    cu_seqlens_k[b]:cu_seqlens_k[b+1], exactly as `attention` on that one sequence: `causal` and
+    `window` align bottom-right per sequence, empty sequences are allowed (no work, no output).
+    `max_seqlen_q/k` bound the lengths (None: read from cu_seqlens, a host sync on a GPU); they
+    are also the dims of the dropout keep mask, which is the padded form's: element (b, h, i, j)
+    of a (N, Hq, max_seqlen_q, max_seqlen_k) batch. `alibi_slopes` is (Hq,) or (N, Hq); the other
+    modifiers as in `attention`. Returns out (total_q, Hq, Dv), and with `return_lse` the float32
+    lse (Hq, total_q) (FlashAttention's layout). `deterministic=True` asks the backward for
+    bitwise repeatable gradients (as torch.use_deterministic_algorithms does for every call).
+    """
+    call = prepare_attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, window=window,
+        scale=scale, dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+        deterministic=deterministic,
+    )  # fmt: skip
+    b = backends.resolve(VARLEN_OP, q.device, call, backend)
+    out, lse = run(call, b, return_lse)
+    out = out[0].transpose(0, 1)
+    out = out if out.is_contiguous() else out.contiguous()
+    return (out, lse[0]) if return_lse else out
+
+
 def _sdpa_to_4d(query, key, value, attn_mask, enable_gqa):
     """torch's SDPA takes (..., H, L, E) and broadcasts the leading dims of query, key and value
     against each other (key/value of batch 1 serve every query batch); the kernels take (B, H, L, E).
@@ -589,6 +758,13 @@ def scaled_dot_product_attention(
     matches torch's in distribution, not bit for bit. Keyword-only extras torch has no equivalent
     for: `softcap`, `alibi_slopes` and `sinks`, as in `seqkernels.attention` (4-D inputs; ALiBi
     distances top-left aligned like `is_causal`)."""
+    if getattr(query, "is_nested", False):
+        from .nested import nested_sdpa
+
+        return nested_sdpa(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            backend=backend, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+        )  # fmt: skip
     call, out_lead = _prepare_sdpa(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, softcap, alibi_slopes, sinks
     )
@@ -645,3 +821,4 @@ def prepare_sdpa(
 
 
 SDPA_OP = dataclasses.replace(OP, name="scaled_dot_product_attention", kernels="attention")
+VARLEN_OP = dataclasses.replace(OP, name="attention_varlen", kernels="attention")
