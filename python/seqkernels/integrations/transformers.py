@@ -21,6 +21,14 @@ for a custom backend, so padding would be ignored). Every model whose attention 
   causal/window or `kv_lengths` path instead of reading a mask. The proof costs one small reduction
   and one device-to-host sync per mask built (once per forward, not per layer), the same order as
   transformers' own SDPA mask skipping; it is skipped while compiling.
+- packed sequences (padding-free training: several sequences concatenated into one row,
+  `DataCollatorWithFlattening`) run `seqkernels.attention_varlen` on the packed tokens, never a padded
+  batch or a block-diagonal mask. The boundaries come from, in this order: FlashAttention's varlen kwargs
+  `cu_seq_lens_q/k`, `max_length_q/k` (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`;
+  transformers forwards them to every attention function); the mask transformers builds from
+  restarting `position_ids` when it builds one (no cache, `use_cache=False`), recognized as packed
+  causal blocks by the mask builder; or, when there is no mask, the restarting `position_ids` themselves
+  (transformers' flash-attention rule; one host sync per forward).
 - Gemma 2's logit soft-capping (`softcap`) and gpt-oss's learned attention sinks (`s_aux`), forward
   and backward (the sinks get their gradient), in prefill and in cached decoding.
 - Not supported (a clear error): paged continuous-batching caches. `output_attentions` returns no
@@ -98,11 +106,23 @@ class _LengthsSpec:
     lengths: Tensor  # (B,) int32
 
 
+@dataclasses.dataclass(frozen=True)
+class _PackedSpec:
+    """The mask is exactly: several sequences packed along each row (transformers' mask for position_ids
+    that restart, e.g. DataCollatorWithFlattening), each causal (+ sliding window when left >= 0) within
+    itself and blind to the others. `cu_seqlens` are the sequences' starts in the B * L tokens of the
+    batch read row by row (attention_varlen's form)."""
+
+    left: int
+    cu_seqlens: Tensor  # int32 (N+1,)
+    max_seqlen: int
+
+
 _SPEC_ATTR = "_seqkernels_mask_spec"
 
 
 def _describe(mask: Tensor, local_size: Optional[int]):
-    """A _CausalSpec or _LengthsSpec equal to `mask` (B, 1, Lq, Lk) bool, or None."""
+    """A _CausalSpec, _LengthsSpec or _PackedSpec equal to `mask` (B, 1, Lq, Lk) bool, or None."""
     B, _, Lq, Lk = mask.shape
     dev = mask.device
     i = torch.arange(Lq, device=dev).view(1, 1, Lq, 1)
@@ -131,7 +151,32 @@ def _describe(mask: Tensor, local_size: Optional[int]):
         return _CausalSpec(left, first, int(flags[2]))
     if flags[1]:
         return _LengthsSpec(lengths.to(torch.int32))
+    if Lq == Lk and Lq > 1 and B and left != 0:
+        return _describe_packed(mask, left)
     return None
+
+
+def _describe_packed(mask: Tensor, left: int) -> Optional[_PackedSpec]:
+    """A _PackedSpec equal to `mask` (B, 1, L, L) bool, or None. Tried only for masks that are neither
+    causal nor right padding (a second sync, on a path that would otherwise read the whole mask)."""
+    B, _, L, _ = mask.shape
+    dev = mask.device
+    i = torch.arange(L, device=dev).view(1, 1, L, 1)
+    j = torch.arange(L, device=dev).view(1, 1, 1, L)
+    # Row i starts a sequence iff it cannot see key i - 1 (within a sequence it can: causal, or a window
+    # with left >= 1); the comparison below then checks every query sees itself and its sequence only.
+    rows = mask.view(B, L, L)
+    starts = torch.ones(B, L, dtype=torch.bool, device=dev)
+    starts[:, 1:] = ~rows[:, 1:, :-1].diagonal(dim1=1, dim2=2)
+    seq = starts.cumsum(dim=-1)
+    packed = (j <= i) & (seq.view(B, 1, L, 1) == seq.view(B, 1, 1, L))
+    if left >= 0:
+        packed = packed & (j >= i - left)
+    if not bool((packed == mask).all()):
+        return None
+    begin = starts.view(-1).nonzero().view(-1)
+    cu = torch.cat([begin, begin.new_full((1,), B * L)]).to(torch.int32)
+    return _PackedSpec(left, cu, int((cu[1:] - cu[:-1]).max()))
 
 
 def _mask_spec(mask):
@@ -211,6 +256,50 @@ def _window(left: int):
     return (left, 0) if left >= 0 else None
 
 
+def _as_int(x) -> Optional[int]:
+    return None if x is None else int(x)  # a tensor (transformers' position_ids path) costs one sync
+
+
+def _attend_varlen(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q,
+    max_seqlen_k,
+    *,
+    causal: bool,
+    left: int,
+    scale: Optional[float],
+    dropout: float,
+    backend: Optional[str],
+    mods: dict,
+) -> Tensor:
+    """Packed sequences on seqkernels.attention_varlen: the B * L tokens of query (B, Hq, Lq, D) and
+    key/value (B, Hkv, Lk, D), read row by row, are sequences cu_seqlens_q/k (int32 (N+1,), as
+    FlashAttention's varlen kwargs). transformers' q/k/v are (B, L, H, D) storage seen as (B, H, L, D),
+    so the token-major (B * L, H, D) form is a view (no copy). Returns (B, Hq, Lq, Dv)."""
+    from ..ops.attention import attention_varlen
+
+    B, Hq, Lq, _ = query.shape
+    dev = query.device
+
+    def tokens(t):
+        return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+
+    def cu(c):
+        c = c.to(device=dev) if c.device != dev else c
+        return c if c.dtype == torch.int32 else c.to(torch.int32)
+
+    out = attention_varlen(
+        tokens(query), tokens(key), tokens(value), cu(cu_seqlens_q), cu(cu_seqlens_k),
+        _as_int(max_seqlen_q), _as_int(max_seqlen_k), causal=causal, window=_window(left) if causal else None,
+        scale=scale, dropout_p=dropout, backend=backend, **mods,
+    )  # fmt: skip
+    return out.view(B, Lq, Hq, out.shape[-1]).transpose(1, 2)
+
+
 def _attend(
     query: Tensor,
     key: Tensor,
@@ -256,7 +345,60 @@ def _attend(
         return attention(query, key, value, causal=True, window=_window(spec.left), **kw)
     if isinstance(spec, _LengthsSpec):
         return attention(query, key, value, kv_lengths=spec.lengths, **kw)
+    if isinstance(spec, _PackedSpec):
+        cu, n = spec.cu_seqlens, spec.max_seqlen
+        return _attend_varlen(
+            query, key, value, cu, cu, n, n, causal=True, left=spec.left, scale=scale, dropout=dropout,
+            backend=backend, mods=mods,
+        )  # fmt: skip
     return attention(query, key, value, attn_mask=mask, **kw)
+
+
+def _packed_kwargs(kwargs) -> Optional[tuple]:
+    """FlashAttention's varlen kwargs (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k) as
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) emits them and transformers forwards
+    them to the attention function, or None. The max lengths may be missing (read from cu_seq_lens)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None:
+        raise ValueError("cu_seq_lens_q, cu_seq_lens_k: packed sequences need both (or neither)")
+    return cu_q, cu_k, kwargs.get("max_length_q"), kwargs.get("max_length_k")
+
+
+_POSITIONS_ATTR = "_seqkernels_packed_positions"
+
+
+def _packed_positions(position_ids, B: int, L: int) -> Optional[tuple]:
+    """Packed sequences read from `position_ids` (B, L) that restart (DataCollatorWithFlattening's
+    default output), as transformers' flash-attention path does when it gets no varlen kwargs and no
+    mask: a new sequence starts wherever a position is not its predecessor + 1 (transformers'
+    `find_packed_sequence_indices` rule). Returns attention_varlen's (cu, cu, max, max) over the B * L
+    tokens, or None for ordinary positions. One host sync per position_ids tensor: the result is
+    recorded on it (with its version counter), so every layer of a forward reuses it."""
+    if not isinstance(position_ids, Tensor) or position_ids.is_floating_point():
+        return None
+    given = position_ids
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.dim() != 2 or position_ids.shape[-1] != L or position_ids.shape[0] not in (1, B):
+        return None  # e.g. multimodal rope's (3, B, L) positions: not a packing signal
+    memo = getattr(given, _POSITIONS_ATTR, None)
+    key = (B, given._version)  # a buffer refilled in place is read again
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    pos = position_ids.expand(B, L)
+    starts = torch.ones(B, L, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    begin = starts.view(-1).nonzero().view(-1)
+    packed = None
+    if begin.numel() > B:  # some row holds more than one sequence
+        cu = torch.cat([begin, begin.new_full((1,), B * L)]).to(torch.int32)
+        n = int((cu[1:] - cu[:-1]).max())
+        packed = (cu, cu, n, n)
+    if not torch.compiler.is_compiling():
+        setattr(given, _POSITIONS_ATTR, (key, packed))
+    return packed
 
 
 def seqkernels_attention_forward(
@@ -282,7 +424,28 @@ def seqkernels_attention_forward(
     left = sliding_window - 1 if sliding_window else -1
     backend = _DEFAULT_BACKEND[0]
     layer = getattr(key, _CACHE_ATTR, None)
-    if isinstance(layer, SeqkernelsCacheLayer) and layer.pending_key is key:
+    packed = _packed_kwargs(kwargs)
+    if packed is None and attention_mask is None and position_bias is None and query.shape[2] == key.shape[2] > 1:
+        # No mask: transformers skipped it (no padding; or a cache exists, so it did not look for packing).
+        packed = _packed_positions(kwargs.get("position_ids"), query.shape[0], query.shape[2])
+    if packed is not None:
+        if isinstance(layer, SeqkernelsCacheLayer) and layer.pending_key is key:
+            raise ValueError(
+                "cu_seq_lens_q, cu_seq_lens_k: packed sequences are not supported with SeqkernelsCache; "
+                "generate with a padded batch (attention_mask) instead"
+            )
+        if position_bias is not None:
+            raise ValueError(
+                "cu_seq_lens_q, cu_seq_lens_k: packed sequences with a position_bias (T5-style models) are not "
+                "supported by the seqkernels backend; pass a padded batch with an attention_mask"
+            )
+        # The sequence boundaries are authoritative, as in transformers' flash-attention path: a mask
+        # built from the same restarting position_ids says the same thing, so it is not read.
+        out = _attend_varlen(
+            query, key, value, *packed, causal=causal, left=left, scale=scaling, dropout=dropout,
+            backend=backend, mods=mods,
+        )  # fmt: skip
+    elif isinstance(layer, SeqkernelsCacheLayer) and layer.pending_key is key:
         out = layer.attend(
             query,
             value,

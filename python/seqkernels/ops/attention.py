@@ -757,7 +757,10 @@ def scaled_dot_product_attention(
     other (key/value of batch 1 serve every query batch) as stride-0 views, without copies. Dropout draws its keep mask from seqkernels' own Philox stream, so it
     matches torch's in distribution, not bit for bit. Keyword-only extras torch has no equivalent
     for: `softcap`, `alibi_slopes` and `sinks`, as in `seqkernels.attention` (4-D inputs; ALiBi
-    distances top-left aligned like `is_causal`)."""
+    distances top-left aligned like `is_causal`). torch nested jagged tensors
+    (`layout=torch.jagged`, (B, H, j, E) as torch's SDPA takes them; no attn_mask) run through the
+    packed-sequence kernels of `attention_varlen` without padding, `is_causal` top-left per
+    sequence, and return a nested tensor."""
     if getattr(query, "is_nested", False):
         from .nested import nested_sdpa
 
