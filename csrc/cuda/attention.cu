@@ -9,8 +9,10 @@
 // kv_lengths; GQA/MQA without copies of k and v; attn_mask bool, q's dtype or float32 in any
 // expanded layout; dropout with the Philox keep rule; the score modifiers softcap, ALiBi and
 // sinks (a kMods variant of the general forward and of the backward kernels, so the kernels
-// without them keep their registers). float32 inputs are rejected (the tensor core path is
-// 16-bit only): the Python layer runs them on the triton or reference backend.
+// without them keep their registers); packed sequences (cu_seqlens, attention_varlen: one tile
+// schedule per launch, see schedule_tiles, read by attn::locate_tile in every kernel). float32
+// inputs are rejected (the tensor core path is 16-bit only): the Python layer runs them on the
+// triton or reference backend.
 
 #include <ATen/ATen.h>
 
@@ -124,10 +126,11 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 }
 
 // The score modifiers, checked as on the CPU (common/host_checks.h).
+// `batch`: q's batch, or the number of sequences when packed (alibi_slopes is (N, Hq) then).
 host::ModifierArgs<float> check_modifiers(const std::optional<at::Tensor>& alibi_slopes,
                                           const std::optional<at::Tensor>& sinks, double softcap, const at::Tensor& q,
-                                          const char* op) {
-  return host::check_modifiers<float>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), kDevice, op);
+                                          int64_t batch, const char* op) {
+  return host::check_modifiers<float>(alibi_slopes, sinks, softcap, batch, q.size(1), kDevice, op);
 }
 
 // The kernels' grids are 1-D: blocks * batch * heads must fit gridDim.x.
@@ -244,17 +247,108 @@ void fill_common(AttentionParams& p, const at::Tensor& q, const at::Tensor& k, c
   fill_mods(p, mods);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Packed sequences (attention_varlen): the varlen fields of the params, the token-major outputs,
+// and the per-launch tile schedule.
+
+// host::check_varlen on the op's arguments. Builds with SEQKERNELS_EMU_UNCHECKED_CU_SEQLENS (test
+// builds of the CUDA-on-CPU harness only, tests/test_attention_cuda.py) leave the values of
+// cu_seqlens unchecked, as they are for GPU tensors, so that the emulated kernels meet what a GPU
+// launch can meet (decreasing values, values outside [0, total]).
+host::Varlen varlen_args(const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                         int64_t max_seqlen_q, int64_t max_seqlen_k, const at::Tensor& q, const at::Tensor& k,
+                         bool has_mask, bool has_kv_lengths, const char* op) {
+#ifdef SEQKERNELS_EMU_UNCHECKED_CU_SEQLENS
+  if (cu_seqlens_q.has_value() && cu_seqlens_q->defined() && cu_seqlens_k.has_value() && cu_seqlens_k->defined()) {
+    // Stand-ins that pass the value checks (all sequences empty but the last); the real pointers
+    // replace theirs.
+    auto stand_in = [](const at::Tensor& cu, int64_t total) {
+      at::Tensor s = at::zeros_like(cu);
+      if (s.dim() == 1 && s.numel() > 0) s.select(0, -1).fill_(total);
+      return s;
+    };
+    const int64_t lq = q.size(2), lk = k.size(2);
+    host::Varlen vl =
+        host::check_varlen(stand_in(*cu_seqlens_q, lq), stand_in(*cu_seqlens_k, lk), std::max(max_seqlen_q, lq),
+                           std::max(max_seqlen_k, lk), geometry(q, k), has_mask, has_kv_lengths, kDevice, op);
+    vl.cu_q = cu_seqlens_q->data_ptr<int32_t>();
+    vl.cu_k = cu_seqlens_k->data_ptr<int32_t>();
+    vl.max_q = max_seqlen_q;
+    vl.max_k = max_seqlen_k;
+    return vl;
+  }
+#endif
+  return host::check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, geometry(q, k), has_mask,
+                            has_kv_lengths, kDevice, op);
+}
+
+// cu_seqlens (already through varlen_args), the dropout index's dims; padded: none.
+void fill_varlen(AttentionParams& p, const host::Varlen& vl) {
+  p.cu_q = vl.packed() ? vl.cu_q : nullptr;
+  p.cu_k = vl.packed() ? vl.cu_k : nullptr;
+  p.num_seqs = vl.packed() ? static_cast<int>(vl.n) : 0;
+  p.tile_offsets = nullptr;
+  p.tile_bound = 0;
+  p.drop_len_q = vl.packed() ? vl.max_q : p.len_q;
+  p.drop_len_k = vl.packed() ? vl.max_k : p.len_k;
+}
+
+// A (1, H, total, d8) view of zero-filled token-major storage (total, H, d8): packed outputs are
+// laid out like the packed inputs, and rows in no sequence (unchecked cu_seqlens) stay 0.
+at::Tensor token_major_zeros(int64_t total, int64_t heads, int64_t d8, const at::TensorOptions& opts) {
+  return at::zeros({total, heads, d8}, opts).permute({1, 0, 2}).unsqueeze(0);
+}
+
+// An output of the kernels narrowed to its head dim d: contiguous (padded form) or token-major
+// (packed form, what the fake kernels promise).
+at::Tensor unpad_output(const at::Tensor& t, int64_t d, bool packed) {
+  if (t.size(3) == d) return t;
+  if (!packed) return t.narrow(3, 0, d).contiguous();
+  return t.select(0, 0).permute({1, 0, 2}).narrow(2, 0, d).contiguous().permute({1, 0, 2}).unsqueeze(0);
+}
+
+// The schedule of a packed launch over tiles of `block` rows of the sequences' spans of cu
+// (cu_seqlens_q or _k, total rows): the cumulative tile counts (N + 1,) int32 on cu's device,
+// computed with tensor ops (no host sync), from the spans clamped as seq_span clamps them. Sets
+// p.tile_offsets and p.tile_bound (ceil(total / block) + N: at least the tile count whenever the
+// spans do not overlap, i.e. for every valid cu_seqlens; with overlapping unchecked values the
+// tiles past the bound are left undone, never out of bounds) and returns the offsets, which must
+// outlive the launch.
+at::Tensor schedule_tiles(AttentionParams& p, const at::Tensor& cu, int64_t total, int block) {
+  const at::Tensor c = cu.to(at::kLong).clamp(0, total);
+  const at::Tensor len = (c.slice(0, 1) - c.slice(0, 0, c.size(0) - 1)).clamp_min(0);
+  const at::Tensor tiles = at::floor_divide(len + (block - 1), block);
+  const at::Tensor offsets =
+      at::cat({at::zeros({1}, c.options()), tiles.cumsum(0)}).clamp_max(std::numeric_limits<int32_t>::max() / 2);
+  const at::Tensor offsets32 = offsets.to(at::kInt).contiguous();
+  p.tile_offsets = offsets32.data_ptr<int32_t>();
+  p.tile_bound = static_cast<int>((total + block - 1) / block + p.num_seqs);
+  return offsets32;
+}
+
+// The 1-D grid of a kernel over tiles of `block` rows along `len` (len_q or len_k) and `heads`
+// heads: padded, every (batch, head) has ceil(len / block) tiles; packed, see schedule_tiles.
+// `lp` is the params of this launch (a copy of the shared ones), `sched` keeps its schedule alive.
+template <int kBlock>
+unsigned tile_grid(AttentionParams& lp, const at::Tensor& cu, int64_t len, int64_t heads, at::Tensor& sched) {
+  if (!lp.packed()) return grid_size((len + kBlock - 1) / kBlock, int64_t(lp.batch) * heads);
+  sched = schedule_tiles(lp, cu, len, kBlock);
+  return grid_size(lp.tile_bound, heads);
+}
+
 // kMods runs in the general variant's tiles (its scores all take the element-wise path).
+// cu: cu_seqlens_q when packed (undefined otherwise).
 template <typename Tag, int kTile, bool kGeneral, bool kMods>
-void launch_fwd(const AttentionParams& p, cudaStream_t stream) {
+void launch_fwd(const AttentionParams& p, const at::Tensor& cu, cudaStream_t stream) {
   static_assert(kGeneral || !kMods, "the modifiers are a variant of the general kernel");
   using Kt = typename attn::FwdConfig<kTile, kGeneral>::type;
   auto kernel = &attn::_attention_fwd_kernel<Tag, Kt, kGeneral, kMods>;
   constexpr int smem = Kt::kSmemBytes;
   if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
-  const int64_t m_blocks = (p.len_q + Kt::kBlockM - 1) / Kt::kBlockM;
-  const unsigned grid = grid_size(m_blocks, int64_t(p.batch) * p.heads_q);
-  SK_LAUNCH(kernel, dim3(grid), dim3(Kt::kThreads), smem, stream, p);
+  AttentionParams lp = p;
+  at::Tensor sched;
+  const unsigned grid = tile_grid<Kt::kBlockM>(lp, cu, p.len_q, p.heads_q, sched);
+  SK_LAUNCH(kernel, dim3(grid), dim3(Kt::kThreads), smem, stream, lp);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
@@ -265,22 +359,25 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool deterministic) {
   (void)deterministic;  // recorded by the autograd layer for the backward
   constexpr const char* op = "seqkernels::attention_fwd (cuda)";
-  // TODO(issue 19): the packed (varlen) path of this kernel.
-  TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value(), op,
-              ": packed sequences (cu_seqlens) are not implemented on this backend yet");
-  (void)max_seqlen_q;
-  (void)max_seqlen_k;
   check_qkv(q_in, k_in, v_in, op);
-  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, op);
+  const host::Varlen vl =
+      varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_in, k_in,
+                  attn_mask.has_value() && attn_mask->defined(), kv_lengths.has_value() && kv_lengths->defined(), op);
+  const bool packed = vl.packed();
+  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, packed ? vl.n : q_in.size(0), op);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t D = q_in.size(3), Dv = v_in.size(3);
   const int64_t D8 = round_up8(D), Dv8 = round_up8(Dv);
   const int tile = head_dim_tile(std::max(D8, Dv8));
 
-  at::Tensor out = at::empty({B, Hq, Lq, Dv8}, q_in.options());
-  at::Tensor lse = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
+  // Packed: token-major out, 0 and lse -inf on rows in no sequence (unchecked cu_seqlens).
+  at::Tensor out =
+      packed ? token_major_zeros(Lq, Hq, Dv8, q_in.options()) : at::empty({B, Hq, Lq, Dv8}, q_in.options());
+  at::Tensor lse =
+      packed ? at::full({B, Hq, Lq}, -std::numeric_limits<float>::infinity(), q_in.options().dtype(at::kFloat))
+             : at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
   if (lse.numel() == 0) {
-    return {Dv8 == Dv ? out : out.narrow(3, 0, Dv), lse};
+    return {packed ? unpad_output(out, Dv, true) : (Dv8 == Dv ? out : out.narrow(3, 0, Dv)), lse};
   }
   const cudart::DeviceGuard guard(q_in);
   const at::Tensor q = kernel_layout(q_in, D8), k = kernel_layout(k_in, D8), v = kernel_layout(v_in, Dv8);
@@ -289,8 +386,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   AttentionParams p;
   fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset, D8,
               Dv8, mods, op);
+  fill_varlen(p, vl);
   p.out = rows_view<attn::OutRows>(out);
   p.lse = lse.data_ptr<float>();
+  const at::Tensor cu_q = packed ? *cu_seqlens_q : at::Tensor();
 
   const bool general = p.mask.ptr != nullptr || p.dropout;
   const cudaStream_t stream = cudart::current_stream();
@@ -298,19 +397,21 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     dispatch_head_dim(tile, [&](auto tile_c) {
       constexpr int kTile = decltype(tile_c)::value;
       if (p.mods_any()) {
-        launch_fwd<decltype(tag), kTile, true, true>(p, stream);
+        launch_fwd<decltype(tag), kTile, true, true>(p, cu_q, stream);
       } else {
         dispatch_bool(general, [&](auto general_c) {
-          launch_fwd<decltype(tag), kTile, decltype(general_c)::value, false>(p, stream);
+          launch_fwd<decltype(tag), kTile, decltype(general_c)::value, false>(p, cu_q, stream);
         });
       }
     });
   });
-  return {Dv8 == Dv ? out : out.narrow(3, 0, Dv).contiguous(), lse};
+  return {unpad_output(out, Dv, packed), lse};
 }
 
+// cu_q, cu_k: cu_seqlens_q/k when packed (undefined otherwise).
 template <typename Tag, int kTile, bool kMods>
-void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t stream) {
+void launch_bwd(const AttentionBwdParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k, bool deterministic,
+                cudaStream_t stream) {
   const int64_t rows = int64_t(p.batch) * p.heads_q * p.len_q;
   if (rows > 0) {
     auto kernel = &attn::_attention_bwd_preprocess_kernel<Tag>;
@@ -322,8 +423,10 @@ void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t st
     auto kernel = &attn::_attention_bwd_dkdv_kernel<Tag, Bt, kMods>;
     constexpr int smem = Bt::kSmemBytes;
     if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
-    const unsigned grid = grid_size((p.len_k + Bt::kBlockN - 1) / Bt::kBlockN, int64_t(p.batch) * p.heads_kv);
-    SK_LAUNCH(kernel, dim3(grid), dim3(Bt::kThreads), smem, stream, p);
+    AttentionBwdParams lp = p;
+    at::Tensor sched;
+    const unsigned grid = tile_grid<Bt::kBlockN>(lp, cu_k, p.len_k, p.heads_kv, sched);
+    SK_LAUNCH(kernel, dim3(grid), dim3(Bt::kThreads), smem, stream, lp);
   }
   if (rows == 0) return;
   if (deterministic) {
@@ -331,8 +434,10 @@ void launch_bwd(const AttentionBwdParams& p, bool deterministic, cudaStream_t st
     auto kernel = &attn::_attention_bwd_dq_kernel<Tag, Dt, kMods>;
     constexpr int smem = Dt::kSmemBytes;
     if (smem > 48 * 1024) SK_SET_MAX_DYNAMIC_SMEM(kernel, smem);
-    const unsigned grid = grid_size((p.len_q + Dt::kBlockM - 1) / Dt::kBlockM, int64_t(p.batch) * p.heads_q);
-    SK_LAUNCH(kernel, dim3(grid), dim3(Dt::kThreads), smem, stream, p);
+    AttentionBwdParams lp = p;
+    at::Tensor sched;
+    const unsigned grid = tile_grid<Dt::kBlockM>(lp, cu_q, p.len_q, p.heads_q, sched);
+    SK_LAUNCH(kernel, dim3(grid), dim3(Dt::kThreads), smem, stream, lp);
   } else {
     auto kernel = &attn::_attention_bwd_dq_convert_kernel<Tag>;
     const int64_t chunks = rows * (p.head_dim / 8);
@@ -352,13 +457,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k) {
   constexpr const char* op = "seqkernels::attention_bwd (cuda)";
-  // TODO(issue 19): the packed (varlen) path of this kernel.
-  TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value(), op,
-              ": packed sequences (cu_seqlens) are not implemented on this backend yet");
-  (void)max_seqlen_q;
-  (void)max_seqlen_k;
   check_qkv(q_in, k_in, v_in, op);
-  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, op);
+  const host::Varlen vl =
+      varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_in, k_in,
+                  attn_mask.has_value() && attn_mask->defined(), kv_lengths.has_value() && kv_lengths->defined(), op);
+  const bool packed = vl.packed();
+  const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, packed ? vl.n : q_in.size(0), op);
   at::Tensor dsinks = at::zeros({sinks.has_value() ? q_in.size(1) : 0}, q_in.options().dtype(at::kFloat));
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
   const int64_t Hkv = k_in.size(1), Lk = k_in.size(2);
@@ -379,10 +483,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 
   const int64_t D8 = round_up8(D), Dv8 = round_up8(Dv);
   const int tile = head_dim_tile(std::max(D8, Dv8));
-  at::Tensor dq = at::empty({B, Hq, Lq, D8}, q_in.options());
-  at::Tensor dk = at::empty({B, Hkv, Lk, D8}, q_in.options());
-  at::Tensor dv = at::empty({B, Hkv, Lk, Dv8}, q_in.options());
-  auto unpad = [](const at::Tensor& t, int64_t d) { return t.size(3) == d ? t : t.narrow(3, 0, d).contiguous(); };
+  // Packed: token-major like q, k, v, and zero on rows in no sequence (the kernels write only
+  // the sequences' rows; unchecked cu_seqlens may leave others).
+  at::Tensor dq = packed ? token_major_zeros(Lq, Hq, D8, q_in.options()) : at::empty({B, Hq, Lq, D8}, q_in.options());
+  at::Tensor dk = packed ? token_major_zeros(Lk, Hkv, D8, q_in.options()) : at::empty({B, Hkv, Lk, D8}, q_in.options());
+  at::Tensor dv =
+      packed ? token_major_zeros(Lk, Hkv, Dv8, q_in.options()) : at::empty({B, Hkv, Lk, Dv8}, q_in.options());
+  auto unpad = [packed](const at::Tensor& t, int64_t d) { return unpad_output(t, d, packed); };
   if (B * Hq == 0 || (Lq == 0 && Lk == 0)) return {unpad(dq, D), unpad(dk, D), unpad(dv, Dv), dsinks};
 
   const cudart::DeviceGuard guard(q_in);
@@ -413,12 +520,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   p.dq_accum_row_stride = static_cast<int>(D8);
   p.dsink_rows = dsink_rows.defined() ? dsink_rows.data_ptr<float>() : nullptr;
+  fill_varlen(p, vl);
+  const at::Tensor cu_q = packed ? *cu_seqlens_q : at::Tensor(), cu_k = packed ? *cu_seqlens_k : at::Tensor();
 
   const cudaStream_t stream = cudart::current_stream();
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     dispatch_head_dim(tile, [&](auto tile_c) {
       dispatch_bool(p.mods_any(), [&](auto mods_c) {
-        launch_bwd<decltype(tag), decltype(tile_c)::value, decltype(mods_c)::value>(p, deterministic, stream);
+        launch_bwd<decltype(tag), decltype(tile_c)::value, decltype(mods_c)::value>(p, cu_q, cu_k, deterministic,
+                                                                                    stream);
       });
     });
   });

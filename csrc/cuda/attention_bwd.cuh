@@ -58,14 +58,36 @@ SK_DEVICE SK_INLINE bool tile_needs_mask(const AttentionParams& p, bool has_mask
 //    tied scores), and P = exp(s - lse) would be wrong by up to a factor l. Such rows (none in
 //    ordinary use) get their max and log2(l) recomputed here from the scores, one warp per row.
 
+// Packed: the sequence holding row i of the (1, H, total, D) views, by binary search of
+// cu_seqlens_q (the last sequence starting at or before i; clamped like seq_span). With unchecked
+// values that need not hold i: the caller tests i against the span it returns.
+SK_DEVICE SK_INLINE SeqGeom row_sequence(const AttentionParams& p, int i) {
+  int lo = 0, hi = p.num_seqs;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (clamp_index(p.cu_q[mid], 0, p.len_q) <= i) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  if (p.num_seqs == 0) {
+    SeqGeom g;
+    g.b = g.bm = g.q0 = g.lq = g.k0 = g.lk = 0;
+    return g;
+  }
+  return seq_geom(p, lo);
+}
+
 template <typename Tag>
-SK_DEVICE SK_INLINE void exact_row_stats(const AttentionBwdParams& p, int b, int h, int i, int lane, float& shift,
-                                         float& log2l) {
+SK_DEVICE SK_INLINE void exact_row_stats(const AttentionBwdParams& p, const SeqGeom& g, int h, int i, int lane,
+                                         float& shift, float& log2l) {
+  const int b = g.b;
   const int hk = h / (p.heads_q / p.heads_kv);
-  const int len_k = kv_len(p, b);
-  const int off = p.bottom_right ? len_k - p.len_q : 0;
-  const uint16_t* q = p.q.at(b, h, i);
-  const uint16_t* k = p.k.at(b, hk, 0);
+  const int len_k = g.lk;
+  const int off = p.bottom_right ? len_k - g.lq : 0;
+  const uint16_t* q = p.q.at(g.bm, h, g.q0 + i);
+  const uint16_t* k = p.k.at(g.bm, hk, g.k0);
   const int64_t mask_row = p.mask.row(b, h, i);
   const bool mods = p.mods_any();
   const float slope = alibi_slope(p, b, h);
@@ -103,6 +125,24 @@ __global__ void __launch_bounds__(128) _attention_bwd_preprocess_kernel(const At
   const int i = static_cast<int>(row % p.len_q);
   const int64_t bh = row / p.len_q;
   const int h = static_cast<int>(bh % p.heads_q), b = static_cast<int>(bh / p.heads_q);
+  // The row's sequence and its index there (padded: batch b, row i).
+  SeqGeom g;
+  int li = i;
+  if (p.packed()) {
+    g = row_sequence(p, i);
+    li = i - g.q0;
+    if (li < 0 || li >= g.lq) {  // a row in no sequence (unchecked cu_seqlens): no gradient
+      if (lane == 0) {
+        p.delta[row] = 0.f;
+        p.row_shift[row] = INFINITY;
+        p.row_log2l[row] = 0.f;
+        if (p.dsink_rows != nullptr) p.dsink_rows[row] = 0.f;
+      }
+      return;  // whole warps: no barrier follows
+    }
+  } else {
+    g = seq_geom(p, b);
+  }
   const uint16_t* o = p.out.at(b, h, i);
   const uint16_t* d = p.dout.at(b, h, i);
   float acc = 0.f;
@@ -123,7 +163,7 @@ __global__ void __launch_bounds__(128) _attention_bwd_preprocess_kernel(const At
   const float lse = p.lse[row];
   float shift = lse_shift(lse), log2l = 0.f;
   if (lse_needs_recompute(lse)) {
-    exact_row_stats<Tag>(p, b, h, i, lane, shift, log2l);
+    exact_row_stats<Tag>(p, g, h, li, lane, shift, log2l);
   }
   if (lane == 0) {
     p.delta[row] = acc;
@@ -220,19 +260,19 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
   const int lb_rc_d = Swz<kHeadDim>::lane_base_rc(lane), lb_cr_d = Swz<kHeadDim>::lane_base_cr(lane);
   const int lb_rc_m = Swz<kBlockM>::lane_base_rc(lane), lb_cr_m = Swz<kBlockM>::lane_base_cr(lane);
 
-  const int num_n_blocks = (p.len_k + kBlockN - 1) / kBlockN;
-  const int n_block = static_cast<int>(blockIdx.x % num_n_blocks);
-  const int bh = static_cast<int>(blockIdx.x / num_n_blocks);
-  const int b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const SeqTile st = locate_tile<kBlockN, false>(p, p.heads_kv);
+  if (!st.valid) return;  // uniform over the CTA, before any barrier
+  const int b = st.s.b, bm = st.s.bm, hk = st.h, n_block = st.tile;
+  const int q0 = st.s.q0, lq = st.s.lq;
   const int group = p.heads_q / p.heads_kv;
 
-  const int len_k = kv_len(p, b);
-  const int off = p.bottom_right ? len_k - p.len_q : 0;
+  const int len_k = st.s.lk;
+  const int off = p.bottom_right ? len_k - lq : 0;
   const int n0 = n_block * kBlockN;
   const int keys_valid = min(kBlockN, len_k - n0);  // may be <= 0: all keys padding
 
   // Queries that see at least one key of this block.
-  int i_begin = 0, i_end = p.len_q;
+  int i_begin = 0, i_end = lq;
   if (keys_valid <= 0) {
     i_end = 0;
   } else {
@@ -244,8 +284,8 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
   const int num_mb = i_end > i_begin ? (i_end + kBlockM - 1) / kBlockM - mb_begin : 0;
   const int total = num_mb * group;
 
-  const uint16_t* k_ptr = p.k.at(b, hk, n0);
-  const uint16_t* v_ptr = p.v.at(b, hk, n0);
+  const uint16_t* k_ptr = p.k.at(bm, hk, st.s.k0 + n0);
+  const uint16_t* v_ptr = p.v.at(bm, hk, st.s.k0 + n0);
 
   // Phase layouts.
   const int a_key0 = (warp % Bt::kAWarpsN) * 16 * Bt::kAMTiles;
@@ -263,13 +303,13 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
   auto issue_step = [&](int t, int stage) {
     const int h = hk * group + t / num_mb;
     const int m0 = (mb_begin + t % num_mb) * kBlockM;
-    const int rows = min(kBlockM, p.len_q - m0);
-    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ + stage * Bt::kSmemQ, p.q.at(b, h, m0), p.q.row_stride, rows,
+    const int rows = min(kBlockM, lq - m0);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ + stage * Bt::kSmemQ, p.q.at(bm, h, q0 + m0), p.q.row_stride, rows,
                                                  p.head_dim, tid);
-    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO + stage * Bt::kSmemQ, p.dout.at(b, h, m0), p.dout.row_stride, rows,
-                                                 p.head_dim_v, tid);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO + stage * Bt::kSmemQ, p.dout.at(bm, h, q0 + m0), p.dout.row_stride,
+                                                 rows, p.head_dim_v, tid);
     for (int r = tid; r < kBlockM; r += kThreads) {
-      const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0 + r;
+      const int64_t row = (static_cast<int64_t>(bm) * p.heads_q + h) * p.len_q + q0 + m0 + r;
       // Rows past Lq get lse +inf (P = 0), like rows that see nothing.
       sLse[stage * kBlockM + r] = r < rows ? p.row_shift[row] : INFINITY;
       sDelta[stage * kBlockM + r] = r < rows ? p.delta[row] : 0.f;
@@ -332,7 +372,7 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
             const int e = x & 1, nt = (x >> 1) % Bt::kANTiles, r = (x >> 1) / Bt::kANTiles;
             const int j = n0 + a_key0 + (r >> 1) * 16 + (r & 1) * 8 + quad_row;
             const int i = m0 + a_q0 + nt * 8 + quad_col + e;
-            keep |= static_cast<uint64_t>(dropout_keep_elem(p, b, h, i, j)) << x;
+            keep |= static_cast<uint64_t>(dropout_keep_elem(p, b, h, i, j, lq, len_k)) << x;
           }
         }
 #pragma unroll
@@ -358,7 +398,7 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
                 if (need_mask) {
                   if (!band_visible(p, i, j, off, len_k)) {
                     sv = -INFINITY;
-                  } else if (has_mask && i < p.len_q) {
+                  } else if (has_mask && i < lq) {
                     sv += mask_value(p, p.mask.row(b, h, i), j);
                   }
                 }
@@ -404,7 +444,7 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
       // ---- Phase C: dQ += scale * dS K, accumulated across key blocks with float atomics.
       if (p.dq_accum != nullptr) {
         float* dq_rows =
-            p.dq_accum + ((static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0) * p.dq_accum_row_stride;
+            p.dq_accum + ((static_cast<int64_t>(bm) * p.heads_q + h) * p.len_q + q0 + m0) * p.dq_accum_row_stride;
 #pragma unroll
         for (int chunk = 0; chunk < Bt::kCDims / Bt::kCChunk; ++chunk) {
           const int d_base = c_d0 + chunk * Bt::kCChunk;
@@ -426,7 +466,7 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
 #pragma unroll
               for (int e = 0; e < 4; ++e) {
                 const int r = c_q0 + mt * 16 + quad_row + 8 * (e >> 1);
-                if (m0 + r < p.len_q) {
+                if (m0 + r < lq) {
 #pragma unroll
                   for (int nt = 0; nt < Bt::kCChunk / 8; ++nt) {
                     const int d = d_base + nt * 8 + quad_col + (e & 1);
@@ -462,9 +502,11 @@ __global__ void __launch_bounds__(Bt::kThreads, 1) _attention_bwd_dkdv_kernel(co
     }
   }
   __syncthreads();
-  const int rows_out = min(kBlockN, p.len_k - n0);
-  store_tile<kBlockN, kHeadDim, kThreads>(p.dk.at(b, hk, n0), p.dk.row_stride, sK, rows_out, p.head_dim, tid);
-  store_tile<kBlockN, kHeadDim, kThreads>(p.dv.at(b, hk, n0), p.dv.row_stride, sV, rows_out, p.head_dim_v, tid);
+  // Padded: every key row up to Lk (zeros past Lk_b); packed: the sequence's keys.
+  const int rows_out = min(kBlockN, (p.packed() ? len_k : p.len_k) - n0);
+  const int k_row = st.s.k0 + n0;
+  store_tile<kBlockN, kHeadDim, kThreads>(p.dk.at(bm, hk, k_row), p.dk.row_stride, sK, rows_out, p.head_dim, tid);
+  store_tile<kBlockN, kHeadDim, kThreads>(p.dv.at(bm, hk, k_row), p.dv.row_stride, sV, rows_out, p.head_dim_v, tid);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -510,10 +552,11 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
   const int lb_rc = Swz<kHeadDim>::lane_base_rc(lane), lb_cr = Swz<kHeadDim>::lane_base_cr(lane);
 
   const QueryBlock qb = query_block<kBlockM, kBlockN>(p);
-  const int b = qb.b, h = qb.h, len_k = qb.len_k, off = qb.off;
+  if (!qb.valid) return;  // uniform over the CTA, before any barrier
+  const int b = qb.b, bm = qb.bm, h = qb.h, len_k = qb.len_k, off = qb.off, lq = qb.lq, q0 = qb.q0;
   const int m0 = qb.m0, rows_valid = qb.rows_valid;
   const int nb_begin = qb.nb_begin, nb_end = qb.nb_end;
-  const KvStages<Kt> kv{sK, sV, p.k.at(b, qb.hk, 0), p.v.at(b, qb.hk, 0), len_k};
+  const KvStages<Kt> kv{sK, sV, p.k.at(bm, qb.hk, qb.k0), p.v.at(bm, qb.hk, qb.k0), len_k};
   const int warp_row0 = warp * 16 * kMTiles;
 
   // Per-row shift of P (+inf for rows that see nothing or do not exist), its log2(l) and delta.
@@ -523,10 +566,10 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int i = m0 + warp_row0 + mt * 16 + quad_row + 8 * hf;
-      const int64_t row = (static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + i;
-      row_lse[mt][hf] = i < p.len_q ? p.row_shift[row] : INFINITY;
-      row_log2l[mt][hf] = i < p.len_q ? p.row_log2l[row] : 0.f;
-      row_delta[mt][hf] = i < p.len_q ? p.delta[row] : 0.f;
+      const int64_t row = (static_cast<int64_t>(bm) * p.heads_q + h) * p.len_q + q0 + i;
+      row_lse[mt][hf] = i < lq ? p.row_shift[row] : INFINITY;
+      row_log2l[mt][hf] = i < lq ? p.row_log2l[row] : 0.f;
+      row_delta[mt][hf] = i < lq ? p.delta[row] : 0.f;
     }
   }
 
@@ -534,9 +577,10 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
   zero_frags(acc_dq);
 
   if (nb_begin < nb_end) {
-    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, p.q.at(b, h, m0), p.q.row_stride, rows_valid, p.head_dim, tid);
-    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO, p.dout.at(b, h, m0), p.dout.row_stride, rows_valid, p.head_dim_v,
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sQ, p.q.at(bm, h, q0 + m0), p.q.row_stride, rows_valid, p.head_dim,
                                                  tid);
+    load_tile_async<kBlockM, kHeadDim, kThreads>(sdO, p.dout.at(bm, h, q0 + m0), p.dout.row_stride, rows_valid,
+                                                 p.head_dim_v, tid);
     kv.load(p, 0, nb_begin, tid);
     mma::cp_async_commit();
 
@@ -558,9 +602,9 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
 
       // dS = P o (dP - delta), in place of s.
       const bool need_mask = tile_needs_mask(p, has_mask, m0, rows_valid, n0, kBlockN, off, len_k);
-      const uint64_t keep = p.dropout
-                                ? dropout_keep_bits<kMTiles, kNTiles>(p, b, h, m0 + warp_row0 + quad_row, n0 + quad_col)
-                                : ~uint64_t(0);
+      const uint64_t keep =
+          p.dropout ? dropout_keep_bits<kMTiles, kNTiles>(p, b, h, m0 + warp_row0 + quad_row, n0 + quad_col, lq, len_k)
+                    : ~uint64_t(0);
       const float rescale = p.dropout ? p.dropout_rescale : 1.f;
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
@@ -583,7 +627,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
               if (need_mask) {
                 if (!band_visible(p, i, j, off, len_k)) {
                   sv = -INFINITY;
-                } else if (has_mask && i < p.len_q) {
+                } else if (has_mask && i < lq) {
                   sv += mask_value(p, mask_row, j);
                 }
               }
@@ -617,7 +661,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_bwd_dq_kernel(cons
     }
   }
   __syncthreads();
-  store_tile<kBlockM, kHeadDim, kThreads>(p.dq.at(b, h, m0), p.dq.row_stride, sQ, rows_valid, p.head_dim, tid);
+  store_tile<kBlockM, kHeadDim, kThreads>(p.dq.at(bm, h, q0 + m0), p.dq.row_stride, sQ, rows_valid, p.head_dim, tid);
 }
 
 // ---------------------------------------------------------------------------------------------

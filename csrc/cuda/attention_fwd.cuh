@@ -102,9 +102,11 @@ SK_DEVICE SK_INLINE float alibi_slope(const AttentionParams& p, int b, int h) {
   return p.alibi != nullptr ? p.alibi[static_cast<int64_t>(b) * p.heads_q + h] : 0.f;
 }
 
-SK_DEVICE SK_INLINE bool dropout_keep_elem(const AttentionParams& p, int b, int h, int i, int j) {
-  return i < p.len_q && j < p.len_k &&
-         dropout_keep(p.seed, p.offset, p.dropout_threshold, b, h, i, j, p.heads_q, p.len_q, p.len_k);
+// Keep bit of (sequence b, head h, row i, key j), local indices; i < lq and j < lk are the
+// sequence's rows and keys (padded: Lq and Lk), others are dropped (their P is 0 anyway).
+SK_DEVICE SK_INLINE bool dropout_keep_elem(const AttentionParams& p, int b, int h, int i, int j, int lq, int lk) {
+  return i < lq && j < lk &&
+         dropout_keep(p.seed, p.offset, p.dropout_threshold, b, h, i, j, p.heads_q, p.drop_len_q, p.drop_len_k);
 }
 
 // Keep bits of the kMTiles x 2 x kNTiles x 2 accumulator elements a thread holds in an
@@ -113,7 +115,8 @@ SK_DEVICE SK_INLINE bool dropout_keep_elem(const AttentionParams& p, int b, int 
 // one inlined Philox instead of one per element keeps the kernels small (compile time) and
 // the bits are applied by the unrolled code with constant shifts.
 template <int kMTiles, int kNTiles>
-SK_DEVICE SK_INLINE uint64_t dropout_keep_bits(const AttentionParams& p, int b, int h, int row0, int col0) {
+SK_DEVICE SK_INLINE uint64_t dropout_keep_bits(const AttentionParams& p, int b, int h, int row0, int col0, int lq,
+                                               int lk) {
   static_assert(kMTiles * kNTiles * 4 <= 64, "keep bits fit in 64");
   uint64_t bits = 0;
 #pragma unroll 1
@@ -121,7 +124,7 @@ SK_DEVICE SK_INLINE uint64_t dropout_keep_bits(const AttentionParams& p, int b, 
     const int e = x & 1, nt = (x >> 1) % kNTiles, r = (x >> 1) / kNTiles;  // r = mt * 2 + hf
     const int i = row0 + (r >> 1) * 16 + (r & 1) * 8;
     const int j = col0 + nt * 8 + e;
-    bits |= static_cast<uint64_t>(dropout_keep_elem(p, b, h, i, j)) << x;
+    bits |= static_cast<uint64_t>(dropout_keep_elem(p, b, h, i, j, lq, lk)) << x;
   }
   return bits;
 }
@@ -184,30 +187,117 @@ SK_DEVICE SK_INLINE int kv_len(const AttentionParams& p, int b) {
   return p.kv_lengths ? min(max(p.kv_lengths[b], 0), p.len_k) : p.len_k;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sequences and the tile schedule, shared by every kernel. The padded form is the special case of
+// sequence b = batch index b with q0 = k0 = 0; packed (attention_varlen), every sequence lives in
+// batch 0 of the (1, H, total, D) views at its own rows, and all indices below are local to it.
+
+struct SeqGeom {
+  int b;       // the sequence: index of kv_lengths, ALiBi slopes and the dropout index
+  int bm;      // its batch index in memory (0 when packed)
+  int q0, lq;  // its query rows [q0, q0 + lq) of the tensors
+  int k0, lk;  // its keys [k0, k0 + lk) (padded: Lk_b, kv_lengths applied)
+};
+
+SK_DEVICE SK_INLINE SeqGeom seq_geom(const AttentionParams& p, int b) {
+  SeqGeom g;
+  g.b = b;
+  if (p.packed()) {
+    const SeqSpan s = seq_span(p.cu_q, p.cu_k, b, p.len_q, p.len_k);
+    g.bm = 0;
+    g.q0 = static_cast<int>(s.q0);
+    g.lq = static_cast<int>(s.lq);
+    g.k0 = static_cast<int>(s.k0);
+    g.lk = static_cast<int>(s.lk);
+  } else {
+    g.bm = b;
+    g.q0 = 0;
+    g.lq = p.len_q;
+    g.k0 = 0;
+    g.lk = kv_len(p, b);
+  }
+  return g;
+}
+
+struct SeqTile {
+  SeqGeom s;
+  int h;       // head (query or kv head: whichever the grid runs over)
+  int tile;    // the tile within its sequence, in launch order
+  bool valid;  // false: a spare block of a packed grid (past the last tile), which returns at once
+};
+
+// The (sequence, head, tile) of this CTA in a grid over `heads` heads and tiles of kTile rows
+// along the queries (kAlongQ) or the keys. Padded: blockIdx.x = (b * heads + h) * tiles + tile,
+// tiles covering the padded length. Packed: blockIdx.x = h * tile_bound + t, and t is found in the
+// cumulative tile counts: sequence b with tile_offsets[b] <= t < tile_offsets[b + 1] (binary
+// search; empty sequences own no tile). The grid is sized by an upper bound of the tile count
+// (no host sync), so blocks with t >= tile_offsets[num_seqs] have nothing to do.
+template <int kTile, bool kAlongQ>
+SK_DEVICE SK_INLINE SeqTile locate_tile(const AttentionParams& p, int heads) {
+  SeqTile st;
+  if (!p.packed()) {
+    const int len = kAlongQ ? p.len_q : p.len_k;
+    const int tiles = (len + kTile - 1) / kTile;
+    st.tile = static_cast<int>(blockIdx.x % tiles);
+    const int bh = static_cast<int>(blockIdx.x / tiles);
+    st.h = bh % heads;
+    st.s = seq_geom(p, bh / heads);
+    st.valid = true;
+    return st;
+  }
+  const int t = static_cast<int>(blockIdx.x % p.tile_bound);
+  st.h = static_cast<int>(blockIdx.x / p.tile_bound);
+  int lo = 0, hi = p.num_seqs;  // tile_offsets[lo] <= t < tile_offsets[hi]
+  st.tile = 0;
+  st.valid = t < p.tile_offsets[hi];
+  if (!st.valid) return st;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (p.tile_offsets[mid] <= t) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  st.tile = t - p.tile_offsets[lo];
+  st.s = seq_geom(p, lo);
+  st.valid = st.tile * kTile < (kAlongQ ? st.s.lq : st.s.lk);
+  return st;
+}
+
 struct QueryBlock {
-  int b, h, hk;                // batch, query head, its kv head
-  int len_k, off;              // Lk_b and the band offset (Lk_b - Lq when bottom_right)
-  int m0, rows_valid, m_last;  // the block's first row, rows in range, last row in range
+  int b, bm, h, hk;            // sequence, its memory batch, query head, its kv head
+  int q0, lq, k0;              // the sequence's first row and rows, its first key
+  int len_k, off;              // Lk_b and the band offset (Lk_b - Lq_b when bottom_right)
+  int m0, rows_valid, m_last;  // the block's first row, rows in range, last row in range (local)
   int nb_begin, nb_end;        // the key blocks any of its rows can see
+  bool valid;                  // false: nothing to do (a spare block of a packed grid)
 };
 
 template <int kBlockM, int kBlockN>
 SK_DEVICE SK_INLINE QueryBlock query_block(const AttentionParams& p) {
   QueryBlock qb;
+  const SeqTile st = locate_tile<kBlockM, true>(p, p.heads_q);
+  qb.valid = st.valid;
+  if (!st.valid) return qb;
+  const SeqGeom& g = st.s;
   // Heavier (later) query blocks first: with a causal band they see the most keys.
-  const int num_m_blocks = (p.len_q + kBlockM - 1) / kBlockM;
-  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x % num_m_blocks);
-  const int bh = static_cast<int>(blockIdx.x / num_m_blocks);
-  const int b = bh / p.heads_q, h = bh % p.heads_q;
+  const int num_m_blocks = (g.lq + kBlockM - 1) / kBlockM;
+  const int m_block = num_m_blocks - 1 - st.tile;
+  const int h = st.h;
   const int hk = h / (p.heads_q / p.heads_kv);
-  qb.b = b;
+  qb.b = g.b;
+  qb.bm = g.bm;
   qb.h = h;
   qb.hk = hk;
+  qb.q0 = g.q0;
+  qb.lq = g.lq;
+  qb.k0 = g.k0;
 
-  qb.len_k = kv_len(p, b);
-  qb.off = p.bottom_right ? qb.len_k - p.len_q : 0;
+  qb.len_k = g.lk;
+  qb.off = p.bottom_right ? qb.len_k - g.lq : 0;
   qb.m0 = m_block * kBlockM;
-  qb.rows_valid = min(kBlockM, p.len_q - qb.m0);
+  qb.rows_valid = min(kBlockM, g.lq - qb.m0);
   qb.m_last = qb.m0 + qb.rows_valid - 1;
 
   // Keys any row of this block can see.
@@ -275,14 +365,15 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
   const int quad_row = lane >> 2, quad_col = 2 * (lane & 3);
 
   const QueryBlock qb = query_block<kBlockM, kBlockN>(p);
-  const int b = qb.b, h = qb.h, len_k = qb.len_k, off = qb.off;
+  if (!qb.valid) return;  // uniform over the CTA, before any barrier
+  const int b = qb.b, h = qb.h, len_k = qb.len_k, off = qb.off, lq = qb.lq;
   const int m0 = qb.m0, rows_valid = qb.rows_valid, m_last = qb.m_last;
   const int nb_begin = qb.nb_begin, nb_end = qb.nb_end;
-  const KvStages<Kt> kv{sK, sV, p.k.at(b, qb.hk, 0), p.v.at(b, qb.hk, 0), len_k};
+  const KvStages<Kt> kv{sK, sV, p.k.at(qb.bm, qb.hk, qb.k0), p.v.at(qb.bm, qb.hk, qb.k0), len_k};
 
-  const uint16_t* q_ptr = p.q.at(b, h, m0);
-  uint16_t* o_ptr = p.out.at(b, h, m0);
-  float* lse_ptr = p.lse + (static_cast<int64_t>(b) * p.heads_q + h) * p.len_q + m0;
+  const uint16_t* q_ptr = p.q.at(qb.bm, h, qb.q0 + m0);
+  uint16_t* o_ptr = p.out.at(qb.bm, h, qb.q0 + m0);
+  float* lse_ptr = p.lse + (static_cast<int64_t>(qb.bm) * p.heads_q + h) * p.len_q + qb.q0 + m0;
 
   // Row indices (within the block) owned by this thread: [mt][half].
   const int warp_row0 = warp * 16 * kMTiles;
@@ -340,7 +431,7 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
           for (int hf = 0; hf < 2; ++hf) {
             const int i = m0 + warp_row0 + mt * 16 + quad_row + 8 * hf;
             const RowBand band = row_band(p, i, off, len_k);
-            const bool row_in = i < p.len_q;
+            const bool row_in = i < lq;
             const int64_t mask_row = p.mask.row(b, h, i);
 #pragma unroll
             for (int nt = 0; nt < kNTiles; ++nt) {
@@ -403,7 +494,8 @@ __global__ void __launch_bounds__(Kt::kThreads, 1) _attention_fwd_kernel(const A
 
       // Dropout acts on the probabilities entering O only; row_sum (and lse) stay undropped.
       if (kGeneral && p.dropout) {
-        const uint64_t keep = dropout_keep_bits<kMTiles, kNTiles>(p, b, h, m0 + warp_row0 + quad_row, n0 + quad_col);
+        const uint64_t keep =
+            dropout_keep_bits<kMTiles, kNTiles>(p, b, h, m0 + warp_row0 + quad_row, n0 + quad_col, lq, len_k);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll

@@ -70,6 +70,23 @@ struct AttentionParams {
   const float* alibi;  // (B, Hq) slopes, or nullptr
   const float* sinks;  // (Hq,) sink logits, or nullptr
   SK_HOST_DEVICE SK_INLINE bool mods_any() const { return softcap > 0.f || alibi != nullptr || sinks != nullptr; }
+
+  // Packed sequences (attention_varlen, docs/INTERNALS.md): cu_q / cu_k are cu_seqlens_q/k
+  // (num_seqs + 1,), nullptr for the padded form. Packed, batch is 1 (the memory batch of the
+  // (1, H, total, D) views), len_q / len_k are the totals and sequence b is
+  // seq_span(cu_q, cu_k, b, len_q, len_k) (common/attention_math.h); alibi is (num_seqs, Hq).
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int num_seqs;
+  // The schedule of the packed launch in flight (set per launch, for its own tile size):
+  // tile_offsets[b] = tiles of sequences < b, (num_seqs + 1,); the grid is tile_bound x heads,
+  // tile_bound >= tile_offsets[num_seqs] (ceil(total / tile) + num_seqs). Unused when padded.
+  const int32_t* tile_offsets;
+  int tile_bound;
+  // Dims of the dropout index n = ((b * Hq + h) * drop_len_q + i) * drop_len_k + j: len_q and
+  // len_k padded, max_seqlen_q and max_seqlen_k packed.
+  int64_t drop_len_q, drop_len_k;
+  SK_HOST_DEVICE SK_INLINE bool packed() const { return cu_q != nullptr; }
 };
 
 struct AttentionBwdParams : AttentionParams {
