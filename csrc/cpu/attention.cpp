@@ -519,7 +519,7 @@ struct BwdBlock {
   const T* Kt;             // K^T panels of the kv head ([panel][D][NR])
   const T* Kr;             // K rows, Lk_pad x Dp
   const T* Vt;             // V^T panels ([panel][Dv][NR])
-  int64_t Hg, Lq;          // query heads in the group, query length
+  int64_t Hg, Lq;          // query heads in the group, query rows of the unit
   const T* Qp;             // per head Lq x Dp, pre-multiplied by scale
   const T* dOp;            // per head Lq x Dvp
   const T* Delta;          // per head Lq: rowsum(dO * O)
@@ -530,7 +530,8 @@ struct BwdBlock {
   const int64_t* hi;
   int64_t ilo, ihi;  // query rows that may see this block
   MaskDesc mask;
-  int64_t b, h0, Hq, Lk;  // h0: first query head of the group
+  int64_t b, h0, Hq;  // h0: first query head of the group
+  int64_t dLq, Lk;    // dims of the dropout index (Units::drop_Lq, drop_Lk)
   DropoutDesc drop;
   const ScoreMods<T>* mods;  // nullptr: none on
   int64_t off;               // diagonal offset of the batch (query row i sits at i + off)
@@ -579,7 +580,7 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
     // for keys it does not see, as the reference's selection gives; exp2(-inf - NaN) would
     // otherwise spread NaN into dK/dV of hidden and padded keys.
     const T nan = std::numeric_limits<T>::quiet_NaN();
-    const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.Lq + i) * a.Lk + pl;
+    const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.dLq + i) * a.Lk + pl;
     for (int64_t j = 0; j < w; ++j) {
       const bool seen = s[j] != -kInf;
       dp[j] = seen ? nan : T(0);
@@ -608,7 +609,7 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
     P::store(s + j, P::exp2(P::fmadd(P::sub(P::load(s + j), lv), l2e, nc)));
   }
   const T ks = static_cast<T>(a.drop.keep_scale);
-  const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.Lq + i) * a.Lk + pl;
+  const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.dLq + i) * a.Lk + pl;
   for (int64_t j = 0; j < w; ++j) {
     const T p = s[j];
     const bool keep = j >= c0 && j < c1 && keep_element(a.drop, n0 + j);
@@ -810,13 +811,6 @@ inline void wait_ready(const std::atomic<int64_t>& count, int64_t target) {
 // reused call after call, instead of fresh pages that fault and get zeroed on every call.
 constexpr int64_t kPackBudgetBytes = int64_t(24) << 20;
 
-// Groups of (b, kv head) packed and processed together: as many as the budget allows, but at
-// least one per thread so that every thread has work even when a group is large.
-inline int64_t chunk_groups(int64_t bytes_per_group, int64_t ngroups) {
-  const int64_t fit = kPackBudgetBytes / std::max<int64_t>(bytes_per_group, 1);
-  return std::clamp<int64_t>(std::max<int64_t>(fit, at::get_num_threads()), 1, std::max<int64_t>(ngroups, 1));
-}
-
 // Tile sizes: query rows per forward task (a multiple of the 6-row register tile) and keys per
 // forward block; query rows and keys per backward step. The forward block is large because its
 // per-row cost (max, rescale) is paid once per block; the backward's S and dP tiles (rows x
@@ -877,32 +871,118 @@ DropoutDesc check_dropout(double p, int64_t seed, int64_t offset, const char* op
   return d;
 }
 
-// Visible key range of every query row of batch b.
-void row_ranges(const Geometry& g, const int32_t* kv_len, int64_t b, int64_t wl, int64_t wr, bool bottom_right,
-                int64_t* lo, int64_t* hi) {
-  const int64_t Lk_b = batch_key_length(kv_len, b, g.Lk);
-  for (int64_t i = 0; i < g.Lq; ++i) {
-    const KeyRange kr = visible_keys(i, g.Lq, Lk_b, wl, wr, bottom_right);
-    lo[i] = kr.lo;
-    hi[i] = kr.hi;
+// cu_seqlens (common/host_checks.h: check_varlen, values included on CPU tensors); not packed
+// (n = -1) without them.
+host::Varlen check_varlen_cpu(const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k,
+                              int64_t max_seqlen_q, int64_t max_seqlen_k, const Geometry& g,
+                              const std::optional<Tensor>& attn_mask, const std::optional<Tensor>& kv_lengths,
+                              const char* op) {
+  return host::check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, g,
+                            attn_mask.has_value() && attn_mask->defined(),
+                            kv_lengths.has_value() && kv_lengths->defined(), host::kCpu, op);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The batch as the plans see it: `n` units, each with its own query rows and keys. Padded form:
+// unit b is batch entry b (Lq rows; keys up to kv_lengths[b], Lk of them stored). Packed form
+// (cu_seqlens, docs/INTERNALS.md "Packed sequences"): unit b is sequence b, rows [q0, q0 + lq)
+// and keys [k0, k0 + lk) of storage batch 0 (seq_span). Every stage after the plan works on a
+// unit with local indices i < lq, j < lk; the forms differ only in the storage offsets and the
+// dims of the dropout index.
+// ---------------------------------------------------------------------------------------------
+
+struct Units {
+  int64_t n = 0;  // B, or the N sequences
+  bool packed = false;
+  int64_t drop_Lq = 0, drop_Lk = 0;  // dims of the dropout index: (Lq, Lk), or (max_seqlen_q, max_seqlen_k)
+  // Per unit: storage batch, first row, rows, first key, visible keys (kv_lengths[b] or lk), and
+  // stored keys (Lk or lk: what is packed).
+  std::vector<int64_t> sb, q0, lq, k0, lk, kcap;
+  std::vector<int64_t> row0;  // (n + 1): prefix of lq, where a unit's rows start in the plans' row arrays
+
+  // Diagonal offset of unit b: query row i sits at i + off (visible_keys' rule).
+  int64_t key_offset(int64_t b, bool bottom_right) const { return bottom_right ? lk[b] - lq[b] : 0; }
+  // Keys packed for unit b, a multiple of the panel width NR: at least one panel in the padded
+  // form (as always), none for a packed sequence without keys.
+  int64_t kpad(int64_t b, int64_t NR) const { return round_up(packed ? kcap[b] : std::max<int64_t>(kcap[b], 1), NR); }
+};
+
+Units make_units(const Geometry& g, const int32_t* kv_len, const host::Varlen& vl) {
+  Units u;
+  u.packed = vl.packed();
+  u.n = u.packed ? vl.n : g.B;
+  u.drop_Lq = u.packed ? vl.max_q : g.Lq;
+  u.drop_Lk = u.packed ? vl.max_k : g.Lk;
+  for (auto* v : {&u.sb, &u.q0, &u.lq, &u.k0, &u.lk, &u.kcap}) v->resize(u.n);
+  u.row0.assign(u.n + 1, 0);
+  for (int64_t b = 0; b < u.n; ++b) {
+    if (u.packed) {
+      const SeqSpan s = seq_span(vl.cu_q, vl.cu_k, b, g.Lq, g.Lk);
+      u.sb[b] = 0;
+      u.q0[b] = s.q0;
+      u.lq[b] = s.lq;
+      u.k0[b] = s.k0;
+      u.lk[b] = s.lk;
+      u.kcap[b] = s.lk;
+    } else {
+      u.sb[b] = b;
+      u.q0[b] = 0;
+      u.lq[b] = g.Lq;
+      u.k0[b] = 0;
+      u.lk[b] = batch_key_length(kv_len, b, g.Lk);
+      u.kcap[b] = g.Lk;
+    }
+    u.row0[b + 1] = u.row0[b] + u.lq[b];
   }
+  return u;
+}
+
+// Item t of the chunk of groups that starts at g0, given the groups' item counts as a prefix
+// `off` (ngroups + 1): its group and its index in the group. Groups without items never match.
+inline std::pair<int64_t, int64_t> find_item(const std::vector<int64_t>& off, int64_t g0, int64_t t) {
+  const int64_t x = off[g0] + t;
+  const int64_t gi = std::upper_bound(off.begin(), off.end(), x) - off.begin() - 1;
+  return {gi, x - off[gi]};
+}
+
+// Chunks of consecutive (unit, kv head) groups packed and processed together, given the groups'
+// sizes as a prefix `off` (ngroups + 1, in elements of elem_bytes): as many as kPackBudgetBytes
+// holds, but at least one per thread so that every thread has work even when a group is large.
+// Returns the bounds (0, the first group of every further chunk, ngroups) and sets max_elems to the
+// largest chunk's elements.
+inline std::vector<int64_t> chunk_bounds(const std::vector<int64_t>& off, int64_t elem_bytes, int64_t& max_elems) {
+  const int64_t ng = static_cast<int64_t>(off.size()) - 1, nthreads = at::get_num_threads();
+  std::vector<int64_t> bnd{0};
+  max_elems = 0;
+  for (int64_t g0 = 0; g0 < ng;) {
+    int64_t g1 = g0 + 1;
+    while (g1 < ng && (g1 - g0 < nthreads || (off[g1 + 1] - off[g0]) * elem_bytes <= kPackBudgetBytes)) ++g1;
+    max_elems = std::max(max_elems, off[g1] - off[g0]);
+    bnd.push_back(g1);
+    g0 = g1;
+  }
+  return bnd;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward driver.
 // ---------------------------------------------------------------------------------------------
 
-// Every row's visible keys [lo, hi), (B, Lq) each: the plan both passes start from.
+// Every row's visible keys [lo, hi), unit after unit (Units::row0): the plan both passes start from.
 struct RowRanges {
   std::vector<int64_t> lo, hi;
 };
 
-RowRanges visible_rows(const Geometry& g, const int32_t* kv_len, int64_t wl, int64_t wr, bool bottom_right) {
+RowRanges visible_rows(const Units& u, int64_t wl, int64_t wr, bool bottom_right) {
   RowRanges r;
-  r.lo.resize(g.B * g.Lq);
-  r.hi.resize(g.B * g.Lq);
-  for (int64_t b = 0; b < g.B; ++b) {
-    row_ranges(g, kv_len, b, wl, wr, bottom_right, r.lo.data() + b * g.Lq, r.hi.data() + b * g.Lq);
+  r.lo.resize(u.row0[u.n]);
+  r.hi.resize(u.row0[u.n]);
+  for (int64_t b = 0; b < u.n; ++b) {
+    for (int64_t i = 0; i < u.lq[b]; ++i) {
+      const KeyRange kr = visible_keys(i, u.lq[b], u.lk[b], wl, wr, bottom_right);
+      r.lo[u.row0[b] + i] = kr.lo;
+      r.hi[u.row0[b] + i] = kr.hi;
+    }
   }
   return r;
 }
@@ -910,12 +990,13 @@ RowRanges visible_rows(const Geometry& g, const int32_t* kv_len, int64_t wl, int
 // Write back the forward's rows: merge the head's sink logit into (m, l) (-inf: none), normalize
 // the accumulators (the dropout keep scale and the sink's rescale folded into 1 / l) and store the
 // natural-log lse; a row that saw no key is 0 with lse -inf, or lse = sink with a finite sink.
+// Output rows are out_stride apart (Dv in the padded form, Hq * Dv in the packed one).
 template <typename scalar_t, typename T>
 void store_fwd_rows(const T* O, const T* m, const T* l, int64_t nrows, int64_t Dv, int64_t Dvp, const DropoutDesc& drop,
-                    T sink, scalar_t* out_rows, T* lse_rows) {
+                    T sink, scalar_t* out_rows, int64_t out_stride, T* lse_rows) {
   const T ks = static_cast<T>(drop.keep_scale);
   for (int64_t r = 0; r < nrows; ++r) {
-    scalar_t* orow = out_rows + r * Dv;
+    scalar_t* orow = out_rows + r * out_stride;
     const T* acc = O + r * Dvp;
     T mr = m[r], lr = l[r];
     const T f = merge_sink(sink, mr, lr);
@@ -927,33 +1008,54 @@ void store_fwd_rows(const T* O, const T* m, const T* l, int64_t nrows, int64_t D
   }
 }
 
-// The forward's plan: the selected kernels with the sizes they need (padded key and value
-// lengths, tiles), every row's visible keys, and how many (b, kv head) groups are packed at once.
+// The forward's plan: the selected kernels with the sizes they need (padded value length, tiles),
+// every row's visible keys, and per (unit, kv head) group its packed K/V size, packing slices and
+// tasks (query heads x query blocks), as prefixes over the groups, and the chunks of groups
+// packed at once.
 template <typename T>
 struct FwdPlan {
   Kernels<T> kern;
-  int64_t NR, Hg, Lk_pad, Dvp, npanel, nslice, BM, BN, nqb, group_elems, ngroups, chunk;
+  int64_t NR, Hg, Hkv, D, Dvp, BM, BN, ngroups;
   RowRanges rows;
+  std::vector<int64_t> kpad, nqb;                      // per unit: packed keys, query blocks
+  std::vector<int64_t> elem_off, slice_off, task_off;  // (ngroups + 1) prefixes
+  std::vector<int64_t> chunks;                         // chunk_bounds
+  int64_t chunk_elems = 0;                             // the largest chunk's packed elements
+
+  int64_t npanel(int64_t gi) const { return kpad[gi / Hkv] / NR; }
 };
 
 template <typename T>
-FwdPlan<T> make_fwd_plan(const Geometry& g, const int32_t* kv_len, int64_t wl, int64_t wr, bool bottom_right) {
+FwdPlan<T> make_fwd_plan(const Geometry& g, const Units& u, int64_t wl, int64_t wr, bool bottom_right) {
   FwdPlan<T> p;
   p.kern = select_kernels<T>();
   const int64_t W = p.kern.W;
   p.NR = 2 * W;
   p.Hg = g.Hq / g.Hkv;
-  p.Lk_pad = round_up(std::max<int64_t>(g.Lk, 1), p.NR);
+  p.Hkv = g.Hkv;
+  p.D = g.D;
   p.Dvp = round_up(std::max<int64_t>(g.Dv, 1), W);
-  p.npanel = p.Lk_pad / p.NR;
-  p.nslice = (p.npanel + kSlice - 1) / kSlice;
   p.BM = kFwdBM;
   p.BN = round_up(kFwdBN, p.NR);
-  p.nqb = (g.Lq + p.BM - 1) / p.BM;
-  p.rows = visible_rows(g, kv_len, wl, wr, bottom_right);
-  p.group_elems = p.Lk_pad * (g.D + p.Dvp);
-  p.ngroups = g.B * g.Hkv;
-  p.chunk = chunk_groups(p.group_elems * int64_t(sizeof(T)), p.ngroups);
+  p.rows = visible_rows(u, wl, wr, bottom_right);
+  p.ngroups = u.n * g.Hkv;
+  p.kpad.resize(u.n);
+  p.nqb.resize(u.n);
+  for (int64_t b = 0; b < u.n; ++b) {
+    // A packed sequence without query rows has no task and packs nothing.
+    p.kpad[b] = u.packed && u.lq[b] == 0 ? 0 : u.kpad(b, p.NR);
+    p.nqb[b] = (u.lq[b] + p.BM - 1) / p.BM;
+  }
+  p.elem_off.assign(p.ngroups + 1, 0);
+  p.slice_off.assign(p.ngroups + 1, 0);
+  p.task_off.assign(p.ngroups + 1, 0);
+  for (int64_t gi = 0; gi < p.ngroups; ++gi) {
+    const int64_t b = gi / g.Hkv, np = p.kpad[b] / p.NR;
+    p.elem_off[gi + 1] = p.elem_off[gi] + p.kpad[b] * (g.D + p.Dvp);
+    p.slice_off[gi + 1] = p.slice_off[gi] + (np + kSlice - 1) / kSlice;
+    p.task_off[gi + 1] = p.task_off[gi] + p.Hg * p.nqb[b];
+  }
+  p.chunks = chunk_bounds(p.elem_off, int64_t(sizeof(T)), p.chunk_elems);
   return p;
 }
 
@@ -963,8 +1065,8 @@ struct FwdIo {
   const Tensor &q, &k, &v;
   Tensor &out, &lse;
   const Geometry& g;
+  const Units& u;
   const MaskDesc& mask;
-  const int32_t* kv_len;
   T qmul;
   bool bottom_right;
   const DropoutDesc& drop;
@@ -980,9 +1082,10 @@ struct FwdIo {
 // the other; ready[gi - g0] counts group gi's packed slices, which its tasks wait for.
 template <typename T>
 struct FwdPack {
+  const FwdPlan<T>* plan = nullptr;
   Tensor buf;
   T* base = nullptr;
-  int64_t group_elems = 0, v_off = 0, g0 = 0, g1 = 0;
+  int64_t g0 = 0, g1 = 0;
   std::vector<std::atomic<int64_t>> ready;
 
   void start_chunk(int64_t first, int64_t last) {
@@ -990,16 +1093,17 @@ struct FwdPack {
     g1 = last;
     ready = std::vector<std::atomic<int64_t>>(last - first);
   }
-  T* Kp(int64_t gi) const { return base + (gi - g0) * group_elems; }
-  T* Vp(int64_t gi) const { return Kp(gi) + v_off; }
+  int64_t nslices() const { return plan->slice_off[g1] - plan->slice_off[g0]; }
+  int64_t ntasks() const { return plan->task_off[g1] - plan->task_off[g0]; }
+  T* Kp(int64_t gi) const { return base + (plan->elem_off[gi] - plan->elem_off[g0]); }
+  T* Vp(int64_t gi) const { return Kp(gi) + plan->kpad[gi / plan->Hkv] * plan->D; }
 };
 
 template <typename T>
-FwdPack<T> make_fwd_pack(const FwdPlan<T>& p, const Geometry& g, const at::TensorOptions& opts) {
+FwdPack<T> make_fwd_pack(const FwdPlan<T>& p, const at::TensorOptions& opts) {
   FwdPack<T> pk;
-  pk.group_elems = p.group_elems;
-  pk.v_off = p.Lk_pad * g.D;
-  pk.buf = at::empty({p.chunk * p.group_elems}, opts.dtype(c10::CppTypeToScalarType<T>::value));
+  pk.plan = &p;
+  pk.buf = at::empty({p.chunk_elems}, opts.dtype(c10::CppTypeToScalarType<T>::value));
   pk.base = pk.buf.template data_ptr<T>();
   return pk;
 }
@@ -1010,32 +1114,35 @@ void pack_fwd_slice(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, FwdPack<T
   const Tensor &k = io.k, &v = io.v;
   const scalar_t *kd = io.kd, *vd = io.vd;
   const int64_t Hkv = io.g.Hkv, D = io.g.D, Dv = io.g.Dv, NR = p.NR;
-  const int64_t gi = pk.g0 + t / p.nslice, sl = t % p.nslice;
+  const auto [gi, sl] = find_item(p.slice_off, pk.g0, t);
   const int64_t b = gi / Hkv, hk = gi % Hkv;
-  const int64_t Lk_b = batch_key_length(io.kv_len, b, io.g.Lk);
-  const int64_t p0 = sl * kSlice, p1 = std::min(p.npanel, p0 + kSlice);
-  pack_panels<scalar_t, T>(kd + b * k.stride(0) + hk * k.stride(1), k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1,
-                           pk.Kp(gi));
-  pack_rows<scalar_t, T>(vd + b * v.stride(0) + hk * v.stride(1), v.stride(2), v.stride(3), Lk_b, Dv, p.Dvp, p0 * NR,
-                         p1 * NR, T(1), pk.Vp(gi));
+  const int64_t p0 = sl * kSlice, p1 = std::min(p.npanel(gi), p0 + kSlice);
+  const int64_t ks = io.u.sb[b] * k.stride(0) + io.u.k0[b] * k.stride(2);
+  const int64_t vs = io.u.sb[b] * v.stride(0) + io.u.k0[b] * v.stride(2);
+  pack_panels<scalar_t, T>(kd + ks + hk * k.stride(1), k.stride(2), k.stride(3), io.u.lk[b], D, NR, p0, p1, pk.Kp(gi));
+  pack_rows<scalar_t, T>(vd + vs + hk * v.stride(1), v.stride(2), v.stride(3), io.u.lk[b], Dv, p.Dvp, p0 * NR, p1 * NR,
+                         T(1), pk.Vp(gi));
   pk.ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
 }
 
 // Tasks of the groups [g0, g1): (group, query head in group, block of query rows), cost = visible
 // (row, key) pairs.
 template <typename T>
-std::vector<int64_t> fwd_task_costs(const FwdPlan<T>& p, const Geometry& g, int64_t g0, int64_t g1) {
-  const int64_t Lq = g.Lq, BM = p.BM, nqb = p.nqb;
+std::vector<int64_t> fwd_task_costs(const FwdPlan<T>& p, const Units& u, int64_t g0, int64_t g1) {
+  const int64_t BM = p.BM;
   const std::vector<int64_t>&lo_all = p.rows.lo, &hi_all = p.rows.hi;
-  const int64_t ntask = (g1 - g0) * p.Hg * nqb;
-  std::vector<int64_t> cost(ntask);
-  for (int64_t t = 0; t < ntask; ++t) {
-    const int64_t gi = g0 + t / (p.Hg * nqb), qb = t % nqb;
-    const int64_t b = gi / g.Hkv;
-    const int64_t i0 = qb * BM, i1 = std::min(Lq, i0 + BM);
-    int64_t c = i1 - i0;
-    for (int64_t i = i0; i < i1; ++i) c += hi_all[b * Lq + i] - lo_all[b * Lq + i];
-    cost[t] = c;
+  std::vector<int64_t> cost;
+  cost.reserve(p.task_off[g1] - p.task_off[g0]);
+  for (int64_t gi = g0; gi < g1; ++gi) {
+    const int64_t b = gi / p.Hkv, Lq = u.lq[b], nqb = p.nqb[b], r0 = u.row0[b];
+    for (int64_t hh = 0; hh < p.Hg; ++hh) {
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const int64_t i0 = qb * BM, i1 = std::min(Lq, i0 + BM);
+        int64_t c = i1 - i0;
+        for (int64_t i = i0; i < i1; ++i) c += hi_all[r0 + i] - lo_all[r0 + i];
+        cost.push_back(c);
+      }
+    }
   }
   return cost;
 }
@@ -1050,24 +1157,27 @@ int64_t fwd_scratch_elems(const FwdPlan<T>& p, int64_t D) {
 // writing back its output rows and lse.
 template <typename scalar_t, typename T>
 void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, const FwdPack<T>& pk, T* scratch, int64_t t) {
-  const Tensor& q = io.q;
-  const int64_t Hq = io.g.Hq, Hkv = io.g.Hkv, Lq = io.g.Lq, Lk = io.g.Lk, D = io.g.D, Dv = io.g.Dv;
-  const int64_t Hg = p.Hg, nqb = p.nqb, BM = p.BM, Dvp = p.Dvp;
+  const Tensor &q = io.q, &out = io.out;
+  const Units& u = io.u;
+  const int64_t Hq = io.g.Hq, Hkv = io.g.Hkv, D = io.g.D, Dv = io.g.Dv;
+  const int64_t BM = p.BM, Dvp = p.Dvp;
   T* Qs = scratch;
   T* O = Qs + BM * D;
   T* m = O + BM * Dvp;
   T* l = m + BM;
   T* Pb = l + BM;
   T* alpha = Pb + kMR * p.BN;
-  const int64_t gi = pk.g0 + t / (Hg * nqb), hh = (t / nqb) % Hg, qb = t % nqb;
-  const int64_t b = gi / Hkv, hk = gi % Hkv, h = hk * Hg + hh;
+  const auto [gi, local] = find_item(p.task_off, pk.g0, t);
+  const int64_t b = gi / Hkv, hk = gi % Hkv, nqb = p.nqb[b];
+  const int64_t hh = local / nqb, qb = local % nqb, h = hk * p.Hg + hh;
+  const int64_t Lq = u.lq[b], sb = u.sb[b], row = u.q0[b];  // row: the unit's first row in storage
   const int64_t i0 = qb * BM, nrows = std::min(BM, Lq - i0);
-  pack_rows<scalar_t, T>(io.qd + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), q.stride(3), nrows,
-                         D, D, 0, nrows, io.qmul, Qs);
+  pack_rows<scalar_t, T>(io.qd + sb * q.stride(0) + h * q.stride(1) + (row + i0) * q.stride(2), q.stride(2),
+                         q.stride(3), nrows, D, D, 0, nrows, io.qmul, Qs);
   fill(O, nrows * Dvp, T(0));
   fill(m, nrows, -std::numeric_limits<T>::infinity());
   fill(l, nrows, T(0));
-  wait_ready(pk.ready[gi - pk.g0], p.nslice);
+  wait_ready(pk.ready[gi - pk.g0], p.slice_off[gi + 1] - p.slice_off[gi]);
   FwdRows<T> a;
   a.D = D;
   a.Dvp = Dvp;
@@ -1076,39 +1186,40 @@ void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, const F
   a.Kp = pk.Kp(gi);
   a.Vp = pk.Vp(gi);
   a.nrows = nrows;
-  a.lo = p.rows.lo.data() + b * Lq + i0;
-  a.hi = p.rows.hi.data() + b * Lq + i0;
+  a.lo = p.rows.lo.data() + u.row0[b] + i0;
+  a.hi = p.rows.hi.data() + u.row0[b] + i0;
   a.mask = io.mask;
   a.b = b;
   a.h = h;
   a.i0 = i0;
   a.drop = io.drop;
-  a.n_row0 = ((static_cast<uint64_t>(b) * Hq + h) * Lq + i0) * Lk;
-  a.Lk = Lk;
-  a.mods = row_mods(io.mods, b, h, Hq, io.bottom_right ? batch_key_length(io.kv_len, b, Lk) - Lq : 0);
+  a.n_row0 = ((static_cast<uint64_t>(b) * Hq + h) * u.drop_Lq + i0) * u.drop_Lk;
+  a.Lk = u.drop_Lk;
+  a.mods = row_mods(io.mods, b, h, Hq, u.key_offset(b, io.bottom_right));
   a.O = O;
   a.m = m;
   a.l = l;
   a.P = Pb;
   a.alpha = alpha;
   p.kern.fwd(a);
-  store_fwd_rows<scalar_t, T>(O, m, l, nrows, Dv, Dvp, io.drop, io.mods.sink(h), io.od + ((b * Hq + h) * Lq + i0) * Dv,
-                              io.lsed + (b * Hq + h) * Lq + i0);
+  store_fwd_rows<scalar_t, T>(O, m, l, nrows, Dv, Dvp, io.drop, io.mods.sink(h),
+                              io.od + sb * out.stride(0) + h * out.stride(1) + (row + i0) * out.stride(2),
+                              out.stride(2), io.lsed + (sb * Hq + h) * io.g.Lq + row + i0);
 }
 
 template <typename scalar_t, typename T>
-void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g, const MaskDesc& mask,
-                       const int32_t* kv_len, double scale, int64_t wl, int64_t wr, bool bottom_right,
+void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g, const Units& u,
+                       const MaskDesc& mask, double scale, int64_t wl, int64_t wr, bool bottom_right,
                        const DropoutDesc& drop, const ScoreMods<T>& mods, Tensor& out, Tensor& lse) {
-  const FwdPlan<T> plan = make_fwd_plan<T>(g, kv_len, wl, wr, bottom_right);
-  const FwdIo<scalar_t, T> io{q, k, v, out, lse, g, mask, kv_len, static_cast<T>(scale), bottom_right, drop, mods};
-  FwdPack<T> pack = make_fwd_pack(plan, g, q.options());
+  const FwdPlan<T> plan = make_fwd_plan<T>(g, u, wl, wr, bottom_right);
+  const FwdIo<scalar_t, T> io{q, k, v, out, lse, g, u, mask, static_cast<T>(scale), bottom_right, drop, mods};
+  FwdPack<T> pack = make_fwd_pack(plan, q.options());
   // Chunks one after the other; within one, packing and compute share a parallel region.
-  for (int64_t g0 = 0; g0 < plan.ngroups; g0 += plan.chunk) {
-    pack.start_chunk(g0, std::min(g0 + plan.chunk, plan.ngroups));
-    const std::vector<int64_t> cost = fwd_task_costs(plan, g, pack.g0, pack.g1);
+  for (size_t c = 0; c + 1 < plan.chunks.size(); ++c) {
+    pack.start_chunk(plan.chunks[c], plan.chunks[c + 1]);
+    const std::vector<int64_t> cost = fwd_task_costs(plan, u, pack.g0, pack.g1);
     auto pack_job = [&](int64_t t) { pack_fwd_slice(plan, io, pack, t); };
-    run_tasks((pack.g1 - pack.g0) * plan.nslice, pack_job, cost, [&]() {
+    run_tasks(pack.nslices(), pack_job, cost, [&]() {
       // Per-thread scratch, allocated once per call.
       auto scratch = std::make_shared<std::vector<T>>(fwd_scratch_elems(plan, g.D));
       return [&, scratch](int64_t t) { fwd_compute_task(plan, io, pack, scratch->data(), t); };
@@ -1119,18 +1230,19 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
 // The score modifiers (softcap, ALiBi, sinks), validated in the accumulation type T.
 template <typename T>
 ScoreMods<T> modifiers_cpu(const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks,
-                           double softcap, const Geometry& g, const char* op) {
-  const host::ModifierArgs<T> m = host::check_modifiers<T>(alibi_slopes, sinks, softcap, g.B, g.Hq, host::kCpu, op);
+                           double softcap, int64_t nunits, const Geometry& g, const char* op) {
+  // alibi_slopes is (B, Hq), or (N, Hq) with packed sequences: one row per unit.
+  const host::ModifierArgs<T> m = host::check_modifiers<T>(alibi_slopes, sinks, softcap, nunits, g.Hq, host::kCpu, op);
   return ScoreMods<T>{m.softcap, m.alibi, m.sinks};
 }
 
 // Validation before anything else runs, in the accumulation type of q's dtype.
 void check_modifiers_cpu(const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks, double softcap,
-                         const Geometry& g, at::ScalarType qt, const char* op) {
+                         int64_t nunits, const Geometry& g, at::ScalarType qt, const char* op) {
   if (qt == at::kDouble) {
-    modifiers_cpu<double>(alibi_slopes, sinks, softcap, g, op);
+    modifiers_cpu<double>(alibi_slopes, sinks, softcap, nunits, g, op);
   } else {
-    modifiers_cpu<float>(alibi_slopes, sinks, softcap, g, op);
+    modifiers_cpu<float>(alibi_slopes, sinks, softcap, nunits, g, op);
   }
 }
 
@@ -1142,26 +1254,28 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
     const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool deterministic) {
   (void)deterministic;  // recorded by the autograd layer for the backward
   constexpr const char* op = "seqkernels::attention_fwd (cpu)";
-  // TODO(issue 19): the packed (varlen) path of this kernel.
-  TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value(), op,
-              ": packed sequences (cu_seqlens) are not implemented on this backend yet");
-  (void)max_seqlen_q;
-  (void)max_seqlen_k;
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
-  check_modifiers_cpu(alibi_slopes, sinks, softcap, g, q.scalar_type(), op);
+  const host::Varlen vl =
+      check_varlen_cpu(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, g, attn_mask, kv_lengths, op);
+  const int64_t nunits = vl.packed() ? vl.n : g.B;
+  check_modifiers_cpu(alibi_slopes, sinks, softcap, nunits, g, q.scalar_type(), op);
   const MaskDesc mask = check_mask(attn_mask, g, q.scalar_type(), op);
   const int32_t* kv_len = host::check_kv_lengths(kv_lengths, g, host::kCpu, op);
   const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
   host::check_window(window_left, window_right, op);
   const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor out = at::empty({g.B, g.Hq, g.Lq, g.Dv}, q.options());
+  // Packed: out is (1, Hq, total_q, Dv) over token-major (total_q, Hq, Dv) storage, as the fake
+  // kernel promises (the public layer returns out[0].transpose(0, 1) without a copy).
+  Tensor out = vl.packed() ? at::empty({g.Lq, g.Hq, g.Dv}, q.options()).permute({1, 0, 2}).unsqueeze(0)
+                           : at::empty({g.B, g.Hq, g.Lq, g.Dv}, q.options());
   Tensor lse = at::empty({g.B, g.Hq, g.Lq}, q.options().dtype(lse_type));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const Units u = make_units(g, kv_len, vl);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const ScoreMods<T> mods = modifiers_cpu<T>(alibi_slopes, sinks, softcap, g, op);
-    attention_fwd_run<scalar_t, T>(q, k, v, g, mask, kv_len, scale, window_left, window_right, bottom_right, drop, mods,
-                                   out, lse);
+    const ScoreMods<T> mods = modifiers_cpu<T>(alibi_slopes, sinks, softcap, nunits, g, op);
+    attention_fwd_run<scalar_t, T>(q, k, v, g, u, mask, scale, window_left, window_right, bottom_right, drop, mods, out,
+                                   lse);
   });
   return {out, lse};
 }
@@ -1231,60 +1345,69 @@ void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D,
 }
 
 // The backward's plan, before anything is packed: each row's visible key range, the work in each
-// key block of each batch (visible (row, key) pairs), and the split of every batch's key blocks
+// key block of each unit (visible (row, key) pairs), and the split of every unit's key blocks
 // into `splits` contiguous ranges of about equal work, each with its own dQ partial.
 struct BwdPlan {
-  int64_t B = 0, Lq = 0, nkb = 0, splits = 1;
-  std::vector<int64_t> lo, hi;       // (B, Lq): visible keys [lo, hi) of each row
-  std::vector<int64_t> kb_cost;      // (B, nkb)
-  std::vector<int64_t> split_begin;  // (B, splits + 1): first key block of each split
+  const Units* u = nullptr;
+  int64_t splits = 1, max_nkb = 0;
+  std::vector<int64_t> lo, hi;       // visible keys [lo, hi) of each row (Units::row0)
+  std::vector<int64_t> kb_off;       // (n + 1): prefix of the units' key-block counts
+  std::vector<int64_t> kb_cost;      // per key block, unit after unit (kb_off)
+  std::vector<int64_t> split_begin;  // (n, splits + 1): first key block of each split, unit-local
+
+  int64_t nkb(int64_t b) const { return kb_off[b + 1] - kb_off[b]; }
 
   void split(int64_t n) {
     splits = n;
-    split_begin.assign(B * (splits + 1), 0);
-    for (int64_t b = 0; b < B; ++b) {
+    split_begin.assign(u->n * (splits + 1), 0);
+    for (int64_t b = 0; b < u->n; ++b) {
+      const int64_t nk = nkb(b);
+      const int64_t* kc = kb_cost.data() + kb_off[b];
       int64_t total = 0;
-      for (int64_t kb = 0; kb < nkb; ++kb) total += kb_cost[b * nkb + kb];
+      for (int64_t kb = 0; kb < nk; ++kb) total += kc[kb];
       int64_t* sb = split_begin.data() + b * (splits + 1);
       sb[0] = 0;
       int64_t acc = 0, s = 1;
-      for (int64_t kb = 0; kb < nkb && s < splits; ++kb) {
-        acc += kb_cost[b * nkb + kb];
+      for (int64_t kb = 0; kb < nk && s < splits; ++kb) {
+        acc += kc[kb];
         while (s < splits && acc * splits >= total * s) sb[s++] = kb + 1;
       }
-      while (s <= splits) sb[s++] = nkb;
+      while (s <= splits) sb[s++] = nk;
     }
   }
 
-  // Work of split s of group gi (a kv head of a batch), for the task scheduler.
+  // Work of split s of group gi (a kv head of a unit), for the task scheduler.
   int64_t split_cost(int64_t gi, int64_t Hkv, int64_t s) const {
     const int64_t b = gi / Hkv;
     const int64_t* sb = split_begin.data() + b * (splits + 1);
     int64_t c = 0;
-    for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) c += kb_cost[b * nkb + kb];
+    for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) c += kb_cost[kb_off[b] + kb];
     return c;
   }
 };
 
-BwdPlan make_bwd_plan(const Geometry& g, const int32_t* kv_len, int64_t wl, int64_t wr, bool bottom_right,
-                      int64_t Lk_pad, int64_t BN) {
+BwdPlan make_bwd_plan(const Units& u, int64_t wl, int64_t wr, bool bottom_right, int64_t NR, int64_t BN) {
   BwdPlan p;
-  p.B = g.B;
-  p.Lq = g.Lq;
-  p.nkb = (Lk_pad + BN - 1) / BN;
-  const int64_t B = g.B, Lq = g.Lq, nkb = p.nkb;
-  RowRanges rows = visible_rows(g, kv_len, wl, wr, bottom_right);
+  p.u = &u;
+  RowRanges rows = visible_rows(u, wl, wr, bottom_right);
   p.lo = std::move(rows.lo);
   p.hi = std::move(rows.hi);
-  p.kb_cost.assign(B * nkb, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t kb = 0; kb < nkb; ++kb) {
+  p.kb_off.assign(u.n + 1, 0);
+  for (int64_t b = 0; b < u.n; ++b) {
+    const int64_t nk = (u.kpad(b, NR) + BN - 1) / BN;
+    p.kb_off[b + 1] = p.kb_off[b] + nk;
+    p.max_nkb = std::max(p.max_nkb, nk);
+  }
+  p.kb_cost.assign(p.kb_off[u.n], 0);
+  for (int64_t b = 0; b < u.n; ++b) {
+    const int64_t Lk_pad = u.kpad(b, NR), Lq = u.lq[b], r0 = u.row0[b];
+    for (int64_t kb = 0; kb < p.nkb(b); ++kb) {
       const int64_t j0 = kb * BN, j1 = std::min(Lk_pad, j0 + BN);
       int64_t c = 1;
       for (int64_t i = 0; i < Lq; ++i) {
-        c += std::max<int64_t>(0, std::min(p.hi[b * Lq + i], j1) - std::max(p.lo[b * Lq + i], j0));
+        c += std::max<int64_t>(0, std::min(p.hi[r0 + i], j1) - std::max(p.lo[r0 + i], j0));
       }
-      p.kb_cost[b * nkb + kb] = c;
+      p.kb_cost[p.kb_off[b] + kb] = c;
     }
   }
   return p;
@@ -1324,14 +1447,18 @@ void store_dq_rows(const T* part0, int64_t part_stride, int64_t splits, int64_t 
   }
 }
 
-// The backward's packed data, per (b, kv head) group of the current chunk [g0, g1), one group
+// The backward's packed data, per (unit, kv head) group of the current chunk [g0, g1), one group
 // after the other: K^T panels, K rows and V^T panels, then for each query head of the group its Q
 // rows (scale applied), dO rows, Delta, lse, lse corrections and one dQ partial per key-block
-// split. It also holds the selected kernels' tile sizes, which that layout depends on.
+// split. It also holds the selected kernels' tile sizes, which that layout depends on, and per
+// unit its sizes (rows, packed keys, packing jobs), with prefixes over the groups.
 template <typename T>
 struct BwdPack {
-  int64_t NR, Hg, D, Dp, Dv, Dvp, Lq, Lk_pad, npanel, nslice, nrslice, BM, BN, fwd_BN;
-  int64_t splits = 1, group_elems = 0, chunk = 1;
+  int64_t NR, Hg, Hkv, D, Dp, Dv, Dvp, BM, BN, fwd_BN;
+  int64_t splits = 1;
+  std::vector<int64_t> lq, kpad, nslice, nrslice;      // per unit
+  std::vector<int64_t> elem_off, kvjob_off, qjob_off;  // (ngroups + 1) prefixes
+  std::vector<int64_t> chunks;                         // chunk_bounds
   Tensor buf;
   T* base = nullptr;
   int64_t g0 = 0, g1 = 0;
@@ -1349,62 +1476,85 @@ struct BwdPack {
   }
   // K/V jobs come first: every one is taken before any Q job, by a thread that runs it without
   // waiting, so a Q job waiting for them cannot deadlock.
-  int64_t nkv_jobs() const { return (g1 - g0) * nslice; }
-  int64_t nq_jobs() const { return (g1 - g0) * Hg * nrslice; }
-  int64_t jobs_per_group() const { return nslice + Hg * nrslice; }
+  int64_t nkv_jobs() const { return kvjob_off[g1] - kvjob_off[g0]; }
+  int64_t nq_jobs() const { return qjob_off[g1] - qjob_off[g0]; }
+  int64_t jobs_per_group(int64_t gi) const { return nslice[gi / Hkv] + Hg * nrslice[gi / Hkv]; }
+  int64_t Lq(int64_t gi) const { return lq[gi / Hkv]; }
+  int64_t Lk_pad(int64_t gi) const { return kpad[gi / Hkv]; }
+  int64_t npanel(int64_t gi) const { return kpad[gi / Hkv] / NR; }
 
-  T* Kt(int64_t gi) const { return base + (gi - g0) * group_elems; }
-  T* Kr(int64_t gi) const { return Kt(gi) + Lk_pad * D; }
-  T* Vt(int64_t gi) const { return Kr(gi) + Lk_pad * Dp; }
-  T* Qp(int64_t gi) const { return Vt(gi) + Lk_pad * Dv; }
-  T* dOp(int64_t gi) const { return Qp(gi) + Hg * Lq * Dp; }
-  T* Delta(int64_t gi) const { return dOp(gi) + Hg * Lq * Dvp; }
-  T* lse(int64_t gi) const { return Delta(gi) + Hg * Lq; }
-  T* corr(int64_t gi) const { return lse(gi) + Hg * Lq; }
-  T* dQ(int64_t gi, int64_t s) const { return corr(gi) + Hg * Lq + s * Hg * Lq * Dp; }
+  T* Kt(int64_t gi) const { return base + (elem_off[gi] - elem_off[g0]); }
+  T* Kr(int64_t gi) const { return Kt(gi) + Lk_pad(gi) * D; }
+  T* Vt(int64_t gi) const { return Kr(gi) + Lk_pad(gi) * Dp; }
+  T* Qp(int64_t gi) const { return Vt(gi) + Lk_pad(gi) * Dv; }
+  T* dOp(int64_t gi) const { return Qp(gi) + Hg * Lq(gi) * Dp; }
+  T* Delta(int64_t gi) const { return dOp(gi) + Hg * Lq(gi) * Dvp; }
+  T* lse(int64_t gi) const { return Delta(gi) + Hg * Lq(gi); }
+  T* corr(int64_t gi) const { return lse(gi) + Hg * Lq(gi); }
+  T* dQ(int64_t gi, int64_t s) const { return corr(gi) + Hg * Lq(gi) + s * Hg * Lq(gi) * Dp; }
+
+  // Elements of group gi's part of the buffer with `ns` dQ partials.
+  int64_t group_elems(int64_t gi, int64_t ns) const {
+    const int64_t L = Lq(gi), K = Lk_pad(gi);
+    return K * (D + Dp + Dv) + Hg * L * (Dp + Dvp + 3) + ns * Hg * L * Dp;
+  }
 };
 
 template <typename T>
-BwdPack<T> bwd_pack_sizes(const Geometry& g, int64_t W) {
+BwdPack<T> bwd_pack_sizes(const Geometry& g, const Units& u, int64_t W) {
   BwdPack<T> pk;
   pk.NR = 2 * W;
   pk.Hg = g.Hq / g.Hkv;
+  pk.Hkv = g.Hkv;
   pk.D = g.D;
   pk.Dp = round_up(std::max<int64_t>(g.D, 1), W);
   pk.Dv = g.Dv;
   pk.Dvp = round_up(std::max<int64_t>(g.Dv, 1), W);
-  pk.Lq = g.Lq;
-  pk.Lk_pad = round_up(std::max<int64_t>(g.Lk, 1), pk.NR);
-  pk.npanel = pk.Lk_pad / pk.NR;
-  pk.nslice = (pk.npanel + kSlice - 1) / kSlice;
-  pk.nrslice = (g.Lq + kRowSlice - 1) / kRowSlice;
   pk.BM = kBwdBM;
   pk.BN = round_up(kBwdBN, pk.NR);
   pk.fwd_BN = round_up(kFwdBN, pk.NR);  // key block of lse_corrections (the forward's)
+  pk.lq = u.lq;
+  pk.kpad.resize(u.n);
+  pk.nslice.resize(u.n);
+  pk.nrslice.resize(u.n);
+  for (int64_t b = 0; b < u.n; ++b) {
+    pk.kpad[b] = u.kpad(b, pk.NR);
+    pk.nslice[b] = (pk.kpad[b] / pk.NR + kSlice - 1) / kSlice;
+    pk.nrslice[b] = (u.lq[b] + kRowSlice - 1) / kRowSlice;
+  }
+  const int64_t ng = u.n * g.Hkv;
+  pk.kvjob_off.assign(ng + 1, 0);
+  pk.qjob_off.assign(ng + 1, 0);
+  for (int64_t gi = 0; gi < ng; ++gi) {
+    pk.kvjob_off[gi + 1] = pk.kvjob_off[gi] + pk.nslice[gi / g.Hkv];
+    pk.qjob_off[gi + 1] = pk.qjob_off[gi] + pk.Hg * pk.nrslice[gi / g.Hkv];
+  }
   return pk;
 }
 
-// Key-block splits per group and groups per chunk, then the buffer. Splits give enough tasks per
-// chunk to keep every thread busy when there are few groups. Each split owns a dQ partial, summed
-// in split order afterwards. Groups of a chunk cost the same unless kv_lengths differ, so a
-// multiple of the thread count needs none.
+// Key-block splits per group and the chunks of groups, then the buffer. Splits give enough tasks
+// per chunk to keep every thread busy when there are few groups. Each split owns a dQ partial,
+// summed in split order afterwards. Groups of a chunk cost the same unless kv_lengths differ or
+// the sequences are packed, so a multiple of the thread count needs none.
 template <typename T>
-void size_bwd_chunks(BwdPack<T>& pk, BwdPlan& plan, const Geometry& g, const int32_t* kv_len,
-                     const at::TensorOptions& opts) {
-  const int64_t ngroups = g.B * g.Hkv;
+void size_bwd_chunks(BwdPack<T>& pk, BwdPlan& plan, const Units& u, bool has_kv_len, const at::TensorOptions& opts) {
+  const int64_t ng = u.n * pk.Hkv;
   const int64_t nthreads = at::get_num_threads();
-  const int64_t kv_elems = pk.Lk_pad * (pk.D + pk.Dp + pk.Dv);
-  const int64_t q_elems = pk.Hg * pk.Lq * (pk.Dp + pk.Dvp + 3);
-  const int64_t dq_part = pk.Hg * pk.Lq * pk.Dp;
-  const int64_t chunk0 = chunk_groups((kv_elems + q_elems + dq_part) * int64_t(sizeof(T)), ngroups);
+  pk.elem_off.assign(ng + 1, 0);
+  for (int64_t gi = 0; gi < ng; ++gi) pk.elem_off[gi + 1] = pk.elem_off[gi] + pk.group_elems(gi, 1);
+  int64_t max_elems = 0;
+  const std::vector<int64_t> chunks0 = chunk_bounds(pk.elem_off, int64_t(sizeof(T)), max_elems);
+  const int64_t chunk0 = chunks0.size() > 1 ? chunks0[1] : 1;  // groups in the first chunk
   int64_t splits = 1;
-  const bool even = chunk0 % nthreads == 0 && kv_len == nullptr;
-  if (chunk0 < 4 * nthreads && !even) splits = std::min<int64_t>(plan.nkb, (4 * nthreads + chunk0 - 1) / chunk0);
+  const bool even = chunk0 % nthreads == 0 && !has_kv_len && !u.packed;
+  if (chunk0 < 4 * nthreads && !even) {
+    splits = std::max<int64_t>(1, std::min<int64_t>(plan.max_nkb, (4 * nthreads + chunk0 - 1) / chunk0));
+  }
   plan.split(splits);
   pk.splits = splits;
-  pk.group_elems = kv_elems + q_elems + splits * dq_part;
-  pk.chunk = chunk_groups(pk.group_elems * int64_t(sizeof(T)), ngroups);
-  pk.buf = at::empty({pk.chunk * pk.group_elems}, opts.dtype(c10::CppTypeToScalarType<T>::value));
+  for (int64_t gi = 0; gi < ng; ++gi) pk.elem_off[gi + 1] = pk.elem_off[gi] + pk.group_elems(gi, splits);
+  pk.chunks = chunk_bounds(pk.elem_off, int64_t(sizeof(T)), max_elems);
+  pk.buf = at::empty({max_elems}, opts.dtype(c10::CppTypeToScalarType<T>::value));
   pk.base = pk.buf.template data_ptr<T>();
 }
 
@@ -1415,8 +1565,8 @@ struct BwdIo {
   Tensor &dq, &dk, &dv;
   double* dsink_rows;
   const Geometry& g;
+  const Units& u;
   const MaskDesc& mask;
-  const int32_t* kv_len;
   T scale;
   bool bottom_right;
   const DropoutDesc& drop;
@@ -1431,7 +1581,12 @@ struct BwdIo {
   scalar_t* dkd = dk.template data_ptr<scalar_t>();
   scalar_t* dvd = dv.template data_ptr<scalar_t>();
 
-  int64_t key_offset(int64_t b) const { return bottom_right ? batch_key_length(kv_len, b, g.Lk) - g.Lq : 0; }
+  int64_t key_offset(int64_t b) const { return u.key_offset(b, bottom_right); }
+  // Offsets of unit b's first query row / key in the storage of a (B, H, L, D) tensor.
+  int64_t row_base(const Tensor& t, int64_t b) const { return u.sb[b] * t.stride(0) + u.q0[b] * t.stride(2); }
+  int64_t key_base(const Tensor& t, int64_t b) const { return u.sb[b] * t.stride(0) + u.k0[b] * t.stride(2); }
+  // Index of unit b's row 0 of head h in lse (and the dsink rows): (B, Hq, Lq) contiguous.
+  int64_t lse_base(int64_t b, int64_t h) const { return (u.sb[b] * g.Hq + h) * g.Lq + u.q0[b]; }
 };
 
 // K/V job t: a slice of kSlice panels of one group in the three layouts the kernels read.
@@ -1439,13 +1594,12 @@ template <typename scalar_t, typename T>
 int64_t pack_bwd_kv(const BwdIo<scalar_t, T>& io, BwdPack<T>& pk, int64_t t) {
   const Tensor &k = io.k, &v = io.v;
   const int64_t Hkv = io.g.Hkv, D = pk.D, Dv = pk.Dv, NR = pk.NR;
-  const int64_t gi = pk.g0 + t / pk.nslice;
-  const int64_t sl = t % pk.nslice;
+  const auto [gi, sl] = find_item(pk.kvjob_off, pk.g0, t);
   const int64_t b = gi / Hkv, hk = gi % Hkv;
-  const int64_t Lk_b = batch_key_length(io.kv_len, b, io.g.Lk);
-  const int64_t p0 = sl * kSlice, p1 = std::min(pk.npanel, p0 + kSlice);
-  const scalar_t* kh = io.kd + b * k.stride(0) + hk * k.stride(1);
-  const scalar_t* vh = io.vd + b * v.stride(0) + hk * v.stride(1);
+  const int64_t Lk_b = io.u.lk[b];
+  const int64_t p0 = sl * kSlice, p1 = std::min(pk.npanel(gi), p0 + kSlice);
+  const scalar_t* kh = io.kd + io.key_base(k, b) + hk * k.stride(1);
+  const scalar_t* vh = io.vd + io.key_base(v, b) + hk * v.stride(1);
   pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, pk.Kt(gi));
   pack_rows<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, pk.Dp, p0 * NR, p1 * NR, T(1), pk.Kr(gi));
   pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, pk.Vt(gi));
@@ -1458,12 +1612,12 @@ int64_t pack_bwd_kv(const BwdIo<scalar_t, T>& io, BwdPack<T>& pk, int64_t t) {
 template <typename scalar_t, typename T>
 void correct_lse_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scalar_t, T>& io, const BwdPack<T>& pk,
                       int64_t gi, int64_t hh, int64_t r0, int64_t r1) {
-  const int64_t Lq = pk.Lq, Dp = pk.Dp, Hq = io.g.Hq, Hkv = io.g.Hkv;
+  const int64_t Lq = pk.Lq(gi), Dp = pk.Dp, Hq = io.g.Hq, Hkv = io.g.Hkv;
   const int64_t b = gi / Hkv, h = (gi % Hkv) * pk.Hg + hh;
   const T* lr = pk.lse(gi) + hh * Lq;
   T* cr = pk.corr(gi) + hh * Lq;
-  const int64_t* lo = plan.lo.data() + b * Lq;
-  const int64_t* hi = plan.hi.data() + b * Lq;
+  const int64_t* lo = plan.lo.data() + io.u.row0[b];
+  const int64_t* hi = plan.hi.data() + io.u.row0[b];
   const RowMods<T> md = row_mods(io.mods, b, h, Hq, io.key_offset(b));
   const T sink = io.mods.sink(h);
   std::vector<T> corr_scratch;
@@ -1474,9 +1628,9 @@ void correct_lse_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
     }
     int64_t e = i + 1;
     while (e < r1 && lse_needs_correction(lr[e], lo[e], hi[e])) ++e;
-    wait_ready(pk.kv_ready[gi - pk.g0], pk.nslice);
+    wait_ready(pk.kv_ready[gi - pk.g0], pk.nslice[b]);
     lse_corrections<T>(kern, pk.Qp(gi) + hh * Lq * Dp + i * Dp, Dp, pk.D, pk.Kt(gi), pk.fwd_BN, lo + i, hi + i, io.mask,
-                       b, h, i, e - i, io.g.Lk, md, sink, lr + i, cr + i, corr_scratch);
+                       b, h, i, e - i, io.u.drop_Lk, md, sink, lr + i, cr + i, corr_scratch);
     i = e;
   }
 }
@@ -1500,15 +1654,16 @@ template <typename scalar_t, typename T>
 int64_t pack_bwd_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scalar_t, T>& io, BwdPack<T>& pk,
                       int64_t u) {
   const Tensor &q = io.q, &dout = io.dout, &out = io.out;
-  const int64_t Hq = io.g.Hq, Hkv = io.g.Hkv, Hg = pk.Hg, Lq = pk.Lq, D = pk.D, Dp = pk.Dp, Dv = pk.Dv;
+  const int64_t Hkv = io.g.Hkv, Hg = pk.Hg, D = pk.D, Dp = pk.Dp, Dv = pk.Dv;
   const int64_t Dvp = pk.Dvp;
-  const int64_t gi = pk.g0 + u / (Hg * pk.nrslice);
-  const int64_t hh = (u / pk.nrslice) % Hg, rs = u % pk.nrslice;
-  const int64_t b = gi / Hkv, h = (gi % Hkv) * Hg + hh;
+  const auto [gi, local] = find_item(pk.qjob_off, pk.g0, u);
+  const int64_t b = gi / Hkv, nrs = pk.nrslice[b], Lq = pk.Lq(gi);
+  const int64_t hh = local / nrs, rs = local % nrs;
+  const int64_t h = (gi % Hkv) * Hg + hh;
   const int64_t r0 = rs * kRowSlice, r1 = std::min(Lq, r0 + kRowSlice);
-  const scalar_t* qh = io.qd + b * q.stride(0) + h * q.stride(1);
-  const scalar_t* doh = io.dod + b * dout.stride(0) + h * dout.stride(1);
-  const scalar_t* oh = io.od + b * out.stride(0) + h * out.stride(1);
+  const scalar_t* qh = io.qd + io.row_base(q, b) + h * q.stride(1);
+  const scalar_t* doh = io.dod + io.row_base(dout, b) + h * dout.stride(1);
+  const scalar_t* oh = io.od + io.row_base(out, b) + h * out.stride(1);
   const int64_t o_s2 = out.stride(2), o_s3 = out.stride(3);
   pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, io.scale, pk.Qp(gi) + hh * Lq * Dp);
   T* dO = pk.dOp(gi) + hh * Lq * Dvp;
@@ -1523,13 +1678,13 @@ int64_t pack_bwd_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
       acc += static_cast<double>(dO[i * Dvp + d]) * static_cast<double>(orow[d * o_s3]);
     }
     delta[i] = static_cast<T>(acc);
-    lr[i] = io.lsed[((b * Hq + h) * Lq) + i];
+    lr[i] = io.lsed[io.lse_base(b, h) + i];
   }
   T* cr = pk.corr(gi) + hh * Lq;
   fill(cr + r0, r1 - r0, T(0));
   correct_lse_rows(kern, plan, io, pk, gi, hh, r0, r1);
   if (io.dsink_rows != nullptr) {
-    store_dsink_rows(io.mods.sink(h), lr, cr, delta, r0, r1, io.dsink_rows + (b * Hq + h) * Lq);
+    store_dsink_rows(io.mods.sink(h), lr, cr, delta, r0, r1, io.dsink_rows + io.lse_base(b, h));
   }
   for (int64_t s = 0; s < pk.splits; ++s) fill(pk.dQ(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
   return gi;
@@ -1557,12 +1712,12 @@ std::vector<int64_t> bwd_task_costs(const BwdPlan& plan, const BwdPack<T>& pk, i
 // gi; run by whichever thread finishes the group's last split.
 template <typename scalar_t, typename T>
 void dq_reduce(const BwdIo<scalar_t, T>& io, const BwdPack<T>& pk, int64_t gi) {
-  const int64_t Hkv = io.g.Hkv, Hg = pk.Hg, Lq = pk.Lq, Dp = pk.Dp;
+  const int64_t Hkv = io.g.Hkv, Hg = pk.Hg, Lq = pk.Lq(gi), Dp = pk.Dp;
   const int64_t b = gi / Hkv;
   for (int64_t hh = 0; hh < Hg; ++hh) {
     const int64_t h = (gi % Hkv) * Hg + hh;
     store_dq_rows<scalar_t, T>(pk.dQ(gi, 0) + hh * Lq * Dp, Hg * Lq * Dp, pk.splits, Lq, pk.D, Dp, io.scale,
-                               io.dqd + b * io.dq.stride(0) + h * io.dq.stride(1), io.dq.stride(2), io.dq.stride(3));
+                               io.dqd + io.row_base(io.dq, b) + h * io.dq.stride(1), io.dq.stride(2), io.dq.stride(3));
   }
 }
 
@@ -1578,7 +1733,7 @@ int64_t bwd_scratch_elems(const BwdPack<T>& pk) {
 template <typename scalar_t, typename T>
 void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scalar_t, T>& io, BwdPack<T>& pk,
                    T* scratch, int64_t t) {
-  const int64_t Hkv = io.g.Hkv, Hg = pk.Hg, Lq = pk.Lq, Lk = io.g.Lk, Lk_pad = pk.Lk_pad;
+  const int64_t Hkv = io.g.Hkv, Hg = pk.Hg;
   const int64_t D = pk.D, Dp = pk.Dp, Dv = pk.Dv, Dvp = pk.Dvp, BM = pk.BM, BN = pk.BN, splits = pk.splits;
   T* S = scratch;
   T* dPb = S + BM * BN;
@@ -1587,10 +1742,11 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
   T* Gb = dV + BN * Dvp;
   const int64_t gi = pk.g0 + t / splits, s = t % splits;
   const int64_t b = gi / Hkv, hk = gi % Hkv;
+  const int64_t Lq = pk.Lq(gi), Lk_pad = pk.Lk_pad(gi), Lk = io.u.kcap[b];
   const int64_t* sb = plan.split_begin.data() + b * (splits + 1);
-  const int64_t* lo = plan.lo.data() + b * Lq;
-  const int64_t* hi = plan.hi.data() + b * Lq;
-  wait_ready(pk.ready[gi - pk.g0], pk.jobs_per_group());
+  const int64_t* lo = plan.lo.data() + io.u.row0[b];
+  const int64_t* hi = plan.hi.data() + io.u.row0[b];
+  wait_ready(pk.ready[gi - pk.g0], pk.jobs_per_group(gi));
   BwdBlock<T> a;
   a.D = D;
   a.Dp = Dp;
@@ -1615,7 +1771,8 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
   a.b = b;
   a.h0 = hk * Hg;
   a.Hq = io.g.Hq;
-  a.Lk = Lk;
+  a.Lk = io.u.drop_Lk;
+  a.dLq = io.u.drop_Lq;
   a.drop = io.drop;
   a.mods = &io.mods;
   a.off = io.key_offset(b);
@@ -1644,28 +1801,26 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
       kern.bwd(a);
     }
     // dK = scale * sum dS Q = sum dS Qp (Qp carries the scale).
-    store_dkdv_rows<scalar_t, T>(dK, dV, j0, std::min(j1, Lk), batch_key_length(io.kv_len, b, Lk), D, Dp, Dv, Dvp,
-                                 io.dkd + b * dk.stride(0) + hk * dk.stride(1), dk.stride(2), dk.stride(3),
-                                 io.dvd + b * dv.stride(0) + hk * dv.stride(1), dv.stride(2), dv.stride(3));
+    store_dkdv_rows<scalar_t, T>(dK, dV, j0, std::min(j1, Lk), io.u.lk[b], D, Dp, Dv, Dvp,
+                                 io.dkd + io.key_base(dk, b) + hk * dk.stride(1), dk.stride(2), dk.stride(3),
+                                 io.dvd + io.key_base(dv, b) + hk * dv.stride(1), dv.stride(2), dv.stride(3));
   }
   if (pk.done[gi - pk.g0].fetch_add(1, std::memory_order_acq_rel) + 1 == splits) dq_reduce(io, pk, gi);
 }
 
 template <typename scalar_t, typename T>
 void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                       const Tensor& lse, const Geometry& g, const MaskDesc& mask, const int32_t* kv_len, double scale,
-                       int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop, const ScoreMods<T>& mods,
-                       double* dsink_rows, Tensor& dq, Tensor& dk, Tensor& dv) {
+                       const Tensor& lse, const Geometry& g, const Units& u, const MaskDesc& mask, bool has_kv_len,
+                       double scale, int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop,
+                       const ScoreMods<T>& mods, double* dsink_rows, Tensor& dq, Tensor& dk, Tensor& dv) {
   const Kernels<T> kern = select_kernels<T>();
-  BwdPack<T> pack = bwd_pack_sizes<T>(g, kern.W);
-  BwdPlan plan = make_bwd_plan(g, kv_len, wl, wr, bottom_right, pack.Lk_pad, pack.BN);
-  size_bwd_chunks(pack, plan, g, kv_len, q.options());
-  const BwdIo<scalar_t, T> io{dout,         q,    k,          v, out,  lse,    dq,
-                              dk,           dv,   dsink_rows, g, mask, kv_len, static_cast<T>(scale),
-                              bottom_right, drop, mods};
-  const int64_t ngroups = g.B * g.Hkv;
-  for (int64_t g0 = 0; g0 < ngroups; g0 += pack.chunk) {
-    pack.start_chunk(g0, std::min(g0 + pack.chunk, ngroups));
+  BwdPack<T> pack = bwd_pack_sizes<T>(g, u, kern.W);
+  BwdPlan plan = make_bwd_plan(u, wl, wr, bottom_right, pack.NR, pack.BN);
+  size_bwd_chunks(pack, plan, u, has_kv_len, q.options());
+  const BwdIo<scalar_t, T> io{
+      dout, q, k, v, out, lse, dq, dk, dv, dsink_rows, g, u, mask, static_cast<T>(scale), bottom_right, drop, mods};
+  for (size_t c = 0; c + 1 < pack.chunks.size(); ++c) {
+    pack.start_chunk(pack.chunks[c], pack.chunks[c + 1]);
     const std::vector<int64_t> cost = bwd_task_costs(plan, pack, g.Hkv);
     auto pack_job = [&](int64_t t) { pack_bwd_job(kern, plan, io, pack, t); };
     run_tasks(pack.nkv_jobs() + pack.nq_jobs(), pack_job, cost, [&]() {
@@ -1687,13 +1842,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
     int64_t max_seqlen_k) {
   (void)deterministic;
   constexpr const char* op = "seqkernels::attention_bwd (cpu)";
-  // TODO(issue 19): the packed (varlen) path of this kernel.
-  TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_k.has_value(), op,
-              ": packed sequences (cu_seqlens) are not implemented on this backend yet");
-  (void)max_seqlen_q;
-  (void)max_seqlen_k;
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
-  check_modifiers_cpu(alibi_slopes, sinks, softcap, g, q.scalar_type(), op);
+  const host::Varlen vl =
+      check_varlen_cpu(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, g, attn_mask, kv_lengths, op);
+  const int64_t nunits = vl.packed() ? vl.n : g.B;
+  check_modifiers_cpu(alibi_slopes, sinks, softcap, nunits, g, q.scalar_type(), op);
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor dsinks = at::zeros({sinks.has_value() ? g.Hq : 0}, q.options().dtype(acc_type));
   TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(), op,
@@ -1711,7 +1864,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
   const int32_t* kv_len = host::check_kv_lengths(kv_lengths, g, host::kCpu, op);
   const DropoutDesc drop = check_dropout(dropout_p, seed, offset, op);
   host::check_window(window_left, window_right, op);
-  // Laid out like q, k, v (as the registered fake kernel promises); written through strides.
+  // Laid out like q, k, v (as the registered fake kernel promises: token-major when packed);
+  // written through strides. Packed on CPU, check_varlen has made the sequences cover every row
+  // and key, so every element is written (keys of a sequence without query rows get zeros).
   Tensor dq = at::empty_like(q);
   Tensor dk = at::empty_like(k);
   Tensor dv = at::empty_like(v);
@@ -1724,15 +1879,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
     return {dq, dk, dv, dsinks};
   }
   const Tensor lse_c = lse.contiguous();
-  // dsinks: one contribution per (b, h, i) row, written by whichever thread packs the row, then
+  // dsinks: one contribution per (b, h, i) row of lse's (B, Hq, Lq) storage (a packed batch's
+  // sequences one after the other in its rows), written by whichever thread packs the row, then
   // summed per head in (b, i) order so that the result does not depend on the thread timing.
   std::vector<double> dsink_rows(sinks.has_value() ? g.B * g.Hq * g.Lq : 0);
+  const Units u = make_units(g, kv_len, vl);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const ScoreMods<T> mods = modifiers_cpu<T>(alibi_slopes, sinks, softcap, g, op);
-    attention_bwd_run<scalar_t, T>(grad_out, q, k, v, out, lse_c, g, mask, kv_len, scale, window_left, window_right,
-                                   bottom_right, drop, mods, sinks.has_value() ? dsink_rows.data() : nullptr, dq, dk,
-                                   dv);
+    const ScoreMods<T> mods = modifiers_cpu<T>(alibi_slopes, sinks, softcap, nunits, g, op);
+    attention_bwd_run<scalar_t, T>(grad_out, q, k, v, out, lse_c, g, u, mask, kv_len != nullptr, scale, window_left,
+                                   window_right, bottom_right, drop, mods,
+                                   sinks.has_value() ? dsink_rows.data() : nullptr, dq, dk, dv);
     if (sinks.has_value()) {
       T* ds = dsinks.data_ptr<T>();
       for (int64_t h = 0; h < g.Hq; ++h) {

@@ -90,7 +90,7 @@ _REFERENCE = Capability(mask_grad=True)
 
 TABLE: Dict[str, Dict[str, Capability]] = {
     "attention": {
-        "cpu": Capability(varlen=False),
+        "cpu": Capability(),
         # mma.sync on float16/bfloat16 tiles of width 64/128/256 (the tail of the head dim masked).
         "cuda": Capability(dtypes=(_F16, _BF16), max_head_dim=256, min_sm=8),
         # Grid axes carry the batch and the heads; CUDA caps the y/z grid dimensions at 65535.

@@ -531,10 +531,9 @@ def run(call: AttentionCall, backend: str, return_lse: bool):
     sinks = call.sinks
     wants = call.q.requires_grad or call.k.requires_grad or (sinks is not None and sinks.requires_grad)
     if return_lse and torch.is_grad_enabled() and wants:
-        if call.dropout_p > 0:
-            lse = lse.detach()  # documented: with dropout only `out` is differentiable on kernel backends
-        else:
-            lse = _LseGrad.apply(lse.detach(), call.q, call.k, sinks, call, family[1])
+        # lse is that of the undropped scores, so its gradient (the undropped softmax) needs no
+        # dropout mask: _LseGrad runs the backward kernel with dropout off, whatever dropout_p is.
+        lse = _LseGrad.apply(lse.detach(), call.q, call.k, sinks, call, family[1])
     return out, lse
 
 
