@@ -2,7 +2,8 @@
 
 cpu/simd.h picks the highest path the CPU and OS support; SEQKERNELS_CPU_ISA=portable|avx2|avx512
 lowers it. Each level runs in its own subprocess (the variable is set before anything loads the
-extension, as a user would set it), running decode attention and the LSTM kernels against the
+extension, as a user would set it), running attention (forward and backward, padded and packed),
+decode attention and the LSTM kernels against the
 float64 reference by the parity rule (seqkernels.testing.compare). Levels this CPU lacks are skipped
 with the reason; asking for one of them must fall back to the best supported level, not crash.
 """
@@ -163,9 +164,68 @@ def _worker_lstm() -> list[str]:
     return failures
 
 
+# (B, Hq, Hkv, Lq, Lk, D, Dv, kwargs): lengths at the panel widths of every level (NR = 2W: 16 for
+# AVX2, 32 for AVX-512 float32; 8 for AVX2 float64) and one past them, head dims that are not
+# multiples of 8 or 16, GQA, windows, the modifiers, dropout, and a packed batch.
+ATTENTION_CASES = [
+    (2, 4, 2, 31, 33, 64, 64, dict(causal=True)),
+    (1, 2, 2, 65, 32, 17, 40, dict(window=(9, 3))),
+    (2, 4, 1, 16, 47, 80, 24, dict(softcap=4.0, alibi=True, sinks=True)),
+    (1, 2, 1, 33, 64, 32, 32, dict(dropout_p=0.25)),
+    (1, 4, 2, 0, 0, 40, 40, dict(packed=([3, 0, 33, 17], [5, 2, 32, 40]), causal=True)),
+]
+
+
+def _attention_run(case, dtype, backend, gen_seed):
+    """(out, lse), (dq, dk, dv[, dsinks]) of one case on `backend` with inputs in `dtype`."""
+    import seqkernels
+
+    B, Hq, Hkv, Lq, Lk, D, Dv, kw = case
+    kw = dict(kw)
+    g = torch.Generator().manual_seed(gen_seed)
+    packed = kw.pop("packed", None)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(B, Hq, generator=g) * 0.3
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(Hq, generator=g).to(dtype).requires_grad_()
+    if packed is None:
+        shapes = [(B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv)]
+    else:
+        shapes = [(sum(packed[0]), Hq, D), (sum(packed[1]), Hkv, D), (sum(packed[1]), Hkv, Dv)]
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes)
+    go = torch.randn(*(shapes[0][:-1] + (Dv,)), generator=g, dtype=torch.float64).to(dtype)
+    if "alibi_slopes" in kw and dtype == torch.float64:
+        kw["alibi_slopes"] = kw["alibi_slopes"].double()
+    torch.manual_seed(gen_seed)  # the dropout seed
+    if packed is None:
+        out, lse = seqkernels.attention(q, k, v, return_lse=True, backend=backend, **kw)
+    else:
+        cu = [torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in packed]
+        out, lse = seqkernels.attention_varlen(q, k, v, *cu, return_lse=True, backend=backend, **kw)
+    leaves = [q, k, v] + ([kw["sinks"]] if "sinks" in kw else [])
+    grads = torch.autograd.grad((out * go).sum() + lse.sum(), leaves)
+    return (out.detach(), lse.detach()), tuple(grads)
+
+
+def _worker_attention() -> list[str]:
+    failures = []
+    for i, case in enumerate(ATTENTION_CASES):
+        for dtype in [torch.float32, torch.bfloat16, torch.float64]:
+            got = _attention_run(case, dtype, "cpu", 100 + i)
+            ref = _attention_run(case, torch.float64, "reference", 100 + i)
+            base = _attention_run(case, dtype, "reference", 100 + i)
+            for what, j, grad in (("out/lse", 0, False), ("grads", 1, True)):
+                report = testing.compare(got[j], ref[j], base[j], grad=grad, dtype=dtype)
+                if not report.passed:
+                    failures.append(f"attention case {i} {dtype} {what}:\n{report}")
+    return failures
+
+
 def _worker(what: str) -> None:
     rep = cli.cpu_isa_report()
     failures = []
+    if what in ("attention", "all"):
+        failures += _worker_attention()
     if what in ("decode", "all"):
         failures += _worker_decode()
     if what in ("lstm", "all"):

@@ -692,6 +692,9 @@ SK_AVX2_ENTRY void fwd_rows_avx2_f32(const FwdRows<float>& a) { fwd_rows<simd::A
 SK_AVX2_ENTRY void bwd_block_avx2_f32(const BwdBlock<float>& a) { bwd_block<simd::Avx2Float>(a); }
 SK_AVX2_ENTRY void fwd_rows_avx2_f64(const FwdRows<double>& a) { fwd_rows<simd::Avx2Double>(a); }
 SK_AVX2_ENTRY void bwd_block_avx2_f64(const BwdBlock<double>& a) { bwd_block<simd::Avx2Double>(a); }
+// float32 only: a float64 AVX-512 policy would be Avx2Double at twice the width, measured first.
+SK_AVX512_ENTRY void fwd_rows_avx512_f32(const FwdRows<float>& a) { fwd_rows<simd::Avx512Float>(a); }
+SK_AVX512_ENTRY void bwd_block_avx512_f32(const BwdBlock<float>& a) { bwd_block<simd::Avx512Float>(a); }
 #endif
 
 // Per call (simd::selected_isa), so SEQKERNELS_CPU_ISA=portable lets the tests cover the
@@ -699,6 +702,9 @@ SK_AVX2_ENTRY void bwd_block_avx2_f64(const BwdBlock<double>& a) { bwd_block<sim
 template <typename T>
 Kernels<T> select_kernels() {
 #if SK_SIMD_X86
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd::has(simd::Isa::Avx512)) return {simd::Avx512Float::W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32};
+  }
   if (simd::selected_isa() == simd::Isa::Avx2) {
     if constexpr (std::is_same_v<T, float>) {
       return {simd::Avx2Float::W, &fwd_rows_avx2_f32, &bwd_block_avx2_f32};
