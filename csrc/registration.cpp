@@ -36,13 +36,24 @@ TORCH_LIBRARY(seqkernels, m) {
       "Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0., "
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
+  // KV cache ops. Packed form (docs/INTERNALS.md "## KV cache"), B = cache_seqlens.numel():
+  // with cu_seqlens (int32 (B+1,)), k_new/v_new are the (1, Hkv, total_new, D|Dv) views of the
+  // token-major (total_new, Hkv, D|Dv) rows, and row cu_seqlens[b]+t goes to cache position
+  // cache_seqlens[b]+t. With cu_seqlens_q (int32 (B+1,)), q is the (1, Hq, total_q, D) view of the
+  // token-major (total_q, Hq, D) queries; sequence b's rows cu_seqlens_q[b]..cu_seqlens_q[b+1] are
+  // its newest Tq_b tokens, at positions cache_seqlens[b] - Tq_b + t (causal bottom-right);
+  // alibi_slopes is (B, Hq); out is (1, Hq, total_q, Dv) with token-major storage and lse
+  // (1, Hq, total_q); max_seqlen_q >= every Tq_b (the public layer passes the longest). cu values
+  // (start 0, non-decreasing, end at total, lengths <= max_seqlen_q) are checked on CPU tensors;
+  // kernels clamp each span into [0, total] (seq_span), rows in no sequence get 0 / -inf.
   m.def(
       "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
-      "Tensor cache_seqlens, Tensor? block_table) -> ()");
+      "Tensor cache_seqlens, Tensor? block_table, Tensor? cu_seqlens=None) -> ()");
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
       "Tensor? block_table, float scale, int window_left, int window_right, int num_splits, "
-      "Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0.) -> (Tensor out, Tensor lse)");
+      "Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0., "
+      "Tensor? cu_seqlens_q=None, int max_seqlen_q=0) -> (Tensor out, Tensor lse)");
   m.def(
       "lstm_cell_fwd(Tensor input_gates, Tensor hidden_gates, Tensor cx, Tensor? bias_ih, "
       "Tensor? bias_hh) -> (Tensor hy, Tensor cy, Tensor workspace)");

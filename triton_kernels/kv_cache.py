@@ -35,6 +35,14 @@ ALiBi ``s <- s - slope[b, h] * |pos - j|``, before visibility; a sink per query 
 softmax denominator with no value, merged after the key loop with one split, and once by the merge
 pass (``lse = log(sum_s exp(lse_s) + exp(sink))``) with several, whose partials leave it out.
 
+Packed batches (VARLEN, docs/INTERNALS.md "Packed sequences"): the new rows and q are (1, H, total, D)
+views of token-major tensors, sequence b owns rows ``[cu[b], cu[b+1])`` clamped into ``[0, total]``.
+The append finds each row's sequence by binary search over ``cu``; decode has no padded
+``B x max_Tq`` grid and no host sync: ``ceil(G * total_q / BLOCK_M) + B`` row tiles per kv head, each
+program finds its (sequence, tile) by binary search over the cumulative tile counts (built with
+torch ops on the device), programs past the last tile mask everything; out has ``(total_q, Hq, Dv)``
+storage and rows in no sequence keep 0 / -inf.
+
 Interpreter (TRITON_INTERPRET=1, CPU tensors): tiles are cast to float32 right after loading
 (``UPCAST``: the interpreter's bfloat16 arithmetic is wrong) and one small config runs.
 """
@@ -79,6 +87,38 @@ _alloc = torch.empty
 
 
 @triton.jit
+def _last_at_most(Arr, n, x, n_iter, cap, CLAMP: tl.constexpr):
+    """The largest b in [0, n) with ``Arr[b] <= x`` (CLAMP: ``min(max(Arr[b], 0), cap) <= x``, the
+    clamped starts of seq_span), elementwise for a tensor x; 0 when none. Binary search over the
+    B + 1 entries of cumulative counts, ``n_iter >= bit_length(n)`` steps; every probe lies in
+    [0, n), so unchecked (decreasing, oversized) offsets give some b in range, never a stray load."""
+    lo = x * 0
+    hi = lo + n
+    for _ in range(n_iter):
+        active = hi - lo > 1
+        mid = (lo + hi) // 2
+        v = tl.load(Arr + mid).to(tl.int64)
+        if CLAMP:
+            v = tl.minimum(tl.maximum(v, 0), cap)
+        lo = tl.where(active & (v <= x), mid, lo)
+        hi = tl.where(active & (v > x), mid, hi)
+    return lo
+
+
+@triton.jit
+def _packed_span(Cu, b, total):
+    """Rows [q0, q1) of sequence b of a packed batch, clamped into [0, total] as seq_span does."""
+    q0 = tl.minimum(tl.maximum(tl.load(Cu + b).to(tl.int64), 0), total)
+    q1 = tl.minimum(tl.maximum(tl.load(Cu + b + 1).to(tl.int64), q0), total)
+    return q0, q1
+
+
+def _search_steps(n: int) -> int:
+    """Steps of _last_at_most over n entries."""
+    return max(1, int(n).bit_length())
+
+
+@triton.jit
 def _kv_cache_append_kernel(
     KCache,
     VCache,
@@ -86,6 +126,9 @@ def _kv_cache_append_kernel(
     VNew,
     Seqlens,
     BlockTable,
+    Cu,
+    nseq,
+    n_iter,
     H,
     T,
     capacity,
@@ -113,21 +156,32 @@ def _kv_cache_append_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     PAGED: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
+    """VARLEN: k_new / v_new are (1, H, total, D) views of packed rows (T = total); row t belongs
+    to the sequence whose span of Cu holds it (a row in none is skipped) and goes to position
+    cache_seqlens[seq] + t - start. Otherwise row t of batch entry b goes to cache_seqlens[b] + t."""
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    p = tl.load(Seqlens + b).to(tl.int64) + t
-    ok = (t < T) & (p >= 0) & (p < capacity)
+    if VARLEN:
+        seq = _last_at_most(Cu, nseq, t, n_iter, T, CLAMP=True)
+        q0, q1 = _packed_span(Cu, seq, T)
+        p = tl.load(Seqlens + seq).to(tl.int64) + t - q0
+        ok = (t < T) & (t >= q0) & (t < q1) & (p >= 0) & (p < capacity)
+    else:
+        seq = b
+        p = tl.load(Seqlens + b).to(tl.int64) + t
+        ok = (t < T) & (p >= 0) & (p < capacity)
     if PAGED:
         col = tl.where(ok, p // block_size, 0)
-        blk = tl.load(BlockTable + b * stride_bt0 + col, mask=ok, other=-1).to(tl.int64)
+        blk = tl.load(BlockTable + seq * stride_bt0 + col, mask=ok, other=-1).to(tl.int64)
         ok = ok & (blk >= 0) & (blk < num_blocks)
         outer = tl.where(ok, blk, 0)
         slot = p % block_size
     else:
-        outer = tl.zeros([BLOCK_T], dtype=tl.int64) + b
+        outer = tl.zeros([BLOCK_T], dtype=tl.int64) + seq
         slot = p
     d = tl.arange(0, BLOCK_D)
     dm = ok[:, None] & (d[None, :] < D)
@@ -151,11 +205,15 @@ def _append_block_t(T: int, D: int, Dv: int, interpret: bool = INTERPRET) -> int
     return max(1, min(triton.next_power_of_2(max(T, 1)), 4096 // per_row))
 
 
-def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) -> None:
-    """Arguments as normalized by seqkernels.ops.kv_cache.prepare_append (docs/INTERNALS.md)."""
+def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cu_seqlens=None) -> None:
+    """Arguments as normalized by seqkernels.ops.kv_cache.prepare_append (docs/INTERNALS.md). With
+    cu_seqlens (int32 (N+1,), values unchecked), k_new / v_new are the (1, H, total, D) views of the
+    packed rows and N = cache_seqlens.numel()."""
     B, H, T, D = k_new.shape
     Dv = v_new.shape[-1]
-    if B == 0 or H == 0 or T == 0:
+    varlen = cu_seqlens is not None
+    nseq = cache_seqlens.numel() if varlen else B
+    if B == 0 or H == 0 or T == 0 or nseq == 0:
         return
     paged = block_table is not None
     if paged:
@@ -173,6 +231,9 @@ def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) 
         v_new,
         cache_seqlens,
         bt,
+        cu_seqlens if varlen else cache_seqlens,  # never read unless VARLEN
+        nseq,
+        _search_steps(nseq),
         H,
         T,
         capacity,
@@ -194,6 +255,7 @@ def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) 
         BLOCK_D=triton.next_power_of_2(D),
         BLOCK_DV=triton.next_power_of_2(Dv),
         PAGED=paged,
+        VARLEN=varlen,
         num_warps=4,
     )
 
@@ -210,6 +272,10 @@ def _decode_attention_kernel(
     VCache,
     Seqlens,
     BlockTable,
+    Cu,
+    TileCu,
+    nseq,
+    n_iter,
     Alibi,
     Sinks,
     Out,
@@ -258,33 +324,57 @@ def _decode_attention_kernel(
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     SINKS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """SOFTCAP / ALIBI modify the scores as attention_ref does (cap, then ``- slope * |pos - j|``,
     then visibility). SINKS merges the row's sink into the denominator after the keys; the launcher
-    sets it only without splits, since with splits the merge pass adds the sink once."""
+    sets it only without splits, since with splits the merge pass adds the sink once.
+
+    VARLEN: q, Out, Lse (and the partials) are (1, Hq, total_q, .) views of packed rows (Tq =
+    total_q); axis 0 enumerates (row tile, kv head) pairs over all sequences, TileCu (nseq + 1,)
+    holds the cumulative row tiles per sequence, and a program finds its sequence b by binary
+    search, then works on rows [q0, q0 + Tq_b) of the views exactly as the padded kernel does on
+    batch entry b. Programs past the last tile mask everything."""
     pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
     split = tl.program_id(2)
-    b = (pid_bh // Hkv).to(tl.int64)
     hkv = (pid_bh % Hkv).to(tl.int64)
+    if VARLEN:
+        tile = pid_bh // Hkv
+        valid = tile < tl.load(TileCu + nseq)
+        b = _last_at_most(TileCu, nseq, tile, n_iter, 0, CLAMP=False).to(tl.int64)
+        pid_m = tile - tl.load(TileCu + b)
+        q0, q1 = _packed_span(Cu, b, Tq)
+        Tq_b = q1 - q0
+        n_rows_b = tl.where(valid, G * Tq_b, 0)
+        b_io = b * 0  # the views' one batch entry
+    else:
+        pid_m = tl.program_id(1)
+        b = (pid_bh // Hkv).to(tl.int64)
+        q0 = 0
+        Tq_b = Tq
+        n_rows_b = n_rows
+        b_io = b
 
     r0 = pid_m * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
+    row_ok = rows < n_rows_b
     t = (rows // G).to(tl.int64)
     hq = hkv * G + (rows % G)
     length = tl.minimum(tl.maximum(tl.load(Seqlens + b).to(tl.int64), 0), capacity)
-    pos = length - Tq + t
+    pos = length - Tq_b + t
+    t_io = q0 + t  # row of the tensors
 
     # Keys any row of this tile can see, then this program's share of them.
-    r_last = tl.minimum(r0 + BLOCK_M, n_rows) - 1
+    r_last = tl.maximum(tl.minimum(r0 + BLOCK_M, n_rows_b) - 1, r0)
     hi = length
     if window_right >= 0:
-        hi = tl.minimum(hi, length - Tq + r_last // G + window_right + 1)
+        hi = tl.minimum(hi, length - Tq_b + r_last // G + window_right + 1)
     lo = length * 0
     if window_left >= 0:
-        lo = tl.maximum(lo, length - Tq + r0 // G - window_left)
+        lo = tl.maximum(lo, length - Tq_b + r0 // G - window_left)
     hi = tl.maximum(hi, lo)
+    if VARLEN:
+        hi = tl.where(r0 < n_rows_b, hi, lo)  # a program past the last tile reads no key
     chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
     k_lo = tl.minimum(hi, lo + split * chunk)
     k_hi = tl.minimum(hi, k_lo + chunk)
@@ -292,7 +382,7 @@ def _decode_attention_kernel(
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = tl.load(
-        Q + b * stride_q0 + hq[:, None] * stride_q1 + t[:, None] * stride_q2 + d[None, :] * stride_q3,
+        Q + b_io * stride_q0 + hq[:, None] * stride_q1 + t_io[:, None] * stride_q2 + d[None, :] * stride_q3,
         mask=row_ok[:, None] & (d[None, :] < D),
         other=0.0,
     )
@@ -364,13 +454,13 @@ def _decode_attention_kernel(
     o_ptr = (
         Out
         + split * stride_os
-        + b * stride_o0
+        + b_io * stride_o0
         + hq[:, None] * stride_o1
-        + t[:, None] * stride_o2
+        + t_io[:, None] * stride_o2
         + dv[None, :] * stride_o3
     )
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-    tl.store(Lse + split * stride_ls + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse, mask=row_ok)
+    tl.store(Lse + split * stride_ls + b_io * stride_l0 + hq * stride_l1 + t_io * stride_l2, lse, mask=row_ok)
 
 
 @triton.jit
@@ -378,6 +468,9 @@ def _decode_merge_kernel(
     OPart,
     LPart,
     Sinks,
+    Cu,
+    nseq,
+    n_iter,
     Out,
     Lse,
     Hq,
@@ -402,13 +495,21 @@ def _decode_merge_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     SINKS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Combines the splits' partial outputs; SINKS adds the head's sink to the denominator here,
-    once (the split programs leave it out)."""
+    once (the split programs leave it out). VARLEN: one batch entry of Tq = total_q packed rows; a
+    row in no sequence of Cu is left as initialized (0 / -inf)."""
     row = tl.program_id(0)
     t = (row % Tq).to(tl.int64)
     hq = ((row // Tq) % Hq).to(tl.int64)
     b = (row // (Tq * Hq)).to(tl.int64)
+    if VARLEN:
+        seq = _last_at_most(Cu, nseq, t, n_iter, Tq, CLAMP=True)
+        q0, q1 = _packed_span(Cu, seq, Tq)
+        covered = (t >= q0) & (t < q1)
+    else:
+        covered = True
     s = tl.arange(0, BLOCK_S)
     s_ok = s < num_splits
     dv = tl.arange(0, BLOCK_DV)
@@ -432,8 +533,12 @@ def _decode_merge_kernel(
     # Weights are selected (not multiplied) away for empty splits, whose partial output is 0 anyway.
     merged = tl.sum(tl.where((w > 0.0)[:, None], w[:, None] * o, 0.0), 0) / tl.where(total == 0.0, 1.0, total)
     lse = tl.where(total == 0.0, float("-inf"), mx_safe + tl.log(tl.where(total == 0.0, 1.0, total)))
-    tl.store(Out + b * stride_o0 + hq * stride_o1 + t * stride_o2 + dv, merged.to(Out.dtype.element_ty), mask=dv < DV)
-    tl.store(Lse + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse)
+    tl.store(
+        Out + b * stride_o0 + hq * stride_o1 + t * stride_o2 + dv,
+        merged.to(Out.dtype.element_ty),
+        mask=(dv < DV) & covered,
+    )
+    tl.store(Lse + b * stride_l0 + hq * stride_l1 + t * stride_l2, lse, mask=covered)
 
 
 def _decode_config(n_rows: int, D: int, Dv: int, dtype: torch.dtype, interpret: bool = INTERPRET, mods: bool = False):
@@ -468,10 +573,21 @@ def decode_attention(
     alibi_slopes=None,
     sinks=None,
     softcap=0.0,
+    cu_seqlens_q=None,
+    max_seqlen_q=0,
 ):
     """Arguments as normalized by seqkernels.ops.kv_cache.prepare_decode; returns (out, lse).
-    alibi_slopes (B, Hq) or (Hq,), sinks (Hq,): read as float32; softcap > 0 caps the scores."""
+    alibi_slopes (B, Hq) or (Hq,), sinks (Hq,): read as float32; softcap > 0 caps the scores.
+
+    Packed (cu_seqlens_q int32 (B+1,), values unchecked; B = cache_seqlens.numel()): q is the
+    (1, Hq, total_q, D) view of token-major queries, sequence b's rows are [cu[b], cu[b+1]);
+    out is (1, Hq, total_q, Dv) with (total_q, Hq, Dv) storage, lse (1, Hq, total_q), rows in no
+    sequence 0 / -inf. max_seqlen_q (0: unknown) sizes the row tile. No host sync: the grid covers
+    ceil(G * total_q / BLOCK_M) + B row tiles per kv head and each program finds its sequence."""
+    varlen = cu_seqlens_q is not None
     B, Hq, Tq, D = q.shape
+    if varlen:
+        B = cache_seqlens.numel()
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.detach().to(device=q.device, dtype=torch.float32).expand(B, Hq).contiguous()
     if sinks is not None:
@@ -480,37 +596,65 @@ def decode_attention(
     Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
     G = Hq // Hkv
     n_rows = G * Tq
-    out = _alloc((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype)
-    lse = _alloc((B, Hq, Tq), device=q.device, dtype=torch.float32)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
+    if varlen:
+        # Rows in no sequence (unchecked offsets only) keep these values.
+        out = torch.zeros((Tq, Hq, Dv), device=q.device, dtype=q.dtype).permute(1, 0, 2).unsqueeze(0)
+        lse = torch.full((1, Hq, Tq), float("-inf"), device=q.device, dtype=torch.float32)
+        per_seq = max_seqlen_q if max_seqlen_q > 0 else -(-Tq // max(B, 1))
+        if out.numel() == 0 and lse.numel() == 0 or B == 0:
+            return out, lse
+    else:
+        out = _alloc((B, Hq, Tq, Dv), device=q.device, dtype=q.dtype)
+        lse = _alloc((B, Hq, Tq), device=q.device, dtype=torch.float32)
+        per_seq = Tq
+        if out.numel() == 0 and lse.numel() == 0:
+            return out, lse
     paged = block_table is not None
     if paged:
         block_size, capacity = k_cache.shape[2], block_table.shape[1] * k_cache.shape[2]
         bt, bt_stride = block_table, block_table.stride(0)
     else:
         block_size, capacity, bt, bt_stride = 1, k_cache.shape[2], cache_seqlens, 0
-    block_m, block_n, warps, stages = _decode_config(n_rows, D, Dv, q.dtype, mods=has_cap or alibi_slopes is not None)
+    block_m, block_n, warps, stages = _decode_config(
+        G * per_seq, D, Dv, q.dtype, mods=has_cap or alibi_slopes is not None
+    )
     # Decode attention is causal: the right side of the window is clamped to 0 (-1 included), as in
     # decode_attention_ref; a query never sees the later queries of its own chunk.
     window_right = 0
     split = num_splits > 1
+    OB = q.shape[0]  # packed: the views' one batch entry
     if split:
-        o_dst = _alloc((num_splits, B, Hq, Tq, Dv), device=q.device, dtype=torch.float32)
-        l_dst = _alloc((num_splits, B, Hq, Tq), device=q.device, dtype=torch.float32)
+        o_dst = _alloc((num_splits, OB, Hq, Tq, Dv), device=q.device, dtype=torch.float32)
+        l_dst = _alloc((num_splits, OB, Hq, Tq), device=q.device, dtype=torch.float32)
         o_strides = (*o_dst.stride()[1:], o_dst.stride(0))
         l_strides = (*l_dst.stride()[1:], l_dst.stride(0))
     else:
         o_dst, l_dst = out, lse
         o_strides = (*out.stride(), 0)
         l_strides = (*lse.stride(), 0)
-    grid = (B * Hkv, triton.cdiv(n_rows, block_m), num_splits)
+    if varlen:
+        # Cumulative row tiles per sequence on the device (torch ops, no host sync); spans clamped
+        # into [0, total_q] as the kernels clamp them.
+        cu = cu_seqlens_q.to(torch.int64)
+        c0 = cu[:-1].clamp(0, Tq)
+        c1 = torch.maximum(cu[1:].clamp(0, Tq), c0)
+        tiles = torch.div((c1 - c0) * G + (block_m - 1), block_m, rounding_mode="floor")
+        tile_cu = torch.cat([tiles.new_zeros(1), torch.cumsum(tiles, 0)]).to(torch.int32)
+        grid = ((triton.cdiv(n_rows, block_m) + B) * Hkv, 1, num_splits)
+        cu_arg = cu_seqlens_q
+    else:
+        grid = (B * Hkv, triton.cdiv(n_rows, block_m), num_splits)
+        tile_cu = cu_arg = cache_seqlens  # never read
     _decode_attention_kernel[grid](
         q,
         k_cache,
         v_cache,
         cache_seqlens,
         bt,
+        cu_arg,
+        tile_cu,
+        B,
+        _search_steps(B),
         q if alibi_slopes is None else alibi_slopes,  # unused pointers: never read
         q if sinks is None else sinks,
         o_dst,
@@ -549,14 +693,18 @@ def decode_attention(
         SOFTCAP=has_cap,
         ALIBI=alibi_slopes is not None,
         SINKS=sinks is not None and not split,
+        VARLEN=varlen,
         num_warps=warps,
         num_stages=stages,
     )
     if split:
-        _decode_merge_kernel[(B * Hq * Tq,)](
+        _decode_merge_kernel[(OB * Hq * Tq,)](
             o_dst,
             l_dst,
             q if sinks is None else sinks,
+            cu_arg,
+            B,
+            _search_steps(B),
             out,
             lse,
             Hq,
@@ -570,6 +718,7 @@ def decode_attention(
             BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
             BLOCK_DV=triton.next_power_of_2(Dv),
             SINKS=sinks is not None,
+            VARLEN=varlen,
             num_warps=4 if Dv >= 128 else 2,
         )
     return out, lse
@@ -614,8 +763,10 @@ _POINTERS = {
     "Lse",
     "OPart",
     "LPart",
+    "Cu",
+    "TileCu",
 }
-_INDEX_POINTERS = {"Seqlens", "BlockTable"}
+_INDEX_POINTERS = {"Seqlens", "BlockTable", "Cu", "TileCu"}
 _FP32_POINTERS = {"Lse", "OPart", "LPart", "Alibi", "Sinks"}
 _FLOAT_ARGS = {"scale", "softcap"}
 # Integer arguments that are multiples of 16 for the usual head dims (row strides); lengths, counts
@@ -661,6 +812,8 @@ def _static_configs() -> list:
     combination plus the contiguous layout at D=128; the split writer (float32 partials); the merge
     pass; the append copy. The paged variants again with every score modifier ("mods": softcap,
     ALiBi, and sinks except in the split writer, whose merge pass adds them; the merge with sinks).
+    The packed (VARLEN) forms at D=128, paged: decode at both row tiles and the split writer, the
+    merge with sinks, the append.
 
     Tensor cores are expected of the 16-bit 64-row tiles (mma.sync on sm_80, wgmma on sm_90). The
     16-row tiles of single-token decode use mma.sync on both archs, since wgmma needs 64 rows per warp
@@ -672,7 +825,10 @@ def _static_configs() -> list:
         for bucket in (64, 128, 256):
             for rows in (1,) if dtype == torch.float32 else (1, 64):
                 layouts = (True, False) if (bucket == 128 and rows == 1) else (True,)
-                for paged, mods in [(p, False) for p in layouts] + [(True, True)]:
+                variants = [(p, False, False) for p in layouts] + [(True, True, False)]
+                if bucket == 128:
+                    variants.append((True, False, True))
+                for paged, mods, varlen in variants:
                     bm, bn, warps, stages = _decode_config(rows, bucket, bucket, dtype, interpret=False, mods=mods)
                     for split in (False, True) if (bucket == 128 and rows == 1 and paged) else (False,):
                         constexprs = dict(
@@ -688,6 +844,7 @@ def _static_configs() -> list:
                             SOFTCAP=mods,
                             ALIBI=mods,
                             SINKS=mods and not split,
+                            VARLEN=varlen,
                         )
                         sig, consts, attrs = _static_signature(
                             _decode_attention_kernel, dtype, constexprs, out_fp32=split
@@ -695,7 +852,7 @@ def _static_configs() -> list:
                         name = (
                             f"_decode_attention_kernel {elt} D{bucket} BLOCK_M={bm} BLOCK_N={bn} "
                             f"{'paged' if paged else 'contiguous'}{' split' if split else ''}"
-                            f"{' mods' if mods else ''} warps={warps} stages={stages}"
+                            f"{' mods' if mods else ''}{' varlen' if varlen else ''} warps={warps} stages={stages}"
                         )
                         mma = dtype != torch.float32 and bm >= 64
                         out.append(
@@ -712,8 +869,8 @@ def _static_configs() -> list:
                             )
                         )
     for bucket in (64, 128, 256):
-        for sinks in (False, True):
-            constexprs = dict(DV=bucket, BLOCK_S=16, BLOCK_DV=bucket, SINKS=sinks)
+        for sinks, varlen in ((False, False), (True, False)) + (((True, True),) if bucket == 128 else ()):
+            constexprs = dict(DV=bucket, BLOCK_S=16, BLOCK_DV=bucket, SINKS=sinks, VARLEN=varlen)
             sig, consts, attrs = _static_signature(_decode_merge_kernel, torch.bfloat16, constexprs)
             warps = 4 if bucket >= 128 else 2
             out.append(
@@ -726,12 +883,15 @@ def _static_configs() -> list:
                     False,
                     arch=None,
                     attrs=attrs,
-                    name=f"_decode_merge_kernel bf16 D{bucket} BLOCK_S=16{' sinks' if sinks else ''} warps={warps}",
+                    name=f"_decode_merge_kernel bf16 D{bucket} BLOCK_S=16{' sinks' if sinks else ''}"
+                    f"{' varlen' if varlen else ''} warps={warps}",
                 )
             )
-        for paged in (False, True):
+        for paged, varlen in ((False, False), (True, False)) + (((True, True),) if bucket == 128 else ()):
             bt = _append_block_t(512, bucket, bucket, interpret=False)
-            constexprs = dict(D=bucket, DV=bucket, BLOCK_T=bt, BLOCK_D=bucket, BLOCK_DV=bucket, PAGED=paged)
+            constexprs = dict(
+                D=bucket, DV=bucket, BLOCK_T=bt, BLOCK_D=bucket, BLOCK_DV=bucket, PAGED=paged, VARLEN=varlen
+            )
             sig, consts, attrs = _static_signature(_kv_cache_append_kernel, torch.bfloat16, constexprs)
             out.append(
                 StaticConfig(
@@ -744,7 +904,7 @@ def _static_configs() -> list:
                     arch=None,
                     attrs=attrs,
                     name=f"_kv_cache_append_kernel bf16 D{bucket} BLOCK_T={bt} "
-                    f"{'paged' if paged else 'contiguous'} warps=4",
+                    f"{'paged' if paged else 'contiguous'}{' varlen' if varlen else ''} warps=4",
                 )
             )
     return out

@@ -278,6 +278,28 @@ inline void check_new_rows(const at::Tensor& k_new, const at::Tensor& v_new, con
               k_cache.sizes());
 }
 
+// The packed form of kv_cache_append (cu_seqlens) and decode_attention (cu_seqlens_q): a
+// contiguous int32 (B+1,) tensor on dev, B = cache_seqlens.numel(), over the (1, H, total, D) view
+// `rows` (batch dim 1). Values (start at 0, non-decreasing, end at total, lengths <= max_len) are
+// checked on CPU tensors only (check_cu_values); kernels clamp every span (seq_span). Returns the
+// values, or nullptr when cu is absent (the padded form).
+inline const int32_t* check_kv_packed(const std::optional<at::Tensor>& cu, const at::Tensor& rows, int64_t B,
+                                      int64_t max_len, const Device& dev, const char* name, const char* op) {
+  if (!cu.has_value() || !cu->defined()) return nullptr;
+  const at::Tensor& c = *cu;
+  check_device(dev, c, op, ": ", name);
+  TORCH_CHECK(c.scalar_type() == at::kInt && c.dim() == 1 && c.is_contiguous(), op, ": ", name,
+              " must be a contiguous 1-D int32 tensor (B+1,), got ", c.scalar_type(), " ", c.sizes());
+  TORCH_CHECK(c.size(0) == B + 1, op, ": ", name, " has ", c.size(0), " entries, expected B+1 = ", B + 1,
+              " (B = cache_seqlens.numel())");
+  TORCH_CHECK(rows.dim() == 4 && rows.size(0) == 1, op, ": with ", name,
+              ", the rows must be the (1, H, total, D) view of the token-major (total, H, D) tensor, got ",
+              rows.sizes());
+  TORCH_CHECK(max_len >= 0, op, ": max_seqlen must be >= 0, got ", max_len);
+  if (c.device().is_cpu()) check_cu_values(c, rows.size(2), max_len, name, op);
+  return c.data_ptr<int32_t>();
+}
+
 // decode_attention's q (B, Hq, Tq, D) against the cache (check_cache first), num_splits in
 // [1, max_splits] and the window. A backend's head-dim limits are its own.
 inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, int64_t num_splits, int64_t window_left,

@@ -5,10 +5,17 @@
 // position maps to (contiguous or through the block table), offsets in int64. A token whose
 // position or block id is out of range is skipped: host validation is the public layer's job.
 //
+// Packed form (cu_seqlens): the same, with sequence b's rows cu_seqlens[b]..cu_seqlens[b+1] of the
+// token-major k_new (one task per (token, head) row; its sequence from a host map of the spans).
+//
 // Decode attention: one work unit per (b, kv head, row tile, split). The rows of a unit are the
 // (query token t, query head g) pairs of one KV head's group, r = t * G + g, so every K/V tile is
 // read once for all query heads that share it, and a tile of consecutive rows covers a
-// contiguous range of query positions (a prefill chunk skips the keys past its last row). Each
+// contiguous range of query positions (a prefill chunk skips the keys past its last row).
+// Sequence b has its own Tq_b (all Tq in the padded form; its span of cu_seqlens_q in the packed
+// one, chunked prefill) and so its own ceil(G * Tq_b / kRowTile) row tiles, none when empty: no
+// padded work. The units are taken from a shared counter, sequences most work first, the units
+// of one (sequence, kv head) back to back (they share its K/V). Each
 // unit walks its share of the visible keys in tiles of kKeyTile: scores, mask, online softmax,
 // P @ V. The scores, the running max m and lse stay in the natural-log domain (q is pre-scaled by
 // scale only) and each term is exp2((s - m) * log2(e)), subtraction first: the argument is <= 0,
@@ -17,6 +24,9 @@
 // With several splits the units write a float partial output and the partial (max, sum) pair,
 // merged exactly by a second pass.
 //
+// Tiles of many rows (chunked prefill) take the AVX-512 scores from the key tile transposed in
+// registers (K^T rows times broadcast q elements, no horizontal sums); few rows (decode steps)
+// take dot products of q and K rows.
 // The tile primitives have three implementations: AVX-512 (F/BW/VL/DQ) and AVX2+FMA+F16C
 // intrinsics in functions with a target attribute, the highest one the call may use chosen per
 // call by cpu/simd.h's has() (the extension is compiled for the baseline ISA, where at::vec is
@@ -32,6 +42,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstdio>
@@ -50,7 +61,7 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr int kKeyTile = 64;
-constexpr int kRowTile = 32;
+constexpr int kRowTile = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Argument checks: common/host_checks.h, shared with the CUDA launchers (the public layer has
@@ -93,18 +104,37 @@ inline void copy_row(T* dst, const T* src, int64_t n, int64_t src_stride) {
 
 void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
                          const at::Tensor& v_new, const at::Tensor& cache_seqlens,
-                         const std::optional<at::Tensor>& block_table) {
+                         const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& cu_seqlens) {
+  constexpr const char* op = "seqkernels::kv_cache_append (cpu)";
   host::check_cache(k_cache, v_cache, host::kCpu);
   host::check_new_rows(k_new, v_new, k_cache, v_cache, host::kCpu);
-  const int64_t B = k_new.size(0), H = k_new.size(1), T = k_new.size(2), D = k_new.size(3);
+  const bool packed = cu_seqlens.has_value() && cu_seqlens->defined();
+  // Packed: k_new, v_new are (1, Hkv, total, D) views and B is the number of sequences.
+  const int64_t B = packed ? cache_seqlens.numel() : k_new.size(0);
+  const int64_t H = k_new.size(1), T = k_new.size(2), D = k_new.size(3);
   const int64_t Dv = v_cache.size(3);
   const Layout L = host::check_layout(k_cache, block_table, B, host::kCpu);
   host::check_seqlens(cache_seqlens, B, host::kCpu);
+  const int32_t* cu = host::check_kv_packed(cu_seqlens, k_new, B, T, host::kCpu, "cu_seqlens", op);
   if (B == 0 || H == 0 || T == 0) return;
+
+  // Per token row of the packed form: its sequence (-1: none) and index in it, from the clamped spans.
+  std::vector<int32_t> tok_seq, tok_t;
+  if (packed) {
+    tok_seq.assign(T, -1);
+    tok_t.assign(T, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      const SeqSpan sp = seq_span(cu, cu, b, T, T);
+      for (int64_t i = sp.q0; i < sp.q0 + sp.lq; ++i) {
+        tok_seq[i] = static_cast<int32_t>(b);
+        tok_t[i] = static_cast<int32_t>(i - sp.q0);
+      }
+    }
+  }
 
   const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
   const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;
-  const int64_t rows = B * H * T;
+  const int64_t rows = (packed ? 1 : B) * H * T;
   const int64_t row_bytes = (D + Dv) * k_cache.element_size();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes));
 
@@ -119,11 +149,25 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
     const int64_t vn0 = v_new.stride(0), vn1 = v_new.stride(1), vn2 = v_new.stride(2), vn3 = v_new.stride(3);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t t = r % T, h = (r / T) % H, b = r / (T * H);
+        // Packed rows go token-major (the storage order of the token-major k_new); padded (b, h, t).
+        int64_t b, h, t, i;
+        if (packed) {
+          i = r / H;
+          h = r % H;
+          b = tok_seq[i];
+          if (b < 0) continue;
+          t = tok_t[i];
+        } else {
+          t = r % T;
+          h = (r / T) % H;
+          b = r / (T * H);
+          i = t;
+        }
         Slot s;
         if (!locate(L, table, b, static_cast<int64_t>(lens[b]) + t, &s)) continue;
-        copy_row(kc + s.outer * kc0 + h * kc1 + s.slot * kc2, kn + b * kn0 + h * kn1 + t * kn2, D, kn3);
-        copy_row(vc + s.outer * vc0 + h * vc1 + s.slot * vc2, vn + b * vn0 + h * vn1 + t * vn2, Dv, vn3);
+        const int64_t src_b = packed ? 0 : b;
+        copy_row(kc + s.outer * kc0 + h * kc1 + s.slot * kc2, kn + src_b * kn0 + h * kn1 + i * kn2, D, kn3);
+        copy_row(vc + s.outer * vc0 + h * vc1 + s.slot * vc2, vn + src_b * vn0 + h * vn1 + i * vn2, Dv, vn3);
       }
     });
   });
@@ -596,8 +640,110 @@ struct Avx512Ops {
     for (; i < n; ++i) dot_block<MB, 1>(q, ldq, D, krows + i, S + i, lds);
   }
 
+  // 16 x 16 transpose in registers: r[j] holds row j on entry, column j on exit.
+  SK_AVX512_FN static void transpose16(__m512* r) {
+    __m512 t[16], u[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 8; ++j) {
+      t[2 * j] = _mm512_unpacklo_ps(r[2 * j], r[2 * j + 1]);
+      t[2 * j + 1] = _mm512_unpackhi_ps(r[2 * j], r[2 * j + 1]);
+    }
+    // u[4g + c] holds, in 128-bit lane l, element c + 4l of rows 4g .. 4g+3.
+#pragma GCC unroll 16
+    for (int g = 0; g < 4; ++g) {
+      u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+      u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+      u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+      u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+#pragma GCC unroll 16
+    for (int c = 0; c < 4; ++c) {
+      const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);       // cols c, c+8 of rows 0-7
+      const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);       // cols c+4, c+12 of rows 0-7
+      const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);  // cols c, c+8 of rows 8-15
+      const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);  // cols c+4, c+12 of rows 8-15
+      r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+      r[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+      r[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+      r[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+  }
+
+  // Kt[d * kKeyTile + i] = K[i][d] as floats for i < round_up(n, 16) (keys past n are zeros).
+  SK_AVX512_FN static void transpose_keys(const T* const* krows, int n, int64_t D, float* Kt) {
+    for (int i0 = 0; i0 < n; i0 += 16) {
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        const int64_t nd = std::min<int64_t>(16, D - d0);
+        const __mmask16 dm = lanes_mask(nd);
+        __m512 r[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) r[j] = i0 + j < n ? load16_mask<T>(krows[i0 + j] + d0, dm) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t j = 0; j < nd; ++j) _mm512_storeu_ps(Kt + (d0 + j) * kKeyTile + i0, r[j]);
+      }
+    }
+  }
+
+  // S[a][i0 + 16c + l] for MB rows and NV vectors of 16 keys: outer products of broadcast q elements
+  // with rows of K^T, no horizontal sums.
+  template <int MB, int NV>
+  SK_AVX512_FN static void outer_block(const float* q, int64_t ldq, int64_t D, const float* Kt, float* S, int64_t lds) {
+    __m512 acc[MB][NV];
+#pragma GCC unroll 16
+    for (int a = 0; a < MB; ++a)
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) acc[a][c] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      __m512 kv[NV];
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) kv[c] = _mm512_loadu_ps(Kt + d * kKeyTile + 16 * c);
+#pragma GCC unroll 16
+      for (int a = 0; a < MB; ++a) {
+        const __m512 qa = _mm512_set1_ps(q[a * ldq + d]);
+#pragma GCC unroll 16
+        for (int c = 0; c < NV; ++c) acc[a][c] = _mm512_fmadd_ps(qa, kv[c], acc[a][c]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int a = 0; a < MB; ++a)
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) _mm512_storeu_ps(S + a * lds + 16 * c, acc[a][c]);
+  }
+
+  template <int NV>
+  SK_AVX512_FN static void outer_rows(const float* q, int64_t ldq, int M, int64_t D, const float* Kt, float* S,
+                                      int64_t lds) {
+    int m = 0;
+    for (; m + 6 <= M; m += 6) outer_block<6, NV>(q + m * ldq, ldq, D, Kt, S + m * lds, lds);
+    for (; m + 2 <= M; m += 2) outer_block<2, NV>(q + m * ldq, ldq, D, Kt, S + m * lds, lds);
+    if (m < M) outer_block<1, NV>(q + m * ldq, ldq, D, Kt, S + m * lds, lds);
+  }
+
+  // Rows of a tile at or above this use the transposed key tile (chunked prefill, long
+  // speculative chunks): its transposition costs about as much as 6 rows' horizontal sums.
+  static constexpr int kOuterMinRows = 12;
+
   SK_AVX512_FN static void scores(const float* q, int64_t ldq, int M, int64_t D, const T* const* krows, int n, float* S,
-                                  int64_t lds, float*) {
+                                  int64_t lds, float* rowbuf) {
+    if (M >= kOuterMinRows) {
+      // rowbuf holds kKeyTile * max(D, Dv) floats: the tile's K^T.
+      transpose_keys(krows, n, D, rowbuf);
+      switch ((n + 15) / 16) {
+        case 1:
+          outer_rows<1>(q, ldq, M, D, rowbuf, S, lds);
+          break;
+        case 2:
+          outer_rows<2>(q, ldq, M, D, rowbuf, S, lds);
+          break;
+        case 3:
+          outer_rows<3>(q, ldq, M, D, rowbuf, S, lds);
+          break;
+        default:
+          outer_rows<4>(q, ldq, M, D, rowbuf, S, lds);
+          break;
+      }
+      return;
+    }
     int m = 0;
     for (; m + 4 <= M; m += 4) dot_rows<4>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
     for (; m + 2 <= M; m += 2) dot_rows<2>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
@@ -737,11 +883,24 @@ struct Avx512Ops {
 // ---------------------------------------------------------------------------------------------
 // Decode attention: the work units and the merge.
 
+// Sequence b has Tq_b query tokens (Tq for every b in the padded form; its span of cu_seqlens_q in
+// the packed form): its query row t of head hq is q[q_off[b] + hq * qs[1] + t * qs[2]], its output
+// row out[o_off[b] + hq * os[1] + t * os[2]], its lse (and split partial) row
+// lse_base[b] + hq * lse_hstride + t of nrows. The merge walks the rows as (mB, Hq, mTq): (B, Hq, Tq)
+// padded, (1, Hq, total_q) packed.
 struct DecodeShape {
-  int64_t B, Hq, Hkv, G, Tq, D, Dv, rows, row_tiles, splits;
+  int64_t B, Hq, Hkv, G, Tq, D, Dv, splits;
   int64_t window_left, window_right;
   Layout L;
   bool prefetch;
+  std::vector<int64_t> seq_tq, q_off, o_off, lse_base;
+  int64_t lse_hstride, nrows, mB, mTq;
+};
+
+// One row tile of one sequence (rows r = t * G + g of [tile * kRowTile, +kRowTile)); a work unit is a
+// (tile, kv head, split).
+struct RowTile {
+  int64_t b, tile;
 };
 
 // Bytes of K/V the call reads above which software prefetching pays off (larger than the L3 share
@@ -749,9 +908,10 @@ struct DecodeShape {
 constexpr int64_t kPrefetchBytes = int64_t{16} << 20;
 
 // Range of key positions [lo, hi) visible to any row of rows [r0, r1) of sequence length len.
-inline void tile_key_range(const DecodeShape& s, int64_t len, int64_t r0, int64_t r1, int64_t* lo, int64_t* hi) {
-  const int64_t pos_first = len - s.Tq + r0 / s.G;
-  const int64_t pos_last = len - s.Tq + (r1 - 1) / s.G;
+inline void tile_key_range(const DecodeShape& s, int64_t len, int64_t Tq, int64_t r0, int64_t r1, int64_t* lo,
+                           int64_t* hi) {
+  const int64_t pos_first = len - Tq + r0 / s.G;
+  const int64_t pos_last = len - Tq + (r1 - 1) / s.G;
   int64_t h = len;
   if (s.window_right >= 0) h = std::min(h, pos_last + s.window_right + 1);
   int64_t l = 0;
@@ -766,34 +926,67 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
                   acc_t* lse, acc_t* opart, acc_t* mpart, const ScoreMods<acc_t>& mods) {
   const bool modify = mods.softcap > acc_t(0) || mods.alibi != nullptr;
   const acc_t inv_cap = mods.softcap > acc_t(0) ? acc_t(1) / mods.softcap : acc_t(0);
-  const int64_t units = s.B * s.Hkv * s.row_tiles * s.splits;
   const int64_t maxd = std::max(s.D, s.Dv);
-  // Waking the thread pool costs tens to hundreds of microseconds, more than a small decode step
-  // takes on one core: units are grouped so that each task holds at least ~1M multiply-adds.
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < s.B; ++b) max_len = std::max<int64_t>(max_len, std::clamp<int64_t>(lens[b], 0, s.L.capacity));
-  const int64_t keys_per_unit = (max_len + s.splits - 1) / s.splits;
-  const int64_t work_per_unit =
-      std::max<int64_t>(1, std::min<int64_t>(kRowTile, s.rows) * keys_per_unit * (s.D + s.Dv));
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / work_per_unit);
-  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+  // The row tiles of every sequence (no padded work: a sequence of Tq_b tokens has
+  // ceil(G * Tq_b / kRowTile) tiles, an empty one none), most work first, pulled one unit at a time
+  // by the threads: a chunked-prefill batch mixes 1-token and 256-token chunks over caches of
+  // different lengths, and a static split of the units would leave threads idle.
+  std::vector<int64_t> seq_cost(s.B, 0);
+  int64_t total_work = 0, ntiles = 0;
+  for (int64_t b = 0; b < s.B; ++b) {
+    const int64_t len = std::clamp<int64_t>(lens[b], 0, s.L.capacity), rows = s.G * s.seq_tq[b];
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+      const int64_t r1 = std::min(rows, r0 + kRowTile);
+      int64_t lo, hi;
+      tile_key_range(s, len, s.seq_tq[b], r0, r1, &lo, &hi);
+      seq_cost[b] += (r1 - r0) * (hi - lo + 1);
+      ++ntiles;
+    }
+    total_work += seq_cost[b];
+  }
+  // Sequences most work first; within one, the units of a kv head back to back, so consecutive
+  // units (one thread's, or both threads' at once) read the same K/V while it is in cache.
+  std::vector<int64_t> order(s.B);
+  for (int64_t b = 0; b < s.B; ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return seq_cost[x] > seq_cost[y]; });
+  std::vector<RowTile> tiles;  // (b, tile) per unit, with its kv head and split below
+  std::vector<int32_t> unit_h, unit_split;
+  tiles.reserve(ntiles * s.Hkv * s.splits);
+  unit_h.reserve(ntiles * s.Hkv * s.splits);
+  unit_split.reserve(ntiles * s.Hkv * s.splits);
+  for (int64_t b : order) {
+    const int64_t nt = (s.G * s.seq_tq[b] + kRowTile - 1) / kRowTile;
+    for (int64_t h = 0; h < s.Hkv; ++h)
+      for (int64_t tile = 0; tile < nt; ++tile)
+        for (int64_t sp = 0; sp < s.splits; ++sp) {
+          tiles.push_back({b, tile});
+          unit_h.push_back(static_cast<int32_t>(h));
+          unit_split.push_back(static_cast<int32_t>(sp));
+        }
+  }
+  const int64_t units = static_cast<int64_t>(tiles.size());
+  total_work *= s.Hkv * (s.D + s.Dv);
+  std::atomic<int64_t> next_unit{0};
+  auto worker = [&]() {
     std::vector<acc_t> qf(kRowTile * s.D), S(kRowTile * kKeyTile), acc(kRowTile * s.Dv), mrow(kRowTile), lrow(kRowTile),
         rowbuf(kKeyTile * maxd);
     std::vector<const T*> krows(kKeyTile), vrows(kKeyTile);
     std::vector<T> zero_row(maxd, T(0));
     std::vector<char> key_ok(kKeyTile);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t split = u % s.splits;
-      const int64_t tile = (u / s.splits) % s.row_tiles;
-      const int64_t h = (u / (s.splits * s.row_tiles)) % s.Hkv;
-      const int64_t b = u / (s.splits * s.row_tiles * s.Hkv);
-      const int64_t r0 = tile * kRowTile, r1 = std::min(s.rows, r0 + kRowTile);
+    for (;;) {
+      const int64_t u = next_unit.fetch_add(1, std::memory_order_relaxed);
+      if (u >= units) break;
+      const int64_t split = unit_split[u];
+      const int64_t h = unit_h[u];
+      const RowTile& rt = tiles[u];
+      const int64_t b = rt.b, Tq = s.seq_tq[b], rows = s.G * Tq;
+      const int64_t r0 = rt.tile * kRowTile, r1 = std::min(rows, r0 + kRowTile);
       const int M = static_cast<int>(r1 - r0);
       const int64_t len = std::clamp<int64_t>(lens[b], 0, s.L.capacity);
 
       for (int m = 0; m < M; ++m) {
         const int64_t r = r0 + m, t = r / s.G, hq = h * s.G + r % s.G;
-        const T* src = q + b * qs[0] + hq * qs[1] + t * qs[2];
+        const T* src = q + s.q_off[b] + hq * qs[1] + t * qs[2];
         for (int64_t d = 0; d < s.D; ++d) qf[m * s.D + d] = static_cast<acc_t>(src[d * qs[3]]) * scale;
       }
       std::fill(acc.begin(), acc.begin() + M * s.Dv, acc_t(0));
@@ -801,7 +994,7 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
       std::fill(lrow.begin(), lrow.begin() + M, acc_t(0));
 
       int64_t lo, hi;
-      tile_key_range(s, len, r0, r1, &lo, &hi);
+      tile_key_range(s, len, Tq, r0, r1, &lo, &hi);
       const int64_t chunk = (hi - lo + s.splits - 1) / s.splits;
       const int64_t k_lo = std::min(hi, lo + split * chunk), k_hi = std::min(hi, k_lo + chunk);
 
@@ -836,13 +1029,13 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
           for (int m = 0; m < M; ++m) {
             const int64_t r = r0 + m, hq = h * s.G + r % s.G;
             Ops::modify(S.data() + m * kKeyTile, n, mods.softcap, inv_cap, mods.alibi != nullptr,
-                        mods.slope(b, hq, s.Hq), len - s.Tq + r / s.G, j0);
+                        mods.slope(b, hq, s.Hq), len - Tq + r / s.G, j0);
           }
         }
         // Masking by selection (never by multiplying), so a non-finite score cannot leak.
         const int64_t j_last = j0 + n - 1;
         for (int m = 0; m < M; ++m) {
-          const int64_t pos = len - s.Tq + (r0 + m) / s.G;
+          const int64_t pos = len - Tq + (r0 + m) / s.G;
           const int64_t vis_lo = s.window_left >= 0 ? pos - s.window_left : std::numeric_limits<int64_t>::min();
           const int64_t vis_hi = s.window_right >= 0 ? pos + s.window_right : std::numeric_limits<int64_t>::max();
           if (all_ok && vis_lo <= j0 && j_last <= vis_hi) continue;
@@ -858,7 +1051,7 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
 
       for (int m = 0; m < M; ++m) {
         const int64_t r = r0 + m, t = r / s.G, hq = h * s.G + r % s.G;
-        const int64_t row_index = (b * s.Hq + hq) * s.Tq + t;
+        const int64_t row_index = s.lse_base[b] + hq * s.lse_hstride + t;
         const acc_t* a = acc.data() + m * s.Dv;
         if (s.splits == 1) {
           // The sink joins the denominator here; with splits, once in merge_splits, never per split.
@@ -869,7 +1062,7 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
           const bool empty = ll == acc_t(0);
           acc_t inv = empty ? acc_t(0) : acc_t(1) / ll;
           if (f != acc_t(1)) inv *= f;
-          T* dst = out + b * os[0] + hq * os[1] + t * os[2];
+          T* dst = out + s.o_off[b] + hq * os[1] + t * os[2];
           for (int64_t d = 0; d < s.Dv; ++d) dst[d] = static_cast<T>(a[d] * inv);
           lse[row_index] = empty ? neg_inf<acc_t>() : mm + std::log(ll);
         } else {
@@ -878,7 +1071,7 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
           // The split's max and sum, not its lse: rounded to float, lse = m + ln l loses ln l
           // entirely once |m| >> 1 (ulp(1e10) = 1024), and the merge would then weight splits of
           // different key counts equally.
-          const int64_t nrows = s.B * s.Hq * s.Tq, prow = split * nrows + row_index;
+          const int64_t nrows = s.nrows, prow = split * nrows + row_index;
           acc_t* dst = opart + prow * s.Dv;
           for (int64_t d = 0; d < s.Dv; ++d) dst[d] = a[d] * inv;
           mpart[prow] = mrow[m];
@@ -886,7 +1079,15 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
         }
       }
     }
-  });
+  };
+  // Waking the thread pool costs tens to hundreds of microseconds, more than a small decode step
+  // takes on one core: below ~1M multiply-adds the call stays on the calling thread.
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
+  if (threads <= 1 || total_work < (int64_t{1} << 20) || at::in_parallel_region()) {
+    worker();
+  } else {
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(); });
+  }
 }
 
 // Merges the splits' normalized partial outputs o_k with their (max m_k, sum l_k): weights
@@ -897,14 +1098,14 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
 template <typename T, typename acc_t>
 void merge_splits(const DecodeShape& s, const acc_t* opart, const acc_t* mpart, T* out, const int64_t* os, acc_t* lse,
                   const acc_t* sinks) {
-  const int64_t rows = s.B * s.Hq * s.Tq, stride = rows;
+  const int64_t rows = s.nrows, stride = rows;
   const acc_t* lpart = mpart + s.splits * rows;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, s.splits * s.Dv));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> o(s.Dv), w(s.splits);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t t = r % s.Tq, hq = (r / s.Tq) % s.Hq, b = r / (s.Tq * s.Hq);
+      const int64_t t = r % s.mTq, hq = (r / s.mTq) % s.Hq, b = r / (s.mTq * s.Hq);
       acc_t mx = neg_inf<acc_t>();
       bool has_nan = false;
       for (int64_t k = 0; k < s.splits; ++k) {
@@ -988,34 +1189,35 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                        const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                                        const std::optional<at::Tensor>& block_table, double scale,
-                                                        int64_t window_left, int64_t window_right, int64_t num_splits,
-                                                        const std::optional<at::Tensor>& alibi_slopes,
-                                                        const std::optional<at::Tensor>& sinks, double softcap) {
+std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& block_table, double scale, int64_t window_left, int64_t window_right,
+    int64_t num_splits, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+    double softcap, const std::optional<at::Tensor>& cu_seqlens_q, int64_t max_seqlen_q) {
   host::check_cache(k_cache, v_cache, host::kCpu);
   constexpr const char* op = "seqkernels::decode_attention (cpu)";
   host::check_decode_args(q, k_cache, num_splits, window_left, window_right, std::numeric_limits<int64_t>::max(),
                           host::kCpu);
-  // After check_decode_args: q is 4-D from here on.
+  // After check_decode_args: q is 4-D from here on. Packed (cu_seqlens_q): q is the (1, Hq, total_q, D)
+  // view and the sequences are cache_seqlens' entries.
+  const bool packed = cu_seqlens_q.has_value() && cu_seqlens_q->defined();
+  const int64_t B = packed ? cache_seqlens.numel() : q.size(0);
+  const int32_t* cu = host::check_kv_packed(cu_seqlens_q, q, B, max_seqlen_q, host::kCpu, "cu_seqlens_q", op);
   if (q.scalar_type() == at::kDouble) {
-    host::check_modifiers<double>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), host::kCpu, op);
+    host::check_modifiers<double>(alibi_slopes, sinks, softcap, B, q.size(1), host::kCpu, op);
   } else {
-    host::check_modifiers<float>(alibi_slopes, sinks, softcap, q.size(0), q.size(1), host::kCpu, op);
+    host::check_modifiers<float>(alibi_slopes, sinks, softcap, B, q.size(1), host::kCpu, op);
   }
   DecodeShape s{};
-  s.B = q.size(0);
+  s.B = B;
   s.Hq = q.size(1);
-  s.Tq = q.size(2);
+  s.Tq = q.size(2);  // total_q when packed
   s.D = q.size(3);
   s.Hkv = k_cache.size(1);
   s.Dv = v_cache.size(3);
   s.L = host::check_layout(k_cache, block_table, s.B, host::kCpu);
   host::check_seqlens(cache_seqlens, s.B, host::kCpu);
   s.G = s.Hq / s.Hkv;
-  s.rows = s.G * s.Tq;
-  s.row_tiles = (s.rows + kRowTile - 1) / kRowTile;
   s.splits = num_splits;
   s.window_left = window_left;
   // Decode attention is causal: a query never sees the later queries of its own chunk, so the
@@ -1024,13 +1226,37 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
 
   const bool is_double = q.scalar_type() == at::kDouble;
   const auto acc_type = is_double ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({s.B, s.Hq, s.Tq, s.Dv}, q.options());
-  at::Tensor lse = at::empty({s.B, s.Hq, s.Tq}, q.options().dtype(acc_type));
+  // Packed: token-major storage (total_q, Hq, Dv) seen as (1, Hq, total_q, Dv), as attention_varlen.
+  at::Tensor out = packed ? at::empty({s.Tq, s.Hq, s.Dv}, q.options()).permute({1, 0, 2}).unsqueeze(0)
+                          : at::empty({s.B, s.Hq, s.Tq, s.Dv}, q.options());
+  at::Tensor lse = at::empty({packed ? 1 : s.B, s.Hq, s.Tq}, q.options().dtype(acc_type));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  s.seq_tq.resize(s.B);
+  s.q_off.resize(s.B);
+  s.o_off.resize(s.B);
+  s.lse_base.resize(s.B);
+  for (int64_t b = 0; b < s.B; ++b) {
+    if (packed) {
+      const SeqSpan sp = seq_span(cu, cu, b, s.Tq, s.Tq);
+      s.seq_tq[b] = sp.lq;
+      s.q_off[b] = sp.q0 * q.stride(2);
+      s.o_off[b] = sp.q0 * out.stride(2);
+      s.lse_base[b] = sp.q0;
+    } else {
+      s.seq_tq[b] = s.Tq;
+      s.q_off[b] = b * q.stride(0);
+      s.o_off[b] = b * out.stride(0);
+      s.lse_base[b] = b * s.Hq * s.Tq;
+    }
+  }
+  s.lse_hstride = s.Tq;
+  s.mB = packed ? 1 : s.B;
+  s.mTq = s.Tq;
+  s.nrows = s.mB * s.Hq * s.Tq;
   at::Tensor opart, lpart;
   if (s.splits > 1) {
-    opart = at::empty({s.splits, s.B, s.Hq, s.Tq, s.Dv}, q.options().dtype(acc_type));
-    lpart = at::empty({2, s.splits, s.B, s.Hq, s.Tq}, q.options().dtype(acc_type));  // max, then sum
+    opart = at::empty({s.splits, s.nrows, s.Dv}, q.options().dtype(acc_type));
+    lpart = at::empty({2, s.splits, s.nrows}, q.options().dtype(acc_type));  // max, then sum
   }
   const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
   const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;

@@ -58,18 +58,37 @@ int vector_bytes(int64_t elt, std::initializer_list<int64_t> values) {
 using cudart::address;
 using cudart::copy_strides;
 
+// Packed form: cu (B + 1,) int32 contiguous on the kernel device, and the packed tensor a
+// (1, H, total, D) view. The values are not checked (that would cost a host sync on a GPU): the
+// kernels clamp every span into [0, total] (docs/INTERNALS.md "Packed sequences").
+const int32_t* check_cu(const std::optional<at::Tensor>& cu, int64_t B, const at::Tensor& packed, const char* name,
+                        const char* op) {
+  if (!cu.has_value()) return nullptr;
+  const at::Tensor& c = *cu;
+  host::check_device(kDevice, c, op, ": ", name);
+  TORCH_CHECK(c.scalar_type() == at::kInt && c.dim() == 1 && c.size(0) == B + 1 && c.is_contiguous(), op, ": ", name,
+              " must be a contiguous 1-D int32 tensor of B+1 = ", B + 1, " offsets, got ", c.scalar_type(), " ",
+              c.sizes());
+  TORCH_CHECK(packed.size(0) == 1, op, ": with ", name, " the packed rows must be a (1, H, total, D) view, got ",
+              packed.sizes());
+  return c.data_ptr<int32_t>();
+}
+
 }  // namespace
 
 void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new_in,
                           const at::Tensor& v_new_in, const at::Tensor& cache_seqlens,
-                          const std::optional<at::Tensor>& block_table) {
+                          const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& cu_seqlens) {
   check_cache(k_cache, v_cache);
   host::check_new_rows(k_new_in, v_new_in, k_cache, v_cache, kDevice);
+  // Packed (cu_seqlens): k_new is the (1, H, total, D) view and B the number of sequences.
+  const int64_t nseq = cu_seqlens.has_value() ? cache_seqlens.numel() : k_new_in.size(0);
+  const int32_t* cu = check_cu(cu_seqlens, nseq, k_new_in, "cu_seqlens", "seqkernels::kv_cache_append (cuda)");
   const int64_t B = k_new_in.size(0), H = k_new_in.size(1), T = k_new_in.size(2), D = k_new_in.size(3);
   const int64_t Dv = v_cache.size(3);
-  const kv::CacheLayout layout = check_layout(k_cache, block_table, B);
-  host::check_seqlens(cache_seqlens, B, kDevice);
-  if (B == 0 || H == 0 || T == 0) return;
+  const kv::CacheLayout layout = check_layout(k_cache, block_table, nseq);
+  host::check_seqlens(cache_seqlens, nseq, kDevice);
+  if (nseq == 0 || B == 0 || H == 0 || T == 0) return;
   const cudart::DeviceGuard guard(k_cache);
   // The kernel copies whole rows as bytes, so the new rows' head dim must be contiguous.
   const at::Tensor k_new = k_new_in.stride(3) == 1 ? k_new_in : k_new_in.contiguous();
@@ -88,6 +107,8 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
   p.H = kv::FastDiv::make(static_cast<uint32_t>(H));
   p.T = kv::FastDiv::make(static_cast<uint32_t>(T));
   p.rows = static_cast<uint32_t>(B * H * T);
+  p.cu = cu;
+  p.nseq = nseq;
   copy_strides(p.kn, k_new, elt);  // bytes
   copy_strides(p.vn, v_new, elt);
   copy_strides(p.kc, k_cache, elt);
@@ -167,10 +188,12 @@ void run_decode(const kv::DecodeParams& p, dim3 grid, int rows, int64_t widest, 
     launch_decode_rows<T, 256>(rows, p, grid, stream);
   }
   if (p.num_splits > 1) {
-    kv::MergeParams mp{p.out_partial, p.lse_partial, p.out, p.lse, p.B * p.Hq * p.Tq, p.Dv, p.num_splits};
+    kv::MergeParams mp{p.out_partial, p.lse_partial, p.out, p.lse, p.lse_rows, p.Dv, p.num_splits};
     mp.sinks = p.sinks;  // merged once, after the splits
     mp.Hq = p.Hq;
-    mp.Tq = p.Tq;
+    mp.Tq = p.Tq;  // packed: total_q (the view's one batch entry)
+    mp.cu_q = p.cu_q;
+    mp.B = p.B;
     constexpr int kWarps = 4;
     const dim3 mgrid(static_cast<unsigned>((mp.rows + kWarps - 1) / kWarps));
     auto kernel = &kv::_decode_merge_kernel<T>;
@@ -191,6 +214,7 @@ void fill_qkv(kv::DecodeParams& p, const at::Tensor& q, const at::Tensor& k_cach
   copy_strides(p.v_stride, v_cache);
   p.B = q.size(0);
   p.Hq = q.size(1);
+  for (int i = 0; i < 3; ++i) p.q_stride[i] = q.stride(i);
   p.Hkv = k_cache.size(1);
   p.G = p.Hq / p.Hkv;
   p.Tq = q.size(2);
@@ -216,6 +240,11 @@ void fill_outputs(kv::DecodeParams& p, const at::Tensor& out, const at::Tensor& 
                   const at::Tensor& lse_partial, int64_t num_splits) {
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  for (int i = 0; i < 3; ++i) {
+    p.o_stride[i] = out.stride(i);
+    p.l_stride[i] = lse.stride(i);
+  }
+  p.lse_rows = lse.numel();
   p.out_partial = num_splits > 1 ? out_partial.data_ptr<float>() : nullptr;
   p.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
   p.num_splits = num_splits;
@@ -223,21 +252,25 @@ void fill_outputs(kv::DecodeParams& p, const at::Tensor& out, const at::Tensor& 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
-                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                                         const std::optional<at::Tensor>& block_table, double scale,
-                                                         int64_t window_left, int64_t window_right, int64_t num_splits,
-                                                         const std::optional<at::Tensor>& alibi_slopes,
-                                                         const std::optional<at::Tensor>& sinks, double softcap) {
-  check_cache(k_cache, v_cache);
+std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& block_table, double scale, int64_t window_left, int64_t window_right,
+    int64_t num_splits, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+    double softcap, const std::optional<at::Tensor>& cu_seqlens_q, int64_t max_seqlen_q) {
   constexpr const char* op = "seqkernels::decode_attention (cuda)";
+  check_cache(k_cache, v_cache);
   // 65535: the splits are the grid's z dimension.
   host::check_decode_args(q_in, k_cache, num_splits, window_left, window_right, 65535, kDevice);
   // After the decode checks, which establish that q is (B, Hq, Tq, D) (the modifiers' shapes
   // are read from it).
+  // Packed (cu_seqlens_q): q is the (1, Hq, total_q, D) view and B the number of sequences.
+  const bool packed = cu_seqlens_q.has_value();
+  const int64_t B = packed ? cache_seqlens.numel() : q_in.size(0);
+  const int32_t* cu_q = check_cu(cu_seqlens_q, B, q_in, "cu_seqlens_q", op);
+  TORCH_CHECK(max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0, got ", max_seqlen_q);
   const host::ModifierArgs<float> mods =
-      host::check_modifiers<float>(alibi_slopes, sinks, softcap, q_in.size(0), q_in.size(1), kDevice, op);
-  const int64_t B = q_in.size(0), Hq = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
+      host::check_modifiers<float>(alibi_slopes, sinks, softcap, B, q_in.size(1), kDevice, op);
+  const int64_t Hq = q_in.size(1), Tq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_cache.size(1), Dv = v_cache.size(3);
   TORCH_CHECK(D >= 1 && Dv >= 1 && D <= 256 && Dv <= 256, "q, v_cache: head dims must be in [1, 256], got D=", D,
               ", Dv=", Dv);
@@ -245,33 +278,61 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q_in,
   host::check_seqlens(cache_seqlens, B, kDevice);
   const cudart::DeviceGuard guard(q_in);
 
-  at::Tensor out = at::empty({B, Hq, Tq, Dv}, q_in.options());
-  at::Tensor lse = at::empty({B, Hq, Tq}, q_in.options().dtype(at::kFloat));
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  const at::Tensor q = q_in.contiguous();
+  // Packed: out is (total_q, Hq, Dv) storage seen as (1, Hq, total_q, Dv); rows in no sequence
+  // (unchecked offsets only) keep 0 / -inf.
+  const int64_t OB = q_in.size(0);
+  at::Tensor out = packed ? at::zeros({Tq, Hq, Dv}, q_in.options()).permute({1, 0, 2}).unsqueeze(0)
+                          : at::empty({OB, Hq, Tq, Dv}, q_in.options());
+  at::Tensor lse = packed ? at::full({OB, Hq, Tq}, -INFINITY, q_in.options().dtype(at::kFloat))
+                          : at::empty({OB, Hq, Tq}, q_in.options().dtype(at::kFloat));
+  if ((out.numel() == 0 && lse.numel() == 0) || B == 0) return {out, lse};
+  // The head dim must be contiguous; the other dims are read through their strides.
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
 
-  const int64_t G = Hq / Hkv, n_rows = G * Tq;
+  // Packed: the row tile is sized for the longest sequence (max_seqlen_q, else the mean).
+  const int64_t G = Hq / Hkv;
+  const int64_t per_seq = packed ? (max_seqlen_q > 0 ? max_seqlen_q : (Tq + B - 1) / B) : Tq;
+  const int64_t n_rows = G * per_seq;
   const int rows = n_rows >= 5 ? 8 : (n_rows >= 2 ? 4 : 1);
-  const int64_t row_tiles = (n_rows + rows - 1) / rows;
-  TORCH_CHECK(n_rows < (int64_t{1} << 31), "q: Hq / Hkv * Tq must be below 2^31");
-  TORCH_CHECK(row_tiles <= 65535, "q: too many query rows per kv head (", n_rows, "); at most ", 65535 * rows);
-  TORCH_CHECK(B * Hkv <= 0x7fffffff, "q: B * Hkv is too large for one launch");
+  TORCH_CHECK(G * Tq < (int64_t{1} << 31), "q: Hq / Hkv * Tq must be below 2^31");
+  dim3 grid;
+  at::Tensor tile_cu;
+  if (packed) {
+    // Row tiles of every sequence, cumulated on the device (no host sync): at most
+    // ceil(G * total_q / rows) + B tiles, each program finds its (sequence, tile) by binary search.
+    const int64_t tiles = (G * Tq + rows - 1) / rows + B;
+    TORCH_CHECK(tiles * Hkv <= 0x7fffffff, "q: too many query rows for one launch");
+    const at::Tensor cu = cu_seqlens_q->to(at::kLong);
+    const at::Tensor c0 = cu.slice(0, 0, B).clamp(0, Tq);
+    const at::Tensor c1 = at::maximum(cu.slice(0, 1, B + 1).clamp(0, Tq), c0);
+    const at::Tensor per = at::floor_divide((c1 - c0) * G + (rows - 1), rows);
+    tile_cu = at::cat({at::zeros({1}, per.options()), at::cumsum(per, 0)});
+    grid = dim3(static_cast<unsigned>(tiles * Hkv), 1, static_cast<unsigned>(num_splits));
+  } else {
+    const int64_t row_tiles = (n_rows + rows - 1) / rows;
+    TORCH_CHECK(row_tiles <= 65535, "q: too many query rows per kv head (", n_rows, "); at most ", 65535 * rows);
+    TORCH_CHECK(B * Hkv <= 0x7fffffff, "q: B * Hkv is too large for one launch");
+    grid = dim3(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_tiles), static_cast<unsigned>(num_splits));
+  }
 
   at::Tensor out_partial, lse_partial;
   if (num_splits > 1) {
-    out_partial = at::empty({num_splits, B, Hq, Tq, Dv}, q_in.options().dtype(at::kFloat));
-    lse_partial = at::empty({num_splits, B, Hq, Tq}, q_in.options().dtype(at::kFloat));
+    out_partial = at::empty({num_splits, lse.numel(), Dv}, q_in.options().dtype(at::kFloat));
+    lse_partial = at::empty({num_splits, lse.numel()}, q_in.options().dtype(at::kFloat));
   }
   kv::DecodeParams p{};
   fill_qkv(p, q, k_cache, v_cache);
+  p.B = B;
   p.qk_scale = static_cast<float>(scale);
   fill_band(p, cache_seqlens, layout, window_left);
   fill_outputs(p, out, lse, out_partial, lse_partial, num_splits);
   p.softcap = mods.softcap;
   p.alibi = mods.alibi;
   p.sinks = mods.sinks;
+  p.cu_q = cu_q;
+  p.tile_cu = packed ? tile_cu.data_ptr<int64_t>() : nullptr;
+  p.total_q = Tq;
 
-  const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(row_tiles), static_cast<unsigned>(num_splits));
   const cudaStream_t stream = cudart::current_stream();
   const int64_t widest = std::max(D, Dv);
   AT_DISPATCH_SWITCH(q.scalar_type(), "decode_attention_cuda", AT_DISPATCH_CASE(at::kHalf, [&] {

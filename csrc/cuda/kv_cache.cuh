@@ -29,6 +29,15 @@
 // split, _decode_merge_kernel after combining several (a sink merged per split would count
 // num_splits times).
 //
+// Packed batches (cu_seqlens, docs/INTERNALS.md "Packed sequences"): the new rows and q are
+// (1, H, total, D) views of token-major tensors and the spans are clamped into [0, total] as in
+// seq_span. Append: each row finds its sequence by binary search over cu (packed_sequence).
+// Decode: no padded B x max_Tq grid and no host sync; the grid covers ceil(G * total_q / ROWS) + B
+// row tiles per kv head, each CTA finds its (sequence, tile) by binary search over tile_cu (the
+// cumulative row tiles per sequence, built by the launcher with tensor ops on the device), and
+// tiles past the last one return. out is (total_q, Hq, Dv) storage and rows in no sequence keep
+// the launcher's 0 / -inf; the merge pass maps its rows back the same way.
+//
 // Shuffles are executed by every lane of every group on every iteration (a key that is out of
 // range or has a bad block id loads nothing and is masked with -inf afterwards), so warp
 // collectives never diverge. Masked values are selected away, never multiplied by 0.
@@ -102,6 +111,27 @@ SK_DEVICE SK_INLINE bool locate(const CacheLayout& L, int64_t b, int64_t p, int6
   return true;
 }
 
+// Packed batches (cu_seqlens): the sequence b in [0, n) holding packed row `row`, with *start its
+// first row; -1 when the row is in no sequence. Spans are clamped into [0, total] as seq_span does
+// (common/attention_math.h), and b is the largest index whose clamped start is <= row (found by
+// binary search; an empty sequence defers to the next one with the same start). Offsets the host
+// did not check (decreasing, past total) give some b in [0, n) or -1, never an index outside.
+SK_DEVICE SK_INLINE int64_t packed_sequence(const int32_t* cu, int64_t n, int64_t total, int64_t row, int64_t* start) {
+  if (n <= 0) return -1;
+  int64_t lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (clamp_index(cu[mid], 0, total) <= row) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int64_t q0 = clamp_index(cu[lo], 0, total), q1 = clamp_index(cu[lo + 1], q0, total);
+  *start = q0;
+  return row >= q0 && row < q1 ? lo : -1;
+}
+
 template <int BYTES>
 struct Bytes;
 template <>
@@ -131,8 +161,12 @@ struct AppendParams {
   char* v_cache;
   const int32_t* seqlens;
   CacheLayout layout;
-  FastDiv T, H;       // to split a row index into (b, h, t)
-  uint32_t rows;      // B * H * T (< 2^32, checked by the launcher)
+  FastDiv T, H;   // to split a row index into (b, h, t)
+  uint32_t rows;  // B * H * T (< 2^32, checked by the launcher)
+  // Packed k_new/v_new ((1, H, total, D) views): cu (nseq + 1,) row offsets, T = total; nullptr:
+  // padded (B, H, T, D).
+  const int32_t* cu;
+  int64_t nseq;
   uint32_t k_chunks;  // K row bytes / VEC_BYTES
   uint32_t chunks;    // (K + V row bytes) / VEC_BYTES
   // Strides in bytes over (b, h, t) for the new rows and (outer, h, slot) for the caches; the
@@ -151,8 +185,16 @@ __global__ void __launch_bounds__(256) _kv_cache_append_kernel(AppendParams p) {
     uint32_t bh, t, b, h;
     p.T.divmod(row, &bh, &t);
     p.H.divmod(bh, &b, &h);
+    // The sequence and its token index: (b, t) padded; packed, row t of the one batch entry.
+    int64_t seq = b, tok = t;
+    if (p.cu != nullptr) {
+      int64_t start = 0;
+      seq = packed_sequence(p.cu, p.nseq, p.T.d, t, &start);
+      if (seq < 0) continue;
+      tok = t - start;
+    }
     int64_t outer, slot;
-    if (!locate(p.layout, b, static_cast<int64_t>(p.seqlens[b]) + t, &outer, &slot)) continue;
+    if (!locate(p.layout, seq, static_cast<int64_t>(p.seqlens[seq]) + tok, &outer, &slot)) continue;
     const V* ksrc = reinterpret_cast<const V*>(p.k_new + b * p.kn[0] + h * p.kn[1] + t * p.kn[2]);
     const V* vsrc = reinterpret_cast<const V*>(p.v_new + b * p.vn[0] + h * p.vn[1] + t * p.vn[2]);
     V* kdst = reinterpret_cast<V*>(p.k_cache + outer * p.kc[0] + h * p.kc[1] + slot * p.kc[2]);
@@ -188,18 +230,28 @@ struct DecodeGeometry {
 };
 
 struct DecodeParams {
-  const void* q;  // contiguous (B, Hq, Tq, D)
+  const void* q;  // (B, Hq, Tq, D), head dim contiguous, read through q_stride
   const void* k_cache;
   const void* v_cache;
   const int32_t* seqlens;
   CacheLayout layout;
-  void* out;           // (B, Hq, Tq, Dv) contiguous, T            (num_splits == 1)
-  float* lse;          // (B, Hq, Tq) float32                     (num_splits == 1)
-  float* out_partial;  // (num_splits, B, Hq, Tq, Dv) float32     (num_splits > 1)
-  float* lse_partial;  // (num_splits, B, Hq, Tq) float32         (num_splits > 1)
+  void* out;           // (B, Hq, Tq, Dv), T, through o_stride      (num_splits == 1)
+  float* lse;          // (B, Hq, Tq) float32, through l_stride      (num_splits == 1)
+  float* out_partial;  // (num_splits, lse_rows, Dv) float32        (num_splits > 1)
+  float* lse_partial;  // (num_splits, lse_rows) float32            (num_splits > 1)
   int64_t B, Hq, Hkv, G, Tq, D, Dv, n_rows;
   int64_t k_stride[3], v_stride[3];  // elements over (outer, kv head, slot)
-  float qk_scale;                    // scale (q is pre-scaled by it)
+  int64_t q_stride[3];               // elements over (b, hq, t); the head dim is contiguous
+  int64_t o_stride[3];               // elements over (b, hq, t) of out; Dv contiguous
+  int64_t l_stride[3];               // over (b, hq, t) of lse: a row's index among the lse_rows
+  int64_t lse_rows;                  // lse.numel(): the partials' rows per split
+  // Packed q ((1, Hq, total_q, D) view, B sequences): cu_q (B + 1,) row offsets, tile_cu (B + 1,)
+  // cumulative row tiles per sequence (ceil(G * Tq_b / ROWS)); the grid is (Hkv * tiles, 1,
+  // splits) and Tq, n_rows are per sequence. nullptr: padded, grid (B * Hkv, row tiles, splits).
+  const int32_t* cu_q;
+  const int64_t* tile_cu;
+  int64_t total_q;
+  float qk_scale;  // scale (q is pre-scaled by it)
   int64_t window_left, window_right;
   int64_t num_splits;
   bool vec_ok;  // 16-byte loads of K/V rows are aligned (D, Dv, strides, base pointers)
@@ -221,6 +273,33 @@ SK_DEVICE SK_INLINE void load_chunk(const T* row, int64_t d0, int64_t n, bool ve
   }
 }
 
+// The CTA's work: sequence b, its row tile, query count Tq and first packed row q0 (0 padded).
+// Packed: the largest b with tile_cu[b] <= the CTA's tile (binary search); ok is false past the
+// last tile. Called again for the epilogue, after the barrier, so that these values need no
+// registers across the key loop (the wide float32 variants have none to spare).
+struct DecodeTile {
+  int64_t b, tile, Tq, q0;
+  bool ok;
+};
+
+SK_DEVICE SK_INLINE DecodeTile decode_tile(const DecodeParams& p) {
+  if (p.cu_q == nullptr) return {static_cast<int64_t>(blockIdx.x / p.Hkv), blockIdx.y, p.Tq, 0, true};
+  int64_t tile = blockIdx.x / p.Hkv;
+  if (tile >= p.tile_cu[p.B]) return {0, 0, 0, 0, false};
+  int64_t lo = 0, hi = p.B;
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (p.tile_cu[mid] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  tile -= p.tile_cu[lo];
+  const int64_t q0 = clamp_index(p.cu_q[lo], 0, p.total_q);
+  return {lo, tile, clamp_index(p.cu_q[lo + 1], q0, p.total_q) - q0, q0, true};
+}
+
 // Keys each group holds per iteration: their K and V loads are all issued before the first use.
 constexpr int kKeysPerGroup = 2;
 
@@ -236,11 +315,14 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
 
   const int lane = threadIdx.x % GS;
   const int grp = threadIdx.x / GS;
-  const int64_t b = blockIdx.x / p.Hkv;
   const int64_t hkv = blockIdx.x % p.Hkv;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * ROWS;
-  const int64_t r_last = (r0 + ROWS < p.n_rows ? r0 + ROWS : p.n_rows) - 1;
   const int64_t split = blockIdx.z;
+  const DecodeTile cta = decode_tile(p);
+  if (!cta.ok) return;  // past the last tile of a packed batch: the whole CTA leaves
+  const int64_t b = cta.b, Tq = cta.Tq, q0 = cta.q0;
+  const int64_t n_rows = p.G * Tq;
+  const int64_t r0 = cta.tile * ROWS;
+  const int64_t r_last = (r0 + ROWS < n_rows ? r0 + ROWS : n_rows) - 1;
 
   int64_t len = p.seqlens[b];
   len = len < 0 ? 0 : (len > p.layout.capacity ? p.layout.capacity : len);
@@ -248,12 +330,12 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
   // Keys visible to any row of the tile, then this split's chunk of them.
   int64_t hi = len;
   if (p.window_right >= 0) {
-    const int64_t h2 = len - p.Tq + r_last / p.G + p.window_right + 1;
+    const int64_t h2 = len - Tq + r_last / p.G + p.window_right + 1;
     hi = h2 < hi ? h2 : hi;
   }
   int64_t lo = 0;
   if (p.window_left >= 0) {
-    const int64_t l2 = len - p.Tq + r0 / p.G - p.window_left;
+    const int64_t l2 = len - Tq + r0 / p.G - p.window_left;
     lo = l2 > 0 ? l2 : 0;
   }
   if (hi < lo) hi = lo;
@@ -268,12 +350,13 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) {
     const int64_t r = r0 + i;
-    const bool ok = r < p.n_rows;
+    const bool ok = r < n_rows;
     const int64_t t = ok ? r / p.G : 0;
     const int64_t hq = hkv * p.G + (ok ? r % p.G : 0);
-    pos[i] = len - p.Tq + t;
+    pos[i] = len - Tq + t;
     slope[i] = kMods && p.alibi != nullptr ? p.alibi[b * p.Hq + hq] : 0.0f;
-    const T* qrow = static_cast<const T*>(p.q) + ((b * p.Hq + hq) * p.Tq + t) * p.D;
+    const int64_t qb = p.cu_q != nullptr ? 0 : b;  // packed: the one batch entry of the view
+    const T* qrow = static_cast<const T*>(p.q) + qb * p.q_stride[0] + hq * p.q_stride[1] + (q0 + t) * p.q_stride[2];
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
       const int64_t d0 = static_cast<int64_t>(c) * GS * VEC + lane * VEC;
@@ -388,14 +471,16 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
       for (int e = 0; e < VEC; ++e) s_acc[grp][i][c * GS * VEC + lane * VEC + e] = acc[i][c * VEC + e];
   }
   __syncthreads();
+  const DecodeTile et = decode_tile(p);  // recomputed (see DecodeTile)
+  const int64_t e_rows = p.G * et.Tq;
 
-  // 32-bit index arithmetic: Dv <= 256, G and n_rows < 2^31 (launcher checks).
+  // 32-bit index arithmetic: Dv <= 256, G and G * Tq < 2^31 (launcher checks).
   const int dv = static_cast<int>(p.Dv), G = static_cast<int>(p.G);
   for (int idx = threadIdx.x; idx < ROWS * dv; idx += blockDim.x) {
     const int i = idx / dv;
     const int d = idx - i * dv;
-    const int64_t r = r0 + i;
-    if (r >= p.n_rows) continue;
+    const int64_t r = et.tile * ROWS + i;
+    if (r >= e_rows) continue;
     float mx = kNegInf;
     bool nan = false;
 #pragma unroll
@@ -417,17 +502,19 @@ __global__ void __launch_bounds__(128) _decode_attention_kernel(DecodeParams p) 
     }
     const int r32 = static_cast<int>(r), t = r32 / G;
     const int64_t hq = hkv * p.G + (r32 - t * G);
-    const int64_t row_index = (b * p.Hq + hq) * p.Tq + t;
+    const int64_t ob = p.cu_q != nullptr ? 0 : et.b, tg = et.q0 + t;
+    const int64_t o_index = ob * p.o_stride[0] + hq * p.o_stride[1] + tg * p.o_stride[2];
+    const int64_t l_index = ob * p.l_stride[0] + hq * p.l_stride[1] + tg * p.l_stride[2];
     // One split: the row is complete here, so the sink joins it now; with several, the merge does.
     if (kMods && p.sinks != nullptr && p.num_splits == 1) o *= merge_sink(p.sinks[hq], mx, total);
     const bool empty = !(total > 0.0f) && !(total != total);  // a NaN total stays NaN
     const float out = empty ? 0.0f : o / total;
     const float lse = empty ? kNegInf : mx + logf(total);
     if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[row_index * p.Dv + d] = from_acc<T>(out);
-      if (d == 0) p.lse[row_index] = lse;
+      static_cast<T*>(p.out)[o_index + d] = from_acc<T>(out);
+      if (d == 0) p.lse[l_index] = lse;
     } else {
-      const int64_t prow = split * p.B * p.Hq * p.Tq + row_index;
+      const int64_t prow = split * p.lse_rows + l_index;
       p.out_partial[prow * p.Dv + d] = out;
       if (d == 0) p.lse_partial[prow] = lse;
     }
@@ -441,7 +528,11 @@ struct MergeParams {
   float* lse;                // (rows,)
   int64_t rows, Dv, num_splits;
   const float* sinks;  // (Hq,) or nullptr: merged once, after the splits
-  int64_t Hq, Tq;      // row = (b * Hq + h) * Tq + t
+  int64_t Hq, Tq;      // row = (b * Hq + h) * Tq + t (packed: B = 1, Tq = total_q)
+  // Packed: out is (total_q, Hq, Dv) storage, so row (h, t) writes out[(t * Hq + h) * Dv]; a row
+  // in no sequence of cu_q (B + 1,) is left alone (0 / -inf). nullptr: padded, out[row * Dv].
+  const int32_t* cu_q;
+  int64_t B;
 };
 
 // One warp per output row: lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s.
@@ -450,7 +541,15 @@ __global__ void __launch_bounds__(128) _decode_merge_kernel(MergeParams p) {
   const float kNegInf = -INFINITY;
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const bool active = row < p.rows;  // no early return: every lane takes part in the shuffles
+  // No early return: every lane takes part in the shuffles (active is uniform over the warp).
+  bool active = row < p.rows;
+  int64_t out_row = row;
+  if (active && p.cu_q != nullptr) {
+    const int64_t h = row / p.Tq, t = row - h * p.Tq;
+    int64_t start = 0;
+    active = packed_sequence(p.cu_q, p.B, p.Tq, t, &start) >= 0;
+    out_row = t * p.Hq + h;
+  }
   float mx = kNegInf;
   for (int64_t s = lane; active && s < p.num_splits; s += 32) mx = fmaxf(mx, p.lse_partial[s * p.rows + row]);
 #pragma unroll
@@ -477,7 +576,7 @@ __global__ void __launch_bounds__(128) _decode_merge_kernel(MergeParams p) {
         o = fmaf(expf(ls - mx) * factor / l, p.out_partial[(s * p.rows + row) * p.Dv + d], o);
       }
     }
-    static_cast<T*>(p.out)[row * p.Dv + d] = from_acc<T>(o);
+    static_cast<T*>(p.out)[out_row * p.Dv + d] = from_acc<T>(o);
   }
   if (lane == 0) p.lse[row] = m == kNegInf && !(l != l) ? kNegInf : m + logf(l);
 }

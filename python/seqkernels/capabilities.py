@@ -98,15 +98,15 @@ TABLE: Dict[str, Dict[str, Capability]] = {
         "reference": _REFERENCE,
     },
     "kv_cache_append": {
-        "cpu": Capability(grad=False, varlen=False),
-        "cuda": Capability(dtypes=_KERNEL_FLOATS, grad=False, varlen=False),
-        "triton": Capability(dtypes=_KERNEL_FLOATS, grad=False, min_sm=8, varlen=False),
+        "cpu": Capability(grad=False),
+        "cuda": Capability(dtypes=_KERNEL_FLOATS, grad=False),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, grad=False, min_sm=8),
         "reference": _REFERENCE,
     },
     "decode_attention": {
-        "cpu": Capability(grad=False, varlen=False),
-        "cuda": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, varlen=False),
-        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, min_sm=8, varlen=False),
+        "cpu": Capability(grad=False),
+        "cuda": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, grad=False, min_sm=8),
         "reference": _REFERENCE,
     },
     "lstm_cell": {

@@ -552,6 +552,7 @@ def kv_cache_append_ref(
     v_new: Tensor,
     cache_seqlens: Tensor,
     block_table: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> None:
     """Write token ``t`` of ``k_new/v_new (B, Hkv, T, D)`` at logical position
     ``cache_seqlens[b] + t``, in place.
@@ -560,7 +561,14 @@ def kv_cache_append_ref(
     D)`` with ``block_table (B, max_blocks)`` mapping logical block ``p // block_size`` to a
     physical block. A token whose position, logical block or block id is out of range is
     skipped, never written (host validation is the public layer's job).
+
+    Packed form: with ``cu_seqlens`` (B+1,), ``k_new/v_new`` are the ``(1, Hkv, total, D)`` views
+    of the token-major rows and row ``cu_seqlens[b] + t`` goes to ``cache_seqlens[b] + t``: the
+    padded form one sequence at a time (spans clamped into ``[0, total]``).
     """
+    if cu_seqlens is not None:
+        _kv_cache_append_packed_ref(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cu_seqlens)
+        return
     if k_new.dim() != 4 or v_new.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
         raise ValueError("kv_cache_append_ref: caches and new tokens must be 4-D")
     B, Hkv, T, _ = k_new.shape
@@ -594,6 +602,36 @@ def kv_cache_append_ref(
         cache.transpose(1, 2).index_put_((dst_slot, dst_pos), src)
 
 
+def _packed_spans(cu_seqlens: Tensor, total: int) -> list[tuple[int, int]]:
+    """(start, length) of each sequence of a packed batch, clamped into [0, total] as the kernels'
+    seq_span does (a decreasing pair is an empty sequence)."""
+    c = [int(x) for x in cu_seqlens.tolist()]
+    spans = []
+    for b in range(len(c) - 1):
+        q0 = min(max(c[b], 0), total)
+        q1 = min(max(c[b + 1], q0), total)
+        spans.append((q0, q1 - q0))
+    return spans
+
+
+def _kv_cache_append_packed_ref(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cu_seqlens) -> None:
+    if k_new.dim() != 4 or k_new.shape[0] != 1 or v_new.dim() != 4 or v_new.shape[0] != 1:
+        raise ValueError(
+            f"kv_cache_append_ref: packed k_new, v_new are (1, Hkv, total, D) views, got {tuple(k_new.shape)}"
+        )
+    B = cache_seqlens.shape[0]
+    if cu_seqlens.shape != (B + 1,):
+        raise ValueError(f"kv_cache_append_ref: cu_seqlens must have shape ({B + 1},), got {tuple(cu_seqlens.shape)}")
+    for b, (t0, n) in enumerate(_packed_spans(cu_seqlens, k_new.shape[2])):
+        if n == 0:
+            continue
+        if block_table is None:
+            kc, vc, table = k_cache[b : b + 1], v_cache[b : b + 1], None  # views: written in place
+        else:
+            kc, vc, table = k_cache, v_cache, block_table[b : b + 1]
+        kv_cache_append_ref(kc, vc, k_new[:, :, t0 : t0 + n], v_new[:, :, t0 : t0 + n], cache_seqlens[b : b + 1], table)
+
+
 def _gather_cache(cache: Tensor, block_table: Tensor | None) -> Tensor:
     """Logical view ``(B, Hkv, S, D)`` of a contiguous or paged cache."""
     if block_table is None:
@@ -619,6 +657,8 @@ def decode_attention_ref(
     softcap: float | None = None,
     alibi_slopes: Tensor | None = None,
     sinks: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    max_seqlen_q: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of ``q (B, Hq, Tq, D)`` against the first ``cache_seqlens[b]`` positions of the
     (contiguous or paged) cache. Query ``t`` sits at position ``cache_seqlens[b] - Tq + t`` and
@@ -626,7 +666,27 @@ def decode_attention_ref(
     ``cache_seqlens[b]`` are selected away before any arithmetic, so garbage or NaN there cannot
     change the result. Returns ``(out (B, Hq, Tq, Dv), lse (B, Hq, Tq))`` like
     :func:`attention_ref`.
+
+    Packed form: with ``cu_seqlens_q`` (B+1,), ``q`` is the ``(1, Hq, total_q, D)`` view of the
+    token-major queries and sequence b's ``Tq_b`` queries are rows ``cu_seqlens_q[b]..[b+1]``: the
+    padded form one sequence at a time (``max_seqlen_q`` is not needed). Returns out
+    ``(1, Hq, total_q, Dv)`` and lse ``(1, Hq, total_q)``; rows in no sequence are 0 / -inf.
     """
+    if cu_seqlens_q is not None:
+        return _decode_attention_packed_ref(
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            cu_seqlens_q,
+            block_table=block_table,
+            scale=scale,
+            window_left=window_left,
+            window_right=window_right,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            sinks=sinks,
+        )
     if q.dim() != 4:
         raise ValueError(f"decode_attention_ref: q must be (B, Hq, Tq, D), got {tuple(q.shape)}")
     B = q.shape[0]
@@ -667,6 +727,36 @@ def decode_attention_ref(
         alibi_slopes=alibi_slopes,
         sinks=sinks,
     )
+
+
+def _decode_attention_packed_ref(q, k_cache, v_cache, cache_seqlens, cu_seqlens_q, *, block_table, alibi_slopes, **kw):
+    if q.dim() != 4 or q.shape[0] != 1:
+        raise ValueError(f"decode_attention_ref: packed q is the (1, Hq, total_q, D) view, got {tuple(q.shape)}")
+    B = cache_seqlens.shape[0]
+    if cu_seqlens_q.shape != (B + 1,):
+        raise ValueError(
+            f"decode_attention_ref: cu_seqlens_q must have shape ({B + 1},), got {tuple(cu_seqlens_q.shape)}"
+        )
+    _, Hq, total, _ = q.shape
+    Dv = v_cache.shape[-1]
+    out = q.new_zeros((1, Hq, total, Dv))
+    lse = torch.full((1, Hq, total), -math.inf, dtype=_lse_dtype(q.dtype), device=q.device)
+    for b, (t0, n) in enumerate(_packed_spans(cu_seqlens_q, total)):
+        if n == 0:
+            continue
+        if block_table is None:
+            kc, vc, table = k_cache[b : b + 1], v_cache[b : b + 1], None
+        else:
+            kc, vc, table = k_cache, v_cache, block_table[b : b + 1]
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b : b + 1]
+        o, l_ = decode_attention_ref(
+            q[:, :, t0 : t0 + n], kc, vc, cache_seqlens[b : b + 1], block_table=table, alibi_slopes=slopes, **kw
+        )
+        idx = torch.arange(t0, t0 + n, device=q.device)
+        # Out of place, so the pieces keep their gradients (as the padded reference).
+        out = out.index_copy(2, idx, o.to(out.dtype))
+        lse = lse.index_copy(2, idx, l_.to(lse.dtype))
+    return out, lse
 
 
 # ----------------------------------------------------------------------------------------------

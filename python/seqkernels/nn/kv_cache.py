@@ -11,6 +11,15 @@ Step protocol (one step = the same T new tokens for every sequence, through ever
         ...
     # after the last layer's append, cache.lengths has advanced by T
 
+Packed step (sequences adding different numbers of tokens: chunked prefill next to decode steps,
+speculative verification, continuous batching)::
+
+    cu = torch.tensor([0, 256, 257, 257, 261], dtype=torch.int32)   # B + 1 entries; 256, 1, 0, 4 tokens
+    for layer in range(num_layers):
+        cache.append(layer, k, v, cu_seqlens=cu)      # k, v: (total, Hkv, D), token-major
+        out = cache.attend(layer, q, cu_seqlens_q=cu)  # q: (total, Hq, D) -> out (total, Hq, Dv)
+    # sequence b's length has advanced by its own count cu[b+1] - cu[b]
+
 Layers append in order 0 .. num_layers-1 within a step. `attend(layer)` (and `views(layer)`) already
 include the tokens that `layer` appended in the current step, while `lengths` is the committed length
 that only advances when the last layer appends, so positions for the next step read from `lengths`
@@ -152,17 +161,22 @@ class KVCache:
 
     # -----------------------------------------------------------------------------------------
 
-    def _begin_step(self, T: int):
-        over = [b for b, n in enumerate(self._host_lengths) if n + T > self.max_seqlen]
+    def _begin_step(self, T, counts: Optional[List[int]] = None):
+        """Allocates for a step of T tokens per sequence, or of `counts[b]` tokens for sequence b (a
+        packed step, T is then the cu_seqlens tensor)."""
+        step = [T] * self.batch_size if counts is None else counts
+        over = [b for b, n in enumerate(self._host_lengths) if n + step[b] > self.max_seqlen]
         if over:
             b = over[0]
             raise RuntimeError(
                 f"KVCache.append: sequence {b} holds {self._host_lengths[b]} tokens and cannot take "
-                f"{T} more (max_seqlen={self.max_seqlen}); reset it with reset({b}) or build a "
+                f"{step[b]} more (max_seqlen={self.max_seqlen}); reset it with reset({b}) or build a "
                 "larger cache"
             )
         if self.paged:
-            need = [-(-(n + T) // self.block_size) - len(self._owned[b]) for b, n in enumerate(self._host_lengths)]
+            need = [
+                -(-(n + step[b]) // self.block_size) - len(self._owned[b]) for b, n in enumerate(self._host_lengths)
+            ]
             total = sum(max(0, x) for x in need)
             if total > len(self._free):
                 b = next(i for i, x in enumerate(need) if x > 0)
@@ -179,12 +193,50 @@ class KVCache:
                         self._host_table[b, len(self._owned[b])] = blk
                         self._owned[b].append(blk)
                 self.block_table.copy_(self._host_table)
-        self._step_tokens = T
-        self._step_lengths = self.lengths + T
+        if counts is None:
+            self._step_tokens = T
+            self._step_lengths = self.lengths + T
+        else:
+            self._step_tokens = tuple(counts)
+            cu = T
+            self._step_lengths = self.lengths + (cu[1:] - cu[:-1]).to(self.lengths.dtype)
 
-    def append(self, layer: int, k: Tensor, v: Tensor) -> None:
+    def _packed_counts(self, k: Tensor, v: Tensor, cu_seqlens) -> tuple:
+        """Checks a packed step's k, v (total, Hkv, D|Dv) and cu_seqlens; returns (cu int32 tensor on
+        the cache's device, per-sequence counts as ints)."""
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            got = (
+                f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+                if isinstance(cu_seqlens, Tensor)
+                else type(cu_seqlens).__name__
+            )
+            raise ValueError(f"cu_seqlens: expected an int32 tensor ({self.batch_size + 1},), got {got}")
+        if cu_seqlens.shape[0] != self.batch_size + 1:
+            raise ValueError(
+                f"cu_seqlens: expected {self.batch_size + 1} entries (batch_size + 1), got {cu_seqlens.shape[0]}"
+            )
+        for name, t, d in (("k", k, self.head_dim), ("v", v, self.v_head_dim)):
+            if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[1] != self.num_kv_heads or t.shape[2] != d:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected shape (total, {self.num_kv_heads}, {d}) with cu_seqlens, got {got}")
+        if v.shape[0] != k.shape[0]:
+            raise ValueError(f"v: {v.shape[0]} tokens, but k has {k.shape[0]}")
+        c = [int(x) for x in cu_seqlens.tolist()]  # a host copy (the block allocation needs the counts)
+        counts = [c[b + 1] - c[b] for b in range(self.batch_size)]
+        if c[0] != 0 or min(counts, default=0) < 0 or c[-1] != k.shape[0]:
+            raise ValueError(
+                f"cu_seqlens: expected cumulative starts from 0, non-decreasing, ending at k's {k.shape[0]} tokens, "
+                f"got {c}"
+            )
+        return cu_seqlens.to(self.device), counts
+
+    def append(self, layer: int, k: Tensor, v: Tensor, *, cu_seqlens: Optional[Tensor] = None) -> None:
         """Write `k`, `v` (B, Hkv, T, D) of `layer` at positions `lengths[b] + t`. Layers append in
-        order within a step, all with the same T; the last layer's append advances `lengths`."""
+        order within a step, all with the same T; the last layer's append advances `lengths`.
+
+        Packed step: with `cu_seqlens` (int32 (B+1,)), `k`, `v` are (total, Hkv, D|Dv) token-major and
+        sequence b appends rows `cu_seqlens[b]..cu_seqlens[b+1]` (any count, 0 included); every layer
+        of the step appends the same counts, and the step advances each sequence by its own count."""
         self._check_layer(layer)
         if layer != self._next_layer:
             raise RuntimeError(
@@ -192,6 +244,28 @@ class KVCache:
                 f"0..{self.num_layers - 1} in order), got layer {layer}; reset() abandons a "
                 "partial step"
             )
+        if cu_seqlens is not None:
+            cu, counts = self._packed_counts(k, v, cu_seqlens)
+            if layer == 0:
+                self._begin_step(cu, counts)
+            elif self._step_tokens != tuple(counts):
+                raise ValueError(
+                    f"cu_seqlens: layer {layer} appends {counts} tokens per sequence but this step started with "
+                    f"{self._step_tokens}"
+                )
+            kv_cache_append(
+                self.k[layer],
+                self.v[layer],
+                k.to(self.dtype),
+                v.to(self.dtype),
+                self.lengths,
+                block_table=self.block_table,
+                cu_seqlens=cu,
+                check=False,
+                backend=self.backend,
+            )
+            self._end_append(counts)
+            return
         for name, t, d in (("k", k, self.head_dim), ("v", v, self.v_head_dim)):
             if (
                 not isinstance(t, Tensor)
@@ -209,6 +283,10 @@ class KVCache:
             self._begin_step(T)
         elif T != self._step_tokens:
             raise ValueError(f"k: layer {layer} appends {T} tokens but this step started with {self._step_tokens}")
+        self._append_padded(layer, k, v)
+        self._end_append([T] * self.batch_size)
+
+    def _append_padded(self, layer: int, k: Tensor, v: Tensor) -> None:
         # The positions and blocks were validated on the host above, so skip the op's host check
         # (a device sync per call on GPUs).
         kv_cache_append(
@@ -221,10 +299,12 @@ class KVCache:
             check=False,
             backend=self.backend,
         )
+
+    def _end_append(self, counts: List[int]) -> None:
         self._next_layer += 1
         if self._next_layer == self.num_layers:
             self.lengths.copy_(self._step_lengths)
-            self._host_lengths = [n + T for n in self._host_lengths]
+            self._host_lengths = [n + c for n, c in zip(self._host_lengths, counts)]
             self._step_lengths = None
             self._next_layer = 0
 
@@ -241,10 +321,14 @@ class KVCache:
         softcap: Optional[float] = None,
         alibi_slopes: Optional[Tensor] = None,
         sinks: Optional[Tensor] = None,
+        cu_seqlens_q: Optional[Tensor] = None,
+        max_seqlen_q: Optional[int] = None,
     ):
         """`seqkernels.decode_attention(q, *self.views(layer), ...)`: q (B, Hq, Tq, D) are the newest
         Tq tokens, whose keys and values `layer` has already appended. `softcap`, `alibi_slopes` and
-        `sinks` are the score modifiers of `seqkernels.attention`."""
+        `sinks` are the score modifiers of `seqkernels.attention`. Packed step: with `cu_seqlens_q`
+        (int32 (B+1,), usually the step's `cu_seqlens`), q is (total, Hq, D) and the result
+        (total, Hq, Dv)."""
         view = self.views(layer)
         return decode_attention(
             q,
@@ -260,6 +344,8 @@ class KVCache:
             softcap=softcap,
             alibi_slopes=alibi_slopes,
             sinks=sinks,
+            cu_seqlens_q=None if cu_seqlens_q is None else cu_seqlens_q.to(self.device),
+            max_seqlen_q=max_seqlen_q,
         )
 
     def reset(self, batch_index: Union[None, int, Sequence[int], Tensor] = None) -> None:

@@ -34,6 +34,7 @@ from .. import backends, capabilities
 from ._common import (
     FLOAT_DTYPES,
     MAX_HEAD_DIM,
+    check_cu_seqlens,
     check_index_tensor,
     check_modifiers,
     check_same,
@@ -114,39 +115,59 @@ class AppendCall:
     v_new: Tensor
     cache_seqlens: Tensor  # int32 (B,)
     block_table: Optional[Tensor]  # int32 (B, max_blocks)
+    # Packed form: int32 (B+1,); k_new, v_new are then the (1, Hkv, total, D) views of the token-major rows.
+    cu_seqlens: Optional[Tensor] = None
 
     @property
     def device(self) -> torch.device:
         return self.k_cache.device
 
     def args(self):
-        return (self.k_cache, self.v_cache, self.k_new, self.v_new, self.cache_seqlens, self.block_table)
+        return (
+            self.k_cache,
+            self.v_cache,
+            self.k_new,
+            self.v_new,
+            self.cache_seqlens,
+            self.block_table,
+            self.cu_seqlens,
+        )
 
 
 def _validate_positions(
-    cache_seqlens: Tensor, T: int, capacity: int, block_size: int, block_table: Optional[Tensor], num_blocks: int
+    cache_seqlens: Tensor,
+    T,
+    capacity: int,
+    block_size: int,
+    block_table: Optional[Tensor],
+    num_blocks: int,
 ):
     """Host check of every position the append will write (one device->host copy of the small index
     tensors). Takes the caller's tensors, before any int32 conversion, so int64 values are judged as
-    given (2**32 + 2 is out of range, not position 2)."""
+    given (2**32 + 2 is out of range, not position 2). `T`: the tokens every sequence appends (an
+    int), or a (B,) tensor of per-sequence counts (the packed form; a sequence with 0 writes nothing)."""
     lens = cache_seqlens.cpu().to(torch.int64)
     bad = (lens < 0).nonzero()
     if bad.numel():
         b = int(bad[0, 0])
         raise ValueError(f"cache_seqlens: sequence {b} has a negative length {int(lens[b])}")
-    last = lens + (T - 1)
+    counts = (
+        T.cpu().to(torch.int64) if isinstance(T, Tensor) else torch.full_like(lens, T)
+    )  # tokens written per sequence
+    writes = counts > 0
+    last = lens + (counts - 1)
     if block_table is None:
-        over = (last >= capacity).nonzero()
+        over = (writes & (last >= capacity)).nonzero()
         if over.numel():
             b = int(over[0, 0])
             raise ValueError(
                 f"kv_cache_append: sequence {b} would write positions {int(lens[b])}..{int(last[b])} but "
-                f"the cache holds S_max={capacity} positions (cache_seqlens[{b}]={int(lens[b])}, T={T}); "
-                "nothing was written"
+                f"the cache holds S_max={capacity} positions (cache_seqlens[{b}]={int(lens[b])}, "
+                f"T={int(counts[b])}); nothing was written"
             )
         return
     max_blocks = block_table.shape[1]
-    over = (last // block_size >= max_blocks).nonzero()
+    over = (writes & (last // block_size >= max_blocks)).nonzero()
     if over.numel():
         b = int(over[0, 0])
         raise ValueError(
@@ -157,7 +178,7 @@ def _validate_positions(
     table = block_table.cpu().to(torch.int64)
     first_col, last_col = lens // block_size, last // block_size
     cols = torch.arange(max_blocks).unsqueeze(0)
-    used = (cols >= first_col.unsqueeze(1)) & (cols <= last_col.unsqueeze(1))
+    used = (cols >= first_col.unsqueeze(1)) & (cols <= last_col.unsqueeze(1)) & writes.unsqueeze(1)
     invalid = used & ((table < 0) | (table >= num_blocks))
     hit = invalid.nonzero()
     if hit.numel():
@@ -188,8 +209,53 @@ def _validate_positions(
             )
 
 
-def prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table=None, check=True) -> AppendCall:
+def _prepare_append_packed(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens, block_table, check):
+    """The packed form: k_new (total, Hkv, D), v_new (total, Hkv, Dv), cu_seqlens int32 (B+1,)."""
+    check_tensor("k_new", k_new, ndim=3)
+    check_tensor("v_new", v_new, ndim=3)
+    check_same(("k_cache", "k_new", "v_new"), (k_cache, k_new, v_new))
+    total, Hkv, D = k_new.shape
+    Dv = v_cache.shape[-1]
+    if tuple(v_new.shape) != (total, Hkv, Dv):
+        raise ValueError(
+            f"v_new: expected shape ({total}, {Hkv}, {Dv}) (k_new's total and Hkv and v_cache's head dim), "
+            f"got {tuple(v_new.shape)}"
+        )
+    if k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
+        raise ValueError(
+            f"k_new: shape {tuple(k_new.shape)} does not fit k_cache {tuple(k_cache.shape)} "
+            "(the number of heads and the head dim must match)"
+        )
+    check_index_tensor("cache_seqlens", cache_seqlens, 1, k_cache.device, "the caches")
+    B = cache_seqlens.shape[0]
+    cu, _ = check_cu_seqlens("cu_seqlens", cu_seqlens, total, k_cache.device)
+    if cu.shape[0] != B + 1:
+        raise ValueError(
+            f"cu_seqlens: {cu.shape[0]} entries, expected B+1 = {B + 1} (B = {B} sequences in cache_seqlens)"
+        )
+    capacity, block_size = _check_indices(k_cache, cache_seqlens, block_table, B, k_cache.device, "the caches")
+    if check and total > 0 and B > 0:
+        counts = cu[1:].cpu().to(torch.int64) - cu[:-1].cpu().to(torch.int64)
+        _validate_positions(cache_seqlens, counts, capacity, block_size, block_table, k_cache.shape[0])
+    table = None if block_table is None else to_int32_saturated(block_table)
+    # The kernels take (1, Hkv, total, D) views of the token-major rows (as attention_varlen).
+    return AppendCall(
+        k_cache,
+        v_cache,
+        k_new.transpose(0, 1).unsqueeze(0),
+        v_new.transpose(0, 1).unsqueeze(0),
+        to_int32_saturated(cache_seqlens),
+        table,
+        cu,
+    )
+
+
+def prepare_append(
+    k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table=None, cu_seqlens=None, check=True
+) -> AppendCall:
     _check_cache_pair(k_cache, v_cache)
+    if cu_seqlens is not None:
+        return _prepare_append_packed(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seqlens, block_table, check)
     check_tensor("k_new", k_new, ndim=4)
     check_tensor("v_new", v_new, ndim=4)
     check_same(("k_cache", "k_new", "v_new"), (k_cache, k_new, v_new))
@@ -215,7 +281,9 @@ def prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, *, block_table
 # What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
 def _append_features(c: AppendCall) -> capabilities.Features:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (c.k_cache, c.v_cache, c.k_new, c.v_new))
-    return capabilities.Features(dtype=c.k_cache.dtype, device=c.k_cache.device, needs_grad=needs_grad)
+    return capabilities.Features(
+        dtype=c.k_cache.dtype, device=c.k_cache.device, needs_grad=needs_grad, varlen=c.cu_seqlens is not None
+    )
 
 
 APPEND_OP = backends.OpBackends(name="kv_cache_append", cpp_ops=("kv_cache_append",), features=_append_features)
@@ -223,14 +291,20 @@ APPEND_OP = backends.OpBackends(name="kv_cache_append", cpp_ops=("kv_cache_appen
 
 @torch.library.custom_op("seqkernels::triton_kv_cache_append", mutates_args=("k_cache", "v_cache"))
 def triton_kv_cache_append(
-    k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor, block_table: Optional[Tensor]
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Optional[Tensor],
+    cu_seqlens: Optional[Tensor] = None,
 ) -> None:
     from ..triton_kernels import kv_cache as tk
 
-    tk.kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    tk.kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cu_seqlens)
 
 
-def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
+def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cu_seqlens=None):
     return None
 
 
@@ -251,12 +325,18 @@ def kv_cache_append(
     cache_seqlens: Tensor,
     *,
     block_table: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
     check: bool = True,
     backend: Optional[str] = None,
 ) -> None:
     """Write `k_new`, `v_new` (B, Hkv, T, D) into the caches in place: token t of sequence b goes to
     position `cache_seqlens[b] + t` (see the module docstring for the contiguous and paged layouts).
     `cache_seqlens` is not modified (the caller advances it, e.g. `seqkernels.nn.KVCache`).
+
+    Packed form (sequences appending different numbers of tokens, e.g. chunked prefill next to
+    decode steps): with `cu_seqlens` (int32 (B+1,), B = cache_seqlens.numel(), starting at 0,
+    non-decreasing, ending at total), `k_new` is (total, Hkv, D) and `v_new` (total, Hkv, Dv), token-major,
+    and row `cu_seqlens[b] + t` goes to position `cache_seqlens[b] + t`. A sequence may append 0 tokens.
 
     `check=True` validates every written position on the host and raises, naming the sequence, before
     anything is written; it also refuses a written block that another (sequence, column) of the table
@@ -265,9 +345,11 @@ def kv_cache_append(
     int32). Offsets are int64. Gradients through the append are tracked by the reference backend only:
     the kernel backends refuse inputs that require grad, and the automatic choice takes the reference.
     """
-    call = prepare_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=block_table, check=check)
+    call = prepare_append(
+        k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=block_table, cu_seqlens=cu_seqlens, check=check
+    )
     b = backends.resolve(APPEND_OP, call.device, call, backend)
-    if call.k_new.shape[2] == 0 or call.k_new.shape[0] == 0:
+    if call.k_new.shape[2] == 0 or call.k_new.shape[0] == 0 or call.cache_seqlens.shape[0] == 0:
         return None
     _run_append(call, b)
     return None
@@ -294,6 +376,9 @@ class DecodeCall:
     alibi_slopes: Optional[Tensor] = None
     sinks: Optional[Tensor] = None
     softcap: float = 0.0
+    # Packed form: int32 (B+1,) and the longest Tq_b; q is then the (1, Hq, total_q, D) view.
+    cu_seqlens_q: Optional[Tensor] = None
+    max_seqlen_q: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -313,6 +398,8 @@ class DecodeCall:
             self.alibi_slopes,
             self.sinks,
             self.softcap,
+            self.cu_seqlens_q,
+            self.max_seqlen_q,
         )
 
     def modifiers(self) -> tuple:
@@ -393,14 +480,35 @@ def prepare_decode(
     softcap=None,
     alibi_slopes=None,
     sinks=None,
+    cu_seqlens_q=None,
+    max_seqlen_q=None,
 ) -> DecodeCall:
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    packed = cu_seqlens_q is not None
+    if not packed and max_seqlen_q is not None:
+        raise ValueError("max_seqlen_q: only taken with cu_seqlens_q (the packed form)")
+    check_tensor("q", q, ndim=3 if packed else 4, dtypes=FLOAT_DTYPES)
     _check_cache_pair(k_cache, v_cache)
     check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
-    B, Hq, Tq, D = q.shape
+    if packed:
+        # q (total_q, Hq, D); sequence b's queries are rows cu_seqlens_q[b]..cu_seqlens_q[b+1].
+        total_q, Hq, D = q.shape
+        check_index_tensor("cache_seqlens", cache_seqlens, 1, q.device, "q and the caches")
+        B = cache_seqlens.shape[0]
+        cu, max_seqlen_q = check_cu_seqlens(
+            "cu_seqlens_q", cu_seqlens_q, total_q, q.device, max_seqlen_q, "max_seqlen_q"
+        )
+        if cu.shape[0] != B + 1:
+            raise ValueError(
+                f"cu_seqlens_q: {cu.shape[0]} entries, expected B+1 = {B + 1} (B = {B} sequences in cache_seqlens)"
+            )
+        Tq = max_seqlen_q  # the longest chunk (a bound on GPUs)
+        tq = cu[1:].to(torch.int64) - cu[:-1].to(torch.int64) if q.device.type == "cpu" else None
+    else:
+        B, Hq, Tq, D = q.shape
+        cu, tq = None, None
+        if Tq < 1:
+            raise ValueError(f"q: expected at least one query token (Tq >= 1), got shape {tuple(q.shape)}")
     Hkv = k_cache.shape[1]
-    if Tq < 1:
-        raise ValueError(f"q: expected at least one query token (Tq >= 1), got shape {tuple(q.shape)}")
     if k_cache.shape[3] != D:
         raise ValueError(f"k_cache: head dim {k_cache.shape[3]} must equal q's head dim {D}")
     if Hkv == 0 or Hq % Hkv != 0:
@@ -411,12 +519,14 @@ def prepare_decode(
     # Values are checked as the caller gave them (int64 included), before the int32 conversion.
     lens, table = cache_seqlens, block_table
     if lens.device.type == "cpu" and B > 0:
-        lo, hi = int(lens.min()), int(lens.max())
-        if lo < Tq or hi > capacity:
-            b = int(((lens < Tq) | (lens > capacity)).nonzero()[0, 0])
+        need = tq if packed else torch.full((B,), Tq, dtype=torch.int64)
+        bad = ((lens < need) | (lens > capacity)).nonzero()
+        if bad.numel():
+            b = int(bad[0, 0])
+            n = int(need[b])
             raise ValueError(
                 f"cache_seqlens: sequence {b} has length {int(lens[b])}, expected a value in "
-                f"[Tq={Tq}, {capacity}] (the {Tq} queries' keys and values must already be in the cache, "
+                f"[Tq={n}, {capacity}] (the {n} queries' keys and values must already be in the cache, "
                 "appended with kv_cache_append, and the cache holds "
                 f"{capacity} positions)"
             )
@@ -442,11 +552,34 @@ def prepare_decode(
             length = capacity  # the true lengths would cost a host sync
         if left >= 0:
             length = min(length, left + Tq)
-        units = B * Hkv * max(1, math.ceil(Tq * (Hq // Hkv) / 64))
+        if tq is not None:
+            units = Hkv * sum(math.ceil(int(n) * (Hq // Hkv) / 64) for n in tq.tolist())
+        else:
+            units = B * Hkv * max(1, math.ceil(Tq * (Hq // Hkv) / 64))
         kind = "cuda" if q.device.type == "cuda" else "cpu"
         num_splits = choose_num_splits(units, length, _parallelism(q.device), _MIN_KEYS_PER_SPLIT[kind])
     elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= 1024:
         raise ValueError(f"num_splits: expected None (heuristic) or an int in [1, 1024], got {num_splits!r}")
+    if packed:
+        cap, slopes, sink_logits = check_modifiers(q, softcap, alibi_slopes, sinks, batch=B)  # q (total_q, Hq, D)
+        # The kernels take the (1, Hq, total_q, D) view of the token-major queries (as attention_varlen).
+        qk = q.transpose(0, 1).unsqueeze(0)
+        return DecodeCall(
+            qk,
+            k_cache,
+            v_cache,
+            lens,
+            table,
+            scale,
+            left,
+            right,
+            int(num_splits),
+            slopes,
+            sink_logits,
+            cap,
+            cu,
+            int(max_seqlen_q),
+        )
     cap, slopes, sink_logits = check_modifiers(q, softcap, alibi_slopes, sinks)
     return DecodeCall(q, k_cache, v_cache, lens, table, scale, left, right, int(num_splits), slopes, sink_logits, cap)
 
@@ -462,6 +595,7 @@ def _decode_features(c: DecodeCall) -> capabilities.Features:
         head_dims=(c.q.shape[-1], c.v_cache.shape[-1]),
         needs_grad=needs_grad,
         modifiers=c.modifiers(),
+        varlen=c.cu_seqlens_q is not None,
     )
 
 
@@ -482,6 +616,8 @@ def triton_decode_attention(
     alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
     softcap: float = 0.0,
+    cu_seqlens_q: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
 ) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import kv_cache as tk
 
@@ -498,13 +634,35 @@ def triton_decode_attention(
         alibi_slopes,
         sinks,
         softcap,
+        cu_seqlens_q,
+        max_seqlen_q,
     )
 
 
-def _decode_fake(q, k_cache, v_cache, *rest):
+def _decode_fake(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    block_table,
+    scale,
+    window_left,
+    window_right,
+    num_splits,
+    alibi_slopes=None,
+    sinks=None,
+    softcap=0.0,
+    cu_seqlens_q=None,
+    max_seqlen_q=0,
+):
     B, Hq, Tq, _ = q.shape
+    Dv = v_cache.shape[-1]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty((B, Hq, Tq, v_cache.shape[-1])), q.new_empty((B, Hq, Tq), dtype=lse_dtype)
+    if cu_seqlens_q is not None:
+        # Packed: q is the (1, Hq, total_q, D) view of (total_q, Hq, D); out keeps that token-major storage.
+        out = q.new_empty((Tq, Hq, Dv)).permute(1, 0, 2).unsqueeze(0)
+        return out, q.new_empty((1, Hq, Tq), dtype=lse_dtype)
+    return q.new_empty((B, Hq, Tq, Dv)), q.new_empty((B, Hq, Tq), dtype=lse_dtype)
 
 
 # Forward-only (inference) ops: fakes, no autograd (a call that needs gradients runs the reference).
@@ -513,6 +671,14 @@ DECODE_FAMILIES = kernel_families(("triton_decode_attention",), ("decode_attenti
 
 
 def _run_decode(call: DecodeCall, backend: str):
+    out, lse = _run_decode_kernel(call, backend)
+    if call.cu_seqlens_q is not None:
+        # (1, Hq, total_q, Dv) -> the token-major (total_q, Hq, Dv); lse (Hq, total_q).
+        return out[0].transpose(0, 1), lse[0]
+    return out, lse
+
+
+def _run_decode_kernel(call: DecodeCall, backend: str):
     if backend == "reference":
         from .. import reference as ref
 
@@ -528,6 +694,8 @@ def _run_decode(call: DecodeCall, backend: str):
             softcap=call.softcap or None,
             alibi_slopes=call.alibi_slopes,
             sinks=call.sinks,
+            cu_seqlens_q=call.cu_seqlens_q,
+            max_seqlen_q=call.max_seqlen_q,
         )
     return DECODE_FAMILIES[backend][0](*call.args())
 
@@ -547,6 +715,8 @@ def decode_attention(
     softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
 ):
     """Attention of the `Tq` newest tokens against the cache.
 
@@ -561,6 +731,14 @@ def decode_attention(
     float32 (float64 for float64 inputs) log-sum-exp (B, Hq, Tq) of the scaled scores (-inf, with a
     zero output row, for a query that sees no key). `softcap`, `alibi_slopes` and `sinks` as in
     `seqkernels.attention` (ALiBi distances from each query's own position).
+
+    Packed form (chunked prefill, speculative verification, continuous batching: sequences adding
+    different numbers of tokens in one call): with `cu_seqlens_q` (int32 (B+1,), B =
+    cache_seqlens.numel()), q is (total_q, Hq, D) token-major and sequence b's queries are rows
+    `cu_seqlens_q[b]..cu_seqlens_q[b+1]` (Tq_b of them, possibly 0), its Tq_b newest tokens, at positions
+    `cache_seqlens[b] - Tq_b + t`; alibi_slopes (Hq,) or (B, Hq). `max_seqlen_q` (the longest Tq_b) is
+    read from cu_seqlens_q when None (a host sync on GPUs). Returns out (total_q, Hq, Dv) and with
+    `return_lse` lse (Hq, total_q).
     """
     call = prepare_decode(
         q,
@@ -574,6 +752,8 @@ def decode_attention(
         softcap=softcap,
         alibi_slopes=alibi_slopes,
         sinks=sinks,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=max_seqlen_q,
     )
     b = backends.resolve(DECODE_OP, call.device, call, backend)
     out, lse = _run_decode(call, b)
