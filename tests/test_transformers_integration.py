@@ -440,3 +440,154 @@ def test_register_backend_and_unregister(monkeypatch):
             model(input_ids=ids, attention_mask=mask)
     finally:
         skt.register()
+
+
+def _chunked_inputs(real, T, offset, pad):
+    """ids (B, T), mask (B, T) and position_ids (B, T) of a chunk where sequence b has real[b] real
+    tokens, padded on the side pad[b] ("left" / "right"); positions continue from offset[b]."""
+    B = len(real)
+    ids = torch.randint(1, VOCAB, (B, T))
+    mask = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.ones(B, T, dtype=torch.long)
+    for b, (n, side) in enumerate(zip(real, pad)):
+        cols = slice(T - n, T) if side == "left" else slice(0, n)
+        mask[b, cols] = 1
+        pos[b, cols] = torch.arange(offset[b], offset[b] + n)
+    return ids, mask, pos
+
+
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """Counts the packed (cu_seqlens) and padded calls of kv_cache_append and decode_attention."""
+    calls = []
+    for name, cu in (("decode_attention", "cu_seqlens_q"), ("kv_cache_append", "cu_seqlens")):
+        real = getattr(kv_ops, name)
+
+        def wrapped(*a, _real=real, _name=name, _cu=cu, **k):
+            calls.append((_name, k.get(_cu) is not None))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(kv_ops, name, wrapped)
+    return calls
+
+
+@needs_v5
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_cache_continuation_chunk_with_per_sequence_padding(family, packed_calls):
+    """A two-chunk prefill whose chunks are padded differently per sequence (left, right, none, a sequence
+    adding nothing) gives the logits of eager attention on each unpadded sequence, with one packed append
+    and one packed decode_attention per layer for the second chunk; crop() then drops each sequence's own
+    tokens of that chunk."""
+    torch.manual_seed(0)
+    model = llama() if family == "llama" else mistral(sliding_window=4)
+    ref_model = copy.deepcopy(model).double()
+    ref_model.set_attn_implementation("eager")
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    n1, n2 = [6, 3, 5, 4], [3, 5, 0, 2]
+    ids1, m1, p1 = _chunked_inputs(n1, 6, [0] * 4, ["left"] * 4)
+    ids2, m2, p2 = _chunked_inputs(n2, 5, n1, ["right", "left", "right", "left"])
+    model.set_attn_implementation("seqkernels")
+    with torch.no_grad():
+        cache = skt.SeqkernelsCache(model.config)
+        model(input_ids=ids1, attention_mask=m1, position_ids=p1, cache=cache)
+        packed_calls.clear()
+        mask12 = torch.cat([m1, m2], 1)
+        ours = model(input_ids=ids2, attention_mask=mask12, position_ids=p2, cache=cache).logits
+        assert packed_calls == [("kv_cache_append", True), ("decode_attention", True)] * 2
+        assert cache.layers[0].cache_seqlens.tolist() == [a + b for a, b in zip(n1, n2)]
+        for b in range(4):
+            seq = torch.cat([ids1[b][m1[b].bool()], ids2[b][m2[b].bool()]])[None]
+            keep = m2[b].bool()
+            if not keep.any():  # a sequence adding nothing this step: only padding rows, not compared
+                continue
+            want = ref_model(input_ids=seq).logits[0, -n2[b] :]
+            base = eager(input_ids=seq).logits[0, -n2[b] :]
+            assert_parity(ours[b][keep], base, want)
+        cache.crop(-5)
+        assert cache.layers[0].cache_seqlens.tolist() == n1 and cache.get_seq_length() == 6
+        again = model(input_ids=ids2, attention_mask=mask12, position_ids=p2, cache=cache).logits
+        torch.testing.assert_close(again[m2.bool()], ours[m2.bool()])
+
+
+@needs_v5
+def test_cache_generate_left_padded_matches_eager(packed_calls):
+    """Greedy generate from a left-padded batch: the prompt's real tokens are appended in one packed call
+    per layer, decoding runs the padded decode_attention, the tokens equal eager attention's."""
+    model = llama()
+    ids, mask = batch(padding="left", L=9)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model.generate(ids, **kw)
+        model.set_attn_implementation("seqkernels")
+        cache = skt.SeqkernelsCache(model.config)
+        out = model.generate(ids, cache=cache, **kw)
+    assert torch.equal(out, ref)
+    assert packed_calls[:2] == [("kv_cache_append", True)] * 2
+    assert packed_calls.count(("decode_attention", False)) == 2 * (kw["max_new_tokens"] - 1)
+    assert cache.layers[0].cache_seqlens.tolist() == [5 + 5, 9 + 5, 8 + 5]
+
+
+@needs_v5
+def test_cache_refuses_masks_it_cannot_pack():
+    """After a compact prefill, a continuation mask that hides a real token from a later one (not padding)
+    is refused with a clear error."""
+    model = llama()
+    model.set_attn_implementation("seqkernels")
+    ids, mask = batch(padding="left", L=5)
+    with torch.no_grad():
+        cache = skt.SeqkernelsCache(model.config)
+        model(input_ids=ids, attention_mask=mask, cache=cache)
+        m4 = torch.ones(3, 1, 3, 8, dtype=torch.bool).tril(diagonal=5)
+        m4[:, :, 2, 5] = False
+        with pytest.raises(RuntimeError, match="real tokens"):
+            model(input_ids=torch.randint(1, VOCAB, (3, 3)), attention_mask=m4, cache=cache)
+
+
+@needs_v5
+def test_cache_layer_packed_step_output_layout():
+    """The packed step's output is scattered back to transformers' (B, T) layout: real rows are attention
+    over each sequence's real tokens, padding rows are 0."""
+    import seqkernels
+
+    torch.manual_seed(1)
+    layer, module = skt.SeqkernelsCacheLayer(), torch.nn.Module()
+    B, Hq, Hkv, D = 2, 4, 2, 8
+
+    def step(T, mask):
+        q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+        k2, v2 = layer.update(k, v)
+        out, _ = skt.seqkernels_attention_forward(module, q, k2, v2, mask)
+        return q, k, v, out
+
+    _, k1, v1, _ = step(3, None)
+    real = torch.tensor([[True, True, False], [False, True, True]])
+    pos = torch.arange(6)
+    cols = torch.cat([torch.ones(B, 3, dtype=torch.bool), real], 1)
+    mask = (pos[None, None, :] <= pos[None, 3:, None]) & cols[:, None, :]
+    q, k, v, out = step(3, mask[:, None])
+    assert out.shape == (B, 3, Hq, D)
+    for b in range(B):
+        keys = torch.cat([k1[b], k[b][:, real[b]]], 1)[None]
+        vals = torch.cat([v1[b], v[b][:, real[b]]], 1)[None]
+        want = seqkernels.attention(q[b][:, real[b]][None], keys, vals, causal=True, backend="reference")
+        torch.testing.assert_close(out[b][real[b]], want[0].transpose(0, 1), rtol=1e-5, atol=1e-6)
+        assert (out[b][~real[b]] == 0).all()
+    assert layer.cache_seqlens.tolist() == [5, 5]
+
+
+@needs_v5
+def test_cache_chunked_prefill_generate_matches_eager(packed_calls):
+    """generate(prefill_chunk_size=3) on a left-padded batch: the chunk where the padding ends adds a different
+    number of tokens per sequence (one packed decode_attention per layer); the tokens equal eager's."""
+    model = llama()
+    ids, mask = batch(padding="left", L=9)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model.generate(ids, **kw)
+        model.set_attn_implementation("seqkernels")
+        out = model.generate(ids, cache=skt.SeqkernelsCache(model.config), prefill_chunk_size=3, **kw)
+    assert torch.equal(out, ref)
+    assert packed_calls.count(("decode_attention", True)) == 2

@@ -36,12 +36,17 @@ for a custom backend, so padding would be ignored). Every model whose attention 
 
 `SeqkernelsCache` stores keys and values in preallocated per-layer buffers with
 `seqkernels.kv_cache_append` and, while decoding, attends with `seqkernels.decode_attention` directly
-on the buffers (split-K over the cache, GQA, sliding window). Left padding of a batch is dropped from
-the cache: each sequence stores only its real tokens (per-sequence `cache_seqlens`), which is what
-lets padded batches decode with the cache kernel. That layout is not the one other attention backends
-expect, so the cache works only with `attn_implementation="seqkernels"` (it checks). Masks it cannot
-prove to be causal + left padding (+ window) at prefill switch that layer to the padded layout, where
-decode steps run `seqkernels.attention` with transformers' mask over the stored prefix instead.
+on the buffers (split-K over the cache, GQA, sliding window). Padding is dropped from the cache: each
+sequence stores only its real tokens (per-sequence `cache_seqlens`), which is what lets padded batches
+decode with the cache kernel. A step whose sequences add different numbers of real tokens (padding
+anywhere in a continuation chunk: chunked prefill, speculative verification) runs one packed
+`kv_cache_append` and one packed `decode_attention` per layer (cu_seqlens from the mask, read once per
+forward), scattered back to the padded layout (padding rows 0); a sliding window then counts real
+tokens, as on the unpadded sequence. That layout is not the one other attention backends expect, so
+the cache works only with `attn_implementation="seqkernels"` (it checks). Masks it cannot prove to be
+causal over each sequence's real tokens (+ window) at prefill switch that layer to the padded layout,
+where decode steps run `seqkernels.attention` with transformers' mask over the stored prefix instead;
+after the prefill, such a mask is a clear error.
 
 The attention backend needs transformers >= 4.56 (`AttentionMaskInterface`, `CacheLayerMixin`);
 `SeqkernelsCache` needs the cache-layer API of transformers >= 5 (it says so when created on an older one).
@@ -510,6 +515,60 @@ _NOT_CONSUMED = (
     "keys to the attention function unchanged"
 )
 _GRANULE = 256  # buffer capacity grows in multiples of this many positions (amortized reallocations)
+_CHUNK_ATTR = "_seqkernels_chunk_spec"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkSpec:
+    """The real (non-padding) tokens of one step of a compact SeqkernelsCache layer, read from the step's
+    mask (B, 1, T, past + T) bool: token t of sequence b is real iff its query sees its own key.
+    Sequence b adds counts[b] = cu[b+1] - cu[b] tokens; `rows` are their rows, in order, in the B * T
+    tokens of the step read row by row (the packed form of kv_cache_append / decode_attention)."""
+
+    real: Tensor  # (B, T) bool
+    counts: Tensor  # (B,) int32
+    cu: Tensor  # int32 (B+1,)
+    rows: Tensor  # (total,) int64
+    max_count: int
+    uniform: bool  # every sequence adds all T tokens (the padded form applies)
+
+
+def _chunk_spec(mask: Tensor, past: int, left: int, stored: Tensor) -> Optional[_ChunkSpec]:
+    """A _ChunkSpec for `mask` (B, 1, T, past + T) bool, or None when, for some real query, the mask is
+    not "causal over the sequence's real keys (+ the sliding window)" or (no window) its real past keys
+    are not the `stored` (B,) tokens of the cache. Padding queries are not checked (their output is 0).
+    One host sync per mask: the result is recorded on it (every layer of a forward reuses it)."""
+    key = (past, left, mask._version)
+    memo = getattr(mask, _CHUNK_ATTR, None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    B, _, T, Lk = mask.shape
+    dev = mask.device
+    m = mask[:, 0]
+    t = torch.arange(T, device=dev)
+    real = m[:, t, t + past]
+    cols = m.any(dim=1)  # key columns some query sees: the real keys (in the window of some query)
+    pos = (t + past).view(1, T, 1)
+    j = torch.arange(Lk, device=dev).view(1, 1, Lk)
+    want = (j <= pos) & cols.view(B, 1, Lk)
+    if left >= 0:
+        want = want & (j >= pos - left)
+    ok = ((want == m) | ~real.view(B, T, 1)).all()
+    counts = real.sum(dim=1, dtype=torch.int32)
+    if left < 0:  # every real past key is seen by a real query: it must be what the cache holds
+        same = (cols[:, :past].sum(dim=1, dtype=torch.int32) == stored.to(torch.int32)) | (counts == 0)
+        ok = ok & same.all()
+    none = counts.new_zeros(())
+    flags = torch.stack([ok.to(torch.int32), counts.max() if B else none, counts.min() if B else none]).tolist()
+    spec = None
+    if flags[0]:
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+        cu[1:] = counts.cumsum(0)
+        rows = real.reshape(-1).nonzero().view(-1)
+        spec = _ChunkSpec(real, counts, cu, rows, int(flags[1]), int(flags[2]) == T)
+    if not torch.compiler.is_compiling():
+        setattr(mask, _CHUNK_ATTR, (key, spec))
+    return spec
 
 
 class SeqkernelsCacheLayer(CacheLayerMixin):
@@ -532,7 +591,10 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         # None until the first attention call; then True (real tokens only, per-sequence lengths) or
         # False (padded layout, HF positions, used when the prefill mask has an unrecognized pattern).
         self.compact: Optional[bool] = None
-        self._max_first = 0
+        # (start, real (B, T) bool) of every step whose sequences added different numbers of tokens (the
+        # positions transformers counts that hold no token in some sequences), for crop().
+        self._uneven: list = []
+        self._max_first = 0  # the prompt's longest left padding: crop() keeps it
 
     # -- storage --------------------------------------------------------------------------------
 
@@ -602,7 +664,11 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         backend = self.backend if self.backend is not None else backend
         spec = _mask_spec(mask) if mask is None or mask.shape[-1] == self.length else None
         if self.compact is None:
-            self.compact = causal and position_bias is None and (mask is None or isinstance(spec, _CausalSpec))
+            self.compact = (
+                causal
+                and position_bias is None
+                and (mask is None or isinstance(spec, _CausalSpec) or self._chunk_or_none(mask, past, left))
+            )
         common = dict(
             causal=causal,
             left=left,
@@ -617,57 +683,86 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
             self.cache_seqlens += T
             return _attend(query, self.keys[:, :, : self.length], self.values[:, :, : self.length], mask, **common)
 
-        if mask is not None and not isinstance(spec, _CausalSpec):
-            raise RuntimeError(
-                "SeqkernelsCache: this step's attention mask is not causal + left padding (+ sliding window), "
-                "which the compact cache layout chosen at prefill cannot represent"
-            )
-        if spec is not None and past == 0:
+        if past == 0 and isinstance(spec, _CausalSpec):
             self._max_first = spec.max_first
-        pads_in_chunk = spec is not None and spec.max_first > past
-        if pads_in_chunk and past > 0:
-            raise RuntimeError(
-                "SeqkernelsCache: padding tokens after the first forward (padding inside a continuation "
-                "chunk) are not supported; pad prompts on the left"
-            )
-        if pads_in_chunk:
-            # Left padding of the prompt: shift each sequence's real tokens to the front, store only those.
-            shift = (spec.first - past).clamp(0, T)
-            idx = (torch.arange(T, device=k_new.device)[None, :] + shift[:, None]).clamp(max=T - 1)
-            k_app = k_new.gather(2, idx.view(B, 1, T, 1).expand(B, H, T, D))
-            v_app = v_new.gather(2, idx.view(B, 1, T, 1).expand(B, H, T, v_new.shape[-1]))
-            added = (T - shift).to(torch.int32)
-        else:
-            k_app, v_app, added = k_new, v_new, T
-        kv_cache_append(
-            self.keys,
-            self.values,
-            k_app.contiguous(),
-            v_app.contiguous(),
-            self.cache_seqlens,
-            check=False,
-            backend=backend,
-        )
-        self.cache_seqlens += added
-        if past == 0:
-            # Prefill: the new tokens are the whole sequence, attend in their own (padded) layout.
-            return _attend(query, k_new, v_new, mask, **common)
-        if dropout > 0:
+        if past > 0 and dropout > 0:
             raise ValueError(
                 "dropout: decoding from SeqkernelsCache has no attention dropout; put the model in eval mode"
             )
-        if spec is not None:
-            left = spec.left
-        return decode_attention(
-            query,
+        if mask is None or (isinstance(spec, _CausalSpec) and spec.max_first <= past):
+            chunk = None  # no padding in this step: every sequence adds its T tokens
+        else:
+            chunk = self._chunk(mask, past, left)
+        if chunk is None or chunk.uniform:
+            kv_cache_append(self.keys, self.values, k_new, v_new, self.cache_seqlens, check=False, backend=backend)
+            self.cache_seqlens += T
+            if past == 0:
+                # Prefill: the new tokens are the whole sequence, attend in their own layout.
+                return _attend(query, k_new, v_new, mask, **common)
+            return decode_attention(
+                query,
+                self.keys,
+                self.values,
+                self.cache_seqlens,
+                scale=scale,
+                window=_window(spec.left if spec is not None else left),
+                backend=backend,
+                **mods,
+            )
+        # Sequences add different numbers of tokens (padding in the step: a padded prompt or continuation
+        # chunk, speculative verification): one packed append of the real tokens, one packed attention.
+        self._uneven.append((past, chunk.real))
+
+        def packed(t):
+            return t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3]).index_select(0, chunk.rows)
+
+        kv_cache_append(
+            self.keys,
+            self.values,
+            packed(k_new),
+            packed(v_new),
+            self.cache_seqlens,
+            cu_seqlens=chunk.cu,
+            check=False,
+            backend=backend,
+        )
+        self.cache_seqlens += chunk.counts
+        if past == 0:
+            # A padded prompt: the attention kernel with transformers' mask over the prompt's own layout.
+            return _attend(query, k_new, v_new, mask, **common)
+        out = decode_attention(
+            packed(query),
             self.keys,
             self.values,
             self.cache_seqlens,
+            cu_seqlens_q=chunk.cu,
+            max_seqlen_q=chunk.max_count,
             scale=scale,
             window=_window(left),
             backend=backend,
             **mods,
         )
+        # Back to transformers' padded layout; padding tokens' rows are 0.
+        full = out.new_zeros((B * T, *out.shape[1:])).index_copy(0, chunk.rows, out)
+        return full.view(B, T, *out.shape[1:]).transpose(1, 2)
+
+    def _chunk_or_none(self, mask: Tensor, past: int, left: int) -> bool:
+        try:
+            return self._chunk(mask, past, left) is not None
+        except RuntimeError:
+            return False
+
+    def _chunk(self, mask: Tensor, past: int, left: int) -> _ChunkSpec:
+        chunk = None
+        if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-1] == self.length:
+            chunk = _chunk_spec(mask, past, left, self.cache_seqlens)
+        if chunk is None:
+            raise RuntimeError(
+                "SeqkernelsCache: this step's attention mask is not causal over each sequence's real tokens "
+                "(padding, given by the attention_mask, may be anywhere; + sliding window), which the compact "
+                "cache layout chosen at prefill cannot represent"
+            )
+        return chunk
 
     # -- transformers' cache protocol ------------------------------------------------------------
 
@@ -683,6 +778,7 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
         self.compact = None
+        self._uneven = []
         self._max_first = 0
         self.pending_key = self.pending_value = None
         if self.is_initialized:
@@ -692,6 +788,7 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         if self.is_initialized:
             self.keys, self.values, self.cache_seqlens = f(self.keys), f(self.values), f(self.cache_seqlens)
             self.batch_size = self.cache_seqlens.shape[0]
+            self._uneven = [(start, f(real)) for start, real in self._uneven]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -714,8 +811,18 @@ class SeqkernelsCacheLayer(CacheLayerMixin):
         if n > self.length - self._max_first:
             raise ValueError(f"tokens_to_remove: cannot drop {n} positions, only {self.length} are cached")
         self.length -= n
-        # Positions after the prompt's padding are real in every sequence, so each loses n tokens.
-        self.cache_seqlens -= n
+        # Each sequence loses the tokens it stored in the dropped positions: all of them, except where a
+        # step added fewer tokens to it (padding).
+        removed = torch.full_like(self.cache_seqlens, n)
+        kept = []
+        for start, real in self._uneven:
+            cut = max(self.length - start, 0)
+            if cut < real.shape[1]:
+                removed -= (~real[:, cut:]).sum(dim=1, dtype=removed.dtype)
+            if cut > 0:
+                kept.append((start, real[:, :cut]))
+        self._uneven = kept
+        self.cache_seqlens -= removed
 
     def offload(self):
         super().offload()
