@@ -25,6 +25,7 @@ from .harness import (
     spread,
 )
 from .suites import SUITES
+from .varlen import varlen_findings
 
 CSV_FIELDS = [
     "suite",
@@ -94,7 +95,14 @@ def write_outputs(rec: Recorder, out_dir: str, stem: str, plots: bool = True):
 
 
 # The throughput printed next to each time, per suite ("time": none).
-HEADLINE = {"attention": "tflops", "decode": "gbps", "kv_append": "gbps", "lstm": "time", "rnn_vs_attention": "time"}
+HEADLINE = {
+    "attention": "tflops",
+    "decode": "gbps",
+    "kv_append": "gbps",
+    "lstm": "time",
+    "rnn_vs_attention": "time",
+    "varlen": "tflops",
+}
 
 
 def _flag(rec: Recorder, *rows) -> str:
@@ -235,10 +243,10 @@ def main(argv=None) -> int:
     # The suites' own notes quote medians only; the findings printed (and kept as "findings" in the
     # JSON) are recomputed from the rows with their spreads, the machine and the noise flag.
     rec.meta["suite_notes"] = rec.meta.pop("findings", [])
-    rec.meta["findings"] = rnn_vs_attention_findings(rec)
+    rec.meta["findings"] = rnn_vs_attention_findings(rec) + varlen_findings(rec)
     write_outputs(rec, args.out, stem, plots=False)
     if rec.meta["findings"]:
-        print("\nrnn_vs_attention findings:")
+        print("\nfindings:")
         for line in rec.meta["findings"]:
             print("  - " + line)
     print(f"\nwrote {csv_path}, {csv_path[:-4]}.json and {len(pngs)} plots under {args.out}/")

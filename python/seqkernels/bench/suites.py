@@ -17,6 +17,7 @@ from seqkernels import backends, reference, testing
 
 from .context_parallel import suite_context_parallel
 from .harness import Recorder, Settings, measure, rotations
+from .varlen import suite_varlen
 
 # ---------------------------------------------------------------------------------------------
 # parity gate
@@ -639,4 +640,5 @@ SUITES = {
     "lstm": suite_lstm,
     "rnn_vs_attention": suite_rnn_vs_attention,
     "context_parallel": suite_context_parallel,
+    "varlen": suite_varlen,
 }
