@@ -1173,3 +1173,278 @@ def test_gpu_large(case):
     if DEVICE != "cuda":
         pytest.skip("needs a GPU")
     _check_case(case)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed sequences (cu_seqlens, attention_varlen): docs/INTERNALS.md "Packed sequences"
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VarCase:
+    lens_q: tuple
+    lens_k: tuple
+    Hq: int = 2
+    Hkv: int = 2
+    D: int = 16
+    dtype: torch.dtype = torch.float32
+    window: tuple = (-1, -1)
+    dropout_p: float = 0.0
+    mods: Mods = Mods()
+    scale: float = None
+    go_layout: str = "contiguous"  # or "out": grad_out in out's (token-major) layout
+
+    def __str__(self):
+        parts = [
+            "q" + ",".join(map(str, self.lens_q)),
+            "k" + ",".join(map(str, self.lens_k)),
+            f"H{self.Hq}/{self.Hkv}",
+            f"D{self.D}",
+            str(self.dtype).replace("torch.", ""),
+        ]
+        if self.window != (-1, -1):
+            parts.append(f"win{self.window[0]},{self.window[1]}")
+        if self.dropout_p:
+            parts.append(f"drop{self.dropout_p}")
+        if str(self.mods):
+            parts.append(str(self.mods))
+        if self.scale is not None:
+            parts.append(f"scale{self.scale}")
+        if self.go_layout != "contiguous":
+            parts.append(f"go_{self.go_layout}")
+        return "-".join(parts)
+
+
+def _cu(lens):
+    return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _packed(total, H, D, dtype, gen, guard=0):
+    """(1, H, total, D) view of a token-major (total, H, D) tensor, as attention_varlen passes it;
+    `guard` NaN rows on either side in the same storage show any read outside [0, total)."""
+    t = torch.full((total + 2 * guard, H, D), float("nan"), dtype=dtype)
+    t[guard : guard + total] = _randn((total, H, D), dtype, gen)
+    return t[guard : guard + total].transpose(0, 1).unsqueeze(0)
+
+
+def _varlen_launch(c: VarCase, q, k, v, go, cu_q, cu_k, mods, max_q=None, max_k=None):
+    """(out, lse, (dq, dk, dv, dsinks)) of the Triton launchers on packed inputs."""
+    alibi, sinks, softcap = mods
+    max_q = max(c.lens_q, default=0) if max_q is None else max_q
+    max_k = max(c.lens_k, default=0) if max_k is None else max_k
+    scale = c.scale if c.scale is not None else 1.0 / math.sqrt(c.D)
+    common = (c.window[0], c.window[1], True, c.dropout_p, 0x9E3779B97F4A7C15 + len(str(c)), 7)
+    varlen = (_to(cu_q, DEVICE), _to(cu_k, DEVICE), max_q, max_k)
+    mods_dev = (_to(alibi, DEVICE), _to(sinks, DEVICE), softcap)
+    q, k, v, go = (_to(x, DEVICE) for x in (q, k, v, go))
+    out, lse = tk.attention_fwd(q, k, v, None, None, scale, *common, *mods_dev, *varlen)
+    if c.go_layout == "out":
+        go = torch.empty_like(out).copy_(go)  # out's strides: token-major storage
+    grads = tk.attention_bwd(go, q, k, v, out, lse, None, None, scale, *common, True, *mods_dev, *varlen)
+    return out, lse, grads
+
+
+def _check_varlen(c: VarCase, seed=0, inputs=None, mods=None):
+    """`inputs` (q, k, v, go) packed and `mods` (alibi (N, Hq), sinks, softcap) override the ones
+    made from `c`."""
+    gen = torch.Generator().manual_seed(seed)
+    tq, tk_ = sum(c.lens_q), sum(c.lens_k)
+    if inputs is None:
+        q = _packed(tq, c.Hq, c.D, c.dtype, gen)
+        k = _packed(tk_, c.Hkv, c.D, c.dtype, gen)
+        v = _packed(tk_, c.Hkv, c.D, c.dtype, gen)
+        go = _randn((1, c.Hq, tq, c.D), c.dtype, gen)
+    else:
+        q, k, v, go = inputs
+    cu_q, cu_k = _cu(c.lens_q), _cu(c.lens_k)
+    N = len(c.lens_q)
+    alibi, sinks, softcap = _make_mods(Case(B=N, Hq=c.Hq), c.mods) if mods is None else mods
+    out, lse, (dq, dk, dv, dsinks) = _varlen_launch(c, q, k, v, go, cu_q, cu_k, (alibi, sinks, softcap))
+
+    # Layouts the op layer relies on: out and dq, dk, dv token-major like q, k, v; lse contiguous.
+    assert out.shape == (1, c.Hq, tq, c.D) and out[0].transpose(0, 1).is_contiguous()
+    assert lse.shape == (1, c.Hq, tq) and lse.is_contiguous() and lse.dtype == torch.float32
+    for g, x in ((dq, q), (dk, k), (dv, v)):
+        assert g.shape == x.shape and g.stride() == x.stride() and g.dtype == x.dtype
+    assert dsinks.shape == ((c.Hq,) if sinks is not None else (0,))
+
+    kw = dict(
+        scale=c.scale,
+        window_left=c.window[0],
+        window_right=c.window[1],
+        bottom_right=True,
+        dropout_p=c.dropout_p,
+        seed=0x9E3779B97F4A7C15 + len(str(c)),
+        offset=7,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(c.lens_q),
+        max_seqlen_k=max(c.lens_k),
+    )
+    mod_kw = dict(softcap=softcap or None, alibi_slopes=alibi)
+    ref_out, ref_lse, ref_grads = _ref_with_sinks(
+        go, q, k, v, sinks, dict(kw, **dict(mod_kw, alibi_slopes=_f64(alibi))), torch.float64
+    )
+    base_out, base_lse, base_grads = _ref_with_sinks(go, q, k, v, sinks, dict(kw, **mod_kw), None)
+    got_grads = [g.cpu() for g in (dq, dk, dv)] + ([dsinks.cpu()] if sinks is not None else [])
+    # The parity rule as _check_mods applies it (its allowance for inputs where torch in the same
+    # dtype fails the float32 assert_close itself: the huge scores of the scale=30 case).
+    assert_rule(out.cpu(), ref_out, base_out, False, "out", None)
+    assert_rule(lse.cpu(), ref_lse, base_lse, False, "lse", c.dtype)
+    for name, got, ref, base in zip(("dq", "dk", "dv", "dsinks"), got_grads, ref_grads, base_grads):
+        assert_rule(got, ref, base, True, name, c.dtype)
+
+
+VARLEN_CASES = [
+    # Empty query / key sequences, a length-1 sequence, total_q != total_k, GQA.
+    VarCase((5, 0, 1, 17, 3), (7, 4, 0, 15, 9), Hq=4, Hkv=2),
+    VarCase((5, 0, 1, 17, 3), (7, 4, 0, 15, 9), Hq=4, Hkv=1, dtype=BF16, window=CAUSAL, go_layout="out"),
+    # Bottom-right per sequence (off_b = lk_b - lq_b, positive and negative), both window edges,
+    # every modifier (ALiBi per sequence and head, sinks: dsinks).
+    # (float32: dsinks sums -p_sink * rowsum(dO * O) over the rows with O rounded to the output
+    # dtype, in the padded kernels too, which float16 outputs can push past the parity bound.)
+    VarCase((9, 20, 1), (30, 6, 2), Hq=4, Hkv=2, window=(3, 2), mods=ALL_MODS),
+    VarCase((12, 0, 7), (12, 5, 19), dtype=BF16, dropout_p=0.2, window=CAUSAL, mods=Mods(softcap=1.5, alibi=True)),
+    # Huge scores (|lse| in the hundreds).
+    VarCase((6, 11), (9, 4), scale=30.0, mods=Mods(alibi=True, sinks="rand")),
+]
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=str)
+def test_varlen_matches_reference(case):
+    _check_varlen(case)
+
+
+def test_varlen_far_lse_fixup_is_exact():
+    """|lse| ~ 1e6 on packed rows (as test_sinks_far_lse_fixup_is_exact, without a mask: the first
+    component of q is -62500 and of k 16, every other product a multiple of 1/4): only the lse
+    fix-up passes, run per sequence, bring the gradients to float32 torch's accuracy."""
+    c = VarCase((7, 0, 12), (9, 3, 14), Hq=2, Hkv=1, scale=1.0, window=(9, 2))
+    gen = torch.Generator().manual_seed(3)
+
+    def grid(shape, lo, hi, step):
+        return torch.randint(lo, hi, shape, generator=gen).float() * step
+
+    q = grid((19, 2, 16), -2, 3, 0.5)
+    k = grid((26, 1, 16), -2, 3, 0.5)
+    q[..., 0], k[..., 0] = -62500.0, 16.0
+    v, go = _randn((26, 1, 16), F32, gen), _randn((1, 2, 19, 16), F32, gen)
+    packed = [x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
+    mods = (grid((3, 2), 0, 4, 0.125), grid((2,), -16, 16, 0.125) - 1e6, 0.0)
+    _check_varlen(c, inputs=(*packed, go), mods=mods)
+
+
+def test_varlen_is_the_padded_kernels_per_sequence():
+    """Without dropout a packed call computes, bitwise, what the padded kernels compute on each
+    sequence alone (B = 1), float16 with every modifier: dsinks to summation order."""
+    c = VarCase((9, 20, 0, 1), (30, 6, 3, 2), Hq=4, Hkv=2, dtype=F16, window=(3, 2), mods=ALL_MODS)
+    gen = torch.Generator().manual_seed(0)
+    q = _packed(sum(c.lens_q), c.Hq, c.D, c.dtype, gen)
+    k, v = (_packed(sum(c.lens_k), c.Hkv, c.D, c.dtype, gen) for _ in range(2))
+    go = _randn((1, c.Hq, sum(c.lens_q), c.D), c.dtype, gen)
+    cu_q, cu_k = _cu(c.lens_q), _cu(c.lens_k)
+    alibi, sinks, softcap = _make_mods(Case(B=len(c.lens_q), Hq=c.Hq), c.mods)
+    out, lse, (dq, dk, dv, dsinks) = _varlen_launch(c, q, k, v, go, cu_q, cu_k, (alibi, sinks, softcap))
+    kw = dict(scale=None, window_left=3, window_right=2, bottom_right=True, dropout_p=0.0, seed=0, offset=0)
+    total = torch.zeros_like(dsinks)
+    for b in range(len(c.lens_q)):
+        sq, sk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        qb, kb, vb, gb = (x[:, :, s].contiguous() for x, s in ((q, sq), (k, sk), (v, sk), (go, sq)))
+        mods = (alibi[b : b + 1], sinks, softcap)
+        ob, lb = _launch_fwd(qb, kb, vb, None, None, kw, mods=mods)
+        grads = _launch_bwd(gb, qb, kb, vb, ob, lb, None, None, kw, mods=mods)
+        assert torch.equal(ob.cpu(), out[:, :, sq].cpu()) and torch.equal(lb.cpu(), lse[:, :, sq].cpu())
+        for g, got, s in zip(grads[:3], (dq, dk, dv), (sq, sk, sk)):
+            assert torch.equal(g.cpu(), got[:, :, s].cpu()), b
+        total += grads[3]
+    torch.testing.assert_close(dsinks, total, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # Small tiles (fwd 16 x 32, dQ 32 x 16, dK/dV 16 x 16): lengths t - 1, t, t + 1 of each, so
+        # sequences start mid-tile, end on a tile edge, and share tiles of the packed tensor.
+        VarCase((15, 16, 17, 31, 32, 33), (16, 17, 15, 33, 31, 32), window=CAUSAL),
+        VarCase((33, 1, 16), (15, 32, 17), Hq=2, Hkv=1, dtype=BF16, dropout_p=0.25, mods=ALL_MODS),
+    ],
+    ids=str,
+)
+def test_varlen_tile_boundaries(case, small_tiles):
+    _check_varlen(case)
+
+
+@pytest.mark.parametrize(
+    "cu_q, cu_k",
+    [
+        ([0, 9, 4, 13], [0, 2, 11, 6]),  # decreasing (overlapping spans)
+        ([0, 40, 13, 99], [-5, 3, 100, 11]),  # beyond the totals, negative
+        ([0, 3, 3, 3], [0, 11, 11, 11]),  # ends short: rows 3.. of q in no sequence
+        ([5, 2, 1, 0], [11, 0, 0, 0]),  # starts past 0
+    ],
+)
+def test_varlen_unchecked_cu_seqlens_stay_in_bounds(cu_q, cu_k):
+    """GPU cu_seqlens are not checked (no host sync): any values must neither crash nor reach
+    memory outside q, k, v (NaN guard rows around them would show in the outputs) nor leave an
+    output element unwritten (rows in no sequence: out 0, lse -inf, zero gradients)."""
+    gen = torch.Generator().manual_seed(3)
+    tq, tk_, H, D = 13, 11, 2, 16
+    q, k, v = (_packed(n, H, D, F32, gen, guard=40) for n in (tq, tk_, tk_))
+    go = _randn((1, H, tq, D), F32, gen)
+    c = VarCase((tq,), (tk_,), Hq=H, Hkv=H, window=(4, 1), dropout_p=0.1, mods=ALL_MODS)
+    alibi, sinks, softcap = _make_mods(Case(B=3, Hq=H), ALL_MODS)
+    cu_q, cu_k = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    out, lse, (dq, dk, dv, dsinks) = _varlen_launch(c, q, k, v, go, cu_q, cu_k, (alibi, sinks, softcap), 7, 9)
+    for t in (out, dq, dk, dv, dsinks):
+        assert torch.isfinite(t).all()
+    assert not torch.isnan(lse).any() and (lse < float("inf")).all()
+    if cu_q.tolist() == [0, 3, 3, 3]:
+        assert torch.equal(out[:, :, 3:].cpu(), torch.zeros_like(out[:, :, 3:].cpu()))
+        assert (lse[:, :, 3:] == float("-inf")).all() and (dq[:, :, 3:] == 0).all()
+
+
+def test_varlen_bad_arguments_are_clean_errors():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (_packed(6, 2, 16, F32, gen) for _ in range(3))
+    args = (None, None, 0.25, -1, -1, True, 0.0, 0, 0, None, None, 0.0)
+    with pytest.raises(ValueError, match="entries"):
+        tk.attention_fwd(q, k, v, *args, _cu([3, 3]), _cu([6]), 3, 6)
+    with pytest.raises(ValueError, match="int32"):
+        tk.attention_fwd(q, k, v, *args, _cu([6]).long(), _cu([6]), 6, 6)
+    # No sequence: nothing to compute, every row is in no sequence.
+    out, lse = tk.attention_fwd(q, k, v, *args, _cu([]), _cu([]), 0, 0)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+@pytest.mark.parametrize("dropout_p", [0.3, 0.0])
+def test_varlen_through_the_op(dropout_p):
+    """attention_varlen end to end against backend="reference": with dropout, the same torch seed
+    drops the same elements (the padded form's dropout index); without, the gradient of the
+    returned lse too (the V := ones backward call) with dsinks. (With dropout the kernel backends'
+    lse is not differentiable, as documented.)"""
+    import seqkernels
+
+    gen = torch.Generator().manual_seed(5)
+    lens_q, lens_k, Hq, Hkv, D = (4, 0, 9), (6, 2, 7), 4, 2, 16
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    q = _randn((sum(lens_q), Hq, D), F32, gen)
+    k, v = (_randn((sum(lens_k), Hkv, D), F32, gen) for _ in range(2))
+    sinks = torch.randn((Hq,), generator=gen)
+    g_out, g_lse = _randn((sum(lens_q), Hq, D), F32, gen), _randn((Hq, sum(lens_q)), F32, gen)
+
+    def run(backend, dtype):
+        leaves = [x.to(dtype).detach().requires_grad_(True) for x in (q, k, v, sinks)]
+        torch.manual_seed(11)
+        out, lse = seqkernels.attention_varlen(
+            *leaves[:3], cu_q, cu_k, causal=True, dropout_p=dropout_p, softcap=2.0, sinks=leaves[3],
+            alibi_slopes=torch.full((Hq,), 0.25, dtype=dtype), return_lse=True, backend=backend,
+        )  # fmt: skip
+        loss = (out * g_out.to(dtype)).sum()
+        if dropout_p == 0.0:
+            loss = loss + (lse * g_lse.to(lse.dtype)).sum()
+        return [out.detach(), lse.detach()], [x.detach() for x in torch.autograd.grad(loss, leaves)]
+
+    got, ref, base = run("triton", F32), run("reference", torch.float64), run("reference", F32)
+    report = compare(got[0], ref[0], base[0], name="out,lse")
+    report.extend(compare(got[1], ref[1], base[1], grad=True, name="dq,dk,dv,dsinks"))
+    assert report.passed, str(report)

@@ -60,6 +60,15 @@ the dQ fix-up. 256-wide heads run dK and dV as two launches of the dK/dV kernel,
 float32 accumulators do not fit in registers beside the tile math.
 Every kernel is deterministic, so the ``deterministic`` flag of the op is always honoured.
 
+Packed sequences (``cu_seqlens``, constexpr VARLEN; docs/INTERNALS.md): q, k, v are (1, H, total, D)
+views of token-major tensors. The same kernels run with a 1-D tile grid over the packed rows
+(``ceil(total / BLOCK) + N`` programs, no host sync); each program finds its sequence and local tile
+(``_varlen_tile``), clamps the sequence's spans into the tensors (``_seq_span``) and from there is
+the one-sequence kernel with local indices: ``lq``/``lk_b`` the sequence's lengths (``off_b = lk_b -
+lq``), ``q_start``/``k_start`` its first rows, ``s64`` its index for ALiBi and the dropout index
+(whose dims Lq, Lk are max_seqlen_q/k). Outputs start as 0 / -inf, so rows in no sequence (unchecked
+cu_seqlens) are defined; the backward's preprocess kernel works per row and runs unchanged.
+
 Precision: float16/bfloat16 products on tensor cores (wgmma on sm_90, mma.sync on sm_80) with
 float32 accumulation; float32 inputs use exact IEEE products (FMA units) unless
 SEQKERNELS_TRITON_TF32=1 asks for TF32 tensor cores (faster, 10-bit mantissa products).
@@ -185,6 +194,40 @@ def _query_range(
     full_lo = tl.where(no_full, lo, full_lo)
     full_hi = tl.where(no_full, lo, full_hi)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _seq_span(Cu, b, total):
+    """Rows [s0, s0 + n) of packed sequence ``b``: ``cu[b]`` and ``cu[b + 1]`` clamped into [0, total]
+    (the end no lower than the start), so unchecked cu_seqlens never reach memory outside the tensor."""
+    s0 = tl.minimum(tl.maximum(tl.load(Cu + b), 0), total)
+    s1 = tl.minimum(tl.maximum(tl.load(Cu + b + 1), s0), total)
+    return s0, s1 - s0
+
+
+@triton.jit
+def _varlen_tile(pid, Cu, n_seqs, total, BLOCK: tl.constexpr):
+    """Packed sequences: program ``pid`` of the 1-D tile grid -> (b, t0, s0, n): sequence ``b``, the
+    local start ``t0`` of its tile, the sequence's rows [s0, s0 + n) (``_seq_span``). The caller
+    returns unless 0 <= t0 < n.
+
+    Sequence b's tiles are numbered from ``first(b) = b + s0_b // BLOCK``: a closed form of cu_seqlens
+    (no cumulative tile counts to build per BLOCK, which the autotuner picks after the launch) that
+    leaves room for its ceil(n_b / BLOCK) tiles, since first(b + 1) - first(b) = 1 + floor((r + n_b) /
+    BLOCK) with r = s0_b mod BLOCK. The grid is first(N) <= N + ceil(total / BLOCK) programs, at most
+    one idle per sequence; the program finds b by binary search over first(). Decreasing (unchecked)
+    values only make first() non-monotonic: b stays in [0, N), every index stays clamped."""
+    lo = pid * 0
+    hi = lo + n_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first = mid + tl.minimum(tl.maximum(tl.load(Cu + mid), 0), total) // BLOCK
+        ok = first <= pid
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    s0, n = _seq_span(Cu, lo, total)
+    t0 = (pid - lo - s0 // BLOCK) * BLOCK
+    return lo, t0, s0, n
 
 
 @triton.jit
@@ -454,6 +497,9 @@ def _fwd_tiles(
         "window_right",
         "tune_lq",
         "tune_lk",
+        "n_seqs",
+        "total_q",
+        "total_k",
     ]
 )
 def _attention_fwd_kernel(
@@ -504,6 +550,12 @@ def _attention_fwd_kernel(
     Alibi,
     Sinks,
     softcap,
+    # Packed sequences (VARLEN), after the modifiers for the same reason.
+    CuSeqQ,
+    CuSeqK,
+    n_seqs,
+    total_q,
+    total_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -522,6 +574,7 @@ def _attention_fwd_kernel(
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     SINKS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -532,22 +585,45 @@ def _attention_fwd_kernel(
     h64 = h.to(tl.int64)
     hk64 = hk.to(tl.int64)
 
+    # s64: the batch row (sequence) of the dropout index and the ALiBi slopes; lq: its query rows;
+    # q_start / k_start: its first query / key row in memory; lse_bh: its (b, h) row of lse.
+    s64 = b64
+    lq = Lq
+    q_start = b64 * 0
+    k_start = b64 * 0
+    lse_bh = (b64 * Hq + h64) * Lq
     lk_b = Lk
+    if VARLEN:
+        sb, m0, q0, lq = _varlen_tile(pid_m, CuSeqQ, n_seqs, total_q, BLOCK_M)
+        if (m0 < 0) | (m0 >= lq):
+            return
+        k0, lk_b = _seq_span(CuSeqK, sb, total_k)
+        s64 = sb.to(tl.int64)
+        # The sequence's first rows go into the base pointers (q_start, k_start and lse_bh stay the
+        # constant 0: no extra register lives through the tile loops).
+        q64 = q0.to(tl.int64)
+        k64 = k0.to(tl.int64)
+        Q += q64 * stride_qm
+        K += k64 * stride_kn
+        V += k64 * stride_vn
+        # Out and LSE are only written after the key loops: their rows come from this one 32-bit
+        # scalar then (shifted pointers would keep two more 64-bit values live through the loops).
+        g0 = q0 + m0
     if HAS_KVLENS:
         lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
     off_b = 0
     if BOTTOM_RIGHT:
-        off_b = lk_b - Lq
+        off_b = lk_b - lq
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = m0 + offs_m
-    m_rows = Lq - m0
+    m_rows = lq - m0
 
     q = _load_2d(
-        Q + b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm,
+        Q + b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm,
         offs_m,
         offs_d,
         stride_qm,
@@ -558,25 +634,25 @@ def _attention_fwd_kernel(
         not EVEN_D,
         UPCAST,
     )
-    K_bh = K + b64 * stride_kb + hk64 * stride_kh
-    V_bh = V + b64 * stride_vb + hk64 * stride_vh
+    K_bh = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
+    V_bh = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
     Mask_bm = Mask
     if HAS_MASK:
         Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm
     win_lo = rows + off_b - window_left
     win_hi = rows + off_b + window_right
-    drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
+    drop_row = ((s64 * Hq + h64) * Lq + rows) * Lk
     diag = rows + off_b
     slope = 0.0
     if ALIBI:
-        slope = tl.load(Alibi + b64 * Hq + h64)
+        slope = tl.load(Alibi + s64 * Hq + h64)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _key_range(
-        m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+        m0, lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -753,19 +829,25 @@ def _attention_fwd_kernel(
     lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
 
     row_ok = offs_m < m_rows
-    o_ptrs = (
-        Out
-        + b64 * stride_ob
-        + h64 * stride_oh
-        + m0.to(tl.int64) * stride_om
-        + offs_m[:, None] * stride_om
-        + offs_dv[None, :]
-    )
+    if VARLEN:
+        g64 = g0.to(tl.int64)
+        o_ptrs = Out + h64 * stride_oh + g64 * stride_om + offs_m[:, None] * stride_om + offs_dv[None, :]
+        lse_ptrs = LSE + h64 * total_q + g64 + offs_m
+    else:
+        o_ptrs = (
+            Out
+            + b64 * stride_ob
+            + h64 * stride_oh
+            + (q_start + m0) * stride_om
+            + offs_m[:, None] * stride_om
+            + offs_dv[None, :]
+        )
+        lse_ptrs = LSE + lse_bh + rows
     if EVEN_DV:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
-    tl.store(LSE + (b64 * Hq + h64) * Lq + rows, lse, mask=row_ok)
+    tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -863,7 +945,7 @@ def _attention_bwd_preprocess_kernel(
         tl.store(ds_ptrs, do.to(DOS.dtype.element_ty), mask=(offs_m < m_rows)[:, None] & (offs_dv[None, :] < Dv))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_seqs", "total_q", "total_k"])
 def _attention_bwd_fixup_kernel(
     Q,
     K,
@@ -900,6 +982,11 @@ def _attention_bwd_fixup_kernel(
     softcap,
     window_left,
     window_right,
+    CuSeqQ,
+    CuSeqK,
+    n_seqs,
+    total_q,
+    total_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -917,6 +1004,7 @@ def _attention_bwd_fixup_kernel(
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     SINKS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Rows whose float32 lse is too large to carry log(l): the backward's P = exp(S - lse) is then
     off by a per-row factor (a row whose every key carries a -1e9 mask has lse = -1e9 + log(Lk),
@@ -935,24 +1023,47 @@ def _attention_bwd_fixup_kernel(
     m0 = pid_m * BLOCK_M
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
+    # As in the forward kernel: s64, lq, q_start, k_start, lse_bh.
+    s64 = b64
+    lq = Lq
+    q_start = b64 * 0
+    k_start = b64 * 0
+    lse_bh = (b64 * Hq + h64) * Lq
+    lk_b = Lk
+    if VARLEN:
+        sb, m0, q0, lq = _varlen_tile(pid_m, CuSeqQ, n_seqs, total_q, BLOCK_M)
+        if (m0 < 0) | (m0 >= lq):
+            return
+        k0, lk_b = _seq_span(CuSeqK, sb, total_k)
+        s64 = sb.to(tl.int64)
+        # The sequence's first rows go into the base pointers (q_start, k_start and lse_bh stay the
+        # constant 0: no extra register lives through the tile loops).
+        q64 = q0.to(tl.int64)
+        k64 = k0.to(tl.int64)
+        Q += q64 * stride_qm
+        DOS += q64 * stride_dsm
+        K += k64 * stride_kn
+        LSE += h64 * total_q + q64
+        Delta += h64 * total_q + q64
+        DSinkRows += h64 * total_q + q64
+        lse_bh = b64 * 0
     offs_m = tl.arange(0, BLOCK_M)
     rows = m0 + offs_m
-    m_rows = Lq - m0
+    m_rows = lq - m0
     row_ok = offs_m < m_rows
-    lse = tl.load(LSE + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + lse_bh + rows, mask=row_ok, other=0.0)
     # NaN compares false, so NaN rows stay as they are; -inf (no visible key) rows too.
     bad = row_ok & (tl.abs(lse) > 128.0) & (tl.abs(lse) < float("inf"))
     if tl.max(bad.to(tl.int32), 0) > 0:
-        lk_b = Lk
         if HAS_KVLENS:
             lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
         off_b = 0
         if BOTTOM_RIGHT:
-            off_b = lk_b - Lq
+            off_b = lk_b - lq
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         q = _load_2d(
-            Q + b64 * stride_qb + h64 * stride_qh + m0.to(tl.int64) * stride_qm,
+            Q + b64 * stride_qb + h64 * stride_qh + (q_start + m0) * stride_qm,
             offs_m,
             offs_d,
             stride_qm,
@@ -963,7 +1074,7 @@ def _attention_bwd_fixup_kernel(
             not EVEN_D,
             UPCAST,
         )
-        K_bh = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+        K_bh = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh + k_start * stride_kn
         Mask_bm = Mask
         if HAS_MASK:
             Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm
@@ -972,13 +1083,13 @@ def _attention_bwd_fixup_kernel(
         diag = rows + off_b
         slope = 0.0
         if ALIBI:
-            slope = tl.load(Alibi + b64 * Hq + h64)
+            slope = tl.load(Alibi + s64 * Hq + h64)
         shift = tl.where(bad, lse, float("inf"))  # other rows: exp2(-inf) = 0, nothing to sum
         c = tl.zeros([BLOCK_M], dtype=tl.float32)
         if SINKS:
             c += tl.math.exp2((tl.load(Sinks + h64) - shift) * 1.4426950408889634)
         lo, _full_lo, _full_hi, hi = _key_range(
-            m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+            m0, lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
         )
         for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -1026,17 +1137,17 @@ def _attention_bwd_fixup_kernel(
             c += tl.sum(tl.math.exp2((s - shift[:, None]) * 1.4426950408889634), 1)
         # c >= ~1 for a row with a visible key (the max term is exp(m - lse) ~ 1 / l); guard anyway.
         r = tl.where(bad & (c > 0.0), 1.0 / c, 1.0)
-        d_ptrs = Delta + (b64 * Hq + h64) * Lq + rows
+        d_ptrs = Delta + lse_bh + rows
         tl.store(d_ptrs, tl.load(d_ptrs, mask=bad, other=0.0) * r, mask=bad)
         if SINKS:
-            s_ptrs = DSinkRows + (b64 * Hq + h64) * Lq + rows
+            s_ptrs = DSinkRows + lse_bh + rows
             tl.store(s_ptrs, tl.load(s_ptrs, mask=bad, other=0.0) * r, mask=bad)
         offs_dv = tl.arange(0, BLOCK_DV)
         ds_ptrs = (
             DOS
             + b64 * stride_dsb
             + h64 * stride_dsh
-            + m0.to(tl.int64) * stride_dsm
+            + (q_start + m0) * stride_dsm
             + offs_m[:, None] * stride_dsm
             + offs_dv[None, :]
         )
@@ -1083,6 +1194,11 @@ def _bwd_dkdv_tiles(
     stride_mn,
     n64,
     Lq,
+    lq,
+    s64,
+    q_start,
+    lse_b,
+    lse_sh,
     Lk,
     lk_b,
     off_b,
@@ -1113,9 +1229,12 @@ def _bwd_dkdv_tiles(
     COMPUTE_DV: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Transposed tiles (keys along dim 0, queries along dim 1): dV += P^T dO, dK += dS^T Q, over
-    the query tiles [start, end) of every query head of the kv head's group.
+    the query tiles [start, end) of every query head of the kv head's group: ``lq`` query rows from
+    row ``q_start`` of Q and dO; the (b, h) row of lse and delta at ``lse_b + h * lse_sh``; ``s64``
+    the batch row (sequence) of the dropout index and ALiBi; Lq, Lk the dropout index's dims.
 
     One flat loop over (head, tile) pairs rather than a head loop around a tile loop: nested,
     the compiler hoists the tile loop's invariants out of the head loop and keeps them live in
@@ -1126,20 +1245,34 @@ def _bwd_dkdv_tiles(
         start_m = start + (it - g * n_tiles) * BLOCK_M
         start_m = tl.multiple_of(start_m, BLOCK_M)
         h64 = hk64 * GROUP + g
-        bh = b64 * Hq + h64
-        m64 = start_m.to(tl.int64)
-        m_rows = Lq - start_m
-        Q_bh = Q + b64 * stride_qb + h64 * stride_qh
-        DO_bh = DO + b64 * stride_dob + h64 * stride_doh
-        LSE_bh = LSE + bh * Lq
-        Delta_bh = Delta + bh * Lq
+        bh = s64 * Hq + h64
+        if VARLEN:
+            # q_start: the sequence's first row (32 bits, the one extra value live through the loop;
+            # batch row 0). Global rows index Q, dO, lse and delta; ``rows`` stays local.
+            m_rows = lq - start_m
+            rows = start_m + offs_m
+            m64 = (q_start + start_m).to(tl.int64)
+            Q_bh = Q + h64 * stride_qh
+            DO_bh = DO + h64 * stride_doh
+            LSE_bh = LSE + h64 * lse_sh + q_start
+            Delta_bh = Delta + h64 * lse_sh + q_start
+        else:
+            # The padded variants' code exactly as before packed sequences (q_start = 0, lq = Lq,
+            # lse rows at bh * Lq): ptxas allocates it without spilling, the rewritten form not.
+            m64 = start_m.to(tl.int64)
+            m_rows = Lq - start_m
+            Q_bh = Q + b64 * stride_qb + h64 * stride_qh
+            DO_bh = DO + b64 * stride_dob + h64 * stride_doh
+            LSE_bh = LSE + (b64 * Hq + h64) * Lq
+            Delta_bh = Delta + (b64 * Hq + h64) * Lq
         q = _load_2d(
             Q_bh + m64 * stride_qm, offs_m, offs_d, stride_qm, stride_qd, m_rows, D, MASKED, not EVEN_D, UPCAST
         )
         do = _load_2d(
             DO_bh + m64 * stride_dom, offs_m, offs_dv, stride_dom, stride_dod, m_rows, Dv, MASKED, not EVEN_DV, UPCAST
         )
-        rows = start_m + offs_m
+        if not VARLEN:
+            rows = start_m + offs_m
         if MASKED:
             lse = tl.load(LSE_bh + rows, mask=offs_m < m_rows, other=float("inf"))
             delta = tl.load(Delta_bh + rows, mask=offs_m < m_rows, other=0.0)
@@ -1223,6 +1356,9 @@ def _bwd_dkdv_tiles(
         "window_right",
         "tune_lq",
         "tune_lk",
+        "n_seqs",
+        "total_q",
+        "total_k",
     ]
 )
 def _attention_bwd_dkdv_kernel(
@@ -1282,6 +1418,12 @@ def _attention_bwd_dkdv_kernel(
     # Modifier arguments last: the plain variants keep the parameter layout (and ptxas its allocation).
     Alibi,
     softcap,
+    # Packed sequences (VARLEN), after the modifiers for the same reason.
+    CuSeqQ,
+    CuSeqK,
+    n_seqs,
+    total_q,
+    total_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -1300,6 +1442,7 @@ def _attention_bwd_dkdv_kernel(
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     KV_PART: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dK and dV of one key block (KV_PART 0), or only dK (1) / only dV (2): head dims of 256 run
     the two as separate launches, since both float32 accumulators do not fit in registers."""
@@ -1310,19 +1453,48 @@ def _attention_bwd_dkdv_kernel(
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
 
+    # As in the forward kernel (key tiles here); lse_b + h * lse_sh: the (b, h) row of lse and delta;
+    # n_store: keys of this batch row (sequence) whose dK/dV the program writes.
+    s64 = b64
+    lq = Lq
+    q_start = b64 * 0
+    k_start = b64 * 0
+    lse_b = b64 * Hq * Lq
+    lse_sh = Lq
     lk_b = Lk
+    n_store = Lk
+    if VARLEN:
+        sb, n0, k0, lk_b = _varlen_tile(pid_n, CuSeqK, n_seqs, total_k, BLOCK_N)
+        if (n0 < 0) | (n0 >= lk_b):
+            return
+        q0, lq = _seq_span(CuSeqQ, sb, total_q)
+        # Only 32-bit scalars live through the query loops: the sequence index (s64: sb * Hq + h
+        # promotes in the loop), its first query row (q_start, added to the global rows of Q, dO,
+        # lse and delta in the loop) and its first key row + n0 (g0, for the dK/dV stores after the
+        # loops). Pointers shifted ahead of the loops would each keep a 64-bit value live. K and V
+        # are read before the loops; the batch row is 0 (k_start and lse_b stay the constant 0).
+        s64 = sb
+        b64 = b64 * 0
+        k64 = k0.to(tl.int64)
+        K += k64 * stride_kn
+        V += k64 * stride_vn
+        q_start = q0
+        g0 = k0 + n0
+        lse_b = b64 * 0
+        lse_sh = total_q
+        n_store = lk_b
     if HAS_KVLENS:
         lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
     off_b = 0
     if BOTTOM_RIGHT:
-        off_b = lk_b - Lq
+        off_b = lk_b - lq
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     cols = n0 + offs_n
-    n64 = n0.to(tl.int64)
+    n64 = k_start + n0
 
     # Keys past Lk_b are never visible: not reading them keeps padding garbage out of dK/dV.
     k = _load_2d(
@@ -1353,7 +1525,7 @@ def _attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _query_range(
-        n0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+        n0, lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
     )
     drop_col = cols.to(tl.int64)
     dk, dv = _bwd_dkdv_tiles(
@@ -1393,6 +1565,11 @@ def _attention_bwd_dkdv_kernel(
         stride_mn,
         n64,
         Lq,
+        lq,
+        s64,
+        q_start,
+        lse_b,
+        lse_sh,
         Lk,
         lk_b,
         off_b,
@@ -1423,6 +1600,7 @@ def _attention_bwd_dkdv_kernel(
         KV_PART != 1,
         SOFTCAP,
         ALIBI,
+        VARLEN,
     )
     dk, dv = _bwd_dkdv_tiles(
         dk,
@@ -1461,6 +1639,11 @@ def _attention_bwd_dkdv_kernel(
         stride_mn,
         n64,
         Lq,
+        lq,
+        s64,
+        q_start,
+        lse_b,
+        lse_sh,
         Lk,
         lk_b,
         off_b,
@@ -1491,6 +1674,7 @@ def _attention_bwd_dkdv_kernel(
         KV_PART != 1,
         SOFTCAP,
         ALIBI,
+        VARLEN,
     )
     dk, dv = _bwd_dkdv_tiles(
         dk,
@@ -1529,6 +1713,11 @@ def _attention_bwd_dkdv_kernel(
         stride_mn,
         n64,
         Lq,
+        lq,
+        s64,
+        q_start,
+        lse_b,
+        lse_sh,
         Lk,
         lk_b,
         off_b,
@@ -1559,9 +1748,12 @@ def _attention_bwd_dkdv_kernel(
         KV_PART != 1,
         SOFTCAP,
         ALIBI,
+        VARLEN,
     )
 
-    col_ok = (offs_n < Lk - n0)[:, None]
+    col_ok = (offs_n < n_store - n0)[:, None]
+    if VARLEN:
+        n64 = g0.to(tl.int64)
     if KV_PART != 2:
         dk = dk * scale
         dk_ptrs = (
@@ -1592,7 +1784,18 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit(
-    do_not_specialize=["seed_lo", "seed_hi", "offset_lo", "offset_hi", "drop_threshold", "window_left", "window_right"]
+    do_not_specialize=[
+        "seed_lo",
+        "seed_hi",
+        "offset_lo",
+        "offset_hi",
+        "drop_threshold",
+        "window_left",
+        "window_right",
+        "n_seqs",
+        "total_q",
+        "total_k",
+    ]
 )
 def _attention_bwd_fixup_dq_kernel(
     Q,
@@ -1644,6 +1847,11 @@ def _attention_bwd_fixup_dq_kernel(
     offset_hi,
     drop_threshold,
     drop_scale,
+    CuSeqQ,
+    CuSeqK,
+    n_seqs,
+    total_q,
+    total_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -1661,6 +1869,7 @@ def _attention_bwd_fixup_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dQ of the rows with |lse| > 128 (after the dQ kernel, whose log2-domain scores cannot resolve
     them: it writes garbage there), with the scores in the natural domain, P = exp2((S - lse) log2(e)),
@@ -1672,20 +1881,44 @@ def _attention_bwd_fixup_dq_kernel(
     m0 = pid_m * BLOCK_M
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    m64 = m0.to(tl.int64)
+    # As in the forward kernel: s64, lq, q_start, k_start, lse_bh.
+    s64 = b64
+    lq = Lq
+    q_start = b64 * 0
+    k_start = b64 * 0
+    lse_bh = (b64 * Hq + h64) * Lq
+    lk_b = Lk
+    if VARLEN:
+        sb, m0, q0, lq = _varlen_tile(pid_m, CuSeqQ, n_seqs, total_q, BLOCK_M)
+        if (m0 < 0) | (m0 >= lq):
+            return
+        k0, lk_b = _seq_span(CuSeqK, sb, total_k)
+        s64 = sb.to(tl.int64)
+        # The sequence's first rows go into the base pointers (q_start, k_start and lse_bh stay the
+        # constant 0: no extra register lives through the tile loops).
+        q64 = q0.to(tl.int64)
+        k64 = k0.to(tl.int64)
+        Q += q64 * stride_qm
+        DO += q64 * stride_dom
+        DQ += q64 * stride_dqm
+        K += k64 * stride_kn
+        V += k64 * stride_vn
+        LSE += h64 * total_q + q64
+        Delta += h64 * total_q + q64
+        lse_bh = b64 * 0
+    m64 = q_start + m0
     offs_m = tl.arange(0, BLOCK_M)
     rows = m0 + offs_m
-    m_rows = Lq - m0
+    m_rows = lq - m0
     row_ok = offs_m < m_rows
-    lse = tl.load(LSE + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + lse_bh + rows, mask=row_ok, other=0.0)
     bad = row_ok & (tl.abs(lse) > 128.0) & (tl.abs(lse) < float("inf"))
     if tl.max(bad.to(tl.int32), 0) > 0:
-        lk_b = Lk
         if HAS_KVLENS:
             lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
         off_b = 0
         if BOTTOM_RIGHT:
-            off_b = lk_b - Lq
+            off_b = lk_b - lq
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -1713,23 +1946,23 @@ def _attention_bwd_fixup_dq_kernel(
             not EVEN_DV,
             UPCAST,
         )
-        delta = tl.load(Delta + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + lse_bh + rows, mask=row_ok, other=0.0)
         shift = tl.where(bad, lse, float("inf"))  # other rows: P = 0, their dQ is not stored
-        K_bh = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-        V_bh = V + b64 * stride_vb + (h // GROUP).to(tl.int64) * stride_vh
+        K_bh = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh + k_start * stride_kn
+        V_bh = V + b64 * stride_vb + (h // GROUP).to(tl.int64) * stride_vh + k_start * stride_vn
         Mask_bm = Mask
         if HAS_MASK:
             Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m64 * stride_mm
         win_lo = rows + off_b - window_left
         win_hi = rows + off_b + window_right
-        drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
+        drop_row = ((s64 * Hq + h64) * Lq + rows) * Lk
         diag = rows + off_b
         slope = 0.0
         if ALIBI:
-            slope = tl.load(Alibi + b64 * Hq + h64)
+            slope = tl.load(Alibi + s64 * Hq + h64)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         lo, _full_lo, _full_hi, hi = _key_range(
-            m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+            m0, lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
         )
         for start_n in range(lo, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -1941,6 +2174,9 @@ def _bwd_dq_tiles(
         "window_right",
         "tune_lq",
         "tune_lk",
+        "n_seqs",
+        "total_q",
+        "total_k",
     ]
 )
 def _attention_bwd_dq_kernel(
@@ -1997,6 +2233,12 @@ def _attention_bwd_dq_kernel(
     # Modifier arguments last: the plain variants keep the parameter layout (and ptxas its allocation).
     Alibi,
     softcap,
+    # Packed sequences (VARLEN), after the modifiers for the same reason.
+    CuSeqQ,
+    CuSeqK,
+    n_seqs,
+    total_q,
+    total_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -2014,6 +2256,7 @@ def _attention_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -2023,21 +2266,46 @@ def _attention_bwd_dq_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     hk64 = hk.to(tl.int64)
-    m64 = m0.to(tl.int64)
-
+    # As in the forward kernel: s64, lq, q_start, k_start, lse_bh.
+    s64 = b64
+    lq = Lq
+    q_start = b64 * 0
+    k_start = b64 * 0
+    lse_bh = (b64 * Hq + h64) * Lq
     lk_b = Lk
+    if VARLEN:
+        sb, m0, q0, lq = _varlen_tile(pid_m, CuSeqQ, n_seqs, total_q, BLOCK_M)
+        if (m0 < 0) | (m0 >= lq):
+            return
+        k0, lk_b = _seq_span(CuSeqK, sb, total_k)
+        s64 = sb.to(tl.int64)
+        # The sequence's first rows go into the base pointers (q_start, k_start and lse_bh stay the
+        # constant 0: no extra register lives through the tile loops).
+        q64 = q0.to(tl.int64)
+        k64 = k0.to(tl.int64)
+        Q += q64 * stride_qm
+        DO += q64 * stride_dom
+        K += k64 * stride_kn
+        V += k64 * stride_vn
+        LSE += h64 * total_q + q64
+        Delta += h64 * total_q + q64
+        lse_bh = b64 * 0
+        # DQ is only written after the key loops: its rows come from this one 32-bit scalar then.
+        g0 = q0 + m0
+    m64 = q_start + m0
+
     if HAS_KVLENS:
         lk_b = tl.minimum(tl.maximum(tl.load(KVLens + b), 0), Lk)
     off_b = 0
     if BOTTOM_RIGHT:
-        off_b = lk_b - Lq
+        off_b = lk_b - lq
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = m0 + offs_m
-    m_rows = Lq - m0
+    m_rows = lq - m0
     row_ok = offs_m < m_rows
 
     q = _load_2d(
@@ -2064,26 +2332,26 @@ def _attention_bwd_dq_kernel(
         not EVEN_DV,
         UPCAST,
     )
-    lse = tl.load(LSE + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=float("inf"))
+    lse = tl.load(LSE + lse_bh + rows, mask=row_ok, other=float("inf"))
     # Rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + (b64 * Hq + h64) * Lq + rows, mask=row_ok, other=0.0)
-    K_bh = K + b64 * stride_kb + hk64 * stride_kh
-    V_bh = V + b64 * stride_vb + hk64 * stride_vh
+    delta = tl.load(Delta + lse_bh + rows, mask=row_ok, other=0.0)
+    K_bh = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
+    V_bh = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
     Mask_bm = Mask
     if HAS_MASK:
         Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m64 * stride_mm
     win_lo = rows + off_b - window_left
     win_hi = rows + off_b + window_right
-    drop_row = ((b64 * Hq + h64) * Lq + rows) * Lk
+    drop_row = ((s64 * Hq + h64) * Lq + rows) * Lk
     diag = rows + off_b
     slope = 0.0
     if ALIBI:
-        slope = tl.load(Alibi + b64 * Hq + h64)
+        slope = tl.load(Alibi + s64 * Hq + h64)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(
-        m0, Lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
+        m0, lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
     )
     dq = _bwd_dq_tiles(
         dq,
@@ -2246,9 +2514,12 @@ def _attention_bwd_dq_kernel(
     )
 
     dq = dq * scale
-    dq_ptrs = (
-        DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :]
-    )
+    if VARLEN:
+        dq_ptrs = DQ + h64 * stride_dqh + g0.to(tl.int64) * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    else:
+        dq_ptrs = (
+            DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :]
+        )
     if EVEN_D:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     else:
@@ -2348,6 +2619,21 @@ _MODS_TABLES: dict[str, dict[tuple[int, int, int], list[tuple[int, int, int, int
 }
 
 
+# Packed sequences (VARLEN: the sequence's lengths and first rows live beside the tile math): per
+# cell, (light, mods) lists replacing the entries that spill with them (ptxas, stack frames of 8-40
+# B); None keeps the cell's list (_TABLES light, _MODS_TABLES or heavy). Calls with dropout alone
+# keep the heavy list.
+_VARLEN_TABLES: dict[str, dict[tuple[int, int, int], tuple[list | None, list | None]]] = {
+    "fwd": {(80, 4, 64): (None, [(32, 32, 8, 2)]), (80, 4, 256): (None, [(16, 16, 8, 2)])},
+    "dq": {(90, 2, 256): ([(128, 16, 8, 2)], None), (80, 4, 256): (None, [(16, 16, 8, 1)])},
+    # The dK launch of (32, 64, 8, 2) and the dV launch of (16, 32, 8, 2) spill.
+    "dkdv": {
+        (90, 2, 256): ([(16, 64, 8, 2)], [(16, 32, 8, 1)]),
+        (80, 2, 64): ([(32, 128, 8, 3), (32, 64, 4, 3)], None),
+    },
+}
+
+
 def _arch_class(arch: int) -> int:
     # sm_90 and sm_100 have 227 KiB of shared memory per block and wgmma/tcgen05; sm_8x and the
     # consumer sm_120 parts get the Ampere tables (the autotuner skips configs that do not fit).
@@ -2359,17 +2645,21 @@ def _dim_bucket(block_d: int) -> int:
 
 
 def _candidates(
-    kernel: str, arch: int, elt_size: int, block_d: int, heavy: bool, mods: bool = False
+    kernel: str, arch: int, elt_size: int, block_d: int, heavy: bool, mods: bool = False, varlen: bool = False
 ) -> list[tuple[int, int, int, int]]:
     """The table's candidates; `mods` (softcap or ALiBi on: heavy implied) replaces the heavy list by
-    its _MODS_TABLES entry where there is one."""
+    its _MODS_TABLES entry where there is one; `varlen` (packed sequences) replaces the light or mods
+    list by its _VARLEN_TABLES entry where there is one."""
     if INTERPRET:
         return [_INTERPRET_CONFIGS[kernel]]
     key = (_arch_class(arch), 4 if elt_size >= 4 else 2, _dim_bucket(block_d))
     light, heavy_list = _TABLES[kernel][key]
+    vl_light, vl_mods = _VARLEN_TABLES[kernel].get(key, (None, None)) if varlen else (None, None)
     if mods:
-        return _MODS_TABLES[kernel].get(key, heavy_list)
-    return heavy_list if heavy else light
+        return vl_mods or _MODS_TABLES[kernel].get(key, heavy_list)
+    if heavy:
+        return heavy_list
+    return vl_light or light
 
 
 def _all_configs(kernel: str) -> list[triton.Config]:
@@ -2380,6 +2670,10 @@ def _all_configs(kernel: str) -> list[triton.Config]:
                 seen.append(t)
     for mods in _MODS_TABLES[kernel].values():
         for t in mods:
+            if t not in seen:
+                seen.append(t)
+    for cell in _VARLEN_TABLES[kernel].values():
+        for t in (cell[0] or []) + (cell[1] or []):
             if t not in seen:
                 seen.append(t)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
@@ -2401,6 +2695,7 @@ def _pruner(kernel: str):
             # The cap's tanh (kept for the backward's factor) and the ALiBi distances take registers
             # on top of a mask tile; sinks only touch the forward's epilogue.
             kwargs["SOFTCAP"] or kwargs["ALIBI"],
+            kwargs["VARLEN"],
         )
         return [c for c in configs if _config_tuple(c) in wanted]
 
@@ -2419,6 +2714,7 @@ _TUNE_KEY = [
     "ALIBI",
     "SINKS",
     "KV_PART",
+    "VARLEN",
     "tune_lq",
     "tune_lk",
 ]
@@ -2454,6 +2750,7 @@ _FIXUP_CONSTEXPRS = (
     "DOT_PRECISION",
     "SOFTCAP",
     "ALIBI",
+    "VARLEN",
 )
 
 
@@ -2543,7 +2840,9 @@ def _common_args(
     alibi_slopes,
     sinks,
     softcap,
+    vl,
 ):
+    """`vl`: the _Varlen of the call (its dims are the kernels' Lq, Lk, bucketed for tuning)."""
     D, Dv = q.shape[-1], v.shape[-1]
     block_d, block_dv = block_dim(D), block_dim(Dv)
     mask_t, mask_strides, has_mask, mask_bool = _mask_args(attn_mask, q)
@@ -2567,6 +2866,7 @@ def _common_args(
         DOT_PRECISION=dot_precision(q.dtype),
         SOFTCAP=bool(softcap and softcap > 0.0),
         ALIBI=alibi_slopes is not None,
+        VARLEN=vl.on,
     )
     return dict(
         # Unused pointer arguments get q (never read: their constexpr switch is off).
@@ -2578,20 +2878,64 @@ def _common_args(
         kvlens=kv_lengths if kv_lengths is not None else q,
         window=(max(window_left, 0), max(window_right, 0)),
         drop=(seed_lo, seed_hi, offset_lo, offset_hi, threshold, drop_scale),
-        tune=(length_bucket(q.shape[2]), length_bucket(k.shape[2])),
+        tune=(length_bucket(vl.dims[0]), length_bucket(vl.dims[1])),
         constexprs=constexprs,
     )
 
 
-def _modifier_args(q, alibi_slopes, sinks):
-    """alibi_slopes as float32 (B, Hq) and sinks as float32 (Hq,), contiguous on q's device (the op
-    layer already passes them so; a direct call gets the same layout)."""
-    B, Hq = q.shape[0], q.shape[1]
+def _modifier_args(q, alibi_slopes, sinks, n_seqs=None):
+    """alibi_slopes as float32 (B, Hq) (packed sequences: (N, Hq)) and sinks as float32 (Hq,),
+    contiguous on q's device (the op layer already passes them so; a direct call gets the same
+    layout)."""
+    B, Hq = q.shape[0] if n_seqs is None else n_seqs, q.shape[1]
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.detach().to(device=q.device, dtype=torch.float32).expand(B, Hq).contiguous()
     if sinks is not None:
         sinks = sinks.detach().to(device=q.device, dtype=torch.float32).reshape(Hq).contiguous()
     return alibi_slopes, sinks
+
+
+class _Varlen:
+    """Packed sequences (docs/INTERNALS.md "Packed sequences"): the launchers' view of cu_seqlens.
+
+    q, k, v are (1, H, total, D); ``args`` are the kernels' (CuSeqQ, CuSeqK, n_seqs, total_q,
+    total_k), ``dims`` their (Lq, Lk): max_seqlen_q/k, the dropout index's dims (and the tuning
+    buckets). The values of cu_seqlens are not read here (no host sync): the kernels clamp every
+    span into [0, total]. Padded calls get ``args`` with unused pointers and zeros."""
+
+    def __init__(self, q, k, cu_q, cu_k, max_q, max_k, attn_mask, kv_lengths):
+        self.on = cu_q is not None or cu_k is not None
+        Lq, Lk = q.shape[2], k.shape[2]
+        if not self.on:
+            self.n = 0
+            self.args = (q, q, 0, 0, 0)
+            self.dims = (Lq, Lk)
+            return
+        bad = None
+        if cu_q is None or cu_k is None:
+            bad = "cu_seqlens_q and cu_seqlens_k go together"
+        elif any(c.dtype != torch.int32 or c.dim() != 1 or c.numel() < 1 or c.device != q.device for c in (cu_q, cu_k)):
+            bad = "cu_seqlens_q/k must be int32 (N + 1,) tensors on q's device"
+        elif cu_q.numel() != cu_k.numel():
+            bad = f"cu_seqlens_q has {cu_q.numel()} entries, cu_seqlens_k {cu_k.numel()}"
+        elif q.shape[0] != 1:
+            bad = f"packed q, k, v must be (1, H, total, D) views, got q {tuple(q.shape)}"
+        elif attn_mask is not None or kv_lengths is not None:
+            bad = "packed sequences take no attn_mask or kv_lengths"
+        if bad is not None:
+            raise ValueError(f"seqkernels Triton attention: {bad}")
+        self.n = cu_q.numel() - 1
+        self.args = (cu_q.contiguous(), cu_k.contiguous(), self.n, Lq, Lk)
+        self.dims = (max(int(max_q), 0), max(int(max_k), 0))
+
+    def grid0(self, length: int, block: int) -> int:
+        """Programs along the tiles of `length` rows: per batch row (padded), or over the packed
+        tensor with one spare per sequence (_varlen_tile)."""
+        return triton.cdiv(length, block) + self.n
+
+    def rows_like(self, t, width: int, dtype):
+        """A zeroed (1, H, total, width) output stored token-major, as packed q, k, v are."""
+        return torch.zeros((t.shape[2], t.shape[1], width), dtype=dtype, device=t.device).permute(1, 0, 2).unsqueeze(0)
 
 
 def attention_fwd(
@@ -2617,17 +2961,22 @@ def attention_fwd(
 ):
     """Fused attention forward on normalized arguments (docs/INTERNALS.md) -> (out, lse).
 
-    out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse (B, Hq, Lq) float32, natural log."""
-    if cu_seqlens_q is not None or cu_seqlens_k is not None:  # TODO(issue 19): the packed path
-        raise NotImplementedError("attention_fwd (triton): packed sequences (cu_seqlens) are not implemented yet")
+    out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse (B, Hq, Lq) float32, natural log.
+    Packed sequences (cu_seqlens): out (1, Hq, total_q, Dv) stored token-major, lse (1, Hq, total_q);
+    rows in no sequence (unchecked cu_seqlens only) hold 0 / -inf."""
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
-    alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks)
+    vl = _Varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, kv_lengths)
+    alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks, vl.n if vl.on else None)
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     Dv = v.shape[-1]
-    out = _alloc((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
-    lse = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    if B == 0 or Hq == 0 or Lq == 0:
+    if vl.on:
+        out = vl.rows_like(q, Dv, q.dtype)
+        lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        out = _alloc((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+        lse = _alloc((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if B == 0 or Hq == 0 or Lq == 0 or (vl.on and vl.n == 0):
         return out, lse
     a = _common_args(
         q,
@@ -2644,10 +2993,11 @@ def attention_fwd(
         alibi_slopes,
         sinks,
         softcap,
+        vl,
     )
 
     def grid(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), Hq, B)
+        return (vl.grid0(Lq, meta["BLOCK_M"]), Hq, B)
 
     _attention_fwd_tuned[grid](
         q,
@@ -2665,8 +3015,7 @@ def attention_fwd(
         out.stride(1),
         out.stride(2),
         Hq,
-        Lq,
-        Lk,
+        *vl.dims,
         D,
         Dv,
         Hq // Hkv,
@@ -2677,6 +3026,7 @@ def attention_fwd(
         a["alibi"],
         a["sinks"],
         a["softcap"],
+        *vl.args,
         SINKS=sinks is not None,
         **a["constexprs"],
     )
@@ -2710,12 +3060,12 @@ def attention_bwd(
 ):
     """Fused attention backward -> (dq, dk, dv, dsinks), dq, dk, dv shaped like q, k, v (dk, dv
     summed over the query heads of each kv head), dsinks (Hq,) float32 with sinks, else (0,).
-    Every kernel is deterministic, so ``deterministic`` needs no special path."""
+    Every kernel is deterministic, so ``deterministic`` needs no special path. Packed sequences:
+    dq, dk, dv stored token-major like the packed q, k, v, zero on rows in no sequence."""
     del deterministic
-    if cu_seqlens_q is not None or cu_seqlens_k is not None:  # TODO(issue 19): the packed path
-        raise NotImplementedError("attention_bwd (triton): packed sequences (cu_seqlens) are not implemented yet")
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
-    alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks)
+    vl = _Varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, kv_lengths)
+    alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks, vl.n if vl.on else None)
     dsinks = torch.zeros((q.shape[1] if sinks is not None else 0,), dtype=torch.float32, device=q.device)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -2727,10 +3077,14 @@ def attention_bwd(
         )
     if tuple(lse.shape) != (B, Hq, Lq):
         raise ValueError(f"seqkernels Triton attention: lse {tuple(lse.shape)} must be (B, Hq, Lq)")
-    dq = _alloc((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
-    dk = _alloc((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
-    dv = _alloc((B, Hkv, Lk, Dv), dtype=v.dtype, device=q.device)
-    if B == 0 or Hq == 0 or Lq == 0:
+    if vl.on:
+        # Every element is written: rows in no sequence (unchecked cu_seqlens only) keep these zeros.
+        dq, dk, dv = vl.rows_like(q, D, q.dtype), vl.rows_like(k, D, k.dtype), vl.rows_like(v, Dv, v.dtype)
+    else:
+        dq = _alloc((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+        dk = _alloc((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
+        dv = _alloc((B, Hkv, Lk, Dv), dtype=v.dtype, device=q.device)
+    if B == 0 or Hq == 0 or Lq == 0 or (vl.on and vl.n == 0):
         # No query row reads any key (Hq == 0 still has Hkv >= 1 kv heads): dK and dV are 0, and
         # dq has no element.
         return dq, dk.zero_(), dv.zero_(), dsinks
@@ -2751,6 +3105,7 @@ def attention_bwd(
         alibi_slopes,
         sinks,
         softcap,
+        vl,
     )
     c = a["constexprs"]
     has_sinks = sinks is not None
@@ -2787,7 +3142,7 @@ def attention_bwd(
         )
         fixup_c = {name: c[name] for name in _FIXUP_CONSTEXPRS}
         fixup_dq_c = dict(fixup_c, DROPOUT=c["DROPOUT"])
-        _attention_bwd_fixup_kernel[(triton.cdiv(Lq, rbm), Hq, B)](
+        _attention_bwd_fixup_kernel[(vl.grid0(Lq, rbm), Hq, B)](
             q,
             k,
             a["mask"],
@@ -2805,14 +3160,14 @@ def attention_bwd(
             dos.stride(1),
             dos.stride(2),
             Hq,
-            Lq,
-            Lk,
+            *vl.dims,
             D,
             Dv,
             Hq // Hkv,
             float(scale),
             a["softcap"],
             *a["window"],
+            *vl.args,
             BLOCK_M=rbm,
             BLOCK_N=rbn,
             SINKS=has_sinks,
@@ -2827,7 +3182,7 @@ def attention_bwd(
     if Lk > 0:
 
         def grid_kv(meta):
-            return (triton.cdiv(Lk, meta["BLOCK_N"]), Hkv, B)
+            return (vl.grid0(Lk, meta["BLOCK_N"]), Hkv, B)
 
         # Both float32 accumulators of a 256-wide head do not fit in registers next to the tile
         # math: dK and dV then run as two launches (the dV one skips dP and dS).
@@ -2856,8 +3211,7 @@ def attention_bwd(
                 dv.stride(1),
                 dv.stride(2),
                 Hq,
-                Lq,
-                Lk,
+                *vl.dims,
                 D,
                 Dv,
                 Hq // Hkv,
@@ -2867,12 +3221,13 @@ def attention_bwd(
                 *a["tune"],
                 a["alibi"],
                 a["softcap"],
+                *vl.args,
                 KV_PART=part,
                 **c,
             )
 
     def grid_q(meta):
-        return (triton.cdiv(Lq, meta["BLOCK_M"]), Hq, B)
+        return (vl.grid0(Lq, meta["BLOCK_M"]), Hq, B)
 
     _attention_bwd_dq_tuned[grid_q](
         q,
@@ -2893,8 +3248,7 @@ def attention_bwd(
         dq.stride(1),
         dq.stride(2),
         Hq,
-        Lq,
-        Lk,
+        *vl.dims,
         D,
         Dv,
         Hq // Hkv,
@@ -2905,6 +3259,7 @@ def attention_bwd(
         *a["tune"],
         a["alibi"],
         a["softcap"],
+        *vl.args,
         **c,
     )
     if Lk > 0:
@@ -2912,7 +3267,7 @@ def attention_bwd(
         rbm, rbn, rwarps = _fixup_config(
             max(c["BLOCK_D"], c["BLOCK_DV"]), q.element_size(), True, c["SOFTCAP"] or c["ALIBI"]
         )
-        _attention_bwd_fixup_dq_kernel[(triton.cdiv(Lq, rbm), Hq, B)](
+        _attention_bwd_fixup_dq_kernel[(vl.grid0(Lq, rbm), Hq, B)](
             q,
             k,
             v,
@@ -2932,8 +3287,7 @@ def attention_bwd(
             dq.stride(1),
             dq.stride(2),
             Hq,
-            Lq,
-            Lk,
+            *vl.dims,
             D,
             Dv,
             Hq // Hkv,
@@ -2941,6 +3295,7 @@ def attention_bwd(
             a["softcap"],
             *a["window"],
             *a["drop"],
+            *vl.args,
             BLOCK_M=rbm,
             BLOCK_N=rbn,
             **fixup_dq_c,
@@ -2960,6 +3315,9 @@ _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od
 _FLOAT_ARGS = {"qk_scale", "scale", "drop_scale", "softcap"}
 _FP32_POINTERS = {"LSE", "Delta", "Alibi", "Sinks", "DSinkRows"}
 _UNALIGNED_INTS = {
+    "n_seqs",
+    "total_q",
+    "total_k",
     "Lq",
     "Lk",
     "window_left",
@@ -2982,7 +3340,7 @@ def _static_signature(kernel_fn, dtype: torch.dtype, constexprs: dict, mask_bool
             return None
         if name == "Mask":
             return "*u8" if mask_bool else "*fp32"
-        if name == "KVLens":
+        if name in ("KVLens", "CuSeqQ", "CuSeqK"):
             return "*i32"
         return "*fp32" if name in _FP32_POINTERS else f"*{TRITON_DTYPE[dtype]}"
 
@@ -2997,7 +3355,8 @@ def _static_configs() -> list[StaticConfig]:
     (float mask, kv_lengths, two-sided window, dropout, head dims not a power of two) and again with
     every score modifier on top (softcap, ALiBi, sinks: "mods", which the launchers run on the heavy
     entries too); the forward's light entries also with sinks alone ("causal_sinks", the only
-    modifier that keeps the light list)."""
+    modifier that keeps the light list); packed sequences (VARLEN) in the causal variant on the light
+    entries ("varlen") and with every feature they take on the "mods" entries ("varlen_mods")."""
     kernels = {"fwd": _attention_fwd_kernel, "dq": _attention_bwd_dq_kernel, "dkdv": _attention_bwd_dkdv_kernel}
     variants = {
         "causal": dict(
@@ -3013,6 +3372,7 @@ def _static_configs() -> list[StaticConfig]:
             SOFTCAP=False,
             ALIBI=False,
             SINKS=False,
+            VARLEN=False,
         ),
         "full": dict(
             HAS_MASK=True,
@@ -3027,17 +3387,29 @@ def _static_configs() -> list[StaticConfig]:
             SOFTCAP=False,
             ALIBI=False,
             SINKS=False,
+            VARLEN=False,
         ),
     }
     variants["mods"] = dict(variants["full"], SOFTCAP=True, ALIBI=True, SINKS=True)
     variants["causal_sinks"] = dict(variants["causal"], SINKS=True)
+    # Packed sequences: the fast path, and every feature they take (no mask, no kv_lengths) with the
+    # modifiers on the lists those calls tune over.
+    variants["varlen"] = dict(variants["causal"], VARLEN=True)
+    variants["varlen_mods"] = dict(variants["mods"], HAS_MASK=False, HAS_KVLENS=False, VARLEN=True)
     out = []
     for kname, fn in kernels.items():
         for (arch, elt, bucket), (light, heavy) in _TABLES[kname].items():
             dtype = torch.bfloat16 if elt == 2 else torch.float32
             parts = ((1, 2) if bucket >= 256 else (0,)) if kname == "dkdv" else (None,)
             mods = _MODS_TABLES[kname].get((arch, elt, bucket), heavy)
-            listed = [("causal", light), ("full", heavy), ("mods", mods)]
+            vl_light, vl_mods = _VARLEN_TABLES[kname].get((arch, elt, bucket), (None, None))
+            listed = [
+                ("causal", light),
+                ("full", heavy),
+                ("mods", mods),
+                ("varlen", vl_light or light),
+                ("varlen_mods", vl_mods or mods),
+            ]
             if kname == "fwd":
                 listed.append(("causal_sinks", light))
             for vname, cfgs in listed:

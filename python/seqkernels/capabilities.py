@@ -94,7 +94,7 @@ TABLE: Dict[str, Dict[str, Capability]] = {
         # mma.sync on float16/bfloat16 tiles of width 64/128/256 (the tail of the head dim masked).
         "cuda": Capability(dtypes=(_F16, _BF16), max_head_dim=256, min_sm=8),
         # Grid axes carry the batch and the heads; CUDA caps the y/z grid dimensions at 65535.
-        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535, varlen=False),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535),
         "reference": _REFERENCE,
     },
     "kv_cache_append": {
