@@ -32,23 +32,6 @@ def pytest_addoption(parser):
     )
 
 
-# Measured on the 2-core CI machine (2026-12-05, --durations): the files whose runs take minutes.
-_LONG_FILES = {
-    name: rank
-    for rank, name in enumerate(
-        [
-            "test_static_triton.py",
-            "test_cpu_sanitizers.py",
-            "test_static_cuda.py",
-            "test_attention_cuda.py",
-            "test_lstm_cell.py",
-            "test_decode_attention.py",
-            "test_attention_triton.py",
-        ]
-    )
-}
-
-
 def pytest_collection_modifyitems(config, items):
     # Slow tests (tens of minutes on 2 cores) stay out of the default run and CI's 30-minute budget;
     # `pytest --run-slow` or SEQKERNELS_SLOW_TESTS=1 runs them.
@@ -60,10 +43,6 @@ def pytest_collection_modifyitems(config, items):
         if slow:
             config.hook.pytest_deselected(items=slow)
             items[:] = [item for item in items if "slow" not in item.keywords]
-    # The longest files first (stable otherwise): CI runs two xdist workers with whole files per
-    # worker (`--dist loadfile`, handed out in collection order), and a multi-minute file started
-    # last would leave one worker alone at the end (the Triton AOT compile: ~5 min cold).
-    items.sort(key=lambda item: _LONG_FILES.get(item.path.name, len(_LONG_FILES)))
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (cuda marker)")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
