@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import HAS_CUDA
+from decode_cases import make_kv_cache
 
 import seqkernels
 from seqkernels import backends, reference, testing
@@ -37,35 +38,10 @@ def make_cache(
         lens[0] = S
         if B > 1:
             lens[1] = Tq
-    lens = torch.as_tensor(lens, dtype=torch.int32)
-    if paged:
-        max_blocks = -(-S // block_size)
-        num_blocks = B * max_blocks + 3
-        kc = torch.randn(num_blocks, Hkv, block_size, D, dtype=dtype)
-        vc = torch.randn(num_blocks, Hkv, block_size, Dv, dtype=dtype)
-        perm = torch.randperm(num_blocks)
-        table = perm[: B * max_blocks].view(B, max_blocks).to(torch.int32)
-        used = torch.zeros(num_blocks, dtype=torch.bool)
-        for b in range(B):
-            n = int(lens[b])
-            cols = -(-n // block_size)
-            table[b, cols:] = -1
-            used[table[b, :cols].long()] = True
-            if cols and n % block_size:
-                blk = int(table[b, cols - 1])
-                kc[blk, :, n % block_size :] = garbage
-                vc[blk, :, n % block_size :] = garbage
-        kc[~used] = garbage
-        vc[~used] = garbage
-        table = table.to(device)
-    else:
-        kc = torch.randn(B, Hkv, S, D, dtype=dtype)
-        vc = torch.randn(B, Hkv, S, Dv, dtype=dtype)
-        for b in range(B):
-            kc[b, :, int(lens[b]) :] = garbage
-            vc[b, :, int(lens[b]) :] = garbage
-        table = None
-    return q, kc.to(device), vc.to(device), lens.to(device), table
+    kc, vc, lens, table = make_kv_cache(
+        lens, Hkv, D, Dv, S, dtype, paged=paged, block_size=block_size, garbage=garbage, device=device
+    )
+    return q, kc, vc, lens, table
 
 
 def _device_for(backend):

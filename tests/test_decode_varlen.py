@@ -10,13 +10,13 @@ import importlib.util
 import pytest
 import torch
 from conftest import HAS_CUDA
+from decode_cases import cu_of, make_kv_cache, seq_cache
 
 import seqkernels
 from seqkernels import capabilities, reference, testing
 from seqkernels.nn import KVCache
 
 BACKENDS = ["reference", "cpu", "triton"] + (["cuda"] if HAS_CUDA else [])
-NAN = float("nan")
 
 
 def _device(backend):
@@ -30,55 +30,16 @@ def _need(op, backend):
         pytest.skip("triton: not installed")
 
 
-def _cu(counts, device="cpu"):
-    c = [0]
-    for n in counts:
-        c.append(c[-1] + n)
-    return torch.tensor(c, dtype=torch.int32, device=device)
-
-
 def make_packed(chunks, Hq, Hkv, D, Dv, S, dtype, *, paged=False, block_size=8, lens=None, device="cpu"):
     """q (total, Hq, D), k_cache, v_cache, cache_seqlens (lengths in [Tq_b, S], the first S), block_table
     (a permutation of blocks, -1 past a sequence's length), cu_seqlens_q. NaN in every unused slot."""
-    B = len(chunks)
     if lens is None:
         lens = [S] + [int(torch.randint(n, S + 1, ())) for n in chunks[1:]]
-    lens = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(sum(chunks), Hq, D, dtype=dtype)
-    if paged:
-        max_blocks = -(-S // block_size)
-        num_blocks = B * max_blocks + 2
-        kc = torch.randn(num_blocks, Hkv, block_size, D, dtype=dtype)
-        vc = torch.randn(num_blocks, Hkv, block_size, Dv, dtype=dtype)
-        table = torch.randperm(num_blocks)[: B * max_blocks].view(B, max_blocks).to(torch.int32)
-        used = torch.zeros(num_blocks, dtype=torch.bool)
-        for b in range(B):
-            n = int(lens[b])
-            cols = -(-n // block_size)
-            table[b, cols:] = -1
-            used[table[b, :cols].long()] = True
-            if cols and n % block_size:
-                blk = int(table[b, cols - 1])
-                kc[blk, :, n % block_size :] = NAN
-                vc[blk, :, n % block_size :] = NAN
-        kc[~used] = NAN
-        vc[~used] = NAN
-        table = table.to(device)
-    else:
-        kc = torch.randn(B, Hkv, S, D, dtype=dtype)
-        vc = torch.randn(B, Hkv, S, Dv, dtype=dtype)
-        for b in range(B):
-            kc[b, :, int(lens[b]) :] = NAN
-            vc[b, :, int(lens[b]) :] = NAN
-        table = None
-    return q.to(device), kc.to(device), vc.to(device), lens.to(device), table, _cu(chunks, device)
-
-
-def _seq_args(b, kc, vc, lens, table):
-    """Sequence b's cache as a padded call's arguments (B = 1)."""
-    if table is None:
-        return kc[b : b + 1], vc[b : b + 1], lens[b : b + 1], None
-    return kc, vc, lens[b : b + 1], table[b : b + 1]
+    kc, vc, lens, table = make_kv_cache(
+        lens, Hkv, D, Dv, S, dtype, paged=paged, block_size=block_size, extra_blocks=2, device=device
+    )
+    return q.to(device), kc, vc, lens, table, cu_of(chunks, device)
 
 
 # (chunks, Hq, Hkv, D, Dv, S, paged, window, num_splits, modifiers)
@@ -125,7 +86,7 @@ def test_packed_decode(backend, case, dtype):
         if t0 == t1:
             continue
         qb = q[t0:t1].transpose(0, 1).unsqueeze(0)  # (1, Hq, Tq_b, D)
-        kb, vb, lb, tb = _seq_args(b, kc, vc, lens, table)
+        kb, vb, lb, tb = seq_cache(kc, vc, lens, table, b)
         skw = dict(kw)
         if mods:
             skw["alibi_slopes"] = kw["alibi_slopes"][b : b + 1]
@@ -281,7 +242,7 @@ def test_packed_append_unchecked_in_bounds(backend, paged):
         table = None
     kc, vc = buf[1:-1], buf.clone()[1:-1]  # guard rows on both sides
     lens = torch.tensor([6, 3, 2], dtype=torch.int32, device=device)
-    cu = _cu([4, 4, 5], device)
+    cu = cu_of([4, 4, 5], device)
     kn = torch.arange(1, 13 * 4 + 1, dtype=torch.float32, device=device).view(13, 1, 4)
     seqkernels.kv_cache_append(
         kc, vc, kn, kn.clone(), lens, block_table=table, cu_seqlens=cu, check=False, backend=backend
@@ -345,7 +306,7 @@ def test_kvcache_packed_step(paged):
     cache = KVCache(L, B, Hkv, D, 64, dtype=torch.float32, paged=paged, block_size=4)
     steps = [[5, 2, 9], [3, 1, 0]]
     for counts in steps:
-        cu = _cu(counts)
+        cu = cu_of(counts)
         total = sum(counts)
         before = cache.host_lengths
         for layer in range(L):
@@ -362,16 +323,16 @@ def test_kvcache_packed_step(paged):
                 # The appended rows sit at the sequence's old length onwards.
                 got_k = reference._gather_cache(view.k_cache, view.block_table)[b, :, before[b] : before[b] + n]
                 assert torch.equal(got_k, k[s].transpose(0, 1))
-                kb, vb, lb, tb = _seq_args(b, view.k_cache, view.v_cache, view.cache_seqlens, view.block_table)
+                kb, vb, lb, tb = seq_cache(view.k_cache, view.v_cache, view.cache_seqlens, view.block_table, b)
                 ref = seqkernels.decode_attention(q[s].transpose(0, 1).unsqueeze(0), kb, vb, lb, block_table=tb)
                 torch.testing.assert_close(out[s].transpose(0, 1).unsqueeze(0), ref)
         assert cache.host_lengths == [a + c for a, c in zip(before, counts)]
         assert cache.lengths.tolist() == cache.host_lengths
     with pytest.raises(ValueError, match="cu_seqlens"):
-        cache.append(0, torch.randn(3, Hkv, D), torch.randn(3, Hkv, D), cu_seqlens=_cu([1, 1]))
-    cache.append(0, torch.randn(2, Hkv, D), torch.randn(2, Hkv, D), cu_seqlens=_cu([1, 1, 0]))
+        cache.append(0, torch.randn(3, Hkv, D), torch.randn(3, Hkv, D), cu_seqlens=cu_of([1, 1]))
+    cache.append(0, torch.randn(2, Hkv, D), torch.randn(2, Hkv, D), cu_seqlens=cu_of([1, 1, 0]))
     with pytest.raises(ValueError, match="cu_seqlens"):  # layer 1 must append the same counts
-        cache.append(1, torch.randn(2, Hkv, D), torch.randn(2, Hkv, D), cu_seqlens=_cu([2, 0, 0]))
+        cache.append(1, torch.randn(2, Hkv, D), torch.randn(2, Hkv, D), cu_seqlens=cu_of([2, 0, 0]))
 
 
 def test_opcheck_packed():
@@ -384,6 +345,6 @@ def test_opcheck_packed():
     kc2, vc2, table2 = _cache(False)
     kn = torch.randn(4, 1, 4)
     a = kv_ops.prepare_append(
-        kc2, vc2, kn, kn.clone(), torch.tensor([1, 0, 2], dtype=torch.int32), cu_seqlens=_cu([1, 2, 1])
+        kc2, vc2, kn, kn.clone(), torch.tensor([1, 0, 2], dtype=torch.int32), cu_seqlens=cu_of([1, 2, 1])
     )
     torch.library.opcheck(torch.ops.seqkernels.kv_cache_append.default, a.args())

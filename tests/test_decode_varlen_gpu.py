@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from decode_cases import cu_of, make_kv_cache, seq_cache
 
 from seqkernels import reference, testing
 
@@ -28,55 +29,9 @@ def emu():
 # --------------------------------------------------------------------------------------------
 
 
-def make_cache(lens, Hkv, D, Dv, S, dtype, *, paged, block_size=8, device="cpu"):
-    """k_cache, v_cache, cache_seqlens, block_table for sequences of `lens` positions (slots past a
-    length hold NaN, unused paged blocks too; a paged cache uses a permutation of its blocks and -1
-    past a sequence's blocks)."""
-    B = len(lens)
-    lens = torch.tensor(lens, dtype=torch.int32)
-    if paged:
-        max_blocks = -(-S // block_size)
-        num_blocks = B * max_blocks + 3
-        kc = torch.randn(num_blocks, Hkv, block_size, D, dtype=dtype)
-        vc = torch.randn(num_blocks, Hkv, block_size, Dv, dtype=dtype)
-        table = torch.randperm(num_blocks)[: B * max_blocks].view(B, max_blocks).to(torch.int32)
-        used = torch.zeros(num_blocks, dtype=torch.bool)
-        for b in range(B):
-            n = int(lens[b])
-            cols = -(-n // block_size)
-            table[b, cols:] = -1
-            used[table[b, :cols].long()] = True
-            if cols and n % block_size:
-                blk = int(table[b, cols - 1])
-                kc[blk, :, n % block_size :] = float("nan")
-                vc[blk, :, n % block_size :] = float("nan")
-        kc[~used] = float("nan")
-        vc[~used] = float("nan")
-        table = table.to(device)
-    else:
-        kc = torch.randn(B, Hkv, S, D, dtype=dtype)
-        vc = torch.randn(B, Hkv, S, Dv, dtype=dtype)
-        for b in range(B):
-            kc[b, :, int(lens[b]) :] = float("nan")
-            vc[b, :, int(lens[b]) :] = float("nan")
-        table = None
-    return kc.to(device), vc.to(device), lens.to(device), table
-
-
-def cu_of(counts, device="cpu"):
-    return torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=device)
-
-
 def packed_view(tok_major):
     """(total, H, D) -> the (1, H, total, D) view the kernels take."""
     return tok_major.transpose(0, 1).unsqueeze(0)
-
-
-def seq_cache(kc, vc, lens, bt, b):
-    """Sequence b's cache in padded form (batch 1)."""
-    if bt is None:
-        return kc[b : b + 1], vc[b : b + 1], lens[b : b + 1], None
-    return kc, vc, lens[b : b + 1], bt[b : b + 1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +139,7 @@ def _decode_case(case, device="cpu"):
     counts, extra, Hq, Hkv, D, Dv, S, paged, wl, splits, dtype, mods_kind = case
     B = len(counts)
     lens = [min(S, n + extra + 3 * b) for b, n in enumerate(counts)]
-    kc, vc, lens_t, bt = make_cache(lens, Hkv, D, Dv, S, dtype, paged=paged, device=device)
+    kc, vc, lens_t, bt = make_kv_cache(lens, Hkv, D, Dv, S, dtype, paged=paged, device=device)
     total = sum(counts)
     q_tok = torch.randn(total, Hq, D, dtype=dtype, device=device)
     mods = make_mods(B, Hq, mods_kind)
@@ -229,7 +184,7 @@ def test_packed_decode_equals_padded_rows(backend, emu_if):
     max_seqlen_q (0) only changes the tiling."""
     emu = emu_if(backend)
     B, Hq, Hkv, Tq, D = 3, 4, 2, 3, 32
-    kc, vc, lens, bt = make_cache([9, 14, 3], Hkv, D, D, 16, torch.float32, paged=True)
+    kc, vc, lens, bt = make_kv_cache([9, 14, 3], Hkv, D, D, 16, torch.float32, paged=True)
     q = torch.randn(B, Hq, Tq, D)
     kw = dict(scale=0.2, wl=-1, splits=2, mods=(0.0, None, None))
     pad_out, pad_lse = decode_call(backend, emu, q, kc, vc, lens, bt, **kw)
@@ -248,7 +203,7 @@ def test_packed_decode_bad_offsets_stay_in_bounds(backend, emu_if):
     tensors, rows in no clamped span hold 0 / -inf, and nothing crashes."""
     emu = emu_if(backend)
     Hq, Hkv, D = 2, 1, 16
-    kc, vc, lens, bt = make_cache([7, 5, 9], Hkv, D, D, 12, torch.float32, paged=True)
+    kc, vc, lens, bt = make_kv_cache([7, 5, 9], Hkv, D, D, 12, torch.float32, paged=True)
     total = 6
     q_tok = torch.randn(total, Hq, D)
     mods = make_mods(3, Hq, "all")
@@ -273,7 +228,7 @@ def test_packed_decode_bad_offsets_stay_in_bounds(backend, emu_if):
 def _append_inputs(counts, paged, dtype=torch.float16, Hkv=2, D=24, Dv=16, S=40):
     B = len(counts)
     lens = [3 + 5 * b for b in range(B)]
-    kc, vc, lens_t, bt = make_cache([S] * B, Hkv, D, Dv, S, dtype, paged=paged)
+    kc, vc, lens_t, bt = make_kv_cache([S] * B, Hkv, D, Dv, S, dtype, paged=paged)
     total = sum(counts)
     k_tok = torch.randn(total, Hkv, D, dtype=dtype)
     v_tok = torch.randn(total, Hkv, Dv, dtype=dtype)
@@ -363,7 +318,7 @@ def _sanitized_packed_case(emu):
     total = 7
     for paged, splits in ((False, 1), (True, 3)):
         for cu_vals in ([0, 2, 2, 7], [-2, 9, 4, 100]):  # valid; negative, past total, decreasing
-            kc, vc, lens, bt = make_cache([9, 4, 12], 2, 40, 24, 16, torch.bfloat16, paged=paged, block_size=4)
+            kc, vc, lens, bt = make_kv_cache([9, 4, 12], 2, 40, 24, 16, torch.bfloat16, paged=paged, block_size=4)
             cu = torch.tensor(cu_vals, dtype=torch.int32)
             q_tok = torch.randn(total, 4, 40, dtype=torch.bfloat16)
             emu.decode_attention(packed_view(q_tok), kc, vc, lens, bt, 0.2, -1, 0, splits, None, None, 0.0, cu, 0)

@@ -6,6 +6,7 @@ anything is written, out-of-range tokens skipped with check=False, validation me
 import pytest
 import torch
 from conftest import HAS_CUDA
+from decode_cases import random_caches as make_caches
 
 import seqkernels
 from seqkernels import backends
@@ -20,18 +21,6 @@ def emu():
     from emulation import load_emulated
 
     return load_emulated("kv_cache", SOURCES)
-
-
-def make_caches(B, H, S, D, Dv, dtype, *, paged, block_size=8, extra_blocks=3):
-    """Random caches and, for a paged layout, a block table that is a random permutation."""
-    if paged:
-        max_blocks = -(-S // block_size)
-        num_blocks = B * max_blocks + extra_blocks
-        kc = torch.randn(num_blocks, H, block_size, D, dtype=dtype)
-        vc = torch.randn(num_blocks, H, block_size, Dv, dtype=dtype)
-        table = torch.randperm(num_blocks)[: B * max_blocks].view(B, max_blocks).to(torch.int32)
-        return kc, vc, table
-    return torch.randn(B, H, S, D, dtype=dtype), torch.randn(B, H, S, Dv, dtype=dtype), None
 
 
 def expected(kc, vc, kn, vn, lens, table):

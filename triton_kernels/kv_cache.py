@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from .. import capabilities
+from ..ops._common import packed_tile_offsets
 from ._common import (
     INTERPRET,
     TRITON_DTYPE,
@@ -633,13 +634,8 @@ def decode_attention(
         o_strides = (*out.stride(), 0)
         l_strides = (*lse.stride(), 0)
     if varlen:
-        # Cumulative row tiles per sequence on the device (torch ops, no host sync); spans clamped
-        # into [0, total_q] as the kernels clamp them.
-        cu = cu_seqlens_q.to(torch.int64)
-        c0 = cu[:-1].clamp(0, Tq)
-        c1 = torch.maximum(cu[1:].clamp(0, Tq), c0)
-        tiles = torch.div((c1 - c0) * G + (block_m - 1), block_m, rounding_mode="floor")
-        tile_cu = torch.cat([tiles.new_zeros(1), torch.cumsum(tiles, 0)]).to(torch.int32)
+        # Cumulative row tiles per sequence, on the device (no host sync); Tq is total_q here.
+        tile_cu = packed_tile_offsets(cu_seqlens_q, G, block_m, Tq)
         grid = ((triton.cdiv(n_rows, block_m) + B) * Hkv, 1, num_splits)
         cu_arg = cu_seqlens_q
     else:

@@ -115,6 +115,19 @@ def check_cu_seqlens(name: str, t, total: int, device: torch.device, max_seqlen=
     return t.contiguous(), int(max_seqlen)
 
 
+def packed_tile_offsets(cu_seqlens: torch.Tensor, rows_per_token: int, block_m: int, total: int) -> torch.Tensor:
+    """Cumulative row tiles per sequence of a packed batch: int32 (N+1,) from 0, where sequence b owns
+    the rows [cu[b], cu[b+1]) clamped into [0, total] (as the kernels clamp them), `rows_per_token` rows
+    a token (the query heads of one kv head's group), cut into tiles of `block_m` rows. Torch ops on
+    the device of `cu_seqlens`, no host sync: the kernels' grid finds its (sequence, tile) in it, and
+    its last entry is the number of tiles."""
+    cu = cu_seqlens.to(torch.int64)
+    c0 = cu[:-1].clamp(0, total)
+    c1 = torch.maximum(cu[1:].clamp(0, total), c0)
+    tiles = torch.div((c1 - c0) * rows_per_token + (block_m - 1), block_m, rounding_mode="floor")
+    return torch.cat([tiles.new_zeros(1), torch.cumsum(tiles, 0)]).to(torch.int32)
+
+
 def check_scale(scale, head_dim: int) -> float:
     """`scale` resolved: None means 1/sqrt(head_dim); otherwise a real number (a Python or NumPy
     number, or a one-element tensor), finite. Errors name the argument."""

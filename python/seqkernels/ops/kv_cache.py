@@ -41,6 +41,7 @@ from ._common import (
     check_scale,
     check_tensor,
     kernel_families,
+    packed_tile_offsets,
     to_int32_saturated,
 )
 
@@ -553,7 +554,7 @@ def prepare_decode(
         if left >= 0:
             length = min(length, left + Tq)
         if tq is not None:
-            units = Hkv * sum(math.ceil(int(n) * (Hq // Hkv) / 64) for n in tq.tolist())
+            units = Hkv * int(packed_tile_offsets(cu, Hq // Hkv, 64, total_q)[-1])
         else:
             units = B * Hkv * max(1, math.ceil(Tq * (Hq // Hkv) / 64))
         kind = "cuda" if q.device.type == "cuda" else "cpu"
