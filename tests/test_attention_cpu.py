@@ -1032,3 +1032,126 @@ def test_decode_modifiers(Tq, splits, window, paged, mods, dtype, isa, monkeypat
 
     report = compare([out, lse], list(ref(torch.float64)), list(ref(dtype)), name="decode")
     assert report.passed, str(report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 21: the bfloat16 forward on AVX512_BF16 (vdpbf16ps pairs, csrc/cpu/attention.cpp
+# Bf16Products). Shapes from its tiles: panels of NR = 32 keys and key blocks of BN = 256 (t-1,
+# t, t+1), register tiles of 6 rows (Lq at every residue) in blocks of BM = 96, d-pairs (odd D
+# gets a zero pad), and P V column tiles of 64, 32 and 16 values (Dv = 15, 17, 48, 80, 112 mix
+# them). The backward is the float32 path's, fed the bf16 path's lse.
+# ---------------------------------------------------------------------------------------------
+
+
+def _bf16_dot_supported():
+    from seqkernels import cli
+
+    rep = cli.cpu_isa_report()
+    return rep is not None and "avx512_bf16" in rep["supported"]
+
+
+needs_bf16_dot = pytest.mark.skipif(
+    not _bf16_dot_supported(), reason="this CPU/OS lacks AVX512_BF16: the bf16 dot path cannot run here"
+)
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv, window, kv_lengths)
+BF16_DOT_CASES = {
+    "tails-31": (1, 2, 1, 7, 31, 17, 15, (-1, -1), None),
+    "tails-33-causal": (2, 4, 2, 13, 33, 2, 17, (-1, 0), None),
+    "panel-32-rows-5": (1, 2, 2, 5, 32, 33, 48, (-1, -1), None),
+    "bn-257": (1, 2, 2, 97, 257, 64, 64, (-1, -1), None),
+    "bn-255-causal": (1, 3, 1, 96, 255, 40, 112, (-1, 0), None),
+    "bn-256-window": (1, 2, 1, 95, 256, 128, 80, (40, 3), None),
+    "lengths": (3, 2, 2, 20, 70, 48, 48, (-1, -1), [70, 0, 33]),
+    "decode-dv256": (2, 4, 1, 1, 300, 128, 256, (-1, -1), None),
+}
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("extra", ["plain", "bool-mask", "finfo-min-mask", "dropout"])
+@pytest.mark.parametrize("case", list(BF16_DOT_CASES), ids=list(BF16_DOT_CASES))
+def test_bf16_dot_forward(case, extra, monkeypatch):
+    from seqkernels import cli
+
+    monkeypatch.delenv("SEQKERNELS_CPU_ISA", raising=False)
+    assert cli.cpu_isa_report()["active"] == "avx512_bf16"
+    B, Hq, Hkv, Lq, Lk, D, Dv, window, lens = BF16_DOT_CASES[case]
+    torch.manual_seed(zlib.crc32(f"{case}/{extra}".encode()) % 10000)
+    dt = torch.bfloat16
+    q, k, v = rand(B, Hq, Lq, D, dtype=dt), rand(B, Hkv, Lk, D, dtype=dt), rand(B, Hkv, Lk, Dv, dtype=dt)
+    mask = None
+    if extra == "bool-mask":
+        mask = (torch.rand(B, 1, Lq, Lk) > 0.3).expand(B, Hq, Lq, Lk)
+    elif extra == "finfo-min-mask":
+        keep = torch.rand(B, 1, Lq, Lk) > 0.3
+        mask = torch.zeros(B, 1, Lq, Lk, dtype=dt).masked_fill(~keep, torch.finfo(dt).min).expand(B, Hq, Lq, Lk)
+    kw = _kw(
+        1.0 / math.sqrt(D),
+        attn_mask=mask,
+        window=window,
+        kv_lengths=None if lens is None else torch.tensor(lens, dtype=torch.int32),
+        dropout_p=0.15 if extra == "dropout" else 0.0,
+        seed=11,
+    )
+    check_parity(q, k, v, kw)
+    # Strided operands (a transposed layout, a stride-0 broadcast head) take the same path.
+    if extra == "plain":
+        qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+        kb = k[:, :1].expand(B, Hkv, Lk, D)
+        check_parity(qt, kb, v, kw, grads=False)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize(
+    "mods",
+    [
+        dict(softcap=5.0),
+        dict(alibi=True),
+        dict(sinks=True),
+        dict(softcap=2.0, alibi=True, sinks=True),
+        dict(packed=True),
+    ],
+    ids=["softcap", "alibi", "sinks", "all", "packed"],
+)
+def test_bf16_dot_modifiers_and_packed(mods, monkeypatch):
+    # The public op, forward and backward, against the float64 reference by the parity rule.
+    import seqkernels
+
+    monkeypatch.delenv("SEQKERNELS_CPU_ISA", raising=False)
+    g = torch.Generator().manual_seed(21)
+    B, Hq, Hkv, D, Dv = 2, 4, 2, 40, 24
+    mods = dict(mods)
+    packed = mods.pop("packed", False)
+    kw = dict(causal=True)
+    if mods.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(B, Hq, generator=g) * 0.3
+    sinks = torch.randn(Hq, generator=g) if mods.pop("sinks", False) else None
+    kw.update(mods)
+
+    def run(dtype, backend):
+        gg = torch.Generator().manual_seed(5)
+        if packed:
+            lq, lk = [3, 0, 37, 33], [5, 2, 64, 33]
+            shapes = [(sum(lq), Hq, D), (sum(lk), Hkv, D), (sum(lk), Hkv, Dv)]
+        else:
+            shapes = [(B, Hq, 45, D), (B, Hkv, 70, D), (B, Hkv, 70, Dv)]
+        q, k, v = (torch.randn(*s, generator=gg, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes)
+        go = torch.randn(*shapes[0][:-1], Dv, generator=gg, dtype=torch.float64).to(dtype)
+        extra = dict(kw)
+        if sinks is not None:
+            extra["sinks"] = sinks.to(dtype).requires_grad_()
+        if "alibi_slopes" in extra and dtype == torch.float64:
+            extra["alibi_slopes"] = extra["alibi_slopes"].double()
+        if packed:
+            cu = [torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in (lq, lk)]
+            out, lse = seqkernels.attention_varlen(q, k, v, *cu, return_lse=True, backend=backend, **extra)
+        else:
+            out, lse = seqkernels.attention(q, k, v, return_lse=True, backend=backend, **extra)
+        leaves = [q, k, v] + ([extra["sinks"]] if sinks is not None else [])
+        grads = torch.autograd.grad((out * go).sum() + lse.sum(), leaves)
+        return (out.detach(), lse.detach()), grads
+
+    got, ref, base = run(torch.bfloat16, "cpu"), run(torch.float64, "reference"), run(torch.bfloat16, "reference")
+    for j, grad in ((0, False), (1, True)):
+        report = compare(got[j], ref[j], base[j], grad=grad, dtype=torch.bfloat16)
+        assert report.passed, str(report)

@@ -1,7 +1,7 @@
 """The CPU kernels on every instruction-set level this machine supports (issue 21).
 
-cpu/simd.h picks the highest path the CPU and OS support; SEQKERNELS_CPU_ISA=portable|avx2|avx512
-lowers it. Each level runs in its own subprocess (the variable is set before anything loads the
+cpu/simd.h picks the highest path the CPU and OS support; SEQKERNELS_CPU_ISA=portable|avx2|avx512|
+avx512_bf16 lowers it (avx512_bf16 differs from avx512 in the bf16 attention forward only). Each level runs in its own subprocess (the variable is set before anything loads the
 extension, as a user would set it), running attention (forward and backward, padded and packed),
 decode attention and the LSTM kernels against the
 float64 reference by the parity rule (seqkernels.testing.compare). Levels this CPU lacks are skipped
@@ -20,7 +20,7 @@ import torch
 
 from seqkernels import _ext, cli, reference, testing
 
-LEVELS = ["portable", "avx2", "avx512"]
+LEVELS = ["portable", "avx2", "avx512", "avx512_bf16"]
 
 pytestmark = pytest.mark.skipif(not _ext.extension_available(), reason="seqkernels._C is not built")
 
@@ -285,6 +285,8 @@ def test_info_line_and_cpuinfo_agree(monkeypatch):
         assert {"avx2", "fma", "f16c"} <= flags
     if "avx512" in _supported():
         assert {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    if "avx512_bf16" in _supported():
+        assert "avx512_bf16" in flags
 
 
 def _worker_small() -> None:

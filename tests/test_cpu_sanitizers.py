@@ -35,9 +35,9 @@ SCHEMAS = ["cpu_sanitize_selftest(Tensor x, int which) -> Tensor"]
 FAMILIES = ("attention", "kv_cache", "lstm")
 ISAS = ("avx512", "avx2", "portable")
 # Set at the child's start (every kernel also reads it per call): each run forces its level, so an
-# AVX-512 machine still sanitizes the AVX2 code (attention has no AVX-512 path yet and takes AVX2
-# under "avx512" too).
-ISA_ENV = {isa: {"SEQKERNELS_CPU_ISA": isa} for isa in ISAS}
+# AVX-512 machine still sanitizes the AVX2 code. "avx512" is the top AVX-512 level the CPU has
+# (sweeps.select_isa): with AVX512_BF16 that includes the bf16 attention forward's dot path.
+ISA_ENV = {isa: {"SEQKERNELS_CPU_ISA": "avx512_bf16" if isa == "avx512" else isa} for isa in ISAS}
 ISA_FLAGS = {"avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 
 

@@ -400,6 +400,14 @@ struct FwdRows {
   T* l;             // running sum, 0 initially
   T* P;             // kMR x BN scratch
   T* alpha;         // kMR scratch
+  // The bfloat16 dot path only (Kernels::bf16, float32 accumulation): the operands as the input's
+  // raw bf16 bits, laid out in pairs for vdpbf16ps (pack_*_bf16); Qs, Kp and Vp are unused then.
+  int64_t D2 = 0;                // D rounded up to even (a zero pads an odd head dim)
+  const uint16_t* Qh = nullptr;  // nrows x D2, not scaled: the scores are scaled in float32
+  const uint16_t* Kh = nullptr;  // K^T panels of key pairs: panel p at Kh + p * D2 * NR
+  const uint16_t* Vh = nullptr;  // V as key pairs: pair j/2 at Vh + (j/2) * 2 * Dvp
+  uint16_t* Ph = nullptr;        // kMR x BN scratch: P rounded to bf16 for the P V product
+  T qk_scale = T(1);             // the softmax scale, applied to Q K^T
 };
 
 // One row of one key block: mask, running max, exp2, running sum; leaves P (dropped entries
@@ -468,7 +476,21 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
   }
 }
 
+// The two products of the forward in the accumulation type, on the packed T operands: S = Q K^T
+// for `mr` rows from r0 against keys [pl, pl + w), and O = O * alpha + P V.
 template <class P>
+struct FwdProducts {
+  using T = typename P::T;
+  static constexpr int NR = 2 * P::W;
+  static void scores(const FwdRows<T>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w, T* S) {
+    gemm_panels<P>(mr, a.Qs + r0 * a.D, a.D, a.Kp + (pl / NR) * a.D * NR, a.D, w / NR, S, a.BN);
+  }
+  static void pv(const FwdRows<T>& a, int64_t mr, int64_t r0, const T* S, int64_t pl, int64_t w) {
+    gemm<P, Mode::ScaleAdd>(mr, S, a.BN, 1, a.Vp + pl * a.Dvp, a.Dvp, w, a.O + r0 * a.Dvp, a.Dvp, a.Dvp, a.alpha);
+  }
+};
+
+template <class P, class Products = FwdProducts<P>>
 inline void fwd_rows(const FwdRows<typename P::T>& a) {
   using T = typename P::T;
   constexpr int NR = 2 * P::W;
@@ -480,7 +502,7 @@ inline void fwd_rows(const FwdRows<typename P::T>& a) {
     }
   }
   if (klo >= khi) return;
-  const int64_t kend = round_up(khi, NR), D = a.D, Dvp = a.Dvp, BN = a.BN;
+  const int64_t kend = round_up(khi, NR), BN = a.BN;
   for (int64_t j0 = klo / NR * NR; j0 < khi; j0 += BN) {
     const int64_t j1 = std::min(j0 + BN, kend);
     for (int64_t r0 = 0; r0 < a.nrows; r0 += kMR) {
@@ -496,13 +518,12 @@ inline void fwd_rows(const FwdRows<typename P::T>& a) {
       if (cl >= ch) continue;  // these rows see nothing here: their state is unchanged
       const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
       T* S = a.P;
-      const T* Q = a.Qs + r0 * D;
-      gemm_panels<P>(mr, Q, D, a.Kp + (pl / NR) * D * NR, D, w / NR, S, BN);
+      Products::scores(a, mr, r0, pl, w, S);
       for (int64_t r = 0; r < mr; ++r) {
         fwd_softmax_row<P>(S + r * BN, w, pl, a.lo[r0 + r], a.hi[r0 + r], a.m[r0 + r], a.l[r0 + r], a.alpha[r], a,
                            r0 + r);
       }
-      gemm<P, Mode::ScaleAdd>(mr, S, BN, 1, a.Vp + pl * Dvp, Dvp, w, a.O + r0 * Dvp, Dvp, Dvp, a.alpha);
+      Products::pv(a, mr, r0, S, pl, w);
     }
   }
 }
@@ -676,6 +697,7 @@ struct Kernels {
   int64_t W;
   void (*fwd)(const FwdRows<T>&);
   void (*bwd)(const BwdBlock<T>&);
+  bool bf16 = false;  // fwd takes bf16 operands as they are (FwdRows::Qh/Kh/Vh, pack_*_bf16)
 };
 
 template <typename T>
@@ -695,14 +717,154 @@ SK_AVX2_ENTRY void bwd_block_avx2_f64(const BwdBlock<double>& a) { bwd_block<sim
 // float32 only: a float64 AVX-512 policy would be Avx2Double at twice the width, measured first.
 SK_AVX512_ENTRY void fwd_rows_avx512_f32(const FwdRows<float>& a) { fwd_rows<simd::Avx512Float>(a); }
 SK_AVX512_ENTRY void bwd_block_avx512_f32(const BwdBlock<float>& a) { bwd_block<simd::Avx512Float>(a); }
+
+// ---------------------------------------------------------------------------------------------
+// The bfloat16 forward on AVX512_BF16: vdpbf16ps multiplies pairs of bf16 and adds both products
+// to a float32 lane, twice the multiply-adds of a float32 FMA per instruction, on operands that
+// stay bf16 in memory (half the bytes packed and streamed). Both products pair along their sum
+// index: Q K^T along d (a broadcast (q[d], q[d+1]) against 16 keys' (k[d], k[d+1])), P V along
+// the keys (a broadcast (p[j], p[j+1]) against 16 columns' (v[j], v[j+1])). Everything between
+// them (scale, modifiers, mask, online softmax, dropout) is the float32 AVX-512 code as is; P is
+// rounded to bf16 for the P V product, as torch's CPU flash attention and FlashAttention do for
+// bf16 inputs. vdpbf16ps treats bf16 subnormals as zero; that is below what a bf16 softmax
+// resolves (|x| < 1.2e-38).
+
+SK_AVX512BF16_FN __m512bh bf16_pair_bcast(const uint16_t* p) {
+  int32_t x;
+  std::memcpy(&x, p, sizeof(x));
+  return (__m512bh)_mm512_set1_epi32(x);
+}
+
+// C[r][c * 16 + 0:16] (op)= mul * sum_k dot(A[r * a_rs + 2k], B[k * ldb + c * 32]) for r < MR,
+// c < NV, every pair of bf16 a product of two adjacent elements. Summed from zero and added to C
+// once (micro_tile's reason).
+template <int MR, int NV, Mode M>
+SK_AVX512BF16_FN void bf16_tile(const uint16_t* A, int64_t a_rs, const uint16_t* B, int64_t ldb, int64_t K2, float* C,
+                                int64_t ldc, const float* alpha, float mul) {
+  __m512 acc[MR][NV];
+  SK_UNROLL for (int r = 0; r < MR; ++r) { SK_UNROLL for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps(); }
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512bh b[NV];
+    SK_UNROLL for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(B + c * 32);
+    B += ldb;
+    SK_UNROLL for (int r = 0; r < MR; ++r) {
+      const __m512bh a = bf16_pair_bcast(A + r * a_rs + 2 * k);
+      SK_UNROLL for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+    }
+  }
+  SK_UNROLL for (int r = 0; r < MR; ++r) {
+    SK_UNROLL for (int c = 0; c < NV; ++c) {
+      float* cp = C + r * ldc + c * 16;
+      if constexpr (M == Mode::Store) {
+        _mm512_storeu_ps(cp, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(mul)));
+      } else {
+        static_assert(M == Mode::ScaleAdd, "bf16_tile stores or rescales");
+        _mm512_storeu_ps(cp, _mm512_fmadd_ps(_mm512_loadu_ps(cp), _mm512_set1_ps(alpha[r]), acc[r][c]));
+      }
+    }
+  }
+}
+
+// S = scale * Q K^T for MR rows against np panels of NR = 32 keys.
+template <int MR>
+SK_AVX512BF16_FN void bf16_scores_rows(const FwdRows<float>& a, int64_t r0, int64_t p0, int64_t np, float* S) {
+  constexpr int64_t NR = 32;
+  for (int64_t p = 0; p < np; ++p) {
+    bf16_tile<MR, 2, Mode::Store>(a.Qh + r0 * a.D2, a.D2, a.Kh + (p0 + p) * a.D2 * NR, 2 * NR, a.D2 / 2, S + p * NR,
+                                  a.BN, nullptr, a.qk_scale);
+  }
+}
+
+// O[r] = O[r] * alpha[r] + P[r] V for MR rows over the key pairs [pl, pl + w), Dvp columns: four
+// column vectors per tile (24 accumulators, 4 B vectors and the broadcast of the 32 zmm), then
+// two, then one.
+template <int MR>
+SK_AVX512BF16_FN void bf16_pv_rows(const FwdRows<float>& a, int64_t r0, int64_t pl, int64_t w) {
+  const int64_t Dvp = a.Dvp, ldb = 2 * Dvp;
+  const uint16_t* B = a.Vh + pl * Dvp;  // pair pl / 2
+  float* O = a.O + r0 * Dvp;
+  int64_t c = 0;
+  for (; c + 64 <= Dvp; c += 64)
+    bf16_tile<MR, 4, Mode::ScaleAdd>(a.Ph, a.BN, B + 2 * c, ldb, w / 2, O + c, Dvp, a.alpha, 1.f);
+  for (; c + 32 <= Dvp; c += 32)
+    bf16_tile<MR, 2, Mode::ScaleAdd>(a.Ph, a.BN, B + 2 * c, ldb, w / 2, O + c, Dvp, a.alpha, 1.f);
+  if (c < Dvp) bf16_tile<MR, 1, Mode::ScaleAdd>(a.Ph, a.BN, B + 2 * c, ldb, w / 2, O + c, Dvp, a.alpha, 1.f);
+}
+
+// Calls F<MR>::run(args...) for the row count mr (1..kMR) of a register tile.
+template <template <int> class F, typename... Args>
+SK_AVX512BF16_FN void for_rows(int64_t mr, Args&&... args) {
+  switch (mr) {
+    case 6:
+      F<6>::run(args...);
+      break;
+    case 5:
+      F<5>::run(args...);
+      break;
+    case 4:
+      F<4>::run(args...);
+      break;
+    case 3:
+      F<3>::run(args...);
+      break;
+    case 2:
+      F<2>::run(args...);
+      break;
+    case 1:
+      F<1>::run(args...);
+      break;
+    default:
+      break;
+  }
+}
+template <int MR>
+struct Bf16Scores {
+  SK_AVX512BF16_FN static void run(const FwdRows<float>& a, int64_t r0, int64_t p0, int64_t np, float* S) {
+    bf16_scores_rows<MR>(a, r0, p0, np, S);
+  }
+};
+template <int MR>
+struct Bf16Pv {
+  SK_AVX512BF16_FN static void run(const FwdRows<float>& a, int64_t r0, int64_t pl, int64_t w) {
+    bf16_pv_rows<MR>(a, r0, pl, w);
+  }
+};
+
+struct Bf16Products {
+  SK_AVX512BF16_FN static void scores(const FwdRows<float>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w,
+                                      float* S) {
+    for_rows<Bf16Scores>(mr, a, r0, pl / 32, w / 32, S);
+  }
+  // P (float32, w a multiple of 32 per row) rounded to bf16 pairs, then the product.
+  SK_AVX512BF16_FN static void pv(const FwdRows<float>& a, int64_t mr, int64_t r0, const float* S, int64_t pl,
+                                  int64_t w) {
+    if (a.Dvp == 0) return;
+    for (int64_t r = 0; r < mr; ++r) {
+      const float* src = S + r * a.BN;
+      uint16_t* dst = a.Ph + r * a.BN;
+      for (int64_t j = 0; j < w; j += 32) {
+        const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
+        _mm512_storeu_si512(dst + j, (__m512i)h);
+      }
+    }
+    for_rows<Bf16Pv>(mr, a, r0, pl, w);
+  }
+};
+
+SK_AVX512BF16_ENTRY void fwd_rows_avx512bf16(const FwdRows<float>& a) { fwd_rows<simd::Avx512Float, Bf16Products>(a); }
 #endif
 
 // Per call (simd::selected_isa), so SEQKERNELS_CPU_ISA=portable lets the tests cover the
-// portable kernels, the path non-x86 machines take, on an AVX2 machine.
+// portable kernels, the path non-x86 machines take, on an AVX2 machine. bf16_operands: the
+// caller's inputs are bfloat16 and it packs them with pack_*_bf16 when the answer says bf16 (the
+// forward; the backward widens to float32 on every path).
 template <typename T>
-Kernels<T> select_kernels() {
+Kernels<T> select_kernels(bool bf16_operands = false) {
 #if SK_SIMD_X86
   if constexpr (std::is_same_v<T, float>) {
+    if (bf16_operands && simd::has(simd::Isa::Avx512Bf16)) {
+      return {simd::Avx512Float::W, &fwd_rows_avx512bf16, &bwd_block_avx512_f32, true};
+    }
     if (simd::has(simd::Isa::Avx512)) return {simd::Avx512Float::W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32};
   }
   if (simd::selected_isa() == simd::Isa::Avx2) {
@@ -755,6 +917,44 @@ void pack_rows(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_
       }
     }
     for (; d < Dp; ++d) dst[d] = T(0);
+  }
+}
+
+// The bf16 dot path's layouts (FwdRows::Qh/Kh/Vh), copies of the raw bf16 bits: no conversion.
+// x(j, d) of the caller's head, j < nvalid; everything else (padding keys, the odd head dim's
+// pair) is +0, which vdpbf16ps adds as nothing, and no NaN in padding can reach a product.
+inline uint16_t bf16_bits(const c10::BFloat16* x, int64_t j, int64_t d, int64_t sL, int64_t sD) {
+  return x[j * sL + d * sD].x;
+}
+
+// K^T panels p0..p1 of NR keys as d-pairs: [p][d / 2][NR][2], D2 = D rounded up to even.
+inline void pack_panels_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t D2,
+                             int64_t NR, int64_t p0, int64_t p1, uint16_t* out) {
+  for (int64_t p = p0; p < p1; ++p) {
+    uint16_t* dst = out + p * D2 * NR;
+    for (int64_t t = 0; t < NR; ++t) {
+      const int64_t j = p * NR + t;
+      for (int64_t d = 0; d < D2; ++d) {
+        dst[(d / 2) * 2 * NR + 2 * t + (d & 1)] = j < nvalid && d < D ? bf16_bits(x, j, d, sL, sD) : uint16_t(0);
+      }
+    }
+  }
+}
+
+// V rows r0..r1 (r0 even) as key pairs: [j / 2][Dvp][2].
+inline void pack_vpairs_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t Dv, int64_t Dvp,
+                             int64_t r0, int64_t r1, uint16_t* out) {
+  for (int64_t j = r0; j < r1; ++j) {
+    uint16_t* dst = out + (j / 2) * 2 * Dvp + (j & 1);
+    for (int64_t c = 0; c < Dvp; ++c) dst[2 * c] = j < nvalid && c < Dv ? bf16_bits(x, j, c, sL, sD) : uint16_t(0);
+  }
+}
+
+// Q rows 0..n as rows of D2, unscaled.
+inline void pack_qrows_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t n, int64_t D, int64_t D2,
+                            uint16_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t d = 0; d < D2; ++d) out[j * D2 + d] = d < D ? bf16_bits(x, j, d, sL, sD) : uint16_t(0);
   }
 }
 
@@ -1029,12 +1229,14 @@ struct FwdPlan {
   int64_t chunk_elems = 0;                             // the largest chunk's packed elements
 
   int64_t npanel(int64_t gi) const { return kpad[gi / Hkv] / NR; }
+  int64_t D2() const { return (D + 1) / 2 * 2; }
 };
 
 template <typename T>
-FwdPlan<T> make_fwd_plan(const Geometry& g, const Units& u, int64_t wl, int64_t wr, bool bottom_right) {
+FwdPlan<T> make_fwd_plan(const Geometry& g, const Units& u, int64_t wl, int64_t wr, bool bottom_right,
+                         bool bf16_operands) {
   FwdPlan<T> p;
-  p.kern = select_kernels<T>();
+  p.kern = select_kernels<T>(bf16_operands);
   const int64_t W = p.kern.W;
   p.NR = 2 * W;
   p.Hg = g.Hq / g.Hkv;
@@ -1103,6 +1305,9 @@ struct FwdPack {
   int64_t ntasks() const { return plan->task_off[g1] - plan->task_off[g0]; }
   T* Kp(int64_t gi) const { return base + (plan->elem_off[gi] - plan->elem_off[g0]); }
   T* Vp(int64_t gi) const { return Kp(gi) + plan->kpad[gi / plan->Hkv] * plan->D; }
+  // The bf16 path's layouts in the same space (kpad * (D2 + Dvp) bf16 fit in kpad * (D + Dvp) T).
+  uint16_t* Kh(int64_t gi) const { return reinterpret_cast<uint16_t*>(Kp(gi)); }
+  uint16_t* Vh(int64_t gi) const { return Kh(gi) + plan->kpad[gi / plan->Hkv] * plan->D2(); }
 };
 
 template <typename T>
@@ -1125,6 +1330,16 @@ void pack_fwd_slice(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, FwdPack<T
   const int64_t p0 = sl * kSlice, p1 = std::min(p.npanel(gi), p0 + kSlice);
   const int64_t ks = io.u.sb[b] * k.stride(0) + io.u.k0[b] * k.stride(2);
   const int64_t vs = io.u.sb[b] * v.stride(0) + io.u.k0[b] * v.stride(2);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (p.kern.bf16) {
+      pack_panels_bf16(kd + ks + hk * k.stride(1), k.stride(2), k.stride(3), io.u.lk[b], D, p.D2(), NR, p0, p1,
+                       pk.Kh(gi));
+      pack_vpairs_bf16(vd + vs + hk * v.stride(1), v.stride(2), v.stride(3), io.u.lk[b], Dv, p.Dvp, p0 * NR, p1 * NR,
+                       pk.Vh(gi));
+      pk.ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
+      return;
+    }
+  }
   pack_panels<scalar_t, T>(kd + ks + hk * k.stride(1), k.stride(2), k.stride(3), io.u.lk[b], D, NR, p0, p1, pk.Kp(gi));
   pack_rows<scalar_t, T>(vd + vs + hk * v.stride(1), v.stride(2), v.stride(3), io.u.lk[b], Dv, p.Dvp, p0 * NR, p1 * NR,
                          T(1), pk.Vp(gi));
@@ -1156,7 +1371,9 @@ std::vector<int64_t> fwd_task_costs(const FwdPlan<T>& p, const Units& u, int64_t
 // Per-thread scratch of fwd_compute_task: Q rows, the O accumulators, m, l, the P tile, alpha.
 template <typename T>
 int64_t fwd_scratch_elems(const FwdPlan<T>& p, int64_t D) {
-  return p.BM * D + p.BM * p.Dvp + 2 * p.BM + kMR * p.BN + kMR;
+  // The last kMR * BN: the bf16 path's P (uint16), which also finds room for its Q rows in the
+  // first BM * D (BM * D2 bf16 <= BM * D T).
+  return p.BM * D + p.BM * p.Dvp + 2 * p.BM + kMR * p.BN + kMR + (p.kern.bf16 ? kMR * p.BN : 0);
 }
 
 // Task t of the chunk: one block of query rows of one query head, from packing its Q rows to
@@ -1173,18 +1390,31 @@ void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, const F
   T* l = m + BM;
   T* Pb = l + BM;
   T* alpha = Pb + kMR * p.BN;
+  uint16_t* Ph = reinterpret_cast<uint16_t*>(alpha + kMR);
   const auto [gi, local] = find_item(p.task_off, pk.g0, t);
   const int64_t b = gi / Hkv, hk = gi % Hkv, nqb = p.nqb[b];
   const int64_t hh = local / nqb, qb = local % nqb, h = hk * p.Hg + hh;
   const int64_t Lq = u.lq[b], sb = u.sb[b], row = u.q0[b];  // row: the unit's first row in storage
   const int64_t i0 = qb * BM, nrows = std::min(BM, Lq - i0);
-  pack_rows<scalar_t, T>(io.qd + sb * q.stride(0) + h * q.stride(1) + (row + i0) * q.stride(2), q.stride(2),
-                         q.stride(3), nrows, D, D, 0, nrows, io.qmul, Qs);
+  const scalar_t* qrows = io.qd + sb * q.stride(0) + h * q.stride(1) + (row + i0) * q.stride(2);
+  FwdRows<T> a;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (p.kern.bf16) {
+      uint16_t* Qh = reinterpret_cast<uint16_t*>(Qs);
+      pack_qrows_bf16(qrows, q.stride(2), q.stride(3), nrows, D, p.D2(), Qh);
+      a.D2 = p.D2();
+      a.Qh = Qh;
+      a.Kh = pk.Kh(gi);
+      a.Vh = pk.Vh(gi);
+      a.Ph = Ph;
+      a.qk_scale = io.qmul;
+    }
+  }
+  if (!p.kern.bf16) pack_rows<scalar_t, T>(qrows, q.stride(2), q.stride(3), nrows, D, D, 0, nrows, io.qmul, Qs);
   fill(O, nrows * Dvp, T(0));
   fill(m, nrows, -std::numeric_limits<T>::infinity());
   fill(l, nrows, T(0));
   wait_ready(pk.ready[gi - pk.g0], p.slice_off[gi + 1] - p.slice_off[gi]);
-  FwdRows<T> a;
   a.D = D;
   a.Dvp = Dvp;
   a.BN = p.BN;
@@ -1217,7 +1447,7 @@ template <typename scalar_t, typename T>
 void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g, const Units& u,
                        const MaskDesc& mask, double scale, int64_t wl, int64_t wr, bool bottom_right,
                        const DropoutDesc& drop, const ScoreMods<T>& mods, Tensor& out, Tensor& lse) {
-  const FwdPlan<T> plan = make_fwd_plan<T>(g, u, wl, wr, bottom_right);
+  const FwdPlan<T> plan = make_fwd_plan<T>(g, u, wl, wr, bottom_right, std::is_same_v<scalar_t, c10::BFloat16>);
   const FwdIo<scalar_t, T> io{q, k, v, out, lse, g, u, mask, static_cast<T>(scale), bottom_right, drop, mods};
   FwdPack<T> pack = make_fwd_pack(plan, q.options());
   // Chunks one after the other; within one, packing and compute share a parallel region.

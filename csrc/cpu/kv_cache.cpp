@@ -1299,7 +1299,8 @@ extern "C" __attribute__((visibility("default"))) const char* seqkernels_cpu_isa
   const simd::Isa best = simd::supported_isa();
   std::string sup = "portable";
   if (static_cast<int>(best) >= static_cast<int>(simd::Isa::Avx2)) sup += ",avx2";
-  if (best == simd::Isa::Avx512) sup += ",avx512";
+  if (static_cast<int>(best) >= static_cast<int>(simd::Isa::Avx512)) sup += ",avx512";
+  if (best == simd::Isa::Avx512Bf16) sup += ",avx512_bf16";
   std::snprintf(buf, sizeof(buf), "active=%s;supported=%s;avx512_bf16=%d", simd::isa_name(simd::active_isa()),
                 sup.c_str(), simd::cpu_features().avx512_bf16 ? 1 : 0);
   return buf;

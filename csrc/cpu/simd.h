@@ -3,13 +3,14 @@
 // like the kernel headers (DESIGN §9), so the sanitizer build and any later kernel can take it
 // as is; the portable (at::vec) policies stay in the .cpp files that need ATen.
 //
-// Instruction-set choice, made in one place. The levels are ordered, Portable < Avx2 < Avx512:
+// Instruction-set choice, made in one place. The levels are ordered, Portable < Avx2 < Avx512 < Avx512Bf16:
 //   cpu_features()  what this CPU and OS can run, probed once per process: CPUID for the
 //                   instructions, and XGETBV (XCR0) for the OS saving the registers they use
 //                   (bits 1-2 for xmm/ymm; bits 5-7, opmask and the upper zmm state, for AVX-512).
-//   supported_isa() the best level the CPU and OS support (Avx512 needs F, BW, VL and DQ).
+//   supported_isa() the best level the CPU and OS support (Avx512 needs F, BW, VL and DQ;
+//                   Avx512Bf16 those and AVX512_BF16).
 //   active_isa()    the level a call may use: supported_isa(), lowered by the one variable
-//                   SEQKERNELS_CPU_ISA = portable | avx2 | avx512 | native. "default" is the
+//                   SEQKERNELS_CPU_ISA = portable | avx2 | avx512 | avx512_bf16 | native. "default" is the
 //                   older spelling of portable; unset, "native" or any other value means the best
 //                   supported level. A request can only lower the level: asking for one the CPU
 //                   lacks (avx512 on an AVX2-only CPU) gives the best supported one, never a
@@ -61,6 +62,11 @@
 #define SK_AVX512_FN __attribute__((target(SK_AVX512_TARGET))) inline
 #define SK_AVX512_ENTRY __attribute__((target(SK_AVX512_TARGET), flatten, noinline))
 #define SK_AVX512_TARGET_PRAGMA SK_SIMD_PRAGMA_(GCC target(SK_AVX512_TARGET))
+// AVX-512 plus the bfloat16 dot product (vdpbf16ps: Cooper Lake, Sapphire Rapids, Zen 4): the
+// attention forward's bf16 path. A superset of the AVX-512 target, so it inlines those helpers.
+#define SK_AVX512BF16_TARGET SK_AVX512_TARGET ",avx512bf16"
+#define SK_AVX512BF16_FN __attribute__((target(SK_AVX512BF16_TARGET))) inline
+#define SK_AVX512BF16_ENTRY __attribute__((target(SK_AVX512BF16_TARGET), flatten, noinline))
 // __m256 values only cross function boundaries inside code compiled for AVX2 (flattened entry
 // points, inlined helpers), never through the baseline-ISA drivers, so g++'s note that the
 // by-value vector ABI differs between ISAs does not apply.
@@ -124,11 +130,14 @@ inline const CpuFeatures& cpu_features() {
   return f;
 }
 
-// Ordered: a higher level includes the lower ones.
-enum class Isa { Portable = 0, Avx2 = 1, Avx512 = 2 };
+// Ordered: a higher level includes the lower ones. Avx512Bf16 is Avx512 plus vdpbf16ps; only the
+// paths that take bfloat16 operands as they are (the attention forward) differ between the two.
+enum class Isa { Portable = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::Avx512Bf16:
+      return "avx512_bf16";
     case Isa::Avx512:
       return "avx512";
     case Isa::Avx2:
@@ -141,16 +150,18 @@ inline const char* isa_name(Isa isa) {
 // The best level the CPU and OS support (probed once).
 inline Isa supported_isa() {
   const CpuFeatures& f = cpu_features();
-  return f.avx512() ? Isa::Avx512 : f.avx2 ? Isa::Avx2 : Isa::Portable;
+  if (f.avx512()) return f.avx512_bf16 ? Isa::Avx512Bf16 : Isa::Avx512;
+  return f.avx2 ? Isa::Avx2 : Isa::Portable;
 }
 
-// The level SEQKERNELS_CPU_ISA asks for; Avx512 (the highest) when unset, "native" or unknown.
+// The level SEQKERNELS_CPU_ISA asks for; the highest when unset, "native" or unknown.
 inline Isa requested_isa() {
   const char* e = std::getenv("SEQKERNELS_CPU_ISA");
-  if (e == nullptr) return Isa::Avx512;
+  if (e == nullptr) return Isa::Avx512Bf16;
   if (std::strcmp(e, "portable") == 0 || std::strcmp(e, "default") == 0) return Isa::Portable;
   if (std::strcmp(e, "avx2") == 0) return Isa::Avx2;
-  return Isa::Avx512;
+  if (std::strcmp(e, "avx512") == 0) return Isa::Avx512;
+  return Isa::Avx512Bf16;
 }
 
 inline Isa min_isa(Isa a, Isa b) { return static_cast<int>(a) < static_cast<int>(b) ? a : b; }

@@ -48,7 +48,7 @@ def cpu_isa_report() -> dict | None:
 
 def cpu_isa_summary() -> str:
     """The `cpu isa` line of `seqkernels info`: the path the CPU kernels take now, and the ones
-    this CPU supports (SEQKERNELS_CPU_ISA=portable|avx2|avx512|native lowers the choice)."""
+    this CPU supports (SEQKERNELS_CPU_ISA=portable|avx2|avx512|avx512_bf16|native lowers the choice)."""
     rep = cpu_isa_report()
     if rep is None:
         return "unknown (extension not built)"

@@ -724,8 +724,12 @@ def select_isa(family: str, isa: str) -> None:
     var, value = PORTABLE_ENV[family]
     if isa == "portable":
         os.environ[var] = value
-    elif isa in ("avx2", "avx512"):
-        os.environ[var] = isa  # forced, so an AVX-512 machine still runs the AVX2 code under "avx2"
+    elif isa == "avx2":
+        os.environ[var] = isa  # forced, so an AVX-512 machine still runs the AVX2 code
+    elif isa == "avx512":
+        # The highest AVX-512 level: AVX512_BF16 (the bf16 attention forward's dot path) where the
+        # CPU has it, plain AVX-512 elsewhere (a request above the CPU's level falls back).
+        os.environ[var] = "avx512_bf16"
     else:
         raise ValueError(f"isa must be 'avx512', 'avx2' or 'portable', got {isa!r}")
 

@@ -250,6 +250,14 @@ def format_ratio(mid: float, low: float, high: float) -> str:
 
 
 def _cpu_isa() -> str:
+    """The CPU kernels' instruction-set path as the extension reports it (SEQKERNELS_CPU_ISA
+    honoured), else what /proc/cpuinfo offers."""
+    from .. import cli
+
+    rep = cli.cpu_isa_report()
+    if rep is not None:
+        names = {"avx512_bf16": "AVX-512 BF16", "avx512": "AVX-512", "avx2": "AVX2", "portable": "portable-SIMD"}
+        return names.get(rep["active"], rep["active"])
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
