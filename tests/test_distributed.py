@@ -2,8 +2,10 @@
 torch.multiprocessing on gloo, each running ring attention on its shard; forward and backward
 against the single-device float64 reference by the parity rule (docs/DESIGN.md §5), zigzag and
 contiguous layouts, causal and not, GQA, softcap and sinks; merge_attention_states on its own;
-the not-yet-supported arguments refused by name."""
+the not-yet-supported arguments refused by name; seqkernels.nn.MultiheadAttention in ring mode
+(use_context_parallel) against the single-process model, forward and parameter gradients."""
 
+import copy
 import datetime
 import math
 import os
@@ -268,3 +270,185 @@ def test_a_rank_that_raises_does_not_hang_the_others():
         mp.spawn(_one_rank_fails_worker, args=(2, os.path.join(d, "init"), errors), nprocs=2, join=True)
         got = sorted(errors)
     assert len(got) == 2 and "NotImplementedError" in got[1] and "no error" not in got[0], got
+
+
+# ---------------------------------------------------------------------------------------------
+# seqkernels.nn.MultiheadAttention in ring mode (use_context_parallel)
+
+
+class _TwoAttentionLayers(torch.nn.Module):
+    """Two torch MultiheadAttention layers (batch_first True, then False) with a per-token layer
+    between them; swap_attention turns them into seqkernels' modules."""
+
+    def __init__(self, E, H):
+        super().__init__()
+        self.first = torch.nn.MultiheadAttention(E, H, batch_first=True)
+        self.mid = torch.nn.Linear(E, E)
+        self.second = torch.nn.MultiheadAttention(E, H, batch_first=False)
+
+    def forward(self, x, masks, causal):  # x (N, L, E); masks / causal: one per layer
+        h = x + self.first(x, x, x, need_weights=False, attn_mask=masks[0], is_causal=causal[0])[0]
+        h = torch.tanh(self.mid(h)).transpose(0, 1)  # (L, N, E) for the sequence-first layer
+        return self.second(h, h, h, need_weights=False, attn_mask=masks[1], is_causal=causal[1])[0].transpose(0, 1)
+
+
+def _mha_run(model, x, go, masks, causal):
+    """Output and the gradients of sum(out * go) with respect to x and the parameters (name order)."""
+    x = x.detach().clone().requires_grad_()
+    names, params = zip(*model.named_parameters())
+    out = model(x, masks, causal)
+    grads = torch.autograd.grad((out.double() * go.double()).sum(), (x, *params))
+    return out.detach(), grads[0], dict(zip(names, grads[1:]))
+
+
+def _mha_parity(rank, world, layout, causal):
+    """One model through the ring on this rank's shard against the whole sequence in one process."""
+    N, L, E, H = 2, 12, 16, 2
+    torch.manual_seed(11)  # the same weights and data on every rank
+    base_model = _TwoAttentionLayers(E, H)
+    x, go = torch.randn(N, L, E), torch.randn(N, L, E)
+    full_mask = torch.nn.Transformer.generate_square_subsequent_mask(L)
+    masks = [full_mask if c else None for c in causal]
+    # The float64 reference and plain torch in float32, on the whole sequence in one process.
+    ref_model = copy.deepcopy(base_model).double()
+    ref = _mha_run(ref_model, x.double(), go, [None if m is None else m.double() for m in masks], causal)
+    base = _mha_run(base_model, x, go, masks, causal)
+    model = copy.deepcopy(base_model)
+    assert seqkernels.swap_attention(model) == 2
+    local = _mha_run(model, x, go, masks, causal)  # seqkernels, local attention, whole sequence
+
+    sh = lambda t: skd.shard_sequence(t, layout=layout, seq_dim=1)  # noqa: E731
+    # Ring mode: the first layer gets no mask (is_causal alone), the second the causal mask of its
+    # shard's length (generate_square_subsequent_mask), the way nn.Transformer* layers pass it.
+    ring_masks = [None, torch.nn.Transformer.generate_square_subsequent_mask(L // world) if causal[1] else None]
+    with skd.use_context_parallel(model, layout=layout) as handle:
+        assert len(handle.modules) == 2 and all(m.context_parallel is handle.spec for m in handle.modules)
+        out, gx, gp = _mha_run(model, sh(x), sh(go), ring_masks, causal)
+        for g in gp.values():  # per-rank shares of replicated weights: summed, as DDP does
+            dist.all_reduce(g)
+    names = list(gp)
+    got = (out, gx, *gp.values())
+
+    def shard_of(res):
+        return (sh(res[0]), sh(res[1]), *(res[2][n] for n in names))
+
+    r_ref, r_base = shard_of(ref), shard_of(base)
+    # Parity rule (DESIGN §5) with its float32 assert_close check (rtol 1.3e-6, atol 1e-5). Each
+    # output row is a merge of at most 2W = 6 block results (a few float32 roundings of unit-size
+    # values, ~1e-7 each), and each weight gradient a sum of W per-rank shares: both far inside the
+    # bound, so no widened tolerance is needed.
+    reports = [
+        testing.compare(got[:1], r_ref[:1], r_base[:1], name="out"),
+        testing.compare(got[1:], r_ref[1:], r_base[1:], grad=True, name="grad"),
+    ]
+    full = skd.unshard_sequence(out, layout=layout, seq_dim=1)
+    reports.append(testing.compare((full,), (ref[0],), (base[0],), name="unsharded"))
+    failed = [str(rep) for rep in reports if not rep.passed]
+    assert not failed, "\n".join(failed)
+    # The ring and seqkernels' own local run of the same float32 model agree as closely.
+    torch.testing.assert_close(full, local[0])
+    # Undone: local attention again, exactly as before.
+    assert all(m.context_parallel is None for m in (model.first, model.second))
+    again = _mha_run(model, x, go, masks, causal)
+    assert torch.equal(again[0], local[0]) and torch.equal(again[1], local[1])
+
+
+def _mha_refusals(errors):
+    """Every argument the ring cannot honour raises, naming it; the handle undoes the mode."""
+    from seqkernels.nn import MultiheadAttention
+
+    def expect(match, f):
+        try:
+            f()
+            errors.append(f"{match}: no error")
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+            if match not in str(e):
+                errors.append(f"{match}: {type(e).__name__}: {e}")
+
+    torch.manual_seed(0)
+    E, H, Lloc = 16, 2, 4
+    expect("swap_attention", lambda: skd.use_context_parallel(_TwoAttentionLayers(E, H)))
+    expect("no seqkernels.nn.MultiheadAttention", lambda: skd.use_context_parallel(torch.nn.Linear(E, E)))
+    m = MultiheadAttention(E, H, dropout=0.1, batch_first=True)
+    expect("layout", lambda: skd.use_context_parallel(m, layout="diagonal"))
+    expect("backend", lambda: skd.use_context_parallel(m, backend="reference"))
+    x = torch.randn(1, Lloc, E)
+    handle = skd.use_context_parallel(m)
+    m.eval()  # the dropout check is its own below
+    calls = [
+        ("need_weights", dict()),  # torch's default need_weights=True
+        ("key_padding_mask", dict(key_padding_mask=torch.zeros(1, Lloc, dtype=torch.bool))),
+        ("attn_mask", dict(attn_mask=torch.eye(Lloc, dtype=torch.bool))),
+        ("attn_mask", dict(attn_mask=torch.zeros(Lloc, Lloc), is_causal=True)),  # the hint, a wrong mask
+    ]
+    for match, kw in calls:
+        expect(match, lambda: m(x, x, x, **{"need_weights": match == "need_weights", **kw}))
+    m.train()
+    expect("dropout", lambda: m(x, x, x, need_weights=False))  # training mode, dropout 0.1
+    m.eval()
+    expect("key, value", lambda: m(x, torch.randn(1, 2 * Lloc, E), torch.randn(1, 2 * Lloc, E), need_weights=False))
+    expect("context_parallel", m.to_torch)
+    for kw, match in ((dict(kdim=8, vdim=8), "kdim"), (dict(add_bias_kv=True), "add_bias_kv"),
+                      (dict(add_zero_attn=True), "add_zero_attn")):  # fmt: skip
+        other = MultiheadAttention(E, H, batch_first=True, **kw)
+        with skd.use_context_parallel(other):
+            kv = torch.randn(1, Lloc, 8) if "kdim" in kw else x
+            expect(match, lambda: other(x, kv, kv, need_weights=False))
+    # in eval mode (dropout off) and unmasked, it runs (a collective, on both ranks)
+    assert m(x, x, x, need_weights=False, is_causal=True)[0].shape == x.shape
+    handle.remove()
+    handle.remove()  # twice: nothing more to undo
+    assert m.context_parallel is None and "context_parallel" not in vars(m)
+    assert m(x, x, x)[1].shape == (1, Lloc, Lloc)  # local attention, weights and all
+    m.to_torch()
+
+
+def _mha_worker(rank, world, init_file, jobs, errors):
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=60),
+        )  # fmt: skip
+        torch.set_num_threads(1)
+        for job in jobs:
+            try:
+                if job == "refusals":
+                    _mha_refusals(errors)
+                else:
+                    _mha_parity(rank, world, *job)
+            except Exception:
+                errors.append(f"rank {rank}, {job}: {traceback.format_exc()}")
+    except Exception:
+        errors.append(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# (layout, (first layer causal, second layer causal)) per world; one process group per world (each
+# spawn costs seconds of imports), the refusals on the world-2 one.
+MHA_JOBS = {
+    2: [("zigzag", (True, False)), "refusals"],
+    3: [("zigzag", (True, True)), ("contiguous", (False, True))],
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("world", sorted(MHA_JOBS))
+def test_multihead_attention_context_parallel(world):
+    """seqkernels.nn.MultiheadAttention under use_context_parallel: a two-layer model (batch_first
+    True and False, causal and not) on sharded sequences gives the single-process outputs and, summed
+    over ranks, its parameter gradients; undoing the mode restores local attention; refused arguments
+    raise with their names."""
+    with tempfile.TemporaryDirectory() as d:
+        errors = mp.Manager().list()
+        mp.spawn(_mha_worker, args=(world, os.path.join(d, "init"), MHA_JOBS[world], errors), nprocs=world, join=True)
+        assert not list(errors), "\n".join(errors)
+
+
+def test_use_context_parallel_needs_an_initialized_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    model = torch.nn.Sequential(seqkernels.nn.MultiheadAttention(8, 2))
+    with pytest.raises(RuntimeError, match="not initialized"):
+        skd.use_context_parallel(model)

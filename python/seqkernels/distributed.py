@@ -18,12 +18,17 @@ What is not here yet (an explicit error, not a silent fallback): dropout (its ke
 to be a function of global positions inside the kernels), sliding windows and ALiBi (they need the
 kernels to take a diagonal offset per block), and the all-gather variant for packed (varlen) batches.
 Softcap and attention sinks work: softcap is per score, and the sink joins the merged softmax once.
+
+Models: `use_context_parallel(model, group)` puts every `seqkernels.nn.MultiheadAttention` of a model
+(`seqkernels.swap_attention` makes them from torch's) in ring mode and returns a handle that undoes it;
+Hugging Face models have `seqkernels.integrations.transformers.use_context_parallel`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -354,3 +359,96 @@ def ring_attention(
     )
     out, lse = _RingAttention.apply(q, k, v, sink_logits, meta)
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules: seqkernels.nn.MultiheadAttention in ring mode
+
+
+@dataclass(frozen=True)
+class ContextParallelSpec:
+    """What `use_context_parallel` stores in a module's `context_parallel` attribute."""
+
+    group: Any
+    layout: str
+    backend: Optional[str] = None
+
+
+class ContextParallel:
+    """The handle `use_context_parallel` returns: `modules` are the modules it put in ring mode;
+    `remove()` (or leaving the `with` block) gives each back the `context_parallel` it had before
+    (None: local attention). Removing twice does nothing."""
+
+    def __init__(self, modules, spec: ContextParallelSpec):
+        self.modules = list(modules)
+        self.spec = spec
+        self._before = [m.context_parallel for m in self.modules]
+        for m in self.modules:
+            m.context_parallel = spec
+
+    def remove(self) -> None:
+        for m, before in zip(self.modules, self._before):
+            if before is None:
+                m.__dict__.pop("context_parallel", None)  # back to the class default (None)
+            else:
+                m.context_parallel = before
+        self.modules, self._before = [], []
+
+    def __enter__(self) -> "ContextParallel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"ContextParallel({len(self.modules)} modules, layout={self.spec.layout!r})"
+
+
+def use_context_parallel(
+    model: torch.nn.Module, group=None, *, layout: str = "zigzag", backend: Optional[str] = None
+) -> ContextParallel:
+    """Run every `seqkernels.nn.MultiheadAttention` in `model` (`model` itself included) as ring
+    attention over `group`, until the returned handle's `remove()` (or the end of its `with` block).
+
+    Each rank then feeds the model its shard of every sequence, `shard_sequence(x, group, layout,
+    seq_dim=1 if batch_first else 0)`, and gets its shard of the outputs (`unshard_sequence` gathers
+    them). Projections and everything per token run locally; the attention runs over the global
+    sequence. Causal attention: `is_causal=True` with `attn_mask=None` or the standard causal mask
+    (`generate_square_subsequent_mask`, of the shard's length), causal over the global sequence.
+    Refused by name, never run as local attention: `key_padding_mask`, any other `attn_mask`,
+    `need_weights=True` (torch's default: pass False), dropout > 0 in training, `kdim`/`vdim` other than
+    `embed_dim`, `add_bias_kv`, `add_zero_attn`, and key/value shards of another length than the query's.
+    Parameter gradients are per-rank shares, to be summed over the group (as DDP does). `backend`
+    overrides the modules' own for the ring's blocks (a kernel backend: cpu, cuda, triton).
+
+    torch.nn.MultiheadAttention modules would attend within their shard only, so a model that has any
+    is refused: call `seqkernels.swap_attention(model)` first.
+    """
+    from .nn.multihead_attention import MultiheadAttention, _check_backend
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("use_context_parallel: torch.distributed is not initialized (call init_process_group first)")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    _check_backend(backend)
+    if backend == "reference":
+        raise ValueError("backend: ring attention runs on the kernel backends (cpu, cuda, triton), not 'reference'")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    ours, torch_names = [], []
+    for name, m in model.named_modules(remove_duplicate=True):
+        if isinstance(m, MultiheadAttention):
+            ours.append(m)
+        elif isinstance(m, torch.nn.MultiheadAttention):
+            torch_names.append(name or "<model>")
+    if torch_names:
+        raise TypeError(
+            f"model: has torch.nn.MultiheadAttention modules ({', '.join(torch_names)}), which would attend "
+            "within this rank's shard only; call seqkernels.swap_attention(model) first"
+        )
+    if not ours:
+        raise ValueError(
+            "model: has no seqkernels.nn.MultiheadAttention to run as ring attention (for a Hugging Face model "
+            "use seqkernels.integrations.transformers.use_context_parallel)"
+        )
+    return ContextParallel(ours, ContextParallelSpec(group, layout, backend))

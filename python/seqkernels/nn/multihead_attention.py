@@ -15,6 +15,11 @@ Mask polarity is torch's MultiheadAttention one, the opposite of SDPA: a bool `a
     l=2    . . . x                            l=2    1 1 1 0 |   1      1
 
 Columns appended by `add_bias_kv` / `add_zero_attn` are never masked, as in torch.
+
+Context parallelism: `seqkernels.distributed.use_context_parallel(model, group)` sets the
+`context_parallel` attribute of every such module in `model` (None: local attention, the default).
+The module then takes this rank's shard of the sequence and runs its attention as
+`seqkernels.distributed.ring_attention` over the group; see `MultiheadAttention._forward_ring`.
 """
 
 from __future__ import annotations
@@ -85,6 +90,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
       take no masks and need ``need_weights=False``.
     """
 
+    #: None (attend locally) or a `seqkernels.distributed.ContextParallelSpec` set by
+    #: `seqkernels.distributed.use_context_parallel`: the input is then this rank's shard of the sequence.
+    context_parallel = None
+
     def __init__(
         self,
         embed_dim,
@@ -131,12 +140,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise TypeError(f"module: expected a torch.nn.MultiheadAttention, got {type(module).__name__}")
         new = cls.__new__(cls)
         new.__dict__.update(_copy_state(module))
+        new.__dict__.pop("context_parallel", None)  # a new module attends locally until asked otherwise
         new.backend = _check_backend(backend)
         new._install_fastpath_guard()
         return new
 
     def to_torch(self) -> torch.nn.MultiheadAttention:
         """A plain torch.nn.MultiheadAttention sharing this module's parameters, buffers and user hooks."""
+        if self.context_parallel is not None:
+            raise RuntimeError(
+                "context_parallel: this module runs ring attention over a process group, which torch's module "
+                "cannot; undo seqkernels.distributed.use_context_parallel (handle.remove()) before converting it"
+            )
         new = torch.nn.MultiheadAttention.__new__(torch.nn.MultiheadAttention)
         state = _copy_state(self)
         hook_id = state.pop("_seqkernels_hook_id", None)
@@ -155,7 +170,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             s += ", add_bias_kv=True"
         if self.add_zero_attn:
             s += ", add_zero_attn=True"
-        return s + f", backend={self.backend!r}"
+        s += f", backend={self.backend!r}"
+        if self.context_parallel is not None:
+            s += f", context_parallel={self.context_parallel.layout!r}"
+        return s
 
     # -----------------------------------------------------------------------------------------------
 
@@ -170,6 +188,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
+        if self.context_parallel is not None:
+            return self._forward_ring(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         if query.is_nested or key.is_nested or value.is_nested:
             return self._forward_nested(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         _check_mask_dtype("key_padding_mask", key_padding_mask)
@@ -374,6 +394,71 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return F.linear(out, self.out_proj.weight, self.out_proj.bias)
 
     # -----------------------------------------------------------------------------------------------
+    # Context parallelism (seqkernels.distributed.use_context_parallel)
+
+    def _forward_ring(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+        """Ring mode: query/key/value are this rank's shard of the sequence (in the spec's layout), the
+        same length on every rank. The projections are per token and run locally; the attention runs
+        over the whole sequence with seqkernels.distributed.ring_attention; the output is this rank's
+        shard. What the ring cannot honour is refused by name, never run as local attention."""
+        from ..distributed import ring_attention
+
+        spec = self.context_parallel
+        where = f"{type(self).__name__} in context-parallel (ring) mode"
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise ValueError(f"query: {where} takes dense shards of one sequence per batch row, not NestedTensors")
+        if need_weights:
+            raise ValueError(
+                f"need_weights: {where} cannot return attention weights (each rank holds a slice of the "
+                "probabilities, which are never materialized); pass need_weights=False"
+            )
+        if key_padding_mask is not None:
+            raise ValueError(
+                f"key_padding_mask: {where} takes unpadded sequences (padding cannot be expressed per shard "
+                "yet); pack or trim the batch instead"
+            )
+        if self.dropout > 0.0 and self.training:
+            raise NotImplementedError(
+                f"dropout: {where} has no attention dropout yet (dropout={self.dropout} in training mode); "
+                "set the module's dropout to 0 or call .eval()"
+            )
+        if not self._qkv_same_embed_dim:
+            raise ValueError(
+                f"kdim, vdim: {where} needs kdim == vdim == embed_dim (got kdim={self.kdim}, vdim={self.vdim}, "
+                f"embed_dim={self.embed_dim}); cross-attention over another sequence is not sharded here"
+            )
+        if self.bias_k is not None or self.bias_v is not None:
+            raise ValueError(f"add_bias_kv: {where} has no extra key/value column (it would be counted once per rank)")
+        if self.add_zero_attn:
+            raise ValueError(f"add_zero_attn: {where} has no extra zero key (it would be counted once per rank)")
+        _check_mask_dtype("attn_mask", attn_mask)
+        batched = self._check_shapes(query, key, value, None, attn_mask)
+        if batched:
+            batch_first = self.batch_first
+        else:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            batch_first = True
+        sd, bd = (1, 0) if batch_first else (0, 1)
+        if key.shape[sd] != query.shape[sd] or value.shape[sd] != query.shape[sd]:
+            raise ValueError(
+                f"key, value: {where} needs key and value shards of the query's length {query.shape[sd]} (self-"
+                f"attention, or cross-attention to a sequence sharded the same way), got {key.shape[sd]} and "
+                f"{value.shape[sd]}"
+            )
+        if key.shape[bd] != query.shape[bd] or value.shape[bd] != query.shape[bd]:
+            raise ValueError(
+                f"key, value: expected batch {query.shape[bd]}, got key {tuple(key.shape)}, value {tuple(value.shape)} "
+                f"(batch_first={batch_first})"
+            )
+        causal = _ring_causal(attn_mask, is_causal, where)
+        q, k, v = self._project(query, key, value)
+        q, k, v = (self._heads(t, batch_first).contiguous() for t in (q, k, v))
+        backend = spec.backend if spec.backend is not None else self.backend
+        out = ring_attention(q, k, v, spec.group, causal=causal, layout=spec.layout, backend=backend)
+        out = self._out(out, batch_first)
+        return (out if batched else out.squeeze(0)), None
+
+    # -----------------------------------------------------------------------------------------------
 
     def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
         if not (query.is_nested and key.is_nested and value.is_nested):
@@ -411,6 +496,31 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         else:
             out, _ = self._attend(qp, kp, vp, True, None, None, False, True, False, kv_lengths=lengths)
         return torch.nested.as_nested_tensor([out[b, :n] for b, n in enumerate(q_lens)], layout=query.layout), None
+
+
+def _is_standard_causal(mask: Tensor) -> bool:
+    """Whether a 2-D square mask (torch-MHA polarity) is the causal mask: bool True exactly above the
+    diagonal, or float -inf exactly above it and 0 elsewhere (generate_square_subsequent_mask)."""
+    n = mask.shape[-1]
+    above = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu_(1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, above))
+    return bool(((mask == float("-inf")) == above).all() and (mask[~above] == 0).all())
+
+
+def _ring_causal(attn_mask: Optional[Tensor], is_causal: bool, where: str) -> bool:
+    """Causality of a ring-mode call: no mask (is_causal says), or the standard causal mask (of the shard's
+    length or of the global length), which means causal over the global sequence. Anything else is
+    refused: a mask over local positions cannot say which global keys a query sees."""
+    if attn_mask is None:
+        return bool(is_causal)
+    if attn_mask.dim() == 2 and attn_mask.shape[0] == attn_mask.shape[1] and _is_standard_causal(attn_mask):
+        return True
+    raise ValueError(
+        f"attn_mask: {where} takes no mask other than the causal one (None with is_causal=True, or "
+        f"generate_square_subsequent_mask), got shape {tuple(attn_mask.shape)} that is not the causal mask; "
+        "a mask over the local shard cannot say which keys of the other ranks a query sees"
+    )
 
 
 def _copy_state(module: torch.nn.Module) -> dict:
