@@ -312,3 +312,34 @@ if __name__ == "__main__":
         _worker_small()
     else:
         _worker(sys.argv[1])
+
+
+def test_reported_paths_are_the_paths_taken(monkeypatch):
+    # `seqkernels info`'s per-family paths (csrc/cpu/paths.h) against what the kernels do: under every
+    # level this CPU supports, the attention forward on fixed inputs gives bitwise the same output
+    # wherever the report names the same path, and a different one wherever it names another (the
+    # paths differ in vector width, exp2 or bf16 rounding, so their outputs never agree bit for bit).
+    import seqkernels
+
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = (torch.randn(1, 2, 70, 40, generator=g).to(dtype) for _ in range(3))
+        seen = {}
+        for level in _supported():
+            monkeypatch.setenv("SEQKERNELS_CPU_ISA", level)
+            path = cli.cpu_isa_report()["ops"]["attention_fwd"][str(dtype).removeprefix("torch.")]
+            assert path in _supported() and LEVELS.index(path) <= LEVELS.index(level)
+            # The float32 lse too: a bf16 output rounds most differences away.
+            out = torch.cat(
+                [t.float().flatten() for t in seqkernels.attention(q, k, v, return_lse=True, backend="cpu")]
+            )
+            for other, ref in seen.items():
+                assert torch.equal(out, ref) == (other == path), (dtype, level, path, other)
+            seen.setdefault(path, out)
+    monkeypatch.delenv("SEQKERNELS_CPU_ISA")
+    ops = cli.cpu_isa_report()["ops"]
+    assert set(ops) == {"attention_fwd", "attention_bwd", "decode_attention", "lstm"}
+    assert ops["decode_attention"]["float64"] == "portable"  # float64 decode is the at::vec code
+    if "avx512_bf16" in _supported():
+        assert ops["attention_fwd"]["bfloat16"] == "avx512_bf16"
+        assert ops["attention_fwd"]["float16"] == "avx512"  # float16 is widened, never rounded to bf16

@@ -27,7 +27,9 @@
 // small or the causal work per block is uneven; outputs do not depend on which thread ran a
 // task. The inner loops exist twice: AVX2+FMA intrinsics (the policies of cpu/simd.h), selected
 // per call on x86-64 (simd::selected_isa), and at::vec::Vectorized (NEON on ARM, plain C++
-// elsewhere) as the portable fallback.
+// elsewhere) as the portable fallback. bfloat16 inputs on AVX512_BF16 keep K, V, Q and dO as bf16
+// and run the products by vdpbf16ps (float32 accumulation), forward (fwd_rows_avx512bf16) and
+// backward (bwd_block_avx512bf16); the softmax and everything elementwise stays float32.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -50,6 +52,7 @@
 #include "common/attention_math.h"
 #include "common/host_checks.h"
 #include "common/philox.h"
+#include "cpu/paths.h"
 #include "cpu/simd.h"
 
 #if defined(__GNUC__)
@@ -561,6 +564,21 @@ struct BwdBlock {
   T* dP;                     // BM x BN scratch: dP, then dS
   T* dK;                     // (j1 - j0) x Dp accumulators
   T* dV;                     // (j1 - j0) x Dvp accumulators
+  // The bfloat16 dot path only (Kernels::bf16, bwd_block_avx512bf16): the operands as raw bf16
+  // bits in pairs along each product's sum index (BwdPack::Kh ..), Kt, Kr, Vt, Qp and dOp unused.
+  // dK and dV then hold the transposed accumulators dK^T (D x BN) and dV^T (Dv x BN), ld BN.
+  int64_t D2 = 0, Dv2 = 0, Lq2 = 0;  // D, Dv and Lq rounded up to even
+  const uint16_t* Kh = nullptr;      // K^T panels of d-pairs, [panel][D2 / 2][NR][2]
+  const uint16_t* Krh = nullptr;     // K rows as key pairs, [j / 2][Dp][2]
+  const uint16_t* Vh = nullptr;      // V^T panels of dv-pairs, [panel][Dv2 / 2][NR][2]
+  const uint16_t* Qh = nullptr;      // per head Lq x D2 rows, not scaled
+  const uint16_t* dOh = nullptr;     // per head Lq x Dv2 rows
+  const uint16_t* QTh = nullptr;     // per head Q^T as row pairs: (Q[i][d], Q[i + 1][d]) at d * Lq2 + i
+  const uint16_t* dOTh = nullptr;    // per head dO^T as row pairs, Dv x Lq2
+  uint16_t* Pi = nullptr;            // BM / 2 x BN x 2 scratch: dropped P as row pairs
+  uint16_t* dSi = nullptr;           // BM / 2 x BN x 2 scratch: dS as row pairs
+  uint16_t* dSh = nullptr;           // BM x BN scratch: dS rows
+  T qk_scale = T(1);                 // the softmax scale: applied to Q K^T and to dK in float32
 };
 
 // One query row against the key columns [pl, pl + w): P = exp(s - lse), dS = P * (dP - Delta),
@@ -697,7 +715,7 @@ struct Kernels {
   int64_t W;
   void (*fwd)(const FwdRows<T>&);
   void (*bwd)(const BwdBlock<T>&);
-  bool bf16 = false;  // fwd takes bf16 operands as they are (FwdRows::Qh/Kh/Vh, pack_*_bf16)
+  bool bf16 = false;  // fwd and bwd take bf16 operands as they are (FwdRows::Qh.., BwdBlock::Kh.., pack_*_bf16)
 };
 
 template <typename T>
@@ -757,8 +775,10 @@ SK_AVX512BF16_FN void bf16_tile(const uint16_t* A, int64_t a_rs, const uint16_t*
       float* cp = C + r * ldc + c * 16;
       if constexpr (M == Mode::Store) {
         _mm512_storeu_ps(cp, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(mul)));
+      } else if constexpr (M == Mode::Add) {
+        _mm512_storeu_ps(cp, _mm512_fmadd_ps(acc[r][c], _mm512_set1_ps(mul), _mm512_loadu_ps(cp)));
       } else {
-        static_assert(M == Mode::ScaleAdd, "bf16_tile stores or rescales");
+        static_assert(M == Mode::ScaleAdd, "bf16_tile stores, adds or rescales");
         _mm512_storeu_ps(cp, _mm512_fmadd_ps(_mm512_loadu_ps(cp), _mm512_set1_ps(alpha[r]), acc[r][c]));
       }
     }
@@ -852,22 +872,161 @@ struct Bf16Products {
 };
 
 SK_AVX512BF16_ENTRY void fwd_rows_avx512bf16(const FwdRows<float>& a) { fwd_rows<simd::Avx512Float, Bf16Products>(a); }
+
+// The bfloat16 backward on AVX512_BF16: the five products of bwd_block by vdpbf16ps on bf16
+// operands with float32 accumulation, everything between them (bwd_row) the float32 AVX-512 code
+// as is. P and dS are rounded to bf16 before they meet dO, Q and K, as FlashAttention does. Each
+// product pairs along its sum index:
+//   S  = scale * Q K^T   A: Q rows (d-pairs, unscaled), B: K^T panels of d-pairs; the scale is
+//                        applied to the float32 sum, so the scores are bitwise the forward's
+//   dP = dO V^T          A: dO rows (dv-pairs), B: V^T panels of dv-pairs
+//   dV^T += dO^T P       A: dO^T rows (query-row pairs), B: P as query-row pairs of 16 keys
+//   dK^T += scale Q^T dS A: Q^T rows (query-row pairs), B: dS as query-row pairs; scale on the sum
+//   dQ += dS K           A: dS rows (key pairs), B: K rows as key pairs
+// dK and dV are accumulated transposed (one row per head dim, the keys of the block along the
+// vector), so P and dS need no transposition: two rows of 16 values interleave into one vector.
+// A block of query rows starts at an even row, so that its row pairs of Q^T and dO^T end at the
+// latest on their zero pad row (Lq of an odd Lq); an odd last row is paired with a zero row of P
+// and dS. A row next to the block that sees none of its keys (the row before an odd first row,
+// the row after an odd last one) thus meets zeros in P and dS: it adds nothing, or NaN where its
+// own Q or dO is not finite, as in the reference's plain products.
+
+// C[r][0:ncols) (op)= mul * A B for `rows` rows (register tiles of kMR rows and 64 / 32 / 16
+// columns), ncols a multiple of 16, B pairs along the sum index (bf16_tile).
+template <int MR, Mode M>
+SK_AVX512BF16_FN void bf16_rows_fixed(const uint16_t* A, int64_t a_rs, const uint16_t* B, int64_t ldb, int64_t K2,
+                                      float* C, int64_t ldc, int64_t ncols, float mul) {
+  int64_t c = 0;
+  for (; c + 64 <= ncols; c += 64) bf16_tile<MR, 4, M>(A, a_rs, B + 2 * c, ldb, K2, C + c, ldc, nullptr, mul);
+  for (; c + 32 <= ncols; c += 32) bf16_tile<MR, 2, M>(A, a_rs, B + 2 * c, ldb, K2, C + c, ldc, nullptr, mul);
+  if (c < ncols) bf16_tile<MR, 1, M>(A, a_rs, B + 2 * c, ldb, K2, C + c, ldc, nullptr, mul);
+}
+
+template <Mode M>
+SK_AVX512BF16_FN void bf16_gemm(int64_t rows, const uint16_t* A, int64_t a_rs, const uint16_t* B, int64_t ldb,
+                                int64_t K2, float* C, int64_t ldc, int64_t ncols, float mul) {
+  int64_t r = 0;
+  for (; r + kMR <= rows; r += kMR)
+    bf16_rows_fixed<kMR, M>(A + r * a_rs, a_rs, B, ldb, K2, C + r * ldc, ldc, ncols, mul);
+  const uint16_t* Ar = A + r * a_rs;
+  float* Cr = C + r * ldc;
+  switch (rows - r) {
+    case 5:
+      bf16_rows_fixed<5, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
+      break;
+    case 4:
+      bf16_rows_fixed<4, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
+      break;
+    case 3:
+      bf16_rows_fixed<3, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
+      break;
+    case 2:
+      bf16_rows_fixed<2, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
+      break;
+    case 1:
+      bf16_rows_fixed<1, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
+      break;
+    default:
+      break;
+  }
+}
+
+// Rows 2t and 2t + 1 of X (nr x w float32, ld BN; a row >= nr reads as zeros) as pairs of bf16:
+// (X[2t][j], X[2t + 1][j]) at out + t * 2 * BN + 2 * j, for j < w (a multiple of 16).
+SK_AVX512BF16_FN void bf16_row_pairs(const float* X, int64_t nr, int64_t w, int64_t BN, uint16_t* out) {
+  for (int64_t i = 0; i < nr; i += 2) {
+    const float* x0 = X + i * BN;
+    const float* x1 = x0 + BN;
+    uint16_t* dst = out + i * BN;  // pair i / 2
+    for (int64_t j = 0; j < w; j += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x0 + j)));
+      const __m512i hi = i + 1 < nr ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x1 + j)))
+                                    : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 2 * j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
+  using P = simd::Avx512Float;
+  constexpr int64_t NR = 32;
+  const int64_t D = a.D, Dp = a.Dp, Dv = a.Dv, D2 = a.D2, Dv2 = a.Dv2, BN = a.BN, Lq = a.Lq, Lq2 = a.Lq2;
+  for (int64_t hh = 0; hh < a.Hg; ++hh) {
+    const uint16_t* Qh = a.Qh + hh * Lq * D2;
+    const uint16_t* dOh = a.dOh + hh * Lq * Dv2;
+    const uint16_t* QTh = a.QTh + hh * D * Lq2;
+    const uint16_t* dOTh = a.dOTh + hh * Dv * Lq2;
+    const float* Delta = a.Delta + hh * Lq;
+    const float* lse = a.lse + hh * Lq;
+    const float* corr = a.corr + hh * Lq;
+    float* dQ = a.dQ + hh * Lq * Dp;
+    const int64_t h = a.h0 + hh;
+    RowMods<float> md;
+    if (a.mods != nullptr) md = row_mods(*a.mods, a.b, h, a.Hq, a.off);
+    const RowMods<float>* mdp = md.on() ? &md : nullptr;
+    for (int64_t i0 = a.ilo / 2 * 2; i0 < a.ihi; i0 += a.BM) {
+      const int64_t nr = std::min(a.BM, a.ihi - i0);
+      int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
+      for (int64_t i = i0; i < i0 + nr; ++i) {
+        if (a.lo[i] < a.hi[i]) {
+          glo = std::min(glo, a.lo[i]);
+          ghi = std::max(ghi, a.hi[i]);
+        }
+      }
+      const int64_t cl = std::max(glo, a.j0), ch = std::min(ghi, a.j1);
+      if (cl >= ch) continue;
+      const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
+      for (int64_t p = pl; p < ph; p += NR) {
+        bf16_gemm<Mode::Store>(nr, Qh + i0 * D2, D2, a.Kh + (p / NR) * D2 * NR, 2 * NR, D2 / 2, a.S + (p - pl), BN, NR,
+                               a.qk_scale);
+        bf16_gemm<Mode::Store>(nr, dOh + i0 * Dv2, Dv2, a.Vh + (p / NR) * Dv2 * NR, 2 * NR, Dv2 / 2, a.dP + (p - pl),
+                               BN, NR, 1.f);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = i0 + r;
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a, h, i, mdp);
+      }
+      bf16_row_pairs(a.S, nr, w, BN, a.Pi);
+      bf16_row_pairs(a.dP, nr, w, BN, a.dSi);
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* src = a.dP + r * BN;
+        uint16_t* dst = a.dSh + r * BN;
+        for (int64_t j = 0; j < w; j += 32) {
+          const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
+          _mm512_storeu_si512(dst + j, (__m512i)x);
+        }
+      }
+      const int64_t K2 = (nr + 1) / 2;
+      // dV^T[c][j] += sum_i dO[i][c] P[i][j];  dK^T[d][j] += scale sum_i Q[i][d] dS[i][j];
+      // dQ[i] += sum_j dS[i][j] K[j] (scale applied by dq_reduce)
+      bf16_gemm<Mode::Add>(Dv, dOTh + i0, Lq2, a.Pi, 2 * BN, K2, a.dV + (pl - a.j0), BN, w, 1.f);
+      bf16_gemm<Mode::Add>(D, QTh + i0, Lq2, a.dSi, 2 * BN, K2, a.dK + (pl - a.j0), BN, w, a.qk_scale);
+      bf16_gemm<Mode::Add>(nr, a.dSh, BN, a.Krh + pl * Dp, 2 * Dp, w / 2, dQ + i0 * Dp, Dp, Dp, 1.f);
+    }
+  }
+}
 #endif
 
 // Per call (simd::selected_isa), so SEQKERNELS_CPU_ISA=portable lets the tests cover the
 // portable kernels, the path non-x86 machines take, on an AVX2 machine. bf16_operands: the
-// caller's inputs are bfloat16 and it packs them with pack_*_bf16 when the answer says bf16 (the
-// forward; the backward widens to float32 on every path).
+// caller's inputs are bfloat16 and it packs them with pack_*_bf16 when the answer says bf16.
+// The highest path the kernels have: float64 AVX2 (a float64 AVX-512 policy would be Avx2Double
+// at twice the width, measured first), float32 accumulation AVX-512, and AVX512_BF16 where the
+// caller packs bf16 operands as they are. cpu_paths::attention_fwd/bwd report the same rule.
+inline simd::Isa attention_top_isa(bool float64, bool bf16_operands) {
+  if (!SK_SIMD_X86) return simd::Isa::Portable;
+  return float64 ? simd::Isa::Avx2 : bf16_operands ? simd::Isa::Avx512Bf16 : simd::Isa::Avx512;
+}
+
 template <typename T>
 Kernels<T> select_kernels(bool bf16_operands = false) {
+  const simd::Isa isa = simd::path_isa(attention_top_isa(std::is_same_v<T, double>, bf16_operands));
 #if SK_SIMD_X86
   if constexpr (std::is_same_v<T, float>) {
-    if (bf16_operands && simd::has(simd::Isa::Avx512Bf16)) {
-      return {simd::Avx512Float::W, &fwd_rows_avx512bf16, &bwd_block_avx512_f32, true};
-    }
-    if (simd::has(simd::Isa::Avx512)) return {simd::Avx512Float::W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32};
+    if (isa == simd::Isa::Avx512Bf16) return {simd::Avx512Float::W, &fwd_rows_avx512bf16, &bwd_block_avx512bf16, true};
+    if (isa == simd::Isa::Avx512) return {simd::Avx512Float::W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32};
   }
-  if (simd::selected_isa() == simd::Isa::Avx2) {
+  if (isa == simd::Isa::Avx2) {
     if constexpr (std::is_same_v<T, float>) {
       return {simd::Avx2Float::W, &fwd_rows_avx2_f32, &bwd_block_avx2_f32};
     } else {
@@ -875,6 +1034,7 @@ Kernels<T> select_kernels(bool bf16_operands = false) {
     }
   }
 #endif
+  (void)isa;
   return {VecPortable<T>::W, &fwd_rows_portable<T>, &bwd_block_portable<T>};
 }
 
@@ -958,6 +1118,23 @@ inline void pack_qrows_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int6
   }
 }
 
+// Rows r0..r1 (r0 even, r1 even or n) of an n-row head transposed into row pairs:
+// (x(i, d), x(i + 1, d)) at out + d * n2 + i, n2 = n rounded up to even; the odd n's pad row
+// (i = n) is zeros. One head dim at a time, so that the output is written in whole lines (the
+// rows of a slice stay in L1 for the reads).
+inline void pack_tpairs_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t n, int64_t D, int64_t n2,
+                             int64_t r0, int64_t r1, uint16_t* out) {
+  for (int64_t d = 0; d < D; ++d) {
+    uint16_t* dst = out + d * n2;
+    for (int64_t i = r0; i < r1; i += 2) {
+      const uint32_t lo = bf16_bits(x, i, d, sL, sD);
+      const uint32_t hi = i + 1 < n ? bf16_bits(x, i + 1, d, sL, sD) : 0u;
+      const uint32_t word = lo | (hi << 16);
+      std::memcpy(dst + i, &word, sizeof(word));
+    }
+  }
+}
+
 // Runs `npre` preparation jobs and then tasks [0, n) on all threads, in one parallel region so
 // that a thread that is descheduled (a loaded machine) holds the others up at one join only.
 // Preparation jobs (packing) are taken from a shared counter by every thread before it starts on
@@ -1027,6 +1204,10 @@ constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64;
 // Panels of K/V per packing job and query rows per backward Q job: slices, not whole groups, so
 // that the threads share the packing of a chunk with few groups.
 constexpr int64_t kSlice = 8, kRowSlice = 64;
+
+// The bf16 backward on AVX512_BF16 (bwd_block_avx512bf16); false: bf16 inputs take the float32
+// backward on every machine.
+constexpr bool kBf16Backward = true;
 
 // ---------------------------------------------------------------------------------------------
 // Validation shared by forward and backward.
@@ -1580,6 +1761,59 @@ void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D,
   }
 }
 
+// lse_corrections for the bf16 dot path: the bf16 forward kernel on the backward's bf16 Q rows
+// (D2 apart, unscaled) and K^T panels of d-pairs, so the scores are bitwise the ones
+// bwd_block_avx512bf16 sees.
+inline void lse_corrections_bf16(const Kernels<float>& kern, const uint16_t* Qh, int64_t D, int64_t D2,
+                                 const uint16_t* Kh, float scale, int64_t BN, const int64_t* lo, const int64_t* hi,
+                                 const MaskDesc& mask, int64_t b, int64_t h, int64_t i0, int64_t n, int64_t Lk,
+                                 const RowMods<float>& mods, float sink, const float* lse, float* corr,
+                                 std::vector<float>& scratch) {
+  scratch.resize(2 * n + kMR * BN + kMR);
+  float* m = scratch.data();
+  float* l = m + n;
+  float* Pb = l + n;
+  float* alpha = Pb + kMR * BN;
+  fill(m, n, -std::numeric_limits<float>::infinity());
+  fill(l, n, 0.f);
+  FwdRows<float> a;
+  a.D = D;
+  a.Dvp = 0;  // no P V: fwd_rows only updates m and l
+  a.BN = BN;
+  a.Qs = nullptr;
+  a.Kp = nullptr;
+  a.Vp = nullptr;
+  a.nrows = n;
+  a.lo = lo;
+  a.hi = hi;
+  a.mask = mask;
+  a.b = b;
+  a.h = h;
+  a.i0 = i0;
+  a.drop = DropoutDesc{};
+  a.n_row0 = 0;
+  a.Lk = Lk;
+  a.mods = mods;
+  a.O = m;
+  a.m = m;
+  a.l = l;
+  a.P = Pb;
+  a.alpha = alpha;
+  a.D2 = D2;
+  a.Qh = Qh;
+  a.Kh = Kh;
+  a.Vh = Kh;  // not read with Dvp = 0
+  a.Ph = nullptr;
+  a.qk_scale = scale;
+  kern.fwd(a);
+  for (int64_t r = 0; r < n; ++r) {
+    merge_sink(sink, m[r], l[r]);
+    const double mm = m[r], ll = l[r];
+    const bool ok = std::isfinite(mm) && std::isfinite(ll) && ll > 0;
+    corr[r] = ok ? static_cast<float>((mm - static_cast<double>(lse[r]) + std::log(ll)) * kLog2e) : 0.f;
+  }
+}
+
 // The backward's plan, before anything is packed: each row's visible key range, the work in each
 // key block of each unit (visible (row, key) pairs), and the split of every unit's key blocks
 // into `splits` contiguous ranges of about equal work, each with its own dQ partial.
@@ -1692,6 +1926,10 @@ template <typename T>
 struct BwdPack {
   int64_t NR, Hg, Hkv, D, Dp, Dv, Dvp, BM, BN, fwd_BN;
   int64_t splits = 1;
+  // The bf16 dot path (Kernels::bf16): K, V, Q and dO are packed as bf16 pairs (Kh .. dOTh below)
+  // in place of the T layouts Kt .. dOp; the rest of the group's part is laid out as before.
+  bool bf16 = false;
+  int64_t D2 = 0, Dv2 = 0;                             // D and Dv rounded up to even
   std::vector<int64_t> lq, kpad, nslice, nrslice;      // per unit
   std::vector<int64_t> elem_off, kvjob_off, qjob_off;  // (ngroups + 1) prefixes
   std::vector<int64_t> chunks;                         // chunk_bounds
@@ -1724,15 +1962,37 @@ struct BwdPack {
   T* Vt(int64_t gi) const { return Kr(gi) + Lk_pad(gi) * Dp; }
   T* Qp(int64_t gi) const { return Vt(gi) + Lk_pad(gi) * Dv; }
   T* dOp(int64_t gi) const { return Qp(gi) + Hg * Lq(gi) * Dp; }
-  T* Delta(int64_t gi) const { return dOp(gi) + Hg * Lq(gi) * Dvp; }
+  T* Delta(int64_t gi) const { return Kt(gi) + operand_elems(gi); }
   T* lse(int64_t gi) const { return Delta(gi) + Hg * Lq(gi); }
   T* corr(int64_t gi) const { return lse(gi) + Hg * Lq(gi); }
   T* dQ(int64_t gi, int64_t s) const { return corr(gi) + Hg * Lq(gi) + s * Hg * Lq(gi) * Dp; }
 
+  // The bf16 layouts (BwdBlock::Kh ..), one after the other from Kt(gi): K^T panels of d-pairs,
+  // K rows as key pairs, V^T panels of dv-pairs, then per query head Q rows, dO rows, Q^T and dO^T
+  // as row pairs.
+  int64_t Lq2(int64_t gi) const { return round_up(Lq(gi), 2); }
+  uint16_t* Kh(int64_t gi) const { return reinterpret_cast<uint16_t*>(Kt(gi)); }
+  uint16_t* Krh(int64_t gi) const { return Kh(gi) + Lk_pad(gi) * D2; }
+  uint16_t* Vh(int64_t gi) const { return Krh(gi) + Lk_pad(gi) * Dp; }
+  uint16_t* Qh(int64_t gi) const { return Vh(gi) + Lk_pad(gi) * Dv2; }
+  uint16_t* dOh(int64_t gi) const { return Qh(gi) + Hg * Lq(gi) * D2; }
+  uint16_t* QTh(int64_t gi) const { return dOh(gi) + Hg * Lq(gi) * Dv2; }
+  uint16_t* dOTh(int64_t gi) const { return QTh(gi) + Hg * D * Lq2(gi); }
+
+  // Elements (of T) of the packed K, V, Q and dO of group gi, in either layout.
+  int64_t operand_elems(int64_t gi) const {
+    const int64_t L = Lq(gi), K = Lk_pad(gi);
+    if (bf16) {
+      const int64_t halves = K * (D2 + Dp + Dv2) + Hg * (L * (D2 + Dv2) + Lq2(gi) * (D + Dv));
+      return round_up((halves + 1) / 2, 16);
+    }
+    return K * (D + Dp + Dv) + Hg * L * (Dp + Dvp);
+  }
+
   // Elements of group gi's part of the buffer with `ns` dQ partials.
   int64_t group_elems(int64_t gi, int64_t ns) const {
-    const int64_t L = Lq(gi), K = Lk_pad(gi);
-    return K * (D + Dp + Dv) + Hg * L * (Dp + Dvp + 3) + ns * Hg * L * Dp;
+    const int64_t L = Lq(gi);
+    return operand_elems(gi) + Hg * L * 3 + ns * Hg * L * Dp;
   }
 };
 
@@ -1836,6 +2096,15 @@ int64_t pack_bwd_kv(const BwdIo<scalar_t, T>& io, BwdPack<T>& pk, int64_t t) {
   const int64_t p0 = sl * kSlice, p1 = std::min(pk.npanel(gi), p0 + kSlice);
   const scalar_t* kh = io.kd + io.key_base(k, b) + hk * k.stride(1);
   const scalar_t* vh = io.vd + io.key_base(v, b) + hk * v.stride(1);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (pk.bf16) {
+      pack_panels_bf16(kh, k.stride(2), k.stride(3), Lk_b, D, pk.D2, NR, p0, p1, pk.Kh(gi));
+      pack_vpairs_bf16(kh, k.stride(2), k.stride(3), Lk_b, D, pk.Dp, p0 * NR, p1 * NR, pk.Krh(gi));
+      pack_panels_bf16(vh, v.stride(2), v.stride(3), Lk_b, Dv, pk.Dv2, NR, p0, p1, pk.Vh(gi));
+      pk.kv_ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
+      return gi;
+    }
+  }
   pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, pk.Kt(gi));
   pack_rows<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, pk.Dp, p0 * NR, p1 * NR, T(1), pk.Kr(gi));
   pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, pk.Vt(gi));
@@ -1865,6 +2134,15 @@ void correct_lse_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
     int64_t e = i + 1;
     while (e < r1 && lse_needs_correction(lr[e], lo[e], hi[e])) ++e;
     wait_ready(pk.kv_ready[gi - pk.g0], pk.nslice[b]);
+    if constexpr (std::is_same_v<T, float>) {
+      if (pk.bf16) {
+        lse_corrections_bf16(kern, pk.Qh(gi) + (hh * Lq + i) * pk.D2, pk.D, pk.D2, pk.Kh(gi), io.scale, pk.fwd_BN,
+                             lo + i, hi + i, io.mask, b, h, i, e - i, io.u.drop_Lk, md, sink, lr + i, cr + i,
+                             corr_scratch);
+        i = e;
+        continue;
+      }
+    }
     lse_corrections<T>(kern, pk.Qp(gi) + hh * Lq * Dp + i * Dp, Dp, pk.D, pk.Kt(gi), pk.fwd_BN, lo + i, hi + i, io.mask,
                        b, h, i, e - i, io.u.drop_Lk, md, sink, lr + i, cr + i, corr_scratch);
     i = e;
@@ -1901,12 +2179,37 @@ int64_t pack_bwd_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
   const scalar_t* doh = io.dod + io.row_base(dout, b) + h * dout.stride(1);
   const scalar_t* oh = io.od + io.row_base(out, b) + h * out.stride(1);
   const int64_t o_s2 = out.stride(2), o_s3 = out.stride(3);
-  pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, io.scale, pk.Qp(gi) + hh * Lq * Dp);
-  T* dO = pk.dOp(gi) + hh * Lq * Dvp;
-  pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
   T* delta = pk.Delta(gi) + hh * Lq;
   T* lr = pk.lse(gi) + hh * Lq;
-  for (int64_t i = r0; i < r1; ++i) {
+  bool packed_bf16 = false;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (pk.bf16) {
+      const int64_t D2 = pk.D2, Dv2 = pk.Dv2, L2 = pk.Lq2(gi);
+      const int64_t q_s2 = q.stride(2), q_s3 = q.stride(3), d_s2 = dout.stride(2), d_s3 = dout.stride(3);
+      pack_qrows_bf16(qh + r0 * q_s2, q_s2, q_s3, r1 - r0, D, D2, pk.Qh(gi) + (hh * Lq + r0) * D2);
+      pack_qrows_bf16(doh + r0 * d_s2, d_s2, d_s3, r1 - r0, Dv, Dv2, pk.dOh(gi) + (hh * Lq + r0) * Dv2);
+      pack_tpairs_bf16(qh, q_s2, q_s3, Lq, D, L2, r0, r1, pk.QTh(gi) + hh * D * L2);
+      pack_tpairs_bf16(doh, d_s2, d_s3, Lq, Dv, L2, r0, r1, pk.dOTh(gi) + hh * Dv * L2);
+      for (int64_t i = r0; i < r1; ++i) {
+        // As below, from dO as given (bf16 -> double is exact, so Delta is the float32 path's).
+        double acc = 0;
+        const scalar_t* orow = oh + i * o_s2;
+        const scalar_t* drow = doh + i * d_s2;
+        for (int64_t d = 0; d < Dv; ++d) {
+          acc += static_cast<double>(drow[d * d_s3]) * static_cast<double>(orow[d * o_s3]);
+        }
+        delta[i] = static_cast<T>(acc);
+        lr[i] = io.lsed[io.lse_base(b, h) + i];
+      }
+      packed_bf16 = true;
+    }
+  }
+  T* dO = pk.dOp(gi) + hh * Lq * Dvp;
+  if (!packed_bf16) {
+    pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, io.scale, pk.Qp(gi) + hh * Lq * Dp);
+    pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
+  }
+  for (int64_t i = r0; i < r1 && !packed_bf16; ++i) {
     // In double: Delta is a long dot product whose error would go straight into dS.
     double acc = 0;
     const scalar_t* orow = oh + i * o_s2;
@@ -1961,7 +2264,22 @@ void dq_reduce(const BwdIo<scalar_t, T>& io, const BwdPack<T>& pk, int64_t gi) {
 // block, and the kernel's G row.
 template <typename T>
 int64_t bwd_scratch_elems(const BwdPack<T>& pk) {
-  return 2 * pk.BM * pk.BN + pk.BN * (pk.Dp + pk.Dvp) + pk.BN;
+  // The bf16 path adds its P and dS row pairs and dS rows (3 BM x BN uint16).
+  return 2 * pk.BM * pk.BN + pk.BN * (pk.Dp + pk.Dvp) + pk.BN + (pk.bf16 ? 2 * pk.BM * pk.BN : 0);
+}
+
+// store_dkdv_rows for the bf16 path's transposed accumulators dK^T (D x BN) and dV^T (Dv x BN).
+template <typename scalar_t, typename T>
+void store_dkdv_rows_t(const T* dKt, const T* dVt, int64_t BN, int64_t j0, int64_t jend, int64_t jvalid, int64_t D,
+                       int64_t Dv, scalar_t* dk_head, int64_t dk_s2, int64_t dk_s3, scalar_t* dv_head, int64_t dv_s2,
+                       int64_t dv_s3) {
+  for (int64_t j = j0; j < jend; ++j) {
+    scalar_t* dkrow = dk_head + j * dk_s2;
+    scalar_t* dvrow = dv_head + j * dv_s2;
+    const bool pad = j >= jvalid;
+    for (int64_t d = 0; d < D; ++d) dkrow[d * dk_s3] = static_cast<scalar_t>(pad ? T(0) : dKt[d * BN + (j - j0)]);
+    for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv_s3] = static_cast<scalar_t>(pad ? T(0) : dVt[d * BN + (j - j0)]);
+  }
 }
 
 // Task t of the chunk: dK and dV of the key blocks of one split of one group, summed over the
@@ -1976,6 +2294,7 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
   T* dK = dPb + BM * BN;
   T* dV = dK + BN * Dp;
   T* Gb = dV + BN * Dvp;
+  uint16_t* Pi = reinterpret_cast<uint16_t*>(Gb + BN);  // bf16 path: 3 BM x BN uint16
   const int64_t gi = pk.g0 + t / splits, s = t % splits;
   const int64_t b = gi / Hkv, hk = gi % Hkv;
   const int64_t Lq = pk.Lq(gi), Lk_pad = pk.Lk_pad(gi), Lk = io.u.kcap[b];
@@ -2017,6 +2336,22 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
   a.dP = dPb;
   a.dK = dK;
   a.dV = dV;
+  if (pk.bf16) {
+    a.D2 = pk.D2;
+    a.Dv2 = pk.Dv2;
+    a.Lq2 = pk.Lq2(gi);
+    a.Kh = pk.Kh(gi);
+    a.Krh = pk.Krh(gi);
+    a.Vh = pk.Vh(gi);
+    a.Qh = pk.Qh(gi);
+    a.dOh = pk.dOh(gi);
+    a.QTh = pk.QTh(gi);
+    a.dOTh = pk.dOTh(gi);
+    a.Pi = Pi;
+    a.dSi = Pi + BM * BN;
+    a.dSh = Pi + 2 * BM * BN;
+    a.qk_scale = io.scale;
+  }
   const Tensor &dk = io.dk, &dv = io.dv;
   for (int64_t kb = sb[s]; kb < sb[s + 1]; ++kb) {
     const int64_t j0 = kb * BN, j1 = std::min(Lk_pad, j0 + BN);
@@ -2027,14 +2362,25 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
         ihi = i + 1;
       }
     }
-    fill(dK, (j1 - j0) * Dp, T(0));
-    fill(dV, (j1 - j0) * Dvp, T(0));
+    if (pk.bf16) {
+      fill(dK, D * BN, T(0));
+      fill(dV, Dv * BN, T(0));
+    } else {
+      fill(dK, (j1 - j0) * Dp, T(0));
+      fill(dV, (j1 - j0) * Dvp, T(0));
+    }
     if (ilo < ihi) {
       a.j0 = j0;
       a.j1 = j1;
       a.ilo = ilo;
       a.ihi = ihi;
       kern.bwd(a);
+    }
+    if (pk.bf16) {
+      store_dkdv_rows_t<scalar_t, T>(dK, dV, BN, j0, std::min(j1, Lk), io.u.lk[b], D, Dv,
+                                     io.dkd + io.key_base(dk, b) + hk * dk.stride(1), dk.stride(2), dk.stride(3),
+                                     io.dvd + io.key_base(dv, b) + hk * dv.stride(1), dv.stride(2), dv.stride(3));
+      continue;
     }
     // dK = scale * sum dS Q = sum dS Qp (Qp carries the scale).
     store_dkdv_rows<scalar_t, T>(dK, dV, j0, std::min(j1, Lk), io.u.lk[b], D, Dp, Dv, Dvp,
@@ -2049,8 +2395,11 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
                        const Tensor& lse, const Geometry& g, const Units& u, const MaskDesc& mask, bool has_kv_len,
                        double scale, int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop,
                        const ScoreMods<T>& mods, double* dsink_rows, Tensor& dq, Tensor& dk, Tensor& dv) {
-  const Kernels<T> kern = select_kernels<T>();
+  const Kernels<T> kern = select_kernels<T>(kBf16Backward && std::is_same_v<scalar_t, c10::BFloat16>);
   BwdPack<T> pack = bwd_pack_sizes<T>(g, u, kern.W);
+  pack.bf16 = kern.bf16;
+  pack.D2 = round_up(g.D, 2);
+  pack.Dv2 = round_up(g.Dv, 2);
   BwdPlan plan = make_bwd_plan(u, wl, wr, bottom_right, pack.NR, pack.BN);
   size_bwd_chunks(pack, plan, u, has_kv_len, q.options());
   const BwdIo<scalar_t, T> io{
@@ -2142,6 +2491,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
 }
 
 }  // namespace
+
+// The paths select_kernels takes: the forward packs bf16 inputs as they are, the backward too
+// while kBf16Backward; float16 is always widened.
+simd::Isa cpu_paths::attention_fwd(Dt dt) {
+  return simd::path_isa(attention_top_isa(dt == Dt::Float64, dt == Dt::BFloat16));
+}
+simd::Isa cpu_paths::attention_bwd(Dt dt) {
+  return simd::path_isa(attention_top_isa(dt == Dt::Float64, kBf16Backward && dt == Dt::BFloat16));
+}
+
 }  // namespace seqkernels
 
 TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {

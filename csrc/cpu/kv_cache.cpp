@@ -53,6 +53,7 @@
 
 #include "common/attention_math.h"
 #include "common/host_checks.h"
+#include "cpu/paths.h"
 #include "cpu/simd.h"
 
 namespace seqkernels {
@@ -1260,12 +1261,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
   }
   const int32_t* lens = cache_seqlens.data_ptr<int32_t>();
   const int32_t* table = block_table.has_value() ? block_table->data_ptr<int32_t>() : nullptr;
-  // The highest path this file has that the call may use (simd::has, not selected_isa(): that one
-  // stops at Avx2 for callers without an AVX-512 path).
-  const simd::Isa isa = !SK_SIMD_X86                   ? simd::Isa::Portable
-                        : simd::has(simd::Isa::Avx512) ? simd::Isa::Avx512
-                        : simd::has(simd::Isa::Avx2)   ? simd::Isa::Avx2
-                                                       : simd::Isa::Portable;
+  const simd::Isa isa = cpu_paths::decode_attention(cpu_paths::dt_of(q.scalar_type()));
   {
     const int32_t* lp = cache_seqlens.data_ptr<int32_t>();
     int64_t keys = 0;
@@ -1282,6 +1278,14 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
 
 }  // namespace
 }  // namespace cpu
+
+// Float32 accumulation (float32, bf16, float16 inputs) has AVX2 and AVX-512 paths; float64 runs the
+// at::vec code (GenericOps) on every machine.
+simd::Isa cpu_paths::decode_attention(Dt dt) {
+  if (!SK_SIMD_X86 || dt == Dt::Float64) return simd::Isa::Portable;
+  return simd::path_isa(simd::Isa::Avx512);
+}
+
 }  // namespace seqkernels
 
 TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
@@ -1295,13 +1299,37 @@ TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
 // avx512_bf16=1". A plain C symbol rather than an op, so the schema does not grow for a report.
 extern "C" __attribute__((visibility("default"))) const char* seqkernels_cpu_isa_report() {
   namespace simd = seqkernels::simd;
-  static thread_local char buf[128];
+  static thread_local char buf[1024];
   const simd::Isa best = simd::supported_isa();
   std::string sup = "portable";
   if (static_cast<int>(best) >= static_cast<int>(simd::Isa::Avx2)) sup += ",avx2";
   if (static_cast<int>(best) >= static_cast<int>(simd::Isa::Avx512)) sup += ",avx512";
   if (best == simd::Isa::Avx512Bf16) sup += ",avx512_bf16";
-  std::snprintf(buf, sizeof(buf), "active=%s;supported=%s;avx512_bf16=%d", simd::isa_name(simd::active_isa()),
-                sup.c_str(), simd::cpu_features().avx512_bf16 ? 1 : 0);
+  // Per family and dtype, the path a call takes now: "attention_fwd=float32:avx512,..." lists
+  // separated by "|".
+  using seqkernels::cpu_paths::Dt;
+  const std::pair<const char*, simd::Isa (*)(Dt)> families[] = {
+      {"attention_fwd", &seqkernels::cpu_paths::attention_fwd},
+      {"attention_bwd", &seqkernels::cpu_paths::attention_bwd},
+      {"decode_attention", &seqkernels::cpu_paths::decode_attention},
+      {"lstm", &seqkernels::cpu_paths::lstm},
+  };
+  const std::pair<const char*, Dt> dtypes[] = {
+      {"float32", Dt::Float32}, {"bfloat16", Dt::BFloat16}, {"float16", Dt::Float16}, {"float64", Dt::Float64}};
+  std::string ops;
+  for (const auto& [name, fn] : families) {
+    ops += ops.empty() ? "" : "|";
+    ops += name;
+    char sep = '=';
+    for (const auto& [dname, dt] : dtypes) {
+      ops += sep;
+      ops += dname;
+      ops += ':';
+      ops += simd::isa_name(fn(dt));
+      sep = ',';
+    }
+  }
+  std::snprintf(buf, sizeof(buf), "active=%s;supported=%s;avx512_bf16=%d;ops=%s", simd::isa_name(simd::active_isa()),
+                sup.c_str(), simd::cpu_features().avx512_bf16 ? 1 : 0, ops.c_str());
   return buf;
 }

@@ -43,6 +43,7 @@
 
 #include "../common/macros.h"
 #include "common/host_checks.h"
+#include "cpu/paths.h"
 #include "cpu/simd.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && SK_SIMD_X86
@@ -321,25 +322,23 @@ namespace seqkernels {
 namespace {
 
 // Per call, like attention and the KV cache: the choice is one getenv next to a kernel launch,
-// and a test can switch paths without a new process.
-bool use_vec_isa() {
-#if SK_LSTM_X86_DISPATCH
-  // has(Avx2): true on an AVX-512 machine too (this file has no AVX-512 path, and the AVX2 one
-  // runs there), false only when the CPU lacks AVX2 or SEQKERNELS_CPU_ISA=portable.
-  return simd::has(simd::Isa::Avx2);
-#else
-  return true;
-#endif
+// and a test can switch paths without a new process. cpu_paths::lstm (below) is the rule.
+template <typename S>
+simd::Isa lstm_isa() {
+  return cpu_paths::lstm(cpu_paths::dt_of<S>());
 }
 
-// The AVX-512 lanes, for the storage types they cover, when the call may use them.
+// The at::vec lanes: AVX2 on x86 (has(Avx2): an AVX-512 machine too, for float64), the baseline
+// ISA's at::vec elsewhere; false only on x86 without AVX2 or with SEQKERNELS_CPU_ISA=portable.
+template <typename S>
+bool use_vec_isa() {
+  return !SK_LSTM_X86_DISPATCH || lstm_isa<S>() >= simd::Isa::Avx2;
+}
+
+// The AVX-512 lanes (float32 accumulation only), when the call may use them.
 template <typename S>
 bool use_avx512_isa() {
-#if SK_LSTM_X86_DISPATCH
-  return !std::is_same_v<S, double> && simd::has(simd::Isa::Avx512);
-#else
-  return false;
-#endif
+  return SK_LSTM_X86_DISPATCH && lstm_isa<S>() >= simd::Isa::Avx512;
 }
 
 #if SK_LSTM_X86_DISPATCH
@@ -354,20 +353,20 @@ bool use_avx512_isa() {
 template <typename S>
 FwdRangeFn fwd_kernel() {
   SK_LSTM_AVX512_KERNEL(fwd_range, S)
-  return use_vec_isa() ? &vec_isa::fwd_range<vec_isa::Lanes<S>> : &scalar_isa::fwd_range<scalar_isa::Lanes<S>>;
+  return use_vec_isa<S>() ? &vec_isa::fwd_range<vec_isa::Lanes<S>> : &scalar_isa::fwd_range<scalar_isa::Lanes<S>>;
 }
 
 template <typename S>
 BwdRangeFn bwd_kernel() {
   SK_LSTM_AVX512_KERNEL(bwd_range, S)
-  return use_vec_isa() ? &vec_isa::bwd_range<vec_isa::Lanes<S>> : &scalar_isa::bwd_range<scalar_isa::Lanes<S>>;
+  return use_vec_isa<S>() ? &vec_isa::bwd_range<vec_isa::Lanes<S>> : &scalar_isa::bwd_range<scalar_isa::Lanes<S>>;
 }
 
 template <typename S>
 SeqRangeFn seq_kernel() {
   SK_LSTM_AVX512_KERNEL(seq_step_range, S)
-  return use_vec_isa() ? &vec_isa::seq_step_range<vec_isa::Lanes<S>>
-                       : &scalar_isa::seq_step_range<scalar_isa::Lanes<S>>;
+  return use_vec_isa<S>() ? &vec_isa::seq_step_range<vec_isa::Lanes<S>>
+                          : &scalar_isa::seq_step_range<scalar_isa::Lanes<S>>;
 }
 
 // Work is split into (row, column block) units; a block is a multiple of every SIMD width, and a
@@ -539,6 +538,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tens
 }
 
 }  // namespace
+}  // namespace seqkernels
+
+namespace seqkernels {
+// float32 accumulation (float32, bf16, float16) has AVX2 and AVX-512 lanes; float64 the at::vec
+// AVX2 lanes. "portable" on x86 is the scalar code.
+simd::Isa cpu_paths::lstm(Dt dt) {
+  if (!SK_LSTM_X86_DISPATCH) return simd::Isa::Portable;
+  return simd::path_isa(dt == Dt::Float64 ? simd::Isa::Avx2 : simd::Isa::Avx512);
+}
 }  // namespace seqkernels
 
 TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {

@@ -171,6 +171,9 @@ inline Isa active_isa() { return min_isa(requested_isa(), supported_isa()); }
 
 inline bool has(Isa level) { return static_cast<int>(active_isa()) >= static_cast<int>(level); }
 
+// The level a kernel whose highest path is `top` takes now (cpu/paths.h names each family's top).
+inline Isa path_isa(Isa top) { return min_isa(active_isa(), top); }
+
 inline bool portable_forced() { return requested_isa() == Isa::Portable; }
 
 // The pre-AVX-512 meaning (see the top of this file): Portable or Avx2, never Avx512.

@@ -39,11 +39,32 @@ def cpu_isa_report() -> dict | None:
         return None
     fn.restype = ctypes.c_char_p
     fields = dict(kv.split("=", 1) for kv in fn().decode().split(";"))
+    # ops: "attention_fwd=float32:avx512,bfloat16:avx512_bf16,...|decode_attention=..." (cpu/paths.h)
+    ops = {}
+    for fam in filter(None, fields.get("ops", "").split("|")):
+        name, paths = fam.split("=", 1)
+        ops[name] = dict(p.split(":", 1) for p in paths.split(","))
     return {
         "active": fields["active"],
         "supported": fields["supported"].split(","),
         "avx512_bf16": fields.get("avx512_bf16") == "1",
+        "ops": ops,
     }
+
+
+def cpu_path_lines() -> list:
+    """One line per CPU kernel family: the instruction-set path a call takes now, per dtype (the
+    kernels' own rule, csrc/cpu/paths.h). Dtypes that share a path are listed together."""
+    rep = cpu_isa_report()
+    if rep is None or not rep["ops"]:
+        return []
+    lines = []
+    for name, paths in rep["ops"].items():
+        by_path: dict = {}
+        for dt, isa in paths.items():
+            by_path.setdefault(isa, []).append(dt)
+        lines.append(f"  {name:<18} " + "; ".join(f"{'/'.join(dts)}: {isa}" for isa, dts in by_path.items()))
+    return lines
 
 
 def cpu_isa_summary() -> str:
@@ -75,6 +96,10 @@ def cmd_info(args) -> int:
     lines.append(f"triton     usable here: {triton_how}")
     lines.append(f"cpu        {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
     lines.append(f"cpu isa    {cpu_isa_summary()}")
+    paths = cpu_path_lines()
+    if paths:
+        lines.append("cpu paths  per kernel family and input dtype (kv_cache_append is a copy, no ISA path):")
+        lines += paths
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
