@@ -1883,21 +1883,22 @@ BwdPlan make_bwd_plan(const Units& u, int64_t wl, int64_t wr, bool bottom_right,
   return p;
 }
 
-// Write back one key block's dK / dV rows [j0, jend) from the packed accumulators. Keys past
-// kv_lengths[b] (>= jvalid) take no part: exactly 0, even where 0 * NaN (a NaN query row times a
-// hidden key's zero dS) reached their accumulators.
+// Write back one key block's dK / dV rows [j0, jend) from the packed accumulators, key j's value
+// d at dK[(j - j0) * sj + d * sd] (rows: sj = Dp, sd = 1; the bf16 path's transposed dK^T: sj = 1,
+// sd = BN; likewise dV). Keys past kv_lengths[b] (>= jvalid) take no part: exactly 0, even where
+// 0 * NaN (a NaN query row times a hidden key's zero dS) reached their accumulators.
 template <typename scalar_t, typename T>
-void store_dkdv_rows(const T* dK, const T* dV, int64_t j0, int64_t jend, int64_t jvalid, int64_t D, int64_t Dp,
-                     int64_t Dv, int64_t Dvp, scalar_t* dk_head, int64_t dk_s2, int64_t dk_s3, scalar_t* dv_head,
-                     int64_t dv_s2, int64_t dv_s3) {
+void store_dkdv_rows(const T* dK, int64_t k_sj, int64_t k_sd, const T* dV, int64_t v_sj, int64_t v_sd, int64_t j0,
+                     int64_t jend, int64_t jvalid, int64_t D, int64_t Dv, scalar_t* dk_head, int64_t dk_s2,
+                     int64_t dk_s3, scalar_t* dv_head, int64_t dv_s2, int64_t dv_s3) {
   for (int64_t j = j0; j < jend; ++j) {
     scalar_t* dkrow = dk_head + j * dk_s2;
     scalar_t* dvrow = dv_head + j * dv_s2;
-    const T* ak = dK + (j - j0) * Dp;
-    const T* av = dV + (j - j0) * Dvp;
+    const T* ak = dK + (j - j0) * k_sj;
+    const T* av = dV + (j - j0) * v_sj;
     const bool pad = j >= jvalid;
-    for (int64_t d = 0; d < D; ++d) dkrow[d * dk_s3] = static_cast<scalar_t>(pad ? T(0) : ak[d]);
-    for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv_s3] = static_cast<scalar_t>(pad ? T(0) : av[d]);
+    for (int64_t d = 0; d < D; ++d) dkrow[d * dk_s3] = static_cast<scalar_t>(pad ? T(0) : ak[d * k_sd]);
+    for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv_s3] = static_cast<scalar_t>(pad ? T(0) : av[d * v_sd]);
   }
 }
 
@@ -2268,20 +2269,6 @@ int64_t bwd_scratch_elems(const BwdPack<T>& pk) {
   return 2 * pk.BM * pk.BN + pk.BN * (pk.Dp + pk.Dvp) + pk.BN + (pk.bf16 ? 2 * pk.BM * pk.BN : 0);
 }
 
-// store_dkdv_rows for the bf16 path's transposed accumulators dK^T (D x BN) and dV^T (Dv x BN).
-template <typename scalar_t, typename T>
-void store_dkdv_rows_t(const T* dKt, const T* dVt, int64_t BN, int64_t j0, int64_t jend, int64_t jvalid, int64_t D,
-                       int64_t Dv, scalar_t* dk_head, int64_t dk_s2, int64_t dk_s3, scalar_t* dv_head, int64_t dv_s2,
-                       int64_t dv_s3) {
-  for (int64_t j = j0; j < jend; ++j) {
-    scalar_t* dkrow = dk_head + j * dk_s2;
-    scalar_t* dvrow = dv_head + j * dv_s2;
-    const bool pad = j >= jvalid;
-    for (int64_t d = 0; d < D; ++d) dkrow[d * dk_s3] = static_cast<scalar_t>(pad ? T(0) : dKt[d * BN + (j - j0)]);
-    for (int64_t d = 0; d < Dv; ++d) dvrow[d * dv_s3] = static_cast<scalar_t>(pad ? T(0) : dVt[d * BN + (j - j0)]);
-  }
-}
-
 // Task t of the chunk: dK and dV of the key blocks of one split of one group, summed over the
 // group's query heads and written back block by block, with that split's dQ partial.
 template <typename scalar_t, typename T>
@@ -2376,16 +2363,12 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
       a.ihi = ihi;
       kern.bwd(a);
     }
-    if (pk.bf16) {
-      store_dkdv_rows_t<scalar_t, T>(dK, dV, BN, j0, std::min(j1, Lk), io.u.lk[b], D, Dv,
-                                     io.dkd + io.key_base(dk, b) + hk * dk.stride(1), dk.stride(2), dk.stride(3),
-                                     io.dvd + io.key_base(dv, b) + hk * dv.stride(1), dv.stride(2), dv.stride(3));
-      continue;
-    }
-    // dK = scale * sum dS Q = sum dS Qp (Qp carries the scale).
-    store_dkdv_rows<scalar_t, T>(dK, dV, j0, std::min(j1, Lk), io.u.lk[b], D, Dp, Dv, Dvp,
-                                 io.dkd + io.key_base(dk, b) + hk * dk.stride(1), dk.stride(2), dk.stride(3),
-                                 io.dvd + io.key_base(dv, b) + hk * dv.stride(1), dv.stride(2), dv.stride(3));
+    // dK = scale * sum dS Q: Qp carries the scale on the float paths, the bf16 product applies it.
+    const bool tr = pk.bf16;  // the bf16 path accumulates dK^T and dV^T (D x BN, Dv x BN)
+    store_dkdv_rows<scalar_t, T>(dK, tr ? 1 : Dp, tr ? BN : 1, dV, tr ? 1 : Dvp, tr ? BN : 1, j0, std::min(j1, Lk),
+                                 io.u.lk[b], D, Dv, io.dkd + io.key_base(dk, b) + hk * dk.stride(1), dk.stride(2),
+                                 dk.stride(3), io.dvd + io.key_base(dv, b) + hk * dv.stride(1), dv.stride(2),
+                                 dv.stride(3));
   }
   if (pk.done[gi - pk.g0].fetch_add(1, std::memory_order_acq_rel) + 1 == splits) dq_reduce(io, pk, gi);
 }
