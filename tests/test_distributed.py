@@ -165,7 +165,10 @@ def test_shard_and_unshard_are_inverse_and_balanced():
 
 def _refusal_worker(rank, world, init_file, errors):
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=120),
+        )  # fmt: skip
         q = torch.randn(1, 2, 4, 8)
         for kw, match in (
             (dict(dropout_p=0.1), "dropout_p"),
@@ -185,6 +188,10 @@ def _refusal_worker(rank, world, init_file, errors):
         except ValueError as e:
             if "divisible by 4" not in str(e):
                 errors.append(str(e))
+        # Every call above raises before any communication: without this, a fast rank tears its
+        # group down while a slow one (a loaded machine) is still connecting, and gloo fails there
+        # with "Connection closed by peer".
+        dist.barrier()
     except Exception:
         errors.append(traceback.format_exc())
     finally:
