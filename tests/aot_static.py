@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of sampled Triton STATIC_CONFIGS for the kernel tests (no GPU needed).
 
-The whole list of every module is compiled by seqkernels.kernel_report (tests/test_static_triton.py);
-the kernel tests compile a few entries and check what matters to their kernels. Compilation runs in
-a fresh process where triton is not interpreting (the interpreter's kernels cannot be compiled).
+The whole list of every module is compiled by seqkernels.kernel_report (tests/test_static_triton.py,
+in shards: collect_triton_shard); the kernel tests compile a few entries (compile_static) and check
+what matters to their kernels. Compilation runs in a fresh process where triton is not interpreting
+(the interpreter's kernels cannot be compiled).
 """
 
 import json
@@ -53,3 +54,42 @@ def compile_static(module: str, pattern: str) -> list:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+_SHARD_SCRIPT = r"""
+import importlib, json, sys
+from seqkernels import kernel_report as kr
+
+module, shard, nshards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+mod = importlib.import_module(module)
+# kernel_report compiles what the module's STATIC_CONFIGS lists (by index, in forked workers that
+# inherit this module): the shard's share replaces the list in this process only.
+mod.STATIC_CONFIGS = list(mod.STATIC_CONFIGS)[shard::nshards]
+print("@@ROWS@@" + json.dumps(kr.collect_triton(modules=[module])), flush=True)
+"""
+
+
+def static_shard(configs: list, shard: int, nshards: int) -> list:
+    """The entries of a STATIC_CONFIGS list that shard `shard` of `nshards` compiles: every
+    nshards-th entry, so that each shard gets its share of every kernel and size."""
+    return list(configs)[shard::nshards]
+
+
+def collect_triton_shard(module: str, shard: int, nshards: int) -> list:
+    """seqkernels.kernel_report.collect_triton on the entries static_shard(..., shard, nshards) of
+    the module's STATIC_CONFIGS: the same rows (same compile, same checks, one per entry and arch),
+    for a part of the list, so that the parts of a long list can run on different test workers.
+    Runs in a fresh process where triton is not interpreting, with kernel_report's own process pool
+    (MAX_JOBS or one process per core)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARD_SCRIPT, module, str(shard), str(nshards)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    marker = proc.stdout.rfind("@@ROWS@@")
+    assert proc.returncode == 0 and marker >= 0, f"{proc.stdout[-4000:]}{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout[marker + len("@@ROWS@@") :])

@@ -49,6 +49,82 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# ------------------------------------------------------------------------------------------------
+# Distribution over xdist workers (CI: `-n 2 --dist loadfile`)
+# ------------------------------------------------------------------------------------------------
+# xdist's loadfile hands out whole files (each file's module fixtures, emulated and sanitized
+# builds, are made once), most tests first, one file at a time per worker. Two changes:
+# - tests with no fixture to share that take minutes are handed out one by one: the shards of the
+#   Triton AOT compile and the per-file CUDA compiles, so the two workers share them;
+# - the longest units start first (measured with --durations on the 2-core machine, cold caches),
+#   so that the run ends on short units on both workers instead of one worker alone on a long one
+#   (the 344-config Triton compile, 5 minutes cold, started last in a loadfile run). A stale or
+#   missing estimate only changes the order.
+_OWN_UNIT_PREFIXES = (
+    "tests/test_static_triton.py::test_triton_kernel_module[",
+    "tests/test_static_cuda.py::test_cuda_kernel_file[",
+)
+# Seconds per unit (a file, or one test of _OWN_UNIT_PREFIXES), matched by prefix, first match: the
+# clean-clone run of 2026-12-05 at 558104f (cold caches, on a shared machine where the tests got 1.1
+# of the 2 cores, so only the ratios mean anything). Units not listed keep xdist's order after these.
+_UNIT_SECONDS = (
+    ("tests/test_attention_cuda.py", 540),
+    ("tests/test_cpu_sanitizers.py", 370),
+    ("tests/test_attention_cpu.py", 360),
+    ("tests/test_static_cuda.py::test_cuda_kernel_file[csrc/cuda/attention.cu]", 260),
+    ("tests/test_static_cuda.py::test_cuda_kernel_file[csrc/cuda/kv_cache.cu]", 210),
+    ("tests/test_attention_triton.py", 210),
+    ("tests/test_static_triton.py::test_triton_kernel_module[seqkernels.triton_kernels.attention", 190),
+    ("tests/test_decode_attention.py", 165),
+    ("tests/test_modifiers.py", 135),
+    ("tests/test_lstm_cell.py", 125),
+    ("tests/test_emulation_sanitizers.py", 110),
+    ("tests/test_static_triton.py::test_triton_kernel_module[seqkernels.triton_kernels.kv_cache", 110),
+    ("tests/test_properties.py", 100),
+    ("tests/test_distributed.py", 80),
+    ("tests/test_decode_varlen_gpu.py", 60),
+    ("tests/test_static_cuda.py::test_cuda_kernel_file[", 58),
+    ("tests/test_cpu_isa.py", 57),
+    ("tests/test_attention.py", 54),
+    ("tests/test_static_triton.py::test_triton_kernel_module[", 42),
+    ("tests/test_padding.py", 41),
+)
+
+
+def _unit_seconds(scope: str) -> float:
+    return next((sec for prefix, sec in _UNIT_SECONDS if scope.startswith(prefix)), 0.0)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error where it is not installed
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    try:
+        from xdist.scheduler import LoadFileScheduling
+    except ImportError:  # an xdist without it: its own scheduler
+        return None
+
+    class LongestFirstLoadFile(LoadFileScheduling):
+        _ordered = False
+
+        def _split_scope(self, nodeid):
+            if nodeid.startswith(_OWN_UNIT_PREFIXES):
+                return nodeid
+            return super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node):
+            # The queue is complete at the first assignment: order it once, longest first (stable:
+            # xdist's order, most tests first, among units without an estimate).
+            if not self._ordered:
+                self._ordered = True
+                units = sorted(self.workqueue.items(), key=lambda unit: -_unit_seconds(unit[0]))
+                self.workqueue.clear()
+                self.workqueue.update(units)
+            super()._assign_work_unit(node)
+
+    return LongestFirstLoadFile(config, log)
+
+
 @pytest.fixture(autouse=True)
 def seed(request):
     """Fresh but reproducible random inputs per test: the seed derives from the test id."""

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from aot_static import collect_triton_shard, static_shard
 
 from seqkernels import kernel_report as kr
 
@@ -38,15 +39,28 @@ def test_report_on_triton_kernels_with_known_answers(monkeypatch):
     assert "_selftest_matmul_kernel" in kr.format_table(rows)
 
 
-def _modules_with_configs():
-    mods = []
+# A module's list is compiled in shards of about this many entries (every nth entry per shard), each
+# its own test: CI's two xdist workers share the minutes of a cold compile (tests/conftest.py hands
+# each shard out on its own) instead of one worker ending the run alone on it.
+_CONFIGS_PER_SHARD = 40
+
+
+def _module_shards():
+    params = []
     for name in kr.triton_modules():
         try:
-            if getattr(importlib.import_module(name), "STATIC_CONFIGS", None):
-                mods.append(name)
+            n = len(getattr(importlib.import_module(name), "STATIC_CONFIGS", None) or ())
         except ImportError:
-            mods.append(name)  # the test reports the import error
-    return mods
+            params.append(pytest.param(name, 0, 1, id=name))  # the test reports the import error
+            continue
+        if not n:
+            continue
+        nshards = max(1, round(n / _CONFIGS_PER_SHARD))
+        for shard in range(nshards):
+            params.append(
+                pytest.param(name, shard, nshards, id=name if nshards == 1 else f"{name}-{shard + 1}of{nshards}")
+            )
+    return params
 
 
 def _say(request, msg):
@@ -60,15 +74,20 @@ def _say(request, msg):
 
 
 @needs_cuobjdump
-@pytest.mark.parametrize("module", _modules_with_configs())
-def test_triton_kernel_module(module, request):
-    n = len(getattr(importlib.import_module(module), "STATIC_CONFIGS", ()) or ())
+@pytest.mark.parametrize("module,shard,nshards", _module_shards())
+def test_triton_kernel_module(module, shard, nshards, request):
+    configs = static_shard(importlib.import_module(module).STATIC_CONFIGS, shard, nshards)
+    part = f" (shard {shard + 1}/{nshards})" if nshards > 1 else ""
     cache = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
-    _say(request, f"\n[static triton] compiling {n} configs of {module} ahead of time for sm_80/sm_90 "
-                  f"(Triton's cache {cache} makes a rerun take seconds)")  # fmt: skip
+    _say(request, f"\n[static triton] compiling {len(configs)} configs of {module}{part} ahead of time for "
+                  f"sm_80/sm_90 (Triton's cache {cache} makes a rerun take seconds)")  # fmt: skip
     t0 = time.perf_counter()
-    rows = kr.collect_triton(modules=[module])
-    _say(request, f"[static triton] {module}: {len(rows)} kernels checked in {time.perf_counter() - t0:.0f} s")
+    rows = collect_triton_shard(module, shard, nshards)
+    _say(request, f"[static triton] {module}{part}: {len(rows)} kernels checked in {time.perf_counter() - t0:.0f} s")
     assert rows
+    # One row per entry and arch: the shard compiled its whole share, so the shards together compile
+    # the whole list.
+    archs = kr._archs(None)
+    assert len(rows) == sum(len(kr._entry_archs(c, archs)) for c in configs), (len(rows), len(configs))
     bad = [r for r in rows if r["problems"]]
     assert not bad, "\n" + kr.format_table(bad)
