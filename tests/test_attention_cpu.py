@@ -1101,6 +1101,45 @@ def test_bf16_dot_forward(case, extra, monkeypatch):
         check_parity(qt, kb, v, kw, grads=False)
 
 
+def check_public_parity(kw, sinks, dims, shapes, cu_lens=None, seed=5, dtype=torch.bfloat16):
+    """The public op (attention, or attention_varlen with cu_lens = (q lengths, k lengths)) through
+    autograd on the cpu backend in `dtype`: out, lse and the gradients of q, k, v (and sinks) against
+    the float64 reference by the parity rule. dims = (Hq, Hkv, D, Dv); shapes: (Lq, Lk) padded (B from
+    kw's ALiBi slopes or 2)."""
+    import seqkernels
+
+    Hq, Hkv, D, Dv = dims
+
+    def run(dt, backend):
+        gg = torch.Generator().manual_seed(seed)
+        if cu_lens is not None:
+            lq, lk = cu_lens
+            sh = [(sum(lq), Hq, D), (sum(lk), Hkv, D), (sum(lk), Hkv, Dv)]
+        else:
+            B, (Lq, Lk) = 2, shapes
+            sh = [(B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv)]
+        q, k, v = (torch.randn(*x, generator=gg, dtype=torch.float64).to(dt).requires_grad_() for x in sh)
+        go = torch.randn(*sh[0][:-1], Dv, generator=gg, dtype=torch.float64).to(dt)
+        extra = dict(kw)
+        if sinks is not None:
+            extra["sinks"] = sinks.to(dt).requires_grad_()
+        if "alibi_slopes" in extra and dt == torch.float64:
+            extra["alibi_slopes"] = extra["alibi_slopes"].double()
+        if cu_lens is not None:
+            cu = [torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in cu_lens]
+            out, lse = seqkernels.attention_varlen(q, k, v, *cu, return_lse=True, backend=backend, **extra)
+        else:
+            out, lse = seqkernels.attention(q, k, v, return_lse=True, backend=backend, **extra)
+        leaves = [q, k, v] + ([extra["sinks"]] if sinks is not None else [])
+        grads = torch.autograd.grad((out * go).sum() + lse.sum(), leaves)
+        return (out.detach(), lse.detach()), grads
+
+    got, ref, base = run(dtype, "cpu"), run(torch.float64, "reference"), run(dtype, "reference")
+    for j, grad in ((0, False), (1, True)):
+        report = compare(got[j], ref[j], base[j], grad=grad, dtype=dtype)
+        assert report.passed, str(report)
+
+
 @needs_bf16_dot
 @pytest.mark.parametrize(
     "mods",
@@ -1115,43 +1154,14 @@ def test_bf16_dot_forward(case, extra, monkeypatch):
 )
 def test_bf16_dot_modifiers_and_packed(mods, monkeypatch):
     # The public op, forward and backward, against the float64 reference by the parity rule.
-    import seqkernels
-
     monkeypatch.delenv("SEQKERNELS_CPU_ISA", raising=False)
     g = torch.Generator().manual_seed(21)
-    B, Hq, Hkv, D, Dv = 2, 4, 2, 40, 24
     mods = dict(mods)
     packed = mods.pop("packed", False)
     kw = dict(causal=True)
     if mods.pop("alibi", False):
-        kw["alibi_slopes"] = torch.rand(B, Hq, generator=g) * 0.3
-    sinks = torch.randn(Hq, generator=g) if mods.pop("sinks", False) else None
+        kw["alibi_slopes"] = torch.rand(2, 4, generator=g) * 0.3
+    sinks = torch.randn(4, generator=g) if mods.pop("sinks", False) else None
     kw.update(mods)
-
-    def run(dtype, backend):
-        gg = torch.Generator().manual_seed(5)
-        if packed:
-            lq, lk = [3, 0, 37, 33], [5, 2, 64, 33]
-            shapes = [(sum(lq), Hq, D), (sum(lk), Hkv, D), (sum(lk), Hkv, Dv)]
-        else:
-            shapes = [(B, Hq, 45, D), (B, Hkv, 70, D), (B, Hkv, 70, Dv)]
-        q, k, v = (torch.randn(*s, generator=gg, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes)
-        go = torch.randn(*shapes[0][:-1], Dv, generator=gg, dtype=torch.float64).to(dtype)
-        extra = dict(kw)
-        if sinks is not None:
-            extra["sinks"] = sinks.to(dtype).requires_grad_()
-        if "alibi_slopes" in extra and dtype == torch.float64:
-            extra["alibi_slopes"] = extra["alibi_slopes"].double()
-        if packed:
-            cu = [torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in (lq, lk)]
-            out, lse = seqkernels.attention_varlen(q, k, v, *cu, return_lse=True, backend=backend, **extra)
-        else:
-            out, lse = seqkernels.attention(q, k, v, return_lse=True, backend=backend, **extra)
-        leaves = [q, k, v] + ([extra["sinks"]] if sinks is not None else [])
-        grads = torch.autograd.grad((out * go).sum() + lse.sum(), leaves)
-        return (out.detach(), lse.detach()), grads
-
-    got, ref, base = run(torch.bfloat16, "cpu"), run(torch.float64, "reference"), run(torch.bfloat16, "reference")
-    for j, grad in ((0, False), (1, True)):
-        report = compare(got[j], ref[j], base[j], grad=grad, dtype=torch.bfloat16)
-        assert report.passed, str(report)
+    cu_lens = ([3, 0, 37, 33], [5, 2, 64, 33]) if packed else None
+    check_public_parity(kw, sinks, (4, 2, 40, 24), (45, 70), cu_lens)
