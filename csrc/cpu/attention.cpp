@@ -785,89 +785,78 @@ SK_AVX512BF16_FN void bf16_tile(const uint16_t* A, int64_t a_rs, const uint16_t*
   }
 }
 
-// S = scale * Q K^T for MR rows against np panels of NR = 32 keys.
-template <int MR>
-SK_AVX512BF16_FN void bf16_scores_rows(const FwdRows<float>& a, int64_t r0, int64_t p0, int64_t np, float* S) {
-  constexpr int64_t NR = 32;
-  for (int64_t p = 0; p < np; ++p) {
-    bf16_tile<MR, 2, Mode::Store>(a.Qh + r0 * a.D2, a.D2, a.Kh + (p0 + p) * a.D2 * NR, 2 * NR, a.D2 / 2, S + p * NR,
-                                  a.BN, nullptr, a.qk_scale);
-  }
-}
-
-// O[r] = O[r] * alpha[r] + P[r] V for MR rows over the key pairs [pl, pl + w), Dvp columns: four
-// column vectors per tile (24 accumulators, 4 B vectors and the broadcast of the 32 zmm), then
-// two, then one.
-template <int MR>
-SK_AVX512BF16_FN void bf16_pv_rows(const FwdRows<float>& a, int64_t r0, int64_t pl, int64_t w) {
-  const int64_t Dvp = a.Dvp, ldb = 2 * Dvp;
-  const uint16_t* B = a.Vh + pl * Dvp;  // pair pl / 2
-  float* O = a.O + r0 * Dvp;
+// C[r][0:ncols) (op)= mul * A B for `rows` rows (register tiles of kMR rows and 64 / 32 / 16
+// columns), ncols a multiple of 16, B pairs along the sum index (bf16_tile); alpha: ScaleAdd's
+// per-row factors.
+template <int MR, Mode M>
+SK_AVX512BF16_FN void bf16_rows_fixed(const uint16_t* A, int64_t a_rs, const uint16_t* B, int64_t ldb, int64_t K2,
+                                      float* C, int64_t ldc, int64_t ncols, float mul, const float* alpha) {
   int64_t c = 0;
-  for (; c + 64 <= Dvp; c += 64)
-    bf16_tile<MR, 4, Mode::ScaleAdd>(a.Ph, a.BN, B + 2 * c, ldb, w / 2, O + c, Dvp, a.alpha, 1.f);
-  for (; c + 32 <= Dvp; c += 32)
-    bf16_tile<MR, 2, Mode::ScaleAdd>(a.Ph, a.BN, B + 2 * c, ldb, w / 2, O + c, Dvp, a.alpha, 1.f);
-  if (c < Dvp) bf16_tile<MR, 1, Mode::ScaleAdd>(a.Ph, a.BN, B + 2 * c, ldb, w / 2, O + c, Dvp, a.alpha, 1.f);
+  for (; c + 64 <= ncols; c += 64) bf16_tile<MR, 4, M>(A, a_rs, B + 2 * c, ldb, K2, C + c, ldc, alpha, mul);
+  for (; c + 32 <= ncols; c += 32) bf16_tile<MR, 2, M>(A, a_rs, B + 2 * c, ldb, K2, C + c, ldc, alpha, mul);
+  if (c < ncols) bf16_tile<MR, 1, M>(A, a_rs, B + 2 * c, ldb, K2, C + c, ldc, alpha, mul);
 }
 
-// Calls F<MR>::run(args...) for the row count mr (1..kMR) of a register tile.
-template <template <int> class F, typename... Args>
-SK_AVX512BF16_FN void for_rows(int64_t mr, Args&&... args) {
-  switch (mr) {
-    case 6:
-      F<6>::run(args...);
-      break;
+template <Mode M>
+SK_AVX512BF16_FN void bf16_gemm(int64_t rows, const uint16_t* A, int64_t a_rs, const uint16_t* B, int64_t ldb,
+                                int64_t K2, float* C, int64_t ldc, int64_t ncols, float mul,
+                                const float* alpha = nullptr) {
+  int64_t r = 0;
+  for (; r + kMR <= rows; r += kMR)
+    bf16_rows_fixed<kMR, M>(A + r * a_rs, a_rs, B, ldb, K2, C + r * ldc, ldc, ncols, mul,
+                            M == Mode::ScaleAdd ? alpha + r : nullptr);
+  const uint16_t* Ar = A + r * a_rs;
+  float* Cr = C + r * ldc;
+  switch (rows - r) {
     case 5:
-      F<5>::run(args...);
+      bf16_rows_fixed<5, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul, M == Mode::ScaleAdd ? alpha + r : nullptr);
       break;
     case 4:
-      F<4>::run(args...);
+      bf16_rows_fixed<4, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul, M == Mode::ScaleAdd ? alpha + r : nullptr);
       break;
     case 3:
-      F<3>::run(args...);
+      bf16_rows_fixed<3, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul, M == Mode::ScaleAdd ? alpha + r : nullptr);
       break;
     case 2:
-      F<2>::run(args...);
+      bf16_rows_fixed<2, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul, M == Mode::ScaleAdd ? alpha + r : nullptr);
       break;
     case 1:
-      F<1>::run(args...);
+      bf16_rows_fixed<1, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul, M == Mode::ScaleAdd ? alpha + r : nullptr);
       break;
     default:
       break;
   }
 }
-template <int MR>
-struct Bf16Scores {
-  SK_AVX512BF16_FN static void run(const FwdRows<float>& a, int64_t r0, int64_t p0, int64_t np, float* S) {
-    bf16_scores_rows<MR>(a, r0, p0, np, S);
+
+// P (or dS): nr rows of w float32 values (ld BN, w a multiple of 32) rounded to bf16, same layout.
+SK_AVX512BF16_FN void bf16_rows(const float* X, int64_t nr, int64_t w, int64_t BN, uint16_t* out) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* src = X + r * BN;
+    uint16_t* dst = out + r * BN;
+    for (int64_t j = 0; j < w; j += 32) {
+      const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
+      _mm512_storeu_si512(dst + j, (__m512i)h);
+    }
   }
-};
-template <int MR>
-struct Bf16Pv {
-  SK_AVX512BF16_FN static void run(const FwdRows<float>& a, int64_t r0, int64_t pl, int64_t w) {
-    bf16_pv_rows<MR>(a, r0, pl, w);
-  }
-};
+}
 
 struct Bf16Products {
+  static constexpr int64_t NR = 32;
+  // S = scale * Q K^T, one panel of NR keys at a time.
   SK_AVX512BF16_FN static void scores(const FwdRows<float>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w,
                                       float* S) {
-    for_rows<Bf16Scores>(mr, a, r0, pl / 32, w / 32, S);
+    for (int64_t p = 0; p < w / NR; ++p) {
+      bf16_gemm<Mode::Store>(mr, a.Qh + r0 * a.D2, a.D2, a.Kh + (pl / NR + p) * a.D2 * NR, 2 * NR, a.D2 / 2, S + p * NR,
+                             a.BN, NR, a.qk_scale);
+    }
   }
-  // P (float32, w a multiple of 32 per row) rounded to bf16 pairs, then the product.
+  // P rounded to bf16, then O = O * alpha + P V over the key pairs [pl, pl + w).
   SK_AVX512BF16_FN static void pv(const FwdRows<float>& a, int64_t mr, int64_t r0, const float* S, int64_t pl,
                                   int64_t w) {
     if (a.Dvp == 0) return;
-    for (int64_t r = 0; r < mr; ++r) {
-      const float* src = S + r * a.BN;
-      uint16_t* dst = a.Ph + r * a.BN;
-      for (int64_t j = 0; j < w; j += 32) {
-        const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
-        _mm512_storeu_si512(dst + j, (__m512i)h);
-      }
-    }
-    for_rows<Bf16Pv>(mr, a, r0, pl, w);
+    bf16_rows(S, mr, w, a.BN, a.Ph);
+    bf16_gemm<Mode::ScaleAdd>(mr, a.Ph, a.BN, a.Vh + pl * a.Dvp, 2 * a.Dvp, w / 2, a.O + r0 * a.Dvp, a.Dvp, a.Dvp, 1.f,
+                              a.alpha);
   }
 };
 
@@ -890,46 +879,6 @@ SK_AVX512BF16_ENTRY void fwd_rows_avx512bf16(const FwdRows<float>& a) { fwd_rows
 // and dS. A row next to the block that sees none of its keys (the row before an odd first row,
 // the row after an odd last one) thus meets zeros in P and dS: it adds nothing, or NaN where its
 // own Q or dO is not finite, as in the reference's plain products.
-
-// C[r][0:ncols) (op)= mul * A B for `rows` rows (register tiles of kMR rows and 64 / 32 / 16
-// columns), ncols a multiple of 16, B pairs along the sum index (bf16_tile).
-template <int MR, Mode M>
-SK_AVX512BF16_FN void bf16_rows_fixed(const uint16_t* A, int64_t a_rs, const uint16_t* B, int64_t ldb, int64_t K2,
-                                      float* C, int64_t ldc, int64_t ncols, float mul) {
-  int64_t c = 0;
-  for (; c + 64 <= ncols; c += 64) bf16_tile<MR, 4, M>(A, a_rs, B + 2 * c, ldb, K2, C + c, ldc, nullptr, mul);
-  for (; c + 32 <= ncols; c += 32) bf16_tile<MR, 2, M>(A, a_rs, B + 2 * c, ldb, K2, C + c, ldc, nullptr, mul);
-  if (c < ncols) bf16_tile<MR, 1, M>(A, a_rs, B + 2 * c, ldb, K2, C + c, ldc, nullptr, mul);
-}
-
-template <Mode M>
-SK_AVX512BF16_FN void bf16_gemm(int64_t rows, const uint16_t* A, int64_t a_rs, const uint16_t* B, int64_t ldb,
-                                int64_t K2, float* C, int64_t ldc, int64_t ncols, float mul) {
-  int64_t r = 0;
-  for (; r + kMR <= rows; r += kMR)
-    bf16_rows_fixed<kMR, M>(A + r * a_rs, a_rs, B, ldb, K2, C + r * ldc, ldc, ncols, mul);
-  const uint16_t* Ar = A + r * a_rs;
-  float* Cr = C + r * ldc;
-  switch (rows - r) {
-    case 5:
-      bf16_rows_fixed<5, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
-      break;
-    case 4:
-      bf16_rows_fixed<4, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
-      break;
-    case 3:
-      bf16_rows_fixed<3, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
-      break;
-    case 2:
-      bf16_rows_fixed<2, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
-      break;
-    case 1:
-      bf16_rows_fixed<1, M>(Ar, a_rs, B, ldb, K2, Cr, ldc, ncols, mul);
-      break;
-    default:
-      break;
-  }
-}
 
 // Rows 2t and 2t + 1 of X (nr x w float32, ld BN; a row >= nr reads as zeros) as pairs of bf16:
 // (X[2t][j], X[2t + 1][j]) at out + t * 2 * BN + 2 * j, for j < w (a multiple of 16).
@@ -988,14 +937,7 @@ SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
       }
       bf16_row_pairs(a.S, nr, w, BN, a.Pi);
       bf16_row_pairs(a.dP, nr, w, BN, a.dSi);
-      for (int64_t r = 0; r < nr; ++r) {
-        const float* src = a.dP + r * BN;
-        uint16_t* dst = a.dSh + r * BN;
-        for (int64_t j = 0; j < w; j += 32) {
-          const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
-          _mm512_storeu_si512(dst + j, (__m512i)x);
-        }
-      }
+      bf16_rows(a.dP, nr, w, BN, a.dSh);
       const int64_t K2 = (nr + 1) / 2;
       // dV^T[c][j] += sum_i dO[i][c] P[i][j];  dK^T[d][j] += scale sum_i Q[i][d] dS[i][j];
       // dQ[i] += sum_j dS[i][j] K[j] (scale applied by dq_reduce)
