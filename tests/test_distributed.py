@@ -53,12 +53,18 @@ def _grads(q, k, v, go, gl, kw, backend, causal):
     return out.detach(), lse.detach(), torch.autograd.grad(loss, leaves)
 
 
+def _init_group(rank, world, init_file, timeout_s=120):
+    """A gloo group over a file store, with a timeout so that a rank that never arrives fails the
+    others instead of hanging them."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )  # fmt: skip
+
+
 def _worker(rank, world, init_file, case, errors):
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=120),
-        )  # fmt: skip
+        _init_group(rank, world, init_file, timeout_s=120)
         torch.set_num_threads(1)
         layout, causal, (B, Hq, Hkv, L, D), dtype, mods = case
         q, k, v, go, gl, kw = _inputs(B, Hq, Hkv, L, D, dtype, mods)
@@ -165,10 +171,7 @@ def test_shard_and_unshard_are_inverse_and_balanced():
 
 def _refusal_worker(rank, world, init_file, errors):
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=120),
-        )  # fmt: skip
+        _init_group(rank, world, init_file, timeout_s=120)
         q = torch.randn(1, 2, 4, 8)
         for kw, match in (
             (dict(dropout_p=0.1), "dropout_p"),
@@ -256,10 +259,7 @@ def test_context_parallel_bench_suite_runs(monkeypatch):
 def _one_rank_fails_worker(rank, world, init_file, errors):
     t0 = datetime.datetime.now()
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=8),
-        )  # fmt: skip
+        _init_group(rank, world, init_file, timeout_s=8)
         q = torch.randn(1, 2, 4, 8)
         skd.ring_attention(q, q, q, causal=True, dropout_p=0.5 if rank == 1 else 0.0, backend="cpu")
         errors.append(f"rank {rank}: no error")
@@ -412,10 +412,7 @@ def _mha_refusals(errors):
 
 def _mha_worker(rank, world, init_file, jobs, errors):
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=60),
-        )  # fmt: skip
+        _init_group(rank, world, init_file, timeout_s=60)
         torch.set_num_threads(1)
         for job in jobs:
             try:
