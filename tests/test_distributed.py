@@ -1,9 +1,11 @@
 """Context parallelism (seqkernels.distributed) on real CPU process groups: ranks spawned with
 torch.multiprocessing on gloo, each running ring attention on its shard; forward and backward
 against the single-device float64 reference by the parity rule (docs/DESIGN.md §5), zigzag and
-contiguous layouts, causal and not, GQA, softcap and sinks; merge_attention_states on its own;
-the not-yet-supported arguments refused by name; seqkernels.nn.MultiheadAttention in ring mode
-(use_context_parallel) against the single-process model, forward and parameter gradients."""
+contiguous layouts, causal and not, GQA, softcap, sinks, sliding windows (either side, inside
+and across chunk edges) and ALiBi, the Triton backend under its interpreter;
+merge_attention_states on its own; the not-yet-supported arguments refused by name;
+seqkernels.nn.MultiheadAttention in ring mode (use_context_parallel) against the single-process
+model, forward and parameter gradients."""
 
 import copy
 import datetime
@@ -37,6 +39,10 @@ def _inputs(B, Hq, Hkv, L, D, dtype, mods):
         kw["softcap"] = 3.0
     if "sinks" in mods:
         kw["sinks"] = torch.randn(Hq, generator=g)
+    if "alibi" in mods:  # per head, steep enough that the distance matters across chunks
+        kw["alibi_slopes"] = torch.rand(Hq, generator=g) * 0.5 + 0.05
+    if "alibi_b" in mods:  # per (batch, head)
+        kw["alibi_slopes"] = torch.rand(B, Hq, generator=g) * 0.5 + 0.05
     return q, k, v, go, gl, kw
 
 
@@ -62,45 +68,56 @@ def _init_group(rank, world, init_file, timeout_s=120):
     )  # fmt: skip
 
 
-def _worker(rank, world, init_file, case, errors):
+def _ring_parity(rank, case, errors):
+    """One case through the ring on this rank's shard against the whole sequence in one process."""
+    layout, causal, (B, Hq, Hkv, L, D), dtype, mods, window, backend = case
+    q, k, v, go, gl, kw = _inputs(B, Hq, Hkv, L, D, dtype, mods)
+    if window is not None:
+        kw["window"] = window
+    sh = lambda t: skd.shard_sequence(t, layout=layout, seq_dim=2)  # noqa: E731
+    # The float64 reference and plain torch in the inputs' dtype, on the whole sequence.
+    kw64 = {n: x.double() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+    ref = _grads(q.double(), k.double(), v.double(), go, gl, kw64, "reference", causal)
+    base = _grads(q, k, v, go, gl, kw, "reference", causal)
+    # This rank's shard through the ring.
+    ql, kl, vl = (sh(t).requires_grad_() for t in (q, k, v))
+    kwl = dict(kw)
+    leaves = [ql, kl, vl]
+    if "sinks" in kwl:
+        kwl["sinks"] = kwl["sinks"].clone().requires_grad_()
+        leaves.append(kwl["sinks"])
+    out, lse = skd.ring_attention(ql, kl, vl, causal=causal, layout=layout, return_lse=True, backend=backend, **kwl)
+    loss = (out.double() * sh(go).double()).sum()
+    loss = loss + (torch.where(lse.isfinite(), lse, 0).double() * sh(gl.unsqueeze(-1)).squeeze(-1).double()).sum()
+    grads = list(torch.autograd.grad(loss, leaves))
+    if "sinks" in kwl:  # the local share, summed over ranks like any replicated weight
+        dist.all_reduce(grads[3])
+    got = (out, lse, *grads[:3]) + tuple(grads[3:])
+
+    def shard_of(res):
+        o, l_, gs = res
+        return (sh(o), sh(l_.unsqueeze(-1)).squeeze(-1), *(sh(x) for x in gs[:3])) + tuple(gs[3:])
+
+    r_ref, r_base = shard_of(ref), shard_of(base)
+    fwd = testing.compare(got[:2], r_ref[:2], r_base[:2])
+    bwd = testing.compare(got[2:], r_ref[2:], r_base[2:], grad=True)
+    # The whole output, gathered back, is the single-device result.
+    full = skd.unshard_sequence(out.detach(), layout=layout, seq_dim=2)
+    whole = testing.compare((full,), (ref[0],), (base[0],))
+    for rep in (fwd, bwd, whole):
+        if not rep.passed:
+            errors.append(f"rank {rank}, {case}: {rep}")
+
+
+def _worker(rank, world, init_file, cases, errors):
     try:
         _init_group(rank, world, init_file, timeout_s=120)
         torch.set_num_threads(1)
-        layout, causal, (B, Hq, Hkv, L, D), dtype, mods = case
-        q, k, v, go, gl, kw = _inputs(B, Hq, Hkv, L, D, dtype, mods)
-        sh = lambda t: skd.shard_sequence(t, layout=layout, seq_dim=2)  # noqa: E731
-        # The float64 reference and plain torch in the inputs' dtype, on the whole sequence.
-        kw64 = {n: x.double() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
-        ref = _grads(q.double(), k.double(), v.double(), go, gl, kw64, "reference", causal)
-        base = _grads(q, k, v, go, gl, kw, "reference", causal)
-        # This rank's shard through the ring.
-        ql, kl, vl = (sh(t).requires_grad_() for t in (q, k, v))
-        kwl = dict(kw)
-        leaves = [ql, kl, vl]
-        if "sinks" in kwl:
-            kwl["sinks"] = kwl["sinks"].clone().requires_grad_()
-            leaves.append(kwl["sinks"])
-        out, lse = skd.ring_attention(ql, kl, vl, causal=causal, layout=layout, return_lse=True, backend="cpu", **kwl)
-        loss = (out.double() * sh(go).double()).sum()
-        loss = loss + (torch.where(lse.isfinite(), lse, 0).double() * sh(gl.unsqueeze(-1)).squeeze(-1).double()).sum()
-        grads = list(torch.autograd.grad(loss, leaves))
-        if "sinks" in kwl:  # the local share, summed over ranks like any replicated weight
-            dist.all_reduce(grads[3])
-        got = (out, lse, *grads[:3]) + tuple(grads[3:])
-
-        def shard_of(res):
-            o, l_, gs = res
-            return (sh(o), sh(l_.unsqueeze(-1)).squeeze(-1), *(sh(x) for x in gs[:3])) + tuple(gs[3:])
-
-        r_ref, r_base = shard_of(ref), shard_of(base)
-        fwd = testing.compare(got[:2], r_ref[:2], r_base[:2])
-        bwd = testing.compare(got[2:], r_ref[2:], r_base[2:], grad=True)
-        # The whole output, gathered back, is the single-device result.
-        full = skd.unshard_sequence(out.detach(), layout=layout, seq_dim=2)
-        whole = testing.compare((full,), (ref[0],), (base[0],))
-        for rep in (fwd, bwd, whole):
-            if not rep.passed:
-                errors.append(f"rank {rank}: {rep}")
+        for case in cases:
+            try:
+                _ring_parity(rank, case, errors)
+            except Exception:
+                errors.append(f"rank {rank}, {case}: {traceback.format_exc()}")
     except Exception:
         errors.append(f"rank {rank}: {traceback.format_exc()}")
     finally:
@@ -108,27 +125,83 @@ def _worker(rank, world, init_file, case, errors):
             dist.destroy_process_group()
 
 
-def _spawn(world, case):
+def _spawn(world, cases):
     with tempfile.TemporaryDirectory() as d:
         init = os.path.join(d, "init")
         errors = mp.Manager().list()
-        mp.spawn(_worker, args=(world, init, case, errors), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, init, cases, errors), nprocs=world, join=True)
         assert not list(errors), "\n".join(errors)
 
 
-CASES = [
-    (1, "zigzag", True, (1, 2, 2, 8, 8), torch.float32, ("sinks",)),
-    (2, "zigzag", True, (1, 4, 2, 16, 16), torch.float32, ()),
-    (3, "zigzag", True, (1, 2, 1, 18, 16), torch.bfloat16, ("softcap", "sinks")),
-    (4, "zigzag", False, (1, 2, 2, 16, 8), torch.float32, ("sinks",)),
-    (4, "contiguous", True, (1, 4, 2, 20, 16), torch.float32, ("softcap",)),
-]
+F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+# Per world, one process group (a spawn costs seconds of imports): (layout, causal, (B, Hq, Hkv, L, D),
+# dtype, modifiers, window, backend). Windows are sized against the chunk length c = L / (2W zigzag,
+# W contiguous): inside one chunk, across one chunk edge (c - 1, c, c + 1) and across several, on the
+# left, the right and both; ALiBi per head and per (batch, head), with windows, softcap and sinks.
+CASES = {
+    1: [("zigzag", True, (1, 2, 2, 8, 8), F32, ("sinks",), None, "cpu")],
+    2: [
+        ("zigzag", True, (1, 4, 2, 16, 16), F32, (), None, "cpu"),
+        ("zigzag", True, (1, 2, 1, 24, 8), F32, (), (3, 0), "cpu"),  # c = 6
+        ("zigzag", True, (1, 2, 1, 24, 8), F32, (), (6, 0), "cpu"),  # exactly one chunk back
+        ("contiguous", True, (1, 2, 2, 24, 8), F32, ("alibi",), (13, 0), "cpu"),  # c = 12, past one edge
+        ("zigzag", False, (2, 2, 2, 16, 8), F32, ("alibi_b", "softcap"), (5, 2), "cpu"),
+        ("zigzag", True, (1, 2, 1, 8, 16), F32, ("alibi", "sinks"), (2, 0), "triton"),  # interpreter, tiny
+    ],
+    3: [
+        ("zigzag", True, (1, 2, 1, 18, 16), BF16, ("softcap", "sinks"), None, "cpu"),
+        ("zigzag", False, (1, 2, 1, 18, 8), F32, (), (4, 3), "cpu"),  # c = 3: both sides cross chunks
+        ("contiguous", True, (1, 2, 2, 18, 8), F32, ("alibi", "sinks"), None, "cpu"),
+        ("zigzag", True, (1, 2, 2, 24, 8), F64, ("alibi",), (9, 0), "cpu"),  # c = 4: 2c + 1 back
+    ],
+    4: [
+        ("zigzag", False, (1, 2, 2, 16, 8), F32, ("sinks",), None, "cpu"),
+        ("contiguous", True, (1, 4, 2, 20, 16), F32, ("softcap",), None, "cpu"),
+        ("zigzag", False, (1, 2, 2, 16, 8), F32, ("alibi",), (-1, 3), "cpu"),  # c = 2, right side only
+        ("contiguous", False, (1, 2, 2, 20, 8), BF16, (), (6, -1), "cpu"),  # c = 5, left side only
+    ],
+}
 
 
 @needs_ext
-@pytest.mark.parametrize("world,layout,causal,shape,dtype,mods", CASES, ids=lambda x: str(x).replace(" ", ""))
-def test_ring_attention_matches_single_device(world, layout, causal, shape, dtype, mods):
-    _spawn(world, (layout, causal, shape, dtype, mods))
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_ring_attention_matches_single_device(world):
+    """Forward, lse and the gradients of q, k, v (and sinks) of every rank's shard against the float64
+    single-device reference by the parity rule, for each case of this world size."""
+    _spawn(world, CASES[world])
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 5])
+def test_block_plan_covers_exactly_the_visible_pairs(c):
+    """_block's sub-block and top-left window, read the way the kernels read them (visible_keys of
+    docs/INTERNALS.md), give exactly the (query, key) pairs of the global window, for windows inside,
+    at and across chunk edges, on both sides, and chunk pairs before, on and after the diagonal."""
+    n = 4
+    sides = [-1, 0, 1, c - 1, c, c + 1, 2 * c + 1, 5 * c]
+    for left in sides:
+        for right in sides:
+            for x in range(n):
+                for y in range(n):
+                    qo, ko = x * c, y * c
+                    want = {
+                        (i, j)
+                        for i in range(qo, qo + c)
+                        for j in range(ko, ko + c)
+                        if (left < 0 or j >= i - left) and (right < 0 or j <= i + right)
+                    }
+                    blk = skd._block(qo, ko, c, left, right)
+                    got = set()
+                    if blk is not None:
+                        assert 0 <= blk.qa < blk.qb <= c and 0 <= blk.ka < blk.kb <= c, blk
+                        assert blk.left >= -1 and blk.right >= -1, blk
+                        for li in range(blk.qb - blk.qa):
+                            for lj in range(blk.kb - blk.ka):
+                                if (blk.left < 0 or lj >= li - blk.left) and (blk.right < 0 or lj <= li + blk.right):
+                                    got.add((qo + blk.qa + li, ko + blk.ka + lj))
+                        assert blk.shift == (qo + blk.qa) - (ko + blk.ka)
+                    assert got == want, (c, left, right, x, y, blk)
+                    if blk is not None:  # no empty rows or columns are handed to the kernels
+                        assert {i for i, _ in want} == set(range(qo + blk.qa, qo + blk.qb))
 
 
 def test_merge_attention_states_is_attention_over_the_union():
@@ -164,7 +237,8 @@ def test_shard_and_unshard_are_inverse_and_balanced():
         ids = [c for r in range(W) for c in skd.chunk_ids(r, W, layout)]
         assert sorted(ids) == list(range(len(ids)))
     work = [
-        sum(len(list(skd._pairs(skd.chunk_ids(r, W, "zigzag"), [c], True))) for c in range(2 * W)) for r in range(W)
+        sum(len(list(skd._blocks(skd.chunk_ids(r, W, "zigzag"), [c], 2, -1, 0))) for c in range(2 * W))
+        for r in range(W)
     ]
     assert max(work) == min(work)
 
@@ -175,8 +249,8 @@ def _refusal_worker(rank, world, init_file, errors):
         q = torch.randn(1, 2, 4, 8)
         for kw, match in (
             (dict(dropout_p=0.1), "dropout_p"),
-            (dict(window=(2, 0)), "window"),
-            (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
+            (dict(window=(-2, 0)), "window"),  # bad values are refused as in attention()
+            (dict(alibi_slopes=torch.ones(3)), "alibi_slopes"),  # 2 query heads
             (dict(layout="diagonal"), "layout"),
         ):
             try:
@@ -217,13 +291,16 @@ def test_needs_an_initialized_group():
 
 
 @needs_ext
-def test_context_parallel_example_trains_like_one_process(capsys):
+@pytest.mark.parametrize("window", [None, 6])
+def test_context_parallel_example_trains_like_one_process(capsys, window):
     """A tiny Llama (transformers) trained 2 steps with its sequence sharded over 2 ranks through
-    use_context_parallel: the same losses as one process."""
+    use_context_parallel: the same losses as one process; with a sliding window of 6 keys (a
+    Mistral), wider than the 4-token chunks, so the window crosses chunk edges in the ring."""
     pytest.importorskip("transformers")
     from seqkernels.examples import context_parallel
 
-    res = context_parallel.main(["--world", "2", "--steps", "2", "--length", "16"])
+    extra = [] if window is None else ["--sliding-window", str(window)]
+    res = context_parallel.main(["--world", "2", "--steps", "2", "--length", "16", *extra])
     assert len(res["sharded"]) == 2
     for a, b in zip(res["single"], res["sharded"]):
         assert abs(a - b) <= 1e-5 * abs(a)

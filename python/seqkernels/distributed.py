@@ -14,10 +14,14 @@ Layouts (the global sequence is cut into chunks):
   the first one).
 - "zigzag": 2W chunks, rank r holds chunks r and 2W-1-r. Every rank does the same causal work.
 
-What is not here yet (an explicit error, not a silent fallback): dropout (its keep mask would have
-to be a function of global positions inside the kernels), sliding windows and ALiBi (they need the
-kernels to take a diagonal offset per block), and the all-gather variant for packed (varlen) batches.
 Softcap and attention sinks work: softcap is per score, and the sink joins the merged softmax once.
+Sliding windows work on every backend without a kernel change: `_block` cuts each (query chunk,
+key chunk) pair down to the sub-block the global band leaves visible, where the band is an ordinary
+top-left window. ALiBi uses the kernels' own term on blocks whose global offset is 0 and a float
+additive mask of the global distances elsewhere (the kernels take no diagonal offset).
+What is not here yet (an explicit error, not a silent fallback): dropout (the kernels' Philox keep
+mask is indexed by the block's own (i, j); drawing the global positions' mask needs a kernel
+argument), and the all-gather variant for packed (varlen) batches.
 
 Models: `use_context_parallel(model, group)` puts every `seqkernels.nn.MultiheadAttention` of a model
 (`seqkernels.swap_attention` makes them from torch's) in ring mode and returns a handle that undoes it;
@@ -173,15 +177,84 @@ def _unpack(buf: Tensor, shapes) -> List[Tensor]:
     return out
 
 
-def _pairs(q_ids: List[int], kv_ids: List[int], causal: bool):
-    """(q chunk slot, kv chunk slot, causal) for every pair that has visible keys: with causal, a
-    query chunk sees earlier chunks fully and its own chunk causally (the diagonal block)."""
+@dataclass(frozen=True)
+class _Block:
+    """One kernel call of the ring: query rows [qa, qb) of a query chunk against keys [ka, kb) of a
+    key chunk (offsets inside the chunks), with the window of that sub-block in the kernels' own
+    top-left coordinates, and `shift` = global offset of its first query minus that of its first key
+    (0: the kernels' own ALiBi distance is the global one)."""
+
+    qa: int
+    qb: int
+    ka: int
+    kb: int
+    left: int
+    right: int
+    shift: int
+
+
+def _block(q_start: int, k_start: int, c: int, left: int, right: int) -> Optional[_Block]:
+    """The part of the (query chunk at global q_start) x (key chunk at global k_start) block, both c
+    long, that the global window (left, right) leaves visible (-1: unbounded; causal is right = 0),
+    as a sub-block the kernels run exactly with a top-left window; None when no key is visible.
+
+    Query gi sees keys gi - left <= gj <= gi + right. Rows before k_start - right and after
+    k_start + c - 1 + left see no key of the chunk; keys before qa - left and after qb - 1 + right are
+    seen by no remaining row. In the sub-block's coordinates (li = gi - qa, lj = gj - ka) the band is
+    lj >= li - (left - d) and lj <= li + (right + d), d = qa - ka, and the trimming above keeps both
+    sides >= 0, so the kernels' window (-1 unbounded, top-left alignment) expresses it; a side that
+    covers the whole sub-block becomes -1, so off-diagonal causal blocks run unmasked."""
+    qa, qb, ka, kb = q_start, q_start + c, k_start, k_start + c
+    if right >= 0:
+        qa = max(qa, k_start - right)
+    if left >= 0:
+        qb = min(qb, k_start + c + left)
+    if qa >= qb:
+        return None
+    if left >= 0:
+        ka = max(ka, qa - left)
+    if right >= 0:
+        kb = min(kb, qb + right)
+    if ka >= kb:
+        return None
+    d = qa - ka
+    wl = left - d if left >= 0 else -1
+    wr = right + d if right >= 0 else -1
+    if wl >= qb - qa - 1:  # the last row's band starts at or before the first key
+        wl = -1
+    if wr >= kb - ka - 1:  # the first row's band reaches the last key
+        wr = -1
+    return _Block(qa - q_start, qb - q_start, ka - k_start, kb - k_start, wl, wr, d)
+
+
+def _blocks(q_ids: List[int], kv_ids: List[int], c: int, left: int, right: int):
+    """(query chunk slot, key chunk slot, _Block) for every pair of this rank's query chunks and the
+    visiting key chunks that has a visible key."""
     for a, x in enumerate(q_ids):
         for b, y in enumerate(kv_ids):
-            if not causal or y < x:
-                yield a, b, False
-            elif y == x:
-                yield a, b, True
+            blk = _block(x * c, y * c, c, left, right)
+            if blk is not None:
+                yield a, b, blk
+
+
+def _alibi_args(slopes: Optional[Tensor], blk: _Block, B: int, acc: torch.dtype):
+    """(attn_mask, alibi_slopes) for one block: the kernels' ALiBi term where the block's top-left
+    distance is the global one (shift 0: the diagonal blocks), else the global -slope * |gi - gj| as a
+    float additive mask of the sub-block (the kernels take no diagonal offset; this costs Hq x rows x
+    keys floats per block, broadcast over the batch when the slopes are per head)."""
+    if slopes is None:
+        return None, None
+    if blk.shift == 0:
+        return None, slopes.to(acc).expand(B, -1).contiguous()
+    nq, nk = blk.qb - blk.qa, blk.kb - blk.ka
+    i = torch.arange(nq, device=slopes.device, dtype=torch.int64).view(-1, 1) + blk.shift
+    j = torch.arange(nk, device=slopes.device, dtype=torch.int64).view(1, -1)
+    dist_ = (i - j).abs().to(acc)
+    sl = slopes.to(acc)
+    bias = -(sl.view(*sl.shape, 1, 1) * dist_)  # (Hq, nq, nk) or (B, Hq, nq, nk)
+    if bias.dim() == 3:
+        bias = bias.unsqueeze(0)
+    return bias.expand(B, -1, nq, nk), None
 
 
 class _RingAttention(torch.autograd.Function):
@@ -190,10 +263,10 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring(meta["group"])
         W, r = ring.world, ring.rank
         B, Hq, Lq, _ = q.shape
-        Lk, Dv = k.shape[2], v.shape[3]
-        layout, causal = meta["layout"], meta["causal"]
+        Dv = v.shape[3]
+        layout = meta["layout"]
         q_ids = chunk_ids(r, W, layout)
-        cq, ck = Lq // len(q_ids), Lk // len(q_ids)
+        c = Lq // len(q_ids)
         fwd = meta["family"][0]
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.zeros(B, Hq, Lq, Dv, dtype=acc_dtype, device=q.device)
@@ -205,15 +278,16 @@ class _RingAttention(torch.autograd.Function):
             if step + 1 < W:
                 nxt, reqs = ring.start(block)  # posted before computing on `block`: overlaps the compute
             kb, vb = _unpack(block, shapes)
-            for a, b, diag in _pairs(q_ids, chunk_ids((r - step) % W, W, layout), causal):
-                qs = q[:, :, a * cq : (a + 1) * cq]
+            for a, b, blk in _blocks(q_ids, chunk_ids((r - step) % W, W, layout), c, *meta["window"]):
+                rows = slice(a * c + blk.qa, a * c + blk.qb)
+                keys = slice(b * c + blk.ka, b * c + blk.kb)
+                mask, slopes = _alibi_args(meta["alibi"], blk, B, acc_dtype)
                 o, l_ = fwd(
-                    qs, kb[:, :, b * ck : (b + 1) * ck], vb[:, :, b * ck : (b + 1) * ck],
-                    None, None, meta["scale"], -1, 0 if diag else -1, True, 0.0, 0, 0,
-                    None, None, meta["softcap"],
+                    q[:, :, rows], kb[:, :, keys], vb[:, :, keys],
+                    mask, None, meta["scale"], blk.left, blk.right, False, 0.0, 0, 0,
+                    slopes, None, meta["softcap"],
                 )  # fmt: skip
-                sl = slice(a * cq, (a + 1) * cq)
-                out[:, :, sl], lse[:, :, sl] = merge_attention_states(out[:, :, sl], lse[:, :, sl], o, l_)
+                out[:, :, rows], lse[:, :, rows] = merge_attention_states(out[:, :, rows], lse[:, :, rows], o, l_)
             if reqs is not None:
                 _Ring.wait(reqs)
                 block = nxt
@@ -230,11 +304,11 @@ class _RingAttention(torch.autograd.Function):
         meta = ctx.meta
         ring = _Ring(meta["group"])
         W, r = ring.world, ring.rank
-        layout, causal = meta["layout"], meta["causal"]
+        layout = meta["layout"]
         bwd = meta["family"][1]
-        Lq, Lk = q.shape[2], k.shape[2]
+        B, Lq = q.shape[0], q.shape[2]
         q_ids = chunk_ids(r, W, layout)
-        cq, ck = Lq // len(q_ids), Lk // len(q_ids)
+        c = Lq // len(q_ids)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype).contiguous()
         has_lse_grad = grad_lse is not None and bool((grad_lse != 0).any())
@@ -252,23 +326,23 @@ class _RingAttention(torch.autograd.Function):
             if step + 1 < W:  # the next block's keys/values travel while this one is computed
                 kv_next, kv_reqs = ring.start(_pack(kb, vb))
             kv_ids = chunk_ids((r - step) % W, W, layout)
-            for a, b, diag in _pairs(q_ids, kv_ids, causal):
-                sq, sk = slice(a * cq, (a + 1) * cq), slice(b * ck, (b + 1) * ck)
-                params = (None, None, meta["scale"], -1, 0 if diag else -1, True, 0.0, 0, 0)
+            for a, b, blk in _blocks(q_ids, kv_ids, c, *meta["window"]):
+                sq = slice(a * c + blk.qa, a * c + blk.qb)
+                sk = slice(b * c + blk.ka, b * c + blk.kb)
+                mask, slopes = _alibi_args(meta["alibi"], blk, B, acc)
+                params = (mask, None, meta["scale"], blk.left, blk.right, False, 0.0, 0, 0, det, slopes, None,
+                          meta["softcap"])  # fmt: skip
                 qs, ks, vs = q[:, :, sq], kb[:, :, sk], vb[:, :, sk]
                 ls = lse32[:, :, sq].contiguous()
-                dq_b, dk_b, dv_b, _ = bwd(
-                    grad_out[:, :, sq].contiguous(), qs, ks, vs, out[:, :, sq].contiguous(), ls, *params, det,
-                    None, None, meta["softcap"],
-                )  # fmt: skip
+                dq_b, dk_b, dv_b, _ = bwd(grad_out[:, :, sq].contiguous(), qs, ks, vs, out[:, :, sq].contiguous(), ls,
+                                          *params)  # fmt: skip
                 dq[:, :, sq] += dq_b
                 dk_acc[:, :, sk] += dk_b
                 dv_acc[:, :, sk] += dv_b
                 if has_lse_grad:  # d lse / d s = P: the backward kernel with V := ones, dO := g, O := 0
                     g = grad_lse[:, :, sq].unsqueeze(-1).to(q.dtype).contiguous()
                     ones = ks.new_ones(ks.shape[:3] + (1,))
-                    dq_l, dk_l, _, _ = bwd(g, qs, ks, ones, torch.zeros_like(g), ls, *params, det,
-                                           None, None, meta["softcap"])  # fmt: skip
+                    dq_l, dk_l, _, _ = bwd(g, qs, ks, ones, torch.zeros_like(g), ls, *params)
                     dq[:, :, sq] += dq_l
                     dk_acc[:, :, sk] += dk_l
             # The gradients accumulated for this block follow it around the ring; after W hops they
@@ -285,12 +359,16 @@ class _RingAttention(torch.autograd.Function):
             # d sink_h = -sum_i p_sink (dO . O) + sum_i g_lse p_sink over this rank's rows: the
             # local share; a replicated parameter's gradient is summed over ranks by the caller
             # (DDP / all_reduce), as for every other weight.
-            p_sink = torch.exp(sinks.to(acc).view(1, -1, 1) - lse32)
-            p_sink = torch.where(torch.isfinite(lse32), p_sink, torch.zeros_like(p_sink))
-            delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+            # In float64: (B, Hq, L) values summed into Hq, so the sum's rounding stays far below
+            # that of the float32 terms.
+            f64 = torch.float64
+            lse64 = lse.to(f64)
+            p_sink = torch.exp(sinks.to(f64).view(1, -1, 1) - lse64)
+            p_sink = torch.where(torch.isfinite(lse64), p_sink, torch.zeros_like(p_sink))
+            delta = (grad_out.to(f64) * out.to(f64)).sum(-1)
             d = -(p_sink * delta)
             if has_lse_grad:
-                d = d + grad_lse.to(acc) * p_sink
+                d = d + grad_lse.to(f64) * p_sink
             dsinks = d.sum(dim=(0, 2)).to(sinks.dtype)
         return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), dsinks, None
 
@@ -319,7 +397,9 @@ def ring_attention(
     rank's shard of the global output (and, with `return_lse`, of the float32 lse), differentiable
     with respect to q, k, v and `sinks`. `sinks`' gradient is this rank's share (sum it over ranks,
     as for any replicated weight). Causal masking is bottom-right over the global sequence (its
-    queries and keys are the same positions, so top-left and bottom-right coincide).
+    queries and keys are the same positions, so top-left and bottom-right coincide). `window=(left,
+    right)` (-1 unbounded; `causal` caps right at 0) and `alibi_slopes` ((Hq,) or (B, Hq)) are over
+    global positions, as `attention` has them on the whole sequence.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention: torch.distributed is not initialized (call init_process_group first)")
@@ -330,17 +410,15 @@ def ring_attention(
             "dropout_p: ring_attention has no dropout yet (the kernels' keep mask would have to follow global "
             "positions across shards)"
         )
-    if window is not None:
-        raise NotImplementedError("window: ring_attention has no sliding windows yet (needs per-block diagonals)")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ring_attention has no ALiBi yet (needs per-block diagonals)")
     world, _ = _world(group)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v: expected 4-D shards (B, H, L_local, D)")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k: query and key shards must have the same length, got {q.shape[2]} and {k.shape[2]}")
     _check_length(q.shape[2] * world, world, layout, "the global sequence length (L_local * W)")
-    call = attn_ops.prepare_attention(q, k, v, causal=causal, scale=scale, softcap=softcap)
+    call = attn_ops.prepare_attention(
+        q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes
+    )
     chosen = backends.resolve(attn_ops.OP, q.device, call, backend)
     if chosen == "reference":
         raise backends.BackendError(
@@ -352,7 +430,9 @@ def ring_attention(
     meta = dict(
         group=group,
         layout=layout,
-        causal=bool(causal),
+        window=(call.window_left, call.window_right),  # global, causal folded in (right = 0)
+        # Per head (Hq,) stays so, and the blocks' ALiBi masks broadcast over the batch.
+        alibi=None if alibi_slopes is None else alibi_slopes.detach(),
         scale=call.scale,
         softcap=call.softcap,
         family=attn_ops.FAMILIES[chosen],

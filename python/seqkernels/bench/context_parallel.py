@@ -25,8 +25,9 @@ _TEST_SHAPE = None  # tests set a small shape here
 
 
 def flop_balance(world: int, layout: str) -> float:
-    """max/min over ranks of the causal attention work (in diagonal-block units) the schedule gives."""
-    from ..distributed import _pairs, chunk_ids
+    """max/min over ranks of the causal attention work the schedule gives, in block units (a whole
+    block 1, a diagonal block, causal inside, 1/2)."""
+    from ..distributed import _blocks, chunk_ids
 
     n = 2 * world if layout == "zigzag" else world
     work = []
@@ -34,7 +35,7 @@ def flop_balance(world: int, layout: str) -> float:
         q_ids = chunk_ids(r, world, layout)
         units = 0.0
         for c in range(n):
-            units += sum(0.5 if diag else 1.0 for _, _, diag in _pairs(q_ids, [c], True))
+            units += sum(1.0 if blk.right < 0 else 0.5 for _, _, blk in _blocks(q_ids, [c], 2, -1, 0))
         work.append(units)
     return max(work) / min(work)
 
@@ -81,12 +82,14 @@ def _worker(rank, world, init_file, shape, layout, causal, reps, out):
             with torch.no_grad():
                 for step in range(world):
                     kv_ids = skd.chunk_ids((rank - step) % world, world, layout)
-                    for a, b, diag in skd._pairs(q_ids, kv_ids, causal):
-                        qs, ks, vs = (t[:, :, a * cq : (a + 1) * cq] for t in (ql, kl, vl))
-                        wr = 0 if diag else -1
-                        o, lse = fwd(qs, ks, vs, None, None, scale, -1, wr, True, 0.0, 0, 0)
-                        bwd(gol[:, :, a * cq : (a + 1) * cq].contiguous(), qs, ks, vs, o, lse,
-                            None, None, scale, -1, wr, True, 0.0, 0, 0, False)  # fmt: skip
+                    for a, b, blk in skd._blocks(q_ids, kv_ids, cq, -1, 0 if causal else -1):
+                        rows = slice(a * cq + blk.qa, a * cq + blk.qb)
+                        keys = slice(b * cq + blk.ka, b * cq + blk.kb)
+                        qs, ks, vs = ql[:, :, rows], kl[:, :, keys], vl[:, :, keys]
+                        win = (blk.left, blk.right, False)
+                        o, lse = fwd(qs, ks, vs, None, None, scale, *win, 0.0, 0, 0)
+                        bwd(gol[:, :, rows].contiguous(), qs, ks, vs, o, lse,
+                            None, None, scale, *win, 0.0, 0, 0, False)  # fmt: skip
 
         ring_ = skd._Ring(None)
         kv = torch.cat([kl.detach().reshape(-1), vl.detach().reshape(-1)])

@@ -9,6 +9,7 @@ before sharding; the loss is the token-weighted mean over all ranks, and paramet
 summed over the group (what DDP does), so every rank takes the same optimizer step.
 
     python -m seqkernels.examples.context_parallel --world 4 --steps 5
+    python -m seqkernels.examples.context_parallel --world 2 --sliding-window 24   # a Mistral
 
 gloo on the CPU by default (NCCL when --device cuda and GPUs are present).
 """
@@ -27,10 +28,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def tiny_llama(vocab: int, seed: int):
+def tiny_llama(vocab: int, seed: int, sliding_window: Optional[int] = None):
+    """A 2-layer Llama; with `sliding_window`, the same shape as a Mistral (Llama with a sliding window
+    of that many keys, the query's own included)."""
     import transformers
 
-    cfg = transformers.LlamaConfig(
+    common = dict(
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=96,
@@ -41,7 +44,9 @@ def tiny_llama(vocab: int, seed: int):
         attn_implementation="eager",
     )
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg)
+    if sliding_window:
+        return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=sliding_window, **common))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
 
 
 def batches(vocab: int, batch: int, length: int, steps: int, seed: int):
@@ -65,7 +70,7 @@ def single_process(args, data) -> List[float]:
     from seqkernels.integrations import transformers as skt
 
     skt.register()
-    model = tiny_llama(args.vocab, args.seed).to(args.device)
+    model = tiny_llama(args.vocab, args.seed, args.sliding_window).to(args.device)
     model.set_attn_implementation("seqkernels")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses = []
@@ -95,7 +100,7 @@ def _rank(rank, world, init_file, args, data, out):
     try:
         torch.set_num_threads(max(1, args.threads))
         device = f"cuda:{rank}" if args.device == "cuda" else "cpu"
-        model = tiny_llama(args.vocab, args.seed).to(device)
+        model = tiny_llama(args.vocab, args.seed, args.sliding_window).to(device)
         skt.use_context_parallel(model, layout=args.layout)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
         losses = []
@@ -134,6 +139,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--sliding-window", type=int, default=None, help="a Mistral with this sliding window instead of a Llama"
+    )
     args = p.parse_args(argv)
     data = batches(args.vocab, args.batch, args.length, args.steps, args.seed + 1)
     single = single_process(copy.copy(args), data)
