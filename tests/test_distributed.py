@@ -171,6 +171,138 @@ def test_ring_attention_matches_single_device(world):
     _spawn(world, CASES[world])
 
 
+def _varlen_grads(q, k, v, go, cu, kw, backend):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = seqkernels.attention_varlen(q, k, v, cu, cu, backend=backend, **kw)
+    return out.detach(), torch.autograd.grad((out.double() * go.double()).sum(), (q, k, v))
+
+
+def _varlen_parity(rank, case, errors):
+    """allgather_attention_varlen on this rank's shard of a packed batch against attention_varlen on
+    the whole batch (float64 reference, plain torch in the inputs' dtype)."""
+    layout, lens, (Hq, Hkv, D), dtype, kw, backend = case
+    T = sum(lens)
+    g = torch.Generator().manual_seed(5)
+    q, go = (torch.randn(T, Hq, D, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(T, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    cu = torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    kw = dict(kw)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(Hq, generator=g) * 0.5 + 0.05
+    kw64 = {n: x.double() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+    ref = _varlen_grads(q.double(), k.double(), v.double(), go, cu, kw64, "reference")
+    base = _varlen_grads(q, k, v, go, cu, kw, "reference")
+    sh = lambda t: skd.shard_sequence(t, layout=layout, seq_dim=0)  # noqa: E731
+    ql, kl, vl = (sh(t).requires_grad_() for t in (q, k, v))
+    out = skd.allgather_attention_varlen(ql, kl, vl, cu, layout=layout, backend=backend, **kw)
+    grads = torch.autograd.grad((out.double() * sh(go).double()).sum(), (ql, kl, vl))
+    got = (out, *grads)
+    r_ref = (sh(ref[0]), *(sh(x) for x in ref[1]))
+    r_base = (sh(base[0]), *(sh(x) for x in base[1]))
+    for rep in (
+        testing.compare(got[:1], r_ref[:1], r_base[:1]),
+        testing.compare(got[1:], r_ref[1:], r_base[1:], grad=True),
+    ):
+        if not rep.passed:
+            errors.append(f"rank {rank}, {case}: {rep}")
+
+
+def _varlen_refusals(errors):
+    q = torch.randn(8, 2, 4)
+    cu = torch.tensor([0, 3, 16], dtype=torch.int32)
+    for kw, match in (
+        (dict(dropout_p=0.1), "dropout_p"),
+        (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),  # without causal
+        (dict(layout="diagonal"), "layout"),
+    ):
+        try:
+            skd.allgather_attention_varlen(q, q, q, cu, **kw)
+            errors.append(f"{kw}: no error")
+        except (NotImplementedError, ValueError) as e:
+            if match not in str(e):
+                errors.append(f"{kw}: {e}")
+    for bad, match in ((torch.tensor([0, 3, 15], dtype=torch.int32), "T = 16"), (torch.tensor([0.0, 16.0]), "int32"),
+                       (torch.tensor([0, 9, 4, 16]), "c_0 <= c_1")):  # fmt: skip
+        try:
+            skd.allgather_attention_varlen(q, q, q, bad, causal=True)
+            errors.append(f"cu_seqlens {bad}: no error")
+        except ValueError as e:
+            if match not in str(e):
+                errors.append(f"cu_seqlens {bad}: {e}")
+    dist.barrier()  # every call above raised before communicating
+
+
+def _varlen_worker(rank, world, init_file, cases, errors):
+    try:
+        _init_group(rank, world, init_file, timeout_s=120)
+        torch.set_num_threads(1)
+        for case in cases:
+            try:
+                _varlen_refusals(errors) if case == "refusals" else _varlen_parity(rank, case, errors)
+            except Exception:
+                errors.append(f"rank {rank}, {case}: {traceback.format_exc()}")
+    except Exception:
+        errors.append(f"rank {rank}: {traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# (layout, document lengths, (Hq, Hkv, D), dtype, keyword arguments, backend) per world. Documents
+# start and end inside chunks, on chunk edges, span several chunks, and are empty; chunk length c =
+# T / (2W zigzag, W contiguous).
+VARLEN_CASES = {
+    2: [
+        ("zigzag", [5, 1, 0, 10, 8], (4, 2, 8), F32, dict(causal=True), "cpu"),  # T 24, c 6
+        ("zigzag", [5, 1, 0, 10, 8], (2, 2, 8), F32, dict(causal=True, window=(4, 0), alibi=True), "cpu"),
+        ("contiguous", [7, 6, 3], (2, 1, 8), F32, dict(sinks=torch.randn(2), softcap=2.0), "cpu"),
+        ("zigzag", [9, 7], (2, 2, 8), F32, dict(window=(3, 2)), "cpu"),  # non-causal, both sides
+        ("zigzag", [9, 7], (2, 2, 8), BF16, dict(window=(5, -1)), "cpu"),  # left side only
+        ("zigzag", [3, 5], (2, 1, 16), F32, dict(causal=True, window=(2, 0)), "triton"),  # interpreter, tiny
+        "refusals",
+    ],
+    3: [
+        ("zigzag", [4, 13, 1, 6], (2, 2, 8), F32, dict(causal=True, window=(7, 0)), "cpu"),  # T 24, c 4
+        ("contiguous", [11, 13], (4, 2, 8), F64, dict(causal=True, alibi=True), "cpu"),
+    ],
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("world", sorted(VARLEN_CASES))
+def test_allgather_attention_varlen_matches_single_device(world):
+    """Packed batches sharded over ranks (all-gather variant): outputs and q/k/v gradients of every
+    rank's rows equal attention_varlen on the whole batch by the parity rule; bad arguments refused."""
+    with tempfile.TemporaryDirectory() as d:
+        errors = mp.Manager().list()
+        mp.spawn(_varlen_worker, args=(world, os.path.join(d, "init"), VARLEN_CASES[world], errors), nprocs=world,
+                 join=True)  # fmt: skip
+        assert not list(errors), "\n".join(errors)
+
+
+@pytest.mark.parametrize("left,right", [(-1, -1), (-1, 0), (3, 0), (0, 0), (2, 3), (4, -1), (-1, 2), (0, 1)])
+def test_varlen_pieces_cover_exactly_each_documents_keys(left, right):
+    """_pieces' key ranges and bottom-right windows, read the way the kernels read them, give exactly
+    the keys of each row's document inside the global window."""
+    starts = [0, 5, 6, 6, 16, 24]
+    for q_range in [(0, 6), (6, 12), (12, 18), (18, 24), (3, 17)]:
+        for p in skd._pieces(starts, [q_range], left, right):
+            nq, nk = p.qe - p.qs, p.kb - p.ka
+            off = nk - nq
+            for li in range(nq):
+                gi = p.qs + li
+                got = {
+                    p.ka + lj
+                    for lj in range(nk)
+                    if (p.left < 0 or lj >= li + off - p.left) and (p.right < 0 or lj <= li + off + p.right)
+                }
+                ds, de = starts[p.doc], starts[p.doc + 1]
+                want = {j for j in range(ds, de) if (left < 0 or j >= gi - left) and (right < 0 or j <= gi + right)}
+                assert got == want, (q_range, p, gi)  # fmt: skip
+        covered = sorted(r for p in skd._pieces(starts, [q_range], left, right) for r in range(p.qs, p.qe))
+        assert covered == list(range(*q_range))
+
+
 @pytest.mark.parametrize("c", [1, 2, 3, 5])
 def test_block_plan_covers_exactly_the_visible_pairs(c):
     """_block's sub-block and top-left window, read the way the kernels read them (visible_keys of

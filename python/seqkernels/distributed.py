@@ -19,9 +19,11 @@ Sliding windows work on every backend without a kernel change: `_block` cuts eac
 key chunk) pair down to the sub-block the global band leaves visible, where the band is an ordinary
 top-left window. ALiBi uses the kernels' own term on blocks whose global offset is 0 and a float
 additive mask of the global distances elsewhere (the kernels take no diagonal offset).
+Packed (varlen) batches: `allgather_attention_varlen` all-gathers K/V and runs this rank's rows
+with `attention_varlen`, as Llama 3 trains.
 What is not here yet (an explicit error, not a silent fallback): dropout (the kernels' Philox keep
 mask is indexed by the block's own (i, j); drawing the global positions' mask needs a kernel
-argument), and the all-gather variant for packed (varlen) batches.
+argument).
 
 Models: `use_context_parallel(model, group)` puts every `seqkernels.nn.MultiheadAttention` of a model
 (`seqkernels.swap_attention` makes them from torch's) in ring mode and returns a handle that undoes it;
@@ -438,6 +440,212 @@ def ring_attention(
         family=attn_ops.FAMILIES[chosen],
     )
     out, lse = _RingAttention.apply(q, k, v, sink_logits, meta)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed batches: the all-gather variant
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's (T_local, ...) shard, concatenated in rank order (W * T_local, ...); the backward
+    sums each rank's gradient of the whole and hands every rank the rows of its own shard
+    (reduce-scatter on NCCL; gloo has none, so there an all-reduce and a slice)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        world, _ = _world(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.group = group
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world, rank = _world(ctx.group)
+        grad = grad.contiguous()
+        n = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == "nccl":
+            mine = grad.new_empty((n,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            return mine, None
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[rank * n : (rank + 1) * n].clone(), None
+
+
+def _global_order(world: int, layout: str, per_rank: int) -> Tensor:
+    """Row index turning the rank-order concatenation of every rank's shard back into the global
+    sequence (the inverse of shard_sequence's cut, for seq_dim 0)."""
+    n_ids = len(chunk_ids(0, world, layout))
+    c = per_rank // n_ids
+    src = [0] * (per_rank * world)
+    for r in range(world):
+        for k_, cid in enumerate(chunk_ids(r, world, layout)):
+            for t in range(c):
+                src[cid * c + t] = r * per_rank + k_ * c + t
+    return torch.tensor(src, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Query rows [qs, qe) of one document (global positions) against its keys [ka, kb), with the
+    window those rows need in the kernels' bottom-right alignment."""
+
+    doc: int
+    qs: int
+    qe: int
+    ka: int
+    kb: int
+    left: int
+    right: int
+
+
+def _pieces(starts: List[int], q_ranges: List[Tuple[int, int]], left: int, right: int) -> List[_Piece]:
+    """Cut this rank's query ranges at document edges (`starts`: cu_seqlens as ints). Row gi of
+    document [ds, de) sees keys max(ds, gi - left) ..= min(de - 1, gi + right) (-1: unbounded). For rows
+    [qs, qe) the keys are [ka, kb) with ka = max(ds, qs - left), kb = min(de, qe + right); bottom-right
+    alignment puts row qe - 1's diagonal on key kb - 1 - delta, delta = kb - qe >= 0, so the kernels'
+    window is (left + delta, right - delta): both sides stay >= 0 (or -1), and for causal (right = 0)
+    delta is 0, the window the caller's."""
+    out = []
+    for s, e in q_ranges:
+        for d in range(len(starts) - 1):
+            ds, de = starts[d], starts[d + 1]
+            qs, qe = max(s, ds), min(e, de)
+            if qs >= qe:
+                continue
+            ka = ds if left < 0 else max(ds, qs - left)
+            kb = de if right < 0 else min(de, qe + right)
+            delta = kb - qe
+            out.append(
+                _Piece(d, qs, qe, ka, kb, left + delta if left >= 0 else -1, right - delta if right >= 0 else -1)
+            )
+    return out
+
+
+def allgather_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    group=None,
+    *,
+    causal: bool = False,
+    layout: str = "zigzag",
+    window=None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    deterministic: bool = False,
+    backend: Optional[str] = None,
+):
+    """Context parallelism for packed batches, as Llama 3 trains: every rank all-gathers the keys and
+    values of the whole packed sequence and computes its own query rows against them with
+    `seqkernels.attention_varlen` (one call; the rows cut at document edges).
+
+    q (T_local, Hq, D), k (T_local, Hkv, D), v (T_local, Hkv, Dv): this rank's shard, in `layout`
+    (`shard_sequence(x, group, layout, seq_dim=0)`), of the token-major packed tensors of T tokens;
+    cu_seqlens (int32/int64 (N+1,), 0 ..= T): the documents over global positions, the same on every
+    rank (read on the host: pass it on the CPU to avoid a device sync). Every document attends to
+    itself only, as `attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal=..., window=...)` on
+    the whole batch. Returns this rank's rows of that (T_local, Hq, Dv), differentiable with respect
+    to q, k, v (the keys' and values' gradients are summed over ranks back to their owners) and
+    `sinks` (this rank's share), and with `return_lse` the float32 lse (Hq, T_local).
+
+    Memory: the whole sequence's keys and values on every rank (plus the key rows of documents cut by
+    a chunk edge twice); communication: one all-gather of K and V forward, one reduce of their
+    gradients backward. Refused by name: dropout (the keep mask is drawn per piece, not per global
+    position) and ALiBi without `causal` (its distance needs the bottom-right diagonal of each piece
+    on the global one, which only causal rows have).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("allgather_attention_varlen: torch.distributed is not initialized")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if dropout_p:
+        raise NotImplementedError(
+            "dropout_p: allgather_attention_varlen has no dropout yet (the keep mask would be drawn per piece, "
+            "not per global position)"
+        )
+    world, rank = _world(group)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected this rank's token-major shard (T_local, H, D), got {tuple(t.shape)}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k, v: shards must have the same number of tokens, got {q.shape[0]}, {k.shape[0]}, "
+                         f"{v.shape[0]}")  # fmt: skip
+    T = q.shape[0] * world
+    _check_length(T, world, layout, "the packed length (T_local * W)")
+    if (
+        not isinstance(cu_seqlens, Tensor)
+        or cu_seqlens.dim() != 1
+        or cu_seqlens.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError("cu_seqlens: expected a 1-D int32 or int64 tensor of document starts (N+1,)")
+    starts = [int(x) for x in cu_seqlens.tolist()]
+    if not starts or starts[0] != 0 or starts[-1] != T or any(b < a for a, b in zip(starts, starts[1:])):
+        raise ValueError(
+            f"cu_seqlens: expected 0 = c_0 <= c_1 <= ... <= c_N = T = {T} (the whole packed sequence, every "
+            f"rank's T_local * W), got {starts}"
+        )
+    left, right = attn_ops._combine_window(causal, window)
+    if alibi_slopes is not None and right != 0:
+        raise NotImplementedError(
+            "alibi_slopes: allgather_attention_varlen takes ALiBi with causal=True only (a piece of a document "
+            "cut at a chunk edge needs its bottom-right diagonal on the global one)"
+        )
+    n_ids = len(chunk_ids(rank, world, layout))
+    c = q.shape[0] // n_ids
+    pieces = _pieces(starts, [(cid * c, (cid + 1) * c) for cid in chunk_ids(rank, world, layout)], left, right)
+    # The whole sequence's keys and values, in global order, on every rank.
+    order = _global_order(world, layout, q.shape[0]).to(k.device)
+    k_all = _AllGather.apply(k, group).index_select(0, order)
+    v_all = _AllGather.apply(v, group).index_select(0, order)
+    # Local query rows are already in piece order (each chunk cut at document edges, in order).
+    # Pieces needing the same kernel window go in one attention_varlen call.
+    groups: dict = {}
+    for i, p in enumerate(pieces):
+        groups.setdefault((p.left, p.right), []).append(i)
+    row0 = []
+    acc = 0
+    for p in pieces:
+        row0.append(acc)
+        acc += p.qe - p.qs
+    slopes_n = None
+    if alibi_slopes is not None:
+        n_docs = len(starts) - 1
+        slopes_n = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.view(1, -1).expand(n_docs, -1)
+    dev = q.device
+    outs, lses, rows_of = [], [], []
+    for (wl, wr), idx in groups.items():
+        ps = [pieces[i] for i in idx]
+        rows = torch.cat([torch.arange(row0[i], row0[i] + pieces[i].qe - pieces[i].qs) for i in idx]).to(dev)
+        keys = torch.cat([torch.arange(p.ka, p.kb) for p in ps]).to(dev)
+        cu_q = torch.tensor([0] + [p.qe - p.qs for p in ps], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        cu_k = torch.tensor([0] + [p.kb - p.ka for p in ps], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        slopes = None if slopes_n is None else slopes_n[torch.tensor([p.doc for p in ps], device=slopes_n.device)]
+        single = len(groups) == 1
+        o, lse = attn_ops.attention_varlen(
+            q if single else q.index_select(0, rows),
+            k_all.index_select(0, keys),
+            v_all.index_select(0, keys),
+            cu_q, cu_k, max(p.qe - p.qs for p in ps), max(p.kb - p.ka for p in ps),
+            window=(wl, wr), scale=scale, return_lse=True, softcap=softcap, alibi_slopes=slopes, sinks=sinks,
+            deterministic=deterministic, backend=backend,
+        )  # fmt: skip
+        outs.append(o)
+        lses.append(lse)
+        rows_of.append(rows)
+    if len(outs) == 1:
+        out, lse = outs[0], lses[0]
+    else:  # back to local row order
+        inv = torch.empty(q.shape[0], dtype=torch.int64, device=dev)
+        inv[torch.cat(rows_of)] = torch.arange(q.shape[0], device=dev)
+        out = torch.cat(outs).index_select(0, inv)
+        lse = torch.cat(lses, dim=1).index_select(1, inv)
     return (out, lse) if return_lse else out
 
 
