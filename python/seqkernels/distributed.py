@@ -317,7 +317,7 @@ class _RingAttention(torch.autograd.Function):
         if has_lse_grad:
             grad_lse = torch.where(torch.isfinite(grad_lse), grad_lse, torch.zeros_like(grad_lse))
         lse32 = lse.to(acc).contiguous()
-        det = torch.are_deterministic_algorithms_enabled()
+        det = meta["deterministic"] or torch.are_deterministic_algorithms_enabled()
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk_acc = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv_acc = torch.zeros(v.shape, dtype=acc, device=q.device)
@@ -390,6 +390,7 @@ def ring_attention(
     softcap: Optional[float] = None,
     alibi_slopes: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
+    deterministic: bool = False,
     backend: Optional[str] = None,
 ):
     """Attention of this rank's query shard against the whole (sharded) sequence.
@@ -401,7 +402,10 @@ def ring_attention(
     as for any replicated weight). Causal masking is bottom-right over the global sequence (its
     queries and keys are the same positions, so top-left and bottom-right coincide). `window=(left,
     right)` (-1 unbounded; `causal` caps right at 0) and `alibi_slopes` ((Hq,) or (B, Hq)) are over
-    global positions, as `attention` has them on the whole sequence.
+    global positions, as `attention` has them on the whole sequence. `deterministic=True` (or torch's
+    deterministic flag) asks every block's backward kernel for bitwise repeatable gradients; the ring
+    adds the blocks' results in a fixed order, so the whole result is repeatable run to run (across
+    world sizes it differs only by the float32 rounding of a different merge order).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention: torch.distributed is not initialized (call init_process_group first)")
@@ -435,6 +439,7 @@ def ring_attention(
         window=(call.window_left, call.window_right),  # global, causal folded in (right = 0)
         # Per head (Hq,) stays so, and the blocks' ALiBi masks broadcast over the batch.
         alibi=None if alibi_slopes is None else alibi_slopes.detach(),
+        deterministic=bool(deterministic),
         scale=call.scale,
         softcap=call.softcap,
         family=attn_ops.FAMILIES[chosen],
