@@ -17,7 +17,9 @@
 // (1, Hq, total_q, Dv) with token-major storage and lse (1, Hq, total_q); max_seqlen_q/k are the
 // dims of the dropout index (the padded form's Lq, Lk). attention_fwd's `deterministic` is not
 // read by its kernels: the autograd layer records it for the backward (attention_varlen's
-// `deterministic=`, FlashAttention's argument).
+// `deterministic=`, FlashAttention's argument). `dropout_grid` ([] or [row0, col0, len_q, len_k],
+// host::check_dropout_grid) places the call's keep mask at (row0, col0) of a larger grid: ring
+// attention's blocks draw the mask of their global positions.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -28,14 +30,14 @@ TORCH_LIBRARY(seqkernels, m) {
       "float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
       "int seed, int offset, Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0., "
       "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
-      "bool deterministic=False) -> (Tensor out, Tensor lse)");
+      "bool deterministic=False, int[] dropout_grid=[]) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? attn_mask, Tensor? kv_lengths, float scale, int window_left, int window_right, "
       "bool bottom_right, float dropout_p, int seed, int offset, bool deterministic, "
       "Tensor? alibi_slopes=None, Tensor? sinks=None, float softcap=0., "
-      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
+      "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=0, int max_seqlen_k=0, "
+      "int[] dropout_grid=[]) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
   // KV cache ops. Packed form (docs/INTERNALS.md "## KV cache"), B = cache_seqlens.numel():
   // with cu_seqlens (int32 (B+1,)), k_new/v_new are the (1, Hkv, total_new, D|Dv) views of the
   // token-major (total_new, Hkv, D|Dv) rows, and row cu_seqlens[b]+t goes to cache position

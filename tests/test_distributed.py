@@ -43,6 +43,8 @@ def _inputs(B, Hq, Hkv, L, D, dtype, mods):
         kw["alibi_slopes"] = torch.rand(Hq, generator=g) * 0.5 + 0.05
     if "alibi_b" in mods:  # per (batch, head)
         kw["alibi_slopes"] = torch.rand(B, Hq, generator=g) * 0.5 + 0.05
+    if "dropout" in mods:
+        kw["dropout_p"] = 0.3
     return q, k, v, go, gl, kw
 
 
@@ -77,8 +79,15 @@ def _ring_parity(rank, case, errors):
     sh = lambda t: skd.shard_sequence(t, layout=layout, seq_dim=2)  # noqa: E731
     # The float64 reference and plain torch in the inputs' dtype, on the whole sequence.
     kw64 = {n: x.double() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+    # Each call draws its dropout seed from torch's generator (the ring: rank 0's, broadcast), so
+    # the same manual_seed before each gives every run the same keep mask of the global positions.
+    torch.manual_seed(123)
     ref = _grads(q.double(), k.double(), v.double(), go, gl, kw64, "reference", causal)
+    torch.manual_seed(123)
     base = _grads(q, k, v, go, gl, kw, "reference", causal)
+    torch.manual_seed(123 + rank)  # the other ranks' own draws must not matter
+    if rank == 0:
+        torch.manual_seed(123)
     # This rank's shard through the ring.
     ql, kl, vl = (sh(t).requires_grad_() for t in (q, k, v))
     kwl = dict(kw)
@@ -160,6 +169,8 @@ CASES = {
         ("zigzag", True, (1, 2, 1, 24, 8), F32, ("det",), (6, 0), "cpu"),  # exactly one chunk back
         ("contiguous", True, (1, 2, 2, 24, 8), F32, ("alibi",), (13, 0), "cpu"),  # c = 12, past one edge
         ("zigzag", False, (2, 2, 2, 16, 8), F32, ("alibi_b", "softcap"), (5, 2), "cpu"),
+        ("zigzag", True, (2, 4, 2, 24, 8), F32, ("dropout", "sinks"), None, "cpu"),  # exact dropout
+        ("contiguous", False, (1, 2, 1, 20, 8), F32, ("dropout",), (7, 3), "cpu"),
         ("zigzag", True, (1, 2, 1, 8, 16), F32, ("alibi", "sinks"), (2, 0), "triton"),  # interpreter, tiny
     ],
     3: [
@@ -167,6 +178,7 @@ CASES = {
         ("zigzag", False, (1, 2, 1, 18, 8), F32, (), (4, 3), "cpu"),  # c = 3: both sides cross chunks
         ("contiguous", True, (1, 2, 2, 18, 8), F32, ("alibi", "sinks"), None, "cpu"),
         ("zigzag", True, (1, 2, 2, 24, 8), F64, ("alibi",), (9, 0), "cpu"),  # c = 4: 2c + 1 back
+        ("zigzag", True, (1, 2, 1, 18, 8), BF16, ("dropout", "softcap"), (4, 0), "cpu"),
     ],
     4: [
         ("zigzag", False, (1, 2, 2, 16, 8), F32, ("sinks",), None, "cpu"),
@@ -394,7 +406,7 @@ def _refusal_worker(rank, world, init_file, errors):
         _init_group(rank, world, init_file, timeout_s=120)
         q = torch.randn(1, 2, 4, 8)
         for kw, match in (
-            (dict(dropout_p=0.1), "dropout_p"),
+            (dict(dropout_p=0.1, backend="triton"), "dropout_p"),
             (dict(window=(-2, 0)), "window"),  # bad values are refused as in attention()
             (dict(alibi_slopes=torch.ones(3)), "alibi_slopes"),  # 2 query heads
             (dict(layout="diagonal"), "layout"),

@@ -207,6 +207,28 @@ inline Varlen check_varlen(const std::optional<at::Tensor>& cu_seqlens_q, const 
   return vl;
 }
 
+// The grid the dropout keep mask is indexed on (docs/INTERNALS.md, "Dropout"): element (b, h, i, j)
+// of the call (i, j local to the sequence) draws the Philox word of
+//   n = ((b * Hq + h) * len_q + row0 + i) * len_k + col0 + j.
+// `grid` empty: row0 = col0 = 0 and (len_q, len_k) = (Lq, Lk), or (max_seqlen_q, max_seqlen_k) when
+// packed: the call's own index. [row0, col0, len_q, len_k]: the call is the block at (row0, col0) of a
+// larger (.., len_q, len_k) attention (ring attention's blocks draw the global positions' mask).
+struct DropoutGrid {
+  int64_t row0 = 0, col0 = 0, len_q = 0, len_k = 0;
+};
+
+inline DropoutGrid check_dropout_grid(at::IntArrayRef grid, const AttentionGeometry& g, const Varlen& vl,
+                                      const char* op) {
+  const int64_t rows = vl.packed() ? vl.max_q : g.Lq, keys = vl.packed() ? vl.max_k : g.Lk;
+  if (grid.empty()) return {0, 0, rows, keys};
+  TORCH_CHECK(grid.size() == 4, op, ": dropout_grid must be empty or [row0, col0, len_q, len_k], got ", grid);
+  const DropoutGrid d{grid[0], grid[1], grid[2], grid[3]};
+  TORCH_CHECK(d.row0 >= 0 && d.col0 >= 0 && d.row0 + rows <= d.len_q && d.col0 + keys <= d.len_k, op,
+              ": dropout_grid [row0, col0, len_q, len_k] = ", grid, " must hold the call's ", rows, " x ", keys,
+              " (rows x keys) block: row0, col0 >= 0, row0 + ", rows, " <= len_q, col0 + ", keys, " <= len_k");
+  return d;
+}
+
 // ---------------------------------------------------------------------------------------------
 // KV cache (seqkernels::kv_cache_append / decode_attention)
 

@@ -556,6 +556,7 @@ struct BwdBlock {
   MaskDesc mask;
   int64_t b, h0, Hq;  // h0: first query head of the group
   int64_t dLq, Lk;    // dims of the dropout index (Units::drop_Lq, drop_Lk)
+  int64_t dr0, dc0;   // where the call's rows and keys start in it (Units::drop_r0, drop_c0)
   DropoutDesc drop;
   const ScoreMods<T>* mods;  // nullptr: none on
   int64_t off;               // diagonal offset of the batch (query row i sits at i + off)
@@ -619,7 +620,7 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
     // for keys it does not see, as the reference's selection gives; exp2(-inf - NaN) would
     // otherwise spread NaN into dK/dV of hidden and padded keys.
     const T nan = std::numeric_limits<T>::quiet_NaN();
-    const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.dLq + i) * a.Lk + pl;
+    const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.dLq + a.dr0 + i) * a.Lk + a.dc0 + pl;
     for (int64_t j = 0; j < w; ++j) {
       const bool seen = s[j] != -kInf;
       dp[j] = seen ? nan : T(0);
@@ -648,7 +649,7 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
     P::store(s + j, P::exp2(P::fmadd(P::sub(P::load(s + j), lv), l2e, nc)));
   }
   const T ks = static_cast<T>(a.drop.keep_scale);
-  const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.dLq + i) * a.Lk + pl;
+  const uint64_t n0 = ((static_cast<uint64_t>(a.b) * a.Hq + h) * a.dLq + a.dr0 + i) * a.Lk + a.dc0 + pl;
   for (int64_t j = 0; j < w; ++j) {
     const T p = s[j];
     const bool keep = j >= c0 && j < c1 && keep_element(a.drop, n0 + j);
@@ -1223,7 +1224,9 @@ host::Varlen check_varlen_cpu(const std::optional<Tensor>& cu_seqlens_q, const s
 struct Units {
   int64_t n = 0;  // B, or the N sequences
   bool packed = false;
-  int64_t drop_Lq = 0, drop_Lk = 0;  // dims of the dropout index: (Lq, Lk), or (max_seqlen_q, max_seqlen_k)
+  // The dropout index's grid (host::check_dropout_grid): dims (Lq, Lk), or (max_seqlen_q,
+  // max_seqlen_k), or the caller's; the call's rows and keys start at (drop_r0, drop_c0) in it.
+  int64_t drop_Lq = 0, drop_Lk = 0, drop_r0 = 0, drop_c0 = 0;
   // Per unit: storage batch, first row, rows, first key, visible keys (kv_lengths[b] or lk), and
   // stored keys (Lk or lk: what is packed).
   std::vector<int64_t> sb, q0, lq, k0, lk, kcap;
@@ -1236,12 +1239,14 @@ struct Units {
   int64_t kpad(int64_t b, int64_t NR) const { return round_up(packed ? kcap[b] : std::max<int64_t>(kcap[b], 1), NR); }
 };
 
-Units make_units(const Geometry& g, const int32_t* kv_len, const host::Varlen& vl) {
+Units make_units(const Geometry& g, const int32_t* kv_len, const host::Varlen& vl, const host::DropoutGrid& grid) {
   Units u;
   u.packed = vl.packed();
   u.n = u.packed ? vl.n : g.B;
-  u.drop_Lq = u.packed ? vl.max_q : g.Lq;
-  u.drop_Lk = u.packed ? vl.max_k : g.Lk;
+  u.drop_Lq = grid.len_q;
+  u.drop_Lk = grid.len_k;
+  u.drop_r0 = grid.row0;
+  u.drop_c0 = grid.col0;
   for (auto* v : {&u.sb, &u.q0, &u.lq, &u.k0, &u.lk, &u.kcap}) v->resize(u.n);
   u.row0.assign(u.n + 1, 0);
   for (int64_t b = 0; b < u.n; ++b) {
@@ -1552,7 +1557,7 @@ void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, const F
   a.h = h;
   a.i0 = i0;
   a.drop = io.drop;
-  a.n_row0 = ((static_cast<uint64_t>(b) * Hq + h) * u.drop_Lq + i0) * u.drop_Lk;
+  a.n_row0 = ((static_cast<uint64_t>(b) * Hq + h) * u.drop_Lq + u.drop_r0 + i0) * u.drop_Lk + u.drop_c0;
   a.Lk = u.drop_Lk;
   a.mods = row_mods(io.mods, b, h, Hq, u.key_offset(b, io.bottom_right));
   a.O = O;
@@ -1610,7 +1615,8 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
     const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
     double dropout_p, int64_t seed, int64_t offset, const std::optional<Tensor>& alibi_slopes,
     const std::optional<Tensor>& sinks, double softcap, const std::optional<Tensor>& cu_seqlens_q,
-    const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool deterministic) {
+    const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool deterministic,
+    at::IntArrayRef dropout_grid) {
   (void)deterministic;  // recorded by the autograd layer for the backward
   constexpr const char* op = "seqkernels::attention_fwd (cpu)";
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
@@ -1629,7 +1635,7 @@ std::tuple<Tensor, Tensor> attention_fwd_cpu(
                            : at::empty({g.B, g.Hq, g.Lq, g.Dv}, q.options());
   Tensor lse = at::empty({g.B, g.Hq, g.Lq}, q.options().dtype(lse_type));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  const Units u = make_units(g, kv_len, vl);
+  const Units u = make_units(g, kv_len, vl, host::check_dropout_grid(dropout_grid, g, vl, op));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const ScoreMods<T> mods = modifiers_cpu<T>(alibi_slopes, sinks, softcap, nunits, g, op);
@@ -2257,6 +2263,8 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
   a.Hq = io.g.Hq;
   a.Lk = io.u.drop_Lk;
   a.dLq = io.u.drop_Lq;
+  a.dr0 = io.u.drop_r0;
+  a.dc0 = io.u.drop_c0;
   a.drop = io.drop;
   a.mods = &io.mods;
   a.off = io.key_offset(b);
@@ -2349,7 +2357,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
     int64_t window_right, bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic,
     const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& sinks, double softcap,
     const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k) {
+    int64_t max_seqlen_k, at::IntArrayRef dropout_grid) {
   (void)deterministic;
   constexpr const char* op = "seqkernels::attention_bwd (cpu)";
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
@@ -2393,7 +2401,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
   // sequences one after the other in its rows), written by whichever thread packs the row, then
   // summed per head in (b, i) order so that the result does not depend on the thread timing.
   std::vector<double> dsink_rows(sinks.has_value() ? g.B * g.Hq * g.Lq : 0);
-  const Units u = make_units(g, kv_len, vl);
+  const Units u = make_units(g, kv_len, vl, host::check_dropout_grid(dropout_grid, g, vl, op));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const ScoreMods<T> mods = modifiers_cpu<T>(alibi_slopes, sinks, softcap, nunits, g, op);

@@ -282,15 +282,17 @@ host::Varlen varlen_args(const std::optional<at::Tensor>& cu_seqlens_q, const st
                             has_kv_lengths, kDevice, op);
 }
 
-// cu_seqlens (already through varlen_args), the dropout index's dims; padded: none.
-void fill_varlen(AttentionParams& p, const host::Varlen& vl) {
+// cu_seqlens (already through varlen_args), the dropout index's grid; padded: no cu_seqlens.
+void fill_varlen(AttentionParams& p, const host::Varlen& vl, const host::DropoutGrid& grid) {
   p.cu_q = vl.packed() ? vl.cu_q : nullptr;
   p.cu_k = vl.packed() ? vl.cu_k : nullptr;
   p.num_seqs = vl.packed() ? static_cast<int>(vl.n) : 0;
   p.tile_offsets = nullptr;
   p.tile_bound = 0;
-  p.drop_len_q = vl.packed() ? vl.max_q : p.len_q;
-  p.drop_len_k = vl.packed() ? vl.max_k : p.len_k;
+  p.drop_len_q = grid.len_q;
+  p.drop_len_k = grid.len_k;
+  p.drop_row0 = grid.row0;
+  p.drop_col0 = grid.col0;
 }
 
 // A (1, H, total, d8) view of zero-filled token-major storage (total, H, d8): packed outputs are
@@ -356,13 +358,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const std::optional<at::Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right,
     bool bottom_right, double dropout_p, int64_t seed, int64_t offset, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& sinks, double softcap, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool deterministic) {
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool deterministic,
+    at::IntArrayRef dropout_grid) {
   (void)deterministic;  // recorded by the autograd layer for the backward
   constexpr const char* op = "seqkernels::attention_fwd (cuda)";
   check_qkv(q_in, k_in, v_in, op);
   const host::Varlen vl =
       varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_in, k_in,
                   attn_mask.has_value() && attn_mask->defined(), kv_lengths.has_value() && kv_lengths->defined(), op);
+  const host::DropoutGrid drop_grid = host::check_dropout_grid(dropout_grid, geometry(q_in, k_in), vl, op);
   const bool packed = vl.packed();
   const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, packed ? vl.n : q_in.size(0), op);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Lq = q_in.size(2);
@@ -386,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   AttentionParams p;
   fill_common(p, q, k, v, mask, kv_lengths, scale, window_left, window_right, bottom_right, dropout_p, seed, offset, D8,
               Dv8, mods, op);
-  fill_varlen(p, vl);
+  fill_varlen(p, vl, drop_grid);
   p.out = rows_view<attn::OutRows>(out);
   p.lse = lse.data_ptr<float>();
   const at::Tensor cu_q = packed ? *cu_seqlens_q : at::Tensor();
@@ -455,12 +459,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     bool bottom_right, double dropout_p, int64_t seed, int64_t offset, bool deterministic,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks, double softcap,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k) {
+    int64_t max_seqlen_k, at::IntArrayRef dropout_grid) {
   constexpr const char* op = "seqkernels::attention_bwd (cuda)";
   check_qkv(q_in, k_in, v_in, op);
   const host::Varlen vl =
       varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_in, k_in,
                   attn_mask.has_value() && attn_mask->defined(), kv_lengths.has_value() && kv_lengths->defined(), op);
+  const host::DropoutGrid drop_grid = host::check_dropout_grid(dropout_grid, geometry(q_in, k_in), vl, op);
   const bool packed = vl.packed();
   const auto mods = check_modifiers(alibi_slopes, sinks, softcap, q_in, packed ? vl.n : q_in.size(0), op);
   at::Tensor dsinks = at::zeros({sinks.has_value() ? q_in.size(1) : 0}, q_in.options().dtype(at::kFloat));
@@ -520,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   p.dq_accum_row_stride = static_cast<int>(D8);
   p.dsink_rows = dsink_rows.defined() ? dsink_rows.data_ptr<float>() : nullptr;
-  fill_varlen(p, vl);
+  fill_varlen(p, vl, drop_grid);
   const at::Tensor cu_q = packed ? *cu_seqlens_q : at::Tensor(), cu_k = packed ? *cu_seqlens_k : at::Tensor();
 
   const cudaStream_t stream = cudart::current_stream();

@@ -106,7 +106,8 @@ SK_DEVICE SK_INLINE float alibi_slope(const AttentionParams& p, int b, int h) {
 // sequence's rows and keys (padded: Lq and Lk), others are dropped (their P is 0 anyway).
 SK_DEVICE SK_INLINE bool dropout_keep_elem(const AttentionParams& p, int b, int h, int i, int j, int lq, int lk) {
   return i < lq && j < lk &&
-         dropout_keep(p.seed, p.offset, p.dropout_threshold, b, h, i, j, p.heads_q, p.drop_len_q, p.drop_len_k);
+         dropout_keep(p.seed, p.offset, p.dropout_threshold, b, h, p.drop_row0 + i, p.drop_col0 + j, p.heads_q,
+                      p.drop_len_q, p.drop_len_k);
 }
 
 // Keep bits of the kMTiles x 2 x kNTiles x 2 accumulator elements a thread holds in an

@@ -83,9 +83,10 @@ struct AttentionParams {
   // tile_bound >= tile_offsets[num_seqs] (ceil(total / tile) + num_seqs). Unused when padded.
   const int32_t* tile_offsets;
   int tile_bound;
-  // Dims of the dropout index n = ((b * Hq + h) * drop_len_q + i) * drop_len_k + j: len_q and
-  // len_k padded, max_seqlen_q and max_seqlen_k packed.
-  int64_t drop_len_q, drop_len_k;
+  // The dropout index n = ((b * Hq + h) * drop_len_q + drop_row0 + i) * drop_len_k + drop_col0 + j
+  // (host::check_dropout_grid): dims len_q and len_k padded, max_seqlen_q and max_seqlen_k packed,
+  // or the caller's dropout_grid, where the call's block starts at (drop_row0, drop_col0).
+  int64_t drop_len_q, drop_len_k, drop_row0, drop_col0;
   SK_HOST_DEVICE SK_INLINE bool packed() const { return cu_q != nullptr; }
 };
 

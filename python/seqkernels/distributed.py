@@ -21,9 +21,9 @@ top-left window. ALiBi uses the kernels' own term on blocks whose global offset 
 additive mask of the global distances elsewhere (the kernels take no diagonal offset).
 Packed (varlen) batches: `allgather_attention_varlen` all-gathers K/V and runs this rank's rows
 with `attention_varlen`, as Llama 3 trains.
-What is not here yet (an explicit error, not a silent fallback): dropout (the kernels' Philox keep
-mask is indexed by the block's own (i, j); drawing the global positions' mask needs a kernel
-argument).
+Dropout is exact under sharding: each block passes the kernels its place in the global attention
+(`dropout_grid`), so it draws the single-device keep mask there (ring-flash-attention has no
+dropout). The Triton kernels do not take that argument yet: an explicit error, not a fallback.
 
 Models: `use_context_parallel(model, group)` puts every `seqkernels.nn.MultiheadAttention` of a model
 (`seqkernels.swap_attention` makes them from torch's) in ring mode and returns a handle that undoes it;
@@ -239,6 +239,12 @@ def _blocks(q_ids: List[int], kv_ids: List[int], c: int, left: int, right: int):
                 yield a, b, blk
 
 
+def _grid(q_chunk: int, k_chunk: int, c: int, blk: _Block, L: int, dropout: tuple) -> List[int]:
+    """The kernels' dropout_grid of a block: its first query and key at their global positions of the
+    (L, L) attention, so its keep mask is the single-device call's there ([] without dropout)."""
+    return [q_chunk * c + blk.qa, k_chunk * c + blk.ka, L, L] if dropout[0] > 0 else []
+
+
 def _alibi_args(slopes: Optional[Tensor], blk: _Block, B: int, acc: torch.dtype):
     """(attn_mask, alibi_slopes) for one block: the kernels' ALiBi term where the block's top-left
     distance is the global one (shift 0: the diagonal blocks), else the global -slope * |gi - gj| as a
@@ -280,14 +286,16 @@ class _RingAttention(torch.autograd.Function):
             if step + 1 < W:
                 nxt, reqs = ring.start(block)  # posted before computing on `block`: overlaps the compute
             kb, vb = _unpack(block, shapes)
-            for a, b, blk in _blocks(q_ids, chunk_ids((r - step) % W, W, layout), c, *meta["window"]):
+            kv_ids = chunk_ids((r - step) % W, W, layout)
+            for a, b, blk in _blocks(q_ids, kv_ids, c, *meta["window"]):
                 rows = slice(a * c + blk.qa, a * c + blk.qb)
                 keys = slice(b * c + blk.ka, b * c + blk.kb)
                 mask, slopes = _alibi_args(meta["alibi"], blk, B, acc_dtype)
                 o, l_ = fwd(
                     q[:, :, rows], kb[:, :, keys], vb[:, :, keys],
-                    mask, None, meta["scale"], blk.left, blk.right, False, 0.0, 0, 0,
-                    slopes, None, meta["softcap"],
+                    mask, None, meta["scale"], blk.left, blk.right, False, *meta["dropout"],
+                    slopes, None, meta["softcap"], None, None, 0, 0, False,
+                    _grid(q_ids[a], kv_ids[b], c, blk, Lq * W, meta["dropout"]),
                 )  # fmt: skip
                 out[:, :, rows], lse[:, :, rows] = merge_attention_states(out[:, :, rows], lse[:, :, rows], o, l_)
             if reqs is not None:
@@ -332,19 +340,29 @@ class _RingAttention(torch.autograd.Function):
                 sq = slice(a * c + blk.qa, a * c + blk.qb)
                 sk = slice(b * c + blk.ka, b * c + blk.kb)
                 mask, slopes = _alibi_args(meta["alibi"], blk, B, acc)
-                params = (mask, None, meta["scale"], blk.left, blk.right, False, 0.0, 0, 0, det, slopes, None,
-                          meta["softcap"])  # fmt: skip
+                head = (mask, None, meta["scale"], blk.left, blk.right, False)
+                tail = (
+                    det,
+                    slopes,
+                    None,
+                    meta["softcap"],
+                    None,
+                    None,
+                    0,
+                    0,
+                    _grid(q_ids[a], kv_ids[b], c, blk, Lq * W, meta["dropout"]),
+                )
                 qs, ks, vs = q[:, :, sq], kb[:, :, sk], vb[:, :, sk]
                 ls = lse32[:, :, sq].contiguous()
                 dq_b, dk_b, dv_b, _ = bwd(grad_out[:, :, sq].contiguous(), qs, ks, vs, out[:, :, sq].contiguous(), ls,
-                                          *params)  # fmt: skip
+                                          *head, *meta["dropout"], *tail)  # fmt: skip
                 dq[:, :, sq] += dq_b
                 dk_acc[:, :, sk] += dk_b
                 dv_acc[:, :, sk] += dv_b
-                if has_lse_grad:  # d lse / d s = P: the backward kernel with V := ones, dO := g, O := 0
+                if has_lse_grad:  # d lse / d s = P (undropped): the backward kernel with V := ones, dO := g, O := 0
                     g = grad_lse[:, :, sq].unsqueeze(-1).to(q.dtype).contiguous()
                     ones = ks.new_ones(ks.shape[:3] + (1,))
-                    dq_l, dk_l, _, _ = bwd(g, qs, ks, ones, torch.zeros_like(g), ls, *params)
+                    dq_l, dk_l, _, _ = bwd(g, qs, ks, ones, torch.zeros_like(g), ls, *head, 0.0, 0, 0, *tail)
                     dq[:, :, sq] += dq_l
                     dk_acc[:, :, sk] += dk_l
             # The gradients accumulated for this block follow it around the ring; after W hops they
@@ -405,17 +423,15 @@ def ring_attention(
     global positions, as `attention` has them on the whole sequence. `deterministic=True` (or torch's
     deterministic flag) asks every block's backward kernel for bitwise repeatable gradients; the ring
     adds the blocks' results in a fixed order, so the whole result is repeatable run to run (across
-    world sizes it differs only by the float32 rounding of a different merge order).
+    world sizes it differs only by the float32 rounding of a different merge order). `dropout_p` is
+    exact under sharding: every block draws the keep mask of its global positions (the kernels'
+    dropout_grid) with rank 0's seed, so the ring equals the single-device call after the same
+    torch.manual_seed (cpu and cuda backends; Triton refuses it).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention: torch.distributed is not initialized (call init_process_group first)")
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    if dropout_p:
-        raise NotImplementedError(
-            "dropout_p: ring_attention has no dropout yet (the kernels' keep mask would have to follow global "
-            "positions across shards)"
-        )
     world, _ = _world(group)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v: expected 4-D shards (B, H, L_local, D)")
@@ -423,8 +439,9 @@ def ring_attention(
         raise ValueError(f"q, k: query and key shards must have the same length, got {q.shape[2]} and {k.shape[2]}")
     _check_length(q.shape[2] * world, world, layout, "the global sequence length (L_local * W)")
     call = attn_ops.prepare_attention(
-        q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes
-    )
+        q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+    )  # fmt: skip
     chosen = backends.resolve(attn_ops.OP, q.device, call, backend)
     if chosen == "reference":
         raise backends.BackendError(
@@ -432,8 +449,19 @@ def ring_attention(
             "output and lse; none is available for these inputs: "
             + str(backends.why_not(attn_ops.OP, "cpu", q.device, call))
         )
+    if dropout_p and chosen == "triton":
+        raise NotImplementedError(
+            "dropout_p: ring_attention's dropout needs kernels that draw the keep mask of global positions "
+            "(dropout_grid); the cpu and cuda backends have them, the Triton kernels not yet"
+        )
     _, _, sink_logits = check_modifiers(q, None, None, sinks)
+    seed = call.seed
+    if dropout_p and world > 1:  # every rank draws the same mask: rank 0's seed
+        t = torch.tensor([seed], dtype=torch.int64, device=q.device)
+        dist.broadcast(t, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+        seed = int(t.item())
     meta = dict(
+        dropout=(float(dropout_p), seed, call.offset),
         group=group,
         layout=layout,
         window=(call.window_left, call.window_right),  # global, causal folded in (right = 0)

@@ -129,17 +129,19 @@ def dropout_keep_mask_ref(
 ) -> Tensor:
     """Bool keep mask ``(B, H, Lq, Lk)``: element ``(b, h, i, j)`` is kept iff the Philox word of
     ``n = ((b * H + h) * Lq + i) * Lk + j`` is ``>= floor(p * 2^32)``. ``H`` is the number of
-    *query* heads. ``index=(b0, Lq_pad, Lk_pad)`` numbers the elements as batch ``b0 + b`` of a
-    ``(.., H, Lq_pad, Lk_pad)`` grid instead: one sequence of a packed batch (attention_varlen)
-    draws the keep mask of its padded form."""
+    *query* heads. ``index=(b0, Lq_pad, Lk_pad[, row0, col0])`` numbers the elements as batch
+    ``b0 + b``, row ``row0 + i``, key ``col0 + j`` of a ``(.., H, Lq_pad, Lk_pad)`` grid instead:
+    one sequence of a packed batch (attention_varlen) draws the keep mask of its padded form, a
+    block of a larger attention (dropout_grid) that of its place in it."""
     threshold = dropout_threshold_ref(p)
     if index is None:
         n = torch.arange(B * H * Lq * Lk, dtype=torch.int64, device=device).view(B, H, Lq, Lk)
     else:
-        b0, lq_pad, lk_pad = (int(x) for x in index)
+        b0, lq_pad, lk_pad, row0, col0 = (tuple(int(x) for x in index) + (0, 0))[:5]
         ar = functools.partial(torch.arange, dtype=torch.int64, device=device)
         bh = (ar(B).view(B, 1) + b0) * H + ar(H).view(1, H)
-        n = (bh.view(B, H, 1, 1) * lq_pad + ar(Lq).view(1, 1, Lq, 1)) * lk_pad + ar(Lk).view(1, 1, 1, Lk)
+        rows, cols = ar(Lq).view(1, 1, Lq, 1) + row0, ar(Lk).view(1, 1, 1, Lk) + col0
+        n = (bh.view(B, H, 1, 1) * lq_pad + rows) * lk_pad + cols
     if threshold == 0:
         return torch.ones_like(n, dtype=torch.bool)
     if threshold >= 1 << 32:
@@ -263,6 +265,7 @@ def attention_ref(
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
+    dropout_grid=None,
     _dropout_index=None,
 ) -> tuple[Tensor, Tensor]:
     """Masked scaled-dot-product attention with the normalized arguments of docs/INTERNALS.md.
@@ -290,6 +293,9 @@ def attention_ref(
             ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``, computed one sequence at a time;
             ``alibi_slopes`` is then ``(N, Hq)`` and dropout draws each sequence's keep mask of
             the padded ``(N, Hq, max_seqlen_q, max_seqlen_k)`` form.
+        dropout_grid: None (or empty) or ``[row0, col0, len_q, len_k]``: the keep mask of element
+            ``(b, h, i, j)`` (``i, j`` local to the sequence) is that of ``(b, h, row0 + i, col0 + j)``
+            of a ``(.., len_q, len_k)`` grid (the kernels' argument of the same name).
 
     Returns:
         ``(out, lse)``: ``out (B, Hq, Lq, Dv)`` in q's dtype; ``lse (B, Hq, Lq)`` the natural
@@ -301,9 +307,12 @@ def attention_ref(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask=attn_mask,
             kv_lengths=kv_lengths, scale=scale, window_left=window_left, window_right=window_right,
             bottom_right=bottom_right, dropout_p=dropout_p, seed=seed, offset=offset, softcap=softcap,
-            alibi_slopes=alibi_slopes, sinks=sinks,
+            alibi_slopes=alibi_slopes, sinks=sinks, dropout_grid=dropout_grid,
         )  # fmt: skip
     _check_attention_args(q, k, v, attn_mask, kv_lengths)
+    if dropout_grid is not None and len(dropout_grid) and _dropout_index is None:
+        row0, col0, len_q, len_k = (int(x) for x in dropout_grid)
+        _dropout_index = (0, len_q, len_k, row0, col0)
     out_dtype = q.dtype
     # Half types compute in float32, as torch's math SDPA does (and as every kernel accumulates),
     # so the low-precision reference is the plain-torch baseline of the parity rule.
@@ -399,12 +408,16 @@ def _attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     if len(cq) != len(ck) or not cq:
         raise ValueError(f"cu_seqlens_q, cu_seqlens_k: expected (N+1,) each, got {len(cq)} and {len(ck)} entries")
     slopes = kw.pop("alibi_slopes", None)
+    grid = kw.pop("dropout_grid", None)
+    row0, col0, len_q, len_k = (
+        (int(x) for x in grid) if grid is not None and len(grid) else (0, 0, max_seqlen_q, max_seqlen_k)
+    )
     outs, lses = [], []
     for b in range(len(cq) - 1):
         sl = slopes if slopes is None or slopes.dim() == 1 else slopes[b : b + 1]
         o, lse = attention_ref(
             q[:, :, cq[b] : cq[b + 1]], k[:, :, ck[b] : ck[b + 1]], v[:, :, ck[b] : ck[b + 1]],
-            alibi_slopes=sl, _dropout_index=(b, max_seqlen_q, max_seqlen_k), **kw,
+            alibi_slopes=sl, _dropout_index=(b, len_q, len_k, row0, col0), **kw,
         )  # fmt: skip
         outs.append(o)
         lses.append(lse)

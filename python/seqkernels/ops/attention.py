@@ -16,7 +16,7 @@ off_b = Lk_b - Lq (bottom-right, `attention`) or 0 (top-left, torch SDPA's `is_c
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -241,6 +241,16 @@ OP = backends.OpBackends(name="attention", cpp_ops=("attention_fwd", "attention_
 # Triton family: opaque custom ops (torch.compile treats them as one node, also under the interpreter).
 
 
+def _no_dropout_grid(dropout_grid) -> None:
+    """The Triton kernels index the dropout mask by the call's own (i, j) only (the C++ kernels take
+    csrc/registration.cpp's dropout_grid); asking for another grid is an error, never ignored."""
+    if dropout_grid is not None and len(dropout_grid):
+        raise NotImplementedError(
+            f"dropout_grid: the Triton attention kernels draw the dropout mask on the call's own grid only, got "
+            f"{list(dropout_grid)} (the cpu and cuda backends take it)"
+        )
+
+
 @torch.library.custom_op("seqkernels::triton_attention_fwd", mutates_args=())
 def triton_attention_fwd(
     q: Tensor,
@@ -263,8 +273,11 @@ def triton_attention_fwd(
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
     deterministic: bool = False,
+    dropout_grid: Optional[Sequence[int]] = None,
 ) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import attention as tk
+
+    _no_dropout_grid(dropout_grid)
 
     return tk.attention_fwd(
         q,
@@ -314,8 +327,11 @@ def triton_attention_bwd(
     cu_seqlens_k: Optional[Tensor] = None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
+    dropout_grid: Optional[Sequence[int]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..triton_kernels import attention as tk
+
+    _no_dropout_grid(dropout_grid)
 
     return tk.attention_bwd(
         grad_out,
@@ -346,7 +362,8 @@ def triton_attention_bwd(
 
 # The op's inputs: q, k, v, attn_mask, kv_lengths, then these scalars, then the modifiers
 # (alibi_slopes, sinks, softcap), then the packed-sequence arguments (cu_seqlens_q, cu_seqlens_k,
-# max_seqlen_q, max_seqlen_k) and, for the forward, `deterministic`.
+# max_seqlen_q, max_seqlen_k), for the forward `deterministic`, and `dropout_grid` (both; [] = the
+# call's own grid).
 _N_PARAMS = 7  # scale, window_left, window_right, bottom_right, dropout_p, seed, offset
 _MODS_AT = 5 + _N_PARAMS
 _VARLEN_AT = _MODS_AT + 3
@@ -381,11 +398,13 @@ def _setup_context(ctx, inputs, output):
     ctx.params = inputs[5:_MODS_AT]
     alibi, sinks, ctx.softcap = _tail(inputs, _MODS_AT, _MODS_DEFAULT)
     cu_q, cu_k, ctx.max_seqlen = *_tail(inputs, _VARLEN_AT, _VARLEN_DEFAULT)[:2], _tail(inputs, _VARLEN_AT + 2, (0, 0))
-    (ctx.deterministic,) = _tail(inputs, _VARLEN_AT + 4, (False,))
+    ctx.deterministic, ctx.dropout_grid = _tail(inputs, _VARLEN_AT + 4, (False, ()))
     ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, kv_lengths, alibi, sinks, cu_q, cu_k)
 
 
-def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, mods, grad_out=None, grad_lse=None, varlen=_VARLEN_DEFAULT):
+def _reference_vjp(
+    q, k, v, attn_mask, kv_lengths, params, mods, grad_out=None, grad_lse=None, varlen=_VARLEN_DEFAULT, dropout_grid=()
+):
     """(dq, dk, dv, dsinks) of the attention (and/or its lse) by autograd through the reference math,
     kept in the graph. This is the backward used when the caller builds a graph of the backward
     itself (`create_graph=True`: double backward, gradient penalties, gradgradcheck): the kernels
@@ -418,6 +437,7 @@ def _reference_vjp(q, k, v, attn_mask, kv_lengths, params, mods, grad_out=None, 
             cu_seqlens_k=cu_k,
             max_seqlen_q=max_q,
             max_seqlen_k=max_k,
+            dropout_grid=dropout_grid,
         )
         outs, grads = [], []
         if grad_out is not None:
@@ -448,18 +468,20 @@ def _make_backward(bwd_op):
         varlen = (cu_q, cu_k, *ctx.max_seqlen)
         if torch.is_grad_enabled():
             dq, dk, dv, dsinks = _reference_vjp(
-                q, k, v, attn_mask, kv_lengths, ctx.params, mods, grad_out=grad_out, varlen=varlen
-            )
+                q, k, v, attn_mask, kv_lengths, ctx.params, mods, grad_out=grad_out, varlen=varlen,
+                dropout_grid=ctx.dropout_grid,
+            )  # fmt: skip
         else:
             deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
             # Dense in memory, or in out's own layout (token-major for packed sequences): no copy.
             g = grad_out if grad_out.is_contiguous() or grad_out.stride() == out.stride() else grad_out.contiguous()
             dq, dk, dv, dsinks = bwd_op(
-                g, q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params, deterministic, *mods, *varlen
-            )
+                g, q, k, v, out, lse, attn_mask, kv_lengths, *ctx.params, deterministic, *mods, *varlen,
+                ctx.dropout_grid,
+            )  # fmt: skip
             if sinks is None:
                 dsinks = None
-        return (dq, dk, dv, None, None) + (None,) * _N_PARAMS + (None, dsinks, None) + (None,) * 5
+        return (dq, dk, dv, None, None) + (None,) * _N_PARAMS + (None, dsinks, None) + (None,) * 6
 
     return backward
 
