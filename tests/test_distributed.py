@@ -596,6 +596,37 @@ def _mha_parity(rank, world, layout, causal):
     assert torch.equal(again[0], local[0]) and torch.equal(again[1], local[1])
 
 
+def _mha_dropout_parity(rank, world, layout):
+    """Training mode with attention dropout: the ring draws the unsharded module's keep mask, so after
+    the same manual_seed the sharded model's output and gradients are seqkernels' own single-process
+    ones (torch's module draws another mask, so the comparison is with the swapped model run whole)."""
+    N, L, E, H = 2, 12, 16, 2
+    torch.manual_seed(11)
+    model = _TwoAttentionLayers(E, H)
+    x, go = torch.randn(N, L, E), torch.randn(N, L, E)
+    assert seqkernels.swap_attention(model) == 2
+    for m in (model.first, model.second):
+        m.dropout = 0.25
+    model.train()
+    causal = (True, False)
+    local_masks = [torch.nn.Transformer.generate_square_subsequent_mask(L), None]
+    torch.manual_seed(5)
+    local = _mha_run(model, x, go, local_masks, causal)
+    sh = lambda t: skd.shard_sequence(t, layout=layout, seq_dim=1)  # noqa: E731
+    with skd.use_context_parallel(model, layout=layout):
+        torch.manual_seed(5)
+        out, gx, gp = _mha_run(model, sh(x), sh(go), [None, None], causal)
+        for g in gp.values():
+            dist.all_reduce(g)
+    torch.testing.assert_close(skd.unshard_sequence(out, layout=layout, seq_dim=1), local[0])
+    torch.testing.assert_close(gx, sh(local[1]))
+    for name, g in gp.items():
+        torch.testing.assert_close(g, local[2][name], msg=lambda m: f"{name}: {m}")  # noqa: B023
+    # Dropout is really on: another seed gives another output.
+    torch.manual_seed(6)
+    assert not torch.equal(_mha_run(model, x, go, local_masks, causal)[0], local[0])
+
+
 def _mha_refusals(errors):
     """Every argument the ring cannot honour raises, naming it; the handle undoes the mode."""
     from seqkernels.nn import MultiheadAttention
@@ -626,9 +657,6 @@ def _mha_refusals(errors):
     ]
     for match, kw in calls:
         expect(match, lambda: m(x, x, x, **{"need_weights": match == "need_weights", **kw}))
-    m.train()
-    expect("dropout", lambda: m(x, x, x, need_weights=False))  # training mode, dropout 0.1
-    m.eval()
     expect("key, value", lambda: m(x, torch.randn(1, 2 * Lloc, E), torch.randn(1, 2 * Lloc, E), need_weights=False))
     expect("context_parallel", m.to_torch)
     for kw, match in ((dict(kdim=8, vdim=8), "kdim"), (dict(add_bias_kv=True), "add_bias_kv"),
@@ -654,6 +682,8 @@ def _mha_worker(rank, world, init_file, jobs, errors):
             try:
                 if job == "refusals":
                     _mha_refusals(errors)
+                elif job[0] == "dropout":
+                    _mha_dropout_parity(rank, world, job[1])
                 else:
                     _mha_parity(rank, world, *job)
             except Exception:
@@ -669,7 +699,7 @@ def _mha_worker(rank, world, init_file, jobs, errors):
 # spawn costs seconds of imports), the refusals on the world-2 one.
 MHA_JOBS = {
     2: [("zigzag", (True, False)), "refusals"],
-    3: [("zigzag", (True, True)), ("contiguous", (False, True))],
+    3: [("zigzag", (True, True)), ("contiguous", (False, True)), ("dropout", "zigzag")],
 }
 
 

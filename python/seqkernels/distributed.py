@@ -731,8 +731,9 @@ def use_context_parallel(
     them). Projections and everything per token run locally; the attention runs over the global
     sequence. Causal attention: `is_causal=True` with `attn_mask=None` or the standard causal mask
     (`generate_square_subsequent_mask`, of the shard's length), causal over the global sequence.
-    Refused by name, never run as local attention: `key_padding_mask`, any other `attn_mask`,
-    `need_weights=True` (torch's default: pass False), dropout > 0 in training, `kdim`/`vdim` other than
+    Dropout in training draws the unsharded module's keep mask (the same after the same
+    torch.manual_seed). Refused by name, never run as local attention: `key_padding_mask`, any other
+    `attn_mask`, `need_weights=True` (torch's default: pass False), `kdim`/`vdim` other than
     `embed_dim`, `add_bias_kv`, `add_zero_attn`, and key/value shards of another length than the query's.
     Parameter gradients are per-rank shares, to be summed over the group (as DDP does). `backend`
     overrides the modules' own for the ring's blocks (a kernel backend: cpu, cuda, triton).

@@ -417,11 +417,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 f"key_padding_mask: {where} takes unpadded sequences (padding cannot be expressed per shard "
                 "yet); pack or trim the batch instead"
             )
-        if self.dropout > 0.0 and self.training:
-            raise NotImplementedError(
-                f"dropout: {where} has no attention dropout yet (dropout={self.dropout} in training mode); "
-                "set the module's dropout to 0 or call .eval()"
-            )
         if not self._qkv_same_embed_dim:
             raise ValueError(
                 f"kdim, vdim: {where} needs kdim == vdim == embed_dim (got kdim={self.kdim}, vdim={self.vdim}, "
@@ -454,7 +449,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         q, k, v = self._project(query, key, value)
         q, k, v = (self._heads(t, batch_first).contiguous() for t in (q, k, v))
         backend = spec.backend if spec.backend is not None else self.backend
-        out = ring_attention(q, k, v, spec.group, causal=causal, layout=spec.layout, backend=backend)
+        # Dropout draws the single-process keep mask of the global positions (ring_attention's
+        # dropout_grid), so a seeded run matches the unsharded module's.
+        dropout_p = self.dropout if self.training else 0.0
+        out = ring_attention(
+            q, k, v, spec.group, causal=causal, layout=spec.layout, dropout_p=dropout_p, backend=backend
+        )
         out = self._out(out, batch_first)
         return (out if batched else out.squeeze(0)), None
 
