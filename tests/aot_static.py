@@ -6,10 +6,13 @@ what matters to their kernels. Compilation runs in a fresh process where triton 
 (the interpreter's kernels cannot be compiled).
 """
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import seqkernels
 
@@ -75,21 +78,43 @@ def static_shard(configs: list, shard: int, nshards: int) -> list:
     return list(configs)[shard::nshards]
 
 
-def collect_triton_shard(module: str, shard: int, nshards: int) -> list:
+def collect_triton_shard(module: str, shard: int, nshards: int, progress=None) -> list:
     """seqkernels.kernel_report.collect_triton on the entries static_shard(..., shard, nshards) of
     the module's STATIC_CONFIGS: the same rows (same compile, same checks, one per entry and arch),
     for a part of the list, so that the parts of a long list can run on different test workers.
     Runs in a fresh process where triton is not interpreting, with kernel_report's own process pool
-    (MAX_JOBS or one process per core)."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    (MAX_JOBS or one process per core). `progress(done, total)` is called as compiles finish
+    (total: the distinct compiles of the shard, entries that compile the same kernel count once)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", SEQKERNELS_REPORT_PROGRESS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", _SHARD_SCRIPT, module, str(shard), str(nshards)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        check=False,
+        start_new_session=True,  # its own process group: the compile pool goes with it on a timeout
     )
-    marker = proc.stdout.rfind("@@ROWS@@")
-    assert proc.returncode == 0 and marker >= 0, f"{proc.stdout[-4000:]}{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout[marker + len("@@ROWS@@") :])
+    out: list = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    err = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("@@PROGRESS@@"):
+                if progress is not None:
+                    done, total = map(int, line.split()[1:3])
+                    progress(done, total)
+            else:
+                err.append(line)
+        proc.wait()
+    except BaseException:  # pytest-timeout, ^C: no compile left running after the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    reader.join()
+    stdout, stderr = "".join(out), "".join(err)
+    marker = stdout.rfind("@@ROWS@@")
+    assert proc.returncode == 0 and marker >= 0, f"{stdout[-4000:]}{stderr[-4000:]}"
+    return json.loads(stdout[marker + len("@@ROWS@@") :])

@@ -17,6 +17,15 @@ def _has_gpu() -> bool:
 if not _has_gpu():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Triton's compile cache (the ahead-of-time compiles of tests/test_static_triton.py and the kernel
+# tests' samples) lives under the checkout's build/ (ignored by git) unless TRITON_CACHE_DIR says
+# otherwise, so that a rerun in the same checkout reuses it; kernel_report keeps its rows next to
+# its CUDA results, under build/kernel_report.
+os.environ.setdefault(
+    "TRITON_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "triton-cache"),
+)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -2,7 +2,13 @@
 triton_kernels/<op>.py STATIC_CONFIGS is compiled ahead of time for every arch of
 SEQKERNELS_CUDA_ARCHS (default 8.0;9.0) and must compile, use no stack or local memory, fit the
 arch's shared memory, and use tensor cores (wgmma on sm_90) when it does matrix work. The
-machinery is tested on tests/emulation/static_selftest_triton.py. No GPU needed."""
+machinery is tested on tests/emulation/static_selftest_triton.py. No GPU needed.
+
+A cold compile of the lists takes minutes (about 2.5 CPU-seconds per configuration and arch on the
+2-core reference machine): each module test prints what it compiles, a progress line every 30 s
+and its total past pytest's capture. Triton's cache (TRITON_CACHE_DIR, by default build/triton-cache
+of the checkout, set in tests/conftest.py) and kernel_report's per-kernel rows (build/kernel_report/
+triton) make a rerun in the same checkout take seconds."""
 
 import importlib
 import os
@@ -75,6 +81,9 @@ def _say(request, msg):
         print(msg, file=sys.stderr, flush=True)
 
 
+# A cold shard takes 5 to 7 minutes on two free cores and three times that on a machine loaded
+# past 10 (2026-12-05): past pyproject's 600 s per test. Its progress lines show it is not stuck.
+@pytest.mark.timeout(2400)
 @needs_cuobjdump
 @pytest.mark.parametrize("module,shard,nshards", _module_shards())
 def test_triton_kernel_module(module, shard, nshards, request):
@@ -84,7 +93,16 @@ def test_triton_kernel_module(module, shard, nshards, request):
     _say(request, f"\n[static triton] compiling {len(configs)} configs of {module}{part} ahead of time for "
                   f"sm_80/sm_90 (Triton's cache {cache} makes a rerun take seconds)")  # fmt: skip
     t0 = time.perf_counter()
-    rows = collect_triton_shard(module, shard, nshards)
+    last = [t0]
+
+    def progress(done, total):
+        # A line every 30 s and at the end: the cold compile of a shard takes minutes.
+        now = time.perf_counter()
+        if done == total or now - last[0] >= 30:
+            last[0] = now
+            _say(request, f"[static triton] {module}{part}: {done}/{total} compiled, {now - t0:.0f} s")
+
+    rows = collect_triton_shard(module, shard, nshards, progress)
     _say(request, f"[static triton] {module}{part}: {len(rows)} kernels checked in {time.perf_counter() - t0:.0f} s")
     assert rows
     # One row per entry and arch: the shard compiled its whole share, so the shards together compile

@@ -13,9 +13,14 @@ installed wheel) ``collect`` reads the kernels compiled into ``seqkernels._C`` i
 (``cuobjdump -res-usage``: registers, shared, stack, local memory).
 
 Triton kernels are compiled ahead of time with ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", 80 | 90, 32))``; the cubin's resource usage and SASS give the same
-columns (Triton does not report spills without a driver; a non-zero stack or local memory is
-what spills turn into).
+target=GPUTarget("cuda", 80 | 90, 32))``; the cubin's resource usage (``cuobjdump -res-usage``)
+gives the same columns (Triton does not report spills without a driver; a non-zero stack or local
+memory is what spills turn into). Tensor-core use comes from the PTX (``wgmma`` / ``mma.sync``);
+only a kernel whose PTX has neither is disassembled (``cuobjdump -sass``) to look for HMMA/HGMMA
+in its SASS. Entries that compile the same kernel (same function, signature, constexprs, hints,
+warps, stages and arch) are compiled once and each gets its row. Inside a source checkout each
+compiled kernel's columns are kept under ``build/kernel_report/triton``, named by Triton's cache
+key, so a rerun whose Triton cache is warm runs no cuobjdump (``SEQKERNELS_REPORT_CACHE=0``: off).
 
 Triton registry protocol
 ------------------------
@@ -467,29 +472,76 @@ def compile_triton_config(
     compiled = triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )
+    cache = _triton_row_cache(compiled)
+    if cache is not None and cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError):
+            pass
     cuobjdump = _tool("cuobjdump")
     if cuobjdump is None:
         raise RuntimeError("cuobjdump not found (CUDA toolkit or Triton's bundled tools)")
     import tempfile
 
+    ptx = compiled.asm.get("ptx", "")
+    # The PTX settles the tensor-core question when it holds wgmma or mma.sync (ptxas turns them
+    # into HGMMA / HMMA); only a kernel without them is disassembled, to see whether its SASS has
+    # tensor-core instructions all the same. Disassembly (cuobjdump -sass) is about a sixth of the
+    # cost of a cold compile; the resource usage (-res-usage) costs milliseconds.
+    ptx_kind = "wgmma" if "wgmma." in ptx else ("mma" if "mma.sync" in ptx else None)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         res = parse_res_usage(subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout)
-        sass = parse_sass(subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout)
+        sass = (
+            parse_sass(subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout)
+            if ptx_kind is None
+            else None
+        )
     r = next(iter(res.values()), {"registers": None, "stack": 0, "local": 0})
-    s = next(iter(sass.values()), {"tensor_cores": False, "local_instructions": 0})
-    ptx = compiled.asm.get("ptx", "")
-    kind = "wgmma" if "wgmma." in ptx else ("mma" if "mma.sync" in ptx or s["tensor_cores"] else None)
-    return {
+    s = next(iter(sass.values()), {"tensor_cores": False, "local_instructions": 0}) if sass is not None else None
+    kind = ptx_kind or ("mma" if s["tensor_cores"] else None)
+    row = {
         "registers": r["registers"],
         "shared_bytes": int(compiled.metadata.shared),
         "stack_bytes": r["stack"],
         "local_bytes": r["local"],
-        "local_instructions": s["local_instructions"],
+        # STL/LDL instructions in the SASS; None when the SASS was not disassembled (see above).
+        "local_instructions": s["local_instructions"] if s is not None else None,
         "tensor_cores": kind is not None,
         "tensor_core_kind": kind,
     }
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(row))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return row
+
+
+# Bump when what compile_triton_config reads from a compiled kernel changes: the cached rows of
+# older versions are then not used.
+_TRITON_ROW_VERSION = 2
+
+
+def _triton_row_cache(compiled) -> Path | None:
+    """Where the resource row of a compiled Triton kernel is kept between runs: under
+    build/kernel_report/triton of the source checkout (SEQKERNELS_REPORT_BUILD_DIR), named after
+    Triton's own cache key of the compile (source, constexprs, options, target, Triton and ptxas
+    versions), so that a rerun whose Triton cache is warm runs no cuobjdump. None outside a checkout
+    or with SEQKERNELS_REPORT_CACHE=0."""
+    if os.environ.get("SEQKERNELS_REPORT_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    key = getattr(compiled, "hash", None)
+    root = os.environ.get("SEQKERNELS_REPORT_BUILD_DIR") or (
+        source_root() / "build" / "kernel_report" if source_root() else None
+    )
+    if not key or root is None:
+        return None
+    return Path(root) / "triton" / f"{key}-v{_TRITON_ROW_VERSION}.json"
 
 
 def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
@@ -505,11 +557,12 @@ def _entry_archs(entry, archs: list[int]) -> list[int]:
     return [a for a in archs if (a >= 90) == (own >= 90)]
 
 
-def _triton_job(modname: str, index: int, arch: int) -> dict:
+def _triton_row(modname: str, index: int, arch: int) -> dict:
+    """The row of one entry and arch before compiling: what it is and what it must show."""
     entry = importlib.import_module(modname).STATIC_CONFIGS[index]
     kernel, signature, constexprs, num_warps, num_stages, expects = entry
     name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", str(kernel))
-    row = {
+    return {
         "kind": "triton",
         "source": modname,
         "kernel": name,
@@ -520,19 +573,61 @@ def _triton_job(modname: str, index: int, arch: int) -> dict:
         "spill_loads": None,
         "expects_tensor_cores": expects if expects == "mma" else bool(expects),
     }
+
+
+def _triton_compile_job(modname: str, index: int, arch: int) -> dict:
+    """compile_triton_config's columns for one entry and arch, or {"error": message}."""
+    entry = importlib.import_module(modname).STATIC_CONFIGS[index]
+    kernel, signature, constexprs, num_warps, num_stages, _ = entry
     try:
-        row.update(
-            compile_triton_config(
-                kernel, signature, constexprs, num_warps, num_stages, arch, attrs=getattr(entry, "attrs", None)
-            )
+        return compile_triton_config(
+            kernel, signature, constexprs, num_warps, num_stages, arch, attrs=getattr(entry, "attrs", None)
         )
-        row["problems"] = _problems(row)
     except Exception as e:  # a config that does not compile is a finding, not a crash
+        return {"error": f"does not compile: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
+def _finish_triton_row(row: dict, compiled: dict) -> dict:
+    row = dict(row)
+    if "error" in compiled:
         row.update(
             {"registers": None, "shared_bytes": None, "stack_bytes": None, "local_bytes": None, "tensor_cores": None}
         )
-        row["problems"] = [f"does not compile: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"]
+        row["problems"] = [compiled["error"]]
+    else:
+        row.update(compiled)
+        row["problems"] = _problems(row)
     return row
+
+
+def _triton_job(modname: str, index: int, arch: int) -> dict:
+    return _finish_triton_row(_triton_row(modname, index, arch), _triton_compile_job(modname, index, arch))
+
+
+def _compile_key(modname: str, index: int, arch: int):
+    """What triton.compile sees of one entry and arch: entries with equal keys compile to the same
+    kernel (Triton's cache key is a function of these), so it is compiled once for all of them."""
+    entry = importlib.import_module(modname).STATIC_CONFIGS[index]
+    kernel, signature, constexprs, num_warps, num_stages, _ = entry
+    sig, derived = _signature_and_attrs(kernel, signature)
+    attrs = getattr(entry, "attrs", None)
+    attrs = derived if attrs is None else attrs
+    return (
+        id(kernel),
+        repr(sorted(sig.items())),
+        repr(sorted((k, repr(v)) for k, v in dict(constexprs).items())),
+        repr(sorted((repr(k), repr(v)) for k, v in attrs.items())),
+        num_warps,
+        num_stages,
+        arch,
+    )
+
+
+def _progress(done: int, total: int) -> None:
+    # SEQKERNELS_REPORT_PROGRESS=1 (tests/aot_static.py): a line per finished compile on stderr, which
+    # the parent reads while the compile runs.
+    if os.environ.get("SEQKERNELS_REPORT_PROGRESS") == "1":
+        print(f"@@PROGRESS@@ {done} {total}", file=sys.stderr, flush=True)
 
 
 def _collect_triton_here(modules, archs) -> list[dict]:
@@ -540,18 +635,37 @@ def _collect_triton_here(modules, archs) -> list[dict]:
     for modname in modules:
         configs = getattr(importlib.import_module(modname), "STATIC_CONFIGS", [])
         jobs += [(modname, i, arch) for i, entry in enumerate(configs) for arch in _entry_archs(entry, archs)]
+    # One compile per distinct (kernel, signature, constexprs, attrs, warps, stages, arch); every
+    # entry still gets its own row, checked against its own expectation.
+    first: dict = {}
+    unique = []
+    job_key = []
+    for job in jobs:
+        key = _compile_key(*job)
+        if key not in first:
+            first[key] = len(unique)
+            unique.append(job)
+        job_key.append(first[key])
     workers = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
-    if workers == 1 or len(jobs) < 2:
-        return [_triton_job(*j) for j in jobs]
-    # Compilation is CPU-bound Python + LLVM + ptxas: one process per core (fork keeps the
-    # imported modules; nothing here touches a GPU driver).
-    import concurrent.futures
-    import multiprocessing
+    if workers == 1 or len(unique) < 2:
+        compiled = []
+        for job in unique:
+            compiled.append(_triton_compile_job(*job))
+            _progress(len(compiled), len(unique))
+    else:
+        # Compilation is CPU-bound Python + LLVM + ptxas: one process per core (fork keeps the
+        # imported modules; nothing here touches a GPU driver).
+        import concurrent.futures
+        import multiprocessing
 
-    with concurrent.futures.ProcessPoolExecutor(
-        min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork")
-    ) as pool:
-        return list(pool.map(_triton_job, *zip(*jobs)))
+        with concurrent.futures.ProcessPoolExecutor(
+            min(workers, len(unique)), mp_context=multiprocessing.get_context("fork")
+        ) as pool:
+            compiled = []
+            for result in pool.map(_triton_compile_job, *zip(*unique)):
+                compiled.append(result)
+                _progress(len(compiled), len(unique))
+    return [_finish_triton_row(_triton_row(*job), compiled[k]) for job, k in zip(jobs, job_key)]
 
 
 def collect_triton(modules=None, archs=None) -> list[dict]:
