@@ -500,10 +500,6 @@ def _fwd_tiles(
         "n_seqs",
         "total_q",
         "total_k",
-        "drop_lq",
-        "drop_lk",
-        "drop_r0",
-        "drop_c0",
     ]
 )
 def _attention_fwd_kernel(
@@ -560,11 +556,6 @@ def _attention_fwd_kernel(
     n_seqs,
     total_q,
     total_k,
-    # The dropout index's grid (dropout_grid: dims, then the call's first row and key in it).
-    drop_lq,
-    drop_lk,
-    drop_r0,
-    drop_c0,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -650,7 +641,7 @@ def _attention_fwd_kernel(
         Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm
     win_lo = rows + off_b - window_left
     win_hi = rows + off_b + window_right
-    drop_row = ((s64 * Hq + h64) * drop_lq + drop_r0 + rows) * drop_lk + drop_c0
+    drop_row = ((s64 * Hq + h64) * Lq + rows) * Lk
     diag = rows + off_b
     slope = 0.0
     if ALIBI:
@@ -1189,9 +1180,6 @@ def _bwd_dkdv_tiles(
     offs_dv,
     cols,
     drop_col,
-    drop_lq,
-    drop_lk,
-    drop_r0,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -1246,8 +1234,7 @@ def _bwd_dkdv_tiles(
     """Transposed tiles (keys along dim 0, queries along dim 1): dV += P^T dO, dK += dS^T Q, over
     the query tiles [start, end) of every query head of the kv head's group: ``lq`` query rows from
     row ``q_start`` of Q and dO; the (b, h) row of lse and delta at ``lse_b + h * lse_sh``; ``s64``
-    the batch row (sequence) of the dropout index and ALiBi; drop_lq, drop_lk the dropout index's
-    dims and drop_r0 the call's first row in it (drop_col: the tile's key columns there).
+    the batch row (sequence) of the dropout index and ALiBi; Lq, Lk the dropout index's dims.
 
     One flat loop over (head, tile) pairs rather than a head loop around a tile loop: nested,
     the compiler hoists the tile loop's invariants out of the head loop and keeps them live in
@@ -1333,7 +1320,7 @@ def _bwd_dkdv_tiles(
             pT = tl.where(visible, pT, 0.0)
         if DROPOUT:
             keep = dropout_keep(
-                ((bh * drop_lq + drop_r0 + rows) * drop_lk)[None, :] + drop_col[:, None],
+                ((bh * Lq + rows) * Lk)[None, :] + drop_col[:, None],
                 seed_lo,
                 seed_hi,
                 offset_lo,
@@ -1372,10 +1359,6 @@ def _bwd_dkdv_tiles(
         "n_seqs",
         "total_q",
         "total_k",
-        "drop_lq",
-        "drop_lk",
-        "drop_r0",
-        "drop_c0",
     ]
 )
 def _attention_bwd_dkdv_kernel(
@@ -1441,11 +1424,6 @@ def _attention_bwd_dkdv_kernel(
     n_seqs,
     total_q,
     total_k,
-    # The dropout index's grid (dropout_grid: dims, then the call's first row and key in it).
-    drop_lq,
-    drop_lk,
-    drop_r0,
-    drop_c0,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -1549,7 +1527,7 @@ def _attention_bwd_dkdv_kernel(
     lo, full_lo, full_hi, hi = _query_range(
         n0, lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
     )
-    drop_col = cols.to(tl.int64) + drop_c0
+    drop_col = cols.to(tl.int64)
     dk, dv = _bwd_dkdv_tiles(
         dk,
         dv,
@@ -1573,9 +1551,6 @@ def _attention_bwd_dkdv_kernel(
         offs_dv,
         cols,
         drop_col,
-        drop_lq,
-        drop_lk,
-        drop_r0,
         stride_qb,
         stride_qh,
         stride_qm,
@@ -1650,9 +1625,6 @@ def _attention_bwd_dkdv_kernel(
         offs_dv,
         cols,
         drop_col,
-        drop_lq,
-        drop_lk,
-        drop_r0,
         stride_qb,
         stride_qh,
         stride_qm,
@@ -1727,9 +1699,6 @@ def _attention_bwd_dkdv_kernel(
         offs_dv,
         cols,
         drop_col,
-        drop_lq,
-        drop_lk,
-        drop_r0,
         stride_qb,
         stride_qh,
         stride_qm,
@@ -1826,10 +1795,6 @@ def _attention_bwd_dkdv_kernel(
         "n_seqs",
         "total_q",
         "total_k",
-        "drop_lq",
-        "drop_lk",
-        "drop_r0",
-        "drop_c0",
     ]
 )
 def _attention_bwd_fixup_dq_kernel(
@@ -1887,11 +1852,6 @@ def _attention_bwd_fixup_dq_kernel(
     n_seqs,
     total_q,
     total_k,
-    # The dropout index's grid (dropout_grid: dims, then the call's first row and key in it).
-    drop_lq,
-    drop_lk,
-    drop_r0,
-    drop_c0,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -1995,7 +1955,7 @@ def _attention_bwd_fixup_dq_kernel(
             Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m64 * stride_mm
         win_lo = rows + off_b - window_left
         win_hi = rows + off_b + window_right
-        drop_row = ((s64 * Hq + h64) * drop_lq + drop_r0 + rows) * drop_lk + drop_c0
+        drop_row = ((s64 * Hq + h64) * Lq + rows) * Lk
         diag = rows + off_b
         slope = 0.0
         if ALIBI:
@@ -2217,10 +2177,6 @@ def _bwd_dq_tiles(
         "n_seqs",
         "total_q",
         "total_k",
-        "drop_lq",
-        "drop_lk",
-        "drop_r0",
-        "drop_c0",
     ]
 )
 def _attention_bwd_dq_kernel(
@@ -2283,11 +2239,6 @@ def _attention_bwd_dq_kernel(
     n_seqs,
     total_q,
     total_k,
-    # The dropout index's grid (dropout_grid: dims, then the call's first row and key in it).
-    drop_lq,
-    drop_lk,
-    drop_r0,
-    drop_c0,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -2392,7 +2343,7 @@ def _attention_bwd_dq_kernel(
         Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m64 * stride_mm
     win_lo = rows + off_b - window_left
     win_hi = rows + off_b + window_right
-    drop_row = ((s64 * Hq + h64) * drop_lq + drop_r0 + rows) * drop_lk + drop_c0
+    drop_row = ((s64 * Hq + h64) * Lq + rows) * Lk
     diag = rows + off_b
     slope = 0.0
     if ALIBI:
@@ -2890,7 +2841,6 @@ def _common_args(
     sinks,
     softcap,
     vl,
-    dropout_grid=None,
 ):
     """`vl`: the _Varlen of the call (its dims are the kernels' Lq, Lk, bucketed for tuning)."""
     D, Dv = q.shape[-1], v.shape[-1]
@@ -2928,29 +2878,9 @@ def _common_args(
         kvlens=kv_lengths if kv_lengths is not None else q,
         window=(max(window_left, 0), max(window_right, 0)),
         drop=(seed_lo, seed_hi, offset_lo, offset_hi, threshold, drop_scale),
-        drop_grid=_dropout_grid(dropout_grid, q, k, vl),
         tune=(length_bucket(vl.dims[0]), length_bucket(vl.dims[1])),
         constexprs=constexprs,
     )
-
-
-def _dropout_grid(dropout_grid, q, k, vl):
-    """(drop_lq, drop_lk, drop_r0, drop_c0) of the kernels: the dropout index's grid
-    (csrc/common/host_checks.h check_dropout_grid, the same rule): None or [] is the call's own
-    (Lq, Lk, or max_seqlen_q/k when packed, at 0, 0); [row0, col0, len_q, len_k] puts the call's
-    rows and keys at (row0, col0) of a (.., len_q, len_k) grid."""
-    rows, keys = vl.dims if vl.on else (q.shape[2], k.shape[2])
-    if dropout_grid is None or len(dropout_grid) == 0:
-        return (rows, keys, 0, 0)
-    if len(dropout_grid) != 4:
-        raise ValueError(f"dropout_grid: must be empty or [row0, col0, len_q, len_k], got {list(dropout_grid)}")
-    row0, col0, len_q, len_k = (int(x) for x in dropout_grid)
-    if not (row0 >= 0 and col0 >= 0 and row0 + rows <= len_q and col0 + keys <= len_k):
-        raise ValueError(
-            f"dropout_grid: [row0, col0, len_q, len_k] = {list(dropout_grid)} must hold the call's {rows} x {keys} "
-            f"(rows x keys) block: row0, col0 >= 0, row0 + {rows} <= len_q, col0 + {keys} <= len_k"
-        )
-    return (len_q, len_k, row0, col0)
 
 
 def _modifier_args(q, alibi_slopes, sinks, n_seqs=None):
@@ -3028,7 +2958,6 @@ def attention_fwd(
     cu_seqlens_k=None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
-    dropout_grid=None,
 ):
     """Fused attention forward on normalized arguments (docs/INTERNALS.md) -> (out, lse).
 
@@ -3065,7 +2994,6 @@ def attention_fwd(
         sinks,
         softcap,
         vl,
-        dropout_grid,
     )
 
     def grid(meta):
@@ -3099,7 +3027,6 @@ def attention_fwd(
         a["sinks"],
         a["softcap"],
         *vl.args,
-        *a["drop_grid"],
         SINKS=sinks is not None,
         **a["constexprs"],
     )
@@ -3130,7 +3057,6 @@ def attention_bwd(
     cu_seqlens_k=None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
-    dropout_grid=None,
 ):
     """Fused attention backward -> (dq, dk, dv, dsinks), dq, dk, dv shaped like q, k, v (dk, dv
     summed over the query heads of each kv head), dsinks (Hq,) float32 with sinks, else (0,).
@@ -3180,7 +3106,6 @@ def attention_bwd(
         sinks,
         softcap,
         vl,
-        dropout_grid,
     )
     c = a["constexprs"]
     has_sinks = sinks is not None
@@ -3297,7 +3222,6 @@ def attention_bwd(
                 a["alibi"],
                 a["softcap"],
                 *vl.args,
-                *a["drop_grid"],
                 KV_PART=part,
                 **c,
             )
@@ -3336,7 +3260,6 @@ def attention_bwd(
         a["alibi"],
         a["softcap"],
         *vl.args,
-        *a["drop_grid"],
         **c,
     )
     if Lk > 0:
@@ -3373,7 +3296,6 @@ def attention_bwd(
             *a["window"],
             *a["drop"],
             *vl.args,
-            *a["drop_grid"],
             BLOCK_M=rbm,
             BLOCK_N=rbn,
             **fixup_dq_c,

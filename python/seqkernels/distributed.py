@@ -23,7 +23,7 @@ Packed (varlen) batches: `allgather_attention_varlen` all-gathers K/V and runs t
 with `attention_varlen`, as Llama 3 trains.
 Dropout is exact under sharding: each block passes the kernels its place in the global attention
 (`dropout_grid`), so it draws the single-device keep mask there (ring-flash-attention has no
-dropout).
+dropout). The Triton kernels do not take that argument yet: an explicit error, not a fallback.
 
 Models: `use_context_parallel(model, group)` puts every `seqkernels.nn.MultiheadAttention` of a model
 (`seqkernels.swap_attention` makes them from torch's) in ring mode and returns a handle that undoes it;
@@ -426,7 +426,7 @@ def ring_attention(
     world sizes it differs only by the float32 rounding of a different merge order). `dropout_p` is
     exact under sharding: every block draws the keep mask of its global positions (the kernels'
     dropout_grid) with rank 0's seed, so the ring equals the single-device call after the same
-    torch.manual_seed.
+    torch.manual_seed (cpu and cuda backends; Triton refuses it).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention: torch.distributed is not initialized (call init_process_group first)")
@@ -448,6 +448,11 @@ def ring_attention(
             "ring_attention: runs on the kernel backends (cpu, cuda, triton), whose backward takes the global "
             "output and lse; none is available for these inputs: "
             + str(backends.why_not(attn_ops.OP, "cpu", q.device, call))
+        )
+    if dropout_p and chosen == "triton":
+        raise NotImplementedError(
+            "dropout_p: ring_attention's dropout needs kernels that draw the keep mask of global positions "
+            "(dropout_grid); the cpu and cuda backends have them, the Triton kernels not yet"
         )
     _, _, sink_logits = check_modifiers(q, None, None, sinks)
     seed = call.seed

@@ -241,6 +241,16 @@ OP = backends.OpBackends(name="attention", cpp_ops=("attention_fwd", "attention_
 # Triton family: opaque custom ops (torch.compile treats them as one node, also under the interpreter).
 
 
+def _no_dropout_grid(dropout_grid) -> None:
+    """The Triton kernels index the dropout mask by the call's own (i, j) only (the C++ kernels take
+    csrc/registration.cpp's dropout_grid); asking for another grid is an error, never ignored."""
+    if dropout_grid is not None and len(dropout_grid):
+        raise NotImplementedError(
+            f"dropout_grid: the Triton attention kernels draw the dropout mask on the call's own grid only, got "
+            f"{list(dropout_grid)} (the cpu and cuda backends take it)"
+        )
+
+
 @torch.library.custom_op("seqkernels::triton_attention_fwd", mutates_args=())
 def triton_attention_fwd(
     q: Tensor,
@@ -267,6 +277,8 @@ def triton_attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
+    _no_dropout_grid(dropout_grid)
+
     return tk.attention_fwd(
         q,
         k,
@@ -287,7 +299,6 @@ def triton_attention_fwd(
         cu_seqlens_k,
         max_seqlen_q,
         max_seqlen_k,
-        dropout_grid,
     )
 
 
@@ -320,6 +331,8 @@ def triton_attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
+    _no_dropout_grid(dropout_grid)
+
     return tk.attention_bwd(
         grad_out,
         q,
@@ -344,7 +357,6 @@ def triton_attention_bwd(
         cu_seqlens_k,
         max_seqlen_q,
         max_seqlen_k,
-        dropout_grid,
     )
 
 
