@@ -67,6 +67,18 @@ TORCH_LIBRARY(seqkernels, m) {
   m.def(
       "lstm_layer_fwd(Tensor input_gates, Tensor h0, Tensor c0, Tensor weight_hh, Tensor? bias, "
       "bool reverse) -> (Tensor out, Tensor h_n, Tensor c_n)");
+  // Overloads of the same op (CPU, float32; autograd in python/seqkernels/ops/lstm.py): .fused takes
+  // the layer's input x (T, B, I) and weight_ih and projects it inside the kernel; with train it also
+  // returns the activated gates (T, B, 4H) and the cell state after each step (T, B, H) (else both
+  // empty); .backward runs the whole recurrence backward from those and returns the gates'
+  // gradients of every step.
+  m.def(
+      "lstm_layer_fwd.fused(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias, bool reverse, bool train) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor workspace, "
+      "Tensor cs)");
+  m.def(
+      "lstm_layer_fwd.backward(Tensor? grad_out, Tensor? grad_hn, Tensor? grad_cn, Tensor workspace, Tensor cs, "
+      "Tensor c0, Tensor weight_hh, bool reverse) -> (Tensor grad_gates, Tensor grad_h0, Tensor grad_c0)");
 }
 
 // Lets `import seqkernels._C` succeed; the ops themselves live in torch.ops.seqkernels.

@@ -455,3 +455,264 @@ def test_inference_paths_that_keep_the_step_loop(monkeypatch):
         ours.to(torch.bfloat16)(x.to(torch.bfloat16))
     ours.double()(x)
     assert calls == []
+
+
+# The float32 sequence kernel on the AVX2 / AVX-512 lanes: the recurrent GEMM of a block of units
+# (16 on AVX-512, 8 on AVX2) fused with the cell, 4 (AVX-512) or 2 (AVX2) batch rows per tile and
+# narrower tiles for the rest, the unit blocks split over an OpenMP team. Sizes around those tiles;
+# each ISA level this CPU runs (SEQKERNELS_CPU_ISA is read per call; portable is the per-step BLAS
+# path), both directions, with and without bias, against the float64 reference by the parity rule.
+LAYER_ISAS = ["native", "avx2", "portable"]
+LAYER_HIDDEN = [1, 7, 8, 9, 15, 16, 17, 31, 33, 49]
+LAYER_BATCH = [1, 2, 3, 4, 5, 7, 9]
+
+
+def _layer_args(T, B, H, gen, bias=True):
+    ig = torch.randn(T, B, 4 * H, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    c0 = torch.randn(B, H, generator=gen, dtype=torch.float64)
+    w = torch.randn(4 * H, H, generator=gen, dtype=torch.float64) / H**0.5
+    b = torch.randn(4 * H, generator=gen, dtype=torch.float64) * 0.5 if bias else None
+    return ig, h0, c0, w, b
+
+
+def _check_layer(args64, reverse):
+    from seqkernels import reference
+
+    args32 = [a.float() if a is not None else None for a in args64]
+    got = torch.ops.seqkernels.lstm_layer_fwd(*args32, reverse)
+    ref = reference.lstm_layer_fwd_ref(*args64, reverse)
+    base = reference.lstm_layer_fwd_ref(*args32, reverse)
+    report = testing.compare(tuple(got), tuple(ref), tuple(base))
+    assert report.passed, str(report)
+    return got
+
+
+@needs_layer_op
+@pytest.mark.parametrize("isa", LAYER_ISAS)
+@pytest.mark.parametrize("hidden", LAYER_HIDDEN)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sequence_kernel_tiles_float32(isa, hidden, reverse, monkeypatch):
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(hidden)
+    for T in (1, 3):
+        for B in LAYER_BATCH:
+            _check_layer(_layer_args(T, B, hidden, gen, bias=B % 2 == 1), reverse)
+
+
+# Sizes big enough for the team (B x H x 4H >= 2^16 multiply-adds a step): every thread gets unit
+# blocks, the last block of the last thread partial. The K sums do not depend on the split, so the
+# result is bitwise the same for any thread count.
+@needs_layer_op
+@pytest.mark.parametrize("isa", LAYER_ISAS)
+@pytest.mark.parametrize("TBH", [(3, 16, 33), (4, 7, 49), (2, 5, 100), (3, 9, 130)], ids=str)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sequence_kernel_threads_float32(isa, TBH, reverse, monkeypatch):
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
+    T, B, H = TBH
+    args = _layer_args(T, B, H, torch.Generator().manual_seed(B * H))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_check_layer(args, reverse))
+    finally:
+        torch.set_num_threads(before)
+    if isa != "portable":  # the BLAS path may block its GEMM differently per thread count
+        for r in results[1:]:
+            for a, b in zip(results[0], r):
+                assert torch.equal(a, b)
+
+
+@needs_layer_op
+def test_sequence_kernel_non_contiguous_and_empty():
+    gen = torch.Generator().manual_seed(3)
+    T, B, H = 3, 5, 19
+    ig, h0, c0, w, b = _layer_args(T, B, H, gen)
+    # Non-contiguous views of every tensor give the same result as their contiguous copies.
+    ig_nc = torch.randn(B, T, 8 * H, dtype=torch.float64, generator=gen).transpose(0, 1)[:, :, ::2]
+    ig_nc.copy_(ig)
+    w_nc = torch.randn(H, 4 * H, dtype=torch.float64, generator=gen).t()
+    w_nc.copy_(w)
+    h0_nc = torch.randn(H, B, dtype=torch.float64, generator=gen).t()
+    h0_nc.copy_(h0)
+    b_nc = torch.randn(8 * H, dtype=torch.float64, generator=gen)[::2]
+    b_nc.copy_(b)
+    got = torch.ops.seqkernels.lstm_layer_fwd(
+        ig_nc.float(), h0_nc.float(), c0.float(), w_nc.float(), b_nc.float(), False
+    )
+    exp = torch.ops.seqkernels.lstm_layer_fwd(ig.float(), h0.float(), c0.float(), w.float(), b.float(), False)
+    for a, e in zip(got, exp):
+        assert torch.equal(a, e)
+    # Zero-size batch or hidden size: empty outputs of the right shapes, h_n / c_n the initial state.
+    for B0, H0 in [(0, 5), (3, 0)]:
+        out, h, c = torch.ops.seqkernels.lstm_layer_fwd(
+            torch.zeros(2, B0, 4 * H0), torch.ones(B0, H0), torch.ones(B0, H0), torch.zeros(4 * H0, H0), None, False
+        )
+        assert out.shape == (2, B0, H0) and h.shape == (B0, H0) and c.shape == (B0, H0)
+
+
+@needs_layer_op
+def test_sequence_kernel_bad_arguments_are_named():
+    ig, h0, c0, w, b = (a.float() for a in _layer_args(2, 3, 5, torch.Generator().manual_seed(0)))
+    op = torch.ops.seqkernels.lstm_layer_fwd
+    with pytest.raises(RuntimeError, match="weight_hh"):
+        op(ig, h0, c0, w[:, :4], b, False)
+    with pytest.raises(RuntimeError, match="h0"):
+        op(ig, h0[:2], c0, w, b, False)
+    with pytest.raises(RuntimeError, match="c0"):
+        op(ig, h0, c0.double(), w, b, False)
+    with pytest.raises(RuntimeError, match="bias"):
+        op(ig, h0, c0, w, b[:7], False)
+    with pytest.raises(RuntimeError, match="input_gates"):
+        op(ig[..., :-1], h0, c0, w, b, False)
+
+
+# lstm_layer_fwd.fused: the input projection inside the kernel (its K loop over x_t, then h_prev),
+# float32 on every ISA level (portable: the one-lane baseline code). Odd input sizes too.
+@needs_layer_op
+@pytest.mark.parametrize("isa", LAYER_ISAS)
+@pytest.mark.parametrize("hidden", [1, 9, 16, 17, 33])
+@pytest.mark.parametrize("train", [False, True])
+def test_fused_layer_kernel_float32(isa, hidden, train, monkeypatch):
+    from seqkernels import reference
+
+    if not lstm_ops._HAS_LAYER_FUSED:
+        pytest.skip("extension built without lstm_layer_fwd.fused")
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(100 + hidden)
+    for T, B, n_in in [(1, 3, 1), (3, 5, 7), (3, 4, 17), (2, 9, 16)]:
+        for reverse in (False, True):
+            x = torch.randn(T, B, n_in, generator=gen, dtype=torch.float64)
+            w_ih = torch.randn(4 * hidden, n_in, generator=gen, dtype=torch.float64) / n_in**0.5
+            _, h0, c0, w_hh, b = _layer_args(T, B, hidden, gen, bias=B % 2 == 1)
+
+            def ref_of(*a):
+                xx, wi, rest = a[0], a[1], a[2:]
+                return reference.lstm_layer_fwd_ref(xx @ wi.t(), *rest, reverse)
+
+            a64 = (x, w_ih, h0, c0, w_hh, b)
+            a32 = tuple(t.float() if t is not None else None for t in a64)
+            out, h_n, c_n, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(
+                a32[0], a32[2], a32[3], a32[1], a32[4], a32[5], reverse, train
+            )
+            report = testing.compare((out, h_n, c_n), tuple(ref_of(*a64)), tuple(ref_of(*a32)))
+            assert report.passed, str(report)
+            assert ws.shape == ((T, B, 4 * hidden) if train else (0, B, 4 * hidden))
+            assert cs.shape == ((T, B, hidden) if train else (0, B, hidden))
+            if train:  # cs[t] is the cell state after step t: the last step's is c_n
+                torch.testing.assert_close(cs[0 if reverse else -1], c_n, rtol=0, atol=0)
+
+
+# Training on the cpu backend (float32, a constant batch): the fused forward and the one-call
+# sequence backward (_CpuLayer), against float64 torch by the parity rule, every ISA level, odd sizes
+# around the forward's (16/8 units x 4/2 rows) and the backward's (64/32-unit super-blocks) tiles.
+@pytest.mark.parametrize("isa", LAYER_ISAS)
+@pytest.mark.parametrize(
+    "cfg",
+    [(1, False, 1, 1, 5), (2, True, 3, 5, 17), (1, True, 4, 7, 33), (2, False, 2, 9, 65), (1, False, 3, 16, 130)],
+    ids=lambda c: "L{}-bi{}-T{}B{}H{}".format(*c),
+)
+def test_training_sequence_kernels_float32(isa, cfg, monkeypatch):
+    if not lstm_ops._HAS_LAYER_FUSED:
+        pytest.skip("extension built without lstm_layer_fwd.fused")
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
+    layers, bidir, T, B, H = cfg
+    calls = []
+    real = lstm_ops._CpuLayer.apply
+    monkeypatch.setattr(lstm_ops._CpuLayer, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    kw = dict(input_size=11, hidden_size=H, num_layers=layers, bidirectional=bidir, bias=H % 2 == 1)
+    ref64 = torch.nn.LSTM(**kw, dtype=torch.float64)
+    ref32 = copy.deepcopy(ref64).float()
+    ours = LSTM(**kw, backend="cpu")
+    ours.load_state_dict(ref32.state_dict())
+    D = 2 if bidir else 1
+    gen = torch.Generator().manual_seed(H)
+    x = torch.randn(T, B, 11, generator=gen, dtype=torch.float64)
+    hx = tuple(torch.randn(layers * D, B, H, generator=gen, dtype=torch.float64) for _ in range(2))
+    cot = (
+        torch.randn(T, B, D * H, generator=gen, dtype=torch.float64),
+        torch.randn(layers * D, B, H, generator=gen, dtype=torch.float64),
+        torch.randn(layers * D, B, H, generator=gen, dtype=torch.float64),
+    )
+
+    def run(m, dt):
+        xx = x.to(dt).requires_grad_()
+        h = tuple(t.to(dt).requires_grad_() for t in hx)
+        return _run(m, xx, h, [xx, *h, *m.parameters()], [c.to(dt) for c in cot])
+
+    got, got_g = run(ours, torch.float32)
+    exp, exp_g = run(ref64, torch.float64)
+    base, base_g = run(ref32, torch.float32)
+    report = testing.compare(got, exp, base)
+    report.extend(testing.compare(got_g, exp_g, base_g, grad=True, name="grad"))
+    assert report.passed, str(report)
+    assert calls == [False, True] * layers if bidir else calls == [False] * layers
+
+
+@pytest.mark.parametrize("which", ["out", "h_n", "c_n"])
+def test_training_sequence_kernels_one_output_used(which):
+    # Gradients reach the backward as None for the outputs not used: they read as zeros.
+    if not lstm_ops._HAS_LAYER_FUSED:
+        pytest.skip("extension built without lstm_layer_fwd.fused")
+    kw = dict(input_size=6, hidden_size=19, num_layers=2)
+    ref64 = torch.nn.LSTM(**kw, dtype=torch.float64)
+    ref32 = copy.deepcopy(ref64).float()
+    ours = LSTM(**kw, backend="cpu")
+    ours.load_state_dict(ref32.state_dict())
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+
+    def run(m, dt):
+        xx = x.to(dt).requires_grad_()
+        out, (h, c) = m(xx)
+        y = {"out": out, "h_n": h, "c_n": c}[which]
+        return list(torch.autograd.grad((y * y).sum(), [xx, *m.parameters()]))
+
+    report = testing.compare(run(ours, torch.float32), run(ref64, torch.float64), run(ref32, torch.float32), grad=True)
+    assert report.passed, str(report)
+
+
+@needs_layer_op
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_layer_overloads_opcheck(reverse):
+    # lstm_layer_fwd's two float32 overloads (its .default is opchecked in tests/test_opcheck.py).
+    if not lstm_ops._HAS_LAYER_FUSED:
+        pytest.skip("extension built without lstm_layer_fwd.fused")
+    T, B, n_in, H = 4, 3, 6, 5
+    x = torch.randn(T, B, n_in)
+    h0, c0 = torch.randn(B, H), torch.randn(B, H)
+    w_ih, w_hh, bias = torch.randn(4 * H, n_in), torch.randn(4 * H, H), torch.randn(4 * H)
+    fused = torch.ops.seqkernels.lstm_layer_fwd.fused
+    for train in (False, True):
+        torch.library.opcheck(fused, (x, h0, c0, w_ih, w_hh, bias, reverse, train))
+    torch.library.opcheck(fused, (x, h0, c0, w_ih, w_hh, None, reverse, True))
+    _, _, _, ws, cs = fused(x, h0, c0, w_ih, w_hh, bias, reverse, True)
+    g_out, g_h, g_c = torch.randn(T, B, H), torch.randn(B, H), torch.randn(B, H)
+    bwd = torch.ops.seqkernels.lstm_layer_fwd.backward
+    torch.library.opcheck(bwd, (g_out, g_h, g_c, ws, cs, c0, w_hh, reverse))
+    torch.library.opcheck(bwd, (None, None, g_c, ws, cs, c0, w_hh, reverse))
+
+
+def test_fused_layer_bad_arguments_are_named():
+    if not lstm_ops._HAS_LAYER_FUSED:
+        pytest.skip("extension built without lstm_layer_fwd.fused")
+    x, h0, c0 = torch.randn(2, 3, 4), torch.randn(3, 5), torch.randn(3, 5)
+    w_ih, w_hh = torch.randn(20, 4), torch.randn(20, 5)
+    fused = torch.ops.seqkernels.lstm_layer_fwd.fused
+    with pytest.raises(RuntimeError, match="weight_ih"):
+        fused(x, h0, c0, w_ih[:, :3], w_hh, None, False, False)
+    with pytest.raises(RuntimeError, match="weight_hh"):
+        fused(x, h0, c0, w_ih, w_hh[:, :4], None, False, False)
+    with pytest.raises(RuntimeError, match="input"):
+        fused(x.double(), h0, c0, w_ih, w_hh, None, False, False)
+    with pytest.raises(RuntimeError, match="c0"):
+        fused(x, h0, c0[:2], w_ih, w_hh, None, False, False)
+    _, _, _, ws, cs = fused(x, h0, c0, w_ih, w_hh, None, False, True)
+    bwd = torch.ops.seqkernels.lstm_layer_fwd.backward
+    with pytest.raises(RuntimeError, match="cs"):
+        bwd(None, None, None, ws, cs[:1], c0, w_hh, False)
+    with pytest.raises(RuntimeError, match="grad_hn"):
+        bwd(None, h0[:1], None, ws, cs, c0, w_hh, False)
+    with pytest.raises(RuntimeError, match="workspace"):
+        bwd(None, None, None, ws.double(), cs, c0, w_hh, False)

@@ -27,6 +27,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 // Headers that ATen/cpu/vec/vec.h pulls in besides its own: included here, before any target
 // pragma, so their inline functions are compiled for the baseline ISA only. (The vec headers
 // proper live in the inline namespace at::vec::CPU_CAPABILITY, so their AVX2 copies below do
@@ -97,12 +101,49 @@ struct SeqStepArgs {
   int64_t H, nu, u0;
 };
 
+// The fused sequence kernel (float32): the whole layer-direction, see lstm_layer_fwd_cpu.
+struct SeqFusedArgs {
+  const float* input_gates;  // (T, B, 4H), or nullptr when x is given
+  const float* x;            // (T, B, I): the layer's input, projected by the kernel; or nullptr
+  const float* h0;           // (B, H)
+  const float* weight_ih;    // (4H, I) with x
+  const float* weight_hh;    // (4H, H)
+  const float* bias;         // (4H) or nullptr
+  float* packed;             // ceil(H / W) blocks of (H, 4, W): see seq_fused_pack
+  float* c;                  // (B, H) cell state, updated in place
+  float* out;                // (T, B, H)
+  float* ws;                 // training: (T, B, 4H) activated gates, else nullptr
+  float* cs;                 // training: (T, B, H) the cell state after each step, else nullptr
+  int64_t T, B, H;
+  int64_t I;  // input features with x, else 0
+  bool reverse;
+};
+
+// The fused sequence backward (float32): see lstm_layer_bwd_cpu.
+struct SeqBwdArgs {
+  const float* grad_out;   // (T, B, H) or nullptr
+  const float* ws;         // (T, B, 4H) the forward's activated gates
+  const float* cs;         // (T, B, H) the forward's cell states
+  const float* c0;         // (B, H)
+  const float* weight_hh;  // (4H, H)
+  float* packed;           // ceil(H / 4W) super-blocks of (4H, 4W): see seq_bwd_pack
+  float* grad_gates;       // (T, B, 4H) out
+  float* dh;               // (B, H) carried: grad_hn, then the recurrent GEMM's result; grad_h0 at the end
+  float* dc;               // (B, H) carried: grad_cn, then each step's grad_cx; grad_c0 at the end
+  int64_t T, B, H;
+  bool reverse;
+};
+
 template <typename S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 using FwdRangeFn = void (*)(const FwdArgs&, int64_t, int64_t, int64_t);
 using BwdRangeFn = void (*)(const BwdArgs&, int64_t, int64_t, int64_t);
 using SeqRangeFn = void (*)(const SeqStepArgs&, int64_t, int64_t, int64_t);
+using SeqFusedFn = void (*)(const SeqFusedArgs&, int64_t, int64_t, int64_t);
+using SeqPackFn = void (*)(const SeqFusedArgs&, int64_t, int64_t);
+using SeqBwdFn = void (*)(const SeqBwdArgs&, int64_t, int64_t, int64_t);
+using SeqBwdPackFn = void (*)(const SeqBwdArgs&, int64_t, int64_t);
 
 // ---------------------------------------------------------------------------------------------
 // Baseline ISA: one element at a time (the x86 fallback for CPUs without AVX2).
@@ -117,6 +158,10 @@ struct Lanes {
   static void store_n(S* p, V v, int64_t) { *p = static_cast<S>(v); }
   static V sigmoid(V x) { return V(1) / (V(1) + std::exp(-x)); }
   static V tanh(V x) { return std::tanh(x); }
+  static constexpr int kSeqRows = 1;
+  static V loadu(const V* p) { return *p; }
+  static V bcast(V x) { return x; }
+  static V fma(V a, V b, V c) { return a * b + c; }
 };
 
 #include "lstm_cell_rows.h"
@@ -220,6 +265,12 @@ struct Lanes {
   static V sigmoid(V x) { return V(1) / (V(1) + x.neg().exp()); }
   static V tanh(V x) { return x.tanh(); }
 #endif
+  // The fused sequence kernel's GEMM: rows per tile (4 gates x 2 rows = 8 of the 16 ymm registers
+  // as accumulators, 4 for the weights).
+  static constexpr int kSeqRows = 2;
+  static V loadu(const A* p) { return V::loadu(p); }
+  static V bcast(A x) { return V(x); }
+  static V fma(V a, V b, V c) { return at::vec::fmadd(a, b, c); }
 };
 
 #include "lstm_cell_rows.h"
@@ -307,6 +358,13 @@ struct Lanes {
 
   static V sigmoid(V x) { return simd::sigmoid_ps(x.v); }
   static V tanh(V x) { return simd::tanh_ps(x.v); }
+
+  // The fused sequence kernel's GEMM: 4 gates x 4 rows = 16 of the 32 zmm registers as
+  // accumulators, 4 for the weights, the broadcasts from memory.
+  static constexpr int kSeqRows = 4;
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static V bcast(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
 };
 
 #include "lstm_cell_rows.h"
@@ -368,6 +426,57 @@ SeqRangeFn seq_kernel() {
   return use_vec_isa<S>() ? &vec_isa::seq_step_range<vec_isa::Lanes<S>>
                           : &scalar_isa::seq_step_range<scalar_isa::Lanes<S>>;
 }
+
+// The fused sequence kernel (float32 only): the AVX-512 or AVX2 lanes, or none (portable, non-x86).
+struct SeqFusedKernel {
+  SeqPackFn pack = nullptr;
+  SeqFusedFn step = nullptr;
+  int64_t W = 0;  // units per packed block
+};
+
+// with_scalar: the one-lane baseline code too (the training ops, which have no other path); without
+// it, nullptr where the lanes are not SIMD (inference then keeps its per-step BLAS path).
+SeqFusedKernel seq_fused_kernel(bool with_scalar) {
+#if SK_LSTM_X86_DISPATCH
+  if (use_avx512_isa<float>()) {
+    using L = avx512_isa::Lanes<float>;
+    return {&avx512_isa::seq_fused_pack<L>, &avx512_isa::seq_fused_step<L>, L::W};
+  }
+  if (use_vec_isa<float>()) {
+    using L = vec_isa::Lanes<float>;
+    return {&vec_isa::seq_fused_pack<L>, &vec_isa::seq_fused_step<L>, L::W};
+  }
+#endif
+  if (!with_scalar) return {};
+  using L = scalar_isa::Lanes<float>;
+  return {&scalar_isa::seq_fused_pack<L>, &scalar_isa::seq_fused_step<L>, L::W};
+}
+
+struct SeqBwdKernel {
+  SeqBwdPackFn pack = nullptr;
+  SeqBwdFn point = nullptr;
+  SeqBwdFn gemm = nullptr;
+  int64_t W = 0;  // lanes; a super-block is 4 W units
+};
+
+SeqBwdKernel seq_bwd_kernel() {
+#if SK_LSTM_X86_DISPATCH
+  if (use_avx512_isa<float>()) {
+    using L = avx512_isa::Lanes<float>;
+    return {&avx512_isa::seq_bwd_pack<L>, &avx512_isa::seq_bwd_point<L>, &avx512_isa::seq_bwd_gemm<L>, L::W};
+  }
+  if (use_vec_isa<float>()) {
+    using L = vec_isa::Lanes<float>;
+    return {&vec_isa::seq_bwd_pack<L>, &vec_isa::seq_bwd_point<L>, &vec_isa::seq_bwd_gemm<L>, L::W};
+  }
+#endif
+  using L = scalar_isa::Lanes<float>;
+  return {&scalar_isa::seq_bwd_pack<L>, &scalar_isa::seq_bwd_point<L>, &scalar_isa::seq_bwd_gemm<L>, L::W};
+}
+
+// Below this many multiply-adds a step (B x H x 4H), one thread runs the whole layer: a barrier
+// per step would cost more than the second thread saves.
+constexpr int64_t kSeqMinFmaPerThread = 1 << 15;
 
 // Work is split into (row, column block) units; a block is a multiple of every SIMD width, and a
 // task gets enough units that a thread's start-up cost stays small next to its work.
@@ -467,23 +576,90 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_bwd_cpu(const c10::optional<at::Ten
 // (all four gates of its units, packed contiguous: 512 KB at H = 256 over two threads), runs its
 // recurrent GEMM single-threaded on it and then the cell of its units, so a step is one fork/join and
 // every thread reads the same slice step after step. The cell state never leaves its thread's columns.
+// lstm_layer_fwd's argument checks.
+void check_layer_args(const char* op, const at::Tensor& input_gates, const at::Tensor& h0, const at::Tensor& c0,
+                      const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input_gates.dim() == 3 && input_gates.size(2) % 4 == 0, "seqkernels::", op,
+              ": input_gates must have shape (T, B, 4*H), got ", input_gates.sizes());
+  TORCH_CHECK(input_gates.scalar_type() == at::kFloat || input_gates.scalar_type() == at::kDouble, "seqkernels::", op,
+              ": input_gates must be float32 or float64, got ", input_gates.scalar_type());
+  TORCH_CHECK(input_gates.device().is_cpu(), "seqkernels::", op, " (CPU kernel): input_gates is on ",
+              input_gates.device());
+  const int64_t B = input_gates.size(1), G = input_gates.size(2), H = G / 4;
+  TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) == G && weight_hh.size(1) == H, "seqkernels::", op,
+              ": weight_hh must have shape (", G, ", ", H, "), got ", weight_hh.sizes());
+  TORCH_CHECK(weight_hh.scalar_type() == input_gates.scalar_type() && weight_hh.device() == input_gates.device(),
+              "seqkernels::", op, ": weight_hh must have input_gates' dtype and device");
+  check_2d("h0", h0, B, H, input_gates);
+  check_2d("c0", c0, B, H, input_gates);
+  host::check_bias(op, "bias", bias, G, input_gates);
+}
+
+// The float32 AVX2 / AVX-512 path of lstm_layer_fwd: one OpenMP team for the whole sequence, each
+// thread owning a range of unit blocks (W = 16 units on AVX-512, 8 on AVX2). A thread packs its
+// blocks of W_hh once (seq_fused_pack: all four gates' columns of its units interleaved, its slice
+// stays in its L2 step after step), then per step computes the recurrent GEMM of its units for
+// every batch row with the cell fused into the GEMM's epilogue (seq_fused_step), and waits at a
+// barrier for the step's h to be complete before the next step reads it. No gates buffer, no
+// BLAS call, no fork/join per step.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fused(const SeqFusedKernel& k, const at::Tensor& ig,
+                                                                const at::Tensor& x, const at::Tensor& h0,
+                                                                at::Tensor& c, const at::Tensor& weight_ih,
+                                                                const at::Tensor& weight_hh, const at::Tensor& bias,
+                                                                bool reverse, at::Tensor& out, float* ws = nullptr,
+                                                                float* cs = nullptr) {
+  const int64_t T = out.size(0), B = out.size(1), H = out.size(2), I = x.defined() ? x.size(2) : 0;
+  const int64_t nblk = (H + k.W - 1) / k.W;
+  const at::Tensor w = weight_hh.contiguous();
+  const at::Tensor wi = x.defined() ? weight_ih.contiguous() : at::Tensor();
+  at::Tensor packed = at::empty({nblk * (I + H) * 4 * k.W}, out.options());
+  const SeqFusedArgs a{ig.defined() ? ig.data_ptr<float>() : nullptr,
+                       x.defined() ? x.data_ptr<float>() : nullptr,
+                       h0.data_ptr<float>(),
+                       wi.defined() ? wi.data_ptr<float>() : nullptr,
+                       w.data_ptr<float>(),
+                       bias.defined() ? bias.data_ptr<float>() : nullptr,
+                       packed.data_ptr<float>(),
+                       c.data_ptr<float>(),
+                       out.data_ptr<float>(),
+                       ws,
+                       cs,
+                       T,
+                       B,
+                       H,
+                       I,
+                       reverse};
+  int64_t threads = std::min<int64_t>(at::get_num_threads(), nblk);
+  threads = std::min<int64_t>(threads, std::max<int64_t>(1, B * H * 4 * H / kSeqMinFmaPerThread));
+  if (at::in_parallel_region()) threads = 1;
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      // The team may be smaller than asked (nested parallelism, a thread limit): split by its size.
+      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t j0 = tid * nblk / nt, j1 = (tid + 1) * nblk / nt;
+      k.pack(a, j0, j1);  // only this thread reads these blocks: no barrier needed after it
+      for (int64_t s = 0; s < T; ++s) {
+        k.step(a, s, j0, j1);
+#pragma omp barrier
+      }
+    }
+    threads = 0;
+  }
+#endif
+  if (threads != 0) {
+    k.pack(a, 0, nblk);
+    for (int64_t s = 0; s < T; ++s) k.step(a, s, 0, nblk);
+  }
+  return {out, out.select(0, reverse ? 0 : T - 1).clone(), c};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tensor& input_gates, const at::Tensor& h0,
                                                                   const at::Tensor& c0, const at::Tensor& weight_hh,
                                                                   const c10::optional<at::Tensor>& bias, bool reverse) {
-  TORCH_CHECK(input_gates.dim() == 3 && input_gates.size(2) % 4 == 0,
-              "seqkernels::lstm_layer_fwd: input_gates must have shape (T, B, 4*H), got ", input_gates.sizes());
-  TORCH_CHECK(input_gates.scalar_type() == at::kFloat || input_gates.scalar_type() == at::kDouble,
-              "seqkernels::lstm_layer_fwd: input_gates must be float32 or float64, got ", input_gates.scalar_type());
-  TORCH_CHECK(input_gates.device().is_cpu(), "seqkernels::lstm_layer_fwd (CPU kernel): input_gates is on ",
-              input_gates.device());
+  check_layer_args("lstm_layer_fwd", input_gates, h0, c0, weight_hh, bias);
   const int64_t T = input_gates.size(0), B = input_gates.size(1), G = input_gates.size(2), H = G / 4;
-  TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) == G && weight_hh.size(1) == H,
-              "seqkernels::lstm_layer_fwd: weight_hh must have shape (", G, ", ", H, "), got ", weight_hh.sizes());
-  TORCH_CHECK(weight_hh.scalar_type() == input_gates.scalar_type() && weight_hh.device() == input_gates.device(),
-              "seqkernels::lstm_layer_fwd: weight_hh must have input_gates' dtype and device");
-  check_2d("h0", h0, B, H, input_gates);
-  check_2d("c0", c0, B, H, input_gates);
-  host::check_bias("lstm_layer_fwd", "bias", bias, G, input_gates);
 
   auto opts = input_gates.options();
   at::Tensor out = at::empty({T, B, H}, opts);
@@ -492,7 +668,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tens
   const at::Tensor ig = input_gates.contiguous(), h_init = h0.contiguous();
   const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
 
-  // Unit blocks: one per thread, a multiple of 8 units (the SIMD width) except the last, at least
+  if (input_gates.scalar_type() == at::kFloat) {
+    const SeqFusedKernel k = seq_fused_kernel(false);
+    if (k.step != nullptr)
+      return lstm_layer_fused(k, ig, at::Tensor(), h_init, c, at::Tensor(), weight_hh, bsum, reverse, out);
+  }
+
+  // float64, and float32 on the portable path: per step, the BLAS on each thread's block of W_hh
+  // rows, then the cell. Unit blocks: one per thread, a multiple of 8 units (the SIMD width) except the last, at least
   // 32 units each so a block's GEMM is not too thin to be worth a thread.
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / 32));
   const int64_t per = ((H + threads - 1) / threads + 7) / 8 * 8;
@@ -537,6 +720,148 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tens
   return {out, h_prev.clone(), c};
 }
 
+// lstm_layer_fwd.fused: the layer from its input x (T, B, I) and weight_ih (4H, I) rather than from
+// precomputed input gates: the input projection runs in the same kernel, its K loop over x_t before
+// the one over h_prev into the same accumulators, so no (T, B, 4H) buffer and no separate GEMM
+// (float32). With train, it also saves what the backward (lstm_layer_fwd.backward) needs: the
+// activated gates of every step, workspace (T, B, 4H), and the cell state after every step,
+// cs (T, B, H); without, those two are returned empty. Runs on every ISA level (the one-lane
+// baseline code for SEQKERNELS_CPU_ISA=portable). Returns (out, h_n, c_n, workspace, cs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fused_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias, bool reverse, bool train) {
+  const char* op = "lstm_layer_fwd.fused";
+  TORCH_CHECK(input.dim() == 3, "seqkernels::", op, ": input must have shape (T, B, I), got ", input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "seqkernels::", op, ": input must be float32, got ",
+              input.scalar_type());
+  TORCH_CHECK(input.device().is_cpu(), "seqkernels::", op, " (CPU kernel): input is on ", input.device());
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 4 == 0 && weight_ih.size(1) == I, "seqkernels::", op,
+              ": weight_ih must have shape (4*H, ", I, "), got ", weight_ih.sizes());
+  TORCH_CHECK(weight_ih.scalar_type() == at::kFloat && weight_ih.device() == input.device(), "seqkernels::", op,
+              ": weight_ih must have input's dtype and device");
+  const int64_t G = weight_ih.size(0), H = G / 4;
+  TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) == G && weight_hh.size(1) == H, "seqkernels::", op,
+              ": weight_hh must have shape (", G, ", ", H, "), got ", weight_hh.sizes());
+  TORCH_CHECK(weight_hh.scalar_type() == at::kFloat && weight_hh.device() == input.device(), "seqkernels::", op,
+              ": weight_hh must have input's dtype and device");
+  check_2d("h0", h0, B, H, input);
+  check_2d("c0", c0, B, H, input);
+  host::check_bias(op, "bias", bias, G, input);
+
+  auto opts = input.options();
+  const int64_t Ts = train ? T : 0;
+  at::Tensor out = at::empty({T, B, H}, opts), ws = at::empty({Ts, B, G}, opts), cs = at::empty({Ts, B, H}, opts);
+  at::Tensor c = c0.clone(at::MemoryFormat::Contiguous);
+  if (T == 0 || B == 0 || H == 0) return {out, h0.clone(at::MemoryFormat::Contiguous), c, ws, cs};
+  const at::Tensor x = input.contiguous(), h_init = h0.contiguous();
+  const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
+  auto [o, h_n, c_n] =
+      lstm_layer_fused(seq_fused_kernel(true), at::Tensor(), x, h_init, c, weight_ih, weight_hh, bsum, reverse, out,
+                       train ? ws.data_ptr<float>() : nullptr, train ? cs.data_ptr<float>() : nullptr);
+  return {o, h_n, c_n, ws, cs};
+}
+
+// The backward of lstm_layer_fwd.fused(train=True) over the whole sequence (float32): grad_out (T, B, H) (None:
+// zeros), grad_hn / grad_cn (B, H) (None: zeros), the forward's workspace and cs, c0 and weight_hh.
+// Returns (grad_gates (T, B, 4H): the pre-activation gates' gradients of every step, from which the
+// caller gets the input, weight and bias gradients with one GEMM or sum each; grad_h0; grad_c0).
+//
+// One OpenMP team for the whole sequence, as the forward: each thread owns a range of super-blocks of
+// 4 W units (64 on AVX-512, 32 on AVX2); per step it runs the cell backward of its units, waits at a
+// barrier for every unit's gate gradients, then computes the recurrent GEMM dh = grad_gates_t @ W_hh
+// for its own units only (its packed columns of W_hh), which is all its next step reads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(const c10::optional<at::Tensor>& grad_out,
+                                                                  const c10::optional<at::Tensor>& grad_hn,
+                                                                  const c10::optional<at::Tensor>& grad_cn,
+                                                                  const at::Tensor& workspace, const at::Tensor& cs,
+                                                                  const at::Tensor& c0, const at::Tensor& weight_hh,
+                                                                  bool reverse) {
+  TORCH_CHECK(workspace.dim() == 3 && workspace.size(2) % 4 == 0,
+              "seqkernels::lstm_layer_fwd.backward: workspace must have shape (T, B, 4*H), got ", workspace.sizes());
+  TORCH_CHECK(workspace.scalar_type() == at::kFloat,
+              "seqkernels::lstm_layer_fwd.backward: workspace must be float32, got ", workspace.scalar_type());
+  TORCH_CHECK(workspace.device().is_cpu(), "seqkernels::lstm_layer_fwd.backward (CPU kernel): workspace is on ",
+              workspace.device());
+  const int64_t T = workspace.size(0), B = workspace.size(1), G = workspace.size(2), H = G / 4;
+  auto check_3d = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == T && t.size(1) == B && t.size(2) == H,
+                "seqkernels::lstm_layer_fwd.backward: ", name, " must have shape (", T, ", ", B, ", ", H, "), got ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device() == workspace.device(),
+                "seqkernels::lstm_layer_fwd.backward: ", name, " must be a float32 CPU tensor like workspace, got ",
+                t.scalar_type(), " on ", t.device());
+  };
+  check_3d("cs", cs);
+  if (grad_out.has_value()) check_3d("grad_out", *grad_out);
+  check_2d("c0", c0, B, H, workspace);
+  if (grad_hn.has_value()) check_2d("grad_hn", *grad_hn, B, H, workspace);
+  if (grad_cn.has_value()) check_2d("grad_cn", *grad_cn, B, H, workspace);
+  TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) == G && weight_hh.size(1) == H,
+              "seqkernels::lstm_layer_fwd.backward: weight_hh must have shape (", G, ", ", H, "), got ",
+              weight_hh.sizes());
+  TORCH_CHECK(weight_hh.scalar_type() == at::kFloat && weight_hh.device() == workspace.device(),
+              "seqkernels::lstm_layer_fwd.backward: weight_hh must be a float32 CPU tensor like workspace");
+
+  auto opts = workspace.options();
+  at::Tensor grad_gates = at::empty({T, B, G}, opts);
+  at::Tensor dh = grad_hn.has_value() ? grad_hn->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opts);
+  at::Tensor dc = grad_cn.has_value() ? grad_cn->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opts);
+  if (T == 0 || B == 0 || H == 0) return {grad_gates.zero_(), dh, dc};
+  const at::Tensor go = grad_out.has_value() ? grad_out->contiguous() : at::Tensor();
+  const at::Tensor wsc = workspace.contiguous(), csc = cs.contiguous(), c0c = c0.contiguous();
+  const at::Tensor w = weight_hh.contiguous();
+  const SeqBwdKernel k = seq_bwd_kernel();
+  const int64_t NW = 4 * k.W, nsb = (H + NW - 1) / NW;
+  at::Tensor packed = at::empty({nsb * 4 * H * NW}, opts);
+  const SeqBwdArgs a{go.defined() ? go.data_ptr<float>() : nullptr,
+                     wsc.data_ptr<float>(),
+                     csc.data_ptr<float>(),
+                     c0c.data_ptr<float>(),
+                     w.data_ptr<float>(),
+                     packed.data_ptr<float>(),
+                     grad_gates.data_ptr<float>(),
+                     dh.data_ptr<float>(),
+                     dc.data_ptr<float>(),
+                     T,
+                     B,
+                     H,
+                     reverse};
+  int64_t threads = std::min<int64_t>(at::get_num_threads(), nsb);
+  threads = std::min<int64_t>(threads, std::max<int64_t>(1, B * H * 4 * H / kSeqMinFmaPerThread));
+  if (at::in_parallel_region()) threads = 1;
+  auto units = [&](int64_t sb0, int64_t sb1, int64_t& u0, int64_t& u1) {
+    u0 = std::min(H, sb0 * NW);
+    u1 = std::min(H, sb1 * NW);
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t sb0 = tid * nsb / nt, sb1 = (tid + 1) * nsb / nt;
+      int64_t u0 = 0, u1 = 0;
+      units(sb0, sb1, u0, u1);
+      k.pack(a, sb0, sb1);
+      for (int64_t s = T - 1; s >= 0; --s) {
+        k.point(a, s, u0, u1);
+#pragma omp barrier
+        k.gemm(a, s, sb0, sb1);  // after step 0's, dh is grad_h0
+      }
+    }
+    threads = 0;
+  }
+#endif
+  if (threads != 0) {
+    k.pack(a, 0, nsb);
+    for (int64_t s = T - 1; s >= 0; --s) {
+      k.point(a, s, 0, H);
+      k.gemm(a, s, 0, nsb);
+    }
+  }
+  return {grad_gates, dh, dc};
+}
+
 }  // namespace
 }  // namespace seqkernels
 
@@ -551,6 +876,8 @@ simd::Isa cpu_paths::lstm(Dt dt) {
 
 TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
   m.impl("lstm_layer_fwd", &seqkernels::lstm_layer_fwd_cpu);
+  m.impl("lstm_layer_fwd.fused", &seqkernels::lstm_layer_fused_cpu);
+  m.impl("lstm_layer_fwd.backward", &seqkernels::lstm_layer_bwd_cpu);
   m.impl("lstm_cell_fwd", &seqkernels::lstm_cell_fwd_cpu);
   m.impl("lstm_cell_bwd", &seqkernels::lstm_cell_bwd_cpu);
 }

@@ -106,3 +106,258 @@ void seq_step_range(const SeqStepArgs& a, int64_t b, int64_t j0, int64_t j1) {
     L::store_n(h + j, hy, n);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fused sequence kernel (lstm_layer_fwd, float32, the AVX2 and AVX-512 lanes): the recurrent
+// GEMM of a block of W hidden units and the cell of those units in one pass, no gates buffer.
+//
+// Packed weights: block j (units [j W, j W + W)) is a (I + H, 4, W) array, element (k, g, l) =
+// W_ih[g H + j W + l, k] for k < I (the input projection, when the kernel is given the input x) and
+// W_hh[g H + j W + l, k - I] after, zero for units past H; a step reads it front to back.
+template <class L>
+void seq_fused_pack(const SeqFusedArgs& a, int64_t blk0, int64_t blk1) {
+  constexpr int64_t W = L::W;
+  const int64_t H = a.H, I = a.I, K = I + H;
+  for (int64_t j = blk0; j < blk1; ++j) {
+    float* dst = a.packed + j * K * 4 * W;
+    for (int g = 0; g < 4; ++g) {
+      for (int64_t l = 0; l < W; ++l) {
+        const int64_t u = j * W + l;
+        float* d = dst + g * W + l;
+        if (u < H) {
+          const float* src = a.weight_ih + (g * H + u) * I;
+          for (int64_t k = 0; k < I; ++k) d[k * 4 * W] = src[k];
+          src = a.weight_hh + (g * H + u) * H;
+          for (int64_t k = 0; k < H; ++k) d[(I + k) * 4 * W] = src[k];
+        } else {
+          for (int64_t k = 0; k < K; ++k) d[k * 4 * W] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// acc[g][r] += sum over k < K of src[r ld + k] wp[k, g, :]: the K loop of the tiles below.
+template <class L, int R>
+__attribute__((always_inline)) inline void seq_kloop(typename L::V (&acc)[4][R], const float* wp, const float* src,
+                                                     int64_t ld, int64_t K) {
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = wp + k * 4 * W;
+    const V w0 = L::loadu(wk), w1 = L::loadu(wk + W), w2 = L::loadu(wk + 2 * W), w3 = L::loadu(wk + 3 * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V x = L::bcast(src[r * ld + k]);
+      acc[0][r] = L::fma(x, w0, acc[0][r]);
+      acc[1][r] = L::fma(x, w1, acc[1][r]);
+      acc[2][r] = L::fma(x, w2, acc[2][r]);
+      acc[3][r] = L::fma(x, w3, acc[3][r]);
+    }
+  }
+}
+
+// Rows [b0, b0 + R) of one step for the block of units [u0, u0 + n) (n <= W) whose packed weights
+// start at wp: 4 R accumulators (4 gates of R rows), the K loop broadcasting h_prev[b, k] against
+// the four gate columns of W_hh (after the same over x_t[b, :] and W_ih when the kernel has x), then
+// the epilogue: + input gates (when given) + bias, the cell, c and h stored.
+template <class L, int R>
+void seq_fused_tile(const SeqFusedArgs& a, const float* wp, const float* x_t, const float* h_prev, const float* ig,
+                    float* h_out, float* ws_t, float* cs_t, int64_t b0, int64_t u0, int64_t n) {
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  const int64_t H = a.H;
+  V acc[4][R];
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[g][r] = L::bcast(0.f);
+  }
+  if (x_t != nullptr) seq_kloop<L, R>(acc, wp, x_t + b0 * a.I, a.I, a.I);
+  seq_kloop<L, R>(acc, wp + a.I * 4 * W, h_prev + b0 * H, H, H);
+  const float* bias = a.bias;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const int64_t b = b0 + r;
+    const float* igr = ig != nullptr ? ig + b * 4 * H + u0 : nullptr;
+    V pre[4];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      V x = acc[g][r];
+      if (ig != nullptr) x = x + L::load_n(igr + g * H, n);
+      if (bias != nullptr) x = x + L::load_n(bias + g * H + u0, n);
+      pre[g] = x;
+    }
+    float* c = a.c + b * H + u0;
+    V gi, gf, gg, go, cy, hy;
+    cell_forward<L>(pre[0], pre[1], pre[2], pre[3], L::load_n(c, n), gi, gf, gg, go, cy, hy);
+    L::store_n(c, cy, n);
+    L::store_n(h_out + b * H + u0, hy, n);
+    if (ws_t != nullptr) {  // training: the activated gates and the cell state, for the backward
+      float* wsr = ws_t + b * 4 * H + u0;
+      L::store_n(wsr, gi, n);
+      L::store_n(wsr + H, gf, n);
+      L::store_n(wsr + 2 * H, gg, n);
+      L::store_n(wsr + 3 * H, go, n);
+      L::store_n(cs_t + b * H + u0, cy, n);
+    }
+  }
+}
+
+// Step s (of T; time index T - 1 - s when reverse) for the unit blocks [blk0, blk1): every batch
+// row, R rows at a time (R = L::kSeqRows), the remainder rows by narrower tiles.
+template <class L>
+void seq_fused_step(const SeqFusedArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+  constexpr int64_t W = L::W;
+  constexpr int R = L::kSeqRows;
+  static_assert(R >= 1 && R <= 6, "the remainder tiles below cover R <= 6");
+  const int64_t H = a.H, B = a.B, T = a.T, BH = B * H;
+  const int64_t t = a.reverse ? T - 1 - s : s;
+  const float* h_prev = s == 0 ? a.h0 : a.out + (a.reverse ? t + 1 : t - 1) * BH;
+  const float* ig = a.input_gates != nullptr ? a.input_gates + t * B * 4 * H : nullptr;
+  const float* x_t = a.x != nullptr ? a.x + t * B * a.I : nullptr;
+  float* h_out = a.out + t * BH;
+  float* ws_t = a.ws != nullptr ? a.ws + t * B * 4 * H : nullptr;
+  float* cs_t = a.cs != nullptr ? a.cs + t * BH : nullptr;
+  for (int64_t j = blk0; j < blk1; ++j) {
+    const float* wp = a.packed + j * (a.I + H) * 4 * W;
+    const int64_t u0 = j * W, n = H - u0 < W ? H - u0 : W;
+    int64_t b0 = 0;
+    for (; b0 + R <= B; b0 += R) seq_fused_tile<L, R>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
+    switch (B - b0) {
+      case 0:
+        break;
+      case 1:
+        seq_fused_tile<L, 1>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
+        break;
+      case 2:
+        if constexpr (R > 2) seq_fused_tile<L, 2>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
+        break;
+      case 3:
+        if constexpr (R > 3) seq_fused_tile<L, 3>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
+        break;
+      case 4:
+        if constexpr (R > 4) seq_fused_tile<L, 4>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
+        break;
+      default:
+        if constexpr (R > 5) seq_fused_tile<L, 5>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
+        break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sequence backward (lstm_layer_bwd, float32): per step, the cell backward of a thread's units
+// (seq_bwd_point), then after a barrier the recurrent GEMM dh[:, units] = grad_gates_t @ W_hh[:, units]
+// of the same units (seq_bwd_gemm), so the next step's cell backward reads only its own thread's dh.
+//
+// Packed W_hh for it: super-blocks of 4 W units, each (4H, 4W): element (k, l) = W_hh[k, sb 4W + l],
+// zero past H (W_hh's rows are already the K dimension; packing only pads and groups the columns).
+template <class L>
+void seq_bwd_pack(const SeqBwdArgs& a, int64_t sb0, int64_t sb1) {
+  constexpr int64_t NW = 4 * L::W;
+  const int64_t H = a.H;
+  for (int64_t sb = sb0; sb < sb1; ++sb) {
+    float* dst = a.packed + sb * 4 * H * NW;
+    const int64_t u0 = sb * NW, n = H - u0 < NW ? H - u0 : NW;
+    for (int64_t k = 0; k < 4 * H; ++k) {
+      const float* src = a.weight_hh + k * H + u0;
+      float* d = dst + k * NW;
+      for (int64_t l = 0; l < n; ++l) d[l] = src[l];
+      for (int64_t l = n; l < NW; ++l) d[l] = 0.f;
+    }
+  }
+}
+
+// Step s of the backward (the forward's step s, time t) for units [u0, u1): dh = grad_out[t] + the
+// carried dh, dc = the carried dc; the cell backward from the saved gates, c_prev and c_t; grad_gates[t]
+// stored, dc carried on (grad_cx). The carried dh is replaced by seq_bwd_gemm after the barrier.
+template <class L>
+void seq_bwd_point(const SeqBwdArgs& a, int64_t s, int64_t u0, int64_t u1) {
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  const int64_t H = a.H, B = a.B, T = a.T, BH = B * H;
+  const int64_t t = a.reverse ? T - 1 - s : s;
+  const float* c_prev = s == 0 ? a.c0 : a.cs + (a.reverse ? t + 1 : t - 1) * BH;
+  const float* cy = a.cs + t * BH;
+  const float* ws = a.ws + t * B * 4 * H;
+  const float* go = a.grad_out != nullptr ? a.grad_out + t * BH : nullptr;
+  float* gg = a.grad_gates + t * B * 4 * H;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = u0; j < u1; j += W) {
+      const int64_t n = u1 - j < W ? u1 - j : W;
+      const int64_t o = b * H + j;
+      V dh = L::load_n(a.dh + o, n);
+      if (go != nullptr) dh = dh + L::load_n(go + o, n);
+      const float* w = ws + b * 4 * H + j;
+      V di, df, dg, d_o, dcx;
+      cell_backward<L>(dh, L::load_n(a.dc + o, n), L::load_n(c_prev + o, n), L::load_n(cy + o, n), L::load_n(w, n),
+                       L::load_n(w + H, n), L::load_n(w + 2 * H, n), L::load_n(w + 3 * H, n), di, df, dg, d_o, dcx);
+      float* g = gg + b * 4 * H + j;
+      L::store_n(g, di, n);
+      L::store_n(g + H, df, n);
+      L::store_n(g + 2 * H, dg, n);
+      L::store_n(g + 3 * H, d_o, n);
+      L::store_n(a.dc + o, dcx, n);
+    }
+  }
+}
+
+// Rows [b0, b0 + R) of dh[:, sb 4W + [0, n)] = gg_t @ W_hh[:, those units]: 4 R accumulators
+// (4 vectors of units x R rows), K = 4H.
+template <class L, int R>
+void seq_bwd_tile(const SeqBwdArgs& a, const float* wp, const float* gg_t, int64_t b0, int64_t u0, int64_t n) {
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
+  const int64_t H = a.H, K = 4 * H;
+  V acc[4][R];
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[v][r] = L::bcast(0.f);
+  }
+  seq_kloop<L, R>(acc, wp, gg_t + b0 * K, K, K);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* d = a.dh + (b0 + r) * H + u0;
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      if (v * W < n) L::store_n(d + v * W, acc[v][r], n - v * W < W ? n - v * W : W);
+    }
+  }
+}
+
+template <class L>
+void seq_bwd_gemm(const SeqBwdArgs& a, int64_t s, int64_t sb0, int64_t sb1) {
+  constexpr int64_t NW = 4 * L::W;
+  constexpr int R = L::kSeqRows;
+  static_assert(R >= 1 && R <= 6, "the remainder tiles below cover R <= 6");
+  const int64_t H = a.H, B = a.B, T = a.T;
+  const int64_t t = a.reverse ? T - 1 - s : s;
+  const float* gg_t = a.grad_gates + t * B * 4 * H;
+  for (int64_t sb = sb0; sb < sb1; ++sb) {
+    const float* wp = a.packed + sb * 4 * H * NW;
+    const int64_t u0 = sb * NW, n = H - u0 < NW ? H - u0 : NW;
+    int64_t b0 = 0;
+    for (; b0 + R <= B; b0 += R) seq_bwd_tile<L, R>(a, wp, gg_t, b0, u0, n);
+    switch (B - b0) {
+      case 0:
+        break;
+      case 1:
+        seq_bwd_tile<L, 1>(a, wp, gg_t, b0, u0, n);
+        break;
+      case 2:
+        if constexpr (R > 2) seq_bwd_tile<L, 2>(a, wp, gg_t, b0, u0, n);
+        break;
+      case 3:
+        if constexpr (R > 3) seq_bwd_tile<L, 3>(a, wp, gg_t, b0, u0, n);
+        break;
+      case 4:
+        if constexpr (R > 4) seq_bwd_tile<L, 4>(a, wp, gg_t, b0, u0, n);
+        break;
+      default:
+        if constexpr (R > 5) seq_bwd_tile<L, 5>(a, wp, gg_t, b0, u0, n);
+        break;
+    }
+  }
+}

@@ -7,9 +7,11 @@ Both modules subclass torch's, so constructor arguments, parameter names, initia
 - `LSTM.forward` projects the inputs of all time steps of a layer and direction with one GEMM, then
   per step runs the recurrent GEMM and the fused cell; in training its backward is one fused pass
   per step plus the recurrent GEMM, and the weight gradients of all steps are one GEMM each. On CPU
-  tensors without gradients (float32/float64, a constant batch) the whole recurrence of a layer runs
-  in one C++ kernel instead (`seqkernels::lstm_layer_fwd`: each thread keeps its slice of W_hh and
-  computes the cell of its hidden units, one fork/join per step).
+  tensors with a constant batch the whole recurrence of a layer runs in one C++ kernel instead
+  (`seqkernels::lstm_layer_fwd` and its `.fused` / `.backward` overloads): each thread keeps its
+  slice of the weights packed and computes the gates of its hidden units with the cell fused into
+  the GEMM, one barrier per step; float32 also projects the input inside that kernel and trains
+  through it (the backward is one C++ call per layer-direction), float64 runs inference only there.
 
 Supported like torch: `num_layers`, `bias`, `batch_first`, `dropout` (between layers, training
 only, drawn from torch's generator), `bidirectional`, unbatched input, a given or zero initial

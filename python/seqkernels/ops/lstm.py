@@ -190,8 +190,28 @@ def _layer_fake(input_gates, h0, c0, weight_hh, bias, reverse):
     )
 
 
-# The CPU sequence kernel (inference only; see _cpu_layer_forward).
+def _layer_fused_fake(input, h0, c0, weight_ih, weight_hh, bias, reverse, train):
+    T, B, _ = input.shape
+    G = weight_ih.shape[0]
+    H, Ts = G // 4, T if train else 0
+    e = input.new_empty
+    return e((T, B, H)), e((B, H)), e((B, H)), e((Ts, B, G)), e((Ts, B, H))
+
+
+def _layer_bwd_fake(grad_out, grad_hn, grad_cn, workspace, cs, c0, weight_hh, reverse):
+    T, B, G = workspace.shape
+    e = workspace.new_empty
+    return e((T, B, G)), e((B, G // 4)), e((B, G // 4))
+
+
+# The CPU sequence kernel (see _cpu_layer_forward) and its float32 overloads lstm_layer_fwd.fused
+# (the input projection inside the kernel; inference and training) and lstm_layer_fwd.backward
+# (see _CpuLayer).
 _HAS_LAYER_OP = register_family(("lstm_layer_fwd",), (_layer_fake,), cpp=True) is not None
+_HAS_LAYER_FUSED = _HAS_LAYER_OP and {"fused", "backward"} <= set(torch.ops.seqkernels.lstm_layer_fwd.overloads())
+if _HAS_LAYER_FUSED:
+    torch.library.register_fake("seqkernels::lstm_layer_fwd.fused")(_layer_fused_fake)
+    torch.library.register_fake("seqkernels::lstm_layer_fwd.backward")(_layer_bwd_fake)
 
 # The reference backend's pair, for the sequence driver below (plain torch, differentiable).
 FAMILIES["reference"] = (ref.lstm_cell_fwd_ref, ref.lstm_cell_bwd_ref)
@@ -441,6 +461,61 @@ class _LSTMLayer(torch.autograd.Function):
         )
 
 
+class _CpuLayer(torch.autograd.Function):
+    """Training on the CPU backend, float32, a constant batch: the input projection and the recurrence
+    in the C++ sequence kernel (lstm_layer_fwd.fused with train=True, saving the activated gates and
+    the cell states), and its whole backward in one C++ call (lstm_layer_fwd.backward, giving the gates'
+    gradients of every step); the input, weight and bias gradients are then one GEMM or sum each."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, T, B, reverse):
+        bias = _summed_bias(b_ih, b_hh)
+        out, h_n, c_n, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(
+            x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, True
+        )
+        out = out.view(T * B, out.shape[2])
+        ctx.T, ctx.B, ctx.reverse = T, B, reverse
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.save_for_backward(x, w_ih, w_hh, h0, c0, out, ws, cs)
+        ctx.set_materialize_grads(False)
+        return out, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_hn, grad_cn):
+        x, w_ih, w_hh, h0, c0, out, ws, cs = ctx.saved_tensors
+        T, B, reverse = ctx.T, ctx.B, ctx.reverse
+        H = w_hh.shape[1]
+        go = grad_out.reshape(T, B, H) if grad_out is not None else None
+        with torch._C._AutoDispatchBelowAutograd():
+            gg, grad_h0, grad_c0 = torch.ops.seqkernels.lstm_layer_fwd.backward(
+                go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse
+            )
+            G = gg.view(T * B, 4 * H)
+            need = ctx.needs_input_grad
+            grad_x = torch.mm(G, w_ih) if need[0] else None
+            grad_w_ih = torch.mm(G.t(), x) if need[3] else None
+            grad_w_hh = None
+            if need[4]:
+                # h_prev of every step: h0, then the outputs, shifted by one step in the run's direction.
+                o = out.view(T, B, H)
+                h_prev = torch.cat([o[1:], h0[None]]) if reverse else torch.cat([h0[None], o[:-1]])
+                grad_w_hh = torch.mm(G.t(), h_prev.view(T * B, H))
+            grad_b = G.sum(0) if (need[5] or need[6]) else None
+        return (
+            grad_x,
+            grad_h0 if need[1] else None,
+            grad_c0 if need[2] else None,
+            grad_w_ih,
+            grad_w_hh,
+            grad_b if ctx.has_bias[0] and need[5] else None,
+            grad_b if ctx.has_bias[1] and need[6] else None,
+            None,
+            None,
+            None,
+        )
+
+
 def lstm_layer(
     x: Tensor,
     h0: Tensor,
@@ -463,6 +538,14 @@ def lstm_layer(
         )
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if (
+            backend == "cpu"
+            and _HAS_LAYER_FUSED
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and min(batch_sizes) == batch_sizes[0]
+        ):
+            return _CpuLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
         return _LSTMLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family)
     with torch.no_grad():
         if (
@@ -482,6 +565,12 @@ def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, revers
     one projection GEMM for all steps, then the whole recurrence in the C++ sequence kernel
     (seqkernels::lstm_layer_fwd: one fork/join per step, each thread on its own slice of W_hh)."""
     bias = _summed_bias(b_ih, b_hh)
-    proj = torch.mm(x, w_ih.t())
-    out, h_n, c_n = torch.ops.seqkernels.lstm_layer_fwd(proj.view(T, B, proj.shape[1]), h0, c0, w_hh, bias, reverse)
+    if x.dtype == torch.float32 and _HAS_LAYER_FUSED:
+        # The input projection inside the kernel too (its own GEMM: faster than the BLAS here).
+        out, h_n, c_n, _, _ = torch.ops.seqkernels.lstm_layer_fwd.fused(
+            x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, False
+        )
+    else:
+        proj = torch.mm(x, w_ih.t())
+        out, h_n, c_n = torch.ops.seqkernels.lstm_layer_fwd(proj.view(T, B, proj.shape[1]), h0, c0, w_hh, bias, reverse)
     return out.view(T * B, out.shape[2]), h_n, c_n
