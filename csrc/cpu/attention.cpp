@@ -1610,13 +1610,15 @@ void check_modifiers_cpu(const std::optional<Tensor>& alibi_slopes, const std::o
   }
 }
 
-std::tuple<Tensor, Tensor> attention_fwd_cpu(
-    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& attn_mask,
-    const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
-    double dropout_p, int64_t seed, int64_t offset, const std::optional<Tensor>& alibi_slopes,
-    const std::optional<Tensor>& sinks, double softcap, const std::optional<Tensor>& cu_seqlens_q,
-    const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool deterministic,
-    at::IntArrayRef dropout_grid) {
+std::tuple<Tensor, Tensor> attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const std::optional<Tensor>& attn_mask,
+                                             const std::optional<Tensor>& kv_lengths, double scale, int64_t window_left,
+                                             int64_t window_right, bool bottom_right, double dropout_p, int64_t seed,
+                                             int64_t offset, const std::optional<Tensor>& alibi_slopes,
+                                             const std::optional<Tensor>& sinks, double softcap,
+                                             const std::optional<Tensor>& cu_seqlens_q,
+                                             const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                             int64_t max_seqlen_k, bool deterministic, at::IntArrayRef dropout_grid) {
   (void)deterministic;  // recorded by the autograd layer for the backward
   constexpr const char* op = "seqkernels::attention_fwd (cpu)";
   const Geometry g = host::check_qkv(q, k, v, host::kCpu, op);
