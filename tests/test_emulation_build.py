@@ -59,7 +59,8 @@ def test_emulated_namespace_has_every_schema_and_cpu_kernels():
     ns = getattr(torch.ops, emu.namespace)
     for s in registered_schemas() + SCHEMAS:
         name = s.split("(")[0]
-        op = getattr(ns, name).default
+        base, _, overload = name.partition(".")  # "op" or "op.overload" (lstm_layer_fwd.fused)
+        op = getattr(getattr(ns, base), overload or "default")
         assert str(op._schema).split("(")[0].endswith(name)
     assert emu.has("selftest_mma") and not emu.has("attention_fwd")
     with pytest.raises(AttributeError, match="SK_REGISTER_CUDA"):
