@@ -502,8 +502,9 @@ class _AllGather(torch.autograd.Function):
             mine = grad.new_empty((n,) + tuple(grad.shape[1:]))
             dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
             return mine, None
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[rank * n : (rank + 1) * n].clone(), None
+        total = grad.clone()  # all_reduce works in place; the incoming gradient is autograd's
+        dist.all_reduce(total, group=ctx.group)
+        return total[rank * n : (rank + 1) * n].clone(), None
 
 
 def _global_order(world: int, layout: str, per_rank: int) -> Tensor:
