@@ -32,6 +32,7 @@ Hugging Face models have `seqkernels.integrations.transformers.use_context_paral
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
@@ -245,15 +246,16 @@ def _grid(q_chunk: int, k_chunk: int, c: int, blk: _Block, L: int, dropout: tupl
     return [q_chunk * c + blk.qa, k_chunk * c + blk.ka, L, L] if dropout[0] > 0 else []
 
 
-def _alibi_args(slopes: Optional[Tensor], blk: _Block, B: int, acc: torch.dtype):
+def _alibi_args(slopes: Optional[Tensor], slopes_bh: Optional[Tensor], blk: _Block, B: int, acc: torch.dtype):
     """(attn_mask, alibi_slopes) for one block: the kernels' ALiBi term where the block's top-left
     distance is the global one (shift 0: the diagonal blocks), else the global -slope * |gi - gj| as a
     float additive mask of the sub-block (the kernels take no diagonal offset; this costs Hq x rows x
-    keys floats per block, broadcast over the batch when the slopes are per head)."""
+    keys floats per block, broadcast over the batch when the slopes are per head). `slopes` as the
+    caller gave them, `slopes_bh` the kernels' normalized (B, Hq) form of them."""
     if slopes is None:
         return None, None
     if blk.shift == 0:
-        return None, slopes.to(acc).expand(B, -1).contiguous()
+        return None, slopes_bh
     nq, nk = blk.qb - blk.qa, blk.kb - blk.ka
     i = torch.arange(nq, device=slopes.device, dtype=torch.int64).view(-1, 1) + blk.shift
     j = torch.arange(nk, device=slopes.device, dtype=torch.int64).view(1, -1)
@@ -290,7 +292,7 @@ class _RingAttention(torch.autograd.Function):
             for a, b, blk in _blocks(q_ids, kv_ids, c, *meta["window"]):
                 rows = slice(a * c + blk.qa, a * c + blk.qb)
                 keys = slice(b * c + blk.ka, b * c + blk.kb)
-                mask, slopes = _alibi_args(meta["alibi"], blk, B, acc_dtype)
+                mask, slopes = _alibi_args(meta["alibi"], meta["alibi_bh"], blk, B, acc_dtype)
                 o, l_ = fwd(
                     q[:, :, rows], kb[:, :, keys], vb[:, :, keys],
                     mask, None, meta["scale"], blk.left, blk.right, False, *meta["dropout"],
@@ -339,7 +341,7 @@ class _RingAttention(torch.autograd.Function):
             for a, b, blk in _blocks(q_ids, kv_ids, c, *meta["window"]):
                 sq = slice(a * c + blk.qa, a * c + blk.qb)
                 sk = slice(b * c + blk.ka, b * c + blk.kb)
-                mask, slopes = _alibi_args(meta["alibi"], blk, B, acc)
+                mask, slopes = _alibi_args(meta["alibi"], meta["alibi_bh"], blk, B, acc)
                 head = (mask, None, meta["scale"], blk.left, blk.right, False)
                 tail = (
                     det,
@@ -467,6 +469,7 @@ def ring_attention(
         window=(call.window_left, call.window_right),  # global, causal folded in (right = 0)
         # Per head (Hq,) stays so, and the blocks' ALiBi masks broadcast over the batch.
         alibi=None if alibi_slopes is None else alibi_slopes.detach(),
+        alibi_bh=call.alibi_slopes,  # (B, Hq) in the accumulation type, as the kernels take them
         deterministic=bool(deterministic),
         scale=call.scale,
         softcap=call.softcap,
@@ -512,12 +515,11 @@ def _global_order(world: int, layout: str, per_rank: int) -> Tensor:
     sequence (the inverse of shard_sequence's cut, for seq_dim 0)."""
     n_ids = len(chunk_ids(0, world, layout))
     c = per_rank // n_ids
-    src = [0] * (per_rank * world)
-    for r in range(world):
+    src = torch.empty(per_rank * world, dtype=torch.int64)
+    for r in range(world):  # one slice per chunk: no per-token Python work
         for k_, cid in enumerate(chunk_ids(r, world, layout)):
-            for t in range(c):
-                src[cid * c + t] = r * per_rank + k_ * c + t
-    return torch.tensor(src, dtype=torch.int64)
+            src[cid * c : (cid + 1) * c] = torch.arange(r * per_rank + k_ * c, r * per_rank + (k_ + 1) * c)
+    return src
 
 
 @dataclass(frozen=True)
@@ -543,7 +545,8 @@ def _pieces(starts: List[int], q_ranges: List[Tuple[int, int]], left: int, right
     delta is 0, the window the caller's."""
     out = []
     for s, e in q_ranges:
-        for d in range(len(starts) - 1):
+        # The documents that meet [s, e): from the one holding s (bisect) to the one holding e - 1.
+        for d in range(max(bisect.bisect_right(starts, s) - 1, 0), min(bisect.bisect_left(starts, e), len(starts) - 1)):
             ds, de = starts[d], starts[d + 1]
             qs, qe = max(s, ds), min(e, de)
             if qs >= qe:

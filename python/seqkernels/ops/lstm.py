@@ -438,27 +438,30 @@ class _LSTMLayer(torch.autograd.Function):
             grad_h0 = torch.cat([gh] + h0_parts_h[::-1]) if h0_parts_h else gh
             grad_c0 = torch.cat([gc] + h0_parts_c[::-1]) if h0_parts_c else gc
             G = torch.cat(grads) if T > 1 else grads[0]
-            need = ctx.needs_input_grad
-            grad_x = torch.mm(G, w_ih) if need[0] else None
-            grad_w_ih = torch.mm(G.t(), x) if need[3] else None
-            grad_w_hh = None
-            if need[4]:
-                h_prev = torch.cat(saved["h_prev"]) if T > 1 else saved["h_prev"][0]
-                grad_w_hh = torch.mm(G.t(), h_prev)
-            grad_b = G.sum(0) if (need[5] or need[6]) else None
+            h_prev = lambda: torch.cat(saved["h_prev"]) if T > 1 else saved["h_prev"][0]  # noqa: E731
+            res = _layer_input_grads(ctx, G, x, w_ih, h_prev, grad_h0, grad_c0)
         ctx.saved = None
-        return (
-            grad_x,
-            grad_h0 if need[1] else None,
-            grad_c0 if need[2] else None,
-            grad_w_ih,
-            grad_w_hh,
-            grad_b if ctx.has_bias[0] and need[5] else None,
-            grad_b if ctx.has_bias[1] and need[6] else None,
-            None,
-            None,
-            None,
-        )
+        return res
+
+
+def _layer_input_grads(ctx, G, x, w_ih, h_prev, grad_h0, grad_c0) -> tuple:
+    """The backward's return of a layer function (x, h0, c0, w_ih, w_hh, b_ih, b_hh, T, B, reverse)
+    from the gates' gradients G (T * B, 4H) of every step: one GEMM or sum per input that needs a
+    gradient; `h_prev()` gives the (T * B, H) hidden state each step read (built only when needed)."""
+    need = ctx.needs_input_grad
+    grad_b = G.sum(0) if (need[5] or need[6]) else None
+    return (
+        torch.mm(G, w_ih) if need[0] else None,
+        grad_h0 if need[1] else None,
+        grad_c0 if need[2] else None,
+        torch.mm(G.t(), x) if need[3] else None,
+        torch.mm(G.t(), h_prev()) if need[4] else None,
+        grad_b if ctx.has_bias[0] and need[5] else None,
+        grad_b if ctx.has_bias[1] and need[6] else None,
+        None,
+        None,
+        None,
+    )
 
 
 class _CpuLayer(torch.autograd.Function):
@@ -492,28 +495,13 @@ class _CpuLayer(torch.autograd.Function):
                 go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse
             )
             G = gg.view(T * B, 4 * H)
-            need = ctx.needs_input_grad
-            grad_x = torch.mm(G, w_ih) if need[0] else None
-            grad_w_ih = torch.mm(G.t(), x) if need[3] else None
-            grad_w_hh = None
-            if need[4]:
+
+            def h_prev():
                 # h_prev of every step: h0, then the outputs, shifted by one step in the run's direction.
                 o = out.view(T, B, H)
-                h_prev = torch.cat([o[1:], h0[None]]) if reverse else torch.cat([h0[None], o[:-1]])
-                grad_w_hh = torch.mm(G.t(), h_prev.view(T * B, H))
-            grad_b = G.sum(0) if (need[5] or need[6]) else None
-        return (
-            grad_x,
-            grad_h0 if need[1] else None,
-            grad_c0 if need[2] else None,
-            grad_w_ih,
-            grad_w_hh,
-            grad_b if ctx.has_bias[0] and need[5] else None,
-            grad_b if ctx.has_bias[1] and need[6] else None,
-            None,
-            None,
-            None,
-        )
+                return (torch.cat([o[1:], h0[None]]) if reverse else torch.cat([h0[None], o[:-1]])).view(T * B, H)
+
+            return _layer_input_grads(ctx, G, x, w_ih, h_prev, grad_h0, grad_c0)
 
 
 def lstm_layer(
