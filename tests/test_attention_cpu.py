@@ -1035,19 +1035,28 @@ def test_decode_modifiers(Tq, splits, window, paged, mods, dtype, isa, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 21: the bfloat16 forward on AVX512_BF16 (vdpbf16ps pairs, csrc/cpu/attention.cpp
-# Bf16Products). Shapes from its tiles: panels of NR = 32 keys and key blocks of BN = 256 (t-1,
-# t, t+1), register tiles of 6 rows (Lq at every residue) in blocks of BM = 96, d-pairs (odd D
-# gets a zero pad), and P V column tiles of 64, 32 and 16 values (Dv = 15, 17, 48, 80, 112 mix
-# them). The backward is the float32 path's, fed the bf16 path's lse.
+# Issue 21: the bfloat16 forward on the two bf16 dot paths, each forced by SEQKERNELS_CPU_ISA where
+# the CPU has it: AVX512_BF16 (vdpbf16ps pairs, csrc/cpu/attention.cpp Bf16Products) and AMX tiles
+# (AmxProducts). Shapes from their tiles: panels of NR = 32 keys and key blocks of BN = 256 (t-1,
+# t, t+1), row groups of 6 (vdpbf16ps) and of 32 in two 16-row tiles (AMX: Lq 1, 5, 16, 17, 31,
+# 32, 33, 48, 95-97) in blocks of BM = 96, head dims in pairs (vdpbf16ps) and padded to 32 (AMX:
+# D = 2, 17, 33, 40, 64, 128), and P V column tiles of 64 / 32 / 16 values (vdpbf16ps) and 32 /
+# 16 (AMX) (Dv = 15, 17, 48, 80, 112 mix them). The backward is the avx512_bf16 one, fed this
+# path's lse.
 # ---------------------------------------------------------------------------------------------
 
 
-def _bf16_dot_supported():
+def _bf16_dot_supported(path="avx512_bf16"):
     from seqkernels import cli
 
     rep = cli.cpu_isa_report()
-    return rep is not None and "avx512_bf16" in rep["supported"]
+    return rep is not None and path in rep["supported"]
+
+
+BF16_DOT_PATHS = [
+    pytest.param(path, marks=pytest.mark.skipif(not _bf16_dot_supported(path), reason=f"this CPU/OS lacks {path}"))
+    for path in ("avx512_bf16", "amx_bf16")
+]
 
 
 needs_bf16_dot = pytest.mark.skipif(
@@ -1064,17 +1073,21 @@ BF16_DOT_CASES = {
     "bn-256-window": (1, 2, 1, 95, 256, 128, 80, (40, 3), None),
     "lengths": (3, 2, 2, 20, 70, 48, 48, (-1, -1), [70, 0, 33]),
     "decode-dv256": (2, 4, 1, 1, 300, 128, 256, (-1, -1), None),
+    "rows-16-causal": (1, 2, 1, 16, 40, 64, 48, (-1, 0), None),
+    "rows-33-gqa": (1, 4, 2, 33, 65, 96, 32, (-1, -1), None),
+    "rows-48-window": (2, 2, 2, 48, 300, 80, 16, (30, 0), None),
+    "rows-32-lk3": (1, 2, 1, 32, 3, 8, 8, (-1, -1), None),
 }
 
 
-@needs_bf16_dot
+@pytest.mark.parametrize("path", BF16_DOT_PATHS)
 @pytest.mark.parametrize("extra", ["plain", "bool-mask", "finfo-min-mask", "dropout"])
 @pytest.mark.parametrize("case", list(BF16_DOT_CASES), ids=list(BF16_DOT_CASES))
-def test_bf16_dot_forward(case, extra, monkeypatch):
+def test_bf16_dot_forward(case, extra, path, monkeypatch):
     from seqkernels import cli
 
-    monkeypatch.delenv("SEQKERNELS_CPU_ISA", raising=False)
-    assert cli.cpu_isa_report()["active"] == "avx512_bf16"
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", path)
+    assert cli.cpu_isa_report()["ops"]["attention_fwd"]["bfloat16"] == path
     B, Hq, Hkv, Lq, Lk, D, Dv, window, lens = BF16_DOT_CASES[case]
     torch.manual_seed(zlib.crc32(f"{case}/{extra}".encode()) % 10000)
     dt = torch.bfloat16

@@ -1,7 +1,8 @@
 """The CPU kernels on every instruction-set level this machine supports (issue 21).
 
 cpu/simd.h picks the highest path the CPU and OS support; SEQKERNELS_CPU_ISA=portable|avx2|avx512|
-avx512_bf16 lowers it (avx512_bf16 differs from avx512 in the bf16 attention forward only). Each level runs in its own subprocess (the variable is set before anything loads the
+avx512_bf16|amx_bf16 lowers it (avx512_bf16 and amx_bf16 differ from avx512 in the bf16 attention
+only). Each level runs in its own subprocess (the variable is set before anything loads the
 extension, as a user would set it), running attention (forward and backward, padded and packed),
 decode attention and the LSTM kernels against the
 float64 reference by the parity rule (seqkernels.testing.compare). Levels this CPU lacks are skipped
@@ -20,7 +21,7 @@ import torch
 
 from seqkernels import _ext, cli, reference, testing
 
-LEVELS = ["portable", "avx2", "avx512", "avx512_bf16"]
+LEVELS = ["portable", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
 
 pytestmark = pytest.mark.skipif(not _ext.extension_available(), reason="seqkernels._C is not built")
 
@@ -287,6 +288,8 @@ def test_info_line_and_cpuinfo_agree(monkeypatch):
         assert {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     if "avx512_bf16" in _supported():
         assert "avx512_bf16" in flags
+    if "amx_bf16" in _supported():
+        assert {"amx_tile", "amx_bf16"} <= flags
 
 
 def _worker_small() -> None:
@@ -341,5 +344,7 @@ def test_reported_paths_are_the_paths_taken(monkeypatch):
     assert set(ops) == {"attention_fwd", "attention_bwd", "decode_attention", "lstm"}
     assert ops["decode_attention"]["float64"] == "portable"  # float64 decode is the at::vec code
     if "avx512_bf16" in _supported():
-        assert ops["attention_fwd"]["bfloat16"] == "avx512_bf16"
+        best = "amx_bf16" if "amx_bf16" in _supported() else "avx512_bf16"
+        assert ops["attention_fwd"]["bfloat16"] == best
+        assert ops["attention_bwd"]["bfloat16"] == "avx512_bf16"  # no AMX backward yet
         assert ops["attention_fwd"]["float16"] == "avx512"  # float16 is widened, never rounded to bf16

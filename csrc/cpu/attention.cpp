@@ -401,15 +401,16 @@ struct FwdRows {
   T* O;             // nrows x Dvp accumulators (unnormalized)
   T* m;             // running max of the scores (natural log domain), -inf initially
   T* l;             // running sum, 0 initially
-  T* P;             // kMR x BN scratch
-  T* alpha;         // kMR scratch
+  T* P;             // kRows x BN scratch (kRows: Kernels::mr, the products' row group)
+  T* alpha;         // kRows scratch
   // The bfloat16 dot path only (Kernels::bf16, float32 accumulation): the operands as the input's
   // raw bf16 bits, laid out in pairs for vdpbf16ps (pack_*_bf16); Qs, Kp and Vp are unused then.
-  int64_t D2 = 0;                // D rounded up to even (a zero pads an odd head dim)
-  const uint16_t* Qh = nullptr;  // nrows x D2, not scaled: the scores are scaled in float32
+  int64_t D2 = 0;                // D rounded up to Kernels::d_align (zeros pad the head dim)
+  const uint16_t* Qh = nullptr;  // nrows x D2, not scaled: the scores are scaled in float32;
+                                 // the AMX path reads rows up to nrows rounded up to 32 (zeros)
   const uint16_t* Kh = nullptr;  // K^T panels of key pairs: panel p at Kh + p * D2 * NR
   const uint16_t* Vh = nullptr;  // V as key pairs: pair j/2 at Vh + (j/2) * 2 * Dvp
-  uint16_t* Ph = nullptr;        // kMR x BN scratch: P rounded to bf16 for the P V product
+  uint16_t* Ph = nullptr;        // kRows x BN scratch: P rounded to bf16 for the P V product
   T qk_scale = T(1);             // the softmax scale, applied to Q K^T
 };
 
@@ -485,6 +486,7 @@ template <class P>
 struct FwdProducts {
   using T = typename P::T;
   static constexpr int NR = 2 * P::W;
+  static constexpr int64_t kRows = kMR;  // rows per group: the register tile's
   static void scores(const FwdRows<T>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w, T* S) {
     gemm_panels<P>(mr, a.Qs + r0 * a.D, a.D, a.Kp + (pl / NR) * a.D * NR, a.D, w / NR, S, a.BN);
   }
@@ -493,10 +495,13 @@ struct FwdProducts {
   }
 };
 
+// Rows go in groups of Products::kRows (the products' row tile): the scratch P and alpha hold one
+// group.
 template <class P, class Products = FwdProducts<P>>
 inline void fwd_rows(const FwdRows<typename P::T>& a) {
   using T = typename P::T;
   constexpr int NR = 2 * P::W;
+  constexpr int64_t MR = Products::kRows;
   int64_t klo = std::numeric_limits<int64_t>::max(), khi = std::numeric_limits<int64_t>::min();
   for (int64_t r = 0; r < a.nrows; ++r) {
     if (a.lo[r] < a.hi[r]) {
@@ -508,8 +513,8 @@ inline void fwd_rows(const FwdRows<typename P::T>& a) {
   const int64_t kend = round_up(khi, NR), BN = a.BN;
   for (int64_t j0 = klo / NR * NR; j0 < khi; j0 += BN) {
     const int64_t j1 = std::min(j0 + BN, kend);
-    for (int64_t r0 = 0; r0 < a.nrows; r0 += kMR) {
-      const int64_t mr = std::min<int64_t>(kMR, a.nrows - r0);
+    for (int64_t r0 = 0; r0 < a.nrows; r0 += MR) {
+      const int64_t mr = std::min<int64_t>(MR, a.nrows - r0);
       int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
       for (int64_t r = r0; r < r0 + mr; ++r) {
         if (a.lo[r] < a.hi[r]) {
@@ -716,7 +721,9 @@ struct Kernels {
   int64_t W;
   void (*fwd)(const FwdRows<T>&);
   void (*bwd)(const BwdBlock<T>&);
-  bool bf16 = false;  // fwd and bwd take bf16 operands as they are (FwdRows::Qh.., BwdBlock::Kh.., pack_*_bf16)
+  bool bf16 = false;    // fwd and bwd take bf16 operands as they are (FwdRows::Qh.., BwdBlock::Kh.., pack_*_bf16)
+  int64_t mr = kMR;     // fwd: query rows per group (Products::kRows): the rows of the P and alpha scratch
+  int64_t d_align = 2;  // bf16 only: the packed head dim D2 is D rounded up to this
 };
 
 template <typename T>
@@ -843,6 +850,7 @@ SK_AVX512BF16_FN void bf16_rows(const float* X, int64_t nr, int64_t w, int64_t B
 
 struct Bf16Products {
   static constexpr int64_t NR = 32;
+  static constexpr int64_t kRows = kMR;
   // S = scale * Q K^T, one panel of NR keys at a time.
   SK_AVX512BF16_FN static void scores(const FwdRows<float>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w,
                                       float* S) {
@@ -862,6 +870,158 @@ struct Bf16Products {
 };
 
 SK_AVX512BF16_ENTRY void fwd_rows_avx512bf16(const FwdRows<float>& a) { fwd_rows<simd::Avx512Float, Bf16Products>(a); }
+
+// ---------------------------------------------------------------------------------------------
+// The bfloat16 forward on AMX: the same two products on tiles. A tile product takes a 16 x 32
+// bf16 A tile (16 rows, 32 values of the sum index), a B tile of 16 pairs of that index for 16
+// columns ([k / 2][n][2], the layout pack_panels_bf16 and pack_vpairs_bf16 already write for
+// vdpbf16ps) and adds 16 x 16 float32 dot products to a C tile, 16 times the work of one
+// vdpbf16ps. Rows go in groups of 32 (two row tiles), keys and head-dim columns 32 at a time
+// (two column tiles): four C tiles, two A and two B, the eight tiles there are. The sum index
+// is consumed 32 at a time, so the head dim is padded to a multiple of 32 with zeros
+// (Kernels::d_align) and the key blocks are multiples of NR = 32 already. The softmax between
+// the products, the modifiers, mask and dropout are the AVX-512 code of the other paths.
+//
+// S goes from the C tiles to the float32 scratch (the softmax needs it there); P V accumulates
+// straight into the output rows: the rows whose running max moved are rescaled first (rarely
+// after the first blocks), then the O tiles are loaded, added to and stored back. Rows past the
+// group's last (a tail of fewer than 32) compute on zero Q rows and zeroed P rows, into O rows
+// past nrows that nobody reads; fwd_compute_task pads Q and O to a multiple of 32 rows.
+
+// S[r][p * 32 + c] = sum_d Q[r][d] K[p * 32 + c][d] for 16 NT rows and npanel panels of 32 keys:
+// Q rows ldq apart, K^T panels of d-pairs (pack_panels_bf16, NR = 32), S rows ldS apart.
+template <int NT>
+SK_AMX_FN void amx_scores(const uint16_t* Q, int64_t ldq, const uint16_t* Kh, int64_t D2, int64_t npanel, float* S,
+                          int64_t ldS) {
+  const int64_t qs = 2 * ldq, ks = 2 * 64, ss = 4 * ldS;  // strides in bytes; a K^T row: 32 keys x 2
+  for (int64_t p = 0; p < npanel; ++p) {
+    const uint16_t* K = Kh + p * D2 * 32;
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (NT == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t d = 0; d < D2; d += 32) {
+      // Pairs d / 2 .. d / 2 + 15 of keys 0-15 and 16-31.
+      _tile_loadd(6, K + d * 32, ks);
+      _tile_loadd(7, K + d * 32 + 32, ks);
+      _tile_loadd(4, Q + d, qs);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NT == 2) {
+        _tile_loadd(5, Q + 16 * ldq + d, qs);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    float* s = S + p * 32;
+    _tile_stored(0, s, ss);
+    _tile_stored(1, s + 16, ss);
+    if constexpr (NT == 2) {
+      _tile_stored(2, s + 16 * ldS, ss);
+      _tile_stored(3, s + 16 * ldS + 16, ss);
+    }
+  }
+}
+
+// O[r][c] += sum_j P[r][j] V[j][c] for 16 NT rows, keys j < w (a multiple of 32), columns c <
+// Dvp (a multiple of 16): P rows ldp apart, V as key pairs (pack_vpairs_bf16), O rows ldo apart.
+template <int NT>
+SK_AMX_FN void amx_pv(const uint16_t* Pm, int64_t ldp, const uint16_t* Vh, int64_t Dvp, int64_t w, float* O,
+                      int64_t ldo) {
+  const int64_t ps = 2 * ldp, vs = 4 * Dvp, os = 4 * ldo;
+  int64_t c = 0;
+  for (; c + 32 <= Dvp; c += 32) {
+    _tile_loadd(0, O + c, os);
+    _tile_loadd(1, O + c + 16, os);
+    if constexpr (NT == 2) {
+      _tile_loadd(2, O + 16 * ldo + c, os);
+      _tile_loadd(3, O + 16 * ldo + c + 16, os);
+    }
+    for (int64_t j = 0; j < w; j += 32) {
+      // Key pairs j / 2 .. j / 2 + 15 at Vh + j * Dvp, columns c.. and c + 16..
+      _tile_loadd(6, Vh + j * Dvp + 2 * c, vs);
+      _tile_loadd(7, Vh + j * Dvp + 2 * c + 32, vs);
+      _tile_loadd(4, Pm + j, ps);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NT == 2) {
+        _tile_loadd(5, Pm + 16 * ldp + j, ps);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, O + c, os);
+    _tile_stored(1, O + c + 16, os);
+    if constexpr (NT == 2) {
+      _tile_stored(2, O + 16 * ldo + c, os);
+      _tile_stored(3, O + 16 * ldo + c + 16, os);
+    }
+  }
+  if (c < Dvp) {  // the last 16 columns
+    _tile_loadd(0, O + c, os);
+    if constexpr (NT == 2) _tile_loadd(2, O + 16 * ldo + c, os);
+    for (int64_t j = 0; j < w; j += 32) {
+      _tile_loadd(6, Vh + j * Dvp + 2 * c, vs);
+      _tile_loadd(4, Pm + j, ps);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NT == 2) {
+        _tile_loadd(5, Pm + 16 * ldp + j, ps);
+        _tile_dpbf16ps(2, 5, 6);
+      }
+    }
+    _tile_stored(0, O + c, os);
+    if constexpr (NT == 2) _tile_stored(2, O + 16 * ldo + c, os);
+  }
+}
+
+struct AmxProducts {
+  static constexpr int64_t NR = 32;
+  static constexpr int64_t kRows = 32;
+  // S = scale * Q K^T over the panels [pl, pl + w).
+  SK_AMX_FN static void scores(const FwdRows<float>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w, float* S) {
+    const uint16_t* Q = a.Qh + r0 * a.D2;
+    const uint16_t* K = a.Kh + (pl / NR) * a.D2 * NR;
+    if (mr > 16) {
+      amx_scores<2>(Q, a.D2, K, a.D2, w / NR, S, a.BN);
+    } else {
+      amx_scores<1>(Q, a.D2, K, a.D2, w / NR, S, a.BN);
+    }
+    const __m512 sc = _mm512_set1_ps(a.qk_scale);
+    for (int64_t r = 0; r < mr; ++r) {
+      float* s = S + r * a.BN;
+      for (int64_t j = 0; j < w; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), sc));
+    }
+  }
+  // O = O * alpha + P V: P rounded to bf16 (rows past mr zeroed, up to the row tile), the rows
+  // whose alpha is not 1 rescaled, then the tiles add P V.
+  SK_AMX_FN static void pv(const FwdRows<float>& a, int64_t mr, int64_t r0, const float* S, int64_t pl, int64_t w) {
+    if (a.Dvp == 0) return;
+    const int64_t nt = mr > 16 ? 2 : 1;
+    bf16_rows(S, mr, w, a.BN, a.Ph);
+    for (int64_t r = mr; r < 16 * nt; ++r) std::memset(a.Ph + r * a.BN, 0, sizeof(uint16_t) * w);
+    float* O = a.O + r0 * a.Dvp;
+    for (int64_t r = 0; r < mr; ++r) {
+      if (a.alpha[r] == 1.f) continue;
+      const __m512 al = _mm512_set1_ps(a.alpha[r]);
+      float* o = O + r * a.Dvp;
+      for (int64_t c = 0; c < a.Dvp; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), al));
+    }
+    const uint16_t* V = a.Vh + pl * a.Dvp;
+    if (nt == 2) {
+      amx_pv<2>(a.Ph, a.BN, V, a.Dvp, w, O, a.Dvp);
+    } else {
+      amx_pv<1>(a.Ph, a.BN, V, a.Dvp, w, O, a.Dvp);
+    }
+  }
+};
+
+SK_AMX_ENTRY void fwd_rows_amx(const FwdRows<float>& a) {
+  simd::amx_tiles_on();
+  fwd_rows<simd::Avx512Float, AmxProducts>(a);
+  simd::amx_tiles_off();
+}
 
 // The bfloat16 backward on AVX512_BF16: the five products of bwd_block by vdpbf16ps on bf16
 // operands with float32 accumulation, everything between them (bwd_row) the float32 AVX-512 code
@@ -954,18 +1114,24 @@ SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
 // portable kernels, the path non-x86 machines take, on an AVX2 machine. bf16_operands: the
 // caller's inputs are bfloat16 and it packs them with pack_*_bf16 when the answer says bf16.
 // The highest path the kernels have: float64 AVX2 (a float64 AVX-512 policy would be Avx2Double
-// at twice the width, measured first), float32 accumulation AVX-512, and AVX512_BF16 where the
-// caller packs bf16 operands as they are. cpu_paths::attention_fwd/bwd report the same rule.
-inline simd::Isa attention_top_isa(bool float64, bool bf16_operands) {
+// at twice the width, measured first), float32 accumulation AVX-512, and where the caller packs
+// bf16 operands as they are, AMX tiles for the forward and AVX512_BF16 for the backward (whose
+// lse corrections run the forward kernel of the backward's choice, so its scores stay bitwise
+// the backward's). cpu_paths::attention_fwd/bwd report the same rule.
+enum class Pass { Fwd, Bwd };
+inline simd::Isa attention_top_isa(bool float64, bool bf16_operands, Pass pass) {
   if (!SK_SIMD_X86) return simd::Isa::Portable;
-  return float64 ? simd::Isa::Avx2 : bf16_operands ? simd::Isa::Avx512Bf16 : simd::Isa::Avx512;
+  if (float64) return simd::Isa::Avx2;
+  if (!bf16_operands) return simd::Isa::Avx512;
+  return pass == Pass::Fwd ? simd::Isa::AmxBf16 : simd::Isa::Avx512Bf16;
 }
 
 template <typename T>
-Kernels<T> select_kernels(bool bf16_operands = false) {
-  const simd::Isa isa = simd::path_isa(attention_top_isa(std::is_same_v<T, double>, bf16_operands));
+Kernels<T> select_kernels(bool bf16_operands, Pass pass) {
+  const simd::Isa isa = simd::path_isa(attention_top_isa(std::is_same_v<T, double>, bf16_operands, pass));
 #if SK_SIMD_X86
   if constexpr (std::is_same_v<T, float>) {
+    if (isa == simd::Isa::AmxBf16) return {simd::Avx512Float::W, &fwd_rows_amx, &bwd_block_avx512bf16, true, 32, 32};
     if (isa == simd::Isa::Avx512Bf16) return {simd::Avx512Float::W, &fwd_rows_avx512bf16, &bwd_block_avx512bf16, true};
     if (isa == simd::Isa::Avx512) return {simd::Avx512Float::W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32};
   }
@@ -1357,14 +1523,17 @@ struct FwdPlan {
   int64_t chunk_elems = 0;                             // the largest chunk's packed elements
 
   int64_t npanel(int64_t gi) const { return kpad[gi / Hkv] / NR; }
-  int64_t D2() const { return (D + 1) / 2 * 2; }
+  int64_t D2() const { return round_up(D, kern.d_align); }
+  // Per key, the T elements of a group's packed K and V: D + Dvp, or room for the bf16 layouts
+  // (D2 + Dvp halves) where D2 is padded past 2 D.
+  int64_t kv_elems() const { return std::max(D, D2()) + Dvp; }
 };
 
 template <typename T>
 FwdPlan<T> make_fwd_plan(const Geometry& g, const Units& u, int64_t wl, int64_t wr, bool bottom_right,
                          bool bf16_operands) {
   FwdPlan<T> p;
-  p.kern = select_kernels<T>(bf16_operands);
+  p.kern = select_kernels<T>(bf16_operands, Pass::Fwd);
   const int64_t W = p.kern.W;
   p.NR = 2 * W;
   p.Hg = g.Hq / g.Hkv;
@@ -1387,7 +1556,7 @@ FwdPlan<T> make_fwd_plan(const Geometry& g, const Units& u, int64_t wl, int64_t 
   p.task_off.assign(p.ngroups + 1, 0);
   for (int64_t gi = 0; gi < p.ngroups; ++gi) {
     const int64_t b = gi / g.Hkv, np = p.kpad[b] / p.NR;
-    p.elem_off[gi + 1] = p.elem_off[gi] + p.kpad[b] * (g.D + p.Dvp);
+    p.elem_off[gi + 1] = p.elem_off[gi] + p.kpad[b] * p.kv_elems();
     p.slice_off[gi + 1] = p.slice_off[gi] + (np + kSlice - 1) / kSlice;
     p.task_off[gi + 1] = p.task_off[gi] + p.Hg * p.nqb[b];
   }
@@ -1433,7 +1602,7 @@ struct FwdPack {
   int64_t ntasks() const { return plan->task_off[g1] - plan->task_off[g0]; }
   T* Kp(int64_t gi) const { return base + (plan->elem_off[gi] - plan->elem_off[g0]); }
   T* Vp(int64_t gi) const { return Kp(gi) + plan->kpad[gi / plan->Hkv] * plan->D; }
-  // The bf16 path's layouts in the same space (kpad * (D2 + Dvp) bf16 fit in kpad * (D + Dvp) T).
+  // The bf16 path's layouts in the same space (kpad * (D2 + Dvp) bf16 fit in kpad * kv_elems() T).
   uint16_t* Kh(int64_t gi) const { return reinterpret_cast<uint16_t*>(Kp(gi)); }
   uint16_t* Vh(int64_t gi) const { return Kh(gi) + plan->kpad[gi / plan->Hkv] * plan->D2(); }
 };
@@ -1497,11 +1666,14 @@ std::vector<int64_t> fwd_task_costs(const FwdPlan<T>& p, const Units& u, int64_t
 }
 
 // Per-thread scratch of fwd_compute_task: Q rows, the O accumulators, m, l, the P tile, alpha.
+// BM is a multiple of every kernel's row group, so the AMX path's padded rows are in the buffer.
+static_assert(kFwdBM % 32 == 0 && kFwdBM % kMR == 0, "kFwdBM: whole row groups of every forward kernel");
 template <typename T>
-int64_t fwd_scratch_elems(const FwdPlan<T>& p, int64_t D) {
-  // The last kMR * BN: the bf16 path's P (uint16), which also finds room for its Q rows in the
-  // first BM * D (BM * D2 bf16 <= BM * D T).
-  return p.BM * D + p.BM * p.Dvp + 2 * p.BM + kMR * p.BN + kMR + (p.kern.bf16 ? kMR * p.BN : 0);
+int64_t fwd_scratch_elems(const FwdPlan<T>& p) {
+  // The last mr * BN: the bf16 path's P (uint16), which also finds room for its Q rows in the
+  // first BM * max(D, D2) (BM * D2 bf16).
+  const int64_t mr = p.kern.mr;
+  return p.BM * std::max(p.D, p.D2()) + p.BM * p.Dvp + 2 * p.BM + mr * p.BN + mr + (p.kern.bf16 ? mr * p.BN : 0);
 }
 
 // Task t of the chunk: one block of query rows of one query head, from packing its Q rows to
@@ -1513,12 +1685,12 @@ void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, const F
   const int64_t Hq = io.g.Hq, Hkv = io.g.Hkv, D = io.g.D, Dv = io.g.Dv;
   const int64_t BM = p.BM, Dvp = p.Dvp;
   T* Qs = scratch;
-  T* O = Qs + BM * D;
+  T* O = Qs + BM * std::max(D, p.D2());
   T* m = O + BM * Dvp;
   T* l = m + BM;
   T* Pb = l + BM;
-  T* alpha = Pb + kMR * p.BN;
-  uint16_t* Ph = reinterpret_cast<uint16_t*>(alpha + kMR);
+  T* alpha = Pb + p.kern.mr * p.BN;
+  uint16_t* Ph = reinterpret_cast<uint16_t*>(alpha + p.kern.mr);
   const auto [gi, local] = find_item(p.task_off, pk.g0, t);
   const int64_t b = gi / Hkv, hk = gi % Hkv, nqb = p.nqb[b];
   const int64_t hh = local / nqb, qb = local % nqb, h = hk * p.Hg + hh;
@@ -1530,6 +1702,8 @@ void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, const F
     if (p.kern.bf16) {
       uint16_t* Qh = reinterpret_cast<uint16_t*>(Qs);
       pack_qrows_bf16(qrows, q.stride(2), q.stride(3), nrows, D, p.D2(), Qh);
+      // Zero rows up to the row group (the AMX tiles read whole groups; see AmxProducts).
+      std::fill(Qh + nrows * p.D2(), Qh + round_up(nrows, p.kern.mr) * p.D2(), uint16_t(0));
       a.D2 = p.D2();
       a.Qh = Qh;
       a.Kh = pk.Kh(gi);
@@ -1539,7 +1713,8 @@ void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, const F
     }
   }
   if (!p.kern.bf16) pack_rows<scalar_t, T>(qrows, q.stride(2), q.stride(3), nrows, D, D, 0, nrows, io.qmul, Qs);
-  fill(O, nrows * Dvp, T(0));
+  // Whole row groups: the AMX tiles add into the O rows past nrows of a tail group too.
+  fill(O, round_up(nrows, p.kern.mr) * Dvp, T(0));
   fill(m, nrows, -std::numeric_limits<T>::infinity());
   fill(l, nrows, T(0));
   wait_ready(pk.ready[gi - pk.g0], p.slice_off[gi + 1] - p.slice_off[gi]);
@@ -1585,7 +1760,7 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
     auto pack_job = [&](int64_t t) { pack_fwd_slice(plan, io, pack, t); };
     run_tasks(pack.nslices(), pack_job, cost, [&]() {
       // Per-thread scratch, allocated once per call.
-      auto scratch = std::make_shared<std::vector<T>>(fwd_scratch_elems(plan, g.D));
+      auto scratch = std::make_shared<std::vector<T>>(fwd_scratch_elems(plan));
       return [&, scratch](int64_t t) { fwd_compute_task(plan, io, pack, scratch->data(), t); };
     });
   }
@@ -1670,12 +1845,12 @@ void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D,
                      const int64_t* lo, const int64_t* hi, const MaskDesc& mask, int64_t b, int64_t h, int64_t i0,
                      int64_t n, int64_t Lk, const RowMods<T>& mods, T sink, const T* lse, T* corr,
                      std::vector<T>& scratch) {
-  scratch.resize(n * D + 2 * n + kMR * BN + kMR);
+  scratch.resize(n * D + 2 * n + kern.mr * BN + kern.mr);
   T* Qs = scratch.data();
   T* m = Qs + n * D;
   T* l = m + n;
   T* Pb = l + n;
-  T* alpha = Pb + kMR * BN;
+  T* alpha = Pb + kern.mr * BN;
   for (int64_t r = 0; r < n; ++r) std::copy(Qp + r * Dp, Qp + r * Dp + D, Qs + r * D);
   fill(m, n, -std::numeric_limits<T>::infinity());
   fill(l, n, T(0));
@@ -1719,11 +1894,11 @@ inline void lse_corrections_bf16(const Kernels<float>& kern, const uint16_t* Qh,
                                  const MaskDesc& mask, int64_t b, int64_t h, int64_t i0, int64_t n, int64_t Lk,
                                  const RowMods<float>& mods, float sink, const float* lse, float* corr,
                                  std::vector<float>& scratch) {
-  scratch.resize(2 * n + kMR * BN + kMR);
+  scratch.resize(2 * n + kern.mr * BN + kern.mr);
   float* m = scratch.data();
   float* l = m + n;
   float* Pb = l + n;
-  float* alpha = Pb + kMR * BN;
+  float* alpha = Pb + kern.mr * BN;
   fill(m, n, -std::numeric_limits<float>::infinity());
   fill(l, n, 0.f);
   FwdRows<float> a;
@@ -2330,7 +2505,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
                        const Tensor& lse, const Geometry& g, const Units& u, const MaskDesc& mask, bool has_kv_len,
                        double scale, int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop,
                        const ScoreMods<T>& mods, double* dsink_rows, Tensor& dq, Tensor& dk, Tensor& dv) {
-  const Kernels<T> kern = select_kernels<T>(kBf16Backward && std::is_same_v<scalar_t, c10::BFloat16>);
+  const Kernels<T> kern = select_kernels<T>(kBf16Backward && std::is_same_v<scalar_t, c10::BFloat16>, Pass::Bwd);
   BwdPack<T> pack = bwd_pack_sizes<T>(g, u, kern.W);
   pack.bf16 = kern.bf16;
   pack.D2 = round_up(g.D, 2);
@@ -2430,10 +2605,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
 // The paths select_kernels takes: the forward packs bf16 inputs as they are, the backward too
 // while kBf16Backward; float16 is always widened.
 simd::Isa cpu_paths::attention_fwd(Dt dt) {
-  return simd::path_isa(attention_top_isa(dt == Dt::Float64, dt == Dt::BFloat16));
+  return simd::path_isa(attention_top_isa(dt == Dt::Float64, dt == Dt::BFloat16, Pass::Fwd));
 }
 simd::Isa cpu_paths::attention_bwd(Dt dt) {
-  return simd::path_isa(attention_top_isa(dt == Dt::Float64, kBf16Backward && dt == Dt::BFloat16));
+  return simd::path_isa(attention_top_isa(dt == Dt::Float64, kBf16Backward && dt == Dt::BFloat16, Pass::Bwd));
 }
 
 }  // namespace seqkernels

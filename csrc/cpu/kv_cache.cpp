@@ -1296,7 +1296,7 @@ TORCH_LIBRARY_IMPL(seqkernels, CPU, m) {
 // For `seqkernels info` (python/seqkernels/cli.py), read through ctypes from this library: the CPU
 // paths the kernels have that this CPU and OS support, and the one a call takes now (the
 // SEQKERNELS_CPU_ISA rules of cpu/simd.h), e.g. "active=avx512;supported=portable,avx2,avx512;
-// avx512_bf16=1". A plain C symbol rather than an op, so the schema does not grow for a report.
+// avx512_bf16=1;amx_bf16=0". A plain C symbol rather than an op, so the schema does not grow for a report.
 extern "C" __attribute__((visibility("default"))) const char* seqkernels_cpu_isa_report() {
   namespace simd = seqkernels::simd;
   static thread_local char buf[1024];
@@ -1304,7 +1304,8 @@ extern "C" __attribute__((visibility("default"))) const char* seqkernels_cpu_isa
   std::string sup = "portable";
   if (static_cast<int>(best) >= static_cast<int>(simd::Isa::Avx2)) sup += ",avx2";
   if (static_cast<int>(best) >= static_cast<int>(simd::Isa::Avx512)) sup += ",avx512";
-  if (best == simd::Isa::Avx512Bf16) sup += ",avx512_bf16";
+  if (static_cast<int>(best) >= static_cast<int>(simd::Isa::Avx512Bf16)) sup += ",avx512_bf16";
+  if (best == simd::Isa::AmxBf16) sup += ",amx_bf16";
   // Per family and dtype, the path a call takes now: "attention_fwd=float32:avx512,..." lists
   // separated by "|".
   using seqkernels::cpu_paths::Dt;
@@ -1329,7 +1330,8 @@ extern "C" __attribute__((visibility("default"))) const char* seqkernels_cpu_isa
       sep = ',';
     }
   }
-  std::snprintf(buf, sizeof(buf), "active=%s;supported=%s;avx512_bf16=%d;ops=%s", simd::isa_name(simd::active_isa()),
-                sup.c_str(), simd::cpu_features().avx512_bf16 ? 1 : 0, ops.c_str());
+  std::snprintf(buf, sizeof(buf), "active=%s;supported=%s;avx512_bf16=%d;amx_bf16=%d;ops=%s",
+                simd::isa_name(simd::active_isa()), sup.c_str(), simd::cpu_features().avx512_bf16 ? 1 : 0,
+                simd::cpu_features().amx_bf16 ? 1 : 0, ops.c_str());
   return buf;
 }

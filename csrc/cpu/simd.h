@@ -3,14 +3,19 @@
 // like the kernel headers (DESIGN §9), so the sanitizer build and any later kernel can take it
 // as is; the portable (at::vec) policies stay in the .cpp files that need ATen.
 //
-// Instruction-set choice, made in one place. The levels are ordered, Portable < Avx2 < Avx512 < Avx512Bf16:
+// Instruction-set choice, made in one place. The levels are ordered,
+// Portable < Avx2 < Avx512 < Avx512Bf16 < AmxBf16:
 //   cpu_features()  what this CPU and OS can run, probed once per process: CPUID for the
 //                   instructions, and XGETBV (XCR0) for the OS saving the registers they use
-//                   (bits 1-2 for xmm/ymm; bits 5-7, opmask and the upper zmm state, for AVX-512).
+//                   (bits 1-2 for xmm/ymm; bits 5-7, opmask and the upper zmm state, for AVX-512;
+//                   bits 17-18, the tile configuration and data, for AMX). Linux also wants each
+//                   process to ask before it touches the 8 KiB of tile data (arch_prctl
+//                   ARCH_REQ_XCOMP_PERM); the probe asks, and AMX counts only if that succeeds.
 //   supported_isa() the best level the CPU and OS support (Avx512 needs F, BW, VL and DQ;
-//                   Avx512Bf16 those and AVX512_BF16).
+//                   Avx512Bf16 those and AVX512_BF16; AmxBf16 those and AMX-TILE + AMX-BF16).
 //   active_isa()    the level a call may use: supported_isa(), lowered by the one variable
-//                   SEQKERNELS_CPU_ISA = portable | avx2 | avx512 | avx512_bf16 | native. "default" is the
+//                   SEQKERNELS_CPU_ISA = portable | avx2 | avx512 | avx512_bf16 | amx_bf16 |
+//                   native. "default" is the
 //                   older spelling of portable; unset, "native" or any other value means the best
 //                   supported level. A request can only lower the level: asking for one the CPU
 //                   lacks (avx512 on an AVX2-only CPU) gives the best supported one, never a
@@ -45,6 +50,10 @@
 #define SK_SIMD_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 // F16C comes with every AVX2 CPU; it is part of the one AVX2 target so that the KV cache's
 // float16 loads and the LSTM cell's float16 stores are in the same ISA as the math around them.
 #define SK_AVX2_TARGET "avx2,fma,f16c"
@@ -67,6 +76,13 @@
 #define SK_AVX512BF16_TARGET SK_AVX512_TARGET ",avx512bf16"
 #define SK_AVX512BF16_FN __attribute__((target(SK_AVX512BF16_TARGET))) inline
 #define SK_AVX512BF16_ENTRY __attribute__((target(SK_AVX512BF16_TARGET), flatten, noinline))
+// AMX tiles with bf16 dot products (Sapphire Rapids and later Xeons): the attention forward's
+// two products on 16 x 32 bf16 tiles. A superset of the AVX512_BF16 target: the softmax between
+// the products is that path's AVX-512 code. The tile instructions themselves are g++'s inline
+// assembly macros (amxtileintrin.h); the target is what lets _tile_loadconfig inline.
+#define SK_AMX_TARGET SK_AVX512BF16_TARGET ",amx-tile,amx-bf16"
+#define SK_AMX_FN __attribute__((target(SK_AMX_TARGET))) inline
+#define SK_AMX_ENTRY __attribute__((target(SK_AMX_TARGET), flatten, noinline))
 // __m256 values only cross function boundaries inside code compiled for AVX2 (flattened entry
 // points, inlined helpers), never through the baseline-ISA drivers, so g++'s note that the
 // by-value vector ABI differs between ISAs does not apply.
@@ -91,6 +107,7 @@ struct CpuFeatures {
   bool avx512vl = false;
   bool avx512dq = false;
   bool avx512_bf16 = false;
+  bool amx_bf16 = false;  // AMX-TILE + AMX-BF16, the OS saving the tile state, and Linux's permission
   bool avx512() const { return avx2 && avx512f && avx512bw && avx512vl && avx512dq; }
 };
 
@@ -108,10 +125,12 @@ inline CpuFeatures probe_cpu_features() {
   uint32_t xcr0_lo = 0, xcr0_hi = 0;
   __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
   const uint64_t xcr0 = (uint64_t{xcr0_hi} << 32) | xcr0_lo;
-  const bool os_ymm = (xcr0 & 0x6) == 0x6;    // bits 1-2: SSE and AVX state
-  const bool os_zmm = (xcr0 & 0xe6) == 0xe6;  // and bits 5-7: opmask, ZMM_Hi256, Hi16_ZMM
+  const bool os_ymm = (xcr0 & 0x6) == 0x6;            // bits 1-2: SSE and AVX state
+  const bool os_zmm = (xcr0 & 0xe6) == 0xe6;          // and bits 5-7: opmask, ZMM_Hi256, Hi16_ZMM
+  const bool os_tiles = (xcr0 & 0x60000) == 0x60000;  // bits 17-18: XTILECFG, XTILEDATA
   __cpuid_count(7, 0, a, b, c, d);
-  const unsigned leaf7_subleaves = a;  // the highest valid subleaf of leaf 7
+  const unsigned leaf7_subleaves = a;                       // the highest valid subleaf of leaf 7
+  const bool amx_cpu = ((d >> 24) & 1) && ((d >> 22) & 1);  // AMX-TILE, AMX-BF16
   f.avx2 = os_ymm && ((b >> 5) & 1) && fma && f16c;
   f.avx512f = os_zmm && ((b >> 16) & 1);
   f.avx512dq = f.avx512f && ((b >> 17) & 1);
@@ -120,6 +139,13 @@ inline CpuFeatures probe_cpu_features() {
   if (leaf7_subleaves >= 1) {
     __cpuid_count(7, 1, a, b, c, d);
     f.avx512_bf16 = f.avx512f && ((a >> 5) & 1);
+  }
+  if (f.avx512_bf16 && amx_cpu && os_tiles) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18): without it the first tile
+    // instruction of the process faults. Granted once per process; asking again is harmless.
+    f.amx_bf16 = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#endif
   }
 #endif
   return f;
@@ -130,12 +156,15 @@ inline const CpuFeatures& cpu_features() {
   return f;
 }
 
-// Ordered: a higher level includes the lower ones. Avx512Bf16 is Avx512 plus vdpbf16ps; only the
-// paths that take bfloat16 operands as they are (the attention forward) differ between the two.
-enum class Isa { Portable = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+// Ordered: a higher level includes the lower ones. Avx512Bf16 is Avx512 plus vdpbf16ps, AmxBf16
+// that plus the tiles; only the paths that take bfloat16 operands as they are (the attention
+// forward and backward) differ between the three.
+enum class Isa { Portable = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, AmxBf16 = 4 };
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::AmxBf16:
+      return "amx_bf16";
     case Isa::Avx512Bf16:
       return "avx512_bf16";
     case Isa::Avx512:
@@ -150,18 +179,19 @@ inline const char* isa_name(Isa isa) {
 // The best level the CPU and OS support (probed once).
 inline Isa supported_isa() {
   const CpuFeatures& f = cpu_features();
-  if (f.avx512()) return f.avx512_bf16 ? Isa::Avx512Bf16 : Isa::Avx512;
+  if (f.avx512()) return f.avx512_bf16 ? (f.amx_bf16 ? Isa::AmxBf16 : Isa::Avx512Bf16) : Isa::Avx512;
   return f.avx2 ? Isa::Avx2 : Isa::Portable;
 }
 
 // The level SEQKERNELS_CPU_ISA asks for; the highest when unset, "native" or unknown.
 inline Isa requested_isa() {
   const char* e = std::getenv("SEQKERNELS_CPU_ISA");
-  if (e == nullptr) return Isa::Avx512Bf16;
+  if (e == nullptr) return Isa::AmxBf16;
   if (std::strcmp(e, "portable") == 0 || std::strcmp(e, "default") == 0) return Isa::Portable;
   if (std::strcmp(e, "avx2") == 0) return Isa::Avx2;
   if (std::strcmp(e, "avx512") == 0) return Isa::Avx512;
-  return Isa::Avx512Bf16;
+  if (std::strcmp(e, "avx512_bf16") == 0) return Isa::Avx512Bf16;
+  return Isa::AmxBf16;
 }
 
 inline Isa min_isa(Isa a, Isa b) { return static_cast<int>(a) < static_cast<int>(b) ? a : b; }
@@ -420,6 +450,29 @@ struct Avx512Float {
   }
   SK_AVX512_FN static float hsum(V x) { return Avx2Float::hsum(fold(x)); }
 };
+
+// ---------------------------------------------------------------------------------------------
+// AMX: the tile configuration every AMX kernel here uses. All eight tiles are 16 rows of 64
+// bytes (16 x 32 bf16 for A and B, 16 x 16 float32 for C), so one configuration serves every
+// product and a kernel never reconfigures between them. The configuration is per thread: an
+// entry point loads it when it starts and releases the tiles when it returns (so the OS does
+// not save 8 KiB of tile data on each context switch of a thread that is done with them).
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1;  // palette 1: 8 tiles of up to 16 rows x 64 bytes
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+SK_AMX_FN void amx_tiles_on() {
+  AmxTileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+SK_AMX_FN void amx_tiles_off() { _tile_release(); }
 #endif  // SK_SIMD_X86
 
 }  // namespace simd

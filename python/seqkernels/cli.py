@@ -25,7 +25,7 @@ def cpu_isa_report() -> dict | None:
     """The CPU kernels' instruction-set report, from the extension itself (csrc/cpu/kv_cache.cpp's
     ``seqkernels_cpu_isa_report``, read through ctypes: it applies the same CPUID/XGETBV probe and
     SEQKERNELS_CPU_ISA rules as the kernels). ``{"active": "avx512", "supported": ["portable",
-    ...], "avx512_bf16": True}``; None when the extension is not built or predates the report."""
+    ...], "avx512_bf16": True, "amx_bf16": False}``; None when the extension is not built or predates the report."""
     import ctypes
 
     from . import _ext
@@ -48,6 +48,7 @@ def cpu_isa_report() -> dict | None:
         "active": fields["active"],
         "supported": fields["supported"].split(","),
         "avx512_bf16": fields.get("avx512_bf16") == "1",
+        "amx_bf16": fields.get("amx_bf16") == "1",
         "ops": ops,
     }
 
@@ -69,11 +70,13 @@ def cpu_path_lines() -> list:
 
 def cpu_isa_summary() -> str:
     """The `cpu isa` line of `seqkernels info`: the path the CPU kernels take now, and the ones
-    this CPU supports (SEQKERNELS_CPU_ISA=portable|avx2|avx512|avx512_bf16|native lowers the choice)."""
+    this CPU supports (SEQKERNELS_CPU_ISA=portable|avx2|avx512|avx512_bf16|amx_bf16|native lowers the
+    choice)."""
     rep = cpu_isa_report()
     if rep is None:
         return "unknown (extension not built)"
     bf16 = "avx512_bf16 present" if rep["avx512_bf16"] else "no avx512_bf16"
+    bf16 += ", AMX-BF16 tiles usable" if rep.get("amx_bf16") else ""
     forced = os.environ.get("SEQKERNELS_CPU_ISA")
     how = f"; SEQKERNELS_CPU_ISA={forced}" if forced else ""
     return f"{rep['active']} (supports: {', '.join(rep['supported'])}; {bf16}{how})"

@@ -256,7 +256,13 @@ def _cpu_isa() -> str:
 
     rep = cli.cpu_isa_report()
     if rep is not None:
-        names = {"avx512_bf16": "AVX-512 BF16", "avx512": "AVX-512", "avx2": "AVX2", "portable": "portable-SIMD"}
+        names = {
+            "amx_bf16": "AMX-BF16",
+            "avx512_bf16": "AVX-512 BF16",
+            "avx512": "AVX-512",
+            "avx2": "AVX2",
+            "portable": "portable-SIMD",
+        }
         return names.get(rep["active"], rep["active"])
     try:
         with open("/proc/cpuinfo") as f:
