@@ -1112,6 +1112,10 @@ def test_bf16_dot_forward(case, extra, path, monkeypatch):
         qt = q.transpose(1, 2).contiguous().transpose(1, 2)
         kb = k[:, :1].expand(B, Hkv, Lk, D)
         check_parity(qt, kb, v, kw, grads=False)
+        # Head dims not contiguous (every other element): the packers' strided branches.
+        qs, ks, vs = (torch.stack([t, torch.full_like(t, float("nan"))], -1).flatten(-2)[..., ::2] for t in (q, k, v))
+        assert qs.stride(-1) == 2 and torch.equal(qs, q)
+        check_parity(qs, ks, vs, kw, grads=False)
 
 
 def check_public_parity(kw, sinks, dims, shapes, cu_lens=None, seed=5, dtype=torch.bfloat16):

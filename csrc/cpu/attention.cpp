@@ -1196,16 +1196,36 @@ inline uint16_t bf16_bits(const c10::BFloat16* x, int64_t j, int64_t d, int64_t 
   return x[j * sL + d * sD].x;
 }
 
-// K^T panels p0..p1 of NR keys as d-pairs: [p][d / 2][NR][2], D2 = D rounded up to even.
+// The packers move whole pairs as 32-bit words where a row is contiguous (sD == 1, the common
+// case): half the moves of one bf16 at a time and no per-element bounds test. Packing is
+// memory-bound and once per (b, head), but with the AMX products it was a visible part of a
+// forward with short sequences.
+inline uint32_t bf16_pair_word(const c10::BFloat16* x, int64_t j, int64_t d, int64_t D, int64_t sL, int64_t sD) {
+  const uint32_t lo = d < D ? bf16_bits(x, j, d, sL, sD) : 0u;
+  const uint32_t hi = d + 1 < D ? bf16_bits(x, j, d + 1, sL, sD) : 0u;
+  return lo | (hi << 16);
+}
+
+// K^T panels p0..p1 of NR keys as d-pairs: [p][d / 2][NR][2], D2 = D rounded up to even (or to a
+// kernel's d_align).
 inline void pack_panels_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t D2,
                              int64_t NR, int64_t p0, int64_t p1, uint16_t* out) {
+  const int64_t npair = D2 / 2, full = sD == 1 ? D / 2 : 0;  // pairs read as one word
   for (int64_t p = p0; p < p1; ++p) {
     uint16_t* dst = out + p * D2 * NR;
     for (int64_t t = 0; t < NR; ++t) {
       const int64_t j = p * NR + t;
-      for (int64_t d = 0; d < D2; ++d) {
-        dst[(d / 2) * 2 * NR + 2 * t + (d & 1)] = j < nvalid && d < D ? bf16_bits(x, j, d, sL, sD) : uint16_t(0);
+      uint16_t* col = dst + 2 * t;  // pair dp of key t at col + dp * 2 * NR
+      int64_t dp = 0;
+      if (j < nvalid) {
+        const c10::BFloat16* row = x + j * sL;
+        for (; dp < full; ++dp) std::memcpy(col + dp * 2 * NR, row + 2 * dp, sizeof(uint32_t));
+        for (; 2 * dp < D; ++dp) {
+          const uint32_t w = bf16_pair_word(x, j, 2 * dp, D, sL, sD);
+          std::memcpy(col + dp * 2 * NR, &w, sizeof(w));
+        }
       }
+      for (; dp < npair; ++dp) std::memset(col + dp * 2 * NR, 0, sizeof(uint32_t));
     }
   }
 }
@@ -1213,9 +1233,23 @@ inline void pack_panels_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int
 // V rows r0..r1 (r0 even) as key pairs: [j / 2][Dvp][2].
 inline void pack_vpairs_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t Dv, int64_t Dvp,
                              int64_t r0, int64_t r1, uint16_t* out) {
-  for (int64_t j = r0; j < r1; ++j) {
-    uint16_t* dst = out + (j / 2) * 2 * Dvp + (j & 1);
-    for (int64_t c = 0; c < Dvp; ++c) dst[2 * c] = j < nvalid && c < Dv ? bf16_bits(x, j, c, sL, sD) : uint16_t(0);
+  for (int64_t j = r0; j < r1; j += 2) {
+    uint16_t* dst = out + (j / 2) * 2 * Dvp;
+    const int64_t nr = std::max<int64_t>(0, std::min<int64_t>({2, r1 - j, nvalid - j}));  // rows present
+    int64_t c = 0;
+    if (nr == 2 && sD == 1) {
+      const c10::BFloat16 *a = x + j * sL, *b = a + sL;
+      for (; c < Dv; ++c) {
+        dst[2 * c] = a[c].x;
+        dst[2 * c + 1] = b[c].x;
+      }
+    } else if (nr > 0) {
+      for (; c < Dv; ++c) {
+        dst[2 * c] = bf16_bits(x, j, c, sL, sD);
+        dst[2 * c + 1] = nr == 2 ? bf16_bits(x, j + 1, c, sL, sD) : uint16_t(0);
+      }
+    }
+    std::memset(dst + 2 * c, 0, sizeof(uint16_t) * 2 * (Dvp - c));
   }
 }
 
@@ -1223,7 +1257,13 @@ inline void pack_vpairs_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int
 inline void pack_qrows_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t n, int64_t D, int64_t D2,
                             uint16_t* out) {
   for (int64_t j = 0; j < n; ++j) {
-    for (int64_t d = 0; d < D2; ++d) out[j * D2 + d] = d < D ? bf16_bits(x, j, d, sL, sD) : uint16_t(0);
+    uint16_t* dst = out + j * D2;
+    if (sD == 1) {
+      std::memcpy(dst, x + j * sL, sizeof(uint16_t) * D);
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d] = bf16_bits(x, j, d, sL, sD);
+    }
+    std::memset(dst + D, 0, sizeof(uint16_t) * (D2 - D));
   }
 }
 
