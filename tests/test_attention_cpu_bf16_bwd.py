@@ -1,11 +1,14 @@
-"""The bfloat16 backward on AVX512_BF16 (csrc/cpu/attention.cpp: bwd_block_avx512bf16): the five
-products of the backward by vdpbf16ps on bf16 operands, float32 accumulation, against the float64
-reference by the parity rule (DESIGN §5, seqkernels.testing.compare with grad=True).
+"""The bfloat16 backward on AVX512_BF16 and on AMX tiles (csrc/cpu/attention.cpp: bwd_block_avx512bf16,
+bwd_block_amx), each forced where the CPU has it: the five products of the backward on bf16 operands,
+float32 accumulation, against the float64 reference by the parity rule (DESIGN §5,
+seqkernels.testing.compare with grad=True).
 
 The shapes follow the backward's tiles: query blocks of kBwdBM = 64 rows that start at an even row
 (Q^T and dO^T are packed as row pairs; an odd last row is paired with zeros), key blocks of
 kBwdBN = 64 keys in panels of NR = 32, register tiles of 6 rows, head dims in pairs (an odd D or
-Dv gets a zero pad) and output columns of 64 / 32 / 16 values.
+Dv gets a zero pad) and output columns of 64 / 32 / 16 values; for the tiles, query blocks that start
+at a multiple of 32 with rows of the block before the first visible one, 16-row tiles (Lq and the
+rows per block at every residue mod 16), head dims padded to 32 and Q^T / dO^T rows to 16.
 """
 
 import math
@@ -19,7 +22,16 @@ try:
 except ImportError as e:  # pragma: no cover - only without a build
     pytest.skip(f"seqkernels._C is not built: {e}", allow_module_level=True)
 
-from test_attention_cpu import _kw, check_parity, check_public_parity, needs_bf16_dot, rand, sk_backward, sk_forward
+from test_attention_cpu import (
+    BF16_DOT_PATHS,
+    _kw,
+    check_parity,
+    check_public_parity,
+    needs_bf16_dot,
+    rand,
+    sk_backward,
+    sk_forward,
+)
 
 from seqkernels.reference import attention_bwd_ref
 from seqkernels.testing import compare
@@ -29,13 +41,13 @@ pytestmark = needs_bf16_dot
 DT = torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def _bf16_isa(monkeypatch):
+@pytest.fixture(autouse=True, params=BF16_DOT_PATHS)
+def _bf16_isa(request, monkeypatch):
+    # Every test on each bf16 dot path this CPU has (forward and backward take the same one).
     from seqkernels import cli
 
-    monkeypatch.delenv("SEQKERNELS_CPU_ISA", raising=False)
-    # The backward's bf16 path; the forward that gives it lse is the best one (AMX where present).
-    assert cli.cpu_isa_report()["ops"]["attention_bwd"]["bfloat16"] == "avx512_bf16"
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", request.param)
+    assert cli.cpu_isa_report()["ops"]["attention_bwd"]["bfloat16"] == request.param
 
 
 # (B, Hq, Hkv, Lq, Lk, D, Dv, window, bottom_right, kv_lengths)

@@ -549,6 +549,7 @@ struct BwdBlock {
   const T* Kr;             // K rows, Lk_pad x Dp
   const T* Vt;             // V^T panels ([panel][Dv][NR])
   int64_t Hg, Lq;          // query heads in the group, query rows of the unit
+  int64_t Lr;              // rows per head of dQ (and of Qh, dOh): Lq, or Lq padded for the tiles
   const T* Qp;             // per head Lq x Dp, pre-multiplied by scale
   const T* dOp;            // per head Lq x Dvp
   const T* Delta;          // per head Lq: rowsum(dO * O)
@@ -573,7 +574,7 @@ struct BwdBlock {
   // The bfloat16 dot path only (Kernels::bf16, bwd_block_avx512bf16): the operands as raw bf16
   // bits in pairs along each product's sum index (BwdPack::Kh ..), Kt, Kr, Vt, Qp and dOp unused.
   // dK and dV then hold the transposed accumulators dK^T (D x BN) and dV^T (Dv x BN), ld BN.
-  int64_t D2 = 0, Dv2 = 0, Lq2 = 0;  // D, Dv and Lq rounded up to even
+  int64_t D2 = 0, Dv2 = 0, Lq2 = 0;  // D, Dv and Lq rounded up to even (to 32 for the AMX tiles)
   const uint16_t* Kh = nullptr;      // K^T panels of d-pairs, [panel][D2 / 2][NR][2]
   const uint16_t* Krh = nullptr;     // K rows as key pairs, [j / 2][Dp][2]
   const uint16_t* Vh = nullptr;      // V^T panels of dv-pairs, [panel][Dv2 / 2][NR][2]
@@ -678,7 +679,7 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
     const T* Delta = a.Delta + hh * Lq;
     const T* lse = a.lse + hh * Lq;
     const T* corr = a.corr + hh * Lq;
-    T* dQ = a.dQ + hh * Lq * Dp;
+    T* dQ = a.dQ + hh * a.Lr * Dp;
     const int64_t h = a.h0 + hh;
     RowMods<T> md;
     if (a.mods != nullptr) md = row_mods(*a.mods, a.b, h, a.Hq, a.off);
@@ -723,7 +724,8 @@ struct Kernels {
   void (*bwd)(const BwdBlock<T>&);
   bool bf16 = false;    // fwd and bwd take bf16 operands as they are (FwdRows::Qh.., BwdBlock::Kh.., pack_*_bf16)
   int64_t mr = kMR;     // fwd: query rows per group (Products::kRows): the rows of the P and alpha scratch
-  int64_t d_align = 2;  // bf16 only: the packed head dim D2 is D rounded up to this
+  int64_t d_align = 2;  // bf16 only: the packed head dims D2, Dv2 are D, Dv rounded up to this
+  bool tiles = false;   // AMX: the backward pads rows and query-row pairs for 16 x 32 tiles (BwdPack)
 };
 
 template <typename T>
@@ -925,54 +927,71 @@ SK_AMX_FN void amx_scores(const uint16_t* Q, int64_t ldq, const uint16_t* Kh, in
   }
 }
 
-// O[r][c] += sum_j P[r][j] V[j][c] for 16 NT rows, keys j < w (a multiple of 32), columns c <
-// Dvp (a multiple of 16): P rows ldp apart, V as key pairs (pack_vpairs_bf16), O rows ldo apart.
-template <int NT>
-SK_AMX_FN void amx_pv(const uint16_t* Pm, int64_t ldp, const uint16_t* Vh, int64_t Dvp, int64_t w, float* O,
-                      int64_t ldo) {
-  const int64_t ps = 2 * ldp, vs = 4 * Dvp, os = 4 * ldo;
-  int64_t c = 0;
-  for (; c + 32 <= Dvp; c += 32) {
-    _tile_loadd(0, O + c, os);
-    _tile_loadd(1, O + c + 16, os);
-    if constexpr (NT == 2) {
-      _tile_loadd(2, O + 16 * ldo + c, os);
-      _tile_loadd(3, O + 16 * ldo + c + 16, os);
-    }
-    for (int64_t j = 0; j < w; j += 32) {
-      // Key pairs j / 2 .. j / 2 + 15 at Vh + j * Dvp, columns c.. and c + 16..
-      _tile_loadd(6, Vh + j * Dvp + 2 * c, vs);
-      _tile_loadd(7, Vh + j * Dvp + 2 * c + 32, vs);
-      _tile_loadd(4, Pm + j, ps);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if constexpr (NT == 2) {
-        _tile_loadd(5, Pm + 16 * ldp + j, ps);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, O + c, os);
-    _tile_stored(1, O + c + 16, os);
-    if constexpr (NT == 2) {
-      _tile_stored(2, O + 16 * ldo + c, os);
-      _tile_stored(3, O + 16 * ldo + c + 16, os);
+// C (+)= A B on tiles: C float32 (ldc), A bf16 rows with the sum index along the row (lda), B
+// pairs of that index ([k / 2][n][2], ldb per pair row). One block of 16 MT rows x 16 NT columns,
+// C loaded first (accumulate) and stored at the end.
+template <int MT, int NT>
+SK_AMX_FN void amx_block(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
+                         int64_t ldc) {
+  const int64_t as = 2 * lda, bs = 2 * ldb, cs = 4 * ldc;  // strides in bytes
+  _tile_loadd(0, C, cs);
+  if constexpr (NT == 2) _tile_loadd(1, C + 16, cs);
+  if constexpr (MT == 2) {
+    _tile_loadd(2, C + 16 * ldc, cs);
+    if constexpr (NT == 2) _tile_loadd(3, C + 16 * ldc + 16, cs);
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    const uint16_t* b = B + (k / 2) * ldb;
+    _tile_loadd(6, b, bs);
+    if constexpr (NT == 2) _tile_loadd(7, b + 32, bs);
+    _tile_loadd(4, A + k, as);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NT == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MT == 2) {
+      _tile_loadd(5, A + 16 * lda + k, as);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NT == 2) _tile_dpbf16ps(3, 5, 7);
     }
   }
-  if (c < Dvp) {  // the last 16 columns
-    _tile_loadd(0, O + c, os);
-    if constexpr (NT == 2) _tile_loadd(2, O + 16 * ldo + c, os);
-    for (int64_t j = 0; j < w; j += 32) {
-      _tile_loadd(6, Vh + j * Dvp + 2 * c, vs);
-      _tile_loadd(4, Pm + j, ps);
-      _tile_dpbf16ps(0, 4, 6);
-      if constexpr (NT == 2) {
-        _tile_loadd(5, Pm + 16 * ldp + j, ps);
-        _tile_dpbf16ps(2, 5, 6);
+  _tile_stored(0, C, cs);
+  if constexpr (NT == 2) _tile_stored(1, C + 16, cs);
+  if constexpr (MT == 2) {
+    _tile_stored(2, C + 16 * ldc, cs);
+    if constexpr (NT == 2) _tile_stored(3, C + 16 * ldc + 16, cs);
+  }
+}
+
+// C[M][N] += A B for M and N multiples of 16 and K a multiple of 32: blocks of 32 x 32, the
+// 16-wide remainders with one row or column tile.
+SK_AMX_FN void amx_gemm_acc(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                            int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; m += 32) {
+    const bool m2 = M - m > 16;
+    for (int64_t n = 0; n < N; n += 32) {
+      const bool n2 = N - n > 16;
+      const uint16_t* a = A + m * lda;
+      const uint16_t* b = B + 2 * n;
+      float* c = C + m * ldc + n;
+      if (m2 && n2) {
+        amx_block<2, 2>(a, lda, b, ldb, K, c, ldc);
+      } else if (m2) {
+        amx_block<2, 1>(a, lda, b, ldb, K, c, ldc);
+      } else if (n2) {
+        amx_block<1, 2>(a, lda, b, ldb, K, c, ldc);
+      } else {
+        amx_block<1, 1>(a, lda, b, ldb, K, c, ldc);
       }
     }
-    _tile_stored(0, O + c, os);
-    if constexpr (NT == 2) _tile_stored(2, O + 16 * ldo + c, os);
+  }
+}
+
+// S rows (ld BN) times the softmax scale, in place: the AMX products sum unscaled, as the
+// vdpbf16ps path does before its float32 multiply, so the scores are the same float32 values.
+SK_AMX_FN void scale_rows(float* S, int64_t nr, int64_t w, int64_t BN, float scale) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < nr; ++r) {
+    float* s = S + r * BN;
+    for (int64_t j = 0; j < w; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), sc));
   }
 }
 
@@ -988,11 +1007,7 @@ struct AmxProducts {
     } else {
       amx_scores<1>(Q, a.D2, K, a.D2, w / NR, S, a.BN);
     }
-    const __m512 sc = _mm512_set1_ps(a.qk_scale);
-    for (int64_t r = 0; r < mr; ++r) {
-      float* s = S + r * a.BN;
-      for (int64_t j = 0; j < w; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), sc));
-    }
+    scale_rows(S, mr, w, a.BN, a.qk_scale);
   }
   // O = O * alpha + P V: P rounded to bf16 (rows past mr zeroed, up to the row tile), the rows
   // whose alpha is not 1 rescaled, then the tiles add P V.
@@ -1008,12 +1023,8 @@ struct AmxProducts {
       float* o = O + r * a.Dvp;
       for (int64_t c = 0; c < a.Dvp; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), al));
     }
-    const uint16_t* V = a.Vh + pl * a.Dvp;
-    if (nt == 2) {
-      amx_pv<2>(a.Ph, a.BN, V, a.Dvp, w, O, a.Dvp);
-    } else {
-      amx_pv<1>(a.Ph, a.BN, V, a.Dvp, w, O, a.Dvp);
-    }
+    // V as key pairs from key pl: pair pl / 2 at Vh + pl * Dvp.
+    amx_gemm_acc(16 * nt, a.Dvp, w, a.Ph, a.BN, a.Vh + pl * a.Dvp, 2 * a.Dvp, O, a.Dvp);
   }
 };
 
@@ -1062,14 +1073,14 @@ SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
   constexpr int64_t NR = 32;
   const int64_t D = a.D, Dp = a.Dp, Dv = a.Dv, D2 = a.D2, Dv2 = a.Dv2, BN = a.BN, Lq = a.Lq, Lq2 = a.Lq2;
   for (int64_t hh = 0; hh < a.Hg; ++hh) {
-    const uint16_t* Qh = a.Qh + hh * Lq * D2;
-    const uint16_t* dOh = a.dOh + hh * Lq * Dv2;
+    const uint16_t* Qh = a.Qh + hh * a.Lr * D2;
+    const uint16_t* dOh = a.dOh + hh * a.Lr * Dv2;
     const uint16_t* QTh = a.QTh + hh * D * Lq2;
     const uint16_t* dOTh = a.dOTh + hh * Dv * Lq2;
     const float* Delta = a.Delta + hh * Lq;
     const float* lse = a.lse + hh * Lq;
     const float* corr = a.corr + hh * Lq;
-    float* dQ = a.dQ + hh * Lq * Dp;
+    float* dQ = a.dQ + hh * a.Lr * Dp;
     const int64_t h = a.h0 + hh;
     RowMods<float> md;
     if (a.mods != nullptr) md = row_mods(*a.mods, a.b, h, a.Hq, a.off);
@@ -1108,6 +1119,82 @@ SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
     }
   }
 }
+
+// The bfloat16 backward on AMX tiles: bwd_block_avx512bf16's five products on the same pair
+// layouts, everything between them (bwd_row) the same AVX-512 code. The tiles consume a sum
+// index 32 at a time and write whole 16-row tiles, so the backward's packing pads for them
+// (Kernels::d_align, row_align): D2 and Dv2 to multiples of 32, each head's Q, dO and dQ rows and
+// the query-row pairs of Q^T and dO^T to a multiple of 32 (zeros), the rows of Q^T and dO^T to a
+// multiple of 16. Query blocks start at a multiple of 32; the rows of a block before its first
+// visible row and after its last get zero P and dS (bwd_row; the pair rows past the block are
+// zeroed here), so they add nothing to dK and dV, and their dQ rows get dS K = 0. dK^T is summed
+// unscaled and scaled once when the key block is done.
+SK_AMX_ENTRY void bwd_block_amx(const BwdBlock<float>& a) {
+  using P = simd::Avx512Float;
+  constexpr int64_t NR = 32;
+  simd::amx_tiles_on();
+  const int64_t D2 = a.D2, Dv2 = a.Dv2, Dp = a.Dp, BN = a.BN, Lq = a.Lq, Lr = a.Lr, Lq2 = a.Lq2;
+  const int64_t DT = round_up(a.D, 16), DvT = round_up(a.Dv, 16);
+  for (int64_t hh = 0; hh < a.Hg; ++hh) {
+    const uint16_t* Qh = a.Qh + hh * Lr * D2;
+    const uint16_t* dOh = a.dOh + hh * Lr * Dv2;
+    const uint16_t* QTh = a.QTh + hh * DT * Lq2;
+    const uint16_t* dOTh = a.dOTh + hh * DvT * Lq2;
+    const float* Delta = a.Delta + hh * Lq;
+    const float* lse = a.lse + hh * Lq;
+    const float* corr = a.corr + hh * Lq;
+    float* dQ = a.dQ + hh * Lr * Dp;
+    const int64_t h = a.h0 + hh;
+    RowMods<float> md;
+    if (a.mods != nullptr) md = row_mods(*a.mods, a.b, h, a.Hq, a.off);
+    const RowMods<float>* mdp = md.on() ? &md : nullptr;
+    for (int64_t i0 = a.ilo / 32 * 32; i0 < a.ihi; i0 += a.BM) {
+      const int64_t nr = std::min(a.BM, a.ihi - i0);
+      int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
+      for (int64_t i = i0; i < i0 + nr; ++i) {
+        if (a.lo[i] < a.hi[i]) {
+          glo = std::min(glo, a.lo[i]);
+          ghi = std::max(ghi, a.hi[i]);
+        }
+      }
+      const int64_t cl = std::max(glo, a.j0), ch = std::min(ghi, a.j1);
+      if (cl >= ch) continue;
+      const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
+      const int64_t nr16 = round_up(nr, 16), nr32 = round_up(nr, 32);
+      for (int64_t g = 0; g < nr; g += 32) {
+        const uint16_t *q = Qh + (i0 + g) * D2, *k = a.Kh + (pl / NR) * D2 * NR;
+        const uint16_t *o = dOh + (i0 + g) * Dv2, *v = a.Vh + (pl / NR) * Dv2 * NR;
+        if (nr - g > 16) {
+          amx_scores<2>(q, D2, k, D2, w / NR, a.S + g * BN, BN);
+          amx_scores<2>(o, Dv2, v, Dv2, w / NR, a.dP + g * BN, BN);
+        } else {
+          amx_scores<1>(q, D2, k, D2, w / NR, a.S + g * BN, BN);
+          amx_scores<1>(o, Dv2, v, Dv2, w / NR, a.dP + g * BN, BN);
+        }
+      }
+      scale_rows(a.S, nr, w, BN, a.qk_scale);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = i0 + r;
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a, h, i, mdp);
+      }
+      bf16_row_pairs(a.S, nr, w, BN, a.Pi);
+      bf16_row_pairs(a.dP, nr, w, BN, a.dSi);
+      bf16_rows(a.dP, nr, w, BN, a.dSh);
+      for (int64_t t = (nr + 1) / 2; t < nr32 / 2; ++t) {
+        std::memset(a.Pi + t * 2 * BN, 0, sizeof(uint16_t) * 2 * w);
+        std::memset(a.dSi + t * 2 * BN, 0, sizeof(uint16_t) * 2 * w);
+      }
+      for (int64_t r = nr; r < nr16; ++r) std::memset(a.dSh + r * BN, 0, sizeof(uint16_t) * w);
+      // dV^T[c][j] += sum_i dO[i][c] P[i][j];  dK^T[d][j] += sum_i Q[i][d] dS[i][j];
+      // dQ[i] += sum_j dS[i][j] K[j] (scale applied by dq_reduce)
+      amx_gemm_acc(DvT, w, nr32, dOTh + i0, Lq2, a.Pi, 2 * BN, a.dV + (pl - a.j0), BN);
+      amx_gemm_acc(DT, w, nr32, QTh + i0, Lq2, a.dSi, 2 * BN, a.dK + (pl - a.j0), BN);
+      amx_gemm_acc(nr16, Dp, w, a.dSh, BN, a.Krh + pl * Dp, 2 * Dp, dQ + i0 * Dp, Dp);
+    }
+  }
+  scale_rows(a.dK, a.D, a.j1 - a.j0, BN, a.qk_scale);
+  simd::amx_tiles_off();
+}
 #endif
 
 // Per call (simd::selected_isa), so SEQKERNELS_CPU_ISA=portable lets the tests cover the
@@ -1115,23 +1202,20 @@ SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
 // caller's inputs are bfloat16 and it packs them with pack_*_bf16 when the answer says bf16.
 // The highest path the kernels have: float64 AVX2 (a float64 AVX-512 policy would be Avx2Double
 // at twice the width, measured first), float32 accumulation AVX-512, and where the caller packs
-// bf16 operands as they are, AMX tiles for the forward and AVX512_BF16 for the backward (whose
-// lse corrections run the forward kernel of the backward's choice, so its scores stay bitwise
-// the backward's). cpu_paths::attention_fwd/bwd report the same rule.
-enum class Pass { Fwd, Bwd };
-inline simd::Isa attention_top_isa(bool float64, bool bf16_operands, Pass pass) {
+// bf16 operands as they are, AMX tiles (or AVX512_BF16 pairs below them). The backward's lse
+// corrections run the forward kernel of the same choice, so its scores stay bitwise the
+// backward's. cpu_paths::attention_fwd/bwd report the same rule.
+inline simd::Isa attention_top_isa(bool float64, bool bf16_operands) {
   if (!SK_SIMD_X86) return simd::Isa::Portable;
-  if (float64) return simd::Isa::Avx2;
-  if (!bf16_operands) return simd::Isa::Avx512;
-  return pass == Pass::Fwd ? simd::Isa::AmxBf16 : simd::Isa::Avx512Bf16;
+  return float64 ? simd::Isa::Avx2 : bf16_operands ? simd::Isa::AmxBf16 : simd::Isa::Avx512;
 }
 
 template <typename T>
-Kernels<T> select_kernels(bool bf16_operands, Pass pass) {
-  const simd::Isa isa = simd::path_isa(attention_top_isa(std::is_same_v<T, double>, bf16_operands, pass));
+Kernels<T> select_kernels(bool bf16_operands) {
+  const simd::Isa isa = simd::path_isa(attention_top_isa(std::is_same_v<T, double>, bf16_operands));
 #if SK_SIMD_X86
   if constexpr (std::is_same_v<T, float>) {
-    if (isa == simd::Isa::AmxBf16) return {simd::Avx512Float::W, &fwd_rows_amx, &bwd_block_avx512bf16, true, 32, 32};
+    if (isa == simd::Isa::AmxBf16) return {simd::Avx512Float::W, &fwd_rows_amx, &bwd_block_amx, true, 32, 32, true};
     if (isa == simd::Isa::Avx512Bf16) return {simd::Avx512Float::W, &fwd_rows_avx512bf16, &bwd_block_avx512bf16, true};
     if (isa == simd::Isa::Avx512) return {simd::Avx512Float::W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32};
   }
@@ -1349,6 +1433,7 @@ constexpr int64_t kPackBudgetBytes = int64_t(24) << 20;
 // keys) stay in L2 next to the dK/dV accumulators. Measured on Zen 3 (AVX2): the rate is flat
 // within a few percent around these values.
 constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64;
+static_assert(kBwdBM % 32 == 0, "kBwdBM: query blocks of whole 32-row tile groups (bwd_block_amx)");
 
 // Panels of K/V per packing job and query rows per backward Q job: slices, not whole groups, so
 // that the threads share the packing of a chunk with few groups.
@@ -1573,7 +1658,7 @@ template <typename T>
 FwdPlan<T> make_fwd_plan(const Geometry& g, const Units& u, int64_t wl, int64_t wr, bool bottom_right,
                          bool bf16_operands) {
   FwdPlan<T> p;
-  p.kern = select_kernels<T>(bf16_operands, Pass::Fwd);
+  p.kern = select_kernels<T>(bf16_operands);
   const int64_t W = p.kern.W;
   p.NR = 2 * W;
   p.Hg = g.Hq / g.Hkv;
@@ -2095,7 +2180,8 @@ struct BwdPack {
   // The bf16 dot path (Kernels::bf16): K, V, Q and dO are packed as bf16 pairs (Kh .. dOTh below)
   // in place of the T layouts Kt .. dOp; the rest of the group's part is laid out as before.
   bool bf16 = false;
-  int64_t D2 = 0, Dv2 = 0;                             // D and Dv rounded up to even
+  bool tiles = false;                                  // and padded for the AMX tiles (bwd_block_amx)
+  int64_t D2 = 0, Dv2 = 0;                             // D and Dv rounded up to even (to 32: tiles)
   std::vector<int64_t> lq, kpad, nslice, nrslice;      // per unit
   std::vector<int64_t> elem_off, kvjob_off, qjob_off;  // (ngroups + 1) prefixes
   std::vector<int64_t> chunks;                         // chunk_bounds
@@ -2131,25 +2217,30 @@ struct BwdPack {
   T* Delta(int64_t gi) const { return Kt(gi) + operand_elems(gi); }
   T* lse(int64_t gi) const { return Delta(gi) + Hg * Lq(gi); }
   T* corr(int64_t gi) const { return lse(gi) + Hg * Lq(gi); }
-  T* dQ(int64_t gi, int64_t s) const { return corr(gi) + Hg * Lq(gi) + s * Hg * Lq(gi) * Dp; }
+  T* dQ(int64_t gi, int64_t s) const { return corr(gi) + Hg * Lq(gi) + s * Hg * Lr(gi) * Dp; }
 
   // The bf16 layouts (BwdBlock::Kh ..), one after the other from Kt(gi): K^T panels of d-pairs,
   // K rows as key pairs, V^T panels of dv-pairs, then per query head Q rows, dO rows, Q^T and dO^T
   // as row pairs.
-  int64_t Lq2(int64_t gi) const { return round_up(Lq(gi), 2); }
+  // With tiles: Lq2 (the query-row pairs of Q^T, dO^T) and Lr (the rows per head of Q, dO and the
+  // dQ partials) are Lq rounded up to 32, DT and DvT (the rows of Q^T, dO^T) D and Dv to 16.
+  int64_t Lq2(int64_t gi) const { return round_up(Lq(gi), tiles ? 32 : 2); }
+  int64_t Lr(int64_t gi) const { return tiles ? Lq2(gi) : Lq(gi); }
+  int64_t DT() const { return tiles ? round_up(D, 16) : D; }
+  int64_t DvT() const { return tiles ? round_up(Dv, 16) : Dv; }
   uint16_t* Kh(int64_t gi) const { return reinterpret_cast<uint16_t*>(Kt(gi)); }
   uint16_t* Krh(int64_t gi) const { return Kh(gi) + Lk_pad(gi) * D2; }
   uint16_t* Vh(int64_t gi) const { return Krh(gi) + Lk_pad(gi) * Dp; }
   uint16_t* Qh(int64_t gi) const { return Vh(gi) + Lk_pad(gi) * Dv2; }
-  uint16_t* dOh(int64_t gi) const { return Qh(gi) + Hg * Lq(gi) * D2; }
-  uint16_t* QTh(int64_t gi) const { return dOh(gi) + Hg * Lq(gi) * Dv2; }
-  uint16_t* dOTh(int64_t gi) const { return QTh(gi) + Hg * D * Lq2(gi); }
+  uint16_t* dOh(int64_t gi) const { return Qh(gi) + Hg * Lr(gi) * D2; }
+  uint16_t* QTh(int64_t gi) const { return dOh(gi) + Hg * Lr(gi) * Dv2; }
+  uint16_t* dOTh(int64_t gi) const { return QTh(gi) + Hg * DT() * Lq2(gi); }
 
   // Elements (of T) of the packed K, V, Q and dO of group gi, in either layout.
   int64_t operand_elems(int64_t gi) const {
     const int64_t L = Lq(gi), K = Lk_pad(gi);
     if (bf16) {
-      const int64_t halves = K * (D2 + Dp + Dv2) + Hg * (L * (D2 + Dv2) + Lq2(gi) * (D + Dv));
+      const int64_t halves = K * (D2 + Dp + Dv2) + Hg * (Lr(gi) * (D2 + Dv2) + Lq2(gi) * (DT() + DvT()));
       return round_up((halves + 1) / 2, 16);
     }
     return K * (D + Dp + Dv) + Hg * L * (Dp + Dvp);
@@ -2158,7 +2249,7 @@ struct BwdPack {
   // Elements of group gi's part of the buffer with `ns` dQ partials.
   int64_t group_elems(int64_t gi, int64_t ns) const {
     const int64_t L = Lq(gi);
-    return operand_elems(gi) + Hg * L * 3 + ns * Hg * L * Dp;
+    return operand_elems(gi) + Hg * L * 3 + ns * Hg * Lr(gi) * Dp;
   }
 };
 
@@ -2302,8 +2393,8 @@ void correct_lse_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
     wait_ready(pk.kv_ready[gi - pk.g0], pk.nslice[b]);
     if constexpr (std::is_same_v<T, float>) {
       if (pk.bf16) {
-        lse_corrections_bf16(kern, pk.Qh(gi) + (hh * Lq + i) * pk.D2, pk.D, pk.D2, pk.Kh(gi), io.scale, pk.fwd_BN,
-                             lo + i, hi + i, io.mask, b, h, i, e - i, io.u.drop_Lk, md, sink, lr + i, cr + i,
+        lse_corrections_bf16(kern, pk.Qh(gi) + (hh * pk.Lr(gi) + i) * pk.D2, pk.D, pk.D2, pk.Kh(gi), io.scale,
+                             pk.fwd_BN, lo + i, hi + i, io.mask, b, h, i, e - i, io.u.drop_Lk, md, sink, lr + i, cr + i,
                              corr_scratch);
         i = e;
         continue;
@@ -2352,10 +2443,27 @@ int64_t pack_bwd_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
     if (pk.bf16) {
       const int64_t D2 = pk.D2, Dv2 = pk.Dv2, L2 = pk.Lq2(gi);
       const int64_t q_s2 = q.stride(2), q_s3 = q.stride(3), d_s2 = dout.stride(2), d_s3 = dout.stride(3);
-      pack_qrows_bf16(qh + r0 * q_s2, q_s2, q_s3, r1 - r0, D, D2, pk.Qh(gi) + (hh * Lq + r0) * D2);
-      pack_qrows_bf16(doh + r0 * d_s2, d_s2, d_s3, r1 - r0, Dv, Dv2, pk.dOh(gi) + (hh * Lq + r0) * Dv2);
-      pack_tpairs_bf16(qh, q_s2, q_s3, Lq, D, L2, r0, r1, pk.QTh(gi) + hh * D * L2);
-      pack_tpairs_bf16(doh, d_s2, d_s3, Lq, Dv, L2, r0, r1, pk.dOTh(gi) + hh * Dv * L2);
+      const int64_t Lr = pk.Lr(gi), DT = pk.DT(), DvT = pk.DvT();
+      uint16_t *Qh = pk.Qh(gi) + hh * Lr * D2, *dOh = pk.dOh(gi) + hh * Lr * Dv2;
+      uint16_t *QTh = pk.QTh(gi) + hh * DT * L2, *dOTh = pk.dOTh(gi) + hh * DvT * L2;
+      pack_qrows_bf16(qh + r0 * q_s2, q_s2, q_s3, r1 - r0, D, D2, Qh + r0 * D2);
+      pack_qrows_bf16(doh + r0 * d_s2, d_s2, d_s3, r1 - r0, Dv, Dv2, dOh + r0 * Dv2);
+      pack_tpairs_bf16(qh, q_s2, q_s3, Lq, D, L2, r0, r1, QTh);
+      pack_tpairs_bf16(doh, d_s2, d_s3, Lq, Dv, L2, r0, r1, dOTh);
+      if (pk.tiles) {
+        // The tiles' padding (bwd_block_amx): this slice's columns of the pad rows of Q^T and dO^T;
+        // the last slice also the pad columns of every row and the pad rows of Q and dO.
+        const int64_t c0 = r0, c1 = r1 == Lq ? L2 : round_up(r1, 2);
+        for (int64_t d = D; d < DT; ++d) std::fill(QTh + d * L2 + c0, QTh + d * L2 + c1, uint16_t(0));
+        for (int64_t d = Dv; d < DvT; ++d) std::fill(dOTh + d * L2 + c0, dOTh + d * L2 + c1, uint16_t(0));
+        if (r1 == Lq) {
+          const int64_t e = round_up(Lq, 2);
+          for (int64_t d = 0; d < D; ++d) std::fill(QTh + d * L2 + e, QTh + d * L2 + L2, uint16_t(0));
+          for (int64_t d = 0; d < Dv; ++d) std::fill(dOTh + d * L2 + e, dOTh + d * L2 + L2, uint16_t(0));
+          std::fill(Qh + Lq * D2, Qh + Lr * D2, uint16_t(0));
+          std::fill(dOh + Lq * Dv2, dOh + Lr * Dv2, uint16_t(0));
+        }
+      }
       for (int64_t i = r0; i < r1; ++i) {
         // As below, from dO as given (bf16 -> double is exact, so Delta is the float32 path's).
         double acc = 0;
@@ -2391,7 +2499,9 @@ int64_t pack_bwd_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
   if (io.dsink_rows != nullptr) {
     store_dsink_rows(io.mods.sink(h), lr, cr, delta, r0, r1, io.dsink_rows + io.lse_base(b, h));
   }
-  for (int64_t s = 0; s < pk.splits; ++s) fill(pk.dQ(gi, s) + hh * Lq * Dp + r0 * Dp, (r1 - r0) * Dp, T(0));
+  // Rows [r0, r1) of every partial; the last slice also the tiles' pad rows (Lq to Lr).
+  const int64_t rend = r1 == Lq ? pk.Lr(gi) : r1;
+  for (int64_t s = 0; s < pk.splits; ++s) fill(pk.dQ(gi, s) + hh * pk.Lr(gi) * Dp + r0 * Dp, (rend - r0) * Dp, T(0));
   return gi;
 }
 
@@ -2421,8 +2531,9 @@ void dq_reduce(const BwdIo<scalar_t, T>& io, const BwdPack<T>& pk, int64_t gi) {
   const int64_t b = gi / Hkv;
   for (int64_t hh = 0; hh < Hg; ++hh) {
     const int64_t h = (gi % Hkv) * Hg + hh;
-    store_dq_rows<scalar_t, T>(pk.dQ(gi, 0) + hh * Lq * Dp, Hg * Lq * Dp, pk.splits, Lq, pk.D, Dp, io.scale,
-                               io.dqd + io.row_base(io.dq, b) + h * io.dq.stride(1), io.dq.stride(2), io.dq.stride(3));
+    store_dq_rows<scalar_t, T>(pk.dQ(gi, 0) + hh * pk.Lr(gi) * Dp, Hg * pk.Lr(gi) * Dp, pk.splits, Lq, pk.D, Dp,
+                               io.scale, io.dqd + io.row_base(io.dq, b) + h * io.dq.stride(1), io.dq.stride(2),
+                               io.dq.stride(3));
   }
 }
 
@@ -2466,6 +2577,7 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
   a.Vt = pk.Vt(gi);
   a.Hg = Hg;
   a.Lq = Lq;
+  a.Lr = pk.Lr(gi);
   a.Qp = pk.Qp(gi);
   a.dOp = pk.dOp(gi);
   a.Delta = pk.Delta(gi);
@@ -2517,8 +2629,8 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
       }
     }
     if (pk.bf16) {
-      fill(dK, D * BN, T(0));
-      fill(dV, Dv * BN, T(0));
+      fill(dK, Dp * BN, T(0));  // the tiles' pad rows too (up to D, Dv rounded to 16)
+      fill(dV, Dvp * BN, T(0));
     } else {
       fill(dK, (j1 - j0) * Dp, T(0));
       fill(dV, (j1 - j0) * Dvp, T(0));
@@ -2545,11 +2657,12 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
                        const Tensor& lse, const Geometry& g, const Units& u, const MaskDesc& mask, bool has_kv_len,
                        double scale, int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop,
                        const ScoreMods<T>& mods, double* dsink_rows, Tensor& dq, Tensor& dk, Tensor& dv) {
-  const Kernels<T> kern = select_kernels<T>(kBf16Backward && std::is_same_v<scalar_t, c10::BFloat16>, Pass::Bwd);
+  const Kernels<T> kern = select_kernels<T>(kBf16Backward && std::is_same_v<scalar_t, c10::BFloat16>);
   BwdPack<T> pack = bwd_pack_sizes<T>(g, u, kern.W);
   pack.bf16 = kern.bf16;
-  pack.D2 = round_up(g.D, 2);
-  pack.Dv2 = round_up(g.Dv, 2);
+  pack.tiles = kern.bf16 && kern.tiles;
+  pack.D2 = round_up(g.D, kern.d_align);
+  pack.Dv2 = round_up(g.Dv, kern.d_align);
   BwdPlan plan = make_bwd_plan(u, wl, wr, bottom_right, pack.NR, pack.BN);
   size_bwd_chunks(pack, plan, u, has_kv_len, q.options());
   const BwdIo<scalar_t, T> io{
@@ -2645,10 +2758,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
 // The paths select_kernels takes: the forward packs bf16 inputs as they are, the backward too
 // while kBf16Backward; float16 is always widened.
 simd::Isa cpu_paths::attention_fwd(Dt dt) {
-  return simd::path_isa(attention_top_isa(dt == Dt::Float64, dt == Dt::BFloat16, Pass::Fwd));
+  return simd::path_isa(attention_top_isa(dt == Dt::Float64, dt == Dt::BFloat16));
 }
 simd::Isa cpu_paths::attention_bwd(Dt dt) {
-  return simd::path_isa(attention_top_isa(dt == Dt::Float64, kBf16Backward && dt == Dt::BFloat16, Pass::Bwd));
+  return simd::path_isa(attention_top_isa(dt == Dt::Float64, kBf16Backward && dt == Dt::BFloat16));
 }
 
 }  // namespace seqkernels
