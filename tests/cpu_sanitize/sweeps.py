@@ -726,12 +726,14 @@ def select_isa(family: str, isa: str) -> None:
         os.environ[var] = value
     elif isa == "avx2":
         os.environ[var] = isa  # forced, so an AVX-512 machine still runs the AVX2 code
+    elif isa == "amx":
+        os.environ[var] = "amx_bf16"  # the AMX-BF16 tiles of the bf16 attention (where the CPU has them)
     elif isa == "avx512":
         # The highest AVX-512 level: AVX512_BF16 (the bf16 attention forward's dot path) where the
         # CPU has it, plain AVX-512 elsewhere (a request above the CPU's level falls back).
         os.environ[var] = "avx512_bf16"
     else:
-        raise ValueError(f"isa must be 'avx512', 'avx2' or 'portable', got {isa!r}")
+        raise ValueError(f"isa must be 'amx', 'avx512', 'avx2' or 'portable', got {isa!r}")
 
 
 def run_family(ops, family: str, level: str, isa: str, shard: int = 0, nshards: int = 1) -> None:
