@@ -176,60 +176,81 @@ __attribute__((always_inline)) inline void seq_kloop(typename L::V (&acc)[4][R],
   }
 }
 
-// Rows [b0, b0 + R) of one step for the block of units [u0, u0 + n) (n <= W) whose packed weights
-// start at wp: 4 R accumulators (4 gates of R rows), the K loop broadcasting h_prev[b, k] against
-// the four gate columns of W_hh (after the same over x_t[b, :] and W_ih when the kernel has x), then
-// the epilogue: + input gates (when given) + bias, the cell, c and h stored.
+// acc[(b0 + r) 4 W + g W + :] += sum over k in [k0, k1) of src[(b0 + r) ld + k] wp[k, g, :] for
+// r < R: one chunk of the K loop for R rows, summed from zero in registers and added to the
+// rows' accumulators in memory (seq_fused_step's loop order).
 template <class L, int R>
-void seq_fused_tile(const SeqFusedArgs& a, const float* wp, const float* x_t, const float* h_prev, const float* ig,
-                    float* h_out, float* ws_t, float* cs_t, int64_t b0, int64_t u0, int64_t n) {
+__attribute__((always_inline)) inline void seq_chunk_rows(float* acc, const float* wp, const float* src, int64_t ld,
+                                                          int64_t k0, int64_t k1, int64_t b0) {
   using V = typename L::V;
   constexpr int64_t W = L::W;
-  const int64_t H = a.H;
-  V acc[4][R];
+  V part[4][R];
 #pragma GCC unroll 4
   for (int g = 0; g < 4; ++g) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[g][r] = L::bcast(0.f);
+    for (int r = 0; r < R; ++r) part[g][r] = L::bcast(0.f);
   }
-  if (x_t != nullptr) seq_kloop<L, R>(acc, wp, x_t + b0 * a.I, a.I, a.I);
-  seq_kloop<L, R>(acc, wp + a.I * 4 * W, h_prev + b0 * H, H, H);
-  const float* bias = a.bias;
+  const float* x = src + b0 * ld;
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* wk = wp + k * 4 * W;
+    const V w0 = L::loadu(wk), w1 = L::loadu(wk + W), w2 = L::loadu(wk + 2 * W), w3 = L::loadu(wk + 3 * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V xb = L::bcast(x[r * ld + k]);
+      part[0][r] = L::fma(xb, w0, part[0][r]);
+      part[1][r] = L::fma(xb, w1, part[1][r]);
+      part[2][r] = L::fma(xb, w2, part[2][r]);
+      part[3][r] = L::fma(xb, w3, part[3][r]);
+    }
+  }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    const int64_t b = b0 + r;
-    const float* igr = ig != nullptr ? ig + b * 4 * H + u0 : nullptr;
-    V pre[4];
+    float* ar = acc + (b0 + r) * 4 * W;
 #pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {
-      V x = acc[g][r];
-      if (ig != nullptr) x = x + L::load_n(igr + g * H, n);
-      if (bias != nullptr) x = x + L::load_n(bias + g * H + u0, n);
-      pre[g] = x;
-    }
-    float* c = a.c + b * H + u0;
-    V gi, gf, gg, go, cy, hy;
-    cell_forward<L>(pre[0], pre[1], pre[2], pre[3], L::load_n(c, n), gi, gf, gg, go, cy, hy);
-    L::store_n(c, cy, n);
-    L::store_n(h_out + b * H + u0, hy, n);
-    if (ws_t != nullptr) {  // training: the activated gates and the cell state, for the backward
-      float* wsr = ws_t + b * 4 * H + u0;
-      L::store_n(wsr, gi, n);
-      L::store_n(wsr + H, gf, n);
-      L::store_n(wsr + 2 * H, gg, n);
-      L::store_n(wsr + 3 * H, go, n);
-      L::store_n(cs_t + b * H + u0, cy, n);
-    }
+    for (int g = 0; g < 4; ++g) L::storeu(ar + g * W, L::loadu(ar + g * W) + part[g][r]);
   }
 }
 
-// Step s (of T; time index T - 1 - s when reverse) for the unit blocks [blk0, blk1): every batch
-// row, R rows at a time (R = L::kSeqRows), the remainder rows by narrower tiles.
+// One chunk [k0, k1) of the K loop for every batch row: R rows at a time, the remainder by
+// narrower tiles.
 template <class L>
-void seq_fused_step(const SeqFusedArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
-  constexpr int64_t W = L::W;
+void seq_chunk(float* acc, const float* wp, const float* src, int64_t ld, int64_t k0, int64_t k1, int64_t B) {
   constexpr int R = L::kSeqRows;
   static_assert(R >= 1 && R <= 6, "the remainder tiles below cover R <= 6");
+  int64_t b0 = 0;
+  for (; b0 + R <= B; b0 += R) seq_chunk_rows<L, R>(acc, wp, src, ld, k0, k1, b0);
+  switch (B - b0) {
+    case 0:
+      break;
+    case 1:
+      seq_chunk_rows<L, 1>(acc, wp, src, ld, k0, k1, b0);
+      break;
+    case 2:
+      if constexpr (R > 2) seq_chunk_rows<L, 2>(acc, wp, src, ld, k0, k1, b0);
+      break;
+    case 3:
+      if constexpr (R > 3) seq_chunk_rows<L, 3>(acc, wp, src, ld, k0, k1, b0);
+      break;
+    case 4:
+      if constexpr (R > 4) seq_chunk_rows<L, 4>(acc, wp, src, ld, k0, k1, b0);
+      break;
+    default:
+      if constexpr (R > 5) seq_chunk_rows<L, 5>(acc, wp, src, ld, k0, k1, b0);
+      break;
+  }
+}
+
+// Step s (of T; time index T - 1 - s when reverse) for the unit blocks [blk0, blk1). Per unit
+// block, the GEMM runs chunk by chunk of kSeqChunk values of K (x_t's, then h_prev's), each chunk
+// for every batch row before the next: the chunk's packed weights (kSeqChunk x 4 W floats, 8 KB
+// with AVX-512) stay in L1 across the row tiles instead of the whole block's (I + H) x 4 W being
+// streamed from L2 once per row tile, and every chunk is summed from zero before it is added to
+// the rows' accumulators (the rounding error of one chunk's length, not K's). Then the epilogue
+// per row: + input gates (when given) + bias, the cell, c and h stored.
+template <class L>
+void seq_fused_step(const SeqFusedArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+  using V = typename L::V;
+  constexpr int64_t W = L::W;
   const int64_t H = a.H, B = a.B, T = a.T, BH = B * H;
   const int64_t t = a.reverse ? T - 1 - s : s;
   const float* h_prev = s == 0 ? a.h0 : a.out + (a.reverse ? t + 1 : t - 1) * BH;
@@ -238,29 +259,44 @@ void seq_fused_step(const SeqFusedArgs& a, int64_t s, int64_t blk0, int64_t blk1
   float* h_out = a.out + t * BH;
   float* ws_t = a.ws != nullptr ? a.ws + t * B * 4 * H : nullptr;
   float* cs_t = a.cs != nullptr ? a.cs + t * BH : nullptr;
+  // The rows' accumulators of one unit block (B x 4 W floats), per thread: the team's threads
+  // run their own unit blocks.
+  thread_local std::vector<float> acc_buf;
+  if (acc_buf.size() < static_cast<size_t>(B * 4 * W)) acc_buf.resize(B * 4 * W);
+  float* acc = acc_buf.data();
+  const float* bias = a.bias;
   for (int64_t j = blk0; j < blk1; ++j) {
     const float* wp = a.packed + j * (a.I + H) * 4 * W;
     const int64_t u0 = j * W, n = H - u0 < W ? H - u0 : W;
-    int64_t b0 = 0;
-    for (; b0 + R <= B; b0 += R) seq_fused_tile<L, R>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
-    switch (B - b0) {
-      case 0:
-        break;
-      case 1:
-        seq_fused_tile<L, 1>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
-        break;
-      case 2:
-        if constexpr (R > 2) seq_fused_tile<L, 2>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
-        break;
-      case 3:
-        if constexpr (R > 3) seq_fused_tile<L, 3>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
-        break;
-      case 4:
-        if constexpr (R > 4) seq_fused_tile<L, 4>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
-        break;
-      default:
-        if constexpr (R > 5) seq_fused_tile<L, 5>(a, wp, x_t, h_prev, ig, h_out, ws_t, cs_t, b0, u0, n);
-        break;
+    std::fill(acc, acc + B * 4 * W, 0.f);
+    for (int64_t k0 = 0; k0 < a.I; k0 += kSeqChunk)
+      seq_chunk<L>(acc, wp, x_t, a.I, k0, a.I - k0 < kSeqChunk ? a.I : k0 + kSeqChunk, B);
+    for (int64_t k0 = 0; k0 < H; k0 += kSeqChunk)
+      seq_chunk<L>(acc, wp + a.I * 4 * W, h_prev, H, k0, H - k0 < kSeqChunk ? H : k0 + kSeqChunk, B);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* ar = acc + b * 4 * W;
+      const float* igr = ig != nullptr ? ig + b * 4 * H + u0 : nullptr;
+      V pre[4];
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        V x = L::loadu(ar + g * W);
+        if (ig != nullptr) x = x + L::load_n(igr + g * H, n);
+        if (bias != nullptr) x = x + L::load_n(bias + g * H + u0, n);
+        pre[g] = x;
+      }
+      float* c = a.c + b * H + u0;
+      V gi, gf, gg, go, cy, hy;
+      cell_forward<L>(pre[0], pre[1], pre[2], pre[3], L::load_n(c, n), gi, gf, gg, go, cy, hy);
+      L::store_n(c, cy, n);
+      L::store_n(h_out + b * H + u0, hy, n);
+      if (ws_t != nullptr) {  // training: the activated gates and the cell state, for the backward
+        float* wsr = ws_t + b * 4 * H + u0;
+        L::store_n(wsr, gi, n);
+        L::store_n(wsr + H, gf, n);
+        L::store_n(wsr + 2 * H, gg, n);
+        L::store_n(wsr + 3 * H, go, n);
+        L::store_n(cs_t + b * H + u0, cy, n);
+      }
     }
   }
 }

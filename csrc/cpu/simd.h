@@ -15,13 +15,12 @@
 //                   Avx512Bf16 those and AVX512_BF16; AmxBf16 those and AMX-TILE + AMX-BF16).
 //   active_isa()    the level a call may use: supported_isa(), lowered by the one variable
 //                   SEQKERNELS_CPU_ISA = portable | avx2 | avx512 | avx512_bf16 | amx_bf16 |
-//                   native. "default" is the
-//                   older spelling of portable; unset, "native" or any other value means the best
-//                   supported level. A request can only lower the level: asking for one the CPU
-//                   lacks (avx512 on an AVX2-only CPU) gives the best supported one, never a
-//                   crash. The variable is read on every call (a getenv, tens of nanoseconds next
-//                   to a kernel call's microseconds), so a test can switch paths inside one
-//                   process.
+//                   native. "default" is the older spelling of portable; unset, "native" or
+//                   any other value means the best supported level. A request can only lower
+//                   the level: asking for one the CPU lacks (avx512 on an AVX2-only CPU) gives
+//                   the best supported one, never a crash. The variable is read on every
+//                   call (a getenv, tens of nanoseconds next to a kernel call's microseconds),
+//                   so a test can switch paths inside one process.
 //   has(level)      active_isa() >= level: what a kernel with paths for several levels asks,
 //                   from the highest it has down (`if (has(Isa::Avx512)) ... else if
 //                   (has(Isa::Avx2)) ...`), so a new level never sends it to a lower path.
@@ -76,8 +75,8 @@
 #define SK_AVX512BF16_TARGET SK_AVX512_TARGET ",avx512bf16"
 #define SK_AVX512BF16_FN __attribute__((target(SK_AVX512BF16_TARGET))) inline
 #define SK_AVX512BF16_ENTRY __attribute__((target(SK_AVX512BF16_TARGET), flatten, noinline))
-// AMX tiles with bf16 dot products (Sapphire Rapids and later Xeons): the attention forward's
-// two products on 16 x 32 bf16 tiles. A superset of the AVX512_BF16 target: the softmax between
+// AMX tiles with bf16 dot products (Sapphire Rapids and later Xeons): the bf16 attention's
+// products (forward and backward) on 16 x 32 bf16 tiles. A superset of the AVX512_BF16 target: the softmax between
 // the products is that path's AVX-512 code. The tile instructions themselves are g++'s inline
 // assembly macros (amxtileintrin.h); the target is what lets _tile_loadconfig inline.
 #define SK_AMX_TARGET SK_AVX512BF16_TARGET ",amx-tile,amx-bf16"

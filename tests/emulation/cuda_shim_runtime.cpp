@@ -646,10 +646,17 @@ void complete_ldmatrix(BlockState& b, const WarpCtx& w, unsigned) {
 // ---------------------------------------------------------------------------------------------
 // Thread pool
 // ---------------------------------------------------------------------------------------------
+// Each worker waits on its own mutex. A pool-wide one would order the threads of a block for
+// ThreadSanitizer: a worker that finished its kernel body and went back to wait on it would
+// happen-before every worker that took it later, so on a loaded machine, where the threads of a
+// block run one after the other, a missing __syncthreads went unreported (seen on a 2-core CI run).
+// With one mutex per worker the only edges are launcher -> worker, none between workers' bodies.
 struct Worker {
   pthread_t thread;
+  unsigned index = 0;
+  std::mutex mu;
   std::condition_variable cv;
-  uint64_t gen = 0;  // block generation the launcher asked this worker to run
+  uint64_t gen = 0;  // block generation the launcher asked this worker to run (guarded by mu)
 };
 
 std::mutex& g_pool_mu = *new std::mutex;
@@ -712,16 +719,15 @@ void run_one_thread(unsigned linear) {
 }
 
 void* worker_main(void* arg) {
-  const unsigned index = static_cast<unsigned>(reinterpret_cast<uintptr_t>(arg));
+  Worker& me = *static_cast<Worker*>(arg);
   uint64_t seen = 0;
   for (;;) {
     {
-      std::unique_lock<std::mutex> lk(g_pool_mu);
-      Worker& me = *g_workers[index];
+      std::unique_lock<std::mutex> lk(me.mu);
       me.cv.wait(lk, [&] { return me.gen != seen; });
       seen = me.gen;
     }
-    run_one_thread(index);
+    run_one_thread(me.index);
   }
   return nullptr;
 }
@@ -731,14 +737,14 @@ void ensure_workers(int n) {
   while (static_cast<int>(g_workers.size()) < n) {
     auto w = std::make_unique<Worker>();
     Worker* raw = w.get();
-    const uintptr_t index = g_workers.size();
+    raw->index = static_cast<unsigned>(g_workers.size());
     g_workers.push_back(std::move(w));
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     // Kernels keep fragments and accumulators in local arrays; sanitizers enlarge frames.
     pthread_attr_setstacksize(&attr, 4u << 20);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    const int rc = pthread_create(&raw->thread, &attr, worker_main, reinterpret_cast<void*>(index));
+    const int rc = pthread_create(&raw->thread, &attr, worker_main, raw);
     pthread_attr_destroy(&attr);
     if (rc != 0) {
       g_workers.pop_back();
@@ -765,8 +771,12 @@ std::string run_block(uint3 bid, int nthreads) {
     g_cur_block_idx = bid;
     ++g_block_gen;
     for (int i = 0; i < nthreads; ++i) {
-      g_workers[i]->gen = g_block_gen;
-      g_workers[i]->cv.notify_one();
+      Worker& w = *g_workers[i];
+      {
+        std::lock_guard<std::mutex> wl(w.mu);
+        w.gen = g_block_gen;
+      }
+      w.cv.notify_one();
     }
   }
   const int timeout_s = env_int("SEQKERNELS_EMU_TIMEOUT", 60);
