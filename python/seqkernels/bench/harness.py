@@ -293,11 +293,20 @@ def _triton_version():
         return "not installed"
 
 
+def _cpu_bf16_native(dtype) -> bool:
+    from .. import cli
+
+    rep = cli.cpu_isa_report()
+    return dtype == torch.bfloat16 and rep is not None and rep["avx512_bf16"]
+
+
 def gemm_ceiling(s: Settings):
     """The device's own matrix-product rate in TFLOP/s: (p20, p50, p80) of the rate, and a note
     (what was measured when it is not the bench dtype)."""
     n = 4096 if s.is_cuda else (768 if s.quick else 1024)
-    dtype = s.dtype if s.is_cuda or s.dtype == torch.float32 else torch.float32
+    # On a CPU, bf16 is the peak only where the CPU multiplies bf16 natively (AVX512_BF16, AMX:
+    # oneDNN's bf16 GEMM is 2.7x / 6x float32 there); elsewhere torch widens it and float32 is.
+    dtype = s.dtype if s.is_cuda or s.dtype == torch.float32 or _cpu_bf16_native(s.dtype) else torch.float32
     a = [torch.randn(n, n, device=s.device, dtype=dtype) for _ in range(2)]
     b = torch.randn(n, n, device=s.device, dtype=dtype)
     ms = measure([lambda x=x: x @ b for x in a], s)
