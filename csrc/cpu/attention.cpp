@@ -985,8 +985,9 @@ SK_AMX_FN void amx_gemm_acc(int64_t M, int64_t N, int64_t K, const uint16_t* A, 
   }
 }
 
-// S rows (ld BN) times the softmax scale, in place: the AMX products sum unscaled, as the
-// vdpbf16ps path does before its float32 multiply, so the scores are the same float32 values.
+// S rows (ld BN) times the softmax scale, in place: the AMX products sum unscaled and the scale
+// is one float32 multiply of the sum, as on the vdpbf16ps path (whose sums may round differently:
+// the tiles add their pairs in their own order).
 SK_AMX_FN void scale_rows(float* S, int64_t nr, int64_t w, int64_t BN, float scale) {
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t r = 0; r < nr; ++r) {
