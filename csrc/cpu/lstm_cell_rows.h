@@ -137,60 +137,18 @@ void seq_fused_pack(const SeqFusedArgs& a, int64_t blk0, int64_t blk1) {
   }
 }
 
-// acc[g][r] += sum over k < K of src[r ld + k] wp[k, g, :]: the K loop of the tiles below. The sum
-// runs in chunks of kSeqChunk terms, each from zero, added to acc once: a sequential float32 sum's
-// rounding error grows with its length, and at H = 49 a single chain already put the cell state
-// 10% past the parity bound against a BLAS that blocks its sums (MKL on an AVX-512 Xeon).
-// The chunk's partial sums live in registers, acc is added to once per chunk.
-constexpr int64_t kSeqChunk = 32;
+// part[g][r] = sum over k in [k0, k1) of x[r ld + k] wp[k, g, :], summed from zero: one chunk of
+// the K loop of the tiles below, 4 R vector registers.
 template <class L, int R>
-__attribute__((always_inline)) inline void seq_kloop(typename L::V (&acc)[4][R], const float* wp, const float* src,
-                                                     int64_t ld, int64_t K) {
+__attribute__((always_inline)) inline void seq_partial(typename L::V (&part)[4][R], const float* wp, const float* x,
+                                                       int64_t ld, int64_t k0, int64_t k1) {
   using V = typename L::V;
   constexpr int64_t W = L::W;
-  for (int64_t k0 = 0; k0 < K; k0 += kSeqChunk) {
-    const int64_t k1 = K - k0 < kSeqChunk ? K : k0 + kSeqChunk;
-    V part[4][R];
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) part[g][r] = L::bcast(0.f);
-    }
-    for (int64_t k = k0; k < k1; ++k) {
-      const float* wk = wp + k * 4 * W;
-      const V w0 = L::loadu(wk), w1 = L::loadu(wk + W), w2 = L::loadu(wk + 2 * W), w3 = L::loadu(wk + 3 * W);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const V x = L::bcast(src[r * ld + k]);
-        part[0][r] = L::fma(x, w0, part[0][r]);
-        part[1][r] = L::fma(x, w1, part[1][r]);
-        part[2][r] = L::fma(x, w2, part[2][r]);
-        part[3][r] = L::fma(x, w3, part[3][r]);
-      }
-    }
-#pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) acc[g][r] = acc[g][r] + part[g][r];
-    }
-  }
-}
-
-// acc[(b0 + r) 4 W + g W + :] += sum over k in [k0, k1) of src[(b0 + r) ld + k] wp[k, g, :] for
-// r < R: one chunk of the K loop for R rows, summed from zero in registers and added to the
-// rows' accumulators in memory (seq_fused_step's loop order).
-template <class L, int R>
-__attribute__((always_inline)) inline void seq_chunk_rows(float* acc, const float* wp, const float* src, int64_t ld,
-                                                          int64_t k0, int64_t k1, int64_t b0) {
-  using V = typename L::V;
-  constexpr int64_t W = L::W;
-  V part[4][R];
 #pragma GCC unroll 4
   for (int g = 0; g < 4; ++g) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) part[g][r] = L::bcast(0.f);
   }
-  const float* x = src + b0 * ld;
   for (int64_t k = k0; k < k1; ++k) {
     const float* wk = wp + k * 4 * W;
     const V w0 = L::loadu(wk), w1 = L::loadu(wk + W), w2 = L::loadu(wk + 2 * W), w3 = L::loadu(wk + 3 * W);
@@ -203,11 +161,41 @@ __attribute__((always_inline)) inline void seq_chunk_rows(float* acc, const floa
       part[3][r] = L::fma(xb, w3, part[3][r]);
     }
   }
+}
+
+// The K loops sum in chunks of kSeqChunk terms, each from zero, added to the running total once: a
+// sequential float32 sum's rounding error grows with its length, and at H = 49 a single chain put
+// the cell state 10% past the parity bound against a BLAS that blocks its sums (MKL on an AVX-512
+// Xeon). In the forward step (seq_fused_step) a chunk is also the unit of the loop order.
+constexpr int64_t kSeqChunk = 32;
+
+// acc[g][r] += sum over k < K of src[r ld + k] wp[k, g, :], chunk by chunk (the backward's tiles).
+template <class L, int R>
+__attribute__((always_inline)) inline void seq_kloop(typename L::V (&acc)[4][R], const float* wp, const float* src,
+                                                     int64_t ld, int64_t K) {
+  for (int64_t k0 = 0; k0 < K; k0 += kSeqChunk) {
+    typename L::V part[4][R];
+    seq_partial<L, R>(part, wp, src, ld, k0, K - k0 < kSeqChunk ? K : k0 + kSeqChunk);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[g][r] = acc[g][r] + part[g][r];
+    }
+  }
+}
+
+// acc[(b0 + r) 4 W + g W + :] += sum over k in [k0, k1) of src[(b0 + r) ld + k] wp[k, g, :] for
+// r < R: one chunk for R rows, added to the rows' totals in memory (seq_fused_step's loop order).
+template <class L, int R>
+__attribute__((always_inline)) inline void seq_chunk_rows(float* acc, const float* wp, const float* src, int64_t ld,
+                                                          int64_t k0, int64_t k1, int64_t b0) {
+  typename L::V part[4][R];
+  seq_partial<L, R>(part, wp, src + b0 * ld, ld, k0, k1);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    float* ar = acc + (b0 + r) * 4 * W;
+    float* ar = acc + (b0 + r) * 4 * L::W;
 #pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) L::storeu(ar + g * W, L::loadu(ar + g * W) + part[g][r]);
+    for (int g = 0; g < 4; ++g) L::storeu(ar + g * L::W, L::loadu(ar + g * L::W) + part[g][r]);
   }
 }
 
