@@ -311,6 +311,26 @@ inline void fill(T* p, int64_t n, T v) {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The key columns that rows [i0, i0 + n) see within [j0, j1) (lo[i], hi[i]: row i's visible
+// keys), widened to whole panels of NR: [pl, pl + w); w = 0 when none of the rows sees any.
+struct KeySpan {
+  int64_t pl = 0, w = 0;
+};
+inline KeySpan visible_span(const int64_t* lo, const int64_t* hi, int64_t i0, int64_t n, int64_t j0, int64_t j1,
+                            int64_t NR) {
+  int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
+  for (int64_t i = i0; i < i0 + n; ++i) {
+    if (lo[i] < hi[i]) {
+      glo = std::min(glo, lo[i]);
+      ghi = std::max(ghi, hi[i]);
+    }
+  }
+  const int64_t cl = std::max(glo, j0), ch = std::min(ghi, j1);
+  if (cl >= ch) return {};
+  const int64_t pl = cl / NR * NR;
+  return {pl, round_up(ch, NR) - pl};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Score modifiers (common/attention_math.h: ScoreMods), as one (batch, query head) sees them.
 // They are applied to a row's scores in the tile, right after S = Q K^T and before the mask, so
@@ -515,16 +535,8 @@ inline void fwd_rows(const FwdRows<typename P::T>& a) {
     const int64_t j1 = std::min(j0 + BN, kend);
     for (int64_t r0 = 0; r0 < a.nrows; r0 += MR) {
       const int64_t mr = std::min<int64_t>(MR, a.nrows - r0);
-      int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
-      for (int64_t r = r0; r < r0 + mr; ++r) {
-        if (a.lo[r] < a.hi[r]) {
-          glo = std::min(glo, a.lo[r]);
-          ghi = std::max(ghi, a.hi[r]);
-        }
-      }
-      const int64_t cl = std::max(glo, j0), ch = std::min(ghi, j1);
-      if (cl >= ch) continue;  // these rows see nothing here: their state is unchanged
-      const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
+      const auto [pl, w] = visible_span(a.lo, a.hi, r0, mr, j0, j1, NR);
+      if (w == 0) continue;  // these rows see nothing here: their state is unchanged
       T* S = a.P;
       Products::scores(a, mr, r0, pl, w, S);
       for (int64_t r = 0; r < mr; ++r) {
@@ -686,16 +698,9 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
     const RowMods<T>* mdp = md.on() ? &md : nullptr;
     for (int64_t i0 = a.ilo; i0 < a.ihi; i0 += a.BM) {
       const int64_t nr = std::min(a.BM, a.ihi - i0);
-      int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
-      for (int64_t i = i0; i < i0 + nr; ++i) {
-        if (a.lo[i] < a.hi[i]) {
-          glo = std::min(glo, a.lo[i]);
-          ghi = std::max(ghi, a.hi[i]);
-        }
-      }
-      const int64_t cl = std::max(glo, a.j0), ch = std::min(ghi, a.j1);
-      if (cl >= ch) continue;
-      const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
+      const auto [pl, w] = visible_span(a.lo, a.hi, i0, nr, a.j0, a.j1, NR);
+      if (w == 0) continue;
+      const int64_t ph = pl + w;
       for (int64_t p = pl; p < ph; p += NR) {
         gemm<P, Mode::Store>(nr, Qp + i0 * Dp, Dp, 1, a.Kt + (p / NR) * D * NR, NR, D, a.S + (p - pl), BN, NR);
         gemm<P, Mode::Store>(nr, dOp + i0 * Dvp, Dvp, 1, a.Vt + (p / NR) * Dv * NR, NR, Dv, a.dP + (p - pl), BN, NR);
@@ -1088,16 +1093,9 @@ SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
     const RowMods<float>* mdp = md.on() ? &md : nullptr;
     for (int64_t i0 = a.ilo / 2 * 2; i0 < a.ihi; i0 += a.BM) {
       const int64_t nr = std::min(a.BM, a.ihi - i0);
-      int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
-      for (int64_t i = i0; i < i0 + nr; ++i) {
-        if (a.lo[i] < a.hi[i]) {
-          glo = std::min(glo, a.lo[i]);
-          ghi = std::max(ghi, a.hi[i]);
-        }
-      }
-      const int64_t cl = std::max(glo, a.j0), ch = std::min(ghi, a.j1);
-      if (cl >= ch) continue;
-      const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
+      const auto [pl, w] = visible_span(a.lo, a.hi, i0, nr, a.j0, a.j1, NR);
+      if (w == 0) continue;
+      const int64_t ph = pl + w;
       for (int64_t p = pl; p < ph; p += NR) {
         bf16_gemm<Mode::Store>(nr, Qh + i0 * D2, D2, a.Kh + (p / NR) * D2 * NR, 2 * NR, D2 / 2, a.S + (p - pl), BN, NR,
                                a.qk_scale);
@@ -1151,16 +1149,8 @@ SK_AMX_ENTRY void bwd_block_amx(const BwdBlock<float>& a) {
     const RowMods<float>* mdp = md.on() ? &md : nullptr;
     for (int64_t i0 = a.ilo / 32 * 32; i0 < a.ihi; i0 += a.BM) {
       const int64_t nr = std::min(a.BM, a.ihi - i0);
-      int64_t glo = std::numeric_limits<int64_t>::max(), ghi = std::numeric_limits<int64_t>::min();
-      for (int64_t i = i0; i < i0 + nr; ++i) {
-        if (a.lo[i] < a.hi[i]) {
-          glo = std::min(glo, a.lo[i]);
-          ghi = std::max(ghi, a.hi[i]);
-        }
-      }
-      const int64_t cl = std::max(glo, a.j0), ch = std::min(ghi, a.j1);
-      if (cl >= ch) continue;
-      const int64_t pl = cl / NR * NR, ph = round_up(ch, NR), w = ph - pl;
+      const auto [pl, w] = visible_span(a.lo, a.hi, i0, nr, a.j0, a.j1, NR);
+      if (w == 0) continue;
       const int64_t nr16 = round_up(nr, 16), nr32 = round_up(nr, 32);
       for (int64_t g = 0; g < nr; g += 32) {
         const uint16_t *q = Qh + (i0 + g) * D2, *k = a.Kh + (pl / NR) * D2 * NR;
