@@ -1041,8 +1041,7 @@ def test_decode_modifiers(Tq, splits, window, paged, mods, dtype, isa, monkeypat
 # t, t+1), row groups of 6 (vdpbf16ps) and of 32 in two 16-row tiles (AMX: Lq 1, 5, 16, 17, 31,
 # 32, 33, 48, 95-97) in blocks of BM = 96, head dims in pairs (vdpbf16ps) and padded to 32 (AMX:
 # D = 2, 17, 33, 40, 64, 128), and P V column tiles of 64 / 32 / 16 values (vdpbf16ps) and 32 /
-# 16 (AMX) (Dv = 15, 17, 48, 80, 112 mix them). The backward is the avx512_bf16 one, fed this
-# path's lse.
+# 16 (AMX) (Dv = 15, 17, 48, 80, 112 mix them). The backward takes the same path (forced alike).
 # ---------------------------------------------------------------------------------------------
 
 

@@ -551,7 +551,7 @@ def lstm_layer(
 # The fused inference kernel multiplies x_t by each thread's packed slice of W_ih at every step:
 # cheap while the slice stays in the core's cache, a stream from L3 once it does not. Past this
 # many bytes of W_ih per thread, one GEMM over all steps first (then only W_hh per step) is faster:
-# measured on a 2-core Xeon with AMX (2 MB L2 per core), T64 B8 H512 went from 0.72x to 1.05x
+# measured on a 2-core Xeon with AMX (2 MB L2 per core), T64 B8 H512 went from 0.72x to 1.1-1.2x
 # torch.nn.LSTM, while H256 (512 KB per thread) stays faster fused (B64: 1.02x fused, 0.76x not).
 _FUSED_INPUT_BYTES = 1 << 20
 
