@@ -680,6 +680,23 @@ inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, 
   }
 }
 
+// Query head hh of a backward block's group: its rows of Delta, lse and corr, its head index and
+// its score modifiers (mods: nullptr when none is on). Not copyable: mods points into it.
+template <typename T>
+struct BwdHead {
+  const T *Delta, *lse, *corr;
+  int64_t h;
+  RowMods<T> md;
+  const RowMods<T>* mods = nullptr;
+  BwdHead(const BwdBlock<T>& a, int64_t hh)
+      : Delta(a.Delta + hh * a.Lq), lse(a.lse + hh * a.Lq), corr(a.corr + hh * a.Lq), h(a.h0 + hh) {
+    if (a.mods != nullptr) md = row_mods(*a.mods, a.b, h, a.Hq, a.off);
+    if (md.on()) mods = &md;
+  }
+  BwdHead(const BwdHead&) = delete;
+  BwdHead& operator=(const BwdHead&) = delete;
+};
+
 template <class P>
 inline void bwd_block(const BwdBlock<typename P::T>& a) {
   using T = typename P::T;
@@ -688,14 +705,8 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
   for (int64_t hh = 0; hh < a.Hg; ++hh) {
     const T* Qp = a.Qp + hh * Lq * Dp;
     const T* dOp = a.dOp + hh * Lq * Dvp;
-    const T* Delta = a.Delta + hh * Lq;
-    const T* lse = a.lse + hh * Lq;
-    const T* corr = a.corr + hh * Lq;
     T* dQ = a.dQ + hh * a.Lr * Dp;
-    const int64_t h = a.h0 + hh;
-    RowMods<T> md;
-    if (a.mods != nullptr) md = row_mods(*a.mods, a.b, h, a.Hq, a.off);
-    const RowMods<T>* mdp = md.on() ? &md : nullptr;
+    const BwdHead<T> hd(a, hh);
     for (int64_t i0 = a.ilo; i0 < a.ihi; i0 += a.BM) {
       const int64_t nr = std::min(a.BM, a.ihi - i0);
       const auto [pl, w] = visible_span(a.lo, a.hi, i0, nr, a.j0, a.j1, NR);
@@ -707,7 +718,8 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
       }
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
-        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a, h, i, mdp);
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], hd.lse[i], hd.corr[i], hd.Delta[i], a, hd.h, i,
+                   hd.mods);
       }
       // dV[j] += sum_i P[i][j] dO[i];  dK[j] += sum_i dS[i][j] Q[i];  dQ[i] += sum_j dS[i][j] K[j]
       gemm<P, Mode::Add>(w, a.S, 1, BN, dOp + i0 * Dvp, Dvp, nr, a.dV + (pl - a.j0) * Dvp, Dvp, Dvp);
@@ -1077,20 +1089,14 @@ SK_AVX512BF16_FN void bf16_row_pairs(const float* X, int64_t nr, int64_t w, int6
 SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
   using P = simd::Avx512Float;
   constexpr int64_t NR = 32;
-  const int64_t D = a.D, Dp = a.Dp, Dv = a.Dv, D2 = a.D2, Dv2 = a.Dv2, BN = a.BN, Lq = a.Lq, Lq2 = a.Lq2;
+  const int64_t D = a.D, Dp = a.Dp, Dv = a.Dv, D2 = a.D2, Dv2 = a.Dv2, BN = a.BN, Lq2 = a.Lq2;
   for (int64_t hh = 0; hh < a.Hg; ++hh) {
     const uint16_t* Qh = a.Qh + hh * a.Lr * D2;
     const uint16_t* dOh = a.dOh + hh * a.Lr * Dv2;
     const uint16_t* QTh = a.QTh + hh * D * Lq2;
     const uint16_t* dOTh = a.dOTh + hh * Dv * Lq2;
-    const float* Delta = a.Delta + hh * Lq;
-    const float* lse = a.lse + hh * Lq;
-    const float* corr = a.corr + hh * Lq;
     float* dQ = a.dQ + hh * a.Lr * Dp;
-    const int64_t h = a.h0 + hh;
-    RowMods<float> md;
-    if (a.mods != nullptr) md = row_mods(*a.mods, a.b, h, a.Hq, a.off);
-    const RowMods<float>* mdp = md.on() ? &md : nullptr;
+    const BwdHead<float> hd(a, hh);
     for (int64_t i0 = a.ilo / 2 * 2; i0 < a.ihi; i0 += a.BM) {
       const int64_t nr = std::min(a.BM, a.ihi - i0);
       const auto [pl, w] = visible_span(a.lo, a.hi, i0, nr, a.j0, a.j1, NR);
@@ -1104,7 +1110,8 @@ SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
       }
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
-        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a, h, i, mdp);
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], hd.lse[i], hd.corr[i], hd.Delta[i], a, hd.h, i,
+                   hd.mods);
       }
       bf16_row_pairs(a.S, nr, w, BN, a.Pi);
       bf16_row_pairs(a.dP, nr, w, BN, a.dSi);
@@ -1132,21 +1139,15 @@ SK_AMX_ENTRY void bwd_block_amx(const BwdBlock<float>& a) {
   using P = simd::Avx512Float;
   constexpr int64_t NR = 32;
   simd::amx_tiles_on();
-  const int64_t D2 = a.D2, Dv2 = a.Dv2, Dp = a.Dp, BN = a.BN, Lq = a.Lq, Lr = a.Lr, Lq2 = a.Lq2;
+  const int64_t D2 = a.D2, Dv2 = a.Dv2, Dp = a.Dp, BN = a.BN, Lr = a.Lr, Lq2 = a.Lq2;
   const int64_t DT = round_up(a.D, 16), DvT = round_up(a.Dv, 16);
   for (int64_t hh = 0; hh < a.Hg; ++hh) {
     const uint16_t* Qh = a.Qh + hh * Lr * D2;
     const uint16_t* dOh = a.dOh + hh * Lr * Dv2;
     const uint16_t* QTh = a.QTh + hh * DT * Lq2;
     const uint16_t* dOTh = a.dOTh + hh * DvT * Lq2;
-    const float* Delta = a.Delta + hh * Lq;
-    const float* lse = a.lse + hh * Lq;
-    const float* corr = a.corr + hh * Lq;
     float* dQ = a.dQ + hh * Lr * Dp;
-    const int64_t h = a.h0 + hh;
-    RowMods<float> md;
-    if (a.mods != nullptr) md = row_mods(*a.mods, a.b, h, a.Hq, a.off);
-    const RowMods<float>* mdp = md.on() ? &md : nullptr;
+    const BwdHead<float> hd(a, hh);
     for (int64_t i0 = a.ilo / 32 * 32; i0 < a.ihi; i0 += a.BM) {
       const int64_t nr = std::min(a.BM, a.ihi - i0);
       const auto [pl, w] = visible_span(a.lo, a.hi, i0, nr, a.j0, a.j1, NR);
@@ -1166,7 +1167,8 @@ SK_AMX_ENTRY void bwd_block_amx(const BwdBlock<float>& a) {
       scale_rows(a.S, nr, w, BN, a.qk_scale);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
-        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], lse[i], corr[i], Delta[i], a, h, i, mdp);
+        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], hd.lse[i], hd.corr[i], hd.Delta[i], a, hd.h, i,
+                   hd.mods);
       }
       bf16_row_pairs(a.S, nr, w, BN, a.Pi);
       bf16_row_pairs(a.dP, nr, w, BN, a.dSi);
