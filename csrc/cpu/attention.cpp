@@ -1086,6 +1086,21 @@ SK_AVX512BF16_FN void bf16_row_pairs(const float* X, int64_t nr, int64_t w, int6
   }
 }
 
+// Both bf16 backwards, between their products: bwd_row for the nr rows from i0, then P and dS as
+// bf16 row pairs (for dV and dK) and dS as bf16 rows (for dQ).
+SK_AVX512BF16_FN void bf16_bwd_rows(const BwdBlock<float>& a, const BwdHead<float>& hd, int64_t i0, int64_t nr,
+                                    int64_t pl, int64_t w) {
+  const int64_t BN = a.BN;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = i0 + r;
+    bwd_row<simd::Avx512Float>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], hd.lse[i], hd.corr[i], hd.Delta[i],
+                               a, hd.h, i, hd.mods);
+  }
+  bf16_row_pairs(a.S, nr, w, BN, a.Pi);
+  bf16_row_pairs(a.dP, nr, w, BN, a.dSi);
+  bf16_rows(a.dP, nr, w, BN, a.dSh);
+}
+
 SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
   using P = simd::Avx512Float;
   constexpr int64_t NR = 32;
@@ -1108,14 +1123,7 @@ SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
         bf16_gemm<Mode::Store>(nr, dOh + i0 * Dv2, Dv2, a.Vh + (p / NR) * Dv2 * NR, 2 * NR, Dv2 / 2, a.dP + (p - pl),
                                BN, NR, 1.f);
       }
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = i0 + r;
-        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], hd.lse[i], hd.corr[i], hd.Delta[i], a, hd.h, i,
-                   hd.mods);
-      }
-      bf16_row_pairs(a.S, nr, w, BN, a.Pi);
-      bf16_row_pairs(a.dP, nr, w, BN, a.dSi);
-      bf16_rows(a.dP, nr, w, BN, a.dSh);
+      bf16_bwd_rows(a, hd, i0, nr, pl, w);
       const int64_t K2 = (nr + 1) / 2;
       // dV^T[c][j] += sum_i dO[i][c] P[i][j];  dK^T[d][j] += scale sum_i Q[i][d] dS[i][j];
       // dQ[i] += sum_j dS[i][j] K[j] (scale applied by dq_reduce)
@@ -1165,14 +1173,7 @@ SK_AMX_ENTRY void bwd_block_amx(const BwdBlock<float>& a) {
         }
       }
       scale_rows(a.S, nr, w, BN, a.qk_scale);
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = i0 + r;
-        bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], hd.lse[i], hd.corr[i], hd.Delta[i], a, hd.h, i,
-                   hd.mods);
-      }
-      bf16_row_pairs(a.S, nr, w, BN, a.Pi);
-      bf16_row_pairs(a.dP, nr, w, BN, a.dSi);
-      bf16_rows(a.dP, nr, w, BN, a.dSh);
+      bf16_bwd_rows(a, hd, i0, nr, pl, w);
       for (int64_t t = (nr + 1) / 2; t < nr32 / 2; ++t) {
         std::memset(a.Pi + t * 2 * BN, 0, sizeof(uint16_t) * 2 * w);
         std::memset(a.dSi + t * 2 * BN, 0, sizeof(uint16_t) * 2 * w);
