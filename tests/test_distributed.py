@@ -224,8 +224,12 @@ def _varlen_parity(rank, case, errors):
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = torch.rand(Hq, generator=g) * 0.5 + 0.05
     kw64 = {n: x.double() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+    # Dropout: one seed per call from torch's generator (the all-gather: rank 0's, broadcast).
+    torch.manual_seed(321)
     ref = _varlen_grads(q.double(), k.double(), v.double(), go, cu, kw64, "reference")
+    torch.manual_seed(321)
     base = _varlen_grads(q, k, v, go, cu, kw, "reference")
+    torch.manual_seed(321 if rank == 0 else 99 + rank)  # the other ranks' own draws must not matter
     sh = lambda t: skd.shard_sequence(t, layout=layout, seq_dim=0)  # noqa: E731
     ql, kl, vl = (sh(t).requires_grad_() for t in (q, k, v))
     out = skd.allgather_attention_varlen(ql, kl, vl, cu, layout=layout, backend=backend, **kw)
@@ -245,7 +249,7 @@ def _varlen_refusals(errors):
     q = torch.randn(8, 2, 4)
     cu = torch.tensor([0, 3, 16], dtype=torch.int32)
     for kw, match in (
-        (dict(dropout_p=0.1), "dropout_p"),
+        (dict(dropout_p=1.5), "dropout_p"),
         (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),  # without causal
         (dict(layout="diagonal"), "layout"),
     ):
@@ -281,11 +285,16 @@ VARLEN_CASES = {
         ("zigzag", [9, 7], (2, 2, 8), F32, dict(window=(3, 2)), "cpu"),  # non-causal, both sides
         ("zigzag", [9, 7], (2, 2, 8), BF16, dict(window=(5, -1)), "cpu"),  # left side only
         ("zigzag", [3, 5], (2, 1, 16), F32, dict(causal=True, window=(2, 0)), "triton"),  # interpreter, tiny
+        # Exact dropout: pieces cut mid-document (rows and, with a window, keys), a document on both
+        # of a rank's chunks, an empty one; with sinks; with ALiBi and a window (keys cut too).
+        ("zigzag", [5, 1, 0, 14, 4], (4, 2, 8), F32, dict(causal=True, dropout_p=0.3, sinks=torch.randn(4)), "cpu"),
+        ("zigzag", [9, 7], (2, 2, 8), F32, dict(window=(3, 2), dropout_p=0.4), "cpu"),
         "refusals",
     ],
     3: [
         ("zigzag", [4, 13, 1, 6], (2, 2, 8), F32, dict(causal=True, window=(7, 0)), "cpu"),  # T 24, c 4
         ("contiguous", [11, 13], (4, 2, 8), F64, dict(causal=True, alibi=True), "cpu"),
+        ("zigzag", [2, 19, 3], (2, 1, 8), BF16, dict(causal=True, window=(5, 0), dropout_p=0.25, alibi=True), "cpu"),
     ],
 }
 
@@ -398,7 +407,7 @@ def _refusal_worker(rank, world, init_file, errors):
         _init_group(rank, world, init_file, timeout_s=120)
         q = torch.randn(1, 2, 4, 8)
         for kw, match in (
-            (dict(dropout_p=0.1, backend="triton"), "dropout_p"),
+            (dict(dropout_p=0.1, backend="triton"), "dropout_grid"),
             (dict(window=(-2, 0)), "window"),  # bad values are refused as in attention()
             (dict(alibi_slopes=torch.ones(3)), "alibi_slopes"),  # 2 query heads
             (dict(layout="diagonal"), "layout"),
@@ -406,7 +415,7 @@ def _refusal_worker(rank, world, init_file, errors):
             try:
                 skd.ring_attention(q, q, q, causal=True, **kw)
                 errors.append(f"{kw}: no error")
-            except (NotImplementedError, ValueError) as e:
+            except (RuntimeError, ValueError) as e:  # BackendError, NotImplementedError: RuntimeErrors
                 if match not in str(e):
                     errors.append(f"{kw}: {e}")
         try:

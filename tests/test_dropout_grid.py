@@ -6,6 +6,8 @@ reference drawing the same grid (a row or column offset off by one draws another
 the parity bound), and the merged blocks against the whole call; on the C++ CPU kernels and the
 CUDA kernels through the CUDA-on-CPU harness. Triton refuses the argument by name."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -117,3 +119,23 @@ def test_triton_refuses_a_grid():
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(NotImplementedError, match="dropout_grid"):
         _fwd(torch.ops.seqkernels.triton_attention_fwd, q, q, q, [0, 0, 8, 8])
+
+
+def test_the_capability_table_keeps_grids_off_triton():
+    """A call with a dropout grid (what ring_attention and allgather_attention_varlen make) is not
+    one for the Triton kernels, by the table: the automatic choice on a GPU goes past Triton to the
+    CUDA kernels, and an explicit backend="triton" names the argument. Without dropout a grid is moot."""
+    from seqkernels import capabilities
+    from seqkernels.ops import attention as attn_ops
+
+    q = torch.randn(1, 2, 4, 16)
+    call = attn_ops.prepare_attention(q, q, q, dropout_p=0.2)
+    gridded = attn_ops.features(dataclasses.replace(call, dropout_grid=(0, 4, 4, 8)))
+    assert gridded.dropout_grid and not attn_ops.features(call).dropout_grid
+    gpu = gridded._replace(device=torch.device("cuda", 0))
+    reason = capabilities.why_not("attention", "triton", gpu, interpreting=True)
+    assert reason is not None and "dropout_grid" in reason
+    for backend in ("cuda", "cpu", "reference"):
+        assert "dropout_grid" not in str(capabilities.why_not("attention", backend, gpu._replace(device=q.device)))
+    undropped = attn_ops.prepare_attention(q, q, q)
+    assert not attn_ops.features(dataclasses.replace(undropped, dropout_grid=(0, 4, 4, 8))).dropout_grid

@@ -23,7 +23,8 @@ Packed (varlen) batches: `allgather_attention_varlen` all-gathers K/V and runs t
 with `attention_varlen`, as Llama 3 trains.
 Dropout is exact under sharding: each block passes the kernels its place in the global attention
 (`dropout_grid`), so it draws the single-device keep mask there (ring-flash-attention has no
-dropout). The Triton kernels do not take that argument yet: an explicit error, not a fallback.
+dropout); `allgather_attention_varlen`'s pieces do the same in their documents. The Triton kernels
+do not take that argument yet: the capability table keeps such calls off them (`dropout_grid`).
 
 Models: `use_context_parallel(model, group)` puts every `seqkernels.nn.MultiheadAttention` of a model
 (`seqkernels.swap_attention` makes them from torch's) in ring mode and returns a handle that undoes it;
@@ -33,6 +34,7 @@ Hugging Face models have `seqkernels.integrations.transformers.use_context_paral
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from . import backends
 from .ops import attention as attn_ops
-from .ops._common import check_modifiers
+from .ops._common import check_modifiers, draw_seed
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -267,6 +269,16 @@ def _alibi_args(slopes: Optional[Tensor], slopes_bh: Optional[Tensor], blk: _Blo
     return bias.expand(B, -1, nq, nk), None
 
 
+def _rank0_seed(seed: int, group, device) -> int:
+    """Rank 0's dropout seed on every rank of `group` (each rank drew its own from its generator):
+    every rank then draws the same keep mask of the global positions."""
+    if dist.get_world_size(group) == 1:
+        return seed
+    t = torch.tensor([seed], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+    return int(t.item())
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, meta):
@@ -428,7 +440,8 @@ def ring_attention(
     world sizes it differs only by the float32 rounding of a different merge order). `dropout_p` is
     exact under sharding: every block draws the keep mask of its global positions (the kernels'
     dropout_grid) with rank 0's seed, so the ring equals the single-device call after the same
-    torch.manual_seed (cpu and cuda backends; Triton refuses it).
+    torch.manual_seed (cpu and cuda backends; the automatic choice skips Triton, an explicit
+    backend="triton" is refused).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention: torch.distributed is not initialized (call init_process_group first)")
@@ -444,6 +457,9 @@ def ring_attention(
         q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
         dropout_p=dropout_p,
     )  # fmt: skip
+    if dropout_p:  # the blocks draw the keep mask of their global positions: kernels with dropout_grid
+        L = q.shape[2] * world
+        call = dataclasses.replace(call, dropout_grid=(0, 0, L, L))
     chosen = backends.resolve(attn_ops.OP, q.device, call, backend)
     if chosen == "reference":
         raise backends.BackendError(
@@ -451,17 +467,8 @@ def ring_attention(
             "output and lse; none is available for these inputs: "
             + str(backends.why_not(attn_ops.OP, "cpu", q.device, call))
         )
-    if dropout_p and chosen == "triton":
-        raise NotImplementedError(
-            "dropout_p: ring_attention's dropout needs kernels that draw the keep mask of global positions "
-            "(dropout_grid); the cpu and cuda backends have them, the Triton kernels not yet"
-        )
     _, _, sink_logits = check_modifiers(q, None, None, sinks)
-    seed = call.seed
-    if dropout_p and world > 1:  # every rank draws the same mask: rank 0's seed
-        t = torch.tensor([seed], dtype=torch.int64, device=q.device)
-        dist.broadcast(t, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
-        seed = int(t.item())
+    seed = _rank0_seed(call.seed, group, q.device) if dropout_p else call.seed
     meta = dict(
         dropout=(float(dropout_p), seed, call.offset),
         group=group,
@@ -594,19 +601,16 @@ def allgather_attention_varlen(
 
     Memory: the whole sequence's keys and values on every rank (plus the key rows of documents cut by
     a chunk edge twice); communication: one all-gather of K and V forward, one reduce of their
-    gradients backward. Refused by name: dropout (the keep mask is drawn per piece, not per global
-    position) and ALiBi without `causal` (its distance needs the bottom-right diagonal of each piece
-    on the global one, which only causal rows have).
+    gradients backward. `dropout_p` is exact: each piece draws the keep mask of its place in its
+    document (the kernels' dropout_grid) with rank 0's seed, so the result equals attention_varlen on
+    the whole batch (max_seqlen None: the dropout grid of its longest document) after the same
+    torch.manual_seed. Refused by name: ALiBi without `causal` (its distance needs the bottom-right
+    diagonal of each piece on the global one, which only causal rows have).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("allgather_attention_varlen: torch.distributed is not initialized")
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    if dropout_p:
-        raise NotImplementedError(
-            "dropout_p: allgather_attention_varlen has no dropout yet (the keep mask would be drawn per piece, "
-            "not per global position)"
-        )
     world, rank = _world(group)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
@@ -634,6 +638,10 @@ def allgather_attention_varlen(
             "alibi_slopes: allgather_attention_varlen takes ALiBi with causal=True only (a piece of a document "
             "cut at a chunk edge needs its bottom-right diagonal on the global one)"
         )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1], got {dropout_p!r}")
+    seed = _rank0_seed(draw_seed(), group, q.device) if dropout_p else 0
+    longest = max((b - a for a, b in zip(starts, starts[1:])), default=0)  # the dropout grid's dims
     n_ids = len(chunk_ids(rank, world, layout))
     c = q.shape[0] // n_ids
     pieces = _pieces(starts, [(cid * c, (cid + 1) * c) for cid in chunk_ids(rank, world, layout)], left, right)
@@ -642,10 +650,17 @@ def allgather_attention_varlen(
     k_all = _AllGather.apply(k, group).index_select(0, order)
     v_all = _AllGather.apply(v, group).index_select(0, order)
     # Local query rows are already in piece order (each chunk cut at document edges, in order).
-    # Pieces needing the same kernel window go in one attention_varlen call.
+    # One attention_varlen call per kernel window and, with dropout, per place of the pieces' first
+    # query and key in their documents (the dropout_grid offsets); each piece sits at its document's
+    # index (empty sequences before it), so the keep mask and the ALiBi slopes are its document's.
+    # (A document cut into two pieces of one rank, zigzag, puts the second in another call.)
     groups: dict = {}
     for i, p in enumerate(pieces):
-        groups.setdefault((p.left, p.right), []).append(i)
+        drop_at = (p.qs - starts[p.doc], p.ka - starts[p.doc]) if dropout_p else (0, 0)
+        n = 0
+        while any(pieces[j].doc == p.doc for j in groups.get((p.left, p.right, drop_at, n), ())):
+            n += 1
+        groups.setdefault((p.left, p.right, drop_at, n), []).append(i)
     row0 = []
     acc = 0
     for p in pieces:
@@ -657,22 +672,28 @@ def allgather_attention_varlen(
         slopes_n = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes.view(1, -1).expand(n_docs, -1)
     dev = q.device
     outs, lses, rows_of = [], [], []
-    for (wl, wr), idx in groups.items():
+    for (wl, wr, (d_row, d_col), _), idx in groups.items():
         ps = [pieces[i] for i in idx]
         rows = torch.cat([torch.arange(row0[i], row0[i] + pieces[i].qe - pieces[i].qs) for i in idx]).to(dev)
         keys = torch.cat([torch.arange(p.ka, p.kb) for p in ps]).to(dev)
-        cu_q = torch.tensor([0] + [p.qe - p.qs for p in ps], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-        cu_k = torch.tensor([0] + [p.kb - p.ka for p in ps], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
-        slopes = None if slopes_n is None else slopes_n[torch.tensor([p.doc for p in ps], device=slopes_n.device)]
-        single = len(groups) == 1
-        o, lse = attn_ops.attention_varlen(
-            q if single else q.index_select(0, rows),
+        n_seq = ps[-1].doc + 1
+        len_q, len_k = [0] * (n_seq + 1), [0] * (n_seq + 1)
+        for p in ps:
+            len_q[p.doc + 1], len_k[p.doc + 1] = p.qe - p.qs, p.kb - p.ka
+        cu_q = torch.tensor(len_q, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        cu_k = torch.tensor(len_k, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(dev)
+        call = attn_ops.prepare_attention_varlen(
+            q if len(groups) == 1 else q.index_select(0, rows),
             k_all.index_select(0, keys),
             v_all.index_select(0, keys),
-            cu_q, cu_k, max(p.qe - p.qs for p in ps), max(p.kb - p.ka for p in ps),
-            window=(wl, wr), scale=scale, return_lse=True, softcap=softcap, alibi_slopes=slopes, sinks=sinks,
-            deterministic=deterministic, backend=backend,
+            cu_q, cu_k, max(len_q), max(len_k),
+            window=(wl, wr), scale=scale, dropout_p=dropout_p, softcap=softcap,
+            alibi_slopes=None if slopes_n is None else slopes_n[:n_seq], sinks=sinks,
+            deterministic=deterministic, seed=seed,
         )  # fmt: skip
+        if dropout_p:
+            call = dataclasses.replace(call, dropout_grid=(d_row, d_col, longest, longest))
+        o, lse = attn_ops.run_varlen(call, backend, True)
         outs.append(o)
         lses.append(lse)
         rows_of.append(rows)

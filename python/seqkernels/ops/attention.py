@@ -16,7 +16,7 @@ off_b = Lk_b - Lq (bottom-right, `attention`) or 0 (top-left, torch SDPA's `is_c
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -67,6 +67,9 @@ class AttentionCall:
     max_seqlen_k: int = 0
     # Recorded for the backward (attention_fwd does not read it); with torch's deterministic flag.
     deterministic: bool = False
+    # () or (row0, col0, len_q, len_k): the call is the block at (row0, col0) of a larger attention
+    # whose dropout keep mask it draws (csrc/registration.cpp's dropout_grid; context parallelism).
+    dropout_grid: Tuple[int, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -91,12 +94,13 @@ class AttentionCall:
             self.softcap,
             *self.varlen(),
             self.deterministic,
+            list(self.dropout_grid),
         )
 
     def bwd_args(self, grad_out: Tensor, out: Tensor, lse: Tensor, deterministic: bool = False) -> tuple:
         """The arguments of attention_bwd for this call's forward outputs."""
         a = self.args()
-        return (grad_out, *a[:3], out, lse, *a[3:_MODS_AT], deterministic, *a[_MODS_AT:-1])
+        return (grad_out, *a[:3], out, lse, *a[3:_MODS_AT], deterministic, *a[_MODS_AT:-2], a[-1])
 
     def varlen(self) -> tuple:
         return (self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)
@@ -123,6 +127,7 @@ class AttentionCall:
             cu_seqlens_k=self.cu_seqlens_k,
             max_seqlen_q=self.max_seqlen_q,
             max_seqlen_k=self.max_seqlen_k,
+            dropout_grid=self.dropout_grid,
         )
 
 
@@ -231,6 +236,7 @@ def features(c: AttentionCall) -> capabilities.Features:
         (B, Hq),
         c.modifiers(),
         c.cu_seqlens_q is not None,
+        c.dropout_p > 0 and len(c.dropout_grid) > 0,
     )
 
 
@@ -702,11 +708,18 @@ def attention_varlen(
         scale=scale, dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
         deterministic=deterministic,
     )  # fmt: skip
-    b = backends.resolve(VARLEN_OP, q.device, call, backend)
+    out, lse = run_varlen(call, backend, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def run_varlen(call: AttentionCall, backend: Optional[str], return_lse: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """A packed call (prepare_attention_varlen) on its backend: out token-major (total_q, Hq, Dv), lse
+    (Hq, total_q) with `return_lse` (else None)."""
+    b = backends.resolve(VARLEN_OP, call.q.device, call, backend)
     out, lse = run(call, b, return_lse)
-    out = out[0].transpose(0, 1)
-    out = out if out.is_contiguous() else out.contiguous()
-    return (out, lse[0]) if return_lse else out
+    out = out[0].transpose(0, 1)  # token-major storage from the kernels
+    out = out if out.is_contiguous() else out.contiguous()  # (the reference backend's is head-major)
+    return out, (lse[0] if return_lse else None)
 
 
 def _sdpa_to_4d(query, key, value, attn_mask, enable_gqa):

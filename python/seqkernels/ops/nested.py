@@ -90,8 +90,7 @@ def nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     """scaled_dot_product_attention on nested jagged query (B, Hq, j1, E), key (B, Hkv, j2, E) and
     value (B, Hkv, j2, Ev) (the transposes of (B, j, H, E) nested tensors); returns (B, Hq, j1, Ev)
     nested with the query's offsets. `mods`: softcap, alibi_slopes ((Hq,) or (B, Hq)), sinks."""
-    from .. import backends
-    from .attention import VARLEN_OP, prepare_attention_varlen, run
+    from .attention import prepare_attention_varlen, run_varlen
 
     mods = {k: v for k, v in mods.items() if v is not None}
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -127,10 +126,7 @@ def nested_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         q, k, v, _cu_seqlens(query), _cu_seqlens(key), _max_seqlen(query), _max_seqlen(key),
         causal=is_causal, scale=scale, dropout_p=dropout_p, bottom_right=False, **mods,
     )  # fmt: skip
-    b = backends.resolve(VARLEN_OP, q.device, call, backend)
-    out, _ = run(call, b, False)
-    out = out[0].transpose(0, 1)  # (total_q, Hq, Ev): token-major storage from the kernels
-    out = out if out.is_contiguous() else out.contiguous()  # (the reference backend's is head-major)
+    out, _ = run_varlen(call, backend, False)  # (total_q, Hq, Ev)
     nt = torch.nested.nested_tensor_from_jagged(
         out,
         query.offsets(),
