@@ -5,7 +5,7 @@ attention layer over a sequence sharded across the ranks, against the same work 
 (`seqkernels.attention` on the whole sequence, one thread). Per rank it also times the ring's
 communication alone (the same bytes, the same hops, no compute) and reports how much of it the
 ring hides behind compute: overlap = (compute + comm - ring) / comm, clipped to [0, 1], with
-compute the ring's block work run without communication. From the schedule it counts each rank's
+compute the ring's block work run without communication, each the slowest rank's. From the schedule it counts each rank's
 causal attention FLOPs (zigzag balances them: max/min = 1; contiguous: 2W - 1).
 """
 
@@ -162,14 +162,21 @@ def suite_context_parallel(rec: Recorder, s: Settings, progress):
                         join=True,
                     )
                     results = dict(out)
-                # The slowest rank sets the layer's time.
-                slow = max(results, key=lambda r: statistics.median(results[r]["ring"]))
-                res = results[slow]
+                # Each figure is its slowest rank's: the ring waits for the most loaded rank (with
+                # contiguous causal, the last one computes 2W - 1 times the first one's blocks), and
+                # a rank that waits shows a long ring time but a short compute time.
+                res = {
+                    key: max((results[r][key] for r in results), key=statistics.median)
+                    for key in ("ring", "compute", "comm")
+                }
                 rec.add_time("context_parallel", "fwd+bwd", name, tag, _p(res["ring"]), dtype="float32")
                 rec.add_time("context_parallel", "compute_only", name, tag, _p(res["compute"]), dtype="float32")
                 if world > 1:
                     comm = statistics.median(res["comm"])
                     rec.add_time("context_parallel", "comm_only", name, tag, _p(res["comm"]), dtype="float32")
+                    # Negative (clipped to 0) when the ring costs more than its compute and its
+                    # communication run apart: on a CPU whose cores all compute, gloo's transfers
+                    # and the ring's own work (merges, accumulators) take cores from the compute.
                     hidden = statistics.median(res["compute"]) + comm - statistics.median(res["ring"])
                     frac = min(1.0, max(0.0, hidden / comm)) if comm > 0 else 1.0
                     rec.add("context_parallel", "overlap", name, tag, "overlap", "fraction", frac, frac, frac,
