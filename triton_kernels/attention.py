@@ -231,6 +231,26 @@ def _varlen_tile(pid, Cu, n_seqs, total, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _dropout_grid(Lq, Lk, n_seqs, total_q, total_k, DropAt, DROPOUT: tl.constexpr, VARLEN: tl.constexpr):
+    """(drop_lq, drop_lk, drop_at): the grid the dropout keep mask is indexed on (docs/INTERNALS.md
+    "Dropout keep mask", the C++ kernels' dropout_grid): element (s, h, i, j) of the call draws
+    n = ((s * Hq + h) * drop_lq + i) * drop_lk + j + drop_at, drop_at = row0 * drop_lk + col0 for a
+    call that is the block at (row0, col0) of a larger attention. They come in arguments the call
+    leaves unused (_Varlen.set_dropout_grid), so no variant gains a parameter: packed, Lq and Lk
+    (the index's dims, nothing else there) and drop_at loaded through the kv_lengths pointer;
+    padded, the three packed-sequence scalars."""
+    if VARLEN:
+        drop_at = 0
+        if DROPOUT:
+            # Two int32 words (the pointer keeps kv_lengths' type): low (unsigned), then high.
+            lo = tl.load(DropAt).to(tl.int64) & 0xFFFFFFFF
+            drop_at = (tl.load(DropAt + 1).to(tl.int64) << 32) | lo
+        return Lq, Lk, drop_at
+    else:
+        return n_seqs, total_q, total_k
+
+
+@triton.jit
 def _load_2d(
     base,
     offs_r,
@@ -641,7 +661,8 @@ def _attention_fwd_kernel(
         Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m0.to(tl.int64) * stride_mm
     win_lo = rows + off_b - window_left
     win_hi = rows + off_b + window_right
-    drop_row = ((s64 * Hq + h64) * Lq + rows) * Lk
+    drop_lq, drop_lk, drop_at = _dropout_grid(Lq, Lk, n_seqs, total_q, total_k, KVLens, DROPOUT, VARLEN)
+    drop_row = ((s64 * Hq + h64) * drop_lq + rows) * drop_lk + drop_at
     diag = rows + off_b
     slope = 0.0
     if ALIBI:
@@ -1180,6 +1201,8 @@ def _bwd_dkdv_tiles(
     offs_dv,
     cols,
     drop_col,
+    drop_lq,
+    drop_lk,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -1234,7 +1257,8 @@ def _bwd_dkdv_tiles(
     """Transposed tiles (keys along dim 0, queries along dim 1): dV += P^T dO, dK += dS^T Q, over
     the query tiles [start, end) of every query head of the kv head's group: ``lq`` query rows from
     row ``q_start`` of Q and dO; the (b, h) row of lse and delta at ``lse_b + h * lse_sh``; ``s64``
-    the batch row (sequence) of the dropout index and ALiBi; Lq, Lk the dropout index's dims.
+    the batch row (sequence) of the dropout index and ALiBi; drop_lq, drop_lk the dropout index's
+    dims and drop_col the tile's key columns in it (_dropout_grid).
 
     One flat loop over (head, tile) pairs rather than a head loop around a tile loop: nested,
     the compiler hoists the tile loop's invariants out of the head loop and keeps them live in
@@ -1320,7 +1344,7 @@ def _bwd_dkdv_tiles(
             pT = tl.where(visible, pT, 0.0)
         if DROPOUT:
             keep = dropout_keep(
-                ((bh * Lq + rows) * Lk)[None, :] + drop_col[:, None],
+                ((bh * drop_lq + rows) * drop_lk)[None, :] + drop_col[:, None],
                 seed_lo,
                 seed_hi,
                 offset_lo,
@@ -1527,7 +1551,8 @@ def _attention_bwd_dkdv_kernel(
     lo, full_lo, full_hi, hi = _query_range(
         n0, lq, lk_b, off_b, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT
     )
-    drop_col = cols.to(tl.int64)
+    drop_lq, drop_lk, drop_at = _dropout_grid(Lq, Lk, n_seqs, total_q, total_k, KVLens, DROPOUT, VARLEN)
+    drop_col = cols.to(tl.int64) + drop_at
     dk, dv = _bwd_dkdv_tiles(
         dk,
         dv,
@@ -1551,6 +1576,8 @@ def _attention_bwd_dkdv_kernel(
         offs_dv,
         cols,
         drop_col,
+        drop_lq,
+        drop_lk,
         stride_qb,
         stride_qh,
         stride_qm,
@@ -1625,6 +1652,8 @@ def _attention_bwd_dkdv_kernel(
         offs_dv,
         cols,
         drop_col,
+        drop_lq,
+        drop_lk,
         stride_qb,
         stride_qh,
         stride_qm,
@@ -1699,6 +1728,8 @@ def _attention_bwd_dkdv_kernel(
         offs_dv,
         cols,
         drop_col,
+        drop_lq,
+        drop_lk,
         stride_qb,
         stride_qh,
         stride_qm,
@@ -1955,7 +1986,8 @@ def _attention_bwd_fixup_dq_kernel(
             Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m64 * stride_mm
         win_lo = rows + off_b - window_left
         win_hi = rows + off_b + window_right
-        drop_row = ((s64 * Hq + h64) * Lq + rows) * Lk
+        drop_lq, drop_lk, drop_at = _dropout_grid(Lq, Lk, n_seqs, total_q, total_k, KVLens, DROPOUT, VARLEN)
+        drop_row = ((s64 * Hq + h64) * drop_lq + rows) * drop_lk + drop_at
         diag = rows + off_b
         slope = 0.0
         if ALIBI:
@@ -2343,7 +2375,8 @@ def _attention_bwd_dq_kernel(
         Mask_bm = Mask + b64 * stride_mb + h64 * stride_mh + m64 * stride_mm
     win_lo = rows + off_b - window_left
     win_hi = rows + off_b + window_right
-    drop_row = ((s64 * Hq + h64) * Lq + rows) * Lk
+    drop_lq, drop_lk, drop_at = _dropout_grid(Lq, Lk, n_seqs, total_q, total_k, KVLens, DROPOUT, VARLEN)
+    drop_row = ((s64 * Hq + h64) * drop_lq + rows) * drop_lk + drop_at
     diag = rows + off_b
     slope = 0.0
     if ALIBI:
@@ -2547,7 +2580,7 @@ _Cell = tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]
 
 _TABLES: dict[str, dict[tuple[int, int, int], _Cell]] = {
     "fwd": {
-        (90, 2, 64): ([(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3)], [(128, 64, 8, 4), (64, 64, 4, 4)]),
+        (90, 2, 64): ([(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3)], [(128, 64, 8, 4)]),
         (90, 2, 128): ([(128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
         (90, 2, 256): ([(128, 32, 8, 2), (64, 64, 8, 2)], [(128, 16, 8, 2)]),
         (80, 2, 64): ([(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)], [(128, 64, 8, 3), (64, 64, 8, 3)]),
@@ -2560,7 +2593,7 @@ _TABLES: dict[str, dict[tuple[int, int, int], _Cell]] = {
         (90, 2, 256): ([(128, 32, 8, 2)], [(128, 16, 8, 2)]),
         (80, 2, 64): ([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], [(64, 32, 4, 3)]),
         (80, 2, 128): ([(128, 32, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3)]),
-        (80, 2, 256): ([(64, 64, 8, 2)], [(64, 16, 8, 2), (32, 32, 4, 2)]),
+        (80, 2, 256): ([(64, 64, 8, 2)], [(64, 16, 8, 2)]),
     },
     # Head dims of 256 run dK and dV as two launches (KV_PART), each with these configs.
     "dkdv": {
@@ -2570,7 +2603,7 @@ _TABLES: dict[str, dict[tuple[int, int, int], _Cell]] = {
         (90, 2, 256): ([(32, 64, 8, 2)], [(16, 32, 8, 2)]),
         (80, 2, 64): ([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)], [(16, 128, 8, 2), (16, 64, 4, 2)]),
         (80, 2, 128): ([(16, 64, 4, 3), (16, 64, 8, 2)], [(32, 64, 8, 2), (16, 128, 8, 2)]),
-        (80, 2, 256): ([(32, 64, 8, 2), (16, 64, 8, 2)], [(32, 64, 8, 2), (16, 64, 8, 2)]),
+        (80, 2, 256): ([(32, 64, 8, 2), (16, 64, 8, 2)], [(16, 64, 8, 2)]),
     },
 }
 # float32, the same on both arch classes: (light, heavy) per head-dim bucket. The heavy dQ and
@@ -2589,6 +2622,10 @@ for _kernel, _fp32 in {
     for _arch in _ARCH_CLASSES:
         for _bucket, _cell in _fp32.items():
             _TABLES[_kernel][(_arch, 4, _bucket)] = _cell
+# Heavy float32 cells of one arch class that leave a stack frame with the dropout grid's index
+# (_dropout_grid) live: more warps.
+_TABLES["fwd"][(90, 4, 64)] = ([(32, 32, 4, 2)], [(32, 32, 8, 2)])
+_TABLES["dkdv"][(80, 4, 128)] = ([(16, 16, 4, 2)], [(16, 16, 8, 2)])
 
 # One config under the interpreter (multi-config autotuning needs a GPU): tiles large enough to
 # keep the interpreter's per-operation cost down, with query and key tiles of different sizes so a
@@ -2602,9 +2639,11 @@ _INTERPRET_SMALL_CONFIGS = {"fwd": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv":
 # modifiers' extra registers (ptxas, stack frames of 8-32 B) are replaced per cell; cells not listed
 # keep their heavy list.
 _MODS_TABLES: dict[str, dict[tuple[int, int, int], list[tuple[int, int, int, int]]]] = {
-    "fwd": {(90, 2, 64): [(128, 64, 8, 4)], (80, 2, 64): [(64, 64, 8, 3)]},
+    "fwd": {(90, 2, 64): [(128, 32, 8, 4)], (80, 2, 64): [(64, 64, 8, 3)]},
     "dq": {
         (90, 2, 64): [(128, 32, 8, 3)],
+        (90, 2, 256): [(32, 16, 8, 2)],
+        (80, 2, 64): [(32, 32, 4, 3)],
         (80, 2, 128): [(64, 32, 8, 2), (128, 16, 8, 2)],
         (80, 2, 256): [(64, 16, 8, 2)],
         (90, 4, 64): [(16, 16, 4, 2)],
@@ -2612,9 +2651,11 @@ _MODS_TABLES: dict[str, dict[tuple[int, int, int], list[tuple[int, int, int, int
     },
     "dkdv": {
         (90, 2, 64): [(16, 128, 8, 2), (16, 64, 4, 2)],
+        (90, 2, 128): [(16, 64, 8, 2)],
         (80, 2, 128): [(16, 64, 8, 2)],
         (80, 2, 256): [(16, 64, 8, 2)],
         (90, 4, 64): [(16, 32, 8, 2)],
+        (80, 4, 256): [(16, 16, 8, 1)],
     },
 }
 
@@ -2875,7 +2916,8 @@ def _common_args(
         softcap=float(softcap) if constexprs["SOFTCAP"] else 0.0,
         mask=mask_t,
         mask_strides=mask_strides,
-        kvlens=kv_lengths if kv_lengths is not None else q,
+        # Packed calls take no kv_lengths: with dropout the pointer carries the grid offset.
+        kvlens=kv_lengths if kv_lengths is not None else (vl.drop_at if vl.on and dropout else q),
         window=(max(window_left, 0), max(window_right, 0)),
         drop=(seed_lo, seed_hi, offset_lo, offset_hi, threshold, drop_scale),
         tune=(length_bucket(vl.dims[0]), length_bucket(vl.dims[1])),
@@ -2899,17 +2941,18 @@ class _Varlen:
     """Packed sequences (docs/INTERNALS.md "Packed sequences"): the launchers' view of cu_seqlens.
 
     q, k, v are (1, H, total, D); ``args`` are the kernels' (CuSeqQ, CuSeqK, n_seqs, total_q,
-    total_k), ``dims`` their (Lq, Lk): max_seqlen_q/k, the dropout index's dims (and the tuning
-    buckets). The values of cu_seqlens are not read here (no host sync): the kernels clamp every
+    total_k), ``dims`` (max_seqlen_q/k) the tuning buckets, ``kdims`` the kernels' (Lq, Lk): the
+    dropout index's dims (set_dropout_grid). The values of cu_seqlens are not read here (no host sync): the kernels clamp every
     span into [0, total]. Padded calls get ``args`` with unused pointers and zeros."""
 
     def __init__(self, q, k, cu_q, cu_k, max_q, max_k, attn_mask, kv_lengths):
         self.on = cu_q is not None or cu_k is not None
         Lq, Lk = q.shape[2], k.shape[2]
+        self.kdims = self.dims = (Lq, Lk)  # kdims: the kernels' Lq, Lk (set_dropout_grid)
+        self.drop_at = q
         if not self.on:
             self.n = 0
             self.args = (q, q, 0, 0, 0)
-            self.dims = (Lq, Lk)
             return
         bad = None
         if cu_q is None or cu_k is None:
@@ -2926,7 +2969,33 @@ class _Varlen:
             raise ValueError(f"seqkernels Triton attention: {bad}")
         self.n = cu_q.numel() - 1
         self.args = (cu_q.contiguous(), cu_k.contiguous(), self.n, Lq, Lk)
-        self.dims = (max(int(max_q), 0), max(int(max_k), 0))
+        self.kdims = self.dims = (max(int(max_q), 0), max(int(max_k), 0))
+
+    def set_dropout_grid(self, dropout_grid, q, k, dropout: bool) -> None:
+        """The kernels' dropout grid (_dropout_grid) for `dropout_grid` (None or []: the call's own;
+        [row0, col0, len_q, len_k]: the call is the block at (row0, col0) of a (.., len_q, len_k)
+        attention), checked as the C++ kernels check it (host::check_dropout_grid). Padded calls
+        carry (len_q, len_k, row0 * len_k + col0) in the packed-sequence scalars of `args`; packed
+        ones take len_q, len_k as their kernel dims `kdims` and the offset through `drop_at`."""
+        rows, keys = self.dims if self.on else (q.shape[2], k.shape[2])
+        row0, col0, len_q, len_k = 0, 0, rows, keys
+        if dropout_grid is not None and len(dropout_grid):
+            if len(dropout_grid) != 4:
+                raise ValueError(f"dropout_grid: must be empty or [row0, col0, len_q, len_k], got {list(dropout_grid)}")
+            row0, col0, len_q, len_k = (int(x) for x in dropout_grid)
+            if not (row0 >= 0 and col0 >= 0 and row0 + rows <= len_q and col0 + keys <= len_k):
+                raise ValueError(
+                    f"dropout_grid: [row0, col0, len_q, len_k] = {list(dropout_grid)} must hold the call's {rows} x "
+                    f"{keys} (rows x keys) block: row0, col0 >= 0, row0 + {rows} <= len_q, col0 + {keys} <= len_k"
+                )
+        at = row0 * len_k + col0
+        if self.on:
+            self.kdims = (len_q, len_k)
+            if dropout:  # (read only by the kernels' dropout variants)
+                words = [(at & 0xFFFFFFFF) - ((at & 0x80000000) << 1), at >> 32]  # int32 bit patterns
+                self.drop_at = torch.tensor(words, dtype=torch.int32).to(q.device, non_blocking=True)
+        else:
+            self.args = (q, q, len_q, len_k, at)
 
     def grid0(self, length: int, block: int) -> int:
         """Programs along the tiles of `length` rows: per batch row (padded), or over the packed
@@ -2958,6 +3027,7 @@ def attention_fwd(
     cu_seqlens_k=None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
+    dropout_grid=None,
 ):
     """Fused attention forward on normalized arguments (docs/INTERNALS.md) -> (out, lse).
 
@@ -2966,6 +3036,7 @@ def attention_fwd(
     rows in no sequence (unchecked cu_seqlens only) hold 0 / -inf."""
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
     vl = _Varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, kv_lengths)
+    vl.set_dropout_grid(dropout_grid, q, k, dropout_p > 0.0)
     alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks, vl.n if vl.on else None)
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
@@ -3015,7 +3086,7 @@ def attention_fwd(
         out.stride(1),
         out.stride(2),
         Hq,
-        *vl.dims,
+        *vl.kdims,
         D,
         Dv,
         Hq // Hkv,
@@ -3057,6 +3128,7 @@ def attention_bwd(
     cu_seqlens_k=None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
+    dropout_grid=None,
 ):
     """Fused attention backward -> (dq, dk, dv, dsinks), dq, dk, dv shaped like q, k, v (dk, dv
     summed over the query heads of each kv head), dsinks (Hq,) float32 with sinks, else (0,).
@@ -3065,6 +3137,7 @@ def attention_bwd(
     del deterministic
     _check(q, k, v, attn_mask, kv_lengths, dropout_p)
     vl = _Varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, kv_lengths)
+    vl.set_dropout_grid(dropout_grid, q, k, dropout_p > 0.0)
     alibi_slopes, sinks = _modifier_args(q, alibi_slopes, sinks, vl.n if vl.on else None)
     dsinks = torch.zeros((q.shape[1] if sinks is not None else 0,), dtype=torch.float32, device=q.device)
     B, Hq, Lq, D = q.shape
@@ -3211,7 +3284,7 @@ def attention_bwd(
                 dv.stride(1),
                 dv.stride(2),
                 Hq,
-                *vl.dims,
+                *vl.kdims,
                 D,
                 Dv,
                 Hq // Hkv,
@@ -3248,7 +3321,7 @@ def attention_bwd(
         dq.stride(1),
         dq.stride(2),
         Hq,
-        *vl.dims,
+        *vl.kdims,
         D,
         Dv,
         Hq // Hkv,
@@ -3287,7 +3360,7 @@ def attention_bwd(
             dq.stride(1),
             dq.stride(2),
             Hq,
-            *vl.dims,
+            *vl.kdims,
             D,
             Dv,
             Hq // Hkv,

@@ -43,8 +43,6 @@ class Capability:
         "sinks" (forward, and backward where `grad`).
     varlen: whether the kernels take packed sequences (cu_seqlens: attention_varlen, and the
         packed query batches of decode_attention / kv_cache_append).
-    dropout_grid: whether dropout can draw the keep mask of the call's place in a larger attention
-        (the kernels' dropout_grid, which context parallelism passes), not only its own.
     """
 
     dtypes: Tuple[torch.dtype, ...] = ALL_FLOATS
@@ -56,7 +54,6 @@ class Capability:
     max_grid: Optional[int] = None
     modifiers: Tuple[str, ...] = MODIFIERS
     varlen: bool = True
-    dropout_grid: bool = True
 
 
 class Features(NamedTuple):
@@ -72,7 +69,6 @@ class Features(NamedTuple):
     grid: Tuple[int, ...] = ()
     modifiers: Tuple[str, ...] = ()
     varlen: bool = False
-    dropout_grid: bool = False
 
 
 _KERNEL_FLOATS = (_F16, _BF16, _F32)
@@ -98,8 +94,7 @@ TABLE: Dict[str, Dict[str, Capability]] = {
         # mma.sync on float16/bfloat16 tiles of width 64/128/256 (the tail of the head dim masked).
         "cuda": Capability(dtypes=(_F16, _BF16), max_head_dim=256, min_sm=8),
         # Grid axes carry the batch and the heads; CUDA caps the y/z grid dimensions at 65535.
-        # Dropout indexes the keep mask by the call's own (i, j) only: no dropout_grid yet.
-        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535, dropout_grid=False),
+        "triton": Capability(dtypes=_KERNEL_FLOATS, max_head_dim=256, min_sm=8, max_grid=65535),
         "reference": _REFERENCE,
     },
     "kv_cache_append": {
@@ -167,11 +162,6 @@ def why_not(op: str, backend: str, f: Features, *, interpreting=False) -> Option
         return f"{', '.join(missing)}: not supported by the {title} kernels"
     if f.varlen and not cap.varlen:
         return f"packed sequences (cu_seqlens): not implemented by the {title} kernels yet"
-    if f.dropout_grid and not cap.dropout_grid:
-        return (
-            f"dropout_grid: the {title} kernels draw the dropout keep mask on the call's own grid only, not on "
-            "its place in a larger attention (as context parallelism needs); the cpu and cuda kernels do"
-        )
     if f.dtype not in cap.dtypes:
         return f"the {title} kernels take {_names(cap.dtypes)}, not {_dtype_name(f.dtype)}"
     if cap.max_head_dim is not None and f.head_dims and max(f.head_dims) > cap.max_head_dim:

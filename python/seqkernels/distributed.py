@@ -23,8 +23,8 @@ Packed (varlen) batches: `allgather_attention_varlen` all-gathers K/V and runs t
 with `attention_varlen`, as Llama 3 trains.
 Dropout is exact under sharding: each block passes the kernels its place in the global attention
 (`dropout_grid`), so it draws the single-device keep mask there (ring-flash-attention has no
-dropout); `allgather_attention_varlen`'s pieces do the same in their documents. The Triton kernels
-do not take that argument yet: the capability table keeps such calls off them (`dropout_grid`).
+dropout); `allgather_attention_varlen`'s pieces do the same in their documents. Every kernel
+backend (cpu, cuda, triton) takes that argument.
 
 Models: `use_context_parallel(model, group)` puts every `seqkernels.nn.MultiheadAttention` of a model
 (`seqkernels.swap_attention` makes them from torch's) in ring mode and returns a handle that undoes it;
@@ -440,8 +440,7 @@ def ring_attention(
     world sizes it differs only by the float32 rounding of a different merge order). `dropout_p` is
     exact under sharding: every block draws the keep mask of its global positions (the kernels'
     dropout_grid) with rank 0's seed, so the ring equals the single-device call after the same
-    torch.manual_seed (cpu and cuda backends; the automatic choice skips Triton, an explicit
-    backend="triton" is refused).
+    torch.manual_seed (on every kernel backend).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention: torch.distributed is not initialized (call init_process_group first)")
@@ -457,9 +456,6 @@ def ring_attention(
         q, k, v, causal=causal, window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
         dropout_p=dropout_p,
     )  # fmt: skip
-    if dropout_p:  # the blocks draw the keep mask of their global positions: kernels with dropout_grid
-        L = q.shape[2] * world
-        call = dataclasses.replace(call, dropout_grid=(0, 0, L, L))
     chosen = backends.resolve(attn_ops.OP, q.device, call, backend)
     if chosen == "reference":
         raise backends.BackendError(

@@ -236,7 +236,6 @@ def features(c: AttentionCall) -> capabilities.Features:
         (B, Hq),
         c.modifiers(),
         c.cu_seqlens_q is not None,
-        c.dropout_p > 0 and len(c.dropout_grid) > 0,
     )
 
 
@@ -245,16 +244,6 @@ OP = backends.OpBackends(name="attention", cpp_ops=("attention_fwd", "attention_
 
 # ---------------------------------------------------------------------------------------------
 # Triton family: opaque custom ops (torch.compile treats them as one node, also under the interpreter).
-
-
-def _no_dropout_grid(dropout_grid) -> None:
-    """The Triton kernels index the dropout mask by the call's own (i, j) only (the C++ kernels take
-    csrc/registration.cpp's dropout_grid); asking for another grid is an error, never ignored."""
-    if dropout_grid is not None and len(dropout_grid):
-        raise NotImplementedError(
-            f"dropout_grid: the Triton attention kernels draw the dropout mask on the call's own grid only, got "
-            f"{list(dropout_grid)} (the cpu and cuda backends take it)"
-        )
 
 
 @torch.library.custom_op("seqkernels::triton_attention_fwd", mutates_args=())
@@ -283,8 +272,6 @@ def triton_attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
-    _no_dropout_grid(dropout_grid)
-
     return tk.attention_fwd(
         q,
         k,
@@ -305,6 +292,7 @@ def triton_attention_fwd(
         cu_seqlens_k,
         max_seqlen_q,
         max_seqlen_k,
+        dropout_grid,
     )
 
 
@@ -337,8 +325,6 @@ def triton_attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..triton_kernels import attention as tk
 
-    _no_dropout_grid(dropout_grid)
-
     return tk.attention_bwd(
         grad_out,
         q,
@@ -363,6 +349,7 @@ def triton_attention_bwd(
         cu_seqlens_k,
         max_seqlen_q,
         max_seqlen_k,
+        dropout_grid,
     )
 
 
