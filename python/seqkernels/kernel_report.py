@@ -218,10 +218,18 @@ def parse_sass(text: str) -> dict[tuple[str, str], dict]:
 
 
 def parse_res_usage(text: str) -> dict[tuple[str, str], dict]:
-    """`cuobjdump -res-usage`: {(arch, mangled function): {registers, shared, stack, local}}."""
+    """`cuobjdump -res-usage`: {(arch, mangled function): {registers, shared, stack, local, source}};
+    source: the `identifier` of the function's ELF (the .cu file nvcc compiled it from), or None."""
     out: dict[tuple[str, str], dict] = {}
-    arch, func = "", None
+    arch, func, source = "", None, None
     for line in text.splitlines():
+        if line.startswith("Fatbin elf code:"):
+            source = None
+            continue
+        m = re.match(r"\s*identifier = (.+?)\s*$", line)
+        if m:
+            source = m.group(1)
+            continue
         m = re.match(r"\s*arch = (sm_\d+)", line)
         if m:
             arch = m.group(1)
@@ -237,6 +245,7 @@ def parse_res_usage(text: str) -> dict[tuple[str, str], dict]:
                 "stack": int(m.group(2)),
                 "shared": int(m.group(3)),
                 "local": int(m.group(4)),
+                "source": source,
             }
             func = None
     return out
@@ -400,7 +409,7 @@ def collect_built_cuda(archs=None) -> list[dict]:
         short = _short_name(names[func])
         row = {
             "kind": "cuda",
-            "source": "seqkernels._C",
+            "source": _rel(Path(r["source"])) if r.get("source") else "seqkernels._C",
             "kernel": _display_name(names[func]),
             "short_name": short,
             "config": "",
