@@ -114,3 +114,30 @@ def test_bad_grids_are_refused(backend, request):
         out, lse = _fwd(fwd, q, q, q, [])
         with pytest.raises((RuntimeError, ValueError), match="dropout_grid"):
             _bwd(bwd, q, q, q, q, out, lse, grid)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("backend", list(CASES))
+def test_grid_offsets_past_2_31(backend, packed, request):
+    """A small block far into a huge grid: its first element's index row0 * len_k + col0 is past
+    2**31 (the Triton kernels take it as a 64-bit scalar when padded and as two int32 words, the
+    low one with its top bit set, when packed), forward and backward against the reference."""
+    dtype, D, *_ = CASES[backend]
+    fwd, bwd = _ops(backend, request)
+    g = torch.Generator().manual_seed(4)
+    L = 21
+    q, go = (torch.randn(1, 2, L, D, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, 1, L, D, generator=g).to(dtype) for _ in range(2))
+    grid = [2**11, 5, 2**11 + L, 2**20]  # row0 * len_k + col0 = 2**31 + 5
+    vl = (
+        (torch.tensor([0, L], dtype=torch.int32), torch.tensor([0, L], dtype=torch.int32), L, L)
+        if packed
+        else (None,) * 2 + (0, 0)
+    )
+    args = (None, None, D**-0.5, -1, -1, False, P, SEED, OFFSET, None, None, 0.0, *vl)
+    o, l_ = fwd(q, k, v, *args, False, grid)
+    dq, dk, dv = bwd(go, q, k, v, o, l_, *args[:9], False, *args[9:], grid)[:3]
+    ref, base = (_ref_block(x, q, k, v, go, grid, False, 0) for x in (torch.float64, dtype))
+    rep = compare((o, l_), ref[:2], base[:2])
+    rep.extend(compare((dq, dk, dv), ref[2:], base[2:], grad=True))
+    assert rep.passed, str(rep)
