@@ -651,12 +651,15 @@ def allgather_attention_varlen(
     # index (empty sequences before it), so the keep mask and the ALiBi slopes are its document's.
     # (A document cut into two pieces of one rank, zigzag, puts the second in another call.)
     groups: dict = {}
+    docs_of: dict = {}
     for i, p in enumerate(pieces):
         drop_at = (p.qs - starts[p.doc], p.ka - starts[p.doc]) if dropout_p else (0, 0)
         n = 0
-        while any(pieces[j].doc == p.doc for j in groups.get((p.left, p.right, drop_at, n), ())):
+        while p.doc in docs_of.get((p.left, p.right, drop_at, n), ()):
             n += 1
-        groups.setdefault((p.left, p.right, drop_at, n), []).append(i)
+        key = (p.left, p.right, drop_at, n)
+        groups.setdefault(key, []).append(i)
+        docs_of.setdefault(key, set()).add(p.doc)
     row0 = []
     acc = 0
     for p in pieces:
