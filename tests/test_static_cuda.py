@@ -6,6 +6,8 @@ tests/emulation/static_selftest_kernels.cu, whose answers are known. No GPU need
 extension was built with CUDA after the sources last changed (CI), the file tests read the built
 library's cubins (what ships) instead of compiling each file again."""
 
+import functools
+
 import pytest
 
 from seqkernels import kernel_report as kr
@@ -56,6 +58,7 @@ def test_expectation_table_and_name_parsing():
     assert kr._problems(row) == ["no tensor-core instructions"]
 
 
+@functools.lru_cache(maxsize=1)
 def _built_rows():
     """The CUDA kernels of the built seqkernels._C (kernel_report.collect_built_cuda, each with the
     .cu file nvcc compiled it from) when the library holds them for every arch checked here and was
@@ -79,8 +82,10 @@ def _built_rows():
     return [r for r in kr.collect_built_cuda() if r["arch"] in ARCHS] or None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def built_rows():
+    # Once per worker process (cuobjdump of the whole library takes ~20 s); a module fixture would be
+    # set up again each time the scheduler interleaves another file's tests.
     return _built_rows()
 
 
