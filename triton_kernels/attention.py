@@ -2942,8 +2942,9 @@ class _Varlen:
 
     q, k, v are (1, H, total, D); ``args`` are the kernels' (CuSeqQ, CuSeqK, n_seqs, total_q,
     total_k), ``dims`` (max_seqlen_q/k) the tuning buckets, ``kdims`` the kernels' (Lq, Lk): the
-    dropout index's dims (set_dropout_grid). The values of cu_seqlens are not read here (no host sync): the kernels clamp every
-    span into [0, total]. Padded calls get ``args`` with unused pointers and zeros."""
+    dropout index's dims (set_dropout_grid). The values of cu_seqlens are not read here (no host
+    sync): the kernels clamp every span into [0, total]. Padded calls get ``args`` with unused
+    pointers, and the dropout grid in the scalars."""
 
     def __init__(self, q, k, cu_q, cu_k, max_q, max_k, attn_mask, kv_lengths):
         self.on = cu_q is not None or cu_k is not None
@@ -2975,8 +2976,10 @@ class _Varlen:
         """The kernels' dropout grid (_dropout_grid) for `dropout_grid` (None or []: the call's own;
         [row0, col0, len_q, len_k]: the call is the block at (row0, col0) of a (.., len_q, len_k)
         attention), checked as the C++ kernels check it (host::check_dropout_grid). Padded calls
-        carry (len_q, len_k, row0 * len_k + col0) in the packed-sequence scalars of `args`; packed
-        ones take len_q, len_k as their kernel dims `kdims` and the offset through `drop_at`."""
+        carry (len_q, len_k, row0 * len_k + col0) in the packed-sequence scalars of `args` (an offset
+        past 2**31 makes the last one an int64 argument: a variant of its own, which the ahead-of-
+        time list does not compile); packed ones take len_q, len_k as their kernel dims `kdims` and
+        the offset through `drop_at`, two int32 words whatever its size."""
         rows, keys = self.dims if self.on else (q.shape[2], k.shape[2])
         row0, col0, len_q, len_k = 0, 0, rows, keys
         if dropout_grid is not None and len(dropout_grid):
