@@ -2917,7 +2917,7 @@ def _common_args(
         mask=mask_t,
         mask_strides=mask_strides,
         # Packed calls take no kv_lengths: with dropout the pointer carries the grid offset.
-        kvlens=kv_lengths if kv_lengths is not None else (vl.drop_at if vl.on and dropout else q),
+        kvlens=kv_lengths if kv_lengths is not None else vl.drop_at,
         window=(max(window_left, 0), max(window_right, 0)),
         drop=(seed_lo, seed_hi, offset_lo, offset_hi, threshold, drop_scale),
         tune=(length_bucket(vl.dims[0]), length_bucket(vl.dims[1])),
@@ -2937,6 +2937,22 @@ def _modifier_args(q, alibi_slopes, sinks, n_seqs=None):
     return alibi_slopes, sinks
 
 
+_ZERO_OFFSETS: dict = {}
+
+
+def _offset_words(at: int, device) -> torch.Tensor:
+    """`at` as the two int32 words (low, high) _dropout_grid reads, on `device`. The offset of a
+    call on its own grid is 0: one cached tensor per device, so ordinary packed calls with dropout
+    copy nothing to the device."""
+    if at == 0:
+        z = _ZERO_OFFSETS.get(device)
+        if z is None:
+            z = _ZERO_OFFSETS[device] = torch.zeros(2, dtype=torch.int32, device=device)
+        return z
+    words = [(at & 0xFFFFFFFF) - ((at & 0x80000000) << 1), at >> 32]  # int32 bit patterns
+    return torch.tensor(words, dtype=torch.int32).to(device, non_blocking=True)
+
+
 class _Varlen:
     """Packed sequences (docs/INTERNALS.md "Packed sequences"): the launchers' view of cu_seqlens.
 
@@ -2950,7 +2966,7 @@ class _Varlen:
         self.on = cu_q is not None or cu_k is not None
         Lq, Lk = q.shape[2], k.shape[2]
         self.kdims = self.dims = (Lq, Lk)  # kdims: the kernels' Lq, Lk (set_dropout_grid)
-        self.drop_at = q
+        self.drop_at = q  # the kv_lengths pointer's argument when the call has none (set_dropout_grid)
         if not self.on:
             self.n = 0
             self.args = (q, q, 0, 0, 0)
@@ -2995,8 +3011,7 @@ class _Varlen:
         if self.on:
             self.kdims = (len_q, len_k)
             if dropout:  # (read only by the kernels' dropout variants)
-                words = [(at & 0xFFFFFFFF) - ((at & 0x80000000) << 1), at >> 32]  # int32 bit patterns
-                self.drop_at = torch.tensor(words, dtype=torch.int32).to(q.device, non_blocking=True)
+                self.drop_at = _offset_words(at, q.device)
         else:
             self.args = (q, q, len_q, len_k, at)
 

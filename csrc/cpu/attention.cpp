@@ -1102,7 +1102,6 @@ SK_AVX512BF16_FN void bf16_bwd_rows(const BwdBlock<float>& a, const BwdHead<floa
 }
 
 SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
-  using P = simd::Avx512Float;
   constexpr int64_t NR = 32;
   const int64_t D = a.D, Dp = a.Dp, Dv = a.Dv, D2 = a.D2, Dv2 = a.Dv2, BN = a.BN, Lq2 = a.Lq2;
   for (int64_t hh = 0; hh < a.Hg; ++hh) {
@@ -1144,7 +1143,6 @@ SK_AVX512BF16_ENTRY void bwd_block_avx512bf16(const BwdBlock<float>& a) {
 // zeroed here), so they add nothing to dK and dV, and their dQ rows get dS K = 0. dK^T is summed
 // unscaled and scaled once when the key block is done.
 SK_AMX_ENTRY void bwd_block_amx(const BwdBlock<float>& a) {
-  using P = simd::Avx512Float;
   constexpr int64_t NR = 32;
   simd::amx_tiles_on();
   const int64_t D2 = a.D2, Dv2 = a.Dv2, Dp = a.Dp, BN = a.BN, Lr = a.Lr, Lq2 = a.Lq2;
