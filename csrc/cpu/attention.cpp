@@ -57,7 +57,7 @@
 
 #if defined(__GNUC__)
 #define SK_FLATTEN __attribute__((flatten, noinline))
-#define SK_UNROLL _Pragma("GCC unroll 8")
+#define SK_UNROLL _Pragma("GCC unroll 16")
 #else
 #define SK_FLATTEN
 #define SK_UNROLL
@@ -71,6 +71,10 @@ using at::Tensor;
 // Register tile: MR rows x 2 vectors. With AVX2 that is 12 accumulators + 2 B vectors + 1
 // broadcast of the 16 ymm registers.
 constexpr int kMR = 6;
+// AVX-512 has 32 registers: 12 rows (24 accumulators + 2 + 1) read each B vector for twice the
+// rows, which halves the L2 traffic of the K and V blocks (64 KiB each at D = 64, more than L1).
+template <class P>
+constexpr int kMRof = P::W * sizeof(typename P::T) == 64 ? 2 * kMR : kMR;
 
 // ---------------------------------------------------------------------------------------------
 // SIMD policies: the vector type and the few operations the kernels use. The AVX2 ones
@@ -133,15 +137,21 @@ inline void micro_tile(const typename P::T* A, int64_t a_rs, int64_t a_ks, const
   // L=2048 backward, 3x torch's error in dV, outside the §5 bound).
   V acc[MR][NV];
   SK_UNROLL for (int r = 0; r < MR; ++r) { SK_UNROLL for (int c = 0; c < NV; ++c) acc[r][c] = P::zero(); }
+  // Rows in triples, one pointer each: row 3g + i is At[g] + i * a_rs, an x86 address of one
+  // base and the stride register scaled by 1 or 2 elements. One pointer per row (12 of them at
+  // MR = 12) outgrows the general registers and reloads addresses from the stack every step.
+  constexpr int G = (MR + 2) / 3;
+  const T* At[G];
+  SK_UNROLL for (int g = 0; g < G; ++g) At[g] = A + 3 * g * a_rs;
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
     SK_UNROLL for (int c = 0; c < NV; ++c) b[c] = P::load(B + c * W);
     B += ldb;
     SK_UNROLL for (int r = 0; r < MR; ++r) {
-      const V a = P::bcast(A + r * a_rs);
+      const V a = P::bcast(At[r / 3] + (r % 3) * a_rs);
       SK_UNROLL for (int c = 0; c < NV; ++c) acc[r][c] = P::fmadd(a, b[c], acc[r][c]);
     }
-    A += a_ks;
+    SK_UNROLL for (int g = 0; g < G; ++g) At[g] += a_ks;
   }
   SK_UNROLL for (int r = 0; r < MR; ++r) {
     SK_UNROLL for (int c = 0; c < NV; ++c) {
@@ -169,12 +179,17 @@ inline void gemm_rows_fixed(const typename P::T* A, int64_t a_rs, int64_t a_ks, 
   if (c < ncols) micro_tile<P, MR, 1, M>(A, a_rs, a_ks, B + c, ldb, K, C + c, ldc, alpha);
 }
 
-// Any number of rows: groups of kMR, then one narrower group.
+// Any number of rows: groups of kMRof<P>, then of kMR, then one narrower group.
 template <class P, Mode M>
 inline void gemm(int64_t rows, const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B, int64_t ldb,
                  int64_t K, typename P::T* C, int64_t ldc, int64_t ncols, const typename P::T* alpha = nullptr) {
   int64_t r = 0;
   auto al = [&](int64_t r0) { return M == Mode::ScaleAdd ? alpha + r0 : nullptr; };
+  if constexpr (kMRof<P> != kMR) {
+    for (; r + kMRof<P> <= rows; r += kMRof<P>) {
+      gemm_rows_fixed<P, kMRof<P>, M>(A + r * a_rs, a_rs, a_ks, B, ldb, K, C + r * ldc, ldc, ncols, al(r));
+    }
+  }
   for (; r + kMR <= rows; r += kMR) {
     gemm_rows_fixed<P, kMR, M>(A + r * a_rs, a_rs, a_ks, B, ldb, K, C + r * ldc, ldc, ncols, al(r));
   }
@@ -213,9 +228,20 @@ inline void panels_fixed(const typename P::T* A, int64_t a_rs, const typename P:
   }
 }
 
+// rows <= kMRof<P>: a whole wide tile, or kMR rows and then the rest.
 template <class P>
 inline void gemm_panels(int64_t rows, const typename P::T* A, int64_t a_rs, const typename P::T* B, int64_t K,
                         int64_t np, typename P::T* C, int64_t ldc) {
+  if constexpr (kMRof<P> != kMR) {
+    static_assert(kMRof<P> == 2 * kMR, "one group of kMR rows and a narrower one cover the rest");
+    if (rows == kMRof<P>) return panels_fixed<P, kMRof<P>>(A, a_rs, B, K, np, C, ldc);
+    if (rows > kMR) {
+      panels_fixed<P, kMR>(A, a_rs, B, K, np, C, ldc);
+      A += kMR * a_rs;
+      C += kMR * ldc;
+      rows -= kMR;
+    }
+  }
   switch (rows) {
     case 6:
       panels_fixed<P, 6>(A, a_rs, B, K, np, C, ldc);
@@ -506,7 +532,7 @@ template <class P>
 struct FwdProducts {
   using T = typename P::T;
   static constexpr int NR = 2 * P::W;
-  static constexpr int64_t kRows = kMR;  // rows per group: the register tile's
+  static constexpr int64_t kRows = kMRof<P>;  // rows per group: the register tile's
   static void scores(const FwdRows<T>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w, T* S) {
     gemm_panels<P>(mr, a.Qs + r0 * a.D, a.D, a.Kp + (pl / NR) * a.D * NR, a.D, w / NR, S, a.BN);
   }
@@ -743,6 +769,7 @@ struct Kernels {
   int64_t mr = kMR;     // fwd: query rows per group (Products::kRows): the rows of the P and alpha scratch
   int64_t d_align = 2;  // bf16 only: the packed head dims D2, Dv2 are D, Dv rounded up to this
   bool tiles = false;   // AMX: the backward pads rows and query-row pairs for 16 x 32 tiles (BwdPack)
+  bool avx512 = false;  // the kernels run AVX-512F, so the packers may (pack_panels)
 };
 
 template <typename T>
@@ -1207,9 +1234,13 @@ Kernels<T> select_kernels(bool bf16_operands) {
   const simd::Isa isa = simd::path_isa(attention_top_isa(std::is_same_v<T, double>, bf16_operands));
 #if SK_SIMD_X86
   if constexpr (std::is_same_v<T, float>) {
-    if (isa == simd::Isa::AmxBf16) return {simd::Avx512Float::W, &fwd_rows_amx, &bwd_block_amx, true, 32, 32, true};
-    if (isa == simd::Isa::Avx512Bf16) return {simd::Avx512Float::W, &fwd_rows_avx512bf16, &bwd_block_avx512bf16, true};
-    if (isa == simd::Isa::Avx512) return {simd::Avx512Float::W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32};
+    constexpr int W = simd::Avx512Float::W;
+    if (isa == simd::Isa::AmxBf16) return {W, &fwd_rows_amx, &bwd_block_amx, true, 32, 32, true, true};
+    if (isa == simd::Isa::Avx512Bf16)
+      return {W, &fwd_rows_avx512bf16, &bwd_block_avx512bf16, true, kMR, 2, false, true};
+    if (isa == simd::Isa::Avx512) {
+      return {W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32, false, kMRof<simd::Avx512Float>, 2, false, true};
+    }
   }
   if (isa == simd::Isa::Avx2) {
     if constexpr (std::is_same_v<T, float>) {
@@ -1227,10 +1258,41 @@ Kernels<T> select_kernels(bool bf16_operands) {
 // Packing (dtype conversion + layout), memory-bound and done once per (b, head).
 // ---------------------------------------------------------------------------------------------
 
-// K^T panels [p][d][NR] for panels [p0, p1) of one head; keys >= nvalid are zeros.
+#if SK_SIMD_X86
+// pack_panels of float32 rows (sD == 1) into panels of 32 keys by 16 x 16 register transposes:
+// the scalar loop's stores, NR floats apart, were 4% of a float32 forward at L = 512.
+SK_AVX512_FN void pack_panels_f32_avx512(const float* x, int64_t sL, int64_t nvalid, int64_t D, int64_t p0, int64_t p1,
+                                         float* out) {
+  constexpr int64_t NR = 32;
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t j0 = p * NR; j0 < (p + 1) * NR; j0 += 16) {
+      float* dst = out + p * D * NR + (j0 - p * NR);
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        const int64_t nd = std::min<int64_t>(16, D - d0);
+        const __mmask16 dm = static_cast<__mmask16>((1u << nd) - 1u);
+        __m512 r[16];
+        for (int64_t t = 0; t < 16; ++t) {
+          r[t] = j0 + t < nvalid ? _mm512_maskz_loadu_ps(dm, x + (j0 + t) * sL + d0) : _mm512_setzero_ps();
+        }
+        simd::transpose16_ps(r);
+        for (int64_t e = 0; e < nd; ++e) _mm512_storeu_ps(dst + (d0 + e) * NR, r[e]);
+      }
+    }
+  }
+}
+#endif
+
+// K^T panels [p][d][NR] for panels [p0, p1) of one head; keys >= nvalid are zeros. avx512: the
+// kernels run AVX-512F (Kernels::avx512), so a float32 copy may transpose in registers.
 template <typename scalar_t, typename T>
 void pack_panels(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t NR, int64_t p0,
-                 int64_t p1, T* out) {
+                 int64_t p1, T* out, bool avx512) {
+#if SK_SIMD_X86
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
+    if (avx512 && sD == 1 && NR == 32) return pack_panels_f32_avx512(x, sL, nvalid, D, p0, p1, out);
+  }
+#endif
+  (void)avx512;
   for (int64_t p = p0; p < p1; ++p) {
     T* dst = out + p * D * NR;
     for (int64_t t = 0; t < NR; ++t) {
@@ -1255,7 +1317,11 @@ void pack_rows(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_
     int64_t d = 0;
     if (j < nvalid) {
       const scalar_t* src = x + j * sL;
-      if (sD == 1) {
+      if (std::is_same_v<scalar_t, T> && sD == 1 && mul == T(1)) {
+        // A plain copy (V, K rows of a float32 call): libc's, at the machine's widest vectors.
+        std::memcpy(dst, src, sizeof(T) * D);
+        d = D;
+      } else if (sD == 1) {
         for (; d < D; ++d) dst[d] = static_cast<T>(src[d]) * mul;
       } else {
         for (; d < D; ++d) dst[d] = static_cast<T>(src[d * sD]) * mul;
@@ -1754,7 +1820,8 @@ void pack_fwd_slice(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, FwdPack<T
       return;
     }
   }
-  pack_panels<scalar_t, T>(kd + ks + hk * k.stride(1), k.stride(2), k.stride(3), io.u.lk[b], D, NR, p0, p1, pk.Kp(gi));
+  pack_panels<scalar_t, T>(kd + ks + hk * k.stride(1), k.stride(2), k.stride(3), io.u.lk[b], D, NR, p0, p1, pk.Kp(gi),
+                           p.kern.avx512);
   pack_rows<scalar_t, T>(vd + vs + hk * v.stride(1), v.stride(2), v.stride(3), io.u.lk[b], Dv, p.Dvp, p0 * NR, p1 * NR,
                          T(1), pk.Vp(gi));
   pk.ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
@@ -1784,7 +1851,7 @@ std::vector<int64_t> fwd_task_costs(const FwdPlan<T>& p, const Units& u, int64_t
 
 // Per-thread scratch of fwd_compute_task: Q rows, the O accumulators, m, l, the P tile, alpha.
 // BM is a multiple of every kernel's row group, so the AMX path's padded rows are in the buffer.
-static_assert(kFwdBM % 32 == 0 && kFwdBM % kMR == 0, "kFwdBM: whole row groups of every forward kernel");
+static_assert(kFwdBM % 32 == 0 && kFwdBM % (2 * kMR) == 0, "kFwdBM: whole row groups of every forward kernel");
 template <typename T>
 int64_t fwd_scratch_elems(const FwdPlan<T>& p) {
   // The last mr * BN: the bf16 path's P (uint16), which also finds room for its Q rows in the
@@ -2173,6 +2240,7 @@ struct BwdPack {
   // in place of the T layouts Kt .. dOp; the rest of the group's part is laid out as before.
   bool bf16 = false;
   bool tiles = false;                                  // and padded for the AMX tiles (bwd_block_amx)
+  bool avx512 = false;                                 // Kernels::avx512 (pack_panels)
   int64_t D2 = 0, Dv2 = 0;                             // D and Dv rounded up to even (to 32: tiles)
   std::vector<int64_t> lq, kpad, nslice, nrslice;      // per unit
   std::vector<int64_t> elem_off, kvjob_off, qjob_off;  // (ngroups + 1) prefixes
@@ -2354,9 +2422,9 @@ int64_t pack_bwd_kv(const BwdIo<scalar_t, T>& io, BwdPack<T>& pk, int64_t t) {
       return gi;
     }
   }
-  pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, pk.Kt(gi));
+  pack_panels<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, NR, p0, p1, pk.Kt(gi), pk.avx512);
   pack_rows<scalar_t, T>(kh, k.stride(2), k.stride(3), Lk_b, D, pk.Dp, p0 * NR, p1 * NR, T(1), pk.Kr(gi));
-  pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, pk.Vt(gi));
+  pack_panels<scalar_t, T>(vh, v.stride(2), v.stride(3), Lk_b, Dv, NR, p0, p1, pk.Vt(gi), pk.avx512);
   pk.kv_ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
   return gi;
 }
@@ -2652,6 +2720,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   const Kernels<T> kern = select_kernels<T>(kBf16Backward && std::is_same_v<scalar_t, c10::BFloat16>);
   BwdPack<T> pack = bwd_pack_sizes<T>(g, u, kern.W);
   pack.bf16 = kern.bf16;
+  pack.avx512 = kern.avx512;
   pack.tiles = kern.bf16 && kern.tiles;
   pack.D2 = round_up(g.D, kern.d_align);
   pack.Dv2 = round_up(g.Dv, kern.d_align);

@@ -641,35 +641,6 @@ struct Avx512Ops {
     for (; i < n; ++i) dot_block<MB, 1>(q, ldq, D, krows + i, S + i, lds);
   }
 
-  // 16 x 16 transpose in registers: r[j] holds row j on entry, column j on exit.
-  SK_AVX512_FN static void transpose16(__m512* r) {
-    __m512 t[16], u[16];
-#pragma GCC unroll 16
-    for (int j = 0; j < 8; ++j) {
-      t[2 * j] = _mm512_unpacklo_ps(r[2 * j], r[2 * j + 1]);
-      t[2 * j + 1] = _mm512_unpackhi_ps(r[2 * j], r[2 * j + 1]);
-    }
-    // u[4g + c] holds, in 128-bit lane l, element c + 4l of rows 4g .. 4g+3.
-#pragma GCC unroll 16
-    for (int g = 0; g < 4; ++g) {
-      u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-      u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
-      u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-      u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
-    }
-#pragma GCC unroll 16
-    for (int c = 0; c < 4; ++c) {
-      const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);       // cols c, c+8 of rows 0-7
-      const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);       // cols c+4, c+12 of rows 0-7
-      const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);  // cols c, c+8 of rows 8-15
-      const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);  // cols c+4, c+12 of rows 8-15
-      r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-      r[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
-      r[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-      r[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
-    }
-  }
-
   // Kt[d * kKeyTile + i] = K[i][d] as floats for i < round_up(n, 16) (keys past n are zeros).
   SK_AVX512_FN static void transpose_keys(const T* const* krows, int n, int64_t D, float* Kt) {
     for (int i0 = 0; i0 < n; i0 += 16) {
@@ -679,7 +650,7 @@ struct Avx512Ops {
         __m512 r[16];
 #pragma GCC unroll 16
         for (int j = 0; j < 16; ++j) r[j] = i0 + j < n ? load16_mask<T>(krows[i0 + j] + d0, dm) : _mm512_setzero_ps();
-        transpose16(r);
+        simd::transpose16_ps(r);
         for (int64_t j = 0; j < nd; ++j) _mm512_storeu_ps(Kt + (d0 + j) * kKeyTile + i0, r[j]);
       }
     }

@@ -433,8 +433,11 @@ struct Avx512Float {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264625e-01f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    // p * 2^n by vscalefps (one instruction for the exponent bits, the add and the multiply),
+    // and 0 where n is the clamp's -127, as the AVX2 path's biased exponent of 0 gives: bitwise
+    // the AVX2 result, which scales by the same exact power of two. No subnormal leaves for a
+    // masked score (whose FMAs in P V would then take microcode assists). NaN stays NaN.
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(n, _mm512_set1_ps(-127.0f), _CMP_NEQ_UQ), p, n);
   }
   SK_AVX512_FN static V tanh(V x) { return tanh_ps(x); }
   // The two 256-bit halves first, then Avx2Float's tree (the order of a reduction is the only
@@ -449,6 +452,36 @@ struct Avx512Float {
   }
   SK_AVX512_FN static float hsum(V x) { return Avx2Float::hsum(fold(x)); }
 };
+
+// 16 x 16 float transpose in registers: r[j] holds row j on entry, column j on exit (decode's
+// key tiles, the attention forward's K^T panels).
+SK_AVX512_FN void transpose16_ps(__m512* r) {
+  __m512 t[16], u[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 8; ++j) {
+    t[2 * j] = _mm512_unpacklo_ps(r[2 * j], r[2 * j + 1]);
+    t[2 * j + 1] = _mm512_unpackhi_ps(r[2 * j], r[2 * j + 1]);
+  }
+  // u[4g + c] holds, in 128-bit lane l, element c + 4l of rows 4g .. 4g+3.
+#pragma GCC unroll 16
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);       // cols c, c+8 of rows 0-7
+    const __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);       // cols c+4, c+12 of rows 0-7
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);  // cols c, c+8 of rows 8-15
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);  // cols c+4, c+12 of rows 8-15
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[c + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // AMX: the tile configuration every AMX kernel here uses. All eight tiles are 16 rows of 64
