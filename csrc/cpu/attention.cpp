@@ -471,9 +471,16 @@ struct FwdRows {
 // itself an exp2 argument (NaN from inf / inf once |s| > ~1.5e9), and overflows to -inf for
 // scores near the lowest finite value (a finfo.min mask), which made a row that sees keys look
 // like one that sees none (0, lse -inf).
+//
+// sc != 1: s holds the scores before the softmax scale (the AMX products). The max pass scales
+// them as it reads them and stores them back, in place of a pass of its own over S right after the
+// tile stores (which waited on them); stored, not fused into the exp2 pass, so that no compiler
+// contracts s * sc - m into one FMA (an unrounded product minus the rounded max: the failure
+// above). Modifiers and masks see scaled scores: with either, the row is scaled before them.
 template <class P>
 inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo, int64_t hi, typename P::T& m,
-                            typename P::T& l, typename P::T& alpha, const FwdRows<typename P::T>& a, int64_t r) {
+                            typename P::T& l, typename P::T& alpha, const FwdRows<typename P::T>& a, int64_t r,
+                            typename P::T sc = typename P::T(1)) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -484,6 +491,11 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
     fill(s, w, T(0));
     return;
   }
+  if (sc != T(1) && (a.mods.on() || a.mask.kind != MaskKind::None)) {
+    const V scv = P::set1(sc);
+    for (int64_t j = 0; j < w; j += W) P::store(s + j, P::mul(P::load(s + j), scv));
+    sc = T(1);
+  }
   if (a.mods.on()) apply_mods_row<P>(s, w, pl, a.i0 + r + a.mods.off, a.mods, nullptr);
   fill(s, c0, -kInf);
   fill(s + c1, w - c1, -kInf);
@@ -491,7 +503,16 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
     apply_mask_row<T>(a.mask, a.b, a.h, a.i0 + r, pl + c0, s + c0, nullptr, c1 - c0);
   }
   V mv = P::set1(-kInf);
-  for (int64_t j = 0; j < w; j += W) mv = P::max(P::load(s + j), mv);
+  if (sc == T(1)) {
+    for (int64_t j = 0; j < w; j += W) mv = P::max(P::load(s + j), mv);
+  } else {
+    const V scv = P::set1(sc);
+    for (int64_t j = 0; j < w; j += W) {
+      const V x = P::mul(P::load(s + j), scv);
+      P::store(s + j, x);
+      mv = P::max(x, mv);
+    }
+  }
   const T mx = P::hmax(mv);
   const T m_new = mx > m ? mx : m;
   if (m_new == -kInf) {
@@ -533,6 +554,7 @@ struct FwdProducts {
   using T = typename P::T;
   static constexpr int NR = 2 * P::W;
   static constexpr int64_t kRows = kMRof<P>;  // rows per group: the register tile's
+  static constexpr bool kUnscaled = false;    // scores() leaves S scaled (Q was)
   static void scores(const FwdRows<T>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w, T* S) {
     gemm_panels<P>(mr, a.Qs + r0 * a.D, a.D, a.Kp + (pl / NR) * a.D * NR, a.D, w / NR, S, a.BN);
   }
@@ -567,7 +589,7 @@ inline void fwd_rows(const FwdRows<typename P::T>& a) {
       Products::scores(a, mr, r0, pl, w, S);
       for (int64_t r = 0; r < mr; ++r) {
         fwd_softmax_row<P>(S + r * BN, w, pl, a.lo[r0 + r], a.hi[r0 + r], a.m[r0 + r], a.l[r0 + r], a.alpha[r], a,
-                           r0 + r);
+                           r0 + r, Products::kUnscaled ? a.qk_scale : T(1));
       }
       Products::pv(a, mr, r0, S, pl, w);
     }
@@ -897,6 +919,7 @@ SK_AVX512BF16_FN void bf16_rows(const float* X, int64_t nr, int64_t w, int64_t B
 struct Bf16Products {
   static constexpr int64_t NR = 32;
   static constexpr int64_t kRows = kMR;
+  static constexpr bool kUnscaled = false;  // the products' epilogue scales S
   // S = scale * Q K^T, one panel of NR keys at a time.
   SK_AVX512BF16_FN static void scores(const FwdRows<float>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w,
                                       float* S) {
@@ -1043,7 +1066,8 @@ SK_AMX_FN void scale_rows(float* S, int64_t nr, int64_t w, int64_t BN, float sca
 struct AmxProducts {
   static constexpr int64_t NR = 32;
   static constexpr int64_t kRows = 32;
-  // S = scale * Q K^T over the panels [pl, pl + w).
+  static constexpr bool kUnscaled = true;  // fwd_softmax_row scales S as it reads it
+  // S = Q K^T over the panels [pl, pl + w), before the softmax scale.
   SK_AMX_FN static void scores(const FwdRows<float>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w, float* S) {
     const uint16_t* Q = a.Qh + r0 * a.D2;
     const uint16_t* K = a.Kh + (pl / NR) * a.D2 * NR;
@@ -1052,7 +1076,6 @@ struct AmxProducts {
     } else {
       amx_scores<1>(Q, a.D2, K, a.D2, w / NR, S, a.BN);
     }
-    scale_rows(S, mr, w, a.BN, a.qk_scale);
   }
   // O = O * alpha + P V: P rounded to bf16 (rows past mr zeroed, up to the row tile), the rows
   // whose alpha is not 1 rescaled, then the tiles add P V.
