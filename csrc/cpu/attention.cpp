@@ -1510,11 +1510,11 @@ inline void wait_ready(const std::atomic<int64_t>& count, int64_t target) {
 // reused call after call, instead of fresh pages that fault and get zeroed on every call.
 constexpr int64_t kPackBudgetBytes = int64_t(24) << 20;
 
-// Tile sizes: query rows per forward task (a multiple of the 6-row register tile) and keys per
-// forward block; query rows and keys per backward step. The forward block is large because its
-// per-row cost (max, rescale) is paid once per block; the backward's S and dP tiles (rows x
-// keys) stay in L2 next to the dK/dV accumulators. Measured on Zen 3 (AVX2): the rate is flat
-// within a few percent around these values.
+// Tile sizes: query rows per forward task (a multiple of every row group: 6 rows on AVX2, 12 on
+// AVX-512, 32 on AMX) and keys per forward block; query rows and keys per backward step. The
+// forward block is large because its per-row cost (max, rescale) is paid once per block; the
+// backward's S and dP tiles (rows x keys) stay in L2 next to the dK/dV accumulators. Measured on
+// Zen 3 (AVX2): the rate is flat within a few percent around these values.
 constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64;
 static_assert(kBwdBM % 32 == 0, "kBwdBM: query blocks of whole 32-row tile groups (bwd_block_amx)");
 
