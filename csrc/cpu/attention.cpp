@@ -1260,11 +1260,13 @@ Kernels<T> select_kernels(bool bf16_operands) {
 #if SK_SIMD_X86
   if constexpr (std::is_same_v<T, float>) {
     constexpr int W = simd::Avx512Float::W;
-    if (isa == simd::Isa::AmxBf16) return {W, &fwd_rows_amx, &bwd_block_amx, true, 32, 32, true, true};
+    // mr: the row group of the kernel's products (its P and alpha scratch), taken from them.
+    if (isa == simd::Isa::AmxBf16) return {W, &fwd_rows_amx, &bwd_block_amx, true, AmxProducts::kRows, 32, true, true};
     if (isa == simd::Isa::Avx512Bf16)
-      return {W, &fwd_rows_avx512bf16, &bwd_block_avx512bf16, true, kMR, 2, false, true};
+      return {W, &fwd_rows_avx512bf16, &bwd_block_avx512bf16, true, Bf16Products::kRows, 2, false, true};
     if (isa == simd::Isa::Avx512) {
-      return {W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32, false, kMRof<simd::Avx512Float>, 2, false, true};
+      constexpr int64_t mr = FwdProducts<simd::Avx512Float>::kRows;
+      return {W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32, false, mr, 2, false, true};
     }
   }
   if (isa == simd::Isa::Avx2) {
@@ -1342,11 +1344,14 @@ void pack_rows(const scalar_t* x, int64_t sL, int64_t sD, int64_t nvalid, int64_
     int64_t d = 0;
     if (j < nvalid) {
       const scalar_t* src = x + j * sL;
-      if (std::is_same_v<scalar_t, T> && sD == 1 && mul == T(1)) {
-        // A plain copy (V, K rows of a float32 call): libc's, at the machine's widest vectors.
-        std::memcpy(dst, src, sizeof(T) * D);
-        d = D;
-      } else if (sD == 1) {
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        if (sD == 1 && mul == T(1)) {
+          // A plain copy (V, K rows of a float32 call): libc's, at the machine's widest vectors.
+          std::memcpy(dst, src, sizeof(T) * D);
+          d = D;
+        }
+      }
+      if (sD == 1) {  // (nothing left after the copy)
         for (; d < D; ++d) dst[d] = static_cast<T>(src[d]) * mul;
       } else {
         for (; d < D; ++d) dst[d] = static_cast<T>(src[d * sD]) * mul;
