@@ -1293,17 +1293,7 @@ SK_AVX512_FN void pack_panels_f32_avx512(const float* x, int64_t sL, int64_t nva
   constexpr int64_t NR = 32;
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t j0 = p * NR; j0 < (p + 1) * NR; j0 += 16) {
-      float* dst = out + p * D * NR + (j0 - p * NR);
-      for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        const int64_t nd = std::min<int64_t>(16, D - d0);
-        const __mmask16 dm = static_cast<__mmask16>((1u << nd) - 1u);
-        __m512 r[16];
-        for (int64_t t = 0; t < 16; ++t) {
-          r[t] = j0 + t < nvalid ? _mm512_maskz_loadu_ps(dm, x + (j0 + t) * sL + d0) : _mm512_setzero_ps();
-        }
-        simd::transpose16_ps(r);
-        for (int64_t e = 0; e < nd; ++e) _mm512_storeu_ps(dst + (d0 + e) * NR, r[e]);
-      }
+      simd::transpose_rows16_ps(x + j0 * sL, sL, nvalid - j0, D, out + p * D * NR + (j0 - p * NR), NR);
     }
   }
 }

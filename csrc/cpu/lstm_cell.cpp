@@ -163,6 +163,7 @@ struct Lanes {
   static void storeu(V* p, V v) { *p = v; }
   static V bcast(V x) { return x; }
   static V fma(V a, V b, V c) { return a * b + c; }
+  static constexpr bool kTransposeRows = false;  // pack_gate_rows' loops
 };
 
 #include "lstm_cell_rows.h"
@@ -273,6 +274,7 @@ struct Lanes {
   static void storeu(A* p, V v) { v.store(p); }
   static V bcast(A x) { return V(x); }
   static V fma(V a, V b, V c) { return at::vec::fmadd(a, b, c); }
+  static constexpr bool kTransposeRows = false;  // pack_gate_rows' loops
 };
 
 #include "lstm_cell_rows.h"
@@ -369,6 +371,11 @@ struct Lanes {
   static void storeu(float* p, V v) { _mm512_storeu_ps(p, v.v); }
   static V bcast(float x) { return _mm512_set1_ps(x); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+  // pack_gate_rows by 16 x 16 register transposes (W = 16).
+  static constexpr bool kTransposeRows = true;
+  static void transpose_rows(const float* src, int64_t ld, int64_t nrows, int64_t K, float* dst, int64_t dst_ld) {
+    simd::transpose_rows16_ps(src, ld, nrows, K, dst, dst_ld);
+  }
 };
 
 #include "lstm_cell_rows.h"

@@ -114,25 +114,36 @@ void seq_step_range(const SeqStepArgs& a, int64_t b, int64_t j0, int64_t j1) {
 // Packed weights: block j (units [j W, j W + W)) is a (I + H, 4, W) array, element (k, g, l) =
 // W_ih[g H + j W + l, k] for k < I (the input projection, when the kernel is given the input x) and
 // W_hh[g H + j W + l, k - I] after, zero for units past H; a step reads it front to back.
+// dst[k * dst_ld + l] = src[l * ld + k] for l < W, k < K (zero for l >= nrows): one gate's W rows
+// of a weight matrix, transposed into the packed block. The AVX-512 lanes transpose 16 x 16 tiles
+// in registers (the one-float strided stores were 4% of an inference call at T128 B16 H256).
+template <class L>
+void pack_gate_rows(const float* src, int64_t ld, int64_t nrows, int64_t K, float* dst, int64_t dst_ld) {
+  constexpr int64_t W = L::W;
+  if constexpr (L::kTransposeRows) {
+    L::transpose_rows(src, ld, nrows, K, dst, dst_ld);
+  } else {
+    for (int64_t l = 0; l < W; ++l) {
+      float* d = dst + l;
+      if (l < nrows) {
+        for (int64_t k = 0; k < K; ++k) d[k * dst_ld] = src[l * ld + k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) d[k * dst_ld] = 0.f;
+      }
+    }
+  }
+}
+
 template <class L>
 void seq_fused_pack(const SeqFusedArgs& a, int64_t blk0, int64_t blk1) {
   constexpr int64_t W = L::W;
   const int64_t H = a.H, I = a.I, K = I + H;
   for (int64_t j = blk0; j < blk1; ++j) {
     float* dst = a.packed + j * K * 4 * W;
+    const int64_t nrows = H - j * W < W ? H - j * W : W;
     for (int g = 0; g < 4; ++g) {
-      for (int64_t l = 0; l < W; ++l) {
-        const int64_t u = j * W + l;
-        float* d = dst + g * W + l;
-        if (u < H) {
-          const float* src = a.weight_ih + (g * H + u) * I;
-          for (int64_t k = 0; k < I; ++k) d[k * 4 * W] = src[k];
-          src = a.weight_hh + (g * H + u) * H;
-          for (int64_t k = 0; k < H; ++k) d[(I + k) * 4 * W] = src[k];
-        } else {
-          for (int64_t k = 0; k < K; ++k) d[k * 4 * W] = 0.f;
-        }
-      }
+      if (I > 0) pack_gate_rows<L>(a.weight_ih + (g * H + j * W) * I, I, nrows, I, dst + g * W, 4 * W);
+      pack_gate_rows<L>(a.weight_hh + (g * H + j * W) * H, H, nrows, H, dst + I * 4 * W + g * W, 4 * W);
     }
   }
 }
@@ -228,6 +239,14 @@ void seq_chunk(float* acc, const float* wp, const float* src, int64_t ld, int64_
   }
 }
 
+// Prefetches the 4 gates' runs of n floats of one row of input gates (H apart) into L2, for reading.
+inline void prefetch_gate_row(const float* p, int64_t H, int64_t n) {
+  for (int g = 0; g < 4; ++g) {
+    __builtin_prefetch(p + g * H, 0, 2);
+    __builtin_prefetch(p + g * H + n - 1, 0, 2);
+  }
+}
+
 // Step s (of T; time index T - 1 - s when reverse) for the unit blocks [blk0, blk1). Per unit
 // block, the GEMM runs chunk by chunk of kSeqChunk values of K (x_t's, then h_prev's), each chunk
 // for every batch row before the next: the chunk's packed weights (kSeqChunk x 4 W floats, 8 KB
@@ -259,8 +278,19 @@ void seq_fused_step(const SeqFusedArgs& a, int64_t s, int64_t blk0, int64_t blk1
     std::fill(acc, acc + B * 4 * W, 0.f);
     for (int64_t k0 = 0; k0 < a.I; k0 += kSeqChunk)
       seq_chunk<L>(acc, wp, x_t, a.I, k0, a.I - k0 < kSeqChunk ? a.I : k0 + kSeqChunk, B);
-    for (int64_t k0 = 0; k0 < H; k0 += kSeqChunk)
+    const int64_t nch = (H + kSeqChunk - 1) / kSeqChunk;
+    for (int64_t c = 0; c < nch; ++c) {
+      // This block's input gates are read by the epilogue only, rows of a (T, B, 4H) projection
+      // far larger than the caches; loaded there, they stalled the cell math (half of the
+      // epilogue's time at T100 B32 H512). Fetched into L2 during the GEMM instead, a few rows per
+      // chunk: all at once, they filled the line-fill buffers and stalled the prefetches
+      // themselves. (Prefetching the epilogue's stores too, h_out, was slower.)
+      if (ig != nullptr) {
+        for (int64_t b = c * B / nch; b < (c + 1) * B / nch; ++b) prefetch_gate_row(ig + b * 4 * H + u0, H, n);
+      }
+      const int64_t k0 = c * kSeqChunk;
       seq_chunk<L>(acc, wp + a.I * 4 * W, h_prev, H, k0, H - k0 < kSeqChunk ? H : k0 + kSeqChunk, B);
+    }
     for (int64_t b = 0; b < B; ++b) {
       const float* ar = acc + b * 4 * W;
       const float* igr = ig != nullptr ? ig + b * 4 * H + u0 : nullptr;

@@ -483,6 +483,23 @@ SK_AVX512_FN void transpose16_ps(__m512* r) {
   }
 }
 
+// dst[k * dst_ld + r] = src[r * ld + k] for r < 16, k < K: up to 16 rows of K floats written as
+// K rows of 16 (rows >= nrows as zeros, never read), by 16 x 16 register transposes. The packers
+// that lay weights or keys out for a 16-wide register tile (the attention forward's K^T panels,
+// the LSTM sequence kernel's gate blocks) use it.
+SK_AVX512_FN void transpose_rows16_ps(const float* src, int64_t ld, int64_t nrows, int64_t K, float* dst,
+                                      int64_t dst_ld) {
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t nk = K - k0 < 16 ? K - k0 : 16;
+    const __mmask16 km = static_cast<__mmask16>((1u << nk) - 1u);
+    __m512 r[16];
+    for (int64_t t = 0; t < 16; ++t)
+      r[t] = t < nrows ? _mm512_maskz_loadu_ps(km, src + t * ld + k0) : _mm512_setzero_ps();
+    transpose16_ps(r);
+    for (int64_t e = 0; e < nk; ++e) _mm512_storeu_ps(dst + (k0 + e) * dst_ld, r[e]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // AMX: the tile configuration every AMX kernel here uses. All eight tiles are 16 rows of 64
 // bytes (16 x 32 bf16 for A and B, 16 x 16 float32 for C), so one configuration serves every
