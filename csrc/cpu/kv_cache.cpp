@@ -294,6 +294,95 @@ struct GenericOps {
 // The lone reductions and the softmax's exp2 are the attention kernels' (cpu/simd.h).
 using simd::Avx2Float;
 
+// The parts of the AVX2 and AVX-512 ops that differ only in the vector width, written once on the
+// vector policy P (simd::Avx2Float, simd::Avx512Float). Plain templates: each Ops class calls them
+// from a method with its target and `flatten`, which compiles them, P's helpers inlined, for it.
+
+// GenericOps::modify in vectors of P::W: whole vectors up to round_up(n, W) (the row has kKeyTile
+// entries, a multiple of every W; the lanes past n are scratch that nothing reads).
+static_assert(kKeyTile % 16 == 0, "a score row holds whole vectors of every width");
+template <class P>
+inline void modify_scores(float* s, int n, float cap, float inv_cap, bool alibi, float slope, int64_t diag,
+                          int64_t j0) {
+  using V = typename P::V;
+  constexpr int W = P::W;
+  if (cap > 0.0f) {
+    const V c = P::set1(cap), ic = P::set1(inv_cap);
+    for (int i = 0; i < n; i += W) P::store(s + i, P::mul(c, P::tanh(P::mul(P::load(s + i), ic))));
+  }
+  if (alibi) {
+    // Distances diag - j exact in float (< 2^24), |x| as max(x, -x).
+    static constexpr float kIota[16] = {0.f, 1.f, 2.f,  3.f,  4.f,  5.f,  6.f,  7.f,
+                                        8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f};
+    const V ns = P::set1(-slope), step = P::set1(static_cast<float>(W));
+    V d = P::sub(P::set1(static_cast<float>(diag - j0)), P::load(kIota));
+    for (int i = 0; i < n; i += W) {
+      const V ad = P::max(d, P::sub(P::zero(), d));
+      P::store(s + i, P::fmadd(ns, ad, P::load(s + i)));
+      d = P::sub(d, step);
+    }
+  }
+}
+
+// The softmax half of softmax_pv for rows [0, M) of S (n scores each): per row the max and the NaN
+// test, the scores replaced by their exp2((s - m_new) log2 e), l and m updated and the row's acc
+// rescaled; a NaN row is poisoned, a row with nothing visible yet gets zeros. The lanes past n, up
+// to whole vectors, are set to -inf first: no effect on the max or the NaN test, exactly 0 after
+// the exp2 (so nothing in the sum), and never read by P V.
+template <class P>
+inline void softmax_rows(float* S, int64_t lds, int M, int n, int64_t Dv, float* mrow, float* lrow, float* acc,
+                         int64_t ldacc) {
+  using V = typename P::V;
+  constexpr int W = P::W;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int nv = (n + W - 1) / W * W;
+  for (int m = 0; m < M; ++m) {
+    float* s = S + m * lds;
+    if (std::isnan(mrow[m])) {
+      std::fill(s, s + n, 0.0f);
+      continue;
+    }
+    std::fill(s + n, s + nv, ninf);
+    V mx = P::set1(ninf);
+    int nan = 0;
+    for (int i = 0; i < nv; i += W) {
+      const V x = P::load(s + i);
+      mx = P::max(mx, x);
+      nan |= P::nan_bits(x);
+    }
+    if (nan != 0) {
+      poison_row(mrow + m, lrow + m, acc + m * ldacc, Dv);
+      std::fill(s, s + n, 0.0f);
+      continue;
+    }
+    const float m_new = std::max(mrow[m], P::hmax(mx));
+    if (m_new == ninf) {
+      // Nothing visible to this row yet: its probabilities are all 0.
+      std::fill(s, s + n, 0.0f);
+      continue;
+    }
+    // mrow - m_new is -inf on the first visible tile (mrow = -inf) or when it overflows: alpha = 0.
+    const float l2e = static_cast<float>(kLog2e);
+    const float alpha = std::exp2((mrow[m] - m_new) * l2e);
+    const V mn = P::set1(m_new), vl2e = P::set1(l2e);
+    V sum = P::zero();
+    for (int i = 0; i < nv; i += W) {
+      const V p = P::exp2_nonpos(P::mul(P::sub(P::load(s + i), mn), vl2e));
+      P::store(s + i, p);
+      sum = P::add(sum, p);
+    }
+    lrow[m] = lrow[m] * alpha + P::hsum(sum);
+    mrow[m] = m_new;
+    if (alpha != 1.0f) {
+      float* a = acc + m * ldacc;
+      const V va = P::set1(alpha);
+      int64_t d = 0;
+      for (; d + W <= Dv; d += W) P::store(a + d, P::mul(va, P::load(a + d)));
+      for (; d < Dv; ++d) a[d] *= alpha;
+    }
+  }
+}
+
 // 8 consecutive elements as floats; `n < 8` loads only n (the rest 0).
 template <typename T>
 SK_AVX2_FN __m256 load8(const T* p);
@@ -447,87 +536,19 @@ struct Avx2Ops {
       }
   }
 
-  // GenericOps::modify with AVX2 vectors (the tanh of cpu/simd.h).
-  SK_AVX2_FN static void modify(float* s, int n, float cap, float inv_cap, bool alibi, float slope, int64_t diag,
-                                int64_t j0) {
-    if (cap > 0.0f) {
-      const __m256 c = _mm256_set1_ps(cap), ic = _mm256_set1_ps(inv_cap);
-      for (int i = 0; i < n; i += 8) {
-        _mm256_storeu_ps(s + i, _mm256_mul_ps(c, Avx2Float::tanh(_mm256_mul_ps(_mm256_loadu_ps(s + i), ic))));
-      }
-    }
-    if (alibi) {
-      // Distances diag - j exact in float (< 2^24), |x| as max(x, -x).
-      const __m256 ns = _mm256_set1_ps(-slope), step = _mm256_set1_ps(8.0f);
-      __m256 d = _mm256_sub_ps(_mm256_set1_ps(static_cast<float>(diag - j0)),
-                               _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f));
-      for (int i = 0; i < n; i += 8) {
-        const __m256 ad = _mm256_max_ps(d, _mm256_sub_ps(_mm256_setzero_ps(), d));
-        _mm256_storeu_ps(s + i, _mm256_fmadd_ps(ns, ad, _mm256_loadu_ps(s + i)));
-        d = _mm256_sub_ps(d, step);
-      }
-    }
+  SK_AVX2_FN __attribute__((flatten)) static void modify(float* s, int n, float cap, float inv_cap, bool alibi,
+                                                         float slope, int64_t diag, int64_t j0) {
+    modify_scores<Avx2Float>(s, n, cap, inv_cap, alibi, slope, diag, j0);
+  }
+
+  SK_AVX2_FN __attribute__((flatten)) static void softmax(float* S, int64_t lds, int M, int n, int64_t Dv, float* mrow,
+                                                          float* lrow, float* acc, int64_t ldacc) {
+    softmax_rows<Avx2Float>(S, lds, M, n, Dv, mrow, lrow, acc, ldacc);
   }
 
   SK_AVX2_FN static void softmax_pv(float* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv, float* mrow,
                                     float* lrow, float* acc, int64_t ldacc, float*) {
-    const float ninf = -std::numeric_limits<float>::infinity();
-    for (int m = 0; m < M; ++m) {
-      float* s = S + m * lds;
-      if (std::isnan(mrow[m])) {
-        std::fill(s, s + n, 0.0f);
-        continue;
-      }
-      __m256 mx8 = _mm256_set1_ps(ninf), nan8 = _mm256_setzero_ps();
-      int i = 0;
-      for (; i + 8 <= n; i += 8) {
-        const __m256 x = _mm256_loadu_ps(s + i);
-        mx8 = _mm256_max_ps(mx8, x);
-        nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-      }
-      float mx = Avx2Float::hmax(mx8);
-      bool nan = _mm256_movemask_ps(nan8) != 0;
-      for (; i < n; ++i) {
-        mx = std::max(mx, s[i]);
-        nan |= std::isnan(s[i]);
-      }
-      if (nan) {
-        poison_row(mrow + m, lrow + m, acc + m * ldacc, Dv);
-        std::fill(s, s + n, 0.0f);
-        continue;
-      }
-      const float m_new = std::max(mrow[m], mx);
-      if (m_new == ninf) {
-        // Nothing visible to this row yet: its probabilities are all 0.
-        std::fill(s, s + n, 0.0f);
-        continue;
-      }
-      // mrow - m_new is -inf on the first visible tile (mrow = -inf) or when it overflows: alpha = 0.
-      const float l2e = static_cast<float>(kLog2e);
-      const float alpha = std::exp2((mrow[m] - m_new) * l2e);
-      const __m256 mn = _mm256_set1_ps(m_new), l2e8 = _mm256_set1_ps(l2e);
-      __m256 sum8 = _mm256_setzero_ps();
-      i = 0;
-      for (; i + 8 <= n; i += 8) {
-        const __m256 p = Avx2Float::exp2_nonpos(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), mn), l2e8));
-        _mm256_storeu_ps(s + i, p);
-        sum8 = _mm256_add_ps(sum8, p);
-      }
-      float sum = Avx2Float::hsum(sum8);
-      for (; i < n; ++i) {
-        s[i] = std::exp2((s[i] - m_new) * l2e);
-        sum += s[i];
-      }
-      lrow[m] = lrow[m] * alpha + sum;
-      mrow[m] = m_new;
-      if (alpha != 1.0f) {
-        float* a = acc + m * ldacc;
-        const __m256 va = _mm256_set1_ps(alpha);
-        int64_t d = 0;
-        for (; d + 8 <= Dv; d += 8) _mm256_storeu_ps(a + d, _mm256_mul_ps(va, _mm256_loadu_ps(a + d)));
-        for (; d < Dv; ++d) a[d] *= alpha;
-      }
-    }
+    softmax(S, lds, M, n, Dv, mrow, lrow, acc, ldacc);
     int m = 0;
     for (; m + 6 <= M; m += 6) pv_rows<6>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
     for (; m + 4 <= M; m += 4) pv_rows<4>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
@@ -771,77 +792,19 @@ struct Avx512Ops {
     if (c0 < Dv) pv_block<MB, 1, true>(P, ldp, n, vrows, c0, acc, ldacc, lanes_mask(Dv - c0));
   }
 
-  // GenericOps::modify with 16 lanes (kKeyTile is a multiple of 16, so whole vectors fit the row).
-  SK_AVX512_FN static void modify(float* s, int n, float cap, float inv_cap, bool alibi, float slope, int64_t diag,
-                                  int64_t j0) {
-    if (cap > 0.0f) {
-      const __m512 c = _mm512_set1_ps(cap), ic = _mm512_set1_ps(inv_cap);
-      for (int i = 0; i < n; i += 16) {
-        _mm512_storeu_ps(s + i, _mm512_mul_ps(c, Avx512Float::tanh(_mm512_mul_ps(_mm512_loadu_ps(s + i), ic))));
-      }
-    }
-    if (alibi) {
-      const __m512 ns = _mm512_set1_ps(-slope), step = _mm512_set1_ps(16.0f);
-      __m512 d = _mm512_sub_ps(
-          _mm512_set1_ps(static_cast<float>(diag - j0)),
-          _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f));
-      for (int i = 0; i < n; i += 16) {
-        const __m512 ad = _mm512_max_ps(d, _mm512_sub_ps(_mm512_setzero_ps(), d));
-        _mm512_storeu_ps(s + i, _mm512_fmadd_ps(ns, ad, _mm512_loadu_ps(s + i)));
-        d = _mm512_sub_ps(d, step);
-      }
-    }
+  SK_AVX512_FN __attribute__((flatten)) static void modify(float* s, int n, float cap, float inv_cap, bool alibi,
+                                                           float slope, int64_t diag, int64_t j0) {
+    modify_scores<Avx512Float>(s, n, cap, inv_cap, alibi, slope, diag, j0);
+  }
+
+  SK_AVX512_FN __attribute__((flatten)) static void softmax(float* S, int64_t lds, int M, int n, int64_t Dv,
+                                                            float* mrow, float* lrow, float* acc, int64_t ldacc) {
+    softmax_rows<Avx512Float>(S, lds, M, n, Dv, mrow, lrow, acc, ldacc);
   }
 
   SK_AVX512_FN static void softmax_pv(float* S, int64_t lds, int M, int n, const T* const* vrows, int64_t Dv,
                                       float* mrow, float* lrow, float* acc, int64_t ldacc, float*) {
-    const float ninf = -std::numeric_limits<float>::infinity();
-    for (int m = 0; m < M; ++m) {
-      float* s = S + m * lds;
-      if (std::isnan(mrow[m])) {
-        std::fill(s, s + n, 0.0f);
-        continue;
-      }
-      __m512 mx16 = _mm512_set1_ps(ninf);
-      __mmask16 nanm = 0;
-      for (int i = 0; i < n; i += 16) {
-        const __mmask16 km = lanes_mask(std::min(16, n - i));
-        const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(ninf), km, s + i);
-        mx16 = _mm512_max_ps(mx16, x);
-        nanm |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-      }
-      if (nanm != 0) {
-        poison_row(mrow + m, lrow + m, acc + m * ldacc, Dv);
-        std::fill(s, s + n, 0.0f);
-        continue;
-      }
-      const float m_new = std::max(mrow[m], Avx512Float::hmax(mx16));
-      if (m_new == ninf) {
-        std::fill(s, s + n, 0.0f);
-        continue;
-      }
-      const float l2e = static_cast<float>(kLog2e);
-      const float alpha = std::exp2((mrow[m] - m_new) * l2e);
-      const __m512 mn = _mm512_set1_ps(m_new), l2e16 = _mm512_set1_ps(l2e);
-      __m512 sum16 = _mm512_setzero_ps();
-      for (int i = 0; i < n; i += 16) {
-        const __mmask16 km = lanes_mask(std::min(16, n - i));
-        const __m512 x = _mm512_maskz_loadu_ps(km, s + i);
-        const __m512 p = Avx512Float::exp2_nonpos(_mm512_mul_ps(_mm512_sub_ps(x, mn), l2e16));
-        _mm512_mask_storeu_ps(s + i, km, p);
-        sum16 = _mm512_mask_add_ps(sum16, km, sum16, p);
-      }
-      lrow[m] = lrow[m] * alpha + Avx512Float::hsum(sum16);
-      mrow[m] = m_new;
-      if (alpha != 1.0f) {
-        float* a = acc + m * ldacc;
-        const __m512 va = _mm512_set1_ps(alpha);
-        for (int64_t d = 0; d < Dv; d += 16) {
-          const __mmask16 km = lanes_mask(std::min<int64_t>(16, Dv - d));
-          _mm512_mask_storeu_ps(a + d, km, _mm512_mul_ps(va, _mm512_maskz_loadu_ps(km, a + d)));
-        }
-      }
-    }
+    softmax(S, lds, M, n, Dv, mrow, lrow, acc, ldacc);
     int m = 0;
     for (; m + 6 <= M; m += 6) pv_rows<6>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
     for (; m + 4 <= M; m += 4) pv_rows<4>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);

@@ -276,6 +276,8 @@ struct Avx2Float {
   // max returns its second operand when either is NaN: the kernels take the running max as
   // a shift and let NaN reach the sum through exp2.
   SK_AVX2_FN static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  // One bit per NaN lane (0: none).
+  SK_AVX2_FN static int nan_bits(V x) { return _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
   // 2^x = 2^n * 2^f with n = round(x), |f| <= 1/2, 2^f by a degree-6 minimax polynomial
   // (relative error 8e-8, under one ulp, over [-126, 0]), 2^n built in the exponent field.
   // Inputs below about -126.5 give exactly 0 (the exponent field becomes 0), so -inf scores
@@ -420,6 +422,7 @@ struct Avx512Float {
   SK_AVX512_FN static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   // Second operand on NaN, as Avx2Float::max (vmaxps has the same rule at every width).
   SK_AVX512_FN static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  SK_AVX512_FN static int nan_bits(V x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
   SK_AVX512_FN static V exp2(V x) { return exp2_nonpos(_mm512_min_ps(_mm512_set1_ps(127.0f), x)); }
   // Avx2Float::exp2_nonpos, 16 lanes.
   SK_AVX512_FN static V exp2_nonpos(V x) {
