@@ -558,9 +558,10 @@ struct Avx2Ops {
 };
 
 // ---------------------------------------------------------------------------------------------
-// AVX-512 twin of Avx2Ops: 16 float lanes, 32 zmm registers (so wider register blocks), masked
-// loads and stores for the tails (no scalar remainder loops, no reads past a row's end). Same
-// algorithms: only the order of the reductions differs from the AVX2 path.
+// AVX-512 twin of Avx2Ops' products: 16 float lanes, 32 zmm registers (so wider register blocks),
+// masked loads and stores for the tails of K, V and Q rows (no scalar remainder loops, no reads past
+// a row's end). The score modifiers and the softmax are the shared modify_scores / softmax_rows.
+// Same algorithms: only the order of the reductions differs from the AVX2 path.
 using simd::Avx512Float;
 
 // 16 consecutive elements as floats.
