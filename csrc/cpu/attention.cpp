@@ -1368,17 +1368,64 @@ inline uint32_t bf16_pair_word(const c10::BFloat16* x, int64_t j, int64_t d, int
   return lo | (hi << 16);
 }
 
+#if SK_SIMD_X86
+// The whole pairs of K^T panels (pack_panels_bf16, sD == 1, sL even) by 16 x 16 transposes of
+// 32-bit words: a pair is one word, so the float transpose moves it unchanged (bit moves only).
+// Keys >= nvalid get zero words.
+SK_AVX512_FN void pack_panels_bf16_avx512(const c10::BFloat16* x, int64_t sL, int64_t nvalid, int64_t npair_full,
+                                          int64_t D2, int64_t NR, int64_t p0, int64_t p1, uint16_t* out) {
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t t0 = 0; t0 < NR; t0 += 16) {
+      const int64_t j0 = p * NR + t0;
+      simd::transpose_rows16_ps(reinterpret_cast<const float*>(x + j0 * sL), sL / 2, nvalid - j0, npair_full,
+                                reinterpret_cast<float*>(out + p * D2 * NR + 2 * t0), NR);
+    }
+  }
+}
+
+// Rows a and b (b null: zeros) of Dv bf16 interleaved into Dv pairs (a[c], b[c]) at dst, 32
+// columns per step by one two-source word permute for each half of the output.
+SK_AVX512_FN void interleave_rows_bf16_avx512(const uint16_t* a, const uint16_t* b, int64_t Dv, uint16_t* dst) {
+  alignas(64) uint16_t i0[32], i1[32];
+  for (int k = 0; k < 32; ++k) {
+    i0[k] = static_cast<uint16_t>((k & 1 ? 32 : 0) + k / 2);
+    i1[k] = static_cast<uint16_t>(i0[k] + 16);
+  }
+  const __m512i idx0 = _mm512_load_si512(i0), idx1 = _mm512_load_si512(i1);
+  for (int64_t c0 = 0; c0 < Dv; c0 += 32) {
+    const int64_t nc = std::min<int64_t>(32, Dv - c0);
+    const __mmask32 m = nc == 32 ? ~__mmask32(0) : (__mmask32(1) << nc) - 1;
+    const __m512i va = _mm512_maskz_loadu_epi16(m, a + c0);
+    const __m512i vb = b != nullptr ? _mm512_maskz_loadu_epi16(m, b + c0) : _mm512_setzero_si512();
+    const int64_t n2 = 2 * nc;  // output elements of this step
+    const __mmask32 mlo = n2 >= 32 ? ~__mmask32(0) : (__mmask32(1) << n2) - 1;
+    const __mmask32 mhi = n2 >= 64 ? ~__mmask32(0) : n2 <= 32 ? __mmask32(0) : (__mmask32(1) << (n2 - 32)) - 1;
+    _mm512_mask_storeu_epi16(dst + 2 * c0, mlo, _mm512_permutex2var_epi16(va, idx0, vb));
+    _mm512_mask_storeu_epi16(dst + 2 * c0 + 32, mhi, _mm512_permutex2var_epi16(va, idx1, vb));
+  }
+}
+#endif
+
 // K^T panels p0..p1 of NR keys as d-pairs: [p][d / 2][NR][2], D2 = D rounded up to even (or to a
-// kernel's d_align).
+// kernel's d_align). avx512: the caller runs AVX-512 (every bf16 path does), so the whole pairs of
+// contiguous rows go through pack_panels_bf16_avx512.
 inline void pack_panels_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t D, int64_t D2,
-                             int64_t NR, int64_t p0, int64_t p1, uint16_t* out) {
+                             int64_t NR, int64_t p0, int64_t p1, uint16_t* out, bool avx512) {
   const int64_t npair = D2 / 2, full = sD == 1 ? D / 2 : 0;  // pairs read as one word
+  int64_t done = 0;                                          // pairs already written for every key
+#if SK_SIMD_X86
+  if (avx512 && full > 0 && sL % 2 == 0 && NR % 16 == 0) {
+    pack_panels_bf16_avx512(x, sL, nvalid, full, D2, NR, p0, p1, out);
+    done = full;
+  }
+#endif
+  (void)avx512;
   for (int64_t p = p0; p < p1; ++p) {
     uint16_t* dst = out + p * D2 * NR;
     for (int64_t t = 0; t < NR; ++t) {
       const int64_t j = p * NR + t;
       uint16_t* col = dst + 2 * t;  // pair dp of key t at col + dp * 2 * NR
-      int64_t dp = 0;
+      int64_t dp = done;
       if (j < nvalid) {
         const c10::BFloat16* row = x + j * sL;
         for (; dp < full; ++dp) std::memcpy(col + dp * 2 * NR, row + 2 * dp, sizeof(uint32_t));
@@ -1392,20 +1439,24 @@ inline void pack_panels_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int
   }
 }
 
-// V rows r0..r1 (r0 even) as key pairs: [j / 2][Dvp][2].
+// V rows r0..r1 (r0 even) as key pairs: [j / 2][Dvp][2]. avx512 as for pack_panels_bf16.
 inline void pack_vpairs_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t nvalid, int64_t Dv, int64_t Dvp,
-                             int64_t r0, int64_t r1, uint16_t* out) {
+                             int64_t r0, int64_t r1, uint16_t* out, bool avx512) {
+  (void)avx512;
   for (int64_t j = r0; j < r1; j += 2) {
     uint16_t* dst = out + (j / 2) * 2 * Dvp;
     const int64_t nr = std::max<int64_t>(0, std::min<int64_t>({2, r1 - j, nvalid - j}));  // rows present
     int64_t c = 0;
-    if (nr == 2 && sD == 1) {
-      const c10::BFloat16 *a = x + j * sL, *b = a + sL;
-      for (; c < Dv; ++c) {
-        dst[2 * c] = a[c].x;
-        dst[2 * c + 1] = b[c].x;
-      }
-    } else if (nr > 0) {
+#if SK_SIMD_X86
+    if (nr > 0 && sD == 1 && avx512) {
+      const uint16_t* a = reinterpret_cast<const uint16_t*>(x + j * sL);
+      interleave_rows_bf16_avx512(a, nr == 2 ? a + sL : nullptr, Dv, dst);
+      c = Dv;
+    }
+#endif
+    // Element by element otherwise: a strided head dim (every bf16 kernel runs AVX-512, so a
+    // contiguous one took the permutes above).
+    if (c < Dv && nr > 0) {
       for (; c < Dv; ++c) {
         dst[2 * c] = bf16_bits(x, j, c, sL, sD);
         dst[2 * c + 1] = nr == 2 ? bf16_bits(x, j + 1, c, sL, sD) : uint16_t(0);
@@ -1833,9 +1884,9 @@ void pack_fwd_slice(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, FwdPack<T
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (p.kern.bf16) {
       pack_panels_bf16(kd + ks + hk * k.stride(1), k.stride(2), k.stride(3), io.u.lk[b], D, p.D2(), NR, p0, p1,
-                       pk.Kh(gi));
+                       pk.Kh(gi), p.kern.avx512);
       pack_vpairs_bf16(vd + vs + hk * v.stride(1), v.stride(2), v.stride(3), io.u.lk[b], Dv, p.Dvp, p0 * NR, p1 * NR,
-                       pk.Vh(gi));
+                       pk.Vh(gi), p.kern.avx512);
       pk.ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
       return;
     }
@@ -2435,9 +2486,9 @@ int64_t pack_bwd_kv(const BwdIo<scalar_t, T>& io, BwdPack<T>& pk, int64_t t) {
   const scalar_t* vh = io.vd + io.key_base(v, b) + hk * v.stride(1);
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (pk.bf16) {
-      pack_panels_bf16(kh, k.stride(2), k.stride(3), Lk_b, D, pk.D2, NR, p0, p1, pk.Kh(gi));
-      pack_vpairs_bf16(kh, k.stride(2), k.stride(3), Lk_b, D, pk.Dp, p0 * NR, p1 * NR, pk.Krh(gi));
-      pack_panels_bf16(vh, v.stride(2), v.stride(3), Lk_b, Dv, pk.Dv2, NR, p0, p1, pk.Vh(gi));
+      pack_panels_bf16(kh, k.stride(2), k.stride(3), Lk_b, D, pk.D2, NR, p0, p1, pk.Kh(gi), pk.avx512);
+      pack_vpairs_bf16(kh, k.stride(2), k.stride(3), Lk_b, D, pk.Dp, p0 * NR, p1 * NR, pk.Krh(gi), pk.avx512);
+      pack_panels_bf16(vh, v.stride(2), v.stride(3), Lk_b, Dv, pk.Dv2, NR, p0, p1, pk.Vh(gi), pk.avx512);
       pk.kv_ready[gi - pk.g0].fetch_add(1, std::memory_order_release);
       return gi;
     }
