@@ -1480,12 +1480,50 @@ inline void pack_qrows_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int6
   }
 }
 
+#if SK_SIMD_X86
+// pack_tpairs_bf16 for a contiguous head dim: 16 row pairs x 16 head dims at a time, each pair's
+// two rows widened into one vector of 16 words (lo | hi << 16), then a 16 x 16 word transpose
+// gives one head dim's 16 words per vector, stored as one 64-byte run (masked to the pairs of
+// [r0, r1): the next slice belongs to another job).
+SK_AVX512_FN void pack_tpairs_bf16_avx512(const c10::BFloat16* x, int64_t sL, int64_t n, int64_t D, int64_t n2,
+                                          int64_t r0, int64_t r1, uint16_t* out) {
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t i0 = r0; i0 < r1; i0 += 32) {
+    const int64_t npairs = std::min<int64_t>(16, (r1 - i0 + 1) / 2);
+    const __mmask16 pm = static_cast<__mmask16>((1u << npairs) - 1u);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int64_t nd = std::min<int64_t>(16, D - d0);
+      const __mmask16 dm = static_cast<__mmask16>((1u << nd) - 1u);
+      __m512 r[16];
+      for (int64_t t = 0; t < 16; ++t) {
+        const int64_t i = i0 + 2 * t;
+        if (t >= npairs) {
+          r[t] = _mm512_setzero_ps();
+          continue;
+        }
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(dm, xb + i * sL + d0));
+        const __m512i hi = i + 1 < n ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(dm, xb + (i + 1) * sL + d0))
+                                     : _mm512_setzero_si512();
+        r[t] = _mm512_castsi512_ps(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+      simd::transpose16_ps(r);
+      for (int64_t e = 0; e < nd; ++e) _mm512_mask_storeu_ps(out + (d0 + e) * n2 + i0, pm, r[e]);
+    }
+  }
+}
+#endif
+
 // Rows r0..r1 (r0 even, r1 even or n) of an n-row head transposed into row pairs:
 // (x(i, d), x(i + 1, d)) at out + d * n2 + i, n2 = n rounded up to even; the odd n's pad row
 // (i = n) is zeros. One head dim at a time, so that the output is written in whole lines (the
-// rows of a slice stay in L1 for the reads).
+// rows of a slice stay in L1 for the reads). avx512: the caller runs AVX-512 (every bf16 path does),
+// so a contiguous head dim goes through pack_tpairs_bf16_avx512.
 inline void pack_tpairs_bf16(const c10::BFloat16* x, int64_t sL, int64_t sD, int64_t n, int64_t D, int64_t n2,
-                             int64_t r0, int64_t r1, uint16_t* out) {
+                             int64_t r0, int64_t r1, uint16_t* out, bool avx512) {
+#if SK_SIMD_X86
+  if (avx512 && sD == 1) return pack_tpairs_bf16_avx512(x, sL, n, D, n2, r0, r1, out);
+#endif
+  (void)avx512;
   for (int64_t d = 0; d < D; ++d) {
     uint16_t* dst = out + d * n2;
     for (int64_t i = r0; i < r1; i += 2) {
@@ -2579,8 +2617,8 @@ int64_t pack_bwd_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
       uint16_t *QTh = pk.QTh(gi) + hh * DT * L2, *dOTh = pk.dOTh(gi) + hh * DvT * L2;
       pack_qrows_bf16(qh + r0 * q_s2, q_s2, q_s3, r1 - r0, D, D2, Qh + r0 * D2);
       pack_qrows_bf16(doh + r0 * d_s2, d_s2, d_s3, r1 - r0, Dv, Dv2, dOh + r0 * Dv2);
-      pack_tpairs_bf16(qh, q_s2, q_s3, Lq, D, L2, r0, r1, QTh);
-      pack_tpairs_bf16(doh, d_s2, d_s3, Lq, Dv, L2, r0, r1, dOTh);
+      pack_tpairs_bf16(qh, q_s2, q_s3, Lq, D, L2, r0, r1, QTh, pk.avx512);
+      pack_tpairs_bf16(doh, d_s2, d_s3, Lq, Dv, L2, r0, r1, dOTh, pk.avx512);
       if (pk.tiles) {
         // The tiles' padding (bwd_block_amx): this slice's columns of the pad rows of Q^T and dO^T;
         // the last slice also the pad columns of every row and the pad rows of Q and dO.
