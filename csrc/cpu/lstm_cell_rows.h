@@ -107,13 +107,6 @@ void seq_step_range(const SeqStepArgs& a, int64_t b, int64_t j0, int64_t j1) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The fused sequence kernel (lstm_layer_fwd, float32, the AVX2 and AVX-512 lanes): the recurrent
-// GEMM of a block of W hidden units and the cell of those units in one pass, no gates buffer.
-//
-// Packed weights: block j (units [j W, j W + W)) is a (I + H, 4, W) array, element (k, g, l) =
-// W_ih[g H + j W + l, k] for k < I (the input projection, when the kernel is given the input x) and
-// W_hh[g H + j W + l, k - I] after, zero for units past H; a step reads it front to back.
 // dst[k * dst_ld + l] = src[l * ld + k] for l < W, k < K (zero for l >= nrows): one gate's W rows
 // of a weight matrix, transposed into the packed block. The AVX-512 lanes transpose 16 x 16 tiles
 // in registers (the one-float strided stores were 4% of an inference call at T128 B16 H256).
@@ -134,6 +127,13 @@ void pack_gate_rows(const float* src, int64_t ld, int64_t nrows, int64_t K, floa
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The fused sequence kernel (lstm_layer_fwd, float32, the AVX2 and AVX-512 lanes): the recurrent
+// GEMM of a block of W hidden units and the cell of those units in one pass, no gates buffer.
+//
+// Packed weights: block j (units [j W, j W + W)) is a (I + H, 4, W) array, element (k, g, l) =
+// W_ih[g H + j W + l, k] for k < I (the input projection, when the kernel is given the input x) and
+// W_hh[g H + j W + l, k - I] after, zero for units past H; a step reads it front to back.
 template <class L>
 void seq_fused_pack(const SeqFusedArgs& a, int64_t blk0, int64_t blk1) {
   constexpr int64_t W = L::W;

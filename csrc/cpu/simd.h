@@ -488,8 +488,9 @@ SK_AVX512_FN void transpose16_ps(__m512* r) {
 
 // dst[k * dst_ld + r] = src[r * ld + k] for r < 16, k < K: up to 16 rows of K floats written as
 // K rows of 16 (rows >= nrows as zeros, never read), by 16 x 16 register transposes. The packers
-// that lay weights or keys out for a 16-wide register tile (the attention forward's K^T panels,
-// the LSTM sequence kernel's gate blocks) use it.
+// that lay weights or keys out for a 16-wide register tile use it: the float32 attention forward's
+// K^T panels, the LSTM sequence kernel's gate blocks, and on 32-bit words (bit moves only) the bf16
+// kernels' K^T d-pair panels.
 SK_AVX512_FN void transpose_rows16_ps(const float* src, int64_t ld, int64_t nrows, int64_t K, float* dst,
                                       int64_t dst_ld) {
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
