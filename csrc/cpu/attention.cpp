@@ -1490,10 +1490,10 @@ SK_AVX512_FN void pack_tpairs_bf16_avx512(const c10::BFloat16* x, int64_t sL, in
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x);
   for (int64_t i0 = r0; i0 < r1; i0 += 32) {
     const int64_t npairs = std::min<int64_t>(16, (r1 - i0 + 1) / 2);
-    const __mmask16 pm = static_cast<__mmask16>((1u << npairs) - 1u);
+    const __mmask16 pm = simd::mask16(npairs);
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
       const int64_t nd = std::min<int64_t>(16, D - d0);
-      const __mmask16 dm = static_cast<__mmask16>((1u << nd) - 1u);
+      const __mmask16 dm = simd::mask16(nd);
       __m512 r[16];
       for (int64_t t = 0; t < 16; ++t) {
         const int64_t i = i0 + 2 * t;

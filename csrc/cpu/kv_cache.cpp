@@ -597,8 +597,7 @@ SK_AVX512_FN __m512 load16_mask<at::BFloat16>(const at::BFloat16* p, __mmask16 k
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-// The first n (0 < n <= 16) lanes.
-SK_AVX512_FN __mmask16 lanes_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+using simd::mask16;  // the first n lanes
 
 template <typename T>
 struct Avx512Ops {
@@ -624,7 +623,7 @@ struct Avx512Ops {
       }
     }
     if (d < D) {
-      const __mmask16 km = lanes_mask(D - d);
+      const __mmask16 km = mask16(D - d);
       __m512 qv[MB];
 #pragma GCC unroll 16
       for (int a = 0; a < MB; ++a) qv[a] = _mm512_maskz_loadu_ps(km, q + a * ldq + d);
@@ -668,7 +667,7 @@ struct Avx512Ops {
     for (int i0 = 0; i0 < n; i0 += 16) {
       for (int64_t d0 = 0; d0 < D; d0 += 16) {
         const int64_t nd = std::min<int64_t>(16, D - d0);
-        const __mmask16 dm = lanes_mask(nd);
+        const __mmask16 dm = mask16(nd);
         __m512 r[16];
 #pragma GCC unroll 16
         for (int j = 0; j < 16; ++j) r[j] = i0 + j < n ? load16_mask<T>(krows[i0 + j] + d0, dm) : _mm512_setzero_ps();
@@ -790,7 +789,7 @@ struct Avx512Ops {
     int64_t c0 = 0;
     for (; c0 + 16 * CB <= Dv; c0 += 16 * CB) pv_block<MB, CB>(P, ldp, n, vrows, c0, acc, ldacc);
     for (; c0 + 16 <= Dv; c0 += 16) pv_block<MB, 1>(P, ldp, n, vrows, c0, acc, ldacc);
-    if (c0 < Dv) pv_block<MB, 1, true>(P, ldp, n, vrows, c0, acc, ldacc, lanes_mask(Dv - c0));
+    if (c0 < Dv) pv_block<MB, 1, true>(P, ldp, n, vrows, c0, acc, ldacc, mask16(Dv - c0));
   }
 
   SK_AVX512_FN __attribute__((flatten)) static void modify(float* s, int n, float cap, float inv_cap, bool alibi,

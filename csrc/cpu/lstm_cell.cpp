@@ -322,7 +322,7 @@ inline Z operator+(Z a, Z b) { return _mm512_add_ps(a.v, b.v); }
 inline Z operator-(Z a, Z b) { return _mm512_sub_ps(a.v, b.v); }
 inline Z operator*(Z a, Z b) { return _mm512_mul_ps(a.v, b.v); }
 
-inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u); }
+using simd::mask16;  // the first n lanes
 
 template <typename Storage>
 struct Lanes {
@@ -333,7 +333,7 @@ struct Lanes {
 
   // Elements [0, n) of p; the lanes past n are 0 and their memory is not read.
   static V load_n(const S* p, int64_t n) {
-    const __mmask16 k = lanes(n);
+    const __mmask16 k = mask16(n);
     if constexpr (std::is_same_v<S, float>) {
       return _mm512_maskz_loadu_ps(k, p);
     } else if constexpr (std::is_same_v<S, c10::Half>) {
@@ -346,7 +346,7 @@ struct Lanes {
 
   // Rounded to nearest even as at::vec's AVX2 converters do (bfloat16: NaN becomes 0xffff).
   static void store_n(S* p, V v, int64_t n) {
-    const __mmask16 k = lanes(n);
+    const __mmask16 k = mask16(n);
     if constexpr (std::is_same_v<S, float>) {
       _mm512_mask_storeu_ps(p, k, v.v);
     } else if constexpr (std::is_same_v<S, c10::Half>) {

@@ -456,6 +456,12 @@ struct Avx512Float {
   SK_AVX512_FN static float hsum(V x) { return Avx2Float::hsum(fold(x)); }
 };
 
+// The first n lanes of a 16-lane mask (n >= 16: all of them, n <= 0: none): the tails of the
+// AVX-512 loads and stores.
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
 // 16 x 16 float transpose in registers: r[j] holds row j on entry, column j on exit (decode's
 // key tiles, the attention forward's K^T panels).
 SK_AVX512_FN void transpose16_ps(__m512* r) {
@@ -495,7 +501,7 @@ SK_AVX512_FN void transpose_rows16_ps(const float* src, int64_t ld, int64_t nrow
                                       int64_t dst_ld) {
   for (int64_t k0 = 0; k0 < K; k0 += 16) {
     const int64_t nk = K - k0 < 16 ? K - k0 : 16;
-    const __mmask16 km = static_cast<__mmask16>((1u << nk) - 1u);
+    const __mmask16 km = mask16(nk);
     __m512 r[16];
     for (int64_t t = 0; t < 16; ++t)
       r[t] = t < nrows ? _mm512_maskz_loadu_ps(km, src + t * ld + k0) : _mm512_setzero_ps();
