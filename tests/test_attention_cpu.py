@@ -319,6 +319,27 @@ def test_backward_deterministic_with_splits():
     for a, b in zip(first, ref):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_packed_data_in_several_chunks(dtype, threads):
+    # The packed data of 17 (batch, kv head) groups is larger than one chunk's budget (24 MiB in
+    # csrc/cpu/attention.cpp): the groups go in several chunks of about equal size, each packed and
+    # processed before the next, and every group's rows must come out, with different key lengths
+    # per batch. About 36 MB in the float32 backward (2 chunks); in float64 the forward's K/V take
+    # 34 MB (2 chunks) and the backward's 72 MB (3).
+    torch.manual_seed(17)
+    Lq, Lk, D = 400, 2048, 64
+    q = rand(17, 2, Lq, D, dtype=dtype)
+    k, v = rand(17, 1, Lk, D, dtype=dtype), rand(17, 1, Lk, D, dtype=dtype)
+    lens = torch.tensor([Lk - 75 * (b % 5) for b in range(17)], dtype=torch.int32)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_parity(q, k, v, _kw(D**-0.5, kv_lengths=lens, window=(-1, 0)))
+    finally:
+        torch.set_num_threads(old)
+
+
 
 @pytest.mark.parametrize(
     "dtype", [torch.bfloat16, torch.float32, torch.float64], ids=["bfloat16", "float32", "float64"]
