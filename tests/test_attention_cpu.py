@@ -319,6 +319,7 @@ def test_backward_deterministic_with_splits():
     for a, b in zip(first, ref):
         torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
 
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_packed_data_in_several_chunks(dtype, threads):
@@ -338,7 +339,6 @@ def test_packed_data_in_several_chunks(dtype, threads):
         check_parity(q, k, v, _kw(D**-0.5, kv_lengths=lens, window=(-1, 0)))
     finally:
         torch.set_num_threads(old)
-
 
 
 @pytest.mark.parametrize(
