@@ -1124,6 +1124,27 @@ SK_AMX_ENTRY void fwd_rows_amx(const FwdRows<float>& a) {
 
 // Rows 2t and 2t + 1 of X (nr x w float32, ld BN; a row >= nr reads as zeros) as pairs of bf16:
 // (X[2t][j], X[2t + 1][j]) at out + t * 2 * BN + 2 * j, for j < w (a multiple of 16).
+// Rows [0, nkeys) of a bf16 output (ld_out apart, contiguous along the head dim) from float32
+// accumulators held transposed, X^T (D rows of keys, ldx apart: the bf16 backward's dK^T and dV^T),
+// rounded to bf16. 16 x 16 blocks go through simd::transpose_rows16_ps; the strided scalar loop of
+// store_dkdv_rows took 4% of the bf16 backward at (1,8,2048,128) (perf).
+SK_AVX512BF16_FN void store_transposed_bf16(const float* XT, int64_t ldx, int64_t nkeys, int64_t D, uint16_t* out,
+                                            int64_t ld_out) {
+  alignas(64) float tile[16 * 16];
+  for (int64_t j0 = 0; j0 < nkeys; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, nkeys - j0);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const int64_t nd = std::min<int64_t>(16, D - d0);
+      simd::transpose_rows16_ps(XT + d0 * ldx + j0, ldx, nd, nj, tile, 16);  // tile row e: key j0 + e
+      const __mmask16 cols = simd::mask16(nd);
+      for (int64_t e = 0; e < nj; ++e) {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(tile + 16 * e));
+        _mm256_mask_storeu_epi16(out + (j0 + e) * ld_out + d0, cols, h);
+      }
+    }
+  }
+}
+
 SK_AVX512BF16_FN void bf16_row_pairs(const float* X, int64_t nr, int64_t w, int64_t BN, uint16_t* out) {
   for (int64_t i = 0; i < nr; i += 2) {
     const float* x0 = X + i * BN;
@@ -2862,6 +2883,20 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
     }
     // dK = scale * sum dS Q: Qp carries the scale on the float paths, the bf16 product applies it.
     const bool tr = pk.bf16;  // the bf16 path accumulates dK^T and dV^T (D x BN, Dv x BN)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
+      if (tr && dk.stride(3) == 1 && dv.stride(3) == 1) {
+        // Keys below kv_lengths[b] by register transposes; the rest (zeros) below.
+        const int64_t jv = std::max(j0, std::min({j1, Lk, io.u.lk[b]}));
+        auto* dkh = reinterpret_cast<uint16_t*>(io.dkd + io.key_base(dk, b) + hk * dk.stride(1));
+        auto* dvh = reinterpret_cast<uint16_t*>(io.dvd + io.key_base(dv, b) + hk * dv.stride(1));
+        store_transposed_bf16(dK, BN, jv - j0, D, dkh + j0 * dk.stride(2), dk.stride(2));
+        store_transposed_bf16(dV, BN, jv - j0, Dv, dvh + j0 * dv.stride(2), dv.stride(2));
+        store_dkdv_rows<scalar_t, T>(dK + (jv - j0), 1, BN, dV + (jv - j0), 1, BN, jv, std::min(j1, Lk), io.u.lk[b], D,
+                                     Dv, io.dkd + io.key_base(dk, b) + hk * dk.stride(1), dk.stride(2), 1,
+                                     io.dvd + io.key_base(dv, b) + hk * dv.stride(1), dv.stride(2), 1);
+        continue;
+      }
+    }
     store_dkdv_rows<scalar_t, T>(dK, tr ? 1 : Dp, tr ? BN : 1, dV, tr ? 1 : Dvp, tr ? BN : 1, j0, std::min(j1, Lk),
                                  io.u.lk[b], D, Dv, io.dkd + io.key_base(dk, b) + hk * dk.stride(1), dk.stride(2),
                                  dk.stride(3), io.dvd + io.key_base(dv, b) + hk * dv.stride(1), dv.stride(2),
