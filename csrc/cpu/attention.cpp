@@ -1122,8 +1122,6 @@ SK_AMX_ENTRY void fwd_rows_amx(const FwdRows<float>& a) {
 // the row after an odd last one) thus meets zeros in P and dS: it adds nothing, or NaN where its
 // own Q or dO is not finite, as in the reference's plain products.
 
-// Rows 2t and 2t + 1 of X (nr x w float32, ld BN; a row >= nr reads as zeros) as pairs of bf16:
-// (X[2t][j], X[2t + 1][j]) at out + t * 2 * BN + 2 * j, for j < w (a multiple of 16).
 // Rows [0, nkeys) of a bf16 output (ld_out apart, contiguous along the head dim) from float32
 // accumulators held transposed, X^T (D rows of keys, ldx apart: the bf16 backward's dK^T and dV^T),
 // rounded to bf16. 16 x 16 blocks go through simd::transpose_rows16_ps; the strided scalar loop of
@@ -1145,6 +1143,8 @@ SK_AVX512BF16_FN void store_transposed_bf16(const float* XT, int64_t ldx, int64_
   }
 }
 
+// Rows 2t and 2t + 1 of X (nr x w float32, ld BN; a row >= nr reads as zeros) as pairs of bf16:
+// (X[2t][j], X[2t + 1][j]) at out + t * 2 * BN + 2 * j, for j < w (a multiple of 16).
 SK_AVX512BF16_FN void bf16_row_pairs(const float* X, int64_t nr, int64_t w, int64_t BN, uint16_t* out) {
   for (int64_t i = 0; i < nr; i += 2) {
     const float* x0 = X + i * BN;
