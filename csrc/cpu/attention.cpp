@@ -2359,11 +2359,24 @@ template <typename scalar_t, typename T>
 void store_dkdv_rows(const T* dK, int64_t k_sj, int64_t k_sd, const T* dV, int64_t v_sj, int64_t v_sd, int64_t j0,
                      int64_t jend, int64_t jvalid, int64_t D, int64_t Dv, scalar_t* dk_head, int64_t dk_s2,
                      int64_t dk_s3, scalar_t* dv_head, int64_t dv_s2, int64_t dv_s3) {
+  int64_t jfirst = j0;  // the first key the loop below writes
+#if SK_SIMD_X86
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
+    if (k_sj == 1 && v_sj == 1 && dk_s3 == 1 && dv_s3 == 1) {
+      // The transposed accumulators (held only by the bf16 backward, which runs on AVX512_BF16)
+      // into contiguous gradients: the keys below jvalid by register transposes, the rest (zeros)
+      // below.
+      jfirst = std::max(j0, std::min(jvalid, jend));
+      store_transposed_bf16(dK, k_sd, jfirst - j0, D, reinterpret_cast<uint16_t*>(dk_head + j0 * dk_s2), dk_s2);
+      store_transposed_bf16(dV, v_sd, jfirst - j0, Dv, reinterpret_cast<uint16_t*>(dv_head + j0 * dv_s2), dv_s2);
+    }
+  }
+#endif
   // Both sides contiguous along the head dim (the float paths' rows into contiguous gradients): loops
   // the compiler vectorizes; the strided form below ran scalar, 2-3% of a float32 backward at
   // (4,8,512,64) (perf).
   const bool rows = k_sd == 1 && v_sd == 1 && dk_s3 == 1 && dv_s3 == 1;
-  for (int64_t j = j0; j < jend; ++j) {
+  for (int64_t j = jfirst; j < jend; ++j) {
     scalar_t* dkrow = dk_head + j * dk_s2;
     scalar_t* dvrow = dv_head + j * dv_s2;
     const T* ak = dK + (j - j0) * k_sj;
@@ -2883,20 +2896,6 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
     }
     // dK = scale * sum dS Q: Qp carries the scale on the float paths, the bf16 product applies it.
     const bool tr = pk.bf16;  // the bf16 path accumulates dK^T and dV^T (D x BN, Dv x BN)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
-      if (tr && dk.stride(3) == 1 && dv.stride(3) == 1) {
-        // Keys below kv_lengths[b] by register transposes; the rest (zeros) below.
-        const int64_t jv = std::max(j0, std::min({j1, Lk, io.u.lk[b]}));
-        auto* dkh = reinterpret_cast<uint16_t*>(io.dkd + io.key_base(dk, b) + hk * dk.stride(1));
-        auto* dvh = reinterpret_cast<uint16_t*>(io.dvd + io.key_base(dv, b) + hk * dv.stride(1));
-        store_transposed_bf16(dK, BN, jv - j0, D, dkh + j0 * dk.stride(2), dk.stride(2));
-        store_transposed_bf16(dV, BN, jv - j0, Dv, dvh + j0 * dv.stride(2), dv.stride(2));
-        store_dkdv_rows<scalar_t, T>(dK + (jv - j0), 1, BN, dV + (jv - j0), 1, BN, jv, std::min(j1, Lk), io.u.lk[b], D,
-                                     Dv, io.dkd + io.key_base(dk, b) + hk * dk.stride(1), dk.stride(2), 1,
-                                     io.dvd + io.key_base(dv, b) + hk * dv.stride(1), dv.stride(2), 1);
-        continue;
-      }
-    }
     store_dkdv_rows<scalar_t, T>(dK, tr ? 1 : Dp, tr ? BN : 1, dV, tr ? 1 : Dvp, tr ? BN : 1, j0, std::min(j1, Lk),
                                  io.u.lk[b], D, Dv, io.dkd + io.key_base(dk, b) + hk * dk.stride(1), dk.stride(2),
                                  dk.stride(3), io.dvd + io.key_base(dv, b) + hk * dv.stride(1), dv.stride(2),
