@@ -6,9 +6,10 @@ seqkernels.testing.compare with grad=True).
 The shapes follow the backward's tiles: query blocks of kBwdBM = 64 rows that start at an even row
 (Q^T and dO^T are packed as row pairs; an odd last row is paired with zeros), key blocks of
 kBwdBN = 64 keys in panels of NR = 32, register tiles of 6 rows, head dims in pairs (an odd D or
-Dv gets a zero pad) and output columns of 64 / 32 / 16 values; for the tiles, query blocks that start
-at a multiple of 32 with rows of the block before the first visible one, 16-row tiles (Lq and the
-rows per block at every residue mod 16), head dims padded to 32 and Q^T / dO^T rows to 16.
+Dv gets a zero pad) and output columns of 64 / 32 / 16 values; for the tiles, query blocks of
+kBwdBMTiles = 128 rows that start at a multiple of 32 with rows of the block before the first
+visible one, key blocks of kBwdBNTiles = 128 keys, 16-row tiles (Lq and the rows per block at every
+residue mod 16), head dims padded to 32 and Q^T / dO^T rows to 16.
 """
 
 import math
@@ -64,6 +65,10 @@ BWD_CASES = {
     "lengths-causal-gqa2": (2, 4, 2, 70, 129, 64, 48, (-1, 0), True, [129, 40]),
     "causal-br-unseen-rows": (1, 2, 1, 65, 33, 40, 48, (-1, 0), True, None),
     "causal-tl-lq-gt-lk": (1, 2, 2, 101, 65, 48, 32, (-1, 0), False, None),
+    # Around the AMX backward's 128-row query blocks and 128-key blocks.
+    "lq127-lk129-d64": (1, 2, 1, 127, 129, 64, 64, (-1, -1), True, None),
+    "lq128-lk127-d32-dv48-causal": (1, 2, 2, 128, 127, 32, 48, (-1, 0), True, None),
+    "lq257-lk255-d40-causal-gqa2": (1, 4, 2, 257, 255, 40, 40, (-1, 0), True, None),
 }
 
 
@@ -180,6 +185,32 @@ def test_bf16_bwd_nan_query_row():
     assert report.passed, str(report)
     for got, want in ((dk, ref[1]), (dv, ref[2])):
         assert not (got.isnan() & ~want.isnan()).any()
+
+
+def test_bf16_bwd_nonfinite_grad_beside_a_query_block():
+    # The AMX backward starts each query block at a multiple of 32, so that the dK^T / dV^T
+    # products' 32-column passes over a Q^T / dO^T row stay inside its Lq2 (Lq rounded up to 32)
+    # columns. Bottom-right causal with Lk = Lq + 16 makes row 112 (64 + 48 for 64-key blocks) the
+    # first to see the key block from 128: a block started there (16 mod 32) would read 16
+    # columns past the end of each dO^T row, that is rows 0..15 of the next head dim, against P
+    # rows that are zero. Finite values add nothing there; the inf in grad_out's row 3, dim 5
+    # would make dV[:, 4] NaN for those keys, where the reference's dV[:, 4] is finite (its plain
+    # products meet the inf in dV[:, 5] only).
+    torch.manual_seed(11)
+    B, H, Lq, D = 1, 1, 160, 32
+    Lk = Lq + 16
+    q, k, v = rand(B, H, Lq, D, dtype=DT), rand(B, H, Lk, D, dtype=DT), rand(B, H, Lk, D, dtype=DT)
+    g = rand(B, H, Lq, D, dtype=DT)
+    g[0, 0, 3, 5] = float("inf")
+    kw = _kw(1.0 / math.sqrt(D), window=(-1, 0), bottom_right=True)
+    out, lse = sk_forward(q, k, v, kw)
+    dq, dk, dv = sk_backward(g, q, k, v, out, lse, kw)
+    ref = attention_bwd_ref(g.double(), q.double(), k.double(), v.double(), **kw)
+    base = attention_bwd_ref(g, q, k, v, **kw)
+    assert not (dv.isnan() & ~ref[2].isnan()).any()
+    cols = [c for c in range(D) if c != 5]
+    report = compare([dv[..., cols]], [ref[2][..., cols]], [base[2][..., cols]], grad=True, name="dv")
+    assert report.passed, str(report)
 
 
 @pytest.mark.parametrize(

@@ -784,6 +784,25 @@ inline void bwd_block(const BwdBlock<typename P::T>& a) {
 // width NR = 2W of the packed K/V, so the drivers pack for the kernels they picked.
 // ---------------------------------------------------------------------------------------------
 
+// Tile sizes: query rows per forward task (a multiple of every row group: 6 rows on AVX2, 12 on
+// AVX-512, 32 on AMX) and keys per forward block; query rows and keys per backward step
+// (Kernels::bwd_bm, bwd_bn). The forward block is large because its per-row cost (max, rescale) is
+// paid once per block; the backward's S and dP tiles (rows x keys) stay in L2 next to the dK/dV
+// accumulators. Measured on Zen 3 (AVX2): the rate is flat within a few percent around these
+// values, and so it is for the float32 AVX-512 backward on an AMX Xeon.
+//
+// The AMX backward takes 128 x 128 (kBwdBMTiles, kBwdBNTiles). Its dK^T / dV^T products sum over
+// the step's query rows, 32 per tile pass, and every 32 x 32 block of them loads and stores its
+// accumulator tiles once per step: with 64 rows that is one load and store per two passes. 128
+// rows halve that traffic, and 128 keys halve the passes over Q, dO, Q^T, dO^T and the dQ partials
+// (a stream of 3 MB per key block per head at Lq 2048, D 128, larger than L2). Bitwise the same
+// gradients (every sum still runs 32 terms at a time in the same order). Measured on a 2-core AMX
+// Xeon (interleaved runs, 21 rounds): bf16 backward at (1,8,2048,128) 1.21x faster than 64 x 64,
+// (1,8,1024,64) 1.07x, causal (1,8,2048,128) 1.06x, (4,8,512,64) 1.00-1.04x; 128 x 64 or 256 x 128
+// gave less, and 128 x 128 left the float32 and AVX512_BF16 backwards within 0-3%.
+constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64, kBwdBMTiles = 128, kBwdBNTiles = 128;
+static_assert(kBwdBMTiles % 32 == 0, "kBwdBMTiles: query blocks of whole 32-row tile groups (bwd_block_amx)");
+
 template <typename T>
 struct Kernels {
   int64_t W;
@@ -794,6 +813,7 @@ struct Kernels {
   int64_t d_align = 2;  // bf16 only: the packed head dims D2, Dv2 are D, Dv rounded up to this
   bool tiles = false;   // AMX: the backward pads rows and query-row pairs for 16 x 32 tiles (BwdPack)
   bool avx512 = false;  // the kernels run AVX-512F, so the packers may (pack_panels)
+  int64_t bwd_bm = kBwdBM, bwd_bn = kBwdBN;  // query rows and keys per backward step (BwdPack::BM, BN)
 };
 
 template <typename T>
@@ -965,6 +985,7 @@ template <int NT>
 SK_AMX_FN void amx_scores(const uint16_t* Q, int64_t ldq, const uint16_t* Kh, int64_t D2, int64_t npanel, float* S,
                           int64_t ldS) {
   const int64_t qs = 2 * ldq, ks = 2 * 64, ss = 4 * ldS;  // strides in bytes; a K^T row: 32 keys x 2
+  simd::amx_operands_ready();
   for (int64_t p = 0; p < npanel; ++p) {
     const uint16_t* K = Kh + p * D2 * 32;
     _tile_zero(0);
@@ -1003,6 +1024,7 @@ template <int MT, int NT>
 SK_AMX_FN void amx_block(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t K, float* C,
                          int64_t ldc) {
   const int64_t as = 2 * lda, bs = 2 * ldb, cs = 4 * ldc;  // strides in bytes
+  simd::amx_operands_ready();
   _tile_loadd(0, C, cs);
   if constexpr (NT == 2) _tile_loadd(1, C + 16, cs);
   if constexpr (MT == 2) {
@@ -1282,7 +1304,8 @@ Kernels<T> select_kernels(bool bf16_operands) {
   if constexpr (std::is_same_v<T, float>) {
     constexpr int W = simd::Avx512Float::W;
     // mr: the row group of the kernel's products (its P and alpha scratch), taken from them.
-    if (isa == simd::Isa::AmxBf16) return {W, &fwd_rows_amx, &bwd_block_amx, true, AmxProducts::kRows, 32, true, true};
+    if (isa == simd::Isa::AmxBf16)
+      return {W, &fwd_rows_amx, &bwd_block_amx, true, AmxProducts::kRows, 32, true, true, kBwdBMTiles, kBwdBNTiles};
     if (isa == simd::Isa::Avx512Bf16)
       return {W, &fwd_rows_avx512bf16, &bwd_block_avx512bf16, true, Bf16Products::kRows, 2, false, true};
     if (isa == simd::Isa::Avx512) {
@@ -1614,14 +1637,6 @@ inline void wait_ready(const std::atomic<int64_t>& count, int64_t target) {
 // sequences. Below glibc's largest mmap threshold (32 MiB) the buffer comes from the heap and is
 // reused call after call, instead of fresh pages that fault and get zeroed on every call.
 constexpr int64_t kPackBudgetBytes = int64_t(24) << 20;
-
-// Tile sizes: query rows per forward task (a multiple of every row group: 6 rows on AVX2, 12 on
-// AVX-512, 32 on AMX) and keys per forward block; query rows and keys per backward step. The
-// forward block is large because its per-row cost (max, rescale) is paid once per block; the
-// backward's S and dP tiles (rows x keys) stay in L2 next to the dK/dV accumulators. Measured on
-// Zen 3 (AVX2): the rate is flat within a few percent around these values.
-constexpr int64_t kFwdBM = 96, kFwdBN = 256, kBwdBM = 64, kBwdBN = 64;
-static_assert(kBwdBM % 32 == 0, "kBwdBM: query blocks of whole 32-row tile groups (bwd_block_amx)");
 
 // Panels of K/V per packing job and query rows per backward Q job: slices, not whole groups, so
 // that the threads share the packing of a chunk with few groups.
@@ -2501,7 +2516,8 @@ struct BwdPack {
 };
 
 template <typename T>
-BwdPack<T> bwd_pack_sizes(const Geometry& g, const Units& u, int64_t W) {
+BwdPack<T> bwd_pack_sizes(const Geometry& g, const Units& u, const Kernels<T>& kern) {
+  const int64_t W = kern.W;
   BwdPack<T> pk;
   pk.NR = 2 * W;
   pk.Hg = g.Hq / g.Hkv;
@@ -2510,8 +2526,8 @@ BwdPack<T> bwd_pack_sizes(const Geometry& g, const Units& u, int64_t W) {
   pk.Dp = round_up(std::max<int64_t>(g.D, 1), W);
   pk.Dv = g.Dv;
   pk.Dvp = round_up(std::max<int64_t>(g.Dv, 1), W);
-  pk.BM = kBwdBM;
-  pk.BN = round_up(kBwdBN, pk.NR);
+  pk.BM = kern.bwd_bm;
+  pk.BN = round_up(kern.bwd_bn, pk.NR);
   pk.fwd_BN = round_up(kFwdBN, pk.NR);  // key block of lse_corrections (the forward's)
   pk.lq = u.lq;
   pk.kpad.resize(u.n);
@@ -2910,7 +2926,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
                        double scale, int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop,
                        const ScoreMods<T>& mods, double* dsink_rows, Tensor& dq, Tensor& dk, Tensor& dv) {
   const Kernels<T> kern = select_kernels<T>(kBf16Backward && std::is_same_v<scalar_t, c10::BFloat16>);
-  BwdPack<T> pack = bwd_pack_sizes<T>(g, u, kern.W);
+  BwdPack<T> pack = bwd_pack_sizes<T>(g, u, kern);
   pack.bf16 = kern.bf16;
   pack.avx512 = kern.avx512;
   pack.tiles = kern.bf16 && kern.tiles;

@@ -523,15 +523,25 @@ struct alignas(64) AmxTileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
+// ldtilecfg by hand, with the whole configuration as the asm's memory operand: g++ 12's
+// _tile_loadconfig declares only its first 8 bytes as read, so the stores of colsb and rows are
+// dead to the optimizer, and one build (a mutant of attention.cpp's AMX backward) dropped them:
+// the tiles were left unconfigured and the first tile instruction raised SIGILL.
 SK_AMX_FN void amx_tiles_on() {
   AmxTileConfig c;
   for (int t = 0; t < 8; ++t) {
     c.colsb[t] = 64;
     c.rows[t] = 16;
   }
-  _tile_loadconfig(&c);
+  __asm__ volatile("ldtilecfg %0" ::"m"(c));
 }
 SK_AMX_FN void amx_tiles_off() { _tile_release(); }
+// Called before a product's tile loads. g++'s tileloadd is an asm that takes the address as a
+// plain register and declares no memory read, so the compiler may still hold back (or move past
+// it) stores of the operands it is about to read: the P rows just rounded to bf16, the O rows just
+// rescaled. This barrier makes every earlier store land first. (tilestored declares a memory
+// clobber already.)
+SK_AMX_FN void amx_operands_ready() { __asm__ volatile("" ::: "memory"); }
 #endif  // SK_SIMD_X86
 
 }  // namespace simd
