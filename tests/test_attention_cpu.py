@@ -728,6 +728,45 @@ def test_forward_rescale_over_key_blocks(dtype, isa, monkeypatch):
     check_parity(q, k, v, _kw(1.0 / math.sqrt(D), window=(-1, 0), bottom_right=True), grads=False)
 
 
+def _cpu_levels():
+    from seqkernels import cli
+
+    rep = cli.cpu_isa_report()
+    have = [] if rep is None else rep["supported"]
+    return [
+        pytest.param(lv, marks=pytest.mark.skipif(lv not in have, reason=f"this CPU/OS lacks {lv}"))
+        for lv in ("portable", "avx2", "avx512", "avx512_bf16", "amx_bf16")
+    ]
+
+
+@pytest.mark.parametrize("level", _cpu_levels())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_softmax_exp_accuracy(dtype, level, monkeypatch):
+    # The softmax's exp2 on every path, seen through lse. q = a e_0 and k[:, 0] = (0, -1, ..., -1),
+    # all exact in bf16, scale 1: row a scores 0 (the max, P = 1) and 999 times -a, so that
+    # lse = log(1 + 999 exp(-a)) is the answer up to float32 rounding (ulp 4.8e-7 here) and its
+    # error is the exp's relative error at 2^f, f the fraction of -a log2(e): -0.488, 0.490,
+    # -0.443 and 0.115 for the four rows. The paths that take bf16 products (bf16 inputs on
+    # avx512_bf16 and amx_bf16) evaluate 2^f by a degree-4 polynomial of relative error 2.9e-6
+    # (simd::Avx512FloatBf16P; 2.5e-6 measured here), the others by a degree-6 one (8e-8; 3.8e-7
+    # measured, rounding included).
+    from seqkernels import cli
+
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", level)
+    path = cli.cpu_isa_report()["ops"]["attention_fwd"][str(dtype).split(".")[-1]]
+    Lk, D = 1000, 16
+    a = torch.tensor([1.03125, 0.353515625, 1.0, 2.0], dtype=torch.float64)
+    q = torch.zeros(1, 1, len(a), D, dtype=torch.float64)
+    q[0, 0, :, 0] = a
+    k = torch.zeros(1, 1, Lk, D, dtype=torch.float64)
+    k[0, 0, 1:, 0] = -1.0
+    v = rand(1, 1, Lk, D, dtype=torch.float64)
+    _, lse = sk_forward(q.to(dtype), k.to(dtype), v.to(dtype), _kw(1.0))
+    want = torch.log1p((Lk - 1) * torch.exp(-a))
+    err = (lse[0, 0].double() - want).abs()
+    assert float(err.max()) <= (3.5e-6 if path in ("avx512_bf16", "amx_bf16") else 6e-7), (path, err)
+
+
 # ---------------------------------------------------------------------------------------------
 # Score modifiers (softcap, ALiBi, sinks; docs/DESIGN.md §2) in the C++ kernels: out, lse, dq, dk,
 # dv and dsinks against attention_ref in float64 with autograd (sinks a float64 leaf), the

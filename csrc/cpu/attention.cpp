@@ -960,7 +960,9 @@ struct Bf16Products {
   }
 };
 
-SK_AVX512BF16_ENTRY void fwd_rows_avx512bf16(const FwdRows<float>& a) { fwd_rows<simd::Avx512Float, Bf16Products>(a); }
+SK_AVX512BF16_ENTRY void fwd_rows_avx512bf16(const FwdRows<float>& a) {
+  fwd_rows<simd::Avx512FloatBf16P, Bf16Products>(a);
+}
 
 // ---------------------------------------------------------------------------------------------
 // The bfloat16 forward on AMX: the same two products on tiles. A tile product takes a 16 x 32
@@ -1122,7 +1124,7 @@ struct AmxProducts {
 
 SK_AMX_ENTRY void fwd_rows_amx(const FwdRows<float>& a) {
   simd::amx_tiles_on();
-  fwd_rows<simd::Avx512Float, AmxProducts>(a);
+  fwd_rows<simd::Avx512FloatBf16P, AmxProducts>(a);
   simd::amx_tiles_off();
 }
 
@@ -1188,8 +1190,8 @@ SK_AVX512BF16_FN void bf16_bwd_rows(const BwdBlock<float>& a, const BwdHead<floa
   const int64_t BN = a.BN;
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = i0 + r;
-    bwd_row<simd::Avx512Float>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], hd.lse[i], hd.corr[i], hd.Delta[i],
-                               a, hd.h, i, hd.mods);
+    bwd_row<simd::Avx512FloatBf16P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], hd.lse[i], hd.corr[i],
+                                    hd.Delta[i], a, hd.h, i, hd.mods);
   }
   bf16_row_pairs(a.S, nr, w, BN, a.Pi);
   bf16_row_pairs(a.dP, nr, w, BN, a.dSi);
