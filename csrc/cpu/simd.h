@@ -424,24 +424,32 @@ struct Avx512Float {
   SK_AVX512_FN static V max(V a, V b) { return _mm512_max_ps(a, b); }
   SK_AVX512_FN static int nan_bits(V x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
   SK_AVX512_FN static V exp2(V x) { return exp2_nonpos(_mm512_min_ps(_mm512_set1_ps(127.0f), x)); }
-  // Avx2Float::exp2_nonpos, 16 lanes.
-  SK_AVX512_FN static V exp2_nonpos(V x) {
+  // Avx2Float::exp2_nonpos, 16 lanes: 2^f for f in [-1/2, 1/2] by Poly::eval, the rest here
+  // (Avx512FloatBf16P passes a shorter polynomial).
+  template <class Poly>
+  SK_AVX512_FN static V exp2_reduced(V x) {
     const V xc = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
     const V n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f = _mm512_sub_ps(xc, n);
-    V p = _mm512_set1_ps(1.533758041e-04f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339986571e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618519805e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550329015e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264625e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    const V p = Poly::eval(_mm512_sub_ps(xc, n));
     // p * 2^n by vscalefps (one instruction for the exponent bits, the add and the multiply),
     // and 0 where n is the clamp's -127, as the AVX2 path's biased exponent of 0 gives: bitwise
     // the AVX2 result, which scales by the same exact power of two. No subnormal leaves for a
     // masked score (whose FMAs in P V would then take microcode assists). NaN stays NaN.
     return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(n, _mm512_set1_ps(-127.0f), _CMP_NEQ_UQ), p, n);
   }
+  // Avx2Float's degree-6 polynomial.
+  struct Exp2Deg6 {
+    SK_AVX512_FN static V eval(V f) {
+      V p = _mm512_set1_ps(1.533758041e-04f);
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339986571e-03f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618519805e-03f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550329015e-02f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264625e-01f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471825e-01f));
+      return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    }
+  };
+  SK_AVX512_FN static V exp2_nonpos(V x) { return exp2_reduced<Exp2Deg6>(x); }
   SK_AVX512_FN static V tanh(V x) { return tanh_ps(x); }
   // The two 256-bit halves first, then Avx2Float's tree (the order of a reduction is the only
   // difference from the AVX2 path).
@@ -464,18 +472,18 @@ struct Avx512Float {
 // stays NaN. torch's CPU flash attention evaluates its softmax with a 20-ulp exp (exp_u20) for
 // every dtype; the float32 kernels here keep the full-precision polynomial.
 struct Avx512FloatBf16P : Avx512Float {
+  struct Exp2Deg4 {
+    SK_AVX512_FN static V eval(V f) {
+      V p = _mm512_set1_ps(9.582830593e-03f);
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.590636656e-02f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402409911e-01f));
+      p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931241751e-01f));
+      return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    }
+  };
+  // Both redefined: Avx512Float::exp2 calls Avx512Float::exp2_nonpos.
   SK_AVX512_FN static V exp2(V x) { return exp2_nonpos(_mm512_min_ps(_mm512_set1_ps(127.0f), x)); }
-  SK_AVX512_FN static V exp2_nonpos(V x) {
-    const V xc = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);
-    const V n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f = _mm512_sub_ps(xc, n);
-    V p = _mm512_set1_ps(9.582830593e-03f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.590636656e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402409911e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931241751e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(n, _mm512_set1_ps(-127.0f), _CMP_NEQ_UQ), p, n);
-  }
+  SK_AVX512_FN static V exp2_nonpos(V x) { return exp2_reduced<Exp2Deg4>(x); }
 };
 
 // The first n lanes of a 16-lane mask (n >= 16: all of them, n <= 0: none): the tails of the
