@@ -190,8 +190,8 @@ def test_bf16_bwd_nan_query_row():
 def test_bf16_bwd_nonfinite_grad_beside_a_query_block():
     # The AMX backward starts each query block at a multiple of 32, so that the dK^T / dV^T
     # products' 32-column passes over a Q^T / dO^T row stay inside its Lq2 (Lq rounded up to 32)
-    # columns. Bottom-right causal with Lk = Lq + 16 makes row 112 (64 + 48 for 64-key blocks) the
-    # first to see the key block from 128: a block started there (16 mod 32) would read 16
+    # columns. Bottom-right causal with Lk = Lq + 16 makes row 112 the first to see the keys from
+    # 128 (the AMX path's second key block): a block started there (16 mod 32) would read 16
     # columns past the end of each dO^T row, that is rows 0..15 of the next head dim, against P
     # rows that are zero. Finite values add nothing there; the inf in grad_out's row 3, dim 5
     # would make dV[:, 4] NaN for those keys, where the reference's dV[:, 4] is finite (its plain
