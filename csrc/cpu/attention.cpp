@@ -1848,11 +1848,11 @@ RowRanges visible_rows(const Units& u, int64_t wl, int64_t wr, bool bottom_right
 // the accumulators (the dropout keep scale and the sink's rescale folded into 1 / l) and store the
 // natural-log lse; a row that saw no key is 0 with lse -inf, or lse = sink with a finite sink.
 // Output rows are out_stride apart (Dv in the padded form, Hq * Dv in the packed one).
-// bf16_rows: the kernels are a bf16-product path (Kernels::bf16), so the CPU has AVX512_BF16 and
+// bf16_store: the kernels are a bf16-product path (Kernels::bf16), so the CPU has AVX512_BF16 and
 // bf16 rows go through store_row_bf16.
 template <typename scalar_t, typename T>
 void store_fwd_rows(const T* O, const T* m, const T* l, int64_t nrows, int64_t Dv, int64_t Dvp, const DropoutDesc& drop,
-                    T sink, scalar_t* out_rows, int64_t out_stride, T* lse_rows, bool bf16_rows) {
+                    T sink, scalar_t* out_rows, int64_t out_stride, T* lse_rows, bool bf16_store) {
   const T ks = static_cast<T>(drop.keep_scale);
   for (int64_t r = 0; r < nrows; ++r) {
     scalar_t* orow = out_rows + r * out_stride;
@@ -1865,7 +1865,7 @@ void store_fwd_rows(const T* O, const T* m, const T* l, int64_t nrows, int64_t D
     bool stored = false;
 #if SK_SIMD_X86
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
-      if (bf16_rows && !dead) {
+      if (bf16_store && !dead) {
         store_row_bf16(acc, inv, Dv, reinterpret_cast<uint16_t*>(orow));
         stored = true;
       }
