@@ -1146,6 +1146,13 @@ SK_AMX_ENTRY void fwd_rows_amx(const FwdRows<float>& a) {
 // the row after an odd last one) thus meets zeros in P and dS: it adds nothing, or NaN where its
 // own Q or dO is not finite, as in the reference's plain products.
 
+// The lanes of x selected by m, rounded to bf16 by vcvtneps2bf16, at out: round to nearest even
+// as c10::BFloat16, but a float32 subnormal becomes 0 where c10 would keep a bf16 subnormal. Every
+// bf16 gradient and output row the bf16 paths write goes through here.
+SK_AVX512BF16_FN void store16_bf16(uint16_t* out, __mmask16 m, __m512 x) {
+  _mm256_mask_storeu_epi16(out, m, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
 // Rows [0, nkeys) of a bf16 output (ld_out apart, contiguous along the head dim) from float32
 // accumulators held transposed, X^T (D rows of keys, ldx apart: the bf16 backward's dK^T and dV^T),
 // rounded to bf16. 16 x 16 blocks go through simd::transpose_rows16_ps; the strided scalar loop of
@@ -1159,24 +1166,19 @@ SK_AVX512BF16_FN void store_transposed_bf16(const float* XT, int64_t ldx, int64_
       const int64_t nd = std::min<int64_t>(16, D - d0);
       simd::transpose_rows16_ps(XT + d0 * ldx + j0, ldx, nd, nj, tile, 16);  // tile row e: key j0 + e
       const __mmask16 cols = simd::mask16(nd);
-      for (int64_t e = 0; e < nj; ++e) {
-        const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(tile + 16 * e));
-        _mm256_mask_storeu_epi16(out + (j0 + e) * ld_out + d0, cols, h);
-      }
+      for (int64_t e = 0; e < nj; ++e) store16_bf16(out + (j0 + e) * ld_out + d0, cols, _mm512_load_ps(tile + 16 * e));
     }
   }
 }
 
-// One output row of the bf16 forward: acc * inv rounded to bf16 by vcvtneps2bf16 (round to
-// nearest even, as c10::BFloat16; a result below the smallest normal becomes 0 where c10 would
-// keep a bf16 subnormal). store_fwd_rows' scalar conversion, vectorized at the baseline ISA only
-// (SSE2), took about 2.5% of the AMX forward at (4,8,512,64) (perf).
+// One output row of the bf16 forward, acc * inv, through store16_bf16. store_fwd_rows' scalar
+// conversion, vectorized at the baseline ISA only (SSE2), took about 2.5% of the AMX forward at
+// (4,8,512,64) (perf).
 SK_AVX512BF16_FN void store_row_bf16(const float* acc, float inv, int64_t n, uint16_t* out) {
   const __m512 s = _mm512_set1_ps(inv);
   for (int64_t d = 0; d < n; d += 16) {
     const __mmask16 m = simd::mask16(n - d);
-    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + d), s);
-    _mm256_mask_storeu_epi16(out + d, m, (__m256i)_mm512_cvtneps_pbh(x));
+    store16_bf16(out + d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + d), s));
   }
 }
 
@@ -1862,19 +1864,16 @@ void store_fwd_rows(const T* O, const T* m, const T* l, int64_t nrows, int64_t D
     const bool dead = mr == -std::numeric_limits<T>::infinity();
     T inv = dead ? T(0) : (drop.on ? ks : T(1)) / lr;
     if (f != T(1)) inv *= f;  // exactly the plain path without a sink
-    bool stored = false;
+    lse_rows[r] = static_cast<T>(softmax_lse_ln<double>(mr, static_cast<double>(lr)));
 #if SK_SIMD_X86
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {
       if (bf16_store && !dead) {
         store_row_bf16(acc, inv, Dv, reinterpret_cast<uint16_t*>(orow));
-        stored = true;
+        continue;
       }
     }
 #endif
-    if (!stored) {
-      for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(dead ? T(0) : acc[d] * inv);
-    }
-    lse_rows[r] = static_cast<T>(softmax_lse_ln<double>(mr, static_cast<double>(lr)));
+    for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(dead ? T(0) : acc[d] * inv);
   }
 }
 
