@@ -767,6 +767,34 @@ def test_softmax_exp_accuracy(dtype, level, monkeypatch):
     assert float(err.max()) <= (3.5e-6 if path in ("avx512_bf16", "amx_bf16") else 6e-7), (path, err)
 
 
+@pytest.mark.parametrize("level", _cpu_levels())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_rows_that_see_no_finite_score_after_nan_rows(dtype, level, monkeypatch):
+    # Rows 0-31 are NaN (NaN out, their softmax scratch NaN); rows 32-63 score -inf against every
+    # key of the first key block (1e30 x -1e30 overflows; kFwdBN = 256) and finite ones after it.
+    # A row whose running max is still -inf after a block must leave its accumulators alone
+    # (alpha 1): the slot of the per-group scratch it reuses held a NaN row's factor, and O * NaN
+    # would turn the later, finite block's answer into NaN. Every row group size (6, 12, 32 rows)
+    # puts a NaN row in each slot before the -inf rows reach it.
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", level)
+    Lq, Lk, D = 64, 300, 16
+    q = torch.zeros(1, 1, Lq, D, dtype=torch.float64)
+    q[0, 0, :32] = math.nan
+    q[0, 0, 32:, 0] = 1e30
+    k = rand(1, 1, Lk, D, dtype=torch.float64)
+    k[0, 0, :256, 0] = -1e30
+    v = rand(1, 1, Lk, D, dtype=torch.float64)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, lse = sk_forward(q, k, v, _kw(1.0))
+    assert out[0, 0, :32].isnan().all() and lse[0, 0, :32].isnan().all()
+    rows = slice(32, Lq)
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), **_kw(1.0))
+    base_out, base_lse = attention_ref(q, k, v, **_kw(1.0))
+    got = [out[:, :, rows], lse[:, :, rows]]
+    report = compare(got, [ref_out[:, :, rows], ref_lse[:, :, rows]], [base_out[:, :, rows], base_lse[:, :, rows]])
+    assert report.passed, str(report)
+
+
 # ---------------------------------------------------------------------------------------------
 # Score modifiers (softcap, ALiBi, sinks; docs/DESIGN.md §2) in the C++ kernels: out, lse, dq, dk,
 # dv and dsinks against attention_ref in float64 with autograd (sinks a float64 leaf), the

@@ -462,6 +462,29 @@ struct FwdRows {
   T qk_scale = T(1);             // the softmax scale, applied to Q K^T
 };
 
+// A row of fwd_softmax_row whose running max is still -inf after this block: nothing but -inf
+// so far (scores of finfo.min are finite and do not come here: such a row averages the keys it
+// sees, as torch does). All-NaN scores (a NaN query row) must still give NaN, as plain softmax
+// does; everything else here is masked and contributes nothing.
+template <typename T>
+inline void no_finite_scores(T* s, int64_t w, int64_t c0, int64_t c1, T& m, T& l, T& alpha) {
+  bool nan = false;
+  for (int64_t j = c0; j < c1; ++j) nan |= std::isnan(s[j]);
+  if (nan) {
+    m = l = alpha = std::numeric_limits<T>::quiet_NaN();
+  }
+  fill(s, w, T(0));
+}
+
+// Dropout of row r's P in a key block (after its sum: l is the undropped normalizer).
+template <typename T>
+inline void drop_row(T* s, int64_t c0, int64_t c1, int64_t pl, const FwdRows<T>& a, int64_t r) {
+  const uint64_t n0 = a.n_row0 + static_cast<uint64_t>(r) * a.Lk + pl;
+  for (int64_t j = c0; j < c1; ++j) {
+    if (!keep_element(a.drop, n0 + j)) s[j] = T(0);
+  }
+}
+
 // One row of one key block: mask, running max, exp2, running sum; leaves P (dropped entries
 // zeroed) in s and the factor that rescales the row's accumulators in alpha.
 //
@@ -474,11 +497,11 @@ struct FwdRows {
 // scores near the lowest finite value (a finfo.min mask), which made a row that sees keys look
 // like one that sees none (0, lse -inf).
 //
-// sc != 1: s holds the scores before the softmax scale (the AMX products). The max pass scales
-// them as it reads them and stores them back, in place of a pass of its own over S right after the
-// tile stores (which waited on them); stored, not fused into the exp2 pass, so that no compiler
+// sc != 1: s holds the scores before the softmax scale (the AMX products), scaled here first:
+// modifiers and masks see scaled scores. (Rows without either take fwd_softmax_rows16, whose max
+// pass scales as it reads.) Stored scaled, not fused into the exp2 pass, so that no compiler
 // contracts s * sc - m into one FMA (an unrounded product minus the rounded max: the failure
-// above). Modifiers and masks see scaled scores: with either, the row is scaled before them.
+// above).
 template <class P>
 inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo, int64_t hi, typename P::T& m,
                             typename P::T& l, typename P::T& alpha, const FwdRows<typename P::T>& a, int64_t r,
@@ -493,10 +516,9 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
     fill(s, w, T(0));
     return;
   }
-  if (sc != T(1) && (a.mods.on() || a.mask.kind != MaskKind::None)) {
+  if (sc != T(1)) {
     const V scv = P::set1(sc);
     for (int64_t j = 0; j < w; j += W) P::store(s + j, P::mul(P::load(s + j), scv));
-    sc = T(1);
   }
   if (a.mods.on()) apply_mods_row<P>(s, w, pl, a.i0 + r + a.mods.off, a.mods, nullptr);
   fill(s, c0, -kInf);
@@ -505,28 +527,11 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
     apply_mask_row<T>(a.mask, a.b, a.h, a.i0 + r, pl + c0, s + c0, nullptr, c1 - c0);
   }
   V mv = P::set1(-kInf);
-  if (sc == T(1)) {
-    for (int64_t j = 0; j < w; j += W) mv = P::max(P::load(s + j), mv);
-  } else {
-    const V scv = P::set1(sc);
-    for (int64_t j = 0; j < w; j += W) {
-      const V x = P::mul(P::load(s + j), scv);
-      P::store(s + j, x);
-      mv = P::max(x, mv);
-    }
-  }
+  for (int64_t j = 0; j < w; j += W) mv = P::max(P::load(s + j), mv);
   const T mx = P::hmax(mv);
   const T m_new = mx > m ? mx : m;
   if (m_new == -kInf) {
-    // Nothing but -inf so far (scores of finfo.min are finite and do not come here: such a row
-    // averages the keys it sees, as torch does). All-NaN scores (a NaN query row) must still give
-    // NaN, as plain softmax does; everything else here is masked and contributes nothing.
-    bool nan = false;
-    for (int64_t j = c0; j < c1; ++j) nan |= std::isnan(s[j]);
-    if (nan) {
-      m = l = alpha = std::numeric_limits<T>::quiet_NaN();
-    }
-    fill(s, w, T(0));
+    no_finite_scores(s, w, c0, c1, m, l, alpha);
     return;
   }
   // The running max rarely moves after the first blocks; rescaling is skipped then. m - m_new
@@ -541,11 +546,125 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
   }
   l = l * alpha + P::hsum(sum);
   m = m_new;
-  if (a.drop.on) {
-    const uint64_t n0 = a.n_row0 + static_cast<uint64_t>(r) * a.Lk + pl;
-    for (int64_t j = c0; j < c1; ++j) {
-      if (!keep_element(a.drop, n0 + j)) s[j] = T(0);
+  if (a.drop.on) drop_row(s, c0, c1, pl, a, r);
+}
+
+#if SK_SIMD_X86
+// fwd_softmax_row for n <= 16 rows r0 .. r0 + n - 1 at once (the 16-lane float32 policies, rows
+// without modifiers or mask): the same numbers, with the per-row scalar work in vectors, lane r
+// for row r0 + r. Per row and 256-key block the row's max and sum reductions, the compare with
+// the running max and the running sum's update were about a fifth of the softmax (perf of the
+// AMX forward at (4,8,512,64)); reduce16_rows does sixteen rows' reductions in the shuffles of
+// one, in hsum's tree (bitwise the row version's l). Rows that see no key here, or whose running
+// max is still -inf, take the row version's steps. alpha points at row r0's.
+template <class P>
+SK_AVX512_FN void fwd_softmax_rows16(float* S, int64_t BN, int64_t n, int64_t w, int64_t pl, int64_t r0,
+                                     const FwdRows<float>& a, float* alpha, float sc) {
+  using V = __m512;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  V part[16];
+  int64_t c0s[16], c1s[16];
+  __mmask16 live = 0;
+  for (int64_t r = 0; r < 16; ++r) {
+    part[r] = P::set1(-kInf);
+    if (r >= n) continue;
+    float* s = S + r * BN;
+    const int64_t c0 = std::max(a.lo[r0 + r], pl) - pl, c1 = std::min(a.hi[r0 + r], pl + w) - pl;
+    c0s[r] = c0;
+    c1s[r] = c1;
+    if (c0 >= c1) {
+      alpha[r] = 1.f;
+      fill(s, w, 0.f);
+      continue;
     }
+    live |= static_cast<__mmask16>(1u << r);
+    fill(s, c0, -kInf);
+    fill(s + c1, w - c1, -kInf);
+    // The max never takes a NaN score (vmaxps returns its second operand, mv): no NaN lanes.
+    // sc != 1 (AMX): the scores are scaled as the max pass reads them, and stored, in place of a
+    // pass of their own right after the tile stores (which waited on them).
+    V mv = P::set1(-kInf);
+    if (sc == 1.f) {
+      for (int64_t j = 0; j < w; j += 16) mv = P::max(P::load(s + j), mv);
+    } else {
+      const V scv = P::set1(sc);
+      for (int64_t j = 0; j < w; j += 16) {
+        const V x = P::mul(P::load(s + j), scv);
+        P::store(s + j, x);
+        mv = P::max(x, mv);
+      }
+    }
+    part[r] = mv;
+  }
+  if (live == 0) return;
+  const V mx = simd::hmax16_rows(part);
+  const V m_old = _mm512_maskz_loadu_ps(live, a.m + r0);
+  // m_new = mx > m ? mx : m (a NaN m stays NaN, as in the row version).
+  const V m_new = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mx, m_old, _CMP_GT_OQ), m_old, mx);
+  alignas(64) float mo[16], mn[16], al[16];
+  _mm512_store_ps(mo, m_old);
+  _mm512_store_ps(mn, m_new);
+  const __mmask16 none = _mm512_mask_cmp_ps_mask(live, m_new, P::set1(-kInf), _CMP_EQ_OQ);
+  const __mmask16 ok = live & ~none;
+  for (int64_t r = 0; r < n; ++r) {
+    if ((none >> r) & 1) {
+      alpha[r] = 1.f;  // the slot may hold another row's factor (a NaN row's NaN)
+      no_finite_scores(S + r * BN, w, c0s[r], c1s[r], a.m[r0 + r], a.l[r0 + r], alpha[r]);
+    }
+  }
+  if (ok == 0) return;
+  // alpha as the row version computes it: 1 where the max stayed, exp2((m - m_new) log2(e)) where
+  // it moved (0 from m = -inf, the first block that sees a finite score).
+  for (int64_t r = 0; r < n; ++r) {
+    if ((ok >> r) & 1) al[r] = mn[r] == mo[r] ? 1.f : std::exp2((mo[r] - mn[r]) * static_cast<float>(kLog2e));
+  }
+  const V l2e = P::set1(static_cast<float>(kLog2e));
+  for (int64_t r = 0; r < 16; ++r) {
+    if (!((ok >> r) & 1)) {
+      part[r] = P::zero();
+      continue;
+    }
+    float* s = S + r * BN;
+    const V m1 = P::set1(mn[r]);
+    V sum = P::zero();
+    for (int64_t j = 0; j < w; j += 16) {
+      const V p = P::exp2_nonpos(P::mul(P::sub(P::load(s + j), m1), l2e));
+      P::store(s + j, p);
+      sum = P::add(sum, p);
+    }
+    part[r] = sum;
+  }
+  const V sums = simd::hsum16_rows(part);
+  const V alv = _mm512_maskz_loadu_ps(ok, al);
+  // l = l * alpha + sum in one rounding, as the row version's l * alpha + hsum, which the compiler
+  // contracts to an FMA on these levels (checked: both forms give the same bits).
+  _mm512_mask_storeu_ps(a.l + r0, ok, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(ok, a.l + r0), alv, sums));
+  _mm512_mask_storeu_ps(a.m + r0, ok, m_new);
+  _mm512_mask_storeu_ps(alpha, ok, alv);
+  if (a.drop.on) {
+    for (int64_t r = 0; r < n; ++r) {
+      if ((ok >> r) & 1) drop_row(S + r * BN, c0s[r], c1s[r], pl, a, r0 + r);
+    }
+  }
+}
+#endif
+
+// The softmax of rows r0 .. r0 + mr - 1 in one key block (S: row r at S + r * BN; alpha: row r0's).
+template <class P>
+inline void fwd_softmax_group(typename P::T* S, int64_t mr, int64_t w, int64_t pl, int64_t r0,
+                              const FwdRows<typename P::T>& a, typename P::T* alpha, typename P::T sc) {
+#if SK_SIMD_X86
+  if constexpr (P::W == 16 && std::is_same_v<typename P::T, float>) {
+    if (!a.mods.on() && a.mask.kind == MaskKind::None) {
+      for (int64_t rb = 0; rb < mr; rb += 16)
+        fwd_softmax_rows16<P>(S + rb * a.BN, a.BN, std::min<int64_t>(16, mr - rb), w, pl, r0 + rb, a, alpha + rb, sc);
+      return;
+    }
+  }
+#endif
+  for (int64_t r = 0; r < mr; ++r) {
+    fwd_softmax_row<P>(S + r * a.BN, w, pl, a.lo[r0 + r], a.hi[r0 + r], a.m[r0 + r], a.l[r0 + r], alpha[r], a, r0 + r,
+                       sc);
   }
 }
 
@@ -589,10 +708,7 @@ inline void fwd_rows(const FwdRows<typename P::T>& a) {
       if (w == 0) continue;  // these rows see nothing here: their state is unchanged
       T* S = a.P;
       Products::scores(a, mr, r0, pl, w, S);
-      for (int64_t r = 0; r < mr; ++r) {
-        fwd_softmax_row<P>(S + r * BN, w, pl, a.lo[r0 + r], a.hi[r0 + r], a.m[r0 + r], a.l[r0 + r], a.alpha[r], a,
-                           r0 + r, Products::kUnscaled ? a.qk_scale : T(1));
-      }
+      fwd_softmax_group<P>(S, mr, w, pl, r0, a, a.alpha, Products::kUnscaled ? a.qk_scale : T(1));
       Products::pv(a, mr, r0, S, pl, w);
     }
   }

@@ -522,6 +522,36 @@ SK_AVX512_FN void transpose16_ps(__m512* r) {
   }
 }
 
+// Lane r = the horizontal sum (or max) of v[r], for 16 vectors at once: four rounds of shuffles
+// (lanes 8 apart, then 4, 2, 1), each pairing two vectors' halves so that one op reduces both.
+// The tree is Avx512Float::hsum's (fold the 256-bit halves, then Avx2Float::hsum), so every
+// lane's sum is bitwise hsum(v[r]). For the softmax's per-row reductions (attention forward).
+template <class Op>
+SK_AVX512_FN __m512 reduce16_rows(const __m512* v, Op op) {
+  __m512 w[8], x[4], y[2];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k)  // quarters 0-1: row 2k, 2-3: row 2k + 1
+    w[k] = op(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44), _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k)  // quarter q: row 4k + q
+    x[k] = op(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88), _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
+#pragma GCC unroll 2
+  for (int k = 0; k < 2; ++k)  // quarter q: elements 0-1 row 8k + q, 2-3 row 8k + 4 + q
+    y[k] = op(_mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44), _mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
+  // Element t of quarter q: row 4t + q; lane r takes it from lane 4 (r % 4) + r / 4.
+  const __m512 z = op(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
+}
+struct Add16 {
+  SK_AVX512_FN __m512 operator()(__m512 a, __m512 b) const { return _mm512_add_ps(a, b); }
+};
+struct Max16 {
+  SK_AVX512_FN __m512 operator()(__m512 a, __m512 b) const { return _mm512_max_ps(a, b); }
+};
+SK_AVX512_FN __m512 hsum16_rows(const __m512* v) { return reduce16_rows(v, Add16{}); }
+// Max without NaN: the callers' partial maxima never hold one (see fwd_softmax_rows16).
+SK_AVX512_FN __m512 hmax16_rows(const __m512* v) { return reduce16_rows(v, Max16{}); }
+
 // dst[k * dst_ld + r] = src[r * ld + k] for r < 16, k < K: up to 16 rows of K floats written as
 // K rows of 16 (rows >= nrows as zeros, never read), by 16 x 16 register transposes. The packers
 // that lay weights or keys out for a 16-wide register tile use it: the float32 attention forward's
