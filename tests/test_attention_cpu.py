@@ -795,6 +795,25 @@ def test_rows_that_see_no_finite_score_after_nan_rows(dtype, level, monkeypatch)
     assert report.passed, str(report)
 
 
+@pytest.mark.parametrize("level", _cpu_levels())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softmax_row_forms_give_the_same_bits(causal, dtype, level, monkeypatch):
+    # Rows without a mask take the 16-row softmax on the 16-lane levels (fwd_softmax_rows16), rows
+    # with one the per-row form: an additive mask of zeros changes no score, so both must give
+    # bitwise the same output and lse (the 16-row reductions follow hsum's tree). Lq = 45 and
+    # Lk = 600 cut row groups and 256-key blocks with tails; the running max moves between blocks.
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", level)
+    B, H, Lq, Lk, D = 1, 2, 45, 600, 40
+    q, k, v = (rand(B, H, L, D, dtype=dtype) for L in (Lq, Lk, Lk))
+    k[:, :, 300:] *= 3  # later keys score higher: alpha < 1 in the second and third blocks
+    window = (-1, 0) if causal else (-1, -1)
+    plain = sk_forward(q, k, v, _kw(0.3, window=window))
+    zeros = torch.zeros(B, H, Lq, Lk, dtype=dtype)
+    masked = sk_forward(q, k, v, _kw(0.3, attn_mask=zeros, window=window))
+    assert torch.equal(plain[0], masked[0]) and torch.equal(plain[1], masked[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Score modifiers (softcap, ALiBi, sinks; docs/DESIGN.md §2) in the C++ kernels: out, lse, dq, dk,
 # dv and dsinks against attention_ref in float64 with autograd (sinks a float64 leaf), the
