@@ -556,7 +556,9 @@ inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo,
 // the running max and the running sum's update were about a fifth of the softmax (perf of the
 // AMX forward at (4,8,512,64)); reduce16_rows does sixteen rows' reductions in the shuffles of
 // one, in hsum's tree (bitwise the row version's l). Rows that see no key here, or whose running
-// max is still -inf, take the row version's steps. alpha points at row r0's.
+// max is still -inf, take the row version's steps. alpha points at row r0's. The alpha and exp2
+// passes repeat the row version's instead of sharing a helper with it: tried, the helper changed
+// which products g++ contracts into FMAs in the row version on the AVX2 level (other bits).
 template <class P>
 SK_AVX512_FN void fwd_softmax_rows16(float* S, int64_t BN, int64_t n, int64_t w, int64_t pl, int64_t r0,
                                      const FwdRows<float>& a, float* alpha, float sc) {
