@@ -7,6 +7,7 @@ extension was built with CUDA after the sources last changed (CI), the file test
 library's cubins (what ships) instead of compiling each file again."""
 
 import functools
+import os
 
 import pytest
 
@@ -84,8 +85,10 @@ def _built_rows():
 
 @pytest.fixture
 def built_rows():
-    # Once per worker process (cuobjdump of the whole library takes ~20 s); a module fixture would be
-    # set up again each time the scheduler interleaves another file's tests.
+    # Once per worker process (a module fixture would be set up again each time the scheduler
+    # interleaves another file's tests); the library's dumps themselves (cuobjdump -sass of the
+    # whole library, 20 to 35 s) are made by the first worker and read from build/kernel_report by
+    # the other (kernel_report._library_dumps).
     return _built_rows()
 
 
@@ -131,3 +134,39 @@ def test_cuda_kernel_file(source, built_rows):
     assert {r["arch"] for r in rows} == set(ARCHS)
     bad = [r for r in rows if r["problems"]]
     assert not bad, "\n" + kr.format_table(bad)
+
+
+def test_library_dumps_are_made_once_per_build(tmp_path, monkeypatch):
+    # A stand-in cuobjdump that counts its runs: the second worker reads the first one's dumps, and
+    # a rebuilt library (new mtime) is dumped again.
+    count = tmp_path / "runs"
+    tool = tmp_path / "cuobjdump"
+    tool.write_text(
+        f"""#!/bin/sh
+echo x >> {count}
+if [ "$1" = "-res-usage" ]; then
+  printf 'Fatbin elf code:\\narch = sm_90\\n Function _Z1kv:\\n  REG:40 STACK:0 SHARED:16 LOCAL:0\\n'
+else
+  printf '\\tcode for sm_90\\n\\t\\tFunction : _Z1kv\\n        /*0010*/ HMMA.16816.F32 R0, R2, R4, R0 ;\\n'
+fi
+"""
+    )
+    tool.chmod(0o755)
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"\0" * 64)
+    monkeypatch.setenv("SEQKERNELS_REPORT_BUILD_DIR", str(tmp_path / "report"))
+    monkeypatch.delenv("SEQKERNELS_REPORT_CACHE", raising=False)
+    first = kr._library_dumps(str(tool), str(lib))
+    assert first[0][("sm_90", "_Z1kv")]["registers"] == 40 and first[1][("sm_90", "_Z1kv")]["tensor_cores"]
+    runs = len(count.read_text().split())
+    assert runs == 2
+    assert kr._library_dumps(str(tool), str(lib)) == first
+    assert len(count.read_text().split()) == runs  # read back, not dumped again
+
+    st = os.stat(lib)
+    os.utime(lib, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert kr._library_dumps(str(tool), str(lib)) == first
+    assert len(count.read_text().split()) == 2 * runs
+    monkeypatch.setenv("SEQKERNELS_REPORT_CACHE", "0")
+    assert kr._library_dumps(str(tool), str(lib)) == first
+    assert len(count.read_text().split()) == 3 * runs

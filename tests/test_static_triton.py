@@ -29,10 +29,11 @@ def test_report_on_triton_kernels_with_known_answers(monkeypatch):
     # The interpreter flag (set by the test suite) must not stop ahead-of-time compilation.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     rows = kr.collect_triton(modules=["emulation.static_selftest_triton"], archs=["8.0", "9.0"])
-    assert len(rows) == 8
-    good_mm, scale, small_mm, huge = rows[0:2], rows[2:4], rows[4:6], rows[6:8]
+    assert len(rows) == 10
+    good_mm, scale, small_mm, huge, claims_mma = rows[0:2], rows[2:4], rows[4:6], rows[6:8], rows[8:10]
     for r in good_mm:
         assert r["tensor_cores"] and r["problems"] == [] and r["shared_bytes"] > 0, r
+        assert not r["sass_checked"], r  # the PTX settled it
     assert [r["arch"] for r in good_mm] == ["sm_80", "sm_90"]
     assert [r["tensor_core_kind"] for r in good_mm] == ["mma", "wgmma"]
     assert [r["tensor_core_kind"] for r in small_mm] == ["mma", "mma"] and all(not r["problems"] for r in small_mm)
@@ -40,6 +41,11 @@ def test_report_on_triton_kernels_with_known_answers(monkeypatch):
     assert any("no wgmma" in p for p in kr._problems(dict(small_mm[1], expects_tensor_cores=True)))
     for r in scale:
         assert not r["tensor_cores"] and r["problems"] == [], r
+        # Expects no tensor cores and its PTX has none: not disassembled.
+        assert not r["sass_checked"] and r["local_instructions"] is None, r
+    for r in claims_mma:
+        assert r["sass_checked"] and r["local_instructions"] == 0, r
+        assert r["problems"] == ["no tensor-core instructions"], r
     assert all(r["problems"] for r in huge)
     assert all(any("shared memory" in p for p in r["problems"]) for r in huge)
     assert "_selftest_matmul_kernel" in kr.format_table(rows)

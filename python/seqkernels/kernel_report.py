@@ -15,9 +15,9 @@ installed wheel) ``collect`` reads the kernels compiled into ``seqkernels._C`` i
 Triton kernels are compiled ahead of time with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 80 | 90, 32))``; the cubin's resource usage (``cuobjdump -res-usage``)
 gives the same columns (Triton does not report spills without a driver; a non-zero stack or local
-memory is what spills turn into). Tensor-core use comes from the PTX (``wgmma`` / ``mma.sync``);
-only a kernel whose PTX has neither is disassembled (``cuobjdump -sass``) to look for HMMA/HGMMA
-in its SASS. Entries that compile the same kernel (same function, signature, constexprs, hints,
+memory is what spills turn into). Tensor-core use comes from the PTX (``wgmma`` / ``mma.sync``):
+ptxas makes HMMA/HGMMA only out of those, so only a kernel whose PTX has neither and whose entry
+expects tensor cores is disassembled (``cuobjdump -sass``), to show what its SASS holds instead. Entries that compile the same kernel (same function, signature, constexprs, hints,
 warps, stages and arch) are compiled once and each gets its row. Inside a source checkout each
 compiled kernel's columns are kept under ``build/kernel_report/triton``, named by Triton's cache
 key, so a rerun whose Triton cache is warm runs no cuobjdump (``SEQKERNELS_REPORT_CACHE=0``: off).
@@ -387,6 +387,45 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
+def _library_dumps(cuobjdump: str, lib: str) -> tuple[dict, dict]:
+    """parse_res_usage and parse_sass of a library. The disassembly of seqkernels._C takes tens of
+    CPU-seconds, so inside a source checkout (see _report_dir) both are kept under
+    build/kernel_report/built, named after the library's path, size and mtime, and made by one
+    process at a time: the test workers that each need them read the first one's."""
+    import fcntl
+
+    st = os.stat(lib)
+    root = _report_dir()
+    if root is None:
+        return _dump_library(cuobjdump, lib)
+    key = hashlib.sha256(f"{os.path.realpath(lib)}\0{st.st_size}\0{st.st_mtime_ns}\0{cuobjdump}".encode()).hexdigest()
+    cache = root / "built" / f"{key[:16]}.json"
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(cache.with_suffix(".lock"), "w")  # noqa: SIM115 (held for the dump below)
+    except OSError:
+        return _dump_library(cuobjdump, lib)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # JSON keys are strings: (arch, function) is kept as "arch function".
+        try:
+            res, sass = ({tuple(k.split(" ", 1)): v for k, v in d.items()} for d in json.loads(cache.read_text()))
+            return res, sass
+        except (OSError, ValueError):
+            pass
+        res, sass = _dump_library(cuobjdump, lib)
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps([{" ".join(k): v for k, v in d.items()} for d in (res, sass)]))
+        os.replace(tmp, cache)
+        return res, sass
+
+
+def _dump_library(cuobjdump: str, lib: str) -> tuple[dict, dict]:
+    res = parse_res_usage(subprocess.run([cuobjdump, "-res-usage", lib], capture_output=True, text=True).stdout)
+    sass = parse_sass(subprocess.run([cuobjdump, "-sass", lib], capture_output=True, text=True).stdout)
+    return res, sass
+
+
 def collect_built_cuda(archs=None) -> list[dict]:
     """Kernels compiled into seqkernels._C (no sources needed): cuobjdump of the library."""
     try:
@@ -397,9 +436,7 @@ def collect_built_cuda(archs=None) -> list[dict]:
     if cuobjdump is None or not getattr(_C, "cuda_archs", ""):
         return []
     want = {f"sm_{a}" for a in _archs(archs)}
-    lib = _C.__file__
-    res = parse_res_usage(subprocess.run([cuobjdump, "-res-usage", lib], capture_output=True, text=True).stdout)
-    sass = parse_sass(subprocess.run([cuobjdump, "-sass", lib], capture_output=True, text=True).stdout)
+    res, sass = _library_dumps(cuobjdump, _C.__file__)
     names = _demangle(sorted({f for _, f in res}))
     rows = []
     for (arch, func), r in sorted(res.items()):
@@ -466,11 +503,20 @@ def _signature_and_attrs(kernel, signature: dict) -> tuple[dict, dict]:
 
 
 def compile_triton_config(
-    kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int, attrs: dict | None = None
+    kernel,
+    signature: dict,
+    constexprs: dict,
+    num_warps: int,
+    num_stages: int,
+    arch: int,
+    attrs: dict | None = None,
+    sass: bool = True,
 ) -> dict:
     """Compile one configuration for one arch; resource usage from the cubin. `attrs` (as
     ASTSource takes them) replaces the divisibility hints derived from the signature, for modules
-    that state exactly which arguments the JIT sees divisible by 16."""
+    that state exactly which arguments the JIT sees divisible by 16. `sass=False`: a kernel whose
+    PTX has no tensor-core instruction is not disassembled (its row says no tensor cores, from the
+    PTX, and `local_instructions` None); the report passes it for entries that expect none."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -484,8 +530,12 @@ def compile_triton_config(
     cache = _triton_row_cache(compiled)
     if cache is not None and cache.is_file():
         try:
-            return json.loads(cache.read_text())
-        except (OSError, ValueError):
+            row = json.loads(cache.read_text())
+            # A row kept without disassembly serves a caller that wants it only when the PTX
+            # settled the question.
+            if not sass or row["sass_checked"] or row["tensor_cores"]:
+                return row
+        except (OSError, ValueError, KeyError):
             pass
     cuobjdump = _tool("cuobjdump")
     if cuobjdump is None:
@@ -494,22 +544,24 @@ def compile_triton_config(
 
     ptx = compiled.asm.get("ptx", "")
     # The PTX settles the tensor-core question when it holds wgmma or mma.sync (ptxas turns them
-    # into HGMMA / HMMA); only a kernel without them is disassembled, to see whether its SASS has
-    # tensor-core instructions all the same. Disassembly (cuobjdump -sass) is about a sixth of the
-    # cost of a cold compile; the resource usage (-res-usage) costs milliseconds.
+    # into HGMMA / HMMA, and makes them out of nothing else); a kernel without them is
+    # disassembled only when its entry expects tensor cores, so that the report shows what its
+    # SASS holds. Disassembly (cuobjdump -sass) is about a sixth of the cost of a cold compile
+    # (the float32 kernels, which expect no tensor cores, are most of those without them); the
+    # resource usage (-res-usage) costs milliseconds.
     ptx_kind = "wgmma" if "wgmma." in ptx else ("mma" if "mma.sync" in ptx else None)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         res = parse_res_usage(subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout)
-        sass = (
+        dump = (
             parse_sass(subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout)
-            if ptx_kind is None
+            if ptx_kind is None and sass
             else None
         )
     r = next(iter(res.values()), {"registers": None, "stack": 0, "local": 0})
-    s = next(iter(sass.values()), {"tensor_cores": False, "local_instructions": 0}) if sass is not None else None
-    kind = ptx_kind or ("mma" if s["tensor_cores"] else None)
+    s = next(iter(dump.values()), {"tensor_cores": False, "local_instructions": 0}) if dump is not None else None
+    kind = ptx_kind or ("mma" if s is not None and s["tensor_cores"] else None)
     row = {
         "registers": r["registers"],
         "shared_bytes": int(compiled.metadata.shared),
@@ -519,6 +571,7 @@ def compile_triton_config(
         "local_instructions": s["local_instructions"] if s is not None else None,
         "tensor_cores": kind is not None,
         "tensor_core_kind": kind,
+        "sass_checked": s is not None,
     }
     if cache is not None:
         try:
@@ -533,7 +586,7 @@ def compile_triton_config(
 
 # Bump when what compile_triton_config reads from a compiled kernel changes: the cached rows of
 # older versions are then not used.
-_TRITON_ROW_VERSION = 2
+_TRITON_ROW_VERSION = 3
 
 
 def _triton_row_cache(compiled) -> Path | None:
@@ -542,15 +595,22 @@ def _triton_row_cache(compiled) -> Path | None:
     Triton's own cache key of the compile (source, constexprs, options, target, Triton and ptxas
     versions), so that a rerun whose Triton cache is warm runs no cuobjdump. None outside a checkout
     or with SEQKERNELS_REPORT_CACHE=0."""
+    key = getattr(compiled, "hash", None)
+    root = _report_dir()
+    if not key or root is None:
+        return None
+    return root / "triton" / f"{key}-v{_TRITON_ROW_VERSION}.json"
+
+
+def _report_dir() -> Path | None:
+    """Where results are kept between runs: SEQKERNELS_REPORT_BUILD_DIR, else build/kernel_report
+    of the source checkout; None outside a checkout or with SEQKERNELS_REPORT_CACHE=0."""
     if os.environ.get("SEQKERNELS_REPORT_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
         return None
-    key = getattr(compiled, "hash", None)
     root = os.environ.get("SEQKERNELS_REPORT_BUILD_DIR") or (
         source_root() / "build" / "kernel_report" if source_root() else None
     )
-    if not key or root is None:
-        return None
-    return Path(root) / "triton" / f"{key}-v{_TRITON_ROW_VERSION}.json"
+    return Path(root) if root else None
 
 
 def _config_label(constexprs: dict, num_warps: int, num_stages: int) -> str:
@@ -584,13 +644,21 @@ def _triton_row(modname: str, index: int, arch: int) -> dict:
     }
 
 
-def _triton_compile_job(modname: str, index: int, arch: int) -> dict:
-    """compile_triton_config's columns for one entry and arch, or {"error": message}."""
+def _triton_compile_job(modname: str, index: int, arch: int, sass: bool | None = None) -> dict:
+    """compile_triton_config's columns for one entry and arch, or {"error": message}. `sass`:
+    disassemble a kernel without tensor-core PTX (default: when the entry expects tensor cores)."""
     entry = importlib.import_module(modname).STATIC_CONFIGS[index]
-    kernel, signature, constexprs, num_warps, num_stages, _ = entry
+    kernel, signature, constexprs, num_warps, num_stages, expects = entry
     try:
         return compile_triton_config(
-            kernel, signature, constexprs, num_warps, num_stages, arch, attrs=getattr(entry, "attrs", None)
+            kernel,
+            signature,
+            constexprs,
+            num_warps,
+            num_stages,
+            arch,
+            attrs=getattr(entry, "attrs", None),
+            sass=bool(expects) if sass is None else sass,
         )
     except Exception as e:  # a config that does not compile is a finding, not a crash
         return {"error": f"does not compile: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
@@ -653,7 +721,9 @@ def _collect_triton_here(modules, archs) -> list[dict]:
         key = _compile_key(*job)
         if key not in first:
             first[key] = len(unique)
-            unique.append(job)
+            unique.append([*job, False])
+        # Disassembled when any of the entries sharing the kernel expects tensor cores.
+        unique[first[key]][3] |= bool(importlib.import_module(job[0]).STATIC_CONFIGS[job[1]][5])
         job_key.append(first[key])
     workers = max(1, int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1))
     if workers == 1 or len(unique) < 2:

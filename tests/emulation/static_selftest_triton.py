@@ -1,6 +1,6 @@
 """Triton kernels with known answers for testing the static report (kernel_report.py): a matrix
 product that must use tensor cores, an elementwise kernel, a 16-row matrix product (mma.sync even on
-sm_90), and a configuration whose shared memory cannot fit. Follows the STATIC_CONFIGS protocol the kernel modules use."""
+sm_90), a configuration whose shared memory cannot fit, and an elementwise kernel that claims tensor cores. Follows the STATIC_CONFIGS protocol the kernel modules use."""
 
 import triton
 import triton.language as tl
@@ -64,4 +64,14 @@ STATIC_CONFIGS = [
     (_selftest_matmul_kernel, _MM_SIG, {"K": 128, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 2, "mma"),
     # 8 stages of 256x128 + 128x256 fp16 tiles: far beyond any arch's shared memory.
     (_selftest_matmul_kernel, _MM_SIG, {"K": 1024, "BLOCK_M": 256, "BLOCK_N": 256, "BLOCK_K": 128}, 8, 8, True),
+    # An elementwise kernel declared as a matrix product: no tensor-core PTX where some is expected,
+    # so the report disassembles it (the plain entry above is not) and finds none.
+    (
+        _selftest_scale_kernel,
+        {"X": "*fp32", "Y": "*fp32", "n": "i32", "alpha": "fp32", "BLOCK": "constexpr"},
+        {"BLOCK": 512},
+        4,
+        1,
+        True,
+    ),
 ]
