@@ -26,6 +26,15 @@ os.environ.setdefault(
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "triton-cache"),
 )
 
+# Two test workers share the 2-core machine (CI's `-n 2`), each with torch's OpenMP pool of one
+# thread per core: OpenMP's default spin-waiting then burns the other worker's core between parallel
+# regions. Passive waiting keeps every test's threads (the CPU kernels still run their parallel
+# regions on two threads) and took a quarter off the CPU time of the CPU-kernel test files
+# (tests/test_modifiers.py, test_attention_cpu.py, test_adversarial.py, test_lstm_module.py with -n 2:
+# 251 -> 170 user CPU-s, 149 -> 105 s wall, 2026-12-06). Children (sanitizer runs, distributed
+# ranks, compile pools) inherit it. Set before torch loads libgomp, which reads it once.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -67,36 +76,36 @@ def pytest_collection_modifyitems(config, items):
 #   Triton AOT compile and the per-file CUDA compiles, so the two workers share them;
 # - the longest units start first (measured with --durations on the 2-core machine, cold caches),
 #   so that the run ends on short units on both workers instead of one worker alone on a long one
-#   (the 344-config Triton compile, 5 minutes cold, started last in a loadfile run). A stale or
+#   (the 340-entry Triton compile, minutes cold, started last in a loadfile run). A stale or
 #   missing estimate only changes the order.
 _OWN_UNIT_PREFIXES = (
     "tests/test_static_triton.py::test_triton_kernel_module[",
     "tests/test_static_cuda.py::test_cuda_kernel_file[",
 )
-# Seconds per unit (a file, or one test of _OWN_UNIT_PREFIXES), matched by prefix, first match: the
-# clean-clone run of 2026-12-05 at 558104f (cold caches, on a shared machine where the tests got 1.1
-# of the 2 cores, so only the ratios mean anything). Units not listed keep xdist's order after these.
+# Seconds per unit (a file, or one test of _OWN_UNIT_PREFIXES), matched by prefix, first match: a
+# clean-clone run on the 2-core Xeon of 2026-12-06 (cold caches, two workers; the Triton shards timed
+# alone on one core). Only the order matters. Units not listed keep xdist's order after these.
 _UNIT_SECONDS = (
-    ("tests/test_attention_cuda.py", 540),
-    ("tests/test_cpu_sanitizers.py", 370),
-    ("tests/test_attention_cpu.py", 360),
-    ("tests/test_static_cuda.py::test_cuda_kernel_file[csrc/cuda/attention.cu]", 260),
-    ("tests/test_static_cuda.py::test_cuda_kernel_file[csrc/cuda/kv_cache.cu]", 210),
-    ("tests/test_attention_triton.py", 210),
-    ("tests/test_static_triton.py::test_triton_kernel_module[seqkernels.triton_kernels.attention", 400),
-    ("tests/test_decode_attention.py", 165),
-    ("tests/test_modifiers.py", 135),
-    ("tests/test_lstm_cell.py", 125),
-    ("tests/test_emulation_sanitizers.py", 110),
-    ("tests/test_static_triton.py::test_triton_kernel_module[seqkernels.triton_kernels.kv_cache", 110),
-    ("tests/test_properties.py", 100),
-    ("tests/test_distributed.py", 80),
-    ("tests/test_decode_varlen_gpu.py", 60),
-    ("tests/test_static_cuda.py::test_cuda_kernel_file[", 58),
-    ("tests/test_cpu_isa.py", 57),
-    ("tests/test_attention.py", 54),
-    ("tests/test_static_triton.py::test_triton_kernel_module[", 42),
-    ("tests/test_padding.py", 41),
+    ("tests/test_attention_cuda.py", 360),
+    ("tests/test_cpu_sanitizers.py", 290),
+    ("tests/test_static_triton.py::test_triton_kernel_module[seqkernels.triton_kernels.attention", 230),
+    ("tests/test_attention_triton.py", 150),
+    ("tests/test_decode_attention.py", 115),
+    ("tests/test_distributed.py", 100),
+    ("tests/test_modifiers.py", 100),
+    ("tests/test_static_triton.py::test_triton_kernel_module[seqkernels.triton_kernels.kv_cache", 90),
+    ("tests/test_cpu_isa.py", 65),
+    ("tests/test_emulation_sanitizers.py", 55),
+    ("tests/test_attention_cpu.py", 55),
+    ("tests/test_decode_varlen_gpu.py", 53),
+    ("tests/test_lstm_cell.py", 50),
+    ("tests/test_dropout_grid.py", 42),
+    ("tests/test_adversarial.py", 42),
+    ("tests/test_opcheck.py", 41),
+    ("tests/test_static_cuda.py::test_cuda_kernel_file[", 35),
+    ("tests/test_static_triton.py::test_triton_kernel_module[", 30),
+    ("tests/test_padding.py", 32),
+    ("tests/test_properties.py", 32),
 )
 
 

@@ -53,10 +53,13 @@ def test_report_on_triton_kernels_with_known_answers(monkeypatch):
 
 # A module's list is compiled in shards of about this many entries (every nth entry per shard), each
 # its own test: CI's two xdist workers share the minutes of a cold compile (tests/conftest.py hands
-# each shard out on its own, first) instead of one worker ending the run alone on it. Two shards for
-# the attention list: nine (40 each) cost 2.7x the CPU time of one compile in a clean-clone run
-# (each shard starts its own process pool and imports), 873 s of shards against 324 s whole.
-_CONFIGS_PER_SHARD = 172
+# each shard out on its own, first) instead of one worker ending the run alone on it. Each shard
+# compiles on the cores left to its worker (aot_static.compile_processes: one under CI's `-n 2` on
+# two cores), so that shards and the other worker's tests never ask for more cores than there are;
+# a shard's own start (a fresh process importing triton and the module) is a few seconds. Four
+# shards of the attention list (340 entries, about 920 CPU-s cold on the 2-core Xeon of
+# 2026-12-06) of about 230 s each.
+_CONFIGS_PER_SHARD = 86
 
 
 def _module_shards():
@@ -87,8 +90,8 @@ def _say(request, msg):
         print(msg, file=sys.stderr, flush=True)
 
 
-# A cold shard takes 5 to 7 minutes on two free cores and three times that on a machine loaded
-# past 10 (2026-12-05): past pyproject's 600 s per test. Its progress lines show it is not stuck.
+# A cold shard takes about 4 minutes on one free core and three times that on a machine loaded past
+# 10: past pyproject's 600 s per test. Its progress lines show it is not stuck.
 @pytest.mark.timeout(2400)
 @needs_cuobjdump
 @pytest.mark.parametrize("module,shard,nshards", _module_shards())
