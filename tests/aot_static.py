@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 
+from emulation.build import worker_cores
+
 import seqkernels
 
 _SCRIPT = r"""
@@ -72,15 +74,6 @@ print("@@ROWS@@" + json.dumps(kr.collect_triton(modules=[module])), flush=True)
 """
 
 
-def compile_processes() -> int:
-    """Compile processes per shard: the cores left to this test worker. Under pytest-xdist every
-    worker may be compiling a shard, or running other tests, at once: a pool of one process per core
-    in each (four compiles on CI's two cores beside the other worker's tests) cost about an eighth
-    more CPU time per compile than one per core in all (2026-12-06)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def static_shard(configs: list, shard: int, nshards: int) -> list:
     """The entries of a STATIC_CONFIGS list that shard `shard` of `nshards` compiles: every
     nshards-th entry, so that each shard gets its share of every kernel and size."""
@@ -92,10 +85,12 @@ def collect_triton_shard(module: str, shard: int, nshards: int, progress=None) -
     the module's STATIC_CONFIGS: the same rows (same compile, same checks, one per entry and arch),
     for a part of the list, so that the parts of a long list can run on different test workers.
     Runs in a fresh process where triton is not interpreting, with kernel_report's own process pool
-    (MAX_JOBS, else compile_processes()). `progress(done, total)` is called as compiles finish
+    (emulation.build.worker_cores()). `progress(done, total)` is called as compiles finish
     (total: the distinct compiles of the shard, entries that compile the same kernel count once)."""
     env = dict(os.environ, TRITON_INTERPRET="0", SEQKERNELS_REPORT_PROGRESS="1")
-    env.setdefault("MAX_JOBS", str(compile_processes()))
+    # A pool of one process per core in each shard (four compiles on CI's two cores beside the other
+    # worker's tests) cost about an eighth more CPU time per compile (2026-12-06).
+    env["MAX_JOBS"] = str(worker_cores())
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     proc = subprocess.Popen(
         [sys.executable, "-c", _SHARD_SCRIPT, module, str(shard), str(nshards)],

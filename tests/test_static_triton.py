@@ -54,8 +54,8 @@ def test_report_on_triton_kernels_with_known_answers(monkeypatch):
 # A module's list is compiled in shards of about this many entries (every nth entry per shard), each
 # its own test: CI's two xdist workers share the minutes of a cold compile (tests/conftest.py hands
 # each shard out on its own, first) instead of one worker ending the run alone on it. Each shard
-# compiles on the cores left to its worker (aot_static.compile_processes: one under CI's `-n 2` on
-# two cores), so that shards and the other worker's tests never ask for more cores than there are;
+# compiles on the cores left to its worker (emulation.build.worker_cores: one under CI's `-n 2`
+# on two cores), so that shards and the other worker's tests never ask for more cores than there are;
 # a shard's own start (a fresh process importing triton and the module) is a few seconds. Four
 # shards of the attention list (340 entries, about 920 CPU-s cold on the 2-core Xeon of
 # 2026-12-06) of about 230 s each.

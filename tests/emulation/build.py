@@ -77,6 +77,17 @@ class EmulationBuildError(RuntimeError):
     """The emulated extension failed to compile or link; the message holds the compiler output."""
 
 
+def worker_cores() -> int:
+    """Processes a test may keep busy at once: MAX_JOBS, else the machine's cores shared among
+    pytest-xdist's workers (every worker may be compiling, or running tests, at the same time: one
+    each under CI's `-n 2` on two cores). Builds here and the Triton ahead-of-time compile shards
+    (tests/aot_static.py) size their pools by it; more processes than cores only add switching."""
+    if os.environ.get("MAX_JOBS"):
+        return max(1, int(os.environ["MAX_JOBS"]))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def build_root() -> Path:
     return Path(os.environ.get("SEQKERNELS_EMU_BUILD_DIR") or REPO / "build" / "emulation")
 
@@ -402,7 +413,7 @@ def build_emulated(
             obj = ext_dir / "obj" / (src.relative_to(ext_dir).as_posix().replace("/", "__") + ".o")
             cmd = [_cxx(), *tu_flags, "-x", "c++", "-MMD", "-MF", str(obj) + ".d", "-c", str(src), "-o", str(obj)]
             jobs.append((cmd, obj))
-        max_jobs = max(1, int(os.environ.get("MAX_JOBS") or min(2, os.cpu_count() or 1)))
+        max_jobs = min(2, worker_cores())
         with concurrent.futures.ThreadPoolExecutor(max_jobs) as pool:
             for f in [pool.submit(_compile, cmd, obj) for cmd, obj in jobs]:
                 f.result()
@@ -771,7 +782,7 @@ def build_cpu(
             obj = ext_dir / "obj" / (rel.as_posix().replace("/", "__") + ".o")
             cmd = [_cxx(), *tu_flags, "-x", "c++", "-MMD", "-MF", str(obj) + ".d", "-c", str(src), "-o", str(obj)]
             jobs.append((cmd, obj))
-        max_jobs = max(1, int(os.environ.get("MAX_JOBS") or min(2, os.cpu_count() or 1)))
+        max_jobs = min(2, worker_cores())
         with concurrent.futures.ThreadPoolExecutor(max_jobs) as pool:
             for f in [pool.submit(_compile, cmd, obj) for cmd, obj in jobs]:
                 f.result()
