@@ -66,3 +66,20 @@ def test_emulated_namespace_has_every_schema_and_cpu_kernels():
     with pytest.raises(AttributeError, match="SK_REGISTER_CUDA"):
         emu.attention_fwd  # noqa: B018 (the attribute access is what raises)
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"{emu.namespace}::selftest_mma", "CUDA")
+
+
+def test_worker_cores_shares_the_machine_among_xdist_workers(monkeypatch):
+    from emulation.build import worker_cores
+
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    assert worker_cores() == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert worker_cores() == 8
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "32")
+    assert worker_cores() == 1  # never below one
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT")
+    assert worker_cores() == 16
+    monkeypatch.setenv("MAX_JOBS", "3")  # an explicit MAX_JOBS wins
+    assert worker_cores() == 3

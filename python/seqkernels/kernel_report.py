@@ -17,8 +17,9 @@ target=GPUTarget("cuda", 80 | 90, 32))``; the cubin's resource usage (``cuobjdum
 gives the same columns (Triton does not report spills without a driver; a non-zero stack or local
 memory is what spills turn into). Tensor-core use comes from the PTX (``wgmma`` / ``mma.sync``):
 ptxas makes HMMA/HGMMA only out of those, so only a kernel whose PTX has neither and whose entry
-expects tensor cores is disassembled (``cuobjdump -sass``), to show what its SASS holds instead. Entries that compile the same kernel (same function, signature, constexprs, hints,
-warps, stages and arch) are compiled once and each gets its row. Inside a source checkout each
+expects tensor cores is disassembled (``cuobjdump -sass``), to show what its SASS holds instead.
+Entries that compile the same kernel (same function, signature, constexprs, hints, warps, stages
+and arch) are compiled once and each gets its row. Inside a source checkout each
 compiled kernel's columns are kept under ``build/kernel_report/triton``, named by Triton's cache
 key, so a rerun whose Triton cache is warm runs no cuobjdump (``SEQKERNELS_REPORT_CACHE=0``: off).
 
