@@ -68,12 +68,13 @@ TORCH_LIBRARY(seqkernels, m) {
       "lstm_layer_fwd(Tensor input_gates, Tensor h0, Tensor c0, Tensor weight_hh, Tensor? bias, "
       "bool reverse) -> (Tensor out, Tensor h_n, Tensor c_n)");
   // Overloads of the same op (CPU, float32; autograd in python/seqkernels/ops/lstm.py): .fused takes
-  // the layer's input x (T, B, I) and weight_ih and projects it inside the kernel; with train it also
+  // the layer's input x (T, B, I) and weight_ih and projects it inside the kernel (without weight_ih,
+  // input is the input gates (T, B, 4H), as above); with train it also
   // returns the activated gates (T, B, 4H) and the cell state after each step (T, B, H) (else both
   // empty); .backward runs the whole recurrence backward from those and returns the gates'
   // gradients of every step.
   m.def(
-      "lstm_layer_fwd.fused(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
+      "lstm_layer_fwd.fused(Tensor input, Tensor h0, Tensor c0, Tensor? weight_ih, Tensor weight_hh, "
       "Tensor? bias, bool reverse, bool train) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor workspace, "
       "Tensor cs)");
   m.def(

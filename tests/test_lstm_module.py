@@ -570,12 +570,14 @@ def test_sequence_kernel_bad_arguments_are_named():
 
 
 # lstm_layer_fwd.fused: the input projection inside the kernel (its K loop over x_t, then h_prev),
-# float32 on every ISA level (portable: the one-lane baseline code). Odd input sizes too.
+# or (project=False: weight_ih None) the input gates given, float32 on every ISA level (portable:
+# the one-lane baseline code). Odd input sizes too.
 @needs_layer_op
 @pytest.mark.parametrize("isa", LAYER_ISAS)
 @pytest.mark.parametrize("hidden", [1, 9, 16, 17, 33])
 @pytest.mark.parametrize("train", [False, True])
-def test_fused_layer_kernel_float32(isa, hidden, train, monkeypatch):
+@pytest.mark.parametrize("project", [True, False])
+def test_fused_layer_kernel_float32(isa, hidden, train, project, monkeypatch):
     from seqkernels import reference
 
     if not lstm_ops._HAS_LAYER_FUSED:
@@ -594,8 +596,10 @@ def test_fused_layer_kernel_float32(isa, hidden, train, monkeypatch):
 
             a64 = (x, w_ih, h0, c0, w_hh, b)
             a32 = tuple(t.float() if t is not None else None for t in a64)
+            # Without weight_ih the kernel gets float32 input gates (the caller's GEMM).
+            inp, w_in = (a32[0], a32[1]) if project else (a32[0] @ a32[1].t(), None)
             out, h_n, c_n, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(
-                a32[0], a32[2], a32[3], a32[1], a32[4], a32[5], reverse, train
+                inp, a32[2], a32[3], w_in, a32[4], a32[5], reverse, train
             )
             report = testing.compare((out, h_n, c_n), tuple(ref_of(*a64)), tuple(ref_of(*a32)))
             assert report.passed, str(report)
@@ -614,10 +618,13 @@ def test_fused_layer_kernel_float32(isa, hidden, train, monkeypatch):
     [(1, False, 1, 1, 5), (2, True, 3, 5, 17), (1, True, 4, 7, 33), (2, False, 2, 9, 65), (1, False, 3, 16, 130)],
     ids=lambda c: "L{}-bi{}-T{}B{}H{}".format(*c),
 )
-def test_training_sequence_kernels_float32(isa, cfg, monkeypatch):
+@pytest.mark.parametrize("project_first", [False, True], ids=["fused-input", "project-first"])
+def test_training_sequence_kernels_float32(isa, cfg, project_first, monkeypatch):
     if not lstm_ops._HAS_LAYER_FUSED:
         pytest.skip("extension built without lstm_layer_fwd.fused")
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
+    # The input projection inside the kernel, or as one GEMM first (what a large W_ih takes).
+    monkeypatch.setattr(lstm_ops, "_FUSED_INPUT_BYTES", 0 if project_first else 1 << 40)
     layers, bidir, T, B, H = cfg
     calls = []
     real = lstm_ops._CpuLayer.apply
@@ -686,6 +693,7 @@ def test_fused_layer_overloads_opcheck(reverse):
     fused = torch.ops.seqkernels.lstm_layer_fwd.fused
     for train in (False, True):
         torch.library.opcheck(fused, (x, h0, c0, w_ih, w_hh, bias, reverse, train))
+        torch.library.opcheck(fused, (torch.randn(T, B, 4 * H), h0, c0, None, w_hh, bias, reverse, train))
     torch.library.opcheck(fused, (x, h0, c0, w_ih, w_hh, None, reverse, True))
     _, _, _, ws, cs = fused(x, h0, c0, w_ih, w_hh, bias, reverse, True)
     g_out, g_h, g_c = torch.randn(T, B, H), torch.randn(B, H), torch.randn(B, H)
@@ -708,6 +716,10 @@ def test_fused_layer_bad_arguments_are_named():
         fused(x.double(), h0, c0, w_ih, w_hh, None, False, False)
     with pytest.raises(RuntimeError, match="c0"):
         fused(x, h0, c0[:2], w_ih, w_hh, None, False, False)
+    with pytest.raises(RuntimeError, match=r"input \(the input gates\) must have shape \(T, B, 4\*H\)"):
+        fused(torch.randn(2, 3, 18), h0, c0, None, w_hh, None, False, False)
+    with pytest.raises(RuntimeError, match="weight_hh must have shape"):
+        fused(x, h0, c0, None, w_hh, None, False, False)  # x (I = 4) read as the gates of H = 1
     _, _, _, ws, cs = fused(x, h0, c0, w_ih, w_hh, None, False, True)
     bwd = torch.ops.seqkernels.lstm_layer_fwd.backward
     with pytest.raises(RuntimeError, match="cs"):

@@ -734,24 +734,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tens
 // lstm_layer_fwd.fused: the layer from its input x (T, B, I) and weight_ih (4H, I) rather than from
 // precomputed input gates: the input projection runs in the same kernel, its K loop over x_t before
 // the one over h_prev into the same accumulators, so no (T, B, 4H) buffer and no separate GEMM
-// (float32). With train, it also saves what the backward (lstm_layer_fwd.backward) needs: the
-// activated gates of every step, workspace (T, B, 4H), and the cell state after every step,
-// cs (T, B, H); without, those two are returned empty. Runs on every ISA level (the one-lane
-// baseline code for SEQKERNELS_CPU_ISA=portable). Returns (out, h_n, c_n, workspace, cs).
+// (float32). Without weight_ih, input is already the input gates (T, B, 4H), as lstm_layer_fwd's
+// (the caller's choice where W_ih is too large to stay in cache step after step: see
+// python/seqkernels/ops/lstm.py). With train, it also saves what the backward
+// (lstm_layer_fwd.backward) needs: the activated gates of every step, workspace (T, B, 4H), and the
+// cell state after every step, cs (T, B, H); without, those two are returned empty. Runs on every
+// ISA level (the one-lane baseline code for SEQKERNELS_CPU_ISA=portable). Returns (out, h_n, c_n,
+// workspace, cs).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fused_cpu(
-    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const c10::optional<at::Tensor>& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias, bool reverse, bool train) {
   const char* op = "lstm_layer_fwd.fused";
-  TORCH_CHECK(input.dim() == 3, "seqkernels::", op, ": input must have shape (T, B, I), got ", input.sizes());
+  const bool project = weight_ih.has_value();
+  TORCH_CHECK(input.dim() == 3 && (project || input.size(2) % 4 == 0), "seqkernels::", op,
+              project ? ": input must have shape (T, B, I), got "
+                      : ": input (the input gates) must have shape "
+                        "(T, B, 4*H) without weight_ih, got ",
+              input.sizes());
   TORCH_CHECK(input.scalar_type() == at::kFloat, "seqkernels::", op, ": input must be float32, got ",
               input.scalar_type());
   TORCH_CHECK(input.device().is_cpu(), "seqkernels::", op, " (CPU kernel): input is on ", input.device());
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
-  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 4 == 0 && weight_ih.size(1) == I, "seqkernels::", op,
-              ": weight_ih must have shape (4*H, ", I, "), got ", weight_ih.sizes());
-  TORCH_CHECK(weight_ih.scalar_type() == at::kFloat && weight_ih.device() == input.device(), "seqkernels::", op,
-              ": weight_ih must have input's dtype and device");
-  const int64_t G = weight_ih.size(0), H = G / 4;
+  if (project) {
+    TORCH_CHECK(weight_ih->dim() == 2 && weight_ih->size(0) % 4 == 0 && weight_ih->size(1) == I, "seqkernels::", op,
+                ": weight_ih must have shape (4*H, ", I, "), got ", weight_ih->sizes());
+    TORCH_CHECK(weight_ih->scalar_type() == at::kFloat && weight_ih->device() == input.device(), "seqkernels::", op,
+                ": weight_ih must have input's dtype and device");
+  }
+  const int64_t G = project ? weight_ih->size(0) : I, H = G / 4;
   TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) == G && weight_hh.size(1) == H, "seqkernels::", op,
               ": weight_hh must have shape (", G, ", ", H, "), got ", weight_hh.sizes());
   TORCH_CHECK(weight_hh.scalar_type() == at::kFloat && weight_hh.device() == input.device(), "seqkernels::", op,
@@ -765,11 +775,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   at::Tensor out = at::empty({T, B, H}, opts), ws = at::empty({Ts, B, G}, opts), cs = at::empty({Ts, B, H}, opts);
   at::Tensor c = c0.clone(at::MemoryFormat::Contiguous);
   if (T == 0 || B == 0 || H == 0) return {out, h0.clone(at::MemoryFormat::Contiguous), c, ws, cs};
-  const at::Tensor x = input.contiguous(), h_init = h0.contiguous();
+  const at::Tensor in = input.contiguous(), h_init = h0.contiguous();
   const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor x = project ? in : at::Tensor(), ig = project ? at::Tensor() : in;
   auto [o, h_n, c_n] =
-      lstm_layer_fused(seq_fused_kernel(true), at::Tensor(), x, h_init, c, weight_ih, weight_hh, bsum, reverse, out,
-                       train ? ws.data_ptr<float>() : nullptr, train ? cs.data_ptr<float>() : nullptr);
+      lstm_layer_fused(seq_fused_kernel(true), ig, x, h_init, c, project ? *weight_ih : at::Tensor(), weight_hh, bsum,
+                       reverse, out, train ? ws.data_ptr<float>() : nullptr, train ? cs.data_ptr<float>() : nullptr);
   return {o, h_n, c_n, ws, cs};
 }
 

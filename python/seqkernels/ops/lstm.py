@@ -191,8 +191,8 @@ def _layer_fake(input_gates, h0, c0, weight_hh, bias, reverse):
 
 
 def _layer_fused_fake(input, h0, c0, weight_ih, weight_hh, bias, reverse, train):
-    T, B, _ = input.shape
-    G = weight_ih.shape[0]
+    T, B, n_in = input.shape
+    G = weight_ih.shape[0] if weight_ih is not None else n_in  # without weight_ih: input gates
     H, Ts = G // 4, T if train else 0
     e = input.new_empty
     return e((T, B, H)), e((B, H)), e((B, H)), e((Ts, B, G)), e((Ts, B, H))
@@ -467,15 +467,18 @@ def _layer_input_grads(ctx, G, x, w_ih, h_prev, grad_h0, grad_c0) -> tuple:
 class _CpuLayer(torch.autograd.Function):
     """Training on the CPU backend, float32, a constant batch: the input projection and the recurrence
     in the C++ sequence kernel (lstm_layer_fwd.fused with train=True, saving the activated gates and
-    the cell states), and its whole backward in one C++ call (lstm_layer_fwd.backward, giving the gates'
+    the cell states; the projection as one GEMM first where W_ih is large, see _project_first), and
+    its whole backward in one C++ call (lstm_layer_fwd.backward, giving the gates'
     gradients of every step); the input, weight and bias gradients are then one GEMM or sum each."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, T, B, reverse):
         bias = _summed_bias(b_ih, b_hh)
-        out, h_n, c_n, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(
-            x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, True
-        )
+        if _project_first(w_ih, T):  # one GEMM for every step's input gates, then W_hh only per step
+            inp, w_in = torch.mm(x, w_ih.t()).view(T, B, w_ih.shape[0]), None
+        else:
+            inp, w_in = x.view(T, B, x.shape[1]), w_ih
+        out, h_n, c_n, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(inp, h0, c0, w_in, w_hh, bias, reverse, True)
         out = out.view(T * B, out.shape[2])
         ctx.T, ctx.B, ctx.reverse = T, B, reverse
         ctx.has_bias = (b_ih is not None, b_hh is not None)
@@ -548,12 +551,20 @@ def lstm_layer(
         )
 
 
-# The fused inference kernel multiplies x_t by each thread's packed slice of W_ih at every step:
+# The fused sequence kernel multiplies x_t by each thread's packed slice of W_ih at every step:
 # cheap while the slice stays in the core's cache, a stream from L3 once it does not. Past this
 # many bytes of W_ih per thread, one GEMM over all steps first (then only W_hh per step) is faster:
-# measured on a 2-core Xeon with AMX (2 MB L2 per core), T64 B8 H512 went from 0.72x to 1.1-1.2x
-# torch.nn.LSTM, while H256 (512 KB per thread) stays faster fused (B64: 1.02x fused, 0.76x not).
+# measured on a 2-core Xeon with AMX (2 MB L2 per core), inference at T64 B8 H512 went from 0.72x
+# to 1.1-1.2x torch.nn.LSTM, while H256 (512 KB per thread) stays faster fused (B64: 1.02x fused,
+# 0.76x not). The training forward (_CpuLayer) follows the same rule.
 _FUSED_INPUT_BYTES = 1 << 20
+
+
+def _project_first(w_ih: Tensor, T: int) -> bool:
+    """Whether the sequence kernel should get the input gates from one GEMM over all T steps rather
+    than project x_t itself at every step (see _FUSED_INPUT_BYTES; one step reads W_ih once
+    either way)."""
+    return T > 1 and w_ih.numel() * w_ih.element_size() > _FUSED_INPUT_BYTES * max(1, torch.get_num_threads())
 
 
 def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, reverse: bool):
@@ -561,8 +572,7 @@ def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, revers
     one projection GEMM for all steps, then the whole recurrence in the C++ sequence kernel
     (seqkernels::lstm_layer_fwd: one fork/join per step, each thread on its own slice of W_hh)."""
     bias = _summed_bias(b_ih, b_hh)
-    fits = w_ih.numel() * w_ih.element_size() <= _FUSED_INPUT_BYTES * max(1, torch.get_num_threads())
-    if x.dtype == torch.float32 and _HAS_LAYER_FUSED and fits:
+    if x.dtype == torch.float32 and _HAS_LAYER_FUSED and not _project_first(w_ih, T):
         # The input projection inside the kernel too (its own GEMM: faster than the BLAS here).
         out, h_n, c_n, _, _ = torch.ops.seqkernels.lstm_layer_fwd.fused(
             x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, False
