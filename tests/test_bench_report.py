@@ -49,6 +49,65 @@ def test_speedup_range_pairs_opposite_ends():
     assert harness.format_ratio(mid, low, high) == "1.30x, p20-p80 1.09-1.56x"
 
 
+class _DriftingClock:
+    """A fake time.perf_counter for the harness: every call of a provider advances it by the
+    provider's cost times a slowdown that grows with each call made (a host drifting slower), so a
+    timing series is synthetic and exact."""
+
+    def __init__(self, drift):
+        self.now, self.calls, self.drift, self.log = 0.0, 0, drift, []
+
+    def __call__(self):
+        return self.now
+
+    def provider(self, name, cost_s):
+        def call():
+            self.log.append(name)
+            self.now += cost_s * (1.0 + self.drift * self.calls)
+            self.calls += 1
+
+        return call
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_rounds_give_drift_free_ratios(monkeypatch, quick):
+    # Two providers of equal cost on a host that slows by 2% per call: timed one after the other
+    # (measure), the second's median comes out far slower; in rounds (measure_rounds) the medians
+    # agree, and the calls alternate A B, B A, ... after each provider's warm-up.
+    s = harness.Settings(device="cpu", dtype=torch.float32, quick=quick)
+    clock = _DriftingClock(0.02)
+    monkeypatch.setattr(harness.time, "perf_counter", clock)
+    a, b = clock.provider("a", 0.05), clock.provider("b", 0.05)
+    one_by_one = [harness.measure([a], s)[1], harness.measure([b], s)[1]]
+    assert one_by_one[1] / one_by_one[0] > 1.1
+
+    clock.log.clear()
+    rounds = harness.measure_rounds([[a], [b]], s)
+    warm = 1 if quick else 2
+    timed = clock.log[2 * warm :]
+    assert clock.log[: 2 * warm] == ["a"] * warm + ["b"] * warm
+    assert timed[:8] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert timed.count("a") == timed.count("b") >= (3 if quick else 5)
+    assert rounds[1][1] / rounds[0][1] == pytest.approx(1.0, abs=0.02)
+    for p20, p50, p80 in rounds:
+        assert p20 <= p50 <= p80
+
+
+def test_rounds_collects_then_reports_each_provider(monkeypatch):
+    s = harness.Settings(device="cpu", dtype=torch.float32, quick=True)
+    clock = _DriftingClock(0.0)
+    monkeypatch.setattr(harness.time, "perf_counter", clock)
+    got = {}
+    r = harness.Rounds(s)
+    r.add([clock.provider("a", 0.01)], lambda ms: got.setdefault("a", ms))
+    r.add([clock.provider("b", 0.03)], lambda ms: got.setdefault("b", ms))
+    assert got == {}  # nothing timed before run()
+    r.run()
+    assert got["a"][1] == pytest.approx(10.0) and got["b"][1] == pytest.approx(30.0)
+    r.run()  # nothing pending: no second report
+    assert len(got) == 2
+
+
 def _add_rnn_rows(rec, jitter):
     for L, lstm_ms, att_ms in ((16, 6.0, 3.0), (1024, 270.0, 280.0)):
         shape = f"B8 d512 L{L}"
@@ -165,3 +224,43 @@ def test_matplotlib_figure_draws_error_bars(monkeypatch, tmp_path):
     assert list(line.get_xdata()) == [256, 1024]
     segs = bars.get_segments()
     assert [tuple(s[:, 1]) for s in segs] == [pytest.approx((1.0, 1.3))] * 2
+
+
+def test_suites_time_each_shapes_providers_in_rounds(monkeypatch):
+    # The attention (with its modifier rows), decode and LSTM suites at tiny shapes: every provider
+    # that passes parity gets its rows, and the providers of one shape are timed by one
+    # measure_rounds call (a same-run comparison), not one after the other.
+    from seqkernels import _ext
+    from seqkernels.bench import suites
+
+    if not _ext.extension_available():
+        pytest.skip("needs the C++ CPU kernels (seqkernels._C)")
+    monkeypatch.setattr(suites, "_attention_shapes", lambda s: [(1, 2, 40, 16)])
+    monkeypatch.setattr(suites, "_modifier_shapes", lambda s: [(1, 2, 24, 16)])
+    monkeypatch.setattr(suites, "_decode_shapes", lambda s: [(2, 4, 2, 48, 16)])
+    groups = []
+    real = harness.measure_rounds
+
+    def spy(fn_groups, s, **kw):
+        groups.append(len(fn_groups))
+        return real(fn_groups, s, **kw)
+
+    monkeypatch.setattr(harness, "measure_rounds", spy)
+    s = harness.Settings("cpu", torch.float32, quick=True, repeat=0.2)
+    rec = harness.Recorder(s)
+    rec.meta.update(gemm_tflops=1.0, copy_gbps=1.0)
+    suites.suite_attention(rec, s, lambda m: None)
+    suites.suite_decode(rec, s, lambda m: None)
+    assert not [r.note for r in rec.rows if r.metric == "status"]
+    peers = ["seqkernels_cpu", "torch_sdpa", "torch_sdpa_math", "naive"]
+    for causal in ("", " causal"):
+        for op in ("fwd", "bwd"):
+            for p in peers:
+                t = rec.row("attention", op, p, f"B1 H2 L40 D16{causal}")
+                assert t is not None and t.p20 <= t.p50 <= t.p80, (op, p, causal)
+    for mod in ("plain", "sinks", "alibi", "softcap"):
+        for op in ("fwd", "bwd"):
+            assert rec.row("attention", op, "torch_eager", f"B1 H2 L24 D16 {mod}") is not None
+    assert rec.row("decode", "decode", "torch_sdpa_slice", "B2 Hq4 Hkv2 S48 D16") is not None
+    # 2 attention shapes x (fwd, bwd) of 4 providers, 4 modifiers x (fwd, bwd) of 2, decode's 2.
+    assert groups == [4] * 4 + [2] * 8 + [2]

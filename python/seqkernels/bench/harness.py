@@ -1,7 +1,9 @@
 """Timing, ceilings, parity gates and result rows for the benchmark suites.
 
 GPU: CUDA events through triton.testing.do_bench when Triton is there (else events by hand);
-CPU: wall-clock medians after warm-up. Both report p20/p50/p80. Inputs rotate among several
+CPU: wall-clock medians after warm-up, the providers of one comparison timed in alternating
+rounds (`measure_rounds`, `Rounds`) so that a same-run ratio is not skewed by the host's drift.
+Both report p20/p50/p80. Inputs rotate among several
 copies so repeated calls do not run out of a warm cache. A provider's result is checked against
 the float64 reference with the DESIGN §5 rule before it is timed; a wrong result is recorded as
 such and never timed.
@@ -91,28 +93,71 @@ def measure(fns: Sequence[Callable[[], object]], s: Settings, *, min_time: float
             return tuple(float(x) for x in q)
         except ImportError:
             pass
+    return measure_rounds([fns], s, min_time=min_time, max_reps=max_reps)[0]
+
+
+def measure_rounds(groups: Sequence[Sequence[Callable[[], object]]], s: Settings, *, min_time=None, max_reps=None):
+    """Time several providers of one comparison (each a list of rotated calls, as `measure` takes) in
+    rounds, one call of each per round, the order reversed every other round; returns (p20, p50,
+    p80) in ms per provider. A CPU shared with other tenants drifts by 10-30% over seconds (the 2-core
+    CI machine did): timed one after the other, two providers' medians came from different phases of
+    that drift and a same-run ratio moved by as much; in rounds, both sample every phase alike."""
+    ng = len(groups)
     min_time = (min_time if min_time is not None else (0.25 if s.quick else 1.0)) * s.repeat
     max_reps = round((max_reps if max_reps is not None else (15 if s.quick else 50)) * s.repeat)
-    for i in range(max(1 if s.quick else 2, n)):  # warm-up: first-call allocation, thread pools, lazy init
-        fns[i % n]()
-    _sync(s.device)
-    times, start, i = [], time.perf_counter(), 0
     min_reps = max(3, round((3 if s.quick else 5) * s.repeat))
-    while (len(times) < min_reps or time.perf_counter() - start < min_time) and len(times) < max_reps:
-        if s.is_cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fns[i % n]()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
+    for fns in groups:  # warm-up: first-call allocation, thread pools, lazy init
+        for i in range(max(1 if s.quick else 2, len(fns))):
+            fns[i % len(fns)]()
+    _sync(s.device)
+    times = [[] for _ in groups]
+    spent = [0.0] * ng  # each provider's own timed seconds: min_time applies to each
+    rnd = 0
+    while any(len(t) < min_reps or sp < min_time for t, sp in zip(times, spent)) and rnd < max_reps:
+        for g in range(ng) if rnd % 2 == 0 else range(ng - 1, -1, -1):
+            fns = groups[g]
+            if s.is_cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fns[rnd % len(fns)]()
+                b.record()
+                b.synchronize()
+                ms = a.elapsed_time(b)
+            else:
+                t0 = time.perf_counter()
+                fns[rnd % len(fns)]()
+                ms = (time.perf_counter() - t0) * 1e3
+            times[g].append(ms)
+            spent[g] += ms * 1e-3
+        rnd += 1
+    out = []
+    for t in times:
+        qs = statistics.quantiles(t, n=10, method="inclusive")
+        out.append((qs[1], statistics.median(t), qs[7]))
+    return out
+
+
+class Rounds:
+    """Collects the providers of one comparison (a shape) and times them together by
+    `measure_rounds` on a CPU: `add(fns, done)` registers a provider, `run()` measures every one
+    registered and calls `done((p20, p50, p80))` for each. On a GPU each is timed at `add` (CUDA
+    events through do_bench do not see the host's drift, and a retained backward graph per provider
+    would hold device memory until then)."""
+
+    def __init__(self, s: Settings, **kw):
+        self.s, self.kw, self.pending = s, kw, []
+
+    def add(self, fns: Sequence[Callable[[], object]], done: Callable[[tuple], None]) -> None:
+        if self.s.is_cuda:
+            done(measure(fns, self.s, **self.kw))
         else:
-            t0 = time.perf_counter()
-            fns[i % n]()
-            times.append((time.perf_counter() - t0) * 1e3)
-        i += 1
-    qs = statistics.quantiles(times, n=10, method="inclusive")
-    return qs[1], statistics.median(times), qs[7]
+            self.pending.append((list(fns), done))
+
+    def run(self) -> None:
+        pending, self.pending = self.pending, []
+        if pending:
+            for (_, done), ms in zip(pending, measure_rounds([f for f, _ in pending], self.s, **self.kw)):
+                done(ms)
 
 
 def rotations(s: Settings, nbytes: int) -> int:

@@ -16,7 +16,7 @@ import seqkernels
 from seqkernels import backends, reference, testing
 
 from .context_parallel import suite_context_parallel
-from .harness import Recorder, Settings, measure, rotations
+from .harness import Recorder, Rounds, Settings, measure, rotations
 from .varlen import suite_varlen
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +157,7 @@ def suite_attention(rec: Recorder, s: Settings, progress):
             if not s.backend:
                 provs.update(_sdpa_providers(s))
             g = torch.randn_like(q0)
+            fwd_rounds, bwd_rounds = Rounds(s), Rounds(s)
             for name, fn in provs.items():
                 progress(f"attention {name} {shape}")
                 try:
@@ -168,17 +169,19 @@ def suite_attention(rec: Recorder, s: Settings, progress):
                 if bad:
                     rec.add_failure("attention", "fwd", name, shape, bad)
                     continue
-                ms = measure([lambda x=x: fn(*x, causal) for x in inputs], s)
-                rec.add_time(
-                    "attention",
-                    "fwd",
-                    name,
-                    shape,
-                    ms,
-                    per=[
-                        ("tflops", "TFLOP/s", lambda t: flops / (t * 1e-3) / 1e12),
-                        ("pct_gemm", "% of GEMM", lambda t: 100 * flops / (t * 1e-3) / 1e12 / gemm),
-                    ],
+                fwd_rounds.add(
+                    [lambda x=x, fn=fn: fn(*x, causal) for x in inputs],
+                    lambda ms, name=name, flops=flops: rec.add_time(
+                        "attention",
+                        "fwd",
+                        name,
+                        shape,
+                        ms,
+                        per=[
+                            ("tflops", "TFLOP/s", lambda t: flops / (t * 1e-3) / 1e12),
+                            ("pct_gemm", "% of GEMM", lambda t: 100 * flops / (t * 1e-3) / 1e12 / gemm),
+                        ],
+                    ),
                 )
                 if name in ("naive",) and L > 4096:
                     continue
@@ -194,19 +197,24 @@ def suite_attention(rec: Recorder, s: Settings, progress):
                 if bad:
                     rec.add_failure("attention", "bwd", name, shape, bad)
                     continue
-                ms = measure([lambda o=outg: torch.autograd.grad(o, (qg, kg, vg), g, retain_graph=True)], s)
-                rec.add_time(
-                    "attention",
-                    "bwd",
-                    name,
-                    shape,
-                    ms,
-                    per=[
-                        ("tflops", "TFLOP/s", lambda t: 2.5 * flops / (t * 1e-3) / 1e12),
-                        ("pct_gemm", "% of GEMM", lambda t: 100 * 2.5 * flops / (t * 1e-3) / 1e12 / gemm),
-                    ],
+                bwd_rounds.add(
+                    [lambda o=outg, xs=(qg, kg, vg): torch.autograd.grad(o, xs, g, retain_graph=True)],
+                    lambda ms, name=name, flops=flops: rec.add_time(
+                        "attention",
+                        "bwd",
+                        name,
+                        shape,
+                        ms,
+                        per=[
+                            ("tflops", "TFLOP/s", lambda t: 2.5 * flops / (t * 1e-3) / 1e12),
+                            ("pct_gemm", "% of GEMM", lambda t: 100 * 2.5 * flops / (t * 1e-3) / 1e12 / gemm),
+                        ],
+                    ),
                 )
                 del outg, grads
+            # The providers of this shape in alternating rounds (CPU): their ratio is a same-run one.
+            fwd_rounds.run()
+            bwd_rounds.run()
             del inputs
     _attention_modifier_rows(rec, s, progress)
 
@@ -272,6 +280,7 @@ def _attention_modifier_rows(rec: Recorder, s: Settings, progress):
             }
             if not s.backend:
                 provs["torch_eager"] = lambda q, k, v: eager_modified_attention(q, k, v, **mk)
+            fwd_rounds, bwd_rounds = Rounds(s), Rounds(s)
             for name, fn in provs.items():
                 progress(f"attention {name} {shape}")
                 try:
@@ -283,7 +292,10 @@ def _attention_modifier_rows(rec: Recorder, s: Settings, progress):
                 if bad:
                     rec.add_failure("attention", "fwd", name, shape, bad)
                     continue
-                rec.add_time("attention", "fwd", name, shape, measure([lambda: fn(q0, k0, v0)], s))
+                fwd_rounds.add(
+                    [lambda fn=fn: fn(q0, k0, v0)],
+                    lambda ms, name=name: rec.add_time("attention", "fwd", name, shape, ms),
+                )
                 qg, kg, vg = (t.detach().requires_grad_() for t in (q0, k0, v0))
                 outg = fn(qg, kg, vg)
                 grads = torch.autograd.grad(outg, (qg, kg, vg), g, retain_graph=True)
@@ -291,9 +303,13 @@ def _attention_modifier_rows(rec: Recorder, s: Settings, progress):
                 if bad:
                     rec.add_failure("attention", "bwd", name, shape, bad)
                     continue
-                ms = measure([lambda o=outg: torch.autograd.grad(o, (qg, kg, vg), g, retain_graph=True)], s)
-                rec.add_time("attention", "bwd", name, shape, ms)
+                bwd_rounds.add(
+                    [lambda o=outg, xs=(qg, kg, vg): torch.autograd.grad(o, xs, g, retain_graph=True)],
+                    lambda ms, name=name: rec.add_time("attention", "bwd", name, shape, ms),
+                )
                 del outg, grads
+            fwd_rounds.run()
+            bwd_rounds.run()
 
 
 def _gate_bwd(q, k, v, g, causal, grads):
@@ -339,6 +355,7 @@ def suite_decode(rec: Recorder, s: Settings, progress):
             provs["torch_sdpa_slice"] = lambda: F.scaled_dot_product_attention(
                 q, kc[:, :, :S], vc[:, :, :S], enable_gqa=True
             )
+        rounds = Rounds(s)
         for name, fn in provs.items():
             progress(f"decode {name} {shape}")
             out = fn()
@@ -346,18 +363,21 @@ def suite_decode(rec: Recorder, s: Settings, progress):
             if bad:
                 rec.add_failure("decode", "decode", name, shape, bad)
                 continue
-            ms = measure([fn], s)
-            rec.add_time(
-                "decode",
-                "decode",
-                name,
-                shape,
-                ms,
-                per=[
-                    ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
-                    ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw),
-                ],
+            rounds.add(
+                [fn],
+                lambda ms, name=name, nbytes=nbytes: rec.add_time(
+                    "decode",
+                    "decode",
+                    name,
+                    shape,
+                    ms,
+                    per=[
+                        ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
+                        ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw),
+                    ],
+                ),
             )
+        rounds.run()
 
 
 def suite_kv_append(rec: Recorder, s: Settings, progress):
@@ -394,6 +414,7 @@ def suite_kv_append(rec: Recorder, s: Settings, progress):
         }
         if not s.backend:
             provs["torch_slice_copy"] = torch_slice
+        rounds = Rounds(s)
         for name, fn in provs.items():
             progress(f"kv_append {name} {shape}")
             kc.uniform_()
@@ -402,18 +423,21 @@ def suite_kv_append(rec: Recorder, s: Settings, progress):
             if not (torch.equal(kc[:, :, p0 : p0 + T], kn) and torch.equal(vc[:, :, p0 : p0 + T], vn)):
                 rec.add_failure("kv_append", "append", name, shape, "parity FAILED: appended tokens differ")
                 continue
-            ms = measure([fn], s)
-            rec.add_time(
-                "kv_append",
-                "append",
-                name,
-                shape,
-                ms,
-                per=[
-                    ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
-                    ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw),
-                ],
+            rounds.add(
+                [fn],
+                lambda ms, name=name, nbytes=nbytes: rec.add_time(
+                    "kv_append",
+                    "append",
+                    name,
+                    shape,
+                    ms,
+                    per=[
+                        ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
+                        ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw),
+                    ],
+                ),
             )
+        rounds.run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,13 +465,15 @@ def suite_lstm(rec: Recorder, s: Settings, progress):
             }
             if not s.backend:
                 provs["torch_LSTMCell"] = lambda: torch_cell(x, (h, c))
+            rounds = Rounds(s)
             for name, fn in provs.items():
                 progress(f"lstm cell {name} {shape}")
                 bad = _gate(tuple(fn()), ref, base)
                 if bad:
                     rec.add_failure("lstm", "cell_step", name, shape, bad)
                     continue
-                rec.add_time("lstm", "cell_step", name, shape, measure([fn], s))
+                rounds.add([fn], lambda ms, name=name: rec.add_time("lstm", "cell_step", name, shape, ms))
+            rounds.run()
     layers, H, L, B = 2, 256, 128, 32
     shape = f"layers{layers} H{H} L{L} B{B}"
     tl = torch.nn.LSTM(H, H, num_layers=layers, device=s.device, dtype=dtype)
@@ -467,14 +493,20 @@ def suite_lstm(rec: Recorder, s: Settings, progress):
                 continue
         if not s.backend:
             provs["torch_LSTM"] = lambda: tl(x)[0]
+        rounds = Rounds(s)
         for name, fn in provs.items():
             progress(f"lstm sequence {name}")
             bad = _gate(fn(), ref, base)
             if bad:
                 rec.add_failure("lstm", "sequence", name, shape, bad)
                 continue
-            ms = measure([fn], s)
-            rec.add_time("lstm", "sequence", name, shape, ms, per=[("ms_per_step", "ms/step", lambda t: t / L)])
+            rounds.add(
+                [fn],
+                lambda ms, name=name: rec.add_time(
+                    "lstm", "sequence", name, shape, ms, per=[("ms_per_step", "ms/step", lambda t: t / L)]
+                ),
+            )
+        rounds.run()
 
 
 # ---------------------------------------------------------------------------------------------
