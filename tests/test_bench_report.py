@@ -262,5 +262,16 @@ def test_suites_time_each_shapes_providers_in_rounds(monkeypatch):
         for op in ("fwd", "bwd"):
             assert rec.row("attention", op, "torch_eager", f"B1 H2 L24 D16 {mod}") is not None
     assert rec.row("decode", "decode", "torch_sdpa_slice", "B2 Hq4 Hkv2 S48 D16") is not None
-    # 2 attention shapes x (fwd, bwd) of 4 providers, 4 modifiers x (fwd, bwd) of 2, decode's 2.
-    assert groups == [4] * 4 + [2] * 8 + [2]
+    # 2 attention shapes x (fwd, bwd) of 4 providers and the GEMM, 4 modifiers x (fwd, bwd) of 2,
+    # decode's 2.
+    assert groups == [5] * 4 + [2] * 8 + [2]
+    # "% of GEMM" divides by the GEMM rate of the same rounds, not the run-start ceiling (1.0 here).
+    for causal, half in (("", 1.0), (" causal", 0.5)):
+        shape = f"B1 H2 L40 D16{causal}"
+        per_shape = rec.meta["gemm_tflops_per_shape"][shape]
+        for op, work in (("fwd", 1.0), ("bwd", 2.5)):
+            t = rec.row("attention", op, "seqkernels_cpu", shape)
+            pct = rec.row("attention", op, "seqkernels_cpu", shape, "pct_gemm")
+            rate = work * half * 4 * 2 * 40 * 40 * 16 / (t.p50 * 1e-3) / 1e12
+            assert pct.p50 == pytest.approx(100 * rate / per_shape[op])
+            assert per_shape[op] != 1.0

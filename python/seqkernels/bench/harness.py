@@ -345,23 +345,41 @@ def _cpu_bf16_native(dtype) -> bool:
     return dtype == torch.bfloat16 and rep is not None and rep["avx512_bf16"]
 
 
-def gemm_ceiling(s: Settings):
-    """The device's own matrix-product rate in TFLOP/s: (p20, p50, p80) of the rate, and a note
-    (what was measured when it is not the bench dtype)."""
+def gemm_calls(s: Settings):
+    """The matrix product the GEMM ceiling times: (calls on two rotated inputs, TFLOP per call, the
+    dtype it runs in)."""
     n = 4096 if s.is_cuda else (768 if s.quick else 1024)
     # On a CPU, bf16 is the peak only where the CPU multiplies bf16 natively (AVX512_BF16, AMX:
     # oneDNN's bf16 GEMM is 2.7x / 6x float32 there); elsewhere torch widens it and float32 is.
     dtype = s.dtype if s.is_cuda or s.dtype == torch.float32 or _cpu_bf16_native(s.dtype) else torch.float32
     a = [torch.randn(n, n, device=s.device, dtype=dtype) for _ in range(2)]
     b = torch.randn(n, n, device=s.device, dtype=dtype)
-    ms = measure([lambda x=x: x @ b for x in a], s)
-    rate = lambda t: 2 * n**3 / (t * 1e-3) / 1e12  # noqa: E731
+    return [lambda x=x: x @ b for x in a], 2 * n**3 / 1e12, dtype
+
+
+def gemm_ceiling(s: Settings):
+    """The device's own matrix-product rate in TFLOP/s: (p20, p50, p80) of the rate, and a note
+    (what was measured when it is not the bench dtype)."""
+    fns, tflop, dtype = gemm_calls(s)
+    ms = measure(fns, s)
+    rate = lambda t: tflop / (t * 1e-3)  # noqa: E731
     note = (
         ""
         if dtype == s.dtype
         else f"measured in {str(dtype).replace('torch.', '')} (CPU {s.dtype} GEMM is not the peak)"
     )
     return (rate(ms[2]), rate(ms[1]), rate(ms[0])), note
+
+
+def add_gemm_to_rounds(rounds: "Rounds", s: Settings) -> dict:
+    """Registers the GEMM ceiling's product as the first provider of `rounds`; the returned dict
+    gets its median rate under "tflops" before any other provider's result is reported, so their
+    "% of GEMM" rows divide by the rate measured in the same rounds (on a drifting CPU, the
+    run-start ceiling is not the rate the machine had while the kernels ran)."""
+    fns, tflop, _ = gemm_calls(s)
+    box: dict = {}
+    rounds.add(fns, lambda ms: box.update(tflops=tflop / (ms[1] * 1e-3)))
+    return box
 
 
 def copy_bandwidth(s: Settings):
