@@ -1,42 +1,31 @@
 """seqkernels.nn.LSTM against torch.nn.LSTM (oneDNN) at the four shapes of DESIGN §8's LSTM bar.
 
-    python bench/lstm_shapes.py [--mode inf|train] [--reps 7]
+    python bench/lstm_shapes.py [--mode inf|train] [--reps 11]
 
 inf: a forward without gradients (the C++ sequence kernel); train: forward and backward of
 out.sum() (the fused training forward and the one-call recurrence backward). Shapes (T, B, H,
 layers): (128, 16, 256, 2), (128, 64, 256, 2), (64, 8, 512, 1), (100, 32, 512, 2), input size H.
-Prints the median time of each and torch / seqkernels (above 1: seqkernels is faster). Same weights
-for both; float32, the default thread count.
+Prints the median time of each and torch / seqkernels (above 1: seqkernels is faster), the two
+timed in alternating rounds (the bench's measure_rounds: a shared host's drift moves both alike).
+Same weights for both; float32, the default thread count.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from seqkernels.bench.harness import Settings, measure_rounds
 from seqkernels.nn import LSTM
 
 SHAPES = [(128, 16, 256, 2), (128, 64, 256, 2), (64, 8, 512, 1), (100, 32, 512, 2)]
 
 
-def _median_time(fn, reps: int) -> float:
-    fn()
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=["inf", "train"], default="inf")
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=11, help="at most this many rounds (at least 5, and 1 s of each)")
     a = ap.parse_args()
     torch.manual_seed(0)
     for T, B, H, layers in SHAPES:
@@ -52,8 +41,11 @@ def main() -> None:
             else:
                 m(x)[0].sum().backward()
 
-        t_ref = _median_time(lambda: run(ref), a.reps)
-        t_ours = _median_time(lambda: run(ours), a.reps)
+        s = Settings("cpu", torch.float32, quick=False)
+        (_, t_ref, _), (_, t_ours, _) = (
+            (p20 * 1e-3, p50 * 1e-3, p80 * 1e-3)
+            for p20, p50, p80 in measure_rounds([[lambda: run(ref)], [lambda: run(ours)]], s, max_reps=a.reps)
+        )
         print(
             f"{a.mode} T{T} B{B} H{H} layers{layers}: torch {t_ref * 1e3:.2f} ms, seqkernels {t_ours * 1e3:.2f} ms, "
             f"ratio {t_ref / t_ours:.2f}x",
