@@ -342,6 +342,15 @@ def _decode_shapes(s: Settings):
     return [(4, 32, 8, S, 128) for S in ([2048] if s.quick else [1024, 4096, 8192])]
 
 
+def _bandwidth_rows(nbytes: int, bw: float) -> list:
+    """The derived rows of a memory-bound op that moves `nbytes` per call: GB/s and the share of the
+    same-run copy bandwidth `bw`."""
+    return [
+        ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
+        ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw),
+    ]
+
+
 def suite_decode(rec: Recorder, s: Settings, progress):
     from seqkernels.ops import kv_cache as kv_ops
 
@@ -380,10 +389,7 @@ def suite_decode(rec: Recorder, s: Settings, progress):
                     name,
                     shape,
                     ms,
-                    per=[
-                        ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
-                        ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw),
-                    ],
+                    per=_bandwidth_rows(nbytes, bw),
                 ),
             )
         rounds.run()
@@ -440,10 +446,7 @@ def suite_kv_append(rec: Recorder, s: Settings, progress):
                     name,
                     shape,
                     ms,
-                    per=[
-                        ("gbps", "GB/s", lambda t: nbytes / (t * 1e-3) / 1e9),
-                        ("pct_copy", "% of copy BW", lambda t: 100 * nbytes / (t * 1e-3) / 1e9 / bw),
-                    ],
+                    per=_bandwidth_rows(nbytes, bw),
                 ),
             )
         rounds.run()
