@@ -623,8 +623,14 @@ def test_training_sequence_kernels_float32(isa, cfg, project_first, monkeypatch)
     if not lstm_ops._HAS_LAYER_FUSED:
         pytest.skip("extension built without lstm_layer_fwd.fused")
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
-    # The input projection inside the kernel, or as one GEMM first (what a large W_ih takes).
+    # The input projection inside the kernel, or as one GEMM first (what a large W_ih takes): the
+    # fused op then gets the input gates and no weight_ih (T = 1 keeps the projection inside).
     monkeypatch.setattr(lstm_ops, "_FUSED_INPUT_BYTES", 0 if project_first else 1 << 40)
+    fused = torch.ops.seqkernels.lstm_layer_fwd.fused
+    without_w_ih = []
+    monkeypatch.setattr(
+        torch.ops.seqkernels.lstm_layer_fwd, "fused", lambda *a: without_w_ih.append(a[3] is None) or fused(*a)
+    )
     layers, bidir, T, B, H = cfg
     calls = []
     real = lstm_ops._CpuLayer.apply
@@ -656,6 +662,7 @@ def test_training_sequence_kernels_float32(isa, cfg, project_first, monkeypatch)
     report.extend(testing.compare(got_g, exp_g, base_g, grad=True, name="grad"))
     assert report.passed, str(report)
     assert calls == [False, True] * layers if bidir else calls == [False] * layers
+    assert without_w_ih == [project_first and T > 1] * len(calls)
 
 
 @pytest.mark.parametrize("which", ["out", "h_n", "c_n"])
