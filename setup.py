@@ -87,7 +87,7 @@ def _extensions():
     # -g0: Python's default flags (sysconfig CFLAGS) carry -g; the debug information made
     # csrc/cpu/attention.cpp take 1.5x as long to compile (87 s against 59 s on the 2-core CI
     # machine) and its object 19x as large, for line numbers nobody ships. Symbols stay.
-    cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp" if os.name != "nt" else "/openmp"]
+    cxx = ["-O3", "-std=c++20"] + (["-g0", "-fopenmp"] if os.name != "nt" else ["/openmp"])
     include_dirs = [os.path.join(ROOT, "csrc")]
     archs = cuda_archs() if with_cuda else []
     define = [("SEQKERNELS_CUDA_ARCHS", '"' + ";".join(archs) + '"')]
