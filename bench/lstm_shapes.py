@@ -42,12 +42,9 @@ def main() -> None:
                 m(x)[0].sum().backward()
 
         s = Settings("cpu", torch.float32, quick=False)
-        (_, t_ref, _), (_, t_ours, _) = (
-            (p20 * 1e-3, p50 * 1e-3, p80 * 1e-3)
-            for p20, p50, p80 in measure_rounds([[lambda: run(ref)], [lambda: run(ours)]], s, max_reps=a.reps)
-        )
+        (_, t_ref, _), (_, t_ours, _) = measure_rounds([[lambda: run(ref)], [lambda: run(ours)]], s, max_reps=a.reps)
         print(
-            f"{a.mode} T{T} B{B} H{H} layers{layers}: torch {t_ref * 1e3:.2f} ms, seqkernels {t_ours * 1e3:.2f} ms, "
+            f"{a.mode} T{T} B{B} H{H} layers{layers}: torch {t_ref:.2f} ms, seqkernels {t_ours:.2f} ms, "
             f"ratio {t_ref / t_ours:.2f}x",
             flush=True,
         )
