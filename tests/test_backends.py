@@ -95,3 +95,76 @@ def test_check_command_runs_on_this_machine(capsys):
     assert " 0 failed" in out and "cpu" in out
     if not torch.cuda.is_available():
         assert "skip" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-call host work: a decode step or a small attention is a few microseconds of kernel, so every
+# tensor op the Python layer dispatches around it (a no-op expand, an int32 cast of an int32
+# tensor, five elementwise ops to validate lengths) is a visible share of the call. A valid call
+# dispatches its kernel and at most the one reduction that validates its lengths on the host.
+class _DispatchLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket).split(".")[-1] if func.namespace == "aten" else str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _cache_case(B=3, Hq=8, Hkv=4, S=40, D=24, lens_dtype=torch.int32):
+    q = torch.randn(B, Hq, 2, D)
+    kc, vc = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    kn, vn = torch.randn(B, Hkv, 2, D), torch.randn(B, Hkv, 2, D)
+    return q, kc, vc, kn, vn, torch.tensor([5, 17, 30][:B], dtype=lens_dtype)
+
+
+_HOST_CHECK = ["aminmax", "_local_scalar_dense", "_local_scalar_dense"]  # min and max, read once
+
+
+def _calls():
+    q, kc, vc, kn, vn, lens = _cache_case()
+    x, kx = torch.randn(2, 4, 5, 24), torch.randn(2, 2, 9, 24)
+    lens64 = lens.long()
+    return {
+        "decode": (
+            lambda: seqkernels.decode_attention(q, kc, vc, lens, backend="cpu"),
+            "decode_attention",
+            _HOST_CHECK,
+        ),
+        "decode_int64_lens": (
+            lambda: seqkernels.decode_attention(q, kc, vc, lens64, backend="cpu"),
+            "decode_attention",
+            # the kernels read int32: one clamp and one cast of the caller's int64 lengths
+            _HOST_CHECK + ["clamp", "_to_copy"],
+        ),
+        "append": (
+            lambda: seqkernels.kv_cache_append(kc, vc, kn, vn, lens, backend="cpu"),
+            "kv_cache_append",
+            _HOST_CHECK,
+        ),
+        "append_unchecked": (
+            lambda: seqkernels.kv_cache_append(kc, vc, kn, vn, lens, check=False, backend="cpu"),
+            "kv_cache_append",
+            [],
+        ),
+        "attention": (lambda: seqkernels.attention(x, x, x, backend="cpu"), "attention_fwd", []),
+        # 4-D inputs whose leading dims agree go to the kernel as they are (only the output's
+        # final reshape to the caller's leading shape is a view).
+        "sdpa": (lambda: seqkernels.scaled_dot_product_attention(x, x, x, backend="cpu"), "attention_fwd", ["view"]),
+        "sdpa_gqa": (
+            lambda: seqkernels.scaled_dot_product_attention(x, kx, kx, enable_gqa=True, backend="cpu"),
+            "attention_fwd",
+            ["view"],
+        ),
+    }
+
+
+@pytest.mark.skipif(not seqkernels._ext.extension_available(), reason="seqkernels._C is not built")
+@pytest.mark.parametrize("case", list(_calls()))
+def test_valid_call_dispatches_its_kernel_and_no_other_work(case):
+    fn, kernel, host = _calls()[case]
+    with torch.no_grad(), _DispatchLog() as log:
+        fn()
+    assert [op for op in log.ops if op.startswith("seqkernels.")] == [f"seqkernels.{kernel}.default"], log.ops
+    assert [op for op in log.ops if not op.startswith("seqkernels.")] == host, log.ops

@@ -52,6 +52,8 @@ def to_int32_saturated(t: torch.Tensor) -> torch.Tensor:
     an out-of-range value stays out of range (negative, or past any capacity), so a kernel that
     skips or clamps such values still does. The caller validates values before this (on the host)
     wherever it can afford the sync; this is what keeps unvalidated GPU inputs safe."""
+    if t.dtype == torch.int32 and t.is_contiguous():
+        return t  # the common call: two no-op dispatches cost more than a small kernel's launch
     if t.dtype == torch.int64:
         t = t.clamp(-1, INT32_MAX)
     return t.to(torch.int32).contiguous()
