@@ -53,7 +53,7 @@ def to_int32_saturated(t: torch.Tensor) -> torch.Tensor:
     skips or clamps such values still does. The caller validates values before this (on the host)
     wherever it can afford the sync; this is what keeps unvalidated GPU inputs safe."""
     if t.dtype == torch.int32 and t.is_contiguous():
-        return t  # the common call: two no-op dispatches cost more than a small kernel's launch
+        return t  # the common call: no two no-op dispatches (about 3 us) on every decode step
     if t.dtype == torch.int64:
         t = t.clamp(-1, INT32_MAX)
     return t.to(torch.int32).contiguous()
