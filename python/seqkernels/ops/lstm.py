@@ -570,7 +570,8 @@ def _project_first(w_ih: Tensor, T: int) -> bool:
 def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, reverse: bool):
     """Inference on the CPU backend with a constant batch (no PackedSequence whose batch shrinks):
     one projection GEMM for all steps, then the whole recurrence in the C++ sequence kernel
-    (seqkernels::lstm_layer_fwd: one fork/join per step, each thread on its own slice of W_hh)."""
+    (seqkernels::lstm_layer_fwd: one OpenMP team for the sequence, each thread on its own slice of
+    W_hh first, then on any unit blocks the others have not started)."""
     bias = _summed_bias(b_ih, b_hh)
     if x.dtype == torch.float32 and _HAS_LAYER_FUSED and not _project_first(w_ih, T):
         # The input projection inside the kernel too (its own GEMM: faster than the BLAS here).
