@@ -725,30 +725,33 @@ def _sdpa_to_4d(query, key, value, attn_mask, enable_gqa):
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
     n_lead = r - 2 if (r < 3 or not enable_gqa) else r - 3
-    qs, ks, vs = query.shape, key.shape, value.shape
-    # The common call: 4-D tensors whose leading dims already agree, as the kernels take them. It
-    # returns them as they are: torch.broadcast_shapes and the no-op expands and reshapes cost
-    # about 30 us, more than the whole of torch's SDPA on a small input (a decode step).
-    if r == 4 and qs[:n_lead] == ks[:n_lead] == vs[:n_lead]:
-        return query, key, value, attn_mask, tuple(qs[:-1])
-    try:
-        lead = torch.broadcast_shapes(qs[:n_lead], ks[:n_lead], vs[:n_lead])
-    except RuntimeError:
-        if r >= 3 and not enable_gqa and key.shape[-3] != query.shape[-3]:
+    # Leading dims that already agree (the common call) need neither torch.broadcast_shapes nor
+    # expands, and 4-D tensors no reshape: together about 30 us a call, more than torch's whole SDPA
+    # on a small input (a decode step).
+    lq, lk, lv = query.shape[:n_lead], key.shape[:n_lead], value.shape[:n_lead]
+    if lq == lk == lv:
+        lead = lq
+    else:
+        try:
+            lead = torch.broadcast_shapes(lq, lk, lv)
+        except RuntimeError:
+            if r >= 3 and not enable_gqa and key.shape[-3] != query.shape[-3]:
+                raise ValueError(
+                    f"key: {key.shape[-3]} heads differ from query's {query.shape[-3]}; pass enable_gqa=True for GQA/MQA"
+                ) from None
             raise ValueError(
-                f"key: {key.shape[-3]} heads differ from query's {query.shape[-3]}; pass enable_gqa=True for GQA/MQA"
+                f"query, key, value: leading dims {tuple(lq)}, {tuple(lk)}, {tuple(lv)} do not broadcast "
+                "(as in torch's scaled_dot_product_attention)"
             ) from None
-        raise ValueError(
-            f"query, key, value: leading dims {tuple(query.shape[:n_lead])}, {tuple(key.shape[:n_lead])}, "
-            f"{tuple(value.shape[:n_lead])} do not broadcast (as in torch's scaled_dot_product_attention)"
-        ) from None
 
     def bcast(t):
-        return t.expand(*lead, *t.shape[n_lead:])
+        return t if t.shape[:n_lead] == lead else t.expand(*lead, *t.shape[n_lead:])
 
     query, key, value = bcast(query), bcast(key), bcast(value)
     out_lead = tuple(query.shape[:-1])
-    if r <= 4:
+    if r == 4:
+        return query, key, value, attn_mask, out_lead
+    if r < 4:
 
         def lift(t):
             return t.reshape((1,) * (4 - r) + tuple(t.shape))

@@ -533,18 +533,18 @@ def prepare_decode(
         # the offending sequence (and runs for the packed form's per-sequence Tq).
         lo, hi = (int(x) for x in torch.aminmax(lens))
         longest = hi
-        ok = not packed and lo >= Tq and hi <= capacity
-        need = None if ok else (tq if packed else torch.full((B,), Tq, dtype=torch.int64))
-        bad = None if ok else ((lens < need) | (lens > capacity)).nonzero()
-        if bad is not None and bad.numel():
-            b = int(bad[0, 0])
-            n = int(need[b])
-            raise ValueError(
-                f"cache_seqlens: sequence {b} has length {int(lens[b])}, expected a value in "
-                f"[Tq={n}, {capacity}] (the {n} queries' keys and values must already be in the cache, "
-                "appended with kv_cache_append, and the cache holds "
-                f"{capacity} positions)"
-            )
+        if packed or lo < Tq or hi > capacity:
+            need = tq if packed else torch.full((B,), Tq, dtype=torch.int64)
+            bad = ((lens < need) | (lens > capacity)).nonzero()
+            if bad.numel():
+                b = int(bad[0, 0])
+                n = int(need[b])
+                raise ValueError(
+                    f"cache_seqlens: sequence {b} has length {int(lens[b])}, expected a value in "
+                    f"[Tq={n}, {capacity}] (the {n} queries' keys and values must already be in the cache, "
+                    "appended with kv_cache_append, and the cache holds "
+                    f"{capacity} positions)"
+                )
         if table is not None:
             cols = (lens.to(torch.int64) + block_size - 1) // block_size
             used = torch.arange(table.shape[1]).unsqueeze(0) < cols.unsqueeze(1)
