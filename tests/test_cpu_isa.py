@@ -325,7 +325,7 @@ def test_reported_paths_are_the_paths_taken(monkeypatch):
     import seqkernels
 
     g = torch.Generator().manual_seed(5)
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
         q, k, v = (torch.randn(1, 2, 70, 40, generator=g).to(dtype) for _ in range(3))
         seen = {}
         for level in _supported():
@@ -333,8 +333,9 @@ def test_reported_paths_are_the_paths_taken(monkeypatch):
             path = cli.cpu_isa_report()["ops"]["attention_fwd"][str(dtype).removeprefix("torch.")]
             assert path in _supported() and LEVELS.index(path) <= LEVELS.index(level)
             # The float32 lse too: a bf16 output rounds most differences away.
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
             out = torch.cat(
-                [t.float().flatten() for t in seqkernels.attention(q, k, v, return_lse=True, backend="cpu")]
+                [t.to(acc).flatten() for t in seqkernels.attention(q, k, v, return_lse=True, backend="cpu")]
             )
             for other, ref in seen.items():
                 assert torch.equal(out, ref) == (other == path), (dtype, level, path, other)

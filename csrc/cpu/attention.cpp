@@ -948,7 +948,8 @@ SK_AVX2_ENTRY void fwd_rows_avx2_f32(const FwdRows<float>& a) { fwd_rows<simd::A
 SK_AVX2_ENTRY void bwd_block_avx2_f32(const BwdBlock<float>& a) { bwd_block<simd::Avx2Float>(a); }
 SK_AVX2_ENTRY void fwd_rows_avx2_f64(const FwdRows<double>& a) { fwd_rows<simd::Avx2Double>(a); }
 SK_AVX2_ENTRY void bwd_block_avx2_f64(const BwdBlock<double>& a) { bwd_block<simd::Avx2Double>(a); }
-// float32 only: a float64 AVX-512 policy would be Avx2Double at twice the width, measured first.
+SK_AVX512_ENTRY void fwd_rows_avx512_f64(const FwdRows<double>& a) { fwd_rows<simd::Avx512Double>(a); }
+SK_AVX512_ENTRY void bwd_block_avx512_f64(const BwdBlock<double>& a) { bwd_block<simd::Avx512Double>(a); }
 SK_AVX512_ENTRY void fwd_rows_avx512_f32(const FwdRows<float>& a) { fwd_rows<simd::Avx512Float>(a); }
 SK_AVX512_ENTRY void bwd_block_avx512_f32(const BwdBlock<float>& a) { bwd_block<simd::Avx512Float>(a); }
 
@@ -1422,14 +1423,14 @@ SK_AMX_ENTRY void bwd_block_amx(const BwdBlock<float>& a) {
 // Per call (simd::selected_isa), so SEQKERNELS_CPU_ISA=portable lets the tests cover the
 // portable kernels, the path non-x86 machines take, on an AVX2 machine. bf16_operands: the
 // caller's inputs are bfloat16 and it packs them with pack_*_bf16 when the answer says bf16.
-// The highest path the kernels have: float64 AVX2 (a float64 AVX-512 policy would be Avx2Double
-// at twice the width, measured first), float32 accumulation AVX-512, and where the caller packs
-// bf16 operands as they are, AMX tiles (or AVX512_BF16 pairs below them). The backward's lse
+// The highest path the kernels have: AVX-512 for float64 and for float32 accumulation, and where
+// the caller packs bf16 operands as they are, AMX tiles (or AVX512_BF16 pairs below them). The
+// float64 paths take the vector exp2 of simd::Avx2Double. The backward's lse
 // corrections run the forward kernel of the same choice, so its scores stay bitwise the
 // backward's. cpu_paths::attention_fwd/bwd report the same rule.
 inline simd::Isa attention_top_isa(bool float64, bool bf16_operands) {
   if (!SK_SIMD_X86) return simd::Isa::Portable;
-  return float64 ? simd::Isa::Avx2 : bf16_operands ? simd::Isa::AmxBf16 : simd::Isa::Avx512;
+  return bf16_operands && !float64 ? simd::Isa::AmxBf16 : simd::Isa::Avx512;
 }
 
 template <typename T>
@@ -1447,6 +1448,11 @@ Kernels<T> select_kernels(bool bf16_operands) {
       constexpr int64_t mr = FwdProducts<simd::Avx512Float>::kRows;
       return {W, &fwd_rows_avx512_f32, &bwd_block_avx512_f32, false, mr, 2, false, true};
     }
+  }
+  if constexpr (std::is_same_v<T, double>) {
+    if (isa == simd::Isa::Avx512)
+      return {simd::Avx512Double::W, &fwd_rows_avx512_f64, &bwd_block_avx512_f64, false,
+              FwdProducts<simd::Avx512Double>::kRows};
   }
   if (isa == simd::Isa::Avx2) {
     if constexpr (std::is_same_v<T, float>) {

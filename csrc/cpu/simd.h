@@ -314,6 +314,21 @@ struct Avx2Float {
   }
 };
 
+// 2^f for |f| <= 1/2 as 1 + f q(f), q a degree-10 fit of (2^f - 1) / f at Chebyshev nodes
+// (relative error 2.0e-17 in exact arithmetic; p(0) = 1 exactly, so a row's max gets P = 1).
+// Highest power first; the AVX2 and AVX-512 float64 policies evaluate it in the same order, so
+// they agree lane for lane.
+constexpr double kExp2Poly64[12] = {4.4549605981865186e-10, 7.072585949269223e-09, 1.0178062445845774e-07,
+                                    1.321544258792169e-06,  1.525273382983612e-05, 0.0001540353044173605,
+                                    0.0013333558146416936,  0.009618129107606888,  0.0555041086648216,
+                                    0.24022650695910097,    0.6931471805599453,    1.0};
+SK_AVX2_FN __m256d exp2_poly64(__m256d f) {
+  __m256d p = _mm256_set1_pd(kExp2Poly64[0]);
+#pragma GCC unroll 11
+  for (int i = 1; i < 12; ++i) p = _mm256_fmadd_pd(p, f, _mm256_set1_pd(kExp2Poly64[i]));
+  return p;
+}
+
 struct Avx2Double {
   using T = double;
   using V = __m256d;
@@ -328,15 +343,26 @@ struct Avx2Double {
   SK_AVX2_FN static V add(V a, V b) { return _mm256_add_pd(a, b); }
   SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
   SK_AVX2_FN static V max(V a, V b) { return _mm256_max_pd(a, b); }
-  // float64 is the precision path (parity with the float64 reference to ~1e-11), so it uses
-  // the correctly rounded libm exp2 rather than a polynomial.
-  SK_AVX2_FN static V exp2(V x) {
-    alignas(32) double buf[4];
-    _mm256_store_pd(buf, x);
-    for (int i = 0; i < 4; ++i) buf[i] = std::exp2(buf[i]);
-    return _mm256_load_pd(buf);
+  // 2^x as Avx2Float::exp2, in float64: n = round(x), |f| <= 1/2, 2^f = 1 + f q(f) with q of
+  // degree 10 (kExp2Poly64; relative error 2e-17 before rounding, within about one ulp after, a
+  // thousandth of the float64 parity floor), 2^n in the exponent field. libm's exp2 per lane was
+  // the whole float64 forward (8 ns a score, NOTES entry 16). The clamps at +-1023 keep n in the
+  // field; below about -1022.5 the biased exponent is 0 and the result exactly 0 (no subnormal
+  // outputs, which libm would round to: under 2^-1022 of a row whose max contributes 1, invisible
+  // in any sum they enter), -inf gives 0, NaN stays NaN (max/min return their second operand,
+  // x, on NaN).
+  SK_AVX2_FN static V exp2(V x) { return exp2_nonpos(_mm256_min_pd(_mm256_set1_pd(1023.0), x)); }
+  SK_AVX2_FN static V exp2_nonpos(V x) {
+    const V xc = _mm256_max_pd(_mm256_set1_pd(-1023.0), x);
+    // Adding 1.5 * 2^52 rounds xc to an integer (to nearest, ties to even, as vroundpd) and leaves
+    // it, plus 2^51, in the low mantissa bits: n + 1023 shifted into the exponent field needs no
+    // float-to-int64 conversion, which AVX2 lacks.
+    const V magic = _mm256_set1_pd(6755399441055744.0);
+    const V t = _mm256_add_pd(xc, magic);
+    const V f = _mm256_sub_pd(xc, _mm256_sub_pd(t, magic));
+    const __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(exp2_poly64(f), _mm256_castsi256_pd(e));
   }
-  SK_AVX2_FN static V exp2_nonpos(V x) { return exp2(x); }
   // libm, as exp2: the precision path.
   SK_AVX2_FN static V tanh(V x) {
     alignas(32) double buf[4];
@@ -462,6 +488,50 @@ struct Avx512Float {
     return Avx2Float::hmax(m);
   }
   SK_AVX512_FN static float hsum(V x) { return Avx2Float::hsum(fold(x)); }
+};
+
+// The AVX-512 twin of Avx2Double: W = 8, the same exp2 (reduction, polynomial, order), so the two
+// agree lane for lane but for the reductions' order. 2^n by vscalefpd, zeroed where n is the
+// clamp's -1023, as Avx512Float::exp2_reduced: bitwise the AVX2 form's product by the exponent
+// field.
+struct Avx512Double {
+  using T = double;
+  using V = __m512d;
+  static constexpr int W = 8;
+  SK_AVX512_FN static V zero() { return _mm512_setzero_pd(); }
+  SK_AVX512_FN static V set1(double x) { return _mm512_set1_pd(x); }
+  SK_AVX512_FN static V load(const double* p) { return _mm512_loadu_pd(p); }
+  SK_AVX512_FN static void store(double* p, V x) { _mm512_storeu_pd(p, x); }
+  SK_AVX512_FN static V bcast(const double* p) { return _mm512_set1_pd(*p); }
+  SK_AVX512_FN static V fmadd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  SK_AVX512_FN static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+  SK_AVX512_FN static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  SK_AVX512_FN static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
+  SK_AVX512_FN static V max(V a, V b) { return _mm512_max_pd(a, b); }
+  SK_AVX512_FN static V exp2(V x) { return exp2_nonpos(_mm512_min_pd(_mm512_set1_pd(1023.0), x)); }
+  SK_AVX512_FN static V exp2_nonpos(V x) {
+    const V xc = _mm512_max_pd(_mm512_set1_pd(-1023.0), x);
+    const V n = _mm512_roundscale_pd(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = _mm512_sub_pd(xc, n);
+    V p = _mm512_set1_pd(kExp2Poly64[0]);
+#pragma GCC unroll 11
+    for (int i = 1; i < 12; ++i) p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(kExp2Poly64[i]));
+    return _mm512_maskz_scalef_pd(_mm512_cmp_pd_mask(n, _mm512_set1_pd(-1023.0), _CMP_NEQ_UQ), p, n);
+  }
+  // libm, as Avx2Double::tanh.
+  SK_AVX512_FN static V tanh(V x) {
+    alignas(64) double buf[8];
+    _mm512_store_pd(buf, x);
+    for (int i = 0; i < 8; ++i) buf[i] = std::tanh(buf[i]);
+    return _mm512_load_pd(buf);
+  }
+  // The two 256-bit halves first, then Avx2Double's tree.
+  SK_AVX512_FN static double hmax(V x) {
+    return Avx2Double::hmax(_mm256_max_pd(_mm512_castpd512_pd256(x), _mm512_extractf64x4_pd(x, 1)));
+  }
+  SK_AVX512_FN static double hsum(V x) {
+    return Avx2Double::hsum(_mm256_add_pd(_mm512_castpd512_pd256(x), _mm512_extractf64x4_pd(x, 1)));
+  }
 };
 
 // The softmax policy of the kernels that round P to bfloat16 before P V (the attention forward and
