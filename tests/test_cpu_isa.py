@@ -44,8 +44,9 @@ def _run_worker(isa: str, *args: str) -> dict:
 # Worker: runs in the subprocess.
 
 # (B, Hq, Hkv, Tq, D, Dv, S, paged, window_left, num_splits, softcap, alibi): head sizes that are
-# and are not multiples of 8 and 16 (the AVX2 / AVX-512 tails), several rows per KV head (the
-# register blocks of 1, 2, 4 and 6 query rows), splits, a paged cache and the score modifiers.
+# and are not multiples of 4, 8 and 16 (the float64 AVX2 / AVX-512 and float32 tails), several rows
+# per KV head (the register blocks of 1, 2, 4 and 6 query rows), splits, a paged cache and the
+# score modifiers.
 DECODE_CASES = [
     (2, 8, 2, 1, 128, 128, 150, False, -1, 1, 0.0, False),
     (2, 32, 8, 1, 64, 64, 97, True, -1, 3, 0.0, False),
@@ -55,7 +56,7 @@ DECODE_CASES = [
     (2, 12, 2, 1, 24, 8, 45, False, -1, 1, 1.5, True),
     (2, 4, 2, 1, 256, 200, 40, False, -1, 1, 0.0, False),
 ]
-DECODE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DECODE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 def _decode_case(case, dtype, gen):
@@ -343,7 +344,8 @@ def test_reported_paths_are_the_paths_taken(monkeypatch):
     monkeypatch.delenv("SEQKERNELS_CPU_ISA")
     ops = cli.cpu_isa_report()["ops"]
     assert set(ops) == {"attention_fwd", "attention_bwd", "decode_attention", "lstm"}
-    assert ops["decode_attention"]["float64"] == "portable"  # float64 decode is the at::vec code
+    # float64 decode has the same levels as float32 (F64Ops on the float64 attention policies).
+    assert ops["decode_attention"]["float64"] == ops["decode_attention"]["float32"]
     if "avx512_bf16" in _supported():
         best = "amx_bf16" if "amx_bf16" in _supported() else "avx512_bf16"
         assert ops["attention_fwd"]["bfloat16"] == ops["attention_bwd"]["bfloat16"] == best

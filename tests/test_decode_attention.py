@@ -187,9 +187,9 @@ def test_float64_cpu_and_portable_path(monkeypatch):
     ref_out, ref_lse = ref_decode(q, kc, vc, lens, bt, None)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
-    # The at::vec path (CPUs without AVX2) gives the same float32/bfloat16 results within the rule.
+    # The at::vec path (CPUs without AVX2) gives the same results within the rule.
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", "default")
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
         q, kc, vc, lens, bt = make_cache(2, 4, 2, 3, 40, 24, 70, dtype, paged=False)
         check(run_decode("cpu", q, kc, vc, lens, bt, window=9, num_splits=2), q, kc, vc, lens, bt, window=9)
 
@@ -490,8 +490,7 @@ def test_scale_is_applied():
 
 # ------------------------------------------------------------------------------------------------
 # Issue 15 (CPU backend): large but finite scores, the split merge, and the rescale across key tiles,
-# on both of kv_cache.cpp's paths (SEQKERNELS_CPU_ISA=default forces its at::vec path; float64 always
-# takes it).
+# on both of kv_cache.cpp's paths (SEQKERNELS_CPU_ISA=default forces its at::vec path).
 
 CPU_ISAS = ["native", "default"]
 

@@ -28,9 +28,10 @@
 // registers (K^T rows times broadcast q elements, no horizontal sums); few rows (decode steps)
 // take dot products of q and K rows.
 // The tile primitives have three implementations: AVX-512 (F/BW/VL/DQ) and AVX2+FMA+F16C
-// intrinsics in functions with a target attribute, the highest one the call may use chosen per
-// call by cpu/simd.h's has() (the extension is compiled for the baseline ISA, where at::vec is
-// plain scalar code), and a portable one on at::vec that also serves float64.
+// intrinsics in functions with a target attribute (for float32 accumulation, and for float64 on
+// the attention kernels' float64 policies), the highest one the call may use chosen per call by
+// cpu/simd.h's has() (the extension is compiled for the baseline ISA, where at::vec is plain
+// scalar code), and a portable one on at::vec.
 // SEQKERNELS_CPU_ISA=portable|avx2|avx512|native lowers the choice ("default" is the older
 // spelling of portable), as for attention and the LSTM cell (tests/test_cpu_isa.py covers each
 // level this CPU has).
@@ -302,20 +303,20 @@ using simd::Avx2Float;
 // entries, a multiple of every W; the lanes past n are scratch that nothing reads).
 static_assert(kKeyTile % 16 == 0, "a score row holds whole vectors of every width");
 template <class P>
-inline void modify_scores(float* s, int n, float cap, float inv_cap, bool alibi, float slope, int64_t diag,
-                          int64_t j0) {
+inline void modify_scores(typename P::T* s, int n, typename P::T cap, typename P::T inv_cap, bool alibi,
+                          typename P::T slope, int64_t diag, int64_t j0) {
+  using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
-  if (cap > 0.0f) {
+  if (cap > T(0)) {
     const V c = P::set1(cap), ic = P::set1(inv_cap);
     for (int i = 0; i < n; i += W) P::store(s + i, P::mul(c, P::tanh(P::mul(P::load(s + i), ic))));
   }
   if (alibi) {
     // Distances diag - j exact in float (< 2^24), |x| as max(x, -x).
-    static constexpr float kIota[16] = {0.f, 1.f, 2.f,  3.f,  4.f,  5.f,  6.f,  7.f,
-                                        8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f};
-    const V ns = P::set1(-slope), step = P::set1(static_cast<float>(W));
-    V d = P::sub(P::set1(static_cast<float>(diag - j0)), P::load(kIota));
+    static constexpr T kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const V ns = P::set1(-slope), step = P::set1(static_cast<T>(W));
+    V d = P::sub(P::set1(static_cast<T>(diag - j0)), P::load(kIota));
     for (int i = 0; i < n; i += W) {
       const V ad = P::max(d, P::sub(P::zero(), d));
       P::store(s + i, P::fmadd(ns, ad, P::load(s + i)));
@@ -330,16 +331,17 @@ inline void modify_scores(float* s, int n, float cap, float inv_cap, bool alibi,
 // to whole vectors, are set to -inf first: no effect on the max or the NaN test, exactly 0 after
 // the exp2 (so nothing in the sum), and never read by P V.
 template <class P>
-inline void softmax_rows(float* S, int64_t lds, int M, int n, int64_t Dv, float* mrow, float* lrow, float* acc,
-                         int64_t ldacc) {
+inline void softmax_rows(typename P::T* S, int64_t lds, int M, int n, int64_t Dv, typename P::T* mrow,
+                         typename P::T* lrow, typename P::T* acc, int64_t ldacc) {
+  using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
-  const float ninf = -std::numeric_limits<float>::infinity();
+  const T ninf = -std::numeric_limits<T>::infinity();
   const int nv = (n + W - 1) / W * W;
   for (int m = 0; m < M; ++m) {
-    float* s = S + m * lds;
+    T* s = S + m * lds;
     if (std::isnan(mrow[m])) {
-      std::fill(s, s + n, 0.0f);
+      std::fill(s, s + n, T(0));
       continue;
     }
     std::fill(s + n, s + nv, ninf);
@@ -352,18 +354,18 @@ inline void softmax_rows(float* S, int64_t lds, int M, int n, int64_t Dv, float*
     }
     if (nan != 0) {
       poison_row(mrow + m, lrow + m, acc + m * ldacc, Dv);
-      std::fill(s, s + n, 0.0f);
+      std::fill(s, s + n, T(0));
       continue;
     }
-    const float m_new = std::max(mrow[m], P::hmax(mx));
+    const T m_new = std::max(mrow[m], P::hmax(mx));
     if (m_new == ninf) {
       // Nothing visible to this row yet: its probabilities are all 0.
-      std::fill(s, s + n, 0.0f);
+      std::fill(s, s + n, T(0));
       continue;
     }
     // mrow - m_new is -inf on the first visible tile (mrow = -inf) or when it overflows: alpha = 0.
-    const float l2e = static_cast<float>(kLog2e);
-    const float alpha = std::exp2((mrow[m] - m_new) * l2e);
+    const T l2e = static_cast<T>(kLog2e);
+    const T alpha = std::exp2((mrow[m] - m_new) * l2e);
     const V mn = P::set1(m_new), vl2e = P::set1(l2e);
     V sum = P::zero();
     for (int i = 0; i < nv; i += W) {
@@ -373,8 +375,8 @@ inline void softmax_rows(float* S, int64_t lds, int M, int n, int64_t Dv, float*
     }
     lrow[m] = lrow[m] * alpha + P::hsum(sum);
     mrow[m] = m_new;
-    if (alpha != 1.0f) {
-      float* a = acc + m * ldacc;
+    if (alpha != T(1)) {
+      T* a = acc + m * ldacc;
       const V va = P::set1(alpha);
       int64_t d = 0;
       for (; d + W <= Dv; d += W) P::store(a + d, P::mul(va, P::load(a + d)));
@@ -813,6 +815,140 @@ struct Avx512Ops {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// float64 decode on the attention kernels' float64 policies (simd::Avx2Double, simd::Avx512Double):
+// the cache rows read in place (no conversion), the score modifiers and the softmax the shared
+// modify_scores / softmax_rows, the two products in vectors of P::W with scalar tails (head dims
+// that are not multiples of W). Plain templates, compiled for each level by the flattened methods
+// of F64Ops below. Register blocks: MB query rows x NB keys (scores) and MB rows x CB vectors of
+// columns (P V) plus the operands within 16 ymm (AVX2: 2 x 4) or 32 zmm (AVX-512: 4 x 4).
+template <class P>
+struct F64Products {
+  using V = typename P::V;
+  static constexpr int W = P::W;
+  static constexpr int MB = W == 8 ? 4 : 2, NB = 4, CB = 4;
+  static_assert(MB * NB + MB + 1 <= (W == 8 ? 32 : 16) && MB * CB + CB + 1 <= (W == 8 ? 32 : 16), "blocks spill");
+
+  template <int R, int C>
+  static void dot_block(const double* q, int64_t ldq, int64_t D, const double* const* k, double* S, int64_t lds) {
+    V acc[R][C];
+#pragma GCC unroll 16
+    for (int a = 0; a < R; ++a)
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) acc[a][c] = P::zero();
+    int64_t d = 0;
+    for (; d + W <= D; d += W) {
+      V qv[R];
+#pragma GCC unroll 16
+      for (int a = 0; a < R; ++a) qv[a] = P::load(q + a * ldq + d);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) {
+        const V kv = P::load(k[c] + d);
+#pragma GCC unroll 16
+        for (int a = 0; a < R; ++a) acc[a][c] = P::fmadd(qv[a], kv, acc[a][c]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int a = 0; a < R; ++a)
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) {
+        double t = P::hsum(acc[a][c]);
+        for (int64_t e = d; e < D; ++e) t += q[a * ldq + e] * k[c][e];
+        S[a * lds + c] = t;
+      }
+  }
+
+  template <int R>
+  static void dot_rows(const double* q, int64_t ldq, int64_t D, const double* const* krows, int n, double* S,
+                       int64_t lds) {
+    int i = 0;
+    for (; i + NB <= n; i += NB) dot_block<R, NB>(q, ldq, D, krows + i, S + i, lds);
+    for (; i < n; ++i) dot_block<R, 1>(q, ldq, D, krows + i, S + i, lds);
+  }
+
+  static void scores(const double* q, int64_t ldq, int M, int64_t D, const double* const* krows, int n, double* S,
+                     int64_t lds) {
+    int m = 0;
+    for (; m + MB <= M; m += MB) dot_rows<MB>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
+    for (; m < M; ++m) dot_rows<1>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
+  }
+
+  // acc[r][c0 .. c0 + W*C) += sum_i P[r][i] V[i][c0 ..] for R rows, accumulators in registers.
+  template <int R, int C>
+  static void pv_block(const double* Pm, int64_t ldp, int n, const double* const* vrows, int64_t c0, double* acc,
+                       int64_t ldacc) {
+    V a[R][C];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) a[r][c] = P::load(acc + r * ldacc + c0 + W * c);
+    for (int i = 0; i < n; ++i) {
+      V v[C];
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) v[c] = P::load(vrows[i] + c0 + W * c);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const V p = P::bcast(Pm + r * ldp + i);
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) a[r][c] = P::fmadd(p, v[c], a[r][c]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) P::store(acc + r * ldacc + c0 + W * c, a[r][c]);
+  }
+
+  template <int R>
+  static void pv_rows(const double* Pm, int64_t ldp, int n, const double* const* vrows, int64_t Dv, double* acc,
+                      int64_t ldacc) {
+    int64_t c0 = 0;
+    for (; c0 + W * CB <= Dv; c0 += W * CB) pv_block<R, CB>(Pm, ldp, n, vrows, c0, acc, ldacc);
+    for (; c0 + W <= Dv; c0 += W) pv_block<R, 1>(Pm, ldp, n, vrows, c0, acc, ldacc);
+    for (; c0 < Dv; ++c0)
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        double t = acc[r * ldacc + c0];
+        for (int i = 0; i < n; ++i) t += Pm[r * ldp + i] * vrows[i][c0];
+        acc[r * ldacc + c0] = t;
+      }
+  }
+
+  static void softmax_pv(double* S, int64_t lds, int M, int n, const double* const* vrows, int64_t Dv, double* mrow,
+                         double* lrow, double* acc, int64_t ldacc) {
+    softmax_rows<P>(S, lds, M, n, Dv, mrow, lrow, acc, ldacc);
+    int m = 0;
+    for (; m + MB <= M; m += MB) pv_rows<MB>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
+    for (; m < M; ++m) pv_rows<1>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);
+  }
+};
+
+// The Ops interface of decode_units for float64, one specialization per level, each method
+// compiled for that level's target (FN) with F64Products<P> flattened into it.
+template <class P>
+struct F64Ops;
+#define SK_F64_OPS(P, FN)                                                                                     \
+  template <>                                                                                                 \
+  struct F64Ops<P> {                                                                                          \
+    FN __attribute__((flatten)) static void scores(const double* q, int64_t ldq, int M, int64_t D,            \
+                                                   const double* const* krows, int n, double* S, int64_t lds, \
+                                                   double*) {                                                 \
+      F64Products<P>::scores(q, ldq, M, D, krows, n, S, lds);                                                 \
+    }                                                                                                         \
+    FN __attribute__((flatten)) static void modify(double* s, int n, double cap, double inv_cap, bool alibi,  \
+                                                   double slope, int64_t diag, int64_t j0) {                  \
+      modify_scores<P>(s, n, cap, inv_cap, alibi, slope, diag, j0);                                           \
+    }                                                                                                         \
+    FN __attribute__((flatten)) static void softmax_pv(double* S, int64_t lds, int M, int n,                  \
+                                                       const double* const* vrows, int64_t Dv, double* mrow,  \
+                                                       double* lrow, double* acc, int64_t ldacc, double*) {   \
+      F64Products<P>::softmax_pv(S, lds, M, n, vrows, Dv, mrow, lrow, acc, ldacc);                            \
+    }                                                                                                         \
+  };
+SK_F64_OPS(simd::Avx2Double, SK_AVX2_FN)
+SK_F64_OPS(simd::Avx512Double, SK_AVX512_FN)
+#undef SK_F64_OPS
+
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -1115,6 +1251,14 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
       run(Avx2Ops<scalar_t>{});
       done = true;
     }
+  } else {
+    if (isa == simd::Isa::Avx512) {
+      run(F64Ops<simd::Avx512Double>{});
+      done = true;
+    } else if (isa == simd::Isa::Avx2) {
+      run(F64Ops<simd::Avx2Double>{});
+      done = true;
+    }
   }
 #endif
   (void)isa;
@@ -1213,10 +1357,10 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
 }  // namespace
 }  // namespace cpu
 
-// Float32 accumulation (float32, bf16, float16 inputs) has AVX2 and AVX-512 paths; float64 runs the
-// at::vec code (GenericOps) on every machine.
-simd::Isa cpu_paths::decode_attention(Dt dt) {
-  if (!SK_SIMD_X86 || dt == Dt::Float64) return simd::Isa::Portable;
+// AVX2 and AVX-512 paths for every dtype: float32 accumulation (float32, bf16, float16 inputs) on
+// Avx2Ops / Avx512Ops, float64 on F64Ops.
+simd::Isa cpu_paths::decode_attention(Dt) {
+  if (!SK_SIMD_X86) return simd::Isa::Portable;
   return simd::path_isa(simd::Isa::Avx512);
 }
 

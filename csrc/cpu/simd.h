@@ -343,6 +343,7 @@ struct Avx2Double {
   SK_AVX2_FN static V add(V a, V b) { return _mm256_add_pd(a, b); }
   SK_AVX2_FN static V sub(V a, V b) { return _mm256_sub_pd(a, b); }
   SK_AVX2_FN static V max(V a, V b) { return _mm256_max_pd(a, b); }
+  SK_AVX2_FN static int nan_bits(V x) { return _mm256_movemask_pd(_mm256_cmp_pd(x, x, _CMP_UNORD_Q)); }
   // 2^x as Avx2Float::exp2, in float64: n = round(x), |f| <= 1/2, 2^f = 1 + f q(f) with q of
   // degree 10 (kExp2Poly64; relative error 2e-17 before rounding, within about one ulp after, a
   // thousandth of the float64 parity floor), 2^n in the exponent field. libm's exp2 per lane was
@@ -508,6 +509,7 @@ struct Avx512Double {
   SK_AVX512_FN static V add(V a, V b) { return _mm512_add_pd(a, b); }
   SK_AVX512_FN static V sub(V a, V b) { return _mm512_sub_pd(a, b); }
   SK_AVX512_FN static V max(V a, V b) { return _mm512_max_pd(a, b); }
+  SK_AVX512_FN static int nan_bits(V x) { return _mm512_cmp_pd_mask(x, x, _CMP_UNORD_Q); }
   SK_AVX512_FN static V exp2(V x) { return exp2_nonpos(_mm512_min_pd(_mm512_set1_pd(1023.0), x)); }
   SK_AVX512_FN static V exp2_nonpos(V x) {
     const V xc = _mm512_max_pd(_mm512_set1_pd(-1023.0), x);
