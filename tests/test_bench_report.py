@@ -275,3 +275,26 @@ def test_suites_time_each_shapes_providers_in_rounds(monkeypatch):
             rate = work * half * 4 * 2 * 40 * 40 * 16 / (t.p50 * 1e-3) / 1e12
             assert pct.p50 == pytest.approx(100 * rate / per_shape[op])
             assert per_shape[op] != 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mod", ["plain", "sinks", "alibi", "softcap", "causal"])
+def test_bench_peers_pass_the_parity_gate(dtype, mod):
+    # The bench times a peer only once it passes the gate; the eager peers computed their softmax in
+    # float32 whatever the input dtype, and so failed it at float64 (err 4e-8 against a 1.5e-11 bound).
+    from seqkernels import reference
+    from seqkernels.bench import suites
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 37, 24, generator=g).to(dtype) for _ in range(3))
+    if mod == "causal":
+        peers = suites._sdpa_providers(harness.Settings("cpu", dtype, quick=True))
+        out = peers["naive"](q, k, v, True)
+        mk, m64 = dict(window_left=-1, window_right=0), dict(window_left=-1, window_right=0)
+    else:
+        mk = suites._modifier_kwargs(mod, 4, "cpu")
+        out = suites.eager_modified_attention(q, k, v, **mk)
+        m64 = {n: (x.double() if isinstance(x, torch.Tensor) else x) for n, x in mk.items()}
+    ref = reference.attention_ref(q.double(), k.double(), v.double(), **m64)[0]
+    base = reference.attention_ref(q, k, v, **mk)[0]
+    assert suites._gate(out, ref, base) is None

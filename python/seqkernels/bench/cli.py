@@ -192,7 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", action="append", choices=sorted(SUITES), help="suite to run (repeatable; default all)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument(
-        "--dtype", default=None, help="bfloat16, float16 or float32 (default: bfloat16 on GPU, float32 on CPU)"
+        "--dtype",
+        default=None,
+        help="bfloat16, float16, float32, or float64 on CPU (default: bfloat16 on GPU, float32 on CPU)",
     )
     ap.add_argument("--quick", action="store_true", help="small sizes: every suite in a few minutes on a 2-core CPU")
     ap.add_argument("--backend", default=None, help="only this seqkernels backend, no peers")

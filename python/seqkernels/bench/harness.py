@@ -351,7 +351,9 @@ def gemm_calls(s: Settings):
     n = 4096 if s.is_cuda else (768 if s.quick else 1024)
     # On a CPU, bf16 is the peak only where the CPU multiplies bf16 natively (AVX512_BF16, AMX:
     # oneDNN's bf16 GEMM is 2.7x / 6x float32 there); elsewhere torch widens it and float32 is.
-    dtype = s.dtype if s.is_cuda or s.dtype == torch.float32 or _cpu_bf16_native(s.dtype) else torch.float32
+    # float64 kernels compute in float64, whose own GEMM is their ceiling.
+    native = s.dtype in (torch.float32, torch.float64) or _cpu_bf16_native(s.dtype)
+    dtype = s.dtype if s.is_cuda or native else torch.float32
     a = [torch.randn(n, n, device=s.device, dtype=dtype) for _ in range(2)]
     b = torch.randn(n, n, device=s.device, dtype=dtype)
     return [lambda x=x: x @ b for x in a], 2 * n**3 / 1e12, dtype

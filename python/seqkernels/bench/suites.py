@@ -71,7 +71,8 @@ def _sdpa_providers(s: Settings) -> Dict[str, Callable]:
         if causal:
             L, S = s_.shape[-2:]
             s_ = s_.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(S - L + 1), float("-inf"))
-        return torch.softmax(s_.float(), -1).to(q.dtype) @ v
+        # The softmax in float32, as models write it for float16/bfloat16, and in float64 for float64.
+        return torch.softmax(s_.to(torch.promote_types(q.dtype, torch.float32)), -1).to(q.dtype) @ v
 
     provs["naive"] = naive
     try:
@@ -246,16 +247,17 @@ def _modifier_kwargs(name: str, H: int, device) -> dict:
 
 def eager_modified_attention(q, k, v, softcap=None, alibi_slopes=None, sinks=None):
     """torch's eager formulation of a modified attention (not causal): the peer of the modifier rows."""
-    s_ = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32 scores, float64 for float64 inputs
+    s_ = (q @ k.transpose(-1, -2)).to(acc) * (q.shape[-1] ** -0.5)
     if softcap:
         s_ = softcap * torch.tanh(s_ / softcap)
     if alibi_slopes is not None:
         L, S = s_.shape[-2:]
         i = torch.arange(L, device=q.device).view(L, 1) + (S - L)
         j = torch.arange(S, device=q.device).view(1, S)
-        s_ = s_ - alibi_slopes.view(1, -1, 1, 1) * (i - j).abs()
+        s_ = s_ - alibi_slopes.to(acc).view(1, -1, 1, 1) * (i - j).abs()
     if sinks is not None:
-        s_ = torch.cat([s_, sinks.float().view(1, -1, 1, 1).expand(*s_.shape[:-1], 1)], dim=-1)
+        s_ = torch.cat([s_, sinks.to(acc).view(1, -1, 1, 1).expand(*s_.shape[:-1], 1)], dim=-1)
         return torch.softmax(s_, -1)[..., :-1].to(q.dtype) @ v
     return torch.softmax(s_, -1).to(q.dtype) @ v
 
