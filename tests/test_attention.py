@@ -40,6 +40,7 @@ CASES = [
     (1, 1, 1, 3, 19, 256, 256, {}),
     (2, 2, 2, 17, 23, 32, 32, {"mask": "bool_bcast"}),
     (1, 2, 2, 19, 17, 32, 48, {"mask": "float_full"}),
+    (2, 2, 2, 21, 37, 32, 32, {"mask": "bool_transposed"}),
 ]
 
 
@@ -55,6 +56,12 @@ def _build(case, dtype, device):
     if mask == "bool_bcast":
         m = torch.rand(B, 1, 1, Lk, device=device) > 0.3
         m[..., 0] = False  # row-independent mask; some keys hidden for all rows
+        kwargs["attn_mask"] = m
+    elif mask == "bool_transposed":
+        # Row-dependent, heads broadcast, keys Lq elements apart in memory (a mask built (Lk, Lq)):
+        # the kernels must walk the key stride, not assume 1.
+        m = (torch.rand(B, 1, Lk, Lq, device=device) > 0.3).transpose(-1, -2)
+        m[:, :, 4] = False  # a fully masked row
         kwargs["attn_mask"] = m
     elif mask == "float_full":
         m = torch.randn(B, Hq, Lq, Lk, device=device).to(dtype)
