@@ -780,6 +780,28 @@ def test_softmax_exp_accuracy(dtype, level, monkeypatch):
 
 
 @pytest.mark.parametrize("level", _cpu_levels())
+def test_softcap_tanh_accuracy_float64(level, monkeypatch):
+    # The float64 softcap's tanh on every path, seen through lse as above: row r scores a_r s_j for
+    # s = 1000 points of [-6, 6], capped at 2, so that s / cap covers both of tanh's branches
+    # (|x| < 0.625: the rational form; above: (1 - e) / (1 + e)). lse is within a few of its ulps
+    # (8.9e-16) of torch's float64 logsumexp of cap tanh(s / cap); the parity floor (2^-36) would
+    # let a tanh 1000 times less accurate pass.
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", level)
+    cap, Lk, D = 2.0, 1000, 16
+    s = torch.linspace(-6.0, 6.0, Lk, dtype=torch.float64)
+    a = torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)
+    q = torch.zeros(1, 1, len(a), D, dtype=torch.float64)
+    q[0, 0, :, 0] = a
+    k = torch.zeros(1, 1, Lk, D, dtype=torch.float64)
+    k[0, 0, :, 0] = s
+    v = rand(1, 1, Lk, D, dtype=torch.float64)
+    _, lse = seqkernels.attention(q, k, v, scale=1.0, softcap=cap, return_lse=True, backend="cpu")
+    want = torch.logsumexp(cap * torch.tanh(a[:, None] * s[None] / cap), -1)
+    err = (lse[0, 0] - want).abs()
+    assert float(err.max()) <= 3e-15, err
+
+
+@pytest.mark.parametrize("level", _cpu_levels())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
 def test_rows_that_see_no_finite_score_after_nan_rows(dtype, level, monkeypatch):
     # Rows 0-31 are NaN (NaN out, their softmax scratch NaN); rows 32-63 score -inf against every
