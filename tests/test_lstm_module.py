@@ -109,7 +109,7 @@ def test_lstm_matches_torch_float64(backend, cfg):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_lstm_parity_rule_low_precision(backend, dtype):
     device = _device_for(backend)
     _skip_unless_runs(backend, device, dtype)
