@@ -1453,11 +1453,10 @@ SK_AMX_ENTRY void bwd_block_amx(const BwdBlock<float>& a) {
 // Per call (simd::selected_isa), so SEQKERNELS_CPU_ISA=portable lets the tests cover the
 // portable kernels, the path non-x86 machines take, on an AVX2 machine. bf16_operands: the
 // caller's inputs are bfloat16 and it packs them with pack_*_bf16 when the answer says bf16.
-// The highest path the kernels have: AVX-512 for float64 and for float32 accumulation, and where
-// the caller packs bf16 operands as they are, AMX tiles (or AVX512_BF16 pairs below them). The
-// float64 paths take the vector exp2 of simd::Avx2Double. The backward's lse
-// corrections run the forward kernel of the same choice, so its scores stay bitwise the
-// backward's. cpu_paths::attention_fwd/bwd report the same rule.
+// The highest path the kernels have: AVX-512 for float64 (simd::Avx512Double) and for float32
+// accumulation, and where the caller packs bf16 operands as they are, AMX tiles (or AVX512_BF16
+// pairs below them). The backward's lse corrections run the forward kernel of the same choice, so
+// its scores stay bitwise the backward's. cpu_paths::attention_fwd/bwd report the same rule.
 inline simd::Isa attention_top_isa(bool float64, bool bf16_operands) {
   if (!SK_SIMD_X86) return simd::Isa::Portable;
   return bf16_operands && !float64 ? simd::Isa::AmxBf16 : simd::Isa::Avx512;
