@@ -61,7 +61,6 @@ namespace seqkernels {
 namespace cpu {
 namespace {
 
-constexpr double kLog2e = 1.4426950408889634;
 constexpr int kKeyTile = 64;
 constexpr int kRowTile = 64;
 

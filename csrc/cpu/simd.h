@@ -45,6 +45,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/attention_math.h"  // kLog2e
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define SK_SIMD_X86 1
 #include <cpuid.h>
@@ -374,7 +376,7 @@ struct Avx2Double {
   SK_AVX2_FN static V tanh(V x) {
     const V sign = _mm256_set1_pd(-0.0);
     const V ax = _mm256_andnot_pd(sign, x);
-    const V e = exp2_nonpos(_mm256_mul_pd(ax, _mm256_set1_pd(-2.0 * 1.4426950408889634)));
+    const V e = exp2_nonpos(_mm256_mul_pd(ax, _mm256_set1_pd(-2.0 * kLog2e)));
     const V one = _mm256_set1_pd(1.0);
     const V big = _mm256_or_pd(_mm256_div_pd(_mm256_sub_pd(one, e), _mm256_add_pd(one, e)), _mm256_and_pd(sign, x));
     const V z = _mm256_mul_pd(x, x);
@@ -506,6 +508,14 @@ struct Avx512Float {
   SK_AVX512_FN static float hsum(V x) { return Avx2Float::hsum(fold(x)); }
 };
 
+// exp2_poly64 at 8 lanes: the same coefficients in the same order.
+SK_AVX512_FN __m512d exp2_poly64(__m512d f) {
+  __m512d p = _mm512_set1_pd(kExp2Poly64[0]);
+#pragma GCC unroll 11
+  for (int i = 1; i < 12; ++i) p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(kExp2Poly64[i]));
+  return p;
+}
+
 // The AVX-512 twin of Avx2Double: W = 8, the same exp2 (reduction, polynomial, order), so the two
 // agree lane for lane but for the reductions' order. 2^n by vscalefpd, zeroed where n is the
 // clamp's -1023, as Avx512Float::exp2_reduced: bitwise the AVX2 form's product by the exponent
@@ -529,17 +539,14 @@ struct Avx512Double {
   SK_AVX512_FN static V exp2_nonpos(V x) {
     const V xc = _mm512_max_pd(_mm512_set1_pd(-1023.0), x);
     const V n = _mm512_roundscale_pd(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V f = _mm512_sub_pd(xc, n);
-    V p = _mm512_set1_pd(kExp2Poly64[0]);
-#pragma GCC unroll 11
-    for (int i = 1; i < 12; ++i) p = _mm512_fmadd_pd(p, f, _mm512_set1_pd(kExp2Poly64[i]));
+    const V p = exp2_poly64(_mm512_sub_pd(xc, n));
     return _mm512_maskz_scalef_pd(_mm512_cmp_pd_mask(n, _mm512_set1_pd(-1023.0), _CMP_NEQ_UQ), p, n);
   }
   // Avx2Double::tanh, 8 lanes.
   SK_AVX512_FN static V tanh(V x) {
     const V sign = _mm512_set1_pd(-0.0);
     const V ax = _mm512_andnot_pd(sign, x);
-    const V e = exp2_nonpos(_mm512_mul_pd(ax, _mm512_set1_pd(-2.0 * 1.4426950408889634)));
+    const V e = exp2_nonpos(_mm512_mul_pd(ax, _mm512_set1_pd(-2.0 * kLog2e)));
     const V one = _mm512_set1_pd(1.0);
     const V big = _mm512_or_pd(_mm512_div_pd(_mm512_sub_pd(one, e), _mm512_add_pd(one, e)), _mm512_and_pd(sign, x));
     const V z = _mm512_mul_pd(x, x);
