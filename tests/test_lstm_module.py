@@ -444,15 +444,14 @@ def test_inference_sequence_kernel_parity_rule_float32(monkeypatch):
 
 @needs_layer_op
 def test_inference_paths_that_keep_the_step_loop(monkeypatch):
-    # A packed batch that shrinks, 16-bit inputs and anything needing gradients run the per-step
-    # path (same results, checked elsewhere); the sequence kernel must not be called for them.
+    # A packed batch that shrinks and float64 needing gradients run the per-step path (same
+    # results, checked elsewhere); the sequence kernel must not be called for them.
     calls = _count_layer_calls(monkeypatch)
     ref, ours = _pair("cpu", input_size=3, hidden_size=5, num_layers=1)
     x = torch.randn(6, 3, 3, dtype=torch.float64)
     with torch.no_grad():
         packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False)
         torch.testing.assert_close(ours(packed)[0].data, ref(packed)[0].data)
-        ours.to(torch.bfloat16)(x.to(torch.bfloat16))
     ours.double()(x)
     assert calls == []
 
@@ -737,3 +736,166 @@ def test_fused_layer_bad_arguments_are_named():
         bwd(None, h0[:1], None, ws, cs, c0, w_hh, False)
     with pytest.raises(RuntimeError, match="workspace"):
         bwd(None, None, None, ws.double(), cs, c0, w_hh, False)
+
+
+# bfloat16 inference on the sequence kernels: the AMX kernel where the tiles are usable (x, h and
+# the weights as bf16 tile operands, 16-unit blocks, 16- and 32-row tile groups, the projection
+# Tc steps at a time: Tc = 16 at B = 16, 64 at B = 5, 4 at B = 64, 48 at B = 17), the float32
+# kernels on widened operands elsewhere. Inputs sit between NaNs: the tiles read whole 16-row
+# groups and 32-column chunks, and a read past a tensor would put NaN in the result.
+def _amx_lstm() -> bool:
+    from seqkernels import cli
+
+    return cli.cpu_path("lstm", "bfloat16") == "amx_bf16"
+
+
+def _nan_framed(t, offset=32):
+    """t's values, contiguous, inside a NaN-filled buffer (offset elements before, 64 after)."""
+    buf = torch.full((t.numel() + offset + 64,), float("nan"), dtype=t.dtype)
+    v = buf[offset : offset + t.numel()].view(t.shape)
+    v.copy_(t)
+    return v
+
+
+AMX_LAYER_CASES = [
+    # (T, B, I, H): H around the 16-unit blocks and 32-wide K chunks, B around the 16/32-row tile
+    # groups, T past a projection chunk, I a multiple of 32 with T B a multiple of 16 (x read in
+    # place) and not.
+    (3, 1, 7, 1),
+    (5, 3, 17, 15),
+    (17, 16, 32, 16),
+    (4, 17, 33, 17),
+    (2, 31, 64, 33),
+    (3, 33, 40, 31),
+    (9, 64, 32, 48),
+    (66, 5, 9, 20),
+    (2, 48, 96, 130),
+]
+
+
+@pytest.mark.parametrize("case", AMX_LAYER_CASES, ids=lambda c: "T{}B{}I{}H{}".format(*c))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_bf16_sequence_kernel_amx(case, reverse):
+    from seqkernels import reference
+
+    if not lstm_ops._HAS_LAYER_FUSED or not _amx_lstm():
+        pytest.skip("the bf16 sequence kernel needs AMX-BF16 tiles (and the extension's lstm_layer_fwd.fused)")
+    T, B, n_in, H = case
+    gen = torch.Generator().manual_seed(T * 1000 + B * 10 + H)
+    x = torch.randn(T, B, n_in, generator=gen, dtype=torch.float64)
+    w_ih = torch.randn(4 * H, n_in, generator=gen, dtype=torch.float64) / n_in**0.5
+    _, h0, c0, w_hh, b = _layer_args(T, B, H, gen, bias=B % 2 == 1)
+    a16 = [None if t is None else t.to(torch.bfloat16) for t in (x, w_ih, h0, c0, w_hh, b)]
+
+    def ref_of(xx, wi, *rest):
+        return reference.lstm_layer_fwd_ref(xx @ wi.t(), *rest, reverse)
+
+    framed = [None if t is None else _nan_framed(t) for t in a16]
+    fx, fwi, fh0, fc0, fwh, fb = framed
+    out, h_n, c_n, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(fx, fh0, fc0, fwi, fwh, fb, reverse, False)
+    assert out.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
+    assert ws.numel() == 0 and cs.numel() == 0
+    exp = ref_of(*[None if t is None else t.double() for t in a16])
+    base = ref_of(*a16)  # plain torch bf16 arithmetic
+    report = testing.compare((out, h_n, c_n), tuple(exp), tuple(base))
+    assert report.passed, str(report)
+    # Every thread count gives the same bits (a block's sums do not depend on who runs it).
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            again = torch.ops.seqkernels.lstm_layer_fwd.fused(fx, fh0, fc0, fwi, fwh, fb, reverse, False)
+            for a, e in zip(again[:3], (out, h_n, c_n)):
+                assert torch.equal(a, e)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx512", "avx2"])
+@pytest.mark.parametrize("bidir", [False, True])
+def test_lstm_bf16_inference_parity(isa, bidir, monkeypatch):
+    # seqkernels.nn.LSTM without gradients in bf16, against torch's own bf16 LSTM by the parity
+    # rule (float64 the reference): the AMX kernel (native, on a CPU with the tiles) or the
+    # float32 sequence kernel on widened operands (any lower level); the sequence kernel either way.
+    if not lstm_ops._HAS_LAYER_FUSED:
+        pytest.skip("extension built without lstm_layer_fwd.fused")
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
+    fused = torch.ops.seqkernels.lstm_layer_fwd.fused
+    dtypes = []
+    monkeypatch.setattr(torch.ops.seqkernels.lstm_layer_fwd, "fused", lambda *a: dtypes.append(a[0].dtype) or fused(*a))
+    kw = dict(input_size=33, hidden_size=40, num_layers=2, bidirectional=bidir)
+    ref64, _ = _pair("cpu", **kw)
+    ref16 = copy.deepcopy(ref64).to(torch.bfloat16)
+    ours = LSTM(**kw, dtype=torch.bfloat16, backend="cpu")
+    ours.load_state_dict(ref16.state_dict())
+    D = 2 if bidir else 1
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(21, 17, 33, generator=gen, dtype=torch.float64)
+    hx = tuple(torch.randn(2 * D, 17, 40, generator=gen, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        got = ours(x.bfloat16(), tuple(t.bfloat16() for t in hx))
+        exp = ref64(x, hx)
+        base = ref16(x.bfloat16(), tuple(t.bfloat16() for t in hx))
+    report = testing.compare([got[0], *got[1]], [exp[0], *exp[1]], [base[0], *base[1]])
+    assert report.passed, str(report)
+    amx = isa == "native" and _amx_lstm()
+    assert dtypes == [torch.bfloat16 if amx else torch.float32] * (2 * D)
+
+
+def test_bf16_sequence_kernel_bad_arguments_are_named(monkeypatch):
+    if not lstm_ops._HAS_LAYER_FUSED:
+        pytest.skip("extension built without lstm_layer_fwd.fused")
+    bf = torch.bfloat16
+    x, h0, c0 = torch.randn(2, 3, 4, dtype=bf), torch.randn(3, 5, dtype=bf), torch.randn(3, 5, dtype=bf)
+    w_ih, w_hh = torch.randn(20, 4, dtype=bf), torch.randn(20, 5, dtype=bf)
+    fused = torch.ops.seqkernels.lstm_layer_fwd.fused
+    if _amx_lstm():
+        with pytest.raises(RuntimeError, match="inference only"):
+            fused(x, h0, c0, w_ih, w_hh, None, False, True)
+        with pytest.raises(RuntimeError, match="needs weight_ih"):
+            fused(torch.randn(2, 3, 20, dtype=bf), h0, c0, None, w_hh, None, False, False)
+        with pytest.raises(RuntimeError, match="weight_hh must have input's dtype"):
+            fused(x, h0, c0, w_ih, w_hh.float(), None, False, False)
+        with pytest.raises(RuntimeError, match="h0 has dtype"):
+            fused(x, h0.float(), c0, w_ih, w_hh, None, False, False)
+        with pytest.raises(RuntimeError, match="bias must have shape"):
+            fused(x, h0, c0, w_ih, w_hh, torch.zeros(19, dtype=bf), False, False)
+    # Where the tiles are not usable (or not asked for), bf16 is refused, never run on another path.
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", "avx512")
+    with pytest.raises(RuntimeError, match="AMX-BF16 path"):
+        fused(x, h0, c0, w_ih, w_hh, None, False, False)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx512"])
+def test_lstm_bf16_training_paths(isa, monkeypatch):
+    # bfloat16 with gradients: the per-step cell ops where the AMX kernel is available (oneDNN's
+    # GEMMs run on the same tiles there), the float32 training kernels on widened operands
+    # elsewhere; both by the parity rule against torch's bf16 LSTM, gradients included.
+    if not lstm_ops._HAS_LAYER_FUSED:
+        pytest.skip("extension built without lstm_layer_fwd.fused")
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
+    calls = []
+    real = lstm_ops._CpuLayer.apply
+    monkeypatch.setattr(lstm_ops._CpuLayer, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    kw = dict(input_size=19, hidden_size=33, num_layers=2)
+    ref64, _ = _pair("cpu", **kw)
+    ref16 = copy.deepcopy(ref64).to(torch.bfloat16)
+    ours = LSTM(**kw, dtype=torch.bfloat16, backend="cpu")
+    ours.load_state_dict(ref16.state_dict())
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 5, 19, generator=gen, dtype=torch.float64)
+    cot = tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in ((7, 5, 33), (2, 5, 33), (2, 5, 33)))
+
+    def run(m, dt):
+        xx = x.to(dt).requires_grad_()
+        outs, grads = _run(m, xx, None, [xx] + list(m.parameters()), [c.to(dt) for c in cot])
+        return list(outs), list(grads)
+
+    got, got_g = run(ours, torch.bfloat16)
+    exp, exp_g = run(ref64, torch.float64)
+    base, base_g = run(ref16, torch.bfloat16)
+    report = testing.compare(got, exp, base)
+    report.extend(testing.compare(got_g, exp_g, base_g, grad=True, name="grad"))
+    assert report.passed, str(report)
+    widened = not (isa == "native" and _amx_lstm())
+    assert calls == ([False] * 2 if widened else [])

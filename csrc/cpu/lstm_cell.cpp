@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -385,6 +386,204 @@ struct Lanes {
 }  // namespace
 }  // namespace seqkernels
 
+// ---------------------------------------------------------------------------------------------
+// The bfloat16 sequence kernel on AMX tiles (lstm_layer_fwd.fused on bf16 operands, inference):
+// the input projection of every step and the recurrent GEMM are tdpbf16ps products (bf16 pairs,
+// float32 sums), the cell is the AVX-512 lanes' float32 math, the cell state stays float32 for the
+// whole sequence, and h is rounded to bf16 once per step (the step's output and the next step's
+// operand, as torch's bf16 LSTM feeds it). What it replaces: the per-step cell ops, 0.25-0.43x
+// oneDNN's own AMX bf16 LSTM at 3 of the 4 shapes of DESIGN §8's bar.
+//
+// Tiles (simd::amx_tiles_on's configuration): C = tmm0-3, the four gates of 16 units for 16 rows;
+// A = tmm4, 16 rows x 32 bf16 of x or h; B = tmm5-7 in turn, one gate's 32 x 16 weights.
+namespace seqkernels {
+namespace {
+namespace amx_isa {
+
+using F = avx512_isa::Lanes<float>;
+using Bf = avx512_isa::Lanes<c10::BFloat16>;
+using avx512_isa::Z;
+
+// bf16 elements of one packed weight tile: 16 rows of 16 pairs (the B operand of tdpbf16ps).
+constexpr int64_t kTile = 512;
+
+// The first n of 32 16-bit lanes (n >= 32: all).
+inline __mmask32 mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : (__mmask32(1) << n) - 1; }
+
+// Packs the unit blocks [blk0, blk1) of a (4H, K) bf16 weight: block j, K chunk c, gate g is one
+// contiguous tile (at ((j nch + c) 4 + g) kTile), row kk holding the pairs W[g H + 16 j + n][32 c +
+// 2 kk, 32 c + 2 kk + 1] for n < 16, zeros past H and past K. Loaded as 16 rows of 16 32-bit
+// words and transposed in registers: a word is one pair, so the transpose is the VNNI layout.
+SK_AMX_FN void pack_blocks(const uint16_t* w, int64_t H, int64_t K, int64_t blk0, int64_t blk1, uint16_t* dst) {
+  const int64_t nch = (K + 31) / 32;
+  for (int64_t j = blk0; j < blk1; ++j) {
+    const int64_t nrows = H - 16 * j < 16 ? H - 16 * j : 16;
+    for (int64_t c = 0; c < nch; ++c) {
+      const __mmask32 km = mask32(K - 32 * c);
+      for (int g = 0; g < 4; ++g) {
+        __m512 r[16];
+        for (int64_t n = 0; n < 16; ++n)
+          r[n] = n < nrows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(km, w + (g * H + 16 * j + n) * K + 32 * c))
+                           : _mm512_setzero_ps();
+        simd::transpose16_ps(r);
+        uint16_t* d = dst + ((j * nch + c) * 4 + g) * kTile;
+        for (int kk = 0; kk < 16; ++kk) _mm512_storeu_ps(reinterpret_cast<float*>(d + 32 * kk), r[kk]);
+      }
+    }
+  }
+}
+
+// C (16 rows x 64 floats, row stride ldc) = A (16 rows of 32 nch bf16, row stride lda) times one
+// packed block's 4 gates (nch chunks of 4 tiles).
+SK_AMX_FN void rows16(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C, int64_t ldc) {
+  simd::amx_operands_ready();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < nch; ++c) {
+    const uint16_t* b = wp + c * 4 * kTile;
+    _tile_loadd(4, A + 32 * c, lda * 2);
+    _tile_loadd(5, b, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b + kTile, 64);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, b + 2 * kTile, 64);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, b + 3 * kTile, 64);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, C, ldc * 4);
+  _tile_stored(1, C + 16, ldc * 4);
+  _tile_stored(2, C + 32, ldc * 4);
+  _tile_stored(3, C + 48, ldc * 4);
+}
+
+// The same for 32 rows (C rows 16 ldc on are A's rows 16 lda on): two row groups share each
+// weight tile, in two passes of two gates each (C = tmm0-3: rows 0-15 and 16-31 of two gates; A =
+// tmm4-5; B = tmm6-7). The weight tiles come from L2, and with one row group per load they were
+// the kernel's stall (perf at T128 B64 H256: a third of the step on the load of each chunk's first
+// weight tile); here each is loaded once per 32 rows.
+SK_AMX_FN void rows32(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C, int64_t ldc) {
+  simd::amx_operands_ready();
+  for (int64_t half = 0; half < 2; ++half) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < nch; ++c) {
+      const uint16_t* b = wp + (c * 4 + 2 * half) * kTile;
+      _tile_loadd(4, A + 32 * c, lda * 2);
+      _tile_loadd(6, b, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_loadd(7, b + kTile, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_loadd(5, A + 16 * lda + 32 * c, lda * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    float* d = C + 32 * half;
+    _tile_stored(0, d, ldc * 4);
+    _tile_stored(1, d + 16, ldc * 4);
+    _tile_stored(2, d + 16 * ldc, ldc * 4);
+    _tile_stored(3, d + 16 * ldc + 16, ldc * 4);
+  }
+}
+
+// The tile configuration of the calling thread, loaded and released (run_sequence's enter / leave).
+SK_AMX_ENTRY void tiles_on() { simd::amx_tiles_on(); }
+SK_AMX_ENTRY void tiles_off() { simd::amx_tiles_off(); }
+
+struct SeqArgs {
+  const uint16_t* x;          // (rows >= T B, Ip) bf16, zero past I: the input, the tiles' A operand
+  uint16_t* packed_ih;        // W_ih, nblk blocks of Ip / 32 chunks (packed by the team)
+  uint16_t* packed_hh;        // W_hh, nblk blocks of Hp / 32 chunks
+  const c10::BFloat16* bias;  // (4H) or null
+  float* ig;                  // (Tc B rounded up to 16 rows, nblk 64): one chunk's projection
+  float* c;                   // (B, H): the running cell state
+  uint16_t* hbuf;             // 2 x (Bp, Hp) bf16, zero past B and H: h_prev of even / odd steps
+  c10::BFloat16* out;         // (T, B, H)
+  int64_t T, B, H, I, Ip, Hp, Bp, nblk, Tc;
+  bool reverse;
+};
+
+// Packs W_ih (4H, I) and W_hh (4H, H) for the unit blocks [blk0, blk1).
+SK_AMX_ENTRY void pack_entry(const SeqArgs& a, const uint16_t* wi, const uint16_t* wh, int64_t blk0, int64_t blk1) {
+  pack_blocks(wi, a.H, a.I, blk0, blk1, a.packed_ih);
+  pack_blocks(wh, a.H, a.H, blk0, blk1, a.packed_hh);
+}
+
+// The input projection x_t W_ih^T is computed Tc steps at a time (Tc B rows: the tiles' 16 rows
+// full even at B = 1 or 8, where a step alone would leave them mostly empty) into a buffer the
+// steps reuse: one projection of all T steps wrote a fresh (T B, 4H) float32 array per call,
+// and its page faults and stores were half of a T128 B64 H256 layer. Chunk k holds the times
+// [k Tc, (k + 1) Tc); step s needs a new one when its time is the first of its chunk in the
+// run's direction.
+inline bool chunk_starts(const SeqArgs& a, int64_t s) {
+  const int64_t t = a.reverse ? a.T - 1 - s : s;
+  return a.reverse ? (t == a.T - 1 || (t + 1) % a.Tc == 0) : t % a.Tc == 0;
+}
+
+// The projection of the chunk step s starts, for the unit blocks [blk0, blk1) (each thread its
+// own: another thread may step them, so the caller waits for every thread's before the steps).
+SK_AMX_ENTRY void project_chunk(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+  const int64_t t = a.reverse ? a.T - 1 - s : s, t0 = t / a.Tc * a.Tc;
+  const int64_t rows = ((t0 + a.Tc < a.T ? a.Tc : a.T - t0) * a.B + 15) / 16 * 16;
+  const int64_t nch = a.Ip / 32, ld = a.nblk * 64;
+  for (int64_t j = blk0; j < blk1; ++j) {
+    const uint16_t* wp = a.packed_ih + j * nch * 4 * kTile;
+    int64_t r0 = 0;
+    for (; r0 + 32 <= rows; r0 += 32) rows32(a.x + (t0 * a.B + r0) * a.Ip, a.Ip, wp, nch, a.ig + r0 * ld + 64 * j, ld);
+    if (r0 < rows) rows16(a.x + (t0 * a.B + r0) * a.Ip, a.Ip, wp, nch, a.ig + r0 * ld + 64 * j, ld);
+  }
+}
+
+// Step s for the unit blocks [blk0, blk1): per block and group of 16 rows, the recurrent product
+// h_prev W_hh^T on the tiles, then the epilogue per row: + the projection + bias, the cell, c
+// updated, h stored to the output and (bf16, the tiles' next A operand) to the other hbuf half.
+// The caller's barrier between steps orders one step's reads of a half before the next step's
+// writes to it.
+SK_AMX_ENTRY void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+  const int64_t T = a.T, B = a.B, H = a.H, Hp = a.Hp, nch = Hp / 32, ld = a.nblk * 64;
+  const int64_t t = a.reverse ? T - 1 - s : s, tc = t % a.Tc;
+  const uint16_t* hp = a.hbuf + (s & 1) * a.Bp * Hp;
+  c10::BFloat16* hn = reinterpret_cast<c10::BFloat16*>(a.hbuf + ((s + 1) & 1) * a.Bp * Hp);
+  alignas(64) float acc[32 * 64];
+  for (int64_t j = blk0; j < blk1; ++j) {
+    const int64_t u0 = 16 * j, n = H - u0 < 16 ? H - u0 : 16;
+    const uint16_t* wp = a.packed_hh + j * nch * 4 * kTile;
+    for (int64_t b0 = 0; b0 < B; b0 += 32) {
+      if (B - b0 > 16) {
+        rows32(hp + b0 * Hp, Hp, wp, nch, acc, 64);  // rows past B: hbuf's zero padding
+      } else {
+        rows16(hp + b0 * Hp, Hp, wp, nch, acc, 64);
+      }
+      const int64_t nr = B - b0 < 32 ? B - b0 : 32;
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t b = b0 + r;
+        const float* igr = a.ig + (tc * B + b) * ld + 64 * j;
+        Z pre[4];
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) {
+          Z x = F::loadu(acc + 64 * r + 16 * g) + F::loadu(igr + 16 * g);
+          if (a.bias != nullptr) x = x + Bf::load_n(a.bias + g * H + u0, n);
+          pre[g] = x;
+        }
+        float* cr = a.c + b * H + u0;
+        Z gi, gf, gg, go, cy, hy;
+        avx512_isa::cell_forward<F>(pre[0], pre[1], pre[2], pre[3], F::load_n(cr, n), gi, gf, gg, go, cy, hy);
+        F::store_n(cr, cy, n);
+        Bf::store_n(a.out + (t * B + b) * H + u0, hy, n);
+        Bf::store_n(hn + b * Hp + u0, hy, n);
+      }
+    }
+  }
+}
+
+}  // namespace amx_isa
+}  // namespace
+}  // namespace seqkernels
+
 #pragma GCC pop_options
 #endif
 
@@ -607,19 +806,76 @@ void check_layer_args(const char* op, const at::Tensor& input_gates, const at::T
   host::check_bias(op, "bias", bias, G, input_gates);
 }
 
-// The float32 AVX2 / AVX-512 path of lstm_layer_fwd: one OpenMP team for the whole sequence, each
-// thread owning a range of unit blocks (W = 16 units on AVX-512, 8 on AVX2). A thread packs its
-// blocks of W_hh once (seq_fused_pack: all four gates' columns of its units interleaved, its slice
-// stays in its L2 step after step), then per step computes the recurrent GEMM of its units for
-// every batch row with the cell fused into the GEMM's epilogue (seq_fused_step), and waits at a
-// barrier for the step's h to be complete before the next step reads it. No gates buffer, no
-// BLAS call, no fork/join per step.
+// How many threads a sequence kernel's team gets: at most one per unit block, and none more than
+// its step's multiply-adds (macs) give each at least min_macs (the barrier per step costs more
+// than a second thread saves below that); one inside an enclosing parallel region.
+int64_t seq_threads(int64_t nblk, int64_t macs, int64_t min_macs) {
+  if (at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), nblk, macs / min_macs}));
+}
+
+// The team loop of the sequence kernels (lstm_layer_fused, lstm_layer_amx): one OpenMP team for
+// the whole sequence, each thread owning a range of the nblk unit blocks. A thread packs its
+// blocks' weights once (k.pack), then per step runs its blocks (k.step) and waits at a barrier for
+// the step's h to be complete before the next step reads it. k.enter / k.leave bracket a thread's
+// work (the AMX tile configuration); before a step for which k.prologue_at(s), every thread runs
+// k.prologue for its own blocks, and a barrier follows (the AMX kernel's chunked projection).
 //
 // Each step's barrier waits for the slowest thread, and on a shared host that is whichever one the
 // host delayed (perf put 8-15% of a T100 B32 H512 layer in libgomp's barrier). So a thread that is
 // done with its own blocks takes the others' remaining ones, from the far end of their ranges (the
 // attention kernels' run_tasks does the same with its tasks): claimed[j] holds the last step
 // whose block j has been taken. A block computes the same values whichever thread runs it.
+template <class Team>
+void run_sequence(const Team& k, int64_t nblk, int64_t T, int64_t threads) {
+#ifdef _OPENMP
+  if (threads > 1) {
+    std::vector<std::atomic<int64_t>> claimed(nblk);
+    for (auto& f : claimed) f.store(-1, std::memory_order_relaxed);
+#pragma omp parallel num_threads(threads)
+    {
+      // The team may be smaller than asked (nested parallelism, a thread limit): split by its size.
+      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      const auto range = [&](int64_t t) { return std::pair<int64_t, int64_t>{t * nblk / nt, (t + 1) * nblk / nt}; };
+      const auto [j0, j1] = range(tid);
+      k.enter();
+      k.pack(j0, j1);
+#pragma omp barrier  // another thread may step these blocks
+      for (int64_t s = 0; s < T; ++s) {
+        if (k.prologue_at(s)) {
+          k.prologue(s, j0, j1);
+#pragma omp barrier
+        }
+        for (int64_t j = j0; j < j1; ++j) {
+          if (claimed[j].exchange(s, std::memory_order_acq_rel) != s) k.step(s, j, j + 1);
+        }
+        for (int64_t o = 1; o < nt; ++o) {
+          const auto [v0, v1] = range((tid + o) % nt);
+          for (int64_t j = v1 - 1; j >= v0; --j) {
+            if (claimed[j].exchange(s, std::memory_order_acq_rel) != s) k.step(s, j, j + 1);
+          }
+        }
+#pragma omp barrier
+      }
+      k.leave();
+    }
+    return;
+  }
+#endif
+  k.enter();
+  k.pack(0, nblk);
+  for (int64_t s = 0; s < T; ++s) {
+    if (k.prologue_at(s)) k.prologue(s, 0, nblk);
+    k.step(s, 0, nblk);
+  }
+  k.leave();
+}
+
+// The float32 AVX2 / AVX-512 path of lstm_layer_fwd, on run_sequence's team: unit blocks of W = 16
+// units on AVX-512, 8 on AVX2. A thread packs its blocks of W_hh once (seq_fused_pack: all four
+// gates' columns of its units interleaved, its slice stays in its L2 step after step), then per
+// step computes the recurrent GEMM of its units for every batch row with the cell fused into the
+// GEMM's epilogue (seq_fused_step). No gates buffer, no BLAS call, no fork/join per step.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fused(const SeqFusedKernel& k, const at::Tensor& ig,
                                                                 const at::Tensor& x, const at::Tensor& h0,
                                                                 at::Tensor& c, const at::Tensor& weight_ih,
@@ -647,43 +903,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fused(const SeqFusedKe
                        H,
                        I,
                        reverse};
-  int64_t threads = std::min<int64_t>(at::get_num_threads(), nblk);
-  threads = std::min<int64_t>(threads, std::max<int64_t>(1, B * H * 4 * H / kSeqMinFmaPerThread));
-  if (at::in_parallel_region()) threads = 1;
-#ifdef _OPENMP
-  if (threads > 1) {
-    std::vector<std::atomic<int64_t>> claimed(nblk);
-    for (auto& f : claimed) f.store(-1, std::memory_order_relaxed);
-#pragma omp parallel num_threads(threads)
-    {
-      // The team may be smaller than asked (nested parallelism, a thread limit): split by its size.
-      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-      const auto range = [&](int64_t t) { return std::pair<int64_t, int64_t>{t * nblk / nt, (t + 1) * nblk / nt}; };
-      const auto [j0, j1] = range(tid);
-      k.pack(a, j0, j1);
-#pragma omp barrier  // another thread may step these blocks
-      for (int64_t s = 0; s < T; ++s) {
-        for (int64_t j = j0; j < j1; ++j) {
-          if (claimed[j].exchange(s, std::memory_order_acq_rel) != s) k.step(a, s, j, j + 1);
-        }
-        for (int64_t o = 1; o < nt; ++o) {
-          const auto [v0, v1] = range((tid + o) % nt);
-          for (int64_t j = v1 - 1; j >= v0; --j) {
-            if (claimed[j].exchange(s, std::memory_order_acq_rel) != s) k.step(a, s, j, j + 1);
-          }
-        }
-#pragma omp barrier
-      }
-    }
-    threads = 0;
-  }
-#endif
-  if (threads != 0) {
-    k.pack(a, 0, nblk);
-    for (int64_t s = 0; s < T; ++s) k.step(a, s, 0, nblk);
-  }
+  struct Team {
+    const SeqFusedKernel& k;
+    const SeqFusedArgs& a;
+    void enter() const {}
+    void leave() const {}
+    bool prologue_at(int64_t) const { return false; }
+    void prologue(int64_t, int64_t, int64_t) const {}
+    void pack(int64_t j0, int64_t j1) const { k.pack(a, j0, j1); }
+    void step(int64_t s, int64_t j0, int64_t j1) const { k.step(a, s, j0, j1); }
+  };
+  run_sequence(Team{k, a}, nblk, T, seq_threads(nblk, B * H * 4 * H, kSeqMinFmaPerThread));
   return {out, out.select(0, reverse ? 0 : T - 1).clone(), c};
 }
+
+#if SK_LSTM_X86_DISPATCH
+// Below this many multiply-adds a step per thread, the AMX sequence kernel runs on one thread: its
+// tiles do a step's recurrent product at H = 256, B = 16 (4.2 M) in a few microseconds, so the
+// barrier is a larger share than for the float32 kernel.
+constexpr int64_t kAmxMinMacsPerThread = 1 << 20;
+
+// lstm_layer_fwd.fused on bf16 operands with AMX (inference; see amx_isa above), on
+// run_sequence's team: 16 units per block, each thread packing W_ih and W_hh for its own blocks
+// (its W_hh slice, 1 MB at H = 512 on two threads, stays in its L2), projecting Tc steps of x for
+// them at a time (the prologue), then stepping. x, h and the weights are the tiles' bf16 operands;
+// the products and the cell are float32; the output is bf16. The tiles read whole 16-row groups and
+// 32-column chunks, so x is copied into a zero-padded buffer unless its shape is already a multiple
+// of both, and h lives in one (hbuf).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_amx(const at::Tensor& x, const at::Tensor& h0,
+                                                              const at::Tensor& c0, const at::Tensor& weight_ih,
+                                                              const at::Tensor& weight_hh, const at::Tensor& bias,
+                                                              bool reverse) {
+  using amx_isa::kTile;
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(1);
+  const int64_t nblk = (H + 15) / 16, Ip = (I + 31) / 32 * 32, Hp = (H + 31) / 32 * 32, Bp = (B + 15) / 16 * 16;
+  // Tc: a multiple of 16 / gcd(B, 16) (so each chunk starts on a 16-row group of x) giving about
+  // 256 rows (a 1 MB projection buffer at H = 256).
+  const int64_t step_rows = 16 / std::gcd<int64_t>(B, 16);
+  const int64_t Tc = std::max<int64_t>(1, (256 / B + step_rows - 1) / step_rows) * step_rows;
+  const int64_t N = T * B, Np = (N + 15) / 16 * 16;
+  const auto opts = x.options();
+  const auto u16 = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  at::Tensor xa = x.reshape({N, I});
+  if (Ip != I || Np != N) {
+    at::Tensor xp = at::zeros({Np, Ip}, opts);
+    xp.narrow(0, 0, N).narrow(1, 0, I).copy_(xa);
+    xa = xp;
+  }
+  const at::Tensor wi = weight_ih.contiguous(), wh = weight_hh.contiguous();
+  at::Tensor wpi = at::empty({nblk * (Ip / 32) * 4 * kTile}, opts);
+  at::Tensor wph = at::empty({nblk * (Hp / 32) * 4 * kTile}, opts);
+  at::Tensor ig = at::empty({(Tc * B + 15) / 16 * 16, nblk * 64}, opts.dtype(at::kFloat));
+  at::Tensor hbuf = at::zeros({2, Bp, Hp}, opts);
+  hbuf.select(0, 0).narrow(0, 0, B).narrow(1, 0, H).copy_(h0);
+  at::Tensor c = at::empty({B, H}, opts.dtype(at::kFloat));
+  c.copy_(c0);
+  at::Tensor out = at::empty({T, B, H}, opts);
+  const amx_isa::SeqArgs a{u16(xa),
+                           u16(wpi),
+                           u16(wph),
+                           bias.defined() ? bias.data_ptr<at::BFloat16>() : nullptr,
+                           ig.data_ptr<float>(),
+                           c.data_ptr<float>(),
+                           u16(hbuf),
+                           out.data_ptr<at::BFloat16>(),
+                           T,
+                           B,
+                           H,
+                           I,
+                           Ip,
+                           Hp,
+                           Bp,
+                           nblk,
+                           Tc,
+                           reverse};
+  struct Team {
+    const amx_isa::SeqArgs& a;
+    const uint16_t* wi;
+    const uint16_t* wh;
+    void enter() const { amx_isa::tiles_on(); }
+    void leave() const { amx_isa::tiles_off(); }
+    bool prologue_at(int64_t s) const { return amx_isa::chunk_starts(a, s); }
+    void prologue(int64_t s, int64_t j0, int64_t j1) const { amx_isa::project_chunk(a, s, j0, j1); }
+    void pack(int64_t j0, int64_t j1) const { amx_isa::pack_entry(a, wi, wh, j0, j1); }
+    void step(int64_t s, int64_t j0, int64_t j1) const { amx_isa::seq_step(a, s, j0, j1); }
+  };
+  run_sequence(Team{a, u16(wi), u16(wh)}, nblk, T, seq_threads(nblk, B * H * 4 * (I + H), kAmxMinMacsPerThread));
+  return {out, out.select(0, reverse ? 0 : T - 1).clone(), c.to(at::kBFloat16)};
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tensor& input_gates, const at::Tensor& h0,
                                                                   const at::Tensor& c0, const at::Tensor& weight_hh,
@@ -770,21 +1078,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                       : ": input (the input gates) must have shape "
                         "(T, B, 4*H) without weight_ih, got ",
               input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat, "seqkernels::", op, ": input must be float32, got ",
-              input.scalar_type());
+  // bfloat16: the AMX kernel (inference, with weight_ih); it has no other path, so the caller
+  // asks cpu_paths::lstm first (python/seqkernels/ops/lstm.py widens to float32 where it is not AMX).
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(input.scalar_type() == at::kFloat || bf16, "seqkernels::", op,
+              ": input must be float32 (or bfloat16 on AMX), got ", input.scalar_type());
+  if (bf16) {
+    TORCH_CHECK(cpu_paths::lstm(cpu_paths::Dt::BFloat16) == simd::Isa::AmxBf16, "seqkernels::", op,
+                ": bfloat16 input needs the AMX-BF16 path, which this CPU (or SEQKERNELS_CPU_ISA=",
+                simd::isa_name(simd::active_isa()), ") does not offer; widen to float32");
+    TORCH_CHECK(!train && project, "seqkernels::", op,
+                ": bfloat16 input is inference only (train=False) and needs weight_ih (the kernel projects x itself)");
+  }
   TORCH_CHECK(input.device().is_cpu(), "seqkernels::", op, " (CPU kernel): input is on ", input.device());
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   if (project) {
     TORCH_CHECK(weight_ih->dim() == 2 && weight_ih->size(0) % 4 == 0 && weight_ih->size(1) == I, "seqkernels::", op,
                 ": weight_ih must have shape (4*H, ", I, "), got ", weight_ih->sizes());
-    TORCH_CHECK(weight_ih->scalar_type() == at::kFloat && weight_ih->device() == input.device(), "seqkernels::", op,
-                ": weight_ih must have input's dtype and device");
+    TORCH_CHECK(weight_ih->scalar_type() == input.scalar_type() && weight_ih->device() == input.device(),
+                "seqkernels::", op, ": weight_ih must have input's dtype and device");
   }
   const int64_t G = project ? weight_ih->size(0) : I, H = G / 4;
   TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) == G && weight_hh.size(1) == H, "seqkernels::", op,
               ": weight_hh must have shape (", G, ", ", H, "), got ", weight_hh.sizes());
-  TORCH_CHECK(weight_hh.scalar_type() == at::kFloat && weight_hh.device() == input.device(), "seqkernels::", op,
-              ": weight_hh must have input's dtype and device");
+  TORCH_CHECK(weight_hh.scalar_type() == input.scalar_type() && weight_hh.device() == input.device(),
+              "seqkernels::", op, ": weight_hh must have input's dtype and device");
   check_2d("h0", h0, B, H, input);
   check_2d("c0", c0, B, H, input);
   host::check_bias(op, "bias", bias, G, input);
@@ -796,6 +1114,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   if (T == 0 || B == 0 || H == 0) return {out, h0.clone(at::MemoryFormat::Contiguous), c, ws, cs};
   const at::Tensor in = input.contiguous(), h_init = h0.contiguous();
   const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
+#if SK_LSTM_X86_DISPATCH
+  if (bf16) {
+    auto [o, h_n, c_n] = lstm_layer_amx(in, h_init, c0, *weight_ih, weight_hh, bsum, reverse);
+    return {o, h_n, c_n, ws, cs};
+  }
+#endif
   const at::Tensor x = project ? in : at::Tensor(), ig = project ? at::Tensor() : in;
   auto [o, h_n, c_n] =
       lstm_layer_fused(seq_fused_kernel(true), ig, x, h_init, c, project ? *weight_ih : at::Tensor(), weight_hh, bsum,
@@ -911,6 +1235,9 @@ namespace seqkernels {
 // AVX2 lanes. "portable" on x86 is the scalar code.
 simd::Isa cpu_paths::lstm(Dt dt) {
   if (!SK_LSTM_X86_DISPATCH) return simd::Isa::Portable;
+  // bfloat16: the AMX sequence kernel (lstm_layer_amx) where the tiles are usable; its cell ops
+  // and everything else bf16 take the AVX-512 lanes, as without AMX.
+  if (dt == Dt::BFloat16 && simd::path_isa(simd::Isa::AmxBf16) == simd::Isa::AmxBf16) return simd::Isa::AmxBf16;
   return simd::path_isa(dt == Dt::Float64 ? simd::Isa::Avx2 : simd::Isa::Avx512);
 }
 }  // namespace seqkernels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -21,11 +22,10 @@ def version_string() -> str:
     return f"seqkernels {__version__} (torch {torch.__version__}; {ext})"
 
 
-def cpu_isa_report() -> dict | None:
-    """The CPU kernels' instruction-set report, from the extension itself (csrc/cpu/kv_cache.cpp's
-    ``seqkernels_cpu_isa_report``, read through ctypes: it applies the same CPUID/XGETBV probe and
-    SEQKERNELS_CPU_ISA rules as the kernels). ``{"active": "avx512", "supported": ["portable",
-    ...], "avx512_bf16": True, "amx_bf16": False}``; None when the extension is not built or predates the report."""
+@functools.lru_cache(maxsize=None)
+def _report_fn():
+    """The extension's ``seqkernels_cpu_isa_report`` as a ctypes function (loaded once: the LSTM
+    driver asks for its bf16 path per call), or None."""
     import ctypes
 
     from . import _ext
@@ -33,11 +33,21 @@ def cpu_isa_report() -> dict | None:
     if not _ext.extension_available():
         return None
     try:
-        lib = ctypes.CDLL(_ext.load_extension().__file__)
-        fn = lib.seqkernels_cpu_isa_report
+        fn = ctypes.CDLL(_ext.load_extension().__file__).seqkernels_cpu_isa_report
     except (OSError, AttributeError):
         return None
     fn.restype = ctypes.c_char_p
+    return fn
+
+
+def cpu_isa_report() -> dict | None:
+    """The CPU kernels' instruction-set report, from the extension itself (csrc/cpu/kv_cache.cpp's
+    ``seqkernels_cpu_isa_report``, read through ctypes: it applies the same CPUID/XGETBV probe and
+    SEQKERNELS_CPU_ISA rules as the kernels). ``{"active": "avx512", "supported": ["portable",
+    ...], "avx512_bf16": True, "amx_bf16": False}``; None when the extension is not built or predates the report."""
+    fn = _report_fn()
+    if fn is None:
+        return None
     fields = dict(kv.split("=", 1) for kv in fn().decode().split(";"))
     # ops: "attention_fwd=float32:avx512,bfloat16:avx512_bf16,...|decode_attention=..." (cpu/paths.h)
     ops = {}
@@ -51,6 +61,19 @@ def cpu_isa_report() -> dict | None:
         "amx_bf16": fields.get("amx_bf16") == "1",
         "ops": ops,
     }
+
+
+def cpu_path(family: str, dtype: str) -> str | None:
+    """The path one kernel family takes now for one dtype ("amx_bf16", ...): cpu_isa_report's
+    ``ops[family][dtype]`` without building the rest of the report (the LSTM driver asks per call)."""
+    fn = _report_fn()
+    if fn is None:
+        return None
+    for fam in fn().decode().split("ops=", 1)[-1].split("|"):
+        name, _, paths = fam.partition("=")
+        if name == family:
+            return dict(p.split(":", 1) for p in paths.split(",")).get(dtype)
+    return None
 
 
 def cpu_path_lines() -> list:

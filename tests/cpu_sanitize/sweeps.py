@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # Tolerance of max |got - want| relative to max(1, max |want|), per dtype.
 TOL = {"float32": 2e-4, "float64": 1e-9, "bfloat16": 4e-2, "float16": 1e-2}
-FAMILIES = ("attention", "kv_cache", "lstm")
+FAMILIES = ("attention", "kv_cache", "lstm", "lstm_amx")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,7 +365,32 @@ def lstm_cases(level: str) -> list[dict]:
     return cases
 
 
-CASES = {"attention": attention_cases, "kv_cache": kv_cache_cases, "lstm": lstm_cases}
+def lstm_amx_cases(level: str) -> list[dict]:
+    """The bf16 LSTM sequence kernel on AMX tiles (lstm_layer_fwd.fused on bf16): H around its
+    16-unit blocks, B around its 16- and 32-row tile groups, T past a projection chunk (Tc = 16 at
+    B = 16, 64 at B <= 4 or odd B < 16). ASan sees the epilogue's reads and writes (the projection
+    rows, bias, cell state, outputs, the padded h buffer), not the tile loads and stores."""
+    shapes = [(3, 1, 7, 1), (17, 16, 33, 17), (2, 33, 32, 31), (66, 3, 40, 16)]
+    if level != "ci":
+        shapes += [(5, 15, 9, 15), (4, 31, 64, 33), (3, 64, 17, 48), (2, 17, 96, 130)]
+    return [
+        dict(
+            op="layer_bf16",
+            dtype="bfloat16",
+            T=T,
+            B=B,
+            I=I,
+            H=H,
+            bias=bool(n % 2),
+            reverse=bool(n // 2 % 2),
+            threads=2,
+            seed=_seed("lstm-amx", "bfloat16", H, n),
+        )
+        for n, (T, B, I, H) in enumerate(shapes)
+    ]
+
+
+CASES = {"attention": attention_cases, "kv_cache": kv_cache_cases, "lstm": lstm_cases, "lstm_amx": lstm_amx_cases}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -698,12 +723,31 @@ def _run_lstm_layer(ops, ref, c, failures):
     _check(failures, c, "lstm_layer_fwd c_n", cn, rcn, tol)
 
 
+def _run_lstm_layer_bf16(ops, ref, c, failures):
+    import torch
+
+    gen = torch.Generator().manual_seed(c["seed"])
+    T, B, n_in, H = c["T"], c["B"], c["I"], c["H"]
+    r = lambda *shape, s=1.0: (torch.randn(shape, generator=gen, dtype=torch.float64) * s).bfloat16()  # noqa: E731
+    x, h0, c0 = r(T, B, n_in), r(B, H), r(B, H)
+    w_ih, w_hh = r(4 * H, n_in, s=n_in**-0.5), r(4 * H, H, s=H**-0.5)
+    bias = r(4 * H) if c["bias"] else None
+    out, hn, cn, _, _ = ops.lstm_layer_fwd.fused(x, h0, c0, w_ih, w_hh, bias, c["reverse"], False)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    rout, rhn, rcn = ref.lstm_layer_fwd_ref(d(x) @ d(w_ih).t(), d(h0), d(c0), d(w_hh), d(bias), c["reverse"])
+    tol = TOL["bfloat16"]
+    _check(failures, c, "lstm_layer_fwd.fused out", out, rout, tol)
+    _check(failures, c, "lstm_layer_fwd.fused h_n", hn, rhn, tol)
+    _check(failures, c, "lstm_layer_fwd.fused c_n", cn, rcn, tol)
+
+
 RUNNERS = {
     "attention": _run_attention,
     "decode": _run_decode,
     "append": _run_append,
     "cell": _run_lstm_cell,
     "layer": _run_lstm_layer,
+    "layer_bf16": _run_lstm_layer_bf16,
 }
 
 
@@ -714,6 +758,7 @@ PORTABLE_ENV = {
     "attention": ("SEQKERNELS_CPU_ISA", "portable"),
     "kv_cache": ("SEQKERNELS_CPU_ISA", "portable"),
     "lstm": ("SEQKERNELS_CPU_ISA", "portable"),
+    "lstm_amx": ("SEQKERNELS_CPU_ISA", "portable"),
 }
 
 

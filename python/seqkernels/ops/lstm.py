@@ -528,23 +528,34 @@ def lstm_layer(
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, family[0], None, reuse_buffers=False
         )
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    if (
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    cpu_seq = (
         backend == "cpu"
-        and x.dtype == torch.float16
         and x.device.type == "cpu"
         and (_HAS_LAYER_FUSED or _HAS_LAYER_OP)
         and min(batch_sizes) == batch_sizes[0]
-    ):
-        # float16 on the float32 sequence kernel: the operands widened once per call (exact), the
-        # recurrence and its state in float32, the outputs rounded to float16 (the casts carry the
-        # gradients). torch's CPU float16 LSTM has no native float16 products to lose against;
-        # the per-step cell ops it replaces ran at 0.84x it (T64 B16 H256, 2 layers, AMX Xeon).
-        # bfloat16 stays on those ops: where oneDNN multiplies bf16 natively (AVX512_BF16, AMX)
-        # its LSTM is 2.5-4x its float32 one, and widening would lose more than it saves.
+    )
+    amx = cpu_seq and x.dtype == torch.bfloat16 and _HAS_LAYER_FUSED and _bf16_amx()
+    if amx and not grad:
+        # bfloat16 inference where the AMX tiles are usable: the bf16 sequence kernel (products on
+        # the tiles, the cell and its state in float32, h rounded to bf16 per step).
+        with torch.no_grad():
+            return _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
+    if cpu_seq and x.dtype in (torch.float16, torch.bfloat16) and not amx:
+        # float16, and bfloat16 where the AMX kernel is not available, on the float32 sequence
+        # kernels: the operands widened once per call (exact), the recurrence and its state in
+        # float32, the outputs rounded to the input dtype (the casts carry the gradients). torch's
+        # CPU float16 LSTM has no native float16 products to lose against (the per-step cell ops
+        # this replaces ran at 0.84x it, T64 B16 H256, 2 layers); for bfloat16 with oneDNN held to
+        # AVX512_BF16 or AVX2 (ONEDNN_MAX_CPU_ISA on an AMX Xeon), widening took inference from
+        # 0.57-0.82x to 1.23-1.56x torch's bf16 LSTM (AVX512_BF16) and from 0.05-0.11x to 5-8x
+        # (AVX2), training from 0.95-1.02x to 1.42-1.86x (AVX512_BF16). bfloat16 training with AMX
+        # stays on the per-step ops, whose GEMMs are oneDNN's tiles: 0.69-1.14x torch there,
+        # widened 0.42-0.75x (bench/NOTES.md entry 20).
         wide = [None if t is None else t.float() for t in tensors]
         out = lstm_layer(*wide, batch_sizes, reverse, backend)
-        return tuple(t.to(torch.float16) for t in out)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return tuple(t.to(x.dtype) for t in out)
+    if grad:
         if (
             backend == "cpu"
             and _HAS_LAYER_FUSED
@@ -576,6 +587,14 @@ def lstm_layer(
 _FUSED_INPUT_BYTES = 1 << 20
 
 
+def _bf16_amx() -> bool:
+    """Whether the C++ sequence kernel takes bfloat16 as it is (AMX-BF16 tiles usable here and not
+    lowered by SEQKERNELS_CPU_ISA): the kernels' own rule, cpu_paths::lstm."""
+    from ..cli import cpu_path
+
+    return cpu_path("lstm", "bfloat16") == "amx_bf16"
+
+
 def _project_first(w_ih: Tensor, T: int) -> bool:
     """Whether the sequence kernel should get the input gates from one GEMM over all T steps rather
     than project x_t itself at every step (see _FUSED_INPUT_BYTES; one step reads W_ih once
@@ -589,8 +608,9 @@ def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, revers
     (seqkernels::lstm_layer_fwd: one OpenMP team for the sequence, each thread on its own slice of
     W_hh first, then on any unit blocks the others have not started)."""
     bias = _summed_bias(b_ih, b_hh)
-    if x.dtype == torch.float32 and _HAS_LAYER_FUSED and not _project_first(w_ih, T):
-        # The input projection inside the kernel too (its own GEMM: faster than the BLAS here).
+    if x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and _HAS_LAYER_FUSED and not _project_first(w_ih, T)):
+        # The input projection inside the kernel too (its own GEMM: faster than the BLAS here; the
+        # bf16 AMX kernel projects all steps on the tiles before the recurrence).
         out, h_n, c_n, _, _ = torch.ops.seqkernels.lstm_layer_fwd.fused(
             x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, False
         )
