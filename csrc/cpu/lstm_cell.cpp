@@ -1192,9 +1192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(const c10::opt
                      B,
                      H,
                      reverse};
-  int64_t threads = std::min<int64_t>(at::get_num_threads(), nsb);
-  threads = std::min<int64_t>(threads, std::max<int64_t>(1, B * H * 4 * H / kSeqMinFmaPerThread));
-  if (at::in_parallel_region()) threads = 1;
+  int64_t threads = seq_threads(nsb, B * H * 4 * H, kSeqMinFmaPerThread);
   auto units = [&](int64_t sb0, int64_t sb1, int64_t& u0, int64_t& u1) {
     u0 = std::min(H, sb0 * NW);
     u1 = std::min(H, sb1 * NW);
