@@ -427,19 +427,24 @@ SK_AVX512_FN __m512 exp_ps(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-SK_AVX512_FN __m512 tanh_ps(__m512 x) {
-  const __m512 sign = _mm512_set1_ps(-0.f);
-  const __m512 ax = _mm512_andnot_ps(sign, x);
-  const __m512 e = exp_ps(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f)));
-  const __m512 one = _mm512_set1_ps(1.f);
-  const __m512 big = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+// tanh(x) for |x| < 0.625: x + x^3 p(x^2) (tanh_ps below that threshold).
+SK_AVX512_FN __m512 tanh_small_ps(__m512 x) {
   const __m512 z = _mm512_mul_ps(x, x);
   __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
   p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.06390887954e-2f));
   p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-5.37397155531e-2f));
   p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.33314422036e-1f));
   p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.33332819422e-1f));
-  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+  return _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+}
+
+SK_AVX512_FN __m512 tanh_ps(__m512 x) {
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  const __m512 ax = _mm512_andnot_ps(sign, x);
+  const __m512 e = exp_ps(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f)));
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 big = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  const __m512 small = tanh_small_ps(x);
   const __m512 large = _mm512_or_ps(big, _mm512_and_ps(sign, x));
   // NaN compares false (ordered), as _CMP_LT_OQ in the AVX2 blend: a NaN x takes `large`, NaN too.
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ), large, small);
