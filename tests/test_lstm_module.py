@@ -773,6 +773,20 @@ AMX_LAYER_CASES = [
 ]
 
 
+def _layer_states_ref(x, w_ih, h0, c0, w_hh, b, reverse):
+    """(workspace (T, B, 4H), cs (T, B, H)) of a layer: the activated gates and the cell state
+    after every step, in the inputs' dtype (the reference cell's own workspace)."""
+    from seqkernels import reference
+
+    T = x.shape[0]
+    h, c = h0, c0
+    ws, cs = [None] * T, [None] * T
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        h, c, w = reference.lstm_cell_fwd_ref(x[t] @ w_ih.t(), h @ w_hh.t(), c, b, None)
+        ws[t], cs[t] = w, c
+    return torch.stack(ws), torch.stack(cs)
+
+
 @pytest.mark.parametrize("case", AMX_LAYER_CASES, ids=lambda c: "T{}B{}I{}H{}".format(*c))
 @pytest.mark.parametrize("reverse", [False, True])
 def test_bf16_sequence_kernel_amx(case, reverse):
@@ -798,6 +812,16 @@ def test_bf16_sequence_kernel_amx(case, reverse):
     exp = ref_of(*[None if t is None else t.double() for t in a16])
     base = ref_of(*a16)  # plain torch bf16 arithmetic
     report = testing.compare((out, h_n, c_n), tuple(exp), tuple(base))
+    assert report.passed, str(report)
+    # train=True: the same outputs, and the activated gates and cell states of every step (bf16).
+    o2, h2, c2, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(fx, fh0, fc0, fwi, fwh, fb, reverse, True)
+    for a, e in zip((o2, h2, c2), (out, h_n, c_n)):
+        assert torch.equal(a, e)
+    assert ws.shape == (T, B, 4 * H) and cs.shape == (T, B, H) and ws.dtype == cs.dtype == torch.bfloat16
+    assert torch.equal(cs[0 if reverse else -1], c_n)  # both c rounded once from the same float32
+    states_exp = _layer_states_ref(*[None if t is None else t.double() for t in a16], reverse)
+    states_base = _layer_states_ref(*a16, reverse)
+    report = testing.compare((ws, cs), states_exp, states_base)
     assert report.passed, str(report)
     # Every thread count gives the same bits (a block's sums do not depend on who runs it).
     before = torch.get_num_threads()
@@ -850,8 +874,6 @@ def test_bf16_sequence_kernel_bad_arguments_are_named(monkeypatch):
     w_ih, w_hh = torch.randn(20, 4, dtype=bf), torch.randn(20, 5, dtype=bf)
     fused = torch.ops.seqkernels.lstm_layer_fwd.fused
     if _amx_lstm():
-        with pytest.raises(RuntimeError, match="inference only"):
-            fused(x, h0, c0, w_ih, w_hh, None, False, True)
         with pytest.raises(RuntimeError, match="needs weight_ih"):
             fused(torch.randn(2, 3, 20, dtype=bf), h0, c0, None, w_hh, None, False, False)
         with pytest.raises(RuntimeError, match="weight_hh must have input's dtype"):
@@ -867,28 +889,36 @@ def test_bf16_sequence_kernel_bad_arguments_are_named(monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ["native", "avx512"])
-def test_lstm_bf16_training_paths(isa, monkeypatch):
-    # bfloat16 with gradients: the per-step cell ops where the AMX kernel is available (oneDNN's
-    # GEMMs run on the same tiles there), the float32 training kernels on widened operands
-    # elsewhere; both by the parity rule against torch's bf16 LSTM, gradients included.
+@pytest.mark.parametrize("bidir,bias,with_h0", [(False, True, False), (True, False, True)], ids=["uni", "bi-nobias-h0"])
+def test_lstm_bf16_training_paths(isa, bidir, bias, with_h0, monkeypatch):
+    # bfloat16 with gradients: the AMX kernel's forward and the per-step backward (_AmxLayer)
+    # where the tiles are usable, the float32 training kernels on widened operands elsewhere;
+    # both by the parity rule against torch's bf16 LSTM, gradients included.
     if not lstm_ops._HAS_LAYER_FUSED:
         pytest.skip("extension built without lstm_layer_fwd.fused")
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
     calls = []
-    real = lstm_ops._CpuLayer.apply
-    monkeypatch.setattr(lstm_ops._CpuLayer, "apply", lambda *a: calls.append(a[-1]) or real(*a))
-    kw = dict(input_size=19, hidden_size=33, num_layers=2)
+    for fn in ("_CpuLayer", "_AmxLayer"):
+        real = getattr(lstm_ops, fn).apply
+        monkeypatch.setattr(getattr(lstm_ops, fn), "apply", lambda *a, f=fn, r=real: calls.append(f) or r(*a))
+    kw = dict(input_size=19, hidden_size=33, num_layers=2, bidirectional=bidir, bias=bias)
     ref64, _ = _pair("cpu", **kw)
     ref16 = copy.deepcopy(ref64).to(torch.bfloat16)
     ours = LSTM(**kw, dtype=torch.bfloat16, backend="cpu")
     ours.load_state_dict(ref16.state_dict())
+    D = 2 if bidir else 1
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(7, 5, 19, generator=gen, dtype=torch.float64)
-    cot = tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in ((7, 5, 33), (2, 5, 33), (2, 5, 33)))
+    hx = tuple(torch.randn(2 * D, 5, 33, generator=gen, dtype=torch.float64) for _ in range(2))
+    cot = tuple(
+        torch.randn(s, generator=gen, dtype=torch.float64) for s in ((7, 5, 33 * D), (2 * D, 5, 33), (2 * D, 5, 33))
+    )
 
     def run(m, dt):
         xx = x.to(dt).requires_grad_()
-        outs, grads = _run(m, xx, None, [xx] + list(m.parameters()), [c.to(dt) for c in cot])
+        h = tuple(t.to(dt).requires_grad_() for t in hx) if with_h0 else None
+        leaves = [xx, *(h or ()), *m.parameters()]
+        outs, grads = _run(m, xx, h, leaves, [c.to(dt) for c in cot])
         return list(outs), list(grads)
 
     got, got_g = run(ours, torch.bfloat16)
@@ -897,5 +927,5 @@ def test_lstm_bf16_training_paths(isa, monkeypatch):
     report = testing.compare(got, exp, base)
     report.extend(testing.compare(got_g, exp_g, base_g, grad=True, name="grad"))
     assert report.passed, str(report)
-    widened = not (isa == "native" and _amx_lstm())
-    assert calls == ([False] * 2 if widened else [])
+    amx = isa == "native" and _amx_lstm()
+    assert calls == ["_AmxLayer" if amx else "_CpuLayer"] * 2 * D

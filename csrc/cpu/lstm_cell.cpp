@@ -530,6 +530,8 @@ struct SeqArgs {
   float* c;             // (B, H): the running cell state
   uint16_t* hbuf;       // 2 x (Bp, Hp) bf16, zero past B and H: h_prev of even / odd steps
   uint16_t* out;        // (T, B, H) bf16
+  uint16_t* ws;         // (T, B, 4H) bf16: the activated gates of every step (training), or null
+  uint16_t* cs;         // (T, B, H) bf16: the cell state after every step (training), or null
   int64_t T, B, H, I, Ip, Hp, Bp, nblk, Tc;
   bool reverse;
 };
@@ -601,9 +603,19 @@ SK_AMX_ENTRY void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_t bl
         avx512_isa::cell_forward<FastCell>(pre[0], pre[1], pre[2], pre[3], F::load_n(cr, n), gi, gf, gg, go, cy, hy);
         F::store_n(cr, cy, n);
         // Rounded to nearest even once (vcvtneps2bf16; a NaN stays NaN), stored twice.
+        const __mmask16 m = simd::mask16(n);
         const __m256i h16 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(hy.v));
-        _mm256_mask_storeu_epi16(a.out + (t * B + b) * H + u0, simd::mask16(n), h16);
-        _mm256_mask_storeu_epi16(hn + b * Hp + u0, simd::mask16(n), h16);
+        _mm256_mask_storeu_epi16(a.out + (t * B + b) * H + u0, m, h16);
+        _mm256_mask_storeu_epi16(hn + b * Hp + u0, m, h16);
+        if (a.ws != nullptr) {  // training: what the per-step cell backward reads, in bf16 as it takes it
+          const auto bf = [](Z v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v.v)); };
+          uint16_t* w = a.ws + (t * B + b) * 4 * H + u0;
+          _mm256_mask_storeu_epi16(w, m, bf(gi));
+          _mm256_mask_storeu_epi16(w + H, m, bf(gf));
+          _mm256_mask_storeu_epi16(w + 2 * H, m, bf(gg));
+          _mm256_mask_storeu_epi16(w + 3 * H, m, bf(go));
+          _mm256_mask_storeu_epi16(a.cs + (t * B + b) * H + u0, m, bf(cy));
+        }
       }
     }
   }
@@ -962,7 +974,7 @@ constexpr int64_t kAmxMinMacsPerThread = 1 << 20;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_amx(const at::Tensor& x, const at::Tensor& h0,
                                                               const at::Tensor& c0, const at::Tensor& weight_ih,
                                                               const at::Tensor& weight_hh, const at::Tensor& bias,
-                                                              bool reverse) {
+                                                              bool reverse, at::Tensor& ws, at::Tensor& cs) {
   using amx_isa::kTile;
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(1);
   const int64_t nblk = (H + 15) / 16, Ip = (I + 31) / 32 * 32, Hp = (H + 31) / 32 * 32, Bp = (B + 15) / 16 * 16;
@@ -997,6 +1009,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_amx(const at::Tensor& 
                            c.data_ptr<float>(),
                            u16(hbuf),
                            u16(out),
+                           ws.numel() > 0 ? u16(ws) : nullptr,
+                           cs.numel() > 0 ? u16(cs) : nullptr,
                            T,
                            B,
                            H,
@@ -1117,8 +1131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     TORCH_CHECK(cpu_paths::lstm(cpu_paths::Dt::BFloat16) == simd::Isa::AmxBf16, "seqkernels::", op,
                 ": bfloat16 input needs the AMX-BF16 path, which this CPU (or SEQKERNELS_CPU_ISA=",
                 simd::isa_name(simd::active_isa()), ") does not offer; widen to float32");
-    TORCH_CHECK(!train && project, "seqkernels::", op,
-                ": bfloat16 input is inference only (train=False) and needs weight_ih (the kernel projects x itself)");
+    TORCH_CHECK(project, "seqkernels::", op, ": bfloat16 input needs weight_ih (the kernel projects x itself)");
   }
   TORCH_CHECK(input.device().is_cpu(), "seqkernels::", op, " (CPU kernel): input is on ", input.device());
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
@@ -1146,7 +1159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
 #if SK_LSTM_X86_DISPATCH
   if (bf16) {
-    auto [o, h_n, c_n] = lstm_layer_amx(in, h_init, c0, *weight_ih, weight_hh, bsum, reverse);
+    auto [o, h_n, c_n] = lstm_layer_amx(in, h_init, c0, *weight_ih, weight_hh, bsum, reverse, ws, cs);
     return {o, h_n, c_n, ws, cs};
   }
 #endif

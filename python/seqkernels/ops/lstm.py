@@ -498,13 +498,63 @@ class _CpuLayer(torch.autograd.Function):
                 go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse
             )
             G = gg.view(T * B, 4 * H)
+            return _layer_input_grads(ctx, G, x, w_ih, _h_prev_of(out, h0, T, B, reverse), grad_h0, grad_c0)
 
-            def h_prev():
-                # h_prev of every step: h0, then the outputs, shifted by one step in the run's direction.
-                o = out.view(T, B, H)
-                return (torch.cat([o[1:], h0[None]]) if reverse else torch.cat([h0[None], o[:-1]])).view(T * B, H)
 
-            return _layer_input_grads(ctx, G, x, w_ih, h_prev, grad_h0, grad_c0)
+def _h_prev_of(out: Tensor, h0: Tensor, T: int, B: int, reverse: bool):
+    """For _layer_input_grads: a function giving the (T * B, H) h_prev of every step of a constant
+    batch, h0 then the outputs (T * B, H) shifted by one step in the run's direction."""
+
+    def h_prev():
+        o = out.view(T, B, out.shape[-1])
+        return (torch.cat([o[1:], h0[None]]) if reverse else torch.cat([h0[None], o[:-1]])).view(T * B, -1)
+
+    return h_prev
+
+
+class _AmxLayer(torch.autograd.Function):
+    """Training on the CPU backend, bfloat16 where the AMX kernel runs, a constant batch: the forward
+    on the tiles (lstm_layer_fwd.fused with train=True, which also keeps the activated gates and the
+    cell state of every step, in bf16 as the cell backward takes them), the backward step by step
+    as the per-step path's (the fused cell backward, then grad_gates @ W_hh by torch.mm, which
+    oneDNN runs on the same tiles), then the input, weight and bias gradients one GEMM or sum each.
+    The per-step forward this replaces was half of a training step (T128 B16 H256: 33 of 79 ms)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, T, B, reverse):
+        bias = _summed_bias(b_ih, b_hh)
+        out, h_n, c_n, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(
+            x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, True
+        )
+        out = out.view(T * B, out.shape[2])
+        ctx.T, ctx.B, ctx.reverse = T, B, reverse
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.save_for_backward(x, w_ih, w_hh, h0, c0, out, ws, cs)
+        ctx.set_materialize_grads(False)
+        return out, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_hn, grad_cn):
+        x, w_ih, w_hh, h0, c0, out, ws, cs = ctx.saved_tensors
+        T, B, reverse = ctx.T, ctx.B, ctx.reverse
+        H = w_hh.shape[1]
+        bwd = FAMILIES["cpu"][1]
+        bwd = getattr(bwd, "default", bwd)
+        with torch._C._AutoDispatchBelowAutograd():
+            go = grad_out.view(T, B, H) if grad_out is not None else None
+            gh = grad_hn if grad_hn is not None else x.new_zeros((B, H))
+            gc = grad_cn if grad_cn is not None else x.new_zeros((B, H))
+            G = x.new_empty((T, B, 4 * H))
+            for t in range(T) if reverse else range(T - 1, -1, -1):
+                if go is not None:
+                    gh = gh + go[t]
+                first = t == (T - 1 if reverse else 0)
+                c_prev = c0 if first else cs[t + 1 if reverse else t - 1]
+                gg, gc = bwd(gh, gc, c_prev, cs[t], ws[t])
+                G[t] = gg
+                gh = torch.mm(gg, w_hh)
+            return _layer_input_grads(ctx, G.view(T * B, 4 * H), x, w_ih, _h_prev_of(out, h0, T, B, reverse), gh, gc)
 
 
 def lstm_layer(
@@ -536,7 +586,9 @@ def lstm_layer(
         and min(batch_sizes) == batch_sizes[0]
     )
     amx = cpu_seq and x.dtype == torch.bfloat16 and _HAS_LAYER_FUSED and _bf16_amx()
-    if amx and not grad:
+    if amx and grad:
+        return _AmxLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
+    if amx:
         # bfloat16 inference where the AMX tiles are usable: the bf16 sequence kernel (products on
         # the tiles, the cell and its state in float32, h rounded to bf16 per step).
         with torch.no_grad():
@@ -549,9 +601,8 @@ def lstm_layer(
         # this replaces ran at 0.84x it, T64 B16 H256, 2 layers); for bfloat16 with oneDNN held to
         # AVX512_BF16 or AVX2 (ONEDNN_MAX_CPU_ISA on an AMX Xeon), widening took inference from
         # 0.57-0.82x to 1.23-1.56x torch's bf16 LSTM (AVX512_BF16) and from 0.05-0.11x to 5-8x
-        # (AVX2), training from 0.95-1.02x to 1.42-1.86x (AVX512_BF16). bfloat16 training with AMX
-        # stays on the per-step ops, whose GEMMs are oneDNN's tiles: 0.69-1.14x torch there,
-        # widened 0.42-0.75x (bench/NOTES.md entry 20).
+        # (AVX2), training from 0.95-1.02x to 1.42-1.86x (AVX512_BF16); with AMX, widened
+        # training measured 0.42-0.75x, below _AmxLayer (bench/NOTES.md entry 20).
         wide = [None if t is None else t.float() for t in tensors]
         out = lstm_layer(*wide, batch_sizes, reverse, backend)
         return tuple(t.to(x.dtype) for t in out)
