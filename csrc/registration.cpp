@@ -73,7 +73,7 @@ TORCH_LIBRARY(seqkernels, m) {
   // returns the activated gates (T, B, 4H) and the cell state after each step (T, B, H) (else both
   // empty); .backward runs the whole recurrence backward from those and returns the gates'
   // gradients of every step. .fused also takes bfloat16 where the AMX-BF16 tiles are usable
-  // (inference, with weight_ih; bf16 outputs).
+  // (with weight_ih; bf16 outputs, workspace and cs).
   m.def(
       "lstm_layer_fwd.fused(Tensor input, Tensor h0, Tensor c0, Tensor? weight_ih, Tensor weight_hh, "
       "Tensor? bias, bool reverse, bool train) -> (Tensor out, Tensor h_n, Tensor c_n, Tensor workspace, "

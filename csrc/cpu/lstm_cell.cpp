@@ -387,7 +387,8 @@ struct Lanes {
 }  // namespace seqkernels
 
 // ---------------------------------------------------------------------------------------------
-// The bfloat16 sequence kernel on AMX tiles (lstm_layer_fwd.fused on bf16 operands, inference):
+// The bfloat16 sequence kernel on AMX tiles (lstm_layer_fwd.fused on bf16 operands; with train it
+// also keeps the activated gates and cell states of every step, in bf16, for the per-step backward):
 // the input projection of every step and the recurrent GEMM are tdpbf16ps products (bf16 pairs,
 // float32 sums), the cell is the AVX-512 lanes' float32 math, the cell state stays float32 for the
 // whole sequence, and h is rounded to bf16 once per step (the step's output and the next step's
@@ -964,7 +965,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fused(const SeqFusedKe
 // barrier is a larger share than for the float32 kernel.
 constexpr int64_t kAmxMinMacsPerThread = 1 << 20;
 
-// lstm_layer_fwd.fused on bf16 operands with AMX (inference; see amx_isa above), on
+// lstm_layer_fwd.fused on bf16 operands with AMX (see amx_isa above), on
 // run_sequence's team: 16 units per block, each thread packing W_ih and W_hh for its own blocks
 // (its W_hh slice, 1 MB at H = 512 on two threads, stays in its L2), projecting Tc steps of x for
 // them at a time (the prologue), then stepping. x, h and the weights are the tiles' bf16 operands;
@@ -1122,7 +1123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                       : ": input (the input gates) must have shape "
                         "(T, B, 4*H) without weight_ih, got ",
               input.sizes());
-  // bfloat16: the AMX kernel (inference, with weight_ih); it has no other path, so the caller
+  // bfloat16: the AMX kernel (with weight_ih); it has no other path, so the caller
   // asks cpu_paths::lstm first (python/seqkernels/ops/lstm.py widens to float32 where it is not AMX).
   const bool bf16 = input.scalar_type() == at::kBFloat16;
   TORCH_CHECK(input.scalar_type() == at::kFloat || bf16, "seqkernels::", op,
