@@ -757,6 +757,15 @@ def _nan_framed(t, offset=32):
     return v
 
 
+def _bf16_trio(**kw):
+    """torch's float64 LSTM, its bf16 copy and a bf16 seqkernels LSTM (cpu backend), same weights."""
+    ref64, _ = _pair("cpu", **kw)
+    ref16 = copy.deepcopy(ref64).to(torch.bfloat16)
+    ours = LSTM(**kw, dtype=torch.bfloat16, backend="cpu")
+    ours.load_state_dict(ref16.state_dict())
+    return ref64, ref16, ours
+
+
 AMX_LAYER_CASES = [
     # (T, B, I, H): H around the 16-unit blocks and 32-wide K chunks, B around the 16/32-row tile
     # groups, T past a projection chunk, I a multiple of 32 with T B a multiple of 16 (x read in
@@ -848,10 +857,7 @@ def test_lstm_bf16_inference_parity(isa, bidir, monkeypatch):
     dtypes = []
     monkeypatch.setattr(torch.ops.seqkernels.lstm_layer_fwd, "fused", lambda *a: dtypes.append(a[0].dtype) or fused(*a))
     kw = dict(input_size=33, hidden_size=40, num_layers=2, bidirectional=bidir)
-    ref64, _ = _pair("cpu", **kw)
-    ref16 = copy.deepcopy(ref64).to(torch.bfloat16)
-    ours = LSTM(**kw, dtype=torch.bfloat16, backend="cpu")
-    ours.load_state_dict(ref16.state_dict())
+    ref64, ref16, ours = _bf16_trio(**kw)
     D = 2 if bidir else 1
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(21, 17, 33, generator=gen, dtype=torch.float64)
@@ -891,21 +897,17 @@ def test_bf16_sequence_kernel_bad_arguments_are_named(monkeypatch):
 @pytest.mark.parametrize("isa", ["native", "avx512"])
 @pytest.mark.parametrize("bidir,bias,with_h0", [(False, True, False), (True, False, True)], ids=["uni", "bi-nobias-h0"])
 def test_lstm_bf16_training_paths(isa, bidir, bias, with_h0, monkeypatch):
-    # bfloat16 with gradients: the AMX kernel's forward and the per-step backward (_AmxLayer)
+    # bfloat16 with gradients: the AMX kernel's forward and a per-step backward (_CpuLayer on bf16)
     # where the tiles are usable, the float32 training kernels on widened operands elsewhere;
     # both by the parity rule against torch's bf16 LSTM, gradients included.
     if not lstm_ops._HAS_LAYER_FUSED:
         pytest.skip("extension built without lstm_layer_fwd.fused")
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
-    calls = []
-    for fn in ("_CpuLayer", "_AmxLayer"):
-        real = getattr(lstm_ops, fn).apply
-        monkeypatch.setattr(getattr(lstm_ops, fn), "apply", lambda *a, f=fn, r=real: calls.append(f) or r(*a))
+    calls = []  # the dtype of each layer-direction's _CpuLayer (bf16: the AMX kernel; float32: widened)
+    real = lstm_ops._CpuLayer.apply
+    monkeypatch.setattr(lstm_ops._CpuLayer, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
     kw = dict(input_size=19, hidden_size=33, num_layers=2, bidirectional=bidir, bias=bias)
-    ref64, _ = _pair("cpu", **kw)
-    ref16 = copy.deepcopy(ref64).to(torch.bfloat16)
-    ours = LSTM(**kw, dtype=torch.bfloat16, backend="cpu")
-    ours.load_state_dict(ref16.state_dict())
+    ref64, ref16, ours = _bf16_trio(**kw)
     D = 2 if bidir else 1
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(7, 5, 19, generator=gen, dtype=torch.float64)
@@ -928,4 +930,4 @@ def test_lstm_bf16_training_paths(isa, bidir, bias, with_h0, monkeypatch):
     report.extend(testing.compare(got_g, exp_g, base_g, grad=True, name="grad"))
     assert report.passed, str(report)
     amx = isa == "native" and _amx_lstm()
-    assert calls == ["_AmxLayer" if amx else "_CpuLayer"] * 2 * D
+    assert calls == [torch.bfloat16 if amx else torch.float32] * 2 * D

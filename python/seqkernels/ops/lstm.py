@@ -465,16 +465,19 @@ def _layer_input_grads(ctx, G, x, w_ih, h_prev, grad_h0, grad_c0) -> tuple:
 
 
 class _CpuLayer(torch.autograd.Function):
-    """Training on the CPU backend, float32, a constant batch: the input projection and the recurrence
-    in the C++ sequence kernel (lstm_layer_fwd.fused with train=True, saving the activated gates and
-    the cell states; the projection as one GEMM first where W_ih is large, see _project_first), and
-    its whole backward in one C++ call (lstm_layer_fwd.backward, giving the gates'
-    gradients of every step); the input, weight and bias gradients are then one GEMM or sum each."""
+    """Training on the CPU backend, float32 (or bfloat16 on the AMX kernel), a constant batch: the
+    input projection and the recurrence in the C++ sequence kernel (lstm_layer_fwd.fused with
+    train=True, saving the activated gates and the cell states; for float32 the projection as one
+    GEMM first where W_ih is large, see _project_first), and its whole backward in one C++ call
+    (lstm_layer_fwd.backward, giving the gates' gradients of every step; bf16: step by step,
+    _bf16_recurrence_grads); the input, weight and bias gradients are then one GEMM or sum each."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, T, B, reverse):
         bias = _summed_bias(b_ih, b_hh)
-        if _project_first(w_ih, T):  # one GEMM for every step's input gates, then W_hh only per step
+        # One GEMM for every step's input gates first, then W_hh only per step, where W_ih is large
+        # (float32; the bf16 AMX kernel projects Tc steps at a time on its tiles).
+        if x.dtype != torch.bfloat16 and _project_first(w_ih, T):
             inp, w_in = torch.mm(x, w_ih.t()).view(T, B, w_ih.shape[0]), None
         else:
             inp, w_in = x.view(T, B, x.shape[1]), w_ih
@@ -494,11 +497,35 @@ class _CpuLayer(torch.autograd.Function):
         H = w_hh.shape[1]
         go = grad_out.reshape(T, B, H) if grad_out is not None else None
         with torch._C._AutoDispatchBelowAutograd():
-            gg, grad_h0, grad_c0 = torch.ops.seqkernels.lstm_layer_fwd.backward(
-                go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse
-            )
+            if ws.dtype == torch.bfloat16:
+                gg, grad_h0, grad_c0 = _bf16_recurrence_grads(go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse)
+            else:
+                gg, grad_h0, grad_c0 = torch.ops.seqkernels.lstm_layer_fwd.backward(
+                    go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse
+                )
             G = gg.view(T * B, 4 * H)
             return _layer_input_grads(ctx, G, x, w_ih, _h_prev_of(out, h0, T, B, reverse), grad_h0, grad_c0)
+
+
+def _bf16_recurrence_grads(go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse: bool):
+    """lstm_layer_fwd.backward's result for the bf16 AMX kernel's saved states (bf16 workspace and
+    cs), step by step as the per-step path's backward: the fused cell backward, then grad_gates @
+    W_hh by torch.mm, which oneDNN runs on the AMX tiles. The per-step forward this path replaced
+    was half of a training step (T128 B16 H256: 33 of 79 ms)."""
+    T, B, G = ws.shape
+    bwd = FAMILIES["cpu"][1]
+    bwd = getattr(bwd, "default", bwd)
+    gh = grad_hn if grad_hn is not None else ws.new_zeros((B, G // 4))
+    gc = grad_cn if grad_cn is not None else ws.new_zeros((B, G // 4))
+    grads = torch.empty_like(ws)
+    for t in range(T) if reverse else range(T - 1, -1, -1):
+        if go is not None:
+            gh = gh + go[t]
+        c_prev = c0 if t == (T - 1 if reverse else 0) else cs[t + 1 if reverse else t - 1]
+        gg, gc = bwd(gh, gc, c_prev, cs[t], ws[t])
+        grads[t] = gg
+        gh = torch.mm(gg, w_hh)
+    return grads, gh, gc
 
 
 def _h_prev_of(out: Tensor, h0: Tensor, T: int, B: int, reverse: bool):
@@ -510,51 +537,6 @@ def _h_prev_of(out: Tensor, h0: Tensor, T: int, B: int, reverse: bool):
         return (torch.cat([o[1:], h0[None]]) if reverse else torch.cat([h0[None], o[:-1]])).view(T * B, -1)
 
     return h_prev
-
-
-class _AmxLayer(torch.autograd.Function):
-    """Training on the CPU backend, bfloat16 where the AMX kernel runs, a constant batch: the forward
-    on the tiles (lstm_layer_fwd.fused with train=True, which also keeps the activated gates and the
-    cell state of every step, in bf16 as the cell backward takes them), the backward step by step
-    as the per-step path's (the fused cell backward, then grad_gates @ W_hh by torch.mm, which
-    oneDNN runs on the same tiles), then the input, weight and bias gradients one GEMM or sum each.
-    The per-step forward this replaces was half of a training step (T128 B16 H256: 33 of 79 ms)."""
-
-    @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, T, B, reverse):
-        bias = _summed_bias(b_ih, b_hh)
-        out, h_n, c_n, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(
-            x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, True
-        )
-        out = out.view(T * B, out.shape[2])
-        ctx.T, ctx.B, ctx.reverse = T, B, reverse
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
-        ctx.save_for_backward(x, w_ih, w_hh, h0, c0, out, ws, cs)
-        ctx.set_materialize_grads(False)
-        return out, h_n, c_n
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_hn, grad_cn):
-        x, w_ih, w_hh, h0, c0, out, ws, cs = ctx.saved_tensors
-        T, B, reverse = ctx.T, ctx.B, ctx.reverse
-        H = w_hh.shape[1]
-        bwd = FAMILIES["cpu"][1]
-        bwd = getattr(bwd, "default", bwd)
-        with torch._C._AutoDispatchBelowAutograd():
-            go = grad_out.view(T, B, H) if grad_out is not None else None
-            gh = grad_hn if grad_hn is not None else x.new_zeros((B, H))
-            gc = grad_cn if grad_cn is not None else x.new_zeros((B, H))
-            G = x.new_empty((T, B, 4 * H))
-            for t in range(T) if reverse else range(T - 1, -1, -1):
-                if go is not None:
-                    gh = gh + go[t]
-                first = t == (T - 1 if reverse else 0)
-                c_prev = c0 if first else cs[t + 1 if reverse else t - 1]
-                gg, gc = bwd(gh, gc, c_prev, cs[t], ws[t])
-                G[t] = gg
-                gh = torch.mm(gg, w_hh)
-            return _layer_input_grads(ctx, G.view(T * B, 4 * H), x, w_ih, _h_prev_of(out, h0, T, B, reverse), gh, gc)
 
 
 def lstm_layer(
@@ -586,8 +568,8 @@ def lstm_layer(
         and min(batch_sizes) == batch_sizes[0]
     )
     amx = cpu_seq and x.dtype == torch.bfloat16 and _HAS_LAYER_FUSED and _bf16_amx()
-    if amx and grad:
-        return _AmxLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
+    if amx and grad:  # the tile kernel's forward, then a per-step backward (_CpuLayer)
+        return _CpuLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
     if amx:
         # bfloat16 inference where the AMX tiles are usable: the bf16 sequence kernel (products on
         # the tiles, the cell and its state in float32, h rounded to bf16 per step).
@@ -602,7 +584,7 @@ def lstm_layer(
         # AVX512_BF16 or AVX2 (ONEDNN_MAX_CPU_ISA on an AMX Xeon), widening took inference from
         # 0.57-0.82x to 1.23-1.56x torch's bf16 LSTM (AVX512_BF16) and from 0.05-0.11x to 5-8x
         # (AVX2), training from 0.95-1.02x to 1.42-1.86x (AVX512_BF16); with AMX, widened
-        # training measured 0.42-0.75x, below _AmxLayer (bench/NOTES.md entry 20).
+        # training measured 0.42-0.75x, below the tile kernel's (bench/NOTES.md entry 20).
         wide = [None if t is None else t.float() for t in tensors]
         out = lstm_layer(*wide, batch_sizes, reverse, backend)
         return tuple(t.to(x.dtype) for t in out)
