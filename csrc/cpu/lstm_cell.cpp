@@ -568,8 +568,9 @@ SK_AMX_ENTRY void project_chunk(const SeqArgs& a, int64_t s, int64_t blk0, int64
   }
 }
 
-// Step s for the unit blocks [blk0, blk1): per block and group of 16 rows, the recurrent product
-// h_prev W_hh^T on the tiles, then the epilogue per row: + the projection + bias, the cell, c
+// Step s for the unit blocks [blk0, blk1): per block and group of 32 batch rows (rows32; 16 for a
+// last group of at most 16), the recurrent product h_prev W_hh^T on the tiles, then the epilogue
+// per row: + the projection + bias, the cell, c
 // updated, h stored to the output and (bf16, the tiles' next A operand) to the other hbuf half.
 // The caller's barrier between steps orders one step's reads of a half before the next step's
 // writes to it.
