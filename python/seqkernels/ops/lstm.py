@@ -575,7 +575,7 @@ def lstm_layer(
         # the tiles, the cell and its state in float32, h rounded to bf16 per step).
         with torch.no_grad():
             return _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
-    if cpu_seq and x.dtype in (torch.float16, torch.bfloat16) and not amx:
+    if cpu_seq and x.dtype in (torch.float16, torch.bfloat16):
         # float16, and bfloat16 where the AMX kernel is not available, on the float32 sequence
         # kernels: the operands widened once per call (exact), the recurrence and its state in
         # float32, the outputs rounded to the input dtype (the casts carry the gradients). torch's
@@ -643,7 +643,7 @@ def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, revers
     bias = _summed_bias(b_ih, b_hh)
     if x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and _HAS_LAYER_FUSED and not _project_first(w_ih, T)):
         # The input projection inside the kernel too (its own GEMM: faster than the BLAS here; the
-        # bf16 AMX kernel projects all steps on the tiles before the recurrence).
+        # bf16 AMX kernel projects Tc steps at a time on its tiles).
         out, h_n, c_n, _, _ = torch.ops.seqkernels.lstm_layer_fwd.fused(
             x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, False
         )
