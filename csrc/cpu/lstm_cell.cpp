@@ -404,32 +404,23 @@ namespace amx_isa {
 using F = avx512_isa::Lanes<float>;
 using avx512_isa::Z;
 
-// The cell's nonlinearities here: F's sigmoid and tanh (simd::sigmoid_ps, tanh_ps) with e^x from
-// the degree-4 2^f of the bf16 attention (simd::Avx512FloatBf16P: relative error 2.9e-6, against
-// 1e-7) and each division a reciprocal estimate with one Newton step (about 2^-23): the cell's
-// results then differ from F's by a few 1e-6 relative, three orders under the bf16 rounding of
-// h, and its instructions (perf: most of a step beside the tiles) drop by a third.
-struct FastCell {
+// The cell's nonlinearities here: F's sigmoid and tanh (simd::sigmoid_ps, tanh_ps, on the same
+// skeleton) with e^x from the degree-4 2^f of the bf16 attention (simd::Avx512FloatBf16P: relative
+// error 2.9e-6, against 1e-7) and each division a reciprocal estimate with one Newton step (about
+// 2^-23): the cell's results then differ from F's by a few 1e-6 relative, three orders under the
+// bf16 rounding of h, and its instructions (perf: most of a step beside the tiles) drop by a third.
+struct FastMath {
   static __m512 exp(__m512 x) {
     return simd::Avx512FloatBf16P::exp2(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)));
   }
-  static __m512 recip(__m512 d) {
-    const __m512 r = _mm512_rcp14_ps(d);
-    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+  static __m512 div(__m512 a, __m512 b) {
+    const __m512 r = _mm512_rcp14_ps(b);
+    return _mm512_mul_ps(a, _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.f))));
   }
-  static Z sigmoid(Z x) {
-    return recip(_mm512_add_ps(_mm512_set1_ps(1.f), exp(_mm512_xor_ps(x.v, _mm512_set1_ps(-0.f)))));
-  }
-  static Z tanh(Z x) {
-    const __m512 sign = _mm512_set1_ps(-0.f), one = _mm512_set1_ps(1.f);
-    const __m512 ax = _mm512_andnot_ps(sign, x.v);
-    const __m512 e = exp(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f)));
-    const __m512 big =
-        _mm512_or_ps(_mm512_mul_ps(_mm512_sub_ps(one, e), recip(_mm512_add_ps(one, e))), _mm512_and_ps(sign, x.v));
-    // NaN compares false: a NaN x takes `big`, NaN too (as tanh_ps).
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ), big,
-                                simd::tanh_small_ps(x.v));
-  }
+};
+struct FastCell {
+  static Z sigmoid(Z x) { return simd::sigmoid_ps_by<FastMath>(x.v); }
+  static Z tanh(Z x) { return simd::tanh_ps_by<FastMath>(x.v); }
 };
 
 // bf16 elements of one packed weight tile: 16 rows of 16 pairs (the B operand of tdpbf16ps).
@@ -518,6 +509,17 @@ SK_AMX_FN void rows32(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_
   }
 }
 
+// C (nrows <= 32 rows) by rows32 or rows16; A's rows up to the next multiple of 16 are read (the
+// callers' zero padding).
+SK_AMX_FN void rows_upto32(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C, int64_t ldc,
+                           int64_t nrows) {
+  if (nrows > 16) {
+    rows32(A, lda, wp, nch, C, ldc);
+  } else {
+    rows16(A, lda, wp, nch, C, ldc);
+  }
+}
+
 // The tile configuration of the calling thread, loaded and released (run_sequence's enter / leave).
 SK_AMX_ENTRY void tiles_on() { simd::amx_tiles_on(); }
 SK_AMX_ENTRY void tiles_off() { simd::amx_tiles_off(); }
@@ -562,9 +564,8 @@ SK_AMX_ENTRY void project_chunk(const SeqArgs& a, int64_t s, int64_t blk0, int64
   const int64_t nch = a.Ip / 32, ld = a.nblk * 64;
   for (int64_t j = blk0; j < blk1; ++j) {
     const uint16_t* wp = a.packed_ih + j * nch * 4 * kTile;
-    int64_t r0 = 0;
-    for (; r0 + 32 <= rows; r0 += 32) rows32(a.x + (t0 * a.B + r0) * a.Ip, a.Ip, wp, nch, a.ig + r0 * ld + 64 * j, ld);
-    if (r0 < rows) rows16(a.x + (t0 * a.B + r0) * a.Ip, a.Ip, wp, nch, a.ig + r0 * ld + 64 * j, ld);
+    for (int64_t r0 = 0; r0 < rows; r0 += 32)
+      rows_upto32(a.x + (t0 * a.B + r0) * a.Ip, a.Ip, wp, nch, a.ig + r0 * ld + 64 * j, ld, rows - r0);
   }
 }
 
@@ -584,12 +585,8 @@ SK_AMX_ENTRY void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_t bl
     const int64_t u0 = 16 * j, n = H - u0 < 16 ? H - u0 : 16;
     const uint16_t* wp = a.packed_hh + j * nch * 4 * kTile;
     for (int64_t b0 = 0; b0 < B; b0 += 32) {
-      if (B - b0 > 16) {
-        rows32(hp + b0 * Hp, Hp, wp, nch, acc, 64);  // rows past B: hbuf's zero padding
-      } else {
-        rows16(hp + b0 * Hp, Hp, wp, nch, acc, 64);
-      }
       const int64_t nr = B - b0 < 32 ? B - b0 : 32;
+      rows_upto32(hp + b0 * Hp, Hp, wp, nch, acc, 64, nr);  // rows past B: hbuf's zero padding
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t b = b0 + r;
         const float* igr = a.ig + (tc * B + b) * ld + 64 * j;
@@ -1155,8 +1152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   auto opts = input.options();
   const int64_t Ts = train ? T : 0;
   at::Tensor out = at::empty({T, B, H}, opts), ws = at::empty({Ts, B, G}, opts), cs = at::empty({Ts, B, H}, opts);
-  at::Tensor c = c0.clone(at::MemoryFormat::Contiguous);
-  if (T == 0 || B == 0 || H == 0) return {out, h0.clone(at::MemoryFormat::Contiguous), c, ws, cs};
+  if (T == 0 || B == 0 || H == 0)
+    return {out, h0.clone(at::MemoryFormat::Contiguous), c0.clone(at::MemoryFormat::Contiguous), ws, cs};
   const at::Tensor in = input.contiguous(), h_init = h0.contiguous();
   const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
 #if SK_LSTM_X86_DISPATCH
@@ -1165,6 +1162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     return {o, h_n, c_n, ws, cs};
   }
 #endif
+  at::Tensor c = c0.clone(at::MemoryFormat::Contiguous);  // the running cell state, updated in place
   const at::Tensor x = project ? in : at::Tensor(), ig = project ? at::Tensor() : in;
   auto [o, h_n, c_n] =
       lstm_layer_fused(seq_fused_kernel(true), ig, x, h_init, c, project ? *weight_ih : at::Tensor(), weight_hh, bsum,

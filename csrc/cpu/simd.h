@@ -438,22 +438,32 @@ SK_AVX512_FN __m512 tanh_small_ps(__m512 x) {
   return _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
 }
 
-SK_AVX512_FN __m512 tanh_ps(__m512 x) {
+// tanh and sigmoid from a math policy M giving e^x (M::exp) and a / b (M::div): ExactMath below
+// (exp_ps and vdivps: tanh_ps, sigmoid_ps) or a cheaper one where the result is rounded to bf16
+// anyway (the bf16 LSTM kernel's cell, lstm_cell.cpp).
+template <class M>
+SK_AVX512_FN __m512 tanh_ps_by(__m512 x) {
   const __m512 sign = _mm512_set1_ps(-0.f);
   const __m512 ax = _mm512_andnot_ps(sign, x);
-  const __m512 e = exp_ps(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f)));
+  const __m512 e = M::exp(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f)));
   const __m512 one = _mm512_set1_ps(1.f);
-  const __m512 big = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  const __m512 big = M::div(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
   const __m512 small = tanh_small_ps(x);
   const __m512 large = _mm512_or_ps(big, _mm512_and_ps(sign, x));
   // NaN compares false (ordered), as _CMP_LT_OQ in the AVX2 blend: a NaN x takes `large`, NaN too.
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ), large, small);
 }
-
-SK_AVX512_FN __m512 sigmoid_ps(__m512 x) {
+template <class M>
+SK_AVX512_FN __m512 sigmoid_ps_by(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_xor_ps(x, _mm512_set1_ps(-0.f)))));
+  return M::div(one, _mm512_add_ps(one, M::exp(_mm512_xor_ps(x, _mm512_set1_ps(-0.f)))));
 }
+struct ExactMath {
+  SK_AVX512_FN static __m512 exp(__m512 x) { return exp_ps(x); }
+  SK_AVX512_FN static __m512 div(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
+};
+SK_AVX512_FN __m512 tanh_ps(__m512 x) { return tanh_ps_by<ExactMath>(x); }
+SK_AVX512_FN __m512 sigmoid_ps(__m512 x) { return sigmoid_ps_by<ExactMath>(x); }
 
 // The AVX-512 twin of Avx2Float: same interface, W = 16.
 struct Avx512Float {

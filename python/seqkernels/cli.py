@@ -49,11 +49,7 @@ def cpu_isa_report() -> dict | None:
     if fn is None:
         return None
     fields = dict(kv.split("=", 1) for kv in fn().decode().split(";"))
-    # ops: "attention_fwd=float32:avx512,bfloat16:avx512_bf16,...|decode_attention=..." (cpu/paths.h)
-    ops = {}
-    for fam in filter(None, fields.get("ops", "").split("|")):
-        name, paths = fam.split("=", 1)
-        ops[name] = dict(p.split(":", 1) for p in paths.split(","))
+    ops = _parse_ops(fields.get("ops", ""))
     return {
         "active": fields["active"],
         "supported": fields["supported"].split(","),
@@ -63,17 +59,23 @@ def cpu_isa_report() -> dict | None:
     }
 
 
+def _parse_ops(ops: str) -> dict:
+    """The report's ops field, "attention_fwd=float32:avx512,bfloat16:avx512_bf16,...|decode_attention=..."
+    (cpu/paths.h), as {family: {dtype: path}}."""
+    out = {}
+    for fam in filter(None, ops.split("|")):
+        name, paths = fam.split("=", 1)
+        out[name] = dict(p.split(":", 1) for p in paths.split(","))
+    return out
+
+
 def cpu_path(family: str, dtype: str) -> str | None:
     """The path one kernel family takes now for one dtype ("amx_bf16", ...): cpu_isa_report's
     ``ops[family][dtype]`` without building the rest of the report (the LSTM driver asks per call)."""
     fn = _report_fn()
     if fn is None:
         return None
-    for fam in fn().decode().split("ops=", 1)[-1].split("|"):
-        name, _, paths = fam.partition("=")
-        if name == family:
-            return dict(p.split(":", 1) for p in paths.split(",")).get(dtype)
-    return None
+    return _parse_ops(fn().decode().partition("ops=")[2]).get(family, {}).get(dtype)
 
 
 def cpu_path_lines() -> list:
