@@ -1,7 +1,7 @@
 """The C++ CPU kernels (csrc/cpu/*.cpp) under AddressSanitizer and UndefinedBehaviorSanitizer.
 
 A second build of the CPU kernels (emulation.build.build_cpu: the real sources, compiled with
--fsanitize=address,undefined -fno-sanitize-recover=undefined -O1, ops in the namespace
+-fsanitize=address,undefined -fno-sanitize-recover=undefined -O0, ops in the namespace
 torch.ops.seqkernels_cpu_kernels_asan_ubsan) runs the boundary sweeps of tests/cpu_sanitize/sweeps.py
 in a child Python with libasan + libubsan preloaded (emulation.build.run_cpu_sanitized): any
 out-of-bounds access, even a read whose value is never used, and any undefined behaviour ends the
@@ -16,8 +16,7 @@ dtype and option still appears); the whole sweep, one child per kernel family an
     python -m pytest -q -p no:cacheprovider tests/test_cpu_sanitizers.py --run-slow
 
 The sanitized build is cached under build/emulation/ (SEQKERNELS_EMU_BUILD_DIR); its first build
-costs about 165 CPU-seconds (attention.cpp alone about 80, the longest single job): two to three
-minutes on two cores.
+costs about 100 CPU-seconds on the 2-core Xeon (tests/emulation/build.py says why -O0).
 """
 
 import os

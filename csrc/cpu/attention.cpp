@@ -128,8 +128,8 @@ struct VecPortable {
 enum class Mode { Store, Add, ScaleAdd };  // C = AB, C += AB, C = C * alpha[r] + AB
 
 template <class P, int MR, int NV, Mode M>
-inline void micro_tile(const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B, int64_t ldb,
-                       int64_t K, typename P::T* C, int64_t ldc, const typename P::T* alpha) {
+SK_POLICY_INLINE void micro_tile(const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B,
+                                 int64_t ldb, int64_t K, typename P::T* C, int64_t ldc, const typename P::T* alpha) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -171,8 +171,9 @@ inline void micro_tile(const typename P::T* A, int64_t a_rs, int64_t a_ks, const
 
 // MR rows, ncols (a multiple of W) columns.
 template <class P, int MR, Mode M>
-inline void gemm_rows_fixed(const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B, int64_t ldb,
-                            int64_t K, typename P::T* C, int64_t ldc, int64_t ncols, const typename P::T* alpha) {
+SK_POLICY_INLINE void gemm_rows_fixed(const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B,
+                                      int64_t ldb, int64_t K, typename P::T* C, int64_t ldc, int64_t ncols,
+                                      const typename P::T* alpha) {
   constexpr int W = P::W;
   int64_t c = 0;
   for (; c + 2 * W <= ncols; c += 2 * W) {
@@ -183,8 +184,9 @@ inline void gemm_rows_fixed(const typename P::T* A, int64_t a_rs, int64_t a_ks, 
 
 // Any number of rows: groups of kMRof<P>, then of kMR, then one narrower group.
 template <class P, Mode M>
-inline void gemm(int64_t rows, const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B, int64_t ldb,
-                 int64_t K, typename P::T* C, int64_t ldc, int64_t ncols, const typename P::T* alpha = nullptr) {
+SK_POLICY_INLINE void gemm(int64_t rows, const typename P::T* A, int64_t a_rs, int64_t a_ks, const typename P::T* B,
+                           int64_t ldb, int64_t K, typename P::T* C, int64_t ldc, int64_t ncols,
+                           const typename P::T* alpha = nullptr) {
   int64_t r = 0;
   auto al = [&](int64_t r0) { return M == Mode::ScaleAdd ? alpha + r0 : nullptr; };
   if constexpr (kMRof<P> != kMR) {
@@ -222,8 +224,8 @@ inline void gemm(int64_t rows, const typename P::T* A, int64_t a_rs, int64_t a_k
 // panels of NR = 2W columns (S = Q K^T of one row group against packed K^T panels), with the
 // row addressing set up once for all panels.
 template <class P, int MR>
-inline void panels_fixed(const typename P::T* A, int64_t a_rs, const typename P::T* B, int64_t K, int64_t np,
-                         typename P::T* C, int64_t ldc) {
+SK_POLICY_INLINE void panels_fixed(const typename P::T* A, int64_t a_rs, const typename P::T* B, int64_t K, int64_t np,
+                                   typename P::T* C, int64_t ldc) {
   constexpr int NR = 2 * P::W;
   for (int64_t p = 0; p < np; ++p) {
     micro_tile<P, MR, 2, Mode::Store>(A, a_rs, 1, B + p * K * NR, NR, K, C + p * NR, ldc, nullptr);
@@ -232,8 +234,8 @@ inline void panels_fixed(const typename P::T* A, int64_t a_rs, const typename P:
 
 // rows <= kMRof<P>: a whole wide tile, or kMR rows and then the rest.
 template <class P>
-inline void gemm_panels(int64_t rows, const typename P::T* A, int64_t a_rs, const typename P::T* B, int64_t K,
-                        int64_t np, typename P::T* C, int64_t ldc) {
+SK_POLICY_INLINE void gemm_panels(int64_t rows, const typename P::T* A, int64_t a_rs, const typename P::T* B, int64_t K,
+                                  int64_t np, typename P::T* C, int64_t ldc) {
   if constexpr (kMRof<P> != kMR) {
     static_assert(kMRof<P> == 2 * kMR, "one group of kMR rows and a narrower one cover the rest");
     if (rows == kMRof<P>) return panels_fixed<P, kMRof<P>>(A, a_rs, B, K, np, C, ldc);
@@ -430,8 +432,8 @@ struct Lanes {
 // derivative 1 - tanh^2(s / c) = softcap_grad(capped, c), for dS. Hidden and padded keys are
 // modified too (a few wasted lanes, no branch); the caller overwrites them with -inf after.
 template <class P>
-inline void apply_mods_row(typename P::T* s, int64_t w, int64_t pl, int64_t diag, const RowMods<typename P::T>& md,
-                           typename P::T* g) {
+SK_POLICY_INLINE void apply_mods_row(typename P::T* s, int64_t w, int64_t pl, int64_t diag,
+                                     const RowMods<typename P::T>& md, typename P::T* g) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -533,9 +535,9 @@ inline void drop_row(T* s, int64_t c0, int64_t c1, int64_t pl, const FwdRows<T>&
 // contracts s * sc - m into one FMA (an unrounded product minus the rounded max: the failure
 // above).
 template <class P>
-inline void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo, int64_t hi, typename P::T& m,
-                            typename P::T& l, typename P::T& alpha, const FwdRows<typename P::T>& a, int64_t r,
-                            typename P::T sc = typename P::T(1)) {
+SK_POLICY_INLINE void fwd_softmax_row(typename P::T* s, int64_t w, int64_t pl, int64_t lo, int64_t hi, typename P::T& m,
+                                      typename P::T& l, typename P::T& alpha, const FwdRows<typename P::T>& a,
+                                      int64_t r, typename P::T sc = typename P::T(1)) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -683,8 +685,8 @@ SK_AVX512_FN void fwd_softmax_rows16(float* S, int64_t BN, int64_t n, int64_t w,
 
 // The softmax of rows r0 .. r0 + mr - 1 in one key block (S: row r at S + r * BN; alpha: row r0's).
 template <class P>
-inline void fwd_softmax_group(typename P::T* S, int64_t mr, int64_t w, int64_t pl, int64_t r0,
-                              const FwdRows<typename P::T>& a, typename P::T* alpha, typename P::T sc) {
+SK_POLICY_INLINE void fwd_softmax_group(typename P::T* S, int64_t mr, int64_t w, int64_t pl, int64_t r0,
+                                        const FwdRows<typename P::T>& a, typename P::T* alpha, typename P::T sc) {
 #if SK_SIMD_X86
   if constexpr (P::W == 16 && std::is_same_v<typename P::T, float>) {
     if (!a.mods.on() && a.mask.kind == MaskKind::None) {
@@ -708,10 +710,10 @@ struct FwdProducts {
   static constexpr int NR = 2 * P::W;
   static constexpr int64_t kRows = kMRof<P>;  // rows per group: the register tile's
   static constexpr bool kUnscaled = false;    // scores() leaves S scaled (Q was)
-  static void scores(const FwdRows<T>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w, T* S) {
+  SK_POLICY_INLINE static void scores(const FwdRows<T>& a, int64_t mr, int64_t r0, int64_t pl, int64_t w, T* S) {
     gemm_panels<P>(mr, a.Qs + r0 * a.D, a.D, a.Kp + (pl / NR) * a.D * NR, a.D, w / NR, S, a.BN);
   }
-  static void pv(const FwdRows<T>& a, int64_t mr, int64_t r0, const T* S, int64_t pl, int64_t w) {
+  SK_POLICY_INLINE static void pv(const FwdRows<T>& a, int64_t mr, int64_t r0, const T* S, int64_t pl, int64_t w) {
     gemm<P, Mode::ScaleAdd>(mr, S, a.BN, 1, a.Vp + pl * a.Dvp, a.Dvp, w, a.O + r0 * a.Dvp, a.Dvp, a.Dvp, a.alpha);
   }
 };
@@ -719,7 +721,7 @@ struct FwdProducts {
 // Rows go in groups of Products::kRows (the products' row tile): the scratch P and alpha hold one
 // group.
 template <class P, class Products = FwdProducts<P>>
-inline void fwd_rows(const FwdRows<typename P::T>& a) {
+SK_POLICY_INLINE void fwd_rows(const FwdRows<typename P::T>& a) {
   using T = typename P::T;
   constexpr int NR = 2 * P::W;
   constexpr int64_t MR = Products::kRows;
@@ -805,9 +807,10 @@ struct BwdBlock {
 // lse (one more rounding at |lse| ~ 10) would not. `corr` (0 but for rows of huge |lse|, see
 // lse_corrections) is subtracted by the FMA that applies log2(e): P = exp2((s - lse) log2(e) - corr).
 template <class P>
-inline void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, int64_t lo, int64_t hi,
-                    typename P::T lse, typename P::T corr, typename P::T delta, const BwdBlock<typename P::T>& a,
-                    int64_t h, int64_t i, const RowMods<typename P::T>* md) {
+SK_POLICY_INLINE void bwd_row(typename P::T* s, typename P::T* dp, int64_t w, int64_t pl, int64_t lo, int64_t hi,
+                              typename P::T lse, typename P::T corr, typename P::T delta,
+                              const BwdBlock<typename P::T>& a, int64_t h, int64_t i,
+                              const RowMods<typename P::T>* md) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -896,7 +899,7 @@ struct BwdHead {
 };
 
 template <class P>
-inline void bwd_block(const BwdBlock<typename P::T>& a) {
+SK_POLICY_INLINE void bwd_block(const BwdBlock<typename P::T>& a) {
   using T = typename P::T;
   constexpr int NR = 2 * P::W;
   const int64_t D = a.D, Dp = a.Dp, Dv = a.Dv, Dvp = a.Dvp, BN = a.BN, Lq = a.Lq;

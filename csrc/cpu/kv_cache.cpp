@@ -302,8 +302,8 @@ using simd::Avx2Float;
 // entries, a multiple of every W; the lanes past n are scratch that nothing reads).
 static_assert(kKeyTile % 16 == 0, "a score row holds whole vectors of every width");
 template <class P>
-inline void modify_scores(typename P::T* s, int n, typename P::T cap, typename P::T inv_cap, bool alibi,
-                          typename P::T slope, int64_t diag, int64_t j0) {
+SK_POLICY_INLINE void modify_scores(typename P::T* s, int n, typename P::T cap, typename P::T inv_cap, bool alibi,
+                                    typename P::T slope, int64_t diag, int64_t j0) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -330,8 +330,8 @@ inline void modify_scores(typename P::T* s, int n, typename P::T cap, typename P
 // to whole vectors, are set to -inf first: no effect on the max or the NaN test, exactly 0 after
 // the exp2 (so nothing in the sum), and never read by P V.
 template <class P>
-inline void softmax_rows(typename P::T* S, int64_t lds, int M, int n, int64_t Dv, typename P::T* mrow,
-                         typename P::T* lrow, typename P::T* acc, int64_t ldacc) {
+SK_POLICY_INLINE void softmax_rows(typename P::T* S, int64_t lds, int M, int n, int64_t Dv, typename P::T* mrow,
+                                   typename P::T* lrow, typename P::T* acc, int64_t ldacc) {
   using T = typename P::T;
   using V = typename P::V;
   constexpr int W = P::W;
@@ -829,7 +829,8 @@ struct F64Products {
   static_assert(MB * NB + MB + 1 <= (W == 8 ? 32 : 16) && MB * CB + CB + 1 <= (W == 8 ? 32 : 16), "blocks spill");
 
   template <int R, int C>
-  static void dot_block(const double* q, int64_t ldq, int64_t D, const double* const* k, double* S, int64_t lds) {
+  SK_POLICY_INLINE static void dot_block(const double* q, int64_t ldq, int64_t D, const double* const* k, double* S,
+                                         int64_t lds) {
     V acc[R][C];
 #pragma GCC unroll 16
     for (int a = 0; a < R; ++a)
@@ -858,15 +859,15 @@ struct F64Products {
   }
 
   template <int R>
-  static void dot_rows(const double* q, int64_t ldq, int64_t D, const double* const* krows, int n, double* S,
-                       int64_t lds) {
+  SK_POLICY_INLINE static void dot_rows(const double* q, int64_t ldq, int64_t D, const double* const* krows, int n,
+                                        double* S, int64_t lds) {
     int i = 0;
     for (; i + NB <= n; i += NB) dot_block<R, NB>(q, ldq, D, krows + i, S + i, lds);
     for (; i < n; ++i) dot_block<R, 1>(q, ldq, D, krows + i, S + i, lds);
   }
 
-  static void scores(const double* q, int64_t ldq, int M, int64_t D, const double* const* krows, int n, double* S,
-                     int64_t lds) {
+  SK_POLICY_INLINE static void scores(const double* q, int64_t ldq, int M, int64_t D, const double* const* krows, int n,
+                                      double* S, int64_t lds) {
     int m = 0;
     for (; m + MB <= M; m += MB) dot_rows<MB>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
     for (; m < M; ++m) dot_rows<1>(q + m * ldq, ldq, D, krows, n, S + m * lds, lds);
@@ -874,8 +875,8 @@ struct F64Products {
 
   // acc[r][c0 .. c0 + W*C) += sum_i P[r][i] V[i][c0 ..] for R rows, accumulators in registers.
   template <int R, int C>
-  static void pv_block(const double* Pm, int64_t ldp, int n, const double* const* vrows, int64_t c0, double* acc,
-                       int64_t ldacc) {
+  SK_POLICY_INLINE static void pv_block(const double* Pm, int64_t ldp, int n, const double* const* vrows, int64_t c0,
+                                        double* acc, int64_t ldacc) {
     V a[R][C];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
@@ -899,8 +900,8 @@ struct F64Products {
   }
 
   template <int R>
-  static void pv_rows(const double* Pm, int64_t ldp, int n, const double* const* vrows, int64_t Dv, double* acc,
-                      int64_t ldacc) {
+  SK_POLICY_INLINE static void pv_rows(const double* Pm, int64_t ldp, int n, const double* const* vrows, int64_t Dv,
+                                       double* acc, int64_t ldacc) {
     int64_t c0 = 0;
     for (; c0 + W * CB <= Dv; c0 += W * CB) pv_block<R, CB>(Pm, ldp, n, vrows, c0, acc, ldacc);
     for (; c0 + W <= Dv; c0 += W) pv_block<R, 1>(Pm, ldp, n, vrows, c0, acc, ldacc);
@@ -913,8 +914,8 @@ struct F64Products {
       }
   }
 
-  static void softmax_pv(double* S, int64_t lds, int M, int n, const double* const* vrows, int64_t Dv, double* mrow,
-                         double* lrow, double* acc, int64_t ldacc) {
+  SK_POLICY_INLINE static void softmax_pv(double* S, int64_t lds, int M, int n, const double* const* vrows, int64_t Dv,
+                                          double* mrow, double* lrow, double* acc, int64_t ldacc) {
     softmax_rows<P>(S, lds, M, n, Dv, mrow, lrow, acc, ldacc);
     int m = 0;
     for (; m + MB <= M; m += MB) pv_rows<MB>(S + m * lds, lds, n, vrows, Dv, acc + m * ldacc, ldacc);

@@ -84,9 +84,9 @@
 #define SK_AMX_TARGET SK_AVX512BF16_TARGET ",amx-tile,amx-bf16"
 #define SK_AMX_FN __attribute__((target(SK_AMX_TARGET))) inline
 #define SK_AMX_ENTRY __attribute__((target(SK_AMX_TARGET), flatten, noinline))
-// __m256 values only cross function boundaries inside code compiled for AVX2 (flattened entry
-// points, inlined helpers), never through the baseline-ISA drivers, so g++'s note that the
-// by-value vector ABI differs between ISAs does not apply.
+// __m256 values only cross function boundaries inside code compiled for AVX2 (entry points, the
+// helpers and SK_POLICY_INLINE code inlined into them), never through the baseline-ISA drivers, so
+// g++'s note that the by-value vector ABI differs between ISAs does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 // g++ 12 flags the AVX-512 intrinsics' own `__m512 __Y = __Y;` placeholder (an undefined
 // pass-through operand) as uninitialized wherever they are inlined (GCC PR 105593, fixed in 13).
@@ -97,6 +97,16 @@
 #else
 #define SK_SIMD_X86 0
 #endif
+
+// Code written once over a vector policy P (attention.cpp's products, softmax rows and blocks,
+// kv_cache.cpp's decode pieces) has no target of its own: it becomes P's code by being inlined into
+// an entry point (or method) that carries P's target. `flatten` on the entry does that at -O1 and
+// above, but g++ inlines nothing at -O0 unless it is always_inline: an out-of-line instance there
+// is baseline code that receives P's vectors in memory from, and hands them to, helpers that pass
+// them in registers, and every SIMD path computes garbage (seen in the -O0 sanitizer build). Every
+// such template, and every member of a products class that such a template calls, is
+// SK_POLICY_INLINE, so that what it compiles to does not depend on the optimization level.
+#define SK_POLICY_INLINE inline __attribute__((always_inline))
 
 namespace seqkernels {
 namespace simd {
