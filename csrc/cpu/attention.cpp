@@ -932,7 +932,9 @@ SK_POLICY_INLINE void bwd_block(const BwdBlock<typename P::T>& a) {
 
 // ---------------------------------------------------------------------------------------------
 // Entry points per instruction set. The policy fixes the vector width W, and with it the panel
-// width NR = 2W of the packed K/V, so the drivers pack for the kernels they picked.
+// width NR = 2W of the packed K/V, so the drivers pack for the kernels they picked. Each entry
+// carries its level's target; the policy templates above are inlined into it (SK_POLICY_INLINE,
+// cpu/simd.h), so they compile for that target whatever the optimization level.
 // ---------------------------------------------------------------------------------------------
 
 // Tile sizes: query rows per forward task (a multiple of every row group: 6 rows on AVX2, 12 on

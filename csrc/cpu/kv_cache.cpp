@@ -295,8 +295,9 @@ struct GenericOps {
 using simd::Avx2Float;
 
 // The parts of the AVX2 and AVX-512 ops that differ only in the vector width, written once on the
-// vector policy P (simd::Avx2Float, simd::Avx512Float). Plain templates: each Ops class calls them
-// from a method with its target and `flatten`, which compiles them, P's helpers inlined, for it.
+// vector policy P (simd::Avx2Float, simd::Avx512Float). Templates without a target: each Ops class
+// calls them from a method with its target, into which they are always inlined (SK_POLICY_INLINE,
+// cpu/simd.h: `flatten` alone does not at -O0), so they compile for it.
 
 // GenericOps::modify in vectors of P::W: whole vectors up to round_up(n, W) (the row has kKeyTile
 // entries, a multiple of every W; the lanes past n are scratch that nothing reads).
@@ -818,8 +819,8 @@ struct Avx512Ops {
 // float64 decode on the attention kernels' float64 policies (simd::Avx2Double, simd::Avx512Double):
 // the cache rows read in place (no conversion), the score modifiers and the softmax the shared
 // modify_scores / softmax_rows, the two products in vectors of P::W with scalar tails (head dims
-// that are not multiples of W). Plain templates, compiled for each level by the flattened methods
-// of F64Ops below. Register blocks: MB query rows x NB keys (scores) and MB rows x CB vectors of
+// that are not multiples of W). Templates without a target, compiled for each level by being
+// inlined (SK_POLICY_INLINE) into the methods of F64Ops below. Register blocks: MB query rows x NB keys (scores) and MB rows x CB vectors of
 // columns (P V) plus the operands within 16 ymm (AVX2: 2 x 4) or 32 zmm (AVX-512: 4 x 4).
 template <class P>
 struct F64Products {
