@@ -820,8 +820,9 @@ struct Avx512Ops {
 // the cache rows read in place (no conversion), the score modifiers and the softmax the shared
 // modify_scores / softmax_rows, the two products in vectors of P::W with scalar tails (head dims
 // that are not multiples of W). Templates without a target, compiled for each level by being
-// inlined (SK_POLICY_INLINE) into the methods of F64Ops below. Register blocks: MB query rows x NB keys (scores) and MB
-// rows x CB vectors of columns (P V) plus the operands within 16 ymm (AVX2: 2 x 4) or 32 zmm (AVX-512: 4 x 4).
+// inlined (SK_POLICY_INLINE) into the methods of F64Ops below. Register blocks: MB query rows x NB
+// keys (scores) and MB rows x CB vectors of columns (P V) plus the operands within 16 ymm (AVX2:
+// 2 x 4) or 32 zmm (AVX-512: 4 x 4).
 template <class P>
 struct F64Products {
   using V = typename P::V;
