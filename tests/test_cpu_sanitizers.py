@@ -5,10 +5,12 @@ A second build of the CPU kernels (emulation.build.build_cpu: the real sources, 
 torch.ops.seqkernels_cpu_kernels_asan_ubsan) runs the boundary sweeps of tests/cpu_sanitize/sweeps.py
 in a child Python with libasan + libubsan preloaded (emulation.build.run_cpu_sanitized): any
 out-of-bounds access, even a read whose value is never used, and any undefined behaviour ends the
-child with the sanitizer's report, which fails the test. Each sweep runs on both instruction-set
-paths: the AVX2 kernels (what an x86 machine with AVX2 takes) and the portable ones
-(SEQKERNELS_CPU_ISA=portable, which all three kernel families read). Planted bugs (tests/cpu_sanitize/planted_bugs.cpp, compiled into the same
-library) show that both sanitizers report.
+child with the sanitizer's report, which fails the test. Each sweep runs on every instruction-set
+path the machine can execute (ISAS below: AMX, AVX-512, AVX2, portable, each forced by
+SEQKERNELS_CPU_ISA, which all three kernel families read), and checks its results against the
+reference: the build is -O0, so a path that is right only once the optimizer has inlined it fails
+here. Planted bugs (tests/cpu_sanitize/planted_bugs.cpp, compiled into the same library) show that
+both sanitizers report.
 
 The default run (CI) takes a bounded sample of each sweep (every tile-edge length, head dim,
 dtype and option still appears); the whole sweep, one child per kernel family and path, is
