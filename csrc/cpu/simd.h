@@ -106,7 +106,13 @@
 // them in registers, and every SIMD path computes garbage (seen in the -O0 sanitizer build). Every
 // such template, and every member of a products class that such a template calls, is
 // SK_POLICY_INLINE, so that what it compiles to does not depend on the optimization level.
+#if defined(__GNUC__) || defined(__clang__)
 #define SK_POLICY_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define SK_POLICY_INLINE __forceinline
+#else
+#define SK_POLICY_INLINE inline
+#endif
 
 namespace seqkernels {
 namespace simd {
