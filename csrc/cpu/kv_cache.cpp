@@ -926,7 +926,7 @@ struct F64Products {
 };
 
 // The Ops interface of decode_units for float64, one specialization per level, each method
-// compiled for that level's target (FN) with F64Products<P> flattened into it.
+// compiled for that level's target (FN) with F64Products<P> inlined into it (SK_POLICY_INLINE).
 template <class P>
 struct F64Ops;
 #define SK_F64_OPS(P, FN)                                                                                     \
