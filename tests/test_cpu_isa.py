@@ -175,6 +175,11 @@ ATTENTION_CASES = [
     (2, 4, 1, 16, 47, 80, 24, dict(softcap=4.0, alibi=True, sinks=True)),
     (1, 2, 1, 33, 64, 32, 32, dict(dropout_p=0.25)),
     (1, 4, 2, 0, 0, 40, 40, dict(packed=([3, 0, 33, 17], [5, 2, 32, 40]), causal=True)),
+    # Scales <= 0 (any finite scale is valid) with key blocks cut short by Lk and by the causal
+    # edge: the padding columns are -inf, which a negative or zero scale must not turn into +inf
+    # or NaN (the AMX forward once scaled them after filling).
+    (1, 2, 1, 20, 37, 24, 24, dict(causal=True, scale=-0.7)),
+    (1, 2, 2, 5, 70, 16, 16, dict(scale=0.0)),
 ]
 
 

@@ -31,10 +31,13 @@
 // and run the products by vdpbf16ps (float32 accumulation), forward (fwd_rows_avx512bf16) and
 // backward (bwd_block_avx512bf16); the softmax and everything elementwise stays float32.
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -612,18 +615,26 @@ SK_AVX512_FN void fwd_softmax_rows16(float* S, int64_t BN, int64_t n, int64_t w,
       continue;
     }
     live |= static_cast<__mmask16>(1u << r);
-    fill(s, c0, -kInf);
-    fill(s + c1, w - c1, -kInf);
     // The max never takes a NaN score (vmaxps returns its second operand, mv): no NaN lanes.
     // sc != 1 (AMX): the scores are scaled as the max pass reads them, and stored, in place of a
-    // pass of their own right after the tile stores (which waited on them).
+    // pass of their own right after the tile stores (which waited on them). The columns outside
+    // [c0, c1) become -inf after the scale, not before: -inf times a scale <= 0 (any finite scale
+    // is valid) is +inf or NaN.
     V mv = P::set1(-kInf);
     if (sc == 1.f) {
+      fill(s, c0, -kInf);
+      fill(s + c1, w - c1, -kInf);
       for (int64_t j = 0; j < w; j += 16) mv = P::max(P::load(s + j), mv);
     } else {
-      const V scv = P::set1(sc);
+      const V scv = P::set1(sc), ninf = P::set1(-kInf);
       for (int64_t j = 0; j < w; j += 16) {
-        const V x = P::mul(P::load(s + j), scv);
+        V x = P::mul(P::load(s + j), scv);
+        if (j < c0 || j + 16 > c1) {
+          // Lanes j + l with c0 <= j + l < c1 keep their score.
+          const int64_t lo = std::clamp<int64_t>(c0 - j, 0, 16), hi = std::clamp<int64_t>(c1 - j, 0, 16);
+          const auto in = static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+          x = _mm512_mask_blend_ps(in, ninf, x);
+        }
         P::store(s + j, x);
         mv = P::max(x, mv);
       }
