@@ -379,6 +379,16 @@ def test_other_bad_arguments_are_named(bad):
         seqkernels.attention(q, q, q, **bad)
 
 
+def test_zero_heads_are_refused_by_name():
+    """torch's SDPA returns an empty result for zero heads; here every entry point refuses it with
+    the argument named (never a ZeroDivisionError from the head-group arithmetic)."""
+    q, k = torch.randn(2, 0, 4, 8), torch.randn(2, 0, 6, 8)
+    with pytest.raises(ValueError, match=r"^k: expected at least one key/value head"):
+        seqkernels.attention(q, k, k)
+    with pytest.raises(ValueError, match=r"^k: expected at least one key/value head"):
+        seqkernels.scaled_dot_product_attention(q, k, k)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decided and documented behaviour
 

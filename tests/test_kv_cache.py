@@ -118,6 +118,21 @@ def test_check_false_skips_out_of_range_tokens(backend, request):
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_check_false_negative_int64_starts(backend, paged, request):
+    """int64 cache_seqlens below int32's range, or negative: a start of -5 with 6 tokens writes
+    positions 0 (its 6th token) only, -2**40 nothing; the int32 conversion once clamped both to
+    -1, which wrote tokens 1.. of either at positions 0.."""
+    emu = request.getfixturevalue("emu") if backend == "cuda_emu" else None
+    kc, vc, table = make_caches(3, 2, 16, 8, 8, torch.float32, paged=paged, block_size=4)
+    kn, vn = torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)
+    lens = torch.tensor([-5, -(2**40), 3], dtype=torch.int64)
+    want_k, want_v = expected(kc, vc, kn, vn, lens, table)
+    got_k, got_v = run_append(backend, kc, vc, kn, vn, lens, table, check=False, emu=emu)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("problem", ["overflow", "table_columns", "bad_block", "negative_length"])
 def test_host_check_rejects_before_writing(paged, problem):

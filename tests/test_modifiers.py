@@ -11,7 +11,7 @@ import torch
 from conftest import HAS_CUDA
 
 import seqkernels
-from seqkernels import backends, capabilities, testing
+from seqkernels import _ext, backends, capabilities, testing
 from seqkernels.ops import attention as attn_ops
 from seqkernels.ops import kv_cache as kv_ops
 
@@ -360,6 +360,9 @@ def test_decode_reference_is_attention_over_the_cache():
         (dict(softcap=math.nan), ValueError, "softcap"),
         (dict(softcap=math.inf), ValueError, "softcap"),
         (dict(softcap=True), TypeError, "softcap"),
+        # Finite, but outside float32, where float32 inputs' kernels apply the cap (inf * 0 there).
+        (dict(softcap=1e39), ValueError, r"softcap: expected a value in \[.*\] for float32 inputs"),
+        (dict(softcap=1e-300), ValueError, r"softcap: expected a value in \[.*\] for float32 inputs"),
         (dict(softcap="50"), TypeError, "softcap"),
     ],
 )
@@ -374,8 +377,6 @@ def test_bad_modifiers_are_named(kw, exc, match):
 
 def test_cpp_ops_check_modifiers_themselves():
     """A direct call of the C++ op (no public layer) still names the argument."""
-    from seqkernels import _ext
-
     if not _ext.extension_available():
         pytest.skip("seqkernels._C is not built")
     q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
@@ -387,6 +388,19 @@ def test_cpp_ops_check_modifiers_themselves():
         fwd(*args, torch.zeros(1, 4, dtype=torch.float64), None, 0.0)
     with pytest.raises(RuntimeError, match="softcap must be a finite number"):
         fwd(*args, None, None, -2.0)
+    with pytest.raises(RuntimeError, match=r"softcap must lie in \["):
+        fwd(*args, None, None, 1e39)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_float64_takes_caps_past_float32(backend):
+    """float64 inputs compute the cap in float64: a cap of 1e300 is in range there and leaves the
+    scores as they are (c * tanh(s / c) = s to float64 rounding)."""
+    if backend == "cpu" and not _ext.extension_available():
+        pytest.skip("seqkernels._C is not built")
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    got = seqkernels.attention(q, k, v, softcap=1e300, backend=backend)
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
 def test_unsupported_modifier_refuses_explicitly_and_auto_falls_through(monkeypatch):

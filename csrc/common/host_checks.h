@@ -12,7 +12,7 @@
 
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <limits>
@@ -138,6 +138,11 @@ ModifierArgs<T> check_modifiers(const std::optional<at::Tensor>& alibi_slopes, c
   const auto acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
   TORCH_CHECK(softcap >= 0 && softcap < std::numeric_limits<double>::infinity(), op,
               ": softcap must be a finite number >= 0 (0 = off), got ", softcap);
+  // The cap is applied in T: one past T's range would be inf there (inf * tanh(s / inf) = NaN), one
+  // below T's smallest normal value may round to 0.
+  TORCH_CHECK(softcap == 0 || (softcap >= std::numeric_limits<T>::min() && softcap <= std::numeric_limits<T>::max()),
+              op, ": softcap must lie in [", std::numeric_limits<T>::min(), ", ", std::numeric_limits<T>::max(),
+              "] (the range of the accumulation type), got ", softcap);
   check_modifier_tensor(alibi_slopes, "alibi_slopes", {B, Hq}, "(B, Hq)", acc, dev, op);
   check_modifier_tensor(sinks, "sinks", {Hq}, "(Hq,)", acc, dev, op);
   return {static_cast<T>(softcap), alibi_slopes ? alibi_slopes->data_ptr<T>() : nullptr,

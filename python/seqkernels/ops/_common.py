@@ -43,19 +43,23 @@ def check_same(names: Iterable[str], tensors: Iterable[torch.Tensor], *, dtype=T
 
 
 INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
 
 
-def to_int32_saturated(t: torch.Tensor) -> torch.Tensor:
+def to_int32_saturated(t: torch.Tensor, low: int = -1) -> torch.Tensor:
     """The int32 form of an index tensor the kernels read, contiguous. int64 values outside the
-    int32 range are clamped to [-1, INT32_MAX] first, never wrapped: a plain cast would turn
+    int32 range are clamped to [low, INT32_MAX] first, never wrapped: a plain cast would turn
     2**32 + 3 into 3, a valid position or block id, and the kernels would silently use it. Clamped,
     an out-of-range value stays out of range (negative, or past any capacity), so a kernel that
-    skips or clamps such values still does. The caller validates values before this (on the host)
-    wherever it can afford the sync; this is what keeps unvalidated GPU inputs safe."""
+    skips or clamps such values still does. `low` -1 suits lengths and block ids (any negative
+    value means none); a start position that the kernels offset by a token index in int64
+    (kv_cache_append's cache_seqlens) takes INT32_MIN, so that start + t stays negative where the
+    int64 value's did. The caller validates values before this (on the host) wherever it can afford
+    the sync; this is what keeps unvalidated GPU inputs safe."""
     if t.dtype == torch.int32 and t.is_contiguous():
         return t  # the common call: no two no-op dispatches (about 3 us) on every decode step
     if t.dtype == torch.int64:
-        t = t.clamp(-1, INT32_MAX)
+        t = t.clamp(low, INT32_MAX)
     return t.to(torch.int32).contiguous()
 
 
@@ -171,6 +175,15 @@ def check_modifiers(q: torch.Tensor, softcap, alibi_slopes, sinks, batch: Option
         cap = float(softcap)
         if not (math.isfinite(cap) and cap > 0):
             raise ValueError(f"softcap: expected a finite float > 0 (None = off), got {softcap!r}")
+        # The kernels hold the cap in the accumulation type: a cap beyond its range would be inf
+        # there (c * tanh(s / c) = inf * 0, NaN), one below its smallest normal value may be 0.
+        fi = torch.finfo(acc)
+        if not fi.tiny <= cap <= fi.max:
+            raise ValueError(
+                f"softcap: expected a value in [{fi.tiny:.4g}, {fi.max:.4g}] for {str(q.dtype).replace('torch.', '')} "
+                f"inputs (the range of {str(acc).replace('torch.', '')}, in which the kernels apply the cap), "
+                f"got {softcap!r}"
+            )
     slopes = None
     if alibi_slopes is not None:
         check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32, torch.float64))

@@ -175,7 +175,10 @@ def prepare_attention(
     if v.shape[1] != Hkv or v.shape[2] != Lk:
         raise ValueError(f"v: expected shape ({B}, {Hkv}, {Lk}, Dv) to match k {tuple(k.shape)}, got {tuple(v.shape)}")
     Dv = v.shape[3]
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hkv == 0:
+        # torch's SDPA returns an empty result for zero heads; here that is refused by name.
+        raise ValueError(f"k: expected at least one key/value head, got shape {tuple(k.shape)}")
+    if Hq % Hkv != 0:
         raise ValueError(
             f"q, k: the number of query heads ({Hq}) must be a multiple of the number of key/value heads ({Hkv})"
         )

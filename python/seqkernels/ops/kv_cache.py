@@ -33,6 +33,7 @@ from torch import Tensor
 from .. import backends, capabilities
 from ._common import (
     FLOAT_DTYPES,
+    INT32_MIN,
     MAX_HEAD_DIM,
     check_cu_seqlens,
     check_index_tensor,
@@ -253,7 +254,7 @@ def _prepare_append_packed(k_cache, v_cache, k_new, v_new, cache_seqlens, cu_seq
         v_cache,
         k_new.transpose(0, 1).unsqueeze(0),
         v_new.transpose(0, 1).unsqueeze(0),
-        to_int32_saturated(cache_seqlens),
+        to_int32_saturated(cache_seqlens, INT32_MIN),
         table,
         cu,
     )
@@ -284,7 +285,7 @@ def prepare_append(
     if check and T > 0 and B > 0:
         _validate_positions(cache_seqlens, T, capacity, block_size, block_table, k_cache.shape[0])
     table = None if block_table is None else to_int32_saturated(block_table)
-    return AppendCall(k_cache, v_cache, k_new, v_new, to_int32_saturated(cache_seqlens), table)
+    return AppendCall(k_cache, v_cache, k_new, v_new, to_int32_saturated(cache_seqlens, INT32_MIN), table)
 
 
 # What a call asks of a backend; each backend's limits are its row of capabilities.TABLE.
