@@ -177,6 +177,45 @@ def test_unbatched_input(backend, batch_first):
         torch.testing.assert_close(c, exp_c)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_empty_batch_trains(backend, dtype):
+    """An empty batch gives empty outputs and, in training, empty gradients of torch's shapes and
+    zero weight gradients (the cpu backend's layer backward once failed to reshape its h_prev)."""
+    _skip_unless_runs(backend, "cpu", dtype)
+    ref, ours = _pair(backend, dtype=dtype, input_size=5, hidden_size=7, num_layers=2, bidirectional=True)
+    x = torch.randn(4, 0, 5, dtype=dtype, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    grads = []
+    for m, xi in ((ref, xr), (ours, x)):
+        out, (h, c) = m(xi)
+        assert out.shape == (4, 0, 14) and h.shape == (4, 0, 7)
+        grads.append(torch.autograd.grad((out.sum() + h.sum() + c.sum()), [xi, *m.parameters()]))
+    for a, b in zip(*grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_double_backward_refusal_names_the_way_out(backend):
+    """The kernel backends' layer backward is first-order: differentiating its result again raises
+    an error that says so and names backend='reference' (which differentiates to any order)."""
+    _skip_unless_runs(backend, "cpu", torch.float32)
+    m = LSTM(4, 5, backend=backend)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    out, _ = m(x)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="nn.LSTM: double backward .*backend='reference'"):
+        g.sum().backward()
+    # The first-order gradient itself is unchanged by create_graph.
+    (g1,) = torch.autograd.grad(m(x)[0].pow(2).sum(), x)
+    torch.testing.assert_close(g.detach(), g1)
+    ref = LSTM(4, 5, backend="reference")
+    ref.load_state_dict(m.state_dict())
+    (gr,) = torch.autograd.grad(ref(x)[0].pow(2).sum(), x, create_graph=True)
+    gr.sum().backward()
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_training_dropout_one_drops_everything_between_layers(backend):
     # dropout=1 zeroes the input of layer 2 in training: deterministic, so it can be compared.

@@ -290,6 +290,23 @@ def test_fully_masked_rows():
         assert torch.isnan(o[:, 1]).all() == need_weights
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_batch_with_masks(batch_first):
+    """N = 0 with a key_padding_mask or a 3-D attn_mask: torch's shapes (the masks' key dim was once
+    inferred with -1, which an empty batch cannot give)."""
+    t, ours, _ = make_pair(torch.float64, batch_first=batch_first)
+    x = torch.randn((0, 5, E) if batch_first else (5, 0, E), dtype=torch.float64, requires_grad=True)
+    for kw in (
+        dict(key_padding_mask=torch.zeros(0, 5, dtype=torch.bool)),
+        dict(attn_mask=torch.zeros(0, 5, 5, dtype=torch.bool)),
+    ):
+        o, w = ours(x, x, x, **kw)
+        ot, wt = t(x, x, x, **kw)
+        assert o.shape == ot.shape and w.shape == wt.shape
+        (g,) = torch.autograd.grad(o.sum(), x)
+        assert g.shape == x.shape
+
+
 def test_dropout_need_weights_matches_torch_draws():
     """need_weights=True draws its dropout mask from torch's RNG in torch's order: same result."""
     t, ours, _ = make_pair(torch.float64, dropout=0.4, batch_first=True)

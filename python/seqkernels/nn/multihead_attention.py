@@ -530,10 +530,12 @@ def _copy_state(module: torch.nn.Module) -> dict:
 
 
 def _masks_4d(key_padding_mask, attn_mask, N, H, L):
-    kpm = None if key_padding_mask is None else key_padding_mask.view(N, 1, 1, -1)
+    # The key dim by name: -1 cannot be inferred from an empty batch (N = 0).
+    kpm = None if key_padding_mask is None else key_padding_mask.view(N, 1, 1, key_padding_mask.shape[-1])
     am = None
     if attn_mask is not None:
-        am = attn_mask.view(1, 1, L, -1) if attn_mask.dim() == 2 else attn_mask.view(N, H, L, -1)
+        S = attn_mask.shape[-1]
+        am = attn_mask.view(1, 1, L, S) if attn_mask.dim() == 2 else attn_mask.view(N, H, L, S)
     return kpm, am
 
 

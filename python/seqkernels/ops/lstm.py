@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -146,6 +147,50 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(cx, cy, workspace)
 
 
+def _double_backward_error(op: str) -> RuntimeError:
+    return RuntimeError(
+        f"{op}: double backward (a backward with create_graph=True, e.g. gradgradcheck or a "
+        "gradient penalty) is not implemented by the fused cpu/cuda/triton kernels; use "
+        "backend='reference' (or seqkernels.use_backend('reference')) for higher-order gradients"
+    )
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """Identity on a kernel backward's results whose own backward raises _double_backward_error:
+    what torch's once_differentiable does, with a message that names the op and the way out."""
+
+    @staticmethod
+    def forward(ctx, op, *grads):
+        ctx.op = op
+        return tuple(None if g is None else g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise _double_backward_error(ctx.op)
+
+
+def _once_differentiable(op: str):
+    """torch.autograd.function.once_differentiable for the LSTM layers' backward: the backward runs
+    without recording; when a graph is being built (create_graph=True) its results carry a node
+    that raises, by name, if they are differentiated again (never a silent zero)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def backward(ctx, *args):
+            with torch.no_grad():
+                out = fn(ctx, *args)
+            if not torch.is_grad_enabled() or not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+                return out
+            # Detached leaves that require grad, as once_differentiable makes them: the refusing
+            # node is then on every path into them.
+            leaves = [None if g is None else g.detach().requires_grad_() for g in out]
+            return _SecondDerivativeRefused.apply(op, *leaves)
+
+        return backward
+
+    return wrap
+
+
 def _make_backward(bwd_op):
     def backward(ctx, grad_hy, grad_cy, grad_workspace):
         # The workspace is an implementation detail of the backward, not a differentiable output.
@@ -153,11 +198,7 @@ def _make_backward(bwd_op):
         if torch.is_grad_enabled():
             # create_graph=True: the fused backward is one opaque kernel, so autograd would treat its
             # result as a constant and every second derivative would silently be zero. Refuse instead.
-            raise RuntimeError(
-                "lstm_cell: double backward (a backward with create_graph=True, e.g. gradgradcheck or a "
-                "gradient penalty) is not implemented by the fused cpu/cuda/triton kernels; use "
-                "backend='reference' (or seqkernels.use_backend('reference')) for higher-order gradients"
-            )
+            raise _double_backward_error("lstm_cell")
         grad_gates, grad_cx = bwd_op(grad_hy, grad_cy, cx, cy, workspace)
         need = ctx.needs_input_grad
         grad_bias = grad_gates.sum(0) if (need[3] or need[4]) else None
@@ -397,7 +438,7 @@ class _LSTMLayer(torch.autograd.Function):
         return out, h_n, c_n.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once_differentiable("seqkernels.nn.LSTM")
     def backward(ctx, grad_out, grad_hn, grad_cn):
         x, w_ih, w_hh, _, _ = ctx.saved_tensors
         saved, batch_sizes, reverse, bwd = ctx.saved, ctx.batch_sizes, ctx.reverse, ctx.bwd
@@ -490,7 +531,7 @@ class _CpuLayer(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once_differentiable("seqkernels.nn.LSTM")
     def backward(ctx, grad_out, grad_hn, grad_cn):
         x, w_ih, w_hh, h0, c0, out, ws, cs = ctx.saved_tensors
         T, B, reverse = ctx.T, ctx.B, ctx.reverse
@@ -533,8 +574,10 @@ def _h_prev_of(out: Tensor, h0: Tensor, T: int, B: int, reverse: bool):
     batch, h0 then the outputs (T * B, H) shifted by one step in the run's direction."""
 
     def h_prev():
-        o = out.view(T, B, out.shape[-1])
-        return (torch.cat([o[1:], h0[None]]) if reverse else torch.cat([h0[None], o[:-1]])).view(T * B, -1)
+        H = out.shape[-1]
+        o = out.view(T, B, H)
+        # (T * B, H) by name: -1 cannot be inferred from an empty batch.
+        return (torch.cat([o[1:], h0[None]]) if reverse else torch.cat([h0[None], o[:-1]])).view(T * B, H)
 
     return h_prev
 
