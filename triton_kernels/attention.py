@@ -34,8 +34,9 @@ passes that do nothing elsewhere: the float32 lse cannot carry ``log(l)`` accura
 (``-1e9 + log(Lk)`` rounds to ``-1e9``; at ``-65504``, float16's mask value, the rounding of lse is
 2^-9, a per-row factor on P that float16 gradients already show), so
 ``_attention_bwd_fixup_kernel`` sums ``exp(s - lse)`` over the row and rescales its dO and delta
-(on which the gradients are linear) by the inverse; the dQ kernel keeps the log2-domain scores
-(exact on every other row, and its tightest configs leave no register for the extra multiply), and
+(on which the gradients are linear) by the inverse; the dQ kernel keeps 16-bit inputs' scores in
+the log2 domain (right on every other row, and its tightest configs leave no register for the extra
+multiply; float32 inputs run it in the natural domain, see _bwd_dq_tiles), and
 ``_attention_bwd_fixup_dq_kernel`` recomputes dQ on those rows.
 Dropout zeroes probabilities after normalization (the denominator uses the undropped ones, as
 torch does); kept ones are scaled by ``1 / (1 - p)``; the keep mask is regenerated in the
@@ -2128,12 +2129,16 @@ def _bwd_dq_tiles(
     DOT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
+    LOG2: tl.constexpr,
 ):
-    """dQ += dS K with dS = P * (dP - delta), dP = dO V^T (dropped). Scores in the log2 domain (the
-    code as before the natural-domain forward: its tightest configs have no register left for the
-    extra multiply), exact for every row with |lse| <= 128: a score or mask beyond FLT_MAX / log2(e)
-    then only overflows to -inf, where P is 0 anyway. The other rows' dQ, garbage here, is recomputed
-    by _attention_bwd_fixup_dq_kernel."""
+    """dQ += dS K with dS = P * (dP - delta), dP = dO V^T (dropped). 16-bit inputs (LOG2): scores in
+    the log2 domain (the code as before the natural-domain forward: the tightest tensor-core configs
+    have no register left for the extra multiply; qk_scale and lse2 carry log2(e)), right for every
+    row with |lse| <= 128: a score or mask beyond FLT_MAX / log2(e) then only overflows to -inf, where
+    P is 0 anyway. float32 inputs: the natural domain, P = exp2((s - lse) * log2(e)) as the dK/dV
+    kernel, since the log2-domain exponent rounds at |lse| * log2(e) (s * scale * log2(e) and lse *
+    log2(e) each), which put float32 dQ at several times torch's error from |lse| of about 30. Rows
+    with |lse| > 128, garbage here, are recomputed by _attention_bwd_fixup_dq_kernel."""
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         n64 = start_n.to(tl.int64)
@@ -2176,11 +2181,14 @@ def _bwd_dq_tiles(
             WINDOW_LEFT,
             WINDOW_RIGHT,
             DOT_PRECISION,
-            True,
+            LOG2,
             SOFTCAP,
             ALIBI,
         )
-        p = tl.math.exp2(s - lse2[:, None])
+        if LOG2:
+            p = tl.math.exp2(s - lse2[:, None])
+        else:
+            p = tl.math.exp2((s - lse2[:, None]) * 1.4426950408889634)
         if SOFTCAP:
             # The cap's chain-rule factor 1 - tanh^2, folded into P before dP (one tile less live).
             p = p * (1.0 - th * th)
@@ -2365,8 +2373,15 @@ def _attention_bwd_dq_kernel(
         UPCAST,
     )
     lse = tl.load(LSE + lse_bh + rows, mask=row_ok, other=float("inf"))
+    # 16-bit inputs: the log2 domain (see _bwd_dq_tiles); float32 the natural one.
+    LOG2 = Q.dtype.element_ty != tl.float32
+    if LOG2:
+        lse2 = lse * 1.4426950408889634
+    else:
+        lse2 = lse
+        qk_scale = scale
     # Rows that saw no key have lse = -inf; +inf makes their probabilities exactly 0.
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     delta = tl.load(Delta + lse_bh + rows, mask=row_ok, other=0.0)
     K_bh = K + b64 * stride_kb + hk64 * stride_kh + k_start * stride_kn
     V_bh = V + b64 * stride_vb + hk64 * stride_vh + k_start * stride_vn
@@ -2438,6 +2453,7 @@ def _attention_bwd_dq_kernel(
         DOT_PRECISION,
         SOFTCAP,
         ALIBI,
+        LOG2,
     )
     dq = _bwd_dq_tiles(
         dq,
@@ -2491,6 +2507,7 @@ def _attention_bwd_dq_kernel(
         DOT_PRECISION,
         SOFTCAP,
         ALIBI,
+        LOG2,
     )
     dq = _bwd_dq_tiles(
         dq,
@@ -2544,6 +2561,7 @@ def _attention_bwd_dq_kernel(
         DOT_PRECISION,
         SOFTCAP,
         ALIBI,
+        LOG2,
     )
 
     dq = dq * scale
@@ -2666,7 +2684,13 @@ _MODS_TABLES: dict[str, dict[tuple[int, int, int], list[tuple[int, int, int, int
 # keep the heavy list.
 _VARLEN_TABLES: dict[str, dict[tuple[int, int, int], tuple[list | None, list | None]]] = {
     "fwd": {(80, 4, 64): (None, [(32, 32, 8, 2)]), (80, 4, 256): (None, [(16, 16, 8, 2)])},
-    "dq": {(90, 2, 256): ([(128, 16, 8, 2)], None), (80, 4, 256): (None, [(16, 16, 8, 1)])},
+    # float32 D64 on sm_80: (32, 16, 4, 2) leaves a stack frame of 24 B with the natural-domain dQ
+    # (8 B with 8 warps).
+    "dq": {
+        (90, 2, 256): ([(128, 16, 8, 2)], None),
+        (80, 4, 64): (None, [(16, 16, 4, 2)]),
+        (80, 4, 256): (None, [(16, 16, 8, 1)]),
+    },
     # The dK launch of (32, 64, 8, 2) and the dV launch of (16, 32, 8, 2) spill.
     "dkdv": {
         (90, 2, 256): ([(16, 64, 8, 2)], [(16, 32, 8, 1)]),
