@@ -36,10 +36,11 @@
 // spelling of portable), as for attention and the LSTM cell (tests/test_cpu_isa.py covers each
 // level this CPU has).
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

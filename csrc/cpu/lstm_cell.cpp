@@ -15,9 +15,12 @@
 // attention and the KV cache). Elsewhere at::vec is used at the build's baseline ISA (NEON on
 // aarch64).
 
-#include <ATen/CPUFunctions.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/all.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

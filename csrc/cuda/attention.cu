@@ -14,7 +14,14 @@
 // inputs are rejected (the tensor core path is 16-bit only): the Python layer runs them on the
 // triton or reference backend.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/floor_divide.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <cmath>
@@ -318,8 +325,8 @@ at::Tensor unpad_output(const at::Tensor& t, int64_t d, bool packed) {
 // outlive the launch.
 at::Tensor schedule_tiles(AttentionParams& p, const at::Tensor& cu, int64_t total, int block) {
   const at::Tensor c = cu.to(at::kLong).clamp(0, total);
-  const at::Tensor len = (c.slice(0, 1) - c.slice(0, 0, c.size(0) - 1)).clamp_min(0);
-  const at::Tensor tiles = at::floor_divide(len + (block - 1), block);
+  const at::Tensor len = c.slice(0, 1).sub(c.slice(0, 0, c.size(0) - 1)).clamp_min(0);
+  const at::Tensor tiles = at::floor_divide(len.add(block - 1), block);
   const at::Tensor offsets =
       at::cat({at::zeros({1}, c.options()), tiles.cumsum(0)}).clamp_max(std::numeric_limits<int32_t>::max() / 2);
   const at::Tensor offsets32 = offsets.to(at::kInt).contiguous();

@@ -2,8 +2,15 @@
 // (already normalized) arguments, pick the compile-time variant, launch the kernels of
 // kv_cache.cuh. Runs unchanged under the CUDA-on-CPU harness (docs/EMULATION.md).
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/floor_divide.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/maximum.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -305,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
     const at::Tensor cu = cu_seqlens_q->to(at::kLong);
     const at::Tensor c0 = cu.slice(0, 0, B).clamp(0, Tq);
     const at::Tensor c1 = at::maximum(cu.slice(0, 1, B + 1).clamp(0, Tq), c0);
-    const at::Tensor per = at::floor_divide((c1 - c0) * G + (rows - 1), rows);
+    const at::Tensor per = at::floor_divide(c1.sub(c0).mul(G).add(rows - 1), rows);
     tile_cu = at::cat({at::zeros({1}, per.options()), at::cumsum(per, 0)});
     grid = dim3(static_cast<unsigned>(tiles * Hkv), 1, static_cast<unsigned>(num_splits));
   } else {

@@ -5,7 +5,9 @@
 // The vector path (16-byte accesses) needs H to be a multiple of the vector width and every base
 // pointer and row stride aligned to it; anything else takes the one-element path, which is
 // correct for every shape and stride.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "common/host_checks.h"
 #include "cuda/launch.cuh"

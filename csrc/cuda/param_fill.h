@@ -2,7 +2,7 @@
 // torch-free param structs from tensors: strides and addresses read one way everywhere.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <stdint.h>
 

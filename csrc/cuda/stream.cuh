@@ -6,7 +6,7 @@
 // launcher runs unchanged in both.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #if defined(SEQKERNELS_CUDA_EMULATION)
 #include <stdint.h>

@@ -3,7 +3,12 @@
 // and mma against their documented layouts, misuse that must be reported, and planted bugs
 // (a race, out-of-bounds writes) the sanitizers must catch. Written like a csrc/cuda launcher
 // (SK_LAUNCH, SK_REGISTER_CUDA, cudart helpers) so it is also the worked example of the pattern.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
 
 #include <limits>
 #include <vector>
