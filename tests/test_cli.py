@@ -103,3 +103,39 @@ def test_version_single_source():
     assert "version" in project["dynamic"] and "version" not in project
     with open(os.path.join(root, "python", "seqkernels", "__init__.py")) as f:
         assert f'__version__ = "{seqkernels.__version__}"' in f.read()
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["check", "--backend", "bogus"], "argument --backend: invalid choice: 'bogus'"),
+        (["check", "--op", "scaled_dot_product_attention"], "argument --op: invalid choice"),
+        (["check", "--dtype", "int32"], "argument --dtype: invalid choice"),
+        (["--bogus"], "unrecognized argument '--bogus'"),
+        (["bench", "--backend", "bogus"], "argument --backend: invalid choice: 'bogus'"),
+        (["bench", "--dtype", "int32"], "argument --dtype: invalid choice: 'int32'"),
+        (["bench", "--device", "tpu"], "--device: expected cpu, cuda or cuda:N, got 'tpu'"),
+        (["bench", "--device", "cpu", "--backend", "cuda"], "--backend cuda runs on --device cuda, not cpu"),
+        (["bench", "--device", "cpu", "--backend", "triton"], "--backend triton runs on --device cuda, not cpu"),
+    ],
+)
+def test_bad_cli_arguments_are_named(argv, match, capsys):
+    """A filter or option the command cannot honour is an argparse error naming it (exit 2), never a
+    traceback or a run that checks or measures nothing and exits 0."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
+def test_bench_on_a_missing_gpu_is_named(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cuda"])
+    assert e.value.code == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_check_validates_filters_when_called_directly():
+    with pytest.raises(ValueError, match=r"^op: unknown 'bogus'; expected one of attention"):
+        check.main(ops=["bogus"])

@@ -272,6 +272,24 @@ def test_unknown_value_means_native():
     assert res["report"]["supported"] == sup
 
 
+@pytest.mark.parametrize("value", ["AVX2", "bogus", "avx-512"])
+def test_unknown_value_is_reported(value, monkeypatch):
+    """An unknown value (a wrong case, a typo) is not silently taken for native: loading the
+    extension warns, and `seqkernels info` says it is ignored. Known values say nothing."""
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", value)
+    assert "is not one of" in _ext.cpu_isa_env_problem()
+    _ext.load_extension.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=f"SEQKERNELS_CPU_ISA='{value}' is not one of"):
+            _ext.load_extension()
+    finally:
+        _ext.load_extension.cache_clear()
+    assert "not a known level: ignored" in cli.cpu_isa_summary()
+    for known in _ext.CPU_ISA_VALUES:
+        monkeypatch.setenv("SEQKERNELS_CPU_ISA", known)
+        assert _ext.cpu_isa_env_problem() is None
+
+
 def test_default_is_the_portable_alias():
     assert _run_worker("default", "small")["report"]["active"] == "portable"
 

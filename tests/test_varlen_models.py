@@ -235,7 +235,17 @@ def loss_and_grads(model, **batch):
 
 @pytest.mark.parametrize(
     "family,how",
-    [("llama", "varlen_kwargs"), ("llama", "position_ids"), ("llama", "packed_mask"), ("mistral", "varlen_kwargs")],
+    [
+        ("llama", "varlen_kwargs"),
+        ("llama", "position_ids"),
+        ("llama", "packed_mask"),
+        ("mistral", "varlen_kwargs"),
+        # A sliding-window model always gets a mask (causal + window over the whole row, as a cache
+        # exists): the restarting position_ids must still mark the sequences (they once leaked into
+        # each other's first window - 1 tokens).
+        ("mistral", "position_ids"),
+        ("mistral", "packed_mask"),
+    ],
 )
 def test_packed_training_step_matches_padded(hf, varlen_calls, family, how):
     transformers, _ = hf

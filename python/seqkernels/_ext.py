@@ -2,6 +2,7 @@
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -10,9 +11,29 @@ class ExtensionMissingError(ImportError):
     pass
 
 
+# The SEQKERNELS_CPU_ISA values csrc/cpu/simd.h's requested_isa() knows; it reads anything else as
+# "native", the best level this CPU supports.
+CPU_ISA_VALUES = ("native", "amx_bf16", "avx512_bf16", "avx512", "avx2", "portable", "default")
+
+
+def cpu_isa_env_problem():
+    """What is wrong with SEQKERNELS_CPU_ISA, or None (unset or a known value)."""
+    value = os.environ.get("SEQKERNELS_CPU_ISA")
+    if value is None or value in CPU_ISA_VALUES:
+        return None
+    return (
+        f"SEQKERNELS_CPU_ISA={value!r} is not one of {', '.join(CPU_ISA_VALUES)} (lower case): the CPU "
+        "kernels ignore it and take the best level this CPU supports"
+    )
+
+
 @functools.lru_cache(maxsize=None)
 def load_extension():
-    """Import seqkernels._C (which registers the C++ ops); return the module or raise."""
+    """Import seqkernels._C (which registers the C++ ops); return the module or raise. Warns once
+    when SEQKERNELS_CPU_ISA holds a value the kernels do not know."""
+    problem = cpu_isa_env_problem()
+    if problem is not None:
+        warnings.warn(problem, stacklevel=2)
     try:
         from seqkernels import _C  # noqa: F401
     except ImportError as e:

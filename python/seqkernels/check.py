@@ -16,6 +16,13 @@ import torch
 
 from . import backends, testing
 
+# What `seqkernels check` can be asked for (the CLI's choices): the ops it has cases for, the
+# backends it checks against the reference, and the dtypes of its cases (float64 runs where a
+# backend has float64 kernels, the cpu one).
+OPS = ("attention", "kv_cache_append", "decode_attention", "lstm_cell")
+BACKENDS = ("cuda", "cpu", "triton")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
 
 def prepare_triton_env() -> None:
     # Triton reads TRITON_INTERPRET when it is imported: without a GPU, Triton kernels run on CPU
@@ -55,7 +62,7 @@ class Case:
     make: Callable  # (dtype, device) -> inputs
     run: Callable  # (inputs, backend) -> tensor or tuple of tensors
     grad: bool = False
-    dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32)
+    dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _to(inputs, dtype=None, device=None):
@@ -232,7 +239,11 @@ def main(ops=None, backends_=None, dtypes=None, verbose=False) -> int:
         if ops and not set(ops) & set(op_names):
             continue
         cases += [c for c in loader() if not ops or c.op in ops]
-    want_backends = backends_ or ["cuda", "cpu", "triton"]
+    for what, given, known in (("op", ops, OPS), ("backend", backends_, BACKENDS), ("dtype", dtypes, DTYPES)):
+        bad = sorted(set(given or ()) - set(known))
+        if bad:
+            raise ValueError(f"{what}: unknown {', '.join(map(repr, bad))}; expected one of {', '.join(known)}")
+    want_backends = list(backends_ or BACKENDS)
     usable, how = False, ""
     if "triton" in want_backends:  # importing triton costs seconds: only when its rows are wanted
         usable, how = triton_usable()

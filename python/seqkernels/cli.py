@@ -102,8 +102,12 @@ def cpu_isa_summary() -> str:
         return "unknown (extension not built)"
     bf16 = "avx512_bf16 present" if rep["avx512_bf16"] else "no avx512_bf16"
     bf16 += ", AMX-BF16 tiles usable" if rep.get("amx_bf16") else ""
+    from ._ext import cpu_isa_env_problem
+
     forced = os.environ.get("SEQKERNELS_CPU_ISA")
     how = f"; SEQKERNELS_CPU_ISA={forced}" if forced else ""
+    if cpu_isa_env_problem() is not None:
+        how += ", not a known level: ignored"
     return f"{rep['active']} (supports: {', '.join(rep['supported'])}; {bf16}{how})"
 
 
@@ -196,8 +200,15 @@ def main(argv=None) -> int:
         # Answered before argparse builds the sub-commands (and before anything imports triton).
         print(version_string())
         return 0
+    from .check import BACKENDS as CHECK_BACKENDS
+    from .check import DTYPES as CHECK_DTYPES
+    from .check import OPS as CHECK_OPS
+
     parser = argparse.ArgumentParser(prog="seqkernels", description=__doc__)
     parser.add_argument("--version", "-V", action="store_true", help="print the version and exit")
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        # Before the sub-command: argparse would only say that the sub-command is missing.
+        parser.error(f"unrecognized argument {argv[0]!r} (expected info, check or bench first)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="versions, devices, backends built, CUDA archs compiled in")
     p.add_argument(
@@ -207,9 +218,9 @@ def main(argv=None) -> int:
     )
     p.set_defaults(fn=cmd_info)
     p = sub.add_parser("check", help="parity of every op on every backend available here (DESIGN §5)")
-    p.add_argument("--op", action="append", help="only this op (repeatable)")
-    p.add_argument("--backend", action="append", help="only this backend (repeatable)")
-    p.add_argument("--dtype", action="append", help="only this dtype, e.g. bfloat16 (repeatable)")
+    p.add_argument("--op", action="append", choices=CHECK_OPS, help="only this op (repeatable)")
+    p.add_argument("--backend", action="append", choices=CHECK_BACKENDS, help="only this backend (repeatable)")
+    p.add_argument("--dtype", action="append", choices=CHECK_DTYPES, help="only this dtype (repeatable)")
     p.set_defaults(fn=cmd_check)
     sub.add_parser("bench", help="microbenchmarks, tables, CSV and plots (seqkernels bench --help)")
     args = parser.parse_args(argv)

@@ -187,17 +187,31 @@ def _ceilings(rec: Recorder, s: Settings):
         rec.add("ceiling", op, provider, "-", metric, unit, p20, p50, p80, note)
 
 
+# The devices each --backend measures on (the bench turns the Triton interpreter off on the CPU: its
+# timings would say nothing).
+_BACKEND_DEVICES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",), "reference": ("cpu", "cuda")}
+
+
+def _valid_device(device: str) -> bool:
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="seqkernels bench", description=__doc__)
     ap.add_argument("--suite", action="append", choices=sorted(SUITES), help="suite to run (repeatable; default all)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     ap.add_argument(
         "--dtype",
         default=None,
-        help="bfloat16, float16, float32, or float64 on CPU (default: bfloat16 on GPU, float32 on CPU)",
+        choices=("bfloat16", "float16", "float32", "float64"),
+        help="float64 on CPU only (default: bfloat16 on GPU, float32 on CPU)",
     )
     ap.add_argument("--quick", action="store_true", help="small sizes: every suite in a few minutes on a 2-core CPU")
-    ap.add_argument("--backend", default=None, help="only this seqkernels backend, no peers")
+    ap.add_argument("--backend", default=None, choices=_BACKEND_DEVICES, help="only this seqkernels backend, no peers")
     ap.add_argument(
         "--repeat",
         type=float,
@@ -210,12 +224,19 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not device.startswith("cuda"):
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda") or (kind == "cpu" and device != "cpu") or not _valid_device(device):
+        ap.error(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {device}: torch sees no CUDA device on this machine (use --device cpu)")
+    if args.backend is not None and kind not in _BACKEND_DEVICES[args.backend]:
+        ap.error(f"--backend {args.backend} runs on --device {' or '.join(_BACKEND_DEVICES[args.backend])}, not {kind}")
+    if kind != "cuda":
         os.environ.setdefault("TRITON_INTERPRET", "0")
-    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    dtype = getattr(torch, dtype_name, None)
-    if not isinstance(dtype, torch.dtype):
-        ap.error(f"--dtype: unknown dtype {dtype_name!r}")
+    dtype_name = args.dtype or ("bfloat16" if kind == "cuda" else "float32")
+    if kind == "cuda" and dtype_name == "float64":
+        ap.error("--dtype float64: the GPU kernels take float16, bfloat16 and float32 (float64 runs on --device cpu)")
+    dtype = getattr(torch, dtype_name)
     if args.repeat <= 0:
         ap.error("--repeat must be positive")
     s = Settings(device=device, dtype=dtype, quick=args.quick, backend=args.backend, repeat=args.repeat)

@@ -9,7 +9,8 @@ are trained through seqkernels' backward (their gradient comes from the attentio
     python -m seqkernels.examples.finetune_sinks --steps 20
     python -m seqkernels.examples.finetune_sinks --steps 5 --backend reference
 
-Needs Hugging Face transformers >= 5 (`pip install seqkernels[hf]` or `pip install transformers`).
+Needs Hugging Face transformers >= 5, for its gpt-oss model (`pip install "transformers>=5"`; the
+`seqkernels[transformers]` extra alone allows the 4.56 the attention backend needs).
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ for a custom backend, so padding would be ignored). Every model whose attention 
   `cu_seq_lens_q/k`, `max_length_q/k` (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`;
   transformers forwards them to every attention function); the mask transformers builds from
   restarting `position_ids` when it builds one (no cache, `use_cache=False`), recognized as packed
-  causal blocks by the mask builder; or, when there is no mask, the restarting `position_ids` themselves
-  (transformers' flash-attention rule; one host sync per forward).
+  causal blocks by the mask builder; or, when there is no mask or only the plain causal (sliding
+  window) mask over the whole row that a model with a cache gets, the restarting `position_ids`
+  themselves (transformers' flash-attention rule; one host sync per forward).
 - Gemma 2's logit soft-capping (`softcap`) and gpt-oss's learned attention sinks (`s_aux`), forward
   and backward (the sinks get their gradient), in prefill and in cached decoding.
 - Not supported (a clear error): paged continuous-batching caches. `output_attentions` returns no
@@ -186,6 +187,14 @@ def _describe_packed(mask: Tensor, left: int) -> Optional[_PackedSpec]:
 
 def _mask_spec(mask):
     return getattr(mask, _SPEC_ATTR, None) if isinstance(mask, Tensor) else None
+
+
+def _unpadded(mask) -> bool:
+    """No mask, or seqkernels_mask's proven causal (+ window) mask without padding."""
+    if mask is None:
+        return True
+    spec = _mask_spec(mask)
+    return isinstance(spec, _CausalSpec) and spec.max_first == 0
 
 
 def seqkernels_mask(*args, **kwargs):
@@ -430,8 +439,11 @@ def seqkernels_attention_forward(
     backend = _DEFAULT_BACKEND[0]
     layer = getattr(key, _CACHE_ATTR, None)
     packed = _packed_kwargs(kwargs)
-    if packed is None and attention_mask is None and position_bias is None and query.shape[2] == key.shape[2] > 1:
-        # No mask: transformers skipped it (no padding; or a cache exists, so it did not look for packing).
+    if packed is None and position_bias is None and query.shape[2] == key.shape[2] > 1 and _unpadded(attention_mask):
+        # No mask, or one that is plain causal (+ window) over the whole row: transformers did not look
+        # for packing (a cache exists) and skipped the mask (no padding), or built the causal/window
+        # mask a sliding-window model always gets. Restarting position_ids then mark packed
+        # sequences, as in transformers' flash-attention path (which never gets that mask).
         packed = _packed_positions(kwargs.get("position_ids"), query.shape[0], query.shape[2])
     if packed is not None:
         if isinstance(layer, SeqkernelsCacheLayer) and layer.pending_key is key:
