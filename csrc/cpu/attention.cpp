@@ -625,6 +625,13 @@ SK_AVX512_FN void fwd_softmax_rows16(float* S, int64_t BN, int64_t n, int64_t w,
       fill(s, c0, -kInf);
       fill(s + c1, w - c1, -kInf);
       for (int64_t j = 0; j < w; j += 16) mv = P::max(P::load(s + j), mv);
+    } else if (c0 == 0 && c1 == w) {  // the whole block visible: no padding column to set
+      const V scv = P::set1(sc);
+      for (int64_t j = 0; j < w; j += 16) {
+        const V x = P::mul(P::load(s + j), scv);
+        P::store(s + j, x);
+        mv = P::max(x, mv);
+      }
     } else {
       const V scv = P::set1(sc), ninf = P::set1(-kInf);
       for (int64_t j = 0; j < w; j += 16) {
