@@ -160,6 +160,10 @@ def test_nested_errors():
     dense = torch.randn(4, 4, 6, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="key: expected a nested tensor"):
         seqkernels.scaled_dot_product_attention(q, dense, dense)
+    # The other way round: a dense query with nested key/value is named too (it once fell into the
+    # dense checks: "v: expected shape ..." or a bare NotImplementedError from the op).
+    with pytest.raises(ValueError, match="query: expected a nested tensor .* like key and value"):
+        seqkernels.scaled_dot_product_attention(dense, q, q)
     k = jagged(packed(LENS_Q, 2, 8).detach(), oq)
     with pytest.raises(ValueError, match="enable_gqa"):
         seqkernels.scaled_dot_product_attention(q, k, k)

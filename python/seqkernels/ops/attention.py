@@ -794,7 +794,16 @@ def scaled_dot_product_attention(
     (`layout=torch.jagged`, (B, H, j, E) as torch's SDPA takes them; no attn_mask) run through the
     packed-sequence kernels of `attention_varlen` without padding, `is_causal` top-left per
     sequence, and return a nested tensor."""
-    if getattr(query, "is_nested", False):
+    nested = [getattr(t, "is_nested", False) for t in (query, key, value)]
+    if any(nested) and not nested[0]:
+        # The nested path names a dense key/value given with a nested query; the other way round
+        # would otherwise fall into the dense checks with a message about the wrong argument.
+        raise ValueError(
+            "query: expected a nested tensor with layout=torch.jagged like "
+            f"{' and '.join(n for n, x in zip(('key', 'value'), nested[1:]) if x)} (as torch's "
+            "scaled_dot_product_attention takes them), got a dense tensor"
+        )
+    if nested[0]:
         from .nested import nested_sdpa
 
         return nested_sdpa(
