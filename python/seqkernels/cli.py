@@ -97,13 +97,13 @@ def cpu_isa_summary() -> str:
     """The `cpu isa` line of `seqkernels info`: the path the CPU kernels take now, and the ones
     this CPU supports (SEQKERNELS_CPU_ISA=portable|avx2|avx512|avx512_bf16|amx_bf16|native lowers the
     choice)."""
+    from ._ext import cpu_isa_env_problem
+
     rep = cpu_isa_report()
     if rep is None:
         return "unknown (extension not built)"
     bf16 = "avx512_bf16 present" if rep["avx512_bf16"] else "no avx512_bf16"
     bf16 += ", AMX-BF16 tiles usable" if rep.get("amx_bf16") else ""
-    from ._ext import cpu_isa_env_problem
-
     forced = os.environ.get("SEQKERNELS_CPU_ISA")
     how = f"; SEQKERNELS_CPU_ISA={forced}" if forced else ""
     if cpu_isa_env_problem() is not None:

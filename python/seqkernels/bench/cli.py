@@ -192,14 +192,6 @@ def _ceilings(rec: Recorder, s: Settings):
 _BACKEND_DEVICES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",), "reference": ("cpu", "cuda")}
 
 
-def _valid_device(device: str) -> bool:
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="seqkernels bench", description=__doc__)
     ap.add_argument("--suite", action="append", choices=sorted(SUITES), help="suite to run (repeatable; default all)")
@@ -224,9 +216,13 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda") or (kind == "cpu" and device != "cpu") or not _valid_device(device):
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda") or (parsed.type == "cpu" and parsed.index is not None):
         ap.error(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    kind = parsed.type
     if kind == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {device}: torch sees no CUDA device on this machine (use --device cpu)")
     if args.backend is not None and kind not in _BACKEND_DEVICES[args.backend]:
