@@ -46,6 +46,40 @@ import torch  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _interpreter_dot_like_the_gpu():
+    """The Triton interpreter's tl.dot is one numpy matmul, summed in whatever order the CPU's
+    OpenBLAS kernel takes. The attention backward recomputes the forward's scores transposed
+    (K Q^T against the forward's Q K^T) and relies on getting the same bits: on the GPU each
+    score is one loop of FMAs over k (float32, "ieee") or one MMA, whatever the operand order.
+    OpenBLAS's Haswell kernel (AVX2 machines; AMD Zen, AVX-512 ones included) sums a product and
+    its transpose in different orders, so the interpreter's scores differed in the last bit, which
+    at |s| ~ 1e4 moves P by 1e-3 and at 1e20 makes exp(s - lse) overflow (test_huge_scores'
+    dV failed there, 2026-12-07, while SkylakeX's kernel agreed bitwise). Products of float32
+    (or float16) operands are exact in float64 and the sum is rounded once to float32, so a
+    product and its transpose agree, as on the GPU; the accumulator is added in float32 as before."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    plain = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        wide = (np.float32, np.float16)
+        if d.data.dtype == np.float32 and a.data.dtype in wide and b.data.dtype in wide:
+            prod = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)).astype(np.float32)
+            return interpreter.TensorHandle(prod + d.data, d.dtype.scalar)
+        return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+
+
+def pytest_configure(config):
+    # In pytest's own processes only: the sanitized subprocesses import test modules, and with them
+    # this file, and must not import triton (its library does not load under AddressSanitizer).
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _interpreter_dot_like_the_gpu()
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--run-slow",

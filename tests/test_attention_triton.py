@@ -586,14 +586,15 @@ def _assert_parity(got, ref, base, dtype, grads=(0, 1, 2), cancel_floor=0.0):
         assert_rule(got[2][i], ref[2][i], base[2][i], True, ("dq", "dk", "dv")[i], dtype, cancel_floor)
 
 
-def _assert_like_torch(got, base, dtype, grads=(0, 1, 2)):
+def _assert_like_torch(got, base, dtype, grads=(0, 1, 2), slack=0.0):
     """Close to torch's math in the same precision: where the float64 reference keeps q.k in
     -1e9 + q.k but float32 rounds it away, the reference is O(1) away from both, and the parity bound
-    alone would then accept a wrong row (zeros, say)."""
+    alone would then accept a wrong row (zeros, say). `slack` widens both tolerances (relative, as
+    they are) where the kernel and torch may legitimately round apart by more."""
     out_tol, grad_tol = _BASE_TOL[dtype]
-    _assert_near_baseline(got[0], base[0], out_tol, "out")
+    _assert_near_baseline(got[0], base[0], out_tol + slack, "out")
     for i in grads:
-        _assert_near_baseline(got[2][i], base[2][i], grad_tol, ("dq", "dk", "dv")[i])
+        _assert_near_baseline(got[2][i], base[2][i], grad_tol + slack, ("dq", "dk", "dv")[i])
 
 
 def _extreme_mask(value, mask_dtype, B, Hq, Lq, Lk, split, gen):
@@ -756,8 +757,14 @@ def test_huge_scores(dtype, magnitude):
     got, ref, base = _run_with_reference(q, k, v, go, None, None, kw)
     _assert_parity(got, ref, base, dtype, grads=(2,))
     assert torch.isfinite(got[1]).all() and torch.isfinite(got[0]).all()
-    _assert_like_torch(got, base, dtype, grads=(2,))
     eps = torch.finfo(dtype).eps
+    # A float32 score of this magnitude carries a rounding of about magnitude * 2^-23 (the dot, then
+    # the scale), in torch as in the kernel, and a row with two near-equal top scores turns it into
+    # that much of a probability: the kernel and torch may differ by that much, each within the
+    # parity bound above (float32 at 1e4: 4.9e-5 and 2.9e-5 from the float64 reference, 7.8e-5
+    # apart). From about 1e7 up two scores that close are rare enough that every row is one-hot.
+    score_ulp = magnitude * torch.finfo(torch.float32).eps
+    _assert_like_torch(got, base, dtype, grads=(2,), slack=score_ulp if score_ulp < 1 else 0.0)
     mx = {n: t.double().abs().max().item() for n, t in (("q", q), ("k", k), ("v", v), ("go", go))}
     for i, other in ((0, "k"), (1, "q")):
         floor = 16 * eps * scale * D * mx[other] * mx["go"] * mx["v"]

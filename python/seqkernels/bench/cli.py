@@ -126,7 +126,7 @@ def format_table(rec: Recorder) -> str:
     lines = []
     if rec.overloaded:
         lines.append(
-            f"NOISY RUN: the load average reached {rec.meta['load_max']:.1f} on {rec.meta['cores']} cores "
+            f"NOISY RUN: the load average reached {rec.meta['load_max']:.2f} on {rec.meta['cores']} cores "
             f"while measuring, so every figure below competes with other processes ({NOISY_ADVICE})."
         )
         lines.append("")
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     load = rec.meta.get("load_max")
     print(
         f"machine: {rec.meta['machine']}; highest 1-minute load average during the run "
-        + (f"{load:.1f} on {rec.meta['cores']} cores" if load is not None else "unknown")
+        + (f"{load:.2f} on {rec.meta['cores']} cores" if load is not None else "unknown")
         + (" (overloaded: timings are noisy)" if rec.overloaded else "")
         + "\n"
     )
