@@ -485,6 +485,47 @@ class _LSTMLayer(torch.autograd.Function):
         return res
 
 
+def _onednn_linear():
+    """oneDNN's inner product (torch's own mkldnn op, as torch.compile's CPU fusions call it), or None
+    where this torch has no oneDNN."""
+    try:
+        if torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for the sequence driver's large CPU GEMMs (the projection of every step's input, the
+    input and weight gradients). float32 goes to oneDNN, which torch.nn.LSTM, the peer, runs all of
+    its GEMMs on, rather than torch.mm's BLAS: MKL takes a generic path on non-Intel CPUs (on a
+    2-core AMD EPYC with AVX-512, 2026-12-07: 205-215 GFLOP/s against oneDNN's 440-480 at the LSTM's
+    (3200, 512) x (512, 2048) shapes, strided operands included). bfloat16 torch.mm is oneDNN's
+    already; empty inner dimensions (which oneDNN refuses) stay with torch.mm."""
+    if _ONEDNN_LINEAR is not None and a.dtype == torch.float32 and a.device.type == "cpu" and a.shape[1] > 0:
+        return _ONEDNN_LINEAR(a, b.t(), None, "none", [], "")
+    return torch.mm(a, b)
+
+
+# The weight gradients G^T y contract over rows, so oneDNN's inner product first copies G^T and
+# y^T (torch's transposing copy: 1.6-5 GB/s here), where the BLAS reads them in place at half
+# oneDNN's rate. The GEMM does 2 * width flops per element of G: from a width of 512 it outweighs
+# the copy (T100 B32 H512: 20 ms with the copies against 31 ms; T128 B64 H256: 32 against 22 ms,
+# same 2-core AMD EPYC, 2026-12-07).
+_TN_ONEDNN_MIN_WIDTH = 512
+
+
+def _mm_tn(G: Tensor, y: Tensor) -> Tensor:
+    """G^T @ y (a weight gradient), see _TN_ONEDNN_MIN_WIDTH."""
+    if y.shape[1] >= _TN_ONEDNN_MIN_WIDTH:
+        return _mm(G.t(), y)
+    return torch.mm(G.t(), y)
+
+
 def _layer_input_grads(ctx, G, x, w_ih, h_prev, grad_h0, grad_c0) -> tuple:
     """The backward's return of a layer function (x, h0, c0, w_ih, w_hh, b_ih, b_hh, T, B, reverse)
     from the gates' gradients G (T * B, 4H) of every step: one GEMM or sum per input that needs a
@@ -492,11 +533,11 @@ def _layer_input_grads(ctx, G, x, w_ih, h_prev, grad_h0, grad_c0) -> tuple:
     need = ctx.needs_input_grad
     grad_b = G.sum(0) if (need[5] or need[6]) else None
     return (
-        torch.mm(G, w_ih) if need[0] else None,
+        _mm(G, w_ih) if need[0] else None,
         grad_h0 if need[1] else None,
         grad_c0 if need[2] else None,
-        torch.mm(G.t(), x) if need[3] else None,
-        torch.mm(G.t(), h_prev()) if need[4] else None,
+        _mm_tn(G, x) if need[3] else None,
+        _mm_tn(G, h_prev()) if need[4] else None,
         grad_b if ctx.has_bias[0] and need[5] else None,
         grad_b if ctx.has_bias[1] and need[6] else None,
         None,
@@ -519,7 +560,7 @@ class _CpuLayer(torch.autograd.Function):
         # One GEMM for every step's input gates first, then W_hh only per step, where W_ih is large
         # (float32; the bf16 AMX kernel projects Tc steps at a time on its tiles).
         if x.dtype != torch.bfloat16 and _project_first(w_ih, T):
-            inp, w_in = torch.mm(x, w_ih.t()).view(T, B, w_ih.shape[0]), None
+            inp, w_in = _mm(x, w_ih.t()).view(T, B, w_ih.shape[0]), None
         else:
             inp, w_in = x.view(T, B, x.shape[1]), w_ih
         out, h_n, c_n, ws, cs = torch.ops.seqkernels.lstm_layer_fwd.fused(inp, h0, c0, w_in, w_hh, bias, reverse, True)
@@ -691,6 +732,6 @@ def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, revers
             x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, False
         )
     else:
-        proj = torch.mm(x, w_ih.t())
+        proj = _mm(x, w_ih.t())
         out, h_n, c_n = torch.ops.seqkernels.lstm_layer_fwd(proj.view(T, B, proj.shape[1]), h0, c0, w_hh, bias, reverse)
     return out.view(T * B, out.shape[2]), h_n, c_n
