@@ -10,7 +10,8 @@ Both modules subclass torch's, so constructor arguments, parameter names, initia
   tensors with a constant batch the whole recurrence of a layer runs in one C++ kernel instead
   (`seqkernels::lstm_layer_fwd` and its `.fused` / `.backward` overloads): each thread keeps its
   slice of the weights packed and computes the gates of its hidden units with the cell fused into
-  the GEMM, one barrier per step; float32 also projects the input inside that kernel and trains
+  the GEMM, one barrier per step; float32 also projects the input inside that kernel (or, where W_ih
+  is too large to stay in cache, in one GEMM first, on oneDNN as torch.nn.LSTM's own) and trains
   through it (the backward is one C++ call per layer-direction), float64 runs inference only there.
 
 Supported like torch: `num_layers`, `bias`, `batch_first`, `dropout` (between layers, training
