@@ -464,8 +464,11 @@ def test_inference_sequence_kernel_matches_torch_float64(cfg, hidden, monkeypatc
 
 
 @needs_layer_op
-def test_inference_sequence_kernel_parity_rule_float32(monkeypatch):
+@pytest.mark.parametrize("project_first", [False, True], ids=["fused-input", "project-first"])
+def test_inference_sequence_kernel_parity_rule_float32(project_first, monkeypatch):
     calls = _count_layer_calls(monkeypatch)
+    # The input projection inside the kernel, or as one GEMM first (_mm: oneDNN), as a large W_ih takes.
+    monkeypatch.setattr(lstm_ops, "_FUSED_INPUT_BYTES", 0 if project_first else 1 << 40)
     # torch's own init here: _pair's larger weights saturate the gates over 200 units, where plain
     # float32 torch itself is no longer assert_close to float64.
     kw = dict(input_size=24, hidden_size=200, num_layers=2, bidirectional=True)
@@ -666,6 +669,9 @@ def test_training_sequence_kernels_float32(isa, cfg, project_first, monkeypatch)
     # The input projection inside the kernel, or as one GEMM first (what a large W_ih takes): the
     # fused op then gets the input gates and no weight_ih (T = 1 keeps the projection inside).
     monkeypatch.setattr(lstm_ops, "_FUSED_INPUT_BYTES", 0 if project_first else 1 << 40)
+    # The weight gradients by oneDNN (with the copies of G^T it makes) or by torch.mm, both routes of
+    # _mm_tn at these small widths.
+    monkeypatch.setattr(lstm_ops, "_TN_ONEDNN_MIN_WIDTH", 0 if project_first else 1 << 30)
     fused = torch.ops.seqkernels.lstm_layer_fwd.fused
     without_w_ih = []
     monkeypatch.setattr(

@@ -1014,8 +1014,9 @@ SK_AVX512_ENTRY void bwd_block_avx512_f32(const BwdBlock<float>& a) { bwd_block<
 // the keys (a broadcast (p[j], p[j+1]) against 16 columns' (v[j], v[j+1])). Everything between
 // them (scale, modifiers, mask, online softmax, dropout) is the float32 AVX-512 code as is; P is
 // rounded to bf16 for the P V product, as torch's CPU flash attention and FlashAttention do for
-// bf16 inputs. vdpbf16ps treats bf16 subnormals as zero; that is below what a bf16 softmax
-// resolves (|x| < 1.2e-38).
+// bf16 inputs. vdpbf16ps treats bf16 subnormals as zero and flushes products below FLT_MIN: below
+// what the softmax resolves unless the scale, applied after the sum, is huge; such scales take the
+// widened float32 lanes (bf16_products_suffice).
 
 SK_AVX512BF16_FN __m512bh bf16_pair_bcast(const uint16_t* p) {
   int32_t x;
@@ -1483,6 +1484,18 @@ SK_AMX_ENTRY void bwd_block_amx(const BwdBlock<float>& a) {
 inline simd::Isa attention_top_isa(bool float64, bool bf16_operands) {
   if (!SK_SIMD_X86) return simd::Isa::Portable;
   return bf16_operands && !float64 ? simd::Isa::AmxBf16 : simd::Isa::Avx512;
+}
+
+// Whether bf16 inputs may take the bf16 products (AVX512_BF16 pairs, AMX tiles) at this scale.
+// vdpbf16ps and tdpbf16ps flush every product below FLT_MIN (and bf16 inputs below it) to zero
+// before the sum that the scale multiplies afterwards: a score loses up to D * FLT_MIN * |scale|.
+// Up to 2^-24 (a float32 score's own rounding at magnitude 1) that is invisible; past it (|scale|
+// beyond about 2^102 / D, a finite scale the API accepts) the scores of small inputs vanish: q ~
+// 1e-20, k ~ 1e-20, scale 3e38 put the output 0.15 off (torch 0.0016). Those calls widen to float32
+// (the AVX-512 lanes, which keep subnormal products), forward and backward alike: the backward's lse
+// corrections rerun the forward kernel of the same choice.
+inline bool bf16_products_suffice(double scale, int64_t D) {
+  return std::abs(scale) * static_cast<double>(D) * static_cast<double>(std::numeric_limits<float>::min()) <= 0x1p-24;
 }
 
 template <typename T>
@@ -2309,7 +2322,8 @@ template <typename scalar_t, typename T>
 void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const Geometry& g, const Units& u,
                        const MaskDesc& mask, double scale, int64_t wl, int64_t wr, bool bottom_right,
                        const DropoutDesc& drop, const ScoreMods<T>& mods, Tensor& out, Tensor& lse) {
-  const FwdPlan<T> plan = make_fwd_plan<T>(g, u, wl, wr, bottom_right, std::is_same_v<scalar_t, c10::BFloat16>);
+  const FwdPlan<T> plan = make_fwd_plan<T>(
+      g, u, wl, wr, bottom_right, std::is_same_v<scalar_t, c10::BFloat16> && bf16_products_suffice(scale, g.D));
   const FwdIo<scalar_t, T> io{q, k, v, out, lse, g, u, mask, static_cast<T>(scale), bottom_right, drop, mods};
   FwdPack<T> pack = make_fwd_pack(plan, q.options());
   // Chunks one after the other; within one, packing (by the tasks) and compute share a parallel region.
@@ -3128,7 +3142,8 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
                        const Tensor& lse, const Geometry& g, const Units& u, const MaskDesc& mask, bool has_kv_len,
                        double scale, int64_t wl, int64_t wr, bool bottom_right, const DropoutDesc& drop,
                        const ScoreMods<T>& mods, double* dsink_rows, Tensor& dq, Tensor& dk, Tensor& dv) {
-  const Kernels<T> kern = select_kernels<T>(kBf16Backward && std::is_same_v<scalar_t, c10::BFloat16>);
+  const Kernels<T> kern =
+      select_kernels<T>(kBf16Backward && std::is_same_v<scalar_t, c10::BFloat16> && bf16_products_suffice(scale, g.D));
   BwdPack<T> pack = bwd_pack_sizes<T>(g, u, kern);
   pack.bf16 = kern.bf16;
   pack.avx512 = kern.avx512;
