@@ -35,6 +35,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -469,7 +470,7 @@ SK_POLICY_INLINE void apply_mods_row(typename P::T* s, int64_t w, int64_t pl, in
 template <typename T>
 struct FwdRows {
   int64_t D, Dvp, BN;  // head dims (Dvp: Dv padded to W), key block
-  const T* Qs;         // nrows x D, pre-multiplied by scale
+  const T* Qs;         // nrows x D, pre-multiplied by scale (by 1 where post_scale carries it)
   const T* Kp;         // K^T panels of the kv head: panel p at Kp + p * D * NR
   const T* Vp;         // V rows of the kv head, Lk_pad x Dvp
   int64_t nrows;
@@ -495,6 +496,9 @@ struct FwdRows {
   const uint16_t* Vh = nullptr;  // V as key pairs: pair j/2 at Vh + (j/2) * 2 * Dvp
   uint16_t* Ph = nullptr;        // kRows x BN scratch: P rounded to bf16 for the P V product
   T qk_scale = T(1);             // the softmax scale, applied to Q K^T
+  // The float paths: the scale, where Q was packed without it (cpu_paths::scale_after_products);
+  // the softmax then scales the scores as it reads them.
+  T post_scale = T(1);
 };
 
 // A row of fwd_softmax_row whose running max is still -inf after this block: nothing but -inf
@@ -760,7 +764,7 @@ SK_POLICY_INLINE void fwd_rows(const FwdRows<typename P::T>& a) {
       if (w == 0) continue;  // these rows see nothing here: their state is unchanged
       T* S = a.P;
       Products::scores(a, mr, r0, pl, w, S);
-      fwd_softmax_group<P>(S, mr, w, pl, r0, a, a.alpha, Products::kUnscaled ? a.qk_scale : T(1));
+      fwd_softmax_group<P>(S, mr, w, pl, r0, a, a.alpha, Products::kUnscaled ? a.qk_scale : a.post_scale);
       Products::pv(a, mr, r0, S, pl, w);
     }
   }
@@ -780,7 +784,7 @@ struct BwdBlock {
   const T* Vt;             // V^T panels ([panel][Dv][NR])
   int64_t Hg, Lq;          // query heads in the group, query rows of the unit
   int64_t Lr;              // rows per head of dQ (and of Qh, dOh): Lq, or Lq padded for the tiles
-  const T* Qp;             // per head Lq x Dp, pre-multiplied by scale
+  const T* Qp;             // per head Lq x Dp, pre-multiplied by scale (by 1 where post_scale carries it)
   const T* dOp;            // per head Lq x Dvp
   const T* Delta;          // per head Lq: rowsum(dO * O)
   const T* lse;            // per head Lq
@@ -816,6 +820,7 @@ struct BwdBlock {
   uint16_t* dSi = nullptr;           // BM / 2 x BN x 2 scratch: dS as row pairs
   uint16_t* dSh = nullptr;           // BM x BN scratch: dS rows
   T qk_scale = T(1);                 // the softmax scale: applied to Q K^T and to dK in float32
+  T post_scale = T(1);               // the float paths, Qp packed without the scale: S and dK get it
 };
 
 // One query row against the key columns [pl, pl + w): P = exp(s - lse), dS = P * (dP - Delta),
@@ -916,6 +921,14 @@ struct BwdHead {
   BwdHead& operator=(const BwdHead&) = delete;
 };
 
+// x[r ld + j] *= s for r < rows, j < cols (cols a multiple of P::W).
+template <class P>
+SK_POLICY_INLINE void scale_block(typename P::T* x, int64_t rows, int64_t cols, int64_t ld, typename P::T s) {
+  const auto sv = P::set1(s);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; j += P::W) P::store(x + r * ld + j, P::mul(P::load(x + r * ld + j), sv));
+}
+
 template <class P>
 SK_POLICY_INLINE void bwd_block(const BwdBlock<typename P::T>& a) {
   using T = typename P::T;
@@ -935,6 +948,7 @@ SK_POLICY_INLINE void bwd_block(const BwdBlock<typename P::T>& a) {
         gemm<P, Mode::Store>(nr, Qp + i0 * Dp, Dp, 1, a.Kt + (p / NR) * D * NR, NR, D, a.S + (p - pl), BN, NR);
         gemm<P, Mode::Store>(nr, dOp + i0 * Dvp, Dvp, 1, a.Vt + (p / NR) * Dv * NR, NR, Dv, a.dP + (p - pl), BN, NR);
       }
+      if (a.post_scale != T(1)) scale_block<P>(a.S, nr, w, BN, a.post_scale);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
         bwd_row<P>(a.S + r * BN, a.dP + r * BN, w, pl, a.lo[i], a.hi[i], hd.lse[i], hd.corr[i], hd.Delta[i], a, hd.h, i,
@@ -946,6 +960,8 @@ SK_POLICY_INLINE void bwd_block(const BwdBlock<typename P::T>& a) {
       gemm<P, Mode::Add>(nr, a.dP, BN, 1, a.Kr + pl * Dp, Dp, w, dQ + i0 * Dp, Dp, Dp);
     }
   }
+  // dK = scale * sum dS Q: the scale Qp did not carry (dQ's is applied by dq_reduce either way).
+  if (a.post_scale != T(1)) scale_block<P>(a.dK, a.j1 - a.j0, Dp, Dp, a.post_scale);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2130,7 +2146,8 @@ struct FwdIo {
   const Geometry& g;
   const Units& u;
   const MaskDesc& mask;
-  T qmul;
+  T qmul;  // what Q is packed with: the scale, or 1 where post (cpu_paths::scale_after_products)
+  T post;  // 1, or the scale the softmax applies to the scores instead
   bool bottom_right;
   const DropoutDesc& drop;
   const ScoreMods<T>& mods;
@@ -2270,10 +2287,13 @@ void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, FwdPack
       a.Kh = pk.Kh(gi);
       a.Vh = pk.Vh(gi);
       a.Ph = Ph;
-      a.qk_scale = io.qmul;
+      a.qk_scale = io.qmul * io.post;  // the scale either way: the bf16 products apply it
     }
   }
-  if (!p.kern.bf16) pack_rows<scalar_t, T>(qrows, q.stride(2), q.stride(3), nrows, D, D, 0, nrows, io.qmul, Qs);
+  if (!p.kern.bf16) {
+    pack_rows<scalar_t, T>(qrows, q.stride(2), q.stride(3), nrows, D, D, 0, nrows, io.qmul, Qs);
+    a.post_scale = io.post;
+  }
   // Whole row groups: the AMX tiles add into the O rows past nrows of a tail group too.
   fill(O, round_up(nrows, p.kern.mr) * Dvp, T(0));
   fill(m, nrows, -std::numeric_limits<T>::infinity());
@@ -2324,7 +2344,9 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
                        const DropoutDesc& drop, const ScoreMods<T>& mods, Tensor& out, Tensor& lse) {
   const FwdPlan<T> plan = make_fwd_plan<T>(
       g, u, wl, wr, bottom_right, std::is_same_v<scalar_t, c10::BFloat16> && bf16_products_suffice(scale, g.D));
-  const FwdIo<scalar_t, T> io{q, k, v, out, lse, g, u, mask, static_cast<T>(scale), bottom_right, drop, mods};
+  const bool after = cpu_paths::scale_after_products(q, scale);
+  const T qmul = after ? T(1) : static_cast<T>(scale), post = after ? static_cast<T>(scale) : T(1);
+  const FwdIo<scalar_t, T> io{q, k, v, out, lse, g, u, mask, qmul, post, bottom_right, drop, mods};
   FwdPack<T> pack = make_fwd_pack(plan, q.options());
   // Chunks one after the other; within one, packing (by the tasks) and compute share a parallel region.
   for (size_t c = 0; c + 1 < plan.chunks.size(); ++c) {
@@ -2419,7 +2441,7 @@ template <typename T>
 void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D, const T* Kt, int64_t BN,
                      const int64_t* lo, const int64_t* hi, const MaskDesc& mask, int64_t b, int64_t h, int64_t i0,
                      int64_t n, int64_t Lk, const RowMods<T>& mods, T sink, const T* lse, T* corr,
-                     std::vector<T>& scratch) {
+                     std::vector<T>& scratch, T post_scale) {
   scratch.resize(n * D + 2 * n + kern.mr * BN + kern.mr);
   T* Qs = scratch.data();
   T* m = Qs + n * D;
@@ -2430,6 +2452,7 @@ void lse_corrections(const Kernels<T>& kern, const T* Qp, int64_t Dp, int64_t D,
   fill(m, n, -std::numeric_limits<T>::infinity());
   fill(l, n, T(0));
   FwdRows<T> a;
+  a.post_scale = post_scale;  // Qp's rows, scaled or not as the forward's were
   a.D = D;
   a.Dvp = 0;  // the P V product has no columns: fwd_rows only updates m and l
   a.BN = BN;
@@ -2801,6 +2824,8 @@ struct BwdIo {
   const Units& u;
   const MaskDesc& mask;
   T scale;
+  T qmul;  // what Q is packed with (Qp): the scale, or 1 where post (cpu_paths::scale_after_products)
+  T post;  // 1, or the scale S and dK get after the products instead
   bool bottom_right;
   const DropoutDesc& drop;
   const ScoreMods<T>& mods;
@@ -2881,7 +2906,7 @@ void correct_lse_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
       }
     }
     lse_corrections<T>(kern, pk.Qp(gi) + hh * Lq * Dp + i * Dp, Dp, pk.D, pk.Kt(gi), pk.fwd_BN, lo + i, hi + i, io.mask,
-                       b, h, i, e - i, io.u.drop_Lk, md, sink, lr + i, cr + i, corr_scratch);
+                       b, h, i, e - i, io.u.drop_Lk, md, sink, lr + i, cr + i, corr_scratch, io.post);
     i = e;
   }
 }
@@ -2970,7 +2995,7 @@ int64_t pack_bwd_rows(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<s
   }
   T* dO = pk.dOp(gi) + hh * Lq * Dvp;
   if (!packed_bf16) {
-    pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, io.scale, pk.Qp(gi) + hh * Lq * Dp);
+    pack_rows<scalar_t, T>(qh, q.stride(2), q.stride(3), Lq, D, Dp, r0, r1, io.qmul, pk.Qp(gi) + hh * Lq * Dp);
     pack_rows<scalar_t, T>(doh, dout.stride(2), dout.stride(3), Lq, Dv, Dvp, r0, r1, T(1), dO);
   }
   for (int64_t i = r0; i < r1 && !packed_bf16; ++i) {
@@ -3051,6 +3076,7 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
   const int64_t* hi = plan.hi.data() + io.u.row0[b];
   wait_ready(pk.ready[gi - pk.g0], pk.jobs_per_group(gi));
   BwdBlock<T> a;
+  a.post_scale = kern.bf16 ? T(1) : io.post;  // the bf16 products apply the scale themselves
   a.D = D;
   a.Dp = Dp;
   a.Dv = Dv;
@@ -3152,8 +3178,11 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   pack.Dv2 = round_up(g.Dv, kern.d_align);
   BwdPlan plan = make_bwd_plan(u, wl, wr, bottom_right, pack.NR, pack.BN);
   size_bwd_chunks(pack, plan, u, has_kv_len, q.options());
+  const bool after = cpu_paths::scale_after_products(q, scale);
+  const T qmul = after ? T(1) : static_cast<T>(scale), post = after ? static_cast<T>(scale) : T(1);
   const BwdIo<scalar_t, T> io{
-      dout, q, k, v, out, lse, dq, dk, dv, dsink_rows, g, u, mask, static_cast<T>(scale), bottom_right, drop, mods};
+      dout,         q,    k,   v, out, lse, dq, dk, dv, dsink_rows, g, u, mask, static_cast<T>(scale), qmul, post,
+      bottom_right, drop, mods};
   for (size_t c = 0; c + 1 < pack.chunks.size(); ++c) {
     pack.start_chunk(pack.chunks[c], pack.chunks[c + 1]);
     const std::vector<int64_t> cost = bwd_task_costs(plan, pack, g.Hkv);
@@ -3241,6 +3270,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd_cpu(
 }
 
 }  // namespace
+
+// The float kernels multiply Q by the scale as they pack it (one multiply per element of Q instead
+// of one per score), which overflows for a finite q once |q| |scale| passes the accumulation type's
+// largest value: |scale| > 1 only, so the usual 1 / sqrt(D) never asks. There the scores get the
+// scale after the products instead (FwdRows/BwdBlock::post_scale, decode's likewise), as torch,
+// which scales q and k by sqrt(scale) each, stays finite: q = 1e38, k ~ 1e-37, scale 4 gave NaN in
+// every output and gradient. One pass over q (aminmax) decides, the same for forward and backward.
+bool cpu_paths::scale_after_products(const at::Tensor& q, double scale) {
+  if (!(std::abs(scale) > 1.0) || q.numel() == 0) return false;
+  const double limit = q.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                      : static_cast<double>(std::numeric_limits<float>::max());
+  const auto [lo, hi] = at::aminmax(q);
+  const double amax = std::max(std::abs(lo.item<double>()), std::abs(hi.item<double>()));
+  return amax * std::abs(scale) > limit;
+}
 
 // The paths select_kernels takes: the forward packs bf16 inputs as they are, the backward too
 // while kBf16Backward; float16 is always widened.

@@ -996,8 +996,8 @@ inline void tile_key_range(const DecodeShape& s, int64_t len, int64_t Tq, int64_
 
 template <typename T, typename acc_t, class Ops>
 void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* kc, const int64_t* ks, const T* vc,
-                  const int64_t* vs, const int32_t* lens, const int32_t* table, acc_t scale, T* out, const int64_t* os,
-                  acc_t* lse, acc_t* opart, acc_t* mpart, const ScoreMods<acc_t>& mods) {
+                  const int64_t* vs, const int32_t* lens, const int32_t* table, acc_t scale, acc_t post, T* out,
+                  const int64_t* os, acc_t* lse, acc_t* opart, acc_t* mpart, const ScoreMods<acc_t>& mods) {
   const bool modify = mods.softcap > acc_t(0) || mods.alibi != nullptr;
   const acc_t inv_cap = mods.softcap > acc_t(0) ? acc_t(1) / mods.softcap : acc_t(0);
   const int64_t maxd = std::max(s.D, s.Dv);
@@ -1098,6 +1098,10 @@ void decode_units(const DecodeShape& s, const T* q, const int64_t* qs, const T* 
             __builtin_prefetch(vp + off, 0, 2);
         }
         Ops::scores(qf.data(), s.D, M, s.D, krows.data(), n, S.data(), kKeyTile, rowbuf.data());
+        if (post != acc_t(1)) {  // q was not scaled (cpu_paths::scale_after_products)
+          for (int m = 0; m < M; ++m)
+            for (int i = 0; i < n; ++i) S[m * kKeyTile + i] *= post;
+        }
         if (modify) {
           // Before the mask, as in attention: query t sits at position len - Tq + t (ALiBi's diag).
           for (int m = 0; m < M; ++m) {
@@ -1231,7 +1235,10 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
   const int64_t ks[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   const int64_t vs[3] = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
   const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
-  const acc_t qscale = static_cast<acc_t>(scale);
+  // q carries the scale, or the scores get it after the products where q * scale would overflow.
+  const bool after = cpu_paths::scale_after_products(q, scale);
+  const acc_t qscale = after ? acc_t(1) : static_cast<acc_t>(scale),
+              post = after ? static_cast<acc_t>(scale) : acc_t(1);
   acc_t* op = s.splits > 1 ? opart.data_ptr<acc_t>() : nullptr;
   acc_t* lp = s.splits > 1 ? lpart.data_ptr<acc_t>() : nullptr;
   const host::ModifierArgs<acc_t> ma =
@@ -1241,7 +1248,7 @@ void run_decode(const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_c
   auto run = [&](auto ops_tag) {
     using Ops = decltype(ops_tag);
     decode_units<scalar_t, acc_t, Ops>(s, q.const_data_ptr<scalar_t>(), qs, k_cache.const_data_ptr<scalar_t>(), ks,
-                                       v_cache.const_data_ptr<scalar_t>(), vs, lens, table, qscale,
+                                       v_cache.const_data_ptr<scalar_t>(), vs, lens, table, qscale, post,
                                        out.data_ptr<scalar_t>(), os, lse.data_ptr<acc_t>(), op, lp, mods);
   };
   bool done = false;

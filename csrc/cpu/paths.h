@@ -5,6 +5,7 @@
 // only by the ATen-using drivers (it names c10's dtypes); the kernel code stays torch-free.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
 #include <type_traits>
@@ -41,6 +42,11 @@ simd::Isa attention_fwd(Dt dt);
 simd::Isa attention_bwd(Dt dt);
 simd::Isa decode_attention(Dt dt);
 simd::Isa lstm(Dt dt);
+
+// Whether the float kernels apply the softmax scale to the scores after Q K^T rather than to Q as
+// they pack it (attention.cpp: where |q| |scale| would overflow). The attention forward, backward
+// and decode ask it alike.
+bool scale_after_products(const at::Tensor& q, double scale);
 
 }  // namespace cpu_paths
 }  // namespace seqkernels
