@@ -133,7 +133,9 @@ def _worker_decode() -> list[str]:
         for b in range(2):
             for j, dt in enumerate((torch.float64, dtype)):
                 kb, vb = (t[b : b + 1, :, : lens[b]].to(dt) for t in (k, v))
-                o, lse = seqkernels.attention(q[b : b + 1].to(dt), kb, vb, scale=4.0, return_lse=True, backend="reference")
+                o, lse = seqkernels.attention(
+                    q[b : b + 1].to(dt), kb, vb, scale=4.0, return_lse=True, backend="reference"
+                )
                 res[j].append((o, lse))
         ref, base = (tuple(torch.cat([r[n] for r in rs]) for n in range(2)) for rs in res)
         report = testing.compare(tuple(out), ref, base)
