@@ -36,7 +36,8 @@ def test_flagging_rule_on_synthetic_series():
 
 def test_overload_rule():
     assert harness.machine_overloaded(2.5, 2)
-    assert not harness.machine_overloaded(2.0, 2)
+    assert not harness.machine_overloaded(2.0, 2) and not harness.machine_overloaded(2.004, 2)
+    assert harness.machine_overloaded(2.01, 2)
     assert not harness.machine_overloaded(None, 2)
 
 
@@ -157,7 +158,8 @@ def test_quiet_run_is_not_flagged(monkeypatch):
 def test_load_above_core_count_flags_every_line(monkeypatch):
     # Just past the core count: the bench's own threads make about the core count on their own, so
     # the figure is printed to two decimals (2.0 would not read as above 2 cores).
-    assert not harness.machine_overloaded(2.0, 2)
+    assert not harness.machine_overloaded(2.0, 2) and not harness.machine_overloaded(2.004, 2)
+    assert harness.machine_overloaded(2.01, 2)
     rec = _recorder(monkeypatch, load=2.04, cores=2)
     _add_rnn_rows(rec, jitter=0.01)
     assert rec.overloaded
