@@ -2146,8 +2146,8 @@ struct FwdIo {
   const Geometry& g;
   const Units& u;
   const MaskDesc& mask;
-  T qmul;  // what Q is packed with: the scale, or 1 where post (cpu_paths::scale_after_products)
-  T post;  // 1, or the scale the softmax applies to the scores instead
+  T qmul;  // what Q is packed with, or the bf16 products' scale: the scale, or 1 where post
+  T post;  // 1, or the scale the softmax applies instead (float paths, scale_after_products)
   bool bottom_right;
   const DropoutDesc& drop;
   const ScoreMods<T>& mods;
@@ -2287,7 +2287,7 @@ void fwd_compute_task(const FwdPlan<T>& p, const FwdIo<scalar_t, T>& io, FwdPack
       a.Kh = pk.Kh(gi);
       a.Vh = pk.Vh(gi);
       a.Ph = Ph;
-      a.qk_scale = io.qmul * io.post;  // the scale either way: the bf16 products apply it
+      a.qk_scale = io.qmul;
     }
   }
   if (!p.kern.bf16) {
@@ -2344,7 +2344,8 @@ void attention_fwd_run(const Tensor& q, const Tensor& k, const Tensor& v, const 
                        const DropoutDesc& drop, const ScoreMods<T>& mods, Tensor& out, Tensor& lse) {
   const FwdPlan<T> plan = make_fwd_plan<T>(
       g, u, wl, wr, bottom_right, std::is_same_v<scalar_t, c10::BFloat16> && bf16_products_suffice(scale, g.D));
-  const bool after = cpu_paths::scale_after_products(q, scale);
+  // The bf16 products apply the scale after their sums already: no pass over q for them.
+  const bool after = !plan.kern.bf16 && cpu_paths::scale_after_products(q, scale);
   const T qmul = after ? T(1) : static_cast<T>(scale), post = after ? static_cast<T>(scale) : T(1);
   const FwdIo<scalar_t, T> io{q, k, v, out, lse, g, u, mask, qmul, post, bottom_right, drop, mods};
   FwdPack<T> pack = make_fwd_pack(plan, q.options());
@@ -3076,7 +3077,7 @@ void bwd_dkdv_task(const Kernels<T>& kern, const BwdPlan& plan, const BwdIo<scal
   const int64_t* hi = plan.hi.data() + io.u.row0[b];
   wait_ready(pk.ready[gi - pk.g0], pk.jobs_per_group(gi));
   BwdBlock<T> a;
-  a.post_scale = kern.bf16 ? T(1) : io.post;  // the bf16 products apply the scale themselves
+  a.post_scale = io.post;
   a.D = D;
   a.Dp = Dp;
   a.Dv = Dv;
@@ -3178,7 +3179,7 @@ void attention_bwd_run(const Tensor& dout, const Tensor& q, const Tensor& k, con
   pack.Dv2 = round_up(g.Dv, kern.d_align);
   BwdPlan plan = make_bwd_plan(u, wl, wr, bottom_right, pack.NR, pack.BN);
   size_bwd_chunks(pack, plan, u, has_kv_len, q.options());
-  const bool after = cpu_paths::scale_after_products(q, scale);
+  const bool after = !kern.bf16 && cpu_paths::scale_after_products(q, scale);  // as the forward's
   const T qmul = after ? T(1) : static_cast<T>(scale), post = after ? static_cast<T>(scale) : T(1);
   const BwdIo<scalar_t, T> io{
       dout,         q,    k,   v, out, lse, dq, dk, dv, dsink_rows, g, u, mask, static_cast<T>(scale), qmul, post,
