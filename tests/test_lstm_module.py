@@ -783,15 +783,20 @@ def test_fused_layer_bad_arguments_are_named():
         bwd(None, None, None, ws.double(), cs, c0, w_hh, False)
 
 
-# bfloat16 inference on the sequence kernels: the AMX kernel where the tiles are usable (x, h and
-# the weights as bf16 tile operands, 16-unit blocks, 16- and 32-row tile groups, the projection
-# Tc steps at a time: Tc = 16 at B = 16, 64 at B = 5, 4 at B = 64, 48 at B = 17), the float32
-# kernels on widened operands elsewhere. Inputs sit between NaNs: the tiles read whole 16-row
-# groups and 32-column chunks, and a read past a tensor would put NaN in the result.
-def _amx_lstm() -> bool:
+# bfloat16 inference on the sequence kernels: the bf16 kernel where AMX tiles or AVX512_BF16 are
+# usable (x, h and the weights as bf16 operands, 16-unit blocks; AMX: 16- and 32-row tile groups;
+# vdpbf16ps: 6-row register tiles and their 1-5 row remainders; the projection Tc steps at a time:
+# Tc = 16 at B = 16, 64 at B = 5, 4 at B = 64, 48 at B = 17), the float32 kernels on widened
+# operands elsewhere. Inputs sit between NaNs: the tiles read whole 16-row groups, both engines
+# 32-column chunks, and a read past a tensor would put NaN in the result.
+BF16_ENGINES = ["amx_bf16", "avx512_bf16"]
+
+
+def _native_bf16_lstm() -> bool:
+    """Whether the bf16 LSTM takes the bf16 sequence kernel now (under SEQKERNELS_CPU_ISA as set)."""
     from seqkernels import cli
 
-    return cli.cpu_path("lstm", "bfloat16") == "amx_bf16"
+    return cli.cpu_path("lstm", "bfloat16") in BF16_ENGINES
 
 
 def _nan_framed(t, offset=32):
@@ -811,10 +816,11 @@ def _bf16_trio(**kw):
     return ref64, ref16, ours
 
 
-AMX_LAYER_CASES = [
+BF16_LAYER_CASES = [
     # (T, B, I, H): H around the 16-unit blocks and 32-wide K chunks, B around the 16/32-row tile
-    # groups, T past a projection chunk, I a multiple of 32 with T B a multiple of 16 (x read in
-    # place) and not.
+    # groups, a group's rows (B, or 32 and the rest) at every residue of the 6-row register tiles
+    # (mod 6: 1, 3, 4, 5, 1, 2 and 1, 0, 5, 2 and 2, 2 and 4), T past a projection chunk, I a multiple
+    # of 32 with T B a multiple of 16 (x read in place) and not.
     (3, 1, 7, 1),
     (5, 3, 17, 15),
     (17, 16, 32, 16),
@@ -823,6 +829,7 @@ AMX_LAYER_CASES = [
     (3, 33, 40, 31),
     (9, 64, 32, 48),
     (66, 5, 9, 20),
+    (4, 6, 20, 24),
     (2, 48, 96, 130),
 ]
 
@@ -841,13 +848,15 @@ def _layer_states_ref(x, w_ih, h0, c0, w_hh, b, reverse):
     return torch.stack(ws), torch.stack(cs)
 
 
-@pytest.mark.parametrize("case", AMX_LAYER_CASES, ids=lambda c: "T{}B{}I{}H{}".format(*c))
+@pytest.mark.parametrize("case", BF16_LAYER_CASES, ids=lambda c: "T{}B{}I{}H{}".format(*c))
 @pytest.mark.parametrize("reverse", [False, True])
-def test_bf16_sequence_kernel_amx(case, reverse):
-    from seqkernels import reference
+@pytest.mark.parametrize("engine", BF16_ENGINES)
+def test_bf16_sequence_kernel(engine, case, reverse, monkeypatch):
+    from seqkernels import cli, reference
 
-    if not lstm_ops._HAS_LAYER_FUSED or not _amx_lstm():
-        pytest.skip("the bf16 sequence kernel needs AMX-BF16 tiles (and the extension's lstm_layer_fwd.fused)")
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", engine)
+    if not lstm_ops._HAS_LAYER_FUSED or cli.cpu_path("lstm", "bfloat16") != engine:
+        pytest.skip(f"this CPU/OS lacks {engine} (or the extension's lstm_layer_fwd.fused)")
     T, B, n_in, H = case
     gen = torch.Generator().manual_seed(T * 1000 + B * 10 + H)
     x = torch.randn(T, B, n_in, generator=gen, dtype=torch.float64)
@@ -889,12 +898,13 @@ def test_bf16_sequence_kernel_amx(case, reverse):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("isa", ["native", "avx512", "avx2"])
+@pytest.mark.parametrize("isa", ["native", "avx512_bf16", "avx512", "avx2"])
 @pytest.mark.parametrize("bidir", [False, True])
 def test_lstm_bf16_inference_parity(isa, bidir, monkeypatch):
     # seqkernels.nn.LSTM without gradients in bf16, against torch's own bf16 LSTM by the parity
-    # rule (float64 the reference): the AMX kernel (native, on a CPU with the tiles) or the
-    # float32 sequence kernel on widened operands (any lower level); the sequence kernel either way.
+    # rule (float64 the reference): the bf16 kernel (AMX tiles or vdpbf16ps, where the level
+    # allows them and the CPU has them) or the float32 sequence kernel on widened operands (any
+    # lower level); the sequence kernel either way.
     if not lstm_ops._HAS_LAYER_FUSED:
         pytest.skip("extension built without lstm_layer_fwd.fused")
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
@@ -913,8 +923,8 @@ def test_lstm_bf16_inference_parity(isa, bidir, monkeypatch):
         base = ref16(x.bfloat16(), tuple(t.bfloat16() for t in hx))
     report = testing.compare([got[0], *got[1]], [exp[0], *exp[1]], [base[0], *base[1]])
     assert report.passed, str(report)
-    amx = isa == "native" and _amx_lstm()
-    assert dtypes == [torch.bfloat16 if amx else torch.float32] * (2 * D)
+    native = isa in ("native", "avx512_bf16") and _native_bf16_lstm()
+    assert dtypes == [torch.bfloat16 if native else torch.float32] * (2 * D)
 
 
 def test_bf16_sequence_kernel_bad_arguments_are_named(monkeypatch):
@@ -924,7 +934,7 @@ def test_bf16_sequence_kernel_bad_arguments_are_named(monkeypatch):
     x, h0, c0 = torch.randn(2, 3, 4, dtype=bf), torch.randn(3, 5, dtype=bf), torch.randn(3, 5, dtype=bf)
     w_ih, w_hh = torch.randn(20, 4, dtype=bf), torch.randn(20, 5, dtype=bf)
     fused = torch.ops.seqkernels.lstm_layer_fwd.fused
-    if _amx_lstm():
+    if _native_bf16_lstm():
         with pytest.raises(RuntimeError, match="needs weight_ih"):
             fused(torch.randn(2, 3, 20, dtype=bf), h0, c0, None, w_hh, None, False, False)
         with pytest.raises(RuntimeError, match="weight_hh must have input's dtype"):
@@ -933,22 +943,22 @@ def test_bf16_sequence_kernel_bad_arguments_are_named(monkeypatch):
             fused(x, h0.float(), c0, w_ih, w_hh, None, False, False)
         with pytest.raises(RuntimeError, match="bias must have shape"):
             fused(x, h0, c0, w_ih, w_hh, torch.zeros(19, dtype=bf), False, False)
-    # Where the tiles are not usable (or not asked for), bf16 is refused, never run on another path.
+    # Where neither engine is usable (or asked for), bf16 is refused, never run on another path.
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", "avx512")
-    with pytest.raises(RuntimeError, match="AMX-BF16 path"):
+    with pytest.raises(RuntimeError, match="AVX512_BF16 or AMX-BF16 path"):
         fused(x, h0, c0, w_ih, w_hh, None, False, False)
 
 
-@pytest.mark.parametrize("isa", ["native", "avx512"])
+@pytest.mark.parametrize("isa", ["native", "avx512_bf16", "avx512"])
 @pytest.mark.parametrize("bidir,bias,with_h0", [(False, True, False), (True, False, True)], ids=["uni", "bi-nobias-h0"])
 def test_lstm_bf16_training_paths(isa, bidir, bias, with_h0, monkeypatch):
-    # bfloat16 with gradients: the AMX kernel's forward and a per-step backward (_CpuLayer on bf16)
-    # where the tiles are usable, the float32 training kernels on widened operands elsewhere;
-    # both by the parity rule against torch's bf16 LSTM, gradients included.
+    # bfloat16 with gradients: the bf16 kernel's forward (AMX tiles or vdpbf16ps) and a per-step
+    # backward (_CpuLayer on bf16) where they are usable, the float32 training kernels on widened
+    # operands elsewhere; both by the parity rule against torch's bf16 LSTM, gradients included.
     if not lstm_ops._HAS_LAYER_FUSED:
         pytest.skip("extension built without lstm_layer_fwd.fused")
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
-    calls = []  # the dtype of each layer-direction's _CpuLayer (bf16: the AMX kernel; float32: widened)
+    calls = []  # the dtype of each layer-direction's _CpuLayer (bf16: the bf16 kernel; float32: widened)
     real = lstm_ops._CpuLayer.apply
     monkeypatch.setattr(lstm_ops._CpuLayer, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
     kw = dict(input_size=19, hidden_size=33, num_layers=2, bidirectional=bidir, bias=bias)
@@ -974,5 +984,5 @@ def test_lstm_bf16_training_paths(isa, bidir, bias, with_h0, monkeypatch):
     report = testing.compare(got, exp, base)
     report.extend(testing.compare(got_g, exp_g, base_g, grad=True, name="grad"))
     assert report.passed, str(report)
-    amx = isa == "native" and _amx_lstm()
-    assert calls == [torch.bfloat16 if amx else torch.float32] * 2 * D
+    native = isa in ("native", "avx512_bf16") and _native_bf16_lstm()
+    assert calls == [torch.bfloat16 if native else torch.float32] * 2 * D

@@ -1034,12 +1034,6 @@ SK_AVX512_ENTRY void bwd_block_avx512_f32(const BwdBlock<float>& a) { bwd_block<
 // what the softmax resolves unless the scale, applied after the sum, is huge; such scales take the
 // widened float32 lanes (bf16_products_suffice).
 
-SK_AVX512BF16_FN __m512bh bf16_pair_bcast(const uint16_t* p) {
-  int32_t x;
-  std::memcpy(&x, p, sizeof(x));
-  return (__m512bh)_mm512_set1_epi32(x);
-}
-
 // C[r][c * 16 + 0:16] (op)= mul * sum_k dot(A[r * a_rs + 2k], B[k * ldb + c * 32]) for r < MR,
 // c < NV, every pair of bf16 a product of two adjacent elements. Summed from zero and added to C
 // once (micro_tile's reason).
@@ -1053,7 +1047,7 @@ SK_AVX512BF16_FN void bf16_tile(const uint16_t* A, int64_t a_rs, const uint16_t*
     SK_UNROLL for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(B + c * 32);
     B += ldb;
     SK_UNROLL for (int r = 0; r < MR; ++r) {
-      const __m512bh a = bf16_pair_bcast(A + r * a_rs + 2 * k);
+      const __m512bh a = simd::bf16_pair_bcast(A + r * a_rs + 2 * k);
       SK_UNROLL for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
     }
   }

@@ -390,19 +390,23 @@ struct Lanes {
 }  // namespace seqkernels
 
 // ---------------------------------------------------------------------------------------------
-// The bfloat16 sequence kernel on AMX tiles (lstm_layer_fwd.fused on bf16 operands; with train it
-// also keeps the activated gates and cell states of every step, in bf16, for the per-step backward):
-// the input projection of every step and the recurrent GEMM are tdpbf16ps products (bf16 pairs,
-// float32 sums), the cell is the AVX-512 lanes' float32 math, the cell state stays float32 for the
-// whole sequence, and h is rounded to bf16 once per step (the step's output and the next step's
-// operand, as torch's bf16 LSTM feeds it). What it replaces: the per-step cell ops, 0.25-0.43x
-// oneDNN's own AMX bf16 LSTM at 3 of the 4 shapes of DESIGN §8's bar.
+// The bfloat16 sequence kernel (lstm_layer_fwd.fused on bf16 operands; with train it also keeps the
+// activated gates and cell states of every step, in bf16, for the per-step backward): the input
+// projection of every step and the recurrent GEMM are bf16 pair products with float32 sums, the
+// cell is the AVX-512 lanes' float32 math, the cell state stays float32 for the whole sequence, and
+// h is rounded to bf16 once per step (the step's output and the next step's operand, as torch's bf16
+// LSTM feeds it). Two product engines share the packed weights, the buffers and the step:
+//   - AMX tiles (tdpbf16ps) where the CPU and OS allow them. What it replaced: the per-step cell
+//     ops, 0.25-0.43x oneDNN's own AMX bf16 LSTM at 3 of the 4 shapes of DESIGN §8's bar.
+//   - vdpbf16ps on zmm registers (AVX512_BF16 without AMX: Zen 4/5, Cooper Lake). What it
+//     replaced: the float32 kernels on widened operands, 0.47-0.72x oneDNN's avx512_core_bf16 LSTM
+//     on a Zen 5 EPYC, whose bf16 products run at twice the float32 FMA rate on half the bytes.
 //
 // Tiles (simd::amx_tiles_on's configuration): C = tmm0-3, the four gates of 16 units for 16 rows;
 // A = tmm4, 16 rows x 32 bf16 of x or h; B = tmm5-7 in turn, one gate's 32 x 16 weights.
 namespace seqkernels {
 namespace {
-namespace amx_isa {
+namespace bf16seq {
 
 using F = avx512_isa::Lanes<float>;
 using avx512_isa::Z;
@@ -436,7 +440,7 @@ inline __mmask32 mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? _
 // contiguous tile (at ((j nch + c) 4 + g) kTile), row kk holding the pairs W[g H + 16 j + n][32 c +
 // 2 kk, 32 c + 2 kk + 1] for n < 16, zeros past H and past K. Loaded as 16 rows of 16 32-bit
 // words and transposed in registers: a word is one pair, so the transpose is the VNNI layout.
-SK_AMX_FN void pack_blocks(const uint16_t* w, int64_t H, int64_t K, int64_t blk0, int64_t blk1, uint16_t* dst) {
+SK_AVX512_FN void pack_blocks(const uint16_t* w, int64_t H, int64_t K, int64_t blk0, int64_t blk1, uint16_t* dst) {
   const int64_t nch = (K + 31) / 32;
   for (int64_t j = blk0; j < blk1; ++j) {
     const int64_t nrows = H - 16 * j < 16 ? H - 16 * j : 16;
@@ -512,18 +516,91 @@ SK_AMX_FN void rows32(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_
   }
 }
 
-// C (nrows <= 32 rows) by rows32 or rows16; A's rows up to the next multiple of 16 are read (the
-// callers' zero padding).
-SK_AMX_FN void rows_upto32(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C, int64_t ldc,
-                           int64_t nrows) {
-  if (nrows > 16) {
-    rows32(A, lda, wp, nch, C, ldc);
-  } else {
-    rows16(A, lda, wp, nch, C, ldc);
+// The engines: P::rows(A, lda, wp, nch, C, ldc, nrows) sets C (nrows <= 32 rows of 64 floats, row
+// stride ldc) to A (rows of 32 nch bf16, row stride lda) times one packed block's 4 gates;
+// P::kRowGroup: the rows A must hold past nrows (zero padding) are up to its next multiple.
+//
+// AMX: rows32 or rows16, whole 16-row groups.
+struct Tiles {
+  static constexpr int64_t kRowGroup = 16;
+  SK_AMX_FN static void rows(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C, int64_t ldc,
+                             int64_t nrows) {
+    if (nrows > 16) {
+      rows32(A, lda, wp, nch, C, ldc);
+    } else {
+      rows16(A, lda, wp, nch, C, ldc);
+    }
+  }
+};
+
+// vdpbf16ps: the packed tiles read one row at a time, a row being one k pair of the 16 units of a
+// gate, the B operand of a vdpbf16ps as it is (the AMX layout is the VNNI pairing); A's pair
+// (A[r][2k], A[r][2k + 1]) broadcast against it. R rows x 4 gates of float32 accumulators (24 of
+// the 32 zmm at R = 6, 4 for the gates' weights) over the whole K, then stored: no row padding
+// read, and the sums of float32 lanes over K <= a few thousand terms stay three orders of
+// magnitude under the bf16 rounding of h.
+template <int R>
+SK_AVX512BF16_FN void dp_tile(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C, int64_t ldc) {
+  __m512 acc[4][R];
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[g][r] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < nch; ++c) {
+    const uint16_t* b = wp + c * 4 * kTile;
+    const uint16_t* a = A + 32 * c;
+    for (int kk = 0; kk < 16; ++kk) {
+      __m512bh w[4];
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) w[g] = (__m512bh)_mm512_loadu_si512(b + g * kTile + 32 * kk);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512bh x = simd::bf16_pair_bcast(a + r * lda + 2 * kk);
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) acc[g][r] = _mm512_dpbf16_ps(acc[g][r], x, w[g]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(C + r * ldc + 16 * g, acc[g][r]);
   }
 }
 
-// The tile configuration of the calling thread, loaded and released (run_sequence's enter / leave).
+struct Dots {
+  static constexpr int64_t kRowGroup = 1;
+  static constexpr int kRows = 6;
+  SK_AVX512BF16_FN static void rows(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C,
+                                    int64_t ldc, int64_t nrows) {
+    int64_t r = 0;
+    for (; r + kRows <= nrows; r += kRows) dp_tile<kRows>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+    static_assert(kRows == 6, "the remainder tiles below cover kRows <= 6");
+    switch (nrows - r) {
+      case 5:
+        dp_tile<5>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        break;
+      case 4:
+        dp_tile<4>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        break;
+      case 3:
+        dp_tile<3>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        break;
+      case 2:
+        dp_tile<2>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        break;
+      case 1:
+        dp_tile<1>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        break;
+      default:
+        break;
+    }
+  }
+};
+
+// The tile configuration of the calling thread, loaded and released (run_sequence's enter / leave,
+// the AMX engine only).
 SK_AMX_ENTRY void tiles_on() { simd::amx_tiles_on(); }
 SK_AMX_ENTRY void tiles_off() { simd::amx_tiles_off(); }
 
@@ -542,14 +619,15 @@ struct SeqArgs {
   bool reverse;
 };
 
-// Packs W_ih (4H, I) and W_hh (4H, H) for the unit blocks [blk0, blk1).
-SK_AMX_ENTRY void pack_entry(const SeqArgs& a, const uint16_t* wi, const uint16_t* wh, int64_t blk0, int64_t blk1) {
+// Packs W_ih (4H, I) and W_hh (4H, H) for the unit blocks [blk0, blk1) (either engine).
+SK_AVX512_ENTRY void pack_entry(const SeqArgs& a, const uint16_t* wi, const uint16_t* wh, int64_t blk0, int64_t blk1) {
   pack_blocks(wi, a.H, a.I, blk0, blk1, a.packed_ih);
   pack_blocks(wh, a.H, a.H, blk0, blk1, a.packed_hh);
 }
 
 // The input projection x_t W_ih^T is computed Tc steps at a time (Tc B rows: the tiles' 16 rows
-// full even at B = 1 or 8, where a step alone would leave them mostly empty) into a buffer the
+// full even at B = 1 or 8, where a step alone would leave them mostly empty; for vdpbf16ps, the
+// weights reused over many more rows than a step's, from L1) into a buffer the
 // steps reuse: one projection of all T steps wrote a fresh (T B, 4H) float32 array per call,
 // and its page faults and stores were half of a T128 B64 H256 layer. Chunk k holds the times
 // [k Tc, (k + 1) Tc); step s needs a new one when its time is the first of its chunk in the
@@ -561,24 +639,28 @@ inline bool chunk_starts(const SeqArgs& a, int64_t s) {
 
 // The projection of the chunk step s starts, for the unit blocks [blk0, blk1) (each thread its
 // own: another thread may step them, so the caller waits for every thread's before the steps).
-SK_AMX_ENTRY void project_chunk(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+template <class P>
+SK_AVX512BF16_FN void project_chunk(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+  constexpr int64_t G = P::kRowGroup;
   const int64_t t = a.reverse ? a.T - 1 - s : s, t0 = t / a.Tc * a.Tc;
-  const int64_t rows = ((t0 + a.Tc < a.T ? a.Tc : a.T - t0) * a.B + 15) / 16 * 16;
+  const int64_t rows = ((t0 + a.Tc < a.T ? a.Tc : a.T - t0) * a.B + G - 1) / G * G;
   const int64_t nch = a.Ip / 32, ld = a.nblk * 64;
   for (int64_t j = blk0; j < blk1; ++j) {
     const uint16_t* wp = a.packed_ih + j * nch * 4 * kTile;
     for (int64_t r0 = 0; r0 < rows; r0 += 32)
-      rows_upto32(a.x + (t0 * a.B + r0) * a.Ip, a.Ip, wp, nch, a.ig + r0 * ld + 64 * j, ld, rows - r0);
+      P::rows(a.x + (t0 * a.B + r0) * a.Ip, a.Ip, wp, nch, a.ig + r0 * ld + 64 * j, ld,
+              rows - r0 < 32 ? rows - r0 : 32);
   }
 }
 
-// Step s for the unit blocks [blk0, blk1): per block and group of 32 batch rows (rows32; 16 for a
-// last group of at most 16), the recurrent product h_prev W_hh^T on the tiles, then the epilogue
+// Step s for the unit blocks [blk0, blk1): per block and group of 32 batch rows (AMX: rows32; 16
+// for a last group of at most 16), the recurrent product h_prev W_hh^T, then the epilogue
 // per row: + the projection + bias, the cell, c
 // updated, h stored to the output and (bf16, the tiles' next A operand) to the other hbuf half.
 // The caller's barrier between steps orders one step's reads of a half before the next step's
 // writes to it.
-SK_AMX_ENTRY void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+template <class P>
+SK_AVX512BF16_FN void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
   const int64_t T = a.T, B = a.B, H = a.H, Hp = a.Hp, nch = Hp / 32, ld = a.nblk * 64;
   const int64_t t = a.reverse ? T - 1 - s : s, tc = t % a.Tc;
   const uint16_t* hp = a.hbuf + (s & 1) * a.Bp * Hp;
@@ -589,7 +671,7 @@ SK_AMX_ENTRY void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_t bl
     const uint16_t* wp = a.packed_hh + j * nch * 4 * kTile;
     for (int64_t b0 = 0; b0 < B; b0 += 32) {
       const int64_t nr = B - b0 < 32 ? B - b0 : 32;
-      rows_upto32(hp + b0 * Hp, Hp, wp, nch, acc, 64, nr);  // rows past B: hbuf's zero padding
+      P::rows(hp + b0 * Hp, Hp, wp, nch, acc, 64, nr);  // rows past B: hbuf's zero padding
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t b = b0 + r;
         const float* igr = a.ig + (tc * B + b) * ld + 64 * j;
@@ -623,7 +705,22 @@ SK_AMX_ENTRY void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_t bl
   }
 }
 
-}  // namespace amx_isa
+// The entries, one per engine and ISA (flatten inlines the step into each, with its engine's
+// products).
+SK_AMX_ENTRY void project_chunk_amx(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+  project_chunk<Tiles>(a, s, blk0, blk1);
+}
+SK_AMX_ENTRY void seq_step_amx(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+  seq_step<Tiles>(a, s, blk0, blk1);
+}
+SK_AVX512BF16_ENTRY void project_chunk_dp(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+  project_chunk<Dots>(a, s, blk0, blk1);
+}
+SK_AVX512BF16_ENTRY void seq_step_dp(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
+  seq_step<Dots>(a, s, blk0, blk1);
+}
+
+}  // namespace bf16seq
 }  // namespace
 }  // namespace seqkernels
 
@@ -857,7 +954,7 @@ int64_t seq_threads(int64_t nblk, int64_t macs, int64_t min_macs) {
   return std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), nblk, macs / min_macs}));
 }
 
-// The team loop of the sequence kernels (lstm_layer_fused, lstm_layer_amx): one OpenMP team for
+// The team loop of the sequence kernels (lstm_layer_fused, lstm_layer_bf16): one OpenMP team for
 // the whole sequence, each thread owning a range of the nblk unit blocks. A thread packs its
 // blocks' weights once (k.pack), then per step runs its blocks (k.step) and waits at a barrier for
 // the step's h to be complete before the next step reads it. k.enter / k.leave bracket a thread's
@@ -961,23 +1058,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fused(const SeqFusedKe
 }
 
 #if SK_LSTM_X86_DISPATCH
-// Below this many multiply-adds a step per thread, the AMX sequence kernel runs on one thread: its
+// Below this many multiply-adds a step per thread, the bf16 sequence kernel runs on one thread: AMX
 // tiles do a step's recurrent product at H = 256, B = 16 (4.2 M) in a few microseconds, so the
-// barrier is a larger share than for the float32 kernel.
+// barrier is a larger share than for the float32 kernel; vdpbf16ps runs at a sixteenth of the
+// tiles' rate, twice the float32 FMA's.
 constexpr int64_t kAmxMinMacsPerThread = 1 << 20;
+constexpr int64_t kDotsMinMacsPerThread = 1 << 16;
 
-// lstm_layer_fwd.fused on bf16 operands with AMX (see amx_isa above), on
-// run_sequence's team: 16 units per block, each thread packing W_ih and W_hh for its own blocks
+// lstm_layer_fwd.fused on bf16 operands (see bf16seq above; tiles: the AMX engine, else vdpbf16ps),
+// on run_sequence's team: 16 units per block, each thread packing W_ih and W_hh for its own blocks
 // (its W_hh slice, 1 MB at H = 512 on two threads, stays in its L2), projecting Tc steps of x for
-// them at a time (the prologue), then stepping. x, h and the weights are the tiles' bf16 operands;
-// the products and the cell are float32; the output is bf16. The tiles read whole 16-row groups and
-// 32-column chunks, so x is copied into a zero-padded buffer unless its shape is already a multiple
-// of both, and h lives in one (hbuf).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_amx(const at::Tensor& x, const at::Tensor& h0,
-                                                              const at::Tensor& c0, const at::Tensor& weight_ih,
-                                                              const at::Tensor& weight_hh, const at::Tensor& bias,
-                                                              bool reverse, at::Tensor& ws, at::Tensor& cs) {
-  using amx_isa::kTile;
+// them at a time (the prologue), then stepping. x, h and the weights are the products' bf16
+// operands; the sums and the cell are float32; the output is bf16. The products read 32-column
+// chunks (AMX tiles also whole 16-row groups), so x is copied into a zero-padded buffer unless its
+// shape is already a multiple of both, and h lives in one (hbuf).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bf16(bool tiles, const at::Tensor& x, const at::Tensor& h0,
+                                                               const at::Tensor& c0, const at::Tensor& weight_ih,
+                                                               const at::Tensor& weight_hh, const at::Tensor& bias,
+                                                               bool reverse, at::Tensor& ws, at::Tensor& cs) {
+  using bf16seq::kTile;
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = weight_hh.size(1);
   const int64_t nblk = (H + 15) / 16, Ip = (I + 31) / 32 * 32, Hp = (H + 31) / 32 * 32, Bp = (B + 15) / 16 * 16;
   // Tc: a multiple of 16 / gcd(B, 16) (so each chunk starts on a 16-row group of x) giving about
@@ -1003,7 +1102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_amx(const at::Tensor& 
   c.copy_(c0);
   at::Tensor out = at::empty({T, B, H}, opts);
   const at::Tensor bias32 = bias.defined() ? bias.to(at::kFloat) : at::Tensor();
-  const amx_isa::SeqArgs a{u16(xa),
+  const bf16seq::SeqArgs a{u16(xa),
                            u16(wpi),
                            u16(wph),
                            bias32.defined() ? bias32.data_ptr<float>() : nullptr,
@@ -1024,17 +1123,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_amx(const at::Tensor& 
                            Tc,
                            reverse};
   struct Team {
-    const amx_isa::SeqArgs& a;
+    const bf16seq::SeqArgs& a;
     const uint16_t* wi;
     const uint16_t* wh;
-    void enter() const { amx_isa::tiles_on(); }
-    void leave() const { amx_isa::tiles_off(); }
-    bool prologue_at(int64_t s) const { return amx_isa::chunk_starts(a, s); }
-    void prologue(int64_t s, int64_t j0, int64_t j1) const { amx_isa::project_chunk(a, s, j0, j1); }
-    void pack(int64_t j0, int64_t j1) const { amx_isa::pack_entry(a, wi, wh, j0, j1); }
-    void step(int64_t s, int64_t j0, int64_t j1) const { amx_isa::seq_step(a, s, j0, j1); }
+    bool tiles;
+    void enter() const {
+      if (tiles) bf16seq::tiles_on();
+    }
+    void leave() const {
+      if (tiles) bf16seq::tiles_off();
+    }
+    bool prologue_at(int64_t s) const { return bf16seq::chunk_starts(a, s); }
+    void prologue(int64_t s, int64_t j0, int64_t j1) const {
+      (tiles ? bf16seq::project_chunk_amx : bf16seq::project_chunk_dp)(a, s, j0, j1);
+    }
+    void pack(int64_t j0, int64_t j1) const { bf16seq::pack_entry(a, wi, wh, j0, j1); }
+    void step(int64_t s, int64_t j0, int64_t j1) const {
+      (tiles ? bf16seq::seq_step_amx : bf16seq::seq_step_dp)(a, s, j0, j1);
+    }
   };
-  run_sequence(Team{a, u16(wi), u16(wh)}, nblk, T, seq_threads(nblk, B * H * 4 * (I + H), kAmxMinMacsPerThread));
+  const int64_t min_macs = tiles ? kAmxMinMacsPerThread : kDotsMinMacsPerThread;
+  run_sequence(Team{a, u16(wi), u16(wh), tiles}, nblk, T, seq_threads(nblk, B * H * 4 * (I + H), min_macs));
   return {out, out.select(0, reverse ? 0 : T - 1).clone(), c.to(at::kBFloat16)};
 }
 #endif
@@ -1124,14 +1233,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                       : ": input (the input gates) must have shape "
                         "(T, B, 4*H) without weight_ih, got ",
               input.sizes());
-  // bfloat16: the AMX kernel (with weight_ih); it has no other path, so the caller
-  // asks cpu_paths::lstm first (python/seqkernels/ops/lstm.py widens to float32 where it is not AMX).
+  // bfloat16: the bf16 sequence kernel (with weight_ih), AMX tiles or vdpbf16ps; it has no other
+  // path, so the caller asks cpu_paths::lstm first (python/seqkernels/ops/lstm.py widens to float32
+  // where neither is available).
   const bool bf16 = input.scalar_type() == at::kBFloat16;
+  const simd::Isa bf16_path = bf16 ? cpu_paths::lstm(cpu_paths::Dt::BFloat16) : simd::Isa::Portable;
   TORCH_CHECK(input.scalar_type() == at::kFloat || bf16, "seqkernels::", op,
-              ": input must be float32 (or bfloat16 on AMX), got ", input.scalar_type());
+              ": input must be float32 (or bfloat16 on AVX512_BF16 / AMX-BF16), got ", input.scalar_type());
   if (bf16) {
-    TORCH_CHECK(cpu_paths::lstm(cpu_paths::Dt::BFloat16) == simd::Isa::AmxBf16, "seqkernels::", op,
-                ": bfloat16 input needs the AMX-BF16 path, which this CPU (or SEQKERNELS_CPU_ISA=",
+    TORCH_CHECK(bf16_path >= simd::Isa::Avx512Bf16, "seqkernels::", op,
+                ": bfloat16 input needs the AVX512_BF16 or AMX-BF16 path, which this CPU (or SEQKERNELS_CPU_ISA=",
                 simd::isa_name(simd::active_isa()), ") does not offer; widen to float32");
     TORCH_CHECK(project, "seqkernels::", op, ": bfloat16 input needs weight_ih (the kernel projects x itself)");
   }
@@ -1161,7 +1272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
 #if SK_LSTM_X86_DISPATCH
   if (bf16) {
-    auto [o, h_n, c_n] = lstm_layer_amx(in, h_init, c0, *weight_ih, weight_hh, bsum, reverse, ws, cs);
+    auto [o, h_n, c_n] = lstm_layer_bf16(bf16_path == simd::Isa::AmxBf16, in, h_init, c0, *weight_ih, weight_hh, bsum,
+                                         reverse, ws, cs);
     return {o, h_n, c_n, ws, cs};
   }
 #endif
@@ -1279,9 +1391,10 @@ namespace seqkernels {
 // AVX2 lanes. "portable" on x86 is the scalar code.
 simd::Isa cpu_paths::lstm(Dt dt) {
   if (!SK_LSTM_X86_DISPATCH) return simd::Isa::Portable;
-  // bfloat16: the AMX sequence kernel (lstm_layer_amx) where the tiles are usable; its cell ops
-  // and everything else bf16 take the AVX-512 lanes, as without AMX.
-  if (dt == Dt::BFloat16 && simd::path_isa(simd::Isa::AmxBf16) == simd::Isa::AmxBf16) return simd::Isa::AmxBf16;
+  // bfloat16: the bf16 sequence kernel (lstm_layer_bf16) on AMX tiles where they are usable, on
+  // vdpbf16ps where AVX512_BF16 is; its cell ops and everything else bf16 take the AVX-512 lanes.
+  if (dt == Dt::BFloat16 && simd::path_isa(simd::Isa::AmxBf16) >= simd::Isa::Avx512Bf16)
+    return simd::path_isa(simd::Isa::AmxBf16);
   return simd::path_isa(dt == Dt::Float64 ? simd::Isa::Avx2 : simd::Isa::Avx512);
 }
 }  // namespace seqkernels

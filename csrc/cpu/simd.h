@@ -620,6 +620,15 @@ struct Avx512FloatBf16P : Avx512Float {
   SK_AVX512_FN static V exp2_nonpos(V x) { return exp2_reduced<Exp2Deg4>(x); }
 };
 
+// (p[0], p[1]) as one 32-bit word in all 16 lanes: the A operand of a vdpbf16ps that pairs along
+// the sum index (the bf16 attention's products, the bf16 LSTM sequence kernel's). p need not be
+// 4-byte aligned.
+SK_AVX512BF16_FN __m512bh bf16_pair_bcast(const uint16_t* p) {
+  int32_t x;
+  std::memcpy(&x, p, sizeof(x));
+  return (__m512bh)_mm512_set1_epi32(x);
+}
+
 // The first n lanes of a 16-lane mask (n >= 16: all of them, n <= 0: none): the tails of the
 // AVX-512 loads and stores.
 inline __mmask16 mask16(int64_t n) {

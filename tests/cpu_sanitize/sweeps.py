@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # Tolerance of max |got - want| relative to max(1, max |want|), per dtype.
 TOL = {"float32": 2e-4, "float64": 1e-9, "bfloat16": 4e-2, "float16": 1e-2}
-FAMILIES = ("attention", "kv_cache", "lstm", "lstm_amx")
+FAMILIES = ("attention", "kv_cache", "lstm", "lstm_bf16")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,11 +365,12 @@ def lstm_cases(level: str) -> list[dict]:
     return cases
 
 
-def lstm_amx_cases(level: str) -> list[dict]:
-    """The bf16 LSTM sequence kernel on AMX tiles (lstm_layer_fwd.fused on bf16): H around its
-    16-unit blocks, B around its 16- and 32-row tile groups, T past a projection chunk (Tc = 16 at
-    B = 16, 64 at B <= 4 or odd B < 16). ASan sees the epilogue's reads and writes (the projection
-    rows, bias, cell state, outputs, the padded h buffer), not the tile loads and stores."""
+def lstm_bf16_cases(level: str) -> list[dict]:
+    """The bf16 LSTM sequence kernel (lstm_layer_fwd.fused on bf16), on AMX tiles or vdpbf16ps: H
+    around its 16-unit blocks, B around the tiles' 16- and 32-row groups and the dot engine's
+    6-row register tiles, T past a projection chunk (Tc = 16 at B = 16, 64 at B <= 4 or odd B < 16).
+    ASan sees the epilogue's reads and writes (the projection rows, bias, cell state, outputs, the
+    padded h buffer) and the dot engine's loads, not the tile loads and stores."""
     shapes = [(3, 1, 7, 1), (17, 16, 33, 17), (2, 33, 32, 31), (66, 3, 40, 16)]
     if level != "ci":
         shapes += [(5, 15, 9, 15), (4, 31, 64, 33), (3, 64, 17, 48), (2, 17, 96, 130)]
@@ -384,13 +385,13 @@ def lstm_amx_cases(level: str) -> list[dict]:
             bias=bool(n % 2),
             reverse=bool(n // 2 % 2),
             threads=2,
-            seed=_seed("lstm-amx", "bfloat16", H, n),
+            seed=_seed("lstm-bf16", "bfloat16", H, n),
         )
         for n, (T, B, I, H) in enumerate(shapes)
     ]
 
 
-CASES = {"attention": attention_cases, "kv_cache": kv_cache_cases, "lstm": lstm_cases, "lstm_amx": lstm_amx_cases}
+CASES = {"attention": attention_cases, "kv_cache": kv_cache_cases, "lstm": lstm_cases, "lstm_bf16": lstm_bf16_cases}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -758,7 +759,7 @@ PORTABLE_ENV = {
     "attention": ("SEQKERNELS_CPU_ISA", "portable"),
     "kv_cache": ("SEQKERNELS_CPU_ISA", "portable"),
     "lstm": ("SEQKERNELS_CPU_ISA", "portable"),
-    "lstm_amx": ("SEQKERNELS_CPU_ISA", "portable"),
+    "lstm_bf16": ("SEQKERNELS_CPU_ISA", "portable"),
 }
 
 
@@ -772,10 +773,10 @@ def select_isa(family: str, isa: str) -> None:
     elif isa == "avx2":
         os.environ[var] = isa  # forced, so an AVX-512 machine still runs the AVX2 code
     elif isa == "amx":
-        os.environ[var] = "amx_bf16"  # the AMX-BF16 tiles of the bf16 attention (where the CPU has them)
+        os.environ[var] = "amx_bf16"  # the AMX-BF16 tiles of the bf16 kernels (where the CPU has them)
     elif isa == "avx512":
-        # The highest AVX-512 level: AVX512_BF16 (the bf16 attention forward's dot path) where the
-        # CPU has it, plain AVX-512 elsewhere (a request above the CPU's level falls back).
+        # The highest AVX-512 level: AVX512_BF16 (the bf16 attention's and LSTM's dot paths) where
+        # the CPU has it, plain AVX-512 elsewhere (a request above the CPU's level falls back).
         os.environ[var] = "avx512_bf16"
     else:
         raise ValueError(f"isa must be 'amx', 'avx512', 'avx2' or 'portable', got {isa!r}")

@@ -651,16 +651,16 @@ def lstm_layer(
         and (_HAS_LAYER_FUSED or _HAS_LAYER_OP)
         and min(batch_sizes) == batch_sizes[0]
     )
-    amx = cpu_seq and x.dtype == torch.bfloat16 and _HAS_LAYER_FUSED and _bf16_amx()
-    if amx and grad:  # the tile kernel's forward, then a per-step backward (_CpuLayer)
+    native = cpu_seq and x.dtype == torch.bfloat16 and _HAS_LAYER_FUSED and _bf16_native()
+    if native and grad:  # the bf16 kernel's forward, then a per-step backward (_CpuLayer)
         return _CpuLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
-    if amx:
-        # bfloat16 inference where the AMX tiles are usable: the bf16 sequence kernel (products on
-        # the tiles, the cell and its state in float32, h rounded to bf16 per step).
+    if native:
+        # bfloat16 inference where AMX tiles or AVX512_BF16 are usable: the bf16 sequence kernel
+        # (bf16 pair products, the cell and its state in float32, h rounded to bf16 per step).
         with torch.no_grad():
             return _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, len(batch_sizes), batch_sizes[0], reverse)
     if cpu_seq and x.dtype in (torch.float16, torch.bfloat16):
-        # float16, and bfloat16 where the AMX kernel is not available, on the float32 sequence
+        # float16, and bfloat16 where the bf16 kernel is not available, on the float32 sequence
         # kernels: the operands widened once per call (exact), the recurrence and its state in
         # float32, the outputs rounded to the input dtype (the casts carry the gradients). torch's
         # CPU float16 LSTM has no native float16 products to lose against (the per-step cell ops
@@ -704,12 +704,12 @@ def lstm_layer(
 _FUSED_INPUT_BYTES = 1 << 20
 
 
-def _bf16_amx() -> bool:
-    """Whether the C++ sequence kernel takes bfloat16 as it is (AMX-BF16 tiles usable here and not
-    lowered by SEQKERNELS_CPU_ISA): the kernels' own rule, cpu_paths::lstm."""
+def _bf16_native() -> bool:
+    """Whether the C++ sequence kernel takes bfloat16 as it is (AMX-BF16 tiles or AVX512_BF16
+    usable here and not lowered by SEQKERNELS_CPU_ISA): the kernels' own rule, cpu_paths::lstm."""
     from ..cli import cpu_path
 
-    return cpu_path("lstm", "bfloat16") == "amx_bf16"
+    return cpu_path("lstm", "bfloat16") in ("amx_bf16", "avx512_bf16")
 
 
 def _project_first(w_ih: Tensor, T: int) -> bool:
