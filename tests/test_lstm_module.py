@@ -785,7 +785,8 @@ def test_fused_layer_bad_arguments_are_named():
 
 # bfloat16 inference on the sequence kernels: the bf16 kernel where AMX tiles or AVX512_BF16 are
 # usable (x, h and the weights as bf16 operands, 16-unit blocks; AMX: 16- and 32-row tile groups;
-# vdpbf16ps: 6-row register tiles and their 1-5 row remainders; the projection Tc steps at a time:
+# vdpbf16ps: groups of up to 96 rows in 6-row register tiles, the rest in one tile of 1-5 rows or,
+# after a full tile, 4 + 3 or 4 + 4; the projection Tc steps at a time:
 # Tc = 16 at B = 16, 64 at B = 5, 4 at B = 64, 48 at B = 17), the float32 kernels on widened
 # operands elsewhere. Inputs sit between NaNs: the tiles read whole 16-row groups, both engines
 # 32-column chunks, and a read past a tensor would put NaN in the result.
@@ -818,9 +819,9 @@ def _bf16_trio(**kw):
 
 BF16_LAYER_CASES = [
     # (T, B, I, H): H around the 16-unit blocks and 32-wide K chunks, B around the 16/32-row tile
-    # groups, a group's rows (B, or 32 and the rest) at every residue of the 6-row register tiles
-    # (mod 6: 1, 3, 4, 5, 1, 2 and 1, 0, 5, 2 and 2, 2 and 4), T past a projection chunk, I a multiple
-    # of 32 with T B a multiple of 16 (x read in place) and not.
+    # groups, the 96-row groups and every tail of the 6-row register tiles (B = 1, 2, 3, 5, 6 alone;
+    # 16, 17, 33 and 64 after full tiles; 31 and 8 split 4 + 3 and 4 + 4), T past a projection chunk,
+    # I a multiple of 32 with T B a multiple of 16 (x read in place) and not.
     (3, 1, 7, 1),
     (5, 3, 17, 15),
     (17, 16, 32, 16),
@@ -830,6 +831,9 @@ BF16_LAYER_CASES = [
     (9, 64, 32, 48),
     (66, 5, 9, 20),
     (4, 6, 20, 24),
+    (5, 2, 40, 18),
+    (3, 8, 24, 40),
+    (2, 100, 16, 20),
     (2, 48, 96, 130),
 ]
 

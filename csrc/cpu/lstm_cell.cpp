@@ -523,6 +523,7 @@ SK_AMX_FN void rows32(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_
 // AMX: rows32 or rows16, whole 16-row groups.
 struct Tiles {
   static constexpr int64_t kRowGroup = 16;
+  static constexpr int64_t kMaxRows = 32;
   SK_AMX_FN static void rows(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C, int64_t ldc,
                              int64_t nrows) {
     if (nrows > 16) {
@@ -536,27 +537,30 @@ struct Tiles {
 // vdpbf16ps: the packed tiles read one row at a time, a row being one k pair of the 16 units of a
 // gate, the B operand of a vdpbf16ps as it is (the AMX layout is the VNNI pairing); A's pair
 // (A[r][2k], A[r][2k + 1]) broadcast against it. R rows x 4 gates of float32 accumulators (24 of
-// the 32 zmm at R = 6, 4 for the gates' weights) over the whole K, then stored: no row padding
-// read, and the sums of float32 lanes over K <= a few thousand terms stay three orders of
-// magnitude under the bf16 rounding of h.
+// the 32 zmm at R = 6, 4 for the gates' weights). The K loop runs in passes of kPass chunks (64
+// pairs, the block's 16 KB of weights for them), each pass for every row tile before the next:
+// the pass stays in L1 across the row tiles, where a block's whole K (64 KB at H = 512) would be
+// streamed from L2 once per 6 rows; a pass's sums are added to C in memory (the float32 kernel's
+// seq_chunk order). Passes of one chunk spent more on those adds than they saved; measured on a
+// Zen 5 EPYC (bench/NOTES.md 24). No row padding is read, and float32 sums over K <= a few
+// thousand terms stay three orders of magnitude under the bf16 rounding of h.
 template <int R>
-SK_AVX512BF16_FN void dp_tile(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C, int64_t ldc) {
+SK_AVX512BF16_FN void dp_chunk(const uint16_t* A, int64_t lda, const uint16_t* b, int64_t nc, float* C, int64_t ldc,
+                               bool first) {
   __m512 acc[4][R];
 #pragma GCC unroll 4
   for (int g = 0; g < 4; ++g) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[g][r] = _mm512_setzero_ps();
   }
-  for (int64_t c = 0; c < nch; ++c) {
-    const uint16_t* b = wp + c * 4 * kTile;
-    const uint16_t* a = A + 32 * c;
+  for (int64_t c = 0; c < nc; ++c, b += 4 * kTile, A += 32) {
     for (int kk = 0; kk < 16; ++kk) {
       __m512bh w[4];
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) w[g] = (__m512bh)_mm512_loadu_si512(b + g * kTile + 32 * kk);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const __m512bh x = simd::bf16_pair_bcast(a + r * lda + 2 * kk);
+        const __m512bh x = simd::bf16_pair_bcast(A + r * lda + 2 * kk);
 #pragma GCC unroll 4
         for (int g = 0; g < 4; ++g) acc[g][r] = _mm512_dpbf16_ps(acc[g][r], x, w[g]);
       }
@@ -565,36 +569,68 @@ SK_AVX512BF16_FN void dp_tile(const uint16_t* A, int64_t lda, const uint16_t* wp
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(C + r * ldc + 16 * g, acc[g][r]);
+    for (int g = 0; g < 4; ++g) {
+      float* cp = C + r * ldc + 16 * g;
+      _mm512_storeu_ps(cp, first ? acc[g][r] : _mm512_add_ps(_mm512_loadu_ps(cp), acc[g][r]));
+    }
   }
 }
 
 struct Dots {
   static constexpr int64_t kRowGroup = 1;
+  static constexpr int64_t kMaxRows = 96;  // B = 64 in 6-row tiles ending in a 4, not 2 x (30 + 2)
   static constexpr int kRows = 6;
-  SK_AVX512BF16_FN static void rows(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C,
-                                    int64_t ldc, int64_t nrows) {
-    int64_t r = 0;
-    for (; r + kRows <= nrows; r += kRows) dp_tile<kRows>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
-    static_assert(kRows == 6, "the remainder tiles below cover kRows <= 6");
-    switch (nrows - r) {
+  static constexpr int64_t kPass = 4;  // chunks per pass
+  // Rows [r, r + n) of one pass, n <= 6.
+  SK_AVX512BF16_FN static void tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t nc, float* C,
+                                    int64_t ldc, bool first, int64_t n) {
+    switch (n) {
+      case 6:
+        dp_chunk<6>(a, lda, b, nc, C, ldc, first);
+        break;
       case 5:
-        dp_tile<5>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        dp_chunk<5>(a, lda, b, nc, C, ldc, first);
         break;
       case 4:
-        dp_tile<4>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        dp_chunk<4>(a, lda, b, nc, C, ldc, first);
         break;
       case 3:
-        dp_tile<3>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        dp_chunk<3>(a, lda, b, nc, C, ldc, first);
         break;
       case 2:
-        dp_tile<2>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        dp_chunk<2>(a, lda, b, nc, C, ldc, first);
         break;
       case 1:
-        dp_tile<1>(A + r * lda, lda, wp, nch, C + r * ldc, ldc);
+        dp_chunk<1>(a, lda, b, nc, C, ldc, first);
         break;
       default:
         break;
+    }
+  }
+  SK_AVX512BF16_FN static void rows(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C,
+                                    int64_t ldc, int64_t nrows) {
+    static_assert(kRows == 6, "tile() covers kRows <= 6");
+    // A tile of 1 or 2 rows has 4 or 8 independent sums, too few to cover vdpbf16ps's latency at
+    // two a cycle; 6 + 1 and 6 + 2 rows run as 4 + 3 and 4 + 4.
+    int64_t full = nrows / kRows, rest = nrows % kRows;
+    if (full > 0 && rest > 0 && rest < 3) {
+      full -= 1;
+      rest += kRows;
+    }
+    for (int64_t c = 0; c < nch; c += kPass) {
+      const uint16_t* a = A + 32 * c;
+      const uint16_t* b = wp + c * 4 * kTile;
+      const int64_t nc = nch - c < kPass ? nch - c : kPass;
+      const bool first = c == 0;
+      int64_t r = 0;
+      for (int64_t f = 0; f < full; ++f, r += kRows) dp_chunk<kRows>(a + r * lda, lda, b, nc, C + r * ldc, ldc, first);
+      if (rest > kRows) {
+        tile(a + r * lda, lda, b, nc, C + r * ldc, ldc, first, 4);
+        r += 4;
+        tile(a + r * lda, lda, b, nc, C + r * ldc, ldc, first, rest - 4);
+      } else {
+        tile(a + r * lda, lda, b, nc, C + r * ldc, ldc, first, rest);
+      }
     }
   }
 };
@@ -647,9 +683,9 @@ SK_AVX512BF16_FN void project_chunk(const SeqArgs& a, int64_t s, int64_t blk0, i
   const int64_t nch = a.Ip / 32, ld = a.nblk * 64;
   for (int64_t j = blk0; j < blk1; ++j) {
     const uint16_t* wp = a.packed_ih + j * nch * 4 * kTile;
-    for (int64_t r0 = 0; r0 < rows; r0 += 32)
+    for (int64_t r0 = 0; r0 < rows; r0 += P::kMaxRows)
       P::rows(a.x + (t0 * a.B + r0) * a.Ip, a.Ip, wp, nch, a.ig + r0 * ld + 64 * j, ld,
-              rows - r0 < 32 ? rows - r0 : 32);
+              rows - r0 < P::kMaxRows ? rows - r0 : P::kMaxRows);
   }
 }
 
@@ -665,12 +701,12 @@ SK_AVX512BF16_FN void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_
   const int64_t t = a.reverse ? T - 1 - s : s, tc = t % a.Tc;
   const uint16_t* hp = a.hbuf + (s & 1) * a.Bp * Hp;
   uint16_t* hn = a.hbuf + ((s + 1) & 1) * a.Bp * Hp;
-  alignas(64) float acc[32 * 64];
+  alignas(64) float acc[P::kMaxRows * 64];
   for (int64_t j = blk0; j < blk1; ++j) {
     const int64_t u0 = 16 * j, n = H - u0 < 16 ? H - u0 : 16;
     const uint16_t* wp = a.packed_hh + j * nch * 4 * kTile;
-    for (int64_t b0 = 0; b0 < B; b0 += 32) {
-      const int64_t nr = B - b0 < 32 ? B - b0 : 32;
+    for (int64_t b0 = 0; b0 < B; b0 += P::kMaxRows) {
+      const int64_t nr = B - b0 < P::kMaxRows ? B - b0 : P::kMaxRows;
       P::rows(hp + b0 * Hp, Hp, wp, nch, acc, 64, nr);  // rows past B: hbuf's zero padding
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t b = b0 + r;
@@ -1272,8 +1308,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const at::Tensor bsum = bias.has_value() ? bias->contiguous() : at::Tensor();
 #if SK_LSTM_X86_DISPATCH
   if (bf16) {
-    auto [o, h_n, c_n] = lstm_layer_bf16(bf16_path == simd::Isa::AmxBf16, in, h_init, c0, *weight_ih, weight_hh, bsum,
-                                         reverse, ws, cs);
+    auto [o, h_n, c_n] =
+        lstm_layer_bf16(bf16_path == simd::Isa::AmxBf16, in, h_init, c0, *weight_ih, weight_hh, bsum, reverse, ws, cs);
     return {o, h_n, c_n, ws, cs};
   }
 #endif
