@@ -2,6 +2,7 @@
 restore_lstm, and the modules' errors."""
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -468,7 +469,7 @@ def test_inference_sequence_kernel_matches_torch_float64(cfg, hidden, monkeypatc
 def test_inference_sequence_kernel_parity_rule_float32(project_first, monkeypatch):
     calls = _count_layer_calls(monkeypatch)
     # The input projection inside the kernel, or as one GEMM first (_mm: oneDNN), as a large W_ih takes.
-    monkeypatch.setattr(lstm_ops, "_FUSED_INPUT_BYTES", 0 if project_first else 1 << 40)
+    monkeypatch.setattr(lstm_ops, "_project_first", lambda *a: project_first and a[2] > 1)
     # torch's own init here: _pair's larger weights saturate the gates over 200 units, where plain
     # float32 torch itself is no longer assert_close to float64.
     kw = dict(input_size=24, hidden_size=200, num_layers=2, bidirectional=True)
@@ -668,7 +669,7 @@ def test_training_sequence_kernels_float32(isa, cfg, project_first, monkeypatch)
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", isa)
     # The input projection inside the kernel, or as one GEMM first (what a large W_ih takes): the
     # fused op then gets the input gates and no weight_ih (T = 1 keeps the projection inside).
-    monkeypatch.setattr(lstm_ops, "_FUSED_INPUT_BYTES", 0 if project_first else 1 << 40)
+    monkeypatch.setattr(lstm_ops, "_project_first", lambda *a: project_first and a[2] > 1)
     # The weight gradients by oneDNN (with the copies of G^T it makes) or by torch.mm, both routes of
     # _mm_tn at these small widths.
     monkeypatch.setattr(lstm_ops, "_TN_ONEDNN_MIN_WIDTH", 0 if project_first else 1 << 30)
@@ -990,3 +991,32 @@ def test_lstm_bf16_training_paths(isa, bidir, bias, with_h0, monkeypatch):
     assert report.passed, str(report)
     native = isa in ("native", "avx512_bf16") and _native_bf16_lstm()
     assert calls == [torch.bfloat16 if native else torch.float32] * 2 * D
+
+
+@pytest.mark.parametrize(
+    "l2,l3,H,B,T,expect",
+    [
+        (0, 0, 256, 16, 9, False),  # caches unknown: W_ih 1 MB over 2 threads, under the fixed 1 MB a thread
+        (0, 0, 512, 16, 9, True),  # 4 MB: over it
+        (1 << 20, 32 << 20, 256, 64, 9, False),  # both slices (512 KB each) fill L2 exactly: fused
+        (2 << 20, 64 << 20, 512, 8, 9, True),  # W_hh's 2 MB fits a 2 MB L2, not with W_ih's: projected
+        (1 << 20, 32 << 20, 512, 32, 9, False),  # W_hh's slice streams anyway, 8 MB in a 32 MB L3: fused
+        (1 << 20, 32 << 20, 512, 4, 9, True),  # ... but 4 rows a step are too few per weight streamed
+        (1 << 20, 32 << 20, 1024, 16, 9, True),  # 32 MB of weights: more than half the L3
+        (1 << 20, 32 << 20, 1024, 16, 1, False),  # one step: the projection is the step's own
+    ],
+)
+def test_project_first_rule(l2, l3, H, B, T, expect, monkeypatch):
+    # _project_first by the cache sizes it is given (float32 weights, input size H, 2 threads).
+    monkeypatch.setattr(lstm_ops, "_cache_bytes", lambda: (l2, l3))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    w_ih, w_hh = torch.empty(4 * H, H), torch.empty(4 * H, H)
+    assert lstm_ops._project_first(w_ih, w_hh, T, B) == expect
+
+
+def test_cache_sizes_read_from_sysfs():
+    l2, l3 = lstm_ops._cache_bytes()
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache"):
+        assert l2 >= 64 << 10 and (l3 == 0 or l3 >= l2)
+    else:
+        assert (l2, l3) == (0, 0)

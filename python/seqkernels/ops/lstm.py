@@ -559,7 +559,7 @@ class _CpuLayer(torch.autograd.Function):
         bias = _summed_bias(b_ih, b_hh)
         # One GEMM for every step's input gates first, then W_hh only per step, where W_ih is large
         # (float32; the bf16 AMX kernel projects Tc steps at a time on its tiles).
-        if x.dtype != torch.bfloat16 and _project_first(w_ih, T):
+        if x.dtype != torch.bfloat16 and _project_first(w_ih, w_hh, T, B):
             inp, w_in = _mm(x, w_ih.t()).view(T, B, w_ih.shape[0]), None
         else:
             inp, w_in = x.view(T, B, x.shape[1]), w_ih
@@ -696,12 +696,37 @@ def lstm_layer(
 
 
 # The fused sequence kernel multiplies x_t by each thread's packed slice of W_ih at every step:
-# cheap while the slice stays in the core's cache, a stream from L3 once it does not. Past this
-# many bytes of W_ih per thread, one GEMM over all steps first (then only W_hh per step) is faster:
-# measured on a 2-core Xeon with AMX (2 MB L2 per core), inference at T64 B8 H512 went from 0.72x
-# to 1.1-1.2x torch.nn.LSTM, while H256 (512 KB per thread) stays faster fused (B64: 1.02x fused,
-# 0.76x not). The training forward (_CpuLayer) follows the same rule.
+# cheap while the slice stays in the core's cache, a stream from L3 once it does not. Where the
+# caches are unknown: past this many bytes of W_ih per thread, one GEMM over all steps first (then
+# only W_hh per step), measured on a 2-core Xeon with AMX (2 MB L2 per core): inference at T64 B8
+# H512 went from 0.72x to 1.1-1.2x torch.nn.LSTM, while H256 (512 KB per thread) stays faster fused
+# (B64: 1.02x fused, 0.76x not). See _project_first for the rule by cache size.
 _FUSED_INPUT_BYTES = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_bytes() -> Tuple[int, int]:
+    """(the L2 of one core, the L3) in bytes, as Linux's sysfs describes cpu0; 0 where unknown."""
+    import os
+
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    sizes = {}
+    try:
+        for d in os.listdir(base):
+            if not d.startswith("index"):
+                continue
+            with open(f"{base}/{d}/level") as f:
+                level = int(f.read())
+            with open(f"{base}/{d}/type") as f:
+                kind = f.read().strip()
+            with open(f"{base}/{d}/size") as f:
+                size = f.read().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            if kind in ("Unified", "Data"):
+                sizes[level] = int(size.rstrip("KMG")) * mult
+    except (OSError, ValueError):
+        return 0, 0
+    return sizes.get(2, 0), sizes.get(3, 0)
 
 
 def _bf16_native() -> bool:
@@ -712,11 +737,31 @@ def _bf16_native() -> bool:
     return cpu_path("lstm", "bfloat16") in ("amx_bf16", "avx512_bf16")
 
 
-def _project_first(w_ih: Tensor, T: int) -> bool:
-    """Whether the sequence kernel should get the input gates from one GEMM over all T steps rather
-    than project x_t itself at every step (see _FUSED_INPUT_BYTES; one step reads W_ih once
-    either way)."""
-    return T > 1 and w_ih.numel() * w_ih.element_size() > _FUSED_INPUT_BYTES * max(1, torch.get_num_threads())
+def _project_first(w_ih: Tensor, w_hh: Tensor, T: int, B: int) -> bool:
+    """Whether the float32 sequence kernel should get the input gates from one GEMM over all T steps
+    rather than project x_t itself at every step, by what each thread's slices of the weights (it
+    reads both once a step) do in the caches:
+    - both fit its core's L2: fused (no (T, B, 4H) gates array written and read back);
+    - W_hh's fits, not both: project first, so W_hh's stays in L2 step after step;
+    - W_hh's alone does not fit: it streams from L3 every step either way, and fused saves the
+      projection's pass, as long as the weights fit well inside L3 (half) and a step has rows
+      enough (8) for each weight streamed. Measured on a 2-core Zen 5 EPYC (1 MB L2, 32 MB L3),
+      inference against torch.nn.LSTM, fused / projected: T64 B8 H512 1.12x / 1.09x, T100 B32 H512
+      1.00x / 0.93x, T50 B4 H512 1.25x / 1.41x, H1024 (32 MB of weights) 0.63-0.75x / 1.01-1.71x.
+    Unknown caches: the fixed rule of _FUSED_INPUT_BYTES."""
+    if T <= 1:
+        return False
+    threads = max(1, torch.get_num_threads())
+    w_in = w_ih.numel() * w_ih.element_size()
+    w_rec = w_hh.numel() * w_hh.element_size()
+    l2, l3 = _cache_bytes()
+    if l2 == 0:
+        return w_in > _FUSED_INPUT_BYTES * threads
+    if (w_in + w_rec) / threads <= l2:
+        return False
+    if w_rec / threads <= l2:
+        return True
+    return not (B >= 8 and w_in + w_rec <= l3 // 2)
 
 
 def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, reverse: bool):
@@ -725,7 +770,9 @@ def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, revers
     (seqkernels::lstm_layer_fwd: one OpenMP team for the sequence, each thread on its own slice of
     W_hh first, then on any unit blocks the others have not started)."""
     bias = _summed_bias(b_ih, b_hh)
-    if x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and _HAS_LAYER_FUSED and not _project_first(w_ih, T)):
+    if x.dtype == torch.bfloat16 or (
+        x.dtype == torch.float32 and _HAS_LAYER_FUSED and not _project_first(w_ih, w_hh, T, B)
+    ):
         # The input projection inside the kernel too (its own GEMM: faster than the BLAS here; the
         # bf16 AMX kernel projects Tc steps at a time on its tiles).
         out, h_n, c_n, _, _ = torch.ops.seqkernels.lstm_layer_fwd.fused(
