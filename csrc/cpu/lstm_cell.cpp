@@ -516,9 +516,9 @@ SK_AMX_FN void rows32(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_
   }
 }
 
-// The engines: P::rows(A, lda, wp, nch, C, ldc, nrows) sets C (nrows <= 32 rows of 64 floats, row
-// stride ldc) to A (rows of 32 nch bf16, row stride lda) times one packed block's 4 gates;
-// P::kRowGroup: the rows A must hold past nrows (zero padding) are up to its next multiple.
+// The engines: P::rows(A, lda, wp, nch, C, ldc, nrows) sets C (nrows <= P::kMaxRows rows of 64
+// floats, row stride ldc) to A (rows of 32 nch bf16, row stride lda) times one packed block's 4
+// gates; P::kRowGroup: the rows A must hold past nrows (zero padding) are up to its next multiple.
 //
 // AMX: rows32 or rows16, whole 16-row groups.
 struct Tiles {
@@ -689,8 +689,8 @@ SK_AVX512BF16_FN void project_chunk(const SeqArgs& a, int64_t s, int64_t blk0, i
   }
 }
 
-// Step s for the unit blocks [blk0, blk1): per block and group of 32 batch rows (AMX: rows32; 16
-// for a last group of at most 16), the recurrent product h_prev W_hh^T, then the epilogue
+// Step s for the unit blocks [blk0, blk1): per block and group of P::kMaxRows batch rows (AMX: 32,
+// rows32; 16 for a last group of at most 16), the recurrent product h_prev W_hh^T, then the epilogue
 // per row: + the projection + bias, the cell, c
 // updated, h stored to the output and (bf16, the tiles' next A operand) to the other hbuf half.
 // The caller's barrier between steps orders one step's reads of a half before the next step's
@@ -1096,8 +1096,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fused(const SeqFusedKe
 #if SK_LSTM_X86_DISPATCH
 // Below this many multiply-adds a step per thread, the bf16 sequence kernel runs on one thread: AMX
 // tiles do a step's recurrent product at H = 256, B = 16 (4.2 M) in a few microseconds, so the
-// barrier is a larger share than for the float32 kernel; vdpbf16ps runs at a sixteenth of the
-// tiles' rate, twice the float32 FMA's.
+// barrier is a larger share than for the float32 kernel. vdpbf16ps runs at an eighth of the
+// tiles' rate (twice the float32 FMA's): on the Zen 5 EPYC two threads took 0.91x the time of one
+// at 2^17 multiply-adds a step (T64 B4 H64), 0.53x at 2^22.
 constexpr int64_t kAmxMinMacsPerThread = 1 << 20;
 constexpr int64_t kDotsMinMacsPerThread = 1 << 16;
 
@@ -1119,7 +1120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bf16(bool tiles, const
   // 256 rows (a 1 MB projection buffer at H = 256).
   const int64_t step_rows = 16 / std::gcd<int64_t>(B, 16);
   const int64_t Tc = std::max<int64_t>(1, (256 / B + step_rows - 1) / step_rows) * step_rows;
-  const int64_t N = T * B, Np = (N + 15) / 16 * 16;
+  const int64_t N = T * B, Np = tiles ? (N + 15) / 16 * 16 : N;  // the dot engine reads no row past N
   const auto opts = x.options();
   const auto u16 = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
   at::Tensor xa = x.reshape({N, I});
