@@ -581,35 +581,17 @@ struct Dots {
   static constexpr int64_t kMaxRows = 96;  // B = 64 in 6-row tiles ending in a 4, not 2 x (30 + 2)
   static constexpr int kRows = 6;
   static constexpr int64_t kPass = 4;  // chunks per pass
-  // Rows [r, r + n) of one pass, n <= 6.
+  // One pass over n rows, 0 <= n <= R, by the dp_chunk instance for n.
+  template <int R = kRows>
   SK_AVX512BF16_FN static void tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t nc, float* C,
                                     int64_t ldc, bool first, int64_t n) {
-    switch (n) {
-      case 6:
-        dp_chunk<6>(a, lda, b, nc, C, ldc, first);
-        break;
-      case 5:
-        dp_chunk<5>(a, lda, b, nc, C, ldc, first);
-        break;
-      case 4:
-        dp_chunk<4>(a, lda, b, nc, C, ldc, first);
-        break;
-      case 3:
-        dp_chunk<3>(a, lda, b, nc, C, ldc, first);
-        break;
-      case 2:
-        dp_chunk<2>(a, lda, b, nc, C, ldc, first);
-        break;
-      case 1:
-        dp_chunk<1>(a, lda, b, nc, C, ldc, first);
-        break;
-      default:
-        break;
+    if constexpr (R > 0) {
+      if (n == R) return dp_chunk<R>(a, lda, b, nc, C, ldc, first);
+      tile<R - 1>(a, lda, b, nc, C, ldc, first, n);
     }
   }
   SK_AVX512BF16_FN static void rows(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C,
                                     int64_t ldc, int64_t nrows) {
-    static_assert(kRows == 6, "tile() covers kRows <= 6");
     // A tile of 1 or 2 rows has 4 or 8 independent sums, too few to cover vdpbf16ps's latency at
     // two a cycle; 6 + 1 and 6 + 2 rows run as 4 + 3 and 4 + 4.
     int64_t full = nrows / kRows, rest = nrows % kRows;
