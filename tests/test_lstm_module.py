@@ -670,9 +670,9 @@ def test_training_sequence_kernels_float32(isa, cfg, project_first, monkeypatch)
     # The input projection inside the kernel, or as one GEMM first (what a large W_ih takes): the
     # fused op then gets the input gates and no weight_ih (T = 1 keeps the projection inside).
     monkeypatch.setattr(lstm_ops, "_project_first", lambda *a: project_first and a[2] > 1)
-    # The weight gradients by oneDNN (with the copies of G^T it makes) or by torch.mm, both routes of
-    # _mm_tn at these small widths.
-    monkeypatch.setattr(lstm_ops, "_TN_ONEDNN_MIN_WIDTH", 0 if project_first else 1 << 30)
+    # The weight gradients by oneDNN (as (y^T G)^T) or by torch.mm(G^T, y), both routes of _mm_tn at
+    # these small sizes.
+    monkeypatch.setattr(lstm_ops, "_TN_ONEDNN_MIN_MACS", 0 if project_first else 1 << 62)
     fused = torch.ops.seqkernels.lstm_layer_fwd.fused
     without_w_ih = []
     monkeypatch.setattr(

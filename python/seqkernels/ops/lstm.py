@@ -511,18 +511,22 @@ def _mm(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a, b)
 
 
-# The weight gradients G^T y contract over rows, so oneDNN's inner product first copies G^T and
-# y^T (torch's transposing copy: 1.6-5 GB/s here), where the BLAS reads them in place at half
-# oneDNN's rate. The GEMM does 2 * width flops per element of G: from a width of 512 it outweighs
-# the copy (T100 B32 H512: 20 ms with the copies against 31 ms; T128 B64 H256: 32 against 22 ms,
-# same 2-core AMD EPYC, 2026-12-07).
-_TN_ONEDNN_MIN_WIDTH = 512
+# The weight gradients G^T y contract over the T B rows. oneDNN runs them as (y^T G)^T: y^T (H or I
+# columns wide: a cheap copy) is the input and G the weight operand, whose transposed view
+# oneDNN's weight reorder reads in stride. As G^T @ y, G^T went through torch's transposing copy
+# first (1.8 GB/s here: 18 ms of the 33 MB G at T128 B64 H256), and the BLAS reads it in place at
+# half oneDNN's rate (MKL's generic path on this AMD CPU). Measured on a 2-core Zen 5 EPYC
+# (2026-12-07), G (T B, 4H) and y (T B, H), against torch.mm(G.t(), y): 1.08x at 10 M
+# multiply-adds (TB640 H64), 1.33-1.80x from 33 M to 2 G (TB8192 H512), 0.35x at TB35 H33 (the
+# call's overhead): below this many multiply-adds torch.mm keeps them.
+_TN_ONEDNN_MIN_MACS = 1 << 22
 
 
 def _mm_tn(G: Tensor, y: Tensor) -> Tensor:
-    """G^T @ y (a weight gradient), see _TN_ONEDNN_MIN_WIDTH."""
-    if y.shape[1] >= _TN_ONEDNN_MIN_WIDTH:
-        return _mm(G.t(), y)
+    """G^T @ y (a weight gradient), see _TN_ONEDNN_MIN_MACS (float32: bfloat16 torch.mm is oneDNN's
+    already)."""
+    if G.dtype == torch.float32 and G.shape[0] * G.shape[1] * y.shape[1] >= _TN_ONEDNN_MIN_MACS:
+        return _mm(y.t().contiguous(), G).t().contiguous()
     return torch.mm(G.t(), y)
 
 
