@@ -1020,3 +1020,26 @@ def test_cache_sizes_read_from_sysfs():
         assert l2 >= 64 << 10 and (l3 == 0 or l3 >= l2)
     else:
         assert (l2, l3) == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rows,H", [(35, 33), (640, 64)])
+def test_weight_gradient_routes(dtype, rows, H, monkeypatch):
+    # _mm_tn: G^T y by the parity rule either way; oneDNN as (y^T G)^T only for float32 CPU tensors
+    # from _TN_ONEDNN_MIN_MACS multiply-adds (640 x 256 x 64 = 10 M: over; 35 x 132 x 33: under).
+    gen = torch.Generator().manual_seed(rows)
+    # G at a mean-reduced loss's scale, so G^T y is O(1): with unit G, torch.mm's own float32 result
+    # already misses the rule's float32 assert_close (an absolute 1e-5 on sums of 640 products ~ 25).
+    G64 = torch.randn(rows, 4 * H, generator=gen, dtype=torch.float64) / rows**0.5
+    y64 = torch.randn(rows, H, generator=gen, dtype=torch.float64)
+    calls = []
+    real = lstm_ops._mm
+    monkeypatch.setattr(lstm_ops, "_mm", lambda a, b: calls.append(a.shape) or real(a, b))
+    got = lstm_ops._mm_tn(G64.to(dtype), y64.to(dtype))
+    assert got.shape == (4 * H, H) and got.dtype == dtype and got.is_contiguous()
+    exp = G64.t() @ y64
+    base = (G64.to(dtype).t() @ y64.to(dtype)) if dtype != torch.bfloat16 else (G64.t() @ y64).bfloat16()
+    report = testing.compare((got,), (exp,), (base,), grad=True)
+    assert report.passed, str(report)
+    onednn = lstm_ops._ONEDNN_LINEAR is not None and dtype == torch.float32 and rows * 4 * H * H >= 1 << 22
+    assert calls == ([(H, rows)] if onednn else [])

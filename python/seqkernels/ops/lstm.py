@@ -523,9 +523,10 @@ _TN_ONEDNN_MIN_MACS = 1 << 22
 
 
 def _mm_tn(G: Tensor, y: Tensor) -> Tensor:
-    """G^T @ y (a weight gradient), see _TN_ONEDNN_MIN_MACS (float32: bfloat16 torch.mm is oneDNN's
-    already)."""
-    if G.dtype == torch.float32 and G.shape[0] * G.shape[1] * y.shape[1] >= _TN_ONEDNN_MIN_MACS:
+    """G^T @ y (a weight gradient), see _TN_ONEDNN_MIN_MACS (float32 CPU tensors: bfloat16 torch.mm
+    is oneDNN's already, and GPUs keep their BLAS)."""
+    onednn = _ONEDNN_LINEAR is not None and G.dtype == torch.float32 and G.device.type == "cpu"
+    if onednn and G.shape[0] * G.shape[1] * y.shape[1] >= _TN_ONEDNN_MIN_MACS:
         return _mm(y.t().contiguous(), G).t().contiguous()
     return torch.mm(G.t(), y)
 
