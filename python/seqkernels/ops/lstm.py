@@ -552,7 +552,7 @@ def _layer_input_grads(ctx, G, x, w_ih, h_prev, grad_h0, grad_c0) -> tuple:
 
 
 class _CpuLayer(torch.autograd.Function):
-    """Training on the CPU backend, float32 (or bfloat16 on the AMX kernel), a constant batch: the
+    """Training on the CPU backend, float32 (or bfloat16 on the bf16 kernel), a constant batch: the
     input projection and the recurrence in the C++ sequence kernel (lstm_layer_fwd.fused with
     train=True, saving the activated gates and the cell states; for float32 the projection as one
     GEMM first where W_ih is large, see _project_first), and its whole backward in one C++ call
@@ -563,7 +563,7 @@ class _CpuLayer(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, T, B, reverse):
         bias = _summed_bias(b_ih, b_hh)
         # One GEMM for every step's input gates first, then W_hh only per step, where W_ih is large
-        # (float32; the bf16 AMX kernel projects Tc steps at a time on its tiles).
+        # (float32; the bf16 kernel projects Tc steps at a time itself).
         if x.dtype != torch.bfloat16 and _project_first(w_ih, w_hh, T, B):
             inp, w_in = _mm(x, w_ih.t()).view(T, B, w_ih.shape[0]), None
         else:
@@ -595,9 +595,9 @@ class _CpuLayer(torch.autograd.Function):
 
 
 def _bf16_recurrence_grads(go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse: bool):
-    """lstm_layer_fwd.backward's result for the bf16 AMX kernel's saved states (bf16 workspace and
-    cs), step by step as the per-step path's backward: the fused cell backward, then grad_gates @
-    W_hh by torch.mm, which oneDNN runs on the AMX tiles. The per-step forward this path replaced
+    """lstm_layer_fwd.backward's result for the bf16 kernel's saved states (bf16 workspace and cs),
+    step by step as the per-step path's backward: the fused cell backward, then grad_gates @ W_hh
+    by torch.mm, which oneDNN runs on bf16 products (AMX tiles or vdpbf16ps). The per-step forward this path replaced
     was half of a training step (T128 B16 H256: 33 of 79 ms)."""
     T, B, G = ws.shape
     bwd = FAMILIES["cpu"][1]
@@ -669,11 +669,11 @@ def lstm_layer(
         # kernels: the operands widened once per call (exact), the recurrence and its state in
         # float32, the outputs rounded to the input dtype (the casts carry the gradients). torch's
         # CPU float16 LSTM has no native float16 products to lose against (the per-step cell ops
-        # this replaces ran at 0.84x it, T64 B16 H256, 2 layers); for bfloat16 with oneDNN held to
-        # AVX512_BF16 or AVX2 (ONEDNN_MAX_CPU_ISA on an AMX Xeon), widening took inference from
-        # 0.57-0.82x to 1.23-1.56x torch's bf16 LSTM (AVX512_BF16) and from 0.05-0.11x to 5-8x
-        # (AVX2), training from 0.95-1.02x to 1.42-1.86x (AVX512_BF16); with AMX, widened
-        # training measured 0.42-0.75x, below the tile kernel's (bench/NOTES.md entry 20).
+        # this replaces ran at 0.84x it, T64 B16 H256, 2 layers). bfloat16 comes here below
+        # AVX512_BF16 only: with oneDNN held to AVX2 on an AMX Xeon, widening took inference from
+        # 0.05-0.11x to 5-8x torch's bf16 LSTM (no native bf16 products there); with AMX or
+        # AVX512_BF16 the bf16 kernel is faster (widened: 0.42-0.75x training with AMX, 0.47-0.72x
+        # on a Zen 5 EPYC's AVX512_BF16; bench/NOTES.md entries 20 and 24).
         wide = [None if t is None else t.float() for t in tensors]
         out = lstm_layer(*wide, batch_sizes, reverse, backend)
         return tuple(t.to(x.dtype) for t in out)
@@ -779,7 +779,7 @@ def _cpu_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, T: int, B: int, revers
         x.dtype == torch.float32 and _HAS_LAYER_FUSED and not _project_first(w_ih, w_hh, T, B)
     ):
         # The input projection inside the kernel too (its own GEMM: faster than the BLAS here; the
-        # bf16 AMX kernel projects Tc steps at a time on its tiles).
+        # bf16 kernel projects Tc steps at a time).
         out, h_n, c_n, _, _ = torch.ops.seqkernels.lstm_layer_fwd.fused(
             x.view(T, B, x.shape[1]), h0, c0, w_ih, w_hh, bias, reverse, False
         )
