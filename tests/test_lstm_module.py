@@ -801,6 +801,15 @@ def _native_bf16_lstm() -> bool:
     return cli.cpu_path("lstm", "bfloat16") in BF16_ENGINES
 
 
+def _force_bf16_engine(engine: str, monkeypatch) -> None:
+    """SEQKERNELS_CPU_ISA=engine for this test; skipped where the CPU (or the build) lacks it."""
+    from seqkernels import cli
+
+    monkeypatch.setenv("SEQKERNELS_CPU_ISA", engine)
+    if not lstm_ops._HAS_LAYER_FUSED or cli.cpu_path("lstm", "bfloat16") != engine:
+        pytest.skip(f"this CPU/OS lacks {engine} (or the extension's lstm_layer_fwd.fused)")
+
+
 def _nan_framed(t, offset=32):
     """t's values, contiguous, inside a NaN-filled buffer (offset elements before, 64 after)."""
     buf = torch.full((t.numel() + offset + 64,), float("nan"), dtype=t.dtype)
@@ -857,11 +866,9 @@ def _layer_states_ref(x, w_ih, h0, c0, w_hh, b, reverse):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("engine", BF16_ENGINES)
 def test_bf16_sequence_kernel(engine, case, reverse, monkeypatch):
-    from seqkernels import cli, reference
+    from seqkernels import reference
 
-    monkeypatch.setenv("SEQKERNELS_CPU_ISA", engine)
-    if not lstm_ops._HAS_LAYER_FUSED or cli.cpu_path("lstm", "bfloat16") != engine:
-        pytest.skip(f"this CPU/OS lacks {engine} (or the extension's lstm_layer_fwd.fused)")
+    _force_bf16_engine(engine, monkeypatch)
     T, B, n_in, H = case
     gen = torch.Generator().manual_seed(T * 1000 + B * 10 + H)
     x = torch.randn(T, B, n_in, generator=gen, dtype=torch.float64)
@@ -898,6 +905,66 @@ def test_bf16_sequence_kernel(engine, case, reverse, monkeypatch):
             torch.set_num_threads(n)
             again = torch.ops.seqkernels.lstm_layer_fwd.fused(fx, fh0, fc0, fwi, fwh, fb, reverse, False)
             for a, e in zip(again[:3], (out, h_n, c_n)):
+                assert torch.equal(a, e)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _recurrence_grads_ref(go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse):
+    """lstm_layer_fwd.backward's results by the reference cell backward, step by step, in the
+    inputs' dtype (float64: the reference; bf16: plain torch bf16 arithmetic, every step's dh, dc
+    and gates rounded to bf16, as the per-step path this op replaced computed them)."""
+    from seqkernels import reference
+
+    T, B, G = ws.shape
+    gh = grad_hn if grad_hn is not None else ws.new_zeros((B, G // 4))
+    gc = grad_cn if grad_cn is not None else ws.new_zeros((B, G // 4))
+    grads = torch.empty_like(ws)
+    for t in range(T) if reverse else range(T - 1, -1, -1):
+        if go is not None:
+            gh = gh + go[t]
+        c_prev = c0 if t == (T - 1 if reverse else 0) else cs[t + 1 if reverse else t - 1]
+        gg, gc = reference.lstm_cell_bwd_ref(gh, gc, c_prev, cs[t], ws[t])
+        grads[t] = gg
+        gh = gg @ w_hh
+    return grads, gh, gc
+
+
+# (T, B, H): H around the backward's 64-unit blocks and 4H at and off a 32 multiple (H % 8), B at
+# the row tails of both engines and past the dot engine's 96-row group.
+BF16_BWD_CASES = [(3, 1, 1), (5, 3, 15), (4, 17, 17), (2, 33, 31), (3, 7, 64), (2, 20, 65), (6, 8, 130), (3, 100, 40)]
+
+
+@pytest.mark.parametrize("case", BF16_BWD_CASES, ids=lambda c: "T{}B{}H{}".format(*c))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("engine", BF16_ENGINES)
+def test_bf16_sequence_backward(engine, case, reverse, monkeypatch):
+    # lstm_layer_fwd.backward on bf16 saved states (the bf16 kernel's training path), by the parity
+    # rule against the step-by-step recurrence (float64 the reference, bf16 the baseline); inputs
+    # between NaNs; absent gradients as zeros; the same bits for every thread count.
+    _force_bf16_engine(engine, monkeypatch)
+    T, B, H = case
+    gen = torch.Generator().manual_seed(T * 100 + B * 10 + H)
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    ws = torch.rand(T, B, 4 * H, generator=gen, dtype=torch.float64)
+    ws[..., 2 * H : 3 * H] = ws[..., 2 * H : 3 * H] * 2 - 1  # g = tanh(.) in (-1, 1), the rest sigmoids
+    args = [r(T, B, H), r(B, H), r(B, H), ws, r(T, B, H), r(B, H), r(4 * H, H) / H**0.5]
+    a16 = [t.bfloat16() for t in args]
+    bwd = torch.ops.seqkernels.lstm_layer_fwd.backward
+    for present in ((True, True, True), (False, False, True), (True, False, False)):
+        given = [t if keep else None for t, keep in zip(a16[:3], present)]
+        framed = [None if t is None else _nan_framed(t) for t in given + a16[3:]]
+        got = bwd(*framed, reverse)
+        assert all(t.dtype == torch.bfloat16 for t in got)
+        exp = _recurrence_grads_ref(*[None if t is None else t.double() for t in given + a16[3:]], reverse)
+        base = _recurrence_grads_ref(*given, *a16[3:], reverse)
+        report = testing.compare(tuple(got), exp, base, grad=True)
+        assert report.passed, f"{present}: {report}"
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            for a, e in zip(bwd(*framed, reverse), got):
                 assert torch.equal(a, e)
     finally:
         torch.set_num_threads(before)
@@ -948,10 +1015,21 @@ def test_bf16_sequence_kernel_bad_arguments_are_named(monkeypatch):
             fused(x, h0.float(), c0, w_ih, w_hh, None, False, False)
         with pytest.raises(RuntimeError, match="bias must have shape"):
             fused(x, h0, c0, w_ih, w_hh, torch.zeros(19, dtype=bf), False, False)
+    ws, cs = torch.rand(2, 3, 20, dtype=bf), torch.randn(2, 3, 5, dtype=bf)
+    bwd = torch.ops.seqkernels.lstm_layer_fwd.backward
+    if _native_bf16_lstm():
+        with pytest.raises(RuntimeError, match="cs must be a BFloat16 CPU tensor like workspace"):
+            bwd(None, None, None, ws, cs.float(), c0, w_hh, False)
+        with pytest.raises(RuntimeError, match="weight_hh must be a CPU tensor of workspace's dtype"):
+            bwd(None, None, None, ws, cs, c0, w_hh.float(), False)
+        with pytest.raises(RuntimeError, match="grad_out must have shape"):
+            bwd(cs[:1], None, None, ws, cs, c0, w_hh, False)
     # Where neither engine is usable (or asked for), bf16 is refused, never run on another path.
     monkeypatch.setenv("SEQKERNELS_CPU_ISA", "avx512")
     with pytest.raises(RuntimeError, match="AVX512_BF16 or AMX-BF16 path"):
         fused(x, h0, c0, w_ih, w_hh, None, False, False)
+    with pytest.raises(RuntimeError, match="AVX512_BF16 or AMX-BF16 path"):
+        bwd(None, None, None, ws, cs, c0, w_hh, False)
 
 
 @pytest.mark.parametrize("isa", ["native", "avx512_bf16", "avx512"])

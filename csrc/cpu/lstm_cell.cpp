@@ -436,20 +436,25 @@ constexpr int64_t kTile = 512;
 // The first n of 32 16-bit lanes (n >= 32: all).
 inline __mmask32 mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : (__mmask32(1) << n) - 1; }
 
-// Packs the unit blocks [blk0, blk1) of a (4H, K) bf16 weight: block j, K chunk c, gate g is one
-// contiguous tile (at ((j nch + c) 4 + g) kTile), row kk holding the pairs W[g H + 16 j + n][32 c +
-// 2 kk, 32 c + 2 kk + 1] for n < 16, zeros past H and past K. Loaded as 16 rows of 16 32-bit
-// words and transposed in registers: a word is one pair, so the transpose is the VNNI layout.
-SK_AVX512_FN void pack_blocks(const uint16_t* w, int64_t H, int64_t K, int64_t blk0, int64_t blk1, uint16_t* dst) {
+// Packs the unit blocks [blk0, blk1) of a bf16 weight of row length K into tiles: block j, K chunk c,
+// "gate" g is one contiguous tile (at ((j nch + c) 4 + g) kTile), row kk holding the pairs
+// W[row][32 c + 2 kk, 32 c + 2 kk + 1] of 16 output units, zeros past H and past K. The 4 x 16
+// output columns of block j are units u = j jstride + g gunit + n (n < 16, valid while u < H), each
+// from weight row g gstride + u: the forward's (4H, K) W_ih / W_hh as 4 gates of the same 16 units
+// (jstride 16, gunit 0, gstride H), the backward's (H, 4H) W_hh^T as 64 consecutive units (jstride
+// 64, gunit 16, gstride 0). Loaded as 16 rows of 16 32-bit words and transposed in registers: a
+// word is one pair, so the transpose is the VNNI layout.
+SK_AVX512_FN void pack_blocks(const uint16_t* w, int64_t H, int64_t K, int64_t blk0, int64_t blk1, uint16_t* dst,
+                              int64_t jstride, int64_t gunit, int64_t gstride) {
   const int64_t nch = (K + 31) / 32;
   for (int64_t j = blk0; j < blk1; ++j) {
-    const int64_t nrows = H - 16 * j < 16 ? H - 16 * j : 16;
     for (int64_t c = 0; c < nch; ++c) {
       const __mmask32 km = mask32(K - 32 * c);
       for (int g = 0; g < 4; ++g) {
+        const int64_t u0 = j * jstride + g * gunit, nrows = H - u0 < 16 ? H - u0 : 16;
         __m512 r[16];
         for (int64_t n = 0; n < 16; ++n)
-          r[n] = n < nrows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(km, w + (g * H + 16 * j + n) * K + 32 * c))
+          r[n] = n < nrows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(km, w + (g * gstride + u0 + n) * K + 32 * c))
                            : _mm512_setzero_ps();
         simd::transpose16_ps(r);
         uint16_t* d = dst + ((j * nch + c) * 4 + g) * kTile;
@@ -639,8 +644,8 @@ struct SeqArgs {
 
 // Packs W_ih (4H, I) and W_hh (4H, H) for the unit blocks [blk0, blk1) (either engine).
 SK_AVX512_ENTRY void pack_entry(const SeqArgs& a, const uint16_t* wi, const uint16_t* wh, int64_t blk0, int64_t blk1) {
-  pack_blocks(wi, a.H, a.I, blk0, blk1, a.packed_ih);
-  pack_blocks(wh, a.H, a.H, blk0, blk1, a.packed_hh);
+  pack_blocks(wi, a.H, a.I, blk0, blk1, a.packed_ih, 16, 0, a.H);
+  pack_blocks(wh, a.H, a.H, blk0, blk1, a.packed_hh, 16, 0, a.H);
 }
 
 // The input projection x_t W_ih^T is computed Tc steps at a time (Tc B rows: the tiles' 16 rows
@@ -723,8 +728,98 @@ SK_AVX512BF16_FN void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_
   }
 }
 
+// The recurrence backward on the bf16 kernel's saved states (lstm_layer_fwd.backward on bf16): the
+// float32 one's schedule (one team; per step the cell backward of a thread's units, a barrier,
+// then dh of the same units = grad_gates_t W_hh), with W_hh^T packed in blocks of 64 units (4
+// tiles of 16) and the product by the forward's engines. dh and dc are carried in float32 from
+// step to step; grad_gates are rounded to bf16 once, as stored (the weight gradients' GEMM operand)
+// and as the product's A operand, in a zero-padded double buffer (gbuf: the next step's cell
+// backward writes one half while a slower thread may still read the other).
+struct BwdArgs {
+  const uint16_t* grad_out;  // (T, B, H) bf16, or null
+  const uint16_t* ws;        // (T, B, 4H) bf16: the activated gates of every step
+  const uint16_t* cs;        // (T, B, H) bf16: the cell state after every step
+  const uint16_t* c0;        // (B, H) bf16
+  uint16_t* packed;          // W_hh^T: ceil(H / 64) blocks of Kp / 32 chunks (pack_blocks)
+  uint16_t* gbuf;            // 2 x (Bp, Kp) bf16, zero past B rows and 4H columns
+  uint16_t* grad_gates;      // (T, B, 4H) bf16 out
+  float* dh;                 // (B, H): grad_hn, then each step's product; grad_h0 at the end
+  float* dc;                 // (B, H): grad_cn, then each step's grad_cx; grad_c0 at the end
+  int64_t T, B, H, Kp, Bp;
+  bool reverse;
+};
+
+SK_AVX512_ENTRY void bwd_pack(const BwdArgs& a, const uint16_t* wt, int64_t sb0, int64_t sb1) {
+  pack_blocks(wt, a.H, 4 * a.H, sb0, sb1, a.packed, 64, 16, 0);
+}
+
+// Step s (the forward's step s, time t) for units [u0, u1): dh = the carried dh + grad_out[t], dc
+// the carried dc, the cell backward from the saved gates and cell states (bf16, widened).
+SK_AVX512BF16_FN void bwd_point(const BwdArgs& a, int64_t s, int64_t u0, int64_t u1) {
+  using S = avx512_isa::Lanes<c10::BFloat16>;
+  const int64_t H = a.H, B = a.B, T = a.T, BH = B * H;
+  const int64_t t = a.reverse ? T - 1 - s : s;
+  const auto bf = [](const uint16_t* p) { return reinterpret_cast<const c10::BFloat16*>(p); };
+  const c10::BFloat16* c_prev = bf(s == 0 ? a.c0 : a.cs + (a.reverse ? t + 1 : t - 1) * BH);
+  const c10::BFloat16* cy = bf(a.cs + t * BH);
+  const c10::BFloat16* ws = bf(a.ws + t * B * 4 * H);
+  const c10::BFloat16* go = a.grad_out != nullptr ? bf(a.grad_out + t * BH) : nullptr;
+  uint16_t* gg = a.grad_gates + t * B * 4 * H;
+  uint16_t* gb = a.gbuf + (s & 1) * a.Bp * a.Kp;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = u0; j < u1; j += 16) {
+      const int64_t n = u1 - j < 16 ? u1 - j : 16, o = b * H + j;
+      const __mmask16 m = simd::mask16(n);
+      Z dh = F::load_n(a.dh + o, n);
+      if (go != nullptr) dh = dh + S::load_n(go + o, n);
+      const c10::BFloat16* w = ws + b * 4 * H + j;
+      Z d[4], dcx;
+      avx512_isa::cell_backward<F>(dh, F::load_n(a.dc + o, n), S::load_n(c_prev + o, n), S::load_n(cy + o, n),
+                                   S::load_n(w, n), S::load_n(w + H, n), S::load_n(w + 2 * H, n),
+                                   S::load_n(w + 3 * H, n), d[0], d[1], d[2], d[3], dcx);
+      F::store_n(a.dc + o, dcx, n);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m256i v = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(d[g].v));
+        _mm256_mask_storeu_epi16(gg + b * 4 * H + g * H + j, m, v);
+        _mm256_mask_storeu_epi16(gb + b * a.Kp + g * H + j, m, v);
+      }
+    }
+  }
+}
+
+// dh[:, blocks [sb0, sb1)] = grad_gates_t W_hh[:, those units] by the engine P, from gbuf.
+template <class P>
+SK_AVX512BF16_FN void bwd_gemm(const BwdArgs& a, int64_t s, int64_t sb0, int64_t sb1) {
+  const int64_t H = a.H, B = a.B, nch = a.Kp / 32;
+  const uint16_t* gb = a.gbuf + (s & 1) * a.Bp * a.Kp;
+  alignas(64) float acc[P::kMaxRows * 64];
+  for (int64_t sb = sb0; sb < sb1; ++sb) {
+    const uint16_t* wp = a.packed + sb * nch * 4 * kTile;
+    const int64_t u0 = 64 * sb, n = H - u0 < 64 ? H - u0 : 64;
+    for (int64_t b0 = 0; b0 < B; b0 += P::kMaxRows) {
+      const int64_t nr = B - b0 < P::kMaxRows ? B - b0 : P::kMaxRows;
+      P::rows(gb + b0 * a.Kp, a.Kp, wp, nch, acc, 64, nr);  // rows past B: gbuf's zero padding
+      for (int64_t r = 0; r < nr; ++r) {
+        float* d = a.dh + (b0 + r) * H + u0;
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) F::store_n(d + 16 * g, F::loadu(acc + 64 * r + 16 * g), n - 16 * g);
+      }
+    }
+  }
+}
+
 // The entries, one per engine and ISA (flatten inlines the step into each, with its engine's
 // products).
+SK_AVX512BF16_ENTRY void bwd_point_entry(const BwdArgs& a, int64_t s, int64_t u0, int64_t u1) {
+  bwd_point(a, s, u0, u1);
+}
+SK_AMX_ENTRY void bwd_gemm_amx(const BwdArgs& a, int64_t s, int64_t sb0, int64_t sb1) {
+  bwd_gemm<Tiles>(a, s, sb0, sb1);
+}
+SK_AVX512BF16_ENTRY void bwd_gemm_dp(const BwdArgs& a, int64_t s, int64_t sb0, int64_t sb1) {
+  bwd_gemm<Dots>(a, s, sb0, sb1);
+}
 SK_AMX_ENTRY void project_chunk_amx(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
   project_chunk<Tiles>(a, s, blk0, blk1);
 }
@@ -1165,6 +1260,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bf16(bool tiles, const
   run_sequence(Team{a, u16(wi), u16(wh), tiles}, nblk, T, seq_threads(nblk, B * H * 4 * (I + H), min_macs));
   return {out, out.select(0, reverse ? 0 : T - 1).clone(), c.to(at::kBFloat16)};
 }
+
+// lstm_layer_fwd.backward on the bf16 kernel's saved states (see bf16seq::BwdArgs): tensors already
+// checked (bf16, shapes), T, B, H > 0. Returns (grad_gates bf16, grad_h0, grad_c0 in bf16).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_bf16(bool tiles, const at::Tensor& go,
+                                                                   const c10::optional<at::Tensor>& grad_hn,
+                                                                   const c10::optional<at::Tensor>& grad_cn,
+                                                                   const at::Tensor& ws, const at::Tensor& cs,
+                                                                   const at::Tensor& c0, const at::Tensor& weight_hh,
+                                                                   bool reverse) {
+  using bf16seq::kTile;
+  const int64_t T = ws.size(0), B = ws.size(1), H = ws.size(2) / 4;
+  const int64_t Kp = (4 * H + 31) / 32 * 32, Bp = tiles ? (B + 15) / 16 * 16 : B, nsb = (H + 63) / 64;
+  const auto opts = ws.options();
+  const auto u16 = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  const auto cu16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  const auto f32 = opts.dtype(at::kFloat);
+  at::Tensor dh = grad_hn.has_value() ? grad_hn->to(at::kFloat).contiguous() : at::zeros({B, H}, f32);
+  at::Tensor dc = grad_cn.has_value() ? grad_cn->to(at::kFloat).contiguous() : at::zeros({B, H}, f32);
+  const at::Tensor wt = weight_hh.t().contiguous();  // (H, 4H): W_hh^T, the product's B operand rows
+  at::Tensor packed = at::empty({nsb * (Kp / 32) * 4 * kTile}, opts);
+  at::Tensor gbuf = at::zeros({2, Bp, Kp}, opts);
+  at::Tensor grad_gates = at::empty({T, B, 4 * H}, opts);
+  const at::Tensor wsc = ws.contiguous(), csc = cs.contiguous(), c0c = c0.contiguous();
+  const at::Tensor goc = go.defined() ? go.contiguous() : at::Tensor();
+  const bf16seq::BwdArgs a{goc.defined() ? cu16(goc) : nullptr,
+                           cu16(wsc),
+                           cu16(csc),
+                           cu16(c0c),
+                           u16(packed),
+                           u16(gbuf),
+                           u16(grad_gates),
+                           dh.data_ptr<float>(),
+                           dc.data_ptr<float>(),
+                           T,
+                           B,
+                           H,
+                           Kp,
+                           Bp,
+                           reverse};
+  const auto gemm = tiles ? bf16seq::bwd_gemm_amx : bf16seq::bwd_gemm_dp;
+  const int64_t min_macs = tiles ? kAmxMinMacsPerThread : kDotsMinMacsPerThread;
+  // Like the float32 backward: each thread's super-blocks of units, no stealing (its next cell
+  // backward reads only the dh its own product wrote).
+  const auto run = [&](int64_t sb0, int64_t sb1, bool team) {
+    const int64_t u0 = std::min(H, 64 * sb0), u1 = std::min(H, 64 * sb1);
+    if (tiles) bf16seq::tiles_on();
+    bf16seq::bwd_pack(a, cu16(wt), sb0, sb1);
+    for (int64_t s = T - 1; s >= 0; --s) {
+      bf16seq::bwd_point_entry(a, s, u0, u1);
+#ifdef _OPENMP
+      if (team) {
+#pragma omp barrier
+      }
+#endif
+      gemm(a, s, sb0, sb1);  // after step 0's, dh is grad_h0
+    }
+    if (tiles) bf16seq::tiles_off();
+  };
+  const int64_t threads = seq_threads(nsb, B * H * 4 * H, min_macs);
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      run(tid * nsb / nt, (tid + 1) * nsb / nt, nt > 1);
+    }
+    return {grad_gates, dh.to(at::kBFloat16), dc.to(at::kBFloat16)};
+  }
+#endif
+  run(0, nsb, false);
+  return {grad_gates, dh.to(at::kBFloat16), dc.to(at::kBFloat16)};
+}
 #endif
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cpu(const at::Tensor& input_gates, const at::Tensor& h0,
@@ -1321,8 +1488,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(const c10::opt
                                                                   bool reverse) {
   TORCH_CHECK(workspace.dim() == 3 && workspace.size(2) % 4 == 0,
               "seqkernels::lstm_layer_fwd.backward: workspace must have shape (T, B, 4*H), got ", workspace.sizes());
-  TORCH_CHECK(workspace.scalar_type() == at::kFloat,
-              "seqkernels::lstm_layer_fwd.backward: workspace must be float32, got ", workspace.scalar_type());
+  // bfloat16: the saved states of the bf16 sequence kernel, on its engines (AMX tiles or vdpbf16ps).
+  const bool bf16 = workspace.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(workspace.scalar_type() == at::kFloat || bf16,
+              "seqkernels::lstm_layer_fwd.backward: workspace must be float32 (or bfloat16 on AVX512_BF16 / "
+              "AMX-BF16), got ",
+              workspace.scalar_type());
+  const simd::Isa bf16_path = bf16 ? cpu_paths::lstm(cpu_paths::Dt::BFloat16) : simd::Isa::Portable;
+  TORCH_CHECK(!bf16 || bf16_path >= simd::Isa::Avx512Bf16,
+              "seqkernels::lstm_layer_fwd.backward: bfloat16 needs the AVX512_BF16 or AMX-BF16 path, which this "
+              "CPU (or SEQKERNELS_CPU_ISA=",
+              simd::isa_name(simd::active_isa()), ") does not offer");
   TORCH_CHECK(workspace.device().is_cpu(), "seqkernels::lstm_layer_fwd.backward (CPU kernel): workspace is on ",
               workspace.device());
   const int64_t T = workspace.size(0), B = workspace.size(1), G = workspace.size(2), H = G / 4;
@@ -1330,9 +1506,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(const c10::opt
     TORCH_CHECK(t.dim() == 3 && t.size(0) == T && t.size(1) == B && t.size(2) == H,
                 "seqkernels::lstm_layer_fwd.backward: ", name, " must have shape (", T, ", ", B, ", ", H, "), got ",
                 t.sizes());
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device() == workspace.device(),
-                "seqkernels::lstm_layer_fwd.backward: ", name, " must be a float32 CPU tensor like workspace, got ",
-                t.scalar_type(), " on ", t.device());
+    TORCH_CHECK(t.scalar_type() == workspace.scalar_type() && t.device() == workspace.device(),
+                "seqkernels::lstm_layer_fwd.backward: ", name, " must be a ", workspace.scalar_type(),
+                " CPU tensor like workspace, got ", t.scalar_type(), " on ", t.device());
   };
   check_3d("cs", cs);
   if (grad_out.has_value()) check_3d("grad_out", *grad_out);
@@ -1342,8 +1518,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(const c10::opt
   TORCH_CHECK(weight_hh.dim() == 2 && weight_hh.size(0) == G && weight_hh.size(1) == H,
               "seqkernels::lstm_layer_fwd.backward: weight_hh must have shape (", G, ", ", H, "), got ",
               weight_hh.sizes());
-  TORCH_CHECK(weight_hh.scalar_type() == at::kFloat && weight_hh.device() == workspace.device(),
-              "seqkernels::lstm_layer_fwd.backward: weight_hh must be a float32 CPU tensor like workspace");
+  TORCH_CHECK(weight_hh.scalar_type() == workspace.scalar_type() && weight_hh.device() == workspace.device(),
+              "seqkernels::lstm_layer_fwd.backward: weight_hh must be a CPU tensor of workspace's dtype, got ",
+              weight_hh.scalar_type(), " on ", weight_hh.device());
 
   auto opts = workspace.options();
   at::Tensor grad_gates = at::empty({T, B, G}, opts);
@@ -1351,6 +1528,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(const c10::opt
   at::Tensor dc = grad_cn.has_value() ? grad_cn->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opts);
   if (T == 0 || B == 0 || H == 0) return {grad_gates.zero_(), dh, dc};
   const at::Tensor go = grad_out.has_value() ? grad_out->contiguous() : at::Tensor();
+#if SK_LSTM_X86_DISPATCH
+  if (bf16)
+    return lstm_layer_bwd_bf16(bf16_path == simd::Isa::AmxBf16, go, grad_hn, grad_cn, workspace, cs, c0, weight_hh,
+                               reverse);
+#endif
   const at::Tensor wsc = workspace.contiguous(), csc = cs.contiguous(), c0c = c0.contiguous();
   const at::Tensor w = weight_hh.contiguous();
   const SeqBwdKernel k = seq_bwd_kernel();

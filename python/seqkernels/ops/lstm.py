@@ -556,8 +556,9 @@ class _CpuLayer(torch.autograd.Function):
     input projection and the recurrence in the C++ sequence kernel (lstm_layer_fwd.fused with
     train=True, saving the activated gates and the cell states; for float32 the projection as one
     GEMM first where W_ih is large, see _project_first), and its whole backward in one C++ call
-    (lstm_layer_fwd.backward, giving the gates' gradients of every step; bf16: step by step,
-    _bf16_recurrence_grads); the input, weight and bias gradients are then one GEMM or sum each."""
+    (lstm_layer_fwd.backward, giving the gates' gradients of every step; for bf16 on the bf16
+    kernel's engines, dh and dc carried in float32); the input, weight and bias gradients are then
+    one GEMM or sum each."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, T, B, reverse):
@@ -584,35 +585,11 @@ class _CpuLayer(torch.autograd.Function):
         H = w_hh.shape[1]
         go = grad_out.reshape(T, B, H) if grad_out is not None else None
         with torch._C._AutoDispatchBelowAutograd():
-            if ws.dtype == torch.bfloat16:
-                gg, grad_h0, grad_c0 = _bf16_recurrence_grads(go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse)
-            else:
-                gg, grad_h0, grad_c0 = torch.ops.seqkernels.lstm_layer_fwd.backward(
-                    go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse
-                )
+            gg, grad_h0, grad_c0 = torch.ops.seqkernels.lstm_layer_fwd.backward(
+                go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse
+            )
             G = gg.view(T * B, 4 * H)
             return _layer_input_grads(ctx, G, x, w_ih, _h_prev_of(out, h0, T, B, reverse), grad_h0, grad_c0)
-
-
-def _bf16_recurrence_grads(go, grad_hn, grad_cn, ws, cs, c0, w_hh, reverse: bool):
-    """lstm_layer_fwd.backward's result for the bf16 kernel's saved states (bf16 workspace and cs),
-    step by step as the per-step path's backward: the fused cell backward, then grad_gates @ W_hh
-    by torch.mm, which oneDNN runs on bf16 products (AMX tiles or vdpbf16ps). The per-step forward this path replaced
-    was half of a training step (T128 B16 H256: 33 of 79 ms)."""
-    T, B, G = ws.shape
-    bwd = FAMILIES["cpu"][1]
-    bwd = getattr(bwd, "default", bwd)
-    gh = grad_hn if grad_hn is not None else ws.new_zeros((B, G // 4))
-    gc = grad_cn if grad_cn is not None else ws.new_zeros((B, G // 4))
-    grads = torch.empty_like(ws)
-    for t in range(T) if reverse else range(T - 1, -1, -1):
-        if go is not None:
-            gh = gh + go[t]
-        c_prev = c0 if t == (T - 1 if reverse else 0) else cs[t + 1 if reverse else t - 1]
-        gg, gc = bwd(gh, gc, c_prev, cs[t], ws[t])
-        grads[t] = gg
-        gh = torch.mm(gg, w_hh)
-    return grads, gh, gc
 
 
 def _h_prev_of(out: Tensor, h0: Tensor, T: int, B: int, reverse: bool):
