@@ -366,7 +366,8 @@ def lstm_cases(level: str) -> list[dict]:
 
 
 def lstm_bf16_cases(level: str) -> list[dict]:
-    """The bf16 LSTM sequence kernel (lstm_layer_fwd.fused on bf16), on AMX tiles or vdpbf16ps: H
+    """The bf16 LSTM sequence kernel (lstm_layer_fwd.fused on bf16, and lstm_layer_fwd.backward on its
+    training states), on AMX tiles or vdpbf16ps: H
     around its 16-unit blocks, B around the tiles' 16- and 32-row groups and the dot engine's
     6-row register tiles, T past a projection chunk (Tc = 16 at B = 16, 64 at B <= 4 or odd B < 16).
     ASan sees the epilogue's reads and writes (the projection rows, bias, cell state, outputs, the
@@ -740,6 +741,20 @@ def _run_lstm_layer_bf16(ops, ref, c, failures):
     _check(failures, c, "lstm_layer_fwd.fused out", out, rout, tol)
     _check(failures, c, "lstm_layer_fwd.fused h_n", hn, rhn, tol)
     _check(failures, c, "lstm_layer_fwd.fused c_n", cn, rcn, tol)
+    # The training forward's saved states and the bf16 backward on them (grad_cn absent: zeros),
+    # against the step-by-step float64 recurrence on the same bf16 states.
+    _, _, _, ws, cs = ops.lstm_layer_fwd.fused(x, h0, c0, w_ih, w_hh, bias, c["reverse"], True)
+    go, ghn = r(T, B, H), r(B, H)
+    gg, gh0, gc0 = ops.lstm_layer_fwd.backward(go, ghn, None, ws, cs, c0, w_hh, c["reverse"])
+    gh, gc, rgg = d(ghn), torch.zeros(B, H, dtype=torch.float64), torch.empty(T, B, 4 * H, dtype=torch.float64)
+    for t in range(T) if c["reverse"] else range(T - 1, -1, -1):
+        gh = gh + d(go[t])
+        c_prev = c0 if t == (T - 1 if c["reverse"] else 0) else cs[t + 1 if c["reverse"] else t - 1]
+        rgg[t], gc = ref.lstm_cell_bwd_ref(gh, gc, d(c_prev), d(cs[t]), d(ws[t]))
+        gh = rgg[t] @ d(w_hh)
+    _check(failures, c, "lstm_layer_fwd.backward grad_gates", gg, rgg, tol * 4)
+    _check(failures, c, "lstm_layer_fwd.backward grad_h0", gh0, gh, tol * 4)
+    _check(failures, c, "lstm_layer_fwd.backward grad_c0", gc0, gc, tol * 4)
 
 
 RUNNERS = {
