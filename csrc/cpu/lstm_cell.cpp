@@ -142,6 +142,20 @@ struct SeqBwdArgs {
 template <typename S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
+// How the sequence kernels' GEMMs (the float32 step's seq_chunk, the bf16 dot engine) tile n rows:
+// `full` tiles of R rows, then `four` rows (0 or 4), then `last` (< R). With R = 6 a rest of 1 or 2
+// rows after a full tile runs as 4 + 3 or 4 + 4: a tile of 1 or 2 rows has 4 or 8 independent
+// sums, too few to cover the multiply-add's latency at two a cycle (measured on a Zen 5 EPYC,
+// bench/NOTES.md 24).
+struct RowTiles {
+  int64_t full, four, last;
+};
+constexpr RowTiles row_tiles(int64_t n, int64_t R) {
+  const int64_t full = n / R, rest = n % R;
+  if (R == 6 && full > 0 && rest > 0 && rest < 3) return {full - 1, 4, rest + R - 4};
+  return {full, 0, rest};
+}
+
 using FwdRangeFn = void (*)(const FwdArgs&, int64_t, int64_t, int64_t);
 using BwdRangeFn = void (*)(const BwdArgs&, int64_t, int64_t, int64_t);
 using SeqRangeFn = void (*)(const SeqStepArgs&, int64_t, int64_t, int64_t);
@@ -597,27 +611,20 @@ struct Dots {
   }
   SK_AVX512BF16_FN static void rows(const uint16_t* A, int64_t lda, const uint16_t* wp, int64_t nch, float* C,
                                     int64_t ldc, int64_t nrows) {
-    // A tile of 1 or 2 rows has 4 or 8 independent sums, too few to cover vdpbf16ps's latency at
-    // two a cycle; 6 + 1 and 6 + 2 rows run as 4 + 3 and 4 + 4.
-    int64_t full = nrows / kRows, rest = nrows % kRows;
-    if (full > 0 && rest > 0 && rest < 3) {
-      full -= 1;
-      rest += kRows;
-    }
+    const RowTiles rt = row_tiles(nrows, kRows);
     for (int64_t c = 0; c < nch; c += kPass) {
       const uint16_t* a = A + 32 * c;
       const uint16_t* b = wp + c * 4 * kTile;
       const int64_t nc = nch - c < kPass ? nch - c : kPass;
       const bool first = c == 0;
       int64_t r = 0;
-      for (int64_t f = 0; f < full; ++f, r += kRows) dp_chunk<kRows>(a + r * lda, lda, b, nc, C + r * ldc, ldc, first);
-      if (rest > kRows) {
-        tile(a + r * lda, lda, b, nc, C + r * ldc, ldc, first, 4);
+      for (int64_t f = 0; f < rt.full; ++f, r += kRows)
+        dp_chunk<kRows>(a + r * lda, lda, b, nc, C + r * ldc, ldc, first);
+      if (rt.four != 0) {
+        dp_chunk<4>(a + r * lda, lda, b, nc, C + r * ldc, ldc, first);
         r += 4;
-        tile(a + r * lda, lda, b, nc, C + r * ldc, ldc, first, rest - 4);
-      } else {
-        tile(a + r * lda, lda, b, nc, C + r * ldc, ldc, first, rest);
       }
+      tile(a + r * lda, lda, b, nc, C + r * ldc, ldc, first, rt.last);
     }
   }
 };
@@ -735,7 +742,7 @@ SK_AVX512BF16_FN void seq_step(const SeqArgs& a, int64_t s, int64_t blk0, int64_
 // step to step; grad_gates are rounded to bf16 once, as stored (the weight gradients' GEMM operand)
 // and as the product's A operand, in a zero-padded double buffer (gbuf: the next step's cell
 // backward writes one half while a slower thread may still read the other).
-struct BwdArgs {
+struct Bf16BwdArgs {
   const uint16_t* grad_out;  // (T, B, H) bf16, or null
   const uint16_t* ws;        // (T, B, 4H) bf16: the activated gates of every step
   const uint16_t* cs;        // (T, B, H) bf16: the cell state after every step
@@ -749,13 +756,13 @@ struct BwdArgs {
   bool reverse;
 };
 
-SK_AVX512_ENTRY void bwd_pack(const BwdArgs& a, const uint16_t* wt, int64_t sb0, int64_t sb1) {
+SK_AVX512_ENTRY void bwd_pack(const Bf16BwdArgs& a, const uint16_t* wt, int64_t sb0, int64_t sb1) {
   pack_blocks(wt, a.H, 4 * a.H, sb0, sb1, a.packed, 64, 16, 0);
 }
 
 // Step s (the forward's step s, time t) for units [u0, u1): dh = the carried dh + grad_out[t], dc
 // the carried dc, the cell backward from the saved gates and cell states (bf16, widened).
-SK_AVX512BF16_FN void bwd_point(const BwdArgs& a, int64_t s, int64_t u0, int64_t u1) {
+SK_AVX512BF16_ENTRY void bwd_point(const Bf16BwdArgs& a, int64_t s, int64_t u0, int64_t u1) {
   using S = avx512_isa::Lanes<c10::BFloat16>;
   const int64_t H = a.H, B = a.B, T = a.T, BH = B * H;
   const int64_t t = a.reverse ? T - 1 - s : s;
@@ -790,7 +797,7 @@ SK_AVX512BF16_FN void bwd_point(const BwdArgs& a, int64_t s, int64_t u0, int64_t
 
 // dh[:, blocks [sb0, sb1)] = grad_gates_t W_hh[:, those units] by the engine P, from gbuf.
 template <class P>
-SK_AVX512BF16_FN void bwd_gemm(const BwdArgs& a, int64_t s, int64_t sb0, int64_t sb1) {
+SK_AVX512BF16_FN void bwd_gemm(const Bf16BwdArgs& a, int64_t s, int64_t sb0, int64_t sb1) {
   const int64_t H = a.H, B = a.B, nch = a.Kp / 32;
   const uint16_t* gb = a.gbuf + (s & 1) * a.Bp * a.Kp;
   alignas(64) float acc[P::kMaxRows * 64];
@@ -809,29 +816,15 @@ SK_AVX512BF16_FN void bwd_gemm(const BwdArgs& a, int64_t s, int64_t sb0, int64_t
   }
 }
 
-// The entries, one per engine and ISA (flatten inlines the step into each, with its engine's
-// products).
-SK_AVX512BF16_ENTRY void bwd_point_entry(const BwdArgs& a, int64_t s, int64_t u0, int64_t u1) {
-  bwd_point(a, s, u0, u1);
-}
-SK_AMX_ENTRY void bwd_gemm_amx(const BwdArgs& a, int64_t s, int64_t sb0, int64_t sb1) {
-  bwd_gemm<Tiles>(a, s, sb0, sb1);
-}
-SK_AVX512BF16_ENTRY void bwd_gemm_dp(const BwdArgs& a, int64_t s, int64_t sb0, int64_t sb1) {
-  bwd_gemm<Dots>(a, s, sb0, sb1);
-}
-SK_AMX_ENTRY void project_chunk_amx(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
-  project_chunk<Tiles>(a, s, blk0, blk1);
-}
-SK_AMX_ENTRY void seq_step_amx(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
-  seq_step<Tiles>(a, s, blk0, blk1);
-}
-SK_AVX512BF16_ENTRY void project_chunk_dp(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
-  project_chunk<Dots>(a, s, blk0, blk1);
-}
-SK_AVX512BF16_ENTRY void seq_step_dp(const SeqArgs& a, int64_t s, int64_t blk0, int64_t blk1) {
-  seq_step<Dots>(a, s, blk0, blk1);
-}
+// The engine-generic functions' entries, one per engine and ISA (flatten inlines the function and
+// its engine's products into each): fn_amx on the tiles, fn_dp on vdpbf16ps.
+#define SK_BF16SEQ_ENTRIES(fn, Args)                                                                        \
+  SK_AMX_ENTRY void fn##_amx(const Args& a, int64_t s, int64_t i0, int64_t i1) { fn<Tiles>(a, s, i0, i1); } \
+  SK_AVX512BF16_ENTRY void fn##_dp(const Args& a, int64_t s, int64_t i0, int64_t i1) { fn<Dots>(a, s, i0, i1); }
+SK_BF16SEQ_ENTRIES(project_chunk, SeqArgs)
+SK_BF16SEQ_ENTRIES(seq_step, SeqArgs)
+SK_BF16SEQ_ENTRIES(bwd_gemm, Bf16BwdArgs)
+#undef SK_BF16SEQ_ENTRIES
 
 }  // namespace bf16seq
 }  // namespace
@@ -1124,6 +1117,43 @@ void run_sequence(const Team& k, int64_t nblk, int64_t T, int64_t threads) {
   k.leave();
 }
 
+// The team loop of the sequence backward (lstm_layer_bwd_cpu, float32 and bf16): one OpenMP team,
+// each thread owning a range of the nsb super-blocks of NW units (no stealing: a thread's next cell
+// backward reads only the dh its own product wrote). A thread packs its super-blocks' weights
+// (k.pack), then per step (last to first) runs the cell backward of its units (k.point), waits at a
+// barrier for every unit's gate gradients, and computes dh of its units (k.gemm). k.enter / k.leave
+// bracket a thread's work (the AMX tile configuration).
+template <class Team>
+void run_backward(const Team& k, int64_t nsb, int64_t NW, int64_t H, int64_t T, int64_t threads) {
+  const auto run = [&](int64_t sb0, int64_t sb1, bool team) {
+    const int64_t u0 = std::min(H, sb0 * NW), u1 = std::min(H, sb1 * NW);
+    k.enter();
+    k.pack(sb0, sb1);
+    for (int64_t s = T - 1; s >= 0; --s) {
+      k.point(s, u0, u1);
+#ifdef _OPENMP
+      if (team) {
+#pragma omp barrier
+      }
+#endif
+      k.gemm(s, sb0, sb1);  // after step 0's, dh is grad_h0
+    }
+    k.leave();
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      // The team may be smaller than asked (nested parallelism, a thread limit): split by its size.
+      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      run(tid * nsb / nt, (tid + 1) * nsb / nt, nt > 1);
+    }
+    return;
+  }
+#endif
+  run(0, nsb, false);
+}
+
 // The float32 AVX2 / AVX-512 path of lstm_layer_fwd, on run_sequence's team: unit blocks of W = 16
 // units on AVX-512, 8 on AVX2. A thread packs its blocks of W_hh once (seq_fused_pack: all four
 // gates' columns of its units interleaved, its slice stays in its L2 step after step), then per
@@ -1179,6 +1209,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_fused(const SeqFusedKe
 constexpr int64_t kAmxMinMacsPerThread = 1 << 20;
 constexpr int64_t kDotsMinMacsPerThread = 1 << 16;
 
+// One bf16 engine's entries (bf16seq), chosen once per call: AMX tiles, or vdpbf16ps.
+struct Bf16Engine {
+  bool tiles;
+  void (*project)(const bf16seq::SeqArgs&, int64_t, int64_t, int64_t);
+  void (*step)(const bf16seq::SeqArgs&, int64_t, int64_t, int64_t);
+  void (*bwd_gemm)(const bf16seq::Bf16BwdArgs&, int64_t, int64_t, int64_t);
+  int64_t min_macs;  // per step and thread, for seq_threads
+  void enter() const {
+    if (tiles) bf16seq::tiles_on();
+  }
+  void leave() const {
+    if (tiles) bf16seq::tiles_off();
+  }
+};
+
+// A bf16 tensor's storage as the kernels' raw 16-bit words.
+uint16_t* u16(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+Bf16Engine bf16_engine(bool tiles) {
+  using namespace bf16seq;
+  if (tiles) return {true, &project_chunk_amx, &seq_step_amx, &bwd_gemm_amx, kAmxMinMacsPerThread};
+  return {false, &project_chunk_dp, &seq_step_dp, &bwd_gemm_dp, kDotsMinMacsPerThread};
+}
+
 // lstm_layer_fwd.fused on bf16 operands (see bf16seq above; tiles: the AMX engine, else vdpbf16ps),
 // on run_sequence's team: 16 units per block, each thread packing W_ih and W_hh for its own blocks
 // (its W_hh slice, 1 MB at H = 512 on two threads, stays in its L2), projecting Tc steps of x for
@@ -1199,7 +1253,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bf16(bool tiles, const
   const int64_t Tc = std::max<int64_t>(1, (256 / B + step_rows - 1) / step_rows) * step_rows;
   const int64_t N = T * B, Np = tiles ? (N + 15) / 16 * 16 : N;  // the dot engine reads no row past N
   const auto opts = x.options();
-  const auto u16 = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
   at::Tensor xa = x.reshape({N, I});
   if (Ip != I || Np != N) {
     at::Tensor xp = at::zeros({Np, Ip}, opts);
@@ -1240,24 +1293,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bf16(bool tiles, const
     const bf16seq::SeqArgs& a;
     const uint16_t* wi;
     const uint16_t* wh;
-    bool tiles;
-    void enter() const {
-      if (tiles) bf16seq::tiles_on();
-    }
-    void leave() const {
-      if (tiles) bf16seq::tiles_off();
-    }
+    Bf16Engine e;
+    void enter() const { e.enter(); }
+    void leave() const { e.leave(); }
     bool prologue_at(int64_t s) const { return bf16seq::chunk_starts(a, s); }
-    void prologue(int64_t s, int64_t j0, int64_t j1) const {
-      (tiles ? bf16seq::project_chunk_amx : bf16seq::project_chunk_dp)(a, s, j0, j1);
-    }
+    void prologue(int64_t s, int64_t j0, int64_t j1) const { e.project(a, s, j0, j1); }
     void pack(int64_t j0, int64_t j1) const { bf16seq::pack_entry(a, wi, wh, j0, j1); }
-    void step(int64_t s, int64_t j0, int64_t j1) const {
-      (tiles ? bf16seq::seq_step_amx : bf16seq::seq_step_dp)(a, s, j0, j1);
-    }
+    void step(int64_t s, int64_t j0, int64_t j1) const { e.step(a, s, j0, j1); }
   };
-  const int64_t min_macs = tiles ? kAmxMinMacsPerThread : kDotsMinMacsPerThread;
-  run_sequence(Team{a, u16(wi), u16(wh), tiles}, nblk, T, seq_threads(nblk, B * H * 4 * (I + H), min_macs));
+  const Bf16Engine e = bf16_engine(tiles);
+  run_sequence(Team{a, u16(wi), u16(wh), e}, nblk, T, seq_threads(nblk, B * H * 4 * (I + H), e.min_macs));
   return {out, out.select(0, reverse ? 0 : T - 1).clone(), c.to(at::kBFloat16)};
 }
 
@@ -1273,8 +1318,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_bf16(bool tiles, c
   const int64_t T = ws.size(0), B = ws.size(1), H = ws.size(2) / 4;
   const int64_t Kp = (4 * H + 31) / 32 * 32, Bp = tiles ? (B + 15) / 16 * 16 : B, nsb = (H + 63) / 64;
   const auto opts = ws.options();
-  const auto u16 = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
-  const auto cu16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
   const auto f32 = opts.dtype(at::kFloat);
   at::Tensor dh = grad_hn.has_value() ? grad_hn->to(at::kFloat).contiguous() : at::zeros({B, H}, f32);
   at::Tensor dc = grad_cn.has_value() ? grad_cn->to(at::kFloat).contiguous() : at::zeros({B, H}, f32);
@@ -1284,52 +1327,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_bf16(bool tiles, c
   at::Tensor grad_gates = at::empty({T, B, 4 * H}, opts);
   const at::Tensor wsc = ws.contiguous(), csc = cs.contiguous(), c0c = c0.contiguous();
   const at::Tensor goc = go.defined() ? go.contiguous() : at::Tensor();
-  const bf16seq::BwdArgs a{goc.defined() ? cu16(goc) : nullptr,
-                           cu16(wsc),
-                           cu16(csc),
-                           cu16(c0c),
-                           u16(packed),
-                           u16(gbuf),
-                           u16(grad_gates),
-                           dh.data_ptr<float>(),
-                           dc.data_ptr<float>(),
-                           T,
-                           B,
-                           H,
-                           Kp,
-                           Bp,
-                           reverse};
-  const auto gemm = tiles ? bf16seq::bwd_gemm_amx : bf16seq::bwd_gemm_dp;
-  const int64_t min_macs = tiles ? kAmxMinMacsPerThread : kDotsMinMacsPerThread;
-  // Like the float32 backward: each thread's super-blocks of units, no stealing (its next cell
-  // backward reads only the dh its own product wrote).
-  const auto run = [&](int64_t sb0, int64_t sb1, bool team) {
-    const int64_t u0 = std::min(H, 64 * sb0), u1 = std::min(H, 64 * sb1);
-    if (tiles) bf16seq::tiles_on();
-    bf16seq::bwd_pack(a, cu16(wt), sb0, sb1);
-    for (int64_t s = T - 1; s >= 0; --s) {
-      bf16seq::bwd_point_entry(a, s, u0, u1);
-#ifdef _OPENMP
-      if (team) {
-#pragma omp barrier
-      }
-#endif
-      gemm(a, s, sb0, sb1);  // after step 0's, dh is grad_h0
-    }
-    if (tiles) bf16seq::tiles_off();
+  const bf16seq::Bf16BwdArgs a{goc.defined() ? u16(goc) : nullptr,
+                               u16(wsc),
+                               u16(csc),
+                               u16(c0c),
+                               u16(packed),
+                               u16(gbuf),
+                               u16(grad_gates),
+                               dh.data_ptr<float>(),
+                               dc.data_ptr<float>(),
+                               T,
+                               B,
+                               H,
+                               Kp,
+                               Bp,
+                               reverse};
+  struct Team {
+    const bf16seq::Bf16BwdArgs& a;
+    const uint16_t* wt;
+    Bf16Engine e;
+    void enter() const { e.enter(); }
+    void leave() const { e.leave(); }
+    void pack(int64_t sb0, int64_t sb1) const { bf16seq::bwd_pack(a, wt, sb0, sb1); }
+    void point(int64_t s, int64_t u0, int64_t u1) const { bf16seq::bwd_point(a, s, u0, u1); }
+    void gemm(int64_t s, int64_t sb0, int64_t sb1) const { e.bwd_gemm(a, s, sb0, sb1); }
   };
-  const int64_t threads = seq_threads(nsb, B * H * 4 * H, min_macs);
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-      run(tid * nsb / nt, (tid + 1) * nsb / nt, nt > 1);
-    }
-    return {grad_gates, dh.to(at::kBFloat16), dc.to(at::kBFloat16)};
-  }
-#endif
-  run(0, nsb, false);
+  const Bf16Engine e = bf16_engine(tiles);
+  run_backward(Team{a, u16(wt), e}, nsb, 64, H, T, seq_threads(nsb, B * H * 4 * H, e.min_macs));
   return {grad_gates, dh.to(at::kBFloat16), dc.to(at::kBFloat16)};
 }
 #endif
@@ -1522,17 +1546,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(const c10::opt
               "seqkernels::lstm_layer_fwd.backward: weight_hh must be a CPU tensor of workspace's dtype, got ",
               weight_hh.scalar_type(), " on ", weight_hh.device());
 
+#if SK_LSTM_X86_DISPATCH
+  if (bf16 && T > 0 && B > 0 && H > 0)
+    return lstm_layer_bwd_bf16(bf16_path == simd::Isa::AmxBf16, grad_out.has_value() ? *grad_out : at::Tensor(),
+                               grad_hn, grad_cn, workspace, cs, c0, weight_hh, reverse);
+#endif
   auto opts = workspace.options();
   at::Tensor grad_gates = at::empty({T, B, G}, opts);
   at::Tensor dh = grad_hn.has_value() ? grad_hn->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opts);
   at::Tensor dc = grad_cn.has_value() ? grad_cn->clone(at::MemoryFormat::Contiguous) : at::zeros({B, H}, opts);
   if (T == 0 || B == 0 || H == 0) return {grad_gates.zero_(), dh, dc};
   const at::Tensor go = grad_out.has_value() ? grad_out->contiguous() : at::Tensor();
-#if SK_LSTM_X86_DISPATCH
-  if (bf16)
-    return lstm_layer_bwd_bf16(bf16_path == simd::Isa::AmxBf16, go, grad_hn, grad_cn, workspace, cs, c0, weight_hh,
-                               reverse);
-#endif
   const at::Tensor wsc = workspace.contiguous(), csc = cs.contiguous(), c0c = c0.contiguous();
   const at::Tensor w = weight_hh.contiguous();
   const SeqBwdKernel k = seq_bwd_kernel();
@@ -1551,36 +1575,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cpu(const c10::opt
                      B,
                      H,
                      reverse};
-  int64_t threads = seq_threads(nsb, B * H * 4 * H, kSeqMinFmaPerThread);
-  auto units = [&](int64_t sb0, int64_t sb1, int64_t& u0, int64_t& u1) {
-    u0 = std::min(H, sb0 * NW);
-    u1 = std::min(H, sb1 * NW);
+  struct Team {
+    const SeqBwdKernel& k;
+    const SeqBwdArgs& a;
+    void enter() const {}
+    void leave() const {}
+    void pack(int64_t sb0, int64_t sb1) const { k.pack(a, sb0, sb1); }
+    void point(int64_t s, int64_t u0, int64_t u1) const { k.point(a, s, u0, u1); }
+    void gemm(int64_t s, int64_t sb0, int64_t sb1) const { k.gemm(a, s, sb0, sb1); }
   };
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-      const int64_t sb0 = tid * nsb / nt, sb1 = (tid + 1) * nsb / nt;
-      int64_t u0 = 0, u1 = 0;
-      units(sb0, sb1, u0, u1);
-      k.pack(a, sb0, sb1);
-      for (int64_t s = T - 1; s >= 0; --s) {
-        k.point(a, s, u0, u1);
-#pragma omp barrier
-        k.gemm(a, s, sb0, sb1);  // after step 0's, dh is grad_h0
-      }
-    }
-    threads = 0;
-  }
-#endif
-  if (threads != 0) {
-    k.pack(a, 0, nsb);
-    for (int64_t s = T - 1; s >= 0; --s) {
-      k.point(a, s, 0, H);
-      k.gemm(a, s, 0, nsb);
-    }
-  }
+  run_backward(Team{k, a}, nsb, NW, H, T, seq_threads(nsb, B * H * 4 * H, kSeqMinFmaPerThread));
   return {grad_gates, dh, dc};
 }
 

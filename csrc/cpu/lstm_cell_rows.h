@@ -211,26 +211,21 @@ __attribute__((always_inline)) inline void seq_chunk_rows(float* acc, const floa
 }
 
 // One chunk [k0, k1) of the K loop for every batch row: R rows at a time, the remainder by
-// narrower tiles. With R = 6 (AVX-512), a tail of 1 or 2 rows after a full tile runs as 4 + 3 or
-// 4 + 4 instead: its 4 or 8 independent sums are too few to cover the FMA's latency at two a
-// cycle (B = 32: 3% of a float32 T100 B32 H512 layer on a Zen 5 EPYC, bench/NOTES.md 24).
+// narrower tiles (row_tiles in lstm_cell.cpp).
 template <class L>
 void seq_chunk(float* acc, const float* wp, const float* src, int64_t ld, int64_t k0, int64_t k1, int64_t B) {
   constexpr int R = L::kSeqRows;
   static_assert(R >= 1 && R <= 6, "the remainder tiles below cover R <= 6");
-  int64_t full = B / R;
-  if constexpr (R == 6) {
-    if (full > 0 && B % R > 0 && B % R < 3) --full;
-  }
+  const RowTiles rt = row_tiles(B, R);
   int64_t b0 = 0;
-  for (int64_t f = 0; f < full; ++f, b0 += R) seq_chunk_rows<L, R>(acc, wp, src, ld, k0, k1, b0);
-  if constexpr (R == 6) {
-    if (B - b0 > R) {
+  for (int64_t f = 0; f < rt.full; ++f, b0 += R) seq_chunk_rows<L, R>(acc, wp, src, ld, k0, k1, b0);
+  if constexpr (R > 4) {
+    if (rt.four != 0) {
       seq_chunk_rows<L, 4>(acc, wp, src, ld, k0, k1, b0);
       b0 += 4;
     }
   }
-  switch (B - b0) {
+  switch (rt.last) {
     case 0:
       break;
     case 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -689,8 +690,6 @@ _FUSED_INPUT_BYTES = 1 << 20
 @functools.lru_cache(maxsize=None)
 def _cache_bytes() -> Tuple[int, int]:
     """(the L2 of one core, the L3) in bytes, as Linux's sysfs describes cpu0; 0 where unknown."""
-    import os
-
     base = "/sys/devices/system/cpu/cpu0/cache"
     sizes = {}
     try:
